@@ -1,0 +1,261 @@
+//! On-disk framing of journal records. The byte layout is documented in `docs/journal.md`.
+//!
+//! ```text
+//! segment header (32 bytes)
+//!   0  [u8; 8]  magic "MFSJRNL1"
+//!   8  u32      format version (1)
+//!  12  u32      crc32c of bytes 0..12 and 16..32
+//!  16  u64      first_seq: the seq of the segment's first record
+//!  24  u64      reserved, zero
+//! record frame (32-byte header + body + zero padding to a multiple of 8)
+//!   0  u32      magic 0x4A52464D ("MFRJ" little-endian)
+//!   4  u32      body length in bytes
+//!   8  u32      crc32c of bytes 0..8, 12..32 and the body
+//!  12  u8       op kind
+//!  13  [u8; 3]  reserved, zero
+//!  16  u64      seq
+//!  24  u64      synced_to: segment offset known durable when this record was written
+//!  32  ...      body (see codec.rs), then 0..7 zero bytes of padding
+//! ```
+
+use crate::codec::{self, DecodeError};
+use crate::op::{Op, Record, WRITE_BYTES_MAX};
+
+pub const SEGMENT_MAGIC: [u8; 8] = *b"MFSJRNL1";
+pub const SEGMENT_VERSION: u32 = 1;
+pub const SEGMENT_HEADER_BYTES: usize = 32;
+pub const FRAME_MAGIC: u32 = 0x4A52_464D;
+pub const FRAME_HEADER_BYTES: usize = 32;
+/// Largest body accepted: a maximal write plus its path and fixed fields.
+pub const BODY_BYTES_MAX: usize = WRITE_BYTES_MAX + 8192;
+
+pub fn encode_segment_header(first_seq: u64) -> [u8; SEGMENT_HEADER_BYTES] {
+    let mut h = [0u8; SEGMENT_HEADER_BYTES];
+    h[0..8].copy_from_slice(&SEGMENT_MAGIC);
+    h[8..12].copy_from_slice(&SEGMENT_VERSION.to_le_bytes());
+    h[16..24].copy_from_slice(&first_seq.to_le_bytes());
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&h[0..12]), &h[16..32]);
+    h[12..16].copy_from_slice(&crc.to_le_bytes());
+    h
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SegmentHeaderError {
+    #[error("segment is shorter than its header")]
+    Short,
+    #[error("segment header has the wrong magic bytes (not a mirrorfs journal segment)")]
+    Magic,
+    #[error("segment format version {0} is not supported by this build (supports 1)")]
+    Version(u32),
+    #[error("segment header checksum mismatch")]
+    Checksum,
+}
+
+/// Parses a segment header, returning its first seq.
+pub fn decode_segment_header(h: &[u8]) -> Result<u64, SegmentHeaderError> {
+    if h.len() < SEGMENT_HEADER_BYTES {
+        return Err(SegmentHeaderError::Short);
+    }
+    if h[0..8] != SEGMENT_MAGIC {
+        return Err(SegmentHeaderError::Magic);
+    }
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&h[0..12]), &h[16..32]);
+    if u32_at(h, 12) != crc {
+        return Err(SegmentHeaderError::Checksum);
+    }
+    let version = u32_at(h, 8);
+    if version != SEGMENT_VERSION {
+        return Err(SegmentHeaderError::Version(version));
+    }
+    Ok(u64_at(h, 16))
+}
+
+/// A record frame ready to be written: `head` (header and the op's head), then `tail` (a write's
+/// data, borrowed), then `padding` zero bytes.
+pub struct EncodedFrame<'a> {
+    pub head: Vec<u8>,
+    pub tail: &'a [u8],
+    pub padding: usize,
+}
+
+impl EncodedFrame<'_> {
+    pub fn len(&self) -> usize {
+        self.head.len() + self.tail.len() + self.padding
+    }
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+}
+
+pub const ZERO_PAD: [u8; 8] = [0u8; 8];
+
+pub fn padded(len: usize) -> usize {
+    (len + 7) & !7
+}
+
+/// Encodes `op` as the frame of record `seq`.
+pub fn encode_frame(seq: u64, op: &Op, synced_to: u64) -> EncodedFrame<'_> {
+    let mut head = Vec::with_capacity(FRAME_HEADER_BYTES + 64);
+    head.resize(FRAME_HEADER_BYTES, 0);
+    codec::encode_body_head(op, &mut head);
+    let tail = codec::body_tail(op);
+    let body_len = head.len() - FRAME_HEADER_BYTES + tail.len();
+    head[0..4].copy_from_slice(&FRAME_MAGIC.to_le_bytes());
+    head[4..8].copy_from_slice(&(body_len as u32).to_le_bytes());
+    head[12] = op.kind();
+    head[16..24].copy_from_slice(&seq.to_le_bytes());
+    head[24..32].copy_from_slice(&synced_to.to_le_bytes());
+    let mut crc = crc32c::crc32c(&head[0..8]);
+    crc = crc32c::crc32c_append(crc, &head[12..]);
+    crc = crc32c::crc32c_append(crc, tail);
+    head[8..12].copy_from_slice(&crc.to_le_bytes());
+    let total = FRAME_HEADER_BYTES + body_len;
+    EncodedFrame {
+        head,
+        tail,
+        padding: padded(total) - total,
+    }
+}
+
+/// What a frame at some offset turned out to be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FrameParse {
+    /// A valid record; `len` is the padded length of the frame.
+    Record {
+        record: Record,
+        len: usize,
+        synced_to: u64,
+    },
+    /// The buffer ends before the frame does: read more (or, at the end of the file, a torn tail).
+    Incomplete { needed: usize },
+    /// Not a valid frame.
+    Invalid(FrameError),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum FrameError {
+    #[error("bad frame magic")]
+    Magic,
+    #[error("frame body of {0} bytes exceeds the limit")]
+    TooLarge(usize),
+    #[error("frame checksum mismatch")]
+    Checksum,
+    #[error("frame reserved bytes are not zero")]
+    Reserved,
+    #[error("frame body does not decode: {0}")]
+    Body(#[from] DecodeError),
+}
+
+/// Parses the frame at the start of `buf`. Checks magic, bound and checksum before decoding.
+pub fn parse_frame(buf: &[u8]) -> FrameParse {
+    if buf.len() < FRAME_HEADER_BYTES {
+        return FrameParse::Incomplete {
+            needed: FRAME_HEADER_BYTES,
+        };
+    }
+    if u32_at(buf, 0) != FRAME_MAGIC {
+        return FrameParse::Invalid(FrameError::Magic);
+    }
+    let body_len = u32_at(buf, 4) as usize;
+    if body_len > BODY_BYTES_MAX {
+        return FrameParse::Invalid(FrameError::TooLarge(body_len));
+    }
+    let total = FRAME_HEADER_BYTES + body_len;
+    if buf.len() < padded(total) {
+        return FrameParse::Incomplete {
+            needed: padded(total),
+        };
+    }
+    let mut crc = crc32c::crc32c(&buf[0..8]);
+    crc = crc32c::crc32c_append(crc, &buf[12..total]);
+    if crc != u32_at(buf, 8) {
+        return FrameParse::Invalid(FrameError::Checksum);
+    }
+    if buf[13..16] != [0, 0, 0] {
+        return FrameParse::Invalid(FrameError::Reserved);
+    }
+    let seq = u64_at(buf, 16);
+    let synced_to = u64_at(buf, 24);
+    match codec::decode_body(buf[12], &buf[FRAME_HEADER_BYTES..total]) {
+        Ok(op) => FrameParse::Record {
+            record: Record { seq, op },
+            len: padded(total),
+            synced_to,
+        },
+        Err(e) => FrameParse::Invalid(FrameError::Body(e)),
+    }
+}
+
+pub(crate) fn u32_at(b: &[u8], at: usize) -> u32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[at..at + 4]);
+    u32::from_le_bytes(a)
+}
+
+pub(crate) fn u64_at(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(a)
+}
+
+/// Writes a whole frame into a contiguous vector (tests, and small records).
+pub fn frame_to_vec(f: &EncodedFrame<'_>) -> Vec<u8> {
+    let mut v = Vec::with_capacity(f.len());
+    v.extend_from_slice(&f.head);
+    v.extend_from_slice(f.tail);
+    v.extend_from_slice(&ZERO_PAD[..f.padding]);
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::tests::arb_op;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn frame_roundtrip(op in arb_op(), seq in any::<u64>(), synced in any::<u64>()) {
+            let f = encode_frame(seq, &op, synced);
+            let v = frame_to_vec(&f);
+            prop_assert_eq!(v.len() % 8, 0);
+            match parse_frame(&v) {
+                FrameParse::Record { record, len, synced_to } => {
+                    prop_assert_eq!(record, Record { seq, op });
+                    prop_assert_eq!(len, v.len());
+                    prop_assert_eq!(synced_to, synced);
+                }
+                other => prop_assert!(false, "unexpected {:?}", other),
+            }
+        }
+
+        #[test]
+        fn any_bit_flip_is_caught(op in arb_op(), bit in any::<prop::sample::Index>()) {
+            let f = encode_frame(7, &op, 0);
+            let mut v = frame_to_vec(&f);
+            let body_end = FRAME_HEADER_BYTES + u32_at(&v, 4) as usize;
+            let i = bit.index(body_end * 8);
+            v[i / 8] ^= 1 << (i % 8);
+            let ok = matches!(parse_frame(&v), FrameParse::Record { .. });
+            prop_assert!(!ok, "bit flip undetected");
+        }
+    }
+
+    #[test]
+    fn segment_header_roundtrip() {
+        let h = encode_segment_header(42);
+        assert_eq!(decode_segment_header(&h), Ok(42));
+        let mut bad = h;
+        bad[20] ^= 1;
+        assert_eq!(
+            decode_segment_header(&bad),
+            Err(SegmentHeaderError::Checksum)
+        );
+        assert_eq!(
+            decode_segment_header(&h[..10]),
+            Err(SegmentHeaderError::Short)
+        );
+    }
+}

@@ -1,0 +1,13 @@
+//! mirrorfs-core: the I/O-free heart of mirrorfs.
+//!
+//! ```text
+//!  FUSE shell ─▶ volume (order lock) ─▶ journal ─▶ applier(s) ─▶ mirror tree(s)
+//!                                          ▲  (this crate: op model, codec, journal, applier)
+//! ```
+//! Everything here is driven through narrow traits ([`journal::storage::SegmentStore`],
+//! [`tree::Tree`]) so the simulation can inject crashes and faults deterministically.
+
+pub mod codec;
+pub mod journal;
+pub mod op;
+pub mod path;

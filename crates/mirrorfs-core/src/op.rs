@@ -1,0 +1,240 @@
+//! The operation model: every change to a mirrored tree is one [`Op`].
+//!
+//! Ops name files by [`RelPath`] and carry absolute values (a resolved time, a final mode), so that
+//! applying one to a tree is deterministic. Ops that a crash may leave half-applied on a mirror are
+//! re-applied on recovery; see `applier` for which ops are idempotent and which need a barrier.
+
+use crate::path::RelPath;
+
+/// Largest payload of a single `Write` op. Larger writes are split by the producer.
+pub const WRITE_BYTES_MAX: usize = 16 << 20;
+/// Largest symlink target, xattr name or xattr value.
+pub const XATTR_VALUE_BYTES_MAX: usize = 64 << 10;
+pub const XATTR_NAME_BYTES_MAX: usize = 255;
+
+/// A point in time, as in `struct timespec`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub struct Timespec {
+    pub sec: i64,
+    pub nsec: u32,
+}
+
+/// `renameat2` flags carried by [`Op::Rename`].
+pub mod rename_flags {
+    pub const NOREPLACE: u32 = 1;
+    pub const EXCHANGE: u32 = 2;
+}
+
+/// One change to a tree.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// A new, empty regular file.
+    Create {
+        path: RelPath,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    },
+    Mkdir {
+        path: RelPath,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    },
+    /// A FIFO, socket, or character or block device (`mode` carries the type bits).
+    Mknod {
+        path: RelPath,
+        mode: u32,
+        rdev: u64,
+        uid: u32,
+        gid: u32,
+    },
+    Symlink {
+        path: RelPath,
+        target: Vec<u8>,
+        uid: u32,
+        gid: u32,
+    },
+    /// A new name `to` for the existing file `from`.
+    Link {
+        from: RelPath,
+        to: RelPath,
+    },
+    /// `nlink` is the link count the file had before the unlink; a file with other names needs a
+    /// barrier on the mirror (see `applier`).
+    Unlink {
+        path: RelPath,
+        nlink: u32,
+    },
+    Rmdir {
+        path: RelPath,
+    },
+    /// `from_ino` is the primary's inode number of `from`, used only to resolve an in-doubt rename
+    /// on the primary after a crash.
+    Rename {
+        from: RelPath,
+        to: RelPath,
+        flags: u32,
+        from_ino: u64,
+    },
+    Write {
+        path: RelPath,
+        offset: u64,
+        data: Vec<u8>,
+    },
+    Truncate {
+        path: RelPath,
+        size: u64,
+    },
+    Fallocate {
+        path: RelPath,
+        mode: i32,
+        offset: u64,
+        len: u64,
+    },
+    SetMode {
+        path: RelPath,
+        mode: u32,
+    },
+    /// `lchown`: `None` leaves the id unchanged.
+    SetOwner {
+        path: RelPath,
+        uid: Option<u32>,
+        gid: Option<u32>,
+    },
+    /// `utimensat(AT_SYMLINK_NOFOLLOW)` with resolved times: `None` leaves a time unchanged.
+    SetTimes {
+        path: RelPath,
+        atime: Option<Timespec>,
+        mtime: Option<Timespec>,
+    },
+    SetXattr {
+        path: RelPath,
+        name: Vec<u8>,
+        value: Vec<u8>,
+        flags: i32,
+    },
+    RemoveXattr {
+        path: RelPath,
+        name: Vec<u8>,
+    },
+    /// The op recorded as `seq` failed on the primary and must not be applied anywhere.
+    Abort {
+        seq: u64,
+    },
+}
+
+/// Numeric tags of ops in the journal and on the wire. Never renumber: they are on disk.
+pub mod kind {
+    pub const CREATE: u8 = 1;
+    pub const MKDIR: u8 = 2;
+    pub const MKNOD: u8 = 3;
+    pub const SYMLINK: u8 = 4;
+    pub const LINK: u8 = 5;
+    pub const UNLINK: u8 = 6;
+    pub const RMDIR: u8 = 7;
+    pub const RENAME: u8 = 8;
+    pub const WRITE: u8 = 9;
+    pub const TRUNCATE: u8 = 10;
+    pub const FALLOCATE: u8 = 11;
+    pub const SET_MODE: u8 = 12;
+    pub const SET_OWNER: u8 = 13;
+    pub const SET_TIMES: u8 = 14;
+    pub const SET_XATTR: u8 = 15;
+    pub const REMOVE_XATTR: u8 = 16;
+    pub const ABORT: u8 = 17;
+}
+
+impl Op {
+    pub fn kind(&self) -> u8 {
+        match self {
+            Op::Create { .. } => kind::CREATE,
+            Op::Mkdir { .. } => kind::MKDIR,
+            Op::Mknod { .. } => kind::MKNOD,
+            Op::Symlink { .. } => kind::SYMLINK,
+            Op::Link { .. } => kind::LINK,
+            Op::Unlink { .. } => kind::UNLINK,
+            Op::Rmdir { .. } => kind::RMDIR,
+            Op::Rename { .. } => kind::RENAME,
+            Op::Write { .. } => kind::WRITE,
+            Op::Truncate { .. } => kind::TRUNCATE,
+            Op::Fallocate { .. } => kind::FALLOCATE,
+            Op::SetMode { .. } => kind::SET_MODE,
+            Op::SetOwner { .. } => kind::SET_OWNER,
+            Op::SetTimes { .. } => kind::SET_TIMES,
+            Op::SetXattr { .. } => kind::SET_XATTR,
+            Op::RemoveXattr { .. } => kind::REMOVE_XATTR,
+            Op::Abort { .. } => kind::ABORT,
+        }
+    }
+
+    /// A short name for logs and status.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Create { .. } => "create",
+            Op::Mkdir { .. } => "mkdir",
+            Op::Mknod { .. } => "mknod",
+            Op::Symlink { .. } => "symlink",
+            Op::Link { .. } => "link",
+            Op::Unlink { .. } => "unlink",
+            Op::Rmdir { .. } => "rmdir",
+            Op::Rename { .. } => "rename",
+            Op::Write { .. } => "write",
+            Op::Truncate { .. } => "truncate",
+            Op::Fallocate { .. } => "fallocate",
+            Op::SetMode { .. } => "chmod",
+            Op::SetOwner { .. } => "chown",
+            Op::SetTimes { .. } => "utimens",
+            Op::SetXattr { .. } => "setxattr",
+            Op::RemoveXattr { .. } => "removexattr",
+            Op::Abort { .. } => "abort",
+        }
+    }
+
+    /// The path the op changes (for `Rename` and `Link`, the source); `None` for `Abort`.
+    pub fn path(&self) -> Option<&RelPath> {
+        match self {
+            Op::Create { path, .. }
+            | Op::Mkdir { path, .. }
+            | Op::Mknod { path, .. }
+            | Op::Symlink { path, .. }
+            | Op::Unlink { path, .. }
+            | Op::Rmdir { path }
+            | Op::Write { path, .. }
+            | Op::Truncate { path, .. }
+            | Op::Fallocate { path, .. }
+            | Op::SetMode { path, .. }
+            | Op::SetOwner { path, .. }
+            | Op::SetTimes { path, .. }
+            | Op::SetXattr { path, .. }
+            | Op::RemoveXattr { path, .. } => Some(path),
+            Op::Link { from, .. } | Op::Rename { from, .. } => Some(from),
+            Op::Abort { .. } => None,
+        }
+    }
+
+    /// True for ops that a mirror must bracket with durability barriers, because re-applying them
+    /// after a crash could change a different file than the one the primary changed.
+    pub fn needs_barrier(&self) -> bool {
+        match self {
+            Op::Rename { .. } => true,
+            Op::Unlink { nlink, .. } => *nlink > 1,
+            _ => false,
+        }
+    }
+
+    /// Bytes of file data the op carries.
+    pub fn data_len(&self) -> usize {
+        match self {
+            Op::Write { data, .. } => data.len(),
+            _ => 0,
+        }
+    }
+}
+
+/// A journaled op with its position in the total order of changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub seq: u64,
+    pub op: Op,
+}
