@@ -7,7 +7,9 @@
 //! Everything here is driven through narrow traits ([`journal::storage::SegmentStore`],
 //! [`tree::Tree`]) so the simulation can inject crashes and faults deterministically.
 
+pub mod applier;
 pub mod codec;
 pub mod journal;
 pub mod op;
 pub mod path;
+pub mod tree;
