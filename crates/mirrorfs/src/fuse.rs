@@ -1,0 +1,802 @@
+//! The FUSE shell: translates kernel requests into volume mutations (journaled, ordered) and
+//! serves reads straight from the backing directory. Files opened read-only use the kernel's FUSE
+//! passthrough when available, so their reads never come up to this process at all.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{
+    BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig, OpenFlags, RenameFlags,
+    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs,
+    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+use mirrorfs_core::op::{Op, Timespec, WRITE_BYTES_MAX};
+use mirrorfs_core::path::RelPath;
+
+use crate::inodes::{Inodes, ROOT};
+use crate::sys;
+use crate::volume::{lock, Volume};
+
+const TTL: Duration = Duration::from_secs(1);
+
+struct Handle {
+    fd: OwnedFd,
+    ino: u64,
+    append: bool,
+    wrote: AtomicBool,
+    _backing: Option<BackingId>,
+}
+
+pub struct MirrorFs {
+    vol: Arc<Volume>,
+    root: OwnedFd,
+    inodes: Mutex<Inodes>,
+    handles: RwLock<HashMap<u64, Arc<Handle>>>,
+    dirs: Mutex<HashMap<u64, Arc<Vec<(u64, FileType, Vec<u8>)>>>>,
+    next_fh: AtomicU64,
+    /// Name of mirrorfs's own state directory in the backing root, hidden from the mount.
+    hidden: Option<Vec<u8>>,
+    passthrough: AtomicBool,
+}
+
+fn err(e: i32) -> Errno {
+    Errno::from_i32(e)
+}
+
+fn io_errno(e: &std::io::Error) -> Errno {
+    err(sys::errno_of(e))
+}
+
+fn time(sec: i64, nsec: i64) -> SystemTime {
+    if sec >= 0 {
+        UNIX_EPOCH + Duration::new(sec as u64, nsec as u32)
+    } else {
+        UNIX_EPOCH - Duration::new((-sec) as u64, 0) + Duration::from_nanos(nsec as u64)
+    }
+}
+
+fn to_ts(t: SystemTime) -> Timespec {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => Timespec { sec: d.as_secs() as i64, nsec: d.subsec_nanos() },
+        Err(e) => {
+            let d = e.duration();
+            if d.subsec_nanos() == 0 {
+                Timespec { sec: -(d.as_secs() as i64), nsec: 0 }
+            } else {
+                Timespec { sec: -(d.as_secs() as i64) - 1, nsec: 1_000_000_000 - d.subsec_nanos() }
+            }
+        }
+    }
+}
+
+fn file_type(mode: u32) -> FileType {
+    match mode & libc::S_IFMT {
+        libc::S_IFDIR => FileType::Directory,
+        libc::S_IFLNK => FileType::Symlink,
+        libc::S_IFIFO => FileType::NamedPipe,
+        libc::S_IFCHR => FileType::CharDevice,
+        libc::S_IFBLK => FileType::BlockDevice,
+        libc::S_IFSOCK => FileType::Socket,
+        _ => FileType::RegularFile,
+    }
+}
+
+impl MirrorFs {
+    pub fn new(vol: Arc<Volume>, backing: &Path, hidden: Option<Vec<u8>>) -> std::io::Result<Self> {
+        let root: OwnedFd = std::fs::File::open(backing)?.into();
+        let st = sys::fstat(root.as_fd())?;
+        Ok(MirrorFs {
+            vol,
+            root,
+            inodes: Mutex::new(Inodes::new(st.st_ino)),
+            handles: RwLock::new(HashMap::new()),
+            dirs: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            hidden,
+            passthrough: AtomicBool::new(false),
+        })
+    }
+
+    fn rootfd(&self) -> BorrowedFd<'_> {
+        self.root.as_fd()
+    }
+
+    fn attr(&self, st: &libc::stat) -> FileAttr {
+        let ino = lock(&self.inodes).fuse_ino(st.st_ino);
+        FileAttr {
+            ino: INodeNo(ino),
+            size: st.st_size as u64,
+            blocks: st.st_blocks as u64,
+            atime: time(st.st_atime, st.st_atime_nsec),
+            mtime: time(st.st_mtime, st.st_mtime_nsec),
+            ctime: time(st.st_ctime, st.st_ctime_nsec),
+            crtime: UNIX_EPOCH,
+            kind: file_type(st.st_mode),
+            perm: (st.st_mode & 0o7777) as u16,
+            nlink: st.st_nlink as u32,
+            uid: st.st_uid,
+            gid: st.st_gid,
+            rdev: st.st_rdev as u32,
+            blksize: st.st_blksize as u32,
+            flags: 0,
+        }
+    }
+
+    fn path(&self, ino: INodeNo) -> Result<RelPath, Errno> {
+        lock(&self.inodes).path(ino.0).ok_or(Errno::ESTALE)
+    }
+
+    fn child(&self, parent: INodeNo, name: &OsStr) -> Result<RelPath, Errno> {
+        if parent.0 == ROOT && self.hidden.as_deref() == Some(name.as_bytes()) {
+            return Err(Errno::EACCES);
+        }
+        self.path(parent)?.join(name.as_bytes()).map_err(|e| match e {
+            mirrorfs_core::path::PathError::NameTooLong => Errno::ENAMETOOLONG,
+            mirrorfs_core::path::PathError::TooLong => Errno::ENAMETOOLONG,
+            _ => Errno::EINVAL,
+        })
+    }
+
+    fn lstat(&self, p: &RelPath) -> std::io::Result<libc::stat> {
+        sys::lstatat(self.rootfd(), p.as_at_path())
+    }
+
+    /// Stats a new entry, registers it in the inode table, replies with it.
+    fn entry(&self, parent: INodeNo, name: &OsStr, p: &RelPath, reply: ReplyEntry) {
+        match self.lstat(p) {
+            Ok(st) => {
+                let a = self.attr(&st);
+                lock(&self.inodes).lookup(parent.0, name.as_bytes(), a.ino.0);
+                reply.entry(&TTL, &a, Generation(0));
+            }
+            Err(e) => reply.error(io_errno(&e)),
+        }
+    }
+
+    /// Records the parent directory's times after a namespace change, so mirrors keep them.
+    fn touch_parent(&self, p: &RelPath) {
+        let Some(parent) = p.parent() else { return };
+        if let Ok(st) = self.lstat(&parent) {
+            let mtime = Some(Timespec { sec: st.st_mtime, nsec: st.st_mtime_nsec as u32 });
+            let _ = self.vol.mutate(Op::SetTimes { path: parent, atime: None, mtime }, || Ok(()));
+        }
+    }
+
+    /// Owner and group of a new entry, as the kernel would choose them (set-group-ID directories).
+    fn owner(&self, req: &Request, parent: &RelPath) -> (u32, u32, bool) {
+        match self.lstat(parent) {
+            Ok(st) if st.st_mode & libc::S_ISGID != 0 => (req.uid(), st.st_gid, true),
+            _ => (req.uid(), req.gid(), false),
+        }
+    }
+
+    fn handle(&self, fh: FileHandle) -> Result<Arc<Handle>, Errno> {
+        self.handles.read().unwrap_or_else(|e| e.into_inner()).get(&fh.0).cloned().ok_or(Errno::EBADF)
+    }
+
+    fn add_handle(&self, h: Handle) -> u64 {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.handles.write().unwrap_or_else(|e| e.into_inner()).insert(fh, Arc::new(h));
+        fh
+    }
+
+    fn set_times_of_handle(&self, h: &Handle) {
+        if let (Ok(st), Some(p)) = (sys::fstat(h.fd.as_fd()), lock(&self.inodes).path(h.ino)) {
+            let mtime = Some(Timespec { sec: st.st_mtime, nsec: st.st_mtime_nsec as u32 });
+            let _ = self.vol.mutate(Op::SetTimes { path: p, atime: None, mtime }, || Ok(()));
+        }
+    }
+
+    fn open_flags(flags: i32) -> i32 {
+        // O_CREAT/O_EXCL are handled by `create`; O_TRUNC arrives as a setattr (atomic_o_trunc off).
+        (flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_TRUNC)) | libc::O_NOFOLLOW
+    }
+}
+
+impl Filesystem for MirrorFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.set_max_write(1 << 20);
+        let _ = config.set_max_readahead(1 << 20);
+        if config.set_max_stack_depth(1).is_ok() {
+            self.passthrough.store(true, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        if parent.0 == ROOT && self.hidden.as_deref() == Some(name.as_bytes()) {
+            return reply.error(Errno::ENOENT);
+        }
+        match self.child(parent, name) {
+            Ok(p) => self.entry(parent, name, &p, reply),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        lock(&self.inodes).forget(ino.0, nlookup);
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        let st = match fh.and_then(|f| self.handle(f).ok()) {
+            Some(h) => sys::fstat(h.fd.as_fd()),
+            None => match self.path(ino) {
+                Ok(p) => self.lstat(&p),
+                Err(e) => return reply.error(e),
+            },
+        };
+        match st {
+            Ok(st) => reply.attr(&TTL, &self.attr(&st)),
+            Err(e) => reply.error(io_errno(&e)),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let p = match self.path(ino) {
+            Ok(p) => p,
+            Err(e) => return reply.error(e),
+        };
+        let root = self.rootfd();
+        let at = p.as_at_path();
+        let r: Result<(), i32> = (|| {
+            if let Some(size) = size {
+                let handle = fh.and_then(|f| self.handle(f).ok());
+                self.vol
+                    .mutate(Op::Truncate { path: p.clone(), size }, || match &handle {
+                        Some(h) => sys::ftruncate(h.fd.as_fd(), size),
+                        None => {
+                            let f = sys::openat(root, at, libc::O_WRONLY | libc::O_NOFOLLOW, 0)?;
+                            sys::ftruncate(f.as_fd(), size)
+                        }
+                    })
+                    .map(drop)?;
+            }
+            if uid.is_some() || gid.is_some() {
+                self.vol.mutate(Op::SetOwner { path: p.clone(), uid, gid }, || sys::fchownat(root, at, uid, gid)).map(drop)?;
+                // chown may clear set-user/group-ID bits: record the resulting mode too.
+                if let Ok(st) = self.lstat(&p) {
+                    if st.st_mode & libc::S_IFMT != libc::S_IFLNK {
+                        let m = st.st_mode & 0o7777;
+                        self.vol.mutate(Op::SetMode { path: p.clone(), mode: m }, || sys::fchmodat(root, at, m)).map(drop)?;
+                    }
+                }
+            }
+            if let Some(mode) = mode {
+                let m = mode & 0o7777;
+                self.vol.mutate(Op::SetMode { path: p.clone(), mode: m }, || sys::fchmodat(root, at, m)).map(drop)?;
+            }
+            if atime.is_some() || mtime.is_some() {
+                let now = sys::now();
+                let conv = |t: Option<TimeOrNow>| {
+                    t.map(|t| match t {
+                        TimeOrNow::Now => now,
+                        TimeOrNow::SpecificTime(s) => to_ts(s),
+                    })
+                };
+                let (a, m) = (conv(atime), conv(mtime));
+                self.vol.mutate(Op::SetTimes { path: p.clone(), atime: a, mtime: m }, || sys::utimensat(root, at, a, m)).map(drop)?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = r {
+            return reply.error(err(e));
+        }
+        match self.lstat(&p) {
+            Ok(st) => reply.attr(&TTL, &self.attr(&st)),
+            Err(e) => reply.error(io_errno(&e)),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.path(ino).and_then(|p| sys::readlinkat(self.rootfd(), p.as_at_path()).map_err(|e| io_errno(&e))) {
+            Ok(t) => reply.data(&t),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, rdev: u32, reply: ReplyEntry) {
+        let p = match self.child(parent, name) {
+            Ok(p) => p,
+            Err(e) => return reply.error(e),
+        };
+        let (uid, gid, _) = self.owner(req, &p.parent().unwrap_or_default());
+        let perm = mode & 0o7777 & !umask;
+        let full = (mode & libc::S_IFMT) | perm;
+        let root = self.rootfd();
+        let op = Op::Mknod { path: p.clone(), mode: full, rdev: rdev as u64, uid, gid };
+        let r = self.vol.mutate(op, || {
+            if mode & libc::S_IFMT == libc::S_IFREG {
+                let f = sys::openat(root, p.as_at_path(), libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_NOFOLLOW, perm)?;
+                sys::fchown(f.as_fd(), uid, gid)?;
+                sys::fchmod(f.as_fd(), perm)
+            } else {
+                sys::mknodat(root, p.as_at_path(), full, rdev as u64)?;
+                sys::fchownat(root, p.as_at_path(), Some(uid), Some(gid))?;
+                sys::fchmodat(root, p.as_at_path(), perm)
+            }
+        });
+        match r {
+            Ok(_) => {
+                self.touch_parent(&p);
+                self.entry(parent, name, &p, reply)
+            }
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+        let p = match self.child(parent, name) {
+            Ok(p) => p,
+            Err(e) => return reply.error(e),
+        };
+        let (uid, gid, sgid) = self.owner(req, &p.parent().unwrap_or_default());
+        let perm = (mode & 0o7777 & !umask) | if sgid { libc::S_ISGID } else { 0 };
+        let root = self.rootfd();
+        let r = self.vol.mutate(Op::Mkdir { path: p.clone(), mode: perm, uid, gid }, || {
+            sys::mkdirat(root, p.as_at_path(), perm)?;
+            sys::fchownat(root, p.as_at_path(), Some(uid), Some(gid))?;
+            sys::fchmodat(root, p.as_at_path(), perm)
+        });
+        match r {
+            Ok(_) => {
+                self.touch_parent(&p);
+                self.entry(parent, name, &p, reply)
+            }
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let p = match self.child(parent, name) {
+            Ok(p) => p,
+            Err(e) => return reply.error(e),
+        };
+        let st = match self.lstat(&p) {
+            Ok(st) => st,
+            Err(e) => return reply.error(io_errno(&e)),
+        };
+        let root = self.rootfd();
+        match self.vol.mutate(Op::Unlink { path: p.clone(), nlink: st.st_nlink as u32 }, || sys::unlinkat(root, p.as_at_path(), 0)) {
+            Ok(_) => {
+                let ino = lock(&self.inodes).fuse_ino(st.st_ino);
+                lock(&self.inodes).unlink(parent.0, name.as_bytes(), ino);
+                self.touch_parent(&p);
+                reply.ok()
+            }
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let p = match self.child(parent, name) {
+            Ok(p) => p,
+            Err(e) => return reply.error(e),
+        };
+        let st = self.lstat(&p).ok();
+        let root = self.rootfd();
+        match self.vol.mutate(Op::Rmdir { path: p.clone() }, || sys::unlinkat(root, p.as_at_path(), libc::AT_REMOVEDIR)) {
+            Ok(_) => {
+                if let Some(st) = st {
+                    let ino = lock(&self.inodes).fuse_ino(st.st_ino);
+                    lock(&self.inodes).unlink(parent.0, name.as_bytes(), ino);
+                }
+                self.touch_parent(&p);
+                reply.ok()
+            }
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
+        let p = match self.child(parent, link_name) {
+            Ok(p) => p,
+            Err(e) => return reply.error(e),
+        };
+        let (uid, gid, _) = self.owner(req, &p.parent().unwrap_or_default());
+        let t = target.as_os_str().as_bytes().to_vec();
+        let root = self.rootfd();
+        let r = self.vol.mutate(Op::Symlink { path: p.clone(), target: t.clone(), uid, gid }, || {
+            sys::symlinkat(&t, root, p.as_at_path())?;
+            sys::fchownat(root, p.as_at_path(), Some(uid), Some(gid))
+        });
+        match r {
+            Ok(_) => {
+                self.touch_parent(&p);
+                self.entry(parent, link_name, &p, reply)
+            }
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn rename(&self, _req: &Request, parent: INodeNo, name: &OsStr, newparent: INodeNo, newname: &OsStr, flags: RenameFlags, reply: ReplyEmpty) {
+        let (from, to) = match (self.child(parent, name), self.child(newparent, newname)) {
+            (Ok(a), Ok(b)) => (a, b),
+            (Err(e), _) | (_, Err(e)) => return reply.error(e),
+        };
+        let src = match self.lstat(&from) {
+            Ok(st) => st,
+            Err(e) => return reply.error(io_errno(&e)),
+        };
+        let dst = self.lstat(&to).ok();
+        let root = self.rootfd();
+        let f = flags.bits();
+        let op = Op::Rename { from: from.clone(), to: to.clone(), flags: f, from_ino: src.st_ino };
+        match self.vol.mutate(op, || sys::renameat2(root, from.as_at_path(), to.as_at_path(), f)) {
+            Ok(_) => {
+                let mut t = lock(&self.inodes);
+                let sino = t.fuse_ino(src.st_ino);
+                if let Some(d) = dst {
+                    let dino = t.fuse_ino(d.st_ino);
+                    t.unlink(newparent.0, newname.as_bytes(), dino);
+                    if f & libc::RENAME_EXCHANGE != 0 {
+                        t.rename(dino, newparent.0, newname.as_bytes(), parent.0, name.as_bytes());
+                    }
+                }
+                t.rename(sino, parent.0, name.as_bytes(), newparent.0, newname.as_bytes());
+                drop(t);
+                self.touch_parent(&from);
+                if from.parent() != to.parent() {
+                    self.touch_parent(&to);
+                }
+                reply.ok()
+            }
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+        let (from, to) = match (self.path(ino), self.child(newparent, newname)) {
+            (Ok(a), Ok(b)) => (a, b),
+            (Err(e), _) | (_, Err(e)) => return reply.error(e),
+        };
+        let root = self.rootfd();
+        match self.vol.mutate(Op::Link { from: from.clone(), to: to.clone() }, || sys::linkat(root, from.as_at_path(), to.as_at_path())) {
+            Ok(_) => {
+                self.touch_parent(&to);
+                self.entry(newparent, newname, &to, reply)
+            }
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let p = match self.path(ino) {
+            Ok(p) => p,
+            Err(e) => return reply.error(e),
+        };
+        let fl = Self::open_flags(flags.0);
+        let fd = match sys::openat(self.rootfd(), p.as_at_path(), fl, 0) {
+            Ok(fd) => fd,
+            Err(e) => return reply.error(io_errno(&e)),
+        };
+        let read_only = fl & libc::O_ACCMODE == libc::O_RDONLY;
+        if read_only && self.passthrough.load(Ordering::Relaxed) {
+            if let Ok(bid) = reply.open_backing(fd.as_fd()) {
+                let fh = self.add_handle(Handle { fd, ino: ino.0, append: false, wrote: AtomicBool::new(false), _backing: None });
+                reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &bid);
+                if let Ok(h) = self.handle(FileHandle(fh)) {
+                    // Keep the backing id registered for as long as the handle lives.
+                    let h2 = Handle { fd: match h.fd.try_clone() { Ok(f) => f, Err(_) => return }, ino: h.ino, append: false, wrote: AtomicBool::new(false), _backing: Some(bid) };
+                    self.handles.write().unwrap_or_else(|e| e.into_inner()).insert(fh, Arc::new(h2));
+                }
+                return;
+            }
+        }
+        let fh = self.add_handle(Handle { fd, ino: ino.0, append: fl & libc::O_APPEND != 0, wrote: AtomicBool::new(false), _backing: None });
+        reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+    }
+
+    fn read(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, size: u32, _flags: OpenFlags, _lock: Option<fuser::LockOwner>, reply: ReplyData) {
+        let h = match self.handle(fh) {
+            Ok(h) => h,
+            Err(e) => return reply.error(e),
+        };
+        let mut buf = vec![0u8; size as usize];
+        match sys::pread(h.fd.as_fd(), &mut buf, offset) {
+            Ok(n) => reply.data(&buf[..n]),
+            Err(e) => reply.error(io_errno(&e)),
+        }
+    }
+
+    fn write(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, data: &[u8], _wf: WriteFlags, _flags: OpenFlags, _lock: Option<fuser::LockOwner>, reply: ReplyWrite) {
+        let h = match self.handle(fh) {
+            Ok(h) => h,
+            Err(e) => return reply.error(e),
+        };
+        let Some(p) = lock(&self.inodes).path(ino.0) else {
+            // Unlinked but still open: the change is invisible, so it is not mirrored.
+            return match sys::pwrite(h.fd.as_fd(), data, offset) {
+                Ok(n) => reply.written(n as u32),
+                Err(e) => reply.error(io_errno(&e)),
+            };
+        };
+        let mut written = 0usize;
+        for chunk in data.chunks(WRITE_BYTES_MAX) {
+            let mut off = offset + written as u64;
+            if h.append {
+                match sys::fstat(h.fd.as_fd()) {
+                    Ok(st) => off = st.st_size as u64,
+                    Err(e) => return reply.error(io_errno(&e)),
+                }
+            }
+            let op = Op::Write { path: p.clone(), offset: off, data: chunk.to_vec() };
+            match self.vol.mutate(op, || sys::pwrite_all(h.fd.as_fd(), chunk, off)) {
+                Ok(_) => written += chunk.len(),
+                Err(e) => return reply.error(err(e)),
+            }
+        }
+        h.wrote.store(true, Ordering::Relaxed);
+        reply.written(written as u32)
+    }
+
+    fn flush(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _lock: fuser::LockOwner, reply: ReplyEmpty) {
+        if let Ok(h) = self.handle(fh) {
+            if h.wrote.swap(false, Ordering::Relaxed) {
+                self.set_times_of_handle(&h);
+            }
+        }
+        reply.ok()
+    }
+
+    fn release(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, _lock: Option<fuser::LockOwner>, _flush: bool, reply: ReplyEmpty) {
+        let h = self.handles.write().unwrap_or_else(|e| e.into_inner()).remove(&fh.0);
+        if let Some(h) = h {
+            if h.wrote.load(Ordering::Relaxed) {
+                self.set_times_of_handle(&h);
+            }
+        }
+        reply.ok()
+    }
+
+    fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
+        let h = match self.handle(fh) {
+            Ok(h) => h,
+            Err(e) => return reply.error(e),
+        };
+        let r = if datasync { sys::fdatasync(h.fd.as_fd()) } else { sys::fsync(h.fd.as_fd()) };
+        if let Err(e) = r {
+            return reply.error(io_errno(&e));
+        }
+        let seq = self.vol.wait_journal_durable();
+        self.vol.wait_mirrors_durable(seq);
+        reply.ok()
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let p = match self.path(ino) {
+            Ok(p) => p,
+            Err(e) => return reply.error(e),
+        };
+        let fd = match sys::openat(self.rootfd(), p.as_at_path(), libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW, 0) {
+            Ok(fd) => fd,
+            Err(e) => return reply.error(io_errno(&e)),
+        };
+        let ents = match sys::read_dir_fd(fd.as_fd()) {
+            Ok(v) => v,
+            Err(e) => return reply.error(io_errno(&e)),
+        };
+        let mut list = Vec::with_capacity(ents.len() + 2);
+        list.push((ino.0, FileType::Directory, b".".to_vec()));
+        list.push((ino.0, FileType::Directory, b"..".to_vec()));
+        for (name, ty) in ents {
+            if ino.0 == ROOT && self.hidden.as_deref() == Some(&name[..]) {
+                continue;
+            }
+            let kind = match ty {
+                libc::DT_DIR => FileType::Directory,
+                libc::DT_LNK => FileType::Symlink,
+                libc::DT_FIFO => FileType::NamedPipe,
+                libc::DT_CHR => FileType::CharDevice,
+                libc::DT_BLK => FileType::BlockDevice,
+                libc::DT_SOCK => FileType::Socket,
+                _ => FileType::RegularFile,
+            };
+            list.push((u64::MAX, kind, name));
+        }
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        lock(&self.dirs).insert(fh, Arc::new(list));
+        let _ = fd;
+        reply.opened(FileHandle(fh), FopenFlags::empty());
+    }
+
+    fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let Some(list) = lock(&self.dirs).get(&fh.0).cloned() else { return reply.error(Errno::EBADF) };
+        for (i, (ino, kind, name)) in list.iter().enumerate().skip(offset as usize) {
+            let ino = if *ino == u64::MAX { 0xffff_fff0 + i as u64 } else { *ino };
+            if reply.add(INodeNo(ino), (i + 1) as u64, *kind, OsStr::from_bytes(name)) {
+                break;
+            }
+        }
+        reply.ok()
+    }
+
+    fn readdirplus(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+        let Some(list) = lock(&self.dirs).get(&fh.0).cloned() else { return reply.error(Errno::EBADF) };
+        let dir = match self.path(ino) {
+            Ok(p) => p,
+            Err(e) => return reply.error(e),
+        };
+        for (i, (_, _, name)) in list.iter().enumerate().skip(offset as usize) {
+            let p = if name == b"." {
+                dir.clone()
+            } else if name == b".." {
+                dir.parent().unwrap_or_default()
+            } else {
+                match dir.join(name) {
+                    Ok(p) => p,
+                    Err(_) => continue,
+                }
+            };
+            let Ok(st) = self.lstat(&p) else { continue };
+            let a = self.attr(&st);
+            let dot = name == b"." || name == b"..";
+            if reply.add(a.ino, (i + 1) as u64, OsStr::from_bytes(name), &TTL, &a, Generation(0)) {
+                break;
+            }
+            if !dot {
+                lock(&self.inodes).lookup(ino.0, name, a.ino.0);
+            }
+        }
+        reply.ok()
+    }
+
+    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+        lock(&self.dirs).remove(&fh.0);
+        reply.ok()
+    }
+
+    fn fsyncdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        if let Ok(p) = self.path(ino) {
+            if let Ok(fd) = sys::openat(self.rootfd(), p.as_at_path(), libc::O_RDONLY | libc::O_DIRECTORY, 0) {
+                if let Err(e) = sys::fsync(fd.as_fd()) {
+                    return reply.error(io_errno(&e));
+                }
+            }
+        }
+        let seq = self.vol.wait_journal_durable();
+        self.vol.wait_mirrors_durable(seq);
+        reply.ok()
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        match sys::fstatvfs(self.rootfd()) {
+            Ok(s) => reply.statfs(s.f_blocks, s.f_bfree, s.f_bavail, s.f_files, s.f_ffree, s.f_bsize as u32, s.f_namemax as u32, s.f_frsize as u32),
+            Err(e) => reply.error(io_errno(&e)),
+        }
+    }
+
+    fn setxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, value: &[u8], flags: i32, _position: u32, reply: ReplyEmpty) {
+        let p = match self.path(ino) {
+            Ok(p) => p,
+            Err(e) => return reply.error(e),
+        };
+        let fd = match sys::openat(self.rootfd(), p.as_at_path(), libc::O_PATH | libc::O_NOFOLLOW, 0) {
+            Ok(fd) => fd,
+            Err(e) => return reply.error(io_errno(&e)),
+        };
+        let n = name.as_bytes().to_vec();
+        let op = Op::SetXattr { path: p, name: n.clone(), value: value.to_vec(), flags };
+        match self.vol.mutate(op, || sys::lsetxattr_fd(fd.as_fd(), &n, value, flags)) {
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let r = self.path(ino).and_then(|p| sys::openat(self.rootfd(), p.as_at_path(), libc::O_PATH | libc::O_NOFOLLOW, 0).map_err(|e| io_errno(&e)));
+        let fd = match r {
+            Ok(fd) => fd,
+            Err(e) => return reply.error(e),
+        };
+        let mut buf = vec![0u8; size as usize];
+        match sys::lgetxattr_fd(fd.as_fd(), name.as_bytes(), &mut buf) {
+            Ok(n) if size == 0 => reply.size(n as u32),
+            Ok(n) => reply.data(&buf[..n]),
+            Err(e) => reply.error(io_errno(&e)),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let r = self.path(ino).and_then(|p| sys::openat(self.rootfd(), p.as_at_path(), libc::O_PATH | libc::O_NOFOLLOW, 0).map_err(|e| io_errno(&e)));
+        let fd = match r {
+            Ok(fd) => fd,
+            Err(e) => return reply.error(e),
+        };
+        let mut buf = vec![0u8; size as usize];
+        match sys::llistxattr_fd(fd.as_fd(), &mut buf) {
+            Ok(n) if size == 0 => reply.size(n as u32),
+            Ok(n) => reply.data(&buf[..n]),
+            Err(e) => reply.error(io_errno(&e)),
+        }
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let p = match self.path(ino) {
+            Ok(p) => p,
+            Err(e) => return reply.error(e),
+        };
+        let fd = match sys::openat(self.rootfd(), p.as_at_path(), libc::O_PATH | libc::O_NOFOLLOW, 0) {
+            Ok(fd) => fd,
+            Err(e) => return reply.error(io_errno(&e)),
+        };
+        let n = name.as_bytes().to_vec();
+        match self.vol.mutate(Op::RemoveXattr { path: p, name: n.clone() }, || sys::lremovexattr_fd(fd.as_fd(), &n)) {
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn create(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, flags: i32, reply: ReplyCreate) {
+        let p = match self.child(parent, name) {
+            Ok(p) => p,
+            Err(e) => return reply.error(e),
+        };
+        let (uid, gid, _) = self.owner(req, &p.parent().unwrap_or_default());
+        let perm = mode & 0o7777 & !umask;
+        let root = self.rootfd();
+        let fl = (Self::open_flags(flags) & !libc::O_ACCMODE) | libc::O_RDWR;
+        let r = self.vol.mutate(Op::Create { path: p.clone(), mode: perm, uid, gid }, || {
+            let fd = sys::openat(root, p.as_at_path(), fl | libc::O_CREAT | libc::O_EXCL, perm)?;
+            sys::fchown(fd.as_fd(), uid, gid)?;
+            sys::fchmod(fd.as_fd(), perm)?;
+            Ok(fd)
+        });
+        let fd = match r {
+            Ok((fd, _)) => fd,
+            Err(e) => return reply.error(err(e)),
+        };
+        self.touch_parent(&p);
+        let st = match sys::fstat(fd.as_fd()) {
+            Ok(st) => st,
+            Err(e) => return reply.error(io_errno(&e)),
+        };
+        let a = self.attr(&st);
+        lock(&self.inodes).lookup(parent.0, name.as_bytes(), a.ino.0);
+        let fh = self.add_handle(Handle { fd, ino: a.ino.0, append: flags & libc::O_APPEND != 0, wrote: AtomicBool::new(false), _backing: None });
+        reply.created(&TTL, &a, Generation(0), FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+    }
+
+    fn fallocate(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, length: u64, mode: i32, reply: ReplyEmpty) {
+        let (h, p) = match (self.handle(fh), self.path(ino)) {
+            (Ok(h), Ok(p)) => (h, p),
+            (Err(e), _) | (_, Err(e)) => return reply.error(e),
+        };
+        match self.vol.mutate(Op::Fallocate { path: p, mode, offset, len: length }, || sys::fallocate(h.fd.as_fd(), mode, offset, length)) {
+            Ok(_) => {
+                h.wrote.store(true, Ordering::Relaxed);
+                reply.ok()
+            }
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn lseek(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {
+        match self.handle(fh).and_then(|h| sys::lseek(h.fd.as_fd(), offset, whence).map_err(|e| io_errno(&e))) {
+            Ok(o) => reply.offset(o),
+            Err(e) => reply.error(e),
+        }
+    }
+}

@@ -1,0 +1,383 @@
+//! The volume: the one place where changes are ordered. Every mutating request takes the order
+//! lock, appends its record to the journal (write-ahead), applies the change to the backing
+//! directory, and appends an `Abort` if that failed, so journal order is exactly the order in which
+//! the backing tree changed, and only the last record can be in doubt after a crash.
+//!
+//! ```text
+//!  FUSE request ─▶ order lock { journal.append(op) ; apply to backing ; [Abort] } ─▶ reply (async)
+//!                                   │
+//!     flusher thread ◀── notify ────┘   fsync (F2) in groups, publishes durable_seq
+//!     mirror workers ◀── notify ─────── read records ≤ min(durable, settled), apply in order
+//! ```
+
+use std::collections::VecDeque;
+use std::io;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use mirrorfs_core::applier::{Applier, ApplyError};
+use mirrorfs_core::journal::{Journal, JournalError, Reader};
+use mirrorfs_core::op::{Op, Record};
+use mirrorfs_core::tree::apply_op;
+
+use crate::dirtree::DirTree;
+use crate::store::{FileCursor, FileStore};
+
+/// When a change is acknowledged to the application.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AckMode {
+    /// After the local change and its journal record (journal fsynced continuously, at least every second).
+    Async,
+    /// After every mirror has applied the change durably.
+    Sync,
+}
+
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// What a mirror is doing, for `status`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum MirrorPhase {
+    Syncing { done_bytes: u64, total_bytes: u64 },
+    Live,
+    Retrying { error: String, since_unix: u64 },
+    NeedsResync { reason: String },
+    Stopped,
+}
+
+pub struct MirrorShared {
+    pub name: String,
+    pub path: PathBuf,
+    pub state_dir: PathBuf,
+    pub applied: AtomicU64,
+    pub checkpoint: AtomicU64,
+    pub phase: Mutex<MirrorPhase>,
+    pub applied_bytes: AtomicU64,
+    /// Highest seq someone waits to see durable on this mirror.
+    pub want_durable: AtomicU64,
+}
+
+impl MirrorShared {
+    pub fn healthy(&self) -> bool {
+        matches!(*lock(&self.phase), MirrorPhase::Live | MirrorPhase::Syncing { .. })
+    }
+    pub fn detached(&self) -> bool {
+        matches!(*lock(&self.phase), MirrorPhase::NeedsResync { .. } | MirrorPhase::Stopped)
+    }
+}
+
+pub struct Ordered {
+    pub journal: Journal<FileStore>,
+}
+
+/// Shared progress, guarded by `progress` + `changed`.
+#[derive(Default)]
+pub struct Progress {
+    pub durable_seq: u64,
+    pub settled_seq: u64,
+    pub stopping: bool,
+    /// (seq, when appended), sampled, for lag in seconds.
+    pub samples: VecDeque<(u64, Instant)>,
+    pub appended_bytes: u64,
+}
+
+pub struct Volume {
+    pub order: Mutex<Ordered>,
+    pub progress: Mutex<Progress>,
+    pub changed: Condvar,
+    pub mirrors: Vec<Arc<MirrorShared>>,
+    pub ack: AckMode,
+    pub settled: AtomicU64,
+    pub poisoned: AtomicBool,
+}
+
+impl Volume {
+    /// Appends `op`, runs `apply` (the change to the backing tree) and settles the record: the
+    /// write-ahead protocol of the module docs. Returns the seq, or the error of `apply`.
+    pub fn mutate<R>(&self, op: Op, apply: impl FnOnce() -> io::Result<R>) -> Result<(R, u64), i32> {
+        let bytes = op.data_len() as u64;
+        let mut o = lock(&self.order);
+        let seq = match o.journal.append(&op) {
+            Ok(s) => s,
+            Err(JournalError::Full { .. }) => {
+                self.relieve_full(&mut o);
+                o.journal.append(&op).map_err(|e| self.journal_failed(e))?
+            }
+            Err(e) => return Err(self.journal_failed(e)),
+        };
+        let res = apply();
+        let last = match &res {
+            Ok(_) => seq,
+            Err(_) => o.journal.append(&Op::Abort { seq }).map_err(|e| self.journal_failed(e))?,
+        };
+        self.settled.store(last, Ordering::Release);
+        drop(o);
+        {
+            let mut p = lock(&self.progress);
+            p.settled_seq = last;
+            p.appended_bytes += bytes;
+            if p.samples.back().is_none_or(|(_, t)| t.elapsed() >= Duration::from_millis(5)) {
+                p.samples.push_back((last, Instant::now()));
+                while p.samples.len() > 4096 {
+                    p.samples.pop_front();
+                }
+            }
+        }
+        self.changed.notify_all();
+        match res {
+            Ok(r) => {
+                if self.ack == AckMode::Sync {
+                    self.wait_mirrors_durable(seq);
+                }
+                Ok((r, seq))
+            }
+            Err(e) => Err(crate::sys::errno_of(&e)),
+        }
+    }
+
+    fn journal_failed(&self, e: JournalError) -> i32 {
+        tracing::error!("journal: {e}; refusing further changes (restart mirrorfs to recover)");
+        self.poisoned.store(true, Ordering::Release);
+        libc::EIO
+    }
+
+    /// The journal reached its size limit: detach the mirror furthest behind (it is marked
+    /// "needs resync" and will be re-copied at the next mount) and free what only it held.
+    /// Local writes never block on a mirror.
+    fn relieve_full(&self, o: &mut Ordered) {
+        loop {
+            let attached: Vec<_> = self.mirrors.iter().filter(|m| !m.detached()).collect();
+            let Some(slowest) = attached.iter().min_by_key(|m| m.applied.load(Ordering::Acquire)) else { break };
+            let min_others = attached
+                .iter()
+                .filter(|m| !Arc::ptr_eq(m, slowest))
+                .map(|m| m.applied.load(Ordering::Acquire))
+                .min()
+                .unwrap_or(u64::MAX);
+            let _ = o.journal.release_through(slowest.applied.load(Ordering::Acquire).min(min_others));
+            if !o.journal.would_overflow(64 << 20) {
+                return;
+            }
+            let reason = format!(
+                "journal reached its size limit ({} bytes) while this mirror was {} records behind",
+                o.journal.config().journal_bytes_max,
+                o.journal.next_seq().saturating_sub(1 + slowest.applied.load(Ordering::Acquire))
+            );
+            tracing::error!("mirror {}: {reason}; it is detached and will be re-copied at the next mount", slowest.name);
+            crate::mirror::mark_needs_resync(slowest, &reason);
+            let _ = o.journal.release_through(min_others.min(o.journal.durable_seq()));
+        }
+    }
+
+    /// Waits until every healthy mirror has `seq` durably applied (fsync, sync mode).
+    pub fn wait_mirrors_durable(&self, seq: u64) {
+        for m in &self.mirrors {
+            m.want_durable.fetch_max(seq, Ordering::AcqRel);
+        }
+        self.changed.notify_all();
+        let mut p = lock(&self.progress);
+        loop {
+            let pending = self.mirrors.iter().any(|m| m.healthy() && m.checkpoint.load(Ordering::Acquire) < seq);
+            if !pending || p.stopping {
+                return;
+            }
+            p = self.changed.wait_timeout(p, Duration::from_millis(50)).map(|r| r.0).unwrap_or_else(|e| e.into_inner().0);
+        }
+    }
+
+    /// Waits until the journal is durable through the current settled seq (application fsync).
+    pub fn wait_journal_durable(&self) -> u64 {
+        let target = self.settled.load(Ordering::Acquire);
+        self.changed.notify_all();
+        let mut p = lock(&self.progress);
+        while p.durable_seq < target && !p.stopping && !self.poisoned.load(Ordering::Acquire) {
+            p = self.changed.wait_timeout(p, Duration::from_millis(50)).map(|r| r.0).unwrap_or_else(|e| e.into_inner().0);
+        }
+        target
+    }
+
+    /// The flusher: group commit. Fsyncs whatever was appended, publishes `durable_seq`, and frees
+    /// segments every mirror has applied.
+    pub fn run_flusher(self: &Arc<Self>) {
+        loop {
+            let plan = {
+                let o = lock(&self.order);
+                o.journal.sync_plan()
+            };
+            match plan {
+                Some(plan) => {
+                    let mut failed = None;
+                    for (id, f, _) in &plan.files {
+                        use mirrorfs_core::journal::storage::SegmentFile;
+                        if let Err(e) = f.sync() {
+                            failed = Some(format!("fsync of journal segment {id} failed: {e}"));
+                            break;
+                        }
+                    }
+                    let mut o = lock(&self.order);
+                    if let Some(why) = failed {
+                        // A failed fsync poisons the journal: never retried blindly.
+                        tracing::error!("{why}; the journal is poisoned, writes now fail with EIO; restart mirrorfs");
+                        o.journal.poison(why);
+                        self.poisoned.store(true, Ordering::Release);
+                    } else {
+                        o.journal.mark_synced(&plan);
+                    }
+                    let durable = o.journal.durable_seq();
+                    let min_applied = self
+                        .mirrors
+                        .iter()
+                        .filter(|m| !m.detached())
+                        .map(|m| m.applied.load(Ordering::Acquire))
+                        .min()
+                        .unwrap_or(durable);
+                    let _ = o.journal.release_through(min_applied.min(durable));
+                    drop(o);
+                    lock(&self.progress).durable_seq = durable;
+                    self.changed.notify_all();
+                }
+                None => {
+                    let p = lock(&self.progress);
+                    if p.stopping {
+                        return;
+                    }
+                    let settled = p.settled_seq;
+                    if settled <= p.durable_seq {
+                        let _ = self.changed.wait_timeout(p, Duration::from_millis(200));
+                    }
+                    // Also free segments as mirrors advance while idle.
+                    let mut o = lock(&self.order);
+                    let durable = o.journal.durable_seq();
+                    let min_applied = self.mirrors.iter().filter(|m| !m.detached()).map(|m| m.applied.load(Ordering::Acquire)).min().unwrap_or(durable);
+                    let _ = o.journal.release_through(min_applied.min(durable));
+                }
+            }
+        }
+    }
+
+    /// Resolves the journal's last record after a crash: it may or may not have reached the
+    /// backing tree. Re-applying it idempotently (replay mode) makes the backing agree with the
+    /// journal; if that is impossible the record is aborted.
+    pub fn resolve_in_doubt(&self, backing: &mut DirTree, last: &Record) -> Result<(), JournalError> {
+        if matches!(last.op, Op::Abort { .. }) {
+            return Ok(());
+        }
+        let already = match &last.op {
+            Op::Rename { to, from_ino, .. } => {
+                use mirrorfs_core::tree::Tree;
+                backing.ino(to).ok().flatten() == Some(*from_ino)
+            }
+            _ => false,
+        };
+        if already {
+            return Ok(());
+        }
+        if let Err(e) = apply_op(backing, &last.op, true) {
+            tracing::warn!("record {} ({}) could not be re-applied after the crash ({e}); aborting it", last.seq, last.op.name());
+            let mut o = lock(&self.order);
+            o.journal.append(&Op::Abort { seq: last.seq })?;
+        }
+        Ok(())
+    }
+
+    /// Lag of a mirror at `applied` in seconds: age of the oldest record it has not applied.
+    pub fn lag_seconds(&self, applied: u64) -> f64 {
+        let p = lock(&self.progress);
+        if applied >= p.settled_seq {
+            return 0.0;
+        }
+        p.samples.iter().find(|(s, _)| *s > applied).map_or(0.0, |(_, t)| t.elapsed().as_secs_f64())
+    }
+}
+
+/// Reads records in order for one mirror, holding back a record until it is known not to be
+/// aborted (its `Abort`, if any, is the very next record and is written under the same lock).
+pub struct RecordFeed {
+    reader: Reader<crate::store::FileSegment>,
+    pending: Option<Record>,
+}
+
+pub enum Feed {
+    Apply(Record),
+    Skip(u64),
+    Wait,
+}
+
+impl RecordFeed {
+    pub fn new(next_seq: u64) -> Self {
+        RecordFeed { reader: Reader::new(next_seq), pending: None }
+    }
+
+    fn read(&mut self, vol: &Volume, limit: u64) -> Result<Option<Record>, JournalError> {
+        for _ in 0..2 {
+            let view = lock(&vol.order).journal.segment_for(self.reader.next_seq());
+            if let Some(r) = self.reader.next::<FileStore>(view, limit)? {
+                return Ok(Some(r));
+            }
+        }
+        Ok(None)
+    }
+
+    pub fn next(&mut self, vol: &Volume) -> Result<Feed, JournalError> {
+        let (durable, settled) = {
+            let p = lock(&vol.progress);
+            (p.durable_seq, p.settled_seq)
+        };
+        let limit = durable.min(settled);
+        if self.pending.is_none() {
+            match self.read(vol, limit)? {
+                Some(r) => self.pending = Some(r),
+                None => return Ok(Feed::Wait),
+            }
+        }
+        let Some(rec) = self.pending.take() else { return Ok(Feed::Wait) };
+        if let Op::Abort { .. } = rec.op {
+            return Ok(Feed::Skip(rec.seq));
+        }
+        if rec.seq < limit {
+            match self.read(vol, limit)? {
+                Some(next) => {
+                    if next.op == (Op::Abort { seq: rec.seq }) {
+                        // Both the aborted record and its Abort are skipped.
+                        self.pending = Some(Record { seq: next.seq, op: Op::Abort { seq: rec.seq } });
+                        return Ok(Feed::Skip(rec.seq));
+                    }
+                    self.pending = Some(next);
+                    Ok(Feed::Apply(rec))
+                }
+                None => {
+                    self.pending = Some(rec);
+                    Ok(Feed::Wait)
+                }
+            }
+        } else if rec.seq == settled {
+            Ok(Feed::Apply(rec))
+        } else {
+            self.pending = Some(rec);
+            Ok(Feed::Wait)
+        }
+    }
+}
+
+pub fn apply_error_phase(e: &ApplyError) -> MirrorPhase {
+    if e.is_transient() {
+        MirrorPhase::Retrying { error: e.to_string(), since_unix: crate::sys::now().sec as u64 }
+    } else {
+        MirrorPhase::NeedsResync { reason: format!("the mirror diverged from the journal: {e}") }
+    }
+}
+
+pub fn open_cursor(m: &MirrorShared) -> io::Result<FileCursor> {
+    std::fs::create_dir_all(&m.state_dir)?;
+    FileCursor::open(&m.state_dir.join("cursor"))
+}
+
+pub fn new_applier_at(m: &MirrorShared, seq: u64) -> io::Result<Applier> {
+    let mut c = open_cursor(m)?;
+    Applier::start_at(&mut c, seq)
+}
