@@ -32,7 +32,11 @@ pub fn tree_err(path: &RelPath, e: io::Error) -> TreeError {
         Some(libc::ENOSPC) | Some(libc::EDQUOT) => TreeError::NoSpace(p),
         // A symlink where a directory was expected: the tree is not what the journal says.
         Some(libc::ELOOP) | Some(libc::EXDEV) => TreeError::NotDir(p),
-        errno => TreeError::Other { path: p, errno: errno.unwrap_or(libc::EIO), msg: e.to_string() },
+        errno => TreeError::Other {
+            path: p,
+            errno: errno.unwrap_or(libc::EIO),
+            msg: e.to_string(),
+        },
     }
 }
 
@@ -49,9 +53,15 @@ impl DirTree {
     pub fn open(root: &Path) -> io::Result<DirTree> {
         let f = File::open(root)?;
         if !f.metadata()?.is_dir() {
-            return Err(io::Error::new(io::ErrorKind::NotADirectory, format!("{} is not a directory", root.display())));
+            return Err(io::Error::new(
+                io::ErrorKind::NotADirectory,
+                format!("{} is not a directory", root.display()),
+            ));
         }
-        Ok(DirTree { root: f.into(), open_file: None })
+        Ok(DirTree {
+            root: f.into(),
+            open_file: None,
+        })
     }
 
     pub fn root_fd(&self) -> BorrowedFd<'_> {
@@ -60,25 +70,51 @@ impl DirTree {
 
     /// The parent directory of `path`, opened beneath the root, and the final name.
     fn parent<'a>(&self, path: &'a RelPath) -> Result<(OwnedFd, &'a OsStr), TreeError> {
-        let parent = path.parent().ok_or_else(|| TreeError::Other { path: ".".into(), errno: libc::EINVAL, msg: "operation on the mirror root".into() })?;
+        let parent = path.parent().ok_or_else(|| TreeError::Other {
+            path: ".".into(),
+            errno: libc::EINVAL,
+            msg: "operation on the mirror root".into(),
+        })?;
         let name = path.file_name().unwrap_or_default();
-        let fd = sys::open_beneath(self.root.as_fd(), parent.as_at_path(), libc::O_PATH | libc::O_DIRECTORY, 0).map_err(|e| tree_err(&parent, e))?;
+        let fd = sys::open_beneath(
+            self.root.as_fd(),
+            parent.as_at_path(),
+            libc::O_PATH | libc::O_DIRECTORY,
+            0,
+        )
+        .map_err(|e| tree_err(&parent, e))?;
         Ok((fd, OsStr::from_bytes(name)))
     }
 
     fn open_path(&self, path: &RelPath) -> Result<OwnedFd, TreeError> {
-        sys::open_beneath(self.root.as_fd(), path.as_at_path(), libc::O_PATH | libc::O_NOFOLLOW, 0).map_err(|e| tree_err(path, e))
+        sys::open_beneath(
+            self.root.as_fd(),
+            path.as_at_path(),
+            libc::O_PATH | libc::O_NOFOLLOW,
+            0,
+        )
+        .map_err(|e| tree_err(path, e))
     }
 
     fn file_for_write(&mut self, path: &RelPath) -> Result<BorrowedFd<'_>, TreeError> {
         let hit = matches!(&self.open_file, Some((p, _)) if p == path);
         if !hit {
-            let fd = sys::open_beneath(self.root.as_fd(), path.as_at_path(), libc::O_WRONLY | libc::O_NOFOLLOW, 0).map_err(|e| tree_err(path, e))?;
+            let fd = sys::open_beneath(
+                self.root.as_fd(),
+                path.as_at_path(),
+                libc::O_WRONLY | libc::O_NOFOLLOW,
+                0,
+            )
+            .map_err(|e| tree_err(path, e))?;
             self.open_file = Some((path.clone(), fd));
         }
         match &self.open_file {
             Some((_, fd)) => Ok(fd.as_fd()),
-            None => Err(TreeError::Other { path: path.to_string(), errno: libc::EIO, msg: "file cache".into() }),
+            None => Err(TreeError::Other {
+                path: path.to_string(),
+                errno: libc::EIO,
+                msg: "file cache".into(),
+            }),
         }
     }
 
@@ -106,7 +142,13 @@ impl Tree for DirTree {
 
     fn create(&mut self, path: &RelPath, mode: u32, uid: u32, gid: u32) -> Result<(), TreeError> {
         let (dir, name) = self.parent(path)?;
-        let fd = sys::openat(dir.as_fd(), name, libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_NOFOLLOW, mode & 0o7777).map_err(|e| tree_err(path, e))?;
+        let fd = sys::openat(
+            dir.as_fd(),
+            name,
+            libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_NOFOLLOW,
+            mode & 0o7777,
+        )
+        .map_err(|e| tree_err(path, e))?;
         sys::fchown(fd.as_fd(), uid, gid).map_err(|e| tree_err(path, e))?;
         sys::fchmod(fd.as_fd(), mode & 0o7777).map_err(|e| tree_err(path, e))?;
         self.open_file = Some((path.clone(), fd));
@@ -120,14 +162,27 @@ impl Tree for DirTree {
         sys::fchmodat(dir.as_fd(), name, mode & 0o7777).map_err(|e| tree_err(path, e))
     }
 
-    fn mknod(&mut self, path: &RelPath, mode: u32, rdev: u64, uid: u32, gid: u32) -> Result<(), TreeError> {
+    fn mknod(
+        &mut self,
+        path: &RelPath,
+        mode: u32,
+        rdev: u64,
+        uid: u32,
+        gid: u32,
+    ) -> Result<(), TreeError> {
         let (dir, name) = self.parent(path)?;
         sys::mknodat(dir.as_fd(), name, mode, rdev).map_err(|e| tree_err(path, e))?;
         sys::fchownat(dir.as_fd(), name, Some(uid), Some(gid)).map_err(|e| tree_err(path, e))?;
         sys::fchmodat(dir.as_fd(), name, mode & 0o7777).map_err(|e| tree_err(path, e))
     }
 
-    fn symlink(&mut self, path: &RelPath, target: &[u8], uid: u32, gid: u32) -> Result<(), TreeError> {
+    fn symlink(
+        &mut self,
+        path: &RelPath,
+        target: &[u8],
+        uid: u32,
+        gid: u32,
+    ) -> Result<(), TreeError> {
         let (dir, name) = self.parent(path)?;
         sys::symlinkat(target, dir.as_fd(), name).map_err(|e| tree_err(path, e))?;
         sys::fchownat(dir.as_fd(), name, Some(uid), Some(gid)).map_err(|e| tree_err(path, e))
@@ -140,7 +195,15 @@ impl Tree for DirTree {
         let b = sys::cstr(tname).map_err(|e| tree_err(to, e))?;
         use std::os::fd::AsRawFd;
         // SAFETY: valid descriptors and C strings; linkat does not follow the source symlink.
-        let r = unsafe { libc::linkat(fdir.as_raw_fd(), a.as_ptr(), tdir.as_raw_fd(), b.as_ptr(), 0) };
+        let r = unsafe {
+            libc::linkat(
+                fdir.as_raw_fd(),
+                a.as_ptr(),
+                tdir.as_raw_fd(),
+                b.as_ptr(),
+                0,
+            )
+        };
         if r < 0 {
             return Err(tree_err(to, io::Error::last_os_error()));
         }
@@ -164,9 +227,19 @@ impl Tree for DirTree {
         match self.kind(path)? {
             None => Ok(()),
             Some(EntryKind::Dir) => {
-                let fd = sys::open_beneath(self.root.as_fd(), path.as_at_path(), libc::O_RDONLY | libc::O_DIRECTORY, 0).map_err(|e| tree_err(path, e))?;
+                let fd = sys::open_beneath(
+                    self.root.as_fd(),
+                    path.as_at_path(),
+                    libc::O_RDONLY | libc::O_DIRECTORY,
+                    0,
+                )
+                .map_err(|e| tree_err(path, e))?;
                 for (name, _) in sys::read_dir_fd(fd.as_fd()).map_err(|e| tree_err(path, e))? {
-                    let child = path.join(&name).map_err(|e| TreeError::Other { path: path.to_string(), errno: libc::EINVAL, msg: e.to_string() })?;
+                    let child = path.join(&name).map_err(|e| TreeError::Other {
+                        path: path.to_string(),
+                        errno: libc::EINVAL,
+                        msg: e.to_string(),
+                    })?;
                     self.remove_all(&child)?;
                 }
                 self.rmdir(path)
@@ -183,7 +256,15 @@ impl Tree for DirTree {
         let b = sys::cstr(tname).map_err(|e| tree_err(to, e))?;
         use std::os::fd::AsRawFd;
         // SAFETY: valid descriptors and C strings.
-        let r = unsafe { libc::renameat2(fdir.as_raw_fd(), a.as_ptr(), tdir.as_raw_fd(), b.as_ptr(), flags) };
+        let r = unsafe {
+            libc::renameat2(
+                fdir.as_raw_fd(),
+                a.as_ptr(),
+                tdir.as_raw_fd(),
+                b.as_ptr(),
+                flags,
+            )
+        };
         if r < 0 {
             return Err(tree_err(from, io::Error::last_os_error()));
         }
@@ -200,7 +281,13 @@ impl Tree for DirTree {
         sys::ftruncate(fd, size).map_err(|e| tree_err(path, e))
     }
 
-    fn fallocate(&mut self, path: &RelPath, mode: i32, offset: u64, len: u64) -> Result<(), TreeError> {
+    fn fallocate(
+        &mut self,
+        path: &RelPath,
+        mode: i32,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), TreeError> {
         let fd = self.file_for_write(path)?;
         sys::fallocate(fd, mode, offset, len).map_err(|e| tree_err(path, e))
     }
@@ -211,25 +298,47 @@ impl Tree for DirTree {
         }
         let (dir, name) = self.parent(path)?;
         match sys::fchmodat(dir.as_fd(), name, mode & 0o7777) {
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) && self.kind(path)? == Some(EntryKind::Symlink) => Ok(()),
+            Err(e)
+                if e.raw_os_error() == Some(libc::ENOENT)
+                    && self.kind(path)? == Some(EntryKind::Symlink) =>
+            {
+                Ok(())
+            }
             other => other.map_err(|e| tree_err(path, e)),
         }
     }
 
-    fn chown(&mut self, path: &RelPath, uid: Option<u32>, gid: Option<u32>) -> Result<(), TreeError> {
+    fn chown(
+        &mut self,
+        path: &RelPath,
+        uid: Option<u32>,
+        gid: Option<u32>,
+    ) -> Result<(), TreeError> {
         let fd = self.open_path(path)?;
         sys::fchownat(fd.as_fd(), OsStr::new(""), uid, gid).map_err(|e| tree_err(path, e))
     }
 
-    fn utimes(&mut self, path: &RelPath, atime: Option<Timespec>, mtime: Option<Timespec>) -> Result<(), TreeError> {
+    fn utimes(
+        &mut self,
+        path: &RelPath,
+        atime: Option<Timespec>,
+        mtime: Option<Timespec>,
+    ) -> Result<(), TreeError> {
         if path.is_root() {
-            return sys::utimensat(self.root.as_fd(), OsStr::new("."), atime, mtime).map_err(|e| tree_err(path, e));
+            return sys::utimensat(self.root.as_fd(), OsStr::new("."), atime, mtime)
+                .map_err(|e| tree_err(path, e));
         }
         let (dir, name) = self.parent(path)?;
         sys::utimensat(dir.as_fd(), name, atime, mtime).map_err(|e| tree_err(path, e))
     }
 
-    fn setxattr(&mut self, path: &RelPath, name: &[u8], value: &[u8], flags: i32) -> Result<(), TreeError> {
+    fn setxattr(
+        &mut self,
+        path: &RelPath,
+        name: &[u8],
+        value: &[u8],
+        flags: i32,
+    ) -> Result<(), TreeError> {
         let fd = self.open_path(path)?;
         sys::lsetxattr_fd(fd.as_fd(), name, value, flags).map_err(|e| tree_err(path, e))
     }

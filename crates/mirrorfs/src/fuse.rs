@@ -12,9 +12,10 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
-    BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig, OpenFlags, RenameFlags,
-    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs,
-    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    KernelConfig, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite,
+    ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use mirrorfs_core::op::{Op, Timespec, WRITE_BYTES_MAX};
 use mirrorfs_core::path::RelPath;
@@ -63,13 +64,22 @@ fn time(sec: i64, nsec: i64) -> SystemTime {
 
 fn to_ts(t: SystemTime) -> Timespec {
     match t.duration_since(UNIX_EPOCH) {
-        Ok(d) => Timespec { sec: d.as_secs() as i64, nsec: d.subsec_nanos() },
+        Ok(d) => Timespec {
+            sec: d.as_secs() as i64,
+            nsec: d.subsec_nanos(),
+        },
         Err(e) => {
             let d = e.duration();
             if d.subsec_nanos() == 0 {
-                Timespec { sec: -(d.as_secs() as i64), nsec: 0 }
+                Timespec {
+                    sec: -(d.as_secs() as i64),
+                    nsec: 0,
+                }
             } else {
-                Timespec { sec: -(d.as_secs() as i64) - 1, nsec: 1_000_000_000 - d.subsec_nanos() }
+                Timespec {
+                    sec: -(d.as_secs() as i64) - 1,
+                    nsec: 1_000_000_000 - d.subsec_nanos(),
+                }
             }
         }
     }
@@ -136,11 +146,13 @@ impl MirrorFs {
         if parent.0 == ROOT && self.hidden.as_deref() == Some(name.as_bytes()) {
             return Err(Errno::EACCES);
         }
-        self.path(parent)?.join(name.as_bytes()).map_err(|e| match e {
-            mirrorfs_core::path::PathError::NameTooLong => Errno::ENAMETOOLONG,
-            mirrorfs_core::path::PathError::TooLong => Errno::ENAMETOOLONG,
-            _ => Errno::EINVAL,
-        })
+        self.path(parent)?
+            .join(name.as_bytes())
+            .map_err(|e| match e {
+                mirrorfs_core::path::PathError::NameTooLong => Errno::ENAMETOOLONG,
+                mirrorfs_core::path::PathError::TooLong => Errno::ENAMETOOLONG,
+                _ => Errno::EINVAL,
+            })
     }
 
     fn lstat(&self, p: &RelPath) -> std::io::Result<libc::stat> {
@@ -163,8 +175,18 @@ impl MirrorFs {
     fn touch_parent(&self, p: &RelPath) {
         let Some(parent) = p.parent() else { return };
         if let Ok(st) = self.lstat(&parent) {
-            let mtime = Some(Timespec { sec: st.st_mtime, nsec: st.st_mtime_nsec as u32 });
-            let _ = self.vol.mutate(Op::SetTimes { path: parent, atime: None, mtime }, || Ok(()));
+            let mtime = Some(Timespec {
+                sec: st.st_mtime,
+                nsec: st.st_mtime_nsec as u32,
+            });
+            let _ = self.vol.mutate(
+                Op::SetTimes {
+                    path: parent,
+                    atime: None,
+                    mtime,
+                },
+                || Ok(()),
+            );
         }
     }
 
@@ -177,25 +199,95 @@ impl MirrorFs {
     }
 
     fn handle(&self, fh: FileHandle) -> Result<Arc<Handle>, Errno> {
-        self.handles.read().unwrap_or_else(|e| e.into_inner()).get(&fh.0).cloned().ok_or(Errno::EBADF)
+        self.handles
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&fh.0)
+            .cloned()
+            .ok_or(Errno::EBADF)
+    }
+
+    /// An open handle on `ino`, for requests about a file that has no name any more.
+    fn handle_of_ino(&self, ino: u64) -> Option<Arc<Handle>> {
+        self.handles
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .find(|h| h.ino == ino)
+            .cloned()
     }
 
     fn add_handle(&self, h: Handle) -> u64 {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.handles.write().unwrap_or_else(|e| e.into_inner()).insert(fh, Arc::new(h));
+        self.handles
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(fh, Arc::new(h));
         fh
     }
 
     fn set_times_of_handle(&self, h: &Handle) {
         if let (Ok(st), Some(p)) = (sys::fstat(h.fd.as_fd()), lock(&self.inodes).path(h.ino)) {
-            let mtime = Some(Timespec { sec: st.st_mtime, nsec: st.st_mtime_nsec as u32 });
-            let _ = self.vol.mutate(Op::SetTimes { path: p, atime: None, mtime }, || Ok(()));
+            let mtime = Some(Timespec {
+                sec: st.st_mtime,
+                nsec: st.st_mtime_nsec as u32,
+            });
+            let _ = self.vol.mutate(
+                Op::SetTimes {
+                    path: p,
+                    atime: None,
+                    mtime,
+                },
+                || Ok(()),
+            );
         }
     }
 
     fn open_flags(flags: i32) -> i32 {
         // O_CREAT/O_EXCL are handled by `create`; O_TRUNC arrives as a setattr (atomic_o_trunc off).
-        (flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_TRUNC)) | libc::O_NOFOLLOW
+        (flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_TRUNC))
+            | libc::O_NOFOLLOW
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn reply_unlinked_setattr(
+    fs: &MirrorFs,
+    h: &Handle,
+    mode: Option<u32>,
+    uid: Option<u32>,
+    gid: Option<u32>,
+    size: Option<u64>,
+    atime: Option<TimeOrNow>,
+    mtime: Option<TimeOrNow>,
+    reply: ReplyAttr,
+) {
+    let fd = h.fd.as_fd();
+    let r = (|| -> std::io::Result<()> {
+        if let Some(size) = size {
+            sys::ftruncate(fd, size)?;
+        }
+        if uid.is_some() || gid.is_some() {
+            sys::fchown(fd, uid.unwrap_or(u32::MAX), gid.unwrap_or(u32::MAX))?;
+        }
+        if let Some(mode) = mode {
+            sys::fchmod(fd, mode & 0o7777)?;
+        }
+        if atime.is_some() || mtime.is_some() {
+            let now = sys::now();
+            let conv = |t: Option<TimeOrNow>| {
+                t.map(|t| match t {
+                    TimeOrNow::Now => now,
+                    TimeOrNow::SpecificTime(s) => to_ts(s),
+                })
+            };
+            sys::futimens(fd, conv(atime), conv(mtime))?;
+        }
+        Ok(())
+    })();
+    match r.and_then(|_| sys::fstat(fd)) {
+        Ok(st) => reply.attr(&TTL, &fs.attr(&st)),
+        Err(e) => reply.error(io_errno(&e)),
     }
 }
 
@@ -224,7 +316,10 @@ impl Filesystem for MirrorFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
-        let st = match fh.and_then(|f| self.handle(f).ok()) {
+        let st = match fh.and_then(|f| self.handle(f).ok()).or_else(|| {
+            self.handle_of_ino(ino.0)
+                .filter(|_| self.path(ino).is_err())
+        }) {
             Some(h) => sys::fstat(h.fd.as_fd()),
             None => match self.path(ino) {
                 Ok(p) => self.lstat(&p),
@@ -257,7 +352,13 @@ impl Filesystem for MirrorFs {
     ) {
         let p = match self.path(ino) {
             Ok(p) => p,
-            Err(e) => return reply.error(e),
+            Err(e) => {
+                // Unlinked but open: change it through the descriptor; nothing visible to mirror.
+                let Some(h) = self.handle_of_ino(ino.0) else {
+                    return reply.error(e);
+                };
+                return reply_unlinked_setattr(self, &h, mode, uid, gid, size, atime, mtime, reply);
+            }
         };
         let root = self.rootfd();
         let at = p.as_at_path();
@@ -265,28 +366,60 @@ impl Filesystem for MirrorFs {
             if let Some(size) = size {
                 let handle = fh.and_then(|f| self.handle(f).ok());
                 self.vol
-                    .mutate(Op::Truncate { path: p.clone(), size }, || match &handle {
-                        Some(h) => sys::ftruncate(h.fd.as_fd(), size),
-                        None => {
-                            let f = sys::openat(root, at, libc::O_WRONLY | libc::O_NOFOLLOW, 0)?;
-                            sys::ftruncate(f.as_fd(), size)
-                        }
-                    })
+                    .mutate(
+                        Op::Truncate {
+                            path: p.clone(),
+                            size,
+                        },
+                        || match &handle {
+                            Some(h) => sys::ftruncate(h.fd.as_fd(), size),
+                            None => {
+                                let f =
+                                    sys::openat(root, at, libc::O_WRONLY | libc::O_NOFOLLOW, 0)?;
+                                sys::ftruncate(f.as_fd(), size)
+                            }
+                        },
+                    )
                     .map(drop)?;
             }
             if uid.is_some() || gid.is_some() {
-                self.vol.mutate(Op::SetOwner { path: p.clone(), uid, gid }, || sys::fchownat(root, at, uid, gid)).map(drop)?;
+                self.vol
+                    .mutate(
+                        Op::SetOwner {
+                            path: p.clone(),
+                            uid,
+                            gid,
+                        },
+                        || sys::fchownat(root, at, uid, gid),
+                    )
+                    .map(drop)?;
                 // chown may clear set-user/group-ID bits: record the resulting mode too.
                 if let Ok(st) = self.lstat(&p) {
                     if st.st_mode & libc::S_IFMT != libc::S_IFLNK {
                         let m = st.st_mode & 0o7777;
-                        self.vol.mutate(Op::SetMode { path: p.clone(), mode: m }, || sys::fchmodat(root, at, m)).map(drop)?;
+                        self.vol
+                            .mutate(
+                                Op::SetMode {
+                                    path: p.clone(),
+                                    mode: m,
+                                },
+                                || sys::fchmodat(root, at, m),
+                            )
+                            .map(drop)?;
                     }
                 }
             }
             if let Some(mode) = mode {
                 let m = mode & 0o7777;
-                self.vol.mutate(Op::SetMode { path: p.clone(), mode: m }, || sys::fchmodat(root, at, m)).map(drop)?;
+                self.vol
+                    .mutate(
+                        Op::SetMode {
+                            path: p.clone(),
+                            mode: m,
+                        },
+                        || sys::fchmodat(root, at, m),
+                    )
+                    .map(drop)?;
             }
             if atime.is_some() || mtime.is_some() {
                 let now = sys::now();
@@ -297,7 +430,16 @@ impl Filesystem for MirrorFs {
                     })
                 };
                 let (a, m) = (conv(atime), conv(mtime));
-                self.vol.mutate(Op::SetTimes { path: p.clone(), atime: a, mtime: m }, || sys::utimensat(root, at, a, m)).map(drop)?;
+                self.vol
+                    .mutate(
+                        Op::SetTimes {
+                            path: p.clone(),
+                            atime: a,
+                            mtime: m,
+                        },
+                        || sys::utimensat(root, at, a, m),
+                    )
+                    .map(drop)?;
             }
             Ok(())
         })();
@@ -311,13 +453,25 @@ impl Filesystem for MirrorFs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        match self.path(ino).and_then(|p| sys::readlinkat(self.rootfd(), p.as_at_path()).map_err(|e| io_errno(&e))) {
+        match self
+            .path(ino)
+            .and_then(|p| sys::readlinkat(self.rootfd(), p.as_at_path()).map_err(|e| io_errno(&e)))
+        {
             Ok(t) => reply.data(&t),
             Err(e) => reply.error(e),
         }
     }
 
-    fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, rdev: u32, reply: ReplyEntry) {
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
         let p = match self.child(parent, name) {
             Ok(p) => p,
             Err(e) => return reply.error(e),
@@ -326,10 +480,21 @@ impl Filesystem for MirrorFs {
         let perm = mode & 0o7777 & !umask;
         let full = (mode & libc::S_IFMT) | perm;
         let root = self.rootfd();
-        let op = Op::Mknod { path: p.clone(), mode: full, rdev: rdev as u64, uid, gid };
+        let op = Op::Mknod {
+            path: p.clone(),
+            mode: full,
+            rdev: rdev as u64,
+            uid,
+            gid,
+        };
         let r = self.vol.mutate(op, || {
             if mode & libc::S_IFMT == libc::S_IFREG {
-                let f = sys::openat(root, p.as_at_path(), libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_NOFOLLOW, perm)?;
+                let f = sys::openat(
+                    root,
+                    p.as_at_path(),
+                    libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_NOFOLLOW,
+                    perm,
+                )?;
                 sys::fchown(f.as_fd(), uid, gid)?;
                 sys::fchmod(f.as_fd(), perm)
             } else {
@@ -347,7 +512,15 @@ impl Filesystem for MirrorFs {
         }
     }
 
-    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
         let p = match self.child(parent, name) {
             Ok(p) => p,
             Err(e) => return reply.error(e),
@@ -355,11 +528,19 @@ impl Filesystem for MirrorFs {
         let (uid, gid, sgid) = self.owner(req, &p.parent().unwrap_or_default());
         let perm = (mode & 0o7777 & !umask) | if sgid { libc::S_ISGID } else { 0 };
         let root = self.rootfd();
-        let r = self.vol.mutate(Op::Mkdir { path: p.clone(), mode: perm, uid, gid }, || {
-            sys::mkdirat(root, p.as_at_path(), perm)?;
-            sys::fchownat(root, p.as_at_path(), Some(uid), Some(gid))?;
-            sys::fchmodat(root, p.as_at_path(), perm)
-        });
+        let r = self.vol.mutate(
+            Op::Mkdir {
+                path: p.clone(),
+                mode: perm,
+                uid,
+                gid,
+            },
+            || {
+                sys::mkdirat(root, p.as_at_path(), perm)?;
+                sys::fchownat(root, p.as_at_path(), Some(uid), Some(gid))?;
+                sys::fchmodat(root, p.as_at_path(), perm)
+            },
+        );
         match r {
             Ok(_) => {
                 self.touch_parent(&p);
@@ -379,7 +560,13 @@ impl Filesystem for MirrorFs {
             Err(e) => return reply.error(io_errno(&e)),
         };
         let root = self.rootfd();
-        match self.vol.mutate(Op::Unlink { path: p.clone(), nlink: st.st_nlink as u32 }, || sys::unlinkat(root, p.as_at_path(), 0)) {
+        match self.vol.mutate(
+            Op::Unlink {
+                path: p.clone(),
+                nlink: st.st_nlink as u32,
+            },
+            || sys::unlinkat(root, p.as_at_path(), 0),
+        ) {
             Ok(_) => {
                 let ino = lock(&self.inodes).fuse_ino(st.st_ino);
                 lock(&self.inodes).unlink(parent.0, name.as_bytes(), ino);
@@ -397,7 +584,9 @@ impl Filesystem for MirrorFs {
         };
         let st = self.lstat(&p).ok();
         let root = self.rootfd();
-        match self.vol.mutate(Op::Rmdir { path: p.clone() }, || sys::unlinkat(root, p.as_at_path(), libc::AT_REMOVEDIR)) {
+        match self.vol.mutate(Op::Rmdir { path: p.clone() }, || {
+            sys::unlinkat(root, p.as_at_path(), libc::AT_REMOVEDIR)
+        }) {
             Ok(_) => {
                 if let Some(st) = st {
                     let ino = lock(&self.inodes).fuse_ino(st.st_ino);
@@ -410,7 +599,14 @@ impl Filesystem for MirrorFs {
         }
     }
 
-    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
         let p = match self.child(parent, link_name) {
             Ok(p) => p,
             Err(e) => return reply.error(e),
@@ -418,10 +614,18 @@ impl Filesystem for MirrorFs {
         let (uid, gid, _) = self.owner(req, &p.parent().unwrap_or_default());
         let t = target.as_os_str().as_bytes().to_vec();
         let root = self.rootfd();
-        let r = self.vol.mutate(Op::Symlink { path: p.clone(), target: t.clone(), uid, gid }, || {
-            sys::symlinkat(&t, root, p.as_at_path())?;
-            sys::fchownat(root, p.as_at_path(), Some(uid), Some(gid))
-        });
+        let r = self.vol.mutate(
+            Op::Symlink {
+                path: p.clone(),
+                target: t.clone(),
+                uid,
+                gid,
+            },
+            || {
+                sys::symlinkat(&t, root, p.as_at_path())?;
+                sys::fchownat(root, p.as_at_path(), Some(uid), Some(gid))
+            },
+        );
         match r {
             Ok(_) => {
                 self.touch_parent(&p);
@@ -431,7 +635,16 @@ impl Filesystem for MirrorFs {
         }
     }
 
-    fn rename(&self, _req: &Request, parent: INodeNo, name: &OsStr, newparent: INodeNo, newname: &OsStr, flags: RenameFlags, reply: ReplyEmpty) {
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
         let (from, to) = match (self.child(parent, name), self.child(newparent, newname)) {
             (Ok(a), Ok(b)) => (a, b),
             (Err(e), _) | (_, Err(e)) => return reply.error(e),
@@ -443,8 +656,15 @@ impl Filesystem for MirrorFs {
         let dst = self.lstat(&to).ok();
         let root = self.rootfd();
         let f = flags.bits();
-        let op = Op::Rename { from: from.clone(), to: to.clone(), flags: f, from_ino: src.st_ino };
-        match self.vol.mutate(op, || sys::renameat2(root, from.as_at_path(), to.as_at_path(), f)) {
+        let op = Op::Rename {
+            from: from.clone(),
+            to: to.clone(),
+            flags: f,
+            from_ino: src.st_ino,
+        };
+        match self.vol.mutate(op, || {
+            sys::renameat2(root, from.as_at_path(), to.as_at_path(), f)
+        }) {
             Ok(_) => {
                 let mut t = lock(&self.inodes);
                 let sino = t.fuse_ino(src.st_ino);
@@ -452,10 +672,22 @@ impl Filesystem for MirrorFs {
                     let dino = t.fuse_ino(d.st_ino);
                     t.unlink(newparent.0, newname.as_bytes(), dino);
                     if f & libc::RENAME_EXCHANGE != 0 {
-                        t.rename(dino, newparent.0, newname.as_bytes(), parent.0, name.as_bytes());
+                        t.rename(
+                            dino,
+                            newparent.0,
+                            newname.as_bytes(),
+                            parent.0,
+                            name.as_bytes(),
+                        );
                     }
                 }
-                t.rename(sino, parent.0, name.as_bytes(), newparent.0, newname.as_bytes());
+                t.rename(
+                    sino,
+                    parent.0,
+                    name.as_bytes(),
+                    newparent.0,
+                    newname.as_bytes(),
+                );
                 drop(t);
                 self.touch_parent(&from);
                 if from.parent() != to.parent() {
@@ -467,13 +699,26 @@ impl Filesystem for MirrorFs {
         }
     }
 
-    fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
         let (from, to) = match (self.path(ino), self.child(newparent, newname)) {
             (Ok(a), Ok(b)) => (a, b),
             (Err(e), _) | (_, Err(e)) => return reply.error(e),
         };
         let root = self.rootfd();
-        match self.vol.mutate(Op::Link { from: from.clone(), to: to.clone() }, || sys::linkat(root, from.as_at_path(), to.as_at_path())) {
+        match self.vol.mutate(
+            Op::Link {
+                from: from.clone(),
+                to: to.clone(),
+            },
+            || sys::linkat(root, from.as_at_path(), to.as_at_path()),
+        ) {
             Ok(_) => {
                 self.touch_parent(&to);
                 self.entry(newparent, newname, &to, reply)
@@ -495,21 +740,55 @@ impl Filesystem for MirrorFs {
         let read_only = fl & libc::O_ACCMODE == libc::O_RDONLY;
         if read_only && self.passthrough.load(Ordering::Relaxed) {
             if let Ok(bid) = reply.open_backing(fd.as_fd()) {
-                let fh = self.add_handle(Handle { fd, ino: ino.0, append: false, wrote: AtomicBool::new(false), _backing: None });
+                let fh = self.add_handle(Handle {
+                    fd,
+                    ino: ino.0,
+                    append: false,
+                    wrote: AtomicBool::new(false),
+                    _backing: None,
+                });
                 reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &bid);
                 if let Ok(h) = self.handle(FileHandle(fh)) {
                     // Keep the backing id registered for as long as the handle lives.
-                    let h2 = Handle { fd: match h.fd.try_clone() { Ok(f) => f, Err(_) => return }, ino: h.ino, append: false, wrote: AtomicBool::new(false), _backing: Some(bid) };
-                    self.handles.write().unwrap_or_else(|e| e.into_inner()).insert(fh, Arc::new(h2));
+                    let h2 = Handle {
+                        fd: match h.fd.try_clone() {
+                            Ok(f) => f,
+                            Err(_) => return,
+                        },
+                        ino: h.ino,
+                        append: false,
+                        wrote: AtomicBool::new(false),
+                        _backing: Some(bid),
+                    };
+                    self.handles
+                        .write()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(fh, Arc::new(h2));
                 }
                 return;
             }
         }
-        let fh = self.add_handle(Handle { fd, ino: ino.0, append: fl & libc::O_APPEND != 0, wrote: AtomicBool::new(false), _backing: None });
+        let fh = self.add_handle(Handle {
+            fd,
+            ino: ino.0,
+            append: fl & libc::O_APPEND != 0,
+            wrote: AtomicBool::new(false),
+            _backing: None,
+        });
         reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
     }
 
-    fn read(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, size: u32, _flags: OpenFlags, _lock: Option<fuser::LockOwner>, reply: ReplyData) {
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock: Option<fuser::LockOwner>,
+        reply: ReplyData,
+    ) {
         let h = match self.handle(fh) {
             Ok(h) => h,
             Err(e) => return reply.error(e),
@@ -521,7 +800,18 @@ impl Filesystem for MirrorFs {
         }
     }
 
-    fn write(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, data: &[u8], _wf: WriteFlags, _flags: OpenFlags, _lock: Option<fuser::LockOwner>, reply: ReplyWrite) {
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _wf: WriteFlags,
+        _flags: OpenFlags,
+        _lock: Option<fuser::LockOwner>,
+        reply: ReplyWrite,
+    ) {
         let h = match self.handle(fh) {
             Ok(h) => h,
             Err(e) => return reply.error(e),
@@ -542,8 +832,15 @@ impl Filesystem for MirrorFs {
                     Err(e) => return reply.error(io_errno(&e)),
                 }
             }
-            let op = Op::Write { path: p.clone(), offset: off, data: chunk.to_vec() };
-            match self.vol.mutate(op, || sys::pwrite_all(h.fd.as_fd(), chunk, off)) {
+            let op = Op::Write {
+                path: p.clone(),
+                offset: off,
+                data: chunk.to_vec(),
+            };
+            match self
+                .vol
+                .mutate(op, || sys::pwrite_all(h.fd.as_fd(), chunk, off))
+            {
                 Ok(_) => written += chunk.len(),
                 Err(e) => return reply.error(err(e)),
             }
@@ -552,7 +849,14 @@ impl Filesystem for MirrorFs {
         reply.written(written as u32)
     }
 
-    fn flush(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _lock: fuser::LockOwner, reply: ReplyEmpty) {
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _lock: fuser::LockOwner,
+        reply: ReplyEmpty,
+    ) {
         if let Ok(h) = self.handle(fh) {
             if h.wrote.swap(false, Ordering::Relaxed) {
                 self.set_times_of_handle(&h);
@@ -561,8 +865,21 @@ impl Filesystem for MirrorFs {
         reply.ok()
     }
 
-    fn release(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, _lock: Option<fuser::LockOwner>, _flush: bool, reply: ReplyEmpty) {
-        let h = self.handles.write().unwrap_or_else(|e| e.into_inner()).remove(&fh.0);
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock: Option<fuser::LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        let h = self
+            .handles
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&fh.0);
         if let Some(h) = h {
             if h.wrote.load(Ordering::Relaxed) {
                 self.set_times_of_handle(&h);
@@ -571,12 +888,23 @@ impl Filesystem for MirrorFs {
         reply.ok()
     }
 
-    fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         let h = match self.handle(fh) {
             Ok(h) => h,
             Err(e) => return reply.error(e),
         };
-        let r = if datasync { sys::fdatasync(h.fd.as_fd()) } else { sys::fsync(h.fd.as_fd()) };
+        let r = if datasync {
+            sys::fdatasync(h.fd.as_fd())
+        } else {
+            sys::fsync(h.fd.as_fd())
+        };
         if let Err(e) = r {
             return reply.error(io_errno(&e));
         }
@@ -590,7 +918,12 @@ impl Filesystem for MirrorFs {
             Ok(p) => p,
             Err(e) => return reply.error(e),
         };
-        let fd = match sys::openat(self.rootfd(), p.as_at_path(), libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW, 0) {
+        let fd = match sys::openat(
+            self.rootfd(),
+            p.as_at_path(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+            0,
+        ) {
             Ok(fd) => fd,
             Err(e) => return reply.error(io_errno(&e)),
         };
@@ -622,10 +955,23 @@ impl Filesystem for MirrorFs {
         reply.opened(FileHandle(fh), FopenFlags::empty());
     }
 
-    fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        let Some(list) = lock(&self.dirs).get(&fh.0).cloned() else { return reply.error(Errno::EBADF) };
+    fn readdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let Some(list) = lock(&self.dirs).get(&fh.0).cloned() else {
+            return reply.error(Errno::EBADF);
+        };
         for (i, (ino, kind, name)) in list.iter().enumerate().skip(offset as usize) {
-            let ino = if *ino == u64::MAX { 0xffff_fff0 + i as u64 } else { *ino };
+            let ino = if *ino == u64::MAX {
+                0xffff_fff0 + i as u64
+            } else {
+                *ino
+            };
             if reply.add(INodeNo(ino), (i + 1) as u64, *kind, OsStr::from_bytes(name)) {
                 break;
             }
@@ -633,8 +979,17 @@ impl Filesystem for MirrorFs {
         reply.ok()
     }
 
-    fn readdirplus(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
-        let Some(list) = lock(&self.dirs).get(&fh.0).cloned() else { return reply.error(Errno::EBADF) };
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let Some(list) = lock(&self.dirs).get(&fh.0).cloned() else {
+            return reply.error(Errno::EBADF);
+        };
         let dir = match self.path(ino) {
             Ok(p) => p,
             Err(e) => return reply.error(e),
@@ -653,7 +1008,14 @@ impl Filesystem for MirrorFs {
             let Ok(st) = self.lstat(&p) else { continue };
             let a = self.attr(&st);
             let dot = name == b"." || name == b"..";
-            if reply.add(a.ino, (i + 1) as u64, OsStr::from_bytes(name), &TTL, &a, Generation(0)) {
+            if reply.add(
+                a.ino,
+                (i + 1) as u64,
+                OsStr::from_bytes(name),
+                &TTL,
+                &a,
+                Generation(0),
+            ) {
                 break;
             }
             if !dot {
@@ -663,14 +1025,33 @@ impl Filesystem for MirrorFs {
         reply.ok()
     }
 
-    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
         lock(&self.dirs).remove(&fh.0);
         reply.ok()
     }
 
-    fn fsyncdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         if let Ok(p) = self.path(ino) {
-            if let Ok(fd) = sys::openat(self.rootfd(), p.as_at_path(), libc::O_RDONLY | libc::O_DIRECTORY, 0) {
+            if let Ok(fd) = sys::openat(
+                self.rootfd(),
+                p.as_at_path(),
+                libc::O_RDONLY | libc::O_DIRECTORY,
+                0,
+            ) {
                 if let Err(e) = sys::fsync(fd.as_fd()) {
                     return reply.error(io_errno(&e));
                 }
@@ -683,30 +1064,69 @@ impl Filesystem for MirrorFs {
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         match sys::fstatvfs(self.rootfd()) {
-            Ok(s) => reply.statfs(s.f_blocks, s.f_bfree, s.f_bavail, s.f_files, s.f_ffree, s.f_bsize as u32, s.f_namemax as u32, s.f_frsize as u32),
+            Ok(s) => reply.statfs(
+                s.f_blocks,
+                s.f_bfree,
+                s.f_bavail,
+                s.f_files,
+                s.f_ffree,
+                s.f_bsize as u32,
+                s.f_namemax as u32,
+                s.f_frsize as u32,
+            ),
             Err(e) => reply.error(io_errno(&e)),
         }
     }
 
-    fn setxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, value: &[u8], flags: i32, _position: u32, reply: ReplyEmpty) {
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
         let p = match self.path(ino) {
             Ok(p) => p,
             Err(e) => return reply.error(e),
         };
-        let fd = match sys::openat(self.rootfd(), p.as_at_path(), libc::O_PATH | libc::O_NOFOLLOW, 0) {
+        let fd = match sys::openat(
+            self.rootfd(),
+            p.as_at_path(),
+            libc::O_PATH | libc::O_NOFOLLOW,
+            0,
+        ) {
             Ok(fd) => fd,
             Err(e) => return reply.error(io_errno(&e)),
         };
         let n = name.as_bytes().to_vec();
-        let op = Op::SetXattr { path: p, name: n.clone(), value: value.to_vec(), flags };
-        match self.vol.mutate(op, || sys::lsetxattr_fd(fd.as_fd(), &n, value, flags)) {
+        let op = Op::SetXattr {
+            path: p,
+            name: n.clone(),
+            value: value.to_vec(),
+            flags,
+        };
+        match self
+            .vol
+            .mutate(op, || sys::lsetxattr_fd(fd.as_fd(), &n, value, flags))
+        {
             Ok(_) => reply.ok(),
             Err(e) => reply.error(err(e)),
         }
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        let r = self.path(ino).and_then(|p| sys::openat(self.rootfd(), p.as_at_path(), libc::O_PATH | libc::O_NOFOLLOW, 0).map_err(|e| io_errno(&e)));
+        let r = self.path(ino).and_then(|p| {
+            sys::openat(
+                self.rootfd(),
+                p.as_at_path(),
+                libc::O_PATH | libc::O_NOFOLLOW,
+                0,
+            )
+            .map_err(|e| io_errno(&e))
+        });
         let fd = match r {
             Ok(fd) => fd,
             Err(e) => return reply.error(e),
@@ -720,7 +1140,15 @@ impl Filesystem for MirrorFs {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        let r = self.path(ino).and_then(|p| sys::openat(self.rootfd(), p.as_at_path(), libc::O_PATH | libc::O_NOFOLLOW, 0).map_err(|e| io_errno(&e)));
+        let r = self.path(ino).and_then(|p| {
+            sys::openat(
+                self.rootfd(),
+                p.as_at_path(),
+                libc::O_PATH | libc::O_NOFOLLOW,
+                0,
+            )
+            .map_err(|e| io_errno(&e))
+        });
         let fd = match r {
             Ok(fd) => fd,
             Err(e) => return reply.error(e),
@@ -738,18 +1166,38 @@ impl Filesystem for MirrorFs {
             Ok(p) => p,
             Err(e) => return reply.error(e),
         };
-        let fd = match sys::openat(self.rootfd(), p.as_at_path(), libc::O_PATH | libc::O_NOFOLLOW, 0) {
+        let fd = match sys::openat(
+            self.rootfd(),
+            p.as_at_path(),
+            libc::O_PATH | libc::O_NOFOLLOW,
+            0,
+        ) {
             Ok(fd) => fd,
             Err(e) => return reply.error(io_errno(&e)),
         };
         let n = name.as_bytes().to_vec();
-        match self.vol.mutate(Op::RemoveXattr { path: p, name: n.clone() }, || sys::lremovexattr_fd(fd.as_fd(), &n)) {
+        match self.vol.mutate(
+            Op::RemoveXattr {
+                path: p,
+                name: n.clone(),
+            },
+            || sys::lremovexattr_fd(fd.as_fd(), &n),
+        ) {
             Ok(_) => reply.ok(),
             Err(e) => reply.error(err(e)),
         }
     }
 
-    fn create(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, flags: i32, reply: ReplyCreate) {
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
         let p = match self.child(parent, name) {
             Ok(p) => p,
             Err(e) => return reply.error(e),
@@ -758,12 +1206,25 @@ impl Filesystem for MirrorFs {
         let perm = mode & 0o7777 & !umask;
         let root = self.rootfd();
         let fl = (Self::open_flags(flags) & !libc::O_ACCMODE) | libc::O_RDWR;
-        let r = self.vol.mutate(Op::Create { path: p.clone(), mode: perm, uid, gid }, || {
-            let fd = sys::openat(root, p.as_at_path(), fl | libc::O_CREAT | libc::O_EXCL, perm)?;
-            sys::fchown(fd.as_fd(), uid, gid)?;
-            sys::fchmod(fd.as_fd(), perm)?;
-            Ok(fd)
-        });
+        let r = self.vol.mutate(
+            Op::Create {
+                path: p.clone(),
+                mode: perm,
+                uid,
+                gid,
+            },
+            || {
+                let fd = sys::openat(
+                    root,
+                    p.as_at_path(),
+                    fl | libc::O_CREAT | libc::O_EXCL,
+                    perm,
+                )?;
+                sys::fchown(fd.as_fd(), uid, gid)?;
+                sys::fchmod(fd.as_fd(), perm)?;
+                Ok(fd)
+            },
+        );
         let fd = match r {
             Ok((fd, _)) => fd,
             Err(e) => return reply.error(err(e)),
@@ -775,16 +1236,45 @@ impl Filesystem for MirrorFs {
         };
         let a = self.attr(&st);
         lock(&self.inodes).lookup(parent.0, name.as_bytes(), a.ino.0);
-        let fh = self.add_handle(Handle { fd, ino: a.ino.0, append: flags & libc::O_APPEND != 0, wrote: AtomicBool::new(false), _backing: None });
-        reply.created(&TTL, &a, Generation(0), FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+        let fh = self.add_handle(Handle {
+            fd,
+            ino: a.ino.0,
+            append: flags & libc::O_APPEND != 0,
+            wrote: AtomicBool::new(false),
+            _backing: None,
+        });
+        reply.created(
+            &TTL,
+            &a,
+            Generation(0),
+            FileHandle(fh),
+            FopenFlags::FOPEN_KEEP_CACHE,
+        );
     }
 
-    fn fallocate(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, length: u64, mode: i32, reply: ReplyEmpty) {
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
         let (h, p) = match (self.handle(fh), self.path(ino)) {
             (Ok(h), Ok(p)) => (h, p),
             (Err(e), _) | (_, Err(e)) => return reply.error(e),
         };
-        match self.vol.mutate(Op::Fallocate { path: p, mode, offset, len: length }, || sys::fallocate(h.fd.as_fd(), mode, offset, length)) {
+        match self.vol.mutate(
+            Op::Fallocate {
+                path: p,
+                mode,
+                offset,
+                len: length,
+            },
+            || sys::fallocate(h.fd.as_fd(), mode, offset, length),
+        ) {
             Ok(_) => {
                 h.wrote.store(true, Ordering::Relaxed);
                 reply.ok()
@@ -793,8 +1283,19 @@ impl Filesystem for MirrorFs {
         }
     }
 
-    fn lseek(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {
-        match self.handle(fh).and_then(|h| sys::lseek(h.fd.as_fd(), offset, whence).map_err(|e| io_errno(&e))) {
+    fn lseek(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        match self
+            .handle(fh)
+            .and_then(|h| sys::lseek(h.fd.as_fd(), offset, whence).map_err(|e| io_errno(&e)))
+        {
             Ok(o) => reply.offset(o),
             Err(e) => reply.error(e),
         }

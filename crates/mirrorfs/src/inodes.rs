@@ -24,8 +24,17 @@ pub struct Inodes {
 impl Inodes {
     pub fn new(root_backing_ino: u64) -> Self {
         let mut nodes = HashMap::new();
-        nodes.insert(ROOT, Node { names: Vec::new(), lookups: 1 });
-        Inodes { nodes, root_backing_ino }
+        nodes.insert(
+            ROOT,
+            Node {
+                names: Vec::new(),
+                lookups: 1,
+            },
+        );
+        Inodes {
+            nodes,
+            root_backing_ino,
+        }
     }
 
     /// Maps a backing inode number to the FUSE one.
@@ -97,6 +106,7 @@ impl Inodes {
         }
     }
 
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.nodes.len()
     }

@@ -30,7 +30,11 @@ use mirrorfs_core::journal::{Journal, JournalConfig};
 use crate::volume::{lock, AckMode, MirrorPhase, MirrorShared, Ordered, Progress, Volume};
 
 #[derive(Parser)]
-#[command(name = "mirrorfs", version, about = "A real-time mirroring file system: mount it over a directory and every change is journaled and applied, in order, to one or more mirror directories.")]
+#[command(
+    name = "mirrorfs",
+    version,
+    about = "A real-time mirroring file system: mount it over a directory and every change is journaled and applied, in order, to one or more mirror directories."
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -89,7 +93,10 @@ struct MountArgs {
 
 fn main() {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("MIRRORFS_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MIRRORFS_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
@@ -105,7 +112,9 @@ fn main() {
 }
 
 fn canon(p: &Path, what: &str) -> Result<PathBuf> {
-    let c = p.canonicalize().with_context(|| format!("{what} {} does not exist (create it first)", p.display()))?;
+    let c = p
+        .canonicalize()
+        .with_context(|| format!("{what} {} does not exist (create it first)", p.display()))?;
     if !c.is_dir() {
         bail!("{what} {} is not a directory", p.display());
     }
@@ -114,28 +123,47 @@ fn canon(p: &Path, what: &str) -> Result<PathBuf> {
 
 fn check_writable(dir: &Path) -> Result<()> {
     let probe = dir.join(format!(".mirrorfs-probe-{}", std::process::id()));
-    fs::write(&probe, b"probe").with_context(|| format!("mirror {} is not writable", dir.display()))?;
+    fs::write(&probe, b"probe")
+        .with_context(|| format!("mirror {} is not writable", dir.display()))?;
     fs::remove_file(&probe).with_context(|| format!("mirror {} is not writable", dir.display()))?;
     Ok(())
 }
 
 fn mirror_id(p: &Path) -> String {
-    let name: String = p.file_name().map(|n| n.to_string_lossy().chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_').take(32).collect()).unwrap_or_default();
+    let name: String = p
+        .file_name()
+        .map(|n| {
+            n.to_string_lossy()
+                .chars()
+                .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
+                .take(32)
+                .collect()
+        })
+        .unwrap_or_default();
     format!("{name}-{:08x}", crc32c::crc32c(p.as_os_str().as_bytes()))
 }
 
 fn boot_id() -> String {
-    fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_string()).unwrap_or_default()
+    fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
 }
 
 fn mount(a: MountArgs) -> Result<()> {
     let backing = canon(&a.backing, "backing directory")?;
     let mountpoint = canon(&a.mountpoint, "mountpoint")?;
     if mountpoint == backing {
-        bail!("the mountpoint and the backing directory are the same ({}); mount somewhere else", backing.display());
+        bail!(
+            "the mountpoint and the backing directory are the same ({}); mount somewhere else",
+            backing.display()
+        );
     }
     if sys::is_mountpoint(&mountpoint) && fs::read_dir(&mountpoint).is_err() {
-        bail!("{} is a stale mount: unmount it first (umount -l {})", mountpoint.display(), mountpoint.display());
+        bail!(
+            "{} is a stale mount: unmount it first (umount -l {})",
+            mountpoint.display(),
+            mountpoint.display()
+        );
     }
     let mut mirrors = Vec::new();
     for m in &a.mirrors {
@@ -144,7 +172,11 @@ fn mount(a: MountArgs) -> Result<()> {
             bail!("mirror {} overlaps the backing directory {}: a mirror must be outside it (and must not contain it)", c.display(), backing.display());
         }
         if c == mountpoint || c.starts_with(&mountpoint) {
-            bail!("mirror {} is inside the mountpoint {}", c.display(), mountpoint.display());
+            bail!(
+                "mirror {} is inside the mountpoint {}",
+                c.display(),
+                mountpoint.display()
+            );
         }
         if mirrors.contains(&c) {
             bail!("mirror {} is given twice", c.display());
@@ -154,25 +186,42 @@ fn mount(a: MountArgs) -> Result<()> {
     }
     let state = match &a.state {
         Some(s) => {
-            fs::create_dir_all(s).with_context(|| format!("cannot create state directory {}", s.display()))?;
+            fs::create_dir_all(s)
+                .with_context(|| format!("cannot create state directory {}", s.display()))?;
             s.canonicalize()?
         }
         None => backing.join(".mirrorfs"),
     };
     for m in &mirrors {
         if state.starts_with(m) {
-            bail!("the state directory {} is inside mirror {}", state.display(), m.display());
+            bail!(
+                "the state directory {} is inside mirror {}",
+                state.display(),
+                m.display()
+            );
         }
     }
-    fs::create_dir_all(&state).with_context(|| format!("cannot create state directory {}", state.display()))?;
-    let hidden: Option<Vec<u8>> = (state.parent() == Some(backing.as_path())).then(|| state.file_name().map(|n| n.as_bytes().to_vec())).flatten();
+    fs::create_dir_all(&state)
+        .with_context(|| format!("cannot create state directory {}", state.display()))?;
+    let hidden: Option<Vec<u8>> = (state.parent() == Some(backing.as_path()))
+        .then(|| state.file_name().map(|n| n.as_bytes().to_vec()))
+        .flatten();
 
     // One instance per backing directory: an exclusive lock held for the life of the mount.
-    let lockf = fs::OpenOptions::new().create(true).truncate(false).write(true).read(true).open(state.join("lock"))?;
+    let lockf = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .read(true)
+        .open(state.join("lock"))?;
     // SAFETY: flock on a valid descriptor.
     if unsafe { libc::flock(lockf.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         let pid = fs::read_to_string(state.join("pid")).unwrap_or_default();
-        bail!("another mirrorfs (pid {}) is already serving {}; unmount it first", pid.trim(), backing.display());
+        bail!(
+            "another mirrorfs (pid {}) is already serving {}; unmount it first",
+            pid.trim(),
+            backing.display()
+        );
     }
     fs::write(state.join("pid"), std::process::id().to_string())?;
 
@@ -183,12 +232,24 @@ fn mount(a: MountArgs) -> Result<()> {
     fs::write(state.join("boot_id"), boot_id())?;
 
     let store = store::FileStore::open(&state.join("journal"))?;
-    let cfg = JournalConfig { journal_bytes_max: a.journal_max_mib << 20, ..JournalConfig::default() };
+    let cfg = JournalConfig {
+        journal_bytes_max: a.journal_max_mib << 20,
+        ..JournalConfig::default()
+    };
     let (journal, report) = Journal::open(store, cfg).context("cannot open the journal")?;
     if report.torn_bytes > 0 || report.dropped_segments > 0 {
-        tracing::warn!("journal recovery: cut a torn tail of {} bytes and {} unsynced segments", report.torn_bytes, report.dropped_segments);
+        tracing::warn!(
+            "journal recovery: cut a torn tail of {} bytes and {} unsynced segments",
+            report.torn_bytes,
+            report.dropped_segments
+        );
     }
-    tracing::info!("journal: {} records in {} segments, next seq {}", report.records, report.segments, journal.next_seq());
+    tracing::info!(
+        "journal: {} records in {} segments, next seq {}",
+        report.records,
+        report.segments,
+        journal.next_seq()
+    );
     let horizon = journal.next_seq() - 1;
     let first_held = journal.first_seq();
 
@@ -201,7 +262,10 @@ fn mount(a: MountArgs) -> Result<()> {
                 state_dir: state.join("mirrors").join(mirror_id(m)),
                 applied: AtomicU64::new(0),
                 checkpoint: AtomicU64::new(0),
-                phase: Mutex::new(MirrorPhase::Syncing { done_bytes: 0, total_bytes: 0 }),
+                phase: Mutex::new(MirrorPhase::Syncing {
+                    done_bytes: 0,
+                    total_bytes: 0,
+                }),
                 applied_bytes: AtomicU64::new(0),
                 want_durable: AtomicU64::new(0),
             })
@@ -209,7 +273,11 @@ fn mount(a: MountArgs) -> Result<()> {
         .collect();
     let vol = Arc::new(Volume {
         order: Mutex::new(Ordered { journal }),
-        progress: Mutex::new(Progress { durable_seq: horizon, settled_seq: horizon, ..Progress::default() }),
+        progress: Mutex::new(Progress {
+            durable_seq: horizon,
+            settled_seq: horizon,
+            ..Progress::default()
+        }),
         changed: Condvar::new(),
         mirrors: shared.clone(),
         ack: a.ack,
@@ -230,7 +298,11 @@ fn mount(a: MountArgs) -> Result<()> {
     for m in &shared {
         let needs = m.state_dir.join("NEEDS_RESYNC");
         let mut cur = volume::open_cursor(m)?;
-        let existing = if needs.exists() { None } else { Applier::open(&mut cur, power_loss, horizon)? };
+        let existing = if needs.exists() {
+            None
+        } else {
+            Applier::open(&mut cur, power_loss, horizon)?
+        };
         let ap = match existing {
             Some(ap) if ap.cursor().applied + 1 >= first_held => ap,
             other => {
@@ -244,10 +316,17 @@ fn mount(a: MountArgs) -> Result<()> {
                     );
                 }
                 if !empty {
-                    tracing::warn!("mirror {}: replacing its contents with a fresh copy", m.name);
+                    tracing::warn!(
+                        "mirror {}: replacing its contents with a fresh copy",
+                        m.name
+                    );
                     for e in fs::read_dir(&m.path)? {
                         let p = e?.path();
-                        if p.is_dir() && !p.is_symlink() { fs::remove_dir_all(&p)? } else { fs::remove_file(&p)? }
+                        if p.is_dir() && !p.is_symlink() {
+                            fs::remove_dir_all(&p)?
+                        } else {
+                            fs::remove_file(&p)?
+                        }
                     }
                 }
                 let seq = lock(&vol.order).journal.next_seq() - 1;
@@ -257,7 +336,8 @@ fn mount(a: MountArgs) -> Result<()> {
             }
         };
         m.applied.store(ap.cursor().applied, Ordering::Release);
-        m.checkpoint.store(ap.cursor().checkpoint, Ordering::Release);
+        m.checkpoint
+            .store(ap.cursor().checkpoint, Ordering::Release);
         *lock(&m.phase) = MirrorPhase::Live;
         appliers.push(ap);
     }
@@ -265,24 +345,45 @@ fn mount(a: MountArgs) -> Result<()> {
     let mut threads = Vec::new();
     {
         let v = vol.clone();
-        threads.push(std::thread::Builder::new().name("flusher".into()).spawn(move || v.run_flusher())?);
+        threads.push(
+            std::thread::Builder::new()
+                .name("flusher".into())
+                .spawn(move || v.run_flusher())?,
+        );
     }
     for (m, ap) in shared.iter().cloned().zip(appliers) {
         let v = vol.clone();
-        threads.push(std::thread::Builder::new().name(format!("mirror-{}", mirror_id(&m.path))).spawn(move || mirror::run_worker(v, m, ap))?);
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("mirror-{}", mirror_id(&m.path)))
+                .spawn(move || mirror::run_worker(v, m, ap))?,
+        );
     }
     let status_stop = Arc::new(AtomicBool::new(false));
     let reg = status::register(&mountpoint, &backing, &state)?;
     {
         let (v, st, stop) = (vol.clone(), state.clone(), status_stop.clone());
         let mp = mountpoint.clone();
-        threads.push(std::thread::Builder::new().name("status".into()).spawn(move || status::writer(v, &mp, &st, &stop))?);
+        threads.push(
+            std::thread::Builder::new()
+                .name("status".into())
+                .spawn(move || status::writer(v, &mp, &st, &stop))?,
+        );
     }
 
-    let mut opts = vec![fuser::MountOption::FSName(format!("mirrorfs:{}", backing.display())), fuser::MountOption::Subtype("mirrorfs".into())];
+    let mut opts = vec![
+        fuser::MountOption::FSName(format!("mirrorfs:{}", backing.display())),
+        fuser::MountOption::Subtype("mirrorfs".into()),
+    ];
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
-    let mut user_opts: Vec<String> = a.options.iter().flat_map(|o| o.split(',')).map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+    let mut user_opts: Vec<String> = a
+        .options
+        .iter()
+        .flat_map(|o| o.split(','))
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect();
     if root {
         user_opts.push("allow_other".into());
     }
@@ -317,10 +418,21 @@ fn mount(a: MountArgs) -> Result<()> {
     // SAFETY: umask has no preconditions; modes are applied exactly by mirrorfs itself.
     unsafe { libc::umask(0) };
     let fs_impl = fuse::MirrorFs::new(vol.clone(), &backing, hidden.clone())?;
-    let session = fuser::Session::new(fs_impl, &mountpoint, &config).with_context(|| format!("cannot mount on {}", mountpoint.display()))?;
+    let session = fuser::Session::new(fs_impl, &mountpoint, &config)
+        .with_context(|| format!("cannot mount on {}", mountpoint.display()))?;
     let bg = session.spawn()?;
-    tracing::info!("mounted {} on {} with {} mirror(s), ack={:?}", backing.display(), mountpoint.display(), mirrors.len(), a.ack);
-    eprintln!("mirrorfs: serving {} at {} (Ctrl-C to unmount)", backing.display(), mountpoint.display());
+    tracing::info!(
+        "mounted {} on {} with {} mirror(s), ack={:?}",
+        backing.display(),
+        mountpoint.display(),
+        mirrors.len(),
+        a.ack
+    );
+    eprintln!(
+        "mirrorfs: serving {} at {} (Ctrl-C to unmount)",
+        backing.display(),
+        mountpoint.display()
+    );
 
     let term = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGINT, term.clone())?;
@@ -336,7 +448,10 @@ fn mount(a: MountArgs) -> Result<()> {
     let target = vol.wait_journal_durable();
     for m in &shared {
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while m.healthy() && m.applied.load(Ordering::Acquire) < target && std::time::Instant::now() < deadline {
+        while m.healthy()
+            && m.applied.load(Ordering::Acquire) < target
+            && std::time::Instant::now() < deadline
+        {
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -357,15 +472,22 @@ fn mount(a: MountArgs) -> Result<()> {
 
 fn initial_sync(backing: &Path, m: &MirrorShared, hidden: Option<&[u8]>) -> Result<()> {
     let pb = indicatif::ProgressBar::new(0);
-    pb.set_style(indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} ({eta})").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
+    pb.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} ({eta})")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
     pb.set_message(format!("initial copy to {}", m.path.display()));
     let hidden_os: Option<OsString> = hidden.map(|h| std::ffi::OsStr::from_bytes(h).to_os_string());
     let progress = |done: u64, total: u64| {
         pb.set_length(total);
         pb.set_position(done);
-        *lock(&m.phase) = MirrorPhase::Syncing { done_bytes: done, total_bytes: total };
+        *lock(&m.phase) = MirrorPhase::Syncing {
+            done_bytes: done,
+            total_bytes: total,
+        };
     };
-    mirror::initial_copy(backing, &m.path, hidden_os.as_deref(), &progress).with_context(|| format!("initial copy to {} failed", m.path.display()))?;
+    mirror::initial_copy(backing, &m.path, hidden_os.as_deref(), &progress)
+        .with_context(|| format!("initial copy to {} failed", m.path.display()))?;
     pb.finish_and_clear();
     tracing::info!("mirror {}: initial copy done", m.name);
     Ok(())

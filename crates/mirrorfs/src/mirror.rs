@@ -16,14 +16,18 @@ use mirrorfs_core::tree::Tree;
 
 use crate::dirtree::DirTree;
 use crate::sys;
-use crate::volume::{apply_error_phase, lock, open_cursor, Feed, MirrorPhase, MirrorShared, RecordFeed, Volume};
+use crate::volume::{
+    apply_error_phase, lock, open_cursor, Feed, MirrorPhase, MirrorShared, RecordFeed, Volume,
+};
 
 /// Marks a mirror as needing a full resync (persisted, so the next mount re-copies it).
 pub fn mark_needs_resync(m: &MirrorShared, reason: &str) {
     let _ = fs::create_dir_all(&m.state_dir);
     let _ = fs::write(m.state_dir.join("NEEDS_RESYNC"), reason);
     let _ = fs::remove_file(m.state_dir.join("cursor"));
-    *lock(&m.phase) = MirrorPhase::NeedsResync { reason: reason.to_string() };
+    *lock(&m.phase) = MirrorPhase::NeedsResync {
+        reason: reason.to_string(),
+    };
 }
 
 /// Applies the journal to one mirror until the volume stops.
@@ -31,14 +35,20 @@ pub fn run_worker(vol: Arc<Volume>, m: Arc<MirrorShared>, mut applier: Applier) 
     let mut tree = match DirTree::open(&m.path) {
         Ok(t) => t,
         Err(e) => {
-            *lock(&m.phase) = MirrorPhase::Retrying { error: format!("cannot open {}: {e}", m.path.display()), since_unix: sys::now().sec as u64 };
+            *lock(&m.phase) = MirrorPhase::Retrying {
+                error: format!("cannot open {}: {e}", m.path.display()),
+                since_unix: sys::now().sec as u64,
+            };
             return;
         }
     };
     let mut cursor = match open_cursor(&m) {
         Ok(c) => c,
         Err(e) => {
-            *lock(&m.phase) = MirrorPhase::Retrying { error: format!("cannot open cursor: {e}"), since_unix: sys::now().sec as u64 };
+            *lock(&m.phase) = MirrorPhase::Retrying {
+                error: format!("cannot open cursor: {e}"),
+                since_unix: sys::now().sec as u64,
+            };
             return;
         }
     };
@@ -53,11 +63,13 @@ pub fn run_worker(vol: Arc<Volume>, m: Arc<MirrorShared>, mut applier: Applier) 
         let want = m.want_durable.load(Ordering::Acquire);
         let applied = applier.cursor().applied;
         let need_cp = (want > applier.cursor().checkpoint && applied >= want.min(applied))
-            || (last_checkpoint.elapsed() >= Duration::from_secs(1) && applied > applier.cursor().checkpoint);
+            || (last_checkpoint.elapsed() >= Duration::from_secs(1)
+                && applied > applier.cursor().checkpoint);
         if need_cp {
             match applier.checkpoint(&mut tree, &mut cursor) {
                 Ok(()) => {
-                    m.checkpoint.store(applier.cursor().checkpoint, Ordering::Release);
+                    m.checkpoint
+                        .store(applier.cursor().checkpoint, Ordering::Release);
                     vol.changed.notify_all();
                     last_checkpoint = Instant::now();
                 }
@@ -78,9 +90,11 @@ pub fn run_worker(vol: Arc<Volume>, m: Arc<MirrorShared>, mut applier: Applier) 
             Ok(Feed::Apply(rec)) => match applier.apply(&mut tree, &mut cursor, &rec) {
                 Ok(()) => {
                     m.applied.store(rec.seq, Ordering::Release);
-                    m.applied_bytes.fetch_add(rec.op.data_len() as u64, Ordering::Relaxed);
+                    m.applied_bytes
+                        .fetch_add(rec.op.data_len() as u64, Ordering::Relaxed);
                     if rec.op.needs_barrier() {
-                        m.checkpoint.store(applier.cursor().checkpoint, Ordering::Release);
+                        m.checkpoint
+                            .store(applier.cursor().checkpoint, Ordering::Release);
                     }
                     if !matches!(*lock(&m.phase), MirrorPhase::Live) {
                         *lock(&m.phase) = MirrorPhase::Live;
@@ -89,7 +103,13 @@ pub fn run_worker(vol: Arc<Volume>, m: Arc<MirrorShared>, mut applier: Applier) 
                 }
                 Err(e) => {
                     let phase = apply_error_phase(&e);
-                    tracing::warn!("mirror {}: applying record {} ({} {:?}) failed: {e}", m.name, rec.seq, rec.op.name(), rec.op.path());
+                    tracing::warn!(
+                        "mirror {}: applying record {} ({} {:?}) failed: {e}",
+                        m.name,
+                        rec.seq,
+                        rec.op.name(),
+                        rec.op.path()
+                    );
                     if let MirrorPhase::NeedsResync { reason } = &phase {
                         mark_needs_resync(&m, reason);
                         vol.changed.notify_all();
@@ -114,7 +134,8 @@ pub fn run_worker(vol: Arc<Volume>, m: Arc<MirrorShared>, mut applier: Applier) 
                 if p.stopping {
                     drop(p);
                     if applier.checkpoint(&mut tree, &mut cursor).is_ok() {
-                        m.checkpoint.store(applier.cursor().checkpoint, Ordering::Release);
+                        m.checkpoint
+                            .store(applier.cursor().checkpoint, Ordering::Release);
                     }
                     *lock(&m.phase) = MirrorPhase::Stopped;
                     vol.changed.notify_all();
@@ -135,13 +156,27 @@ pub fn run_worker(vol: Arc<Volume>, m: Arc<MirrorShared>, mut applier: Applier) 
 /// Copies the backing tree into an empty mirror: directories, files (only their data extents,
 /// so holes stay holes), symlinks, special files, hard links, modes, owners, times and xattrs.
 /// `skip` names an entry of the root not to copy (mirrorfs's own state directory).
-pub fn initial_copy(backing: &Path, mirror: &Path, skip: Option<&OsStr>, progress: &dyn Fn(u64, u64)) -> io::Result<()> {
+pub fn initial_copy(
+    backing: &Path,
+    mirror: &Path,
+    skip: Option<&OsStr>,
+    progress: &dyn Fn(u64, u64),
+) -> io::Result<()> {
     let total = tree_bytes(backing, skip)?;
     let src = DirTree::open(backing)?;
     let mut dst = DirTree::open(mirror)?;
     let mut done = 0u64;
     let mut links: std::collections::HashMap<u64, RelPath> = std::collections::HashMap::new();
-    copy_dir(&src, &mut dst, &RelPath::root(), skip, &mut done, total, progress, &mut links)?;
+    copy_dir(
+        &src,
+        &mut dst,
+        &RelPath::root(),
+        skip,
+        &mut done,
+        total,
+        progress,
+        &mut links,
+    )?;
     copy_meta(&src, &mut dst, &RelPath::root())?;
     dst.sync().map_err(io::Error::other)?;
     progress(total, total);
@@ -183,7 +218,12 @@ fn copy_dir(
     progress: &dyn Fn(u64, u64),
     links: &mut std::collections::HashMap<u64, RelPath>,
 ) -> io::Result<()> {
-    let fd = sys::open_beneath(src.root_fd(), dir.as_at_path(), libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+    let fd = sys::open_beneath(
+        src.root_fd(),
+        dir.as_at_path(),
+        libc::O_RDONLY | libc::O_DIRECTORY,
+        0,
+    )?;
     let mut entries = sys::read_dir_fd(fd.as_fd())?;
     entries.sort();
     for (name, _) in entries {
@@ -195,7 +235,8 @@ fn copy_dir(
         let mode = st.st_mode;
         match mode & libc::S_IFMT {
             libc::S_IFDIR => {
-                dst.mkdir(&path, 0o700, st.st_uid, st.st_gid).map_err(to_io)?;
+                dst.mkdir(&path, 0o700, st.st_uid, st.st_gid)
+                    .map_err(to_io)?;
                 copy_dir(src, dst, &path, skip, done, total, progress, links)?;
             }
             libc::S_IFREG => {
@@ -206,16 +247,32 @@ fn copy_dir(
                     }
                     links.insert(st.st_ino, path.clone());
                 }
-                dst.create(&path, mode, st.st_uid, st.st_gid).map_err(to_io)?;
-                let f = sys::openat(fd.as_fd(), OsStr::from_bytes(&name), libc::O_RDONLY | libc::O_NOFOLLOW, 0)?;
-                copy_extents(f.as_fd(), dst, &path, st.st_size as u64, done, total, progress)?;
+                dst.create(&path, mode, st.st_uid, st.st_gid)
+                    .map_err(to_io)?;
+                let f = sys::openat(
+                    fd.as_fd(),
+                    OsStr::from_bytes(&name),
+                    libc::O_RDONLY | libc::O_NOFOLLOW,
+                    0,
+                )?;
+                copy_extents(
+                    f.as_fd(),
+                    dst,
+                    &path,
+                    st.st_size as u64,
+                    done,
+                    total,
+                    progress,
+                )?;
             }
             libc::S_IFLNK => {
                 let target = sys::readlinkat(fd.as_fd(), OsStr::from_bytes(&name))?;
-                dst.symlink(&path, &target, st.st_uid, st.st_gid).map_err(to_io)?;
+                dst.symlink(&path, &target, st.st_uid, st.st_gid)
+                    .map_err(to_io)?;
             }
             _ => {
-                dst.mknod(&path, mode, st.st_rdev, st.st_uid, st.st_gid).map_err(to_io)?;
+                dst.mknod(&path, mode, st.st_rdev, st.st_uid, st.st_gid)
+                    .map_err(to_io)?;
             }
         }
         copy_meta(src, dst, &path)?;
@@ -224,7 +281,15 @@ fn copy_dir(
 }
 
 /// Copies only the data extents of a file (SEEK_DATA / SEEK_HOLE), keeping holes.
-fn copy_extents(f: std::os::fd::BorrowedFd<'_>, dst: &mut DirTree, path: &RelPath, size: u64, done: &mut u64, total: u64, progress: &dyn Fn(u64, u64)) -> io::Result<()> {
+fn copy_extents(
+    f: std::os::fd::BorrowedFd<'_>,
+    dst: &mut DirTree,
+    path: &RelPath,
+    size: u64,
+    done: &mut u64,
+    total: u64,
+    progress: &dyn Fn(u64, u64),
+) -> io::Result<()> {
     let mut buf = vec![0u8; 1 << 20];
     let mut off = 0u64;
     while off < size {
@@ -233,7 +298,9 @@ fn copy_extents(f: std::os::fd::BorrowedFd<'_>, dst: &mut DirTree, path: &RelPat
             Err(e) if e.raw_os_error() == Some(libc::ENXIO) => break,
             Err(e) => return Err(e),
         };
-        let hole = sys::lseek(f, data as i64, libc::SEEK_HOLE).map(|h| h as u64).unwrap_or(size);
+        let hole = sys::lseek(f, data as i64, libc::SEEK_HOLE)
+            .map(|h| h as u64)
+            .unwrap_or(size);
         let mut pos = data;
         while pos < hole {
             let want = ((hole - pos) as usize).min(buf.len());
@@ -262,8 +329,14 @@ fn copy_meta(src: &DirTree, dst: &mut DirTree, path: &RelPath) -> io::Result<()>
     if !is_link {
         dst.chmod(path, st.st_mode & 0o7777).map_err(to_io)?;
     }
-    dst.chown(path, Some(st.st_uid), Some(st.st_gid)).map_err(to_io)?;
-    let pfd = sys::open_beneath(src.root_fd(), path.as_at_path(), libc::O_PATH | libc::O_NOFOLLOW, 0)?;
+    dst.chown(path, Some(st.st_uid), Some(st.st_gid))
+        .map_err(to_io)?;
+    let pfd = sys::open_beneath(
+        src.root_fd(),
+        path.as_at_path(),
+        libc::O_PATH | libc::O_NOFOLLOW,
+        0,
+    )?;
     if !is_link {
         let mut names = vec![0u8; 65536];
         if let Ok(n) = sys::llistxattr_fd(pfd.as_fd(), &mut names) {
@@ -275,6 +348,14 @@ fn copy_meta(src: &DirTree, dst: &mut DirTree, path: &RelPath) -> io::Result<()>
             }
         }
     }
-    let t = |s: i64, ns: i64| mirrorfs_core::op::Timespec { sec: s, nsec: ns as u32 };
-    dst.utimes(path, Some(t(st.st_atime, st.st_atime_nsec)), Some(t(st.st_mtime, st.st_mtime_nsec))).map_err(to_io)
+    let t = |s: i64, ns: i64| mirrorfs_core::op::Timespec {
+        sec: s,
+        nsec: ns as u32,
+    };
+    dst.utimes(
+        path,
+        Some(t(st.st_atime, st.st_atime_nsec)),
+        Some(t(st.st_mtime, st.st_mtime_nsec)),
+    )
+    .map_err(to_io)
 }

@@ -33,8 +33,16 @@ impl Drop for Registered {
 
 pub fn register(mountpoint: &Path, backing: &Path, state: &Path) -> Result<Registered> {
     fs::create_dir_all(RUN_DIR).with_context(|| format!("cannot create {RUN_DIR}"))?;
-    let file = Path::new(RUN_DIR).join(format!("{:08x}.json", crc32c::crc32c(mountpoint.as_os_str().as_encoded_bytes())));
-    let reg = Registration { mountpoint: mountpoint.into(), backing: backing.into(), state: state.into(), pid: std::process::id() };
+    let file = Path::new(RUN_DIR).join(format!(
+        "{:08x}.json",
+        crc32c::crc32c(mountpoint.as_os_str().as_encoded_bytes())
+    ));
+    let reg = Registration {
+        mountpoint: mountpoint.into(),
+        backing: backing.into(),
+        state: state.into(),
+        pid: std::process::id(),
+    };
     fs::write(&file, serde_json::to_vec_pretty(&reg)?)?;
     Ok(Registered(file))
 }
@@ -68,7 +76,13 @@ struct VolumeStatus {
 fn snapshot(vol: &Volume, mountpoint: &Path) -> VolumeStatus {
     let (next, durable, bytes, segs, err) = {
         let o = lock(&vol.order);
-        (o.journal.next_seq(), o.journal.durable_seq(), o.journal.bytes(), o.journal.segment_count(), o.journal.poisoned().map(str::to_string))
+        (
+            o.journal.next_seq(),
+            o.journal.durable_seq(),
+            o.journal.bytes(),
+            o.journal.segment_count(),
+            o.journal.poisoned().map(str::to_string),
+        )
     };
     let appended_bytes = lock(&vol.progress).appended_bytes;
     let mirrors = vol
@@ -124,15 +138,21 @@ pub fn show(mountpoint: Option<&Path>, json: bool) -> Result<()> {
     let mut found = Vec::new();
     if let Ok(rd) = fs::read_dir(RUN_DIR) {
         for e in rd.flatten() {
-            let Ok(bytes) = fs::read(e.path()) else { continue };
-            let Ok(reg) = serde_json::from_slice::<Registration>(&bytes) else { continue };
+            let Ok(bytes) = fs::read(e.path()) else {
+                continue;
+            };
+            let Ok(reg) = serde_json::from_slice::<Registration>(&bytes) else {
+                continue;
+            };
             if want.as_ref().is_some_and(|w| *w != reg.mountpoint) {
                 continue;
             }
             if !Path::new(&format!("/proc/{}", reg.pid)).exists() {
                 continue;
             }
-            let Ok(s) = fs::read(reg.state.join("status.json")) else { continue };
+            let Ok(s) = fs::read(reg.state.join("status.json")) else {
+                continue;
+            };
             if let Ok(st) = serde_json::from_slice::<VolumeStatus>(&s) {
                 found.push(st);
             }
@@ -140,12 +160,19 @@ pub fn show(mountpoint: Option<&Path>, json: bool) -> Result<()> {
     }
     if found.is_empty() {
         match want {
-            Some(w) => bail!("no running mirrorfs mount at {} (is it mounted? start it with `mirrorfs mount`)", w.display()),
+            Some(w) => bail!(
+                "no running mirrorfs mount at {} (is it mounted? start it with `mirrorfs mount`)",
+                w.display()
+            ),
             None => bail!("no running mirrorfs mounts"),
         }
     }
     if json {
-        let v = if found.len() == 1 { serde_json::to_value(&found[0])? } else { serde_json::to_value(&found)? };
+        let v = if found.len() == 1 {
+            serde_json::to_value(&found[0])?
+        } else {
+            serde_json::to_value(&found)?
+        };
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
@@ -157,11 +184,20 @@ pub fn show(mountpoint: Option<&Path>, json: bool) -> Result<()> {
             s.journal_segments,
             s.journal_next_seq - 1,
             s.journal_durable_seq,
-            s.journal_error.as_ref().map(|e| format!(", ERROR: {e}")).unwrap_or_default()
+            s.journal_error
+                .as_ref()
+                .map(|e| format!(", ERROR: {e}"))
+                .unwrap_or_default()
         );
         for m in &s.mirrors {
             let state = m.phase.get("state").and_then(|v| v.as_str()).unwrap_or("?");
-            let detail = m.phase.get("error").or_else(|| m.phase.get("reason")).and_then(|v| v.as_str()).map(|e| format!(" ({e})")).unwrap_or_default();
+            let detail = m
+                .phase
+                .get("error")
+                .or_else(|| m.phase.get("reason"))
+                .and_then(|v| v.as_str())
+                .map(|e| format!(" ({e})"))
+                .unwrap_or_default();
             println!(
                 "  mirror {}: {state}{detail}; applied {} (durable {}), lag {} ops / {} bytes / {:.3} s",
                 m.path, m.applied_seq, m.durable_seq, m.lag_ops, m.lag_bytes, m.lag_seconds
@@ -202,28 +238,61 @@ pub fn demo() -> Result<()> {
     for d in [&backing, &mnt, &mirror] {
         fs::create_dir_all(d)?;
     }
-    fs::write(backing.join("already-here.txt"), b"this file existed before the mount\n")?;
+    fs::write(
+        backing.join("already-here.txt"),
+        b"this file existed before the mount\n",
+    )?;
     let exe = std::env::current_exe()?;
     println!("== mirrorfs demo in {}", base.display());
-    println!("$ mirrorfs mount {} {} --mirror {}", backing.display(), mnt.display(), mirror.display());
-    let child = Command::new(&exe).arg("mount").arg(&backing).arg(&mnt).arg("--mirror").arg(&mirror).stdin(Stdio::null()).spawn()?;
+    println!(
+        "$ mirrorfs mount {} {} --mirror {}",
+        backing.display(),
+        mnt.display(),
+        mirror.display()
+    );
+    let child = Command::new(&exe)
+        .arg("mount")
+        .arg(&backing)
+        .arg(&mnt)
+        .arg("--mirror")
+        .arg(&mirror)
+        .stdin(Stdio::null())
+        .spawn()?;
     let mut guard = DemoMount { child: Some(child) };
-    wait_for("the mount", Duration::from_secs(20), || crate::sys::is_mountpoint(&mnt))?;
-    println!("mounted. The initial copy put the existing file on the mirror: {:?}", fs::read_to_string(mirror.join("already-here.txt"))?.trim());
+    wait_for("the mount", Duration::from_secs(20), || {
+        crate::sys::is_mountpoint(&mnt)
+    })?;
+    println!(
+        "mounted. The initial copy put the existing file on the mirror: {:?}",
+        fs::read_to_string(mirror.join("already-here.txt"))?.trim()
+    );
 
     let t = Instant::now();
     fs::write(mnt.join("hello.txt"), b"hello, mirror\n")?;
-    let lag = wait_for("hello.txt on the mirror", Duration::from_secs(10), || fs::read(mirror.join("hello.txt")).ok().as_deref() == Some(b"hello, mirror\n"))?;
+    let lag = wait_for("hello.txt on the mirror", Duration::from_secs(10), || {
+        fs::read(mirror.join("hello.txt")).ok().as_deref() == Some(b"hello, mirror\n")
+    })?;
     println!("wrote hello.txt through the mount; identical on the mirror {:.2} ms after close ({:.2} ms incl. write)", lag.as_secs_f64() * 1e3, t.elapsed().as_secs_f64() * 1e3);
 
     fs::create_dir_all(mnt.join("project/src"))?;
     for i in 0..200 {
-        fs::write(mnt.join(format!("project/src/file{i:03}.rs")), format!("// file {i}\nfn main() {{}}\n"))?;
+        fs::write(
+            mnt.join(format!("project/src/file{i:03}.rs")),
+            format!("// file {i}\nfn main() {{}}\n"),
+        )?;
     }
-    fs::rename(mnt.join("project/src/file000.rs"), mnt.join("project/main.rs"))?;
+    fs::rename(
+        mnt.join("project/src/file000.rs"),
+        mnt.join("project/main.rs"),
+    )?;
     std::os::unix::fs::symlink("src/file001.rs", mnt.join("project/link.rs"))?;
-    fs::hard_link(mnt.join("project/src/file002.rs"), mnt.join("project/hard.rs"))?;
-    let lag = wait_for("200 files on the mirror", Duration::from_secs(20), || mirror.join("project/hard.rs").exists())?;
+    fs::hard_link(
+        mnt.join("project/src/file002.rs"),
+        mnt.join("project/hard.rs"),
+    )?;
+    let lag = wait_for("200 files on the mirror", Duration::from_secs(20), || {
+        mirror.join("project/hard.rs").exists()
+    })?;
     println!("created 200 files, renamed one, added a symlink and a hard link; mirror caught up {:.2} ms after the last change", lag.as_secs_f64() * 1e3);
 
     println!("$ mirrorfs status {}", mnt.display());
@@ -236,10 +305,19 @@ pub fn demo() -> Result<()> {
         unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
         c.wait()
     }));
-    let out = Command::new("diff").arg("-r").arg("--no-dereference").arg("--exclude=.mirrorfs").arg(&backing).arg(&mirror).output();
+    let out = Command::new("diff")
+        .arg("-r")
+        .arg("--no-dereference")
+        .arg("--exclude=.mirrorfs")
+        .arg(&backing)
+        .arg(&mirror)
+        .output();
     match out {
         Ok(o) if o.status.success() => println!("diff -r backing mirror: identical"),
-        Ok(o) => println!("diff -r backing mirror found differences:\n{}", String::from_utf8_lossy(&o.stdout)),
+        Ok(o) => println!(
+            "diff -r backing mirror found differences:\n{}",
+            String::from_utf8_lossy(&o.stdout)
+        ),
         Err(e) => println!("(diff not available: {e})"),
     }
     fs::remove_dir_all(&base)?;

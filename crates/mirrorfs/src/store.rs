@@ -44,7 +44,10 @@ impl FileStore {
     pub fn open(dir: &Path) -> io::Result<FileStore> {
         fs::create_dir_all(dir)?;
         let dir_fd = File::open(dir)?;
-        Ok(FileStore { dir: dir.to_path_buf(), dir_fd })
+        Ok(FileStore {
+            dir: dir.to_path_buf(),
+            dir_fd,
+        })
     }
     fn path(&self, id: u64) -> PathBuf {
         self.dir.join(format!("{id:020}.seg"))
@@ -67,14 +70,24 @@ impl SegmentStore for FileStore {
         Ok(out)
     }
     fn create(&self, id: u64) -> io::Result<FileSegment> {
-        let f = OpenOptions::new().read(true).write(true).create_new(true).mode(0o600).open(self.path(id))?;
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(self.path(id))?;
         // F1: the new segment's directory entry is durable before records go into it.
         sys::fsync(f.as_fd())?;
         sys::fsync(self.dir_fd.as_fd())?;
         Ok(FileSegment(f))
     }
     fn open(&self, id: u64) -> io::Result<FileSegment> {
-        Ok(FileSegment(OpenOptions::new().read(true).write(true).open(self.path(id))?))
+        Ok(FileSegment(
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(self.path(id))?,
+        ))
     }
     fn remove(&self, id: u64) -> io::Result<()> {
         fs::remove_file(self.path(id))
@@ -86,7 +99,13 @@ pub struct FileCursor(File);
 
 impl FileCursor {
     pub fn open(path: &Path) -> io::Result<FileCursor> {
-        let f = OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o600).open(path)?;
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path)?;
         if let Some(parent) = path.parent() {
             sys::fsync(File::open(parent)?.as_fd())?;
         }
@@ -107,8 +126,14 @@ impl CursorStore for FileCursor {
         }
         Ok(buf)
     }
-    fn write_slot(&mut self, slot: usize, bytes: &[u8; CURSOR_SLOT_BYTES], durable: bool) -> io::Result<()> {
-        self.0.write_all_at(bytes, (slot * CURSOR_SLOT_BYTES) as u64)?;
+    fn write_slot(
+        &mut self,
+        slot: usize,
+        bytes: &[u8; CURSOR_SLOT_BYTES],
+        durable: bool,
+    ) -> io::Result<()> {
+        self.0
+            .write_all_at(bytes, (slot * CURSOR_SLOT_BYTES) as u64)?;
         if durable {
             // B2: the mirror's checkpoint is durable.
             sys::fdatasync(self.0.as_fd())?;

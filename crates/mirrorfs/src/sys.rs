@@ -31,14 +31,20 @@ fn cvt_isize(r: isize) -> io::Result<usize> {
 pub fn openat(dir: BorrowedFd<'_>, path: &OsStr, flags: i32, mode: u32) -> io::Result<OwnedFd> {
     let c = cstr(path)?;
     // SAFETY: `c` is a valid NUL-terminated string; the returned descriptor is owned by us.
-    let fd = cvt(unsafe { libc::openat(dir.as_raw_fd(), c.as_ptr(), flags | libc::O_CLOEXEC, mode) })?;
+    let fd =
+        cvt(unsafe { libc::openat(dir.as_raw_fd(), c.as_ptr(), flags | libc::O_CLOEXEC, mode) })?;
     // SAFETY: `fd` was just returned by openat and is not owned elsewhere.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// `openat2` with `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS`: the path can
 /// never leave `dir`, whatever symlinks the tree holds.
-pub fn open_beneath(dir: BorrowedFd<'_>, path: &OsStr, flags: i32, mode: u32) -> io::Result<OwnedFd> {
+pub fn open_beneath(
+    dir: BorrowedFd<'_>,
+    path: &OsStr,
+    flags: i32,
+    mode: u32,
+) -> io::Result<OwnedFd> {
     #[repr(C)]
     struct OpenHow {
         flags: u64,
@@ -51,12 +57,22 @@ pub fn open_beneath(dir: BorrowedFd<'_>, path: &OsStr, flags: i32, mode: u32) ->
     let c = cstr(path)?;
     let how = OpenHow {
         flags: (flags | libc::O_CLOEXEC) as u64,
-        mode: if flags & (libc::O_CREAT | libc::O_TMPFILE) != 0 { mode as u64 } else { 0 },
+        mode: if flags & (libc::O_CREAT | libc::O_TMPFILE) != 0 {
+            mode as u64
+        } else {
+            0
+        },
         resolve: RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS,
     };
     // SAFETY: arguments match the openat2(2) ABI; `how` lives across the call.
     let r = unsafe {
-        libc::syscall(libc::SYS_openat2, dir.as_raw_fd(), c.as_ptr(), &how as *const OpenHow, std::mem::size_of::<OpenHow>())
+        libc::syscall(
+            libc::SYS_openat2,
+            dir.as_raw_fd(),
+            c.as_ptr(),
+            &how as *const OpenHow,
+            std::mem::size_of::<OpenHow>(),
+        )
     };
     if r < 0 {
         return Err(io::Error::last_os_error());
@@ -109,7 +125,8 @@ pub fn linkat(dir: BorrowedFd<'_>, from: &OsStr, to: &OsStr) -> io::Result<()> {
     let a = cstr(from)?;
     let b = cstr(to)?;
     // SAFETY: valid C strings.
-    cvt(unsafe { libc::linkat(dir.as_raw_fd(), a.as_ptr(), dir.as_raw_fd(), b.as_ptr(), 0) }).map(drop)
+    cvt(unsafe { libc::linkat(dir.as_raw_fd(), a.as_ptr(), dir.as_raw_fd(), b.as_ptr(), 0) })
+        .map(drop)
 }
 
 pub fn unlinkat(dir: BorrowedFd<'_>, path: &OsStr, flags: i32) -> io::Result<()> {
@@ -122,15 +139,38 @@ pub fn renameat2(dir: BorrowedFd<'_>, from: &OsStr, to: &OsStr, flags: u32) -> i
     let a = cstr(from)?;
     let b = cstr(to)?;
     // SAFETY: valid C strings.
-    cvt(unsafe { libc::renameat2(dir.as_raw_fd(), a.as_ptr(), dir.as_raw_fd(), b.as_ptr(), flags) }).map(drop)
+    cvt(unsafe {
+        libc::renameat2(
+            dir.as_raw_fd(),
+            a.as_ptr(),
+            dir.as_raw_fd(),
+            b.as_ptr(),
+            flags,
+        )
+    })
+    .map(drop)
 }
 
-pub fn fchownat(dir: BorrowedFd<'_>, path: &OsStr, uid: Option<u32>, gid: Option<u32>) -> io::Result<()> {
+pub fn fchownat(
+    dir: BorrowedFd<'_>,
+    path: &OsStr,
+    uid: Option<u32>,
+    gid: Option<u32>,
+) -> io::Result<()> {
     let c = cstr(path)?;
     let u = uid.unwrap_or(u32::MAX);
     let g = gid.unwrap_or(u32::MAX);
     // SAFETY: valid C string; -1 leaves an id unchanged.
-    cvt(unsafe { libc::fchownat(dir.as_raw_fd(), c.as_ptr(), u, g, libc::AT_SYMLINK_NOFOLLOW | libc::AT_EMPTY_PATH) }).map(drop)
+    cvt(unsafe {
+        libc::fchownat(
+            dir.as_raw_fd(),
+            c.as_ptr(),
+            u,
+            g,
+            libc::AT_SYMLINK_NOFOLLOW | libc::AT_EMPTY_PATH,
+        )
+    })
+    .map(drop)
 }
 
 /// chmod without following a final symlink (`fchmodat2(AT_SYMLINK_NOFOLLOW)` is not available
@@ -153,22 +193,53 @@ pub fn fchown(fd: BorrowedFd<'_>, uid: u32, gid: u32) -> io::Result<()> {
 
 fn ts(t: Option<Timespec>) -> libc::timespec {
     match t {
-        Some(t) => libc::timespec { tv_sec: t.sec, tv_nsec: t.nsec as _ },
-        None => libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT },
+        Some(t) => libc::timespec {
+            tv_sec: t.sec,
+            tv_nsec: t.nsec as _,
+        },
+        None => libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        },
     }
 }
 
-pub fn utimensat(dir: BorrowedFd<'_>, path: &OsStr, atime: Option<Timespec>, mtime: Option<Timespec>) -> io::Result<()> {
+pub fn utimensat(
+    dir: BorrowedFd<'_>,
+    path: &OsStr,
+    atime: Option<Timespec>,
+    mtime: Option<Timespec>,
+) -> io::Result<()> {
     let c = cstr(path)?;
     let times = [ts(atime), ts(mtime)];
     // SAFETY: valid C string and a two-element array as utimensat(2) requires.
-    cvt(unsafe { libc::utimensat(dir.as_raw_fd(), c.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) }).map(drop)
+    cvt(unsafe {
+        libc::utimensat(
+            dir.as_raw_fd(),
+            c.as_ptr(),
+            times.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })
+    .map(drop)
+}
+
+pub fn futimens(
+    fd: BorrowedFd<'_>,
+    atime: Option<Timespec>,
+    mtime: Option<Timespec>,
+) -> io::Result<()> {
+    let times = [ts(atime), ts(mtime)];
+    // SAFETY: a two-element array as futimens(3) requires.
+    cvt(unsafe { libc::futimens(fd.as_raw_fd(), times.as_ptr()) }).map(drop)
 }
 
 pub fn pwrite_all(fd: BorrowedFd<'_>, mut buf: &[u8], mut off: u64) -> io::Result<()> {
     while !buf.is_empty() {
         // SAFETY: `buf` is valid for its length.
-        let n = cvt_isize(unsafe { libc::pwrite(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len(), off as i64) })?;
+        let n = cvt_isize(unsafe {
+            libc::pwrite(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len(), off as i64)
+        })?;
         if n == 0 {
             return Err(io::Error::from_raw_os_error(libc::EIO));
         }
@@ -186,19 +257,36 @@ pub fn pwrite(fd: BorrowedFd<'_>, buf: &[u8], off: u64) -> io::Result<usize> {
 
 pub fn pread(fd: BorrowedFd<'_>, buf: &mut [u8], off: u64) -> io::Result<usize> {
     // SAFETY: `buf` is valid for writes of its length.
-    cvt_isize(unsafe { libc::pread(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), off as i64) })
+    cvt_isize(unsafe {
+        libc::pread(
+            fd.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            off as i64,
+        )
+    })
 }
 
 pub fn pwritev_all(fd: BorrowedFd<'_>, bufs: &[&[u8]], mut off: u64) -> io::Result<()> {
     let mut iov: Vec<libc::iovec> = bufs
         .iter()
         .filter(|b| !b.is_empty())
-        .map(|b| libc::iovec { iov_base: b.as_ptr() as *mut _, iov_len: b.len() })
+        .map(|b| libc::iovec {
+            iov_base: b.as_ptr() as *mut _,
+            iov_len: b.len(),
+        })
         .collect();
     let mut start = 0;
     while start < iov.len() {
         // SAFETY: every iovec points into a live slice of `bufs`.
-        let mut n = cvt_isize(unsafe { libc::pwritev(fd.as_raw_fd(), iov[start..].as_ptr(), (iov.len() - start) as i32, off as i64) })?;
+        let mut n = cvt_isize(unsafe {
+            libc::pwritev(
+                fd.as_raw_fd(),
+                iov[start..].as_ptr(),
+                (iov.len() - start) as i32,
+                off as i64,
+            )
+        })?;
         if n == 0 {
             return Err(io::Error::from_raw_os_error(libc::EIO));
         }
@@ -245,7 +333,14 @@ pub fn readlinkat(dir: BorrowedFd<'_>, path: &OsStr) -> io::Result<Vec<u8>> {
     let c = cstr(path)?;
     let mut buf = vec![0u8; libc::PATH_MAX as usize + 1];
     // SAFETY: `buf` is valid for writes of its length.
-    let n = cvt_isize(unsafe { libc::readlinkat(dir.as_raw_fd(), c.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) })?;
+    let n = cvt_isize(unsafe {
+        libc::readlinkat(
+            dir.as_raw_fd(),
+            c.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    })?;
     buf.truncate(n);
     Ok(buf)
 }
@@ -261,7 +356,16 @@ pub fn lsetxattr_fd(fd: BorrowedFd<'_>, name: &[u8], value: &[u8], flags: i32) -
     let p = fd_path(fd);
     let n = cstr(OsStr::from_bytes(name))?;
     // SAFETY: valid C strings and value slice.
-    cvt(unsafe { libc::setxattr(p.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), flags) }).map(drop)
+    cvt(unsafe {
+        libc::setxattr(
+            p.as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            flags,
+        )
+    })
+    .map(drop)
 }
 
 pub fn lgetxattr_fd(fd: BorrowedFd<'_>, name: &[u8], buf: &mut [u8]) -> io::Result<usize> {
@@ -303,10 +407,16 @@ pub fn lseek(fd: BorrowedFd<'_>, off: i64, whence: i32) -> io::Result<i64> {
 }
 
 pub fn now() -> Timespec {
-    let mut t = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: `t` is a valid out-pointer.
     unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut t) };
-    Timespec { sec: t.tv_sec, nsec: t.tv_nsec as u32 }
+    Timespec {
+        sec: t.tv_sec,
+        nsec: t.tv_nsec as u32,
+    }
 }
 
 pub fn errno_of(e: &io::Error) -> i32 {
@@ -314,9 +424,15 @@ pub fn errno_of(e: &io::Error) -> i32 {
 }
 
 pub fn is_mountpoint(path: &std::path::Path) -> bool {
-    let Ok(canon) = path.canonicalize() else { return false };
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return false };
-    info.lines().any(|l| l.split(' ').nth(4).map(unescape_mount) == Some(canon.as_os_str().as_bytes().to_vec()))
+    let Ok(canon) = path.canonicalize() else {
+        return false;
+    };
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    info.lines().any(|l| {
+        l.split(' ').nth(4).map(unescape_mount) == Some(canon.as_os_str().as_bytes().to_vec())
+    })
 }
 
 fn unescape_mount(s: &str) -> Vec<u8> {
@@ -365,7 +481,12 @@ pub fn read_dir_fd(fd: BorrowedFd<'_>) -> io::Result<Vec<(Vec<u8>, u8)>> {
             return Ok(out);
         }
         // SAFETY: d_name is NUL-terminated within the entry.
-        let (name, ty) = unsafe { (CStr::from_ptr((*ent).d_name.as_ptr()).to_bytes().to_vec(), (*ent).d_type) };
+        let (name, ty) = unsafe {
+            (
+                CStr::from_ptr((*ent).d_name.as_ptr()).to_bytes().to_vec(),
+                (*ent).d_type,
+            )
+        };
         if name != b"." && name != b".." {
             out.push((name, ty));
         }

@@ -64,10 +64,16 @@ pub struct MirrorShared {
 
 impl MirrorShared {
     pub fn healthy(&self) -> bool {
-        matches!(*lock(&self.phase), MirrorPhase::Live | MirrorPhase::Syncing { .. })
+        matches!(
+            *lock(&self.phase),
+            MirrorPhase::Live | MirrorPhase::Syncing { .. }
+        )
     }
     pub fn detached(&self) -> bool {
-        matches!(*lock(&self.phase), MirrorPhase::NeedsResync { .. } | MirrorPhase::Stopped)
+        matches!(
+            *lock(&self.phase),
+            MirrorPhase::NeedsResync { .. } | MirrorPhase::Stopped
+        )
     }
 }
 
@@ -99,7 +105,11 @@ pub struct Volume {
 impl Volume {
     /// Appends `op`, runs `apply` (the change to the backing tree) and settles the record: the
     /// write-ahead protocol of the module docs. Returns the seq, or the error of `apply`.
-    pub fn mutate<R>(&self, op: Op, apply: impl FnOnce() -> io::Result<R>) -> Result<(R, u64), i32> {
+    pub fn mutate<R>(
+        &self,
+        op: Op,
+        apply: impl FnOnce() -> io::Result<R>,
+    ) -> Result<(R, u64), i32> {
         let bytes = op.data_len() as u64;
         let mut o = lock(&self.order);
         let seq = match o.journal.append(&op) {
@@ -113,7 +123,10 @@ impl Volume {
         let res = apply();
         let last = match &res {
             Ok(_) => seq,
-            Err(_) => o.journal.append(&Op::Abort { seq }).map_err(|e| self.journal_failed(e))?,
+            Err(_) => o
+                .journal
+                .append(&Op::Abort { seq })
+                .map_err(|e| self.journal_failed(e))?,
         };
         self.settled.store(last, Ordering::Release);
         drop(o);
@@ -121,7 +134,10 @@ impl Volume {
             let mut p = lock(&self.progress);
             p.settled_seq = last;
             p.appended_bytes += bytes;
-            if p.samples.back().is_none_or(|(_, t)| t.elapsed() >= Duration::from_millis(5)) {
+            if p.samples
+                .back()
+                .is_none_or(|(_, t)| t.elapsed() >= Duration::from_millis(5))
+            {
                 p.samples.push_back((last, Instant::now()));
                 while p.samples.len() > 4096 {
                     p.samples.pop_front();
@@ -152,25 +168,38 @@ impl Volume {
     fn relieve_full(&self, o: &mut Ordered) {
         loop {
             let attached: Vec<_> = self.mirrors.iter().filter(|m| !m.detached()).collect();
-            let Some(slowest) = attached.iter().min_by_key(|m| m.applied.load(Ordering::Acquire)) else { break };
+            let Some(slowest) = attached
+                .iter()
+                .min_by_key(|m| m.applied.load(Ordering::Acquire))
+            else {
+                break;
+            };
             let min_others = attached
                 .iter()
                 .filter(|m| !Arc::ptr_eq(m, slowest))
                 .map(|m| m.applied.load(Ordering::Acquire))
                 .min()
                 .unwrap_or(u64::MAX);
-            let _ = o.journal.release_through(slowest.applied.load(Ordering::Acquire).min(min_others));
+            let _ = o
+                .journal
+                .release_through(slowest.applied.load(Ordering::Acquire).min(min_others));
             if !o.journal.would_overflow(64 << 20) {
                 return;
             }
-            let reason = format!(
+            let reason =
+                format!(
                 "journal reached its size limit ({} bytes) while this mirror was {} records behind",
                 o.journal.config().journal_bytes_max,
                 o.journal.next_seq().saturating_sub(1 + slowest.applied.load(Ordering::Acquire))
             );
-            tracing::error!("mirror {}: {reason}; it is detached and will be re-copied at the next mount", slowest.name);
+            tracing::error!(
+                "mirror {}: {reason}; it is detached and will be re-copied at the next mount",
+                slowest.name
+            );
             crate::mirror::mark_needs_resync(slowest, &reason);
-            let _ = o.journal.release_through(min_others.min(o.journal.durable_seq()));
+            let _ = o
+                .journal
+                .release_through(min_others.min(o.journal.durable_seq()));
         }
     }
 
@@ -182,11 +211,18 @@ impl Volume {
         self.changed.notify_all();
         let mut p = lock(&self.progress);
         loop {
-            let pending = self.mirrors.iter().any(|m| m.healthy() && m.checkpoint.load(Ordering::Acquire) < seq);
+            let pending = self
+                .mirrors
+                .iter()
+                .any(|m| m.healthy() && m.checkpoint.load(Ordering::Acquire) < seq);
             if !pending || p.stopping {
                 return;
             }
-            p = self.changed.wait_timeout(p, Duration::from_millis(50)).map(|r| r.0).unwrap_or_else(|e| e.into_inner().0);
+            p = self
+                .changed
+                .wait_timeout(p, Duration::from_millis(50))
+                .map(|r| r.0)
+                .unwrap_or_else(|e| e.into_inner().0);
         }
     }
 
@@ -196,7 +232,11 @@ impl Volume {
         self.changed.notify_all();
         let mut p = lock(&self.progress);
         while p.durable_seq < target && !p.stopping && !self.poisoned.load(Ordering::Acquire) {
-            p = self.changed.wait_timeout(p, Duration::from_millis(50)).map(|r| r.0).unwrap_or_else(|e| e.into_inner().0);
+            p = self
+                .changed
+                .wait_timeout(p, Duration::from_millis(50))
+                .map(|r| r.0)
+                .unwrap_or_else(|e| e.into_inner().0);
         }
         target
     }
@@ -253,7 +293,13 @@ impl Volume {
                     // Also free segments as mirrors advance while idle.
                     let mut o = lock(&self.order);
                     let durable = o.journal.durable_seq();
-                    let min_applied = self.mirrors.iter().filter(|m| !m.detached()).map(|m| m.applied.load(Ordering::Acquire)).min().unwrap_or(durable);
+                    let min_applied = self
+                        .mirrors
+                        .iter()
+                        .filter(|m| !m.detached())
+                        .map(|m| m.applied.load(Ordering::Acquire))
+                        .min()
+                        .unwrap_or(durable);
                     let _ = o.journal.release_through(min_applied.min(durable));
                 }
             }
@@ -263,7 +309,11 @@ impl Volume {
     /// Resolves the journal's last record after a crash: it may or may not have reached the
     /// backing tree. Re-applying it idempotently (replay mode) makes the backing agree with the
     /// journal; if that is impossible the record is aborted.
-    pub fn resolve_in_doubt(&self, backing: &mut DirTree, last: &Record) -> Result<(), JournalError> {
+    pub fn resolve_in_doubt(
+        &self,
+        backing: &mut DirTree,
+        last: &Record,
+    ) -> Result<(), JournalError> {
         if matches!(last.op, Op::Abort { .. }) {
             return Ok(());
         }
@@ -278,7 +328,11 @@ impl Volume {
             return Ok(());
         }
         if let Err(e) = apply_op(backing, &last.op, true) {
-            tracing::warn!("record {} ({}) could not be re-applied after the crash ({e}); aborting it", last.seq, last.op.name());
+            tracing::warn!(
+                "record {} ({}) could not be re-applied after the crash ({e}); aborting it",
+                last.seq,
+                last.op.name()
+            );
             let mut o = lock(&self.order);
             o.journal.append(&Op::Abort { seq: last.seq })?;
         }
@@ -291,7 +345,10 @@ impl Volume {
         if applied >= p.settled_seq {
             return 0.0;
         }
-        p.samples.iter().find(|(s, _)| *s > applied).map_or(0.0, |(_, t)| t.elapsed().as_secs_f64())
+        p.samples
+            .iter()
+            .find(|(s, _)| *s > applied)
+            .map_or(0.0, |(_, t)| t.elapsed().as_secs_f64())
     }
 }
 
@@ -310,7 +367,10 @@ pub enum Feed {
 
 impl RecordFeed {
     pub fn new(next_seq: u64) -> Self {
-        RecordFeed { reader: Reader::new(next_seq), pending: None }
+        RecordFeed {
+            reader: Reader::new(next_seq),
+            pending: None,
+        }
     }
 
     fn read(&mut self, vol: &Volume, limit: u64) -> Result<Option<Record>, JournalError> {
@@ -335,7 +395,9 @@ impl RecordFeed {
                 None => return Ok(Feed::Wait),
             }
         }
-        let Some(rec) = self.pending.take() else { return Ok(Feed::Wait) };
+        let Some(rec) = self.pending.take() else {
+            return Ok(Feed::Wait);
+        };
         if let Op::Abort { .. } = rec.op {
             return Ok(Feed::Skip(rec.seq));
         }
@@ -344,7 +406,10 @@ impl RecordFeed {
                 Some(next) => {
                     if next.op == (Op::Abort { seq: rec.seq }) {
                         // Both the aborted record and its Abort are skipped.
-                        self.pending = Some(Record { seq: next.seq, op: Op::Abort { seq: rec.seq } });
+                        self.pending = Some(Record {
+                            seq: next.seq,
+                            op: Op::Abort { seq: rec.seq },
+                        });
                         return Ok(Feed::Skip(rec.seq));
                     }
                     self.pending = Some(next);
@@ -366,9 +431,14 @@ impl RecordFeed {
 
 pub fn apply_error_phase(e: &ApplyError) -> MirrorPhase {
     if e.is_transient() {
-        MirrorPhase::Retrying { error: e.to_string(), since_unix: crate::sys::now().sec as u64 }
+        MirrorPhase::Retrying {
+            error: e.to_string(),
+            since_unix: crate::sys::now().sec as u64,
+        }
     } else {
-        MirrorPhase::NeedsResync { reason: format!("the mirror diverged from the journal: {e}") }
+        MirrorPhase::NeedsResync {
+            reason: format!("the mirror diverged from the journal: {e}"),
+        }
     }
 }
 
