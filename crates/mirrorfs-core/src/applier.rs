@@ -134,6 +134,9 @@ pub struct Applier {
     generation: u64,
     horizon: u64,
     records_since_checkpoint: u64,
+    /// While this mirror's initial copy runs: its id. Records are then applied idempotently, and
+    /// `Sync` records for this id are applied, until its `SyncDone`.
+    syncing: Option<u32>,
 }
 
 impl Applier {
@@ -164,6 +167,7 @@ impl Applier {
                 generation,
                 horizon,
                 records_since_checkpoint: 0,
+                syncing: None,
             }
         }))
     }
@@ -179,10 +183,20 @@ impl Applier {
             generation: 0,
             horizon: 0,
             records_since_checkpoint: 0,
+            syncing: None,
         };
         a.persist(store, true)?;
         a.persist(store, true)?;
         Ok(a)
+    }
+
+    /// Marks this mirror as being copied (see `Op::Sync`).
+    pub fn set_syncing(&mut self, id: Option<u32>) {
+        self.syncing = id;
+    }
+
+    pub fn syncing(&self) -> Option<u32> {
+        self.syncing
     }
 
     pub fn cursor(&self) -> Cursor {
@@ -218,7 +232,19 @@ impl Applier {
                 got: rec.seq,
             });
         }
-        let replay = rec.seq <= self.horizon;
+        let replay = rec.seq <= self.horizon || self.syncing.is_some();
+        match &rec.op {
+            Op::Sync { mirror, .. } if Some(*mirror) != self.syncing => {
+                return self.skip(store, rec.seq)
+            }
+            Op::SyncDone { mirror } => {
+                if Some(*mirror) == self.syncing {
+                    self.syncing = None;
+                }
+                return self.skip(store, rec.seq);
+            }
+            _ => {}
+        }
         if rec.op.needs_barrier() {
             return self.apply_barrier(tree, store, rec);
         }
@@ -266,7 +292,7 @@ impl Applier {
                 src_ino,
             });
             self.persist(store, true)?;
-            apply_op(tree, &rec.op, false)?;
+            apply_op(tree, &rec.op, self.syncing.is_some())?;
         }
         // B1 + B2 after: the op is durable, so a replay never includes it.
         tree.sync()?;

@@ -144,6 +144,12 @@ pub fn encode_body_head(op: &Op, out: &mut Vec<u8>) {
             put_bytes(out, name);
         }
         Op::Abort { seq } => put_u64(out, *seq),
+        Op::Sync { mirror, op } => {
+            put_u32(out, *mirror);
+            out.push(op.kind());
+            encode_body_head(op, out);
+        }
+        Op::SyncDone { mirror } => put_u32(out, *mirror),
     }
 }
 
@@ -151,6 +157,7 @@ pub fn encode_body_head(op: &Op, out: &mut Vec<u8>) {
 pub fn body_tail(op: &Op) -> &[u8] {
     match op {
         Op::Write { data, .. } => data,
+        Op::Sync { op, .. } => body_tail(op),
         _ => &[],
     }
 }
@@ -254,6 +261,20 @@ pub fn decode_body(kind_tag: u8, body: &[u8]) -> Result<Op, DecodeError> {
             name: r.bytes("xattr name", XATTR_NAME_BYTES_MAX)?,
         },
         kind::ABORT => Op::Abort { seq: r.u64()? },
+        kind::SYNC => {
+            let mirror = r.u32()?;
+            let inner = r.u8()?;
+            if inner == kind::SYNC || inner == kind::SYNC_DONE {
+                return Err(DecodeError::Invalid("nested sync record"));
+            }
+            let op = decode_body(inner, &body[r.pos..])?;
+            r.pos = body.len();
+            Op::Sync {
+                mirror,
+                op: Box::new(op),
+            }
+        }
+        kind::SYNC_DONE => Op::SyncDone { mirror: r.u32()? },
         other => return Err(DecodeError::UnknownKind(other)),
     };
     if r.pos != body.len() {
@@ -496,12 +517,27 @@ pub(crate) mod tests {
                 }),
             (arb_path(), bytes()).prop_map(|(path, name)| Op::RemoveXattr { path, name }),
             any::<u64>().prop_map(|seq| Op::Abort { seq }),
+            any::<u32>().prop_map(|mirror| Op::SyncDone { mirror }),
+        ]
+    }
+
+    pub fn arb_op_with_sync() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            arb_op(),
+            (
+                any::<u32>(),
+                arb_op().prop_filter("not nested", |o| !matches!(o, Op::SyncDone { .. }))
+            )
+                .prop_map(|(mirror, op)| Op::Sync {
+                    mirror,
+                    op: Box::new(op)
+                }),
         ]
     }
 
     proptest! {
         #[test]
-        fn roundtrip(op in arb_op()) {
+        fn roundtrip(op in arb_op_with_sync()) {
             let body = encode_body(&op);
             let back = decode_body(op.kind(), &body).expect("decodes");
             prop_assert_eq!(back, op);

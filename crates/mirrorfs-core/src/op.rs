@@ -122,6 +122,16 @@ pub enum Op {
     Abort {
         seq: u64,
     },
+    /// Part of the initial copy of one mirror (identified by `mirror`): only that mirror applies
+    /// `op` (idempotently); every other consumer skips it. `op` is never itself a `Sync`.
+    Sync {
+        mirror: u32,
+        op: Box<Op>,
+    },
+    /// The initial copy of `mirror` is complete: from the next record on it is a consistent mirror.
+    SyncDone {
+        mirror: u32,
+    },
 }
 
 /// Numeric tags of ops in the journal and on the wire. Never renumber: they are on disk.
@@ -143,6 +153,8 @@ pub mod kind {
     pub const SET_XATTR: u8 = 15;
     pub const REMOVE_XATTR: u8 = 16;
     pub const ABORT: u8 = 17;
+    pub const SYNC: u8 = 18;
+    pub const SYNC_DONE: u8 = 19;
 }
 
 impl Op {
@@ -165,6 +177,8 @@ impl Op {
             Op::SetXattr { .. } => kind::SET_XATTR,
             Op::RemoveXattr { .. } => kind::REMOVE_XATTR,
             Op::Abort { .. } => kind::ABORT,
+            Op::Sync { .. } => kind::SYNC,
+            Op::SyncDone { .. } => kind::SYNC_DONE,
         }
     }
 
@@ -188,6 +202,8 @@ impl Op {
             Op::SetXattr { .. } => "setxattr",
             Op::RemoveXattr { .. } => "removexattr",
             Op::Abort { .. } => "abort",
+            Op::Sync { .. } => "sync",
+            Op::SyncDone { .. } => "sync-done",
         }
     }
 
@@ -209,7 +225,8 @@ impl Op {
             | Op::SetXattr { path, .. }
             | Op::RemoveXattr { path, .. } => Some(path),
             Op::Link { from, .. } | Op::Rename { from, .. } => Some(from),
-            Op::Abort { .. } => None,
+            Op::Sync { op, .. } => op.path(),
+            Op::Abort { .. } | Op::SyncDone { .. } => None,
         }
     }
 
@@ -227,6 +244,7 @@ impl Op {
     pub fn data_len(&self) -> usize {
         match self {
             Op::Write { data, .. } => data.len(),
+            Op::Sync { op, .. } => op.data_len(),
             _ => 0,
         }
     }

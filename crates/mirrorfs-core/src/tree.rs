@@ -187,7 +187,8 @@ pub fn apply_op<T: Tree + ?Sized>(tree: &mut T, op: &Op, replay: bool) -> Result
         | Op::SetMode { .. }
         | Op::SetOwner { .. }
         | Op::SetTimes { .. } => tolerate(apply_strict(tree, op)),
-        Op::Abort { .. } => Ok(()),
+        Op::Abort { .. } | Op::SyncDone { .. } => Ok(()),
+        Op::Sync { op, .. } => apply_op(tree, op, true),
     }
 }
 
@@ -265,6 +266,7 @@ fn apply_strict<T: Tree + ?Sized>(tree: &mut T, op: &Op) -> Result<(), TreeError
             flags,
         } => tree.setxattr(path, name, value, *flags),
         Op::RemoveXattr { path, name } => tree.removexattr(path, name),
-        Op::Abort { .. } => Ok(()),
+        Op::Abort { .. } | Op::SyncDone { .. } => Ok(()),
+        Op::Sync { op, .. } => apply_op(tree, op, true),
     }
 }

@@ -64,6 +64,7 @@ impl DirTree {
         })
     }
 
+    #[cfg(test)]
     pub fn root_fd(&self) -> BorrowedFd<'_> {
         self.root.as_fd()
     }

@@ -37,7 +37,7 @@ struct Handle {
 pub struct MirrorFs {
     vol: Arc<Volume>,
     root: OwnedFd,
-    inodes: Mutex<Inodes>,
+    inodes: Arc<Mutex<Inodes>>,
     handles: RwLock<HashMap<u64, Arc<Handle>>>,
     dirs: Mutex<HashMap<u64, Arc<Vec<(u64, FileType, Vec<u8>)>>>>,
     next_fh: AtomicU64,
@@ -104,13 +104,18 @@ impl MirrorFs {
         Ok(MirrorFs {
             vol,
             root,
-            inodes: Mutex::new(Inodes::new(st.st_ino)),
+            inodes: Arc::new(Mutex::new(Inodes::new(st.st_ino))),
             handles: RwLock::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             hidden,
             passthrough: AtomicBool::new(false),
         })
+    }
+
+    /// The inode table, shared with the initial sync (it follows renames of files it copies).
+    pub fn inodes(&self) -> Arc<Mutex<Inodes>> {
+        self.inodes.clone()
     }
 
     fn rootfd(&self) -> BorrowedFd<'_> {

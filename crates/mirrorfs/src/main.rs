@@ -13,7 +13,6 @@ mod store;
 mod sys;
 mod volume;
 
-use std::ffi::OsString;
 use std::fs;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
@@ -293,20 +292,26 @@ fn mount(a: MountArgs) -> Result<()> {
         }
     }
 
-    // Mirrors: resume from the cursor, or copy (first time, or after being detached).
+    // Mirrors: resume from the cursor, or (first time, after being detached, or after a crash
+    // during a previous initial sync) start a live initial sync once the mount is up.
     let mut appliers = Vec::new();
+    let mut to_sync = Vec::new();
     for m in &shared {
         let needs = m.state_dir.join("NEEDS_RESYNC");
+        let syncing = m.state_dir.join("SYNCING");
         let mut cur = volume::open_cursor(m)?;
-        let existing = if needs.exists() {
+        let existing = if needs.exists() || syncing.exists() {
             None
         } else {
             Applier::open(&mut cur, power_loss, horizon)?
         };
         let ap = match existing {
-            Some(ap) if ap.cursor().applied + 1 >= first_held => ap,
+            Some(ap) if ap.cursor().applied + 1 >= first_held => {
+                *lock(&m.phase) = MirrorPhase::Live;
+                ap
+            }
             other => {
-                let was_ours = needs.exists() || other.is_some();
+                let was_ours = needs.exists() || syncing.exists() || other.is_some();
                 let empty = fs::read_dir(&m.path)?.next().is_none();
                 if !empty && !was_ours && !a.force_resync {
                     bail!(
@@ -329,16 +334,18 @@ fn mount(a: MountArgs) -> Result<()> {
                         }
                     }
                 }
-                let seq = lock(&vol.order).journal.next_seq() - 1;
-                initial_sync(&backing, m, hidden.as_deref())?;
+                fs::write(&syncing, b"initial sync in progress\n")?;
                 let _ = fs::remove_file(&needs);
-                volume::new_applier_at(m, seq)?
+                let seq = lock(&vol.order).journal.next_seq() - 1;
+                let mut ap = volume::new_applier_at(m, seq)?;
+                ap.set_syncing(Some(mirror::sync_id(m)));
+                to_sync.push(m.clone());
+                ap
             }
         };
         m.applied.store(ap.cursor().applied, Ordering::Release);
         m.checkpoint
             .store(ap.cursor().checkpoint, Ordering::Release);
-        *lock(&m.phase) = MirrorPhase::Live;
         appliers.push(ap);
     }
 
@@ -418,6 +425,7 @@ fn mount(a: MountArgs) -> Result<()> {
     // SAFETY: umask has no preconditions; modes are applied exactly by mirrorfs itself.
     unsafe { libc::umask(0) };
     let fs_impl = fuse::MirrorFs::new(vol.clone(), &backing, hidden.clone())?;
+    let inodes = fs_impl.inodes();
     let session = fuser::Session::new(fs_impl, &mountpoint, &config)
         .with_context(|| format!("cannot mount on {}", mountpoint.display()))?;
     let bg = session.spawn()?;
@@ -433,6 +441,19 @@ fn mount(a: MountArgs) -> Result<()> {
         backing.display(),
         mountpoint.display()
     );
+    for m in to_sync {
+        let (v, ino, b, h) = (vol.clone(), inodes.clone(), backing.clone(), hidden.clone());
+        std::thread::Builder::new()
+            .name("initial-sync".into())
+            .spawn(move || {
+                if let Err(e) = mirror::live_sync(v.clone(), ino, &b, m.clone(), h) {
+                    let reason = format!("initial sync failed: {e}");
+                    tracing::error!("mirror {}: {reason}", m.name);
+                    mirror::mark_needs_resync(&m, &reason);
+                    v.changed.notify_all();
+                }
+            })?;
+    }
 
     let term = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGINT, term.clone())?;
@@ -467,28 +488,5 @@ fn mount(a: MountArgs) -> Result<()> {
         fs::write(state.join("clean"), b"")?;
     }
     eprintln!("mirrorfs: unmounted {}", mountpoint.display());
-    Ok(())
-}
-
-fn initial_sync(backing: &Path, m: &MirrorShared, hidden: Option<&[u8]>) -> Result<()> {
-    let pb = indicatif::ProgressBar::new(0);
-    pb.set_style(
-        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} ({eta})")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    pb.set_message(format!("initial copy to {}", m.path.display()));
-    let hidden_os: Option<OsString> = hidden.map(|h| std::ffi::OsStr::from_bytes(h).to_os_string());
-    let progress = |done: u64, total: u64| {
-        pb.set_length(total);
-        pb.set_position(done);
-        *lock(&m.phase) = MirrorPhase::Syncing {
-            done_bytes: done,
-            total_bytes: total,
-        };
-    };
-    mirror::initial_copy(backing, &m.path, hidden_os.as_deref(), &progress)
-        .with_context(|| format!("initial copy to {} failed", m.path.display()))?;
-    pb.finish_and_clear();
-    tracing::info!("mirror {}: initial copy done", m.name);
     Ok(())
 }

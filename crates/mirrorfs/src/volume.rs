@@ -156,6 +156,28 @@ impl Volume {
         }
     }
 
+    /// Publishes `last` as settled (the primary is done with every record through it) and wakes
+    /// the flusher and the mirror workers. Consumes the order lock guard.
+    pub fn settle(&self, o: MutexGuard<'_, Ordered>, last: u64, bytes: u64) {
+        self.settled.store(last, Ordering::Release);
+        drop(o);
+        {
+            let mut p = lock(&self.progress);
+            p.settled_seq = last;
+            p.appended_bytes += bytes;
+            if p.samples
+                .back()
+                .is_none_or(|(_, t)| t.elapsed() >= Duration::from_millis(5))
+            {
+                p.samples.push_back((last, Instant::now()));
+                while p.samples.len() > 4096 {
+                    p.samples.pop_front();
+                }
+            }
+        }
+        self.changed.notify_all();
+    }
+
     fn journal_failed(&self, e: JournalError) -> i32 {
         tracing::error!("journal: {e}; refusing further changes (restart mirrorfs to recover)");
         self.poisoned.store(true, Ordering::Release);
