@@ -64,11 +64,6 @@ impl DirTree {
         })
     }
 
-    #[cfg(test)]
-    pub fn root_fd(&self) -> BorrowedFd<'_> {
-        self.root.as_fd()
-    }
-
     /// The parent directory of `path`, opened beneath the root, and the final name.
     fn parent<'a>(&self, path: &'a RelPath) -> Result<(OwnedFd, &'a OsStr), TreeError> {
         let parent = path.parent().ok_or_else(|| TreeError::Other {

@@ -34,12 +34,15 @@ struct Handle {
     _backing: Option<BackingId>,
 }
 
+/// A directory's entries as read at `opendir`: (inode, type, name).
+type DirListing = Vec<(u64, FileType, Vec<u8>)>;
+
 pub struct MirrorFs {
     vol: Arc<Volume>,
     root: OwnedFd,
     inodes: Arc<Mutex<Inodes>>,
     handles: RwLock<HashMap<u64, Arc<Handle>>>,
-    dirs: Mutex<HashMap<u64, Arc<Vec<(u64, FileType, Vec<u8>)>>>>,
+    dirs: Mutex<HashMap<u64, Arc<DirListing>>>,
     next_fh: AtomicU64,
     /// Name of mirrorfs's own state directory in the backing root, hidden from the mount.
     hidden: Option<Vec<u8>>,
@@ -306,7 +309,8 @@ impl Filesystem for MirrorFs {
         Ok(())
     }
 
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        crate::affinity::follow(req.pid());
         if parent.0 == ROOT && self.hidden.as_deref() == Some(name.as_bytes()) {
             return reply.error(Errno::ENOENT);
         }
@@ -320,7 +324,8 @@ impl Filesystem for MirrorFs {
         lock(&self.inodes).forget(ino.0, nlookup);
     }
 
-    fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+    fn getattr(&self, req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        crate::affinity::follow(req.pid());
         let st = match fh.and_then(|f| self.handle(f).ok()).or_else(|| {
             self.handle_of_ino(ino.0)
                 .filter(|_| self.path(ino).is_err())
@@ -339,7 +344,7 @@ impl Filesystem for MirrorFs {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -355,6 +360,7 @@ impl Filesystem for MirrorFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        crate::affinity::follow(req.pid());
         let p = match self.path(ino) {
             Ok(p) => p,
             Err(e) => {
@@ -457,7 +463,8 @@ impl Filesystem for MirrorFs {
         }
     }
 
-    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+    fn readlink(&self, req: &Request, ino: INodeNo, reply: ReplyData) {
+        crate::affinity::follow(req.pid());
         match self
             .path(ino)
             .and_then(|p| sys::readlinkat(self.rootfd(), p.as_at_path()).map_err(|e| io_errno(&e)))
@@ -477,6 +484,7 @@ impl Filesystem for MirrorFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
+        crate::affinity::follow(req.pid());
         let p = match self.child(parent, name) {
             Ok(p) => p,
             Err(e) => return reply.error(e),
@@ -526,6 +534,7 @@ impl Filesystem for MirrorFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
+        crate::affinity::follow(req.pid());
         let p = match self.child(parent, name) {
             Ok(p) => p,
             Err(e) => return reply.error(e),
@@ -555,7 +564,8 @@ impl Filesystem for MirrorFs {
         }
     }
 
-    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+    fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        crate::affinity::follow(req.pid());
         let p = match self.child(parent, name) {
             Ok(p) => p,
             Err(e) => return reply.error(e),
@@ -582,7 +592,8 @@ impl Filesystem for MirrorFs {
         }
     }
 
-    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+    fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        crate::affinity::follow(req.pid());
         let p = match self.child(parent, name) {
             Ok(p) => p,
             Err(e) => return reply.error(e),
@@ -612,6 +623,7 @@ impl Filesystem for MirrorFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
+        crate::affinity::follow(req.pid());
         let p = match self.child(parent, link_name) {
             Ok(p) => p,
             Err(e) => return reply.error(e),
@@ -642,7 +654,7 @@ impl Filesystem for MirrorFs {
 
     fn rename(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         newparent: INodeNo,
@@ -650,6 +662,7 @@ impl Filesystem for MirrorFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        crate::affinity::follow(req.pid());
         let (from, to) = match (self.child(parent, name), self.child(newparent, newname)) {
             (Ok(a), Ok(b)) => (a, b),
             (Err(e), _) | (_, Err(e)) => return reply.error(e),
@@ -706,12 +719,13 @@ impl Filesystem for MirrorFs {
 
     fn link(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         newparent: INodeNo,
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
+        crate::affinity::follow(req.pid());
         let (from, to) = match (self.path(ino), self.child(newparent, newname)) {
             (Ok(a), Ok(b)) => (a, b),
             (Err(e), _) | (_, Err(e)) => return reply.error(e),
@@ -732,7 +746,8 @@ impl Filesystem for MirrorFs {
         }
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        crate::affinity::follow(req.pid());
         let p = match self.path(ino) {
             Ok(p) => p,
             Err(e) => return reply.error(e),
@@ -785,7 +800,7 @@ impl Filesystem for MirrorFs {
 
     fn read(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -794,6 +809,7 @@ impl Filesystem for MirrorFs {
         _lock: Option<fuser::LockOwner>,
         reply: ReplyData,
     ) {
+        crate::affinity::follow(req.pid());
         let h = match self.handle(fh) {
             Ok(h) => h,
             Err(e) => return reply.error(e),
@@ -807,7 +823,7 @@ impl Filesystem for MirrorFs {
 
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -817,6 +833,7 @@ impl Filesystem for MirrorFs {
         _lock: Option<fuser::LockOwner>,
         reply: ReplyWrite,
     ) {
+        crate::affinity::follow(req.pid());
         let h = match self.handle(fh) {
             Ok(h) => h,
             Err(e) => return reply.error(e),
@@ -856,12 +873,13 @@ impl Filesystem for MirrorFs {
 
     fn flush(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         _lock: fuser::LockOwner,
         reply: ReplyEmpty,
     ) {
+        crate::affinity::follow(req.pid());
         if let Ok(h) = self.handle(fh) {
             if h.wrote.swap(false, Ordering::Relaxed) {
                 self.set_times_of_handle(&h);
@@ -872,7 +890,7 @@ impl Filesystem for MirrorFs {
 
     fn release(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
@@ -880,6 +898,7 @@ impl Filesystem for MirrorFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        crate::affinity::follow(req.pid());
         let h = self
             .handles
             .write()
@@ -895,12 +914,13 @@ impl Filesystem for MirrorFs {
 
     fn fsync(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         datasync: bool,
         reply: ReplyEmpty,
     ) {
+        crate::affinity::follow(req.pid());
         let h = match self.handle(fh) {
             Ok(h) => h,
             Err(e) => return reply.error(e),
@@ -918,7 +938,8 @@ impl Filesystem for MirrorFs {
         reply.ok()
     }
 
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+    fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        crate::affinity::follow(req.pid());
         let p = match self.path(ino) {
             Ok(p) => p,
             Err(e) => return reply.error(e),
@@ -962,12 +983,13 @@ impl Filesystem for MirrorFs {
 
     fn readdir(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        crate::affinity::follow(req.pid());
         let Some(list) = lock(&self.dirs).get(&fh.0).cloned() else {
             return reply.error(Errno::EBADF);
         };
@@ -986,12 +1008,13 @@ impl Filesystem for MirrorFs {
 
     fn readdirplus(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        crate::affinity::follow(req.pid());
         let Some(list) = lock(&self.dirs).get(&fh.0).cloned() else {
             return reply.error(Errno::EBADF);
         };
@@ -1032,24 +1055,26 @@ impl Filesystem for MirrorFs {
 
     fn releasedir(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
+        crate::affinity::follow(req.pid());
         lock(&self.dirs).remove(&fh.0);
         reply.ok()
     }
 
     fn fsyncdir(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        crate::affinity::follow(req.pid());
         if let Ok(p) = self.path(ino) {
             if let Ok(fd) = sys::openat(
                 self.rootfd(),
@@ -1067,7 +1092,8 @@ impl Filesystem for MirrorFs {
         reply.ok()
     }
 
-    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+    fn statfs(&self, req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        crate::affinity::follow(req.pid());
         match sys::fstatvfs(self.rootfd()) {
             Ok(s) => reply.statfs(
                 s.f_blocks,
@@ -1085,7 +1111,7 @@ impl Filesystem for MirrorFs {
 
     fn setxattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         name: &OsStr,
         value: &[u8],
@@ -1093,6 +1119,7 @@ impl Filesystem for MirrorFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        crate::affinity::follow(req.pid());
         let p = match self.path(ino) {
             Ok(p) => p,
             Err(e) => return reply.error(e),
@@ -1122,7 +1149,8 @@ impl Filesystem for MirrorFs {
         }
     }
 
-    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+    fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        crate::affinity::follow(req.pid());
         let r = self.path(ino).and_then(|p| {
             sys::openat(
                 self.rootfd(),
@@ -1144,7 +1172,8 @@ impl Filesystem for MirrorFs {
         }
     }
 
-    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+    fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        crate::affinity::follow(req.pid());
         let r = self.path(ino).and_then(|p| {
             sys::openat(
                 self.rootfd(),
@@ -1166,7 +1195,8 @@ impl Filesystem for MirrorFs {
         }
     }
 
-    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+    fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        crate::affinity::follow(req.pid());
         let p = match self.path(ino) {
             Ok(p) => p,
             Err(e) => return reply.error(e),
@@ -1203,6 +1233,7 @@ impl Filesystem for MirrorFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
+        crate::affinity::follow(req.pid());
         let p = match self.child(parent, name) {
             Ok(p) => p,
             Err(e) => return reply.error(e),
@@ -1259,7 +1290,7 @@ impl Filesystem for MirrorFs {
 
     fn fallocate(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -1267,6 +1298,7 @@ impl Filesystem for MirrorFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        crate::affinity::follow(req.pid());
         let (h, p) = match (self.handle(fh), self.path(ino)) {
             (Ok(h), Ok(p)) => (h, p),
             (Err(e), _) | (_, Err(e)) => return reply.error(e),
@@ -1290,13 +1322,14 @@ impl Filesystem for MirrorFs {
 
     fn lseek(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         offset: i64,
         whence: i32,
         reply: ReplyLseek,
     ) {
+        crate::affinity::follow(req.pid());
         match self
             .handle(fh)
             .and_then(|h| sys::lseek(h.fd.as_fd(), offset, whence).map_err(|e| io_errno(&e)))

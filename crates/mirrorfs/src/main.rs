@@ -4,6 +4,7 @@
 //! journal (`mirrorfs_core::journal`, files in `store`) → mirror workers (`mirror`) → mirror trees
 //! (`dirtree`).
 
+mod affinity;
 mod dirtree;
 mod fuse;
 mod inodes;

@@ -62,7 +62,8 @@ pub fn run_worker(vol: Arc<Volume>, m: Arc<MirrorShared>, mut applier: Applier) 
         }
         let want = m.want_durable.load(Ordering::Acquire);
         let applied = applier.cursor().applied;
-        let need_cp = (want > applier.cursor().checkpoint && applied >= want.min(applied))
+        // Checkpoint once everything someone waits for is applied, and at least every second.
+        let need_cp = (want > applier.cursor().checkpoint && applied >= want)
             || (last_checkpoint.elapsed() >= Duration::from_secs(1)
                 && applied > applier.cursor().checkpoint);
         if need_cp {

@@ -23,7 +23,12 @@ pub trait SegmentFile: Send + Sync + 'static {
     fn sync(&self) -> io::Result<()>;
     /// Reads up to `buf.len()` bytes at `offset`; returns how many (0 at the end).
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<usize>;
+    /// The file's length in bytes.
     fn len(&self) -> io::Result<u64>;
+    /// Whether the file holds no bytes at all.
+    fn is_empty(&self) -> io::Result<bool> {
+        Ok(self.len()? == 0)
+    }
     /// Cuts the file to `len` and makes the cut durable (used only to drop a torn tail).
     fn truncate(&self, len: u64) -> io::Result<()>;
 }
@@ -152,7 +157,7 @@ impl MemStore {
                 while page < keep {
                     let end = (page + 4096).min(keep);
                     let start = page.max(durable_len);
-                    if rand() % 2 == 0 {
+                    if rand().is_multiple_of(2) {
                         image[start..end].copy_from_slice(&s.live[start..end]);
                     }
                     page += 4096;

@@ -1,0 +1,512 @@
+//! The workloads. Each one works in its own, fresh directory and returns
+//! wall-clock durations of the timed part only; setup (creating files to be
+//! overwritten, `sync`) is not timed.
+
+use std::collections::BTreeMap;
+use std::ffi::CString;
+use std::fs::{self, File, OpenOptions};
+use std::io::{ErrorKind, Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use rand::rngs::SmallRng;
+use rand::{Rng, RngCore, SeedableRng};
+
+use crate::check_interrupted;
+
+pub const MIB: u64 = 1024 * 1024;
+const CHUNK: usize = 1024 * 1024;
+const PAGE: usize = 4096;
+/// Longest we wait for one thing to show up on the mirror.
+pub const MIRROR_WAIT: Duration = Duration::from_secs(30);
+/// Poll interval while waiting for the mirror.
+const POLL: Duration = Duration::from_micros(50);
+
+/// `sync(2)`: flush everything dirty so a workload does not pay for the
+/// writeback of the previous one. Not timed.
+pub fn sync_all() {
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    unsafe { libc::sync() };
+}
+
+/// `sync; echo 3 > /proc/sys/vm/drop_caches` (needs root).
+pub fn drop_caches() -> Result<()> {
+    sync_all();
+    fs::write("/proc/sys/vm/drop_caches", "3")
+        .context("cannot write 3 to /proc/sys/vm/drop_caches (are you root?)")
+}
+
+/// Buffer of non-zero, pseudo-random bytes (no sparse-file or compression shortcuts).
+fn random_buf(len: usize, seed: u64) -> Vec<u8> {
+    let mut buf = vec![0u8; len];
+    SmallRng::seed_from_u64(seed).fill_bytes(&mut buf);
+    buf
+}
+
+fn open_new(path: &Path) -> Result<File> {
+    // O_WRONLY | O_CREAT | O_TRUNC
+    File::create(path).with_context(|| format!("cannot create {}", path.display()))
+}
+
+/// Write `size` bytes in 1 MiB writes, optionally fsync, close. Timed: open to close.
+pub fn seq_write(path: &Path, size: u64, fsync: bool, seed: u64) -> Result<Duration> {
+    let buf = random_buf(CHUNK, seed);
+    sync_all();
+    let t0 = Instant::now();
+    let mut f = open_new(path)?;
+    let mut left = size;
+    while left > 0 {
+        check_interrupted()?;
+        let n = usize::try_from(left.min(CHUNK as u64)).context("chunk size")?;
+        f.write_all(&buf[..n])
+            .with_context(|| format!("write to {} failed", path.display()))?;
+        left -= n as u64;
+    }
+    if fsync {
+        f.sync_all()
+            .with_context(|| format!("fsync of {} failed", path.display()))?;
+    }
+    drop(f);
+    Ok(t0.elapsed())
+}
+
+/// Read the whole file in 1 MiB reads. Timed: open to close.
+pub fn seq_read(path: &Path, expect: u64) -> Result<Duration> {
+    let mut buf = vec![0u8; CHUNK];
+    let t0 = Instant::now();
+    let mut f = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut total = 0u64;
+    loop {
+        check_interrupted()?;
+        let n = match f.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e).with_context(|| format!("read of {} failed", path.display())),
+        };
+        total += n as u64;
+    }
+    drop(f);
+    let d = t0.elapsed();
+    if total != expect {
+        bail!(
+            "read {total} bytes from {}, expected {expect}",
+            path.display()
+        );
+    }
+    Ok(d)
+}
+
+/// Fill a `file_mib` file with zeros (not timed), then `count` pwrites of
+/// 4 KiB at random 4 KiB-aligned offsets, then close (timed).
+pub fn rand_write(path: &Path, file_mib: u64, count: u64, seed: u64) -> Result<Duration> {
+    {
+        let zeros = vec![0u8; CHUNK];
+        let mut f = open_new(path)?;
+        for _ in 0..file_mib {
+            check_interrupted()?;
+            f.write_all(&zeros)
+                .with_context(|| format!("write to {} failed", path.display()))?;
+        }
+    }
+    sync_all();
+    let slots = file_mib * MIB / PAGE as u64;
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let mut buf = random_buf(PAGE, seed ^ 0xabcd);
+    let t0 = Instant::now();
+    let f = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    for i in 0..count {
+        check_interrupted()?;
+        let off = rng.gen_range(0..slots) * PAGE as u64;
+        buf[..8].copy_from_slice(&i.to_le_bytes());
+        f.write_all_at(&buf, off)
+            .with_context(|| format!("pwrite to {} at {off} failed", path.display()))?;
+    }
+    drop(f);
+    Ok(t0.elapsed())
+}
+
+pub fn small_file_names(dir: &Path, count: u64) -> Vec<PathBuf> {
+    (0..count).map(|i| dir.join(format!("f{i:06}"))).collect()
+}
+
+/// Create each file (`open(O_CREAT|O_WRONLY)`, one 4 KiB write, close). Timed.
+pub fn small_files(paths: &[PathBuf], seed: u64) -> Result<Duration> {
+    let buf = random_buf(PAGE, seed);
+    sync_all();
+    let t0 = Instant::now();
+    for p in paths {
+        check_interrupted()?;
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(p)
+            .with_context(|| format!("cannot create {}", p.display()))?;
+        f.write_all(&buf)
+            .with_context(|| format!("write to {} failed", p.display()))?;
+    }
+    Ok(t0.elapsed())
+}
+
+/// `lstat` every path. Timed.
+pub fn stat_files(paths: &[PathBuf]) -> Result<Duration> {
+    let cpaths = paths
+        .iter()
+        .map(|p| CString::new(p.as_os_str().as_bytes()).context("path contains NUL"))
+        .collect::<Result<Vec<_>>>()?;
+    let t0 = Instant::now();
+    for (c, p) in cpaths.iter().zip(paths) {
+        check_interrupted()?;
+        // SAFETY: `c` is a valid NUL-terminated string and `st` is a properly
+        // sized, writable stat buffer that lives across the call.
+        let rc = unsafe {
+            let mut st: libc::stat = std::mem::zeroed();
+            libc::lstat(c.as_ptr(), &mut st)
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("lstat {} failed", p.display()));
+        }
+    }
+    Ok(t0.elapsed())
+}
+
+// ---------------------------------------------------------------------------
+// Mirror checks (mirrorfs only)
+
+/// What a tree walk records per entry: kind and, for files, size.
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+enum Entry {
+    Dir,
+    File(u64),
+    Other,
+}
+
+fn walk(base: &Path, rel: &Path, out: &mut BTreeMap<PathBuf, Entry>) -> Result<()> {
+    let dir = base.join(rel);
+    let rd = match fs::read_dir(&dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("cannot list {}", dir.display())),
+    };
+    for de in rd {
+        let de = de.with_context(|| format!("cannot list {}", dir.display()))?;
+        let rel_child = rel.join(de.file_name());
+        let md = match fs::symlink_metadata(base.join(&rel_child)) {
+            Ok(md) => md,
+            Err(e) if e.kind() == ErrorKind::NotFound => continue,
+            Err(e) => return Err(e).context("lstat failed during tree walk"),
+        };
+        if md.is_dir() {
+            out.insert(rel_child.clone(), Entry::Dir);
+            walk(base, &rel_child, out)?;
+        } else if md.is_file() {
+            out.insert(rel_child, Entry::File(md.len()));
+        } else {
+            out.insert(rel_child, Entry::Other);
+        }
+    }
+    Ok(())
+}
+
+fn snapshot(base: &Path, subdirs: &[&str]) -> Result<BTreeMap<PathBuf, Entry>> {
+    let mut out = BTreeMap::new();
+    for s in subdirs {
+        walk(base, Path::new(s), &mut out)?;
+    }
+    Ok(out)
+}
+
+/// First entry of `want` that `have` lacks or has differently, described.
+fn first_difference(
+    want: &BTreeMap<PathBuf, Entry>,
+    have: &BTreeMap<PathBuf, Entry>,
+) -> Option<String> {
+    want.iter().find_map(|(p, e)| match have.get(p) {
+        None => Some(format!("{} missing on the mirror", p.display())),
+        Some(h) if h != e => Some(format!(
+            "{}: {e:?} on the backing dir, {h:?} on the mirror",
+            p.display()
+        )),
+        Some(_) => None,
+    })
+}
+
+fn files_identical(a: &Path, b: &Path) -> Result<bool> {
+    let mut fa = File::open(a).with_context(|| format!("cannot open {}", a.display()))?;
+    let mut fb = match File::open(b) {
+        Ok(f) => f,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e).with_context(|| format!("cannot open {}", b.display())),
+    };
+    let mut ba = vec![0u8; CHUNK];
+    let mut bb = vec![0u8; CHUNK];
+    loop {
+        let na = read_full(&mut fa, &mut ba)?;
+        let nb = read_full(&mut fb, &mut bb)?;
+        if na != nb || ba[..na] != bb[..nb] {
+            return Ok(false);
+        }
+        if na == 0 {
+            return Ok(true);
+        }
+    }
+}
+
+fn read_full(f: &mut File, buf: &mut [u8]) -> Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e).context("read failed"),
+        }
+    }
+    Ok(n)
+}
+
+/// Wait until every entry under `subdirs` of `backing` exists on `mirror` with
+/// the same type and size, then verify file contents byte for byte. Returns
+/// the time from the call until the mirror was seen complete.
+pub fn mirror_catch_up(
+    backing: &Path,
+    mirror: &Path,
+    subdirs: &[&str],
+    timeout: Duration,
+) -> Result<Duration> {
+    let want = snapshot(backing, subdirs)?;
+    let t0 = Instant::now();
+    loop {
+        check_interrupted()?;
+        let have = snapshot(mirror, subdirs)?;
+        let seen = t0.elapsed();
+        let diff = match first_difference(&want, &have) {
+            Some(d) => Some(d),
+            None => want.iter().find_map(|(p, e)| match e {
+                Entry::File(_) => match files_identical(&backing.join(p), &mirror.join(p)) {
+                    Ok(true) => None,
+                    Ok(false) => Some(format!("{}: contents differ", p.display())),
+                    Err(e) => Some(format!("{}: {e:#}", p.display())),
+                },
+                _ => None,
+            }),
+        };
+        match diff {
+            None => return Ok(seen),
+            Some(d) if t0.elapsed() > timeout => bail!(
+                "mirror {} not caught up with {} after {} s: {d}",
+                mirror.display(),
+                backing.display(),
+                timeout.as_secs()
+            ),
+            Some(_) => sleep(Duration::from_millis(5)),
+        }
+    }
+}
+
+fn identical(path: &Path, want: &[u8]) -> bool {
+    matches!(fs::read(path), Ok(have) if have == want)
+}
+
+/// Spin (50 µs sleeps) until `cond` holds; error after [`MIRROR_WAIT`].
+fn wait_until(what: impl Fn() -> String, mut cond: impl FnMut() -> bool) -> Result<Duration> {
+    let t0 = Instant::now();
+    loop {
+        if cond() {
+            return Ok(t0.elapsed());
+        }
+        check_interrupted()?;
+        if t0.elapsed() > MIRROR_WAIT {
+            bail!(
+                "timed out after {} s waiting for {}",
+                MIRROR_WAIT.as_secs(),
+                what()
+            );
+        }
+        sleep(POLL);
+    }
+}
+
+/// Create `dir` through the mount and wait (untimed) for it on the mirror.
+fn make_dir_mirrored(dir: &Path, mirror_dir: &Path) -> Result<()> {
+    fs::create_dir(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    wait_until(
+        || format!("directory {} to appear on the mirror", mirror_dir.display()),
+        || mirror_dir.is_dir(),
+    )?;
+    Ok(())
+}
+
+/// `count` times: create a file with 100 random bytes, close, then wait until
+/// the mirror copy is identical. Returns the close→identical times.
+pub fn lag_single(dir: &Path, mirror_dir: &Path, count: u64, seed: u64) -> Result<Vec<Duration>> {
+    make_dir_mirrored(dir, mirror_dir)?;
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let mut out = Vec::new();
+    for i in 0..count {
+        check_interrupted()?;
+        let name = format!("lag{i:05}");
+        let mut content = [0u8; 100];
+        rng.fill_bytes(&mut content);
+        let path = dir.join(&name);
+        let mut f = open_new(&path)?;
+        f.write_all(&content)
+            .with_context(|| format!("write to {} failed", path.display()))?;
+        drop(f);
+        let m = mirror_dir.join(&name);
+        out.push(wait_until(
+            || format!("{} to become identical to {}", m.display(), path.display()),
+            || identical(&m, &content),
+        )?);
+    }
+    Ok(out)
+}
+
+/// Write `count` 1 KiB files as fast as possible; return (write phase, time
+/// from the last close until all of them are identical on the mirror).
+pub fn lag_burst(
+    dir: &Path,
+    mirror_dir: &Path,
+    count: u64,
+    seed: u64,
+) -> Result<(Duration, Duration)> {
+    make_dir_mirrored(dir, mirror_dir)?;
+    let data = random_buf(usize::try_from(count).context("count")? * 1024, seed);
+    let names: Vec<String> = (0..count).map(|i| format!("b{i:05}")).collect();
+    let t0 = Instant::now();
+    for (name, content) in names.iter().zip(data.chunks(1024)) {
+        check_interrupted()?;
+        let path = dir.join(name);
+        let mut f = open_new(&path)?;
+        f.write_all(content)
+            .with_context(|| format!("write to {} failed", path.display()))?;
+    }
+    let write = t0.elapsed();
+    let mut pending: Vec<usize> = (0..names.len()).collect();
+    let lag = wait_until(
+        || {
+            format!(
+                "{} of {count} burst files to become identical on the mirror (e.g. {})",
+                pending_len_hint(&names, mirror_dir, &data),
+                mirror_dir.join(&names[0]).display()
+            )
+        },
+        || {
+            pending.retain(|&i| !identical(&mirror_dir.join(&names[i]), &data[i * 1024..][..1024]));
+            pending.is_empty()
+        },
+    )?;
+    Ok((write, lag))
+}
+
+/// How many burst files are still not identical (for the timeout message).
+fn pending_len_hint(names: &[String], mirror_dir: &Path, data: &[u8]) -> usize {
+    names
+        .iter()
+        .enumerate()
+        .filter(|(i, n)| !identical(&mirror_dir.join(n), &data[i * 1024..][..1024]))
+        .count()
+}
+
+/// p in [0, 1], nearest-rank on a sorted slice.
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = (p * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// `MemAvailable` from /proc/meminfo, in MiB.
+pub fn mem_available_mib() -> Result<u64> {
+    let text = fs::read_to_string("/proc/meminfo").context("cannot read /proc/meminfo")?;
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("MemAvailable:"))
+        .context("no MemAvailable in /proc/meminfo")?;
+    let kib: u64 = line["MemAvailable:".len()..]
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .with_context(|| format!("cannot parse {line:?}"))?;
+    Ok(kib / 1024)
+}
+
+/// Fault in `mib` MiB of anonymous memory at once, then release it. On VMs
+/// whose guest RAM is backed lazily by the host (e.g. Firecracker), the first
+/// touch of a guest page is several times slower than later ones; without
+/// this, whichever target runs first pays that cost in its page-cache figures.
+pub fn warm_up_ram(mib: u64) -> Result<()> {
+    let len = usize::try_from(mib * MIB).context("warm-up size")?;
+    if len == 0 {
+        return Ok(());
+    }
+    // SAFETY: anonymous private mapping, no file descriptor; the pointer is
+    // only passed back to munmap with the same length.
+    unsafe {
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE | libc::MAP_NORESERVE,
+            -1,
+            0,
+        );
+        if p == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("cannot map {mib} MiB for the RAM warm-up"));
+        }
+        libc::munmap(p, len);
+    }
+    Ok(())
+}
+
+/// VmHWM and VmRSS of a process, in KiB.
+pub fn vm_hwm_rss(pid: u32) -> Result<(u64, u64)> {
+    let path = format!("/proc/{pid}/status");
+    let text = fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
+    let field = |key: &str| -> Result<u64> {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(key))
+            .with_context(|| format!("no {key} in {path}"))?;
+        line[key.len()..]
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .with_context(|| format!("cannot parse {line:?}"))
+    };
+    Ok((field("VmHWM:")?, field("VmRSS:")?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles() {
+        let v: Vec<Duration> = (1..=200).map(Duration::from_millis).collect();
+        assert_eq!(percentile(&v, 0.5), Duration::from_millis(100));
+        assert_eq!(percentile(&v, 0.99), Duration::from_millis(198));
+        assert_eq!(percentile(&v, 1.0), Duration::from_millis(200));
+        assert_eq!(percentile(&v[..1], 0.5), Duration::from_millis(1));
+    }
+
+    #[test]
+    fn own_memory() -> Result<()> {
+        let (hwm, rss) = vm_hwm_rss(std::process::id())?;
+        assert!(hwm >= rss && rss > 0);
+        Ok(())
+    }
+}
