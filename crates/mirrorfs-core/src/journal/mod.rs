@@ -122,7 +122,7 @@ impl<S: SegmentStore> Journal<S> {
             }
             let file = store.open(id).map_err(io_err(id))?;
             let is_last = i + 1 == ids.len();
-            let scan = scan_segment(&file, id)?;
+            let mut scan = scan_segment(&file, id)?;
             if let Some(e) = expect_seq {
                 if scan.first_seq != e {
                     return Err(JournalError::Corrupt {
@@ -147,6 +147,14 @@ impl<S: SegmentStore> Journal<S> {
                     }
                     report.torn_bytes += scan.file_len - at;
                     file.truncate(at).map_err(io_err(id))?;
+                    if at < SEGMENT_HEADER_BYTES as u64 {
+                        // The header never became durable: write it again (F1), so that the
+                        // records appended next follow a valid header.
+                        let header = frame::encode_segment_header(id);
+                        file.write_all_at(0, &[&header]).map_err(io_err(id))?;
+                        file.sync().map_err(io_err(id))?;
+                        scan.valid_len = SEGMENT_HEADER_BYTES as u64;
+                    }
                     torn = true;
                 }
             }
@@ -162,6 +170,13 @@ impl<S: SegmentStore> Journal<S> {
                 synced_len: scan.valid_len,
                 file: Arc::new(file),
             });
+        }
+        // After a process crash (kill -9) the page cache still holds records that may never have
+        // reached the disk. Recovery just accepted them: mirrors may apply them and the in-doubt
+        // record is resolved against them, so they must be durable before `durable_seq` says so
+        // (F2), or a later power loss would take back records a mirror already holds.
+        for s in &segs {
+            s.file.sync().map_err(io_err(s.first_seq))?;
         }
         let next_seq = expect_seq.unwrap_or(1);
         report.segments = segs.len();
@@ -268,6 +283,41 @@ impl<S: SegmentStore> Journal<S> {
         self.bytes += flen;
         self.next_seq += 1;
         Ok(seq)
+    }
+
+    /// Appends a record received from a primary: it must carry exactly the next seq, so a
+    /// mirror's journal holds the primary's records under the primary's seqs.
+    pub fn append_at(&mut self, seq: u64, op: &Op) -> Result<u64, JournalError> {
+        if seq != self.next_seq {
+            return Err(JournalError::Corrupt {
+                segment: self.segs.back().map_or(0, |s| s.first_seq),
+                offset: 0,
+                reason: format!("record {seq} does not follow {}", self.next_seq - 1),
+            });
+        }
+        self.append(op)
+    }
+
+    /// Discards every record and continues at `seq` (a mirror's journal when an initial copy
+    /// starts, or when it resumes at its durable position after a crash left unacknowledged
+    /// records past it). Segments are removed oldest first, so a crash in between leaves a valid
+    /// chain; the new segment's header is durable (F1) before this returns.
+    pub fn restart_at(&mut self, seq: u64) -> Result<(), JournalError> {
+        self.check()?;
+        if seq == 0 {
+            return Err(JournalError::Corrupt {
+                segment: 0,
+                offset: 0,
+                reason: "a journal cannot start at seq 0".into(),
+            });
+        }
+        while let Some(s) = self.segs.pop_front() {
+            self.store.remove(s.first_seq).map_err(io_err(s.first_seq))?;
+            self.bytes -= s.len;
+        }
+        self.next_seq = seq;
+        self.durable_seq = seq - 1;
+        self.new_segment()
     }
 
     /// Closes the active segment (fsync, F2) and starts a new one (F1).
@@ -406,8 +456,10 @@ fn scan_segment<F: SegmentFile>(file: &F, id: u64) -> Result<Scan, JournalError>
     buf.truncate(n);
     let first_seq = match frame::decode_segment_header(&buf) {
         Ok(s) => s,
-        Err(frame::SegmentHeaderError::Short) if buf.iter().all(|b| *b == 0) => {
-            // Created (F1) but the header write never reached the disk.
+        Err(_) if buf.len() <= SEGMENT_HEADER_BYTES => {
+            // Created (F1) but the header never became durable. `new_segment` syncs the header
+            // before any record is appended, so a file no longer than a header whose header is
+            // bad (missing, a prefix, zeros) is a torn header, not corruption.
             return Ok(Scan {
                 first_seq: id,
                 last_seq: id - 1,
@@ -775,6 +827,27 @@ mod tests {
             Err(e) => panic!("wrong error {e}"),
             Ok(_) => panic!("corruption in synced data was not reported"),
         }
+    }
+
+    #[test]
+    fn restart_at_continues_at_any_seq_and_survives_reopen() {
+        let store = MemStore::new();
+        let (mut j, _) = Journal::open(store.clone(), JournalConfig::default()).expect("open");
+        j.append(&write_op(1)).expect("append");
+        j.restart_at(500).expect("restart");
+        assert_eq!((j.next_seq(), j.durable_seq()), (500, 499));
+        assert!(j.append_at(501, &write_op(2)).is_err(), "gap refused");
+        assert_eq!(j.append_at(500, &write_op(2)).expect("append_at"), 500);
+        let plan = j.sync_plan().expect("plan");
+        for (_, f, _) in &plan.files {
+            f.sync().expect("sync");
+        }
+        j.mark_synced(&plan);
+        drop(j);
+        let (j, report) = Journal::open(store, JournalConfig::default()).expect("reopen");
+        assert_eq!(j.next_seq(), 501);
+        assert_eq!(report.records, 1);
+        assert_eq!(j.first_seq(), 500);
     }
 
     #[test]
