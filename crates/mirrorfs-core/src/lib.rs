@@ -10,6 +10,8 @@
 pub mod applier;
 pub mod codec;
 pub mod journal;
+pub mod link;
 pub mod op;
 pub mod path;
 pub mod tree;
+pub mod wire;

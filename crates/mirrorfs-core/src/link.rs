@@ -127,12 +127,14 @@ impl Sender {
     }
 
     /// Decides where the stream starts from the mirror's `Welcome` and the journal's span now.
-    /// `new_sync_id` is used if an initial copy is needed.
+    /// `new_sync_id` is used if an initial copy is needed; `running_sync` is the id of an initial
+    /// copy this primary is still streaming (after a reconnect it simply resumes).
     pub fn on_welcome(
         &mut self,
         msg: &Msg,
         span: JournalSpan,
         new_sync_id: u32,
+        running_sync: Option<u32>,
     ) -> Result<Start, LinkError> {
         let Msg::Welcome {
             version,
@@ -141,6 +143,7 @@ impl Sender {
             generation,
             durable,
             applied,
+            sync_id,
             ..
         } = msg
         else {
@@ -178,6 +181,13 @@ impl Sender {
                         self.generation
                     ),
                 ))
+            }
+            MirrorState::Syncing
+                if running_sync == Some(*sync_id)
+                    && durable + 1 >= span.first_held
+                    && *durable < span.next_seq =>
+            {
+                Start::Resume { from: durable + 1 }
             }
             MirrorState::Syncing => Start::InitialSync {
                 from: span.next_seq,
@@ -423,8 +433,10 @@ impl Receiver {
         };
         let begin = match mode {
             StartMode::Resume => {
-                if self.copy.state != MirrorState::Consistent
-                    || volume_id != self.copy.volume_id
+                if !matches!(
+                    self.copy.state,
+                    MirrorState::Consistent | MirrorState::Syncing
+                ) || volume_id != self.copy.volume_id
                     || generation != self.copy.generation
                 {
                     return Err(LinkError::new(
@@ -578,49 +590,84 @@ mod tests {
     fn start_decisions() {
         let mut s = Sender::new(VOL, 1, 1 << 20);
         assert_eq!(
-            s.on_welcome(&welcome(MirrorState::Empty, [0; 16], 0, 0), SPAN, 9),
+            s.on_welcome(&welcome(MirrorState::Empty, [0; 16], 0, 0), SPAN, 9, None),
             Ok(Start::InitialSync {
                 from: 200,
                 sync_id: 9
             })
         );
         assert_eq!(
-            s.on_welcome(&welcome(MirrorState::Consistent, VOL, 1, 150), SPAN, 9),
+            s.on_welcome(
+                &welcome(MirrorState::Consistent, VOL, 1, 150),
+                SPAN,
+                9,
+                None
+            ),
             Ok(Start::Resume { from: 151 })
         );
         assert_eq!(s.next_send(), 151);
         // Caught up exactly: resume at the journal's end.
         assert_eq!(
-            s.on_welcome(&welcome(MirrorState::Consistent, VOL, 1, 199), SPAN, 9),
+            s.on_welcome(
+                &welcome(MirrorState::Consistent, VOL, 1, 199),
+                SPAN,
+                9,
+                None
+            ),
             Ok(Start::Resume { from: 200 })
         );
         // The journal no longer holds what it needs.
         assert!(matches!(
-            s.on_welcome(&welcome(MirrorState::Consistent, VOL, 1, 50), SPAN, 9),
+            s.on_welcome(&welcome(MirrorState::Consistent, VOL, 1, 50), SPAN, 9, None),
             Ok(Start::Resync { .. })
         ));
         // Just held: 99 + 1 == first_held.
         assert_eq!(
-            s.on_welcome(&welcome(MirrorState::Consistent, VOL, 1, 99), SPAN, 9),
+            s.on_welcome(&welcome(MirrorState::Consistent, VOL, 1, 99), SPAN, 9, None),
             Ok(Start::Resume { from: 100 })
         );
         let e = s
-            .on_welcome(&welcome(MirrorState::Consistent, [2; 16], 1, 150), SPAN, 9)
+            .on_welcome(
+                &welcome(MirrorState::Consistent, [2; 16], 1, 150),
+                SPAN,
+                9,
+                None,
+            )
             .expect_err("other volume");
         assert_eq!((e.code, e.retry), (error_code::VOLUME, false));
         let e = s
-            .on_welcome(&welcome(MirrorState::Consistent, VOL, 2, 150), SPAN, 9)
+            .on_welcome(
+                &welcome(MirrorState::Consistent, VOL, 2, 150),
+                SPAN,
+                9,
+                None,
+            )
             .expect_err("other generation");
         assert_eq!(e.code, error_code::GENERATION);
         // The mirror is ahead of the journal: never overwrite it.
         let e = s
-            .on_welcome(&welcome(MirrorState::Consistent, VOL, 1, 250), SPAN, 9)
+            .on_welcome(
+                &welcome(MirrorState::Consistent, VOL, 1, 250),
+                SPAN,
+                9,
+                None,
+            )
             .expect_err("ahead");
         assert_eq!(e.code, error_code::GENERATION);
         assert!(matches!(
-            s.on_welcome(&welcome(MirrorState::Syncing, VOL, 1, 120), SPAN, 9),
+            s.on_welcome(&welcome(MirrorState::Syncing, VOL, 1, 120), SPAN, 9, None),
             Ok(Start::InitialSync { from: 200, .. })
         ));
+        // The copy is still being streamed: a reconnect resumes it.
+        assert_eq!(
+            s.on_welcome(
+                &welcome(MirrorState::Syncing, VOL, 1, 120),
+                SPAN,
+                9,
+                Some(0)
+            ),
+            Ok(Start::Resume { from: 121 })
+        );
         let e = s
             .on_welcome(
                 &Msg::Error {
@@ -629,6 +676,7 @@ mod tests {
                 },
                 SPAN,
                 9,
+                None,
             )
             .expect_err("error message");
         assert!(e.retry && e.message.contains("busy"));
@@ -638,8 +686,13 @@ mod tests {
     fn window_and_acks() {
         let mut s = Sender::new(VOL, 1, 1000);
         assert!(!s.may_send(), "nothing before the handshake");
-        s.on_welcome(&welcome(MirrorState::Consistent, VOL, 1, 150), SPAN, 9)
-            .expect("resume");
+        s.on_welcome(
+            &welcome(MirrorState::Consistent, VOL, 1, 150),
+            SPAN,
+            9,
+            None,
+        )
+        .expect("resume");
         assert!(s.may_send());
         s.sent(160, 600);
         assert!(s.may_send());

@@ -10,6 +10,9 @@ mod fuse;
 mod identity;
 mod inodes;
 mod mirror;
+mod net;
+mod remote;
+mod serve;
 mod status;
 mod store;
 mod sys;
@@ -57,6 +60,40 @@ enum Cmd {
     /// A self-contained demonstration on temporary directories: mount, write, watch the mirror
     /// catch up, show status, unmount.
     Demo,
+    /// Create this machine's identity (a key pair for the replication link) if it has none, and
+    /// print its fingerprint: give it to the peers with `mirrorfs trust`.
+    Init {
+        /// Configuration directory (default: $MIRRORFS_CONFIG or /etc/mirrorfs).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// A name for this machine, recorded in its certificate.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Trust a peer's key: primaries trust their mirrors, mirrors trust their primaries.
+    Trust {
+        /// The peer's fingerprint, as `mirrorfs init` printed it there (blake3:...).
+        fingerprint: String,
+        /// A name to remember the peer by.
+        #[arg(default_value = "peer")]
+        name: String,
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Run a mirror daemon: receive a primary's changes over the network and apply them to DIR.
+    Serve(serve::ServeArgs),
+    /// Turn a mirror's copy into a primary at its last applied state (the daemon must be
+    /// stopped). The old primary can then only return as a mirror of this one.
+    Promote {
+        /// The mirror directory.
+        dir: PathBuf,
+        /// Its state directory (default: DIR/.mirrorfs).
+        #[arg(long)]
+        state: Option<PathBuf>,
+        /// Promote even if a daemon still holds DIR or the copy is not consistent.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(clap::Args)]
@@ -65,14 +102,27 @@ struct MountArgs {
     backing: PathBuf,
     /// Where to mount.
     mountpoint: PathBuf,
-    /// A mirror directory (repeat for several). It must exist and be empty the first time;
-    /// its existing contents are then replaced by a copy of BACKING.
+    /// A mirror (repeat for several): a directory, which must exist and be empty the first time,
+    /// or `mirror://HOST:PORT`, a `mirrorfs serve` daemon (see `mirrorfs init` and `trust`).
     #[arg(long = "mirror", required = true)]
-    mirrors: Vec<PathBuf>,
-    /// When a change is acknowledged: `async` (after the local change and its journal record) or
-    /// `sync` (after every mirror applied it durably).
+    mirrors: Vec<String>,
+    /// When a change is acknowledged: `async` (after the local change and its journal record),
+    /// `local` (also after the journal is durable and the record was handed to each remote
+    /// mirror's socket), `received` (the quorum holds it), `durable` (the quorum's journals made it
+    /// durable) or `sync` (the quorum applied it durably). See the README's guarantees table.
     #[arg(long, value_enum, default_value = "async")]
     ack: AckMode,
+    /// How many mirrors acknowledgements and application fsyncs wait for (default: all). While
+    /// fewer are healthy, they wait for the healthy ones.
+    #[arg(long)]
+    quorum: Option<usize>,
+    /// Configuration directory with this machine's identity and trusted peers, for remote
+    /// mirrors (default: $MIRRORFS_CONFIG or /etc/mirrorfs).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Compress the replication stream to remote mirrors with zstd.
+    #[arg(long)]
+    compress: bool,
     /// Where mirrorfs keeps its journal and cursors (default: BACKING/.mirrorfs, hidden from the mount).
     #[arg(long)]
     state: Option<PathBuf>,
@@ -105,11 +155,87 @@ fn main() {
         Cmd::Mount(a) => mount(a),
         Cmd::Status { mountpoint, json } => status::show(mountpoint.as_deref(), json),
         Cmd::Demo => status::demo(),
+        Cmd::Init { config, name } => init(config.as_deref(), name),
+        Cmd::Trust {
+            fingerprint,
+            name,
+            config,
+        } => trust(config.as_deref(), &fingerprint, &name),
+        Cmd::Serve(a) => serve::serve(a),
+        Cmd::Promote { dir, state, force } => serve::promote(&dir, state.as_deref(), force),
     };
     if let Err(e) = r {
         eprintln!("mirrorfs: error: {e:#}");
         std::process::exit(1);
     }
+}
+
+fn hostname() -> String {
+    fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "primary".into())
+}
+
+fn init(config: Option<&Path>, name: Option<String>) -> Result<()> {
+    let dir = identity::config_dir(config);
+    let existed = dir.join(identity::IDENTITY_FILE).exists();
+    let id = identity::init(&dir, &name.unwrap_or_else(hostname))?;
+    println!(
+        "{} identity in {}\nfingerprint: {}\n\ngive this fingerprint to each peer: on it, run\n  mirrorfs trust {} NAME",
+        if existed { "existing" } else { "created a new" },
+        dir.display(),
+        id.fingerprint,
+        id.fingerprint
+    );
+    Ok(())
+}
+
+fn trust(config: Option<&Path>, fp: &str, name: &str) -> Result<()> {
+    let dir = identity::config_dir(config);
+    let fp: identity::Fingerprint = fp.parse()?;
+    if identity::trust(&dir, &fp, name)? {
+        println!(
+            "now trusting {fp} ({name}) in {}",
+            dir.join("peers").display()
+        );
+    } else {
+        println!("{fp} was already trusted");
+    }
+    Ok(())
+}
+
+/// The primary's identity of its volume (`STATE/volume.json`, the same file a mirror keeps):
+/// made at the first mount; a promoted mirror's copy carries its new generation.
+fn primary_meta(state: &Path) -> Result<serve::Meta> {
+    let mut meta = serve::read_meta(state)?;
+    if meta.state == "primary" || meta.promoted {
+        if meta.promoted && meta.state != "primary" {
+            meta.state = "primary".into();
+            serve::write_meta(state, &meta)?;
+        }
+        return Ok(meta);
+    }
+    if meta.state != "empty" {
+        bail!(
+            "{} holds a mirror's state (a `{}` copy of volume {}): promote it first with `mirrorfs promote`",
+            state.display(),
+            meta.state,
+            meta.volume_id
+        );
+    }
+    let mut id = [0u8; 16];
+    fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut id))
+        .context("cannot read /dev/urandom")?;
+    meta = serve::Meta {
+        volume_id: mirrorfs_core::link::hex(&id),
+        generation: 1,
+        state: "primary".into(),
+        sync_id: 0,
+        promoted: false,
+    };
+    serve::write_meta(state, &meta)?;
+    Ok(meta)
 }
 
 fn canon(p: &Path, what: &str) -> Result<PathBuf> {
@@ -150,6 +276,17 @@ fn boot_id() -> String {
         .unwrap_or_default()
 }
 
+/// Whether this machine lost power (or crashed) since mirrorfs last ran with `state`: the boot
+/// id changed and the previous run did not stop cleanly. Records the current boot id.
+pub fn power_lost(state: &Path) -> bool {
+    let last_boot = fs::read_to_string(state.join("boot_id")).unwrap_or_default();
+    let clean = state.join("clean").exists();
+    let lost = !clean && !last_boot.is_empty() && last_boot.trim() != boot_id();
+    let _ = fs::remove_file(state.join("clean"));
+    let _ = fs::write(state.join("boot_id"), boot_id());
+    lost
+}
+
 fn mount(a: MountArgs) -> Result<()> {
     let backing = canon(&a.backing, "backing directory")?;
     let mountpoint = canon(&a.mountpoint, "mountpoint")?;
@@ -167,8 +304,23 @@ fn mount(a: MountArgs) -> Result<()> {
         );
     }
     let mut mirrors = Vec::new();
-    for m in &a.mirrors {
-        let c = canon(m, "mirror")?;
+    let mut remotes = Vec::new();
+    for spec in &a.mirrors {
+        if let Some(addr) = spec.strip_prefix("mirror://") {
+            let addr = addr.trim_end_matches('/');
+            if addr.is_empty() || !addr.contains(':') {
+                bail!("remote mirror {spec}: expected mirror://HOST:PORT");
+            }
+            if remotes.iter().any(|r: &String| r == addr) {
+                bail!("mirror {spec} is given twice");
+            }
+            remotes.push(addr.to_string());
+            continue;
+        }
+        if spec.contains("://") {
+            bail!("mirror {spec}: only directories and mirror://HOST:PORT are supported");
+        }
+        let c = canon(Path::new(spec), "mirror")?;
         if c == backing || c.starts_with(&backing) || backing.starts_with(&c) {
             bail!("mirror {} overlaps the backing directory {}: a mirror must be outside it (and must not contain it)", c.display(), backing.display());
         }
@@ -185,6 +337,25 @@ fn mount(a: MountArgs) -> Result<()> {
         check_writable(&c)?;
         mirrors.push(c);
     }
+    let n_mirrors = mirrors.len() + remotes.len();
+    let quorum = a.quorum.unwrap_or(n_mirrors);
+    if quorum == 0 || quorum > n_mirrors {
+        bail!("--quorum {quorum}: must be between 1 and the number of mirrors ({n_mirrors})");
+    }
+    let link_identity = if remotes.is_empty() {
+        None
+    } else {
+        let dir = identity::config_dir(a.config.as_deref());
+        let id = identity::load(&dir)?;
+        let pinned = identity::pinned(&dir)?;
+        if pinned.is_empty() {
+            bail!(
+                "no trusted mirrors in {}: run `mirrorfs trust FINGERPRINT NAME` with each mirror daemon's fingerprint (`mirrorfs init` prints it on that machine)",
+                dir.join("peers").display()
+            );
+        }
+        Some((Arc::new(id), pinned))
+    };
     let state = match &a.state {
         Some(s) => {
             fs::create_dir_all(s)
@@ -226,11 +397,9 @@ fn mount(a: MountArgs) -> Result<()> {
     }
     fs::write(state.join("pid"), std::process::id().to_string())?;
 
-    let last_boot = fs::read_to_string(state.join("boot_id")).unwrap_or_default();
     let clean = state.join("clean").exists();
-    let power_loss = !clean && !last_boot.is_empty() && last_boot.trim() != boot_id();
-    let _ = fs::remove_file(state.join("clean"));
-    fs::write(state.join("boot_id"), boot_id())?;
+    let power_loss = power_lost(&state);
+    let meta = primary_meta(&state)?;
 
     let store = store::FileStore::open(&state.join("journal"))?;
     let cfg = JournalConfig {
@@ -254,24 +423,41 @@ fn mount(a: MountArgs) -> Result<()> {
     let horizon = journal.next_seq() - 1;
     let first_held = journal.first_seq();
 
-    let shared: Vec<Arc<MirrorShared>> = mirrors
+    let mut shared: Vec<Arc<MirrorShared>> = mirrors
         .iter()
         .map(|m| {
-            Arc::new(MirrorShared {
-                name: m.display().to_string(),
-                path: m.clone(),
-                state_dir: state.join("mirrors").join(mirror_id(m)),
-                applied: AtomicU64::new(0),
-                checkpoint: AtomicU64::new(0),
-                phase: Mutex::new(MirrorPhase::Syncing {
-                    done_bytes: 0,
-                    total_bytes: 0,
-                }),
-                applied_bytes: AtomicU64::new(0),
-                want_durable: AtomicU64::new(0),
-            })
+            Arc::new(MirrorShared::new(
+                m.display().to_string(),
+                m.clone(),
+                state.join("mirrors").join(mirror_id(m)),
+                None,
+            ))
         })
         .collect();
+    let n_local = shared.len();
+    for r in &remotes {
+        let name = format!("mirror://{r}");
+        let m = MirrorShared::new(
+            name.clone(),
+            PathBuf::from(&name),
+            state
+                .join("mirrors")
+                .join(mirror_id(Path::new(&format!("remote-{r}")))),
+            Some(r.clone()),
+        );
+        fs::create_dir_all(&m.state_dir)?;
+        *lock(&m.phase) = MirrorPhase::Retrying {
+            error: "connecting".into(),
+            since_unix: sys::now().sec as u64,
+        };
+        // Until the mirror says where it is, hold the whole journal for it.
+        let hold = fs::read_to_string(m.state_dir.join("durable"))
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        m.durable.store(hold, Ordering::Release);
+        shared.push(Arc::new(m));
+    }
     let vol = Arc::new(Volume {
         order: Mutex::new(Ordered { journal }),
         progress: Mutex::new(Progress {
@@ -282,6 +468,7 @@ fn mount(a: MountArgs) -> Result<()> {
         changed: Condvar::new(),
         mirrors: shared.clone(),
         ack: a.ack,
+        quorum,
         settled: AtomicU64::new(horizon),
         poisoned: AtomicBool::new(false),
     });
@@ -298,7 +485,7 @@ fn mount(a: MountArgs) -> Result<()> {
     // during a previous initial sync) start a live initial sync once the mount is up.
     let mut appliers = Vec::new();
     let mut to_sync = Vec::new();
-    for m in &shared {
+    for m in &shared[..n_local] {
         let needs = m.state_dir.join("NEEDS_RESYNC");
         let syncing = m.state_dir.join("SYNCING");
         let mut cur = volume::open_cursor(m)?;
@@ -360,7 +547,7 @@ fn mount(a: MountArgs) -> Result<()> {
                 .spawn(move || v.run_flusher())?,
         );
     }
-    for (m, ap) in shared.iter().cloned().zip(appliers) {
+    for (m, ap) in shared[..n_local].iter().cloned().zip(appliers) {
         let v = vol.clone();
         threads.push(
             std::thread::Builder::new()
@@ -432,12 +619,34 @@ fn mount(a: MountArgs) -> Result<()> {
         .with_context(|| format!("cannot mount on {}", mountpoint.display()))?;
     let bg = session.spawn()?;
     tracing::info!(
-        "mounted {} on {} with {} mirror(s), ack={:?}",
+        "mounted {} on {} with {} mirror(s), ack={:?}, quorum {}",
         backing.display(),
         mountpoint.display(),
-        mirrors.len(),
-        a.ack
+        n_mirrors,
+        a.ack,
+        quorum
     );
+    if let Some((id, pinned)) = link_identity {
+        let cfg = Arc::new(remote::LinkConfig {
+            identity: id,
+            pinned,
+            compress: a.compress,
+            volume_id: serve::parse_id(&meta.volume_id).unwrap_or([0; 16]),
+            generation: meta.generation,
+            name: format!("{}:{}", hostname(), backing.display()),
+            inodes: inodes.clone(),
+            backing: backing.clone(),
+            hidden: hidden.clone(),
+        });
+        for m in &shared[n_local..] {
+            let (v, m, c) = (vol.clone(), m.clone(), cfg.clone());
+            threads.push(
+                std::thread::Builder::new()
+                    .name("link".into())
+                    .spawn(move || remote::run_link(v, m, c))?,
+            );
+        }
+    }
     eprintln!(
         "mirrorfs: serving {} at {} (Ctrl-C to unmount)",
         backing.display(),
@@ -471,10 +680,7 @@ fn mount(a: MountArgs) -> Result<()> {
     let target = vol.wait_journal_durable();
     for m in &shared {
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while m.healthy()
-            && m.applied.load(Ordering::Acquire) < target
-            && std::time::Instant::now() < deadline
-        {
+        while m.healthy() && m.needed_after() < target && std::time::Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -485,6 +691,12 @@ fn mount(a: MountArgs) -> Result<()> {
         let _ = t.join();
     }
     status::write_status(&vol, &mountpoint, &state);
+    for m in &shared[n_local..] {
+        let _ = fs::write(
+            m.state_dir.join("durable"),
+            m.durable.load(Ordering::Acquire).to_string(),
+        );
+    }
     drop(reg);
     if !vol.poisoned.load(Ordering::Acquire) {
         fs::write(state.join("clean"), b"")?;

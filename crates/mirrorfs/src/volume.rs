@@ -25,14 +25,36 @@ use mirrorfs_core::tree::apply_op;
 use crate::dirtree::DirTree;
 use crate::store::{FileCursor, FileStore};
 
-/// When a change is acknowledged to the application.
+/// When a change is acknowledged to the application (see the README's guarantees table).
+/// "The quorum" is `--quorum K` of the healthy mirrors (all of them by default).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AckMode {
-    /// After the local change and its journal record (journal fsynced continuously, at least every second).
+    /// After the local change and its journal record (journal fsynced continuously, at least
+    /// every second).
     Async,
-    /// After every mirror has applied the change durably.
+    /// After the local journal is durable and the record was handed to every healthy remote
+    /// mirror's socket (SMFS local-sync, DRBD protocol A).
+    Local,
+    /// After the quorum holds the record in memory (DRBD protocol B).
+    Received,
+    /// After the quorum's journals made the record durable (SMFS remote-sync, DRBD protocol C).
+    Durable,
+    /// After the quorum applied the change to its tree durably.
     Sync,
+}
+
+/// How far a mirror has taken a record; each level implies the ones before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    /// Handed to the mirror's socket (a local mirror: applied).
+    Sent,
+    /// In the mirror's memory (a local mirror: applied).
+    Received,
+    /// Durable on the mirror: in its journal (a local mirror: applied and checkpointed).
+    Durable,
+    /// Applied to the mirror's tree and checkpointed.
+    Checkpoint,
 }
 
 pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -54,15 +76,61 @@ pub struct MirrorShared {
     pub name: String,
     pub path: PathBuf,
     pub state_dir: PathBuf,
+    /// `Some(HOST:PORT)` for a remote mirror (`mirror://HOST:PORT`).
+    pub remote: Option<String>,
+    /// Last record applied to the mirror's tree.
     pub applied: AtomicU64,
+    /// Every record ≤ this is durably applied to the mirror's tree.
     pub checkpoint: AtomicU64,
+    /// Remote mirrors: last record handed to the socket.
+    pub sent: AtomicU64,
+    /// Remote mirrors: last record the mirror acknowledged as received.
+    pub received: AtomicU64,
+    /// Remote mirrors: every record ≤ this is durable in the mirror's journal.
+    pub durable: AtomicU64,
     pub phase: Mutex<MirrorPhase>,
     pub applied_bytes: AtomicU64,
     /// Highest seq someone waits to see durable on this mirror.
     pub want_durable: AtomicU64,
+    /// Remote mirrors: the connection, for `status`.
+    pub link: Mutex<LinkInfo>,
+}
+
+/// What `status` shows of a remote mirror's connection.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct LinkInfo {
+    pub connected: bool,
+    pub peer: Option<String>,
+    pub since_unix: u64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub reconnects: u64,
+    pub compress: bool,
+    pub last_error: Option<String>,
 }
 
 impl MirrorShared {
+    pub fn new(name: String, path: PathBuf, state_dir: PathBuf, remote: Option<String>) -> Self {
+        MirrorShared {
+            name,
+            path,
+            state_dir,
+            remote,
+            applied: AtomicU64::new(0),
+            checkpoint: AtomicU64::new(0),
+            sent: AtomicU64::new(0),
+            received: AtomicU64::new(0),
+            durable: AtomicU64::new(0),
+            phase: Mutex::new(MirrorPhase::Syncing {
+                done_bytes: 0,
+                total_bytes: 0,
+            }),
+            applied_bytes: AtomicU64::new(0),
+            want_durable: AtomicU64::new(0),
+            link: Mutex::new(LinkInfo::default()),
+        }
+    }
+
     pub fn healthy(&self) -> bool {
         matches!(
             *lock(&self.phase),
@@ -74,6 +142,25 @@ impl MirrorShared {
             *lock(&self.phase),
             MirrorPhase::NeedsResync { .. } | MirrorPhase::Stopped
         )
+    }
+
+    /// The last seq this mirror has taken to `level`.
+    pub fn level(&self, level: Level) -> u64 {
+        let a = |x: &AtomicU64| x.load(Ordering::Acquire);
+        match (&self.remote, level) {
+            (None, Level::Sent | Level::Received) => a(&self.applied),
+            (None, Level::Durable | Level::Checkpoint) => a(&self.checkpoint),
+            (Some(_), Level::Sent) => a(&self.sent),
+            (Some(_), Level::Received) => a(&self.received),
+            (Some(_), Level::Durable) => a(&self.durable),
+            (Some(_), Level::Checkpoint) => a(&self.checkpoint),
+        }
+    }
+
+    /// The journal must keep every record after this for the mirror: a local mirror resumes
+    /// after its checkpoint when its machine lost power; a remote one after its durable position.
+    pub fn needed_after(&self) -> u64 {
+        self.level(Level::Durable)
     }
 }
 
@@ -98,6 +185,8 @@ pub struct Volume {
     pub changed: Condvar,
     pub mirrors: Vec<Arc<MirrorShared>>,
     pub ack: AckMode,
+    /// `--quorum K`: how many mirrors an acknowledgement (and an application fsync) waits for.
+    pub quorum: usize,
     pub settled: AtomicU64,
     pub poisoned: AtomicBool,
 }
@@ -147,8 +236,15 @@ impl Volume {
         self.changed.notify_all();
         match res {
             Ok(r) => {
-                if self.ack == AckMode::Sync {
-                    self.wait_mirrors_durable(seq);
+                match self.ack {
+                    AckMode::Async => {}
+                    AckMode::Local => {
+                        self.wait_journal_durable();
+                        self.wait_mirrors(seq, Level::Sent);
+                    }
+                    AckMode::Received => self.wait_mirrors(seq, Level::Received),
+                    AckMode::Durable => self.wait_mirrors(seq, Level::Durable),
+                    AckMode::Sync => self.wait_mirrors(seq, Level::Checkpoint),
                 }
                 Ok((r, seq))
             }
@@ -190,34 +286,34 @@ impl Volume {
     fn relieve_full(&self, o: &mut Ordered) {
         loop {
             let attached: Vec<_> = self.mirrors.iter().filter(|m| !m.detached()).collect();
-            let Some(slowest) = attached
-                .iter()
-                .min_by_key(|m| m.applied.load(Ordering::Acquire))
-            else {
+            let Some(slowest) = attached.iter().min_by_key(|m| m.needed_after()) else {
                 break;
             };
             let min_others = attached
                 .iter()
                 .filter(|m| !Arc::ptr_eq(m, slowest))
-                .map(|m| m.applied.load(Ordering::Acquire))
+                .map(|m| m.needed_after())
                 .min()
                 .unwrap_or(u64::MAX);
             let _ = o
                 .journal
-                .release_through(slowest.applied.load(Ordering::Acquire).min(min_others));
+                .release_through(slowest.needed_after().min(min_others));
             if !o.journal.would_overflow(64 << 20) {
                 return;
             }
-            let reason =
-                format!(
+            let reason = format!(
                 "journal reached its size limit ({} bytes) while this mirror was {} records behind",
                 o.journal.config().journal_bytes_max,
-                o.journal.next_seq().saturating_sub(1 + slowest.applied.load(Ordering::Acquire))
+                o.journal
+                    .next_seq()
+                    .saturating_sub(1 + slowest.needed_after())
             );
-            tracing::error!(
-                "mirror {}: {reason}; it is detached and will be re-copied at the next mount",
-                slowest.name
-            );
+            let then = if slowest.remote.is_some() {
+                "it is resynchronised by comparing block hashes when it reconnects"
+            } else {
+                "it is detached and will be re-copied at the next mount"
+            };
+            tracing::error!("mirror {}: {reason}; {then}", slowest.name);
             crate::mirror::mark_needs_resync(slowest, &reason);
             let _ = o
                 .journal
@@ -225,19 +321,22 @@ impl Volume {
         }
     }
 
-    /// Waits until every healthy mirror has `seq` durably applied (fsync, sync mode).
-    pub fn wait_mirrors_durable(&self, seq: u64) {
-        for m in &self.mirrors {
-            m.want_durable.fetch_max(seq, Ordering::AcqRel);
+    /// Waits until the quorum has taken `seq` to `level`: `--quorum K` of the mirrors, or every
+    /// healthy mirror while fewer than K are healthy (a failed or disconnected mirror is skipped,
+    /// and `status` shows it). Local mirrors are asked to checkpoint when `level` needs it.
+    pub fn wait_mirrors(&self, seq: u64, level: Level) {
+        if matches!(level, Level::Durable | Level::Checkpoint) {
+            for m in &self.mirrors {
+                m.want_durable.fetch_max(seq, Ordering::AcqRel);
+            }
         }
         self.changed.notify_all();
         let mut p = lock(&self.progress);
         loop {
-            let pending = self
-                .mirrors
-                .iter()
-                .any(|m| m.healthy() && m.checkpoint.load(Ordering::Acquire) < seq);
-            if !pending || p.stopping {
+            let healthy: Vec<_> = self.mirrors.iter().filter(|m| m.healthy()).collect();
+            let have = healthy.iter().filter(|m| m.level(level) >= seq).count();
+            let need = self.quorum.min(healthy.len());
+            if have >= need || p.stopping {
                 return;
             }
             p = self
@@ -246,6 +345,26 @@ impl Volume {
                 .map(|r| r.0)
                 .unwrap_or_else(|e| e.into_inner().0);
         }
+    }
+
+    /// What an application's fsync waits for on mirrors: `seq` durable on the quorum.
+    pub fn wait_mirrors_durable(&self, seq: u64) {
+        let level = if self.ack == AckMode::Sync {
+            Level::Checkpoint
+        } else {
+            Level::Durable
+        };
+        self.wait_mirrors(seq, level);
+    }
+
+    /// The oldest position some attached mirror still needs (journal retention).
+    pub fn min_needed(&self, durable: u64) -> u64 {
+        self.mirrors
+            .iter()
+            .filter(|m| !m.detached())
+            .map(|m| m.needed_after())
+            .min()
+            .unwrap_or(durable)
     }
 
     /// Waits until the journal is durable through the current settled seq (application fsync).
@@ -291,13 +410,7 @@ impl Volume {
                         o.journal.mark_synced(&plan);
                     }
                     let durable = o.journal.durable_seq();
-                    let min_applied = self
-                        .mirrors
-                        .iter()
-                        .filter(|m| !m.detached())
-                        .map(|m| m.applied.load(Ordering::Acquire))
-                        .min()
-                        .unwrap_or(durable);
+                    let min_applied = self.min_needed(durable);
                     let _ = o.journal.release_through(min_applied.min(durable));
                     drop(o);
                     lock(&self.progress).durable_seq = durable;
@@ -315,13 +428,7 @@ impl Volume {
                     // Also free segments as mirrors advance while idle.
                     let mut o = lock(&self.order);
                     let durable = o.journal.durable_seq();
-                    let min_applied = self
-                        .mirrors
-                        .iter()
-                        .filter(|m| !m.detached())
-                        .map(|m| m.applied.load(Ordering::Acquire))
-                        .min()
-                        .unwrap_or(durable);
+                    let min_applied = self.min_needed(durable);
                     let _ = o.journal.release_through(min_applied.min(durable));
                 }
             }

@@ -312,7 +312,9 @@ impl<S: SegmentStore> Journal<S> {
             });
         }
         while let Some(s) = self.segs.pop_front() {
-            self.store.remove(s.first_seq).map_err(io_err(s.first_seq))?;
+            self.store
+                .remove(s.first_seq)
+                .map_err(io_err(s.first_seq))?;
             self.bytes -= s.len;
         }
         self.next_seq = seq;
@@ -790,10 +792,7 @@ mod tests {
             store.crash(&mut || rng.gen());
             let (j, rep) =
                 Journal::open(store.clone(), cfg).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
-            assert!(
-                j.next_seq() > durable,
-                "seed {seed}: lost durable records"
-            );
+            assert!(j.next_seq() > durable, "seed {seed}: lost durable records");
             let recs = read_all(&j, 1);
             assert_eq!(recs.len() as u64, j.next_seq() - 1, "seed {seed}");
             for r in &recs {

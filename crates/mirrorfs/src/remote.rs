@@ -1,0 +1,441 @@
+//! The primary's side of a network mirror (`--mirror mirror://HOST:PORT`): one thread per mirror
+//! connects (TLS 1.3, pinned keys), shakes hands, and streams the journal from the mirror's
+//! durable position; a second thread per connection takes acknowledgements. The decisions are
+//! `mirrorfs_core::link::Sender`'s; this module only moves bytes and waits.
+//!
+//! ```text
+//!  journal (records ≤ min(durable, settled)) ─▶ Records batches ─▶ TLS ─▶ mirror daemon
+//!  MirrorShared.{received,durable,applied,checkpoint} ◀── Ack ◀──────────┘
+//! ```
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Result};
+use mirrorfs_core::journal::Reader;
+use mirrorfs_core::link::{JournalSpan, LinkError, Sender, Start};
+use mirrorfs_core::op::Record;
+use mirrorfs_core::wire::{Decoder, Msg, BATCH_BYTES};
+
+use crate::identity::{Fingerprint, Identity};
+use crate::inodes::Inodes;
+use crate::net::Duplex;
+use crate::store::FileStore;
+use crate::volume::{lock, MirrorPhase, MirrorShared, Volume};
+
+/// Unacknowledged bytes in flight per link: enough to fill a long fat pipe, bounded.
+pub const WINDOW_BYTES: u64 = 32 << 20;
+/// A link with nothing to send sends a `Ping` this often.
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
+/// A link that hears nothing for this long is declared dead and reconnected.
+pub const DEAD_AFTER: Duration = Duration::from_secs(10);
+/// Reconnection back-off bounds.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Everything a link needs besides the volume.
+pub struct LinkConfig {
+    pub identity: Arc<Identity>,
+    pub pinned: Vec<Fingerprint>,
+    pub compress: bool,
+    pub volume_id: [u8; 16],
+    pub generation: u64,
+    /// This primary's name, for the mirror's logs.
+    pub name: String,
+    /// For a live initial copy: the inode table, the backing root and the hidden state name.
+    pub inodes: Arc<Mutex<Inodes>>,
+    pub backing: PathBuf,
+    pub hidden: Option<Vec<u8>>,
+}
+
+fn set_phase(m: &MirrorShared, p: MirrorPhase) {
+    *lock(&m.phase) = p;
+}
+
+/// Runs one remote mirror's link until the volume stops: connect, stream, and on any failure
+/// reconnect with back-off. Local writes never wait for this thread (except in the ack modes
+/// that say so, and only while the mirror is healthy).
+pub fn run_link(vol: Arc<Volume>, m: Arc<MirrorShared>, cfg: Arc<LinkConfig>) {
+    let mut backoff = BACKOFF_MIN;
+    let syncing = Arc::new(SyncSlot::default());
+    loop {
+        if lock(&vol.progress).stopping {
+            break;
+        }
+        let t0 = Instant::now();
+        let r = session(&vol, &m, &cfg, &syncing);
+        {
+            let mut l = lock(&m.link);
+            l.connected = false;
+            l.reconnects += 1;
+            if let Err(e) = &r {
+                l.last_error = Some(format!("{e:#}"));
+            }
+        }
+        match r {
+            Ok(()) => break,
+            Err(e) => {
+                let msg = format!("{e:#}");
+                tracing::warn!("mirror {}: {msg}; reconnecting", m.name);
+                if !m.detached() {
+                    set_phase(
+                        &m,
+                        MirrorPhase::Retrying {
+                            error: msg,
+                            since_unix: crate::sys::now().sec as u64,
+                        },
+                    );
+                }
+                vol.changed.notify_all();
+            }
+        }
+        if t0.elapsed() > Duration::from_secs(10) {
+            backoff = BACKOFF_MIN;
+        }
+        // Sleep in small steps so a stop is noticed.
+        let until = Instant::now() + backoff;
+        while Instant::now() < until && !lock(&vol.progress).stopping {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+    set_phase(&m, MirrorPhase::Stopped);
+    vol.changed.notify_all();
+}
+
+/// The live initial copy running for this mirror, if any (it outlives a connection: after a
+/// reconnect the stream resumes and the copy goes on).
+#[derive(Default)]
+struct SyncSlot {
+    running: AtomicBool,
+    id: std::sync::atomic::AtomicU32,
+}
+
+fn span(vol: &Volume) -> JournalSpan {
+    let o = lock(&vol.order);
+    JournalSpan {
+        first_held: o.journal.first_seq(),
+        next_seq: o.journal.next_seq(),
+    }
+}
+
+fn recv_within(d: &Duplex, dec: &mut Decoder, limit: Duration) -> Result<Msg> {
+    let t0 = Instant::now();
+    loop {
+        if let Some(m) = d.recv(dec)? {
+            return Ok(m);
+        }
+        if t0.elapsed() > limit {
+            return Err(anyhow!("the mirror did not answer within {limit:?}"));
+        }
+    }
+}
+
+fn link_err(e: LinkError) -> anyhow::Error {
+    anyhow!(e.message)
+}
+
+fn session(
+    vol: &Arc<Volume>,
+    m: &Arc<MirrorShared>,
+    cfg: &Arc<LinkConfig>,
+    slot: &Arc<SyncSlot>,
+) -> Result<()> {
+    let addr = m.remote.clone().unwrap_or_default();
+    let d = Arc::new(Duplex::connect(&addr, &cfg.identity, cfg.pinned.clone())?);
+    let mut dec = Decoder::new();
+    let mut sender = Sender::new(cfg.volume_id, cfg.generation, WINDOW_BYTES);
+    d.send(&sender.hello(span(vol), cfg.compress, &cfg.name))?;
+    let welcome = recv_within(&d, &mut dec, crate::net::CONNECT_TIMEOUT)?;
+    if let Msg::Welcome { compress, .. } = &welcome {
+        d.set_compress(*compress && cfg.compress);
+    }
+    let new_id = crate::mirror::sync_id(m);
+    let resumable = slot
+        .running
+        .load(Ordering::Acquire)
+        .then(|| slot.id.load(Ordering::Acquire));
+    // The decision and the start of an initial copy see the journal at the same instant.
+    let start = sender
+        .on_welcome(&welcome, span(vol), new_id, resumable)
+        .map_err(|e| {
+            let _ = d.send(&e.to_msg());
+            link_err(e)
+        })?;
+    let needs_resync = m.state_dir.join("NEEDS_RESYNC").exists();
+    let start = match start {
+        Start::Resume { .. } if needs_resync => Start::Resync {
+            reason: std::fs::read_to_string(m.state_dir.join("NEEDS_RESYNC")).unwrap_or_default(),
+        },
+        s => s,
+    };
+    let from = match &start {
+        Start::Resume { from } | Start::InitialSync { from, .. } => *from,
+        Start::Resync { reason } => {
+            return Err(anyhow!(
+                "this mirror must be resynchronised ({}); block-hash resync is not available in this build: \
+                 stop the mirror daemon, empty its directory, and it will receive a fresh initial copy",
+                reason.trim()
+            ));
+        }
+    };
+    if let Some(msg) = Sender::start_msg(&start) {
+        d.send(&msg)?;
+    }
+    let base = from - 1;
+    for a in [&m.sent, &m.received, &m.durable] {
+        a.store(base, Ordering::Release);
+    }
+    let pos = sender.positions();
+    m.applied.store(pos.applied, Ordering::Release);
+    m.checkpoint.store(pos.checkpoint, Ordering::Release);
+    {
+        let mut l = lock(&m.link);
+        l.connected = true;
+        l.peer = d.peer().map(|p| p.to_string());
+        l.since_unix = crate::sys::now().sec as u64;
+        l.compress = cfg.compress;
+        l.last_error = None;
+    }
+    match start {
+        Start::InitialSync { sync_id, .. } => {
+            set_phase(
+                m,
+                MirrorPhase::Syncing {
+                    done_bytes: 0,
+                    total_bytes: 0,
+                },
+            );
+            if !slot.running.swap(true, Ordering::AcqRel)
+                || slot.id.load(Ordering::Acquire) != sync_id
+            {
+                slot.id.store(sync_id, Ordering::Release);
+                slot.running.store(true, Ordering::Release);
+                let (v, mm, c, sl) = (vol.clone(), m.clone(), cfg.clone(), slot.clone());
+                std::thread::Builder::new()
+                    .name("initial-sync".into())
+                    .spawn(move || {
+                        let r = crate::mirror::live_sync(
+                            v.clone(),
+                            c.inodes.clone(),
+                            &c.backing,
+                            mm.clone(),
+                            c.hidden.clone(),
+                        );
+                        if let Err(e) = r {
+                            tracing::error!("mirror {}: initial copy failed: {e}", mm.name);
+                        }
+                        sl.running.store(false, Ordering::Release);
+                        v.changed.notify_all();
+                    })?;
+            }
+        }
+        _ => {
+            if !slot.running.load(Ordering::Acquire) {
+                set_phase(m, MirrorPhase::Live);
+            }
+        }
+    }
+    vol.changed.notify_all();
+    tracing::info!(
+        "mirror {}: connected to {} ({}), streaming from record {from}",
+        m.name,
+        addr,
+        d.peer().map(|p| p.to_string()).unwrap_or_default()
+    );
+
+    let sender = Arc::new(Mutex::new(sender));
+    let done = Arc::new(AtomicBool::new(false));
+    let ack_thread = {
+        let (d, vol, m, sender, done) = (
+            d.clone(),
+            vol.clone(),
+            m.clone(),
+            sender.clone(),
+            done.clone(),
+        );
+        std::thread::Builder::new()
+            .name("link-acks".into())
+            .spawn(move || {
+                let r = take_acks(&d, dec, &vol, &m, &sender, &done);
+                done.store(true, Ordering::Release);
+                d.shutdown();
+                vol.changed.notify_all();
+                r
+            })?
+    };
+    let r = stream(&d, vol, m, &sender, &done, slot);
+    done.store(true, Ordering::Release);
+    d.shutdown();
+    let acks = ack_thread
+        .join()
+        .unwrap_or_else(|_| Err(anyhow!("the acknowledgement thread panicked")));
+    match (r, acks) {
+        (Ok(()), _) => Ok(()),
+        (Err(e), Err(a)) => Err(a.context(format!("{e:#}"))),
+        (Err(e), Ok(())) => Err(e),
+    }
+}
+
+/// The sending loop: records ≤ min(durable, settled) in batches within the byte window, and
+/// heartbeats. Returns Ok when the volume stops and the mirror has everything durable.
+fn stream(
+    d: &Duplex,
+    vol: &Volume,
+    m: &MirrorShared,
+    sender: &Mutex<Sender>,
+    done: &AtomicBool,
+    slot: &SyncSlot,
+) -> Result<()> {
+    let mut reader: Reader<crate::store::FileSegment> = Reader::new(lock(sender).next_send());
+    let mut pending: Option<Record> = None;
+    let mut last_send = Instant::now();
+    let mut nonce = 0u64;
+    let mut stop_deadline: Option<Instant> = None;
+    loop {
+        if done.load(Ordering::Acquire) {
+            return Err(anyhow!("connection lost"));
+        }
+        if m.detached() {
+            return Err(anyhow!("mirror detached"));
+        }
+        let (durable, settled, stopping) = {
+            let p = lock(&vol.progress);
+            (p.durable_seq, p.settled_seq, p.stopping)
+        };
+        let limit = durable.min(settled);
+        let sent_all = lock(sender).next_send() > limit;
+        if stopping {
+            // Drain: give the mirror a moment to acknowledge what it has.
+            let dl = *stop_deadline.get_or_insert_with(|| Instant::now() + Duration::from_secs(10));
+            if (sent_all && m.durable.load(Ordering::Acquire) >= limit) || Instant::now() > dl {
+                return Ok(());
+            }
+        }
+        if !slot.running.load(Ordering::Acquire)
+            && matches!(*lock(&m.phase), MirrorPhase::Syncing { .. })
+            && m.applied.load(Ordering::Acquire) >= lock(sender).next_send().saturating_sub(1)
+            && sent_all
+        {
+            set_phase(m, MirrorPhase::Live);
+        }
+        let may = lock(sender).may_send();
+        if may && !sent_all {
+            let mut batch = Vec::new();
+            let mut bytes = 0usize;
+            while bytes < BATCH_BYTES {
+                let rec = match pending.take() {
+                    Some(r) => r,
+                    None => {
+                        let next = reader.next_seq();
+                        if next > limit {
+                            break;
+                        }
+                        let view = lock(&vol.order).journal.segment_for(next);
+                        match reader.next::<FileStore>(view, limit)? {
+                            Some(r) => r,
+                            None => break,
+                        }
+                    }
+                };
+                let len = rec.op.data_len() + 64;
+                if !batch.is_empty() && bytes + len > BATCH_BYTES {
+                    pending = Some(rec);
+                    break;
+                }
+                bytes += len;
+                batch.push(rec);
+            }
+            if let Some(last) = batch.last().map(|r| r.seq) {
+                let n = d.send(&Msg::Records {
+                    settled,
+                    records: batch,
+                })?;
+                lock(sender).sent(last, n as u64);
+                m.sent.store(last, Ordering::Release);
+                last_send = Instant::now();
+                vol.changed.notify_all();
+                continue;
+            }
+        }
+        if last_send.elapsed() >= HEARTBEAT {
+            nonce += 1;
+            d.send(&Msg::Ping { nonce })?;
+            last_send = Instant::now();
+        }
+        let p = lock(&vol.progress);
+        if p.durable_seq.min(p.settled_seq) == limit && !p.stopping {
+            let _ = vol.changed.wait_timeout(p, Duration::from_millis(100));
+        }
+    }
+}
+
+/// The receiving loop: acknowledgements update the mirror's positions and wake waiters.
+fn take_acks(
+    d: &Duplex,
+    mut dec: Decoder,
+    vol: &Volume,
+    m: &MirrorShared,
+    sender: &Mutex<Sender>,
+    done: &AtomicBool,
+) -> Result<()> {
+    let mut heard = Instant::now();
+    loop {
+        if done.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let msg = match d.recv(&mut dec)? {
+            Some(msg) => msg,
+            None => {
+                if heard.elapsed() > DEAD_AFTER {
+                    return Err(anyhow!(
+                        "the mirror sent nothing for {DEAD_AFTER:?}; the link is considered dead"
+                    ));
+                }
+                continue;
+            }
+        };
+        heard = Instant::now();
+        match msg {
+            Msg::Ack { .. } => {
+                let p = lock(sender).on_ack(&msg).map_err(|e| {
+                    let _ = d.send(&e.to_msg());
+                    link_err(e)
+                })?;
+                m.received.store(p.received, Ordering::Release);
+                m.durable.store(p.durable, Ordering::Release);
+                m.applied.store(p.applied, Ordering::Release);
+                m.checkpoint.store(p.checkpoint, Ordering::Release);
+                {
+                    let mut l = lock(&m.link);
+                    l.bytes_sent = d.bytes_out.load(Ordering::Relaxed);
+                    l.bytes_received = d.bytes_in.load(Ordering::Relaxed);
+                }
+                vol.changed.notify_all();
+            }
+            Msg::Pong { .. } => {}
+            Msg::Ping { nonce } => {
+                d.send(&Msg::Pong { nonce })?;
+            }
+            Msg::Error { code, message } => {
+                return Err(anyhow!(
+                    "the mirror reported an error (code {code}): {message}"
+                ));
+            }
+            other => {
+                let e = LinkError {
+                    code: mirrorfs_core::wire::error_code::BAD_FRAME,
+                    message: format!(
+                        "unexpected message type {} from the mirror",
+                        other.type_code()
+                    ),
+                    retry: true,
+                };
+                let _ = d.send(&e.to_msg());
+                return Err(link_err(e));
+            }
+        }
+    }
+}

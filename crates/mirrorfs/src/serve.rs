@@ -1,0 +1,815 @@
+//! `mirrorfs serve DIR --listen ADDR`: the mirror daemon. It receives a primary's journal over an
+//! authenticated TLS link, makes each record durable in its own journal (same seqs as the
+//! primary's), acknowledges, and applies the records in order to DIR with the same applier and
+//! cursor as a local mirror, so DIR is always a state the primary had.
+//!
+//! ```text
+//!  TLS ─▶ Receiver (core::link: handshake, sequence, reserved names) ─▶ journal.append_at
+//!          flusher: fsync (F2) ─▶ durable ─┐
+//!          worker: apply ≤ min(durable, settled) to DIR ─▶ applied / checkpoint ─┤
+//!  TLS ◀── Ack{received, durable, applied, checkpoint} ◀──────────────────────────┘
+//! ```
+//!
+//! State lives in `STATE` (default `DIR/.mirrorfs`): `journal/`, `tree/cursor`, `volume.json`
+//! (which volume and generation DIR holds, and whether it is a consistent copy), `lock`.
+
+use std::fs;
+use std::io::Write;
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use mirrorfs_core::applier::Applier;
+use mirrorfs_core::journal::{Journal, JournalConfig};
+use mirrorfs_core::link::{hex, Begin, LinkError, MirrorCopy, Receiver};
+use mirrorfs_core::op::Op;
+use mirrorfs_core::wire::{error_code, Decoder, MirrorState, Msg};
+use serde::{Deserialize, Serialize};
+
+use crate::identity;
+use crate::net::Duplex;
+use crate::store::FileStore;
+use crate::volume::{self, lock, AckMode, MirrorPhase, MirrorShared, Ordered, Progress, Volume};
+
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    /// The mirror directory: a plain tree, readable at any time, always a state the primary had.
+    pub dir: PathBuf,
+    /// Address to listen on, e.g. 0.0.0.0:7070 or [::]:7070.
+    #[arg(long)]
+    pub listen: String,
+    /// Where the daemon keeps its journal and cursor (default: DIR/.mirrorfs).
+    #[arg(long)]
+    pub state: Option<PathBuf>,
+    /// The configuration directory with this machine's identity and trusted peers (default:
+    /// $MIRRORFS_CONFIG or /etc/mirrorfs; create it with `mirrorfs init`).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Accept an initial copy into a non-empty DIR that holds no mirrorfs copy, replacing its
+    /// contents.
+    #[arg(long)]
+    pub force_resync: bool,
+    /// The journal's size limit in MiB.
+    #[arg(long, default_value_t = 4096)]
+    pub journal_max_mib: u64,
+}
+
+/// `STATE/volume.json`: what DIR holds. Written atomically (temp file, fsync, rename, fsync of
+/// the directory: **M1**) before the tree changes in a way that depends on it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Meta {
+    pub volume_id: String,
+    pub generation: u64,
+    /// "empty", "syncing", "consistent" or "needs_resync".
+    pub state: String,
+    pub sync_id: u32,
+    #[serde(default)]
+    pub promoted: bool,
+}
+
+impl Meta {
+    fn empty() -> Meta {
+        Meta {
+            volume_id: String::new(),
+            generation: 0,
+            state: "empty".into(),
+            sync_id: 0,
+            promoted: false,
+        }
+    }
+
+    fn volume_id(&self) -> [u8; 16] {
+        parse_id(&self.volume_id).unwrap_or([0; 16])
+    }
+
+    fn mirror_state(&self) -> MirrorState {
+        match self.state.as_str() {
+            "consistent" => MirrorState::Consistent,
+            "syncing" => MirrorState::Syncing,
+            "needs_resync" => MirrorState::NeedsResync,
+            _ => MirrorState::Empty,
+        }
+    }
+}
+
+/// Parses 32 hex digits.
+pub fn parse_id(s: &str) -> Option<[u8; 16]> {
+    if s.len() != 32 {
+        return None;
+    }
+    let mut id = [0u8; 16];
+    for (i, b) in id.iter_mut().enumerate() {
+        *b = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(id)
+}
+
+pub fn read_meta(state: &Path) -> Result<Meta> {
+    let p = state.join("volume.json");
+    match fs::read(&p) {
+        Ok(b) => serde_json::from_slice(&b)
+            .with_context(|| format!("{} is damaged; move it away to start afresh", p.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Meta::empty()),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", p.display())),
+    }
+}
+
+/// **M1**: writes `volume.json` durably.
+pub fn write_meta(state: &Path, m: &Meta) -> Result<()> {
+    let tmp = state.join("volume.json.tmp");
+    {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(&serde_json::to_vec_pretty(m)?)?;
+        f.sync_all()?;
+    }
+    fs::rename(&tmp, state.join("volume.json"))?;
+    fs::File::open(state)?.sync_all()?;
+    Ok(())
+}
+
+/// The daemon's shared state.
+struct Daemon {
+    dir: PathBuf,
+    state: PathBuf,
+    /// Name of the state directory at DIR's root, if it is there (never touched by records).
+    reserved: Vec<u8>,
+    vol: Arc<Volume>,
+    m: Arc<MirrorShared>,
+    meta: Mutex<Meta>,
+    worker: Mutex<Option<JoinHandle<()>>>,
+    /// Seq of our initial copy's `SyncDone`, once received.
+    sync_done_at: AtomicU64,
+    busy: AtomicBool,
+    force_resync: bool,
+    /// The connected primary, for status.
+    peer: Mutex<Option<String>>,
+}
+
+pub fn serve(a: ServeArgs) -> Result<()> {
+    let dir = a.dir.canonicalize().with_context(|| {
+        format!(
+            "mirror directory {} does not exist (create it first)",
+            a.dir.display()
+        )
+    })?;
+    if !dir.is_dir() {
+        bail!("{} is not a directory", dir.display());
+    }
+    let state = match &a.state {
+        Some(s) => {
+            fs::create_dir_all(s)?;
+            s.canonicalize()?
+        }
+        None => dir.join(".mirrorfs"),
+    };
+    fs::create_dir_all(&state)
+        .with_context(|| format!("cannot create state directory {}", state.display()))?;
+    let reserved = if state.parent() == Some(dir.as_path()) {
+        state
+            .file_name()
+            .map(|n| n.as_bytes().to_vec())
+            .unwrap_or_default()
+    } else if state.starts_with(&dir) {
+        bail!("the state directory must be DIR/NAME or outside DIR");
+    } else {
+        Vec::new()
+    };
+    let lockf = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(state.join("lock"))?;
+    // SAFETY: flock on a valid descriptor.
+    if unsafe { libc::flock(lockf.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        bail!(
+            "another mirrorfs is already serving {} (its state {} is locked)",
+            dir.display(),
+            state.display()
+        );
+    }
+    let cfg_dir = identity::config_dir(a.config.as_deref());
+    let id = identity::load(&cfg_dir)?;
+    let pinned = identity::pinned(&cfg_dir)?;
+    if pinned.is_empty() {
+        tracing::warn!(
+            "no trusted peers in {}: every primary will be refused; run `mirrorfs trust FINGERPRINT NAME` with the primary's fingerprint",
+            cfg_dir.join("peers").display()
+        );
+    }
+    let server_cfg = identity::server_config(&id, pinned)?;
+    let meta = read_meta(&state)?;
+    if meta.promoted {
+        bail!(
+            "{} was promoted to a primary ({}); it no longer accepts a stream. Mount it with `mirrorfs mount`, or see docs/protocol.md to re-attach it as a mirror",
+            dir.display(),
+            state.join("volume.json").display()
+        );
+    }
+
+    let store = FileStore::open(&state.join("journal"))?;
+    let (journal, report) = Journal::open(
+        store,
+        JournalConfig {
+            journal_bytes_max: a.journal_max_mib << 20,
+            ..JournalConfig::default()
+        },
+    )
+    .context("cannot open the mirror's journal")?;
+    if report.torn_bytes > 0 {
+        tracing::warn!(
+            "journal recovery: cut a torn tail of {} bytes",
+            report.torn_bytes
+        );
+    }
+    let horizon = journal.next_seq() - 1;
+    let m = Arc::new(MirrorShared::new(
+        dir.display().to_string(),
+        dir.clone(),
+        state.join("tree"),
+        None,
+    ));
+    let vol = Arc::new(Volume {
+        order: Mutex::new(Ordered { journal }),
+        progress: Mutex::new(Progress {
+            durable_seq: 0,
+            // The last record's fate (an Abort may follow it) is unknown until the primary says.
+            settled_seq: horizon.saturating_sub(1),
+            ..Progress::default()
+        }),
+        changed: Condvar::new(),
+        mirrors: vec![m.clone()],
+        ack: AckMode::Async,
+        quorum: 1,
+        settled: AtomicU64::new(horizon.saturating_sub(1)),
+        poisoned: AtomicBool::new(false),
+    });
+    // Records that survived a crash of this process may not have been fsynced: make them durable
+    // now, so the position reported to the primary is honest (F2).
+    sync_journal(&vol)?;
+
+    let d = Arc::new(Daemon {
+        dir: dir.clone(),
+        state: state.clone(),
+        reserved,
+        vol: vol.clone(),
+        m: m.clone(),
+        meta: Mutex::new(meta.clone()),
+        worker: Mutex::new(None),
+        sync_done_at: AtomicU64::new(0),
+        busy: AtomicBool::new(false),
+        force_resync: a.force_resync,
+        peer: Mutex::new(None),
+    });
+    {
+        let v = vol.clone();
+        std::thread::Builder::new()
+            .name("flusher".into())
+            .spawn(move || v.run_flusher())?;
+    }
+    if meta.state == "consistent" || meta.state == "syncing" {
+        let power_loss = crate::power_lost(&state);
+        let mut cur = volume::open_cursor(&m)?;
+        match Applier::open(&mut cur, power_loss, horizon)? {
+            Some(mut ap) => {
+                if meta.state == "syncing" {
+                    ap.set_syncing(Some(meta.sync_id));
+                }
+                d.start_worker(ap)?;
+            }
+            None => {
+                // No cursor: the copy cannot be resumed; report an interrupted copy that no
+                // primary is streaming (sync id 0), so it is copied afresh.
+                tracing::warn!(
+                    "no cursor for the copy in {}: it will be copied afresh",
+                    dir.display()
+                );
+                let mut mm = meta.clone();
+                mm.state = "syncing".into();
+                mm.sync_id = 0;
+                write_meta(&state, &mm)?;
+                *lock(&d.meta) = mm;
+            }
+        }
+    }
+    {
+        let d = d.clone();
+        std::thread::Builder::new()
+            .name("status".into())
+            .spawn(move || loop {
+                d.write_status();
+                std::thread::sleep(Duration::from_millis(250));
+            })?;
+    }
+    let _reg = crate::status::register(&dir, &dir, &state)?;
+
+    let listener =
+        TcpListener::bind(&a.listen).with_context(|| format!("cannot listen on {}", a.listen))?;
+    let term = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGINT, term.clone())?;
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, term.clone())?;
+    listener.set_nonblocking(true)?;
+    tracing::info!(
+        "serving mirror {} on {} as {}",
+        dir.display(),
+        listener
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default(),
+        id.fingerprint
+    );
+    eprintln!(
+        "mirrorfs: mirror {} listening on {} (identity {}; Ctrl-C stops)",
+        dir.display(),
+        listener
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default(),
+        id.fingerprint
+    );
+    while !term.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((sock, from)) => {
+                sock.set_nonblocking(false)?;
+                let (d, cfg) = (d.clone(), server_cfg.clone());
+                std::thread::Builder::new()
+                    .name("session".into())
+                    .spawn(move || {
+                        if let Err(e) = d.clone().session(sock, cfg) {
+                            tracing::warn!("connection from {from}: {e:#}");
+                        }
+                    })?;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => tracing::warn!("accept: {e}"),
+        }
+    }
+    tracing::info!("stopping");
+    d.stop_worker();
+    lock(&vol.progress).stopping = true;
+    vol.changed.notify_all();
+    d.write_status();
+    fs::write(state.join("clean"), b"")?;
+    Ok(())
+}
+
+fn sync_journal(vol: &Volume) -> Result<()> {
+    use mirrorfs_core::journal::storage::SegmentFile;
+    let mut o = lock(&vol.order);
+    if let Some(plan) = o.journal.sync_plan() {
+        for (sid, f, _) in &plan.files {
+            f.sync()
+                .with_context(|| format!("fsync of journal segment {sid} failed"))?;
+        }
+        o.journal.mark_synced(&plan);
+    }
+    // Everything present is durable now (recovered segments were synced or just were).
+    let d = o.journal.next_seq() - 1;
+    drop(o);
+    lock(&vol.progress).durable_seq = d;
+    Ok(())
+}
+
+impl Daemon {
+    fn start_worker(&self, ap: Applier) -> Result<()> {
+        self.m.applied.store(ap.cursor().applied, Ordering::Release);
+        self.m
+            .checkpoint
+            .store(ap.cursor().checkpoint, Ordering::Release);
+        *lock(&self.m.phase) = MirrorPhase::Live;
+        let (v, m) = (self.vol.clone(), self.m.clone());
+        let h = std::thread::Builder::new()
+            .name("apply".into())
+            .spawn(move || crate::mirror::run_worker(v, m, ap))?;
+        *lock(&self.worker) = Some(h);
+        Ok(())
+    }
+
+    fn stop_worker(&self) {
+        *lock(&self.m.phase) = MirrorPhase::Stopped;
+        self.vol.changed.notify_all();
+        if let Some(h) = lock(&self.worker).take() {
+            let _ = h.join();
+        }
+    }
+
+    fn copy(&self) -> MirrorCopy {
+        let meta = lock(&self.meta).clone();
+        MirrorCopy {
+            state: meta.mirror_state(),
+            volume_id: meta.volume_id(),
+            generation: meta.generation,
+            durable: lock(&self.vol.progress).durable_seq,
+            applied: self.m.applied.load(Ordering::Acquire),
+            sync_id: meta.sync_id,
+            promoted: meta.promoted,
+        }
+    }
+
+    /// Waits until the journal is durable through its end, so `durable` is exactly where the
+    /// primary must resume (records past it would otherwise be neither durable nor replaceable).
+    fn settle_journal(&self) -> Result<()> {
+        if lock(&self.vol.order).journal.poisoned().is_some() {
+            // A failed write or fsync poisoned the journal: reopen it from what is on disk
+            // (recovery keeps the durable prefix; never retry the failed I/O blindly).
+            let store = FileStore::open(&self.state.join("journal"))?;
+            let cfg = lock(&self.vol.order).journal.config().clone();
+            let (j, _) = Journal::open(store, cfg).context("cannot reopen the journal")?;
+            lock(&self.vol.order).journal = j;
+            self.vol.poisoned.store(false, Ordering::Release);
+            sync_journal(&self.vol)?;
+        }
+        let t0 = Instant::now();
+        loop {
+            let end = lock(&self.vol.order).journal.next_seq() - 1;
+            if lock(&self.vol.progress).durable_seq >= end {
+                return Ok(());
+            }
+            self.vol.changed.notify_all();
+            if t0.elapsed() > Duration::from_secs(30) {
+                bail!("the journal did not become durable within 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn session(self: Arc<Self>, sock: TcpStream, cfg: Arc<rustls::ServerConfig>) -> Result<()> {
+        let link = Duplex::accept(sock, cfg)?;
+        let peer = link.peer().map(|p| p.to_string()).unwrap_or_default();
+        let mut dec = Decoder::new();
+        let hello = recv_within(&link, &mut dec, crate::net::CONNECT_TIMEOUT)?;
+        if self.busy.swap(true, Ordering::AcqRel) {
+            let _ = link.send(&Msg::Error {
+                code: error_code::BUSY,
+                message: "another primary is connected to this mirror".into(),
+            });
+            bail!("refused {peer}: another primary is connected");
+        }
+        let _busy = Busy(&self.busy);
+        *lock(&self.peer) = Some(peer.clone());
+        let r = self.stream(&link, &mut dec, &hello);
+        *lock(&self.peer) = None;
+        if let Err(e) = &r {
+            if let Some(le) = e.downcast_ref::<LinkError>() {
+                let _ = link.send(&le.to_msg());
+            }
+        }
+        r.with_context(|| format!("primary {peer}"))
+    }
+
+    fn stream(&self, link: &Duplex, dec: &mut Decoder, hello: &Msg) -> Result<()> {
+        self.settle_journal()?;
+        let mut rx = Receiver::new(self.copy(), &self.reserved);
+        let welcome = rx.on_hello(hello)?;
+        if let Msg::Hello { name, compress, .. } = hello {
+            tracing::info!("primary {name} connected");
+            link.set_compress(*compress);
+        }
+        link.send(&welcome)?;
+        let start = recv_within(link, dec, crate::net::CONNECT_TIMEOUT)?;
+        let begin = rx.on_start(&start)?;
+        match begin {
+            Begin::Resume { seq } => {
+                tracing::info!("resuming at record {seq}");
+                if lock(&self.worker).is_none() {
+                    bail!("internal: resume without a running applier");
+                }
+            }
+            Begin::InitialSync {
+                seq,
+                sync_id,
+                volume_id,
+                generation,
+            } => self.begin_initial_copy(seq, sync_id, volume_id, generation)?,
+        }
+        let done = Arc::new(AtomicBool::new(false));
+        std::thread::scope(|s| -> Result<()> {
+            let acker = s.spawn(|| {
+                let r = self.send_acks(link, &done);
+                done.store(true, Ordering::Release);
+                link.shutdown();
+                r
+            });
+            let r = self.receive(link, dec, &mut rx, &done);
+            done.store(true, Ordering::Release);
+            self.vol.changed.notify_all();
+            link.shutdown();
+            let a = acker
+                .join()
+                .unwrap_or_else(|_| Err(anyhow!("ack thread panicked")));
+            r.and(a)
+        })
+    }
+
+    fn begin_initial_copy(
+        &self,
+        seq: u64,
+        sync_id: u32,
+        volume_id: [u8; 16],
+        generation: u64,
+    ) -> Result<()> {
+        let meta = lock(&self.meta).clone();
+        let ours = meta.volume_id() == volume_id && meta.state != "empty";
+        let entries: Vec<_> = fs::read_dir(&self.dir)?
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().as_bytes() != self.reserved.as_slice())
+            .collect();
+        if !entries.is_empty() && !ours && !self.force_resync {
+            return Err(LinkError {
+                code: error_code::REFUSED,
+                message: format!(
+                    "mirror directory {} is not empty and holds no mirrorfs copy; empty it, or restart `mirrorfs serve` with --force-resync to replace its contents",
+                    self.dir.display()
+                ),
+                retry: false,
+            }
+            .into());
+        }
+        tracing::info!(
+            "initial copy of volume {} begins at record {seq}",
+            hex(&volume_id)
+        );
+        self.stop_worker();
+        let mm = Meta {
+            volume_id: hex(&volume_id),
+            generation,
+            state: "syncing".into(),
+            sync_id,
+            promoted: false,
+        };
+        write_meta(&self.state, &mm)?;
+        *lock(&self.meta) = mm;
+        for e in entries {
+            let p = e.path();
+            if p.is_dir() && !p.is_symlink() {
+                fs::remove_dir_all(&p)?;
+            } else {
+                fs::remove_file(&p)?;
+            }
+        }
+        {
+            let mut o = lock(&self.vol.order);
+            o.journal.restart_at(seq)?;
+        }
+        {
+            let mut p = lock(&self.vol.progress);
+            p.durable_seq = seq - 1;
+            p.settled_seq = seq - 1;
+        }
+        self.sync_done_at.store(0, Ordering::Release);
+        let mut ap = volume::new_applier_at(&self.m, seq - 1)?;
+        ap.set_syncing(Some(sync_id));
+        self.start_worker(ap)?;
+        *lock(&self.m.phase) = MirrorPhase::Syncing {
+            done_bytes: 0,
+            total_bytes: 0,
+        };
+        Ok(())
+    }
+
+    fn receive(
+        &self,
+        link: &Duplex,
+        dec: &mut Decoder,
+        rx: &mut Receiver,
+        done: &AtomicBool,
+    ) -> Result<()> {
+        let mut heard = Instant::now();
+        let sync_id = lock(&self.meta).sync_id;
+        loop {
+            if done.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            let Some(msg) = link.recv(dec)? else {
+                if heard.elapsed() > crate::remote::DEAD_AFTER {
+                    bail!(
+                        "the primary sent nothing for {:?}; closing",
+                        crate::remote::DEAD_AFTER
+                    );
+                }
+                continue;
+            };
+            heard = Instant::now();
+            match msg {
+                Msg::Records { settled, records } => {
+                    rx.on_records(&records)?;
+                    let mut o = lock(&self.vol.order);
+                    for r in &records {
+                        if let Op::SyncDone { mirror } = r.op {
+                            if mirror == sync_id {
+                                self.sync_done_at.store(r.seq, Ordering::Release);
+                            }
+                        }
+                        if let Err(e) = o.journal.append_at(r.seq, &r.op) {
+                            drop(o);
+                            self.vol.changed.notify_all();
+                            return Err(LinkError {
+                                code: error_code::STORAGE,
+                                message: format!("the mirror cannot store record {}: {e}", r.seq),
+                                retry: true,
+                            }
+                            .into());
+                        }
+                    }
+                    let end = o.journal.next_seq() - 1;
+                    drop(o);
+                    {
+                        let mut p = lock(&self.vol.progress);
+                        // The primary's settled watermark: a record ≤ it is final once the next
+                        // record is known, or if it is the watermark itself.
+                        p.settled_seq = p.settled_seq.max(settled);
+                        p.appended_bytes +=
+                            records.iter().map(|r| r.op.data_len() as u64).sum::<u64>();
+                    }
+                    self.vol.settled.store(end, Ordering::Release);
+                    self.vol.changed.notify_all();
+                }
+                Msg::Ping { nonce } => {
+                    link.send(&Msg::Pong { nonce })?;
+                }
+                Msg::Pong { .. } => {}
+                Msg::Error { code, message } => {
+                    bail!("the primary reported an error (code {code}): {message}")
+                }
+                other => {
+                    return Err(LinkError {
+                        code: error_code::BAD_FRAME,
+                        message: format!(
+                            "unexpected message type {} from the primary",
+                            other.type_code()
+                        ),
+                        retry: true,
+                    }
+                    .into())
+                }
+            }
+        }
+    }
+
+    fn send_acks(&self, link: &Duplex, done: &AtomicBool) -> Result<()> {
+        let mut last = (u64::MAX, 0, 0, 0);
+        let mut sent_at = Instant::now();
+        while !done.load(Ordering::Acquire) {
+            let received = lock(&self.vol.order).journal.next_seq() - 1;
+            let durable = lock(&self.vol.progress).durable_seq.min(received);
+            let applied = self.m.applied.load(Ordering::Acquire).min(durable);
+            let checkpoint = self.m.checkpoint.load(Ordering::Acquire).min(applied);
+            self.check_sync_done(checkpoint)?;
+            let now = (received, durable, applied, checkpoint);
+            if now != last || sent_at.elapsed() >= Duration::from_secs(1) {
+                link.send(&Msg::Ack {
+                    received,
+                    durable,
+                    applied,
+                    checkpoint,
+                })?;
+                last = now;
+                sent_at = Instant::now();
+            }
+            let p = lock(&self.vol.progress);
+            let _ = self.vol.changed.wait_timeout(p, Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    /// The initial copy is complete once its `SyncDone` is durably applied: from then on DIR is
+    /// a consistent copy (M1 records it).
+    fn check_sync_done(&self, checkpoint: u64) -> Result<()> {
+        let at = self.sync_done_at.load(Ordering::Acquire);
+        if at == 0 || checkpoint < at {
+            return Ok(());
+        }
+        let mut meta = lock(&self.meta);
+        if meta.state == "syncing" {
+            meta.state = "consistent".into();
+            write_meta(&self.state, &meta)?;
+            tracing::info!(
+                "initial copy complete: {} is a consistent mirror",
+                self.dir.display()
+            );
+        }
+        self.sync_done_at.store(0, Ordering::Release);
+        Ok(())
+    }
+
+    fn write_status(&self) {
+        let meta = lock(&self.meta).clone();
+        let (next, bytes, segs) = {
+            let o = lock(&self.vol.order);
+            (
+                o.journal.next_seq(),
+                o.journal.bytes(),
+                o.journal.segment_count(),
+            )
+        };
+        let s = serde_json::json!({
+            "role": "mirror",
+            "dir": self.dir.display().to_string(),
+            "pid": std::process::id(),
+            "volume_id": meta.volume_id,
+            "generation": meta.generation,
+            "copy": meta.state,
+            "primary": *lock(&self.peer),
+            "connected": lock(&self.peer).is_some(),
+            "received_seq": next - 1,
+            "durable_seq": lock(&self.vol.progress).durable_seq,
+            "applied_seq": self.m.applied.load(Ordering::Acquire),
+            "checkpoint_seq": self.m.checkpoint.load(Ordering::Acquire),
+            "phase": serde_json::to_value(&*lock(&self.m.phase)).unwrap_or_default(),
+            "journal_bytes": bytes,
+            "journal_segments": segs,
+            "updated_unix": crate::sys::now().sec,
+        });
+        if let Ok(b) = serde_json::to_vec_pretty(&s) {
+            let tmp = self.state.join("status.json.tmp");
+            if fs::write(&tmp, b).is_ok() {
+                let _ = fs::rename(&tmp, self.state.join("status.json"));
+            }
+        }
+    }
+}
+
+struct Busy<'a>(&'a AtomicBool);
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+fn recv_within(d: &Duplex, dec: &mut Decoder, limit: Duration) -> Result<Msg> {
+    let t0 = Instant::now();
+    loop {
+        if let Some(m) = d.recv(dec)? {
+            if let Msg::Error { code, message } = &m {
+                if *code != 0 {
+                    return Err(anyhow!("the peer refused (code {code}): {message}"));
+                }
+            }
+            return Ok(m);
+        }
+        if t0.elapsed() > limit {
+            bail!("the peer did not answer within {limit:?}");
+        }
+    }
+}
+
+/// `mirrorfs promote DIR`: makes a mirror's copy a primary's backing directory at its last
+/// applied state. Refuses while a daemon serves DIR (unless `force`).
+pub fn promote(dir: &Path, state: Option<&Path>, force: bool) -> Result<()> {
+    let dir = dir
+        .canonicalize()
+        .with_context(|| format!("{} does not exist", dir.display()))?;
+    let state = state
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| dir.join(".mirrorfs"));
+    let mut meta = read_meta(&state)?;
+    if meta.promoted {
+        println!(
+            "{} is already promoted (generation {})",
+            dir.display(),
+            meta.generation
+        );
+        return Ok(());
+    }
+    let lockf = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(state.join("lock"))?;
+    // SAFETY: flock on a valid descriptor.
+    let locked = unsafe { libc::flock(lockf.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
+    if !locked && !force {
+        bail!(
+            "a mirrorfs daemon is serving {} (and a primary may be connected): stop it first, or pass --force if the primary is gone for good",
+            dir.display()
+        );
+    }
+    match meta.state.as_str() {
+        "consistent" => {}
+        "empty" => bail!("{} holds no copy to promote", dir.display()),
+        other if !force => bail!(
+            "the copy in {} is `{other}`, not consistent (an initial copy did not finish): it is a mix of states; pass --force to promote it anyway",
+            dir.display()
+        ),
+        _ => {}
+    }
+    meta.promoted = true;
+    meta.generation += 1;
+    write_meta(&state, &meta)?;
+    println!(
+        "promoted {}: generation {} of volume {}. Mount it with `mirrorfs mount {} MOUNTPOINT --state {} --mirror ...`; the old primary can only come back as a mirror of this one (see docs/protocol.md)",
+        dir.display(),
+        meta.generation,
+        meta.volume_id,
+        dir.display(),
+        state.display()
+    );
+    Ok(())
+}
