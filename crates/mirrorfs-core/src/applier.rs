@@ -13,7 +13,8 @@
 //! `checkpoint + 1`. Records up to the journal's last record at start-up (the *horizon*) are
 //! replayed idempotently (`tree::apply_op` replay mode). Barrier ops ([`Op::needs_barrier`]) are
 //! bracketed by checkpoints, so a replay window never holds one except first, in doubt, where the
-//! intent decides.
+//! intent decides. A [`Op::Link`] is preceded by a checkpoint, so a replay window never holds it
+//! after records that used its new name for another file.
 
 use crate::op::{rename_flags, Op, Record};
 use crate::tree::{apply_op, Tree, TreeError};
@@ -155,21 +156,30 @@ impl Applier {
             (Some(x), Some(y)) => Some(if x.0 >= y.0 { x } else { y }),
             (x, y) => x.or(y),
         };
-        Ok(best.map(|(generation, mut cur)| {
-            if power_loss {
-                cur.applied = cur.checkpoint;
-            }
-            if cur.intent.is_some_and(|i| i.seq != cur.applied + 1) {
-                cur.intent = None;
-            }
-            Applier {
-                cur,
-                generation,
-                horizon,
-                records_since_checkpoint: 0,
-                syncing: None,
-            }
-        }))
+        let Some((generation, mut cur)) = best else {
+            return Ok(None);
+        };
+        let stale_hint = power_loss && cur.applied != cur.checkpoint;
+        if power_loss {
+            cur.applied = cur.checkpoint;
+        }
+        if cur.intent.is_some_and(|i| i.seq != cur.applied + 1) {
+            cur.intent = None;
+        }
+        let mut a = Applier {
+            cur,
+            generation,
+            horizon,
+            records_since_checkpoint: 0,
+            syncing: None,
+        };
+        if stale_hint {
+            // The stored `applied` names records the power loss may have taken from the tree.
+            // Forget it durably now: after a process crash before the next cursor write, the
+            // next start sees no power loss and would resume after records the tree lost.
+            a.persist(store, true)?;
+        }
+        Ok(Some(a))
     }
 
     /// A new cursor for a mirror that holds exactly the state after record `seq` (initial sync).
@@ -247,6 +257,13 @@ impl Applier {
         }
         if rec.op.needs_barrier() {
             return self.apply_barrier(tree, store, rec);
+        }
+        if matches!(rec.op, Op::Link { .. }) && self.syncing.is_none() {
+            // A link makes an inode reachable under a name that earlier records may have used for
+            // another file. A replay re-applies by name, so it must never hold those records
+            // together with the link, or it would apply them to the linked inode: checkpoint
+            // first (B1 + B2). Re-applying the link itself is idempotent, so no intent is needed.
+            self.checkpoint(tree, store)?;
         }
         apply_op(tree, &rec.op, replay)?;
         self.cur.applied = rec.seq;

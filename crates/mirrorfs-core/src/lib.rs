@@ -13,5 +13,6 @@ pub mod journal;
 pub mod link;
 pub mod op;
 pub mod path;
+pub mod sim;
 pub mod tree;
 pub mod wire;

@@ -123,34 +123,28 @@ pub fn apply_op<T: Tree + ?Sized>(tree: &mut T, op: &Op, replay: bool) -> Result
     if !replay {
         return apply_strict(tree, op);
     }
+    // What is at an op's path during a replay may be a *later* incarnation of it (created by a
+    // record further on in the window that the crash kept). Creates therefore replace whatever is
+    // there, a directory included: everything below a directory created in the window is created
+    // in the window too, so the records that follow rebuild it. Ops on an entry of a kind they
+    // cannot apply to are about an entry a later record replaced, and have nothing to do. A
+    // missing parent (or one that is no longer a directory) was removed or replaced by a later
+    // record too, with everything the window put below it.
     match op {
-        Op::Create { path, .. } | Op::Mknod { path, .. } | Op::Symlink { path, .. } => {
+        Op::Create { path, .. }
+        | Op::Mknod { path, .. }
+        | Op::Symlink { path, .. }
+        | Op::Mkdir { path, .. } => {
             clear(tree, path)?;
-            apply_strict(tree, op)
+            parent_gone_ok(apply_strict(tree, op))
         }
-        Op::Mkdir {
-            path,
-            mode,
-            uid,
-            gid,
-        } => match tree.kind(path)? {
-            Some(EntryKind::Dir) => {
-                tree.chmod(path, *mode)?;
-                tree.chown(path, Some(*uid), Some(*gid))
-            }
-            Some(_) => {
-                tree.unlink(path)?;
-                apply_strict(tree, op)
-            }
-            None => apply_strict(tree, op),
-        },
         Op::Link { from, to } => {
-            if tree.kind(from)?.is_none() {
+            if replay_kind(tree, from)?.is_none() {
                 // The source was removed later in the window; `to` persisted or will be recreated.
                 return Ok(());
             }
             clear(tree, to)?;
-            tree.link(from, to)
+            parent_gone_ok(tree.link(from, to))
         }
         Op::Unlink { path, .. } => tolerate(tree.unlink(path)),
         Op::Rmdir { path } => match tree.rmdir(path) {
@@ -160,7 +154,7 @@ pub fn apply_op<T: Tree + ?Sized>(tree: &mut T, op: &Op, replay: bool) -> Result
         Op::Rename {
             from, to, flags, ..
         } => {
-            if tree.kind(from)?.is_none() {
+            if replay_kind(tree, from)?.is_none() {
                 return Ok(());
             }
             if flags & rename_flags::NOREPLACE != 0 {
@@ -176,17 +170,29 @@ pub fn apply_op<T: Tree + ?Sized>(tree: &mut T, op: &Op, replay: bool) -> Result
         }
         Op::SetXattr {
             path, name, value, ..
-        } => tolerate(tree.setxattr(path, name, value, 0)),
-        Op::RemoveXattr { path, name } => match tree.removexattr(path, name) {
-            Err(TreeError::Other { errno, .. }) if errno == ENODATA => Ok(()),
-            other => tolerate(other),
+        } => match replay_kind(tree, path)? {
+            Some(EntryKind::File | EntryKind::Dir) => tolerate(tree.setxattr(path, name, value, 0)),
+            _ => Ok(()),
         },
-        Op::Write { .. }
-        | Op::Truncate { .. }
-        | Op::Fallocate { .. }
-        | Op::SetMode { .. }
-        | Op::SetOwner { .. }
-        | Op::SetTimes { .. } => tolerate(apply_strict(tree, op)),
+        Op::RemoveXattr { path, name } => match replay_kind(tree, path)? {
+            Some(EntryKind::File | EntryKind::Dir) => match tree.removexattr(path, name) {
+                Err(TreeError::Other { errno, .. }) if errno == ENODATA => Ok(()),
+                other => tolerate(other),
+            },
+            _ => Ok(()),
+        },
+        Op::Write { path, .. } | Op::Truncate { path, .. } | Op::Fallocate { path, .. } => {
+            match replay_kind(tree, path)? {
+                Some(EntryKind::File) => tolerate(apply_strict(tree, op)),
+                _ => Ok(()),
+            }
+        }
+        Op::SetMode { path, .. } => match replay_kind(tree, path)? {
+            // A symlink's mode cannot be changed (EOPNOTSUPP): it is a later incarnation.
+            None | Some(EntryKind::Symlink) => Ok(()),
+            Some(_) => tolerate(apply_strict(tree, op)),
+        },
+        Op::SetOwner { .. } | Op::SetTimes { .. } => tolerate(apply_strict(tree, op)),
         Op::Abort { .. } | Op::SyncDone { .. } => Ok(()),
         Op::Sync { op, .. } => apply_op(tree, op, true),
     }
@@ -207,8 +213,28 @@ fn tolerate(r: Result<(), TreeError>) -> Result<(), TreeError> {
     }
 }
 
+/// The kind of the entry at `path` during a replay; `None` also when a component on the way is
+/// missing or not a directory (a later record changed the tree there).
+fn replay_kind<T: Tree + ?Sized>(
+    tree: &mut T,
+    path: &RelPath,
+) -> Result<Option<EntryKind>, TreeError> {
+    match tree.kind(path) {
+        Err(TreeError::NotFound(_) | TreeError::NotDir(_)) => Ok(None),
+        other => other,
+    }
+}
+
+/// A create in a replay whose parent a later record removed: nothing to do.
+fn parent_gone_ok(r: Result<(), TreeError>) -> Result<(), TreeError> {
+    match r {
+        Err(TreeError::NotFound(_) | TreeError::NotDir(_)) => Ok(()),
+        other => other,
+    }
+}
+
 fn clear<T: Tree + ?Sized>(tree: &mut T, path: &RelPath) -> Result<(), TreeError> {
-    match tree.kind(path)? {
+    match replay_kind(tree, path)? {
         None => Ok(()),
         Some(EntryKind::Dir) => tree.remove_all(path),
         Some(_) => tree.unlink(path),

@@ -190,9 +190,7 @@ fn other(p: &RelPath, errno: i32, msg: &str) -> TreeError {
 }
 
 fn components(p: &RelPath) -> impl Iterator<Item = &[u8]> {
-    p.as_bytes()
-        .split(|b| *b == b'/')
-        .filter(|c| !c.is_empty())
+    p.as_bytes().split(|b| *b == b'/').filter(|c| !c.is_empty())
 }
 
 /// What the workload generator needs to know about one entry.
@@ -509,7 +507,11 @@ impl FsState {
                 let n = self.node_mut(id)?;
                 if !matches!(n.body, Body::File(_) | Body::Dir(_)) {
                     // user.* attributes exist only on regular files and directories.
-                    return Err(other(path, EPERM, "user xattr on a symlink or special file"));
+                    return Err(other(
+                        path,
+                        EPERM,
+                        "user xattr on a symlink or special file",
+                    ));
                 }
                 if flags & !(XATTR_CREATE | XATTR_REPLACE) != 0 {
                     return Err(other(path, EINVAL, "xattr flags"));
@@ -528,7 +530,11 @@ impl FsState {
                 let id = self.must(path)?;
                 let n = self.node_mut(id)?;
                 if !matches!(n.body, Body::File(_) | Body::Dir(_)) {
-                    return Err(other(path, EPERM, "user xattr on a symlink or special file"));
+                    return Err(other(
+                        path,
+                        EPERM,
+                        "user xattr on a symlink or special file",
+                    ));
                 }
                 if n.xattrs.remove(name).is_none() {
                     return Err(other(path, ENODATA, "no such attribute"));
@@ -546,7 +552,10 @@ impl FsState {
         }
         let (fd, fname) = self.parent_of(from)?;
         let (td, tname) = self.parent_of(to)?;
-        let src = *self.entries(fd)?.get(fname).ok_or_else(|| not_found(from))?;
+        let src = *self
+            .entries(fd)?
+            .get(fname)
+            .ok_or_else(|| not_found(from))?;
         let dst = self.entries(td)?.get(tname).copied();
         if flags & NOREPLACE != 0 && dst.is_some() {
             return Err(exists(to));
@@ -671,7 +680,9 @@ impl FsState {
                 Body::Symlink(t) => (Arc::new(t.clone()), None),
                 Body::Special { fmt, rdev } => (Arc::default(), Some((*fmt, *rdev))),
             };
-            let link_group = (n.nlink > 1).then(|| first_name.get(&id).cloned()).flatten();
+            let link_group = (n.nlink > 1)
+                .then(|| first_name.get(&id).cloned())
+                .flatten();
             entries.insert(
                 path,
                 SnapEntry {
@@ -1064,7 +1075,13 @@ impl Tree for SimTree {
         if target.is_empty() {
             return Err(not_found(path));
         }
-        self.create_entry(path, Body::Symlink(target.to_vec()), 0o777, (uid, gid), false)
+        self.create_entry(
+            path,
+            Body::Symlink(target.to_vec()),
+            0o777,
+            (uid, gid),
+            false,
+        )
     }
 
     fn link(&mut self, from: &RelPath, to: &RelPath) -> Result<(), TreeError> {
@@ -1228,24 +1245,60 @@ mod tests {
         t.mkdir(&p("e"), 0o755, 1, 1).expect("mkdir");
         t.create(&p("d/f"), 0o644, 1, 1).expect("create");
         t.create(&p("g"), 0o644, 1, 1).expect("create");
-        assert!(matches!(t.create(&p("g"), 0o644, 1, 1), Err(TreeError::Exists(_))));
-        assert!(matches!(t.create(&p("x/y"), 0o644, 1, 1), Err(TreeError::NotFound(_))));
-        assert!(matches!(t.create(&p("g/y"), 0o644, 1, 1), Err(TreeError::NotDir(_))));
+        assert!(matches!(
+            t.create(&p("g"), 0o644, 1, 1),
+            Err(TreeError::Exists(_))
+        ));
+        assert!(matches!(
+            t.create(&p("x/y"), 0o644, 1, 1),
+            Err(TreeError::NotFound(_))
+        ));
+        assert!(matches!(
+            t.create(&p("g/y"), 0o644, 1, 1),
+            Err(TreeError::NotDir(_))
+        ));
         assert!(matches!(t.kind(&p("g/y")), Err(TreeError::NotDir(_))));
         assert_eq!(t.kind(&p("x/y")), Ok(None));
-        assert!(matches!(t.rename(&p("e"), &p("d"), 0), Err(TreeError::NotEmpty(_))));
-        assert!(matches!(t.rename(&p("g"), &p("d"), 0), Err(TreeError::IsDir(_))));
-        assert!(matches!(t.rename(&p("e"), &p("g"), 0), Err(TreeError::NotDir(_))));
-        assert!(matches!(t.rename(&p("g"), &p("d/f"), NOREPLACE), Err(TreeError::Exists(_))));
-        assert!(matches!(t.rename(&p("g"), &p("h"), EXCHANGE), Err(TreeError::NotFound(_))));
-        assert!(matches!(t.rename(&p("d"), &p("d/z"), 0), Err(TreeError::Other { errno: 22, .. })));
+        assert!(matches!(
+            t.rename(&p("e"), &p("d"), 0),
+            Err(TreeError::NotEmpty(_))
+        ));
+        assert!(matches!(
+            t.rename(&p("g"), &p("d"), 0),
+            Err(TreeError::IsDir(_))
+        ));
+        assert!(matches!(
+            t.rename(&p("e"), &p("g"), 0),
+            Err(TreeError::NotDir(_))
+        ));
+        assert!(matches!(
+            t.rename(&p("g"), &p("d/f"), NOREPLACE),
+            Err(TreeError::Exists(_))
+        ));
+        assert!(matches!(
+            t.rename(&p("g"), &p("h"), EXCHANGE),
+            Err(TreeError::NotFound(_))
+        ));
+        assert!(matches!(
+            t.rename(&p("d"), &p("d/z"), 0),
+            Err(TreeError::Other { errno: 22, .. })
+        ));
         assert!(matches!(t.rmdir(&p("d")), Err(TreeError::NotEmpty(_))));
         assert!(matches!(t.rmdir(&p("g")), Err(TreeError::NotDir(_))));
         assert!(matches!(t.unlink(&p("d")), Err(TreeError::IsDir(_))));
-        assert!(matches!(t.write(&p("d"), 0, b"x"), Err(TreeError::IsDir(_))));
+        assert!(matches!(
+            t.write(&p("d"), 0, b"x"),
+            Err(TreeError::IsDir(_))
+        ));
         t.symlink(&p("s"), b"d", 0, 0).expect("symlink");
-        assert!(matches!(t.create(&p("s/f"), 0o644, 1, 1), Err(TreeError::NotDir(_))));
-        assert!(matches!(t.write(&p("s"), 0, b"x"), Err(TreeError::NotDir(_))));
+        assert!(matches!(
+            t.create(&p("s/f"), 0o644, 1, 1),
+            Err(TreeError::NotDir(_))
+        ));
+        assert!(matches!(
+            t.write(&p("s"), 0, b"x"),
+            Err(TreeError::NotDir(_))
+        ));
         t.rename(&p("e"), &p("d"), EXCHANGE).expect("exchange dirs");
         assert_eq!(t.kind(&p("e/f")), Ok(Some(EntryKind::File)));
         t.link(&p("g"), &p("e/g2")).expect("link");

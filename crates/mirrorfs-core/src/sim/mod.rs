@@ -24,7 +24,7 @@ mod run;
 
 pub use fs::{CrashReport, EntryInfo, FsState, SimTree, SnapEntry, Snapshot};
 pub use primary::{Planned, Primary};
-pub use run::{run_seed, SimStats};
+pub use run::{run_seed, trace_seed, SimStats};
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -34,15 +34,18 @@ use crate::applier::{CursorStore, MemCursorStore, CURSOR_SLOT_BYTES};
 use crate::journal::storage::{MemFile, MemStore, SegmentFile, SegmentStore};
 
 /// The simulation's only source of randomness: a caller-supplied generator of uniform `u64`s
-/// (the test harness passes a seeded `SmallRng`), with the few helpers the simulation needs.
+/// ([`run_seed`] uses a SplitMix64 seeded with the seed, so a seed replays the same everywhere),
+/// with the few helpers the simulation needs.
 pub struct SimRng<'a> {
     next: &'a mut dyn FnMut() -> u64,
 }
 
 impl<'a> SimRng<'a> {
+    /// Wraps a generator of uniform `u64`s.
     pub fn new(next: &'a mut dyn FnMut() -> u64) -> Self {
         SimRng { next }
     }
+    /// A uniform `u64`.
     pub fn u64(&mut self) -> u64 {
         (self.next)()
     }
@@ -62,6 +65,7 @@ impl<'a> SimRng<'a> {
     pub fn chance(&mut self, num: u64, den: u64) -> bool {
         self.below(den) < num
     }
+    /// A uniformly chosen item (`None` if `items` is empty).
     pub fn pick<'s, T>(&mut self, items: &'s [T]) -> Option<&'s T> {
         if items.is_empty() {
             None
@@ -98,6 +102,7 @@ struct KillState {
 }
 
 impl KillSwitch {
+    /// A disarmed switch, process alive.
     pub fn new() -> Self {
         Self::default()
     }
@@ -105,9 +110,11 @@ impl KillSwitch {
     pub fn arm(&self, calls: u64) {
         self.0.fuel.store(calls.max(1), Ordering::Relaxed);
     }
+    /// True while a kill is pending.
     pub fn armed(&self) -> bool {
         self.0.fuel.load(Ordering::Relaxed) > 0
     }
+    /// True once the kill has landed (until [`KillSwitch::revive`]).
     pub fn is_dead(&self) -> bool {
         self.0.dead.load(Ordering::Relaxed)
     }
@@ -143,7 +150,9 @@ fn killed() -> io::Error {
 /// A [`MemStore`] whose mutating calls obey a [`KillSwitch`]. Crashes go to [`SimStore::mem`].
 #[derive(Clone, Debug)]
 pub struct SimStore {
+    /// The segments, with their crash model.
     pub mem: MemStore,
+    /// The process's kill switch.
     pub kill: KillSwitch,
 }
 
@@ -212,7 +221,9 @@ impl SegmentStore for SimStore {
 /// A [`MemCursorStore`] whose writes obey a [`KillSwitch`]. Crashes go to [`SimCursor::mem`].
 #[derive(Debug, Default)]
 pub struct SimCursor {
+    /// The two slots, with their crash model.
     pub mem: MemCursorStore,
+    /// The process's kill switch.
     pub kill: KillSwitch,
 }
 

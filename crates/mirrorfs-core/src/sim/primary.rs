@@ -59,7 +59,10 @@ impl Primary {
     }
 
     pub fn op_at(&self, seq: u64) -> Option<&Op> {
-        self.ops.get(seq as usize).and_then(|o| o.as_ref()).map(|o| &o.0)
+        self.ops
+            .get(seq as usize)
+            .and_then(|o| o.as_ref())
+            .map(|o| &o.0)
     }
 
     /// Records that `op` was journaled as the next seq; for `ok` ops the reference already holds
@@ -134,22 +137,22 @@ impl Primary {
         let grow = if crowded { 1 } else { 4 };
         let shrink = if crowded { 6 } else { 1 };
         let weights = [
-            3 * grow, // 0 create
-            grow,     // 1 mkdir
-            1,        // 2 mknod
-            grow,     // 3 symlink
-            14,       // 4 write
-            3,        // 5 truncate
-            1,        // 6 fallocate
-            3,        // 7 link
+            3 * grow,   // 0 create
+            grow,       // 1 mkdir
+            1,          // 2 mknod
+            grow,       // 3 symlink
+            14,         // 4 write
+            3,          // 5 truncate
+            1,          // 6 fallocate
+            3,          // 7 link
             4 * shrink, // 8 unlink
             2 * shrink, // 9 rmdir
-            10,       // 10 rename
-            2,        // 11 chmod
-            1,        // 12 chown
-            1,        // 13 utimes
-            3,        // 14 setxattr
-            1,        // 15 removexattr
+            10,         // 10 rename
+            2,          // 11 chmod
+            1,          // 12 chown
+            1,          // 13 utimes
+            3,          // 14 setxattr
+            1,          // 15 removexattr
         ];
         let owner = |rng: &mut SimRng<'_>| (rng.below(3) as u32 * 1000, rng.below(3) as u32 * 1000);
         let op = match rng.weighted(&weights) {
@@ -246,13 +249,8 @@ impl Primary {
             },
             10 => {
                 let from = rng.pick(&nonroot)?;
-                let flags = *rng.pick(&[
-                    0,
-                    0,
-                    0,
-                    rename_flags::NOREPLACE,
-                    rename_flags::EXCHANGE,
-                ])?;
+                let flags =
+                    *rng.pick(&[0, 0, 0, rename_flags::NOREPLACE, rename_flags::EXCHANGE])?;
                 let to = match rng.below(10) {
                     0..=3 => new_path(rng, &dirs)?,
                     4 => {
