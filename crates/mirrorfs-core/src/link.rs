@@ -221,11 +221,12 @@ impl Sender {
         };
         self.next_send = from;
         let base = from.saturating_sub(1);
+        // `Welcome` does not say how far the mirror has checkpointed: 0 until its first `Ack`.
         self.pos = Positions {
             received: base,
             durable: base,
             applied: (*applied).min(base),
-            checkpoint: (*applied).min(base),
+            checkpoint: 0,
         };
         self.started = true;
         Ok(start)

@@ -123,6 +123,9 @@ struct MountArgs {
     /// Compress the replication stream to remote mirrors with zstd.
     #[arg(long)]
     compress: bool,
+    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9108); off by default.
+    #[arg(long)]
+    metrics: Option<String>,
     /// Where mirrorfs keeps its journal and cursors (default: BACKING/.mirrorfs, hidden from the mount).
     #[arg(long)]
     state: Option<PathBuf>,
@@ -277,14 +280,20 @@ fn boot_id() -> String {
 }
 
 /// Whether this machine lost power (or crashed) since mirrorfs last ran with `state`: the boot
-/// id changed and the previous run did not stop cleanly. Records the current boot id.
+/// id changed and the previous run did not stop cleanly. Changes nothing: call [`record_boot`]
+/// once every cursor has been opened (and so has taken the power loss into account), so that a
+/// start killed before that still knows about the power loss next time.
 pub fn power_lost(state: &Path) -> bool {
     let last_boot = fs::read_to_string(state.join("boot_id")).unwrap_or_default();
     let clean = state.join("clean").exists();
-    let lost = !clean && !last_boot.is_empty() && last_boot.trim() != boot_id();
+    !clean && !last_boot.is_empty() && last_boot.trim() != boot_id()
+}
+
+/// Records this boot as the one mirrorfs runs in, and that the run is not (yet) clean.
+pub fn record_boot(state: &Path) -> Result<()> {
     let _ = fs::remove_file(state.join("clean"));
-    let _ = fs::write(state.join("boot_id"), boot_id());
-    lost
+    fs::write(state.join("boot_id"), boot_id())
+        .with_context(|| format!("cannot write {}", state.join("boot_id").display()))
 }
 
 fn mount(a: MountArgs) -> Result<()> {
@@ -473,11 +482,30 @@ fn mount(a: MountArgs) -> Result<()> {
         poisoned: AtomicBool::new(false),
     });
 
-    // The last record may not have reached the backing tree before a crash.
+    // The last record may not have reached the backing tree before a crash. If it is aborted,
+    // the Abort is made durable and settled before any mirror may look at the record.
     if let Some(last) = &report.last {
         if !clean {
             let mut bt = dirtree::DirTree::open(&backing)?;
             vol.resolve_in_doubt(&mut bt, last)?;
+            let end = {
+                let mut o = lock(&vol.order);
+                if let Some(plan) = o.journal.sync_plan() {
+                    use mirrorfs_core::journal::storage::SegmentFile;
+                    for (sid, f, _) in &plan.files {
+                        f.sync()
+                            .with_context(|| format!("fsync of journal segment {sid} failed"))?;
+                    }
+                    o.journal.mark_synced(&plan);
+                }
+                o.journal.next_seq() - 1
+            };
+            if end != horizon {
+                let mut p = lock(&vol.progress);
+                p.durable_seq = end;
+                p.settled_seq = end;
+                vol.settled.store(end, Ordering::Release);
+            }
         }
     }
 
@@ -538,6 +566,8 @@ fn mount(a: MountArgs) -> Result<()> {
         appliers.push(ap);
     }
 
+    // Every cursor has taken a power loss into account: from now on this boot is the one we run in.
+    record_boot(&state)?;
     let mut threads = Vec::new();
     {
         let v = vol.clone();
@@ -567,6 +597,10 @@ fn mount(a: MountArgs) -> Result<()> {
         );
     }
 
+    if let Some(addr) = &a.metrics {
+        let (v, mp) = (vol.clone(), mountpoint.clone());
+        status::serve_metrics(addr, Arc::new(move || status::metrics_text(&v, &mp)))?;
+    }
     let mut opts = vec![
         fuser::MountOption::FSName(format!("mirrorfs:{}", backing.display())),
         fuser::MountOption::Subtype("mirrorfs".into()),

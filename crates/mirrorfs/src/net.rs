@@ -119,9 +119,14 @@ impl Duplex {
     /// Sends one message (blocks until the socket took it, at most [`WRITE_TIMEOUT`] without
     /// progress). Safe to call from several threads.
     pub fn send(&self, msg: &Msg) -> io::Result<usize> {
-        let bytes = msg.encode(self.compress.load(std::sync::atomic::Ordering::Relaxed));
+        let bytes = self.encode(msg);
         self.send_raw(&bytes)?;
         Ok(bytes.len())
+    }
+
+    /// The wire frame of `msg` as this link sends it (compressed if negotiated).
+    pub fn encode(&self, msg: &Msg) -> Vec<u8> {
+        msg.encode(self.compress.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     /// Sends bytes that are already a wire frame (or, in fault tests, deliberately are not).

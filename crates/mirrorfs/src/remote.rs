@@ -349,11 +349,14 @@ fn stream(
                 batch.push(rec);
             }
             if let Some(last) = batch.last().map(|r| r.seq) {
-                let n = d.send(&Msg::Records {
+                let frame = d.encode(&Msg::Records {
                     settled,
                     records: batch,
-                })?;
-                lock(sender).sent(last, n as u64);
+                });
+                // Counted as sent before it is: the mirror may acknowledge it before
+                // `send_raw` returns.
+                lock(sender).sent(last, frame.len() as u64);
+                d.send_raw(&frame)?;
                 m.sent.store(last, Ordering::Release);
                 last_send = Instant::now();
                 vol.changed.notify_all();

@@ -58,6 +58,9 @@ pub struct ServeArgs {
     /// The journal's size limit in MiB.
     #[arg(long, default_value_t = 4096)]
     pub journal_max_mib: u64,
+    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9109); off by default.
+    #[arg(long)]
+    pub metrics: Option<String>,
 }
 
 /// `STATE/volume.json`: what DIR holds. Written atomically (temp file, fsync, rename, fsync of
@@ -275,7 +278,9 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     if meta.state == "consistent" || meta.state == "syncing" {
         let power_loss = crate::power_lost(&state);
         let mut cur = volume::open_cursor(&m)?;
-        match Applier::open(&mut cur, power_loss, horizon)? {
+        let opened = Applier::open(&mut cur, power_loss, horizon)?;
+        crate::record_boot(&state)?;
+        match opened {
             Some(mut ap) => {
                 if meta.state == "syncing" {
                     ap.set_syncing(Some(meta.sync_id));
@@ -297,6 +302,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
             }
         }
     }
+    crate::record_boot(&state)?;
     {
         let d = d.clone();
         std::thread::Builder::new()
@@ -307,6 +313,10 @@ pub fn serve(a: ServeArgs) -> Result<()> {
             })?;
     }
     let _reg = crate::status::register(&dir, &dir, &state)?;
+    if let Some(addr) = &a.metrics {
+        let d = d.clone();
+        crate::status::serve_metrics(addr, Arc::new(move || d.metrics_text()))?;
+    }
 
     let listener =
         TcpListener::bind(&a.listen).with_context(|| format!("cannot listen on {}", a.listen))?;
@@ -699,6 +709,48 @@ impl Daemon {
         Ok(())
     }
 
+    fn metrics_text(&self) -> String {
+        let (next, bytes) = {
+            let o = lock(&self.vol.order);
+            (o.journal.next_seq(), o.journal.bytes())
+        };
+        let rows = [
+            (
+                "received_seq",
+                "Last record received from the primary.",
+                (next - 1) as f64,
+            ),
+            (
+                "durable_seq",
+                "Every record up to this is durable in this mirror's journal.",
+                lock(&self.vol.progress).durable_seq as f64,
+            ),
+            (
+                "applied_seq",
+                "Last record applied to the mirror's tree.",
+                self.m.applied.load(Ordering::Acquire) as f64,
+            ),
+            (
+                "checkpoint_seq",
+                "Every record up to this is durably applied.",
+                self.m.checkpoint.load(Ordering::Acquire) as f64,
+            ),
+            ("journal_bytes", "Bytes of journal on disk.", bytes as f64),
+            (
+                "primary_connected",
+                "1 while a primary is connected.",
+                f64::from(u8::from(lock(&self.peer).is_some())),
+            ),
+        ];
+        let mut out = String::new();
+        for (name, help, v) in rows {
+            out.push_str(&format!(
+                "# HELP mirrorfs_mirror_{name} {help}\n# TYPE mirrorfs_mirror_{name} gauge\nmirrorfs_mirror_{name} {v}\n"
+            ));
+        }
+        out
+    }
+
     fn write_status(&self) {
         let meta = lock(&self.meta).clone();
         let (next, bytes, segs) = {
@@ -722,6 +774,7 @@ impl Daemon {
             "durable_seq": lock(&self.vol.progress).durable_seq,
             "applied_seq": self.m.applied.load(Ordering::Acquire),
             "checkpoint_seq": self.m.checkpoint.load(Ordering::Acquire),
+            "lag_ops": (next - 1).saturating_sub(self.m.applied.load(Ordering::Acquire)),
             "phase": serde_json::to_value(&*lock(&self.m.phase)).unwrap_or_default(),
             "journal_bytes": bytes,
             "journal_segments": segs,

@@ -52,8 +52,21 @@ struct MirrorStatus {
     path: String,
     #[serde(flatten)]
     phase: serde_json::Value,
+    /// Last record applied to the mirror's tree.
     applied_seq: u64,
+    /// Every record ≤ this is durable on the mirror (a local mirror: checkpointed in its tree;
+    /// a remote one: in its journal).
     durable_seq: u64,
+    /// Every record ≤ this is durably applied to the mirror's tree.
+    #[serde(default)]
+    checkpoint_seq: u64,
+    /// Remote mirrors: last record handed to the socket, and acknowledged as received.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sent_seq: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    received_seq: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    link: Option<crate::volume::LinkInfo>,
     lag_ops: u64,
     lag_bytes: u64,
     lag_seconds: f64,
@@ -64,12 +77,19 @@ struct VolumeStatus {
     mountpoint: String,
     pid: u32,
     ack: String,
+    #[serde(default)]
+    quorum: usize,
     journal_next_seq: u64,
     journal_durable_seq: u64,
     journal_bytes: u64,
     journal_segments: usize,
     journal_error: Option<String>,
     mirrors: Vec<MirrorStatus>,
+    /// Changes that exist durably nowhere but on this machine: lost if it died now.
+    #[serde(default)]
+    at_risk_ops: u64,
+    #[serde(default)]
+    at_risk_bytes: u64,
     updated_unix: i64,
 }
 
@@ -84,34 +104,53 @@ fn snapshot(vol: &Volume, mountpoint: &Path) -> VolumeStatus {
             o.journal.poisoned().map(str::to_string),
         )
     };
-    let appended_bytes = lock(&vol.progress).appended_bytes;
+    use crate::volume::Level;
     let mirrors = vol
         .mirrors
         .iter()
         .map(|m| {
             let applied = m.applied.load(Ordering::Acquire);
             let phase = serde_json::to_value(&*lock(&m.phase)).unwrap_or_default();
+            let remote = m.remote.is_some();
+            let durable = m.level(Level::Durable);
+            // Separate statements: each lock guard must be dropped before the next is taken.
+            let lag_bytes = lock(&vol.progress).bytes_after(applied);
+            let lag_seconds = vol.lag_seconds(applied);
             MirrorStatus {
                 path: m.name.clone(),
                 phase,
                 applied_seq: applied,
-                durable_seq: m.checkpoint.load(Ordering::Acquire),
+                durable_seq: durable,
+                checkpoint_seq: m.level(Level::Checkpoint),
+                sent_seq: remote.then(|| m.level(Level::Sent)),
+                received_seq: remote.then(|| m.level(Level::Received)),
+                link: remote.then(|| lock(&m.link).clone()),
                 lag_ops: (next - 1).saturating_sub(applied),
-                lag_bytes: appended_bytes.saturating_sub(m.applied_bytes.load(Ordering::Relaxed)),
-                lag_seconds: vol.lag_seconds(applied),
+                lag_bytes,
+                lag_seconds,
             }
         })
-        .collect();
+        .collect::<Vec<_>>();
+    let safe = vol
+        .mirrors
+        .iter()
+        .map(|m| m.level(Level::Durable))
+        .max()
+        .unwrap_or(0);
+    let at_risk_bytes = lock(&vol.progress).bytes_after(safe);
     VolumeStatus {
         mountpoint: mountpoint.display().to_string(),
         pid: std::process::id(),
         ack: format!("{:?}", vol.ack).to_lowercase(),
+        quorum: vol.quorum,
         journal_next_seq: next,
         journal_durable_seq: durable,
         journal_bytes: bytes,
         journal_segments: segs,
         journal_error: err,
         mirrors,
+        at_risk_ops: (next - 1).saturating_sub(safe),
+        at_risk_bytes,
         updated_unix: crate::sys::now().sec,
     }
 }
@@ -154,7 +193,11 @@ pub fn show(mountpoint: Option<&Path>, json: bool) -> Result<()> {
                 continue;
             };
             if let Ok(st) = serde_json::from_slice::<VolumeStatus>(&s) {
-                found.push(st);
+                found.push(serde_json::to_value(&st)?);
+            } else if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&s) {
+                if v.get("role").and_then(|r| r.as_str()) == Some("mirror") {
+                    found.push(v);
+                }
             }
         }
     }
@@ -176,8 +219,20 @@ pub fn show(mountpoint: Option<&Path>, json: bool) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
-    for s in &found {
-        println!("{} (pid {}, ack {})", s.mountpoint, s.pid, s.ack);
+    for v in &found {
+        if v.get("role").and_then(|r| r.as_str()) == Some("mirror") {
+            print_mirror_daemon(v);
+            continue;
+        }
+        let s: VolumeStatus = serde_json::from_value(v.clone())?;
+        println!(
+            "{} (pid {}, ack {}, quorum {})",
+            s.mountpoint, s.pid, s.ack, s.quorum
+        );
+        println!(
+            "  at risk if this machine died now: {} change(s), {} bytes (durable on no mirror)",
+            s.at_risk_ops, s.at_risk_bytes
+        );
         println!(
             "  journal: {} bytes in {} segment(s), last seq {}, durable through {}{}",
             s.journal_bytes,
@@ -202,9 +257,50 @@ pub fn show(mountpoint: Option<&Path>, json: bool) -> Result<()> {
                 "  mirror {}: {state}{detail}; applied {} (durable {}), lag {} ops / {} bytes / {:.3} s",
                 m.path, m.applied_seq, m.durable_seq, m.lag_ops, m.lag_bytes, m.lag_seconds
             );
+            if let Some(l) = &m.link {
+                println!(
+                    "    link: {}, peer {}, sent {} / received {} / durable {} / applied {}, {} bytes out, {} in, {} reconnect(s){}",
+                    if l.connected { "connected" } else { "disconnected" },
+                    l.peer.as_deref().unwrap_or("-"),
+                    m.sent_seq.unwrap_or(0),
+                    m.received_seq.unwrap_or(0),
+                    m.durable_seq,
+                    m.applied_seq,
+                    l.bytes_sent,
+                    l.bytes_received,
+                    l.reconnects,
+                    if l.compress { ", zstd" } else { "" }
+                );
+            }
         }
     }
     Ok(())
+}
+
+fn print_mirror_daemon(v: &serde_json::Value) {
+    let g = |k: &str| v.get(k).cloned().unwrap_or_default();
+    let n = |k: &str| v.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
+    println!(
+        "{} (mirror daemon, pid {}): copy {} of volume {} generation {}",
+        g("dir").as_str().unwrap_or("?"),
+        n("pid"),
+        g("copy").as_str().unwrap_or("?"),
+        g("volume_id").as_str().unwrap_or("-"),
+        n("generation")
+    );
+    println!(
+        "  primary: {}",
+        g("primary").as_str().unwrap_or("not connected")
+    );
+    println!(
+        "  received {} / durable {} / applied {} / checkpoint {}; journal {} bytes in {} segment(s)",
+        n("received_seq"),
+        n("durable_seq"),
+        n("applied_seq"),
+        n("checkpoint_seq"),
+        n("journal_bytes"),
+        n("journal_segments")
+    );
 }
 
 struct DemoMount {
@@ -327,5 +423,123 @@ pub fn demo() -> Result<()> {
     }
     fs::remove_dir_all(&base)?;
     println!("== demo done; temporary directories removed");
+    Ok(())
+}
+
+/// Prometheus text exposition of a mount's state.
+pub fn metrics_text(vol: &Volume, mountpoint: &Path) -> String {
+    let s = snapshot(vol, mountpoint);
+    let mut out = String::new();
+    let mut gauge = |name: &str, help: &str, rows: Vec<(String, f64)>| {
+        out.push_str(&format!(
+            "# HELP mirrorfs_{name} {help}\n# TYPE mirrorfs_{name} gauge\n"
+        ));
+        for (labels, v) in rows {
+            out.push_str(&format!("mirrorfs_{name}{labels} {v}\n"));
+        }
+    };
+    gauge(
+        "journal_last_seq",
+        "Seq of the last journal record.",
+        vec![(String::new(), (s.journal_next_seq - 1) as f64)],
+    );
+    gauge(
+        "journal_durable_seq",
+        "Every journal record up to this seq is durable.",
+        vec![(String::new(), s.journal_durable_seq as f64)],
+    );
+    gauge(
+        "journal_bytes",
+        "Bytes of journal on disk.",
+        vec![(String::new(), s.journal_bytes as f64)],
+    );
+    gauge(
+        "at_risk_ops",
+        "Changes durable on no mirror (lost if this machine died now).",
+        vec![(String::new(), s.at_risk_ops as f64)],
+    );
+    gauge(
+        "at_risk_bytes",
+        "Data bytes durable on no mirror.",
+        vec![(String::new(), s.at_risk_bytes as f64)],
+    );
+    let per = |f: &dyn Fn(&MirrorStatus) -> f64| -> Vec<(String, f64)> {
+        s.mirrors
+            .iter()
+            .map(|m| (format!("{{mirror=\"{}\"}}", m.path.replace('"', "'")), f(m)))
+            .collect()
+    };
+    gauge(
+        "mirror_applied_seq",
+        "Last record applied on the mirror.",
+        per(&|m| m.applied_seq as f64),
+    );
+    gauge(
+        "mirror_durable_seq",
+        "Every record up to this is durable on the mirror.",
+        per(&|m| m.durable_seq as f64),
+    );
+    gauge(
+        "mirror_lag_ops",
+        "Records not yet applied on the mirror.",
+        per(&|m| m.lag_ops as f64),
+    );
+    gauge(
+        "mirror_lag_bytes",
+        "Data bytes not yet applied on the mirror.",
+        per(&|m| m.lag_bytes as f64),
+    );
+    gauge(
+        "mirror_lag_seconds",
+        "Age of the oldest record not applied on the mirror.",
+        per(&|m| m.lag_seconds),
+    );
+    gauge(
+        "mirror_healthy",
+        "1 if the mirror is live or syncing (and, for a remote one, connected).",
+        per(&|m| {
+            let st = m.phase.get("state").and_then(|v| v.as_str()).unwrap_or("");
+            f64::from(u8::from(st == "live" || st == "syncing"))
+        }),
+    );
+    out
+}
+
+/// Serves `GET /metrics` (any path, in fact) on `addr` with the text `render` makes, until the
+/// process ends. One request at a time; requests are bounded to 8 KiB and 2 s.
+pub fn serve_metrics(addr: &str, render: Arc<dyn Fn() -> String + Send + Sync>) -> Result<()> {
+    use std::io::{Read as _, Write as _};
+    let listener = std::net::TcpListener::bind(addr)
+        .with_context(|| format!("cannot listen for metrics on {addr}"))?;
+    tracing::info!("metrics on http://{addr}/metrics");
+    std::thread::Builder::new()
+        .name("metrics".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut c) = conn else { continue };
+                let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
+                let _ = c.set_write_timeout(Some(Duration::from_secs(2)));
+                let mut req = [0u8; 8192];
+                let mut n = 0;
+                while n < req.len() {
+                    match c.read(&mut req[n..]) {
+                        Ok(0) | Err(_) => break,
+                        Ok(k) => {
+                            n += k;
+                            if req[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                                break;
+                            }
+                        }
+                    }
+                }
+                let body = render();
+                let _ = write!(
+                    c,
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
+                    body.len(),
+                    body
+                );
+            }
+        })?;
     Ok(())
 }

@@ -174,9 +174,43 @@ pub struct Progress {
     pub durable_seq: u64,
     pub settled_seq: u64,
     pub stopping: bool,
-    /// (seq, when appended), sampled, for lag in seconds.
-    pub samples: VecDeque<(u64, Instant)>,
+    /// (seq, when appended, `appended_bytes` then), sampled every 5 ms at most, for lag in
+    /// seconds and bytes. Bounded: the oldest samples are dropped.
+    pub samples: VecDeque<(u64, Instant, u64)>,
     pub appended_bytes: u64,
+}
+
+impl Progress {
+    /// Publishes `last` as settled, `bytes` of data appended with it.
+    pub fn settle(&mut self, last: u64, bytes: u64) {
+        self.settled_seq = last;
+        self.appended_bytes += bytes;
+        if self
+            .samples
+            .back()
+            .is_none_or(|(_, t, _)| t.elapsed() >= Duration::from_millis(5))
+        {
+            self.samples
+                .push_back((last, Instant::now(), self.appended_bytes));
+            while self.samples.len() > 4096 {
+                self.samples.pop_front();
+            }
+        }
+    }
+
+    /// Data bytes appended after record `seq` (approximate to one 5 ms sample).
+    pub fn bytes_after(&self, seq: u64) -> u64 {
+        if seq >= self.settled_seq {
+            return 0;
+        }
+        let before = self
+            .samples
+            .iter()
+            .take_while(|(s, _, _)| *s <= seq)
+            .last()
+            .map_or(0, |(_, _, b)| *b);
+        self.appended_bytes.saturating_sub(before)
+    }
 }
 
 pub struct Volume {
@@ -219,20 +253,7 @@ impl Volume {
         };
         self.settled.store(last, Ordering::Release);
         drop(o);
-        {
-            let mut p = lock(&self.progress);
-            p.settled_seq = last;
-            p.appended_bytes += bytes;
-            if p.samples
-                .back()
-                .is_none_or(|(_, t)| t.elapsed() >= Duration::from_millis(5))
-            {
-                p.samples.push_back((last, Instant::now()));
-                while p.samples.len() > 4096 {
-                    p.samples.pop_front();
-                }
-            }
-        }
+        lock(&self.progress).settle(last, bytes);
         self.changed.notify_all();
         match res {
             Ok(r) => {
@@ -257,20 +278,7 @@ impl Volume {
     pub fn settle(&self, o: MutexGuard<'_, Ordered>, last: u64, bytes: u64) {
         self.settled.store(last, Ordering::Release);
         drop(o);
-        {
-            let mut p = lock(&self.progress);
-            p.settled_seq = last;
-            p.appended_bytes += bytes;
-            if p.samples
-                .back()
-                .is_none_or(|(_, t)| t.elapsed() >= Duration::from_millis(5))
-            {
-                p.samples.push_back((last, Instant::now()));
-                while p.samples.len() > 4096 {
-                    p.samples.pop_front();
-                }
-            }
-        }
+        lock(&self.progress).settle(last, bytes);
         self.changed.notify_all();
     }
 
@@ -476,8 +484,8 @@ impl Volume {
         }
         p.samples
             .iter()
-            .find(|(s, _)| *s > applied)
-            .map_or(0.0, |(_, t)| t.elapsed().as_secs_f64())
+            .find(|(s, _, _)| *s > applied)
+            .map_or(0.0, |(_, t, _)| t.elapsed().as_secs_f64())
     }
 }
 
