@@ -78,9 +78,14 @@ pub enum Start {
     /// The mirror is empty (or holds an interrupted copy): copy the tree live through the journal
     /// with `sync_id`, streaming from `from` (the journal's next seq when the copy begins).
     InitialSync { from: u64, sync_id: u32 },
-    /// The journal no longer holds what the mirror needs (or the mirror asks for it): compare
-    /// block hashes and send only what differs, then resume. Never a silent full copy.
-    Resync { reason: String },
+    /// The journal no longer holds what the mirror needs (or the mirror asks for it): the
+    /// mirror sends its manifest (block hashes), the primary copies live through the journal
+    /// only what differs, with `sync_id`, streaming from `from`. Never a silent full copy.
+    Resync {
+        from: u64,
+        sync_id: u32,
+        reason: String,
+    },
 }
 
 /// The primary's side of one link.
@@ -194,6 +199,8 @@ impl Sender {
                 sync_id: new_sync_id,
             },
             MirrorState::NeedsResync => Start::Resync {
+                from: span.next_seq,
+                sync_id: new_sync_id,
                 reason: "the mirror reported that its copy must be resynchronised".into(),
             },
             MirrorState::Consistent if *durable >= span.next_seq => {
@@ -207,6 +214,8 @@ impl Sender {
                 ))
             }
             MirrorState::Consistent if durable + 1 < span.first_held => Start::Resync {
+                from: span.next_seq,
+                sync_id: new_sync_id,
                 reason: format!(
                     "the mirror needs records from {} but the journal holds only {} onward (it passed its size limit)",
                     durable + 1,
@@ -216,8 +225,9 @@ impl Sender {
             MirrorState::Consistent => Start::Resume { from: durable + 1 },
         };
         let from = match &start {
-            Start::Resume { from } | Start::InitialSync { from, .. } => *from,
-            Start::Resync { .. } => span.next_seq,
+            Start::Resume { from }
+            | Start::InitialSync { from, .. }
+            | Start::Resync { from, .. } => *from,
         };
         self.next_send = from;
         let base = from.saturating_sub(1);
@@ -245,7 +255,11 @@ impl Sender {
                 seq: *from,
                 sync_id: *sync_id,
             }),
-            Start::Resync { .. } => None,
+            Start::Resync { from, sync_id, .. } => Some(Msg::Start {
+                mode: StartMode::Resync,
+                seq: *from,
+                sync_id: *sync_id,
+            }),
         }
     }
 
@@ -351,6 +365,9 @@ pub enum Begin {
     /// Continue its journal at `seq` (its durable position + 1): records it holds past its durable
     /// position were never acknowledged and are replaced.
     Resume { seq: u64 },
+    /// Keep the tree, restart the journal at `seq`, send the manifest, and apply the resync
+    /// `sync_id` (idempotently) until its `SyncDone`.
+    Resync { seq: u64, sync_id: u32 },
     /// Discard its copy and journal, empty the tree, and restart the journal at `seq` with the
     /// initial copy `sync_id`; remember `volume_id`/`generation`.
     InitialSync {
@@ -458,6 +475,26 @@ impl Receiver {
                 }
                 Begin::Resume { seq }
             }
+            StartMode::Resync => {
+                let ours = volume_id == self.copy.volume_id
+                    && generation == self.copy.generation
+                    && self.copy.state != MirrorState::Empty;
+                if !ours {
+                    return Err(LinkError::new(
+                        error_code::REFUSED,
+                        false,
+                        "the primary asked for a resync, but this mirror holds no copy of its volume and generation",
+                    ));
+                }
+                if seq == 0 || sync_id == 0 {
+                    return Err(LinkError::new(
+                        error_code::BAD_FRAME,
+                        false,
+                        "resync with seq or sync id 0",
+                    ));
+                }
+                Begin::Resync { seq, sync_id }
+            }
             StartMode::InitialSync => {
                 let ours = self.copy.volume_id == volume_id && self.copy.generation == generation;
                 let allowed = match self.copy.state {
@@ -488,7 +525,9 @@ impl Receiver {
             }
         };
         self.expected = Some(match begin {
-            Begin::Resume { seq } | Begin::InitialSync { seq, .. } => seq,
+            Begin::Resume { seq } | Begin::Resync { seq, .. } | Begin::InitialSync { seq, .. } => {
+                seq
+            }
         });
         Ok(begin)
     }

@@ -47,7 +47,30 @@ pub mod msg_type {
     pub const PING: u8 = 6;
     pub const PONG: u8 = 7;
     pub const ERROR: u8 = 8;
+    pub const MANIFEST: u8 = 9;
+    pub const MANIFEST_END: u8 = 10;
 }
+
+/// Block size of the resync's per-file hashes.
+pub const RESYNC_BLOCK: u64 = 64 << 10;
+
+/// What a mirror holds at one path, for a block-hash resync.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManifestEntry {
+    pub path: crate::path::RelPath,
+    /// 1 regular file, 2 directory, 3 symlink, 4 anything else.
+    pub kind: u8,
+    pub size: u64,
+    /// Regular files: the index of the first block `hashes` covers (a large file's hashes come
+    /// in several entries, in order).
+    pub first_block: u64,
+    /// Regular files: blake3 of each `RESYNC_BLOCK` block from `first_block` on (the file's last
+    /// block may be short).
+    pub hashes: Vec<[u8; 32]>,
+}
+
+/// Most hashes one manifest entry carries (8 MiB of hashes, 16 GiB of file).
+pub const MANIFEST_HASHES_MAX: usize = 256 << 10;
 
 /// A volume's identity: random, made when the primary's state is created.
 pub type VolumeId = [u8; 16];
@@ -85,6 +108,9 @@ pub enum StartMode {
     /// The mirror must be (or be made) empty; an initial copy with `sync_id` follows as `Sync`
     /// records from `seq` on.
     InitialSync = 1,
+    /// The mirror keeps its tree, sends its manifest (per-file block hashes), and receives only
+    /// what differs as `Sync` records with `sync_id` from `seq` on.
+    Resync = 2,
 }
 
 /// Error codes of `Error` messages.
@@ -170,6 +196,14 @@ pub enum Msg {
     Error {
         code: u16,
         message: String,
+    },
+    /// Mirror → primary during a resync: part of its manifest.
+    Manifest {
+        entries: Vec<ManifestEntry>,
+    },
+    /// Mirror → primary: the manifest is complete (`count` entries in all).
+    ManifestEnd {
+        count: u64,
     },
 }
 
@@ -305,6 +339,8 @@ impl Msg {
             Msg::Ping { .. } => PING,
             Msg::Pong { .. } => PONG,
             Msg::Error { .. } => ERROR,
+            Msg::Manifest { .. } => MANIFEST,
+            Msg::ManifestEnd { .. } => MANIFEST_END,
         }
     }
 
@@ -379,6 +415,22 @@ impl Msg {
                 o.u16(*code);
                 o.text(message);
             }
+            Msg::Manifest { entries } => {
+                o.u32(entries.len() as u32);
+                for e in entries {
+                    let p = e.path.as_bytes();
+                    o.u16(p.len() as u16);
+                    o.0.extend_from_slice(p);
+                    o.u8(e.kind);
+                    o.u64(e.size);
+                    o.u64(e.first_block);
+                    o.u32(e.hashes.len() as u32);
+                    for h in &e.hashes {
+                        o.0.extend_from_slice(h);
+                    }
+                }
+            }
+            Msg::ManifestEnd { count } => o.u64(*count),
         }
         o.0
     }
@@ -411,6 +463,7 @@ impl Msg {
                 mode: match i.u8()? {
                     0 => StartMode::Resume,
                     1 => StartMode::InitialSync,
+                    2 => StartMode::Resync,
                     _ => return Err(WireError::Invalid("unknown start mode")),
                 },
                 seq: i.u64()?,
@@ -459,6 +512,48 @@ impl Msg {
                 code: i.u16()?,
                 message: i.text()?,
             },
+            MANIFEST => {
+                let count = i.u32()? as usize;
+                // Each entry takes at least 23 bytes: bound the count before allocating.
+                if count > body.len() / 23 {
+                    return Err(WireError::Invalid("manifest count exceeds the body"));
+                }
+                let mut entries = Vec::with_capacity(count);
+                for _ in 0..count {
+                    let n = i.u16()? as usize;
+                    let path = crate::path::RelPath::new(i.take(n)?.to_vec())
+                        .map_err(|_| WireError::Invalid("invalid path in manifest"))?;
+                    let kind = i.u8()?;
+                    if !(1..=4).contains(&kind) {
+                        return Err(WireError::Invalid("unknown manifest entry kind"));
+                    }
+                    let size = i.u64()?;
+                    let first_block = i.u64()?;
+                    let blocks = i.u32()? as usize;
+                    if blocks > (body.len() - i.at) / 32
+                        || blocks > MANIFEST_HASHES_MAX
+                        || (kind != 1 && (blocks != 0 || first_block != 0))
+                        || first_block.saturating_add(blocks as u64) > size.div_ceil(RESYNC_BLOCK)
+                    {
+                        return Err(WireError::Invalid("manifest hash count does not fit"));
+                    }
+                    let mut hashes = Vec::with_capacity(blocks);
+                    for _ in 0..blocks {
+                        let mut h = [0u8; 32];
+                        h.copy_from_slice(i.take(32)?);
+                        hashes.push(h);
+                    }
+                    entries.push(ManifestEntry {
+                        path,
+                        kind,
+                        size,
+                        first_block,
+                        hashes,
+                    });
+                }
+                Msg::Manifest { entries }
+            }
+            MANIFEST_END => Msg::ManifestEnd { count: i.u64()? },
             other => return Err(WireError::UnknownType(other)),
         };
         i.end()?;
@@ -616,6 +711,25 @@ mod tests {
                 code: error_code::VOLUME,
                 message: "nope".into(),
             },
+            Msg::Manifest {
+                entries: vec![
+                    ManifestEntry {
+                        path: RelPath::new(b"d/f".to_vec()).expect("path"),
+                        kind: 1,
+                        size: RESYNC_BLOCK + 1,
+                        first_block: 0,
+                        hashes: vec![[3; 32], [4; 32]],
+                    },
+                    ManifestEntry {
+                        path: RelPath::new(b"d".to_vec()).expect("path"),
+                        kind: 2,
+                        size: 4096,
+                        first_block: 0,
+                        hashes: vec![],
+                    },
+                ],
+            },
+            Msg::ManifestEnd { count: 2 },
         ]
     }
 
@@ -776,7 +890,7 @@ mod tests {
         }
 
         #[test]
-        fn any_bit_flip_is_refused(i in any::<prop::sample::Index>(), which in 0usize..7) {
+        fn any_bit_flip_is_refused(i in any::<prop::sample::Index>(), which in 0usize..9) {
             let m = all_kinds().swap_remove(which);
             let mut bytes = m.encode(false);
             let bit = i.index(bytes.len() * 8);

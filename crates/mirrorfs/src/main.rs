@@ -12,6 +12,7 @@ mod inodes;
 mod mirror;
 mod net;
 mod remote;
+mod resync;
 mod serve;
 mod status;
 mod store;

@@ -429,7 +429,7 @@ pub fn live_sync(
 }
 
 /// Keeps the initial sync from filling the journal: waits while the mirror is far behind.
-fn throttle(vol: &Volume, m: &MirrorShared) {
+pub(crate) fn throttle(vol: &Volume, m: &MirrorShared) {
     loop {
         let (behind, bytes, max) = {
             let o = lock(&vol.order);
@@ -455,7 +455,7 @@ fn ts(sec: i64, nsec: i64) -> mirrorfs_core::op::Timespec {
     }
 }
 
-fn xattrs(root: std::os::fd::BorrowedFd<'_>, path: &RelPath) -> Vec<(Vec<u8>, Vec<u8>)> {
+pub(crate) fn xattrs(root: std::os::fd::BorrowedFd<'_>, path: &RelPath) -> Vec<(Vec<u8>, Vec<u8>)> {
     let mut out = Vec::new();
     let Ok(fd) = sys::openat(root, path.as_at_path(), libc::O_PATH | libc::O_NOFOLLOW, 0) else {
         return out;

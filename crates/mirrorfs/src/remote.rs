@@ -166,21 +166,25 @@ fn session(
         })?;
     let needs_resync = m.state_dir.join("NEEDS_RESYNC").exists();
     let start = match start {
-        Start::Resume { .. } if needs_resync => Start::Resync {
+        Start::Resume { from } if needs_resync => Start::Resync {
+            from: span(vol).next_seq.max(from),
+            sync_id: new_id,
             reason: std::fs::read_to_string(m.state_dir.join("NEEDS_RESYNC")).unwrap_or_default(),
         },
         s => s,
     };
     let from = match &start {
-        Start::Resume { from } | Start::InitialSync { from, .. } => *from,
-        Start::Resync { reason } => {
-            return Err(anyhow!(
-                "this mirror must be resynchronised ({}); block-hash resync is not available in this build: \
-                 stop the mirror daemon, empty its directory, and it will receive a fresh initial copy",
-                reason.trim()
-            ));
+        Start::Resume { from } | Start::InitialSync { from, .. } | Start::Resync { from, .. } => {
+            *from
         }
     };
+    if let Start::Resync { reason, .. } = &start {
+        tracing::warn!(
+            "mirror {}: resynchronising by block hashes: {}",
+            m.name,
+            reason.trim()
+        );
+    }
     if let Some(msg) = Sender::start_msg(&start) {
         d.send(&msg)?;
     }
@@ -199,7 +203,86 @@ fn session(
         l.compress = cfg.compress;
         l.last_error = None;
     }
+    let mut manifest = None;
+    if let Start::Resync { .. } = &start {
+        set_phase(
+            m,
+            MirrorPhase::Syncing {
+                done_bytes: 0,
+                total_bytes: 0,
+            },
+        );
+        let mut mf = crate::resync::Manifest::default();
+        let mut heard = Instant::now();
+        loop {
+            match d.recv(&mut dec)? {
+                Some(Msg::Manifest { entries }) => {
+                    heard = Instant::now();
+                    for e in entries {
+                        mf.add(e)?;
+                    }
+                }
+                Some(Msg::ManifestEnd { count }) => {
+                    if count != mf.len() as u64 {
+                        return Err(anyhow!(
+                            "the mirror's manifest announced {count} entries but sent {}",
+                            mf.len()
+                        ));
+                    }
+                    break;
+                }
+                Some(Msg::Ping { nonce }) => {
+                    heard = Instant::now();
+                    d.send(&Msg::Pong { nonce })?;
+                }
+                Some(Msg::Error { code, message }) => {
+                    return Err(anyhow!(
+                        "the mirror refused the resync (code {code}): {message}"
+                    ))
+                }
+                Some(other) => {
+                    return Err(anyhow!(
+                        "unexpected message type {} during the manifest",
+                        other.type_code()
+                    ))
+                }
+                None if heard.elapsed() > DEAD_AFTER * 6 => {
+                    return Err(anyhow!("the mirror stopped sending its manifest"))
+                }
+                None => {}
+            }
+        }
+        tracing::info!(
+            "mirror {}: manifest of {} entries received",
+            m.name,
+            mf.len()
+        );
+        manifest = Some(mf);
+    }
     match start {
+        Start::Resync { sync_id, .. } => {
+            slot.id.store(sync_id, Ordering::Release);
+            slot.running.store(true, Ordering::Release);
+            let (v, mm, c, sl) = (vol.clone(), m.clone(), cfg.clone(), slot.clone());
+            let mf = manifest.take().unwrap_or_default();
+            std::thread::Builder::new()
+                .name("resync".into())
+                .spawn(move || {
+                    let r = crate::resync::live_resync(
+                        v.clone(),
+                        c.inodes.clone(),
+                        &c.backing,
+                        mm.clone(),
+                        c.hidden.clone(),
+                        mf,
+                    );
+                    if let Err(e) = r {
+                        tracing::error!("mirror {}: resync failed: {e}", mm.name);
+                    }
+                    sl.running.store(false, Ordering::Release);
+                    v.changed.notify_all();
+                })?;
+        }
         Start::InitialSync { sync_id, .. } => {
             set_phase(
                 m,

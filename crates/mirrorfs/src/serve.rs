@@ -498,6 +498,7 @@ impl Daemon {
                 volume_id,
                 generation,
             } => self.begin_initial_copy(seq, sync_id, volume_id, generation)?,
+            Begin::Resync { seq, sync_id } => self.begin_resync(link, seq, sync_id)?,
         }
         let done = Arc::new(AtomicBool::new(false));
         std::thread::scope(|s| -> Result<()> {
@@ -581,6 +582,54 @@ impl Daemon {
             done_bytes: 0,
             total_bytes: 0,
         };
+        Ok(())
+    }
+
+    /// A block-hash resync: keep the tree, restart the journal at `seq`, send the manifest;
+    /// the primary then streams only what differs, applied idempotently until its `SyncDone`.
+    fn begin_resync(&self, link: &Duplex, seq: u64, sync_id: u32) -> Result<()> {
+        tracing::info!(
+            "resync begins at record {seq}: sending the manifest of {}",
+            self.dir.display()
+        );
+        self.stop_worker();
+        let mut mm = lock(&self.meta).clone();
+        mm.state = "syncing".into();
+        mm.sync_id = sync_id;
+        write_meta(&self.state, &mm)?;
+        *lock(&self.meta) = mm;
+        lock(&self.vol.order).journal.restart_at(seq)?;
+        {
+            let mut p = lock(&self.vol.progress);
+            p.durable_seq = seq - 1;
+            p.settled_seq = seq - 1;
+        }
+        self.sync_done_at.store(0, Ordering::Release);
+        let mut ap = volume::new_applier_at(&self.m, seq - 1)?;
+        ap.set_syncing(Some(sync_id));
+        self.start_worker(ap)?;
+        let mut batch = Vec::new();
+        let mut batch_bytes = 0usize;
+        let mut last_ping = Instant::now();
+        let count = crate::resync::manifest(&self.dir, &self.reserved, |e| {
+            batch_bytes += e.path.as_bytes().len() + 32 + 32 * e.hashes.len();
+            batch.push(e);
+            if batch.len() >= crate::resync::MANIFEST_BATCH || batch_bytes >= 1 << 20 {
+                batch_bytes = 0;
+                link.send(&Msg::Manifest {
+                    entries: std::mem::take(&mut batch),
+                })?;
+                last_ping = Instant::now();
+            } else if last_ping.elapsed() > Duration::from_secs(1) {
+                link.send(&Msg::Ping { nonce: 0 })?;
+                last_ping = Instant::now();
+            }
+            Ok(())
+        })?;
+        if !batch.is_empty() {
+            link.send(&Msg::Manifest { entries: batch })?;
+        }
+        link.send(&Msg::ManifestEnd { count })?;
         Ok(())
     }
 

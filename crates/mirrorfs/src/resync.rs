@@ -1,0 +1,532 @@
+//! Block-hash resync of a remote mirror whose journal position is lost (the primary's journal
+//! passed its size limit while the mirror was away, or the mirror asked for it). Never a silent
+//! full copy, never a skipped change:
+//!
+//! 1. the mirror walks its tree and sends a manifest: every entry's kind and size, and for regular
+//!    files the blake3 hash of each 64 KiB block ([`manifest`]);
+//! 2. the primary copies live through the journal, as `Sync` records (like an initial copy, so
+//!    ordered with concurrent writes), but only what differs ([`live_resync`]): entries the mirror
+//!    has and the primary has not are removed; entries of the same kind are kept (only their
+//!    attributes are set); of each file only the blocks whose hash differs travel;
+//! 3. `SyncDone`: the mirror is consistent again once it applies it.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use mirrorfs_core::op::Op;
+use mirrorfs_core::path::RelPath;
+use mirrorfs_core::wire::{ManifestEntry, MANIFEST_HASHES_MAX, RESYNC_BLOCK};
+
+use crate::inodes::Inodes;
+use crate::sys;
+use crate::volume::{lock, MirrorPhase, MirrorShared, Volume};
+
+/// Entries per `Manifest` message.
+pub const MANIFEST_BATCH: usize = 256;
+/// Largest manifest the primary keeps in memory (hashes included); beyond it the resync is
+/// refused with a clear message rather than using unbounded memory.
+pub const MANIFEST_BYTES_MAX: usize = 512 << 20;
+
+fn kind_of(mode: u32) -> u8 {
+    match mode & libc::S_IFMT {
+        libc::S_IFREG => 1,
+        libc::S_IFDIR => 2,
+        libc::S_IFLNK => 3,
+        _ => 4,
+    }
+}
+
+/// Walks the mirror tree under `root` (skipping `reserved` at its root) and hands each entry to
+/// `emit`, parents before children.
+pub fn manifest(
+    root: &Path,
+    reserved: &[u8],
+    mut emit: impl FnMut(ManifestEntry) -> io::Result<()>,
+) -> io::Result<u64> {
+    let rootfd: OwnedFd = std::fs::File::open(root)?.into();
+    let mut count = 0u64;
+    let mut stack = vec![RelPath::root()];
+    let mut buf = vec![0u8; RESYNC_BLOCK as usize];
+    while let Some(dir) = stack.pop() {
+        let dfd = sys::openat(
+            rootfd.as_fd(),
+            dir.as_at_path(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+            0,
+        )?;
+        let mut entries = sys::read_dir_fd(dfd.as_fd())?;
+        entries.sort();
+        for (name, _) in entries {
+            if dir.is_root() && name == reserved {
+                continue;
+            }
+            let path = dir.join(&name).map_err(io::Error::other)?;
+            let st = sys::lstatat(dfd.as_fd(), OsStr::from_bytes(&name))?;
+            let kind = kind_of(st.st_mode);
+            if kind == 2 {
+                stack.push(path.clone());
+            }
+            if kind != 1 {
+                emit(ManifestEntry {
+                    path,
+                    kind,
+                    size: st.st_size as u64,
+                    first_block: 0,
+                    hashes: Vec::new(),
+                })?;
+                count += 1;
+                continue;
+            }
+            let f = sys::openat(
+                dfd.as_fd(),
+                OsStr::from_bytes(&name),
+                libc::O_RDONLY | libc::O_NOFOLLOW,
+                0,
+            )?;
+            let size = st.st_size as u64;
+            let blocks = size.div_ceil(RESYNC_BLOCK);
+            let mut first = 0u64;
+            // A large file's hashes travel in several entries, each bounded.
+            loop {
+                let n = (blocks - first).min(MANIFEST_HASHES_MAX as u64);
+                let hashes = block_hashes(f.as_fd(), size, first, n, &mut buf)?;
+                emit(ManifestEntry {
+                    path: path.clone(),
+                    kind,
+                    size,
+                    first_block: first,
+                    hashes,
+                })?;
+                count += 1;
+                first += n;
+                if first >= blocks {
+                    break;
+                }
+            }
+        }
+    }
+    Ok(count)
+}
+
+fn block_hashes(
+    fd: BorrowedFd<'_>,
+    size: u64,
+    first: u64,
+    n: u64,
+    buf: &mut [u8],
+) -> io::Result<Vec<[u8; 32]>> {
+    let mut out = Vec::with_capacity(n as usize);
+    let mut off = first * RESYNC_BLOCK;
+    let end = ((first + n) * RESYNC_BLOCK).min(size);
+    while off < end {
+        let want = RESYNC_BLOCK.min(size - off) as usize;
+        let n = read_full(fd, &mut buf[..want], off)?;
+        out.push(*blake3::hash(&buf[..n]).as_bytes());
+        off += want as u64;
+    }
+    Ok(out)
+}
+
+/// Reads up to `buf.len()` bytes at `off`, short only at the end of the file (then the rest of
+/// `buf` is zero, as the block of a file that shrank would read).
+fn read_full(fd: BorrowedFd<'_>, buf: &mut [u8], off: u64) -> io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        let n = sys::pread(fd, &mut buf[got..], off + got as u64)?;
+        if n == 0 {
+            break;
+        }
+        got += n;
+    }
+    buf[got..].fill(0);
+    Ok(buf.len())
+}
+
+/// The mirror's manifest as the primary keeps it.
+#[derive(Default)]
+pub struct Manifest {
+    entries: HashMap<Vec<u8>, ManifestEntry>,
+    bytes: usize,
+    count: usize,
+}
+
+impl Manifest {
+    /// Adds one entry; the pieces of a large file's hashes are joined (they must come in
+    /// order).
+    pub fn add(&mut self, e: ManifestEntry) -> io::Result<()> {
+        self.bytes += e.path.as_bytes().len() + 48 + e.hashes.len() * 32;
+        self.count += 1;
+        if self.bytes > MANIFEST_BYTES_MAX {
+            return Err(io::Error::other(format!(
+                "the mirror's manifest exceeds {MANIFEST_BYTES_MAX} bytes; resync it by emptying its directory (a fresh initial copy)"
+            )));
+        }
+        if e.first_block > 0 {
+            let prev = self.entries.get_mut(e.path.as_bytes()).filter(|p| {
+                p.kind == 1 && p.size == e.size && p.hashes.len() as u64 == e.first_block
+            });
+            let Some(prev) = prev else {
+                return Err(io::Error::other(
+                    "the mirror's manifest has a piece of a file out of order",
+                ));
+            };
+            prev.hashes.extend_from_slice(&e.hashes);
+            return Ok(());
+        }
+        self.entries.insert(e.path.as_bytes().to_vec(), e);
+        Ok(())
+    }
+
+    /// Entries received (pieces counted one by one, as `ManifestEnd` counts them).
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    fn get(&self, p: &RelPath) -> Option<&ManifestEntry> {
+        self.entries.get(p.as_bytes())
+    }
+}
+
+/// What the resync did, for the log and the benchmarks.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ResyncStats {
+    pub removed: u64,
+    pub kept: u64,
+    pub blocks_same: u64,
+    pub blocks_sent: u64,
+    pub bytes_sent: u64,
+}
+
+/// The primary's side of step 2 (see the module docs). Runs like `mirror::live_sync`, with the
+/// same ordering argument: the namespace under one hold of the order lock, then each block under
+/// its own hold, read from the file's current name.
+pub fn live_resync(
+    vol: Arc<Volume>,
+    inodes: Arc<Mutex<Inodes>>,
+    backing: &Path,
+    m: Arc<MirrorShared>,
+    hidden: Option<Vec<u8>>,
+    manifest: Manifest,
+) -> io::Result<ResyncStats> {
+    let id = crate::mirror::sync_id(&m);
+    let root: OwnedFd = std::fs::File::open(backing)?.into();
+    let root_ino = sys::fstat(root.as_fd())?.st_ino;
+    let mut stats = ResyncStats::default();
+    let mut files: Vec<(u64, RelPath, Option<Vec<[u8; 32]>>)> = Vec::new();
+    let mut total = 0u64;
+    {
+        let mut o = lock(&vol.order);
+        let mut emit = |op: Op| -> io::Result<()> {
+            o.journal
+                .append(&Op::Sync {
+                    mirror: id,
+                    op: Box::new(op),
+                })
+                .map(drop)
+                .map_err(io::Error::other)
+        };
+        // 1. What the mirror has and the primary has not (or of another kind): deepest first.
+        let mut extra: Vec<&ManifestEntry> = manifest
+            .entries
+            .values()
+            .filter(|e| match sys::lstatat(root.as_fd(), e.path.as_at_path()) {
+                Ok(st) => {
+                    kind_of(st.st_mode) != e.kind
+                        || (hidden.as_deref() == e.path.as_bytes().split(|b| *b == b'/').next())
+                }
+                Err(_) => true,
+            })
+            .collect();
+        extra.sort_by_key(|e| {
+            std::cmp::Reverse(e.path.as_bytes().iter().filter(|b| **b == b'/').count())
+        });
+        let removed: std::collections::HashSet<Vec<u8>> =
+            extra.iter().map(|e| e.path.as_bytes().to_vec()).collect();
+        for e in &extra {
+            let op = if e.kind == 2 {
+                Op::Rmdir {
+                    path: e.path.clone(),
+                }
+            } else {
+                Op::Unlink {
+                    path: e.path.clone(),
+                    nlink: 1,
+                }
+            };
+            emit(op)?;
+            stats.removed += 1;
+        }
+        let kept = |p: &RelPath, kind: u8| -> Option<&ManifestEntry> {
+            manifest
+                .get(p)
+                .filter(|e| e.kind == kind && !removed.contains(p.as_bytes()))
+        };
+        // 2. The namespace: entries the mirror has with the same kind are kept.
+        let mut links: HashMap<u64, RelPath> = HashMap::new();
+        let mut stack = vec![(RelPath::root(), false)];
+        while let Some((dir, done)) = stack.pop() {
+            let st = if dir.is_root() {
+                sys::fstat(root.as_fd())?
+            } else {
+                sys::lstatat(root.as_fd(), dir.as_at_path())?
+            };
+            if done {
+                emit(Op::SetTimes {
+                    path: dir,
+                    atime: None,
+                    mtime: Some(ts(st.st_mtime, st.st_mtime_nsec)),
+                })?;
+                continue;
+            }
+            stack.push((dir.clone(), true));
+            let dfd = sys::openat(
+                root.as_fd(),
+                dir.as_at_path(),
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+                0,
+            )?;
+            let mut entries = sys::read_dir_fd(dfd.as_fd())?;
+            entries.sort();
+            for (name, _) in entries {
+                if dir.is_root() && hidden.as_deref() == Some(&name[..]) {
+                    continue;
+                }
+                let path = dir.join(&name).map_err(io::Error::other)?;
+                let st = sys::lstatat(dfd.as_fd(), OsStr::from_bytes(&name))?;
+                let (uid, gid, mode) = (st.st_uid, st.st_gid, st.st_mode);
+                let kind = kind_of(mode);
+                let attrs = |path: &RelPath| {
+                    [
+                        Op::SetMode {
+                            path: path.clone(),
+                            mode: mode & 0o7777,
+                        },
+                        Op::SetOwner {
+                            path: path.clone(),
+                            uid: Some(uid),
+                            gid: Some(gid),
+                        },
+                    ]
+                };
+                match kind {
+                    2 => {
+                        if kept(&path, 2).is_some() {
+                            stats.kept += 1;
+                            for op in attrs(&path) {
+                                emit(op)?;
+                            }
+                        } else {
+                            emit(Op::Mkdir {
+                                path: path.clone(),
+                                mode: mode & 0o7777,
+                                uid,
+                                gid,
+                            })?;
+                        }
+                        stack.push((path.clone(), false));
+                    }
+                    1 => {
+                        if st.st_nlink > 1 {
+                            if let Some(first) = links.get(&st.st_ino) {
+                                emit(Op::Link {
+                                    from: first.clone(),
+                                    to: path.clone(),
+                                })?;
+                                continue;
+                            }
+                            links.insert(st.st_ino, path.clone());
+                        }
+                        let have = kept(&path, 1).map(|e| e.hashes.clone());
+                        if have.is_some() {
+                            stats.kept += 1;
+                            for op in attrs(&path) {
+                                emit(op)?;
+                            }
+                            emit(Op::Truncate {
+                                path: path.clone(),
+                                size: st.st_size as u64,
+                            })?;
+                        } else {
+                            emit(Op::Create {
+                                path: path.clone(),
+                                mode: mode & 0o7777,
+                                uid,
+                                gid,
+                            })?;
+                        }
+                        total += st.st_size as u64;
+                        files.push((st.st_ino, path.clone(), have));
+                    }
+                    3 => {
+                        let target = sys::readlinkat(dfd.as_fd(), OsStr::from_bytes(&name))?;
+                        emit(Op::Symlink {
+                            path: path.clone(),
+                            target,
+                            uid,
+                            gid,
+                        })?;
+                        emit(Op::SetTimes {
+                            path: path.clone(),
+                            atime: None,
+                            mtime: Some(ts(st.st_mtime, st.st_mtime_nsec)),
+                        })?;
+                        continue;
+                    }
+                    _ => emit(Op::Mknod {
+                        path: path.clone(),
+                        mode,
+                        rdev: st.st_rdev,
+                        uid,
+                        gid,
+                    })?,
+                }
+                for (xname, xval) in crate::mirror::xattrs(root.as_fd(), &path) {
+                    emit(Op::SetXattr {
+                        path: path.clone(),
+                        name: xname,
+                        value: xval,
+                        flags: 0,
+                    })?;
+                }
+            }
+        }
+        let rst = sys::fstat(root.as_fd())?;
+        emit(Op::SetMode {
+            path: RelPath::root(),
+            mode: rst.st_mode & 0o7777,
+        })?;
+        emit(Op::SetOwner {
+            path: RelPath::root(),
+            uid: Some(rst.st_uid),
+            gid: Some(rst.st_gid),
+        })?;
+        let last = o.journal.next_seq() - 1;
+        vol.settle(o, last, 0);
+    }
+    tracing::info!(
+        "mirror {}: resync: {} entries removed, {} kept, {} bytes of file data to compare",
+        m.name,
+        stats.removed,
+        stats.kept,
+        total
+    );
+    let pb = indicatif::ProgressBar::new(total);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} ({eta})")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    pb.set_message(format!("resync of {}", m.name));
+    let mut done = 0u64;
+    let mut buf = vec![0u8; RESYNC_BLOCK as usize];
+    for (ino, walked, have) in files {
+        let mut block = 0u64;
+        loop {
+            crate::mirror::throttle(&vol, &m);
+            if m.detached() {
+                return Err(io::Error::other("mirror detached during its resync"));
+            }
+            let o = lock(&vol.order);
+            let fuse_ino = if ino == root_ino {
+                crate::inodes::ROOT
+            } else {
+                ino
+            };
+            let path = match sys::lstatat(root.as_fd(), walked.as_at_path()) {
+                Ok(st) if st.st_ino == ino => Some(walked.clone()),
+                _ => lock(&inodes).path(fuse_ino),
+            };
+            let Some(path) = path else { break };
+            let Ok(f) = sys::openat(
+                root.as_fd(),
+                path.as_at_path(),
+                libc::O_RDONLY | libc::O_NOFOLLOW,
+                0,
+            ) else {
+                break;
+            };
+            let Ok(st) = sys::fstat(f.as_fd()) else { break };
+            if st.st_ino != ino {
+                break;
+            }
+            let size = st.st_size as u64;
+            let off = block * RESYNC_BLOCK;
+            if off >= size {
+                let mut o = o;
+                o.journal
+                    .append(&Op::Sync {
+                        mirror: id,
+                        op: Box::new(Op::SetTimes {
+                            path: path.clone(),
+                            atime: None,
+                            mtime: Some(ts(st.st_mtime, st.st_mtime_nsec)),
+                        }),
+                    })
+                    .map_err(io::Error::other)?;
+                let last = o.journal.next_seq() - 1;
+                vol.settle(o, last, 0);
+                break;
+            }
+            let want = RESYNC_BLOCK.min(size - off) as usize;
+            read_full(f.as_fd(), &mut buf[..want], off)?;
+            let same = have
+                .as_ref()
+                .and_then(|h| h.get(block as usize))
+                .is_some_and(|h| *h == *blake3::hash(&buf[..want]).as_bytes());
+            if same {
+                stats.blocks_same += 1;
+                drop(o);
+            } else {
+                let mut o = o;
+                let seq = o
+                    .journal
+                    .append(&Op::Sync {
+                        mirror: id,
+                        op: Box::new(Op::Write {
+                            path,
+                            offset: off,
+                            data: buf[..want].to_vec(),
+                        }),
+                    })
+                    .map_err(io::Error::other)?;
+                vol.settle(o, seq, want as u64);
+                stats.blocks_sent += 1;
+                stats.bytes_sent += want as u64;
+            }
+            block += 1;
+            done += want as u64;
+            pb.set_position(done.min(total));
+            *lock(&m.phase) = MirrorPhase::Syncing {
+                done_bytes: done,
+                total_bytes: total,
+            };
+        }
+    }
+    let mut o = lock(&vol.order);
+    let seq = o
+        .journal
+        .append(&Op::SyncDone { mirror: id })
+        .map_err(io::Error::other)?;
+    vol.settle(o, seq, 0);
+    pb.finish_and_clear();
+    let _ = std::fs::remove_file(m.state_dir.join("NEEDS_RESYNC"));
+    tracing::info!(
+        "mirror {}: resync streamed: {} blocks differed ({} bytes sent), {} blocks were the same; consistent once it applies record {seq}",
+        m.name,
+        stats.blocks_sent,
+        stats.bytes_sent,
+        stats.blocks_same
+    );
+    Ok(stats)
+}
+
+fn ts(sec: i64, nsec: i64) -> mirrorfs_core::op::Timespec {
+    mirrorfs_core::op::Timespec {
+        sec,
+        nsec: nsec as u32,
+    }
+}
