@@ -87,9 +87,28 @@ pub fn run_worker(vol: Arc<Volume>, m: Arc<MirrorShared>, mut applier: Applier) 
             Some(r) => Ok(Feed::Apply(r)),
             None => feed.next(&vol),
         };
+        let sync_done = matches!(&step, Ok(Feed::Apply(r))
+            if matches!(r.op, Op::SyncDone { mirror } if Some(mirror) == applier.syncing()));
         match step {
             Ok(Feed::Apply(rec)) => match applier.apply(&mut tree, &mut cursor, &rec) {
                 Ok(()) => {
+                    if sync_done {
+                        // The initial copy is complete. Once that is durable (a checkpoint past
+                        // `SyncDone`), drop the marker so a restart resumes from the cursor
+                        // instead of re-copying; if the checkpoint fails, the marker stays and
+                        // the next mount re-copies (safe).
+                        match applier.checkpoint(&mut tree, &mut cursor) {
+                            Ok(()) => {
+                                m.checkpoint
+                                    .store(applier.cursor().checkpoint, Ordering::Release);
+                                let _ = fs::remove_file(m.state_dir.join("SYNCING"));
+                            }
+                            Err(e) => tracing::warn!(
+                                "mirror {}: checkpoint after the initial sync failed: {e}",
+                                m.name
+                            ),
+                        }
+                    }
                     m.applied.store(rec.seq, Ordering::Release);
                     m.applied_bytes
                         .fetch_add(rec.op.data_len() as u64, Ordering::Relaxed);
