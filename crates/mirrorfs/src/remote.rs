@@ -113,6 +113,16 @@ struct SyncSlot {
     id: std::sync::atomic::AtomicU32,
 }
 
+/// Stops the copy running for `m` (if any) and waits until its thread has ended, so that at most
+/// one copy at a time appends `Sync` records for the mirror.
+fn stop_copy(m: &MirrorShared, slot: &SyncSlot) {
+    m.cancel_copy.store(true, Ordering::Release);
+    while slot.running.load(Ordering::Acquire) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    m.cancel_copy.store(false, Ordering::Release);
+}
+
 fn span(vol: &Volume) -> JournalSpan {
     let o = lock(&vol.order);
     JournalSpan {
@@ -261,6 +271,7 @@ fn session(
     }
     match start {
         Start::Resync { sync_id, .. } => {
+            stop_copy(m, slot);
             slot.id.store(sync_id, Ordering::Release);
             slot.running.store(true, Ordering::Release);
             let (v, mm, c, sl) = (vol.clone(), m.clone(), cfg.clone(), slot.clone());
@@ -291,9 +302,8 @@ fn session(
                     total_bytes: 0,
                 },
             );
-            if !slot.running.swap(true, Ordering::AcqRel)
-                || slot.id.load(Ordering::Acquire) != sync_id
             {
+                stop_copy(m, slot);
                 slot.id.store(sync_id, Ordering::Release);
                 slot.running.store(true, Ordering::Release);
                 let (v, mm, c, sl) = (vol.clone(), m.clone(), cfg.clone(), slot.clone());

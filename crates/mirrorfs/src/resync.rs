@@ -427,8 +427,10 @@ pub fn live_resync(
         let mut block = 0u64;
         loop {
             crate::mirror::throttle(&vol, &m);
-            if m.detached() {
-                return Err(io::Error::other("mirror detached during its resync"));
+            if m.copy_cancelled() {
+                return Err(io::Error::other(
+                    "resync stopped (mirror detached or copy restarted)",
+                ));
             }
             let o = lock(&vol.order);
             let fuse_ino = if ino == root_ino {

@@ -94,6 +94,8 @@ pub struct MirrorShared {
     pub want_durable: AtomicU64,
     /// Remote mirrors: the connection, for `status`.
     pub link: Mutex<LinkInfo>,
+    /// Set to stop a running initial copy or resync (a new one replaces it).
+    pub cancel_copy: AtomicBool,
 }
 
 /// What `status` shows of a remote mirror's connection.
@@ -128,6 +130,7 @@ impl MirrorShared {
             applied_bytes: AtomicU64::new(0),
             want_durable: AtomicU64::new(0),
             link: Mutex::new(LinkInfo::default()),
+            cancel_copy: AtomicBool::new(false),
         }
     }
 
@@ -142,6 +145,12 @@ impl MirrorShared {
             *lock(&self.phase),
             MirrorPhase::NeedsResync { .. } | MirrorPhase::Stopped
         )
+    }
+
+    /// Whether a running copy (initial sync or resync) must stop: the mirror was detached, or a
+    /// new copy replaces this one.
+    pub fn copy_cancelled(&self) -> bool {
+        self.detached() || self.cancel_copy.load(Ordering::Acquire)
     }
 
     /// The last seq this mirror has taken to `level`.
