@@ -160,7 +160,6 @@ impl Manifest {
     /// order).
     pub fn add(&mut self, e: ManifestEntry) -> io::Result<()> {
         self.bytes += e.path.as_bytes().len() + 48 + e.hashes.len() * 32;
-        self.count += 1;
         if self.bytes > MANIFEST_BYTES_MAX {
             return Err(io::Error::other(format!(
                 "the mirror's manifest exceeds {MANIFEST_BYTES_MAX} bytes; resync it by emptying its directory (a fresh initial copy)"
@@ -176,9 +175,11 @@ impl Manifest {
                 ));
             };
             prev.hashes.extend_from_slice(&e.hashes);
+            self.count += 1;
             return Ok(());
         }
         self.entries.insert(e.path.as_bytes().to_vec(), e);
+        self.count += 1;
         Ok(())
     }
 
@@ -530,5 +531,87 @@ fn ts(sec: i64, nsec: i64) -> mirrorfs_core::op::Timespec {
     mirrorfs_core::op::Timespec {
         sec,
         nsec: nsec as u32,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn manifest_lists_every_entry_with_block_hashes_and_skips_the_state_dir() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let root = t.path();
+        std::fs::create_dir_all(root.join("d/e")).expect("mkdir");
+        std::fs::create_dir_all(root.join(".mirrorfs/journal")).expect("mkdir state");
+        let big: Vec<u8> = (0..(RESYNC_BLOCK as usize * 2 + 100))
+            .map(|i| (i % 251) as u8)
+            .collect();
+        std::fs::write(root.join("d/big"), &big).expect("write");
+        std::fs::write(root.join("empty"), b"").expect("write");
+        std::os::unix::fs::symlink("d/big", root.join("link")).expect("symlink");
+        let mut got = Vec::new();
+        let n = manifest(root, b".mirrorfs", |e| {
+            got.push(e);
+            Ok(())
+        })
+        .expect("manifest");
+        assert_eq!(n as usize, got.len());
+        let mut names: Vec<_> = got
+            .iter()
+            .map(|e| {
+                (
+                    String::from_utf8_lossy(e.path.as_bytes()).to_string(),
+                    e.kind,
+                )
+            })
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            vec![
+                ("d".into(), 2),
+                ("d/big".into(), 1),
+                ("d/e".into(), 2),
+                ("empty".into(), 1),
+                ("link".into(), 3)
+            ]
+        );
+        let big_e = got
+            .iter()
+            .find(|e| e.path.as_bytes() == b"d/big")
+            .expect("big");
+        assert_eq!(big_e.hashes.len(), 3);
+        let b = RESYNC_BLOCK as usize;
+        assert_eq!(big_e.hashes[0], *blake3::hash(&big[..b]).as_bytes());
+        assert_eq!(big_e.hashes[2], *blake3::hash(&big[2 * b..]).as_bytes());
+        let empty = got
+            .iter()
+            .find(|e| e.path.as_bytes() == b"empty")
+            .expect("empty");
+        assert!(empty.hashes.is_empty());
+    }
+
+    #[test]
+    fn manifest_pieces_join_in_order_only() {
+        let p = RelPath::new(b"f".to_vec()).expect("path");
+        let piece = |first: u64, n: usize| ManifestEntry {
+            path: p.clone(),
+            kind: 1,
+            size: RESYNC_BLOCK * 4,
+            first_block: first,
+            hashes: vec![[first as u8; 32]; n],
+        };
+        let mut m = Manifest::default();
+        m.add(piece(0, 2)).expect("first piece");
+        assert!(m.add(piece(3, 1)).is_err(), "a gap is refused");
+        m.add(piece(2, 2)).expect("next piece");
+        assert_eq!(m.get(&p).map(|e| e.hashes.len()), Some(4));
+        assert_eq!(m.len(), 2, "pieces are counted as ManifestEnd counts them");
+        let mut orphan = Manifest::default();
+        assert!(
+            orphan.add(piece(1, 1)).is_err(),
+            "a piece without its start"
+        );
     }
 }
