@@ -161,7 +161,9 @@ pub fn run_worker(vol: Arc<Volume>, m: Arc<MirrorShared>, mut applier: Applier) 
                     vol.changed.notify_all();
                     return;
                 }
-                let _ = vol.changed.wait_timeout(p, Duration::from_millis(100));
+                if !feed.moved(&p) {
+                    let _ = vol.changed.wait_timeout(p, Duration::from_millis(100));
+                }
             }
             Err(e) => {
                 let reason = format!("cannot read the journal: {e}");
@@ -348,8 +350,10 @@ pub fn live_sync(
         let mut off = 0u64;
         loop {
             throttle(&vol, &m);
-            if m.detached() {
-                return Err(io::Error::other("mirror detached during its initial sync"));
+            if m.copy_cancelled() {
+                return Err(io::Error::other(
+                    "initial sync stopped (mirror detached or copy restarted)",
+                ));
             }
             let mut o = lock(&vol.order);
             let fuse_ino = if ino == root_ino {
@@ -460,7 +464,7 @@ pub(crate) fn throttle(vol: &Volume, m: &MirrorShared) {
                 o.journal.config().journal_bytes_max,
             )
         };
-        if (behind < 4096 && bytes < max / 2) || m.detached() {
+        if (behind < 4096 && bytes < max / 2) || m.copy_cancelled() {
             return;
         }
         std::thread::sleep(Duration::from_millis(5));

@@ -503,6 +503,17 @@ impl Volume {
 pub struct RecordFeed {
     reader: Reader<crate::store::FileSegment>,
     pending: Option<Record>,
+    /// (durable, settled) as the last `next` saw them: a waiter must not sleep if they moved
+    /// since (the wake-up it would wait for has already happened).
+    seen: (u64, u64),
+}
+
+impl RecordFeed {
+    /// Whether progress moved since the last [`RecordFeed::next`] (checked under the progress
+    /// lock before waiting on `Volume::changed`, so no wake-up is lost).
+    pub fn moved(&self, p: &Progress) -> bool {
+        (p.durable_seq, p.settled_seq) != self.seen
+    }
 }
 
 pub enum Feed {
@@ -516,6 +527,7 @@ impl RecordFeed {
         RecordFeed {
             reader: Reader::new(next_seq),
             pending: None,
+            seen: (0, 0),
         }
     }
 
@@ -534,6 +546,7 @@ impl RecordFeed {
             let p = lock(&vol.progress);
             (p.durable_seq, p.settled_seq)
         };
+        self.seen = (durable, settled);
         let limit = durable.min(settled);
         if self.pending.is_none() {
             match self.read(vol, limit)? {
