@@ -21,6 +21,7 @@
 mod fs;
 mod primary;
 mod run;
+mod net; pub use net::{run_net_seed, run_net_variant, trace_net_seed, trace_net_variant, NetStats, NetVariant};
 
 pub use fs::{CrashReport, EntryInfo, FsState, SimTree, SnapEntry, Snapshot};
 pub use primary::{Planned, Primary};
