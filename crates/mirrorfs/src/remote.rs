@@ -198,6 +198,13 @@ fn session(
     if let Some(msg) = Sender::start_msg(&start) {
         d.send(&msg)?;
     }
+    // The settled watermark at once: a restarted mirror holds its last record back until it
+    // knows the record's fate, and an idle primary would otherwise never say it.
+    let settled_now = lock(&vol.progress).settled_seq;
+    d.send(&Msg::Records {
+        settled: settled_now,
+        records: Vec::new(),
+    })?;
     let base = from - 1;
     for a in [&m.sent, &m.received, &m.durable] {
         a.store(base, Ordering::Release);

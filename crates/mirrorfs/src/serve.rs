@@ -231,6 +231,17 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         );
     }
     let horizon = journal.next_seq() - 1;
+    // The last record's fate (an Abort may follow it) is unknown until the primary says, unless
+    // it is itself an Abort (then everything before it is decided).
+    let last_is_abort = matches!(
+        report.last.as_ref().map(|r| &r.op),
+        Some(mirrorfs_core::op::Op::Abort { .. })
+    );
+    let settled0 = if last_is_abort {
+        horizon
+    } else {
+        horizon.saturating_sub(1)
+    };
     let m = Arc::new(MirrorShared::new(
         dir.display().to_string(),
         dir.clone(),
@@ -241,15 +252,14 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         order: Mutex::new(Ordered { journal }),
         progress: Mutex::new(Progress {
             durable_seq: 0,
-            // The last record's fate (an Abort may follow it) is unknown until the primary says.
-            settled_seq: horizon.saturating_sub(1),
+            settled_seq: settled0,
             ..Progress::default()
         }),
         changed: Condvar::new(),
         mirrors: vec![m.clone()],
         ack: AckMode::Async,
         quorum: 1,
-        settled: AtomicU64::new(horizon.saturating_sub(1)),
+        settled: AtomicU64::new(settled0),
         poisoned: AtomicBool::new(false),
     });
     // Records that survived a crash of this process may not have been fsynced: make them durable
@@ -683,7 +693,9 @@ impl Daemon {
                         let mut p = lock(&self.vol.progress);
                         // The primary's settled watermark: a record ≤ it is final once the next
                         // record is known, or if it is the watermark itself.
-                        p.settled_seq = p.settled_seq.max(settled);
+                        // The connected primary's latest word: it only grows during one primary's
+                        // life, and a restarted primary may have lost records it announced.
+                        p.settled_seq = settled;
                         p.appended_bytes +=
                             records.iter().map(|r| r.op.data_len() as u64).sum::<u64>();
                     }
