@@ -9,6 +9,7 @@ mod common;
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use common::{sys, tree_diff, wait_until, Cmp, Layout, Mount};
@@ -297,7 +298,18 @@ struct Env {
     mnt: PathBuf,
 }
 
+/// Set once a case failed (proptest is shrinking from then on).
+static SHRINKING: AtomicBool = AtomicBool::new(false);
+
 fn run_case(env: &Env, ops: &[Op]) -> Result<(), TestCaseError> {
+    let r = check_case(env, ops);
+    if r.is_err() {
+        SHRINKING.store(true, Ordering::Relaxed);
+    }
+    r
+}
+
+fn check_case(env: &Env, ops: &[Op]) -> Result<(), TestCaseError> {
     clear_dir(&env.plain);
     clear_dir(&env.mnt);
     let mut trace = Vec::new();
@@ -325,7 +337,14 @@ fn run_case(env: &Env, ops: &[Op]) -> Result<(), TestCaseError> {
     // The mirror follows: everything, mtimes included.
     let (backing, mirror) = (env.m.backing(), env.m.mirror());
     let mut last = Vec::new();
-    let ok = wait_until(Duration::from_secs(60), || {
+    // Generous at first; once a case failed, shrinking retries many cases, so a mirror that
+    // diverged is given up on sooner.
+    let patience = if SHRINKING.load(Ordering::Relaxed) {
+        Duration::from_secs(5)
+    } else {
+        Duration::from_secs(60)
+    };
+    let ok = wait_until(patience, || {
         last = tree_diff(backing, mirror, &Cmp::FULL);
         last.is_empty()
     });
