@@ -17,11 +17,19 @@
 //!   data independently (a crash keeps any subset, optionally torn at page boundaries).
 //! - [`Primary`] (in `primary.rs`): the seeded workload, applied to a reference tree and journaled.
 //! - [`run_seed`] (in `run.rs`): the simulation loop and its invariants.
+//! - [`run_net_seed`] (in `net.rs`): a primary journal streaming to a remote mirror through the
+//!   real `link::Sender`/`link::Receiver` and `wire` codec over a faulty network (chunking,
+//!   delay, partitions, cut tails, corrupted and stale frames), with kills and power losses of
+//!   both sides, and its invariants.
 
 mod fs;
+mod net;
 mod primary;
 mod run;
-mod net; pub use net::{run_net_seed, run_net_variant, trace_net_seed, trace_net_variant, NetStats, NetVariant};
+
+pub use net::{
+    run_net_seed, run_net_variant, trace_net_seed, trace_net_variant, NetStats, NetVariant,
+};
 
 pub use fs::{CrashReport, EntryInfo, FsState, SimTree, SnapEntry, Snapshot};
 pub use primary::{Planned, Primary};
