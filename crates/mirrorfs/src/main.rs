@@ -252,11 +252,34 @@ fn canon(p: &Path, what: &str) -> Result<PathBuf> {
     Ok(c)
 }
 
+/// Creates and removes a probe file in `dir`, then puts the directory's times back (a mirror's
+/// root mtime is part of the copy).
 fn check_writable(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let before = fs::metadata(dir)?;
     let probe = dir.join(format!(".mirrorfs-probe-{}", std::process::id()));
     fs::write(&probe, b"probe")
         .with_context(|| format!("mirror {} is not writable", dir.display()))?;
     fs::remove_file(&probe).with_context(|| format!("mirror {} is not writable", dir.display()))?;
+    let times = [
+        libc::timespec {
+            tv_sec: before.atime(),
+            tv_nsec: before.atime_nsec(),
+        },
+        libc::timespec {
+            tv_sec: before.mtime(),
+            tv_nsec: before.mtime_nsec(),
+        },
+    ];
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())?;
+    // SAFETY: a valid NUL-terminated path and two timespecs.
+    if unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), 0) } != 0 {
+        tracing::warn!(
+            "could not restore the times of {}: {}",
+            dir.display(),
+            std::io::Error::last_os_error()
+        );
+    }
     Ok(())
 }
 
@@ -648,6 +671,10 @@ fn mount(a: MountArgs) -> Result<()> {
     config.clone_fd = a.threads > 1;
     // SAFETY: umask has no preconditions; modes are applied exactly by mirrorfs itself.
     unsafe { libc::umask(0) };
+    // Signal handlers before the mount appears: a SIGTERM at any moment after it unmounts cleanly.
+    let term = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGINT, term.clone())?;
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, term.clone())?;
     let fs_impl = fuse::MirrorFs::new(vol.clone(), &backing, hidden.clone())?;
     let inodes = fs_impl.inodes();
     let session = fuser::Session::new(fs_impl, &mountpoint, &config)
@@ -701,9 +728,6 @@ fn mount(a: MountArgs) -> Result<()> {
             })?;
     }
 
-    let term = Arc::new(AtomicBool::new(false));
-    signal_hook::flag::register(signal_hook::consts::SIGINT, term.clone())?;
-    signal_hook::flag::register(signal_hook::consts::SIGTERM, term.clone())?;
     while !term.load(Ordering::Relaxed) && !bg.guard.is_finished() {
         std::thread::sleep(Duration::from_millis(50));
     }

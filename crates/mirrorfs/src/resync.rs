@@ -193,6 +193,9 @@ impl Manifest {
     }
 }
 
+/// A file's blake3 block hashes, as the mirror reported them.
+type BlockHashes = Vec<[u8; 32]>;
+
 /// What the resync did, for the log and the benchmarks.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct ResyncStats {
@@ -218,7 +221,8 @@ pub fn live_resync(
     let root: OwnedFd = std::fs::File::open(backing)?.into();
     let root_ino = sys::fstat(root.as_fd())?.st_ino;
     let mut stats = ResyncStats::default();
-    let mut files: Vec<(u64, RelPath, Option<Vec<[u8; 32]>>)> = Vec::new();
+    // (inode, name when walked, the mirror's block hashes if it has the file).
+    let mut files: Vec<(u64, RelPath, Option<BlockHashes>)> = Vec::new();
     let mut total = 0u64;
     {
         let mut o = lock(&vol.order);
