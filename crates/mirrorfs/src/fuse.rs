@@ -181,15 +181,22 @@ impl MirrorFs {
 
     /// Records the parent directory's times after a namespace change, so mirrors keep them.
     fn touch_parent(&self, p: &RelPath) {
-        let Some(parent) = p.parent() else { return };
-        if let Ok(st) = self.lstat(&parent) {
+        if let Some(parent) = p.parent() {
+            self.touch(parent);
+        }
+    }
+
+    /// Records an entry's mtime as the backing tree has it (after it was created or truncated:
+    /// applying that change on a mirror gives the mirror's entry the mirror's own clock).
+    fn touch(&self, p: RelPath) {
+        if let Ok(st) = self.lstat(&p) {
             let mtime = Some(Timespec {
                 sec: st.st_mtime,
                 nsec: st.st_mtime_nsec as u32,
             });
             let _ = self.vol.mutate(
                 Op::SetTimes {
-                    path: parent,
+                    path: p,
                     atime: None,
                     mtime,
                 },
@@ -365,7 +372,11 @@ impl Filesystem for MirrorFs {
             Ok(p) => p,
             Err(e) => {
                 // Unlinked but open: change it through the descriptor; nothing visible to mirror.
-                let Some(h) = self.handle_of_ino(ino.0) else {
+                // The caller's own descriptor first: another one may be read-only.
+                let Some(h) = fh
+                    .and_then(|f| self.handle(f).ok())
+                    .or_else(|| self.handle_of_ino(ino.0))
+                else {
                     return reply.error(e);
                 };
                 return reply_unlinked_setattr(self, &h, mode, uid, gid, size, atime, mtime, reply);
@@ -392,6 +403,7 @@ impl Filesystem for MirrorFs {
                         },
                     )
                     .map(drop)?;
+                self.touch(p.clone());
             }
             if uid.is_some() || gid.is_some() {
                 self.vol
@@ -518,6 +530,7 @@ impl Filesystem for MirrorFs {
         });
         match r {
             Ok(_) => {
+                self.touch(p.clone());
                 self.touch_parent(&p);
                 self.entry(parent, name, &p, reply)
             }
@@ -557,6 +570,7 @@ impl Filesystem for MirrorFs {
         );
         match r {
             Ok(_) => {
+                self.touch(p.clone());
                 self.touch_parent(&p);
                 self.entry(parent, name, &p, reply)
             }
@@ -645,6 +659,7 @@ impl Filesystem for MirrorFs {
         );
         match r {
             Ok(_) => {
+                self.touch(p.clone());
                 self.touch_parent(&p);
                 self.entry(parent, link_name, &p, reply)
             }
@@ -1265,6 +1280,7 @@ impl Filesystem for MirrorFs {
             Ok((fd, _)) => fd,
             Err(e) => return reply.error(err(e)),
         };
+        self.touch(p.clone());
         self.touch_parent(&p);
         let st = match sys::fstat(fd.as_fd()) {
             Ok(st) => st,

@@ -273,18 +273,13 @@ pub fn live_sync(
                     }
                     libc::S_IFLNK => {
                         let target = sys::readlinkat(dfd.as_fd(), OsStr::from_bytes(&name))?;
+                        // Its xattrs (security.*, trusted.*) and times follow below.
                         emit(Op::Symlink {
                             path: path.clone(),
                             target,
                             uid,
                             gid,
                         })?;
-                        emit(Op::SetTimes {
-                            path: path.clone(),
-                            atime: None,
-                            mtime: Some(ts(st.st_mtime, st.st_mtime_nsec)),
-                        })?;
-                        continue;
                     }
                     _ => emit(Op::Mknod {
                         path: path.clone(),

@@ -1,0 +1,530 @@
+//! The command line: refusals (clear message, non-zero exit, nothing mounted), help texts,
+//! `status --json` on a live mount, clean unmount on SIGINT and SIGTERM, read-only mounts and
+//! the demo.
+
+mod common;
+
+use std::ffi::{OsStr, OsString};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::sys;
+use common::{
+    assert_trees_equal, is_mounted, mkdir755, run_expecting_failure, wait_until, Layout, Mount, BIN,
+};
+
+const CATCH_UP: Duration = Duration::from_secs(60);
+
+/// The tests of this file run one at a time (see `semantics.rs`): a process spawned by one test
+/// while another has files open on its mount can make that mount's unmount fail with EBUSY.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A layout with one mirror, mounted with its state directory outside the backing directory
+/// (so that the backing and mirror trees compare equal, root link count included).
+fn mount(tag: &str, extra: &[&str]) -> Mount {
+    let layout = Layout::new(tag, 1);
+    let state = layout.base.join("state");
+    let state = state.to_str().expect("UTF-8 temp path").to_string();
+    let mut args: Vec<&str> = vec!["--state", &state];
+    args.extend_from_slice(extra);
+    Mount::start(layout, &args)
+}
+
+fn os(p: &Path) -> OsString {
+    p.as_os_str().to_owned()
+}
+
+/// `mirrorfs mount BACKING MNT --mirror M... EXTRA` must fail; returns its stderr, after
+/// checking the mountpoint was left alone.
+fn refused(backing: &Path, mnt: &Path, mirrors: &[&Path], extra: &[&str]) -> String {
+    let mut args: Vec<OsString> = vec!["mount".into(), os(backing), os(mnt)];
+    for m in mirrors {
+        args.push("--mirror".into());
+        args.push(os(m));
+    }
+    args.extend(extra.iter().map(OsString::from));
+    let refs: Vec<&OsStr> = args.iter().map(OsString::as_os_str).collect();
+    let out = run_expecting_failure(&refs, mnt.exists().then_some(mnt));
+    assert_eq!(out.status.code(), Some(1), "exit status of a refusal");
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        err.contains("mirrorfs: error:"),
+        "refusal without the error prefix:\n{err}"
+    );
+    if mnt.exists() {
+        assert!(
+            !is_mounted(mnt),
+            "{} mounted after a refusal",
+            mnt.display()
+        );
+    }
+    err
+}
+
+fn assert_mentions(err: &str, words: &[&str]) {
+    for w in words {
+        assert!(
+            err.contains(w),
+            "the message does not mention {w:?}:\n{err}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// refusals
+
+#[test]
+fn refuses_missing_mountpoint_and_backing() {
+    let _serial = serial();
+    let l = Layout::new("cli-missing", 1);
+    let nowhere = l.base.join("no-such-mountpoint");
+    let err = refused(&l.backing, &nowhere, &[l.mirror()], &[]);
+    assert_mentions(
+        &err,
+        &["mountpoint", "does not exist", "no-such-mountpoint"],
+    );
+
+    let nob = l.base.join("no-such-backing");
+    let err = refused(&nob, &l.mnt, &[l.mirror()], &[]);
+    assert_mentions(
+        &err,
+        &["backing directory", "does not exist", "no-such-backing"],
+    );
+
+    let nom = l.base.join("no-such-mirror");
+    let err = refused(&l.backing, &l.mnt, &[&nom], &[]);
+    assert_mentions(&err, &["mirror", "does not exist", "no-such-mirror"]);
+
+    // A file is not a directory.
+    let file = l.base.join("a-file");
+    fs::write(&file, b"x").expect("write");
+    let err = refused(&l.backing, &file, &[l.mirror()], &[]);
+    assert_mentions(&err, &["not a directory"]);
+    // Nothing was created by the refusals.
+    assert!(!nowhere.exists() && !nob.exists() && !nom.exists());
+}
+
+#[test]
+fn refuses_overlapping_directories() {
+    let _serial = serial();
+    let l = Layout::new("cli-overlap", 1);
+    // Mirror equal to the backing directory.
+    let err = refused(&l.backing, &l.mnt, &[&l.backing], &[]);
+    assert_mentions(&err, &["overlaps the backing directory"]);
+    // Mirror inside the backing directory.
+    let inside = l.backing.join("sub");
+    mkdir755(&inside);
+    let err = refused(&l.backing, &l.mnt, &[&inside], &[]);
+    assert_mentions(&err, &["overlaps the backing directory", "sub"]);
+    // Backing directory inside the mirror.
+    let outer = l.base.join("outer");
+    let inner_backing = outer.join("data");
+    mkdir755(&inner_backing);
+    let err = refused(&inner_backing, &l.mnt, &[&outer], &[]);
+    assert_mentions(&err, &["overlaps the backing directory"]);
+    // Mountpoint equal to the backing directory.
+    let err = refused(&l.backing, &l.backing, &[l.mirror()], &[]);
+    assert_mentions(&err, &["same"]);
+    // Mirror inside the mountpoint.
+    let under_mnt = l.mnt.join("m");
+    mkdir755(&under_mnt);
+    let err = refused(&l.backing, &l.mnt, &[&under_mnt], &[]);
+    assert_mentions(&err, &["inside the mountpoint"]);
+    fs::remove_dir(&under_mnt).expect("rmdir");
+    // The same mirror twice.
+    let err = refused(&l.backing, &l.mnt, &[l.mirror(), l.mirror()], &[]);
+    assert_mentions(&err, &["given twice"]);
+    // Nothing was written into the backing directory's tree by the mirror checks.
+    assert!(!inside.join(".mirrorfs-probe").exists());
+}
+
+/// Undoes `chattr +i` (and removes a bind mount) even if the test fails.
+struct Restore(Vec<Vec<String>>);
+
+impl Drop for Restore {
+    fn drop(&mut self) {
+        for cmd in &self.0 {
+            let _ = Command::new(&cmd[0])
+                .args(&cmd[1..])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+fn run(cmd: &[&str]) -> bool {
+    Command::new(cmd[0])
+        .args(&cmd[1..])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+#[test]
+fn refuses_a_mirror_that_is_not_writable() {
+    let _serial = serial();
+    let l = Layout::new("cli-rofs", 2);
+    // 1. An immutable directory (chattr +i): even root cannot create entries in it.
+    let imm = l.mirrors[0].to_str().expect("utf-8").to_string();
+    let _undo_imm = Restore(vec![vec!["chattr".into(), "-i".into(), imm.clone()]]);
+    assert!(run(&["chattr", "+i", &imm]), "chattr +i {imm}");
+    assert_eq!(
+        sys::mkdir(&l.mirrors[0].join("probe"), 0o755),
+        Err(libc::EPERM),
+        "an immutable directory must refuse root"
+    );
+    let err = refused(&l.backing, &l.mnt, &[&l.mirrors[0]], &[]);
+    assert_mentions(&err, &["is not writable", &imm]);
+
+    // 2. A read-only bind mount.
+    let ro = l.mirrors[1].to_str().expect("utf-8").to_string();
+    let _undo_ro = Restore(vec![
+        vec!["umount".into(), ro.clone()],
+        vec!["umount".into(), "-l".into(), ro.clone()],
+    ]);
+    assert!(run(&["mount", "--bind", &ro, &ro]), "bind mount");
+    assert!(
+        run(&["mount", "-o", "remount,bind,ro", &ro]),
+        "remount read-only"
+    );
+    assert_eq!(
+        sys::mkdir(&l.mirrors[1].join("probe"), 0o755),
+        Err(libc::EROFS),
+        "read-only bind mount must refuse root"
+    );
+    let err = refused(&l.backing, &l.mnt, &[&l.mirrors[1]], &[]);
+    assert_mentions(&err, &["is not writable", &ro]);
+}
+
+#[test]
+fn refuses_a_second_instance_on_the_same_backing_directory() {
+    let _serial = serial();
+    // Default state directory (BACKING/.mirrorfs), where the instance lock lives.
+    let mut m = Mount::start(Layout::new("cli-twice", 1), &[]);
+    let mnt2 = m.layout.base.join("mnt2");
+    mkdir755(&mnt2);
+    let other_mirror = m.layout.base.join("other-mirror");
+    mkdir755(&other_mirror);
+    let args: Vec<OsString> = vec![
+        "mount".into(),
+        os(m.backing()),
+        os(&mnt2),
+        "--mirror".into(),
+        os(&other_mirror),
+    ];
+    let refs: Vec<&OsStr> = args.iter().map(OsString::as_os_str).collect();
+    let out = run_expecting_failure(&refs, Some(&mnt2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_mentions(
+        &err,
+        &[
+            "another mirrorfs",
+            &format!("pid {}", m.pid()),
+            "already serving",
+        ],
+    );
+    assert!(!is_mounted(&mnt2));
+    assert_eq!(
+        fs::read_dir(&other_mirror).expect("readdir").count(),
+        0,
+        "the refused instance touched its mirror"
+    );
+    // The first instance is unaffected.
+    fs::write(m.p("still-works"), b"yes").expect("write through the first mount");
+    assert_eq!(fs::read(m.p("still-works")).expect("read"), b"yes");
+    assert!(wait_until(CATCH_UP, || m
+        .mirror()
+        .join("still-works")
+        .exists()));
+    m.unmount();
+}
+
+#[test]
+fn non_empty_new_mirror_needs_force_resync() {
+    let _serial = serial();
+    let l = Layout::new("cli-nonempty", 1);
+    fs::write(l.backing.join("kept"), b"from backing").expect("write");
+    fs::write(l.mirror().join("stale"), b"someone else's").expect("write");
+    fs::create_dir(l.mirror().join("stale-dir")).expect("mkdir");
+    let state = l.base.join("state");
+    let st = state.to_str().expect("utf-8");
+    let err = refused(&l.backing, &l.mnt, &[l.mirror()], &["--state", st]);
+    assert_mentions(&err, &["not empty", "--force-resync"]);
+    assert_eq!(
+        fs::read(l.mirror().join("stale")).expect("stale file"),
+        b"someone else's",
+        "a refused mount must not touch the mirror"
+    );
+    // With --force-resync the mirror's contents are replaced by a copy of the backing tree.
+    let mut m = Mount::start(l, &["--state", st, "--force-resync"]);
+    let ok = wait_until(CATCH_UP, || {
+        m.status()
+            .is_some_and(|s| s["mirrors"][0]["state"] == "live")
+    });
+    assert!(ok, "mirror never became live:\n{}", m.log());
+    assert!(!m.mirror().join("stale").exists(), "stale file survived");
+    assert!(!m.mirror().join("stale-dir").exists(), "stale dir survived");
+    m.wait_mirror_equal(CATCH_UP);
+    m.unmount();
+    assert_trees_equal(m.backing(), m.mirror());
+}
+
+// ---------------------------------------------------------------------------------------------
+// help, status
+
+fn output(args: &[&str]) -> (bool, String, String) {
+    let o = Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run mirrorfs");
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).to_string(),
+        String::from_utf8_lossy(&o.stderr).to_string(),
+    )
+}
+
+#[test]
+fn help_texts_mention_the_options() {
+    let _serial = serial();
+    let (ok, out, _) = output(&["--help"]);
+    assert!(ok, "mirrorfs --help failed");
+    assert_mentions(&out, &["mount", "status", "demo", "mirror"]);
+    let (ok, out, _) = output(&["mount", "--help"]);
+    assert!(ok, "mirrorfs mount --help failed");
+    assert_mentions(
+        &out,
+        &[
+            "BACKING",
+            "MOUNTPOINT",
+            "--mirror",
+            "--ack",
+            "async",
+            "sync",
+            "--state",
+            "-o",
+            "allow_other",
+            "--journal-max-mib",
+            "--force-resync",
+            "--threads",
+        ],
+    );
+    let (ok, out, _) = output(&["status", "--help"]);
+    assert!(ok, "mirrorfs status --help failed");
+    assert_mentions(&out, &["--json", "MOUNTPOINT"]);
+    // A usage error is reported, with a non-zero exit.
+    let (ok, _, err) = output(&["mount"]);
+    assert!(!ok, "mount without arguments succeeded");
+    assert_mentions(&err, &["required"]);
+    let (ok, _, err) = output(&["no-such-command"]);
+    assert!(!ok);
+    assert_mentions(&err, &["no-such-command"]);
+}
+
+#[test]
+fn status_json_on_a_live_mount() {
+    let _serial = serial();
+    let mut m = mount("cli-status", &[]);
+    for i in 0..20 {
+        fs::write(m.p(format!("f{i}")), vec![b'x'; 10_000]).expect("write");
+    }
+    // Eventually live with no lag.
+    let mut last = None;
+    let ok = wait_until(CATCH_UP, || {
+        last = m.status();
+        last.as_ref()
+            .is_some_and(|s| s["mirrors"][0]["state"] == "live" && s["mirrors"][0]["lag_ops"] == 0)
+    });
+    assert!(
+        ok,
+        "status never showed a live mirror without lag: {last:?}"
+    );
+    let s = last.expect("status");
+    assert_eq!(s["mountpoint"], m.mnt().to_str().expect("utf-8"));
+    assert_eq!(s["pid"].as_u64(), Some(m.pid() as u64));
+    assert_eq!(s["ack"], "async");
+    let journal_bytes = s["journal_bytes"].as_u64().expect("journal_bytes");
+    assert!(
+        journal_bytes >= 200_000,
+        "20 writes of 10 KB are in the journal: {journal_bytes}"
+    );
+    assert!(s["journal_segments"].as_u64().expect("journal_segments") >= 1);
+    let next = s["journal_next_seq"].as_u64().expect("journal_next_seq");
+    let mirrors = s["mirrors"].as_array().expect("mirrors array");
+    assert_eq!(mirrors.len(), 1);
+    let mi = &mirrors[0];
+    assert_eq!(mi["path"], m.mirror().to_str().expect("utf-8"));
+    let applied = mi["applied_seq"].as_u64().expect("applied_seq");
+    assert_eq!(applied, next - 1, "applied position after catching up");
+    assert!(applied >= 40, "at least create+write per file: {applied}");
+    assert_eq!(mi["lag_ops"].as_u64(), Some(0));
+    assert_eq!(mi["lag_bytes"].as_u64(), Some(0));
+    let lag_s = mi["lag_seconds"].as_f64().expect("lag_seconds");
+    assert!((0.0..1.0).contains(&lag_s), "lag_seconds {lag_s}");
+    assert!(mi["durable_seq"].as_u64().is_some(), "durable_seq");
+    // The text form shows the same things.
+    let (ok, out, err) = output(&["status", m.mnt().to_str().expect("utf-8")]);
+    assert!(ok, "status failed: {err}");
+    assert_mentions(&out, &["journal", "mirror", "live", "lag"]);
+    // Without a mountpoint: every mount (this one among them).
+    let (ok, out, _) = output(&["status", "--json"]);
+    assert!(ok);
+    assert!(out.contains(m.mnt().to_str().expect("utf-8")));
+    m.unmount();
+    // After the unmount: a clear refusal.
+    let (ok, _, err) = output(&["status", m.mnt().to_str().expect("utf-8"), "--json"]);
+    assert!(!ok, "status of an unmounted directory succeeded");
+    assert_mentions(&err, &["no running mirrorfs mount"]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// signals, read-only, demo
+
+/// Sends `sig` to the mount's process and waits until it has exited (a zombie: the guard reaps
+/// it and checks its exit status).
+fn signal_and_wait_exit(m: &Mount, sig: i32) {
+    let pid = m.pid();
+    // SAFETY: kill(2) on our own child's pid (not reaped yet, so the pid is still ours).
+    assert_eq!(unsafe { libc::kill(pid as libc::pid_t, sig) }, 0);
+    let stat = PathBuf::from(format!("/proc/{pid}/stat"));
+    let exited = wait_until(Duration::from_secs(90), || {
+        fs::read_to_string(&stat)
+            .map(|s| {
+                s.rsplit_once(')')
+                    .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+            })
+            .unwrap_or(true)
+    });
+    assert!(exited, "mirrorfs did not exit after signal {sig}");
+}
+
+fn signal_unmounts_cleanly(tag: &str, sig: i32) {
+    let _serial = serial();
+    let mut m = mount(tag, &[]);
+    fs::create_dir(m.p("d")).expect("mkdir");
+    let f = sys::open(&m.p("d/f"), libc::O_CREAT | libc::O_RDWR, 0o644).expect("create");
+    sys::write_all(&f, &common::pattern(1, 300_000)).expect("write");
+    drop(f);
+    signal_and_wait_exit(&m, sig);
+    assert!(!is_mounted(m.mnt()), "still mounted after signal {sig}");
+    // The guard reaps the process: exit status 0, nothing mounted.
+    m.unmount();
+    assert!(
+        m.log().contains("unmounted"),
+        "no unmount message:\n{}",
+        m.log()
+    );
+    // Drained on the way out: the mirror equals the backing tree.
+    assert_trees_equal(m.backing(), m.mirror());
+    // And the next mount resumes without a new initial sync.
+    m.remount();
+    fs::write(m.p("after"), b"after restart").expect("write");
+    m.wait_mirror_equal(CATCH_UP);
+    m.unmount();
+}
+
+#[test]
+fn sigint_unmounts_cleanly() {
+    signal_unmounts_cleanly("cli-sigint", libc::SIGINT);
+}
+
+#[test]
+fn sigterm_unmounts_cleanly() {
+    signal_unmounts_cleanly("cli-sigterm", libc::SIGTERM);
+}
+
+#[test]
+fn read_only_mount_refuses_writes() {
+    let _serial = serial();
+    let l = Layout::new("cli-ro", 1);
+    fs::write(l.backing.join("existing"), b"content").expect("write");
+    fs::create_dir(l.backing.join("dir")).expect("mkdir");
+    let state = l.base.join("state");
+    let st = state.to_str().expect("utf-8").to_string();
+    let mut m = Mount::start(l, &["--state", &st, "-o", "ro"]);
+    let p = |n: &str| m.p(n);
+    assert_eq!(fs::read(p("existing")).expect("read"), b"content");
+    assert_eq!(
+        sys::open(&p("new"), libc::O_CREAT | libc::O_WRONLY, 0o644).map(|_| ()),
+        Err(libc::EROFS),
+        "create"
+    );
+    assert_eq!(
+        sys::open(&p("existing"), libc::O_WRONLY, 0).map(|_| ()),
+        Err(libc::EROFS),
+        "open for writing"
+    );
+    assert_eq!(
+        sys::truncate(&p("existing"), 0),
+        Err(libc::EROFS),
+        "truncate"
+    );
+    assert_eq!(sys::mkdir(&p("d2"), 0o755), Err(libc::EROFS), "mkdir");
+    assert_eq!(sys::unlink(&p("existing")), Err(libc::EROFS), "unlink");
+    assert_eq!(sys::rmdir(&p("dir")), Err(libc::EROFS), "rmdir");
+    assert_eq!(
+        sys::rename2(&p("existing"), &p("moved"), 0),
+        Err(libc::EROFS),
+        "rename"
+    );
+    assert_eq!(sys::chmod(&p("existing"), 0o600), Err(libc::EROFS), "chmod");
+    assert_eq!(
+        sys::lsetxattr(&p("existing"), "user.x", b"v", 0),
+        Err(libc::EROFS),
+        "setxattr"
+    );
+    assert_eq!(sys::symlink(b"x", &p("l")), Err(libc::EROFS), "symlink");
+    // The backing tree is unchanged; the mirror got its copy all the same.
+    assert_eq!(
+        fs::read(m.backing().join("existing")).expect("read"),
+        b"content"
+    );
+    m.wait_mirror_equal(CATCH_UP);
+    m.unmount();
+}
+
+#[test]
+fn demo_runs_and_exits_zero() {
+    let _serial = serial();
+    let mut child = Command::new(BIN)
+        .arg("demo")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn mirrorfs demo");
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait demo") {
+            break st;
+        }
+        if t0.elapsed() > Duration::from_secs(180) {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+            let out = child.wait_with_output().expect("demo output");
+            panic!(
+                "demo did not finish within 180 s:\n{}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let out = child.wait_with_output().expect("demo output");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        status.success(),
+        "demo failed ({status}):\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_mentions(&stdout, &["mirrorfs mount", "identical", "demo done"]);
+}
