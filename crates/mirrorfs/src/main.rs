@@ -733,7 +733,24 @@ fn mount(a: MountArgs) -> Result<()> {
     }
     tracing::info!("unmounting {}", mountpoint.display());
     if let Err(e) = bg.umount_and_join() {
-        tracing::warn!("unmount: {e}");
+        // Busy (a process still has something open on it): detach it lazily rather than leave
+        // a dead mount behind when this process exits.
+        tracing::warn!(
+            "unmount: {e}; detaching {} lazily (it disappears once nothing uses it)",
+            mountpoint.display()
+        );
+        if sys::is_mountpoint(&mountpoint) {
+            if let Ok(c) = std::ffi::CString::new(mountpoint.as_os_str().as_bytes()) {
+                // SAFETY: a valid NUL-terminated path.
+                if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
+                    tracing::warn!(
+                        "lazy unmount of {} failed: {}",
+                        mountpoint.display(),
+                        std::io::Error::last_os_error()
+                    );
+                }
+            }
+        }
     }
     // Drain: make the journal durable, let mirrors catch up and checkpoint, then stop.
     let target = vol.wait_journal_durable();
