@@ -2,7 +2,7 @@
 //! several targets and prints one table with a column per target and, for the
 //! FUSE targets, the ratio to the native directory measured in the same run.
 //!
-//! Targets (`--targets`, default all three, always run in this order):
+//! Targets (`--targets`, default all four, always run in this order):
 //! - `native`: a plain directory in a fresh temp dir under `--workdir`
 //!   (default `/var/tmp/mirrorfs-bench`) on the local disk: the baseline.
 //! - `bindfs`: `bindfs SRC MNT`, a plain FUSE passthrough, i.e. the cost of
@@ -11,6 +11,15 @@
 //!   [--mirrorfs-args ...]` run in the foreground; ready once MNT shows up in
 //!   `/proc/self/mountinfo` (10 s timeout), stopped with SIGTERM. A target
 //!   that cannot be set up is reported as skipped; the others still run.
+//! - `mirrorfs-net`: `mirrorfs serve MIRROR --listen 127.0.0.1:PORT` and a
+//!   mount with `--mirror mirror://127.0.0.1:PORT`, with identities made for
+//!   the run (`mirrorfs init/trust --config DIR`, in the temp dir). It has its
+//!   own table (see `net.rs`): replication rate of a `--size-mib` write vs the
+//!   local write+fsync (plain, `--compress` with zeros and random data, `--ack
+//!   durable`), network mirror lag, bytes on the wire for a 4 KiB overwrite
+//!   in a `--overwrite-file-mib` file vs `rsync`, and bytes sent to resume
+//!   after `--outage-mib` MiB written while the daemon was stopped. Nothing of
+//!   it (identities, rsync) is needed unless it is selected.
 //!
 //! Workloads, run on each target one after the other, each in a fresh
 //! subdirectory. Only the operations named are timed (wall clock, open to
@@ -33,12 +42,16 @@
 //!   then verified byte for byte); *lag*: 200 times, create a file with 100
 //!   random bytes, close, then poll the mirror copy (50 µs sleeps) until it
 //!   is identical: p50/p99/max of close→identical; *burst lag*: write 1,000
-//!   files of 1 KiB as fast as possible, time from the last close until all
-//!   are identical on the mirror. Every wait times out after 30 s.
-//! - mirrorfs only: VmHWM and VmRSS of the mirrorfs process at the end.
+//!   files of 1 KiB as fast as possible while a second thread polls the
+//!   mirror: p50/p99 of each file's close→identical, and the time from the
+//!   last close until all are identical. Every wait times out after 30 s.
+//! - mirrorfs only: the mirrorfs process's VmRSS and the mirror backlog
+//!   (`lag_bytes` in its status.json) sampled every 20 ms during all the
+//!   workloads (peaks), and its VmHWM and VmRSS at the end.
 //!
 //! `--quick` shrinks everything for CI smoke tests (64 MiB file, 5,000
-//! random writes, 1,000 small files, 50 lag samples, burst of 200).
+//! random writes, 1,000 small files, 50 lag samples, burst of 200; network:
+//! 32 MiB overwrite file, 16 MiB outage).
 //! `--markdown` prints the table as Markdown for docs/benchmarks.md.
 //!
 //! Fairness measures (each found to matter on a 2-core Firecracker VM):
@@ -51,6 +64,7 @@
 //! error and on Ctrl-C (a second Ctrl-C exits at once).
 
 mod mounts;
+mod net;
 mod report;
 mod workloads;
 
@@ -76,6 +90,10 @@ pub enum TargetKind {
     Native,
     Bindfs,
     Mirrorfs,
+    /// mirrorfs with a `mirrorfs serve` daemon on loopback as its mirror.
+    #[value(name = "mirrorfs-net")]
+    #[serde(rename = "mirrorfs-net")]
+    Net,
 }
 
 impl TargetKind {
@@ -84,7 +102,13 @@ impl TargetKind {
             TargetKind::Native => "native",
             TargetKind::Bindfs => "bindfs",
             TargetKind::Mirrorfs => "mirrorfs",
+            TargetKind::Net => "mirrorfs-net",
         }
+    }
+
+    /// The network target has its own table.
+    pub fn in_main_table(self) -> bool {
+        self != TargetKind::Net
     }
 }
 
@@ -93,7 +117,11 @@ impl TargetKind {
 #[command(name = "mirrorfs-bench", version, about, long_about = None)]
 struct Args {
     /// Targets to run, comma separated.
-    #[arg(long, value_delimiter = ',', default_value = "native,bindfs,mirrorfs")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "native,bindfs,mirrorfs,mirrorfs-net"
+    )]
     targets: Vec<TargetKind>,
     /// Directory on the local disk under which a fresh temp dir is made.
     #[arg(long, default_value = "/var/tmp/mirrorfs-bench")]
@@ -125,6 +153,12 @@ struct Args {
     /// Number of files in the mirror lag burst [default: 1000, 200 with --quick].
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     burst_files: Option<u64>,
+    /// Size of the file with the 4 KiB overwrite (network target) [default: 256, 32 with --quick].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    overwrite_file_mib: Option<u64>,
+    /// MiB written while the mirror daemon is stopped (network target) [default: 512, 16 with --quick].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    outage_mib: Option<u64>,
     /// MiB of RAM to fault in (and free) before the first target, so that a
     /// VM's slow first touch of guest memory does not skew the first target
     /// [default: 2 x (2 x size + rand file) + 1024, at most half of MemAvailable; 0: off].
@@ -145,13 +179,15 @@ struct Args {
 }
 
 #[derive(Debug, Clone, Serialize)]
-struct Sizes {
-    file_mib: u64,
-    rand_file_mib: u64,
-    rand_writes: u64,
-    small_files: u64,
-    lag_samples: u64,
-    burst_files: u64,
+pub struct Sizes {
+    pub file_mib: u64,
+    pub rand_file_mib: u64,
+    pub rand_writes: u64,
+    pub small_files: u64,
+    pub lag_samples: u64,
+    pub burst_files: u64,
+    pub overwrite_file_mib: u64,
+    pub outage_mib: u64,
 }
 
 impl Sizes {
@@ -165,19 +201,24 @@ impl Sizes {
             small_files: a.small_files.unwrap_or(if q { 1_000 } else { 10_000 }),
             lag_samples: a.lag_samples.unwrap_or(if q { 50 } else { 200 }),
             burst_files: a.burst_files.unwrap_or(if q { 200 } else { 1_000 }),
+            overwrite_file_mib: a.overwrite_file_mib.unwrap_or(if q { 32 } else { 256 }),
+            outage_mib: a.outage_mib.unwrap_or(if q { 16 } else { 512 }),
         }
     }
 
     fn describe(&self) -> String {
         format!(
             "sequential file {} MiB (1 MiB I/O); {} random 4 KiB writes into a {} MiB file; \
-             {} small files of 4 KiB; {} lag samples of 100 B; lag burst of {} files of 1 KiB",
+             {} small files of 4 KiB; {} lag samples of 100 B; lag burst of {} files of 1 KiB; \
+             network: 4 KiB overwrite in a {} MiB file, {} MiB written during the outage",
             self.file_mib,
             self.rand_writes,
             self.rand_file_mib,
             self.small_files,
             self.lag_samples,
-            self.burst_files
+            self.burst_files,
+            self.overwrite_file_mib,
+            self.outage_mib
         )
     }
 }
@@ -321,7 +362,7 @@ fn run(args: &Args) -> Result<()> {
         check_interrupted()?;
         eprintln!("== {} ==", kind.name());
         let mut rep = TargetReport::new(kind);
-        if let Err(e) = run_target(&ctx, run_dir.path(), &mut rep) {
+        if let Err(e) = run_target(&ctx, run_dir.path(), &reports, &mut rep) {
             if interrupted() {
                 return Err(e);
             }
@@ -338,6 +379,10 @@ fn run(args: &Args) -> Result<()> {
     record_cleanup(&workdir);
 
     let rows = report::table(&reports);
+    let net_rows = reports
+        .iter()
+        .find(|r| r.target == TargetKind::Net && r.skipped.is_none())
+        .map(|r| report::net_table(&r.net));
     let notes = report::notes(&reports);
     let context = format!(
         "workdir {} ({fs_desc}{}), RAM warm-up {warmup} MiB",
@@ -349,6 +394,10 @@ fn run(args: &Args) -> Result<()> {
         writeln!(out, "`{command}` — {date} — `uname -r`: {kernel}")?;
         writeln!(out)?;
         out.push_str(&report::render_markdown(&rows));
+        if let Some(n) = &net_rows {
+            writeln!(out)?;
+            out.push_str(&report::render_markdown(n));
+        }
         writeln!(out)?;
         writeln!(out, "- sizes: {}", sizes.describe())?;
         writeln!(
@@ -366,6 +415,10 @@ fn run(args: &Args) -> Result<()> {
         writeln!(out, "sizes: {}", sizes.describe())?;
         writeln!(out)?;
         out.push_str(&report::render_plain(&rows));
+        if let Some(n) = &net_rows {
+            writeln!(out)?;
+            out.push_str(&report::render_plain(n));
+        }
         if !notes.is_empty() {
             writeln!(out)?;
             for n in &notes {
@@ -390,6 +443,7 @@ fn run(args: &Args) -> Result<()> {
             skipped: &'a Option<String>,
             description: &'a str,
             results: Vec<Row>,
+            network: &'a [report::NetRow],
             notes: &'a [String],
         }
         let targets: Vec<Target> = reports
@@ -409,6 +463,7 @@ fn run(args: &Args) -> Result<()> {
                         error: v.as_ref().err().cloned(),
                     })
                     .collect(),
+                network: &r.net,
                 notes: &r.notes,
             })
             .collect();
@@ -449,9 +504,32 @@ fn mkdirs(dirs: &[&Path]) -> Result<()> {
     Ok(())
 }
 
+/// The mirrorfs binary: `--mirrorfs-bin`, else `mirrorfs` next to this executable.
+fn mirrorfs_bin(ctx: &Ctx) -> Result<PathBuf> {
+    let bin = match &ctx.args.mirrorfs_bin {
+        Some(b) => b.clone(),
+        None => std::env::current_exe()
+            .context("cannot find own executable")?
+            .with_file_name("mirrorfs"),
+    };
+    if !bin.is_file() {
+        bail!(
+            "mirrorfs binary not found at {} (build it with `cargo build --release -p mirrorfs` or pass --mirrorfs-bin)",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
 /// Set up one target, run all workloads, tear it down. An error means the
-/// target could not be set up (it is then reported as skipped).
-fn run_target(ctx: &Ctx, run_dir: &Path, rep: &mut TargetReport) -> Result<()> {
+/// target could not be set up (it is then reported as skipped). `prior`:
+/// the reports of the targets that ran before (baselines).
+fn run_target(
+    ctx: &Ctx,
+    run_dir: &Path,
+    prior: &[TargetReport],
+    rep: &mut TargetReport,
+) -> Result<()> {
     let kind = rep.target;
     // Not removed here: all deletions wait for the end of the run (see
     // `inode_reuse_wait`), the run dir's guard removes everything.
@@ -496,26 +574,29 @@ fn run_target(ctx: &Ctx, run_dir: &Path, rep: &mut TargetReport) -> Result<()> {
                 mount: Some(mount),
             }
         }
-        TargetKind::Mirrorfs => {
-            let bin = match &ctx.args.mirrorfs_bin {
-                Some(b) => b.clone(),
-                None => std::env::current_exe()
-                    .context("cannot find own executable")?
-                    .with_file_name("mirrorfs"),
+        TargetKind::Net => {
+            let bin = mirrorfs_bin(ctx)?;
+            let nctx = net::NetCtx {
+                bin: &bin,
+                dir: &tdir,
+                sizes: ctx.sizes,
+                seed: ctx.args.seed,
+                settle_timeout: Duration::from_secs(ctx.args.settle_timeout),
+                local: prior
+                    .iter()
+                    .find(|r| r.target == TargetKind::Mirrorfs && r.skipped.is_none()),
             };
-            if !bin.is_file() {
-                bail!(
-                    "mirrorfs binary not found at {} (build it with `cargo build --release -p mirrorfs` or pass --mirrorfs-bin)",
-                    bin.display()
-                );
-            }
+            return net::run(&nctx, rep);
+        }
+        TargetKind::Mirrorfs => {
+            let bin = mirrorfs_bin(ctx)?;
             let backing = tdir.join("backing");
             let mnt = tdir.join("mnt");
             let mirror = tdir.join("mirror");
             mkdirs(&[&backing, &mnt, &mirror])?;
             let extra = split_args(&ctx.args.mirrorfs_args);
             let log = tdir.join("mirrorfs.log");
-            let mount = Mount::mirrorfs(&bin, &backing, &mnt, &mirror, &extra, &log)
+            let mount = Mount::mirrorfs(&bin, &backing, &mnt, mirror.as_os_str(), &extra, &log)
                 .context("mirrorfs did not mount")?;
             rep.description = format!(
                 "`{} mount BACKING MNT --mirror MIRROR{}`",
@@ -600,6 +681,18 @@ fn run_workloads(ctx: &Ctx, env: &mut Env, rep: &mut TargetReport) -> Result<()>
     let file_a = seq_dir.join("seq-a");
     let file_b = seq_dir.join("seq-b");
     let secs = |d: Duration| format!("{:.3} s", d.as_secs_f64());
+    // mirrorfs: sample its RSS and the mirror backlog during all workloads.
+    let sampler = match (
+        &env.backing,
+        &env.mirror,
+        env.mount.as_ref().and_then(Mount::pid),
+    ) {
+        (Some(b), Some(_), Some(pid)) => Some(workloads::Sampler::start(
+            pid,
+            Some(b.join(".mirrorfs").join("status.json")),
+        )?),
+        _ => None,
+    };
 
     step(env, rep, "seq-write", &[Metric::SeqWrite], |_| {
         fs::create_dir(&seq_dir).with_context(|| format!("cannot create {}", seq_dir.display()))?;
@@ -687,31 +780,58 @@ fn run_workloads(ctx: &Ctx, env: &mut Env, rep: &mut TargetReport) -> Result<()>
             format!("{} samples, mean {:.3} ms", v.len(), ms(mean)),
         ))
     })?;
-    step(env, rep, "mirror burst lag", &[Metric::BurstLag], |e| {
-        let (write, lag) = workloads::lag_burst(
+    let burst_metrics = [Metric::BurstLagP50, Metric::BurstLagP99, Metric::BurstLag];
+    step(env, rep, "mirror burst lag", &burst_metrics, |e| {
+        let b = workloads::lag_burst(
             &e.root.join("w-burst"),
             &mirror.join("w-burst"),
             s.burst_files,
             seed + 5,
         )?;
         Ok((
-            vec![(Metric::BurstLag, ms(lag))],
-            format!("{} files written in {:.1} ms", s.burst_files, ms(write)),
+            vec![
+                (
+                    Metric::BurstLagP50,
+                    ms(workloads::percentile(&b.per_file, 0.50)),
+                ),
+                (
+                    Metric::BurstLagP99,
+                    ms(workloads::percentile(&b.per_file, 0.99)),
+                ),
+                (Metric::BurstLag, ms(b.all)),
+            ],
+            format!("{} files written in {:.1} ms", s.burst_files, ms(b.write)),
         ))
     })?;
-    step(env, rep, "memory", &[Metric::VmHwm, Metric::VmRss], |e| {
+    let samples = sampler.map(workloads::Sampler::finish);
+    let mem_metrics = [
+        Metric::BacklogPeak,
+        Metric::RssPeak,
+        Metric::VmHwm,
+        Metric::VmRss,
+    ];
+    step(env, rep, "memory", &mem_metrics, |e| {
         let pid = e
             .mount
             .as_ref()
             .and_then(Mount::pid)
             .context("no mirrorfs process")?;
         let (hwm, rss) = workloads::vm_hwm_rss(pid)?;
+        let samples = samples.context("no samples")?;
         Ok((
             vec![
+                (
+                    Metric::BacklogPeak,
+                    samples.peak_backlog_bytes as f64 / MIB as f64,
+                ),
+                (Metric::RssPeak, samples.peak_rss_kib as f64 / 1024.0),
                 (Metric::VmHwm, hwm as f64 / 1024.0),
                 (Metric::VmRss, rss as f64 / 1024.0),
             ],
-            format!("pid {pid}"),
+            format!(
+                "pid {pid}; {} samples of VmRSS and status.json lag_bytes every 20 ms during all workloads",
+                samples.count
+            ),
         ))
     })?;
     Ok(())
@@ -854,6 +974,7 @@ mod tests {
             ),
             (64, 64, 5_000, 1_000, 50, 200)
         );
+        assert_eq!((s.overwrite_file_mib, s.outage_mib), (32, 16));
         assert_eq!(split_args(&a.mirrorfs_args), ["--ack", "sync"]);
         let a = Args::parse_from(["b"]);
         let s = Sizes::from_args(&a);
@@ -863,8 +984,17 @@ mod tests {
         );
         assert_eq!(
             a.targets,
-            [TargetKind::Native, TargetKind::Bindfs, TargetKind::Mirrorfs]
+            [
+                TargetKind::Native,
+                TargetKind::Bindfs,
+                TargetKind::Mirrorfs,
+                TargetKind::Net
+            ]
         );
+        let a = Args::parse_from(["b", "--quick", "--targets", "native,mirrorfs"]);
+        assert_eq!(a.targets, [TargetKind::Native, TargetKind::Mirrorfs]);
+        let a = Args::parse_from(["b", "--targets", "mirrorfs-net"]);
+        assert_eq!(a.targets, [TargetKind::Net]);
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! Mount handling: `/proc/self/mountinfo` parsing and guards that never leave a
-//! mount behind (bindfs daemon, mirrorfs foreground process).
+//! mount behind (bindfs daemon, mirrorfs foreground process), and a guard for
+//! other child processes (the `mirrorfs serve` daemon).
 
-use std::ffi::OsString;
-use std::fs::{self, File};
+use std::ffi::{OsStr, OsString};
+use std::fs;
 use std::os::unix::ffi::OsStringExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -170,13 +171,106 @@ pub fn log_tail(log: &Path, n: usize) -> String {
     }
 }
 
+/// A child process run in its own process group (so that Ctrl-C reaches only
+/// us), with its output in a log file. Dropping it stops it (SIGTERM, then
+/// SIGKILL after 30 s); call [`Proc::stop`] to do that with error reporting.
+pub struct Proc {
+    name: &'static str,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Proc {
+    /// Spawn `BIN ARGS...` with stdout and stderr appended to `log`.
+    pub fn spawn(name: &'static str, bin: &Path, args: &[OsString], log: &Path) -> Result<Proc> {
+        let out = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .with_context(|| format!("cannot open {}", log.display()))?;
+        let err = out.try_clone().context("cannot dup log file")?;
+        let child = Command::new(bin)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            // Keep Ctrl-C away from it: we stop it ourselves, after the workload.
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("cannot start {}", bin.display()))?;
+        Ok(Proc {
+            name,
+            child: Some(child),
+            log: log.to_path_buf(),
+        })
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    pub fn log(&self) -> &Path {
+        &self.log
+    }
+
+    /// `Some(status)` once the process has exited.
+    pub fn try_exit_status(&mut self) -> Result<Option<ExitStatus>> {
+        match self.child.as_mut() {
+            Some(c) => c.try_wait().context("waitpid failed"),
+            None => Ok(None),
+        }
+    }
+
+    /// SIGTERM, wait (SIGKILL after 30 s); a non-zero exit is an error.
+    pub fn stop(&mut self) -> Result<()> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
+        if child.try_wait().context("waitpid failed")?.is_none() {
+            let pid = libc::pid_t::try_from(child.id()).context("pid out of range")?;
+            // SAFETY: plain kill(2) on our own child, which has not been reaped yet.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+            let t0 = Instant::now();
+            while child.try_wait().context("waitpid failed")?.is_none() {
+                if t0.elapsed() > STOP_TIMEOUT {
+                    eprintln!(
+                        "mirrorfs-bench: warning: {} did not exit within {} s of SIGTERM; killing it",
+                        self.name,
+                        STOP_TIMEOUT.as_secs()
+                    );
+                    // Killing fails only if it has exited meanwhile.
+                    let _ = child.kill();
+                    break;
+                }
+                sleep(Duration::from_millis(20));
+            }
+        }
+        let status = child.wait().context("waitpid failed")?;
+        if !status.success() {
+            bail!(
+                "{} exited with {status} after SIGTERM{}",
+                self.name,
+                log_tail(&self.log, 15)
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Err(e) = self.stop() {
+            eprintln!("mirrorfs-bench: error while stopping {}: {e:#}", self.name);
+        }
+    }
+}
+
 /// A mounted FUSE file system. Dropping it unmounts it (and stops the
 /// mirrorfs process); call [`Mount::unmount`] to do that with error reporting.
 pub struct Mount {
     name: &'static str,
     mnt: PathBuf,
-    child: Option<Child>,
-    log: Option<PathBuf>,
+    proc: Option<Proc>,
     done: bool,
 }
 
@@ -194,8 +288,7 @@ impl Mount {
         let guard = Mount {
             name: "bindfs",
             mnt: mnt.to_path_buf(),
-            child: None,
-            log: None,
+            proc: None,
             done: false,
         };
         if !out.status.success() {
@@ -221,35 +314,28 @@ impl Mount {
 
     /// Spawn `BIN mount BACKING MNT --mirror MIRROR [EXTRA...]` in the
     /// foreground (own process group, output to `log`) and wait for the mount.
+    /// `mirror` is a directory or `mirror://HOST:PORT`.
     pub fn mirrorfs(
         bin: &Path,
         backing: &Path,
         mnt: &Path,
-        mirror: &Path,
+        mirror: &OsStr,
         extra: &[String],
         log: &Path,
     ) -> Result<Mount> {
-        let out = File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
-        let err = out.try_clone().context("cannot dup log file")?;
-        let child = Command::new(bin)
-            .arg("mount")
-            .arg(backing)
-            .arg(mnt)
-            .arg("--mirror")
-            .arg(mirror)
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            // Keep Ctrl-C away from it: we stop it ourselves, after the workload.
-            .process_group(0)
-            .spawn()
-            .with_context(|| format!("cannot start {}", bin.display()))?;
+        let mut args: Vec<OsString> = vec![
+            "mount".into(),
+            backing.into(),
+            mnt.into(),
+            "--mirror".into(),
+            mirror.into(),
+        ];
+        args.extend(extra.iter().map(OsString::from));
+        let proc = Proc::spawn("mirrorfs", bin, &args, log)?;
         let mut guard = Mount {
             name: "mirrorfs",
             mnt: mnt.to_path_buf(),
-            child: Some(child),
-            log: Some(log.to_path_buf()),
+            proc: Some(proc),
             done: false,
         };
         let t0 = Instant::now();
@@ -280,12 +366,12 @@ impl Mount {
     }
 
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+        self.proc.as_ref().and_then(Proc::pid)
     }
 
     fn try_exit_status(&mut self) -> Result<Option<ExitStatus>> {
-        match self.child.as_mut() {
-            Some(c) => c.try_wait().context("waitpid failed"),
+        match self.proc.as_mut() {
+            Some(p) => p.try_exit_status(),
             None => Ok(None),
         }
     }
@@ -294,9 +380,9 @@ impl Mount {
     pub fn check_alive(&mut self) -> Result<()> {
         if let Some(status) = self.try_exit_status()? {
             let tail = self
-                .log
-                .as_deref()
-                .map(|l| log_tail(l, 15))
+                .proc
+                .as_ref()
+                .map(|p| log_tail(p.log(), 15))
                 .unwrap_or_default();
             bail!("{} exited unexpectedly with {status}{tail}", self.name);
         }
@@ -313,40 +399,10 @@ impl Mount {
     }
 
     fn teardown(&mut self) -> Result<()> {
-        let mut status_err = None;
-        if let Some(mut child) = self.child.take() {
-            if child.try_wait().context("waitpid failed")?.is_none() {
-                let pid = libc::pid_t::try_from(child.id()).context("pid out of range")?;
-                // SAFETY: plain kill(2) on our own child, which has not been reaped yet.
-                unsafe { libc::kill(pid, libc::SIGTERM) };
-                let t0 = Instant::now();
-                while child.try_wait().context("waitpid failed")?.is_none() {
-                    if t0.elapsed() > STOP_TIMEOUT {
-                        eprintln!(
-                            "mirrorfs-bench: warning: {} did not exit within {} s of SIGTERM; killing it",
-                            self.name,
-                            STOP_TIMEOUT.as_secs()
-                        );
-                        // Killing fails only if it has exited meanwhile.
-                        let _ = child.kill();
-                        break;
-                    }
-                    sleep(Duration::from_millis(20));
-                }
-            }
-            let status = child.wait().context("waitpid failed")?;
-            if !status.success() {
-                let tail = self
-                    .log
-                    .as_deref()
-                    .map(|l| log_tail(l, 15))
-                    .unwrap_or_default();
-                status_err = Some(format!(
-                    "{} exited with {status} after SIGTERM{tail}",
-                    self.name
-                ));
-            }
-        }
+        let status_err = match self.proc.take() {
+            Some(mut p) => p.stop().err(),
+            None => None,
+        };
         // mirrorfs unmounts itself on SIGTERM; bindfs needs an explicit umount.
         // Either way, make sure nothing is left mounted.
         if is_mounted(&self.mnt)? {
@@ -359,7 +415,7 @@ impl Mount {
             unmount(&self.mnt)?;
         }
         match status_err {
-            Some(e) => bail!(e),
+            Some(e) => Err(e),
             None => Ok(()),
         }
     }

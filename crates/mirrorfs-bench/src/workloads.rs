@@ -9,6 +9,8 @@ use std::io::{ErrorKind, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
@@ -41,7 +43,7 @@ pub fn drop_caches() -> Result<()> {
 }
 
 /// Buffer of non-zero, pseudo-random bytes (no sparse-file or compression shortcuts).
-fn random_buf(len: usize, seed: u64) -> Vec<u8> {
+pub fn random_buf(len: usize, seed: u64) -> Vec<u8> {
     let mut buf = vec![0u8; len];
     SmallRng::seed_from_u64(seed).fill_bytes(&mut buf);
     buf
@@ -240,7 +242,7 @@ fn first_difference(
     })
 }
 
-fn files_identical(a: &Path, b: &Path) -> Result<bool> {
+pub fn files_identical(a: &Path, b: &Path) -> Result<bool> {
     let mut fa = File::open(a).with_context(|| format!("cannot open {}", a.display()))?;
     let mut fb = match File::open(b) {
         Ok(f) => f,
@@ -313,12 +315,12 @@ pub fn mirror_catch_up(
     }
 }
 
-fn identical(path: &Path, want: &[u8]) -> bool {
+pub fn identical(path: &Path, want: &[u8]) -> bool {
     matches!(fs::read(path), Ok(have) if have == want)
 }
 
 /// Spin (50 µs sleeps) until `cond` holds; error after [`MIRROR_WAIT`].
-fn wait_until(what: impl Fn() -> String, mut cond: impl FnMut() -> bool) -> Result<Duration> {
+pub fn wait_until(what: impl Fn() -> String, mut cond: impl FnMut() -> bool) -> Result<Duration> {
     let t0 = Instant::now();
     loop {
         if cond() {
@@ -337,7 +339,7 @@ fn wait_until(what: impl Fn() -> String, mut cond: impl FnMut() -> bool) -> Resu
 }
 
 /// Create `dir` through the mount and wait (untimed) for it on the mirror.
-fn make_dir_mirrored(dir: &Path, mirror_dir: &Path) -> Result<()> {
+pub fn make_dir_mirrored(dir: &Path, mirror_dir: &Path) -> Result<()> {
     fs::create_dir(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     wait_until(
         || format!("directory {} to appear on the mirror", mirror_dir.display()),
@@ -371,50 +373,120 @@ pub fn lag_single(dir: &Path, mirror_dir: &Path, count: u64, seed: u64) -> Resul
     Ok(out)
 }
 
-/// Write `count` 1 KiB files as fast as possible; return (write phase, time
-/// from the last close until all of them are identical on the mirror).
-pub fn lag_burst(
-    dir: &Path,
-    mirror_dir: &Path,
-    count: u64,
-    seed: u64,
-) -> Result<(Duration, Duration)> {
-    make_dir_mirrored(dir, mirror_dir)?;
-    let data = random_buf(usize::try_from(count).context("count")? * 1024, seed);
-    let names: Vec<String> = (0..count).map(|i| format!("b{i:05}")).collect();
-    let t0 = Instant::now();
-    for (name, content) in names.iter().zip(data.chunks(1024)) {
-        check_interrupted()?;
-        let path = dir.join(name);
-        let mut f = open_new(&path)?;
-        f.write_all(content)
-            .with_context(|| format!("write to {} failed", path.display()))?;
-    }
-    let write = t0.elapsed();
-    let mut pending: Vec<usize> = (0..names.len()).collect();
-    let lag = wait_until(
-        || {
-            format!(
-                "{} of {count} burst files to become identical on the mirror (e.g. {})",
-                pending_len_hint(&names, mirror_dir, &data),
-                mirror_dir.join(&names[0]).display()
-            )
-        },
-        || {
-            pending.retain(|&i| !identical(&mirror_dir.join(&names[i]), &data[i * 1024..][..1024]));
-            pending.is_empty()
-        },
-    )?;
-    Ok((write, lag))
+/// What [`lag_burst`] measured.
+pub struct Burst {
+    /// Time to write (create, write, close) all the files.
+    pub write: Duration,
+    /// From the last close until every file was identical on the mirror.
+    pub all: Duration,
+    /// Per file: from its close until it was seen identical on the mirror (sorted).
+    pub per_file: Vec<Duration>,
 }
 
-/// How many burst files are still not identical (for the timeout message).
-fn pending_len_hint(names: &[String], mirror_dir: &Path, data: &[u8]) -> usize {
-    names
-        .iter()
-        .enumerate()
-        .filter(|(i, n)| !identical(&mirror_dir.join(n), &data[i * 1024..][..1024]))
-        .count()
+/// Write `count` 1 KiB files as fast as possible while a second thread polls
+/// the mirror (50 µs sleeps) for each file closed so far. Per file: close →
+/// identical; and last close → all identical.
+pub fn lag_burst(dir: &Path, mirror_dir: &Path, count: u64, seed: u64) -> Result<Burst> {
+    make_dir_mirrored(dir, mirror_dir)?;
+    let n = usize::try_from(count).context("count")?;
+    let data = random_buf(n * 1024, seed);
+    let names: Vec<String> = (0..n).map(|i| format!("b{i:05}")).collect();
+    let closed: Vec<OnceLock<Instant>> = (0..n).map(|_| OnceLock::new()).collect();
+    let writer_failed = AtomicBool::new(false);
+    let content = |i: usize| &data[i * 1024..][..1024];
+    std::thread::scope(|s| -> Result<Burst> {
+        let poller = s.spawn(|| -> Result<Vec<Instant>> {
+            let mut seen: Vec<Option<Instant>> = vec![None; n];
+            // Files closed but not yet seen identical, in index order.
+            let mut next_closed = 0;
+            let mut pending: Vec<usize> = Vec::new();
+            let mut last_progress = Instant::now();
+            loop {
+                while next_closed < n && closed[next_closed].get().is_some() {
+                    pending.push(next_closed);
+                    next_closed += 1;
+                }
+                let before = pending.len();
+                pending.retain(|&i| {
+                    if identical(&mirror_dir.join(&names[i]), content(i)) {
+                        seen[i] = Some(Instant::now());
+                        false
+                    } else {
+                        true
+                    }
+                });
+                if next_closed == n && pending.is_empty() {
+                    break;
+                }
+                if pending.len() != before || pending.is_empty() {
+                    last_progress = Instant::now();
+                }
+                if writer_failed.load(Ordering::Relaxed) {
+                    bail!("the writer failed");
+                }
+                check_interrupted()?;
+                if last_progress.elapsed() > MIRROR_WAIT {
+                    bail!(
+                        "timed out after {} s waiting for {} of {count} burst files to become \
+                         identical on the mirror (e.g. {})",
+                        MIRROR_WAIT.as_secs(),
+                        pending.len(),
+                        pending
+                            .first()
+                            .map(|&i| mirror_dir.join(&names[i]).display().to_string())
+                            .unwrap_or_default()
+                    );
+                }
+                sleep(POLL);
+            }
+            seen.into_iter()
+                .map(|t| t.context("file never seen"))
+                .collect()
+        });
+        let t0 = Instant::now();
+        let written = (|| -> Result<()> {
+            for (i, name) in names.iter().enumerate() {
+                check_interrupted()?;
+                let path = dir.join(name);
+                let mut f = open_new(&path)?;
+                f.write_all(content(i))
+                    .with_context(|| format!("write to {} failed", path.display()))?;
+                drop(f);
+                // Set once, by this thread only.
+                let _ = closed[i].set(Instant::now());
+            }
+            Ok(())
+        })();
+        let write = t0.elapsed();
+        if written.is_err() {
+            writer_failed.store(true, Ordering::Relaxed);
+        }
+        let seen = poller
+            .join()
+            .map_err(|_| anyhow::anyhow!("the mirror poller panicked"))?;
+        written?;
+        let seen = seen?;
+        let last_close = closed
+            .iter()
+            .filter_map(|c| c.get().copied())
+            .max()
+            .context("no files")?;
+        let all_seen = seen.iter().copied().max().context("no files")?;
+        let mut per_file: Vec<Duration> = seen
+            .iter()
+            .zip(&closed)
+            .map(|(s, c)| {
+                c.get()
+                    .map_or(Duration::ZERO, |c| s.saturating_duration_since(*c))
+            })
+            .collect();
+        per_file.sort();
+        Ok(Burst {
+            write,
+            all: all_seen.saturating_duration_since(last_close),
+            per_file,
+        })
+    })
 }
 
 /// p in [0, 1], nearest-rank on a sorted slice.
@@ -488,6 +560,89 @@ pub fn vm_hwm_rss(pid: u32) -> Result<(u64, u64)> {
             .with_context(|| format!("cannot parse {line:?}"))
     };
     Ok((field("VmHWM:")?, field("VmRSS:")?))
+}
+
+/// `VmRSS` of a process in KiB, or None if it is gone.
+fn vm_rss(pid: u32) -> Option<u64> {
+    let text = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = text.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line["VmRSS:".len()..]
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// The largest `mirrors[i].lag_bytes` in a mirrorfs `STATE/status.json`
+/// (what `mirrorfs status --json` prints; refreshed every 250 ms).
+pub fn status_backlog(status_json: &Path) -> Option<u64> {
+    let bytes = fs::read(status_json).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    v.get("mirrors")?
+        .as_array()?
+        .iter()
+        .filter_map(|m| m.get("lag_bytes").and_then(serde_json::Value::as_u64))
+        .max()
+}
+
+/// What a [`Sampler`] saw.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Samples {
+    pub peak_rss_kib: u64,
+    pub peak_backlog_bytes: u64,
+    pub count: u64,
+}
+
+/// Samples a process's VmRSS and, optionally, the mirror backlog in its
+/// status file, every 20 ms in a background thread, until [`Sampler::finish`].
+pub struct Sampler {
+    stop: Arc<AtomicBool>,
+    handle: Option<std::thread::JoinHandle<Samples>>,
+}
+
+impl Sampler {
+    pub fn start(pid: u32, status_json: Option<PathBuf>) -> Result<Sampler> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let handle = std::thread::Builder::new()
+            .name("sampler".into())
+            .spawn(move || {
+                let mut s = Samples::default();
+                loop {
+                    if let Some(rss) = vm_rss(pid) {
+                        s.peak_rss_kib = s.peak_rss_kib.max(rss);
+                    }
+                    if let Some(b) = status_json.as_deref().and_then(status_backlog) {
+                        s.peak_backlog_bytes = s.peak_backlog_bytes.max(b);
+                    }
+                    s.count += 1;
+                    if flag.load(Ordering::Relaxed) {
+                        return s;
+                    }
+                    sleep(Duration::from_millis(20));
+                }
+            })
+            .context("cannot start the sampler thread")?;
+        Ok(Sampler {
+            stop,
+            handle: Some(handle),
+        })
+    }
+
+    pub fn finish(mut self) -> Samples {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle
+            .take()
+            .and_then(|h| h.join().ok())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Sampler {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
 }
 
 #[cfg(test)]
