@@ -914,9 +914,31 @@ pub fn promote(dir: &Path, state: Option<&Path>, force: bool) -> Result<()> {
         ),
         _ => {}
     }
+    if !state.join("clean").exists() && !force {
+        bail!(
+            "the mirror daemon for {} did not stop cleanly: start `mirrorfs serve` on it once and stop it with Ctrl-C (it recovers and applies what it holds), then promote; or pass --force",
+            dir.display()
+        );
+    }
+    // The primary starts at the copy's last applied record: records the mirror received but had
+    // not applied (their fate may be unknown) are dropped, so its journal never holds a change
+    // its tree lacks.
+    let mut cur = crate::store::FileCursor::open(&state.join("tree").join("cursor"))
+        .context("cannot open the copy's cursor")?;
+    let applied = Applier::open(&mut cur, false, 0)?
+        .map(|a| a.cursor().applied)
+        .ok_or_else(|| anyhow!("the copy in {} has no cursor", dir.display()))?;
+    let store = FileStore::open(&state.join("journal"))?;
+    let (mut journal, _) =
+        Journal::open(store, JournalConfig::default()).context("cannot open the journal")?;
+    let dropped = (journal.next_seq() - 1).saturating_sub(applied);
+    journal.restart_at(applied + 1)?;
     meta.promoted = true;
     meta.generation += 1;
     write_meta(&state, &meta)?;
+    if dropped > 0 {
+        println!("{dropped} record(s) received but not applied were dropped");
+    }
     println!(
         "promoted {}: generation {} of volume {}. Mount it with `mirrorfs mount {} MOUNTPOINT --state {} --mirror ...`; the old primary can only come back as a mirror of this one (see docs/protocol.md)",
         dir.display(),

@@ -438,8 +438,12 @@ impl Volume {
                     if p.stopping {
                         return;
                     }
-                    let settled = p.settled_seq;
-                    if settled <= p.durable_seq {
+                    // `settled` (the atomic) is the journal's end on a primary and on a mirror
+                    // daemon alike (`progress.settled_seq` is the primary's watermark there and
+                    // may run ahead of what the daemon holds: waiting on it would spin). An
+                    // appender stores it before taking the progress lock to notify, so checking it
+                    // under that lock loses no wake-up.
+                    if self.settled.load(Ordering::Acquire) <= p.durable_seq {
                         let _ = self.changed.wait_timeout(p, Duration::from_millis(200));
                     }
                     // Also free segments as mirrors advance while idle.
