@@ -85,7 +85,9 @@ fn unescape_mountinfo(field: &str) -> PathBuf {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
         {
             out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
             i += 4;
@@ -405,7 +407,11 @@ pub fn run_expecting_failure(args: &[&OsStr], mnt: Option<&Path>) -> Output {
             }
             panic!(
                 "mirrorfs {args:?} was expected to fail but {}; stderr:\n{}",
-                if mounted { "mounted" } else { "kept running for 20 s" },
+                if mounted {
+                    "mounted"
+                } else {
+                    "kept running for 20 s"
+                },
                 String::from_utf8_lossy(&out.stderr)
             );
         }
@@ -426,7 +432,9 @@ pub mod sys {
     pub type Res<T> = Result<T, i32>;
 
     pub fn errno() -> i32 {
-        std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
+        std::io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO)
     }
 
     pub fn io_errno(e: &std::io::Error) -> i32 {
@@ -558,14 +566,7 @@ pub mod sys {
 
     pub fn fallocate(f: &File, mode: i32, off: u64, len: u64) -> Res<()> {
         // SAFETY: plain syscall on an owned descriptor.
-        cvt(unsafe {
-            libc::fallocate(
-                f.as_raw_fd(),
-                mode,
-                off as libc::off_t,
-                len as libc::off_t,
-            )
-        })
+        cvt(unsafe { libc::fallocate(f.as_raw_fd(), mode, off as libc::off_t, len as libc::off_t) })
     }
 
     pub fn lseek(f: &File, off: i64, whence: i32) -> Res<i64> {
@@ -711,12 +712,7 @@ pub mod sys {
             let mut buf = vec![0u8; len as usize];
             // SAFETY: buffer valid for its length.
             let got = unsafe {
-                libc::lgetxattr(
-                    cp.as_ptr(),
-                    n.as_ptr(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                )
+                libc::lgetxattr(cp.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
             };
             if got < 0 {
                 if errno() == libc::ERANGE {
@@ -1032,12 +1028,22 @@ pub fn tree_diff(a: &Path, b: &Path, cmp: &Cmp) -> Vec<String> {
     let mut out = Vec::new();
     for p in ta.keys() {
         if !tb.contains_key(p) {
-            out.push(format!("{}: only in {} ({})", show(p), a.display(), ta[p].kind));
+            out.push(format!(
+                "{}: only in {} ({})",
+                show(p),
+                a.display(),
+                ta[p].kind
+            ));
         }
     }
     for p in tb.keys() {
         if !ta.contains_key(p) {
-            out.push(format!("{}: only in {} ({})", show(p), b.display(), tb[p].kind));
+            out.push(format!(
+                "{}: only in {} ({})",
+                show(p),
+                b.display(),
+                tb[p].kind
+            ));
         }
     }
     for (p, x) in &ta {
