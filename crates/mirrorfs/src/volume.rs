@@ -457,32 +457,54 @@ impl Volume {
     }
 
     /// Resolves the journal's last record after a crash: it may or may not have reached the
-    /// backing tree. Re-applying it idempotently (replay mode) makes the backing agree with the
-    /// journal; if that is impossible the record is aborted.
+    /// backing tree, and it may have failed there (its `Abort` was not yet written). It is
+    /// re-applied **strictly**, never forced: forcing (replay mode) would clear whatever is in
+    /// the way, i.e. destroy user data when the original call had failed. If the strict re-apply
+    /// fails, the record stands only if the failure shows it had already taken effect (the name
+    /// it creates exists, the name it removes is gone, the renamed inode is at its target);
+    /// otherwise it is aborted, so no mirror ever applies it.
     pub fn resolve_in_doubt(
         &self,
         backing: &mut DirTree,
         last: &Record,
     ) -> Result<(), JournalError> {
+        use mirrorfs_core::tree::{Tree, TreeError};
         if matches!(last.op, Op::Abort { .. }) {
             return Ok(());
         }
-        let already = match &last.op {
-            Op::Rename { to, from_ino, .. } => {
-                use mirrorfs_core::tree::Tree;
-                backing.ino(to).ok().flatten() == Some(*from_ino)
+        if let Op::Rename { to, from_ino, .. } = &last.op {
+            if backing.ino(to).ok().flatten() == Some(*from_ino) {
+                return Ok(());
             }
-            _ => false,
-        };
-        if already {
-            return Ok(());
         }
-        if let Err(e) = apply_op(backing, &last.op, true) {
-            tracing::warn!(
-                "record {} ({}) could not be re-applied after the crash ({e}); aborting it",
-                last.seq,
-                last.op.name()
-            );
+        let done = match apply_op(backing, &last.op, false) {
+            Ok(()) => true,
+            Err(e) => {
+                let effect_present = matches!(
+                    (&last.op, &e),
+                    (
+                        Op::Create { .. }
+                            | Op::Mkdir { .. }
+                            | Op::Mknod { .. }
+                            | Op::Symlink { .. }
+                            | Op::Link { .. },
+                        TreeError::Exists(_)
+                    ) | (Op::Unlink { .. } | Op::Rmdir { .. }, TreeError::NotFound(_))
+                ) || matches!(
+                    (&last.op, &e),
+                    (Op::RemoveXattr { .. }, TreeError::Other { errno, .. }) if *errno == libc::ENODATA
+                );
+                if !effect_present {
+                    tracing::warn!(
+                        "record {} ({}) does not hold on the backing tree after the crash ({e}); aborting it",
+                        last.seq,
+                        last.op.name()
+                    );
+                }
+                effect_present
+            }
+        };
+        if !done {
             let mut o = lock(&self.order);
             o.journal.append(&Op::Abort { seq: last.seq })?;
         }
