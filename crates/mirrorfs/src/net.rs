@@ -31,6 +31,9 @@ pub struct Duplex {
     write: Mutex<()>,
     compress: std::sync::atomic::AtomicBool,
     peer: Option<Fingerprint>,
+    /// This side's fingerprint when it connected (a client): a refusal by the peer then says
+    /// which fingerprint to trust there.
+    own: Option<Fingerprint>,
     /// Bytes written to / read from the socket (TLS included).
     pub bytes_out: std::sync::atomic::AtomicU64,
     pub bytes_in: std::sync::atomic::AtomicU64,
@@ -45,11 +48,10 @@ fn tune(sock: &TcpStream) -> io::Result<()> {
 
 fn handshake(conn: &mut rustls::Connection, sock: &mut TcpStream) -> Result<()> {
     while conn.is_handshaking() {
-        conn.complete_io(sock).map_err(|e| {
-            // rustls reports a peer's refusal or our verifier's refusal as an io error wrapping
-            // a rustls::Error: keep its text, it says what to do.
-            anyhow!("TLS handshake failed: {e}")
-        })?;
+        // rustls reports a peer's refusal or our verifier's refusal as an io error wrapping a
+        // rustls::Error: keep it (typed, for `tls_error`), its text says what to do.
+        conn.complete_io(sock)
+            .map_err(|e| anyhow::Error::new(e).context("TLS handshake failed"))?;
     }
     while conn.wants_write() {
         conn.write_tls(sock)?;
@@ -79,7 +81,9 @@ impl Duplex {
                 None => e,
             });
         }
-        Duplex::finish(conn, sock)
+        let mut d = Duplex::finish(conn, sock)?;
+        d.own = Some(id.fingerprint);
+        Ok(d)
     }
 
     /// Authenticates an accepted connection (server side).
@@ -100,6 +104,7 @@ impl Duplex {
             write: Mutex::new(()),
             compress: false.into(),
             peer,
+            own: None,
             bytes_out: 0.into(),
             bytes_in: 0.into(),
         })
@@ -192,8 +197,16 @@ impl Duplex {
             let mut rd = &raw[..n];
             while !rd.is_empty() {
                 c.read_tls(&mut rd)?;
-                c.process_new_packets()
-                    .map_err(|e| anyhow!("TLS error from the peer's bytes: {e}"))?;
+                c.process_new_packets().map_err(|e| {
+                    // In TLS 1.3 a server refuses a client's certificate after the client's
+                    // handshake is done: the alert arrives here.
+                    let hint = self.own.and_then(|own| identity::refusal_hint(&e, &own));
+                    let err = anyhow!("TLS error from the peer's bytes: {e}");
+                    match hint {
+                        Some(h) => err.context(h),
+                        None => err,
+                    }
+                })?;
                 // Drain the plaintext as it comes, so rustls's bounded buffer never fills. The
                 // decoder grows by at most one raw read (64 KiB) beyond the frame it waits for:
                 // `recv` takes a whole message out before it reads again.

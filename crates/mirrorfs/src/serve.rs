@@ -519,6 +519,10 @@ impl Daemon {
                 r
             });
             let r = self.receive(link, dec, &mut rx, &done);
+            // Tell the primary why, before the connection is shut down.
+            if let Some(le) = r.as_ref().err().and_then(|e| e.downcast_ref::<LinkError>()) {
+                let _ = link.send(&le.to_msg());
+            }
             done.store(true, Ordering::Release);
             self.vol.changed.notify_all();
             link.shutdown();
