@@ -150,6 +150,18 @@ pub fn run_worker(vol: Arc<Volume>, m: Arc<MirrorShared>, mut applier: Applier) 
                 m.applied.store(seq, Ordering::Release);
             }
             Ok(Feed::Wait) => {
+                // A mirror daemon checkpoints as soon as it has nothing left to apply: its
+                // primary may wait for the checkpoint (`--ack sync`) and cannot ask for it.
+                if m.checkpoint_when_idle.load(Ordering::Relaxed)
+                    && applier.cursor().applied > applier.cursor().checkpoint
+                    && applier.checkpoint(&mut tree, &mut cursor).is_ok()
+                {
+                    m.checkpoint
+                        .store(applier.cursor().checkpoint, Ordering::Release);
+                    last_checkpoint = Instant::now();
+                    vol.changed.notify_all();
+                    continue;
+                }
                 let p = lock(&vol.progress);
                 if p.stopping {
                     drop(p);

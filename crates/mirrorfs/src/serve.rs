@@ -248,6 +248,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         state.join("tree"),
         None,
     ));
+    m.checkpoint_when_idle.store(true, Ordering::Relaxed);
     let vol = Arc::new(Volume {
         order: Mutex::new(Ordered { journal }),
         progress: Mutex::new(Progress {

@@ -96,6 +96,8 @@ pub struct MirrorShared {
     pub link: Mutex<LinkInfo>,
     /// Set to stop a running initial copy or resync (a new one replaces it).
     pub cancel_copy: AtomicBool,
+    /// Checkpoint whenever the worker runs out of records (a mirror daemon: see `run_worker`).
+    pub checkpoint_when_idle: AtomicBool,
 }
 
 /// What `status` shows of a remote mirror's connection.
@@ -131,6 +133,7 @@ impl MirrorShared {
             want_durable: AtomicU64::new(0),
             link: Mutex::new(LinkInfo::default()),
             cancel_copy: AtomicBool::new(false),
+            checkpoint_when_idle: AtomicBool::new(false),
         }
     }
 
