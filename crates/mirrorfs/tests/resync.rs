@@ -178,6 +178,15 @@ fn a_mirror_past_the_journal_is_resynchronised_by_block_hashes() {
         "mirror never became live: {:?}",
         m.status()
     );
+    // The daemon records its copy as consistent once the copy's end is durably applied; killed
+    // before that, it would (rightly) take a fresh initial copy instead of a resync.
+    let meta = remote.join(".mirrorfs/volume.json");
+    assert!(
+        wait_until(Duration::from_secs(30), || fs::read_to_string(&meta)
+            .is_ok_and(|s| s.contains("\"consistent\""))),
+        "the daemon never recorded its copy as consistent: {:?}",
+        fs::read_to_string(&meta)
+    );
 
     // Outage: the daemon dies; 1 MiB changes in the middle of the big file, a file goes, one
     // comes; then 250 MiB of churn pushes the journal past its 160 MiB limit.
