@@ -116,11 +116,6 @@ impl MirrorFs {
         })
     }
 
-    /// The inode table, shared with the initial sync (it follows renames of files it copies).
-    pub fn inodes(&self) -> Arc<Mutex<Inodes>> {
-        self.inodes.clone()
-    }
-
     fn rootfd(&self) -> BorrowedFd<'_> {
         self.root.as_fd()
     }
@@ -144,6 +139,14 @@ impl MirrorFs {
             blksize: st.st_blksize as u32,
             flags: 0,
         }
+    }
+
+    /// Attributes for a reply about node `ino` (its id may differ from the backing number: see
+    /// `inodes`).
+    fn attr_of(&self, ino: INodeNo, st: &libc::stat) -> FileAttr {
+        let mut a = self.attr(st);
+        a.ino = ino;
+        a
     }
 
     fn path(&self, ino: INodeNo) -> Result<RelPath, Errno> {
@@ -171,11 +174,20 @@ impl MirrorFs {
     fn entry(&self, parent: INodeNo, name: &OsStr, p: &RelPath, reply: ReplyEntry) {
         match self.lstat(p) {
             Ok(st) => {
-                let a = self.attr(&st);
-                lock(&self.inodes).lookup(parent.0, name.as_bytes(), a.ino.0);
+                let mut a = self.attr(&st);
+                a.ino = INodeNo(lock(&self.inodes).register(parent.0, name.as_bytes(), st.st_ino));
                 reply.entry(&TTL, &a, Generation(0));
             }
             Err(e) => reply.error(io_errno(&e)),
+        }
+    }
+
+    /// The backing inode `st` describes is freed by the removal being applied (its last link):
+    /// see `inodes`. Called inside the removal's closure, under the order lock: lock order is
+    /// always the order lock first, then the inode table (never call `mutate` holding the table).
+    fn mark_gone(&self, st: &libc::stat) {
+        if st.st_mode & libc::S_IFMT == libc::S_IFDIR || st.st_nlink <= 1 {
+            lock(&self.inodes).gone(st.st_ino);
         }
     }
 
@@ -242,7 +254,10 @@ impl MirrorFs {
     }
 
     fn set_times_of_handle(&self, h: &Handle) {
-        if let (Ok(st), Some(p)) = (sys::fstat(h.fd.as_fd()), lock(&self.inodes).path(h.ino)) {
+        // The inode table's lock is released before `mutate` takes the order lock (the order is
+        // order lock, then inode table: see `mark_gone`).
+        let path = lock(&self.inodes).path(h.ino);
+        if let (Ok(st), Some(p)) = (sys::fstat(h.fd.as_fd()), path) {
             let mtime = Some(Timespec {
                 sec: st.st_mtime,
                 nsec: st.st_mtime_nsec as u32,
@@ -301,7 +316,7 @@ fn reply_unlinked_setattr(
         Ok(())
     })();
     match r.and_then(|_| sys::fstat(fd)) {
-        Ok(st) => reply.attr(&TTL, &fs.attr(&st)),
+        Ok(st) => reply.attr(&TTL, &fs.attr_of(INodeNo(h.ino), &st)),
         Err(e) => reply.error(io_errno(&e)),
     }
 }
@@ -344,7 +359,7 @@ impl Filesystem for MirrorFs {
             },
         };
         match st {
-            Ok(st) => reply.attr(&TTL, &self.attr(&st)),
+            Ok(st) => reply.attr(&TTL, &self.attr_of(ino, &st)),
             Err(e) => reply.error(io_errno(&e)),
         }
     }
@@ -470,7 +485,7 @@ impl Filesystem for MirrorFs {
             return reply.error(err(e));
         }
         match self.lstat(&p) {
-            Ok(st) => reply.attr(&TTL, &self.attr(&st)),
+            Ok(st) => reply.attr(&TTL, &self.attr_of(ino, &st)),
             Err(e) => reply.error(io_errno(&e)),
         }
     }
@@ -594,7 +609,11 @@ impl Filesystem for MirrorFs {
                 path: p.clone(),
                 nlink: st.st_nlink as u32,
             },
-            || sys::unlinkat(root, p.as_at_path(), 0),
+            || {
+                sys::unlinkat(root, p.as_at_path(), 0)?;
+                self.mark_gone(&st);
+                Ok(())
+            },
         ) {
             Ok(_) => {
                 let ino = lock(&self.inodes).fuse_ino(st.st_ino);
@@ -615,7 +634,11 @@ impl Filesystem for MirrorFs {
         let st = self.lstat(&p).ok();
         let root = self.rootfd();
         match self.vol.mutate(Op::Rmdir { path: p.clone() }, || {
-            sys::unlinkat(root, p.as_at_path(), libc::AT_REMOVEDIR)
+            sys::unlinkat(root, p.as_at_path(), libc::AT_REMOVEDIR)?;
+            if let Some(st) = &st {
+                self.mark_gone(st);
+            }
+            Ok(())
         }) {
             Ok(_) => {
                 if let Some(st) = st {
@@ -696,7 +719,14 @@ impl Filesystem for MirrorFs {
             from_ino: src.st_ino,
         };
         match self.vol.mutate(op, || {
-            sys::renameat2(root, from.as_at_path(), to.as_at_path(), f)
+            sys::renameat2(root, from.as_at_path(), to.as_at_path(), f)?;
+            match &dst {
+                Some(d) if f & libc::RENAME_EXCHANGE == 0 && d.st_ino != src.st_ino => {
+                    self.mark_gone(d)
+                }
+                _ => {}
+            }
+            Ok(())
         }) {
             Ok(_) => {
                 let mut t = lock(&self.inodes);
@@ -1048,9 +1078,12 @@ impl Filesystem for MirrorFs {
                     Err(_) => continue,
                 }
             };
-            let Ok(st) = self.lstat(&p) else { continue };
-            let a = self.attr(&st);
             let dot = name == b"." || name == b"..";
+            let Ok(st) = self.lstat(&p) else { continue };
+            let mut a = self.attr(&st);
+            if !dot {
+                a.ino = INodeNo(lock(&self.inodes).register(ino.0, name, st.st_ino));
+            }
             if reply.add(
                 a.ino,
                 (i + 1) as u64,
@@ -1059,10 +1092,11 @@ impl Filesystem for MirrorFs {
                 &a,
                 Generation(0),
             ) {
+                // Not sent: the kernel will not count this lookup.
+                if !dot {
+                    lock(&self.inodes).forget(a.ino.0, 1);
+                }
                 break;
-            }
-            if !dot {
-                lock(&self.inodes).lookup(ino.0, name, a.ino.0);
             }
         }
         reply.ok()
@@ -1286,8 +1320,8 @@ impl Filesystem for MirrorFs {
             Ok(st) => st,
             Err(e) => return reply.error(io_errno(&e)),
         };
-        let a = self.attr(&st);
-        lock(&self.inodes).lookup(parent.0, name.as_bytes(), a.ino.0);
+        let mut a = self.attr(&st);
+        a.ino = INodeNo(lock(&self.inodes).register(parent.0, name.as_bytes(), st.st_ino));
         let fh = self.add_handle(Handle {
             fd,
             ino: a.ino.0,

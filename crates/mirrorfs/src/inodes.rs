@@ -1,22 +1,39 @@
 //! The inode table of the FUSE shell: which names (parent, name) each inode the kernel knows has,
 //! so that every operation can be journaled by path. FUSE inode numbers are the backing file
 //! system's inode numbers (the backing root is inode 1).
+//!
+//! One exception keeps node ids unique: when a file is deleted through the mount while the kernel
+//! still caches its inode, the backing file system may give the freed number to the next new file.
+//! Reusing the node id would make the kernel take the new file for the old one (it then refuses to
+//! link it, "nlink is 0", or serves the old file's cached pages). The deletion marks the node
+//! *gone*; a new file that arrives with the number of a gone node gets a node id of its own above
+//! `ALIAS_BASE` until the kernel forgets it.
 
 use std::collections::HashMap;
 
 use mirrorfs_core::path::RelPath;
 
 pub const ROOT: u64 = 1;
+/// Node ids given to new files that reuse the number of a gone one (far above any inode number
+/// a Linux file system hands out in practice).
+pub const ALIAS_BASE: u64 = 1 << 62;
 
 #[derive(Default)]
 struct Node {
     names: Vec<(u64, Vec<u8>)>,
     lookups: u64,
+    /// The backing inode number.
+    backing: u64,
+    /// Its backing inode was freed through the mount (last link removed).
+    gone: bool,
 }
 
 #[derive(Default)]
 pub struct Inodes {
     nodes: HashMap<u64, Node>,
+    /// Backing inode number → node id, for the files given an id of their own.
+    alias: HashMap<u64, u64>,
+    next_alias: u64,
     /// The backing root's own inode number, reported to the kernel as `ROOT`.
     pub root_backing_ino: u64,
 }
@@ -29,10 +46,14 @@ impl Inodes {
             Node {
                 names: Vec::new(),
                 lookups: 1,
+                backing: root_backing_ino,
+                gone: false,
             },
         );
         Inodes {
             nodes,
+            alias: HashMap::new(),
+            next_alias: ALIAS_BASE,
             root_backing_ino,
         }
     }
@@ -42,7 +63,7 @@ impl Inodes {
         if backing == self.root_backing_ino {
             ROOT
         } else {
-            backing
+            self.alias.get(&backing).copied().unwrap_or(backing)
         }
     }
 
@@ -67,16 +88,28 @@ impl Inodes {
         None
     }
 
-    /// Records a lookup of `name` in `parent` that found `ino`.
-    pub fn lookup(&mut self, parent: u64, name: &[u8], ino: u64) {
-        if ino == ROOT {
-            return;
+    /// Records a lookup of `name` in `parent` that found the backing inode `backing`; returns the
+    /// node id to give the kernel.
+    pub fn register(&mut self, parent: u64, name: &[u8], backing: u64) -> u64 {
+        let mut id = self.fuse_ino(backing);
+        if id == ROOT {
+            return ROOT;
         }
-        let node = self.nodes.entry(ino).or_default();
+        if self.nodes.get(&id).is_some_and(|n| n.gone) {
+            // A new file with the number of a deleted one the kernel still caches.
+            id = self.next_alias;
+            self.next_alias += 1;
+            self.alias.insert(backing, id);
+        }
+        let node = self.nodes.entry(id).or_insert_with(|| Node {
+            backing,
+            ..Node::default()
+        });
         node.lookups += 1;
         if !node.names.iter().any(|(p, n)| *p == parent && n == name) {
             node.names.push((parent, name.to_vec()));
         }
+        id
     }
 
     pub fn forget(&mut self, ino: u64, n: u64) {
@@ -86,8 +119,22 @@ impl Inodes {
         if let Some(node) = self.nodes.get_mut(&ino) {
             node.lookups = node.lookups.saturating_sub(n);
             if node.lookups == 0 {
+                let backing = node.backing;
                 self.nodes.remove(&ino);
+                if self.alias.get(&backing) == Some(&ino) {
+                    self.alias.remove(&backing);
+                }
             }
+        }
+    }
+
+    /// The backing inode `backing` was freed (its last link removed through the mount): a new file
+    /// that gets its number is another file. Call under the order lock, right after the removal,
+    /// so no creation can come in between.
+    pub fn gone(&mut self, backing: u64) {
+        let id = self.fuse_ino(backing);
+        if let Some(node) = self.nodes.get_mut(&id) {
+            node.gone = true;
         }
     }
 
@@ -119,17 +166,52 @@ mod tests {
     #[test]
     fn paths_follow_renames_and_links() {
         let mut t = Inodes::new(2);
-        t.lookup(ROOT, b"d", 10);
-        t.lookup(10, b"f", 11);
+        t.register(ROOT, b"d", 10);
+        t.register(10, b"f", 11);
         assert_eq!(t.path(11).map(|p| p.to_string()), Some("d/f".into()));
         t.rename(10, ROOT, b"d", ROOT, b"e");
         assert_eq!(t.path(11).map(|p| p.to_string()), Some("e/f".into()));
-        t.lookup(ROOT, b"hard", 11);
+        t.register(ROOT, b"hard", 11);
         t.unlink(10, b"f", 11);
         assert_eq!(t.path(11).map(|p| p.to_string()), Some("hard".into()));
         t.unlink(ROOT, b"hard", 11);
         assert_eq!(t.path(11), None);
         t.forget(11, 2);
         assert_eq!(t.len(), 2);
+    }
+
+    #[test]
+    fn a_new_file_reusing_a_gone_inode_number_gets_its_own_node_id() {
+        let mut t = Inodes::new(2);
+        assert_eq!(t.register(ROOT, b"old", 11), 11);
+        t.unlink(ROOT, b"old", 11);
+        t.gone(11);
+        // The kernel still holds node 11; the backing file system reuses number 11.
+        let id = t.register(ROOT, b"new", 11);
+        assert!(id >= ALIAS_BASE);
+        assert_eq!(
+            t.fuse_ino(11),
+            id,
+            "later replies about the new file use its id"
+        );
+        assert_eq!(
+            t.register(ROOT, b"new", 11),
+            id,
+            "a second lookup finds the same id"
+        );
+        assert_eq!(t.path(id).map(|p| p.to_string()), Some("new".into()));
+        assert_eq!(t.path(11), None, "the old node has no name");
+        t.forget(11, 1);
+        assert_eq!(
+            t.fuse_ino(11),
+            id,
+            "the alias lives as long as the kernel holds it"
+        );
+        t.forget(id, 2);
+        assert_eq!(t.fuse_ino(11), 11);
+        assert_eq!(t.len(), 1);
+        // Hard links: removing one of two names is not `gone`.
+        assert_eq!(t.register(ROOT, b"a", 12), 12);
+        assert_eq!(t.register(ROOT, b"b", 12), 12);
     }
 }

@@ -1780,3 +1780,52 @@ fn open_but_unlinked_file_stays_usable() {
     });
     finish(&mut m);
 }
+
+/// Files written, fsynced, closed and deleted at once while new files are created and linked, so
+/// the backing file system keeps handing freed inode numbers to new files: every new file must be
+/// its own file. A stress check of `inodes::gone`; the kill -9 test (`crash.rs`) is what found the
+/// bug (a new file taken by the kernel for a deleted one it still cached: `link` failed with
+/// ENOENT), and it is the test that reproduces it; this one has not been seen to.
+#[test]
+fn reused_inode_numbers_never_mix_two_files() {
+    let _serial = serial();
+    let m = mount("inoreuse", &[]);
+    let dir = m.p("churn");
+    fs::create_dir(&dir).expect("mkdir");
+    std::thread::scope(|s| {
+        let dir = &dir;
+        let workers: Vec<_> = (0..6)
+            .map(|t| {
+                s.spawn(move || {
+                    for i in 0..1000 {
+                        let old = dir.join(format!("old{t}"));
+                        let new = dir.join(format!("new{t}"));
+                        let link = dir.join(format!("link{t}"));
+                        {
+                            let f = File::create(&old).expect("create old");
+                            sys::write_all(&f, format!("old {t} {i}\n").as_bytes())
+                                .expect("write old");
+                            f.sync_all().expect("fsync old");
+                        }
+                        sys::unlink(&old).expect("unlink old");
+                        let body = format!("new {t} {i}\n");
+                        fs::write(&new, &body).expect("create new");
+                        sys::link(&new, &link).unwrap_or_else(|e| {
+                            panic!("round {i}: link {}: {}", new.display(), errname(e))
+                        });
+                        let got = fs::read_to_string(&link).expect("read link");
+                        assert_eq!(got, body, "round {i}: the link holds another file's data");
+                        sys::unlink(&new).expect("unlink new");
+                        sys::unlink(&link).expect("unlink link");
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            if let Err(e) = w.join() {
+                std::panic::resume_unwind(e);
+            }
+        }
+    });
+    m.wait_mirror_equal(CATCH_UP);
+}
