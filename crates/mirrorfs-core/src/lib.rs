@@ -14,5 +14,6 @@ pub mod link;
 pub mod op;
 pub mod path;
 pub mod sim;
+pub mod track;
 pub mod tree;
 pub mod wire;

@@ -492,7 +492,7 @@ fn mount(a: MountArgs) -> Result<()> {
         shared.push(Arc::new(m));
     }
     let vol = Arc::new(Volume {
-        order: Mutex::new(Ordered { journal }),
+        order: Mutex::new(Ordered::new(journal)),
         progress: Mutex::new(Progress {
             durable_seq: horizon,
             settled_seq: horizon,
@@ -610,6 +610,8 @@ fn mount(a: MountArgs) -> Result<()> {
         );
     }
     let status_stop = Arc::new(AtomicBool::new(false));
+    // The first status is on disk before the mount appears: `mirrorfs status` works at once.
+    status::write_status(&vol, &mountpoint, &state);
     let reg = status::register(&mountpoint, &backing, &state)?;
     {
         let (v, st, stop) = (vol.clone(), state.clone(), status_stop.clone());
@@ -676,7 +678,6 @@ fn mount(a: MountArgs) -> Result<()> {
     signal_hook::flag::register(signal_hook::consts::SIGINT, term.clone())?;
     signal_hook::flag::register(signal_hook::consts::SIGTERM, term.clone())?;
     let fs_impl = fuse::MirrorFs::new(vol.clone(), &backing, hidden.clone())?;
-    let inodes = fs_impl.inodes();
     let session = fuser::Session::new(fs_impl, &mountpoint, &config)
         .with_context(|| format!("cannot mount on {}", mountpoint.display()))?;
     let bg = session.spawn()?;
@@ -696,7 +697,6 @@ fn mount(a: MountArgs) -> Result<()> {
             volume_id: serve::parse_id(&meta.volume_id).unwrap_or([0; 16]),
             generation: meta.generation,
             name: format!("{}:{}", hostname(), backing.display()),
-            inodes: inodes.clone(),
             backing: backing.clone(),
             hidden: hidden.clone(),
         });
@@ -715,11 +715,11 @@ fn mount(a: MountArgs) -> Result<()> {
         mountpoint.display()
     );
     for m in to_sync {
-        let (v, ino, b, h) = (vol.clone(), inodes.clone(), backing.clone(), hidden.clone());
+        let (v, b, h) = (vol.clone(), backing.clone(), hidden.clone());
         std::thread::Builder::new()
             .name("initial-sync".into())
             .spawn(move || {
-                if let Err(e) = mirror::live_sync(v.clone(), ino, &b, m.clone(), h) {
+                if let Err(e) = mirror::live_sync(v.clone(), &b, m.clone(), h) {
                     let reason = format!("initial sync failed: {e}");
                     tracing::error!("mirror {}: {reason}", m.name);
                     mirror::mark_needs_resync(&m, &reason);

@@ -3,7 +3,7 @@
 use std::ffi::OsStr;
 use std::fs;
 use std::io;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -17,7 +17,8 @@ use mirrorfs_core::path::RelPath;
 use crate::dirtree::DirTree;
 use crate::sys;
 use crate::volume::{
-    apply_error_phase, lock, open_cursor, Feed, MirrorPhase, MirrorShared, RecordFeed, Volume,
+    apply_error_phase, lock, open_cursor, Feed, MirrorPhase, MirrorShared, Ordered, RecordFeed,
+    Volume,
 };
 
 /// Marks a mirror as needing a full resync (persisted, so the next mount re-copies it).
@@ -200,144 +201,149 @@ pub fn sync_id(m: &MirrorShared) -> u32 {
 /// 3. `SyncDone`. Until then the mirror applies everything idempotently and reports `syncing`.
 pub fn live_sync(
     vol: Arc<Volume>,
-    inodes: Arc<std::sync::Mutex<crate::inodes::Inodes>>,
     backing: &Path,
     m: Arc<MirrorShared>,
     hidden: Option<Vec<u8>>,
 ) -> io::Result<()> {
     let id = sync_id(&m);
     let root: std::os::fd::OwnedFd = fs::File::open(backing)?.into();
-    let root_ino = sys::fstat(root.as_fd())?.st_ino;
-    let mut files: Vec<(u64, RelPath)> = Vec::new();
+    let mut files: Vec<u64> = Vec::new();
     let mut total = 0u64;
+    let copy = TrackedCopy::new(&vol, id);
     {
-        let mut o = lock(&vol.order);
-        let mut emit = |op: Op| -> io::Result<()> {
-            o.journal
-                .append(&Op::Sync {
-                    mirror: id,
-                    op: Box::new(op),
-                })
-                .map(drop)
-                .map_err(io::Error::other)
-        };
-        let mut links: std::collections::HashMap<u64, RelPath> = std::collections::HashMap::new();
-        let mut stack = vec![(RelPath::root(), false)];
-        while let Some((dir, done)) = stack.pop() {
-            let st = if dir.is_root() {
-                sys::fstat(root.as_fd())?
-            } else {
-                sys::lstatat(root.as_fd(), dir.as_at_path())?
+        let mut guard = lock(&vol.order);
+        let last = {
+            let Ordered { journal, copies } = &mut *guard;
+            let tracker = copies.entry(id).or_default();
+            let mut emit = |op: Op| -> io::Result<()> {
+                journal
+                    .append(&Op::Sync {
+                        mirror: id,
+                        op: Box::new(op),
+                    })
+                    .map(drop)
+                    .map_err(io::Error::other)
             };
-            if done {
-                emit(Op::SetTimes {
-                    path: dir,
-                    atime: None,
-                    mtime: Some(ts(st.st_mtime, st.st_mtime_nsec)),
-                })?;
-                continue;
-            }
-            stack.push((dir.clone(), true));
-            let dfd = sys::openat(
-                root.as_fd(),
-                dir.as_at_path(),
-                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
-                0,
-            )?;
-            let mut entries = sys::read_dir_fd(dfd.as_fd())?;
-            entries.sort();
-            for (name, _) in entries {
-                if dir.is_root() && hidden.as_deref() == Some(&name[..]) {
-                    continue;
-                }
-                let path = dir.join(&name).map_err(io::Error::other)?;
-                let st = sys::lstatat(dfd.as_fd(), OsStr::from_bytes(&name))?;
-                let (uid, gid, mode) = (st.st_uid, st.st_gid, st.st_mode);
-                match mode & libc::S_IFMT {
-                    libc::S_IFDIR => {
-                        emit(Op::Mkdir {
-                            path: path.clone(),
-                            mode: mode & 0o7777,
-                            uid,
-                            gid,
-                        })?;
-                        stack.push((path.clone(), false));
-                    }
-                    libc::S_IFREG => {
-                        if st.st_nlink > 1 {
-                            if let Some(first) = links.get(&st.st_ino) {
-                                emit(Op::Link {
-                                    from: first.clone(),
-                                    to: path.clone(),
-                                })?;
-                                continue;
-                            }
-                            links.insert(st.st_ino, path.clone());
-                        }
-                        emit(Op::Create {
-                            path: path.clone(),
-                            mode: mode & 0o7777,
-                            uid,
-                            gid,
-                        })?;
-                        total += st.st_size as u64;
-                        files.push((st.st_ino, path.clone()));
-                    }
-                    libc::S_IFLNK => {
-                        let target = sys::readlinkat(dfd.as_fd(), OsStr::from_bytes(&name))?;
-                        // Its xattrs (security.*, trusted.*) and times follow below.
-                        emit(Op::Symlink {
-                            path: path.clone(),
-                            target,
-                            uid,
-                            gid,
-                        })?;
-                    }
-                    _ => emit(Op::Mknod {
-                        path: path.clone(),
-                        mode,
-                        rdev: st.st_rdev,
-                        uid,
-                        gid,
-                    })?,
-                }
-                for (xname, xval) in xattrs(root.as_fd(), &path) {
-                    emit(Op::SetXattr {
-                        path: path.clone(),
-                        name: xname,
-                        value: xval,
-                        flags: 0,
-                    })?;
-                }
-                if mode & libc::S_IFMT != libc::S_IFDIR {
+            let mut links: std::collections::HashMap<u64, RelPath> =
+                std::collections::HashMap::new();
+            let mut stack = vec![(RelPath::root(), false)];
+            while let Some((dir, done)) = stack.pop() {
+                let st = if dir.is_root() {
+                    sys::fstat(root.as_fd())?
+                } else {
+                    sys::lstatat(root.as_fd(), dir.as_at_path())?
+                };
+                if done {
                     emit(Op::SetTimes {
-                        path: path.clone(),
+                        path: dir,
                         atime: None,
                         mtime: Some(ts(st.st_mtime, st.st_mtime_nsec)),
                     })?;
+                    continue;
+                }
+                stack.push((dir.clone(), true));
+                let dfd = sys::openat(
+                    root.as_fd(),
+                    dir.as_at_path(),
+                    libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+                    0,
+                )?;
+                let mut entries = sys::read_dir_fd(dfd.as_fd())?;
+                entries.sort();
+                for (name, _) in entries {
+                    if dir.is_root() && hidden.as_deref() == Some(&name[..]) {
+                        continue;
+                    }
+                    let path = dir.join(&name).map_err(io::Error::other)?;
+                    let st = sys::lstatat(dfd.as_fd(), OsStr::from_bytes(&name))?;
+                    let (uid, gid, mode) = (st.st_uid, st.st_gid, st.st_mode);
+                    match mode & libc::S_IFMT {
+                        libc::S_IFDIR => {
+                            emit(Op::Mkdir {
+                                path: path.clone(),
+                                mode: mode & 0o7777,
+                                uid,
+                                gid,
+                            })?;
+                            stack.push((path.clone(), false));
+                        }
+                        libc::S_IFREG => {
+                            tracker.add(st.st_ino, path.clone());
+                            if st.st_nlink > 1 {
+                                if let Some(first) = links.get(&st.st_ino) {
+                                    emit(Op::Link {
+                                        from: first.clone(),
+                                        to: path.clone(),
+                                    })?;
+                                    continue;
+                                }
+                                links.insert(st.st_ino, path.clone());
+                            }
+                            emit(Op::Create {
+                                path: path.clone(),
+                                mode: mode & 0o7777,
+                                uid,
+                                gid,
+                            })?;
+                            total += st.st_size as u64;
+                            files.push(st.st_ino);
+                        }
+                        libc::S_IFLNK => {
+                            let target = sys::readlinkat(dfd.as_fd(), OsStr::from_bytes(&name))?;
+                            // Its xattrs (security.*, trusted.*) and times follow below.
+                            emit(Op::Symlink {
+                                path: path.clone(),
+                                target,
+                                uid,
+                                gid,
+                            })?;
+                        }
+                        _ => emit(Op::Mknod {
+                            path: path.clone(),
+                            mode,
+                            rdev: st.st_rdev,
+                            uid,
+                            gid,
+                        })?,
+                    }
+                    for (xname, xval) in xattrs(root.as_fd(), &path) {
+                        emit(Op::SetXattr {
+                            path: path.clone(),
+                            name: xname,
+                            value: xval,
+                            flags: 0,
+                        })?;
+                    }
+                    if mode & libc::S_IFMT != libc::S_IFDIR {
+                        emit(Op::SetTimes {
+                            path: path.clone(),
+                            atime: None,
+                            mtime: Some(ts(st.st_mtime, st.st_mtime_nsec)),
+                        })?;
+                    }
                 }
             }
-        }
-        let rst = sys::fstat(root.as_fd())?;
-        emit(Op::SetMode {
-            path: RelPath::root(),
-            mode: rst.st_mode & 0o7777,
-        })?;
-        emit(Op::SetOwner {
-            path: RelPath::root(),
-            uid: Some(rst.st_uid),
-            gid: Some(rst.st_gid),
-        })?;
-        for (xname, xval) in xattrs(root.as_fd(), &RelPath::root()) {
-            emit(Op::SetXattr {
+            let rst = sys::fstat(root.as_fd())?;
+            emit(Op::SetMode {
                 path: RelPath::root(),
-                name: xname,
-                value: xval,
-                flags: 0,
+                mode: rst.st_mode & 0o7777,
             })?;
-        }
-        let last = o.journal.next_seq() - 1;
-        vol.settle(o, last, 0);
+            emit(Op::SetOwner {
+                path: RelPath::root(),
+                uid: Some(rst.st_uid),
+                gid: Some(rst.st_gid),
+            })?;
+            for (xname, xval) in xattrs(root.as_fd(), &RelPath::root()) {
+                emit(Op::SetXattr {
+                    path: RelPath::root(),
+                    name: xname,
+                    value: xval,
+                    flags: 0,
+                })?;
+            }
+            journal.next_seq() - 1
+        };
+        vol.settle(guard, last, 0);
     }
     tracing::info!(
         "mirror {}: namespace copied ({} files, {} bytes of data to copy)",
@@ -353,7 +359,7 @@ pub fn live_sync(
     pb.set_message(format!("initial sync of {}", m.path.display()));
     let mut done = 0u64;
     let mut buf = vec![0u8; 1 << 20];
-    for (ino, walked) in files {
+    for ino in files {
         let mut off = 0u64;
         loop {
             throttle(&vol, &m);
@@ -363,28 +369,10 @@ pub fn live_sync(
                 ));
             }
             let mut o = lock(&vol.order);
-            let fuse_ino = if ino == root_ino {
-                crate::inodes::ROOT
-            } else {
-                ino
-            };
-            let path = match sys::lstatat(root.as_fd(), walked.as_at_path()) {
-                Ok(st) if st.st_ino == ino => Some(walked.clone()),
-                _ => lock(&inodes).path(fuse_ino),
-            };
-            let Some(path) = path else { break };
-            let Ok(f) = sys::openat(
-                root.as_fd(),
-                path.as_at_path(),
-                libc::O_RDONLY | libc::O_NOFOLLOW,
-                0,
-            ) else {
+            // Gone (every name removed since the walk): its removal is journaled already.
+            let Some((path, f, st)) = copy.open_current(&o, root.as_fd(), ino) else {
                 break;
             };
-            let Ok(st) = sys::fstat(f.as_fd()) else { break };
-            if st.st_ino != ino {
-                break;
-            }
             let size = st.st_size as u64;
             let data = match sys::lseek(f.as_fd(), off as i64, libc::SEEK_DATA) {
                 Ok(d) if (d as u64) < size => Some(d as u64),
@@ -445,9 +433,9 @@ pub fn live_sync(
                 total_bytes: total,
             };
         }
+        copy.done_with(ino);
     }
-    let o = lock(&vol.order);
-    let mut o = o;
+    let mut o = lock(&vol.order);
     let seq = o
         .journal
         .append(&Op::SyncDone { mirror: id })
@@ -456,6 +444,58 @@ pub fn live_sync(
     pb.finish_and_clear();
     tracing::info!("mirror {}: initial sync streamed ({done} bytes); it is consistent once it applies record {seq}", m.name);
     Ok(())
+}
+
+/// A live copy's entry in `Ordered::copies`: the current names of the files it still has to read.
+/// Removed when the copy ends, however it ends.
+pub(crate) struct TrackedCopy<'a> {
+    vol: &'a Volume,
+    id: u32,
+}
+
+impl<'a> TrackedCopy<'a> {
+    pub(crate) fn new(vol: &'a Volume, id: u32) -> Self {
+        // A restarted copy of the same mirror starts from a fresh walk.
+        lock(&vol.order).copies.remove(&id);
+        TrackedCopy { vol, id }
+    }
+
+    /// Opens the file walked as `ino` under its current name (the caller holds the order lock, so
+    /// no change can come between this and the record the caller journals). `None` when it has no
+    /// name left.
+    pub(crate) fn open_current(
+        &self,
+        o: &Ordered,
+        root: BorrowedFd<'_>,
+        ino: u64,
+    ) -> Option<(RelPath, OwnedFd, libc::stat)> {
+        let names = o.copies.get(&self.id)?.names(ino);
+        names.iter().find_map(|path| {
+            let f = sys::openat(
+                root,
+                path.as_at_path(),
+                libc::O_RDONLY | libc::O_NOFOLLOW,
+                0,
+            )
+            .ok()?;
+            let st = sys::fstat(f.as_fd()).ok()?;
+            (st.st_ino == ino && st.st_mode & libc::S_IFMT == libc::S_IFREG)
+                .then(|| (path.clone(), f, st))
+        })
+    }
+
+    /// The copy is done with `ino`.
+    pub(crate) fn done_with(&self, ino: u64) {
+        if let Some(t) = lock(&self.vol.order).copies.get_mut(&self.id) {
+            t.forget(ino);
+        }
+    }
+}
+
+impl Drop for TrackedCopy<'_> {
+    fn drop(&mut self) {
+        lock(&self.vol.order).copies.remove(&self.id);
+    }
 }
 
 /// Keeps the initial sync from filling the journal: waits while the mirror is far behind.

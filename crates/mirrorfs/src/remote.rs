@@ -20,7 +20,6 @@ use mirrorfs_core::op::Record;
 use mirrorfs_core::wire::{Decoder, Msg, BATCH_BYTES};
 
 use crate::identity::{Fingerprint, Identity};
-use crate::inodes::Inodes;
 use crate::net::Duplex;
 use crate::store::FileStore;
 use crate::volume::{lock, MirrorPhase, MirrorShared, Volume};
@@ -45,7 +44,6 @@ pub struct LinkConfig {
     /// This primary's name, for the mirror's logs.
     pub name: String,
     /// For a live initial copy: the inode table, the backing root and the hidden state name.
-    pub inodes: Arc<Mutex<Inodes>>,
     pub backing: PathBuf,
     pub hidden: Option<Vec<u8>>,
 }
@@ -288,7 +286,6 @@ fn session(
                 .spawn(move || {
                     let r = crate::resync::live_resync(
                         v.clone(),
-                        c.inodes.clone(),
                         &c.backing,
                         mm.clone(),
                         c.hidden.clone(),
@@ -319,7 +316,6 @@ fn session(
                     .spawn(move || {
                         let r = crate::mirror::live_sync(
                             v.clone(),
-                            c.inodes.clone(),
                             &c.backing,
                             mm.clone(),
                             c.hidden.clone(),

@@ -16,15 +16,15 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use mirrorfs_core::op::Op;
 use mirrorfs_core::path::RelPath;
 use mirrorfs_core::wire::{ManifestEntry, MANIFEST_HASHES_MAX, RESYNC_BLOCK};
 
-use crate::inodes::Inodes;
+use crate::mirror::TrackedCopy;
 use crate::sys;
-use crate::volume::{lock, MirrorPhase, MirrorShared, Volume};
+use crate::volume::{lock, MirrorPhase, MirrorShared, Ordered, Volume};
 
 /// Entries per `Manifest` message.
 pub const MANIFEST_BATCH: usize = 256;
@@ -211,7 +211,6 @@ pub struct ResyncStats {
 /// its own hold, read from the file's current name.
 pub fn live_resync(
     vol: Arc<Volume>,
-    inodes: Arc<Mutex<Inodes>>,
     backing: &Path,
     m: Arc<MirrorShared>,
     hidden: Option<Vec<u8>>,
@@ -219,199 +218,204 @@ pub fn live_resync(
 ) -> io::Result<ResyncStats> {
     let id = crate::mirror::sync_id(&m);
     let root: OwnedFd = std::fs::File::open(backing)?.into();
-    let root_ino = sys::fstat(root.as_fd())?.st_ino;
     let mut stats = ResyncStats::default();
-    // (inode, name when walked, the mirror's block hashes if it has the file).
-    let mut files: Vec<(u64, RelPath, Option<BlockHashes>)> = Vec::new();
+    // (inode, the mirror's block hashes if it has the file).
+    let mut files: Vec<(u64, Option<BlockHashes>)> = Vec::new();
     let mut total = 0u64;
+    let copy = TrackedCopy::new(&vol, id);
     {
-        let mut o = lock(&vol.order);
-        let mut emit = |op: Op| -> io::Result<()> {
-            o.journal
-                .append(&Op::Sync {
-                    mirror: id,
-                    op: Box::new(op),
+        let mut guard = lock(&vol.order);
+        let last = {
+            let Ordered { journal, copies } = &mut *guard;
+            let tracker = copies.entry(id).or_default();
+            let mut emit = |op: Op| -> io::Result<()> {
+                journal
+                    .append(&Op::Sync {
+                        mirror: id,
+                        op: Box::new(op),
+                    })
+                    .map(drop)
+                    .map_err(io::Error::other)
+            };
+            // 1. What the mirror has and the primary has not (or of another kind): deepest first.
+            let mut extra: Vec<&ManifestEntry> = manifest
+                .entries
+                .values()
+                .filter(|e| match sys::lstatat(root.as_fd(), e.path.as_at_path()) {
+                    Ok(st) => {
+                        kind_of(st.st_mode) != e.kind
+                            || (hidden.as_deref() == e.path.as_bytes().split(|b| *b == b'/').next())
+                    }
+                    Err(_) => true,
                 })
-                .map(drop)
-                .map_err(io::Error::other)
-        };
-        // 1. What the mirror has and the primary has not (or of another kind): deepest first.
-        let mut extra: Vec<&ManifestEntry> = manifest
-            .entries
-            .values()
-            .filter(|e| match sys::lstatat(root.as_fd(), e.path.as_at_path()) {
-                Ok(st) => {
-                    kind_of(st.st_mode) != e.kind
-                        || (hidden.as_deref() == e.path.as_bytes().split(|b| *b == b'/').next())
-                }
-                Err(_) => true,
-            })
-            .collect();
-        extra.sort_by_key(|e| {
-            std::cmp::Reverse(e.path.as_bytes().iter().filter(|b| **b == b'/').count())
-        });
-        let removed: std::collections::HashSet<Vec<u8>> =
-            extra.iter().map(|e| e.path.as_bytes().to_vec()).collect();
-        for e in &extra {
-            let op = if e.kind == 2 {
-                Op::Rmdir {
-                    path: e.path.clone(),
-                }
-            } else {
-                Op::Unlink {
-                    path: e.path.clone(),
-                    nlink: 1,
-                }
-            };
-            emit(op)?;
-            stats.removed += 1;
-        }
-        let kept = |p: &RelPath, kind: u8| -> Option<&ManifestEntry> {
-            manifest
-                .get(p)
-                .filter(|e| e.kind == kind && !removed.contains(p.as_bytes()))
-        };
-        // 2. The namespace: entries the mirror has with the same kind are kept.
-        let mut links: HashMap<u64, RelPath> = HashMap::new();
-        let mut stack = vec![(RelPath::root(), false)];
-        while let Some((dir, done)) = stack.pop() {
-            let st = if dir.is_root() {
-                sys::fstat(root.as_fd())?
-            } else {
-                sys::lstatat(root.as_fd(), dir.as_at_path())?
-            };
-            if done {
-                emit(Op::SetTimes {
-                    path: dir,
-                    atime: None,
-                    mtime: Some(ts(st.st_mtime, st.st_mtime_nsec)),
-                })?;
-                continue;
+                .collect();
+            extra.sort_by_key(|e| {
+                std::cmp::Reverse(e.path.as_bytes().iter().filter(|b| **b == b'/').count())
+            });
+            let removed: std::collections::HashSet<Vec<u8>> =
+                extra.iter().map(|e| e.path.as_bytes().to_vec()).collect();
+            for e in &extra {
+                let op = if e.kind == 2 {
+                    Op::Rmdir {
+                        path: e.path.clone(),
+                    }
+                } else {
+                    Op::Unlink {
+                        path: e.path.clone(),
+                        nlink: 1,
+                    }
+                };
+                emit(op)?;
+                stats.removed += 1;
             }
-            stack.push((dir.clone(), true));
-            let dfd = sys::openat(
-                root.as_fd(),
-                dir.as_at_path(),
-                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
-                0,
-            )?;
-            let mut entries = sys::read_dir_fd(dfd.as_fd())?;
-            entries.sort();
-            for (name, _) in entries {
-                if dir.is_root() && hidden.as_deref() == Some(&name[..]) {
+            let kept = |p: &RelPath, kind: u8| -> Option<&ManifestEntry> {
+                manifest
+                    .get(p)
+                    .filter(|e| e.kind == kind && !removed.contains(p.as_bytes()))
+            };
+            // 2. The namespace: entries the mirror has with the same kind are kept.
+            let mut links: HashMap<u64, RelPath> = HashMap::new();
+            let mut stack = vec![(RelPath::root(), false)];
+            while let Some((dir, done)) = stack.pop() {
+                let st = if dir.is_root() {
+                    sys::fstat(root.as_fd())?
+                } else {
+                    sys::lstatat(root.as_fd(), dir.as_at_path())?
+                };
+                if done {
+                    emit(Op::SetTimes {
+                        path: dir,
+                        atime: None,
+                        mtime: Some(ts(st.st_mtime, st.st_mtime_nsec)),
+                    })?;
                     continue;
                 }
-                let path = dir.join(&name).map_err(io::Error::other)?;
-                let st = sys::lstatat(dfd.as_fd(), OsStr::from_bytes(&name))?;
-                let (uid, gid, mode) = (st.st_uid, st.st_gid, st.st_mode);
-                let kind = kind_of(mode);
-                let attrs = |path: &RelPath| {
-                    [
-                        Op::SetMode {
-                            path: path.clone(),
-                            mode: mode & 0o7777,
-                        },
-                        Op::SetOwner {
-                            path: path.clone(),
-                            uid: Some(uid),
-                            gid: Some(gid),
-                        },
-                    ]
-                };
-                match kind {
-                    2 => {
-                        if kept(&path, 2).is_some() {
-                            stats.kept += 1;
-                            for op in attrs(&path) {
-                                emit(op)?;
-                            }
-                        } else {
-                            emit(Op::Mkdir {
-                                path: path.clone(),
-                                mode: mode & 0o7777,
-                                uid,
-                                gid,
-                            })?;
-                        }
-                        stack.push((path.clone(), false));
-                    }
-                    1 => {
-                        if st.st_nlink > 1 {
-                            if let Some(first) = links.get(&st.st_ino) {
-                                emit(Op::Link {
-                                    from: first.clone(),
-                                    to: path.clone(),
-                                })?;
-                                continue;
-                            }
-                            links.insert(st.st_ino, path.clone());
-                        }
-                        let have = kept(&path, 1).map(|e| e.hashes.clone());
-                        if have.is_some() {
-                            stats.kept += 1;
-                            for op in attrs(&path) {
-                                emit(op)?;
-                            }
-                            emit(Op::Truncate {
-                                path: path.clone(),
-                                size: st.st_size as u64,
-                            })?;
-                        } else {
-                            emit(Op::Create {
-                                path: path.clone(),
-                                mode: mode & 0o7777,
-                                uid,
-                                gid,
-                            })?;
-                        }
-                        total += st.st_size as u64;
-                        files.push((st.st_ino, path.clone(), have));
-                    }
-                    3 => {
-                        let target = sys::readlinkat(dfd.as_fd(), OsStr::from_bytes(&name))?;
-                        emit(Op::Symlink {
-                            path: path.clone(),
-                            target,
-                            uid,
-                            gid,
-                        })?;
-                        emit(Op::SetTimes {
-                            path: path.clone(),
-                            atime: None,
-                            mtime: Some(ts(st.st_mtime, st.st_mtime_nsec)),
-                        })?;
+                stack.push((dir.clone(), true));
+                let dfd = sys::openat(
+                    root.as_fd(),
+                    dir.as_at_path(),
+                    libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+                    0,
+                )?;
+                let mut entries = sys::read_dir_fd(dfd.as_fd())?;
+                entries.sort();
+                for (name, _) in entries {
+                    if dir.is_root() && hidden.as_deref() == Some(&name[..]) {
                         continue;
                     }
-                    _ => emit(Op::Mknod {
-                        path: path.clone(),
-                        mode,
-                        rdev: st.st_rdev,
-                        uid,
-                        gid,
-                    })?,
-                }
-                for (xname, xval) in crate::mirror::xattrs(root.as_fd(), &path) {
-                    emit(Op::SetXattr {
-                        path: path.clone(),
-                        name: xname,
-                        value: xval,
-                        flags: 0,
-                    })?;
+                    let path = dir.join(&name).map_err(io::Error::other)?;
+                    let st = sys::lstatat(dfd.as_fd(), OsStr::from_bytes(&name))?;
+                    let (uid, gid, mode) = (st.st_uid, st.st_gid, st.st_mode);
+                    let kind = kind_of(mode);
+                    let attrs = |path: &RelPath| {
+                        [
+                            Op::SetMode {
+                                path: path.clone(),
+                                mode: mode & 0o7777,
+                            },
+                            Op::SetOwner {
+                                path: path.clone(),
+                                uid: Some(uid),
+                                gid: Some(gid),
+                            },
+                        ]
+                    };
+                    match kind {
+                        2 => {
+                            if kept(&path, 2).is_some() {
+                                stats.kept += 1;
+                                for op in attrs(&path) {
+                                    emit(op)?;
+                                }
+                            } else {
+                                emit(Op::Mkdir {
+                                    path: path.clone(),
+                                    mode: mode & 0o7777,
+                                    uid,
+                                    gid,
+                                })?;
+                            }
+                            stack.push((path.clone(), false));
+                        }
+                        1 => {
+                            tracker.add(st.st_ino, path.clone());
+                            if st.st_nlink > 1 {
+                                if let Some(first) = links.get(&st.st_ino) {
+                                    emit(Op::Link {
+                                        from: first.clone(),
+                                        to: path.clone(),
+                                    })?;
+                                    continue;
+                                }
+                                links.insert(st.st_ino, path.clone());
+                            }
+                            let have = kept(&path, 1).map(|e| e.hashes.clone());
+                            if have.is_some() {
+                                stats.kept += 1;
+                                for op in attrs(&path) {
+                                    emit(op)?;
+                                }
+                                emit(Op::Truncate {
+                                    path: path.clone(),
+                                    size: st.st_size as u64,
+                                })?;
+                            } else {
+                                emit(Op::Create {
+                                    path: path.clone(),
+                                    mode: mode & 0o7777,
+                                    uid,
+                                    gid,
+                                })?;
+                            }
+                            total += st.st_size as u64;
+                            files.push((st.st_ino, have));
+                        }
+                        3 => {
+                            let target = sys::readlinkat(dfd.as_fd(), OsStr::from_bytes(&name))?;
+                            emit(Op::Symlink {
+                                path: path.clone(),
+                                target,
+                                uid,
+                                gid,
+                            })?;
+                            emit(Op::SetTimes {
+                                path: path.clone(),
+                                atime: None,
+                                mtime: Some(ts(st.st_mtime, st.st_mtime_nsec)),
+                            })?;
+                            continue;
+                        }
+                        _ => emit(Op::Mknod {
+                            path: path.clone(),
+                            mode,
+                            rdev: st.st_rdev,
+                            uid,
+                            gid,
+                        })?,
+                    }
+                    for (xname, xval) in crate::mirror::xattrs(root.as_fd(), &path) {
+                        emit(Op::SetXattr {
+                            path: path.clone(),
+                            name: xname,
+                            value: xval,
+                            flags: 0,
+                        })?;
+                    }
                 }
             }
-        }
-        let rst = sys::fstat(root.as_fd())?;
-        emit(Op::SetMode {
-            path: RelPath::root(),
-            mode: rst.st_mode & 0o7777,
-        })?;
-        emit(Op::SetOwner {
-            path: RelPath::root(),
-            uid: Some(rst.st_uid),
-            gid: Some(rst.st_gid),
-        })?;
-        let last = o.journal.next_seq() - 1;
-        vol.settle(o, last, 0);
+            let rst = sys::fstat(root.as_fd())?;
+            emit(Op::SetMode {
+                path: RelPath::root(),
+                mode: rst.st_mode & 0o7777,
+            })?;
+            emit(Op::SetOwner {
+                path: RelPath::root(),
+                uid: Some(rst.st_uid),
+                gid: Some(rst.st_gid),
+            })?;
+            journal.next_seq() - 1
+        };
+        vol.settle(guard, last, 0);
     }
     tracing::info!(
         "mirror {}: resync: {} entries removed, {} kept, {} bytes of file data to compare",
@@ -428,7 +432,7 @@ pub fn live_resync(
     pb.set_message(format!("resync of {}", m.name));
     let mut done = 0u64;
     let mut buf = vec![0u8; RESYNC_BLOCK as usize];
-    for (ino, walked, have) in files {
+    for (ino, have) in files {
         let mut block = 0u64;
         loop {
             crate::mirror::throttle(&vol, &m);
@@ -438,28 +442,10 @@ pub fn live_resync(
                 ));
             }
             let o = lock(&vol.order);
-            let fuse_ino = if ino == root_ino {
-                crate::inodes::ROOT
-            } else {
-                ino
-            };
-            let path = match sys::lstatat(root.as_fd(), walked.as_at_path()) {
-                Ok(st) if st.st_ino == ino => Some(walked.clone()),
-                _ => lock(&inodes).path(fuse_ino),
-            };
-            let Some(path) = path else { break };
-            let Ok(f) = sys::openat(
-                root.as_fd(),
-                path.as_at_path(),
-                libc::O_RDONLY | libc::O_NOFOLLOW,
-                0,
-            ) else {
+            // Gone (every name removed since the walk): its removal is journaled already.
+            let Some((path, f, st)) = copy.open_current(&o, root.as_fd(), ino) else {
                 break;
             };
-            let Ok(st) = sys::fstat(f.as_fd()) else { break };
-            if st.st_ino != ino {
-                break;
-            }
             let size = st.st_size as u64;
             let off = block * RESYNC_BLOCK;
             if off >= size {
@@ -512,6 +498,7 @@ pub fn live_resync(
                 total_bytes: total,
             };
         }
+        copy.done_with(ino);
     }
     let mut o = lock(&vol.order);
     let seq = o

@@ -250,7 +250,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     ));
     m.checkpoint_when_idle.store(true, Ordering::Relaxed);
     let vol = Arc::new(Volume {
-        order: Mutex::new(Ordered { journal }),
+        order: Mutex::new(Ordered::new(journal)),
         progress: Mutex::new(Progress {
             durable_seq: 0,
             settled_seq: settled0,

@@ -10,7 +10,7 @@
 //!     mirror workers ◀── notify ─────── read records ≤ min(durable, settled), apply in order
 //! ```
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use mirrorfs_core::applier::{Applier, ApplyError};
 use mirrorfs_core::journal::{Journal, JournalError, Reader};
 use mirrorfs_core::op::{Op, Record};
+use mirrorfs_core::track::NameTracker;
 use mirrorfs_core::tree::apply_op;
 
 use crate::dirtree::DirTree;
@@ -176,8 +177,20 @@ impl MirrorShared {
     }
 }
 
+/// What the order lock guards: the journal, and the names of the files that live copies still
+/// have to read (kept current by every namespace change made under this lock).
 pub struct Ordered {
     pub journal: Journal<FileStore>,
+    pub copies: BTreeMap<u32, NameTracker>,
+}
+
+impl Ordered {
+    pub fn new(journal: Journal<FileStore>) -> Self {
+        Ordered {
+            journal,
+            copies: BTreeMap::new(),
+        }
+    }
 }
 
 /// Shared progress, guarded by `progress` + `changed`.
@@ -256,6 +269,11 @@ impl Volume {
             Err(e) => return Err(self.journal_failed(e)),
         };
         let res = apply();
+        if res.is_ok() {
+            for t in o.copies.values_mut() {
+                t.observe(&op);
+            }
+        }
         let last = match &res {
             Ok(_) => seq,
             Err(_) => o
@@ -498,8 +516,10 @@ impl Volume {
                     (Op::RemoveXattr { .. }, TreeError::Other { errno, .. }) if *errno == libc::ENODATA
                 );
                 if !effect_present {
-                    tracing::warn!(
-                        "record {} ({}) does not hold on the backing tree after the crash ({e}); aborting it",
+                    // Expected after a crash: the change was in flight and had not happened
+                    // (or had failed) on the backing tree; no caller was told it succeeded.
+                    tracing::info!(
+                        "in-doubt record {} ({}) did not take effect before the crash ({e}); recorded as aborted",
                         last.seq,
                         last.op.name()
                     );

@@ -173,9 +173,6 @@ struct Done {
 }
 
 #[test]
-#[ignore = "open bug, seen once in 4 CI runs: small files written during a local mirror's live \
-            initial sync can end up empty on the mirror (a race between the copy's Sync(Create) \
-            and the file's own records); run with --ignored to reproduce"]
 fn changes_during_the_initial_sync_reach_the_mirror() {
     let _serial = serial();
     let l = Layout::new("isync-live", 1);
