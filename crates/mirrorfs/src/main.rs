@@ -18,6 +18,7 @@ mod status;
 mod store;
 mod sys;
 mod volume;
+mod walk;
 
 use std::fs;
 use std::os::fd::AsRawFd;

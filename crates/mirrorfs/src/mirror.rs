@@ -20,6 +20,7 @@ use crate::volume::{
     apply_error_phase, lock, open_cursor, Feed, MirrorPhase, MirrorShared, Ordered, RecordFeed,
     Volume,
 };
+use crate::walk::Visit;
 
 /// Marks a mirror as needing a full resync (persisted, so the next mount re-copies it).
 pub fn mark_needs_resync(m: &MirrorShared, reason: &str) {
@@ -226,113 +227,88 @@ pub fn live_sync(
             };
             let mut links: std::collections::HashMap<u64, RelPath> =
                 std::collections::HashMap::new();
-            let mut stack = vec![(RelPath::root(), false)];
-            while let Some((dir, done)) = stack.pop() {
-                let st = if dir.is_root() {
-                    sys::fstat(root.as_fd())?
-                } else {
-                    sys::lstatat(root.as_fd(), dir.as_at_path())?
-                };
-                if done {
-                    emit(Op::SetTimes {
-                        path: dir,
-                        atime: None,
-                        mtime: Some(ts(st.st_mtime, st.st_mtime_nsec)),
-                    })?;
-                    continue;
-                }
-                stack.push((dir.clone(), true));
-                let dfd = sys::openat(
-                    root.as_fd(),
-                    dir.as_at_path(),
-                    libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
-                    0,
-                )?;
-                let mut entries = sys::read_dir_fd(dfd.as_fd())?;
-                entries.sort();
-                for (name, _) in entries {
-                    if dir.is_root() && hidden.as_deref() == Some(&name[..]) {
-                        continue;
-                    }
-                    let path = dir.join(&name).map_err(io::Error::other)?;
-                    let st = sys::lstatat(dfd.as_fd(), OsStr::from_bytes(&name))?;
-                    let (uid, gid, mode) = (st.st_uid, st.st_gid, st.st_mode);
-                    match mode & libc::S_IFMT {
-                        libc::S_IFDIR => {
-                            emit(Op::Mkdir {
-                                path: path.clone(),
-                                mode: mode & 0o7777,
-                                uid,
-                                gid,
-                            })?;
-                            stack.push((path.clone(), false));
-                        }
-                        libc::S_IFREG => {
-                            tracker.add(st.st_ino, path.clone());
-                            if st.st_nlink > 1 {
-                                if let Some(first) = links.get(&st.st_ino) {
-                                    emit(Op::Link {
-                                        from: first.clone(),
-                                        to: path.clone(),
-                                    })?;
-                                    continue;
-                                }
-                                links.insert(st.st_ino, path.clone());
-                            }
-                            emit(Op::Create {
-                                path: path.clone(),
-                                mode: mode & 0o7777,
-                                uid,
-                                gid,
-                            })?;
-                            total += st.st_size as u64;
-                            files.push(st.st_ino);
-                        }
-                        libc::S_IFLNK => {
-                            let target = sys::readlinkat(dfd.as_fd(), OsStr::from_bytes(&name))?;
-                            // Its xattrs (security.*, trusted.*) and times follow below.
-                            emit(Op::Symlink {
-                                path: path.clone(),
-                                target,
-                                uid,
-                                gid,
-                            })?;
-                        }
-                        _ => emit(Op::Mknod {
-                            path: path.clone(),
-                            mode,
-                            rdev: st.st_rdev,
-                            uid,
-                            gid,
-                        })?,
-                    }
-                    for (xname, xval) in xattrs(root.as_fd(), &path) {
-                        emit(Op::SetXattr {
-                            path: path.clone(),
-                            name: xname,
-                            value: xval,
-                            flags: 0,
-                        })?;
-                    }
-                    if mode & libc::S_IFMT != libc::S_IFDIR {
-                        emit(Op::SetTimes {
+            crate::walk::walk(root.as_fd(), hidden.as_deref(), |v| {
+                let (path, name, st, dfd) = match v {
+                    Visit::DirDone { path, st } => {
+                        return emit(Op::SetTimes {
                             path: path.clone(),
                             atime: None,
                             mtime: Some(ts(st.st_mtime, st.st_mtime_nsec)),
+                        });
+                    }
+                    Visit::Entry {
+                        path,
+                        name,
+                        st,
+                        dir,
+                    } => (path, name, st, dir),
+                };
+                let (uid, gid, mode) = (st.st_uid, st.st_gid, st.st_mode);
+                match mode & libc::S_IFMT {
+                    libc::S_IFDIR => emit(Op::Mkdir {
+                        path: path.clone(),
+                        mode: mode & 0o7777,
+                        uid,
+                        gid,
+                    })?,
+                    libc::S_IFREG => {
+                        tracker.add(st.st_ino, path.clone());
+                        if st.st_nlink > 1 {
+                            if let Some(first) = links.get(&st.st_ino) {
+                                return emit(Op::Link {
+                                    from: first.clone(),
+                                    to: path.clone(),
+                                });
+                            }
+                            links.insert(st.st_ino, path.clone());
+                        }
+                        emit(Op::Create {
+                            path: path.clone(),
+                            mode: mode & 0o7777,
+                            uid,
+                            gid,
+                        })?;
+                        total += st.st_size as u64;
+                        files.push(st.st_ino);
+                    }
+                    libc::S_IFLNK => {
+                        let target = sys::readlinkat(dfd, OsStr::from_bytes(name))?;
+                        // Its xattrs (security.*, trusted.*) and times follow below.
+                        emit(Op::Symlink {
+                            path: path.clone(),
+                            target,
+                            uid,
+                            gid,
                         })?;
                     }
+                    _ => emit(Op::Mknod {
+                        path: path.clone(),
+                        mode,
+                        rdev: st.st_rdev,
+                        uid,
+                        gid,
+                    })?,
                 }
+                for (xname, xval) in xattrs(root.as_fd(), path) {
+                    emit(Op::SetXattr {
+                        path: path.clone(),
+                        name: xname,
+                        value: xval,
+                        flags: 0,
+                    })?;
+                }
+                if mode & libc::S_IFMT != libc::S_IFDIR {
+                    emit(Op::SetTimes {
+                        path: path.clone(),
+                        atime: None,
+                        mtime: Some(ts(st.st_mtime, st.st_mtime_nsec)),
+                    })?;
+                }
+                Ok(())
+            })?;
+            for op in root_attrs(root.as_fd())? {
+                emit(op)?;
             }
-            let rst = sys::fstat(root.as_fd())?;
-            emit(Op::SetMode {
-                path: RelPath::root(),
-                mode: rst.st_mode & 0o7777,
-            })?;
-            emit(Op::SetOwner {
-                path: RelPath::root(),
-                uid: Some(rst.st_uid),
-                gid: Some(rst.st_gid),
-            })?;
             for (xname, xval) in xattrs(root.as_fd(), &RelPath::root()) {
                 emit(Op::SetXattr {
                     path: RelPath::root(),
@@ -496,6 +472,22 @@ impl Drop for TrackedCopy<'_> {
     fn drop(&mut self) {
         lock(&self.vol.order).copies.remove(&self.id);
     }
+}
+
+/// The root directory's mode and owner, as a copy sends them.
+pub(crate) fn root_attrs(root: BorrowedFd<'_>) -> io::Result<[Op; 2]> {
+    let st = sys::fstat(root)?;
+    Ok([
+        Op::SetMode {
+            path: RelPath::root(),
+            mode: st.st_mode & 0o7777,
+        },
+        Op::SetOwner {
+            path: RelPath::root(),
+            uid: Some(st.st_uid),
+            gid: Some(st.st_gid),
+        },
+    ])
 }
 
 /// Keeps the initial sync from filling the journal: waits while the mirror is far behind.

@@ -25,6 +25,7 @@ use mirrorfs_core::wire::{ManifestEntry, MANIFEST_HASHES_MAX, RESYNC_BLOCK};
 use crate::mirror::TrackedCopy;
 use crate::sys;
 use crate::volume::{lock, MirrorPhase, MirrorShared, Ordered, Volume};
+use crate::walk::{walk, Visit};
 
 /// Entries per `Manifest` message.
 pub const MANIFEST_BATCH: usize = 256;
@@ -50,66 +51,55 @@ pub fn manifest(
 ) -> io::Result<u64> {
     let rootfd: OwnedFd = std::fs::File::open(root)?.into();
     let mut count = 0u64;
-    let mut stack = vec![RelPath::root()];
     let mut buf = vec![0u8; RESYNC_BLOCK as usize];
-    while let Some(dir) = stack.pop() {
-        let dfd = sys::openat(
-            rootfd.as_fd(),
-            dir.as_at_path(),
-            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+    walk(rootfd.as_fd(), Some(reserved), |v| {
+        let Visit::Entry {
+            path,
+            name,
+            st,
+            dir,
+        } = v
+        else {
+            return Ok(());
+        };
+        let kind = kind_of(st.st_mode);
+        if kind != 1 {
+            count += 1;
+            return emit(ManifestEntry {
+                path: path.clone(),
+                kind,
+                size: st.st_size as u64,
+                first_block: 0,
+                hashes: Vec::new(),
+            });
+        }
+        let f = sys::openat(
+            dir,
+            OsStr::from_bytes(name),
+            libc::O_RDONLY | libc::O_NOFOLLOW,
             0,
         )?;
-        let mut entries = sys::read_dir_fd(dfd.as_fd())?;
-        entries.sort();
-        for (name, _) in entries {
-            if dir.is_root() && name == reserved {
-                continue;
-            }
-            let path = dir.join(&name).map_err(io::Error::other)?;
-            let st = sys::lstatat(dfd.as_fd(), OsStr::from_bytes(&name))?;
-            let kind = kind_of(st.st_mode);
-            if kind == 2 {
-                stack.push(path.clone());
-            }
-            if kind != 1 {
-                emit(ManifestEntry {
-                    path,
-                    kind,
-                    size: st.st_size as u64,
-                    first_block: 0,
-                    hashes: Vec::new(),
-                })?;
-                count += 1;
-                continue;
-            }
-            let f = sys::openat(
-                dfd.as_fd(),
-                OsStr::from_bytes(&name),
-                libc::O_RDONLY | libc::O_NOFOLLOW,
-                0,
-            )?;
-            let size = st.st_size as u64;
-            let blocks = size.div_ceil(RESYNC_BLOCK);
-            let mut first = 0u64;
-            // A large file's hashes travel in several entries, each bounded.
-            loop {
-                let n = (blocks - first).min(MANIFEST_HASHES_MAX as u64);
-                let hashes = block_hashes(f.as_fd(), size, first, n, &mut buf)?;
-                emit(ManifestEntry {
-                    path: path.clone(),
-                    kind,
-                    size,
-                    first_block: first,
-                    hashes,
-                })?;
-                count += 1;
-                first += n;
-                if first >= blocks {
-                    break;
-                }
+        let size = st.st_size as u64;
+        let blocks = size.div_ceil(RESYNC_BLOCK);
+        let mut first = 0u64;
+        // A large file's hashes travel in several entries, each bounded.
+        loop {
+            let n = (blocks - first).min(MANIFEST_HASHES_MAX as u64);
+            let hashes = block_hashes(f.as_fd(), size, first, n, &mut buf)?;
+            emit(ManifestEntry {
+                path: path.clone(),
+                kind,
+                size,
+                first_block: first,
+                hashes,
+            })?;
+            count += 1;
+            first += n;
+            if first >= blocks {
+                return Ok(());
             }
         }
-    }
+    })?;
     Ok(count)
 }
 
@@ -275,144 +265,120 @@ pub fn live_resync(
             };
             // 2. The namespace: entries the mirror has with the same kind are kept.
             let mut links: HashMap<u64, RelPath> = HashMap::new();
-            let mut stack = vec![(RelPath::root(), false)];
-            while let Some((dir, done)) = stack.pop() {
-                let st = if dir.is_root() {
-                    sys::fstat(root.as_fd())?
-                } else {
-                    sys::lstatat(root.as_fd(), dir.as_at_path())?
-                };
-                if done {
-                    emit(Op::SetTimes {
-                        path: dir,
-                        atime: None,
-                        mtime: Some(ts(st.st_mtime, st.st_mtime_nsec)),
-                    })?;
-                    continue;
-                }
-                stack.push((dir.clone(), true));
-                let dfd = sys::openat(
-                    root.as_fd(),
-                    dir.as_at_path(),
-                    libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
-                    0,
-                )?;
-                let mut entries = sys::read_dir_fd(dfd.as_fd())?;
-                entries.sort();
-                for (name, _) in entries {
-                    if dir.is_root() && hidden.as_deref() == Some(&name[..]) {
-                        continue;
+            walk(root.as_fd(), hidden.as_deref(), |v| {
+                let (path, name, st, dfd) = match v {
+                    Visit::DirDone { path, st } => {
+                        return emit(Op::SetTimes {
+                            path: path.clone(),
+                            atime: None,
+                            mtime: Some(ts(st.st_mtime, st.st_mtime_nsec)),
+                        });
                     }
-                    let path = dir.join(&name).map_err(io::Error::other)?;
-                    let st = sys::lstatat(dfd.as_fd(), OsStr::from_bytes(&name))?;
-                    let (uid, gid, mode) = (st.st_uid, st.st_gid, st.st_mode);
-                    let kind = kind_of(mode);
-                    let attrs = |path: &RelPath| {
-                        [
-                            Op::SetMode {
+                    Visit::Entry {
+                        path,
+                        name,
+                        st,
+                        dir,
+                    } => (path, name, st, dir),
+                };
+                let (uid, gid, mode) = (st.st_uid, st.st_gid, st.st_mode);
+                let kind = kind_of(mode);
+                let attrs = |path: &RelPath| {
+                    [
+                        Op::SetMode {
+                            path: path.clone(),
+                            mode: mode & 0o7777,
+                        },
+                        Op::SetOwner {
+                            path: path.clone(),
+                            uid: Some(uid),
+                            gid: Some(gid),
+                        },
+                    ]
+                };
+                match kind {
+                    2 => {
+                        if kept(path, 2).is_some() {
+                            stats.kept += 1;
+                            for op in attrs(path) {
+                                emit(op)?;
+                            }
+                        } else {
+                            emit(Op::Mkdir {
                                 path: path.clone(),
                                 mode: mode & 0o7777,
-                            },
-                            Op::SetOwner {
-                                path: path.clone(),
-                                uid: Some(uid),
-                                gid: Some(gid),
-                            },
-                        ]
-                    };
-                    match kind {
-                        2 => {
-                            if kept(&path, 2).is_some() {
-                                stats.kept += 1;
-                                for op in attrs(&path) {
-                                    emit(op)?;
-                                }
-                            } else {
-                                emit(Op::Mkdir {
-                                    path: path.clone(),
-                                    mode: mode & 0o7777,
-                                    uid,
-                                    gid,
-                                })?;
-                            }
-                            stack.push((path.clone(), false));
-                        }
-                        1 => {
-                            tracker.add(st.st_ino, path.clone());
-                            if st.st_nlink > 1 {
-                                if let Some(first) = links.get(&st.st_ino) {
-                                    emit(Op::Link {
-                                        from: first.clone(),
-                                        to: path.clone(),
-                                    })?;
-                                    continue;
-                                }
-                                links.insert(st.st_ino, path.clone());
-                            }
-                            let have = kept(&path, 1).map(|e| e.hashes.clone());
-                            if have.is_some() {
-                                stats.kept += 1;
-                                for op in attrs(&path) {
-                                    emit(op)?;
-                                }
-                                emit(Op::Truncate {
-                                    path: path.clone(),
-                                    size: st.st_size as u64,
-                                })?;
-                            } else {
-                                emit(Op::Create {
-                                    path: path.clone(),
-                                    mode: mode & 0o7777,
-                                    uid,
-                                    gid,
-                                })?;
-                            }
-                            total += st.st_size as u64;
-                            files.push((st.st_ino, have));
-                        }
-                        3 => {
-                            let target = sys::readlinkat(dfd.as_fd(), OsStr::from_bytes(&name))?;
-                            emit(Op::Symlink {
-                                path: path.clone(),
-                                target,
                                 uid,
                                 gid,
                             })?;
-                            emit(Op::SetTimes {
-                                path: path.clone(),
-                                atime: None,
-                                mtime: Some(ts(st.st_mtime, st.st_mtime_nsec)),
-                            })?;
-                            continue;
                         }
-                        _ => emit(Op::Mknod {
+                    }
+                    1 => {
+                        tracker.add(st.st_ino, path.clone());
+                        if st.st_nlink > 1 {
+                            if let Some(first) = links.get(&st.st_ino) {
+                                return emit(Op::Link {
+                                    from: first.clone(),
+                                    to: path.clone(),
+                                });
+                            }
+                            links.insert(st.st_ino, path.clone());
+                        }
+                        let have = kept(path, 1).map(|e| e.hashes.clone());
+                        if have.is_some() {
+                            stats.kept += 1;
+                            for op in attrs(path) {
+                                emit(op)?;
+                            }
+                            emit(Op::Truncate {
+                                path: path.clone(),
+                                size: st.st_size as u64,
+                            })?;
+                        } else {
+                            emit(Op::Create {
+                                path: path.clone(),
+                                mode: mode & 0o7777,
+                                uid,
+                                gid,
+                            })?;
+                        }
+                        total += st.st_size as u64;
+                        files.push((st.st_ino, have));
+                    }
+                    3 => {
+                        let target = sys::readlinkat(dfd, OsStr::from_bytes(name))?;
+                        emit(Op::Symlink {
                             path: path.clone(),
-                            mode,
-                            rdev: st.st_rdev,
+                            target,
                             uid,
                             gid,
-                        })?,
-                    }
-                    for (xname, xval) in crate::mirror::xattrs(root.as_fd(), &path) {
-                        emit(Op::SetXattr {
-                            path: path.clone(),
-                            name: xname,
-                            value: xval,
-                            flags: 0,
                         })?;
+                        return emit(Op::SetTimes {
+                            path: path.clone(),
+                            atime: None,
+                            mtime: Some(ts(st.st_mtime, st.st_mtime_nsec)),
+                        });
                     }
+                    _ => emit(Op::Mknod {
+                        path: path.clone(),
+                        mode,
+                        rdev: st.st_rdev,
+                        uid,
+                        gid,
+                    })?,
                 }
+                for (xname, xval) in crate::mirror::xattrs(root.as_fd(), path) {
+                    emit(Op::SetXattr {
+                        path: path.clone(),
+                        name: xname,
+                        value: xval,
+                        flags: 0,
+                    })?;
+                }
+                Ok(())
+            })?;
+            for op in crate::mirror::root_attrs(root.as_fd())? {
+                emit(op)?;
             }
-            let rst = sys::fstat(root.as_fd())?;
-            emit(Op::SetMode {
-                path: RelPath::root(),
-                mode: rst.st_mode & 0o7777,
-            })?;
-            emit(Op::SetOwner {
-                path: RelPath::root(),
-                uid: Some(rst.st_uid),
-                gid: Some(rst.st_gid),
-            })?;
             journal.next_seq() - 1
         };
         vol.settle(guard, last, 0);
