@@ -206,9 +206,13 @@ pub struct Progress {
 }
 
 impl Progress {
-    /// Publishes `last` as settled, `bytes` of data appended with it.
+    /// Publishes `last` as settled, `bytes` of data appended with it. Callers settle after they
+    /// release the order lock, so two of them can arrive here in the other order: the settled
+    /// position only moves forward (going back would make mirrors wait for a record that is
+    /// already settled, and an fsync waiting on them would hang until the next change).
     pub fn settle(&mut self, last: u64, bytes: u64) {
-        self.settled_seq = last;
+        self.settled_seq = self.settled_seq.max(last);
+        let last = self.settled_seq;
         self.appended_bytes += bytes;
         if self
             .samples
@@ -658,4 +662,19 @@ pub fn open_cursor(m: &MirrorShared) -> io::Result<FileCursor> {
 pub fn new_applier_at(m: &MirrorShared, seq: u64) -> io::Result<Applier> {
     let mut c = open_cursor(m)?;
     Applier::start_at(&mut c, seq)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settled_position_never_moves_back_when_settles_arrive_out_of_order() {
+        let mut p = Progress::default();
+        p.settle(11, 100);
+        p.settle(10, 50);
+        assert_eq!(p.settled_seq, 11);
+        assert_eq!(p.appended_bytes, 150);
+        assert!(p.samples.iter().all(|(s, _, _)| *s == 11));
+    }
 }
