@@ -216,26 +216,12 @@ pub fn live_sync(
         let last = {
             let Ordered { journal, copies } = &mut *guard;
             let tracker = copies.entry(id).or_default();
-            let mut emit = |op: Op| -> io::Result<()> {
-                journal
-                    .append(&Op::Sync {
-                        mirror: id,
-                        op: Box::new(op),
-                    })
-                    .map(drop)
-                    .map_err(io::Error::other)
-            };
+            let mut emit = |op: Op| append_sync(journal, id, op);
             let mut links: std::collections::HashMap<u64, RelPath> =
                 std::collections::HashMap::new();
             crate::walk::walk(root.as_fd(), hidden.as_deref(), |v| {
                 let (path, name, st, dfd) = match v {
-                    Visit::DirDone { path, st } => {
-                        return emit(Op::SetTimes {
-                            path: path.clone(),
-                            atime: None,
-                            mtime: Some(ts(st.st_mtime, st.st_mtime_nsec)),
-                        });
-                    }
+                    Visit::DirDone { path, st } => return emit(mtime_of(path, st)),
                     Visit::Entry {
                         path,
                         name,
@@ -471,6 +457,30 @@ impl<'a> TrackedCopy<'a> {
 impl Drop for TrackedCopy<'_> {
     fn drop(&mut self) {
         lock(&self.vol.order).copies.remove(&self.id);
+    }
+}
+
+/// Journals `op` as a `Sync` record of the copy `id`: only that copy's mirror applies it.
+pub(crate) fn append_sync(
+    journal: &mut mirrorfs_core::journal::Journal<crate::store::FileStore>,
+    id: u32,
+    op: Op,
+) -> io::Result<()> {
+    journal
+        .append(&Op::Sync {
+            mirror: id,
+            op: Box::new(op),
+        })
+        .map(drop)
+        .map_err(io::Error::other)
+}
+
+/// The modification time of `path`, as `st` has it, as a change a copy sends.
+pub(crate) fn mtime_of(path: &RelPath, st: &libc::stat) -> Op {
+    Op::SetTimes {
+        path: path.clone(),
+        atime: None,
+        mtime: Some(ts(st.st_mtime, st.st_mtime_nsec)),
     }
 }
 

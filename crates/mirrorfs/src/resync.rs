@@ -218,15 +218,7 @@ pub fn live_resync(
         let last = {
             let Ordered { journal, copies } = &mut *guard;
             let tracker = copies.entry(id).or_default();
-            let mut emit = |op: Op| -> io::Result<()> {
-                journal
-                    .append(&Op::Sync {
-                        mirror: id,
-                        op: Box::new(op),
-                    })
-                    .map(drop)
-                    .map_err(io::Error::other)
-            };
+            let mut emit = |op: Op| crate::mirror::append_sync(journal, id, op);
             // 1. What the mirror has and the primary has not (or of another kind): deepest first.
             let mut extra: Vec<&ManifestEntry> = manifest
                 .entries
@@ -267,13 +259,7 @@ pub fn live_resync(
             let mut links: HashMap<u64, RelPath> = HashMap::new();
             walk(root.as_fd(), hidden.as_deref(), |v| {
                 let (path, name, st, dfd) = match v {
-                    Visit::DirDone { path, st } => {
-                        return emit(Op::SetTimes {
-                            path: path.clone(),
-                            atime: None,
-                            mtime: Some(ts(st.st_mtime, st.st_mtime_nsec)),
-                        });
-                    }
+                    Visit::DirDone { path, st } => return emit(crate::mirror::mtime_of(path, st)),
                     Visit::Entry {
                         path,
                         name,
