@@ -69,7 +69,9 @@ impl NameTracker {
     /// else (data, attributes, `Sync` records of copies) leaves names as they are.
     pub fn observe(&mut self, op: &Op) {
         match op {
-            Op::Unlink { path, .. } | Op::Rmdir { path } => self.remove_tree(path),
+            Op::Unlink { path, .. } | Op::Rmdir { path } => {
+                self.take_tree(path);
+            }
             Op::Rename {
                 from, to, flags, ..
             } => {
@@ -91,7 +93,7 @@ impl NameTracker {
                     self.put_rebased(b, to, from);
                 } else {
                     // Whatever `to` named is replaced (a file, or an empty directory).
-                    self.remove_tree(to);
+                    self.take_tree(to);
                     let moved = self.take_tree(from);
                     self.put_rebased(moved, from, to);
                 }
@@ -103,11 +105,6 @@ impl NameTracker {
             }
             _ => {}
         }
-    }
-
-    /// Removes `path` and every name below it.
-    fn remove_tree(&mut self, path: &RelPath) {
-        self.take_tree(path);
     }
 
     /// Takes `path` and every name below it out of the tracker, returning them.

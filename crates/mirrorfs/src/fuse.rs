@@ -120,10 +120,11 @@ impl MirrorFs {
         self.root.as_fd()
     }
 
-    fn attr(&self, st: &libc::stat) -> FileAttr {
-        let ino = lock(&self.inodes).fuse_ino(st.st_ino);
+    /// Attributes of `st` for a reply about node `ino` (its id may differ from the backing
+    /// number: see `inodes`).
+    fn attr_of(&self, ino: INodeNo, st: &libc::stat) -> FileAttr {
         FileAttr {
-            ino: INodeNo(ino),
+            ino,
             size: st.st_size as u64,
             blocks: st.st_blocks as u64,
             atime: time(st.st_atime, st.st_atime_nsec),
@@ -139,14 +140,6 @@ impl MirrorFs {
             blksize: st.st_blksize as u32,
             flags: 0,
         }
-    }
-
-    /// Attributes for a reply about node `ino` (its id may differ from the backing number: see
-    /// `inodes`).
-    fn attr_of(&self, ino: INodeNo, st: &libc::stat) -> FileAttr {
-        let mut a = self.attr(st);
-        a.ino = ino;
-        a
     }
 
     fn path(&self, ino: INodeNo) -> Result<RelPath, Errno> {
@@ -174,8 +167,8 @@ impl MirrorFs {
     fn entry(&self, parent: INodeNo, name: &OsStr, p: &RelPath, reply: ReplyEntry) {
         match self.lstat(p) {
             Ok(st) => {
-                let mut a = self.attr(&st);
-                a.ino = INodeNo(lock(&self.inodes).register(parent.0, name.as_bytes(), st.st_ino));
+                let id = lock(&self.inodes).register(parent.0, name.as_bytes(), st.st_ino);
+                let a = self.attr_of(INodeNo(id), &st);
                 reply.entry(&TTL, &a, Generation(0));
             }
             Err(e) => reply.error(io_errno(&e)),
@@ -1080,10 +1073,15 @@ impl Filesystem for MirrorFs {
             };
             let dot = name == b"." || name == b"..";
             let Ok(st) = self.lstat(&p) else { continue };
-            let mut a = self.attr(&st);
-            if !dot {
-                a.ino = INodeNo(lock(&self.inodes).register(ino.0, name, st.st_ino));
-            }
+            let id = {
+                let mut t = lock(&self.inodes);
+                if dot {
+                    t.fuse_ino(st.st_ino)
+                } else {
+                    t.register(ino.0, name, st.st_ino)
+                }
+            };
+            let a = self.attr_of(INodeNo(id), &st);
             if reply.add(
                 a.ino,
                 (i + 1) as u64,
@@ -1320,8 +1318,8 @@ impl Filesystem for MirrorFs {
             Ok(st) => st,
             Err(e) => return reply.error(io_errno(&e)),
         };
-        let mut a = self.attr(&st);
-        a.ino = INodeNo(lock(&self.inodes).register(parent.0, name.as_bytes(), st.st_ino));
+        let id = lock(&self.inodes).register(parent.0, name.as_bytes(), st.st_ino);
+        let a = self.attr_of(INodeNo(id), &st);
         let fh = self.add_handle(Handle {
             fd,
             ino: a.ino.0,

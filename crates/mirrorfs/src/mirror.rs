@@ -7,7 +7,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, MutexGuard};
 use std::time::{Duration, Instant};
 
 use mirrorfs_core::applier::Applier;
@@ -216,7 +216,7 @@ pub fn live_sync(
         let last = {
             let Ordered { journal, copies } = &mut *guard;
             let tracker = copies.entry(id).or_default();
-            let mut emit = |op: Op| append_sync(journal, id, op);
+            let mut emit = |op: Op| append_sync(journal, id, op).map(drop);
             let mut links: std::collections::HashMap<u64, RelPath> =
                 std::collections::HashMap::new();
             crate::walk::walk(root.as_fd(), hidden.as_deref(), |v| {
@@ -324,15 +324,7 @@ pub fn live_sync(
     for ino in files {
         let mut off = 0u64;
         loop {
-            throttle(&vol, &m);
-            if m.copy_cancelled() {
-                return Err(io::Error::other(
-                    "initial sync stopped (mirror detached or copy restarted)",
-                ));
-            }
-            let mut o = lock(&vol.order);
-            // Gone (every name removed since the walk): its removal is journaled already.
-            let Some((path, f, st)) = copy.open_current(&o, root.as_fd(), ino) else {
+            let Some((mut o, path, f, st)) = copy.next_chunk(&m, root.as_fd(), ino)? else {
                 break;
             };
             let size = st.st_size as u64;
@@ -352,15 +344,10 @@ pub fn live_sync(
                         mtime: Some(ts(st.st_mtime, st.st_mtime_nsec)),
                     },
                 ];
+                let mut last = 0;
                 for op in ops {
-                    o.journal
-                        .append(&Op::Sync {
-                            mirror: id,
-                            op: Box::new(op),
-                        })
-                        .map_err(io::Error::other)?;
+                    last = append_sync(&mut o.journal, id, op)?;
                 }
-                let last = o.journal.next_seq() - 1;
                 vol.settle(o, last, 0);
                 break;
             };
@@ -379,31 +366,15 @@ pub fn live_sync(
                 offset: data,
                 data: buf[..n].to_vec(),
             };
-            let seq = o
-                .journal
-                .append(&Op::Sync {
-                    mirror: id,
-                    op: Box::new(op),
-                })
-                .map_err(io::Error::other)?;
+            let seq = append_sync(&mut o.journal, id, op)?;
             vol.settle(o, seq, n as u64);
             off = data + n as u64;
             done += n as u64;
-            pb.set_position(done.min(total));
-            *lock(&m.phase) = MirrorPhase::Syncing {
-                done_bytes: done,
-                total_bytes: total,
-            };
+            copy.progress(&m, &pb, done, total);
         }
         copy.done_with(ino);
     }
-    let mut o = lock(&vol.order);
-    let seq = o
-        .journal
-        .append(&Op::SyncDone { mirror: id })
-        .map_err(io::Error::other)?;
-    vol.settle(o, seq, 0);
-    pb.finish_and_clear();
+    let seq = copy.finish(&pb)?;
     tracing::info!("mirror {}: initial sync streamed ({done} bytes); it is consistent once it applies record {seq}", m.name);
     Ok(())
 }
@@ -422,10 +393,31 @@ impl<'a> TrackedCopy<'a> {
         TrackedCopy { vol, id }
     }
 
-    /// Opens the file walked as `ino` under its current name (the caller holds the order lock, so
-    /// no change can come between this and the record the caller journals). `None` when it has no
-    /// name left.
-    pub(crate) fn open_current(
+    /// The start of each chunk of a file's data: waits while the mirror is far behind
+    /// (`throttle`), stops if the copy was cancelled, then takes the order lock and opens the file
+    /// walked as `ino` under its current name, so no change can come between the read and the
+    /// record the caller journals. `None` when the file has no name left (its removal is journaled
+    /// already).
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn next_chunk(
+        &self,
+        m: &MirrorShared,
+        root: BorrowedFd<'_>,
+        ino: u64,
+    ) -> io::Result<Option<(MutexGuard<'a, Ordered>, RelPath, OwnedFd, libc::stat)>> {
+        throttle(self.vol, m);
+        if m.copy_cancelled() {
+            return Err(io::Error::other(
+                "copy stopped (mirror detached or copy restarted)",
+            ));
+        }
+        let o = lock(&self.vol.order);
+        Ok(self
+            .open_current(&o, root, ino)
+            .map(|(path, f, st)| (o, path, f, st)))
+    }
+
+    fn open_current(
         &self,
         o: &Ordered,
         root: BorrowedFd<'_>,
@@ -452,6 +444,33 @@ impl<'a> TrackedCopy<'a> {
             t.forget(ino);
         }
     }
+
+    /// `done` of `total` bytes copied: the progress bar and `status`.
+    pub(crate) fn progress(
+        &self,
+        m: &MirrorShared,
+        pb: &indicatif::ProgressBar,
+        done: u64,
+        total: u64,
+    ) {
+        pb.set_position(done.min(total));
+        *lock(&m.phase) = MirrorPhase::Syncing {
+            done_bytes: done,
+            total_bytes: total,
+        };
+    }
+
+    /// Journals `SyncDone`: the mirror is consistent once it applies the returned record.
+    pub(crate) fn finish(&self, pb: &indicatif::ProgressBar) -> io::Result<u64> {
+        let mut o = lock(&self.vol.order);
+        let seq = o
+            .journal
+            .append(&Op::SyncDone { mirror: self.id })
+            .map_err(io::Error::other)?;
+        self.vol.settle(o, seq, 0);
+        pb.finish_and_clear();
+        Ok(seq)
+    }
 }
 
 impl Drop for TrackedCopy<'_> {
@@ -460,18 +479,18 @@ impl Drop for TrackedCopy<'_> {
     }
 }
 
-/// Journals `op` as a `Sync` record of the copy `id`: only that copy's mirror applies it.
+/// Journals `op` as a `Sync` record of the copy `id` (only that copy's mirror applies it);
+/// returns its seq.
 pub(crate) fn append_sync(
     journal: &mut mirrorfs_core::journal::Journal<crate::store::FileStore>,
     id: u32,
     op: Op,
-) -> io::Result<()> {
+) -> io::Result<u64> {
     journal
         .append(&Op::Sync {
             mirror: id,
             op: Box::new(op),
         })
-        .map(drop)
         .map_err(io::Error::other)
 }
 

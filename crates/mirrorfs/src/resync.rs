@@ -24,7 +24,7 @@ use mirrorfs_core::wire::{ManifestEntry, MANIFEST_HASHES_MAX, RESYNC_BLOCK};
 
 use crate::mirror::TrackedCopy;
 use crate::sys;
-use crate::volume::{lock, MirrorPhase, MirrorShared, Ordered, Volume};
+use crate::volume::{lock, MirrorShared, Ordered, Volume};
 use crate::walk::{walk, Visit};
 
 /// Entries per `Manifest` message.
@@ -218,7 +218,7 @@ pub fn live_resync(
         let last = {
             let Ordered { journal, copies } = &mut *guard;
             let tracker = copies.entry(id).or_default();
-            let mut emit = |op: Op| crate::mirror::append_sync(journal, id, op);
+            let mut emit = |op: Op| crate::mirror::append_sync(journal, id, op).map(drop);
             // 1. What the mirror has and the primary has not (or of another kind): deepest first.
             let mut extra: Vec<&ManifestEntry> = manifest
                 .entries
@@ -387,32 +387,17 @@ pub fn live_resync(
     for (ino, have) in files {
         let mut block = 0u64;
         loop {
-            crate::mirror::throttle(&vol, &m);
-            if m.copy_cancelled() {
-                return Err(io::Error::other(
-                    "resync stopped (mirror detached or copy restarted)",
-                ));
-            }
-            let o = lock(&vol.order);
-            // Gone (every name removed since the walk): its removal is journaled already.
-            let Some((path, f, st)) = copy.open_current(&o, root.as_fd(), ino) else {
+            let Some((mut o, path, f, st)) = copy.next_chunk(&m, root.as_fd(), ino)? else {
                 break;
             };
             let size = st.st_size as u64;
             let off = block * RESYNC_BLOCK;
             if off >= size {
-                let mut o = o;
-                o.journal
-                    .append(&Op::Sync {
-                        mirror: id,
-                        op: Box::new(Op::SetTimes {
-                            path: path.clone(),
-                            atime: None,
-                            mtime: Some(ts(st.st_mtime, st.st_mtime_nsec)),
-                        }),
-                    })
-                    .map_err(io::Error::other)?;
-                let last = o.journal.next_seq() - 1;
+                let last = crate::mirror::append_sync(
+                    &mut o.journal,
+                    id,
+                    crate::mirror::mtime_of(&path, &st),
+                )?;
                 vol.settle(o, last, 0);
                 break;
             }
@@ -426,39 +411,23 @@ pub fn live_resync(
                 stats.blocks_same += 1;
                 drop(o);
             } else {
-                let mut o = o;
-                let seq = o
-                    .journal
-                    .append(&Op::Sync {
-                        mirror: id,
-                        op: Box::new(Op::Write {
-                            path,
-                            offset: off,
-                            data: buf[..want].to_vec(),
-                        }),
-                    })
-                    .map_err(io::Error::other)?;
+                let op = Op::Write {
+                    path,
+                    offset: off,
+                    data: buf[..want].to_vec(),
+                };
+                let seq = crate::mirror::append_sync(&mut o.journal, id, op)?;
                 vol.settle(o, seq, want as u64);
                 stats.blocks_sent += 1;
                 stats.bytes_sent += want as u64;
             }
             block += 1;
             done += want as u64;
-            pb.set_position(done.min(total));
-            *lock(&m.phase) = MirrorPhase::Syncing {
-                done_bytes: done,
-                total_bytes: total,
-            };
+            copy.progress(&m, &pb, done, total);
         }
         copy.done_with(ino);
     }
-    let mut o = lock(&vol.order);
-    let seq = o
-        .journal
-        .append(&Op::SyncDone { mirror: id })
-        .map_err(io::Error::other)?;
-    vol.settle(o, seq, 0);
-    pb.finish_and_clear();
+    let seq = copy.finish(&pb)?;
     let _ = std::fs::remove_file(m.state_dir.join("NEEDS_RESYNC"));
     tracing::info!(
         "mirror {}: resync streamed: {} blocks differed ({} bytes sent), {} blocks were the same; consistent once it applies record {seq}",
