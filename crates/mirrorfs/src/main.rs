@@ -5,6 +5,7 @@
 //! (`dirtree`).
 
 mod affinity;
+mod dirlock;
 mod dirtree;
 mod fuse;
 mod identity;
@@ -413,7 +414,29 @@ fn mount(a: MountArgs) -> Result<()> {
         .then(|| state.file_name().map(|n| n.as_bytes().to_vec()))
         .flatten();
 
-    // One instance per backing directory: an exclusive lock held for the life of the mount.
+    // One instance per backing directory, whatever `--state` says, and one user per local
+    // mirror: exclusive locks on the directories themselves, held for the life of the mount.
+    let _backing_lock = dirlock::lock(&backing).map_err(|e| match e {
+        dirlock::LockError::Held(pid) => anyhow::anyhow!(
+            "another mirrorfs ({}) is already serving {}; unmount it first",
+            pid.map(|p| format!("pid {p}"))
+                .unwrap_or_else(|| "another process".into()),
+            backing.display()
+        ),
+        dirlock::LockError::Io(e) => {
+            anyhow::anyhow!("cannot lock {}: {e}", backing.display())
+        }
+    })?;
+    let mut _mirror_locks = Vec::new();
+    for m in &mirrors {
+        _mirror_locks.push(dirlock::lock(m).map_err(|e| {
+            anyhow::anyhow!(
+                "mirror {} is in use by another mirrorfs ({e}): a directory can be the mirror of one mount only, and never a backing directory or a daemon's directory at the same time",
+                m.display()
+            )
+        })?);
+    }
+    // The state directory's own lock: two backing directories cannot share one `--state`.
     let lockf = fs::OpenOptions::new()
         .create(true)
         .truncate(false)

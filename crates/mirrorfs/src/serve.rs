@@ -183,6 +183,14 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     } else {
         Vec::new()
     };
+    // The directory itself is locked (whatever `--state` says): it cannot be a mount's backing
+    // or local mirror, or a second daemon's directory, at the same time.
+    let _dir_lock = crate::dirlock::lock(&dir).map_err(|e| {
+        anyhow!(
+            "{} is in use by another mirrorfs ({e}): stop that one first",
+            dir.display()
+        )
+    })?;
     let lockf = fs::OpenOptions::new()
         .create(true)
         .truncate(false)

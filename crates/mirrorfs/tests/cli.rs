@@ -247,6 +247,48 @@ fn refuses_a_second_instance_on_the_same_backing_directory() {
     m.unmount();
 }
 
+/// Issue 6, finding 5: the lock is on the backing directory itself, so a second mount with
+/// another `--state` is refused too (it used to run, and mirror the first mount's state).
+#[test]
+fn refuses_a_second_instance_with_another_state_directory() {
+    let _serial = serial();
+    let mut m = mount("cli-twice-state", &[]);
+    let mnt2 = m.layout.base.join("mnt2");
+    let other_mirror = m.layout.base.join("other-mirror");
+    let state2 = m.layout.base.join("state2");
+    for d in [&mnt2, &other_mirror] {
+        mkdir755(d);
+    }
+    let st2 = state2.to_str().expect("utf-8").to_string();
+    let err = refused(m.backing(), &mnt2, &[&other_mirror], &["--state", &st2]);
+    assert_mentions(
+        &err,
+        &[
+            "another mirrorfs",
+            &format!("pid {}", m.pid()),
+            "already serving",
+        ],
+    );
+    assert_eq!(
+        fs::read_dir(&other_mirror).expect("readdir").count(),
+        0,
+        "the refused instance touched its mirror"
+    );
+    // A local mirror in use by one mount cannot be another mount's mirror or backing.
+    let backing2 = m.layout.base.join("backing2");
+    mkdir755(&backing2);
+    let err = refused(&backing2, &mnt2, &[m.mirror()], &["--state", &st2]);
+    assert_mentions(
+        &err,
+        &["in use by another mirrorfs", &format!("pid {}", m.pid())],
+    );
+    let err = refused(m.mirror(), &mnt2, &[&other_mirror], &["--state", &st2]);
+    assert_mentions(&err, &["another mirrorfs", &format!("pid {}", m.pid())]);
+    fs::write(m.p("still-works"), b"yes").expect("write through the first mount");
+    m.wait_mirror_equal(CATCH_UP);
+    m.unmount();
+}
+
 #[test]
 fn non_empty_new_mirror_needs_force_resync() {
     let _serial = serial();
