@@ -15,6 +15,7 @@ mod net;
 mod remote;
 mod resync;
 mod serve;
+mod statefile;
 mod status;
 mod store;
 mod sys;
@@ -157,6 +158,12 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if !matches!(cli.cmd, Cmd::Mount(_) | Cmd::Serve(_)) {
+        // A command that prints (`status | head -1`) ends quietly when its reader goes away, as
+        // other Unix tools do; the long-running ones keep SIGPIPE ignored (sockets report EPIPE).
+        // SAFETY: restoring the default disposition of one signal, before any thread starts.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let r = match cli.cmd {
         Cmd::Mount(a) => mount(a),
         Cmd::Status { mountpoint, json } => status::show(mountpoint.as_deref(), json),
@@ -322,8 +329,58 @@ pub fn record_boot(state: &Path) -> Result<()> {
         .with_context(|| format!("cannot write {}", state.join("boot_id").display()))
 }
 
+/// A mirrorfs that died (`kill -9`, a crash) leaves its mount behind, dead: every access to it
+/// fails with ENOTCONN. Such a mount of ours is detached (nothing can be using it any more);
+/// any other dead mount is the operator's to remove.
+fn clear_dead_mount(mnt: &Path) -> Result<()> {
+    match fs::symlink_metadata(mnt) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {}
+        _ => return Ok(()),
+    }
+    let abs = match (mnt.parent(), mnt.file_name()) {
+        (Some(p), Some(n)) => canon(
+            if p.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                p
+            },
+            "parent of the mountpoint",
+        )?
+        .join(n),
+        _ => mnt.to_path_buf(),
+    };
+    let fix = format!("unmount it first: umount -l {}", abs.display());
+    match sys::mount_entry(&abs) {
+        Some((fstype, source)) if fstype == "fuse.mirrorfs" || source.starts_with("mirrorfs:") => {
+            tracing::warn!(
+                "{} was left mounted by a mirrorfs that died ({source}; killed or crashed): detaching the dead mount",
+                abs.display()
+            );
+            let c = std::ffi::CString::new(abs.as_os_str().as_bytes())?;
+            // SAFETY: a valid NUL-terminated path.
+            if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
+                bail!(
+                    "{} is a dead mirrorfs mount and detaching it failed ({}); {fix}",
+                    abs.display(),
+                    std::io::Error::last_os_error()
+                );
+            }
+            Ok(())
+        }
+        Some((fstype, source)) => bail!(
+            "{} is a dead mount of another file system ({fstype}, {source}); {fix}",
+            abs.display()
+        ),
+        None => bail!(
+            "{}: transport endpoint is not connected (a dead FUSE mount?); {fix}",
+            abs.display()
+        ),
+    }
+}
+
 fn mount(a: MountArgs) -> Result<()> {
     let backing = canon(&a.backing, "backing directory")?;
+    clear_dead_mount(&a.mountpoint)?;
     let mountpoint = canon(&a.mountpoint, "mountpoint")?;
     if mountpoint == backing {
         bail!(
@@ -393,7 +450,7 @@ fn mount(a: MountArgs) -> Result<()> {
     };
     let state = match &a.state {
         Some(s) => {
-            fs::create_dir_all(s)
+            statefile::private_dir(s)
                 .with_context(|| format!("cannot create state directory {}", s.display()))?;
             s.canonicalize()?
         }
@@ -408,7 +465,7 @@ fn mount(a: MountArgs) -> Result<()> {
             );
         }
     }
-    fs::create_dir_all(&state)
+    statefile::private_dir(&state)
         .with_context(|| format!("cannot create state directory {}", state.display()))?;
     let hidden: Option<Vec<u8>> = (state.parent() == Some(backing.as_path()))
         .then(|| state.file_name().map(|n| n.as_bytes().to_vec()))

@@ -166,12 +166,13 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     }
     let state = match &a.state {
         Some(s) => {
-            fs::create_dir_all(s)?;
+            crate::statefile::private_dir(s)
+                .with_context(|| format!("cannot create state directory {}", s.display()))?;
             s.canonicalize()?
         }
         None => dir.join(".mirrorfs"),
     };
-    fs::create_dir_all(&state)
+    crate::statefile::private_dir(&state)
         .with_context(|| format!("cannot create state directory {}", state.display()))?;
     let reserved = if state.parent() == Some(dir.as_path()) {
         state
@@ -853,12 +854,10 @@ impl Daemon {
             "journal_bytes": bytes,
             "journal_segments": segs,
             "updated_unix": crate::sys::now().sec,
+            "updated_unix_ms": crate::status::now_ms(),
         });
         if let Ok(b) = serde_json::to_vec_pretty(&s) {
-            let tmp = self.state.join("status.json.tmp");
-            if fs::write(&tmp, b).is_ok() {
-                let _ = fs::rename(&tmp, self.state.join("status.json"));
-            }
+            let _ = crate::statefile::replace(&self.state.join("status.json"), &b, 0o600);
         }
     }
 }

@@ -31,8 +31,28 @@ impl Drop for Registered {
     }
 }
 
+/// Milliseconds since the epoch, for the age of a status.
+pub fn now_ms() -> i64 {
+    let t = crate::sys::now();
+    t.sec * 1000 + i64::from(t.nsec / 1_000_000)
+}
+
+/// A status older than this means the process that writes it (twice a second) stopped running:
+/// stopped by a signal, hung, or starved.
+const STALE_AFTER_MS: i64 = 3_000;
+
 pub fn register(mountpoint: &Path, backing: &Path, state: &Path) -> Result<Registered> {
     fs::create_dir_all(RUN_DIR).with_context(|| format!("cannot create {RUN_DIR}"))?;
+    // Anyone may read the registrations (they only say where a mount's state is); only root
+    // (or the mount's owner) may write them: a planted one could point `status` at forged
+    // figures.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let md = fs::symlink_metadata(RUN_DIR)?;
+        if md.permissions().mode() & 0o022 != 0 {
+            fs::set_permissions(RUN_DIR, fs::Permissions::from_mode(0o755))?;
+        }
+    }
     let file = Path::new(RUN_DIR).join(format!(
         "{:08x}.json",
         crc32c::crc32c(mountpoint.as_os_str().as_encoded_bytes())
@@ -43,7 +63,8 @@ pub fn register(mountpoint: &Path, backing: &Path, state: &Path) -> Result<Regis
         state: state.into(),
         pid: std::process::id(),
     };
-    fs::write(&file, serde_json::to_vec_pretty(&reg)?)?;
+    crate::statefile::replace(&file, &serde_json::to_vec_pretty(&reg)?, 0o644)
+        .with_context(|| format!("cannot write {}", file.display()))?;
     Ok(Registered(file))
 }
 
@@ -91,6 +112,8 @@ struct VolumeStatus {
     #[serde(default)]
     at_risk_bytes: u64,
     updated_unix: i64,
+    #[serde(default)]
+    updated_unix_ms: i64,
 }
 
 fn snapshot(vol: &Volume, mountpoint: &Path) -> VolumeStatus {
@@ -152,16 +175,14 @@ fn snapshot(vol: &Volume, mountpoint: &Path) -> VolumeStatus {
         at_risk_ops: (next - 1).saturating_sub(safe),
         at_risk_bytes,
         updated_unix: crate::sys::now().sec,
+        updated_unix_ms: now_ms(),
     }
 }
 
 pub fn write_status(vol: &Volume, mountpoint: &Path, state: &Path) {
     let s = snapshot(vol, mountpoint);
     if let Ok(bytes) = serde_json::to_vec_pretty(&s) {
-        let tmp = state.join("status.json.tmp");
-        if fs::write(&tmp, bytes).is_ok() {
-            let _ = fs::rename(&tmp, state.join("status.json"));
-        }
+        let _ = crate::statefile::replace(&state.join("status.json"), &bytes, 0o600);
     }
 }
 
@@ -172,12 +193,63 @@ pub fn writer(vol: Arc<Volume>, mountpoint: &Path, state: &Path, stop: &AtomicBo
     }
 }
 
+/// Whether the process behind a status still answers, from the status's age and the process's
+/// run state. `None` when all is well. (No request is sent through the mount: a stopped or hung
+/// mount would leave `status` itself waiting in the kernel, unkillable, for its answer.)
+fn not_answering(pid: u32, age_ms: i64) -> Option<String> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The state is the first field after the parenthesised command name.
+    let run_state = stat
+        .rfind(')')
+        .and_then(|i| stat[i + 1..].split_whitespace().next())
+        .unwrap_or("");
+    if run_state == "T" || run_state == "t" {
+        return Some(format!(
+            "process {pid} is stopped (SIGSTOP or a debugger); its figures are {:.1} s old — `kill -CONT {pid}` resumes it",
+            age_ms as f64 / 1e3
+        ));
+    }
+    if run_state == "Z" || run_state == "X" {
+        return Some(format!(
+            "process {pid} has exited (it is a zombie waiting for its parent)"
+        ));
+    }
+    if age_ms > STALE_AFTER_MS {
+        return Some(format!(
+            "its figures are {:.1} s old (written every 0.25 s): process {pid} is hung or starved",
+            age_ms as f64 / 1e3
+        ));
+    }
+    None
+}
+
+/// Reads a file that `status` may believe (see `statefile::trustworthy`).
+fn read_trusted(p: &Path, denied: &mut Vec<PathBuf>) -> Option<Vec<u8>> {
+    let md = fs::metadata(p).ok()?;
+    if !crate::statefile::trustworthy(&md) {
+        tracing::warn!(
+            "ignoring {}: writable by others or owned by another user",
+            p.display()
+        );
+        return None;
+    }
+    match fs::read(p) {
+        Ok(b) => Some(b),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            denied.push(p.to_path_buf());
+            None
+        }
+        Err(_) => None,
+    }
+}
+
 pub fn show(mountpoint: Option<&Path>, json: bool) -> Result<()> {
     let want = mountpoint.map(|m| m.canonicalize().unwrap_or_else(|_| m.to_path_buf()));
     let mut found = Vec::new();
+    let mut denied = Vec::new();
     if let Ok(rd) = fs::read_dir(RUN_DIR) {
         for e in rd.flatten() {
-            let Ok(bytes) = fs::read(e.path()) else {
+            let Some(bytes) = read_trusted(&e.path(), &mut denied) else {
                 continue;
             };
             let Ok(reg) = serde_json::from_slice::<Registration>(&bytes) else {
@@ -189,19 +261,36 @@ pub fn show(mountpoint: Option<&Path>, json: bool) -> Result<()> {
             if !Path::new(&format!("/proc/{}", reg.pid)).exists() {
                 continue;
             }
-            let Ok(s) = fs::read(reg.state.join("status.json")) else {
+            let Some(s) = read_trusted(&reg.state.join("status.json"), &mut denied) else {
                 continue;
             };
-            if let Ok(st) = serde_json::from_slice::<VolumeStatus>(&s) {
-                found.push(serde_json::to_value(&st)?);
-            } else if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&s) {
-                if v.get("role").and_then(|r| r.as_str()) == Some("mirror") {
-                    found.push(v);
-                }
+            let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(&s) else {
+                continue;
+            };
+            let daemon = v.get("role").and_then(|r| r.as_str()) == Some("mirror");
+            if !daemon && serde_json::from_value::<VolumeStatus>(v.clone()).is_err() {
+                continue;
             }
+            let updated_ms = v["updated_unix_ms"]
+                .as_i64()
+                .filter(|&t| t > 0)
+                .or_else(|| v["updated_unix"].as_i64().map(|t| t * 1000))
+                .unwrap_or(0);
+            let age_ms = (now_ms() - updated_ms).max(0);
+            let problem = not_answering(reg.pid, age_ms);
+            v["status_age_seconds"] = serde_json::json!(age_ms as f64 / 1e3);
+            v["answering"] = serde_json::json!(problem.is_none());
+            v["not_answering"] = serde_json::json!(problem);
+            found.push(v);
         }
     }
     if found.is_empty() {
+        if let Some(p) = denied.first() {
+            bail!(
+                "cannot read {}: permission denied (a mount's state is readable by its owner only: run `mirrorfs status` as that user, usually root)",
+                p.display()
+            );
+        }
         match want {
             Some(w) => bail!(
                 "no running mirrorfs mount at {} (is it mounted? start it with `mirrorfs mount`)",
@@ -229,6 +318,7 @@ pub fn show(mountpoint: Option<&Path>, json: bool) -> Result<()> {
             "{} (pid {}, ack {}, quorum {})",
             s.mountpoint, s.pid, s.ack, s.quorum
         );
+        print_not_answering(v);
         println!(
             "  at risk if this machine died now: {} change(s), {} bytes (durable on no mirror)",
             s.at_risk_ops, s.at_risk_bytes
@@ -277,6 +367,12 @@ pub fn show(mountpoint: Option<&Path>, json: bool) -> Result<()> {
     Ok(())
 }
 
+fn print_not_answering(v: &serde_json::Value) {
+    if let Some(why) = v["not_answering"].as_str() {
+        println!("  NOT ANSWERING: {why}; the figures below are from then");
+    }
+}
+
 fn print_mirror_daemon(v: &serde_json::Value) {
     let g = |k: &str| v.get(k).cloned().unwrap_or_default();
     let n = |k: &str| v.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
@@ -288,6 +384,7 @@ fn print_mirror_daemon(v: &serde_json::Value) {
         g("volume_id").as_str().unwrap_or("-"),
         n("generation")
     );
+    print_not_answering(v);
     println!(
         "  primary: {}",
         g("primary").as_str().unwrap_or("not connected")

@@ -435,6 +435,23 @@ pub fn is_mountpoint(path: &std::path::Path) -> bool {
     })
 }
 
+/// The file system type and source of the mount whose mount point is the absolute path `path`
+/// (the last such line of `/proc/self/mountinfo`: the one on top). Does not look at `path`
+/// itself, so it works on a dead FUSE mount, where every stat fails with ENOTCONN.
+pub fn mount_entry(path: &std::path::Path) -> Option<(String, String)> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines().rev().find_map(|l| {
+        let mut f = l.split(' ');
+        if f.nth(4).map(unescape_mount)? != path.as_os_str().as_bytes() {
+            return None;
+        }
+        let mut rest = f.skip_while(|x| *x != "-").skip(1);
+        let fstype = rest.next()?.to_string();
+        let source = String::from_utf8_lossy(&unescape_mount(rest.next()?)).into_owned();
+        Some((fstype, source))
+    })
+}
+
 fn unescape_mount(s: &str) -> Vec<u8> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());

@@ -433,6 +433,124 @@ fn status_json_on_a_live_mount() {
 
 /// Sends `sig` to the mount's process and waits until it has exited (a zombie: the guard reaps
 /// it and checks its exit status).
+/// Issue 6, finding 11: `status.json` was world-writable and its age never checked (a SIGSTOPped
+/// mount still showed `live`). State is owner-only; status flags a mount that stopped answering.
+#[test]
+fn status_is_owner_only_and_flags_a_stopped_mount() {
+    use std::os::unix::fs::PermissionsExt;
+    let _serial = serial();
+    let mut m = mount("cli-status-stale", &[]);
+    fs::write(m.p("f"), b"x").expect("write");
+    let state = m.layout.base.join("state");
+    assert!(wait_until(CATCH_UP, || m
+        .status()
+        .is_some_and(|s| s["answering"] == true)));
+    let mode = |p: &Path| fs::metadata(p).expect("stat").permissions().mode() & 0o777;
+    assert_eq!(mode(&state), 0o700, "state directory");
+    assert_eq!(mode(&state.join("status.json")), 0o600, "status.json");
+    for e in fs::read_dir("/run/mirrorfs").expect("/run/mirrorfs") {
+        let p = e.expect("entry").path();
+        assert_eq!(mode(&p) & 0o022, 0, "{} is writable by others", p.display());
+    }
+    // SAFETY: signals to the pid of a child the guard owns.
+    unsafe { libc::kill(m.pid() as i32, libc::SIGSTOP) };
+    let mut last = None;
+    let flagged = wait_until(Duration::from_secs(10), || {
+        last = m.status();
+        last.as_ref().is_some_and(|s| s["answering"] == false)
+    });
+    let (_, text, _) = output(&["status", m.mnt().to_str().expect("utf-8")]);
+    // SAFETY: as above.
+    unsafe { libc::kill(m.pid() as i32, libc::SIGCONT) };
+    assert!(flagged, "a stopped mount still looks healthy: {last:?}");
+    let s = last.expect("status");
+    assert!(
+        s["not_answering"]
+            .as_str()
+            .is_some_and(|w| w.contains("stopped")),
+        "{s}"
+    );
+    assert!(s["status_age_seconds"].as_f64().is_some(), "{s}");
+    assert_mentions(&text, &["NOT ANSWERING", "stopped", "kill -CONT"]);
+    assert!(
+        wait_until(CATCH_UP, || m
+            .status()
+            .is_some_and(|s| s["answering"] == true)),
+        "the mount answers again after SIGCONT"
+    );
+    m.unmount();
+}
+
+/// Issue 6, finding 15: the dead mount a `kill -9` leaves behind made the next mount fail with
+/// "mountpoint … is not a directory". A dead mount of ours is detached, with a warning.
+#[test]
+fn a_dead_mount_left_by_kill9_is_cleared_at_the_next_mount() {
+    let _serial = serial();
+    let mut m = mount("cli-dead-mount", &[]);
+    fs::write(m.p("before"), b"1").expect("write");
+    m.kill9_leaving_the_mount();
+    let e = fs::metadata(m.mnt()).expect_err("a dead mount cannot be stat'ed");
+    assert_eq!(e.raw_os_error(), Some(libc::ENOTCONN), "{e}");
+    m.remount();
+    // The dead mount still counts as mounted for the guard: wait for the new process's status.
+    let pid = m.pid() as u64;
+    assert!(
+        wait_until(CATCH_UP, || m
+            .status()
+            .is_some_and(|s| s["pid"].as_u64() == Some(pid))
+            && fs::metadata(m.mnt()).is_ok_and(|md| {
+                use std::os::unix::fs::MetadataExt;
+                // A mount of its own, not the bare directory under the detached one.
+                md.dev() != fs::metadata(&m.layout.base).expect("base").dev()
+            })),
+        "the new mount never came up:\n{}",
+        m.log()
+    );
+    fs::write(m.p("after"), b"2").expect("write through the new mount");
+    assert_eq!(fs::read(m.p("before")).expect("read"), b"1");
+    assert_mentions(
+        &m.log(),
+        &["left mounted by a mirrorfs that died", "detaching"],
+    );
+    m.wait_mirror_equal(CATCH_UP);
+    m.unmount();
+}
+
+/// Issue 6, finding 15: `mirrorfs status | head -1` panicked on the broken pipe.
+#[test]
+fn status_into_a_closed_pipe_does_not_panic() {
+    use std::os::fd::FromRawFd;
+    let _serial = serial();
+    let mut m = mount("cli-status-pipe", &[]);
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe(2) into a two-element array.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0, "pipe");
+    // SAFETY: both descriptors were just created and are owned here alone.
+    let (reader, writer) = unsafe {
+        (
+            std::fs::File::from_raw_fd(fds[0]),
+            std::fs::File::from_raw_fd(fds[1]),
+        )
+    };
+    drop(reader);
+    let o = Command::new(BIN)
+        .args(["status", m.mnt().to_str().expect("utf-8")])
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(writer))
+        .stderr(Stdio::piped())
+        .output()
+        .expect("run mirrorfs status");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!err.contains("panicked"), "status panicked:\n{err}");
+    use std::os::unix::process::ExitStatusExt;
+    assert!(
+        o.status.success() || o.status.signal() == Some(libc::SIGPIPE),
+        "status into a closed pipe: {:?}\n{err}",
+        o.status
+    );
+    m.unmount();
+}
+
 fn signal_and_wait_exit(m: &Mount, sig: i32) {
     let pid = m.pid();
     // SAFETY: kill(2) on our own child's pid (not reaped yet, so the pid is still ours).

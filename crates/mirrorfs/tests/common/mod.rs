@@ -324,6 +324,13 @@ impl Mount {
         );
     }
 
+    /// SIGKILL and nothing else: the dead mount stays behind, as after a crash.
+    pub fn kill9_leaving_the_mount(&mut self) {
+        let mut c = self.child.take().expect("kill9: mirrorfs is not running");
+        signal(&c, libc::SIGKILL);
+        let _ = c.wait();
+    }
+
     /// Mounts again with the same arguments (after [`unmount`](Self::unmount) or
     /// [`kill9`](Self::kill9)).
     pub fn remount(&mut self) {

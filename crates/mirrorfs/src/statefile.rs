@@ -1,0 +1,93 @@
+//! State directories and the small state files in them, owner-only.
+//!
+//! A state directory holds the journal (file contents!), cursors, identity marks and
+//! `status.json`; nobody but its owner may read or change any of it. mirrorfs runs with umask 0
+//! (it applies modes exactly as the caller asked), so every file it creates here gets an explicit
+//! mode and the directory itself is made `0700`.
+
+use std::fs;
+use std::io::{self, Write};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+
+/// Creates `dir` (and its parents) if needed, owner-only (`0700`); an existing directory's mode
+/// is corrected. Refuses a directory that belongs to another user: they could plant files in it.
+pub fn private_dir(dir: &Path) -> io::Result<()> {
+    fs::create_dir_all(dir)?;
+    let md = fs::symlink_metadata(dir)?;
+    if !md.is_dir() {
+        return Err(io::Error::other(format!(
+            "{} is not a directory",
+            dir.display()
+        )));
+    }
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if md.uid() != me {
+        return Err(io::Error::other(format!(
+            "state directory {} belongs to uid {}, not to this user (uid {me}): refusing to keep state there; choose another --state or fix its owner",
+            dir.display(),
+            md.uid()
+        )));
+    }
+    if md.mode() & 0o777 != 0o700 {
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
+/// Replaces `path` atomically (temporary file + rename) with `bytes`, created with `mode`. No
+/// fsync: for files that are rewritten continuously and need no durability (`status.json`,
+/// registrations); durable state goes through the journal's and cursor's own protocols.
+pub fn replace(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = Path::new(&tmp);
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(tmp)?;
+    // An older file of ours may have been created with a wider mode.
+    f.set_permissions(fs::Permissions::from_mode(mode))?;
+    f.write_all(bytes)?;
+    drop(f);
+    fs::rename(tmp, path)
+}
+
+/// Whether a file read by `mirrorfs status` can be believed: owned by root or by the user who
+/// asks, and writable by nobody else.
+pub fn trustworthy(md: &fs::Metadata) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    (md.uid() == 0 || md.uid() == me) && md.mode() & 0o022 == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_files_are_owner_only_even_under_umask_zero() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let dir = d.path().join("state");
+        fs::create_dir(&dir).expect("mkdir");
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o777)).expect("chmod");
+        private_dir(&dir).expect("private_dir");
+        let mode = |p: &Path| fs::metadata(p).expect("stat").mode() & 0o777;
+        assert_eq!(
+            mode(&dir),
+            0o700,
+            "an existing state directory is corrected"
+        );
+        let f = dir.join("status.json");
+        fs::write(&f, b"old").expect("write");
+        fs::set_permissions(&f, fs::Permissions::from_mode(0o666)).expect("chmod");
+        assert!(!trustworthy(&fs::metadata(&f).expect("stat")));
+        replace(&f, b"new", 0o600).expect("replace");
+        assert_eq!(fs::read(&f).expect("read"), b"new");
+        assert_eq!(mode(&f), 0o600);
+        assert!(trustworthy(&fs::metadata(&f).expect("stat")));
+    }
+}
