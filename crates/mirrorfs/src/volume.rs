@@ -538,6 +538,63 @@ impl Volume {
         Ok(())
     }
 
+    /// After a crash: journals the backing's mtime (`SetTimes`) of every entry whose mtime a
+    /// retained record (`first..` the journal's end) may have left to a mirror's own clock
+    /// ([`Op::mtime_paths`]). The primary records times after each such change (at close, after
+    /// a namespace change), but a kill between the change and that record, or the re-application
+    /// of the in-doubt record by [`resolve_in_doubt`](Self::resolve_in_doubt) (which moves the
+    /// backing's mtime), would otherwise leave backing and mirrors apart for good. Called before
+    /// the mount serves requests and before any mirror starts; returns how many were journaled.
+    pub fn record_backing_times(
+        &self,
+        backing: &DirTree,
+        first: u64,
+    ) -> Result<usize, JournalError> {
+        let end = lock(&self.order).journal.next_seq().saturating_sub(1);
+        let mut paths = std::collections::BTreeSet::new();
+        let mut reader: Reader<crate::store::FileSegment> = Reader::new(first.max(1));
+        let mut stalled = false;
+        while reader.next_seq() <= end {
+            let view = lock(&self.order).journal.segment_for(reader.next_seq());
+            match reader.next::<FileStore>(view, end)? {
+                Some(rec) => {
+                    stalled = false;
+                    paths.extend(rec.op.mtime_paths());
+                }
+                // The end of a segment: the next read opens the next one.
+                None if !stalled => stalled = true,
+                None => break,
+            }
+        }
+        let mut n = 0;
+        for path in paths {
+            let mtime = match backing.mtime(&path) {
+                Ok(Some(t)) => t,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::warn!("after the crash: cannot read the time of {path} on the backing directory: {e}");
+                    continue;
+                }
+            };
+            let op = Op::SetTimes {
+                path,
+                atime: None,
+                mtime: Some(mtime),
+            };
+            let mut o = lock(&self.order);
+            match o.journal.append(&op) {
+                Ok(_) => {}
+                Err(JournalError::Full { .. }) => {
+                    self.relieve_full(&mut o);
+                    o.journal.append(&op)?;
+                }
+                Err(e) => return Err(e),
+            }
+            n += 1;
+        }
+        Ok(n)
+    }
+
     /// Lag of a mirror at `applied` in seconds: age of the oldest record it has not applied.
     pub fn lag_seconds(&self, applied: u64) -> f64 {
         let p = lock(&self.progress);
