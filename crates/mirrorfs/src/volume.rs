@@ -291,20 +291,52 @@ impl Volume {
         self.changed.notify_all();
         match res {
             Ok(r) => {
-                match self.ack {
-                    AckMode::Async => {}
-                    AckMode::Local => {
-                        self.wait_journal_durable();
-                        self.wait_mirrors(seq, Level::Sent);
-                    }
-                    AckMode::Received => self.wait_mirrors(seq, Level::Received),
-                    AckMode::Durable => self.wait_mirrors(seq, Level::Durable),
-                    AckMode::Sync => self.wait_mirrors(seq, Level::Checkpoint),
-                }
+                self.wait_ack(seq);
                 Ok((r, seq))
             }
             Err(e) => Err(crate::sys::errno_of(&e)),
         }
+    }
+
+    /// Waits until `seq` is as far as `--ack` asks before the application is answered.
+    fn wait_ack(&self, seq: u64) {
+        match self.ack {
+            AckMode::Async => {}
+            AckMode::Local => {
+                self.wait_journal_durable();
+                self.wait_mirrors(seq, Level::Sent);
+            }
+            AckMode::Received => self.wait_mirrors(seq, Level::Received),
+            AckMode::Durable => self.wait_mirrors(seq, Level::Durable),
+            AckMode::Sync => self.wait_mirrors(seq, Level::Checkpoint),
+        }
+    }
+
+    /// Journals the record `build` makes **under the order lock**, with nothing to apply to the
+    /// backing: a `SetTimes` of the times the backing has. Built from a `stat` taken outside the
+    /// lock, a concurrent change could come between the stat and the append, and the record
+    /// would name a time, or an entry, that the backing no longer has at that point of the
+    /// order (a mirror then keeps an older time, or diverges on a missing entry). `build`
+    /// returns `None` when there is nothing to record. Returns the record's seq.
+    pub fn record(&self, build: impl FnOnce() -> Option<Op>) -> Result<Option<u64>, i32> {
+        let mut o = lock(&self.order);
+        let Some(op) = build() else {
+            return Ok(None);
+        };
+        let seq = match o.journal.append(&op) {
+            Ok(s) => s,
+            Err(JournalError::Full { .. }) => {
+                self.relieve_full(&mut o);
+                o.journal.append(&op).map_err(|e| self.journal_failed(e))?
+            }
+            Err(e) => return Err(self.journal_failed(e)),
+        };
+        for t in o.copies.values_mut() {
+            t.observe(&op);
+        }
+        self.settle(o, seq, 0);
+        self.wait_ack(seq);
+        Ok(Some(seq))
     }
 
     /// Publishes `last` as settled (the primary is done with every record through it) and wakes
