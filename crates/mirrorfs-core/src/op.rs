@@ -240,6 +240,44 @@ impl Op {
         }
     }
 
+    /// The entries whose mtime applying the op may set to the applier's own clock: the entry a
+    /// create, write, truncate or fallocate changes, the parent directories of a namespace
+    /// change, both names of a rename (the whiteout `RENAME_WHITEOUT` leaves at the source, the
+    /// moved directory). The primary follows such a change with a `SetTimes` of the backing's
+    /// times; after a crash between the two, recovery journals one for each of these paths that
+    /// any retained record names (see `docs/journal.md`, "Times after a crash").
+    pub fn mtime_paths(&self) -> Vec<RelPath> {
+        let with_parent = |p: &RelPath| -> Vec<RelPath> {
+            let mut v = vec![p.clone()];
+            v.extend(p.parent());
+            v
+        };
+        match self {
+            Op::Create { path, .. }
+            | Op::Mkdir { path, .. }
+            | Op::Mknod { path, .. }
+            | Op::Symlink { path, .. } => with_parent(path),
+            Op::Link { to, .. } => to.parent().into_iter().collect(),
+            Op::Unlink { path, .. } | Op::Rmdir { path } => path.parent().into_iter().collect(),
+            Op::Rename { from, to, .. } => {
+                let mut v = with_parent(from);
+                v.extend(with_parent(to));
+                v
+            }
+            Op::Write { path, .. }
+            | Op::Truncate { path, .. }
+            | Op::Fallocate { path, .. }
+            | Op::SetTimes { path, .. } => vec![path.clone()],
+            Op::SetMode { .. }
+            | Op::SetOwner { .. }
+            | Op::SetXattr { .. }
+            | Op::RemoveXattr { .. }
+            | Op::Abort { .. }
+            | Op::SyncDone { .. } => Vec::new(),
+            Op::Sync { op, .. } => op.mtime_paths(),
+        }
+    }
+
     /// Bytes of file data the op carries.
     pub fn data_len(&self) -> usize {
         match self {
@@ -255,4 +293,67 @@ impl Op {
 pub struct Record {
     pub seq: u64,
     pub op: Op,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> RelPath {
+        RelPath::new(s).expect("valid path")
+    }
+
+    #[test]
+    fn mtime_paths_name_every_entry_an_op_gives_the_appliers_clock() {
+        let create = Op::Create {
+            path: p("d/f"),
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+        };
+        assert_eq!(create.mtime_paths(), vec![p("d/f"), p("d")]);
+        let top = Op::Mkdir {
+            path: p("d"),
+            mode: 0o755,
+            uid: 0,
+            gid: 0,
+        };
+        assert_eq!(top.mtime_paths(), vec![p("d"), RelPath::root()]);
+        let rename = Op::Rename {
+            from: p("a/x"),
+            to: p("b/y"),
+            flags: 0,
+            from_ino: 1,
+        };
+        assert_eq!(
+            rename.mtime_paths(),
+            vec![p("a/x"), p("a"), p("b/y"), p("b")]
+        );
+        let link = Op::Link {
+            from: p("a/x"),
+            to: p("b/y"),
+        };
+        assert_eq!(link.mtime_paths(), vec![p("b")]);
+        let unlink = Op::Unlink {
+            path: p("a/x"),
+            nlink: 1,
+        };
+        assert_eq!(unlink.mtime_paths(), vec![p("a")]);
+        let write = Op::Write {
+            path: p("a/x"),
+            offset: 0,
+            data: vec![1],
+        };
+        assert_eq!(write.mtime_paths(), vec![p("a/x")]);
+        let sync = Op::Sync {
+            mirror: 1,
+            op: Box::new(write),
+        };
+        assert_eq!(sync.mtime_paths(), vec![p("a/x")]);
+        let chmod = Op::SetMode {
+            path: p("a/x"),
+            mode: 0o600,
+        };
+        assert!(chmod.mtime_paths().is_empty());
+    }
 }

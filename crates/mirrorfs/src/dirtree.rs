@@ -350,6 +350,19 @@ impl Tree for DirTree {
 }
 
 impl DirTree {
+    /// The entry's mtime (`lstat`, beneath the root), or `None` if there is no such entry (or a
+    /// component on the way is not a directory).
+    pub fn mtime(&self, path: &RelPath) -> Result<Option<Timespec>, TreeError> {
+        match self.parent_or_root_stat(path) {
+            Ok(st) => Ok(Some(Timespec {
+                sec: st.st_mtime,
+                nsec: st.st_mtime_nsec as u32,
+            })),
+            Err(TreeError::NotFound(_) | TreeError::NotDir(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     fn parent_or_root_stat(&self, path: &RelPath) -> Result<libc::stat, TreeError> {
         if path.is_root() {
             return sys::fstat(self.root.as_fd()).map_err(|e| tree_err(path, e));

@@ -193,21 +193,20 @@ impl MirrorFs {
 
     /// Records an entry's mtime as the backing tree has it (after it was created or truncated:
     /// applying that change on a mirror gives the mirror's entry the mirror's own clock).
+    /// The `lstat` is taken under the order lock (`Volume::record`), so the time recorded is the
+    /// one the backing has at that point of the order.
     fn touch(&self, p: RelPath) {
-        if let Ok(st) = self.lstat(&p) {
-            let mtime = Some(Timespec {
-                sec: st.st_mtime,
-                nsec: st.st_mtime_nsec as u32,
-            });
-            let _ = self.vol.mutate(
-                Op::SetTimes {
-                    path: p,
-                    atime: None,
-                    mtime,
-                },
-                || Ok(()),
-            );
-        }
+        let _ = self.vol.record(|| {
+            let st = self.lstat(&p).ok()?;
+            Some(Op::SetTimes {
+                path: p,
+                atime: None,
+                mtime: Some(Timespec {
+                    sec: st.st_mtime,
+                    nsec: st.st_mtime_nsec as u32,
+                }),
+            })
+        });
     }
 
     /// Owner and group of a new entry, as the kernel would choose them (set-group-ID directories).
@@ -247,23 +246,22 @@ impl MirrorFs {
     }
 
     fn set_times_of_handle(&self, h: &Handle) {
-        // The inode table's lock is released before `mutate` takes the order lock (the order is
-        // order lock, then inode table: see `mark_gone`).
-        let path = lock(&self.inodes).path(h.ino);
-        if let (Ok(st), Some(p)) = (sys::fstat(h.fd.as_fd()), path) {
-            let mtime = Some(Timespec {
-                sec: st.st_mtime,
-                nsec: st.st_mtime_nsec as u32,
-            });
-            let _ = self.vol.mutate(
-                Op::SetTimes {
-                    path: p,
-                    atime: None,
-                    mtime,
-                },
-                || Ok(()),
-            );
-        }
+        // Under the order lock (`Volume::record`; the inode table is locked after it, the lock
+        // order of `mark_gone`). The inode table is updated after a rename's record, so the name
+        // is checked against the handle's inode: a stale name is never given these times.
+        let _ = self.vol.record(|| {
+            let path = lock(&self.inodes).path(h.ino)?;
+            let st = sys::fstat(h.fd.as_fd()).ok()?;
+            let named = self.lstat(&path).ok()?;
+            (named.st_ino == st.st_ino).then(|| Op::SetTimes {
+                path,
+                atime: None,
+                mtime: Some(Timespec {
+                    sec: st.st_mtime,
+                    nsec: st.st_mtime_nsec as u32,
+                }),
+            })
+        });
     }
 
     fn open_flags(flags: i32) -> i32 {
@@ -745,6 +743,10 @@ impl Filesystem for MirrorFs {
                     newname.as_bytes(),
                 );
                 drop(t);
+                if f & libc::RENAME_WHITEOUT != 0 {
+                    // The whiteout left at `from` would get the mirror's own clock.
+                    self.touch(from.clone());
+                }
                 self.touch_parent(&from);
                 if from.parent() != to.parent() {
                     self.touch_parent(&to);
@@ -902,7 +904,12 @@ impl Filesystem for MirrorFs {
                 .mutate(op, || sys::pwrite_all(h.fd.as_fd(), chunk, off))
             {
                 Ok(_) => written += chunk.len(),
-                Err(e) => return reply.error(err(e)),
+                Err(e) => {
+                    // A failed write may still have moved the mtime (ext4 updates it before it
+                    // rejects a misaligned O_DIRECT write): the times are recorded at close.
+                    h.wrote.store(true, Ordering::Relaxed);
+                    return reply.error(err(e));
+                }
             }
         }
         h.wrote.store(true, Ordering::Relaxed);

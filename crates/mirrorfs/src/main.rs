@@ -593,6 +593,13 @@ fn mount(a: MountArgs) -> Result<()> {
         if !clean {
             let mut bt = dirtree::DirTree::open(&backing)?;
             vol.resolve_in_doubt(&mut bt, last)?;
+            let timed = vol.record_backing_times(&bt, first_held)?;
+            if timed > 0 {
+                tracing::info!(
+                    "after the crash: journaled the backing's times of {timed} entries changed by the last {} records, so mirrors carry them",
+                    last.seq.saturating_sub(first_held) + 1
+                );
+            }
             let end = {
                 let mut o = lock(&vol.order);
                 if let Some(plan) = o.journal.sync_plan() {

@@ -291,20 +291,52 @@ impl Volume {
         self.changed.notify_all();
         match res {
             Ok(r) => {
-                match self.ack {
-                    AckMode::Async => {}
-                    AckMode::Local => {
-                        self.wait_journal_durable();
-                        self.wait_mirrors(seq, Level::Sent);
-                    }
-                    AckMode::Received => self.wait_mirrors(seq, Level::Received),
-                    AckMode::Durable => self.wait_mirrors(seq, Level::Durable),
-                    AckMode::Sync => self.wait_mirrors(seq, Level::Checkpoint),
-                }
+                self.wait_ack(seq);
                 Ok((r, seq))
             }
             Err(e) => Err(crate::sys::errno_of(&e)),
         }
+    }
+
+    /// Waits until `seq` is as far as `--ack` asks before the application is answered.
+    fn wait_ack(&self, seq: u64) {
+        match self.ack {
+            AckMode::Async => {}
+            AckMode::Local => {
+                self.wait_journal_durable();
+                self.wait_mirrors(seq, Level::Sent);
+            }
+            AckMode::Received => self.wait_mirrors(seq, Level::Received),
+            AckMode::Durable => self.wait_mirrors(seq, Level::Durable),
+            AckMode::Sync => self.wait_mirrors(seq, Level::Checkpoint),
+        }
+    }
+
+    /// Journals the record `build` makes **under the order lock**, with nothing to apply to the
+    /// backing: a `SetTimes` of the times the backing has. Built from a `stat` taken outside the
+    /// lock, a concurrent change could come between the stat and the append, and the record
+    /// would name a time, or an entry, that the backing no longer has at that point of the
+    /// order (a mirror then keeps an older time, or diverges on a missing entry). `build`
+    /// returns `None` when there is nothing to record. Returns the record's seq.
+    pub fn record(&self, build: impl FnOnce() -> Option<Op>) -> Result<Option<u64>, i32> {
+        let mut o = lock(&self.order);
+        let Some(op) = build() else {
+            return Ok(None);
+        };
+        let seq = match o.journal.append(&op) {
+            Ok(s) => s,
+            Err(JournalError::Full { .. }) => {
+                self.relieve_full(&mut o);
+                o.journal.append(&op).map_err(|e| self.journal_failed(e))?
+            }
+            Err(e) => return Err(self.journal_failed(e)),
+        };
+        for t in o.copies.values_mut() {
+            t.observe(&op);
+        }
+        self.settle(o, seq, 0);
+        self.wait_ack(seq);
+        Ok(Some(seq))
     }
 
     /// Publishes `last` as settled (the primary is done with every record through it) and wakes
@@ -536,6 +568,63 @@ impl Volume {
             o.journal.append(&Op::Abort { seq: last.seq })?;
         }
         Ok(())
+    }
+
+    /// After a crash: journals the backing's mtime (`SetTimes`) of every entry whose mtime a
+    /// retained record (`first..` the journal's end) may have left to a mirror's own clock
+    /// ([`Op::mtime_paths`]). The primary records times after each such change (at close, after
+    /// a namespace change), but a kill between the change and that record, or the re-application
+    /// of the in-doubt record by [`resolve_in_doubt`](Self::resolve_in_doubt) (which moves the
+    /// backing's mtime), would otherwise leave backing and mirrors apart for good. Called before
+    /// the mount serves requests and before any mirror starts; returns how many were journaled.
+    pub fn record_backing_times(
+        &self,
+        backing: &DirTree,
+        first: u64,
+    ) -> Result<usize, JournalError> {
+        let end = lock(&self.order).journal.next_seq().saturating_sub(1);
+        let mut paths = std::collections::BTreeSet::new();
+        let mut reader: Reader<crate::store::FileSegment> = Reader::new(first.max(1));
+        let mut stalled = false;
+        while reader.next_seq() <= end {
+            let view = lock(&self.order).journal.segment_for(reader.next_seq());
+            match reader.next::<FileStore>(view, end)? {
+                Some(rec) => {
+                    stalled = false;
+                    paths.extend(rec.op.mtime_paths());
+                }
+                // The end of a segment: the next read opens the next one.
+                None if !stalled => stalled = true,
+                None => break,
+            }
+        }
+        let mut n = 0;
+        for path in paths {
+            let mtime = match backing.mtime(&path) {
+                Ok(Some(t)) => t,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::warn!("after the crash: cannot read the time of {path} on the backing directory: {e}");
+                    continue;
+                }
+            };
+            let op = Op::SetTimes {
+                path,
+                atime: None,
+                mtime: Some(mtime),
+            };
+            let mut o = lock(&self.order);
+            match o.journal.append(&op) {
+                Ok(_) => {}
+                Err(JournalError::Full { .. }) => {
+                    self.relieve_full(&mut o);
+                    o.journal.append(&op)?;
+                }
+                Err(e) => return Err(e),
+            }
+            n += 1;
+        }
+        Ok(n)
     }
 
     /// Lag of a mirror at `applied` in seconds: age of the oldest record it has not applied.
