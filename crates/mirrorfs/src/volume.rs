@@ -268,9 +268,9 @@ impl Volume {
             Ok(s) => s,
             Err(JournalError::Full { .. }) => {
                 self.relieve_full(&mut o);
-                o.journal.append(&op).map_err(|e| self.journal_failed(e))?
+                o.journal.append(&op).map_err(|e| self.journal_refused(e))?
             }
-            Err(e) => return Err(self.journal_failed(e)),
+            Err(e) => return Err(self.journal_refused(e)),
         };
         let res = apply();
         if res.is_ok() {
@@ -314,6 +314,26 @@ impl Volume {
         drop(o);
         lock(&self.progress).settle(last, bytes);
         self.changed.notify_all();
+    }
+
+    /// An append that did not go in: a full disk (or, which the size-limit policy rules out, a
+    /// journal still full after every mirror was detached) refuses this one change with
+    /// `ENOSPC` and nothing else; anything else is a failure of the journal.
+    fn journal_refused(&self, e: JournalError) -> i32 {
+        match e {
+            JournalError::NoSpace { .. } | JournalError::Full { .. } => {
+                static REFUSED: AtomicU64 = AtomicU64::new(0);
+                let n = REFUSED.fetch_add(1, Ordering::Relaxed);
+                if n.is_power_of_two() || n == 0 {
+                    tracing::warn!(
+                        "{e}; the change was refused with ENOSPC ({} so far); nothing else is affected, and changes are accepted again once there is space",
+                        n + 1
+                    );
+                }
+                libc::ENOSPC
+            }
+            e => self.journal_failed(e),
+        }
     }
 
     fn journal_failed(&self, e: JournalError) -> i32 {
