@@ -58,6 +58,29 @@ pub enum Level {
     Checkpoint,
 }
 
+/// Parses `--journal-max-mib`: the journal-full policy (detach the mirror furthest behind, never
+/// fail a local write) needs room for two segments, the one being written (never removed) and a
+/// closed one that mirrors are still reading.
+pub fn parse_journal_max_mib(s: &str) -> Result<u64, String> {
+    let min = mirrorfs_core::journal::JournalConfig::min_journal_bytes(
+        mirrorfs_core::journal::SEGMENT_BYTES,
+    ) >> 20;
+    let v: u64 = s
+        .trim()
+        .parse()
+        .map_err(|e| format!("not a number of MiB ({e})"))?;
+    if v < min {
+        return Err(format!(
+            "{v} MiB is too small: the minimum is {min} MiB. The journal is written in {} MiB segments, and it must hold the segment being written plus one that mirrors are still reading; below that a mirror that falls behind could not be detached to keep local writes going",
+            mirrorfs_core::journal::SEGMENT_BYTES >> 20
+        ));
+    }
+    if v > (u64::MAX >> 21) {
+        return Err(format!("{v} MiB is too large"));
+    }
+    Ok(v)
+}
+
 pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }

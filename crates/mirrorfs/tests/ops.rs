@@ -183,3 +183,142 @@ fn full_backing_disk_refuses_only_what_does_not_fit() {
     drop(m);
     drop(small);
 }
+
+/// A tmpfs of `mib` MiB mounted on `at` (lazily unmounted on drop): a mirror disk that fills up.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn new(at: &Path, mib: u64) -> Tmpfs {
+        let o = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={mib}m,mode=0755"),
+                "tmpfs",
+            ])
+            .arg(at)
+            .output()
+            .expect("run mount");
+        assert!(
+            o.status.success(),
+            "mount tmpfs: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        Tmpfs(at.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        lazy_unmount(&self.0);
+    }
+}
+
+/// Finding 7: a journal limit below two segments is refused, by `mount` and by `serve`, with a
+/// message that says the minimum and why.
+#[test]
+fn journal_limit_below_two_segments_is_refused() {
+    let _s = serial();
+    let layout = Layout::new("jlimit-cli", 1);
+    for v in ["0", "1", "2", "127"] {
+        let args: Vec<&std::ffi::OsStr> = vec![
+            "mount".as_ref(),
+            layout.backing.as_os_str(),
+            layout.mnt.as_os_str(),
+            "--mirror".as_ref(),
+            layout.mirror().as_os_str(),
+            "--journal-max-mib".as_ref(),
+            v.as_ref(),
+        ];
+        let out = common::run_expecting_failure(&args, Some(&layout.mnt));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("minimum is 128 MiB") && err.contains("64 MiB segments"),
+            "--journal-max-mib {v}: {err}"
+        );
+        let args: Vec<&std::ffi::OsStr> = vec![
+            "serve".as_ref(),
+            layout.mirror().as_os_str(),
+            "--listen".as_ref(),
+            "127.0.0.1:0".as_ref(),
+            "--journal-max-mib".as_ref(),
+            v.as_ref(),
+        ];
+        let out = common::run_expecting_failure(&args, None);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("minimum is 128 MiB"), "serve {v}: {err}");
+    }
+}
+
+/// Finding 7: with the smallest accepted limit and a mirror whose disk is full, local writes
+/// never fail: the mirror is detached and marked `needs_resync` in `status`, the journal stays
+/// within its limit, and after a restart (the mirror's disk back) the journal is trimmed and
+/// the mirror re-copied.
+#[test]
+fn smallest_journal_limit_detaches_a_stuck_mirror_and_never_fails_writes() {
+    let _s = serial();
+    let layout = Layout::new("jlimit", 1);
+    let full_mirror = Tmpfs::new(layout.mirror(), 2);
+    let state = layout.base.join("state");
+    let state_arg = state.to_str().expect("UTF-8 temp path").to_string();
+    let mut m = Mount::start(layout, &["--journal-max-mib", "128", "--state", &state_arg]);
+    wait_live(&m, Duration::from_secs(30));
+    let limit = 128u64 << 20;
+    let data = pattern(7, MIB);
+    let f = sys::open(&m.p("data"), libc::O_CREAT | libc::O_WRONLY, 0o644).expect("open");
+    let mut max_journal = 0u64;
+    for i in 0..160u64 {
+        sys::pwrite(&f, &data, i << 20)
+            .unwrap_or_else(|e| panic!("write {i} MiB with the mirror stuck: {}", errno_of(e)));
+        if i % 16 == 0 {
+            if let Some(st) = m.status() {
+                max_journal = max_journal.max(st["journal_bytes"].as_u64().unwrap_or(0));
+            }
+        }
+    }
+    sys::fsync(&f).unwrap_or_else(|e| panic!("fsync: {}", errno_of(e)));
+    drop(f);
+    fs::write(m.p("small"), b"after the limit\n").expect("write after the limit");
+    let ok = wait_until(Duration::from_secs(10), || {
+        mirror_state(&m, 0).as_deref() == Some("needs_resync")
+    });
+    let st = m.status().expect("status");
+    assert!(ok, "the stuck mirror was not marked needs_resync: {st}");
+    assert!(st["journal_error"].is_null(), "{st}");
+    assert!(
+        max_journal <= limit && st["journal_bytes"].as_u64().unwrap_or(u64::MAX) <= limit,
+        "journal passed its limit: {max_journal} / {st}"
+    );
+    assert!(
+        fs::read_to_string(
+            fs::read_dir(state.join("mirrors"))
+                .expect("mirrors state")
+                .filter_map(Result::ok)
+                .map(|e| e.path().join("NEEDS_RESYNC"))
+                .find(|p| p.exists())
+                .expect("a NEEDS_RESYNC marker")
+        )
+        .expect("read marker")
+        .contains("size limit"),
+        "the marker says why"
+    );
+    // The mirror's disk comes back (an empty directory on a disk with room): restart.
+    m.unmount();
+    drop(full_mirror);
+    m.remount();
+    // The journal no longer holds what only the detached mirror needed.
+    let ok = wait_until(Duration::from_secs(20), || {
+        m.status()
+            .and_then(|s| s["journal_bytes"].as_u64())
+            .is_some_and(|b| b <= (64 + 32) << 20)
+    });
+    assert!(
+        ok,
+        "the journal was not trimmed after a restart: {:?}",
+        m.status()
+    );
+    wait_live(&m, Duration::from_secs(120));
+    m.wait_mirror_equal(Duration::from_secs(60));
+    common::finish(&mut m);
+}

@@ -466,6 +466,9 @@ impl<S: SegmentStore> Journal<S> {
                 });
             }
             seg.synced_len = seg.len;
+            // Every closed segment is synced (this is how they are closed), so everything up to
+            // the end of this one is durable now; a closed segment can be released at once.
+            self.durable_seq = self.durable_seq.max(seg.last_seq);
         }
         self.new_segment()
     }
