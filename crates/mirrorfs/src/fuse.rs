@@ -901,7 +901,7 @@ impl Filesystem for MirrorFs {
             };
             match self
                 .vol
-                .mutate(op, || sys::pwrite_all(h.fd.as_fd(), chunk, off))
+                .mutate(op, || sys::pwrite_whole(h.fd.as_fd(), chunk, off))
             {
                 Ok(_) => written += chunk.len(),
                 Err(e) => {

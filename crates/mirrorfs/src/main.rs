@@ -139,7 +139,8 @@ struct MountArgs {
     options: Vec<String>,
     /// The journal's size limit in MiB. When it is reached, the mirror furthest behind is detached
     /// and marked for a resync (re-copied at the next mount); local writes never block on a mirror.
-    #[arg(long, default_value_t = 4096)]
+    /// At least 128 (two 64 MiB segments).
+    #[arg(long, default_value_t = 4096, value_parser = crate::volume::parse_journal_max_mib)]
     journal_max_mib: u64,
     /// Replace the contents of a never-synced, non-empty mirror directory with a copy of BACKING.
     #[arg(long)]

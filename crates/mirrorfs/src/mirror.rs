@@ -532,7 +532,10 @@ pub(crate) fn throttle(vol: &Volume, m: &MirrorShared) {
                 o.journal.config().journal_bytes_max,
             )
         };
-        if (behind < 4096 && bytes < max / 2) || m.copy_cancelled() {
+        // Leave the journal room for live writes: half of it, but never less than the segment
+        // being written can take (it is never removed), or a small limit would stall the copy.
+        let room = (max / 2).max(max.saturating_sub(32 << 20));
+        if (behind < 4096 && bytes < room) || m.copy_cancelled() {
             return;
         }
         std::thread::sleep(Duration::from_millis(5));

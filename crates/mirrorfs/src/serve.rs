@@ -55,8 +55,8 @@ pub struct ServeArgs {
     /// contents.
     #[arg(long)]
     pub force_resync: bool,
-    /// The journal's size limit in MiB.
-    #[arg(long, default_value_t = 4096)]
+    /// The journal's size limit in MiB (at least 128: two 64 MiB segments).
+    #[arg(long, default_value_t = 4096, value_parser = crate::volume::parse_journal_max_mib)]
     pub journal_max_mib: u64,
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9109); off by default.
     #[arg(long)]

@@ -32,6 +32,15 @@ impl SegmentFile for FileSegment {
         self.0.set_len(len)?;
         sys::fsync(self.0.as_fd())
     }
+    fn reserve(&self, from: u64, to: u64) -> io::Result<()> {
+        // Allocated, not written: the file's length (what recovery reads) does not change.
+        sys::fallocate(
+            self.0.as_fd(),
+            libc::FALLOC_FL_KEEP_SIZE,
+            from,
+            to.saturating_sub(from),
+        )
+    }
 }
 
 /// Segments live in `DIR/NNNNNNNNNNNNNNNNNNNN.seg`, named by their first seq.

@@ -249,6 +249,55 @@ pub fn pwrite_all(fd: BorrowedFd<'_>, mut buf: &[u8], mut off: u64) -> io::Resul
     Ok(())
 }
 
+/// Writes all of `buf` at `off` in a backing file, or nothing: a change that does not fit must
+/// fail whole, since its record is aborted and no mirror applies any of it.
+///
+/// The range is reserved first (`fallocate(FALLOC_FL_KEEP_SIZE)`: the file's size and contents
+/// do not change), so a lack of space fails the write before any byte is written (`ENOSPC`). If
+/// a write still stops part way (a file system that cannot reserve, an I/O error), what it wrote
+/// past the file's old end is cut off again, so the file is as it was. Only bytes written over
+/// existing data that a failing device then refuses to complete cannot be taken back; that is
+/// logged as an error naming the file (see `docs/journal.md`).
+pub fn pwrite_whole(fd: BorrowedFd<'_>, buf: &[u8], off: u64) -> io::Result<()> {
+    if buf.is_empty() {
+        return pwrite_all(fd, buf, off);
+    }
+    match fallocate(fd, libc::FALLOC_FL_KEEP_SIZE, off, buf.len() as u64) {
+        Ok(()) => {}
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) => return Err(e),
+        // Cannot reserve here (EOPNOTSUPP, ...): write without a reservation.
+        Err(_) => {}
+    }
+    let size_before = fstat(fd)?.st_size as u64;
+    let mut done = 0usize;
+    let mut retried = false;
+    while done < buf.len() {
+        match pwrite(fd, &buf[done..], off + done as u64) {
+            Ok(0) => return Err(io::Error::from_raw_os_error(libc::EIO)),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if done == 0 => return Err(e),
+            Err(e) if !retried => {
+                // Part of it is written: one more try at the rest before taking it back.
+                retried = true;
+                let _ = e;
+            }
+            Err(e) => {
+                if off >= size_before {
+                    ftruncate(fd, size_before)?;
+                } else {
+                    tracing::error!(
+                        "a write of {} bytes at offset {off} stopped after {done} bytes ({e}) over existing data; those bytes cannot be taken back and the mirrors do not have them: re-copy the file",
+                        buf.len()
+                    );
+                }
+                return Err(e);
+            }
+        }
+    }
+    Ok(())
+}
+
 /// One `pwrite`; may be short.
 pub fn pwrite(fd: BorrowedFd<'_>, buf: &[u8], off: u64) -> io::Result<usize> {
     // SAFETY: `buf` is valid for its length.

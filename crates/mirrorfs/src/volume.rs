@@ -58,6 +58,29 @@ pub enum Level {
     Checkpoint,
 }
 
+/// Parses `--journal-max-mib`: the journal-full policy (detach the mirror furthest behind, never
+/// fail a local write) needs room for two segments, the one being written (never removed) and a
+/// closed one that mirrors are still reading.
+pub fn parse_journal_max_mib(s: &str) -> Result<u64, String> {
+    let min = mirrorfs_core::journal::JournalConfig::min_journal_bytes(
+        mirrorfs_core::journal::SEGMENT_BYTES,
+    ) >> 20;
+    let v: u64 = s
+        .trim()
+        .parse()
+        .map_err(|e| format!("not a number of MiB ({e})"))?;
+    if v < min {
+        return Err(format!(
+            "{v} MiB is too small: the minimum is {min} MiB. The journal is written in {} MiB segments, and it must hold the segment being written plus one that mirrors are still reading; below that a mirror that falls behind could not be detached to keep local writes going",
+            mirrorfs_core::journal::SEGMENT_BYTES >> 20
+        ));
+    }
+    if v > (u64::MAX >> 21) {
+        return Err(format!("{v} MiB is too large"));
+    }
+    Ok(v)
+}
+
 pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -268,9 +291,9 @@ impl Volume {
             Ok(s) => s,
             Err(JournalError::Full { .. }) => {
                 self.relieve_full(&mut o);
-                o.journal.append(&op).map_err(|e| self.journal_failed(e))?
+                o.journal.append(&op).map_err(|e| self.journal_refused(e))?
             }
-            Err(e) => return Err(self.journal_failed(e)),
+            Err(e) => return Err(self.journal_refused(e)),
         };
         let res = apply();
         if res.is_ok() {
@@ -346,6 +369,26 @@ impl Volume {
         drop(o);
         lock(&self.progress).settle(last, bytes);
         self.changed.notify_all();
+    }
+
+    /// An append that did not go in: a full disk (or, which the size-limit policy rules out, a
+    /// journal still full after every mirror was detached) refuses this one change with
+    /// `ENOSPC` and nothing else; anything else is a failure of the journal.
+    fn journal_refused(&self, e: JournalError) -> i32 {
+        match e {
+            JournalError::NoSpace { .. } | JournalError::Full { .. } => {
+                static REFUSED: AtomicU64 = AtomicU64::new(0);
+                let n = REFUSED.fetch_add(1, Ordering::Relaxed);
+                if n.is_power_of_two() || n == 0 {
+                    tracing::warn!(
+                        "{e}; the change was refused with ENOSPC ({} so far); nothing else is affected, and changes are accepted again once there is space",
+                        n + 1
+                    );
+                }
+                libc::ENOSPC
+            }
+            e => self.journal_failed(e),
+        }
     }
 
     fn journal_failed(&self, e: JournalError) -> i32 {

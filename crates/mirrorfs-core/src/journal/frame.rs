@@ -90,7 +90,7 @@ impl EncodedFrame<'_> {
 
 pub const ZERO_PAD: [u8; 8] = [0u8; 8];
 
-pub fn padded(len: usize) -> usize {
+pub const fn padded(len: usize) -> usize {
     (len + 7) & !7
 }
 

@@ -13,8 +13,13 @@
 //! and a new one is created (F1), so a torn tail can only be found in the newest segment.
 //! Segments are removed once every consumer has applied them ([`Journal::release_through`]).
 //!
-//! An I/O error on append or sync poisons the journal: the kernel may have dropped the dirty pages,
-//! so retrying could silently lose records. Every later call fails with [`JournalError::Poisoned`].
+//! A failed fsync, and any I/O error other than a lack of space, poisons the journal: the kernel
+//! may have dropped the dirty pages, so retrying could silently lose records. Every later call
+//! fails with [`JournalError::Poisoned`]. A lack of space is not a failure of the journal: an
+//! append that does not fit fails with [`JournalError::NoSpace`] and leaves the journal exactly
+//! as it was, so the caller refuses that one change with `ENOSPC`. Space is reserved
+//! (`SegmentFile::reserve`) before a record is written, together with room for its `Abort`, so a
+//! record never half-fits and the `Abort` of a record that failed on the backing always fits.
 
 pub mod frame;
 pub mod storage;
@@ -35,14 +40,37 @@ pub struct JournalConfig {
     pub journal_bytes_max: u64,
 }
 
+/// The size of a segment in the binary (the journal rolls over to a new segment at this size).
+pub const SEGMENT_BYTES: u64 = 64 << 20;
+
 impl Default for JournalConfig {
     fn default() -> Self {
         JournalConfig {
-            segment_bytes: 64 << 20,
+            segment_bytes: SEGMENT_BYTES,
             journal_bytes_max: 4 << 30,
         }
     }
 }
+
+impl JournalConfig {
+    /// The smallest size limit under which the journal-full policy can hold: the segment being
+    /// written (up to `segment_bytes` plus one record) is never removed, so the limit must leave
+    /// room for it and for a closed segment that mirrors are still reading: two segments.
+    pub fn min_journal_bytes(segment_bytes: u64) -> u64 {
+        2 * segment_bytes
+    }
+}
+
+/// Bytes of an `Abort` record: kept free (under the size limit and on disk) behind every record,
+/// so the `Abort` of a change that failed on the backing always fits.
+pub const ABORT_FRAME_BYTES: u64 = frame::padded(frame::FRAME_HEADER_BYTES + 8) as u64;
+
+/// Space a data-carrying record leaves reserved behind it on disk, so that once a file system is
+/// full, the small records of the changes that free space (unlink, rmdir, truncate) still fit.
+pub const NAMESPACE_RESERVE_BYTES: u64 = 256 << 10;
+
+/// How far ahead of the end of the active segment space is reserved at a time.
+const RESERVE_STEP_BYTES: u64 = 4 << 20;
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -53,6 +81,9 @@ pub enum JournalError {
     Poisoned(String),
     #[error("journal is full ({bytes} bytes of {max} allowed)")]
     Full { bytes: u64, max: u64 },
+    /// The file system holding the journal has no space for this record; nothing was appended.
+    #[error("no space left for the journal (segment {segment}): {source}; free space on the file system that holds the state directory")]
+    NoSpace { segment: u64, source: io::Error },
     #[error("journal segment {segment} is corrupt at offset {offset}: {reason}")]
     Corrupt {
         segment: u64,
@@ -71,6 +102,9 @@ struct Segment<F> {
     last_seq: u64,
     len: u64,
     synced_len: u64,
+    /// Bytes of the file known to have space allocated (`SegmentFile::reserve`); `u64::MAX` if
+    /// the file system cannot reserve.
+    reserved: u64,
     file: Arc<F>,
 }
 
@@ -168,6 +202,7 @@ impl<S: SegmentStore> Journal<S> {
                 last_seq: scan.last_seq,
                 len: scan.valid_len,
                 synced_len: scan.valid_len,
+                reserved: 0,
                 file: Arc::new(file),
             });
         }
@@ -198,16 +233,48 @@ impl<S: SegmentStore> Journal<S> {
 
     fn new_segment(&mut self) -> Result<(), JournalError> {
         let id = self.next_seq;
-        let file = self.store.create(id).map_err(io_err(id))?;
+        let file = match self.store.create(id) {
+            Ok(f) => f,
+            Err(e) if is_no_space(&e) => {
+                return Err(JournalError::NoSpace {
+                    segment: id,
+                    source: e,
+                })
+            }
+            Err(e) => {
+                return Err(JournalError::Io {
+                    segment: id,
+                    source: e,
+                })
+            }
+        };
         let header = frame::encode_segment_header(id);
-        file.write_all_at(0, &[&header]).map_err(io_err(id))?;
-        // F1 (continued): the header is durable before any record follows it.
-        file.sync().map_err(io_err(id))?;
+        let written = file.write_all_at(0, &[&header]).and_then(|()| {
+            // F1 (continued): the header is durable before any record follows it.
+            file.sync()
+        });
+        if let Err(e) = written {
+            // Not a segment yet: remove it, so that a later attempt can create it again.
+            drop(file);
+            let removed = self.store.remove(id);
+            return Err(if is_no_space(&e) && removed.is_ok() {
+                JournalError::NoSpace {
+                    segment: id,
+                    source: e,
+                }
+            } else {
+                JournalError::Io {
+                    segment: id,
+                    source: e,
+                }
+            });
+        }
         self.segs.push_back(Segment {
             first_seq: id,
             last_seq: id - 1,
             len: SEGMENT_HEADER_BYTES as u64,
             synced_len: SEGMENT_HEADER_BYTES as u64,
+            reserved: 0,
             file: Arc::new(file),
         });
         self.bytes += SEGMENT_HEADER_BYTES as u64;
@@ -243,22 +310,39 @@ impl<S: SegmentStore> Journal<S> {
     }
 
     /// Appends `op` as the next record and returns its seq. Not durable until a sync covers it.
+    ///
+    /// Fails with [`JournalError::Full`] past the size limit and with [`JournalError::NoSpace`]
+    /// when the file system has no room for the record; in both cases nothing was appended and
+    /// the journal is not poisoned. The size limit and the disk always keep room for one
+    /// `Abort` behind the record, and an `Abort` is never refused for either reason (nor does it
+    /// start a segment), so the `Abort` of a change that failed on the backing always fits.
     pub fn append(&mut self, op: &Op) -> Result<u64, JournalError> {
         self.check()?;
+        let is_abort = matches!(op, Op::Abort { .. });
         let seq = self.next_seq;
         let synced_to = self.segs.back().map_or(0, |s| s.synced_len);
         let f = frame::encode_frame(seq, op, synced_to);
         let flen = f.len() as u64;
-        if self.bytes + flen > self.cfg.journal_bytes_max {
+        // Room kept behind the record: its Abort, and for a record that carries data, space for
+        // the small records of the changes that free space once the disk is full.
+        let behind = match op {
+            Op::Abort { .. } => 0,
+            Op::Write { .. } | Op::SetXattr { .. } | Op::Sync { .. } | Op::Fallocate { .. } => {
+                ABORT_FRAME_BYTES + NAMESPACE_RESERVE_BYTES
+            }
+            _ => ABORT_FRAME_BYTES,
+        };
+        if !is_abort && self.bytes + flen + ABORT_FRAME_BYTES > self.cfg.journal_bytes_max {
             return Err(JournalError::Full {
                 bytes: self.bytes,
                 max: self.cfg.journal_bytes_max,
             });
         }
-        let need_roll = self
-            .segs
-            .back()
-            .is_some_and(|s| s.len + flen > self.cfg.segment_bytes && s.last_seq >= s.first_seq);
+        let need_roll = !is_abort
+            && self.segs.back().is_some_and(|s| {
+                s.len + flen + ABORT_FRAME_BYTES > self.cfg.segment_bytes
+                    && s.last_seq >= s.first_seq
+            });
         if need_roll {
             self.roll()?;
         }
@@ -267,11 +351,59 @@ impl<S: SegmentStore> Journal<S> {
                 "journal has no active segment".into(),
             ));
         };
+        let id = seg.first_seq;
+        let end = seg.len + flen;
+        if end + behind > seg.reserved {
+            // Reserve ahead in steps (one fallocate per few MiB); when that much is not free,
+            // exactly what this record needs.
+            let ahead = (end + behind + RESERVE_STEP_BYTES)
+                .min(
+                    self.cfg.segment_bytes
+                        + frame::padded(frame::FRAME_HEADER_BYTES + frame::BODY_BYTES_MAX) as u64,
+                )
+                .max(end + behind);
+            let from = seg.len.max(seg.reserved);
+            let r = match seg.file.reserve(from, ahead) {
+                Ok(()) => Ok(ahead),
+                Err(e) if is_no_space(&e) => {
+                    seg.file.reserve(from, end + behind).map(|()| end + behind)
+                }
+                Err(e) => Err(e),
+            };
+            match r {
+                Ok(n) => seg.reserved = n,
+                // The Abort is already covered by the reservation its record made.
+                Err(_) if is_abort => {}
+                Err(e) if is_no_space(&e) => {
+                    return Err(JournalError::NoSpace {
+                        segment: id,
+                        source: e,
+                    })
+                }
+                Err(e) if is_unsupported(&e) => seg.reserved = u64::MAX,
+                Err(e) => {
+                    self.poison(format!("reserving space in segment {id} failed: {e}"));
+                    return Err(JournalError::Io {
+                        segment: id,
+                        source: e,
+                    });
+                }
+            }
+        }
         let res = seg
             .file
             .write_all_at(seg.len, &[&f.head, f.tail, &frame::ZERO_PAD[..f.padding]]);
         if let Err(e) = res {
-            let id = seg.first_seq;
+            // A write that found no space changed nothing that was appended before it (unlike a
+            // failed fsync, no dirty page was dropped): cut what it may have left past the end,
+            // so the segment ends with its last record, and refuse this one record. Any other
+            // failure poisons.
+            if is_no_space(&e) && seg.file.truncate(seg.len).is_ok() {
+                return Err(JournalError::NoSpace {
+                    segment: id,
+                    source: e,
+                });
+            }
             self.poison(format!("write to segment {id} failed: {e}"));
             return Err(JournalError::Io {
                 segment: id,
@@ -334,6 +466,9 @@ impl<S: SegmentStore> Journal<S> {
                 });
             }
             seg.synced_len = seg.len;
+            // Every closed segment is synced (this is how they are closed), so everything up to
+            // the end of this one is durable now; a closed segment can be released at once.
+            self.durable_seq = self.durable_seq.max(seg.last_seq);
         }
         self.new_segment()
     }
@@ -418,6 +553,16 @@ impl<S: SegmentStore> Journal<S> {
             file: s.file.clone(),
         })
     }
+}
+
+/// ENOSPC or EDQUOT: the file system has no room, nothing is broken.
+pub fn is_no_space(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(28 | 122))
+}
+
+/// The file system cannot reserve space (EOPNOTSUPP, ENOSYS, EINVAL).
+fn is_unsupported(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(95 | 38 | 22))
 }
 
 fn codec_len(op: &Op) -> usize {
@@ -859,6 +1004,106 @@ mod tests {
             j.append(&write_op(1)),
             Err(JournalError::Poisoned(_))
         ));
+    }
+
+    /// A full disk is an ordinary event: the record that does not fit is refused with
+    /// `NoSpace` and nothing else changes; the journal is not poisoned, the `Abort` of a record
+    /// already appended always fits, the small records that free space still fit, and appends
+    /// work again once space is freed. A failed fsync still poisons (`failed_sync_poisons`).
+    #[test]
+    fn full_disk_refuses_one_record_and_never_poisons() {
+        let store = MemStore::new();
+        let cfg = JournalConfig::default();
+        let (mut j, _) = Journal::open(store.clone(), cfg.clone()).expect("open");
+        let big = |i: u64| Op::Write {
+            path: RelPath::new("big").expect("valid"),
+            offset: i << 20,
+            data: vec![i as u8; 1 << 20],
+        };
+        let unlink = Op::Unlink {
+            path: RelPath::new("victim").expect("valid"),
+            nlink: 1,
+        };
+        // Room for a few MiB of journal, then the disk is full.
+        store.set_free_space(Some(3 << 20));
+        let mut appended = Vec::new();
+        let mut refused = 0;
+        for i in 0..8 {
+            match j.append(&big(i)) {
+                Ok(seq) => appended.push((seq, big(i))),
+                Err(JournalError::NoSpace { .. }) => refused += 1,
+                Err(e) => panic!("a full disk must refuse with NoSpace, not {e}"),
+            }
+        }
+        assert!(
+            !appended.is_empty() && refused > 0,
+            "{} appended, {refused} refused",
+            appended.len()
+        );
+        assert!(j.poisoned().is_none(), "a full disk poisoned the journal");
+        // The last record failed on the backing: its Abort fits although the disk is full.
+        let last = appended.last().map(|(s, _)| *s).expect("one record");
+        let abort = Op::Abort { seq: last };
+        let aseq = j
+            .append(&abort)
+            .expect("the Abort of an appended record always fits");
+        appended.push((aseq, abort));
+        // Changes that free space still get their records.
+        for _ in 0..100 {
+            let seq = j
+                .append(&unlink)
+                .expect("an unlink fits in the namespace reserve");
+            appended.push((seq, unlink.clone()));
+        }
+        let free = store.free_space().expect("limited");
+        assert!(
+            free < (1 << 20) + NAMESPACE_RESERVE_BYTES,
+            "{free} bytes still free: the disk never filled"
+        );
+        // Space is freed: appends work again, without a restart.
+        store.set_free_space(Some(8 << 20));
+        let seq = j
+            .append(&big(9))
+            .expect("appends resume once space is freed");
+        appended.push((seq, big(9)));
+        let plan = j.sync_plan().expect("plan");
+        for (_, f, _) in &plan.files {
+            f.sync().expect("sync");
+        }
+        j.mark_synced(&plan);
+        drop(j);
+        // The segment holds exactly the appended records, consecutive, with no torn tail.
+        let (j, rep) = Journal::open(store, cfg).expect("reopen");
+        assert_eq!(rep.torn_bytes, 0);
+        let recs = read_all(&j, 1);
+        let got: Vec<(u64, Op)> = recs.into_iter().map(|r| (r.seq, r.op)).collect();
+        assert_eq!(got.len(), appended.len());
+        for ((gs, go), (es, eo)) in got.iter().zip(&appended) {
+            assert_eq!((gs, go), (es, eo));
+        }
+    }
+
+    /// An `Abort` never fails for the size limit: the limit keeps room for it behind every record.
+    #[test]
+    fn abort_fits_under_the_size_limit() {
+        let (mut j, _) = Journal::open(
+            MemStore::new(),
+            JournalConfig {
+                segment_bytes: 4096,
+                journal_bytes_max: 3000,
+            },
+        )
+        .expect("open");
+        let mut last = 0;
+        loop {
+            match j.append(&write_op(1)) {
+                Ok(s) => last = s,
+                Err(JournalError::Full { .. }) => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        j.append(&Op::Abort { seq: last }).expect("the Abort fits");
+        assert!(j.bytes() <= 3000);
     }
 
     #[test]

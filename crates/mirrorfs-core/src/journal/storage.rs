@@ -29,8 +29,18 @@ pub trait SegmentFile: Send + Sync + 'static {
     fn is_empty(&self) -> io::Result<bool> {
         Ok(self.len()? == 0)
     }
-    /// Cuts the file to `len` and makes the cut durable (used only to drop a torn tail).
+    /// Cuts the file to `len` and makes the cut durable (used to drop a torn tail, and the
+    /// part of a frame a failed append left behind).
     fn truncate(&self, len: u64) -> io::Result<()>;
+    /// Makes sure the bytes `[from, to)` have space allocated on disk (the bytes before `from`
+    /// are written or reserved already), without changing the
+    /// file's length (`fallocate(FALLOC_FL_KEEP_SIZE)`), so a later write into them cannot fail
+    /// for lack of space. `ENOSPC`/`EDQUOT` when the space is not there; `EOPNOTSUPP` where the
+    /// file system cannot reserve (the journal then writes without a reservation).
+    fn reserve(&self, from: u64, to: u64) -> io::Result<()> {
+        let _ = (from, to);
+        Ok(())
+    }
 }
 
 /// The directory of segments, named by their first seq.
@@ -72,11 +82,44 @@ struct MemFileState {
     durable: Vec<u8>,
     /// Set by the fault injector: the next write or sync fails.
     fail_next: bool,
+    /// Bytes reserved (allocated without changing the length), see [`SegmentFile::reserve`].
+    reserved: usize,
 }
 
-/// An in-memory segment file; clones share state.
+impl MemFileState {
+    fn allocated(&self) -> usize {
+        self.live.len().max(self.reserved)
+    }
+}
+
+/// An in-memory segment file; clones share state. `space` is the store's free-space model.
 #[derive(Clone, Debug)]
-pub struct MemFile(Arc<Mutex<MemFileState>>);
+pub struct MemFile(Arc<Mutex<MemFileState>>, Space);
+
+/// The free space of a [`MemStore`]'s file system: `None` is unlimited; `Some(n)`: `n` bytes may
+/// still be allocated (by writes past the allocated end, or by reservations).
+#[derive(Clone, Debug, Default)]
+struct Space(Arc<Mutex<Option<u64>>>);
+
+impl Space {
+    /// Takes `bytes` of free space, or fails with `ENOSPC` leaving everything as it was.
+    fn take(&self, bytes: usize) -> io::Result<()> {
+        let mut free = lock(&self.0);
+        match *free {
+            Some(n) if (bytes as u64) > n => Err(io::Error::from_raw_os_error(28)),
+            Some(n) => {
+                *free = Some(n - bytes as u64);
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+    fn give(&self, bytes: usize) {
+        if let Some(n) = lock(&self.0).as_mut() {
+            *n += bytes as u64;
+        }
+    }
+}
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic while holding this lock is a test failure already; keep going to report it.
@@ -88,6 +131,13 @@ impl SegmentFile for MemFile {
         let mut s = lock(&self.0);
         if std::mem::take(&mut s.fail_next) {
             return Err(io::Error::other("injected write failure"));
+        }
+        let end = offset as usize + bufs.iter().map(|b| b.len()).sum::<usize>();
+        let grow = end.saturating_sub(s.allocated());
+        if grow > 0 {
+            // A write that needs new space and does not get it writes nothing (as a `pwrite`
+            // that fails at once with ENOSPC).
+            self.1.take(grow)?;
         }
         let mut off = offset as usize;
         for b in bufs {
@@ -122,8 +172,20 @@ impl SegmentFile for MemFile {
     }
     fn truncate(&self, len: u64) -> io::Result<()> {
         let mut s = lock(&self.0);
+        let before = s.allocated();
         s.live.truncate(len as usize);
         s.durable.truncate(len as usize);
+        s.reserved = s.reserved.min(len as usize);
+        self.1.give(before - s.allocated());
+        Ok(())
+    }
+    fn reserve(&self, _from: u64, to: u64) -> io::Result<()> {
+        let mut s = lock(&self.0);
+        let grow = (to as usize).saturating_sub(s.allocated());
+        if grow > 0 {
+            self.1.take(grow)?;
+            s.reserved = to as usize;
+        }
         Ok(())
     }
 }
@@ -133,6 +195,7 @@ impl SegmentFile for MemFile {
 #[derive(Clone, Default, Debug)]
 pub struct MemStore {
     files: Arc<Mutex<BTreeMap<u64, MemFile>>>,
+    space: Space,
 }
 
 impl MemStore {
@@ -169,6 +232,17 @@ impl MemStore {
             s.durable = image;
             s.fail_next = false;
         }
+    }
+
+    /// Limits the free space of the store's file system to `bytes` from now on (`None`:
+    /// unlimited): allocations beyond it fail with `ENOSPC`.
+    pub fn set_free_space(&self, bytes: Option<u64>) {
+        *lock(&self.space.0) = bytes;
+    }
+
+    /// Free space left (`None`: unlimited).
+    pub fn free_space(&self) -> Option<u64> {
+        *lock(&self.space.0)
     }
 
     /// Makes the next write or sync of segment `id` fail.
@@ -212,7 +286,7 @@ impl SegmentStore for MemStore {
                 format!("segment {id} exists"),
             ));
         }
-        let f = MemFile(Arc::default());
+        let f = MemFile(Arc::default(), self.space.clone());
         files.insert(id, f.clone());
         Ok(f)
     }
@@ -222,7 +296,10 @@ impl SegmentStore for MemStore {
         })
     }
     fn remove(&self, id: u64) -> io::Result<()> {
-        lock(&self.files).remove(&id);
+        if let Some(f) = lock(&self.files).remove(&id) {
+            let freed = lock(&f.0).allocated();
+            self.space.give(freed);
+        }
         Ok(())
     }
 }

@@ -1,0 +1,324 @@
+//! Operational events: a full backing disk, a small journal limit with a mirror down, a mirror
+//! daemon flooded with connections, SIGTERM during an initial copy, and what `status` says
+//! while an initial copy is applied.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::sys;
+use common::{lazy_unmount, pattern, wait_until, Layout, Mount};
+
+const MIB: usize = 1 << 20;
+
+/// One mount at a time in this test process (see `semantics.rs`).
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn mirror_state(m: &Mount, i: usize) -> Option<String> {
+    m.status()
+        .and_then(|s| s["mirrors"][i]["state"].as_str().map(str::to_string))
+}
+
+fn wait_live(m: &Mount, timeout: Duration) {
+    let ok = wait_until(timeout, || mirror_state(m, 0).as_deref() == Some("live"));
+    assert!(
+        ok,
+        "the mirror never became live: {:?}; stderr:\n{}",
+        m.status(),
+        common::tail(&m.log(), 40)
+    );
+}
+
+/// A small ext4 file system on a loop device, mounted on `at` (unmounted, and `at` removed, on
+/// drop). Made with `-m 0`: mirrorfs runs as root, and the reserved blocks would let it go on.
+struct SmallFs {
+    at: PathBuf,
+    _img: tempfile::TempDir,
+}
+
+impl SmallFs {
+    fn new(at: &Path, mib: u64) -> SmallFs {
+        common::mkdir755(at);
+        let img_dir = common::temp_base("smallfs");
+        let img = img_dir.path().join("fs.img");
+        let f = fs::File::create(&img).expect("create the image");
+        f.set_len(mib << 20).expect("size the image");
+        drop(f);
+        let ok = |c: &mut Command| {
+            let o = c.output().expect("run");
+            assert!(
+                o.status.success(),
+                "{c:?}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        };
+        ok(Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-m", "0"])
+            .arg(&img));
+        ok(Command::new("mount").args(["-o", "loop"]).arg(&img).arg(at));
+        let _ = fs::remove_dir(at.join("lost+found"));
+        SmallFs {
+            at: at.to_path_buf(),
+            _img: img_dir,
+        }
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        lazy_unmount(&self.at);
+        // The layout's temporary directory could not be removed while this was mounted in it:
+        // finish the job.
+        if let Some(base) = self.at.parent() {
+            if base
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("mirrorfs-it-"))
+            {
+                let _ = fs::remove_dir_all(base);
+            }
+        }
+    }
+}
+
+fn errno_of(e: i32) -> String {
+    sys::errname(e)
+}
+
+/// Finding 9: a full backing disk is an ordinary event. Backing and state share a 32 MiB file
+/// system; filling it through the mount gets ENOSPC for the change that does not fit and nothing
+/// else: unlink, mkdir and small appends keep working once space is freed, without a restart;
+/// the mirror equals the backing (sizes and contents), also after kill -9 and a restart, and
+/// `status` is truthful.
+#[test]
+fn full_backing_disk_refuses_only_what_does_not_fit() {
+    let _s = serial();
+    let mut layout = Layout::new("fulldisk", 1);
+    let small = SmallFs::new(&layout.base.join("small"), 32);
+    // Backing and state on the small file system, the mirror elsewhere.
+    layout.backing = small.at.join("backing");
+    common::mkdir755(&layout.backing);
+    let state = small.at.join("state");
+    let state = state.to_str().expect("UTF-8 temp path").to_string();
+    let mut m = Mount::start(layout, &["--state", &state]);
+    wait_live(&m, Duration::from_secs(30));
+
+    // Something to delete later, then fill the disk with one file, 256 KiB per write(2).
+    fs::write(m.p("filler"), pattern(1, 4 * MIB)).expect("write the filler");
+    let big = sys::open(&m.p("big"), libc::O_CREAT | libc::O_WRONLY, 0o644).expect("open big");
+    let chunk = pattern(2, 256 << 10);
+    let mut written = 0u64;
+    let first_error = loop {
+        match sys::write(&big, &chunk) {
+            Ok(n) => written += n as u64,
+            Err(e) => break e,
+        }
+        assert!(
+            written < 64 << 20,
+            "a 32 MiB file system took {written} bytes"
+        );
+    };
+    assert_eq!(
+        first_error,
+        libc::ENOSPC,
+        "filling the disk must fail with ENOSPC, not {}",
+        errno_of(first_error)
+    );
+    assert!(written > 0, "nothing could be written at all");
+    assert_eq!(
+        sys::fstat(&big).expect("fstat").st_size as u64,
+        written,
+        "the file holds exactly what write(2) reported"
+    );
+
+    // Other changes keep working, without a restart.
+    sys::unlink(&m.p("filler"))
+        .unwrap_or_else(|e| panic!("unlink on a full disk: {}", errno_of(e)));
+    sys::mkdir(&m.p("after"), 0o755)
+        .unwrap_or_else(|e| panic!("mkdir after freeing space: {}", errno_of(e)));
+    let tail = pattern(3, 4096);
+    sys::write_all(&big, &tail)
+        .unwrap_or_else(|e| panic!("small append after freeing space: {}", errno_of(e)));
+    written += tail.len() as u64;
+    fs::write(m.p("after/small"), b"still working\n").expect("create after freeing space");
+    sys::fsync(&big).unwrap_or_else(|e| panic!("fsync after freeing space: {}", errno_of(e)));
+    drop(big);
+    assert_eq!(
+        fs::metadata(m.backing().join("big")).expect("stat").len(),
+        written
+    );
+    m.wait_mirror_equal(Duration::from_secs(60));
+    let st = m.status().expect("status");
+    assert!(st["journal_error"].is_null(), "journal poisoned: {st}");
+    assert_eq!(st["mirrors"][0]["state"], "live", "{st}");
+
+    // Fill it again, then kill -9 and restart: nothing the backing has is missing on the mirror.
+    let f = sys::open(&m.p("again"), libc::O_CREAT | libc::O_WRONLY, 0o644).expect("open");
+    let e = loop {
+        if let Err(e) = sys::write(&f, &chunk) {
+            break e;
+        }
+    };
+    assert_eq!(e, libc::ENOSPC, "second fill: {}", errno_of(e));
+    drop(f);
+    m.kill9();
+    m.remount();
+    wait_live(&m, Duration::from_secs(30));
+    m.wait_mirror_equal(Duration::from_secs(60));
+    let st = m.status().expect("status");
+    assert!(st["journal_error"].is_null(), "{st}");
+    assert_eq!(st["mirrors"][0]["lag_ops"], 0, "{st}");
+    // And it recovers by itself once space is freed.
+    sys::unlink(&m.p("again")).unwrap_or_else(|e| panic!("unlink: {}", errno_of(e)));
+    sys::unlink(&m.p("big")).unwrap_or_else(|e| panic!("unlink: {}", errno_of(e)));
+    fs::write(m.p("after/more"), pattern(4, MIB)).expect("write after freeing space");
+    m.wait_mirror_equal(Duration::from_secs(60));
+    common::finish(&mut m);
+    drop(m);
+    drop(small);
+}
+
+/// A tmpfs of `mib` MiB mounted on `at` (lazily unmounted on drop): a mirror disk that fills up.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn new(at: &Path, mib: u64) -> Tmpfs {
+        let o = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={mib}m,mode=0755"),
+                "tmpfs",
+            ])
+            .arg(at)
+            .output()
+            .expect("run mount");
+        assert!(
+            o.status.success(),
+            "mount tmpfs: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        Tmpfs(at.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        lazy_unmount(&self.0);
+    }
+}
+
+/// Finding 7: a journal limit below two segments is refused, by `mount` and by `serve`, with a
+/// message that says the minimum and why.
+#[test]
+fn journal_limit_below_two_segments_is_refused() {
+    let _s = serial();
+    let layout = Layout::new("jlimit-cli", 1);
+    for v in ["0", "1", "2", "127"] {
+        let args: Vec<&std::ffi::OsStr> = vec![
+            "mount".as_ref(),
+            layout.backing.as_os_str(),
+            layout.mnt.as_os_str(),
+            "--mirror".as_ref(),
+            layout.mirror().as_os_str(),
+            "--journal-max-mib".as_ref(),
+            v.as_ref(),
+        ];
+        let out = common::run_expecting_failure(&args, Some(&layout.mnt));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("minimum is 128 MiB") && err.contains("64 MiB segments"),
+            "--journal-max-mib {v}: {err}"
+        );
+        let args: Vec<&std::ffi::OsStr> = vec![
+            "serve".as_ref(),
+            layout.mirror().as_os_str(),
+            "--listen".as_ref(),
+            "127.0.0.1:0".as_ref(),
+            "--journal-max-mib".as_ref(),
+            v.as_ref(),
+        ];
+        let out = common::run_expecting_failure(&args, None);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("minimum is 128 MiB"), "serve {v}: {err}");
+    }
+}
+
+/// Finding 7: with the smallest accepted limit and a mirror whose disk is full, local writes
+/// never fail: the mirror is detached and marked `needs_resync` in `status`, the journal stays
+/// within its limit, and after a restart (the mirror's disk back) the journal is trimmed and
+/// the mirror re-copied.
+#[test]
+fn smallest_journal_limit_detaches_a_stuck_mirror_and_never_fails_writes() {
+    let _s = serial();
+    let layout = Layout::new("jlimit", 1);
+    let full_mirror = Tmpfs::new(layout.mirror(), 2);
+    let state = layout.base.join("state");
+    let state_arg = state.to_str().expect("UTF-8 temp path").to_string();
+    let mut m = Mount::start(layout, &["--journal-max-mib", "128", "--state", &state_arg]);
+    wait_live(&m, Duration::from_secs(30));
+    let limit = 128u64 << 20;
+    let data = pattern(7, MIB);
+    let f = sys::open(&m.p("data"), libc::O_CREAT | libc::O_WRONLY, 0o644).expect("open");
+    let mut max_journal = 0u64;
+    for i in 0..160u64 {
+        sys::pwrite(&f, &data, i << 20)
+            .unwrap_or_else(|e| panic!("write {i} MiB with the mirror stuck: {}", errno_of(e)));
+        if i % 16 == 0 {
+            if let Some(st) = m.status() {
+                max_journal = max_journal.max(st["journal_bytes"].as_u64().unwrap_or(0));
+            }
+        }
+    }
+    sys::fsync(&f).unwrap_or_else(|e| panic!("fsync: {}", errno_of(e)));
+    drop(f);
+    fs::write(m.p("small"), b"after the limit\n").expect("write after the limit");
+    let ok = wait_until(Duration::from_secs(10), || {
+        mirror_state(&m, 0).as_deref() == Some("needs_resync")
+    });
+    let st = m.status().expect("status");
+    assert!(ok, "the stuck mirror was not marked needs_resync: {st}");
+    assert!(st["journal_error"].is_null(), "{st}");
+    assert!(
+        max_journal <= limit && st["journal_bytes"].as_u64().unwrap_or(u64::MAX) <= limit,
+        "journal passed its limit: {max_journal} / {st}"
+    );
+    assert!(
+        fs::read_to_string(
+            fs::read_dir(state.join("mirrors"))
+                .expect("mirrors state")
+                .filter_map(Result::ok)
+                .map(|e| e.path().join("NEEDS_RESYNC"))
+                .find(|p| p.exists())
+                .expect("a NEEDS_RESYNC marker")
+        )
+        .expect("read marker")
+        .contains("size limit"),
+        "the marker says why"
+    );
+    // The mirror's disk comes back (an empty directory on a disk with room): restart.
+    m.unmount();
+    drop(full_mirror);
+    m.remount();
+    // The journal no longer holds what only the detached mirror needed.
+    let ok = wait_until(Duration::from_secs(20), || {
+        m.status()
+            .and_then(|s| s["journal_bytes"].as_u64())
+            .is_some_and(|b| b <= (64 + 32) << 20)
+    });
+    assert!(
+        ok,
+        "the journal was not trimmed after a restart: {:?}",
+        m.status()
+    );
+    wait_live(&m, Duration::from_secs(120));
+    m.wait_mirror_equal(Duration::from_secs(60));
+    common::finish(&mut m);
+}
