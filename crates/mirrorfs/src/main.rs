@@ -233,12 +233,17 @@ fn primary_meta(state: &Path) -> Result<serve::Meta> {
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut id))
         .context("cannot read /dev/urandom")?;
     meta = serve::Meta {
-        volume_id: mirrorfs_core::link::hex(&id),
-        generation: 1,
+        volume_id: String::new(),
+        generation: 0,
         state: "primary".into(),
         sync_id: 0,
         promoted: false,
+        history: Vec::new(),
     };
+    meta.set_history(&mirrorfs_core::history::History::new(
+        id,
+        serve::random_u64()?,
+    ));
     serve::write_meta(state, &meta)?;
     Ok(meta)
 }
@@ -695,8 +700,7 @@ fn mount(a: MountArgs) -> Result<()> {
             identity: id,
             pinned,
             compress: a.compress,
-            volume_id: serve::parse_id(&meta.volume_id).unwrap_or([0; 16]),
-            generation: meta.generation,
+            history: meta.history(),
             name: format!("{}:{}", hostname(), backing.display()),
             backing: backing.clone(),
             hidden: hidden.clone(),
