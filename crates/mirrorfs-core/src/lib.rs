@@ -8,6 +8,7 @@
 //! [`tree::Tree`]) so the simulation can inject crashes and faults deterministically.
 
 pub mod applier;
+pub mod history;
 pub mod codec;
 pub mod journal;
 pub mod link;

@@ -15,6 +15,7 @@
 
 use std::collections::VecDeque;
 
+use crate::history::{compare, Comparison, History, Relation, Site};
 use crate::op::{Op, Record};
 use crate::wire::{error_code, MirrorState, Msg, StartMode, VolumeId, PROTOCOL_VERSION};
 
@@ -91,8 +92,7 @@ pub enum Start {
 /// The primary's side of one link.
 #[derive(Debug)]
 pub struct Sender {
-    volume_id: VolumeId,
-    generation: u64,
+    history: History,
     /// The next seq to send.
     next_send: u64,
     /// Records sent and not yet acknowledged as received: (last seq of a batch, bytes).
@@ -104,11 +104,11 @@ pub struct Sender {
 }
 
 impl Sender {
-    /// A sender for `volume_id`/`generation` that keeps at most `window` bytes unacknowledged.
-    pub fn new(volume_id: VolumeId, generation: u64, window: u64) -> Self {
+    /// A sender for the volume and generations of `history` that keeps at most `window` bytes
+    /// unacknowledged.
+    pub fn new(history: History, window: u64) -> Self {
         Sender {
-            volume_id,
-            generation,
+            history,
             next_send: 0,
             in_flight: VecDeque::new(),
             in_flight_bytes: 0,
@@ -122,12 +122,13 @@ impl Sender {
     pub fn hello(&self, span: JournalSpan, compress: bool, name: &str) -> Msg {
         Msg::Hello {
             version: PROTOCOL_VERSION,
-            volume_id: self.volume_id,
-            generation: self.generation,
+            volume_id: self.history.volume_id,
+            generation: self.history.current().map_or(0, |g| g.number),
             first_held: span.first_held,
             next_seq: span.next_seq,
             compress,
             name: name.to_string(),
+            history: self.history.generations.clone(),
         }
     }
 
@@ -145,10 +146,10 @@ impl Sender {
             version,
             state,
             volume_id,
-            generation,
             durable,
             applied,
             sync_id,
+            history,
             ..
         } = msg
         else {
@@ -161,34 +162,30 @@ impl Sender {
                 format!("the mirror speaks protocol version {version}, this primary {PROTOCOL_VERSION}: upgrade the older side"),
             ));
         }
+        let theirs = History {
+            volume_id: *volume_id,
+            generations: history.clone(),
+        };
+        let same_generation = theirs.current() == self.history.current();
         let start = match state {
             MirrorState::Empty => Start::InitialSync {
                 from: span.next_seq,
                 sync_id: new_sync_id,
             },
-            _ if *volume_id != self.volume_id => {
+            _ if *volume_id != self.history.volume_id => {
                 return Err(LinkError::new(
                     error_code::VOLUME,
                     false,
                     format!(
                         "the mirror holds a copy of another volume ({}, this one is {}); give it an empty directory, or run `mirrorfs serve --force-resync` on the mirror to replace its contents",
                         hex(volume_id),
-                        hex(&self.volume_id)
-                    ),
-                ))
-            }
-            _ if *generation != self.generation => {
-                return Err(LinkError::new(
-                    error_code::GENERATION,
-                    false,
-                    format!(
-                        "the mirror's copy is of generation {generation}, this primary is at generation {}: one of them was promoted; see docs/protocol.md (re-attaching a primary) before forcing anything",
-                        self.generation
+                        hex(&self.history.volume_id)
                     ),
                 ))
             }
             MirrorState::Syncing
-                if running_sync == Some(*sync_id)
+                if same_generation
+                    && running_sync == Some(*sync_id)
                     && durable + 1 >= span.first_held
                     && *durable < span.next_seq =>
             {
@@ -203,26 +200,35 @@ impl Sender {
                 sync_id: new_sync_id,
                 reason: "the mirror reported that its copy must be resynchronised".into(),
             },
-            MirrorState::Consistent if *durable >= span.next_seq => {
-                return Err(LinkError::new(
-                    error_code::GENERATION,
-                    false,
-                    format!(
-                        "the mirror holds records up to {durable} but this primary's journal ends at {}: the primary lost part of its journal (restored from an older state?); refusing to overwrite the mirror",
-                        span.next_seq.saturating_sub(1)
-                    ),
-                ))
+            MirrorState::Consistent => {
+                let c = compare(
+                    Site {
+                        history: &self.history,
+                        end: span.next_seq.saturating_sub(1),
+                    },
+                    Site {
+                        history: &theirs,
+                        end: *durable,
+                    },
+                );
+                match c.relation {
+                    Relation::Equal | Relation::BBehind => {}
+                    _ => return Err(diverged(&c, "this primary", "the mirror")),
+                }
+                if durable + 1 < span.first_held {
+                    Start::Resync {
+                        from: span.next_seq,
+                        sync_id: new_sync_id,
+                        reason: format!(
+                            "the mirror needs records from {} but the journal holds only {} onward (it passed its size limit)",
+                            durable + 1,
+                            span.first_held
+                        ),
+                    }
+                } else {
+                    Start::Resume { from: durable + 1 }
+                }
             }
-            MirrorState::Consistent if durable + 1 < span.first_held => Start::Resync {
-                from: span.next_seq,
-                sync_id: new_sync_id,
-                reason: format!(
-                    "the mirror needs records from {} but the journal holds only {} onward (it passed its size limit)",
-                    durable + 1,
-                    span.first_held
-                ),
-            },
-            MirrorState::Consistent => Start::Resume { from: durable + 1 },
         };
         let from = match &start {
             Start::Resume { from }
@@ -346,35 +352,42 @@ impl Sender {
 }
 
 /// What the mirror knows of its own copy, for `Welcome`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MirrorCopy {
     pub state: MirrorState,
-    pub volume_id: VolumeId,
-    pub generation: u64,
-    /// Every record ≤ this is durable in the mirror's journal.
+    /// The copy's volume and generations (empty when `Empty`).
+    pub history: History,
+    /// Every record ≤ this is durable in the mirror's journal (the copy's end).
     pub durable: u64,
     pub applied: u64,
     pub sync_id: u32,
-    /// The mirror was promoted: it refuses every stream.
+    /// The mirror was promoted and not yet mounted: it refuses every stream.
     pub promoted: bool,
+    /// `Empty`, but the directory holds files that are no mirrorfs copy (and the daemon was not
+    /// told to replace them): every stream is refused before anything starts.
+    pub foreign: bool,
 }
 
 /// What the mirror shell must do before records flow.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Begin {
     /// Continue its journal at `seq` (its durable position + 1): records it holds past its durable
-    /// position were never acknowledged and are replaced.
-    Resume { seq: u64 },
+    /// position were never acknowledged and are replaced. From now on the copy follows the
+    /// primary's `history` (an ancestor caught up from an older generation adopts the newer ones).
+    Resume { seq: u64, history: History },
     /// Keep the tree, restart the journal at `seq`, send the manifest, and apply the resync
-    /// `sync_id` (idempotently) until its `SyncDone`.
-    Resync { seq: u64, sync_id: u32 },
+    /// `sync_id` (idempotently) until its `SyncDone`; the copy takes the primary's `history`.
+    Resync {
+        seq: u64,
+        sync_id: u32,
+        history: History,
+    },
     /// Discard its copy and journal, empty the tree, and restart the journal at `seq` with the
-    /// initial copy `sync_id`; remember `volume_id`/`generation`.
+    /// initial copy `sync_id`; remember the primary's `history`.
     InitialSync {
         seq: u64,
         sync_id: u32,
-        volume_id: VolumeId,
-        generation: u64,
+        history: History,
     },
 }
 
@@ -382,7 +395,12 @@ pub enum Begin {
 #[derive(Debug)]
 pub struct Receiver {
     copy: MirrorCopy,
-    hello: Option<(VolumeId, u64)>,
+    /// The mirror's directory, for messages.
+    label: String,
+    /// The primary's history, once `Hello` was accepted.
+    hello: Option<History>,
+    /// Why `Hello` was refused as a divergence, for the shell to add what it knows (which files).
+    divergence: Option<Comparison>,
     /// The next seq expected in `Records`.
     expected: Option<u64>,
     /// Name of the mirror's state directory in its root: no record may touch it.
@@ -391,11 +409,13 @@ pub struct Receiver {
 
 impl Receiver {
     /// A receiver for a mirror whose copy is `copy`; `reserved` is the name of its state directory
-    /// at the tree's root (records naming it are refused).
-    pub fn new(copy: MirrorCopy, reserved: &[u8]) -> Self {
+    /// at the tree's root (records naming it are refused); `label` names the mirror in messages.
+    pub fn new(copy: MirrorCopy, reserved: &[u8], label: &str) -> Self {
         Receiver {
             copy,
+            label: label.to_string(),
             hello: None,
+            divergence: None,
             expected: None,
             reserved: reserved.to_vec(),
         }
@@ -406,8 +426,9 @@ impl Receiver {
         let Msg::Hello {
             version,
             volume_id,
-            generation,
+            next_seq,
             compress,
+            history,
             ..
         } = msg
         else {
@@ -427,17 +448,51 @@ impl Receiver {
                 "this mirror was promoted to a primary and accepts no stream; see docs/protocol.md (re-attaching a primary)",
             ));
         }
-        self.hello = Some((*volume_id, *generation));
-        let c = self.copy;
+        let primary = History {
+            volume_id: *volume_id,
+            generations: history.clone(),
+        };
+        if self.copy.state == MirrorState::Empty && self.copy.foreign {
+            return Err(LinkError::new(
+                error_code::REFUSED,
+                false,
+                format!(
+                    "mirror directory {} is not empty and holds no mirrorfs copy; empty it, or restart `mirrorfs serve` with --force-resync to replace its contents",
+                    self.label
+                ),
+            ));
+        }
+        if self.copy.state == MirrorState::Consistent && self.copy.history.volume_id == *volume_id
+        {
+            // Never overwrite what the primary lacks: the mirror may take the primary's records
+            // only if it is an ancestor of the primary (or the same).
+            let c = compare(
+                Site {
+                    history: &self.copy.history,
+                    end: self.copy.durable,
+                },
+                Site {
+                    history: &primary,
+                    end: next_seq.saturating_sub(1),
+                },
+            );
+            if !matches!(c.relation, Relation::Equal | Relation::ABehind) {
+                self.divergence = Some(c);
+                return Err(diverged(&c, "this mirror", "the primary"));
+            }
+        }
+        self.hello = Some(primary);
+        let c = &self.copy;
         Ok(Msg::Welcome {
             version: PROTOCOL_VERSION,
             state: c.state,
-            volume_id: c.volume_id,
-            generation: c.generation,
+            volume_id: c.history.volume_id,
+            generation: c.history.current().map_or(0, |g| g.number),
             durable: c.durable,
             applied: c.applied,
             sync_id: c.sync_id,
             compress: *compress,
+            history: c.history.generations.clone(),
         })
     }
 
@@ -446,17 +501,22 @@ impl Receiver {
         let Msg::Start { mode, seq, sync_id } = *msg else {
             return Err(unexpected(msg, "Start"));
         };
-        let Some((volume_id, generation)) = self.hello else {
+        let Some(history) = self.hello.clone() else {
             return Err(unexpected(msg, "Hello"));
         };
+        let same_volume = history.volume_id == self.copy.history.volume_id;
         let begin = match mode {
             StartMode::Resume => {
-                if !matches!(
-                    self.copy.state,
-                    MirrorState::Consistent | MirrorState::Syncing
-                ) || volume_id != self.copy.volume_id
-                    || generation != self.copy.generation
-                {
+                // A consistent copy was compared with the primary's history in `on_hello`; an
+                // interrupted copy resumes only within the same generation.
+                let ok = match self.copy.state {
+                    MirrorState::Consistent => same_volume,
+                    MirrorState::Syncing => {
+                        same_volume && self.copy.history.current() == history.current()
+                    }
+                    _ => false,
+                };
+                if !ok {
                     return Err(LinkError::new(
                         error_code::REFUSED,
                         false,
@@ -473,17 +533,17 @@ impl Receiver {
                         ),
                     ));
                 }
-                Begin::Resume { seq }
+                Begin::Resume { seq, history }
             }
             StartMode::Resync => {
-                let ours = volume_id == self.copy.volume_id
-                    && generation == self.copy.generation
-                    && self.copy.state != MirrorState::Empty;
+                // A consistent copy that has diverged was refused in `on_hello`; one that asks
+                // for a resync (`NeedsResync`) or is an ancestor may take one.
+                let ours = same_volume && self.copy.state != MirrorState::Empty;
                 if !ours {
                     return Err(LinkError::new(
                         error_code::REFUSED,
                         false,
-                        "the primary asked for a resync, but this mirror holds no copy of its volume and generation",
+                        "the primary asked for a resync, but this mirror holds no copy of its volume",
                     ));
                 }
                 if seq == 0 || sync_id == 0 {
@@ -493,13 +553,16 @@ impl Receiver {
                         "resync with seq or sync id 0",
                     ));
                 }
-                Begin::Resync { seq, sync_id }
+                Begin::Resync {
+                    seq,
+                    sync_id,
+                    history,
+                }
             }
             StartMode::InitialSync => {
-                let ours = self.copy.volume_id == volume_id && self.copy.generation == generation;
                 let allowed = match self.copy.state {
-                    MirrorState::Empty => true,
-                    MirrorState::Syncing | MirrorState::NeedsResync => ours,
+                    MirrorState::Empty => !self.copy.foreign,
+                    MirrorState::Syncing | MirrorState::NeedsResync => same_volume,
                     MirrorState::Consistent => false,
                 };
                 if !allowed {
@@ -519,15 +582,14 @@ impl Receiver {
                 Begin::InitialSync {
                     seq,
                     sync_id,
-                    volume_id,
-                    generation,
+                    history,
                 }
             }
         };
         self.expected = Some(match begin {
-            Begin::Resume { seq } | Begin::Resync { seq, .. } | Begin::InitialSync { seq, .. } => {
-                seq
-            }
+            Begin::Resume { seq, .. }
+            | Begin::Resync { seq, .. }
+            | Begin::InitialSync { seq, .. } => seq,
         });
         Ok(begin)
     }
@@ -567,6 +629,26 @@ impl Receiver {
     }
 }
 
+impl Receiver {
+    /// Where and how the mirror's copy and the primary parted, if `Hello` was refused for that.
+    pub fn divergence(&self) -> Option<Comparison> {
+        self.divergence
+    }
+}
+
+/// The refusal of a link between two sites that each hold something the other lacks (or where
+/// the receiving side holds more): never overwritten, never retried.
+fn diverged(c: &Comparison, me: &str, peer: &str) -> LinkError {
+    LinkError::new(
+        error_code::DIVERGED,
+        false,
+        format!(
+            "refused: the copies have diverged ({}); nothing was changed on either side",
+            c.describe(me, peer)
+        ),
+    )
+}
+
 fn touches_reserved(op: &Op, reserved: &[u8]) -> bool {
     if reserved.is_empty() {
         return false;
@@ -604,21 +686,41 @@ pub fn hex(id: &VolumeId) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::history::Generation;
     use crate::path::RelPath;
 
     const VOL: VolumeId = [1; 16];
 
-    fn welcome(state: MirrorState, vol: VolumeId, generation: u64, durable: u64) -> Msg {
+    /// A history of generations `1..=generation`, generation n starting at seq 10·(n−1)+1.
+    fn hist(vol: VolumeId, generation: u64) -> History {
+        History {
+            volume_id: vol,
+            generations: (1..=generation)
+                .map(|n| Generation {
+                    number: n,
+                    id: 100 + n,
+                    start: 10 * (n - 1) + 1,
+                })
+                .collect(),
+        }
+    }
+
+    fn welcome_h(state: MirrorState, h: &History, durable: u64) -> Msg {
         Msg::Welcome {
             version: PROTOCOL_VERSION,
             state,
-            volume_id: vol,
-            generation,
+            volume_id: h.volume_id,
+            generation: h.current().map_or(0, |g| g.number),
             durable,
             applied: durable,
             sync_id: 0,
             compress: false,
+            history: h.generations.clone(),
         }
+    }
+
+    fn welcome(state: MirrorState, vol: VolumeId, generation: u64, durable: u64) -> Msg {
+        welcome_h(state, &hist(vol, generation), durable)
     }
 
     const SPAN: JournalSpan = JournalSpan {
@@ -628,7 +730,7 @@ mod tests {
 
     #[test]
     fn start_decisions() {
-        let mut s = Sender::new(VOL, 1, 1 << 20);
+        let mut s = Sender::new(hist(VOL, 1), 1 << 20);
         assert_eq!(
             s.on_welcome(&welcome(MirrorState::Empty, [0; 16], 0, 0), SPAN, 9, None),
             Ok(Start::InitialSync {
@@ -682,8 +784,9 @@ mod tests {
                 9,
                 None,
             )
-            .expect_err("other generation");
-        assert_eq!(e.code, error_code::GENERATION);
+            .expect_err("a promoted mirror is not an ancestor");
+        assert_eq!((e.code, e.retry), (error_code::DIVERGED, false));
+        assert!(e.message.contains("promoted"), "{}", e.message);
         // The mirror is ahead of the journal: never overwrite it.
         let e = s
             .on_welcome(
@@ -693,7 +796,8 @@ mod tests {
                 None,
             )
             .expect_err("ahead");
-        assert_eq!(e.code, error_code::GENERATION);
+        assert_eq!((e.code, e.retry), (error_code::DIVERGED, false));
+        assert!(e.message.contains("the mirror holds 51 change(s)"), "{}", e.message);
         assert!(matches!(
             s.on_welcome(&welcome(MirrorState::Syncing, VOL, 1, 120), SPAN, 9, None),
             Ok(Start::InitialSync { from: 200, .. })
@@ -724,7 +828,7 @@ mod tests {
 
     #[test]
     fn window_and_acks() {
-        let mut s = Sender::new(VOL, 1, 1000);
+        let mut s = Sender::new(hist(VOL, 1), 1000);
         assert!(!s.may_send(), "nothing before the handshake");
         s.on_welcome(
             &welcome(MirrorState::Consistent, VOL, 1, 150),
@@ -761,28 +865,37 @@ mod tests {
         assert_eq!(s.in_flight_bytes(), 0);
     }
 
-    fn copy(state: MirrorState, durable: u64) -> MirrorCopy {
+    fn copy_h(state: MirrorState, history: History, durable: u64) -> MirrorCopy {
         MirrorCopy {
             state,
-            volume_id: VOL,
-            generation: 1,
+            history,
             durable,
             applied: durable,
             sync_id: 0,
             promoted: false,
+            foreign: false,
+        }
+    }
+
+    fn copy(state: MirrorState, durable: u64) -> MirrorCopy {
+        copy_h(state, hist(VOL, 1), durable)
+    }
+
+    fn hello_h(h: &History, next_seq: u64) -> Msg {
+        Msg::Hello {
+            version: PROTOCOL_VERSION,
+            volume_id: h.volume_id,
+            generation: h.current().map_or(0, |g| g.number),
+            first_held: 1,
+            next_seq,
+            compress: false,
+            name: "p".into(),
+            history: h.generations.clone(),
         }
     }
 
     fn hello(vol: VolumeId) -> Msg {
-        Msg::Hello {
-            version: PROTOCOL_VERSION,
-            volume_id: vol,
-            generation: 1,
-            first_held: 1,
-            next_seq: 300,
-            compress: false,
-            name: "p".into(),
-        }
+        hello_h(&hist(vol, 1), 300)
     }
 
     fn rec(seq: u64, path: &[u8]) -> Record {
@@ -796,7 +909,7 @@ mod tests {
 
     #[test]
     fn receiver_checks_start_and_sequence() {
-        let mut r = Receiver::new(copy(MirrorState::Consistent, 150), b".mirrorfs");
+        let mut r = Receiver::new(copy(MirrorState::Consistent, 150), b".mirrorfs", "m");
         assert!(
             r.on_records(&[rec(151, b"a")]).is_err(),
             "records before Start"
@@ -825,11 +938,17 @@ mod tests {
             seq: 151,
             sync_id: 0,
         };
-        assert_eq!(r.on_start(&ok), Ok(Begin::Resume { seq: 151 }));
+        assert_eq!(
+            r.on_start(&ok),
+            Ok(Begin::Resume {
+                seq: 151,
+                history: hist(VOL, 1)
+            })
+        );
         r.on_records(&[rec(151, b"a"), rec(152, b"b")])
             .expect("in order");
         assert!(r.on_records(&[rec(154, b"c")]).is_err(), "gap");
-        let mut r2 = Receiver::new(copy(MirrorState::Consistent, 150), b".mirrorfs");
+        let mut r2 = Receiver::new(copy(MirrorState::Consistent, 150), b".mirrorfs", "m");
         r2.on_hello(&hello(VOL)).expect("welcome");
         r2.on_start(&ok).expect("start");
         assert!(r2.on_records(&[rec(151, b".mirrorfs/journal")]).is_err());
@@ -840,7 +959,7 @@ mod tests {
     fn promoted_mirror_refuses() {
         let mut c = copy(MirrorState::Consistent, 10);
         c.promoted = true;
-        let mut r = Receiver::new(c, b".mirrorfs");
+        let mut r = Receiver::new(c, b".mirrorfs", "m");
         assert_eq!(
             r.on_hello(&hello(VOL)).map_err(|e| e.code),
             Err(error_code::PROMOTED)
@@ -850,16 +969,9 @@ mod tests {
     #[test]
     fn empty_mirror_takes_an_initial_copy() {
         let mut r = Receiver::new(
-            MirrorCopy {
-                state: MirrorState::Empty,
-                volume_id: [0; 16],
-                generation: 0,
-                durable: 0,
-                applied: 0,
-                sync_id: 0,
-                promoted: false,
-            },
+            copy_h(MirrorState::Empty, History::default(), 0),
             b".mirrorfs",
+            "m",
         );
         r.on_hello(&hello(VOL)).expect("welcome");
         let m = Msg::Start {
@@ -872,10 +984,83 @@ mod tests {
             Ok(Begin::InitialSync {
                 seq: 300,
                 sync_id: 3,
-                volume_id: VOL,
-                generation: 1
+                history: hist(VOL, 1),
             })
         );
         r.on_records(&[rec(300, b"x")]).expect("first record");
+    }
+
+    #[test]
+    fn a_non_empty_directory_without_a_copy_is_refused_before_anything_starts() {
+        let mut c = copy_h(MirrorState::Empty, History::default(), 0);
+        c.foreign = true;
+        let mut r = Receiver::new(c, b".mirrorfs", "/srv/m");
+        let e = r.on_hello(&hello(VOL)).expect_err("foreign tree");
+        assert_eq!((e.code, e.retry), (error_code::REFUSED, false));
+        assert!(e.message.contains("/srv/m") && e.message.contains("--force-resync"));
+        let m = Msg::Start {
+            mode: StartMode::InitialSync,
+            seq: 300,
+            sync_id: 3,
+        };
+        assert!(r.on_start(&m).is_err(), "no Start without an accepted Hello");
+    }
+
+    /// Issue 6, finding 2 at the link: the old primary P (generation 1 through seq 10) is served
+    /// as a mirror of M, promoted at seq 6 (generation 2).
+    #[test]
+    fn failback_the_old_primary_is_refused_unless_it_is_an_ancestor() {
+        let p = hist(VOL, 1);
+        let mut m = p.clone();
+        m.promote(202, 6);
+        // P wrote seqs 6..10 after M stopped at 5: both sides refuse.
+        let mut r = Receiver::new(copy_h(MirrorState::Consistent, p.clone(), 10), b".m", "P");
+        let e = r.on_hello(&hello_h(&m, 6)).expect_err("diverged");
+        assert_eq!((e.code, e.retry), (error_code::DIVERGED, false));
+        let d = r.divergence().expect("the comparison");
+        assert_eq!(d.common.map(|c| (c.generation, c.seq)), Some((1, 5)));
+        assert_eq!((d.a_after, d.b_after), (5, 0));
+        assert!(e.message.contains("this mirror holds 5 change(s)"), "{}", e.message);
+        let mut s = Sender::new(m.clone(), 1 << 20);
+        let span = JournalSpan {
+            first_held: 6,
+            next_seq: 6,
+        };
+        let e = s
+            .on_welcome(
+                &welcome_h(MirrorState::Consistent, &p, 10),
+                span,
+                9,
+                None,
+            )
+            .expect_err("the primary refuses too");
+        assert_eq!(e.code, error_code::DIVERGED);
+        // P stopped exactly at 5: it is an ancestor, caught up from 6, and adopts M's history.
+        let mut r = Receiver::new(copy_h(MirrorState::Consistent, p.clone(), 5), b".m", "P");
+        let w = r.on_hello(&hello_h(&m, 8)).expect("an ancestor is welcome");
+        let span = JournalSpan {
+            first_held: 6,
+            next_seq: 8,
+        };
+        let start = s.on_welcome(&w, span, 9, None).expect("resume");
+        assert_eq!(start, Start::Resume { from: 6 });
+        let msg = Sender::start_msg(&start).expect("start message");
+        assert_eq!(
+            r.on_start(&msg),
+            Ok(Begin::Resume {
+                seq: 6,
+                history: m.clone()
+            })
+        );
+        // A copy of another volume is refused by the primary (never overwritten).
+        let e = s
+            .on_welcome(
+                &welcome_h(MirrorState::Consistent, &hist([3; 16], 1), 5),
+                span,
+                9,
+                None,
+            )
+            .expect_err("another volume");
+        assert_eq!(e.code, error_code::VOLUME);
     }
 }

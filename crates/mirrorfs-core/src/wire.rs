@@ -20,9 +20,10 @@ use crate::journal::frame::{
     encode_frame, parse_frame, FrameError, FrameParse, BODY_BYTES_MAX, FRAME_HEADER_BYTES, ZERO_PAD,
 };
 use crate::op::Record;
+use crate::history::{Generation, HISTORY_MAX};
 
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Magic bytes that open every wire frame.
 pub const WIRE_MAGIC: [u8; 4] = *b"MFSW";
 /// Size of the wire frame header.
@@ -131,6 +132,9 @@ pub mod error_code {
     pub const PROMOTED: u16 = 7;
     /// The mirror refuses for another reason (the message says why).
     pub const REFUSED: u16 = 8;
+    /// The two sides' generation histories diverged: each holds changes the other lacks (the
+    /// message says where they part and how many changes each side holds after that).
+    pub const DIVERGED: u16 = 9;
 }
 
 /// One protocol message.
@@ -149,6 +153,8 @@ pub enum Msg {
         compress: bool,
         /// The primary's name for itself (for logs and status).
         name: String,
+        /// The primary's generation history, oldest first (its end is `next_seq - 1`).
+        history: Vec<Generation>,
     },
     /// Mirror → primary, the answer to `Hello`.
     Welcome {
@@ -164,6 +170,9 @@ pub enum Msg {
         /// The interrupted initial copy's id (`Syncing`), else 0.
         sync_id: u32,
         compress: bool,
+        /// The history of the mirror's copy, oldest first (empty when `Empty`; its end is
+        /// `durable`).
+        history: Vec<Generation>,
     },
     /// Primary → mirror: how the stream starts.
     Start {
@@ -250,6 +259,15 @@ impl Out {
     fn u64(&mut self, v: u64) {
         self.0.extend_from_slice(&v.to_le_bytes());
     }
+    fn history(&mut self, h: &[Generation]) {
+        let h = &h[h.len().saturating_sub(HISTORY_MAX)..];
+        self.u8(h.len() as u8);
+        for g in h {
+            self.u64(g.number);
+            self.u64(g.id);
+            self.u64(g.start);
+        }
+    }
     fn text(&mut self, s: &str) {
         let b = &s.as_bytes()[..floor_char_boundary(s, TEXT_MAX)];
         self.u16(b.len() as u16);
@@ -318,6 +336,31 @@ impl<'a> In<'a> {
         let b = self.take(n)?;
         String::from_utf8(b.to_vec()).map_err(|_| WireError::Invalid("text is not UTF-8"))
     }
+    /// A generation history: count u8 (at most `HISTORY_MAX`), then per generation number u64,
+    /// id u64, start u64; numbers and starts strictly increasing.
+    fn history(&mut self) -> Result<Vec<Generation>, WireError> {
+        let n = self.u8()? as usize;
+        if n > HISTORY_MAX {
+            return Err(WireError::Invalid("generation history too long"));
+        }
+        let mut h = Vec::with_capacity(n);
+        for _ in 0..n {
+            h.push(Generation {
+                number: self.u64()?,
+                id: self.u64()?,
+                start: self.u64()?,
+            });
+        }
+        let ok = h
+            .windows(2)
+            .all(|w| w[0].number < w[1].number && w[0].start < w[1].start);
+        if !ok {
+            return Err(WireError::Invalid(
+                "generation history is not strictly increasing",
+            ));
+        }
+        Ok(h)
+    }
     fn end(&self) -> Result<(), WireError> {
         match self.b.len() - self.at {
             0 => Ok(()),
@@ -356,6 +399,7 @@ impl Msg {
                 next_seq,
                 compress,
                 name,
+                history,
             } => {
                 o.u16(*version);
                 o.0.extend_from_slice(volume_id);
@@ -364,6 +408,7 @@ impl Msg {
                 o.u64(*next_seq);
                 o.u8(u8::from(*compress));
                 o.text(name);
+                o.history(history);
             }
             Msg::Welcome {
                 version,
@@ -374,6 +419,7 @@ impl Msg {
                 applied,
                 sync_id,
                 compress,
+                history,
             } => {
                 o.u16(*version);
                 o.u8(*state as u8);
@@ -383,6 +429,7 @@ impl Msg {
                 o.u64(*applied);
                 o.u32(*sync_id);
                 o.u8(u8::from(*compress));
+                o.history(history);
             }
             Msg::Start { mode, seq, sync_id } => {
                 o.u8(*mode as u8);
@@ -448,6 +495,7 @@ impl Msg {
                 next_seq: i.u64()?,
                 compress: i.bool()?,
                 name: i.text()?,
+                history: i.history()?,
             },
             WELCOME => Msg::Welcome {
                 version: i.u16()?,
@@ -458,6 +506,7 @@ impl Msg {
                 applied: i.u64()?,
                 sync_id: i.u32()?,
                 compress: i.bool()?,
+                history: i.history()?,
             },
             START => Msg::Start {
                 mode: match i.u8()? {
@@ -683,6 +732,18 @@ mod tests {
                 next_seq: 99,
                 compress: true,
                 name: "primary é".into(),
+                history: vec![
+                    Generation {
+                        number: 1,
+                        id: 5,
+                        start: 1,
+                    },
+                    Generation {
+                        number: 3,
+                        id: u64::MAX,
+                        start: 40,
+                    },
+                ],
             },
             Msg::Welcome {
                 version: 1,
@@ -693,6 +754,7 @@ mod tests {
                 applied: 4,
                 sync_id: 77,
                 compress: false,
+                history: Vec::new(),
             },
             Msg::Start {
                 mode: StartMode::InitialSync,
@@ -831,6 +893,48 @@ mod tests {
         crc = crc32c::crc32c_append(crc, &rec[12..FRAME_HEADER_BYTES + blen]);
         rec[8..12].copy_from_slice(&crc.to_le_bytes());
         assert!(decode_all(&frame(msg_type::RECORDS, 0, &body)).is_err());
+    }
+
+    #[test]
+    fn a_generation_history_is_bounded_and_ordered() {
+        let hello = |history: Vec<Generation>| Msg::Hello {
+            version: PROTOCOL_VERSION,
+            volume_id: [1; 16],
+            generation: 1,
+            first_held: 1,
+            next_seq: 1,
+            compress: false,
+            name: "p".into(),
+            history,
+        };
+        let g = |number, start| Generation {
+            number,
+            id: number * 7,
+            start,
+        };
+        let ok = hello(vec![g(1, 1), g(2, 9)]);
+        assert_eq!(decode_all(&ok.encode(false)), Ok(vec![ok.clone()]));
+        let bad = hello(vec![g(2, 1), g(1, 9)]).encode(false);
+        assert!(matches!(decode_all(&bad), Err(WireError::Invalid(_))));
+        let bad = hello(vec![g(1, 9), g(2, 9)]).encode(false);
+        assert!(matches!(decode_all(&bad), Err(WireError::Invalid(_))));
+        // A count beyond HISTORY_MAX is refused before anything is read.
+        let mut body = hello(Vec::new()).encode_body();
+        let n = body.len() - 1;
+        body[n] = (HISTORY_MAX + 1) as u8;
+        body.extend(std::iter::repeat_n(0u8, 24 * (HISTORY_MAX + 1)));
+        let f = frame(msg_type::HELLO, 0, &body);
+        assert!(matches!(decode_all(&f), Err(WireError::Invalid(_))));
+        // The encoder sends at most HISTORY_MAX (the newest).
+        let long: Vec<Generation> = (1..=40).map(|n| g(n, n * 10)).collect();
+        let m = hello(long).encode(false);
+        match decode_all(&m).as_deref() {
+            Ok([Msg::Hello { history, .. }]) => {
+                assert_eq!(history.len(), HISTORY_MAX);
+                assert_eq!(history.last().map(|g| g.number), Some(40));
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

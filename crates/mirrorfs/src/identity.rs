@@ -464,6 +464,7 @@ pub fn client_config(id: &Identity, pinned: Vec<Fingerprint>) -> Result<Arc<Clie
     let provider = Arc::new(provider());
     let verifier = Arc::new(PinnedVerifier {
         pinned,
+        reload: None,
         algorithms: provider.signature_verification_algorithms,
         peer_role: "server",
     });
@@ -480,9 +481,28 @@ pub fn client_config(id: &Identity, pinned: Vec<Fingerprint>) -> Result<Arc<Clie
 /// TLS configuration for a mirror daemon: TLS 1.3 only, presents `id`, requires a client
 /// certificate and accepts only clients whose certificate fingerprint is in `pinned`.
 pub fn server_config(id: &Identity, pinned: Vec<Fingerprint>) -> Result<Arc<ServerConfig>> {
+    server_config_with(id, pinned, None)
+}
+
+/// [`server_config`] that reads `dir`'s peers file again at each handshake (a `mirrorfs trust`
+/// takes effect at the next connection; `pinned` is used if the file cannot be read).
+pub fn server_config_reloading(
+    id: &Identity,
+    dir: &Path,
+    pinned: Vec<Fingerprint>,
+) -> Result<Arc<ServerConfig>> {
+    server_config_with(id, pinned, Some(dir.to_path_buf()))
+}
+
+fn server_config_with(
+    id: &Identity,
+    pinned: Vec<Fingerprint>,
+    reload: Option<std::path::PathBuf>,
+) -> Result<Arc<ServerConfig>> {
     let provider = Arc::new(provider());
     let verifier = Arc::new(PinnedVerifier {
         pinned,
+        reload,
         algorithms: provider.signature_verification_algorithms,
         peer_role: "client",
     });
@@ -534,6 +554,8 @@ pub fn refusal_hint(err: &rustls::Error, own: &Fingerprint) -> Option<String> {
 #[derive(Debug)]
 struct PinnedVerifier {
     pinned: Vec<Fingerprint>,
+    /// A config directory whose peers file is read again at each verification.
+    reload: Option<std::path::PathBuf>,
     algorithms: WebPkiSupportedAlgorithms,
     /// "server" or "client": the role of the peer being verified, for messages.
     peer_role: &'static str,
@@ -542,12 +564,24 @@ struct PinnedVerifier {
 impl PinnedVerifier {
     fn check(&self, end_entity: &CertificateDer<'_>) -> Result<(), rustls::Error> {
         let fp = Fingerprint::of_cert(end_entity);
-        if self.pinned.contains(&fp) {
+        let reloaded = self.reload.as_deref().and_then(|d| match pinned(d) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                tracing::warn!("cannot reload the trusted peers: {e:#}; using those read at start");
+                None
+            }
+        });
+        if reloaded.as_ref().unwrap_or(&self.pinned).contains(&fp) {
             return Ok(());
         }
+        let then = if self.reload.is_some() {
+            "the next connection is checked against it (trusted peers are reloaded at each handshake)"
+        } else {
+            "then restart this side (its trusted peers are read when it starts)"
+        };
         Err(rustls::Error::General(format!(
             "the {} presented certificate {fp}, which this machine does not trust; if that peer \
-             is yours, run `mirrorfs trust {fp} NAME` on this machine and retry",
+             is yours, run `mirrorfs trust {fp} NAME` on this machine: {then}",
             self.peer_role
         )))
     }
@@ -989,6 +1023,7 @@ mod tests {
             .expect("tls13")
             .with_client_cert_verifier(Arc::new(PinnedVerifier {
                 pinned: vec![c.fingerprint],
+                reload: None,
                 algorithms: provider.signature_verification_algorithms,
                 peer_role: "client",
             }))

@@ -10,6 +10,7 @@ mod dirtree;
 mod fuse;
 mod identity;
 mod inodes;
+mod mark;
 mod mirror;
 mod net;
 mod remote;
@@ -242,12 +243,17 @@ fn primary_meta(state: &Path) -> Result<serve::Meta> {
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut id))
         .context("cannot read /dev/urandom")?;
     meta = serve::Meta {
-        volume_id: mirrorfs_core::link::hex(&id),
-        generation: 1,
+        volume_id: String::new(),
+        generation: 0,
         state: "primary".into(),
         sync_id: 0,
         promoted: false,
+        history: Vec::new(),
     };
+    meta.set_history(&mirrorfs_core::history::History::new(
+        id,
+        serve::random_u64()?,
+    ));
     serve::write_meta(state, &meta)?;
     Ok(meta)
 }
@@ -468,9 +474,16 @@ fn mount(a: MountArgs) -> Result<()> {
     }
     statefile::private_dir(&state)
         .with_context(|| format!("cannot create state directory {}", state.display()))?;
-    let hidden: Option<Vec<u8>> = (state.parent() == Some(backing.as_path()))
-        .then(|| state.file_name().map(|n| n.as_bytes().to_vec()))
-        .flatten();
+    // The state directory's name at the backing's root, or `.mirrorfs` if the state is elsewhere:
+    // hidden from the mount, never in a record, and the name of each local mirror's identity
+    // mark (`mark.rs`).
+    let hidden: Option<Vec<u8>> = Some(
+        (state.parent() == Some(backing.as_path()))
+            .then(|| state.file_name().map(|n| n.as_bytes().to_vec()))
+            .flatten()
+            .unwrap_or_else(|| b".mirrorfs".to_vec()),
+    );
+    let mark_name = String::from_utf8_lossy(hidden.as_deref().unwrap_or(b".mirrorfs")).into_owned();
 
     // One instance per backing directory, whatever `--state` says, and one user per local
     // mirror: exclusive locks on the directories themselves, held for the life of the mount.
@@ -635,14 +648,35 @@ fn mount(a: MountArgs) -> Result<()> {
         } else {
             Applier::open(&mut cur, power_loss, horizon)?
         };
+        // The tree's identity mark: a missing or foreign one (another disk) is never copied over
+        // unless asked; a live mirror then waits as `refused` (mirror::run_worker re-checks).
+        let bad_mark = mark::problem(m);
+        let existing = match existing {
+            Some(_) if bad_mark.is_some() && a.force_resync => {
+                tracing::warn!(
+                    "mirror {}: {}; --force-resync: copying it again",
+                    m.name,
+                    bad_mark.as_deref().unwrap_or_default()
+                );
+                None
+            }
+            e => e,
+        };
         let ap = match existing {
             Some(ap) if ap.cursor().applied + 1 >= first_held => {
+                if mark::expected(m).is_none() {
+                    // Attached before marks existed: its cursor vouches for it.
+                    mark::write_new(m, &mark_name, &meta, ap.cursor().applied)?;
+                }
                 *lock(&m.phase) = MirrorPhase::Live;
                 ap
             }
             other => {
                 let was_ours = needs.exists() || syncing.exists() || other.is_some();
                 let empty = fs::read_dir(&m.path)?.next().is_none();
+                if let (Some(why), false, false) = (&bad_mark, empty, a.force_resync) {
+                    bail!("mirror {}: {why}", m.path.display());
+                }
                 if !empty && !was_ours && !a.force_resync {
                     bail!(
                         "mirror {} is not empty and was never synced by mirrorfs; empty it, or pass --force-resync to replace its contents with a copy of {}",
@@ -667,6 +701,7 @@ fn mount(a: MountArgs) -> Result<()> {
                 fs::write(&syncing, b"initial sync in progress\n")?;
                 let _ = fs::remove_file(&needs);
                 let seq = lock(&vol.order).journal.next_seq() - 1;
+                mark::write_new(m, &mark_name, &meta, seq + 1)?;
                 let mut ap = volume::new_applier_at(m, seq)?;
                 ap.set_syncing(Some(mirror::sync_id(m)));
                 to_sync.push(m.clone());
@@ -783,8 +818,7 @@ fn mount(a: MountArgs) -> Result<()> {
             identity: id,
             pinned,
             compress: a.compress,
-            volume_id: serve::parse_id(&meta.volume_id).unwrap_or([0; 16]),
-            generation: meta.generation,
+            history: meta.history(),
             name: format!("{}:{}", hostname(), backing.display()),
             backing: backing.clone(),
             hidden: hidden.clone(),

@@ -58,9 +58,33 @@ pub fn run_worker(vol: Arc<Volume>, m: Arc<MirrorShared>, mut applier: Applier) 
     let mut backoff = Duration::from_millis(50);
     let mut last_checkpoint = Instant::now();
     let mut retry: Option<mirrorfs_core::op::Record> = None;
+    let mut mark_checked: Option<Instant> = None;
     loop {
         if m.detached() {
             return;
+        }
+        if mark_checked.is_none_or(|t| t.elapsed() >= MARK_CHECK_EVERY) {
+            mark_checked = Some(Instant::now());
+            match wait_for_mark(&vol, &m) {
+                MarkWait::Stop => return,
+                MarkWait::Ok => {}
+                MarkWait::Back => {
+                    // The right tree is back at the path: apply to it, not to what the old
+                    // descriptor still points at.
+                    match DirTree::open(&m.path) {
+                        Ok(t) => tree = t,
+                        Err(e) => {
+                            *lock(&m.phase) = MirrorPhase::Retrying {
+                                error: format!("cannot open {}: {e}", m.path.display()),
+                                since_unix: sys::now().sec as u64,
+                            };
+                            mark_checked = None;
+                            std::thread::sleep(Duration::from_secs(1));
+                            continue;
+                        }
+                    }
+                }
+            }
         }
         let want = m.want_durable.load(Ordering::Acquire);
         let applied = applier.cursor().applied;
@@ -187,6 +211,51 @@ pub fn run_worker(vol: Arc<Volume>, m: Arc<MirrorShared>, mut applier: Applier) 
             }
         }
     }
+}
+
+/// How often a running mirror's identity mark is read again.
+const MARK_CHECK_EVERY: Duration = Duration::from_secs(5);
+
+/// While the mirror's tree does not carry its identity mark (`mark.rs`): `refused` with the
+/// reason, nothing applied, re-checked every second. Returns false if the volume stops first.
+enum MarkWait {
+    Ok,
+    /// It was missing or foreign and is back.
+    Back,
+    Stop,
+}
+
+fn wait_for_mark(vol: &Volume, m: &MirrorShared) -> MarkWait {
+    let mut reported = false;
+    while let Some(why) = crate::mark::problem(m) {
+        if !reported {
+            tracing::error!("mirror {}: {why}", m.name);
+            *lock(&m.phase) = MirrorPhase::Refused {
+                reason: why,
+                since_unix: sys::now().sec as u64,
+            };
+            vol.changed.notify_all();
+            reported = true;
+        }
+        let p = lock(&vol.progress);
+        if p.stopping {
+            drop(p);
+            *lock(&m.phase) = MirrorPhase::Stopped;
+            vol.changed.notify_all();
+            return MarkWait::Stop;
+        }
+        if m.detached() {
+            return MarkWait::Stop;
+        }
+        let _ = vol.changed.wait_timeout(p, Duration::from_secs(1));
+    }
+    if !reported {
+        return MarkWait::Ok;
+    }
+    tracing::info!("mirror {}: its identity mark is back; resuming", m.name);
+    *lock(&m.phase) = MirrorPhase::Live;
+    vol.changed.notify_all();
+    MarkWait::Back
 }
 
 /// The id a mirror's `Sync` records carry.

@@ -33,14 +33,20 @@ pub const DEAD_AFTER: Duration = Duration::from_secs(10);
 /// Reconnection back-off bounds.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// A refusal that retrying cannot cure (another volume, diverged copies, a non-empty directory
+/// without a copy, a promoted mirror, another protocol version) is retried only this rarely,
+/// doubling up to [`REFUSED_RETRY_MAX`], so that the link resumes by itself once the operator
+/// has fixed the mirror, without a reconnect loop.
+pub const REFUSED_RETRY: Duration = Duration::from_secs(30);
+const REFUSED_RETRY_MAX: Duration = Duration::from_secs(600);
 
 /// Everything a link needs besides the volume.
 pub struct LinkConfig {
     pub identity: Arc<Identity>,
     pub pinned: Vec<Fingerprint>,
     pub compress: bool,
-    pub volume_id: [u8; 16],
-    pub generation: u64,
+    /// The volume's generation history (`core::history`).
+    pub history: mirrorfs_core::history::History,
     /// This primary's name, for the mirror's logs.
     pub name: String,
     /// For a live initial copy: the inode table, the backing root and the hidden state name.
@@ -57,6 +63,7 @@ fn set_phase(m: &MirrorShared, p: MirrorPhase) {
 /// that say so, and only while the mirror is healthy).
 pub fn run_link(vol: Arc<Volume>, m: Arc<MirrorShared>, cfg: Arc<LinkConfig>) {
     let mut backoff = BACKOFF_MIN;
+    let mut refused_wait = REFUSED_RETRY;
     let syncing = Arc::new(SyncSlot::default());
     loop {
         if lock(&vol.progress).stopping {
@@ -72,8 +79,29 @@ pub fn run_link(vol: Arc<Volume>, m: Arc<MirrorShared>, cfg: Arc<LinkConfig>) {
                 l.last_error = Some(format!("{e:#}"));
             }
         }
+        let mut wait = None;
         match r {
             Ok(()) => break,
+            Err(e) if e.downcast_ref::<LinkError>().is_some_and(|l| !l.retry) => {
+                let msg = format!("{e:#}");
+                tracing::error!(
+                    "mirror {}: {msg}; the link is refused: next attempt in {} s",
+                    m.name,
+                    refused_wait.as_secs()
+                );
+                if !m.detached() {
+                    set_phase(
+                        &m,
+                        MirrorPhase::Refused {
+                            reason: msg,
+                            since_unix: crate::sys::now().sec as u64,
+                        },
+                    );
+                }
+                vol.changed.notify_all();
+                wait = Some(refused_wait);
+                refused_wait = (refused_wait * 2).min(REFUSED_RETRY_MAX);
+            }
             Err(e) => {
                 let msg = format!("{e:#}");
                 tracing::warn!("mirror {}: {msg}; reconnecting", m.name);
@@ -92,8 +120,11 @@ pub fn run_link(vol: Arc<Volume>, m: Arc<MirrorShared>, cfg: Arc<LinkConfig>) {
         if t0.elapsed() > Duration::from_secs(10) {
             backoff = BACKOFF_MIN;
         }
+        if wait.is_none() {
+            refused_wait = REFUSED_RETRY;
+        }
         // Sleep in small steps so a stop is noticed.
-        let until = Instant::now() + backoff;
+        let until = Instant::now() + wait.unwrap_or(backoff);
         while Instant::now() < until && !lock(&vol.progress).stopping {
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -141,8 +172,9 @@ fn recv_within(d: &Duplex, dec: &mut Decoder, limit: Duration) -> Result<Msg> {
     }
 }
 
+/// Keeps the `LinkError` (its `retry` decides how `run_link` goes on).
 fn link_err(e: LinkError) -> anyhow::Error {
-    anyhow!(e.message)
+    anyhow::Error::new(e)
 }
 
 fn session(
@@ -154,7 +186,7 @@ fn session(
     let addr = m.remote.clone().unwrap_or_default();
     let d = Arc::new(Duplex::connect(&addr, &cfg.identity, cfg.pinned.clone())?);
     let mut dec = Decoder::new();
-    let mut sender = Sender::new(cfg.volume_id, cfg.generation, WINDOW_BYTES);
+    let mut sender = Sender::new(cfg.history.clone(), WINDOW_BYTES);
     d.send(&sender.hello(span(vol), cfg.compress, &cfg.name))?;
     let welcome = recv_within(&d, &mut dec, crate::net::CONNECT_TIMEOUT)?;
     if let Msg::Welcome { compress, .. } = &welcome {

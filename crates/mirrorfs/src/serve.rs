@@ -26,7 +26,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use mirrorfs_core::applier::Applier;
-use mirrorfs_core::journal::{Journal, JournalConfig};
+use mirrorfs_core::history::{Comparison, Generation, History};
+use mirrorfs_core::journal::{Journal, JournalConfig, Reader};
 use mirrorfs_core::link::{hex, Begin, LinkError, MirrorCopy, Receiver};
 use mirrorfs_core::op::Op;
 use mirrorfs_core::wire::{error_code, Decoder, MirrorState, Msg};
@@ -55,6 +56,12 @@ pub struct ServeArgs {
     /// contents.
     #[arg(long)]
     pub force_resync: bool,
+    /// If DIR holds changes the connecting primary lacks (the copies diverged, e.g. an old
+    /// primary served as a mirror of a promoted copy), save those changes to
+    /// STATE/diverged/TIME-genG-seqS/ and then let DIR follow the primary (block-hash resync).
+    /// Without it such a primary is refused and nothing is changed.
+    #[arg(long)]
+    pub discard_diverged: bool,
     /// The journal's size limit in MiB (at least 128: two 64 MiB segments).
     #[arg(long, default_value_t = 4096, value_parser = crate::volume::parse_journal_max_mib)]
     pub journal_max_mib: u64,
@@ -74,6 +81,18 @@ pub struct Meta {
     pub sync_id: u32,
     #[serde(default)]
     pub promoted: bool,
+    /// The generations this copy went through, oldest first (`core::history`). Empty in files
+    /// written before histories existed: then generation `generation` alone, id 0.
+    #[serde(default)]
+    pub history: Vec<GenerationMeta>,
+}
+
+/// One generation in `volume.json`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GenerationMeta {
+    pub number: u64,
+    pub id: u64,
+    pub start: u64,
 }
 
 impl Meta {
@@ -84,6 +103,7 @@ impl Meta {
             state: "empty".into(),
             sync_id: 0,
             promoted: false,
+            history: Vec::new(),
         }
     }
 
@@ -91,14 +111,68 @@ impl Meta {
         parse_id(&self.volume_id).unwrap_or([0; 16])
     }
 
+    /// The copy's generation history.
+    pub fn history(&self) -> History {
+        let mut generations: Vec<Generation> = self
+            .history
+            .iter()
+            .map(|g| Generation {
+                number: g.number,
+                id: g.id,
+                start: g.start,
+            })
+            .collect();
+        if generations.is_empty() && self.generation > 0 {
+            generations.push(Generation {
+                number: self.generation,
+                id: 0,
+                start: 1,
+            });
+        }
+        History {
+            volume_id: self.volume_id(),
+            generations,
+        }
+    }
+
+    /// Takes `h` as the copy's volume and history.
+    pub fn set_history(&mut self, h: &History) {
+        self.volume_id = hex(&h.volume_id);
+        self.generation = h.current().map_or(0, |g| g.number);
+        self.history = h
+            .generations
+            .iter()
+            .map(|g| GenerationMeta {
+                number: g.number,
+                id: g.id,
+                start: g.start,
+            })
+            .collect();
+    }
+
+    /// A primary's backing directory (an old primary served as a mirror): its tree is its
+    /// journal's end.
+    fn former_primary(&self) -> bool {
+        self.state == "primary"
+    }
+
     fn mirror_state(&self) -> MirrorState {
         match self.state.as_str() {
-            "consistent" => MirrorState::Consistent,
+            "consistent" | "primary" => MirrorState::Consistent,
             "syncing" => MirrorState::Syncing,
             "needs_resync" => MirrorState::NeedsResync,
             _ => MirrorState::Empty,
         }
     }
+}
+
+/// A random 64-bit id (a new generation's).
+pub fn random_u64() -> Result<u64> {
+    let mut b = [0u8; 8];
+    fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
+        .context("cannot read /dev/urandom")?;
+    Ok(u64::from_le_bytes(b) | 1)
 }
 
 /// Parses 32 hex digits.
@@ -150,11 +224,30 @@ struct Daemon {
     sync_done_at: AtomicU64,
     busy: AtomicBool,
     force_resync: bool,
+    discard_diverged: bool,
     /// The connected primary, for status.
     peer: Mutex<Option<String>>,
+    /// Why the last primary was refused (cleared when one is accepted), for status.
+    refused: Mutex<Option<String>>,
 }
 
+/// `mirrorfs serve`. A start that fails leaves no state directory behind that it created (an
+/// empty DIR stays empty, so it can still be used as a mirror of any kind).
 pub fn serve(a: ServeArgs) -> Result<()> {
+    let state = match (&a.state, a.dir.canonicalize()) {
+        (Some(s), _) => s.clone(),
+        (None, Ok(d)) => d.join(".mirrorfs"),
+        (None, Err(_)) => return serve_in(a),
+    };
+    let existed = state.exists();
+    let r = serve_in(a);
+    if r.is_err() && !existed && !state.join("volume.json").exists() {
+        let _ = fs::remove_dir_all(&state);
+    }
+    r
+}
+
+fn serve_in(a: ServeArgs) -> Result<()> {
     let dir = a.dir.canonicalize().with_context(|| {
         format!(
             "mirror directory {} does not exist (create it first)",
@@ -214,9 +307,13 @@ pub fn serve(a: ServeArgs) -> Result<()> {
             cfg_dir.join("peers").display()
         );
     }
-    let server_cfg = identity::server_config(&id, pinned)?;
+    let server_cfg = identity::server_config_reloading(&id, &cfg_dir, pinned)?;
+    tracing::info!(
+        "trusted primaries: {} (reloaded at each handshake: a `mirrorfs trust` takes effect at the next connection)",
+        cfg_dir.join("peers").display()
+    );
     let meta = read_meta(&state)?;
-    if meta.promoted {
+    if meta.promoted && !meta.former_primary() {
         bail!(
             "{} was promoted to a primary ({}); it no longer accepts a stream. Mount it with `mirrorfs mount`, or see docs/protocol.md to re-attach it as a mirror",
             dir.display(),
@@ -240,13 +337,20 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         );
     }
     let horizon = journal.next_seq() - 1;
+    if meta.former_primary() && !state.join("clean").exists() {
+        bail!(
+            "{} is a primary's backing directory that was not unmounted cleanly: mount it once with `mirrorfs mount` and unmount it (that settles its last change), then serve it",
+            dir.display()
+        );
+    }
     // The last record's fate (an Abort may follow it) is unknown until the primary says, unless
-    // it is itself an Abort (then everything before it is decided).
+    // it is itself an Abort (then everything before it is decided), or the journal is an old
+    // primary's (its tree is exactly its journal's end).
     let last_is_abort = matches!(
         report.last.as_ref().map(|r| &r.op),
         Some(mirrorfs_core::op::Op::Abort { .. })
     );
-    let settled0 = if last_is_abort {
+    let settled0 = if last_is_abort || meta.former_primary() {
         horizon
     } else {
         horizon.saturating_sub(1)
@@ -287,8 +391,21 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         sync_done_at: AtomicU64::new(0),
         busy: AtomicBool::new(false),
         force_resync: a.force_resync,
+        discard_diverged: a.discard_diverged,
         peer: Mutex::new(None),
+        refused: Mutex::new(None),
     });
+    if meta.former_primary() {
+        // An old primary's tree holds everything its journal does.
+        m.applied.store(horizon, Ordering::Release);
+        m.checkpoint.store(horizon, Ordering::Release);
+        tracing::info!(
+            "{} is the backing directory of a primary of volume {} (generation {}) through record {horizon}: it is served as a mirror only to a primary it is an ancestor of; a primary that lacks some of its changes is refused",
+            dir.display(),
+            meta.volume_id,
+            meta.generation
+        );
+    }
     {
         let v = vol.clone();
         std::thread::Builder::new()
@@ -432,14 +549,27 @@ impl Daemon {
 
     fn copy(&self) -> MirrorCopy {
         let meta = lock(&self.meta).clone();
+        let state = meta.mirror_state();
+        let foreign = state == MirrorState::Empty
+            && !self.force_resync
+            && fs::read_dir(&self.dir)
+                .map(|rd| {
+                    rd.filter_map(|e| e.ok())
+                        .any(|e| e.file_name().as_bytes() != self.reserved.as_slice())
+                })
+                .unwrap_or(true);
         MirrorCopy {
-            state: meta.mirror_state(),
-            volume_id: meta.volume_id(),
-            generation: meta.generation,
+            state,
+            history: if state == MirrorState::Empty {
+                History::default()
+            } else {
+                meta.history()
+            },
             durable: lock(&self.vol.progress).durable_seq,
             applied: self.m.applied.load(Ordering::Acquire),
             sync_id: meta.sync_id,
-            promoted: meta.promoted,
+            promoted: meta.promoted && !meta.former_primary(),
+            foreign,
         }
     }
 
@@ -496,18 +626,37 @@ impl Daemon {
 
     fn stream(&self, link: &Duplex, dec: &mut Decoder, hello: &Msg) -> Result<()> {
         self.settle_journal()?;
-        let mut rx = Receiver::new(self.copy(), &self.reserved);
-        let welcome = rx.on_hello(hello)?;
+        let label = self.dir.display().to_string();
+        let mut rx = Receiver::new(self.copy(), &self.reserved, &label);
+        let welcome = match rx.on_hello(hello) {
+            Ok(w) => w,
+            Err(e) if e.code == error_code::DIVERGED && self.discard_diverged => {
+                let c = rx.divergence().ok_or_else(|| anyhow!("internal: no divergence"))?;
+                self.discard_divergence(&c)?;
+                rx = Receiver::new(self.copy(), &self.reserved, &label);
+                rx.on_hello(hello).map_err(|e| self.refuse(e))?
+            }
+            Err(mut e) => {
+                if let Some(c) = rx.divergence() {
+                    e.message = self.explain_divergence(&c, &e.message);
+                }
+                return Err(self.refuse(e).into());
+            }
+        };
         if let Msg::Hello { name, compress, .. } = hello {
             tracing::info!("primary {name} connected");
             link.set_compress(*compress);
         }
         link.send(&welcome)?;
-        let start = recv_within(link, dec, crate::net::CONNECT_TIMEOUT)?;
-        let begin = rx.on_start(&start)?;
+        let start = recv_within(link, dec, crate::net::CONNECT_TIMEOUT).inspect_err(|e| {
+            *lock(&self.refused) = Some(format!("{e:#}"));
+        })?;
+        let begin = rx.on_start(&start).map_err(|e| self.refuse(e))?;
+        *lock(&self.refused) = None;
         match begin {
-            Begin::Resume { seq } => {
+            Begin::Resume { seq, history } => {
                 tracing::info!("resuming at record {seq}");
+                self.adopt(&history, seq)?;
                 if lock(&self.worker).is_none() {
                     bail!("internal: resume without a running applier");
                 }
@@ -515,10 +664,13 @@ impl Daemon {
             Begin::InitialSync {
                 seq,
                 sync_id,
-                volume_id,
-                generation,
-            } => self.begin_initial_copy(seq, sync_id, volume_id, generation)?,
-            Begin::Resync { seq, sync_id } => self.begin_resync(link, seq, sync_id)?,
+                history,
+            } => self.begin_initial_copy(seq, sync_id, &history)?,
+            Begin::Resync {
+                seq,
+                sync_id,
+                history,
+            } => self.begin_resync(link, seq, sync_id, &history)?,
         }
         let done = Arc::new(AtomicBool::new(false));
         std::thread::scope(|s| -> Result<()> {
@@ -543,13 +695,162 @@ impl Daemon {
         })
     }
 
-    fn begin_initial_copy(
-        &self,
-        seq: u64,
-        sync_id: u32,
-        volume_id: [u8; 16],
-        generation: u64,
-    ) -> Result<()> {
+    /// Records a refusal for `status` and the log; returns it to be sent to the primary.
+    fn refuse(&self, e: LinkError) -> LinkError {
+        tracing::warn!("refusing the primary: {}", e.message);
+        *lock(&self.refused) = Some(e.message.clone());
+        e
+    }
+
+    /// The names this copy changed after `after` (from its journal, at most `max`), and how many
+    /// there were in all; `None` if the journal no longer holds them all.
+    fn changed_paths(&self, after: u64, max: usize) -> Result<Option<(Vec<String>, usize)>> {
+        let (first, end) = {
+            let o = lock(&self.vol.order);
+            (o.journal.first_seq(), o.journal.next_seq() - 1)
+        };
+        if after + 1 < first {
+            return Ok(None);
+        }
+        let mut reader: Reader<crate::store::FileSegment> = Reader::new(after + 1);
+        let mut names = std::collections::BTreeSet::new();
+        while reader.next_seq() <= end {
+            let view = lock(&self.vol.order).journal.segment_for(reader.next_seq());
+            let Some(r) = reader.next::<FileStore>(view, end)? else {
+                break;
+            };
+            let op = match &r.op {
+                Op::Sync { op, .. } => op.as_ref(),
+                op => op,
+            };
+            let paths: Vec<&mirrorfs_core::path::RelPath> = match op {
+                Op::Rename { from, to, .. } | Op::Link { from, to } => vec![from, to],
+                other => other.path().into_iter().collect(),
+            };
+            for p in paths {
+                // The root's own attributes are no file to save; the state directory is never
+                // a record's (the receiver refuses those).
+                let first = p.as_bytes().split(|b| *b == b'/').next().unwrap_or_default();
+                if p.as_bytes().is_empty() || first == self.reserved.as_slice() {
+                    continue;
+                }
+                names.insert(String::from_utf8_lossy(p.as_bytes()).into_owned());
+            }
+        }
+        let n = names.len();
+        Ok(Some((names.into_iter().take(max).collect(), n)))
+    }
+
+    /// The refusal message for a divergence: where the copies part, which files this copy
+    /// changed since, and what to do.
+    fn explain_divergence(&self, c: &Comparison, why: &str) -> String {
+        let files = match c.common.map(|p| self.changed_paths(p.seq, 20)) {
+            Some(Ok(Some((names, n)))) if n > 0 => {
+                let more = if n > names.len() {
+                    format!(" and {} more", n - names.len())
+                } else {
+                    String::new()
+                };
+                format!("; files this mirror changed since: {}{more}", names.join(", "))
+            }
+            Some(Ok(Some(_))) => String::new(),
+            _ => "; which files: unknown (its journal no longer holds those changes)".into(),
+        };
+        format!(
+            "{why}{files}. Keep what you need from {dir} (or mount it as a primary again); to let it follow this primary, restart `mirrorfs serve {dir} --discard-diverged`: it saves the changes to {saved}/ first",
+            dir = self.dir.display(),
+            saved = self.state.join("diverged").display()
+        )
+    }
+
+    /// `--discard-diverged`: saves what this copy changed after the common point (those files,
+    /// or the whole tree if the journal no longer says which) to STATE/diverged/NAME, then marks
+    /// the copy for a block-hash resync from the primary.
+    fn discard_divergence(&self, c: &Comparison) -> Result<()> {
+        let (gen, seq) = c.common.map_or((0, 0), |p| (p.generation, p.seq));
+        let dest = self.state.join("diverged").join(format!(
+            "{}-gen{gen}-seq{seq}",
+            crate::sys::now().sec
+        ));
+        fs::create_dir_all(&dest)
+            .with_context(|| format!("cannot create {}", dest.display()))?;
+        let names = match c.common {
+            Some(p) => self.changed_paths(p.seq, usize::MAX)?.map(|(n, _)| n),
+            None => None,
+        };
+        let mut saved = 0usize;
+        match &names {
+            Some(names) => {
+                for n in names {
+                    let rel = Path::new(n);
+                    let from = self.dir.join(rel);
+                    if fs::symlink_metadata(&from).is_ok() {
+                        saved += save_copy(&from, &dest.join(rel))?;
+                    }
+                }
+            }
+            None => {
+                for e in fs::read_dir(&self.dir)?.filter_map(|e| e.ok()) {
+                    if e.file_name().as_bytes() != self.reserved.as_slice() {
+                        saved += save_copy(&e.path(), &dest.join(e.file_name()))?;
+                    }
+                }
+            }
+        }
+        let what = c.describe("this mirror", "the primary");
+        fs::write(
+            dest.join("DIVERGED.txt"),
+            format!(
+                "{what}\nsaved from {} before it followed the primary ({}).\n",
+                self.dir.display(),
+                match &names {
+                    Some(n) => format!("{} changed name(s): {}", n.len(), n.join(", ")),
+                    None => "the whole tree: its journal no longer said which files".into(),
+                }
+            ),
+        )?;
+        fs::File::open(&dest)?.sync_all()?;
+        let mut mm = lock(&self.meta).clone();
+        mm.state = "needs_resync".into();
+        mm.promoted = false;
+        write_meta(&self.state, &mm)?;
+        *lock(&self.meta) = mm;
+        tracing::warn!(
+            "--discard-diverged: saved {saved} entr(y/ies) that {} changed after the common point to {}; it now follows the primary ({what})",
+            self.dir.display(),
+            dest.display()
+        );
+        Ok(())
+    }
+
+    /// After an accepted resume: an old primary's tree gets its cursor at its end and an
+    /// applier, and the copy takes the primary's history (an ancestor adopts newer generations).
+    fn adopt(&self, history: &History, seq: u64) -> Result<()> {
+        let mut mm = lock(&self.meta).clone();
+        let former = mm.former_primary();
+        if !former && mm.history() == *history {
+            return Ok(());
+        }
+        if former {
+            let ap = volume::new_applier_at(&self.m, seq - 1)?;
+            self.start_worker(ap)?;
+        }
+        mm.state = "consistent".into();
+        mm.promoted = false;
+        mm.set_history(history);
+        write_meta(&self.state, &mm)?;
+        tracing::info!(
+            "the copy in {} follows generation {} of volume {} from record {seq}",
+            self.dir.display(),
+            mm.generation,
+            mm.volume_id
+        );
+        *lock(&self.meta) = mm;
+        Ok(())
+    }
+
+    fn begin_initial_copy(&self, seq: u64, sync_id: u32, history: &History) -> Result<()> {
+        let volume_id = history.volume_id;
         let meta = lock(&self.meta).clone();
         let ours = meta.volume_id() == volume_id && meta.state != "empty";
         let entries: Vec<_> = fs::read_dir(&self.dir)?
@@ -572,13 +873,12 @@ impl Daemon {
             hex(&volume_id)
         );
         self.stop_worker();
-        let mm = Meta {
-            volume_id: hex(&volume_id),
-            generation,
+        let mut mm = Meta {
             state: "syncing".into(),
             sync_id,
-            promoted: false,
+            ..Meta::empty()
         };
+        mm.set_history(history);
         write_meta(&self.state, &mm)?;
         *lock(&self.meta) = mm;
         for e in entries {
@@ -611,7 +911,13 @@ impl Daemon {
 
     /// A block-hash resync: keep the tree, restart the journal at `seq`, send the manifest;
     /// the primary then streams only what differs, applied idempotently until its `SyncDone`.
-    fn begin_resync(&self, link: &Duplex, seq: u64, sync_id: u32) -> Result<()> {
+    fn begin_resync(
+        &self,
+        link: &Duplex,
+        seq: u64,
+        sync_id: u32,
+        history: &History,
+    ) -> Result<()> {
         tracing::info!(
             "resync begins at record {seq}: sending the manifest of {}",
             self.dir.display()
@@ -620,6 +926,8 @@ impl Daemon {
         let mut mm = lock(&self.meta).clone();
         mm.state = "syncing".into();
         mm.sync_id = sync_id;
+        mm.promoted = false;
+        mm.set_history(history);
         write_meta(&self.state, &mm)?;
         *lock(&self.meta) = mm;
         lock(&self.vol.order).journal.restart_at(seq)?;
@@ -844,6 +1152,7 @@ impl Daemon {
             "generation": meta.generation,
             "copy": meta.state,
             "primary": *lock(&self.peer),
+            "refused": *lock(&self.refused),
             "connected": lock(&self.peer).is_some(),
             "received_seq": next - 1,
             "durable_seq": lock(&self.vol.progress).durable_seq,
@@ -866,6 +1175,34 @@ struct Busy<'a>(&'a AtomicBool);
 impl Drop for Busy<'_> {
     fn drop(&mut self) {
         self.0.store(false, Ordering::Release);
+    }
+}
+
+/// Copies `from` (a file, symlink or directory tree, never following symlinks) to `to`, for
+/// the saved changes of `--discard-diverged`; returns the number of entries copied.
+fn save_copy(from: &Path, to: &Path) -> Result<usize> {
+    let md = fs::symlink_metadata(from)?;
+    if let Some(parent) = to.parent() {
+        fs::create_dir_all(parent)?;
+    }
+    let ft = md.file_type();
+    if ft.is_symlink() {
+        std::os::unix::fs::symlink(fs::read_link(from)?, to)
+            .with_context(|| format!("cannot save {}", from.display()))?;
+        Ok(1)
+    } else if ft.is_dir() {
+        fs::create_dir_all(to)?;
+        let mut n = 1;
+        for e in fs::read_dir(from)?.filter_map(|e| e.ok()) {
+            n += save_copy(&e.path(), &to.join(e.file_name()))?;
+        }
+        Ok(n)
+    } else if ft.is_file() {
+        fs::copy(from, to).with_context(|| format!("cannot save {}", from.display()))?;
+        fs::File::open(to)?.sync_all()?;
+        Ok(1)
+    } else {
+        Ok(0)
     }
 }
 
@@ -896,6 +1233,17 @@ pub fn promote(dir: &Path, state: Option<&Path>, force: bool) -> Result<()> {
         .map(Path::to_path_buf)
         .unwrap_or_else(|| dir.join(".mirrorfs"));
     let mut meta = read_meta(&state)?;
+    if meta.state == "empty" {
+        bail!("{} holds no copy to promote", dir.display());
+    }
+    if meta.former_primary() {
+        println!(
+            "{} is a primary's directory already (generation {})",
+            dir.display(),
+            meta.generation
+        );
+        return Ok(());
+    }
     if meta.promoted {
         println!(
             "{} is already promoted (generation {})",
@@ -945,8 +1293,12 @@ pub fn promote(dir: &Path, state: Option<&Path>, force: bool) -> Result<()> {
         Journal::open(store, JournalConfig::default()).context("cannot open the journal")?;
     let dropped = (journal.next_seq() - 1).saturating_sub(applied);
     journal.restart_at(applied + 1)?;
+    // A new generation begins at the next seq: the old primary's changes after `applied`, if
+    // any, are what the two sides will then not share (`core::history`).
+    let mut history = meta.history();
+    history.promote(random_u64()?, applied + 1);
+    meta.set_history(&history);
     meta.promoted = true;
-    meta.generation += 1;
     write_meta(&state, &meta)?;
     if dropped > 0 {
         println!("{dropped} record(s) received but not applied were dropped");

@@ -92,6 +92,10 @@ pub enum MirrorPhase {
     Syncing { done_bytes: u64, total_bytes: u64 },
     Live,
     Retrying { error: String, since_unix: u64 },
+    /// Not live, and not retried on its own (or only rarely): the mirror is not the copy it
+    /// should be (another volume, diverged, a tree without its identity mark...). `reason` says
+    /// what is wrong and what to do.
+    Refused { reason: String, since_unix: u64 },
     NeedsResync { reason: String },
     Stopped,
 }

@@ -688,3 +688,30 @@ fn demo_runs_and_exits_zero() {
     );
     assert_mentions(&stdout, &["mirrorfs mount", "identical", "demo done"]);
 }
+
+/// Issue 6, finding 15: a refused `mirrorfs serve` leaves nothing in the directory it refused
+/// (it stays usable as an empty mirror).
+#[test]
+fn a_refused_serve_leaves_the_directory_empty() {
+    let base = common::temp_base("refused-serve");
+    let dir = base.path().join("m");
+    common::mkdir755(&dir);
+    let out = std::process::Command::new(common::BIN)
+        .args(["serve", dir.to_str().expect("utf-8"), "--listen", "127.0.0.1:1"])
+        .arg("--config")
+        .arg(base.path().join("no-identity-here"))
+        .output()
+        .expect("run mirrorfs serve");
+    assert!(!out.status.success(), "serve without an identity started");
+    let left: Vec<_> = fs::read_dir(&dir)
+        .expect("read dir")
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(
+        left.is_empty(),
+        "the refused command left {left:?} in {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -370,3 +370,55 @@ fn restart_resumes_without_copying_again() {
     );
     finish(&mut m);
 }
+
+/// Issue 6, finding 3: a local mirror directory moved away and replaced by an empty one (a
+/// backup disk that did not mount) is not live after a remount: `refused`, with the reason, and
+/// nothing is copied to it; the operator's `--force-resync` copies it again.
+#[test]
+fn a_swapped_mirror_disk_is_not_live_and_is_not_copied_unless_asked() {
+    let _g = serial();
+    let mut m = mount(Layout::new("swapped-disk", 1), &[]);
+    fs::write(m.p("kept.txt"), b"on the real mirror disk\n").expect("write");
+    m.wait_mirror_equal(CATCH_UP);
+    m.unmount();
+    let mirror = m.mirror().to_path_buf();
+    let away = m.layout.base.join("mirror0-real-disk");
+    fs::rename(&mirror, &away).expect("move the mirror away");
+    mkdir755(&mirror);
+    m.remount();
+    let mut last = None;
+    let refused = wait_until(Duration::from_secs(20), || {
+        last = m.status().map(|s| s["mirrors"][0].clone());
+        last.as_ref().is_some_and(|r| r["state"] == "refused")
+    });
+    assert!(refused, "the empty stand-in was taken as the mirror: {last:?}\n{}", m.log());
+    let reason = last
+        .as_ref()
+        .and_then(|r| r["reason"].as_str())
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        reason.contains("identity mark") && reason.contains("--force-resync"),
+        "{reason}"
+    );
+    fs::write(m.p("later.txt"), b"written while the disk is missing\n").expect("write");
+    std::thread::sleep(Duration::from_secs(3));
+    let copied: Vec<_> = fs::read_dir(&mirror)
+        .expect("read the stand-in")
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(copied.is_empty(), "copied to the stand-in: {copied:?}");
+    assert_eq!(
+        m.status().map(|s| s["mirrors"][0]["state"].clone()),
+        Some(serde_json::json!("refused"))
+    );
+    m.unmount();
+    // Asked for: a fresh copy.
+    m.extra.push("--force-resync".into());
+    m.remount();
+    m.wait_mirror_equal(CATCH_UP);
+    assert!(wait_until(Duration::from_secs(20), || state_of(&m).as_deref()
+        == Some("live")));
+    finish(&mut m);
+}

@@ -1922,6 +1922,11 @@ fn crafted_session(srv: &Serve, net: &Net) -> raw::Client {
             next_seq: 1,
             compress: false,
             name: "crafted client".into(),
+            history: vec![mirrorfs_core::history::Generation {
+                number: 1,
+                id: 1,
+                start: 1,
+            }],
         });
         match c.expect_msg(Duration::from_secs(10)) {
             Msg::Welcome { .. } => break c,
@@ -2290,4 +2295,218 @@ fn promote_is_refused_while_served_then_the_copy_mounts_as_a_primary() {
     .expect("parse volume.json");
     assert_eq!(meta["promoted"], true, "{meta}");
     assert_eq!(meta["generation"], 2, "{meta}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Generations: failback, refusals
+
+/// The refusal text of the remote mirror in a mount's status (`state` = `refused`).
+fn refusal_of(r: &Value) -> Option<String> {
+    (r["state"] == "refused").then(|| r["reason"].as_str().unwrap_or_default().to_string())
+}
+
+/// Issue 6, finding 2, exactly as found: serve M; mount P with M as its mirror; write a.txt;
+/// stop the daemon; write b.txt through P; promote M; unmount P; mount M as a primary with P's
+/// directory served as its mirror. b.txt must survive, the attach is refused naming the
+/// divergence on both sides; with `--discard-diverged` P's changes are saved first, then P
+/// follows M.
+#[test]
+fn failback_refuses_to_overwrite_the_old_primarys_changes() {
+    let net = Net::new("failback");
+    let mut srv = net.serve("m", &[]);
+    let mut p = net.mount("net-failback-p", 0, &srv.url(), &[]);
+    wait_live(&p, &srv);
+    fs::write(p.p("a.txt"), b"a, written while M was attached\n").expect("write a.txt");
+    converge(&p, &srv, "a.txt on M");
+    assert!(
+        wait_until(Duration::from_secs(10), || srv
+            .status()
+            .is_some_and(|s| s["copy"] == "consistent")),
+        "M never recorded a consistent copy"
+    );
+    srv.stop();
+    fs::write(p.p("b.txt"), b"b, written on P after M went away\n").expect("write b.txt");
+    let out = run_ok(&[os("promote"), srv.dir.as_os_str()]);
+    assert!(out.contains("generation 2"), "{out}");
+    p.unmount();
+    let p_dir = p.backing().to_path_buf();
+    let b_before = fs::read(p_dir.join("b.txt")).expect("b.txt on P before failback");
+
+    // P's directory is served as a mirror; M is mounted as the primary with it as its mirror.
+    let mut srv_p = Serve::start(
+        &p_dir,
+        &net.mirror.dir,
+        free_port(),
+        &net.base.join("serve-p.log"),
+        &[],
+    );
+    let mut layout = Layout::new("net-failback-m", 0);
+    layout.backing = srv.dir.clone();
+    let m_state = srv.dir.join(".mirrorfs").display().to_string();
+    let cfg = net.primary.dir.display().to_string();
+    let url = srv_p.url();
+    let mut m = Mount::start(
+        layout,
+        &["--state", &m_state, "--mirror", &url, "--config", &cfg],
+    );
+    let t0 = Instant::now();
+    let mut refusal = None;
+    while t0.elapsed() < CONNECT {
+        assert_eq!(
+            fs::read(p_dir.join("b.txt")).ok().as_deref(),
+            Some(b_before.as_slice()),
+            "b.txt was deleted or changed on P by the failback\n{}",
+            ctx(&m, &srv_p)
+        );
+        if let Some(r) = m.status().map(|s| remote_of(&s)).and_then(|r| refusal_of(&r)) {
+            refusal = Some(r);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let refusal = refusal.unwrap_or_else(|| {
+        panic!(
+            "M's status never showed the attach as refused; last: {:?}\n{}",
+            m.status(),
+            ctx(&m, &srv_p)
+        )
+    });
+    assert!(
+        refusal.contains("diverged") && refusal.contains("b.txt"),
+        "the refusal must say what diverged: {refusal}"
+    );
+    assert!(
+        refusal.contains("--discard-diverged"),
+        "the refusal must say what to do: {refusal}"
+    );
+    let ds = srv_p.status().expect("status of the daemon serving P");
+    let dref = ds["refused"].as_str().unwrap_or_default().to_string();
+    assert!(
+        dref.contains("diverged") && dref.contains("b.txt"),
+        "the daemon's status must show the divergence: {ds}"
+    );
+    // Still there after a while (no retry loop overwrites it).
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(fs::read(p_dir.join("b.txt")).expect("b.txt"), b_before);
+    assert_eq!(
+        fs::read(p_dir.join("a.txt")).expect("a.txt"),
+        b"a, written while M was attached\n"
+    );
+
+    // The explicit flag: P's diverged files are saved to a named place, then P follows M.
+    srv_p.stop();
+    let srv_p2 = Serve::start(
+        &p_dir,
+        &net.mirror.dir,
+        srv_p.port,
+        &net.base.join("serve-p.log"),
+        &["--discard-diverged"],
+    );
+    let saved_root = p_dir.join(".mirrorfs/diverged");
+    assert!(
+        wait_until(CONVERGE, || diff(&srv.dir, &p_dir, &Cmp::FULL).is_empty()),
+        "P never followed M: {}\n{}",
+        summarize(&diff(&srv.dir, &p_dir, &Cmp::FULL)),
+        ctx(&m, &srv_p2)
+    );
+    assert!(!p_dir.join("b.txt").exists(), "P follows M: b.txt is gone");
+    let saved: Vec<PathBuf> = fs::read_dir(&saved_root)
+        .expect("the named place of the saved changes")
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(saved.len(), 1, "{saved:?}");
+    assert_eq!(
+        fs::read(saved[0].join("b.txt")).expect("saved b.txt"),
+        b_before,
+        "b.txt must be saved before it is discarded"
+    );
+    assert!(
+        srv_p2.log().contains(&saved[0].display().to_string()),
+        "the daemon's log must name where the changes were saved:\n{}",
+        srv_p2.log()
+    );
+    // From now on P is an ordinary mirror of M.
+    fs::write(m.p("c.txt"), b"after failback\n").expect("write c.txt");
+    wait_converged(&srv.dir, &p_dir, "c.txt on P", &Cmp::FULL, &|| {
+        ctx(&m, &srv_p2)
+    });
+    m.unmount();
+    drop(p);
+}
+
+/// Issue 6, finding 4: a daemon that refuses the primary (its directory holds files that are no
+/// mirrorfs copy) must not make the primary journal its tree again and again; the refusal is a
+/// state with its reason, and a permanent refusal is retried only rarely.
+#[test]
+fn a_refusing_daemon_does_not_grow_the_primarys_journal() {
+    let net = Net::new("refusal");
+    let dir = net.dir("m");
+    fs::write(dir.join("precious.txt"), b"not a mirrorfs copy").expect("write");
+    let srv = net.serve("m", &[]);
+    let layout = Layout::new("net-refusal", 0);
+    fs::write(layout.backing.join("big"), pattern(7, 2 << 20)).expect("populate the backing");
+    let cfg = net.primary.dir.display().to_string();
+    let url = srv.url();
+    let mut m = Mount::start(layout, &["--mirror", &url, "--config", &cfg]);
+    let st = wait_status(&m, &srv, CONNECT, "the refusal in status", |_, r| {
+        refusal_of(r).is_some()
+    });
+    let reason = refusal_of(&remote_of(&st)).unwrap_or_default();
+    assert!(
+        reason.contains("not empty") && reason.contains("--force-resync"),
+        "{reason}"
+    );
+    let (bytes0, seq0) = (num(&st, "journal_bytes"), num(&st, "journal_next_seq"));
+    let rec0 = remote_of(&st)["link"]["reconnects"].as_u64().unwrap_or(0);
+    std::thread::sleep(Duration::from_secs(15));
+    let st = m.status().expect("status");
+    let r = remote_of(&st);
+    assert!(
+        num(&st, "journal_bytes") < bytes0 + (64 << 10),
+        "the journal grew from {bytes0} to {} bytes for a refusing mirror\n{}",
+        num(&st, "journal_bytes"),
+        ctx(&m, &srv)
+    );
+    assert!(
+        num(&st, "journal_next_seq") <= seq0 + 2,
+        "records were appended for a refusing mirror: {seq0} -> {}",
+        num(&st, "journal_next_seq")
+    );
+    let rec1 = r["link"]["reconnects"].as_u64().unwrap_or(0);
+    assert!(
+        rec1 <= rec0 + 1,
+        "a permanent refusal was retried {} times in 15 s",
+        rec1 - rec0
+    );
+    assert!(refusal_of(&r).is_some(), "{r}");
+    assert_eq!(
+        fs::read(srv.dir.join("precious.txt")).expect("precious"),
+        b"not a mirrorfs copy"
+    );
+    m.unmount();
+}
+
+/// Issue 6, finding 15: `serve` reads its trusted peers again at each handshake, so `mirrorfs
+/// trust` on the daemon's machine takes effect without a restart (as its message says).
+#[test]
+fn serve_reloads_trusted_peers_at_each_handshake() {
+    let net = Net::with_trust("trust-reload", false, true);
+    let srv = net.serve("m", &[]);
+    let mut m = net.mount("net-trust-reload", 0, &srv.url(), &[]);
+    fs::write(m.p("f"), b"mirrored once trusted").expect("write");
+    wait_status(&m, &srv, CONNECT, "the refusal", |_, r| {
+        r["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("mirrorfs trust"))
+    });
+    assert!(
+        srv.log().contains("reloaded at each handshake"),
+        "the daemon must say when a `mirrorfs trust` takes effect:\n{}",
+        srv.log()
+    );
+    trust(&net.mirror, &net.primary, "primary");
+    wait_live(&m, &srv);
+    converge(&m, &srv, "after trusting the primary");
+    m.unmount();
 }

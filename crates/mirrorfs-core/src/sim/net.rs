@@ -59,6 +59,11 @@ use crate::tree::{apply_op, Tree};
 use crate::wire::{error_code, Decoder, MirrorState, Msg, VolumeId, BATCH_BYTES};
 
 const VOLUME: VolumeId = [0x5e; 16];
+
+/// The simulated volume's one generation.
+fn sim_history() -> crate::history::History {
+    crate::history::History::new(VOLUME, GENERATION)
+}
 const GENERATION: u64 = 1;
 /// The mirror's state directory at its root (records naming it are refused).
 const RESERVED: &[u8] = b".mirrorfs";
@@ -1200,7 +1205,7 @@ impl Sim {
         let id = self.next_conn;
         self.next_conn += 1;
         self.conns.push(Conn::new(id));
-        let sender = Sender::new(VOLUME, GENERATION, self.window);
+        let sender = Sender::new(sim_history(), self.window);
         let span = self.span();
         let hello = sender.hello(span, self.compress, "sim-primary");
         self.plink = Some(PLink {
@@ -1516,14 +1521,14 @@ impl Sim {
                 self.m_flush_all()?;
                 let copy = MirrorCopy {
                     state: MirrorState::Consistent,
-                    volume_id: VOLUME,
-                    generation: GENERATION,
+                    history: sim_history(),
                     durable: self.mdurable,
                     applied: self.applier.cursor().applied,
                     sync_id: 0,
                     promoted: false,
+                    foreign: false,
                 };
-                let mut rx = Receiver::new(copy, RESERVED);
+                let mut rx = Receiver::new(copy, RESERVED, "sim-mirror");
                 let welcome = rx.on_hello(&msg).map_err(|e| {
                     Fault::Bug(format!("the mirror refused a Hello of its primary: {e}"))
                 })?;
@@ -1541,7 +1546,7 @@ impl Sim {
                     return Err(Fault::Bug("Start before Hello".into()));
                 };
                 match rx.on_start(&msg) {
-                    Ok(Begin::Resume { seq }) if seq == next => {
+                    Ok(Begin::Resume { seq, .. }) if seq == next => {
                         if let Some(ml) = self.mlink.as_mut() {
                             ml.started = true;
                         }
