@@ -1112,6 +1112,12 @@ impl Sim {
         if pl.phase != PPhase::Streaming || !pl.sender.may_send() {
             return Ok(());
         }
+        // A rollover fsyncs the segment it closes, so the journal's durable position can move
+        // at an append as well as at a planned sync: what it says is durable, is.
+        self.p_durable_ever = self.p_durable_ever.max(self.pjournal.durable_seq());
+        let Some(pl) = &self.plink else {
+            return Ok(());
+        };
         let limit = self.pjournal.durable_seq().min(self.psettled);
         if pl.sender.next_send() > limit {
             return Ok(());
