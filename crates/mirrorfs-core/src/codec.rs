@@ -6,7 +6,7 @@
 //! Decoding validates every length against its bound and every path with [`RelPath::new`].
 
 use crate::op::{kind, Op, Timespec, WRITE_BYTES_MAX, XATTR_NAME_BYTES_MAX, XATTR_VALUE_BYTES_MAX};
-use crate::path::{PathError, RelPath, PATH_BYTES_MAX};
+use crate::path::{PathError, RelPath, PATH_BYTES_MAX, TARGET_BYTES_MAX};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -195,7 +195,7 @@ pub fn decode_body(kind_tag: u8, body: &[u8]) -> Result<Op, DecodeError> {
         },
         kind::SYMLINK => Op::Symlink {
             path: r.path()?,
-            target: r.bytes("symlink target", PATH_BYTES_MAX)?,
+            target: r.bytes("symlink target", TARGET_BYTES_MAX)?,
             uid: r.u32()?,
             gid: r.u32()?,
         },

@@ -9,8 +9,13 @@ use std::ffi::OsStr;
 use std::fmt;
 use std::os::unix::ffi::OsStrExt;
 
-/// Longest path accepted, in bytes (Linux `PATH_MAX` less the terminating NUL).
-pub const PATH_BYTES_MAX: usize = 4095;
+/// Longest path accepted from a tree's root, in bytes. A single system call takes at most
+/// `PATH_MAX - 1` (4,095) bytes, but a tree can be deeper: a relative path of 4,095 bytes from a
+/// directory deep inside it is fine on ext4, so trees resolve long paths a chunk at a time.
+/// Bounded so that a record stays small (paths are encoded with a `u16` length).
+pub const PATH_BYTES_MAX: usize = 16383;
+/// Longest symlink target, in bytes (Linux `PATH_MAX` less the terminating NUL).
+pub const TARGET_BYTES_MAX: usize = 4095;
 /// Longest single component, in bytes (Linux `NAME_MAX`).
 pub const NAME_BYTES_MAX: usize = 255;
 
@@ -199,6 +204,11 @@ mod tests {
         assert!(RelPath::new(b"caf\xe9/\xff".to_vec()).is_ok());
         assert!(RelPath::root().join(b"..").is_err());
         assert!(RelPath::root().join(b"a/b").is_err());
+        // Longer than PATH_MAX (a deep tree) but bounded.
+        let long = vec!["x".repeat(255); 40].join("/");
+        assert!(long.len() > 4096 && RelPath::new(long).is_ok());
+        let too_long = vec!["x".repeat(255); 70].join("/");
+        assert_eq!(RelPath::new(too_long), Err(PathError::TooLong));
     }
 
     #[test]

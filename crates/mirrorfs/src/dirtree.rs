@@ -1,6 +1,11 @@
-//! A mirror tree on a local directory (another disk, an NFS or CIFS mount): the real
-//! implementation of the core's `Tree` trait. Every path is resolved with `openat2` and
-//! `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`, so no path can leave the mirror's root.
+//! The one hardened way of changing a directory tree: [`Root`] resolves every path beneath a
+//! directory handle with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)`,
+//! one chunk of at most `PATH_MAX - 1` bytes at a time (so a path from the root may be longer than
+//! `PATH_MAX`), and acts on the final name through its parent's handle without following it. The
+//! FUSE shell applies every change to the backing tree through it, and [`DirTree`] (the core's
+//! `Tree` trait on a real directory) applies the journal to mirrors and resolves the in-doubt
+//! record after a crash through it: no path can leave its root, whatever symlinks the tree holds
+//! or a local user plants while a change is on its way.
 
 use std::ffi::OsStr;
 use std::fs::File;
@@ -15,8 +20,289 @@ use mirrorfs_core::tree::{EntryKind, Tree, TreeError};
 
 use crate::sys;
 
+/// Longest path given to one `openat2` call (`PATH_MAX` less the NUL).
+const CHUNK_BYTES: usize = libc::PATH_MAX as usize - 1;
+
+/// A directory tree's root: every path is resolved beneath it, never through a symlink.
+/// Errors are the system's own (`errno` exact), for the FUSE shell to return to applications.
+pub struct Root {
+    fd: OwnedFd,
+}
+
+/// The directory an entry is in: the root itself, or a directory opened beneath it (`O_PATH`).
+pub enum Dir<'a> {
+    Root(BorrowedFd<'a>),
+    Sub(OwnedFd),
+}
+
+impl AsFd for Dir<'_> {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Dir::Root(fd) => *fd,
+            Dir::Sub(fd) => fd.as_fd(),
+        }
+    }
+}
+
+fn einval(what: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!("{what}: not on the root"),
+    )
+}
+
+/// `(parent, name)` of a non-empty path, without allocating.
+fn split(path: &[u8]) -> (&[u8], &[u8]) {
+    match path.iter().rposition(|b| *b == b'/') {
+        Some(i) => (&path[..i], &path[i + 1..]),
+        None => (&[], path),
+    }
+}
+
+/// Opens `path` (bytes of a valid `RelPath`; empty is `root` itself) beneath `root`.
+fn open_bytes_in(root: BorrowedFd<'_>, path: &[u8], flags: i32, mode: u32) -> io::Result<OwnedFd> {
+    let mut dir: Option<OwnedFd> = None;
+    let mut rest = if path.is_empty() { &b"."[..] } else { path };
+    while rest.len() > CHUNK_BYTES {
+        // Components are at most NAME_MAX bytes, so a chunk always ends at a slash.
+        let cut = rest[..=CHUNK_BYTES]
+            .iter()
+            .rposition(|b| *b == b'/')
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENAMETOOLONG))?;
+        let at = dir.as_ref().map_or(root, |d| d.as_fd());
+        let next = sys::open_beneath(
+            at,
+            OsStr::from_bytes(&rest[..cut]),
+            libc::O_PATH | libc::O_DIRECTORY,
+            0,
+        )?;
+        dir = Some(next);
+        rest = &rest[cut + 1..];
+    }
+    let at = dir.as_ref().map_or(root, |d| d.as_fd());
+    sys::open_beneath(at, OsStr::from_bytes(rest), flags, mode)
+}
+
+/// [`Root::open_at`] for a root held as a plain descriptor (the walks of the live copies).
+pub fn open_in(root: BorrowedFd<'_>, path: &RelPath, flags: i32, mode: u32) -> io::Result<OwnedFd> {
+    open_bytes_in(root, path.as_bytes(), flags, mode)
+}
+
+/// [`Root::lstat`] for a root held as a plain descriptor.
+pub fn lstat_in(root: BorrowedFd<'_>, path: &RelPath) -> io::Result<libc::stat> {
+    if path.is_root() {
+        return sys::fstat(root);
+    }
+    let (dir, name) = split(path.as_bytes());
+    if dir.is_empty() {
+        return sys::lstatat(root, OsStr::from_bytes(name));
+    }
+    let d = open_bytes_in(root, dir, libc::O_PATH | libc::O_DIRECTORY, 0)?;
+    sys::lstatat(d.as_fd(), OsStr::from_bytes(name))
+}
+
+impl Root {
+    /// Opens the directory at `root` (which is trusted: it comes from the command line).
+    pub fn open(root: &Path) -> io::Result<Root> {
+        let f = File::open(root)?;
+        if !f.metadata()?.is_dir() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotADirectory,
+                format!("{} is not a directory", root.display()),
+            ));
+        }
+        Ok(Root { fd: f.into() })
+    }
+
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    fn open_bytes(&self, path: &[u8], flags: i32, mode: u32) -> io::Result<OwnedFd> {
+        open_bytes_in(self.fd(), path, flags, mode)
+    }
+
+    /// Opens `path` beneath the root with `flags` (add `O_NOFOLLOW` not to follow a final
+    /// symlink; with `O_PATH | O_NOFOLLOW` a final symlink itself is opened).
+    pub fn open_at(&self, path: &RelPath, flags: i32, mode: u32) -> io::Result<OwnedFd> {
+        self.open_bytes(path.as_bytes(), flags, mode)
+    }
+
+    /// The entry at `path` itself (`O_PATH`, a final symlink not followed).
+    pub fn entry(&self, path: &RelPath) -> io::Result<OwnedFd> {
+        self.open_at(path, libc::O_PATH | libc::O_NOFOLLOW, 0)
+    }
+
+    /// The directory holding `path` and its final name; `EINVAL` for the root.
+    pub fn parent<'a>(&self, path: &'a RelPath) -> io::Result<(Dir<'_>, &'a OsStr)> {
+        if path.is_root() {
+            return Err(einval("an operation on the root itself"));
+        }
+        let (dir, name) = split(path.as_bytes());
+        let dir = if dir.is_empty() {
+            Dir::Root(self.fd())
+        } else {
+            Dir::Sub(self.open_bytes(dir, libc::O_PATH | libc::O_DIRECTORY, 0)?)
+        };
+        Ok((dir, OsStr::from_bytes(name)))
+    }
+
+    /// `lstat` of `path`: one `fstatat` for an entry of the root, else `openat2` of the parent
+    /// and `fstatat` in it.
+    pub fn lstat(&self, path: &RelPath) -> io::Result<libc::stat> {
+        if path.is_root() {
+            return sys::fstat(self.fd());
+        }
+        let (dir, name) = self.parent(path)?;
+        sys::lstatat(dir.as_fd(), name)
+    }
+
+    pub fn readlink(&self, path: &RelPath) -> io::Result<Vec<u8>> {
+        let (dir, name) = self.parent(path)?;
+        sys::readlinkat(dir.as_fd(), name)
+    }
+
+    /// Exclusive create of a regular file with exactly `mode` and owner; returns it opened with
+    /// `flags` (an access mode and status flags such as `O_APPEND`, `O_DIRECT`).
+    pub fn create(
+        &self,
+        path: &RelPath,
+        flags: i32,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    ) -> io::Result<OwnedFd> {
+        let (dir, name) = self.parent(path)?;
+        let fd = sys::openat(
+            dir.as_fd(),
+            name,
+            flags | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW,
+            mode & 0o7777,
+        )?;
+        sys::fchown(fd.as_fd(), uid, gid)?;
+        sys::fchmod(fd.as_fd(), mode & 0o7777)?;
+        Ok(fd)
+    }
+
+    pub fn mkdir(&self, path: &RelPath, mode: u32, uid: u32, gid: u32) -> io::Result<()> {
+        let (dir, name) = self.parent(path)?;
+        sys::mkdirat(dir.as_fd(), name, mode & 0o7777)?;
+        sys::fchownat(dir.as_fd(), name, Some(uid), Some(gid))?;
+        sys::fchmodat_nofollow(dir.as_fd(), name, mode & 0o7777)
+    }
+
+    /// A special file (or a regular one, created exclusively) with exactly this mode and owner.
+    pub fn mknod(
+        &self,
+        path: &RelPath,
+        mode: u32,
+        rdev: u64,
+        uid: u32,
+        gid: u32,
+    ) -> io::Result<()> {
+        if mode & libc::S_IFMT == libc::S_IFREG {
+            return self
+                .create(path, libc::O_WRONLY | libc::O_NONBLOCK, mode, uid, gid)
+                .map(drop);
+        }
+        let (dir, name) = self.parent(path)?;
+        sys::mknodat(dir.as_fd(), name, mode, rdev)?;
+        sys::fchownat(dir.as_fd(), name, Some(uid), Some(gid))?;
+        sys::fchmodat_nofollow(dir.as_fd(), name, mode & 0o7777)
+    }
+
+    pub fn symlink(&self, path: &RelPath, target: &[u8], uid: u32, gid: u32) -> io::Result<()> {
+        let (dir, name) = self.parent(path)?;
+        sys::symlinkat(target, dir.as_fd(), name)?;
+        sys::fchownat(dir.as_fd(), name, Some(uid), Some(gid))
+    }
+
+    /// A hard link `to` of `from` (a final symlink is linked, not followed).
+    pub fn link(&self, from: &RelPath, to: &RelPath) -> io::Result<()> {
+        let (fdir, fname) = self.parent(from)?;
+        let (tdir, tname) = self.parent(to)?;
+        sys::linkat(fdir.as_fd(), fname, tdir.as_fd(), tname)
+    }
+
+    pub fn unlink(&self, path: &RelPath) -> io::Result<()> {
+        let (dir, name) = self.parent(path)?;
+        sys::unlinkat(dir.as_fd(), name, 0)
+    }
+
+    pub fn rmdir(&self, path: &RelPath) -> io::Result<()> {
+        let (dir, name) = self.parent(path)?;
+        sys::unlinkat(dir.as_fd(), name, libc::AT_REMOVEDIR)
+    }
+
+    /// `renameat2` with `flags` (`RENAME_NOREPLACE`, `RENAME_EXCHANGE`, `RENAME_WHITEOUT`).
+    pub fn rename(&self, from: &RelPath, to: &RelPath, flags: u32) -> io::Result<()> {
+        let (fdir, fname) = self.parent(from)?;
+        let (tdir, tname) = self.parent(to)?;
+        sys::renameat2(fdir.as_fd(), fname, tdir.as_fd(), tname, flags)
+    }
+
+    /// chmod without following a final symlink (`EOPNOTSUPP` for a symlink, as `fchmodat2`).
+    pub fn chmod(&self, path: &RelPath, mode: u32) -> io::Result<()> {
+        if path.is_root() {
+            return sys::fchmod(self.fd(), mode & 0o7777);
+        }
+        let (dir, name) = self.parent(path)?;
+        sys::fchmodat_nofollow(dir.as_fd(), name, mode & 0o7777)
+    }
+
+    /// chown without following a final symlink; `None` leaves an id unchanged.
+    pub fn chown(&self, path: &RelPath, uid: Option<u32>, gid: Option<u32>) -> io::Result<()> {
+        if path.is_root() {
+            return sys::fchownat(self.fd(), OsStr::new(""), uid, gid);
+        }
+        let (dir, name) = self.parent(path)?;
+        sys::fchownat(dir.as_fd(), name, uid, gid)
+    }
+
+    pub fn utimes(
+        &self,
+        path: &RelPath,
+        atime: Option<Timespec>,
+        mtime: Option<Timespec>,
+    ) -> io::Result<()> {
+        if path.is_root() {
+            return sys::utimensat(self.fd(), OsStr::new("."), atime, mtime);
+        }
+        let (dir, name) = self.parent(path)?;
+        sys::utimensat(dir.as_fd(), name, atime, mtime)
+    }
+
+    /// Truncates the regular file at `path` (a final symlink is refused, a FIFO never blocks).
+    pub fn truncate(&self, path: &RelPath, size: u64) -> io::Result<()> {
+        let fd = self.open_at(
+            path,
+            libc::O_WRONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK,
+            0,
+        )?;
+        sys::ftruncate(fd.as_fd(), size)
+    }
+
+    pub fn setxattr(
+        &self,
+        path: &RelPath,
+        name: &[u8],
+        value: &[u8],
+        flags: i32,
+    ) -> io::Result<()> {
+        let fd = self.entry(path)?;
+        sys::lsetxattr_fd(fd.as_fd(), name, value, flags)
+    }
+
+    pub fn removexattr(&self, path: &RelPath, name: &[u8]) -> io::Result<()> {
+        let fd = self.entry(path)?;
+        sys::lremovexattr_fd(fd.as_fd(), name)
+    }
+}
+
+/// A mirror tree (or the backing tree during crash recovery) as the core's [`Tree`]: the
+/// primitives of [`Root`], errors classified for the apply logic.
 pub struct DirTree {
-    root: OwnedFd,
+    root: Root,
     /// The file last written, kept open so a stream of writes does not reopen it each time.
     open_file: Option<(RelPath, OwnedFd)>,
 }
@@ -51,57 +337,23 @@ fn kind_of(mode: u32) -> EntryKind {
 
 impl DirTree {
     pub fn open(root: &Path) -> io::Result<DirTree> {
-        let f = File::open(root)?;
-        if !f.metadata()?.is_dir() {
-            return Err(io::Error::new(
-                io::ErrorKind::NotADirectory,
-                format!("{} is not a directory", root.display()),
-            ));
-        }
         Ok(DirTree {
-            root: f.into(),
+            root: Root::open(root)?,
             open_file: None,
         })
-    }
-
-    /// The parent directory of `path`, opened beneath the root, and the final name.
-    fn parent<'a>(&self, path: &'a RelPath) -> Result<(OwnedFd, &'a OsStr), TreeError> {
-        let parent = path.parent().ok_or_else(|| TreeError::Other {
-            path: ".".into(),
-            errno: libc::EINVAL,
-            msg: "operation on the mirror root".into(),
-        })?;
-        let name = path.file_name().unwrap_or_default();
-        let fd = sys::open_beneath(
-            self.root.as_fd(),
-            parent.as_at_path(),
-            libc::O_PATH | libc::O_DIRECTORY,
-            0,
-        )
-        .map_err(|e| tree_err(&parent, e))?;
-        Ok((fd, OsStr::from_bytes(name)))
-    }
-
-    fn open_path(&self, path: &RelPath) -> Result<OwnedFd, TreeError> {
-        sys::open_beneath(
-            self.root.as_fd(),
-            path.as_at_path(),
-            libc::O_PATH | libc::O_NOFOLLOW,
-            0,
-        )
-        .map_err(|e| tree_err(path, e))
     }
 
     fn file_for_write(&mut self, path: &RelPath) -> Result<BorrowedFd<'_>, TreeError> {
         let hit = matches!(&self.open_file, Some((p, _)) if p == path);
         if !hit {
-            let fd = sys::open_beneath(
-                self.root.as_fd(),
-                path.as_at_path(),
-                libc::O_WRONLY | libc::O_NOFOLLOW,
-                0,
-            )
-            .map_err(|e| tree_err(path, e))?;
+            let fd = self
+                .root
+                .open_at(
+                    path,
+                    libc::O_WRONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK,
+                    0,
+                )
+                .map_err(|e| tree_err(path, e))?;
             self.open_file = Some((path.clone(), fd));
         }
         match &self.open_file {
@@ -121,41 +373,34 @@ impl DirTree {
 
 impl Tree for DirTree {
     fn kind(&mut self, path: &RelPath) -> Result<Option<EntryKind>, TreeError> {
-        match self.parent_or_root_stat(path) {
+        match self.root.lstat(path) {
             Ok(st) => Ok(Some(kind_of(st.st_mode))),
-            Err(TreeError::NotFound(_)) => Ok(None),
-            Err(e) => Err(e),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+            Err(e) => Err(tree_err(path, e)),
         }
     }
 
     fn ino(&mut self, path: &RelPath) -> Result<Option<u64>, TreeError> {
-        match self.parent_or_root_stat(path) {
+        match self.root.lstat(path) {
             Ok(st) => Ok(Some(st.st_ino)),
-            Err(TreeError::NotFound(_)) => Ok(None),
-            Err(e) => Err(e),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+            Err(e) => Err(tree_err(path, e)),
         }
     }
 
     fn create(&mut self, path: &RelPath, mode: u32, uid: u32, gid: u32) -> Result<(), TreeError> {
-        let (dir, name) = self.parent(path)?;
-        let fd = sys::openat(
-            dir.as_fd(),
-            name,
-            libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_NOFOLLOW,
-            mode & 0o7777,
-        )
-        .map_err(|e| tree_err(path, e))?;
-        sys::fchown(fd.as_fd(), uid, gid).map_err(|e| tree_err(path, e))?;
-        sys::fchmod(fd.as_fd(), mode & 0o7777).map_err(|e| tree_err(path, e))?;
+        let fd = self
+            .root
+            .create(path, libc::O_WRONLY, mode, uid, gid)
+            .map_err(|e| tree_err(path, e))?;
         self.open_file = Some((path.clone(), fd));
         Ok(())
     }
 
     fn mkdir(&mut self, path: &RelPath, mode: u32, uid: u32, gid: u32) -> Result<(), TreeError> {
-        let (dir, name) = self.parent(path)?;
-        sys::mkdirat(dir.as_fd(), name, mode & 0o7777).map_err(|e| tree_err(path, e))?;
-        sys::fchownat(dir.as_fd(), name, Some(uid), Some(gid)).map_err(|e| tree_err(path, e))?;
-        sys::fchmodat(dir.as_fd(), name, mode & 0o7777).map_err(|e| tree_err(path, e))
+        self.root
+            .mkdir(path, mode, uid, gid)
+            .map_err(|e| tree_err(path, e))
     }
 
     fn mknod(
@@ -166,10 +411,9 @@ impl Tree for DirTree {
         uid: u32,
         gid: u32,
     ) -> Result<(), TreeError> {
-        let (dir, name) = self.parent(path)?;
-        sys::mknodat(dir.as_fd(), name, mode, rdev).map_err(|e| tree_err(path, e))?;
-        sys::fchownat(dir.as_fd(), name, Some(uid), Some(gid)).map_err(|e| tree_err(path, e))?;
-        sys::fchmodat(dir.as_fd(), name, mode & 0o7777).map_err(|e| tree_err(path, e))
+        self.root
+            .mknod(path, mode, rdev, uid, gid)
+            .map_err(|e| tree_err(path, e))
     }
 
     fn symlink(
@@ -179,43 +423,23 @@ impl Tree for DirTree {
         uid: u32,
         gid: u32,
     ) -> Result<(), TreeError> {
-        let (dir, name) = self.parent(path)?;
-        sys::symlinkat(target, dir.as_fd(), name).map_err(|e| tree_err(path, e))?;
-        sys::fchownat(dir.as_fd(), name, Some(uid), Some(gid)).map_err(|e| tree_err(path, e))
+        self.root
+            .symlink(path, target, uid, gid)
+            .map_err(|e| tree_err(path, e))
     }
 
     fn link(&mut self, from: &RelPath, to: &RelPath) -> Result<(), TreeError> {
-        let (fdir, fname) = self.parent(from)?;
-        let (tdir, tname) = self.parent(to)?;
-        let a = sys::cstr(fname).map_err(|e| tree_err(from, e))?;
-        let b = sys::cstr(tname).map_err(|e| tree_err(to, e))?;
-        use std::os::fd::AsRawFd;
-        // SAFETY: valid descriptors and C strings; linkat does not follow the source symlink.
-        let r = unsafe {
-            libc::linkat(
-                fdir.as_raw_fd(),
-                a.as_ptr(),
-                tdir.as_raw_fd(),
-                b.as_ptr(),
-                0,
-            )
-        };
-        if r < 0 {
-            return Err(tree_err(to, io::Error::last_os_error()));
-        }
-        Ok(())
+        self.root.link(from, to).map_err(|e| tree_err(to, e))
     }
 
     fn unlink(&mut self, path: &RelPath) -> Result<(), TreeError> {
         self.forget_open();
-        let (dir, name) = self.parent(path)?;
-        sys::unlinkat(dir.as_fd(), name, 0).map_err(|e| tree_err(path, e))
+        self.root.unlink(path).map_err(|e| tree_err(path, e))
     }
 
     fn rmdir(&mut self, path: &RelPath) -> Result<(), TreeError> {
         self.forget_open();
-        let (dir, name) = self.parent(path)?;
-        sys::unlinkat(dir.as_fd(), name, libc::AT_REMOVEDIR).map_err(|e| tree_err(path, e))
+        self.root.rmdir(path).map_err(|e| tree_err(path, e))
     }
 
     fn remove_all(&mut self, path: &RelPath) -> Result<(), TreeError> {
@@ -223,13 +447,14 @@ impl Tree for DirTree {
         match self.kind(path)? {
             None => Ok(()),
             Some(EntryKind::Dir) => {
-                let fd = sys::open_beneath(
-                    self.root.as_fd(),
-                    path.as_at_path(),
-                    libc::O_RDONLY | libc::O_DIRECTORY,
-                    0,
-                )
-                .map_err(|e| tree_err(path, e))?;
+                let fd = self
+                    .root
+                    .open_at(
+                        path,
+                        libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+                        0,
+                    )
+                    .map_err(|e| tree_err(path, e))?;
                 for (name, _) in sys::read_dir_fd(fd.as_fd()).map_err(|e| tree_err(path, e))? {
                     let child = path.join(&name).map_err(|e| TreeError::Other {
                         path: path.to_string(),
@@ -246,25 +471,9 @@ impl Tree for DirTree {
 
     fn rename(&mut self, from: &RelPath, to: &RelPath, flags: u32) -> Result<(), TreeError> {
         self.forget_open();
-        let (fdir, fname) = self.parent(from)?;
-        let (tdir, tname) = self.parent(to)?;
-        let a = sys::cstr(fname).map_err(|e| tree_err(from, e))?;
-        let b = sys::cstr(tname).map_err(|e| tree_err(to, e))?;
-        use std::os::fd::AsRawFd;
-        // SAFETY: valid descriptors and C strings.
-        let r = unsafe {
-            libc::renameat2(
-                fdir.as_raw_fd(),
-                a.as_ptr(),
-                tdir.as_raw_fd(),
-                b.as_ptr(),
-                flags,
-            )
-        };
-        if r < 0 {
-            return Err(tree_err(from, io::Error::last_os_error()));
-        }
-        Ok(())
+        self.root
+            .rename(from, to, flags)
+            .map_err(|e| tree_err(from, e))
     }
 
     fn write(&mut self, path: &RelPath, offset: u64, data: &[u8]) -> Result<(), TreeError> {
@@ -289,13 +498,10 @@ impl Tree for DirTree {
     }
 
     fn chmod(&mut self, path: &RelPath, mode: u32) -> Result<(), TreeError> {
-        if path.is_root() {
-            return sys::fchmod(self.root.as_fd(), mode & 0o7777).map_err(|e| tree_err(path, e));
-        }
-        let (dir, name) = self.parent(path)?;
-        match sys::fchmodat(dir.as_fd(), name, mode & 0o7777) {
+        match self.root.chmod(path, mode) {
+            // Symlink modes mean nothing on Linux (and cannot be changed): nothing to do.
             Err(e)
-                if e.raw_os_error() == Some(libc::ENOENT)
+                if e.raw_os_error() == Some(libc::EOPNOTSUPP)
                     && self.kind(path)? == Some(EntryKind::Symlink) =>
             {
                 Ok(())
@@ -310,8 +516,9 @@ impl Tree for DirTree {
         uid: Option<u32>,
         gid: Option<u32>,
     ) -> Result<(), TreeError> {
-        let fd = self.open_path(path)?;
-        sys::fchownat(fd.as_fd(), OsStr::new(""), uid, gid).map_err(|e| tree_err(path, e))
+        self.root
+            .chown(path, uid, gid)
+            .map_err(|e| tree_err(path, e))
     }
 
     fn utimes(
@@ -320,12 +527,9 @@ impl Tree for DirTree {
         atime: Option<Timespec>,
         mtime: Option<Timespec>,
     ) -> Result<(), TreeError> {
-        if path.is_root() {
-            return sys::utimensat(self.root.as_fd(), OsStr::new("."), atime, mtime)
-                .map_err(|e| tree_err(path, e));
-        }
-        let (dir, name) = self.parent(path)?;
-        sys::utimensat(dir.as_fd(), name, atime, mtime).map_err(|e| tree_err(path, e))
+        self.root
+            .utimes(path, atime, mtime)
+            .map_err(|e| tree_err(path, e))
     }
 
     fn setxattr(
@@ -335,17 +539,19 @@ impl Tree for DirTree {
         value: &[u8],
         flags: i32,
     ) -> Result<(), TreeError> {
-        let fd = self.open_path(path)?;
-        sys::lsetxattr_fd(fd.as_fd(), name, value, flags).map_err(|e| tree_err(path, e))
+        self.root
+            .setxattr(path, name, value, flags)
+            .map_err(|e| tree_err(path, e))
     }
 
     fn removexattr(&mut self, path: &RelPath, name: &[u8]) -> Result<(), TreeError> {
-        let fd = self.open_path(path)?;
-        sys::lremovexattr_fd(fd.as_fd(), name).map_err(|e| tree_err(path, e))
+        self.root
+            .removexattr(path, name)
+            .map_err(|e| tree_err(path, e))
     }
 
     fn sync(&mut self) -> Result<(), TreeError> {
-        sys::syncfs(self.root.as_fd()).map_err(|e| tree_err(&RelPath::root(), e))
+        sys::syncfs(self.root.fd()).map_err(|e| tree_err(&RelPath::root(), e))
     }
 }
 
@@ -353,21 +559,115 @@ impl DirTree {
     /// The entry's mtime (`lstat`, beneath the root), or `None` if there is no such entry (or a
     /// component on the way is not a directory).
     pub fn mtime(&self, path: &RelPath) -> Result<Option<Timespec>, TreeError> {
-        match self.parent_or_root_stat(path) {
+        match self.root.lstat(path) {
             Ok(st) => Ok(Some(Timespec {
                 sec: st.st_mtime,
                 nsec: st.st_mtime_nsec as u32,
             })),
-            Err(TreeError::NotFound(_) | TreeError::NotDir(_)) => Ok(None),
-            Err(e) => Err(e),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR)) => Ok(None),
+            Err(e) => Err(tree_err(path, e)),
         }
     }
+}
 
-    fn parent_or_root_stat(&self, path: &RelPath) -> Result<libc::stat, TreeError> {
-        if path.is_root() {
-            return sys::fstat(self.root.as_fd()).map_err(|e| tree_err(path, e));
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn rel(s: &str) -> RelPath {
+        RelPath::new(s).expect("valid path")
+    }
+
+    fn errno<T>(r: io::Result<T>) -> Option<i32> {
+        r.err().and_then(|e| e.raw_os_error())
+    }
+
+    #[test]
+    fn a_symlink_in_an_ancestor_or_at_the_final_name_is_never_followed() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let outside = t.path().join("outside");
+        std::fs::create_dir_all(outside.join("t")).expect("mkdir");
+        std::fs::write(outside.join("t/f"), b"x").expect("write");
+        std::fs::set_permissions(outside.join("t/f"), std::fs::Permissions::from_mode(0o644))
+            .expect("chmod");
+        let root_dir = t.path().join("root");
+        std::fs::create_dir(&root_dir).expect("mkdir root");
+        std::os::unix::fs::symlink(&outside, root_dir.join("p")).expect("symlink p");
+        std::os::unix::fs::symlink(outside.join("t/f"), root_dir.join("f")).expect("symlink f");
+        let root = Root::open(&root_dir).expect("open root");
+        let through = rel("p/t/f");
+        assert_eq!(errno(root.chmod(&through, 0o600)), Some(libc::ELOOP));
+        assert_eq!(
+            errno(root.chown(&through, Some(1), Some(1))),
+            Some(libc::ELOOP)
+        );
+        assert_eq!(errno(root.truncate(&through, 0)), Some(libc::ELOOP));
+        assert_eq!(errno(root.utimes(&through, None, None)), Some(libc::ELOOP));
+        assert_eq!(
+            errno(root.setxattr(&through, b"user.x", b"1", 0)),
+            Some(libc::ELOOP)
+        );
+        assert_eq!(errno(root.unlink(&through)), Some(libc::ELOOP));
+        assert_eq!(
+            errno(root.mkdir(&rel("p/t/new"), 0o755, 0, 0)),
+            Some(libc::ELOOP)
+        );
+        assert_eq!(
+            errno(root.create(&rel("p/t/new"), libc::O_WRONLY, 0o644, 0, 0)),
+            Some(libc::ELOOP)
+        );
+        assert_eq!(errno(root.lstat(&through)), Some(libc::ELOOP));
+        // The final name: the symlink itself, never its target.
+        let f = rel("f");
+        assert_eq!(errno(root.chmod(&f, 0o600)), Some(libc::EOPNOTSUPP));
+        assert_eq!(errno(root.truncate(&f, 0)), Some(libc::ELOOP));
+        root.chown(&f, Some(1), Some(1))
+            .expect("lchown of the symlink");
+        let st = root.lstat(&f).expect("lstat");
+        assert_eq!(st.st_mode & libc::S_IFMT, libc::S_IFLNK);
+        assert_eq!(st.st_uid, 1);
+        let target = std::fs::metadata(outside.join("t/f")).expect("stat outside");
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(
+            (target.mode() & 0o7777, target.uid(), target.size()),
+            (0o644, 0, 1),
+            "the outside file is untouched"
+        );
+    }
+
+    #[test]
+    fn paths_longer_than_path_max_are_resolved_a_chunk_at_a_time() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let root = Root::open(t.path()).expect("open root");
+        let mut p = RelPath::root();
+        for i in 0..40u8 {
+            p = p.join(&[b'a' + i; 250]).expect("join");
+            root.mkdir(&p, 0o755, 0, 0).expect("mkdir deep");
         }
-        let (dir, name) = self.parent(path)?;
-        sys::lstatat(dir.as_fd(), name).map_err(|e| tree_err(path, e))
+        assert!(p.as_bytes().len() > 2 * 4096);
+        let f = p.join(b"file").expect("join");
+        let fd = root
+            .create(&f, libc::O_WRONLY, 0o640, 12, 34)
+            .expect("create deep");
+        sys::pwrite_all(fd.as_fd(), b"hello", 0).expect("write");
+        root.chmod(&f, 0o600).expect("chmod deep");
+        root.truncate(&f, 3).expect("truncate deep");
+        let g = p.join(b"link").expect("join");
+        root.link(&f, &g).expect("link deep");
+        let st = root.lstat(&g).expect("lstat deep");
+        assert_eq!(
+            (
+                st.st_mode & 0o7777,
+                st.st_uid,
+                st.st_gid,
+                st.st_size,
+                st.st_nlink
+            ),
+            (0o600, 12, 34, 3, 2)
+        );
+        root.rename(&g, &p.join(b"moved").expect("join"), 0)
+            .expect("rename deep");
+        assert_eq!(errno(root.lstat(&g)), Some(libc::ENOENT));
     }
 }

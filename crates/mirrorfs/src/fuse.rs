@@ -20,16 +20,22 @@ use fuser::{
 use mirrorfs_core::op::{Op, Timespec, WRITE_BYTES_MAX};
 use mirrorfs_core::path::RelPath;
 
+use crate::dirtree::Root;
 use crate::inodes::{Inodes, ROOT};
 use crate::sys;
 use crate::volume::{lock, Volume};
 
 const TTL: Duration = Duration::from_secs(1);
+/// How many times a change is retried when the name it was given for an inode changed before the
+/// order lock was taken (a rename or unlink came in between).
+const STALE_RETRIES: u32 = 16;
 
 struct Handle {
     fd: OwnedFd,
     ino: u64,
     append: bool,
+    /// Opened with `O_DIRECT`: reads and writes go through page-aligned buffers.
+    direct: bool,
     wrote: AtomicBool,
     _backing: Option<BackingId>,
 }
@@ -39,7 +45,8 @@ type DirListing = Vec<(u64, FileType, Vec<u8>)>;
 
 pub struct MirrorFs {
     vol: Arc<Volume>,
-    root: OwnedFd,
+    /// The backing directory: every path is resolved beneath it, never through a symlink.
+    root: Root,
     inodes: Arc<Mutex<Inodes>>,
     handles: RwLock<HashMap<u64, Arc<Handle>>>,
     dirs: Mutex<HashMap<u64, Arc<DirListing>>>,
@@ -102,8 +109,8 @@ fn file_type(mode: u32) -> FileType {
 
 impl MirrorFs {
     pub fn new(vol: Arc<Volume>, backing: &Path, hidden: Option<Vec<u8>>) -> std::io::Result<Self> {
-        let root: OwnedFd = std::fs::File::open(backing)?.into();
-        let st = sys::fstat(root.as_fd())?;
+        let root = Root::open(backing)?;
+        let st = sys::fstat(root.fd())?;
         Ok(MirrorFs {
             vol,
             root,
@@ -117,7 +124,29 @@ impl MirrorFs {
     }
 
     fn rootfd(&self) -> BorrowedFd<'_> {
-        self.root.as_fd()
+        self.root.fd()
+    }
+
+    /// Under the order lock (inside a `mutate` closure): fails with `ESTALE` unless `p` is still
+    /// the name of `ino`, so that a change journaled under `p` is the change made to `ino`.
+    fn still_named(&self, ino: INodeNo, p: &RelPath) -> std::io::Result<()> {
+        if lock(&self.inodes).path(ino.0).as_ref() == Some(p) {
+            Ok(())
+        } else {
+            Err(std::io::Error::from_raw_os_error(libc::ESTALE))
+        }
+    }
+
+    /// Runs `f` (a change to the inode named `p` when it starts) again while it fails because
+    /// the name changed before the order lock was taken; bounded.
+    fn retry_renamed<T>(&self, mut f: impl FnMut() -> Result<T, i32>) -> Result<T, i32> {
+        for _ in 1..STALE_RETRIES {
+            match f() {
+                Err(libc::ESTALE) => std::thread::yield_now(),
+                other => return other,
+            }
+        }
+        f()
     }
 
     /// Attributes of `st` for a reply about node `ino` (its id may differ from the backing
@@ -160,7 +189,7 @@ impl MirrorFs {
     }
 
     fn lstat(&self, p: &RelPath) -> std::io::Result<libc::stat> {
-        sys::lstatat(self.rootfd(), p.as_at_path())
+        self.root.lstat(p)
     }
 
     /// Stats a new entry, registers it in the inode table, replies with it.
@@ -262,6 +291,114 @@ impl MirrorFs {
                 }),
             })
         });
+    }
+
+    /// The changes of one `setattr` to the inode `ino`, named `p` (see `still_named`).
+    #[allow(clippy::too_many_arguments)]
+    fn setattr_named(
+        &self,
+        ino: INodeNo,
+        p: &RelPath,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        fh: Option<FileHandle>,
+    ) -> Result<(), i32> {
+        let root = &self.root;
+        if let Some(size) = size {
+            let handle = fh.and_then(|f| self.handle(f).ok());
+            self.vol
+                .mutate(
+                    Op::Truncate {
+                        path: p.clone(),
+                        size,
+                    },
+                    || {
+                        self.still_named(ino, p)?;
+                        match &handle {
+                            Some(h) => sys::ftruncate(h.fd.as_fd(), size),
+                            None => root.truncate(p, size),
+                        }
+                    },
+                )
+                .map(drop)?;
+            self.touch(p.clone());
+        }
+        if uid.is_some() || gid.is_some() {
+            self.vol
+                .mutate(
+                    Op::SetOwner {
+                        path: p.clone(),
+                        uid,
+                        gid,
+                    },
+                    || {
+                        self.still_named(ino, p)?;
+                        root.chown(p, uid, gid)
+                    },
+                )
+                .map(drop)?;
+            // chown may clear set-user/group-ID bits: record the resulting mode too.
+            if let Ok(st) = self.lstat(p) {
+                if st.st_mode & libc::S_IFMT != libc::S_IFLNK {
+                    let m = st.st_mode & 0o7777;
+                    self.vol
+                        .mutate(
+                            Op::SetMode {
+                                path: p.clone(),
+                                mode: m,
+                            },
+                            || {
+                                self.still_named(ino, p)?;
+                                root.chmod(p, m)
+                            },
+                        )
+                        .map(drop)?;
+                }
+            }
+        }
+        if let Some(mode) = mode {
+            let m = mode & 0o7777;
+            self.vol
+                .mutate(
+                    Op::SetMode {
+                        path: p.clone(),
+                        mode: m,
+                    },
+                    || {
+                        self.still_named(ino, p)?;
+                        root.chmod(p, m)
+                    },
+                )
+                .map(drop)?;
+        }
+        if atime.is_some() || mtime.is_some() {
+            let now = sys::now();
+            let conv = |t: Option<TimeOrNow>| {
+                t.map(|t| match t {
+                    TimeOrNow::Now => now,
+                    TimeOrNow::SpecificTime(s) => to_ts(s),
+                })
+            };
+            let (a, m) = (conv(atime), conv(mtime));
+            self.vol
+                .mutate(
+                    Op::SetTimes {
+                        path: p.clone(),
+                        atime: a,
+                        mtime: m,
+                    },
+                    || {
+                        self.still_named(ino, p)?;
+                        root.utimes(p, a, m)
+                    },
+                )
+                .map(drop)?;
+        }
+        Ok(())
     }
 
     fn open_flags(flags: i32) -> i32 {
@@ -374,9 +511,19 @@ impl Filesystem for MirrorFs {
         reply: ReplyAttr,
     ) {
         crate::affinity::follow(req.pid());
-        let p = match self.path(ino) {
-            Ok(p) => p,
-            Err(e) => {
+        // Each change checks under the order lock that `p` still names the inode (a rename may
+        // have come in between), and is made again under the new name if not.
+        let r = self.retry_renamed(|| {
+            let p = match self.path(ino) {
+                Ok(p) => p,
+                Err(e) => return Ok(Err(e)),
+            };
+            self.setattr_named(ino, &p, mode, uid, gid, size, atime, mtime, fh)
+                .map(|()| Ok(p))
+        });
+        let p = match r {
+            Ok(Ok(p)) => p,
+            Ok(Err(e)) => {
                 // Unlinked but open: change it through the descriptor; nothing visible to mirror.
                 // The caller's own descriptor first: another one may be read-only.
                 let Some(h) = fh
@@ -387,94 +534,8 @@ impl Filesystem for MirrorFs {
                 };
                 return reply_unlinked_setattr(self, &h, mode, uid, gid, size, atime, mtime, reply);
             }
+            Err(e) => return reply.error(err(e)),
         };
-        let root = self.rootfd();
-        let at = p.as_at_path();
-        let r: Result<(), i32> = (|| {
-            if let Some(size) = size {
-                let handle = fh.and_then(|f| self.handle(f).ok());
-                self.vol
-                    .mutate(
-                        Op::Truncate {
-                            path: p.clone(),
-                            size,
-                        },
-                        || match &handle {
-                            Some(h) => sys::ftruncate(h.fd.as_fd(), size),
-                            None => {
-                                let f =
-                                    sys::openat(root, at, libc::O_WRONLY | libc::O_NOFOLLOW, 0)?;
-                                sys::ftruncate(f.as_fd(), size)
-                            }
-                        },
-                    )
-                    .map(drop)?;
-                self.touch(p.clone());
-            }
-            if uid.is_some() || gid.is_some() {
-                self.vol
-                    .mutate(
-                        Op::SetOwner {
-                            path: p.clone(),
-                            uid,
-                            gid,
-                        },
-                        || sys::fchownat(root, at, uid, gid),
-                    )
-                    .map(drop)?;
-                // chown may clear set-user/group-ID bits: record the resulting mode too.
-                if let Ok(st) = self.lstat(&p) {
-                    if st.st_mode & libc::S_IFMT != libc::S_IFLNK {
-                        let m = st.st_mode & 0o7777;
-                        self.vol
-                            .mutate(
-                                Op::SetMode {
-                                    path: p.clone(),
-                                    mode: m,
-                                },
-                                || sys::fchmodat(root, at, m),
-                            )
-                            .map(drop)?;
-                    }
-                }
-            }
-            if let Some(mode) = mode {
-                let m = mode & 0o7777;
-                self.vol
-                    .mutate(
-                        Op::SetMode {
-                            path: p.clone(),
-                            mode: m,
-                        },
-                        || sys::fchmodat(root, at, m),
-                    )
-                    .map(drop)?;
-            }
-            if atime.is_some() || mtime.is_some() {
-                let now = sys::now();
-                let conv = |t: Option<TimeOrNow>| {
-                    t.map(|t| match t {
-                        TimeOrNow::Now => now,
-                        TimeOrNow::SpecificTime(s) => to_ts(s),
-                    })
-                };
-                let (a, m) = (conv(atime), conv(mtime));
-                self.vol
-                    .mutate(
-                        Op::SetTimes {
-                            path: p.clone(),
-                            atime: a,
-                            mtime: m,
-                        },
-                        || sys::utimensat(root, at, a, m),
-                    )
-                    .map(drop)?;
-            }
-            Ok(())
-        })();
-        if let Err(e) = r {
-            return reply.error(err(e));
-        }
         match self.lstat(&p) {
             Ok(st) => reply.attr(&TTL, &self.attr_of(ino, &st)),
             Err(e) => reply.error(io_errno(&e)),
@@ -485,7 +546,7 @@ impl Filesystem for MirrorFs {
         crate::affinity::follow(req.pid());
         match self
             .path(ino)
-            .and_then(|p| sys::readlinkat(self.rootfd(), p.as_at_path()).map_err(|e| io_errno(&e)))
+            .and_then(|p| self.root.readlink(&p).map_err(|e| io_errno(&e)))
         {
             Ok(t) => reply.data(&t),
             Err(e) => reply.error(e),
@@ -510,7 +571,6 @@ impl Filesystem for MirrorFs {
         let (uid, gid, _) = self.owner(req, &p.parent().unwrap_or_default());
         let perm = mode & 0o7777 & !umask;
         let full = (mode & libc::S_IFMT) | perm;
-        let root = self.rootfd();
         let op = Op::Mknod {
             path: p.clone(),
             mode: full,
@@ -518,22 +578,9 @@ impl Filesystem for MirrorFs {
             uid,
             gid,
         };
-        let r = self.vol.mutate(op, || {
-            if mode & libc::S_IFMT == libc::S_IFREG {
-                let f = sys::openat(
-                    root,
-                    p.as_at_path(),
-                    libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_NOFOLLOW,
-                    perm,
-                )?;
-                sys::fchown(f.as_fd(), uid, gid)?;
-                sys::fchmod(f.as_fd(), perm)
-            } else {
-                sys::mknodat(root, p.as_at_path(), full, rdev as u64)?;
-                sys::fchownat(root, p.as_at_path(), Some(uid), Some(gid))?;
-                sys::fchmodat(root, p.as_at_path(), perm)
-            }
-        });
+        let r = self
+            .vol
+            .mutate(op, || self.root.mknod(&p, full, rdev as u64, uid, gid));
         match r {
             Ok(_) => {
                 self.touch(p.clone());
@@ -560,7 +607,6 @@ impl Filesystem for MirrorFs {
         };
         let (uid, gid, sgid) = self.owner(req, &p.parent().unwrap_or_default());
         let perm = (mode & 0o7777 & !umask) | if sgid { libc::S_ISGID } else { 0 };
-        let root = self.rootfd();
         let r = self.vol.mutate(
             Op::Mkdir {
                 path: p.clone(),
@@ -568,11 +614,7 @@ impl Filesystem for MirrorFs {
                 uid,
                 gid,
             },
-            || {
-                sys::mkdirat(root, p.as_at_path(), perm)?;
-                sys::fchownat(root, p.as_at_path(), Some(uid), Some(gid))?;
-                sys::fchmodat(root, p.as_at_path(), perm)
-            },
+            || self.root.mkdir(&p, perm, uid, gid),
         );
         match r {
             Ok(_) => {
@@ -594,14 +636,13 @@ impl Filesystem for MirrorFs {
             Ok(st) => st,
             Err(e) => return reply.error(io_errno(&e)),
         };
-        let root = self.rootfd();
         match self.vol.mutate(
             Op::Unlink {
                 path: p.clone(),
                 nlink: st.st_nlink as u32,
             },
             || {
-                sys::unlinkat(root, p.as_at_path(), 0)?;
+                self.root.unlink(&p)?;
                 self.mark_gone(&st);
                 Ok(())
             },
@@ -623,9 +664,8 @@ impl Filesystem for MirrorFs {
             Err(e) => return reply.error(e),
         };
         let st = self.lstat(&p).ok();
-        let root = self.rootfd();
         match self.vol.mutate(Op::Rmdir { path: p.clone() }, || {
-            sys::unlinkat(root, p.as_at_path(), libc::AT_REMOVEDIR)?;
+            self.root.rmdir(&p)?;
             if let Some(st) = &st {
                 self.mark_gone(st);
             }
@@ -658,7 +698,6 @@ impl Filesystem for MirrorFs {
         };
         let (uid, gid, _) = self.owner(req, &p.parent().unwrap_or_default());
         let t = target.as_os_str().as_bytes().to_vec();
-        let root = self.rootfd();
         let r = self.vol.mutate(
             Op::Symlink {
                 path: p.clone(),
@@ -666,10 +705,7 @@ impl Filesystem for MirrorFs {
                 uid,
                 gid,
             },
-            || {
-                sys::symlinkat(&t, root, p.as_at_path())?;
-                sys::fchownat(root, p.as_at_path(), Some(uid), Some(gid))
-            },
+            || self.root.symlink(&p, &t, uid, gid),
         );
         match r {
             Ok(_) => {
@@ -701,7 +737,6 @@ impl Filesystem for MirrorFs {
             Err(e) => return reply.error(io_errno(&e)),
         };
         let dst = self.lstat(&to).ok();
-        let root = self.rootfd();
         let f = flags.bits();
         let op = Op::Rename {
             from: from.clone(),
@@ -710,7 +745,7 @@ impl Filesystem for MirrorFs {
             from_ino: src.st_ino,
         };
         match self.vol.mutate(op, || {
-            sys::renameat2(root, from.as_at_path(), to.as_at_path(), f)?;
+            self.root.rename(&from, &to, f)?;
             match &dst {
                 Some(d) if f & libc::RENAME_EXCHANGE == 0 && d.st_ino != src.st_ino => {
                     self.mark_gone(d)
@@ -770,13 +805,12 @@ impl Filesystem for MirrorFs {
             (Ok(a), Ok(b)) => (a, b),
             (Err(e), _) | (_, Err(e)) => return reply.error(e),
         };
-        let root = self.rootfd();
         match self.vol.mutate(
             Op::Link {
                 from: from.clone(),
                 to: to.clone(),
             },
-            || sys::linkat(root, from.as_at_path(), to.as_at_path()),
+            || self.root.link(&from, &to),
         ) {
             Ok(_) => {
                 self.touch_parent(&to);
@@ -793,7 +827,7 @@ impl Filesystem for MirrorFs {
             Err(e) => return reply.error(e),
         };
         let fl = Self::open_flags(flags.0);
-        let fd = match sys::openat(self.rootfd(), p.as_at_path(), fl, 0) {
+        let fd = match self.root.open_at(&p, fl, 0) {
             Ok(fd) => fd,
             Err(e) => return reply.error(io_errno(&e)),
         };
@@ -804,6 +838,7 @@ impl Filesystem for MirrorFs {
                     fd,
                     ino: ino.0,
                     append: false,
+                    direct: false,
                     wrote: AtomicBool::new(false),
                     _backing: None,
                 });
@@ -817,6 +852,7 @@ impl Filesystem for MirrorFs {
                         },
                         ino: h.ino,
                         append: false,
+                        direct: false,
                         wrote: AtomicBool::new(false),
                         _backing: Some(bid),
                     };
@@ -832,6 +868,7 @@ impl Filesystem for MirrorFs {
             fd,
             ino: ino.0,
             append: fl & libc::O_APPEND != 0,
+            direct: fl & libc::O_DIRECT != 0,
             wrote: AtomicBool::new(false),
             _backing: None,
         });
@@ -854,9 +891,9 @@ impl Filesystem for MirrorFs {
             Ok(h) => h,
             Err(e) => return reply.error(e),
         };
-        let mut buf = vec![0u8; size as usize];
-        match sys::pread(h.fd.as_fd(), &mut buf, offset) {
-            Ok(n) => reply.data(&buf[..n]),
+        let mut buf = sys::IoBuf::new(size as usize, h.direct);
+        match sys::pread(h.fd.as_fd(), buf.as_mut(), offset) {
+            Ok(n) => reply.data(&buf.as_mut()[..n]),
             Err(e) => reply.error(io_errno(&e)),
         }
     }
@@ -878,13 +915,16 @@ impl Filesystem for MirrorFs {
             Ok(h) => h,
             Err(e) => return reply.error(e),
         };
-        let Some(p) = lock(&self.inodes).path(ino.0) else {
+        // O_DIRECT needs a memory-aligned buffer; the request's bytes are not aligned.
+        let aligned = h.direct.then(|| sys::IoBuf::copy_of(data));
+        let data = aligned.as_ref().map_or(data, |b| b.as_ref());
+        if lock(&self.inodes).path(ino.0).is_none() {
             // Unlinked but still open: the change is invisible, so it is not mirrored.
             return match sys::pwrite(h.fd.as_fd(), data, offset) {
                 Ok(n) => reply.written(n as u32),
                 Err(e) => reply.error(io_errno(&e)),
             };
-        };
+        }
         let mut written = 0usize;
         for chunk in data.chunks(WRITE_BYTES_MAX) {
             let mut off = offset + written as u64;
@@ -894,16 +934,28 @@ impl Filesystem for MirrorFs {
                     Err(e) => return reply.error(io_errno(&e)),
                 }
             }
-            let op = Op::Write {
-                path: p.clone(),
-                offset: off,
-                data: chunk.to_vec(),
-            };
-            match self
-                .vol
-                .mutate(op, || sys::pwrite_whole(h.fd.as_fd(), chunk, off))
-            {
-                Ok(_) => written += chunk.len(),
+            // Journaled under the file's name as it is under the order lock (see `still_named`).
+            let r = self.retry_renamed(|| {
+                let Some(p) = lock(&self.inodes).path(ino.0) else {
+                    // Unlinked in the meantime: invisible from now on.
+                    return sys::pwrite_all(h.fd.as_fd(), chunk, off)
+                        .map_err(|e| sys::errno_of(&e));
+                };
+                let op = Op::Write {
+                    path: p.clone(),
+                    offset: off,
+                    data: chunk.to_vec(),
+                };
+                self.vol
+                    .mutate(op, || {
+                        self.still_named(ino, &p)?;
+                        // Whole or nothing: its record is aborted if it fails (see sys).
+                        sys::pwrite_whole(h.fd.as_fd(), chunk, off)
+                    })
+                    .map(drop)
+            });
+            match r {
+                Ok(()) => written += chunk.len(),
                 Err(e) => {
                     // A failed write may still have moved the mtime (ext4 updates it before it
                     // rejects a misaligned O_DIRECT write): the times are recorded at close.
@@ -989,15 +1041,14 @@ impl Filesystem for MirrorFs {
             Ok(p) => p,
             Err(e) => return reply.error(e),
         };
-        let fd = match sys::openat(
-            self.rootfd(),
-            p.as_at_path(),
-            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
-            0,
-        ) {
-            Ok(fd) => fd,
-            Err(e) => return reply.error(io_errno(&e)),
-        };
+        let fd =
+            match self
+                .root
+                .open_at(&p, libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW, 0)
+            {
+                Ok(fd) => fd,
+                Err(e) => return reply.error(io_errno(&e)),
+            };
         let ents = match sys::read_dir_fd(fd.as_fd()) {
             Ok(v) => v,
             Err(e) => return reply.error(io_errno(&e)),
@@ -1130,12 +1181,10 @@ impl Filesystem for MirrorFs {
     ) {
         crate::affinity::follow(req.pid());
         if let Ok(p) = self.path(ino) {
-            if let Ok(fd) = sys::openat(
-                self.rootfd(),
-                p.as_at_path(),
-                libc::O_RDONLY | libc::O_DIRECTORY,
-                0,
-            ) {
+            if let Ok(fd) =
+                self.root
+                    .open_at(&p, libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW, 0)
+            {
                 if let Err(e) = sys::fsync(fd.as_fd()) {
                     return reply.error(io_errno(&e));
                 }
@@ -1174,30 +1223,22 @@ impl Filesystem for MirrorFs {
         reply: ReplyEmpty,
     ) {
         crate::affinity::follow(req.pid());
-        let p = match self.path(ino) {
-            Ok(p) => p,
-            Err(e) => return reply.error(e),
-        };
-        let fd = match sys::openat(
-            self.rootfd(),
-            p.as_at_path(),
-            libc::O_PATH | libc::O_NOFOLLOW,
-            0,
-        ) {
-            Ok(fd) => fd,
-            Err(e) => return reply.error(io_errno(&e)),
-        };
         let n = name.as_bytes().to_vec();
-        let op = Op::SetXattr {
-            path: p,
-            name: n.clone(),
-            value: value.to_vec(),
-            flags,
-        };
-        match self
-            .vol
-            .mutate(op, || sys::lsetxattr_fd(fd.as_fd(), &n, value, flags))
-        {
+        // Resolved under the order lock (see `still_named`), never through a symlink.
+        let r = self.retry_renamed(|| {
+            let p = self.path(ino).map_err(|e| e.code())?;
+            let op = Op::SetXattr {
+                path: p.clone(),
+                name: n.clone(),
+                value: value.to_vec(),
+                flags,
+            };
+            self.vol.mutate(op, || {
+                self.still_named(ino, &p)?;
+                self.root.setxattr(&p, &n, value, flags)
+            })
+        });
+        match r {
             Ok(_) => reply.ok(),
             Err(e) => reply.error(err(e)),
         }
@@ -1205,15 +1246,9 @@ impl Filesystem for MirrorFs {
 
     fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         crate::affinity::follow(req.pid());
-        let r = self.path(ino).and_then(|p| {
-            sys::openat(
-                self.rootfd(),
-                p.as_at_path(),
-                libc::O_PATH | libc::O_NOFOLLOW,
-                0,
-            )
-            .map_err(|e| io_errno(&e))
-        });
+        let r = self
+            .path(ino)
+            .and_then(|p| self.root.entry(&p).map_err(|e| io_errno(&e)));
         let fd = match r {
             Ok(fd) => fd,
             Err(e) => return reply.error(e),
@@ -1228,15 +1263,9 @@ impl Filesystem for MirrorFs {
 
     fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
         crate::affinity::follow(req.pid());
-        let r = self.path(ino).and_then(|p| {
-            sys::openat(
-                self.rootfd(),
-                p.as_at_path(),
-                libc::O_PATH | libc::O_NOFOLLOW,
-                0,
-            )
-            .map_err(|e| io_errno(&e))
-        });
+        let r = self
+            .path(ino)
+            .and_then(|p| self.root.entry(&p).map_err(|e| io_errno(&e)));
         let fd = match r {
             Ok(fd) => fd,
             Err(e) => return reply.error(e),
@@ -1251,27 +1280,21 @@ impl Filesystem for MirrorFs {
 
     fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         crate::affinity::follow(req.pid());
-        let p = match self.path(ino) {
-            Ok(p) => p,
-            Err(e) => return reply.error(e),
-        };
-        let fd = match sys::openat(
-            self.rootfd(),
-            p.as_at_path(),
-            libc::O_PATH | libc::O_NOFOLLOW,
-            0,
-        ) {
-            Ok(fd) => fd,
-            Err(e) => return reply.error(io_errno(&e)),
-        };
         let n = name.as_bytes().to_vec();
-        match self.vol.mutate(
-            Op::RemoveXattr {
-                path: p,
-                name: n.clone(),
-            },
-            || sys::lremovexattr_fd(fd.as_fd(), &n),
-        ) {
+        let r = self.retry_renamed(|| {
+            let p = self.path(ino).map_err(|e| e.code())?;
+            self.vol.mutate(
+                Op::RemoveXattr {
+                    path: p.clone(),
+                    name: n.clone(),
+                },
+                || {
+                    self.still_named(ino, &p)?;
+                    self.root.removexattr(&p, &n)
+                },
+            )
+        });
+        match r {
             Ok(_) => reply.ok(),
             Err(e) => reply.error(err(e)),
         }
@@ -1294,7 +1317,6 @@ impl Filesystem for MirrorFs {
         };
         let (uid, gid, _) = self.owner(req, &p.parent().unwrap_or_default());
         let perm = mode & 0o7777 & !umask;
-        let root = self.rootfd();
         let fl = (Self::open_flags(flags) & !libc::O_ACCMODE) | libc::O_RDWR;
         let r = self.vol.mutate(
             Op::Create {
@@ -1303,17 +1325,7 @@ impl Filesystem for MirrorFs {
                 uid,
                 gid,
             },
-            || {
-                let fd = sys::openat(
-                    root,
-                    p.as_at_path(),
-                    fl | libc::O_CREAT | libc::O_EXCL,
-                    perm,
-                )?;
-                sys::fchown(fd.as_fd(), uid, gid)?;
-                sys::fchmod(fd.as_fd(), perm)?;
-                Ok(fd)
-            },
+            || self.root.create(&p, fl, perm, uid, gid),
         );
         let fd = match r {
             Ok((fd, _)) => fd,
@@ -1331,6 +1343,7 @@ impl Filesystem for MirrorFs {
             fd,
             ino: a.ino.0,
             append: flags & libc::O_APPEND != 0,
+            direct: fl & libc::O_DIRECT != 0,
             wrote: AtomicBool::new(false),
             _backing: None,
         });
@@ -1354,19 +1367,26 @@ impl Filesystem for MirrorFs {
         reply: ReplyEmpty,
     ) {
         crate::affinity::follow(req.pid());
-        let (h, p) = match (self.handle(fh), self.path(ino)) {
-            (Ok(h), Ok(p)) => (h, p),
-            (Err(e), _) | (_, Err(e)) => return reply.error(e),
+        let h = match self.handle(fh) {
+            Ok(h) => h,
+            Err(e) => return reply.error(e),
         };
-        match self.vol.mutate(
-            Op::Fallocate {
-                path: p,
-                mode,
-                offset,
-                len: length,
-            },
-            || sys::fallocate(h.fd.as_fd(), mode, offset, length),
-        ) {
+        let r = self.retry_renamed(|| {
+            let p = self.path(ino).map_err(|e| e.code())?;
+            self.vol.mutate(
+                Op::Fallocate {
+                    path: p.clone(),
+                    mode,
+                    offset,
+                    len: length,
+                },
+                || {
+                    self.still_named(ino, &p)?;
+                    sys::fallocate(h.fd.as_fd(), mode, offset, length)
+                },
+            )
+        });
+        match r {
             Ok(_) => {
                 h.wrote.store(true, Ordering::Relaxed);
                 reply.ok()

@@ -71,8 +71,8 @@ impl Inodes {
     pub fn path(&self, ino: u64) -> Option<RelPath> {
         let mut comps: Vec<&[u8]> = Vec::new();
         let mut cur = ino;
-        // Bounded: a path has at most PATH_MAX/2 components.
-        for _ in 0..2048 {
+        // Bounded: a path has at most PATH_BYTES_MAX/2 + 1 components.
+        for _ in 0..=mirrorfs_core::path::PATH_BYTES_MAX / 2 + 1 {
             if cur == ROOT {
                 let mut p = RelPath::root();
                 for c in comps.iter().rev() {

@@ -494,13 +494,8 @@ impl<'a> TrackedCopy<'a> {
     ) -> Option<(RelPath, OwnedFd, libc::stat)> {
         let names = o.copies.get(&self.id)?.names(ino);
         names.iter().find_map(|path| {
-            let f = sys::openat(
-                root,
-                path.as_at_path(),
-                libc::O_RDONLY | libc::O_NOFOLLOW,
-                0,
-            )
-            .ok()?;
+            let f =
+                crate::dirtree::open_in(root, path, libc::O_RDONLY | libc::O_NOFOLLOW, 0).ok()?;
             let st = sys::fstat(f.as_fd()).ok()?;
             (st.st_ino == ino && st.st_mode & libc::S_IFMT == libc::S_IFREG)
                 .then(|| (path.clone(), f, st))
@@ -620,7 +615,7 @@ fn ts(sec: i64, nsec: i64) -> mirrorfs_core::op::Timespec {
 
 pub(crate) fn xattrs(root: std::os::fd::BorrowedFd<'_>, path: &RelPath) -> Vec<(Vec<u8>, Vec<u8>)> {
     let mut out = Vec::new();
-    let Ok(fd) = sys::openat(root, path.as_at_path(), libc::O_PATH | libc::O_NOFOLLOW, 0) else {
+    let Ok(fd) = crate::dirtree::open_in(root, path, libc::O_PATH | libc::O_NOFOLLOW, 0) else {
         return out;
     };
     let mut names = vec![0u8; 65536];

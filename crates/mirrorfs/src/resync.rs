@@ -223,7 +223,7 @@ pub fn live_resync(
             let mut extra: Vec<&ManifestEntry> = manifest
                 .entries
                 .values()
-                .filter(|e| match sys::lstatat(root.as_fd(), e.path.as_at_path()) {
+                .filter(|e| match crate::dirtree::lstat_in(root.as_fd(), &e.path) {
                     Ok(st) => {
                         kind_of(st.st_mode) != e.kind
                             || (hidden.as_deref() == e.path.as_bytes().split(|b| *b == b'/').next())

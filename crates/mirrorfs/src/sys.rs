@@ -3,7 +3,7 @@
 
 use std::ffi::{CStr, CString, OsStr};
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 
 use mirrorfs_core::op::Timespec;
@@ -54,6 +54,27 @@ pub fn open_beneath(
     const RESOLVE_NO_MAGICLINKS: u64 = 0x02;
     const RESOLVE_NO_SYMLINKS: u64 = 0x04;
     const RESOLVE_BENEATH: u64 = 0x08;
+    // openat2 refuses flags it does not know (plain openat ignores them): keep only the open(2)
+    // flags, so that e.g. the kernel's internal `__FMODE_EXEC` in a FUSE open request passes.
+    const OPEN_FLAGS: i32 = libc::O_ACCMODE
+        | libc::O_CREAT
+        | libc::O_EXCL
+        | libc::O_NOCTTY
+        | libc::O_TRUNC
+        | libc::O_APPEND
+        | libc::O_NONBLOCK
+        | libc::O_DSYNC
+        | libc::O_SYNC
+        | libc::O_ASYNC
+        | libc::O_DIRECT
+        | libc::O_LARGEFILE
+        | libc::O_DIRECTORY
+        | libc::O_NOFOLLOW
+        | libc::O_NOATIME
+        | libc::O_CLOEXEC
+        | libc::O_PATH
+        | libc::O_TMPFILE;
+    let flags = flags & OPEN_FLAGS;
     let c = cstr(path)?;
     let how = OpenHow {
         flags: (flags | libc::O_CLOEXEC) as u64,
@@ -121,34 +142,55 @@ pub fn symlinkat(target: &[u8], dir: BorrowedFd<'_>, path: &OsStr) -> io::Result
     cvt(unsafe { libc::symlinkat(t.as_ptr(), dir.as_raw_fd(), c.as_ptr()) }).map(drop)
 }
 
-pub fn linkat(dir: BorrowedFd<'_>, from: &OsStr, to: &OsStr) -> io::Result<()> {
+/// `linkat` between two directories; a final symlink is linked itself, not followed.
+pub fn linkat(
+    from_dir: BorrowedFd<'_>,
+    from: &OsStr,
+    to_dir: BorrowedFd<'_>,
+    to: &OsStr,
+) -> io::Result<()> {
     let a = cstr(from)?;
     let b = cstr(to)?;
-    // SAFETY: valid C strings.
-    cvt(unsafe { libc::linkat(dir.as_raw_fd(), a.as_ptr(), dir.as_raw_fd(), b.as_ptr(), 0) })
-        .map(drop)
+    // SAFETY: valid descriptors and C strings.
+    cvt(unsafe {
+        libc::linkat(
+            from_dir.as_raw_fd(),
+            a.as_ptr(),
+            to_dir.as_raw_fd(),
+            b.as_ptr(),
+            0,
+        )
+    })
+    .map(drop)
+}
+
+/// `renameat2` between two directories.
+pub fn renameat2(
+    from_dir: BorrowedFd<'_>,
+    from: &OsStr,
+    to_dir: BorrowedFd<'_>,
+    to: &OsStr,
+    flags: u32,
+) -> io::Result<()> {
+    let a = cstr(from)?;
+    let b = cstr(to)?;
+    // SAFETY: valid descriptors and C strings.
+    cvt(unsafe {
+        libc::renameat2(
+            from_dir.as_raw_fd(),
+            a.as_ptr(),
+            to_dir.as_raw_fd(),
+            b.as_ptr(),
+            flags,
+        )
+    })
+    .map(drop)
 }
 
 pub fn unlinkat(dir: BorrowedFd<'_>, path: &OsStr, flags: i32) -> io::Result<()> {
     let c = cstr(path)?;
     // SAFETY: valid C string.
     cvt(unsafe { libc::unlinkat(dir.as_raw_fd(), c.as_ptr(), flags) }).map(drop)
-}
-
-pub fn renameat2(dir: BorrowedFd<'_>, from: &OsStr, to: &OsStr, flags: u32) -> io::Result<()> {
-    let a = cstr(from)?;
-    let b = cstr(to)?;
-    // SAFETY: valid C strings.
-    cvt(unsafe {
-        libc::renameat2(
-            dir.as_raw_fd(),
-            a.as_ptr(),
-            dir.as_raw_fd(),
-            b.as_ptr(),
-            flags,
-        )
-    })
-    .map(drop)
 }
 
 pub fn fchownat(
@@ -173,12 +215,36 @@ pub fn fchownat(
     .map(drop)
 }
 
-/// chmod without following a final symlink (`fchmodat2(AT_SYMLINK_NOFOLLOW)` is not available
-/// everywhere, and symlink modes are meaningless on Linux, so symlinks are left alone).
-pub fn fchmodat(dir: BorrowedFd<'_>, path: &OsStr, mode: u32) -> io::Result<()> {
-    let c = cstr(path)?;
-    // SAFETY: valid C string.
-    cvt(unsafe { libc::fchmodat(dir.as_raw_fd(), c.as_ptr(), mode, 0) }).map(drop)
+/// chmod of `name` in `dir` that never follows a final symlink: `fchmodat2(AT_SYMLINK_NOFOLLOW)`
+/// (Linux 6.6), else the entry opened with `O_PATH | O_NOFOLLOW` and changed through
+/// `/proc/self/fd`. A symlink gives `EOPNOTSUPP`, as on ext4.
+pub fn fchmodat_nofollow(dir: BorrowedFd<'_>, name: &OsStr, mode: u32) -> io::Result<()> {
+    const SYS_FCHMODAT2: libc::c_long = 452;
+    let c = cstr(name)?;
+    // SAFETY: valid descriptor and C string; fchmodat2(2) takes (dirfd, path, mode, flags).
+    let r = unsafe {
+        libc::syscall(
+            SYS_FCHMODAT2,
+            dir.as_raw_fd(),
+            c.as_ptr(),
+            mode,
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    if r == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() != Some(libc::ENOSYS) {
+        return Err(e);
+    }
+    let fd = openat(dir, name, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
+    if fstat(fd.as_fd())?.st_mode & libc::S_IFMT == libc::S_IFLNK {
+        return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+    }
+    let p = fd_path(fd.as_fd());
+    // SAFETY: valid C string; the magic link names the inode `fd` holds, nothing else.
+    cvt(unsafe { libc::chmod(p.as_ptr(), mode) }).map(drop)
 }
 
 pub fn fchmod(fd: BorrowedFd<'_>, mode: u32) -> io::Result<()> {
@@ -302,6 +368,48 @@ pub fn pwrite_whole(fd: BorrowedFd<'_>, buf: &[u8], off: u64) -> io::Result<()> 
 pub fn pwrite(fd: BorrowedFd<'_>, buf: &[u8], off: u64) -> io::Result<usize> {
     // SAFETY: `buf` is valid for its length.
     cvt_isize(unsafe { libc::pwrite(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len(), off as i64) })
+}
+
+/// A read or write buffer, aligned to the page size when `direct` (`O_DIRECT` needs the memory
+/// aligned, as the offset and length).
+pub struct IoBuf {
+    raw: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl IoBuf {
+    const ALIGN: usize = 4096;
+
+    pub fn new(len: usize, direct: bool) -> IoBuf {
+        if !direct {
+            return IoBuf {
+                raw: vec![0; len],
+                start: 0,
+                len,
+            };
+        }
+        let raw = vec![0u8; len + Self::ALIGN];
+        let start = raw.as_ptr().align_offset(Self::ALIGN).min(Self::ALIGN);
+        IoBuf { raw, start, len }
+    }
+
+    /// An aligned copy of `data`.
+    pub fn copy_of(data: &[u8]) -> IoBuf {
+        let mut b = IoBuf::new(data.len(), true);
+        b.as_mut().copy_from_slice(data);
+        b
+    }
+
+    pub fn as_mut(&mut self) -> &mut [u8] {
+        &mut self.raw[self.start..self.start + self.len]
+    }
+}
+
+impl AsRef<[u8]> for IoBuf {
+    fn as_ref(&self) -> &[u8] {
+        &self.raw[self.start..self.start + self.len]
+    }
 }
 
 pub fn pread(fd: BorrowedFd<'_>, buf: &mut [u8], off: u64) -> io::Result<usize> {

@@ -38,11 +38,7 @@ pub fn walk(
     let mut stack = vec![(RelPath::root(), false)];
     while let Some((dir, done)) = stack.pop() {
         if done {
-            let st = if dir.is_root() {
-                sys::fstat(root)?
-            } else {
-                sys::lstatat(root, dir.as_at_path())?
-            };
+            let st = crate::dirtree::lstat_in(root, &dir)?;
             visit(Visit::DirDone {
                 path: &dir,
                 st: &st,
@@ -50,9 +46,9 @@ pub fn walk(
             continue;
         }
         stack.push((dir.clone(), true));
-        let dfd = sys::openat(
+        let dfd = crate::dirtree::open_in(
             root,
-            dir.as_at_path(),
+            &dir,
             libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
             0,
         )?;

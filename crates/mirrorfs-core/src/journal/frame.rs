@@ -27,7 +27,7 @@ pub const SEGMENT_HEADER_BYTES: usize = 32;
 pub const FRAME_MAGIC: u32 = 0x4A52_464D;
 pub const FRAME_HEADER_BYTES: usize = 32;
 /// Largest body accepted: a maximal write plus its path and fixed fields.
-pub const BODY_BYTES_MAX: usize = WRITE_BYTES_MAX + 8192;
+pub const BODY_BYTES_MAX: usize = WRITE_BYTES_MAX + crate::path::PATH_BYTES_MAX + 8192;
 
 pub fn encode_segment_header(first_seq: u64) -> [u8; SEGMENT_HEADER_BYTES] {
     let mut h = [0u8; SEGMENT_HEADER_BYTES];
