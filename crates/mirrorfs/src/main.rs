@@ -7,6 +7,7 @@
 mod affinity;
 mod dirtree;
 mod fuse;
+mod gate;
 mod identity;
 mod inodes;
 mod mirror;
