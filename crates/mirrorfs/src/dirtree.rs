@@ -559,13 +559,13 @@ impl DirTree {
     /// The entry's mtime (`lstat`, beneath the root), or `None` if there is no such entry (or a
     /// component on the way is not a directory).
     pub fn mtime(&self, path: &RelPath) -> Result<Option<Timespec>, TreeError> {
-        match self.root.lstat(path) {
+        match self.root.lstat(path).map_err(|e| tree_err(path, e)) {
             Ok(st) => Ok(Some(Timespec {
                 sec: st.st_mtime,
                 nsec: st.st_mtime_nsec as u32,
             })),
-            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR)) => Ok(None),
-            Err(e) => Err(tree_err(path, e)),
+            Err(TreeError::NotFound(_) | TreeError::NotDir(_)) => Ok(None),
+            Err(e) => Err(e),
         }
     }
 }

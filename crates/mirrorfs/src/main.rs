@@ -8,6 +8,7 @@ mod affinity;
 mod dirlock;
 mod dirtree;
 mod fuse;
+mod gate;
 mod identity;
 mod inodes;
 mod mark;
@@ -799,8 +800,11 @@ fn mount(a: MountArgs) -> Result<()> {
     unsafe { libc::umask(0) };
     // Signal handlers before the mount appears: a SIGTERM at any moment after it unmounts cleanly.
     let term = Arc::new(AtomicBool::new(false));
-    signal_hook::flag::register(signal_hook::consts::SIGINT, term.clone())?;
-    signal_hook::flag::register(signal_hook::consts::SIGTERM, term.clone())?;
+    // A second SIGINT/SIGTERM while the first one is being handled exits at once (status 1).
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register_conditional_shutdown(sig, 1, term.clone())?;
+        signal_hook::flag::register(sig, term.clone())?;
+    }
     let fs_impl = fuse::MirrorFs::new(vol.clone(), &backing, hidden.clone())?;
     let session = fuser::Session::new(fs_impl, &mountpoint, &config)
         .with_context(|| format!("cannot mount on {}", mountpoint.display()))?;
@@ -837,12 +841,20 @@ fn mount(a: MountArgs) -> Result<()> {
         backing.display(),
         mountpoint.display()
     );
+    let copying = to_sync.clone();
     for m in to_sync {
-        let (v, b, h) = (vol.clone(), backing.clone(), hidden.clone());
+        let (v, b, h, t) = (vol.clone(), backing.clone(), hidden.clone(), term.clone());
         std::thread::Builder::new()
             .name("initial-sync".into())
             .spawn(move || {
                 if let Err(e) = mirror::live_sync(v.clone(), &b, m.clone(), h) {
+                    if t.load(Ordering::Relaxed) {
+                        tracing::info!(
+                            "mirror {}: initial sync stopped by the shutdown; the next mount copies it again",
+                            m.name
+                        );
+                        return;
+                    }
                     let reason = format!("initial sync failed: {e}");
                     tracing::error!("mirror {}: {reason}", m.name);
                     mirror::mark_needs_resync(&m, &reason);
@@ -853,6 +865,11 @@ fn mount(a: MountArgs) -> Result<()> {
 
     while !term.load(Ordering::Relaxed) && !bg.guard.is_finished() {
         std::thread::sleep(Duration::from_millis(50));
+    }
+    // An initial copy still running stops at its next chunk: the shutdown does not wait for it
+    // (the mirror keeps its SYNCING marker and the next mount copies it again).
+    for m in &copying {
+        m.cancel_copy.store(true, Ordering::Release);
     }
     tracing::info!("unmounting {}", mountpoint.display());
     if let Err(e) = bg.umount_and_join() {
@@ -879,7 +896,12 @@ fn mount(a: MountArgs) -> Result<()> {
     let target = vol.wait_journal_durable();
     for m in &shared {
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while m.healthy() && m.needed_after() < target && std::time::Instant::now() < deadline {
+        let syncing = || matches!(*lock(&m.phase), MirrorPhase::Syncing { .. });
+        while m.healthy()
+            && !syncing()
+            && m.needed_after() < target
+            && std::time::Instant::now() < deadline
+        {
             std::thread::sleep(Duration::from_millis(10));
         }
     }

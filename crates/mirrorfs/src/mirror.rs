@@ -63,6 +63,18 @@ pub fn run_worker(vol: Arc<Volume>, m: Arc<MirrorShared>, mut applier: Applier) 
         if m.detached() {
             return;
         }
+        if lock(&vol.progress).stopping {
+            // Stopping: the shutdown already waited for what it wanted applied (an initial copy
+            // still running is abandoned; the next mount copies again). Records left are
+            // applied after the restart, from the cursor.
+            if applier.checkpoint(&mut tree, &mut cursor).is_ok() {
+                m.checkpoint
+                    .store(applier.cursor().checkpoint, Ordering::Release);
+            }
+            *lock(&m.phase) = MirrorPhase::Stopped;
+            vol.changed.notify_all();
+            return;
+        }
         if mark_checked.is_none_or(|t| t.elapsed() >= MARK_CHECK_EVERY) {
             mark_checked = Some(Instant::now());
             match wait_for_mark(&vol, &m) {
@@ -142,9 +154,21 @@ pub fn run_worker(vol: Arc<Volume>, m: Arc<MirrorShared>, mut applier: Applier) 
                         m.checkpoint
                             .store(applier.cursor().checkpoint, Ordering::Release);
                     }
-                    if !matches!(*lock(&m.phase), MirrorPhase::Live) {
-                        *lock(&m.phase) = MirrorPhase::Live;
+                    // `live` means the copy is complete on the mirror: from then on it is a
+                    // consistent prefix. While an initial copy is still being applied the mirror
+                    // is a mix, and stays `syncing` (a retry that succeeds returns to it).
+                    let mut phase = lock(&m.phase);
+                    if applier.syncing().is_none() {
+                        if !matches!(*phase, MirrorPhase::Live) {
+                            *phase = MirrorPhase::Live;
+                        }
+                    } else if matches!(*phase, MirrorPhase::Retrying { .. }) {
+                        *phase = MirrorPhase::Syncing {
+                            done_bytes: 0,
+                            total_bytes: 0,
+                        };
                     }
+                    drop(phase);
                     backoff = Duration::from_millis(50);
                 }
                 Err(e) => {

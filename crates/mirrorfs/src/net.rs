@@ -87,11 +87,27 @@ impl Duplex {
     }
 
     /// Authenticates an accepted connection (server side).
+    /// The server's side of the TLS handshake, which must complete within [`CONNECT_TIMEOUT`]
+    /// however the peer trickles its bytes (each read waits at most for what is left of it), so
+    /// an idle or slow unauthenticated connection cannot hold a thread for long.
     pub fn accept(mut sock: TcpStream, cfg: Arc<rustls::ServerConfig>) -> Result<Duplex> {
+        let limit = CONNECT_TIMEOUT;
         tune(&sock)?;
         let server = rustls::ServerConnection::new(cfg).context("cannot start a TLS session")?;
         let mut conn = rustls::Connection::Server(server);
-        handshake(&mut conn, &mut sock)?;
+        let deadline = std::time::Instant::now() + limit;
+        while conn.is_handshaking() {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                anyhow::bail!("TLS handshake not completed within {limit:?}");
+            }
+            sock.set_read_timeout(Some(left))?;
+            conn.complete_io(&mut sock)
+                .map_err(|e| anyhow::Error::new(e).context("TLS handshake failed"))?;
+        }
+        while conn.wants_write() {
+            conn.write_tls(&mut sock)?;
+        }
         Duplex::finish(conn, sock)
     }
 

@@ -15,7 +15,7 @@
 
 use std::fs;
 use std::io::Write;
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -479,23 +479,46 @@ fn serve_in(a: ServeArgs) -> Result<()> {
             .unwrap_or_default(),
         id.fingerprint
     );
+    // Bounded: see `gate` (who is let in, who is evicted, and the handshake deadline).
+    let gate = crate::gate::Gate::new();
     while !term.load(Ordering::Relaxed) {
         match listener.accept() {
             Ok((sock, from)) => {
-                sock.set_nonblocking(false)?;
-                let (d, cfg) = (d.clone(), server_cfg.clone());
-                std::thread::Builder::new()
-                    .name("session".into())
-                    .spawn(move || {
-                        if let Err(e) = d.clone().session(sock, cfg) {
-                            tracing::warn!("connection from {from}: {e:#}");
+                if let Err(e) = sock.set_nonblocking(false) {
+                    tracing::warn!("connection from {from}: {e}");
+                    continue;
+                }
+                // A thread that cannot be started (a pids or memory limit) is never fatal: the
+                // oldest unauthenticated connection is closed to give its thread back, and the
+                // start is tried once more; if that fails too, this connection is closed.
+                let mut sock = Some(sock);
+                for attempt in 0..2 {
+                    let Some(s) = sock.take() else { break };
+                    let spare = s.try_clone().ok();
+                    match start_connection(&d, &server_cfg, &gate, s, from) {
+                        Ok(()) => break,
+                        Err(e) => {
+                            tracing::warn!(
+                                "connection from {from}: cannot start a thread for it ({e}; {} connection threads running){}",
+                                gate.threads(),
+                                if attempt == 0 { "; closing the oldest unauthenticated connection and trying again" } else { "; closed it" }
+                            );
+                            if attempt == 0 && gate.evict_oldest() {
+                                std::thread::sleep(Duration::from_millis(50));
+                                sock = spare;
+                            }
                         }
-                    })?;
+                    }
+                }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 std::thread::sleep(Duration::from_millis(20));
             }
-            Err(e) => tracing::warn!("accept: {e}"),
+            Err(e) => {
+                // EMFILE, ENFILE, ENOBUFS...: back off instead of spinning.
+                tracing::warn!("accept: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
         }
     }
     tracing::info!("stopping");
@@ -505,6 +528,40 @@ fn serve_in(a: ServeArgs) -> Result<()> {
     d.write_status();
     fs::write(state.join("clean"), b"")?;
     Ok(())
+}
+
+/// Lets one accepted connection in through the gate and starts its thread: TLS handshake
+/// (bounded in time, see `Duplex::accept`), then the session. `Ok` also when the gate refused
+/// it (the connection is closed); `Err` only when the thread could not be started.
+fn start_connection(
+    d: &Arc<Daemon>,
+    cfg: &Arc<rustls::ServerConfig>,
+    gate: &Arc<crate::gate::Gate>,
+    sock: std::net::TcpStream,
+    from: std::net::SocketAddr,
+) -> std::io::Result<()> {
+    let Some(slot) = gate.admit(&sock) else {
+        return Ok(());
+    };
+    let (d, cfg) = (d.clone(), cfg.clone());
+    std::thread::Builder::new()
+        .name("session".into())
+        .spawn(move || {
+            let link = match Duplex::accept(sock, cfg) {
+                Ok(l) => l,
+                Err(e) => {
+                    if slot.may_warn() {
+                        tracing::warn!("connection from {from}: {e:#}");
+                    }
+                    return;
+                }
+            };
+            slot.authenticated();
+            if let Err(e) = d.clone().session(link) {
+                tracing::warn!("connection from {from}: {e:#}");
+            }
+        })
+        .map(drop)
 }
 
 fn sync_journal(vol: &Volume) -> Result<()> {
@@ -600,8 +657,8 @@ impl Daemon {
         }
     }
 
-    fn session(self: Arc<Self>, sock: TcpStream, cfg: Arc<rustls::ServerConfig>) -> Result<()> {
-        let link = Duplex::accept(sock, cfg)?;
+    /// One authenticated connection (TLS done, see `gate`).
+    fn session(self: Arc<Self>, link: Duplex) -> Result<()> {
         let peer = link.peer().map(|p| p.to_string()).unwrap_or_default();
         let mut dec = Decoder::new();
         let hello = recv_within(&link, &mut dec, crate::net::CONNECT_TIMEOUT)?;

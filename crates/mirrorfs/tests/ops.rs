@@ -322,3 +322,100 @@ fn smallest_journal_limit_detaches_a_stuck_mirror_and_never_fails_writes() {
     m.wait_mirror_equal(Duration::from_secs(60));
     common::finish(&mut m);
 }
+
+/// A backing tree of `n` small files in 100 directories, written directly (before the mount).
+fn many_small_files(backing: &Path, n: usize) {
+    for d in 0..100 {
+        common::mkdir755(&backing.join(format!("d{d:03}")));
+    }
+    let body = pattern(11, 1024);
+    for i in 0..n {
+        fs::write(backing.join(format!("d{:03}/f{i:06}", i % 100)), &body).expect("prefill");
+    }
+}
+
+fn state_outside(layout: &Layout) -> String {
+    layout
+        .base
+        .join("state")
+        .to_str()
+        .expect("UTF-8 temp path")
+        .to_string()
+}
+
+/// Issue 6, finding 15: `status` does not say `live` while an initial copy is still being
+/// applied: the first time it says `live`, the mirror equals the backing (nothing else writes).
+#[test]
+fn status_is_not_live_until_the_initial_copy_is_on_the_mirror() {
+    let _s = serial();
+    let layout = Layout::new("live-means-copied", 1);
+    many_small_files(&layout.backing, 40_000);
+    let state = state_outside(&layout);
+    let mut m = Mount::start(layout, &["--state", &state]);
+    let t0 = std::time::Instant::now();
+    let mut seen_syncing = false;
+    let st = loop {
+        let st = m.status();
+        match st.as_ref().and_then(|s| s["mirrors"][0]["state"].as_str()) {
+            Some("live") => break st,
+            Some("syncing") => seen_syncing = true,
+            _ => {}
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(180),
+            "never live: {st:?}\n{}",
+            common::tail(&m.log(), 30)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let copy_took = t0.elapsed();
+    let diff = common::tree_diff(m.backing(), m.mirror(), &common::Cmp::FULL);
+    assert!(
+        diff.is_empty(),
+        "status said live {copy_took:?} after the mount ({}), but the mirror lacks {} entries:\n{}",
+        st.map(|s| s["mirrors"][0].to_string()).unwrap_or_default(),
+        diff.len(),
+        common::summarize(&diff)
+    );
+    assert!(seen_syncing, "status never said syncing during the copy");
+    eprintln!("initial copy of 40,000 files: live after {copy_took:?}");
+    common::finish(&mut m);
+}
+
+/// Issue 6, finding 15: SIGTERM during an initial copy stops the copy and the process exits
+/// promptly (the copy is resumed, from the start, by the next mount).
+#[test]
+fn sigterm_during_an_initial_copy_exits_promptly() {
+    let _s = serial();
+    let layout = Layout::new("term-copy", 1);
+    many_small_files(&layout.backing, 40_000);
+    let state = state_outside(&layout);
+    let mut m = Mount::start(layout, &["--state", &state]);
+    let ok = wait_until(Duration::from_secs(60), || {
+        m.status()
+            .is_some_and(|s| s["mirrors"][0]["applied_seq"].as_u64().unwrap_or(0) > 1000)
+    });
+    assert!(ok, "the copy did not start: {:?}", m.status());
+    let st = m.status().expect("status");
+    assert_ne!(
+        st["mirrors"][0]["lag_ops"], 0,
+        "the copy finished before SIGTERM; make the tree bigger: {st}"
+    );
+    let t0 = std::time::Instant::now();
+    m.unmount();
+    let took = t0.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "SIGTERM during an initial copy took {took:?} to exit:\n{}",
+        common::tail(&m.log(), 20)
+    );
+    let diff = common::tree_diff(m.backing(), m.mirror(), &common::Cmp::FULL);
+    assert!(
+        !diff.is_empty(),
+        "the mirror is complete: the copy went on to the end after SIGTERM (exit took {took:?})"
+    );
+    // The next mount copies again and gets there.
+    m.remount();
+    wait_live(&m, Duration::from_secs(180));
+    common::finish(&mut m);
+}

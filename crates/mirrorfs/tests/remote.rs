@@ -884,6 +884,70 @@ fn spawning_children_while_the_mount_is_in_use_does_not_hang() {
     m.unmount();
 }
 
+/// Threads of process `pid` (`Threads:` in /proc/PID/status).
+fn threads_of(pid: u32) -> usize {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Threads:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Issue 6, finding 8: idle and garbage-sending TCP connections (no authentication needed)
+/// cannot exhaust the daemon: its thread count stays bounded, it stays up, and a legitimate
+/// primary connects and replicates while they are held open.
+#[test]
+fn idle_and_garbage_connections_cannot_exhaust_the_daemon() {
+    let net = Net::new("flood");
+    let mut srv = net.serve("m", &[]);
+    let addr = format!("127.0.0.1:{}", srv.port);
+    let before = threads_of(srv.pid());
+    let t0 = Instant::now();
+    let mut held = Vec::new();
+    for i in 0..300 {
+        let mut c = TcpStream::connect(&addr).expect("connect");
+        if i % 10 == 0 {
+            // Garbage instead of a TLS ClientHello.
+            let _ = c.write_all(b"GET / HTTP/1.0\r\n\r\n\x16\x03\x01\xff\xff garbage");
+        }
+        held.push(c);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let during = threads_of(srv.pid());
+    assert!(srv.is_running(), "the daemon exited:\n{}", srv.log());
+    assert!(
+        during <= before + 40,
+        "300 idle connections gave the daemon {during} threads ({before} before)"
+    );
+    // A legitimate primary connects and replicates while they are held open.
+    let m = net.mount("net-flood", 0, &srv.url(), &[]);
+    wait_live(&m, &srv);
+    fs::write(m.p("through"), pattern(5, 64 << 10)).expect("write");
+    converge(&m, &srv, "with 300 idle connections held open");
+    // More connections keep arriving: still bounded, still up.
+    for _ in 0..100 {
+        held.push(TcpStream::connect(&addr).expect("connect"));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let after = threads_of(srv.pid());
+    assert!(
+        after <= before + 40 && srv.is_running(),
+        "{after} threads ({before} before)"
+    );
+    assert!(
+        t0.elapsed() < Duration::from_secs(90),
+        "took {:?}",
+        t0.elapsed()
+    );
+    drop(held);
+    let mut m = m;
+    m.unmount();
+    srv.stop();
+}
+
 // ---------------------------------------------------------------------------------------------
 // 2. Initial copy, local and remote mirrors together
 
