@@ -822,14 +822,25 @@ impl Filesystem for MirrorFs {
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         crate::affinity::follow(req.pid());
-        let p = match self.path(ino) {
-            Ok(p) => p,
-            Err(e) => return reply.error(e),
-        };
         let fl = Self::open_flags(flags.0);
-        let fd = match self.root.open_at(&p, fl, 0) {
+        // The file opened must be the inode asked for: its writes are journaled under the
+        // inode's name, so a file renamed over that name in the meantime is not it.
+        let r = self.retry_renamed(|| {
+            let p = self.path(ino).map_err(|e| e.code())?;
+            let fd = self
+                .root
+                .open_at(&p, fl, 0)
+                .map_err(|e| sys::errno_of(&e))?;
+            let st = sys::fstat(fd.as_fd()).map_err(|e| sys::errno_of(&e))?;
+            if lock(&self.inodes).backing(ino.0) == Some(st.st_ino) {
+                Ok(fd)
+            } else {
+                Err(libc::ESTALE)
+            }
+        });
+        let fd = match r {
             Ok(fd) => fd,
-            Err(e) => return reply.error(io_errno(&e)),
+            Err(e) => return reply.error(err(e)),
         };
         let read_only = fl & libc::O_ACCMODE == libc::O_RDONLY;
         if read_only && self.passthrough.load(Ordering::Relaxed) {

@@ -67,6 +67,14 @@ impl Inodes {
         }
     }
 
+    /// The backing inode number of node `ino`.
+    pub fn backing(&self, ino: u64) -> Option<u64> {
+        if ino == ROOT {
+            return Some(self.root_backing_ino);
+        }
+        self.nodes.get(&ino).map(|n| n.backing)
+    }
+
     /// The path of `ino` (through its first known name).
     pub fn path(&self, ino: u64) -> Option<RelPath> {
         let mut comps: Vec<&[u8]> = Vec::new();
