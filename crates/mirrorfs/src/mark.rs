@@ -79,6 +79,14 @@ fn put(p: &Path, body: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The mark at `path`, if that is a regular file holding one.
+pub fn read_file(path: &Path) -> Option<Mark> {
+    if !fs::symlink_metadata(path).ok()?.is_file() {
+        return None;
+    }
+    serde_json::from_slice(&fs::read(path).ok()?).ok()
+}
+
 /// Why `m`'s tree is not the copy the primary expects, if it is not (`None`: it is, or the
 /// primary gave it no mark).
 pub fn problem(m: &MirrorShared) -> Option<String> {

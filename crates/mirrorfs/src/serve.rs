@@ -1227,6 +1227,15 @@ pub fn promote(dir: &Path, state: Option<&Path>, force: bool) -> Result<()> {
     let state = state
         .map(Path::to_path_buf)
         .unwrap_or_else(|| dir.join(".mirrorfs"));
+    if let Some(found) = crate::mark::read_file(&state) {
+        bail!(
+            "{} is a local mirror of volume {} (its identity mark is {}): only a `mirrorfs serve` copy can be promoted; to fail over to a local mirror, mount it as the backing of a new primary (`mirrorfs mount {} MOUNTPOINT --mirror ...`)",
+            dir.display(),
+            found.volume_id,
+            state.display(),
+            dir.display()
+        );
+    }
     let mut meta = read_meta(&state)?;
     if meta.state == "empty" {
         bail!("{} holds no copy to promote", dir.display());
