@@ -464,6 +464,18 @@ fn mount(a: MountArgs) -> Result<()> {
         }
         None => backing.join(".mirrorfs"),
     };
+    if let Some(found) = mark::read_file(&state) {
+        // A local mirror's tree mounted as a primary (failover to a local copy): it becomes the
+        // backing of a new volume; its mark goes, the state directory takes its place.
+        tracing::warn!(
+            "{} was a local mirror of volume {} (copy since record {}): it is now the backing directory of a new volume",
+            backing.display(),
+            found.volume_id,
+            found.since_seq
+        );
+        fs::remove_file(&state)
+            .with_context(|| format!("cannot remove the mirror mark {}", state.display()))?;
+    }
     for m in &mirrors {
         if state.starts_with(m) {
             bail!(

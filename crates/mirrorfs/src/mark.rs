@@ -37,7 +37,12 @@ pub fn expected(m: &MirrorShared) -> Option<Mark> {
 }
 
 /// Gives `m` a new mark: in its tree (the root's times kept) and in the primary's state.
-pub fn write_new(m: &MirrorShared, name: &str, meta: &crate::serve::Meta, seq: u64) -> std::io::Result<Mark> {
+pub fn write_new(
+    m: &MirrorShared,
+    name: &str,
+    meta: &crate::serve::Meta,
+    seq: u64,
+) -> std::io::Result<Mark> {
     let id = crate::serve::random_u64().map_err(std::io::Error::other)?;
     let mark = Mark {
         name: name.to_string(),
@@ -72,6 +77,14 @@ fn put(p: &Path, body: &[u8]) -> std::io::Result<()> {
         fs::File::open(d)?.sync_all()?;
     }
     Ok(())
+}
+
+/// The mark at `path`, if that is a regular file holding one.
+pub fn read_file(path: &Path) -> Option<Mark> {
+    if !fs::symlink_metadata(path).ok()?.is_file() {
+        return None;
+    }
+    serde_json::from_slice(&fs::read(path).ok()?).ok()
 }
 
 /// Why `m`'s tree is not the copy the primary expects, if it is not (`None`: it is, or the

@@ -85,16 +85,15 @@ pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// What a mirror is doing, for `status`.
+/// What a mirror is doing, for `status`. `Refused`: not live, and not retried on its own (or
+/// only rarely): the mirror is not the copy it should be (another volume, diverged, a tree
+/// without its identity mark); `reason` says what is wrong and what to do.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[serde(tag = "state", rename_all = "snake_case")]
 pub enum MirrorPhase {
     Syncing { done_bytes: u64, total_bytes: u64 },
     Live,
     Retrying { error: String, since_unix: u64 },
-    /// Not live, and not retried on its own (or only rarely): the mirror is not the copy it
-    /// should be (another volume, diverged, a tree without its identity mark...). `reason` says
-    /// what is wrong and what to do.
     Refused { reason: String, since_unix: u64 },
     NeedsResync { reason: String },
     Stopped,

@@ -391,7 +391,11 @@ fn a_swapped_mirror_disk_is_not_live_and_is_not_copied_unless_asked() {
         last = m.status().map(|s| s["mirrors"][0].clone());
         last.as_ref().is_some_and(|r| r["state"] == "refused")
     });
-    assert!(refused, "the empty stand-in was taken as the mirror: {last:?}\n{}", m.log());
+    assert!(
+        refused,
+        "the empty stand-in was taken as the mirror: {last:?}\n{}",
+        m.log()
+    );
     let reason = last
         .as_ref()
         .and_then(|r| r["reason"].as_str())
@@ -418,7 +422,54 @@ fn a_swapped_mirror_disk_is_not_live_and_is_not_copied_unless_asked() {
     m.extra.push("--force-resync".into());
     m.remount();
     m.wait_mirror_equal(CATCH_UP);
-    assert!(wait_until(Duration::from_secs(20), || state_of(&m).as_deref()
+    assert!(wait_until(Duration::from_secs(20), || state_of(&m)
+        .as_deref()
         == Some("live")));
     finish(&mut m);
+}
+
+/// Issue 6, finding 2, the local variant: a local mirror L of P is mounted as a primary (failover
+/// to a local copy) with P's directory, which holds a change L never got, as its mirror. P is a
+/// non-empty directory L's volume never copied: the mount is refused and b.txt stays on P.
+#[test]
+fn failover_to_a_local_mirror_never_overwrites_the_old_primary() {
+    let _g = serial();
+    let mut p = mount(Layout::new("local-failback-p", 1), &[]);
+    fs::write(p.p("a.txt"), b"a\n").expect("write a.txt");
+    p.wait_mirror_equal(CATCH_UP);
+    p.unmount();
+    let l_dir = p.mirror().to_path_buf();
+    // P goes on without L (another mirror), and writes b.txt.
+    let other = p.layout.base.join("other-mirror");
+    mkdir755(&other);
+    p.layout.mirrors = vec![other];
+    p.remount();
+    fs::write(p.p("b.txt"), b"b, only on P\n").expect("write b.txt");
+    p.unmount();
+    let p_dir = p.backing().to_path_buf();
+
+    let mut layout = Layout::new("local-failback-l", 0);
+    layout.backing = l_dir.clone();
+    layout.mirrors = vec![p_dir.clone()];
+    let args: Vec<std::ffi::OsString> = vec![
+        "mount".into(),
+        l_dir.clone().into(),
+        layout.mnt.clone().into(),
+        "--mirror".into(),
+        p_dir.clone().into(),
+    ];
+    let out = std::process::Command::new(common::BIN)
+        .args(&args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run mirrorfs mount");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "mounted over the old primary: {err}");
+    assert!(err.contains("--force-resync"), "{err}");
+    assert!(!common::is_mounted(&layout.mnt));
+    assert_eq!(
+        fs::read(p_dir.join("b.txt")).expect("b.txt on P"),
+        b"b, only on P\n"
+    );
+    assert_eq!(fs::read(l_dir.join("a.txt")).expect("a.txt on L"), b"a\n");
 }

@@ -1517,9 +1517,17 @@ fn state_dir_is_invisible() {
         last.is_empty()
     });
     assert!(ok, "mirror differs:\n{}", summarize(&last));
+    // What the mirror has under that name is its identity mark (a file), never the state.
+    let mark = m.mirror().join(".mirrorfs");
     assert!(
-        !m.mirror().join(".mirrorfs").exists(),
+        mark.is_file() && !mark.is_symlink(),
         "state dir copied to the mirror"
+    );
+    let mark: serde_json::Value =
+        serde_json::from_slice(&fs::read(&mark).expect("read the mark")).expect("mark is JSON");
+    assert!(
+        mark["volume_id"].is_string() && mark["mirror"].is_string(),
+        "{mark}"
     );
     assert!(m.mirror().join("sub/.mirrorfs/x").is_file());
     m.unmount();
