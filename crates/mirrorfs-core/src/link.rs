@@ -462,8 +462,7 @@ impl Receiver {
                 ),
             ));
         }
-        if self.copy.state == MirrorState::Consistent && self.copy.history.volume_id == *volume_id
-        {
+        if self.copy.state == MirrorState::Consistent && self.copy.history.volume_id == *volume_id {
             // Never overwrite what the primary lacks: the mirror may take the primary's records
             // only if it is an ancestor of the primary (or the same).
             let c = compare(
@@ -797,7 +796,11 @@ mod tests {
             )
             .expect_err("ahead");
         assert_eq!((e.code, e.retry), (error_code::DIVERGED, false));
-        assert!(e.message.contains("the mirror holds 51 change(s)"), "{}", e.message);
+        assert!(
+            e.message.contains("the mirror holds 51 change(s)"),
+            "{}",
+            e.message
+        );
         assert!(matches!(
             s.on_welcome(&welcome(MirrorState::Syncing, VOL, 1, 120), SPAN, 9, None),
             Ok(Start::InitialSync { from: 200, .. })
@@ -1003,7 +1006,10 @@ mod tests {
             seq: 300,
             sync_id: 3,
         };
-        assert!(r.on_start(&m).is_err(), "no Start without an accepted Hello");
+        assert!(
+            r.on_start(&m).is_err(),
+            "no Start without an accepted Hello"
+        );
     }
 
     /// Issue 6, finding 2 at the link: the old primary P (generation 1 through seq 10) is served
@@ -1020,19 +1026,18 @@ mod tests {
         let d = r.divergence().expect("the comparison");
         assert_eq!(d.common.map(|c| (c.generation, c.seq)), Some((1, 5)));
         assert_eq!((d.a_after, d.b_after), (5, 0));
-        assert!(e.message.contains("this mirror holds 5 change(s)"), "{}", e.message);
+        assert!(
+            e.message.contains("this mirror holds 5 change(s)"),
+            "{}",
+            e.message
+        );
         let mut s = Sender::new(m.clone(), 1 << 20);
         let span = JournalSpan {
             first_held: 6,
             next_seq: 6,
         };
         let e = s
-            .on_welcome(
-                &welcome_h(MirrorState::Consistent, &p, 10),
-                span,
-                9,
-                None,
-            )
+            .on_welcome(&welcome_h(MirrorState::Consistent, &p, 10), span, 9, None)
             .expect_err("the primary refuses too");
         assert_eq!(e.code, error_code::DIVERGED);
         // P stopped exactly at 5: it is an ancestor, caught up from 6, and adopts M's history.

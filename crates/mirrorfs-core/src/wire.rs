@@ -16,11 +16,11 @@
 //! Records travel as the journal's own record frames (`journal::frame`), each with its own
 //! checksum and seq, inside a `Records` message; the receiver checks that seqs are consecutive.
 
+use crate::history::{Generation, HISTORY_MAX};
 use crate::journal::frame::{
     encode_frame, parse_frame, FrameError, FrameParse, BODY_BYTES_MAX, FRAME_HEADER_BYTES, ZERO_PAD,
 };
 use crate::op::Record;
-use crate::history::{Generation, HISTORY_MAX};
 
 /// The protocol version this build speaks.
 pub const PROTOCOL_VERSION: u16 = 2;

@@ -37,7 +37,12 @@ pub fn expected(m: &MirrorShared) -> Option<Mark> {
 }
 
 /// Gives `m` a new mark: in its tree (the root's times kept) and in the primary's state.
-pub fn write_new(m: &MirrorShared, name: &str, meta: &crate::serve::Meta, seq: u64) -> std::io::Result<Mark> {
+pub fn write_new(
+    m: &MirrorShared,
+    name: &str,
+    meta: &crate::serve::Meta,
+    seq: u64,
+) -> std::io::Result<Mark> {
     let id = crate::serve::random_u64().map_err(std::io::Error::other)?;
     let mark = Mark {
         name: name.to_string(),

@@ -413,10 +413,10 @@ fn serve_in(a: ServeArgs) -> Result<()> {
             .spawn(move || v.run_flusher())?;
     }
     if meta.state == "consistent" || meta.state == "syncing" {
-        let power_loss = crate::power_lost(&state);
+        let power_loss = crate::boot::power_lost(&state);
         let mut cur = volume::open_cursor(&m)?;
         let opened = Applier::open(&mut cur, power_loss, horizon)?;
-        crate::record_boot(&state)?;
+        crate::boot::record_boot(&state)?;
         match opened {
             Some(mut ap) => {
                 if meta.state == "syncing" {
@@ -439,7 +439,7 @@ fn serve_in(a: ServeArgs) -> Result<()> {
             }
         }
     }
-    crate::record_boot(&state)?;
+    crate::boot::record_boot(&state)?;
     {
         let d = d.clone();
         std::thread::Builder::new()
@@ -688,7 +688,9 @@ impl Daemon {
         let welcome = match rx.on_hello(hello) {
             Ok(w) => w,
             Err(e) if e.code == error_code::DIVERGED && self.discard_diverged => {
-                let c = rx.divergence().ok_or_else(|| anyhow!("internal: no divergence"))?;
+                let c = rx
+                    .divergence()
+                    .ok_or_else(|| anyhow!("internal: no divergence"))?;
                 self.discard_divergence(&c)?;
                 rx = Receiver::new(self.copy(), &self.reserved, &label);
                 rx.on_hello(hello).map_err(|e| self.refuse(e))?
@@ -787,7 +789,11 @@ impl Daemon {
             for p in paths {
                 // The root's own attributes are no file to save; the state directory is never
                 // a record's (the receiver refuses those).
-                let first = p.as_bytes().split(|b| *b == b'/').next().unwrap_or_default();
+                let first = p
+                    .as_bytes()
+                    .split(|b| *b == b'/')
+                    .next()
+                    .unwrap_or_default();
                 if p.as_bytes().is_empty() || first == self.reserved.as_slice() {
                     continue;
                 }
@@ -808,7 +814,10 @@ impl Daemon {
                 } else {
                     String::new()
                 };
-                format!("; files this mirror changed since: {}{more}", names.join(", "))
+                format!(
+                    "; files this mirror changed since: {}{more}",
+                    names.join(", ")
+                )
             }
             Some(Ok(Some(_))) => String::new(),
             _ => "; which files: unknown (its journal no longer holds those changes)".into(),
@@ -825,12 +834,11 @@ impl Daemon {
     /// the copy for a block-hash resync from the primary.
     fn discard_divergence(&self, c: &Comparison) -> Result<()> {
         let (gen, seq) = c.common.map_or((0, 0), |p| (p.generation, p.seq));
-        let dest = self.state.join("diverged").join(format!(
-            "{}-gen{gen}-seq{seq}",
-            crate::sys::now().sec
-        ));
-        fs::create_dir_all(&dest)
-            .with_context(|| format!("cannot create {}", dest.display()))?;
+        let dest = self
+            .state
+            .join("diverged")
+            .join(format!("{}-gen{gen}-seq{seq}", crate::sys::now().sec));
+        fs::create_dir_all(&dest).with_context(|| format!("cannot create {}", dest.display()))?;
         let names = match c.common {
             Some(p) => self.changed_paths(p.seq, usize::MAX)?.map(|(n, _)| n),
             None => None,
@@ -968,13 +976,7 @@ impl Daemon {
 
     /// A block-hash resync: keep the tree, restart the journal at `seq`, send the manifest;
     /// the primary then streams only what differs, applied idempotently until its `SyncDone`.
-    fn begin_resync(
-        &self,
-        link: &Duplex,
-        seq: u64,
-        sync_id: u32,
-        history: &History,
-    ) -> Result<()> {
+    fn begin_resync(&self, link: &Duplex, seq: u64, sync_id: u32, history: &History) -> Result<()> {
         tracing::info!(
             "resync begins at record {seq}: sending the manifest of {}",
             self.dir.display()

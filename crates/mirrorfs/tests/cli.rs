@@ -697,7 +697,12 @@ fn a_refused_serve_leaves_the_directory_empty() {
     let dir = base.path().join("m");
     common::mkdir755(&dir);
     let out = std::process::Command::new(common::BIN)
-        .args(["serve", dir.to_str().expect("utf-8"), "--listen", "127.0.0.1:1"])
+        .args([
+            "serve",
+            dir.to_str().expect("utf-8"),
+            "--listen",
+            "127.0.0.1:1",
+        ])
         .arg("--config")
         .arg(base.path().join("no-identity-here"))
         .output()

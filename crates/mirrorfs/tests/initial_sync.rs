@@ -391,7 +391,11 @@ fn a_swapped_mirror_disk_is_not_live_and_is_not_copied_unless_asked() {
         last = m.status().map(|s| s["mirrors"][0].clone());
         last.as_ref().is_some_and(|r| r["state"] == "refused")
     });
-    assert!(refused, "the empty stand-in was taken as the mirror: {last:?}\n{}", m.log());
+    assert!(
+        refused,
+        "the empty stand-in was taken as the mirror: {last:?}\n{}",
+        m.log()
+    );
     let reason = last
         .as_ref()
         .and_then(|r| r["reason"].as_str())
@@ -418,7 +422,8 @@ fn a_swapped_mirror_disk_is_not_live_and_is_not_copied_unless_asked() {
     m.extra.push("--force-resync".into());
     m.remount();
     m.wait_mirror_equal(CATCH_UP);
-    assert!(wait_until(Duration::from_secs(20), || state_of(&m).as_deref()
+    assert!(wait_until(Duration::from_secs(20), || state_of(&m)
+        .as_deref()
         == Some("live")));
     finish(&mut m);
 }

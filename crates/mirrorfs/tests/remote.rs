@@ -2422,7 +2422,11 @@ fn failback_refuses_to_overwrite_the_old_primarys_changes() {
             "b.txt was deleted or changed on P by the failback\n{}",
             ctx(&m, &srv_p)
         );
-        if let Some(r) = m.status().map(|s| remote_of(&s)).and_then(|r| refusal_of(&r)) {
+        if let Some(r) = m
+            .status()
+            .map(|s| remote_of(&s))
+            .and_then(|r| refusal_of(&r))
+        {
             refusal = Some(r);
             break;
         }
