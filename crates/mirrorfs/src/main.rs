@@ -5,6 +5,7 @@
 //! (`dirtree`).
 
 mod affinity;
+mod boot;
 mod dirlock;
 mod dirtree;
 mod fuse;
@@ -314,29 +315,6 @@ fn mirror_id(p: &Path) -> String {
     format!("{name}-{:08x}", crc32c::crc32c(p.as_os_str().as_bytes()))
 }
 
-fn boot_id() -> String {
-    fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
-}
-
-/// Whether this machine lost power (or crashed) since mirrorfs last ran with `state`: the boot
-/// id changed and the previous run did not stop cleanly. Changes nothing: call [`record_boot`]
-/// once every cursor has been opened (and so has taken the power loss into account), so that a
-/// start killed before that still knows about the power loss next time.
-pub fn power_lost(state: &Path) -> bool {
-    let last_boot = fs::read_to_string(state.join("boot_id")).unwrap_or_default();
-    let clean = state.join("clean").exists();
-    !clean && !last_boot.is_empty() && last_boot.trim() != boot_id()
-}
-
-/// Records this boot as the one mirrorfs runs in, and that the run is not (yet) clean.
-pub fn record_boot(state: &Path) -> Result<()> {
-    let _ = fs::remove_file(state.join("clean"));
-    fs::write(state.join("boot_id"), boot_id())
-        .with_context(|| format!("cannot write {}", state.join("boot_id").display()))
-}
-
 /// A mirrorfs that died (`kill -9`, a crash) leaves its mount behind, dead: every access to it
 /// fails with ENOTCONN. Such a mount of ours is detached (nothing can be using it any more);
 /// any other dead mount is the operator's to remove.
@@ -539,7 +517,7 @@ fn mount(a: MountArgs) -> Result<()> {
     fs::write(state.join("pid"), std::process::id().to_string())?;
 
     let clean = state.join("clean").exists();
-    let power_loss = power_lost(&state);
+    let power_loss = boot::power_lost(&state);
     let meta = primary_meta(&state)?;
 
     let store = store::FileStore::open(&state.join("journal"))?;
@@ -728,7 +706,7 @@ fn mount(a: MountArgs) -> Result<()> {
     }
 
     // Every cursor has taken a power loss into account: from now on this boot is the one we run in.
-    record_boot(&state)?;
+    boot::record_boot(&state)?;
     let mut threads = Vec::new();
     {
         let v = vol.clone();
@@ -869,7 +847,7 @@ fn mount(a: MountArgs) -> Result<()> {
                     }
                     let reason = format!("initial sync failed: {e}");
                     tracing::error!("mirror {}: {reason}", m.name);
-                    mirror::mark_needs_resync(&m, &reason);
+                    m.mark_needs_resync(&reason);
                     v.changed.notify_all();
                 }
             })?;

@@ -22,16 +22,6 @@ use crate::volume::{
 };
 use crate::walk::Visit;
 
-/// Marks a mirror as needing a full resync (persisted, so the next mount re-copies it).
-pub fn mark_needs_resync(m: &MirrorShared, reason: &str) {
-    let _ = fs::create_dir_all(&m.state_dir);
-    let _ = fs::write(m.state_dir.join("NEEDS_RESYNC"), reason);
-    let _ = fs::remove_file(m.state_dir.join("cursor"));
-    *lock(&m.phase) = MirrorPhase::NeedsResync {
-        reason: reason.to_string(),
-    };
-}
-
 /// Applies the journal to one mirror until the volume stops.
 pub fn run_worker(vol: Arc<Volume>, m: Arc<MirrorShared>, mut applier: Applier) {
     let mut tree = match DirTree::open(&m.path) {
@@ -181,7 +171,7 @@ pub fn run_worker(vol: Arc<Volume>, m: Arc<MirrorShared>, mut applier: Applier) 
                         rec.op.path()
                     );
                     if let MirrorPhase::NeedsResync { reason } = &phase {
-                        mark_needs_resync(&m, reason);
+                        m.mark_needs_resync(reason);
                         vol.changed.notify_all();
                         return;
                     }
@@ -230,7 +220,7 @@ pub fn run_worker(vol: Arc<Volume>, m: Arc<MirrorShared>, mut applier: Applier) 
             Err(e) => {
                 let reason = format!("cannot read the journal: {e}");
                 tracing::error!("mirror {}: {reason}", m.name);
-                mark_needs_resync(&m, &reason);
+                m.mark_needs_resync(&reason);
                 return;
             }
         }

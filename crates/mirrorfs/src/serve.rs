@@ -413,10 +413,10 @@ fn serve_in(a: ServeArgs) -> Result<()> {
             .spawn(move || v.run_flusher())?;
     }
     if meta.state == "consistent" || meta.state == "syncing" {
-        let power_loss = crate::power_lost(&state);
+        let power_loss = crate::boot::power_lost(&state);
         let mut cur = volume::open_cursor(&m)?;
         let opened = Applier::open(&mut cur, power_loss, horizon)?;
-        crate::record_boot(&state)?;
+        crate::boot::record_boot(&state)?;
         match opened {
             Some(mut ap) => {
                 if meta.state == "syncing" {
@@ -439,7 +439,7 @@ fn serve_in(a: ServeArgs) -> Result<()> {
             }
         }
     }
-    crate::record_boot(&state)?;
+    crate::boot::record_boot(&state)?;
     {
         let d = d.clone();
         std::thread::Builder::new()

@@ -141,6 +141,31 @@ pub struct LinkInfo {
 }
 
 impl MirrorShared {
+    /// Marks this mirror as needing a full resync, persisted (`STATE/mirrors/ID/NEEDS_RESYNC`,
+    /// and its cursor removed) so that the next mount re-copies it instead of resuming from a
+    /// cursor that no longer tells the truth. A marker that cannot be written is logged as an
+    /// error: the phase still says `needs_resync` for this run.
+    pub fn mark_needs_resync(&self, reason: &str) {
+        let persisted = std::fs::create_dir_all(&self.state_dir)
+            .and_then(|()| std::fs::write(self.state_dir.join("NEEDS_RESYNC"), reason))
+            .and_then(
+                |()| match std::fs::remove_file(self.state_dir.join("cursor")) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+                    _ => Ok(()),
+                },
+            );
+        if let Err(e) = persisted {
+            tracing::error!(
+                "mirror {}: cannot record that it needs a resync ({reason}) in {}: {e}; it must be re-copied (--force-resync) before it is trusted again",
+                self.name,
+                self.state_dir.display()
+            );
+        }
+        *lock(&self.phase) = MirrorPhase::NeedsResync {
+            reason: reason.to_string(),
+        };
+    }
+
     pub fn new(name: String, path: PathBuf, state_dir: PathBuf, remote: Option<String>) -> Self {
         MirrorShared {
             name,
@@ -434,7 +459,7 @@ impl Volume {
                 "it is detached and will be re-copied at the next mount"
             };
             tracing::error!("mirror {}: {reason}; {then}", slowest.name);
-            crate::mirror::mark_needs_resync(slowest, &reason);
+            slowest.mark_needs_resync(&reason);
             let _ = o
                 .journal
                 .release_through(min_others.min(o.journal.durable_seq()));
