@@ -13,6 +13,7 @@ mod gate;
 mod identity;
 mod inodes;
 mod mark;
+mod meta;
 mod mirror;
 mod net;
 mod remote;
@@ -223,12 +224,12 @@ fn trust(config: Option<&Path>, fp: &str, name: &str) -> Result<()> {
 
 /// The primary's identity of its volume (`STATE/volume.json`, the same file a mirror keeps):
 /// made at the first mount; a promoted mirror's copy carries its new generation.
-fn primary_meta(state: &Path) -> Result<serve::Meta> {
-    let mut meta = serve::read_meta(state)?;
+fn primary_meta(state: &Path) -> Result<meta::Meta> {
+    let mut meta = meta::read_meta(state)?;
     if meta.state == "primary" || meta.promoted {
         if meta.promoted && meta.state != "primary" {
             meta.state = "primary".into();
-            serve::write_meta(state, &meta)?;
+            meta::write_meta(state, &meta)?;
         }
         return Ok(meta);
     }
@@ -244,7 +245,7 @@ fn primary_meta(state: &Path) -> Result<serve::Meta> {
     fs::File::open("/dev/urandom")
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut id))
         .context("cannot read /dev/urandom")?;
-    meta = serve::Meta {
+    meta = meta::Meta {
         volume_id: String::new(),
         generation: 0,
         state: "primary".into(),
@@ -254,9 +255,9 @@ fn primary_meta(state: &Path) -> Result<serve::Meta> {
     };
     meta.set_history(&mirrorfs_core::history::History::new(
         id,
-        serve::random_u64()?,
+        meta::random_u64()?,
     ));
-    serve::write_meta(state, &meta)?;
+    meta::write_meta(state, &meta)?;
     Ok(meta)
 }
 

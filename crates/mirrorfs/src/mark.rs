@@ -40,10 +40,10 @@ pub fn expected(m: &MirrorShared) -> Option<Mark> {
 pub fn write_new(
     m: &MirrorShared,
     name: &str,
-    meta: &crate::serve::Meta,
+    meta: &crate::meta::Meta,
     seq: u64,
 ) -> std::io::Result<Mark> {
-    let id = crate::serve::random_u64().map_err(std::io::Error::other)?;
+    let id = crate::meta::random_u64().map_err(std::io::Error::other)?;
     let mark = Mark {
         name: name.to_string(),
         volume_id: meta.volume_id.clone(),

@@ -14,7 +14,6 @@
 //! (which volume and generation DIR holds, and whether it is a consistent copy), `lock`.
 
 use std::fs;
-use std::io::Write;
 use std::net::TcpListener;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
@@ -26,14 +25,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use mirrorfs_core::applier::Applier;
-use mirrorfs_core::history::{Comparison, Generation, History};
+use mirrorfs_core::history::{Comparison, History};
 use mirrorfs_core::journal::{Journal, JournalConfig, Reader};
 use mirrorfs_core::link::{hex, Begin, LinkError, MirrorCopy, Receiver};
 use mirrorfs_core::op::Op;
 use mirrorfs_core::wire::{error_code, Decoder, MirrorState, Msg};
-use serde::{Deserialize, Serialize};
 
 use crate::identity;
+use crate::meta::{random_u64, read_meta, write_meta, Meta};
 use crate::net::Duplex;
 use crate::store::FileStore;
 use crate::volume::{self, lock, AckMode, MirrorPhase, MirrorShared, Ordered, Progress, Volume};
@@ -68,146 +67,6 @@ pub struct ServeArgs {
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9109); off by default.
     #[arg(long)]
     pub metrics: Option<String>,
-}
-
-/// `STATE/volume.json`: what DIR holds. Written atomically (temp file, fsync, rename, fsync of
-/// the directory: **M1**) before the tree changes in a way that depends on it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Meta {
-    pub volume_id: String,
-    pub generation: u64,
-    /// "empty", "syncing", "consistent" or "needs_resync".
-    pub state: String,
-    pub sync_id: u32,
-    #[serde(default)]
-    pub promoted: bool,
-    /// The generations this copy went through, oldest first (`core::history`). Empty in files
-    /// written before histories existed: then generation `generation` alone, id 0.
-    #[serde(default)]
-    pub history: Vec<GenerationMeta>,
-}
-
-/// One generation in `volume.json`.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-pub struct GenerationMeta {
-    pub number: u64,
-    pub id: u64,
-    pub start: u64,
-}
-
-impl Meta {
-    fn empty() -> Meta {
-        Meta {
-            volume_id: String::new(),
-            generation: 0,
-            state: "empty".into(),
-            sync_id: 0,
-            promoted: false,
-            history: Vec::new(),
-        }
-    }
-
-    fn volume_id(&self) -> [u8; 16] {
-        parse_id(&self.volume_id).unwrap_or([0; 16])
-    }
-
-    /// The copy's generation history.
-    pub fn history(&self) -> History {
-        let mut generations: Vec<Generation> = self
-            .history
-            .iter()
-            .map(|g| Generation {
-                number: g.number,
-                id: g.id,
-                start: g.start,
-            })
-            .collect();
-        if generations.is_empty() && self.generation > 0 {
-            generations.push(Generation {
-                number: self.generation,
-                id: 0,
-                start: 1,
-            });
-        }
-        History {
-            volume_id: self.volume_id(),
-            generations,
-        }
-    }
-
-    /// Takes `h` as the copy's volume and history.
-    pub fn set_history(&mut self, h: &History) {
-        self.volume_id = hex(&h.volume_id);
-        self.generation = h.current().map_or(0, |g| g.number);
-        self.history = h
-            .generations
-            .iter()
-            .map(|g| GenerationMeta {
-                number: g.number,
-                id: g.id,
-                start: g.start,
-            })
-            .collect();
-    }
-
-    /// A primary's backing directory (an old primary served as a mirror): its tree is its
-    /// journal's end.
-    fn former_primary(&self) -> bool {
-        self.state == "primary"
-    }
-
-    fn mirror_state(&self) -> MirrorState {
-        match self.state.as_str() {
-            "consistent" | "primary" => MirrorState::Consistent,
-            "syncing" => MirrorState::Syncing,
-            "needs_resync" => MirrorState::NeedsResync,
-            _ => MirrorState::Empty,
-        }
-    }
-}
-
-/// A random 64-bit id (a new generation's).
-pub fn random_u64() -> Result<u64> {
-    let mut b = [0u8; 8];
-    fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
-        .context("cannot read /dev/urandom")?;
-    Ok(u64::from_le_bytes(b) | 1)
-}
-
-/// Parses 32 hex digits.
-pub fn parse_id(s: &str) -> Option<[u8; 16]> {
-    if s.len() != 32 {
-        return None;
-    }
-    let mut id = [0u8; 16];
-    for (i, b) in id.iter_mut().enumerate() {
-        *b = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(id)
-}
-
-pub fn read_meta(state: &Path) -> Result<Meta> {
-    let p = state.join("volume.json");
-    match fs::read(&p) {
-        Ok(b) => serde_json::from_slice(&b)
-            .with_context(|| format!("{} is damaged; move it away to start afresh", p.display())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Meta::empty()),
-        Err(e) => Err(e).with_context(|| format!("cannot read {}", p.display())),
-    }
-}
-
-/// **M1**: writes `volume.json` durably.
-pub fn write_meta(state: &Path, m: &Meta) -> Result<()> {
-    let tmp = state.join("volume.json.tmp");
-    {
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(&serde_json::to_vec_pretty(m)?)?;
-        f.sync_all()?;
-    }
-    fs::rename(&tmp, state.join("volume.json"))?;
-    fs::File::open(state)?.sync_all()?;
-    Ok(())
 }
 
 /// The daemon's shared state.
