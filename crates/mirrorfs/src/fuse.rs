@@ -282,7 +282,7 @@ impl MirrorFs {
             let path = lock(&self.inodes).path(h.ino)?;
             let st = sys::fstat(h.fd.as_fd()).ok()?;
             let named = self.lstat(&path).ok()?;
-            (named.st_ino == st.st_ino).then(|| Op::SetTimes {
+            (named.st_ino == st.st_ino).then_some(Op::SetTimes {
                 path,
                 atime: None,
                 mtime: Some(Timespec {

@@ -827,24 +827,24 @@ fn converge_writer(dir: &Path, stop: &AtomicBool, start: usize) -> Result<usize,
         let step = || -> Result<(), i32> {
             let h = sys::open(&f, libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY, 0o644)?;
             sys::write_all(&h, &common::pattern(i as u64, 400))?;
-            if i % 3 == 0 {
+            if i.is_multiple_of(3) {
                 sys::pwrite(&h, b"after a hole", 1 << 20)?;
             }
             sys::fsync(&h)?;
             drop(h);
-            if i % 5 == 0 {
+            if i.is_multiple_of(5) {
                 sys::lsetxattr(&f, "user.k", format!("v{i}").as_bytes(), 0)?;
             }
-            if i % 7 == 0 {
+            if i.is_multiple_of(7) {
                 sys::link(&f, &dir.join(format!("l{i}")))?;
             }
-            if i % 11 == 0 {
+            if i.is_multiple_of(11) {
                 sys::symlink(format!("f{i}").as_bytes(), &dir.join(format!("s{i}")))?;
             }
-            if i % 13 == 0 {
+            if i.is_multiple_of(13) {
                 sys::chmod(&f, 0o600)?;
             }
-            if i % 4 == 0 && i >= 8 {
+            if i.is_multiple_of(4) && i >= 8 {
                 match sys::unlink(&dir.join(format!("f{}", i - 8))) {
                     Ok(()) | Err(libc::ENOENT) => {}
                     Err(e) => return Err(e),
