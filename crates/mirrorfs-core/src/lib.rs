@@ -8,8 +8,9 @@
 //! [`tree::Tree`]) so the simulation can inject crashes and faults deterministically.
 
 pub mod applier;
-pub mod history;
 pub mod codec;
+pub mod feed;
+pub mod history;
 pub mod journal;
 pub mod link;
 pub mod op;

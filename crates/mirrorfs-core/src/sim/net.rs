@@ -51,6 +51,7 @@ use std::fmt;
 
 use super::{KillSwitch, Primary, SimCursor, SimFile, SimRng, SimStore, SimTree};
 use crate::applier::Applier;
+use crate::feed::{FeedReadError, Item, JournalFeed};
 use crate::journal::storage::{MemStore, SegmentFile};
 use crate::journal::{Journal, JournalConfig, JournalError, Reader, SyncPlan};
 use crate::link::{Begin, JournalSpan, MirrorCopy, Receiver, Sender, Start};
@@ -345,33 +346,21 @@ struct MLink {
     last_ack: Option<(u64, u64, u64, u64)>,
 }
 
-/// What the mirror's feed hands the worker next (the shell's `volume::RecordFeed`).
-enum Item {
-    Apply(Record),
-    Skip(u64),
-    Wait,
-}
-
-/// The shell's `RecordFeed`: reads records ≤ `min(durable, settled)` and holds one back until it
-/// is final (it is the settled watermark, or the next record is known and is not its `Abort`).
-struct Feed {
-    reader: Reader<SimFile>,
-    pending: Option<Record>,
-    /// Sabotage: every durable record is taken as final.
-    eager: bool,
+/// The mirror daemon's feed: the core [`JournalFeed`] the shell's `volume::RecordFeed` drives
+/// too; or, in the `ApplyBeforeFinal` variant, a broken one that takes every durable record as
+/// final.
+enum Feed {
+    Core(JournalFeed<SimFile>),
+    Eager(Reader<SimFile>),
 }
 
 impl Feed {
     fn new(next_seq: u64, eager: bool) -> Self {
-        Feed {
-            reader: Reader::new(next_seq),
-            pending: None,
-            eager,
+        if eager {
+            Feed::Eager(Reader::new(next_seq))
+        } else {
+            Feed::Core(JournalFeed::new(next_seq))
         }
-    }
-
-    fn read(&mut self, j: &Journal<SimStore>, limit: u64) -> Result<Option<Record>, JournalError> {
-        read_next(&mut self.reader, j, limit)
     }
 
     fn next(
@@ -379,47 +368,16 @@ impl Feed {
         j: &Journal<SimStore>,
         durable: u64,
         settled: u64,
-    ) -> Result<Item, JournalError> {
-        let limit = if self.eager {
-            durable
-        } else {
-            durable.min(settled)
-        };
-        if self.pending.is_none() {
-            match self.read(j, limit)? {
-                Some(r) => self.pending = Some(r),
-                None => return Ok(Item::Wait),
-            }
-        }
-        let Some(rec) = self.pending.take() else {
-            return Ok(Item::Wait);
-        };
-        if let Op::Abort { .. } = rec.op {
-            return Ok(Item::Skip(rec.seq));
-        }
-        if self.eager {
-            return Ok(Item::Apply(rec));
-        }
-        if rec.seq < limit {
-            match self.read(j, limit)? {
-                Some(next) => {
-                    if next.op == (Op::Abort { seq: rec.seq }) {
-                        self.pending = Some(next);
-                        return Ok(Item::Skip(rec.seq));
-                    }
-                    self.pending = Some(next);
-                    Ok(Item::Apply(rec))
-                }
-                None => {
-                    self.pending = Some(rec);
-                    Ok(Item::Wait)
-                }
-            }
-        } else if rec.seq == settled {
-            Ok(Item::Apply(rec))
-        } else {
-            self.pending = Some(rec);
-            Ok(Item::Wait)
+    ) -> Result<Item, FeedReadError> {
+        match self {
+            Feed::Core(f) => f.next::<SimStore>(durable, settled, |seq| j.segment_for(seq)),
+            Feed::Eager(reader) => Ok(match read_next(reader, j, durable)? {
+                Some(rec) => match rec.op {
+                    Op::Abort { .. } => Item::Skip(rec.seq),
+                    _ => Item::Apply(rec),
+                },
+                None => Item::Wait,
+            }),
         }
     }
 }
