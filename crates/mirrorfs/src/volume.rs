@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use mirrorfs_core::applier::{Applier, ApplyError};
 use mirrorfs_core::feed::{FeedReadError, JournalFeed};
+use mirrorfs_core::flush;
 use mirrorfs_core::journal::{Journal, JournalError, Reader};
 use mirrorfs_core::op::{Op, Record};
 use mirrorfs_core::track::NameTracker;
@@ -525,26 +526,17 @@ impl Volume {
             };
             match plan {
                 Some(plan) => {
-                    let mut failed = None;
-                    for (id, f, _) in &plan.files {
-                        use mirrorfs_core::journal::storage::SegmentFile;
-                        if let Err(e) = f.sync() {
-                            failed = Some(format!("fsync of journal segment {id} failed: {e}"));
-                            break;
-                        }
-                    }
+                    // The fsyncs outside the order lock: appends go on meanwhile.
+                    let outcome = flush::sync(&plan);
                     let mut o = lock(&self.order);
-                    if let Some(why) = failed {
+                    let done = flush::complete(&mut o.journal, &plan, outcome);
+                    if let flush::Flushed::Poisoned { why, .. } = &done {
                         // A failed fsync poisons the journal: never retried blindly.
                         tracing::error!("{why}; the journal is poisoned, writes now fail with EIO; restart mirrorfs");
-                        o.journal.poison(why);
                         self.poisoned.store(true, Ordering::Release);
-                    } else {
-                        o.journal.mark_synced(&plan);
                     }
-                    let durable = o.journal.durable_seq();
-                    let min_applied = self.min_needed(durable);
-                    let _ = o.journal.release_through(min_applied.min(durable));
+                    let durable = done.durable();
+                    let _ = flush::release(&mut o.journal, self.min_needed(durable));
                     drop(o);
                     lock(&self.progress).durable_seq = durable;
                     self.changed.notify_all();
@@ -565,8 +557,7 @@ impl Volume {
                     // Also free segments as mirrors advance while idle.
                     let mut o = lock(&self.order);
                     let durable = o.journal.durable_seq();
-                    let min_applied = self.min_needed(durable);
-                    let _ = o.journal.release_through(min_applied.min(durable));
+                    let _ = flush::release(&mut o.journal, self.min_needed(durable));
                 }
             }
         }

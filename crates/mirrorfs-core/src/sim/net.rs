@@ -52,7 +52,8 @@ use std::fmt;
 use super::{KillSwitch, Primary, SimCursor, SimFile, SimRng, SimStore, SimTree};
 use crate::applier::Applier;
 use crate::feed::{FeedReadError, Item, JournalFeed};
-use crate::journal::storage::{MemStore, SegmentFile};
+use crate::flush;
+use crate::journal::storage::MemStore;
 use crate::journal::{Journal, JournalConfig, JournalError, Reader, SyncPlan};
 use crate::link::{Begin, JournalSpan, MirrorCopy, Receiver, Sender, Start};
 use crate::op::{Op, Record};
@@ -1023,14 +1024,12 @@ impl Sim {
     }
 
     fn p_run_plan(&mut self, plan: &SyncPlan<SimFile>) -> Act {
-        for (id, f, _) in &plan.files {
-            if let Err(e) = f.sync() {
-                self.pjournal
-                    .poison(format!("fsync of journal segment {id} failed: {e}"));
-                return Err(self.pfault(format!("fsync of segment {id} failed: {e}")));
-            }
+        let outcome = flush::sync(plan);
+        if let flush::Flushed::Poisoned { why, .. } =
+            flush::complete(&mut self.pjournal, plan, outcome)
+        {
+            return Err(self.pfault(why));
         }
-        self.pjournal.mark_synced(plan);
         self.p_durable_ever = self.p_durable_ever.max(self.pjournal.durable_seq());
         self.p_release()
     }
@@ -1038,9 +1037,8 @@ impl Sim {
     /// Frees segments: a remote mirror needs every record after its acknowledged durable
     /// position (`MirrorShared::needed_after`).
     fn p_release(&mut self) -> Act {
-        let keep = self.p_mirror_durable.min(self.pjournal.durable_seq());
-        self.pjournal
-            .release_through(keep)
+        flush::release(&mut self.pjournal, self.p_mirror_durable)
+            .map(drop)
             .map_err(|e| self.pfault(format!("release of segments failed: {e}")))
     }
 
@@ -1653,27 +1651,21 @@ impl Sim {
     }
 
     fn m_run_plan(&mut self, plan: &SyncPlan<SimFile>) -> Act {
-        for (id, f, _) in &plan.files {
-            if let Err(e) = f.sync() {
-                self.mjournal
-                    .poison(format!("fsync of journal segment {id} failed: {e}"));
-                return Err(self.mfault(format!("fsync of segment {id} failed: {e}")));
-            }
+        let outcome = flush::sync(plan);
+        if let flush::Flushed::Poisoned { why, .. } =
+            flush::complete(&mut self.mjournal, plan, outcome)
+        {
+            return Err(self.mfault(why));
         }
-        self.mjournal.mark_synced(plan);
         self.mdurable = self.mjournal.durable_seq();
         self.m_release()
     }
 
     /// The daemon's tree is a local mirror: it needs every record after its checkpoint.
     fn m_release(&mut self) -> Act {
-        let keep = self
-            .applier
-            .cursor()
-            .checkpoint
-            .min(self.mjournal.durable_seq());
-        self.mjournal
-            .release_through(keep)
+        let keep = self.applier.cursor().checkpoint;
+        flush::release(&mut self.mjournal, keep)
+            .map(drop)
             .map_err(|e| self.mfault(format!("release of segments failed: {e}")))
     }
 

@@ -28,7 +28,8 @@ use std::fmt;
 use super::{KillSwitch, Primary, SimCursor, SimFile, SimRng, SimStore, SimTree};
 use crate::applier::Applier;
 use crate::feed::{FeedReadError, Item, JournalFeed};
-use crate::journal::storage::{MemStore, SegmentFile};
+use crate::flush;
+use crate::journal::storage::MemStore;
 use crate::journal::{Journal, JournalConfig, Reader, SyncPlan};
 use crate::op::Op;
 use crate::tree::{apply_op, Tree};
@@ -439,14 +440,12 @@ impl Sim {
     }
 
     fn run_plan(&mut self, plan: &SyncPlan<SimFile>) -> Act {
-        for (id, f, _) in &plan.files {
-            if let Err(e) = f.sync() {
-                self.journal
-                    .poison(format!("fsync of journal segment {id} failed: {e}"));
-                return Err(self.fault(format!("fsync of segment {id} failed: {e}")));
-            }
+        let outcome = flush::sync(plan);
+        if let flush::Flushed::Poisoned { why, .. } =
+            flush::complete(&mut self.journal, plan, outcome)
+        {
+            return Err(self.fault(why));
         }
-        self.journal.mark_synced(plan);
         let d = self.journal.durable_seq();
         self.ev(|| format!("synced: durable {d}"));
         self.stats.syncs += 1;
@@ -457,16 +456,10 @@ impl Sim {
     /// Frees segments the mirror no longer needs. The mirror needs every record after its durable
     /// checkpoint: after a power loss it resumes at `checkpoint + 1`.
     fn release(&mut self) -> Act {
-        let keep = self
-            .applier
-            .cursor()
-            .checkpoint
-            .min(self.journal.durable_seq());
-        let before = self.journal.segment_count();
-        self.journal
-            .release_through(keep)
+        let keep = self.applier.cursor().checkpoint;
+        let freed = flush::release(&mut self.journal, keep)
             .map_err(|e| self.fault(format!("release of segments failed: {e}")))?;
-        self.stats.released_segments += (before - self.journal.segment_count()) as u64;
+        self.stats.released_segments += freed as u64;
         Ok(())
     }
 
