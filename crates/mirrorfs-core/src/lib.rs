@@ -9,6 +9,8 @@
 
 pub mod applier;
 pub mod codec;
+pub mod feed;
+pub mod flush;
 pub mod history;
 pub mod journal;
 pub mod link;

@@ -18,6 +18,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use mirrorfs_core::applier::{Applier, ApplyError};
+use mirrorfs_core::feed::{FeedReadError, JournalFeed};
+use mirrorfs_core::flush;
 use mirrorfs_core::journal::{Journal, JournalError, Reader};
 use mirrorfs_core::op::{Op, Record};
 use mirrorfs_core::track::NameTracker;
@@ -537,26 +539,17 @@ impl Volume {
             };
             match plan {
                 Some(plan) => {
-                    let mut failed = None;
-                    for (id, f, _) in &plan.files {
-                        use mirrorfs_core::journal::storage::SegmentFile;
-                        if let Err(e) = f.sync() {
-                            failed = Some(format!("fsync of journal segment {id} failed: {e}"));
-                            break;
-                        }
-                    }
+                    // The fsyncs outside the order lock: appends go on meanwhile.
+                    let outcome = flush::sync(&plan);
                     let mut o = lock(&self.order);
-                    if let Some(why) = failed {
+                    let done = flush::complete(&mut o.journal, &plan, outcome);
+                    if let flush::Flushed::Poisoned { why, .. } = &done {
                         // A failed fsync poisons the journal: never retried blindly.
                         tracing::error!("{why}; the journal is poisoned, writes now fail with EIO; restart mirrorfs");
-                        o.journal.poison(why);
                         self.poisoned.store(true, Ordering::Release);
-                    } else {
-                        o.journal.mark_synced(&plan);
                     }
-                    let durable = o.journal.durable_seq();
-                    let min_applied = self.min_needed(durable);
-                    let _ = o.journal.release_through(min_applied.min(durable));
+                    let durable = done.durable();
+                    let _ = flush::release(&mut o.journal, self.min_needed(durable));
                     drop(o);
                     lock(&self.progress).durable_seq = durable;
                     self.changed.notify_all();
@@ -577,8 +570,7 @@ impl Volume {
                     // Also free segments as mirrors advance while idle.
                     let mut o = lock(&self.order);
                     let durable = o.journal.durable_seq();
-                    let min_applied = self.min_needed(durable);
-                    let _ = o.journal.release_through(min_applied.min(durable));
+                    let _ = flush::release(&mut o.journal, self.min_needed(durable));
                 }
             }
         }
@@ -714,8 +706,7 @@ impl Volume {
 /// Reads records in order for one mirror, holding back a record until it is known not to be
 /// aborted (its `Abort`, if any, is the very next record and is written under the same lock).
 pub struct RecordFeed {
-    reader: Reader<crate::store::FileSegment>,
-    pending: Option<Record>,
+    feed: JournalFeed<crate::store::FileSegment>,
     /// (durable, settled) as the last `next` saw them: a waiter must not sleep if they moved
     /// since (the wake-up it would wait for has already happened).
     seen: (u64, u64),
@@ -729,75 +720,28 @@ impl RecordFeed {
     }
 }
 
-pub enum Feed {
-    Apply(Record),
-    Skip(u64),
-    Wait,
-}
+pub use mirrorfs_core::feed::Item as Feed;
 
 impl RecordFeed {
     pub fn new(next_seq: u64) -> Self {
         RecordFeed {
-            reader: Reader::new(next_seq),
-            pending: None,
+            feed: JournalFeed::new(next_seq),
             seen: (0, 0),
         }
     }
 
-    fn read(&mut self, vol: &Volume, limit: u64) -> Result<Option<Record>, JournalError> {
-        for _ in 0..2 {
-            let view = lock(&vol.order).journal.segment_for(self.reader.next_seq());
-            if let Some(r) = self.reader.next::<FileStore>(view, limit)? {
-                return Ok(Some(r));
-            }
-        }
-        Ok(None)
-    }
-
-    pub fn next(&mut self, vol: &Volume) -> Result<Feed, JournalError> {
+    /// What the worker does next, as the core feed ([`mirrorfs_core::feed::Feed`]) decides
+    /// from the volume's durable and settled positions; the journal is read under the order
+    /// lock, one segment look-up at a time.
+    pub fn next(&mut self, vol: &Volume) -> Result<Feed, FeedReadError> {
         let (durable, settled) = {
             let p = lock(&vol.progress);
             (p.durable_seq, p.settled_seq)
         };
         self.seen = (durable, settled);
-        let limit = durable.min(settled);
-        if self.pending.is_none() {
-            match self.read(vol, limit)? {
-                Some(r) => self.pending = Some(r),
-                None => return Ok(Feed::Wait),
-            }
-        }
-        let Some(rec) = self.pending.take() else {
-            return Ok(Feed::Wait);
-        };
-        if let Op::Abort { .. } = rec.op {
-            return Ok(Feed::Skip(rec.seq));
-        }
-        if rec.seq < limit {
-            match self.read(vol, limit)? {
-                Some(next) => {
-                    if next.op == (Op::Abort { seq: rec.seq }) {
-                        // Both the aborted record and its Abort are skipped.
-                        self.pending = Some(Record {
-                            seq: next.seq,
-                            op: Op::Abort { seq: rec.seq },
-                        });
-                        return Ok(Feed::Skip(rec.seq));
-                    }
-                    self.pending = Some(next);
-                    Ok(Feed::Apply(rec))
-                }
-                None => {
-                    self.pending = Some(rec);
-                    Ok(Feed::Wait)
-                }
-            }
-        } else if rec.seq == settled {
-            Ok(Feed::Apply(rec))
-        } else {
-            self.pending = Some(rec);
-            Ok(Feed::Wait)
-        }
+        self.feed.next::<FileStore>(durable, settled, |seq| {
+            lock(&vol.order).journal.segment_for(seq)
+        })
     }
 }
 

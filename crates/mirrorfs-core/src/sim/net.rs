@@ -51,7 +51,9 @@ use std::fmt;
 
 use super::{KillSwitch, Primary, SimCursor, SimFile, SimRng, SimStore, SimTree};
 use crate::applier::Applier;
-use crate::journal::storage::{MemStore, SegmentFile};
+use crate::feed::{FeedReadError, Item, JournalFeed};
+use crate::flush;
+use crate::journal::storage::MemStore;
 use crate::journal::{Journal, JournalConfig, JournalError, Reader, SyncPlan};
 use crate::link::{Begin, JournalSpan, MirrorCopy, Receiver, Sender, Start};
 use crate::op::{Op, Record};
@@ -345,33 +347,21 @@ struct MLink {
     last_ack: Option<(u64, u64, u64, u64)>,
 }
 
-/// What the mirror's feed hands the worker next (the shell's `volume::RecordFeed`).
-enum Item {
-    Apply(Record),
-    Skip(u64),
-    Wait,
-}
-
-/// The shell's `RecordFeed`: reads records ≤ `min(durable, settled)` and holds one back until it
-/// is final (it is the settled watermark, or the next record is known and is not its `Abort`).
-struct Feed {
-    reader: Reader<SimFile>,
-    pending: Option<Record>,
-    /// Sabotage: every durable record is taken as final.
-    eager: bool,
+/// The mirror daemon's feed: the core [`JournalFeed`] the shell's `volume::RecordFeed` drives
+/// too; or, in the `ApplyBeforeFinal` variant, a broken one that takes every durable record as
+/// final.
+enum Feed {
+    Core(JournalFeed<SimFile>),
+    Eager(Reader<SimFile>),
 }
 
 impl Feed {
     fn new(next_seq: u64, eager: bool) -> Self {
-        Feed {
-            reader: Reader::new(next_seq),
-            pending: None,
-            eager,
+        if eager {
+            Feed::Eager(Reader::new(next_seq))
+        } else {
+            Feed::Core(JournalFeed::new(next_seq))
         }
-    }
-
-    fn read(&mut self, j: &Journal<SimStore>, limit: u64) -> Result<Option<Record>, JournalError> {
-        read_next(&mut self.reader, j, limit)
     }
 
     fn next(
@@ -379,47 +369,16 @@ impl Feed {
         j: &Journal<SimStore>,
         durable: u64,
         settled: u64,
-    ) -> Result<Item, JournalError> {
-        let limit = if self.eager {
-            durable
-        } else {
-            durable.min(settled)
-        };
-        if self.pending.is_none() {
-            match self.read(j, limit)? {
-                Some(r) => self.pending = Some(r),
-                None => return Ok(Item::Wait),
-            }
-        }
-        let Some(rec) = self.pending.take() else {
-            return Ok(Item::Wait);
-        };
-        if let Op::Abort { .. } = rec.op {
-            return Ok(Item::Skip(rec.seq));
-        }
-        if self.eager {
-            return Ok(Item::Apply(rec));
-        }
-        if rec.seq < limit {
-            match self.read(j, limit)? {
-                Some(next) => {
-                    if next.op == (Op::Abort { seq: rec.seq }) {
-                        self.pending = Some(next);
-                        return Ok(Item::Skip(rec.seq));
-                    }
-                    self.pending = Some(next);
-                    Ok(Item::Apply(rec))
-                }
-                None => {
-                    self.pending = Some(rec);
-                    Ok(Item::Wait)
-                }
-            }
-        } else if rec.seq == settled {
-            Ok(Item::Apply(rec))
-        } else {
-            self.pending = Some(rec);
-            Ok(Item::Wait)
+    ) -> Result<Item, FeedReadError> {
+        match self {
+            Feed::Core(f) => f.next::<SimStore>(durable, settled, |seq| j.segment_for(seq)),
+            Feed::Eager(reader) => Ok(match read_next(reader, j, durable)? {
+                Some(rec) => match rec.op {
+                    Op::Abort { .. } => Item::Skip(rec.seq),
+                    _ => Item::Apply(rec),
+                },
+                None => Item::Wait,
+            }),
         }
     }
 }
@@ -1065,14 +1024,12 @@ impl Sim {
     }
 
     fn p_run_plan(&mut self, plan: &SyncPlan<SimFile>) -> Act {
-        for (id, f, _) in &plan.files {
-            if let Err(e) = f.sync() {
-                self.pjournal
-                    .poison(format!("fsync of journal segment {id} failed: {e}"));
-                return Err(self.pfault(format!("fsync of segment {id} failed: {e}")));
-            }
+        let outcome = flush::sync(plan);
+        if let flush::Flushed::Poisoned { why, .. } =
+            flush::complete(&mut self.pjournal, plan, outcome)
+        {
+            return Err(self.pfault(why));
         }
-        self.pjournal.mark_synced(plan);
         self.p_durable_ever = self.p_durable_ever.max(self.pjournal.durable_seq());
         self.p_release()
     }
@@ -1080,9 +1037,8 @@ impl Sim {
     /// Frees segments: a remote mirror needs every record after its acknowledged durable
     /// position (`MirrorShared::needed_after`).
     fn p_release(&mut self) -> Act {
-        let keep = self.p_mirror_durable.min(self.pjournal.durable_seq());
-        self.pjournal
-            .release_through(keep)
+        flush::release(&mut self.pjournal, self.p_mirror_durable)
+            .map(drop)
             .map_err(|e| self.pfault(format!("release of segments failed: {e}")))
     }
 
@@ -1695,27 +1651,21 @@ impl Sim {
     }
 
     fn m_run_plan(&mut self, plan: &SyncPlan<SimFile>) -> Act {
-        for (id, f, _) in &plan.files {
-            if let Err(e) = f.sync() {
-                self.mjournal
-                    .poison(format!("fsync of journal segment {id} failed: {e}"));
-                return Err(self.mfault(format!("fsync of segment {id} failed: {e}")));
-            }
+        let outcome = flush::sync(plan);
+        if let flush::Flushed::Poisoned { why, .. } =
+            flush::complete(&mut self.mjournal, plan, outcome)
+        {
+            return Err(self.mfault(why));
         }
-        self.mjournal.mark_synced(plan);
         self.mdurable = self.mjournal.durable_seq();
         self.m_release()
     }
 
     /// The daemon's tree is a local mirror: it needs every record after its checkpoint.
     fn m_release(&mut self) -> Act {
-        let keep = self
-            .applier
-            .cursor()
-            .checkpoint
-            .min(self.mjournal.durable_seq());
-        self.mjournal
-            .release_through(keep)
+        let keep = self.applier.cursor().checkpoint;
+        flush::release(&mut self.mjournal, keep)
+            .map(drop)
             .map_err(|e| self.mfault(format!("release of segments failed: {e}")))
     }
 

@@ -27,9 +27,11 @@ use std::fmt;
 
 use super::{KillSwitch, Primary, SimCursor, SimFile, SimRng, SimStore, SimTree};
 use crate::applier::Applier;
-use crate::journal::storage::{MemStore, SegmentFile};
-use crate::journal::{Journal, JournalConfig, JournalError, Reader, SyncPlan};
-use crate::op::{Op, Record};
+use crate::feed::{FeedReadError, Item, JournalFeed};
+use crate::flush;
+use crate::journal::storage::MemStore;
+use crate::journal::{Journal, JournalConfig, Reader, SyncPlan};
+use crate::op::Op;
 use crate::tree::{apply_op, Tree};
 
 /// What one or more seeds did, for the summary line.
@@ -189,36 +191,12 @@ enum Fault {
 
 type Act = Result<(), Fault>;
 
-/// What the mirror's feed hands the worker next (the shell's `volume::Feed`).
-enum Item {
-    Apply(Record),
-    Skip(u64),
-    Wait,
-}
-
-/// The shell's `RecordFeed`: reads records ≤ `min(durable, settled)` and holds one back until
-/// the next is known, since an `Abort` for it would be the very next record.
-struct Feed {
-    reader: Reader<SimFile>,
-    pending: Option<Record>,
-}
+/// The mirror's feed: the core [`JournalFeed`] the shell's `volume::RecordFeed` drives too.
+struct Feed(JournalFeed<SimFile>);
 
 impl Feed {
     fn new(next_seq: u64) -> Self {
-        Feed {
-            reader: Reader::new(next_seq),
-            pending: None,
-        }
-    }
-
-    fn read(&mut self, j: &Journal<SimStore>, limit: u64) -> Result<Option<Record>, JournalError> {
-        for _ in 0..2 {
-            let view = j.segment_for(self.reader.next_seq());
-            if let Some(r) = self.reader.next::<SimStore>(view, limit)? {
-                return Ok(Some(r));
-            }
-        }
-        Ok(None)
+        Feed(JournalFeed::new(next_seq))
     }
 
     fn next(
@@ -226,44 +204,9 @@ impl Feed {
         j: &Journal<SimStore>,
         durable: u64,
         settled: u64,
-    ) -> Result<Item, JournalError> {
-        let limit = durable.min(settled);
-        if self.pending.is_none() {
-            match self.read(j, limit)? {
-                Some(r) => self.pending = Some(r),
-                None => return Ok(Item::Wait),
-            }
-        }
-        let Some(rec) = self.pending.take() else {
-            return Ok(Item::Wait);
-        };
-        if let Op::Abort { .. } = rec.op {
-            return Ok(Item::Skip(rec.seq));
-        }
-        if rec.seq < limit {
-            match self.read(j, limit)? {
-                Some(next) => {
-                    if next.op == (Op::Abort { seq: rec.seq }) {
-                        self.pending = Some(Record {
-                            seq: next.seq,
-                            op: Op::Abort { seq: rec.seq },
-                        });
-                        return Ok(Item::Skip(rec.seq));
-                    }
-                    self.pending = Some(next);
-                    Ok(Item::Apply(rec))
-                }
-                None => {
-                    self.pending = Some(rec);
-                    Ok(Item::Wait)
-                }
-            }
-        } else if rec.seq == settled {
-            Ok(Item::Apply(rec))
-        } else {
-            self.pending = Some(rec);
-            Ok(Item::Wait)
-        }
+    ) -> Result<Item, FeedReadError> {
+        self.0
+            .next::<SimStore>(durable, settled, |seq| j.segment_for(seq))
     }
 }
 
@@ -497,14 +440,12 @@ impl Sim {
     }
 
     fn run_plan(&mut self, plan: &SyncPlan<SimFile>) -> Act {
-        for (id, f, _) in &plan.files {
-            if let Err(e) = f.sync() {
-                self.journal
-                    .poison(format!("fsync of journal segment {id} failed: {e}"));
-                return Err(self.fault(format!("fsync of segment {id} failed: {e}")));
-            }
+        let outcome = flush::sync(plan);
+        if let flush::Flushed::Poisoned { why, .. } =
+            flush::complete(&mut self.journal, plan, outcome)
+        {
+            return Err(self.fault(why));
         }
-        self.journal.mark_synced(plan);
         let d = self.journal.durable_seq();
         self.ev(|| format!("synced: durable {d}"));
         self.stats.syncs += 1;
@@ -515,16 +456,10 @@ impl Sim {
     /// Frees segments the mirror no longer needs. The mirror needs every record after its durable
     /// checkpoint: after a power loss it resumes at `checkpoint + 1`.
     fn release(&mut self) -> Act {
-        let keep = self
-            .applier
-            .cursor()
-            .checkpoint
-            .min(self.journal.durable_seq());
-        let before = self.journal.segment_count();
-        self.journal
-            .release_through(keep)
+        let keep = self.applier.cursor().checkpoint;
+        let freed = flush::release(&mut self.journal, keep)
             .map_err(|e| self.fault(format!("release of segments failed: {e}")))?;
-        self.stats.released_segments += (before - self.journal.segment_count()) as u64;
+        self.stats.released_segments += freed as u64;
         Ok(())
     }
 
