@@ -293,6 +293,22 @@ impl MirrorFs {
         });
     }
 
+    /// `chmod` of the inode `ino`, named `p` under the order lock (see `still_named`).
+    fn set_mode_named(&self, ino: INodeNo, p: &RelPath, mode: u32) -> Result<(), i32> {
+        self.vol
+            .mutate(
+                Op::SetMode {
+                    path: p.clone(),
+                    mode,
+                },
+                || {
+                    self.still_named(ino, p)?;
+                    self.root.chmod(p, mode)
+                },
+            )
+            .map(drop)
+    }
+
     /// The changes of one `setattr` to the inode `ino`, named `p` (see `still_named`).
     #[allow(clippy::too_many_arguments)]
     fn setattr_named(
@@ -345,35 +361,13 @@ impl MirrorFs {
             if let Ok(st) = self.lstat(p) {
                 if st.st_mode & libc::S_IFMT != libc::S_IFLNK {
                     let m = st.st_mode & 0o7777;
-                    self.vol
-                        .mutate(
-                            Op::SetMode {
-                                path: p.clone(),
-                                mode: m,
-                            },
-                            || {
-                                self.still_named(ino, p)?;
-                                root.chmod(p, m)
-                            },
-                        )
-                        .map(drop)?;
+                    self.set_mode_named(ino, p, m)?;
                 }
             }
         }
         if let Some(mode) = mode {
             let m = mode & 0o7777;
-            self.vol
-                .mutate(
-                    Op::SetMode {
-                        path: p.clone(),
-                        mode: m,
-                    },
-                    || {
-                        self.still_named(ino, p)?;
-                        root.chmod(p, m)
-                    },
-                )
-                .map(drop)?;
+            self.set_mode_named(ino, p, m)?;
         }
         if atime.is_some() || mtime.is_some() {
             let now = sys::now();

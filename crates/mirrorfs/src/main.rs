@@ -274,31 +274,12 @@ fn canon(p: &Path, what: &str) -> Result<PathBuf> {
 /// Creates and removes a probe file in `dir`, then puts the directory's times back (a mirror's
 /// root mtime is part of the copy).
 fn check_writable(dir: &Path) -> Result<()> {
-    use std::os::unix::fs::MetadataExt;
     let before = fs::metadata(dir)?;
     let probe = dir.join(format!(".mirrorfs-probe-{}", std::process::id()));
     fs::write(&probe, b"probe")
         .with_context(|| format!("mirror {} is not writable", dir.display()))?;
     fs::remove_file(&probe).with_context(|| format!("mirror {} is not writable", dir.display()))?;
-    let times = [
-        libc::timespec {
-            tv_sec: before.atime(),
-            tv_nsec: before.atime_nsec(),
-        },
-        libc::timespec {
-            tv_sec: before.mtime(),
-            tv_nsec: before.mtime_nsec(),
-        },
-    ];
-    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())?;
-    // SAFETY: a valid NUL-terminated path and two timespecs.
-    if unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), 0) } != 0 {
-        tracing::warn!(
-            "could not restore the times of {}: {}",
-            dir.display(),
-            std::io::Error::last_os_error()
-        );
-    }
+    mark::restore_times(dir, &before);
     Ok(())
 }
 

@@ -123,7 +123,7 @@ pub fn problem(m: &MirrorShared) -> Option<String> {
 }
 
 /// Puts a directory's atime and mtime back (a mirror's root times are part of the copy).
-fn restore_times(dir: &Path, before: &fs::Metadata) {
+pub fn restore_times(dir: &Path, before: &fs::Metadata) {
     use std::os::unix::ffi::OsStrExt;
     use std::os::unix::fs::MetadataExt;
     let times = [
