@@ -39,7 +39,26 @@ pub fn private_dir(dir: &Path) -> io::Result<()> {
 /// Replaces `path` atomically (temporary file + rename) with `bytes`, created with `mode`. No
 /// fsync: for files that are rewritten continuously and need no durability (`status.json`,
 /// registrations); durable state goes through the journal's and cursor's own protocols.
+///
+/// On a full disk (the state directory shares it with a mirror that filled it) a new temporary
+/// file cannot be written; the file is then overwritten in place, in the pages it already has,
+/// so `status` keeps showing why the mirror is stuck (a reader may see a torn file for a moment
+/// and skips it).
 pub fn replace(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+    match replace_by_rename(path, bytes, mode) {
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) => {
+            let mut tmp = path.as_os_str().to_owned();
+            tmp.push(".tmp");
+            let _ = fs::remove_file(Path::new(&tmp));
+            let mut f = fs::OpenOptions::new().write(true).open(path)?;
+            f.write_all(bytes)?;
+            f.set_len(bytes.len() as u64)
+        }
+        r => r,
+    }
+}
+
+fn replace_by_rename(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = Path::new(&tmp);
