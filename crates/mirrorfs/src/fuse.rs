@@ -95,6 +95,21 @@ fn to_ts(t: SystemTime) -> Timespec {
     }
 }
 
+/// A setattr's times as timestamps, `Now` read once for both.
+fn resolve_times(
+    atime: Option<TimeOrNow>,
+    mtime: Option<TimeOrNow>,
+) -> (Option<Timespec>, Option<Timespec>) {
+    let now = sys::now();
+    let conv = |t: Option<TimeOrNow>| {
+        t.map(|t| match t {
+            TimeOrNow::Now => now,
+            TimeOrNow::SpecificTime(s) => to_ts(s),
+        })
+    };
+    (conv(atime), conv(mtime))
+}
+
 fn file_type(mode: u32) -> FileType {
     match mode & libc::S_IFMT {
         libc::S_IFDIR => FileType::Directory,
@@ -370,14 +385,7 @@ impl MirrorFs {
             self.set_mode_named(ino, p, m)?;
         }
         if atime.is_some() || mtime.is_some() {
-            let now = sys::now();
-            let conv = |t: Option<TimeOrNow>| {
-                t.map(|t| match t {
-                    TimeOrNow::Now => now,
-                    TimeOrNow::SpecificTime(s) => to_ts(s),
-                })
-            };
-            let (a, m) = (conv(atime), conv(mtime));
+            let (a, m) = resolve_times(atime, mtime);
             self.vol
                 .mutate(
                     Op::SetTimes {
@@ -426,14 +434,8 @@ fn reply_unlinked_setattr(
             sys::fchmod(fd, mode & 0o7777)?;
         }
         if atime.is_some() || mtime.is_some() {
-            let now = sys::now();
-            let conv = |t: Option<TimeOrNow>| {
-                t.map(|t| match t {
-                    TimeOrNow::Now => now,
-                    TimeOrNow::SpecificTime(s) => to_ts(s),
-                })
-            };
-            sys::futimens(fd, conv(atime), conv(mtime))?;
+            let (a, m) = resolve_times(atime, mtime);
+            sys::futimens(fd, a, m)?;
         }
         Ok(())
     })();
