@@ -19,10 +19,10 @@ use mirrorfs_core::link::{JournalSpan, LinkError, Sender, Start};
 use mirrorfs_core::op::Record;
 use mirrorfs_core::wire::{Decoder, Msg, BATCH_BYTES};
 
-use crate::identity::{Fingerprint, Identity};
-use crate::net::Duplex;
-use crate::store::FileStore;
-use crate::volume::{lock, MirrorPhase, MirrorShared, Volume};
+use crate::net::conn::Duplex;
+use crate::net::identity::{Fingerprint, Identity};
+use crate::site::store::FileStore;
+use crate::site::volume::{lock, MirrorPhase, MirrorShared, Volume};
 
 /// Unacknowledged bytes in flight per link: enough to fill a long fat pipe, bounded.
 pub const WINDOW_BYTES: u64 = 32 << 20;
@@ -188,7 +188,7 @@ fn session(
     let mut dec = Decoder::new();
     let mut sender = Sender::new(cfg.history.clone(), WINDOW_BYTES);
     d.send(&sender.hello(span(vol), cfg.compress, &cfg.name))?;
-    let welcome = recv_within(&d, &mut dec, crate::net::CONNECT_TIMEOUT)?;
+    let welcome = recv_within(&d, &mut dec, crate::net::conn::CONNECT_TIMEOUT)?;
     if let Msg::Welcome { compress, .. } = &welcome {
         d.set_compress(*compress && cfg.compress);
     }
@@ -259,7 +259,7 @@ fn session(
                 total_bytes: 0,
             },
         );
-        let mut mf = crate::resync::Manifest::default();
+        let mut mf = crate::mirror::resync::Manifest::default();
         let mut heard = Instant::now();
         loop {
             match d.recv(&mut dec)? {
@@ -316,7 +316,7 @@ fn session(
             std::thread::Builder::new()
                 .name("resync".into())
                 .spawn(move || {
-                    let r = crate::resync::live_resync(
+                    let r = crate::mirror::resync::live_resync(
                         v.clone(),
                         &c.backing,
                         mm.clone(),
@@ -417,7 +417,7 @@ fn stream(
     done: &AtomicBool,
     slot: &SyncSlot,
 ) -> Result<()> {
-    let mut reader: Reader<crate::store::FileSegment> = Reader::new(lock(sender).next_send());
+    let mut reader: Reader<crate::site::store::FileSegment> = Reader::new(lock(sender).next_send());
     let mut pending: Option<Record> = None;
     let mut last_send = Instant::now();
     let mut nonce = 0u64;

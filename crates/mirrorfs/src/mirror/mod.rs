@@ -1,5 +1,8 @@
 //! Mirror workers (one thread per mirror) and the initial copy of a new mirror.
 
+pub mod mark;
+pub mod resync;
+
 use std::ffi::OsStr;
 use std::fs;
 use std::io;
@@ -14,13 +17,13 @@ use mirrorfs_core::applier::Applier;
 use mirrorfs_core::op::Op;
 use mirrorfs_core::path::RelPath;
 
-use crate::dirtree::DirTree;
-use crate::sys;
-use crate::volume::{
+use crate::site::volume::{
     apply_error_phase, lock, open_cursor, Feed, MirrorPhase, MirrorShared, Ordered, RecordFeed,
     Volume,
 };
-use crate::walk::Visit;
+use crate::sys;
+use crate::tree::dirtree::DirTree;
+use crate::tree::walk::Visit;
 
 /// Applies the journal to one mirror until the volume stops.
 pub fn run_worker(vol: Arc<Volume>, m: Arc<MirrorShared>, mut applier: Applier) {
@@ -241,7 +244,7 @@ enum MarkWait {
 
 fn wait_for_mark(vol: &Volume, m: &MirrorShared) -> MarkWait {
     let mut reported = false;
-    while let Some(why) = crate::mark::problem(m) {
+    while let Some(why) = crate::mirror::mark::problem(m) {
         if !reported {
             tracing::error!("mirror {}: {why}", m.name);
             *lock(&m.phase) = MirrorPhase::Refused {
@@ -302,7 +305,7 @@ pub fn live_sync(
             let mut emit = |op: Op| append_sync(journal, id, op).map(drop);
             let mut links: std::collections::HashMap<u64, RelPath> =
                 std::collections::HashMap::new();
-            crate::walk::walk(root.as_fd(), hidden.as_deref(), |v| {
+            crate::tree::walk::walk(root.as_fd(), hidden.as_deref(), |v| {
                 let (path, name, st, dfd) = match v {
                     Visit::DirDone { path, st } => return emit(mtime_of(path, st)),
                     Visit::Entry {
@@ -508,8 +511,8 @@ impl<'a> TrackedCopy<'a> {
     ) -> Option<(RelPath, OwnedFd, libc::stat)> {
         let names = o.copies.get(&self.id)?.names(ino);
         names.iter().find_map(|path| {
-            let f =
-                crate::dirtree::open_in(root, path, libc::O_RDONLY | libc::O_NOFOLLOW, 0).ok()?;
+            let f = crate::tree::dirtree::open_in(root, path, libc::O_RDONLY | libc::O_NOFOLLOW, 0)
+                .ok()?;
             let st = sys::fstat(f.as_fd()).ok()?;
             (st.st_ino == ino && st.st_mode & libc::S_IFMT == libc::S_IFREG)
                 .then(|| (path.clone(), f, st))
@@ -560,7 +563,7 @@ impl Drop for TrackedCopy<'_> {
 /// Journals `op` as a `Sync` record of the copy `id` (only that copy's mirror applies it);
 /// returns its seq.
 pub(crate) fn append_sync(
-    journal: &mut mirrorfs_core::journal::Journal<crate::store::FileStore>,
+    journal: &mut mirrorfs_core::journal::Journal<crate::site::store::FileStore>,
     id: u32,
     op: Op,
 ) -> io::Result<u64> {
@@ -629,7 +632,8 @@ fn ts(sec: i64, nsec: i64) -> mirrorfs_core::op::Timespec {
 
 pub(crate) fn xattrs(root: std::os::fd::BorrowedFd<'_>, path: &RelPath) -> Vec<(Vec<u8>, Vec<u8>)> {
     let mut out = Vec::new();
-    let Ok(fd) = crate::dirtree::open_in(root, path, libc::O_PATH | libc::O_NOFOLLOW, 0) else {
+    let Ok(fd) = crate::tree::dirtree::open_in(root, path, libc::O_PATH | libc::O_NOFOLLOW, 0)
+    else {
         return out;
     };
     let mut names = vec![0u8; 65536];

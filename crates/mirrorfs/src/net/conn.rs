@@ -15,8 +15,8 @@ use std::time::Duration;
 use anyhow::{anyhow, Context, Result};
 use mirrorfs_core::wire::{Decoder, Msg};
 
-use crate::identity::{self, Fingerprint, Identity};
-use crate::volume::lock;
+use crate::net::identity::{self, Fingerprint, Identity};
+use crate::site::volume::lock;
 
 /// How long connecting and the TLS handshake may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);

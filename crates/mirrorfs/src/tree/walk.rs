@@ -38,7 +38,7 @@ pub fn walk(
     let mut stack = vec![(RelPath::root(), false)];
     while let Some((dir, done)) = stack.pop() {
         if done {
-            let st = crate::dirtree::lstat_in(root, &dir)?;
+            let st = crate::tree::dirtree::lstat_in(root, &dir)?;
             visit(Visit::DirDone {
                 path: &dir,
                 st: &st,
@@ -46,7 +46,7 @@ pub fn walk(
             continue;
         }
         stack.push((dir.clone(), true));
-        let dfd = crate::dirtree::open_in(
+        let dfd = crate::tree::dirtree::open_in(
             root,
             &dir,
             libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,

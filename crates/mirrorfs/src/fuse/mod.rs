@@ -2,6 +2,9 @@
 //! serves reads straight from the backing directory. Files opened read-only use the kernel's FUSE
 //! passthrough when available, so their reads never come up to this process at all.
 
+pub mod affinity;
+pub mod inodes;
+
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -20,10 +23,10 @@ use fuser::{
 use mirrorfs_core::op::{Op, Timespec, WRITE_BYTES_MAX};
 use mirrorfs_core::path::RelPath;
 
-use crate::dirtree::Root;
-use crate::inodes::{Inodes, ROOT};
+use crate::fuse::inodes::{Inodes, ROOT};
+use crate::site::volume::{lock, Volume};
 use crate::sys;
-use crate::volume::{lock, Volume};
+use crate::tree::dirtree::Root;
 
 const TTL: Duration = Duration::from_secs(1);
 /// How many times a change is retried when the name it was given for an inode changed before the
@@ -456,7 +459,7 @@ impl Filesystem for MirrorFs {
     }
 
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        crate::affinity::follow(req.pid());
+        crate::fuse::affinity::follow(req.pid());
         if parent.0 == ROOT && self.hidden.as_deref() == Some(name.as_bytes()) {
             return reply.error(Errno::ENOENT);
         }
@@ -471,7 +474,7 @@ impl Filesystem for MirrorFs {
     }
 
     fn getattr(&self, req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
-        crate::affinity::follow(req.pid());
+        crate::fuse::affinity::follow(req.pid());
         let st = match fh.and_then(|f| self.handle(f).ok()).or_else(|| {
             self.handle_of_ino(ino.0)
                 .filter(|_| self.path(ino).is_err())
@@ -506,7 +509,7 @@ impl Filesystem for MirrorFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        crate::affinity::follow(req.pid());
+        crate::fuse::affinity::follow(req.pid());
         // Each change checks under the order lock that `p` still names the inode (a rename may
         // have come in between), and is made again under the new name if not.
         let r = self.retry_renamed(|| {
@@ -539,7 +542,7 @@ impl Filesystem for MirrorFs {
     }
 
     fn readlink(&self, req: &Request, ino: INodeNo, reply: ReplyData) {
-        crate::affinity::follow(req.pid());
+        crate::fuse::affinity::follow(req.pid());
         match self
             .path(ino)
             .and_then(|p| self.root.readlink(&p).map_err(|e| io_errno(&e)))
@@ -559,7 +562,7 @@ impl Filesystem for MirrorFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        crate::affinity::follow(req.pid());
+        crate::fuse::affinity::follow(req.pid());
         let p = match self.child(parent, name) {
             Ok(p) => p,
             Err(e) => return reply.error(e),
@@ -596,7 +599,7 @@ impl Filesystem for MirrorFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        crate::affinity::follow(req.pid());
+        crate::fuse::affinity::follow(req.pid());
         let p = match self.child(parent, name) {
             Ok(p) => p,
             Err(e) => return reply.error(e),
@@ -623,7 +626,7 @@ impl Filesystem for MirrorFs {
     }
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        crate::affinity::follow(req.pid());
+        crate::fuse::affinity::follow(req.pid());
         let p = match self.child(parent, name) {
             Ok(p) => p,
             Err(e) => return reply.error(e),
@@ -654,7 +657,7 @@ impl Filesystem for MirrorFs {
     }
 
     fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        crate::affinity::follow(req.pid());
+        crate::fuse::affinity::follow(req.pid());
         let p = match self.child(parent, name) {
             Ok(p) => p,
             Err(e) => return reply.error(e),
@@ -687,7 +690,7 @@ impl Filesystem for MirrorFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        crate::affinity::follow(req.pid());
+        crate::fuse::affinity::follow(req.pid());
         let p = match self.child(parent, link_name) {
             Ok(p) => p,
             Err(e) => return reply.error(e),
@@ -723,7 +726,7 @@ impl Filesystem for MirrorFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        crate::affinity::follow(req.pid());
+        crate::fuse::affinity::follow(req.pid());
         let (from, to) = match (self.child(parent, name), self.child(newparent, newname)) {
             (Ok(a), Ok(b)) => (a, b),
             (Err(e), _) | (_, Err(e)) => return reply.error(e),
@@ -796,7 +799,7 @@ impl Filesystem for MirrorFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        crate::affinity::follow(req.pid());
+        crate::fuse::affinity::follow(req.pid());
         let (from, to) = match (self.path(ino), self.child(newparent, newname)) {
             (Ok(a), Ok(b)) => (a, b),
             (Err(e), _) | (_, Err(e)) => return reply.error(e),
@@ -817,7 +820,7 @@ impl Filesystem for MirrorFs {
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        crate::affinity::follow(req.pid());
+        crate::fuse::affinity::follow(req.pid());
         let fl = Self::open_flags(flags.0);
         // The file opened must be the inode asked for: its writes are journaled under the
         // inode's name, so a file renamed over that name in the meantime is not it.
@@ -893,7 +896,7 @@ impl Filesystem for MirrorFs {
         _lock: Option<fuser::LockOwner>,
         reply: ReplyData,
     ) {
-        crate::affinity::follow(req.pid());
+        crate::fuse::affinity::follow(req.pid());
         let h = match self.handle(fh) {
             Ok(h) => h,
             Err(e) => return reply.error(e),
@@ -917,7 +920,7 @@ impl Filesystem for MirrorFs {
         _lock: Option<fuser::LockOwner>,
         reply: ReplyWrite,
     ) {
-        crate::affinity::follow(req.pid());
+        crate::fuse::affinity::follow(req.pid());
         let h = match self.handle(fh) {
             Ok(h) => h,
             Err(e) => return reply.error(e),
@@ -983,7 +986,7 @@ impl Filesystem for MirrorFs {
         _lock: fuser::LockOwner,
         reply: ReplyEmpty,
     ) {
-        crate::affinity::follow(req.pid());
+        crate::fuse::affinity::follow(req.pid());
         if let Ok(h) = self.handle(fh) {
             if h.wrote.swap(false, Ordering::Relaxed) {
                 self.set_times_of_handle(&h);
@@ -1002,7 +1005,7 @@ impl Filesystem for MirrorFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        crate::affinity::follow(req.pid());
+        crate::fuse::affinity::follow(req.pid());
         let h = self
             .handles
             .write()
@@ -1024,7 +1027,7 @@ impl Filesystem for MirrorFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        crate::affinity::follow(req.pid());
+        crate::fuse::affinity::follow(req.pid());
         let h = match self.handle(fh) {
             Ok(h) => h,
             Err(e) => return reply.error(e),
@@ -1043,7 +1046,7 @@ impl Filesystem for MirrorFs {
     }
 
     fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        crate::affinity::follow(req.pid());
+        crate::fuse::affinity::follow(req.pid());
         let p = match self.path(ino) {
             Ok(p) => p,
             Err(e) => return reply.error(e),
@@ -1092,7 +1095,7 @@ impl Filesystem for MirrorFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        crate::affinity::follow(req.pid());
+        crate::fuse::affinity::follow(req.pid());
         let Some(list) = lock(&self.dirs).get(&fh.0).cloned() else {
             return reply.error(Errno::EBADF);
         };
@@ -1117,7 +1120,7 @@ impl Filesystem for MirrorFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        crate::affinity::follow(req.pid());
+        crate::fuse::affinity::follow(req.pid());
         let Some(list) = lock(&self.dirs).get(&fh.0).cloned() else {
             return reply.error(Errno::EBADF);
         };
@@ -1173,7 +1176,7 @@ impl Filesystem for MirrorFs {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
-        crate::affinity::follow(req.pid());
+        crate::fuse::affinity::follow(req.pid());
         lock(&self.dirs).remove(&fh.0);
         reply.ok()
     }
@@ -1186,7 +1189,7 @@ impl Filesystem for MirrorFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        crate::affinity::follow(req.pid());
+        crate::fuse::affinity::follow(req.pid());
         if let Ok(p) = self.path(ino) {
             if let Ok(fd) =
                 self.root
@@ -1203,7 +1206,7 @@ impl Filesystem for MirrorFs {
     }
 
     fn statfs(&self, req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        crate::affinity::follow(req.pid());
+        crate::fuse::affinity::follow(req.pid());
         match sys::fstatvfs(self.rootfd()) {
             Ok(s) => reply.statfs(
                 s.f_blocks,
@@ -1229,7 +1232,7 @@ impl Filesystem for MirrorFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        crate::affinity::follow(req.pid());
+        crate::fuse::affinity::follow(req.pid());
         let n = name.as_bytes().to_vec();
         // Resolved under the order lock (see `still_named`), never through a symlink.
         let r = self.retry_renamed(|| {
@@ -1252,7 +1255,7 @@ impl Filesystem for MirrorFs {
     }
 
     fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        crate::affinity::follow(req.pid());
+        crate::fuse::affinity::follow(req.pid());
         let r = self
             .path(ino)
             .and_then(|p| self.root.entry(&p).map_err(|e| io_errno(&e)));
@@ -1269,7 +1272,7 @@ impl Filesystem for MirrorFs {
     }
 
     fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        crate::affinity::follow(req.pid());
+        crate::fuse::affinity::follow(req.pid());
         let r = self
             .path(ino)
             .and_then(|p| self.root.entry(&p).map_err(|e| io_errno(&e)));
@@ -1286,7 +1289,7 @@ impl Filesystem for MirrorFs {
     }
 
     fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        crate::affinity::follow(req.pid());
+        crate::fuse::affinity::follow(req.pid());
         let n = name.as_bytes().to_vec();
         let r = self.retry_renamed(|| {
             let p = self.path(ino).map_err(|e| e.code())?;
@@ -1317,7 +1320,7 @@ impl Filesystem for MirrorFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        crate::affinity::follow(req.pid());
+        crate::fuse::affinity::follow(req.pid());
         let p = match self.child(parent, name) {
             Ok(p) => p,
             Err(e) => return reply.error(e),
@@ -1373,7 +1376,7 @@ impl Filesystem for MirrorFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        crate::affinity::follow(req.pid());
+        crate::fuse::affinity::follow(req.pid());
         let h = match self.handle(fh) {
             Ok(h) => h,
             Err(e) => return reply.error(e),
@@ -1411,7 +1414,7 @@ impl Filesystem for MirrorFs {
         whence: i32,
         reply: ReplyLseek,
     ) {
-        crate::affinity::follow(req.pid());
+        crate::fuse::affinity::follow(req.pid());
         match self
             .handle(fh)
             .and_then(|h| sys::lseek(h.fd.as_fd(), offset, whence).map_err(|e| io_errno(&e)))

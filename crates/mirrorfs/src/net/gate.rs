@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::volume::lock;
+use crate::site::volume::lock;
 
 /// Unauthenticated connections held at once (each one a thread in its TLS handshake).
 pub const MAX_PENDING: usize = 16;

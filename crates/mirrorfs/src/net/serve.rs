@@ -31,11 +31,13 @@ use mirrorfs_core::link::{hex, Begin, LinkError, MirrorCopy, Receiver};
 use mirrorfs_core::op::Op;
 use mirrorfs_core::wire::{error_code, Decoder, MirrorState, Msg};
 
-use crate::identity;
-use crate::meta::{random_u64, read_meta, write_meta, Meta};
-use crate::net::Duplex;
-use crate::store::FileStore;
-use crate::volume::{self, lock, AckMode, MirrorPhase, MirrorShared, Ordered, Progress, Volume};
+use crate::net::conn::Duplex;
+use crate::net::identity;
+use crate::site::meta::{random_u64, read_meta, write_meta, Meta};
+use crate::site::store::FileStore;
+use crate::site::volume::{
+    self, lock, AckMode, MirrorPhase, MirrorShared, Ordered, Progress, Volume,
+};
 
 #[derive(clap::Args)]
 pub struct ServeArgs {
@@ -62,7 +64,7 @@ pub struct ServeArgs {
     #[arg(long)]
     pub discard_diverged: bool,
     /// The journal's size limit in MiB (at least 128: two 64 MiB segments).
-    #[arg(long, default_value_t = 4096, value_parser = crate::volume::parse_journal_max_mib)]
+    #[arg(long, default_value_t = 4096, value_parser = crate::site::volume::parse_journal_max_mib)]
     pub journal_max_mib: u64,
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9109); off by default.
     #[arg(long)]
@@ -118,13 +120,13 @@ fn serve_in(a: ServeArgs) -> Result<()> {
     }
     let state = match &a.state {
         Some(s) => {
-            crate::statefile::private_dir(s)
+            crate::site::statefile::private_dir(s)
                 .with_context(|| format!("cannot create state directory {}", s.display()))?;
             s.canonicalize()?
         }
         None => dir.join(".mirrorfs"),
     };
-    crate::statefile::private_dir(&state)
+    crate::site::statefile::private_dir(&state)
         .with_context(|| format!("cannot create state directory {}", state.display()))?;
     let reserved = if state.parent() == Some(dir.as_path()) {
         state
@@ -138,7 +140,7 @@ fn serve_in(a: ServeArgs) -> Result<()> {
     };
     // The directory itself is locked (whatever `--state` says): it cannot be a mount's backing
     // or local mirror, or a second daemon's directory, at the same time.
-    let _dir_lock = crate::dirlock::lock(&dir).map_err(|e| {
+    let _dir_lock = crate::site::dirlock::lock(&dir).map_err(|e| {
         anyhow!(
             "{} is in use by another mirrorfs ({e}): stop that one first",
             dir.display()
@@ -272,10 +274,10 @@ fn serve_in(a: ServeArgs) -> Result<()> {
             .spawn(move || v.run_flusher())?;
     }
     if meta.state == "consistent" || meta.state == "syncing" {
-        let power_loss = crate::boot::power_lost(&state);
+        let power_loss = crate::site::boot::power_lost(&state);
         let mut cur = volume::open_cursor(&m)?;
         let opened = Applier::open(&mut cur, power_loss, horizon)?;
-        crate::boot::record_boot(&state)?;
+        crate::site::boot::record_boot(&state)?;
         match opened {
             Some(mut ap) => {
                 if meta.state == "syncing" {
@@ -298,7 +300,7 @@ fn serve_in(a: ServeArgs) -> Result<()> {
             }
         }
     }
-    crate::boot::record_boot(&state)?;
+    crate::site::boot::record_boot(&state)?;
     {
         let d = d.clone();
         std::thread::Builder::new()
@@ -308,10 +310,10 @@ fn serve_in(a: ServeArgs) -> Result<()> {
                 std::thread::sleep(Duration::from_millis(250));
             })?;
     }
-    let _reg = crate::status::register(&dir, &dir, &state)?;
+    let _reg = crate::site::status::register(&dir, &dir, &state)?;
     if let Some(addr) = &a.metrics {
         let d = d.clone();
-        crate::status::serve_metrics(addr, Arc::new(move || d.metrics_text()))?;
+        crate::site::status::serve_metrics(addr, Arc::new(move || d.metrics_text()))?;
     }
 
     let listener =
@@ -339,7 +341,7 @@ fn serve_in(a: ServeArgs) -> Result<()> {
         id.fingerprint
     );
     // Bounded: see `gate` (who is let in, who is evicted, and the handshake deadline).
-    let gate = crate::gate::Gate::new();
+    let gate = crate::net::gate::Gate::new();
     while !term.load(Ordering::Relaxed) {
         match listener.accept() {
             Ok((sock, from)) => {
@@ -395,7 +397,7 @@ fn serve_in(a: ServeArgs) -> Result<()> {
 fn start_connection(
     d: &Arc<Daemon>,
     cfg: &Arc<rustls::ServerConfig>,
-    gate: &Arc<crate::gate::Gate>,
+    gate: &Arc<crate::net::gate::Gate>,
     sock: std::net::TcpStream,
     from: std::net::SocketAddr,
 ) -> std::io::Result<()> {
@@ -520,7 +522,7 @@ impl Daemon {
     fn session(self: Arc<Self>, link: Duplex) -> Result<()> {
         let peer = link.peer().map(|p| p.to_string()).unwrap_or_default();
         let mut dec = Decoder::new();
-        let hello = recv_within(&link, &mut dec, crate::net::CONNECT_TIMEOUT)?;
+        let hello = recv_within(&link, &mut dec, crate::net::conn::CONNECT_TIMEOUT)?;
         if self.busy.swap(true, Ordering::AcqRel) {
             let _ = link.send(&Msg::Error {
                 code: error_code::BUSY,
@@ -566,7 +568,7 @@ impl Daemon {
             link.set_compress(*compress);
         }
         link.send(&welcome)?;
-        let start = recv_within(link, dec, crate::net::CONNECT_TIMEOUT).inspect_err(|e| {
+        let start = recv_within(link, dec, crate::net::conn::CONNECT_TIMEOUT).inspect_err(|e| {
             *lock(&self.refused) = Some(format!("{e:#}"));
         })?;
         let begin = rx.on_start(&start).map_err(|e| self.refuse(e))?;
@@ -630,7 +632,7 @@ impl Daemon {
         if after + 1 < first {
             return Ok(None);
         }
-        let mut reader: Reader<crate::store::FileSegment> = Reader::new(after + 1);
+        let mut reader: Reader<crate::site::store::FileSegment> = Reader::new(after + 1);
         let mut names = std::collections::BTreeSet::new();
         while reader.next_seq() <= end {
             let view = lock(&self.vol.order).journal.segment_for(reader.next_seq());
@@ -861,10 +863,10 @@ impl Daemon {
         let mut batch = Vec::new();
         let mut batch_bytes = 0usize;
         let mut last_ping = Instant::now();
-        let count = crate::resync::manifest(&self.dir, &self.reserved, |e| {
+        let count = crate::mirror::resync::manifest(&self.dir, &self.reserved, |e| {
             batch_bytes += e.path.as_bytes().len() + 32 + 32 * e.hashes.len();
             batch.push(e);
-            if batch.len() >= crate::resync::MANIFEST_BATCH || batch_bytes >= 1 << 20 {
+            if batch.len() >= crate::mirror::resync::MANIFEST_BATCH || batch_bytes >= 1 << 20 {
                 batch_bytes = 0;
                 link.send(&Msg::Manifest {
                     entries: std::mem::take(&mut batch),
@@ -897,10 +899,10 @@ impl Daemon {
                 return Ok(());
             }
             let Some(msg) = link.recv(dec)? else {
-                if heard.elapsed() > crate::remote::DEAD_AFTER {
+                if heard.elapsed() > crate::net::remote::DEAD_AFTER {
                     bail!(
                         "the primary sent nothing for {:?}; closing",
-                        crate::remote::DEAD_AFTER
+                        crate::net::remote::DEAD_AFTER
                     );
                 }
                 continue;
@@ -1081,10 +1083,10 @@ impl Daemon {
             "journal_bytes": bytes,
             "journal_segments": segs,
             "updated_unix": crate::sys::now().sec,
-            "updated_unix_ms": crate::status::now_ms(),
+            "updated_unix_ms": crate::site::status::now_ms(),
         });
         if let Ok(b) = serde_json::to_vec_pretty(&s) {
-            let _ = crate::statefile::replace(&self.state.join("status.json"), &b, 0o600);
+            let _ = crate::site::statefile::replace(&self.state.join("status.json"), &b, 0o600);
         }
     }
 }
@@ -1150,7 +1152,7 @@ pub fn promote(dir: &Path, state: Option<&Path>, force: bool) -> Result<()> {
     let state = state
         .map(Path::to_path_buf)
         .unwrap_or_else(|| dir.join(".mirrorfs"));
-    if let Some(found) = crate::mark::read_file(&state) {
+    if let Some(found) = crate::mirror::mark::read_file(&state) {
         bail!(
             "{} is a local mirror of volume {} (its identity mark is {}): only a `mirrorfs serve` copy can be promoted; to fail over to a local mirror, mount it as the backing of a new primary (`mirrorfs mount {} MOUNTPOINT --mirror ...`)",
             dir.display(),
@@ -1210,7 +1212,7 @@ pub fn promote(dir: &Path, state: Option<&Path>, force: bool) -> Result<()> {
     // The primary starts at the copy's last applied record: records the mirror received but had
     // not applied (their fate may be unknown) are dropped, so its journal never holds a change
     // its tree lacks.
-    let mut cur = crate::store::FileCursor::open(&state.join("tree").join("cursor"))
+    let mut cur = crate::site::store::FileCursor::open(&state.join("tree").join("cursor"))
         .context("cannot open the copy's cursor")?;
     let applied = Applier::open(&mut cur, false, 0)?
         .map(|a| a.cursor().applied)

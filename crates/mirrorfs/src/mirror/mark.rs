@@ -11,7 +11,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::volume::MirrorShared;
+use crate::site::volume::MirrorShared;
 
 /// The mark's content.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -40,10 +40,10 @@ pub fn expected(m: &MirrorShared) -> Option<Mark> {
 pub fn write_new(
     m: &MirrorShared,
     name: &str,
-    meta: &crate::meta::Meta,
+    meta: &crate::site::meta::Meta,
     seq: u64,
 ) -> std::io::Result<Mark> {
-    let id = crate::meta::random_u64().map_err(std::io::Error::other)?;
+    let id = crate::site::meta::random_u64().map_err(std::io::Error::other)?;
     let mark = Mark {
         name: name.to_string(),
         volume_id: meta.volume_id.clone(),

@@ -25,8 +25,8 @@ use mirrorfs_core::op::{Op, Record};
 use mirrorfs_core::track::NameTracker;
 use mirrorfs_core::tree::apply_op;
 
-use crate::dirtree::DirTree;
-use crate::store::{FileCursor, FileStore};
+use crate::site::store::{FileCursor, FileStore};
+use crate::tree::dirtree::DirTree;
 
 /// When a change is acknowledged to the application (see the README's guarantees table).
 /// "The quorum" is `--quorum K` of the healthy mirrors (all of them by default).
@@ -647,7 +647,7 @@ impl Volume {
     ) -> Result<usize, JournalError> {
         let end = lock(&self.order).journal.next_seq().saturating_sub(1);
         let mut paths = std::collections::BTreeSet::new();
-        let mut reader: Reader<crate::store::FileSegment> = Reader::new(first.max(1));
+        let mut reader: Reader<crate::site::store::FileSegment> = Reader::new(first.max(1));
         let mut stalled = false;
         while reader.next_seq() <= end {
             let view = lock(&self.order).journal.segment_for(reader.next_seq());
@@ -706,7 +706,7 @@ impl Volume {
 /// Reads records in order for one mirror, holding back a record until it is known not to be
 /// aborted (its `Abort`, if any, is the very next record and is written under the same lock).
 pub struct RecordFeed {
-    feed: JournalFeed<crate::store::FileSegment>,
+    feed: JournalFeed<crate::site::store::FileSegment>,
     /// (durable, settled) as the last `next` saw them: a waiter must not sleep if they moved
     /// since (the wake-up it would wait for has already happened).
     seen: (u64, u64),

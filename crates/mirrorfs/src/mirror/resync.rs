@@ -23,9 +23,9 @@ use mirrorfs_core::path::RelPath;
 use mirrorfs_core::wire::{ManifestEntry, MANIFEST_HASHES_MAX, RESYNC_BLOCK};
 
 use crate::mirror::TrackedCopy;
+use crate::site::volume::{lock, MirrorShared, Ordered, Volume};
 use crate::sys;
-use crate::volume::{lock, MirrorShared, Ordered, Volume};
-use crate::walk::{walk, Visit};
+use crate::tree::walk::{walk, Visit};
 
 /// Entries per `Manifest` message.
 pub const MANIFEST_BATCH: usize = 256;
@@ -223,13 +223,16 @@ pub fn live_resync(
             let mut extra: Vec<&ManifestEntry> = manifest
                 .entries
                 .values()
-                .filter(|e| match crate::dirtree::lstat_in(root.as_fd(), &e.path) {
-                    Ok(st) => {
-                        kind_of(st.st_mode) != e.kind
-                            || (hidden.as_deref() == e.path.as_bytes().split(|b| *b == b'/').next())
-                    }
-                    Err(_) => true,
-                })
+                .filter(
+                    |e| match crate::tree::dirtree::lstat_in(root.as_fd(), &e.path) {
+                        Ok(st) => {
+                            kind_of(st.st_mode) != e.kind
+                                || (hidden.as_deref()
+                                    == e.path.as_bytes().split(|b| *b == b'/').next())
+                        }
+                        Err(_) => true,
+                    },
+                )
                 .collect();
             extra.sort_by_key(|e| {
                 std::cmp::Reverse(e.path.as_bytes().iter().filter(|b| **b == b'/').count())

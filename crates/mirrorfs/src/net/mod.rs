@@ -1,0 +1,9 @@
+//! The transport to a peer site: machine identities and pinned mutual TLS (`identity`, `conn`),
+//! the primary's side of a network mirror (`remote`), and the mirror daemon (`serve`, bounded by
+//! `gate`).
+
+pub mod conn;
+pub mod gate;
+pub mod identity;
+pub mod remote;
+pub mod serve;

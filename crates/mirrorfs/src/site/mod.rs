@@ -1,0 +1,12 @@
+//! A site: the order lock and the journal that every change passes through (`volume`), the
+//! journal's files (`store`), and the state a site keeps beside them: its identity (`meta`), its
+//! state files (`statefile`), the lock on its directories (`dirlock`), power-loss detection
+//! (`boot`) and the status it publishes (`status`).
+
+pub mod boot;
+pub mod dirlock;
+pub mod meta;
+pub mod statefile;
+pub mod status;
+pub mod store;
+pub mod volume;
