@@ -5,6 +5,11 @@
 pub mod affinity;
 pub mod inodes;
 
+mod attr;
+mod data;
+mod dir;
+mod namespace;
+
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -459,36 +464,15 @@ impl Filesystem for MirrorFs {
     }
 
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        crate::fuse::affinity::follow(req.pid());
-        if parent.0 == ROOT && self.hidden.as_deref() == Some(name.as_bytes()) {
-            return reply.error(Errno::ENOENT);
-        }
-        match self.child(parent, name) {
-            Ok(p) => self.entry(parent, name, &p, reply),
-            Err(e) => reply.error(e),
-        }
+        self.do_lookup(req, parent, name, reply)
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        lock(&self.inodes).forget(ino.0, nlookup);
+        self.do_forget(_req, ino, nlookup)
     }
 
     fn getattr(&self, req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
-        crate::fuse::affinity::follow(req.pid());
-        let st = match fh.and_then(|f| self.handle(f).ok()).or_else(|| {
-            self.handle_of_ino(ino.0)
-                .filter(|_| self.path(ino).is_err())
-        }) {
-            Some(h) => sys::fstat(h.fd.as_fd()),
-            None => match self.path(ino) {
-                Ok(p) => self.lstat(&p),
-                Err(e) => return reply.error(e),
-            },
-        };
-        match st {
-            Ok(st) => reply.attr(&TTL, &self.attr_of(ino, &st)),
-            Err(e) => reply.error(io_errno(&e)),
-        }
+        self.do_getattr(req, ino, fh, reply)
     }
 
     fn setattr(
@@ -509,47 +493,14 @@ impl Filesystem for MirrorFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        crate::fuse::affinity::follow(req.pid());
-        // Each change checks under the order lock that `p` still names the inode (a rename may
-        // have come in between), and is made again under the new name if not.
-        let r = self.retry_renamed(|| {
-            let p = match self.path(ino) {
-                Ok(p) => p,
-                Err(e) => return Ok(Err(e)),
-            };
-            self.setattr_named(ino, &p, mode, uid, gid, size, atime, mtime, fh)
-                .map(|()| Ok(p))
-        });
-        let p = match r {
-            Ok(Ok(p)) => p,
-            Ok(Err(e)) => {
-                // Unlinked but open: change it through the descriptor; nothing visible to mirror.
-                // The caller's own descriptor first: another one may be read-only.
-                let Some(h) = fh
-                    .and_then(|f| self.handle(f).ok())
-                    .or_else(|| self.handle_of_ino(ino.0))
-                else {
-                    return reply.error(e);
-                };
-                return reply_unlinked_setattr(self, &h, mode, uid, gid, size, atime, mtime, reply);
-            }
-            Err(e) => return reply.error(err(e)),
-        };
-        match self.lstat(&p) {
-            Ok(st) => reply.attr(&TTL, &self.attr_of(ino, &st)),
-            Err(e) => reply.error(io_errno(&e)),
-        }
+        self.do_setattr(
+            req, ino, mode, uid, gid, size, atime, mtime, _ctime, fh, _crtime, _chgtime, _bkuptime,
+            _flags, reply,
+        )
     }
 
     fn readlink(&self, req: &Request, ino: INodeNo, reply: ReplyData) {
-        crate::fuse::affinity::follow(req.pid());
-        match self
-            .path(ino)
-            .and_then(|p| self.root.readlink(&p).map_err(|e| io_errno(&e)))
-        {
-            Ok(t) => reply.data(&t),
-            Err(e) => reply.error(e),
-        }
+        self.do_readlink(req, ino, reply)
     }
 
     fn mknod(
@@ -562,32 +513,7 @@ impl Filesystem for MirrorFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        crate::fuse::affinity::follow(req.pid());
-        let p = match self.child(parent, name) {
-            Ok(p) => p,
-            Err(e) => return reply.error(e),
-        };
-        let (uid, gid, _) = self.owner(req, &p.parent().unwrap_or_default());
-        let perm = mode & 0o7777 & !umask;
-        let full = (mode & libc::S_IFMT) | perm;
-        let op = Op::Mknod {
-            path: p.clone(),
-            mode: full,
-            rdev: rdev as u64,
-            uid,
-            gid,
-        };
-        let r = self
-            .vol
-            .mutate(op, || self.root.mknod(&p, full, rdev as u64, uid, gid));
-        match r {
-            Ok(_) => {
-                self.touch(p.clone());
-                self.touch_parent(&p);
-                self.entry(parent, name, &p, reply)
-            }
-            Err(e) => reply.error(err(e)),
-        }
+        self.do_mknod(req, parent, name, mode, umask, rdev, reply)
     }
 
     fn mkdir(
@@ -599,87 +525,15 @@ impl Filesystem for MirrorFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        crate::fuse::affinity::follow(req.pid());
-        let p = match self.child(parent, name) {
-            Ok(p) => p,
-            Err(e) => return reply.error(e),
-        };
-        let (uid, gid, sgid) = self.owner(req, &p.parent().unwrap_or_default());
-        let perm = (mode & 0o7777 & !umask) | if sgid { libc::S_ISGID } else { 0 };
-        let r = self.vol.mutate(
-            Op::Mkdir {
-                path: p.clone(),
-                mode: perm,
-                uid,
-                gid,
-            },
-            || self.root.mkdir(&p, perm, uid, gid),
-        );
-        match r {
-            Ok(_) => {
-                self.touch(p.clone());
-                self.touch_parent(&p);
-                self.entry(parent, name, &p, reply)
-            }
-            Err(e) => reply.error(err(e)),
-        }
+        self.do_mkdir(req, parent, name, mode, umask, reply)
     }
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        crate::fuse::affinity::follow(req.pid());
-        let p = match self.child(parent, name) {
-            Ok(p) => p,
-            Err(e) => return reply.error(e),
-        };
-        let st = match self.lstat(&p) {
-            Ok(st) => st,
-            Err(e) => return reply.error(io_errno(&e)),
-        };
-        match self.vol.mutate(
-            Op::Unlink {
-                path: p.clone(),
-                nlink: st.st_nlink as u32,
-            },
-            || {
-                self.root.unlink(&p)?;
-                self.mark_gone(&st);
-                Ok(())
-            },
-        ) {
-            Ok(_) => {
-                let ino = lock(&self.inodes).fuse_ino(st.st_ino);
-                lock(&self.inodes).unlink(parent.0, name.as_bytes(), ino);
-                self.touch_parent(&p);
-                reply.ok()
-            }
-            Err(e) => reply.error(err(e)),
-        }
+        self.do_unlink(req, parent, name, reply)
     }
 
     fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        crate::fuse::affinity::follow(req.pid());
-        let p = match self.child(parent, name) {
-            Ok(p) => p,
-            Err(e) => return reply.error(e),
-        };
-        let st = self.lstat(&p).ok();
-        match self.vol.mutate(Op::Rmdir { path: p.clone() }, || {
-            self.root.rmdir(&p)?;
-            if let Some(st) = &st {
-                self.mark_gone(st);
-            }
-            Ok(())
-        }) {
-            Ok(_) => {
-                if let Some(st) = st {
-                    let ino = lock(&self.inodes).fuse_ino(st.st_ino);
-                    lock(&self.inodes).unlink(parent.0, name.as_bytes(), ino);
-                }
-                self.touch_parent(&p);
-                reply.ok()
-            }
-            Err(e) => reply.error(err(e)),
-        }
+        self.do_rmdir(req, parent, name, reply)
     }
 
     fn symlink(
@@ -690,30 +544,7 @@ impl Filesystem for MirrorFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        crate::fuse::affinity::follow(req.pid());
-        let p = match self.child(parent, link_name) {
-            Ok(p) => p,
-            Err(e) => return reply.error(e),
-        };
-        let (uid, gid, _) = self.owner(req, &p.parent().unwrap_or_default());
-        let t = target.as_os_str().as_bytes().to_vec();
-        let r = self.vol.mutate(
-            Op::Symlink {
-                path: p.clone(),
-                target: t.clone(),
-                uid,
-                gid,
-            },
-            || self.root.symlink(&p, &t, uid, gid),
-        );
-        match r {
-            Ok(_) => {
-                self.touch(p.clone());
-                self.touch_parent(&p);
-                self.entry(parent, link_name, &p, reply)
-            }
-            Err(e) => reply.error(err(e)),
-        }
+        self.do_symlink(req, parent, link_name, target, reply)
     }
 
     fn rename(
@@ -726,69 +557,7 @@ impl Filesystem for MirrorFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        crate::fuse::affinity::follow(req.pid());
-        let (from, to) = match (self.child(parent, name), self.child(newparent, newname)) {
-            (Ok(a), Ok(b)) => (a, b),
-            (Err(e), _) | (_, Err(e)) => return reply.error(e),
-        };
-        let src = match self.lstat(&from) {
-            Ok(st) => st,
-            Err(e) => return reply.error(io_errno(&e)),
-        };
-        let dst = self.lstat(&to).ok();
-        let f = flags.bits();
-        let op = Op::Rename {
-            from: from.clone(),
-            to: to.clone(),
-            flags: f,
-            from_ino: src.st_ino,
-        };
-        match self.vol.mutate(op, || {
-            self.root.rename(&from, &to, f)?;
-            match &dst {
-                Some(d) if f & libc::RENAME_EXCHANGE == 0 && d.st_ino != src.st_ino => {
-                    self.mark_gone(d)
-                }
-                _ => {}
-            }
-            Ok(())
-        }) {
-            Ok(_) => {
-                let mut t = lock(&self.inodes);
-                let sino = t.fuse_ino(src.st_ino);
-                if let Some(d) = dst {
-                    let dino = t.fuse_ino(d.st_ino);
-                    t.unlink(newparent.0, newname.as_bytes(), dino);
-                    if f & libc::RENAME_EXCHANGE != 0 {
-                        t.rename(
-                            dino,
-                            newparent.0,
-                            newname.as_bytes(),
-                            parent.0,
-                            name.as_bytes(),
-                        );
-                    }
-                }
-                t.rename(
-                    sino,
-                    parent.0,
-                    name.as_bytes(),
-                    newparent.0,
-                    newname.as_bytes(),
-                );
-                drop(t);
-                if f & libc::RENAME_WHITEOUT != 0 {
-                    // The whiteout left at `from` would get the mirror's own clock.
-                    self.touch(from.clone());
-                }
-                self.touch_parent(&from);
-                if from.parent() != to.parent() {
-                    self.touch_parent(&to);
-                }
-                reply.ok()
-            }
-            Err(e) => reply.error(err(e)),
-        }
+        self.do_rename(req, parent, name, newparent, newname, flags, reply)
     }
 
     fn link(
@@ -799,90 +568,11 @@ impl Filesystem for MirrorFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        crate::fuse::affinity::follow(req.pid());
-        let (from, to) = match (self.path(ino), self.child(newparent, newname)) {
-            (Ok(a), Ok(b)) => (a, b),
-            (Err(e), _) | (_, Err(e)) => return reply.error(e),
-        };
-        match self.vol.mutate(
-            Op::Link {
-                from: from.clone(),
-                to: to.clone(),
-            },
-            || self.root.link(&from, &to),
-        ) {
-            Ok(_) => {
-                self.touch_parent(&to);
-                self.entry(newparent, newname, &to, reply)
-            }
-            Err(e) => reply.error(err(e)),
-        }
+        self.do_link(req, ino, newparent, newname, reply)
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        crate::fuse::affinity::follow(req.pid());
-        let fl = Self::open_flags(flags.0);
-        // The file opened must be the inode asked for: its writes are journaled under the
-        // inode's name, so a file renamed over that name in the meantime is not it.
-        let r = self.retry_renamed(|| {
-            let p = self.path(ino).map_err(|e| e.code())?;
-            let fd = self
-                .root
-                .open_at(&p, fl, 0)
-                .map_err(|e| sys::errno_of(&e))?;
-            let st = sys::fstat(fd.as_fd()).map_err(|e| sys::errno_of(&e))?;
-            if lock(&self.inodes).backing(ino.0) == Some(st.st_ino) {
-                Ok(fd)
-            } else {
-                Err(libc::ESTALE)
-            }
-        });
-        let fd = match r {
-            Ok(fd) => fd,
-            Err(e) => return reply.error(err(e)),
-        };
-        let read_only = fl & libc::O_ACCMODE == libc::O_RDONLY;
-        if read_only && self.passthrough.load(Ordering::Relaxed) {
-            if let Ok(bid) = reply.open_backing(fd.as_fd()) {
-                let fh = self.add_handle(Handle {
-                    fd,
-                    ino: ino.0,
-                    append: false,
-                    direct: false,
-                    wrote: AtomicBool::new(false),
-                    _backing: None,
-                });
-                reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &bid);
-                if let Ok(h) = self.handle(FileHandle(fh)) {
-                    // Keep the backing id registered for as long as the handle lives.
-                    let h2 = Handle {
-                        fd: match h.fd.try_clone() {
-                            Ok(f) => f,
-                            Err(_) => return,
-                        },
-                        ino: h.ino,
-                        append: false,
-                        direct: false,
-                        wrote: AtomicBool::new(false),
-                        _backing: Some(bid),
-                    };
-                    self.handles
-                        .write()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .insert(fh, Arc::new(h2));
-                }
-                return;
-            }
-        }
-        let fh = self.add_handle(Handle {
-            fd,
-            ino: ino.0,
-            append: fl & libc::O_APPEND != 0,
-            direct: fl & libc::O_DIRECT != 0,
-            wrote: AtomicBool::new(false),
-            _backing: None,
-        });
-        reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+        self.do_open(req, ino, flags, reply)
     }
 
     fn read(
@@ -896,16 +586,7 @@ impl Filesystem for MirrorFs {
         _lock: Option<fuser::LockOwner>,
         reply: ReplyData,
     ) {
-        crate::fuse::affinity::follow(req.pid());
-        let h = match self.handle(fh) {
-            Ok(h) => h,
-            Err(e) => return reply.error(e),
-        };
-        let mut buf = sys::IoBuf::new(size as usize, h.direct);
-        match sys::pread(h.fd.as_fd(), buf.as_mut(), offset) {
-            Ok(n) => reply.data(&buf.as_mut()[..n]),
-            Err(e) => reply.error(io_errno(&e)),
-        }
+        self.do_read(req, _ino, fh, offset, size, _flags, _lock, reply)
     }
 
     fn write(
@@ -920,62 +601,7 @@ impl Filesystem for MirrorFs {
         _lock: Option<fuser::LockOwner>,
         reply: ReplyWrite,
     ) {
-        crate::fuse::affinity::follow(req.pid());
-        let h = match self.handle(fh) {
-            Ok(h) => h,
-            Err(e) => return reply.error(e),
-        };
-        // O_DIRECT needs a memory-aligned buffer; the request's bytes are not aligned.
-        let aligned = h.direct.then(|| sys::IoBuf::copy_of(data));
-        let data = aligned.as_ref().map_or(data, |b| b.as_ref());
-        if lock(&self.inodes).path(ino.0).is_none() {
-            // Unlinked but still open: the change is invisible, so it is not mirrored.
-            return match sys::pwrite(h.fd.as_fd(), data, offset) {
-                Ok(n) => reply.written(n as u32),
-                Err(e) => reply.error(io_errno(&e)),
-            };
-        }
-        let mut written = 0usize;
-        for chunk in data.chunks(WRITE_BYTES_MAX) {
-            let mut off = offset + written as u64;
-            if h.append {
-                match sys::fstat(h.fd.as_fd()) {
-                    Ok(st) => off = st.st_size as u64,
-                    Err(e) => return reply.error(io_errno(&e)),
-                }
-            }
-            // Journaled under the file's name as it is under the order lock (see `still_named`).
-            let r = self.retry_renamed(|| {
-                let Some(p) = lock(&self.inodes).path(ino.0) else {
-                    // Unlinked in the meantime: invisible from now on.
-                    return sys::pwrite_all(h.fd.as_fd(), chunk, off)
-                        .map_err(|e| sys::errno_of(&e));
-                };
-                let op = Op::Write {
-                    path: p.clone(),
-                    offset: off,
-                    data: chunk.to_vec(),
-                };
-                self.vol
-                    .mutate(op, || {
-                        self.still_named(ino, &p)?;
-                        // Whole or nothing: its record is aborted if it fails (see sys).
-                        sys::pwrite_whole(h.fd.as_fd(), chunk, off)
-                    })
-                    .map(drop)
-            });
-            match r {
-                Ok(()) => written += chunk.len(),
-                Err(e) => {
-                    // A failed write may still have moved the mtime (ext4 updates it before it
-                    // rejects a misaligned O_DIRECT write): the times are recorded at close.
-                    h.wrote.store(true, Ordering::Relaxed);
-                    return reply.error(err(e));
-                }
-            }
-        }
-        h.wrote.store(true, Ordering::Relaxed);
-        reply.written(written as u32)
+        self.do_write(req, ino, fh, offset, data, _wf, _flags, _lock, reply)
     }
 
     fn flush(
@@ -986,13 +612,7 @@ impl Filesystem for MirrorFs {
         _lock: fuser::LockOwner,
         reply: ReplyEmpty,
     ) {
-        crate::fuse::affinity::follow(req.pid());
-        if let Ok(h) = self.handle(fh) {
-            if h.wrote.swap(false, Ordering::Relaxed) {
-                self.set_times_of_handle(&h);
-            }
-        }
-        reply.ok()
+        self.do_flush(req, _ino, fh, _lock, reply)
     }
 
     fn release(
@@ -1005,18 +625,7 @@ impl Filesystem for MirrorFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        crate::fuse::affinity::follow(req.pid());
-        let h = self
-            .handles
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&fh.0);
-        if let Some(h) = h {
-            if h.wrote.load(Ordering::Relaxed) {
-                self.set_times_of_handle(&h);
-            }
-        }
-        reply.ok()
+        self.do_release(req, _ino, fh, _flags, _lock, _flush, reply)
     }
 
     fn fsync(
@@ -1027,64 +636,11 @@ impl Filesystem for MirrorFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        crate::fuse::affinity::follow(req.pid());
-        let h = match self.handle(fh) {
-            Ok(h) => h,
-            Err(e) => return reply.error(e),
-        };
-        let r = if datasync {
-            sys::fdatasync(h.fd.as_fd())
-        } else {
-            sys::fsync(h.fd.as_fd())
-        };
-        if let Err(e) = r {
-            return reply.error(io_errno(&e));
-        }
-        let seq = self.vol.wait_journal_durable();
-        self.vol.wait_mirrors_durable(seq);
-        reply.ok()
+        self.do_fsync(req, _ino, fh, datasync, reply)
     }
 
     fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        crate::fuse::affinity::follow(req.pid());
-        let p = match self.path(ino) {
-            Ok(p) => p,
-            Err(e) => return reply.error(e),
-        };
-        let fd =
-            match self
-                .root
-                .open_at(&p, libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW, 0)
-            {
-                Ok(fd) => fd,
-                Err(e) => return reply.error(io_errno(&e)),
-            };
-        let ents = match sys::read_dir_fd(fd.as_fd()) {
-            Ok(v) => v,
-            Err(e) => return reply.error(io_errno(&e)),
-        };
-        let mut list = Vec::with_capacity(ents.len() + 2);
-        list.push((ino.0, FileType::Directory, b".".to_vec()));
-        list.push((ino.0, FileType::Directory, b"..".to_vec()));
-        for (name, ty) in ents {
-            if ino.0 == ROOT && self.hidden.as_deref() == Some(&name[..]) {
-                continue;
-            }
-            let kind = match ty {
-                libc::DT_DIR => FileType::Directory,
-                libc::DT_LNK => FileType::Symlink,
-                libc::DT_FIFO => FileType::NamedPipe,
-                libc::DT_CHR => FileType::CharDevice,
-                libc::DT_BLK => FileType::BlockDevice,
-                libc::DT_SOCK => FileType::Socket,
-                _ => FileType::RegularFile,
-            };
-            list.push((u64::MAX, kind, name));
-        }
-        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        lock(&self.dirs).insert(fh, Arc::new(list));
-        let _ = fd;
-        reply.opened(FileHandle(fh), FopenFlags::empty());
+        self.do_opendir(req, ino, _flags, reply)
     }
 
     fn readdir(
@@ -1093,23 +649,9 @@ impl Filesystem for MirrorFs {
         _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
-        mut reply: ReplyDirectory,
+        reply: ReplyDirectory,
     ) {
-        crate::fuse::affinity::follow(req.pid());
-        let Some(list) = lock(&self.dirs).get(&fh.0).cloned() else {
-            return reply.error(Errno::EBADF);
-        };
-        for (i, (ino, kind, name)) in list.iter().enumerate().skip(offset as usize) {
-            let ino = if *ino == u64::MAX {
-                0xffff_fff0 + i as u64
-            } else {
-                *ino
-            };
-            if reply.add(INodeNo(ino), (i + 1) as u64, *kind, OsStr::from_bytes(name)) {
-                break;
-            }
-        }
-        reply.ok()
+        self.do_readdir(req, _ino, fh, offset, reply)
     }
 
     fn readdirplus(
@@ -1118,54 +660,9 @@ impl Filesystem for MirrorFs {
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
-        mut reply: ReplyDirectoryPlus,
+        reply: ReplyDirectoryPlus,
     ) {
-        crate::fuse::affinity::follow(req.pid());
-        let Some(list) = lock(&self.dirs).get(&fh.0).cloned() else {
-            return reply.error(Errno::EBADF);
-        };
-        let dir = match self.path(ino) {
-            Ok(p) => p,
-            Err(e) => return reply.error(e),
-        };
-        for (i, (_, _, name)) in list.iter().enumerate().skip(offset as usize) {
-            let p = if name == b"." {
-                dir.clone()
-            } else if name == b".." {
-                dir.parent().unwrap_or_default()
-            } else {
-                match dir.join(name) {
-                    Ok(p) => p,
-                    Err(_) => continue,
-                }
-            };
-            let dot = name == b"." || name == b"..";
-            let Ok(st) = self.lstat(&p) else { continue };
-            let id = {
-                let mut t = lock(&self.inodes);
-                if dot {
-                    t.fuse_ino(st.st_ino)
-                } else {
-                    t.register(ino.0, name, st.st_ino)
-                }
-            };
-            let a = self.attr_of(INodeNo(id), &st);
-            if reply.add(
-                a.ino,
-                (i + 1) as u64,
-                OsStr::from_bytes(name),
-                &TTL,
-                &a,
-                Generation(0),
-            ) {
-                // Not sent: the kernel will not count this lookup.
-                if !dot {
-                    lock(&self.inodes).forget(a.ino.0, 1);
-                }
-                break;
-            }
-        }
-        reply.ok()
+        self.do_readdirplus(req, ino, fh, offset, reply)
     }
 
     fn releasedir(
@@ -1176,9 +673,7 @@ impl Filesystem for MirrorFs {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
-        crate::fuse::affinity::follow(req.pid());
-        lock(&self.dirs).remove(&fh.0);
-        reply.ok()
+        self.do_releasedir(req, _ino, fh, _flags, reply)
     }
 
     fn fsyncdir(
@@ -1189,37 +684,11 @@ impl Filesystem for MirrorFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        crate::fuse::affinity::follow(req.pid());
-        if let Ok(p) = self.path(ino) {
-            if let Ok(fd) =
-                self.root
-                    .open_at(&p, libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW, 0)
-            {
-                if let Err(e) = sys::fsync(fd.as_fd()) {
-                    return reply.error(io_errno(&e));
-                }
-            }
-        }
-        let seq = self.vol.wait_journal_durable();
-        self.vol.wait_mirrors_durable(seq);
-        reply.ok()
+        self.do_fsyncdir(req, ino, _fh, _datasync, reply)
     }
 
     fn statfs(&self, req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        crate::fuse::affinity::follow(req.pid());
-        match sys::fstatvfs(self.rootfd()) {
-            Ok(s) => reply.statfs(
-                s.f_blocks,
-                s.f_bfree,
-                s.f_bavail,
-                s.f_files,
-                s.f_ffree,
-                s.f_bsize as u32,
-                s.f_namemax as u32,
-                s.f_frsize as u32,
-            ),
-            Err(e) => reply.error(io_errno(&e)),
-        }
+        self.do_statfs(req, _ino, reply)
     }
 
     fn setxattr(
@@ -1232,82 +701,19 @@ impl Filesystem for MirrorFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        crate::fuse::affinity::follow(req.pid());
-        let n = name.as_bytes().to_vec();
-        // Resolved under the order lock (see `still_named`), never through a symlink.
-        let r = self.retry_renamed(|| {
-            let p = self.path(ino).map_err(|e| e.code())?;
-            let op = Op::SetXattr {
-                path: p.clone(),
-                name: n.clone(),
-                value: value.to_vec(),
-                flags,
-            };
-            self.vol.mutate(op, || {
-                self.still_named(ino, &p)?;
-                self.root.setxattr(&p, &n, value, flags)
-            })
-        });
-        match r {
-            Ok(_) => reply.ok(),
-            Err(e) => reply.error(err(e)),
-        }
+        self.do_setxattr(req, ino, name, value, flags, _position, reply)
     }
 
     fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        crate::fuse::affinity::follow(req.pid());
-        let r = self
-            .path(ino)
-            .and_then(|p| self.root.entry(&p).map_err(|e| io_errno(&e)));
-        let fd = match r {
-            Ok(fd) => fd,
-            Err(e) => return reply.error(e),
-        };
-        let mut buf = vec![0u8; size as usize];
-        match sys::lgetxattr_fd(fd.as_fd(), name.as_bytes(), &mut buf) {
-            Ok(n) if size == 0 => reply.size(n as u32),
-            Ok(n) => reply.data(&buf[..n]),
-            Err(e) => reply.error(io_errno(&e)),
-        }
+        self.do_getxattr(req, ino, name, size, reply)
     }
 
     fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        crate::fuse::affinity::follow(req.pid());
-        let r = self
-            .path(ino)
-            .and_then(|p| self.root.entry(&p).map_err(|e| io_errno(&e)));
-        let fd = match r {
-            Ok(fd) => fd,
-            Err(e) => return reply.error(e),
-        };
-        let mut buf = vec![0u8; size as usize];
-        match sys::llistxattr_fd(fd.as_fd(), &mut buf) {
-            Ok(n) if size == 0 => reply.size(n as u32),
-            Ok(n) => reply.data(&buf[..n]),
-            Err(e) => reply.error(io_errno(&e)),
-        }
+        self.do_listxattr(req, ino, size, reply)
     }
 
     fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        crate::fuse::affinity::follow(req.pid());
-        let n = name.as_bytes().to_vec();
-        let r = self.retry_renamed(|| {
-            let p = self.path(ino).map_err(|e| e.code())?;
-            self.vol.mutate(
-                Op::RemoveXattr {
-                    path: p.clone(),
-                    name: n.clone(),
-                },
-                || {
-                    self.still_named(ino, &p)?;
-                    self.root.removexattr(&p, &n)
-                },
-            )
-        });
-        match r {
-            Ok(_) => reply.ok(),
-            Err(e) => reply.error(err(e)),
-        }
+        self.do_removexattr(req, ino, name, reply)
     }
 
     fn create(
@@ -1320,50 +726,7 @@ impl Filesystem for MirrorFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        crate::fuse::affinity::follow(req.pid());
-        let p = match self.child(parent, name) {
-            Ok(p) => p,
-            Err(e) => return reply.error(e),
-        };
-        let (uid, gid, _) = self.owner(req, &p.parent().unwrap_or_default());
-        let perm = mode & 0o7777 & !umask;
-        let fl = (Self::open_flags(flags) & !libc::O_ACCMODE) | libc::O_RDWR;
-        let r = self.vol.mutate(
-            Op::Create {
-                path: p.clone(),
-                mode: perm,
-                uid,
-                gid,
-            },
-            || self.root.create(&p, fl, perm, uid, gid),
-        );
-        let fd = match r {
-            Ok((fd, _)) => fd,
-            Err(e) => return reply.error(err(e)),
-        };
-        self.touch(p.clone());
-        self.touch_parent(&p);
-        let st = match sys::fstat(fd.as_fd()) {
-            Ok(st) => st,
-            Err(e) => return reply.error(io_errno(&e)),
-        };
-        let id = lock(&self.inodes).register(parent.0, name.as_bytes(), st.st_ino);
-        let a = self.attr_of(INodeNo(id), &st);
-        let fh = self.add_handle(Handle {
-            fd,
-            ino: a.ino.0,
-            append: flags & libc::O_APPEND != 0,
-            direct: fl & libc::O_DIRECT != 0,
-            wrote: AtomicBool::new(false),
-            _backing: None,
-        });
-        reply.created(
-            &TTL,
-            &a,
-            Generation(0),
-            FileHandle(fh),
-            FopenFlags::FOPEN_KEEP_CACHE,
-        );
+        self.do_create(req, parent, name, mode, umask, flags, reply)
     }
 
     fn fallocate(
@@ -1376,33 +739,7 @@ impl Filesystem for MirrorFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        crate::fuse::affinity::follow(req.pid());
-        let h = match self.handle(fh) {
-            Ok(h) => h,
-            Err(e) => return reply.error(e),
-        };
-        let r = self.retry_renamed(|| {
-            let p = self.path(ino).map_err(|e| e.code())?;
-            self.vol.mutate(
-                Op::Fallocate {
-                    path: p.clone(),
-                    mode,
-                    offset,
-                    len: length,
-                },
-                || {
-                    self.still_named(ino, &p)?;
-                    sys::fallocate(h.fd.as_fd(), mode, offset, length)
-                },
-            )
-        });
-        match r {
-            Ok(_) => {
-                h.wrote.store(true, Ordering::Relaxed);
-                reply.ok()
-            }
-            Err(e) => reply.error(err(e)),
-        }
+        self.do_fallocate(req, ino, fh, offset, length, mode, reply)
     }
 
     fn lseek(
@@ -1414,13 +751,6 @@ impl Filesystem for MirrorFs {
         whence: i32,
         reply: ReplyLseek,
     ) {
-        crate::fuse::affinity::follow(req.pid());
-        match self
-            .handle(fh)
-            .and_then(|h| sys::lseek(h.fd.as_fd(), offset, whence).map_err(|e| io_errno(&e)))
-        {
-            Ok(o) => reply.offset(o),
-            Err(e) => reply.error(e),
-        }
+        self.do_lseek(req, _ino, fh, offset, whence, reply)
     }
 }

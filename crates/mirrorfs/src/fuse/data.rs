@@ -1,0 +1,292 @@
+//! File contents: open (passthrough for read-only opens), read, write, flush, release, fsync, fallocate, lseek.
+
+// The argument lists are those of fuser's `Filesystem` methods, which these implement.
+#![allow(clippy::too_many_arguments)]
+
+use super::*;
+
+impl MirrorFs {
+    pub(super) fn do_open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        crate::fuse::affinity::follow(req.pid());
+        let fl = Self::open_flags(flags.0);
+        // The file opened must be the inode asked for: its writes are journaled under the
+        // inode's name, so a file renamed over that name in the meantime is not it.
+        let r = self.retry_renamed(|| {
+            let p = self.path(ino).map_err(|e| e.code())?;
+            let fd = self
+                .root
+                .open_at(&p, fl, 0)
+                .map_err(|e| sys::errno_of(&e))?;
+            let st = sys::fstat(fd.as_fd()).map_err(|e| sys::errno_of(&e))?;
+            if lock(&self.inodes).backing(ino.0) == Some(st.st_ino) {
+                Ok(fd)
+            } else {
+                Err(libc::ESTALE)
+            }
+        });
+        let fd = match r {
+            Ok(fd) => fd,
+            Err(e) => return reply.error(err(e)),
+        };
+        let read_only = fl & libc::O_ACCMODE == libc::O_RDONLY;
+        if read_only && self.passthrough.load(Ordering::Relaxed) {
+            if let Ok(bid) = reply.open_backing(fd.as_fd()) {
+                let fh = self.add_handle(Handle {
+                    fd,
+                    ino: ino.0,
+                    append: false,
+                    direct: false,
+                    wrote: AtomicBool::new(false),
+                    _backing: None,
+                });
+                reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &bid);
+                if let Ok(h) = self.handle(FileHandle(fh)) {
+                    // Keep the backing id registered for as long as the handle lives.
+                    let h2 = Handle {
+                        fd: match h.fd.try_clone() {
+                            Ok(f) => f,
+                            Err(_) => return,
+                        },
+                        ino: h.ino,
+                        append: false,
+                        direct: false,
+                        wrote: AtomicBool::new(false),
+                        _backing: Some(bid),
+                    };
+                    self.handles
+                        .write()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(fh, Arc::new(h2));
+                }
+                return;
+            }
+        }
+        let fh = self.add_handle(Handle {
+            fd,
+            ino: ino.0,
+            append: fl & libc::O_APPEND != 0,
+            direct: fl & libc::O_DIRECT != 0,
+            wrote: AtomicBool::new(false),
+            _backing: None,
+        });
+        reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+    }
+
+    pub(super) fn do_read(
+        &self,
+        req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock: Option<fuser::LockOwner>,
+        reply: ReplyData,
+    ) {
+        crate::fuse::affinity::follow(req.pid());
+        let h = match self.handle(fh) {
+            Ok(h) => h,
+            Err(e) => return reply.error(e),
+        };
+        let mut buf = sys::IoBuf::new(size as usize, h.direct);
+        match sys::pread(h.fd.as_fd(), buf.as_mut(), offset) {
+            Ok(n) => reply.data(&buf.as_mut()[..n]),
+            Err(e) => reply.error(io_errno(&e)),
+        }
+    }
+
+    pub(super) fn do_write(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _wf: WriteFlags,
+        _flags: OpenFlags,
+        _lock: Option<fuser::LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        crate::fuse::affinity::follow(req.pid());
+        let h = match self.handle(fh) {
+            Ok(h) => h,
+            Err(e) => return reply.error(e),
+        };
+        // O_DIRECT needs a memory-aligned buffer; the request's bytes are not aligned.
+        let aligned = h.direct.then(|| sys::IoBuf::copy_of(data));
+        let data = aligned.as_ref().map_or(data, |b| b.as_ref());
+        if lock(&self.inodes).path(ino.0).is_none() {
+            // Unlinked but still open: the change is invisible, so it is not mirrored.
+            return match sys::pwrite(h.fd.as_fd(), data, offset) {
+                Ok(n) => reply.written(n as u32),
+                Err(e) => reply.error(io_errno(&e)),
+            };
+        }
+        let mut written = 0usize;
+        for chunk in data.chunks(WRITE_BYTES_MAX) {
+            let mut off = offset + written as u64;
+            if h.append {
+                match sys::fstat(h.fd.as_fd()) {
+                    Ok(st) => off = st.st_size as u64,
+                    Err(e) => return reply.error(io_errno(&e)),
+                }
+            }
+            // Journaled under the file's name as it is under the order lock (see `still_named`).
+            let r = self.retry_renamed(|| {
+                let Some(p) = lock(&self.inodes).path(ino.0) else {
+                    // Unlinked in the meantime: invisible from now on.
+                    return sys::pwrite_all(h.fd.as_fd(), chunk, off)
+                        .map_err(|e| sys::errno_of(&e));
+                };
+                let op = Op::Write {
+                    path: p.clone(),
+                    offset: off,
+                    data: chunk.to_vec(),
+                };
+                self.vol
+                    .mutate(op, || {
+                        self.still_named(ino, &p)?;
+                        // Whole or nothing: its record is aborted if it fails (see sys).
+                        sys::pwrite_whole(h.fd.as_fd(), chunk, off)
+                    })
+                    .map(drop)
+            });
+            match r {
+                Ok(()) => written += chunk.len(),
+                Err(e) => {
+                    // A failed write may still have moved the mtime (ext4 updates it before it
+                    // rejects a misaligned O_DIRECT write): the times are recorded at close.
+                    h.wrote.store(true, Ordering::Relaxed);
+                    return reply.error(err(e));
+                }
+            }
+        }
+        h.wrote.store(true, Ordering::Relaxed);
+        reply.written(written as u32)
+    }
+
+    pub(super) fn do_flush(
+        &self,
+        req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _lock: fuser::LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        crate::fuse::affinity::follow(req.pid());
+        if let Ok(h) = self.handle(fh) {
+            if h.wrote.swap(false, Ordering::Relaxed) {
+                self.set_times_of_handle(&h);
+            }
+        }
+        reply.ok()
+    }
+
+    pub(super) fn do_release(
+        &self,
+        req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock: Option<fuser::LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        crate::fuse::affinity::follow(req.pid());
+        let h = self
+            .handles
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&fh.0);
+        if let Some(h) = h {
+            if h.wrote.load(Ordering::Relaxed) {
+                self.set_times_of_handle(&h);
+            }
+        }
+        reply.ok()
+    }
+
+    pub(super) fn do_fsync(
+        &self,
+        req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        crate::fuse::affinity::follow(req.pid());
+        let h = match self.handle(fh) {
+            Ok(h) => h,
+            Err(e) => return reply.error(e),
+        };
+        let r = if datasync {
+            sys::fdatasync(h.fd.as_fd())
+        } else {
+            sys::fsync(h.fd.as_fd())
+        };
+        if let Err(e) = r {
+            return reply.error(io_errno(&e));
+        }
+        let seq = self.vol.wait_journal_durable();
+        self.vol.wait_mirrors_durable(seq);
+        reply.ok()
+    }
+
+    pub(super) fn do_fallocate(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        crate::fuse::affinity::follow(req.pid());
+        let h = match self.handle(fh) {
+            Ok(h) => h,
+            Err(e) => return reply.error(e),
+        };
+        let r = self.retry_renamed(|| {
+            let p = self.path(ino).map_err(|e| e.code())?;
+            self.vol.mutate(
+                Op::Fallocate {
+                    path: p.clone(),
+                    mode,
+                    offset,
+                    len: length,
+                },
+                || {
+                    self.still_named(ino, &p)?;
+                    sys::fallocate(h.fd.as_fd(), mode, offset, length)
+                },
+            )
+        });
+        match r {
+            Ok(_) => {
+                h.wrote.store(true, Ordering::Relaxed);
+                reply.ok()
+            }
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    pub(super) fn do_lseek(
+        &self,
+        req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        crate::fuse::affinity::follow(req.pid());
+        match self
+            .handle(fh)
+            .and_then(|h| sys::lseek(h.fd.as_fd(), offset, whence).map_err(|e| io_errno(&e)))
+        {
+            Ok(o) => reply.offset(o),
+            Err(e) => reply.error(e),
+        }
+    }
+}

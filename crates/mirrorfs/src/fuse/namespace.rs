@@ -1,0 +1,358 @@
+//! Names: lookup, forget, and the changes that make, remove or move names (mknod, mkdir, unlink, rmdir, symlink, rename, link, create), each journaled through the volume.
+
+// The argument lists are those of fuser's `Filesystem` methods, which these implement.
+#![allow(clippy::too_many_arguments)]
+
+use super::*;
+
+impl MirrorFs {
+    pub(super) fn do_lookup(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        crate::fuse::affinity::follow(req.pid());
+        if parent.0 == ROOT && self.hidden.as_deref() == Some(name.as_bytes()) {
+            return reply.error(Errno::ENOENT);
+        }
+        match self.child(parent, name) {
+            Ok(p) => self.entry(parent, name, &p, reply),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    pub(super) fn do_forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        lock(&self.inodes).forget(ino.0, nlookup);
+    }
+
+    pub(super) fn do_mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        crate::fuse::affinity::follow(req.pid());
+        let p = match self.child(parent, name) {
+            Ok(p) => p,
+            Err(e) => return reply.error(e),
+        };
+        let (uid, gid, _) = self.owner(req, &p.parent().unwrap_or_default());
+        let perm = mode & 0o7777 & !umask;
+        let full = (mode & libc::S_IFMT) | perm;
+        let op = Op::Mknod {
+            path: p.clone(),
+            mode: full,
+            rdev: rdev as u64,
+            uid,
+            gid,
+        };
+        let r = self
+            .vol
+            .mutate(op, || self.root.mknod(&p, full, rdev as u64, uid, gid));
+        match r {
+            Ok(_) => {
+                self.touch(p.clone());
+                self.touch_parent(&p);
+                self.entry(parent, name, &p, reply)
+            }
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    pub(super) fn do_mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        crate::fuse::affinity::follow(req.pid());
+        let p = match self.child(parent, name) {
+            Ok(p) => p,
+            Err(e) => return reply.error(e),
+        };
+        let (uid, gid, sgid) = self.owner(req, &p.parent().unwrap_or_default());
+        let perm = (mode & 0o7777 & !umask) | if sgid { libc::S_ISGID } else { 0 };
+        let r = self.vol.mutate(
+            Op::Mkdir {
+                path: p.clone(),
+                mode: perm,
+                uid,
+                gid,
+            },
+            || self.root.mkdir(&p, perm, uid, gid),
+        );
+        match r {
+            Ok(_) => {
+                self.touch(p.clone());
+                self.touch_parent(&p);
+                self.entry(parent, name, &p, reply)
+            }
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    pub(super) fn do_unlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        reply: ReplyEmpty,
+    ) {
+        crate::fuse::affinity::follow(req.pid());
+        let p = match self.child(parent, name) {
+            Ok(p) => p,
+            Err(e) => return reply.error(e),
+        };
+        let st = match self.lstat(&p) {
+            Ok(st) => st,
+            Err(e) => return reply.error(io_errno(&e)),
+        };
+        match self.vol.mutate(
+            Op::Unlink {
+                path: p.clone(),
+                nlink: st.st_nlink as u32,
+            },
+            || {
+                self.root.unlink(&p)?;
+                self.mark_gone(&st);
+                Ok(())
+            },
+        ) {
+            Ok(_) => {
+                let ino = lock(&self.inodes).fuse_ino(st.st_ino);
+                lock(&self.inodes).unlink(parent.0, name.as_bytes(), ino);
+                self.touch_parent(&p);
+                reply.ok()
+            }
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    pub(super) fn do_rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        crate::fuse::affinity::follow(req.pid());
+        let p = match self.child(parent, name) {
+            Ok(p) => p,
+            Err(e) => return reply.error(e),
+        };
+        let st = self.lstat(&p).ok();
+        match self.vol.mutate(Op::Rmdir { path: p.clone() }, || {
+            self.root.rmdir(&p)?;
+            if let Some(st) = &st {
+                self.mark_gone(st);
+            }
+            Ok(())
+        }) {
+            Ok(_) => {
+                if let Some(st) = st {
+                    let ino = lock(&self.inodes).fuse_ino(st.st_ino);
+                    lock(&self.inodes).unlink(parent.0, name.as_bytes(), ino);
+                }
+                self.touch_parent(&p);
+                reply.ok()
+            }
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    pub(super) fn do_symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        crate::fuse::affinity::follow(req.pid());
+        let p = match self.child(parent, link_name) {
+            Ok(p) => p,
+            Err(e) => return reply.error(e),
+        };
+        let (uid, gid, _) = self.owner(req, &p.parent().unwrap_or_default());
+        let t = target.as_os_str().as_bytes().to_vec();
+        let r = self.vol.mutate(
+            Op::Symlink {
+                path: p.clone(),
+                target: t.clone(),
+                uid,
+                gid,
+            },
+            || self.root.symlink(&p, &t, uid, gid),
+        );
+        match r {
+            Ok(_) => {
+                self.touch(p.clone());
+                self.touch_parent(&p);
+                self.entry(parent, link_name, &p, reply)
+            }
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    pub(super) fn do_rename(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        crate::fuse::affinity::follow(req.pid());
+        let (from, to) = match (self.child(parent, name), self.child(newparent, newname)) {
+            (Ok(a), Ok(b)) => (a, b),
+            (Err(e), _) | (_, Err(e)) => return reply.error(e),
+        };
+        let src = match self.lstat(&from) {
+            Ok(st) => st,
+            Err(e) => return reply.error(io_errno(&e)),
+        };
+        let dst = self.lstat(&to).ok();
+        let f = flags.bits();
+        let op = Op::Rename {
+            from: from.clone(),
+            to: to.clone(),
+            flags: f,
+            from_ino: src.st_ino,
+        };
+        match self.vol.mutate(op, || {
+            self.root.rename(&from, &to, f)?;
+            match &dst {
+                Some(d) if f & libc::RENAME_EXCHANGE == 0 && d.st_ino != src.st_ino => {
+                    self.mark_gone(d)
+                }
+                _ => {}
+            }
+            Ok(())
+        }) {
+            Ok(_) => {
+                let mut t = lock(&self.inodes);
+                let sino = t.fuse_ino(src.st_ino);
+                if let Some(d) = dst {
+                    let dino = t.fuse_ino(d.st_ino);
+                    t.unlink(newparent.0, newname.as_bytes(), dino);
+                    if f & libc::RENAME_EXCHANGE != 0 {
+                        t.rename(
+                            dino,
+                            newparent.0,
+                            newname.as_bytes(),
+                            parent.0,
+                            name.as_bytes(),
+                        );
+                    }
+                }
+                t.rename(
+                    sino,
+                    parent.0,
+                    name.as_bytes(),
+                    newparent.0,
+                    newname.as_bytes(),
+                );
+                drop(t);
+                if f & libc::RENAME_WHITEOUT != 0 {
+                    // The whiteout left at `from` would get the mirror's own clock.
+                    self.touch(from.clone());
+                }
+                self.touch_parent(&from);
+                if from.parent() != to.parent() {
+                    self.touch_parent(&to);
+                }
+                reply.ok()
+            }
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    pub(super) fn do_link(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        crate::fuse::affinity::follow(req.pid());
+        let (from, to) = match (self.path(ino), self.child(newparent, newname)) {
+            (Ok(a), Ok(b)) => (a, b),
+            (Err(e), _) | (_, Err(e)) => return reply.error(e),
+        };
+        match self.vol.mutate(
+            Op::Link {
+                from: from.clone(),
+                to: to.clone(),
+            },
+            || self.root.link(&from, &to),
+        ) {
+            Ok(_) => {
+                self.touch_parent(&to);
+                self.entry(newparent, newname, &to, reply)
+            }
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    pub(super) fn do_create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        crate::fuse::affinity::follow(req.pid());
+        let p = match self.child(parent, name) {
+            Ok(p) => p,
+            Err(e) => return reply.error(e),
+        };
+        let (uid, gid, _) = self.owner(req, &p.parent().unwrap_or_default());
+        let perm = mode & 0o7777 & !umask;
+        let fl = (Self::open_flags(flags) & !libc::O_ACCMODE) | libc::O_RDWR;
+        let r = self.vol.mutate(
+            Op::Create {
+                path: p.clone(),
+                mode: perm,
+                uid,
+                gid,
+            },
+            || self.root.create(&p, fl, perm, uid, gid),
+        );
+        let fd = match r {
+            Ok((fd, _)) => fd,
+            Err(e) => return reply.error(err(e)),
+        };
+        self.touch(p.clone());
+        self.touch_parent(&p);
+        let st = match sys::fstat(fd.as_fd()) {
+            Ok(st) => st,
+            Err(e) => return reply.error(io_errno(&e)),
+        };
+        let id = lock(&self.inodes).register(parent.0, name.as_bytes(), st.st_ino);
+        let a = self.attr_of(INodeNo(id), &st);
+        let fh = self.add_handle(Handle {
+            fd,
+            ino: a.ino.0,
+            append: flags & libc::O_APPEND != 0,
+            direct: fl & libc::O_DIRECT != 0,
+            wrote: AtomicBool::new(false),
+            _backing: None,
+        });
+        reply.created(
+            &TTL,
+            &a,
+            Generation(0),
+            FileHandle(fh),
+            FopenFlags::FOPEN_KEEP_CACHE,
+        );
+    }
+}
