@@ -15,6 +15,7 @@ use mirrorfs_core::journal::{Journal, JournalConfig};
 use crate::fuse;
 use crate::mirror::{self, mark};
 use crate::net::{identity, remote};
+use crate::site::meta::CopyState;
 use crate::site::volume;
 use crate::site::volume::{lock, AckMode, MirrorPhase, MirrorShared, Ordered, Progress, Volume};
 use crate::site::{boot, dirlock, meta, statefile, status, store};
@@ -75,14 +76,14 @@ pub struct MountArgs {
 /// made at the first mount; a promoted mirror's copy carries its new generation.
 fn primary_meta(state: &Path) -> Result<meta::Meta> {
     let mut meta = meta::read_meta(state)?;
-    if meta.state == "primary" || meta.promoted {
-        if meta.promoted && meta.state != "primary" {
-            meta.state = "primary".into();
+    if meta.state == CopyState::Primary || meta.promoted {
+        if meta.promoted && meta.state != CopyState::Primary {
+            meta.state = CopyState::Primary;
             meta::write_meta(state, &meta)?;
         }
         return Ok(meta);
     }
-    if meta.state != "empty" {
+    if meta.state != CopyState::Empty {
         bail!(
             "{} holds a mirror's state (a `{}` copy of volume {}): promote it first with `mirrorfs promote`",
             state.display(),
@@ -97,7 +98,7 @@ fn primary_meta(state: &Path) -> Result<meta::Meta> {
     meta = meta::Meta {
         volume_id: String::new(),
         generation: 0,
-        state: "primary".into(),
+        state: CopyState::Primary,
         sync_id: 0,
         promoted: false,
         history: Vec::new(),

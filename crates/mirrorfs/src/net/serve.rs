@@ -33,7 +33,7 @@ use mirrorfs_core::wire::{error_code, Decoder, MirrorState, Msg};
 
 use crate::net::conn::Duplex;
 use crate::net::identity;
-use crate::site::meta::{random_u64, read_meta, write_meta, Meta};
+use crate::site::meta::{random_u64, read_meta, write_meta, CopyState, Meta};
 use crate::site::store::FileStore;
 use crate::site::volume::{
     self, lock, AckMode, MirrorPhase, MirrorShared, Ordered, Progress, Volume,
@@ -273,14 +273,14 @@ fn serve_in(a: ServeArgs) -> Result<()> {
             .name("flusher".into())
             .spawn(move || v.run_flusher())?;
     }
-    if meta.state == "consistent" || meta.state == "syncing" {
+    if meta.state == CopyState::Consistent || meta.state == CopyState::Syncing {
         let power_loss = crate::site::boot::power_lost(&state);
         let mut cur = volume::open_cursor(&m)?;
         let opened = Applier::open(&mut cur, power_loss, horizon)?;
         crate::site::boot::record_boot(&state)?;
         match opened {
             Some(mut ap) => {
-                if meta.state == "syncing" {
+                if meta.state == CopyState::Syncing {
                     ap.set_syncing(Some(meta.sync_id));
                 }
                 d.start_worker(ap)?;
@@ -293,7 +293,7 @@ fn serve_in(a: ServeArgs) -> Result<()> {
                     dir.display()
                 );
                 let mut mm = meta.clone();
-                mm.state = "syncing".into();
+                mm.state = CopyState::Syncing;
                 mm.sync_id = 0;
                 write_meta(&state, &mm)?;
                 *lock(&d.meta) = mm;
@@ -737,7 +737,7 @@ impl Daemon {
         )?;
         fs::File::open(&dest)?.sync_all()?;
         let mut mm = lock(&self.meta).clone();
-        mm.state = "needs_resync".into();
+        mm.state = CopyState::NeedsResync;
         mm.promoted = false;
         write_meta(&self.state, &mm)?;
         *lock(&self.meta) = mm;
@@ -761,7 +761,7 @@ impl Daemon {
             let ap = volume::new_applier_at(&self.m, seq - 1)?;
             self.start_worker(ap)?;
         }
-        mm.state = "consistent".into();
+        mm.state = CopyState::Consistent;
         mm.promoted = false;
         mm.set_history(history);
         write_meta(&self.state, &mm)?;
@@ -778,7 +778,7 @@ impl Daemon {
     fn begin_initial_copy(&self, seq: u64, sync_id: u32, history: &History) -> Result<()> {
         let volume_id = history.volume_id;
         let meta = lock(&self.meta).clone();
-        let ours = meta.volume_id() == volume_id && meta.state != "empty";
+        let ours = meta.volume_id() == volume_id && meta.state != CopyState::Empty;
         let entries: Vec<_> = fs::read_dir(&self.dir)?
             .filter_map(|e| e.ok())
             .filter(|e| e.file_name().as_bytes() != self.reserved.as_slice())
@@ -800,7 +800,7 @@ impl Daemon {
         );
         self.stop_worker();
         let mut mm = Meta {
-            state: "syncing".into(),
+            state: CopyState::Syncing,
             sync_id,
             ..Meta::empty()
         };
@@ -844,7 +844,7 @@ impl Daemon {
         );
         self.stop_worker();
         let mut mm = lock(&self.meta).clone();
-        mm.state = "syncing".into();
+        mm.state = CopyState::Syncing;
         mm.sync_id = sync_id;
         mm.promoted = false;
         mm.set_history(history);
@@ -1000,8 +1000,8 @@ impl Daemon {
             return Ok(());
         }
         let mut meta = lock(&self.meta);
-        if meta.state == "syncing" {
-            meta.state = "consistent".into();
+        if meta.state == CopyState::Syncing {
+            meta.state = CopyState::Consistent;
             write_meta(&self.state, &meta)?;
             tracing::info!(
                 "initial copy complete: {} is a consistent mirror",
@@ -1162,7 +1162,7 @@ pub fn promote(dir: &Path, state: Option<&Path>, force: bool) -> Result<()> {
         );
     }
     let mut meta = read_meta(&state)?;
-    if meta.state == "empty" {
+    if meta.state == CopyState::Empty {
         bail!("{} holds no copy to promote", dir.display());
     }
     if meta.former_primary() {
@@ -1194,9 +1194,9 @@ pub fn promote(dir: &Path, state: Option<&Path>, force: bool) -> Result<()> {
             dir.display()
         );
     }
-    match meta.state.as_str() {
-        "consistent" => {}
-        "empty" => bail!("{} holds no copy to promote", dir.display()),
+    match meta.state {
+        CopyState::Consistent => {}
+        CopyState::Empty => bail!("{} holds no copy to promote", dir.display()),
         other if !force => bail!(
             "the copy in {} is `{other}`, not consistent (an initial copy did not finish): it is a mix of states; pass --force to promote it anyway",
             dir.display()

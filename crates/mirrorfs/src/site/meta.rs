@@ -18,8 +18,8 @@ use serde::{Deserialize, Serialize};
 pub struct Meta {
     pub volume_id: String,
     pub generation: u64,
-    /// "empty", "syncing", "consistent" or "needs_resync".
-    pub state: String,
+    /// The state of the copy (serialised as today's strings).
+    pub state: CopyState,
     pub sync_id: u32,
     #[serde(default)]
     pub promoted: bool,
@@ -27,6 +27,42 @@ pub struct Meta {
     /// written before histories existed: then generation `generation` alone, id 0.
     #[serde(default)]
     pub history: Vec<GenerationMeta>,
+}
+
+/// `volume.json`'s `state`: what the directory's tree is. Serialised as the strings older
+/// state directories hold; any other string makes `read_meta` fail naming the file.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum CopyState {
+    /// Holds no copy yet.
+    Empty,
+    /// A mirror's copy that an initial sync or a resync is filling.
+    Syncing,
+    /// A mirror's copy equal to the primary's journal up to its cursor.
+    Consistent,
+    /// A mirror's copy known to have diverged; the next link resyncs it.
+    NeedsResync,
+    /// A primary's backing directory: its tree is its journal's end.
+    Primary,
+}
+
+impl CopyState {
+    /// The string written to `volume.json` (and shown by `status`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CopyState::Empty => "empty",
+            CopyState::Syncing => "syncing",
+            CopyState::Consistent => "consistent",
+            CopyState::NeedsResync => "needs_resync",
+            CopyState::Primary => "primary",
+        }
+    }
+}
+
+impl std::fmt::Display for CopyState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// One generation in `volume.json`.
@@ -42,7 +78,7 @@ impl Meta {
         Meta {
             volume_id: String::new(),
             generation: 0,
-            state: "empty".into(),
+            state: CopyState::Empty,
             sync_id: 0,
             promoted: false,
             history: Vec::new(),
@@ -95,15 +131,15 @@ impl Meta {
     /// A primary's backing directory (an old primary served as a mirror): its tree is its
     /// journal's end.
     pub fn former_primary(&self) -> bool {
-        self.state == "primary"
+        self.state == CopyState::Primary
     }
 
     pub fn mirror_state(&self) -> MirrorState {
-        match self.state.as_str() {
-            "consistent" | "primary" => MirrorState::Consistent,
-            "syncing" => MirrorState::Syncing,
-            "needs_resync" => MirrorState::NeedsResync,
-            _ => MirrorState::Empty,
+        match self.state {
+            CopyState::Consistent | CopyState::Primary => MirrorState::Consistent,
+            CopyState::Syncing => MirrorState::Syncing,
+            CopyState::NeedsResync => MirrorState::NeedsResync,
+            CopyState::Empty => MirrorState::Empty,
         }
     }
 }
@@ -150,4 +186,42 @@ pub fn write_meta(state: &Path, m: &Meta) -> Result<()> {
     fs::rename(&tmp, state.join("volume.json"))?;
     fs::File::open(state)?.sync_all()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copy_state_reads_and_writes_todays_strings() {
+        for (s, want) in [
+            ("empty", CopyState::Empty),
+            ("syncing", CopyState::Syncing),
+            ("consistent", CopyState::Consistent),
+            ("needs_resync", CopyState::NeedsResync),
+            ("primary", CopyState::Primary),
+        ] {
+            let json = format!(r#"{{"volume_id":"","generation":0,"state":"{s}","sync_id":0}}"#);
+            let m: Meta = serde_json::from_str(&json).expect("parse");
+            assert_eq!(m.state, want);
+            assert_eq!(want.as_str(), s);
+            let back = serde_json::to_value(&m).expect("ser");
+            assert_eq!(back["state"], s);
+        }
+    }
+
+    #[test]
+    fn unknown_copy_state_names_the_file() {
+        let dir = std::env::temp_dir().join(format!("mfs-meta-{}", std::process::id()));
+        fs::create_dir_all(&dir).expect("mkdir");
+        fs::write(
+            dir.join("volume.json"),
+            br#"{"volume_id":"","generation":0,"state":"weird","sync_id":0}"#,
+        )
+        .expect("write");
+        let e = read_meta(&dir).expect_err("unknown state");
+        assert!(format!("{e:#}").contains("volume.json"), "{e:#}");
+        assert!(format!("{e:#}").contains("weird"), "{e:#}");
+        let _ = fs::remove_dir_all(&dir);
+    }
 }
