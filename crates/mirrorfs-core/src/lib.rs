@@ -16,6 +16,7 @@ pub mod journal;
 pub mod link;
 pub mod op;
 pub mod path;
+pub mod sequencer;
 pub mod sim;
 pub mod track;
 pub mod tree;
