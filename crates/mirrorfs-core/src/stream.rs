@@ -148,18 +148,18 @@ mod tests {
         let mut src = (1..=10).map(|s| rec(s, 36));
         let mut pending = None;
         // Each record costs 100 bytes: three fit in 300.
-        let b = take_batch::<()>(&mut pending, 300, || Ok(src.next())).unwrap();
+        let b = take_batch::<()>(&mut pending, 300, || Ok(src.next())).expect("no error");
         assert_eq!(b.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![1, 2, 3]);
-        let b = take_batch::<()>(&mut pending, 250, || Ok(src.next())).unwrap();
+        let b = take_batch::<()>(&mut pending, 250, || Ok(src.next())).expect("no error");
         assert_eq!(b.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![4, 5]);
         assert_eq!(pending.as_ref().map(|r| r.seq), Some(6));
-        let b = take_batch::<()>(&mut pending, 1 << 20, || Ok(src.next())).unwrap();
+        let b = take_batch::<()>(&mut pending, 1 << 20, || Ok(src.next())).expect("no error");
         assert_eq!(
             b.iter().map(|r| r.seq).collect::<Vec<_>>(),
             vec![6, 7, 8, 9, 10]
         );
         assert!(pending.is_none());
-        let b = take_batch::<()>(&mut pending, 300, || Ok(src.next())).unwrap();
+        let b = take_batch::<()>(&mut pending, 300, || Ok(src.next())).expect("no error");
         assert!(b.is_empty());
     }
 
@@ -167,10 +167,10 @@ mod tests {
     fn an_oversized_record_goes_alone() {
         let mut src = vec![rec(1, 1000), rec(2, 10)].into_iter();
         let mut pending = None;
-        let b = take_batch::<()>(&mut pending, 300, || Ok(src.next())).unwrap();
+        let b = take_batch::<()>(&mut pending, 300, || Ok(src.next())).expect("no error");
         assert_eq!(b.len(), 1);
         assert_eq!(b[0].seq, 1);
-        let b = take_batch::<()>(&mut pending, 300, || Ok(src.next())).unwrap();
+        let b = take_batch::<()>(&mut pending, 300, || Ok(src.next())).expect("no error");
         assert_eq!(b[0].seq, 2);
     }
 
