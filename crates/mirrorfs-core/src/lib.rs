@@ -18,6 +18,7 @@ pub mod op;
 pub mod path;
 pub mod sequencer;
 pub mod sim;
+pub mod stream;
 pub mod track;
 pub mod tree;
 pub mod wire;
