@@ -1089,34 +1089,15 @@ impl Sim {
         let Some(pl) = self.plink.as_mut() else {
             return Ok(());
         };
-        let mut batch = Vec::new();
-        let mut bytes = 0usize;
-        while bytes < self.batch_bytes {
-            let rec = match pl.pending.take() {
-                Some(r) => r,
-                None => {
-                    if pl.reader.next_seq() > limit {
-                        break;
-                    }
-                    match read_next(&mut pl.reader, &self.pjournal, limit) {
-                        Ok(Some(r)) => r,
-                        Ok(None) => break,
-                        Err(e) => {
-                            return Err(Fault::Bug(format!(
-                                "the primary cannot read its journal: {e}"
-                            )))
-                        }
-                    }
-                }
-            };
-            let len = rec.op.data_len() + 64;
-            if !batch.is_empty() && bytes + len > self.batch_bytes {
-                pl.pending = Some(rec);
-                break;
+        // The same batching as the binary's link thread (`core::stream::take_batch`).
+        let (reader, journal) = (&mut pl.reader, &self.pjournal);
+        let batch = crate::stream::take_batch(&mut pl.pending, self.batch_bytes, || {
+            if reader.next_seq() > limit {
+                return Ok(None);
             }
-            bytes += len;
-            batch.push(rec);
-        }
+            read_next(reader, journal, limit)
+        })
+        .map_err(|e| Fault::Bug(format!("the primary cannot read its journal: {e}")))?;
         let (Some(first), Some(last)) = (batch.first().map(|r| r.seq), batch.last().map(|r| r.seq))
         else {
             return Ok(());

@@ -17,6 +17,7 @@ use anyhow::{anyhow, Result};
 use mirrorfs_core::journal::Reader;
 use mirrorfs_core::link::{JournalSpan, LinkError, Sender, Start};
 use mirrorfs_core::op::Record;
+use mirrorfs_core::stream::{take_batch, Backoff};
 use mirrorfs_core::wire::{Decoder, Msg, BATCH_BYTES};
 
 use crate::net::conn::Duplex;
@@ -30,15 +31,8 @@ pub const WINDOW_BYTES: u64 = 32 << 20;
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
 /// A link that hears nothing for this long is declared dead and reconnected.
 pub const DEAD_AFTER: Duration = Duration::from_secs(10);
-/// Reconnection back-off bounds.
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
-/// A refusal that retrying cannot cure (another volume, diverged copies, a non-empty directory
-/// without a copy, a promoted mirror, another protocol version) is retried only this rarely,
-/// doubling up to [`REFUSED_RETRY_MAX`], so that the link resumes by itself once the operator
-/// has fixed the mirror, without a reconnect loop.
-pub const REFUSED_RETRY: Duration = Duration::from_secs(30);
-const REFUSED_RETRY_MAX: Duration = Duration::from_secs(600);
+// The reconnection schedule (ordinary back-off, and the rare retries of a refused link) is
+// `mirrorfs_core::stream::Backoff`; the batching of records is `stream::take_batch`.
 
 /// Everything a link needs besides the volume.
 pub struct LinkConfig {
@@ -62,14 +56,14 @@ fn set_phase(m: &MirrorShared, p: MirrorPhase) {
 /// reconnect with back-off. Local writes never wait for this thread (except in the ack modes
 /// that say so, and only while the mirror is healthy).
 pub fn run_link(vol: Arc<Volume>, m: Arc<MirrorShared>, cfg: Arc<LinkConfig>) {
-    let mut backoff = BACKOFF_MIN;
-    let mut refused_wait = REFUSED_RETRY;
+    let mut backoff = Backoff::new();
+    let epoch = Instant::now();
     let syncing = Arc::new(SyncSlot::default());
     loop {
         if lock(&vol.progress).stopping {
             break;
         }
-        let t0 = Instant::now();
+        backoff.on_start(epoch.elapsed());
         let r = session(&vol, &m, &cfg, &syncing);
         {
             let mut l = lock(&m.link);
@@ -79,56 +73,47 @@ pub fn run_link(vol: Arc<Volume>, m: Arc<MirrorShared>, cfg: Arc<LinkConfig>) {
                 l.last_error = Some(format!("{e:#}"));
             }
         }
-        let mut wait = None;
-        match r {
+        let e = match r {
             Ok(()) => break,
-            Err(e) if e.downcast_ref::<LinkError>().is_some_and(|l| !l.retry) => {
-                let msg = format!("{e:#}");
-                tracing::error!(
-                    "mirror {}: {msg}; the link is refused: next attempt in {} s",
-                    m.name,
-                    refused_wait.as_secs()
+            Err(e) => e,
+        };
+        let refused = e.downcast_ref::<LinkError>().is_some_and(|l| !l.retry);
+        let retry = backoff.on_end(epoch.elapsed(), refused);
+        if refused {
+            let msg = format!("{e:#}");
+            tracing::error!(
+                "mirror {}: {msg}; the link is refused: next attempt in {} s",
+                m.name,
+                retry.wait.as_secs()
+            );
+            if !m.detached() {
+                set_phase(
+                    &m,
+                    MirrorPhase::Refused {
+                        reason: msg,
+                        since_unix: crate::sys::now().sec as u64,
+                    },
                 );
-                if !m.detached() {
-                    set_phase(
-                        &m,
-                        MirrorPhase::Refused {
-                            reason: msg,
-                            since_unix: crate::sys::now().sec as u64,
-                        },
-                    );
-                }
-                vol.changed.notify_all();
-                wait = Some(refused_wait);
-                refused_wait = (refused_wait * 2).min(REFUSED_RETRY_MAX);
             }
-            Err(e) => {
-                let msg = format!("{e:#}");
-                tracing::warn!("mirror {}: {msg}; reconnecting", m.name);
-                if !m.detached() {
-                    set_phase(
-                        &m,
-                        MirrorPhase::Retrying {
-                            error: msg,
-                            since_unix: crate::sys::now().sec as u64,
-                        },
-                    );
-                }
-                vol.changed.notify_all();
+            vol.changed.notify_all();
+        } else {
+            let msg = format!("{e:#}");
+            tracing::warn!("mirror {}: {msg}; reconnecting", m.name);
+            if !m.detached() {
+                set_phase(
+                    &m,
+                    MirrorPhase::Retrying {
+                        error: msg,
+                        since_unix: crate::sys::now().sec as u64,
+                    },
+                );
             }
-        }
-        if t0.elapsed() > Duration::from_secs(10) {
-            backoff = BACKOFF_MIN;
-        }
-        if wait.is_none() {
-            refused_wait = REFUSED_RETRY;
+            vol.changed.notify_all();
         }
         // Sleep in small steps so a stop is noticed.
-        let until = Instant::now() + wait.unwrap_or(backoff);
-        while Instant::now() < until && !lock(&vol.progress).stopping {
+        while epoch.elapsed() < retry.at && !lock(&vol.progress).stopping {
             std::thread::sleep(Duration::from_millis(20));
         }
-        backoff = (backoff * 2).min(BACKOFF_MAX);
     }
     set_phase(&m, MirrorPhase::Stopped);
     vol.changed.notify_all();
@@ -451,31 +436,13 @@ fn stream(
         }
         let may = lock(sender).may_send();
         if may && !sent_all {
-            let mut batch = Vec::new();
-            let mut bytes = 0usize;
-            while bytes < BATCH_BYTES {
-                let rec = match pending.take() {
-                    Some(r) => r,
-                    None => {
-                        let next = reader.next_seq();
-                        if next > limit {
-                            break;
-                        }
-                        let view = lock(&vol.order).journal.segment_for(next);
-                        match reader.next::<FileStore>(view, limit)? {
-                            Some(r) => r,
-                            None => break,
-                        }
-                    }
-                };
-                let len = rec.op.data_len() + 64;
-                if !batch.is_empty() && bytes + len > BATCH_BYTES {
-                    pending = Some(rec);
-                    break;
+            let batch = take_batch(&mut pending, BATCH_BYTES, || {
+                if reader.next_seq() > limit {
+                    return Ok(None);
                 }
-                bytes += len;
-                batch.push(rec);
-            }
+                let view = lock(&vol.order).journal.segment_for(reader.next_seq());
+                reader.next::<FileStore>(view, limit)
+            })?;
             if let Some(last) = batch.last().map(|r| r.seq) {
                 let frame = d.encode(&Msg::Records {
                     settled,
