@@ -15,10 +15,25 @@
 //! lack of space, the journal is untouched); but a failed `Abort`, or a failed record of a change
 //! the backing already made, leaves journal and backing disagreeing: the sequencer poisons itself
 //! and refuses everything after (`EIO`), until a restart recovers.
+//!
+//! After a crash the journal's last record is in doubt: it may or may not have reached the
+//! backing, and it may have failed there (its `Abort` was not yet written). [`resolve_in_doubt`]
+//! decides from the backing tree whether it stands ([`InDoubt`]), and
+//! [`Sequencer::settle_in_doubt`] settles it or appends its `Abort`, as `applied` does.
+//!
+//! Driven by the binary (`site::volume::Volume::{mutate, record, record_backing_times,
+//! resolve_in_doubt}`, under the order lock) and by both simulations (`sim/run.rs` and the
+//! primary of `sim/net.rs`), so the simulations test the ordering code that runs.
+
+use std::fmt;
 
 use crate::journal::storage::SegmentStore;
 use crate::journal::{Journal, JournalError};
 use crate::op::Op;
+use crate::tree::{apply_op, Tree, TreeError, ENODATA};
+
+/// `XATTR_CREATE` on Linux: `setxattr` fails with `EEXIST` if the attribute exists.
+const XATTR_CREATE: i32 = 1;
 
 /// Why a change was refused. The shell maps it to an errno.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,6 +44,16 @@ pub enum Refusal {
     /// The journal failed (or the sequencer is poisoned): `EIO`, and every later change too.
     Failed(String),
 }
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Refusal::NoSpace(why) | Refusal::Failed(why) => f.write_str(why),
+        }
+    }
+}
+
+impl std::error::Error for Refusal {}
 
 /// What `begin` decided.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -163,6 +188,21 @@ impl Sequencer {
         }
     }
 
+    /// After a crash: settles the journal's last record `seq`, in doubt, as
+    /// [`resolve_in_doubt`] decided (`stands`), or appends its `Abort` (as [`applied`] does; a
+    /// failed `Abort` poisons).
+    ///
+    /// [`applied`]: Sequencer::applied
+    pub fn settle_in_doubt<S: SegmentStore>(
+        &mut self,
+        journal: &mut Journal<S>,
+        seq: u64,
+        stands: bool,
+    ) -> Result<Settled, Refusal> {
+        self.in_doubt = Some(seq);
+        self.applied(journal, seq, stands)
+    }
+
     fn refusal(&self) -> Option<Refusal> {
         self.poisoned.as_ref().map(|w| Refusal::Failed(w.clone()))
     }
@@ -170,6 +210,83 @@ impl Sequencer {
     fn poison(&mut self, why: String) -> Refusal {
         self.poisoned.get_or_insert(why.clone());
         Refusal::Failed(why)
+    }
+}
+
+/// What became of the journal's last record, in doubt after a crash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InDoubt {
+    /// The backing has the change (it took effect before the crash, or the strict re-apply made
+    /// it now), or there is nothing to resolve (an `Abort`): the record stands.
+    Stands,
+    /// It did not take effect (the error of the strict re-apply): append its `Abort`, so no
+    /// mirror ever applies it. Expected after a crash: the change was in flight and had not
+    /// happened (or had failed) on the backing; no caller was told it succeeded.
+    Abort(TreeError),
+}
+
+/// Resolves the in-doubt `op` against the backing `tree`: re-applies it **strictly**, never
+/// forced (forcing, i.e. replay mode, would clear whatever is in the way: destroy user data when
+/// the original call had failed), and classifies a failure with [`in_doubt_outcome`]. A rename
+/// whose target already is the renamed inode stands without a re-apply.
+pub fn resolve_in_doubt<T: Tree + ?Sized>(tree: &mut T, op: &Op) -> InDoubt {
+    resolve_in_doubt_with(tree, op, |t, op| apply_op(t, op, false))
+}
+
+/// [`resolve_in_doubt`] with the re-apply given: the simulations model a backing whose error
+/// persists with it. `reapply` is not called for an `Abort`, nor for a rename already done.
+pub fn resolve_in_doubt_with<T: Tree + ?Sized>(
+    tree: &mut T,
+    op: &Op,
+    reapply: impl FnOnce(&mut T, &Op) -> Result<(), TreeError>,
+) -> InDoubt {
+    if matches!(op, Op::Abort { .. }) {
+        return InDoubt::Stands;
+    }
+    if let Op::Rename { to, from_ino, .. } = op {
+        if tree.ino(to).ok().flatten() == Some(*from_ino) {
+            return InDoubt::Stands;
+        }
+    }
+    in_doubt_outcome(op, reapply(tree, op))
+}
+
+/// The pure decision: given how the strict re-apply of the in-doubt `op` went, does the record
+/// stand? A success stands (the backing has the change now). A failure stands only if it shows
+/// the change had already taken effect: the name a create (file, directory, node, symlink, link)
+/// makes exists, the name an unlink or rmdir removes is gone, the attribute a `RemoveXattr`
+/// removes is gone (`ENODATA`), the attribute a `SetXattr` with `XATTR_CREATE` makes exists.
+/// Anything else aborts.
+///
+/// `SetXattr` with `XATTR_CREATE` is the one ambiguous case: unlike a create of a name (which
+/// the kernel refuses before it reaches the file system when the name exists), an
+/// `XATTR_CREATE` over an existing attribute reaches the backing and fails there. Standing is
+/// the safe side: if the original call had failed, a mirror's strict apply fails loudly
+/// (the mirror is marked for a resync), whereas an abort of a change the backing has would leave
+/// the mirror silently without it.
+pub fn in_doubt_outcome(op: &Op, reapplied: Result<(), TreeError>) -> InDoubt {
+    let e = match reapplied {
+        Ok(()) => return InDoubt::Stands,
+        Err(e) => e,
+    };
+    let effect_present = match (op, &e) {
+        (
+            Op::Create { .. }
+            | Op::Mkdir { .. }
+            | Op::Mknod { .. }
+            | Op::Symlink { .. }
+            | Op::Link { .. },
+            TreeError::Exists(_),
+        ) => true,
+        (Op::Unlink { .. } | Op::Rmdir { .. }, TreeError::NotFound(_)) => true,
+        (Op::RemoveXattr { .. }, TreeError::Other { errno, .. }) => *errno == ENODATA,
+        (Op::SetXattr { flags, .. }, TreeError::Exists(_)) => flags & XATTR_CREATE != 0,
+        _ => false,
+    };
+    if effect_present {
+        InDoubt::Stands
+    } else {
+        InDoubt::Abort(e)
     }
 }
 
@@ -287,6 +404,372 @@ mod tests {
         store.set_free_space(Some(0));
         assert!(matches!(
             s.recorded(&mut j, &op(2), |_| {}),
+            Err(Refusal::Failed(_))
+        ));
+        assert!(s.poisoned().is_some());
+    }
+
+    // ---- the in-doubt record after a crash ------------------------------------------------
+
+    fn p(s: &str) -> crate::path::RelPath {
+        crate::path::RelPath::new(s).expect("valid")
+    }
+
+    /// A backing tree with a file `f` (xattr `user.x`), a directory `d` and a second name `g`
+    /// of `f`.
+    fn backing() -> crate::sim::SimTree {
+        let mut t = crate::sim::SimTree::reference();
+        for op in [
+            Op::Create {
+                path: p("f"),
+                mode: 0o644,
+                uid: 0,
+                gid: 0,
+            },
+            Op::Mkdir {
+                path: p("d"),
+                mode: 0o755,
+                uid: 0,
+                gid: 0,
+            },
+            Op::Link {
+                from: p("f"),
+                to: p("g"),
+            },
+            Op::SetXattr {
+                path: p("f"),
+                name: b"user.x".to_vec(),
+                value: b"1".to_vec(),
+                flags: 0,
+            },
+        ] {
+            apply_op(&mut t, &op, false).expect("set up");
+        }
+        t
+    }
+
+    fn ino(t: &mut crate::sim::SimTree, path: &str) -> u64 {
+        t.ino(&p(path)).expect("ino").expect("exists")
+    }
+
+    /// Every kind of op, in doubt after it took effect on the backing: the record stands, and
+    /// the backing is as the op left it.
+    #[test]
+    fn an_in_doubt_change_that_took_effect_stands() {
+        use crate::op::{rename_flags, Timespec};
+        let f_ino = ino(&mut backing(), "f");
+        let d_ino = ino(&mut backing(), "d");
+        let t = Timespec { sec: 7, nsec: 0 };
+        let ops = [
+            Op::Create {
+                path: p("n"),
+                mode: 0o600,
+                uid: 0,
+                gid: 0,
+            },
+            Op::Mkdir {
+                path: p("n"),
+                mode: 0o700,
+                uid: 0,
+                gid: 0,
+            },
+            Op::Mknod {
+                path: p("n"),
+                mode: 0o010_644,
+                rdev: 0,
+                uid: 0,
+                gid: 0,
+            },
+            Op::Symlink {
+                path: p("n"),
+                target: b"f".to_vec(),
+                uid: 0,
+                gid: 0,
+            },
+            Op::Link {
+                from: p("f"),
+                to: p("n"),
+            },
+            Op::Unlink {
+                path: p("g"),
+                nlink: 2,
+            },
+            Op::Rmdir { path: p("d") },
+            Op::Rename {
+                from: p("f"),
+                to: p("n"),
+                flags: 0,
+                from_ino: f_ino,
+            },
+            Op::Rename {
+                from: p("f"),
+                to: p("n"),
+                flags: rename_flags::NOREPLACE,
+                from_ino: f_ino,
+            },
+            Op::Rename {
+                from: p("f"),
+                to: p("d"),
+                flags: rename_flags::EXCHANGE,
+                from_ino: f_ino,
+            },
+            Op::Rename {
+                from: p("d"),
+                to: p("n"),
+                flags: 0,
+                from_ino: d_ino,
+            },
+            Op::Write {
+                path: p("f"),
+                offset: 3,
+                data: b"abc".to_vec(),
+            },
+            Op::Truncate {
+                path: p("f"),
+                size: 9,
+            },
+            Op::Fallocate {
+                path: p("f"),
+                mode: 0,
+                offset: 0,
+                len: 4096,
+            },
+            Op::SetMode {
+                path: p("f"),
+                mode: 0o600,
+            },
+            Op::SetOwner {
+                path: p("f"),
+                uid: Some(1000),
+                gid: None,
+            },
+            Op::SetTimes {
+                path: p("f"),
+                atime: None,
+                mtime: Some(t),
+            },
+            Op::SetXattr {
+                path: p("f"),
+                name: b"user.y".to_vec(),
+                value: b"2".to_vec(),
+                flags: 0,
+            },
+            Op::SetXattr {
+                path: p("f"),
+                name: b"user.y".to_vec(),
+                value: b"2".to_vec(),
+                flags: XATTR_CREATE,
+            },
+            Op::SetXattr {
+                path: p("f"),
+                name: b"user.x".to_vec(),
+                value: b"2".to_vec(),
+                flags: 2,
+            },
+            Op::RemoveXattr {
+                path: p("f"),
+                name: b"user.x".to_vec(),
+            },
+        ];
+        for op in ops {
+            let mut t = backing();
+            apply_op(&mut t, &op, false).unwrap_or_else(|e| panic!("{op:?}: {e}"));
+            let after = t.snapshot();
+            assert_eq!(resolve_in_doubt(&mut t, &op), InDoubt::Stands, "{op:?}");
+            assert!(
+                t.snapshot().diff(&after, 4).is_empty(),
+                "{op:?} changed the backing again"
+            );
+        }
+    }
+
+    /// In doubt before it reached the backing: a valid change is made now and stands; one that
+    /// fails for another reason than its own effect is aborted, the backing untouched.
+    #[test]
+    fn an_in_doubt_change_that_did_not_take_effect_is_made_now_or_aborted() {
+        let f_ino = ino(&mut backing(), "f");
+        let made_now = [
+            Op::Create {
+                path: p("n"),
+                mode: 0o600,
+                uid: 0,
+                gid: 0,
+            },
+            Op::Unlink {
+                path: p("g"),
+                nlink: 2,
+            },
+            Op::Rename {
+                from: p("f"),
+                to: p("n"),
+                flags: 0,
+                from_ino: f_ino,
+            },
+            Op::RemoveXattr {
+                path: p("f"),
+                name: b"user.x".to_vec(),
+            },
+        ];
+        for op in made_now {
+            let mut t = backing();
+            assert_eq!(resolve_in_doubt(&mut t, &op), InDoubt::Stands, "{op:?}");
+            let mut done = backing();
+            apply_op(&mut done, &op, false).expect("valid");
+            assert!(
+                t.snapshot().diff(&done.snapshot(), 4).is_empty(),
+                "{op:?} not made"
+            );
+        }
+        let aborted = [
+            // The parent is missing: the create failed, its name exists nowhere.
+            Op::Create {
+                path: p("x/n"),
+                mode: 0o600,
+                uid: 0,
+                gid: 0,
+            },
+            Op::Mkdir {
+                path: p("x/n"),
+                mode: 0o700,
+                uid: 0,
+                gid: 0,
+            },
+            Op::Link {
+                from: p("x"),
+                to: p("n"),
+            },
+            // Removing what is not removable: the name is still there.
+            Op::Rmdir { path: p("f") },
+            Op::Unlink {
+                path: p("d"),
+                nlink: 1,
+            },
+            // A rename whose source is gone and whose target is not the inode.
+            Op::Rename {
+                from: p("x"),
+                to: p("n"),
+                flags: 0,
+                from_ino: 99,
+            },
+            Op::Rename {
+                from: p("f"),
+                to: p("d"),
+                flags: crate::op::rename_flags::NOREPLACE,
+                from_ino: 99,
+            },
+            Op::Write {
+                path: p("x"),
+                offset: 0,
+                data: b"a".to_vec(),
+            },
+            Op::Truncate {
+                path: p("d"),
+                size: 0,
+            },
+            Op::SetMode {
+                path: p("x"),
+                mode: 0o600,
+            },
+            Op::SetXattr {
+                path: p("f"),
+                name: b"user.z".to_vec(),
+                value: vec![],
+                flags: 2,
+            },
+            Op::RemoveXattr {
+                path: p("x"),
+                name: b"user.x".to_vec(),
+            },
+        ];
+        for op in aborted {
+            let mut t = backing();
+            let before = t.snapshot();
+            assert!(
+                matches!(resolve_in_doubt(&mut t, &op), InDoubt::Abort(_)),
+                "{op:?}"
+            );
+            assert!(
+                t.snapshot().diff(&before, 4).is_empty(),
+                "{op:?} changed the backing"
+            );
+        }
+    }
+
+    /// A backing whose error persists (what the simulations model): aborted, except an `Abort`
+    /// record (nothing in doubt) and a rename whose target already is the renamed inode.
+    #[test]
+    fn a_persistent_error_aborts_unless_the_effect_is_there() {
+        let eio = |_: &mut crate::sim::SimTree, _: &Op| {
+            Err(TreeError::Other {
+                path: "f".into(),
+                errno: 5,
+                msg: "EIO".into(),
+            })
+        };
+        let mut t = backing();
+        let f_ino = ino(&mut t, "f");
+        let w = Op::Write {
+            path: p("f"),
+            offset: 0,
+            data: b"a".to_vec(),
+        };
+        assert!(matches!(
+            resolve_in_doubt_with(&mut t, &w, eio),
+            InDoubt::Abort(_)
+        ));
+        let same = Op::Rename {
+            from: p("f"),
+            to: p("g"),
+            flags: 0,
+            from_ino: f_ino,
+        };
+        assert_eq!(resolve_in_doubt_with(&mut t, &same, eio), InDoubt::Stands);
+        assert_eq!(
+            resolve_in_doubt_with(&mut t, &Op::Abort { seq: 3 }, eio),
+            InDoubt::Stands
+        );
+        // The classification alone: an error that is not the op's own effect aborts.
+        let exists = || Err(TreeError::Exists("n".into()));
+        assert!(matches!(in_doubt_outcome(&w, exists()), InDoubt::Abort(_)));
+        let replace = Op::SetXattr {
+            path: p("f"),
+            name: b"user.x".to_vec(),
+            value: vec![],
+            flags: 2,
+        };
+        assert!(matches!(
+            in_doubt_outcome(&replace, exists()),
+            InDoubt::Abort(_)
+        ));
+        let rm = Op::RemoveXattr {
+            path: p("f"),
+            name: b"user.x".to_vec(),
+        };
+        let eperm = Err(TreeError::Other {
+            path: "f".into(),
+            errno: 1,
+            msg: "EPERM".into(),
+        });
+        assert!(matches!(in_doubt_outcome(&rm, eperm), InDoubt::Abort(_)));
+    }
+
+    #[test]
+    fn settling_the_in_doubt_record_appends_its_abort_only_if_it_does_not_stand() {
+        let store = MemStore::new();
+        let mut j = journal(&store, 64 << 20);
+        let mut s = Sequencer::new(0);
+        let a = seq_of(s.begin(&mut j, &op(1), |_| {}));
+        s.applied(&mut j, a, true).expect("settle");
+        let b = seq_of(s.begin(&mut j, &op(2), |_| {}));
+        // A crash: a new sequencer over the recovered journal, record `b` in doubt.
+        let mut s = Sequencer::new(b);
+        let st = s.settle_in_doubt(&mut j, b, true).expect("stands");
+        assert_eq!((st.last, st.aborted, j.next_seq()), (b, false, b + 1));
+        let st = s.settle_in_doubt(&mut j, b, false).expect("aborted");
+        assert_eq!((st.last, st.aborted, j.next_seq()), (b + 1, true, b + 2));
+        store.fail_next(1);
+        assert!(matches!(
+            s.settle_in_doubt(&mut j, b + 1, false),
             Err(Refusal::Failed(_))
         ));
         assert!(s.poisoned().is_some());
