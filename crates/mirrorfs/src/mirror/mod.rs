@@ -300,7 +300,9 @@ pub fn live_sync(
     {
         let mut guard = lock(&vol.order);
         let last = {
-            let Ordered { journal, copies } = &mut *guard;
+            let Ordered {
+                journal, copies, ..
+            } = &mut *guard;
             let tracker = copies.entry(id).or_default();
             let mut emit = |op: Op| append_sync(journal, id, op).map(drop);
             let mut links: std::collections::HashMap<u64, RelPath> =

@@ -216,7 +216,9 @@ pub fn live_resync(
     {
         let mut guard = lock(&vol.order);
         let last = {
-            let Ordered { journal, copies } = &mut *guard;
+            let Ordered {
+                journal, copies, ..
+            } = &mut *guard;
             let tracker = copies.entry(id).or_default();
             let mut emit = |op: Op| crate::mirror::append_sync(journal, id, op).map(drop);
             // 1. What the mirror has and the primary has not (or of another kind): deepest first.

@@ -3,8 +3,15 @@
 //! directory, and appends an `Abort` if that failed, so journal order is exactly the order in which
 //! the backing tree changed, and only the last record can be in doubt after a crash.
 //!
+//! The ordering decisions are `mirrorfs_core::sequencer::Sequencer`'s (held in [`Ordered`], under
+//! the order lock): `begin` (write-ahead append, journal-full relief, refusal), `applied` (settle
+//! or `Abort`, poison on a failed `Abort`), `recorded` (a change the backing already has), and
+//! after a crash `sequencer::resolve_in_doubt` + `settle_in_doubt`. This module is their shell:
+//! the lock, the backing's I/O, the errno and the log lines, the wake-ups and the waits. Both
+//! simulations drive the same sequencer.
+//!
 //! ```text
-//!  FUSE request ─▶ order lock { journal.append(op) ; apply to backing ; [Abort] } ─▶ reply (async)
+//!  FUSE request ─▶ order lock { sequencer.begin(op) ; apply to backing ; sequencer.applied } ─▶ reply
 //!                                   │
 //!     flusher thread ◀── notify ────┘   fsync (F2) in groups, publishes durable_seq
 //!     mirror workers ◀── notify ─────── read records ≤ min(durable, settled), apply in order
@@ -20,10 +27,10 @@ use std::time::{Duration, Instant};
 use mirrorfs_core::applier::{Applier, ApplyError};
 use mirrorfs_core::feed::{FeedReadError, JournalFeed};
 use mirrorfs_core::flush;
-use mirrorfs_core::journal::{Journal, JournalError, Reader};
+use mirrorfs_core::journal::{Journal, Reader};
 use mirrorfs_core::op::{Op, Record};
+use mirrorfs_core::sequencer::{self, Begin, InDoubt, Refusal, Sequencer};
 use mirrorfs_core::track::NameTracker;
-use mirrorfs_core::tree::apply_op;
 
 use crate::site::store::{FileCursor, FileStore};
 use crate::tree::dirtree::DirTree;
@@ -230,17 +237,22 @@ impl MirrorShared {
     }
 }
 
-/// What the order lock guards: the journal, and the names of the files that live copies still
-/// have to read (kept current by every namespace change made under this lock).
+/// What the order lock guards: the journal, the sequencer that decides what goes into it (a
+/// mirror daemon, which appends the primary's records at their seqs, does not use it), and the
+/// names of the files that live copies still have to read (kept current by every namespace change
+/// made under this lock).
 pub struct Ordered {
     pub journal: Journal<FileStore>,
+    pub sequencer: Sequencer,
     pub copies: BTreeMap<u32, NameTracker>,
 }
 
 impl Ordered {
     pub fn new(journal: Journal<FileStore>) -> Self {
+        let settled = journal.next_seq().saturating_sub(1);
         Ordered {
             journal,
+            sequencer: Sequencer::new(settled),
             copies: BTreeMap::new(),
         }
     }
@@ -304,6 +316,13 @@ pub struct Volume {
     /// `--quorum K`: how many mirrors an acknowledgement (and an application fsync) waits for.
     pub quorum: usize,
     pub settled: AtomicU64,
+    /// Changes are refused (`EIO`) until a restart: the sequencer is poisoned (a failed `Abort`,
+    /// a failed record of a change the backing has, a failed append), or the flusher's fsync
+    /// failed (which poisons the journal). One flag that both set, rather than a look at the
+    /// sequencer, because its readers must not take the order lock (`wait_journal_durable`
+    /// holds the progress lock; the unmount's clean marker); the sequencer needs no telling of
+    /// the flusher's poison: the poisoned journal refuses its next append, and it poisons itself
+    /// with that reason.
     pub poisoned: AtomicBool,
 }
 
@@ -317,31 +336,25 @@ impl Volume {
     ) -> Result<(R, u64), i32> {
         let bytes = op.data_len() as u64;
         let mut o = lock(&self.order);
-        let seq = match o.journal.append(&op) {
-            Ok(s) => s,
-            Err(JournalError::Full { .. }) => {
-                self.relieve_full(&mut o);
-                o.journal.append(&op).map_err(|e| self.journal_refused(e))?
-            }
-            Err(e) => return Err(self.journal_refused(e)),
+        let Ordered {
+            journal,
+            sequencer,
+            copies,
+        } = &mut *o;
+        let seq = match sequencer.begin(journal, &op, |j| self.relieve_full(j)) {
+            Begin::Apply { seq } => seq,
+            Begin::Refuse(r) => return Err(self.refused(r)),
         };
         let res = apply();
         if res.is_ok() {
-            for t in o.copies.values_mut() {
+            for t in copies.values_mut() {
                 t.observe(&op);
             }
         }
-        let last = match &res {
-            Ok(_) => seq,
-            Err(_) => o
-                .journal
-                .append(&Op::Abort { seq })
-                .map_err(|e| self.journal_failed(e))?,
-        };
-        self.settled.store(last, Ordering::Release);
-        drop(o);
-        lock(&self.progress).settle(last, bytes);
-        self.changed.notify_all();
+        let done = sequencer
+            .applied(journal, seq, res.is_ok())
+            .map_err(|r| self.refused(r))?;
+        self.settle(o, done.last, bytes);
         match res {
             Ok(r) => {
                 self.wait_ack(seq);
@@ -376,15 +389,15 @@ impl Volume {
         let Some(op) = build() else {
             return Ok(None);
         };
-        let seq = match o.journal.append(&op) {
-            Ok(s) => s,
-            Err(JournalError::Full { .. }) => {
-                self.relieve_full(&mut o);
-                o.journal.append(&op).map_err(|e| self.journal_failed(e))?
-            }
-            Err(e) => return Err(self.journal_failed(e)),
-        };
-        for t in o.copies.values_mut() {
+        let Ordered {
+            journal,
+            sequencer,
+            copies,
+        } = &mut *o;
+        let seq = sequencer
+            .recorded(journal, &op, |j| self.relieve_full(j))
+            .map_err(|r| self.refused(r))?;
+        for t in copies.values_mut() {
             t.observe(&op);
         }
         self.settle(o, seq, 0);
@@ -401,36 +414,39 @@ impl Volume {
         self.changed.notify_all();
     }
 
-    /// An append that did not go in: a full disk (or, which the size-limit policy rules out, a
-    /// journal still full after every mirror was detached) refuses this one change with
-    /// `ENOSPC` and nothing else; anything else is a failure of the journal.
-    fn journal_refused(&self, e: JournalError) -> i32 {
-        match e {
-            JournalError::NoSpace { .. } | JournalError::Full { .. } => {
+    /// The errno of a change the sequencer refused. `NoSpace` (a full disk or, which the
+    /// size-limit policy rules out, a journal still full after every mirror was detached)
+    /// refuses this one change with `ENOSPC` and nothing else; `Failed` (the sequencer is
+    /// poisoned: journal and backing could disagree) is `EIO` for this change and every later
+    /// one, logged as an error once.
+    fn refused(&self, r: Refusal) -> i32 {
+        match r {
+            Refusal::NoSpace(why) => {
                 static REFUSED: AtomicU64 = AtomicU64::new(0);
                 let n = REFUSED.fetch_add(1, Ordering::Relaxed);
                 if n.is_power_of_two() || n == 0 {
                     tracing::warn!(
-                        "{e}; the change was refused with ENOSPC ({} so far); nothing else is affected, and changes are accepted again once there is space",
+                        "{why}; the change was refused with ENOSPC ({} so far); nothing else is affected, and changes are accepted again once there is space",
                         n + 1
                     );
                 }
                 libc::ENOSPC
             }
-            e => self.journal_failed(e),
+            Refusal::Failed(why) => {
+                if !self.poisoned.swap(true, Ordering::AcqRel) {
+                    tracing::error!(
+                        "journal: {why}; refusing further changes (restart mirrorfs to recover)"
+                    );
+                }
+                libc::EIO
+            }
         }
-    }
-
-    fn journal_failed(&self, e: JournalError) -> i32 {
-        tracing::error!("journal: {e}; refusing further changes (restart mirrorfs to recover)");
-        self.poisoned.store(true, Ordering::Release);
-        libc::EIO
     }
 
     /// The journal reached its size limit: detach the mirror furthest behind (it is marked
     /// "needs resync" and will be re-copied at the next mount) and free what only it held.
-    /// Local writes never block on a mirror.
-    fn relieve_full(&self, o: &mut Ordered) {
+    /// Local writes never block on a mirror. The sequencer's relief (`Sequencer::begin`).
+    fn relieve_full(&self, journal: &mut Journal<FileStore>) {
         loop {
             let attached: Vec<_> = self.mirrors.iter().filter(|m| !m.detached()).collect();
             let Some(slowest) = attached.iter().min_by_key(|m| m.needed_after()) else {
@@ -442,16 +458,14 @@ impl Volume {
                 .map(|m| m.needed_after())
                 .min()
                 .unwrap_or(u64::MAX);
-            let _ = o
-                .journal
-                .release_through(slowest.needed_after().min(min_others));
-            if !o.journal.would_overflow(64 << 20) {
+            let _ = journal.release_through(slowest.needed_after().min(min_others));
+            if !journal.would_overflow(64 << 20) {
                 return;
             }
             let reason = format!(
                 "journal reached its size limit ({} bytes) while this mirror was {} records behind",
-                o.journal.config().journal_bytes_max,
-                o.journal
+                journal.config().journal_bytes_max,
+                journal
                     .next_seq()
                     .saturating_sub(1 + slowest.needed_after())
             );
@@ -462,9 +476,7 @@ impl Volume {
             };
             tracing::error!("mirror {}: {reason}; {then}", slowest.name);
             slowest.mark_needs_resync(&reason);
-            let _ = o
-                .journal
-                .release_through(min_others.min(o.journal.durable_seq()));
+            let _ = journal.release_through(min_others.min(journal.durable_seq()));
         }
     }
 
@@ -544,7 +556,9 @@ impl Volume {
                     let mut o = lock(&self.order);
                     let done = flush::complete(&mut o.journal, &plan, outcome);
                     if let flush::Flushed::Poisoned { why, .. } = &done {
-                        // A failed fsync poisons the journal: never retried blindly.
+                        // A failed fsync poisons the journal: never retried blindly. The flag
+                        // refuses changes at once (see `Volume::poisoned`); the sequencer
+                        // poisons itself at its next append, which the journal refuses.
                         tracing::error!("{why}; the journal is poisoned, writes now fail with EIO; restart mirrorfs");
                         self.poisoned.store(true, Ordering::Release);
                     }
@@ -577,60 +591,28 @@ impl Volume {
     }
 
     /// Resolves the journal's last record after a crash: it may or may not have reached the
-    /// backing tree, and it may have failed there (its `Abort` was not yet written). It is
-    /// re-applied **strictly**, never forced: forcing (replay mode) would clear whatever is in
-    /// the way, i.e. destroy user data when the original call had failed. If the strict re-apply
-    /// fails, the record stands only if the failure shows it had already taken effect (the name
-    /// it creates exists, the name it removes is gone, the renamed inode is at its target);
-    /// otherwise it is aborted, so no mirror ever applies it.
-    pub fn resolve_in_doubt(
-        &self,
-        backing: &mut DirTree,
-        last: &Record,
-    ) -> Result<(), JournalError> {
-        use mirrorfs_core::tree::{Tree, TreeError};
-        if matches!(last.op, Op::Abort { .. }) {
-            return Ok(());
+    /// backing tree, and it may have failed there (its `Abort` was not yet written). The decision
+    /// is the core's ([`sequencer::resolve_in_doubt`]: a strict re-apply, never forced; a failure
+    /// stands only if it shows the change had already taken effect); the sequencer settles the
+    /// record or appends its `Abort`, so no mirror ever applies a change the backing lacks.
+    pub fn resolve_in_doubt(&self, backing: &mut DirTree, last: &Record) -> Result<(), Refusal> {
+        let outcome = sequencer::resolve_in_doubt(backing, &last.op);
+        if let InDoubt::Abort(e) = &outcome {
+            // Expected after a crash: the change was in flight and had not happened (or had
+            // failed) on the backing tree; no caller was told it succeeded.
+            tracing::info!(
+                "in-doubt record {} ({}) did not take effect before the crash ({e}); recorded as aborted",
+                last.seq,
+                last.op.name()
+            );
         }
-        if let Op::Rename { to, from_ino, .. } = &last.op {
-            if backing.ino(to).ok().flatten() == Some(*from_ino) {
-                return Ok(());
-            }
-        }
-        let done = match apply_op(backing, &last.op, false) {
-            Ok(()) => true,
-            Err(e) => {
-                let effect_present = matches!(
-                    (&last.op, &e),
-                    (
-                        Op::Create { .. }
-                            | Op::Mkdir { .. }
-                            | Op::Mknod { .. }
-                            | Op::Symlink { .. }
-                            | Op::Link { .. },
-                        TreeError::Exists(_)
-                    ) | (Op::Unlink { .. } | Op::Rmdir { .. }, TreeError::NotFound(_))
-                ) || matches!(
-                    (&last.op, &e),
-                    (Op::RemoveXattr { .. }, TreeError::Other { errno, .. }) if *errno == libc::ENODATA
-                );
-                if !effect_present {
-                    // Expected after a crash: the change was in flight and had not happened
-                    // (or had failed) on the backing tree; no caller was told it succeeded.
-                    tracing::info!(
-                        "in-doubt record {} ({}) did not take effect before the crash ({e}); recorded as aborted",
-                        last.seq,
-                        last.op.name()
-                    );
-                }
-                effect_present
-            }
-        };
-        if !done {
-            let mut o = lock(&self.order);
-            o.journal.append(&Op::Abort { seq: last.seq })?;
-        }
-        Ok(())
+        let mut o = lock(&self.order);
+        let Ordered {
+            journal, sequencer, ..
+        } = &mut *o;
+        sequencer
+            .settle_in_doubt(journal, last.seq, outcome == InDoubt::Stands)
+            .map(drop)
     }
 
     /// After a crash: journals the backing's mtime (`SetTimes`) of every entry whose mtime a
@@ -640,11 +622,7 @@ impl Volume {
     /// of the in-doubt record by [`resolve_in_doubt`](Self::resolve_in_doubt) (which moves the
     /// backing's mtime), would otherwise leave backing and mirrors apart for good. Called before
     /// the mount serves requests and before any mirror starts; returns how many were journaled.
-    pub fn record_backing_times(
-        &self,
-        backing: &DirTree,
-        first: u64,
-    ) -> Result<usize, JournalError> {
+    pub fn record_backing_times(&self, backing: &DirTree, first: u64) -> anyhow::Result<usize> {
         let end = lock(&self.order).journal.next_seq().saturating_sub(1);
         let mut paths = std::collections::BTreeSet::new();
         let mut reader: Reader<crate::site::store::FileSegment> = Reader::new(first.max(1));
@@ -677,14 +655,10 @@ impl Volume {
                 mtime: Some(mtime),
             };
             let mut o = lock(&self.order);
-            match o.journal.append(&op) {
-                Ok(_) => {}
-                Err(JournalError::Full { .. }) => {
-                    self.relieve_full(&mut o);
-                    o.journal.append(&op)?;
-                }
-                Err(e) => return Err(e),
-            }
+            let Ordered {
+                journal, sequencer, ..
+            } = &mut *o;
+            sequencer.recorded(journal, &op, |j| self.relieve_full(j))?;
             n += 1;
         }
         Ok(n)
