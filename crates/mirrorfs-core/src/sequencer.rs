@@ -29,7 +29,7 @@ use std::fmt;
 
 use crate::journal::storage::SegmentStore;
 use crate::journal::{Journal, JournalError};
-use crate::op::Op;
+use crate::op::{rename_flags, Op};
 use crate::tree::{apply_op, Tree, TreeError, ENODATA};
 
 /// `XATTR_CREATE` on Linux: `setxattr` fails with `EEXIST` if the attribute exists.
@@ -228,7 +228,8 @@ pub enum InDoubt {
 /// Resolves the in-doubt `op` against the backing `tree`: re-applies it **strictly**, never
 /// forced (forcing, i.e. replay mode, would clear whatever is in the way: destroy user data when
 /// the original call had failed), and classifies a failure with [`in_doubt_outcome`]. A rename
-/// whose target already is the renamed inode stands without a re-apply.
+/// whose target already is the renamed inode stands without a re-apply (but not a `NOREPLACE`
+/// one whose source still names that inode: see below).
 pub fn resolve_in_doubt<T: Tree + ?Sized>(tree: &mut T, op: &Op) -> InDoubt {
     resolve_in_doubt_with(tree, op, |t, op| apply_op(t, op, false))
 }
@@ -243,8 +244,19 @@ pub fn resolve_in_doubt_with<T: Tree + ?Sized>(
     if matches!(op, Op::Abort { .. }) {
         return InDoubt::Stands;
     }
-    if let Op::Rename { to, from_ino, .. } = op {
-        if tree.ino(to).ok().flatten() == Some(*from_ino) {
+    if let Op::Rename {
+        from,
+        to,
+        flags,
+        from_ino,
+    } = op
+    {
+        let at = |tree: &mut T, p| tree.ino(p).ok().flatten() == Some(*from_ino);
+        // The inode at its target: the rename took effect, unless it is a `NOREPLACE` rename
+        // whose source still names the inode too (onto itself or another of its names): that
+        // one fails with `EEXIST` (the kernel refuses it before any file system sees it) and
+        // has no effect to find, so the strict re-apply decides.
+        if at(tree, to) && (flags & rename_flags::NOREPLACE == 0 || !at(tree, from)) {
             return InDoubt::Stands;
         }
     }
@@ -724,6 +736,23 @@ mod tests {
             from_ino: f_ino,
         };
         assert_eq!(resolve_in_doubt_with(&mut t, &same, eio), InDoubt::Stands);
+        // With NOREPLACE onto another of its names (or itself) it fails with EEXIST, no effect.
+        for to in ["g", "f"] {
+            let noreplace = Op::Rename {
+                from: p("f"),
+                to: p(to),
+                flags: crate::op::rename_flags::NOREPLACE,
+                from_ino: f_ino,
+            };
+            assert!(matches!(
+                resolve_in_doubt(&mut t, &noreplace),
+                InDoubt::Abort(_)
+            ));
+            assert!(matches!(
+                resolve_in_doubt_with(&mut t, &noreplace, eio),
+                InDoubt::Abort(_)
+            ));
+        }
         assert_eq!(
             resolve_in_doubt_with(&mut t, &Op::Abort { seq: 3 }, eio),
             InDoubt::Stands

@@ -57,7 +57,8 @@ use crate::journal::storage::MemStore;
 use crate::journal::{Journal, JournalConfig, JournalError, Reader, SyncPlan};
 use crate::link::{Begin, JournalSpan, MirrorCopy, Receiver, Sender, Start};
 use crate::op::{Op, Record};
-use crate::tree::{apply_op, Tree};
+use crate::sequencer::{self, InDoubt, Sequencer};
+use crate::tree::apply_op;
 use crate::wire::{error_code, Decoder, MirrorState, Msg, VolumeId, BATCH_BYTES};
 
 const VOLUME: VolumeId = [0x5e; 16];
@@ -433,6 +434,8 @@ struct Sim {
     pjournal: Journal<SimStore>,
     pplan: Option<SyncPlan<SimFile>>,
     primary: Primary,
+    /// The primary's ordering decisions: the binary's `Volume` drives the same machine.
+    psequencer: Sequencer,
     psettled: u64,
     /// Highest seq the primary's journal ever reported durable: never lost.
     p_durable_ever: u64,
@@ -560,6 +563,7 @@ impl Sim {
             pjournal,
             pplan: None,
             primary: Primary::new(),
+            psequencer: Sequencer::new(0),
             psettled: 0,
             p_durable_ever: 0,
             plink: None,
@@ -978,11 +982,13 @@ impl Sim {
         let Some(p) = self.primary.plan(rng) else {
             return Ok(());
         };
-        let seq = match self.pjournal.append(&p.op) {
-            Ok(s) => s,
-            Err(e) => {
+        // The sims' journals have no size limit: nothing to relieve.
+        let seq = match self.psequencer.begin(&mut self.pjournal, &p.op, |_| {}) {
+            sequencer::Begin::Apply { seq } => seq,
+            sequencer::Begin::Refuse(r) => {
+                // Nothing reached the journal, so the backing tree is not changed either.
                 self.primary.unplan();
-                return Err(self.pfault(format!("journal append failed: {e}")));
+                return Err(self.pfault(format!("journal append refused: {r:?}")));
             }
         };
         if seq != self.primary.last_seq() + 1 {
@@ -994,16 +1000,15 @@ impl Sim {
         self.ev(|| format!("primary appends {seq} {} ok={}", brief(&p.op), p.ok));
         self.primary.record(p.op, p.ok);
         self.stats.records += 1;
-        let mut last = seq;
-        if !p.ok {
-            last = self
-                .pjournal
-                .append(&Op::Abort { seq })
-                .map_err(|e| self.pfault(format!("append of Abort failed: {e}")))?;
+        let done = match self.psequencer.applied(&mut self.pjournal, seq, p.ok) {
+            Ok(d) => d,
+            Err(r) => return Err(self.pfault(format!("append of Abort failed: {r:?}"))),
+        };
+        if done.aborted {
             self.primary.record(Op::Abort { seq }, false);
             self.stats.records += 1;
         }
-        self.psettled = last;
+        self.psettled = done.last;
         Ok(())
     }
 
@@ -2002,6 +2007,7 @@ impl Sim {
         self.pjournal = journal;
         self.p_unclean = false;
         self.p_durable_ever = self.p_durable_ever.max(end);
+        self.psequencer = Sequencer::new(end);
         if !self.resolve_in_doubt(rng)? {
             return Ok(false);
         }
@@ -2010,8 +2016,9 @@ impl Sim {
         Ok(true)
     }
 
-    /// The shell's `Volume::resolve_in_doubt` (as the crash simulation models it): re-apply the
-    /// journal's last record idempotently, or abort it. `Ok(false)`: the process died.
+    /// The shell's `Volume::resolve_in_doubt` (the core's decision, with the crash simulation's
+    /// model of a failed op: its error persists half of the time): settle the journal's last
+    /// record or append its `Abort`. `Ok(false)`: the process died.
     fn resolve_in_doubt(&mut self, rng: &mut SimRng<'_>) -> Result<bool, String> {
         let end = self.primary.last_seq();
         let Some(op) = self.primary.op_at(end).cloned() else {
@@ -2024,24 +2031,24 @@ impl Sim {
         let failed = self.primary.needs_abort(end);
         let valid = !failed || apply_op(&mut backing.clone(), &op, false).is_ok();
         let persistent = failed && (!valid || rng.chance(1, 2));
-        if let Op::Rename { to, from_ino, .. } = &op {
-            if !persistent && backing.ino(to).ok().flatten() == Some(*from_ino) {
-                return Ok(true);
+        let outcome = sequencer::resolve_in_doubt_with(&mut backing, &op, |t, op| {
+            if persistent {
+                Err(super::run::persists(op))
+            } else {
+                apply_op(t, op, false)
             }
-        }
-        let res = if persistent {
-            Err("the primary's error persists".to_string())
-        } else {
-            apply_op(&mut backing, &op, true).map_err(|e| e.to_string())
-        };
-        match res {
-            Ok(()) => {
+        });
+        match outcome {
+            InDoubt::Stands => {
                 let after = backing.state().clone();
                 self.primary.rollback(end - 1);
                 self.primary.tree.set_state(after);
                 self.primary.record(op, true);
+                self.psequencer
+                    .settle_in_doubt(&mut self.pjournal, end, true)
+                    .map_err(|r| self.fail(format!("settling the in-doubt record: {r}")))?;
             }
-            Err(why) => {
+            InDoubt::Abort(why) => {
                 if !failed {
                     return Err(self.fail(format!(
                         "re-applying the in-doubt record {end} ({op:?}), which succeeded on the \
@@ -2054,7 +2061,10 @@ impl Sim {
                          holds"
                     )));
                 }
-                match self.pjournal.append(&Op::Abort { seq: end }) {
+                match self
+                    .psequencer
+                    .settle_in_doubt(&mut self.pjournal, end, false)
+                {
                     Ok(_) => {}
                     Err(_) if self.pkill.is_dead() => return Ok(false),
                     Err(e) => return Err(self.fail(format!("append of the in-doubt Abort: {e}"))),

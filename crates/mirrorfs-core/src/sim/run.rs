@@ -32,7 +32,8 @@ use crate::flush;
 use crate::journal::storage::MemStore;
 use crate::journal::{Journal, JournalConfig, Reader, SyncPlan};
 use crate::op::Op;
-use crate::tree::{apply_op, Tree};
+use crate::sequencer::{self, Begin, InDoubt, Sequencer};
+use crate::tree::{apply_op, TreeError};
 
 /// What one or more seeds did, for the summary line.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -241,6 +242,8 @@ struct Sim {
     applier: Applier,
     feed: Feed,
     primary: Primary,
+    /// The primary's ordering decisions: the binary's `Volume` drives the same machine.
+    sequencer: Sequencer,
     /// The primary is done with every record ≤ this (the shell's `settled_seq`).
     settled: u64,
     /// Highest seq the journal ever reported durable: never lost.
@@ -317,6 +320,7 @@ impl Sim {
             applier,
             feed: Feed::new(1),
             primary: Primary::new(),
+            sequencer: Sequencer::new(0),
             settled: 0,
             durable_ever: 0,
             consumed_ever: 0,
@@ -384,18 +388,19 @@ impl Sim {
         });
     }
 
-    // ---- the primary (volume::mutate) -------------------------------------------------------
+    // ---- the primary (volume::mutate, driving core::sequencer) ------------------------------
 
     fn primary_op(&mut self, rng: &mut SimRng<'_>) -> Act {
         let Some(p) = self.primary.plan(rng) else {
             return Ok(());
         };
-        let seq = match self.journal.append(&p.op) {
-            Ok(s) => s,
-            Err(e) => {
+        // The sims' journals have no size limit: nothing to relieve.
+        let seq = match self.sequencer.begin(&mut self.journal, &p.op, |_| {}) {
+            Begin::Apply { seq } => seq,
+            Begin::Refuse(r) => {
                 // Nothing reached the journal, so the backing tree is not changed either.
                 self.primary.unplan();
-                return Err(self.fault(format!("journal append failed: {e}")));
+                return Err(self.fault(format!("journal append refused: {r:?}")));
             }
         };
         if seq != self.primary.last_seq() + 1 {
@@ -407,16 +412,15 @@ impl Sim {
         self.ev(|| format!("append {seq} {} ok={}", brief(&p.op), p.ok));
         self.primary.record(p.op, p.ok);
         self.stats.ops += 1;
-        let mut last = seq;
-        if !p.ok {
-            last = self
-                .journal
-                .append(&Op::Abort { seq })
-                .map_err(|e| self.fault(format!("append of Abort failed: {e}")))?;
+        let done = match self.sequencer.applied(&mut self.journal, seq, p.ok) {
+            Ok(d) => d,
+            Err(r) => return Err(self.fault(format!("append of Abort failed: {r:?}"))),
+        };
+        if done.aborted {
             self.primary.record(Op::Abort { seq }, false);
             self.stats.aborted += 1;
         }
-        self.settled = last;
+        self.settled = done.last;
         Ok(())
     }
 
@@ -771,6 +775,7 @@ impl Sim {
 
         // Invariant 3: the mirror's durable cursor is never beyond the recovered journal.
         let horizon = end;
+        self.sequencer = Sequencer::new(end);
         if !self.resolve_in_doubt(rng)? {
             return Ok(false);
         }
@@ -853,10 +858,11 @@ impl Sim {
         Ok(())
     }
 
-    /// The shell's `Volume::resolve_in_doubt`: the journal's last record may not have reached the
-    /// backing tree. Re-apply it idempotently; if that fails, abort it. An op that failed on the
-    /// primary (its `Abort` lost in the crash) fails again half of the time (a persistent error),
-    /// and otherwise takes effect now.
+    /// The shell's `Volume::resolve_in_doubt`, the core's decision: the journal's last record may
+    /// not have reached the backing tree; [`sequencer::resolve_in_doubt`] re-applies it strictly
+    /// and decides whether it stands, and the sequencer settles it or appends its `Abort`. An op
+    /// that failed on the primary (its `Abort` lost in the crash) fails again half of the time
+    /// (a persistent error, `EIO` from the backing), and otherwise takes effect now.
     /// `Ok(false)`: the process died in the middle.
     fn resolve_in_doubt(&mut self, rng: &mut SimRng<'_>) -> Result<bool, String> {
         let end = self.primary.last_seq();
@@ -870,39 +876,43 @@ impl Sim {
         // A failed op that really reached the backing was valid there (the kernel rejects a create
         // over an existing name, a rename over one with NOREPLACE, ... before it reaches the file
         // system) and failed for another reason (EIO, ENOSPC, EACCES): half of the time that
-        // persists. For a valid op the idempotent re-apply is the strict one. The sim's workload
-        // also journals ops that are invalid on the primary; their failure persists (re-applying
-        // them in replay mode would force them, destroying what is in the way on the primary).
+        // persists. The sim's workload also journals ops that are invalid on the primary; their
+        // failure persists (re-applying them in replay mode would force them, destroying what is
+        // in the way on the primary).
         let failed = self.primary.needs_abort(end);
         let valid = !failed || apply_op(&mut backing.clone(), &op, false).is_ok();
         let persistent = failed && (!valid || rng.chance(1, 2));
-        if let Op::Rename { to, from_ino, .. } = &op {
-            if !persistent && backing.ino(to).ok().flatten() == Some(*from_ino) {
-                return Ok(true);
+        let outcome = sequencer::resolve_in_doubt_with(&mut backing, &op, |t, op| {
+            if persistent {
+                Err(persists(op))
+            } else {
+                apply_op(t, op, false)
             }
-        }
-        let res = if persistent {
-            Err("the primary's error persists".to_string())
-        } else {
-            apply_op(&mut backing, &op, true).map_err(|e| e.to_string())
-        };
-        match res {
-            Ok(()) => {
-                self.ev(|| format!("in-doubt {end} re-applied"));
-                // The backing now has the op's (idempotent) effect: it is record `end`.
+        });
+        match outcome {
+            InDoubt::Stands => {
+                self.ev(|| format!("in-doubt {end} stands"));
+                // The backing has the op's effect (re-applied now, or already there): it is
+                // record `end`.
                 let after = backing.state().clone();
                 self.primary.rollback(end - 1);
                 self.primary.tree.set_state(after);
                 self.primary.record(op, true);
+                self.sequencer
+                    .settle_in_doubt(&mut self.journal, end, true)
+                    .map_err(|r| self.fail(format!("settling the in-doubt record: {r}")))?;
             }
-            Err(why) => {
-                if !self.primary.needs_abort(end) {
+            InDoubt::Abort(why) => {
+                if !failed {
                     return Err(self.fail(format!(
                         "re-applying the in-doubt record {end} ({op:?}), which succeeded on the \
                          primary, failed: {why}"
                     )));
                 }
-                match self.journal.append(&Op::Abort { seq: end }) {
+                match self
+                    .sequencer
+                    .settle_in_doubt(&mut self.journal, end, false)
+                {
                     Ok(_) => {}
                     Err(_) if self.kill.is_dead() => return Ok(false),
                     Err(e) => return Err(self.fail(format!("append of the in-doubt Abort: {e}"))),
@@ -966,6 +976,15 @@ impl Sim {
     }
 }
 
+/// The error a backing gives when the failure of an op persists (the sims' model of `EIO`).
+pub(super) fn persists(op: &Op) -> TreeError {
+    TreeError::Other {
+        path: op.path().map_or_else(String::new, |p| p.to_string()),
+        errno: 5,
+        msg: "the primary's error persists".into(),
+    }
+}
+
 /// An op for the event log, cut short.
 fn brief(op: &Op) -> String {
     let mut s = format!("{op:?}");
@@ -980,6 +999,7 @@ fn brief(op: &Op) -> String {
 mod tests {
     use super::*;
     use crate::path::RelPath;
+    use crate::tree::Tree;
 
     #[test]
     fn a_seed_replays_exactly() {
