@@ -279,15 +279,15 @@ impl Sim {
         // free-space limit on the journal's file system is not modelled yet: with one, the
         // `Abort` of a failed change was refused for space in 3 of 1,000 seeds, which the
         // journal promises never happens; to be investigated.)
-        let mut space = SplitMix64(seed ^ 0x5BACE_F00D_u64);
-        let space_faults = space.next() % 3 == 0;
+        let mut space = SplitMix64(seed ^ 0x0005_BACE_F00D_u64);
+        let space_faults = space.next().is_multiple_of(3);
         let mut cfg = JournalConfig {
             segment_bytes: *rng
                 .pick(&[1024u64, 4096, 16 << 10, 64 << 10, 64 << 20])
                 .unwrap_or(&4096),
             journal_bytes_max: 1 << 40,
         };
-        if space_faults && cfg.segment_bytes <= 64 << 10 && space.next() % 2 == 0 {
+        if space_faults && cfg.segment_bytes <= 64 << 10 && space.next().is_multiple_of(2) {
             // A journal of a few segments: a mirror that lags fills it.
             cfg.journal_bytes_max = JournalConfig::min_journal_bytes(cfg.segment_bytes)
                 + space.next() % 4 * cfg.segment_bytes;
