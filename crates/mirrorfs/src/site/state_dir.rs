@@ -207,7 +207,11 @@ impl MirrorStateDir {
     /// Leaves `SYNCING`, durably, before an initial copy writes to the mirror.
     pub fn set_syncing(&self) -> io::Result<()> {
         self.create()?;
-        statefile::replace_durable(&self.path.join("SYNCING"), b"", 0o600)
+        statefile::replace_durable(
+            &self.path.join("SYNCING"),
+            b"initial sync in progress\n",
+            0o600,
+        )
     }
 
     /// Drops `SYNCING` once the copy's end is checkpointed.
