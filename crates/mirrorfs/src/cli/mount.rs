@@ -1,7 +1,6 @@
 //! `mirrorfs mount`: a primary site (journal, mirrors, status) under a FUSE shell.
 
 use std::fs;
-use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -16,6 +15,7 @@ use crate::fuse;
 use crate::mirror::{self, mark};
 use crate::net::{identity, remote};
 use crate::site::meta::CopyState;
+use crate::site::state_dir::{MirrorStateDir, StateDir, StateLockError};
 use crate::site::volume;
 use crate::site::volume::{lock, AckMode, MirrorPhase, MirrorShared, Ordered, Progress, Volume};
 use crate::site::{boot, dirlock, meta, statefile, status, store};
@@ -331,28 +331,23 @@ pub fn mount(a: MountArgs) -> Result<()> {
         })?);
     }
     // The state directory's own lock: two backing directories cannot share one `--state`.
-    let lockf = fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .read(true)
-        .open(state.join("lock"))?;
-    // SAFETY: flock on a valid descriptor.
-    if unsafe { libc::flock(lockf.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        let pid = fs::read_to_string(state.join("pid")).unwrap_or_default();
-        bail!(
+    let sd = StateDir::at(&state);
+    let _state_lock = match sd.lock() {
+        Ok(l) => l,
+        Err(StateLockError::Held(pid)) => bail!(
             "another mirrorfs (pid {}) is already serving {}; unmount it first",
-            pid.trim(),
+            pid.unwrap_or_default(),
             backing.display()
-        );
-    }
-    fs::write(state.join("pid"), std::process::id().to_string())?;
+        ),
+        Err(StateLockError::Io(e)) => return Err(e.into()),
+    };
+    sd.write_pid()?;
 
-    let clean = state.join("clean").exists();
+    let clean = StateDir::at(&state).is_clean();
     let power_loss = boot::power_lost(&state);
     let meta = primary_meta(&state)?;
 
-    let store = store::FileStore::open(&state.join("journal"))?;
+    let store = store::FileStore::open(&sd.journal_dir())?;
     let cfg = JournalConfig {
         journal_bytes_max: a.journal_max_mib << 20,
         ..JournalConfig::default()
@@ -380,7 +375,10 @@ pub fn mount(a: MountArgs) -> Result<()> {
             Arc::new(MirrorShared::new(
                 m.display().to_string(),
                 m.clone(),
-                state.join("mirrors").join(mirror_id(m)),
+                StateDir::at(&state)
+                    .mirror(&mirror_id(m))
+                    .path()
+                    .to_path_buf(),
                 None,
             ))
         })
@@ -402,10 +400,14 @@ pub fn mount(a: MountArgs) -> Result<()> {
             since_unix: sys::now().sec as u64,
         };
         // Until the mirror says where it is, hold the whole journal for it.
-        let hold = fs::read_to_string(m.state_dir.join("durable"))
-            .ok()
-            .and_then(|s| s.trim().parse::<u64>().ok())
-            .unwrap_or(0);
+        // A garbage file holds everything too (as before), but says so.
+        let hold = match MirrorStateDir::at(&m.state_dir).remote_durable() {
+            Ok(pos) => pos.unwrap_or(0),
+            Err(e) => {
+                tracing::warn!("mirror {name}: {e}; holding the whole journal for it");
+                0
+            }
+        };
         m.durable.store(hold, Ordering::Release);
         shared.push(Arc::new(m));
     }
@@ -463,10 +465,9 @@ pub fn mount(a: MountArgs) -> Result<()> {
     let mut appliers = Vec::new();
     let mut to_sync = Vec::new();
     for m in &shared[..n_local] {
-        let needs = m.state_dir.join("NEEDS_RESYNC");
-        let syncing = m.state_dir.join("SYNCING");
+        let ms = MirrorStateDir::at(&m.state_dir);
         let mut cur = volume::open_cursor(m)?;
-        let existing = if needs.exists() || syncing.exists() {
+        let existing = if ms.needs_resync().is_some() || ms.is_syncing() {
             None
         } else {
             Applier::open(&mut cur, power_loss, horizon)?
@@ -495,7 +496,7 @@ pub fn mount(a: MountArgs) -> Result<()> {
                 ap
             }
             other => {
-                let was_ours = needs.exists() || syncing.exists() || other.is_some();
+                let was_ours = ms.needs_resync().is_some() || ms.is_syncing() || other.is_some();
                 let empty = fs::read_dir(&m.path)?.next().is_none();
                 if let (Some(why), false, false) = (&bad_mark, empty, a.force_resync) {
                     bail!("mirror {}: {why}", m.path.display());
@@ -521,8 +522,8 @@ pub fn mount(a: MountArgs) -> Result<()> {
                         }
                     }
                 }
-                fs::write(&syncing, b"initial sync in progress\n")?;
-                let _ = fs::remove_file(&needs);
+                ms.set_syncing()?;
+                let _ = ms.clear_needs_resync();
                 let seq = lock(&vol.order).journal.next_seq() - 1;
                 mark::write_new(m, &mark_name, &meta, seq + 1)?;
                 let mut ap = volume::new_applier_at(m, seq)?;
@@ -735,14 +736,12 @@ pub fn mount(a: MountArgs) -> Result<()> {
     }
     status::write_status(&vol, &mountpoint, &state);
     for m in &shared[n_local..] {
-        let _ = fs::write(
-            m.state_dir.join("durable"),
-            m.durable.load(Ordering::Acquire).to_string(),
-        );
+        let _ =
+            MirrorStateDir::at(&m.state_dir).set_remote_durable(m.durable.load(Ordering::Acquire));
     }
     drop(reg);
     if !vol.poisoned.load(Ordering::Acquire) {
-        fs::write(state.join("clean"), b"")?;
+        StateDir::at(&state).set_clean()?;
     }
     eprintln!("mirrorfs: unmounted {}", mountpoint.display());
     Ok(())

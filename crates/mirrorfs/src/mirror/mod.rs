@@ -132,7 +132,8 @@ pub fn run_worker(vol: Arc<Volume>, m: Arc<MirrorShared>, mut applier: Applier) 
                             Ok(()) => {
                                 m.checkpoint
                                     .store(applier.cursor().checkpoint, Ordering::Release);
-                                let _ = fs::remove_file(m.state_dir.join("SYNCING"));
+                                let _ = crate::site::state_dir::MirrorStateDir::at(&m.state_dir)
+                                    .clear_syncing();
                             }
                             Err(e) => tracing::warn!(
                                 "mirror {}: checkpoint after the initial sync failed: {e}",

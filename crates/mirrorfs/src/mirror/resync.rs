@@ -433,7 +433,7 @@ pub fn live_resync(
         copy.done_with(ino);
     }
     let seq = copy.finish(&pb)?;
-    let _ = std::fs::remove_file(m.state_dir.join("NEEDS_RESYNC"));
+    let _ = crate::site::state_dir::MirrorStateDir::at(&m.state_dir).clear_needs_resync();
     tracing::info!(
         "mirror {}: resync streamed: {} blocks differed ({} bytes sent), {} blocks were the same; consistent once it applies record {seq}",
         m.name,

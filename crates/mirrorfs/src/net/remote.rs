@@ -189,12 +189,12 @@ fn session(
             let _ = d.send(&e.to_msg());
             link_err(e)
         })?;
-    let needs_resync = m.state_dir.join("NEEDS_RESYNC").exists();
+    let needs_resync = crate::site::state_dir::MirrorStateDir::at(&m.state_dir).needs_resync();
     let start = match start {
-        Start::Resume { from } if needs_resync => Start::Resync {
+        Start::Resume { from } if needs_resync.is_some() => Start::Resync {
             from: span(vol).next_seq.max(from),
             sync_id: new_id,
-            reason: std::fs::read_to_string(m.state_dir.join("NEEDS_RESYNC")).unwrap_or_default(),
+            reason: needs_resync.unwrap_or_default(),
         },
         s => s,
     };

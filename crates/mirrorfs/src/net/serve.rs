@@ -34,6 +34,7 @@ use mirrorfs_core::wire::{error_code, Decoder, MirrorState, Msg};
 use crate::net::conn::Duplex;
 use crate::net::identity;
 use crate::site::meta::{random_u64, read_meta, write_meta, CopyState, Meta};
+use crate::site::state_dir::{StateDir, StateLockError};
 use crate::site::store::FileStore;
 use crate::site::volume::{
     self, lock, AckMode, MirrorPhase, MirrorShared, Ordered, Progress, Volume,
@@ -102,7 +103,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     };
     let existed = state.exists();
     let r = serve_in(a);
-    if r.is_err() && !existed && !state.join("volume.json").exists() {
+    if r.is_err() && !existed && !StateDir::at(&state).volume_json().exists() {
         let _ = fs::remove_dir_all(&state);
     }
     r
@@ -126,7 +127,7 @@ fn serve_in(a: ServeArgs) -> Result<()> {
         }
         None => dir.join(".mirrorfs"),
     };
-    crate::site::statefile::private_dir(&state)
+    StateDir::create(&state)
         .with_context(|| format!("cannot create state directory {}", state.display()))?;
     let reserved = if state.parent() == Some(dir.as_path()) {
         state
@@ -146,19 +147,16 @@ fn serve_in(a: ServeArgs) -> Result<()> {
             dir.display()
         )
     })?;
-    let lockf = fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(state.join("lock"))?;
-    // SAFETY: flock on a valid descriptor.
-    if unsafe { libc::flock(lockf.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        bail!(
+    let sd = StateDir::at(&state);
+    let _state_lock = match sd.lock() {
+        Ok(l) => l,
+        Err(StateLockError::Io(e)) => return Err(e.into()),
+        Err(StateLockError::Held(_)) => bail!(
             "another mirrorfs is already serving {} (its state {} is locked)",
             dir.display(),
-            state.display()
-        );
-    }
+            sd.path().display()
+        ),
+    };
     let cfg_dir = identity::config_dir(a.config.as_deref());
     let id = identity::load(&cfg_dir)?;
     let pinned = identity::pinned(&cfg_dir)?;
@@ -178,11 +176,11 @@ fn serve_in(a: ServeArgs) -> Result<()> {
         bail!(
             "{} was promoted to a primary ({}); it no longer accepts a stream. Mount it with `mirrorfs mount`, or see docs/protocol.md to re-attach it as a mirror",
             dir.display(),
-            state.join("volume.json").display()
+            StateDir::at(&state).volume_json().display()
         );
     }
 
-    let store = FileStore::open(&state.join("journal"))?;
+    let store = FileStore::open(&StateDir::at(&state).journal_dir())?;
     let (journal, report) = Journal::open(
         store,
         JournalConfig {
@@ -198,7 +196,7 @@ fn serve_in(a: ServeArgs) -> Result<()> {
         );
     }
     let horizon = journal.next_seq() - 1;
-    if meta.former_primary() && !state.join("clean").exists() {
+    if meta.former_primary() && !StateDir::at(&state).is_clean() {
         bail!(
             "{} is a primary's backing directory that was not unmounted cleanly: mount it once with `mirrorfs mount` and unmount it (that settles its last change), then serve it",
             dir.display()
@@ -219,7 +217,7 @@ fn serve_in(a: ServeArgs) -> Result<()> {
     let m = Arc::new(MirrorShared::new(
         dir.display().to_string(),
         dir.clone(),
-        state.join("tree"),
+        StateDir::at(&state).tree().path().to_path_buf(),
         None,
     ));
     m.checkpoint_when_idle.store(true, Ordering::Relaxed);
@@ -387,7 +385,7 @@ fn serve_in(a: ServeArgs) -> Result<()> {
     lock(&vol.progress).stopping = true;
     vol.changed.notify_all();
     d.write_status();
-    fs::write(state.join("clean"), b"")?;
+    StateDir::at(&state).set_clean()?;
     Ok(())
 }
 
@@ -686,7 +684,7 @@ impl Daemon {
         format!(
             "{why}{files}. Keep what you need from {dir} (or mount it as a primary again); to let it follow this primary, restart `mirrorfs serve {dir} --discard-diverged`: it saves the changes to {saved}/ first",
             dir = self.dir.display(),
-            saved = self.state.join("diverged").display()
+            saved = StateDir::at(&self.state).diverged_dir().display()
         )
     }
 
@@ -1086,7 +1084,11 @@ impl Daemon {
             "updated_unix_ms": crate::site::status::now_ms(),
         });
         if let Ok(b) = serde_json::to_vec_pretty(&s) {
-            let _ = crate::site::statefile::replace(&self.state.join("status.json"), &b, 0o600);
+            let _ = crate::site::statefile::replace(
+                &StateDir::at(&self.state).status_json(),
+                &b,
+                0o600,
+            );
         }
     }
 }
@@ -1203,7 +1205,7 @@ pub fn promote(dir: &Path, state: Option<&Path>, force: bool) -> Result<()> {
         ),
         _ => {}
     }
-    if !state.join("clean").exists() && !force {
+    if !StateDir::at(&state).is_clean() && !force {
         bail!(
             "the mirror daemon for {} did not stop cleanly: start `mirrorfs serve` on it once and stop it with Ctrl-C (it recovers and applies what it holds), then promote; or pass --force",
             dir.display()
@@ -1212,7 +1214,7 @@ pub fn promote(dir: &Path, state: Option<&Path>, force: bool) -> Result<()> {
     // The primary starts at the copy's last applied record: records the mirror received but had
     // not applied (their fate may be unknown) are dropped, so its journal never holds a change
     // its tree lacks.
-    let mut cur = crate::site::store::FileCursor::open(&state.join("tree").join("cursor"))
+    let mut cur = crate::site::store::FileCursor::open(&StateDir::at(&state).tree().cursor())
         .context("cannot open the copy's cursor")?;
     let applied = Applier::open(&mut cur, false, 0)?
         .map(|a| a.cursor().applied)

@@ -11,6 +11,8 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 
+use crate::site::state_dir::StateDir;
+
 fn boot_id() -> String {
     fs::read_to_string("/proc/sys/kernel/random/boot_id")
         .map(|s| s.trim().to_string())
@@ -22,14 +24,14 @@ fn boot_id() -> String {
 /// once every cursor has been opened (and so has taken the power loss into account), so that a
 /// start killed before that still knows about the power loss next time.
 pub fn power_lost(state: &Path) -> bool {
-    let last_boot = fs::read_to_string(state.join("boot_id")).unwrap_or_default();
-    let clean = state.join("clean").exists();
+    let last_boot = fs::read_to_string(StateDir::at(state).boot_id_file()).unwrap_or_default();
+    let clean = StateDir::at(state).is_clean();
     !clean && !last_boot.is_empty() && last_boot.trim() != boot_id()
 }
 
 /// Records this boot as the one mirrorfs runs in, and that the run is not (yet) clean.
 pub fn record_boot(state: &Path) -> Result<()> {
-    let _ = fs::remove_file(state.join("clean"));
+    StateDir::at(state).clear_clean();
     fs::write(state.join("boot_id"), boot_id())
         .with_context(|| format!("cannot write {}", state.join("boot_id").display()))
 }

@@ -6,6 +6,7 @@
 pub mod boot;
 pub mod dirlock;
 pub mod meta;
+pub mod state_dir;
 pub mod statefile;
 pub mod status;
 pub mod store;

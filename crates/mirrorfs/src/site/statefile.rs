@@ -75,6 +75,46 @@ fn replace_by_rename(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
     fs::rename(tmp, path)
 }
 
+/// Replaces `path` atomically with `bytes`, created with `mode`, and makes the change durable:
+/// temporary file, fsync of the file, rename, fsync of the parent directory. Once this returns,
+/// a power loss leaves the new contents; before it, the old file (or none) — never a torn one.
+pub fn replace_durable(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = Path::new(&tmp);
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(tmp)?;
+    f.set_permissions(fs::Permissions::from_mode(mode))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    drop(f);
+    fs::rename(tmp, path)?;
+    sync_parent(path)
+}
+
+/// Removes `path` durably (a missing file is not an error): unlink, then fsync of the parent
+/// directory, so a power loss cannot bring the file back.
+pub fn remove_durable(path: &Path) -> io::Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+        Ok(()) => sync_parent(path),
+    }
+}
+
+/// Fsyncs the directory that holds `path` (a new, renamed or removed name is durable only then).
+pub fn sync_parent(path: &Path) -> io::Result<()> {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    fs::File::open(parent)?.sync_all()
+}
+
 /// Whether a file read by `mirrorfs status` can be believed: owned by root or by the user who
 /// asks, and writable by nobody else.
 pub fn trustworthy(md: &fs::Metadata) -> bool {

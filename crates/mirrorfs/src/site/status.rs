@@ -181,7 +181,11 @@ fn snapshot(vol: &Volume, mountpoint: &Path) -> VolumeStatus {
 pub fn write_status(vol: &Volume, mountpoint: &Path, state: &Path) {
     let s = snapshot(vol, mountpoint);
     if let Ok(bytes) = serde_json::to_vec_pretty(&s) {
-        let _ = crate::site::statefile::replace(&state.join("status.json"), &bytes, 0o600);
+        let _ = crate::site::statefile::replace(
+            &crate::site::state_dir::StateDir::at(state).status_json(),
+            &bytes,
+            0o600,
+        );
     }
 }
 

@@ -32,6 +32,7 @@ use mirrorfs_core::op::{Op, Record};
 use mirrorfs_core::sequencer::{self, Begin, InDoubt, Refusal, Sequencer};
 use mirrorfs_core::track::NameTracker;
 
+use crate::site::state_dir::MirrorStateDir;
 use crate::site::store::{FileCursor, FileStore};
 use crate::tree::dirtree::DirTree;
 
@@ -155,14 +156,7 @@ impl MirrorShared {
     /// cursor that no longer tells the truth. A marker that cannot be written is logged as an
     /// error: the phase still says `needs_resync` for this run.
     pub fn mark_needs_resync(&self, reason: &str) {
-        let persisted = std::fs::create_dir_all(&self.state_dir)
-            .and_then(|()| std::fs::write(self.state_dir.join("NEEDS_RESYNC"), reason))
-            .and_then(
-                |()| match std::fs::remove_file(self.state_dir.join("cursor")) {
-                    Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-                    _ => Ok(()),
-                },
-            );
+        let persisted = MirrorStateDir::at(&self.state_dir).set_needs_resync(reason);
         if let Err(e) = persisted {
             tracing::error!(
                 "mirror {}: cannot record that it needs a resync ({reason}) in {}: {e}; it must be re-copied (--force-resync) before it is trusted again",
@@ -733,8 +727,9 @@ pub fn apply_error_phase(e: &ApplyError) -> MirrorPhase {
 }
 
 pub fn open_cursor(m: &MirrorShared) -> io::Result<FileCursor> {
-    std::fs::create_dir_all(&m.state_dir)?;
-    FileCursor::open(&m.state_dir.join("cursor"))
+    let ms = MirrorStateDir::at(&m.state_dir);
+    ms.create()?;
+    FileCursor::open(&ms.cursor())
 }
 
 pub fn new_applier_at(m: &MirrorShared, seq: u64) -> io::Result<Applier> {
