@@ -17,6 +17,7 @@ pub mod link;
 pub mod op;
 pub mod path;
 pub mod sequencer;
+pub mod session;
 pub mod sim;
 pub mod stream;
 pub mod track;

@@ -1,0 +1,591 @@
+//! The mirror daemon's side of one connection (`mirrorfs serve`), as a sans-IO state machine.
+//!
+//! ```text
+//!  primary ─ Hello ─▶ on_hello ─▶ Welcome (or a refusal)
+//!          ─ Start ─▶ on_start ─▶ Begin::{Resume, InitialSync, Resync} (the shell adopts,
+//!                                 empties and restarts, or sends its manifest)
+//!          ─ Records/Ping/Pong/Error ─▶ on_message ─▶ Append{records, settled} / Reply(Pong) /
+//!                                                     PeerError / a refusal
+//!  journal and applier positions ─▶ ack ─▶ Ack (when they changed, or as a heartbeat) and
+//!                                          whether the initial copy or resync just completed
+//! ```
+//!
+//! The shell (`serve.rs`) owns the TLS connection, the journal, the applier thread and the meta
+//! file; the network simulation (`sim/net.rs`) drives this same machine over its simulated
+//! network and journal. Every decision about the stream — which records may be appended, what
+//! settled position the applier may use, when an ack is due and what it carries, when the copy
+//! is complete, how a refusal is classified — is made here.
+
+use std::time::Duration;
+
+use crate::history::Comparison;
+use crate::link::{Begin, LinkError, MirrorCopy, Positions, Receiver};
+use crate::op::{Op, Record};
+use crate::wire::{error_code, Msg};
+
+/// An unchanged ack is sent again after this long (the primary's liveness check).
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
+
+/// Where a session is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Waiting for the primary's `Hello`.
+    Hello,
+    /// `Welcome` sent; waiting for `Start`.
+    Start,
+    /// Records flow; acks are due.
+    Streaming,
+}
+
+/// What the shell does with one message of the streaming phase.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Incoming<'a> {
+    /// Append `records` at their seqs (already checked: in sequence, no reserved name), then let
+    /// the applier go up to `settled` (see [`Session::on_message`]).
+    Append { records: &'a [Record], settled: u64 },
+    /// Send this reply.
+    Reply(Msg),
+    /// The primary reported an error: close without a reply.
+    PeerError { code: u16, message: String },
+    /// Nothing to do.
+    Nothing,
+}
+
+/// What an ack round yields.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct AckStep {
+    /// The ack to send, if one is due.
+    pub ack: Option<Msg>,
+    /// The initial copy (or resync) just completed: its `SyncDone` is durably applied, so the
+    /// copy is consistent from now on (the shell records it in its meta file once).
+    pub sync_complete: bool,
+}
+
+/// The mirror daemon's session on one connection.
+#[derive(Debug)]
+pub struct Session {
+    rx: Receiver,
+    phase: Phase,
+    /// The copy's sync id (the one a `SyncDone` must name to complete it).
+    sync_id: u32,
+    /// The seq of the `SyncDone` that completes the copy once checkpointed (0: none pending).
+    sync_done_at: u64,
+    /// The positions last acknowledged, and since when (the caller's clock, see `ack_at`).
+    last_ack: Option<Positions>,
+    last_sent_at: Option<Duration>,
+}
+
+impl Session {
+    /// A session for a mirror whose copy is `copy` (`reserved`: its state directory's name at
+    /// the root; `label`: the mirror in messages). `pending_sync_done` carries a `SyncDone` a
+    /// previous session received but that was not yet checkpointed (0 if none).
+    pub fn new(copy: MirrorCopy, reserved: &[u8], label: &str, pending_sync_done: u64) -> Self {
+        Session {
+            sync_id: copy.sync_id,
+            rx: Receiver::new(copy, reserved, label),
+            phase: Phase::Hello,
+            sync_done_at: pending_sync_done,
+            last_ack: None,
+            last_sent_at: None,
+        }
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    /// The `SyncDone` still waiting for its checkpoint (0 if none), for the next session.
+    pub fn pending_sync_done(&self) -> u64 {
+        self.sync_done_at
+    }
+
+    /// Answers `Hello` with `Welcome`, or refuses (see [`Session::divergence`] for a diverged
+    /// copy, which the shell explains or, if told to, saves and discards).
+    pub fn on_hello(&mut self, msg: &Msg) -> Result<Msg, LinkError> {
+        if self.phase != Phase::Hello {
+            return Err(unexpected(msg));
+        }
+        let w = self.rx.on_hello(msg)?;
+        self.phase = Phase::Start;
+        Ok(w)
+    }
+
+    /// How the copies diverged, after a refused `Hello`.
+    pub fn divergence(&self) -> Option<Comparison> {
+        self.rx.divergence()
+    }
+
+    /// Takes `Start`: what the shell must do before records flow. A new initial copy or resync
+    /// forgets any `SyncDone` of an older one.
+    pub fn on_start(&mut self, msg: &Msg) -> Result<Begin, LinkError> {
+        if self.phase != Phase::Start {
+            return Err(unexpected(msg));
+        }
+        let b = self.rx.on_start(msg)?;
+        match &b {
+            Begin::Resume { .. } => {}
+            Begin::InitialSync { sync_id, .. } | Begin::Resync { sync_id, .. } => {
+                self.sync_id = *sync_id;
+                self.sync_done_at = 0;
+            }
+        }
+        self.phase = Phase::Streaming;
+        Ok(b)
+    }
+
+    /// One message while streaming. Records are checked (in sequence from where the journal
+    /// continues, no reserved name); the `settled` to publish is the primary's latest word, not
+    /// the largest ever heard: within one primary's life it only grows, and a primary restarted
+    /// after a power loss may have lost records it announced (a larger stale value would let the
+    /// applier take a record whose `Abort` is still to come). The feed still holds each record
+    /// back until the next one is known.
+    pub fn on_message<'a>(&mut self, msg: &'a Msg) -> Result<Incoming<'a>, LinkError> {
+        if self.phase != Phase::Streaming {
+            return Err(unexpected(msg));
+        }
+        match msg {
+            Msg::Records { settled, records } => {
+                self.rx.on_records(records)?;
+                for r in records {
+                    if matches!(r.op, Op::SyncDone { mirror } if mirror == self.sync_id) {
+                        self.sync_done_at = r.seq;
+                    }
+                }
+                Ok(Incoming::Append {
+                    records,
+                    settled: *settled,
+                })
+            }
+            Msg::Ping { nonce } => Ok(Incoming::Reply(Msg::Pong { nonce: *nonce })),
+            Msg::Pong { .. } => Ok(Incoming::Nothing),
+            Msg::Error { code, message } => Ok(Incoming::PeerError {
+                code: *code,
+                message: message.clone(),
+            }),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// An ack round with the mirror's raw positions (`received`: the journal's end; `durable`,
+    /// `applied`, `checkpoint`: as its flusher and applier report them). The ack carries them
+    /// clamped to `checkpoint ≤ applied ≤ durable ≤ received` and is due when they changed or
+    /// `heartbeat` says so; nothing is acknowledged before `Start`.
+    pub fn ack(&mut self, raw: Positions, heartbeat: bool) -> AckStep {
+        if self.phase != Phase::Streaming {
+            return AckStep::default();
+        }
+        let received = raw.received;
+        let durable = raw.durable.min(received);
+        let applied = raw.applied.min(durable);
+        let checkpoint = raw.checkpoint.min(applied);
+        let sync_complete = self.sync_done_at != 0 && checkpoint >= self.sync_done_at;
+        if sync_complete {
+            self.sync_done_at = 0;
+        }
+        let now = Positions {
+            received,
+            durable,
+            applied,
+            checkpoint,
+        };
+        let ack = if self.last_ack != Some(now) || heartbeat {
+            self.last_ack = Some(now);
+            Some(Msg::Ack {
+                received,
+                durable,
+                applied,
+                checkpoint,
+            })
+        } else {
+            None
+        };
+        AckStep { ack, sync_complete }
+    }
+
+    /// [`Session::ack`] on a clock (`now`, any monotonic origin): the heartbeat is due
+    /// [`HEARTBEAT`] after the last ack sent.
+    pub fn ack_at(&mut self, raw: Positions, now: Duration) -> AckStep {
+        let heartbeat = self
+            .last_sent_at
+            .is_some_and(|t| now.saturating_sub(t) >= HEARTBEAT);
+        let step = self.ack(raw, heartbeat);
+        if step.ack.is_some() {
+            self.last_sent_at = Some(now);
+        }
+        step
+    }
+}
+
+/// The refusal when the mirror cannot store a record (its disk is full, its journal failed):
+/// worth retrying once the operator made room.
+pub fn storage_refusal(seq: u64, e: &dyn std::fmt::Display) -> LinkError {
+    LinkError {
+        code: error_code::STORAGE,
+        message: format!("the mirror cannot store record {seq}: {e}"),
+        retry: true,
+    }
+}
+
+/// The refusal of an initial copy into a directory that holds files but no mirrorfs copy:
+/// retrying cannot help until the operator empties it or forces the copy.
+pub fn not_empty_refusal(dir: &str) -> LinkError {
+    LinkError {
+        code: error_code::REFUSED,
+        message: format!(
+            "mirror directory {dir} is not empty and holds no mirrorfs copy; empty it, or restart `mirrorfs serve` with --force-resync to replace its contents"
+        ),
+        retry: false,
+    }
+}
+
+fn unexpected(msg: &Msg) -> LinkError {
+    LinkError {
+        code: error_code::BAD_FRAME,
+        message: format!(
+            "unexpected message type {} from the primary",
+            msg.type_code()
+        ),
+        retry: true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::history::{Generation, History};
+    use crate::path::RelPath;
+    use crate::wire::{MirrorState, StartMode, VolumeId, PROTOCOL_VERSION};
+
+    const VOL: VolumeId = [1; 16];
+
+    fn hist(generation: u64) -> History {
+        History {
+            volume_id: VOL,
+            generations: (1..=generation)
+                .map(|n| Generation {
+                    number: n,
+                    id: 100 + n,
+                    start: 10 * (n - 1) + 1,
+                })
+                .collect(),
+        }
+    }
+
+    fn copy(state: MirrorState, history: History, durable: u64) -> MirrorCopy {
+        MirrorCopy {
+            state,
+            history,
+            durable,
+            applied: durable,
+            sync_id: 0,
+            promoted: false,
+            foreign: false,
+        }
+    }
+
+    fn hello(h: &History, next_seq: u64) -> Msg {
+        Msg::Hello {
+            version: PROTOCOL_VERSION,
+            volume_id: h.volume_id,
+            generation: h.current().map_or(0, |g| g.number),
+            first_held: 1,
+            next_seq,
+            compress: false,
+            name: "p".into(),
+            history: h.generations.clone(),
+        }
+    }
+
+    fn start(mode: StartMode, seq: u64, sync_id: u32) -> Msg {
+        Msg::Start { mode, seq, sync_id }
+    }
+
+    fn rec(seq: u64, path: &[u8]) -> Record {
+        Record {
+            seq,
+            op: Op::Rmdir {
+                path: RelPath::new(path).expect("path"),
+            },
+        }
+    }
+
+    fn records(settled: u64, records: Vec<Record>) -> Msg {
+        Msg::Records { settled, records }
+    }
+
+    fn pos(received: u64, durable: u64, applied: u64, checkpoint: u64) -> Positions {
+        Positions {
+            received,
+            durable,
+            applied,
+            checkpoint,
+        }
+    }
+
+    /// A consistent copy durable through 150, streaming from 151.
+    fn streaming() -> Session {
+        let mut s = Session::new(
+            copy(MirrorState::Consistent, hist(1), 150),
+            b".mirrorfs",
+            "m",
+            0,
+        );
+        assert!(matches!(
+            s.on_hello(&hello(&hist(1), 300)),
+            Ok(Msg::Welcome { durable: 150, .. })
+        ));
+        assert!(matches!(
+            s.on_start(&start(StartMode::Resume, 151, 0)),
+            Ok(Begin::Resume { seq: 151, .. })
+        ));
+        s
+    }
+
+    #[test]
+    fn resume_continues_after_the_durable_position() {
+        let mut s = streaming();
+        assert_eq!(s.phase(), Phase::Streaming);
+        let m = records(152, vec![rec(151, b"a"), rec(152, b"b")]);
+        match s.on_message(&m) {
+            Ok(Incoming::Append { records, settled }) => {
+                assert_eq!(records.len(), 2);
+                assert_eq!(settled, 152);
+            }
+            other => panic!("{other:?}"),
+        }
+        // Resuming anywhere but right after the durable position is refused, worth a retry.
+        let mut s = Session::new(
+            copy(MirrorState::Consistent, hist(1), 150),
+            b".mirrorfs",
+            "m",
+            0,
+        );
+        s.on_hello(&hello(&hist(1), 300)).expect("welcome");
+        let e = s
+            .on_start(&start(StartMode::Resume, 140, 0))
+            .expect_err("wrong seq");
+        assert_eq!((e.code, e.retry), (error_code::REFUSED, true));
+    }
+
+    #[test]
+    fn an_ancestor_catches_up_and_adopts_the_newer_history() {
+        // The mirror knows generation 1 only; the primary was promoted since (generation 2).
+        let mut s = Session::new(
+            copy(MirrorState::Consistent, hist(1), 8),
+            b".mirrorfs",
+            "m",
+            0,
+        );
+        s.on_hello(&hello(&hist(2), 30))
+            .expect("an ancestor is welcome");
+        match s.on_start(&start(StartMode::Resume, 9, 0)) {
+            Ok(Begin::Resume { seq: 9, history }) => assert_eq!(history, hist(2)),
+            other => panic!("{other:?}"),
+        }
+        let m = records(12, (9..=12).map(|n| rec(n, b"x")).collect());
+        assert!(matches!(
+            s.on_message(&m),
+            Ok(Incoming::Append { settled: 12, .. })
+        ));
+    }
+
+    #[test]
+    fn initial_copy_completes_when_its_sync_done_is_checkpointed() {
+        let mut s = Session::new(
+            copy(MirrorState::Empty, History::default(), 0),
+            b".m",
+            "m",
+            0,
+        );
+        s.on_hello(&hello(&hist(1), 300)).expect("welcome");
+        assert!(matches!(
+            s.on_start(&start(StartMode::InitialSync, 300, 7)),
+            Ok(Begin::InitialSync {
+                seq: 300,
+                sync_id: 7,
+                ..
+            })
+        ));
+        // Another copy's SyncDone does not count; this one's does.
+        let done = |seq, mirror| Record {
+            seq,
+            op: Op::SyncDone { mirror },
+        };
+        let m = records(302, vec![rec(300, b"a"), done(301, 6), done(302, 7)]);
+        s.on_message(&m).expect("append");
+        assert_eq!(s.pending_sync_done(), 302);
+        let step = s.ack(pos(302, 302, 302, 301), false);
+        assert!(!step.sync_complete, "not yet checkpointed");
+        let step = s.ack(pos(302, 302, 302, 302), false);
+        assert!(step.sync_complete);
+        assert_eq!(s.pending_sync_done(), 0);
+        assert!(!s.ack(pos(303, 303, 303, 303), false).sync_complete, "once");
+        // A SyncDone received by an earlier session completes in the next one.
+        let mut s = Session::new(
+            MirrorCopy {
+                sync_id: 7,
+                ..copy(MirrorState::Syncing, hist(1), 302)
+            },
+            b".m",
+            "m",
+            302,
+        );
+        s.on_hello(&hello(&hist(1), 400)).expect("welcome");
+        s.on_start(&start(StartMode::Resume, 303, 0))
+            .expect("resume");
+        assert!(s.ack(pos(302, 302, 302, 302), false).sync_complete);
+    }
+
+    #[test]
+    fn refusal_kinds() {
+        // Promoted: never retried.
+        let mut s = Session::new(
+            MirrorCopy {
+                promoted: true,
+                ..copy(MirrorState::Consistent, hist(1), 5)
+            },
+            b".m",
+            "m",
+            0,
+        );
+        let e = s.on_hello(&hello(&hist(1), 10)).expect_err("promoted");
+        assert_eq!((e.code, e.retry), (error_code::PROMOTED, false));
+        // A non-empty directory without a copy: not retried.
+        let mut s = Session::new(
+            MirrorCopy {
+                foreign: true,
+                ..copy(MirrorState::Empty, History::default(), 0)
+            },
+            b".m",
+            "m",
+            0,
+        );
+        let e = s.on_hello(&hello(&hist(1), 10)).expect_err("foreign");
+        assert_eq!((e.code, e.retry), (error_code::REFUSED, false));
+        assert_eq!(not_empty_refusal("m"), e);
+        // Diverged: the copy has a generation 2 the primary does not; the comparison is kept
+        // for the shell to explain (or to save and discard).
+        let mut mine = hist(1);
+        mine.generations.push(Generation {
+            number: 2,
+            id: 999,
+            start: 11,
+        });
+        let mut s = Session::new(copy(MirrorState::Consistent, mine, 20), b".m", "m", 0);
+        let e = s.on_hello(&hello(&hist(2), 30)).expect_err("diverged");
+        assert_eq!((e.code, e.retry), (error_code::DIVERGED, false));
+        assert!(s.divergence().is_some());
+        assert_eq!(s.phase(), Phase::Hello);
+        // A full disk: worth a retry.
+        let e = storage_refusal(7, &"no space");
+        assert_eq!((e.code, e.retry), (error_code::STORAGE, true));
+        // A message out of its phase.
+        let mut s = streaming();
+        let e = s
+            .on_message(&Msg::Pong { nonce: 1 })
+            .map(|_| ())
+            .and_then(|()| s.on_start(&start(StartMode::Resume, 151, 0)).map(|_| ()))
+            .expect_err("second Start");
+        assert_eq!((e.code, e.retry), (error_code::BAD_FRAME, true));
+        // The primary's own error closes without a reply.
+        let m = Msg::Error {
+            code: 3,
+            message: "x".into(),
+        };
+        assert!(matches!(
+            s.on_message(&m),
+            Ok(Incoming::PeerError { code: 3, .. })
+        ));
+    }
+
+    #[test]
+    fn out_of_sequence_and_reserved_records_are_refused() {
+        let mut s = streaming();
+        assert!(
+            s.on_message(&records(152, vec![rec(152, b"a")])).is_err(),
+            "gap"
+        );
+        let mut s = streaming();
+        assert!(
+            s.on_message(&records(151, vec![rec(151, b".mirrorfs/x")]))
+                .is_err(),
+            "reserved name"
+        );
+        let mut s = streaming();
+        s.on_message(&records(151, vec![rec(151, b"a")]))
+            .expect("first");
+        assert!(
+            s.on_message(&records(151, vec![rec(151, b"a")])).is_err(),
+            "repeated"
+        );
+        // Nothing before Start.
+        let mut s = Session::new(
+            copy(MirrorState::Consistent, hist(1), 150),
+            b".mirrorfs",
+            "m",
+            0,
+        );
+        assert!(s.on_message(&records(151, vec![rec(151, b"a")])).is_err());
+    }
+
+    #[test]
+    fn settled_is_the_primarys_latest_word() {
+        let mut s = streaming();
+        // Records 151..=153 arrive but the primary settled only 152: 153 may still be aborted.
+        let m = records(152, (151..=153).map(|n| rec(n, b"a")).collect());
+        assert!(matches!(
+            s.on_message(&m),
+            Ok(Incoming::Append { settled: 152, .. })
+        ));
+        // A primary restarted after a power loss says less than it said before: it is believed
+        // (a record it announced may be gone and replaced by one that is aborted).
+        let m = records(151, vec![rec(154, b"a")]);
+        assert!(matches!(
+            s.on_message(&m),
+            Ok(Incoming::Append { settled: 151, .. })
+        ));
+    }
+
+    #[test]
+    fn ack_cadence() {
+        let mut s = Session::new(
+            copy(MirrorState::Consistent, hist(1), 150),
+            b".mirrorfs",
+            "m",
+            0,
+        );
+        assert_eq!(
+            s.ack(pos(150, 150, 150, 150), true),
+            AckStep::default(),
+            "no ack before Start"
+        );
+        let mut s = streaming();
+        let t = Duration::from_millis;
+        // Clamped: checkpoint ≤ applied ≤ durable ≤ received.
+        assert_eq!(
+            s.ack_at(pos(160, 170, 180, 190), t(0)).ack,
+            Some(Msg::Ack {
+                received: 160,
+                durable: 160,
+                applied: 160,
+                checkpoint: 160
+            })
+        );
+        assert_eq!(
+            s.ack_at(pos(160, 170, 180, 190), t(500)).ack,
+            None,
+            "unchanged"
+        );
+        assert!(
+            s.ack_at(pos(161, 160, 160, 160), t(600)).ack.is_some(),
+            "changed"
+        );
+        assert_eq!(s.ack_at(pos(161, 160, 160, 160), t(1500)).ack, None);
+        assert!(
+            s.ack_at(pos(161, 160, 160, 160), t(1600)).ack.is_some(),
+            "heartbeat"
+        );
+        assert!(s.ack(pos(161, 160, 160, 160), true).ack.is_some());
+        assert!(s.ack(pos(161, 160, 160, 160), false).ack.is_none());
+    }
+}
