@@ -23,3 +23,4 @@ pub mod stream;
 pub mod track;
 pub mod tree;
 pub mod wire;
+pub mod worker;

@@ -17,40 +17,29 @@ use mirrorfs_core::applier::Applier;
 use mirrorfs_core::op::Op;
 use mirrorfs_core::path::RelPath;
 
+use mirrorfs_core::worker::{Turn, Worker};
+
+use crate::site::state_dir::MirrorStateDir;
+use crate::site::store::FileCursor;
 use crate::site::volume::{
-    apply_error_phase, lock, open_cursor, Feed, MirrorPhase, MirrorShared, Ordered, RecordFeed,
-    Volume,
+    lock, open_cursor, MirrorPhase, MirrorShared, Ordered, RecordFeed, Volume,
 };
 use crate::sys;
 use crate::tree::dirtree::DirTree;
 use crate::tree::walk::Visit;
 
-/// Applies the journal to one mirror until the volume stops.
-pub fn run_worker(vol: Arc<Volume>, m: Arc<MirrorShared>, mut applier: Applier) {
-    let mut tree = match DirTree::open(&m.path) {
-        Ok(t) => t,
-        Err(e) => {
-            *lock(&m.phase) = MirrorPhase::Retrying {
-                error: format!("cannot open {}: {e}", m.path.display()),
-                since_unix: sys::now().sec as u64,
-            };
-            return;
-        }
-    };
-    let mut cursor = match open_cursor(&m) {
-        Ok(c) => c,
-        Err(e) => {
-            *lock(&m.phase) = MirrorPhase::Retrying {
-                error: format!("cannot open cursor: {e}"),
-                since_unix: sys::now().sec as u64,
-            };
-            return;
-        }
+/// Applies the journal to one mirror until the volume stops: the thread around the core's
+/// [`Worker`] (which decides when to checkpoint, what to retry and when the mirror diverged).
+/// This shell reads the feed under the volume's locks, keeps the identity mark checked, publishes
+/// positions and the phase for `status`, and sleeps when told to.
+pub fn run_worker(vol: Arc<Volume>, m: Arc<MirrorShared>, applier: Applier) {
+    let Some((mut tree, mut cursor)) = open_tree_and_cursor(&m) else {
+        return;
     };
     let mut feed = RecordFeed::new(applier.next_seq());
-    let mut backoff = Duration::from_millis(50);
-    let mut last_checkpoint = Instant::now();
-    let mut retry: Option<mirrorfs_core::op::Record> = None;
+    let clock = Instant::now();
+    let idle = m.checkpoint_when_idle.load(Ordering::Relaxed);
+    let mut worker = Worker::new(applier, clock.elapsed(), idle);
     let mut mark_checked: Option<Instant> = None;
     loop {
         if m.detached() {
@@ -60,166 +49,69 @@ pub fn run_worker(vol: Arc<Volume>, m: Arc<MirrorShared>, mut applier: Applier) 
             // Stopping: the shutdown already waited for what it wanted applied (an initial copy
             // still running is abandoned; the next mount copies again). Records left are
             // applied after the restart, from the cursor.
-            if applier.checkpoint(&mut tree, &mut cursor).is_ok() {
-                m.checkpoint
-                    .store(applier.cursor().checkpoint, Ordering::Release);
-            }
-            *lock(&m.phase) = MirrorPhase::Stopped;
-            vol.changed.notify_all();
-            return;
+            return stop_worker(&vol, &m, &mut worker, &mut tree, &mut cursor);
         }
         if mark_checked.is_none_or(|t| t.elapsed() >= MARK_CHECK_EVERY) {
             mark_checked = Some(Instant::now());
             match wait_for_mark(&vol, &m) {
                 MarkWait::Stop => return,
                 MarkWait::Ok => {}
-                MarkWait::Back => {
-                    // The right tree is back at the path: apply to it, not to what the old
-                    // descriptor still points at.
-                    match DirTree::open(&m.path) {
-                        Ok(t) => tree = t,
-                        Err(e) => {
-                            *lock(&m.phase) = MirrorPhase::Retrying {
-                                error: format!("cannot open {}: {e}", m.path.display()),
-                                since_unix: sys::now().sec as u64,
-                            };
-                            mark_checked = None;
-                            std::thread::sleep(Duration::from_secs(1));
-                            continue;
-                        }
+                // The right tree is back at the path: apply to it, not to what the old
+                // descriptor still points at.
+                MarkWait::Back => match DirTree::open(&m.path) {
+                    Ok(t) => tree = t,
+                    Err(e) => {
+                        set_retrying(&m, format!("cannot open {}: {e}", m.path.display()));
+                        mark_checked = None;
+                        std::thread::sleep(Duration::from_secs(1));
+                        continue;
                     }
-                }
+                },
             }
         }
         let want = m.want_durable.load(Ordering::Acquire);
-        let applied = applier.cursor().applied;
-        // Checkpoint once everything someone waits for is applied, and at least every second.
-        let need_cp = (want > applier.cursor().checkpoint && applied >= want)
-            || (last_checkpoint.elapsed() >= Duration::from_secs(1)
-                && applied > applier.cursor().checkpoint);
-        if need_cp {
-            match applier.checkpoint(&mut tree, &mut cursor) {
-                Ok(()) => {
-                    m.checkpoint
-                        .store(applier.cursor().checkpoint, Ordering::Release);
-                    vol.changed.notify_all();
-                    last_checkpoint = Instant::now();
-                }
-                Err(e) => {
-                    tracing::warn!("mirror {}: checkpoint failed: {e}", m.name);
-                    *lock(&m.phase) = apply_error_phase(&e);
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                    continue;
-                }
+        let turn = worker.turn(&mut tree, &mut cursor, clock.elapsed(), want, || {
+            feed.next(&vol)
+        });
+        match turn {
+            Ok(Turn::Checkpointed { checkpoint }) => {
+                m.checkpoint.store(checkpoint, Ordering::Release);
+                vol.changed.notify_all();
             }
-        }
-        let step = match retry.take() {
-            Some(r) => Ok(Feed::Apply(r)),
-            None => feed.next(&vol),
-        };
-        let sync_done = matches!(&step, Ok(Feed::Apply(r))
-            if matches!(r.op, Op::SyncDone { mirror } if Some(mirror) == applier.syncing()));
-        match step {
-            Ok(Feed::Apply(rec)) => match applier.apply(&mut tree, &mut cursor, &rec) {
-                Ok(()) => {
-                    if sync_done {
-                        // The initial copy is complete. Once that is durable (a checkpoint past
-                        // `SyncDone`), drop the marker so a restart resumes from the cursor
-                        // instead of re-copying; if the checkpoint fails, the marker stays and
-                        // the next mount re-copies (safe).
-                        match applier.checkpoint(&mut tree, &mut cursor) {
-                            Ok(()) => {
-                                m.checkpoint
-                                    .store(applier.cursor().checkpoint, Ordering::Release);
-                                let _ = crate::site::state_dir::MirrorStateDir::at(&m.state_dir)
-                                    .clear_syncing();
-                            }
-                            Err(e) => tracing::warn!(
-                                "mirror {}: checkpoint after the initial sync failed: {e}",
-                                m.name
-                            ),
-                        }
-                    }
-                    m.applied.store(rec.seq, Ordering::Release);
-                    m.applied_bytes
-                        .fetch_add(rec.op.data_len() as u64, Ordering::Relaxed);
-                    if rec.op.needs_barrier() {
-                        m.checkpoint
-                            .store(applier.cursor().checkpoint, Ordering::Release);
-                    }
-                    // `live` means the copy is complete on the mirror: from then on it is a
-                    // consistent prefix. While an initial copy is still being applied the mirror
-                    // is a mix, and stays `syncing` (a retry that succeeds returns to it).
-                    let mut phase = lock(&m.phase);
-                    if applier.syncing().is_none() {
-                        if !matches!(*phase, MirrorPhase::Live) {
-                            *phase = MirrorPhase::Live;
-                        }
-                    } else if matches!(*phase, MirrorPhase::Retrying { .. }) {
-                        *phase = MirrorPhase::Syncing {
-                            done_bytes: 0,
-                            total_bytes: 0,
-                        };
-                    }
-                    drop(phase);
-                    backoff = Duration::from_millis(50);
-                }
-                Err(e) => {
-                    let phase = apply_error_phase(&e);
-                    tracing::warn!(
-                        "mirror {}: applying record {} ({} {:?}) failed: {e}",
-                        m.name,
-                        rec.seq,
-                        rec.op.name(),
-                        rec.op.path()
-                    );
-                    if let MirrorPhase::NeedsResync { reason } = &phase {
-                        m.mark_needs_resync(reason);
-                        vol.changed.notify_all();
-                        return;
-                    }
-                    *lock(&m.phase) = phase;
-                    retry = Some(rec);
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
-            },
-            Ok(Feed::Skip(seq)) => {
-                if let Err(e) = applier.skip(&mut cursor, seq) {
-                    tracing::warn!("mirror {}: {e}", m.name);
-                    std::thread::sleep(backoff);
-                    continue;
+            Ok(Turn::Applied {
+                seq,
+                data_bytes,
+                checkpoint,
+                copying,
+                copy_done,
+            }) => {
+                if let Some(done) = copy_done {
+                    copy_complete(&m, done);
                 }
                 m.applied.store(seq, Ordering::Release);
+                m.applied_bytes.fetch_add(data_bytes, Ordering::Relaxed);
+                if m.checkpoint.swap(checkpoint, Ordering::AcqRel) != checkpoint {
+                    vol.changed.notify_all();
+                }
+                set_applying(&m, copying);
             }
-            Ok(Feed::Wait) => {
-                // A mirror daemon checkpoints as soon as it has nothing left to apply: its
-                // primary may wait for the checkpoint (`--ack sync`) and cannot ask for it.
-                if m.checkpoint_when_idle.load(Ordering::Relaxed)
-                    && applier.cursor().applied > applier.cursor().checkpoint
-                    && applier.checkpoint(&mut tree, &mut cursor).is_ok()
-                {
-                    m.checkpoint
-                        .store(applier.cursor().checkpoint, Ordering::Release);
-                    last_checkpoint = Instant::now();
-                    vol.changed.notify_all();
-                    continue;
-                }
+            Ok(Turn::Skipped { seq }) => m.applied.store(seq, Ordering::Release),
+            Ok(Turn::Idle) => {
                 let p = lock(&vol.progress);
-                if p.stopping {
-                    drop(p);
-                    if applier.checkpoint(&mut tree, &mut cursor).is_ok() {
-                        m.checkpoint
-                            .store(applier.cursor().checkpoint, Ordering::Release);
-                    }
-                    *lock(&m.phase) = MirrorPhase::Stopped;
-                    vol.changed.notify_all();
-                    return;
-                }
-                if !feed.moved(&p) {
+                if !p.stopping && !feed.moved(&p) {
                     let _ = vol.changed.wait_timeout(p, Duration::from_millis(100));
                 }
+            }
+            Ok(Turn::Retry { after, error }) => {
+                tracing::warn!("mirror {}: {error}; retrying in {after:?}", m.name);
+                set_retrying(&m, error);
+                std::thread::sleep(after);
+            }
+            Ok(Turn::Diverged { reason }) => {
+                tracing::error!("mirror {}: {reason}", m.name);
+                m.mark_needs_resync(&reason);
+                vol.changed.notify_all();
+                return;
             }
             Err(e) => {
                 let reason = format!("cannot read the journal: {e}");
@@ -229,6 +121,77 @@ pub fn run_worker(vol: Arc<Volume>, m: Arc<MirrorShared>, mut applier: Applier) 
             }
         }
     }
+}
+
+fn open_tree_and_cursor(m: &MirrorShared) -> Option<(DirTree, FileCursor)> {
+    let tree = DirTree::open(&m.path).map_err(|e| {
+        set_retrying(m, format!("cannot open {}: {e}", m.path.display()));
+    });
+    let cursor = open_cursor(m).map_err(|e| set_retrying(m, format!("cannot open cursor: {e}")));
+    Some((tree.ok()?, cursor.ok()?))
+}
+
+/// The worker's last checkpoint, then `stopped`.
+fn stop_worker(
+    vol: &Volume,
+    m: &MirrorShared,
+    worker: &mut Worker,
+    tree: &mut DirTree,
+    cursor: &mut FileCursor,
+) {
+    match worker.stop(tree, cursor) {
+        Ok(checkpoint) => m.checkpoint.store(checkpoint, Ordering::Release),
+        Err(e) => tracing::warn!(
+            "mirror {}: the last checkpoint before stopping failed ({e}); the next start replays from the one before",
+            m.name
+        ),
+    }
+    *lock(&m.phase) = MirrorPhase::Stopped;
+    vol.changed.notify_all();
+}
+
+/// The mirror's initial copy reached its `SyncDone`. Once that is durable (`done` is `Ok`), the
+/// `SYNCING` marker goes, so a restart resumes from the cursor instead of copying again; if the
+/// checkpoint failed, the marker stays and the next mount copies again (safe).
+fn copy_complete(m: &MirrorShared, done: Result<(), String>) {
+    match done {
+        Ok(()) => {
+            if let Err(e) = MirrorStateDir::at(&m.state_dir).clear_syncing() {
+                tracing::warn!(
+                    "mirror {}: cannot remove the copy's marker: {e}; the next mount copies it again",
+                    m.name
+                );
+            }
+        }
+        Err(e) => tracing::warn!(
+            "mirror {}: checkpoint after the initial sync failed: {e}; the next mount copies it again",
+            m.name
+        ),
+    }
+}
+
+/// After a record was applied: `live` means the copy is complete on the mirror, from then on a
+/// consistent prefix. While an initial copy is still being applied the mirror is a mix and stays
+/// `syncing` (a retry that succeeds returns to it).
+fn set_applying(m: &MirrorShared, copying: bool) {
+    let mut phase = lock(&m.phase);
+    if !copying {
+        if !matches!(*phase, MirrorPhase::Live) {
+            *phase = MirrorPhase::Live;
+        }
+    } else if matches!(*phase, MirrorPhase::Retrying { .. }) {
+        *phase = MirrorPhase::Syncing {
+            done_bytes: 0,
+            total_bytes: 0,
+        };
+    }
+}
+
+fn set_retrying(m: &MirrorShared, error: String) {
+    *lock(&m.phase) = MirrorPhase::Retrying {
+        error,
+        since_unix: sys::now().sec as u64,
+    };
 }
 
 /// How often a running mirror's identity mark is read again.

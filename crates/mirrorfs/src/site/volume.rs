@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use mirrorfs_core::applier::{Applier, ApplyError};
+use mirrorfs_core::applier::Applier;
 use mirrorfs_core::feed::{FeedReadError, JournalFeed};
 use mirrorfs_core::flush;
 use mirrorfs_core::journal::{Journal, Reader};
@@ -710,19 +710,6 @@ impl RecordFeed {
         self.feed.next::<FileStore>(durable, settled, |seq| {
             lock(&vol.order).journal.segment_for(seq)
         })
-    }
-}
-
-pub fn apply_error_phase(e: &ApplyError) -> MirrorPhase {
-    if e.is_transient() {
-        MirrorPhase::Retrying {
-            error: e.to_string(),
-            since_unix: crate::sys::now().sec as u64,
-        }
-    } else {
-        MirrorPhase::NeedsResync {
-            reason: format!("the mirror diverged from the journal: {e}"),
-        }
     }
 }
 

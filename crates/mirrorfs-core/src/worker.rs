@@ -1,0 +1,486 @@
+//! The mirror worker: the loop around one mirror's [`Applier`], as decisions without threads,
+//! locks or clocks. The binary's `mirror::run_worker` (local mirrors and the mirror daemon's
+//! tree) and both seeded simulations drive this one machine.
+//!
+//! ```text
+//!  turn(now, want_durable, next) ─┬─ checkpoint due? ──▶ Applier::checkpoint ──▶ Checkpointed
+//!                                 ├─ a kept record/skip (after a transient failure), else next()
+//!                                 ├─ Apply  ──▶ Applier::apply ──▶ Applied   (SyncDone: checkpoint)
+//!                                 ├─ Skip   ──▶ Applier::skip  ──▶ Skipped
+//!                                 └─ Wait   ──▶ (idle checkpoint) ──▶ Checkpointed | Idle
+//!  a failure: transient ──▶ Retry { after } (the item is kept, back-off doubles to 5 s)
+//!             otherwise ──▶ Diverged { reason } (the shell marks the mirror for a resync)
+//! ```
+//!
+//! When a checkpoint is due (the rule, in one place):
+//! - someone waits for record `want_durable` to be durable on this mirror (an application's
+//!   `fsync`, an ack mode) and every record up to it is applied;
+//! - at least [`CHECKPOINT_EVERY`] passed since the last one and something was applied since;
+//! - the record applied is this mirror's `SyncDone`: the initial copy is complete once that is
+//!   durable (the shell then drops its `SYNCING` marker);
+//! - the feed has nothing ready and the worker checkpoints when idle (a mirror daemon: its primary
+//!   may wait for the checkpoint, `--ack sync`, and cannot ask for it);
+//! - the worker stops ([`Worker::stop`]).
+//!
+//! Time is given by the driver (`now`, from any fixed origin), so the simulation runs the same
+//! rule on its own clock.
+
+use std::time::Duration;
+
+use crate::applier::{Applier, ApplyError, CursorStore};
+use crate::feed::Item;
+use crate::op::{Op, Record};
+use crate::tree::Tree;
+
+/// A checkpoint at least this often while records are being applied.
+pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+/// The first wait after a transient failure; it doubles up to [`BACKOFF_MAX`].
+pub const BACKOFF_MIN: Duration = Duration::from_millis(50);
+pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// What one [`Worker::turn`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Turn {
+    /// Everything applied is durable on the mirror through `checkpoint`.
+    Checkpointed { checkpoint: u64 },
+    /// Record `seq` was applied.
+    Applied {
+        seq: u64,
+        /// The data bytes it carried.
+        data_bytes: u64,
+        /// Where the cursor's checkpoint is now (a barrier or a completed copy moves it).
+        checkpoint: u64,
+        /// An initial copy is still being applied (the mirror is a mix, not yet `live`).
+        copying: bool,
+        /// It was this mirror's `SyncDone` and the checkpoint after it: `Ok` — the copy is
+        /// complete and durable (drop the copy's marker); `Err` — the checkpoint failed, so the
+        /// marker stays and the next start copies again (safe).
+        copy_done: Option<Result<(), String>>,
+    },
+    /// Record `seq` was consumed without being applied (an aborted record or an `Abort`).
+    Skipped { seq: u64 },
+    /// Nothing is ready: wait until the journal's positions move.
+    Idle,
+    /// A transient failure (an I/O error, a full disk, NFS gone): wait `after`, then call again;
+    /// the record is kept and tried first.
+    Retry {
+        after: Duration,
+        /// What failed, for `status` and the log.
+        error: String,
+    },
+    /// The mirror no longer matches the journal: stop applying; it needs a resync.
+    Diverged { reason: String },
+}
+
+/// The loop state of one mirror's worker.
+#[derive(Debug)]
+pub struct Worker {
+    applier: Applier,
+    last_checkpoint: Duration,
+    backoff: Duration,
+    /// An item a transient failure left to try again, first.
+    kept: Option<Item>,
+    checkpoint_when_idle: bool,
+}
+
+impl Worker {
+    /// A worker over `applier`, started at time `now`. `checkpoint_when_idle`: checkpoint as soon
+    /// as the feed has nothing ready (a mirror daemon).
+    pub fn new(applier: Applier, now: Duration, checkpoint_when_idle: bool) -> Self {
+        Worker {
+            applier,
+            last_checkpoint: now,
+            backoff: BACKOFF_MIN,
+            kept: None,
+            checkpoint_when_idle,
+        }
+    }
+
+    pub fn applier(&self) -> &Applier {
+        &self.applier
+    }
+
+    /// The applier, for the driver's own checks and tests; the worker's decisions assume the
+    /// driver does not apply records through it.
+    pub fn applier_mut(&mut self) -> &mut Applier {
+        &mut self.applier
+    }
+
+    /// One step of the loop. `want_durable`: the highest seq someone waits to see durable on this
+    /// mirror; `next` asks the feed for the next item (called at most once, and not when a kept
+    /// item is retried or a checkpoint was due). An error of `next` is returned as is.
+    pub fn turn<T, C, E>(
+        &mut self,
+        tree: &mut T,
+        cursor: &mut C,
+        now: Duration,
+        want_durable: u64,
+        next: impl FnOnce() -> Result<Item, E>,
+    ) -> Result<Turn, E>
+    where
+        T: Tree + ?Sized,
+        C: CursorStore,
+    {
+        if self.checkpoint_due(now, want_durable) {
+            return Ok(self.checkpoint(tree, cursor, now));
+        }
+        let item = match self.kept.take() {
+            Some(item) => item,
+            None => next()?,
+        };
+        Ok(match item {
+            Item::Apply(rec) => self.apply(tree, cursor, now, rec),
+            Item::Skip(seq) => match self.applier.skip(cursor, seq) {
+                Ok(()) => {
+                    self.backoff = BACKOFF_MIN;
+                    Turn::Skipped { seq }
+                }
+                Err(e) => self.failed(Item::Skip(seq), &e, format!("skip of record {seq}")),
+            },
+            Item::Wait => {
+                let c = self.applier.cursor();
+                if self.checkpoint_when_idle && c.applied > c.checkpoint {
+                    self.checkpoint(tree, cursor, now)
+                } else {
+                    Turn::Idle
+                }
+            }
+        })
+    }
+
+    /// The last checkpoint before the worker stops (the volume shuts down): everything applied
+    /// becomes durable, so a restart resumes after it.
+    pub fn stop<T: Tree + ?Sized, C: CursorStore>(
+        &mut self,
+        tree: &mut T,
+        cursor: &mut C,
+    ) -> Result<u64, ApplyError> {
+        self.applier.checkpoint(tree, cursor)?;
+        Ok(self.applier.cursor().checkpoint)
+    }
+
+    fn checkpoint_due(&self, now: Duration, want_durable: u64) -> bool {
+        let c = self.applier.cursor();
+        let waited_for = want_durable > c.checkpoint && c.applied >= want_durable;
+        let periodic = now.saturating_sub(self.last_checkpoint) >= CHECKPOINT_EVERY
+            && c.applied > c.checkpoint;
+        waited_for || periodic
+    }
+
+    fn checkpoint<T: Tree + ?Sized, C: CursorStore>(
+        &mut self,
+        tree: &mut T,
+        cursor: &mut C,
+        now: Duration,
+    ) -> Turn {
+        match self.applier.checkpoint(tree, cursor) {
+            Ok(()) => {
+                self.last_checkpoint = now;
+                self.backoff = BACKOFF_MIN;
+                Turn::Checkpointed {
+                    checkpoint: self.applier.cursor().checkpoint,
+                }
+            }
+            // Nothing is kept: the next turn finds the checkpoint still due.
+            Err(e) => self.failed(Item::Wait, &e, "checkpoint".into()),
+        }
+    }
+
+    fn apply<T: Tree + ?Sized, C: CursorStore>(
+        &mut self,
+        tree: &mut T,
+        cursor: &mut C,
+        now: Duration,
+        rec: Record,
+    ) -> Turn {
+        let completes_copy = matches!(rec.op, Op::SyncDone { mirror }
+            if Some(mirror) == self.applier.syncing());
+        if let Err(e) = self.applier.apply(tree, cursor, &rec) {
+            let what = format!(
+                "applying record {} ({} {})",
+                rec.seq,
+                rec.op.name(),
+                rec.op.path().map(|p| p.to_string()).unwrap_or_default()
+            );
+            return self.failed(Item::Apply(rec), &e, what);
+        }
+        self.backoff = BACKOFF_MIN;
+        let copy_done = completes_copy.then(|| match self.applier.checkpoint(tree, cursor) {
+            Ok(()) => {
+                self.last_checkpoint = now;
+                Ok(())
+            }
+            Err(e) => Err(e.to_string()),
+        });
+        Turn::Applied {
+            seq: rec.seq,
+            data_bytes: rec.op.data_len() as u64,
+            checkpoint: self.applier.cursor().checkpoint,
+            copying: self.applier.syncing().is_some(),
+            copy_done,
+        }
+    }
+
+    /// A failure of the applier: transient ones keep `item` and back off, others end the
+    /// mirror's run (it diverged from the journal).
+    fn failed(&mut self, item: Item, e: &ApplyError, what: String) -> Turn {
+        if !e.is_transient() {
+            return Turn::Diverged {
+                reason: format!("the mirror diverged from the journal: {what} failed: {e}"),
+            };
+        }
+        if !matches!(item, Item::Wait) {
+            self.kept = Some(item);
+        }
+        let after = self.backoff;
+        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+        Turn::Retry {
+            after,
+            error: format!("{what} failed: {e}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::applier::MemCursorStore;
+    use crate::path::RelPath;
+    use crate::sim::{KillSwitch, SimTree};
+    use std::convert::Infallible;
+
+    fn p(s: &str) -> RelPath {
+        RelPath::new(s).expect("valid")
+    }
+    fn rec(seq: u64, op: Op) -> Record {
+        Record { seq, op }
+    }
+    fn create(seq: u64, name: &str) -> Record {
+        rec(
+            seq,
+            Op::Create {
+                path: p(name),
+                mode: 0o644,
+                uid: 0,
+                gid: 0,
+            },
+        )
+    }
+    fn write(seq: u64, name: &str) -> Record {
+        rec(
+            seq,
+            Op::Write {
+                path: p(name),
+                offset: 0,
+                data: vec![7; 100],
+            },
+        )
+    }
+    fn worker(idle: bool) -> (Worker, SimTree, MemCursorStore) {
+        let mut cur = MemCursorStore::default();
+        let ap = Applier::start_at(&mut cur, 0).expect("cursor");
+        let tree = SimTree::new().with_kill(KillSwitch::new());
+        (Worker::new(ap, Duration::ZERO, idle), tree, cur)
+    }
+    /// The tree's next mutating call fails with EIO (transient), the ones after it succeed.
+    fn fail_next(t: &mut SimTree) -> KillSwitch {
+        let k = KillSwitch::new();
+        k.arm(1);
+        *t = std::mem::take(t).with_kill(k.clone());
+        k
+    }
+    fn give(item: Item) -> impl FnOnce() -> Result<Item, Infallible> {
+        move || Ok(item)
+    }
+    fn turn(
+        w: &mut Worker,
+        t: &mut SimTree,
+        c: &mut MemCursorStore,
+        ms: u64,
+        want: u64,
+        item: Item,
+    ) -> Turn {
+        match w.turn(t, c, Duration::from_millis(ms), want, give(item)) {
+            Ok(turn) => turn,
+            Err(never) => match never {},
+        }
+    }
+
+    #[test]
+    fn applies_skips_and_waits_in_order() {
+        let (mut w, mut t, mut c) = worker(false);
+        let a = turn(&mut w, &mut t, &mut c, 0, 0, Item::Apply(create(1, "f")));
+        assert!(matches!(
+            a,
+            Turn::Applied {
+                seq: 1,
+                copying: false,
+                copy_done: None,
+                ..
+            }
+        ));
+        assert_eq!(
+            turn(&mut w, &mut t, &mut c, 0, 0, Item::Skip(2)),
+            Turn::Skipped { seq: 2 }
+        );
+        assert_eq!(turn(&mut w, &mut t, &mut c, 0, 0, Item::Wait), Turn::Idle);
+        assert_eq!(w.applier().cursor().applied, 2);
+        assert_eq!(w.applier().cursor().checkpoint, 0);
+    }
+
+    #[test]
+    fn checkpoints_every_second_while_applying_and_not_when_nothing_changed() {
+        let (mut w, mut t, mut c) = worker(false);
+        turn(&mut w, &mut t, &mut c, 10, 0, Item::Apply(create(1, "f")));
+        // Not yet a second: the next item is taken.
+        let a = turn(&mut w, &mut t, &mut c, 900, 0, Item::Apply(write(2, "f")));
+        assert!(matches!(a, Turn::Applied { seq: 2, .. }));
+        // A second since the start: the checkpoint comes before the next item.
+        let mut asked = false;
+        let r = w.turn(&mut t, &mut c, Duration::from_millis(1000), 0, || {
+            asked = true;
+            Ok::<_, Infallible>(Item::Wait)
+        });
+        assert_eq!(r, Ok(Turn::Checkpointed { checkpoint: 2 }));
+        assert!(!asked, "a due checkpoint is taken before the feed is asked");
+        // Two seconds later with nothing applied since: no checkpoint.
+        assert_eq!(
+            turn(&mut w, &mut t, &mut c, 3000, 0, Item::Wait),
+            Turn::Idle
+        );
+    }
+
+    #[test]
+    fn a_waiter_gets_its_checkpoint_once_its_record_is_applied() {
+        let (mut w, mut t, mut c) = worker(false);
+        turn(&mut w, &mut t, &mut c, 0, 2, Item::Apply(create(1, "f")));
+        // Record 2 is wanted but not applied yet: no checkpoint of 1 alone.
+        let a = turn(&mut w, &mut t, &mut c, 1, 2, Item::Apply(write(2, "f")));
+        assert!(matches!(a, Turn::Applied { seq: 2, .. }));
+        assert_eq!(
+            turn(&mut w, &mut t, &mut c, 2, 2, Item::Wait),
+            Turn::Checkpointed { checkpoint: 2 }
+        );
+        assert_eq!(c.durable, c.live, "the checkpoint is durable");
+    }
+
+    #[test]
+    fn a_daemon_checkpoints_as_soon_as_it_is_idle() {
+        let (mut w, mut t, mut c) = worker(true);
+        turn(&mut w, &mut t, &mut c, 0, 0, Item::Apply(create(1, "f")));
+        assert_eq!(
+            turn(&mut w, &mut t, &mut c, 0, 0, Item::Wait),
+            Turn::Checkpointed { checkpoint: 1 }
+        );
+        assert_eq!(turn(&mut w, &mut t, &mut c, 0, 0, Item::Wait), Turn::Idle);
+    }
+
+    #[test]
+    fn the_end_of_an_initial_copy_is_made_durable_at_once() {
+        let (mut w, mut t, mut c) = worker(false);
+        w.applier_mut().set_syncing(Some(9));
+        let a = turn(&mut w, &mut t, &mut c, 0, 0, Item::Apply(create(1, "f")));
+        assert!(matches!(a, Turn::Applied { copying: true, .. }));
+        // Another mirror's SyncDone does not end this copy.
+        let a = turn(
+            &mut w,
+            &mut t,
+            &mut c,
+            0,
+            0,
+            Item::Apply(rec(2, Op::SyncDone { mirror: 3 })),
+        );
+        assert!(matches!(
+            a,
+            Turn::Applied {
+                copying: true,
+                copy_done: None,
+                ..
+            }
+        ));
+        let a = turn(
+            &mut w,
+            &mut t,
+            &mut c,
+            0,
+            0,
+            Item::Apply(rec(3, Op::SyncDone { mirror: 9 })),
+        );
+        assert_eq!(
+            a,
+            Turn::Applied {
+                seq: 3,
+                data_bytes: 0,
+                checkpoint: 3,
+                copying: false,
+                copy_done: Some(Ok(())),
+            }
+        );
+    }
+
+    #[test]
+    fn a_transient_failure_keeps_the_record_and_backs_off_doubling_to_its_bound() {
+        let (mut w, mut t, mut c) = worker(false);
+        turn(&mut w, &mut t, &mut c, 0, 0, Item::Apply(create(1, "f")));
+        let k = fail_next(&mut t);
+        let r = turn(&mut w, &mut t, &mut c, 0, 0, Item::Apply(write(2, "f")));
+        assert!(
+            matches!(r, Turn::Retry { after, .. } if after == BACKOFF_MIN),
+            "{r:?}"
+        );
+        k.revive();
+        // The kept record is tried first; the feed is not asked.
+        let a = w.turn(
+            &mut t,
+            &mut c,
+            Duration::ZERO,
+            0,
+            || -> Result<Item, Infallible> { panic!("the feed was asked while a record was kept") },
+        );
+        assert!(matches!(a, Ok(Turn::Applied { seq: 2, .. })));
+        // Back-off doubles and stops at its bound, and resets after a success.
+        let mut afters = Vec::new();
+        for _ in 0..10 {
+            let k = fail_next(&mut t);
+            if let Turn::Retry { after, .. } =
+                turn(&mut w, &mut t, &mut c, 0, 0, Item::Apply(write(3, "f")))
+            {
+                afters.push(after);
+            }
+            k.revive();
+        }
+        assert_eq!(afters.len(), 10);
+        assert!(afters
+            .windows(2)
+            .all(|x| x[1] == (x[0] * 2).min(BACKOFF_MAX)));
+        assert_eq!(afters.last(), Some(&BACKOFF_MAX));
+    }
+
+    #[test]
+    fn a_record_that_no_longer_fits_the_tree_is_a_divergence() {
+        let (mut w, mut t, mut c) = worker(false);
+        // A write to a file the mirror does not have: the mirror is not the primary's prefix.
+        let r = turn(
+            &mut w,
+            &mut t,
+            &mut c,
+            0,
+            0,
+            Item::Apply(write(1, "missing")),
+        );
+        assert!(matches!(r, Turn::Diverged { .. }), "{r:?}");
+        // A gap in the sequence is one too.
+        let (mut w, mut t, mut c) = worker(false);
+        let r = turn(&mut w, &mut t, &mut c, 0, 0, Item::Skip(5));
+        assert!(matches!(r, Turn::Diverged { .. }), "{r:?}");
+    }
+
+    #[test]
+    fn stop_makes_everything_applied_durable() {
+        let (mut w, mut t, mut c) = worker(false);
+        turn(&mut w, &mut t, &mut c, 0, 0, Item::Apply(create(1, "f")));
+        turn(&mut w, &mut t, &mut c, 0, 0, Item::Apply(write(2, "f")));
+        assert_eq!(w.stop(&mut t, &mut c).ok(), Some(2));
+        assert_eq!(c.durable, c.live);
+    }
+}
