@@ -21,7 +21,7 @@ use std::time::Duration;
 use crate::history::Comparison;
 use crate::link::{Begin, LinkError, MirrorCopy, Positions, Receiver};
 use crate::op::{Op, Record};
-use crate::wire::{error_code, Msg};
+use crate::wire::{error_code, MirrorState, Msg, VolumeId};
 
 /// An unchanged ack is sent again after this long (the primary's liveness check).
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
@@ -66,6 +66,13 @@ pub struct AckStep {
 pub struct Session {
     rx: Receiver,
     phase: Phase,
+    /// The mirror in messages.
+    label: String,
+    /// The copy as the session found it: its state and volume (for the initial copy's check).
+    copy_state: MirrorState,
+    copy_volume: VolumeId,
+    /// The primary's volume, once `Start` was taken.
+    primary_volume: Option<VolumeId>,
     /// The copy's sync id (the one a `SyncDone` must name to complete it).
     sync_id: u32,
     /// The seq of the `SyncDone` that completes the copy once checkpointed (0: none pending).
@@ -81,6 +88,10 @@ impl Session {
     /// previous session received but that was not yet checkpointed (0 if none).
     pub fn new(copy: MirrorCopy, reserved: &[u8], label: &str, pending_sync_done: u64) -> Self {
         Session {
+            label: label.to_string(),
+            copy_state: copy.state,
+            copy_volume: copy.history.volume_id,
+            primary_volume: None,
             sync_id: copy.sync_id,
             rx: Receiver::new(copy, reserved, label),
             phase: Phase::Hello,
@@ -123,14 +134,43 @@ impl Session {
         }
         let b = self.rx.on_start(msg)?;
         match &b {
-            Begin::Resume { .. } => {}
-            Begin::InitialSync { sync_id, .. } | Begin::Resync { sync_id, .. } => {
+            Begin::Resume { history, .. } => self.primary_volume = Some(history.volume_id),
+            Begin::InitialSync {
+                sync_id, history, ..
+            }
+            | Begin::Resync {
+                sync_id, history, ..
+            } => {
+                self.primary_volume = Some(history.volume_id);
                 self.sync_id = *sync_id;
                 self.sync_done_at = 0;
             }
         }
         self.phase = Phase::Streaming;
         Ok(b)
+    }
+
+    /// Before an initial copy empties the directory (`has_files`: it holds entries other than the
+    /// state directory, as the shell sees it now; `force`: `--force-resync`): files that are no
+    /// copy of the primary's volume are never removed unless forced. `Hello` refused a foreign
+    /// directory already; this catches files that turned up since.
+    pub fn check_initial_copy_target(&self, has_files: bool, force: bool) -> Result<(), LinkError> {
+        let ours =
+            self.copy_state != MirrorState::Empty && self.primary_volume == Some(self.copy_volume);
+        if has_files && !ours && !force {
+            return Err(not_empty_refusal(&self.label));
+        }
+        Ok(())
+    }
+
+    /// The shell could not store record `seq` of the last batch (its disk is full, its journal
+    /// failed): the session ends with this refusal. A `SyncDone` at or after `seq` was not
+    /// stored, so it is forgotten.
+    pub fn on_storage_failure(&mut self, seq: u64, e: &dyn std::fmt::Display) -> LinkError {
+        if self.sync_done_at >= seq {
+            self.sync_done_at = 0;
+        }
+        storage_refusal(seq, e)
     }
 
     /// One message while streaming. Records are checked (in sequence from where the journal
@@ -434,6 +474,81 @@ mod tests {
         s.on_start(&start(StartMode::Resume, 303, 0))
             .expect("resume");
         assert!(s.ack(pos(302, 302, 302, 302), false).sync_complete);
+    }
+
+    #[test]
+    fn a_sync_done_that_was_not_stored_is_forgotten() {
+        let done = |seq| Record {
+            seq,
+            op: Op::SyncDone { mirror: 7 },
+        };
+        let initial = || {
+            let mut s = Session::new(
+                copy(MirrorState::Empty, History::default(), 0),
+                b".m",
+                "m",
+                0,
+            );
+            s.on_hello(&hello(&hist(1), 300)).expect("welcome");
+            s.on_start(&start(StartMode::InitialSync, 300, 7))
+                .expect("initial copy");
+            s
+        };
+        // Record 301 (the SyncDone) could not be stored: it does not complete the copy.
+        let mut s = initial();
+        s.on_message(&records(301, vec![rec(300, b"a"), done(301)]))
+            .expect("append");
+        let e = s.on_storage_failure(301, &"no space");
+        assert_eq!((e.code, e.retry), (error_code::STORAGE, true));
+        assert_eq!(e, storage_refusal(301, &"no space"));
+        assert_eq!(s.pending_sync_done(), 0);
+        // Record 300 failed, 302 was the SyncDone: forgotten too.
+        let mut s = initial();
+        s.on_message(&records(
+            302,
+            vec![rec(300, b"a"), rec(301, b"b"), done(302)],
+        ))
+        .expect("append");
+        s.on_storage_failure(300, &"no space");
+        assert_eq!(s.pending_sync_done(), 0);
+        // A record after the SyncDone failed: the SyncDone itself was stored.
+        let mut s = initial();
+        s.on_message(&records(
+            302,
+            vec![rec(300, b"a"), done(301), rec(302, b"b")],
+        ))
+        .expect("append");
+        s.on_storage_failure(302, &"no space");
+        assert_eq!(s.pending_sync_done(), 301);
+    }
+
+    #[test]
+    fn an_initial_copy_removes_only_files_of_its_volume_unless_forced() {
+        let begin = |c: MirrorCopy, h: &History| {
+            let mut s = Session::new(c, b".m", "dir", 0);
+            s.on_hello(&hello(h, 300)).expect("welcome");
+            s.on_start(&start(StartMode::InitialSync, 300, 7))
+                .expect("initial copy");
+            s
+        };
+        // An empty copy: files that turned up after Hello are refused, unless forced.
+        let s = begin(copy(MirrorState::Empty, History::default(), 0), &hist(1));
+        assert_eq!(s.check_initial_copy_target(false, false), Ok(()));
+        assert_eq!(
+            s.check_initial_copy_target(true, false),
+            Err(not_empty_refusal("dir"))
+        );
+        assert_eq!(s.check_initial_copy_target(true, true), Ok(()));
+        // An interrupted copy of the same volume is ours to replace.
+        let c = MirrorCopy {
+            sync_id: 3,
+            ..copy(MirrorState::Syncing, hist(1), 50)
+        };
+        let s = begin(c, &hist(1));
+        assert_eq!(s.check_initial_copy_target(true, false), Ok(()));
+        // Before Start nothing is known of the primary's volume: not ours.
+        let s = Session::new(copy(MirrorState::Syncing, hist(1), 50), b".m", "dir", 0);
+        assert!(s.check_initial_copy_target(true, false).is_err());
     }
 
     #[test]
