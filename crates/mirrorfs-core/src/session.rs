@@ -56,8 +56,10 @@ pub enum Incoming<'a> {
 pub struct AckStep {
     /// The ack to send, if one is due.
     pub ack: Option<Msg>,
-    /// The initial copy (or resync) just completed: its `SyncDone` is durably applied, so the
-    /// copy is consistent from now on (the shell records it in its meta file once).
+    /// The initial copy (or resync) completed: its `SyncDone` is durably applied, so the copy is
+    /// consistent from now on. The shell records it in its meta file and then calls
+    /// [`Session::sync_recorded`]; until then every round says so again (a failed write is
+    /// retried, by this session or, with [`Session::pending_sync_done`], the next).
     pub sync_complete: bool,
 }
 
@@ -219,9 +221,6 @@ impl Session {
         let applied = raw.applied.min(durable);
         let checkpoint = raw.checkpoint.min(applied);
         let sync_complete = self.sync_done_at != 0 && checkpoint >= self.sync_done_at;
-        if sync_complete {
-            self.sync_done_at = 0;
-        }
         let now = Positions {
             received,
             durable,
@@ -240,6 +239,12 @@ impl Session {
             None
         };
         AckStep { ack, sync_complete }
+    }
+
+    /// The shell recorded the completed copy ([`AckStep::sync_complete`]): its `SyncDone` is no
+    /// longer pending.
+    pub fn sync_recorded(&mut self) {
+        self.sync_done_at = 0;
     }
 
     /// [`Session::ack`] on a clock (`now`, any monotonic origin): the heartbeat is due
@@ -458,6 +463,12 @@ mod tests {
         assert!(!step.sync_complete, "not yet checkpointed");
         let step = s.ack(pos(302, 302, 302, 302), false);
         assert!(step.sync_complete);
+        assert!(
+            s.ack(pos(302, 302, 302, 302), false).sync_complete,
+            "again until the shell recorded it"
+        );
+        assert_eq!(s.pending_sync_done(), 302);
+        s.sync_recorded();
         assert_eq!(s.pending_sync_done(), 0);
         assert!(!s.ack(pos(303, 303, 303, 303), false).sync_complete, "once");
         // A SyncDone received by an earlier session completes in the next one.

@@ -4,7 +4,7 @@
 //! cursor as a local mirror, so DIR is always a state the primary had.
 //!
 //! ```text
-//!  TLS ─▶ Receiver (core::link: handshake, sequence, reserved names) ─▶ journal.append_at
+//!  TLS ─▶ Session (core::session: handshake, sequence, reserved names) ─▶ journal.append_at
 //!          flusher: fsync (F2) ─▶ durable ─┐
 //!          worker: apply ≤ min(durable, settled) to DIR ─▶ applied / checkpoint ─┤
 //!  TLS ◀── Ack{received, durable, applied, checkpoint} ◀──────────────────────────┘
@@ -27,8 +27,9 @@ use anyhow::{anyhow, bail, Context, Result};
 use mirrorfs_core::applier::Applier;
 use mirrorfs_core::history::{Comparison, History};
 use mirrorfs_core::journal::{Journal, JournalConfig, Reader};
-use mirrorfs_core::link::{hex, Begin, LinkError, MirrorCopy, Receiver};
-use mirrorfs_core::op::Op;
+use mirrorfs_core::link::{hex, Begin, LinkError, MirrorCopy, Positions};
+use mirrorfs_core::op::{Op, Record};
+use mirrorfs_core::session::{Incoming, Session};
 use mirrorfs_core::wire::{error_code, Decoder, MirrorState, Msg};
 
 use crate::net::conn::Duplex;
@@ -82,8 +83,9 @@ struct Daemon {
     m: Arc<MirrorShared>,
     meta: Mutex<Meta>,
     worker: Mutex<Option<JoinHandle<()>>>,
-    /// Seq of our initial copy's `SyncDone`, once received.
-    sync_done_at: AtomicU64,
+    /// The seq of a `SyncDone` a session received whose checkpoint is still to come (0: none),
+    /// for the next session (`Session::pending_sync_done`).
+    pending_sync_done: AtomicU64,
     busy: AtomicBool,
     force_resync: bool,
     discard_diverged: bool,
@@ -247,7 +249,7 @@ fn serve_in(a: ServeArgs) -> Result<()> {
         m: m.clone(),
         meta: Mutex::new(meta.clone()),
         worker: Mutex::new(None),
-        sync_done_at: AtomicU64::new(0),
+        pending_sync_done: AtomicU64::new(0),
         busy: AtomicBool::new(false),
         force_resync: a.force_resync,
         discard_diverged: a.discard_diverged,
@@ -540,37 +542,19 @@ impl Daemon {
         r.with_context(|| format!("primary {peer}"))
     }
 
+    /// The session on an accepted connection: `Welcome`, `Start` and what it asks for, then
+    /// records and acks until either side ends it. The decisions are `core::session`'s.
     fn stream(&self, link: &Duplex, dec: &mut Decoder, hello: &Msg) -> Result<()> {
         self.settle_journal()?;
-        let label = self.dir.display().to_string();
-        let mut rx = Receiver::new(self.copy(), &self.reserved, &label);
-        let welcome = match rx.on_hello(hello) {
-            Ok(w) => w,
-            Err(e) if e.code == error_code::DIVERGED && self.discard_diverged => {
-                let c = rx
-                    .divergence()
-                    .ok_or_else(|| anyhow!("internal: no divergence"))?;
-                self.discard_divergence(&c)?;
-                rx = Receiver::new(self.copy(), &self.reserved, &label);
-                rx.on_hello(hello).map_err(|e| self.refuse(e))?
-            }
-            Err(mut e) => {
-                if let Some(c) = rx.divergence() {
-                    e.message = self.explain_divergence(&c, &e.message);
-                }
-                return Err(self.refuse(e).into());
-            }
-        };
-        if let Msg::Hello { name, compress, .. } = hello {
-            tracing::info!("primary {name} connected");
-            link.set_compress(*compress);
-        }
-        link.send(&welcome)?;
+        let mut session = self.welcome(link, hello)?;
         let start = recv_within(link, dec, crate::net::conn::CONNECT_TIMEOUT).inspect_err(|e| {
             *lock(&self.refused) = Some(format!("{e:#}"));
         })?;
-        let begin = rx.on_start(&start).map_err(|e| self.refuse(e))?;
+        let begin = session.on_start(&start).map_err(|e| self.refuse(e))?;
         *lock(&self.refused) = None;
+        // A new initial copy or resync forgets an older one's `SyncDone`.
+        self.pending_sync_done
+            .store(session.pending_sync_done(), Ordering::Release);
         match begin {
             Begin::Resume { seq, history } => {
                 tracing::info!("resuming at record {seq}");
@@ -583,22 +567,67 @@ impl Daemon {
                 seq,
                 sync_id,
                 history,
-            } => self.begin_initial_copy(seq, sync_id, &history)?,
+            } => self.begin_initial_copy(&session, seq, sync_id, &history)?,
             Begin::Resync {
                 seq,
                 sync_id,
                 history,
             } => self.begin_resync(link, seq, sync_id, &history)?,
         }
-        let done = Arc::new(AtomicBool::new(false));
+        let session = Mutex::new(session);
+        let r = self.exchange(link, dec, &session);
+        self.pending_sync_done
+            .store(lock(&session).pending_sync_done(), Ordering::Release);
+        r
+    }
+
+    /// A session for this copy (as it is now) that answered `hello`: `Welcome` is sent, or the
+    /// primary is refused. With `--discard-diverged`, a diverged copy is saved and discarded
+    /// first, and a fresh session answers.
+    fn welcome(&self, link: &Duplex, hello: &Msg) -> Result<Session> {
+        let label = self.dir.display().to_string();
+        let fresh = || {
+            let pending = self.pending_sync_done.load(Ordering::Acquire);
+            Session::new(self.copy(), &self.reserved, &label, pending)
+        };
+        let mut session = fresh();
+        let welcome = match session.on_hello(hello) {
+            Ok(w) => w,
+            Err(e) if e.code == error_code::DIVERGED && self.discard_diverged => {
+                let c = session
+                    .divergence()
+                    .ok_or_else(|| anyhow!("internal: no divergence"))?;
+                self.discard_divergence(&c)?;
+                session = fresh();
+                session.on_hello(hello).map_err(|e| self.refuse(e))?
+            }
+            Err(mut e) => {
+                if let Some(c) = session.divergence() {
+                    e.message = self.explain_divergence(&c, &e.message);
+                }
+                return Err(self.refuse(e).into());
+            }
+        };
+        if let Msg::Hello { name, compress, .. } = hello {
+            tracing::info!("primary {name} connected");
+            link.set_compress(*compress);
+        }
+        link.send(&welcome)?;
+        Ok(session)
+    }
+
+    /// Records flow in (this thread) and acks flow out (a second one) until either ends; the
+    /// other is then stopped and the connection shut down.
+    fn exchange(&self, link: &Duplex, dec: &mut Decoder, session: &Mutex<Session>) -> Result<()> {
+        let done = AtomicBool::new(false);
         std::thread::scope(|s| -> Result<()> {
             let acker = s.spawn(|| {
-                let r = self.send_acks(link, &done);
+                let r = self.send_acks(link, session, &done);
                 done.store(true, Ordering::Release);
                 link.shutdown();
                 r
             });
-            let r = self.receive(link, dec, &mut rx, &done);
+            let r = self.receive(link, dec, session, &done);
             // Tell the primary why, before the connection is shut down.
             if let Some(le) = r.as_ref().err().and_then(|e| e.downcast_ref::<LinkError>()) {
                 let _ = link.send(&le.to_msg());
@@ -773,25 +802,21 @@ impl Daemon {
         Ok(())
     }
 
-    fn begin_initial_copy(&self, seq: u64, sync_id: u32, history: &History) -> Result<()> {
+    /// An initial copy: empty DIR (unless it holds files the session may not remove), restart
+    /// the journal at `seq` and apply the copy `sync_id` until its `SyncDone`.
+    fn begin_initial_copy(
+        &self,
+        session: &Session,
+        seq: u64,
+        sync_id: u32,
+        history: &History,
+    ) -> Result<()> {
         let volume_id = history.volume_id;
-        let meta = lock(&self.meta).clone();
-        let ours = meta.volume_id() == volume_id && meta.state != CopyState::Empty;
         let entries: Vec<_> = fs::read_dir(&self.dir)?
             .filter_map(|e| e.ok())
             .filter(|e| e.file_name().as_bytes() != self.reserved.as_slice())
             .collect();
-        if !entries.is_empty() && !ours && !self.force_resync {
-            return Err(LinkError {
-                code: error_code::REFUSED,
-                message: format!(
-                    "mirror directory {} is not empty and holds no mirrorfs copy; empty it, or restart `mirrorfs serve` with --force-resync to replace its contents",
-                    self.dir.display()
-                ),
-                retry: false,
-            }
-            .into());
-        }
+        session.check_initial_copy_target(!entries.is_empty(), self.force_resync)?;
         tracing::info!(
             "initial copy of volume {} begins at record {seq}",
             hex(&volume_id)
@@ -822,7 +847,6 @@ impl Daemon {
             p.durable_seq = seq - 1;
             p.settled_seq = seq - 1;
         }
-        self.sync_done_at.store(0, Ordering::Release);
         let mut ap = volume::new_applier_at(&self.m, seq - 1)?;
         ap.set_syncing(Some(sync_id));
         self.start_worker(ap)?;
@@ -854,7 +878,6 @@ impl Daemon {
             p.durable_seq = seq - 1;
             p.settled_seq = seq - 1;
         }
-        self.sync_done_at.store(0, Ordering::Release);
         let mut ap = volume::new_applier_at(&self.m, seq - 1)?;
         ap.set_syncing(Some(sync_id));
         self.start_worker(ap)?;
@@ -883,15 +906,16 @@ impl Daemon {
         Ok(())
     }
 
+    /// Takes the primary's messages and does what the session says: append a batch, answer a
+    /// ping, end on the primary's error; a silent primary is dropped after `DEAD_AFTER`.
     fn receive(
         &self,
         link: &Duplex,
         dec: &mut Decoder,
-        rx: &mut Receiver,
+        session: &Mutex<Session>,
         done: &AtomicBool,
     ) -> Result<()> {
         let mut heard = Instant::now();
-        let sync_id = lock(&self.meta).sync_id;
         loop {
             if done.load(Ordering::Acquire) {
                 return Ok(());
@@ -906,83 +930,61 @@ impl Daemon {
                 continue;
             };
             heard = Instant::now();
-            match msg {
-                Msg::Records { settled, records } => {
-                    rx.on_records(&records)?;
-                    let mut o = lock(&self.vol.order);
-                    for r in &records {
-                        if let Op::SyncDone { mirror } = r.op {
-                            if mirror == sync_id {
-                                self.sync_done_at.store(r.seq, Ordering::Release);
-                            }
-                        }
-                        if let Err(e) = o.journal.append_at(r.seq, &r.op) {
-                            drop(o);
-                            self.vol.changed.notify_all();
-                            return Err(LinkError {
-                                code: error_code::STORAGE,
-                                message: format!("the mirror cannot store record {}: {e}", r.seq),
-                                retry: true,
-                            }
-                            .into());
-                        }
-                    }
-                    let end = o.journal.next_seq() - 1;
-                    drop(o);
-                    {
-                        let mut p = lock(&self.vol.progress);
-                        // The primary's settled watermark: a record ≤ it is final once the next
-                        // record is known, or if it is the watermark itself.
-                        // The connected primary's latest word: it only grows during one primary's
-                        // life, and a restarted primary may have lost records it announced.
-                        p.settled_seq = settled;
-                        p.appended_bytes +=
-                            records.iter().map(|r| r.op.data_len() as u64).sum::<u64>();
-                    }
-                    self.vol.settled.store(end, Ordering::Release);
-                    self.vol.changed.notify_all();
+            let incoming = lock(session).on_message(&msg)?;
+            match incoming {
+                Incoming::Append { records, settled } => self.append(session, records, settled)?,
+                Incoming::Reply(reply) => {
+                    link.send(&reply)?;
                 }
-                Msg::Ping { nonce } => {
-                    link.send(&Msg::Pong { nonce })?;
-                }
-                Msg::Pong { .. } => {}
-                Msg::Error { code, message } => {
+                Incoming::PeerError { code, message } => {
                     bail!("the primary reported an error (code {code}): {message}")
                 }
-                other => {
-                    return Err(LinkError {
-                        code: error_code::BAD_FRAME,
-                        message: format!(
-                            "unexpected message type {} from the primary",
-                            other.type_code()
-                        ),
-                        retry: true,
-                    }
-                    .into())
-                }
+                Incoming::Nothing => {}
             }
         }
     }
 
-    fn send_acks(&self, link: &Duplex, done: &AtomicBool) -> Result<()> {
-        let mut last = (u64::MAX, 0, 0, 0);
-        let mut sent_at = Instant::now();
+    /// Stores a checked batch at its seqs and lets the applier go up to the primary's `settled`
+    /// (a record ≤ it is final once the next record is known, or if it is the watermark itself).
+    fn append(&self, session: &Mutex<Session>, records: &[Record], settled: u64) -> Result<()> {
+        let mut o = lock(&self.vol.order);
+        for r in records {
+            if let Err(e) = o.journal.append_at(r.seq, &r.op) {
+                drop(o);
+                self.vol.changed.notify_all();
+                return Err(lock(session).on_storage_failure(r.seq, &e).into());
+            }
+        }
+        let end = o.journal.next_seq() - 1;
+        drop(o);
+        {
+            let mut p = lock(&self.vol.progress);
+            p.settled_seq = settled;
+            p.appended_bytes += records.iter().map(|r| r.op.data_len() as u64).sum::<u64>();
+        }
+        self.vol.settled.store(end, Ordering::Release);
+        self.vol.changed.notify_all();
+        Ok(())
+    }
+
+    /// Each round (a change of positions, or every 50 ms) hands the positions to the session and
+    /// sends the ack it says is due; records a completed copy.
+    fn send_acks(&self, link: &Duplex, session: &Mutex<Session>, done: &AtomicBool) -> Result<()> {
+        let t0 = Instant::now();
         while !done.load(Ordering::Acquire) {
-            let received = lock(&self.vol.order).journal.next_seq() - 1;
-            let durable = lock(&self.vol.progress).durable_seq.min(received);
-            let applied = self.m.applied.load(Ordering::Acquire).min(durable);
-            let checkpoint = self.m.checkpoint.load(Ordering::Acquire).min(applied);
-            self.check_sync_done(checkpoint)?;
-            let now = (received, durable, applied, checkpoint);
-            if now != last || sent_at.elapsed() >= Duration::from_secs(1) {
-                link.send(&Msg::Ack {
-                    received,
-                    durable,
-                    applied,
-                    checkpoint,
-                })?;
-                last = now;
-                sent_at = Instant::now();
+            let raw = Positions {
+                received: lock(&self.vol.order).journal.next_seq() - 1,
+                durable: lock(&self.vol.progress).durable_seq,
+                applied: self.m.applied.load(Ordering::Acquire),
+                checkpoint: self.m.checkpoint.load(Ordering::Acquire),
+            };
+            let step = lock(session).ack_at(raw, t0.elapsed());
+            if step.sync_complete {
+                self.record_sync_complete()?;
+                lock(session).sync_recorded();
+            }
+            if let Some(ack) = step.ack {
+                link.send(&ack)?;
             }
             let p = lock(&self.vol.progress);
             let _ = self.vol.changed.wait_timeout(p, Duration::from_millis(50));
@@ -990,13 +992,9 @@ impl Daemon {
         Ok(())
     }
 
-    /// The initial copy is complete once its `SyncDone` is durably applied: from then on DIR is
-    /// a consistent copy (M1 records it).
-    fn check_sync_done(&self, checkpoint: u64) -> Result<()> {
-        let at = self.sync_done_at.load(Ordering::Acquire);
-        if at == 0 || checkpoint < at {
-            return Ok(());
-        }
+    /// The initial copy (or resync) is complete, its `SyncDone` durably applied: from now on DIR
+    /// is a consistent copy (M1 records it).
+    fn record_sync_complete(&self) -> Result<()> {
         let mut meta = lock(&self.meta);
         if meta.state == CopyState::Syncing {
             meta.state = CopyState::Consistent;
@@ -1006,7 +1004,6 @@ impl Daemon {
                 self.dir.display()
             );
         }
-        self.sync_done_at.store(0, Ordering::Release);
         Ok(())
     }
 
