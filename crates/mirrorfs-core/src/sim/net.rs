@@ -1,10 +1,10 @@
 //! The seeded simulation of a network mirror: a primary journal streaming to a remote mirror
-//! through the real [`Sender`]/[`Receiver`] state machines and the real wire encoding, over a
+//! through the real [`Sender`] and [`Session`] state machines and the real wire encoding, over a
 //! simulated network with faults, with both processes killed and powered off at random points.
 //!
 //! ```text
 //!  primary process (crash/kill)                         mirror process (crash/kill)
-//!  Primary workload ─▶ Journal<SimStore> ─ flusher       Receiver ─▶ Journal<SimStore> (append_at)
+//!  Primary workload ─▶ Journal<SimStore> ─ flusher       Session ─▶ Journal<SimStore> (append_at)
 //!     records ≤ min(durable, settled), byte window          flusher ─▶ durable
 //!     Sender ─ Msg::encode ─▶ [ bytes: split, delayed, ─▶ Decoder ─┘   Feed ≤ min(durable, settled)
 //!                               cut, corrupted, reset ]            Applier + SimCursor + SimTree
@@ -15,10 +15,12 @@
 //! sides are modelled on the shell: the primary's link on `mirrorfs::remote` (Hello, decide with
 //! [`Sender::on_welcome`], stream records ≤ min(durable, settled) in batches within a byte window,
 //! release journal segments only through the mirror's acknowledged durable position), the
-//! mirror on `mirrorfs::serve` (make the journal durable through its end before `Welcome`, check
-//! every batch with [`Receiver::on_records`], `append_at`, a flusher, acknowledgements, and the
-//! local mirror's worker: [`Applier`] fed records ≤ min(durable, settled), a record being final
-//! when it is the primary's settled watermark or the next record is known).
+//! mirror on `mirrorfs::serve`, driving the daemon's own [`Session`] (make the journal durable
+//! through its end before `Welcome`, let the session check every batch, `append_at`, a flusher,
+//! the acknowledgements the session says are due, and the local mirror's worker: [`Applier`] fed
+//! records ≤ min(durable, settled), a record being final when it is the primary's settled
+//! watermark or the next record is known). Only the sabotaged variants (`AcceptStale`,
+//! `AckBeforeDurable`, `ServeStaleSettled`) step outside the session, in the shell's part.
 //!
 //! The network has connections with ids, each a pair of byte pipes without reordering (TCP).
 //! Bytes are delivered in random chunk splits at random times; a connection can be reset (a
@@ -55,9 +57,10 @@ use crate::feed::{FeedReadError, Item, JournalFeed};
 use crate::flush;
 use crate::journal::storage::MemStore;
 use crate::journal::{Journal, JournalConfig, JournalError, Reader, SyncPlan};
-use crate::link::{Begin, JournalSpan, MirrorCopy, Receiver, Sender, Start};
+use crate::link::{Begin, JournalSpan, MirrorCopy, Positions, Sender, Start};
 use crate::op::{Op, Record};
 use crate::sequencer::{self, InDoubt, Sequencer};
+use crate::session::{Incoming, Phase, Session};
 use crate::tree::apply_op;
 use crate::wire::{error_code, Decoder, MirrorState, Msg, VolumeId, BATCH_BYTES};
 
@@ -339,13 +342,20 @@ struct PLink {
     nonce: u64,
 }
 
-/// The mirror daemon's session on one connection (`serve::Daemon::stream`).
+/// The mirror daemon's session on one connection (`serve::Daemon::stream`): the same
+/// [`Session`] the daemon drives, once `Hello` arrived.
 struct MLink {
     conn: u64,
     dec: Decoder,
-    rx: Option<Receiver>,
-    started: bool,
-    last_ack: Option<(u64, u64, u64, u64)>,
+    session: Option<Session>,
+}
+
+impl MLink {
+    fn streaming(&self) -> bool {
+        self.session
+            .as_ref()
+            .is_some_and(|s| s.phase() == Phase::Streaming)
+    }
 }
 
 /// The mirror daemon's feed: the core [`JournalFeed`] the shell's `volume::RecordFeed` drives
@@ -1377,9 +1387,7 @@ impl Sim {
                 self.mlink = Some(MLink {
                     conn: id,
                     dec: Decoder::new(),
-                    rx: None,
-                    started: false,
-                    last_ack: None,
+                    session: None,
                 });
                 self.ev(|| format!("mirror accepts connection {id}"));
             }
@@ -1462,7 +1470,7 @@ impl Sim {
     fn m_handle(&mut self, id: u64, msg: Msg) -> Act {
         match msg {
             Msg::Hello { .. } => {
-                if self.mlink.as_ref().is_some_and(|m| m.rx.is_some()) {
+                if self.mlink.as_ref().is_some_and(|m| m.session.is_some()) {
                     return Err(Fault::Bug("a second Hello".into()));
                 }
                 // `settle_journal`: durable through its end, so `durable` is where it continues.
@@ -1476,12 +1484,12 @@ impl Sim {
                     promoted: false,
                     foreign: false,
                 };
-                let mut rx = Receiver::new(copy, RESERVED, "sim-mirror");
-                let welcome = rx.on_hello(&msg).map_err(|e| {
+                let mut session = Session::new(copy, RESERVED, "sim-mirror", 0);
+                let welcome = session.on_hello(&msg).map_err(|e| {
                     Fault::Bug(format!("the mirror refused a Hello of its primary: {e}"))
                 })?;
                 if let Some(ml) = self.mlink.as_mut() {
-                    ml.rx = Some(rx);
+                    ml.session = Some(session);
                 }
                 let d = self.mdurable;
                 self.ev(|| format!("mirror welcomes connection {id}: durable {d}"));
@@ -1490,55 +1498,56 @@ impl Sim {
             }
             Msg::Start { .. } => {
                 let next = self.mjournal.next_seq();
-                let Some(rx) = self.mlink.as_mut().and_then(|m| m.rx.as_mut()) else {
+                let Some(session) = self.mlink.as_mut().and_then(|m| m.session.as_mut()) else {
                     return Err(Fault::Bug("Start before Hello".into()));
                 };
-                match rx.on_start(&msg) {
-                    Ok(Begin::Resume { seq, .. }) if seq == next => {
-                        if let Some(ml) = self.mlink.as_mut() {
-                            ml.started = true;
-                        }
-                        Ok(())
-                    }
+                match session.on_start(&msg) {
+                    Ok(Begin::Resume { seq, .. }) if seq == next => Ok(()),
                     Ok(b) => Err(Fault::Bug(format!(
                         "the mirror was told {b:?} but its journal continues at {next}"
                     ))),
                     Err(e) => Err(Fault::Bug(format!("the mirror refused Start: {e}"))),
                 }
             }
-            Msg::Records { settled, records } => self.m_records(id, settled, records),
-            Msg::Ping { nonce } => {
-                self.send_to_p(id, Msg::Pong { nonce });
-                Ok(())
+            Msg::Records { settled, records } if self.variant == NetVariant::AcceptStale => {
+                // Sabotage, outside the session: no sequence check.
+                if !self.mlink.as_ref().is_some_and(MLink::streaming) {
+                    return Err(Fault::Bug("records before Start".into()));
+                }
+                self.m_store(&records, settled)
             }
-            Msg::Pong { .. } => Ok(()),
-            other => Err(Fault::Bug(format!(
-                "the primary sent message type {} to the mirror",
-                other.type_code()
-            ))),
+            msg => {
+                let Some(session) = self.mlink.as_mut().and_then(|m| m.session.as_mut()) else {
+                    return Err(Fault::Bug(format!(
+                        "message type {} before Hello",
+                        msg.type_code()
+                    )));
+                };
+                match session.on_message(&msg) {
+                    Ok(Incoming::Append { records, settled }) => self.m_store(records, settled),
+                    Ok(Incoming::Reply(reply)) => {
+                        self.send_to_p(id, reply);
+                        Ok(())
+                    }
+                    Ok(Incoming::Nothing) => Ok(()),
+                    Ok(Incoming::PeerError { code, message }) => Err(Fault::Bug(format!(
+                        "the primary reported an error to the mirror (code {code}): {message}"
+                    ))),
+                    Err(e) => {
+                        // A correct primary never sends a gap or a message out of place.
+                        self.m_refuse(id, &e);
+                        Err(Fault::Bug(format!("the mirror refused a message: {e}")))
+                    }
+                }
+            }
         }
     }
 
-    /// `serve::receive`: checks the batch, appends it under the primary's seqs.
-    fn m_records(&mut self, id: u64, settled: u64, records: Vec<Record>) -> Act {
+    /// `serve::append`: stores a batch the session took (or, sabotaged, any batch) under the
+    /// primary's seqs; the applier may go up to the primary's `settled`.
+    fn m_store(&mut self, records: &[Record], settled: u64) -> Act {
         let sabotage = self.variant == NetVariant::AcceptStale;
-        let Some(ml) = self.mlink.as_mut() else {
-            return Ok(());
-        };
-        if !ml.started {
-            return Err(Fault::Bug("records before Start".into()));
-        }
-        if !sabotage {
-            let Some(rx) = ml.rx.as_mut() else {
-                return Err(Fault::Bug("records before Hello".into()));
-            };
-            if let Err(e) = rx.on_records(&records) {
-                // A correct primary never sends a gap: report it.
-                self.m_refuse(id, &e);
-                return Err(Fault::Bug(format!("the mirror refused a batch: {e}")));
-            }
-        }
-        for r in &records {
+        for r in records {
             let seq = if sabotage {
                 self.mjournal.next_seq()
             } else {
@@ -1563,8 +1572,8 @@ impl Sim {
                 return Err(self.mfault(format!("cannot store record {}: {e}", r.seq)));
             }
         }
-        // The primary's word is the latest one: within a primary's life it only grows, and a
-        // primary that restarted after a power loss may say less than its predecessor did.
+        // The session passes the primary's latest word; the `ServeStaleSettled` variant keeps
+        // the largest ever heard instead.
         self.msettled = if self.variant == NetVariant::ServeStaleSettled {
             self.msettled.max(settled)
         } else {
@@ -1577,20 +1586,27 @@ impl Sim {
         Ok(())
     }
 
-    /// `serve::send_acks`: the four positions, sent when they change (or as a heartbeat).
+    /// `serve::send_acks`: the session decides whether an ack is due (the positions changed, or
+    /// a heartbeat) and clamps what it carries.
     fn m_ack(&mut self, heartbeat: bool) -> Act {
         self.m_poll()?;
         let received = self.mjournal.next_seq() - 1;
-        let durable = if self.variant == NetVariant::AckBeforeDurable {
-            received
-        } else {
-            self.mdurable.min(received)
-        };
         let c = self.applier.cursor();
-        let applied = c.applied.min(durable);
-        let checkpoint = c.checkpoint.min(applied);
-        let now = (received, durable, applied, checkpoint);
-        if self.mlink.as_ref().is_some_and(|m| m.started) && durable > self.mjournal.durable_seq() {
+        let raw = Positions {
+            received,
+            // Sabotage: the broken mirror reports records durable as soon as they are received.
+            durable: if self.variant == NetVariant::AckBeforeDurable {
+                received
+            } else {
+                self.mdurable
+            },
+            applied: c.applied,
+            checkpoint: c.checkpoint,
+        };
+        let durable = raw.durable.min(received);
+        if self.mlink.as_ref().is_some_and(MLink::streaming)
+            && durable > self.mjournal.durable_seq()
+        {
             return Err(Fault::Bug(format!(
                 "the mirror acknowledged records through {durable} as durable, but its journal \
                  is durable only through {}",
@@ -1600,21 +1616,14 @@ impl Sim {
         let Some(ml) = self.mlink.as_mut() else {
             return Ok(());
         };
-        if !ml.started || (ml.last_ack == Some(now) && !heartbeat) {
-            return Ok(());
-        }
-        ml.last_ack = Some(now);
         let id = ml.conn;
-        self.m_acked_durable = self.m_acked_durable.max(durable);
-        self.send_to_p(
-            id,
-            Msg::Ack {
-                received,
-                durable,
-                applied,
-                checkpoint,
-            },
-        );
+        let Some(ack) = ml.session.as_mut().and_then(|s| s.ack(raw, heartbeat).ack) else {
+            return Ok(());
+        };
+        if let Msg::Ack { durable, .. } = ack {
+            self.m_acked_durable = self.m_acked_durable.max(durable);
+        }
+        self.send_to_p(id, ack);
         Ok(())
     }
 
