@@ -33,9 +33,11 @@ use mirrorfs_core::session::{Incoming, Session};
 use mirrorfs_core::wire::{error_code, Decoder, MirrorState, Msg};
 
 use crate::net::conn::Duplex;
-use crate::net::identity;
+use crate::net::identity::{self, Identity};
+use crate::site::dirlock::DirLock;
 use crate::site::meta::{random_u64, read_meta, write_meta, CopyState, Meta};
-use crate::site::state_dir::{StateDir, StateLockError};
+use crate::site::state_dir::{StateDir, StateLock, StateLockError};
+use crate::site::status::Registered;
 use crate::site::store::FileStore;
 use crate::site::volume::{
     self, lock, AckMode, MirrorPhase, MirrorShared, Ordered, Progress, Volume,
@@ -112,6 +114,36 @@ pub fn serve(a: ServeArgs) -> Result<()> {
 }
 
 fn serve_in(a: ServeArgs) -> Result<()> {
+    let (dir, state, reserved) = locate(&a)?;
+    let _locks = MirrorLocks::take(&dir, &state)?;
+    let (id, server_cfg) = load_identity(a.config.as_deref())?;
+    let meta = read_served_meta(&dir, &state)?;
+    let (vol, m, horizon) = open_volume(&dir, &state, &meta, a.journal_max_mib)?;
+    let d = Arc::new(Daemon {
+        dir: dir.clone(),
+        state: state.clone(),
+        reserved,
+        vol,
+        m,
+        meta: Mutex::new(meta.clone()),
+        worker: Mutex::new(None),
+        pending_sync_done: AtomicU64::new(0),
+        busy: AtomicBool::new(false),
+        force_resync: a.force_resync,
+        discard_diverged: a.discard_diverged,
+        peer: Mutex::new(None),
+        refused: Mutex::new(None),
+    });
+    d.start_copy(&meta, horizon)?;
+    let _reg = d.start_reporting(a.metrics.as_deref())?;
+    let (listener, term) = listen(&a.listen, &dir, &id)?;
+    accept_loop(&d, &listener, &server_cfg, &term);
+    d.shut_down()
+}
+
+/// DIR (canonical), the state directory (created if needed) and the name it reserves at DIR's
+/// root (empty when it lies outside DIR).
+fn locate(a: &ServeArgs) -> Result<(PathBuf, PathBuf, Vec<u8>)> {
     let dir = a.dir.canonicalize().with_context(|| {
         format!(
             "mirror directory {} does not exist (create it first)",
@@ -141,25 +173,47 @@ fn serve_in(a: ServeArgs) -> Result<()> {
     } else {
         Vec::new()
     };
-    // The directory itself is locked (whatever `--state` says): it cannot be a mount's backing
-    // or local mirror, or a second daemon's directory, at the same time.
-    let _dir_lock = crate::site::dirlock::lock(&dir).map_err(|e| {
-        anyhow!(
-            "{} is in use by another mirrorfs ({e}): stop that one first",
-            dir.display()
-        )
-    })?;
-    let sd = StateDir::at(&state);
-    let _state_lock = match sd.lock() {
-        Ok(l) => l,
-        Err(StateLockError::Io(e)) => return Err(e.into()),
-        Err(StateLockError::Held(_)) => bail!(
-            "another mirrorfs is already serving {} (its state {} is locked)",
-            dir.display(),
-            sd.path().display()
-        ),
-    };
-    let cfg_dir = identity::config_dir(a.config.as_deref());
+    Ok((dir, state, reserved))
+}
+
+/// DIR's lock and its state directory's, held while the daemon runs (released in this order:
+/// the state's first).
+struct MirrorLocks {
+    _state: StateLock,
+    _dir: DirLock,
+}
+
+impl MirrorLocks {
+    /// Locks DIR itself (whatever `--state` says: it cannot be a mount's backing or local
+    /// mirror, or a second daemon's directory, at the same time), then the state directory.
+    fn take(dir: &Path, state: &Path) -> Result<Self> {
+        let dir_lock = crate::site::dirlock::lock(dir).map_err(|e| {
+            anyhow!(
+                "{} is in use by another mirrorfs ({e}): stop that one first",
+                dir.display()
+            )
+        })?;
+        let sd = StateDir::at(state);
+        let state_lock = match sd.lock() {
+            Ok(l) => l,
+            Err(StateLockError::Io(e)) => return Err(e.into()),
+            Err(StateLockError::Held(_)) => bail!(
+                "another mirrorfs is already serving {} (its state {} is locked)",
+                dir.display(),
+                sd.path().display()
+            ),
+        };
+        Ok(MirrorLocks {
+            _state: state_lock,
+            _dir: dir_lock,
+        })
+    }
+}
+
+/// This machine's identity and the TLS configuration that admits only trusted primaries
+/// (their list is read again at each handshake).
+fn load_identity(config: Option<&Path>) -> Result<(Identity, Arc<rustls::ServerConfig>)> {
+    let cfg_dir = identity::config_dir(config);
     let id = identity::load(&cfg_dir)?;
     let pinned = identity::pinned(&cfg_dir)?;
     if pinned.is_empty() {
@@ -173,20 +227,36 @@ fn serve_in(a: ServeArgs) -> Result<()> {
         "trusted primaries: {} (reloaded at each handshake: a `mirrorfs trust` takes effect at the next connection)",
         cfg_dir.join("peers").display()
     );
-    let meta = read_meta(&state)?;
+    Ok((id, server_cfg))
+}
+
+/// The copy's meta file; a promoted copy is no mirror any more.
+fn read_served_meta(dir: &Path, state: &Path) -> Result<Meta> {
+    let meta = read_meta(state)?;
     if meta.promoted && !meta.former_primary() {
         bail!(
             "{} was promoted to a primary ({}); it no longer accepts a stream. Mount it with `mirrorfs mount`, or see docs/protocol.md to re-attach it as a mirror",
             dir.display(),
-            StateDir::at(&state).volume_json().display()
+            StateDir::at(state).volume_json().display()
         );
     }
+    Ok(meta)
+}
 
-    let store = FileStore::open(&StateDir::at(&state).journal_dir())?;
+/// Opens the journal (recovering a torn tail, making what survived durable) and builds the
+/// volume the flusher and the applier share; returns it, the mirror's shared state and the
+/// journal's last seq.
+fn open_volume(
+    dir: &Path,
+    state: &Path,
+    meta: &Meta,
+    journal_max_mib: u64,
+) -> Result<(Arc<Volume>, Arc<MirrorShared>, u64)> {
+    let store = FileStore::open(&StateDir::at(state).journal_dir())?;
     let (journal, report) = Journal::open(
         store,
         JournalConfig {
-            journal_bytes_max: a.journal_max_mib << 20,
+            journal_bytes_max: journal_max_mib << 20,
             ..JournalConfig::default()
         },
     )
@@ -198,7 +268,7 @@ fn serve_in(a: ServeArgs) -> Result<()> {
         );
     }
     let horizon = journal.next_seq() - 1;
-    if meta.former_primary() && !StateDir::at(&state).is_clean() {
+    if meta.former_primary() && !StateDir::at(state).is_clean() {
         bail!(
             "{} is a primary's backing directory that was not unmounted cleanly: mount it once with `mirrorfs mount` and unmount it (that settles its last change), then serve it",
             dir.display()
@@ -207,10 +277,7 @@ fn serve_in(a: ServeArgs) -> Result<()> {
     // The last record's fate (an Abort may follow it) is unknown until the primary says, unless
     // it is itself an Abort (then everything before it is decided), or the journal is an old
     // primary's (its tree is exactly its journal's end).
-    let last_is_abort = matches!(
-        report.last.as_ref().map(|r| &r.op),
-        Some(mirrorfs_core::op::Op::Abort { .. })
-    );
+    let last_is_abort = matches!(report.last.as_ref().map(|r| &r.op), Some(Op::Abort { .. }));
     let settled0 = if last_is_abort || meta.former_primary() {
         horizon
     } else {
@@ -218,8 +285,8 @@ fn serve_in(a: ServeArgs) -> Result<()> {
     };
     let m = Arc::new(MirrorShared::new(
         dir.display().to_string(),
-        dir.clone(),
-        StateDir::at(&state).tree().path().to_path_buf(),
+        dir.to_path_buf(),
+        StateDir::at(state).tree().path().to_path_buf(),
         None,
     ));
     m.checkpoint_when_idle.store(true, Ordering::Relaxed);
@@ -240,107 +307,43 @@ fn serve_in(a: ServeArgs) -> Result<()> {
     // Records that survived a crash of this process may not have been fsynced: make them durable
     // now, so the position reported to the primary is honest (F2).
     sync_journal(&vol)?;
+    Ok((vol, m, horizon))
+}
 
-    let d = Arc::new(Daemon {
-        dir: dir.clone(),
-        state: state.clone(),
-        reserved,
-        vol: vol.clone(),
-        m: m.clone(),
-        meta: Mutex::new(meta.clone()),
-        worker: Mutex::new(None),
-        pending_sync_done: AtomicU64::new(0),
-        busy: AtomicBool::new(false),
-        force_resync: a.force_resync,
-        discard_diverged: a.discard_diverged,
-        peer: Mutex::new(None),
-        refused: Mutex::new(None),
-    });
-    if meta.former_primary() {
-        // An old primary's tree holds everything its journal does.
-        m.applied.store(horizon, Ordering::Release);
-        m.checkpoint.store(horizon, Ordering::Release);
-        tracing::info!(
-            "{} is the backing directory of a primary of volume {} (generation {}) through record {horizon}: it is served as a mirror only to a primary it is an ancestor of; a primary that lacks some of its changes is refused",
-            dir.display(),
-            meta.volume_id,
-            meta.generation
-        );
-    }
-    {
-        let v = vol.clone();
-        std::thread::Builder::new()
-            .name("flusher".into())
-            .spawn(move || v.run_flusher())?;
-    }
-    if meta.state == CopyState::Consistent || meta.state == CopyState::Syncing {
-        let power_loss = crate::site::boot::power_lost(&state);
-        let mut cur = volume::open_cursor(&m)?;
-        let opened = Applier::open(&mut cur, power_loss, horizon)?;
-        crate::site::boot::record_boot(&state)?;
-        match opened {
-            Some(mut ap) => {
-                if meta.state == CopyState::Syncing {
-                    ap.set_syncing(Some(meta.sync_id));
-                }
-                d.start_worker(ap)?;
-            }
-            None => {
-                // No cursor: the copy cannot be resumed; report an interrupted copy that no
-                // primary is streaming (sync id 0), so it is copied afresh.
-                tracing::warn!(
-                    "no cursor for the copy in {}: it will be copied afresh",
-                    dir.display()
-                );
-                let mut mm = meta.clone();
-                mm.state = CopyState::Syncing;
-                mm.sync_id = 0;
-                write_meta(&state, &mm)?;
-                *lock(&d.meta) = mm;
-            }
-        }
-    }
-    crate::site::boot::record_boot(&state)?;
-    {
-        let d = d.clone();
-        std::thread::Builder::new()
-            .name("status".into())
-            .spawn(move || loop {
-                d.write_status();
-                std::thread::sleep(Duration::from_millis(250));
-            })?;
-    }
-    let _reg = crate::site::status::register(&dir, &dir, &state)?;
-    if let Some(addr) = &a.metrics {
-        let d = d.clone();
-        crate::site::status::serve_metrics(addr, Arc::new(move || d.metrics_text()))?;
-    }
-
-    let listener =
-        TcpListener::bind(&a.listen).with_context(|| format!("cannot listen on {}", a.listen))?;
+/// Binds the listening socket and turns SIGINT and SIGTERM into a stop flag.
+fn listen(addr: &str, dir: &Path, id: &Identity) -> Result<(TcpListener, Arc<AtomicBool>)> {
+    let listener = TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr}"))?;
     let term = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGINT, term.clone())?;
     signal_hook::flag::register(signal_hook::consts::SIGTERM, term.clone())?;
     listener.set_nonblocking(true)?;
+    let local = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
     tracing::info!(
         "serving mirror {} on {} as {}",
         dir.display(),
-        listener
-            .local_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_default(),
+        local,
         id.fingerprint
     );
     eprintln!(
         "mirrorfs: mirror {} listening on {} (identity {}; Ctrl-C stops)",
         dir.display(),
-        listener
-            .local_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_default(),
+        local,
         id.fingerprint
     );
-    // Bounded: see `gate` (who is let in, who is evicted, and the handshake deadline).
+    Ok((listener, term))
+}
+
+/// Accepts connections until told to stop, each on its own thread (bounded: see `gate` for who
+/// is let in, who is evicted, and the handshake deadline).
+fn accept_loop(
+    d: &Arc<Daemon>,
+    listener: &TcpListener,
+    server_cfg: &Arc<rustls::ServerConfig>,
+    term: &AtomicBool,
+) {
     let gate = crate::net::gate::Gate::new();
     while !term.load(Ordering::Relaxed) {
         match listener.accept() {
@@ -356,7 +359,7 @@ fn serve_in(a: ServeArgs) -> Result<()> {
                 for attempt in 0..2 {
                     let Some(s) = sock.take() else { break };
                     let spare = s.try_clone().ok();
-                    match start_connection(&d, &server_cfg, &gate, s, from) {
+                    match start_connection(d, server_cfg, &gate, s, from) {
                         Ok(()) => break,
                         Err(e) => {
                             tracing::warn!(
@@ -382,13 +385,6 @@ fn serve_in(a: ServeArgs) -> Result<()> {
             }
         }
     }
-    tracing::info!("stopping");
-    d.stop_worker();
-    lock(&vol.progress).stopping = true;
-    vol.changed.notify_all();
-    d.write_status();
-    StateDir::at(&state).set_clean()?;
-    Ok(())
 }
 
 /// Lets one accepted connection in through the gate and starts its thread: TLS handshake
@@ -443,6 +439,90 @@ fn sync_journal(vol: &Volume) -> Result<()> {
 }
 
 impl Daemon {
+    /// Brings the copy back as it was left: an old primary's tree is at its journal's end; the
+    /// flusher starts; a consistent or interrupted copy gets its applier back (or, without a
+    /// cursor, is marked to be copied afresh).
+    fn start_copy(&self, meta: &Meta, horizon: u64) -> Result<()> {
+        if meta.former_primary() {
+            // An old primary's tree holds everything its journal does.
+            self.m.applied.store(horizon, Ordering::Release);
+            self.m.checkpoint.store(horizon, Ordering::Release);
+            tracing::info!(
+                "{} is the backing directory of a primary of volume {} (generation {}) through record {horizon}: it is served as a mirror only to a primary it is an ancestor of; a primary that lacks some of its changes is refused",
+                self.dir.display(),
+                meta.volume_id,
+                meta.generation
+            );
+        }
+        {
+            let v = self.vol.clone();
+            std::thread::Builder::new()
+                .name("flusher".into())
+                .spawn(move || v.run_flusher())?;
+        }
+        if meta.state == CopyState::Consistent || meta.state == CopyState::Syncing {
+            let power_loss = crate::site::boot::power_lost(&self.state);
+            let mut cur = volume::open_cursor(&self.m)?;
+            let opened = Applier::open(&mut cur, power_loss, horizon)?;
+            crate::site::boot::record_boot(&self.state)?;
+            match opened {
+                Some(mut ap) => {
+                    if meta.state == CopyState::Syncing {
+                        ap.set_syncing(Some(meta.sync_id));
+                    }
+                    self.start_worker(ap)?;
+                }
+                None => {
+                    // No cursor: the copy cannot be resumed; report an interrupted copy that no
+                    // primary is streaming (sync id 0), so it is copied afresh.
+                    tracing::warn!(
+                        "no cursor for the copy in {}: it will be copied afresh",
+                        self.dir.display()
+                    );
+                    let mut mm = meta.clone();
+                    mm.state = CopyState::Syncing;
+                    mm.sync_id = 0;
+                    write_meta(&self.state, &mm)?;
+                    *lock(&self.meta) = mm;
+                }
+            }
+        }
+        crate::site::boot::record_boot(&self.state)?;
+        Ok(())
+    }
+
+    /// The status file (rewritten every 250 ms), the registration `mirrorfs status` finds, and
+    /// the metrics endpoint if asked for; the registration lasts as long as what is returned.
+    fn start_reporting(self: &Arc<Self>, metrics: Option<&str>) -> Result<Registered> {
+        {
+            let d = self.clone();
+            std::thread::Builder::new()
+                .name("status".into())
+                .spawn(move || loop {
+                    d.write_status();
+                    std::thread::sleep(Duration::from_millis(250));
+                })?;
+        }
+        let reg = crate::site::status::register(&self.dir, &self.dir, &self.state)?;
+        if let Some(addr) = metrics {
+            let d = self.clone();
+            crate::site::status::serve_metrics(addr, Arc::new(move || d.metrics_text()))?;
+        }
+        Ok(reg)
+    }
+
+    /// After the accept loop: the applier stops, the flusher finishes, the last status is written
+    /// and the state is marked clean.
+    fn shut_down(&self) -> Result<()> {
+        tracing::info!("stopping");
+        self.stop_worker();
+        lock(&self.vol.progress).stopping = true;
+        self.vol.changed.notify_all();
+        self.write_status();
+        StateDir::at(&self.state).set_clean()?;
+        Ok(())
+    }
+
     fn start_worker(&self, ap: Applier) -> Result<()> {
         self.m.applied.store(ap.cursor().applied, Ordering::Release);
         self.m
