@@ -113,6 +113,8 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     r
 }
 
+/// The daemon's life: find and lock DIR and its state, load the identity, open the journal and
+/// bring the copy back, then accept primaries until SIGINT or SIGTERM, and stop cleanly.
 fn serve_in(a: ServeArgs) -> Result<()> {
     let (dir, state, reserved) = locate(&a)?;
     let _locks = MirrorLocks::take(&dir, &state)?;
