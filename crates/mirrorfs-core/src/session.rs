@@ -7,7 +7,8 @@
 //!          ─ Records/Ping/Pong/Error ─▶ on_message ─▶ Append{records, settled} / Reply(Pong) /
 //!                                                     PeerError / a refusal
 //!  journal and applier positions ─▶ ack ─▶ Ack (when they changed, or as a heartbeat) and
-//!                                          whether the initial copy or resync just completed
+//!                                          whether the initial copy or resync completed (until
+//!                                          the shell recorded it: sync_recorded)
 //! ```
 //!
 //! The shell (`serve.rs`) owns the TLS connection, the journal, the applier thread and the meta
