@@ -13,13 +13,14 @@
 //! State lives in `STATE` (default `DIR/.mirrorfs`): `journal/`, `tree/cursor`, `volume.json`
 //! (which volume and generation DIR holds, and whether it is a consistent copy), `lock`.
 
+use crate::site::engine::{Role, Site};
 use std::fs;
 use std::net::TcpListener;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -36,9 +37,7 @@ use crate::net::identity;
 use crate::site::meta::{random_u64, read_meta, write_meta, CopyState, Meta};
 use crate::site::state_dir::{StateDir, StateLockError};
 use crate::site::store::FileStore;
-use crate::site::volume::{
-    self, lock, AckMode, MirrorPhase, MirrorShared, Ordered, Progress, Volume,
-};
+use crate::site::volume::{self, lock, MirrorPhase, MirrorShared, Volume};
 
 #[derive(clap::Args)]
 pub struct ServeArgs {
@@ -180,40 +179,12 @@ fn serve_in(a: ServeArgs) -> Result<()> {
         );
     }
 
-    let store = FileStore::open(&StateDir::at(&state).journal_dir())?;
-    let (journal, report) = Journal::open(
-        store,
-        JournalConfig {
-            journal_bytes_max: a.journal_max_mib << 20,
-            ..JournalConfig::default()
-        },
-    )
-    .context("cannot open the mirror's journal")?;
-    if report.torn_bytes > 0 {
-        tracing::warn!(
-            "journal recovery: cut a torn tail of {} bytes",
-            report.torn_bytes
-        );
-    }
-    let horizon = journal.next_seq() - 1;
     if meta.former_primary() && !StateDir::at(&state).is_clean() {
         bail!(
             "{} is a primary's backing directory that was not unmounted cleanly: mount it once with `mirrorfs mount` and unmount it (that settles its last change), then serve it",
             dir.display()
         );
     }
-    // The last record's fate (an Abort may follow it) is unknown until the primary says, unless
-    // it is itself an Abort (then everything before it is decided), or the journal is an old
-    // primary's (its tree is exactly its journal's end).
-    let last_is_abort = matches!(
-        report.last.as_ref().map(|r| &r.op),
-        Some(mirrorfs_core::op::Op::Abort { .. })
-    );
-    let settled0 = if last_is_abort || meta.former_primary() {
-        horizon
-    } else {
-        horizon.saturating_sub(1)
-    };
     let m = Arc::new(MirrorShared::new(
         dir.display().to_string(),
         dir.clone(),
@@ -221,23 +192,17 @@ fn serve_in(a: ServeArgs) -> Result<()> {
         None,
     ));
     m.checkpoint_when_idle.store(true, Ordering::Relaxed);
-    let vol = Arc::new(Volume {
-        order: Mutex::new(Ordered::new(journal)),
-        progress: Mutex::new(Progress {
-            durable_seq: 0,
-            settled_seq: settled0,
-            ..Progress::default()
-        }),
-        changed: Condvar::new(),
-        mirrors: vec![m.clone()],
-        ack: AckMode::Async,
-        quorum: 1,
-        settled: AtomicU64::new(settled0),
-        poisoned: AtomicBool::new(false),
-    });
-    // Records that survived a crash of this process may not have been fsynced: make them durable
-    // now, so the position reported to the primary is honest (F2).
-    sync_journal(&vol)?;
+    let role = Role::Mirror {
+        former_primary: meta.former_primary(),
+    };
+    let site = Site::open(
+        StateDir::at(&state),
+        &role,
+        a.journal_max_mib,
+        vec![m.clone()],
+    )?;
+    let vol = site.vol.clone();
+    let horizon = site.opening.horizon;
 
     let d = Arc::new(Daemon {
         dir: dir.clone(),
@@ -265,17 +230,10 @@ fn serve_in(a: ServeArgs) -> Result<()> {
             meta.generation
         );
     }
-    {
-        let v = vol.clone();
-        std::thread::Builder::new()
-            .name("flusher".into())
-            .spawn(move || v.run_flusher())?;
-    }
     if meta.state == CopyState::Consistent || meta.state == CopyState::Syncing {
-        let power_loss = crate::site::boot::power_lost(&state);
         let mut cur = volume::open_cursor(&m)?;
-        let opened = Applier::open(&mut cur, power_loss, horizon)?;
-        crate::site::boot::record_boot(&state)?;
+        let opened = Applier::open(&mut cur, site.opening.power_loss, horizon)?;
+        site.record_boot()?;
         match opened {
             Some(mut ap) => {
                 if meta.state == CopyState::Syncing {
@@ -298,7 +256,7 @@ fn serve_in(a: ServeArgs) -> Result<()> {
             }
         }
     }
-    crate::site::boot::record_boot(&state)?;
+    site.record_boot()?;
     {
         let d = d.clone();
         std::thread::Builder::new()
@@ -382,10 +340,8 @@ fn serve_in(a: ServeArgs) -> Result<()> {
     }
     tracing::info!("stopping");
     d.stop_worker();
-    lock(&vol.progress).stopping = true;
-    vol.changed.notify_all();
+    site.stop()?;
     d.write_status();
-    StateDir::at(&state).set_clean()?;
     Ok(())
 }
 
@@ -421,23 +377,6 @@ fn start_connection(
             }
         })
         .map(drop)
-}
-
-fn sync_journal(vol: &Volume) -> Result<()> {
-    use mirrorfs_core::journal::storage::SegmentFile;
-    let mut o = lock(&vol.order);
-    if let Some(plan) = o.journal.sync_plan() {
-        for (sid, f, _) in &plan.files {
-            f.sync()
-                .with_context(|| format!("fsync of journal segment {sid} failed"))?;
-        }
-        o.journal.mark_synced(&plan);
-    }
-    // Everything present is durable now (recovered segments were synced or just were).
-    let d = o.journal.next_seq() - 1;
-    drop(o);
-    lock(&vol.progress).durable_seq = d;
-    Ok(())
 }
 
 impl Daemon {
@@ -500,7 +439,7 @@ impl Daemon {
             let (j, _) = Journal::open(store, cfg).context("cannot reopen the journal")?;
             lock(&self.vol.order).journal = j;
             self.vol.poisoned.store(false, Ordering::Release);
-            sync_journal(&self.vol)?;
+            self.vol.sync_journal()?;
         }
         let t0 = Instant::now();
         loop {
