@@ -3,24 +3,23 @@
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use mirrorfs_core::applier::Applier;
-use mirrorfs_core::journal::{Journal, JournalConfig};
 
 use crate::fuse;
 use crate::mirror::{self, mark};
 use crate::net::{identity, remote};
+use crate::site::engine::{Role, Site};
 use crate::site::meta::CopyState;
 use crate::site::state_dir::{MirrorStateDir, StateDir, StateLockError};
 use crate::site::volume;
-use crate::site::volume::{lock, AckMode, MirrorPhase, MirrorShared, Ordered, Progress, Volume};
-use crate::site::{boot, dirlock, meta, statefile, status, store};
+use crate::site::volume::{lock, AckMode, MirrorPhase, MirrorShared, Volume};
+use crate::site::{dirlock, meta, statefile, status};
 use crate::sys;
-use crate::tree::dirtree;
 
 #[derive(clap::Args)]
 pub struct MountArgs {
@@ -196,7 +195,128 @@ fn clear_dead_mount(mnt: &Path) -> Result<()> {
     }
 }
 
+/// Where the mount puts things, checked before anything is created or locked.
+struct Places {
+    backing: PathBuf,
+    mountpoint: PathBuf,
+    /// Local mirror directories, canonical.
+    mirrors: Vec<PathBuf>,
+    /// Remote mirrors, `HOST:PORT`.
+    remotes: Vec<String>,
+    quorum: usize,
+}
+
+/// The state directory and the name hidden at the backing's root.
+struct StatePlace {
+    path: PathBuf,
+    /// The state directory's name at the backing's root, or `.mirrorfs` if the state is
+    /// elsewhere: hidden from the mount, never in a record, and the name of each local mirror's
+    /// identity mark (`mark.rs`).
+    hidden: Vec<u8>,
+}
+
+impl StatePlace {
+    fn mark_name(&self) -> String {
+        String::from_utf8_lossy(&self.hidden).into_owned()
+    }
+}
+
+/// The locks held for the life of the mount: one instance per backing directory (whatever
+/// `--state` says), one user per local mirror, and the state directory's own.
+struct Locks {
+    _backing: dirlock::DirLock,
+    _mirrors: Vec<dirlock::DirLock>,
+    _state: crate::site::state_dir::StateLock,
+}
+
+/// `mirrorfs mount`: check and lock, open the primary site, attach its mirrors, mount, serve until
+/// a signal or an external unmount, then drain and stop.
 pub fn mount(a: MountArgs) -> Result<()> {
+    let places = check_places(&a)?;
+    let link_identity = link_identity(&a, &places.remotes)?;
+    let state = prepare_state(&a, &places)?;
+    let _locks = take_locks(&places, &state.path)?;
+    let meta = primary_meta(&state.path)?;
+    let shared = mirror_shares(&places, &state.path)?;
+    let n_local = places.mirrors.len();
+    let role = Role::Primary {
+        backing: places.backing.clone(),
+        ack: a.ack,
+        quorum: places.quorum,
+    };
+    let mut site = Site::open(
+        StateDir::at(&state.path),
+        &role,
+        a.journal_max_mib,
+        shared.clone(),
+    )?;
+    let vol = site.vol.clone();
+    let local = &shared[..n_local];
+    let to_sync = start_local_mirrors(&mut site, local, &a, &meta, &state, &places.backing)?;
+    let status_stop = Arc::new(AtomicBool::new(false));
+    let reg = start_status(&mut site, &a, &places, &status_stop)?;
+    let term = shutdown_signals()?;
+    let fs_impl = fuse::MirrorFs::new(vol.clone(), &places.backing, Some(state.hidden.clone()))?;
+    let session = fuser::Session::new(
+        fs_impl,
+        &places.mountpoint,
+        &fuse_config(&a, &places.backing),
+    )
+    .with_context(|| format!("cannot mount on {}", places.mountpoint.display()))?;
+    let bg = session.spawn()?;
+    tracing::info!(
+        "mounted {} on {} with {} mirror(s), ack={:?}, quorum {}",
+        places.backing.display(),
+        places.mountpoint.display(),
+        shared.len(),
+        a.ack,
+        places.quorum
+    );
+    if let Some((id, pinned)) = link_identity {
+        let cfg = Arc::new(remote::LinkConfig {
+            identity: id,
+            pinned,
+            compress: a.compress,
+            history: meta.history(),
+            name: format!("{}:{}", super::hostname(), places.backing.display()),
+            backing: places.backing.clone(),
+            hidden: Some(state.hidden.clone()),
+        });
+        for m in &shared[n_local..] {
+            let (v, m, c) = (vol.clone(), m.clone(), cfg.clone());
+            site.spawn("link", move || remote::run_link(v, m, c))?;
+        }
+    }
+    eprintln!(
+        "mirrorfs: serving {} at {} (Ctrl-C to unmount)",
+        places.backing.display(),
+        places.mountpoint.display()
+    );
+    start_initial_copies(&vol, &places.backing, &state, &to_sync, &term)?;
+    while !term.load(Ordering::Relaxed) && !bg.guard.is_finished() {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // An initial copy still running stops at its next chunk: the shutdown does not wait for it
+    // (the mirror keeps its SYNCING marker and the next mount copies it again).
+    for m in &to_sync {
+        m.cancel_copy.store(true, Ordering::Release);
+    }
+    unmount(bg, &places.mountpoint);
+    drain_mirrors(&vol, &shared);
+    status_stop.store(true, Ordering::Relaxed);
+    site.stop()?;
+    status::write_status(&vol, &places.mountpoint, &state.path);
+    for m in &shared[n_local..] {
+        let _ =
+            MirrorStateDir::at(&m.state_dir).set_remote_durable(m.durable.load(Ordering::Acquire));
+    }
+    drop(reg);
+    eprintln!("mirrorfs: unmounted {}", places.mountpoint.display());
+    Ok(())
+}
+
+/// The backing, the mountpoint and the mirrors exist, do not overlap, and the quorum fits.
+fn check_places(a: &MountArgs) -> Result<Places> {
     let backing = canon(&a.backing, "backing directory")?;
     clear_dead_mount(&a.mountpoint)?;
     let mountpoint = canon(&a.mountpoint, "mountpoint")?;
@@ -213,59 +333,88 @@ pub fn mount(a: MountArgs) -> Result<()> {
             mountpoint.display()
         );
     }
-    let mut mirrors = Vec::new();
-    let mut remotes = Vec::new();
-    for spec in &a.mirrors {
-        if let Some(addr) = spec.strip_prefix("mirror://") {
-            let addr = addr.trim_end_matches('/');
-            if addr.is_empty() || !addr.contains(':') {
-                bail!("remote mirror {spec}: expected mirror://HOST:PORT");
-            }
-            if remotes.iter().any(|r: &String| r == addr) {
-                bail!("mirror {spec} is given twice");
-            }
-            remotes.push(addr.to_string());
-            continue;
-        }
-        if spec.contains("://") {
-            bail!("mirror {spec}: only directories and mirror://HOST:PORT are supported");
-        }
-        let c = canon(Path::new(spec), "mirror")?;
-        if c == backing || c.starts_with(&backing) || backing.starts_with(&c) {
-            bail!("mirror {} overlaps the backing directory {}: a mirror must be outside it (and must not contain it)", c.display(), backing.display());
-        }
-        if c == mountpoint || c.starts_with(&mountpoint) {
-            bail!(
-                "mirror {} is inside the mountpoint {}",
-                c.display(),
-                mountpoint.display()
-            );
-        }
-        if mirrors.contains(&c) {
-            bail!("mirror {} is given twice", c.display());
-        }
-        check_writable(&c)?;
-        mirrors.push(c);
-    }
-    let n_mirrors = mirrors.len() + remotes.len();
-    let quorum = a.quorum.unwrap_or(n_mirrors);
-    if quorum == 0 || quorum > n_mirrors {
-        bail!("--quorum {quorum}: must be between 1 and the number of mirrors ({n_mirrors})");
-    }
-    let link_identity = if remotes.is_empty() {
-        None
-    } else {
-        let dir = identity::config_dir(a.config.as_deref());
-        let id = identity::load(&dir)?;
-        let pinned = identity::pinned(&dir)?;
-        if pinned.is_empty() {
-            bail!(
-                "no trusted mirrors in {}: run `mirrorfs trust FINGERPRINT NAME` with each mirror daemon's fingerprint (`mirrorfs init` prints it on that machine)",
-                dir.join("peers").display()
-            );
-        }
-        Some((Arc::new(id), pinned))
+    let mut places = Places {
+        backing,
+        mountpoint,
+        mirrors: Vec::new(),
+        remotes: Vec::new(),
+        quorum: 0,
     };
+    for spec in &a.mirrors {
+        add_mirror(&mut places, spec)?;
+    }
+    let n_mirrors = places.mirrors.len() + places.remotes.len();
+    places.quorum = a.quorum.unwrap_or(n_mirrors);
+    if places.quorum == 0 || places.quorum > n_mirrors {
+        bail!(
+            "--quorum {}: must be between 1 and the number of mirrors ({n_mirrors})",
+            places.quorum
+        );
+    }
+    Ok(places)
+}
+
+/// One `--mirror`: `mirror://HOST:PORT`, or a writable directory outside the backing and the
+/// mountpoint, each given once.
+fn add_mirror(places: &mut Places, spec: &str) -> Result<()> {
+    if let Some(addr) = spec.strip_prefix("mirror://") {
+        let addr = addr.trim_end_matches('/');
+        if addr.is_empty() || !addr.contains(':') {
+            bail!("remote mirror {spec}: expected mirror://HOST:PORT");
+        }
+        if places.remotes.iter().any(|r| r == addr) {
+            bail!("mirror {spec} is given twice");
+        }
+        places.remotes.push(addr.to_string());
+        return Ok(());
+    }
+    if spec.contains("://") {
+        bail!("mirror {spec}: only directories and mirror://HOST:PORT are supported");
+    }
+    let c = canon(Path::new(spec), "mirror")?;
+    let backing = &places.backing;
+    if c == *backing || c.starts_with(backing) || backing.starts_with(&c) {
+        bail!("mirror {} overlaps the backing directory {}: a mirror must be outside it (and must not contain it)", c.display(), backing.display());
+    }
+    if c == places.mountpoint || c.starts_with(&places.mountpoint) {
+        bail!(
+            "mirror {} is inside the mountpoint {}",
+            c.display(),
+            places.mountpoint.display()
+        );
+    }
+    if places.mirrors.contains(&c) {
+        bail!("mirror {} is given twice", c.display());
+    }
+    check_writable(&c)?;
+    places.mirrors.push(c);
+    Ok(())
+}
+
+/// This machine's identity and its trusted peers, when there are remote mirrors.
+fn link_identity(
+    a: &MountArgs,
+    remotes: &[String],
+) -> Result<Option<(Arc<identity::Identity>, Vec<identity::Fingerprint>)>> {
+    if remotes.is_empty() {
+        return Ok(None);
+    }
+    let dir = identity::config_dir(a.config.as_deref());
+    let id = identity::load(&dir)?;
+    let pinned = identity::pinned(&dir)?;
+    if pinned.is_empty() {
+        bail!(
+            "no trusted mirrors in {}: run `mirrorfs trust FINGERPRINT NAME` with each mirror daemon's fingerprint (`mirrorfs init` prints it on that machine)",
+            dir.join("peers").display()
+        );
+    }
+    Ok(Some((Arc::new(id), pinned)))
+}
+
+/// The state directory: created owner-only, outside every mirror; a local mirror's tree mounted
+/// as a primary (failover to a local copy) loses its identity mark here.
+fn prepare_state(a: &MountArgs, places: &Places) -> Result<StatePlace> {
+    let backing = &places.backing;
     let state = match &a.state {
         Some(s) => {
             statefile::private_dir(s)
@@ -275,8 +424,8 @@ pub fn mount(a: MountArgs) -> Result<()> {
         None => backing.join(".mirrorfs"),
     };
     if let Some(found) = mark::read_file(&state) {
-        // A local mirror's tree mounted as a primary (failover to a local copy): it becomes the
-        // backing of a new volume; its mark goes, the state directory takes its place.
+        // It becomes the backing of a new volume; its mark goes, the state directory takes its
+        // place.
         tracing::warn!(
             "{} was a local mirror of volume {} (copy since record {}): it is now the backing directory of a new volume",
             backing.display(),
@@ -286,31 +435,29 @@ pub fn mount(a: MountArgs) -> Result<()> {
         fs::remove_file(&state)
             .with_context(|| format!("cannot remove the mirror mark {}", state.display()))?;
     }
-    for m in &mirrors {
-        if state.starts_with(m) {
-            bail!(
-                "the state directory {} is inside mirror {}",
-                state.display(),
-                m.display()
-            );
-        }
+    if let Some(m) = places.mirrors.iter().find(|m| state.starts_with(m)) {
+        bail!(
+            "the state directory {} is inside mirror {}",
+            state.display(),
+            m.display()
+        );
     }
     statefile::private_dir(&state)
         .with_context(|| format!("cannot create state directory {}", state.display()))?;
-    // The state directory's name at the backing's root, or `.mirrorfs` if the state is elsewhere:
-    // hidden from the mount, never in a record, and the name of each local mirror's identity
-    // mark (`mark.rs`).
-    let hidden: Option<Vec<u8>> = Some(
-        (state.parent() == Some(backing.as_path()))
-            .then(|| state.file_name().map(|n| n.as_bytes().to_vec()))
-            .flatten()
-            .unwrap_or_else(|| b".mirrorfs".to_vec()),
-    );
-    let mark_name = String::from_utf8_lossy(hidden.as_deref().unwrap_or(b".mirrorfs")).into_owned();
+    let hidden = (state.parent() == Some(backing.as_path()))
+        .then(|| state.file_name().map(|n| n.as_bytes().to_vec()))
+        .flatten()
+        .unwrap_or_else(|| b".mirrorfs".to_vec());
+    Ok(StatePlace {
+        path: state,
+        hidden,
+    })
+}
 
-    // One instance per backing directory, whatever `--state` says, and one user per local
-    // mirror: exclusive locks on the directories themselves, held for the life of the mount.
-    let _backing_lock = dirlock::lock(&backing).map_err(|e| match e {
+/// Locks the backing, each local mirror and the state directory, and records our pid.
+fn take_locks(places: &Places, state: &Path) -> Result<Locks> {
+    let backing = &places.backing;
+    let backing_lock = dirlock::lock(backing).map_err(|e| match e {
         dirlock::LockError::Held(pid) => anyhow::anyhow!(
             "another mirrorfs ({}) is already serving {}; unmount it first",
             pid.map(|p| format!("pid {p}"))
@@ -321,18 +468,18 @@ pub fn mount(a: MountArgs) -> Result<()> {
             anyhow::anyhow!("cannot lock {}: {e}", backing.display())
         }
     })?;
-    let mut _mirror_locks = Vec::new();
-    for m in &mirrors {
-        _mirror_locks.push(dirlock::lock(m).map_err(|e| {
+    let mut mirror_locks = Vec::new();
+    for m in &places.mirrors {
+        mirror_locks.push(dirlock::lock(m).map_err(|e| {
             anyhow::anyhow!(
                 "mirror {} is in use by another mirrorfs ({e}): a directory can be the mirror of one mount only, and never a backing directory or a daemon's directory at the same time",
                 m.display()
             )
         })?);
     }
-    // The state directory's own lock: two backing directories cannot share one `--state`.
-    let sd = StateDir::at(&state);
-    let _state_lock = match sd.lock() {
+    // Two backing directories cannot share one `--state`.
+    let sd = StateDir::at(state);
+    let state_lock = match sd.lock() {
         Ok(l) => l,
         Err(StateLockError::Held(pid)) => bail!(
             "another mirrorfs (pid {}) is already serving {}; unmount it first",
@@ -342,56 +489,37 @@ pub fn mount(a: MountArgs) -> Result<()> {
         Err(StateLockError::Io(e)) => return Err(e.into()),
     };
     sd.write_pid()?;
+    Ok(Locks {
+        _backing: backing_lock,
+        _mirrors: mirror_locks,
+        _state: state_lock,
+    })
+}
 
-    let clean = StateDir::at(&state).is_clean();
-    let power_loss = boot::power_lost(&state);
-    let meta = primary_meta(&state)?;
-
-    let store = store::FileStore::open(&sd.journal_dir())?;
-    let cfg = JournalConfig {
-        journal_bytes_max: a.journal_max_mib << 20,
-        ..JournalConfig::default()
-    };
-    let (journal, report) = Journal::open(store, cfg).context("cannot open the journal")?;
-    if report.torn_bytes > 0 || report.dropped_segments > 0 {
-        tracing::warn!(
-            "journal recovery: cut a torn tail of {} bytes and {} unsynced segments",
-            report.torn_bytes,
-            report.dropped_segments
-        );
-    }
-    tracing::info!(
-        "journal: {} records in {} segments, next seq {}",
-        report.records,
-        report.segments,
-        journal.next_seq()
-    );
-    let horizon = journal.next_seq() - 1;
-    let first_held = journal.first_seq();
-
-    let mut shared: Vec<Arc<MirrorShared>> = mirrors
+/// The shared state of each mirror, local ones first. A remote mirror holds the journal from
+/// the position it last said was durable (all of it until it says).
+fn mirror_shares(places: &Places, state: &Path) -> Result<Vec<Arc<MirrorShared>>> {
+    let sd = StateDir::at(state);
+    let mut shared: Vec<Arc<MirrorShared>> = places
+        .mirrors
         .iter()
         .map(|m| {
+            let dir = sd.mirror(&mirror_id(m)).path().to_path_buf();
             Arc::new(MirrorShared::new(
                 m.display().to_string(),
                 m.clone(),
-                StateDir::at(&state)
-                    .mirror(&mirror_id(m))
-                    .path()
-                    .to_path_buf(),
+                dir,
                 None,
             ))
         })
         .collect();
-    let n_local = shared.len();
-    for r in &remotes {
+    for r in &places.remotes {
         let name = format!("mirror://{r}");
+        let dir = sd.mirror(&mirror_id(Path::new(&format!("remote-{r}"))));
         let m = MirrorShared::new(
             name.clone(),
             PathBuf::from(&name),
-            state
-                .join("mirrors")
-                .join(mirror_id(Path::new(&format!("remote-{r}")))),
+            dir.path().to_path_buf(),
             Some(r.clone()),
         );
         fs::create_dir_all(&m.state_dir)?;
@@ -399,9 +527,8 @@ pub fn mount(a: MountArgs) -> Result<()> {
             error: "connecting".into(),
             since_unix: sys::now().sec as u64,
         };
-        // Until the mirror says where it is, hold the whole journal for it.
         // A garbage file holds everything too (as before), but says so.
-        let hold = match MirrorStateDir::at(&m.state_dir).remote_durable() {
+        let hold = match dir.remote_durable() {
             Ok(pos) => pos.unwrap_or(0),
             Err(e) => {
                 tracing::warn!("mirror {name}: {e}; holding the whole journal for it");
@@ -411,170 +538,171 @@ pub fn mount(a: MountArgs) -> Result<()> {
         m.durable.store(hold, Ordering::Release);
         shared.push(Arc::new(m));
     }
-    let vol = Arc::new(Volume {
-        order: Mutex::new(Ordered::new(journal)),
-        progress: Mutex::new(Progress {
-            durable_seq: horizon,
-            settled_seq: horizon,
-            ..Progress::default()
-        }),
-        changed: Condvar::new(),
-        mirrors: shared.clone(),
-        ack: a.ack,
-        quorum,
-        settled: AtomicU64::new(horizon),
-        poisoned: AtomicBool::new(false),
-    });
+    Ok(shared)
+}
 
-    // The last record may not have reached the backing tree before a crash. If it is aborted,
-    // the Abort is made durable and settled before any mirror may look at the record.
-    if let Some(last) = &report.last {
-        if !clean {
-            let mut bt = dirtree::DirTree::open(&backing)?;
-            vol.resolve_in_doubt(&mut bt, last)?;
-            let timed = vol.record_backing_times(&bt, first_held)?;
-            if timed > 0 {
-                tracing::info!(
-                    "after the crash: journaled the backing's times of {timed} entries changed by the last {} records, so mirrors carry them",
-                    last.seq.saturating_sub(first_held) + 1
-                );
+/// A local mirror's applier: resumed from its cursor when the mirror is ours and the journal
+/// still holds what it lacks; otherwise the mirror is prepared for an initial copy (`true`).
+/// A tree with a missing or foreign identity mark (another disk) is never copied over unless
+/// asked; a live mirror with a bad mark waits as `refused` (mirror::run_worker re-checks).
+fn attach_local_mirror(
+    site: &Site,
+    m: &Arc<MirrorShared>,
+    a: &MountArgs,
+    meta: &meta::Meta,
+    state: &StatePlace,
+    backing: &Path,
+) -> Result<(Applier, bool)> {
+    let ms = MirrorStateDir::at(&m.state_dir);
+    let mut cur = volume::open_cursor(m)?;
+    let opening = &site.opening;
+    let existing = if ms.needs_resync().is_some() || ms.is_syncing() {
+        None
+    } else {
+        Applier::open(&mut cur, opening.power_loss, opening.horizon)?
+    };
+    let bad_mark = mark::problem(m);
+    let existing = match existing {
+        Some(_) if bad_mark.is_some() && a.force_resync => {
+            tracing::warn!(
+                "mirror {}: {}; --force-resync: copying it again",
+                m.name,
+                bad_mark.as_deref().unwrap_or_default()
+            );
+            None
+        }
+        e => e,
+    };
+    match existing {
+        Some(ap) if ap.cursor().applied + 1 >= opening.first_held => {
+            if mark::expected(m).is_none() {
+                // Attached before marks existed: its cursor vouches for it.
+                mark::write_new(m, &state.mark_name(), meta, ap.cursor().applied)?;
             }
-            let end = {
-                let mut o = lock(&vol.order);
-                if let Some(plan) = o.journal.sync_plan() {
-                    use mirrorfs_core::journal::storage::SegmentFile;
-                    for (sid, f, _) in &plan.files {
-                        f.sync()
-                            .with_context(|| format!("fsync of journal segment {sid} failed"))?;
-                    }
-                    o.journal.mark_synced(&plan);
-                }
-                o.journal.next_seq() - 1
-            };
-            if end != horizon {
-                let mut p = lock(&vol.progress);
-                p.durable_seq = end;
-                p.settled_seq = end;
-                vol.settled.store(end, Ordering::Release);
-            }
+            *lock(&m.phase) = MirrorPhase::Live;
+            Ok((ap, false))
+        }
+        other => {
+            let was_ours = ms.needs_resync().is_some() || ms.is_syncing() || other.is_some();
+            prepare_for_copy(m, a, bad_mark.as_deref(), was_ours, backing)?;
+            ms.set_syncing()?;
+            let _ = ms.clear_needs_resync();
+            let seq = lock(&site.vol.order).journal.next_seq() - 1;
+            mark::write_new(m, &state.mark_name(), meta, seq + 1)?;
+            let mut ap = volume::new_applier_at(m, seq)?;
+            ap.set_syncing(Some(mirror::sync_id(m)));
+            Ok((ap, true))
         }
     }
+}
 
-    // Mirrors: resume from the cursor, or (first time, after being detached, or after a crash
-    // during a previous initial sync) start a live initial sync once the mount is up.
-    let mut appliers = Vec::new();
+/// Attaches every local mirror, records the boot (every cursor has taken a power loss into
+/// account), then starts one worker per mirror. Returns the mirrors that need an initial copy,
+/// started once the mount is up.
+fn start_local_mirrors(
+    site: &mut Site,
+    local: &[Arc<MirrorShared>],
+    a: &MountArgs,
+    meta: &meta::Meta,
+    state: &StatePlace,
+    backing: &Path,
+) -> Result<Vec<Arc<MirrorShared>>> {
     let mut to_sync = Vec::new();
-    for m in &shared[..n_local] {
-        let ms = MirrorStateDir::at(&m.state_dir);
-        let mut cur = volume::open_cursor(m)?;
-        let existing = if ms.needs_resync().is_some() || ms.is_syncing() {
-            None
-        } else {
-            Applier::open(&mut cur, power_loss, horizon)?
-        };
-        // The tree's identity mark: a missing or foreign one (another disk) is never copied over
-        // unless asked; a live mirror then waits as `refused` (mirror::run_worker re-checks).
-        let bad_mark = mark::problem(m);
-        let existing = match existing {
-            Some(_) if bad_mark.is_some() && a.force_resync => {
-                tracing::warn!(
-                    "mirror {}: {}; --force-resync: copying it again",
-                    m.name,
-                    bad_mark.as_deref().unwrap_or_default()
-                );
-                None
-            }
-            e => e,
-        };
-        let ap = match existing {
-            Some(ap) if ap.cursor().applied + 1 >= first_held => {
-                if mark::expected(m).is_none() {
-                    // Attached before marks existed: its cursor vouches for it.
-                    mark::write_new(m, &mark_name, &meta, ap.cursor().applied)?;
-                }
-                *lock(&m.phase) = MirrorPhase::Live;
-                ap
-            }
-            other => {
-                let was_ours = ms.needs_resync().is_some() || ms.is_syncing() || other.is_some();
-                let empty = fs::read_dir(&m.path)?.next().is_none();
-                if let (Some(why), false, false) = (&bad_mark, empty, a.force_resync) {
-                    bail!("mirror {}: {why}", m.path.display());
-                }
-                if !empty && !was_ours && !a.force_resync {
-                    bail!(
-                        "mirror {} is not empty and was never synced by mirrorfs; empty it, or pass --force-resync to replace its contents with a copy of {}",
-                        m.path.display(),
-                        backing.display()
-                    );
-                }
-                if !empty {
-                    tracing::warn!(
-                        "mirror {}: replacing its contents with a fresh copy",
-                        m.name
-                    );
-                    for e in fs::read_dir(&m.path)? {
-                        let p = e?.path();
-                        if p.is_dir() && !p.is_symlink() {
-                            fs::remove_dir_all(&p)?
-                        } else {
-                            fs::remove_file(&p)?
-                        }
-                    }
-                }
-                ms.set_syncing()?;
-                let _ = ms.clear_needs_resync();
-                let seq = lock(&vol.order).journal.next_seq() - 1;
-                mark::write_new(m, &mark_name, &meta, seq + 1)?;
-                let mut ap = volume::new_applier_at(m, seq)?;
-                ap.set_syncing(Some(mirror::sync_id(m)));
-                to_sync.push(m.clone());
-                ap
-            }
-        };
+    let mut appliers = Vec::new();
+    for m in local {
+        let (ap, copy) = attach_local_mirror(site, m, a, meta, state, backing)?;
         m.applied.store(ap.cursor().applied, Ordering::Release);
         m.checkpoint
             .store(ap.cursor().checkpoint, Ordering::Release);
+        if copy {
+            to_sync.push(m.clone());
+        }
         appliers.push(ap);
     }
+    site.record_boot()?;
+    for (m, ap) in local.iter().cloned().zip(appliers) {
+        let v = site.vol.clone();
+        let name = format!("mirror-{}", mirror_id(&m.path));
+        site.spawn(&name, move || mirror::run_worker(v, m, ap))?;
+    }
+    Ok(to_sync)
+}
 
-    // Every cursor has taken a power loss into account: from now on this boot is the one we run in.
-    boot::record_boot(&state)?;
-    let mut threads = Vec::new();
-    {
-        let v = vol.clone();
-        threads.push(
-            std::thread::Builder::new()
-                .name("flusher".into())
-                .spawn(move || v.run_flusher())?,
+/// Empties a mirror about to be copied, if that is allowed: it was ours, or `--force-resync`.
+/// A non-empty directory that never was a mirror of ours, or has a bad mark, is refused.
+fn prepare_for_copy(
+    m: &MirrorShared,
+    a: &MountArgs,
+    bad_mark: Option<&str>,
+    was_ours: bool,
+    backing: &Path,
+) -> Result<()> {
+    let empty = fs::read_dir(&m.path)?.next().is_none();
+    if empty {
+        return Ok(());
+    }
+    if let (Some(why), false) = (bad_mark, a.force_resync) {
+        bail!("mirror {}: {why}", m.path.display());
+    }
+    if !was_ours && !a.force_resync {
+        bail!(
+            "mirror {} is not empty and was never synced by mirrorfs; empty it, or pass --force-resync to replace its contents with a copy of {}",
+            m.path.display(),
+            backing.display()
         );
     }
-    for (m, ap) in shared[..n_local].iter().cloned().zip(appliers) {
-        let v = vol.clone();
-        threads.push(
-            std::thread::Builder::new()
-                .name(format!("mirror-{}", mirror_id(&m.path)))
-                .spawn(move || mirror::run_worker(v, m, ap))?,
-        );
+    tracing::warn!(
+        "mirror {}: replacing its contents with a fresh copy",
+        m.name
+    );
+    for e in fs::read_dir(&m.path)? {
+        let p = e?.path();
+        if p.is_dir() && !p.is_symlink() {
+            fs::remove_dir_all(&p)?
+        } else {
+            fs::remove_file(&p)?
+        }
     }
-    let status_stop = Arc::new(AtomicBool::new(false));
-    // The first status is on disk before the mount appears: `mirrorfs status` works at once.
-    status::write_status(&vol, &mountpoint, &state);
-    let reg = status::register(&mountpoint, &backing, &state)?;
-    {
-        let (v, st, stop) = (vol.clone(), state.clone(), status_stop.clone());
-        let mp = mountpoint.clone();
-        threads.push(
-            std::thread::Builder::new()
-                .name("status".into())
-                .spawn(move || status::writer(v, &mp, &st, &stop))?,
-        );
-    }
+    Ok(())
+}
 
+/// The first status on disk before the mount appears (`mirrorfs status` works at once), the
+/// registration that lets `status` find it, the writer thread, and the metrics endpoint.
+fn start_status(
+    site: &mut Site,
+    a: &MountArgs,
+    places: &Places,
+    stop: &Arc<AtomicBool>,
+) -> Result<status::Registered> {
+    let state = site.state.path().to_path_buf();
+    let mountpoint = places.mountpoint.as_path();
+    status::write_status(&site.vol, mountpoint, &state);
+    let reg = status::register(mountpoint, &places.backing, &state)?;
+    let (v, stop) = (site.vol.clone(), stop.clone());
+    let mp = mountpoint.to_path_buf();
+    site.spawn("status", move || status::writer(v, &mp, &state, &stop))?;
     if let Some(addr) = &a.metrics {
-        let (v, mp) = (vol.clone(), mountpoint.clone());
+        let (v, mp) = (site.vol.clone(), mountpoint.to_path_buf());
         status::serve_metrics(addr, Arc::new(move || status::metrics_text(&v, &mp)))?;
     }
+    Ok(reg)
+}
+
+/// SIGINT/SIGTERM set the returned flag; a second one while the first is being handled exits at
+/// once (status 1). Registered before the mount appears: a signal at any moment after it
+/// unmounts cleanly.
+fn shutdown_signals() -> Result<Arc<AtomicBool>> {
+    let term = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register_conditional_shutdown(sig, 1, term.clone())?;
+        signal_hook::flag::register(sig, term.clone())?;
+    }
+    Ok(term)
+}
+
+/// The FUSE session's options: the user's `-o` list, plus `allow_other` as root and always
+/// `default_permissions` (the kernel checks permissions; mirrorfs applies modes exactly).
+fn fuse_config(a: &MountArgs, backing: &Path) -> fuser::Config {
     let mut opts = vec![
         fuser::MountOption::FSName(format!("mirrorfs:{}", backing.display())),
         fuser::MountOption::Subtype("mirrorfs".into()),
@@ -594,24 +722,7 @@ pub fn mount(a: MountArgs) -> Result<()> {
     user_opts.push("default_permissions".into());
     user_opts.sort();
     user_opts.dedup();
-    for o in &user_opts {
-        opts.push(match o.as_str() {
-            "allow_other" => fuser::MountOption::CUSTOM("allow_other".into()),
-            "allow_root" => fuser::MountOption::CUSTOM("allow_root".into()),
-            "default_permissions" => fuser::MountOption::DefaultPermissions,
-            "ro" => fuser::MountOption::RO,
-            "rw" => fuser::MountOption::RW,
-            "dev" => fuser::MountOption::Dev,
-            "nodev" => fuser::MountOption::NoDev,
-            "suid" => fuser::MountOption::Suid,
-            "nosuid" => fuser::MountOption::NoSuid,
-            "exec" => fuser::MountOption::Exec,
-            "noexec" => fuser::MountOption::NoExec,
-            "atime" => fuser::MountOption::Atime,
-            "noatime" => fuser::MountOption::NoAtime,
-            other => fuser::MountOption::CUSTOM(other.to_string()),
-        });
-    }
+    opts.extend(user_opts.iter().map(|o| mount_option(o)));
     let mut config = fuser::Config::default();
     config.mount_options = opts;
     if root {
@@ -621,52 +732,40 @@ pub fn mount(a: MountArgs) -> Result<()> {
     config.clone_fd = a.threads > 1;
     // SAFETY: umask has no preconditions; modes are applied exactly by mirrorfs itself.
     unsafe { libc::umask(0) };
-    // Signal handlers before the mount appears: a SIGTERM at any moment after it unmounts cleanly.
-    let term = Arc::new(AtomicBool::new(false));
-    // A second SIGINT/SIGTERM while the first one is being handled exits at once (status 1).
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register_conditional_shutdown(sig, 1, term.clone())?;
-        signal_hook::flag::register(sig, term.clone())?;
+    config
+}
+
+fn mount_option(o: &str) -> fuser::MountOption {
+    match o {
+        "allow_other" => fuser::MountOption::CUSTOM("allow_other".into()),
+        "allow_root" => fuser::MountOption::CUSTOM("allow_root".into()),
+        "default_permissions" => fuser::MountOption::DefaultPermissions,
+        "ro" => fuser::MountOption::RO,
+        "rw" => fuser::MountOption::RW,
+        "dev" => fuser::MountOption::Dev,
+        "nodev" => fuser::MountOption::NoDev,
+        "suid" => fuser::MountOption::Suid,
+        "nosuid" => fuser::MountOption::NoSuid,
+        "exec" => fuser::MountOption::Exec,
+        "noexec" => fuser::MountOption::NoExec,
+        "atime" => fuser::MountOption::Atime,
+        "noatime" => fuser::MountOption::NoAtime,
+        other => fuser::MountOption::CUSTOM(other.to_string()),
     }
-    let fs_impl = fuse::MirrorFs::new(vol.clone(), &backing, hidden.clone())?;
-    let session = fuser::Session::new(fs_impl, &mountpoint, &config)
-        .with_context(|| format!("cannot mount on {}", mountpoint.display()))?;
-    let bg = session.spawn()?;
-    tracing::info!(
-        "mounted {} on {} with {} mirror(s), ack={:?}, quorum {}",
-        backing.display(),
-        mountpoint.display(),
-        n_mirrors,
-        a.ack,
-        quorum
-    );
-    if let Some((id, pinned)) = link_identity {
-        let cfg = Arc::new(remote::LinkConfig {
-            identity: id,
-            pinned,
-            compress: a.compress,
-            history: meta.history(),
-            name: format!("{}:{}", super::hostname(), backing.display()),
-            backing: backing.clone(),
-            hidden: hidden.clone(),
-        });
-        for m in &shared[n_local..] {
-            let (v, m, c) = (vol.clone(), m.clone(), cfg.clone());
-            threads.push(
-                std::thread::Builder::new()
-                    .name("link".into())
-                    .spawn(move || remote::run_link(v, m, c))?,
-            );
-        }
-    }
-    eprintln!(
-        "mirrorfs: serving {} at {} (Ctrl-C to unmount)",
-        backing.display(),
-        mountpoint.display()
-    );
-    let copying = to_sync.clone();
+}
+
+/// One thread per mirror that needs an initial copy. A copy that fails marks its mirror for a
+/// resync; one stopped by the shutdown is copied again at the next mount.
+fn start_initial_copies(
+    vol: &Arc<Volume>,
+    backing: &Path,
+    state: &StatePlace,
+    to_sync: &[Arc<MirrorShared>],
+    term: &Arc<AtomicBool>,
+) -> Result<()> {
     for m in to_sync {
-        let (v, b, h, t) = (vol.clone(), backing.clone(), hidden.clone(), term.clone());
+        let (v, b, t, m) = (vol.clone(), backing.to_path_buf(), term.clone(), m.clone());
+        let h = Some(state.hidden.clone());
         std::thread::Builder::new()
             .name("initial-sync".into())
             .spawn(move || {
@@ -685,39 +784,40 @@ pub fn mount(a: MountArgs) -> Result<()> {
                 }
             })?;
     }
+    Ok(())
+}
 
-    while !term.load(Ordering::Relaxed) && !bg.guard.is_finished() {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    // An initial copy still running stops at its next chunk: the shutdown does not wait for it
-    // (the mirror keeps its SYNCING marker and the next mount copies it again).
-    for m in &copying {
-        m.cancel_copy.store(true, Ordering::Release);
-    }
+/// Unmounts; when busy (a process still has something open on it), detaches lazily rather than
+/// leave a dead mount behind when this process exits.
+fn unmount(bg: fuser::BackgroundSession, mountpoint: &Path) {
     tracing::info!("unmounting {}", mountpoint.display());
-    if let Err(e) = bg.umount_and_join() {
-        // Busy (a process still has something open on it): detach it lazily rather than leave
-        // a dead mount behind when this process exits.
-        tracing::warn!(
-            "unmount: {e}; detaching {} lazily (it disappears once nothing uses it)",
-            mountpoint.display()
-        );
-        if sys::is_mountpoint(&mountpoint) {
-            if let Ok(c) = std::ffi::CString::new(mountpoint.as_os_str().as_bytes()) {
-                // SAFETY: a valid NUL-terminated path.
-                if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
-                    tracing::warn!(
-                        "lazy unmount of {} failed: {}",
-                        mountpoint.display(),
-                        std::io::Error::last_os_error()
-                    );
-                }
-            }
+    let Err(e) = bg.umount_and_join() else {
+        return;
+    };
+    tracing::warn!(
+        "unmount: {e}; detaching {} lazily (it disappears once nothing uses it)",
+        mountpoint.display()
+    );
+    if !sys::is_mountpoint(mountpoint) {
+        return;
+    }
+    if let Ok(c) = std::ffi::CString::new(mountpoint.as_os_str().as_bytes()) {
+        // SAFETY: a valid NUL-terminated path.
+        if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
+            tracing::warn!(
+                "lazy unmount of {} failed: {}",
+                mountpoint.display(),
+                std::io::Error::last_os_error()
+            );
         }
     }
-    // Drain: make the journal durable, let mirrors catch up and checkpoint, then stop.
+}
+
+/// Makes the journal durable and gives each healthy mirror up to 30 s to catch up with it (a
+/// mirror still copying is not waited for).
+fn drain_mirrors(vol: &Volume, shared: &[Arc<MirrorShared>]) {
     let target = vol.wait_journal_durable();
-    for m in &shared {
+    for m in shared {
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         let syncing = || matches!(*lock(&m.phase), MirrorPhase::Syncing { .. });
         while m.healthy()
@@ -728,21 +828,4 @@ pub fn mount(a: MountArgs) -> Result<()> {
             std::thread::sleep(Duration::from_millis(10));
         }
     }
-    lock(&vol.progress).stopping = true;
-    vol.changed.notify_all();
-    status_stop.store(true, Ordering::Relaxed);
-    for t in threads {
-        let _ = t.join();
-    }
-    status::write_status(&vol, &mountpoint, &state);
-    for m in &shared[n_local..] {
-        let _ =
-            MirrorStateDir::at(&m.state_dir).set_remote_durable(m.durable.load(Ordering::Acquire));
-    }
-    drop(reg);
-    if !vol.poisoned.load(Ordering::Acquire) {
-        StateDir::at(&state).set_clean()?;
-    }
-    eprintln!("mirrorfs: unmounted {}", mountpoint.display());
-    Ok(())
 }

@@ -19,7 +19,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -35,13 +35,12 @@ use mirrorfs_core::wire::{error_code, Decoder, MirrorState, Msg};
 use crate::net::conn::Duplex;
 use crate::net::identity::{self, Identity};
 use crate::site::dirlock::DirLock;
+use crate::site::engine::{Role, Site};
 use crate::site::meta::{random_u64, read_meta, write_meta, CopyState, Meta};
 use crate::site::state_dir::{StateDir, StateLock, StateLockError};
 use crate::site::status::Registered;
 use crate::site::store::FileStore;
-use crate::site::volume::{
-    self, lock, AckMode, MirrorPhase, MirrorShared, Ordered, Progress, Volume,
-};
+use crate::site::volume::{self, lock, MirrorPhase, MirrorShared, Volume};
 
 #[derive(clap::Args)]
 pub struct ServeArgs {
@@ -120,12 +119,12 @@ fn serve_in(a: ServeArgs) -> Result<()> {
     let _locks = MirrorLocks::take(&dir, &state)?;
     let (id, server_cfg) = load_identity(a.config.as_deref())?;
     let meta = read_served_meta(&dir, &state)?;
-    let (vol, m, horizon) = open_volume(&dir, &state, &meta, a.journal_max_mib)?;
+    let (site, m) = open_site(&dir, &state, &meta, a.journal_max_mib)?;
     let d = Arc::new(Daemon {
         dir: dir.clone(),
         state: state.clone(),
         reserved,
-        vol,
+        vol: site.vol.clone(),
         m,
         meta: Mutex::new(meta.clone()),
         worker: Mutex::new(None),
@@ -136,11 +135,11 @@ fn serve_in(a: ServeArgs) -> Result<()> {
         peer: Mutex::new(None),
         refused: Mutex::new(None),
     });
-    d.start_copy(&meta, horizon)?;
+    d.start_copy(&site, &meta)?;
     let _reg = d.start_reporting(a.metrics.as_deref())?;
     let (listener, term) = listen(&a.listen, &dir, &id)?;
     accept_loop(&d, &listener, &server_cfg, &term);
-    d.shut_down()
+    d.shut_down(site)
 }
 
 /// DIR (canonical), the state directory (created if needed) and the name it reserves at DIR's
@@ -245,46 +244,20 @@ fn read_served_meta(dir: &Path, state: &Path) -> Result<Meta> {
     Ok(meta)
 }
 
-/// Opens the journal (recovering a torn tail, making what survived durable) and builds the
-/// volume the flusher and the applier share; returns it, the mirror's shared state and the
-/// journal's last seq.
-fn open_volume(
+/// Opens the daemon's site ([`Site`] in the mirror role: the journal with its recovery, made
+/// durable, and the flusher) with the one mirror it applies to: DIR itself.
+fn open_site(
     dir: &Path,
     state: &Path,
     meta: &Meta,
     journal_max_mib: u64,
-) -> Result<(Arc<Volume>, Arc<MirrorShared>, u64)> {
-    let store = FileStore::open(&StateDir::at(state).journal_dir())?;
-    let (journal, report) = Journal::open(
-        store,
-        JournalConfig {
-            journal_bytes_max: journal_max_mib << 20,
-            ..JournalConfig::default()
-        },
-    )
-    .context("cannot open the mirror's journal")?;
-    if report.torn_bytes > 0 {
-        tracing::warn!(
-            "journal recovery: cut a torn tail of {} bytes",
-            report.torn_bytes
-        );
-    }
-    let horizon = journal.next_seq() - 1;
+) -> Result<(Site, Arc<MirrorShared>)> {
     if meta.former_primary() && !StateDir::at(state).is_clean() {
         bail!(
             "{} is a primary's backing directory that was not unmounted cleanly: mount it once with `mirrorfs mount` and unmount it (that settles its last change), then serve it",
             dir.display()
         );
     }
-    // The last record's fate (an Abort may follow it) is unknown until the primary says, unless
-    // it is itself an Abort (then everything before it is decided), or the journal is an old
-    // primary's (its tree is exactly its journal's end).
-    let last_is_abort = matches!(report.last.as_ref().map(|r| &r.op), Some(Op::Abort { .. }));
-    let settled0 = if last_is_abort || meta.former_primary() {
-        horizon
-    } else {
-        horizon.saturating_sub(1)
-    };
     let m = Arc::new(MirrorShared::new(
         dir.display().to_string(),
         dir.to_path_buf(),
@@ -292,24 +265,11 @@ fn open_volume(
         None,
     ));
     m.checkpoint_when_idle.store(true, Ordering::Relaxed);
-    let vol = Arc::new(Volume {
-        order: Mutex::new(Ordered::new(journal)),
-        progress: Mutex::new(Progress {
-            durable_seq: 0,
-            settled_seq: settled0,
-            ..Progress::default()
-        }),
-        changed: Condvar::new(),
-        mirrors: vec![m.clone()],
-        ack: AckMode::Async,
-        quorum: 1,
-        settled: AtomicU64::new(settled0),
-        poisoned: AtomicBool::new(false),
-    });
-    // Records that survived a crash of this process may not have been fsynced: make them durable
-    // now, so the position reported to the primary is honest (F2).
-    sync_journal(&vol)?;
-    Ok((vol, m, horizon))
+    let role = Role::Mirror {
+        former_primary: meta.former_primary(),
+    };
+    let site = Site::open(StateDir::at(state), &role, journal_max_mib, vec![m.clone()])?;
+    Ok((site, m))
 }
 
 /// Binds the listening socket and turns SIGINT and SIGTERM into a stop flag.
@@ -423,28 +383,12 @@ fn start_connection(
         .map(drop)
 }
 
-fn sync_journal(vol: &Volume) -> Result<()> {
-    use mirrorfs_core::journal::storage::SegmentFile;
-    let mut o = lock(&vol.order);
-    if let Some(plan) = o.journal.sync_plan() {
-        for (sid, f, _) in &plan.files {
-            f.sync()
-                .with_context(|| format!("fsync of journal segment {sid} failed"))?;
-        }
-        o.journal.mark_synced(&plan);
-    }
-    // Everything present is durable now (recovered segments were synced or just were).
-    let d = o.journal.next_seq() - 1;
-    drop(o);
-    lock(&vol.progress).durable_seq = d;
-    Ok(())
-}
-
 impl Daemon {
-    /// Brings the copy back as it was left: an old primary's tree is at its journal's end; the
-    /// flusher starts; a consistent or interrupted copy gets its applier back (or, without a
-    /// cursor, is marked to be copied afresh).
-    fn start_copy(&self, meta: &Meta, horizon: u64) -> Result<()> {
+    /// Brings the copy back as it was left: an old primary's tree is at its journal's end; a
+    /// consistent or interrupted copy gets its applier back (or, without a cursor, is marked to
+    /// be copied afresh).
+    fn start_copy(&self, site: &Site, meta: &Meta) -> Result<()> {
+        let horizon = site.opening.horizon;
         if meta.former_primary() {
             // An old primary's tree holds everything its journal does.
             self.m.applied.store(horizon, Ordering::Release);
@@ -456,17 +400,10 @@ impl Daemon {
                 meta.generation
             );
         }
-        {
-            let v = self.vol.clone();
-            std::thread::Builder::new()
-                .name("flusher".into())
-                .spawn(move || v.run_flusher())?;
-        }
         if meta.state == CopyState::Consistent || meta.state == CopyState::Syncing {
-            let power_loss = crate::site::boot::power_lost(&self.state);
             let mut cur = volume::open_cursor(&self.m)?;
-            let opened = Applier::open(&mut cur, power_loss, horizon)?;
-            crate::site::boot::record_boot(&self.state)?;
+            let opened = Applier::open(&mut cur, site.opening.power_loss, horizon)?;
+            site.record_boot()?;
             match opened {
                 Some(mut ap) => {
                     if meta.state == CopyState::Syncing {
@@ -489,7 +426,7 @@ impl Daemon {
                 }
             }
         }
-        crate::site::boot::record_boot(&self.state)?;
+        site.record_boot()?;
         Ok(())
     }
 
@@ -515,13 +452,13 @@ impl Daemon {
 
     /// After the accept loop: the applier stops, the flusher finishes, the last status is written
     /// and the state is marked clean.
-    fn shut_down(&self) -> Result<()> {
+    /// Stops the worker (its last checkpoint), then the site (clean unless the journal was
+    /// poisoned), and writes the last status.
+    fn shut_down(&self, site: Site) -> Result<()> {
         tracing::info!("stopping");
         self.stop_worker();
-        lock(&self.vol.progress).stopping = true;
-        self.vol.changed.notify_all();
+        site.stop()?;
         self.write_status();
-        StateDir::at(&self.state).set_clean()?;
         Ok(())
     }
 
@@ -584,7 +521,7 @@ impl Daemon {
             let (j, _) = Journal::open(store, cfg).context("cannot reopen the journal")?;
             lock(&self.vol.order).journal = j;
             self.vol.poisoned.store(false, Ordering::Release);
-            sync_journal(&self.vol)?;
+            self.vol.sync_journal()?;
         }
         let t0 = Instant::now();
         loop {

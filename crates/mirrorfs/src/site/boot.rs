@@ -12,6 +12,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 
 use crate::site::state_dir::StateDir;
+use crate::site::statefile;
 
 fn boot_id() -> String {
     fs::read_to_string("/proc/sys/kernel/random/boot_id")
@@ -29,9 +30,15 @@ pub fn power_lost(state: &Path) -> bool {
     !clean && !last_boot.is_empty() && last_boot.trim() != boot_id()
 }
 
-/// Records this boot as the one mirrorfs runs in, and that the run is not (yet) clean.
+/// Records this boot as the one mirrorfs runs in, and that the run is not (yet) clean: both
+/// durable (S5 in docs/journal.md). A `clean` marker whose removal a power loss undid would make
+/// the next start trust unsynced cursors and skip the in-doubt record's resolution. The boot id
+/// is overwritten in place, so a full disk does not stop a start; a torn one reads as another
+/// boot, which is the safe side.
 pub fn record_boot(state: &Path) -> Result<()> {
-    StateDir::at(state).clear_clean();
-    fs::write(state.join("boot_id"), boot_id())
-        .with_context(|| format!("cannot write {}", state.join("boot_id").display()))
+    let sd = StateDir::at(state);
+    sd.clear_clean()
+        .with_context(|| format!("cannot remove {}", state.join("clean").display()))?;
+    statefile::overwrite_durable(&sd.boot_id_file(), boot_id().as_bytes(), 0o600)
+        .with_context(|| format!("cannot write {}", sd.boot_id_file().display()))
 }

@@ -5,6 +5,7 @@
 
 pub mod boot;
 pub mod dirlock;
+pub mod engine;
 pub mod meta;
 pub mod state_dir;
 pub mod statefile;

@@ -102,10 +102,9 @@ impl StateDir {
         statefile::replace_durable(&self.clean_path(), b"", 0o600)
     }
 
-    /// Removes the `clean` marker (a run begins). Not fsynced by itself: `boot_id` is written
-    /// right after it (see `boot::record_boot`).
-    pub fn clear_clean(&self) {
-        let _ = fs::remove_file(self.clean_path());
+    /// Removes the `clean` marker (a run begins), durably (S5): see `boot::record_boot`.
+    pub fn clear_clean(&self) -> io::Result<()> {
+        statefile::remove_durable(&self.clean_path())
     }
 
     fn clean_path(&self) -> PathBuf {
@@ -267,7 +266,7 @@ mod tests {
         assert!(!s.is_clean());
         s.set_clean().expect("set clean");
         assert!(StateDir::at(s.path()).is_clean());
-        s.clear_clean();
+        s.clear_clean().expect("clear clean");
         assert!(!s.is_clean());
 
         let m = s.mirror("abc");

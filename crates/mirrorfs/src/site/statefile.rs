@@ -96,6 +96,29 @@ pub fn replace_durable(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
     sync_parent(path)
 }
 
+/// Overwrites `path` in place with `bytes` and makes it durable (fsync of the file, and of the
+/// parent directory when the file is new). For a small file whose size does not change between
+/// writes (a boot id): rewriting its block needs no free space, so it works on a full disk, where
+/// a temporary file cannot be made. A power loss during the write can leave it torn: use it only
+/// for a file whose torn contents read as "unknown" and are safe so (see `boot::power_lost`).
+pub fn overwrite_durable(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+    let existed = path.exists();
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(mode)
+        .open(path)?;
+    f.write_all(bytes)?;
+    f.set_len(bytes.len() as u64)?;
+    f.sync_all()?;
+    if existed {
+        Ok(())
+    } else {
+        sync_parent(path)
+    }
+}
+
 /// Removes `path` durably (a missing file is not an error): unlink, then fsync of the parent
 /// directory, so a power loss cannot bring the file back.
 pub fn remove_durable(path: &Path) -> io::Result<()> {
