@@ -262,6 +262,20 @@ impl Session {
     }
 }
 
+/// Where a mirror daemon's journal is settled when it starts, given its end and its last record
+/// as recovered: the last record's fate (an `Abort` may follow it) is unknown until the primary
+/// says, so it is held back — unless it is itself an `Abort` (then it and the record it aborts
+/// are both final), or the journal is an old primary's (`former_primary`: its tree is exactly its
+/// journal's end). `site::engine` (`Volume::new` in the mirror role) and `sim/net.rs` use this.
+pub fn settled_at_start(end: u64, last: Option<&Record>, former_primary: bool) -> u64 {
+    let last_is_abort = matches!(last, Some(Record { seq, op: Op::Abort { .. } }) if *seq == end);
+    if last_is_abort || former_primary {
+        end
+    } else {
+        end.saturating_sub(1)
+    }
+}
+
 /// The refusal when the mirror cannot store a record (its disk is full, its journal failed):
 /// worth retrying once the operator made room.
 pub fn storage_refusal(seq: u64, e: &dyn std::fmt::Display) -> LinkError {
@@ -714,5 +728,26 @@ mod tests {
         );
         assert!(s.ack(pos(161, 160, 160, 160), true).ack.is_some());
         assert!(s.ack(pos(161, 160, 160, 160), false).ack.is_none());
+    }
+
+    #[test]
+    fn the_last_record_is_held_back_at_start_unless_it_is_final() {
+        let mkdir = Record {
+            seq: 7,
+            op: Op::Mkdir {
+                path: crate::path::RelPath::new("d").expect("path"),
+                mode: 0o755,
+                uid: 0,
+                gid: 0,
+            },
+        };
+        let abort = Record {
+            seq: 7,
+            op: Op::Abort { seq: 6 },
+        };
+        assert_eq!(settled_at_start(7, Some(&mkdir), false), 6);
+        assert_eq!(settled_at_start(7, Some(&abort), false), 7);
+        assert_eq!(settled_at_start(7, Some(&mkdir), true), 7);
+        assert_eq!(settled_at_start(0, None, false), 0);
     }
 }

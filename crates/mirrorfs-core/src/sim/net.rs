@@ -60,7 +60,7 @@ use crate::journal::{Journal, JournalConfig, JournalError, Reader, SyncPlan};
 use crate::link::{Begin, JournalSpan, MirrorCopy, Positions, Sender, Start};
 use crate::op::{Op, Record};
 use crate::sequencer::{self, InDoubt, Sequencer};
-use crate::session::{Incoming, Phase, Session};
+use crate::session::{self, Incoming, Phase, Session};
 use crate::tree::apply_op;
 use crate::wire::{error_code, Decoder, MirrorState, Msg, VolumeId, BATCH_BYTES};
 
@@ -1892,18 +1892,11 @@ impl Sim {
                 self.mdurable
             )));
         }
-        // The last record's fate is unknown until the primary says: it is held back. If it is
-        // an `Abort`, it and the record it aborts are both final.
-        self.msettled = match (&report.last, self.variant) {
-            (_, NetVariant::ServeRestartSettled) => end.saturating_sub(1),
-            (
-                Some(Record {
-                    seq,
-                    op: Op::Abort { .. },
-                }),
-                _,
-            ) if *seq == end => end,
-            _ => end.saturating_sub(1),
+        // The daemon's rule (`session::settled_at_start`, which `site::engine` uses): the last
+        // record is held back until the primary says, unless it is a final `Abort`.
+        self.msettled = match self.variant {
+            NetVariant::ServeRestartSettled => end.saturating_sub(1),
+            _ => session::settled_at_start(end, report.last.as_ref(), false),
         };
         let opened = match Applier::open(&mut self.cursor, self.m_cursor_unclean, end) {
             Ok(a) => a,

@@ -22,7 +22,8 @@ use std::thread::JoinHandle;
 use anyhow::{Context, Result};
 use mirrorfs_core::journal::storage::SegmentFile;
 use mirrorfs_core::journal::{Journal, JournalConfig};
-use mirrorfs_core::op::{Op, Record};
+use mirrorfs_core::op::Record;
+use mirrorfs_core::session;
 
 use crate::site::state_dir::StateDir;
 use crate::site::store::FileStore;
@@ -77,18 +78,15 @@ impl Volume {
         role: &Role,
     ) -> Self {
         let horizon = journal.next_seq() - 1;
-        let last_is_abort = matches!(last.map(|r| &r.op), Some(Op::Abort { .. }));
         let (ack, quorum, durable, settled) = match role {
             Role::Primary { ack, quorum, .. } => (*ack, *quorum, horizon, horizon),
-            Role::Mirror { former_primary } => {
-                let settled = if last_is_abort || *former_primary {
-                    horizon
-                } else {
-                    horizon.saturating_sub(1)
-                };
-                // Nothing is reported durable before `Site::open` fsyncs what was recovered.
-                (AckMode::Async, 1, 0, settled)
-            }
+            // Nothing is reported durable before `Site::open` fsyncs what was recovered.
+            Role::Mirror { former_primary } => (
+                AckMode::Async,
+                1,
+                0,
+                session::settled_at_start(horizon, last, *former_primary),
+            ),
         };
         Volume {
             order: Mutex::new(Ordered::new(journal)),
@@ -258,6 +256,7 @@ impl Site {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use mirrorfs_core::op::Op;
     use mirrorfs_core::path::RelPath;
 
     fn mkdir(name: &str) -> Op {
