@@ -3,6 +3,7 @@
 pub mod mark;
 pub mod resync;
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::fs;
 use std::io;
@@ -14,13 +15,15 @@ use std::sync::{Arc, MutexGuard};
 use std::time::{Duration, Instant};
 
 use mirrorfs_core::applier::Applier;
+use mirrorfs_core::journal::Journal;
 use mirrorfs_core::op::Op;
 use mirrorfs_core::path::RelPath;
+use mirrorfs_core::track::NameTracker;
 
 use mirrorfs_core::worker::{Turn, Worker};
 
 use crate::site::state_dir::MirrorStateDir;
-use crate::site::store::FileCursor;
+use crate::site::store::{FileCursor, FileStore};
 use crate::site::volume::{
     lock, open_cursor, MirrorPhase, MirrorShared, Ordered, RecordFeed, Volume,
 };
@@ -258,126 +261,218 @@ pub fn live_sync(
 ) -> io::Result<()> {
     let id = sync_id(&m);
     let root: std::os::fd::OwnedFd = fs::File::open(backing)?.into();
-    let mut files: Vec<u64> = Vec::new();
-    let mut total = 0u64;
     let copy = TrackedCopy::new(&vol, id);
-    {
+    let (files, total) = {
         let mut guard = lock(&vol.order);
-        let last = {
+        let (files, total, last) = {
             let Ordered {
                 journal, copies, ..
             } = &mut *guard;
-            let tracker = copies.entry(id).or_default();
-            let mut emit = |op: Op| append_sync(journal, id, op).map(drop);
-            let mut links: std::collections::HashMap<u64, RelPath> =
-                std::collections::HashMap::new();
-            crate::tree::walk::walk(root.as_fd(), hidden.as_deref(), |v| {
-                let (path, name, st, dfd) = match v {
-                    Visit::DirDone { path, st } => return emit(mtime_of(path, st)),
-                    Visit::Entry {
-                        path,
-                        name,
-                        st,
-                        dir,
-                    } => (path, name, st, dir),
-                };
-                let (uid, gid, mode) = (st.st_uid, st.st_gid, st.st_mode);
-                match mode & libc::S_IFMT {
-                    libc::S_IFDIR => emit(Op::Mkdir {
-                        path: path.clone(),
-                        mode: mode & 0o7777,
-                        uid,
-                        gid,
-                    })?,
-                    libc::S_IFREG => {
-                        tracker.add(st.st_ino, path.clone());
-                        if st.st_nlink > 1 {
-                            if let Some(first) = links.get(&st.st_ino) {
-                                return emit(Op::Link {
-                                    from: first.clone(),
-                                    to: path.clone(),
-                                });
-                            }
-                            links.insert(st.st_ino, path.clone());
-                        }
-                        emit(Op::Create {
-                            path: path.clone(),
-                            mode: mode & 0o7777,
-                            uid,
-                            gid,
-                        })?;
-                        total += st.st_size as u64;
-                        files.push(st.st_ino);
-                    }
-                    libc::S_IFLNK => {
-                        let target = sys::readlinkat(dfd, OsStr::from_bytes(name))?;
-                        // Its xattrs (security.*, trusted.*) and times follow below.
-                        emit(Op::Symlink {
-                            path: path.clone(),
-                            target,
-                            uid,
-                            gid,
-                        })?;
-                    }
-                    _ => emit(Op::Mknod {
-                        path: path.clone(),
-                        mode,
-                        rdev: st.st_rdev,
-                        uid,
-                        gid,
-                    })?,
-                }
-                for (xname, xval) in xattrs(root.as_fd(), path) {
-                    emit(Op::SetXattr {
-                        path: path.clone(),
-                        name: xname,
-                        value: xval,
-                        flags: 0,
-                    })?;
-                }
-                if mode & libc::S_IFMT != libc::S_IFDIR {
-                    emit(Op::SetTimes {
-                        path: path.clone(),
-                        atime: None,
-                        mtime: Some(ts(st.st_mtime, st.st_mtime_nsec)),
-                    })?;
-                }
-                Ok(())
-            })?;
-            for op in root_attrs(root.as_fd())? {
-                emit(op)?;
+            NamespaceCopy {
+                journal,
+                tracker: copies.entry(id).or_default(),
+                root: root.as_fd(),
+                id,
+                links: HashMap::new(),
+                files: Vec::new(),
+                total: 0,
             }
-            for (xname, xval) in xattrs(root.as_fd(), &RelPath::root()) {
-                emit(Op::SetXattr {
-                    path: RelPath::root(),
-                    name: xname,
-                    value: xval,
-                    flags: 0,
-                })?;
-            }
-            journal.next_seq() - 1
+            .run(hidden.as_deref())?
         };
         vol.settle(guard, last, 0);
-    }
+        (files, total)
+    };
     tracing::info!(
         "mirror {}: namespace copied ({} files, {} bytes of data to copy)",
         m.name,
         files.len(),
         total
     );
-    let pb = indicatif::ProgressBar::new(total);
-    pb.set_style(
-        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} ({eta})")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    pb.set_message(format!("initial sync of {}", m.path.display()));
-    let mut done = 0u64;
-    let mut buf = vec![0u8; 1 << 20];
+    let message = format!("initial sync of {}", m.path.display());
+    let mut data = DataPass::new(&copy, &m, root.as_fd(), total, message, 1 << 20);
     for ino in files {
+        data.copy_file(ino)?;
+        copy.done_with(ino);
+    }
+    let seq = copy.finish(&data.pb)?;
+    tracing::info!("mirror {}: initial sync streamed ({} bytes); it is consistent once it applies record {seq}", m.name, data.done);
+    Ok(())
+}
+
+/// Step 1 of an initial copy, under one hold of the order lock: journals every entry walked and
+/// notes the regular files whose data step 2 copies.
+struct NamespaceCopy<'a> {
+    journal: &'a mut Journal<FileStore>,
+    tracker: &'a mut NameTracker,
+    root: BorrowedFd<'a>,
+    id: u32,
+    /// The first name walked of each file with several links.
+    links: HashMap<u64, RelPath>,
+    /// The regular files (by inode) and their bytes.
+    files: Vec<u64>,
+    total: u64,
+}
+
+impl NamespaceCopy<'_> {
+    /// Journals `op` as one of the copy's `Sync` records.
+    fn emit(&mut self, op: Op) -> io::Result<()> {
+        append_sync(self.journal, self.id, op).map(drop)
+    }
+
+    /// Walks the tree (but `hidden`), then the root's mode, owner and xattrs; returns the files
+    /// to copy, their bytes and the last record journaled.
+    fn run(mut self, hidden: Option<&[u8]>) -> io::Result<(Vec<u64>, u64, u64)> {
+        let root = self.root;
+        crate::tree::walk::walk(root, hidden, |v| self.visit(v))?;
+        for op in root_attrs(root)? {
+            self.emit(op)?;
+        }
+        for (xname, xval) in xattrs(root, &RelPath::root()) {
+            self.emit(Op::SetXattr {
+                path: RelPath::root(),
+                name: xname,
+                value: xval,
+                flags: 0,
+            })?;
+        }
+        Ok((self.files, self.total, self.journal.next_seq() - 1))
+    }
+
+    /// One entry: what creates it, its xattrs and (but a directory's) its mtime; a directory's
+    /// mtime once everything below it is done.
+    fn visit(&mut self, v: Visit<'_>) -> io::Result<()> {
+        let (path, name, st, dfd) = match v {
+            Visit::DirDone { path, st } => return self.emit(mtime_of(path, st)),
+            Visit::Entry {
+                path,
+                name,
+                st,
+                dir,
+            } => (path, name, st, dir),
+        };
+        let (uid, gid, mode) = (st.st_uid, st.st_gid, st.st_mode);
+        match mode & libc::S_IFMT {
+            libc::S_IFDIR => self.emit(Op::Mkdir {
+                path: path.clone(),
+                mode: mode & 0o7777,
+                uid,
+                gid,
+            })?,
+            libc::S_IFREG => {
+                if self.regular_file(path, st)? {
+                    return Ok(());
+                }
+            }
+            libc::S_IFLNK => {
+                let target = sys::readlinkat(dfd, OsStr::from_bytes(name))?;
+                // Its xattrs (security.*, trusted.*) and times follow below.
+                self.emit(Op::Symlink {
+                    path: path.clone(),
+                    target,
+                    uid,
+                    gid,
+                })?;
+            }
+            _ => self.emit(Op::Mknod {
+                path: path.clone(),
+                mode,
+                rdev: st.st_rdev,
+                uid,
+                gid,
+            })?,
+        }
+        for (xname, xval) in xattrs(self.root, path) {
+            self.emit(Op::SetXattr {
+                path: path.clone(),
+                name: xname,
+                value: xval,
+                flags: 0,
+            })?;
+        }
+        if mode & libc::S_IFMT != libc::S_IFDIR {
+            self.emit(mtime_of(path, st))?;
+        }
+        Ok(())
+    }
+
+    /// A regular file: a further name of a file already walked is a link to its first (and
+    /// true is returned: nothing else to send); else an empty file whose data step 2 copies.
+    fn regular_file(&mut self, path: &RelPath, st: &libc::stat) -> io::Result<bool> {
+        self.tracker.add(st.st_ino, path.clone());
+        if st.st_nlink > 1 {
+            if let Some(first) = self.links.get(&st.st_ino) {
+                let op = Op::Link {
+                    from: first.clone(),
+                    to: path.clone(),
+                };
+                self.emit(op)?;
+                return Ok(true);
+            }
+            self.links.insert(st.st_ino, path.clone());
+        }
+        self.emit(Op::Create {
+            path: path.clone(),
+            mode: st.st_mode & 0o7777,
+            uid: st.st_uid,
+            gid: st.st_gid,
+        })?;
+        self.total += st.st_size as u64;
+        self.files.push(st.st_ino);
+        Ok(false)
+    }
+}
+
+/// Step 2 of a live copy: the files' data, one chunk per hold of the order lock, read from each
+/// file's current name; and the progress so far, on a progress bar and in `status`.
+pub(crate) struct DataPass<'a> {
+    copy: &'a TrackedCopy<'a>,
+    m: &'a MirrorShared,
+    root: BorrowedFd<'a>,
+    pb: indicatif::ProgressBar,
+    buf: Vec<u8>,
+    /// Bytes of data done, of `total`.
+    done: u64,
+    total: u64,
+}
+
+impl<'a> DataPass<'a> {
+    /// A data pass of `total` bytes, read `buf_len` bytes at most at a time; `message` labels
+    /// its progress bar.
+    pub(crate) fn new(
+        copy: &'a TrackedCopy<'a>,
+        m: &'a MirrorShared,
+        root: BorrowedFd<'a>,
+        total: u64,
+        message: String,
+        buf_len: usize,
+    ) -> Self {
+        let pb = indicatif::ProgressBar::new(total);
+        pb.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg} [{bar:30}] {bytes}/{total_bytes} ({eta})",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        pb.set_message(message);
+        DataPass {
+            copy,
+            m,
+            root,
+            pb,
+            buf: vec![0u8; buf_len],
+            done: 0,
+            total,
+        }
+    }
+
+    /// Copies the data extents of the file walked as `ino` (holes skipped), then its size and
+    /// mtime; nothing more once it has no name left.
+    fn copy_file(&mut self, ino: u64) -> io::Result<()> {
+        let (vol, id) = (self.copy.vol, self.copy.id);
         let mut off = 0u64;
         loop {
-            let Some((mut o, path, f, st)) = copy.next_chunk(&m, root.as_fd(), ino)? else {
-                break;
+            let Some((mut o, path, f, st)) = self.copy.next_chunk(self.m, self.root, ino)? else {
+                return Ok(());
             };
             let size = st.st_size as u64;
             let data = match sys::lseek(f.as_fd(), off as i64, libc::SEEK_DATA) {
@@ -390,25 +485,21 @@ pub fn live_sync(
                         path: path.clone(),
                         size,
                     },
-                    Op::SetTimes {
-                        path: path.clone(),
-                        atime: None,
-                        mtime: Some(ts(st.st_mtime, st.st_mtime_nsec)),
-                    },
+                    mtime_of(&path, &st),
                 ];
                 let mut last = 0;
                 for op in ops {
                     last = append_sync(&mut o.journal, id, op)?;
                 }
                 vol.settle(o, last, 0);
-                break;
+                return Ok(());
             };
             let hole = sys::lseek(f.as_fd(), data as i64, libc::SEEK_HOLE)
                 .map(|h| h as u64)
                 .unwrap_or(size)
                 .min(size);
-            let want = ((hole - data) as usize).min(buf.len());
-            let n = sys::pread(f.as_fd(), &mut buf[..want], data)?;
+            let want = ((hole - data) as usize).min(self.buf.len());
+            let n = sys::pread(f.as_fd(), &mut self.buf[..want], data)?;
             if n == 0 {
                 off = hole.max(data + 1);
                 continue;
@@ -416,19 +507,15 @@ pub fn live_sync(
             let op = Op::Write {
                 path,
                 offset: data,
-                data: buf[..n].to_vec(),
+                data: self.buf[..n].to_vec(),
             };
             let seq = append_sync(&mut o.journal, id, op)?;
             vol.settle(o, seq, n as u64);
             off = data + n as u64;
-            done += n as u64;
-            copy.progress(&m, &pb, done, total);
+            self.done += n as u64;
+            self.copy.progress(self.m, &self.pb, self.done, self.total);
         }
-        copy.done_with(ino);
     }
-    let seq = copy.finish(&pb)?;
-    tracing::info!("mirror {}: initial sync streamed ({done} bytes); it is consistent once it applies record {seq}", m.name);
-    Ok(())
 }
 
 /// A live copy's entry in `Ordered::copies`: the current names of the files it still has to read.

@@ -10,7 +10,7 @@
 //!    attributes are set); of each file only the blocks whose hash differs travel;
 //! 3. `SyncDone`: the mirror is consistent again once it applies it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -18,11 +18,14 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::Arc;
 
+use mirrorfs_core::journal::Journal;
 use mirrorfs_core::op::Op;
 use mirrorfs_core::path::RelPath;
+use mirrorfs_core::track::NameTracker;
 use mirrorfs_core::wire::{ManifestEntry, MANIFEST_HASHES_MAX, RESYNC_BLOCK};
 
-use crate::mirror::TrackedCopy;
+use crate::mirror::{DataPass, TrackedCopy};
+use crate::site::store::FileStore;
 use crate::site::volume::{lock, MirrorShared, Ordered, Volume};
 use crate::sys;
 use crate::tree::walk::{walk, Visit};
@@ -209,171 +212,30 @@ pub fn live_resync(
     let id = crate::mirror::sync_id(&m);
     let root: OwnedFd = std::fs::File::open(backing)?.into();
     let mut stats = ResyncStats::default();
-    // (inode, the mirror's block hashes if it has the file).
-    let mut files: Vec<(u64, Option<BlockHashes>)> = Vec::new();
-    let mut total = 0u64;
     let copy = TrackedCopy::new(&vol, id);
-    {
+    let (files, total) = {
         let mut guard = lock(&vol.order);
-        let last = {
+        let (files, total, last) = {
             let Ordered {
                 journal, copies, ..
             } = &mut *guard;
-            let tracker = copies.entry(id).or_default();
-            let mut emit = |op: Op| crate::mirror::append_sync(journal, id, op).map(drop);
-            // 1. What the mirror has and the primary has not (or of another kind): deepest first.
-            let mut extra: Vec<&ManifestEntry> = manifest
-                .entries
-                .values()
-                .filter(
-                    |e| match crate::tree::dirtree::lstat_in(root.as_fd(), &e.path) {
-                        Ok(st) => {
-                            kind_of(st.st_mode) != e.kind
-                                || (hidden.as_deref()
-                                    == e.path.as_bytes().split(|b| *b == b'/').next())
-                        }
-                        Err(_) => true,
-                    },
-                )
-                .collect();
-            extra.sort_by_key(|e| {
-                std::cmp::Reverse(e.path.as_bytes().iter().filter(|b| **b == b'/').count())
-            });
-            let removed: std::collections::HashSet<Vec<u8>> =
-                extra.iter().map(|e| e.path.as_bytes().to_vec()).collect();
-            for e in &extra {
-                let op = if e.kind == 2 {
-                    Op::Rmdir {
-                        path: e.path.clone(),
-                    }
-                } else {
-                    Op::Unlink {
-                        path: e.path.clone(),
-                        nlink: 1,
-                    }
-                };
-                emit(op)?;
-                stats.removed += 1;
+            NamespaceResync {
+                journal,
+                tracker: copies.entry(id).or_default(),
+                root: root.as_fd(),
+                id,
+                manifest: &manifest,
+                removed: HashSet::new(),
+                stats: &mut stats,
+                links: HashMap::new(),
+                files: Vec::new(),
+                total: 0,
             }
-            let kept = |p: &RelPath, kind: u8| -> Option<&ManifestEntry> {
-                manifest
-                    .get(p)
-                    .filter(|e| e.kind == kind && !removed.contains(p.as_bytes()))
-            };
-            // 2. The namespace: entries the mirror has with the same kind are kept.
-            let mut links: HashMap<u64, RelPath> = HashMap::new();
-            walk(root.as_fd(), hidden.as_deref(), |v| {
-                let (path, name, st, dfd) = match v {
-                    Visit::DirDone { path, st } => return emit(crate::mirror::mtime_of(path, st)),
-                    Visit::Entry {
-                        path,
-                        name,
-                        st,
-                        dir,
-                    } => (path, name, st, dir),
-                };
-                let (uid, gid, mode) = (st.st_uid, st.st_gid, st.st_mode);
-                let kind = kind_of(mode);
-                let attrs = |path: &RelPath| {
-                    [
-                        Op::SetMode {
-                            path: path.clone(),
-                            mode: mode & 0o7777,
-                        },
-                        Op::SetOwner {
-                            path: path.clone(),
-                            uid: Some(uid),
-                            gid: Some(gid),
-                        },
-                    ]
-                };
-                match kind {
-                    2 => {
-                        if kept(path, 2).is_some() {
-                            stats.kept += 1;
-                            for op in attrs(path) {
-                                emit(op)?;
-                            }
-                        } else {
-                            emit(Op::Mkdir {
-                                path: path.clone(),
-                                mode: mode & 0o7777,
-                                uid,
-                                gid,
-                            })?;
-                        }
-                    }
-                    1 => {
-                        tracker.add(st.st_ino, path.clone());
-                        if st.st_nlink > 1 {
-                            if let Some(first) = links.get(&st.st_ino) {
-                                return emit(Op::Link {
-                                    from: first.clone(),
-                                    to: path.clone(),
-                                });
-                            }
-                            links.insert(st.st_ino, path.clone());
-                        }
-                        let have = kept(path, 1).map(|e| e.hashes.clone());
-                        if have.is_some() {
-                            stats.kept += 1;
-                            for op in attrs(path) {
-                                emit(op)?;
-                            }
-                            emit(Op::Truncate {
-                                path: path.clone(),
-                                size: st.st_size as u64,
-                            })?;
-                        } else {
-                            emit(Op::Create {
-                                path: path.clone(),
-                                mode: mode & 0o7777,
-                                uid,
-                                gid,
-                            })?;
-                        }
-                        total += st.st_size as u64;
-                        files.push((st.st_ino, have));
-                    }
-                    3 => {
-                        let target = sys::readlinkat(dfd, OsStr::from_bytes(name))?;
-                        emit(Op::Symlink {
-                            path: path.clone(),
-                            target,
-                            uid,
-                            gid,
-                        })?;
-                        return emit(Op::SetTimes {
-                            path: path.clone(),
-                            atime: None,
-                            mtime: Some(ts(st.st_mtime, st.st_mtime_nsec)),
-                        });
-                    }
-                    _ => emit(Op::Mknod {
-                        path: path.clone(),
-                        mode,
-                        rdev: st.st_rdev,
-                        uid,
-                        gid,
-                    })?,
-                }
-                for (xname, xval) in crate::mirror::xattrs(root.as_fd(), path) {
-                    emit(Op::SetXattr {
-                        path: path.clone(),
-                        name: xname,
-                        value: xval,
-                        flags: 0,
-                    })?;
-                }
-                Ok(())
-            })?;
-            for op in crate::mirror::root_attrs(root.as_fd())? {
-                emit(op)?;
-            }
-            journal.next_seq() - 1
+            .run(hidden.as_deref())?
         };
         vol.settle(guard, last, 0);
-    }
+        (files, total)
+    };
     tracing::info!(
         "mirror {}: resync: {} entries removed, {} kept, {} bytes of file data to compare",
         m.name,
@@ -381,58 +243,20 @@ pub fn live_resync(
         stats.kept,
         total
     );
-    let pb = indicatif::ProgressBar::new(total);
-    pb.set_style(
-        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} ({eta})")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    let message = format!("resync of {}", m.name);
+    let mut data = DataPass::new(
+        &copy,
+        &m,
+        root.as_fd(),
+        total,
+        message,
+        RESYNC_BLOCK as usize,
     );
-    pb.set_message(format!("resync of {}", m.name));
-    let mut done = 0u64;
-    let mut buf = vec![0u8; RESYNC_BLOCK as usize];
     for (ino, have) in files {
-        let mut block = 0u64;
-        loop {
-            let Some((mut o, path, f, st)) = copy.next_chunk(&m, root.as_fd(), ino)? else {
-                break;
-            };
-            let size = st.st_size as u64;
-            let off = block * RESYNC_BLOCK;
-            if off >= size {
-                let last = crate::mirror::append_sync(
-                    &mut o.journal,
-                    id,
-                    crate::mirror::mtime_of(&path, &st),
-                )?;
-                vol.settle(o, last, 0);
-                break;
-            }
-            let want = RESYNC_BLOCK.min(size - off) as usize;
-            read_full(f.as_fd(), &mut buf[..want], off)?;
-            let same = have
-                .as_ref()
-                .and_then(|h| h.get(block as usize))
-                .is_some_and(|h| *h == *blake3::hash(&buf[..want]).as_bytes());
-            if same {
-                stats.blocks_same += 1;
-                drop(o);
-            } else {
-                let op = Op::Write {
-                    path,
-                    offset: off,
-                    data: buf[..want].to_vec(),
-                };
-                let seq = crate::mirror::append_sync(&mut o.journal, id, op)?;
-                vol.settle(o, seq, want as u64);
-                stats.blocks_sent += 1;
-                stats.bytes_sent += want as u64;
-            }
-            block += 1;
-            done += want as u64;
-            copy.progress(&m, &pb, done, total);
-        }
+        data.resync_file(ino, have, &mut stats)?;
         copy.done_with(ino);
     }
-    let seq = copy.finish(&pb)?;
+    let seq = copy.finish(&data.pb)?;
     let _ = crate::site::state_dir::MirrorStateDir::at(&m.state_dir).clear_needs_resync();
     tracing::info!(
         "mirror {}: resync streamed: {} blocks differed ({} bytes sent), {} blocks were the same; consistent once it applies record {seq}",
@@ -442,6 +266,264 @@ pub fn live_resync(
         stats.blocks_same
     );
     Ok(stats)
+}
+
+/// The namespace step of a resync, under one hold of the order lock: removes what the mirror
+/// has and the primary has not, journals every entry walked (only the attributes of one the
+/// mirror has with the same kind), and notes the regular files whose blocks are compared next.
+struct NamespaceResync<'a> {
+    journal: &'a mut Journal<FileStore>,
+    tracker: &'a mut NameTracker,
+    root: BorrowedFd<'a>,
+    id: u32,
+    manifest: &'a Manifest,
+    /// The paths of the mirror's entries removed.
+    removed: HashSet<Vec<u8>>,
+    stats: &'a mut ResyncStats,
+    /// The first name walked of each file with several links.
+    links: HashMap<u64, RelPath>,
+    /// (inode, the mirror's block hashes if it has the file), and their bytes.
+    files: Vec<(u64, Option<BlockHashes>)>,
+    total: u64,
+}
+
+impl NamespaceResync<'_> {
+    /// Journals `op` as one of the copy's `Sync` records.
+    fn emit(&mut self, op: Op) -> io::Result<()> {
+        crate::mirror::append_sync(self.journal, self.id, op).map(drop)
+    }
+
+    /// Removes the extra entries, walks the tree (but `hidden`), then the root's mode and owner;
+    /// returns the files to compare, their bytes and the last record journaled.
+    #[allow(clippy::type_complexity)]
+    fn run(
+        mut self,
+        hidden: Option<&[u8]>,
+    ) -> io::Result<(Vec<(u64, Option<BlockHashes>)>, u64, u64)> {
+        self.remove_extra(hidden)?;
+        let root = self.root;
+        walk(root, hidden, |v| self.visit(v))?;
+        for op in crate::mirror::root_attrs(root)? {
+            self.emit(op)?;
+        }
+        Ok((self.files, self.total, self.journal.next_seq() - 1))
+    }
+
+    /// Step 1: what the mirror has and the primary has not (or of another kind, or under
+    /// `hidden`) is removed, deepest first.
+    fn remove_extra(&mut self, hidden: Option<&[u8]>) -> io::Result<()> {
+        let root = self.root;
+        let mut extra: Vec<&ManifestEntry> = self
+            .manifest
+            .entries
+            .values()
+            .filter(|e| match crate::tree::dirtree::lstat_in(root, &e.path) {
+                Ok(st) => {
+                    kind_of(st.st_mode) != e.kind
+                        || (hidden == e.path.as_bytes().split(|b| *b == b'/').next())
+                }
+                Err(_) => true,
+            })
+            .collect();
+        extra.sort_by_key(|e| {
+            std::cmp::Reverse(e.path.as_bytes().iter().filter(|b| **b == b'/').count())
+        });
+        self.removed = extra.iter().map(|e| e.path.as_bytes().to_vec()).collect();
+        for e in &extra {
+            let op = if e.kind == 2 {
+                Op::Rmdir {
+                    path: e.path.clone(),
+                }
+            } else {
+                Op::Unlink {
+                    path: e.path.clone(),
+                    nlink: 1,
+                }
+            };
+            self.emit(op)?;
+            self.stats.removed += 1;
+        }
+        Ok(())
+    }
+
+    /// The mirror's entry at `p` if it is of `kind` and stays.
+    fn kept(&self, p: &RelPath, kind: u8) -> Option<&ManifestEntry> {
+        self.manifest
+            .get(p)
+            .filter(|e| e.kind == kind && !self.removed.contains(p.as_bytes()))
+    }
+
+    /// Step 2, the namespace: one entry walked (an entry the mirror has with the same kind is
+    /// kept, only its attributes set), then its xattrs; a directory's mtime once everything
+    /// below it is done.
+    fn visit(&mut self, v: Visit<'_>) -> io::Result<()> {
+        let (path, name, st, dfd) = match v {
+            Visit::DirDone { path, st } => return self.emit(crate::mirror::mtime_of(path, st)),
+            Visit::Entry {
+                path,
+                name,
+                st,
+                dir,
+            } => (path, name, st, dir),
+        };
+        let (uid, gid, mode) = (st.st_uid, st.st_gid, st.st_mode);
+        match kind_of(mode) {
+            2 => {
+                if self.kept(path, 2).is_some() {
+                    self.stats.kept += 1;
+                    for op in attrs(path, st) {
+                        self.emit(op)?;
+                    }
+                } else {
+                    self.emit(Op::Mkdir {
+                        path: path.clone(),
+                        mode: mode & 0o7777,
+                        uid,
+                        gid,
+                    })?;
+                }
+            }
+            1 => {
+                if self.regular_file(path, st)? {
+                    return Ok(());
+                }
+            }
+            3 => {
+                let target = sys::readlinkat(dfd, OsStr::from_bytes(name))?;
+                self.emit(Op::Symlink {
+                    path: path.clone(),
+                    target,
+                    uid,
+                    gid,
+                })?;
+                return self.emit(Op::SetTimes {
+                    path: path.clone(),
+                    atime: None,
+                    mtime: Some(ts(st.st_mtime, st.st_mtime_nsec)),
+                });
+            }
+            _ => self.emit(Op::Mknod {
+                path: path.clone(),
+                mode,
+                rdev: st.st_rdev,
+                uid,
+                gid,
+            })?,
+        }
+        for (xname, xval) in crate::mirror::xattrs(self.root, path) {
+            self.emit(Op::SetXattr {
+                path: path.clone(),
+                name: xname,
+                value: xval,
+                flags: 0,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// A regular file: a further name of a file already walked is a link to its first (and
+    /// true is returned: nothing else to send); one the mirror has is cut to size, else created
+    /// empty; its blocks are compared next.
+    fn regular_file(&mut self, path: &RelPath, st: &libc::stat) -> io::Result<bool> {
+        self.tracker.add(st.st_ino, path.clone());
+        if st.st_nlink > 1 {
+            if let Some(first) = self.links.get(&st.st_ino) {
+                let op = Op::Link {
+                    from: first.clone(),
+                    to: path.clone(),
+                };
+                self.emit(op)?;
+                return Ok(true);
+            }
+            self.links.insert(st.st_ino, path.clone());
+        }
+        let have = self.kept(path, 1).map(|e| e.hashes.clone());
+        if have.is_some() {
+            self.stats.kept += 1;
+            for op in attrs(path, st) {
+                self.emit(op)?;
+            }
+            self.emit(Op::Truncate {
+                path: path.clone(),
+                size: st.st_size as u64,
+            })?;
+        } else {
+            self.emit(Op::Create {
+                path: path.clone(),
+                mode: st.st_mode & 0o7777,
+                uid: st.st_uid,
+                gid: st.st_gid,
+            })?;
+        }
+        self.total += st.st_size as u64;
+        self.files.push((st.st_ino, have));
+        Ok(false)
+    }
+}
+
+/// The mode and owner of an entry the mirror keeps.
+fn attrs(path: &RelPath, st: &libc::stat) -> [Op; 2] {
+    [
+        Op::SetMode {
+            path: path.clone(),
+            mode: st.st_mode & 0o7777,
+        },
+        Op::SetOwner {
+            path: path.clone(),
+            uid: Some(st.st_uid),
+            gid: Some(st.st_gid),
+        },
+    ]
+}
+
+impl DataPass<'_> {
+    /// Step 2, the data: the blocks of the file walked as `ino` whose hash differs from the
+    /// mirror's (`have`), then its mtime; nothing more once it has no name left.
+    fn resync_file(
+        &mut self,
+        ino: u64,
+        have: Option<BlockHashes>,
+        stats: &mut ResyncStats,
+    ) -> io::Result<()> {
+        let (vol, id) = (self.copy.vol, self.copy.id);
+        let mut block = 0u64;
+        loop {
+            let Some((mut o, path, f, st)) = self.copy.next_chunk(self.m, self.root, ino)? else {
+                return Ok(());
+            };
+            let size = st.st_size as u64;
+            let off = block * RESYNC_BLOCK;
+            if off >= size {
+                let op = crate::mirror::mtime_of(&path, &st);
+                let last = crate::mirror::append_sync(&mut o.journal, id, op)?;
+                vol.settle(o, last, 0);
+                return Ok(());
+            }
+            let want = RESYNC_BLOCK.min(size - off) as usize;
+            read_full(f.as_fd(), &mut self.buf[..want], off)?;
+            let same = have
+                .as_ref()
+                .and_then(|h| h.get(block as usize))
+                .is_some_and(|h| *h == *blake3::hash(&self.buf[..want]).as_bytes());
+            if same {
+                stats.blocks_same += 1;
+                drop(o);
+            } else {
+                let op = Op::Write {
+                    path,
+                    offset: off,
+                    data: self.buf[..want].to_vec(),
+                };
+                let seq = crate::mirror::append_sync(&mut o.journal, id, op)?;
+                vol.settle(o, seq, want as u64);
+                stats.blocks_sent += 1;
+                stats.bytes_sent += want as u64;
+            }
+            block += 1;
+            self.done += want as u64;
+            self.copy.progress(self.m, &self.pb, self.done, self.total);
+        }
+    }
 }
 
 fn ts(sec: i64, nsec: i64) -> mirrorfs_core::op::Timespec {

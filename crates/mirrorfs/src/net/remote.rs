@@ -20,6 +20,7 @@ use mirrorfs_core::op::Record;
 use mirrorfs_core::stream::{take_batch, Backoff};
 use mirrorfs_core::wire::{Decoder, Msg, BATCH_BYTES};
 
+use crate::mirror::resync::Manifest;
 use crate::net::conn::Duplex;
 use crate::net::identity::{Fingerprint, Identity};
 use crate::site::store::FileStore;
@@ -162,234 +163,300 @@ fn link_err(e: LinkError) -> anyhow::Error {
     anyhow::Error::new(e)
 }
 
+/// One connection to the mirror daemon, from connecting to the end of its streams.
 fn session(
     vol: &Arc<Volume>,
     m: &Arc<MirrorShared>,
     cfg: &Arc<LinkConfig>,
     slot: &Arc<SyncSlot>,
 ) -> Result<()> {
-    let addr = m.remote.clone().unwrap_or_default();
-    let d = Arc::new(Duplex::connect(&addr, &cfg.identity, cfg.pinned.clone())?);
-    let mut dec = Decoder::new();
-    let mut sender = Sender::new(cfg.history.clone(), WINDOW_BYTES);
-    d.send(&sender.hello(span(vol), cfg.compress, &cfg.name))?;
-    let welcome = recv_within(&d, &mut dec, crate::net::conn::CONNECT_TIMEOUT)?;
-    if let Msg::Welcome { compress, .. } = &welcome {
-        d.set_compress(*compress && cfg.compress);
-    }
-    let new_id = crate::mirror::sync_id(m);
-    let resumable = slot
-        .running
-        .load(Ordering::Acquire)
-        .then(|| slot.id.load(Ordering::Acquire));
-    // The decision and the start of an initial copy see the journal at the same instant.
-    let start = sender
-        .on_welcome(&welcome, span(vol), new_id, resumable)
-        .map_err(|e| {
-            let _ = d.send(&e.to_msg());
-            link_err(e)
-        })?;
-    let needs_resync = crate::site::state_dir::MirrorStateDir::at(&m.state_dir).needs_resync();
-    let start = match start {
-        Start::Resume { from } if needs_resync.is_some() => Start::Resync {
-            from: span(vol).next_seq.max(from),
-            sync_id: new_id,
-            reason: needs_resync.unwrap_or_default(),
-        },
-        s => s,
-    };
-    let from = match &start {
+    Session { vol, m, cfg, slot }.run()
+}
+
+/// What one connection works with: the volume, the mirror's shared state, the link's
+/// configuration and the mirror's copy slot.
+struct Session<'a> {
+    vol: &'a Arc<Volume>,
+    m: &'a Arc<MirrorShared>,
+    cfg: &'a Arc<LinkConfig>,
+    slot: &'a Arc<SyncSlot>,
+}
+
+/// What the handshake settled: the connection, its decoder, the sender and how to start.
+struct Handshake {
+    addr: String,
+    d: Arc<Duplex>,
+    dec: Decoder,
+    sender: Sender,
+    start: Start,
+}
+
+/// The first record the mirror is sent.
+fn start_from(start: &Start) -> u64 {
+    match start {
         Start::Resume { from } | Start::InitialSync { from, .. } | Start::Resync { from, .. } => {
             *from
         }
-    };
-    if let Start::Resync { reason, .. } = &start {
-        tracing::warn!(
-            "mirror {}: resynchronising by block hashes: {}",
-            m.name,
-            reason.trim()
+    }
+}
+
+/// `syncing`, with no progress yet.
+fn set_syncing(m: &MirrorShared) {
+    set_phase(
+        m,
+        MirrorPhase::Syncing {
+            done_bytes: 0,
+            total_bytes: 0,
+        },
+    );
+}
+
+impl Session<'_> {
+    /// Handshake, start decision, the manifest and the copy if any, then the streams.
+    fn run(&self) -> Result<()> {
+        let Handshake {
+            addr,
+            d,
+            mut dec,
+            sender,
+            start,
+        } = self.handshake()?;
+        let from = start_from(&start);
+        self.announce(&d, &sender, &start, from)?;
+        let manifest = if let Start::Resync { .. } = &start {
+            set_syncing(self.m);
+            Some(receive_manifest(&d, &mut dec, &self.m.name)?)
+        } else {
+            None
+        };
+        self.start_copy(start, manifest)?;
+        self.vol.changed.notify_all();
+        tracing::info!(
+            "mirror {}: connected to {} ({}), streaming from record {from}",
+            self.m.name,
+            addr,
+            d.peer().map(|p| p.to_string()).unwrap_or_default()
         );
+        self.run_streams(&d, dec, sender)
     }
-    if let Some(msg) = Sender::start_msg(&start) {
-        d.send(&msg)?;
+
+    /// Connects, says hello, and decides how to start from the mirror's welcome (a resume
+    /// becomes a resync when the mirror's state directory asks for one).
+    fn handshake(&self) -> Result<Handshake> {
+        let (vol, m, cfg, slot) = (self.vol, self.m, self.cfg, self.slot);
+        let addr = m.remote.clone().unwrap_or_default();
+        let d = Arc::new(Duplex::connect(&addr, &cfg.identity, cfg.pinned.clone())?);
+        let mut dec = Decoder::new();
+        let mut sender = Sender::new(cfg.history.clone(), WINDOW_BYTES);
+        d.send(&sender.hello(span(vol), cfg.compress, &cfg.name))?;
+        let welcome = recv_within(&d, &mut dec, crate::net::conn::CONNECT_TIMEOUT)?;
+        if let Msg::Welcome { compress, .. } = &welcome {
+            d.set_compress(*compress && cfg.compress);
+        }
+        let new_id = crate::mirror::sync_id(m);
+        let resumable = slot
+            .running
+            .load(Ordering::Acquire)
+            .then(|| slot.id.load(Ordering::Acquire));
+        // The decision and the start of an initial copy see the journal at the same instant.
+        let start = sender
+            .on_welcome(&welcome, span(vol), new_id, resumable)
+            .map_err(|e| {
+                let _ = d.send(&e.to_msg());
+                link_err(e)
+            })?;
+        let needs_resync = crate::site::state_dir::MirrorStateDir::at(&m.state_dir).needs_resync();
+        let start = match start {
+            Start::Resume { from } if needs_resync.is_some() => Start::Resync {
+                from: span(vol).next_seq.max(from),
+                sync_id: new_id,
+                reason: needs_resync.unwrap_or_default(),
+            },
+            s => s,
+        };
+        Ok(Handshake {
+            addr,
+            d,
+            dec,
+            sender,
+            start,
+        })
     }
-    // The settled watermark at once: a restarted mirror holds its last record back until it
-    // knows the record's fate, and an idle primary would otherwise never say it.
-    let settled_now = lock(&vol.progress).settled_seq;
-    d.send(&Msg::Records {
-        settled: settled_now,
-        records: Vec::new(),
-    })?;
-    let base = from - 1;
-    for a in [&m.sent, &m.received, &m.durable] {
-        a.store(base, Ordering::Release);
-    }
-    let pos = sender.positions();
-    m.applied.store(pos.applied, Ordering::Release);
-    m.checkpoint.store(pos.checkpoint, Ordering::Release);
-    {
+
+    /// Tells the mirror how the stream starts and the settled watermark, and publishes the
+    /// link's positions and `connected` for `status`.
+    fn announce(&self, d: &Duplex, sender: &Sender, start: &Start, from: u64) -> Result<()> {
+        let (vol, m, cfg) = (self.vol, self.m, self.cfg);
+        if let Start::Resync { reason, .. } = start {
+            tracing::warn!(
+                "mirror {}: resynchronising by block hashes: {}",
+                m.name,
+                reason.trim()
+            );
+        }
+        if let Some(msg) = Sender::start_msg(start) {
+            d.send(&msg)?;
+        }
+        // The settled watermark at once: a restarted mirror holds its last record back until it
+        // knows the record's fate, and an idle primary would otherwise never say it.
+        let settled_now = lock(&vol.progress).settled_seq;
+        d.send(&Msg::Records {
+            settled: settled_now,
+            records: Vec::new(),
+        })?;
+        let base = from - 1;
+        for a in [&m.sent, &m.received, &m.durable] {
+            a.store(base, Ordering::Release);
+        }
+        let pos = sender.positions();
+        m.applied.store(pos.applied, Ordering::Release);
+        m.checkpoint.store(pos.checkpoint, Ordering::Release);
         let mut l = lock(&m.link);
         l.connected = true;
         l.peer = d.peer().map(|p| p.to_string());
         l.since_unix = crate::sys::now().sec as u64;
         l.compress = cfg.compress;
         l.last_error = None;
+        Ok(())
     }
-    let mut manifest = None;
-    if let Start::Resync { .. } = &start {
-        set_phase(
-            m,
-            MirrorPhase::Syncing {
-                done_bytes: 0,
-                total_bytes: 0,
-            },
-        );
-        let mut mf = crate::mirror::resync::Manifest::default();
-        let mut heard = Instant::now();
-        loop {
-            match d.recv(&mut dec)? {
-                Some(Msg::Manifest { entries }) => {
-                    heard = Instant::now();
-                    for e in entries {
-                        mf.add(e)?;
-                    }
-                }
-                Some(Msg::ManifestEnd { count }) => {
-                    if count != mf.len() as u64 {
-                        return Err(anyhow!(
-                            "the mirror's manifest announced {count} entries but sent {}",
-                            mf.len()
-                        ));
-                    }
-                    break;
-                }
-                Some(Msg::Ping { nonce }) => {
-                    heard = Instant::now();
-                    d.send(&Msg::Pong { nonce })?;
-                }
-                Some(Msg::Error { code, message }) => {
-                    return Err(anyhow!(
-                        "the mirror refused the resync (code {code}): {message}"
-                    ))
-                }
-                Some(other) => {
-                    return Err(anyhow!(
-                        "unexpected message type {} during the manifest",
-                        other.type_code()
-                    ))
-                }
-                None if heard.elapsed() > DEAD_AFTER * 6 => {
-                    return Err(anyhow!("the mirror stopped sending its manifest"))
-                }
-                None => {}
-            }
-        }
-        tracing::info!(
-            "mirror {}: manifest of {} entries received",
-            m.name,
-            mf.len()
-        );
-        manifest = Some(mf);
-    }
-    match start {
-        Start::Resync { sync_id, .. } => {
-            stop_copy(m, slot);
-            slot.id.store(sync_id, Ordering::Release);
-            slot.running.store(true, Ordering::Release);
-            let (v, mm, c, sl) = (vol.clone(), m.clone(), cfg.clone(), slot.clone());
-            let mf = manifest.take().unwrap_or_default();
-            std::thread::Builder::new()
-                .name("resync".into())
-                .spawn(move || {
-                    let r = crate::mirror::resync::live_resync(
-                        v.clone(),
-                        &c.backing,
-                        mm.clone(),
-                        c.hidden.clone(),
-                        mf,
-                    );
-                    if let Err(e) = r {
-                        tracing::error!("mirror {}: resync failed: {e}", mm.name);
-                    }
-                    sl.running.store(false, Ordering::Release);
-                    v.changed.notify_all();
-                })?;
-        }
-        Start::InitialSync { sync_id, .. } => {
-            set_phase(
-                m,
-                MirrorPhase::Syncing {
-                    done_bytes: 0,
-                    total_bytes: 0,
-                },
-            );
-            {
-                stop_copy(m, slot);
-                slot.id.store(sync_id, Ordering::Release);
-                slot.running.store(true, Ordering::Release);
-                let (v, mm, c, sl) = (vol.clone(), m.clone(), cfg.clone(), slot.clone());
-                std::thread::Builder::new()
-                    .name("initial-sync".into())
-                    .spawn(move || {
-                        let r = crate::mirror::live_sync(
-                            v.clone(),
-                            &c.backing,
-                            mm.clone(),
-                            c.hidden.clone(),
-                        );
-                        if let Err(e) = r {
-                            tracing::error!("mirror {}: initial copy failed: {e}", mm.name);
-                        }
-                        sl.running.store(false, Ordering::Release);
-                        v.changed.notify_all();
-                    })?;
-            }
-        }
-        _ => {
-            if !slot.running.load(Ordering::Acquire) {
-                set_phase(m, MirrorPhase::Live);
-            }
-        }
-    }
-    vol.changed.notify_all();
-    tracing::info!(
-        "mirror {}: connected to {} ({}), streaming from record {from}",
-        m.name,
-        addr,
-        d.peer().map(|p| p.to_string()).unwrap_or_default()
-    );
 
-    let sender = Arc::new(Mutex::new(sender));
-    let done = Arc::new(AtomicBool::new(false));
-    let ack_thread = {
-        let (d, vol, m, sender, done) = (
-            d.clone(),
-            vol.clone(),
-            m.clone(),
-            sender.clone(),
-            done.clone(),
-        );
-        std::thread::Builder::new()
-            .name("link-acks".into())
-            .spawn(move || {
-                let r = take_acks(&d, dec, &vol, &m, &sender, &done);
-                done.store(true, Ordering::Release);
-                d.shutdown();
-                vol.changed.notify_all();
-                r
-            })?
-    };
-    let r = stream(&d, vol, m, &sender, &done, slot);
-    done.store(true, Ordering::Release);
-    d.shutdown();
-    let acks = ack_thread
-        .join()
-        .unwrap_or_else(|_| Err(anyhow!("the acknowledgement thread panicked")));
-    match (r, acks) {
-        (Ok(()), _) => Ok(()),
-        (Err(e), Err(a)) => Err(a.context(format!("{e:#}"))),
-        (Err(e), Ok(())) => Err(e),
+    /// Starts the copy the start decision asks for (a resync from `manifest`, or an initial
+    /// copy); on a plain resume the mirror is `live` unless a copy is still running.
+    fn start_copy(&self, start: Start, manifest: Option<Manifest>) -> Result<()> {
+        let m = self.m;
+        match start {
+            Start::Resync { sync_id, .. } => {
+                let mf = manifest.unwrap_or_default();
+                self.spawn_copy(sync_id, "resync", "resync", move |v, c, mm| {
+                    crate::mirror::resync::live_resync(v, &c.backing, mm, c.hidden.clone(), mf)
+                })?;
+            }
+            Start::InitialSync { sync_id, .. } => {
+                set_syncing(m);
+                self.spawn_copy(sync_id, "initial-sync", "initial copy", |v, c, mm| {
+                    crate::mirror::live_sync(v, &c.backing, mm, c.hidden.clone())
+                })?;
+            }
+            _ => {
+                if !self.slot.running.load(Ordering::Acquire) {
+                    set_phase(m, MirrorPhase::Live);
+                }
+            }
+        }
+        Ok(())
     }
+
+    /// Stops the copy running for the mirror, then runs `copy` as copy `sync_id` on its own
+    /// thread `thread` (it outlives the connection); a failure is logged as `what` failed.
+    fn spawn_copy<T>(
+        &self,
+        sync_id: u32,
+        thread: &str,
+        what: &'static str,
+        copy: impl FnOnce(Arc<Volume>, &LinkConfig, Arc<MirrorShared>) -> std::io::Result<T>
+            + Send
+            + 'static,
+    ) -> Result<()> {
+        let (m, slot) = (self.m, self.slot);
+        stop_copy(m, slot);
+        slot.id.store(sync_id, Ordering::Release);
+        slot.running.store(true, Ordering::Release);
+        let (v, mm, c, sl) = (self.vol.clone(), m.clone(), self.cfg.clone(), slot.clone());
+        std::thread::Builder::new()
+            .name(thread.into())
+            .spawn(move || {
+                let r = copy(v.clone(), &c, mm.clone());
+                if let Err(e) = r {
+                    tracing::error!("mirror {}: {what} failed: {e}", mm.name);
+                }
+                sl.running.store(false, Ordering::Release);
+                v.changed.notify_all();
+            })?;
+        Ok(())
+    }
+
+    /// The sending loop here and the acknowledgements on their own thread, until either ends;
+    /// the acknowledgement thread's error, if any, carries the sending loop's as context.
+    fn run_streams(&self, d: &Arc<Duplex>, dec: Decoder, sender: Sender) -> Result<()> {
+        let (vol, m) = (self.vol, self.m);
+        let sender = Arc::new(Mutex::new(sender));
+        let done = Arc::new(AtomicBool::new(false));
+        let ack_thread = {
+            let (d, vol, m, sender, done) = (
+                d.clone(),
+                vol.clone(),
+                m.clone(),
+                sender.clone(),
+                done.clone(),
+            );
+            std::thread::Builder::new()
+                .name("link-acks".into())
+                .spawn(move || {
+                    let r = take_acks(&d, dec, &vol, &m, &sender, &done);
+                    done.store(true, Ordering::Release);
+                    d.shutdown();
+                    vol.changed.notify_all();
+                    r
+                })?
+        };
+        let r = stream(d, vol, m, &sender, &done, self.slot);
+        done.store(true, Ordering::Release);
+        d.shutdown();
+        let acks = ack_thread
+            .join()
+            .unwrap_or_else(|_| Err(anyhow!("the acknowledgement thread panicked")));
+        match (r, acks) {
+            (Ok(()), _) => Ok(()),
+            (Err(e), Err(a)) => Err(a.context(format!("{e:#}"))),
+            (Err(e), Ok(())) => Err(e),
+        }
+    }
+}
+
+/// Receives a resync's manifest from the mirror, answering its pings.
+fn receive_manifest(d: &Duplex, dec: &mut Decoder, name: &str) -> Result<Manifest> {
+    let mut mf = Manifest::default();
+    let mut heard = Instant::now();
+    loop {
+        match d.recv(dec)? {
+            Some(Msg::Manifest { entries }) => {
+                heard = Instant::now();
+                for e in entries {
+                    mf.add(e)?;
+                }
+            }
+            Some(Msg::ManifestEnd { count }) => {
+                if count != mf.len() as u64 {
+                    return Err(anyhow!(
+                        "the mirror's manifest announced {count} entries but sent {}",
+                        mf.len()
+                    ));
+                }
+                break;
+            }
+            Some(Msg::Ping { nonce }) => {
+                heard = Instant::now();
+                d.send(&Msg::Pong { nonce })?;
+            }
+            Some(Msg::Error { code, message }) => {
+                return Err(anyhow!(
+                    "the mirror refused the resync (code {code}): {message}"
+                ))
+            }
+            Some(other) => {
+                return Err(anyhow!(
+                    "unexpected message type {} during the manifest",
+                    other.type_code()
+                ))
+            }
+            None if heard.elapsed() > DEAD_AFTER * 6 => {
+                return Err(anyhow!("the mirror stopped sending its manifest"))
+            }
+            None => {}
+        }
+    }
+    tracing::info!("mirror {}: manifest of {} entries received", name, mf.len());
+    Ok(mf)
 }
 
 /// The sending loop: records ≤ min(durable, settled) in batches within the byte window, and

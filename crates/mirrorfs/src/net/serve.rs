@@ -1170,7 +1170,37 @@ pub fn promote(dir: &Path, state: Option<&Path>, force: bool) -> Result<()> {
     let state = state
         .map(Path::to_path_buf)
         .unwrap_or_else(|| dir.join(".mirrorfs"));
-    if let Some(found) = crate::mirror::mark::read_file(&state) {
+    let Some(mut meta) = copy_to_promote(&dir, &state)? else {
+        return Ok(());
+    };
+    // Held until the promotion is written.
+    let _lock = lock_for_promote(&dir, &state, &meta, force)?;
+    let (applied, dropped) = restart_journal_at_applied(&dir, &state)?;
+    // A new generation begins at the next seq: the old primary's changes after `applied`, if
+    // any, are what the two sides will then not share (`core::history`).
+    let mut history = meta.history();
+    history.promote(random_u64()?, applied + 1);
+    meta.set_history(&history);
+    meta.promoted = true;
+    write_meta(&state, &meta)?;
+    if dropped > 0 {
+        println!("{dropped} record(s) received but not applied were dropped");
+    }
+    println!(
+        "promoted {}: generation {} of volume {}. Mount it with `mirrorfs mount {} MOUNTPOINT --state {} --mirror ...`; the old primary can only come back as a mirror of this one (see docs/protocol.md)",
+        dir.display(),
+        meta.generation,
+        meta.volume_id,
+        dir.display(),
+        state.display()
+    );
+    Ok(())
+}
+
+/// The metadata of the daemon copy in `dir` to promote; `None` (said on stdout) when it is a
+/// primary's directory or promoted already. Refuses a local mirror and an empty copy.
+fn copy_to_promote(dir: &Path, state: &Path) -> Result<Option<Meta>> {
+    if let Some(found) = crate::mirror::mark::read_file(state) {
         bail!(
             "{} is a local mirror of volume {} (its identity mark is {}): only a `mirrorfs serve` copy can be promoted; to fail over to a local mirror, mount it as the backing of a new primary (`mirrorfs mount {} MOUNTPOINT --mirror ...`)",
             dir.display(),
@@ -1179,7 +1209,7 @@ pub fn promote(dir: &Path, state: Option<&Path>, force: bool) -> Result<()> {
             dir.display()
         );
     }
-    let mut meta = read_meta(&state)?;
+    let meta = read_meta(state)?;
     if meta.state == CopyState::Empty {
         bail!("{} holds no copy to promote", dir.display());
     }
@@ -1189,7 +1219,7 @@ pub fn promote(dir: &Path, state: Option<&Path>, force: bool) -> Result<()> {
             dir.display(),
             meta.generation
         );
-        return Ok(());
+        return Ok(None);
     }
     if meta.promoted {
         println!(
@@ -1197,8 +1227,15 @@ pub fn promote(dir: &Path, state: Option<&Path>, force: bool) -> Result<()> {
             dir.display(),
             meta.generation
         );
-        return Ok(());
+        return Ok(None);
     }
+    Ok(Some(meta))
+}
+
+/// Takes the daemon's lock on `state` (returned, to be held) and refuses, unless `force`, while
+/// a daemon serves `dir`, when the copy is not consistent, or when its daemon did not stop
+/// cleanly.
+fn lock_for_promote(dir: &Path, state: &Path, meta: &Meta, force: bool) -> Result<fs::File> {
     let lockf = fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -1221,16 +1258,22 @@ pub fn promote(dir: &Path, state: Option<&Path>, force: bool) -> Result<()> {
         ),
         _ => {}
     }
-    if !StateDir::at(&state).is_clean() && !force {
+    if !StateDir::at(state).is_clean() && !force {
         bail!(
             "the mirror daemon for {} did not stop cleanly: start `mirrorfs serve` on it once and stop it with Ctrl-C (it recovers and applies what it holds), then promote; or pass --force",
             dir.display()
         );
     }
+    Ok(lockf)
+}
+
+/// Restarts the copy's journal after its last applied record; returns that record and how many
+/// received records were dropped.
+fn restart_journal_at_applied(dir: &Path, state: &Path) -> Result<(u64, u64)> {
     // The primary starts at the copy's last applied record: records the mirror received but had
     // not applied (their fate may be unknown) are dropped, so its journal never holds a change
     // its tree lacks.
-    let mut cur = crate::site::store::FileCursor::open(&StateDir::at(&state).tree().cursor())
+    let mut cur = crate::site::store::FileCursor::open(&StateDir::at(state).tree().cursor())
         .context("cannot open the copy's cursor")?;
     let applied = Applier::open(&mut cur, false, 0)?
         .map(|a| a.cursor().applied)
@@ -1240,23 +1283,5 @@ pub fn promote(dir: &Path, state: Option<&Path>, force: bool) -> Result<()> {
         Journal::open(store, JournalConfig::default()).context("cannot open the journal")?;
     let dropped = (journal.next_seq() - 1).saturating_sub(applied);
     journal.restart_at(applied + 1)?;
-    // A new generation begins at the next seq: the old primary's changes after `applied`, if
-    // any, are what the two sides will then not share (`core::history`).
-    let mut history = meta.history();
-    history.promote(random_u64()?, applied + 1);
-    meta.set_history(&history);
-    meta.promoted = true;
-    write_meta(&state, &meta)?;
-    if dropped > 0 {
-        println!("{dropped} record(s) received but not applied were dropped");
-    }
-    println!(
-        "promoted {}: generation {} of volume {}. Mount it with `mirrorfs mount {} MOUNTPOINT --state {} --mirror ...`; the old primary can only come back as a mirror of this one (see docs/protocol.md)",
-        dir.display(),
-        meta.generation,
-        meta.volume_id,
-        dir.display(),
-        state.display()
-    );
-    Ok(())
+    Ok((applied, dropped))
 }

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::site::volume::{lock, Volume};
@@ -246,61 +246,14 @@ fn read_trusted(p: &Path, denied: &mut Vec<PathBuf>) -> Option<Vec<u8>> {
     }
 }
 
+/// `mirrorfs status [MOUNTPOINT] [--json]`: the running mounts and mirror daemons (only the one
+/// at `mountpoint` if given), as JSON or as text.
 pub fn show(mountpoint: Option<&Path>, json: bool) -> Result<()> {
     let want = mountpoint.map(|m| m.canonicalize().unwrap_or_else(|_| m.to_path_buf()));
-    let mut found = Vec::new();
     let mut denied = Vec::new();
-    if let Ok(rd) = fs::read_dir(RUN_DIR) {
-        for e in rd.flatten() {
-            let Some(bytes) = read_trusted(&e.path(), &mut denied) else {
-                continue;
-            };
-            let Ok(reg) = serde_json::from_slice::<Registration>(&bytes) else {
-                continue;
-            };
-            if want.as_ref().is_some_and(|w| *w != reg.mountpoint) {
-                continue;
-            }
-            if !Path::new(&format!("/proc/{}", reg.pid)).exists() {
-                continue;
-            }
-            let Some(s) = read_trusted(&reg.state.join("status.json"), &mut denied) else {
-                continue;
-            };
-            let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(&s) else {
-                continue;
-            };
-            let daemon = v.get("role").and_then(|r| r.as_str()) == Some("mirror");
-            if !daemon && serde_json::from_value::<VolumeStatus>(v.clone()).is_err() {
-                continue;
-            }
-            let updated_ms = v["updated_unix_ms"]
-                .as_i64()
-                .filter(|&t| t > 0)
-                .or_else(|| v["updated_unix"].as_i64().map(|t| t * 1000))
-                .unwrap_or(0);
-            let age_ms = (now_ms() - updated_ms).max(0);
-            let problem = not_answering(reg.pid, age_ms);
-            v["status_age_seconds"] = serde_json::json!(age_ms as f64 / 1e3);
-            v["answering"] = serde_json::json!(problem.is_none());
-            v["not_answering"] = serde_json::json!(problem);
-            found.push(v);
-        }
-    }
+    let found = find_running(want.as_deref(), &mut denied);
     if found.is_empty() {
-        if let Some(p) = denied.first() {
-            bail!(
-                "cannot read {}: permission denied (a mount's state is readable by its owner only: run `mirrorfs status` as that user, usually root)",
-                p.display()
-            );
-        }
-        match want {
-            Some(w) => bail!(
-                "no running mirrorfs mount at {} (is it mounted? start it with `mirrorfs mount`)",
-                w.display()
-            ),
-            None => bail!("no running mirrorfs mounts"),
-        }
+        return Err(none_found(want.as_deref(), &denied));
     }
     if json {
         let v = if found.len() == 1 {
@@ -316,58 +269,134 @@ pub fn show(mountpoint: Option<&Path>, json: bool) -> Result<()> {
             print_mirror_daemon(v);
             continue;
         }
-        let s: VolumeStatus = serde_json::from_value(v.clone())?;
-        println!(
-            "{} (pid {}, ack {}, quorum {})",
-            s.mountpoint, s.pid, s.ack, s.quorum
-        );
-        print_not_answering(v);
-        println!(
-            "  at risk if this machine died now: {} change(s), {} bytes (durable on no mirror)",
-            s.at_risk_ops, s.at_risk_bytes
-        );
-        println!(
-            "  journal: {} bytes in {} segment(s), last seq {}, durable through {}{}",
-            s.journal_bytes,
-            s.journal_segments,
-            s.journal_next_seq - 1,
-            s.journal_durable_seq,
-            s.journal_error
-                .as_ref()
-                .map(|e| format!(", ERROR: {e}"))
-                .unwrap_or_default()
-        );
-        for m in &s.mirrors {
-            let state = m.phase.get("state").and_then(|v| v.as_str()).unwrap_or("?");
-            let detail = m
-                .phase
-                .get("error")
-                .or_else(|| m.phase.get("reason"))
-                .and_then(|v| v.as_str())
-                .map(|e| format!(" ({e})"))
-                .unwrap_or_default();
-            println!(
-                "  mirror {}: {state}{detail}; applied {} (durable {}), lag {} ops / {} bytes / {:.3} s",
-                m.path, m.applied_seq, m.durable_seq, m.lag_ops, m.lag_bytes, m.lag_seconds
-            );
-            if let Some(l) = &m.link {
-                println!(
-                    "    link: {}, peer {}, sent {} / received {} / durable {} / applied {}, {} bytes out, {} in, {} reconnect(s){}",
-                    if l.connected { "connected" } else { "disconnected" },
-                    l.peer.as_deref().unwrap_or("-"),
-                    m.sent_seq.unwrap_or(0),
-                    m.received_seq.unwrap_or(0),
-                    m.durable_seq,
-                    m.applied_seq,
-                    l.bytes_sent,
-                    l.bytes_received,
-                    l.reconnects,
-                    if l.compress { ", zstd" } else { "" }
-                );
+        print_volume(v)?;
+    }
+    Ok(())
+}
+
+/// The statuses of the registered processes still running (at `want` only, if given), each
+/// with whether it still answers; files `status` may not read are added to `denied`.
+fn find_running(want: Option<&Path>, denied: &mut Vec<PathBuf>) -> Vec<serde_json::Value> {
+    let mut found = Vec::new();
+    if let Ok(rd) = fs::read_dir(RUN_DIR) {
+        for e in rd.flatten() {
+            if let Some(v) = read_running(&e.path(), want, denied) {
+                found.push(v);
             }
         }
     }
+    found
+}
+
+/// The status of the process registered in `reg_file`, if it is running, at `want` (if given),
+/// and its status is readable and trusted.
+fn read_running(
+    reg_file: &Path,
+    want: Option<&Path>,
+    denied: &mut Vec<PathBuf>,
+) -> Option<serde_json::Value> {
+    let bytes = read_trusted(reg_file, denied)?;
+    let reg = serde_json::from_slice::<Registration>(&bytes).ok()?;
+    if want.is_some_and(|w| w != reg.mountpoint.as_path()) {
+        return None;
+    }
+    if !Path::new(&format!("/proc/{}", reg.pid)).exists() {
+        return None;
+    }
+    let s = read_trusted(&reg.state.join("status.json"), denied)?;
+    let mut v = serde_json::from_slice::<serde_json::Value>(&s).ok()?;
+    let daemon = v.get("role").and_then(|r| r.as_str()) == Some("mirror");
+    if !daemon && serde_json::from_value::<VolumeStatus>(v.clone()).is_err() {
+        return None;
+    }
+    let updated_ms = v["updated_unix_ms"]
+        .as_i64()
+        .filter(|&t| t > 0)
+        .or_else(|| v["updated_unix"].as_i64().map(|t| t * 1000))
+        .unwrap_or(0);
+    let age_ms = (now_ms() - updated_ms).max(0);
+    let problem = not_answering(reg.pid, age_ms);
+    v["status_age_seconds"] = serde_json::json!(age_ms as f64 / 1e3);
+    v["answering"] = serde_json::json!(problem.is_none());
+    v["not_answering"] = serde_json::json!(problem);
+    Some(v)
+}
+
+/// Why `status` found nothing: a state it may not read, or no mount (at `want`).
+fn none_found(want: Option<&Path>, denied: &[PathBuf]) -> anyhow::Error {
+    if let Some(p) = denied.first() {
+        return anyhow!(
+            "cannot read {}: permission denied (a mount's state is readable by its owner only: run `mirrorfs status` as that user, usually root)",
+            p.display()
+        );
+    }
+    match want {
+        Some(w) => anyhow!(
+            "no running mirrorfs mount at {} (is it mounted? start it with `mirrorfs mount`)",
+            w.display()
+        ),
+        None => anyhow!("no running mirrorfs mounts"),
+    }
+}
+
+/// A mount's status as text: the volume, its journal, then each mirror.
+fn print_volume(v: &serde_json::Value) -> Result<()> {
+    let s: VolumeStatus = serde_json::from_value(v.clone())?;
+    println!(
+        "{} (pid {}, ack {}, quorum {})",
+        s.mountpoint, s.pid, s.ack, s.quorum
+    );
+    print_not_answering(v);
+    println!(
+        "  at risk if this machine died now: {} change(s), {} bytes (durable on no mirror)",
+        s.at_risk_ops, s.at_risk_bytes
+    );
+    println!(
+        "  journal: {} bytes in {} segment(s), last seq {}, durable through {}{}",
+        s.journal_bytes,
+        s.journal_segments,
+        s.journal_next_seq - 1,
+        s.journal_durable_seq,
+        s.journal_error
+            .as_ref()
+            .map(|e| format!(", ERROR: {e}"))
+            .unwrap_or_default()
+    );
+    for m in &s.mirrors {
+        print_mirror(m);
+    }
     Ok(())
+}
+
+/// One mirror of a mount as text: its phase and lag, and its link if it is remote.
+fn print_mirror(m: &MirrorStatus) {
+    let state = m.phase.get("state").and_then(|v| v.as_str()).unwrap_or("?");
+    let detail = m
+        .phase
+        .get("error")
+        .or_else(|| m.phase.get("reason"))
+        .and_then(|v| v.as_str())
+        .map(|e| format!(" ({e})"))
+        .unwrap_or_default();
+    println!(
+        "  mirror {}: {state}{detail}; applied {} (durable {}), lag {} ops / {} bytes / {:.3} s",
+        m.path, m.applied_seq, m.durable_seq, m.lag_ops, m.lag_bytes, m.lag_seconds
+    );
+    if let Some(l) = &m.link {
+        println!(
+            "    link: {}, peer {}, sent {} / received {} / durable {} / applied {}, {} bytes out, {} in, {} reconnect(s){}",
+            if l.connected { "connected" } else { "disconnected" },
+            l.peer.as_deref().unwrap_or("-"),
+            m.sent_seq.unwrap_or(0),
+            m.received_seq.unwrap_or(0),
+            m.durable_seq,
+            m.applied_seq,
+            l.bytes_sent,
+            l.bytes_received,
+            l.reconnects,
+            if l.compress { ", zstd" } else { "" }
+        );
+    }
 }
 
 fn print_not_answering(v: &serde_json::Value) {
