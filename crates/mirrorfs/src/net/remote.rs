@@ -128,6 +128,16 @@ struct SyncSlot {
     id: std::sync::atomic::AtomicU32,
 }
 
+/// Clears the slot's `running` when a copy's thread ends, however it ends.
+struct CopyEnded(Arc<SyncSlot>, Arc<Volume>);
+
+impl Drop for CopyEnded {
+    fn drop(&mut self) {
+        self.0.running.store(false, Ordering::Release);
+        self.1.changed.notify_all();
+    }
+}
+
 /// Stops the copy running for `m` (if any) and waits until its thread has ended, so that at most
 /// one copy at a time appends `Sync` records for the mirror.
 fn stop_copy(m: &MirrorShared, slot: &SyncSlot) {
@@ -362,16 +372,23 @@ impl Session<'_> {
         slot.id.store(sync_id, Ordering::Release);
         slot.running.store(true, Ordering::Release);
         let (v, mm, c, sl) = (self.vol.clone(), m.clone(), self.cfg.clone(), slot.clone());
-        std::thread::Builder::new()
+        let started = std::thread::Builder::new()
             .name(thread.into())
             .spawn(move || {
-                let r = copy(v.clone(), &c, mm.clone());
+                // `running` goes back to false however the copy ends (a panic too): the next
+                // `stop_copy` waits for it.
+                let _done = CopyEnded(sl, v.clone());
+                let r = copy(v, &c, mm.clone());
                 if let Err(e) = r {
                     tracing::error!("mirror {}: {what} failed: {e}", mm.name);
                 }
-                sl.running.store(false, Ordering::Release);
-                v.changed.notify_all();
-            })?;
+            });
+        if let Err(e) = started {
+            // No thread ran: nothing will clear the slot, and a copy that never started must not
+            // be offered as resumable or waited for.
+            slot.running.store(false, Ordering::Release);
+            return Err(anyhow::Error::new(e).context(format!("cannot start the {thread} thread")));
+        }
         Ok(())
     }
 
