@@ -59,6 +59,19 @@ pub fn replace(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
 }
 
 fn replace_by_rename(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+    write_and_rename(path, bytes, mode, false)
+}
+
+/// Replaces `path` atomically with `bytes`, created with `mode`, and makes the change durable:
+/// temporary file, fsync of the file, rename, fsync of the parent directory. Once this returns,
+/// a power loss leaves the new contents; before it, the old file (or none) — never a torn one.
+pub fn replace_durable(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+    write_and_rename(path, bytes, mode, true)?;
+    sync_parent(path)
+}
+
+/// Writes `bytes` to `PATH.tmp` (mode `mode`, fsynced if `durable`) and renames it over `path`.
+fn write_and_rename(path: &Path, bytes: &[u8], mode: u32, durable: bool) -> io::Result<()> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = Path::new(&tmp);
@@ -71,29 +84,11 @@ fn replace_by_rename(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
     // An older file of ours may have been created with a wider mode.
     f.set_permissions(fs::Permissions::from_mode(mode))?;
     f.write_all(bytes)?;
+    if durable {
+        f.sync_all()?;
+    }
     drop(f);
     fs::rename(tmp, path)
-}
-
-/// Replaces `path` atomically with `bytes`, created with `mode`, and makes the change durable:
-/// temporary file, fsync of the file, rename, fsync of the parent directory. Once this returns,
-/// a power loss leaves the new contents; before it, the old file (or none) — never a torn one.
-pub fn replace_durable(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = Path::new(&tmp);
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(tmp)?;
-    f.set_permissions(fs::Permissions::from_mode(mode))?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    drop(f);
-    fs::rename(tmp, path)?;
-    sync_parent(path)
 }
 
 /// Overwrites `path` in place with `bytes` and makes it durable (fsync of the file, and of the
