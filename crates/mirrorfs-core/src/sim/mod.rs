@@ -4,7 +4,7 @@
 //!   Primary (reference SimTree, never crashes) ──ops──▶ Journal<SimStore> (MemStore crash model)
 //!                                                          │ records ≤ durable_seq
 //!                                                          ▼
-//!                          mirror SimTree (ext4-like crash model) ◀── Applier + SimCursor
+//!              mirror SimTree (ext4-like crash model) ◀── core::worker::Worker (Applier) + SimCursor
 //! ```
 //!
 //! Everything runs in one thread from one seeded random source ([`SimRng`]), so a seed replays

@@ -7,7 +7,7 @@
 //!  Primary workload ─▶ Journal<SimStore> ─ flusher       Receiver ─▶ Journal<SimStore> (append_at)
 //!     records ≤ min(durable, settled), byte window          flusher ─▶ durable
 //!     Sender ─ Msg::encode ─▶ [ bytes: split, delayed, ─▶ Decoder ─┘   Feed ≤ min(durable, settled)
-//!                               cut, corrupted, reset ]            Applier + SimCursor + SimTree
+//!                               cut, corrupted, reset ]   Worker(Applier) + SimCursor + SimTree
 //!     Decoder ◀── [ bytes ] ◀── Msg::encode ◀── Ack{received, durable, applied, checkpoint}
 //! ```
 //!
@@ -17,8 +17,10 @@
 //! release journal segments only through the mirror's acknowledged durable position), the
 //! mirror on `mirrorfs::serve` (make the journal durable through its end before `Welcome`, check
 //! every batch with [`Receiver::on_records`], `append_at`, a flusher, acknowledgements, and the
-//! local mirror's worker: [`Applier`] fed records ≤ min(durable, settled), a record being final
-//! when it is the primary's settled watermark or the next record is known).
+//! local mirror's worker: the core's [`Worker`] that `mirror::run_worker` drives too, on a
+//! simulated clock, checkpointing when idle as `serve` sets it, its [`Applier`] fed records
+//! ≤ min(durable, settled), a record being final when it is the primary's settled watermark or
+//! the next record is known).
 //!
 //! The network has connections with ids, each a pair of byte pipes without reordering (TCP).
 //! Bytes are delivered in random chunk splits at random times; a connection can be reset (a
@@ -48,7 +50,9 @@
 
 use std::collections::VecDeque;
 use std::fmt;
+use std::time::Duration;
 
+use super::run::SplitMix64;
 use super::{KillSwitch, Primary, SimCursor, SimFile, SimRng, SimStore, SimTree};
 use crate::applier::Applier;
 use crate::feed::{FeedReadError, Item, JournalFeed};
@@ -60,6 +64,7 @@ use crate::op::{Op, Record};
 use crate::sequencer::{self, InDoubt, Sequencer};
 use crate::tree::apply_op;
 use crate::wire::{error_code, Decoder, MirrorState, Msg, VolumeId, BATCH_BYTES};
+use crate::worker::{Turn, Worker, CHECKPOINT_EVERY};
 
 const VOLUME: VolumeId = [0x5e; 16];
 
@@ -114,6 +119,8 @@ pub struct NetStats {
     pub ack_refusals: u64,
     /// Comparisons of the mirror with the primary's state at the mirror's position.
     pub comparisons: u64,
+    /// Checkpoints of the mirror's tree (the worker's: when idle, every second, at a stop).
+    pub checkpoints: u64,
 }
 
 impl NetStats {
@@ -139,6 +146,7 @@ impl NetStats {
         self.skipped += o.skipped;
         self.ack_refusals += o.ack_refusals;
         self.comparisons += o.comparisons;
+        self.checkpoints += o.checkpoints;
     }
 }
 
@@ -149,7 +157,7 @@ impl fmt::Display for NetStats {
             "{} seeds, {} steps: {} records in {} batches ({} bytes on the wire), {} connections, \
              {} partitions, {} corruptions ({} frames refused), {} stale frames dropped, {} busy, \
              {} timeouts; mirror: {} power losses, {} kills; primary: {} power losses, {} kills; \
-             {} records applied ({} skipped), {} comparisons, {} acks refused",
+             {} records applied ({} skipped, {} checkpoints), {} comparisons, {} acks refused",
             self.seeds,
             self.steps,
             self.records,
@@ -168,6 +176,7 @@ impl fmt::Display for NetStats {
             self.primary_kills,
             self.applied,
             self.skipped,
+            self.checkpoints,
             self.comparisons,
             self.ack_refusals
         )
@@ -249,6 +258,7 @@ fn run(
         for step in 0..steps {
             sim.step = step;
             sim.stats.steps += 1;
+            sim.now += sim.tick;
             sim.one_step(&mut rng)?;
         }
         sim.step = steps;
@@ -402,7 +412,7 @@ fn read_next(
 /// Per-seed rates, so different seeds stress different regimes.
 struct Profile {
     /// Weights of: primary op, primary flusher, primary send, deliver to the mirror, deliver to
-    /// the primary, mirror flusher, mirror worker, mirror ack, mirror checkpoint, partition,
+    /// the primary, mirror flusher, mirror worker, mirror ack, mirror worker pause, partition,
     /// corruption, timeout, kill or power loss, stale frame or ping.
     weights: [u64; 14],
     /// Furthest (in mutating calls) an armed kill may land.
@@ -459,8 +469,13 @@ struct Sim {
     msettled: u64,
     cursor: SimCursor,
     tree: SimTree,
-    applier: Applier,
+    /// The daemon's mirror worker (the binary's `mirror::run_worker` drives the same machine,
+    /// checkpointing when idle as `serve` sets it): it owns the [`Applier`].
+    worker: Worker,
     feed: Feed,
+    /// The simulated clock, given to the worker as `now`: it moves `tick` every step.
+    now: Duration,
+    tick: Duration,
     mlink: Option<MLink>,
     /// Highest durable position the mirror ever put in an `Ack`.
     m_acked_durable: u64,
@@ -496,7 +511,7 @@ impl Sim {
                 calm * rng.range(2, 6),  // mirror flusher
                 calm * rng.range(3, 8),  // mirror worker
                 calm * rng.range(2, 5),  // mirror ack
-                rng.range(0, 2),         // mirror checkpoint
+                rng.range(0, 2),         // mirror worker pause
                 rng.range(0, 2),         // partition
                 rng.range(0, 2),         // corruption
                 rng.range(1, 2),         // timeout
@@ -540,6 +555,9 @@ impl Sim {
         // Both start empty: the mirror holds a consistent copy of the empty volume at record 0.
         let applier = Applier::start_at(&mut cursor, 0)
             .map_err(|e| format!("seed {seed}: cannot create the cursor: {e}"))?;
+        // The clock's pace draws from its own stream, so the seed's other decisions stay.
+        let mut clock = SplitMix64(seed ^ 0x00C1_0C4D_7100_u64);
+        let tick = Duration::from_millis([1, 5, 20, 100, 250][(clock.next() % 5) as usize]);
         Ok(Sim {
             seed,
             step: 0,
@@ -581,8 +599,10 @@ impl Sim {
             mdurable: 0,
             msettled: 0,
             cursor,
-            applier,
+            worker: Worker::new(applier, Duration::ZERO, true),
             feed: Feed::new(1, variant == NetVariant::ApplyBeforeFinal),
+            now: Duration::ZERO,
+            tick,
             mlink: None,
             m_acked_durable: 0,
             m_consumed_ever: 0,
@@ -638,7 +658,7 @@ impl Sim {
                 self.m_work(n)
             }
             7 => self.m_ack(rng.chance(1, 4)),
-            8 => self.m_checkpoint(),
+            8 => self.m_pause(),
             9 => self.partition(rng),
             10 => self.corrupt(rng),
             11 => self.timeout(),
@@ -1471,7 +1491,7 @@ impl Sim {
                     state: MirrorState::Consistent,
                     history: sim_history(),
                     durable: self.mdurable,
-                    applied: self.applier.cursor().applied,
+                    applied: self.worker.applier().cursor().applied,
                     sync_id: 0,
                     promoted: false,
                     foreign: false,
@@ -1586,7 +1606,7 @@ impl Sim {
         } else {
             self.mdurable.min(received)
         };
-        let c = self.applier.cursor();
+        let c = self.worker.applier().cursor();
         let applied = c.applied.min(durable);
         let checkpoint = c.checkpoint.min(applied);
         let now = (received, durable, applied, checkpoint);
@@ -1649,7 +1669,7 @@ impl Sim {
 
     /// The daemon's tree is a local mirror: it needs every record after its checkpoint.
     fn m_release(&mut self) -> Act {
-        let keep = self.applier.cursor().checkpoint;
+        let keep = self.worker.applier().cursor().checkpoint;
         flush::release(&mut self.mjournal, keep)
             .map(drop)
             .map_err(|e| self.mfault(format!("release of segments failed: {e}")))
@@ -1667,12 +1687,14 @@ impl Sim {
         }
     }
 
-    fn m_checkpoint(&mut self) -> Act {
-        self.applier
-            .checkpoint(&mut self.tree, &mut self.cursor)
-            .map_err(|e| self.mfault(format!("checkpoint failed: {e}")))
+    /// The worker was held up (the daemon busy elsewhere, the machine loaded): a second passes
+    /// before its next turn, so its periodic checkpoint falls due if it applied anything since.
+    fn m_pause(&mut self) -> Act {
+        self.now += CHECKPOINT_EVERY;
+        self.m_work(1)
     }
 
+    /// Up to `n` worker turns. Returns early when the worker is idle.
     fn m_work(&mut self, n: u64) -> Act {
         for _ in 0..n {
             if !self.m_one()? {
@@ -1682,57 +1704,67 @@ impl Sim {
         Ok(())
     }
 
-    /// One feed item; false if the feed had nothing ready.
+    /// One [`Worker::turn`] at the simulated time, with the invariants checked on the item the
+    /// feed hands it (before it is applied) and on the tree after it; false if the worker was
+    /// idle. Nobody waits on the daemon's checkpoint (`want_durable` 0): `--ack sync` primaries
+    /// get it from the worker's checkpoint when idle.
     fn m_one(&mut self) -> Result<bool, Fault> {
-        let item = self
-            .feed
-            .next(&self.mjournal, self.mdurable, self.msettled)
-            .map_err(|e| Fault::Bug(format!("the mirror cannot read its journal: {e}")))?;
-        let seq = match &item {
-            Item::Wait => return Ok(false),
-            Item::Skip(s) => *s,
-            Item::Apply(r) => r.seq,
-        };
-        if seq > self.mdurable {
-            return Err(Fault::Bug(format!(
-                "the mirror was handed record {seq} but its journal is durable only through {}",
-                self.mdurable
-            )));
-        }
-        if seq != self.applier.next_seq() {
-            return Err(Fault::Bug(format!(
-                "the mirror was handed record {seq} where {} was next",
-                self.applier.next_seq()
-            )));
-        }
-        let replay = self.applier.in_replay();
-        if !replay && seq <= self.m_consumed_ever {
-            return Err(Fault::Bug(format!(
-                "record {seq} would be applied a second time in strict mode (the mirror already \
-                 consumed records through {})",
-                self.m_consumed_ever
-            )));
-        }
-        match item {
-            Item::Wait => return Ok(false),
-            Item::Skip(s) => {
-                self.ev(|| format!("mirror skips {s}"));
-                self.applier
-                    .skip(&mut self.cursor, s)
-                    .map_err(|e| self.mfault(format!("skip of record {s} failed: {e}")))?;
-                self.stats.skipped += 1;
+        let before = self.worker.applier().cursor().checkpoint;
+        // `next` is asked only when no checkpoint is due, so the applier is as it is now then.
+        let expected = self.worker.applier().next_seq();
+        let replay = self.worker.applier().in_replay();
+        let tracing = self.trace.is_some();
+        let mut handed = None;
+        let Sim {
+            worker,
+            tree,
+            cursor,
+            feed,
+            mjournal,
+            mdurable,
+            msettled,
+            primary,
+            m_consumed_ever,
+            now,
+            ..
+        } = self;
+        let turn = worker.turn(tree, cursor, *now, 0, || {
+            let item = feed
+                .next(mjournal, *mdurable, *msettled)
+                .map_err(|e| Fault::Bug(format!("the mirror cannot read its journal: {e}")))?;
+            let seq = match &item {
+                Item::Wait => return Ok(item),
+                Item::Skip(s) => *s,
+                Item::Apply(r) => r.seq,
+            };
+            if seq > *mdurable {
+                return Err(Fault::Bug(format!(
+                    "the mirror was handed record {seq} but its journal is durable only through \
+                     {mdurable}"
+                )));
             }
-            Item::Apply(rec) => {
-                if self.primary.op_at(rec.seq) != Some(&rec.op) {
+            if seq != expected {
+                return Err(Fault::Bug(format!(
+                    "the mirror was handed record {seq} where {expected} was next"
+                )));
+            }
+            if !replay && seq <= *m_consumed_ever {
+                return Err(Fault::Bug(format!(
+                    "record {seq} would be applied a second time in strict mode (the mirror \
+                     already consumed records through {m_consumed_ever})"
+                )));
+            }
+            if let Item::Apply(rec) = &item {
+                if primary.op_at(rec.seq) != Some(&rec.op) {
                     return Err(Fault::Bug(format!(
                         "the mirror applies {:?} as record {}; the primary wrote {:?}",
                         rec.op,
                         rec.seq,
-                        self.primary.op_at(rec.seq)
+                        primary.op_at(rec.seq)
                     )));
                 }
                 // Only final records: never one the primary aborted.
-                if self.primary.op_at(rec.seq + 1) == Some(&Op::Abort { seq: rec.seq }) {
+                if primary.op_at(rec.seq + 1) == Some(&Op::Abort { seq: rec.seq }) {
                     return Err(Fault::Bug(format!(
                         "the mirror applies record {} ({}), which the primary aborted (record {})",
                         rec.seq,
@@ -1740,29 +1772,52 @@ impl Sim {
                         rec.seq + 1
                     )));
                 }
-                self.ev(|| {
-                    format!(
+            }
+            if tracing {
+                handed = Some(match &item {
+                    Item::Apply(r) => format!(
                         "mirror {} {} {}",
                         if replay { "replays" } else { "applies" },
-                        rec.seq,
-                        brief(&rec.op)
-                    )
+                        r.seq,
+                        brief(&r.op)
+                    ),
+                    _ => format!("mirror skips {seq}"),
                 });
-                self.applier
-                    .apply(&mut self.tree, &mut self.cursor, &rec)
-                    .map_err(|e| {
-                        self.mfault(format!(
-                            "the mirror diverged applying record {} ({:?}) in {} mode: {e}",
-                            rec.seq,
-                            rec.op,
-                            if replay { "replay" } else { "strict" }
-                        ))
-                    })?;
-                self.stats.applied += 1;
             }
+            Ok(item)
+        })?;
+        if let Some(h) = handed {
+            self.ev(|| h);
         }
+        let seq = match turn {
+            Turn::Idle => return Ok(false),
+            Turn::Checkpointed { checkpoint } => {
+                if checkpoint != before {
+                    self.ev(|| format!("mirror checkpoint {checkpoint}"));
+                    self.stats.checkpoints += 1;
+                }
+                return Ok(true);
+            }
+            // A kill or power loss strikes the tree or the cursor as an I/O error; anything
+            // else is a bug.
+            Turn::Retry { error, .. } => return Err(self.mfault(error)),
+            Turn::Diverged { reason } => {
+                return Err(self.mfault(format!(
+                    "{reason} (in {} mode)",
+                    if replay { "replay" } else { "strict" }
+                )))
+            }
+            Turn::Applied { seq, .. } => {
+                self.stats.applied += 1;
+                seq
+            }
+            Turn::Skipped { seq } => {
+                self.stats.skipped += 1;
+                seq
+            }
+        };
         self.m_consumed_ever = self.m_consumed_ever.max(seq);
-        if !self.applier.in_replay() {
+        if !self.worker.applier().in_replay() {
             self.compare(seq).map_err(Fault::Bug)?;
         }
         Ok(true)
@@ -1819,8 +1874,8 @@ impl Sim {
                 self.stats.mirror_kills += 1;
             }
             let (c, a) = (
-                self.applier.cursor().checkpoint,
-                self.applier.cursor().applied,
+                self.worker.applier().cursor().checkpoint,
+                self.worker.applier().cursor().applied,
             );
             self.ev(|| {
                 format!(
@@ -1919,9 +1974,10 @@ impl Sim {
                 self.mjournal.first_seq()
             )));
         }
-        self.applier = applier;
+        // A new process: a new worker.
+        self.worker = Worker::new(applier, self.now, true);
         self.feed = Feed::new(
-            self.applier.next_seq(),
+            self.worker.applier().next_seq(),
             self.variant == NetVariant::ApplyBeforeFinal,
         );
         let (s, fs) = (self.msettled, self.mjournal.first_seq());
@@ -2127,7 +2183,7 @@ impl Sim {
             self.gc();
             self.restart_dead(rng)?;
         }
-        let c = self.applier.cursor();
+        let c = self.worker.applier().cursor();
         Err(self.fail(format!(
             "after healing the network the mirror does not catch up: primary at {}, mirror \
              received {}, durable {}, settled {}, applied {}, checkpoint {}",
@@ -2142,7 +2198,7 @@ impl Sim {
 
     fn drained(&self) -> bool {
         let last = self.primary.last_seq();
-        let c = self.applier.cursor();
+        let c = self.worker.applier().cursor();
         c.applied == last && c.checkpoint == last && self.mdurable == last
     }
 
@@ -2155,8 +2211,8 @@ impl Sim {
                 self.deliver_to_m(rng, true)?;
             }
             self.m_flush_all()?;
+            // Until idle: the worker checkpoints when its feed has nothing ready.
             while self.m_one()? {}
-            self.m_checkpoint()?;
             self.m_ack(false)?;
             while self.conns.iter().any(|c| !c.to_p.is_empty()) {
                 self.deliver_to_p(rng, true)?;
@@ -2169,7 +2225,7 @@ impl Sim {
 
     fn final_check(&mut self) -> Result<(), String> {
         let last = self.primary.last_seq();
-        let c = self.applier.cursor();
+        let c = self.worker.applier().cursor();
         if c.applied != last || c.checkpoint != last {
             return Err(self.fail(format!(
                 "at the end the mirror has applied {} (checkpoint {}) of {last} records",

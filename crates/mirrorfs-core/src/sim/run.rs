@@ -1,10 +1,13 @@
 //! The seeded simulation loop ([`run_seed`]) and its invariants.
 //!
 //! One seed drives everything: a workload on the [`Primary`], journaled through a
-//! `Journal<SimStore>`, group-commit syncs (the flusher), one mirror worker (feed + [`Applier`] +
-//! [`SimCursor`] + a crashable [`SimTree`]), checkpoints, segment release, and faults: a process
-//! kill that lands between any two mutating calls ([`KillSwitch`]), and power losses (immediate,
-//! or landing between two mutating calls like a kill, then crashing every store).
+//! `Journal<SimStore>`, group-commit syncs (the flusher), one mirror worker (the core's
+//! [`Worker`] that `mirror::run_worker` drives too, over the feed, an [`Applier`], a
+//! [`SimCursor`] and a crashable [`SimTree`], on a simulated clock: it decides when to
+//! checkpoint — every second of that clock, when an application's `fsync` waits, at a stop),
+//! segment release, and faults: a process kill that lands between any two mutating calls
+//! ([`KillSwitch`]), and power losses (immediate, or landing between two mutating calls like a
+//! kill, then crashing every store).
 //!
 //! Recovery is the shell's (`crates/mirrorfs/src/main.rs`, `volume.rs`, `mirror.rs`): reopen the
 //! journal (torn tail cut), resolve the in-doubt last record on the primary (re-apply it
@@ -178,10 +181,10 @@ fn run_with(
 
 /// SplitMix64: small, fast, and fixed here, so a seed replays the same on every platform and
 /// every version of the `rand` crate.
-struct SplitMix64(u64);
+pub(super) struct SplitMix64(pub(super) u64);
 
 impl SplitMix64 {
-    fn next(&mut self) -> u64 {
+    pub(super) fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
