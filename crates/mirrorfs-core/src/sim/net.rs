@@ -46,7 +46,9 @@
 //! 7. the start decision is always a resume (the primary never released what the mirror needs,
 //!    the mirror is never ahead of the primary);
 //! 8. at the end, after healing the network and draining, `mirror == primary`, and again after
-//!    one more power loss of the mirror and a reconnect.
+//!    one more power loss of the mirror and a reconnect;
+//! 9. the daemon's worker keeps its word: a checkpoint it reported survives any crash, and it is
+//!    never idle with applied records not checkpointed (an `--ack sync` primary would wait).
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -481,6 +483,8 @@ struct Sim {
     m_acked_durable: u64,
     /// Highest seq the mirror ever consumed (applied or skipped).
     m_consumed_ever: u64,
+    /// Highest checkpoint the daemon's worker ever reported: durable.
+    m_reported_checkpoint: u64,
 
     // ---- the network
     conns: Vec<Conn>,
@@ -606,6 +610,7 @@ impl Sim {
             mlink: None,
             m_acked_durable: 0,
             m_consumed_ever: 0,
+            m_reported_checkpoint: 0,
             conns: Vec::new(),
             next_conn: 1,
             stale_to_m: VecDeque::new(),
@@ -1790,8 +1795,20 @@ impl Sim {
             self.ev(|| h);
         }
         let seq = match turn {
-            Turn::Idle => return Ok(false),
+            Turn::Idle => {
+                // Invariant 9: idle, everything applied is checkpointed.
+                let c = self.worker.applier().cursor();
+                if c.applied > c.checkpoint {
+                    return Err(Fault::Bug(format!(
+                        "the daemon's worker is idle with records through {} applied but only \
+                         through {} checkpointed",
+                        c.applied, c.checkpoint
+                    )));
+                }
+                return Ok(false);
+            }
             Turn::Checkpointed { checkpoint } => {
+                self.m_reported_checkpoint = self.m_reported_checkpoint.max(checkpoint);
                 if checkpoint != before {
                     self.ev(|| format!("mirror checkpoint {checkpoint}"));
                     self.stats.checkpoints += 1;
@@ -1807,7 +1824,10 @@ impl Sim {
                     if replay { "replay" } else { "strict" }
                 )))
             }
-            Turn::Applied { seq, .. } => {
+            Turn::Applied {
+                seq, checkpoint, ..
+            } => {
+                self.m_reported_checkpoint = self.m_reported_checkpoint.max(checkpoint);
                 self.stats.applied += 1;
                 seq
             }
@@ -1961,6 +1981,14 @@ impl Sim {
             return Err(self.fail("the mirror's cursor is lost"));
         };
         let c = applier.cursor();
+        // Invariant 9: what the worker reported checkpointed survived.
+        if c.checkpoint < self.m_reported_checkpoint {
+            return Err(self.fail(format!(
+                "after a restart the mirror's checkpoint is {}, but its worker had reported \
+                 records through {} checkpointed",
+                c.checkpoint, self.m_reported_checkpoint
+            )));
+        }
         if c.checkpoint > end || c.applied > end {
             return Err(self.fail(format!(
                 "the mirror's cursor (checkpoint {}, applied {}) is beyond its journal's end {end}",

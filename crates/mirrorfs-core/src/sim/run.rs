@@ -24,7 +24,10 @@
 //! 4. records reach the mirror strictly in order, and none is applied twice in strict mode;
 //! 5. whenever the mirror is out of its replay window (after every recovery, once caught up, and
 //!    after every strict apply), it equals the primary's reference state at its applied seq;
-//! 6. at the end, after draining, `mirror == primary`, and still so after one more power loss.
+//! 6. at the end, after draining, `mirror == primary`, and still so after one more power loss;
+//! 7. the worker keeps its word: a checkpoint it reported (to `fsync` waiters, to segment
+//!    release) survives any crash, and it is never idle while an `fsync` waits for a record it
+//!    has applied.
 
 use std::fmt;
 use std::time::Duration;
@@ -270,6 +273,8 @@ struct Sim {
     durable_ever: u64,
     /// Highest seq the mirror ever consumed (applied or skipped).
     consumed_ever: u64,
+    /// Highest checkpoint the worker ever reported (its `Turn`s, its stop): durable.
+    reported_checkpoint: u64,
     /// A power loss happened and no start has recovered the journal since.
     journal_unclean: bool,
     /// A power loss happened and no start has opened the cursor since.
@@ -363,6 +368,7 @@ impl Sim {
             settled: 0,
             durable_ever: 0,
             consumed_ever: 0,
+            reported_checkpoint: 0,
             journal_unclean: false,
             cursor_unclean: false,
             stats: SimStats {
@@ -560,6 +566,7 @@ impl Sim {
     }
 
     fn checkpointed(&mut self, before: u64, c: u64) {
+        self.reported_checkpoint = self.reported_checkpoint.max(c);
         if c != before {
             self.ev(|| format!("checkpoint {c}"));
             self.stats.checkpoints += 1;
@@ -677,7 +684,18 @@ impl Sim {
             self.ev(|| h);
         }
         let seq = match turn {
-            Turn::Idle => return Ok(false),
+            Turn::Idle => {
+                // Invariant 7: an `fsync` waiting for an applied record would wait forever.
+                let c = self.worker.applier().cursor();
+                if self.want_durable > c.checkpoint && c.applied >= self.want_durable {
+                    return Err(Fault::Bug(format!(
+                        "the worker is idle while an fsync waits for record {} to be durable \
+                         on the mirror: applied {}, checkpoint {}",
+                        self.want_durable, c.applied, c.checkpoint
+                    )));
+                }
+                return Ok(false);
+            }
             Turn::Checkpointed { checkpoint } => {
                 self.checkpointed(before, checkpoint);
                 return Ok(true);
@@ -691,7 +709,12 @@ impl Sim {
                     if replay { "replay" } else { "strict" }
                 )))
             }
-            Turn::Applied { seq, .. } => {
+            Turn::Applied {
+                seq, checkpoint, ..
+            } => {
+                // A barrier (rename, unlink) moves the checkpoint too (not counted: it is the
+                // applier's, not a checkpoint of the worker).
+                self.reported_checkpoint = self.reported_checkpoint.max(checkpoint);
                 self.stats.applied += 1;
                 if replay {
                     self.stats.replayed += 1;
@@ -894,6 +917,14 @@ impl Sim {
             return Err(self.fail(format!("after a {what} the mirror's cursor is lost")));
         };
         let c = applier.cursor();
+        // Invariant 7: what the worker reported checkpointed survived.
+        if c.checkpoint < self.reported_checkpoint {
+            return Err(self.fail(format!(
+                "after a {what} the mirror's checkpoint is {}, but the worker had reported \
+                 records through {} checkpointed",
+                c.checkpoint, self.reported_checkpoint
+            )));
+        }
         if c.checkpoint > horizon || c.applied > horizon || self.consumed_ever > horizon {
             return Err(self.fail(format!(
                 "after a {what} the mirror is beyond the journal: checkpoint {}, applied {}, \
