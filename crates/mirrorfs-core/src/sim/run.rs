@@ -71,6 +71,8 @@ pub struct SimStats {
     pub replayed: u64,
     /// Aborted records and `Abort`s skipped by the mirror.
     pub skipped: u64,
+    /// Worker turns that failed on a transient cursor write error (the worker retries).
+    pub retries: u64,
     /// In-doubt records resolved at restart by appending an `Abort`.
     pub in_doubt_aborted: u64,
     /// Bytes of torn journal tail cut by recovery.
@@ -96,6 +98,7 @@ impl SimStats {
         self.applied += o.applied;
         self.replayed += o.replayed;
         self.skipped += o.skipped;
+        self.retries += o.retries;
         self.in_doubt_aborted += o.in_doubt_aborted;
         self.torn_bytes += o.torn_bytes;
         self.released_segments += o.released_segments;
@@ -109,7 +112,8 @@ impl fmt::Display for SimStats {
             f,
             "{} seeds, {} steps: {} ops ({} aborted, {} refused for space), {} syncs, {} checkpoints, {} kills, \
              {} power losses ({} torn bytes cut, {} in-doubt aborted), {} records applied \
-             ({} replayed, {} skipped), {} segments released, {} comparisons",
+             ({} replayed, {} skipped), {} transient cursor errors retried, {} segments released, \
+             {} comparisons",
             self.seeds,
             self.steps,
             self.ops,
@@ -124,6 +128,7 @@ impl fmt::Display for SimStats {
             self.applied,
             self.replayed,
             self.skipped,
+            self.retries,
             self.released_segments,
             self.comparisons
         )
@@ -261,6 +266,9 @@ struct Sim {
     /// The simulated clock, given to the worker as `now`: it moves `tick` every step.
     now: Duration,
     tick: Duration,
+    /// On half of the seeds (their own stream): transient cursor write errors, armed for one
+    /// worker turn at a time.
+    glitches: Option<SplitMix64>,
     /// The highest record an application's `fsync` waits to see durable on the mirror (the
     /// shell's `MirrorShared::want_durable`, raised by `Volume::wait_mirrors`); 0 after a start.
     want_durable: u64,
@@ -343,6 +351,8 @@ impl Sim {
         // (250 ms a step) to one in a thousand steps (1 ms).
         let mut clock = SplitMix64(seed ^ 0x00C1_0C4D_7100_u64);
         let tick = Duration::from_millis([1, 5, 20, 100, 250][(clock.next() % 5) as usize]);
+        let mut glitches = SplitMix64(seed ^ 0x0061_1C40_0000_u64);
+        let glitches = glitches.next().is_multiple_of(2).then_some(glitches);
         Ok(Sim {
             seed,
             step: 0,
@@ -362,6 +372,7 @@ impl Sim {
             feed: Feed::new(1),
             now: Duration::ZERO,
             tick,
+            glitches,
             want_durable: 0,
             primary: Primary::new(),
             sequencer: Sequencer::new(0),
@@ -597,6 +608,12 @@ impl Sim {
         let replay = self.worker.applier().in_replay();
         let tracing = self.trace.is_some();
         let mut handed = None;
+        // A transient cursor write error, on some turns of some seeds: armed for this turn only.
+        if let Some(g) = &mut self.glitches {
+            if g.next().is_multiple_of(16) {
+                self.cursor.glitch.arm(1 + g.next() % 2);
+            }
+        }
         let Sim {
             worker,
             mirror,
@@ -680,6 +697,8 @@ impl Sim {
                 other => other,
             })
         })?;
+        let glitched = self.cursor.glitch.is_dead();
+        self.cursor.glitch.revive();
         if let Some(h) = handed {
             self.ev(|| h);
         }
@@ -698,6 +717,13 @@ impl Sim {
             }
             Turn::Checkpointed { checkpoint } => {
                 self.checkpointed(before, checkpoint);
+                return Ok(true);
+            }
+            // The worker keeps what failed and backs off; the sim's clock honours the back-off.
+            Turn::Retry { after, error } if glitched && !self.kill.is_dead() => {
+                self.stats.retries += 1;
+                self.now += after;
+                self.ev(|| format!("mirror: {error}; retry in {after:?}"));
                 return Ok(true);
             }
             // A kill or power loss strikes the mirror's tree or cursor as an I/O error; anything
