@@ -123,6 +123,8 @@ pub struct NetStats {
     pub comparisons: u64,
     /// Checkpoints of the mirror's tree (the worker's: when idle, every second, at a stop).
     pub checkpoints: u64,
+    /// Worker turns that failed on a transient cursor write error (the worker retries).
+    pub retries: u64,
 }
 
 impl NetStats {
@@ -149,6 +151,7 @@ impl NetStats {
         self.ack_refusals += o.ack_refusals;
         self.comparisons += o.comparisons;
         self.checkpoints += o.checkpoints;
+        self.retries += o.retries;
     }
 }
 
@@ -159,7 +162,8 @@ impl fmt::Display for NetStats {
             "{} seeds, {} steps: {} records in {} batches ({} bytes on the wire), {} connections, \
              {} partitions, {} corruptions ({} frames refused), {} stale frames dropped, {} busy, \
              {} timeouts; mirror: {} power losses, {} kills; primary: {} power losses, {} kills; \
-             {} records applied ({} skipped, {} checkpoints), {} comparisons, {} acks refused",
+             {} records applied ({} skipped, {} checkpoints, {} transient cursor errors retried), \
+             {} comparisons, {} acks refused",
             self.seeds,
             self.steps,
             self.records,
@@ -179,6 +183,7 @@ impl fmt::Display for NetStats {
             self.applied,
             self.skipped,
             self.checkpoints,
+            self.retries,
             self.comparisons,
             self.ack_refusals
         )
@@ -478,6 +483,9 @@ struct Sim {
     /// The simulated clock, given to the worker as `now`: it moves `tick` every step.
     now: Duration,
     tick: Duration,
+    /// On half of the seeds (their own stream): transient cursor write errors, armed for one
+    /// worker turn at a time.
+    glitches: Option<SplitMix64>,
     mlink: Option<MLink>,
     /// Highest durable position the mirror ever put in an `Ack`.
     m_acked_durable: u64,
@@ -562,6 +570,8 @@ impl Sim {
         // The clock's pace draws from its own stream, so the seed's other decisions stay.
         let mut clock = SplitMix64(seed ^ 0x00C1_0C4D_7100_u64);
         let tick = Duration::from_millis([1, 5, 20, 100, 250][(clock.next() % 5) as usize]);
+        let mut glitches = SplitMix64(seed ^ 0x0061_1C40_0000_u64);
+        let glitches = glitches.next().is_multiple_of(2).then_some(glitches);
         Ok(Sim {
             seed,
             step: 0,
@@ -607,6 +617,7 @@ impl Sim {
             feed: Feed::new(1, variant == NetVariant::ApplyBeforeFinal),
             now: Duration::ZERO,
             tick,
+            glitches,
             mlink: None,
             m_acked_durable: 0,
             m_consumed_ever: 0,
@@ -1720,6 +1731,12 @@ impl Sim {
         let replay = self.worker.applier().in_replay();
         let tracing = self.trace.is_some();
         let mut handed = None;
+        // A transient cursor write error, on some turns of some seeds: armed for this turn only.
+        if let Some(g) = &mut self.glitches {
+            if g.next().is_multiple_of(16) {
+                self.cursor.glitch.arm(1 + g.next() % 2);
+            }
+        }
         let Sim {
             worker,
             tree,
@@ -1791,6 +1808,8 @@ impl Sim {
             }
             Ok(item)
         })?;
+        let glitched = self.cursor.glitch.is_dead();
+        self.cursor.glitch.revive();
         if let Some(h) = handed {
             self.ev(|| h);
         }
@@ -1813,6 +1832,13 @@ impl Sim {
                     self.ev(|| format!("mirror checkpoint {checkpoint}"));
                     self.stats.checkpoints += 1;
                 }
+                return Ok(true);
+            }
+            // The worker keeps what failed and backs off; the sim's clock honours the back-off.
+            Turn::Retry { after, error } if glitched && !self.mkill.is_dead() => {
+                self.stats.retries += 1;
+                self.now += after;
+                self.ev(|| format!("mirror: {error}; retry in {after:?}"));
                 return Ok(true);
             }
             // A kill or power loss strikes the tree or the cursor as an I/O error; anything
