@@ -138,6 +138,9 @@ pub struct Applier {
     /// While this mirror's initial copy runs: its id. Records are then applied idempotently, and
     /// `Sync` records for this id are applied, until its `SyncDone`.
     syncing: Option<u32>,
+    /// Record `seq` reached the tree (or was skipped) but writing the cursor after it failed: a
+    /// retry of that record only writes the cursor (re-applying could fail in strict mode).
+    unwritten: Option<u64>,
 }
 
 impl Applier {
@@ -172,6 +175,7 @@ impl Applier {
             horizon,
             records_since_checkpoint: 0,
             syncing: None,
+            unwritten: None,
         };
         if stale_hint {
             // The stored `applied` names records the power loss may have taken from the tree.
@@ -194,6 +198,7 @@ impl Applier {
             horizon: 0,
             records_since_checkpoint: 0,
             syncing: None,
+            unwritten: None,
         };
         a.persist(store, true)?;
         a.persist(store, true)?;
@@ -223,10 +228,38 @@ impl Applier {
         self.records_since_checkpoint
     }
 
+    /// Writes the cursor to the slot after the newest one. A failed write keeps the generation,
+    /// so the next write goes to that slot again and never over the newest good copy.
     fn persist<C: CursorStore>(&mut self, store: &mut C, durable: bool) -> std::io::Result<()> {
-        self.generation += 1;
-        let bytes = encode_cursor(&self.cur, self.generation);
-        store.write_slot((self.generation % 2) as usize, &bytes, durable)
+        let generation = self.generation + 1;
+        let bytes = encode_cursor(&self.cur, generation);
+        store.write_slot((generation % 2) as usize, &bytes, durable)?;
+        self.generation = generation;
+        Ok(())
+    }
+
+    /// This mirror's initial copy is complete if `op` is its `SyncDone`.
+    fn sync_done(&mut self, op: &Op) {
+        if matches!(op, Op::SyncDone { mirror } if Some(*mirror) == self.syncing) {
+            self.syncing = None;
+        }
+    }
+
+    /// The retry of record `seq` after its cursor write failed ([`Applier::unwritten`]): writes
+    /// the cursor only, durably after a barrier (the tree has the op; its `B2` was not written).
+    fn retry_unwritten<T: Tree + ?Sized, C: CursorStore>(
+        &mut self,
+        tree: &mut T,
+        store: &mut C,
+        barrier: bool,
+    ) -> Result<(), ApplyError> {
+        if barrier {
+            self.checkpoint(tree, store)?;
+        } else {
+            self.persist(store, false)?;
+        }
+        self.unwritten = None;
+        Ok(())
     }
 
     /// Applies `rec`, which must be the next record.
@@ -236,6 +269,11 @@ impl Applier {
         store: &mut C,
         rec: &Record,
     ) -> Result<(), ApplyError> {
+        if self.unwritten.is_some_and(|s| s == rec.seq) {
+            self.retry_unwritten(tree, store, rec.op.needs_barrier())?;
+            self.sync_done(&rec.op);
+            return Ok(());
+        }
         if rec.seq != self.next_seq() {
             return Err(ApplyError::Gap {
                 want: self.next_seq(),
@@ -247,11 +285,12 @@ impl Applier {
             Op::Sync { mirror, .. } if Some(*mirror) != self.syncing => {
                 return self.skip(store, rec.seq)
             }
-            Op::SyncDone { mirror } => {
-                if Some(*mirror) == self.syncing {
-                    self.syncing = None;
-                }
-                return self.skip(store, rec.seq);
+            Op::SyncDone { .. } => {
+                // The copy ends once its `SyncDone` is consumed (a failed cursor write leaves it
+                // running, so its retry still ends it).
+                self.skip(store, rec.seq)?;
+                self.sync_done(&rec.op);
+                return Ok(());
             }
             _ => {}
         }
@@ -268,12 +307,20 @@ impl Applier {
         apply_op(tree, &rec.op, replay)?;
         self.cur.applied = rec.seq;
         self.records_since_checkpoint += 1;
-        self.persist(store, false)?;
+        if let Err(e) = self.persist(store, false) {
+            self.unwritten = Some(rec.seq);
+            return Err(e.into());
+        }
         Ok(())
     }
 
     /// Skips `seq` (an aborted record, or an `Abort` itself).
     pub fn skip<C: CursorStore>(&mut self, store: &mut C, seq: u64) -> Result<(), ApplyError> {
+        if self.unwritten.is_some_and(|s| s == seq) {
+            self.persist(store, false)?;
+            self.unwritten = None;
+            return Ok(());
+        }
         if seq != self.next_seq() {
             return Err(ApplyError::Gap {
                 want: self.next_seq(),
@@ -281,7 +328,10 @@ impl Applier {
             });
         }
         self.cur.applied = seq;
-        self.persist(store, false)?;
+        if let Err(e) = self.persist(store, false) {
+            self.unwritten = Some(seq);
+            return Err(e.into());
+        }
         Ok(())
     }
 
@@ -303,21 +353,32 @@ impl Applier {
                 Some(p) => tree.ino(p)?,
                 None => None,
             };
+            let before = self.cur;
             self.cur.checkpoint = rec.seq - 1;
             self.cur.intent = Some(Intent {
                 seq: rec.seq,
                 src_ino,
             });
-            self.persist(store, true)?;
+            if let Err(e) = self.persist(store, true) {
+                // Nothing is durable and the tree is unchanged: a retry starts over.
+                self.cur = before;
+                return Err(e.into());
+            }
             apply_op(tree, &rec.op, self.syncing.is_some())?;
         }
         // B1 + B2 after: the op is durable, so a replay never includes it.
         tree.sync()?;
+        let durable = self.cur.checkpoint;
         self.cur.checkpoint = rec.seq;
         self.cur.applied = rec.seq;
         self.cur.intent = None;
+        if let Err(e) = self.persist(store, true) {
+            // The tree has the op; the cursor still says what the intent write made durable.
+            self.cur.checkpoint = durable;
+            self.unwritten = Some(rec.seq);
+            return Err(e.into());
+        }
         self.records_since_checkpoint = 0;
-        self.persist(store, true)?;
         Ok(())
     }
 
@@ -354,9 +415,14 @@ impl Applier {
             return Ok(());
         }
         tree.sync()?;
+        let durable = self.cur.checkpoint;
         self.cur.checkpoint = self.cur.applied;
+        if let Err(e) = self.persist(store, true) {
+            // Not durable: the checkpoint stays where it was (and stays due).
+            self.cur.checkpoint = durable;
+            return Err(e.into());
+        }
         self.records_since_checkpoint = 0;
-        self.persist(store, true)?;
         Ok(())
     }
 }

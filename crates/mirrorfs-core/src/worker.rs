@@ -244,9 +244,9 @@ impl Worker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::applier::MemCursorStore;
+    use crate::applier::{CursorStore, MemCursorStore};
     use crate::path::RelPath;
-    use crate::sim::{KillSwitch, SimTree};
+    use crate::sim::{KillSwitch, SimCursor, SimTree};
     use std::convert::Infallible;
 
     fn p(s: &str) -> RelPath {
@@ -473,6 +473,140 @@ mod tests {
         let (mut w, mut t, mut c) = worker(false);
         let r = turn(&mut w, &mut t, &mut c, 0, 0, Item::Skip(5));
         assert!(matches!(r, Turn::Diverged { .. }), "{r:?}");
+    }
+
+    fn worker_with_cursor() -> (Worker, SimTree, SimCursor) {
+        let mut cur = SimCursor::default();
+        let ap = Applier::start_at(&mut cur, 0).expect("cursor");
+        let tree = SimTree::new().with_kill(KillSwitch::new());
+        (Worker::new(ap, Duration::ZERO, false), tree, cur)
+    }
+    fn sturn(w: &mut Worker, t: &mut SimTree, c: &mut SimCursor, want: u64, item: Item) -> Turn {
+        match w.turn(t, c, Duration::ZERO, want, give(item)) {
+            Ok(turn) => turn,
+            Err(never) => match never {},
+        }
+    }
+    /// The generations in the two cursor slots, oldest first.
+    fn generations(c: &mut SimCursor) -> Vec<u64> {
+        let slots = c.read_slots().expect("slots");
+        let mut g: Vec<u64> = slots
+            .chunks(crate::applier::CURSOR_SLOT_BYTES)
+            .filter_map(|s| crate::applier::decode_cursor(s).map(|(g, _)| g))
+            .collect();
+        g.sort_unstable();
+        g
+    }
+
+    #[test]
+    fn a_failed_cursor_write_is_retried_without_applying_again() {
+        let rename = || {
+            rec(
+                2,
+                Op::Rename {
+                    from: p("f"),
+                    to: p("h"),
+                    flags: 0,
+                    from_ino: 0,
+                },
+            )
+        };
+        // (which cursor write fails, the item): a record, a skip, a barrier's intent, its end.
+        let cases = [
+            (1, Item::Apply(write(2, "f"))),
+            (1, Item::Skip(2)),
+            (1, Item::Apply(rename())),
+            (2, Item::Apply(rename())),
+        ];
+        for (nth, item) in cases {
+            let what = format!("{item:?}, cursor write {nth}");
+            let (mut w, mut t, mut c) = worker_with_cursor();
+            sturn(&mut w, &mut t, &mut c, 0, Item::Apply(create(1, "f")));
+            let good = generations(&mut c);
+            c.kill.arm(nth);
+            let r = sturn(&mut w, &mut t, &mut c, 0, item);
+            assert!(matches!(r, Turn::Retry { .. }), "{what}: {r:?}");
+            assert!(
+                w.applier().cursor().checkpoint <= 1,
+                "{what}: a checkpoint that was not written"
+            );
+            c.kill.revive();
+            let r = w.turn(
+                &mut t,
+                &mut c,
+                Duration::ZERO,
+                0,
+                || -> Result<Item, Infallible> {
+                    panic!("the feed was asked while a record was kept")
+                },
+            );
+            assert!(
+                matches!(
+                    r,
+                    Ok(Turn::Applied { seq: 2, .. }) | Ok(Turn::Skipped { seq: 2 })
+                ),
+                "{what}: {r:?}"
+            );
+            // The cursor as stored says so, and the newest good slot was never overwritten.
+            let stored = Applier::open(&mut c, false, 0)
+                .expect("read")
+                .expect("cursor");
+            assert_eq!(stored.cursor().applied, 2, "{what}");
+            let g = generations(&mut c);
+            assert!(
+                g[1] == g[0] + 1 && g[0] >= good[1],
+                "{what}: {good:?} then {g:?}"
+            );
+            // And the mirror goes on.
+            let a = sturn(&mut w, &mut t, &mut c, 0, Item::Apply(create(3, "g")));
+            assert!(matches!(a, Turn::Applied { seq: 3, .. }), "{what}: {a:?}");
+        }
+    }
+
+    #[test]
+    fn a_checkpoint_whose_cursor_write_failed_is_not_reported_and_stays_due() {
+        let (mut w, mut t, mut c) = worker_with_cursor();
+        sturn(&mut w, &mut t, &mut c, 1, Item::Apply(create(1, "f")));
+        c.kill.arm(1);
+        let r = sturn(&mut w, &mut t, &mut c, 1, Item::Wait);
+        assert!(matches!(r, Turn::Retry { .. }), "{r:?}");
+        assert_eq!(w.applier().cursor().checkpoint, 0, "not durable, not moved");
+        c.kill.revive();
+        assert_eq!(
+            sturn(&mut w, &mut t, &mut c, 1, Item::Wait),
+            Turn::Checkpointed { checkpoint: 1 }
+        );
+        assert_eq!(c.mem.durable, c.mem.live);
+    }
+
+    #[test]
+    fn the_retry_of_a_sync_done_still_completes_the_copy() {
+        let (mut w, mut t, mut c) = worker_with_cursor();
+        w.applier_mut().set_syncing(Some(9));
+        c.kill.arm(1);
+        let r = sturn(
+            &mut w,
+            &mut t,
+            &mut c,
+            0,
+            Item::Apply(rec(1, Op::SyncDone { mirror: 9 })),
+        );
+        assert!(matches!(r, Turn::Retry { .. }), "{r:?}");
+        assert_eq!(w.applier().syncing(), Some(9), "the copy is not over yet");
+        c.kill.revive();
+        let r = sturn(&mut w, &mut t, &mut c, 0, Item::Wait);
+        assert!(
+            matches!(
+                r,
+                Turn::Applied {
+                    seq: 1,
+                    copying: false,
+                    copy_done: Some(Ok(())),
+                    ..
+                }
+            ),
+            "{r:?}"
+        );
     }
 
     #[test]

@@ -191,9 +191,11 @@ fn serve_restart_settled_watermark_applies_an_aborted_record() {
 /// `mirrorfs serve` as written (`serve.rs`, `p.settled_seq = p.settled_seq.max(settled)` in
 /// `receive`) keeps a watermark a primary said before it lost unsynced records to a power loss:
 /// its last record is then held back until the primary writes past the stale watermark.
+/// It takes a rare history (about one seed in 200 of 1,500 steps): seeds 309, 508, 679 and 709
+/// of these catch it (and 216 did before the sims had transient cursor errors).
 #[test]
 fn serve_stale_settled_watermark_leaves_the_mirror_behind() {
-    let errs = caught_in(NetVariant::ServeStaleSettled, 300, 1500);
+    let errs = caught_in(NetVariant::ServeStaleSettled, 750, 1500);
     assert!(!errs.is_empty(), "the stale watermark went unnoticed");
     assert!(
         errs.iter().all(|e| e.contains("does not catch up")),

@@ -4,7 +4,7 @@
 //!   Primary (reference SimTree, never crashes) ──ops──▶ Journal<SimStore> (MemStore crash model)
 //!                                                          │ records ≤ durable_seq
 //!                                                          ▼
-//!                          mirror SimTree (ext4-like crash model) ◀── Applier + SimCursor
+//!              mirror SimTree (ext4-like crash model) ◀── core::worker::Worker (Applier) + SimCursor
 //! ```
 //!
 //! Everything runs in one thread from one seeded random source ([`SimRng`]), so a seed replays
@@ -234,6 +234,9 @@ pub struct SimCursor {
     pub mem: MemCursorStore,
     /// The process's kill switch.
     pub kill: KillSwitch,
+    /// A transient failure of the cursor's file (`EIO`, a full disk) that the process survives:
+    /// once it lands, writes fail without effect until [`KillSwitch::revive`].
+    pub glitch: KillSwitch,
 }
 
 impl CursorStore for SimCursor {
@@ -248,6 +251,11 @@ impl CursorStore for SimCursor {
     ) -> io::Result<()> {
         if !self.kill.tick() {
             return Err(killed());
+        }
+        if !self.glitch.tick() {
+            return Err(io::Error::other(
+                "cursor write failed (simulated transient error)",
+            ));
         }
         self.mem.write_slot(slot, bytes, durable)
     }

@@ -7,7 +7,7 @@
 //!  Primary workload ─▶ Journal<SimStore> ─ flusher       Session ─▶ Journal<SimStore> (append_at)
 //!     records ≤ min(durable, settled), byte window          flusher ─▶ durable
 //!     Sender ─ Msg::encode ─▶ [ bytes: split, delayed, ─▶ Decoder ─┘   Feed ≤ min(durable, settled)
-//!                               cut, corrupted, reset ]            Applier + SimCursor + SimTree
+//!                               cut, corrupted, reset ]   Worker(Applier) + SimCursor + SimTree
 //!     Decoder ◀── [ bytes ] ◀── Msg::encode ◀── Ack{received, durable, applied, checkpoint}
 //! ```
 //!
@@ -17,10 +17,12 @@
 //! release journal segments only through the mirror's acknowledged durable position), the
 //! mirror on `mirrorfs::serve`, driving the daemon's own [`Session`] (make the journal durable
 //! through its end before `Welcome`, let the session check every batch, `append_at`, a flusher,
-//! the acknowledgements the session says are due, and the local mirror's worker: [`Applier`] fed
-//! records ≤ min(durable, settled), a record being final when it is the primary's settled
-//! watermark or the next record is known). Only the sabotaged variants (`AcceptStale`,
-//! `AckBeforeDurable`, `ServeStaleSettled`) step outside the session, in the shell's part.
+//! the acknowledgements the session says are due) and the local mirror's worker: the core's
+//! [`Worker`] that `mirror::run_worker` drives too, on a simulated clock, checkpointing when idle
+//! as `serve` sets it, its [`Applier`] fed records ≤ min(durable, settled), a record being final
+//! when it is the primary's settled watermark or the next record is known. Only the sabotaged
+//! variants (`AcceptStale`, `AckBeforeDurable`, `ServeStaleSettled`) step outside the session, in
+//! the shell's part.
 //!
 //! The network has connections with ids, each a pair of byte pipes without reordering (TCP).
 //! Bytes are delivered in random chunk splits at random times; a connection can be reset (a
@@ -46,11 +48,15 @@
 //! 7. the start decision is always a resume (the primary never released what the mirror needs,
 //!    the mirror is never ahead of the primary);
 //! 8. at the end, after healing the network and draining, `mirror == primary`, and again after
-//!    one more power loss of the mirror and a reconnect.
+//!    one more power loss of the mirror and a reconnect;
+//! 9. the daemon's worker keeps its word: a checkpoint it reported survives any crash, and it is
+//!    never idle with applied records not checkpointed (an `--ack sync` primary would wait).
 
 use std::collections::VecDeque;
 use std::fmt;
+use std::time::Duration;
 
+use super::run::SplitMix64;
 use super::{KillSwitch, Primary, SimCursor, SimFile, SimRng, SimStore, SimTree};
 use crate::applier::Applier;
 use crate::feed::{FeedReadError, Item, JournalFeed};
@@ -63,6 +69,7 @@ use crate::sequencer::{self, InDoubt, Sequencer};
 use crate::session::{self, Incoming, Phase, Session};
 use crate::tree::apply_op;
 use crate::wire::{error_code, Decoder, MirrorState, Msg, VolumeId, BATCH_BYTES};
+use crate::worker::{Turn, Worker, CHECKPOINT_EVERY};
 
 const VOLUME: VolumeId = [0x5e; 16];
 
@@ -117,6 +124,10 @@ pub struct NetStats {
     pub ack_refusals: u64,
     /// Comparisons of the mirror with the primary's state at the mirror's position.
     pub comparisons: u64,
+    /// Checkpoints of the mirror's tree (the worker's: when idle, every second, at a stop).
+    pub checkpoints: u64,
+    /// Worker turns that failed on a transient cursor write error (the worker retries).
+    pub retries: u64,
 }
 
 impl NetStats {
@@ -142,6 +153,8 @@ impl NetStats {
         self.skipped += o.skipped;
         self.ack_refusals += o.ack_refusals;
         self.comparisons += o.comparisons;
+        self.checkpoints += o.checkpoints;
+        self.retries += o.retries;
     }
 }
 
@@ -152,7 +165,8 @@ impl fmt::Display for NetStats {
             "{} seeds, {} steps: {} records in {} batches ({} bytes on the wire), {} connections, \
              {} partitions, {} corruptions ({} frames refused), {} stale frames dropped, {} busy, \
              {} timeouts; mirror: {} power losses, {} kills; primary: {} power losses, {} kills; \
-             {} records applied ({} skipped), {} comparisons, {} acks refused",
+             {} records applied ({} skipped, {} checkpoints, {} transient cursor errors retried), \
+             {} comparisons, {} acks refused",
             self.seeds,
             self.steps,
             self.records,
@@ -171,6 +185,8 @@ impl fmt::Display for NetStats {
             self.primary_kills,
             self.applied,
             self.skipped,
+            self.checkpoints,
+            self.retries,
             self.comparisons,
             self.ack_refusals
         )
@@ -252,6 +268,7 @@ fn run(
         for step in 0..steps {
             sim.step = step;
             sim.stats.steps += 1;
+            sim.now += sim.tick;
             sim.one_step(&mut rng)?;
         }
         sim.step = steps;
@@ -412,7 +429,7 @@ fn read_next(
 /// Per-seed rates, so different seeds stress different regimes.
 struct Profile {
     /// Weights of: primary op, primary flusher, primary send, deliver to the mirror, deliver to
-    /// the primary, mirror flusher, mirror worker, mirror ack, mirror checkpoint, partition,
+    /// the primary, mirror flusher, mirror worker, mirror ack, mirror worker pause, partition,
     /// corruption, timeout, kill or power loss, stale frame or ping.
     weights: [u64; 14],
     /// Furthest (in mutating calls) an armed kill may land.
@@ -469,13 +486,23 @@ struct Sim {
     msettled: u64,
     cursor: SimCursor,
     tree: SimTree,
-    applier: Applier,
+    /// The daemon's mirror worker (the binary's `mirror::run_worker` drives the same machine,
+    /// checkpointing when idle as `serve` sets it): it owns the [`Applier`].
+    worker: Worker,
     feed: Feed,
+    /// The simulated clock, given to the worker as `now`: it moves `tick` every step.
+    now: Duration,
+    tick: Duration,
+    /// On half of the seeds (their own stream): transient cursor write errors, armed for one
+    /// worker turn at a time.
+    glitches: Option<SplitMix64>,
     mlink: Option<MLink>,
     /// Highest durable position the mirror ever put in an `Ack`.
     m_acked_durable: u64,
     /// Highest seq the mirror ever consumed (applied or skipped).
     m_consumed_ever: u64,
+    /// Highest checkpoint the daemon's worker ever reported: durable.
+    m_reported_checkpoint: u64,
 
     // ---- the network
     conns: Vec<Conn>,
@@ -506,7 +533,7 @@ impl Sim {
                 calm * rng.range(2, 6),  // mirror flusher
                 calm * rng.range(3, 8),  // mirror worker
                 calm * rng.range(2, 5),  // mirror ack
-                rng.range(0, 2),         // mirror checkpoint
+                rng.range(0, 2),         // mirror worker pause
                 rng.range(0, 2),         // partition
                 rng.range(0, 2),         // corruption
                 rng.range(1, 2),         // timeout
@@ -550,6 +577,11 @@ impl Sim {
         // Both start empty: the mirror holds a consistent copy of the empty volume at record 0.
         let applier = Applier::start_at(&mut cursor, 0)
             .map_err(|e| format!("seed {seed}: cannot create the cursor: {e}"))?;
+        // The clock's pace draws from its own stream, so the seed's other decisions stay.
+        let mut clock = SplitMix64(seed ^ 0x00C1_0C4D_7100_u64);
+        let tick = Duration::from_millis([1, 5, 20, 100, 250][(clock.next() % 5) as usize]);
+        let mut glitches = SplitMix64(seed ^ 0x0061_1C40_0000_u64);
+        let glitches = glitches.next().is_multiple_of(2).then_some(glitches);
         Ok(Sim {
             seed,
             step: 0,
@@ -591,11 +623,15 @@ impl Sim {
             mdurable: 0,
             msettled: 0,
             cursor,
-            applier,
+            worker: Worker::new(applier, Duration::ZERO, true),
             feed: Feed::new(1, variant == NetVariant::ApplyBeforeFinal),
+            now: Duration::ZERO,
+            tick,
+            glitches,
             mlink: None,
             m_acked_durable: 0,
             m_consumed_ever: 0,
+            m_reported_checkpoint: 0,
             conns: Vec::new(),
             next_conn: 1,
             stale_to_m: VecDeque::new(),
@@ -648,7 +684,7 @@ impl Sim {
                 self.m_work(n)
             }
             7 => self.m_ack(rng.chance(1, 4)),
-            8 => self.m_checkpoint(),
+            8 => self.m_pause(),
             9 => self.partition(rng),
             10 => self.corrupt(rng),
             11 => self.timeout(),
@@ -1479,7 +1515,7 @@ impl Sim {
                     state: MirrorState::Consistent,
                     history: sim_history(),
                     durable: self.mdurable,
-                    applied: self.applier.cursor().applied,
+                    applied: self.worker.applier().cursor().applied,
                     sync_id: 0,
                     promoted: false,
                     foreign: false,
@@ -1591,7 +1627,7 @@ impl Sim {
     fn m_ack(&mut self, heartbeat: bool) -> Act {
         self.m_poll()?;
         let received = self.mjournal.next_seq() - 1;
-        let c = self.applier.cursor();
+        let c = self.worker.applier().cursor();
         let raw = Positions {
             received,
             // Sabotage: the broken mirror reports records durable as soon as they are received.
@@ -1658,7 +1694,7 @@ impl Sim {
 
     /// The daemon's tree is a local mirror: it needs every record after its checkpoint.
     fn m_release(&mut self) -> Act {
-        let keep = self.applier.cursor().checkpoint;
+        let keep = self.worker.applier().cursor().checkpoint;
         flush::release(&mut self.mjournal, keep)
             .map(drop)
             .map_err(|e| self.mfault(format!("release of segments failed: {e}")))
@@ -1676,12 +1712,14 @@ impl Sim {
         }
     }
 
-    fn m_checkpoint(&mut self) -> Act {
-        self.applier
-            .checkpoint(&mut self.tree, &mut self.cursor)
-            .map_err(|e| self.mfault(format!("checkpoint failed: {e}")))
+    /// The worker was held up (the daemon busy elsewhere, the machine loaded): a second passes
+    /// before its next turn, so its periodic checkpoint falls due if it applied anything since.
+    fn m_pause(&mut self) -> Act {
+        self.now += CHECKPOINT_EVERY;
+        self.m_work(1)
     }
 
+    /// Up to `n` worker turns. Returns early when the worker is idle.
     fn m_work(&mut self, n: u64) -> Act {
         for _ in 0..n {
             if !self.m_one()? {
@@ -1691,57 +1729,73 @@ impl Sim {
         Ok(())
     }
 
-    /// One feed item; false if the feed had nothing ready.
+    /// One [`Worker::turn`] at the simulated time, with the invariants checked on the item the
+    /// feed hands it (before it is applied) and on the tree after it; false if the worker was
+    /// idle. Nobody waits on the daemon's checkpoint (`want_durable` 0): `--ack sync` primaries
+    /// get it from the worker's checkpoint when idle.
     fn m_one(&mut self) -> Result<bool, Fault> {
-        let item = self
-            .feed
-            .next(&self.mjournal, self.mdurable, self.msettled)
-            .map_err(|e| Fault::Bug(format!("the mirror cannot read its journal: {e}")))?;
-        let seq = match &item {
-            Item::Wait => return Ok(false),
-            Item::Skip(s) => *s,
-            Item::Apply(r) => r.seq,
-        };
-        if seq > self.mdurable {
-            return Err(Fault::Bug(format!(
-                "the mirror was handed record {seq} but its journal is durable only through {}",
-                self.mdurable
-            )));
-        }
-        if seq != self.applier.next_seq() {
-            return Err(Fault::Bug(format!(
-                "the mirror was handed record {seq} where {} was next",
-                self.applier.next_seq()
-            )));
-        }
-        let replay = self.applier.in_replay();
-        if !replay && seq <= self.m_consumed_ever {
-            return Err(Fault::Bug(format!(
-                "record {seq} would be applied a second time in strict mode (the mirror already \
-                 consumed records through {})",
-                self.m_consumed_ever
-            )));
-        }
-        match item {
-            Item::Wait => return Ok(false),
-            Item::Skip(s) => {
-                self.ev(|| format!("mirror skips {s}"));
-                self.applier
-                    .skip(&mut self.cursor, s)
-                    .map_err(|e| self.mfault(format!("skip of record {s} failed: {e}")))?;
-                self.stats.skipped += 1;
+        let before = self.worker.applier().cursor().checkpoint;
+        // `next` is asked only when no checkpoint is due, so the applier is as it is now then.
+        let expected = self.worker.applier().next_seq();
+        let replay = self.worker.applier().in_replay();
+        let tracing = self.trace.is_some();
+        let mut handed = None;
+        // A transient cursor write error, on some turns of some seeds: armed for this turn only.
+        if let Some(g) = &mut self.glitches {
+            if g.next().is_multiple_of(16) {
+                self.cursor.glitch.arm(1 + g.next() % 2);
             }
-            Item::Apply(rec) => {
-                if self.primary.op_at(rec.seq) != Some(&rec.op) {
+        }
+        let Sim {
+            worker,
+            tree,
+            cursor,
+            feed,
+            mjournal,
+            mdurable,
+            msettled,
+            primary,
+            m_consumed_ever,
+            now,
+            ..
+        } = self;
+        let turn = worker.turn(tree, cursor, *now, 0, || {
+            let item = feed
+                .next(mjournal, *mdurable, *msettled)
+                .map_err(|e| Fault::Bug(format!("the mirror cannot read its journal: {e}")))?;
+            let seq = match &item {
+                Item::Wait => return Ok(item),
+                Item::Skip(s) => *s,
+                Item::Apply(r) => r.seq,
+            };
+            if seq > *mdurable {
+                return Err(Fault::Bug(format!(
+                    "the mirror was handed record {seq} but its journal is durable only through \
+                     {mdurable}"
+                )));
+            }
+            if seq != expected {
+                return Err(Fault::Bug(format!(
+                    "the mirror was handed record {seq} where {expected} was next"
+                )));
+            }
+            if !replay && seq <= *m_consumed_ever {
+                return Err(Fault::Bug(format!(
+                    "record {seq} would be applied a second time in strict mode (the mirror \
+                     already consumed records through {m_consumed_ever})"
+                )));
+            }
+            if let Item::Apply(rec) = &item {
+                if primary.op_at(rec.seq) != Some(&rec.op) {
                     return Err(Fault::Bug(format!(
                         "the mirror applies {:?} as record {}; the primary wrote {:?}",
                         rec.op,
                         rec.seq,
-                        self.primary.op_at(rec.seq)
+                        primary.op_at(rec.seq)
                     )));
                 }
                 // Only final records: never one the primary aborted.
-                if self.primary.op_at(rec.seq + 1) == Some(&Op::Abort { seq: rec.seq }) {
+                if primary.op_at(rec.seq + 1) == Some(&Op::Abort { seq: rec.seq }) {
                     return Err(Fault::Bug(format!(
                         "the mirror applies record {} ({}), which the primary aborted (record {})",
                         rec.seq,
@@ -1749,29 +1803,76 @@ impl Sim {
                         rec.seq + 1
                     )));
                 }
-                self.ev(|| {
-                    format!(
+            }
+            if tracing {
+                handed = Some(match &item {
+                    Item::Apply(r) => format!(
                         "mirror {} {} {}",
                         if replay { "replays" } else { "applies" },
-                        rec.seq,
-                        brief(&rec.op)
-                    )
+                        r.seq,
+                        brief(&r.op)
+                    ),
+                    _ => format!("mirror skips {seq}"),
                 });
-                self.applier
-                    .apply(&mut self.tree, &mut self.cursor, &rec)
-                    .map_err(|e| {
-                        self.mfault(format!(
-                            "the mirror diverged applying record {} ({:?}) in {} mode: {e}",
-                            rec.seq,
-                            rec.op,
-                            if replay { "replay" } else { "strict" }
-                        ))
-                    })?;
-                self.stats.applied += 1;
             }
+            Ok(item)
+        })?;
+        let glitched = self.cursor.glitch.is_dead();
+        self.cursor.glitch.revive();
+        if let Some(h) = handed {
+            self.ev(|| h);
         }
+        let seq = match turn {
+            Turn::Idle => {
+                // Invariant 9: idle, everything applied is checkpointed.
+                let c = self.worker.applier().cursor();
+                if c.applied > c.checkpoint {
+                    return Err(Fault::Bug(format!(
+                        "the daemon's worker is idle with records through {} applied but only \
+                         through {} checkpointed",
+                        c.applied, c.checkpoint
+                    )));
+                }
+                return Ok(false);
+            }
+            Turn::Checkpointed { checkpoint } => {
+                self.m_reported_checkpoint = self.m_reported_checkpoint.max(checkpoint);
+                if checkpoint != before {
+                    self.ev(|| format!("mirror checkpoint {checkpoint}"));
+                    self.stats.checkpoints += 1;
+                }
+                return Ok(true);
+            }
+            // The worker keeps what failed and backs off; the sim's clock honours the back-off.
+            Turn::Retry { after, error } if glitched && !self.mkill.is_dead() => {
+                self.stats.retries += 1;
+                self.now += after;
+                self.ev(|| format!("mirror: {error}; retry in {after:?}"));
+                return Ok(true);
+            }
+            // A kill or power loss strikes the tree or the cursor as an I/O error; anything
+            // else is a bug.
+            Turn::Retry { error, .. } => return Err(self.mfault(error)),
+            Turn::Diverged { reason } => {
+                return Err(self.mfault(format!(
+                    "{reason} (in {} mode)",
+                    if replay { "replay" } else { "strict" }
+                )))
+            }
+            Turn::Applied {
+                seq, checkpoint, ..
+            } => {
+                self.m_reported_checkpoint = self.m_reported_checkpoint.max(checkpoint);
+                self.stats.applied += 1;
+                seq
+            }
+            Turn::Skipped { seq } => {
+                self.stats.skipped += 1;
+                seq
+            }
+        };
         self.m_consumed_ever = self.m_consumed_ever.max(seq);
-        if !self.applier.in_replay() {
+        if !self.worker.applier().in_replay() {
             self.compare(seq).map_err(Fault::Bug)?;
         }
         Ok(true)
@@ -1828,8 +1929,8 @@ impl Sim {
                 self.stats.mirror_kills += 1;
             }
             let (c, a) = (
-                self.applier.cursor().checkpoint,
-                self.applier.cursor().applied,
+                self.worker.applier().cursor().checkpoint,
+                self.worker.applier().cursor().applied,
             );
             self.ev(|| {
                 format!(
@@ -1908,6 +2009,14 @@ impl Sim {
             return Err(self.fail("the mirror's cursor is lost"));
         };
         let c = applier.cursor();
+        // Invariant 9: what the worker reported checkpointed survived.
+        if c.checkpoint < self.m_reported_checkpoint {
+            return Err(self.fail(format!(
+                "after a restart the mirror's checkpoint is {}, but its worker had reported \
+                 records through {} checkpointed",
+                c.checkpoint, self.m_reported_checkpoint
+            )));
+        }
         if c.checkpoint > end || c.applied > end {
             return Err(self.fail(format!(
                 "the mirror's cursor (checkpoint {}, applied {}) is beyond its journal's end {end}",
@@ -1921,9 +2030,10 @@ impl Sim {
                 self.mjournal.first_seq()
             )));
         }
-        self.applier = applier;
+        // A new process: a new worker.
+        self.worker = Worker::new(applier, self.now, true);
         self.feed = Feed::new(
-            self.applier.next_seq(),
+            self.worker.applier().next_seq(),
             self.variant == NetVariant::ApplyBeforeFinal,
         );
         let (s, fs) = (self.msettled, self.mjournal.first_seq());
@@ -2129,7 +2239,7 @@ impl Sim {
             self.gc();
             self.restart_dead(rng)?;
         }
-        let c = self.applier.cursor();
+        let c = self.worker.applier().cursor();
         Err(self.fail(format!(
             "after healing the network the mirror does not catch up: primary at {}, mirror \
              received {}, durable {}, settled {}, applied {}, checkpoint {}",
@@ -2144,7 +2254,7 @@ impl Sim {
 
     fn drained(&self) -> bool {
         let last = self.primary.last_seq();
-        let c = self.applier.cursor();
+        let c = self.worker.applier().cursor();
         c.applied == last && c.checkpoint == last && self.mdurable == last
     }
 
@@ -2157,8 +2267,8 @@ impl Sim {
                 self.deliver_to_m(rng, true)?;
             }
             self.m_flush_all()?;
+            // Until idle: the worker checkpoints when its feed has nothing ready.
             while self.m_one()? {}
-            self.m_checkpoint()?;
             self.m_ack(false)?;
             while self.conns.iter().any(|c| !c.to_p.is_empty()) {
                 self.deliver_to_p(rng, true)?;
@@ -2171,7 +2281,7 @@ impl Sim {
 
     fn final_check(&mut self) -> Result<(), String> {
         let last = self.primary.last_seq();
-        let c = self.applier.cursor();
+        let c = self.worker.applier().cursor();
         if c.applied != last || c.checkpoint != last {
             return Err(self.fail(format!(
                 "at the end the mirror has applied {} (checkpoint {}) of {last} records",
