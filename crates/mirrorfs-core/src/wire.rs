@@ -1,4 +1,4 @@
-//! The replication wire protocol (version 1): message types, their byte layout, and a bounded,
+//! The replication wire protocol (version 3): message types, their byte layout, and a bounded,
 //! validating, incremental decoder. No I/O: bytes in, messages out. The layout is documented in
 //! `docs/protocol.md`.
 //!
@@ -23,7 +23,7 @@ use crate::journal::frame::{
 use crate::op::Record;
 
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 /// Magic bytes that open every wire frame.
 pub const WIRE_MAGIC: [u8; 4] = *b"MFSW";
 /// Size of the wire frame header.
@@ -68,10 +68,18 @@ pub struct ManifestEntry {
     /// Regular files: blake3 of each `RESYNC_BLOCK` block from `first_block` on (the file's last
     /// block may be short).
     pub hashes: Vec<[u8; 32]>,
+    /// The names of the entry's extended attributes (in the first entry of a file's pieces
+    /// only), so the primary can remove those it no longer has.
+    pub xattrs: Vec<Vec<u8>>,
 }
 
 /// Most hashes one manifest entry carries (8 MiB of hashes, 16 GiB of file).
 pub const MANIFEST_HASHES_MAX: usize = 256 << 10;
+/// Longest extended attribute name (Linux's `XATTR_NAME_MAX`).
+pub const XATTR_NAME_MAX: usize = 255;
+/// Most bytes of extended attribute names one manifest entry carries, each counted with a
+/// terminating byte as `listxattr` lists them (Linux's `XATTR_LIST_MAX`).
+pub const MANIFEST_XATTR_BYTES_MAX: usize = 64 << 10;
 
 /// A volume's identity: random, made when the primary's state is created.
 pub type VolumeId = [u8; 16];
@@ -361,6 +369,28 @@ impl<'a> In<'a> {
         }
         Ok(h)
     }
+    /// A manifest entry's xattr names: count u16, then per name length u8 + bytes (1 to
+    /// `XATTR_NAME_MAX`, no NUL), `MANIFEST_XATTR_BYTES_MAX` in all (a byte more per name);
+    /// none in a later piece of a file (`first_block` > 0).
+    fn xattr_names(&mut self, first_block: u64) -> Result<Vec<Vec<u8>>, WireError> {
+        let n = self.u16()? as usize;
+        // Each name takes at least its length byte: bound the count before allocating.
+        if n > self.b.len() - self.at || (first_block > 0 && n > 0) {
+            return Err(WireError::Invalid("manifest xattr count does not fit"));
+        }
+        let mut names = Vec::with_capacity(n);
+        let mut bytes = 0usize;
+        for _ in 0..n {
+            let len = self.u8()? as usize;
+            let name = self.take(len)?;
+            bytes += len + 1;
+            if len == 0 || name.contains(&0) || bytes > MANIFEST_XATTR_BYTES_MAX {
+                return Err(WireError::Invalid("invalid xattr name in manifest"));
+            }
+            names.push(name.to_vec());
+        }
+        Ok(names)
+    }
     fn end(&self) -> Result<(), WireError> {
         match self.b.len() - self.at {
             0 => Ok(()),
@@ -475,6 +505,11 @@ impl Msg {
                     for h in &e.hashes {
                         o.0.extend_from_slice(h);
                     }
+                    o.u16(e.xattrs.len() as u16);
+                    for n in &e.xattrs {
+                        o.u8(n.len() as u8);
+                        o.0.extend_from_slice(n);
+                    }
                 }
             }
             Msg::ManifestEnd { count } => o.u64(*count),
@@ -563,8 +598,8 @@ impl Msg {
             },
             MANIFEST => {
                 let count = i.u32()? as usize;
-                // Each entry takes at least 23 bytes: bound the count before allocating.
-                if count > body.len() / 23 {
+                // Each entry takes at least 25 bytes: bound the count before allocating.
+                if count > body.len() / 25 {
                     return Err(WireError::Invalid("manifest count exceeds the body"));
                 }
                 let mut entries = Vec::with_capacity(count);
@@ -592,12 +627,14 @@ impl Msg {
                         h.copy_from_slice(i.take(32)?);
                         hashes.push(h);
                     }
+                    let xattrs = i.xattr_names(first_block)?;
                     entries.push(ManifestEntry {
                         path,
                         kind,
                         size,
                         first_block,
                         hashes,
+                        xattrs,
                     });
                 }
                 Msg::Manifest { entries }
@@ -781,6 +818,7 @@ mod tests {
                         size: RESYNC_BLOCK + 1,
                         first_block: 0,
                         hashes: vec![[3; 32], [4; 32]],
+                        xattrs: vec![b"user.a".to_vec(), vec![b'x'; XATTR_NAME_MAX]],
                     },
                     ManifestEntry {
                         path: RelPath::new(b"d".to_vec()).expect("path"),
@@ -788,6 +826,15 @@ mod tests {
                         size: 4096,
                         first_block: 0,
                         hashes: vec![],
+                        xattrs: vec![],
+                    },
+                    ManifestEntry {
+                        path: RelPath::root(),
+                        kind: 2,
+                        size: 4096,
+                        first_block: 0,
+                        hashes: vec![],
+                        xattrs: vec![b"trusted.t".to_vec()],
                     },
                 ],
             },
@@ -813,6 +860,43 @@ mod tests {
                 assert_eq!(decode_all(&m.encode(compress)), Ok(vec![m.clone()]));
             }
         }
+    }
+
+    #[test]
+    fn manifest_xattr_names_are_bounded_and_validated() {
+        let entry = |first_block: u64, xattrs: Vec<Vec<u8>>| ManifestEntry {
+            path: RelPath::new(b"f".to_vec()).expect("path"),
+            kind: 1,
+            size: RESYNC_BLOCK * 2,
+            first_block,
+            hashes: vec![[1; 32]],
+            xattrs,
+        };
+        let decode = |e: ManifestEntry| {
+            let body = Msg::Manifest { entries: vec![e] }.encode_body();
+            Msg::decode_body(msg_type::MANIFEST, &body)
+        };
+        let bad_name = Err(WireError::Invalid("invalid xattr name in manifest"));
+        assert!(decode(entry(0, vec![b"user.a".to_vec()])).is_ok());
+        assert_eq!(decode(entry(0, vec![Vec::new()])), bad_name);
+        assert_eq!(decode(entry(0, vec![b"user.\0a".to_vec()])), bad_name);
+        // 64 KiB of names in all, each counted with its terminator, and not a byte more.
+        let full: Vec<Vec<u8>> = (0..256)
+            .map(|i| {
+                let mut n = format!("user.{i:03}").into_bytes();
+                n.resize(XATTR_NAME_MAX, b'x');
+                n
+            })
+            .collect();
+        assert!(decode(entry(0, full.clone())).is_ok());
+        let mut over = full;
+        over.push(b"u".to_vec());
+        assert_eq!(decode(entry(0, over)), bad_name);
+        // A later piece of a file carries no names (the first one did).
+        assert_eq!(
+            decode(entry(1, vec![b"user.a".to_vec()])),
+            Err(WireError::Invalid("manifest xattr count does not fit"))
+        );
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{tree_diff, wait_until, Cmp, Layout, Mount, BIN};
+use common::{sys, tree_diff, wait_until, Cmp, Layout, Mount, BIN};
 
 fn run(args: &[&str]) -> String {
     let o = Command::new(BIN).args(args).output().expect("run mirrorfs");
@@ -107,10 +107,9 @@ fn mirror_state(m: &Mount) -> String {
         .unwrap_or_default()
 }
 
-#[test]
-fn a_mirror_past_the_journal_is_resynchronised_by_block_hashes() {
-    let layout = Layout::new("resync", 0);
-    let base = layout.base.clone();
+/// Two identities under `base` (`pcfg` for the primary, `mcfg` for the mirror) that trust each
+/// other, and the mirror's directory `remote`.
+fn trusted_pair(base: &Path) -> (PathBuf, PathBuf, PathBuf) {
     let (pcfg, mcfg, remote) = (base.join("pcfg"), base.join("mcfg"), base.join("remote"));
     fs::create_dir_all(&remote).expect("mkdir remote");
     let pfp = fingerprint(&run(&["init", "--config", &pcfg.display().to_string()]));
@@ -129,6 +128,14 @@ fn a_mirror_past_the_journal_is_resynchronised_by_block_hashes() {
         &pfp,
         "primary",
     ]);
+    (pcfg, mcfg, remote)
+}
+
+#[test]
+fn a_mirror_past_the_journal_is_resynchronised_by_block_hashes() {
+    let layout = Layout::new("resync", 0);
+    let base = layout.base.clone();
+    let (pcfg, mcfg, remote) = trusted_pair(&base);
 
     // Existing data: a 64 MiB file and a few small ones.
     let big: Vec<u8> = (0..64u32 << 20)
@@ -249,4 +256,95 @@ fn a_mirror_past_the_journal_is_resynchronised_by_block_hashes() {
         tree_diff(&backing, &remote, &Cmp::NO_TIMES).is_empty(),
         "mirror differs after unmount"
     );
+}
+
+/// Waits until `a` and `b` are equal by `cmp`; panics with the differences left.
+fn wait_equal(a: &Path, b: &Path, cmp: &Cmp, what: &str) {
+    let mut last = Vec::new();
+    let ok = wait_until(Duration::from_secs(60), || {
+        last = tree_diff(a, b, cmp);
+        last.is_empty()
+    });
+    assert!(
+        ok,
+        "{what}: mirror differs from backing:\n{}",
+        last.join("\n")
+    );
+}
+
+/// Review finding: the resync left metadata that the initial copy carries behind: a symlink's
+/// xattrs, the root's xattrs, the mtime of special files, and xattrs the primary removed from an
+/// entry the mirror keeps. After a resync the mirror must equal the primary in everything the
+/// tree comparison sees (contents, modes, owners, mtimes, xattrs).
+#[test]
+fn a_resync_carries_every_piece_of_metadata_the_initial_copy_does() {
+    let layout = Layout::new("resync-meta", 0);
+    let base = layout.base.clone();
+    let (pcfg, mcfg, remote) = trusted_pair(&base);
+    let b = layout.backing.clone();
+    fs::write(b.join("keep"), b"kept\n").expect("write keep");
+    sys::lsetxattr(&b.join("keep"), "user.stay", b"1", 0).expect("xattr keep");
+    sys::lsetxattr(&b.join("keep"), "user.gone", b"x", 0).expect("xattr keep");
+    fs::create_dir(b.join("d")).expect("mkdir d");
+    fs::write(b.join("d/f"), b"f\n").expect("write d/f");
+    sys::lsetxattr(&b.join("d"), "user.dstay", b"1", 0).expect("xattr d");
+    sys::lsetxattr(&b.join("d"), "user.dgone", b"y", 0).expect("xattr d");
+    // user.* xattrs do not exist on symlinks (xattr(7)); trusted.* ones do, for root.
+    sys::symlink(b"keep", &b.join("ln")).expect("symlink");
+    sys::lsetxattr(&b.join("ln"), "trusted.ln", b"one", 0).expect("xattr symlink");
+    sys::mknod(&b.join("fifo"), libc::S_IFIFO | 0o640, 0).expect("mkfifo");
+    sys::lsetxattr(&b, "user.root", b"r0", 0).expect("xattr root");
+    sys::lsetxattr(&b, "user.rootgone", b"g", 0).expect("xattr root");
+
+    let port = free_port();
+    let mut serve = Serve::start(&remote, port, &mcfg, base.join("serve.log"));
+    let url = format!("mirror://127.0.0.1:{port}");
+    let m = Mount::start(
+        layout,
+        &["--mirror", &url, "--config", &pcfg.display().to_string()],
+    );
+    let backing = m.backing().to_path_buf();
+    wait_equal(&backing, &remote, &Cmp::NO_TIMES, "initial copy");
+    assert!(
+        wait_until(Duration::from_secs(30), || mirror_state(&m) == "live"),
+        "mirror never became live: {:?}",
+        m.status()
+    );
+    let meta = remote.join(".mirrorfs/volume.json");
+    assert!(
+        wait_until(Duration::from_secs(30), || fs::read_to_string(&meta)
+            .is_ok_and(|s| s.contains("\"consistent\""))),
+        "the daemon never recorded its copy as consistent: {:?}",
+        fs::read_to_string(&meta)
+    );
+
+    // Outage: only metadata changes, through the mount.
+    serve.kill9();
+    sys::lremovexattr(&m.p("keep"), "user.gone").expect("removexattr keep");
+    sys::lremovexattr(&m.p("d"), "user.dgone").expect("removexattr d");
+    sys::lsetxattr(&m.p("ln"), "trusted.ln", b"two", 0).expect("xattr symlink");
+    sys::utimens(
+        &m.p("fifo"),
+        (0, sys::UTIME_OMIT),
+        (1_000_000_000, 123_456_789),
+        libc::AT_SYMLINK_NOFOLLOW,
+    )
+    .expect("fifo mtime");
+    sys::lsetxattr(m.mnt(), "user.root", b"r1", 0).expect("xattr root");
+    sys::lremovexattr(m.mnt(), "user.rootgone").expect("removexattr root");
+    // The daemon's copy asks for a resync (as `serve --discard-diverged` makes it do): the
+    // next connection is a block-hash resync, not a replay of the journal.
+    let json = fs::read_to_string(&meta).expect("volume.json");
+    assert!(json.contains("\"consistent\""), "{json}");
+    fs::write(&meta, json.replace("\"consistent\"", "\"needs_resync\"")).expect("volume.json");
+
+    serve.spawn();
+    assert!(
+        wait_until(Duration::from_secs(60), || m
+            .log()
+            .contains("resync streamed")),
+        "no resync in the log:\n{}",
+        m.log()
+    );
+    wait_equal(&backing, &remote, &Cmp::FULL, "after the resync");
 }

@@ -324,16 +324,8 @@ impl NamespaceCopy<'_> {
     fn run(mut self, hidden: Option<&[u8]>) -> io::Result<(Vec<u64>, u64, u64)> {
         let root = self.root;
         crate::tree::walk::walk(root, hidden, |v| self.visit(v))?;
-        for op in root_attrs(root)? {
+        for op in root_meta(root, &[])? {
             self.emit(op)?;
-        }
-        for (xname, xval) in xattrs(root, &RelPath::root()) {
-            self.emit(Op::SetXattr {
-                path: RelPath::root(),
-                name: xname,
-                value: xval,
-                flags: 0,
-            })?;
         }
         Ok((self.files, self.total, self.journal.next_seq() - 1))
     }
@@ -381,16 +373,8 @@ impl NamespaceCopy<'_> {
                 gid,
             })?,
         }
-        for (xname, xval) in xattrs(self.root, path) {
-            self.emit(Op::SetXattr {
-                path: path.clone(),
-                name: xname,
-                value: xval,
-                flags: 0,
-            })?;
-        }
-        if mode & libc::S_IFMT != libc::S_IFDIR {
-            self.emit(mtime_of(path, st))?;
+        for op in entry_meta(self.root, path, st, &[]) {
+            self.emit(op)?;
         }
         Ok(())
     }
@@ -637,10 +621,28 @@ pub(crate) fn mtime_of(path: &RelPath, st: &libc::stat) -> Op {
     }
 }
 
-/// The root directory's mode and owner, as a copy sends them.
-pub(crate) fn root_attrs(root: BorrowedFd<'_>) -> io::Result<[Op; 2]> {
+/// What a copy (initial or resync) sends about the entry at `path` after the op that creates or
+/// keeps it, `st` being its `lstat`: its xattrs ([`xattr_ops`]) and, but for a directory's (set
+/// once everything below it is done), its mtime. The one description of an entry's metadata
+/// both copies share.
+pub(crate) fn entry_meta(
+    root: BorrowedFd<'_>,
+    path: &RelPath,
+    st: &libc::stat,
+    mirror_has: &[Vec<u8>],
+) -> Vec<Op> {
+    let mut ops = xattr_ops(root, path, mirror_has);
+    if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
+        ops.push(mtime_of(path, st));
+    }
+    ops
+}
+
+/// What a copy sends about the root directory once everything below it is done (its mtime came
+/// with the walk's last step): its mode, owner and xattrs ([`xattr_ops`]).
+pub(crate) fn root_meta(root: BorrowedFd<'_>, mirror_has: &[Vec<u8>]) -> io::Result<Vec<Op>> {
     let st = sys::fstat(root)?;
-    Ok([
+    let mut ops = vec![
         Op::SetMode {
             path: RelPath::root(),
             mode: st.st_mode & 0o7777,
@@ -650,7 +652,38 @@ pub(crate) fn root_attrs(root: BorrowedFd<'_>) -> io::Result<[Op; 2]> {
             uid: Some(st.st_uid),
             gid: Some(st.st_gid),
         },
-    ])
+    ];
+    ops.extend(xattr_ops(root, &RelPath::root(), mirror_has));
+    Ok(ops)
+}
+
+/// The ops that give the mirror's entry at `path` the xattrs of the primary's: the removal of
+/// each of `mirror_has` (the names the mirror's entry carries, if the copy keeps it) that the
+/// primary's entry lacks, then each attribute it has. Nothing is removed if the primary's names
+/// cannot be listed, nor `security.selinux`: the mirror's own policy labels its entries (an
+/// initial copy leaves that label too).
+pub(crate) fn xattr_ops(root: BorrowedFd<'_>, path: &RelPath, mirror_has: &[Vec<u8>]) -> Vec<Op> {
+    let have = list_xattrs(root, path);
+    let mut ops = Vec::new();
+    if let Some(have) = &have {
+        for name in mirror_has {
+            if name.as_slice() != b"security.selinux" && !have.iter().any(|(n, _)| n == name) {
+                ops.push(Op::RemoveXattr {
+                    path: path.clone(),
+                    name: name.clone(),
+                });
+            }
+        }
+    }
+    for (name, value) in have.unwrap_or_default() {
+        ops.push(Op::SetXattr {
+            path: path.clone(),
+            name,
+            value,
+            flags: 0,
+        });
+    }
+    ops
 }
 
 /// Keeps the initial sync from filling the journal: waits while the mirror is far behind.
@@ -683,21 +716,32 @@ fn ts(sec: i64, nsec: i64) -> mirrorfs_core::op::Timespec {
     }
 }
 
-pub(crate) fn xattrs(root: std::os::fd::BorrowedFd<'_>, path: &RelPath) -> Vec<(Vec<u8>, Vec<u8>)> {
+/// The xattrs (names and values) of the entry at `path`; `None` if its names cannot be listed.
+fn list_xattrs(root: BorrowedFd<'_>, path: &RelPath) -> Option<Vec<(Vec<u8>, Vec<u8>)>> {
+    let fd = crate::tree::dirtree::open_in(root, path, libc::O_PATH | libc::O_NOFOLLOW, 0).ok()?;
     let mut out = Vec::new();
-    let Ok(fd) = crate::tree::dirtree::open_in(root, path, libc::O_PATH | libc::O_NOFOLLOW, 0)
-    else {
-        return out;
-    };
-    let mut names = vec![0u8; 65536];
-    let Ok(n) = sys::llistxattr_fd(fd.as_fd(), &mut names) else {
-        return out;
-    };
-    for name in names[..n].split(|b| *b == 0).filter(|n| !n.is_empty()) {
+    for name in xattr_names(fd.as_fd()).ok()? {
         let mut val = vec![0u8; 65536];
-        if let Ok(vn) = sys::lgetxattr_fd(fd.as_fd(), name, &mut val) {
-            out.push((name.to_vec(), val[..vn].to_vec()));
+        if let Ok(vn) = sys::lgetxattr_fd(fd.as_fd(), &name, &mut val) {
+            val.truncate(vn);
+            out.push((name, val));
         }
     }
-    out
+    Some(out)
+}
+
+/// The names of the xattrs of the entry `fd` (opened with `O_PATH | O_NOFOLLOW`, or any way);
+/// none where the file system has no xattrs.
+pub(crate) fn xattr_names(fd: BorrowedFd<'_>) -> io::Result<Vec<Vec<u8>>> {
+    let mut names = vec![0u8; 65536];
+    let n = match sys::llistxattr_fd(fd, &mut names) {
+        Ok(n) => n,
+        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => 0,
+        Err(e) => return Err(e),
+    };
+    Ok(names[..n]
+        .split(|b| *b == 0)
+        .filter(|n| !n.is_empty())
+        .map(<[u8]>::to_vec)
+        .collect())
 }

@@ -2,12 +2,15 @@
 //! passed its size limit while the mirror was away, or the mirror asked for it). Never a silent
 //! full copy, never a skipped change:
 //!
-//! 1. the mirror walks its tree and sends a manifest: every entry's kind and size, and for regular
-//!    files the blake3 hash of each 64 KiB block ([`manifest`]);
+//! 1. the mirror walks its tree and sends a manifest: every entry's kind, size and xattr names
+//!    (the root's first), and for regular files the blake3 hash of each 64 KiB block
+//!    ([`manifest`]);
 //! 2. the primary copies live through the journal, as `Sync` records (like an initial copy, so
 //!    ordered with concurrent writes), but only what differs ([`live_resync`]): entries the mirror
-//!    has and the primary has not are removed; entries of the same kind are kept (only their
-//!    attributes are set); of each file only the blocks whose hash differs travel;
+//!    has and the primary has not are removed; directories and files of the same kind are kept
+//!    (their attributes are set, the xattrs the primary lacks removed), and the metadata sent is
+//!    the initial copy's (`mirror::entry_meta`, `mirror::root_meta`); of each file only the
+//!    blocks whose hash differs travel;
 //! 3. `SyncDone`: the mirror is consistent again once it applies it.
 
 use std::collections::{HashMap, HashSet};
@@ -22,7 +25,9 @@ use mirrorfs_core::journal::Journal;
 use mirrorfs_core::op::Op;
 use mirrorfs_core::path::RelPath;
 use mirrorfs_core::track::NameTracker;
-use mirrorfs_core::wire::{ManifestEntry, MANIFEST_HASHES_MAX, RESYNC_BLOCK};
+use mirrorfs_core::wire::{
+    ManifestEntry, MANIFEST_HASHES_MAX, MANIFEST_XATTR_BYTES_MAX, RESYNC_BLOCK, XATTR_NAME_MAX,
+};
 
 use crate::mirror::{DataPass, TrackedCopy};
 use crate::site::store::FileStore;
@@ -45,15 +50,35 @@ fn kind_of(mode: u32) -> u8 {
     }
 }
 
+/// The names of the xattrs of `fd`, as a manifest entry carries them.
+fn manifest_xattrs(fd: BorrowedFd<'_>) -> io::Result<Vec<Vec<u8>>> {
+    let names = crate::mirror::xattr_names(fd)?;
+    let bytes: usize = names.iter().map(|n| n.len() + 1).sum();
+    if bytes > MANIFEST_XATTR_BYTES_MAX || names.iter().any(|n| n.len() > XATTR_NAME_MAX) {
+        return Err(io::Error::other(
+            "an entry's xattr names exceed the kernel's limits",
+        ));
+    }
+    Ok(names)
+}
+
 /// Walks the mirror tree under `root` (skipping `reserved` at its root) and hands each entry to
-/// `emit`, parents before children.
+/// `emit`: the root first (as the empty path), then parents before children.
 pub fn manifest(
     root: &Path,
     reserved: &[u8],
     mut emit: impl FnMut(ManifestEntry) -> io::Result<()>,
 ) -> io::Result<u64> {
     let rootfd: OwnedFd = std::fs::File::open(root)?.into();
-    let mut count = 0u64;
+    emit(ManifestEntry {
+        path: RelPath::root(),
+        kind: 2,
+        size: sys::fstat(rootfd.as_fd())?.st_size as u64,
+        first_block: 0,
+        hashes: Vec::new(),
+        xattrs: manifest_xattrs(rootfd.as_fd())?,
+    })?;
+    let mut count = 1u64;
     let mut buf = vec![0u8; RESYNC_BLOCK as usize];
     walk(rootfd.as_fd(), Some(reserved), |v| {
         let Visit::Entry {
@@ -67,6 +92,12 @@ pub fn manifest(
         };
         let kind = kind_of(st.st_mode);
         if kind != 1 {
+            let f = sys::openat(
+                dir,
+                OsStr::from_bytes(name),
+                libc::O_PATH | libc::O_NOFOLLOW,
+                0,
+            )?;
             count += 1;
             return emit(ManifestEntry {
                 path: path.clone(),
@@ -74,6 +105,7 @@ pub fn manifest(
                 size: st.st_size as u64,
                 first_block: 0,
                 hashes: Vec::new(),
+                xattrs: manifest_xattrs(f.as_fd())?,
             });
         }
         let f = sys::openat(
@@ -85,6 +117,8 @@ pub fn manifest(
         let size = st.st_size as u64;
         let blocks = size.div_ceil(RESYNC_BLOCK);
         let mut first = 0u64;
+        // Its xattr names come with the first piece.
+        let mut xattrs = manifest_xattrs(f.as_fd())?;
         // A large file's hashes travel in several entries, each bounded.
         loop {
             let n = (blocks - first).min(MANIFEST_HASHES_MAX as u64);
@@ -95,6 +129,7 @@ pub fn manifest(
                 size,
                 first_block: first,
                 hashes,
+                xattrs: std::mem::take(&mut xattrs),
             })?;
             count += 1;
             first += n;
@@ -152,7 +187,10 @@ impl Manifest {
     /// Adds one entry; the pieces of a large file's hashes are joined (they must come in
     /// order).
     pub fn add(&mut self, e: ManifestEntry) -> io::Result<()> {
-        self.bytes += e.path.as_bytes().len() + 48 + e.hashes.len() * 32;
+        self.bytes += e.path.as_bytes().len()
+            + 48
+            + e.hashes.len() * 32
+            + e.xattrs.iter().map(|n| n.len() + 24).sum::<usize>();
         if self.bytes > MANIFEST_BYTES_MAX {
             return Err(io::Error::other(format!(
                 "the mirror's manifest exceeds {MANIFEST_BYTES_MAX} bytes; resync it by emptying its directory (a fresh initial copy)"
@@ -287,14 +325,14 @@ struct NamespaceResync<'a> {
     total: u64,
 }
 
-impl NamespaceResync<'_> {
+impl<'a> NamespaceResync<'a> {
     /// Journals `op` as one of the copy's `Sync` records.
     fn emit(&mut self, op: Op) -> io::Result<()> {
         crate::mirror::append_sync(self.journal, self.id, op).map(drop)
     }
 
-    /// Removes the extra entries, walks the tree (but `hidden`), then the root's mode and owner;
-    /// returns the files to compare, their bytes and the last record journaled.
+    /// Removes the extra entries, walks the tree (but `hidden`), then the root's mode, owner and
+    /// xattrs; returns the files to compare, their bytes and the last record journaled.
     #[allow(clippy::type_complexity)]
     fn run(
         mut self,
@@ -303,7 +341,8 @@ impl NamespaceResync<'_> {
         self.remove_extra(hidden)?;
         let root = self.root;
         walk(root, hidden, |v| self.visit(v))?;
-        for op in crate::mirror::root_attrs(root)? {
+        let mirror_has = self.manifest.get(&RelPath::root()).map(|e| &e.xattrs[..]);
+        for op in crate::mirror::root_meta(root, mirror_has.unwrap_or_default())? {
             self.emit(op)?;
         }
         Ok((self.files, self.total, self.journal.next_seq() - 1))
@@ -317,6 +356,7 @@ impl NamespaceResync<'_> {
             .manifest
             .entries
             .values()
+            .filter(|e| !e.path.is_root())
             .filter(|e| match crate::tree::dirtree::lstat_in(root, &e.path) {
                 Ok(st) => {
                     kind_of(st.st_mode) != e.kind
@@ -347,15 +387,18 @@ impl NamespaceResync<'_> {
     }
 
     /// The mirror's entry at `p` if it is of `kind` and stays.
-    fn kept(&self, p: &RelPath, kind: u8) -> Option<&ManifestEntry> {
-        self.manifest
+    fn kept(&self, p: &RelPath, kind: u8) -> Option<&'a ManifestEntry> {
+        let manifest: &'a Manifest = self.manifest;
+        manifest
             .get(p)
             .filter(|e| e.kind == kind && !self.removed.contains(p.as_bytes()))
     }
 
-    /// Step 2, the namespace: one entry walked (an entry the mirror has with the same kind is
-    /// kept, only its attributes set), then its xattrs; a directory's mtime once everything
-    /// below it is done.
+    /// Step 2, the namespace: one entry walked (a directory or file the mirror has is kept, only
+    /// its attributes set; a symlink or special file is made again), then its metadata as the
+    /// initial copy sends it (`mirror::entry_meta`: xattrs, those the kept entry has and the
+    /// primary's lacks removed, and the mtime); a directory's mtime once everything below it is
+    /// done.
     fn visit(&mut self, v: Visit<'_>) -> io::Result<()> {
         let (path, name, st, dfd) = match v {
             Visit::DirDone { path, st } => return self.emit(crate::mirror::mtime_of(path, st)),
@@ -367,10 +410,13 @@ impl NamespaceResync<'_> {
             } => (path, name, st, dir),
         };
         let (uid, gid, mode) = (st.st_uid, st.st_gid, st.st_mode);
+        // The xattr names of the mirror's entry, if it keeps it.
+        let mut mirror_has: &[Vec<u8>] = &[];
         match kind_of(mode) {
             2 => {
-                if self.kept(path, 2).is_some() {
+                if let Some(e) = self.kept(path, 2) {
                     self.stats.kept += 1;
+                    mirror_has = &e.xattrs;
                     for op in attrs(path, st) {
                         self.emit(op)?;
                     }
@@ -383,11 +429,10 @@ impl NamespaceResync<'_> {
                     })?;
                 }
             }
-            1 => {
-                if self.regular_file(path, st)? {
-                    return Ok(());
-                }
-            }
+            1 => match self.regular_file(path, st)? {
+                Some(has) => mirror_has = has,
+                None => return Ok(()),
+            },
             3 => {
                 let target = sys::readlinkat(dfd, OsStr::from_bytes(name))?;
                 self.emit(Op::Symlink {
@@ -396,11 +441,6 @@ impl NamespaceResync<'_> {
                     uid,
                     gid,
                 })?;
-                return self.emit(Op::SetTimes {
-                    path: path.clone(),
-                    atime: None,
-                    mtime: Some(ts(st.st_mtime, st.st_mtime_nsec)),
-                });
             }
             _ => self.emit(Op::Mknod {
                 path: path.clone(),
@@ -410,21 +450,21 @@ impl NamespaceResync<'_> {
                 gid,
             })?,
         }
-        for (xname, xval) in crate::mirror::xattrs(self.root, path) {
-            self.emit(Op::SetXattr {
-                path: path.clone(),
-                name: xname,
-                value: xval,
-                flags: 0,
-            })?;
+        for op in crate::mirror::entry_meta(self.root, path, st, mirror_has) {
+            self.emit(op)?;
         }
         Ok(())
     }
 
     /// A regular file: a further name of a file already walked is a link to its first (and
-    /// true is returned: nothing else to send); one the mirror has is cut to size, else created
-    /// empty; its blocks are compared next.
-    fn regular_file(&mut self, path: &RelPath, st: &libc::stat) -> io::Result<bool> {
+    /// `None` is returned: nothing else to send); one the mirror has is cut to size (and the
+    /// names of its xattrs are returned), else created empty (and no names are); its blocks are
+    /// compared next.
+    fn regular_file(
+        &mut self,
+        path: &RelPath,
+        st: &libc::stat,
+    ) -> io::Result<Option<&'a [Vec<u8>]>> {
         self.tracker.add(st.st_ino, path.clone());
         if st.st_nlink > 1 {
             if let Some(first) = self.links.get(&st.st_ino) {
@@ -433,12 +473,12 @@ impl NamespaceResync<'_> {
                     to: path.clone(),
                 };
                 self.emit(op)?;
-                return Ok(true);
+                return Ok(None);
             }
             self.links.insert(st.st_ino, path.clone());
         }
-        let have = self.kept(path, 1).map(|e| e.hashes.clone());
-        if have.is_some() {
+        let kept = self.kept(path, 1);
+        if kept.is_some() {
             self.stats.kept += 1;
             for op in attrs(path, st) {
                 self.emit(op)?;
@@ -456,8 +496,8 @@ impl NamespaceResync<'_> {
             })?;
         }
         self.total += st.st_size as u64;
-        self.files.push((st.st_ino, have));
-        Ok(false)
+        self.files.push((st.st_ino, kept.map(|e| e.hashes.clone())));
+        Ok(Some(kept.map_or(&[], |e| &e.xattrs[..])))
     }
 }
 
@@ -526,13 +566,6 @@ impl DataPass<'_> {
     }
 }
 
-fn ts(sec: i64, nsec: i64) -> mirrorfs_core::op::Timespec {
-    mirrorfs_core::op::Timespec {
-        sec,
-        nsec: nsec as u32,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -569,6 +602,7 @@ mod tests {
         assert_eq!(
             names,
             vec![
+                ("".into(), 2),
                 ("d".into(), 2),
                 ("d/big".into(), 1),
                 ("d/e".into(), 2),
@@ -600,6 +634,7 @@ mod tests {
             size: RESYNC_BLOCK * 4,
             first_block: first,
             hashes: vec![[first as u8; 32]; n],
+            xattrs: Vec::new(),
         };
         let mut m = Manifest::default();
         m.add(piece(0, 2)).expect("first piece");

@@ -904,7 +904,10 @@ impl Daemon {
         let mut batch_bytes = 0usize;
         let mut last_ping = Instant::now();
         let count = crate::mirror::resync::manifest(&self.dir, &self.reserved, |e| {
-            batch_bytes += e.path.as_bytes().len() + 32 + 32 * e.hashes.len();
+            batch_bytes += e.path.as_bytes().len()
+                + 32
+                + 32 * e.hashes.len()
+                + e.xattrs.iter().map(|n| n.len() + 1).sum::<usize>();
             batch.push(e);
             if batch.len() >= crate::mirror::resync::MANIFEST_BATCH || batch_bytes >= 1 << 20 {
                 batch_bytes = 0;
