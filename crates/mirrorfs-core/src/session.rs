@@ -11,7 +11,7 @@
 //!                                          the shell recorded it: sync_recorded)
 //! ```
 //!
-//! The shell (`serve.rs`) owns the TLS connection, the journal, the applier thread and the meta
+//! The shell (`net/serve/session.rs`) owns the TLS connection, the journal, the applier thread and the meta
 //! file; the network simulation (`sim/net.rs`) drives this same machine over its simulated
 //! network and journal. Every decision about the stream — which records may be appended, what
 //! settled position the applier may use, when an ack is due and what it carries, when the copy

@@ -110,7 +110,7 @@ fn main() {
             config,
         } => trust(config.as_deref(), &fingerprint, &name),
         Cmd::Serve(a) => serve::serve(a),
-        Cmd::Promote { dir, state, force } => serve::promote(&dir, state.as_deref(), force),
+        Cmd::Promote { dir, state, force } => site::promote::promote(&dir, state.as_deref(), force),
     };
     if let Err(e) = r {
         eprintln!("mirrorfs: error: {e:#}");

@@ -1385,7 +1385,7 @@ impl Sim {
         Ok(())
     }
 
-    // ---- the mirror daemon's sessions (serve.rs) ---------------------------------------------
+    // ---- the mirror daemon's sessions (net/serve/session.rs) ---------------------------------------------
 
     /// Bytes arrive at the mirror on connection `id` (`late`: sent before a reset).
     fn m_receive(&mut self, id: u64, bytes: &[u8], late: bool) -> Act {

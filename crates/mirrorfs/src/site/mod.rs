@@ -7,6 +7,7 @@ pub mod boot;
 pub mod dirlock;
 pub mod engine;
 pub mod meta;
+pub mod promote;
 pub mod state_dir;
 pub mod statefile;
 pub mod status;

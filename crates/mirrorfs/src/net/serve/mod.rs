@@ -1,0 +1,598 @@
+//! `mirrorfs serve DIR --listen ADDR`: the mirror daemon. It receives a primary's journal over an
+//! authenticated TLS link, makes each record durable in its own journal (same seqs as the
+//! primary's), acknowledges, and applies the records in order to DIR with the same applier and
+//! cursor as a local mirror, so DIR is always a state the primary had.
+//!
+//! ```text
+//!  TLS ─▶ Session (core::session: handshake, sequence, reserved names) ─▶ journal.append_at
+//!          flusher: fsync (F2) ─▶ durable ─┐
+//!          worker: apply ≤ min(durable, settled) to DIR ─▶ applied / checkpoint ─┤
+//!  TLS ◀── Ack{received, durable, applied, checkpoint} ◀──────────────────────────┘
+//! ```
+//!
+//! State lives in `STATE` (default `DIR/.mirrorfs`): `journal/`, `tree/cursor`, `volume.json`
+//! (which volume and generation DIR holds, and whether it is a consistent copy), `lock`.
+//!
+//! This file starts and stops the daemon (a [`Site`] in the mirror role, the listener, status);
+//! `session` is one primary's connection (the shell of `core::session`), `copy` how a copy
+//! starts (initial copy, resync, adopting a history), `divergence` what happens when the
+//! primary's history diverged from the copy's.
+
+use std::fs;
+use std::net::TcpListener;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use mirrorfs_core::applier::Applier;
+use mirrorfs_core::history::History;
+use mirrorfs_core::link::MirrorCopy;
+use mirrorfs_core::wire::MirrorState;
+
+use crate::net::conn::Duplex;
+use crate::net::identity::{self, Identity};
+use crate::site::dirlock::DirLock;
+use crate::site::engine::{Role, Site};
+use crate::site::meta::{read_meta, write_meta, CopyState, Meta};
+use crate::site::state_dir::{StateDir, StateLock, StateLockError};
+use crate::site::status::Registered;
+use crate::site::volume::{self, lock, MirrorPhase, MirrorShared, Volume};
+
+mod copy;
+mod divergence;
+mod session;
+
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    /// The mirror directory: a plain tree, readable at any time, always a state the primary had.
+    pub dir: PathBuf,
+    /// Address to listen on, e.g. 0.0.0.0:7070 or [::]:7070.
+    #[arg(long)]
+    pub listen: String,
+    /// Where the daemon keeps its journal and cursor (default: DIR/.mirrorfs).
+    #[arg(long)]
+    pub state: Option<PathBuf>,
+    /// The configuration directory with this machine's identity and trusted peers (default:
+    /// $MIRRORFS_CONFIG or /etc/mirrorfs; create it with `mirrorfs init`).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Accept an initial copy into a non-empty DIR that holds no mirrorfs copy, replacing its
+    /// contents.
+    #[arg(long)]
+    pub force_resync: bool,
+    /// If DIR holds changes the connecting primary lacks (the copies diverged, e.g. an old
+    /// primary served as a mirror of a promoted copy), save those changes to
+    /// STATE/diverged/TIME-genG-seqS/ and then let DIR follow the primary (block-hash resync).
+    /// Without it such a primary is refused and nothing is changed.
+    #[arg(long)]
+    pub discard_diverged: bool,
+    /// The journal's size limit in MiB (at least 128: two 64 MiB segments).
+    #[arg(long, default_value_t = 4096, value_parser = crate::site::volume::parse_journal_max_mib)]
+    pub journal_max_mib: u64,
+    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9109); off by default.
+    #[arg(long)]
+    pub metrics: Option<String>,
+}
+
+/// The daemon's shared state.
+struct Daemon {
+    dir: PathBuf,
+    state: PathBuf,
+    /// Name of the state directory at DIR's root, if it is there (never touched by records).
+    reserved: Vec<u8>,
+    vol: Arc<Volume>,
+    m: Arc<MirrorShared>,
+    meta: Mutex<Meta>,
+    worker: Mutex<Option<JoinHandle<()>>>,
+    /// The seq of a `SyncDone` a session received whose checkpoint is still to come (0: none),
+    /// for the next session (`Session::pending_sync_done`).
+    pending_sync_done: AtomicU64,
+    busy: AtomicBool,
+    force_resync: bool,
+    discard_diverged: bool,
+    /// The connected primary, for status.
+    peer: Mutex<Option<String>>,
+    /// Why the last primary was refused (cleared when one is accepted), for status.
+    refused: Mutex<Option<String>>,
+}
+
+/// `mirrorfs serve`. A start that fails leaves no state directory behind that it created (an
+/// empty DIR stays empty, so it can still be used as a mirror of any kind).
+pub fn serve(a: ServeArgs) -> Result<()> {
+    let state = match (&a.state, a.dir.canonicalize()) {
+        (Some(s), _) => s.clone(),
+        (None, Ok(d)) => d.join(".mirrorfs"),
+        (None, Err(_)) => return serve_in(a),
+    };
+    let existed = state.exists();
+    let r = serve_in(a);
+    if r.is_err() && !existed && !StateDir::at(&state).volume_json().exists() {
+        let _ = fs::remove_dir_all(&state);
+    }
+    r
+}
+
+/// The daemon's life: find and lock DIR and its state, load the identity, open the journal and
+/// bring the copy back, then accept primaries until SIGINT or SIGTERM, and stop cleanly.
+fn serve_in(a: ServeArgs) -> Result<()> {
+    let (dir, state, reserved) = locate(&a)?;
+    let _locks = MirrorLocks::take(&dir, &state)?;
+    let (id, server_cfg) = load_identity(a.config.as_deref())?;
+    let meta = read_served_meta(&dir, &state)?;
+    let (site, m) = open_site(&dir, &state, &meta, a.journal_max_mib)?;
+    let d = Arc::new(Daemon {
+        dir: dir.clone(),
+        state: state.clone(),
+        reserved,
+        vol: site.vol.clone(),
+        m,
+        meta: Mutex::new(meta.clone()),
+        worker: Mutex::new(None),
+        pending_sync_done: AtomicU64::new(0),
+        busy: AtomicBool::new(false),
+        force_resync: a.force_resync,
+        discard_diverged: a.discard_diverged,
+        peer: Mutex::new(None),
+        refused: Mutex::new(None),
+    });
+    d.start_copy(&site, &meta)?;
+    let _reg = d.start_reporting(a.metrics.as_deref())?;
+    let (listener, term) = listen(&a.listen, &dir, &id)?;
+    accept_loop(&d, &listener, &server_cfg, &term);
+    d.shut_down(site)
+}
+
+/// DIR (canonical), the state directory (created if needed) and the name it reserves at DIR's
+/// root (empty when it lies outside DIR).
+fn locate(a: &ServeArgs) -> Result<(PathBuf, PathBuf, Vec<u8>)> {
+    let dir = a.dir.canonicalize().with_context(|| {
+        format!(
+            "mirror directory {} does not exist (create it first)",
+            a.dir.display()
+        )
+    })?;
+    if !dir.is_dir() {
+        bail!("{} is not a directory", dir.display());
+    }
+    let state = match &a.state {
+        Some(s) => {
+            crate::site::statefile::private_dir(s)
+                .with_context(|| format!("cannot create state directory {}", s.display()))?;
+            s.canonicalize()?
+        }
+        None => dir.join(".mirrorfs"),
+    };
+    StateDir::create(&state)
+        .with_context(|| format!("cannot create state directory {}", state.display()))?;
+    let reserved = if state.parent() == Some(dir.as_path()) {
+        state
+            .file_name()
+            .map(|n| n.as_bytes().to_vec())
+            .unwrap_or_default()
+    } else if state.starts_with(&dir) {
+        bail!("the state directory must be DIR/NAME or outside DIR");
+    } else {
+        Vec::new()
+    };
+    Ok((dir, state, reserved))
+}
+
+/// DIR's lock and its state directory's, held while the daemon runs (released in this order:
+/// the state's first).
+struct MirrorLocks {
+    _state: StateLock,
+    _dir: DirLock,
+}
+
+impl MirrorLocks {
+    /// Locks DIR itself (whatever `--state` says: it cannot be a mount's backing or local
+    /// mirror, or a second daemon's directory, at the same time), then the state directory.
+    fn take(dir: &Path, state: &Path) -> Result<Self> {
+        let dir_lock = crate::site::dirlock::lock(dir).map_err(|e| {
+            anyhow!(
+                "{} is in use by another mirrorfs ({e}): stop that one first",
+                dir.display()
+            )
+        })?;
+        let sd = StateDir::at(state);
+        let state_lock = match sd.lock() {
+            Ok(l) => l,
+            Err(StateLockError::Io(e)) => return Err(e.into()),
+            Err(StateLockError::Held(_)) => bail!(
+                "another mirrorfs is already serving {} (its state {} is locked)",
+                dir.display(),
+                sd.path().display()
+            ),
+        };
+        Ok(MirrorLocks {
+            _state: state_lock,
+            _dir: dir_lock,
+        })
+    }
+}
+
+/// This machine's identity and the TLS configuration that admits only trusted primaries
+/// (their list is read again at each handshake).
+fn load_identity(config: Option<&Path>) -> Result<(Identity, Arc<rustls::ServerConfig>)> {
+    let cfg_dir = identity::config_dir(config);
+    let id = identity::load(&cfg_dir)?;
+    let pinned = identity::pinned(&cfg_dir)?;
+    if pinned.is_empty() {
+        tracing::warn!(
+            "no trusted peers in {}: every primary will be refused; run `mirrorfs trust FINGERPRINT NAME` with the primary's fingerprint",
+            cfg_dir.join("peers").display()
+        );
+    }
+    let server_cfg = identity::server_config_reloading(&id, &cfg_dir, pinned)?;
+    tracing::info!(
+        "trusted primaries: {} (reloaded at each handshake: a `mirrorfs trust` takes effect at the next connection)",
+        cfg_dir.join("peers").display()
+    );
+    Ok((id, server_cfg))
+}
+
+/// The copy's meta file; a promoted copy is no mirror any more.
+fn read_served_meta(dir: &Path, state: &Path) -> Result<Meta> {
+    let meta = read_meta(state)?;
+    if meta.promoted && !meta.former_primary() {
+        bail!(
+            "{} was promoted to a primary ({}); it no longer accepts a stream. Mount it with `mirrorfs mount`, or see docs/protocol.md to re-attach it as a mirror",
+            dir.display(),
+            StateDir::at(state).volume_json().display()
+        );
+    }
+    Ok(meta)
+}
+
+/// Opens the daemon's site ([`Site`] in the mirror role: the journal with its recovery, made
+/// durable, and the flusher) with the one mirror it applies to: DIR itself.
+fn open_site(
+    dir: &Path,
+    state: &Path,
+    meta: &Meta,
+    journal_max_mib: u64,
+) -> Result<(Site, Arc<MirrorShared>)> {
+    if meta.former_primary() && !StateDir::at(state).is_clean() {
+        bail!(
+            "{} is a primary's backing directory that was not unmounted cleanly: mount it once with `mirrorfs mount` and unmount it (that settles its last change), then serve it",
+            dir.display()
+        );
+    }
+    let m = Arc::new(MirrorShared::new(
+        dir.display().to_string(),
+        dir.to_path_buf(),
+        StateDir::at(state).tree().path().to_path_buf(),
+        None,
+    ));
+    m.checkpoint_when_idle.store(true, Ordering::Relaxed);
+    let role = Role::Mirror {
+        former_primary: meta.former_primary(),
+    };
+    let site = Site::open(StateDir::at(state), &role, journal_max_mib, vec![m.clone()])?;
+    Ok((site, m))
+}
+
+/// Binds the listening socket and turns SIGINT and SIGTERM into a stop flag.
+fn listen(addr: &str, dir: &Path, id: &Identity) -> Result<(TcpListener, Arc<AtomicBool>)> {
+    let listener = TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr}"))?;
+    let term = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGINT, term.clone())?;
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, term.clone())?;
+    listener.set_nonblocking(true)?;
+    let local = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    tracing::info!(
+        "serving mirror {} on {} as {}",
+        dir.display(),
+        local,
+        id.fingerprint
+    );
+    eprintln!(
+        "mirrorfs: mirror {} listening on {} (identity {}; Ctrl-C stops)",
+        dir.display(),
+        local,
+        id.fingerprint
+    );
+    Ok((listener, term))
+}
+
+/// Accepts connections until told to stop, each on its own thread (bounded: see `gate` for who
+/// is let in, who is evicted, and the handshake deadline).
+fn accept_loop(
+    d: &Arc<Daemon>,
+    listener: &TcpListener,
+    server_cfg: &Arc<rustls::ServerConfig>,
+    term: &AtomicBool,
+) {
+    let gate = crate::net::gate::Gate::new();
+    while !term.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((sock, from)) => {
+                if let Err(e) = sock.set_nonblocking(false) {
+                    tracing::warn!("connection from {from}: {e}");
+                    continue;
+                }
+                // A thread that cannot be started (a pids or memory limit) is never fatal: the
+                // oldest unauthenticated connection is closed to give its thread back, and the
+                // start is tried once more; if that fails too, this connection is closed.
+                let mut sock = Some(sock);
+                for attempt in 0..2 {
+                    let Some(s) = sock.take() else { break };
+                    let spare = s.try_clone().ok();
+                    match start_connection(d, server_cfg, &gate, s, from) {
+                        Ok(()) => break,
+                        Err(e) => {
+                            tracing::warn!(
+                                "connection from {from}: cannot start a thread for it ({e}; {} connection threads running){}",
+                                gate.threads(),
+                                if attempt == 0 { "; closing the oldest unauthenticated connection and trying again" } else { "; closed it" }
+                            );
+                            if attempt == 0 && gate.evict_oldest() {
+                                std::thread::sleep(Duration::from_millis(50));
+                                sock = spare;
+                            }
+                        }
+                    }
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => {
+                // EMFILE, ENFILE, ENOBUFS...: back off instead of spinning.
+                tracing::warn!("accept: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+/// Lets one accepted connection in through the gate and starts its thread: TLS handshake
+/// (bounded in time, see `Duplex::accept`), then the session. `Ok` also when the gate refused
+/// it (the connection is closed); `Err` only when the thread could not be started.
+fn start_connection(
+    d: &Arc<Daemon>,
+    cfg: &Arc<rustls::ServerConfig>,
+    gate: &Arc<crate::net::gate::Gate>,
+    sock: std::net::TcpStream,
+    from: std::net::SocketAddr,
+) -> std::io::Result<()> {
+    let Some(slot) = gate.admit(&sock) else {
+        return Ok(());
+    };
+    let (d, cfg) = (d.clone(), cfg.clone());
+    std::thread::Builder::new()
+        .name("session".into())
+        .spawn(move || {
+            let link = match Duplex::accept(sock, cfg) {
+                Ok(l) => l,
+                Err(e) => {
+                    if slot.may_warn() {
+                        tracing::warn!("connection from {from}: {e:#}");
+                    }
+                    return;
+                }
+            };
+            slot.authenticated();
+            if let Err(e) = d.clone().session(link) {
+                tracing::warn!("connection from {from}: {e:#}");
+            }
+        })
+        .map(drop)
+}
+
+impl Daemon {
+    /// Brings the copy back as it was left: an old primary's tree is at its journal's end; a
+    /// consistent or interrupted copy gets its applier back (or, without a cursor, is marked to
+    /// be copied afresh).
+    fn start_copy(&self, site: &Site, meta: &Meta) -> Result<()> {
+        let horizon = site.opening.horizon;
+        if meta.former_primary() {
+            // An old primary's tree holds everything its journal does.
+            self.m.applied.store(horizon, Ordering::Release);
+            self.m.checkpoint.store(horizon, Ordering::Release);
+            tracing::info!(
+                "{} is the backing directory of a primary of volume {} (generation {}) through record {horizon}: it is served as a mirror only to a primary it is an ancestor of; a primary that lacks some of its changes is refused",
+                self.dir.display(),
+                meta.volume_id,
+                meta.generation
+            );
+        }
+        if meta.state == CopyState::Consistent || meta.state == CopyState::Syncing {
+            let mut cur = volume::open_cursor(&self.m)?;
+            let opened = Applier::open(&mut cur, site.opening.power_loss, horizon)?;
+            site.record_boot()?;
+            match opened {
+                Some(mut ap) => {
+                    if meta.state == CopyState::Syncing {
+                        ap.set_syncing(Some(meta.sync_id));
+                    }
+                    self.start_worker(ap)?;
+                }
+                None => {
+                    // No cursor: the copy cannot be resumed; report an interrupted copy that no
+                    // primary is streaming (sync id 0), so it is copied afresh.
+                    tracing::warn!(
+                        "no cursor for the copy in {}: it will be copied afresh",
+                        self.dir.display()
+                    );
+                    let mut mm = meta.clone();
+                    mm.state = CopyState::Syncing;
+                    mm.sync_id = 0;
+                    write_meta(&self.state, &mm)?;
+                    *lock(&self.meta) = mm;
+                }
+            }
+        }
+        site.record_boot()?;
+        Ok(())
+    }
+
+    /// The status file (rewritten every 250 ms), the registration `mirrorfs status` finds, and
+    /// the metrics endpoint if asked for; the registration lasts as long as what is returned.
+    fn start_reporting(self: &Arc<Self>, metrics: Option<&str>) -> Result<Registered> {
+        {
+            let d = self.clone();
+            std::thread::Builder::new()
+                .name("status".into())
+                .spawn(move || loop {
+                    d.write_status();
+                    std::thread::sleep(Duration::from_millis(250));
+                })?;
+        }
+        let reg = crate::site::status::register(&self.dir, &self.dir, &self.state)?;
+        if let Some(addr) = metrics {
+            let d = self.clone();
+            crate::site::status::serve_metrics(addr, Arc::new(move || d.metrics_text()))?;
+        }
+        Ok(reg)
+    }
+
+    /// After the accept loop: the applier stops, the flusher finishes, the last status is written
+    /// and the state is marked clean.
+    /// Stops the worker (its last checkpoint), then the site (clean unless the journal was
+    /// poisoned), and writes the last status.
+    fn shut_down(&self, site: Site) -> Result<()> {
+        tracing::info!("stopping");
+        self.stop_worker();
+        site.stop()?;
+        self.write_status();
+        Ok(())
+    }
+
+    fn start_worker(&self, ap: Applier) -> Result<()> {
+        self.m.applied.store(ap.cursor().applied, Ordering::Release);
+        self.m
+            .checkpoint
+            .store(ap.cursor().checkpoint, Ordering::Release);
+        *lock(&self.m.phase) = MirrorPhase::Live;
+        let (v, m) = (self.vol.clone(), self.m.clone());
+        let h = std::thread::Builder::new()
+            .name("apply".into())
+            .spawn(move || crate::mirror::run_worker(v, m, ap))?;
+        *lock(&self.worker) = Some(h);
+        Ok(())
+    }
+
+    fn stop_worker(&self) {
+        *lock(&self.m.phase) = MirrorPhase::Stopped;
+        self.vol.changed.notify_all();
+        if let Some(h) = lock(&self.worker).take() {
+            let _ = h.join();
+        }
+    }
+
+    fn copy(&self) -> MirrorCopy {
+        let meta = lock(&self.meta).clone();
+        let state = meta.mirror_state();
+        let foreign = state == MirrorState::Empty
+            && !self.force_resync
+            && fs::read_dir(&self.dir)
+                .map(|rd| {
+                    rd.filter_map(|e| e.ok())
+                        .any(|e| e.file_name().as_bytes() != self.reserved.as_slice())
+                })
+                .unwrap_or(true);
+        MirrorCopy {
+            state,
+            history: if state == MirrorState::Empty {
+                History::default()
+            } else {
+                meta.history()
+            },
+            durable: lock(&self.vol.progress).durable_seq,
+            applied: self.m.applied.load(Ordering::Acquire),
+            sync_id: meta.sync_id,
+            promoted: meta.promoted && !meta.former_primary(),
+            foreign,
+        }
+    }
+
+    fn metrics_text(&self) -> String {
+        let (next, bytes) = {
+            let o = lock(&self.vol.order);
+            (o.journal.next_seq(), o.journal.bytes())
+        };
+        let rows = [
+            (
+                "received_seq",
+                "Last record received from the primary.",
+                (next - 1) as f64,
+            ),
+            (
+                "durable_seq",
+                "Every record up to this is durable in this mirror's journal.",
+                lock(&self.vol.progress).durable_seq as f64,
+            ),
+            (
+                "applied_seq",
+                "Last record applied to the mirror's tree.",
+                self.m.applied.load(Ordering::Acquire) as f64,
+            ),
+            (
+                "checkpoint_seq",
+                "Every record up to this is durably applied.",
+                self.m.checkpoint.load(Ordering::Acquire) as f64,
+            ),
+            ("journal_bytes", "Bytes of journal on disk.", bytes as f64),
+            (
+                "primary_connected",
+                "1 while a primary is connected.",
+                f64::from(u8::from(lock(&self.peer).is_some())),
+            ),
+        ];
+        let mut out = String::new();
+        for (name, help, v) in rows {
+            out.push_str(&format!(
+                "# HELP mirrorfs_mirror_{name} {help}\n# TYPE mirrorfs_mirror_{name} gauge\nmirrorfs_mirror_{name} {v}\n"
+            ));
+        }
+        out
+    }
+
+    fn write_status(&self) {
+        let meta = lock(&self.meta).clone();
+        let (next, bytes, segs) = {
+            let o = lock(&self.vol.order);
+            (
+                o.journal.next_seq(),
+                o.journal.bytes(),
+                o.journal.segment_count(),
+            )
+        };
+        let s = serde_json::json!({
+            "role": "mirror",
+            "dir": self.dir.display().to_string(),
+            "pid": std::process::id(),
+            "volume_id": meta.volume_id,
+            "generation": meta.generation,
+            "copy": meta.state,
+            "primary": *lock(&self.peer),
+            "refused": *lock(&self.refused),
+            "connected": lock(&self.peer).is_some(),
+            "received_seq": next - 1,
+            "durable_seq": lock(&self.vol.progress).durable_seq,
+            "applied_seq": self.m.applied.load(Ordering::Acquire),
+            "checkpoint_seq": self.m.checkpoint.load(Ordering::Acquire),
+            "lag_ops": (next - 1).saturating_sub(self.m.applied.load(Ordering::Acquire)),
+            "phase": serde_json::to_value(&*lock(&self.m.phase)).unwrap_or_default(),
+            "journal_bytes": bytes,
+            "journal_segments": segs,
+            "updated_unix": crate::sys::now().sec,
+            "updated_unix_ms": crate::site::status::now_ms(),
+        });
+        if let Ok(b) = serde_json::to_vec_pretty(&s) {
+            let _ = crate::site::statefile::replace(
+                &StateDir::at(&self.state).status_json(),
+                &b,
+                0o600,
+            );
+        }
+    }
+}
