@@ -1278,7 +1278,12 @@ fn listing(dir: &Path) -> Listing {
     let mut out = BTreeMap::new();
     for e in fs::read_dir(dir).unwrap_or_else(|e| panic!("readdir {}: {e}", dir.display())) {
         let e = e.expect("readdir entry");
-        let md = fs::symlink_metadata(e.path()).expect("lstat entry");
+        // A mirror still catching up may remove an entry between readdir and lstat: leave it
+        // out (the caller compares until the listings are equal).
+        let md = match fs::symlink_metadata(e.path()) {
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
+            r => r.expect("lstat entry"),
+        };
         out.insert(
             e.file_name().as_bytes().to_vec(),
             (
