@@ -268,14 +268,20 @@ impl Session<'_> {
             .running
             .load(Ordering::Acquire)
             .then(|| slot.id.load(Ordering::Acquire));
+        let needs_resync = crate::site::state_dir::MirrorStateDir::at(&m.state_dir).needs_resync();
         // The decision and the start of an initial copy see the journal at the same instant.
         let start = sender
-            .on_welcome(&welcome, span(vol), new_id, resumable)
+            .on_welcome(
+                &welcome,
+                span(vol),
+                new_id,
+                resumable,
+                needs_resync.as_deref(),
+            )
             .map_err(|e| {
                 let _ = d.send(&e.to_msg());
                 link_err(e)
             })?;
-        let needs_resync = crate::site::state_dir::MirrorStateDir::at(&m.state_dir).needs_resync();
         let start = match start {
             Start::Resume { from } if needs_resync.is_some() => Start::Resync {
                 from: span(vol).next_seq.max(from),
