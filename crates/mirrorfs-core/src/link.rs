@@ -4,7 +4,7 @@
 //! ```text
 //!  primary (Sender)                               mirror (Receiver)
 //!    Hello{volume, generation, first_held, next} ─▶ on_hello: Welcome{state, durable, applied}
-//!    on_welcome: decide ─ Start{Resume|InitialSync} ─▶ on_start: where its journal continues
+//!    on_welcome: decide ─ Start{mode, seq, sync_id} ─▶ on_start: where its journal continues
 //!    Records{settled, r[s..t]}  (byte window) ────▶ on_records: consecutive? ─ append
 //!    on_ack: positions (monotonic, ≤ sent) ◀──────── Ack{received, durable, applied, checkpoint}
 //! ```
@@ -145,7 +145,6 @@ impl Sender {
         running_sync: Option<u32>,
         must_resync: Option<&str>,
     ) -> Result<Start, LinkError> {
-        let _ = must_resync;
         let Msg::Welcome {
             version,
             state,
@@ -233,6 +232,16 @@ impl Sender {
                     Start::Resume { from: durable + 1 }
                 }
             }
+        };
+        // The primary's own marker outranks a resume (never an initial copy, never a refusal):
+        // the resync starts at the journal's end, and so does the stream.
+        let start = match (start, must_resync) {
+            (Start::Resume { .. }, Some(reason)) => Start::Resync {
+                from: span.next_seq,
+                sync_id: new_sync_id,
+                reason: reason.to_string(),
+            },
+            (start, _) => start,
         };
         let from = match &start {
             Start::Resume { from }

@@ -250,8 +250,9 @@ impl Session<'_> {
         self.run_streams(&d, dec, sender)
     }
 
-    /// Connects, says hello, and decides how to start from the mirror's welcome (a resume
-    /// becomes a resync when the mirror's state directory asks for one).
+    /// Connects, says hello, and has the sender decide how to start from the mirror's welcome and
+    /// this primary's own resync marker for the mirror (a resume becomes a resync, and the
+    /// sender streams from the resync's start).
     fn handshake(&self) -> Result<Handshake> {
         let (vol, m, cfg, slot) = (self.vol, self.m, self.cfg, self.slot);
         let addr = m.remote.clone().unwrap_or_default();
@@ -282,14 +283,6 @@ impl Session<'_> {
                 let _ = d.send(&e.to_msg());
                 link_err(e)
             })?;
-        let start = match start {
-            Start::Resume { from } if needs_resync.is_some() => Start::Resync {
-                from: span(vol).next_seq.max(from),
-                sync_id: new_id,
-                reason: needs_resync.unwrap_or_default(),
-            },
-            s => s,
-        };
         Ok(Handshake {
             addr,
             d,
