@@ -4,7 +4,7 @@
 //! ```text
 //!  primary (Sender)                               mirror (Receiver)
 //!    Hello{volume, generation, first_held, next} ─▶ on_hello: Welcome{state, durable, applied}
-//!    on_welcome: decide ─ Start{Resume|InitialSync} ─▶ on_start: where its journal continues
+//!    on_welcome: decide ─ Start{mode, seq, sync_id} ─▶ on_start: where its journal continues
 //!    Records{settled, r[s..t]}  (byte window) ────▶ on_records: consecutive? ─ append
 //!    on_ack: positions (monotonic, ≤ sent) ◀──────── Ack{received, durable, applied, checkpoint}
 //! ```
@@ -135,12 +135,15 @@ impl Sender {
     /// Decides where the stream starts from the mirror's `Welcome` and the journal's span now.
     /// `new_sync_id` is used if an initial copy is needed; `running_sync` is the id of an initial
     /// copy this primary is still streaming (after a reconnect it simply resumes).
+    /// `must_resync` is the primary's own record that this mirror must be resynchronised (its
+    /// reason: `STATE/mirrors/ID/NEEDS_RESYNC`), whatever the mirror's copy says.
     pub fn on_welcome(
         &mut self,
         msg: &Msg,
         span: JournalSpan,
         new_sync_id: u32,
         running_sync: Option<u32>,
+        must_resync: Option<&str>,
     ) -> Result<Start, LinkError> {
         let Msg::Welcome {
             version,
@@ -229,6 +232,16 @@ impl Sender {
                     Start::Resume { from: durable + 1 }
                 }
             }
+        };
+        // The primary's own marker outranks a resume (never an initial copy, never a refusal):
+        // the resync starts at the journal's end, and so does the stream.
+        let start = match (start, must_resync) {
+            (Start::Resume { .. }, Some(reason)) => Start::Resync {
+                from: span.next_seq,
+                sync_id: new_sync_id,
+                reason: reason.to_string(),
+            },
+            (start, _) => start,
         };
         let from = match &start {
             Start::Resume { from }
@@ -731,7 +744,13 @@ mod tests {
     fn start_decisions() {
         let mut s = Sender::new(hist(VOL, 1), 1 << 20);
         assert_eq!(
-            s.on_welcome(&welcome(MirrorState::Empty, [0; 16], 0, 0), SPAN, 9, None),
+            s.on_welcome(
+                &welcome(MirrorState::Empty, [0; 16], 0, 0),
+                SPAN,
+                9,
+                None,
+                None
+            ),
             Ok(Start::InitialSync {
                 from: 200,
                 sync_id: 9
@@ -742,6 +761,7 @@ mod tests {
                 &welcome(MirrorState::Consistent, VOL, 1, 150),
                 SPAN,
                 9,
+                None,
                 None
             ),
             Ok(Start::Resume { from: 151 })
@@ -753,18 +773,31 @@ mod tests {
                 &welcome(MirrorState::Consistent, VOL, 1, 199),
                 SPAN,
                 9,
+                None,
                 None
             ),
             Ok(Start::Resume { from: 200 })
         );
         // The journal no longer holds what it needs.
         assert!(matches!(
-            s.on_welcome(&welcome(MirrorState::Consistent, VOL, 1, 50), SPAN, 9, None),
+            s.on_welcome(
+                &welcome(MirrorState::Consistent, VOL, 1, 50),
+                SPAN,
+                9,
+                None,
+                None
+            ),
             Ok(Start::Resync { .. })
         ));
         // Just held: 99 + 1 == first_held.
         assert_eq!(
-            s.on_welcome(&welcome(MirrorState::Consistent, VOL, 1, 99), SPAN, 9, None),
+            s.on_welcome(
+                &welcome(MirrorState::Consistent, VOL, 1, 99),
+                SPAN,
+                9,
+                None,
+                None
+            ),
             Ok(Start::Resume { from: 100 })
         );
         let e = s
@@ -772,6 +805,7 @@ mod tests {
                 &welcome(MirrorState::Consistent, [2; 16], 1, 150),
                 SPAN,
                 9,
+                None,
                 None,
             )
             .expect_err("other volume");
@@ -781,6 +815,7 @@ mod tests {
                 &welcome(MirrorState::Consistent, VOL, 2, 150),
                 SPAN,
                 9,
+                None,
                 None,
             )
             .expect_err("a promoted mirror is not an ancestor");
@@ -793,6 +828,7 @@ mod tests {
                 SPAN,
                 9,
                 None,
+                None,
             )
             .expect_err("ahead");
         assert_eq!((e.code, e.retry), (error_code::DIVERGED, false));
@@ -802,7 +838,13 @@ mod tests {
             e.message
         );
         assert!(matches!(
-            s.on_welcome(&welcome(MirrorState::Syncing, VOL, 1, 120), SPAN, 9, None),
+            s.on_welcome(
+                &welcome(MirrorState::Syncing, VOL, 1, 120),
+                SPAN,
+                9,
+                None,
+                None
+            ),
             Ok(Start::InitialSync { from: 200, .. })
         ));
         // The copy is still being streamed: a reconnect resumes it.
@@ -811,7 +853,8 @@ mod tests {
                 &welcome(MirrorState::Syncing, VOL, 1, 120),
                 SPAN,
                 9,
-                Some(0)
+                Some(0),
+                None
             ),
             Ok(Start::Resume { from: 121 })
         );
@@ -824,9 +867,94 @@ mod tests {
                 SPAN,
                 9,
                 None,
+                None,
             )
             .expect_err("error message");
         assert!(e.retry && e.message.contains("busy"));
+    }
+
+    /// Bug found from outside: the primary's own `NEEDS_RESYNC` marker turned a resume into a
+    /// resync in the shell, after the decision, while the journal still held the mirror's next
+    /// record; the sender kept the resume's send position and streamed from there (the mirror:
+    /// `sequence gap`; the primary: its acknowledgement "acknowledges records never sent"). The
+    /// marker is an input of the decision, and a resync streams from its own start.
+    #[test]
+    fn the_primarys_resync_marker_turns_a_resume_into_a_resync_streaming_from_its_start() {
+        let mut s = Sender::new(hist(VOL, 1), 1 << 20);
+        let w = welcome(MirrorState::Consistent, VOL, 1, 150);
+        let start = s
+            .on_welcome(&w, SPAN, 9, None, Some("asked"))
+            .expect("a resync");
+        assert_eq!(
+            start,
+            Start::Resync {
+                from: 200,
+                sync_id: 9,
+                reason: "asked".into()
+            }
+        );
+        assert_eq!(
+            s.next_send(),
+            200,
+            "the stream starts where the resync does"
+        );
+        assert_eq!(s.positions().durable, 199);
+        // The mirror restarts its journal at the resync's start and says so.
+        let mut r = Receiver::new(copy(MirrorState::Consistent, 150), b".mirrorfs", "m");
+        r.on_hello(&hello_h(&hist(VOL, 1), 200)).expect("welcome");
+        let msg = Sender::start_msg(&start).expect("start message");
+        assert!(matches!(
+            r.on_start(&msg),
+            Ok(Begin::Resync {
+                seq: 200,
+                sync_id: 9,
+                ..
+            })
+        ));
+        s.on_ack(&Msg::Ack {
+            received: 199,
+            durable: 199,
+            applied: 199,
+            checkpoint: 199,
+        })
+        .expect("the mirror's first acknowledgement is in range");
+        s.sent(201, 100);
+        r.on_records(&[rec(200, b"a"), rec(201, b"b")])
+            .expect("the first batch is where the mirror expects it");
+        // An interrupted copy this primary is still streaming is resynchronised too.
+        assert!(matches!(
+            s.on_welcome(
+                &welcome(MirrorState::Syncing, VOL, 1, 120),
+                SPAN,
+                9,
+                Some(0),
+                Some("asked")
+            ),
+            Ok(Start::Resync { from: 200, .. })
+        ));
+        assert_eq!(s.next_send(), 200);
+        // The marker changes nothing else: an empty mirror takes an initial copy, a mirror ahead
+        // of the journal is still refused.
+        assert!(matches!(
+            s.on_welcome(
+                &welcome(MirrorState::Empty, [0; 16], 0, 0),
+                SPAN,
+                9,
+                None,
+                Some("asked")
+            ),
+            Ok(Start::InitialSync { from: 200, .. })
+        ));
+        let e = s
+            .on_welcome(
+                &welcome(MirrorState::Consistent, VOL, 1, 250),
+                SPAN,
+                9,
+                None,
+                Some("asked"),
+            )
+            .expect_err("ahead");
+        assert_eq!(e.code, error_code::DIVERGED);
     }
 
     #[test]
@@ -837,6 +965,7 @@ mod tests {
             &welcome(MirrorState::Consistent, VOL, 1, 150),
             SPAN,
             9,
+            None,
             None,
         )
         .expect("resume");
@@ -1037,7 +1166,13 @@ mod tests {
             next_seq: 6,
         };
         let e = s
-            .on_welcome(&welcome_h(MirrorState::Consistent, &p, 10), span, 9, None)
+            .on_welcome(
+                &welcome_h(MirrorState::Consistent, &p, 10),
+                span,
+                9,
+                None,
+                None,
+            )
             .expect_err("the primary refuses too");
         assert_eq!(e.code, error_code::DIVERGED);
         // P stopped exactly at 5: it is an ancestor, caught up from 6, and adopts M's history.
@@ -1047,7 +1182,7 @@ mod tests {
             first_held: 6,
             next_seq: 8,
         };
-        let start = s.on_welcome(&w, span, 9, None).expect("resume");
+        let start = s.on_welcome(&w, span, 9, None, None).expect("resume");
         assert_eq!(start, Start::Resume { from: 6 });
         let msg = Sender::start_msg(&start).expect("start message");
         assert_eq!(
@@ -1063,6 +1198,7 @@ mod tests {
                 &welcome_h(MirrorState::Consistent, &hist([3; 16], 1), 5),
                 span,
                 9,
+                None,
                 None,
             )
             .expect_err("another volume");

@@ -348,3 +348,102 @@ fn a_resync_carries_every_piece_of_metadata_the_initial_copy_does() {
     );
     wait_equal(&backing, &remote, &Cmp::FULL, "after the resync");
 }
+
+/// Bug found from outside: the primary's own marker (`STATE/mirrors/ID/NEEDS_RESYNC`) turns a
+/// network mirror's resume into a resync while the journal still holds the mirror's next record.
+/// The link must then stream from where the resync starts; it streamed from the mirror's durable
+/// position instead, the daemon refused the batch (`sequence gap`) or the primary refused the
+/// daemon's acknowledgement, the link dropped, and the next connection took a full initial copy
+/// instead of the block-hash resync.
+#[test]
+fn the_primarys_resync_marker_makes_a_block_hash_resync_even_when_the_journal_holds_the_gap() {
+    let layout = Layout::new("resync-marker", 0);
+    let base = layout.base.clone();
+    let (pcfg, mcfg, remote) = trusted_pair(&base);
+    let b = layout.backing.clone();
+    fs::create_dir(b.join("d")).expect("mkdir d");
+    for i in 0..10 {
+        fs::write(b.join(format!("d/f{i}")), format!("file {i}\n")).expect("write");
+    }
+    fs::write(b.join("data"), vec![3u8; 1 << 20]).expect("write data");
+
+    let port = free_port();
+    let serve_log = base.join("serve.log");
+    let mut serve = Serve::start(&remote, port, &mcfg, serve_log.clone());
+    let url = format!("mirror://127.0.0.1:{port}");
+    let m = Mount::start(
+        layout,
+        &["--mirror", &url, "--config", &pcfg.display().to_string()],
+    );
+    let backing = m.backing().to_path_buf();
+    wait_equal(&backing, &remote, &Cmp::NO_TIMES, "initial copy");
+    assert!(
+        wait_until(Duration::from_secs(30), || mirror_state(&m) == "live"),
+        "mirror never became live: {:?}",
+        m.status()
+    );
+    // A few changes while live, so the mirror's durable position is well past the copy's start.
+    for i in 0..5 {
+        fs::write(m.p(format!("live{i}")), format!("live {i}\n")).expect("write live");
+    }
+    wait_equal(&backing, &remote, &Cmp::NO_TIMES, "live changes");
+    let meta = remote.join(".mirrorfs/volume.json");
+    assert!(
+        wait_until(Duration::from_secs(30), || fs::read_to_string(&meta)
+            .is_ok_and(|s| s.contains("\"consistent\""))),
+        "the daemon never recorded its copy as consistent: {:?}",
+        fs::read_to_string(&meta)
+    );
+
+    // Outage: the daemon stops; some changes (the journal keeps every one of them).
+    serve.kill9();
+    fs::write(m.p("d/f2"), b"changed during the outage\n").expect("overwrite");
+    fs::remove_file(m.p("d/f5")).expect("unlink");
+    fs::write(m.p("outage"), b"new during the outage\n").expect("create");
+    fs::create_dir(m.p("newdir")).expect("mkdir");
+    // The primary's own marker asks for a resync of this (its only) mirror.
+    let mirrors_state = backing.join(".mirrorfs/mirrors");
+    let dirs: Vec<PathBuf> = fs::read_dir(&mirrors_state)
+        .expect("the primary's mirror state")
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(dirs.len(), 1, "one mirror's state: {dirs:?}");
+    let marker = dirs[0].join("NEEDS_RESYNC");
+    fs::write(&marker, "the operator asked for a resync\n").expect("write the marker");
+
+    let mount_log_before = m.log().len();
+    let serve_log_before = fs::read_to_string(&serve_log).unwrap_or_default().len();
+    serve.spawn();
+    let resynced = wait_until(Duration::from_secs(60), || {
+        m.log()[mount_log_before..].contains("resync streamed")
+    });
+    wait_equal(&backing, &remote, &Cmp::NO_TIMES, "after the resync");
+    let live = wait_until(Duration::from_secs(30), || mirror_state(&m) == "live");
+    let mlog = m.log()[mount_log_before..].to_string();
+    let slog = fs::read_to_string(&serve_log).unwrap_or_default()[serve_log_before..].to_string();
+    // The same wrong send position shows as either end's refusal, whichever comes first: the
+    // daemon's of a batch from the old position, or the primary's of an acknowledgement of the
+    // resync's position (beyond what the sender thinks it sent).
+    assert!(
+        !slog.contains("sequence gap") && !mlog.contains("invalid acknowledgement"),
+        "the link streamed from the wrong record after deciding a resync; daemon log:\n{slog}\nmount log:\n{mlog}"
+    );
+    assert!(
+        resynced && mlog.contains("resynchronising by block hashes"),
+        "no block-hash resync after the restart; mount log:\n{mlog}"
+    );
+    assert!(
+        !mlog.contains("initial sync streamed") && !mlog.contains("namespace copied"),
+        "the restart took a full initial copy instead of a resync; mount log:\n{mlog}"
+    );
+    assert!(
+        live,
+        "mirror never became live after the resync: {:?}",
+        m.status()
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || !marker.exists()),
+        "the completed resync should clear the primary's marker"
+    );
+}

@@ -1352,7 +1352,7 @@ impl Sim {
         }
         let start = pl
             .sender
-            .on_welcome(msg, span, 1, None)
+            .on_welcome(msg, span, 1, None, None)
             .map_err(|e| Fault::Bug(format!("the primary refused the mirror's Welcome: {e}")))?;
         let Start::Resume { from } = start else {
             return Err(Fault::Bug(format!(

@@ -250,8 +250,9 @@ impl Session<'_> {
         self.run_streams(&d, dec, sender)
     }
 
-    /// Connects, says hello, and decides how to start from the mirror's welcome (a resume
-    /// becomes a resync when the mirror's state directory asks for one).
+    /// Connects, says hello, and has the sender decide how to start from the mirror's welcome and
+    /// this primary's own resync marker for the mirror (a resume becomes a resync, and the
+    /// sender streams from the resync's start).
     fn handshake(&self) -> Result<Handshake> {
         let (vol, m, cfg, slot) = (self.vol, self.m, self.cfg, self.slot);
         let addr = m.remote.clone().unwrap_or_default();
@@ -268,22 +269,20 @@ impl Session<'_> {
             .running
             .load(Ordering::Acquire)
             .then(|| slot.id.load(Ordering::Acquire));
+        let needs_resync = crate::site::state_dir::MirrorStateDir::at(&m.state_dir).needs_resync();
         // The decision and the start of an initial copy see the journal at the same instant.
         let start = sender
-            .on_welcome(&welcome, span(vol), new_id, resumable)
+            .on_welcome(
+                &welcome,
+                span(vol),
+                new_id,
+                resumable,
+                needs_resync.as_deref(),
+            )
             .map_err(|e| {
                 let _ = d.send(&e.to_msg());
                 link_err(e)
             })?;
-        let needs_resync = crate::site::state_dir::MirrorStateDir::at(&m.state_dir).needs_resync();
-        let start = match start {
-            Start::Resume { from } if needs_resync.is_some() => Start::Resync {
-                from: span(vol).next_seq.max(from),
-                sync_id: new_id,
-                reason: needs_resync.unwrap_or_default(),
-            },
-            s => s,
-        };
         Ok(Handshake {
             addr,
             d,
