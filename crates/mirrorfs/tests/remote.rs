@@ -1017,6 +1017,67 @@ fn initial_copy_of_a_populated_backing_to_remote_and_local_mirrors() {
 // ---------------------------------------------------------------------------------------------
 // 3. kill -9
 
+/// The link drops after the primary's copy thread has journaled the whole initial copy but before
+/// the mirror has received it: the journal still holds every record the mirror lacks, so the next
+/// connection resumes the copy instead of starting it again.
+#[test]
+fn a_link_cut_after_the_copy_was_journaled_resumes_instead_of_copying_again() {
+    let net = Net::new("copy-resume");
+    let srv = net.serve("m", &[]);
+    let proxy = Proxy::start(srv.port);
+    let layout = Layout::new("net-copy-resume", 0);
+    let b = layout.backing.clone();
+    for f in 0..64u64 {
+        fs::write(b.join(format!("file{f:02}")), pattern(f, 128 << 10)).expect("write");
+    }
+    // Past the handshake, a little of the copy gets through, then nothing.
+    proxy.stall_after(256 << 10);
+    let cfg = net.primary.dir.display().to_string();
+    let url = proxy.url();
+    let mut m = Mount::start(layout, &["--mirror", &url, "--config", &cfg]);
+    assert!(
+        wait_until(Duration::from_secs(30), || proxy.stalled()
+            && strip_ansi(&m.log()).contains("initial sync streamed")),
+        "the copy was never journaled, or the link never stalled:\n{}",
+        ctx(&m, &srv)
+    );
+    assert!(proxy.cut() >= 1, "no connection to cut:\n{}", ctx(&m, &srv));
+    let log = strip_ansi(&m.log());
+    let copy_end: u64 = log
+        .split("it is consistent once it applies record ")
+        .nth(1)
+        .and_then(|t| t.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .expect("the copy's last record in the log");
+    proxy.unstall();
+    // Until the mirror has applied the whole copy, it is not `live`.
+    let mut seen_live = false;
+    let done = wait_until(Duration::from_secs(60), || {
+        let Some(st) = m.status() else { return false };
+        let r = remote_of(&st);
+        if r["state"] == "live" {
+            assert!(
+                num(&r, "applied_seq") >= copy_end,
+                "live before the copy (through record {copy_end}) was applied: {r}"
+            );
+            seen_live = true;
+        }
+        seen_live
+    });
+    assert!(done, "never live after the cut:\n{}", ctx(&m, &srv));
+    converge(&m, &srv, "after the cut");
+    let copies = strip_ansi(&srv.log())
+        .matches("initial copy of volume")
+        .count();
+    assert_eq!(
+        copies,
+        1,
+        "the copy started again after the cut although the journal held it:\n{}",
+        ctx(&m, &srv)
+    );
+    m.unmount();
+    assert_trees_equal(m.backing(), &srv.dir);
+}
 #[test]
 fn kill9_of_the_daemon_and_of_the_primary_under_load() {
     let seed = seed("kill9_of_the_daemon_and_of_the_primary_under_load");
@@ -1166,6 +1227,9 @@ struct ProxyCtl {
     accepted: AtomicU64,
     refused: AtomicU64,
     to_mirror: AtomicU64,
+    /// When non-zero: once this many bytes went to the mirror, forwarding stalls until
+    /// `unstall` (then this goes back to zero).
+    stall_after: AtomicU64,
 }
 
 /// A TCP proxy between a primary and a daemon (threads; bytes forwarded both ways) that can cut
@@ -1247,6 +1311,21 @@ impl Proxy {
         *lk(&self.ctl.stall_until) = Some(Instant::now() + d);
     }
 
+    /// Stalls forwarding (both ways) once `bytes` more went to the mirror, until `unstall`.
+    fn stall_after(&self, bytes: u64) {
+        let at = self.to_mirror() + bytes;
+        self.ctl.stall_after.store(at.max(1), Ordering::SeqCst);
+    }
+
+    /// Forwarding is stalled now (by `stall` or `stall_after`).
+    fn stalled(&self) -> bool {
+        lk(&self.ctl.stall_until).is_some_and(|t| Instant::now() < t)
+    }
+
+    fn unstall(&self) {
+        *lk(&self.ctl.stall_until) = None;
+    }
+
     fn refuse(&self, d: Duration) {
         *lk(&self.ctl.refuse_until) = Some(Instant::now() + d);
     }
@@ -1295,7 +1374,11 @@ fn pump(c: &ProxyCtl, mut from: TcpStream, mut to: TcpStream, to_mirror: bool) {
             break;
         }
         if to_mirror {
-            c.to_mirror.fetch_add(n as u64, Ordering::Relaxed);
+            let sent = c.to_mirror.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
+            let at = c.stall_after.load(Ordering::SeqCst);
+            if at != 0 && sent >= at && c.stall_after.swap(0, Ordering::SeqCst) != 0 {
+                *lk(&c.stall_until) = Some(Instant::now() + Duration::from_secs(3600));
+            }
         }
     }
     let _ = from.shutdown(Shutdown::Both);
