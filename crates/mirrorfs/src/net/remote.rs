@@ -18,7 +18,7 @@ use mirrorfs_core::journal::Reader;
 use mirrorfs_core::link::{JournalSpan, LinkError, Sender, Start};
 use mirrorfs_core::op::Record;
 use mirrorfs_core::stream::{take_batch, Backoff};
-use mirrorfs_core::wire::{Decoder, Msg, BATCH_BYTES};
+use mirrorfs_core::wire::{Decoder, MirrorState, Msg, BATCH_BYTES};
 
 use crate::mirror::resync::Manifest;
 use crate::net::conn::Duplex;
@@ -125,7 +125,20 @@ pub fn run_link(vol: Arc<Volume>, m: Arc<MirrorShared>, cfg: Arc<LinkConfig>) {
 #[derive(Default)]
 struct SyncSlot {
     running: AtomicBool,
+    /// Copy `id` ended well: every one of its records, `SyncDone` included, is in the journal,
+    /// so a mirror that lost the link before receiving them resumes from its durable position
+    /// (while the journal still holds it) instead of being copied again.
+    journaled: AtomicBool,
     id: std::sync::atomic::AtomicU32,
+}
+
+impl SyncSlot {
+    /// The copy a mirror in the middle of copy `id` may resume: one still running, or one whose
+    /// records are all journaled.
+    fn resumable(&self) -> Option<u32> {
+        (self.running.load(Ordering::Acquire) || self.journaled.load(Ordering::Acquire))
+            .then(|| self.id.load(Ordering::Acquire))
+    }
 }
 
 /// Clears the slot's `running` when a copy's thread ends, however it ends.
@@ -199,6 +212,8 @@ struct Handshake {
     dec: Decoder,
     sender: Sender,
     start: Start,
+    /// The mirror said it is in the middle of a copy (a resume then continues that copy).
+    mirror_copying: bool,
 }
 
 /// The first record the mirror is sent.
@@ -230,6 +245,7 @@ impl Session<'_> {
             mut dec,
             sender,
             start,
+            mirror_copying,
         } = self.handshake()?;
         let from = start_from(&start);
         self.announce(&d, &sender, &start, from)?;
@@ -239,7 +255,7 @@ impl Session<'_> {
         } else {
             None
         };
-        self.start_copy(start, manifest)?;
+        self.start_copy(start, manifest, mirror_copying)?;
         self.vol.changed.notify_all();
         tracing::info!(
             "mirror {}: connected to {} ({}), streaming from record {from}",
@@ -264,11 +280,15 @@ impl Session<'_> {
         if let Msg::Welcome { compress, .. } = &welcome {
             d.set_compress(*compress && cfg.compress);
         }
+        let mirror_copying = matches!(
+            welcome,
+            Msg::Welcome {
+                state: MirrorState::Syncing,
+                ..
+            }
+        );
         let new_id = crate::mirror::sync_id(m);
-        let resumable = slot
-            .running
-            .load(Ordering::Acquire)
-            .then(|| slot.id.load(Ordering::Acquire));
+        let resumable = slot.resumable();
         let needs_resync = crate::site::state_dir::MirrorStateDir::at(&m.state_dir).needs_resync();
         // The decision and the start of an initial copy see the journal at the same instant.
         let start = sender
@@ -289,6 +309,7 @@ impl Session<'_> {
             dec,
             sender,
             start,
+            mirror_copying,
         })
     }
 
@@ -330,8 +351,9 @@ impl Session<'_> {
     }
 
     /// Starts the copy the start decision asks for (a resync from `manifest`, or an initial
-    /// copy); on a plain resume the mirror is `live` unless a copy is still running.
-    fn start_copy(&self, start: Start, manifest: Option<Manifest>) -> Result<()> {
+    /// copy); on a plain resume the mirror is `live` unless a copy is still running, or the
+    /// mirror said it is still `copying` one.
+    fn start_copy(&self, start: Start, manifest: Option<Manifest>, copying: bool) -> Result<()> {
         let m = self.m;
         match start {
             Start::Resync { sync_id, .. } => {
@@ -346,6 +368,9 @@ impl Session<'_> {
                     crate::mirror::live_sync(v, &c.backing, mm, c.hidden.clone())
                 })?;
             }
+            // A resume in the middle of a copy stays `syncing` until the mirror has applied
+            // the whole copy (the stream loop then says `live`).
+            _ if copying => set_syncing(m),
             _ => {
                 if !self.slot.running.load(Ordering::Acquire) {
                     set_phase(m, MirrorPhase::Live);
@@ -368,6 +393,7 @@ impl Session<'_> {
     ) -> Result<()> {
         let (m, slot) = (self.m, self.slot);
         stop_copy(m, slot);
+        slot.journaled.store(false, Ordering::Release);
         slot.id.store(sync_id, Ordering::Release);
         slot.running.store(true, Ordering::Release);
         let (v, mm, c, sl) = (self.vol.clone(), m.clone(), self.cfg.clone(), slot.clone());
@@ -376,10 +402,10 @@ impl Session<'_> {
             .spawn(move || {
                 // `running` goes back to false however the copy ends (a panic too): the next
                 // `stop_copy` waits for it.
-                let _done = CopyEnded(sl, v.clone());
-                let r = copy(v, &c, mm.clone());
-                if let Err(e) = r {
-                    tracing::error!("mirror {}: {what} failed: {e}", mm.name);
+                let _done = CopyEnded(sl.clone(), v.clone());
+                match copy(v, &c, mm.clone()) {
+                    Ok(_) => sl.journaled.store(true, Ordering::Release),
+                    Err(e) => tracing::error!("mirror {}: {what} failed: {e}", mm.name),
                 }
             });
         if let Err(e) = started {
