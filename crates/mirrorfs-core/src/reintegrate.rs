@@ -1,0 +1,846 @@
+//! Reintegration planner: what our site does to take in the changes another site made after the
+//! common point of their generation histories (see `history::compare`), without losing any of
+//! them. Sans-IO: it reads records and answers with a [`Plan`]; a shell carries the plan out.
+//!
+//! **Driven by:** nothing yet; the handshake's diverged case will drive it.
+//!
+//! # Input
+//!
+//! `ours` are the records our site (the one that stays writable) holds after the common point,
+//! `theirs` the records of the site being reintegrated, each in seq order. An aborted record and
+//! its `Abort` are ignored. `Sync`/`SyncDone` records are ignored: a `Sync` carries part of an
+//! initial copy of one mirror, state the site whose journal holds it already had, so it changes
+//! nothing on that site (treating it as content would mark every file of a resync as changed and
+//! raise false conflicts). `SetTimes` alone does not make an object changed: every namespace change
+//! is followed by a `SetTimes` of the entry and of its parent directory, so counting them would
+//! make every directory both sides created a file in a conflict; times travel with the content
+//! when an object is copied.
+//!
+//! # Objects
+//!
+//! Each side's records are folded into objects (`Side`): an object is either a **base object**,
+//! named by the path it had at the common point, or a **new object** that side created. A path an
+//! op names is resolved through that side's earlier renames with a path-rename map (the current
+//! name of every object the side touched, rebased when a directory above it moves, as
+//! `track::NameTracker` does for inodes): the nearest ancestor that has a current name gives the
+//! base path by rebasing, so a file written under a renamed directory is the same object as the
+//! one the other side modified at its old name. A map is enough, no inode numbers are needed,
+//! because every record took effect on its site: an op can only name what existed then.
+//!
+//! Net effect per object and side: unchanged, modified (data or attributes: `Write`, `Truncate`,
+//! `Fallocate`, `SetMode`, `SetOwner`, `SetXattr`, `RemoveXattr`), created, deleted (`Unlink`,
+//! `Rmdir`, or replaced by a rename), renamed (its own rename, `from → to`; also the target of a
+//! `RENAME_EXCHANGE`), directory removed. `RENAME_WHITEOUT` is a rename plus a new special file
+//! (the whiteout) at the source. A hard link's new name (`Link`) is a new object whose content is
+//! copied: link identity is not reintegrated, and a write through one name marks only that name.
+//!
+//! # Rules
+//!
+//! Changes to different objects merge. The same object changed on both sides is a conflict with
+//! both versions kept: ours at its path, theirs copied next to it as
+//! `NAME.conflict-SITE-YYYYMMDD-HHMMSS` (a counter `-N` is added while the name is taken in either
+//! side's view: any name either side's records mention, any name the plan places, or any name the
+//! caller's `is_taken` reports). Nothing the other side changed is ever deleted: delete against
+//! modify keeps (or restores) the modified version and records a conflict.
+//!
+//! | ours \ theirs (name `X`) | unchanged | modified | deleted | renamed `X→Y` |
+//! |---|---|---|---|---|
+//! | **unchanged** | nothing | copy theirs to `X` | remove `X` | rename `X→Y` |
+//! | **modified** | nothing | conflict copy of theirs | keep ours; conflict (modify/delete) | rename `X→Y`, our content |
+//! | **deleted** | nothing | restore theirs at `X`; conflict (delete/modify) | nothing | restore theirs at `Y`; conflict (delete/rename) |
+//! | **renamed `X→Z`** | nothing | copy theirs to `Z` | keep `Z`; conflict (rename/delete) | keep `Z`; conflict (rename/rename), unless `Y = Z` |
+//!
+//! | name `X` absent at the common point | theirs unchanged | theirs created `X` |
+//! |---|---|---|
+//! | **ours unchanged** | nothing | copy theirs to `X` (a directory: mkdir) |
+//! | **ours created `X`** | nothing | conflict copy of theirs (both directories: merged, no conflict) |
+//!
+//! | directory `D` (holding `D/e` at the common point) | theirs unchanged | theirs filled `D` (created `D/n`) | theirs removed `D` (and `D/e`) | theirs renamed `D→E` |
+//! |---|---|---|---|---|
+//! | **ours unchanged** | nothing | copy `D/n` | remove `D/e`, `D` | rename `D→E` |
+//! | **ours filled `D`** (created `D/m`) | nothing | both kept | remove `D/e`; `D` kept; conflict (removed/filled) | rename `D→E` (holds `D/m`) |
+//! | **ours removed `D`** | nothing | mkdir `D`, copy `D/n`; conflict (removed/filled) | nothing | mkdir `E`; conflict (delete/rename) |
+//! | **ours renamed `D→F`** | nothing | copy `D/n` to `F/n` | remove `F/e`; keep `F`; conflict (rename/delete) | keep `F`; conflict (rename/rename) |
+//!
+//! Attribute changes to one directory on both sides are listed (reason `DirAttributes`) and ours
+//! are kept; a directory is never copied as a conflict copy.
+//!
+//! # Output
+//!
+//! A [`Plan`]: [`Step`]s for our site, in order, and the [`Conflict`]s to list in
+//! `mirrorfs conflicts`. The plan is state-based where data is needed: a `CopyFromTheirs` step
+//! names their path, and the shell reads their *current* version from their tree, which does
+//! not change while the plan runs. Renames of objects their side moved go through a temporary
+//! name at the root (`.mirrorfs-reint-N`) so that cycles (`a→t, b→a, t→b`) never replace one
+//! of their own sources. Steps come in three phases: moves to temporary names, removals (deepest
+//! first), then placements in the order of their final paths (parents before children).
+//!
+//! Every step is idempotent against its own effect (a rename whose source is gone, a removal of
+//! something absent, a copy or mkdir done again): a shell that records the index of the last
+//! completed step durably and, after a crash, re-runs from the step in doubt reaches the same
+//! tree. Running a whole plan a second time is not idempotent (a temporary rename would take
+//! the object the plan placed at a vacated name) and is not needed with that cursor.
+//!
+//! # Bounds
+//!
+//! Memory is linear in the records given: each record adds at most two objects (a rename that
+//! replaces its target and leaves a whiteout) and at most as many names; the plan has at most a
+//! few steps per object. Paths the planner emits are [`RelPath`]s built by `join`/`rebase` of
+//! validated paths; a conflict or temporary name that would not be a valid path is shortened.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+use crate::op::{rename_flags, Op, Record};
+use crate::path::{RelPath, NAME_BYTES_MAX};
+
+/// `RENAME_WHITEOUT` of renameat2(2).
+const RENAME_WHITEOUT: u32 = 4;
+/// How many counters a conflict or temporary name tries before the planner gives up.
+const NAME_TRIES: u32 = 10_000;
+
+/// One step for our site.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Move the entry at `from` (with everything below it) to `to`, replacing a file there;
+    /// nothing to do when `from` is absent (done before a crash).
+    Rename { from: RelPath, to: RelPath },
+    /// Remove the entry at `our_path` (a directory only if it is empty); nothing to do if absent.
+    Remove { our_path: RelPath },
+    /// Make `our_path` a directory with the attributes of their directory `their_path` (not its
+    /// entries); an existing directory only gets the attributes.
+    Mkdir {
+        their_path: RelPath,
+        our_path: RelPath,
+    },
+    /// Replace what is at `our_path` by a copy of their current entry at `their_path`: data (or
+    /// symlink target, device), mode, owner, times, xattrs. For a directory: attributes only.
+    CopyFromTheirs {
+        their_path: RelPath,
+        our_path: RelPath,
+    },
+    /// Keep their version of `path` as the new name `copy` (a copy of their entry at
+    /// `their_path`), beside our version at `path`.
+    ConflictCopy {
+        their_path: RelPath,
+        path: RelPath,
+        copy: RelPath,
+        reason: Reason,
+    },
+}
+
+/// Why both versions of something were kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// Both sides changed the object.
+    BothModified,
+    /// Both sides created the name (not both directories).
+    BothCreated,
+    /// We changed (or renamed) it, they deleted it: ours kept.
+    TheyDeleted,
+    /// We deleted it, they changed (or renamed) it: theirs restored.
+    WeDeleted,
+    /// Both renamed it to different names: ours kept, their name not applied.
+    BothRenamed,
+    /// A directory one side removed was filled on the other: it is kept with the new entries.
+    DirRemovedFilled,
+    /// Both changed a directory's attributes: ours kept.
+    DirAttributes,
+    /// Their object's target name was taken on our side by something else.
+    NameTaken,
+}
+
+/// A conflict for `mirrorfs conflicts`: our version at `path`; theirs at `copy` if it was copied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Conflict {
+    pub path: RelPath,
+    pub copy: Option<RelPath>,
+    pub reason: Reason,
+}
+
+/// What reintegration does on our site.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub steps: Vec<Step>,
+    pub conflicts: Vec<Conflict>,
+}
+
+/// The planner could not finish.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PlanError {
+    #[error("{0}: no free name for a conflict copy or a temporary name")]
+    NoFreeName(String),
+}
+
+/// What the planner is given.
+#[derive(Debug, Clone, Copy)]
+pub struct Input<'a> {
+    /// Our records after the common point (we stay writable).
+    pub ours: &'a [Record],
+    /// Their records after the common point (they are reintegrated into us).
+    pub theirs: &'a [Record],
+    /// Their site's name, for conflict names (bytes other than `[A-Za-z0-9._-]` become `_`).
+    pub their_site: &'a str,
+    /// Seconds since the Unix epoch, for conflict names.
+    pub time: i64,
+}
+
+/// The net effect of one side on one object since the common point.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetChange {
+    Modified {
+        path: RelPath,
+    },
+    Created {
+        path: RelPath,
+    },
+    Deleted {
+        path: RelPath,
+    },
+    DirRemoved {
+        path: RelPath,
+    },
+    Renamed {
+        from: RelPath,
+        to: RelPath,
+        modified: bool,
+    },
+}
+
+/// One object as one side left it.
+#[derive(Debug, Clone, Default)]
+struct Obj {
+    /// The path at the common point; `None` for an object this side created.
+    base: Option<RelPath>,
+    /// The current path; `None` once deleted.
+    now: Option<RelPath>,
+    /// Data or attributes changed.
+    changed: bool,
+    /// Renamed by its own rename (not only by a directory above it).
+    moved: bool,
+    dir: bool,
+    removed_dir: bool,
+}
+
+/// One side's records folded into objects.
+#[derive(Debug, Default)]
+struct Side {
+    objs: Vec<Obj>,
+    by_base: HashMap<RelPath, usize>,
+    /// Current name → object, for every object touched that still exists.
+    names: BTreeMap<RelPath, usize>,
+}
+
+impl Side {
+    fn fold(records: &[Record]) -> Side {
+        let aborted: HashSet<u64> = records
+            .iter()
+            .filter_map(|r| match r.op {
+                Op::Abort { seq } => Some(seq),
+                _ => None,
+            })
+            .collect();
+        let mut side = Side::default();
+        for r in records.iter().filter(|r| !aborted.contains(&r.seq)) {
+            side.observe(&r.op);
+        }
+        side
+    }
+
+    fn observe(&mut self, op: &Op) {
+        match op {
+            Op::Create { path, .. } | Op::Mknod { path, .. } | Op::Symlink { path, .. } => {
+                self.create(path, false);
+            }
+            Op::Mkdir { path, .. } => self.create(path, true),
+            Op::Link { from, to } => {
+                self.resolve(from);
+                self.create(to, false);
+            }
+            Op::Unlink { path, .. } => self.delete(path, false),
+            Op::Rmdir { path } => self.delete(path, true),
+            Op::Rename {
+                from, to, flags, ..
+            } => self.rename(from, to, *flags),
+            Op::Write { path, .. }
+            | Op::Truncate { path, .. }
+            | Op::Fallocate { path, .. }
+            | Op::SetMode { path, .. }
+            | Op::SetOwner { path, .. }
+            | Op::SetXattr { path, .. }
+            | Op::RemoveXattr { path, .. } => {
+                let i = self.resolve(path);
+                self.objs[i].changed = true;
+            }
+            Op::SetTimes { .. } | Op::Abort { .. } | Op::Sync { .. } | Op::SyncDone { .. } => {}
+        }
+    }
+
+    fn push(&mut self, obj: Obj) -> usize {
+        self.objs.push(obj);
+        self.objs.len() - 1
+    }
+
+    /// The object `p` names now, made explicit (given a current name) if it was not.
+    fn resolve(&mut self, p: &RelPath) -> usize {
+        if let Some(&i) = self.names.get(p) {
+            return i;
+        }
+        let i = match self.base_of(p) {
+            Some(b) => match self.by_base.get(&b) {
+                Some(&i) => i,
+                None => {
+                    let i = self.push(Obj {
+                        base: Some(b.clone()),
+                        dir: b.is_root(),
+                        ..Obj::default()
+                    });
+                    self.by_base.insert(b, i);
+                    i
+                }
+            },
+            // Below a directory this side created: only an op it did not journal could name it.
+            None => self.push(Obj::default()),
+        };
+        self.objs[i].now = Some(p.clone());
+        self.names.insert(p.clone(), i);
+        i
+    }
+
+    /// The common-point path of what `p` names now, through the nearest named ancestor.
+    fn base_of(&mut self, p: &RelPath) -> Option<RelPath> {
+        let mut up = p.parent();
+        while let Some(a) = up {
+            if let Some(&i) = self.names.get(&a) {
+                self.objs[i].dir = true;
+                let b = self.objs[i].base.clone()?;
+                return p.rebase(&a, &b);
+            }
+            up = a.parent();
+        }
+        Some(p.clone())
+    }
+
+    fn create(&mut self, p: &RelPath, dir: bool) {
+        for (_, i) in self.take_tree(p) {
+            self.objs[i].now = None;
+        }
+        let i = self.push(Obj {
+            now: Some(p.clone()),
+            changed: true,
+            dir,
+            ..Obj::default()
+        });
+        self.names.insert(p.clone(), i);
+    }
+
+    fn delete(&mut self, p: &RelPath, dir: bool) {
+        let i = self.resolve(p);
+        for (_, j) in self.take_tree(p) {
+            self.objs[j].now = None;
+        }
+        let o = &mut self.objs[i];
+        o.dir |= dir;
+        o.removed_dir = dir;
+    }
+
+    fn rename(&mut self, from: &RelPath, to: &RelPath, flags: u32) {
+        if from == to || to.starts_with(from) || from.is_root() || to.is_root() {
+            return;
+        }
+        let a = self.resolve(from);
+        if flags & rename_flags::EXCHANGE != 0 {
+            let b = self.resolve(to);
+            let ta = self.take_tree(from);
+            let tb = self.take_tree(to);
+            self.put_rebased(ta, from, to);
+            self.put_rebased(tb, to, from);
+            self.objs[b].moved = true;
+        } else {
+            if self.names.get(to) == Some(&a) {
+                return; // two names of one file (a hard link): rename(2) does nothing
+            }
+            // Whatever `to` named is replaced (it did not exist if the base object is made up).
+            self.resolve(to);
+            for (_, j) in self.take_tree(to) {
+                self.objs[j].now = None;
+            }
+            let moved = self.take_tree(from);
+            self.put_rebased(moved, from, to);
+        }
+        self.objs[a].moved = true;
+        if flags & RENAME_WHITEOUT != 0 {
+            self.create(from, false);
+        }
+    }
+
+    /// Takes `p` and every name below it out of `names`.
+    fn take_tree(&mut self, p: &RelPath) -> Vec<(RelPath, usize)> {
+        let below: Vec<RelPath> = self
+            .names
+            .range(p.clone()..)
+            .take_while(|(k, _)| k.as_bytes().starts_with(p.as_bytes()))
+            .filter(|(k, _)| k.starts_with(p))
+            .map(|(k, _)| k.clone())
+            .collect();
+        below
+            .into_iter()
+            .filter_map(|k| self.names.remove(&k).map(|i| (k, i)))
+            .collect()
+    }
+
+    fn put_rebased(&mut self, taken: Vec<(RelPath, usize)>, from: &RelPath, to: &RelPath) {
+        for (old, i) in taken {
+            let new = old.rebase(from, to);
+            if let Some(n) = &new {
+                if let Some(j) = self.names.insert(n.clone(), i) {
+                    self.objs[j].now = None;
+                }
+            }
+            self.objs[i].now = new;
+        }
+    }
+
+    fn base_obj(&self, b: &RelPath) -> Option<&Obj> {
+        self.by_base.get(b).map(|&i| &self.objs[i])
+    }
+
+    /// True when some object this side touched is at a name strictly below `p`.
+    fn has_below(&self, p: &RelPath) -> bool {
+        self.names
+            .range(p.clone()..)
+            .take_while(|(k, _)| k.as_bytes().starts_with(p.as_bytes()))
+            .any(|(k, _)| k != p && k.starts_with(p))
+    }
+}
+
+/// The net effect of `records` per object (what `mirrorfs conflicts` and logs can show).
+pub fn net_changes(records: &[Record]) -> Vec<NetChange> {
+    let side = Side::fold(records);
+    let mut out: Vec<NetChange> = side.objs.iter().filter_map(net_change).collect();
+    out.sort_by(|a, b| format!("{a:?}").cmp(&format!("{b:?}")));
+    out
+}
+
+fn net_change(o: &Obj) -> Option<NetChange> {
+    match (&o.base, &o.now) {
+        (None, Some(p)) => Some(NetChange::Created { path: p.clone() }),
+        (None, None) => None,
+        (Some(b), None) if o.removed_dir => Some(NetChange::DirRemoved { path: b.clone() }),
+        (Some(b), None) => Some(NetChange::Deleted { path: b.clone() }),
+        (Some(b), Some(p)) if b != p => Some(NetChange::Renamed {
+            from: b.clone(),
+            to: p.clone(),
+            modified: o.changed,
+        }),
+        (Some(b), Some(_)) if o.changed => Some(NetChange::Modified { path: b.clone() }),
+        (Some(_), Some(_)) => None,
+    }
+}
+
+/// Plans the reintegration of their changes into our site. `is_taken` answers whether a name
+/// exists in either site's tree (the shell looks; the planner also knows every name the records
+/// mention); it is asked only for candidate conflict and temporary names.
+pub fn plan(
+    input: &Input<'_>,
+    is_taken: &mut dyn FnMut(&RelPath) -> bool,
+) -> Result<Plan, PlanError> {
+    let mut m = Merge {
+        ours: Side::fold(input.ours),
+        theirs: Side::fold(input.theirs),
+        planned: BTreeMap::new(),
+        new_at: HashMap::new(),
+        placed: BTreeSet::new(),
+        label: conflict_label(input.their_site, input.time),
+        is_taken,
+        plan: Plan::default(),
+    };
+    m.stash_phase()?;
+    m.remove_phase();
+    m.place_phase()?;
+    Ok(m.plan)
+}
+
+/// `conflict-SITE-YYYYMMDD-HHMMSS`.
+fn conflict_label(site: &str, time: i64) -> String {
+    let site: String = site
+        .bytes()
+        .take(64)
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'-' => b as char,
+            _ => '_',
+        })
+        .collect();
+    let site = if site.is_empty() {
+        "remote".to_string()
+    } else {
+        site
+    };
+    let (days, secs) = (time.div_euclid(86_400), time.rem_euclid(86_400));
+    let (y, mo, d) = civil_from_days(days);
+    let (h, mi, s) = (secs / 3600, secs / 60 % 60, secs % 60);
+    format!("conflict-{site}-{y:04}{mo:02}{d:02}-{h:02}{mi:02}{s:02}")
+}
+
+/// Proleptic Gregorian date of a day count since 1970-01-01 (H. Hinnant's algorithm).
+fn civil_from_days(days: i64) -> (i64, i64, i64) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+/// The merge of both sides into a plan for ours.
+struct Merge<'a> {
+    ours: Side,
+    theirs: Side,
+    /// Base path → where the plan has put that object on our side so far.
+    planned: BTreeMap<RelPath, RelPath>,
+    /// Their new object → where the plan put it on our side.
+    new_at: HashMap<usize, RelPath>,
+    /// Names the plan has given something.
+    placed: BTreeSet<RelPath>,
+    label: String,
+    is_taken: &'a mut dyn FnMut(&RelPath) -> bool,
+    plan: Plan,
+}
+
+impl Merge<'_> {
+    /// Their objects in the order of `key`, filtered.
+    fn their_objs(&self, key: impl Fn(&Obj) -> Option<RelPath>) -> Vec<(RelPath, usize)> {
+        let mut v: Vec<(RelPath, usize)> = (0..self.theirs.objs.len())
+            .filter_map(|i| key(&self.theirs.objs[i]).map(|k| (k, i)))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Phase 1: objects their side renamed (and we did not) move to temporary names.
+    fn stash_phase(&mut self) -> Result<(), PlanError> {
+        let moved = self.their_objs(|o| o.now.as_ref().and(o.base.clone()).filter(|_| o.moved));
+        for (b, i) in moved {
+            let t = &self.theirs.objs[i];
+            let o = self.ours.base_obj(&b);
+            let ours_keeps =
+                o.is_some_and(|o| o.now.is_none() || o.moved || (o.changed && t.changed));
+            if ours_keeps {
+                continue;
+            }
+            let Some(from) = self.locate(&b) else {
+                continue;
+            };
+            let tmp = self.free_name(&RelPath::root(), b".mirrorfs-reint")?;
+            self.plan.steps.push(Step::Rename {
+                from,
+                to: tmp.clone(),
+            });
+            self.placed.insert(tmp.clone());
+            self.planned.insert(b, tmp);
+        }
+        Ok(())
+    }
+
+    /// Phase 2: what their side deleted and ours did not change is removed, deepest first.
+    fn remove_phase(&mut self) {
+        let gone = self.their_objs(|o| o.base.clone().filter(|_| o.now.is_none()));
+        for (b, _) in gone.into_iter().rev() {
+            let own = self.ours.by_base.get(&b).copied();
+            if let Some(o) = own.map(|j| &self.ours.objs[j]) {
+                match &o.now {
+                    None => continue,
+                    Some(here) if o.changed || o.moved => {
+                        let here = here.clone();
+                        self.conflict(here, None, Reason::TheyDeleted);
+                        continue;
+                    }
+                    Some(_) => {}
+                }
+            }
+            // Where it is by our records alone (the stash phase may have moved a parent).
+            let (Some(here), Some(loc)) = (self.locate_in(&b, false), self.locate(&b)) else {
+                continue;
+            };
+            if self.ours.names.get(&here).is_some_and(|&j| Some(j) != own) {
+                continue; // not the base object: it did not exist at the common point
+            }
+            if self.ours.has_below(&here) {
+                self.conflict(here, None, Reason::DirRemovedFilled);
+                continue;
+            }
+            self.plan.steps.push(Step::Remove { our_path: loc });
+        }
+    }
+
+    /// Phase 3: their changed, created and renamed objects, parents first.
+    fn place_phase(&mut self) -> Result<(), PlanError> {
+        let live = self.their_objs(|o| o.now.clone().filter(|_| o.changed || o.moved));
+        for (q, i) in live {
+            match self.theirs.objs[i].base.clone() {
+                None => self.place_new(&q, i)?,
+                Some(b) => self.place_base(&q, &b, i)?,
+            }
+        }
+        Ok(())
+    }
+
+    fn place_new(&mut self, q: &RelPath, i: usize) -> Result<(), PlanError> {
+        let dir = self.theirs.objs[i].dir;
+        let Some(target) = self.translate(q)? else {
+            return Ok(());
+        };
+        let at = match self.occupant(&target, None) {
+            Some(j) if dir && self.ours.objs.get(j).is_some_and(|o| o.dir) => target, // both made this directory
+            Some(_) => {
+                let copy = self.conflict_copy(q, &target, Reason::BothCreated)?;
+                self.new_at.insert(i, copy);
+                return Ok(());
+            }
+            None if dir => self.mkdir(q, target),
+            None => self.copy(q, target),
+        };
+        self.new_at.insert(i, at);
+        Ok(())
+    }
+
+    fn place_base(&mut self, q: &RelPath, b: &RelPath, i: usize) -> Result<(), PlanError> {
+        let t = self.theirs.objs[i].clone();
+        let o = self.ours.base_obj(b).cloned().unwrap_or_default();
+        let ours_touched = self.ours.by_base.contains_key(b);
+        if ours_touched && o.now.is_none() {
+            return self.restore(q, b, t.dir);
+        }
+        if let Some(tmp) = self.planned.get(b).cloned().filter(|_| t.moved) {
+            return self.unstash(q, b, tmp, &t);
+        }
+        let Some(loc) = self.locate(b) else {
+            return Ok(());
+        };
+        if t.moved && o.moved && q != &loc {
+            self.conflict(loc.clone(), None, Reason::BothRenamed);
+        }
+        match (t.changed, o.changed, t.dir || o.dir) {
+            (false, _, _) => {}
+            (true, false, _) => {
+                self.copy(q, loc);
+            }
+            (true, true, true) => self.conflict(loc, None, Reason::DirAttributes),
+            (true, true, false) => {
+                self.conflict_copy(q, &loc, Reason::BothModified)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Their object that we deleted comes back at its name (translated), a conflict.
+    fn restore(&mut self, q: &RelPath, b: &RelPath, dir: bool) -> Result<(), PlanError> {
+        let Some(target) = self.translate(q)? else {
+            return Ok(());
+        };
+        if self.occupant(&target, None).is_some() {
+            self.conflict_copy(q, &target, Reason::NameTaken)?;
+            return Ok(());
+        }
+        let at = if dir {
+            self.mkdir(q, target)
+        } else {
+            self.copy(q, target)
+        };
+        self.planned.insert(b.clone(), at.clone());
+        self.conflict(at, None, Reason::WeDeleted);
+        Ok(())
+    }
+
+    /// A stashed object goes to its new name (or a conflict name), with their data if changed.
+    fn unstash(
+        &mut self,
+        q: &RelPath,
+        b: &RelPath,
+        tmp: RelPath,
+        t: &Obj,
+    ) -> Result<(), PlanError> {
+        let Some(mut target) = self.translate(q)? else {
+            return Ok(());
+        };
+        let own = self.ours.by_base.get(b).copied();
+        if self.occupant(&target, own).is_some() || self.placed.contains(&target) {
+            let copy = self.conflict_name(&target)?;
+            self.conflict(target, Some(copy.clone()), Reason::NameTaken);
+            target = copy;
+        }
+        self.plan.steps.push(Step::Rename {
+            from: tmp,
+            to: target.clone(),
+        });
+        self.placed.insert(target.clone());
+        self.planned.insert(b.clone(), target.clone());
+        if t.changed && !self.ours.base_obj(b).is_some_and(|o| o.changed) {
+            self.copy(q, target);
+        }
+        Ok(())
+    }
+
+    fn mkdir(&mut self, q: &RelPath, at: RelPath) -> RelPath {
+        self.placed.insert(at.clone());
+        self.plan.steps.push(Step::Mkdir {
+            their_path: q.clone(),
+            our_path: at.clone(),
+        });
+        at
+    }
+
+    fn copy(&mut self, q: &RelPath, at: RelPath) -> RelPath {
+        self.placed.insert(at.clone());
+        self.plan.steps.push(Step::CopyFromTheirs {
+            their_path: q.clone(),
+            our_path: at.clone(),
+        });
+        at
+    }
+
+    fn conflict(&mut self, path: RelPath, copy: Option<RelPath>, reason: Reason) {
+        self.plan.conflicts.push(Conflict { path, copy, reason });
+    }
+
+    /// Their `q` kept beside our `path` under a fresh conflict name.
+    fn conflict_copy(
+        &mut self,
+        q: &RelPath,
+        path: &RelPath,
+        reason: Reason,
+    ) -> Result<RelPath, PlanError> {
+        let copy = self.conflict_name(path)?;
+        self.placed.insert(copy.clone());
+        self.plan.steps.push(Step::ConflictCopy {
+            their_path: q.clone(),
+            path: path.clone(),
+            copy: copy.clone(),
+            reason,
+        });
+        self.conflict(path.clone(), Some(copy.clone()), reason);
+        Ok(copy)
+    }
+
+    fn conflict_name(&mut self, path: &RelPath) -> Result<RelPath, PlanError> {
+        let parent = path.parent().unwrap_or_default();
+        let mut name = path.file_name().unwrap_or(b"root").to_vec();
+        name.push(b'.');
+        name.extend_from_slice(self.label.as_bytes());
+        self.free_name(&parent, &name)
+    }
+
+    /// `dir/stem`, or `dir/stem-N`, not taken in either view nor by the plan.
+    fn free_name(&mut self, dir: &RelPath, stem: &[u8]) -> Result<RelPath, PlanError> {
+        for n in 0..NAME_TRIES {
+            let suffix = if n == 0 {
+                String::new()
+            } else {
+                format!("-{n}")
+            };
+            let keep = NAME_BYTES_MAX.saturating_sub(suffix.len()).min(stem.len());
+            let mut name = stem[..keep].to_vec();
+            name.extend_from_slice(suffix.as_bytes());
+            let Ok(p) = dir.join(&name) else { continue };
+            if !self.known(&p) && !(self.is_taken)(&p) {
+                return Ok(p);
+            }
+        }
+        Err(PlanError::NoFreeName(dir.to_string()))
+    }
+
+    fn known(&self, p: &RelPath) -> bool {
+        self.placed.contains(p)
+            || self.ours.names.contains_key(p)
+            || self.theirs.names.contains_key(p)
+            || self.ours.by_base.contains_key(p)
+            || self.theirs.by_base.contains_key(p)
+    }
+
+    /// The object our side has at `p` (one it touched), unless it is `except`.
+    fn occupant(&self, p: &RelPath, except: Option<usize>) -> Option<usize> {
+        if self.placed.contains(p) {
+            return Some(usize::MAX);
+        }
+        self.ours
+            .names
+            .get(p)
+            .copied()
+            .filter(|&j| Some(j) != except)
+    }
+
+    /// Where the base object `b` is on our side now (after the steps planned so far).
+    fn locate(&self, b: &RelPath) -> Option<RelPath> {
+        self.locate_in(b, true)
+    }
+
+    /// [`Self::locate`], with or without the steps planned so far.
+    fn locate_in(&self, b: &RelPath, with_plan: bool) -> Option<RelPath> {
+        let mut up = Some(b.clone());
+        while let Some(a) = up {
+            if let Some(to) = self.planned.get(&a).filter(|_| with_plan) {
+                return b.rebase(&a, to);
+            }
+            if let Some(o) = self.ours.base_obj(&a) {
+                return o.now.as_ref().and_then(|n| b.rebase(&a, n));
+            }
+            up = a.parent();
+        }
+        Some(b.clone())
+    }
+
+    /// Our path for their final path `q`: its parent directory as placed on our side, plus its
+    /// name. A parent directory we removed is recreated (a conflict: removed against filled).
+    fn translate(&mut self, q: &RelPath) -> Result<Option<RelPath>, PlanError> {
+        let (Some(parent), Some(name)) = (q.parent(), q.file_name()) else {
+            return Ok(Some(RelPath::root()));
+        };
+        let Some(dir) = self.their_dir_in_ours(&parent)? else {
+            return Ok(None);
+        };
+        Ok(dir.join(name).ok())
+    }
+
+    fn their_dir_in_ours(&mut self, p: &RelPath) -> Result<Option<RelPath>, PlanError> {
+        let mut up = Some(p.clone());
+        while let Some(a) = up {
+            if let Some(&i) = self.theirs.names.get(&a) {
+                let at = match self.theirs.objs[i].base.clone() {
+                    None => self.new_at.get(&i).cloned(),
+                    Some(b) => self.locate_or_recreate(&b, &a)?,
+                };
+                return Ok(at.and_then(|at| p.rebase(&a, &at)));
+            }
+            up = a.parent();
+        }
+        self.locate_or_recreate(p, p)
+    }
+
+    /// Our path of the base directory `b` (their `q`), recreated if we removed it.
+    fn locate_or_recreate(
+        &mut self,
+        b: &RelPath,
+        q: &RelPath,
+    ) -> Result<Option<RelPath>, PlanError> {
+        if let Some(at) = self.locate(b) {
+            return Ok(Some(at));
+        }
+        let Some(target) = self.translate(q)? else {
+            return Ok(None);
+        };
+        let at = match self.occupant(&target, None) {
+            Some(j) if self.ours.objs.get(j).is_some_and(|o| o.dir) => target,
+            Some(_) => {
+                let c = self.conflict_name(&target)?;
+                self.mkdir(q, c)
+            }
+            None => self.mkdir(q, target),
+        };
+        self.conflict(at.clone(), None, Reason::DirRemovedFilled);
+        self.planned.insert(b.clone(), at.clone());
+        Ok(Some(at))
+    }
+}
