@@ -220,6 +220,8 @@ struct Obj {
     moved: bool,
     dir: bool,
     removed_dir: bool,
+    /// Made up for a rename target nothing had touched: the base object there, if there was one.
+    phantom: bool,
 }
 
 /// One side's records folded into objects.
@@ -361,7 +363,9 @@ impl Side {
                 return; // two names of one file (a hard link): rename(2) does nothing
             }
             // Whatever `to` named is replaced (it did not exist if the base object is made up).
-            self.resolve(to);
+            let fresh = !self.names.contains_key(to);
+            let r = self.resolve(to);
+            self.objs[r].phantom = fresh && !self.objs[r].changed && !self.objs[r].moved;
             for (_, j) in self.take_tree(to) {
                 self.objs[j].now = None;
             }
@@ -414,7 +418,9 @@ impl Side {
     }
 }
 
-/// The net effect of `records` per object (what `mirrorfs conflicts` and logs can show).
+/// The net effect of `records` per object (what `mirrorfs conflicts` and logs can show). A base
+/// object a rename replaced is not listed unless the records named it before (they cannot tell
+/// whether anything was there); the planner treats it as deleted.
 pub fn net_changes(records: &[Record]) -> Vec<NetChange> {
     let side = Side::fold(records);
     let mut out: Vec<NetChange> = side.objs.iter().filter_map(net_change).collect();
@@ -426,6 +432,7 @@ fn net_change(o: &Obj) -> Option<NetChange> {
     match (&o.base, &o.now) {
         (None, Some(p)) => Some(NetChange::Created { path: p.clone() }),
         (None, None) => None,
+        (Some(_), None) if o.phantom => None,
         (Some(b), None) if o.removed_dir => Some(NetChange::DirRemoved { path: b.clone() }),
         (Some(b), None) => Some(NetChange::Deleted { path: b.clone() }),
         (Some(b), Some(p)) if b != p => Some(NetChange::Renamed {
@@ -842,5 +849,519 @@ impl Merge<'_> {
         self.conflict(at.clone(), None, Reason::DirRemovedFilled);
         self.planned.insert(b.clone(), at.clone());
         Ok(Some(at))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::op::Timespec;
+    use crate::sim::{SimTree, Snapshot};
+    use crate::tree::{apply_op, EntryKind, Tree};
+
+    fn p(s: &str) -> RelPath {
+        RelPath::new(s).expect("valid path")
+    }
+
+    fn records(ops: Vec<Op>) -> Vec<Record> {
+        ops.into_iter()
+            .enumerate()
+            .map(|(i, op)| Record {
+                seq: 100 + i as u64,
+                op,
+            })
+            .collect()
+    }
+
+    fn create(s: &str) -> Op {
+        Op::Create {
+            path: p(s),
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+        }
+    }
+    fn mkdir(s: &str) -> Op {
+        Op::Mkdir {
+            path: p(s),
+            mode: 0o755,
+            uid: 0,
+            gid: 0,
+        }
+    }
+    fn write(s: &str, data: &str) -> Op {
+        Op::Write {
+            path: p(s),
+            offset: 0,
+            data: data.as_bytes().to_vec(),
+        }
+    }
+    fn unlink(s: &str) -> Op {
+        Op::Unlink {
+            path: p(s),
+            nlink: 1,
+        }
+    }
+    fn rmdir(s: &str) -> Op {
+        Op::Rmdir { path: p(s) }
+    }
+    fn rename(a: &str, b: &str, flags: u32) -> Op {
+        Op::Rename {
+            from: p(a),
+            to: p(b),
+            flags,
+            from_ino: 0,
+        }
+    }
+
+    /// The tree at the common point: `x` ("base-x"), `d/` holding `d/e` ("base-e").
+    fn base() -> SimTree {
+        let mut t = SimTree::reference();
+        for op in [
+            create("x"),
+            write("x", "base-x"),
+            mkdir("d"),
+            create("d/e"),
+            write("d/e", "base-e"),
+        ] {
+            apply_op(&mut t, &op, false).expect("base");
+        }
+        t
+    }
+
+    fn side(ops: &[Op]) -> SimTree {
+        let mut t = base();
+        for op in ops {
+            apply_op(&mut t, op, false).unwrap_or_else(|e| panic!("{op:?}: {e}"));
+        }
+        t
+    }
+
+    /// Carries out one step the way a shell would, idempotently; `Err` is a plan the tree refuses.
+    fn apply_step(ours: &mut SimTree, theirs: &Snapshot, step: &Step) -> Result<(), String> {
+        let r = match step {
+            Step::Rename { from, to } => match ours.kind(from) {
+                Ok(None) => Ok(()),
+                _ => ours.rename(from, to, 0),
+            },
+            Step::Remove { our_path } => match ours.kind(our_path) {
+                Ok(None) => Ok(()),
+                Ok(Some(EntryKind::Dir)) => ours.rmdir(our_path),
+                _ => ours.unlink(our_path),
+            },
+            Step::Mkdir {
+                their_path,
+                our_path,
+            }
+            | Step::CopyFromTheirs {
+                their_path,
+                our_path,
+            }
+            | Step::ConflictCopy {
+                their_path,
+                copy: our_path,
+                ..
+            } => return copy_entry(ours, theirs, their_path, our_path),
+        };
+        r.map_err(|e| format!("{step:?}: {e}"))
+    }
+
+    fn copy_entry(
+        ours: &mut SimTree,
+        theirs: &Snapshot,
+        their_path: &RelPath,
+        our_path: &RelPath,
+    ) -> Result<(), String> {
+        let e = theirs
+            .entries
+            .get(their_path)
+            .ok_or_else(|| format!("their {their_path} is missing"))?;
+        let err = |e: crate::tree::TreeError| format!("copy {their_path} to {our_path}: {e}");
+        match (ours.kind(our_path).map_err(err)?, e.kind) {
+            (Some(EntryKind::Dir), EntryKind::Dir) => {}
+            (Some(EntryKind::Dir), _) => return Err(format!("{our_path}: copy over a directory")),
+            (Some(_), _) => ours.unlink(our_path).map_err(err)?,
+            (None, _) => {}
+        }
+        match e.kind {
+            EntryKind::Dir if ours.kind(our_path).map_err(err)?.is_none() => {
+                ours.mkdir(our_path, e.perm, e.uid, e.gid).map_err(err)?
+            }
+            EntryKind::Dir => ours.chmod(our_path, e.perm).map_err(err)?,
+            EntryKind::File => {
+                ours.create(our_path, e.perm, e.uid, e.gid).map_err(err)?;
+                ours.write(our_path, 0, &e.content).map_err(err)?;
+            }
+            EntryKind::Symlink => ours
+                .symlink(our_path, &e.content, e.uid, e.gid)
+                .map_err(err)?,
+            EntryKind::Special => {
+                let (fmt, rdev) = e.special.unwrap_or((0o010_000, 0));
+                ours.mknod(our_path, fmt | e.perm, rdev, e.uid, e.gid)
+                    .map_err(err)?
+            }
+        }
+        for (k, v) in &e.xattrs {
+            ours.setxattr(our_path, k, v, 0).map_err(err)?;
+        }
+        Ok(())
+    }
+
+    fn apply_plan(ours: &mut SimTree, theirs: &Snapshot, steps: &[Step]) -> Result<(), String> {
+        for s in steps {
+            apply_step(ours, theirs, s)?;
+        }
+        Ok(())
+    }
+
+    const SITE: &str = "b";
+    const CONFLICT: &str = ".conflict-b-19700101-000000";
+
+    struct Outcome {
+        plan: Plan,
+        tree: Snapshot,
+    }
+
+    /// Plans and applies with base(); every name either tree has counts as taken.
+    fn run(ours_ops: &[Op], theirs_ops: &[Op]) -> Outcome {
+        let (mut ours, theirs) = (side(ours_ops), side(theirs_ops));
+        let (o, t) = (records(ours_ops.to_vec()), records(theirs_ops.to_vec()));
+        let (so, st) = (ours.snapshot(), theirs.snapshot());
+        let mut taken = |q: &RelPath| so.entries.contains_key(q) || st.entries.contains_key(q);
+        let input = Input {
+            ours: &o,
+            theirs: &t,
+            their_site: SITE,
+            time: 0,
+        };
+        let plan = plan(&input, &mut taken).expect("plan");
+        apply_plan(&mut ours, &st, &plan.steps).unwrap_or_else(|e| panic!("{plan:?}: {e}"));
+        Outcome {
+            plan,
+            tree: ours.snapshot(),
+        }
+    }
+
+    impl Outcome {
+        fn content(&self, s: &str) -> Option<String> {
+            let e = self.tree.entries.get(&p(s))?;
+            Some(String::from_utf8_lossy(&e.content).into_owned())
+        }
+        fn has(&self, s: &str, want: &str) -> &Self {
+            assert_eq!(
+                self.content(s).as_deref(),
+                Some(want),
+                "{s} in {:?}",
+                self.plan
+            );
+            self
+        }
+        fn dir(&self, s: &str) -> &Self {
+            let k = self.tree.entries.get(&p(s)).map(|e| e.kind);
+            assert_eq!(k, Some(EntryKind::Dir), "{s} in {:?}", self.plan);
+            self
+        }
+        fn absent(&self, s: &str) -> &Self {
+            assert_eq!(self.content(s), None, "{s} in {:?}", self.plan);
+            self
+        }
+        fn reasons(&self, want: &[Reason]) -> &Self {
+            let got: Vec<Reason> = self.plan.conflicts.iter().map(|c| c.reason).collect();
+            assert_eq!(got, want, "{:?}", self.plan);
+            self
+        }
+        fn paths(&self) -> usize {
+            self.tree.entries.len()
+        }
+    }
+
+    fn modify(data: &str) -> Vec<Op> {
+        vec![
+            Op::Truncate {
+                path: p("x"),
+                size: 0,
+            },
+            write("x", data),
+        ]
+    }
+    fn delete_x() -> Vec<Op> {
+        vec![unlink("x")]
+    }
+    fn rename_x(to: &str) -> Vec<Op> {
+        vec![rename("x", to, 0)]
+    }
+
+    // The case table: one test per row (our net effect on `x`), every column (theirs).
+
+    #[test]
+    fn row_ours_unchanged() {
+        run(&[], &[]).has("x", "base-x").reasons(&[]);
+        run(&[], &modify("theirs")).has("x", "theirs").reasons(&[]);
+        run(&[], &delete_x()).absent("x").reasons(&[]);
+        run(&[], &rename_x("y"))
+            .absent("x")
+            .has("y", "base-x")
+            .reasons(&[]);
+    }
+
+    #[test]
+    fn row_ours_modified() {
+        run(&modify("ours"), &[]).has("x", "ours").reasons(&[]);
+        run(&modify("ours"), &modify("theirs"))
+            .has("x", "ours")
+            .has(&format!("x{CONFLICT}"), "theirs")
+            .reasons(&[Reason::BothModified]);
+        run(&modify("ours"), &delete_x())
+            .has("x", "ours")
+            .reasons(&[Reason::TheyDeleted]);
+        // Rename on theirs, write on ours: the same object, merged.
+        run(&modify("ours"), &rename_x("y"))
+            .absent("x")
+            .has("y", "ours")
+            .reasons(&[]);
+    }
+
+    #[test]
+    fn row_ours_deleted() {
+        run(&delete_x(), &[]).absent("x").reasons(&[]);
+        run(&delete_x(), &modify("theirs"))
+            .has("x", "theirs")
+            .reasons(&[Reason::WeDeleted]);
+        run(&delete_x(), &delete_x()).absent("x").reasons(&[]);
+        run(&delete_x(), &rename_x("y"))
+            .absent("x")
+            .has("y", "base-x")
+            .reasons(&[Reason::WeDeleted]);
+    }
+
+    #[test]
+    fn row_ours_renamed() {
+        run(&rename_x("z"), &[]).has("z", "base-x").reasons(&[]);
+        run(&rename_x("z"), &modify("theirs"))
+            .absent("x")
+            .has("z", "theirs")
+            .reasons(&[]);
+        run(&rename_x("z"), &delete_x())
+            .has("z", "base-x")
+            .reasons(&[Reason::TheyDeleted]);
+        run(&rename_x("z"), &rename_x("y"))
+            .has("z", "base-x")
+            .absent("y")
+            .reasons(&[Reason::BothRenamed]);
+        run(&rename_x("y"), &rename_x("y"))
+            .has("y", "base-x")
+            .reasons(&[]);
+    }
+
+    fn create_n(data: &str) -> Vec<Op> {
+        vec![create("n"), write("n", data)]
+    }
+
+    #[test]
+    fn row_name_absent_ours_unchanged() {
+        run(&[], &create_n("theirs"))
+            .has("n", "theirs")
+            .reasons(&[]);
+        run(&[], &[mkdir("n")]).dir("n").reasons(&[]);
+    }
+
+    #[test]
+    fn row_name_absent_ours_created() {
+        run(&create_n("ours"), &[]).has("n", "ours").reasons(&[]);
+        run(&create_n("ours"), &create_n("theirs"))
+            .has("n", "ours")
+            .has(&format!("n{CONFLICT}"), "theirs")
+            .reasons(&[Reason::BothCreated]);
+        let both_dirs = [mkdir("n"), create("n/a")];
+        let theirs = [mkdir("n"), create("n/b")];
+        run(&both_dirs, &theirs)
+            .dir("n")
+            .has("n/a", "")
+            .has("n/b", "")
+            .reasons(&[]);
+    }
+
+    fn fill(name: &str) -> Vec<Op> {
+        vec![create(name), write(name, name)]
+    }
+    fn remove_d() -> Vec<Op> {
+        vec![unlink("d/e"), rmdir("d")]
+    }
+
+    #[test]
+    fn row_dir_ours_unchanged() {
+        run(&[], &fill("d/n"))
+            .has("d/n", "d/n")
+            .has("d/e", "base-e");
+        run(&[], &remove_d()).absent("d/e").absent("d").reasons(&[]);
+        run(&[], &[rename("d", "g", 0)])
+            .absent("d")
+            .has("g/e", "base-e")
+            .reasons(&[]);
+    }
+
+    #[test]
+    fn row_dir_ours_filled() {
+        let ours = fill("d/m");
+        run(&ours, &fill("d/n"))
+            .has("d/m", "d/m")
+            .has("d/n", "d/n")
+            .reasons(&[]);
+        run(&ours, &remove_d())
+            .absent("d/e")
+            .has("d/m", "d/m")
+            .reasons(&[Reason::DirRemovedFilled]);
+        run(&ours, &[rename("d", "g", 0)])
+            .absent("d")
+            .has("g/m", "d/m")
+            .has("g/e", "base-e")
+            .reasons(&[]);
+    }
+
+    #[test]
+    fn row_dir_ours_removed() {
+        run(&remove_d(), &[]).absent("d").reasons(&[]);
+        run(&remove_d(), &fill("d/n"))
+            .dir("d")
+            .has("d/n", "d/n")
+            .absent("d/e")
+            .reasons(&[Reason::DirRemovedFilled]);
+        run(&remove_d(), &remove_d()).absent("d").reasons(&[]);
+        run(&remove_d(), &[rename("d", "g", 0)])
+            .dir("g")
+            .absent("g/e")
+            .absent("d")
+            .reasons(&[Reason::WeDeleted]);
+    }
+
+    #[test]
+    fn row_dir_ours_renamed() {
+        let ours = [rename("d", "f", 0)];
+        run(&ours, &fill("d/n"))
+            .has("f/n", "d/n")
+            .has("f/e", "base-e")
+            .absent("d");
+        run(&ours, &remove_d())
+            .dir("f")
+            .absent("f/e")
+            .reasons(&[Reason::TheyDeleted]);
+        run(&ours, &[rename("d", "g", 0)])
+            .has("f/e", "base-e")
+            .absent("g")
+            .reasons(&[Reason::BothRenamed]);
+        // A file modified under a directory the other side renamed is the same object.
+        run(&ours, &[write("d/e", "theirs")])
+            .has("f/e", "theirs")
+            .reasons(&[]);
+    }
+
+    #[test]
+    fn renames_that_form_a_cycle_go_through_temporary_names() {
+        let theirs = [
+            create("y"),
+            write("y", "base-y"),
+            rename("x", "t", 0),
+            rename("y", "x", 0),
+            rename("t", "y", 0),
+        ];
+        // `y` did not exist at the common point: it is their new file, swapped with `x`.
+        let o = run(&[], &theirs);
+        o.has("x", "base-y").has("y", "base-x").reasons(&[]);
+        assert_eq!(o.paths(), 5, "{:?}", o.tree.entries.keys());
+        let swap = [rename("x", "d/e", rename_flags::EXCHANGE)];
+        run(&[], &swap)
+            .has("x", "base-e")
+            .has("d/e", "base-x")
+            .reasons(&[]);
+    }
+
+    #[test]
+    fn aborted_records_and_sync_records_are_ignored() {
+        let mut t = records(vec![write("x", "lost"), unlink("x")]);
+        t.push(Record {
+            seq: 102,
+            op: Op::Abort { seq: 100 },
+        });
+        t.push(Record {
+            seq: 103,
+            op: Op::Sync {
+                mirror: 1,
+                op: Box::new(write("d/e", "copy")),
+            },
+        });
+        t.push(Record {
+            seq: 104,
+            op: Op::SetTimes {
+                path: p("d"),
+                atime: None,
+                mtime: Some(Timespec { sec: 1, nsec: 0 }),
+            },
+        });
+        assert_eq!(net_changes(&t), vec![NetChange::Deleted { path: p("x") }]);
+    }
+
+    #[test]
+    fn net_changes_follow_renames_exchange_and_whiteout() {
+        let t = records(vec![
+            rename("d", "g", 0),
+            write("g/e", "w"),
+            rename("x", "g/x", 4),
+            mkdir("h"),
+            rename("h", "g", rename_flags::EXCHANGE),
+        ]);
+        let got = net_changes(&t);
+        let want = [
+            NetChange::Created { path: p("g") },
+            NetChange::Created { path: p("x") },
+            NetChange::Renamed {
+                from: p("d"),
+                to: p("h"),
+                modified: false,
+            },
+            NetChange::Renamed {
+                from: p("d/e"),
+                to: p("h/e"),
+                modified: true,
+            },
+            NetChange::Renamed {
+                from: p("x"),
+                to: p("h/x"),
+                modified: false,
+            },
+        ];
+        for w in &want {
+            assert!(got.contains(w), "{w:?} not in {got:?}");
+        }
+        // The rename targets `g` and `g/x` named nothing this side had touched: whatever was
+        // there at the common point was replaced, which cannot be told from records alone.
+        assert_eq!(got.len(), want.len(), "{got:?}");
+    }
+
+    #[test]
+    fn conflict_names_get_a_counter_and_stay_valid() {
+        let mut taken = |q: &RelPath| q.as_bytes().ends_with(b"150000");
+        let (o, t) = (records(modify("o")), records(modify("t")));
+        let input = Input {
+            ours: &o,
+            theirs: &t,
+            their_site: "site/with\0bad bytes",
+            time: 1_764_860_400,
+        };
+        let plan = plan(&input, &mut taken).expect("plan");
+        assert_eq!(
+            plan.conflicts[0].copy,
+            Some(p("x.conflict-site_with_bad_bytes-20251204-150000-1"))
+        );
+        let long = "y".repeat(NAME_BYTES_MAX);
+        let (o, t) = (records(vec![create(&long)]), records(vec![create(&long)]));
+        let input = Input {
+            ours: &o,
+            theirs: &t,
+            their_site: SITE,
+            time: 0,
+        };
+        let plan = super::plan(&input, &mut |_| false).expect("plan");
+        let copy = plan.conflicts[0].copy.clone().expect("copy");
+        assert_eq!(copy.as_bytes().len(), NAME_BYTES_MAX);
     }
 }
