@@ -145,8 +145,11 @@ pub enum Reason {
     DirRemovedFilled,
     /// Both changed a directory's attributes: ours kept.
     DirAttributes,
-    /// Their object's target name was taken on our side by something else.
+    /// Their object's new name was taken on our side by something else: their rename is not
+    /// applied (or their restored object is kept under a conflict name).
     NameTaken,
+    /// Their rename would move a directory into itself (after our renames): not applied.
+    RenameCycle,
 }
 
 /// A conflict for `mirrorfs conflicts`: our version at `path`; theirs at `copy` if it was copied.
@@ -290,7 +293,9 @@ impl Side {
         }
         let i = match self.base_of(p) {
             Some(b) => match self.by_base.get(&b) {
-                Some(&i) => i,
+                // The base object of that name was moved or removed before: `p` names
+                // something that did not exist at the common point (a rename's target).
+                Some(_) => self.push(Obj::default()),
                 None => {
                     let i = self.push(Obj {
                         base: Some(b.clone()),
@@ -301,7 +306,8 @@ impl Side {
                     i
                 }
             },
-            // Below a directory this side created: only an op it did not journal could name it.
+            // Below a directory this side created: a rename's target, or an op it did not
+            // journal.
             None => self.push(Obj::default()),
         };
         self.objs[i].now = Some(p.clone());
@@ -380,17 +386,7 @@ impl Side {
 
     /// Takes `p` and every name below it out of `names`.
     fn take_tree(&mut self, p: &RelPath) -> Vec<(RelPath, usize)> {
-        let below: Vec<RelPath> = self
-            .names
-            .range(p.clone()..)
-            .take_while(|(k, _)| k.as_bytes().starts_with(p.as_bytes()))
-            .filter(|(k, _)| k.starts_with(p))
-            .map(|(k, _)| k.clone())
-            .collect();
-        below
-            .into_iter()
-            .filter_map(|k| self.names.remove(&k).map(|i| (k, i)))
-            .collect()
+        take_tree(&mut self.names, p)
     }
 
     fn put_rebased(&mut self, taken: Vec<(RelPath, usize)>, from: &RelPath, to: &RelPath) {
@@ -408,14 +404,36 @@ impl Side {
     fn base_obj(&self, b: &RelPath) -> Option<&Obj> {
         self.by_base.get(b).map(|&i| &self.objs[i])
     }
+}
 
-    /// True when some object this side touched is at a name strictly below `p`.
-    fn has_below(&self, p: &RelPath) -> bool {
-        self.names
-            .range(p.clone()..)
-            .take_while(|(k, _)| k.as_bytes().starts_with(p.as_bytes()))
-            .any(|(k, _)| k != p && k.starts_with(p))
-    }
+/// Takes `p` and every name below it out of `map`.
+fn take_tree<V>(map: &mut BTreeMap<RelPath, V>, p: &RelPath) -> Vec<(RelPath, V)> {
+    let below: Vec<RelPath> = map
+        .range(p.clone()..)
+        .take_while(|(k, _)| k.as_bytes().starts_with(p.as_bytes()))
+        .filter(|(k, _)| k.starts_with(p))
+        .map(|(k, _)| k.clone())
+        .collect();
+    below
+        .into_iter()
+        .filter_map(|k| map.remove(&k).map(|v| (k, v)))
+        .collect()
+}
+
+/// True when `map` has a name strictly below `p`.
+fn has_below<V>(map: &BTreeMap<RelPath, V>, p: &RelPath) -> bool {
+    map.range(p.clone()..)
+        .take_while(|(k, _)| k.as_bytes().starts_with(p.as_bytes()))
+        .any(|(k, _)| k != p && k.starts_with(p))
+}
+
+/// What our side has at a name, as far as the records and the plan so far tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    /// An object our records touched (index into our side's objects).
+    Ours(usize),
+    /// Something the plan put there.
+    Placed { dir: bool },
 }
 
 /// The net effect of `records` per object (what `mirrorfs conflicts` and logs can show). A base
@@ -452,10 +470,19 @@ pub fn plan(
     input: &Input<'_>,
     is_taken: &mut dyn FnMut(&RelPath) -> bool,
 ) -> Result<Plan, PlanError> {
+    let ours = Side::fold(input.ours);
     let mut m = Merge {
-        ours: Side::fold(input.ours),
+        view: ours
+            .names
+            .iter()
+            .map(|(k, &i)| (k.clone(), Slot::Ours(i)))
+            .collect(),
+        ours,
         theirs: Side::fold(input.theirs),
-        planned: BTreeMap::new(),
+        stashed: BTreeMap::new(),
+        recreated: BTreeMap::new(),
+        moves: Vec::new(),
+        removed: BTreeSet::new(),
         new_at: HashMap::new(),
         placed: BTreeSet::new(),
         label: conflict_label(input.their_site, input.time),
@@ -506,12 +533,22 @@ fn civil_from_days(days: i64) -> (i64, i64, i64) {
 struct Merge<'a> {
     ours: Side,
     theirs: Side,
-    /// Base path → where the plan has put that object on our side so far.
-    planned: BTreeMap<RelPath, RelPath>,
+    /// Base path → the temporary name the plan moved that object to, where it was, and how
+    /// many of `moves` were made by then.
+    stashed: BTreeMap<RelPath, (RelPath, RelPath, usize)>,
+    /// Base path → where the plan recreated an object our side deleted.
+    recreated: BTreeMap<RelPath, RelPath>,
+    /// Every name the plan removes.
+    removed: BTreeSet<RelPath>,
+    /// Every rename the plan makes on our side, in order.
+    moves: Vec<(RelPath, RelPath)>,
     /// Their new object → where the plan put it on our side.
     new_at: HashMap<usize, RelPath>,
-    /// Names the plan has given something.
+    /// Names the plan has given something (kept even if later moved: never reused).
     placed: BTreeSet<RelPath>,
+    /// Our namespace as far as known: the names our records touched, moved and filled by the
+    /// steps planned so far.
+    view: BTreeMap<RelPath, Slot>,
     label: String,
     is_taken: &'a mut dyn FnMut(&RelPath) -> bool,
     plan: Plan,
@@ -532,6 +569,7 @@ impl Merge<'_> {
         let moved = self.their_objs(|o| o.now.as_ref().and(o.base.clone()).filter(|_| o.moved));
         for (b, i) in moved {
             let t = &self.theirs.objs[i];
+            let dir = t.dir;
             let o = self.ours.base_obj(&b);
             let ours_keeps =
                 o.is_some_and(|o| o.now.is_none() || o.moved || (o.changed && t.changed));
@@ -542,12 +580,8 @@ impl Merge<'_> {
                 continue;
             };
             let tmp = self.free_name(&RelPath::root(), b".mirrorfs-reint")?;
-            self.plan.steps.push(Step::Rename {
-                from,
-                to: tmp.clone(),
-            });
-            self.placed.insert(tmp.clone());
-            self.planned.insert(b, tmp);
+            self.rename_step(from.clone(), tmp.clone(), dir);
+            self.stashed.insert(b, (tmp, from, self.moves.len()));
         }
         Ok(())
     }
@@ -568,26 +602,39 @@ impl Merge<'_> {
                     Some(_) => {}
                 }
             }
-            // Where it is by our records alone (the stash phase may have moved a parent).
-            let (Some(here), Some(loc)) = (self.locate_in(&b, false), self.locate(&b)) else {
-                continue;
-            };
-            if self.ours.names.get(&here).is_some_and(|&j| Some(j) != own) {
+            let Some(loc) = self.locate(&b) else { continue };
+            if self
+                .view
+                .get(&loc)
+                .is_some_and(|&j| Some(j) != own.map(Slot::Ours))
+            {
                 continue; // not the base object: it did not exist at the common point
             }
-            if self.ours.has_below(&here) {
-                self.conflict(here, None, Reason::DirRemovedFilled);
+            if has_below(&self.view, &loc) {
+                self.conflict(loc, None, Reason::DirRemovedFilled);
                 continue;
             }
+            self.view.remove(&loc);
+            self.removed.insert(loc.clone());
             self.plan.steps.push(Step::Remove { our_path: loc });
         }
     }
 
     /// Phase 3: their changed, created and renamed objects, parents first.
+    /// Stashed objects go first, so that nothing else takes the name one of them goes back to
+    /// if its new name is taken; a new directory one of them goes into is placed on demand.
     fn place_phase(&mut self) -> Result<(), PlanError> {
         let live = self.their_objs(|o| o.now.clone().filter(|_| o.changed || o.moved));
-        for (q, i) in live {
+        let (first, rest): (Vec<_>, Vec<_>) = live.into_iter().partition(|(_, i)| {
+            let o = &self.theirs.objs[*i];
+            o.moved
+                && o.base
+                    .as_ref()
+                    .is_some_and(|b| self.stashed.contains_key(b))
+        });
+        for (q, i) in first.into_iter().chain(rest) {
             match self.theirs.objs[i].base.clone() {
+                None if self.new_at.contains_key(&i) => {}
                 None => self.place_new(&q, i)?,
                 Some(b) => self.place_base(&q, &b, i)?,
             }
@@ -601,7 +648,7 @@ impl Merge<'_> {
             return Ok(());
         };
         let at = match self.occupant(&target, None) {
-            Some(j) if dir && self.ours.objs.get(j).is_some_and(|o| o.dir) => target, // both made this directory
+            Some(j) if dir && self.is_dir(j) => target, // both made this directory
             Some(_) => {
                 let copy = self.conflict_copy(q, &target, Reason::BothCreated)?;
                 self.new_at.insert(i, copy);
@@ -621,8 +668,11 @@ impl Merge<'_> {
         if ours_touched && o.now.is_none() {
             return self.restore(q, b, t.dir);
         }
-        if let Some(tmp) = self.planned.get(b).cloned().filter(|_| t.moved) {
-            return self.unstash(q, b, tmp, &t);
+        if let Some((tmp, was, n)) = self.stashed.get(b).cloned().filter(|_| t.moved) {
+            let was = self.moves[n..]
+                .iter()
+                .fold(was, |p, (f, to)| p.rebase(f, to).unwrap_or(p));
+            return self.unstash(q, b, (tmp, was), &t);
         }
         let Some(loc) = self.locate(b) else {
             return Ok(());
@@ -657,7 +707,7 @@ impl Merge<'_> {
         } else {
             self.copy(q, target)
         };
-        self.planned.insert(b.clone(), at.clone());
+        self.recreated.insert(b.clone(), at.clone());
         self.conflict(at, None, Reason::WeDeleted);
         Ok(())
     }
@@ -667,32 +717,68 @@ impl Merge<'_> {
         &mut self,
         q: &RelPath,
         b: &RelPath,
-        tmp: RelPath,
+        (tmp, was): (RelPath, RelPath),
         t: &Obj,
     ) -> Result<(), PlanError> {
         let Some(mut target) = self.translate(q)? else {
             return Ok(());
         };
-        let own = self.ours.by_base.get(b).copied();
-        if self.occupant(&target, own).is_some() || self.placed.contains(&target) {
+        let own = self.ours.by_base.get(b).copied().map(Slot::Ours);
+        // Their rename is not applied (the object goes back) when our renames put its new
+        // parent inside it, or our side has something else at its new name.
+        let blocked = if target.starts_with(&tmp) {
+            Some(Reason::RenameCycle)
+        } else {
+            self.occupant(&target, own).map(|_| Reason::NameTaken)
+        };
+        let parent_removed = was
+            .parent()
+            .is_some_and(|d| self.removed.iter().any(|r| d.starts_with(r)));
+        match blocked {
+            Some(reason) if !parent_removed => {
+                self.conflict(was.clone(), None, reason);
+                target = was;
+            }
+            // Its old directory is gone too: it gets a conflict name beside its new name.
+            Some(_) | None => {}
+        }
+        if self.occupant(&target, own).is_some() {
             let copy = self.conflict_name(&target)?;
             self.conflict(target, Some(copy.clone()), Reason::NameTaken);
             target = copy;
         }
-        self.plan.steps.push(Step::Rename {
-            from: tmp,
-            to: target.clone(),
-        });
-        self.placed.insert(target.clone());
-        self.planned.insert(b.clone(), target.clone());
+        self.rename_step(tmp, target.clone(), t.dir);
         if t.changed && !self.ours.base_obj(b).is_some_and(|o| o.changed) {
             self.copy(q, target);
         }
         Ok(())
     }
 
+    /// Moves `from` to `to` (in our view too: the name is taken from now on).
+    fn rename_step(&mut self, from: RelPath, to: RelPath, dir: bool) {
+        let moved = take_tree(&mut self.view, &from);
+        take_tree(&mut self.view, &to);
+        for (k, v) in moved {
+            if let Some(n) = k.rebase(&from, &to) {
+                self.view.insert(n, v);
+            }
+        }
+        self.view.entry(to.clone()).or_insert(Slot::Placed { dir });
+        self.placed.insert(to.clone());
+        self.moves.push((from.clone(), to.clone()));
+        self.plan.steps.push(Step::Rename { from, to });
+    }
+
+    fn is_dir(&self, slot: Slot) -> bool {
+        match slot {
+            Slot::Ours(j) => self.ours.objs.get(j).is_some_and(|o| o.dir),
+            Slot::Placed { dir } => dir,
+        }
+    }
+
     fn mkdir(&mut self, q: &RelPath, at: RelPath) -> RelPath {
         self.placed.insert(at.clone());
+        self.view.insert(at.clone(), Slot::Placed { dir: true });
         self.plan.steps.push(Step::Mkdir {
             their_path: q.clone(),
             our_path: at.clone(),
@@ -702,6 +788,8 @@ impl Merge<'_> {
 
     fn copy(&mut self, q: &RelPath, at: RelPath) -> RelPath {
         self.placed.insert(at.clone());
+        let dir = self.theirs_dir_at(q);
+        self.view.insert(at.clone(), Slot::Placed { dir });
         self.plan.steps.push(Step::CopyFromTheirs {
             their_path: q.clone(),
             our_path: at.clone(),
@@ -722,6 +810,8 @@ impl Merge<'_> {
     ) -> Result<RelPath, PlanError> {
         let copy = self.conflict_name(path)?;
         self.placed.insert(copy.clone());
+        let dir = self.theirs_dir_at(q);
+        self.view.insert(copy.clone(), Slot::Placed { dir });
         self.plan.steps.push(Step::ConflictCopy {
             their_path: q.clone(),
             path: path.clone(),
@@ -767,36 +857,58 @@ impl Merge<'_> {
             || self.theirs.by_base.contains_key(p)
     }
 
-    /// The object our side has at `p` (one it touched), unless it is `except`.
-    fn occupant(&self, p: &RelPath, except: Option<usize>) -> Option<usize> {
-        if self.placed.contains(p) {
-            return Some(usize::MAX);
+    /// What our side has at `p` that our records or the plan put there, unless it is `except`;
+    /// a directory our side filled counts too.
+    fn occupant(&self, p: &RelPath, except: Option<Slot>) -> Option<Slot> {
+        match self.view.get(p).copied().filter(|&j| Some(j) != except) {
+            Some(j) => Some(j),
+            None if has_below(&self.view, p) => Some(Slot::Placed { dir: true }),
+            None => None,
         }
-        self.ours
+    }
+
+    /// Whether their entry at `q` is a directory (as far as their records tell).
+    fn theirs_dir_at(&self, q: &RelPath) -> bool {
+        self.theirs
             .names
-            .get(p)
-            .copied()
-            .filter(|&j| Some(j) != except)
+            .get(q)
+            .is_some_and(|&i| self.theirs.objs[i].dir)
     }
 
-    /// Where the base object `b` is on our side now (after the steps planned so far).
+    /// Where the base object `b` is on our side now (after the steps planned so far): where
+    /// our records left it, moved by the plan's renames, or where the plan recreated it.
     fn locate(&self, b: &RelPath) -> Option<RelPath> {
-        self.locate_in(b, true)
-    }
-
-    /// [`Self::locate`], with or without the steps planned so far.
-    fn locate_in(&self, b: &RelPath, with_plan: bool) -> Option<RelPath> {
         let mut up = Some(b.clone());
         while let Some(a) = up {
-            if let Some(to) = self.planned.get(&a).filter(|_| with_plan) {
-                return b.rebase(&a, to);
-            }
             if let Some(o) = self.ours.base_obj(&a) {
-                return o.now.as_ref().and_then(|n| b.rebase(&a, n));
+                return match &o.now {
+                    Some(n) => b.rebase(&a, n).map(|p| self.through_moves(p)),
+                    None => self.recreated_at(b),
+                };
             }
             up = a.parent();
         }
-        Some(b.clone())
+        Some(self.through_moves(b.clone()))
+    }
+
+    fn through_moves(&self, mut p: RelPath) -> RelPath {
+        for (from, to) in &self.moves {
+            if let Some(n) = p.rebase(from, to) {
+                p = n;
+            }
+        }
+        p
+    }
+
+    fn recreated_at(&self, b: &RelPath) -> Option<RelPath> {
+        let mut up = Some(b.clone());
+        while let Some(a) = up {
+            if let Some(to) = self.recreated.get(&a) {
+                return b.rebase(&a, to);
+            }
+            up = a.parent();
+        }
+        None
     }
 
     /// Our path for their final path `q`: its parent directory as placed on our side, plus its
@@ -815,11 +927,23 @@ impl Merge<'_> {
         let mut up = Some(p.clone());
         while let Some(a) = up {
             if let Some(&i) = self.theirs.names.get(&a) {
-                let at = match self.theirs.objs[i].base.clone() {
-                    None => self.new_at.get(&i).cloned(),
-                    Some(b) => self.locate_or_recreate(&b, &a)?,
+                // What lies between `a` and `p` their side did not move: base objects.
+                return match self.theirs.objs[i]
+                    .base
+                    .as_ref()
+                    .and_then(|b| p.rebase(&a, b))
+                {
+                    Some(b) => self.locate_or_recreate(&b, p),
+                    None => {
+                        if let (false, Some(q)) = (
+                            self.new_at.contains_key(&i),
+                            self.theirs.objs[i].now.clone(),
+                        ) {
+                            self.place_new(&q, i)?;
+                        }
+                        Ok(self.new_at.get(&i).and_then(|at| p.rebase(&a, at)))
+                    }
                 };
-                return Ok(at.and_then(|at| p.rebase(&a, &at)));
             }
             up = a.parent();
         }
@@ -839,15 +963,18 @@ impl Merge<'_> {
             return Ok(None);
         };
         let at = match self.occupant(&target, None) {
-            Some(j) if self.ours.objs.get(j).is_some_and(|o| o.dir) => target,
+            Some(j) if self.is_dir(j) => target,
             Some(_) => {
                 let c = self.conflict_name(&target)?;
+                self.conflict(target, Some(c.clone()), Reason::DirRemovedFilled);
                 self.mkdir(q, c)
             }
-            None => self.mkdir(q, target),
+            None => {
+                self.conflict(target.clone(), None, Reason::DirRemovedFilled);
+                self.mkdir(q, target)
+            }
         };
-        self.conflict(at.clone(), None, Reason::DirRemovedFilled);
-        self.planned.insert(b.clone(), at.clone());
+        self.recreated.insert(b.clone(), at.clone());
         Ok(Some(at))
     }
 }
@@ -858,6 +985,7 @@ mod tests {
     use crate::op::Timespec;
     use crate::sim::{SimTree, Snapshot};
     use crate::tree::{apply_op, EntryKind, Tree};
+    use proptest::prelude::*;
 
     fn p(s: &str) -> RelPath {
         RelPath::new(s).expect("valid path")
@@ -1363,5 +1491,235 @@ mod tests {
         let plan = super::plan(&input, &mut |_| false).expect("plan");
         let copy = plan.conflicts[0].copy.clone().expect("copy");
         assert_eq!(copy.as_bytes().len(), NAME_BYTES_MAX);
+    }
+
+    // The property test: a small base tree, random changes on both sides, the plan applied.
+
+    const POOL: &[&str] = &[
+        "f", "g", "a", "b", "a/f", "a/g", "a/c", "a/c/h", "b/i", "b/j", "c", "c/k",
+    ];
+    const ID: &[u8] = b"user.id";
+
+    #[derive(Clone, Debug)]
+    enum Gen {
+        Create(usize),
+        Write(usize),
+        Truncate(usize),
+        Mkdir(usize),
+        Unlink(usize),
+        Rmdir(usize),
+        Rename(usize, usize, usize),
+        Chmod(usize, bool),
+    }
+
+    fn gen_step() -> impl Strategy<Value = Gen> {
+        let n = POOL.len();
+        prop_oneof![
+            (0..n).prop_map(Gen::Create),
+            (0..n).prop_map(Gen::Write),
+            (0..n).prop_map(Gen::Truncate),
+            (0..n).prop_map(Gen::Mkdir),
+            (0..n).prop_map(Gen::Unlink),
+            (0..n).prop_map(Gen::Rmdir),
+            (0..n, 0..n, 0..3usize).prop_map(|(a, b, f)| Gen::Rename(a, b, f)),
+            (0..n, any::<bool>()).prop_map(|(a, x)| Gen::Chmod(a, x)),
+        ]
+    }
+
+    fn set_id(path: &str, id: &str) -> Op {
+        Op::SetXattr {
+            path: p(path),
+            name: ID.to_vec(),
+            value: id.as_bytes().to_vec(),
+            flags: 0,
+        }
+    }
+
+    /// Directories `a`, `b`, `a/c`; files `f`, `a/g`, `a/c/h`, `b/i`, each with a unique id.
+    fn prop_base() -> SimTree {
+        let mut t = SimTree::reference();
+        let mut ops = vec![mkdir("a"), mkdir("b"), mkdir("a/c")];
+        for f in ["f", "a/g", "a/c/h", "b/i"] {
+            ops.extend([create(f), write(f, &format!("base:{f}")), set_id(f, f)]);
+        }
+        for op in ops {
+            apply_op(&mut t, &op, false).expect("base");
+        }
+        t
+    }
+
+    fn gen_ops(tag: &str, n: usize, g: &Gen) -> Vec<Op> {
+        let id = format!("{tag}{n}");
+        match *g {
+            Gen::Create(i) => vec![create(POOL[i]), write(POOL[i], &id), set_id(POOL[i], &id)],
+            Gen::Write(i) => vec![write(POOL[i], &format!("{id}:"))],
+            Gen::Truncate(i) => vec![Op::Truncate {
+                path: p(POOL[i]),
+                size: 3,
+            }],
+            Gen::Mkdir(i) => vec![mkdir(POOL[i])],
+            Gen::Unlink(i) => vec![unlink(POOL[i])],
+            Gen::Rmdir(i) => vec![rmdir(POOL[i])],
+            Gen::Rename(a, b, f) => {
+                let flags = [0, rename_flags::NOREPLACE, rename_flags::EXCHANGE][f];
+                vec![rename(POOL[a], POOL[b], flags)]
+            }
+            Gen::Chmod(i, x) => vec![Op::SetMode {
+                path: p(POOL[i]),
+                mode: if x { 0o600 } else { 0o640 },
+            }],
+        }
+    }
+
+    /// Applies the generated changes to a copy of the base; a change the tree refuses is
+    /// journaled and aborted, as the primary does.
+    fn play(tag: &str, steps: &[Gen]) -> (SimTree, Vec<Record>) {
+        let mut t = prop_base();
+        let mut recs = Vec::new();
+        for (n, g) in steps.iter().enumerate() {
+            for op in gen_ops(tag, n, g) {
+                let seq = 1000 + recs.len() as u64;
+                let failed = apply_op(&mut t, &op, false).is_err();
+                recs.push(Record { seq, op });
+                if failed {
+                    recs.push(Record {
+                        seq: seq + 1,
+                        op: Op::Abort { seq },
+                    });
+                    break;
+                }
+            }
+        }
+        (t, recs)
+    }
+
+    /// A file's identity and version: (id, content, mode).
+    type Version = (Vec<u8>, Vec<u8>, u32);
+
+    fn files(s: &Snapshot) -> BTreeMap<RelPath, Version> {
+        s.entries
+            .iter()
+            .filter(|(_, e)| e.kind == EntryKind::File)
+            .filter_map(|(k, e)| {
+                let id = e.xattrs.get(ID)?.clone();
+                Some((k.clone(), (id, e.content.to_vec(), e.perm)))
+            })
+            .collect()
+    }
+
+    /// Where their renames of directories above `path` (or of `path`) take it.
+    fn moved_by(path: &RelPath, moves: &[(RelPath, RelPath)]) -> Option<RelPath> {
+        moves
+            .iter()
+            .filter(|(from, _)| path.starts_with(from))
+            .max_by_key(|(from, _)| from.as_bytes().len())
+            .and_then(|(from, to)| path.rebase(from, to))
+    }
+
+    fn check(
+        base: &Snapshot,
+        ours: &Snapshot,
+        theirs: &Snapshot,
+        result: &Snapshot,
+        plan: &Plan,
+        moves: &[(RelPath, RelPath)],
+    ) -> Result<(), String> {
+        let (b, o, t, r) = (files(base), files(ours), files(theirs), files(result));
+        let base_v: HashSet<&Version> = b.values().collect();
+        let in_result: HashSet<&Version> = r.values().collect();
+        let copies: Vec<&RelPath> = plan
+            .conflicts
+            .iter()
+            .filter_map(|c| c.copy.as_ref())
+            .collect();
+        // (1) and (5): every version either side made is in the result, at a name the plan
+        // gave it or a listed conflict copy.
+        for (path, v) in o.iter().chain(t.iter()) {
+            if !base_v.contains(v) && !in_result.contains(v) {
+                return Err(format!("lost {path}: {v:?}"));
+            }
+        }
+        for (path, v) in &r {
+            let conflict_named = path.as_bytes().windows(10).any(|w| w == b".conflict-");
+            if conflict_named && !copies.iter().any(|c| path.starts_with(c)) {
+                return Err(format!("{path} ({v:?}) is an unlisted conflict copy"));
+            }
+        }
+        // (2): every version our side made stays at our name, unless their side renamed it.
+        let their_path: HashMap<&Vec<u8>, &RelPath> = t.iter().map(|(k, v)| (&v.0, k)).collect();
+        for (path, v) in &o {
+            let moved_by_them = their_path.get(&v.0).is_some_and(|q| *q != path)
+                && b.get(path).is_none_or(|bv| bv.0 == v.0);
+            // Carried by their move of a directory above it (which our renames may have moved).
+            let carried = moved_by(path, moves).is_some()
+                && r.iter()
+                    .any(|(q, w)| w == v && q.file_name() == path.file_name());
+            if !base_v.contains(v) && r.get(path) != Some(v) && !moved_by_them && !carried {
+                return Err(format!("our {path} is not kept: {:?}", r.get(path)));
+            }
+        }
+        // (3): what neither side touched is unchanged.
+        for (path, v) in &b {
+            if o.get(path) == Some(v) && t.get(path) == Some(v) && r.get(path) != Some(v) {
+                return Err(format!("untouched {path} changed: {:?}", r.get(path)));
+            }
+        }
+        if let Some(k) = result.entries.keys().find(|k| {
+            k.file_name()
+                .is_some_and(|n| n.starts_with(b".mirrorfs-reint"))
+        }) {
+            return Err(format!("temporary name {k} left"));
+        }
+        Ok(())
+    }
+
+    fn prop_case(os: &[Gen], ts: &[Gen]) -> Result<(), TestCaseError> {
+        let base = prop_base().snapshot();
+        let (mut ours, o_recs) = play("o", os);
+        let (theirs, t_recs) = play("t", ts);
+        let (so, st) = (ours.snapshot(), theirs.snapshot());
+        let mut taken = |q: &RelPath| so.entries.contains_key(q) || st.entries.contains_key(q);
+        let input = Input {
+            ours: &o_recs,
+            theirs: &t_recs,
+            their_site: SITE,
+            time: 0,
+        };
+        let plan = plan(&input, &mut taken).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let before = ours.clone();
+        apply_plan(&mut ours, &st, &plan.steps)
+            .map_err(|e| TestCaseError::fail(format!("{e}\nplan {plan:?}")))?;
+        let result = ours.snapshot();
+        let moves: Vec<(RelPath, RelPath)> = net_changes(&t_recs)
+            .into_iter()
+            .filter_map(|c| match c {
+                NetChange::Renamed { from, to, .. } => Some((from, to)),
+                _ => None,
+            })
+            .collect();
+        check(&base, &so, &st, &result, &plan, &moves)
+            .map_err(|e| TestCaseError::fail(format!("{e}\nplan {plan:?}")))?;
+        // (4): a crash after any step, then a re-run from the step in doubt, ends the same.
+        for k in 1..=plan.steps.len() {
+            let mut again = before.clone();
+            let redo = apply_plan(&mut again, &st, &plan.steps[..k])
+                .and_then(|()| apply_plan(&mut again, &st, &plan.steps[k - 1..]));
+            redo.map_err(|e| TestCaseError::fail(format!("re-run from step {k}: {e}")))?;
+            let diff = again.snapshot().diff(&result, 5);
+            prop_assert!(diff.is_empty(), "re-run from step {}: {:?}", k, diff);
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn reintegration_keeps_every_change(
+            os in proptest::collection::vec(gen_step(), 0..16),
+            ts in proptest::collection::vec(gen_step(), 0..16),
+        ) {
+            prop_case(&os, &ts)?;
+        }
     }
 }
