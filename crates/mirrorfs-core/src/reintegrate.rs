@@ -63,7 +63,12 @@
 //! | **ours renamed `D→F`** | nothing | copy `D/n` to `F/n` | remove `F/e`; keep `F`; conflict (rename/delete) | keep `F`; conflict (rename/rename) |
 //!
 //! Attribute changes to one directory on both sides are listed (reason `DirAttributes`) and ours
-//! are kept; a directory is never copied as a conflict copy.
+//! are kept; a directory is never copied as a conflict copy. Their rename onto a name our side
+//! changed or created is not applied: the object stays where it was, the conflict is listed
+//! (`NameTaken`; if its old directory is gone too, it gets a conflict name beside the new one);
+//! so is a rename that our renames would turn into moving a directory into itself
+//! (`RenameCycle`). Their changes under a directory our side renamed follow it (their `D/e`
+//! lands in our `F/e`), and ours under a directory their side renamed follow theirs.
 //!
 //! # Output
 //!
@@ -73,7 +78,8 @@
 //! not change while the plan runs. Renames of objects their side moved go through a temporary
 //! name at the root (`.mirrorfs-reint-N`) so that cycles (`a→t, b→a, t→b`) never replace one
 //! of their own sources. Steps come in three phases: moves to temporary names, removals (deepest
-//! first), then placements in the order of their final paths (parents before children).
+//! first), then placements in the order of their final paths (parents before children), the
+//! moved objects first so that none of them finds its old name taken if it has to go back.
 //!
 //! Every step is idempotent against its own effect (a rename whose source is gone, a removal of
 //! something absent, a copy or mkdir done again): a shell that records the index of the last
@@ -85,8 +91,12 @@
 //!
 //! Memory is linear in the records given: each record adds at most two objects (a rename that
 //! replaces its target and leaves a whiteout) and at most as many names; the plan has at most a
-//! few steps per object. Paths the planner emits are [`RelPath`]s built by `join`/`rebase` of
-//! validated paths; a conflict or temporary name that would not be a valid path is shortened.
+//! few steps per object, and the planner's maps hold at most one entry per object or step.
+//! Time is O(n·(d + m)) for n objects, path depth d and m renames in the plan (each lookup
+//! replays the plan's renames). Paths the planner emits are [`RelPath`]s built by `join` and
+//! `rebase` of validated paths; a conflict or temporary name too long for a component is
+//! shortened, and a plan with a rebased path longer than `PATH_BYTES_MAX` is refused
+//! ([`PlanError::PathTooLong`]) rather than emitted.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
@@ -119,7 +129,8 @@ pub enum Step {
         our_path: RelPath,
     },
     /// Keep their version of `path` as the new name `copy` (a copy of their entry at
-    /// `their_path`), beside our version at `path`.
+    /// `their_path`, as `CopyFromTheirs`; a directory gets their attributes, and their entries
+    /// below it come as their own steps), beside our version at `path`.
     ConflictCopy {
         their_path: RelPath,
         path: RelPath,
@@ -173,6 +184,8 @@ pub struct Plan {
 pub enum PlanError {
     #[error("{0}: no free name for a conflict copy or a temporary name")]
     NoFreeName(String),
+    #[error("{0}: a path in the plan would be longer than the limit")]
+    PathTooLong(String),
 }
 
 /// What the planner is given.
@@ -492,7 +505,41 @@ pub fn plan(
     m.stash_phase()?;
     m.remove_phase();
     m.place_phase()?;
+    check_paths(&m.plan)?;
     Ok(m.plan)
+}
+
+/// Every path in the plan is a valid [`RelPath`] (`rebase` does not check the length).
+fn check_paths(plan: &Plan) -> Result<(), PlanError> {
+    let step_paths = plan.steps.iter().flat_map(|s| match s {
+        Step::Rename { from, to } => vec![from, to],
+        Step::Remove { our_path } => vec![our_path],
+        Step::Mkdir {
+            their_path,
+            our_path,
+        }
+        | Step::CopyFromTheirs {
+            their_path,
+            our_path,
+        } => vec![their_path, our_path],
+        Step::ConflictCopy {
+            their_path,
+            path,
+            copy,
+            ..
+        } => vec![their_path, path, copy],
+    });
+    let conflict_paths = plan
+        .conflicts
+        .iter()
+        .flat_map(|c| std::iter::once(&c.path).chain(c.copy.as_ref()));
+    match step_paths
+        .chain(conflict_paths)
+        .find(|p| RelPath::new(p.as_bytes()).is_err())
+    {
+        Some(p) => Err(PlanError::PathTooLong(p.to_string())),
+        None => Ok(()),
+    }
 }
 
 /// `conflict-SITE-YYYYMMDD-HHMMSS`.
@@ -1381,6 +1428,31 @@ mod tests {
         run(&ours, &[write("d/e", "theirs")])
             .has("f/e", "theirs")
             .reasons(&[]);
+    }
+
+    #[test]
+    fn their_rename_onto_a_name_we_changed_is_not_applied() {
+        let ours = [create("y"), write("y", "ours-y")];
+        run(&ours, &rename_x("y"))
+            .has("x", "base-x")
+            .has("y", "ours-y")
+            .reasons(&[Reason::NameTaken]);
+        // Onto a base file we modified: their rename replaced it there, ours is kept.
+        let base_y = [create("y"), write("y", "base-y")];
+        let mut ours = base_y.to_vec();
+        ours.push(write("y", "ours"));
+        let o = records(ours.clone());
+        let t = records(rename_x("y"));
+        let input = Input {
+            ours: &o[2..],
+            theirs: &t,
+            their_site: SITE,
+            time: 0,
+        };
+        let got = plan(&input, &mut |_| false).expect("plan");
+        let reasons: Vec<Reason> = got.conflicts.iter().map(|c| c.reason).collect();
+        assert_eq!(reasons, [Reason::TheyDeleted, Reason::NameTaken], "{got:?}");
+        assert!(!got.steps.iter().any(|s| matches!(s, Step::Remove { .. })));
     }
 
     #[test]
