@@ -32,7 +32,10 @@
 //! `Rmdir`, or replaced by a rename), renamed (its own rename, `from → to`; also the target of a
 //! `RENAME_EXCHANGE`), directory removed. `RENAME_WHITEOUT` is a rename plus a new special file
 //! (the whiteout) at the source. A hard link's new name (`Link`) is a new object whose content is
-//! copied: link identity is not reintegrated, and a write through one name marks only that name.
+//! copied (link identity is not reintegrated: a copy replaces one name by a new file), but a
+//! change through any name of a file marks every name the records linked to it as changed, and a
+//! rename between two such names does nothing, as rename(2). Links made before the common point
+//! are not known to the records: a change through one of those names marks only that name.
 //!
 //! # Rules
 //!
@@ -247,6 +250,10 @@ struct Side {
     by_base: HashMap<RelPath, usize>,
     /// Current name → object, for every object touched that still exists.
     names: BTreeMap<RelPath, usize>,
+    /// Hard-link groups: object → the objects that are names of the same file (each member
+    /// maps to the shared list's key, the first member).
+    link_group: HashMap<usize, usize>,
+    links: HashMap<usize, Vec<usize>>,
 }
 
 impl Side {
@@ -272,8 +279,12 @@ impl Side {
             }
             Op::Mkdir { path, .. } => self.create(path, true),
             Op::Link { from, to } => {
-                self.resolve(from);
+                let a = self.resolve(from);
                 self.create(to, false);
+                let b = self.objs.len() - 1;
+                let g = *self.link_group.entry(a).or_insert(a);
+                self.link_group.insert(b, g);
+                self.links.entry(g).or_insert_with(|| vec![a]).push(b);
             }
             Op::Unlink { path, .. } => self.delete(path, false),
             Op::Rmdir { path } => self.delete(path, true),
@@ -288,10 +299,27 @@ impl Side {
             | Op::SetXattr { path, .. }
             | Op::RemoveXattr { path, .. } => {
                 let i = self.resolve(path);
-                self.objs[i].changed = true;
+                self.changed(i);
             }
             Op::SetTimes { .. } | Op::Abort { .. } | Op::Sync { .. } | Op::SyncDone { .. } => {}
         }
+    }
+
+    /// `i` changed, and so did every other name of the same file.
+    fn changed(&mut self, i: usize) {
+        self.objs[i].changed = true;
+        let group = self.link_group.get(&i).and_then(|g| self.links.get(g));
+        for &j in group.into_iter().flatten() {
+            self.objs[j].changed = true;
+        }
+    }
+
+    fn same_file(&self, a: usize, b: usize) -> bool {
+        a == b
+            || self
+                .link_group
+                .get(&a)
+                .is_some_and(|g| self.link_group.get(&b) == Some(g))
     }
 
     fn push(&mut self, obj: Obj) -> usize {
@@ -370,6 +398,9 @@ impl Side {
             return;
         }
         let a = self.resolve(from);
+        if self.names.get(to).is_some_and(|&b| self.same_file(a, b)) {
+            return; // two names of one file (a hard link): rename(2) does nothing
+        }
         if flags & rename_flags::EXCHANGE != 0 {
             let b = self.resolve(to);
             let ta = self.take_tree(from);
@@ -378,9 +409,6 @@ impl Side {
             self.put_rebased(tb, to, from);
             self.objs[b].moved = true;
         } else {
-            if self.names.get(to) == Some(&a) {
-                return; // two names of one file (a hard link): rename(2) does nothing
-            }
             // Whatever `to` named is replaced (it did not exist if the base object is made up).
             let fresh = !self.names.contains_key(to);
             let r = self.resolve(to);
@@ -1582,6 +1610,8 @@ mod tests {
         Rmdir(usize),
         Rename(usize, usize, usize),
         Chmod(usize, bool),
+        Link(usize, usize),
+        Symlink(usize),
     }
 
     fn gen_step() -> impl Strategy<Value = Gen> {
@@ -1595,6 +1625,8 @@ mod tests {
             (0..n).prop_map(Gen::Rmdir),
             (0..n, 0..n, 0..3usize).prop_map(|(a, b, f)| Gen::Rename(a, b, f)),
             (0..n, any::<bool>()).prop_map(|(a, x)| Gen::Chmod(a, x)),
+            (0..n, 0..n).prop_map(|(a, b)| Gen::Link(a, b)),
+            (0..n).prop_map(Gen::Symlink),
         ]
     }
 
@@ -1636,6 +1668,16 @@ mod tests {
                 let flags = [0, rename_flags::NOREPLACE, rename_flags::EXCHANGE][f];
                 vec![rename(POOL[a], POOL[b], flags)]
             }
+            Gen::Link(a, b) => vec![Op::Link {
+                from: p(POOL[a]),
+                to: p(POOL[b]),
+            }],
+            Gen::Symlink(i) => vec![Op::Symlink {
+                path: p(POOL[i]),
+                target: id.into_bytes(),
+                uid: 0,
+                gid: 0,
+            }],
             Gen::Chmod(i, x) => vec![Op::SetMode {
                 path: p(POOL[i]),
                 mode: if x { 0o600 } else { 0o640 },
@@ -1718,10 +1760,11 @@ mod tests {
             }
         }
         // (2): every version our side made stays at our name, unless their side renamed it.
-        let their_path: HashMap<&Vec<u8>, &RelPath> = t.iter().map(|(k, v)| (&v.0, k)).collect();
+        // (Their hard links: any of the file's names on their side counts as their rename.)
         for (path, v) in &o {
-            let moved_by_them = their_path.get(&v.0).is_some_and(|q| *q != path)
-                && b.get(path).is_none_or(|bv| bv.0 == v.0);
+            let moved_by_them = t.iter().any(|(q, w)| w.0 == v.0 && q != path)
+                && b.get(path).is_none_or(|bv| bv.0 == v.0)
+                && r.values().any(|w| w == v);
             // Carried by their move of a directory above it (which our renames may have moved).
             let carried = moved_by(path, moves).is_some()
                 && r.iter()
