@@ -744,8 +744,11 @@ impl Merge<'_> {
             return self.restore(q, b, t.dir);
         }
         if let Some((tmp, was, n)) = self.stashed.get(b).cloned().filter(|_| t.moved) {
-            let was = self.moves[n..]
+            // Where it was, moved by the plan's renames made since.
+            let was = self
+                .moves
                 .iter()
+                .skip(n)
                 .fold(was, |p, (f, to)| p.rebase(f, to).unwrap_or(p));
             return self.unstash(q, b, (tmp, was), &t);
         }
