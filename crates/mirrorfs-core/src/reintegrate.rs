@@ -1782,6 +1782,9 @@ mod tests {
                 return Err(format!("untouched {path} changed: {:?}", r.get(path)));
             }
         }
+        if let Some(c) = copies.iter().find(|c| !result.entries.contains_key(**c)) {
+            return Err(format!("listed conflict copy {c} is missing"));
+        }
         if let Some(k) = result.entries.keys().find(|k| {
             k.file_name()
                 .is_some_and(|n| n.starts_with(b".mirrorfs-reint"))
