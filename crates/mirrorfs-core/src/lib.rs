@@ -16,6 +16,7 @@ pub mod journal;
 pub mod link;
 pub mod op;
 pub mod path;
+pub mod reintegrate;
 pub mod sequencer;
 pub mod session;
 pub mod sim;
