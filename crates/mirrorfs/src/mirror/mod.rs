@@ -15,6 +15,7 @@ use std::sync::{Arc, MutexGuard};
 use std::time::{Duration, Instant};
 
 use mirrorfs_core::applier::Applier;
+use mirrorfs_core::feed::FeedReadError;
 use mirrorfs_core::journal::Journal;
 use mirrorfs_core::op::Op;
 use mirrorfs_core::path::RelPath;
@@ -56,74 +57,109 @@ pub fn run_worker(vol: Arc<Volume>, m: Arc<MirrorShared>, applier: Applier) {
         }
         if mark_checked.is_none_or(|t| t.elapsed() >= MARK_CHECK_EVERY) {
             mark_checked = Some(Instant::now());
-            match wait_for_mark(&vol, &m) {
-                MarkWait::Stop => return,
-                MarkWait::Ok => {}
-                // The right tree is back at the path: apply to it, not to what the old
-                // descriptor still points at.
-                MarkWait::Back => match DirTree::open(&m.path) {
-                    Ok(t) => tree = t,
-                    Err(e) => {
-                        set_retrying(&m, format!("cannot open {}: {e}", m.path.display()));
-                        mark_checked = None;
-                        std::thread::sleep(Duration::from_secs(1));
-                        continue;
-                    }
-                },
+            match recheck_mark(&vol, &m, &mut tree) {
+                Flow::Go => {}
+                Flow::Again => {
+                    mark_checked = None;
+                    continue;
+                }
+                Flow::End => return,
             }
         }
         let want = m.want_durable.load(Ordering::Acquire);
         let turn = worker.turn(&mut tree, &mut cursor, clock.elapsed(), want, || {
             feed.next(&vol)
         });
-        match turn {
-            Ok(Turn::Checkpointed { checkpoint }) => {
-                m.checkpoint.store(checkpoint, Ordering::Release);
-                vol.changed.notify_all();
-            }
-            Ok(Turn::Applied {
-                seq,
-                data_bytes,
-                checkpoint,
-                copying,
-                copy_done,
-            }) => {
-                if let Some(done) = copy_done {
-                    copy_complete(&m, done);
-                }
-                m.applied.store(seq, Ordering::Release);
-                m.applied_bytes.fetch_add(data_bytes, Ordering::Relaxed);
-                if m.checkpoint.swap(checkpoint, Ordering::AcqRel) != checkpoint {
-                    vol.changed.notify_all();
-                }
-                set_applying(&m, copying);
-            }
-            Ok(Turn::Skipped { seq }) => m.applied.store(seq, Ordering::Release),
-            Ok(Turn::Idle) => {
-                let p = lock(&vol.progress);
-                if !p.stopping && !feed.moved(&p) {
-                    let _ = vol.changed.wait_timeout(p, Duration::from_millis(100));
-                }
-            }
-            Ok(Turn::Retry { after, error }) => {
-                tracing::warn!("mirror {}: {error}; retrying in {after:?}", m.name);
-                set_retrying(&m, error);
-                std::thread::sleep(after);
-            }
-            Ok(Turn::Diverged { reason }) => {
-                tracing::error!("mirror {}: {reason}", m.name);
-                m.mark_needs_resync(&reason);
-                vol.changed.notify_all();
-                return;
-            }
-            Err(e) => {
-                let reason = format!("cannot read the journal: {e}");
-                tracing::error!("mirror {}: {reason}", m.name);
-                m.mark_needs_resync(&reason);
-                return;
-            }
+        if let Flow::End = publish(&vol, &m, &feed, turn) {
+            return;
         }
     }
+}
+
+/// What the worker's loop does next.
+enum Flow {
+    Go,
+    Again,
+    End,
+}
+
+/// Every `MARK_CHECK_EVERY`: the mirror's identity mark is still right (else the worker waits as
+/// `refused`); if the right tree came back at the path, it is applied to, not what the old
+/// descriptor still points at.
+fn recheck_mark(vol: &Volume, m: &MirrorShared, tree: &mut DirTree) -> Flow {
+    match wait_for_mark(vol, m) {
+        MarkWait::Stop => Flow::End,
+        MarkWait::Ok => Flow::Go,
+        MarkWait::Back => match DirTree::open(&m.path) {
+            Ok(t) => {
+                *tree = t;
+                Flow::Go
+            }
+            Err(e) => {
+                set_retrying(m, format!("cannot open {}: {e}", m.path.display()));
+                std::thread::sleep(Duration::from_secs(1));
+                Flow::Again
+            }
+        },
+    }
+}
+
+/// Publishes what one turn of the worker did (positions, phase, wake-ups for waiters) and does
+/// what it asks of the thread (wait, sleep before a retry, stop on a divergence).
+fn publish(
+    vol: &Volume,
+    m: &MirrorShared,
+    feed: &RecordFeed,
+    turn: Result<Turn, FeedReadError>,
+) -> Flow {
+    match turn {
+        Ok(Turn::Checkpointed { checkpoint }) => {
+            m.checkpoint.store(checkpoint, Ordering::Release);
+            vol.changed.notify_all();
+        }
+        Ok(Turn::Applied {
+            seq,
+            data_bytes,
+            checkpoint,
+            copying,
+            copy_done,
+        }) => {
+            if let Some(done) = copy_done {
+                copy_complete(m, done);
+            }
+            m.applied.store(seq, Ordering::Release);
+            m.applied_bytes.fetch_add(data_bytes, Ordering::Relaxed);
+            if m.checkpoint.swap(checkpoint, Ordering::AcqRel) != checkpoint {
+                vol.changed.notify_all();
+            }
+            set_applying(m, copying);
+        }
+        Ok(Turn::Skipped { seq }) => m.applied.store(seq, Ordering::Release),
+        Ok(Turn::Idle) => {
+            let p = lock(&vol.progress);
+            if !p.stopping && !feed.moved(&p) {
+                let _ = vol.changed.wait_timeout(p, Duration::from_millis(100));
+            }
+        }
+        Ok(Turn::Retry { after, error }) => {
+            tracing::warn!("mirror {}: {error}; retrying in {after:?}", m.name);
+            set_retrying(m, error);
+            std::thread::sleep(after);
+        }
+        Ok(Turn::Diverged { reason }) => {
+            tracing::error!("mirror {}: {reason}", m.name);
+            m.mark_needs_resync(&reason);
+            vol.changed.notify_all();
+            return Flow::End;
+        }
+        Err(e) => {
+            let reason = format!("cannot read the journal: {e}");
+            tracing::error!("mirror {}: {reason}", m.name);
+            m.mark_needs_resync(&reason);
+            return Flow::End;
+        }
+    }
+    Flow::Go
 }
 
 fn open_tree_and_cursor(m: &MirrorShared) -> Option<(DirTree, FileCursor)> {
