@@ -111,10 +111,19 @@ impl Daemon {
                 fs::remove_file(&p)?;
             }
         }
-        {
-            let mut o = lock(&self.vol.order);
-            o.journal.restart_at(seq)?;
-        }
+        self.restart_for_copy(seq, sync_id)?;
+        *lock(&self.m.phase) = MirrorPhase::Syncing {
+            done_bytes: 0,
+            total_bytes: 0,
+        };
+        Ok(())
+    }
+
+    /// The journal restarts at `seq` (the copy's first record; F1 durable before this returns),
+    /// nothing before it is durable or settled any more, and a worker applies copy `sync_id`
+    /// from there (idempotently, until its `SyncDone`).
+    fn restart_for_copy(&self, seq: u64, sync_id: u32) -> Result<()> {
+        lock(&self.vol.order).journal.restart_at(seq)?;
         {
             let mut p = lock(&self.vol.progress);
             p.durable_seq = seq - 1;
@@ -122,12 +131,7 @@ impl Daemon {
         }
         let mut ap = volume::new_applier_at(&self.m, seq - 1)?;
         ap.set_syncing(Some(sync_id));
-        self.start_worker(ap)?;
-        *lock(&self.m.phase) = MirrorPhase::Syncing {
-            done_bytes: 0,
-            total_bytes: 0,
-        };
-        Ok(())
+        self.start_worker(ap)
     }
 
     /// A block-hash resync: keep the tree, restart the journal at `seq`, send the manifest;
@@ -151,15 +155,7 @@ impl Daemon {
         mm.set_history(history);
         write_meta(&self.state, &mm)?;
         *lock(&self.meta) = mm;
-        lock(&self.vol.order).journal.restart_at(seq)?;
-        {
-            let mut p = lock(&self.vol.progress);
-            p.durable_seq = seq - 1;
-            p.settled_seq = seq - 1;
-        }
-        let mut ap = volume::new_applier_at(&self.m, seq - 1)?;
-        ap.set_syncing(Some(sync_id));
-        self.start_worker(ap)?;
+        self.restart_for_copy(seq, sync_id)?;
         let mut batch = Vec::new();
         let mut batch_bytes = 0usize;
         let mut last_ping = Instant::now();
