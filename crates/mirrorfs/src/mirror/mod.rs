@@ -378,36 +378,13 @@ impl NamespaceCopy<'_> {
                 dir,
             } => (path, name, st, dir),
         };
-        let (uid, gid, mode) = (st.st_uid, st.st_gid, st.st_mode);
-        match mode & libc::S_IFMT {
-            libc::S_IFDIR => self.emit(Op::Mkdir {
-                path: path.clone(),
-                mode: mode & 0o7777,
-                uid,
-                gid,
-            })?,
-            libc::S_IFREG => {
-                if self.regular_file(path, st)? {
-                    return Ok(());
-                }
+        if st.st_mode & libc::S_IFMT == libc::S_IFREG {
+            if self.regular_file(path, st)? {
+                return Ok(());
             }
-            libc::S_IFLNK => {
-                let target = sys::readlinkat(dfd, OsStr::from_bytes(name))?;
-                // Its xattrs (security.*, trusted.*) and times follow below.
-                self.emit(Op::Symlink {
-                    path: path.clone(),
-                    target,
-                    uid,
-                    gid,
-                })?;
-            }
-            _ => self.emit(Op::Mknod {
-                path: path.clone(),
-                mode,
-                rdev: st.st_rdev,
-                uid,
-                gid,
-            })?,
+        } else {
+            // A symlink's xattrs (security.*, trusted.*) and times follow below.
+            self.emit(creation_op(path, name, st, dfd)?)?;
         }
         for op in entry_meta(self.root, path, st, &[]) {
             self.emit(op)?;
@@ -780,4 +757,37 @@ pub(crate) fn xattr_names(fd: BorrowedFd<'_>) -> io::Result<Vec<Vec<u8>>> {
         .filter(|n| !n.is_empty())
         .map(<[u8]>::to_vec)
         .collect())
+}
+
+/// The op that makes a directory, a symlink (its target read beneath `dfd`) or a special file
+/// as the primary has it: one description for the initial copy and the resync. A regular file
+/// is copied through its own steps, never made here.
+pub(crate) fn creation_op(
+    path: &RelPath,
+    name: &[u8],
+    st: &libc::stat,
+    dfd: std::os::fd::BorrowedFd<'_>,
+) -> io::Result<Op> {
+    let (uid, gid, mode) = (st.st_uid, st.st_gid, st.st_mode);
+    Ok(match mode & libc::S_IFMT {
+        libc::S_IFDIR => Op::Mkdir {
+            path: path.clone(),
+            mode: mode & 0o7777,
+            uid,
+            gid,
+        },
+        libc::S_IFLNK => Op::Symlink {
+            path: path.clone(),
+            target: sys::readlinkat(dfd, OsStr::from_bytes(name))?,
+            uid,
+            gid,
+        },
+        _ => Op::Mknod {
+            path: path.clone(),
+            mode,
+            rdev: st.st_rdev,
+            uid,
+            gid,
+        },
+    })
 }

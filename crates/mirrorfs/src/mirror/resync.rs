@@ -409,7 +409,7 @@ impl<'a> NamespaceResync<'a> {
                 dir,
             } => (path, name, st, dir),
         };
-        let (uid, gid, mode) = (st.st_uid, st.st_gid, st.st_mode);
+        let mode = st.st_mode;
         // The xattr names of the mirror's entry, if it keeps it.
         let mut mirror_has: &[Vec<u8>] = &[];
         match kind_of(mode) {
@@ -421,34 +421,14 @@ impl<'a> NamespaceResync<'a> {
                         self.emit(op)?;
                     }
                 } else {
-                    self.emit(Op::Mkdir {
-                        path: path.clone(),
-                        mode: mode & 0o7777,
-                        uid,
-                        gid,
-                    })?;
+                    self.emit(crate::mirror::creation_op(path, name, st, dfd)?)?;
                 }
             }
             1 => match self.regular_file(path, st)? {
                 Some(has) => mirror_has = has,
                 None => return Ok(()),
             },
-            3 => {
-                let target = sys::readlinkat(dfd, OsStr::from_bytes(name))?;
-                self.emit(Op::Symlink {
-                    path: path.clone(),
-                    target,
-                    uid,
-                    gid,
-                })?;
-            }
-            _ => self.emit(Op::Mknod {
-                path: path.clone(),
-                mode,
-                rdev: st.st_rdev,
-                uid,
-                gid,
-            })?,
+            _ => self.emit(crate::mirror::creation_op(path, name, st, dfd)?)?,
         }
         for op in crate::mirror::entry_meta(self.root, path, st, mirror_has) {
             self.emit(op)?;

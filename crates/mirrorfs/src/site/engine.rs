@@ -103,9 +103,7 @@ impl Volume {
             poisoned: AtomicBool::new(false),
         }
     }
-}
 
-impl Volume {
     /// Fsyncs every journal segment not yet durable, outside the flusher (at start, and when a
     /// mirror daemon reopens its journal), and publishes the journal's end as durable. Returns
     /// that end.
