@@ -9,8 +9,9 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
 use mirrorfs_core::wire::{Decoder, Msg};
@@ -176,6 +177,29 @@ impl Duplex {
         self.bytes_out
             .fetch_add(out.len() as u64, std::sync::atomic::Ordering::Relaxed);
         Ok(())
+    }
+
+    /// The receiving loop's next message: `Ok(None)` once `done` is set; an error (worded by
+    /// `silent`, e.g. "the mirror sent nothing…") when the peer has been silent for `dead_after`
+    /// since `heard`, which a message moves to now.
+    pub fn next_or_dead(
+        &self,
+        dec: &mut Decoder,
+        done: &AtomicBool,
+        heard: &mut Instant,
+        dead_after: Duration,
+        silent: impl Fn() -> anyhow::Error,
+    ) -> Result<Option<Msg>> {
+        while !done.load(std::sync::atomic::Ordering::Acquire) {
+            if let Some(msg) = self.recv(dec)? {
+                *heard = Instant::now();
+                return Ok(Some(msg));
+            }
+            if heard.elapsed() > dead_after {
+                return Err(silent());
+            }
+        }
+        Ok(None)
     }
 
     /// Receives the next message. `Ok(None)` means nothing arrived within [`READ_TICK`] (call

@@ -590,21 +590,11 @@ fn take_acks(
 ) -> Result<()> {
     let mut heard = Instant::now();
     loop {
-        if done.load(Ordering::Acquire) {
+        let silent =
+            || anyhow!("the mirror sent nothing for {DEAD_AFTER:?}; the link is considered dead");
+        let Some(msg) = d.next_or_dead(&mut dec, done, &mut heard, DEAD_AFTER, silent)? else {
             return Ok(());
-        }
-        let msg = match d.recv(&mut dec)? {
-            Some(msg) => msg,
-            None => {
-                if heard.elapsed() > DEAD_AFTER {
-                    return Err(anyhow!(
-                        "the mirror sent nothing for {DEAD_AFTER:?}; the link is considered dead"
-                    ));
-                }
-                continue;
-            }
         };
-        heard = Instant::now();
         match msg {
             Msg::Ack { .. } => {
                 let p = lock(sender).on_ack(&msg).map_err(|e| {

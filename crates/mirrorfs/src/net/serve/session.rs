@@ -164,21 +164,13 @@ impl Daemon {
         session: &Mutex<Session>,
         done: &AtomicBool,
     ) -> Result<()> {
+        let dead = crate::net::remote::DEAD_AFTER;
         let mut heard = Instant::now();
         loop {
-            if done.load(Ordering::Acquire) {
+            let silent = || anyhow!("the primary sent nothing for {dead:?}; closing");
+            let Some(msg) = link.next_or_dead(dec, done, &mut heard, dead, silent)? else {
                 return Ok(());
-            }
-            let Some(msg) = link.recv(dec)? else {
-                if heard.elapsed() > crate::net::remote::DEAD_AFTER {
-                    bail!(
-                        "the primary sent nothing for {:?}; closing",
-                        crate::net::remote::DEAD_AFTER
-                    );
-                }
-                continue;
             };
-            heard = Instant::now();
             let incoming = lock(session).on_message(&msg)?;
             match incoming {
                 Incoming::Append { records, settled } => self.append(session, records, settled)?,
