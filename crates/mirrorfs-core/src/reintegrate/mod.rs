@@ -103,6 +103,7 @@
 //! ([`PlanError::PathTooLong`]) rather than emitted.
 
 pub mod run;
+pub mod saved;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
