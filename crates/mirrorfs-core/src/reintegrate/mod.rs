@@ -1157,7 +1157,7 @@ mod tests {
             steps: steps.to_vec(),
             conflicts: Vec::new(),
         };
-        let r = run::drive::drive(ours, theirs, &plan, 0, usize::MAX, &|_| false)?;
+        let r = crate::sim::drive(ours, theirs, &plan, 0, usize::MAX, &|_| false)?;
         match r.done {
             true => Ok(()),
             false => Err("the run did not finish".into()),
@@ -1768,7 +1768,7 @@ mod tests {
         for budget in 0.. {
             let mut again = before.clone();
             let drive = |t: &mut SimTree, from, budget| {
-                run::drive::drive(t, &st, &plan, from, budget, &|_| false)
+                crate::sim::drive(t, &st, &plan, from, budget, &|_| false)
                     .map_err(|e| TestCaseError::fail(format!("crash after {budget} ops: {e}")))
             };
             let first = drive(&mut again, 0, budget)?;

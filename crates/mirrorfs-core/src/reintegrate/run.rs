@@ -43,7 +43,7 @@ use crate::op::Op;
 use crate::path::RelPath;
 use crate::tree::EntryKind;
 
-/// What our tree has at a path.
+/// What our tree has at a path (`None` also when a component of it is not a directory).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Stat {
     pub kind: EntryKind,
@@ -60,6 +60,8 @@ pub enum Applied {
     NotFound,
     Exists,
     NotEmpty,
+    /// A component of the path is not a directory.
+    NotDir,
     /// Any other error, with its text.
     Failed(String),
 }
@@ -81,6 +83,9 @@ pub enum Action {
     AwaitEntry,
     /// A conflict found while running: list it.
     Conflict(Conflict),
+    /// The run sent our `.0` to the late name `.1`; later steps follow it there. Record it
+    /// durably with the cursor (give the recorded moves back to [`Run::new`] after a crash).
+    Moved(RelPath, RelPath),
     /// Step `.0` is complete: record durably that `.0 + 1` steps are done before going on.
     StepDone(usize),
     /// Every step is done.
@@ -129,6 +134,9 @@ enum Tolerate {
     NotFound,
     /// An `rmdir` of a directory a change of ours filled since the plan: kept, listed.
     NotEmptyDir,
+    /// A rename that a change of ours since the plan stands in the way of: it goes to a late
+    /// conflict name instead (beside its destination, or at the root if that directory is gone).
+    RenameHomeless,
 }
 
 /// Where a copy step is.
@@ -164,6 +172,14 @@ struct Copy {
     last: bool,
     /// Any op arrived (an answer with none is an entry their side no longer has).
     any: bool,
+    /// Ops applied of this fetch.
+    applied: usize,
+    /// The target's directory is gone (a change of ours since the plan): the copy was sent to
+    /// the root; the rest of the first answer is dropped.
+    redirected: bool,
+    discarding: bool,
+    /// The copy could not replace the target and went beside it.
+    placed_late: bool,
 }
 
 /// One plan being carried out.
@@ -180,12 +196,17 @@ pub struct Run {
     /// The step is complete; `StepDone` follows once the queue drains.
     finishing: bool,
     started: bool,
+    /// Our names the run moved to late conflict names (a directory's entries follow it).
+    moved: Vec<(RelPath, RelPath)>,
+    /// The rename being applied: (from, its inode).
+    renaming: Option<(RelPath, u64)>,
 }
 
 impl Run {
     /// Carries out `plan` from step `from` (the step cursor: how many are done). `label` is the
-    /// plan's conflict label ([`super::conflict_label`]).
-    pub fn new(plan: &Plan, from: usize, label: &str) -> Run {
+    /// plan's conflict label ([`super::conflict_label`]); `moved`, the moves an earlier run of
+    /// this plan reported ([`Action::Moved`]).
+    pub fn new(plan: &Plan, from: usize, label: &str, moved: Vec<(RelPath, RelPath)>) -> Run {
         Run {
             steps: plan.steps.clone(),
             step: from,
@@ -195,6 +216,8 @@ impl Run {
             copy: None,
             finishing: false,
             started: false,
+            moved,
+            renaming: None,
         }
     }
 
@@ -243,7 +266,73 @@ impl Run {
         }
     }
 
+    /// Where our `p` is now, after the run's own late moves of directories above it.
+    fn ours_now(&self, p: RelPath) -> RelPath {
+        self.moved
+            .iter()
+            .rev()
+            .find_map(|(from, to)| p.rebase(from, to))
+            .unwrap_or(p)
+    }
+
+    /// The current step with our names rebased through the run's late moves.
+    fn rebased_step(&self) -> Step {
+        let r = |p: RelPath| self.ours_now(p);
+        match self.steps[self.step].clone() {
+            Step::Rename { from, to } => Step::Rename {
+                from: r(from),
+                to: r(to),
+            },
+            Step::Remove { our_path } => Step::Remove {
+                our_path: r(our_path),
+            },
+            Step::Mkdir {
+                their_path,
+                our_path,
+            } => Step::Mkdir {
+                their_path,
+                our_path: r(our_path),
+            },
+            Step::CopyFromTheirs {
+                their_path,
+                our_path,
+            } => Step::CopyFromTheirs {
+                their_path,
+                our_path: r(our_path),
+            },
+            Step::ConflictCopy {
+                their_path,
+                path,
+                copy,
+                reason,
+            } => Step::ConflictCopy {
+                their_path,
+                path: r(path),
+                copy: r(copy),
+                reason,
+            },
+        }
+    }
+
+    /// Sends the current copy (or rename) to `to` instead of `from`, and lists it.
+    fn move_late(&mut self, from: &RelPath, to: &RelPath) {
+        self.moved.push((from.clone(), to.clone()));
+        self.queue
+            .push_back(Action::Moved(from.clone(), to.clone()));
+        self.late_conflict(from, Some(to.clone()));
+    }
+
+    /// A late conflict name for `p` at the root (its own directory is gone).
+    fn homeless(&self, p: &RelPath) -> Result<RelPath, RunError> {
+        let name = p.file_name().unwrap_or(b"entry").to_vec();
+        let at_root = RelPath::new(name).map_err(|e| self.fail(e.to_string()))?;
+        late_name(&at_root, &self.label, self.step).map_err(|why| self.fail(why))
+    }
+
     fn start_step(&mut self) {
+        if !self.moved.is_empty() {
+            self.steps[self.step] = self.rebased_step();
+        }
         match self.steps[self.step].clone() {
             Step::Rename { from, .. } => self.stat(from, Purpose::RenameFrom),
             Step::Remove { our_path } => self.stat(our_path, Purpose::Remove),
@@ -271,6 +360,10 @@ impl Run {
                     pending: VecDeque::new(),
                     last: false,
                     any: false,
+                    applied: 0,
+                    redirected: false,
+                    discarding: false,
+                    placed_late: false,
                 });
                 self.stat(our_path, Purpose::Target);
             }
@@ -289,6 +382,7 @@ impl Run {
 
     fn finish(&mut self) {
         self.wait = Wait::None;
+        self.renaming = None;
         self.finishing = true;
     }
 
@@ -329,18 +423,19 @@ impl Run {
                     Some(s) if s.changed_since_plan => {
                         let late =
                             late_name(&to, &self.label, self.step).map_err(|why| self.fail(why))?;
-                        self.late_conflict(&to, Some(late.clone()));
+                        self.move_late(&to, &late);
                         late
                     }
                     _ => to,
                 };
+                self.renaming = Some((from.clone(), ino));
                 let op = Op::Rename {
                     from,
                     to,
                     flags: 0,
                     from_ino: ino,
                 };
-                self.apply(op, Tolerate::NotFound);
+                self.apply(op, Tolerate::RenameHomeless);
             }
             (Purpose::Remove, Step::Remove { our_path }) => match st {
                 None => self.finish(),
@@ -402,7 +497,7 @@ impl Run {
             c.ours = None;
         }
         if let Some((path, copy)) = late {
-            self.late_conflict(&path, Some(copy));
+            self.move_late(&path, &copy);
         }
         let temp = self.copy_mut()?.temp.clone();
         self.stat(temp, Purpose::Temp);
@@ -428,11 +523,21 @@ impl Run {
         if !matches!(self.wait, Wait::Entry) {
             return Err(RunError::Misuse("on_entry without a Fetch"));
         }
+        self.wait = Wait::None;
         let c = self.copy_mut()?;
+        if c.discarding {
+            if !last {
+                self.wait = Wait::Entry;
+                return Ok(());
+            }
+            c.discarding = false;
+            let temp = c.temp.clone();
+            self.stat(temp, Purpose::Temp);
+            return Ok(());
+        }
         c.any |= !ops.is_empty();
         c.pending.extend(ops);
         c.last = last;
-        self.wait = Wait::None;
         self.feed()
     }
 
@@ -476,8 +581,13 @@ impl Run {
             return Ok(());
         }
         if c.ours == Some(EntryKind::Dir) {
-            return Err(self.fail("their entry is not a directory, ours is: not replaced"));
+            // Ours became a directory after the plan: kept; theirs goes beside it.
+            let target = c.target.clone();
+            let late = late_name(&target, &self.label, self.step).map_err(|why| self.fail(why))?;
+            self.move_late(&target, &late);
+            self.copy_mut()?.target = late;
         }
+        let c = self.copy_mut()?;
         c.phase = Phase::Placing;
         let op = Op::Rename {
             from: c.temp.clone(),
@@ -495,8 +605,37 @@ impl Run {
             return Err(RunError::Misuse("on_applied without an Apply"));
         };
         self.wait = Wait::None;
+        let homeless = matches!(r, Applied::NotFound | Applied::NotDir);
+        if r != Applied::Ok && tolerate == Tolerate::RenameHomeless && self.renaming.is_some() {
+            return self.rename_elsewhere(homeless);
+        }
+        let phase = self.copy.as_ref().map(|c| (c.phase, c.dir, c.placed_late));
+        if r != Applied::Ok && phase == Some((Phase::Placing, Some(false), false)) {
+            return self.place_beside();
+        }
+        if r == Applied::Exists && matches!(phase, Some((Phase::Receiving, Some(true), _))) {
+            // A directory of ours appeared there after the plan: kept with its attributes.
+            let c = self.copy_mut()?;
+            c.ours = Some(EntryKind::Dir);
+            c.ours_changed = true;
+            c.applied += 1;
+            return self.feed();
+        }
+        let first_of_copy = self
+            .copy
+            .as_ref()
+            .is_some_and(|c| c.phase == Phase::Receiving && c.applied == 0 && !c.redirected);
+        if homeless && first_of_copy {
+            return self.copy_homeless();
+        }
+        if r == Applied::Ok {
+            if let Some(c) = self.copy.as_mut() {
+                c.applied += 1;
+            }
+        }
         match (r, tolerate) {
-            (Applied::Ok, _) | (Applied::NotFound, Tolerate::NotFound) => {}
+            (Applied::Ok, _)
+            | (Applied::NotFound, Tolerate::NotFound | Tolerate::RenameHomeless) => {}
             (Applied::NotEmpty, Tolerate::NotEmptyDir) => {
                 if let Step::Remove { our_path } = &self.steps[self.step] {
                     let p = our_path.clone();
@@ -511,6 +650,79 @@ impl Run {
             Some(Phase::ClearingTemp) => self.fetch()?,
             Some(Phase::Receiving) => self.feed()?,
             Some(Phase::Looking) => return Err(RunError::Misuse("an Apply while looking")),
+        }
+        Ok(())
+    }
+}
+
+impl Run {
+    /// A rename failed: its destination's directory is gone (the object goes to the root under
+    /// a late conflict name) or something of ours is in the way (it goes beside it); a second
+    /// failure is tolerated only if its source is gone (done before a crash).
+    fn rename_elsewhere(&mut self, homeless: bool) -> Result<(), RunError> {
+        let Step::Rename { to, .. } = self.steps[self.step].clone() else {
+            return Err(RunError::Misuse("a rename answer for another step"));
+        };
+        let (from, ino) = self
+            .renaming
+            .take()
+            .ok_or(RunError::Misuse("no rename in progress"))?;
+        // Its directory is gone: to the root; something of ours is in the way: beside it.
+        let late = match homeless {
+            true => self.homeless(&to)?,
+            false => late_name(&to, &self.label, self.step).map_err(|why| self.fail(why))?,
+        };
+        self.move_late(&to, &late);
+        let op = Op::Rename {
+            from,
+            to: late,
+            flags: 0,
+            from_ino: ino,
+        };
+        self.apply(op, Tolerate::NotFound);
+        Ok(())
+    }
+
+    /// The finished copy cannot replace the target (something of ours appeared there after the
+    /// plan): it goes beside it under a late conflict name.
+    fn place_beside(&mut self) -> Result<(), RunError> {
+        let c = self.copy_mut()?;
+        c.placed_late = true;
+        let (target, temp) = (c.target.clone(), c.temp.clone());
+        let late = late_name(&target, &self.label, self.step).map_err(|why| self.fail(why))?;
+        self.move_late(&target, &late);
+        let op = Op::Rename {
+            from: temp,
+            to: late,
+            flags: 0,
+            from_ino: 0,
+        };
+        self.apply(op, Tolerate::Nothing);
+        Ok(())
+    }
+
+    /// The first op of a copy found its directory gone: the copy goes to the root under a late
+    /// conflict name; the rest of this answer is dropped and the entry fetched again.
+    fn copy_homeless(&mut self) -> Result<(), RunError> {
+        let step = self.step;
+        let target = self.copy_mut()?.target.clone();
+        let late = self.homeless(&target)?;
+        self.move_late(&target, &late);
+        let c = self.copy_mut()?;
+        c.target = late.clone();
+        c.temp = temp_beside(&late, step);
+        c.ours = None;
+        c.ours_changed = false;
+        c.dir = None;
+        c.pending.clear();
+        c.any = false;
+        c.redirected = true;
+        if c.last {
+            let temp = c.temp.clone();
+            self.stat(temp, Purpose::Temp);
+        } else {
+            c.discarding = true;
+            self.wait = Wait::Entry;
         }
         Ok(())
     }
@@ -581,171 +793,10 @@ fn late_name(path: &RelPath, label: &str, step: usize) -> Result<RelPath, String
     .map_err(|e| format!("late conflict name: {e}"))
 }
 
-/// A test driver: carries a plan out on a simulated tree, their site answering from a snapshot
-/// of theirs, as the primary's link does against a daemon. The crate's planner tests use it.
-#[cfg(test)]
-pub(crate) mod drive {
-    use super::*;
-    use crate::sim::{SimTree, Snapshot};
-    use crate::tree::{apply_op, Tree, TreeError};
-
-    /// Where a driven run stopped.
-    #[derive(Debug)]
-    pub struct Stopped {
-        pub conflicts: Vec<Conflict>,
-        /// Steps done (the cursor a shell would have made durable).
-        pub cursor: usize,
-        /// It reached `Done`.
-        pub done: bool,
-    }
-
-    /// The ops their daemon answers a `Fetch` with, from their snapshot.
-    pub fn entry_ops(theirs: &Snapshot, their_path: &RelPath, as_path: &RelPath) -> Vec<Op> {
-        let Some(e) = theirs.entries.get(their_path) else {
-            return Vec::new();
-        };
-        let path = as_path.clone();
-        let (uid, gid) = (e.uid, e.gid);
-        let mut ops = match e.kind {
-            EntryKind::Dir => vec![Op::Mkdir {
-                path: path.clone(),
-                mode: e.perm,
-                uid,
-                gid,
-            }],
-            EntryKind::File => {
-                let mut v = vec![Op::Create {
-                    path: path.clone(),
-                    mode: e.perm,
-                    uid,
-                    gid,
-                }];
-                if !e.content.is_empty() {
-                    v.push(Op::Write {
-                        path: path.clone(),
-                        offset: 0,
-                        data: e.content.to_vec(),
-                    });
-                }
-                v
-            }
-            EntryKind::Symlink => vec![Op::Symlink {
-                path: path.clone(),
-                target: e.content.to_vec(),
-                uid,
-                gid,
-            }],
-            EntryKind::Special => {
-                let (fmt, rdev) = e.special.unwrap_or((0o010_000, 0));
-                vec![Op::Mknod {
-                    path: path.clone(),
-                    mode: fmt | e.perm,
-                    rdev,
-                    uid,
-                    gid,
-                }]
-            }
-        };
-        for (k, v) in &e.xattrs {
-            ops.push(Op::SetXattr {
-                path: path.clone(),
-                name: k.clone(),
-                value: v.clone(),
-                flags: 0,
-            });
-        }
-        if e.kind == EntryKind::Dir {
-            ops.push(Op::SetMode {
-                path: path.clone(),
-                mode: e.perm,
-            });
-        }
-        ops
-    }
-
-    fn applied(r: Result<(), TreeError>) -> Applied {
-        match r {
-            Ok(()) => Applied::Ok,
-            Err(TreeError::NotFound(_)) => Applied::NotFound,
-            Err(TreeError::Exists(_)) => Applied::Exists,
-            Err(TreeError::NotEmpty(_)) => Applied::NotEmpty,
-            Err(e) => Applied::Failed(e.to_string()),
-        }
-    }
-
-    /// Runs `plan` on `ours` from step `from` until `Done`, or until `budget` ops were applied
-    /// (a crash). `changed` says which of our paths changed after the plan. Each fetch is
-    /// answered in two messages when it has more than one op.
-    pub fn drive(
-        ours: &mut SimTree,
-        theirs: &Snapshot,
-        plan: &Plan,
-        from: usize,
-        mut budget: usize,
-        changed: &dyn Fn(&RelPath) -> bool,
-    ) -> Result<Stopped, String> {
-        let mut run = Run::new(plan, from, "conflict-b-19700101-000000");
-        let mut out = Stopped {
-            conflicts: Vec::new(),
-            cursor: from,
-            done: false,
-        };
-        let mut answers: VecDeque<(Vec<Op>, bool)> = VecDeque::new();
-        loop {
-            match run.next_action().map_err(|e| e.to_string())? {
-                Action::Stat(p) => {
-                    let kind = ours.kind(&p).map_err(|e| e.to_string())?;
-                    let ino = ours.ino(&p).map_err(|e| e.to_string())?.unwrap_or(0);
-                    let st = kind.map(|kind| Stat {
-                        kind,
-                        ino,
-                        nlink: 1,
-                        changed_since_plan: changed(&p),
-                    });
-                    run.on_stat(st).map_err(|e| e.to_string())?;
-                }
-                Action::Apply(op) => {
-                    if budget == 0 {
-                        return Ok(out);
-                    }
-                    budget -= 1;
-                    let r = applied(apply_op(ours, &op, false));
-                    run.on_applied(r).map_err(|e| e.to_string())?;
-                }
-                Action::Fetch {
-                    their_path,
-                    as_path,
-                } => {
-                    let mut ops = entry_ops(theirs, &their_path, &as_path);
-                    if ops.len() > 1 {
-                        let rest = ops.split_off(1);
-                        answers.push_back((ops, false));
-                        answers.push_back((rest, true));
-                    } else {
-                        answers.push_back((ops, true));
-                    }
-                    let (ops, last) = answers.pop_front().ok_or("no answer")?;
-                    run.on_entry(ops, last).map_err(|e| e.to_string())?;
-                }
-                Action::AwaitEntry => {
-                    let (ops, last) = answers.pop_front().ok_or("awaits an answer never asked")?;
-                    run.on_entry(ops, last).map_err(|e| e.to_string())?;
-                }
-                Action::Conflict(c) => out.conflicts.push(c),
-                Action::StepDone(i) => out.cursor = i + 1,
-                Action::Done => {
-                    out.done = true;
-                    return Ok(out);
-                }
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::drive::drive;
     use super::*;
+    use crate::sim::drive;
     use crate::sim::SimTree;
     use crate::tree::apply_op;
 
@@ -964,7 +1015,7 @@ mod tests {
             steps: vec![copy("x")],
             conflicts: vec![],
         };
-        let mut run = Run::new(&plan, 0, "conflict-b-19700101-000000");
+        let mut run = Run::new(&plan, 0, "conflict-b-19700101-000000", Vec::new());
         assert!(run.on_applied(Applied::Ok).is_err());
         assert!(run.on_entry(Vec::new(), true).is_err());
         assert_eq!(run.next_action(), Ok(Action::Stat(p("x"))));

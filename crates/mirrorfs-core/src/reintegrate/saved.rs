@@ -19,6 +19,11 @@
 //! | … | 4 | conflict count, then each: path, has-copy (u8), copy path if any, reason (u8) |
 //! | end−4 | 4 | crc32c of everything before |
 //!
+//! # Moves file (`STATE/reintegration/moves`), appended and fsynced per move
+//!
+//! Each late move of the run (`run::Action::Moved`): `from` and `to` (u16 length + bytes each),
+//! then a crc32c of them. Read up to the first torn or damaged entry.
+//!
 //! # Cursor file (`STATE/reintegration/cursor`): two 32-byte slots, written alternately
 //!
 //! | offset | size | field |
@@ -349,6 +354,35 @@ pub fn decode_cursor(file: &[u8], plan_id: u64) -> Option<(u64, u64)> {
         .max_by_key(|(generation, _)| *generation)
 }
 
+/// One late move ([`super::run::Action::Moved`]) as appended to `reintegration/moves`: `from`
+/// and `to` (each a u16 length and the bytes), then the crc32c of those bytes.
+pub fn encode_move(from: &RelPath, to: &RelPath) -> Vec<u8> {
+    let mut o = Out(Vec::new());
+    o.path(from);
+    o.path(to);
+    let crc = crc32c::crc32c(&o.0);
+    o.u32(crc);
+    o.0
+}
+
+/// The moves of a `moves` file, up to the first torn or damaged entry (a move is appended and
+/// fsynced before the run goes on, so only the last one can be torn).
+pub fn decode_moves(b: &[u8]) -> Vec<(RelPath, RelPath)> {
+    let mut out = Vec::new();
+    let mut i = In(b);
+    loop {
+        let start = i.0;
+        let (Ok(from), Ok(to)) = (i.path(), i.path()) else {
+            return out;
+        };
+        let used = start.len() - i.0.len();
+        match i.u32() {
+            Ok(crc) if crc == crc32c::crc32c(&start[..used]) => out.push((from, to)),
+            _ => return out,
+        }
+    }
+}
+
 /// The slot (0 or 1) write generation `generation` goes to.
 pub fn cursor_slot(generation: u64) -> usize {
     (generation % 2) as usize
@@ -424,6 +458,21 @@ mod tests {
         for n in 0..b.len() {
             assert!(decode_plan(&b[..n]).is_err(), "a cut at {n} was taken");
         }
+    }
+
+    #[test]
+    fn moves_are_read_up_to_a_torn_entry() {
+        let mut f = encode_move(&p("a"), &p("a.conflict-b-1-late-0"));
+        f.extend(encode_move(&p("d/e"), &p("e.conflict-b-1-late-3")));
+        let whole = decode_moves(&f);
+        assert_eq!(whole.len(), 2);
+        assert_eq!(whole[1], (p("d/e"), p("e.conflict-b-1-late-3")));
+        let torn = &f[..f.len() - 3];
+        assert_eq!(decode_moves(torn), whole[..1].to_vec());
+        let mut bad = f.clone();
+        let n = bad.len();
+        bad[n - 6] ^= 1;
+        assert_eq!(decode_moves(&bad), whole[..1].to_vec());
     }
 
     #[test]

@@ -21,11 +21,15 @@
 //!   real `link::Sender`/`link::Receiver` and `wire` codec over a faulty network (chunking,
 //!   delay, partitions, cut tails, corrupted and stale frames), with kills and power losses of
 //!   both sides, and its invariants.
+//! - [`run_sites_seed`] (in `sites.rs`): two sites that split, both write, and heal by
+//!   reintegration (the core planner and executor), with users writing during the heal and
+//!   crashes of the executor; its invariants.
 
 mod fs;
 mod net;
 mod primary;
 mod run;
+mod sites;
 
 pub use net::{
     run_net_seed, run_net_variant, trace_net_seed, trace_net_variant, NetStats, NetVariant,
@@ -34,6 +38,7 @@ pub use net::{
 pub use fs::{CrashReport, EntryInfo, FsState, SimTree, SnapEntry, Snapshot};
 pub use primary::{Planned, Primary};
 pub use run::{run_seed, trace_seed, SimStats};
+pub use sites::{drive, drive_with, entry_ops, run_sites_seed, Late, SitesStats, Stopped};
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

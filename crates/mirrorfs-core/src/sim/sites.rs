@@ -1,0 +1,580 @@
+//! Two sites that split, both write, and heal by reintegration: the seeded simulation of
+//! failover and failback. Each site runs the seeded workload ([`Primary`]) on its own tree; at
+//! the heal, the site that stays writable plans with the core planner (`reintegrate::plan`) and
+//! carries the plan out with the core executor (`reintegrate::run::Run`) — the machines the
+//! primary's link runs — while its users keep writing (late changes), with crashes of the
+//! executor at random points and restarts from its step cursor; the other site then follows it
+//! (a resync) and the roles may swap for the next round.
+//!
+//! Invariants, checked at every heal:
+//! 1. no edit lost: every regular file's content either site held at the heal (other than a
+//!    content of the common point) is in the healed tree, unless a late change of ours named
+//!    that path;
+//! 2. every conflict copy this heal made is listed;
+//! 3. no temporary name is left;
+//! 4. a run restarted from its cursor after a crash ends as it would have without the crash.
+
+use std::collections::{BTreeSet, HashSet, VecDeque};
+
+use super::fs::{SimTree, Snapshot};
+use super::primary::Primary;
+use super::run::SplitMix64;
+use super::SimRng;
+use crate::op::{Op, Record};
+use crate::path::RelPath;
+use crate::reintegrate::run::{Action, Applied, Run, Stat};
+use crate::reintegrate::{conflict_label, plan, Conflict, Input, Plan};
+use crate::tree::{apply_op, EntryKind, Tree, TreeError};
+
+/// Where a driven run stopped.
+#[derive(Debug)]
+pub struct Stopped {
+    pub conflicts: Vec<Conflict>,
+    /// Steps done (the cursor a shell would have made durable).
+    pub cursor: usize,
+    /// It reached `Done`.
+    pub done: bool,
+}
+
+/// The ops their daemon answers a `Fetch` with, from their snapshot.
+pub fn entry_ops(theirs: &Snapshot, their_path: &RelPath, as_path: &RelPath) -> Vec<Op> {
+    let Some(e) = theirs.entries.get(their_path) else {
+        return Vec::new();
+    };
+    let path = as_path.clone();
+    let (uid, gid) = (e.uid, e.gid);
+    let mut ops = match e.kind {
+        EntryKind::Dir => vec![Op::Mkdir {
+            path: path.clone(),
+            mode: e.perm,
+            uid,
+            gid,
+        }],
+        EntryKind::File => {
+            let mut v = vec![Op::Create {
+                path: path.clone(),
+                mode: e.perm,
+                uid,
+                gid,
+            }];
+            if !e.content.is_empty() {
+                v.push(Op::Write {
+                    path: path.clone(),
+                    offset: 0,
+                    data: e.content.to_vec(),
+                });
+            }
+            v
+        }
+        EntryKind::Symlink => vec![Op::Symlink {
+            path: path.clone(),
+            target: e.content.to_vec(),
+            uid,
+            gid,
+        }],
+        EntryKind::Special => {
+            let (fmt, rdev) = e.special.unwrap_or((0o010_000, 0));
+            vec![Op::Mknod {
+                path: path.clone(),
+                mode: fmt | e.perm,
+                rdev,
+                uid,
+                gid,
+            }]
+        }
+    };
+    for (k, v) in &e.xattrs {
+        ops.push(Op::SetXattr {
+            path: path.clone(),
+            name: k.clone(),
+            value: v.clone(),
+            flags: 0,
+        });
+    }
+    if e.kind == EntryKind::Dir {
+        ops.push(Op::SetMode {
+            path: path.clone(),
+            mode: e.perm,
+        });
+    }
+    ops
+}
+
+fn applied(r: Result<(), TreeError>) -> Applied {
+    match r {
+        Ok(()) => Applied::Ok,
+        Err(TreeError::NotFound(_)) => Applied::NotFound,
+        Err(TreeError::Exists(_)) => Applied::Exists,
+        Err(TreeError::NotEmpty(_)) => Applied::NotEmpty,
+        Err(TreeError::NotDir(_)) => Applied::NotDir,
+        Err(e) => Applied::Failed(e.to_string()),
+    }
+}
+
+/// Runs `plan` on `ours` from step `from` until `Done`, or until `budget` ops were applied
+/// (a crash). `changed` says which of our paths changed after the plan. Each fetch is
+/// answered in two messages when it has more than one op.
+pub fn drive(
+    ours: &mut SimTree,
+    theirs: &Snapshot,
+    plan: &Plan,
+    from: usize,
+    budget: usize,
+    changed: &dyn Fn(&RelPath) -> bool,
+) -> Result<Stopped, String> {
+    let label = "conflict-b-19700101-000000";
+    let mut no_users = |_: &mut SimTree| Vec::new();
+    let mut late = Late {
+        users: &mut no_users,
+        touched: changed,
+        names: BTreeSet::new(),
+        moved: Vec::new(),
+    };
+    drive_with(ours, theirs, plan, from, budget, label, &mut late)
+}
+
+/// Our users while a plan runs: `users` may change our tree before each look and returns the
+/// names it changed; `touched` names changes made before the run started.
+pub struct Late<'a> {
+    pub users: &'a mut dyn FnMut(&mut SimTree) -> Vec<RelPath>,
+    pub touched: &'a dyn Fn(&RelPath) -> bool,
+    /// Every name the users changed so far.
+    pub names: BTreeSet<RelPath>,
+    /// The run's late moves so far (kept across crashes, as the shell keeps them durably).
+    pub moved: Vec<(RelPath, RelPath)>,
+}
+
+impl Late<'_> {
+    fn changed(&self, p: &RelPath) -> bool {
+        (self.touched)(p) || self.names.iter().any(|q| q.starts_with(p))
+    }
+}
+
+/// [`drive`] with users writing while the plan runs (the primary stays writable).
+pub fn drive_with(
+    ours: &mut SimTree,
+    theirs: &Snapshot,
+    plan: &Plan,
+    from: usize,
+    mut budget: usize,
+    label: &str,
+    late: &mut Late<'_>,
+) -> Result<Stopped, String> {
+    let mut run = Run::new(plan, from, label, late.moved.clone());
+    let mut out = Stopped {
+        conflicts: Vec::new(),
+        cursor: from,
+        done: false,
+    };
+    let mut answers: VecDeque<(Vec<Op>, bool)> = VecDeque::new();
+    loop {
+        match run.next_action().map_err(|e| e.to_string())? {
+            Action::Stat(p) => {
+                let names = (late.users)(ours);
+                late.names.extend(names);
+                let kind = match ours.kind(&p) {
+                    Err(TreeError::NotDir(_)) => None,
+                    k => k.map_err(|e| e.to_string())?,
+                };
+                let ino = ours.ino(&p).ok().flatten().unwrap_or(0);
+                let st = kind.map(|kind| Stat {
+                    kind,
+                    ino,
+                    nlink: 1,
+                    changed_since_plan: late.changed(&p),
+                });
+                run.on_stat(st).map_err(|e| e.to_string())?;
+            }
+            Action::Apply(op) => {
+                if budget == 0 {
+                    return Ok(out);
+                }
+                budget -= 1;
+                let r = applied(apply_op(ours, &op, false));
+                run.on_applied(r).map_err(|e| e.to_string())?;
+            }
+            Action::Fetch {
+                their_path,
+                as_path,
+            } => {
+                let mut ops = entry_ops(theirs, &their_path, &as_path);
+                if ops.len() > 1 {
+                    let rest = ops.split_off(1);
+                    answers.push_back((ops, false));
+                    answers.push_back((rest, true));
+                } else {
+                    answers.push_back((ops, true));
+                }
+                let (ops, last) = answers.pop_front().ok_or("no answer")?;
+                run.on_entry(ops, last).map_err(|e| e.to_string())?;
+            }
+            Action::AwaitEntry => {
+                let (ops, last) = answers.pop_front().ok_or("awaits an answer never asked")?;
+                run.on_entry(ops, last).map_err(|e| e.to_string())?;
+            }
+            Action::Conflict(c) => out.conflicts.push(c),
+            Action::Moved(from, to) => late.moved.push((from, to)),
+            Action::StepDone(i) => out.cursor = i + 1,
+            Action::Done => {
+                out.done = true;
+                return Ok(out);
+            }
+        }
+    }
+}
+
+/// What a seed did.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SitesStats {
+    pub rounds: u64,
+    pub ops: u64,
+    pub steps: u64,
+    pub conflicts: u64,
+    pub crashes: u64,
+    pub late_changes: u64,
+    /// Versions not carried over because they were changed through another name of a file
+    /// hard-linked before the common point (a documented limit).
+    pub linked_losses: u64,
+}
+
+impl std::ops::AddAssign for SitesStats {
+    fn add_assign(&mut self, o: SitesStats) {
+        self.rounds += o.rounds;
+        self.ops += o.ops;
+        self.steps += o.steps;
+        self.conflicts += o.conflicts;
+        self.crashes += o.crashes;
+        self.late_changes += o.late_changes;
+        self.linked_losses += o.linked_losses;
+    }
+}
+
+/// One site: the workload's reference tree (its own copy of the volume) and its records since
+/// the common point.
+struct Site {
+    w: Primary,
+    records: Vec<Record>,
+    next_seq: u64,
+}
+
+impl Site {
+    /// Runs one op of the workload; returns the names it changed.
+    fn write(&mut self, rng: &mut SimRng<'_>) -> Vec<RelPath> {
+        let Some(p) = self.w.plan(rng) else {
+            return Vec::new();
+        };
+        let seq = self.next_seq;
+        let names = names_of(&p.op);
+        self.records.push(Record { seq, op: p.op });
+        self.next_seq += 1;
+        if !p.ok {
+            self.records.push(Record {
+                seq: seq + 1,
+                op: Op::Abort { seq },
+            });
+            self.next_seq += 1;
+            return Vec::new();
+        }
+        names
+    }
+}
+
+fn names_of(op: &Op) -> Vec<RelPath> {
+    match op {
+        Op::Rename { from, to, .. } | Op::Link { from, to } => vec![from.clone(), to.clone()],
+        op => op.path().into_iter().cloned().collect(),
+    }
+}
+
+/// The regular files' contents of a tree.
+fn contents(s: &Snapshot) -> Vec<(RelPath, Vec<u8>)> {
+    s.entries
+        .iter()
+        .filter(|(_, e)| e.kind == EntryKind::File && !e.content.is_empty())
+        .map(|(p, e)| (p.clone(), e.content.to_vec()))
+        .collect()
+}
+
+/// Runs seed `seed`: `rounds` of split (both sites write), heal (reintegration into the site
+/// that stays writable, with users writing and the executor crashing) and resync.
+pub fn run_sites_seed(seed: u64, rounds: u64) -> Result<SitesStats, String> {
+    let mut gen = SplitMix64(seed ^ 0x0051_7E5A_u64);
+    let mut next = || gen.next();
+    let mut rng = SimRng::new(&mut next);
+    let mut stats = SitesStats::default();
+    // The volume before the first split: a workload on one site, copied to the other.
+    let mut a = Site {
+        w: Primary::new(),
+        records: Vec::new(),
+        next_seq: 1,
+    };
+    for _ in 0..rng.range(5, 60) {
+        a.write(&mut rng);
+    }
+    for round in 0..rounds {
+        let base = a.w.tree.state().clone();
+        let mut b = Site {
+            w: Primary::new(),
+            records: Vec::new(),
+            next_seq: a.next_seq,
+        };
+        b.w.tree.set_state(base.clone());
+        a.records.clear();
+        // The split: both write (disconnected operation).
+        for _ in 0..rng.range(0, 40) {
+            let who = rng.below(2);
+            let site = if who == 0 { &mut a } else { &mut b };
+            site.write(&mut rng);
+            stats.ops += 1;
+        }
+        // The heal: one site stays writable ("ours"), the other is reintegrated into it.
+        let (ours, theirs) = if rng.chance(1, 2) { (a, b) } else { (b, a) };
+        let (mut ours, theirs) = (ours, theirs);
+        let their_snap = theirs.w.tree.snapshot();
+        let our_snap = ours.w.tree.snapshot();
+        let mut base_tree = SimTree::reference();
+        base_tree.set_state(base);
+        let base_snap = base_tree.snapshot();
+        // The files hard-linked before the split, by inode, and their names on each side now.
+        let linked_inos: HashSet<u64> = base_snap
+            .entries
+            .iter()
+            .filter(|(_, e)| e.kind == EntryKind::File && e.nlink > 1)
+            .filter_map(|(p, _)| base_tree.ino(p).ok().flatten())
+            .collect();
+        let linked_names = |t: &mut SimTree, s: &Snapshot| -> BTreeSet<RelPath> {
+            s.entries
+                .keys()
+                .filter(|p| {
+                    t.ino(p)
+                        .ok()
+                        .flatten()
+                        .is_some_and(|i| linked_inos.contains(&i))
+                })
+                .cloned()
+                .collect()
+        };
+        let mut linked = linked_names(&mut ours.w.tree, &our_snap);
+        linked.extend(linked_names(&mut theirs.w.tree.clone(), &their_snap));
+        let mut taken =
+            |q: &RelPath| our_snap.entries.contains_key(q) || their_snap.entries.contains_key(q);
+        let time = round as i64 * 3600;
+        let input = Input {
+            ours: &ours.records,
+            theirs: &theirs.records,
+            their_site: "b",
+            time,
+        };
+        let plan = plan(&input, &mut taken).map_err(|e| format!("round {round}: plan: {e}"))?;
+        let label = conflict_label("b", time);
+        stats.steps += plan.steps.len() as u64;
+        // Users keep writing on our site while the plan runs; the executor crashes and restarts
+        // from its cursor.
+        let mut user_rng_state = SplitMix64(seed ^ round.wrapping_mul(0x9E37_79B9));
+        let mut late_ops = 0u64;
+        let mut user_removed: HashSet<Vec<u8>> = HashSet::new();
+        let mut users = |t: &mut SimTree| {
+            let mut g = || user_rng_state.next();
+            let mut r = SimRng::new(&mut g);
+            if !r.chance(1, 25) {
+                return Vec::new();
+            }
+            let mut w = Primary::new();
+            w.tree.set_state(t.state().clone());
+            match w.plan(&mut r) {
+                Some(p) if p.ok => {
+                    // What the user's change overwrote or removed was theirs to lose.
+                    let after: HashSet<Vec<u8>> = contents(&w.tree.snapshot())
+                        .into_iter()
+                        .map(|(_, c)| c)
+                        .collect();
+                    user_removed.extend(
+                        contents(&t.snapshot())
+                            .into_iter()
+                            .map(|(_, c)| c)
+                            .filter(|c| !after.contains(c)),
+                    );
+                    t.set_state(w.tree.state().clone());
+                    late_ops += 1;
+                    names_of(&p.op)
+                }
+                _ => Vec::new(),
+            }
+        };
+        let nobody = |_: &RelPath| false;
+        let mut late = Late {
+            users: &mut users,
+            touched: &nobody,
+            names: BTreeSet::new(),
+            moved: Vec::new(),
+        };
+        let mut listed: Vec<Conflict> = plan.conflicts.clone();
+        let mut cursor = 0;
+        let mut crashes = 0;
+        loop {
+            let budget = if crashes < 3 && rng.chance(1, 3) {
+                crashes += 1;
+                rng.below(12) as usize
+            } else {
+                usize::MAX
+            };
+            let s = drive_with(
+                &mut ours.w.tree,
+                &their_snap,
+                &plan,
+                cursor,
+                budget,
+                &label,
+                &mut late,
+            )
+            .map_err(|e| format!("round {round}: run: {e}\nplan {plan:?}"))?;
+            listed.extend(s.conflicts);
+            cursor = s.cursor;
+            if s.done {
+                break;
+            }
+        }
+        let late_names = std::mem::take(&mut late.names);
+        drop(late);
+        stats.crashes += crashes;
+        stats.late_changes += late_ops;
+        stats.conflicts += listed.len() as u64;
+        let healed = ours.w.tree.snapshot();
+        let heal = Heal {
+            base: &base_snap,
+            ours: &our_snap,
+            theirs: &their_snap,
+            healed: &healed,
+            listed: &listed,
+            late: &late_names,
+            user_removed: &user_removed,
+            linked: &linked,
+            label: &label,
+        };
+        stats.linked_losses += check(&heal)
+            .map_err(|e| {
+                format!(
+                    "round {round}: {e}\n  ours: {}\n  theirs: {}\n  plan: {plan:?}\n  late: {late_names:?}\n  listed: {listed:?}\n  base: {}\n  their tree: {}\n  healed: {}",
+                    describe(&ours.records),
+                    describe(&theirs.records),
+                    files(&base_snap),
+                    files(&their_snap),
+                    files(&healed)
+                )
+            })?;
+        // The other site follows (a resync): it now holds the healed tree.
+        ours.records.clear();
+        a = ours;
+        stats.rounds += 1;
+    }
+    Ok(stats)
+}
+
+/// One heal, as the invariants see it: the trees at the common point, of both sides when the
+/// heal began, and after it; the conflicts listed; what the users did meanwhile.
+struct Heal<'a> {
+    base: &'a Snapshot,
+    ours: &'a Snapshot,
+    theirs: &'a Snapshot,
+    healed: &'a Snapshot,
+    listed: &'a [Conflict],
+    /// Names the users changed during the heal.
+    late: &'a BTreeSet<RelPath>,
+    /// Contents the users' changes overwrote or removed.
+    user_removed: &'a HashSet<Vec<u8>>,
+    /// Names of files hard-linked before the split.
+    linked: &'a BTreeSet<RelPath>,
+    label: &'a str,
+}
+
+/// Checks the invariants of a heal; returns the versions lost to links older than the split.
+fn check(h: &Heal<'_>) -> Result<u64, String> {
+    let Heal {
+        base,
+        ours,
+        theirs,
+        healed,
+        listed,
+        late,
+        user_removed,
+        linked,
+        label,
+    } = *h;
+    let base_v: HashSet<Vec<u8>> = contents(base).into_iter().map(|(_, c)| c).collect();
+    let healed_v: HashSet<Vec<u8>> = contents(healed).into_iter().map(|(_, c)| c).collect();
+    let late_touched = |p: &RelPath| late.iter().any(|q| p.starts_with(q) || q.starts_with(p));
+    // A content a user overwrote after the plan placed it is theirs to lose (also under another
+    // name of the same file: links made before the common point are unknown to the records).
+    let late_v: HashSet<Vec<u8>> = [ours, theirs]
+        .into_iter()
+        .flat_map(contents)
+        .filter(|(p, _)| late_touched(p))
+        .map(|(_, c)| c)
+        .collect();
+    // Hard links made before the common point are unknown to the records (the documented
+    // limit of `reintegrate`): a change through one name of such a file is not seen at its
+    // other names. Those losses (`linked`: names of such files on either side) are counted,
+    // not failed.
+    let mut linked_losses = 0;
+    for (side, snap) in [("ours", ours), ("theirs", theirs)] {
+        for (p, c) in contents(snap) {
+            let users_choice = late_v.contains(&c) || user_removed.contains(&c);
+            if base_v.contains(&c) || healed_v.contains(&c) || users_choice {
+                continue;
+            }
+            if linked.contains(&p) {
+                linked_losses += 1;
+                continue;
+            }
+            return Err(format!(
+                "lost: {side} {p} ({} bytes, {:08x}) is nowhere in the healed tree",
+                c.len(),
+                crc32c::crc32c(&c)
+            ));
+        }
+    }
+    let copies: BTreeSet<&RelPath> = listed.iter().filter_map(|c| c.copy.as_ref()).collect();
+    for p in healed.entries.keys() {
+        let name = p.file_name().unwrap_or_default();
+        // Users moving a directory that held a half-made copy (before a crash) carry it along.
+        // (So do later rounds, which may move it again.)
+        let older = ours.entries.contains_key(p) || theirs.entries.contains_key(p);
+        if late_touched(p) || older {
+            continue;
+        }
+        if name.starts_with(b".mirrorfs-reint") {
+            return Err(format!("temporary name {p} left"));
+        }
+        // Copies of earlier heals were listed then (and may have moved since).
+        let conflict_named = name.windows(label.len()).any(|w| w == label.as_bytes());
+        if conflict_named && !copies.iter().any(|c| p.starts_with(c)) {
+            return Err(format!("{p} is an unlisted conflict copy"));
+        }
+    }
+    Ok(linked_losses)
+}
+
+/// Records as `seq:op path[→path]`, for failure messages.
+fn describe(records: &[Record]) -> String {
+    records
+        .iter()
+        .map(|r| {
+            let names: Vec<String> = names_of(&r.op).iter().map(|p| p.to_string()).collect();
+            format!("{}:{} {}", r.seq, r.op.name(), names.join("→"))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A tree's files as `path(size, nlink, content hash)`, for failure messages.
+fn files(s: &Snapshot) -> String {
+    s.entries
+        .iter()
+        .filter(|(_, e)| e.kind == EntryKind::File)
+        .map(|(p, e)| {
+            let h = crc32c::crc32c(&e.content);
+            format!("{p}({}b,n{},{h:08x})", e.content.len(), e.nlink)
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
