@@ -884,6 +884,12 @@ fn conflicts_resolve_keep_local_and_both_and_the_refusals() {
     m.wait_mirror_equal(CATCH_UP);
     assert!(!m.mirror().join(&a_copy).exists());
     assert!(m.mirror().join(&b_copy).exists());
+
+    // A corrupt registry is an error naming it, never an empty list.
+    fs::write(state.join("conflicts.json"), b"{\"version\": 1, \"confl").expect("corrupt");
+    let (ok, _, err) = output(&["conflicts", m.mnt().to_str().expect("utf-8"), "--json"]);
+    assert!(!ok, "a corrupt registry was listed");
+    assert_mentions(&err, &["conflicts.json", "corrupt"]);
 }
 
 #[test]

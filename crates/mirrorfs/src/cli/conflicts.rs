@@ -84,44 +84,55 @@ pub fn conflicts(a: ConflictsArgs) -> Result<()> {
 // ---------------------------------------------------------------------------------------------
 // listing
 
-/// `mirrorfs conflicts [MOUNT] [--json]`.
+/// `mirrorfs conflicts [MOUNT] [--json]`. A registry that cannot be read (corrupt, not this
+/// user's) does not hide the other mounts' conflicts, but makes the command fail, naming it.
 fn show(mount: Option<&Path>, json: bool) -> Result<()> {
     let want = mount.map(|m| m.canonicalize().unwrap_or_else(|_| m.to_path_buf()));
     let mounts = status::registered(want.as_deref())?;
-    let mut rows = Vec::new();
+    let mut found: Vec<(&Running, Vec<ConflictEntry>)> = Vec::new();
+    let mut failed: Vec<anyhow::Error> = Vec::new();
     for m in &mounts {
-        for e in conflicts::list(&m.state)? {
-            rows.push((m, e));
+        match conflicts::list(&m.state) {
+            Ok(es) if es.is_empty() => {}
+            Ok(es) => found.push((m, es)),
+            Err(e) => failed.push(e),
         }
     }
     if json {
-        let v: Vec<serde_json::Value> = rows.iter().map(|(m, e)| json_row(m, e)).collect();
-        println!("{}", serde_json::to_string_pretty(&v)?);
-        return Ok(());
-    }
-    if rows.is_empty() {
-        println!("no conflicts");
-        return Ok(());
-    }
-    for m in &mounts {
-        let here: Vec<&ConflictEntry> = rows
+        let v: Vec<serde_json::Value> = found
             .iter()
-            .filter(|(r, _)| std::ptr::eq(*r, m))
-            .map(|(_, e)| e)
+            .flat_map(|(m, es)| es.iter().map(|e| json_row(m, e)))
             .collect();
-        if here.is_empty() {
-            continue;
-        }
-        println!("{}: {} conflict(s)", m.mountpoint.display(), here.len());
-        for e in here {
-            print_entry(m, e);
-        }
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else if found.is_empty() && failed.is_empty() {
         println!(
-            "  settle each with: mirrorfs conflicts resolve {}/PATH --keep local|remote|both",
-            m.mountpoint.display()
+            "no conflicts{}",
+            if mounts.is_empty() {
+                " (no running mirrorfs mount)"
+            } else {
+                ""
+            }
         );
     }
-    Ok(())
+    if !json {
+        for (m, es) in &found {
+            println!("{}: {} conflict(s)", m.mountpoint.display(), es.len());
+            for e in es {
+                print_entry(m, e);
+            }
+            println!(
+                "  settle each with: mirrorfs conflicts resolve {}/PATH --keep local|remote|both",
+                m.mountpoint.display()
+            );
+        }
+    }
+    match failed.len() {
+        0 => Ok(()),
+        1 => Err(failed.remove(0)),
+        n => Err(failed.remove(0).context(format!(
+            "{n} conflict registries could not be read, the first"
+        ))),
+    }
 }
 
 fn print_entry(m: &Running, e: &ConflictEntry) {
@@ -205,15 +216,8 @@ fn resolve(path: &Path, keep: Keep) -> Result<()> {
     for a in &actions {
         act(&mount.mountpoint, a)?;
     }
-    let dropped = if chosen.iter().all(|e| e.path == rel) {
-        conflicts::remove(&mount.state, &rel)?.len()
-    } else {
-        let mut n = 0;
-        for e in &chosen {
-            n += usize::from(conflicts::remove_entry(&mount.state, e)?);
-        }
-        n
-    };
+    // Exactly the entries settled: a conflict recorded meanwhile on the same path stays listed.
+    let dropped = conflicts::remove_entries(&mount.state, &chosen)?;
     let what = match keep {
         Keep::Local => "kept our version",
         Keep::Remote => "kept their version",

@@ -272,16 +272,23 @@ fn lock(dir: &StateDir) -> Result<RegistryLock> {
 
 fn read(dir: &StateDir) -> Result<Vec<ConflictEntry>> {
     let p = dir.conflicts_file();
-    let bytes = match fs::metadata(&p) {
+    let mut f = match fs::File::open(&p) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(e).with_context(|| format!("cannot read {}", p.display())),
-        Ok(md) if md.len() > FILE_BYTES_MAX => bail!(
-            "{} is {} bytes, more than a registry of {ENTRIES_MAX} conflicts can be: is it the right file?",
-            p.display(),
-            md.len()
-        ),
-        Ok(_) => fs::read(&p).with_context(|| format!("cannot read {}", p.display()))?,
+        r => r.with_context(|| format!("cannot read {}", p.display()))?,
     };
+    let len = f
+        .metadata()
+        .with_context(|| format!("cannot read {}", p.display()))?
+        .len();
+    if len > FILE_BYTES_MAX {
+        bail!(
+            "{} is {len} bytes, more than a registry of {ENTRIES_MAX} conflicts can be: is it the right file?",
+            p.display()
+        );
+    }
+    let mut bytes = Vec::new();
+    io::Read::read_to_end(&mut f, &mut bytes)
+        .with_context(|| format!("cannot read {}", p.display()))?;
     let file: StoredFile = serde_json::from_slice(&bytes).map_err(|e| {
         anyhow!(
             "{} is corrupt ({e}); its conflict copies are still in the volume (named *.conflict-*): move the file aside to start an empty registry",
@@ -356,20 +363,25 @@ pub fn record(state: &Path, entries: &[ConflictEntry]) -> Result<()> {
 }
 
 /// Every conflict recorded in `state` (none if there is no registry). A corrupt registry is an
-/// error that names the file.
+/// error that names the file. Needs no lock: the file is only ever replaced by a rename, so a
+/// reader sees the list before or after a change, never half of one.
 pub fn list(state: &Path) -> Result<Vec<ConflictEntry>> {
     read(&StateDir::at(state))
 }
 
 /// Removes the entries for `path` (our version's path), durably, under the lock; returns them.
+#[allow(
+    dead_code,
+    reason = "resolve removes exactly the entries it settled (remove_entries); this is for callers that settle a whole path"
+)]
 pub fn remove(state: &Path, path: &[u8]) -> Result<Vec<ConflictEntry>> {
     remove_where(state, |e| e.path == path)
 }
 
-/// Removes exactly `entry` (one of several on its path), durably, under the lock; whether it was
-/// there.
-pub fn remove_entry(state: &Path, entry: &ConflictEntry) -> Result<bool> {
-    Ok(!remove_where(state, |e| e == entry)?.is_empty())
+/// Removes exactly `entries` (those a user settled; a conflict recorded meanwhile on the same
+/// path stays), durably, under the lock; how many were there.
+pub fn remove_entries(state: &Path, entries: &[ConflictEntry]) -> Result<usize> {
+    Ok(remove_where(state, |e| entries.contains(e))?.len())
 }
 
 fn remove_where(state: &Path, f: impl Fn(&ConflictEntry) -> bool) -> Result<Vec<ConflictEntry>> {
@@ -428,13 +440,26 @@ mod tests {
             vec![a.clone(), c.clone(), b.clone()]
         );
         assert_eq!(
+            remove_entries(&s, std::slice::from_ref(&a)).expect("one of two"),
+            1
+        );
+        assert_eq!(
+            list(&s).expect("list"),
+            vec![c.clone(), b.clone()],
+            "the other stays"
+        );
+        record(&s, std::slice::from_ref(&a)).expect("recorded again");
+        assert_eq!(
             remove(&s, b"a/notes.txt").expect("remove"),
-            vec![a, b],
+            vec![b, a],
             "both conflicts on one path go"
         );
         assert_eq!(list(&s).expect("list"), vec![c.clone()]);
-        assert!(remove_entry(&s, &c).expect("remove entry"));
-        assert!(!remove_entry(&s, &c).expect("again"));
+        assert_eq!(
+            remove_entries(&s, std::slice::from_ref(&c)).expect("remove entry"),
+            1
+        );
+        assert_eq!(remove_entries(&s, &[c]).expect("again"), 0);
         assert!(list(&s).expect("list").is_empty());
         assert!(
             !StateDir::at(&s).conflicts_file().exists(),
