@@ -922,3 +922,40 @@ fn conflicts_help_explains_the_naming_and_each_keep_choice() {
     assert!(!ok, "an unknown --keep was accepted");
     assert_mentions(&err, &["local", "remote", "both"]);
 }
+
+/// A name that is not UTF-8 is listed (as `path_hex`) and resolved exactly.
+#[test]
+fn conflicts_resolve_a_name_that_is_not_utf8() {
+    use std::os::unix::ffi::OsStrExt;
+    let _serial = serial();
+    let m = mount("cli-conflicts-bytes", &[]);
+    let name = OsStr::from_bytes(b"caf\xe9");
+    let mut copy = name.to_owned();
+    copy.push(COPY_SUFFIX);
+    fs::write(m.p(name), b"ours\n").expect("write ours");
+    fs::write(m.p(&copy), b"theirs\n").expect("write theirs");
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    let file = serde_json::json!({ "version": 1, "conflicts": [{
+        "path_hex": hex(name.as_bytes()), "copy_hex": hex(copy.as_bytes()),
+        "reason": "both-modified", "peer": "siteb", "time": 0 }] });
+    fs::write(
+        m.layout.base.join("state").join("conflicts.json"),
+        serde_json::to_vec(&file).expect("json"),
+    )
+    .expect("write the registry");
+    let listed = conflicts_json(m.mnt());
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["path_hex"], "636166e9");
+    assert_eq!(listed[0]["copy_exists"], true);
+    let o = Command::new(BIN)
+        .args(["conflicts", "resolve"])
+        .arg(m.p(name))
+        .args(["--keep", "remote"])
+        .output()
+        .expect("run resolve");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(fs::read(m.p(name)).expect("read"), b"theirs\n");
+    assert!(!m.p(&copy).exists());
+    assert!(conflicts_json(m.mnt()).is_empty());
+    m.wait_mirror_equal(CATCH_UP);
+}
