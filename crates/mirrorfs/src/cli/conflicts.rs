@@ -1,22 +1,26 @@
 //! `mirrorfs conflicts`: lists the conflicts reintegrations left (`site::conflicts`, in each
 //! running mount's state directory) and settles one, `resolve PATH --keep local|remote|both`.
 //!
-//! A resolution changes the volume **through the mount** (plain `std::fs` calls on paths under
-//! the mountpoint), so it is journaled like any other change and reaches every mirror and site;
+//! A resolution changes the volume **through the mount** (calls on paths under the mountpoint,
+//! resolved beneath it by `dirtree::Root`), so it is journaled like any other change and reaches
+//! every mirror and site;
 //! only then is the entry dropped from the registry. Listing reads the backing directory instead
 //! (whether each version still exists), so a hung mount cannot leave `conflicts` waiting in the
 //! kernel.
 
 use std::ffi::OsStr;
-use std::fs;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
+use std::os::fd::AsFd;
+
 use anyhow::{anyhow, bail, Context, Result};
+use mirrorfs_core::path::RelPath;
 
 use crate::site::conflicts::{self, ConflictEntry};
 use crate::site::status::{self, Running};
+use crate::tree::dirtree::Root;
 
 const NAMING: &str = "\
 When a former primary is reintegrated after a failover, an object both sites changed is kept
@@ -182,9 +186,12 @@ fn existence(present: bool) -> &'static str {
 }
 
 /// Whether `rel` exists in the backing directory (read there, not through the mount: a hung
-/// mount must not hang the listing). The entry's path is a checked `RelPath`: it stays inside.
+/// mount must not hang the listing), resolved beneath it without following a symlink.
 fn exists(backing: &Path, rel: &[u8]) -> bool {
-    fs::symlink_metadata(backing.join(OsStr::from_bytes(rel))).is_ok()
+    let Ok(rel) = RelPath::new(rel.to_vec()) else {
+        return false;
+    };
+    Root::open(backing).is_ok_and(|root| root.lstat(&rel).is_ok())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -341,68 +348,99 @@ fn plan(chosen: &[ConflictEntry], keep: Keep, mnt: &Path) -> Result<Vec<Action>>
     }
 }
 
-/// Makes one change through the mount at `mnt`.
+/// The kind of the entry at `rel` beneath `root` (a final symlink not followed), `None` if there
+/// is none.
+fn kind(root: &Root, rel: &RelPath) -> io::Result<Option<u32>> {
+    match root.lstat(rel) {
+        Ok(st) => Ok(Some(st.st_mode & libc::S_IFMT)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+fn rel_path(rel: &[u8]) -> Result<RelPath> {
+    // Checked when the registry was read; checked again where it is acted on.
+    RelPath::new(rel.to_vec())
+        .map_err(|e| anyhow!("{:?} is not a path inside a volume: {e}", shown(rel)))
+}
+
+/// Makes one change through the mount at `mnt`. Each path is resolved beneath the mount's root
+/// by `dirtree::Root` (no symlink followed, none planted in a directory of the path can send the
+/// change outside the volume), and the change still reaches the mount as any other does.
 fn act(mnt: &Path, a: &Action) -> Result<()> {
+    let root = Root::open(mnt).with_context(|| format!("cannot open {}", mnt.display()))?;
     let at = |rel: &[u8]| mnt.join(OsStr::from_bytes(rel));
     match a {
         Action::RemoveCopy(copy) => {
-            let c = at(copy);
-            match fs::symlink_metadata(&c) {
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let (c, rel) = (at(copy), rel_path(copy)?);
+            match kind(&root, &rel).with_context(|| format!("cannot read {}", c.display()))? {
+                None => {
                     println!("{}: already gone", c.display());
                     Ok(())
                 }
-                Err(e) => Err(e).with_context(|| format!("cannot read {}", c.display())),
-                Ok(md) if md.is_dir() => {
-                    refuse_non_empty(&c, "remove it yourself (`rm -r`) once you have checked it")?;
-                    fs::remove_dir(&c).with_context(|| format!("cannot remove {}", c.display()))
+                Some(libc::S_IFDIR) => {
+                    refuse_non_empty(
+                        &root,
+                        &rel,
+                        &c,
+                        "remove it yourself (`rm -r`) once you have checked it",
+                    )?;
+                    root.rmdir(&rel)
+                        .with_context(|| format!("cannot remove {}", c.display()))
                 }
-                Ok(_) => {
-                    fs::remove_file(&c).with_context(|| format!("cannot remove {}", c.display()))
-                }
+                Some(_) => root
+                    .unlink(&rel)
+                    .with_context(|| format!("cannot remove {}", c.display())),
             }
         }
         Action::RenameOver { copy, path } => {
             let (c, p) = (at(copy), at(path));
-            let cmd = match fs::symlink_metadata(&c) {
-                Err(e) if e.kind() == io::ErrorKind::NotFound => bail!(
+            let (crel, prel) = (rel_path(copy)?, rel_path(path)?);
+            let Some(ckind) =
+                kind(&root, &crel).with_context(|| format!("cannot read {}", c.display()))?
+            else {
+                bail!(
                     "the conflict copy {} no longer exists, so their version is gone: `--keep both` drops the entry",
                     c.display()
-                ),
-                Err(e) => return Err(e).with_context(|| format!("cannot read {}", c.display())),
-                Ok(md) => md,
+                );
             };
-            match fs::symlink_metadata(&p) {
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e).with_context(|| format!("cannot read {}", p.display())),
-                Ok(md) if md.is_dir() => {
-                    refuse_non_empty(&p, "empty it (or move it aside) first")?;
-                    if !cmd.is_dir() {
+            match kind(&root, &prel).with_context(|| format!("cannot read {}", p.display()))? {
+                None => {}
+                Some(libc::S_IFDIR) => {
+                    refuse_non_empty(&root, &prel, &p, "empty it (or move it aside) first")?;
+                    if ckind != libc::S_IFDIR {
                         // A rename cannot put a file over a directory, even an empty one.
-                        fs::remove_dir(&p)
+                        root.rmdir(&prel)
                             .with_context(|| format!("cannot remove {}", p.display()))?;
                     }
                 }
-                Ok(_) if cmd.is_dir() => {
+                Some(_) if ckind == libc::S_IFDIR => {
                     // Nor a directory over a file.
-                    fs::remove_file(&p)
+                    root.unlink(&prel)
                         .with_context(|| format!("cannot remove {}", p.display()))?;
                 }
-                Ok(_) => {}
+                Some(_) => {}
             }
-            fs::rename(&c, &p)
+            root.rename(&crel, &prel, 0)
                 .with_context(|| format!("cannot rename {} to {}", c.display(), p.display()))
         }
     }
 }
 
 /// Refuses a directory that is not empty (mirrorfs never deletes or replaces a tree silently).
-fn refuse_non_empty(dir: &Path, hint: &str) -> Result<()> {
-    let mut rd = fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))?;
-    if rd.next().is_some() {
+fn refuse_non_empty(root: &Root, rel: &RelPath, shown_as: &Path, hint: &str) -> Result<()> {
+    let d = root
+        .open_at(
+            rel,
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+            0,
+        )
+        .and_then(|fd| crate::sys::read_dir_fd(fd.as_fd()))
+        .with_context(|| format!("cannot read {}", shown_as.display()))?;
+    if !d.is_empty() {
         bail!(
             "{} is a directory that is not empty: mirrorfs does not delete a tree; {hint}, then run this again (or use `--keep both`)",
-            dir.display()
+            shown_as.display()
         );
     }
     Ok(())
@@ -411,6 +449,7 @@ fn refuse_non_empty(dir: &Path, hint: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     fn running(mnt: &str) -> Running {
         Running {
@@ -472,6 +511,33 @@ mod tests {
         assert_eq!(abs, real.join("link"), "the symlink in conflict itself");
         let cwd = std::env::current_dir().expect("cwd");
         assert_eq!(absolute(Path::new("x")).expect("relative"), cwd.join("x"));
+    }
+
+    #[test]
+    fn a_change_never_follows_a_symlink_planted_in_the_path() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let (vol, outside) = (d.path().join("vol"), d.path().join("outside"));
+        fs::create_dir_all(&vol).expect("mkdir");
+        fs::create_dir_all(&outside).expect("mkdir");
+        fs::write(outside.join("n"), b"outside").expect("write");
+        fs::write(outside.join("n.c"), b"outside copy").expect("write");
+        std::os::unix::fs::symlink(&outside, vol.join("link")).expect("symlink");
+        let over = Action::RenameOver {
+            copy: b"link/n.c".to_vec(),
+            path: b"link/n".to_vec(),
+        };
+        assert!(act(&vol, &over).is_err(), "renamed through a symlink");
+        assert!(act(&vol, &Action::RemoveCopy(b"link/n.c".to_vec())).is_err());
+        assert_eq!(fs::read(outside.join("n")).expect("read"), b"outside");
+        assert!(
+            outside.join("n.c").exists(),
+            "nothing outside the volume changed"
+        );
+        fs::create_dir(vol.join("d")).expect("mkdir");
+        fs::write(vol.join("d/f"), b"x").expect("write");
+        let e = act(&vol, &Action::RemoveCopy(b"d".to_vec())).expect_err("a tree");
+        assert!(format!("{e:#}").contains("not empty"), "{e:#}");
+        assert!(vol.join("d/f").exists());
     }
 
     #[test]
