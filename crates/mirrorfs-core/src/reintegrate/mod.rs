@@ -2,7 +2,8 @@
 //! common point of their generation histories (see `history::compare`), without losing any of
 //! them. Sans-IO: it reads records and answers with a [`Plan`]; a shell carries the plan out.
 //!
-//! **Driven by:** nothing yet; the handshake's diverged case will drive it.
+//! **Driven by:** the primary's link when a diverged mirror is reintegrated into it (`net::remote`),
+//! through [`run::Run`], which carries a plan out; the tests here drive the same `Run`.
 //!
 //! # Input
 //!
@@ -101,6 +102,9 @@
 //! shortened, and a plan with a rebased path longer than `PATH_BYTES_MAX` is refused
 //! ([`PlanError::PathTooLong`]) rather than emitted.
 
+pub mod run;
+pub mod saved;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use crate::op::{rename_flags, Op, Record};
@@ -164,6 +168,9 @@ pub enum Reason {
     NameTaken,
     /// Their rename would move a directory into itself (after our renames): not applied.
     RenameCycle,
+    /// Our side changed the target after the plan was made (while it ran): ours kept, theirs
+    /// placed beside it (see [`run`]).
+    ChangedDuringReintegration,
 }
 
 /// A conflict for `mirrorfs conflicts`: our version at `path`; theirs at `copy` if it was copied.
@@ -571,7 +578,8 @@ fn check_paths(plan: &Plan) -> Result<(), PlanError> {
 }
 
 /// `conflict-SITE-YYYYMMDD-HHMMSS`.
-fn conflict_label(site: &str, time: i64) -> String {
+/// `conflict-SITE-YYYYMMDD-HHMMSS`: the label of every conflict name a reintegration gives.
+pub fn conflict_label(site: &str, time: i64) -> String {
     let site: String = site
         .bytes()
         .take(64)
@@ -1062,7 +1070,7 @@ mod tests {
     use super::*;
     use crate::op::Timespec;
     use crate::sim::{SimTree, Snapshot};
-    use crate::tree::{apply_op, EntryKind, Tree};
+    use crate::tree::{apply_op, EntryKind};
     use proptest::prelude::*;
 
     fn p(s: &str) -> RelPath {
@@ -1143,81 +1151,17 @@ mod tests {
         t
     }
 
-    /// Carries out one step the way a shell would, idempotently; `Err` is a plan the tree refuses.
-    fn apply_step(ours: &mut SimTree, theirs: &Snapshot, step: &Step) -> Result<(), String> {
-        let r = match step {
-            Step::Rename { from, to } => match ours.kind(from) {
-                Ok(None) => Ok(()),
-                _ => ours.rename(from, to, 0),
-            },
-            Step::Remove { our_path } => match ours.kind(our_path) {
-                Ok(None) => Ok(()),
-                Ok(Some(EntryKind::Dir)) => ours.rmdir(our_path),
-                _ => ours.unlink(our_path),
-            },
-            Step::Mkdir {
-                their_path,
-                our_path,
-            }
-            | Step::CopyFromTheirs {
-                their_path,
-                our_path,
-            }
-            | Step::ConflictCopy {
-                their_path,
-                copy: our_path,
-                ..
-            } => return copy_entry(ours, theirs, their_path, our_path),
-        };
-        r.map_err(|e| format!("{step:?}: {e}"))
-    }
-
-    fn copy_entry(
-        ours: &mut SimTree,
-        theirs: &Snapshot,
-        their_path: &RelPath,
-        our_path: &RelPath,
-    ) -> Result<(), String> {
-        let e = theirs
-            .entries
-            .get(their_path)
-            .ok_or_else(|| format!("their {their_path} is missing"))?;
-        let err = |e: crate::tree::TreeError| format!("copy {their_path} to {our_path}: {e}");
-        match (ours.kind(our_path).map_err(err)?, e.kind) {
-            (Some(EntryKind::Dir), EntryKind::Dir) => {}
-            (Some(EntryKind::Dir), _) => return Err(format!("{our_path}: copy over a directory")),
-            (Some(_), _) => ours.unlink(our_path).map_err(err)?,
-            (None, _) => {}
-        }
-        match e.kind {
-            EntryKind::Dir if ours.kind(our_path).map_err(err)?.is_none() => {
-                ours.mkdir(our_path, e.perm, e.uid, e.gid).map_err(err)?
-            }
-            EntryKind::Dir => ours.chmod(our_path, e.perm).map_err(err)?,
-            EntryKind::File => {
-                ours.create(our_path, e.perm, e.uid, e.gid).map_err(err)?;
-                ours.write(our_path, 0, &e.content).map_err(err)?;
-            }
-            EntryKind::Symlink => ours
-                .symlink(our_path, &e.content, e.uid, e.gid)
-                .map_err(err)?,
-            EntryKind::Special => {
-                let (fmt, rdev) = e.special.unwrap_or((0o010_000, 0));
-                ours.mknod(our_path, fmt | e.perm, rdev, e.uid, e.gid)
-                    .map_err(err)?
-            }
-        }
-        for (k, v) in &e.xattrs {
-            ours.setxattr(our_path, k, v, 0).map_err(err)?;
-        }
-        Ok(())
-    }
-
+    /// Carries the steps out with the executor the primary runs ([`run::Run`]).
     fn apply_plan(ours: &mut SimTree, theirs: &Snapshot, steps: &[Step]) -> Result<(), String> {
-        for s in steps {
-            apply_step(ours, theirs, s)?;
+        let plan = Plan {
+            steps: steps.to_vec(),
+            conflicts: Vec::new(),
+        };
+        let r = run::drive::drive(ours, theirs, &plan, 0, usize::MAX, &|_| false)?;
+        match r.done {
+            true => Ok(()),
+            false => Err("the run did not finish".into()),
         }
-        Ok(())
     }
 
     const SITE: &str = "b";
@@ -1820,14 +1764,21 @@ mod tests {
             .collect();
         check(&base, &so, &st, &result, &plan, &moves)
             .map_err(|e| TestCaseError::fail(format!("{e}\nplan {plan:?}")))?;
-        // (4): a crash after any step, then a re-run from the step in doubt, ends the same.
-        for k in 1..=plan.steps.len() {
+        // (4): a crash after any op, then a re-run from the step cursor, ends the same.
+        for budget in 0.. {
             let mut again = before.clone();
-            let redo = apply_plan(&mut again, &st, &plan.steps[..k])
-                .and_then(|()| apply_plan(&mut again, &st, &plan.steps[k - 1..]));
-            redo.map_err(|e| TestCaseError::fail(format!("re-run from step {k}: {e}")))?;
+            let drive = |t: &mut SimTree, from, budget| {
+                run::drive::drive(t, &st, &plan, from, budget, &|_| false)
+                    .map_err(|e| TestCaseError::fail(format!("crash after {budget} ops: {e}")))
+            };
+            let first = drive(&mut again, 0, budget)?;
+            if first.done {
+                break;
+            }
+            let rest = drive(&mut again, first.cursor, usize::MAX)?;
+            prop_assert!(rest.done);
             let diff = again.snapshot().diff(&result, 5);
-            prop_assert!(diff.is_empty(), "re-run from step {}: {:?}", k, diff);
+            prop_assert!(diff.is_empty(), "crash after {} ops: {:?}", budget, diff);
         }
         Ok(())
     }
