@@ -99,6 +99,7 @@ pub fn reason_word(r: Reason) -> &'static str {
         Reason::DirAttributes => "dir-attributes",
         Reason::NameTaken => "name-taken",
         Reason::RenameCycle => "rename-cycle",
+        Reason::ChangedDuringReintegration => "changed-during-reintegration",
     }
 }
 
@@ -125,6 +126,9 @@ pub fn reason_sentence(word: &str) -> &'static str {
         }
         "rename-cycle" => {
             "the other site's rename would have moved a directory into itself: it was not applied"
+        }
+        "changed-during-reintegration" => {
+            "we changed it while the reintegration ran: ours was kept, theirs is in the conflict copy"
         }
         _ => "a reason this version of mirrorfs does not know (recorded by a newer one)",
     }
@@ -554,6 +558,7 @@ mod tests {
             Reason::DirAttributes,
             Reason::NameTaken,
             Reason::RenameCycle,
+            Reason::ChangedDuringReintegration,
         ];
         let words: std::collections::BTreeSet<_> = all.iter().map(|r| reason_word(*r)).collect();
         assert_eq!(words.len(), all.len());
