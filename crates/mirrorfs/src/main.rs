@@ -82,6 +82,9 @@ enum Cmd {
         #[arg(long)]
         force: bool,
     },
+    /// List the conflicts a reintegration left after a failover (both versions kept: ours at
+    /// PATH, theirs as PATH.conflict-SITE-YYYYMMDD-HHMMSS), or settle one with `resolve`.
+    Conflicts(cli::conflicts::ConflictsArgs),
 }
 
 fn main() {
@@ -111,6 +114,7 @@ fn main() {
         } => trust(config.as_deref(), &fingerprint, &name),
         Cmd::Serve(a) => serve::serve(a),
         Cmd::Promote { dir, state, force } => site::promote::promote(&dir, state.as_deref(), force),
+        Cmd::Conflicts(a) => cli::conflicts::conflicts(a),
     };
     if let Err(e) = r {
         eprintln!("mirrorfs: error: {e:#}");

@@ -576,6 +576,31 @@ pub fn now() -> Timespec {
     }
 }
 
+/// Unix seconds as local time, `YYYY-MM-DD HH:MM:SS +HHMM` (the time zone from `TZ` or the
+/// system's), for listings a person reads.
+pub fn local_time_text(sec: i64) -> String {
+    // SAFETY: an all-zero `tm` is a valid value (its `tm_zone` pointer is only written).
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    let t: libc::time_t = sec;
+    // SAFETY: valid in and out pointers; localtime_r is thread-safe.
+    if unsafe { libc::localtime_r(&t, &mut tm) }.is_null() {
+        return format!("@{sec}");
+    }
+    let off_min = tm.tm_gmtoff / 60;
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02} {}{:02}{:02}",
+        i64::from(tm.tm_year) + 1900,
+        tm.tm_mon + 1,
+        tm.tm_mday,
+        tm.tm_hour,
+        tm.tm_min,
+        tm.tm_sec,
+        if off_min < 0 { '-' } else { '+' },
+        off_min.abs() / 60,
+        off_min.abs() % 60
+    )
+}
+
 pub fn errno_of(e: &io::Error) -> i32 {
     e.raw_os_error().unwrap_or(libc::EIO)
 }

@@ -1,6 +1,6 @@
 //! The command line: refusals (clear message, non-zero exit, nothing mounted), help texts,
-//! `status --json` on a live mount, clean unmount on SIGINT and SIGTERM, read-only mounts and
-//! the demo.
+//! `status --json` on a live mount, clean unmount on SIGINT and SIGTERM, read-only mounts, the
+//! demo, and `conflicts` (listing and resolving through the mount).
 
 mod common;
 
@@ -719,4 +719,243 @@ fn a_refused_serve_leaves_the_directory_empty() {
         dir.display(),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// conflicts (issue 7)
+
+const COPY_SUFFIX: &str = ".conflict-siteb-20261204-120000";
+
+/// Writes the mount's conflict registry (`STATE/conflicts.json`, the format documented in
+/// `site::conflicts`) as a reintegration would have recorded it: `(path, copy, reason)`.
+fn write_registry(state: &Path, entries: &[(&str, Option<&str>, &str)]) {
+    let conflicts: Vec<serde_json::Value> = entries
+        .iter()
+        .map(|(path, copy, reason)| {
+            let mut e = serde_json::json!({
+                "path": path, "reason": reason, "peer": "siteb", "time": 1_796_385_600i64
+            });
+            if let Some(c) = copy {
+                e["copy"] = serde_json::json!(c);
+            }
+            e
+        })
+        .collect();
+    let file = serde_json::json!({ "version": 1, "conflicts": conflicts });
+    fs::write(
+        state.join("conflicts.json"),
+        serde_json::to_vec_pretty(&file).expect("json"),
+    )
+    .expect("write the registry");
+}
+
+/// `mirrorfs conflicts MNT --json`, parsed.
+fn conflicts_json(mnt: &Path) -> Vec<serde_json::Value> {
+    let (ok, out, err) = output(&["conflicts", mnt.to_str().expect("utf-8"), "--json"]);
+    assert!(ok, "conflicts --json failed: {err}");
+    serde_json::from_str::<Vec<serde_json::Value>>(&out)
+        .unwrap_or_else(|e| panic!("conflicts --json is not a JSON array ({e}): {out}"))
+}
+
+/// `mirrorfs conflicts resolve PATH --keep KEEP`, run in `cwd`.
+fn resolve_in(cwd: &Path, path: &str, keep: &str) -> (bool, String, String) {
+    let o = Command::new(BIN)
+        .args(["conflicts", "resolve", path, "--keep", keep])
+        .current_dir(cwd)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run mirrorfs conflicts resolve");
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).to_string(),
+        String::from_utf8_lossy(&o.stderr).to_string(),
+    )
+}
+
+#[test]
+fn conflicts_lists_and_resolve_keep_remote_goes_through_the_mount() {
+    let _serial = serial();
+    let mut m = mount("cli-conflicts-remote", &[]);
+    let state = m.layout.base.join("state");
+    let copy = format!("notes.txt{COPY_SUFFIX}");
+    fs::write(m.p("notes.txt"), b"ours\n").expect("write ours");
+    fs::write(m.p(&copy), b"theirs\n").expect("write theirs");
+    write_registry(&state, &[("notes.txt", Some(&copy), "both-modified")]);
+
+    let listed = conflicts_json(m.mnt());
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    let e = &listed[0];
+    assert_eq!(e["path"], "notes.txt");
+    assert_eq!(e["copy"], copy.as_str());
+    assert_eq!(e["reason"], "both-modified");
+    assert_eq!(e["peer"], "siteb");
+    assert_eq!(e["time"], 1_796_385_600i64);
+    assert_eq!(e["mountpoint"], m.mnt().to_str().expect("utf-8"));
+    assert_eq!(e["path_exists"], true);
+    assert_eq!(e["copy_exists"], true);
+    let (ok, out, err) = output(&["conflicts", m.mnt().to_str().expect("utf-8")]);
+    assert!(ok, "conflicts failed: {err}");
+    assert_mentions(&out, &["notes.txt", &copy, "both sites changed", "siteb"]);
+
+    let target = m.p("notes.txt");
+    let (ok, out, err) = resolve_in(Path::new("/"), target.to_str().expect("utf-8"), "remote");
+    assert!(ok, "resolve --keep remote failed: {err}");
+    assert_mentions(&out, &["their version"]);
+    assert_eq!(fs::read(m.p("notes.txt")).expect("read"), b"theirs\n");
+    assert!(!m.p(&copy).exists(), "the conflict copy is gone");
+    assert!(conflicts_json(m.mnt()).is_empty(), "the registry is empty");
+    assert!(!state.join("conflicts.json").exists());
+    m.wait_mirror_equal(CATCH_UP);
+    assert_eq!(
+        fs::read(m.mirror().join("notes.txt")).expect("mirror"),
+        b"theirs\n"
+    );
+
+    let (ok, _, err) = resolve_in(Path::new("/"), target.to_str().expect("utf-8"), "remote");
+    assert!(!ok, "a settled conflict resolved again");
+    assert_mentions(&err, &["no conflict is recorded", "mirrorfs conflicts"]);
+    let (ok, out, _) = output(&["conflicts", m.mnt().to_str().expect("utf-8")]);
+    assert!(ok);
+    assert_mentions(&out, &["no conflicts"]);
+    m.unmount();
+    let (ok, _, err) = resolve_in(Path::new("/"), target.to_str().expect("utf-8"), "both");
+    assert!(!ok, "resolve on an unmounted volume succeeded");
+    assert_mentions(&err, &["not inside a running mirrorfs mount"]);
+}
+
+#[test]
+fn conflicts_resolve_keep_local_and_both_and_the_refusals() {
+    let _serial = serial();
+    let m = mount("cli-conflicts-local", &[]);
+    let state = m.layout.base.join("state");
+    let (a_copy, b_copy, d_copy) = (
+        format!("a.txt{COPY_SUFFIX}"),
+        format!("b.txt{COPY_SUFFIX}"),
+        format!("d{COPY_SUFFIX}"),
+    );
+    fs::write(m.p("a.txt"), b"ours a\n").expect("write");
+    fs::write(m.p(&a_copy), b"theirs a\n").expect("write");
+    fs::write(m.p("b.txt"), b"ours b\n").expect("write");
+    fs::write(m.p(&b_copy), b"theirs b\n").expect("write");
+    fs::create_dir(m.p("d")).expect("mkdir");
+    fs::create_dir(m.p(&d_copy)).expect("mkdir");
+    fs::write(m.p(&d_copy).join("inside"), b"theirs\n").expect("write");
+    fs::write(m.p("kept.txt"), b"ours\n").expect("write");
+    write_registry(
+        &state,
+        &[
+            ("a.txt", Some(&a_copy), "both-modified"),
+            ("b.txt", Some(&b_copy), "both-created"),
+            ("d", Some(&d_copy), "both-created"),
+            ("kept.txt", None, "they-deleted"),
+        ],
+    );
+    assert_eq!(conflicts_json(m.mnt()).len(), 4);
+
+    // local: the copy goes, ours stays.
+    let (ok, _, err) = resolve_in(m.mnt(), "a.txt", "local");
+    assert!(ok, "resolve a.txt --keep local (relative) failed: {err}");
+    assert_eq!(fs::read(m.p("a.txt")).expect("read"), b"ours a\n");
+    assert!(!m.p(&a_copy).exists());
+    // both: named by its conflict copy; both files stay.
+    let (ok, _, err) = resolve_in(m.mnt(), &b_copy, "both");
+    assert!(ok, "resolve COPY --keep both failed: {err}");
+    assert_eq!(fs::read(m.p("b.txt")).expect("read"), b"ours b\n");
+    assert_eq!(fs::read(m.p(&b_copy)).expect("read"), b"theirs b\n");
+    // A non-empty directory copy is never deleted.
+    let (ok, _, err) = resolve_in(Path::new("/"), m.p("d").to_str().expect("utf-8"), "local");
+    assert!(!ok, "a non-empty directory copy was removed");
+    assert_mentions(&err, &["not empty", "--keep both"]);
+    assert!(m.p(&d_copy).join("inside").exists());
+    // Nothing was copied: only local or both make sense.
+    let kept = m.p("kept.txt");
+    let (ok, _, err) = resolve_in(Path::new("/"), kept.to_str().expect("utf-8"), "remote");
+    assert!(!ok, "remote without a copy succeeded");
+    assert_mentions(&err, &["nothing was copied", "--keep local"]);
+    let (ok, _, err) = resolve_in(Path::new("/"), kept.to_str().expect("utf-8"), "local");
+    assert!(ok, "local without a copy failed: {err}");
+    assert_eq!(fs::read(&kept).expect("read"), b"ours\n");
+
+    let left: Vec<_> = conflicts_json(m.mnt())
+        .iter()
+        .map(|e| e["path"].as_str().unwrap_or("?").to_string())
+        .collect();
+    assert_eq!(left, vec!["d".to_string()], "only the refused one is left");
+    m.wait_mirror_equal(CATCH_UP);
+    assert!(!m.mirror().join(&a_copy).exists());
+    assert!(m.mirror().join(&b_copy).exists());
+
+    // A corrupt registry is an error naming it, never an empty list.
+    fs::write(state.join("conflicts.json"), b"{\"version\": 1, \"confl").expect("corrupt");
+    let (ok, _, err) = output(&["conflicts", m.mnt().to_str().expect("utf-8"), "--json"]);
+    assert!(!ok, "a corrupt registry was listed");
+    assert_mentions(&err, &["conflicts.json", "corrupt"]);
+}
+
+#[test]
+fn conflicts_help_explains_the_naming_and_each_keep_choice() {
+    let (ok, out, _) = output(&["conflicts", "--help"]);
+    assert!(ok, "conflicts --help failed");
+    assert_mentions(
+        &out,
+        &[
+            "PATH.conflict-SITE-YYYYMMDD-HHMMSS",
+            "--json",
+            "MOUNT",
+            "resolve",
+        ],
+    );
+    let (ok, out, _) = output(&["conflicts", "resolve", "--help"]);
+    assert!(ok, "conflicts resolve --help failed");
+    assert_mentions(
+        &out,
+        &[
+            "--keep",
+            "local",
+            "remote",
+            "both",
+            "conflict copy",
+            "PATH.conflict-",
+        ],
+    );
+    let (ok, _, err) = output(&["conflicts", "resolve", "/x", "--keep", "mine"]);
+    assert!(!ok, "an unknown --keep was accepted");
+    assert_mentions(&err, &["local", "remote", "both"]);
+}
+
+/// A name that is not UTF-8 is listed (as `path_hex`) and resolved exactly.
+#[test]
+fn conflicts_resolve_a_name_that_is_not_utf8() {
+    use std::os::unix::ffi::OsStrExt;
+    let _serial = serial();
+    let m = mount("cli-conflicts-bytes", &[]);
+    let name = OsStr::from_bytes(b"caf\xe9");
+    let mut copy = name.to_owned();
+    copy.push(COPY_SUFFIX);
+    fs::write(m.p(name), b"ours\n").expect("write ours");
+    fs::write(m.p(&copy), b"theirs\n").expect("write theirs");
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    let file = serde_json::json!({ "version": 1, "conflicts": [{
+        "path_hex": hex(name.as_bytes()), "copy_hex": hex(copy.as_bytes()),
+        "reason": "both-modified", "peer": "siteb", "time": 0 }] });
+    fs::write(
+        m.layout.base.join("state").join("conflicts.json"),
+        serde_json::to_vec(&file).expect("json"),
+    )
+    .expect("write the registry");
+    let listed = conflicts_json(m.mnt());
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["path_hex"], "636166e9");
+    assert_eq!(listed[0]["copy_exists"], true);
+    let o = Command::new(BIN)
+        .args(["conflicts", "resolve"])
+        .arg(m.p(name))
+        .args(["--keep", "remote"])
+        .output()
+        .expect("run resolve");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(fs::read(m.p(name)).expect("read"), b"theirs\n");
+    assert!(!m.p(&copy).exists());
+    assert!(conflicts_json(m.mnt()).is_empty());
+    m.wait_mirror_equal(CATCH_UP);
 }

@@ -5,6 +5,7 @@
 //!
 //! ```text
 //! STATE/ lock, pid, boot_id, clean, volume.json, status.json, journal/, diverged/,
+//!        conflicts.json, conflicts.lock
 //!        tree/cursor                      (the daemon's own tree)
 //!        mirrors/ID/{cursor, NEEDS_RESYNC, SYNCING, durable, ...}
 //! ```
@@ -124,6 +125,17 @@ impl StateDir {
     /// `STATE/status.json`, rewritten twice a second by a running site.
     pub fn status_json(&self) -> PathBuf {
         self.path.join("status.json")
+    }
+
+    /// `STATE/conflicts.json`: the conflicts reintegrations left, until users settle them (see
+    /// `site::conflicts`).
+    pub fn conflicts_file(&self) -> PathBuf {
+        self.path.join("conflicts.json")
+    }
+
+    /// `STATE/conflicts.lock`: `flock`ed while the conflict registry is read and rewritten.
+    pub fn conflicts_lock(&self) -> PathBuf {
+        self.path.join("conflicts.lock")
     }
 
     /// `STATE/journal/`: the journal's segments.

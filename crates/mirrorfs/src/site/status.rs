@@ -277,32 +277,81 @@ pub fn show(mountpoint: Option<&Path>, json: bool) -> Result<()> {
 /// The statuses of the registered processes still running (at `want` only, if given), each
 /// with whether it still answers; files `status` may not read are added to `denied`.
 fn find_running(want: Option<&Path>, denied: &mut Vec<PathBuf>) -> Vec<serde_json::Value> {
+    registrations(denied)
+        .into_iter()
+        .filter(|r| want.is_none_or(|w| w == r.mountpoint.as_path()))
+        .filter_map(|r| read_running(&r, denied))
+        .collect()
+}
+
+/// A running mount or mirror daemon, as it registered itself in `/run/mirrorfs/`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Running {
+    /// A mount's mountpoint; a daemon's directory.
+    pub mountpoint: PathBuf,
+    /// A mount's backing directory; a daemon's directory again.
+    pub backing: PathBuf,
+    pub state: PathBuf,
+    pub pid: u32,
+}
+
+impl Running {
+    /// A mirror daemon registers its directory as both mountpoint and backing.
+    pub fn is_daemon(&self) -> bool {
+        self.mountpoint == self.backing
+    }
+}
+
+/// The registered processes still running: every one, or (given `within`, an absolute path
+/// with its symlinks resolved) the one whose mountpoint holds it — the deepest, for a mount
+/// inside another. An error says why none was found (none running there, or a registration
+/// this user may not read).
+pub fn registered(within: Option<&Path>) -> Result<Vec<Running>> {
+    let mut denied = Vec::new();
+    let all = registrations(&mut denied);
+    let Some(p) = within else {
+        return Ok(all);
+    };
+    match containing(&all, p) {
+        Some(r) => Ok(vec![r.clone()]),
+        None => Err(none_found(Some(p), &denied)),
+    }
+}
+
+/// The one of `all` whose mountpoint is `path` or holds it, the deepest if several do.
+pub fn containing<'a>(all: &'a [Running], path: &Path) -> Option<&'a Running> {
+    all.iter()
+        .filter(|r| path.starts_with(&r.mountpoint))
+        .max_by_key(|r| r.mountpoint.components().count())
+}
+
+/// The registrations in `/run/mirrorfs/` that are trusted and whose process still runs; files
+/// this user may not read are added to `denied`.
+fn registrations(denied: &mut Vec<PathBuf>) -> Vec<Running> {
     let mut found = Vec::new();
     if let Ok(rd) = fs::read_dir(RUN_DIR) {
         for e in rd.flatten() {
-            if let Some(v) = read_running(&e.path(), want, denied) {
-                found.push(v);
+            let Some(bytes) = read_trusted(&e.path(), denied) else {
+                continue;
+            };
+            let Ok(reg) = serde_json::from_slice::<Registration>(&bytes) else {
+                continue;
+            };
+            if Path::new(&format!("/proc/{}", reg.pid)).exists() {
+                found.push(Running {
+                    mountpoint: reg.mountpoint,
+                    backing: reg.backing,
+                    state: reg.state,
+                    pid: reg.pid,
+                });
             }
         }
     }
     found
 }
 
-/// The status of the process registered in `reg_file`, if it is running, at `want` (if given),
-/// and its status is readable and trusted.
-fn read_running(
-    reg_file: &Path,
-    want: Option<&Path>,
-    denied: &mut Vec<PathBuf>,
-) -> Option<serde_json::Value> {
-    let bytes = read_trusted(reg_file, denied)?;
-    let reg = serde_json::from_slice::<Registration>(&bytes).ok()?;
-    if want.is_some_and(|w| w != reg.mountpoint.as_path()) {
-        return None;
-    }
-    if !Path::new(&format!("/proc/{}", reg.pid)).exists() {
-        return None;
-    }
+/// The status of the running process `reg`, if its status is readable and trusted.
+fn read_running(reg: &Running, denied: &mut Vec<PathBuf>) -> Option<serde_json::Value> {
     let s = read_trusted(&reg.state.join("status.json"), denied)?;
     let mut v = serde_json::from_slice::<serde_json::Value>(&s).ok()?;
     let daemon = v.get("role").and_then(|r| r.as_str()) == Some("mirror");
