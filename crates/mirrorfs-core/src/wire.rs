@@ -776,7 +776,9 @@ impl Msg {
                 // The tail names what changed; data travels by `Fetch`.
                 let has_data = |op: &Op| match op {
                     Op::Write { data, .. } => !data.is_empty(),
-                    Op::Sync { op, .. } => matches!(&**op, Op::Write { data, .. } if !data.is_empty()),
+                    Op::Sync { op, .. } => {
+                        matches!(&**op, Op::Write { data, .. } if !data.is_empty())
+                    }
                     _ => false,
                 };
                 if records.iter().any(|r| has_data(&r.op)) {
