@@ -345,11 +345,11 @@ impl Session {
             }
             Msg::Fetch { id, path, as_path } if r.tail_asked => {
                 for p in [path, as_path] {
-                    if under_reserved(p, &self.reserved) {
+                    if p.is_root() || under_reserved(p, &self.reserved) {
                         return Err(LinkError {
                             code: error_code::BAD_FRAME,
                             message: format!(
-                                "the primary asked for {}, in the mirror's own state directory; refused",
+                                "the primary asked for {:?}, the root or in the mirror's own state directory; refused",
                                 String::from_utf8_lossy(p.as_bytes())
                             ),
                             retry: false,
@@ -969,8 +969,12 @@ mod tests {
         let mut s = reintegrating();
         s.on_message(&Msg::Reintegrate { from: 11 }).expect("tail");
         assert!(s.on_message(&Msg::Reintegrate { from: 11 }).is_err());
-        // The state directory is no entry to fetch, under either name.
-        for (p, q) in [(&b".mirrorfs/x"[..], &b"x"[..]), (b"x", b".mirrorfs")] {
+        // The state directory, or the root, is no entry to fetch, under either name.
+        for (p, q) in [
+            (&b".mirrorfs/x"[..], &b"x"[..]),
+            (b"x", b".mirrorfs"),
+            (b"", b"x"),
+        ] {
             let mut s = reintegrating();
             s.on_message(&Msg::Reintegrate { from: 11 }).expect("tail");
             let e = s.on_message(&fetch(p, q)).expect_err("reserved");
