@@ -2460,8 +2460,8 @@ fn refusal_of(r: &Value) -> Option<String> {
 /// Issue 6, finding 2, exactly as found: serve M; mount P with M as its mirror; write a.txt;
 /// stop the daemon; write b.txt through P; promote M; unmount P; mount M as a primary with P's
 /// directory served as its mirror. b.txt must survive, the attach is refused naming the
-/// divergence on both sides; with `--discard-diverged` P's changes are saved first, then P
-/// follows M.
+/// divergence on both sides (with `serve --on-diverged refuse`); with `--discard-diverged` (the
+/// former spelling of `--on-diverged discard`) P's changes are saved first, then P follows M.
 #[test]
 fn failback_refuses_to_overwrite_the_old_primarys_changes() {
     let net = Net::new("failback");
@@ -2484,13 +2484,14 @@ fn failback_refuses_to_overwrite_the_old_primarys_changes() {
     let p_dir = p.backing().to_path_buf();
     let b_before = fs::read(p_dir.join("b.txt")).expect("b.txt on P before failback");
 
-    // P's directory is served as a mirror; M is mounted as the primary with it as its mirror.
+    // P's directory is served as a mirror (refusing a divergence rather than reintegrating it);
+    // M is mounted as the primary with it as its mirror.
     let mut srv_p = Serve::start(
         &p_dir,
         &net.mirror.dir,
         free_port(),
         &net.base.join("serve-p.log"),
-        &[],
+        &["--on-diverged", "refuse"],
     );
     let mut layout = Layout::new("net-failback-m", 0);
     layout.backing = srv.dir.clone();
