@@ -94,6 +94,8 @@ impl Daemon {
         );
         tracing::warn!("{what}");
         *lock(&self.reintegration) = Some((true, what));
+        // An older refusal no longer says what is going on.
+        *lock(&self.refused) = None;
         let r = self.serve_reintegration(link, dec, &mut session, &primary, next_seq, &c);
         match &r {
             Ok(()) => {}
