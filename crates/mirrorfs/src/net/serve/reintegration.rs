@@ -32,9 +32,10 @@ use super::Daemon;
 /// `BATCH_BYTES` plus one op.
 const FETCH_CHUNK_BYTES: usize = BATCH_BYTES / 4;
 
-/// An `Entry` answer being built: ops are sent in messages of at most about `BATCH_BYTES`.
+/// An `Entry` answer being built: ops are handed to `send` in messages of at most about
+/// `BATCH_BYTES`.
 struct EntryOut<'a> {
-    link: &'a Duplex,
+    send: &'a mut dyn FnMut(Msg) -> Result<()>,
     id: u32,
     ops: Vec<Op>,
     bytes: usize,
@@ -55,12 +56,11 @@ impl EntryOut<'_> {
     fn flush(&mut self, last: bool) -> Result<()> {
         let ops = std::mem::take(&mut self.ops);
         self.bytes = 0;
-        self.link.send(&Msg::Entry {
+        (self.send)(Msg::Entry {
             id: self.id,
             last,
             ops,
-        })?;
-        Ok(())
+        })
     }
 }
 
@@ -137,7 +137,11 @@ impl Daemon {
                     tracing::info!("sent {n} record(s) {from}..={to} to primary {primary}");
                 }
                 Incoming::Fetch { id, path, as_path } => {
-                    self.send_entry(link, &root, id, path, as_path)?;
+                    let mut send = |m: Msg| -> Result<()> {
+                        link.send(&m)?;
+                        Ok(())
+                    };
+                    send_entry(&mut send, &root, id, path, as_path)?;
                 }
                 Incoming::Reintegrated { conflicts } => {
                     assert_eq!(
@@ -205,92 +209,90 @@ impl Daemon {
         })?;
         Ok(sent)
     }
+}
 
-    /// Answers `Fetch{id, path, as_path}`: the ops that recreate the entry at `path` under
-    /// `as_path` (`mirror::entry_ops`, a regular file's data streamed in between, holes skipped),
-    /// read beneath DIR without following symlinks; an absent entry is one empty last `Entry`.
-    fn send_entry(
-        &self,
-        link: &Duplex,
-        root: &Root,
-        id: u32,
-        path: &RelPath,
-        as_path: &RelPath,
-    ) -> Result<()> {
-        let mut out = EntryOut {
-            link,
-            id,
-            ops: Vec::new(),
-            bytes: 0,
-        };
-        let st = match root.lstat(path) {
-            Ok(st) => st,
-            Err(e) if is_absent(&e) => return out.flush(true),
-            Err(e) => return Err(e).with_context(|| format!("cannot read {path:?}")),
-        };
-        let (dir, name) = root.parent(path)?;
-        let (create, attrs) =
-            crate::mirror::entry_ops(root.fd(), path, as_path, name.as_bytes(), &st, dir.as_fd())?;
-        out.push(create)?;
-        if st.st_mode & libc::S_IFMT == libc::S_IFREG {
-            let size = self.send_data(&mut out, root, path, as_path, &st)?;
-            out.push(Op::Truncate {
-                path: as_path.clone(),
-                size,
-            })?;
-        }
-        for op in attrs {
-            out.push(op)?;
-        }
-        out.flush(true)
+/// Answers `Fetch{id, path, as_path}`: the ops that recreate the entry at `path` under
+/// `as_path` (`mirror::entry_ops`, a regular file's data streamed in between, holes skipped),
+/// read beneath DIR without following symlinks; an absent entry is one empty last `Entry`.
+fn send_entry(
+    send: &mut dyn FnMut(Msg) -> Result<()>,
+    root: &Root,
+    id: u32,
+    path: &RelPath,
+    as_path: &RelPath,
+) -> Result<()> {
+    let mut out = EntryOut {
+        send,
+        id,
+        ops: Vec::new(),
+        bytes: 0,
+    };
+    let st = match root.lstat(path) {
+        Ok(st) => st,
+        Err(e) if is_absent(&e) => return out.flush(true),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {path:?}")),
+    };
+    let (dir, name) = root.parent(path)?;
+    let (create, attrs) =
+        crate::mirror::entry_ops(root.fd(), path, as_path, name.as_bytes(), &st, dir.as_fd())?;
+    out.push(create)?;
+    if st.st_mode & libc::S_IFMT == libc::S_IFREG {
+        let size = send_data(&mut out, root, path, as_path, &st)?;
+        out.push(Op::Truncate {
+            path: as_path.clone(),
+            size,
+        })?;
     }
+    for op in attrs {
+        out.push(op)?;
+    }
+    out.flush(true)
+}
 
-    /// Streams the data extents of the regular file at `path` (whose `lstat` was `st`) as
-    /// `Write`s to `as_path`; returns its size.
-    fn send_data(
-        &self,
-        out: &mut EntryOut<'_>,
-        root: &Root,
-        path: &RelPath,
-        as_path: &RelPath,
-        st: &libc::stat,
-    ) -> Result<u64> {
-        let f = root.open_at(
-            path,
-            libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY,
-            0,
-        )?;
-        let now = sys::fstat(f.as_fd())?;
-        if now.st_mode & libc::S_IFMT != libc::S_IFREG || now.st_ino != st.st_ino {
-            bail!("{path:?} changed while it was read for the primary");
-        }
-        let size = now.st_size as u64;
-        let mut buf = vec![0u8; FETCH_CHUNK_BYTES];
-        let mut off = 0u64;
-        while off < size {
-            let data = match sys::lseek(f.as_fd(), off as i64, libc::SEEK_DATA) {
-                Ok(d) if (d as u64) < size => d as u64,
-                _ => break,
-            };
-            let hole = sys::lseek(f.as_fd(), data as i64, libc::SEEK_HOLE)
-                .map(|h| h as u64)
-                .unwrap_or(size)
-                .min(size);
-            let want = ((hole - data) as usize).min(buf.len());
-            let n = sys::pread(f.as_fd(), &mut buf[..want], data)?;
-            if n == 0 {
-                off = hole.max(data + 1);
-                continue;
-            }
-            out.push(Op::Write {
-                path: as_path.clone(),
-                offset: data,
-                data: buf[..n].to_vec(),
-            })?;
-            off = data + n as u64;
-        }
-        Ok(size)
+/// Streams the data extents of the regular file at `path` (whose `lstat` was `st`) as
+/// `Write`s to `as_path`; returns its size.
+fn send_data(
+    out: &mut EntryOut<'_>,
+    root: &Root,
+    path: &RelPath,
+    as_path: &RelPath,
+    st: &libc::stat,
+) -> Result<u64> {
+    let f = root.open_at(
+        path,
+        libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY,
+        0,
+    )?;
+    let now = sys::fstat(f.as_fd())?;
+    if now.st_mode & libc::S_IFMT != libc::S_IFREG || now.st_ino != st.st_ino {
+        bail!("{path:?} changed while it was read for the primary");
     }
+    let size = now.st_size as u64;
+    let mut buf = vec![0u8; FETCH_CHUNK_BYTES];
+    let mut off = 0u64;
+    while off < size {
+        let data = match sys::lseek(f.as_fd(), off as i64, libc::SEEK_DATA) {
+            Ok(d) if (d as u64) < size => d as u64,
+            _ => break,
+        };
+        let hole = sys::lseek(f.as_fd(), data as i64, libc::SEEK_HOLE)
+            .map(|h| h as u64)
+            .unwrap_or(size)
+            .min(size);
+        let want = ((hole - data) as usize).min(buf.len());
+        let n = sys::pread(f.as_fd(), &mut buf[..want], data)?;
+        if n == 0 {
+            off = hole.max(data + 1);
+            continue;
+        }
+        out.push(Op::Write {
+            path: as_path.clone(),
+            offset: data,
+            data: buf[..n].to_vec(),
+        })?;
+        off = data + n as u64;
+    }
+    Ok(size)
 }
 
 /// The op as a `Tail` carries it: a write names its file and range, not its data.
@@ -309,13 +311,137 @@ fn without_data(op: Op) -> Op {
     }
 }
 
+/// No entry at that name beneath the root: nothing there, or only through a symlink (which a
+/// path from the primary never follows: `ELOOP` from `RESOLVE_NO_SYMLINKS`, `EXDEV` from
+/// `RESOLVE_BENEATH`).
 fn is_absent(e: &std::io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENOTDIR))
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ENOENT) | Some(libc::ENOTDIR) | Some(libc::ELOOP) | Some(libc::EXDEV)
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{Seek, SeekFrom, Write};
+    use std::os::unix::fs::MetadataExt;
+
+    /// The `Entry` messages answering a fetch of `path` as `as_path` in `root`.
+    fn fetch(root: &Root, path: &str, as_path: &str) -> Vec<Msg> {
+        let mut got = Vec::new();
+        let mut send = |m: Msg| -> Result<()> {
+            got.push(m);
+            Ok(())
+        };
+        let (p, q) = (
+            RelPath::new(path).expect("path"),
+            RelPath::new(as_path).expect("path"),
+        );
+        send_entry(&mut send, root, 7, &p, &q).expect("fetch");
+        got
+    }
+
+    /// The ops of `msgs`, checked: one answer, `last` only on the final message, every op
+    /// naming `as_path`, each message within a batch and one chunk.
+    fn ops_of(msgs: &[Msg], as_path: &str) -> Vec<Op> {
+        let mut ops = Vec::new();
+        for (i, m) in msgs.iter().enumerate() {
+            let Msg::Entry {
+                id,
+                last,
+                ops: more,
+            } = m
+            else {
+                panic!("not an Entry: {m:?}");
+            };
+            assert_eq!((*id, *last), (7, i + 1 == msgs.len()));
+            assert!(m.encode_body().len() <= BATCH_BYTES + FETCH_CHUNK_BYTES + 4096);
+            let as_path = RelPath::new(as_path).expect("path");
+            mirrorfs_core::link::check_entry_ops(&as_path, more).expect("entry ops");
+            ops.extend(more.iter().cloned());
+        }
+        ops
+    }
+
+    #[test]
+    fn a_fetched_file_comes_in_bounded_messages_without_its_holes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut f = std::fs::File::create(dir.path().join("f")).expect("create");
+        f.write_all(&[1u8; 100]).expect("write");
+        let far: Vec<u8> = (0..1_500_000u32).map(|i| (i % 253) as u8).collect();
+        f.seek(SeekFrom::Start(4 << 20)).expect("seek");
+        f.write_all(&far).expect("write");
+        drop(f);
+        let want = std::fs::read(dir.path().join("f")).expect("read");
+        let root = Root::open(dir.path()).expect("root");
+        let msgs = fetch(&root, "f", "f.conflict");
+        let ops = ops_of(&msgs, "f.conflict");
+        assert!(matches!(ops.first(), Some(Op::Create { .. })), "{ops:?}");
+        let mut got = Vec::new();
+        let mut sent = 0usize;
+        for op in &ops {
+            if let Op::Write { offset, data, .. } = op {
+                let end = *offset as usize + data.len();
+                got.resize(got.len().max(end), 0);
+                got[*offset as usize..end].copy_from_slice(data);
+                sent += data.len();
+            }
+        }
+        got.resize(want.len(), 0);
+        assert_eq!(got, want);
+        let md = std::fs::metadata(dir.path().join("f")).expect("stat");
+        if md.blocks() * 512 < md.len() {
+            assert!(sent < want.len(), "the hole was sent");
+        }
+        // Then its size and attributes, the mtime last.
+        let tail: Vec<&str> = ops
+            .iter()
+            .skip_while(|o| !matches!(o, Op::Truncate { .. }))
+            .filter(|o| !matches!(o, Op::SetXattr { .. }))
+            .map(|o| o.name())
+            .collect();
+        assert_eq!(tail.len(), 4, "{tail:?}");
+        assert!(matches!(ops.last(), Some(Op::SetTimes { .. })));
+        assert!(ops
+            .iter()
+            .any(|o| matches!(o, Op::Truncate { size, .. } if *size == want.len() as u64)));
+        assert!(msgs.len() >= 2, "1.5 MiB of data in one message");
+    }
+
+    #[test]
+    fn a_fetched_directory_symlink_or_absent_entry() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(dir.path().join("d")).expect("mkdir");
+        std::fs::write(dir.path().join("d/inner"), b"x").expect("write");
+        std::os::unix::fs::symlink("d", dir.path().join("l")).expect("symlink");
+        let root = Root::open(dir.path()).expect("root");
+        // A directory: made and given its attributes, never its entries.
+        let ops = ops_of(&fetch(&root, "d", "e"), "e");
+        assert!(matches!(ops.first(), Some(Op::Mkdir { .. })), "{ops:?}");
+        assert!(ops.iter().any(|o| matches!(o, Op::SetMode { .. })));
+        assert!(matches!(ops.last(), Some(Op::SetTimes { .. })));
+        // A symlink: its target, no mode of its own.
+        let ops = ops_of(&fetch(&root, "l", "l2"), "l2");
+        assert!(
+            matches!(ops.first(), Some(Op::Symlink { target, .. }) if target == b"d"),
+            "{ops:?}"
+        );
+        assert!(!ops.iter().any(|o| matches!(o, Op::SetMode { .. })));
+        // Absent, or only through a symlink: one empty last answer.
+        for p in ["nothing", "d/nothing", "l/inner", "d/inner/x"] {
+            let msgs = fetch(&root, p, "x");
+            assert_eq!(
+                msgs,
+                vec![Msg::Entry {
+                    id: 7,
+                    last: true,
+                    ops: vec![]
+                }],
+                "{p}"
+            );
+        }
+    }
 
     #[test]
     fn a_tail_write_keeps_its_name_and_range_but_not_its_data() {
