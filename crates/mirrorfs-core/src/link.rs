@@ -261,6 +261,56 @@ impl Sender {
         Ok(start)
     }
 
+    /// Takes the mirror's `Diverged` (its answer to `Hello` instead of `Welcome`; the message
+    /// exists only in protocol version 4, so decoding it proves the version) with the journal's
+    /// span now: the two histories, compared as in [`Sender::on_welcome`], must really have
+    /// diverged with the common point the mirror names, else the link is refused.
+    pub fn on_diverged(&mut self, msg: &Msg, span: JournalSpan) -> Result<Divergence, LinkError> {
+        let Msg::Diverged {
+            common_generation,
+            common_seq,
+            end,
+            history,
+        } = msg
+        else {
+            return Err(unexpected(msg, "Diverged"));
+        };
+        let theirs = History {
+            volume_id: self.history.volume_id,
+            generations: history.clone(),
+        };
+        let c = compare(
+            Site {
+                history: &self.history,
+                end: span.next_seq.saturating_sub(1),
+            },
+            Site {
+                history: &theirs,
+                end: *end,
+            },
+        );
+        let named = crate::history::CommonPoint {
+            generation: *common_generation,
+            seq: *common_seq,
+        };
+        if c.relation != Relation::Diverged || c.common != Some(named) {
+            return Err(LinkError::new(
+                error_code::BAD_FRAME,
+                false,
+                format!(
+                    "the mirror reports a divergence at generation {common_generation} seq {common_seq} (its end {end}), but the histories say otherwise ({})",
+                    c.describe("this primary", "the mirror")
+                ),
+            ));
+        }
+        Ok(Divergence {
+            common_generation: *common_generation,
+            common_seq: *common_seq,
+            their_end: *end,
+            their_history: theirs,
+        })
+    }
+
     /// The `Start` message for a decision.
     pub fn start_msg(start: &Start) -> Option<Msg> {
         match start {
@@ -364,6 +414,71 @@ impl Sender {
     }
 }
 
+/// A mirror's offer to reintegrate (its `Diverged`, checked by [`Sender::on_diverged`]): the
+/// common point, the mirror's last record and its history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Divergence {
+    pub common_generation: u64,
+    pub common_seq: u64,
+    pub their_end: u64,
+    /// The mirror's history, under this primary's volume id (it is the same volume).
+    pub their_history: History,
+}
+
+/// Checks a `Tail` batch: its records continue at `expected_next` without a gap; returns the
+/// seq the next batch must start at.
+pub fn check_tail(expected_next: u64, records: &[Record]) -> Result<u64, LinkError> {
+    let mut want = expected_next;
+    for r in records {
+        if r.seq != want {
+            return Err(LinkError::new(
+                error_code::BAD_FRAME,
+                true,
+                format!(
+                    "reintegration tail gap: expected record {want}, got {}",
+                    r.seq
+                ),
+            ));
+        }
+        want += 1;
+    }
+    Ok(want)
+}
+
+/// Checks the ops of an `Entry` answering a `Fetch` for `as_path`: each one names exactly
+/// `as_path` and only creates that one entry or sets its content and attributes (no rename,
+/// link, removal, nor anything wrapped).
+pub fn check_entry_ops(as_path: &crate::path::RelPath, ops: &[Op]) -> Result<(), LinkError> {
+    for (i, op) in ops.iter().enumerate() {
+        let allowed = matches!(
+            op,
+            Op::Create { .. }
+                | Op::Mkdir { .. }
+                | Op::Symlink { .. }
+                | Op::Mknod { .. }
+                | Op::Write { .. }
+                | Op::Truncate { .. }
+                | Op::SetMode { .. }
+                | Op::SetOwner { .. }
+                | Op::SetTimes { .. }
+                | Op::SetXattr { .. }
+        );
+        if !allowed || op.path() != Some(as_path) {
+            return Err(LinkError::new(
+                error_code::BAD_FRAME,
+                false,
+                format!(
+                    "op {} of a fetched entry ({}) is not one that recreates {}",
+                    i + 1,
+                    op.name(),
+                    String::from_utf8_lossy(as_path.as_bytes())
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// What the mirror knows of its own copy, for `Welcome`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MirrorCopy {
@@ -379,6 +494,9 @@ pub struct MirrorCopy {
     /// `Empty`, but the directory holds files that are no mirrorfs copy (and the daemon was not
     /// told to replace them): every stream is refused before anything starts.
     pub foreign: bool,
+    /// The oldest seq the mirror's journal still holds (a reintegration needs every record after
+    /// the common point).
+    pub first_held: u64,
 }
 
 /// What the mirror shell must do before records flow.
@@ -661,12 +779,16 @@ fn diverged(c: &Comparison, me: &str, peer: &str) -> LinkError {
     )
 }
 
+/// Whether `p` is the state directory named `reserved` at the root, or beneath it.
+pub(crate) fn under_reserved(p: &crate::path::RelPath, reserved: &[u8]) -> bool {
+    !reserved.is_empty() && p.as_bytes().split(|b| *b == b'/').next() == Some(reserved)
+}
+
 fn touches_reserved(op: &Op, reserved: &[u8]) -> bool {
     if reserved.is_empty() {
         return false;
     }
-    let hit =
-        |p: &crate::path::RelPath| p.as_bytes().split(|b| *b == b'/').next() == Some(reserved);
+    let hit = |p: &crate::path::RelPath| under_reserved(p, reserved);
     match op {
         Op::Link { from, to } => hit(from) || hit(to),
         Op::Rename { from, to, .. } => hit(from) || hit(to),
@@ -997,6 +1119,208 @@ mod tests {
         assert_eq!(s.in_flight_bytes(), 0);
     }
 
+    /// The old primary's history (generation 1, then a generation 2 of its own, id 999, from
+    /// seq 11) against this primary's `hist(VOL, 2)`: common point generation 1 at seq 10.
+    fn old_primary() -> History {
+        let mut h = hist(VOL, 1);
+        h.generations.push(Generation {
+            number: 2,
+            id: 999,
+            start: 11,
+        });
+        h
+    }
+
+    fn diverged_msg(common_generation: u64, common_seq: u64, end: u64, h: &History) -> Msg {
+        Msg::Diverged {
+            common_generation,
+            common_seq,
+            end,
+            history: h.generations.clone(),
+        }
+    }
+
+    #[test]
+    fn a_divergence_is_taken_only_as_the_histories_show_it() {
+        let span = JournalSpan {
+            first_held: 1,
+            next_seq: 30,
+        };
+        let mut s = Sender::new(hist(VOL, 2), 1 << 20);
+        assert_eq!(
+            s.on_diverged(&diverged_msg(1, 10, 20, &old_primary()), span),
+            Ok(Divergence {
+                common_generation: 1,
+                common_seq: 10,
+                their_end: 20,
+                their_history: old_primary(),
+            })
+        );
+        // Another common point than the histories give.
+        for (g, seq) in [(1, 9), (1, 11), (2, 10)] {
+            let e = s
+                .on_diverged(&diverged_msg(g, seq, 20, &old_primary()), span)
+                .expect_err("wrong common point");
+            assert_eq!((e.code, e.retry), (error_code::BAD_FRAME, false));
+        }
+        // An ancestor (no generation of its own, nothing after the common point) did not
+        // diverge; nor did a copy of the same history.
+        assert!(s
+            .on_diverged(&diverged_msg(1, 10, 10, &hist(VOL, 1)), span)
+            .is_err());
+        assert!(s
+            .on_diverged(&diverged_msg(2, 29, 29, &hist(VOL, 2)), span)
+            .is_err());
+        // No shared generation: no common point to reintegrate from.
+        let stranger = History {
+            volume_id: VOL,
+            generations: vec![Generation {
+                number: 1,
+                id: 5,
+                start: 1,
+            }],
+        };
+        assert!(s
+            .on_diverged(&diverged_msg(1, 0, 20, &stranger), span)
+            .is_err());
+        // A refusal instead is the peer's refusal; a Welcome is unexpected.
+        let e = s
+            .on_diverged(
+                &Msg::Error {
+                    code: error_code::DIVERGED,
+                    message: "no".into(),
+                },
+                span,
+            )
+            .expect_err("refused");
+        assert_eq!(e.code, error_code::DIVERGED);
+        let e = s
+            .on_diverged(&welcome(MirrorState::Consistent, VOL, 2, 20), span)
+            .expect_err("welcome");
+        assert_eq!(e.code, error_code::BAD_FRAME);
+    }
+
+    #[test]
+    fn a_tail_must_be_consecutive() {
+        let rec = |seq| Record {
+            seq,
+            op: Op::Abort { seq: 1 },
+        };
+        assert_eq!(check_tail(11, &[]), Ok(11));
+        assert_eq!(check_tail(11, &[rec(11), rec(12)]), Ok(13));
+        assert!(check_tail(11, &[rec(12)]).is_err());
+        assert!(check_tail(11, &[rec(11), rec(11)]).is_err());
+        assert!(check_tail(11, &[rec(10)]).is_err());
+    }
+
+    #[test]
+    fn entry_ops_recreate_exactly_the_fetched_name() {
+        let p = |b: &[u8]| RelPath::new(b).expect("path");
+        let at = p(b"d/f.conflict");
+        let good = vec![
+            Op::Create {
+                path: at.clone(),
+                mode: 0o644,
+                uid: 0,
+                gid: 0,
+            },
+            Op::Write {
+                path: at.clone(),
+                offset: 0,
+                data: b"x".to_vec(),
+            },
+            Op::Truncate {
+                path: at.clone(),
+                size: 1,
+            },
+            Op::SetXattr {
+                path: at.clone(),
+                name: b"user.a".to_vec(),
+                value: vec![],
+                flags: 0,
+            },
+            Op::SetOwner {
+                path: at.clone(),
+                uid: Some(1),
+                gid: None,
+            },
+            Op::SetMode {
+                path: at.clone(),
+                mode: 0o600,
+            },
+            Op::SetTimes {
+                path: at.clone(),
+                atime: None,
+                mtime: None,
+            },
+        ];
+        assert_eq!(check_entry_ops(&at, &good), Ok(()));
+        assert_eq!(check_entry_ops(&at, &[]), Ok(()));
+        for op in [
+            Op::Mkdir {
+                path: at.clone(),
+                mode: 0o755,
+                uid: 0,
+                gid: 0,
+            },
+            Op::Symlink {
+                path: at.clone(),
+                target: b"t".to_vec(),
+                uid: 0,
+                gid: 0,
+            },
+            Op::Mknod {
+                path: at.clone(),
+                mode: libc_fifo(),
+                rdev: 0,
+                uid: 0,
+                gid: 0,
+            },
+        ] {
+            assert_eq!(check_entry_ops(&at, &[op]), Ok(()));
+        }
+        // Another name, or an op that would touch another entry, is refused.
+        let other = Op::Truncate {
+            path: p(b"d/f"),
+            size: 0,
+        };
+        assert!(check_entry_ops(&at, &[good[0].clone(), other]).is_err());
+        for op in [
+            Op::Rename {
+                from: at.clone(),
+                to: p(b"x"),
+                flags: 0,
+                from_ino: 1,
+            },
+            Op::Link {
+                from: at.clone(),
+                to: p(b"x"),
+            },
+            Op::Unlink {
+                path: at.clone(),
+                nlink: 1,
+            },
+            Op::Rmdir { path: at.clone() },
+            Op::RemoveXattr {
+                path: at.clone(),
+                name: b"user.a".to_vec(),
+            },
+            Op::Sync {
+                mirror: 1,
+                op: Box::new(good[0].clone()),
+            },
+            Op::Abort { seq: 1 },
+        ] {
+            let e = check_entry_ops(&at, &[op]).expect_err("refused");
+            assert_eq!((e.code, e.retry), (error_code::BAD_FRAME, false));
+        }
+    }
+
+    /// A FIFO's mode bits (S_IFIFO | 0644), without depending on libc in core.
+    fn libc_fifo() -> u32 {
+        0o010_644
+    }
+
     fn copy_h(state: MirrorState, history: History, durable: u64) -> MirrorCopy {
         MirrorCopy {
             state,
@@ -1006,6 +1330,7 @@ mod tests {
             sync_id: 0,
             promoted: false,
             foreign: false,
+            first_held: 1,
         }
     }
 

@@ -6,6 +6,10 @@
 //!                                 empties and restarts, or sends its manifest)
 //!          ─ Records/Ping/Pong/Error ─▶ on_message ─▶ Append{records, settled} / Reply(Pong) /
 //!                                                     PeerError / a refusal
+//!          ─ Hello, the copy diverged and the policy is to reintegrate ─▶ Diverged; then
+//!            Reintegrate/Fetch/Reintegrated/Ping ─▶ on_message ─▶ SendTail / Fetch /
+//!            Reintegrated / Reply(Pong) (the shell reads its journal and tree, changes nothing
+//!            until Reintegrated)
 //!  journal and applier positions ─▶ ack ─▶ Ack (when they changed, or as a heartbeat) and
 //!                                          whether the initial copy or resync completed (until
 //!                                          the shell recorded it: sync_recorded)
@@ -19,9 +23,10 @@
 
 use std::time::Duration;
 
-use crate::history::Comparison;
-use crate::link::{Begin, LinkError, MirrorCopy, Positions, Receiver};
+use crate::history::{CommonPoint, Comparison, History};
+use crate::link::{under_reserved, Begin, LinkError, MirrorCopy, Positions, Receiver};
 use crate::op::{Op, Record};
+use crate::path::RelPath;
 use crate::wire::{error_code, MirrorState, Msg, VolumeId};
 
 /// An unchanged ack is sent again after this long (the primary's liveness check).
@@ -36,6 +41,26 @@ pub enum Phase {
     Start,
     /// Records flow; acks are due.
     Streaming,
+    /// `Diverged` sent: the primary takes this copy's changes after the common point
+    /// (`Reintegrate`, `Fetch`) until its `Reintegrated`.
+    Reintegrating,
+    /// The primary's `Reintegrated` was taken: the shell saves and marks the copy, answers, and
+    /// closes.
+    Reintegrated,
+}
+
+/// What the daemon does when the connecting primary's history diverged from its copy's.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum OnDiverged {
+    /// Offer the copy's changes after the common point (`Diverged`) so the primary takes them
+    /// in; if the journal no longer holds them all, refuse as with `Refuse`.
+    #[default]
+    Reintegrate,
+    /// Refuse (error 9) and change nothing.
+    Refuse,
+    /// Save the changes to `STATE/diverged/` and follow the primary (the shell does that after
+    /// the refusal; a fresh session answers).
+    Discard,
 }
 
 /// What the shell does with one message of the streaming phase.
@@ -50,6 +75,29 @@ pub enum Incoming<'a> {
     PeerError { code: u16, message: String },
     /// Nothing to do.
     Nothing,
+    /// Reintegration: send the journal's records `from..=to` (`Write`s without data) as `Tail`
+    /// batches, the last one marked (`from > to`: one empty last batch).
+    SendTail { from: u64, to: u64 },
+    /// Reintegration: send the ops that recreate the copy's entry at `path` under `as_path`
+    /// (`Entry` messages answering `id`).
+    Fetch {
+        id: u32,
+        path: &'a RelPath,
+        as_path: &'a RelPath,
+    },
+    /// Reintegration is complete on the primary: save the diverged changes, mark the copy for
+    /// a resync, answer `Reintegrated{conflicts}`, and end the session.
+    Reintegrated { conflicts: u64 },
+}
+
+/// Where a reintegration is.
+#[derive(Debug, Clone, Copy)]
+struct Reintegration {
+    common: CommonPoint,
+    /// The copy's last record.
+    end: u64,
+    /// `Reintegrate` was taken (once).
+    tail_asked: bool,
 }
 
 /// What an ack round yields.
@@ -83,14 +131,29 @@ pub struct Session {
     /// The positions last acknowledged, and since when (the caller's clock, see `ack_at`).
     last_ack: Option<Positions>,
     last_sent_at: Option<Duration>,
+    on_diverged: OnDiverged,
+    /// The copy's history, end and the oldest seq its journal holds (for `Diverged`).
+    copy_history: History,
+    copy_end: u64,
+    first_held: u64,
+    reserved: Vec<u8>,
+    reint: Option<Reintegration>,
 }
 
 impl Session {
     /// A session for a mirror whose copy is `copy` (`reserved`: its state directory's name at
     /// the root; `label`: the mirror in messages). `pending_sync_done` carries a `SyncDone` a
     /// previous session received but that was not yet checkpointed (0 if none).
+    /// A diverged primary is offered reintegration unless [`Session::with_on_diverged`] says
+    /// otherwise.
     pub fn new(copy: MirrorCopy, reserved: &[u8], label: &str, pending_sync_done: u64) -> Self {
         Session {
+            on_diverged: OnDiverged::default(),
+            copy_history: copy.history.clone(),
+            copy_end: copy.durable,
+            first_held: copy.first_held,
+            reserved: reserved.to_vec(),
+            reint: None,
             label: label.to_string(),
             copy_state: copy.state,
             copy_volume: copy.history.volume_id,
@@ -104,6 +167,12 @@ impl Session {
         }
     }
 
+    /// The daemon's policy for a diverged primary.
+    pub fn with_on_diverged(mut self, policy: OnDiverged) -> Self {
+        self.on_diverged = policy;
+        self
+    }
+
     pub fn phase(&self) -> Phase {
         self.phase
     }
@@ -114,14 +183,51 @@ impl Session {
     }
 
     /// Answers `Hello` with `Welcome`, or refuses (see [`Session::divergence`] for a diverged
-    /// copy, which the shell explains or, if told to, saves and discards).
+    /// copy, which the shell explains or, if told to, saves and discards). A diverged copy whose
+    /// policy is to reintegrate, whose common point with the primary is known and whose journal
+    /// still holds every record after it answers `Diverged` instead and enters
+    /// [`Phase::Reintegrating`].
     pub fn on_hello(&mut self, msg: &Msg) -> Result<Msg, LinkError> {
         if self.phase != Phase::Hello {
             return Err(unexpected(msg));
         }
-        let w = self.rx.on_hello(msg)?;
+        let w = match self.rx.on_hello(msg) {
+            Ok(w) => w,
+            Err(e) => {
+                return match self.offer_reintegration(&e) {
+                    Some(d) => {
+                        self.phase = Phase::Reintegrating;
+                        Ok(d)
+                    }
+                    None => Err(e),
+                }
+            }
+        };
         self.phase = Phase::Start;
         Ok(w)
+    }
+
+    /// `Diverged` for a refusal `e`, if this copy may offer its changes.
+    fn offer_reintegration(&mut self, e: &LinkError) -> Option<Msg> {
+        if e.code != error_code::DIVERGED || self.on_diverged != OnDiverged::Reintegrate {
+            return None;
+        }
+        let common = self.rx.divergence()?.common?;
+        let end = self.copy_end;
+        if common.seq > end || common.seq + 1 < self.first_held {
+            return None;
+        }
+        self.reint = Some(Reintegration {
+            common,
+            end,
+            tail_asked: false,
+        });
+        Some(Msg::Diverged {
+            common_generation: common.generation,
+            common_seq: common.seq,
+            end,
+            history: self.copy_history.generations.clone(),
+        })
     }
 
     /// How the copies diverged, after a refused `Hello`.
@@ -183,6 +289,9 @@ impl Session {
     /// applier take a record whose `Abort` is still to come). The feed still holds each record
     /// back until the next one is known.
     pub fn on_message<'a>(&mut self, msg: &'a Msg) -> Result<Incoming<'a>, LinkError> {
+        if self.phase == Phase::Reintegrating {
+            return self.on_reintegration_message(msg);
+        }
         if self.phase != Phase::Streaming {
             return Err(unexpected(msg));
         }
@@ -197,6 +306,66 @@ impl Session {
                 Ok(Incoming::Append {
                     records,
                     settled: *settled,
+                })
+            }
+            Msg::Ping { nonce } => Ok(Incoming::Reply(Msg::Pong { nonce: *nonce })),
+            Msg::Pong { .. } => Ok(Incoming::Nothing),
+            Msg::Error { code, message } => Ok(Incoming::PeerError {
+                code: *code,
+                message: message.clone(),
+            }),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// One message of the reintegration phase: `Reintegrate` once (from the common point on),
+    /// then `Fetch`es, then `Reintegrated`; pings are answered. Nothing here changes the copy
+    /// until `Reintegrated`.
+    fn on_reintegration_message<'a>(&mut self, msg: &'a Msg) -> Result<Incoming<'a>, LinkError> {
+        let Some(r) = self.reint.as_mut() else {
+            return Err(unexpected(msg));
+        };
+        match msg {
+            Msg::Reintegrate { from } if !r.tail_asked => {
+                if *from != r.common.seq + 1 {
+                    return Err(LinkError {
+                        code: error_code::BAD_FRAME,
+                        message: format!(
+                            "the primary asked for this mirror's changes from record {from}, but the common point is record {}",
+                            r.common.seq
+                        ),
+                        retry: false,
+                    });
+                }
+                r.tail_asked = true;
+                Ok(Incoming::SendTail {
+                    from: *from,
+                    to: r.end,
+                })
+            }
+            Msg::Fetch { id, path, as_path } if r.tail_asked => {
+                for p in [path, as_path] {
+                    if p.is_root() || under_reserved(p, &self.reserved) {
+                        return Err(LinkError {
+                            code: error_code::BAD_FRAME,
+                            message: format!(
+                                "the primary asked for {:?}, the root or in the mirror's own state directory; refused",
+                                String::from_utf8_lossy(p.as_bytes())
+                            ),
+                            retry: false,
+                        });
+                    }
+                }
+                Ok(Incoming::Fetch {
+                    id: *id,
+                    path,
+                    as_path,
+                })
+            }
+            Msg::Reintegrated { conflicts } if r.tail_asked => {
+                self.phase = Phase::Reintegrated;
+                Ok(Incoming::Reintegrated {
+                    conflicts: *conflicts,
                 })
             }
             Msg::Ping { nonce } => Ok(Incoming::Reply(Msg::Pong { nonce: *nonce })),
@@ -340,6 +509,7 @@ mod tests {
             sync_id: 0,
             promoted: false,
             foreign: false,
+            first_held: 1,
         }
     }
 
@@ -612,7 +782,8 @@ mod tests {
             id: 999,
             start: 11,
         });
-        let mut s = Session::new(copy(MirrorState::Consistent, mine, 20), b".m", "m", 0);
+        let mut s = Session::new(copy(MirrorState::Consistent, mine, 20), b".m", "m", 0)
+            .with_on_diverged(OnDiverged::Refuse);
         let e = s.on_hello(&hello(&hist(2), 30)).expect_err("diverged");
         assert_eq!((e.code, e.retry), (error_code::DIVERGED, false));
         assert!(s.divergence().is_some());
@@ -637,6 +808,196 @@ mod tests {
             s.on_message(&m),
             Ok(Incoming::PeerError { code: 3, .. })
         ));
+    }
+
+    /// A copy that went through a generation 2 of its own (id 999, from seq 11) and holds
+    /// records through 20, whose journal starts at `first_held`; the primary is at generation 2
+    /// (id 102) through 29. Their common point is generation 1 at seq 10.
+    fn diverged_copy(first_held: u64) -> (MirrorCopy, History) {
+        let mut mine = hist(1);
+        mine.generations.push(Generation {
+            number: 2,
+            id: 999,
+            start: 11,
+        });
+        let c = MirrorCopy {
+            first_held,
+            ..copy(MirrorState::Consistent, mine, 20)
+        };
+        (c, hist(2))
+    }
+
+    /// A session that offered reintegration.
+    fn reintegrating() -> Session {
+        let (c, primary) = diverged_copy(5);
+        let mut s = Session::new(c.clone(), b".mirrorfs", "m", 0);
+        assert_eq!(
+            s.on_hello(&hello(&primary, 30)),
+            Ok(Msg::Diverged {
+                common_generation: 1,
+                common_seq: 10,
+                end: 20,
+                history: c.history.generations.clone(),
+            })
+        );
+        assert_eq!(s.phase(), Phase::Reintegrating);
+        s
+    }
+
+    fn fetch(path: &[u8], as_path: &[u8]) -> Msg {
+        Msg::Fetch {
+            id: 4,
+            path: RelPath::new(path).expect("path"),
+            as_path: RelPath::new(as_path).expect("path"),
+        }
+    }
+
+    #[test]
+    fn a_diverged_copy_offers_its_changes_and_serves_them() {
+        let mut s = reintegrating();
+        assert!(s.divergence().is_some(), "the comparison is kept");
+        assert_eq!(
+            s.on_message(&Msg::Ping { nonce: 3 }),
+            Ok(Incoming::Reply(Msg::Pong { nonce: 3 }))
+        );
+        assert_eq!(
+            s.on_message(&Msg::Reintegrate { from: 11 }),
+            Ok(Incoming::SendTail { from: 11, to: 20 })
+        );
+        let f = fetch(b"d/f", b"d/f.conflict");
+        assert_eq!(
+            s.on_message(&f),
+            Ok(Incoming::Fetch {
+                id: 4,
+                path: &RelPath::new(b"d/f").expect("path"),
+                as_path: &RelPath::new(b"d/f.conflict").expect("path"),
+            })
+        );
+        // No acks while the copy is only read.
+        assert_eq!(s.ack(pos(20, 20, 20, 20), true), AckStep::default());
+        assert_eq!(
+            s.on_message(&Msg::Reintegrated { conflicts: 2 }),
+            Ok(Incoming::Reintegrated { conflicts: 2 })
+        );
+        assert_eq!(s.phase(), Phase::Reintegrated);
+        // Nothing more after it.
+        assert!(s.on_message(&f).is_err());
+        assert!(s.on_message(&Msg::Ping { nonce: 1 }).is_err());
+    }
+
+    #[test]
+    fn a_copy_with_nothing_after_the_common_point_sends_an_empty_tail() {
+        // The copy was promoted at its end: nothing after the common point, yet diverged.
+        let mut mine = hist(1);
+        mine.generations.push(Generation {
+            number: 2,
+            id: 999,
+            start: 11,
+        });
+        let mut s = Session::new(copy(MirrorState::Consistent, mine, 10), b".m", "m", 0);
+        assert!(matches!(
+            s.on_hello(&hello(&hist(2), 30)),
+            Ok(Msg::Diverged {
+                common_seq: 10,
+                end: 10,
+                ..
+            })
+        ));
+        assert_eq!(
+            s.on_message(&Msg::Reintegrate { from: 11 }),
+            Ok(Incoming::SendTail { from: 11, to: 10 })
+        );
+    }
+
+    #[test]
+    fn a_divergence_is_refused_unless_it_can_be_reintegrated() {
+        let refused = |s: &mut Session, primary: &History| {
+            let e = s.on_hello(&hello(primary, 30)).expect_err("refused");
+            assert_eq!(e.code, error_code::DIVERGED);
+            assert_eq!(s.phase(), Phase::Hello);
+            assert!(s.divergence().is_some());
+        };
+        for policy in [OnDiverged::Refuse, OnDiverged::Discard] {
+            let (c, primary) = diverged_copy(1);
+            let mut s = Session::new(c, b".m", "m", 0).with_on_diverged(policy);
+            refused(&mut s, &primary);
+        }
+        // The journal no longer holds record 11 (the first after the common point); 11 itself
+        // is enough.
+        let (c, primary) = diverged_copy(12);
+        refused(&mut Session::new(c, b".m", "m", 0), &primary);
+        let (c, primary) = diverged_copy(11);
+        let mut s = Session::new(c, b".m", "m", 0);
+        assert!(matches!(
+            s.on_hello(&hello(&primary, 30)),
+            Ok(Msg::Diverged { .. })
+        ));
+        // No generation both remember: no common point.
+        let (c, _) = diverged_copy(1);
+        let stranger = History {
+            volume_id: VOL,
+            generations: vec![Generation {
+                number: 1,
+                id: 555,
+                start: 1,
+            }],
+        };
+        refused(&mut Session::new(c, b".m", "m", 0), &stranger);
+        // An ancestor is welcomed whatever the policy.
+        let mut s = Session::new(copy(MirrorState::Consistent, hist(1), 10), b".m", "m", 0);
+        assert!(matches!(
+            s.on_hello(&hello(&hist(2), 30)),
+            Ok(Msg::Welcome { .. })
+        ));
+    }
+
+    #[test]
+    fn reintegration_messages_out_of_place_are_refused() {
+        // The tail must start right after the common point.
+        for from in [10, 12] {
+            let mut s = reintegrating();
+            let e = s
+                .on_message(&Msg::Reintegrate { from })
+                .expect_err("wrong start");
+            assert_eq!((e.code, e.retry), (error_code::BAD_FRAME, false));
+        }
+        // Fetch and Reintegrated only after Reintegrate, which comes once.
+        let mut s = reintegrating();
+        assert!(s.on_message(&fetch(b"a", b"a")).is_err());
+        let mut s = reintegrating();
+        assert!(s.on_message(&Msg::Reintegrated { conflicts: 0 }).is_err());
+        let mut s = reintegrating();
+        s.on_message(&Msg::Reintegrate { from: 11 }).expect("tail");
+        assert!(s.on_message(&Msg::Reintegrate { from: 11 }).is_err());
+        // The state directory, or the root, is no entry to fetch, under either name.
+        for (p, q) in [
+            (&b".mirrorfs/x"[..], &b"x"[..]),
+            (b"x", b".mirrorfs"),
+            (b"", b"x"),
+        ] {
+            let mut s = reintegrating();
+            s.on_message(&Msg::Reintegrate { from: 11 }).expect("tail");
+            let e = s.on_message(&fetch(p, q)).expect_err("reserved");
+            assert_eq!((e.code, e.retry), (error_code::BAD_FRAME, false));
+        }
+        // Nothing of the streaming phase: no Start, no records.
+        let mut s = reintegrating();
+        assert!(s.on_start(&start(StartMode::Resume, 21, 0)).is_err());
+        s.on_message(&Msg::Reintegrate { from: 11 }).expect("tail");
+        assert!(s.on_message(&records(21, vec![rec(21, b"a")])).is_err());
+        assert!(s.on_start(&start(StartMode::Resync, 30, 1)).is_err());
+        // The primary's error ends it.
+        assert!(matches!(
+            s.on_message(&Msg::Error {
+                code: 4,
+                message: "x".into()
+            }),
+            Ok(Incoming::PeerError { code: 4, .. })
+        ));
+        // A streaming session takes none of the reintegration messages.
+        let mut s = streaming();
+        assert!(s.on_message(&Msg::Reintegrate { from: 151 }).is_err());
+        assert!(s.on_message(&fetch(b"a", b"a")).is_err());
     }
 
     #[test]

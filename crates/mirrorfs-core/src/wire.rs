@@ -1,4 +1,4 @@
-//! The replication wire protocol (version 3): message types, their byte layout, and a bounded,
+//! The replication wire protocol (version 4): message types, their byte layout, and a bounded,
 //! validating, incremental decoder. No I/O: bytes in, messages out. The layout is documented in
 //! `docs/protocol.md`.
 //!
@@ -15,15 +15,18 @@
 //!
 //! Records travel as the journal's own record frames (`journal::frame`), each with its own
 //! checksum and seq, inside a `Records` message; the receiver checks that seqs are consecutive.
+//! Reintegration (a failback onto a promoted copy, version 4) carries the old primary's journal
+//! tail (`Tail`) and its entries (`Entry`) in the same record frames.
 
 use crate::history::{Generation, HISTORY_MAX};
 use crate::journal::frame::{
     encode_frame, parse_frame, FrameError, FrameParse, BODY_BYTES_MAX, FRAME_HEADER_BYTES, ZERO_PAD,
 };
-use crate::op::Record;
+use crate::op::{Op, Record};
+use crate::path::RelPath;
 
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 /// Magic bytes that open every wire frame.
 pub const WIRE_MAGIC: [u8; 4] = *b"MFSW";
 /// Size of the wire frame header.
@@ -50,6 +53,12 @@ pub mod msg_type {
     pub const ERROR: u8 = 8;
     pub const MANIFEST: u8 = 9;
     pub const MANIFEST_END: u8 = 10;
+    pub const DIVERGED: u8 = 11;
+    pub const REINTEGRATE: u8 = 12;
+    pub const TAIL: u8 = 13;
+    pub const FETCH: u8 = 14;
+    pub const ENTRY: u8 = 15;
+    pub const REINTEGRATED: u8 = 16;
 }
 
 /// Block size of the resync's per-file hashes.
@@ -222,6 +231,47 @@ pub enum Msg {
     ManifestEnd {
         count: u64,
     },
+    /// Mirror → primary, the answer to `Hello` instead of `Welcome`: the mirror's consistent
+    /// copy diverged from the primary's history after the common point, its journal still holds
+    /// every record after it, and it offers to reintegrate them (see docs/protocol.md).
+    Diverged {
+        /// The common point: the last state both sides share.
+        common_generation: u64,
+        common_seq: u64,
+        /// The mirror's last record (its durable position); `common_seq ≤ end`.
+        end: u64,
+        /// The mirror's history, oldest first (its end is `end`).
+        history: Vec<Generation>,
+    },
+    /// Primary → mirror: send your records `from..=end` (`from` is `common_seq + 1`).
+    Reintegrate {
+        from: u64,
+    },
+    /// Mirror → primary: consecutive records of its journal after the common point, `Write`s
+    /// without their data (the primary fetches data by name); `last` on the final batch.
+    Tail {
+        last: bool,
+        records: Vec<Record>,
+    },
+    /// Primary → mirror: send the ops that recreate your current entry at `path`, naming it
+    /// `as_path`.
+    Fetch {
+        id: u32,
+        path: RelPath,
+        as_path: RelPath,
+    },
+    /// Mirror → primary: some of the ops answering `Fetch{id}`, in order; `last` on the final
+    /// message (an absent entry is one `Entry` with no ops and `last`).
+    Entry {
+        id: u32,
+        last: bool,
+        ops: Vec<Op>,
+    },
+    /// Primary → mirror: everything was applied; mirror → primary: the mirror saved its
+    /// diverged changes and marked its copy for a resync. The connection closes after it.
+    Reintegrated {
+        conflicts: u64,
+    },
 }
 
 /// Why bytes from a peer were refused.
@@ -275,6 +325,21 @@ impl Out {
             self.u64(g.id);
             self.u64(g.start);
         }
+    }
+    /// Record frames, preceded by their count u32.
+    fn records<'r>(&mut self, records: impl ExactSizeIterator<Item = (u64, &'r Op)>) {
+        self.u32(records.len() as u32);
+        for (seq, op) in records {
+            let f = encode_frame(seq, op, 0);
+            self.0.extend_from_slice(&f.head);
+            self.0.extend_from_slice(f.tail);
+            self.0.extend_from_slice(&ZERO_PAD[..f.padding]);
+        }
+    }
+    fn path(&mut self, p: &RelPath) {
+        let b = p.as_bytes();
+        self.u16(b.len() as u16);
+        self.0.extend_from_slice(b);
     }
     fn text(&mut self, s: &str) {
         let b = &s.as_bytes()[..floor_char_boundary(s, TEXT_MAX)];
@@ -391,6 +456,40 @@ impl<'a> In<'a> {
         }
         Ok(names)
     }
+    /// Record frames preceded by their count u32: each valid, seqs consecutive.
+    fn records(&mut self) -> Result<Vec<Record>, WireError> {
+        let count = self.u32()? as usize;
+        // Each frame takes at least its header: bound the count before allocating.
+        if count > self.b.len() / FRAME_HEADER_BYTES {
+            return Err(WireError::Invalid("record count exceeds the batch size"));
+        }
+        let mut records = Vec::with_capacity(count);
+        for index in 0..count {
+            let rest = &self.b[self.at..];
+            match parse_frame(rest) {
+                FrameParse::Record { record, len, .. } => {
+                    if let Some(prev) = records.last().map(|r: &Record| r.seq) {
+                        if record.seq != prev.wrapping_add(1) {
+                            return Err(WireError::Gap {
+                                expected: prev.wrapping_add(1),
+                                got: record.seq,
+                            });
+                        }
+                    }
+                    self.take(len)?;
+                    records.push(record);
+                }
+                FrameParse::Incomplete { .. } => return Err(WireError::Truncated),
+                FrameParse::Invalid(error) => return Err(WireError::Record { index, error }),
+            }
+        }
+        Ok(records)
+    }
+    /// A path: length u16 + bytes, a valid relative path.
+    fn path(&mut self) -> Result<RelPath, WireError> {
+        let n = self.u16()? as usize;
+        RelPath::new(self.take(n)?.to_vec()).map_err(|_| WireError::Invalid("invalid path"))
+    }
     fn end(&self) -> Result<(), WireError> {
         match self.b.len() - self.at {
             0 => Ok(()),
@@ -414,6 +513,12 @@ impl Msg {
             Msg::Error { .. } => ERROR,
             Msg::Manifest { .. } => MANIFEST,
             Msg::ManifestEnd { .. } => MANIFEST_END,
+            Msg::Diverged { .. } => DIVERGED,
+            Msg::Reintegrate { .. } => REINTEGRATE,
+            Msg::Tail { .. } => TAIL,
+            Msg::Fetch { .. } => FETCH,
+            Msg::Entry { .. } => ENTRY,
+            Msg::Reintegrated { .. } => REINTEGRATED,
         }
     }
 
@@ -468,13 +573,7 @@ impl Msg {
             }
             Msg::Records { settled, records } => {
                 o.u64(*settled);
-                o.u32(records.len() as u32);
-                for r in records {
-                    let f = encode_frame(r.seq, &r.op, 0);
-                    o.0.extend_from_slice(&f.head);
-                    o.0.extend_from_slice(f.tail);
-                    o.0.extend_from_slice(&ZERO_PAD[..f.padding]);
-                }
+                o.records(records.iter().map(|r| (r.seq, &r.op)));
             }
             Msg::Ack {
                 received,
@@ -513,6 +612,35 @@ impl Msg {
                 }
             }
             Msg::ManifestEnd { count } => o.u64(*count),
+            Msg::Diverged {
+                common_generation,
+                common_seq,
+                end,
+                history,
+            } => {
+                o.u64(*common_generation);
+                o.u64(*common_seq);
+                o.u64(*end);
+                o.history(history);
+            }
+            Msg::Reintegrate { from } => o.u64(*from),
+            Msg::Tail { last, records } => {
+                o.u8(u8::from(*last));
+                o.records(records.iter().map(|r| (r.seq, &r.op)));
+            }
+            Msg::Fetch { id, path, as_path } => {
+                o.u32(*id);
+                o.path(path);
+                o.path(as_path);
+            }
+            Msg::Entry { id, last, ops } => {
+                o.u32(*id);
+                o.u8(u8::from(*last));
+                // Each op as a record (seq 1, 2, ... within the message): checksummed and
+                // validated like any record.
+                o.records(ops.iter().enumerate().map(|(i, op)| (i as u64 + 1, op)));
+            }
+            Msg::Reintegrated { conflicts } => o.u64(*conflicts),
         }
         o.0
     }
@@ -553,37 +681,10 @@ impl Msg {
                 seq: i.u64()?,
                 sync_id: i.u32()?,
             },
-            RECORDS => {
-                let settled = i.u64()?;
-                let count = i.u32()? as usize;
-                // Each frame takes at least its header: bound the count before allocating.
-                if count > body.len() / FRAME_HEADER_BYTES {
-                    return Err(WireError::Invalid("record count exceeds the batch size"));
-                }
-                let mut records = Vec::with_capacity(count);
-                for index in 0..count {
-                    let rest = &body[i.at..];
-                    match parse_frame(rest) {
-                        FrameParse::Record { record, len, .. } => {
-                            if let Some(prev) = records.last().map(|r: &Record| r.seq) {
-                                if record.seq != prev.wrapping_add(1) {
-                                    return Err(WireError::Gap {
-                                        expected: prev.wrapping_add(1),
-                                        got: record.seq,
-                                    });
-                                }
-                            }
-                            i.take(len)?;
-                            records.push(record);
-                        }
-                        FrameParse::Incomplete { .. } => return Err(WireError::Truncated),
-                        FrameParse::Invalid(error) => {
-                            return Err(WireError::Record { index, error })
-                        }
-                    }
-                }
-                Msg::Records { settled, records }
-            }
+            RECORDS => Msg::Records {
+                settled: i.u64()?,
+                records: i.records()?,
+            },
             ACK => Msg::Ack {
                 received: i.u64()?,
                 durable: i.u64()?,
@@ -640,6 +741,72 @@ impl Msg {
                 Msg::Manifest { entries }
             }
             MANIFEST_END => Msg::ManifestEnd { count: i.u64()? },
+            DIVERGED => {
+                let m = Msg::Diverged {
+                    common_generation: i.u64()?,
+                    common_seq: i.u64()?,
+                    end: i.u64()?,
+                    history: i.history()?,
+                };
+                if let Msg::Diverged {
+                    common_seq,
+                    end,
+                    history,
+                    ..
+                } = &m
+                {
+                    if common_seq > end || history.is_empty() {
+                        return Err(WireError::Invalid(
+                            "divergence point after the mirror's end, or no history",
+                        ));
+                    }
+                }
+                m
+            }
+            REINTEGRATE => {
+                let from = i.u64()?;
+                if from == 0 {
+                    return Err(WireError::Invalid("reintegration from seq 0"));
+                }
+                Msg::Reintegrate { from }
+            }
+            TAIL => {
+                let last = i.bool()?;
+                let records = i.records()?;
+                // The tail names what changed; data travels by `Fetch`.
+                let has_data = |op: &Op| match op {
+                    Op::Write { data, .. } => !data.is_empty(),
+                    Op::Sync { op, .. } => {
+                        matches!(&**op, Op::Write { data, .. } if !data.is_empty())
+                    }
+                    _ => false,
+                };
+                if records.iter().any(|r| has_data(&r.op)) {
+                    return Err(WireError::Invalid("a tail record carries write data"));
+                }
+                Msg::Tail { last, records }
+            }
+            FETCH => Msg::Fetch {
+                id: i.u32()?,
+                path: i.path()?,
+                as_path: i.path()?,
+            },
+            ENTRY => {
+                let id = i.u32()?;
+                let last = i.bool()?;
+                let records = i.records()?;
+                if records.first().is_some_and(|r| r.seq != 1) {
+                    return Err(WireError::Invalid("entry ops are not numbered from 1"));
+                }
+                Msg::Entry {
+                    id,
+                    last,
+                    ops: records.into_iter().map(|r| r.op).collect(),
+                }
+            }
+            REINTEGRATED => Msg::Reintegrated {
+                conflicts: i.u64()?,
+            },
             other => return Err(WireError::UnknownType(other)),
         };
         i.end()?;
@@ -839,6 +1006,66 @@ mod tests {
                 ],
             },
             Msg::ManifestEnd { count: 2 },
+            Msg::Diverged {
+                common_generation: 1,
+                common_seq: 40,
+                end: 45,
+                history: vec![Generation {
+                    number: 1,
+                    id: 5,
+                    start: 1,
+                }],
+            },
+            Msg::Reintegrate { from: 41 },
+            Msg::Tail {
+                last: false,
+                records: vec![
+                    Record {
+                        seq: 41,
+                        op: Op::Write {
+                            path: RelPath::new(b"d/f".to_vec()).expect("path"),
+                            offset: 7,
+                            data: vec![],
+                        },
+                    },
+                    Record {
+                        seq: 42,
+                        op: Op::Abort { seq: 41 },
+                    },
+                ],
+            },
+            Msg::Tail {
+                last: true,
+                records: vec![],
+            },
+            Msg::Fetch {
+                id: 3,
+                path: RelPath::new(b"d/f".to_vec()).expect("path"),
+                as_path: RelPath::new(b"d/f.conflict".to_vec()).expect("path"),
+            },
+            Msg::Entry {
+                id: 3,
+                last: true,
+                ops: vec![
+                    Op::Create {
+                        path: RelPath::new(b"d/f.conflict".to_vec()).expect("path"),
+                        mode: 0o644,
+                        uid: 1,
+                        gid: 2,
+                    },
+                    Op::Write {
+                        path: RelPath::new(b"d/f.conflict".to_vec()).expect("path"),
+                        offset: 0,
+                        data: b"hello".to_vec(),
+                    },
+                ],
+            },
+            Msg::Entry {
+                id: 4,
+                last: true,
+                ops: vec![],
+            },
+            Msg::Reintegrated { conflicts: 2 },
         ]
     }
 
@@ -896,6 +1123,133 @@ mod tests {
         assert_eq!(
             decode(entry(1, vec![b"user.a".to_vec()])),
             Err(WireError::Invalid("manifest xattr count does not fit"))
+        );
+    }
+
+    #[test]
+    fn malformed_reintegration_messages_are_refused() {
+        let decode = |m: &Msg| Msg::decode_body(m.type_code(), &m.encode_body());
+        let path = |p: &[u8]| RelPath::new(p.to_vec()).expect("path");
+        // A common point past the mirror's end, or no history.
+        let d = Msg::Diverged {
+            common_generation: 1,
+            common_seq: 9,
+            end: 8,
+            history: vec![Generation {
+                number: 1,
+                id: 1,
+                start: 1,
+            }],
+        };
+        assert!(matches!(decode(&d), Err(WireError::Invalid(_))));
+        let d = Msg::Diverged {
+            common_generation: 1,
+            common_seq: 1,
+            end: 8,
+            history: vec![],
+        };
+        assert!(matches!(decode(&d), Err(WireError::Invalid(_))));
+        assert_eq!(
+            decode(&Msg::Reintegrate { from: 0 }),
+            Err(WireError::Invalid("reintegration from seq 0"))
+        );
+        // A tail's writes carry no data, nor do a copy's.
+        let write = |data: Vec<u8>| Op::Write {
+            path: path(b"f"),
+            offset: 0,
+            data,
+        };
+        let t = Msg::Tail {
+            last: true,
+            records: vec![Record {
+                seq: 3,
+                op: write(b"x".to_vec()),
+            }],
+        };
+        assert_eq!(
+            decode(&t),
+            Err(WireError::Invalid("a tail record carries write data"))
+        );
+        let t = Msg::Tail {
+            last: true,
+            records: vec![Record {
+                seq: 3,
+                op: Op::Sync {
+                    mirror: 1,
+                    op: Box::new(write(b"x".to_vec())),
+                },
+            }],
+        };
+        assert!(decode(&t).is_err());
+        // A tail with a gap.
+        let t = Msg::Tail {
+            last: false,
+            records: vec![
+                Record {
+                    seq: 3,
+                    op: write(vec![]),
+                },
+                Record {
+                    seq: 5,
+                    op: write(vec![]),
+                },
+            ],
+        };
+        assert_eq!(
+            decode(&t),
+            Err(WireError::Gap {
+                expected: 4,
+                got: 5
+            })
+        );
+        // A bad boolean.
+        let mut body = Msg::Tail {
+            last: true,
+            records: vec![],
+        }
+        .encode_body();
+        body[0] = 2;
+        assert!(matches!(
+            Msg::decode_body(msg_type::TAIL, &body),
+            Err(WireError::Invalid(_))
+        ));
+        // Fetch paths are validated like every path.
+        let mut body = Msg::Fetch {
+            id: 1,
+            path: path(b"abc"),
+            as_path: path(b"x"),
+        }
+        .encode_body();
+        body[6..9].copy_from_slice(b"../");
+        assert_eq!(
+            Msg::decode_body(msg_type::FETCH, &body),
+            Err(WireError::Invalid("invalid path"))
+        );
+        let body = Msg::Fetch {
+            id: 1,
+            path: path(b"abc"),
+            as_path: path(b"x"),
+        }
+        .encode_body();
+        assert_eq!(
+            Msg::decode_body(msg_type::FETCH, &body[..body.len() - 1]),
+            Err(WireError::Truncated)
+        );
+        // Entry ops are numbered from 1: a body whose first op has another seq is refused.
+        let mut o = Out(Vec::new());
+        o.u32(1);
+        o.u8(1);
+        o.records(std::iter::once((2u64, &write(vec![]))));
+        assert_eq!(
+            Msg::decode_body(msg_type::ENTRY, &o.0),
+            Err(WireError::Invalid("entry ops are not numbered from 1"))
+        );
+        // Trailing bytes.
+        let mut body = Msg::Reintegrated { conflicts: 1 }.encode_body();
+        body.push(0);
+        assert_eq!(
+            Msg::decode_body(msg_type::REINTEGRATED, &body),
+            Err(WireError::Trailing(1))
         );
     }
 
@@ -1078,7 +1432,7 @@ mod tests {
         }
 
         #[test]
-        fn any_bit_flip_is_refused(i in any::<prop::sample::Index>(), which in 0usize..9) {
+        fn any_bit_flip_is_refused(i in any::<prop::sample::Index>(), which in 0usize..17) {
             let m = all_kinds().swap_remove(which);
             let mut bytes = m.encode(false);
             let bit = i.index(bytes.len() * 8);

@@ -2460,8 +2460,8 @@ fn refusal_of(r: &Value) -> Option<String> {
 /// Issue 6, finding 2, exactly as found: serve M; mount P with M as its mirror; write a.txt;
 /// stop the daemon; write b.txt through P; promote M; unmount P; mount M as a primary with P's
 /// directory served as its mirror. b.txt must survive, the attach is refused naming the
-/// divergence on both sides; with `--discard-diverged` P's changes are saved first, then P
-/// follows M.
+/// divergence on both sides (with `serve --on-diverged refuse`); with `--discard-diverged` (the
+/// former spelling of `--on-diverged discard`) P's changes are saved first, then P follows M.
 #[test]
 fn failback_refuses_to_overwrite_the_old_primarys_changes() {
     let net = Net::new("failback");
@@ -2484,13 +2484,14 @@ fn failback_refuses_to_overwrite_the_old_primarys_changes() {
     let p_dir = p.backing().to_path_buf();
     let b_before = fs::read(p_dir.join("b.txt")).expect("b.txt on P before failback");
 
-    // P's directory is served as a mirror; M is mounted as the primary with it as its mirror.
+    // P's directory is served as a mirror (refusing a divergence rather than reintegrating it);
+    // M is mounted as the primary with it as its mirror.
     let mut srv_p = Serve::start(
         &p_dir,
         &net.mirror.dir,
         free_port(),
         &net.base.join("serve-p.log"),
-        &[],
+        &["--on-diverged", "refuse"],
     );
     let mut layout = Layout::new("net-failback-m", 0);
     layout.backing = srv.dir.clone();
@@ -2588,6 +2589,222 @@ fn failback_refuses_to_overwrite_the_old_primarys_changes() {
         ctx(&m, &srv_p2)
     });
     m.unmount();
+    drop(p);
+}
+
+/// Reintegration, the daemon's half (issue 7), with a raw client in the new primary's place:
+/// P, the old primary, wrote after the split; served with the default `--on-diverged
+/// reintegrate`, it answers M's `Hello` with `Diverged`, sends its tail (writes without data)
+/// and the entries asked for (a large file in several bounded `Entry` messages), changes
+/// nothing when the connection is lost mid-phase, and only on `Reintegrated` saves its changes
+/// and marks itself for a resync (b.txt is still there: nothing is deleted before the resync).
+#[test]
+fn failback_daemon_serves_its_changes_for_reintegration() {
+    use mirrorfs_core::history::Generation;
+    use mirrorfs_core::link::{check_entry_ops, check_tail};
+    let net = Net::new("reint");
+    let mut srv = net.serve("m", &[]);
+    let mut p = net.mount("net-reint-p", 0, &srv.url(), &[]);
+    wait_live(&p, &srv);
+    fs::write(p.p("a.txt"), b"a\n").expect("write a.txt");
+    converge(&p, &srv, "a.txt on M");
+    assert!(
+        wait_until(Duration::from_secs(10), || srv
+            .status()
+            .is_some_and(|s| s["copy"] == "consistent")),
+        "M never recorded a consistent copy"
+    );
+    srv.stop();
+    let big: Vec<u8> = (0..(3u32 << 20)).map(|i| (i % 251) as u8).collect();
+    fs::write(p.p("b.txt"), b"b, written on P after M went away\n").expect("write b.txt");
+    fs::write(p.p("big.bin"), &big).expect("write big.bin");
+    run_ok(&[os("promote"), srv.dir.as_os_str()]);
+    p.unmount();
+    let p_dir = p.backing().to_path_buf();
+    let meta_of = |dir: &Path| -> Value {
+        serde_json::from_slice(&fs::read(dir.join(".mirrorfs/volume.json")).expect("volume.json"))
+            .expect("parse volume.json")
+    };
+    // M's identity, as its primary would send it.
+    let m_meta = meta_of(&srv.dir);
+    let hex = m_meta["volume_id"].as_str().expect("volume_id").to_string();
+    let mut volume_id = [0u8; 16];
+    for (i, b) in volume_id.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).expect("hex");
+    }
+    let history: Vec<Generation> = m_meta["history"]
+        .as_array()
+        .expect("history")
+        .iter()
+        .map(|g| Generation {
+            number: g["number"].as_u64().expect("number"),
+            id: g["id"].as_u64().expect("id"),
+            start: g["start"].as_u64().expect("start"),
+        })
+        .collect();
+    let next_seq = history.last().expect("a generation").start;
+    let hello = Msg::Hello {
+        version: PROTOCOL_VERSION,
+        volume_id,
+        generation: history.len() as u64,
+        first_held: 1,
+        next_seq,
+        compress: false,
+        name: "crafted-m".into(),
+        history,
+    };
+    let p_meta_before = meta_of(&p_dir);
+    let b_before = fs::read(p_dir.join("b.txt")).expect("b.txt");
+    let srv_p = Serve::start(
+        &p_dir,
+        &net.mirror.dir,
+        free_port(),
+        &net.base.join("serve-p.log"),
+        &[],
+    );
+    let open = |srv_p: &Serve| -> (raw::Client, u64, u64) {
+        let t0 = Instant::now();
+        loop {
+            let mut c = raw::Client::connect(srv_p.port, &net.primary.dir);
+            c.send(&hello);
+            match c.expect_msg(CONNECT) {
+                Msg::Diverged {
+                    common_seq, end, ..
+                } => return (c, common_seq, end),
+                Msg::Error { code: 5, .. } if t0.elapsed() < CONNECT => {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                other => panic!("expected Diverged, got {other:?}\n{}", srv_p.log()),
+            }
+        }
+    };
+    // First round: the tail, two fetches, then the connection is lost.
+    let (mut c, common, end) = open(&srv_p);
+    assert!(end > common, "P holds changes after the common point");
+    c.send(&Msg::Reintegrate { from: common + 1 });
+    let mut next = common + 1;
+    let mut names = Vec::new();
+    loop {
+        match c.expect_msg(CONNECT) {
+            Msg::Tail { last, records } => {
+                next = check_tail(next, &records).expect("consecutive tail");
+                for r in &records {
+                    if let Op::Write { path, data, .. } = &r.op {
+                        assert!(data.is_empty(), "a tail write carries data");
+                        names.push(String::from_utf8_lossy(path.as_bytes()).into_owned());
+                    }
+                }
+                if last {
+                    break;
+                }
+            }
+            other => panic!("expected Tail, got {other:?}"),
+        }
+    }
+    assert_eq!(next, end + 1, "the tail ends at P's end");
+    assert!(names.iter().any(|n| n == "b.txt"), "{names:?}");
+    assert!(names.iter().any(|n| n == "big.bin"), "{names:?}");
+    // The status file is rewritten every 250 ms.
+    assert!(
+        wait_until(Duration::from_secs(5), || srv_p.status().is_some_and(|s| s
+            ["reintegrating"]
+            == true
+            && s["reintegration"].as_str().is_some_and(
+                |r| r.contains("split brain with primary crafted-m")
+            ))),
+        "{:?}",
+        srv_p.status()
+    );
+    let fetch = |c: &mut raw::Client, id: u32, path: &str, as_path: &str| -> (Vec<Op>, usize) {
+        c.send(&Msg::Fetch {
+            id,
+            path: rel(path),
+            as_path: rel(as_path),
+        });
+        let (mut ops, mut messages) = (Vec::new(), 0);
+        loop {
+            match c.expect_msg(CONNECT) {
+                Msg::Entry {
+                    id: got,
+                    last,
+                    ops: more,
+                } => {
+                    assert_eq!(got, id);
+                    check_entry_ops(&rel(as_path), &more).expect("entry ops");
+                    messages += 1;
+                    ops.extend(more);
+                    if last {
+                        return (ops, messages);
+                    }
+                }
+                other => panic!("expected Entry, got {other:?}"),
+            }
+        }
+    };
+    let data_of = |ops: &[Op]| {
+        let mut out = Vec::new();
+        for op in ops {
+            if let Op::Write { offset, data, .. } = op {
+                let end = *offset as usize + data.len();
+                if out.len() < end {
+                    out.resize(end, 0);
+                }
+                out[*offset as usize..end].copy_from_slice(data);
+            }
+        }
+        out
+    };
+    let (ops, _) = fetch(&mut c, 1, "b.txt", "b.txt.conflict-p");
+    assert!(matches!(ops.first(), Some(Op::Create { .. })), "{ops:?}");
+    assert_eq!(data_of(&ops), b_before);
+    assert!(ops
+        .iter()
+        .any(|o| matches!(o, Op::Truncate { size, .. } if *size == b_before.len() as u64)));
+    let (ops, messages) = fetch(&mut c, 2, "big.bin", "big.bin");
+    assert!(messages > 1, "a 3 MiB file comes in several messages");
+    assert_eq!(data_of(&ops), big);
+    let (ops, messages) = fetch(&mut c, 3, "no-such-file", "x");
+    assert_eq!((ops.len(), messages), (0, 1), "an absent entry");
+    drop(c);
+    // Lost mid-phase: nothing changed on P.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(meta_of(&p_dir), p_meta_before);
+    assert!(!p_dir.join(".mirrorfs/diverged").exists());
+    // Second round, to the end.
+    let (mut c, common2, end2) = open(&srv_p);
+    assert_eq!((common2, end2), (common, end), "the phase starts again");
+    c.send(&Msg::Reintegrate { from: common + 1 });
+    while !matches!(c.expect_msg(CONNECT), Msg::Tail { last: true, .. }) {}
+    c.send(&Msg::Reintegrated { conflicts: 1 });
+    assert_eq!(
+        c.expect_msg(CONNECT),
+        Msg::Reintegrated { conflicts: 1 },
+        "{}",
+        srv_p.log()
+    );
+    c.expect_closed(CONNECT);
+    assert_eq!(meta_of(&p_dir)["state"], "needs_resync");
+    assert_eq!(fs::read(p_dir.join("b.txt")).expect("b.txt kept"), b_before);
+    let saved: Vec<PathBuf> = fs::read_dir(p_dir.join(".mirrorfs/diverged"))
+        .expect("saved changes")
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(saved.len(), 1, "{saved:?}");
+    assert_eq!(
+        fs::read(saved[0].join("b.txt")).expect("saved b.txt"),
+        b_before
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || srv_p.status().is_some_and(|s| s
+            ["reintegration"]
+            .as_str()
+            .is_some_and(
+                |r| r.contains("reintegrated into crafted-m; now resynchronising")
+            ))),
+        "{:?}",
+        srv_p.status()
+    );
     drop(p);
 }
 

@@ -1519,6 +1519,7 @@ impl Sim {
                     sync_id: 0,
                     promoted: false,
                     foreign: false,
+                    first_held: self.mjournal.first_seq(),
                 };
                 let mut session = Session::new(copy, RESERVED, "sim-mirror", 0);
                 let welcome = session.on_hello(&msg).map_err(|e| {
@@ -1568,6 +1569,14 @@ impl Sim {
                     Ok(Incoming::Nothing) => Ok(()),
                     Ok(Incoming::PeerError { code, message }) => Err(Fault::Bug(format!(
                         "the primary reported an error to the mirror (code {code}): {message}"
+                    ))),
+                    // The simulated mirror never diverges, so it never reintegrates.
+                    Ok(
+                        i @ (Incoming::SendTail { .. }
+                        | Incoming::Fetch { .. }
+                        | Incoming::Reintegrated { .. }),
+                    ) => Err(Fault::Bug(format!(
+                        "the mirror's session asked for a reintegration: {i:?}"
                     ))),
                     Err(e) => {
                         // A correct primary never sends a gap or a message out of place.

@@ -759,6 +759,62 @@ pub(crate) fn xattr_names(fd: BorrowedFd<'_>) -> io::Result<Vec<Vec<u8>>> {
         .collect())
 }
 
+/// The ops that recreate the entry at `path` (`st` its `lstat`, `name` its name in the directory
+/// `dfd`, beneath `root`) under the name `as_path`, but for a regular file's data, which the
+/// caller streams in between: first the op that creates it (a regular file: an empty `Create`;
+/// otherwise [`creation_op`]), then its attributes: its xattrs (as [`xattr_ops`] lists them),
+/// owner, mode (not a symlink's: it has none of its own) and mtime, a directory's included (its
+/// entries are not part of it). A reintegration's `Fetch` (`net/serve/reintegration.rs`) sends
+/// these; the copies build theirs from the same [`creation_op`], [`xattr_ops`] and
+/// [`mtime_of`].
+pub(crate) fn entry_ops(
+    root: BorrowedFd<'_>,
+    path: &RelPath,
+    as_path: &RelPath,
+    name: &[u8],
+    st: &libc::stat,
+    dfd: BorrowedFd<'_>,
+) -> io::Result<(Op, Vec<Op>)> {
+    let (uid, gid) = (st.st_uid, st.st_gid);
+    let create = if st.st_mode & libc::S_IFMT == libc::S_IFREG {
+        Op::Create {
+            path: as_path.clone(),
+            mode: st.st_mode & 0o7777,
+            uid,
+            gid,
+        }
+    } else {
+        creation_op(as_path, name, st, dfd)?
+    };
+    let mut attrs: Vec<Op> = xattr_ops(root, path, &[])
+        .into_iter()
+        .filter_map(|op| match op {
+            Op::SetXattr {
+                name, value, flags, ..
+            } => Some(Op::SetXattr {
+                path: as_path.clone(),
+                name,
+                value,
+                flags,
+            }),
+            _ => None,
+        })
+        .collect();
+    attrs.push(Op::SetOwner {
+        path: as_path.clone(),
+        uid: Some(uid),
+        gid: Some(gid),
+    });
+    if st.st_mode & libc::S_IFMT != libc::S_IFLNK {
+        attrs.push(Op::SetMode {
+            path: as_path.clone(),
+            mode: st.st_mode & 0o7777,
+        });
+    }
+    attrs.push(mtime_of(as_path, st));
+    Ok((create, attrs))
+}
+
 /// The op that makes a directory, a symlink (its target read beneath `dfd`) or a special file
 /// as the primary has it: one description for the initial copy and the resync. A regular file
 /// is copied through its own steps, never made here.

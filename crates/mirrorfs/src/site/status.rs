@@ -479,6 +479,9 @@ fn print_mirror_daemon(v: &serde_json::Value) {
         n("journal_bytes"),
         n("journal_segments")
     );
+    if let Some(r) = v.get("reintegration").and_then(|r| r.as_str()) {
+        println!("  reintegration: {r}");
+    }
     if let Some(r) = v.get("refused").and_then(|r| r.as_str()) {
         println!("  REFUSED the last primary: {r}");
     }

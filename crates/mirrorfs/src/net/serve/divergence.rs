@@ -1,6 +1,7 @@
 //! A primary whose history diverged from the daemon's copy: which files the copy changed that
-//! the primary lacks, the refusal that says so, and `--discard-diverged` (those changes saved to
-//! `STATE/diverged/…` first, then the copy rewound to the common point).
+//! the primary lacks, the refusal that says so, and `--on-diverged discard` (those changes saved
+//! to `STATE/diverged/…` first, then the copy rewound to the common point; a reintegration ends
+//! the same way once the primary took the changes in).
 
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
@@ -85,13 +86,13 @@ impl Daemon {
             _ => "; which files: unknown (its journal no longer holds those changes)".into(),
         };
         format!(
-            "{why}{files}. Keep what you need from {dir} (or mount it as a primary again); to let it follow this primary, restart `mirrorfs serve {dir} --discard-diverged`: it saves the changes to {saved}/ first",
+            "{why}{files}. Keep what you need from {dir} (or mount it as a primary again); to let it follow this primary, restart `mirrorfs serve {dir} --on-diverged discard` (formerly --discard-diverged): it saves the changes to {saved}/ first",
             dir = self.dir.display(),
             saved = StateDir::at(&self.state).diverged_dir().display()
         )
     }
 
-    /// `--discard-diverged`: saves what this copy changed after the common point (those files,
+    /// `--on-diverged discard`, and the end of a reintegration: saves what this copy changed after the common point (those files,
     /// or the whole tree if the journal no longer says which) to STATE/diverged/NAME, then marks
     /// the copy for a block-hash resync from the primary.
     pub(super) fn discard_divergence(&self, c: &Comparison) -> Result<()> {
@@ -143,7 +144,7 @@ impl Daemon {
         write_meta(&self.state, &mm)?;
         *lock(&self.meta) = mm;
         tracing::warn!(
-            "--discard-diverged: saved {saved} entr(y/ies) that {} changed after the common point to {}; it now follows the primary ({what})",
+            "saved {saved} entr(y/ies) that {} changed after the common point to {}; it now follows the primary ({what})",
             self.dir.display(),
             dest.display()
         );

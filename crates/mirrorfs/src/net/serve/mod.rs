@@ -16,7 +16,8 @@
 //! This file starts and stops the daemon (a [`Site`] in the mirror role, the listener, status);
 //! `session` is one primary's connection (the shell of `core::session`), `copy` how a copy
 //! starts (initial copy, resync, adopting a history), `divergence` what happens when the
-//! primary's history diverged from the copy's.
+//! primary's history diverged from the copy's, `reintegration` how a diverged copy's changes are
+//! handed to the primary that takes them in (`--on-diverged reintegrate`).
 
 use std::fs;
 use std::net::TcpListener;
@@ -31,6 +32,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use mirrorfs_core::applier::Applier;
 use mirrorfs_core::history::History;
 use mirrorfs_core::link::MirrorCopy;
+use mirrorfs_core::session::OnDiverged;
 use mirrorfs_core::wire::MirrorState;
 
 use crate::net::conn::Duplex;
@@ -44,6 +46,7 @@ use crate::site::volume::{self, lock, MirrorPhase, MirrorShared, Volume};
 
 mod copy;
 mod divergence;
+mod reintegration;
 mod session;
 
 #[derive(clap::Args)]
@@ -64,11 +67,12 @@ pub struct ServeArgs {
     /// contents.
     #[arg(long)]
     pub force_resync: bool,
-    /// If DIR holds changes the connecting primary lacks (the copies diverged, e.g. an old
-    /// primary served as a mirror of a promoted copy), save those changes to
-    /// STATE/diverged/TIME-genG-seqS/ and then let DIR follow the primary (block-hash resync).
-    /// Without it such a primary is refused and nothing is changed.
-    #[arg(long)]
+    /// What to do when DIR holds changes the connecting primary lacks (the copies diverged, e.g.
+    /// an old primary served as a mirror of its promoted copy).
+    #[arg(long, value_enum, default_value_t = OnDivergedArg::Reintegrate)]
+    pub on_diverged: OnDivergedArg,
+    /// The former spelling of `--on-diverged discard`.
+    #[arg(long, hide = true, conflicts_with = "on_diverged")]
     pub discard_diverged: bool,
     /// The journal's size limit in MiB (at least 128: two 64 MiB segments).
     #[arg(long, default_value_t = 4096, value_parser = crate::site::volume::parse_journal_max_mib)]
@@ -76,6 +80,33 @@ pub struct ServeArgs {
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9109); off by default.
     #[arg(long)]
     pub metrics: Option<String>,
+}
+
+/// `--on-diverged`: what the daemon does with a primary whose history diverged from DIR's copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnDivergedArg {
+    /// Hand DIR's changes since the common point to the primary, which takes them in (conflict
+    /// copies where both sides changed a file); then DIR saves its changed files to
+    /// STATE/diverged/TIME-genG-seqS/ and follows the primary (block-hash resync). If DIR's
+    /// journal no longer holds all of those changes, the primary is refused as with `refuse`.
+    Reintegrate,
+    /// Refuse the primary and change nothing (its status and this daemon's say which files
+    /// diverged).
+    Refuse,
+    /// Save DIR's changed files to STATE/diverged/TIME-genG-seqS/, then let DIR follow the
+    /// primary without taking them in.
+    Discard,
+}
+
+impl ServeArgs {
+    /// The policy, `--discard-diverged` included.
+    fn on_diverged(&self) -> OnDiverged {
+        match (self.discard_diverged, self.on_diverged) {
+            (true, _) | (_, OnDivergedArg::Discard) => OnDiverged::Discard,
+            (_, OnDivergedArg::Refuse) => OnDiverged::Refuse,
+            (_, OnDivergedArg::Reintegrate) => OnDiverged::Reintegrate,
+        }
+    }
 }
 
 /// The daemon's shared state.
@@ -93,11 +124,14 @@ struct Daemon {
     pending_sync_done: AtomicU64,
     busy: AtomicBool,
     force_resync: bool,
-    discard_diverged: bool,
+    on_diverged: OnDiverged,
     /// The connected primary, for status.
     peer: Mutex<Option<String>>,
     /// Why the last primary was refused (cleared when one is accepted), for status.
     refused: Mutex<Option<String>>,
+    /// A reintegration of this copy's changes into a primary: running (true) or done, and what
+    /// it is, for status (cleared when a primary is accepted to stream).
+    reintegration: Mutex<Option<(bool, String)>>,
 }
 
 /// `mirrorfs serve`. A start that fails leaves no state directory behind that it created (an
@@ -135,9 +169,10 @@ fn serve_in(a: ServeArgs) -> Result<()> {
         pending_sync_done: AtomicU64::new(0),
         busy: AtomicBool::new(false),
         force_resync: a.force_resync,
-        discard_diverged: a.discard_diverged,
+        on_diverged: a.on_diverged(),
         peer: Mutex::new(None),
         refused: Mutex::new(None),
+        reintegration: Mutex::new(None),
     });
     d.start_copy(&site, &meta)?;
     let _reg = d.start_reporting(a.metrics.as_deref())?;
@@ -511,6 +546,7 @@ impl Daemon {
             sync_id: meta.sync_id,
             promoted: meta.promoted && !meta.former_primary(),
             foreign,
+            first_held: lock(&self.vol.order).journal.first_seq(),
         }
     }
 
@@ -575,6 +611,8 @@ impl Daemon {
             "copy": meta.state,
             "primary": *lock(&self.peer),
             "refused": *lock(&self.refused),
+            "reintegrating": lock(&self.reintegration).as_ref().is_some_and(|r| r.0),
+            "reintegration": lock(&self.reintegration).as_ref().map(|r| r.1.clone()),
             "connected": lock(&self.peer).is_some(),
             "received_seq": next - 1,
             "durable_seq": lock(&self.vol.progress).durable_seq,

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use mirrorfs_core::link::{Begin, LinkError, Positions};
 use mirrorfs_core::op::Record;
-use mirrorfs_core::session::{Incoming, Session};
+use mirrorfs_core::session::{Incoming, OnDiverged, Phase, Session};
 use mirrorfs_core::wire::{error_code, Decoder, Msg};
 
 use crate::net::conn::Duplex;
@@ -48,11 +48,15 @@ impl Daemon {
     pub(super) fn stream(&self, link: &Duplex, dec: &mut Decoder, hello: &Msg) -> Result<()> {
         self.settle_journal()?;
         let mut session = self.welcome(link, hello)?;
+        if session.phase() == Phase::Reintegrating {
+            return self.reintegrate(link, dec, session, hello);
+        }
         let start = recv_within(link, dec, crate::net::conn::CONNECT_TIMEOUT).inspect_err(|e| {
             *lock(&self.refused) = Some(format!("{e:#}"));
         })?;
         let begin = session.on_start(&start).map_err(|e| self.refuse(e))?;
         *lock(&self.refused) = None;
+        *lock(&self.reintegration) = None;
         // A new initial copy or resync forgets an older one's `SyncDone`.
         self.pending_sync_done
             .store(session.pending_sync_done(), Ordering::Release);
@@ -82,19 +86,21 @@ impl Daemon {
         r
     }
 
-    /// A session for this copy (as it is now) that answered `hello`: `Welcome` is sent, or the
-    /// primary is refused. With `--discard-diverged`, a diverged copy is saved and discarded
+    /// A session for this copy (as it is now) that answered `hello`: `Welcome` is sent, or
+    /// `Diverged` (`--on-diverged reintegrate`: the session is then reintegrating), or the
+    /// primary is refused. With `--on-diverged discard`, a diverged copy is saved and discarded
     /// first, and a fresh session answers.
     pub(super) fn welcome(&self, link: &Duplex, hello: &Msg) -> Result<Session> {
         let label = self.dir.display().to_string();
         let fresh = || {
             let pending = self.pending_sync_done.load(Ordering::Acquire);
             Session::new(self.copy(), &self.reserved, &label, pending)
+                .with_on_diverged(self.on_diverged)
         };
         let mut session = fresh();
         let welcome = match session.on_hello(hello) {
             Ok(w) => w,
-            Err(e) if e.code == error_code::DIVERGED && self.discard_diverged => {
+            Err(e) if e.code == error_code::DIVERGED && self.on_diverged == OnDiverged::Discard => {
                 let c = session
                     .divergence()
                     .ok_or_else(|| anyhow!("internal: no divergence"))?;
@@ -181,6 +187,12 @@ impl Daemon {
                     bail!("the primary reported an error (code {code}): {message}")
                 }
                 Incoming::Nothing => {}
+                // Only a session that answered `Diverged` reintegrates (`reintegration.rs`).
+                Incoming::SendTail { .. }
+                | Incoming::Fetch { .. }
+                | Incoming::Reintegrated { .. } => {
+                    bail!("internal: a reintegration message while streaming")
+                }
             }
         }
     }
