@@ -31,7 +31,7 @@ pub struct LinkError {
 }
 
 impl LinkError {
-    fn new(code: u16, retry: bool, message: impl Into<String>) -> Self {
+    pub fn new(code: u16, retry: bool, message: impl Into<String>) -> Self {
         LinkError {
             code,
             message: message.into(),
@@ -797,7 +797,9 @@ fn touches_reserved(op: &Op, reserved: &[u8]) -> bool {
     }
 }
 
-fn unexpected(msg: &Msg, want: &str) -> LinkError {
+/// The error for a message that is not the one the conversation expects (`want`); a peer's
+/// `Error` is passed on as its refusal.
+pub fn unexpected(msg: &Msg, want: &str) -> LinkError {
     if let Msg::Error { code, message } = msg {
         return LinkError::new(
             *code,

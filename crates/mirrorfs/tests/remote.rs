@@ -2883,3 +2883,134 @@ fn serve_reloads_trusted_peers_at_each_handshake() {
     converge(&m, &srv, "after trusting the primary");
     m.unmount();
 }
+
+/// Issue 7: failover, changes on both sides of the split, failback by re-attaching the old
+/// primary as a mirror of the new one. The old primary's unshipped changes are reintegrated
+/// into the new primary (merged where only it changed, a listed conflict copy where both
+/// changed), the old primary then follows the new one, and nothing either side wrote is lost.
+#[test]
+fn failback_reintegrates_the_old_primarys_changes_and_lists_conflicts() {
+    let net = Net::new("reint");
+    let mut srv = net.serve("m", &[]);
+    let mut p = net.mount("net-reint-p", 0, &srv.url(), &[]);
+    wait_live(&p, &srv);
+    fs::write(p.p("notes.txt"), b"base\n").expect("write notes.txt");
+    fs::write(p.p("shared.txt"), b"shared, before the split\n").expect("write");
+    fs::create_dir(p.p("d")).expect("mkdir d");
+    fs::write(p.p("d/e.txt"), b"e\n").expect("write d/e.txt");
+    converge(&p, &srv, "the base on M");
+    assert!(
+        wait_until(Duration::from_secs(10), || srv
+            .status()
+            .is_some_and(|s| s["copy"] == "consistent")),
+        "M never recorded a consistent copy"
+    );
+    // The split: M goes away; P keeps writing.
+    srv.stop();
+    fs::write(p.p("b.txt"), b"b, written on P after the split\n").expect("write b.txt");
+    fs::write(p.p("notes.txt"), b"P's edit\n").expect("edit notes.txt on P");
+    fs::remove_file(p.p("d/e.txt")).expect("rm d/e.txt on P");
+    fs::write(p.p("d/p.txt"), b"p\n").expect("write d/p.txt");
+    // Failover: M is promoted and mounted as the new primary; it writes too.
+    let out = run_ok(&[os("promote"), srv.dir.as_os_str()]);
+    assert!(out.contains("generation 2"), "{out}");
+    p.unmount();
+    let p_dir = p.backing().to_path_buf();
+    let port = free_port();
+    let url = format!("mirror://127.0.0.1:{port}");
+    let mut layout = Layout::new("net-reint-m", 0);
+    layout.backing = srv.dir.clone();
+    let m_state = srv.dir.join(".mirrorfs").display().to_string();
+    let cfg = net.primary.dir.display().to_string();
+    let mut m = Mount::start(
+        layout,
+        &["--state", &m_state, "--mirror", &url, "--config", &cfg],
+    );
+    fs::write(m.p("c.txt"), b"c, written on M after the failover\n").expect("write c.txt");
+    fs::write(m.p("notes.txt"), b"M's edit\n").expect("edit notes.txt on M");
+    // Failback: P's directory is served as M's mirror, with the default policy (reintegrate).
+    let srv_p = Serve::start(
+        &p_dir,
+        &net.mirror.dir,
+        port,
+        &net.base.join("serve-p.log"),
+        &[],
+    );
+    wait_live(&m, &srv_p);
+    wait_converged(&srv.dir, &p_dir, "P follows M", &Cmp::FULL, &|| {
+        ctx(&m, &srv_p)
+    });
+    let read = |rel: &str| fs::read_to_string(m.p(rel)).ok();
+    assert_eq!(
+        read("b.txt").as_deref(),
+        Some("b, written on P after the split\n")
+    );
+    assert_eq!(
+        read("c.txt").as_deref(),
+        Some("c, written on M after the failover\n")
+    );
+    assert_eq!(
+        read("notes.txt").as_deref(),
+        Some("M's edit\n"),
+        "ours stays"
+    );
+    assert_eq!(read("d/p.txt").as_deref(), Some("p\n"));
+    assert_eq!(read("d/e.txt"), None, "P's removal is merged");
+    assert_eq!(
+        read("shared.txt").as_deref(),
+        Some("shared, before the split\n")
+    );
+    let copies: Vec<String> = visible_entries(m.mnt())
+        .into_iter()
+        .filter(|n| n.starts_with("notes.txt.conflict-"))
+        .collect();
+    assert_eq!(
+        copies.len(),
+        1,
+        "one conflict copy of notes.txt: {copies:?}"
+    );
+    assert_eq!(
+        read(&copies[0]).as_deref(),
+        Some("P's edit\n"),
+        "theirs kept"
+    );
+    // Listed, and settled through the mount so that P follows.
+    let listed = run_ok(&[os("conflicts"), m.mnt().as_os_str(), os("--json")]);
+    let v: Value = serde_json::from_str(&listed).expect("conflicts --json");
+    let list = v.as_array().expect("an array");
+    assert_eq!(list.len(), 1, "{listed}");
+    assert_eq!(list[0]["path"], "notes.txt", "{listed}");
+    assert_eq!(list[0]["copy"], copies[0].as_str(), "{listed}");
+    // P saved its own diverged changes before it followed (nothing is only on one side).
+    let saved = p_dir.join(".mirrorfs/diverged");
+    let saved: Vec<PathBuf> = fs::read_dir(&saved)
+        .expect("P's saved changes")
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(saved.len(), 1, "{saved:?}");
+    assert_eq!(
+        fs::read_to_string(saved[0].join("notes.txt")).expect("saved notes.txt"),
+        "P's edit\n"
+    );
+    let out = run_ok(&[
+        os("conflicts"),
+        os("resolve"),
+        m.p("notes.txt").as_os_str(),
+        os("--keep"),
+        os("remote"),
+    ]);
+    assert!(!out.is_empty());
+    assert_eq!(read("notes.txt").as_deref(), Some("P's edit\n"));
+    assert_eq!(read(&copies[0]), None);
+    let listed = run_ok(&[os("conflicts"), m.mnt().as_os_str(), os("--json")]);
+    assert_eq!(listed.trim(), "[]", "{listed}");
+    wait_converged(
+        &srv.dir,
+        &p_dir,
+        "the resolution reaches P",
+        &Cmp::FULL,
+        &|| ctx(&m, &srv_p),
+    );
+    m.unmount();
+}

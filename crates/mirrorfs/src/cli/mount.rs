@@ -281,6 +281,7 @@ pub fn mount(a: MountArgs) -> Result<()> {
             name: format!("{}:{}", super::hostname(), places.backing.display()),
             backing: places.backing.clone(),
             hidden: Some(state.hidden.clone()),
+            state: state.path.clone(),
         });
         for m in &shared[n_local..] {
             let (v, m, c) = (vol.clone(), m.clone(), cfg.clone());

@@ -5,5 +5,6 @@
 pub mod conn;
 pub mod gate;
 pub mod identity;
+pub mod reintegrate;
 pub mod remote;
 pub mod serve;

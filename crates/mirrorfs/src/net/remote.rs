@@ -47,6 +47,8 @@ pub struct LinkConfig {
     /// For a live initial copy: the inode table, the backing root and the hidden state name.
     pub backing: PathBuf,
     pub hidden: Option<Vec<u8>>,
+    /// The volume's state directory (the conflict registry of a reintegration).
+    pub state: PathBuf,
 }
 
 fn set_phase(m: &MirrorShared, p: MirrorPhase) {
@@ -76,6 +78,12 @@ pub fn run_link(vol: Arc<Volume>, m: Arc<MirrorShared>, cfg: Arc<LinkConfig>) {
         }
         let e = match r {
             Ok(()) => break,
+            // A reintegration ends its connection on purpose: the next one resyncs the mirror.
+            Err(e) if e.downcast_ref::<Reintegrated>().is_some() => {
+                tracing::info!("mirror {}: {e}", m.name);
+                backoff = Backoff::new();
+                continue;
+            }
             Err(e) => e,
         };
         let refused = e.downcast_ref::<LinkError>().is_some_and(|l| !l.retry);
@@ -119,6 +127,25 @@ pub fn run_link(vol: Arc<Volume>, m: Arc<MirrorShared>, cfg: Arc<LinkConfig>) {
     set_phase(&m, MirrorPhase::Stopped);
     vol.changed.notify_all();
 }
+
+/// A connection that ended because the mirror's diverged changes were reintegrated: the link
+/// reconnects at once, and the mirror, now marked for a resync, follows this primary.
+#[derive(Debug)]
+struct Reintegrated {
+    conflicts: u64,
+}
+
+impl std::fmt::Display for Reintegrated {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "its diverged changes were reintegrated ({} conflict(s) listed: `mirrorfs conflicts`); reconnecting to resynchronise it",
+            self.conflicts
+        )
+    }
+}
+
+impl std::error::Error for Reintegrated {}
 
 /// The live initial copy running for this mirror, if any (it outlives a connection: after a
 /// reconnect the stream resumes and the copy goes on).
@@ -277,6 +304,9 @@ impl Session<'_> {
         let mut sender = Sender::new(cfg.history.clone(), WINDOW_BYTES);
         d.send(&sender.hello(span(vol), cfg.compress, &cfg.name))?;
         let welcome = recv_within(&d, &mut dec, crate::net::conn::CONNECT_TIMEOUT)?;
+        if let Msg::Diverged { .. } = &welcome {
+            return Err(self.reintegrate(&d, &mut dec, &mut sender, &welcome));
+        }
         if let Msg::Welcome { compress, .. } = &welcome {
             d.set_compress(*compress && cfg.compress);
         }
@@ -311,6 +341,37 @@ impl Session<'_> {
             start,
             mirror_copying,
         })
+    }
+
+    /// The mirror holds changes this primary lacks (split brain): they are taken in
+    /// (`net::reintegrate`), and the connection ends with [`Reintegrated`] (or the error).
+    fn reintegrate(
+        &self,
+        d: &Duplex,
+        dec: &mut Decoder,
+        sender: &mut Sender,
+        diverged: &Msg,
+    ) -> anyhow::Error {
+        let div = match sender.on_diverged(diverged, span(self.vol)) {
+            Ok(div) => div,
+            Err(e) => {
+                let _ = d.send(&e.to_msg());
+                return link_err(e);
+            }
+        };
+        let r = crate::net::reintegrate::Reintegration {
+            vol: self.vol,
+            m: self.m,
+            backing: &self.cfg.backing,
+            state: &self.cfg.state,
+            d,
+            dec,
+        }
+        .run(&div);
+        match r {
+            Ok(conflicts) => anyhow::Error::new(Reintegrated { conflicts }),
+            Err(e) => e,
+        }
     }
 
     /// Tells the mirror how the stream starts and the settled watermark, and publishes the

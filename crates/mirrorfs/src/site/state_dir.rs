@@ -186,6 +186,12 @@ impl MirrorStateDir {
         self.path.join("cursor")
     }
 
+    /// `reintegration/`: a network mirror's diverged changes being taken into this primary:
+    /// `plan` (R1) and its step `cursor` (R2), see `net::reintegrate`.
+    pub fn reintegration_dir(&self) -> PathBuf {
+        self.path.join("reintegration")
+    }
+
     /// The reason this mirror must be copied again (`NEEDS_RESYNC`), if it must.
     pub fn needs_resync(&self) -> Option<String> {
         let p = self.path.join("NEEDS_RESYNC");

@@ -427,6 +427,18 @@ fn print_mirror(m: &MirrorStatus) {
         .and_then(|v| v.as_str())
         .map(|e| format!(" ({e})"))
         .unwrap_or_default();
+    let detail = match state {
+        "reintegrating" => {
+            let n = |k: &str| m.phase.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+            format!(
+                " (split brain: its changes are being taken into this primary, step {} of {}, {} conflict(s) listed)",
+                n("done_steps"),
+                n("total_steps"),
+                n("conflicts")
+            )
+        }
+        _ => detail,
+    };
     println!(
         "  mirror {}: {state}{detail}; applied {} (durable {}), lag {} ops / {} bytes / {:.3} s",
         m.path, m.applied_seq, m.durable_seq, m.lag_ops, m.lag_bytes, m.lag_seconds

@@ -101,11 +101,29 @@ pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[serde(tag = "state", rename_all = "snake_case")]
 pub enum MirrorPhase {
-    Syncing { done_bytes: u64, total_bytes: u64 },
+    Syncing {
+        done_bytes: u64,
+        total_bytes: u64,
+    },
     Live,
-    Retrying { error: String, since_unix: u64 },
-    Refused { reason: String, since_unix: u64 },
-    NeedsResync { reason: String },
+    Retrying {
+        error: String,
+        since_unix: u64,
+    },
+    Refused {
+        reason: String,
+        since_unix: u64,
+    },
+    NeedsResync {
+        reason: String,
+    },
+    /// A diverged mirror's changes are being taken into this primary (split brain healed by
+    /// reintegration, `net::reintegrate`): steps of the plan done, and conflicts listed.
+    Reintegrating {
+        done_steps: u64,
+        total_steps: u64,
+        conflicts: u64,
+    },
     Stopped,
 }
 

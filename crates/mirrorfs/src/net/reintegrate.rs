@@ -1,0 +1,620 @@
+//! The primary's side of a failback: a mirror daemon answered `Hello` with `Diverged` (it is an
+//! old primary, or a promoted copy's old peer, holding changes this primary never received).
+//! Its changes are taken into this primary — replayed where nothing conflicts, kept as conflict
+//! copies where something does — and then the daemon is resynchronised to this primary. Nothing
+//! either side changed is lost: the daemon also saves its diverged files before it follows.
+//!
+//! ```text
+//!  primary                                   daemon (diverged)
+//!    Hello ─────────────────────────────────▶
+//!          ◀──────────────── Diverged{common, end}
+//!    Reintegrate{from} ─────────────────────▶
+//!          ◀──────────────── Tail… (its records after the common point, without data)
+//!    plan (core::reintegrate::plan), saved with its step cursor
+//!    per step: Fetch{their, as} ────────────▶
+//!          ◀──────────────── Entry… (the ops that recreate its entry)
+//!    ops applied through the volume (journaled: this primary's mirrors follow)
+//!    Reintegrated ──────────────────────────▶ saves its diverged files, marks itself for resync
+//!          ◀──────────────── Reintegrated
+//!    reconnect: Welcome{NeedsResync} → block-hash resync (only what differs travels)
+//! ```
+//!
+//! The decisions are the core's (`reintegrate::plan`, `reintegrate::run::Run`,
+//! `reintegrate::saved`); this module reads journals, moves messages, applies ops and keeps the
+//! plan and its cursor durable in `MIRROR_STATE/reintegration/` (fsync points R1, R2 in
+//! `docs/journal.md`).
+
+use std::collections::HashSet;
+use std::fs;
+use std::io::{Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use mirrorfs_core::journal::Reader;
+use mirrorfs_core::link::{check_entry_ops, check_tail, unexpected, Divergence, LinkError};
+use mirrorfs_core::op::{Op, Record};
+use mirrorfs_core::path::RelPath;
+use mirrorfs_core::reintegrate::run::{Action, Applied, Run, Stat};
+use mirrorfs_core::reintegrate::saved::{
+    cursor_slot, decode_cursor, decode_moves, decode_plan, encode_cursor, encode_move, encode_plan,
+    SavedPlan, CURSOR_SLOT_BYTES,
+};
+use mirrorfs_core::reintegrate::{self, conflict_label, Conflict, Input};
+use mirrorfs_core::tree::{apply_op, EntryKind};
+use mirrorfs_core::wire::{error_code, Decoder, Msg};
+
+use crate::net::conn::Duplex;
+use crate::site::conflicts::{self, ConflictEntry};
+use crate::site::state_dir::MirrorStateDir;
+use crate::site::statefile;
+use crate::site::store::FileStore;
+use crate::site::volume::{lock, MirrorPhase, MirrorShared, Volume};
+use crate::tree::dirtree::{DirTree, Root};
+
+/// Most records of theirs a plan takes (each is kept in memory without its data while planning).
+pub const TAIL_RECORDS_MAX: usize = 4_000_000;
+/// Most records of ours after the common point a plan takes.
+pub const OUR_RECORDS_MAX: usize = 4_000_000;
+/// How long one answer of the daemon may take.
+const ANSWER_WITHIN: Duration = Duration::from_secs(30);
+/// A ping this often keeps the daemon from taking a busy primary for a silent one.
+const KEEPALIVE: Duration = Duration::from_secs(1);
+
+/// What a reintegration works with.
+pub struct Reintegration<'a> {
+    pub vol: &'a Volume,
+    pub m: &'a MirrorShared,
+    /// The backing directory (ops are applied beneath it, never through a symlink).
+    pub backing: &'a Path,
+    /// The volume's state directory (the conflict registry).
+    pub state: &'a Path,
+    pub d: &'a Duplex,
+    pub dec: &'a mut Decoder,
+}
+
+fn dir_of(m: &MirrorShared) -> PathBuf {
+    MirrorStateDir::at(&m.state_dir).reintegration_dir()
+}
+
+fn set_phase(m: &MirrorShared, p: MirrorPhase) {
+    *lock(&m.phase) = p;
+}
+
+/// A link error that ends this connection for good (until the operator acts).
+fn refuse(d: &Duplex, code: u16, why: String) -> anyhow::Error {
+    let e = LinkError::new(code, false, why);
+    let _ = d.send(&e.to_msg());
+    anyhow::Error::new(e)
+}
+
+impl Reintegration<'_> {
+    /// Takes the daemon's diverged changes into this primary; returns how many conflicts were
+    /// listed. The connection then ends; the next one resynchronises the daemon.
+    pub fn run(mut self, div: &Divergence) -> Result<u64> {
+        let from = div.common_seq + 1;
+        let held = lock(&self.vol.order).journal.first_seq();
+        if held > from {
+            return Err(refuse(
+                self.d,
+                error_code::DIVERGED,
+                format!(
+                    "split brain with {}: its changes after the common point (record {}) cannot be reintegrated because this primary's journal no longer holds its own changes from there (it starts at {held}); nothing was changed on either side. Keep what you need from the mirror's directory, then restart its daemon with `--on-diverged discard`",
+                    self.m.name, div.common_seq
+                ),
+            ));
+        }
+        let their_generation = div.their_history.current().map_or(0, |g| g.id);
+        let saved = load_plan(self.m)?
+            .filter(|s| s.matches(their_generation, div.common_seq, div.their_end));
+        let saved = match saved {
+            Some(s) => {
+                tracing::info!(
+                    "mirror {}: resuming the reintegration of its changes (plan {:x})",
+                    self.m.name,
+                    s.id
+                );
+                self.d.send(&Msg::Reintegrate { from })?;
+                self.skip_tail(from)?;
+                s
+            }
+            None => self.make_plan(div, their_generation)?,
+        };
+        let done = read_cursor(self.m, saved.id)?;
+        tracing::warn!(
+            "mirror {}: split brain at generation {} record {}: reintegrating its changes into this primary ({} step(s), {} conflict(s) planned, {} done)",
+            self.m.name,
+            div.common_generation,
+            div.common_seq,
+            saved.plan.steps.len(),
+            saved.plan.conflicts.len(),
+            done.1
+        );
+        let conflicts = self.carry_out(&saved, done)?;
+        self.d.send(&Msg::Reintegrated { conflicts })?;
+        match self.answer()? {
+            Msg::Reintegrated { .. } => {}
+            other => return Err(unexpected(&other, "Reintegrated").into()),
+        }
+        remove_plan(self.m)?;
+        tracing::warn!(
+            "mirror {}: reintegrated ({} step(s), {conflicts} conflict(s) listed: `mirrorfs conflicts`); it now follows this primary",
+            self.m.name,
+            saved.plan.steps.len()
+        );
+        Ok(conflicts)
+    }
+
+    /// The next message of the daemon that is not a `Pong`; its `Error` ends the run.
+    fn answer(&mut self) -> Result<Msg> {
+        let t0 = Instant::now();
+        loop {
+            if let Some(msg) = self.d.recv(self.dec)? {
+                match msg {
+                    Msg::Pong { .. } => continue,
+                    Msg::Error { code, message } => {
+                        return Err(anyhow::Error::new(LinkError::new(code, true, message)))
+                    }
+                    m => return Ok(m),
+                }
+            }
+            if t0.elapsed() > ANSWER_WITHIN {
+                bail!("the mirror did not answer within {ANSWER_WITHIN:?}");
+            }
+        }
+    }
+
+    /// Their records after the common point, without data, checked consecutive.
+    fn receive_tail(&mut self, from: u64) -> Result<Vec<Record>> {
+        let mut next = from;
+        let mut out = Vec::new();
+        loop {
+            match self.answer()? {
+                Msg::Tail { last, records } => {
+                    next = check_tail(next, &records).map_err(anyhow::Error::new)?;
+                    if out.len() + records.len() > TAIL_RECORDS_MAX {
+                        return Err(refuse(self.d, error_code::REFUSED, format!(
+                            "the mirror holds more than {TAIL_RECORDS_MAX} records this primary lacks: too many to reintegrate; restart its daemon with `--on-diverged discard` (its changes are saved first)"
+                        )));
+                    }
+                    out.extend(records);
+                    if last {
+                        return Ok(out);
+                    }
+                }
+                other => return Err(unexpected(&other, "Tail").into()),
+            }
+        }
+    }
+
+    /// A resumed plan needs no records: they are read and dropped.
+    fn skip_tail(&mut self, from: u64) -> Result<()> {
+        let mut next = from;
+        loop {
+            match self.answer()? {
+                Msg::Tail { last, records } => {
+                    next = check_tail(next, &records).map_err(anyhow::Error::new)?;
+                    if last {
+                        return Ok(());
+                    }
+                }
+                other => return Err(unexpected(&other, "Tail").into()),
+            }
+        }
+    }
+
+    /// Plans from both sides' records, saves the plan (R1) and lists its conflicts.
+    fn make_plan(&mut self, div: &Divergence, their_generation: u64) -> Result<SavedPlan> {
+        let from = div.common_seq + 1;
+        self.d.send(&Msg::Reintegrate { from })?;
+        let theirs = self.receive_tail(from)?;
+        let (ours, our_end) = our_records(self.vol, from)?;
+        let root = Root::open(self.backing)
+            .with_context(|| format!("cannot open {}", self.backing.display()))?;
+        let mut taken = |p: &RelPath| root.lstat(p).is_ok();
+        let time = crate::sys::now().sec;
+        let site = self.m.name.clone();
+        let plan = reintegrate::plan(
+            &Input {
+                ours: &ours,
+                theirs: &theirs,
+                their_site: &site,
+                time,
+            },
+            &mut taken,
+        )
+        .map_err(|e| anyhow!("cannot plan the reintegration: {e}"))?;
+        let saved = SavedPlan {
+            id: crate::site::meta::random_u64()?,
+            their_generation,
+            common_seq: div.common_seq,
+            their_end: div.their_end,
+            our_end,
+            label: conflict_label(&site, time),
+            their_site: site,
+            plan,
+        };
+        save_plan(self.m, &saved)?;
+        self.list(&saved, &saved.plan.conflicts, time)?;
+        Ok(saved)
+    }
+
+    /// Adds conflicts to the volume's registry (`mirrorfs conflicts`).
+    fn list(&self, saved: &SavedPlan, cs: &[Conflict], time: i64) -> Result<()> {
+        if cs.is_empty() {
+            return Ok(());
+        }
+        let entries: Vec<ConflictEntry> = cs
+            .iter()
+            .map(|c| ConflictEntry::from_conflict(c, &saved.their_site, time))
+            .collect();
+        for c in cs {
+            tracing::warn!(
+                "conflict with {}: {} ({}){}",
+                saved.their_site,
+                c.path,
+                conflicts::reason_word(c.reason),
+                c.copy
+                    .as_ref()
+                    .map(|p| format!(", theirs kept as {p}"))
+                    .unwrap_or_default()
+            );
+        }
+        conflicts::record(self.state, &entries)
+    }
+
+    /// Runs the plan from the cursor; returns the number of conflicts listed in all.
+    fn carry_out(&mut self, saved: &SavedPlan, (generation, done): (u64, u64)) -> Result<u64> {
+        let mut tree = DirTree::open(self.backing)
+            .with_context(|| format!("cannot open {}", self.backing.display()))?;
+        let root = Root::open(self.backing)?;
+        let mut moves = MovesFile::open(self.m)?;
+        let moved = moves.read()?;
+        let mut run = Run::new(&saved.plan, done as usize, &saved.label, moved);
+        let mut cursor = CursorFile::open(self.m, saved.id, generation)?;
+        let mut late = Touched::new(saved.our_end + 1);
+        let mut listed = saved.plan.conflicts.len() as u64;
+        let total = run.len() as u64;
+        let mut fetch_id = 0u32;
+        let mut fetching: Option<(u32, RelPath)> = None;
+        let mut pinged = Instant::now();
+        self.phase(done, total, listed);
+        loop {
+            if pinged.elapsed() > KEEPALIVE {
+                self.d.send(&Msg::Ping { nonce: 0 })?;
+                pinged = Instant::now();
+            }
+            match run
+                .next_action()
+                .map_err(|e| anyhow!("reintegration: {e}"))?
+            {
+                Action::Stat(p) => {
+                    let st = match root.lstat(&p) {
+                        Ok(st) => Some(Stat {
+                            kind: kind_of(st.st_mode),
+                            ino: st.st_ino,
+                            nlink: st.st_nlink as u32,
+                            changed_since_plan: late.named(self.vol, &p)?,
+                        }),
+                        Err(e)
+                            if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR)) =>
+                        {
+                            None
+                        }
+                        Err(e) => bail!("cannot look at {p}: {e}"),
+                    };
+                    run.on_stat(st).map_err(|e| anyhow!("reintegration: {e}"))?;
+                }
+                Action::Apply(op) => {
+                    let r = self.apply(&mut tree, &root, op, &mut late);
+                    run.on_applied(r)
+                        .map_err(|e| anyhow!("reintegration: {e}"))?;
+                }
+                Action::Fetch {
+                    their_path,
+                    as_path,
+                } => {
+                    fetch_id = fetch_id.wrapping_add(1);
+                    self.d.send(&Msg::Fetch {
+                        id: fetch_id,
+                        path: their_path,
+                        as_path: as_path.clone(),
+                    })?;
+                    fetching = Some((fetch_id, as_path));
+                }
+                Action::AwaitEntry => {
+                    let Some((id, as_path)) = fetching.clone() else {
+                        bail!("reintegration: an answer awaited with no fetch");
+                    };
+                    let (ops, last) = match self.answer()? {
+                        Msg::Entry { id: got, last, ops } if got == id => (ops, last),
+                        other => return Err(unexpected(&other, "Entry").into()),
+                    };
+                    check_entry_ops(&as_path, &ops).map_err(anyhow::Error::new)?;
+                    if last {
+                        fetching = None;
+                    }
+                    run.on_entry(ops, last)
+                        .map_err(|e| anyhow!("reintegration: {e}"))?;
+                }
+                Action::Conflict(c) => {
+                    self.list(saved, std::slice::from_ref(&c), crate::sys::now().sec)?;
+                    listed += 1;
+                }
+                Action::Moved(from, to) => moves.append(&from, &to)?,
+                Action::StepDone(i) => {
+                    cursor.write(i as u64 + 1)?;
+                    self.phase(i as u64 + 1, total, listed);
+                }
+                Action::Done => return Ok(listed),
+            }
+        }
+    }
+
+    fn phase(&self, done: u64, total: u64, conflicts: u64) {
+        set_phase(
+            self.m,
+            MirrorPhase::Reintegrating {
+                done_steps: done,
+                total_steps: total,
+                conflicts,
+            },
+        );
+        self.vol.changed.notify_all();
+    }
+
+    /// Applies one op of the plan through the volume (journaled, so this primary's mirrors
+    /// follow); its seq is kept out of the late-change watch.
+    fn apply(&self, tree: &mut DirTree, root: &Root, op: Op, late: &mut Touched) -> Applied {
+        let op = match op {
+            Op::Rename {
+                from,
+                to,
+                flags,
+                from_ino: 0,
+            } => {
+                let from_ino = root.lstat(&from).map_or(0, |st| st.st_ino);
+                Op::Rename {
+                    from,
+                    to,
+                    flags,
+                    from_ino,
+                }
+            }
+            op => op,
+        };
+        let applied = self.vol.mutate(op.clone(), || {
+            apply_op(tree, &op, false).map_err(|e| std::io::Error::other(e.to_string()))
+        });
+        match applied {
+            Ok(((), seq)) => {
+                late.ours.insert(seq);
+                Applied::Ok
+            }
+            // The volume journaled the op and its `Abort`: `Touched` skips both.
+            Err(errno) => match errno {
+                libc::ENOENT => Applied::NotFound,
+                libc::EEXIST => Applied::Exists,
+                libc::ENOTEMPTY => Applied::NotEmpty,
+                e => Applied::Failed(format!(
+                    "{}: {}",
+                    op.name(),
+                    std::io::Error::from_raw_os_error(e)
+                )),
+            },
+        }
+    }
+}
+
+fn kind_of(mode: u32) -> EntryKind {
+    match mode & libc::S_IFMT {
+        libc::S_IFREG => EntryKind::File,
+        libc::S_IFDIR => EntryKind::Dir,
+        libc::S_IFLNK => EntryKind::Symlink,
+        _ => EntryKind::Special,
+    }
+}
+
+/// Our records from `from` to the journal's end (data left out: the planner needs names), and
+/// that end.
+fn our_records(vol: &Volume, from: u64) -> Result<(Vec<Record>, u64)> {
+    let end = lock(&vol.order).journal.next_seq() - 1;
+    let mut out = Vec::new();
+    let mut reader: Reader<crate::site::store::FileSegment> = Reader::new(from);
+    while reader.next_seq() <= end {
+        let view = lock(&vol.order).journal.segment_for(reader.next_seq());
+        let Some(r) = reader.next::<FileStore>(view, end)? else {
+            break;
+        };
+        if out.len() >= OUR_RECORDS_MAX {
+            bail!("more than {OUR_RECORDS_MAX} changes of this primary since the common point: too many to plan a reintegration");
+        }
+        out.push(without_data(r));
+    }
+    Ok((out, end))
+}
+
+fn without_data(mut r: Record) -> Record {
+    if let Op::Write { data, .. } = &mut r.op {
+        *data = Vec::new();
+    }
+    r
+}
+
+/// The names our changes after the plan touched (not the plan's own ops), read from the journal
+/// as it grows, for [`Stat::changed_since_plan`].
+struct Touched {
+    next: u64,
+    names: HashSet<RelPath>,
+    /// The seqs of the plan's own ops.
+    ours: HashSet<u64>,
+}
+
+impl Touched {
+    fn new(next: u64) -> Touched {
+        Touched {
+            next,
+            names: HashSet::new(),
+            ours: HashSet::new(),
+        }
+    }
+
+    /// Reads the journal up to its end, then: did a change after the plan name `p` or a path
+    /// below it?
+    fn named(&mut self, vol: &Volume, p: &RelPath) -> Result<bool> {
+        let end = lock(&vol.order).journal.next_seq() - 1;
+        let mut reader: Reader<crate::site::store::FileSegment> = Reader::new(self.next);
+        let mut aborted = HashSet::new();
+        let mut seen = Vec::new();
+        while reader.next_seq() <= end {
+            let view = lock(&vol.order).journal.segment_for(reader.next_seq());
+            let Some(r) = reader.next::<FileStore>(view, end)? else {
+                break;
+            };
+            if let Op::Abort { seq } = r.op {
+                aborted.insert(seq);
+            }
+            seen.push(r);
+        }
+        self.next = reader.next_seq();
+        for r in seen {
+            if self.ours.contains(&r.seq) || aborted.contains(&r.seq) {
+                continue;
+            }
+            let paths: Vec<&RelPath> = match &r.op {
+                Op::Rename { from, to, .. } | Op::Link { from, to } => vec![from, to],
+                Op::Sync { .. } | Op::SyncDone { .. } | Op::Abort { .. } => vec![],
+                // Times follow every change; alone they change nothing a user made.
+                Op::SetTimes { .. } => vec![],
+                op => op.path().into_iter().collect(),
+            };
+            for q in paths {
+                self.names.insert(q.clone());
+            }
+        }
+        Ok(self.names.iter().any(|q| q.starts_with(p)))
+    }
+}
+
+/// `MIRROR_STATE/reintegration/plan`, if there is an intact one.
+fn load_plan(m: &MirrorShared) -> Result<Option<SavedPlan>> {
+    let path = dir_of(m).join("plan");
+    match fs::read(&path) {
+        Ok(b) => match decode_plan(&b) {
+            Ok(s) => Ok(Some(s)),
+            Err(e) => {
+                tracing::warn!("{}: {e}; planning again", path.display());
+                Ok(None)
+            }
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(anyhow::Error::new(e).context(format!("cannot read {}", path.display()))),
+    }
+}
+
+/// **R1**: the plan is durable (file and directory fsynced) before its first step runs, and a
+/// fresh plan starts with no cursor.
+fn save_plan(m: &MirrorShared, s: &SavedPlan) -> Result<()> {
+    let dir = dir_of(m);
+    statefile::private_dir(&dir)?;
+    for f in ["cursor", "moves"] {
+        let _ = fs::remove_file(dir.join(f));
+    }
+    statefile::replace_durable(&dir.join("plan"), &encode_plan(s), 0o600)
+        .with_context(|| format!("cannot save the reintegration plan in {}", dir.display()))
+}
+
+fn remove_plan(m: &MirrorShared) -> Result<()> {
+    let dir = dir_of(m);
+    for f in ["cursor", "moves", "plan"] {
+        match fs::remove_file(dir.join(f)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    statefile::sync_parent(&dir.join("plan"))?;
+    Ok(())
+}
+
+/// (write generation, steps done) of plan `id`.
+fn read_cursor(m: &MirrorShared, id: u64) -> Result<(u64, u64)> {
+    match fs::read(dir_of(m).join("cursor")) {
+        Ok(b) => Ok(decode_cursor(&b, id).unwrap_or((0, 0))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok((0, 0)),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The step cursor: two slots written alternately.
+struct CursorFile {
+    f: fs::File,
+    id: u64,
+    generation: u64,
+}
+
+impl CursorFile {
+    fn open(m: &MirrorShared, id: u64, generation: u64) -> Result<CursorFile> {
+        let path = dir_of(m).join("cursor");
+        let f = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        f.set_len(2 * CURSOR_SLOT_BYTES as u64)?;
+        f.sync_all()?;
+        statefile::sync_parent(&path)?;
+        Ok(CursorFile { f, id, generation })
+    }
+
+    /// **R2**: `done` steps are complete, durable before the next step starts. A failed fsync
+    /// ends the run (the next connection re-reads the cursor, never trusting this write).
+    fn write(&mut self, done: u64) -> Result<()> {
+        self.generation += 1;
+        let at = (cursor_slot(self.generation) * CURSOR_SLOT_BYTES) as u64;
+        self.f.seek(SeekFrom::Start(at))?;
+        self.f
+            .write_all(&encode_cursor(self.generation, self.id, done))?;
+        self.f
+            .sync_data()
+            .context("cannot make the reintegration cursor durable")
+    }
+}
+
+/// The run's late moves (`reintegration/moves`), appended and fsynced each (**R3**).
+struct MovesFile {
+    f: fs::File,
+    path: PathBuf,
+}
+
+impl MovesFile {
+    fn open(m: &MirrorShared) -> Result<MovesFile> {
+        let path = dir_of(m).join("moves");
+        let f = fs::OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        statefile::sync_parent(&path)?;
+        Ok(MovesFile { f, path })
+    }
+
+    fn read(&mut self) -> Result<Vec<(RelPath, RelPath)>> {
+        let b = fs::read(&self.path)?;
+        Ok(decode_moves(&b))
+    }
+
+    /// **R3**: a late move is durable before the run goes on (later steps follow it).
+    fn append(&mut self, from: &RelPath, to: &RelPath) -> Result<()> {
+        self.f.write_all(&encode_move(from, to))?;
+        self.f
+            .sync_data()
+            .context("cannot make the reintegration's late moves durable")
+    }
+}
