@@ -144,6 +144,7 @@ impl Session {
     /// A session for a mirror whose copy is `copy` (`reserved`: its state directory's name at
     /// the root; `label`: the mirror in messages). `pending_sync_done` carries a `SyncDone` a
     /// previous session received but that was not yet checkpointed (0 if none).
+    ///
     /// A diverged primary is offered reintegration unless [`Session::with_on_diverged`] says
     /// otherwise.
     pub fn new(copy: MirrorCopy, reserved: &[u8], label: &str, pending_sync_done: u64) -> Self {
