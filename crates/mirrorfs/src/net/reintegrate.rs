@@ -442,13 +442,21 @@ fn without_data(mut r: Record) -> Record {
     r
 }
 
+/// Most names [`Touched`] remembers; past it every name counts as changed (theirs then go to
+/// late conflict names: nothing of ours is overwritten, only more conflicts are listed).
+const TOUCHED_MAX: usize = 1_000_000;
+
 /// The names our changes after the plan touched (not the plan's own ops), read from the journal
-/// as it grows, for [`Stat::changed_since_plan`].
+/// as it grows, for [`Stat::changed_since_plan`]. Holds names only, never a record's data.
 struct Touched {
     next: u64,
     names: HashSet<RelPath>,
     /// The seqs of the plan's own ops.
     ours: HashSet<u64>,
+    /// The last record read, until the next one shows it was not aborted.
+    pending: Option<(u64, Vec<RelPath>)>,
+    /// Too many names, or the journal no longer holds what was not read yet.
+    everything: bool,
 }
 
 impl Touched {
@@ -457,43 +465,64 @@ impl Touched {
             next,
             names: HashSet::new(),
             ours: HashSet::new(),
+            pending: None,
+            everything: false,
         }
     }
 
     /// Reads the journal up to its end, then: did a change after the plan name `p` or a path
     /// below it?
     fn named(&mut self, vol: &Volume, p: &RelPath) -> Result<bool> {
+        if !self.everything {
+            if let Err(e) = self.read(vol) {
+                tracing::warn!("reintegration: cannot read this primary's newest changes ({e:#}); from now on every name counts as changed since the plan");
+                self.everything = true;
+            }
+        }
+        if self.everything {
+            return Ok(true);
+        }
+        let pending = self.pending.iter().flat_map(|(_, n)| n.iter());
+        Ok(self.names.iter().chain(pending).any(|q| q.starts_with(p)))
+    }
+
+    fn read(&mut self, vol: &Volume) -> Result<()> {
         let end = lock(&vol.order).journal.next_seq() - 1;
         let mut reader: Reader<crate::site::store::FileSegment> = Reader::new(self.next);
-        let mut aborted = HashSet::new();
-        let mut seen = Vec::new();
         while reader.next_seq() <= end {
             let view = lock(&vol.order).journal.segment_for(reader.next_seq());
             let Some(r) = reader.next::<FileStore>(view, end)? else {
                 break;
             };
+            self.next = r.seq + 1;
+            // An op and its `Abort` are appended under one hold of the order lock.
             if let Op::Abort { seq } = r.op {
-                aborted.insert(seq);
-            }
-            seen.push(r);
-        }
-        self.next = reader.next_seq();
-        for r in seen {
-            if self.ours.contains(&r.seq) || aborted.contains(&r.seq) {
+                if self.pending.as_ref().is_some_and(|(s, _)| *s == seq) {
+                    self.pending = None;
+                }
                 continue;
             }
-            let paths: Vec<&RelPath> = match &r.op {
-                Op::Rename { from, to, .. } | Op::Link { from, to } => vec![from, to],
-                Op::Sync { .. } | Op::SyncDone { .. } | Op::Abort { .. } => vec![],
+            if let Some((_, names)) = self.pending.take() {
+                self.names.extend(names);
+            }
+            if self.ours.contains(&r.seq) {
+                continue;
+            }
+            let paths: Vec<RelPath> = match &r.op {
+                Op::Rename { from, to, .. } | Op::Link { from, to } => {
+                    vec![from.clone(), to.clone()]
+                }
+                Op::Sync { .. } | Op::SyncDone { .. } => vec![],
                 // Times follow every change; alone they change nothing a user made.
                 Op::SetTimes { .. } => vec![],
-                op => op.path().into_iter().collect(),
+                op => op.path().into_iter().cloned().collect(),
             };
-            for q in paths {
-                self.names.insert(q.clone());
-            }
+            self.pending = Some((r.seq, paths));
         }
-        Ok(self.names.iter().any(|q| q.starts_with(p)))
+        if self.names.len() > TOUCHED_MAX {
+            self.everything = true;
+        }
+        Ok(())
     }
 }
 
