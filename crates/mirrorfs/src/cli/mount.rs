@@ -815,12 +815,16 @@ fn unmount(bg: fuser::BackgroundSession, mountpoint: &Path) {
 }
 
 /// Makes the journal durable and gives each healthy mirror up to 30 s to catch up with it (a
-/// mirror still copying is not waited for).
+/// mirror whose copy is still being journaled is not waited for: the next mount copies it
+/// again; one whose copy is all in the journal is).
 fn drain_mirrors(vol: &Volume, shared: &[Arc<MirrorShared>]) {
     let target = vol.wait_journal_durable();
     for m in shared {
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        let syncing = || matches!(*lock(&m.phase), MirrorPhase::Syncing { .. });
+        let syncing = || {
+            matches!(*lock(&m.phase), MirrorPhase::Syncing { .. })
+                && m.copy_journaled.load(Ordering::Acquire) == 0
+        };
         while m.healthy()
             && !syncing()
             && m.needed_after() < target

@@ -298,6 +298,7 @@ pub fn live_sync(
     let id = sync_id(&m);
     let root: std::os::fd::OwnedFd = fs::File::open(backing)?.into();
     let copy = TrackedCopy::new(&vol, id);
+    m.copy_journaled.store(0, Ordering::Release);
     let (files, total) = {
         let mut guard = lock(&vol.order);
         let (files, total, last) = {
@@ -331,6 +332,7 @@ pub fn live_sync(
         copy.done_with(ino);
     }
     let seq = copy.finish(&data.pb)?;
+    m.copy_journaled.store(seq, Ordering::Release);
     tracing::info!("mirror {}: initial sync streamed ({} bytes); it is consistent once it applies record {seq}", m.name, data.done);
     Ok(())
 }

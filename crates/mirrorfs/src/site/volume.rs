@@ -151,6 +151,10 @@ pub struct MirrorShared {
     pub link: Mutex<LinkInfo>,
     /// Set to stop a running initial copy or resync (a new one replaces it).
     pub cancel_copy: AtomicBool,
+    /// The seq of the `SyncDone` of this mirror's last copy once every record of it is
+    /// journaled (0: none yet): a mirror still `syncing` with this set needs only to apply what
+    /// the journal holds, so an unmount drains it like a live one.
+    pub copy_journaled: AtomicU64,
     /// Checkpoint whenever the worker runs out of records (a mirror daemon: see `run_worker`).
     pub checkpoint_when_idle: AtomicBool,
 }
@@ -206,6 +210,7 @@ impl MirrorShared {
             want_durable: AtomicU64::new(0),
             link: Mutex::new(LinkInfo::default()),
             cancel_copy: AtomicBool::new(false),
+            copy_journaled: AtomicU64::new(0),
             checkpoint_when_idle: AtomicBool::new(false),
         }
     }
