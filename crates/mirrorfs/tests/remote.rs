@@ -2962,7 +2962,7 @@ fn failback_reintegrates_the_old_primarys_changes_and_lists_conflicts() {
     );
     let copies: Vec<String> = visible_entries(m.mnt())
         .into_iter()
-        .filter(|n| n.starts_with("notes.txt.conflict-"))
+        .filter(|n| n.starts_with("notes.txt.conflict-127.0.0.1-"))
         .collect();
     assert_eq!(
         copies.len(),
@@ -2974,7 +2974,11 @@ fn failback_reintegrates_the_old_primarys_changes_and_lists_conflicts() {
         Some("P's edit\n"),
         "theirs kept"
     );
-    // Listed, and settled through the mount so that P follows.
+    // Listed (and counted in `status`), and settled through the mount so that P follows.
+    let st = m.status().expect("status");
+    assert_eq!(st["conflicts"], 1, "status counts the conflict: {st}");
+    let text = run_ok(&[os("status"), m.mnt().as_os_str()]);
+    assert!(text.contains("conflicts: 1"), "{text}");
     let listed = run_ok(&[os("conflicts"), m.mnt().as_os_str(), os("--json")]);
     let v: Value = serde_json::from_str(&listed).expect("conflicts --json");
     let list = v.as_array().expect("an array");

@@ -214,7 +214,7 @@ impl Reintegration<'_> {
             .with_context(|| format!("cannot open {}", self.backing.display()))?;
         let mut taken = |p: &RelPath| root.lstat(p).is_ok();
         let time = crate::sys::now().sec;
-        let site = self.m.name.clone();
+        let site = site_name(self.m);
         let plan = reintegrate::plan(
             &Input {
                 ours: &ours,
@@ -405,6 +405,14 @@ impl Reintegration<'_> {
             },
         }
     }
+}
+
+/// The other site's name in conflict names and the registry: the mirror's host
+/// (`mirror://HOST:PORT`), else its name.
+fn site_name(m: &MirrorShared) -> String {
+    let remote = m.remote.as_deref().unwrap_or(&m.name);
+    let host = remote.rsplit_once(':').map_or(remote, |(h, _)| h);
+    host.trim_start_matches('[').trim_end_matches(']').to_string()
 }
 
 fn kind_of(mode: u32) -> EntryKind {

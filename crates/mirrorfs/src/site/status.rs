@@ -368,6 +368,14 @@ fn read_running(reg: &Running, denied: &mut Vec<PathBuf>) -> Option<serde_json::
     v["status_age_seconds"] = serde_json::json!(age_ms as f64 / 1e3);
     v["answering"] = serde_json::json!(problem.is_none());
     v["not_answering"] = serde_json::json!(problem);
+    if !daemon {
+        // Conflicts left by reintegrations, until someone settles them (`mirrorfs conflicts`).
+        let n = crate::site::conflicts::list(&reg.state).map(|c| c.len());
+        v["conflicts"] = match n {
+            Ok(n) => serde_json::json!(n),
+            Err(e) => serde_json::json!(format!("unreadable: {e:#}")),
+        };
+    }
     Some(v)
 }
 
@@ -411,6 +419,14 @@ fn print_volume(v: &serde_json::Value) -> Result<()> {
             .map(|e| format!(", ERROR: {e}"))
             .unwrap_or_default()
     );
+    match &v["conflicts"] {
+        serde_json::Value::Number(n) if n.as_u64() != Some(0) => println!(
+            "  conflicts: {n} left by reintegrations (both versions kept): `mirrorfs conflicts {}`",
+            s.mountpoint
+        ),
+        serde_json::Value::String(e) => println!("  conflicts: {e}"),
+        _ => {}
+    }
     for m in &s.mirrors {
         print_mirror(m);
     }
