@@ -242,10 +242,26 @@ struct Serve {
     extra: Vec<OsString>,
     log: PathBuf,
     starts: usize,
+    /// The address it listens on (127.0.0.1, or its network namespace's).
+    host: String,
+    /// Run inside this network namespace (`nsenter --net`).
+    netns: Option<String>,
 }
 
 impl Serve {
     fn start(dir: &Path, config: &Path, port: u16, log: &Path, extra: &[&str]) -> Serve {
+        Serve::start_at(dir, config, port, log, extra, None)
+    }
+
+    /// [`Serve::start`] inside network namespace `ns` (listening on its address).
+    fn start_at(
+        dir: &Path,
+        config: &Path,
+        port: u16,
+        log: &Path,
+        extra: &[&str],
+        ns: Option<&NetNs>,
+    ) -> Serve {
         let mut s = Serve {
             child: None,
             dir: dir.to_path_buf(),
@@ -254,6 +270,8 @@ impl Serve {
             extra: extra.iter().map(OsString::from).collect(),
             log: log.to_path_buf(),
             starts: 0,
+            host: ns.map_or("127.0.0.1".into(), |n| n.inner_ip.clone()),
+            netns: ns.map(|n| n.name.clone()),
         };
         s.spawn();
         s
@@ -264,7 +282,7 @@ impl Serve {
             "serve".into(),
             self.dir.clone().into(),
             "--listen".into(),
-            format!("127.0.0.1:{}", self.port).into(),
+            format!("{}:{}", self.host, self.port).into(),
             "--config".into(),
             self.config.clone().into(),
         ];
@@ -273,7 +291,7 @@ impl Serve {
     }
 
     fn url(&self) -> String {
-        format!("mirror://127.0.0.1:{}", self.port)
+        format!("mirror://{}:{}", self.host, self.port)
     }
 
     fn spawn(&mut self) {
@@ -285,7 +303,20 @@ impl Serve {
             .open(&self.log)
             .expect("open the daemon log");
         let _ = writeln!(logf, "---- serve start #{} ----", self.starts);
-        let child = Command::new(BIN)
+        let mut cmd = match &self.netns {
+            // Only the network namespace: `ip netns exec` would also give the daemon a copy of
+            // this mount namespace, and with it a reference to every FUSE mount made so far,
+            // which then could not end when its own process unmounts it.
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/var/run/netns/{ns}"))
+                    .arg("--")
+                    .arg(BIN);
+                c
+            }
+            None => Command::new(BIN),
+        };
+        let child = cmd
             .args(self.args())
             .stdin(Stdio::null())
             .stdout(logf.try_clone().expect("dup log"))
@@ -393,6 +424,89 @@ impl Drop for Serve {
             signal_pid(c.id(), libc::SIGKILL);
             let _ = c.wait();
         }
+    }
+}
+
+/// A network namespace joined to this one by a veth pair (`10.77.N.1` here, `10.77.N.2`
+/// inside): a second "site" on this machine whose link can be cut while both sides run
+/// (`cut`/`heal`: the host end of the veth down and up). Deleted on drop.
+struct NetNs {
+    name: String,
+    host_if: String,
+    inner_ip: String,
+}
+
+impl NetNs {
+    fn new() -> NetNs {
+        let n = std::process::id() % 200 + 20;
+        let name = format!("mfs{}", std::process::id());
+        let host_if = format!("mfsh{}", std::process::id() % 100_000);
+        let inner_if = format!("mfsi{}", std::process::id() % 100_000);
+        let ip = |args: &[&str]| {
+            let o = Command::new("ip").args(args).output().expect("run ip");
+            assert!(
+                o.status.success(),
+                "ip {args:?}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        };
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        ip(&["netns", "add", &name]);
+        ip(&[
+            "link", "add", &host_if, "type", "veth", "peer", "name", &inner_if,
+        ]);
+        ip(&["link", "set", &inner_if, "netns", &name]);
+        ip(&["addr", "add", &format!("10.77.{n}.1/30"), "dev", &host_if]);
+        ip(&["link", "set", &host_if, "up"]);
+        let exec = |args: &[&str]| {
+            let mut a = vec!["netns", "exec", name.as_str()];
+            a.extend_from_slice(args);
+            ip(&a);
+        };
+        exec(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("10.77.{n}.2/30"),
+            "dev",
+            &inner_if,
+        ]);
+        exec(&["ip", "link", "set", &inner_if, "up"]);
+        exec(&["ip", "link", "set", "lo", "up"]);
+        NetNs {
+            name,
+            host_if,
+            inner_ip: format!("10.77.{n}.2"),
+        }
+    }
+
+    fn set_link(&self, up: bool) {
+        let state = if up { "up" } else { "down" };
+        let o = Command::new("ip")
+            .args(["link", "set", &self.host_if, state])
+            .output()
+            .expect("run ip");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+
+    /// The partition: nothing crosses the link, both sides keep running.
+    fn cut(&self) {
+        self.set_link(false);
+    }
+
+    fn heal(&self) {
+        self.set_link(true);
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
     }
 }
 
@@ -3016,5 +3130,110 @@ fn failback_reintegrates_the_old_primarys_changes_and_lists_conflicts() {
         &Cmp::FULL,
         &|| ctx(&m, &srv_p),
     );
+    m.unmount();
+}
+
+/// Issue 7: a real netsplit — the link between the two sites cut (a veth into a network
+/// namespace, taken down) while both keep running — during which both sides edit the same text
+/// file; the other side fails over and writes, and the heal keeps both versions of the file,
+/// lists the conflict, merges the rest, and the old primary then follows.
+#[test]
+fn netsplit_both_sides_edit_one_file_and_the_heal_keeps_both() {
+    let net = Net::new("netsplit");
+    let ns = NetNs::new();
+    let m_dir = net.dir("m");
+    let mut srv = Serve::start_at(
+        &m_dir,
+        &net.mirror.dir,
+        free_port(),
+        &net.base.join("serve-m.log"),
+        &[],
+        Some(&ns),
+    );
+    let mut p = net.mount("net-split-p", 0, &srv.url(), &[]);
+    wait_live(&p, &srv);
+    fs::write(p.p("notes.txt"), b"line 1\nline 2\n").expect("write notes.txt");
+    converge(&p, &srv, "notes.txt on M");
+    assert!(
+        wait_until(Duration::from_secs(10), || srv
+            .status()
+            .is_some_and(|s| s["copy"] == "consistent")),
+        "M never recorded a consistent copy"
+    );
+    // The partition: both sites run, nothing crosses.
+    ns.cut();
+    fs::write(
+        p.p("notes.txt"),
+        b"line 1\nline 2, edited at P during the split\n",
+    )
+    .expect("P edits notes.txt during the split");
+    fs::write(p.p("p-only.txt"), b"written at P during the split\n").expect("write");
+    wait_status(&p, &srv, CONNECT, "P to see its link down", |_, r| {
+        r["link"]["connected"] == false
+    });
+    // The other site fails over while P still runs, and writes too.
+    srv.stop();
+    let out = run_ok(&[os("promote"), m_dir.as_os_str()]);
+    assert!(out.contains("generation 2"), "{out}");
+    let port = free_port();
+    let mut layout = Layout::new("net-split-m", 0);
+    layout.backing = m_dir.clone();
+    let m_state = m_dir.join(".mirrorfs").display().to_string();
+    let cfg = net.primary.dir.display().to_string();
+    let url = format!("mirror://{}:{port}", ns.inner_ip);
+    let mut m = Mount::start(
+        layout,
+        &["--state", &m_state, "--mirror", &url, "--config", &cfg],
+    );
+    fs::write(
+        m.p("notes.txt"),
+        b"line 1, edited at M during the split\nline 2\n",
+    )
+    .expect("M edits notes.txt during the split");
+    fs::write(m.p("m-only.txt"), b"written at M during the split\n").expect("write");
+    // The heal: P's site is re-attached as M's mirror, across the restored link.
+    p.unmount();
+    let p_dir = p.backing().to_path_buf();
+    ns.heal();
+    let srv_p = Serve::start_at(
+        &p_dir,
+        &net.mirror.dir,
+        port,
+        &net.base.join("serve-p.log"),
+        &[],
+        Some(&ns),
+    );
+    wait_live(&m, &srv_p);
+    wait_converged(&m_dir, &p_dir, "P follows M", &Cmp::FULL, &|| {
+        ctx(&m, &srv_p)
+    });
+    let read = |rel: &str| fs::read_to_string(m.p(rel)).ok();
+    assert_eq!(
+        read("notes.txt").as_deref(),
+        Some("line 1, edited at M during the split\nline 2\n"),
+        "the site that stayed writable keeps its version"
+    );
+    let copies: Vec<String> = visible_entries(m.mnt())
+        .into_iter()
+        .filter(|n| n.starts_with(&format!("notes.txt.conflict-{}-", ns.inner_ip)))
+        .collect();
+    assert_eq!(copies.len(), 1, "one conflict copy: {copies:?}");
+    assert_eq!(
+        read(&copies[0]).as_deref(),
+        Some("line 1\nline 2, edited at P during the split\n"),
+        "the other site's version is kept beside it"
+    );
+    assert_eq!(
+        read("p-only.txt").as_deref(),
+        Some("written at P during the split\n")
+    );
+    assert_eq!(
+        read("m-only.txt").as_deref(),
+        Some("written at M during the split\n")
+    );
+    let listed = run_ok(&[os("conflicts"), m.mnt().as_os_str(), os("--json")]);
+    let v: Value = serde_json::from_str(&listed).expect("conflicts --json");
+    assert_eq!(v.as_array().map(Vec::len), Some(1), "{listed}");
+    assert_eq!(v[0]["path"], "notes.txt", "{listed}");
     m.unmount();
 }

@@ -251,7 +251,8 @@ pub fn live_resync(
     let root: OwnedFd = std::fs::File::open(backing)?.into();
     let mut stats = ResyncStats::default();
     let copy = TrackedCopy::new(&vol, id);
-    m.copy_journaled.store(0, std::sync::atomic::Ordering::Release);
+    m.copy_journaled
+        .store(0, std::sync::atomic::Ordering::Release);
     let (files, total) = {
         let mut guard = lock(&vol.order);
         let (files, total, last) = {
@@ -296,7 +297,8 @@ pub fn live_resync(
         copy.done_with(ino);
     }
     let seq = copy.finish(&data.pb)?;
-    m.copy_journaled.store(seq, std::sync::atomic::Ordering::Release);
+    m.copy_journaled
+        .store(seq, std::sync::atomic::Ordering::Release);
     let _ = crate::site::state_dir::MirrorStateDir::at(&m.state_dir).clear_needs_resync();
     tracing::info!(
         "mirror {}: resync streamed: {} blocks differed ({} bytes sent), {} blocks were the same; consistent once it applies record {seq}",

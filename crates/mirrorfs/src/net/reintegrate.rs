@@ -412,7 +412,9 @@ impl Reintegration<'_> {
 fn site_name(m: &MirrorShared) -> String {
     let remote = m.remote.as_deref().unwrap_or(&m.name);
     let host = remote.rsplit_once(':').map_or(remote, |(h, _)| h);
-    host.trim_start_matches('[').trim_end_matches(']').to_string()
+    host.trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string()
 }
 
 fn kind_of(mode: u32) -> EntryKind {
