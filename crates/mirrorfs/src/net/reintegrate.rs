@@ -42,7 +42,7 @@ use mirrorfs_core::reintegrate::saved::{
     SavedPlan, CURSOR_SLOT_BYTES,
 };
 use mirrorfs_core::reintegrate::{self, conflict_label, Conflict, Input};
-use mirrorfs_core::tree::{apply_op, EntryKind};
+use mirrorfs_core::tree::apply_op;
 use mirrorfs_core::wire::{error_code, Decoder, Msg};
 
 use crate::net::conn::Duplex;
@@ -51,7 +51,7 @@ use crate::site::state_dir::MirrorStateDir;
 use crate::site::statefile;
 use crate::site::store::FileStore;
 use crate::site::volume::{lock, MirrorPhase, MirrorShared, Volume};
-use crate::tree::dirtree::{DirTree, Root};
+use crate::tree::dirtree::{kind_of, DirTree, Root};
 
 /// Most records of theirs a plan takes (each is kept in memory without its data while planning).
 pub const TAIL_RECORDS_MAX: usize = 4_000_000;
@@ -415,15 +415,6 @@ fn site_name(m: &MirrorShared) -> String {
     host.trim_start_matches('[')
         .trim_end_matches(']')
         .to_string()
-}
-
-fn kind_of(mode: u32) -> EntryKind {
-    match mode & libc::S_IFMT {
-        libc::S_IFREG => EntryKind::File,
-        libc::S_IFDIR => EntryKind::Dir,
-        libc::S_IFLNK => EntryKind::Symlink,
-        _ => EntryKind::Special,
-    }
 }
 
 /// Our records from `from` to the journal's end (data left out: the planner needs names), and

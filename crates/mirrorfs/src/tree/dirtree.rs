@@ -326,7 +326,8 @@ pub fn tree_err(path: &RelPath, e: io::Error) -> TreeError {
     }
 }
 
-fn kind_of(mode: u32) -> EntryKind {
+/// The kind of entry an `st_mode` describes.
+pub fn kind_of(mode: u32) -> EntryKind {
     match mode & libc::S_IFMT {
         libc::S_IFREG => EntryKind::File,
         libc::S_IFDIR => EntryKind::Dir,
