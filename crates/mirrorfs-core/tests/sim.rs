@@ -10,21 +10,15 @@
 //! `MIRRORFS_SIM_STEPS` changes the steps per seed (default 1000); with `MIRRORFS_SIM_SEED`,
 //! `MIRRORFS_SIM_TRACE=1` prints every event of that seed.
 
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::Instant;
 
+mod common;
+
+use common::{env_num, one_seed};
 use mirrorfs_core::sim::{run_seed, trace_seed, SimStats};
 
 const DEFAULT_SEEDS: u64 = 200;
 const DEFAULT_STEPS: usize = 1000;
-
-fn env_num(name: &str) -> Option<u64> {
-    let v = std::env::var(name).ok()?;
-    match v.trim().parse() {
-        Ok(n) => Some(n),
-        Err(e) => panic!("{name}={v:?} is not a number: {e}"),
-    }
-}
 
 fn replay_command(seed: u64, steps: usize) -> String {
     let steps_env = if steps == DEFAULT_STEPS {
@@ -39,17 +33,7 @@ fn replay_command(seed: u64, steps: usize) -> String {
 
 /// One seed; a panic inside the simulation is reported like a failed invariant.
 fn one(seed: u64, steps: usize) -> Result<SimStats, String> {
-    match catch_unwind(AssertUnwindSafe(|| run_seed(seed, steps))) {
-        Ok(r) => r,
-        Err(p) => {
-            let msg = p
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "non-string panic".into());
-            Err(format!("seed {seed}: panicked: {msg}"))
-        }
-    }
+    one_seed(seed, || run_seed(seed, steps))
 }
 
 #[test]

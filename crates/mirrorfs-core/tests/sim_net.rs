@@ -11,21 +11,15 @@
 //! `MIRRORFS_SIM_NET_STEPS` changes the steps per seed (default 3000); with
 //! `MIRRORFS_SIM_NET_SEED`, `MIRRORFS_SIM_NET_TRACE=1` prints every event of that seed.
 
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::Instant;
 
+mod common;
+
+use common::{env_num, one_seed};
 use mirrorfs_core::sim::{run_net_seed, run_net_variant, trace_net_variant, NetStats, NetVariant};
 
 const DEFAULT_SEEDS: u64 = 200;
 const DEFAULT_STEPS: usize = 3000;
-
-fn env_num(name: &str) -> Option<u64> {
-    let v = std::env::var(name).ok()?;
-    match v.trim().parse() {
-        Ok(n) => Some(n),
-        Err(e) => panic!("{name}={v:?} is not a number: {e}"),
-    }
-}
 
 fn replay_command(seed: u64, steps: usize) -> String {
     let steps_env = if steps == DEFAULT_STEPS {
@@ -40,17 +34,7 @@ fn replay_command(seed: u64, steps: usize) -> String {
 
 /// One seed; a panic inside the simulation is reported like a failed invariant.
 fn one(seed: u64, steps: usize, variant: NetVariant) -> Result<NetStats, String> {
-    match catch_unwind(AssertUnwindSafe(|| run_net_variant(seed, steps, variant))) {
-        Ok(r) => r,
-        Err(p) => {
-            let msg = p
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "non-string panic".into());
-            Err(format!("seed {seed}: panicked: {msg}"))
-        }
-    }
+    one_seed(seed, || run_net_variant(seed, steps, variant))
 }
 
 /// `MIRRORFS_SIM_NET_VARIANT` (default `Correct`) runs another implementation of the sides, by

@@ -10,34 +10,18 @@
 //! ```
 //! `MIRRORFS_SIM_SITES_ROUNDS` changes the rounds (split, heal, resync) per seed (default 4).
 
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::Instant;
 
+mod common;
+
+use common::{env_num, one_seed};
 use mirrorfs_core::sim::{run_sites_seed, SitesStats};
 
 const DEFAULT_SEEDS: u64 = 300;
 const DEFAULT_ROUNDS: u64 = 4;
 
-fn env_num(name: &str) -> Option<u64> {
-    let v = std::env::var(name).ok()?;
-    match v.trim().parse() {
-        Ok(n) => Some(n),
-        Err(e) => panic!("{name}={v:?} is not a number: {e}"),
-    }
-}
-
 fn one(seed: u64, rounds: u64) -> Result<SitesStats, String> {
-    match catch_unwind(AssertUnwindSafe(|| run_sites_seed(seed, rounds))) {
-        Ok(r) => r,
-        Err(p) => {
-            let msg = p
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "non-string panic".into());
-            Err(format!("panicked: {msg}"))
-        }
-    }
+    one_seed(seed, || run_sites_seed(seed, rounds))
 }
 
 #[test]
