@@ -634,8 +634,12 @@ impl Run {
             }
         }
         match (r, tolerate) {
+            // Gone, or a directory above it is gone: the step's effect is there already.
             (Applied::Ok, _)
-            | (Applied::NotFound, Tolerate::NotFound | Tolerate::RenameHomeless) => {}
+            | (
+                Applied::NotFound | Applied::NotDir,
+                Tolerate::NotFound | Tolerate::RenameHomeless,
+            ) => {}
             (Applied::NotEmpty, Tolerate::NotEmptyDir) => {
                 if let Step::Remove { our_path } = &self.steps[self.step] {
                     let p = our_path.clone();

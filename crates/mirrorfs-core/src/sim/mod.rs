@@ -38,7 +38,9 @@ pub use net::{
 pub use fs::{CrashReport, EntryInfo, FsState, SimTree, SnapEntry, Snapshot};
 pub use primary::{Planned, Primary};
 pub use run::{run_seed, trace_seed, SimStats};
-pub use sites::{drive, drive_with, entry_ops, run_sites_seed, Late, SitesStats, Stopped};
+pub use sites::{
+    drive, drive_with, entry_ops, run_sites_seed, run_sites_seed_n, Late, SitesStats, Stopped,
+};
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

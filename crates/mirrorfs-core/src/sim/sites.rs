@@ -123,12 +123,13 @@ pub fn drive(
     changed: &dyn Fn(&RelPath) -> bool,
 ) -> Result<Stopped, String> {
     let label = "conflict-b-19700101-000000";
-    let mut no_users = |_: &mut SimTree| Vec::new();
+    let mut no_users = |_: &mut SimTree| None;
     let mut late = Late {
         users: &mut no_users,
         touched: changed,
         names: BTreeSet::new(),
         moved: Vec::new(),
+        log: Vec::new(),
     };
     drive_with(ours, theirs, plan, from, budget, label, &mut late)
 }
@@ -136,12 +137,16 @@ pub fn drive(
 /// Our users while a plan runs: `users` may change our tree before each look and returns the
 /// names it changed; `touched` names changes made before the run started.
 pub struct Late<'a> {
-    pub users: &'a mut dyn FnMut(&mut SimTree) -> Vec<RelPath>,
+    /// A user's change, applied to the tree (`None`: nothing this time).
+    pub users: &'a mut dyn FnMut(&mut SimTree) -> Option<Op>,
     pub touched: &'a dyn Fn(&RelPath) -> bool,
     /// Every name the users changed so far.
     pub names: BTreeSet<RelPath>,
     /// The run's late moves so far (kept across crashes, as the shell keeps them durably).
     pub moved: Vec<(RelPath, RelPath)>,
+    /// Every change made to our tree, in order: the users' and the plan's applied ops (what
+    /// the primary's journal would hold).
+    pub log: Vec<Op>,
 }
 
 impl Late<'_> {
@@ -167,11 +172,18 @@ pub fn drive_with(
         done: false,
     };
     let mut answers: VecDeque<(Vec<Op>, bool)> = VecDeque::new();
+    let trace = std::env::var_os("MIRRORFS_SIM_SITES_TRACE").is_some();
     loop {
-        match run.next_action().map_err(|e| e.to_string())? {
+        let action = run.next_action().map_err(|e| e.to_string())?;
+        if trace {
+            eprintln!("  run: {action:?}");
+        }
+        match action {
             Action::Stat(p) => {
-                let names = (late.users)(ours);
-                late.names.extend(names);
+                if let Some(op) = (late.users)(ours) {
+                    late.names.extend(names_of(&op));
+                    late.log.push(op);
+                }
                 let kind = match ours.kind(&p) {
                     Err(TreeError::NotDir(_)) => None,
                     k => k.map_err(|e| e.to_string())?,
@@ -191,6 +203,12 @@ pub fn drive_with(
                 }
                 budget -= 1;
                 let r = applied(apply_op(ours, &op, false));
+                if trace {
+                    eprintln!("    -> {r:?}");
+                }
+                if r == Applied::Ok {
+                    late.log.push(op);
+                }
                 run.on_applied(r).map_err(|e| e.to_string())?;
             }
             Action::Fetch {
@@ -295,179 +313,239 @@ fn contents(s: &Snapshot) -> Vec<(RelPath, Vec<u8>)> {
         .collect()
 }
 
-/// Runs seed `seed`: `rounds` of split (both sites write), heal (reintegration into the site
-/// that stays writable, with users writing and the executor crashing) and resync.
+/// Runs seed `seed` with two sites: `rounds` of split (both write), heal (reintegration into the
+/// site that stays writable, with users writing and the executor crashing) and resync.
 pub fn run_sites_seed(seed: u64, rounds: u64) -> Result<SitesStats, String> {
-    let mut gen = SplitMix64(seed ^ 0x0051_7E5A_u64);
+    run_sites_seed_n(seed, rounds, 2)
+}
+
+/// [`run_sites_seed`] with `n` sites (2 or more): every site writes while split; the heal
+/// reintegrates each other site in turn into the one that stays writable (its records then
+/// include what the earlier heals applied and what its users wrote meanwhile).
+pub fn run_sites_seed_n(seed: u64, rounds: u64, n: usize) -> Result<SitesStats, String> {
+    let mut gen = SplitMix64(seed ^ 0x0051_7E5A_u64 ^ ((n as u64) << 40));
     let mut next = || gen.next();
     let mut rng = SimRng::new(&mut next);
     let mut stats = SitesStats::default();
-    // The volume before the first split: a workload on one site, copied to the other.
-    let mut a = Site {
+    // The volume before the first split: a workload on one site, copied to the others.
+    let mut healed = Site {
         w: Primary::new(),
         records: Vec::new(),
         next_seq: 1,
     };
     for _ in 0..rng.range(5, 60) {
-        a.write(&mut rng);
+        healed.write(&mut rng);
     }
     for round in 0..rounds {
-        let base = a.w.tree.state().clone();
-        let mut b = Site {
-            w: Primary::new(),
-            records: Vec::new(),
-            next_seq: a.next_seq,
-        };
-        b.w.tree.set_state(base.clone());
-        a.records.clear();
-        // The split: both write (disconnected operation).
+        let base = healed.w.tree.state().clone();
+        let mut sites: Vec<Site> = (0..n.max(2))
+            .map(|_| {
+                let mut w = Primary::new();
+                w.tree.set_state(base.clone());
+                Site {
+                    w,
+                    records: Vec::new(),
+                    next_seq: healed.next_seq,
+                }
+            })
+            .collect();
+        // The split: every site writes (disconnected operation).
         for _ in 0..rng.range(0, 40) {
-            let who = rng.below(2);
-            let site = if who == 0 { &mut a } else { &mut b };
-            site.write(&mut rng);
+            let who = rng.below(sites.len() as u64) as usize;
+            sites[who].write(&mut rng);
             stats.ops += 1;
         }
-        // The heal: one site stays writable ("ours"), the other is reintegrated into it.
-        let (ours, theirs) = if rng.chance(1, 2) { (a, b) } else { (b, a) };
-        let (mut ours, theirs) = (ours, theirs);
-        let their_snap = theirs.w.tree.snapshot();
-        let our_snap = ours.w.tree.snapshot();
+        // The heal: one site stays writable ("ours"); the others are reintegrated into it.
+        let mut ours = sites.swap_remove(rng.below(sites.len() as u64) as usize);
         let mut base_tree = SimTree::reference();
         base_tree.set_state(base);
-        let base_snap = base_tree.snapshot();
-        // The files hard-linked before the split, by inode, and their names on each side now.
-        let linked_inos: HashSet<u64> = base_snap
-            .entries
-            .iter()
-            .filter(|(_, e)| e.kind == EntryKind::File && e.nlink > 1)
-            .filter_map(|(p, _)| base_tree.ino(p).ok().flatten())
-            .collect();
-        let linked_names = |t: &mut SimTree, s: &Snapshot| -> BTreeSet<RelPath> {
-            s.entries
-                .keys()
-                .filter(|p| {
-                    t.ino(p)
-                        .ok()
-                        .flatten()
-                        .is_some_and(|i| linked_inos.contains(&i))
-                })
-                .cloned()
-                .collect()
-        };
-        let mut linked = linked_names(&mut ours.w.tree, &our_snap);
-        linked.extend(linked_names(&mut theirs.w.tree.clone(), &their_snap));
-        let mut taken =
-            |q: &RelPath| our_snap.entries.contains_key(q) || their_snap.entries.contains_key(q);
-        let time = round as i64 * 3600;
-        let input = Input {
-            ours: &ours.records,
-            theirs: &theirs.records,
-            their_site: "b",
-            time,
-        };
-        let plan = plan(&input, &mut taken).map_err(|e| format!("round {round}: plan: {e}"))?;
-        let label = conflict_label("b", time);
-        stats.steps += plan.steps.len() as u64;
-        // Users keep writing on our site while the plan runs; the executor crashes and restarts
-        // from its cursor.
-        let mut user_rng_state = SplitMix64(seed ^ round.wrapping_mul(0x9E37_79B9));
-        let mut late_ops = 0u64;
-        let mut user_removed: HashSet<Vec<u8>> = HashSet::new();
-        let mut users = |t: &mut SimTree| {
-            let mut g = || user_rng_state.next();
-            let mut r = SimRng::new(&mut g);
-            if !r.chance(1, 25) {
-                return Vec::new();
-            }
-            let mut w = Primary::new();
-            w.tree.set_state(t.state().clone());
-            match w.plan(&mut r) {
-                Some(p) if p.ok => {
-                    // What the user's change overwrote or removed was theirs to lose.
-                    let after: HashSet<Vec<u8>> = contents(&w.tree.snapshot())
-                        .into_iter()
-                        .map(|(_, c)| c)
-                        .collect();
-                    user_removed.extend(
-                        contents(&t.snapshot())
-                            .into_iter()
-                            .map(|(_, c)| c)
-                            .filter(|c| !after.contains(c)),
-                    );
-                    t.set_state(w.tree.state().clone());
-                    late_ops += 1;
-                    names_of(&p.op)
-                }
-                _ => Vec::new(),
-            }
-        };
-        let nobody = |_: &RelPath| false;
-        let mut late = Late {
-            users: &mut users,
-            touched: &nobody,
-            names: BTreeSet::new(),
-            moved: Vec::new(),
-        };
-        let mut listed: Vec<Conflict> = plan.conflicts.clone();
-        let mut cursor = 0;
-        let mut crashes = 0;
-        loop {
-            let budget = if crashes < 3 && rng.chance(1, 3) {
-                crashes += 1;
-                rng.below(12) as usize
-            } else {
-                usize::MAX
+        for (k, theirs) in sites.iter().enumerate() {
+            let at = Round {
+                round,
+                heal: k as u64,
+                seed,
             };
-            let s = drive_with(
-                &mut ours.w.tree,
-                &their_snap,
-                &plan,
-                cursor,
-                budget,
-                &label,
-                &mut late,
-            )
-            .map_err(|e| format!("round {round}: run: {e}\nplan {plan:?}"))?;
-            listed.extend(s.conflicts);
-            cursor = s.cursor;
-            if s.done {
-                break;
-            }
+            heal(&mut rng, &at, &mut ours, theirs, &mut base_tree, &mut stats)?;
         }
-        let late_names = std::mem::take(&mut late.names);
-        drop(late);
-        stats.crashes += crashes;
-        stats.late_changes += late_ops;
-        stats.conflicts += listed.len() as u64;
-        let healed = ours.w.tree.snapshot();
-        let heal = Heal {
-            base: &base_snap,
-            ours: &our_snap,
-            theirs: &their_snap,
-            healed: &healed,
-            listed: &listed,
-            late: &late_names,
-            user_removed: &user_removed,
-            linked: &linked,
-            label: &label,
-        };
-        stats.linked_losses += check(&heal)
-            .map_err(|e| {
-                format!(
-                    "round {round}: {e}\n  ours: {}\n  theirs: {}\n  plan: {plan:?}\n  late: {late_names:?}\n  listed: {listed:?}\n  base: {}\n  their tree: {}\n  healed: {}",
-                    describe(&ours.records),
-                    describe(&theirs.records),
-                    files(&base_snap),
-                    files(&their_snap),
-                    files(&healed)
-                )
-            })?;
-        // The other site follows (a resync): it now holds the healed tree.
+        // The others follow (a resync): they now hold the healed tree.
         ours.records.clear();
-        a = ours;
+        healed = ours;
         stats.rounds += 1;
     }
     Ok(stats)
+}
+
+/// Which heal of which round (for conflict labels, the users' random source and messages).
+struct Round {
+    round: u64,
+    heal: u64,
+    seed: u64,
+}
+
+/// One heal: their records planned into ours and carried out, while our users write and the
+/// executor crashes; then the invariants. Ours' records grow by what the heal applied and what
+/// the users wrote, as a primary's journal does.
+fn heal(
+    rng: &mut SimRng<'_>,
+    at: &Round,
+    ours: &mut Site,
+    theirs: &Site,
+    base_tree: &mut SimTree,
+    stats: &mut SitesStats,
+) -> Result<(), String> {
+    let round = at.round;
+    let their_snap = theirs.w.tree.snapshot();
+    let our_snap = ours.w.tree.snapshot();
+    let base_snap = base_tree.snapshot();
+    let linked = linked_before_split(base_tree, &mut ours.w.tree, &mut theirs.w.tree.clone());
+    let mut taken =
+        |q: &RelPath| our_snap.entries.contains_key(q) || their_snap.entries.contains_key(q);
+    let time = (round * 10 + at.heal) as i64 * 3600;
+    let input = Input {
+        ours: &ours.records,
+        theirs: &theirs.records,
+        their_site: "b",
+        time,
+    };
+    let plan = plan(&input, &mut taken).map_err(|e| format!("round {round}: plan: {e}"))?;
+    let label = conflict_label("b", time);
+    stats.steps += plan.steps.len() as u64;
+    // Users keep writing on our site while the plan runs; the executor crashes and restarts
+    // from its cursor.
+    let mut user_rng_state = SplitMix64(at.seed ^ (round * 10 + at.heal).wrapping_mul(0x9E37_79B9));
+    let mut late_ops = 0u64;
+    let mut user_removed: HashSet<Vec<u8>> = HashSet::new();
+    let mut users = |t: &mut SimTree| {
+        let mut g = || user_rng_state.next();
+        let mut r = SimRng::new(&mut g);
+        if !r.chance(1, 25) {
+            return None;
+        }
+        let mut w = Primary::new();
+        w.tree.set_state(t.state().clone());
+        match w.plan(&mut r) {
+            Some(p) if p.ok => {
+                // What the user's change overwrote or removed was theirs to lose.
+                let after: HashSet<Vec<u8>> = contents(&w.tree.snapshot())
+                    .into_iter()
+                    .map(|(_, c)| c)
+                    .collect();
+                user_removed.extend(
+                    contents(&t.snapshot())
+                        .into_iter()
+                        .map(|(_, c)| c)
+                        .filter(|c| !after.contains(c)),
+                );
+                t.set_state(w.tree.state().clone());
+                late_ops += 1;
+                Some(p.op)
+            }
+            _ => None,
+        }
+    };
+    let nobody = |_: &RelPath| false;
+    let mut late = Late {
+        users: &mut users,
+        touched: &nobody,
+        names: BTreeSet::new(),
+        moved: Vec::new(),
+        log: Vec::new(),
+    };
+    let mut listed: Vec<Conflict> = plan.conflicts.clone();
+    let mut cursor = 0;
+    let mut crashes = 0;
+    loop {
+        let budget = if crashes < 3 && rng.chance(1, 3) {
+            crashes += 1;
+            rng.below(12) as usize
+        } else {
+            usize::MAX
+        };
+        let s = drive_with(
+            &mut ours.w.tree,
+            &their_snap,
+            &plan,
+            cursor,
+            budget,
+            &label,
+            &mut late,
+        )
+        .map_err(|e| format!("round {round}: run: {e}\nplan {plan:?}"))?;
+        listed.extend(s.conflicts);
+        cursor = s.cursor;
+        if s.done {
+            break;
+        }
+    }
+    let late_names = std::mem::take(&mut late.names);
+    let log = std::mem::take(&mut late.log);
+    drop(late);
+    stats.crashes += crashes;
+    stats.late_changes += late_ops;
+    stats.conflicts += listed.len() as u64;
+    let healed = ours.w.tree.snapshot();
+    let h = Heal {
+        base: &base_snap,
+        ours: &our_snap,
+        theirs: &their_snap,
+        healed: &healed,
+        listed: &listed,
+        late: &late_names,
+        user_removed: &user_removed,
+        linked: &linked,
+        label: &label,
+    };
+    stats.linked_losses += check(&h).map_err(|e| {
+        format!(
+            "round {round}, heal {}: {e}\n  ours: {}\n  theirs: {}\n  plan: {plan:?}\n  late: {late_names:?}\n  listed: {listed:?}\n  base: {}\n  their tree: {}\n  healed: {}",
+            at.heal,
+            describe(&ours.records),
+            describe(&theirs.records),
+            files(&base_snap),
+            files(&their_snap),
+            files(&healed)
+        )
+    })?;
+    // What the heal applied and what the users wrote are changes of ours since the common
+    // point, as the primary's journal holds them (a later heal plans with them).
+    for op in log {
+        ours.records.push(Record {
+            seq: ours.next_seq,
+            op,
+        });
+        ours.next_seq += 1;
+    }
+    Ok(())
+}
+
+/// The names, on either side, of files hard-linked before the split (by inode: the sides'
+/// trees come from the base's state, so inode numbers carry over).
+fn linked_before_split(
+    base: &mut SimTree,
+    ours: &mut SimTree,
+    theirs: &mut SimTree,
+) -> BTreeSet<RelPath> {
+    let base_snap = base.snapshot();
+    let linked_inos: HashSet<u64> = base_snap
+        .entries
+        .iter()
+        .filter(|(_, e)| e.kind == EntryKind::File && e.nlink > 1)
+        .filter_map(|(p, _)| base.ino(p).ok().flatten())
+        .collect();
+    let mut out = BTreeSet::new();
+    for t in [ours, theirs] {
+        let snap = t.snapshot();
+        for p in snap.entries.keys() {
+            if t.ino(p)
+                .ok()
+                .flatten()
+                .is_some_and(|i| linked_inos.contains(&i))
+            {
+                out.insert(p.clone());
+            }
+        }
+    }
+    out
 }
 
 /// One heal, as the invariants see it: the trees at the common point, of both sides when the
