@@ -113,6 +113,9 @@ struct VolumeStatus {
     updated_unix: i64,
     #[serde(default)]
     updated_unix_ms: i64,
+    /// With `--witness`, while changes are refused: why and since when.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    read_only: Option<String>,
 }
 
 fn snapshot(vol: &Volume, mountpoint: &Path) -> VolumeStatus {
@@ -175,6 +178,7 @@ fn snapshot(vol: &Volume, mountpoint: &Path) -> VolumeStatus {
         at_risk_bytes,
         updated_unix: crate::sys::now().sec,
         updated_unix_ms: now_ms(),
+        read_only: vol.fence.get().and_then(|f| f.read_only()),
     }
 }
 
@@ -396,6 +400,9 @@ fn print_volume(v: &serde_json::Value) -> Result<()> {
         s.mountpoint, s.pid, s.ack, s.quorum
     );
     print_not_answering(v);
+    if let Some(r) = &s.read_only {
+        println!("  read-only: {r}");
+    }
     println!(
         "  at risk if this machine died now: {} change(s), {} bytes (durable on no mirror)",
         s.at_risk_ops, s.at_risk_bytes
