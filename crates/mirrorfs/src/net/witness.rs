@@ -262,10 +262,9 @@ pub fn acquire(witness: &str, config: Option<&Path>, r: &Request) -> Result<()> 
     }
 }
 
-/// The primary's lease thread: asks when the keeper says a request is due, hands it the
-/// answers, logs each change between writable and read-only, until `stop`.
+/// The primary's lease thread: asks when the keeper says a request is due and hands it the
+/// answers, until `stop` (the fence logs each change between writable and read-only).
 pub fn keep_lease(fence: Arc<Fence>, mut client: Client, stop: Arc<AtomicBool>) {
-    let mut was_writable = false;
     while !stop.load(Ordering::Relaxed) {
         let due = fence.with_keeper(|k, now| k.tick(now).map(|r| (r, now, k.ttl_ms())));
         if let Some((r, sent, ttl)) = due {
@@ -274,23 +273,7 @@ pub fn keep_lease(fence: Arc<Fence>, mut client: Client, stop: Arc<AtomicBool>) 
                 Err(e) => fence.with_keeper(|k, _| k.on_error(Some(sent), format!("{e:#}"))),
             }
         }
-        match fence.check() {
-            Ok(()) if !was_writable => {
-                tracing::info!(
-                    "write lease granted by the witness {}: writable",
-                    fence.witness
-                );
-                was_writable = true;
-            }
-            Err(f) if was_writable => {
-                tracing::warn!(
-                    "read-only: {}; changes fail with EROFS until a renewal is granted",
-                    fence.describe(&f)
-                );
-                was_writable = false;
-            }
-            _ => {}
-        }
+        let _ = fence.check();
         let poll = fence.with_keeper(|k, _| k.poll_ms());
         std::thread::sleep(Duration::from_millis(poll));
     }

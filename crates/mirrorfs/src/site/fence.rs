@@ -4,6 +4,7 @@
 //! thread that talks to the witness (`net::witness::keep_lease`) feeds the same keeper.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -19,6 +20,8 @@ pub struct Fence {
     epoch_unix_ms: i64,
     /// The witness's address, for messages.
     pub witness: String,
+    /// Writable at the last check (to log each change once).
+    writable: AtomicBool,
 }
 
 impl Fence {
@@ -29,6 +32,7 @@ impl Fence {
             epoch,
             epoch_unix_ms: crate::site::status::now_ms(),
             witness,
+            writable: AtomicBool::new(false),
         }
     }
 
@@ -44,9 +48,26 @@ impl Fence {
         f(&mut k, now)
     }
 
-    /// Whether a change may be made now.
+    /// Whether a change may be made now. Each change between writable and read-only is logged
+    /// here, by whoever notices it first (a change, the status writer every 250 ms, or the lease
+    /// thread), so the log says when it happened even while the lease thread waits on the
+    /// network.
     pub fn check(&self) -> Result<(), Fenced> {
-        self.with_keeper(|k, now| k.writable(now))
+        let r = self.with_keeper(|k, now| k.writable(now));
+        let now_writable = r.is_ok();
+        if self.writable.swap(now_writable, Ordering::AcqRel) != now_writable {
+            match &r {
+                Ok(()) => tracing::info!(
+                    "write lease granted by the witness {}: writable",
+                    self.witness
+                ),
+                Err(f) => tracing::warn!(
+                    "read-only: {}; changes fail with EROFS until a renewal is granted",
+                    self.describe(f)
+                ),
+            }
+        }
+        r
     }
 
     /// `status`'s line while writes are refused: `None` while writable.
