@@ -199,7 +199,10 @@ impl Drop for Daemon {
 /// `mirrorfs witness --listen 127.0.0.1:PORT --config W --ttl-max-ms TTL_MAX_MS`: the guard and
 /// its URL.
 fn start_witness(s: &Sites) -> (Daemon, String) {
-    let port = free_port();
+    start_witness_on(s, free_port())
+}
+
+fn start_witness_on(s: &Sites, port: u16) -> (Daemon, String) {
     let listen = format!("127.0.0.1:{port}");
     let d = Daemon::start(
         &[
@@ -266,6 +269,10 @@ fn a_primary_cut_off_from_the_witness_goes_read_only_then_writes_again() {
     );
     assert!(w.log().contains("granted"), "{}", w.log());
     assert_eq!(read_only(&m), None);
+    let mut open_before = OpenOptions::new()
+        .write(true)
+        .open(m.p("first"))
+        .expect("open for writing");
 
     // The partition: the witness answers nothing.
     w.signal(libc::SIGSTOP);
@@ -301,6 +308,23 @@ fn a_primary_cut_off_from_the_witness_goes_read_only_then_writes_again() {
             .expect_err("truncate while fenced"),
         Some(libc::EROFS)
     );
+    assert_eq!(
+        open_before
+            .write_all(b"through an fd opened before")
+            .map_err(|e| e.raw_os_error()),
+        Err(Some(libc::EROFS))
+    );
+    for (what, r) in [
+        ("rename", fs::rename(m.p("first"), m.p("renamed"))),
+        ("unlink", fs::remove_file(m.p("first"))),
+        ("symlink", std::os::unix::fs::symlink("first", m.p("link"))),
+    ] {
+        assert_eq!(
+            r.map_err(|e| e.raw_os_error()),
+            Err(Some(libc::EROFS)),
+            "{what}"
+        );
+    }
     assert_eq!(fs::read(m.p("first")).expect("reads keep working"), b"1");
     assert!(
         !m.backing().join(format!("during-{n}")).exists(),
@@ -344,6 +368,54 @@ fn a_primary_cut_off_from_the_witness_goes_read_only_then_writes_again() {
         log_tail(&m.log())
     );
     fs::write(m.p("first"), b"2").expect("write after the partition healed");
+}
+
+/// A witness restarted (SIGTERM: a clean stop, then a new process on the same port) forgot who
+/// held the lease: it grants nothing for its start-up window, so the primary goes read-only for
+/// a while, then keeps writing under the lease it renews (the witness learned it from the
+/// renewals).
+#[test]
+fn a_restarted_witness_grants_nothing_for_its_window_then_the_holder_renews() {
+    let s = Sites::new("restart");
+    let port = free_port();
+    let (mut w, url) = start_witness_on(&s, port);
+    let cfg = s.p.display().to_string();
+    let m = Mount::start(
+        Layout::new("witness-restart", 1),
+        &["--witness", &url, "--lease-ms", LEASE_MS, "--config", &cfg],
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || create(m.mnt(), "first", b"1")
+            .is_ok()),
+        "the primary never became writable:\n{}",
+        log_tail(&m.log())
+    );
+    w.stop();
+    assert!(w.log().contains("witness stopped"), "{}", w.log());
+    let (w2, _) = start_witness_on(&s, port);
+    let mut n = 0;
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            n += 1;
+            create(m.mnt(), &format!("r-{n}"), b"x") == Err(libc::EROFS)
+        }),
+        "the primary kept writing through the witness's restart:\n{}",
+        log_tail(&m.log())
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            n += 1;
+            create(m.mnt(), &format!("r-{n}"), b"x").is_ok()
+        }),
+        "the primary never wrote again after the witness's window:\n{}\n{}",
+        log_tail(&m.log()),
+        log_tail(&w2.log())
+    );
+    assert!(
+        w2.log().contains("forgot who held the lease"),
+        "the restarted witness refuses during its window:\n{}",
+        w2.log()
+    );
 }
 
 /// Issue 7, item 6 (b): failover with a witness. `promote --witness` on the mirror is refused
