@@ -484,6 +484,20 @@ fn promote_with_a_witness_waits_for_the_old_lease_and_fences_the_old_primary() {
         args.extend_from_slice(extra);
         run(&args)
     };
+    // A witness that cannot be reached: refused, nothing changed.
+    let dead = format!("mirror://127.0.0.1:{}", free_port());
+    let out = run(&[
+        os("promote"),
+        mdir.as_os_str(),
+        os("--witness"),
+        os(&dead),
+        os("--config"),
+        s.m.as_os_str(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "promoted without a witness's grant");
+    assert!(err.contains("cannot reach the witness"), "{err}");
+
     // P is alive and renews: the promotion is refused and changes nothing.
     let out = promote(&[]);
     let err = String::from_utf8_lossy(&out.stderr);
@@ -573,4 +587,32 @@ fn promote_with_a_witness_waits_for_the_old_lease_and_fences_the_old_primary() {
         "{}",
         w.log()
     );
+}
+
+#[test]
+fn help_texts_explain_the_witness_options() {
+    let out = run_ok(&[os("mount"), os("--help")]);
+    for w in ["--witness", "--lease-ms", "EROFS", "mirror://HOST:PORT"] {
+        assert!(out.contains(w), "mount --help lacks {w}:\n{out}");
+    }
+    let out = run_ok(&[os("witness"), os("--help")]);
+    for w in ["--listen", "--ttl-max-ms", "--config", "stores no data"] {
+        assert!(out.contains(w), "witness --help lacks {w}:\n{out}");
+    }
+    let out = run_ok(&[os("promote"), os("--help")]);
+    for w in ["--witness", "--lease-ms", "split", "old primary's lease"] {
+        assert!(out.contains(w), "promote --help lacks {w}:\n{out}");
+    }
+    // A lease without a witness is a usage error.
+    let o = run(&[
+        os("mount"),
+        os("a"),
+        os("b"),
+        os("--mirror"),
+        os("c"),
+        os("--lease-ms"),
+        os("100"),
+    ]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--witness"));
 }

@@ -74,7 +74,8 @@ pub struct MountArgs {
     /// off from the witness (the minority side of a split), every change fails with EROFS after
     /// the lease runs out, reads keep working, `status` says why, and writes resume by themselves
     /// when a renewal is granted. A promoted copy (`promote --witness`) supersedes this site for
-    /// good.
+    /// good. At start the mount waits up to 5 s for the first grant, then mounts read-only until
+    /// one comes.
     #[arg(long)]
     witness: Option<String>,
     /// The lease's length in ms (renewed every third of it; writes stop a fifth of it before it
