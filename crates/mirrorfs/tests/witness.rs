@@ -256,9 +256,19 @@ fn a_primary_cut_off_from_the_witness_goes_read_only_then_writes_again() {
     let s = Sites::new("cut");
     let (w, url) = start_witness(&s);
     let cfg = s.p.display().to_string();
+    let metrics = format!("127.0.0.1:{}", free_port());
     let m = Mount::start(
         Layout::new("witness-cut", 1),
-        &["--witness", &url, "--lease-ms", LEASE_MS, "--config", &cfg],
+        &[
+            "--witness",
+            &url,
+            "--lease-ms",
+            LEASE_MS,
+            "--config",
+            &cfg,
+            "--metrics",
+            &metrics,
+        ],
     );
     assert!(
         wait_until(Duration::from_secs(10), || create(m.mnt(), "first", b"1")
@@ -348,6 +358,8 @@ fn a_primary_cut_off_from_the_witness_goes_read_only_then_writes_again() {
         text.contains("read-only: no lease from the witness"),
         "{text}"
     );
+    let scraped = scrape(&metrics);
+    assert!(scraped.contains("mirrorfs_read_only 1"), "{scraped}");
 
     // The partition heals: writable again by itself.
     w.signal(libc::SIGCONT);
@@ -368,6 +380,19 @@ fn a_primary_cut_off_from_the_witness_goes_read_only_then_writes_again() {
         log_tail(&m.log())
     );
     fs::write(m.p("first"), b"2").expect("write after the partition healed");
+    let scraped = scrape(&metrics);
+    assert!(scraped.contains("mirrorfs_read_only 0"), "{scraped}");
+}
+
+/// `GET /metrics` from the mount's metrics address.
+fn scrape(addr: &str) -> String {
+    use std::io::Read;
+    let mut c = std::net::TcpStream::connect(addr).expect("connect to the metrics address");
+    c.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+        .expect("send the request");
+    let mut out = String::new();
+    c.read_to_string(&mut out).expect("read the metrics");
+    out
 }
 
 /// A witness restarted (SIGTERM: a clean stop, then a new process on the same port) forgot who

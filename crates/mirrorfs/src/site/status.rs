@@ -543,6 +543,13 @@ pub fn metrics_text(vol: &Volume, mountpoint: &Path) -> String {
         "Data bytes durable on no mirror.",
         vec![(String::new(), s.at_risk_bytes as f64)],
     );
+    if vol.fence.get().is_some() {
+        gauge(
+            "read_only",
+            "1 while changes fail with EROFS because the witness granted no valid write lease.",
+            vec![(String::new(), f64::from(u8::from(s.read_only.is_some())))],
+        );
+    }
     let per = |f: &dyn Fn(&MirrorStatus) -> f64| -> Vec<(String, f64)> {
         s.mirrors
             .iter()
