@@ -300,9 +300,10 @@ fn a_primary_cut_off_from_the_witness_goes_read_only_then_writes_again() {
         t0.elapsed(),
         log_tail(&m.log())
     );
-    // The lease (1.5 s) counted from the last renewal's send, minus its margin: well within 3 s.
+    // The lease (1.5 s) counted from the last renewal's send, minus its margin, ends within
+    // 1.2 s; 4 s leaves room for a loaded machine.
     assert!(
-        t0.elapsed() < Duration::from_secs(3),
+        t0.elapsed() < Duration::from_secs(4),
         "read-only only after {:?}",
         t0.elapsed()
     );
