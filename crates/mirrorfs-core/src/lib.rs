@@ -13,6 +13,7 @@ pub mod feed;
 pub mod flush;
 pub mod history;
 pub mod journal;
+pub mod lease;
 pub mod link;
 pub mod op;
 pub mod path;

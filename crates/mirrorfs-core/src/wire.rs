@@ -59,6 +59,8 @@ pub mod msg_type {
     pub const FETCH: u8 = 14;
     pub const ENTRY: u8 = 15;
     pub const REINTEGRATED: u8 = 16;
+    pub const LEASE_REQUEST: u8 = 17;
+    pub const LEASE_RESPONSE: u8 = 18;
 }
 
 /// Block size of the resync's per-file hashes.
@@ -272,6 +274,10 @@ pub enum Msg {
     Reintegrated {
         conflicts: u64,
     },
+    /// Site → witness (witness connections only): grant or renew the volume's write lease.
+    LeaseRequest(crate::lease::Request),
+    /// Witness → site: the answer to `LeaseRequest`.
+    LeaseResponse(crate::lease::Response),
 }
 
 /// Why bytes from a peer were refused.
@@ -519,6 +525,8 @@ impl Msg {
             Msg::Fetch { .. } => FETCH,
             Msg::Entry { .. } => ENTRY,
             Msg::Reintegrated { .. } => REINTEGRATED,
+            Msg::LeaseRequest(_) => LEASE_REQUEST,
+            Msg::LeaseResponse(_) => LEASE_RESPONSE,
         }
     }
 
@@ -641,6 +649,42 @@ impl Msg {
                 o.records(ops.iter().enumerate().map(|(i, op)| (i as u64 + 1, op)));
             }
             Msg::Reintegrated { conflicts } => o.u64(*conflicts),
+            Msg::LeaseRequest(r) => {
+                o.0.extend_from_slice(&r.volume_id);
+                o.u64(r.generation_number);
+                o.u64(r.generation_id);
+                o.u64(r.ttl_ms);
+                o.u8(u8::from(r.renewal));
+                o.text(&r.site);
+            }
+            Msg::LeaseResponse(r) => {
+                use crate::lease::Response as R;
+                match r {
+                    R::Granted { ttl_ms } => {
+                        o.u8(0);
+                        o.u64(*ttl_ms);
+                    }
+                    R::Held {
+                        site,
+                        generation_number,
+                        left_ms,
+                    } => {
+                        o.u8(1);
+                        o.u64(*generation_number);
+                        o.u64(*left_ms);
+                        o.text(site);
+                    }
+                    R::Superseded { generation_number } => {
+                        o.u8(2);
+                        o.u64(*generation_number);
+                    }
+                    R::Starting { left_ms } => {
+                        o.u8(3);
+                        o.u64(*left_ms);
+                    }
+                    R::Full => o.u8(4),
+                }
+            }
         }
         o.0
     }
@@ -807,6 +851,42 @@ impl Msg {
             REINTEGRATED => Msg::Reintegrated {
                 conflicts: i.u64()?,
             },
+            LEASE_REQUEST => {
+                let r = crate::lease::Request {
+                    volume_id: i.id()?,
+                    generation_number: i.u64()?,
+                    generation_id: i.u64()?,
+                    ttl_ms: i.u64()?,
+                    renewal: i.bool()?,
+                    site: i.text()?,
+                };
+                if r.generation_number == 0 {
+                    return Err(WireError::Invalid("lease request for generation 0"));
+                }
+                if r.site.is_empty() || r.site.len() > crate::lease::SITE_NAME_MAX {
+                    return Err(WireError::Invalid(
+                        "lease request site name empty or too long",
+                    ));
+                }
+                Msg::LeaseRequest(r)
+            }
+            LEASE_RESPONSE => {
+                use crate::lease::Response as R;
+                Msg::LeaseResponse(match i.u8()? {
+                    0 => R::Granted { ttl_ms: i.u64()? },
+                    1 => R::Held {
+                        generation_number: i.u64()?,
+                        left_ms: i.u64()?,
+                        site: i.text()?,
+                    },
+                    2 => R::Superseded {
+                        generation_number: i.u64()?,
+                    },
+                    3 => R::Starting { left_ms: i.u64()? },
+                    4 => R::Full,
+                    _ => return Err(WireError::Invalid("unknown lease answer")),
+                })
+            }
             other => return Err(WireError::UnknownType(other)),
         };
         i.end()?;
@@ -1066,7 +1146,72 @@ mod tests {
                 ops: vec![],
             },
             Msg::Reintegrated { conflicts: 2 },
+            Msg::LeaseRequest(crate::lease::Request {
+                volume_id: [5; 16],
+                site: "site é".into(),
+                generation_number: 2,
+                generation_id: u64::MAX,
+                ttl_ms: 3000,
+                renewal: true,
+            }),
+            Msg::LeaseResponse(crate::lease::Response::Granted { ttl_ms: 3000 }),
+            Msg::LeaseResponse(crate::lease::Response::Held {
+                site: "p".into(),
+                generation_number: 1,
+                left_ms: 17,
+            }),
+            Msg::LeaseResponse(crate::lease::Response::Superseded {
+                generation_number: 9,
+            }),
+            Msg::LeaseResponse(crate::lease::Response::Starting { left_ms: 5 }),
+            Msg::LeaseResponse(crate::lease::Response::Full),
         ]
+    }
+
+    #[test]
+    fn malformed_lease_messages_are_refused() {
+        let ok = Msg::LeaseRequest(crate::lease::Request {
+            volume_id: [5; 16],
+            site: "p".into(),
+            generation_number: 1,
+            generation_id: 1,
+            ttl_ms: 3000,
+            renewal: false,
+        });
+        let body = ok.encode_body();
+        // Generation 0.
+        let mut b = body.clone();
+        b[16..24].copy_from_slice(&0u64.to_le_bytes());
+        assert_eq!(
+            decode_all(&frame(msg_type::LEASE_REQUEST, 0, &b)),
+            Err(WireError::Invalid("lease request for generation 0"))
+        );
+        // A renewal flag that is not a boolean.
+        let mut b = body.clone();
+        b[40] = 2;
+        assert!(decode_all(&frame(msg_type::LEASE_REQUEST, 0, &b)).is_err());
+        // A site name too long for the table.
+        let long = Msg::LeaseRequest(crate::lease::Request {
+            site: "x".repeat(crate::lease::SITE_NAME_MAX + 1),
+            ..match ok {
+                Msg::LeaseRequest(r) => r,
+                _ => unreachable!(),
+            }
+        });
+        assert_eq!(
+            decode_all(&long.encode(false)),
+            Err(WireError::Invalid(
+                "lease request site name empty or too long"
+            ))
+        );
+        assert_eq!(
+            decode_all(&frame(msg_type::LEASE_RESPONSE, 0, &[9])),
+            Err(WireError::Invalid("unknown lease answer"))
+        );
+        assert_eq!(
+            decode_all(&frame(msg_type::LEASE_RESPONSE, 0, &[4, 0])),
+            Err(WireError::Trailing(1))
+        );
     }
 
     fn decode_all(bytes: &[u8]) -> Result<Vec<Msg>, WireError> {
@@ -1432,7 +1577,7 @@ mod tests {
         }
 
         #[test]
-        fn any_bit_flip_is_refused(i in any::<prop::sample::Index>(), which in 0usize..17) {
+        fn any_bit_flip_is_refused(i in any::<prop::sample::Index>(), which in 0usize..23) {
             let m = all_kinds().swap_remove(which);
             let mut bytes = m.encode(false);
             let bit = i.index(bytes.len() * 8);

@@ -70,6 +70,10 @@ enum Cmd {
     },
     /// Run a mirror daemon: receive a primary's changes over the network and apply them to DIR.
     Serve(serve::ServeArgs),
+    /// Run a witness: a small daemon that stores no data and grants each volume's write lease to
+    /// one site at a time, so that with `mount --witness` and `promote --witness` at most one
+    /// site writes (the side of a split that cannot reach the witness goes read-only, EROFS).
+    Witness(crate::net::witness::WitnessArgs),
     /// Turn a mirror's copy into a primary at its last applied state (the daemon must be
     /// stopped). The old primary can then only return as a mirror of this one.
     Promote {
@@ -81,6 +85,18 @@ enum Cmd {
         /// Promote even if a daemon still holds DIR or the copy is not consistent.
         #[arg(long)]
         force: bool,
+        /// A witness (`mirror://HOST:PORT`, a `mirrorfs witness`): take the write lease for the
+        /// new generation first; refused while the old primary's lease runs (it is alive on the
+        /// other side of a split). Mount the promoted copy with the same `--witness`.
+        #[arg(long)]
+        witness: Option<String>,
+        /// The lease's length in ms asked of the witness.
+        #[arg(long, default_value_t = 3000)]
+        lease_ms: u64,
+        /// Configuration directory with this machine's identity and trusted peers (default:
+        /// $MIRRORFS_CONFIG or /etc/mirrorfs).
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// List the conflicts a reintegration left after a failover (both versions kept: ours at
     /// PATH, theirs as PATH.conflict-SITE-YYYYMMDD-HHMMSS), or settle one with `resolve`.
@@ -96,7 +112,7 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    if !matches!(cli.cmd, Cmd::Mount(_) | Cmd::Serve(_)) {
+    if !matches!(cli.cmd, Cmd::Mount(_) | Cmd::Serve(_) | Cmd::Witness(_)) {
         // A command that prints (`status | head -1`) ends quietly when its reader goes away, as
         // other Unix tools do; the long-running ones keep SIGPIPE ignored (sockets report EPIPE).
         // SAFETY: restoring the default disposition of one signal, before any thread starts.
@@ -113,7 +129,28 @@ fn main() {
             config,
         } => trust(config.as_deref(), &fingerprint, &name),
         Cmd::Serve(a) => serve::serve(a),
-        Cmd::Promote { dir, state, force } => site::promote::promote(&dir, state.as_deref(), force),
+        Cmd::Witness(a) => crate::net::witness::witness(a),
+        Cmd::Promote {
+            dir,
+            state,
+            force,
+            witness,
+            lease_ms,
+            config,
+        } => {
+            // The lease is taken through the network layer, which the site layer below it does
+            // not know: handed down as a function.
+            let take = |r: &mirrorfs_core::lease::Request| {
+                net::witness::acquire(witness.as_deref().unwrap_or_default(), config.as_deref(), r)
+            };
+            let lease = witness.is_some().then_some(lease_ms);
+            site::promote::promote(
+                &dir,
+                state.as_deref(),
+                force,
+                lease.map(|ms| (ms, &take as _)),
+            )
+        }
         Cmd::Conflicts(a) => cli::conflicts::conflicts(a),
     };
     if let Err(e) = r {

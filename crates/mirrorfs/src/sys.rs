@@ -691,3 +691,10 @@ pub fn read_dir_fd(fd: BorrowedFd<'_>) -> io::Result<Vec<(Vec<u8>, u8)>> {
         }
     }
 }
+
+/// This machine's name, for certificates, the default names of volumes and lease holders.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "primary".into())
+}

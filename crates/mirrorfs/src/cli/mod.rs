@@ -5,9 +5,4 @@ pub mod conflicts;
 pub mod demo;
 pub mod mount;
 
-/// This machine's name, for certificates and the default names of volumes.
-pub fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "primary".into())
-}
+pub use crate::sys::hostname;

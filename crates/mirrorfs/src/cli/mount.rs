@@ -69,6 +69,75 @@ pub struct MountArgs {
     /// FUSE worker threads.
     #[arg(long, default_value_t = 2)]
     threads: usize,
+    /// A witness (`mirror://HOST:PORT`, a `mirrorfs witness` this machine trusts and that trusts
+    /// it): the mount writes only while it holds the volume's write lease from the witness. Cut
+    /// off from the witness (the minority side of a split), every change fails with EROFS after
+    /// the lease runs out, reads keep working, `status` says why, and writes resume by themselves
+    /// when a renewal is granted. A promoted copy (`promote --witness`) supersedes this site for
+    /// good. At start the mount waits up to 5 s for the first grant, then mounts read-only until
+    /// one comes.
+    #[arg(long)]
+    witness: Option<String>,
+    /// The lease's length in ms (renewed every third of it; writes stop a fifth of it before it
+    /// ends, so a site cut off from the witness is read-only within this time).
+    #[arg(long, default_value_t = 3000, requires = "witness")]
+    lease_ms: u64,
+}
+
+/// How long a mount waits for the witness's first grant before it serves (read-only until a
+/// grant comes).
+const FIRST_GRANT_WAIT: Duration = Duration::from_secs(5);
+
+/// With `--witness`: sets the volume's write fence and starts the thread that keeps the lease,
+/// then waits (at most [`FIRST_GRANT_WAIT`]) for the first grant.
+fn start_fence(a: &MountArgs, vol: &Volume, meta: &meta::Meta, backing: &Path) -> Result<()> {
+    let Some(w) = &a.witness else {
+        return Ok(());
+    };
+    let history = meta.history();
+    let Some(generation) = history.current() else {
+        bail!("the volume has no generation history");
+    };
+    let client = crate::net::witness::Client::new(w, a.config.as_deref())?;
+    let request = mirrorfs_core::lease::Request {
+        volume_id: history.volume_id,
+        site: crate::site::fence::site_name(backing),
+        generation_number: generation.number,
+        generation_id: generation.id,
+        ttl_ms: a.lease_ms,
+        renewal: false,
+    };
+    let fence = Arc::new(crate::site::fence::Fence::new(
+        request,
+        format!("mirror://{}", crate::net::witness::address(w)),
+    ));
+    if vol.fence.set(fence.clone()).is_err() {
+        bail!("the volume's fence is set already");
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let keeper = fence.clone();
+    // Not joined at the unmount: it may wait on the network for up to a connect timeout, and
+    // it holds nothing that needs stopping.
+    std::thread::Builder::new()
+        .name("lease".into())
+        .spawn(move || crate::net::witness::keep_lease(keeper, client, stop))
+        .context("cannot start the lease thread")?;
+    let t0 = std::time::Instant::now();
+    while fence.check().is_err() && t0.elapsed() < FIRST_GRANT_WAIT {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    match fence.check() {
+        Ok(()) => tracing::info!("holding the write lease from the witness {w}"),
+        Err(f) => {
+            let line = format!(
+                "mounting read-only until the witness grants the write lease: {}",
+                fence.describe(&f)
+            );
+            tracing::warn!("{line}");
+            eprintln!("mirrorfs: {line}");
+        }
+    }
+    Ok(())
 }
 
 /// The primary's identity of its volume (`STATE/volume.json`, the same file a mirror keeps):
@@ -251,6 +320,7 @@ pub fn mount(a: MountArgs) -> Result<()> {
         shared.clone(),
     )?;
     let vol = site.vol.clone();
+    start_fence(&a, &vol, &meta, &places.backing)?;
     let local = &shared[..n_local];
     let to_sync = start_local_mirrors(&mut site, local, &a, &meta, &state, &places.backing)?;
     let status_stop = Arc::new(AtomicBool::new(false));

@@ -1,6 +1,6 @@
 //! The transport to a peer site: machine identities and pinned mutual TLS (`identity`, `conn`),
-//! the primary's side of a network mirror (`remote`), and the mirror daemon (`serve`, bounded by
-//! `gate`).
+//! the primary's side of a network mirror (`remote`), the mirror daemon (`serve`, bounded by
+//! `gate`), and the witness that grants write leases (`witness`).
 
 pub mod conn;
 pub mod gate;
@@ -8,3 +8,4 @@ pub mod identity;
 pub mod reintegrate;
 pub mod remote;
 pub mod serve;
+pub mod witness;

@@ -101,6 +101,7 @@ impl Volume {
             quorum,
             settled: AtomicU64::new(settled),
             poisoned: AtomicBool::new(false),
+            fence: std::sync::OnceLock::new(),
         }
     }
 

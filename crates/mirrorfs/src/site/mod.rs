@@ -1,13 +1,14 @@
 //! A site: the order lock and the journal that every change passes through (`volume`), the
 //! journal's files (`store`), and the state a site keeps beside them: its identity (`meta`), its
 //! state files (`statefile`), the lock on its directories (`dirlock`), power-loss detection
-//! (`boot`), the status it publishes (`status`) and the conflicts a reintegration left
+//! (`boot`), the witness's write fence (`fence`), the status it publishes (`status`) and the conflicts a reintegration left
 //! (`conflicts`).
 
 pub mod boot;
 pub mod conflicts;
 pub mod dirlock;
 pub mod engine;
+pub mod fence;
 pub mod meta;
 pub mod promote;
 pub mod state_dir;

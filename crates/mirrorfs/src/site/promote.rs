@@ -8,14 +8,25 @@ use std::path::Path;
 use anyhow::{anyhow, bail, Context, Result};
 use mirrorfs_core::applier::Applier;
 use mirrorfs_core::journal::{Journal, JournalConfig};
+use mirrorfs_core::lease::Request;
 
 use crate::site::meta::{random_u64, read_meta, write_meta, CopyState, Meta};
 use crate::site::state_dir::StateDir;
 use crate::site::store::FileStore;
 
+/// Takes a witness's write lease (`promote --witness`), or says why not.
+pub type TakeLease<'a> = &'a dyn Fn(&Request) -> Result<()>;
+
 /// `mirrorfs promote DIR`: makes a mirror's copy a primary's backing directory at its last
-/// applied state. Refuses while a daemon serves DIR (unless `force`).
-pub fn promote(dir: &Path, state: Option<&Path>, force: bool) -> Result<()> {
+/// applied state. Refuses while a daemon serves DIR (unless `force`). With `lease` (its ttl in
+/// ms and how to take it), the witness's write lease for the new generation is taken before
+/// anything changes, and its refusal leaves everything as it was.
+pub fn promote(
+    dir: &Path,
+    state: Option<&Path>,
+    force: bool,
+    lease: Option<(u64, TakeLease)>,
+) -> Result<()> {
     let dir = dir
         .canonicalize()
         .with_context(|| format!("{} does not exist", dir.display()))?;
@@ -27,11 +38,23 @@ pub fn promote(dir: &Path, state: Option<&Path>, force: bool) -> Result<()> {
     };
     // Held until the promotion is written.
     let _lock = lock_for_promote(&dir, &state, &meta, force)?;
+    let mut history = meta.history();
+    let id = random_u64()?;
+    if let Some((ttl_ms, take)) = lease {
+        let number = history.current().map_or(1, |g| g.number + 1);
+        take(&Request {
+            volume_id: history.volume_id,
+            site: crate::site::fence::site_name(&dir),
+            generation_number: number,
+            generation_id: id,
+            ttl_ms,
+            renewal: false,
+        })?;
+    }
     let (applied, dropped) = restart_journal_at_applied(&dir, &state)?;
     // A new generation begins at the next seq: the old primary's changes after `applied`, if
     // any, are what the two sides will then not share (`core::history`).
-    let mut history = meta.history();
-    history.promote(random_u64()?, applied + 1);
+    history.promote(id, applied + 1);
     meta.set_history(&history);
     meta.promoted = true;
     write_meta(&state, &meta)?;

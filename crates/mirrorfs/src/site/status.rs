@@ -113,6 +113,9 @@ struct VolumeStatus {
     updated_unix: i64,
     #[serde(default)]
     updated_unix_ms: i64,
+    /// With `--witness`, while changes are refused: why and since when.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    read_only: Option<String>,
 }
 
 fn snapshot(vol: &Volume, mountpoint: &Path) -> VolumeStatus {
@@ -175,6 +178,7 @@ fn snapshot(vol: &Volume, mountpoint: &Path) -> VolumeStatus {
         at_risk_bytes,
         updated_unix: crate::sys::now().sec,
         updated_unix_ms: now_ms(),
+        read_only: vol.fence.get().and_then(|f| f.read_only()),
     }
 }
 
@@ -404,6 +408,9 @@ fn print_volume(v: &serde_json::Value) -> Result<()> {
         s.mountpoint, s.pid, s.ack, s.quorum
     );
     print_not_answering(v);
+    if let Some(r) = &s.read_only {
+        println!("  read-only: {r}");
+    }
     println!(
         "  at risk if this machine died now: {} change(s), {} bytes (durable on no mirror)",
         s.at_risk_ops, s.at_risk_bytes
@@ -552,6 +559,13 @@ pub fn metrics_text(vol: &Volume, mountpoint: &Path) -> String {
         "Data bytes durable on no mirror.",
         vec![(String::new(), s.at_risk_bytes as f64)],
     );
+    if vol.fence.get().is_some() {
+        gauge(
+            "read_only",
+            "1 while changes fail with EROFS because the witness granted no valid write lease.",
+            vec![(String::new(), f64::from(u8::from(s.read_only.is_some())))],
+        );
+    }
     let per = |f: &dyn Fn(&MirrorStatus) -> f64| -> Vec<(String, f64)> {
         s.mirrors
             .iter()

@@ -341,6 +341,9 @@ pub struct Volume {
     /// the flusher's poison: the poisoned journal refuses its next append, and it poisons itself
     /// with that reason.
     pub poisoned: AtomicBool,
+    /// With `--witness`: changes are refused (`EROFS`) while the site holds no valid lease
+    /// (set once, before the mount starts).
+    pub fence: std::sync::OnceLock<Arc<crate::site::fence::Fence>>,
 }
 
 impl Volume {
@@ -353,6 +356,7 @@ impl Volume {
     ) -> Result<(R, u64), i32> {
         let bytes = op.data_len() as u64;
         let mut o = lock(&self.order);
+        self.check_fence()?;
         let Ordered {
             journal,
             sequencer,
@@ -381,6 +385,16 @@ impl Volume {
         }
     }
 
+    /// `EROFS` while a witness fence is set and the site holds no valid lease. Checked under the
+    /// order lock, right before a change is journaled and made, so that no change is made after
+    /// the lease ended (the lease keeper's margin covers the time the change itself takes).
+    fn check_fence(&self) -> Result<(), i32> {
+        match self.fence.get().map(|f| f.check()) {
+            Some(Err(_)) => Err(libc::EROFS),
+            _ => Ok(()),
+        }
+    }
+
     /// Waits until `seq` is as far as `--ack` asks before the application is answered.
     fn wait_ack(&self, seq: u64) {
         match self.ack {
@@ -406,6 +420,7 @@ impl Volume {
         let Some(op) = build() else {
             return Ok(None);
         };
+        self.check_fence()?;
         let Ordered {
             journal,
             sequencer,
