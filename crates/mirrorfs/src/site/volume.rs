@@ -336,6 +336,11 @@ pub struct Volume {
     /// the flusher's poison: the poisoned journal refuses its next append, and it poisons itself
     /// with that reason.
     pub poisoned: AtomicBool,
+    /// The journal keeps every record after this whatever the mirrors need (`u64::MAX`: no
+    /// hold). A mirror daemon holds its whole journal from its start until a primary's session
+    /// begins streaming: until then its copy may have diverged, and a reintegration asks for its
+    /// records after the common point (`net::serve::reintegration`), also after a restart.
+    pub retain_after: AtomicU64,
 }
 
 impl Volume {
@@ -536,6 +541,7 @@ impl Volume {
             .map(|m| m.needed_after())
             .min()
             .unwrap_or(durable)
+            .min(self.retain_after.load(Ordering::Acquire))
     }
 
     /// Waits until the journal is durable through the current settled seq (application fsync).
