@@ -138,8 +138,14 @@ impl Reintegration<'_> {
             other => return Err(unexpected(&other, "Reintegrated").into()),
         }
         remove_plan(self.m)?;
+        let (received, sent) = self.publish_bytes();
+        {
+            let mut l = lock(&self.m.link);
+            l.reintegration_bytes_received = received;
+            l.reintegration_bytes_sent = sent;
+        }
         tracing::warn!(
-            "mirror {}: reintegrated ({} step(s), {conflicts} conflict(s) listed: `mirrorfs conflicts`); it now follows this primary",
+            "mirror {}: reintegrated ({} step(s), {conflicts} conflict(s) listed: `mirrorfs conflicts`; {received} bytes received, {sent} sent); it now follows this primary",
             self.m.name,
             saved.plan.steps.len()
         );
@@ -352,7 +358,19 @@ impl Reintegration<'_> {
         }
     }
 
+    /// The connection's byte counts, published for `status` (no acks flow while reintegrating);
+    /// returns (received, sent).
+    fn publish_bytes(&self) -> (u64, u64) {
+        let received = self.d.bytes_in.load(std::sync::atomic::Ordering::Relaxed);
+        let sent = self.d.bytes_out.load(std::sync::atomic::Ordering::Relaxed);
+        let mut l = lock(&self.m.link);
+        l.bytes_received = received;
+        l.bytes_sent = sent;
+        (received, sent)
+    }
+
     fn phase(&self, done: u64, total: u64, conflicts: u64) {
+        self.publish_bytes();
         set_phase(
             self.m,
             MirrorPhase::Reintegrating {

@@ -166,6 +166,12 @@ pub struct LinkInfo {
     pub reconnects: u64,
     pub compress: bool,
     pub last_error: Option<String>,
+    /// Bytes received and sent on the connection of the last completed reintegration (its
+    /// own connection: the resync that follows counts on the next one).
+    #[serde(default)]
+    pub reintegration_bytes_received: u64,
+    #[serde(default)]
+    pub reintegration_bytes_sent: u64,
 }
 
 impl MirrorShared {
