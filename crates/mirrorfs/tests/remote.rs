@@ -3028,6 +3028,19 @@ enum Victim {
 /// caught half-way.
 const REINT_FILES: usize = 40;
 
+/// How many times a test kills its victim during one reintegration.
+const REINT_KILLS: usize = 4;
+
+/// Small files P writes first (many short steps).
+const REINT_SMALL_FILES: usize = 300;
+
+fn reint_small_file(i: usize) -> (String, Vec<u8>) {
+    (
+        format!("small/s{i:03}"),
+        pattern(9_000 + i as u64, 1000 + i),
+    )
+}
+
 fn reint_file(i: usize) -> (String, Vec<u8>) {
     (
         format!("big/f{i:02}"),
@@ -3038,6 +3051,11 @@ fn reint_file(i: usize) -> (String, Vec<u8>) {
 /// Names the reintegration uses while a copy is in progress, anywhere below `dir` (state
 /// directories excluded).
 fn reint_leftovers(dir: &Path) -> Vec<PathBuf> {
+    names_below(dir, ".mirrorfs-reint")
+}
+
+/// Entries below `dir` (state directories excluded) whose name contains `part`.
+fn names_below(dir: &Path, part: &str) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -3046,7 +3064,7 @@ fn reint_leftovers(dir: &Path) -> Vec<PathBuf> {
             if name == ".mirrorfs" {
                 continue;
             }
-            if name.starts_with(".mirrorfs-reint") {
+            if name.contains(part) {
                 out.push(e.path());
             }
             if e.file_type().is_ok_and(|t| t.is_dir()) {
@@ -3075,6 +3093,13 @@ fn failback_killed_mid_reintegration(tag: &str, victim: Victim) {
     );
     // The split: M goes away; P writes a lot, and edits the file M will edit too.
     srv.stop();
+    // Small files first: their steps are short, so a kill often lands between a copy's
+    // placement and its step's cursor write (the step in doubt re-runs).
+    fs::create_dir(p.p("small")).expect("mkdir small");
+    for i in 0..REINT_SMALL_FILES {
+        let (name, data) = reint_small_file(i);
+        fs::write(p.p(&name), &data).unwrap_or_else(|e| panic!("write {name} on P: {e}"));
+    }
     fs::create_dir(p.p("big")).expect("mkdir big");
     for i in 0..REINT_FILES {
         let (name, data) = reint_file(i);
@@ -3106,31 +3131,37 @@ fn failback_killed_mid_reintegration(tag: &str, victim: Victim) {
         &net.base.join("serve-p.log"),
         &[],
     );
-    let st = wait_status(
-        &m,
-        &srv_p,
-        CONNECT,
-        "the reintegration to be half-way",
-        |_, r| {
-            r["state"] == "reintegrating"
-                && r["done_steps"].as_u64().unwrap_or(0) >= 3
-                && r["done_steps"].as_u64().unwrap_or(0) + 8
-                    <= r["total_steps"].as_u64().unwrap_or(0)
-        },
-    );
-    let r = remote_of(&st);
-    eprintln!(
-        "kill -9 of {victim:?} at step {} of {}",
-        r["done_steps"], r["total_steps"]
-    );
-    match victim {
-        Victim::NewPrimary => {
-            m.kill9();
-            m.remount();
-        }
-        Victim::OldPrimarysDaemon => {
-            srv_p.kill9();
-            srv_p.restart();
+    // Several kills at later and later steps: each resumes the saved plan, and a kill often
+    // lands while a small file's step is in doubt.
+    let mut after = 20;
+    for _ in 0..REINT_KILLS {
+        let st = wait_status(
+            &m,
+            &srv_p,
+            CONNECT,
+            "the reintegration to be half-way",
+            |_, r| {
+                r["state"] == "reintegrating"
+                    && r["done_steps"].as_u64().unwrap_or(0) >= after
+                    && r["done_steps"].as_u64().unwrap_or(0) + 8
+                        <= r["total_steps"].as_u64().unwrap_or(0)
+            },
+        );
+        let r = remote_of(&st);
+        eprintln!(
+            "kill -9 of {victim:?} at step {} of {}",
+            r["done_steps"], r["total_steps"]
+        );
+        after = num(&r, "done_steps") + 15;
+        match victim {
+            Victim::NewPrimary => {
+                m.kill9();
+                m.remount();
+            }
+            Victim::OldPrimarysDaemon => {
+                srv_p.kill9();
+                srv_p.restart();
+            }
         }
     }
     wait_live(&m, &srv_p);
@@ -3147,8 +3178,10 @@ fn failback_killed_mid_reintegration(tag: &str, victim: Victim) {
         ctx(&m, &srv_p)
     );
     // Every file P wrote, with P's content.
-    for i in 0..REINT_FILES {
-        let (name, data) = reint_file(i);
+    let written = (0..REINT_SMALL_FILES)
+        .map(reint_small_file)
+        .chain((0..REINT_FILES).map(reint_file));
+    for (name, data) in written {
         let got = fs::read(m.p(&name)).unwrap_or_else(|e| panic!("{name} on M: {e}"));
         assert!(got == data, "{name} on M differs from P's");
     }
@@ -3176,6 +3209,13 @@ fn failback_killed_mid_reintegration(tag: &str, victim: Victim) {
         read(&copies[0]).as_deref(),
         Some("P's edit\n"),
         "theirs kept"
+    );
+    let conflict_names = names_below(&srv.dir, ".conflict-");
+    assert_eq!(
+        conflict_names.len(),
+        1,
+        "conflict copies anywhere on M (a re-run step must not take its own effect for a late change): {conflict_names:?}\n{}",
+        ctx(&m, &srv_p)
     );
     let leftovers: Vec<PathBuf> = reint_leftovers(&srv.dir)
         .into_iter()
