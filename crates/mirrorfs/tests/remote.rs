@@ -3028,6 +3028,9 @@ enum Victim {
 /// caught half-way.
 const REINT_FILES: usize = 40;
 
+/// Files of a directory P removes after the split (the plan's first steps).
+const REINT_GONE_FILES: usize = 1500;
+
 /// How many times a test kills its victim during one reintegration.
 const REINT_KILLS: usize = 4;
 
@@ -3084,6 +3087,11 @@ fn failback_killed_mid_reintegration(tag: &str, victim: Victim) {
     wait_live(&p, &srv);
     fs::write(p.p("notes.txt"), b"base\n").expect("write notes.txt");
     fs::write(p.p("shared.txt"), b"shared, before the split\n").expect("write");
+    // A directory P removes after the split: its removals are the plan's first steps.
+    fs::create_dir(p.p("gone")).expect("mkdir gone");
+    for i in 0..REINT_GONE_FILES {
+        fs::write(p.p(format!("gone/g{i:03}")), b"g").expect("write gone/*");
+    }
     converge(&p, &srv, "the base on M");
     assert!(
         wait_until(Duration::from_secs(10), || srv
@@ -3093,6 +3101,7 @@ fn failback_killed_mid_reintegration(tag: &str, victim: Victim) {
     );
     // The split: M goes away; P writes a lot, and edits the file M will edit too.
     srv.stop();
+    fs::remove_dir_all(p.p("gone")).expect("rm -r gone on P");
     // Small files first: their steps are short, so a kill often lands between a copy's
     // placement and its step's cursor write (the step in doubt re-runs).
     fs::create_dir(p.p("small")).expect("mkdir small");
@@ -3133,7 +3142,9 @@ fn failback_killed_mid_reintegration(tag: &str, victim: Victim) {
     );
     // Several kills at later and later steps: each resumes the saved plan, and a kill often
     // lands while a small file's step is in doubt.
+    // The first kill cuts the removals of gone/'s files (its rmdir is still to come).
     let mut after = 20;
+    let mut before = REINT_GONE_FILES as u64 - 100;
     for _ in 0..REINT_KILLS {
         let st = wait_status(
             &m,
@@ -3143,6 +3154,7 @@ fn failback_killed_mid_reintegration(tag: &str, victim: Victim) {
             |_, r| {
                 r["state"] == "reintegrating"
                     && r["done_steps"].as_u64().unwrap_or(0) >= after
+                    && r["done_steps"].as_u64().unwrap_or(0) <= before
                     && r["done_steps"].as_u64().unwrap_or(0) + 8
                         <= r["total_steps"].as_u64().unwrap_or(0)
             },
@@ -3152,6 +3164,7 @@ fn failback_killed_mid_reintegration(tag: &str, victim: Victim) {
             "kill -9 of {victim:?} at step {} of {}",
             r["done_steps"], r["total_steps"]
         );
+        before = u64::MAX;
         after = num(&r, "done_steps") + 15;
         match victim {
             Victim::NewPrimary => {
@@ -3215,6 +3228,12 @@ fn failback_killed_mid_reintegration(tag: &str, victim: Victim) {
         conflict_names.len(),
         1,
         "conflict copies anywhere on M (a re-run step must not take its own effect for a late change): {conflict_names:?}\n{}",
+        ctx(&m, &srv_p)
+    );
+    assert!(
+        !m.p("gone").exists(),
+        "P's removal of gone/ is merged, also when a kill cut its removals: {:?}\n{}",
+        visible_entries(&m.p("gone")),
         ctx(&m, &srv_p)
     );
     let leftovers: Vec<PathBuf> = reint_leftovers(&srv.dir)
