@@ -279,7 +279,7 @@ impl Reintegration<'_> {
         let moved = moves.read()?;
         let mut run = Run::new(&saved.plan, done as usize, &saved.label, moved);
         let mut cursor = CursorFile::open(self.m, saved.id, generation)?;
-        let mut late = Touched::new(saved.our_end + 1);
+        let mut late = Touched::open(self.m, self.vol, saved.our_end + 1)?;
         let mut listed = saved.plan.conflicts.len() as u64;
         let total = run.len() as u64;
         let mut fetch_id = 0u32;
@@ -314,6 +314,11 @@ impl Reintegration<'_> {
                 }
                 Action::Apply(op) => {
                     let r = self.apply(&mut tree, &root, op, &mut late);
+                    if let Some(e) = late.failed.take() {
+                        return Err(anyhow::Error::new(e).context(
+                            "cannot record the reintegration's own changes (reintegration/ours)",
+                        ));
+                    }
                     run.on_applied(r)
                         .map_err(|e| anyhow!("reintegration: {e}"))?;
                 }
@@ -402,12 +407,13 @@ impl Reintegration<'_> {
             }
             op => op,
         };
+        late.intend(self.vol, &op);
         let applied = self.vol.mutate(op.clone(), || {
             apply_op(tree, &op, false).map_err(|e| std::io::Error::other(e.to_string()))
         });
         match applied {
             Ok(((), seq)) => {
-                late.ours.insert(seq);
+                late.own(seq);
                 Applied::Ok
             }
             // The volume journaled the op and its `Abort`: `Touched` skips both.
@@ -465,16 +471,107 @@ fn without_data(mut r: Record) -> Record {
 struct Touched {
     next: u64,
     names: HashSet<RelPath>,
-    /// The seqs of the plan's own ops.
+    /// The seqs of the plan's own ops, of this run and of the runs before a crash (R4).
     ours: HashSet<u64>,
+    /// `reintegration/ours`: those seqs, appended as the ops are applied.
+    file: fs::File,
+    /// `reintegration/ours.pending`: the op being applied (the journal's next seq before it, and
+    /// its first path), rewritten before each op.
+    pending_file: fs::File,
+    /// An op of a run before a crash that may have been journaled without its seq reaching
+    /// `ours`: the first record from that seq on, up to the journal's end when this process
+    /// opened it, that names its path is that op.
+    pending: Option<(u64, Vec<u8>)>,
+    /// The journal's last seq when this process opened it (records after it are this process's).
+    opened_end: u64,
+    /// An append that failed (the run ends).
+    failed: Option<std::io::Error>,
+}
+
+/// `ours.pending`: (the journal's next seq before the op, its path); `None` if empty or torn.
+fn decode_pending(b: &[u8]) -> Option<(u64, Vec<u8>)> {
+    let bound = u64::from_le_bytes(b.get(..8)?.try_into().ok()?);
+    let len = u32::from_le_bytes(b.get(8..12)?.try_into().ok()?) as usize;
+    Some((bound, b.get(12..12 + len)?.to_vec()))
+}
+
+/// The path an op of the plan is known by in `ours.pending`.
+fn op_key(op: &Op) -> Option<Vec<u8>> {
+    match op {
+        Op::Rename { from, .. } | Op::Link { from, .. } => Some(from.as_bytes().to_vec()),
+        op => op.path().map(|p| p.as_bytes().to_vec()),
+    }
 }
 
 impl Touched {
-    fn new(next: u64) -> Touched {
-        Touched {
+    /// Watches from `next` on, knowing the plan's own ops that `reintegration/ours` lists.
+    fn open(m: &MirrorShared, vol: &Volume, next: u64) -> Result<Touched> {
+        let path = dir_of(m).join("ours");
+        let mut file = fs::OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        let mut b = Vec::new();
+        std::io::Read::read_to_end(&mut file, &mut b)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        // A torn last entry (a crash mid-append) is dropped.
+        let ours: HashSet<u64> = b
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
+            .collect();
+        if b.len() % 8 != 0 {
+            file.set_len((b.len() - b.len() % 8) as u64)?;
+        }
+        let ppath = dir_of(m).join("ours.pending");
+        let mut pending_file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&ppath)
+            .with_context(|| format!("cannot open {}", ppath.display()))?;
+        let mut p = Vec::new();
+        std::io::Read::read_to_end(&mut pending_file, &mut p)
+            .with_context(|| format!("cannot read {}", ppath.display()))?;
+        let pending = decode_pending(&p).filter(|(bound, _)| !ours.iter().any(|s| s >= bound));
+        Ok(Touched {
             next,
             names: HashSet::new(),
-            ours: HashSet::new(),
+            ours,
+            file,
+            pending_file,
+            pending,
+            opened_end: vol.opened_end,
+            failed: None,
+        })
+    }
+
+    /// Before an op of the plan is applied: what `ours.pending` says of it (not fsynced, like
+    /// `ours`).
+    fn intend(&mut self, vol: &Volume, op: &Op) {
+        let Some(key) = op_key(op) else { return };
+        let bound = lock(&vol.order).journal.next_seq();
+        let mut b = Vec::with_capacity(12 + key.len());
+        b.extend_from_slice(&bound.to_le_bytes());
+        b.extend_from_slice(&(key.len() as u32).to_le_bytes());
+        b.extend_from_slice(&key);
+        if let Err(e) = std::os::unix::fs::FileExt::write_all_at(&self.pending_file, &b, 0) {
+            self.failed.get_or_insert(e);
+        }
+    }
+
+    /// **R4**: `seq` is one of the plan's own ops. Appended, not fsynced: it survives a crash of
+    /// the process; after a power loss a lost entry only makes a re-run step take its own earlier
+    /// effect for a late change of ours (an extra conflict copy or a kept entry, listed; nothing
+    /// is lost).
+    fn own(&mut self, seq: u64) {
+        self.ours.insert(seq);
+        if let Err(e) = self.file.write_all(&seq.to_le_bytes()) {
+            self.failed.get_or_insert(e);
         }
     }
 
@@ -499,6 +596,16 @@ impl Touched {
         for r in seen {
             if self.ours.contains(&r.seq) || aborted.contains(&r.seq) {
                 continue;
+            }
+            if let Some((bound, key)) = &self.pending {
+                if r.seq >= *bound
+                    && r.seq <= self.opened_end
+                    && op_key(&r.op).as_deref() == Some(key.as_slice())
+                {
+                    self.pending = None;
+                    self.own(r.seq);
+                    continue;
+                }
             }
             let paths: Vec<&RelPath> = match &r.op {
                 Op::Rename { from, to, .. } | Op::Link { from, to } => vec![from, to],
@@ -536,7 +643,7 @@ fn load_plan(m: &MirrorShared) -> Result<Option<SavedPlan>> {
 fn save_plan(m: &MirrorShared, s: &SavedPlan) -> Result<()> {
     let dir = dir_of(m);
     statefile::private_dir(&dir)?;
-    for f in ["cursor", "moves"] {
+    for f in ["cursor", "moves", "ours", "ours.pending"] {
         let _ = fs::remove_file(dir.join(f));
     }
     statefile::replace_durable(&dir.join("plan"), &encode_plan(s), 0o600)
@@ -545,7 +652,7 @@ fn save_plan(m: &MirrorShared, s: &SavedPlan) -> Result<()> {
 
 fn remove_plan(m: &MirrorShared) -> Result<()> {
     let dir = dir_of(m);
-    for f in ["cursor", "moves", "plan"] {
+    for f in ["cursor", "moves", "ours", "ours.pending", "plan"] {
         match fs::remove_file(dir.join(f)) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

@@ -108,6 +108,7 @@ impl Volume {
             settled: AtomicU64::new(settled),
             poisoned: AtomicBool::new(false),
             retain_after: AtomicU64::new(retain_after),
+            opened_end: horizon,
         }
     }
 

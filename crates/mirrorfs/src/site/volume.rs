@@ -347,6 +347,8 @@ pub struct Volume {
     /// begins streaming: until then its copy may have diverged, and a reintegration asks for its
     /// records after the common point (`net::serve::reintegration`), also after a restart.
     pub retain_after: AtomicU64,
+    /// The journal's last seq when this process opened it (before its recovery records).
+    pub opened_end: u64,
 }
 
 impl Volume {
