@@ -20,6 +20,15 @@
 //!   in a `--overwrite-file-mib` file vs `rsync`, and bytes sent to resume
 //!   after `--outage-mib` MiB written while the daemon was stopped. Nothing of
 //!   it (identities, rsync) is needed unless it is selected.
+//! - `reintegration` (not in the default set; `--targets reintegration`):
+//!   failback after an outage (issue 7): P mounted with M as its network
+//!   mirror writes `--reint-large-files` x 256 KiB + `--reint-small-files` x
+//!   4 KiB while M is stopped; M is promoted and mounted as the new primary
+//!   with `--mirror` to `serve P_DIR`. Rows in the network table: files/s and
+//!   MiB/s from the new mount's start until its mirror is live and the files
+//!   are equal (vs live replication of the same set in the same run), and the
+//!   bytes the new primary received during the reintegration vs the bytes
+//!   changed (target <= 1.05x). See `net::run_reintegration`.
 //!
 //! Workloads, run on each target one after the other, each in a fresh
 //! subdirectory. Only the operations named are timed (wall clock, open to
@@ -94,6 +103,9 @@ pub enum TargetKind {
     #[value(name = "mirrorfs-net")]
     #[serde(rename = "mirrorfs-net")]
     Net,
+    /// Failback after an outage: a promoted mirror takes the old primary's changes in
+    /// (`net.rs`, `run_reintegration`). Not in the default set.
+    Reintegration,
 }
 
 impl TargetKind {
@@ -103,12 +115,13 @@ impl TargetKind {
             TargetKind::Bindfs => "bindfs",
             TargetKind::Mirrorfs => "mirrorfs",
             TargetKind::Net => "mirrorfs-net",
+            TargetKind::Reintegration => "reintegration",
         }
     }
 
-    /// The network target has its own table.
+    /// The network targets have their own table.
     pub fn in_main_table(self) -> bool {
-        self != TargetKind::Net
+        !matches!(self, TargetKind::Net | TargetKind::Reintegration)
     }
 }
 
@@ -159,6 +172,12 @@ struct Args {
     /// MiB written while the mirror daemon is stopped (network target) [default: 512, 16 with --quick].
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     outage_mib: Option<u64>,
+    /// Files of 256 KiB P writes during the outage (reintegration target) [default: 200, 20 with --quick].
+    #[arg(long)]
+    reint_large_files: Option<u64>,
+    /// Files of 4 KiB P writes during the outage (reintegration target) [default: 2000, 200 with --quick].
+    #[arg(long)]
+    reint_small_files: Option<u64>,
     /// MiB of RAM to fault in (and free) before the first target, so that a
     /// VM's slow first touch of guest memory does not skew the first target
     /// [default: 2 x (2 x size + rand file) + 1024, at most half of MemAvailable; 0: off].
@@ -188,6 +207,8 @@ pub struct Sizes {
     pub burst_files: u64,
     pub overwrite_file_mib: u64,
     pub outage_mib: u64,
+    pub reint_large_files: u64,
+    pub reint_small_files: u64,
 }
 
 impl Sizes {
@@ -203,6 +224,8 @@ impl Sizes {
             burst_files: a.burst_files.unwrap_or(if q { 200 } else { 1_000 }),
             overwrite_file_mib: a.overwrite_file_mib.unwrap_or(if q { 32 } else { 256 }),
             outage_mib: a.outage_mib.unwrap_or(if q { 16 } else { 512 }),
+            reint_large_files: a.reint_large_files.unwrap_or(if q { 20 } else { 200 }),
+            reint_small_files: a.reint_small_files.unwrap_or(if q { 200 } else { 2_000 }),
         }
     }
 
@@ -210,7 +233,8 @@ impl Sizes {
         format!(
             "sequential file {} MiB (1 MiB I/O); {} random 4 KiB writes into a {} MiB file; \
              {} small files of 4 KiB; {} lag samples of 100 B; lag burst of {} files of 1 KiB; \
-             network: 4 KiB overwrite in a {} MiB file, {} MiB written during the outage",
+             network: 4 KiB overwrite in a {} MiB file, {} MiB written during the outage; \
+             reintegration: {} x 256 KiB + {} x 4 KiB",
             self.file_mib,
             self.rand_writes,
             self.rand_file_mib,
@@ -218,7 +242,9 @@ impl Sizes {
             self.lag_samples,
             self.burst_files,
             self.overwrite_file_mib,
-            self.outage_mib
+            self.outage_mib,
+            self.reint_large_files,
+            self.reint_small_files
         )
     }
 }
@@ -379,10 +405,13 @@ fn run(args: &Args) -> Result<()> {
     record_cleanup(&workdir);
 
     let rows = report::table(&reports);
-    let net_rows = reports
+    let main_table = reports.iter().any(|r| r.target.in_main_table());
+    let net: Vec<report::NetRow> = reports
         .iter()
-        .find(|r| r.target == TargetKind::Net && r.skipped.is_none())
-        .map(|r| report::net_table(&r.net));
+        .filter(|r| !r.target.in_main_table() && r.skipped.is_none())
+        .flat_map(|r| r.net.iter().cloned())
+        .collect();
+    let net_rows = (!net.is_empty()).then(|| report::net_table(&net));
     let notes = report::notes(&reports);
     let context = format!(
         "workdir {} ({fs_desc}{}), RAM warm-up {warmup} MiB",
@@ -393,9 +422,11 @@ fn run(args: &Args) -> Result<()> {
     if args.markdown {
         writeln!(out, "`{command}` — {date} — `uname -r`: {kernel}")?;
         writeln!(out)?;
-        out.push_str(&report::render_markdown(&rows));
-        if let Some(n) = &net_rows {
+        if main_table {
+            out.push_str(&report::render_markdown(&rows));
             writeln!(out)?;
+        }
+        if let Some(n) = &net_rows {
             out.push_str(&report::render_markdown(n));
         }
         writeln!(out)?;
@@ -414,9 +445,11 @@ fn run(args: &Args) -> Result<()> {
         writeln!(out, "load average {load_start} at start, {load_end} at end")?;
         writeln!(out, "sizes: {}", sizes.describe())?;
         writeln!(out)?;
-        out.push_str(&report::render_plain(&rows));
-        if let Some(n) = &net_rows {
+        if main_table {
+            out.push_str(&report::render_plain(&rows));
             writeln!(out)?;
+        }
+        if let Some(n) = &net_rows {
             out.push_str(&report::render_plain(n));
         }
         if !notes.is_empty() {
@@ -574,7 +607,7 @@ fn run_target(
                 mount: Some(mount),
             }
         }
-        TargetKind::Net => {
+        TargetKind::Net | TargetKind::Reintegration => {
             let bin = mirrorfs_bin(ctx)?;
             let nctx = net::NetCtx {
                 bin: &bin,
@@ -586,7 +619,11 @@ fn run_target(
                     .iter()
                     .find(|r| r.target == TargetKind::Mirrorfs && r.skipped.is_none()),
             };
-            return net::run(&nctx, rep);
+            return if kind == TargetKind::Net {
+                net::run(&nctx, rep)
+            } else {
+                net::run_reintegration(&nctx, rep)
+            };
         }
         TargetKind::Mirrorfs => {
             let bin = mirrorfs_bin(ctx)?;

@@ -156,6 +156,10 @@ struct Status {
     state: String,
     connected: bool,
     bytes_sent: u64,
+    bytes_received: u64,
+    /// Bytes received on the connection of the last completed reintegration.
+    reintegration_received: u64,
+    reintegration_sent: u64,
     reconnects: u64,
     since_unix: u64,
 }
@@ -187,9 +191,23 @@ fn parse_status(v: &serde_json::Value) -> Result<Status> {
             .and_then(serde_json::Value::as_bool)
             .unwrap_or(false),
         bytes_sent: u(link, "bytes_sent")?,
+        bytes_received: u(link, "bytes_received")?,
+        reintegration_received: u(link, "reintegration_bytes_received").unwrap_or(0),
+        reintegration_sent: u(link, "reintegration_bytes_sent").unwrap_or(0),
         reconnects: u(link, "reconnects")?,
         since_unix: u(link, "since_unix")?,
     })
+}
+
+/// `mirrorfs status PATH --json`, parsed (a mount point's first mirror).
+fn status_of(bin: &Path, path: &Path) -> Result<Status> {
+    let out = run_cmd(
+        bin,
+        &["status".as_ref(), path.as_os_str(), "--json".as_ref()],
+    )?;
+    let v: serde_json::Value =
+        serde_json::from_str(&out).context("cannot parse `mirrorfs status --json`")?;
+    parse_status(&v)
 }
 
 /// The live gauges used here.
@@ -229,6 +247,38 @@ fn parse_metrics(text: &str) -> Result<Gauges> {
         bail!("incomplete metrics: {text:?}");
     }
     Ok(g)
+}
+
+/// `BIN serve DIR --listen 127.0.0.1:PORT --config CFG`, once it listens.
+fn spawn_daemon(bin: &Path, dir: &Path, port: u16, cfg: &Path, log: &Path) -> Result<Proc> {
+    let args: Vec<OsString> = vec![
+        "serve".into(),
+        dir.into(),
+        "--listen".into(),
+        format!("127.0.0.1:{port}").into(),
+        "--config".into(),
+        cfg.into(),
+    ];
+    let mut p = Proc::spawn("mirrorfs serve", bin, &args, log)?;
+    let t0 = Instant::now();
+    while !listening(port) {
+        check_interrupted()?;
+        if let Some(st) = p.try_exit_status()? {
+            bail!(
+                "mirrorfs serve exited with {st} before listening{}",
+                log_tail(log, 15)
+            );
+        }
+        if t0.elapsed() > SETUP_TIMEOUT {
+            bail!(
+                "mirrorfs serve did not listen on port {port} within {} s{}",
+                SETUP_TIMEOUT.as_secs(),
+                log_tail(log, 15)
+            );
+        }
+        sleep(Duration::from_millis(10));
+    }
+    Ok(p)
 }
 
 /// One primary (a mirrorfs mount) and its mirror daemon on loopback.
@@ -291,36 +341,14 @@ impl Site {
     }
 
     fn start_daemon(&mut self) -> Result<()> {
-        let args: Vec<OsString> = vec![
-            "serve".into(),
-            self.mirror.clone().into(),
-            "--listen".into(),
-            format!("127.0.0.1:{}", self.port).into(),
-            "--config".into(),
-            self.mirror_cfg.clone().into(),
-        ];
         let log = self.base.join("serve.log");
-        let mut p = Proc::spawn("mirrorfs serve", &self.bin, &args, &log)?;
-        let t0 = Instant::now();
-        while !listening(self.port) {
-            check_interrupted()?;
-            if let Some(st) = p.try_exit_status()? {
-                bail!(
-                    "mirrorfs serve exited with {st} before listening{}",
-                    log_tail(&log, 15)
-                );
-            }
-            if t0.elapsed() > SETUP_TIMEOUT {
-                bail!(
-                    "mirrorfs serve did not listen on port {} within {} s{}",
-                    self.port,
-                    SETUP_TIMEOUT.as_secs(),
-                    log_tail(&log, 15)
-                );
-            }
-            sleep(Duration::from_millis(10));
-        }
-        self.daemon = Some(p);
+        self.daemon = Some(spawn_daemon(
+            &self.bin,
+            &self.mirror,
+            self.port,
+            &self.mirror_cfg,
+            &log,
+        )?);
         Ok(())
     }
 
@@ -345,13 +373,7 @@ impl Site {
 
     /// `mirrorfs status MNT --json`.
     fn status(&self) -> Result<Status> {
-        let out = run_cmd(
-            &self.bin,
-            &["status".as_ref(), self.mnt.as_os_str(), "--json".as_ref()],
-        )?;
-        let v: serde_json::Value =
-            serde_json::from_str(&out).context("cannot parse `mirrorfs status --json`")?;
-        parse_status(&v)
+        status_of(&self.bin, &self.mnt)
     }
 
     /// The live gauges (`GET /metrics`).
@@ -1240,6 +1262,302 @@ pub fn run(ctx: &NetCtx, rep: &mut TargetReport) -> Result<()> {
     Ok(())
 }
 
+// ---------------------------------------------------------------------------
+// The reintegration target: failback after an outage (issue 7 item 8).
+
+/// Size of the large and of the small files of the reintegration workload.
+const REINT_LARGE: usize = 256 << 10;
+const REINT_SMALL: usize = 4 << 10;
+
+/// Writes `large` files of 256 KiB and `small` files of 4 KiB of random data into `dir`
+/// (created); returns the bytes written and the names.
+fn write_reint_set(dir: &Path, large: u64, small: u64, seed: u64) -> Result<(u64, Vec<String>)> {
+    fs::create_dir(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let pool = workloads::random_buf(4 * MIB as usize, seed);
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let mut bytes = 0u64;
+    let mut names = Vec::new();
+    for (count, size, prefix) in [(large, REINT_LARGE, "l"), (small, REINT_SMALL, "s")] {
+        for i in 0..count {
+            check_interrupted()?;
+            let at = rng.gen_range(0..pool.len() - size);
+            let name = format!("{prefix}{i:05}");
+            let p = dir.join(&name);
+            fs::write(&p, &pool[at..at + size])
+                .with_context(|| format!("cannot write {}", p.display()))?;
+            bytes += size as u64;
+            names.push(name);
+        }
+    }
+    Ok((bytes, names))
+}
+
+/// Every one of `names` in `a/rel` is identical in `b/rel`.
+fn same_files(a: &Path, b: &Path, rel: &str, names: &[String]) -> Result<bool> {
+    for n in names {
+        if !workloads::files_identical(&a.join(rel).join(n), &b.join(rel).join(n))? {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// What the reintegration scenario measured.
+struct Reint {
+    files: usize,
+    changed: u64,
+    /// From the new primary's start until its mirror was live, applied and the files equal.
+    attach: Duration,
+    /// Seen in `status` (250 ms refresh): first and last poll showing `reintegrating`.
+    phase_seen: Option<(Duration, Duration)>,
+    reint_received: u64,
+    reint_sent: u64,
+    /// The connection after the reintegration (the resync), at the end.
+    resync_received: u64,
+    resync_sent: u64,
+    /// The same set written by P while M was live.
+    live_sent: u64,
+    live_time: Duration,
+}
+
+/// P mounted with M as its network mirror; the same file set is first written live (the
+/// baseline), then M is stopped, P writes the set again, M is promoted and mounted as the new
+/// primary with `--mirror` to `serve P_DIR`: the reintegration takes P's set in, then P is
+/// resynced.
+fn reintegration(ctx: &NetCtx, ids: &Identities) -> Result<Reint> {
+    let s = ctx.sizes;
+    let timeout = ctx.settle_timeout;
+    let base = ctx.dir.join("failback");
+    let mut site = Site::start(ctx.bin, &base, ids, &[])?;
+    // Baseline: the same amount written while the mirror is live.
+    let before = site.settled_status(timeout)?;
+    let t = Instant::now();
+    write_reint_set(
+        &site.mnt.join("live"),
+        s.reint_large_files,
+        s.reint_small_files,
+        ctx.seed + 20,
+    )?;
+    site.wait_converged(timeout)?;
+    let live_time = t.elapsed();
+    let after = site.settled_status(timeout)?;
+    if after.since_unix != before.since_unix {
+        bail!("the link reconnected during the live baseline: {before:?} -> {after:?}");
+    }
+    let live_sent = after.bytes_sent - before.bytes_sent;
+    // M must hold a consistent copy before the split (it is promoted then).
+    workloads::wait_until(
+        || "the mirror daemon to record a consistent copy".into(),
+        || {
+            run_cmd(
+                ctx.bin,
+                &[
+                    "status".as_ref(),
+                    site.mirror.as_os_str(),
+                    "--json".as_ref(),
+                ],
+            )
+            .ok()
+            .and_then(|o| serde_json::from_str::<serde_json::Value>(&o).ok())
+            .is_some_and(|v| v["copy"] == "consistent")
+        },
+    )?;
+    // The split: M stops, P writes.
+    site.stop_daemon().context("stopping the daemon")?;
+    let (changed, names) = write_reint_set(
+        &site.mnt.join("reint"),
+        s.reint_large_files,
+        s.reint_small_files,
+        ctx.seed + 21,
+    )?;
+    eprintln!(
+        "[reintegration] P wrote {} files, {:.1} MiB while M was down; promoting M",
+        names.len(),
+        mib(changed)
+    );
+    run_cmd(ctx.bin, &["promote".as_ref(), site.mirror.as_os_str()]).context("promote")?;
+    site.mount
+        .take()
+        .context("no mount")?
+        .unmount()
+        .context("unmounting P")?;
+    // Failback: P's directory served, M mounted as the primary with it as its mirror.
+    let port = free_port()?;
+    let mut p_daemon = spawn_daemon(
+        ctx.bin,
+        &site.backing,
+        port,
+        &ids.mirror,
+        &base.join("serve-p.log"),
+    )?;
+    let m_mnt = base.join("mnt-m");
+    fs::create_dir(&m_mnt).with_context(|| format!("cannot create {}", m_mnt.display()))?;
+    let spec = OsString::from(format!("mirror://127.0.0.1:{port}"));
+    let args = vec!["--config".to_string(), ids.primary.display().to_string()];
+    let t0 = Instant::now();
+    let mut m = Mount::mirrorfs(
+        ctx.bin,
+        &site.mirror,
+        &m_mnt,
+        &spec,
+        &args,
+        &base.join("mirrorfs-m.log"),
+    )
+    .context("the promoted copy did not mount")?;
+    let mut phase_seen: Option<(Duration, Duration)> = None;
+    let end = loop {
+        check_interrupted()?;
+        m.check_alive()?;
+        if let Some(st) = p_daemon.try_exit_status()? {
+            bail!(
+                "the old primary's daemon exited with {st}{}",
+                log_tail(p_daemon.log(), 15)
+            );
+        }
+        if let Ok(st) = status_of(ctx.bin, &m_mnt) {
+            let now = t0.elapsed();
+            if st.state == "reintegrating" {
+                phase_seen = Some(phase_seen.map_or((now, now), |(a, _)| (a, now)));
+            }
+            if st.state == "live"
+                && st.connected
+                && st.reintegration_received > 0
+                && st.applied >= st.last_seq
+                && st.durable >= st.last_seq
+                && same_files(&site.mirror, &site.backing, "reint", &names)?
+            {
+                break (now, st);
+            }
+        }
+        if t0.elapsed() > timeout {
+            bail!(
+                "the failback did not complete within {} s{}{}",
+                timeout.as_secs(),
+                log_tail(&base.join("mirrorfs-m.log"), 15),
+                log_tail(p_daemon.log(), 15)
+            );
+        }
+        sleep(Duration::from_millis(20));
+    };
+    let (attach, st) = end;
+    m.unmount().context("unmounting the new primary")?;
+    p_daemon
+        .stop()
+        .context("stopping the old primary's daemon")?;
+    Ok(Reint {
+        files: names.len(),
+        changed,
+        attach,
+        phase_seen,
+        reint_received: st.reintegration_received,
+        reint_sent: st.reintegration_sent,
+        resync_received: st.bytes_received,
+        resync_sent: st.bytes_sent,
+        live_sent,
+        live_time,
+    })
+}
+
+/// Runs the reintegration target. An error means it could not be set up.
+pub fn run_reintegration(ctx: &NetCtx, rep: &mut TargetReport) -> Result<()> {
+    let s = ctx.sizes;
+    let ids = make_identities(ctx.bin, ctx.dir).context("cannot make identities")?;
+    rep.description = format!(
+        "P: `{bin} mount BACKING MNT --mirror mirror://127.0.0.1:PORT` with M: `{bin} serve \
+         MIRROR`; M stopped, P writes {} x 256 KiB + {} x 4 KiB; `{bin} promote MIRROR`, P \
+         unmounted, `{bin} serve BACKING --listen 127.0.0.1:PORT2` (default --on-diverged \
+         reintegrate) and `{bin} mount MIRROR MNT2 --mirror mirror://127.0.0.1:PORT2`",
+        s.reint_large_files,
+        s.reint_small_files,
+        bin = ctx.bin.display()
+    );
+    let rows = [
+        "reintegration after an outage: changes per second",
+        "reintegration after an outage: data rate",
+        "bytes received by the new primary during the reintegration",
+    ];
+    eprintln!("[reintegration] live baseline, outage, failback ...");
+    let r = match reintegration(ctx, &ids) {
+        Ok(r) => r,
+        Err(e) => {
+            push_err(rep, &rows, "", &e);
+            return Ok(());
+        }
+    };
+    let secs = r.attach.as_secs_f64();
+    let live = r.live_time.as_secs_f64();
+    let phase = r.phase_seen.map_or(
+        "never seen (shorter than a status refresh)".into(),
+        |(a, b)| {
+            format!(
+                "seen from {:.2} s to {:.2} s (250 ms status refresh)",
+                a.as_secs_f64(),
+                b.as_secs_f64()
+            )
+        },
+    );
+    let timing = format!(
+        "{} files, {} B changed on P; wall time from the new primary's start until its mirror \
+         was live, applied through its journal's end and every file equal: {secs:.2} s \
+         (reintegration phase {phase}); baseline: P writing the same set while M was live, \
+         until M applied it: {live:.2} s",
+        r.files, r.changed
+    );
+    let mut row = NetRow::new(rows[0], "files/s");
+    row.value = Ok(r.files as f64 / secs);
+    row.baseline_label = "live replication of the same set".into();
+    row.baseline = Some(r.files as f64 / live);
+    row.detail = timing.clone();
+    show(&row);
+    rep.net.push(row);
+    let mut row = NetRow::new(rows[1], "MiB/s");
+    row.value = Ok(mib(r.changed) / secs);
+    row.baseline_label = "live replication of the same set".into();
+    row.baseline = Some(mib(r.changed) / live);
+    row.detail = timing;
+    show(&row);
+    rep.net.push(row);
+    let mut row = NetRow::new(rows[2], "MiB");
+    row.value = Ok(mib(r.reint_received));
+    row.baseline_label = "bytes changed on P".into();
+    row.baseline = Some(mib(r.changed));
+    row.goal = Some(Goal::RatioAtMost(1.05));
+    row.detail = format!(
+        "link.reintegration_bytes_received: the reintegration's own connection (TLS handshake \
+         not counted), {} B received and {} B sent for {} B changed; live replication of the \
+         same set sent {} B ({:.4}x)",
+        r.reint_received,
+        r.reint_sent,
+        r.changed,
+        r.live_sent,
+        r.live_sent as f64 / r.changed as f64
+    );
+    show(&row);
+    rep.net.push(row);
+    let mut row = NetRow::new("bytes on the link for the whole failback", "MiB");
+    row.value = Ok(mib(r.reint_received
+        + r.reint_sent
+        + r.resync_received
+        + r.resync_sent));
+    row.baseline_label = "bytes changed on P".into();
+    row.baseline = Some(mib(r.changed));
+    row.detail = format!(
+        "both directions: the reintegration's connection ({} B in, {} B out) and the resync's \
+         that follows ({} B in, {} B out: block hashes of the tree, which holds the live set too)",
+        r.reint_received, r.reint_sent, r.resync_received, r.resync_sent
+    );
+    show(&row);
+    rep.net.push(row);
+    let mut row = NetRow::new("bytes on the wire, live replication of the same set", "MiB");
+    row.value = Ok(mib(r.live_sent));
+    row.baseline_label = "bytes written".into();
+    row.baseline = Some(mib(r.changed));
+    row.detail = "mirrors[0].link.bytes_sent delta while P wrote the set with M live".into();
+    show(&row);
+    rep.net.push(row);
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1270,14 +1588,21 @@ mod tests {
     fn status_parse() -> Result<()> {
         let v: serde_json::Value = serde_json::from_str(
             r#"{"journal_next_seq": 5, "mirrors": [{"applied_seq": 4, "durable_seq": 4,
-                "state": "live", "link": {"bytes_sent": 456, "connected": true,
+                "state": "live", "link": {"bytes_sent": 456, "bytes_received": 78, "connected": true,
                 "reconnects": 0, "since_unix": 17}}]}"#,
         )?;
         let s = parse_status(&v)?;
         assert_eq!(
-            (s.last_seq, s.durable, s.applied, s.bytes_sent),
-            (4, 4, 4, 456)
+            (
+                s.last_seq,
+                s.durable,
+                s.applied,
+                s.bytes_sent,
+                s.bytes_received
+            ),
+            (4, 4, 4, 456, 78)
         );
+        assert_eq!((s.reintegration_received, s.reintegration_sent), (0, 0));
         assert!(s.connected && s.state == "live");
         Ok(())
     }

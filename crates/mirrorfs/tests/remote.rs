@@ -3237,3 +3237,267 @@ fn netsplit_both_sides_edit_one_file_and_the_heal_keeps_both() {
     assert_eq!(v[0]["path"], "notes.txt", "{listed}");
     m.unmount();
 }
+
+/// Which side of a failback a test kills mid-reintegration.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Victim {
+    /// The new primary's mount (M, promoted); remounted on the same state.
+    NewPrimary,
+    /// The old primary's daemon (`serve P_DIR`); restarted.
+    OldPrimarysDaemon,
+}
+
+/// Files P writes after the split: enough data (about 120 MiB) that the reintegration can be
+/// caught half-way.
+const REINT_FILES: usize = 40;
+
+/// Files of a directory P removes after the split (the plan's first steps).
+const REINT_GONE_FILES: usize = 1500;
+
+/// How many times a test kills its victim during one reintegration.
+const REINT_KILLS: usize = 4;
+
+/// Small files P writes first (many short steps).
+const REINT_SMALL_FILES: usize = 300;
+
+fn reint_small_file(i: usize) -> (String, Vec<u8>) {
+    (
+        format!("small/s{i:03}"),
+        pattern(9_000 + i as u64, 1000 + i),
+    )
+}
+
+fn reint_file(i: usize) -> (String, Vec<u8>) {
+    (
+        format!("big/f{i:02}"),
+        pattern(7_000 + i as u64, (2 + i % 3) << 20),
+    )
+}
+
+/// Names the reintegration uses while a copy is in progress, anywhere below `dir` (state
+/// directories excluded).
+fn reint_leftovers(dir: &Path) -> Vec<PathBuf> {
+    names_below(dir, ".mirrorfs-reint")
+}
+
+/// Entries below `dir` (state directories excluded) whose name contains `part`.
+fn names_below(dir: &Path, part: &str) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name == ".mirrorfs" {
+                continue;
+            }
+            if name.contains(part) {
+                out.push(e.path());
+            }
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push(e.path());
+            }
+        }
+    }
+    out
+}
+
+/// Failback as in `failback_reintegrates_the_old_primarys_changes_and_lists_conflicts`, with a
+/// large reintegration cut by a kill -9 of `victim` while the status shows it half-done.
+fn failback_killed_mid_reintegration(tag: &str, victim: Victim) {
+    let net = Net::new(tag);
+    let mut srv = net.serve("m", &[]);
+    let mut p = net.mount(&format!("net-{tag}-p"), 0, &srv.url(), &[]);
+    wait_live(&p, &srv);
+    fs::write(p.p("notes.txt"), b"base\n").expect("write notes.txt");
+    fs::write(p.p("shared.txt"), b"shared, before the split\n").expect("write");
+    // A directory P removes after the split: its removals are the plan's first steps.
+    fs::create_dir(p.p("gone")).expect("mkdir gone");
+    for i in 0..REINT_GONE_FILES {
+        fs::write(p.p(format!("gone/g{i:03}")), b"g").expect("write gone/*");
+    }
+    converge(&p, &srv, "the base on M");
+    assert!(
+        wait_until(Duration::from_secs(10), || srv
+            .status()
+            .is_some_and(|s| s["copy"] == "consistent")),
+        "M never recorded a consistent copy"
+    );
+    // The split: M goes away; P writes a lot, and edits the file M will edit too.
+    srv.stop();
+    fs::remove_dir_all(p.p("gone")).expect("rm -r gone on P");
+    // Small files first: their steps are short, so a kill often lands between a copy's
+    // placement and its step's cursor write (the step in doubt re-runs).
+    fs::create_dir(p.p("small")).expect("mkdir small");
+    for i in 0..REINT_SMALL_FILES {
+        let (name, data) = reint_small_file(i);
+        fs::write(p.p(&name), &data).unwrap_or_else(|e| panic!("write {name} on P: {e}"));
+    }
+    fs::create_dir(p.p("big")).expect("mkdir big");
+    for i in 0..REINT_FILES {
+        let (name, data) = reint_file(i);
+        fs::write(p.p(&name), &data).unwrap_or_else(|e| panic!("write {name} on P: {e}"));
+    }
+    fs::write(p.p("notes.txt"), b"P's edit\n").expect("edit notes.txt on P");
+    // Failover.
+    let out = run_ok(&[os("promote"), srv.dir.as_os_str()]);
+    assert!(out.contains("generation 2"), "{out}");
+    p.unmount();
+    let p_dir = p.backing().to_path_buf();
+    let port = free_port();
+    let url = format!("mirror://127.0.0.1:{port}");
+    let mut layout = Layout::new(&format!("net-{tag}-m"), 0);
+    layout.backing = srv.dir.clone();
+    let m_state = srv.dir.join(".mirrorfs").display().to_string();
+    let cfg = net.primary.dir.display().to_string();
+    let mut m = Mount::start(
+        layout,
+        &["--state", &m_state, "--mirror", &url, "--config", &cfg],
+    );
+    fs::write(m.p("c.txt"), b"c, written on M after the failover\n").expect("write c.txt");
+    fs::write(m.p("notes.txt"), b"M's edit\n").expect("edit notes.txt on M");
+    // Failback, cut half-way.
+    let mut srv_p = Serve::start(
+        &p_dir,
+        &net.mirror.dir,
+        port,
+        &net.base.join("serve-p.log"),
+        &[],
+    );
+    // Several kills at later and later steps: each resumes the saved plan, and a kill often
+    // lands while a small file's step is in doubt.
+    // The first kill cuts the removals of gone/'s files (its rmdir is still to come).
+    let mut after = 20;
+    let mut before = REINT_GONE_FILES as u64 - 100;
+    for _ in 0..REINT_KILLS {
+        let st = wait_status(
+            &m,
+            &srv_p,
+            CONNECT,
+            "the reintegration to be half-way",
+            |_, r| {
+                r["state"] == "reintegrating"
+                    && r["done_steps"].as_u64().unwrap_or(0) >= after
+                    && r["done_steps"].as_u64().unwrap_or(0) <= before
+                    && r["done_steps"].as_u64().unwrap_or(0) + 8
+                        <= r["total_steps"].as_u64().unwrap_or(0)
+            },
+        );
+        let r = remote_of(&st);
+        eprintln!(
+            "kill -9 of {victim:?} at step {} of {}",
+            r["done_steps"], r["total_steps"]
+        );
+        before = u64::MAX;
+        after = num(&r, "done_steps") + 15;
+        match victim {
+            Victim::NewPrimary => {
+                m.kill9();
+                m.remount();
+            }
+            Victim::OldPrimarysDaemon => {
+                srv_p.kill9();
+                srv_p.restart();
+            }
+        }
+    }
+    wait_live(&m, &srv_p);
+    let cmp = if victim == Victim::NewPrimary {
+        NO_MTIME
+    } else {
+        Cmp::FULL
+    };
+    wait_converged(&srv.dir, &p_dir, "P follows M", &cmp, &|| ctx(&m, &srv_p));
+    let log = strip_ansi(&m.log());
+    assert!(
+        log.contains("resuming the reintegration"),
+        "the saved plan was not resumed:\n{}",
+        ctx(&m, &srv_p)
+    );
+    // Every file P wrote, with P's content.
+    let written = (0..REINT_SMALL_FILES)
+        .map(reint_small_file)
+        .chain((0..REINT_FILES).map(reint_file));
+    for (name, data) in written {
+        let got = fs::read(m.p(&name)).unwrap_or_else(|e| panic!("{name} on M: {e}"));
+        assert!(got == data, "{name} on M differs from P's");
+    }
+    let read = |rel: &str| fs::read_to_string(m.p(rel)).ok();
+    assert_eq!(
+        read("c.txt").as_deref(),
+        Some("c, written on M after the failover\n")
+    );
+    assert_eq!(
+        read("notes.txt").as_deref(),
+        Some("M's edit\n"),
+        "ours stays"
+    );
+    let copies: Vec<String> = visible_entries(m.mnt())
+        .into_iter()
+        .filter(|n| n.starts_with("notes.txt.conflict-"))
+        .collect();
+    assert_eq!(
+        copies.len(),
+        1,
+        "one conflict copy of notes.txt, not one per attempt: {copies:?}\n{}",
+        ctx(&m, &srv_p)
+    );
+    assert_eq!(
+        read(&copies[0]).as_deref(),
+        Some("P's edit\n"),
+        "theirs kept"
+    );
+    let conflict_names = names_below(&srv.dir, ".conflict-");
+    assert_eq!(
+        conflict_names.len(),
+        1,
+        "conflict copies anywhere on M (a re-run step must not take its own effect for a late change): {conflict_names:?}\n{}",
+        ctx(&m, &srv_p)
+    );
+    assert!(
+        !m.p("gone").exists(),
+        "P's removal of gone/ is merged, also when a kill cut its removals: {:?}\n{}",
+        visible_entries(&m.p("gone")),
+        ctx(&m, &srv_p)
+    );
+    let leftovers: Vec<PathBuf> = reint_leftovers(&srv.dir)
+        .into_iter()
+        .chain(reint_leftovers(&p_dir))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary names left: {leftovers:?}");
+    let listed = run_ok(&[os("conflicts"), m.mnt().as_os_str(), os("--json")]);
+    let v: Value = serde_json::from_str(&listed).expect("conflicts --json");
+    let list = v.as_array().expect("an array");
+    assert_eq!(list.len(), 1, "{listed}");
+    assert_eq!(list[0]["path"], "notes.txt", "{listed}");
+    assert_eq!(list[0]["copy"], copies[0].as_str(), "{listed}");
+    // P saved its diverged changes once, and the finished plan is gone.
+    let saved: Vec<PathBuf> = fs::read_dir(p_dir.join(".mirrorfs/diverged"))
+        .expect("P's saved changes")
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(saved.len(), 1, "{saved:?}");
+    let plans: Vec<PathBuf> = fs::read_dir(srv.dir.join(".mirrorfs/mirrors"))
+        .expect("M's mirror states")
+        .flatten()
+        .map(|e| e.path().join("reintegration/plan"))
+        .filter(|p| p.exists())
+        .collect();
+    assert!(plans.is_empty(), "a finished plan left behind: {plans:?}");
+    // Later changes still follow.
+    fs::write(m.p("after.txt"), b"after the failback\n").expect("write after.txt");
+    wait_converged(&srv.dir, &p_dir, "a later change", &cmp, &|| {
+        ctx(&m, &srv_p)
+    });
+    m.unmount();
+}
+
+#[test]
+fn failback_survives_kill9_of_the_new_primary_mid_reintegration() {
+    failback_killed_mid_reintegration("reint-kill-m", Victim::NewPrimary);
+}
+
+#[test]
+fn failback_survives_kill9_of_the_old_primarys_daemon_mid_reintegration() {
+    failback_killed_mid_reintegration("reint-kill-p", Victim::OldPrimarysDaemon);
+}

@@ -690,6 +690,9 @@ fn start_local_mirrors(
         }
         appliers.push(ap);
     }
+    // From here a crash is a primary's: a daemon must not serve the directory before a clean
+    // unmount settles its last change.
+    StateDir::at(&state.path).clear_served_primary()?;
     site.record_boot()?;
     for (m, ap) in local.iter().cloned().zip(appliers) {
         let v = site.vol.clone();

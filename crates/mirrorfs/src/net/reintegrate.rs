@@ -138,8 +138,14 @@ impl Reintegration<'_> {
             other => return Err(unexpected(&other, "Reintegrated").into()),
         }
         remove_plan(self.m)?;
+        let (received, sent) = self.publish_bytes();
+        {
+            let mut l = lock(&self.m.link);
+            l.reintegration_bytes_received = received;
+            l.reintegration_bytes_sent = sent;
+        }
         tracing::warn!(
-            "mirror {}: reintegrated ({} step(s), {conflicts} conflict(s) listed: `mirrorfs conflicts`); it now follows this primary",
+            "mirror {}: reintegrated ({} step(s), {conflicts} conflict(s) listed: `mirrorfs conflicts`; {received} bytes received, {sent} sent); it now follows this primary",
             self.m.name,
             saved.plan.steps.len()
         );
@@ -273,7 +279,7 @@ impl Reintegration<'_> {
         let moved = moves.read()?;
         let mut run = Run::new(&saved.plan, done as usize, &saved.label, moved);
         let mut cursor = CursorFile::open(self.m, saved.id, generation)?;
-        let mut late = Touched::new(saved.our_end + 1);
+        let mut late = Touched::open(self.m, self.vol, saved.our_end + 1)?;
         let mut listed = saved.plan.conflicts.len() as u64;
         let total = run.len() as u64;
         let mut fetch_id = 0u32;
@@ -308,6 +314,11 @@ impl Reintegration<'_> {
                 }
                 Action::Apply(op) => {
                     let r = self.apply(&mut tree, &root, op, &mut late);
+                    if let Some(e) = late.failed.take() {
+                        return Err(anyhow::Error::new(e).context(
+                            "cannot record the reintegration's own changes (reintegration/ours)",
+                        ));
+                    }
                     run.on_applied(r)
                         .map_err(|e| anyhow!("reintegration: {e}"))?;
                 }
@@ -352,7 +363,19 @@ impl Reintegration<'_> {
         }
     }
 
+    /// The connection's byte counts, published for `status` (no acks flow while reintegrating);
+    /// returns (received, sent).
+    fn publish_bytes(&self) -> (u64, u64) {
+        let received = self.d.bytes_in.load(std::sync::atomic::Ordering::Relaxed);
+        let sent = self.d.bytes_out.load(std::sync::atomic::Ordering::Relaxed);
+        let mut l = lock(&self.m.link);
+        l.bytes_received = received;
+        l.bytes_sent = sent;
+        (received, sent)
+    }
+
     fn phase(&self, done: u64, total: u64, conflicts: u64) {
+        self.publish_bytes();
         set_phase(
             self.m,
             MirrorPhase::Reintegrating {
@@ -384,12 +407,13 @@ impl Reintegration<'_> {
             }
             op => op,
         };
+        late.intend(self.vol, &op);
         let applied = self.vol.mutate(op.clone(), || {
             apply_op(tree, &op, false).map_err(|e| std::io::Error::other(e.to_string()))
         });
         match applied {
             Ok(((), seq)) => {
-                late.ours.insert(seq);
+                late.own(seq);
                 Applied::Ok
             }
             // The volume journaled the op and its `Abort`: `Touched` skips both.
@@ -452,22 +476,113 @@ const TOUCHED_MAX: usize = 1_000_000;
 struct Touched {
     next: u64,
     names: HashSet<RelPath>,
-    /// The seqs of the plan's own ops.
+    /// The seqs of the plan's own ops, of this run and of the runs before a crash (R4).
     ours: HashSet<u64>,
-    /// The last record read, until the next one shows it was not aborted.
-    pending: Option<(u64, Vec<RelPath>)>,
+    /// The last record read, until the next one shows it was not aborted (names only).
+    last: Option<(u64, Vec<RelPath>)>,
     /// Too many names, or the journal no longer holds what was not read yet.
     everything: bool,
+    /// `reintegration/ours`: those seqs, appended as the ops are applied.
+    file: fs::File,
+    /// `reintegration/ours.pending`: the op being applied (the journal's next seq before it, and
+    /// its first path), rewritten before each op.
+    pending_file: fs::File,
+    /// An op of a run before a crash that may have been journaled without its seq reaching
+    /// `ours`: the first record from that seq on, up to the journal's end when this process
+    /// opened it, that names its path is that op.
+    pending: Option<(u64, Vec<u8>)>,
+    /// The journal's last seq when this process opened it (records after it are this process's).
+    opened_end: u64,
+    /// An append that failed (the run ends).
+    failed: Option<std::io::Error>,
+}
+
+/// `ours.pending`: (the journal's next seq before the op, its path); `None` if empty or torn.
+fn decode_pending(b: &[u8]) -> Option<(u64, Vec<u8>)> {
+    let bound = u64::from_le_bytes(b.get(..8)?.try_into().ok()?);
+    let len = u32::from_le_bytes(b.get(8..12)?.try_into().ok()?) as usize;
+    Some((bound, b.get(12..12 + len)?.to_vec()))
+}
+
+/// The path an op of the plan is known by in `ours.pending`.
+fn op_key(op: &Op) -> Option<Vec<u8>> {
+    match op {
+        Op::Rename { from, .. } | Op::Link { from, .. } => Some(from.as_bytes().to_vec()),
+        op => op.path().map(|p| p.as_bytes().to_vec()),
+    }
 }
 
 impl Touched {
-    fn new(next: u64) -> Touched {
-        Touched {
+    /// Watches from `next` on, knowing the plan's own ops that `reintegration/ours` lists.
+    fn open(m: &MirrorShared, vol: &Volume, next: u64) -> Result<Touched> {
+        let path = dir_of(m).join("ours");
+        let mut file = fs::OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        let mut b = Vec::new();
+        std::io::Read::read_to_end(&mut file, &mut b)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        // A torn last entry (a crash mid-append) is dropped.
+        let ours: HashSet<u64> = b
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
+            .collect();
+        if b.len() % 8 != 0 {
+            file.set_len((b.len() - b.len() % 8) as u64)?;
+        }
+        let ppath = dir_of(m).join("ours.pending");
+        let mut pending_file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&ppath)
+            .with_context(|| format!("cannot open {}", ppath.display()))?;
+        let mut p = Vec::new();
+        std::io::Read::read_to_end(&mut pending_file, &mut p)
+            .with_context(|| format!("cannot read {}", ppath.display()))?;
+        let pending = decode_pending(&p).filter(|(bound, _)| !ours.iter().any(|s| s >= bound));
+        Ok(Touched {
             next,
             names: HashSet::new(),
-            ours: HashSet::new(),
-            pending: None,
+            ours,
+            last: None,
             everything: false,
+            file,
+            pending_file,
+            pending,
+            opened_end: vol.opened_end,
+            failed: None,
+        })
+    }
+
+    /// Before an op of the plan is applied: what `ours.pending` says of it (not fsynced, like
+    /// `ours`).
+    fn intend(&mut self, vol: &Volume, op: &Op) {
+        let Some(key) = op_key(op) else { return };
+        let bound = lock(&vol.order).journal.next_seq();
+        let mut b = Vec::with_capacity(12 + key.len());
+        b.extend_from_slice(&bound.to_le_bytes());
+        b.extend_from_slice(&(key.len() as u32).to_le_bytes());
+        b.extend_from_slice(&key);
+        if let Err(e) = std::os::unix::fs::FileExt::write_all_at(&self.pending_file, &b, 0) {
+            self.failed.get_or_insert(e);
+        }
+    }
+
+    /// **R4**: `seq` is one of the plan's own ops. Appended, not fsynced: it survives a crash of
+    /// the process; after a power loss a lost entry only makes a re-run step take its own earlier
+    /// effect for a late change of ours (an extra conflict copy or a kept entry, listed; nothing
+    /// is lost).
+    fn own(&mut self, seq: u64) {
+        self.ours.insert(seq);
+        if let Err(e) = self.file.write_all(&seq.to_le_bytes()) {
+            self.failed.get_or_insert(e);
         }
     }
 
@@ -483,8 +598,8 @@ impl Touched {
         if self.everything {
             return Ok(true);
         }
-        let pending = self.pending.iter().flat_map(|(_, n)| n.iter());
-        Ok(self.names.iter().chain(pending).any(|q| q.starts_with(p)))
+        let last = self.last.iter().flat_map(|(_, n)| n.iter());
+        Ok(self.names.iter().chain(last).any(|q| q.starts_with(p)))
     }
 
     fn read(&mut self, vol: &Volume) -> Result<()> {
@@ -498,16 +613,26 @@ impl Touched {
             self.next = r.seq + 1;
             // An op and its `Abort` are appended under one hold of the order lock.
             if let Op::Abort { seq } = r.op {
-                if self.pending.as_ref().is_some_and(|(s, _)| *s == seq) {
-                    self.pending = None;
+                if self.last.as_ref().is_some_and(|(s, _)| *s == seq) {
+                    self.last = None;
                 }
                 continue;
             }
-            if let Some((_, names)) = self.pending.take() {
+            if let Some((_, names)) = self.last.take() {
                 self.names.extend(names);
             }
             if self.ours.contains(&r.seq) {
                 continue;
+            }
+            if let Some((bound, key)) = &self.pending {
+                if r.seq >= *bound
+                    && r.seq <= self.opened_end
+                    && op_key(&r.op).as_deref() == Some(key.as_slice())
+                {
+                    self.pending = None;
+                    self.own(r.seq);
+                    continue;
+                }
             }
             let paths: Vec<RelPath> = match &r.op {
                 Op::Rename { from, to, .. } | Op::Link { from, to } => {
@@ -518,7 +643,7 @@ impl Touched {
                 Op::SetTimes { .. } => vec![],
                 op => op.path().into_iter().cloned().collect(),
             };
-            self.pending = Some((r.seq, paths));
+            self.last = Some((r.seq, paths));
         }
         if self.names.len() > TOUCHED_MAX {
             self.everything = true;
@@ -548,7 +673,7 @@ fn load_plan(m: &MirrorShared) -> Result<Option<SavedPlan>> {
 fn save_plan(m: &MirrorShared, s: &SavedPlan) -> Result<()> {
     let dir = dir_of(m);
     statefile::private_dir(&dir)?;
-    for f in ["cursor", "moves"] {
+    for f in ["cursor", "moves", "ours", "ours.pending"] {
         let _ = fs::remove_file(dir.join(f));
     }
     statefile::replace_durable(&dir.join("plan"), &encode_plan(s), 0o600)
@@ -557,7 +682,7 @@ fn save_plan(m: &MirrorShared, s: &SavedPlan) -> Result<()> {
 
 fn remove_plan(m: &MirrorShared) -> Result<()> {
     let dir = dir_of(m);
-    for f in ["cursor", "moves", "plan"] {
+    for f in ["cursor", "moves", "ours", "ours.pending", "plan"] {
         match fs::remove_file(dir.join(f)) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

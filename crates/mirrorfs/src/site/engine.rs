@@ -88,6 +88,12 @@ impl Volume {
                 session::settled_at_start(horizon, last, *former_primary),
             ),
         };
+        // A mirror daemon's copy may have diverged: its records are kept until a session
+        // streams (see `retain_after`).
+        let retain_after = match role {
+            Role::Primary { .. } => u64::MAX,
+            Role::Mirror { .. } => journal.first_seq().saturating_sub(1),
+        };
         Volume {
             order: Mutex::new(Ordered::new(journal)),
             progress: Mutex::new(Progress {
@@ -102,6 +108,8 @@ impl Volume {
             settled: AtomicU64::new(settled),
             poisoned: AtomicBool::new(false),
             fence: std::sync::OnceLock::new(),
+            retain_after: AtomicU64::new(retain_after),
+            opened_end: horizon,
         }
     }
 

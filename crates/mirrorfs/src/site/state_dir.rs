@@ -4,7 +4,7 @@
 //! writes are fsynced, and when, is listed in `docs/journal.md` ("State files").
 //!
 //! ```text
-//! STATE/ lock, pid, boot_id, clean, volume.json, status.json, journal/, diverged/,
+//! STATE/ lock, pid, boot_id, clean, served, volume.json, status.json, journal/, diverged/,
 //!        conflicts.json, conflicts.lock
 //!        tree/cursor                      (the daemon's own tree)
 //!        mirrors/ID/{cursor, NEEDS_RESYNC, SYNCING, durable, ...}
@@ -110,6 +110,32 @@ impl StateDir {
 
     fn clean_path(&self) -> PathBuf {
         self.path.join("clean")
+    }
+
+    /// `STATE/served`: a mirror daemon opened this former primary's directory after its clean
+    /// unmount, so its tree is its journal's end; a crash of the daemon since (no `clean`
+    /// marker) is a mirror's crash, not a primary's, and the daemon may start again. A mount
+    /// removes it before its run begins.
+    pub fn is_served_primary(&self) -> bool {
+        self.served_path().exists()
+    }
+
+    /// Leaves the `served` marker, durably.
+    pub fn set_served_primary(&self) -> io::Result<()> {
+        statefile::replace_durable(&self.served_path(), b"", 0o600)
+    }
+
+    /// Removes the `served` marker, durably (a mount's run begins).
+    pub fn clear_served_primary(&self) -> io::Result<()> {
+        match fs::symlink_metadata(self.served_path()) {
+            Ok(_) => statefile::remove_durable(&self.served_path()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn served_path(&self) -> PathBuf {
+        self.path.join("served")
     }
 
     /// `STATE/boot_id`: the kernel boot id the last run started in.

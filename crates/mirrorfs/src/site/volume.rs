@@ -170,6 +170,12 @@ pub struct LinkInfo {
     pub reconnects: u64,
     pub compress: bool,
     pub last_error: Option<String>,
+    /// Bytes received and sent on the connection of the last completed reintegration (its
+    /// own connection: the resync that follows counts on the next one).
+    #[serde(default)]
+    pub reintegration_bytes_received: u64,
+    #[serde(default)]
+    pub reintegration_bytes_sent: u64,
 }
 
 impl MirrorShared {
@@ -344,6 +350,13 @@ pub struct Volume {
     /// With `--witness`: changes are refused (`EROFS`) while the site holds no valid lease
     /// (set once, before the mount starts).
     pub fence: std::sync::OnceLock<Arc<crate::site::fence::Fence>>,
+    /// The journal keeps every record after this whatever the mirrors need (`u64::MAX`: no
+    /// hold). A mirror daemon holds its whole journal from its start until a primary's session
+    /// begins streaming: until then its copy may have diverged, and a reintegration asks for its
+    /// records after the common point (`net::serve::reintegration`), also after a restart.
+    pub retain_after: AtomicU64,
+    /// The journal's last seq when this process opened it (before its recovery records).
+    pub opened_end: u64,
 }
 
 impl Volume {
@@ -556,6 +569,7 @@ impl Volume {
             .map(|m| m.needed_after())
             .min()
             .unwrap_or(durable)
+            .min(self.retain_after.load(Ordering::Acquire))
     }
 
     /// Waits until the journal is durable through the current settled seq (application fsync).

@@ -291,11 +291,18 @@ fn open_site(
     meta: &Meta,
     journal_max_mib: u64,
 ) -> Result<(Site, Arc<MirrorShared>)> {
-    if meta.former_primary() && !StateDir::at(state).is_clean() {
+    let sd = StateDir::at(state);
+    // A daemon that served it before and died keeps the tree at the journal's end (nothing
+    // changes a former primary's tree before it is reintegrated or discarded): it may start.
+    if meta.former_primary() && !sd.is_clean() && !sd.is_served_primary() {
         bail!(
             "{} is a primary's backing directory that was not unmounted cleanly: mount it once with `mirrorfs mount` and unmount it (that settles its last change), then serve it",
             dir.display()
         );
+    }
+    if meta.former_primary() {
+        sd.set_served_primary()
+            .with_context(|| format!("cannot write {}/served", state.display()))?;
     }
     let m = Arc::new(MirrorShared::new(
         dir.display().to_string(),

@@ -60,6 +60,8 @@ impl Daemon {
         // A new initial copy or resync forgets an older one's `SyncDone`.
         self.pending_sync_done
             .store(session.pending_sync_done(), Ordering::Release);
+        // The copy follows this primary from here: its journal need not be held any more.
+        self.vol.retain_after.store(u64::MAX, Ordering::Release);
         match begin {
             Begin::Resume { seq, history } => {
                 tracing::info!("resuming at record {seq}");
