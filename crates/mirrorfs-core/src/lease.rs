@@ -653,7 +653,7 @@ mod tests {
                 },
             ),
         ];
-        let mut delay = |rng: &mut rand::rngs::SmallRng| {
+        let delay = |rng: &mut rand::rngs::SmallRng| {
             if rng.gen_bool(0.05) {
                 rng.gen_range(0..2 * ttl)
             } else {

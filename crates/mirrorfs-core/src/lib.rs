@@ -8,6 +8,7 @@
 //! [`tree::Tree`]) so the simulation can inject crashes and faults deterministically.
 
 pub mod applier;
+pub mod civil;
 pub mod codec;
 pub mod feed;
 pub mod flush;

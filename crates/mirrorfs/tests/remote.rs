@@ -2571,6 +2571,20 @@ fn refusal_of(r: &Value) -> Option<String> {
     (r["state"] == "refused").then(|| r["reason"].as_str().unwrap_or_default().to_string())
 }
 
+/// Waits until P's remote mirror M is live, writes the base of a failback test through P
+/// (`write`), and waits until M holds it as a consistent copy.
+fn mirrored_base(p: &Mount, srv: &Serve, write: impl FnOnce(&Mount)) {
+    wait_live(p, srv);
+    write(p);
+    converge(p, srv, "the base on M");
+    assert!(
+        wait_until(Duration::from_secs(10), || srv
+            .status()
+            .is_some_and(|s| s["copy"] == "consistent")),
+        "M never recorded a consistent copy"
+    );
+}
+
 /// Issue 6, finding 2, exactly as found: serve M; mount P with M as its mirror; write a.txt;
 /// stop the daemon; write b.txt through P; promote M; unmount P; mount M as a primary with P's
 /// directory served as its mirror. b.txt must survive, the attach is refused naming the
@@ -2581,15 +2595,9 @@ fn failback_refuses_to_overwrite_the_old_primarys_changes() {
     let net = Net::new("failback");
     let mut srv = net.serve("m", &[]);
     let mut p = net.mount("net-failback-p", 0, &srv.url(), &[]);
-    wait_live(&p, &srv);
-    fs::write(p.p("a.txt"), b"a, written while M was attached\n").expect("write a.txt");
-    converge(&p, &srv, "a.txt on M");
-    assert!(
-        wait_until(Duration::from_secs(10), || srv
-            .status()
-            .is_some_and(|s| s["copy"] == "consistent")),
-        "M never recorded a consistent copy"
-    );
+    mirrored_base(&p, &srv, |p| {
+        fs::write(p.p("a.txt"), b"a, written while M was attached\n").expect("write a.txt");
+    });
     srv.stop();
     fs::write(p.p("b.txt"), b"b, written on P after M went away\n").expect("write b.txt");
     let out = run_ok(&[os("promote"), srv.dir.as_os_str()]);
@@ -2719,15 +2727,9 @@ fn failback_daemon_serves_its_changes_for_reintegration() {
     let net = Net::new("reint");
     let mut srv = net.serve("m", &[]);
     let mut p = net.mount("net-reint-p", 0, &srv.url(), &[]);
-    wait_live(&p, &srv);
-    fs::write(p.p("a.txt"), b"a\n").expect("write a.txt");
-    converge(&p, &srv, "a.txt on M");
-    assert!(
-        wait_until(Duration::from_secs(10), || srv
-            .status()
-            .is_some_and(|s| s["copy"] == "consistent")),
-        "M never recorded a consistent copy"
-    );
+    mirrored_base(&p, &srv, |p| {
+        fs::write(p.p("a.txt"), b"a\n").expect("write a.txt");
+    });
     srv.stop();
     let big: Vec<u8> = (0..(3u32 << 20)).map(|i| (i % 251) as u8).collect();
     fs::write(p.p("b.txt"), b"b, written on P after M went away\n").expect("write b.txt");
@@ -3007,18 +3009,12 @@ fn failback_reintegrates_the_old_primarys_changes_and_lists_conflicts() {
     let net = Net::new("reint");
     let mut srv = net.serve("m", &[]);
     let mut p = net.mount("net-reint-p", 0, &srv.url(), &[]);
-    wait_live(&p, &srv);
-    fs::write(p.p("notes.txt"), b"base\n").expect("write notes.txt");
-    fs::write(p.p("shared.txt"), b"shared, before the split\n").expect("write");
-    fs::create_dir(p.p("d")).expect("mkdir d");
-    fs::write(p.p("d/e.txt"), b"e\n").expect("write d/e.txt");
-    converge(&p, &srv, "the base on M");
-    assert!(
-        wait_until(Duration::from_secs(10), || srv
-            .status()
-            .is_some_and(|s| s["copy"] == "consistent")),
-        "M never recorded a consistent copy"
-    );
+    mirrored_base(&p, &srv, |p| {
+        fs::write(p.p("notes.txt"), b"base\n").expect("write notes.txt");
+        fs::write(p.p("shared.txt"), b"shared, before the split\n").expect("write");
+        fs::create_dir(p.p("d")).expect("mkdir d");
+        fs::write(p.p("d/e.txt"), b"e\n").expect("write d/e.txt");
+    });
     // The split: M goes away; P keeps writing.
     srv.stop();
     fs::write(p.p("b.txt"), b"b, written on P after the split\n").expect("write b.txt");
@@ -3151,15 +3147,9 @@ fn netsplit_both_sides_edit_one_file_and_the_heal_keeps_both() {
         Some(&ns),
     );
     let mut p = net.mount("net-split-p", 0, &srv.url(), &[]);
-    wait_live(&p, &srv);
-    fs::write(p.p("notes.txt"), b"line 1\nline 2\n").expect("write notes.txt");
-    converge(&p, &srv, "notes.txt on M");
-    assert!(
-        wait_until(Duration::from_secs(10), || srv
-            .status()
-            .is_some_and(|s| s["copy"] == "consistent")),
-        "M never recorded a consistent copy"
-    );
+    mirrored_base(&p, &srv, |p| {
+        fs::write(p.p("notes.txt"), b"line 1\nline 2\n").expect("write notes.txt");
+    });
     // The partition: both sites run, nothing crosses.
     ns.cut();
     fs::write(
@@ -3307,21 +3297,15 @@ fn failback_killed_mid_reintegration(tag: &str, victim: Victim) {
     let net = Net::new(tag);
     let mut srv = net.serve("m", &[]);
     let mut p = net.mount(&format!("net-{tag}-p"), 0, &srv.url(), &[]);
-    wait_live(&p, &srv);
-    fs::write(p.p("notes.txt"), b"base\n").expect("write notes.txt");
-    fs::write(p.p("shared.txt"), b"shared, before the split\n").expect("write");
-    // A directory P removes after the split: its removals are the plan's first steps.
-    fs::create_dir(p.p("gone")).expect("mkdir gone");
-    for i in 0..REINT_GONE_FILES {
-        fs::write(p.p(format!("gone/g{i:03}")), b"g").expect("write gone/*");
-    }
-    converge(&p, &srv, "the base on M");
-    assert!(
-        wait_until(Duration::from_secs(10), || srv
-            .status()
-            .is_some_and(|s| s["copy"] == "consistent")),
-        "M never recorded a consistent copy"
-    );
+    mirrored_base(&p, &srv, |p| {
+        fs::write(p.p("notes.txt"), b"base\n").expect("write notes.txt");
+        fs::write(p.p("shared.txt"), b"shared, before the split\n").expect("write");
+        // A directory P removes after the split: its removals are the plan's first steps.
+        fs::create_dir(p.p("gone")).expect("mkdir gone");
+        for i in 0..REINT_GONE_FILES {
+            fs::write(p.p(format!("gone/g{i:03}")), b"g").expect("write gone/*");
+        }
+    });
     // The split: M goes away; P writes a lot, and edits the file M will edit too.
     srv.stop();
     fs::remove_dir_all(p.p("gone")).expect("rm -r gone on P");

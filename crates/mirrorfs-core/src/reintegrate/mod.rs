@@ -593,23 +593,8 @@ pub fn conflict_label(site: &str, time: i64) -> String {
     } else {
         site
     };
-    let (days, secs) = (time.div_euclid(86_400), time.rem_euclid(86_400));
-    let (y, mo, d) = civil_from_days(days);
-    let (h, mi, s) = (secs / 3600, secs / 60 % 60, secs % 60);
+    let (y, mo, d, h, mi, s) = crate::civil::utc_parts(time);
     format!("conflict-{site}-{y:04}{mo:02}{d:02}-{h:02}{mi:02}{s:02}")
-}
-
-/// Proleptic Gregorian date of a day count since 1970-01-01 (H. Hinnant's algorithm).
-fn civil_from_days(days: i64) -> (i64, i64, i64) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
 /// The merge of both sides into a plan for ours.
