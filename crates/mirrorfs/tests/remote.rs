@@ -3000,6 +3000,28 @@ fn serve_reloads_trusted_peers_at_each_handshake() {
     m.unmount();
 }
 
+/// Failover after a split: M's copy (served by `srv`, now stopped) is promoted, P unmounted, and
+/// M's directory mounted as the new primary (`layout` named `name`) with a network mirror on a
+/// free port, where the old primary's directory will be served. Returns the new primary, P's
+/// directory and that port.
+fn fail_over(net: &Net, srv: &Serve, p: &mut Mount, name: &str) -> (Mount, PathBuf, u16) {
+    let out = run_ok(&[os("promote"), srv.dir.as_os_str()]);
+    assert!(out.contains("generation 2"), "{out}");
+    p.unmount();
+    let p_dir = p.backing().to_path_buf();
+    let port = free_port();
+    let url = format!("mirror://127.0.0.1:{port}");
+    let mut layout = Layout::new(name, 0);
+    layout.backing = srv.dir.clone();
+    let m_state = srv.dir.join(".mirrorfs").display().to_string();
+    let cfg = net.primary.dir.display().to_string();
+    let m = Mount::start(
+        layout,
+        &["--state", &m_state, "--mirror", &url, "--config", &cfg],
+    );
+    (m, p_dir, port)
+}
+
 /// Issue 7: failover, changes on both sides of the split, failback by re-attaching the old
 /// primary as a mirror of the new one. The old primary's unshipped changes are reintegrated
 /// into the new primary (merged where only it changed, a listed conflict copy where both
@@ -3022,20 +3044,7 @@ fn failback_reintegrates_the_old_primarys_changes_and_lists_conflicts() {
     fs::remove_file(p.p("d/e.txt")).expect("rm d/e.txt on P");
     fs::write(p.p("d/p.txt"), b"p\n").expect("write d/p.txt");
     // Failover: M is promoted and mounted as the new primary; it writes too.
-    let out = run_ok(&[os("promote"), srv.dir.as_os_str()]);
-    assert!(out.contains("generation 2"), "{out}");
-    p.unmount();
-    let p_dir = p.backing().to_path_buf();
-    let port = free_port();
-    let url = format!("mirror://127.0.0.1:{port}");
-    let mut layout = Layout::new("net-reint-m", 0);
-    layout.backing = srv.dir.clone();
-    let m_state = srv.dir.join(".mirrorfs").display().to_string();
-    let cfg = net.primary.dir.display().to_string();
-    let mut m = Mount::start(
-        layout,
-        &["--state", &m_state, "--mirror", &url, "--config", &cfg],
-    );
+    let (mut m, p_dir, port) = fail_over(&net, &srv, &mut p, "net-reint-m");
     fs::write(m.p("c.txt"), b"c, written on M after the failover\n").expect("write c.txt");
     fs::write(m.p("notes.txt"), b"M's edit\n").expect("edit notes.txt on M");
     // Failback: P's directory is served as M's mirror, with the default policy (reintegrate).
@@ -3125,6 +3134,68 @@ fn failback_reintegrates_the_old_primarys_changes_and_lists_conflicts() {
         "the resolution reaches P",
         &Cmp::FULL,
         &|| ctx(&m, &srv_p),
+    );
+    m.unmount();
+}
+
+/// Found in review of issue 7: a reintegration changes the new primary's backing tree beneath its
+/// mount (not through FUSE), so the mount's inode table must follow. Here P renamed x.txt to
+/// y.txt during the split and wrote a new x.txt; a user of M had looked x.txt up. After the heal
+/// M's old x.txt is y.txt and P's new file is x.txt: a chmod and a truncate of y.txt through M's
+/// mount must change y.txt — before the fix the table still named that inode x.txt, and both
+/// landed on P's new file.
+#[test]
+fn failback_renames_reach_the_new_primarys_mount() {
+    let net = Net::new("reint-names");
+    let mut srv = net.serve("m", &[]);
+    let mut p = net.mount("net-reint-names-p", 0, &srv.url(), &[]);
+    mirrored_base(&p, &srv, |p| {
+        fs::write(p.p("x.txt"), b"x, the base\n").expect("write x.txt");
+    });
+    srv.stop();
+    fs::rename(p.p("x.txt"), p.p("y.txt")).expect("mv x.txt y.txt on P");
+    fs::write(p.p("x.txt"), b"P's new x\n").expect("write the new x.txt on P");
+    let (mut m, p_dir, port) = fail_over(&net, &srv, &mut p, "net-reint-names-m");
+    // A user of M looks x.txt up: the kernel and the mount now know its inode by that name.
+    let before = fs::metadata(m.p("x.txt")).expect("stat x.txt on M");
+    assert_eq!(before.len(), 12);
+    let srv_p = Serve::start(
+        &p_dir,
+        &net.mirror.dir,
+        port,
+        &net.base.join("serve-p.log"),
+        &[],
+    );
+    wait_live(&m, &srv_p);
+    wait_converged(&srv.dir, &p_dir, "P follows M", &Cmp::FULL, &|| {
+        ctx(&m, &srv_p)
+    });
+    let read = |rel: &str| fs::read_to_string(m.p(rel)).map_err(|e| e.to_string());
+    assert_eq!(read("y.txt"), Ok("x, the base\n".into()), "y.txt through M");
+    assert_eq!(read("x.txt"), Ok("P's new x\n".into()), "x.txt through M");
+    fs::set_permissions(m.p("y.txt"), fs::Permissions::from_mode(0o600)).expect("chmod y.txt");
+    let c = std::ffi::CString::new(m.p("y.txt").into_os_string().into_encoded_bytes())
+        .expect("a path without NUL");
+    // SAFETY: a valid NUL-terminated path.
+    let rc = unsafe { libc::truncate(c.as_ptr(), 0) };
+    assert_eq!(rc, 0, "truncate y.txt: {}", std::io::Error::last_os_error());
+    let mode = |rel: &str| {
+        fs::symlink_metadata(srv.dir.join(rel))
+            .expect("stat on M's backing")
+            .permissions()
+            .mode()
+            & 0o7777
+    };
+    assert_eq!(mode("y.txt"), 0o600, "the chmod reached y.txt");
+    assert_ne!(mode("x.txt"), 0o600, "the chmod of y.txt changed x.txt");
+    assert_eq!(
+        fs::read(srv.dir.join("x.txt")).expect("x.txt on M's backing"),
+        b"P's new x\n",
+        "the truncate of y.txt changed x.txt"
+    );
+    assert_eq!(
+        fs::metadata(srv.dir.join("y.txt")).map(|m| m.len()).ok(),
+        Some(0)
     );
     m.unmount();
 }
@@ -3323,20 +3394,7 @@ fn failback_killed_mid_reintegration(tag: &str, victim: Victim) {
     }
     fs::write(p.p("notes.txt"), b"P's edit\n").expect("edit notes.txt on P");
     // Failover.
-    let out = run_ok(&[os("promote"), srv.dir.as_os_str()]);
-    assert!(out.contains("generation 2"), "{out}");
-    p.unmount();
-    let p_dir = p.backing().to_path_buf();
-    let port = free_port();
-    let url = format!("mirror://127.0.0.1:{port}");
-    let mut layout = Layout::new(&format!("net-{tag}-m"), 0);
-    layout.backing = srv.dir.clone();
-    let m_state = srv.dir.join(".mirrorfs").display().to_string();
-    let cfg = net.primary.dir.display().to_string();
-    let mut m = Mount::start(
-        layout,
-        &["--state", &m_state, "--mirror", &url, "--config", &cfg],
-    );
+    let (mut m, p_dir, port) = fail_over(&net, &srv, &mut p, &format!("net-{tag}-m"));
     fs::write(m.p("c.txt"), b"c, written on M after the failover\n").expect("write c.txt");
     fs::write(m.p("notes.txt"), b"M's edit\n").expect("edit notes.txt on M");
     // Failback, cut half-way.

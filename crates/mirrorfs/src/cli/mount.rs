@@ -327,12 +327,17 @@ pub fn mount(a: MountArgs) -> Result<()> {
     let reg = start_status(&mut site, &a, &places, &status_stop)?;
     let term = shutdown_signals()?;
     let fs_impl = fuse::MirrorFs::new(vol.clone(), &places.backing, Some(state.hidden.clone()))?;
+    let view = fs_impl.view();
     let session = fuser::Session::new(
         fs_impl,
         &places.mountpoint,
         &fuse_config(&a, &places.backing),
     )
     .with_context(|| format!("cannot mount on {}", places.mountpoint.display()))?;
+    // Changes the site makes beneath the mount (a failback's reintegration) reach the mount's
+    // inode table and the kernel's caches.
+    view.attach(session.notifier());
+    let _ = vol.view.set(view);
     let bg = session.spawn()?;
     tracing::info!(
         "mounted {} on {} with {} mirror(s), ack={:?}, quorum {}",

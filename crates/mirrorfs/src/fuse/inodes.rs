@@ -8,6 +8,12 @@
 //! link it, "nlink is 0", or serves the old file's cached pages). The deletion marks the node
 //! *gone*; a new file that arrives with the number of a gone node gets a node id of its own above
 //! `ALIAS_BASE` until the kernel forgets it.
+//!
+//! A name names one node: the table keeps the reverse index `(parent, name) → node`, so a lookup
+//! that finds another inode under a name takes the name away from the node that had it, and the
+//! name a lookup just found comes first (it is the one `path` uses). The tree can change beneath
+//! the mount without FUSE seeing it — a failback's reintegration applies the other site's changes
+//! through the site's volume — and then `beneath` moves or removes names by path (`at`).
 
 use std::collections::HashMap;
 
@@ -31,6 +37,8 @@ struct Node {
 #[derive(Default)]
 pub struct Inodes {
     nodes: HashMap<u64, Node>,
+    /// `(parent, name)` → the node that name is known to name: the reverse of `Node::names`.
+    entries: HashMap<(u64, Vec<u8>), u64>,
     /// Backing inode number → node id, for the files given an id of their own.
     alias: HashMap<u64, u64>,
     next_alias: u64,
@@ -52,6 +60,7 @@ impl Inodes {
         );
         Inodes {
             nodes,
+            entries: HashMap::new(),
             alias: HashMap::new(),
             next_alias: ALIAS_BASE,
             root_backing_ino,
@@ -114,10 +123,50 @@ impl Inodes {
             ..Node::default()
         });
         node.lookups += 1;
-        if !node.names.iter().any(|(p, n)| *p == parent && n == name) {
-            node.names.push((parent, name.to_vec()));
-        }
+        self.name(id, parent, name);
         id
+    }
+
+    /// `(parent, name)` now names node `id`, as its first name: taken from whichever node had it.
+    fn name(&mut self, id: u64, parent: u64, name: &[u8]) {
+        let key = (parent, name.to_vec());
+        if let Some(old) = self.entries.insert(key, id) {
+            if old != id {
+                if let Some(n) = self.nodes.get_mut(&old) {
+                    n.names.retain(|(p, n)| !(*p == parent && n == name));
+                }
+            }
+        }
+        if let Some(node) = self.nodes.get_mut(&id) {
+            node.names.retain(|(p, n)| !(*p == parent && n == name));
+            node.names.insert(0, (parent, name.to_vec()));
+        }
+    }
+
+    /// `(parent, name)` no longer names `id` (if it did).
+    fn unname(&mut self, id: u64, parent: u64, name: &[u8]) {
+        let key = (parent, name.to_vec());
+        if self.entries.get(&key) == Some(&id) {
+            self.entries.remove(&key);
+        }
+        if let Some(node) = self.nodes.get_mut(&id) {
+            node.names.retain(|(p, n)| !(*p == parent && n == name));
+        }
+    }
+
+    /// The node the table knows under `p`, found name by name from the root.
+    pub fn at(&self, p: &RelPath) -> Option<u64> {
+        let mut cur = ROOT;
+        for c in p.as_bytes().split(|b| *b == b'/').filter(|c| !c.is_empty()) {
+            cur = *self.entries.get(&(cur, c.to_vec()))?;
+        }
+        Some(cur)
+    }
+
+    /// The node `p` names and the node of its parent directory, as far as the table knows them.
+    pub fn entry_at(&self, p: &RelPath) -> (Option<u64>, Option<u64>) {
+        let parent = p.parent().and_then(|d| self.at(&d));
+        (self.at(p), parent)
     }
 
     pub fn forget(&mut self, ino: u64, n: u64) {
@@ -128,6 +177,11 @@ impl Inodes {
             node.lookups = node.lookups.saturating_sub(n);
             if node.lookups == 0 {
                 let backing = node.backing;
+                for key in std::mem::take(&mut node.names) {
+                    if self.entries.get(&key) == Some(&ino) {
+                        self.entries.remove(&key);
+                    }
+                }
                 self.nodes.remove(&ino);
                 if self.alias.get(&backing) == Some(&ino) {
                     self.alias.remove(&backing);
@@ -146,19 +200,30 @@ impl Inodes {
         }
     }
 
-    /// `name` in `parent` no longer names `ino`.
-    pub fn unlink(&mut self, parent: u64, name: &[u8], ino: u64) {
+    /// Node `ino`'s backing inode may have been freed (its last known name removed beneath the
+    /// mount): as `gone`, by node id.
+    pub fn gone_node(&mut self, ino: u64) {
         if let Some(node) = self.nodes.get_mut(&ino) {
-            node.names.retain(|(p, n)| !(*p == parent && n == name));
+            node.gone = true;
         }
     }
 
-    /// The entry `(parent, name)` moved to `(new_parent, new_name)`.
+    /// `name` in `parent` no longer names `ino`.
+    pub fn unlink(&mut self, parent: u64, name: &[u8], ino: u64) {
+        self.unname(ino, parent, name);
+    }
+
+    /// The entry `(parent, name)` moved to `(new_parent, new_name)` (replacing what was there).
     pub fn rename(&mut self, ino: u64, parent: u64, name: &[u8], new_parent: u64, new_name: &[u8]) {
-        if let Some(node) = self.nodes.get_mut(&ino) {
-            node.names.retain(|(p, n)| !(*p == parent && n == name));
-            node.names.insert(0, (new_parent, new_name.to_vec()));
+        if self.nodes.contains_key(&ino) {
+            self.unname(ino, parent, name);
+            self.name(ino, new_parent, new_name);
         }
+    }
+
+    /// True if node `ino` has no known name left.
+    pub fn nameless(&self, ino: u64) -> bool {
+        self.nodes.get(&ino).is_none_or(|n| n.names.is_empty())
     }
 
     #[cfg(test)]
@@ -221,5 +286,43 @@ mod tests {
         // Hard links: removing one of two names is not `gone`.
         assert_eq!(t.register(ROOT, b"a", 12), 12);
         assert_eq!(t.register(ROOT, b"b", 12), 12);
+    }
+
+    /// The tree changed beneath the mount: a lookup that finds another inode under a name takes
+    /// the name from the node that had it, and the name found last is the one `path` uses.
+    #[test]
+    fn a_lookup_takes_a_name_from_the_node_that_had_it() {
+        let mut t = Inodes::new(2);
+        t.register(ROOT, b"x", 11);
+        // Beneath the mount: x moved to y, a new file took the name x.
+        t.register(ROOT, b"y", 11);
+        assert_eq!(t.path(11).map(|p| p.to_string()), Some("y".into()));
+        t.register(ROOT, b"x", 12);
+        assert_eq!(t.path(12).map(|p| p.to_string()), Some("x".into()));
+        assert_eq!(t.path(11).map(|p| p.to_string()), Some("y".into()));
+        assert_eq!(t.at(&RelPath::new("x").expect("path")), Some(12));
+        assert_eq!(t.at(&RelPath::new("y").expect("path")), Some(11));
+        // A rename over a known name takes it too; forgetting a node drops its names.
+        t.rename(11, ROOT, b"y", ROOT, b"x");
+        assert_eq!(t.at(&RelPath::new("x").expect("path")), Some(11));
+        assert!(t.nameless(12));
+        t.forget(11, 2);
+        assert_eq!(t.at(&RelPath::new("x").expect("path")), None);
+    }
+
+    #[test]
+    fn at_walks_names_from_the_root() {
+        let mut t = Inodes::new(2);
+        t.register(ROOT, b"d", 10);
+        t.register(10, b"f", 11);
+        let p = RelPath::new("d/f").expect("path");
+        assert_eq!(t.at(&p), Some(11));
+        assert_eq!(t.entry_at(&p), (Some(11), Some(10)));
+        assert_eq!(t.at(&RelPath::root()), Some(ROOT));
+        assert_eq!(t.at(&RelPath::new("d/g").expect("path")), None);
+        assert_eq!(
+            t.entry_at(&RelPath::new("d/g").expect("path")),
+            (None, Some(10))
+        );
     }
 }

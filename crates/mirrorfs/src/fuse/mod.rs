@@ -4,6 +4,7 @@
 
 pub mod affinity;
 pub mod inodes;
+pub mod view;
 
 mod attr;
 mod data;
@@ -144,6 +145,12 @@ impl MirrorFs {
             hidden,
             passthrough: AtomicBool::new(false),
         })
+    }
+
+    /// The mount's view for the volume (`Volume::mutate_beneath`), sharing this inode table;
+    /// `View::attach` gives it the session's notifier once mounted.
+    pub fn view(&self) -> Arc<view::View> {
+        Arc::new(view::View::new(self.inodes.clone()))
     }
 
     fn rootfd(&self) -> BorrowedFd<'_> {

@@ -408,7 +408,7 @@ impl Reintegration<'_> {
             op => op,
         };
         late.intend(self.vol, &op);
-        let applied = self.vol.mutate(op.clone(), || {
+        let applied = self.vol.mutate_beneath(op.clone(), || {
             apply_op(tree, &op, false).map_err(|e| std::io::Error::other(e.to_string()))
         });
         match applied {

@@ -110,6 +110,7 @@ impl Volume {
             fence: std::sync::OnceLock::new(),
             retain_after: AtomicU64::new(retain_after),
             opened_end: horizon,
+            view: std::sync::OnceLock::new(),
         }
     }
 

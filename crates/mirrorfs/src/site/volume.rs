@@ -357,6 +357,22 @@ pub struct Volume {
     pub retain_after: AtomicU64,
     /// The journal's last seq when this process opened it (before its recovery records).
     pub opened_end: u64,
+    /// The mount's view of the backing tree (its inode table, the kernel's caches), told of the
+    /// changes made beneath it by `mutate_beneath` (set once, when the primary mounts).
+    pub view: std::sync::OnceLock<Arc<dyn MountView>>,
+}
+
+/// What a mount knows of its backing tree: the FUSE shell's inode table and the kernel's caches
+/// of names and pages. A change the site makes to the backing tree itself, not through the mount
+/// (a failback's reintegration applies the other site's changes), must reach it, or the mount
+/// would act on an inode by a name that now names another file.
+pub trait MountView: Send + Sync {
+    /// `op` was just applied to the backing tree. Called under the order lock, so that no change
+    /// through the mount comes between the change and the table's update.
+    fn changed_beneath(&self, op: &Op);
+    /// Called once the order lock is released: tells the kernel what `changed_beneath` found
+    /// stale (an invalidation may wait for FUSE requests that wait for the order lock).
+    fn settle(&self);
 }
 
 impl Volume {
@@ -396,6 +412,28 @@ impl Volume {
             }
             Err(e) => Err(crate::sys::errno_of(&e)),
         }
+    }
+
+    /// `mutate` for a change the site makes to its backing tree beneath the mount rather than
+    /// through it: the mount's view, if any, follows the change (see `MountView`).
+    pub fn mutate_beneath<R>(
+        &self,
+        op: Op,
+        apply: impl FnOnce() -> io::Result<R>,
+    ) -> Result<(R, u64), i32> {
+        let view = self.view.get().cloned();
+        let seen = view.as_ref().map(|_| op.clone());
+        let res = self.mutate(op, || {
+            let r = apply()?;
+            if let (Some(v), Some(op)) = (&view, &seen) {
+                v.changed_beneath(op);
+            }
+            Ok(r)
+        });
+        if let Some(v) = &view {
+            v.settle();
+        }
+        res
     }
 
     /// `EROFS` while a witness fence is set and the site holds no valid lease. Checked under the
