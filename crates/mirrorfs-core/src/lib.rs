@@ -10,6 +10,7 @@
 pub mod applier;
 pub mod civil;
 pub mod codec;
+pub mod datagram;
 pub mod feed;
 pub mod flush;
 pub mod history;
