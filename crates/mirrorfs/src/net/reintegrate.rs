@@ -215,35 +215,41 @@ impl Reintegration<'_> {
         let from = div.common_seq + 1;
         self.d.send(&Msg::Reintegrate { from })?;
         let theirs = self.receive_tail(from)?;
-        let (ours, our_end) = our_records(self.vol, from)?;
-        let root = Root::open(self.backing)
-            .with_context(|| format!("cannot open {}", self.backing.display()))?;
-        let mut taken = |p: &RelPath| root.lstat(p).is_ok();
-        let time = crate::sys::now().sec;
-        let site = site_name(self.m);
-        let plan = reintegrate::plan(
-            &Input {
-                ours: &ours,
-                theirs: &theirs,
-                their_site: &site,
-                time,
-            },
-            &mut taken,
-        )
-        .map_err(|e| anyhow!("cannot plan the reintegration: {e}"))?;
-        let saved = SavedPlan {
-            id: crate::site::meta::random_u64()?,
-            their_generation,
-            common_seq: div.common_seq,
-            their_end: div.their_end,
-            our_end,
-            label: conflict_label(&site, time),
-            their_site: site,
-            plan,
-        };
-        save_plan(self.m, &saved)?;
-        self.list(&saved, &saved.plan.conflicts, time)?;
-        Ok(saved)
+        // Reading our records, planning and saving the plan send nothing: pings keep the
+        // daemon from dropping this primary as silent while they take long (a large tree).
+        let d = self.d;
+        let ping = || d.send(&Msg::Ping { nonce: 0 }).map(|_| ());
+        with_keepalive(ping, KEEPALIVE, || {
+            let (ours, our_end) = our_records(self.vol, from)?;
+            let root = Root::open(self.backing)
+                .with_context(|| format!("cannot open {}", self.backing.display()))?;
+            let mut taken = |p: &RelPath| root.lstat(p).is_ok();
+            let time = crate::sys::now().sec;
+            let site = site_name(self.m);
+            let plan = reintegrate::plan(
+                &Input {
+                    ours: &ours,
+                    theirs: &theirs,
+                    their_site: &site,
+                    time,
+                },
+                &mut taken,
+            )
+            .map_err(|e| anyhow!("cannot plan the reintegration: {e}"))?;
+            let saved = SavedPlan {
+                id: crate::site::meta::random_u64()?,
+                their_generation,
+                common_seq: div.common_seq,
+                their_end: div.their_end,
+                our_end,
+                label: conflict_label(&site, time),
+                their_site: site,
+                plan,
+            };
+            save_plan(self.m, &saved)?;
+            self.list(&saved, &saved.plan.conflicts, time)?;
+            Ok(saved)
+        })
     }
 
     /// Adds conflicts to the volume's registry (`mirrorfs conflicts`).
@@ -429,6 +435,34 @@ impl Reintegration<'_> {
             },
         }
     }
+}
+
+/// Runs `work` while another thread calls `ping` every `every` (until `work` ends or a ping
+/// fails: the work then finds the connection gone itself).
+fn with_keepalive<T>(
+    ping: impl Fn() -> std::io::Result<()> + Sync,
+    every: Duration,
+    work: impl FnOnce() -> T,
+) -> T {
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let step = every.min(Duration::from_millis(50));
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut last = Instant::now();
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(step);
+                if last.elapsed() >= every {
+                    if ping().is_err() {
+                        return;
+                    }
+                    last = Instant::now();
+                }
+            }
+        });
+        let r = work();
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        r
+    })
 }
 
 /// The other site's name in conflict names and the registry: the mirror's host
@@ -771,5 +805,45 @@ impl MovesFile {
         self.f
             .sync_data()
             .context("cannot make the reintegration's late moves durable")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// A long quiet step (planning a large tree) is accompanied by pings, and they stop with it.
+    #[test]
+    fn a_long_quiet_step_keeps_pinging() {
+        let pings = AtomicU32::new(0);
+        let ping = || {
+            pings.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        };
+        let r = with_keepalive(ping, Duration::from_millis(20), || {
+            std::thread::sleep(Duration::from_millis(300));
+            7
+        });
+        assert_eq!(r, 7);
+        let n = pings.load(Ordering::Relaxed);
+        assert!(n >= 3, "{n} pings during 300 ms at one per 20 ms");
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(pings.load(Ordering::Relaxed), n, "no ping after the step");
+    }
+
+    #[test]
+    fn a_failed_ping_stops_the_pinging_not_the_work() {
+        let pings = AtomicU32::new(0);
+        let ping = || {
+            pings.fetch_add(1, Ordering::Relaxed);
+            Err(std::io::Error::other("the connection is gone"))
+        };
+        let r = with_keepalive(ping, Duration::from_millis(10), || {
+            std::thread::sleep(Duration::from_millis(100));
+            "done"
+        });
+        assert_eq!(r, "done");
+        assert_eq!(pings.load(Ordering::Relaxed), 1);
     }
 }
