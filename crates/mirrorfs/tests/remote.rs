@@ -801,10 +801,12 @@ impl Drop for Load {
 // ---------------------------------------------------------------------------------------------
 // 1. Every acknowledgement mode
 
-/// The status field that must cover a change when its syscall returns, per ack mode.
+/// The status field that must cover a change when its syscall returns, per ack mode: the
+/// mount's own journal for `local`, the remote mirror's position for the others.
 fn ack_field(mode: &str) -> Option<&'static str> {
     match mode {
-        "local" => Some("sent_seq"),
+        "local" => Some("journal_durable_seq"),
+        "network" => Some("sent_seq"),
         "received" => Some("received_seq"),
         "durable" => Some("durable_seq"),
         "sync" => Some("checkpoint_seq"),
@@ -850,7 +852,9 @@ fn check_ack_positions(m: &Mount, s: &Serve, mode: &str) {
         s,
         CONVERGE,
         "the mirror to acknowledge everything",
-        |st, r| num(r, field) + 1 >= num(st, "journal_next_seq") && connected_live(r),
+        |st, r| {
+            ack_position(st, r, mode, field) + 1 >= num(st, "journal_next_seq") && connected_live(r)
+        },
     );
     let mount_status = m.backing().join(".mirrorfs/status.json");
     let daemon_status = s.dir.join(".mirrorfs/status.json");
@@ -872,10 +876,10 @@ fn check_ack_positions(m: &Mount, s: &Serve, mode: &str) {
         s.signal(libc::SIGCONT);
         let last = num(&st, "journal_next_seq") - 1;
         let r = remote_of(&st);
+        let at = ack_position(&st, &r, mode, field);
         assert!(
-            num(&r, field) >= last,
-            "--ack {mode}: write(2) and close(2) returned but the mirror's {field} is {} < journal seq {last}:\n{}\n{}",
-            num(&r, field),
+            at >= last,
+            "--ack {mode}: write(2) and close(2) returned but {field} is {at} < journal seq {last}:\n{}\n{}",
             serde_json::to_string_pretty(&st).unwrap_or_default(),
             ctx(m, s)
         );
@@ -893,6 +897,15 @@ fn check_ack_positions(m: &Mount, s: &Serve, mode: &str) {
                 "the daemon's status does not show {last} durable: {d}"
             );
         }
+    }
+}
+
+/// The position `field` of the mount's status `st` (for `--ack local`) or of its remote mirror `r`.
+fn ack_position(st: &Value, r: &Value, mode: &str, field: &str) -> u64 {
+    if mode == "local" {
+        num(st, field)
+    } else {
+        num(r, field)
     }
 }
 
@@ -940,6 +953,57 @@ fn ack_async_mirrors_a_workload() {
 #[test]
 fn ack_local_mirrors_a_workload() {
     ack_mode("local");
+}
+
+#[test]
+fn ack_network_mirrors_a_workload() {
+    ack_mode("network");
+}
+
+/// `--ack network` (SMFS network-sync): an application's fsync waits for the local journal and
+/// the socket, not for the mirror. With the daemon frozen (SIGSTOP), a write + fsync returns in
+/// `network` mode, while in `local` mode the same fsync waits for the mirror's journal until the
+/// daemon runs again. Either way the mirror gets the file.
+#[test]
+fn ack_network_fsync_does_not_wait_for_the_mirror() {
+    for (mode, returns_while_frozen) in [("network", true), ("local", false)] {
+        let net = Net::new(&format!("fsync-{mode}"));
+        let srv = net.serve("m", &[]);
+        let mut m = net.mount(
+            &format!("net-fsync-{mode}"),
+            0,
+            &srv.url(),
+            &["--ack", mode],
+        );
+        wait_live(&m, &srv);
+        srv.signal(libc::SIGSTOP);
+        let file = m.p("fsynced");
+        let mut dd = Command::new("dd")
+            .arg("if=/dev/urandom")
+            .arg(format!("of={}", file.display()))
+            .args(["bs=4k", "count=4", "conv=fsync", "status=none"])
+            .spawn()
+            .expect("run dd");
+        let wait = Duration::from_secs(if returns_while_frozen { 10 } else { 3 });
+        let returned = wait_until(wait, || matches!(dd.try_wait(), Ok(Some(_))));
+        srv.signal(libc::SIGCONT);
+        let status = dd.wait().expect("wait for dd");
+        assert!(status.success(), "--ack {mode}: dd conv=fsync failed");
+        assert_eq!(
+            returned,
+            returns_while_frozen,
+            "--ack {mode}: write + fsync with the mirror frozen {} within {wait:?}\n{}",
+            if returned {
+                "returned"
+            } else {
+                "did not return"
+            },
+            ctx(&m, &srv)
+        );
+        converge(&m, &srv, &format!("--ack {mode} after the freeze"));
+        m.unmount();
+        assert_trees_equal(m.backing(), &srv.dir);
+    }
 }
 
 #[test]

@@ -32,9 +32,10 @@ pub struct MountArgs {
     #[arg(long = "mirror", required = true)]
     mirrors: Vec<String>,
     /// When a change is acknowledged: `async` (after the local change and its journal record),
-    /// `local` (also after the journal is durable and the record was handed to each remote
-    /// mirror's socket), `received` (the quorum holds it), `durable` (the quorum's journals made it
-    /// durable) or `sync` (the quorum applied it durably). See the README's guarantees table.
+    /// `local` (also after the local journal made it durable), `network` (also after it was
+    /// handed to the quorum's sockets; fsync waits for no more than that), `received` (the
+    /// quorum holds it), `durable` (the quorum's journals made it durable) or `sync` (the quorum
+    /// applied it durably). See the README's guarantees table.
     #[arg(long, value_enum, default_value = "async")]
     ack: AckMode,
     /// How many mirrors acknowledgements and application fsyncs wait for (default: all). While

@@ -44,9 +44,13 @@ pub enum AckMode {
     /// After the local change and its journal record (journal fsynced continuously, at least
     /// every second).
     Async,
-    /// After the local journal is durable and the record was handed to every healthy remote
-    /// mirror's socket (SMFS local-sync, DRBD protocol A).
+    /// After the local journal made the record durable; mirrors are fed asynchronously
+    /// (SMFS local-sync).
     Local,
+    /// After the local journal made the record durable and the record was handed to the
+    /// quorum's sockets (SMFS network-sync, DRBD protocol A). An application's fsync waits for
+    /// the same, not for the mirrors' disks: it no longer pays the round trip.
+    Network,
     /// After the quorum holds the record in memory (DRBD protocol B).
     Received,
     /// After the quorum's journals made the record durable (SMFS remote-sync, DRBD protocol C).
@@ -452,6 +456,9 @@ impl Volume {
             AckMode::Async => {}
             AckMode::Local => {
                 self.wait_journal_durable();
+            }
+            AckMode::Network => {
+                self.wait_journal_durable();
                 self.wait_mirrors(seq, Level::Sent);
             }
             AckMode::Received => self.wait_mirrors(seq, Level::Received),
@@ -589,12 +596,14 @@ impl Volume {
         }
     }
 
-    /// What an application's fsync waits for on mirrors: `seq` durable on the quorum.
+    /// What an application's fsync waits for on mirrors: `seq` handed to the quorum's sockets
+    /// with `--ack network` (SMFS network-sync), applied durably with `--ack sync`, durable on
+    /// the quorum otherwise.
     pub fn wait_mirrors_durable(&self, seq: u64) {
-        let level = if self.ack == AckMode::Sync {
-            Level::Checkpoint
-        } else {
-            Level::Durable
+        let level = match self.ack {
+            AckMode::Network => Level::Sent,
+            AckMode::Sync => Level::Checkpoint,
+            _ => Level::Durable,
         };
         self.wait_mirrors(seq, level);
     }
