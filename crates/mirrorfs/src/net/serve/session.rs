@@ -217,13 +217,8 @@ impl Daemon {
         }
         let end = o.journal.next_seq() - 1;
         drop(o);
-        {
-            let mut p = lock(&self.vol.progress);
-            p.settled_seq = settled;
-            p.appended_bytes += records.iter().map(|r| r.op.data_len() as u64).sum::<u64>();
-        }
-        self.vol.settled.store(end, Ordering::Release);
-        self.vol.changed.notify_all();
+        let bytes = records.iter().map(|r| r.op.data_len() as u64).sum::<u64>();
+        self.vol.publish_received(end, settled, bytes);
         Ok(())
     }
 
