@@ -150,6 +150,7 @@ pub fn encode_body_head(op: &Op, out: &mut Vec<u8>) {
             encode_body_head(op, out);
         }
         Op::SyncDone { mirror } => put_u32(out, *mirror),
+        Op::GroupBegin | Op::GroupEnd => {}
     }
 }
 
@@ -264,7 +265,10 @@ pub fn decode_body(kind_tag: u8, body: &[u8]) -> Result<Op, DecodeError> {
         kind::SYNC => {
             let mirror = r.u32()?;
             let inner = r.u8()?;
-            if inner == kind::SYNC || inner == kind::SYNC_DONE {
+            if matches!(
+                inner,
+                kind::SYNC | kind::SYNC_DONE | kind::GROUP_BEGIN | kind::GROUP_END
+            ) {
                 return Err(DecodeError::Invalid("nested sync record"));
             }
             let op = decode_body(inner, &body[r.pos..])?;
@@ -275,6 +279,8 @@ pub fn decode_body(kind_tag: u8, body: &[u8]) -> Result<Op, DecodeError> {
             }
         }
         kind::SYNC_DONE => Op::SyncDone { mirror: r.u32()? },
+        kind::GROUP_BEGIN => Op::GroupBegin,
+        kind::GROUP_END => Op::GroupEnd,
         other => return Err(DecodeError::UnknownKind(other)),
     };
     if r.pos != body.len() {
@@ -518,6 +524,8 @@ pub(crate) mod tests {
             (arb_path(), bytes()).prop_map(|(path, name)| Op::RemoveXattr { path, name }),
             any::<u64>().prop_map(|seq| Op::Abort { seq }),
             any::<u32>().prop_map(|mirror| Op::SyncDone { mirror }),
+            Just(Op::GroupBegin),
+            Just(Op::GroupEnd),
         ]
     }
 
@@ -526,7 +534,10 @@ pub(crate) mod tests {
             arb_op(),
             (
                 any::<u32>(),
-                arb_op().prop_filter("not nested", |o| !matches!(o, Op::SyncDone { .. }))
+                arb_op().prop_filter("not nested", |o| !matches!(
+                    o,
+                    Op::SyncDone { .. } | Op::GroupBegin | Op::GroupEnd
+                ))
             )
                 .prop_map(|(mirror, op)| Op::Sync {
                     mirror,

@@ -13,6 +13,7 @@ pub mod codec;
 pub mod datagram;
 pub mod feed;
 pub mod flush;
+pub mod group;
 pub mod history;
 pub mod journal;
 pub mod lease;

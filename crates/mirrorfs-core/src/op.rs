@@ -132,6 +132,11 @@ pub enum Op {
     SyncDone {
         mirror: u32,
     },
+    /// An application opened a group of changes that mirrors show all together or not at all
+    /// (`group`: group-atomic mirroring). No change to any tree.
+    GroupBegin,
+    /// The group opened by the matching `GroupBegin` is complete. No change to any tree.
+    GroupEnd,
 }
 
 /// Numeric tags of ops in the journal and on the wire. Never renumber: they are on disk.
@@ -155,6 +160,8 @@ pub mod kind {
     pub const ABORT: u8 = 17;
     pub const SYNC: u8 = 18;
     pub const SYNC_DONE: u8 = 19;
+    pub const GROUP_BEGIN: u8 = 20;
+    pub const GROUP_END: u8 = 21;
 }
 
 impl Op {
@@ -179,6 +186,8 @@ impl Op {
             Op::Abort { .. } => kind::ABORT,
             Op::Sync { .. } => kind::SYNC,
             Op::SyncDone { .. } => kind::SYNC_DONE,
+            Op::GroupBegin => kind::GROUP_BEGIN,
+            Op::GroupEnd => kind::GROUP_END,
         }
     }
 
@@ -204,6 +213,8 @@ impl Op {
             Op::Abort { .. } => "abort",
             Op::Sync { .. } => "sync",
             Op::SyncDone { .. } => "sync-done",
+            Op::GroupBegin => "group-begin",
+            Op::GroupEnd => "group-end",
         }
     }
 
@@ -226,7 +237,7 @@ impl Op {
             | Op::RemoveXattr { path, .. } => Some(path),
             Op::Link { from, .. } | Op::Rename { from, .. } => Some(from),
             Op::Sync { op, .. } => op.path(),
-            Op::Abort { .. } | Op::SyncDone { .. } => None,
+            Op::Abort { .. } | Op::SyncDone { .. } | Op::GroupBegin | Op::GroupEnd => None,
         }
     }
 
@@ -273,7 +284,9 @@ impl Op {
             | Op::SetXattr { .. }
             | Op::RemoveXattr { .. }
             | Op::Abort { .. }
-            | Op::SyncDone { .. } => Vec::new(),
+            | Op::SyncDone { .. }
+            | Op::GroupBegin
+            | Op::GroupEnd => Vec::new(),
             Op::Sync { op, .. } => op.mtime_paths(),
         }
     }

@@ -200,7 +200,7 @@ pub fn apply_op<T: Tree + ?Sized>(tree: &mut T, op: &Op, replay: bool) -> Result
             Some(_) => tolerate(apply_strict(tree, op)),
         },
         Op::SetOwner { .. } | Op::SetTimes { .. } => tolerate(apply_strict(tree, op)),
-        Op::Abort { .. } | Op::SyncDone { .. } => Ok(()),
+        Op::Abort { .. } | Op::SyncDone { .. } | Op::GroupBegin | Op::GroupEnd => Ok(()),
         Op::Sync { op, .. } => apply_op(tree, op, true),
     }
 }
@@ -305,7 +305,7 @@ fn apply_strict<T: Tree + ?Sized>(tree: &mut T, op: &Op) -> Result<(), TreeError
             flags,
         } => tree.setxattr(path, name, value, *flags),
         Op::RemoveXattr { path, name } => tree.removexattr(path, name),
-        Op::Abort { .. } | Op::SyncDone { .. } => Ok(()),
+        Op::Abort { .. } | Op::SyncDone { .. } | Op::GroupBegin | Op::GroupEnd => Ok(()),
         Op::Sync { op, .. } => apply_op(tree, op, true),
     }
 }

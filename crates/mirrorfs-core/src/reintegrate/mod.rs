@@ -308,7 +308,12 @@ impl Side {
                 let i = self.resolve(path);
                 self.changed(i);
             }
-            Op::SetTimes { .. } | Op::Abort { .. } | Op::Sync { .. } | Op::SyncDone { .. } => {}
+            Op::SetTimes { .. }
+            | Op::Abort { .. }
+            | Op::Sync { .. }
+            | Op::SyncDone { .. }
+            | Op::GroupBegin
+            | Op::GroupEnd => {}
         }
     }
 

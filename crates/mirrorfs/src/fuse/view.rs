@@ -133,7 +133,11 @@ fn follow(t: &mut Inodes, op: &Op, due: &mut Vec<Stale>) {
                 due.push(Stale::Inode(n));
             }
         }
-        Op::Sync { .. } | Op::Abort { .. } | Op::SyncDone { .. } => {}
+        Op::Sync { .. }
+        | Op::Abort { .. }
+        | Op::SyncDone { .. }
+        | Op::GroupBegin
+        | Op::GroupEnd => {}
     }
 }
 

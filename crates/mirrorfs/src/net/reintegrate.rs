@@ -672,7 +672,7 @@ impl Touched {
                 Op::Rename { from, to, .. } | Op::Link { from, to } => {
                     vec![from.clone(), to.clone()]
                 }
-                Op::Sync { .. } | Op::SyncDone { .. } => vec![],
+                Op::Sync { .. } | Op::SyncDone { .. } | Op::GroupBegin | Op::GroupEnd => vec![],
                 // Times follow every change; alone they change nothing a user made.
                 Op::SetTimes { .. } => vec![],
                 op => op.path().into_iter().cloned().collect(),
