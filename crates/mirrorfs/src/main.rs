@@ -101,6 +101,10 @@ enum Cmd {
     /// List the conflicts a reintegration left after a failover (both versions kept: ours at
     /// PATH, theirs as PATH.conflict-SITE-YYYYMMDD-HHMMSS), or settle one with `resolve`.
     Conflicts(cli::conflicts::ConflictsArgs),
+    /// Group changes so that every mirror shows all of them or none (group-atomic mirroring):
+    /// `group begin MOUNT`, change files, `group end MOUNT`. The same as setting the mount
+    /// root's attribute user.mirrorfs.group to begin / end (setfattr), which scripts may use.
+    Group(cli::group::GroupArgs),
 }
 
 fn main() {
@@ -152,6 +156,7 @@ fn main() {
             )
         }
         Cmd::Conflicts(a) => cli::conflicts::conflicts(a),
+        Cmd::Group(a) => cli::group::group(a),
     };
     if let Err(e) = r {
         eprintln!("mirrorfs: error: {e:#}");

@@ -3,6 +3,7 @@
 
 pub mod conflicts;
 pub mod demo;
+pub mod group;
 pub mod mount;
 
 pub use crate::sys::hostname;

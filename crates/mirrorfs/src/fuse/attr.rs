@@ -5,6 +5,21 @@
 
 use super::*;
 
+/// The mount root's attribute that begins and ends groups of changes that mirrors show all
+/// together or not at all (`core::group`): `setfattr -n user.mirrorfs.group -v begin MOUNT`,
+/// then `-v end`; reading it gives the number of groups open. Never stored: the root of the
+/// backing directory and of mirrors has no such attribute.
+pub const GROUP_XATTR: &[u8] = b"user.mirrorfs.group";
+
+/// `begin` → true, `end` → false (a trailing newline allowed, as `echo` writes it).
+fn group_command(value: &[u8]) -> Option<bool> {
+    match value.strip_suffix(b"\n").unwrap_or(value) {
+        b"begin" => Some(true),
+        b"end" => Some(false),
+        _ => None,
+    }
+}
+
 impl MirrorFs {
     pub(super) fn do_getattr(
         &self,
@@ -119,6 +134,19 @@ impl MirrorFs {
         reply: ReplyEmpty,
     ) {
         crate::fuse::affinity::follow(req.pid());
+        if name.as_bytes() == GROUP_XATTR {
+            if ino.0 != crate::fuse::inodes::ROOT {
+                // Reserved: only the mount's root has it.
+                return reply.error(err(libc::EOPNOTSUPP));
+            }
+            return match group_command(value) {
+                Some(begin) => match self.vol.group(begin) {
+                    Ok(_) => reply.ok(),
+                    Err(e) => reply.error(err(e)),
+                },
+                None => reply.error(err(libc::EINVAL)),
+            };
+        }
         let n = name.as_bytes().to_vec();
         // Resolved under the order lock (see `still_named`), never through a symlink.
         let r = self.retry_renamed(|| {
@@ -149,6 +177,14 @@ impl MirrorFs {
         reply: ReplyXattr,
     ) {
         crate::fuse::affinity::follow(req.pid());
+        if ino.0 == crate::fuse::inodes::ROOT && name.as_bytes() == GROUP_XATTR {
+            let open = lock(&self.vol.groups).open().to_string();
+            return match size {
+                0 => reply.size(open.len() as u32),
+                n if (n as usize) < open.len() => reply.error(err(libc::ERANGE)),
+                _ => reply.data(open.as_bytes()),
+            };
+        }
         let r = self
             .path(ino)
             .and_then(|p| self.root.entry(&p).map_err(|e| io_errno(&e)));

@@ -20,6 +20,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
 use anyhow::{Context, Result};
+use mirrorfs_core::group::Gate;
 use mirrorfs_core::journal::storage::SegmentFile;
 use mirrorfs_core::journal::{Journal, JournalConfig};
 use mirrorfs_core::op::Record;
@@ -111,6 +112,7 @@ impl Volume {
             retain_after: AtomicU64::new(retain_after),
             opened_end: horizon,
             view: std::sync::OnceLock::new(),
+            groups: Mutex::new(Gate::default()),
         }
     }
 
@@ -183,6 +185,7 @@ impl Site {
         if let Role::Primary { backing, .. } = role {
             site.recover_backing(backing)?;
         }
+        site.vol.open_groups(matches!(role, Role::Primary { .. }))?;
         // Records that survived a crash may not have been fsynced: durable now, so what the site
         // reports (to the primary, to `status`) is honest. Named F2 in docs/journal.md.
         site.sync_journal()?;

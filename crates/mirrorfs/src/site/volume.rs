@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 use mirrorfs_core::applier::Applier;
 use mirrorfs_core::feed::{FeedReadError, JournalFeed};
 use mirrorfs_core::flush;
+use mirrorfs_core::group::{Gate, GroupError};
 use mirrorfs_core::journal::{Journal, Reader};
 use mirrorfs_core::op::{Op, Record};
 use mirrorfs_core::sequencer::{self, Begin, InDoubt, Refusal, Sequencer};
@@ -367,6 +368,10 @@ pub struct Volume {
     /// The mount's view of the backing tree (its inode table, the kernel's caches), told of the
     /// changes made beneath it by `mutate_beneath` (set once, when the primary mounts).
     pub view: std::sync::OnceLock<Arc<dyn MountView>>,
+    /// The journal's groups (group-atomic mirroring, `core::group`): observed under the order
+    /// lock as group records are appended; read by appliers after the progress lock. A leaf
+    /// lock: nothing else is locked while it is held.
+    pub groups: Mutex<Gate>,
 }
 
 /// What a mount knows of its backing tree: the FUSE shell's inode table and the kernel's caches
@@ -453,8 +458,17 @@ impl Volume {
         }
     }
 
-    /// Waits until `seq` is as far as `--ack` asks before the application is answered.
+    /// Waits until `seq` is as far as `--ack` asks before the application is answered. A change
+    /// made inside an open group reaches no mirror's tree before the group ends: it waits for the
+    /// local journal only (in modes from `local` up), and the group's end waits for the mode's
+    /// level for all of them.
     fn wait_ack(&self, seq: u64) {
+        if self.in_open_group(seq) {
+            if self.ack != AckMode::Async {
+                self.wait_journal_durable();
+            }
+            return;
+        }
         match self.ack {
             AckMode::Async => {}
             AckMode::Local => {
@@ -496,6 +510,76 @@ impl Volume {
         self.settle(o, seq, 0);
         self.wait_ack(seq);
         Ok(Some(seq))
+    }
+
+    /// Whether record `seq` is inside the group open now (after its first `GroupBegin`).
+    fn in_open_group(&self, seq: u64) -> bool {
+        lock(&self.groups)
+            .open_since()
+            .is_some_and(|since| seq >= since)
+    }
+
+    /// An application begins (`begin`) or ends a group of changes that mirrors show all
+    /// together or not at all (`core::group`). The end is acknowledged as `--ack` says, for
+    /// every change of the group. `EMFILE`: too many groups open; `EINVAL`: none to end.
+    pub fn group(&self, begin: bool) -> Result<u64, i32> {
+        let op = if begin { Op::GroupBegin } else { Op::GroupEnd };
+        let mut o = lock(&self.order);
+        self.check_fence()?;
+        {
+            let g = lock(&self.groups);
+            let allowed = if begin { g.may_begin() } else { g.may_end() };
+            allowed.map_err(|e| match e {
+                GroupError::TooMany => libc::EMFILE,
+                GroupError::NoneOpen => libc::EINVAL,
+            })?;
+        }
+        let Ordered {
+            journal, sequencer, ..
+        } = &mut *o;
+        let seq = sequencer
+            .recorded(journal, &op, |j| self.relieve_full(j))
+            .map_err(|r| self.refused(r))?;
+        // Observed before the order lock is released, so no later record settles first.
+        lock(&self.groups).observe(seq, &op);
+        self.settle(o, seq, 0);
+        self.wait_ack(seq);
+        Ok(seq)
+    }
+
+    /// At start: follows the group records the journal holds (`core::group`). A primary ends
+    /// the groups left open when it last stopped (their applications are gone with the old
+    /// mount; mirrors would otherwise wait for good) and logs it; a mirror daemon keeps them
+    /// open: the primary that began them says when they end, and until then its applier stays
+    /// before them. Returns how many were open. Called before any mirror starts.
+    pub fn open_groups(&self, primary: bool) -> anyhow::Result<u32> {
+        let (first, end) = {
+            let o = lock(&self.order);
+            (
+                o.journal.first_seq(),
+                o.journal.next_seq().saturating_sub(1),
+            )
+        };
+        let mut gate = Gate::default();
+        self.each_record(first, end, |rec| gate.observe(rec.seq, &rec.op))?;
+        let open = gate.open();
+        if primary {
+            for _ in 0..open {
+                let mut o = lock(&self.order);
+                let Ordered {
+                    journal, sequencer, ..
+                } = &mut *o;
+                let seq = sequencer.recorded(journal, &Op::GroupEnd, |j| self.relieve_full(j))?;
+                gate.observe(seq, &Op::GroupEnd);
+            }
+            if open > 0 {
+                tracing::warn!(
+                    "{open} group(s) of changes were still open when mirrorfs last stopped; ended now, so mirrors show their changes"
+                );
+            }
+        }
+        *lock(&self.groups) = gate;
+        Ok(open)
     }
 
     /// Publishes `last` as settled (the primary is done with every record through it) and wakes
@@ -619,6 +703,11 @@ impl Volume {
     /// with `--ack network` (SMFS network-sync), applied durably with `--ack sync`, durable on
     /// the quorum otherwise.
     pub fn wait_mirrors_durable(&self, seq: u64) {
+        // Inside an open group, what is before the group: the group's end covers the rest.
+        let seq = match lock(&self.groups).open_since() {
+            Some(since) if seq >= since => since.saturating_sub(1),
+            _ => seq,
+        };
         let level = match self.ack {
             AckMode::Network => Level::Sent,
             AckMode::Sync => Level::Checkpoint,
@@ -744,20 +833,7 @@ impl Volume {
     pub fn record_backing_times(&self, backing: &DirTree, first: u64) -> anyhow::Result<usize> {
         let end = lock(&self.order).journal.next_seq().saturating_sub(1);
         let mut paths = std::collections::BTreeSet::new();
-        let mut reader: Reader<crate::site::store::FileSegment> = Reader::new(first.max(1));
-        let mut stalled = false;
-        while reader.next_seq() <= end {
-            let view = lock(&self.order).journal.segment_for(reader.next_seq());
-            match reader.next::<FileStore>(view, end)? {
-                Some(rec) => {
-                    stalled = false;
-                    paths.extend(rec.op.mtime_paths());
-                }
-                // The end of a segment: the next read opens the next one.
-                None if !stalled => stalled = true,
-                None => break,
-            }
-        }
+        self.each_record(first, end, |rec| paths.extend(rec.op.mtime_paths()))?;
         let mut n = 0;
         for path in paths {
             let mtime = match backing.mtime(&path) {
@@ -781,6 +857,26 @@ impl Volume {
             n += 1;
         }
         Ok(n)
+    }
+
+    /// Reads the journal's records `first..=end` in order (each look-up of a segment under the
+    /// order lock, the reading outside it).
+    fn each_record(&self, first: u64, end: u64, mut f: impl FnMut(&Record)) -> anyhow::Result<()> {
+        let mut reader: Reader<crate::site::store::FileSegment> = Reader::new(first.max(1));
+        let mut stalled = false;
+        while reader.next_seq() <= end {
+            let view = lock(&self.order).journal.segment_for(reader.next_seq());
+            match reader.next::<FileStore>(view, end)? {
+                Some(rec) => {
+                    stalled = false;
+                    f(&rec);
+                }
+                // The end of a segment: the next read opens the next one.
+                None if !stalled => stalled = true,
+                None => break,
+            }
+        }
+        Ok(())
     }
 
     /// Lag of a mirror at `applied` in seconds: age of the oldest record it has not applied.
@@ -832,6 +928,11 @@ impl RecordFeed {
             (p.durable_seq, p.settled_seq)
         };
         self.seen = (durable, settled);
+        // Read after the progress lock: a group record is observed before its seq settles.
+        let settled = match lock(&vol.groups).limit(durable) {
+            Some(limit) => settled.min(limit),
+            None => settled,
+        };
         self.feed.next::<FileStore>(durable, settled, |seq| {
             lock(&vol.order).journal.segment_for(seq)
         })

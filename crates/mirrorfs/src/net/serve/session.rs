@@ -214,6 +214,8 @@ impl Daemon {
                 self.vol.changed.notify_all();
                 return Err(lock(session).on_storage_failure(r.seq, &e).into());
             }
+            // Under the order lock, before the record is published (group-atomic mirroring).
+            lock(&self.vol.groups).observe(r.seq, &r.op);
         }
         let end = o.journal.next_seq() - 1;
         drop(o);
