@@ -3607,3 +3607,74 @@ fn failback_survives_kill9_of_the_new_primary_mid_reintegration() {
 fn failback_survives_kill9_of_the_old_primarys_daemon_mid_reintegration() {
     failback_killed_mid_reintegration("reint-kill-p", Victim::OldPrimarysDaemon);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Group-atomic mirroring over the network (issue 8 item 3)
+
+/// A held change must still be missing from the mirror after this (a change outside any group
+/// reaches it in milliseconds).
+const GROUP_HELD: Duration = Duration::from_millis(1500);
+
+fn absent(dir: &Path, rels: &[&str], when: &str) {
+    for rel in rels {
+        assert!(
+            fs::symlink_metadata(dir.join(rel)).is_err(),
+            "{rel} is on the mirror {when}, though its group had not ended"
+        );
+    }
+}
+
+/// Waits until the daemon holds every record the primary journaled durably in its journal.
+fn daemon_holds_everything(m: &Mount, s: &Serve, what: &str) {
+    wait_status(m, s, CONVERGE, what, |st, r| {
+        num(r, "durable_seq") + 1 >= num(st, "journal_next_seq") && connected_live(r)
+    });
+}
+
+/// A network mirror that holds a group's records durably, but not its end, shows none of them:
+/// while running, after kill -9 and a restart of its daemon, and after the primary is lost and
+/// its copy promoted (the promotion drops the unfinished group whole). A group that ended
+/// reaches it whole.
+#[test]
+fn a_network_mirror_stays_at_a_group_boundary_through_a_crash_and_a_promotion() {
+    let net = Net::new("group");
+    let mut srv = net.serve("m", &[]);
+    let mut m = net.mount("net-group", 0, &srv.url(), &[]);
+    wait_live(&m, &srv);
+    fs::write(m.p("before"), b"before the groups").expect("write");
+    converge(&m, &srv, "before the groups");
+
+    // A group that ends, with a crash of the daemon while it is open.
+    run_ok(&[os("group"), os("begin"), m.mnt().as_os_str()]);
+    fs::write(m.p("a"), b"first of the group").expect("write a");
+    fs::create_dir(m.p("d")).expect("mkdir d");
+    fs::write(m.p("d/b"), b"second of the group").expect("write d/b");
+    daemon_holds_everything(&m, &srv, "the daemon to hold the open group's records");
+    std::thread::sleep(GROUP_HELD);
+    absent(&srv.dir, &["a", "d"], "while the daemon runs");
+    srv.kill9();
+    srv.restart();
+    daemon_holds_everything(&m, &srv, "the restarted daemon to reconnect");
+    std::thread::sleep(GROUP_HELD);
+    absent(&srv.dir, &["a", "d"], "after kill -9 and a restart of its daemon");
+    run_ok(&[os("group"), os("end"), m.mnt().as_os_str()]);
+    converge(&m, &srv, "after the group ended");
+    assert_eq!(fs::read(srv.dir.join("d/b")).expect("d/b"), b"second of the group");
+
+    // A group that never ends: the primary is lost, the copy promoted.
+    run_ok(&[os("group"), os("begin"), m.mnt().as_os_str()]);
+    fs::write(m.p("c"), b"never finished").expect("write c");
+    fs::write(m.p("a"), b"first of the group, changed").expect("rewrite a");
+    daemon_holds_everything(&m, &srv, "the daemon to hold the unfinished group");
+    m.kill9();
+    srv.stop();
+    let out = run_ok(&[os("promote"), srv.dir.as_os_str()]);
+    assert!(out.contains("promoted"), "{out}");
+    absent(&srv.dir, &["c"], "after its promotion");
+    assert_eq!(
+        fs::read(srv.dir.join("a")).expect("a"),
+        b"first of the group",
+        "the promoted copy holds a change of the unfinished group"
+    );
+    assert_eq!(fs::read(srv.dir.join("before")).expect("before"), b"before the groups");
+}
