@@ -3656,10 +3656,17 @@ fn a_network_mirror_stays_at_a_group_boundary_through_a_crash_and_a_promotion() 
     srv.restart();
     daemon_holds_everything(&m, &srv, "the restarted daemon to reconnect");
     std::thread::sleep(GROUP_HELD);
-    absent(&srv.dir, &["a", "d"], "after kill -9 and a restart of its daemon");
+    absent(
+        &srv.dir,
+        &["a", "d"],
+        "after kill -9 and a restart of its daemon",
+    );
     run_ok(&[os("group"), os("end"), m.mnt().as_os_str()]);
     converge(&m, &srv, "after the group ended");
-    assert_eq!(fs::read(srv.dir.join("d/b")).expect("d/b"), b"second of the group");
+    assert_eq!(
+        fs::read(srv.dir.join("d/b")).expect("d/b"),
+        b"second of the group"
+    );
 
     // A group that never ends: the primary is lost, the copy promoted.
     run_ok(&[os("group"), os("begin"), m.mnt().as_os_str()]);
@@ -3676,5 +3683,8 @@ fn a_network_mirror_stays_at_a_group_boundary_through_a_crash_and_a_promotion() 
         b"first of the group",
         "the promoted copy holds a change of the unfinished group"
     );
-    assert_eq!(fs::read(srv.dir.join("before")).expect("before"), b"before the groups");
+    assert_eq!(
+        fs::read(srv.dir.join("before")).expect("before"),
+        b"before the groups"
+    );
 }

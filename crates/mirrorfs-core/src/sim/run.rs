@@ -36,6 +36,7 @@ use super::{KillSwitch, Primary, SimCursor, SimFile, SimRng, SimStore, SimTree};
 use crate::applier::Applier;
 use crate::feed::{FeedReadError, Item, JournalFeed};
 use crate::flush;
+use crate::group::Gate;
 use crate::journal::storage::MemStore;
 use crate::journal::{Journal, JournalConfig, Reader, SyncPlan};
 use crate::op::Op;
@@ -81,6 +82,9 @@ pub struct SimStats {
     pub released_segments: u64,
     /// Full comparisons of the mirror with the primary's reference state.
     pub comparisons: u64,
+    /// Groups begun (group-atomic mirroring), and of those ended by a restart.
+    pub groups: u64,
+    pub groups_ended_at_restart: u64,
 }
 
 impl SimStats {
@@ -103,6 +107,8 @@ impl SimStats {
         self.torn_bytes += o.torn_bytes;
         self.released_segments += o.released_segments;
         self.comparisons += o.comparisons;
+        self.groups += o.groups;
+        self.groups_ended_at_restart += o.groups_ended_at_restart;
     }
 }
 
@@ -113,7 +119,7 @@ impl fmt::Display for SimStats {
             "{} seeds, {} steps: {} ops ({} aborted, {} refused for space), {} syncs, {} checkpoints, {} kills, \
              {} power losses ({} torn bytes cut, {} in-doubt aborted), {} records applied \
              ({} replayed, {} skipped), {} transient cursor errors retried, {} segments released, \
-             {} comparisons",
+             {} comparisons, {} groups ({} ended by a restart)",
             self.seeds,
             self.steps,
             self.ops,
@@ -130,7 +136,9 @@ impl fmt::Display for SimStats {
             self.skipped,
             self.retries,
             self.released_segments,
-            self.comparisons
+            self.comparisons,
+            self.groups,
+            self.groups_ended_at_restart
         )
     }
 }
@@ -273,7 +281,11 @@ struct Sim {
     /// shell's `MirrorShared::want_durable`, raised by `Volume::wait_mirrors`); 0 after a start.
     want_durable: u64,
     primary: Primary,
-    /// The primary's ordering decisions: the binary's `Volume` drives the same machine.
+    /// Group-atomic mirroring (`core::group`), on half of the seeds (their own stream, so the
+    /// other decisions of a seed stay as they were): the primary opens and ends groups, the
+    /// mirror reads with the gate's limit as the shell's `RecordFeed` does.
+    groups: Option<SplitMix64>,
+    gate: Gate,
     sequencer: Sequencer,
     /// The primary is done with every record ≤ this (the shell's `settled_seq`).
     settled: u64,
@@ -307,6 +319,7 @@ impl Sim {
         // free-space limit on the journal's file system is not modelled yet: with one, the
         // `Abort` of a failed change was refused for space in 3 of 1,000 seeds, which the
         // journal promises never happens; to be investigated.)
+        let mut groups = SplitMix64(seed ^ 0x0006_9A0B_E6E2_u64);
         let mut space = SplitMix64(seed ^ 0x0005_BACE_F00D_u64);
         let space_faults = space.next().is_multiple_of(3);
         let mut cfg = JournalConfig {
@@ -320,6 +333,10 @@ impl Sim {
             cfg.journal_bytes_max = JournalConfig::min_journal_bytes(cfg.segment_bytes)
                 + space.next() % 4 * cfg.segment_bytes;
         }
+        // Groups hold the mirror back while open: with a journal size limit the shell detaches
+        // the mirror (not modelled: the sim's one mirror stays), so groups only on seeds without.
+        let groups =
+            (cfg.journal_bytes_max == 1 << 40 && groups.next().is_multiple_of(2)).then_some(groups);
         // A third of the seeds are calm: faults are rarer, so histories grow longer between them.
         let calm = if rng.chance(1, 3) { 5 } else { 1 };
         let profile = Profile {
@@ -375,6 +392,8 @@ impl Sim {
             glitches,
             want_durable: 0,
             primary: Primary::new(),
+            groups,
+            gate: Gate::default(),
             sequencer: Sequencer::new(0),
             settled: 0,
             durable_ever: 0,
@@ -450,6 +469,12 @@ impl Sim {
     // ---- the primary (volume::mutate, driving core::sequencer) ------------------------------
 
     fn primary_op(&mut self, rng: &mut SimRng<'_>) -> Act {
+        if let Some(g) = &mut self.groups {
+            if g.next().is_multiple_of(6) {
+                let begin = self.gate.open() == 0 || (self.gate.open() < 3 && g.next() % 3 == 0);
+                return self.group_op(begin);
+            }
+        }
         let Some(p) = self.primary.plan(rng) else {
             return Ok(());
         };
@@ -494,6 +519,81 @@ impl Sim {
         }
         self.settled = done.last;
         Ok(())
+    }
+
+    /// `Volume::group`: journals a `GroupBegin` (`begin`) or a `GroupEnd` and follows it in the
+    /// gate before it settles.
+    fn group_op(&mut self, begin: bool) -> Act {
+        let op = if begin { Op::GroupBegin } else { Op::GroupEnd };
+        let allowed = if begin {
+            self.gate.may_begin()
+        } else {
+            self.gate.may_end()
+        };
+        if allowed.is_err() {
+            return Ok(());
+        }
+        let keep = self.worker.applier().cursor().checkpoint;
+        let relieve = |j: &mut Journal<SimStore>| {
+            let _ = flush::release(j, keep);
+        };
+        // Write-ahead with nothing to apply: refused whole (ENOSPC) when it does not fit.
+        let seq = match self.sequencer.begin(&mut self.journal, &op, relieve) {
+            Begin::Apply { seq } => seq,
+            Begin::Refuse(Refusal::NoSpace(_)) if !self.kill.is_dead() => return Ok(()),
+            Begin::Refuse(r) => return Err(self.fault(format!("journal append refused: {r}"))),
+        };
+        self.ev(|| format!("append {seq} {}", op.name()));
+        if begin {
+            self.stats.groups += 1;
+        }
+        self.primary.record(op.clone(), true);
+        self.gate.observe(seq, &op);
+        let done = self
+            .sequencer
+            .applied(&mut self.journal, seq, true)
+            .map_err(|r| self.fault(format!("settling a group record: {r:?}")))?;
+        self.settled = done.last;
+        Ok(())
+    }
+
+    /// After a restart: the shell's `Volume::open_groups` for a primary: the groups the crash
+    /// left open are ended. `Ok(false)`: the process died in the middle.
+    fn end_open_groups(&mut self) -> Result<bool, String> {
+        while self.gate.open() > 0 {
+            match self.group_op(false) {
+                Ok(()) => self.stats.groups_ended_at_restart += 1,
+                Err(Fault::Dead) => return Ok(false),
+                Err(Fault::Bug(m)) => return Err(self.fail(m)),
+            }
+        }
+        Ok(true)
+    }
+
+    /// The first `GroupBegin` of the first unit of groups that is open or whose `GroupEnd` is
+    /// not durable through `durable`, from the primary's own record of what it journaled (a
+    /// reference independent of the gate).
+    fn first_incomplete_unit(&self, durable: u64) -> Option<u64> {
+        let mut open = 0u32;
+        let mut since = 0;
+        for s in 1..=self.primary.last_seq() {
+            match self.primary.op_at(s) {
+                Some(Op::GroupBegin) => {
+                    if open == 0 {
+                        since = s;
+                    }
+                    open += 1;
+                }
+                Some(Op::GroupEnd) if open > 0 => {
+                    open -= 1;
+                    if open == 0 && s > durable {
+                        return Some(since);
+                    }
+                }
+                _ => {}
+            }
+        }
+        (open > 0).then_some(since)
     }
 
     // ---- the flusher (volume::run_flusher) --------------------------------------------------
@@ -558,8 +658,13 @@ impl Sim {
     /// everything settled so far to be durable on the mirror. The worker checkpoints once it has
     /// applied that far (its rule, not the sim's).
     fn fsync_waits(&mut self) {
-        if self.settled > self.want_durable {
-            self.want_durable = self.settled;
+        // Inside an open group: what is before the group (`Volume::wait_mirrors_durable`).
+        let want = match self.gate.open_since() {
+            Some(since) => self.settled.min(since - 1),
+            None => self.settled,
+        };
+        if want > self.want_durable {
+            self.want_durable = want;
             let w = self.want_durable;
             self.ev(|| format!("an fsync waits for the mirror to make {w} durable"));
         }
@@ -608,6 +713,23 @@ impl Sim {
         let replay = self.worker.applier().in_replay();
         let tracing = self.trace.is_some();
         let mut handed = None;
+        // The applier reads with the gate's limit (the shell's `RecordFeed::next`).
+        let bound = match self.gate.limit(durable) {
+            Some(limit) => self.settled.min(limit),
+            None => self.settled,
+        };
+        // Invariant 8 (group-atomic mirroring): no record of a unit of groups that is open or
+        // whose end is not durable reaches the mirror. Checked against the primary's own record.
+        if self.groups.is_some() {
+            let durable_now = self.journal.durable_seq();
+            if let Some(since) = self.first_incomplete_unit(durable_now) {
+                if bound >= since && self.worker.applier().next_seq() <= bound {
+                    return Err(Fault::Bug(format!(
+                        "the mirror may read through record {bound}, into the group begun at {since} whose end is not durable (durable {durable_now})"
+                    )));
+                }
+            }
+        }
         // A transient cursor write error, on some turns of some seeds: armed for this turn only.
         if let Some(g) = &mut self.glitches {
             if g.next().is_multiple_of(16) {
@@ -631,7 +753,7 @@ impl Sim {
         } = self;
         let turn = worker.turn(mirror, cursor, *now, *want_durable, || {
             let item = feed
-                .next(journal, durable, *settled)
+                .next(journal, durable, bound)
                 .map_err(|e| Fault::Bug(format!("the mirror cannot read the journal: {e}")))?;
             let seq = match &item {
                 Item::Wait => return Ok(item),
@@ -922,7 +1044,8 @@ impl Sim {
             )));
         }
         self.primary.rollback(end);
-        self.check_journal_contents(end, report.records)?;
+        // The gate is rebuilt from the journal, as the shell's `Volume::open_groups` does.
+        self.gate = self.check_journal_contents(end, report.records)?;
         // What the journal holds at open is durable from now on (recovery syncs it).
         self.durable_ever = self.durable_ever.max(end);
 
@@ -930,6 +1053,9 @@ impl Sim {
         let horizon = end;
         self.sequencer = Sequencer::new(end);
         if !self.resolve_in_doubt(rng)? {
+            return Ok(false);
+        }
+        if !self.end_open_groups()? {
             return Ok(false);
         }
         self.settled = self.journal.next_seq() - 1;
@@ -983,8 +1109,10 @@ impl Sim {
         Ok(true)
     }
 
-    /// Every record the journal holds is the primary's record with that seq.
-    fn check_journal_contents(&self, end: u64, reported: u64) -> Result<(), String> {
+    /// Every record the journal holds is the primary's record with that seq. Returns the gate
+    /// of the groups these records hold.
+    fn check_journal_contents(&self, end: u64, reported: u64) -> Result<Gate, String> {
+        let mut gate = Gate::default();
         let first = self.journal.first_seq();
         let held = end + 1 - first;
         if reported != held {
@@ -1016,9 +1144,10 @@ impl Sim {
                     self.primary.op_at(seq)
                 )));
             }
+            gate.observe(rec.seq, &rec.op);
             seq += 1;
         }
-        Ok(())
+        Ok(gate)
     }
 
     /// The shell's `Volume::resolve_in_doubt`, the core's decision: the journal's last record may
@@ -1108,6 +1237,10 @@ impl Sim {
 
     fn drain(&mut self) -> Act {
         self.kill.revive();
+        // The applications end their groups.
+        while self.gate.open() > 0 {
+            self.group_op(false)?;
+        }
         self.flush_all()?;
         while self.mirror_one()? {}
         self.stop_worker()?;

@@ -537,12 +537,17 @@ impl Volume {
         let Ordered {
             journal, sequencer, ..
         } = &mut *o;
-        let seq = sequencer
-            .recorded(journal, &op, |j| self.relieve_full(j))
-            .map_err(|r| self.refused(r))?;
+        // Write-ahead with nothing to apply: refused whole (ENOSPC) when it does not fit.
+        let seq = match sequencer.begin(journal, &op, |j| self.relieve_full(j)) {
+            Begin::Apply { seq } => seq,
+            Begin::Refuse(r) => return Err(self.refused(r)),
+        };
         // Observed before the order lock is released, so no later record settles first.
         lock(&self.groups).observe(seq, &op);
-        self.settle(o, seq, 0);
+        let done = sequencer
+            .applied(journal, seq, true)
+            .map_err(|r| self.refused(r))?;
+        self.settle(o, done.last, 0);
         self.wait_ack(seq);
         Ok(seq)
     }
