@@ -146,10 +146,12 @@ pub enum Event {
         write: WriteId,
         object: ObjectId,
     },
-    /// A write that proceeded is done and journaled at `seq` (0 if it failed).
+    /// A write that proceeded is done and journaled at `seq` (0 if it failed); `guarded` as
+    /// its [`Action::Proceed`] said.
     Written {
         object: ObjectId,
         seq: u64,
+        guarded: bool,
     },
     /// A file of `object` was opened for writing.
     Opened {
@@ -330,6 +332,10 @@ struct Entry {
     used_at: u64,
     /// When the peer's request for the token arrived (we hold it).
     peer_asked: Option<u64>,
+    /// Since when the held token is writable (the peer's records it waits for are applied):
+    /// `hold_max_ms` counts from here too, so that writes parked before the token came run
+    /// once it is usable, however long the records took.
+    writable_at: Option<u64>,
     /// We sent a Request on this connection.
     asked: bool,
     /// Parked writes, oldest first, with the time each parked.
@@ -345,6 +351,7 @@ impl Entry {
             last_write,
             used_at: now,
             peer_asked: None,
+            writable_at: None,
             asked: false,
             parked: VecDeque::new(),
         }
@@ -381,6 +388,9 @@ pub struct TokenSite {
     write_floor: u64,
     entries: BTreeMap<ObjectId, Entry>,
     parked: usize,
+    /// Writes that proceeded without a token (across a split) and are not yet `Written`: no
+    /// Grant leaves before they are journaled, so that it covers them.
+    unguarded: u32,
 }
 
 impl TokenSite {
@@ -396,6 +406,7 @@ impl TokenSite {
             write_floor: 0,
             entries: BTreeMap::new(),
             parked: 0,
+            unguarded: 0,
         }
     }
 
@@ -499,7 +510,11 @@ impl TokenSite {
         let mut out = Vec::new();
         match event {
             Event::Write { write, object } => self.on_write(now, write, object, &mut out),
-            Event::Written { object, seq } => self.on_written(now, object, seq, &mut out),
+            Event::Written {
+                object,
+                seq,
+                guarded,
+            } => self.on_written(now, object, seq, guarded, &mut out),
             Event::Opened { object } => {
                 if self.entry_or_make(now, object, &mut out) {
                     if let Some(e) = self.entries.get_mut(&object) {
@@ -534,6 +549,9 @@ impl TokenSite {
 
     fn on_write(&mut self, now: u64, write: WriteId, object: ObjectId, out: &mut Vec<Action>) {
         if !self.connected && !self.holds(object) {
+            if self.config.policy == PartitionPolicy::Reconcile {
+                self.unguarded += 1;
+            }
             out.push(match self.config.policy {
                 PartitionPolicy::Reconcile => Action::Proceed {
                     write,
@@ -556,6 +574,7 @@ impl TokenSite {
             });
             return;
         }
+        self.note_writable(now, object);
         let ready = self.writable(now, object);
         let (parked_full, connected) = (self.parked >= self.config.parked_max, self.connected);
         let Some(e) = self.entries.get_mut(&object) else {
@@ -598,22 +617,58 @@ impl TokenSite {
         let State::Held { wait, .. } = e.state else {
             return false;
         };
-        let hand_over_due = e
-            .peer_asked
-            .is_some_and(|at| now >= at.saturating_add(self.config.hold_max_ms));
-        wait <= self.applied && !hand_over_due
+        wait <= self.applied && !self.hand_over_due(e, now)
     }
 
-    fn on_written(&mut self, now: u64, object: ObjectId, seq: u64, out: &mut Vec<Action>) {
+    /// The peer asked and we held the token, writable, for `hold_max_ms` since: new writes
+    /// park, and the token goes once the writes in progress are done.
+    fn hand_over_due(&self, e: &Entry, now: u64) -> bool {
+        match (e.peer_asked, e.writable_at) {
+            (Some(asked), Some(writable)) => {
+                now >= asked.max(writable).saturating_add(self.config.hold_max_ms)
+            }
+            _ => false,
+        }
+    }
+
+    /// Notes when the held token of `object` became writable.
+    fn note_writable(&mut self, now: u64, object: ObjectId) {
+        let applied = self.applied;
+        if let Some(e) = self.entries.get_mut(&object) {
+            if matches!(e.state, State::Held { wait, .. } if wait <= applied)
+                && e.writable_at.is_none()
+            {
+                e.writable_at = Some(now);
+            }
+        }
+    }
+
+    fn on_written(
+        &mut self,
+        now: u64,
+        object: ObjectId,
+        seq: u64,
+        guarded: bool,
+        out: &mut Vec<Action>,
+    ) {
+        if !guarded {
+            self.unguarded = self.unguarded.saturating_sub(1);
+        }
         match self.entries.get_mut(&object) {
             Some(e) => {
-                e.writing = e.writing.saturating_sub(1);
+                if guarded {
+                    e.writing = e.writing.saturating_sub(1);
+                }
                 e.last_write = e.last_write.max(seq);
                 e.used_at = now;
             }
             None => self.write_floor = self.write_floor.max(seq),
         }
-        self.maybe_hand_over(now, object, out);
+        if guarded {
+            self.maybe_hand_over(now, object, out);
+        } else if self.unguarded == 0 {
+            self.send_ready(out);
+        }
     }
 
     fn on_connected(&mut self, shipped: u64, out: &mut Vec<Action>) {
@@ -628,9 +683,6 @@ impl TokenSite {
         self.send_ready(out);
         for (object, e) in self.entries.iter_mut() {
             match e.state {
-                State::Away {
-                    seq, sent: false, ..
-                } => out.push(Action::Ship { through: seq }),
                 State::Away { sent: true, .. } | State::Remote
                     if !e.parked.is_empty() && !e.asked =>
                 {
@@ -666,6 +718,9 @@ impl TokenSite {
             // Writes waiting for a token across the split: the policy decides now.
             for (write, _) in e.parked.drain(..) {
                 self.parked -= 1;
+                if policy == PartitionPolicy::Reconcile {
+                    self.unguarded += 1;
+                }
                 out.push(match policy {
                     PartitionPolicy::Reconcile => Action::Proceed {
                         write,
@@ -730,6 +785,7 @@ impl TokenSite {
         e.state = State::Held { lend, wait: seq };
         e.asked = false;
         e.peer_asked = None;
+        e.writable_at = None;
         e.used_at = now;
         out.push(Action::Persist(TokenRecord {
             object,
@@ -758,6 +814,8 @@ impl TokenSite {
             if matches!(e.state, State::Away { lend: l, .. } if l == lend) {
                 e.state = State::Held { lend, wait: seq };
                 e.asked = false;
+                e.peer_asked = None;
+                e.writable_at = None;
                 e.used_at = now;
                 out.push(Action::Persist(TokenRecord {
                     object,
@@ -791,7 +849,7 @@ impl TokenSite {
             lend_next: self.lend_next,
         }));
         if e.quiet() {
-            self.entries.remove(&object);
+            self.drop_entry(object, out);
         }
     }
 
@@ -812,7 +870,7 @@ impl TokenSite {
             });
         }
         if e.quiet() {
-            self.entries.remove(&object);
+            self.drop_entry(object, out);
         }
     }
 
@@ -845,7 +903,8 @@ impl TokenSite {
     /// Gives the token of `object` away if the peer asked and we may, or (other site) if it
     /// idled for `idle_ms`.
     fn maybe_hand_over(&mut self, now: u64, object: ObjectId, out: &mut Vec<Action>) {
-        let (home, idle_ms, hold_max) = (self.home, self.config.idle_ms, self.config.hold_max_ms);
+        self.note_writable(now, object);
+        let (home, idle_ms) = (self.home, self.config.idle_ms);
         let Some(e) = self.entries.get(&object) else {
             return;
         };
@@ -853,7 +912,7 @@ impl TokenSite {
             return;
         }
         let give = match e.peer_asked {
-            Some(at) => e.quiet() || now >= at.saturating_add(hold_max),
+            Some(_) => e.quiet() || self.hand_over_due(e, now),
             None => !home && e.quiet() && now >= e.used_at.saturating_add(idle_ms),
         };
         if give {
@@ -871,48 +930,52 @@ impl TokenSite {
         };
         let seq = e.last_write;
         e.state = State::Giving { lend, wait, seq };
-        if seq > self.shipped {
-            out.push(Action::Ship { through: seq });
-        }
         self.send_ready(out);
     }
 
     /// Sends every Grant whose records are shipped: completes hand-overs, and sends again the
     /// Grants of `Away` entries after a (re)connection.
     fn send_ready(&mut self, out: &mut Vec<Action>) {
-        if !self.connected {
+        if !self.connected || self.unguarded > 0 {
             return;
         }
         let shipped = self.shipped;
         let home = self.home;
         for (object, e) in self.entries.iter_mut() {
-            let (lend, seq) = match e.state {
-                State::Giving { lend, seq, .. } if seq <= shipped => {
-                    // The home numbers each lend; the other site gives back under the lend.
-                    let lend = if home {
-                        let l = self.lend_next;
-                        self.lend_next += 1;
-                        l
-                    } else {
-                        lend
-                    };
-                    out.push(Action::Persist(TokenRecord {
-                        object: *object,
-                        kind: RecordKind::Away,
-                        lend,
-                        seq,
-                        lend_next: self.lend_next,
-                    }));
-                    e.peer_asked = None;
-                    (lend, seq)
-                }
+            let (lend, seq, giving) = match e.state {
+                State::Giving { lend, seq, .. } => (lend, seq, true),
                 State::Away {
                     lend,
                     seq,
                     sent: false,
-                } if seq <= shipped => (lend, seq),
+                } => (lend, seq, false),
                 _ => continue,
             };
+            // Our writes made since (across a split, `Reconcile`, and journaled only now) travel
+            // ahead of the Grant too.
+            let seq = seq.max(e.last_write);
+            if seq > shipped {
+                out.push(Action::Ship { through: seq });
+                continue;
+            }
+            let lend = if giving && home {
+                // The home numbers each lend; the other site gives back under the lend.
+                let l = self.lend_next;
+                self.lend_next += 1;
+                l
+            } else {
+                lend
+            };
+            if giving {
+                out.push(Action::Persist(TokenRecord {
+                    object: *object,
+                    kind: RecordKind::Away,
+                    lend,
+                    seq,
+                    lend_next: self.lend_next,
+                }));
+                e.peer_asked = None;
+            }
             e.state = State::Away {
                 lend,
                 seq,
@@ -932,6 +995,7 @@ impl TokenSite {
 
     /// Lets the parked writes of `object` proceed if the token is ours and writable.
     fn proceed_parked(&mut self, now: u64, object: ObjectId, out: &mut Vec<Action>) {
+        self.note_writable(now, object);
         if !self.writable(now, object) {
             return;
         }
