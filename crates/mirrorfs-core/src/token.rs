@@ -941,6 +941,8 @@ impl TokenSite {
         }
         let shipped = self.shipped;
         let home = self.home;
+        // One hint for all the Grants that wait for records.
+        let mut ship = 0;
         for (object, e) in self.entries.iter_mut() {
             let (lend, seq, giving) = match e.state {
                 State::Giving { lend, seq, .. } => (lend, seq, true),
@@ -955,7 +957,7 @@ impl TokenSite {
             // ahead of the Grant too.
             let seq = seq.max(e.last_write);
             if seq > shipped {
-                out.push(Action::Ship { through: seq });
+                ship = ship.max(seq);
                 continue;
             }
             let lend = if giving && home {
@@ -990,6 +992,9 @@ impl TokenSite {
                 e.asked = true;
                 out.push(Action::Send(TokenMsg::Request { object: *object }));
             }
+        }
+        if ship > 0 {
+            out.push(Action::Ship { through: ship });
         }
     }
 
@@ -1099,5 +1104,563 @@ impl TokenSite {
             }
         }
         false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const X: ObjectId = 7;
+    const Y: ObjectId = 8;
+
+    fn config(site: SiteId, peer: SiteId, policy: PartitionPolicy) -> TokenConfig {
+        TokenConfig {
+            entries_max: 3,
+            parked_max: 3,
+            idle_ms: 100,
+            hold_max_ms: 50,
+            park_timeout_ms: 1000,
+            ..TokenConfig::new(site, peer, policy)
+        }
+    }
+
+    fn connected(site: SiteId, peer: SiteId, policy: PartitionPolicy) -> TokenSite {
+        let mut s = TokenSite::new(config(site, peer, policy));
+        assert_eq!(s.handle(0, Event::Connected { shipped: 0 }), vec![]);
+        s
+    }
+
+    /// The home (site 1) and the other site (2), connected, `Reconcile`.
+    fn pair() -> (TokenSite, TokenSite) {
+        (
+            connected(1, 2, PartitionPolicy::Reconcile),
+            connected(2, 1, PartitionPolicy::Reconcile),
+        )
+    }
+
+    fn write(write: WriteId, object: ObjectId) -> Event {
+        Event::Write { write, object }
+    }
+
+    fn written(object: ObjectId, seq: u64) -> Event {
+        Event::Written {
+            object,
+            seq,
+            guarded: true,
+        }
+    }
+
+    fn proceed(write: WriteId, object: ObjectId) -> Action {
+        Action::Proceed {
+            write,
+            object,
+            guarded: true,
+        }
+    }
+
+    fn recv(m: TokenMsg) -> Event {
+        Event::Received(m)
+    }
+
+    fn sent(actions: &[Action]) -> Vec<TokenMsg> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Send(m) => Some(*m),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn persisted(actions: &[Action]) -> Vec<TokenRecord> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Persist(r) => Some(*r),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn grant(lend: u64, seq: u64) -> TokenMsg {
+        TokenMsg::Grant {
+            object: X,
+            lend,
+            seq,
+        }
+    }
+
+    /// The home lends X to the other site (which asked with write 1) under lend 1, seq 0.
+    fn lend_x(home: &mut TokenSite, other: &mut TokenSite) {
+        let a = other.handle(0, write(1, X));
+        assert_eq!(sent(&a), vec![TokenMsg::Request { object: X }]);
+        let a = home.handle(1, recv(TokenMsg::Request { object: X }));
+        assert_eq!(sent(&a), vec![grant(1, 0)]);
+        let a = other.handle(2, recv(grant(1, 0)));
+        assert_eq!(a.last(), Some(&proceed(1, X)));
+        assert_eq!(other.handle(3, written(X, 1)), vec![]);
+    }
+
+    #[test]
+    fn the_home_writes_at_once_and_the_other_site_asks() {
+        let (mut home, mut other) = pair();
+        assert_eq!(home.handle(0, write(1, X)), vec![proceed(1, X)]);
+        assert_eq!(
+            other.handle(0, write(2, X)),
+            vec![Action::Send(TokenMsg::Request { object: X })]
+        );
+        assert_eq!(other.parked(), 1);
+        assert_eq!(other.state(X), TokenState::Requesting);
+        // A second write to the same object waits with the first, without a second request.
+        assert_eq!(other.handle(0, write(3, X)), vec![]);
+        assert!(home.holds(X) && !other.holds(X));
+    }
+
+    #[test]
+    fn a_grant_leaves_only_after_the_records_of_the_object_are_shipped() {
+        let (mut home, _) = pair();
+        home.handle(0, write(1, X));
+        home.handle(1, written(X, 5));
+        home.handle(2, Event::Shipped { seq: 3 });
+        let a = home.handle(3, recv(TokenMsg::Request { object: X }));
+        assert_eq!(a, vec![Action::Ship { through: 5 }]);
+        assert_eq!(home.state(X), TokenState::Returning { lend: 0 });
+        let a = home.handle(4, Event::Shipped { seq: 5 });
+        let away = TokenRecord {
+            object: X,
+            kind: RecordKind::Away,
+            lend: 1,
+            seq: 5,
+            lend_next: 2,
+        };
+        // Durable first, then the message.
+        assert_eq!(a, vec![Action::Persist(away), Action::Send(grant(1, 5))]);
+        assert!(!home.holds(X));
+        // Writes there now ask for it back, after the Grant.
+        assert_eq!(
+            sent(&home.handle(5, write(2, X))),
+            vec![TokenMsg::Request { object: X }]
+        );
+    }
+
+    #[test]
+    fn the_new_holder_writes_once_the_granters_records_are_applied() {
+        let (_, mut other) = pair();
+        other.handle(0, write(1, X));
+        let a = other.handle(1, recv(grant(1, 5)));
+        assert_eq!(
+            persisted(&a),
+            vec![TokenRecord {
+                object: X,
+                kind: RecordKind::Held,
+                lend: 1,
+                seq: 5,
+                lend_next: 1,
+            }]
+        );
+        assert_eq!(a.len(), 1, "no write before the records are applied");
+        assert_eq!(
+            other.state(X),
+            TokenState::Held {
+                lend: 1,
+                writable: false
+            }
+        );
+        assert_eq!(other.handle(2, Event::PeerApplied { seq: 4 }), vec![]);
+        assert_eq!(
+            other.handle(3, Event::PeerApplied { seq: 5 }),
+            vec![proceed(1, X)]
+        );
+        assert_eq!(other.handle(4, write(2, X)), vec![proceed(2, X)]);
+    }
+
+    #[test]
+    fn a_busy_holder_grants_on_close() {
+        let (mut home, _) = pair();
+        home.handle(0, Event::Opened { object: X });
+        home.handle(0, write(1, X));
+        assert_eq!(
+            home.handle(1, recv(TokenMsg::Request { object: X })),
+            vec![]
+        );
+        // Still open, within hold_max: the writer keeps the token.
+        assert_eq!(home.handle(2, written(X, 1)), vec![]);
+        assert_eq!(home.handle(4, write(2, X)), vec![proceed(2, X)]);
+        assert_eq!(home.handle(5, written(X, 2)), vec![]);
+        assert_eq!(
+            home.handle(6, Event::Closed { object: X }),
+            vec![Action::Ship { through: 2 }]
+        );
+        let a = home.handle(7, Event::Shipped { seq: 2 });
+        assert_eq!(sent(&a), vec![grant(1, 2)]);
+    }
+
+    #[test]
+    fn an_open_file_hands_the_token_over_after_hold_max() {
+        let (mut home, _) = pair();
+        home.handle(0, Event::Opened { object: X });
+        home.handle(0, write(1, X));
+        home.handle(0, written(X, 0));
+        home.handle(10, recv(TokenMsg::Request { object: X }));
+        assert_eq!(home.handle(59, Event::Tick), vec![]);
+        assert_eq!(home.handle(59, write(2, X)), vec![proceed(2, X)]);
+        // Due: new writes park; the token goes once the write in progress is done, and the
+        // parked write asks for it back right after the Grant.
+        assert_eq!(home.handle(60, write(3, X)), vec![]);
+        assert_eq!(home.handle(61, Event::Tick), vec![]);
+        let a = home.handle(62, written(X, 0));
+        assert_eq!(sent(&a), vec![grant(1, 0), TokenMsg::Request { object: X }]);
+    }
+
+    #[test]
+    fn the_other_site_gives_an_idle_token_back_and_forgets_it_on_the_ack() {
+        let (mut home, mut other) = pair();
+        lend_x(&mut home, &mut other);
+        other.handle(4, Event::Shipped { seq: 1 });
+        assert_eq!(other.handle(50, Event::Tick), vec![]);
+        let a = other.handle(103, Event::Tick);
+        assert_eq!(sent(&a), vec![grant(1, 1)]);
+        assert_eq!(persisted(&a)[0].kind, RecordKind::Away);
+        assert_eq!(other.state(X), TokenState::Away { lend: 1 });
+        let a = home.handle(104, recv(grant(1, 1)));
+        assert_eq!(persisted(&a)[0].kind, RecordKind::Held);
+        assert_eq!(sent(&a), vec![TokenMsg::Ack { object: X, lend: 1 }]);
+        // The home waits for the other site's record 1 before it writes.
+        assert_eq!(home.handle(105, write(9, X)), vec![]);
+        assert_eq!(
+            home.handle(106, Event::PeerApplied { seq: 1 }),
+            vec![proceed(9, X)]
+        );
+        let a = other.handle(107, recv(TokenMsg::Ack { object: X, lend: 1 }));
+        assert_eq!(persisted(&a)[0].kind, RecordKind::Forget);
+        assert!(other.is_empty());
+        assert!(home.holds(X) && !other.holds(X));
+    }
+
+    #[test]
+    fn duplicate_and_stale_grants_are_ignored() {
+        let (mut home, mut other) = pair();
+        lend_x(&mut home, &mut other);
+        assert_eq!(other.handle(4, recv(grant(1, 0))), vec![]);
+        other.handle(5, Event::Shipped { seq: 1 });
+        other.handle(200, Event::Tick);
+        assert_eq!(other.state(X), TokenState::Away { lend: 1 });
+        // The home's Grant sent again on a reconnection crosses the give-back: ignored.
+        assert_eq!(other.handle(201, recv(grant(1, 0))), vec![]);
+        assert!(!other.holds(X));
+        // A newer lend is taken even before the Ack of the old one.
+        let a = other.handle(202, recv(grant(2, 0)));
+        assert_eq!(persisted(&a)[0].lend, 2);
+        assert!(other.holds(X));
+    }
+
+    #[test]
+    fn a_give_back_the_home_already_took_is_acknowledged_and_nothing_else() {
+        let (mut home, _) = pair();
+        let a = home.handle(0, recv(grant(7, 3)));
+        assert_eq!(a, vec![Action::Send(TokenMsg::Ack { object: X, lend: 7 })]);
+        assert!(home.holds(X));
+        assert_eq!(home.handle(1, write(1, X)), vec![proceed(1, X)]);
+    }
+
+    #[test]
+    fn a_request_for_a_token_on_its_way_is_ignored() {
+        let (mut home, mut other) = pair();
+        assert_eq!(
+            other.handle(0, recv(TokenMsg::Request { object: X })),
+            vec![]
+        );
+        lend_x(&mut home, &mut other);
+        assert_eq!(
+            home.handle(5, recv(TokenMsg::Request { object: X })),
+            vec![]
+        );
+    }
+
+    /// Both sites want X at once while it travels: the Grant in flight decides (the home is
+    /// where an unclaimed token rests, so there is no free token to race for), the other
+    /// request is served after the holder's writes, and both sites' writes run.
+    #[test]
+    fn crossing_requests_serve_both_sites_in_turn() {
+        let (mut home, mut other) = pair();
+        let r = other.handle(0, write(1, X));
+        assert_eq!(sent(&r), vec![TokenMsg::Request { object: X }]);
+        let g = home.handle(1, recv(TokenMsg::Request { object: X }));
+        assert_eq!(sent(&g), vec![grant(1, 0)]);
+        // The home wants it back before the Grant arrived: its request follows the Grant.
+        let r2 = home.handle(2, write(2, X));
+        assert_eq!(sent(&r2), vec![TokenMsg::Request { object: X }]);
+        assert!(!home.holds(X) && !other.holds(X));
+        let a = other.handle(3, recv(grant(1, 0)));
+        assert_eq!(a.last(), Some(&proceed(1, X)));
+        assert_eq!(
+            other.handle(4, recv(TokenMsg::Request { object: X })),
+            vec![]
+        );
+        let a = other.handle(5, written(X, 1));
+        assert_eq!(a, vec![Action::Ship { through: 1 }]);
+        let a = other.handle(6, Event::Shipped { seq: 1 });
+        assert_eq!(sent(&a), vec![grant(1, 1)]);
+        let a = home.handle(7, recv(grant(1, 1)));
+        assert_eq!(sent(&a), vec![TokenMsg::Ack { object: X, lend: 1 }]);
+        assert_eq!(
+            home.handle(8, Event::PeerApplied { seq: 1 }),
+            vec![proceed(2, X)]
+        );
+        assert!(home.holds(X) && !other.holds(X));
+    }
+
+    #[test]
+    fn a_grant_lost_with_the_link_is_sent_again_on_reconnection() {
+        let (mut home, mut other) = pair();
+        lend_x(&mut home, &mut other);
+        assert_eq!(home.handle(10, Event::Disconnected), vec![]);
+        assert_eq!(
+            sent(&home.handle(11, Event::Connected { shipped: 0 })),
+            vec![grant(1, 0)]
+        );
+        other.handle(12, Event::Disconnected);
+        assert_eq!(other.handle(13, Event::Connected { shipped: 1 }), vec![]);
+        assert_eq!(other.handle(14, recv(grant(1, 0))), vec![]);
+        assert!(other.holds(X));
+    }
+
+    #[test]
+    fn recovery_rebuilds_the_table_and_never_reuses_a_lend() {
+        let (mut home, mut other) = pair();
+        let mut home_log = Vec::new();
+        let mut other_log = Vec::new();
+        other.handle(0, write(1, X));
+        home_log.extend(persisted(
+            &home.handle(1, recv(TokenMsg::Request { object: X })),
+        ));
+        other_log.extend(persisted(&other.handle(2, recv(grant(1, 0)))));
+        let home = TokenSite::recover(config(1, 2, PartitionPolicy::Reconcile), 5, &home_log, 9);
+        let mut other =
+            TokenSite::recover(config(2, 1, PartitionPolicy::Reconcile), 5, &other_log, 9);
+        assert!(!home.holds(X) && other.holds(X));
+        assert!(home.holds(Y));
+        assert_eq!(home.state(X), TokenState::Away { lend: 1 });
+        // Writes wait until the shell says how far its applier got.
+        other.handle(6, Event::PeerApplied { seq: 0 });
+        assert_eq!(other.handle(7, write(2, X)), vec![proceed(2, X)]);
+        // The home's next lend is a new number.
+        let mut home = home;
+        // Its journal ends at 9: a Grant of a token without an entry covers all of it.
+        home.handle(8, Event::Connected { shipped: 8 });
+        let a = home.handle(9, recv(TokenMsg::Request { object: Y }));
+        assert_eq!(a, vec![Action::Ship { through: 9 }]);
+        let a = home.handle(9, Event::Shipped { seq: 9 });
+        let lend = persisted(&a)[0].lend;
+        assert!(lend > 1, "lend {lend} reused");
+    }
+
+    #[test]
+    fn across_a_split_the_policy_decides_for_tokens_over_there() {
+        for policy in [PartitionPolicy::Reconcile, PartitionPolicy::ReadOnly] {
+            let mut home = connected(1, 2, policy);
+            let mut other = connected(2, 1, policy);
+            lend_x(&mut home, &mut other);
+            home.handle(4, write(2, X));
+            let a = home.handle(5, Event::Disconnected);
+            let b = home.handle(6, write(3, X));
+            // The token holder keeps writing.
+            other.handle(7, Event::Disconnected);
+            assert_eq!(other.handle(8, write(4, X)), vec![proceed(4, X)]);
+            assert_eq!(home.handle(9, write(5, Y)), vec![proceed(5, Y)]);
+            match policy {
+                PartitionPolicy::Reconcile => {
+                    let unguarded = |write| Action::Proceed {
+                        write,
+                        object: X,
+                        guarded: false,
+                    };
+                    assert_eq!(a, vec![unguarded(2)]);
+                    assert_eq!(b, vec![unguarded(3)]);
+                }
+                PartitionPolicy::ReadOnly => {
+                    let refused = |write| Action::Refuse {
+                        write,
+                        object: X,
+                        reason: Refusal::ReadOnly,
+                    };
+                    assert_eq!(a, vec![refused(2)]);
+                    assert_eq!(b, vec![refused(3)]);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_grant_waits_for_writes_made_across_the_split() {
+        let (mut home, mut other) = pair();
+        lend_x(&mut home, &mut other);
+        home.handle(4, Event::Disconnected);
+        home.handle(5, write(2, X));
+        // The link is back while the unguarded write runs: no Grant leaves before it is
+        // journaled, and the Grant covers it.
+        assert_eq!(home.handle(6, Event::Connected { shipped: 0 }), vec![]);
+        let a = home.handle(
+            7,
+            Event::Written {
+                object: X,
+                seq: 4,
+                guarded: false,
+            },
+        );
+        assert_eq!(a, vec![Action::Ship { through: 4 }]);
+        assert_eq!(
+            sent(&home.handle(8, Event::Shipped { seq: 4 })),
+            vec![grant(1, 4)]
+        );
+    }
+
+    #[test]
+    fn parked_writes_are_bounded_and_time_out() {
+        let (_, mut other) = pair();
+        for w in 0..3 {
+            assert!(!other
+                .handle(w, write(w, X))
+                .iter()
+                .any(|a| matches!(a, Action::Refuse { .. })));
+        }
+        assert_eq!(
+            other.handle(3, write(3, X)),
+            vec![Action::Refuse {
+                write: 3,
+                object: X,
+                reason: Refusal::ParkedFull
+            }]
+        );
+        assert_eq!(other.handle(999, Event::Tick), vec![]);
+        let a = other.handle(1001, Event::Tick);
+        let timed_out: Vec<WriteId> = a
+            .iter()
+            .filter_map(|a| match a {
+                Action::Refuse {
+                    write,
+                    reason: Refusal::Timeout,
+                    ..
+                } => Some(*write),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(timed_out, vec![0, 1]);
+        assert_eq!(other.parked(), 1);
+    }
+
+    #[test]
+    fn at_the_limit_idle_entries_go_first_and_busy_tables_refuse() {
+        let (mut home, mut other) = pair();
+        // The home: idle tokens it holds are dropped (no entry means held at home).
+        for o in 0..3 {
+            home.handle(o, write(o, o));
+            home.handle(o, written(o, 0));
+        }
+        assert_eq!(home.len(), 3);
+        assert_eq!(home.handle(10, write(9, 100)), vec![proceed(9, 100)]);
+        assert_eq!(home.len(), 3);
+        assert!(
+            home.holds(0),
+            "the dropped entry's token is still the home's"
+        );
+        // All busy: a write to one more object is refused, a request answered with Refuse.
+        let mut home = connected(1, 2, PartitionPolicy::Reconcile);
+        for o in 0..3 {
+            home.handle(0, Event::Opened { object: o });
+        }
+        assert_eq!(
+            home.handle(1, write(5, 50)),
+            vec![Action::Refuse {
+                write: 5,
+                object: 50,
+                reason: Refusal::TableFull
+            }]
+        );
+        assert_eq!(
+            home.handle(1, recv(TokenMsg::Request { object: 51 })),
+            vec![Action::Send(TokenMsg::Refuse { object: 51 })]
+        );
+        // The other site refuses its parked writes when the home refuses.
+        other.handle(2, write(6, 51));
+        assert_eq!(
+            other.handle(3, recv(TokenMsg::Refuse { object: 51 })),
+            vec![Action::Refuse {
+                write: 6,
+                object: 51,
+                reason: Refusal::PeerTableFull
+            }]
+        );
+        assert!(other.is_empty());
+    }
+
+    #[test]
+    fn the_other_site_at_its_limit_gives_back_its_least_recently_used_idle_token() {
+        let (_, mut other) = pair();
+        for o in 0..3u64 {
+            other.handle(o, write(o, o));
+            other.handle(
+                o,
+                recv(TokenMsg::Grant {
+                    object: o,
+                    lend: o + 1,
+                    seq: 0,
+                }),
+            );
+            other.handle(o, written(o, 0));
+        }
+        other.handle(20, Event::Opened { object: 1 });
+        let a = other.handle(21, write(9, 100));
+        assert_eq!(
+            sent(&a),
+            vec![TokenMsg::Grant {
+                object: 0,
+                lend: 1,
+                seq: 0
+            }]
+        );
+        assert_eq!(
+            a.last(),
+            Some(&Action::Refuse {
+                write: 9,
+                object: 100,
+                reason: Refusal::TableFull
+            })
+        );
+        // Once the home acknowledges, there is room again.
+        other.handle(22, recv(TokenMsg::Ack { object: 0, lend: 1 }));
+        assert_eq!(
+            sent(&other.handle(23, write(10, 100))),
+            vec![TokenMsg::Request { object: 100 }]
+        );
+    }
+
+    #[test]
+    fn records_round_trip_and_damage_is_refused() {
+        let r = TokenRecord {
+            object: u64::MAX,
+            kind: RecordKind::Away,
+            lend: 3,
+            seq: 99,
+            lend_next: 4,
+        };
+        let b = r.encode();
+        assert_eq!(TokenRecord::decode(&b), Ok(r));
+        assert_eq!(TokenRecord::decode(&b[..47]), Err(RecordError::Length(47)));
+        for at in [0, 5, 9, 41, 44] {
+            let mut d = b;
+            d[at] ^= 1;
+            assert_eq!(
+                TokenRecord::decode(&d),
+                Err(RecordError::Corrupt),
+                "byte {at}"
+            );
+        }
+        let mut k = b;
+        k[4] = 9;
+        let crc = crc32c::crc32c(&k[0..40]);
+        k[40..44].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(TokenRecord::decode(&k), Err(RecordError::Kind(9)));
     }
 }
