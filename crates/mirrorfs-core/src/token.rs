@@ -46,6 +46,19 @@
 //! stream has sent ([`Event::Shipped`]) and how far the peer's records are applied here
 //! ([`Event::PeerApplied`]). The messages, the states and the record layout are in
 //! `docs/protocol.md` ("Write tokens").
+//!
+//! How a shell drives one site:
+//! 1. start: [`TokenSite::recover`] from the durable records and the journal's end (or
+//!    [`TokenSite::new`] for a new pair), then `PeerApplied` with its applier's position;
+//! 2. each write call: `Write{write, object}`, then wait for the write's `Proceed` or `Refuse`
+//!    (it may come out of a later event); once the write is journaled, `Written{object, seq,
+//!    guarded}`; files opened and closed for writing: `Opened`, `Closed`;
+//! 3. the link: `Connected{shipped}` (the position the peer holds, where the stream resumes),
+//!    `Disconnected`, `Shipped` as the stream sends records, each token message received;
+//! 4. `Tick` often enough for the timings (every 10 ms, say);
+//! 5. the actions, in order: `Persist` made durable before the next action, `Send` after the
+//!    records already sent, `Ship` (send records through a seq soon; it may repeat), `Proceed`
+//!    and `Refuse` answer the parked or new write.
 
 use std::collections::{BTreeMap, VecDeque};
 
