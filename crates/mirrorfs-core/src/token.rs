@@ -1326,6 +1326,49 @@ mod tests {
         assert_eq!(sent(&a), vec![grant(1, 0), TokenMsg::Request { object: X }]);
     }
 
+    /// A token that arrives while its site still applies the granter's records is not taken
+    /// away by a request before the writes parked for it ran: `hold_max_ms` counts from when
+    /// it became writable (else a slow applier could starve a site for ever).
+    #[test]
+    fn hold_max_counts_from_when_the_token_is_writable() {
+        let (_, mut other) = pair();
+        other.handle(0, write(1, X));
+        other.handle(1, recv(grant(1, 5)));
+        other.handle(2, recv(TokenMsg::Request { object: X }));
+        assert_eq!(other.handle(500, Event::Tick), vec![]);
+        assert!(other.holds(X));
+        assert_eq!(
+            other.handle(501, Event::PeerApplied { seq: 5 }),
+            vec![proceed(1, X)]
+        );
+        let a = other.handle(502, written(X, 1));
+        assert_eq!(a, vec![Action::Ship { through: 1 }]);
+        assert_eq!(
+            sent(&other.handle(503, Event::Shipped { seq: 1 })),
+            vec![grant(1, 1)]
+        );
+    }
+
+    #[test]
+    fn a_hand_over_cut_by_the_link_falls_back_to_held() {
+        let (mut home, _) = pair();
+        home.handle(0, write(1, X));
+        home.handle(1, written(X, 3));
+        home.handle(2, recv(TokenMsg::Request { object: X }));
+        assert_eq!(home.state(X), TokenState::Returning { lend: 0 });
+        assert_eq!(home.handle(3, Event::Disconnected), vec![]);
+        assert_eq!(
+            home.state(X),
+            TokenState::Held {
+                lend: 0,
+                writable: true
+            }
+        );
+        assert_eq!(home.handle(4, write(2, X)), vec![proceed(2, X)]);
+        // Back on the link, nothing is sent until the peer asks again.
+        assert_eq!(home.handle(5, Event::Connected { shipped: 3 }), vec![]);
+    }
+
     #[test]
     fn the_other_site_gives_an_idle_token_back_and_forgets_it_on_the_ack() {
         let (mut home, mut other) = pair();
