@@ -1,7 +1,7 @@
 //! Two writable sites with per-object write tokens: the seeded simulation of `core::token`.
 //!
 //! ```text
-//!  site 1 (home)                    ordered link, delay, cuts                    site 2
+//!  site 0 (home or not)             ordered link, delay, cuts                    site 1
 //!   TokenSite ── Persist ─▶ log       records ─▶ / ◀─ records          log ◀─ Persist ── TokenSite
 //!   journal ──(shipped)──────────────▶ token messages (wire codec) ──────────▶ received → applied
 //! ```
@@ -214,7 +214,9 @@ fn run(
         park_timeout_ms: 3_000,
         policy,
     };
-    let (a, b) = (config(&mut rng, 1, 2), config(&mut rng, 2, 1));
+    // Either simulated site may be the home (the lower id).
+    let (id_a, id_b) = if rng.chance(1, 2) { (1, 2) } else { (9, 4) };
+    let (a, b) = (config(&mut rng, id_a, id_b), config(&mut rng, id_b, id_a));
     let mut w = World {
         now: 0,
         sites: [SimSite::new(a), SimSite::new(b)],
