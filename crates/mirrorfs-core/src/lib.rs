@@ -25,6 +25,7 @@ pub mod sequencer;
 pub mod session;
 pub mod sim;
 pub mod stream;
+pub mod token;
 pub mod track;
 pub mod tree;
 pub mod wire;

@@ -61,6 +61,10 @@ pub mod msg_type {
     pub const REINTEGRATED: u8 = 16;
     pub const LEASE_REQUEST: u8 = 17;
     pub const LEASE_RESPONSE: u8 = 18;
+    pub const TOKEN_REQUEST: u8 = 19;
+    pub const TOKEN_GRANT: u8 = 20;
+    pub const TOKEN_ACK: u8 = 21;
+    pub const TOKEN_REFUSE: u8 = 22;
 }
 
 /// Block size of the resync's per-file hashes.
@@ -278,6 +282,8 @@ pub enum Msg {
     LeaseRequest(crate::lease::Request),
     /// Witness → site: the answer to `LeaseRequest`.
     LeaseResponse(crate::lease::Response),
+    /// Either site (two writable sites): a write token message (`core::token`).
+    Token(crate::token::TokenMsg),
 }
 
 /// Why bytes from a peer were refused.
@@ -527,6 +533,15 @@ impl Msg {
             Msg::Reintegrated { .. } => REINTEGRATED,
             Msg::LeaseRequest(_) => LEASE_REQUEST,
             Msg::LeaseResponse(_) => LEASE_RESPONSE,
+            Msg::Token(t) => {
+                use crate::token::TokenMsg as T;
+                match t {
+                    T::Request { .. } => TOKEN_REQUEST,
+                    T::Grant { .. } => TOKEN_GRANT,
+                    T::Ack { .. } => TOKEN_ACK,
+                    T::Refuse { .. } => TOKEN_REFUSE,
+                }
+            }
         }
     }
 
@@ -683,6 +698,21 @@ impl Msg {
                         o.u64(*left_ms);
                     }
                     R::Full => o.u8(4),
+                }
+            }
+            Msg::Token(t) => {
+                use crate::token::TokenMsg as T;
+                match *t {
+                    T::Request { object } | T::Refuse { object } => o.u64(object),
+                    T::Grant { object, lend, seq } => {
+                        o.u64(object);
+                        o.u64(lend);
+                        o.u64(seq);
+                    }
+                    T::Ack { object, lend } => {
+                        o.u64(object);
+                        o.u64(lend);
+                    }
                 }
             }
         }
@@ -885,6 +915,25 @@ impl Msg {
                     3 => R::Starting { left_ms: i.u64()? },
                     4 => R::Full,
                     _ => return Err(WireError::Invalid("unknown lease answer")),
+                })
+            }
+            TOKEN_REQUEST => Msg::Token(crate::token::TokenMsg::Request { object: i.u64()? }),
+            TOKEN_REFUSE => Msg::Token(crate::token::TokenMsg::Refuse { object: i.u64()? }),
+            TOKEN_GRANT | TOKEN_ACK => {
+                let object = i.u64()?;
+                let lend = i.u64()?;
+                // Lend ids start at 1: 0 would name the home's own, never lent, token.
+                if lend == 0 {
+                    return Err(WireError::Invalid("token lend id 0"));
+                }
+                Msg::Token(if ty == TOKEN_GRANT {
+                    crate::token::TokenMsg::Grant {
+                        object,
+                        lend,
+                        seq: i.u64()?,
+                    }
+                } else {
+                    crate::token::TokenMsg::Ack { object, lend }
                 })
             }
             other => return Err(WireError::UnknownType(other)),
@@ -1165,7 +1214,39 @@ mod tests {
             }),
             Msg::LeaseResponse(crate::lease::Response::Starting { left_ms: 5 }),
             Msg::LeaseResponse(crate::lease::Response::Full),
+            Msg::Token(crate::token::TokenMsg::Request { object: 7 }),
+            Msg::Token(crate::token::TokenMsg::Grant {
+                object: u64::MAX,
+                lend: 3,
+                seq: 99,
+            }),
+            Msg::Token(crate::token::TokenMsg::Ack { object: 7, lend: 3 }),
+            Msg::Token(crate::token::TokenMsg::Refuse { object: 0 }),
         ]
+    }
+
+    #[test]
+    fn malformed_token_messages_are_refused() {
+        let grant = Msg::Token(crate::token::TokenMsg::Grant {
+            object: 1,
+            lend: 1,
+            seq: 5,
+        });
+        let mut b = grant.encode_body();
+        assert_eq!(b.len(), 24);
+        b[8..16].copy_from_slice(&0u64.to_le_bytes());
+        assert_eq!(
+            decode_all(&frame(msg_type::TOKEN_GRANT, 0, &b)),
+            Err(WireError::Invalid("token lend id 0"))
+        );
+        assert_eq!(
+            decode_all(&frame(msg_type::TOKEN_ACK, 0, &[1; 17])),
+            Err(WireError::Trailing(1))
+        );
+        assert_eq!(
+            decode_all(&frame(msg_type::TOKEN_REQUEST, 0, &[1; 7])),
+            Err(WireError::Truncated)
+        );
     }
 
     #[test]

@@ -24,12 +24,16 @@
 //! - [`run_sites_seed`] (in `sites.rs`): two sites that split, both write, and heal by
 //!   reintegration (the core planner and executor), with users writing during the heal and
 //!   crashes of the executor; its invariants.
+//! - [`run_tokens_seed`] (in `tokens.rs`): two writable sites with per-object write tokens
+//!   (`core::token`) over an ordered link that is cut, with crashes of either site; its
+//!   invariants (one holder, one writer, records before the Grant, bounded wait, no lost write).
 
 mod fs;
 mod net;
 mod primary;
 mod run;
 mod sites;
+mod tokens;
 
 pub use net::{
     run_net_seed, run_net_variant, trace_net_seed, trace_net_variant, NetStats, NetVariant,
@@ -41,6 +45,7 @@ pub use run::{run_seed, trace_seed, SimStats};
 pub use sites::{
     drive, drive_with, entry_ops, run_sites_seed, run_sites_seed_n, Late, SitesStats, Stopped,
 };
+pub use tokens::{run_tokens_seed, trace_tokens_seed, TokensStats};
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -1,0 +1,849 @@
+//! Two writable sites with per-object write tokens: the seeded simulation of `core::token`.
+//!
+//! ```text
+//!  site 0 (home or not)             ordered link, delay, cuts                    site 1
+//!   TokenSite ── Persist ─▶ log       records ─▶ / ◀─ records          log ◀─ Persist ── TokenSite
+//!   journal ──(shipped)──────────────▶ token messages (wire codec) ──────────▶ received → applied
+//! ```
+//!
+//! Each site journals its own writes and streams its journal to the other on an ordered link
+//! (a reconnection resumes the stream from what the peer received, as the real link does); the
+//! token messages travel on the same stream, through the wire codec. Users at both sites write
+//! a handful of objects at the same time and open and close them; the link goes down and comes
+//! back; either site crashes (possibly between two actions of one batch: after a `Persist`,
+//! before the `Send` that follows it) and restarts from its durable token records.
+//!
+//! Invariants:
+//! 1. one holder: no object's token is held by both sites (checked after every step, connected
+//!    or not: the protocol never makes two holders; only `Reconcile` writes without a token);
+//! 2. at most one writer, never a mix: a write proceeds with the token only while no other
+//!    site's guarded write to the object is in progress, and only once the site has every
+//!    guarded write made to the object so far, in the order they were made;
+//! 3. records before the Grant: a Grant's `seq` covers every record of the granter for the
+//!    object, no write of the granter to it is in progress, and the receiver has received
+//!    those records when the Grant arrives;
+//! 4. bounded wait: a parked write proceeds or is refused within the park timeout; a write
+//!    that waited while the link was up and both sites alive is never refused for a timeout
+//!    (no deadlock, no starvation); nothing is parked after the final heal;
+//! 5. no lost write: after the final heal both sites hold every journaled write, and the
+//!    guarded writes of each object in the order they were made.
+
+use std::collections::{BTreeMap, HashSet, VecDeque};
+
+use super::run::SplitMix64;
+use super::SimRng;
+use crate::token::{
+    Action, Event, ObjectId, PartitionPolicy, Refusal, TokenConfig, TokenMsg, TokenRecord,
+    TokenSite,
+};
+use crate::wire::{Decoder, Msg};
+
+/// What one or more seeds did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct TokensStats {
+    pub seeds: u64,
+    pub writes: u64,
+    pub guarded: u64,
+    /// Writes that went on without the token across a split (`Reconcile`).
+    pub unguarded: u64,
+    pub refused_read_only: u64,
+    pub refused_timeout: u64,
+    pub refused_full: u64,
+    /// Parked writes lost with a crashed site (never acknowledged).
+    pub lost_with_crash: u64,
+    pub grants: u64,
+    pub crashes: u64,
+    /// Crashes that landed between two actions of one batch.
+    pub crashes_mid_batch: u64,
+    pub disconnects: u64,
+    /// Longest wait of a parked write that proceeded, ms.
+    pub wait_max_ms: u64,
+}
+
+impl std::ops::AddAssign for TokensStats {
+    fn add_assign(&mut self, o: TokensStats) {
+        self.seeds += o.seeds;
+        self.writes += o.writes;
+        self.guarded += o.guarded;
+        self.unguarded += o.unguarded;
+        self.refused_read_only += o.refused_read_only;
+        self.refused_timeout += o.refused_timeout;
+        self.refused_full += o.refused_full;
+        self.lost_with_crash += o.lost_with_crash;
+        self.grants += o.grants;
+        self.crashes += o.crashes;
+        self.crashes_mid_batch += o.crashes_mid_batch;
+        self.disconnects += o.disconnects;
+        self.wait_max_ms = self.wait_max_ms.max(o.wait_max_ms);
+    }
+}
+
+/// A write's identity across the whole run.
+type Uid = u64;
+
+/// Something on the stream from one site to the other.
+#[derive(Debug, Clone)]
+enum Item {
+    Record {
+        seq: u64,
+        object: ObjectId,
+        uid: Uid,
+    },
+    /// A token message as wire bytes.
+    Token(Vec<u8>),
+}
+
+#[derive(Debug, Clone)]
+struct Pending {
+    object: ObjectId,
+    since: u64,
+    /// The link was up and both sites alive for the whole wait so far.
+    healthy: bool,
+}
+
+#[derive(Debug, Clone)]
+struct InProgress {
+    uid: Uid,
+    object: ObjectId,
+    guarded: bool,
+    done_at: u64,
+}
+
+struct SimSite {
+    machine: Option<TokenSite>,
+    config: TokenConfig,
+    /// Durable token records, in the order they were made.
+    log: Vec<TokenRecord>,
+    /// Own writes, durable: seq = index + 1.
+    journal: Vec<(ObjectId, Uid)>,
+    /// The peer's records received, durable, in order.
+    received: Vec<(ObjectId, Uid)>,
+    applied: usize,
+    /// Per object, the writes applied here (own and the peer's) in the order applied.
+    replica: BTreeMap<ObjectId, Vec<Uid>>,
+    /// Own records sent on this connection.
+    shipped: u64,
+    writing: Vec<InProgress>,
+    parked: BTreeMap<Uid, Pending>,
+    open: BTreeMap<ObjectId, u32>,
+    down_until: u64,
+}
+
+impl SimSite {
+    fn new(config: TokenConfig) -> SimSite {
+        SimSite {
+            machine: Some(TokenSite::new(config.clone())),
+            config,
+            log: Vec::new(),
+            journal: Vec::new(),
+            received: Vec::new(),
+            applied: 0,
+            replica: BTreeMap::new(),
+            shipped: 0,
+            writing: Vec::new(),
+            parked: BTreeMap::new(),
+            open: BTreeMap::new(),
+            down_until: 0,
+        }
+    }
+
+    fn alive(&self) -> bool {
+        self.machine.is_some()
+    }
+
+    fn holds(&self, object: ObjectId) -> bool {
+        self.machine.as_ref().is_some_and(|m| m.holds(object))
+    }
+}
+
+struct World {
+    now: u64,
+    sites: [SimSite; 2],
+    objects: u64,
+    link_up: bool,
+    /// Per direction (index = sender), items with their delivery time (non-decreasing).
+    links: [VecDeque<(u64, Item)>; 2],
+    /// Per object, the guarded writes in the order they were made (journaled).
+    history: BTreeMap<ObjectId, Vec<Uid>>,
+    /// Every guarded write in `history`.
+    guarded: HashSet<Uid>,
+    /// Guarded writes of each object that proceeded and are not yet journaled: (site, uid).
+    guarded_now: BTreeMap<ObjectId, Vec<(usize, Uid)>>,
+    next_uid: Uid,
+    /// A kill pending for this site: it dies after this many more actions.
+    kill: Option<(usize, usize)>,
+    stats: TokensStats,
+    policy: PartitionPolicy,
+    /// Every event and action, when tracing one seed.
+    trace: Option<Vec<String>>,
+}
+
+type Step = Result<(), String>;
+
+/// Runs one seed of `steps` steps; the invariants are in the module's documentation.
+pub fn run_tokens_seed(seed: u64, steps: usize) -> Result<TokensStats, String> {
+    run(seed, steps, None).0
+}
+
+/// [`run_tokens_seed`] with every event and action of the seed, for replaying a failure.
+pub fn trace_tokens_seed(seed: u64, steps: usize) -> (Result<TokensStats, String>, Vec<String>) {
+    let (r, log) = run(seed, steps, Some(Vec::new()));
+    (r, log.unwrap_or_default())
+}
+
+fn run(
+    seed: u64,
+    steps: usize,
+    trace: Option<Vec<String>>,
+) -> (Result<TokensStats, String>, Option<Vec<String>>) {
+    let mut gen = SplitMix64(seed ^ 0x070C_3E45_u64);
+    let mut next = || gen.next();
+    let mut rng = SimRng::new(&mut next);
+    let policy = if rng.chance(1, 2) {
+        PartitionPolicy::Reconcile
+    } else {
+        PartitionPolicy::ReadOnly
+    };
+    let config = |rng: &mut SimRng<'_>, site, peer| TokenConfig {
+        site,
+        peer,
+        entries_max: rng.range(2, 8) as usize,
+        parked_max: rng.range(2, 16) as usize,
+        idle_ms: rng.range(20, 400),
+        hold_max_ms: rng.range(10, 200),
+        park_timeout_ms: 3_000,
+        policy,
+    };
+    // Either simulated site may be the home (the lower id).
+    let (id_a, id_b) = if rng.chance(1, 2) { (1, 2) } else { (9, 4) };
+    let (a, b) = (config(&mut rng, id_a, id_b), config(&mut rng, id_b, id_a));
+    let mut w = World {
+        now: 0,
+        sites: [SimSite::new(a), SimSite::new(b)],
+        objects: rng.range(2, 8),
+        link_up: false,
+        links: [VecDeque::new(), VecDeque::new()],
+        history: BTreeMap::new(),
+        guarded: HashSet::new(),
+        guarded_now: BTreeMap::new(),
+        next_uid: 1,
+        kill: None,
+        stats: TokensStats {
+            seeds: 1,
+            ..TokensStats::default()
+        },
+        policy,
+        trace,
+    };
+    let r = (|| {
+        w.connect()?;
+        for step in 0..steps {
+            w.step(&mut rng)
+                .map_err(|e| format!("seed {seed} step {step} t={}ms: {e}", w.now))?;
+        }
+        w.finish(&mut rng)
+            .map_err(|e| format!("seed {seed} final heal t={}ms: {e}", w.now))
+    })();
+    (r.map(|()| w.stats.clone()), w.trace.take())
+}
+
+impl World {
+    fn step(&mut self, rng: &mut SimRng<'_>) -> Step {
+        self.now += rng.range(1, 8);
+        self.deliver(rng)?;
+        self.complete_writes()?;
+        match rng.weighted(&[30, 6, 6, 20]) {
+            0 => self.user_write(rng)?,
+            1 => self.open_close(rng, true)?,
+            2 => self.open_close(rng, false)?,
+            _ => {}
+        }
+        // The streams and the appliers move at their own random pace.
+        for i in 0..2 {
+            if rng.chance(1, 3) {
+                self.advance_ship(rng, i)?;
+            }
+            if rng.chance(1, 3) {
+                self.advance_apply(rng, i)?;
+            }
+        }
+        // Faults are rarer than work, so that most hand-overs run on a healthy link.
+        if self.link_up && rng.chance(1, 250) {
+            self.disconnect()?;
+        }
+        if rng.chance(1, 600) {
+            self.crash(rng)?;
+        }
+        if rng.chance(1, 400) {
+            // The next batch of this site's actions is cut after 1..3 of them.
+            self.kill = Some((rng.below(2) as usize, rng.range(1, 3) as usize));
+        }
+        self.restart_due()?;
+        if !self.link_up && self.sites.iter().all(SimSite::alive) && rng.chance(1, 30) {
+            self.connect()?;
+        }
+        for i in 0..2 {
+            self.event(i, Event::Tick)?;
+        }
+        self.check()
+    }
+
+    /// Invariants 1 and 4 (bounded wait), after every step.
+    fn check(&self) -> Step {
+        for object in 0..self.objects {
+            if self.sites[0].holds(object) && self.sites[1].holds(object) {
+                return Err(format!("both sites hold the token of object {object}"));
+            }
+        }
+        for (i, s) in self.sites.iter().enumerate() {
+            for (uid, p) in &s.parked {
+                if self.now > p.since + s.config.park_timeout_ms + 8 {
+                    return Err(format!(
+                        "site {i}: write {uid} to object {} parked for {} ms",
+                        p.object,
+                        self.now - p.since
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands `event` to site `i` and carries out what it says (and what follows from that).
+    fn event(&mut self, i: usize, event: Event) -> Step {
+        let mut queue = VecDeque::from([event]);
+        while let Some(ev) = queue.pop_front() {
+            let Some(m) = self.sites[i].machine.as_mut() else {
+                return Ok(());
+            };
+            let actions = m.handle(self.now, ev);
+            if let Some(t) = self.trace.as_mut() {
+                t.push(format!("{} site {i}: {ev:?} -> {actions:?}", self.now));
+            }
+            for a in actions {
+                if let Some((k, left)) = self.kill {
+                    if k == i {
+                        if left <= 1 {
+                            self.kill = None;
+                            self.stats.crashes_mid_batch += 1;
+                            return self.crash_site(i);
+                        }
+                        self.kill = Some((k, left - 1));
+                    }
+                }
+                self.act(i, a, &mut queue)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn act(&mut self, i: usize, a: Action, queue: &mut VecDeque<Event>) -> Step {
+        match a {
+            Action::Persist(r) => self.sites[i].log.push(r),
+            Action::Send(msg) => self.send(i, msg)?,
+            Action::Ship { through } => {
+                if self.ship(i, through) {
+                    queue.push_back(Event::Shipped {
+                        seq: self.sites[i].shipped,
+                    });
+                }
+            }
+            Action::Proceed {
+                write,
+                object,
+                guarded,
+            } => self.proceed(i, write, object, guarded)?,
+            Action::Refuse {
+                write,
+                object,
+                reason,
+            } => self.refused(i, write, object, reason)?,
+        }
+        Ok(())
+    }
+
+    fn send(&mut self, i: usize, msg: TokenMsg) -> Step {
+        if let TokenMsg::Grant { object, seq, .. } = msg {
+            // Invariant 3 at the sender.
+            let s = &self.sites[i];
+            let last = s
+                .journal
+                .iter()
+                .enumerate()
+                .filter(|(_, (o, _))| *o == object)
+                .map(|(at, _)| at as u64 + 1)
+                .max()
+                .unwrap_or(0);
+            if seq < last {
+                return Err(format!(
+                    "site {i} grants object {object} at seq {seq} before its record {last}"
+                ));
+            }
+            if seq > s.shipped {
+                return Err(format!(
+                    "site {i} grants object {object} at seq {seq}, shipped only {}",
+                    s.shipped
+                ));
+            }
+            if s.writing.iter().any(|w| w.object == object) {
+                return Err(format!(
+                    "site {i} grants object {object} with a write in progress"
+                ));
+            }
+        }
+        if !self.link_up {
+            return Ok(());
+        }
+        let bytes = Msg::Token(msg).encode(false);
+        self.push(i, Item::Token(bytes));
+        Ok(())
+    }
+
+    fn push(&mut self, from: usize, item: Item) {
+        let at = self.links[from]
+            .back()
+            .map_or(0, |(t, _)| *t)
+            .max(self.now + 1 + self.now % 23);
+        self.links[from].push_back((at, item));
+    }
+
+    /// Sends site `i`'s records through `through` (if the link is up). True if it sent any.
+    fn ship(&mut self, i: usize, through: u64) -> bool {
+        if !self.link_up {
+            return false;
+        }
+        let s = &self.sites[i];
+        let end = through.min(s.journal.len() as u64);
+        if end <= s.shipped {
+            return false;
+        }
+        let items: Vec<Item> = (s.shipped + 1..=end)
+            .map(|seq| {
+                let (object, uid) = s.journal[seq as usize - 1];
+                Item::Record { seq, object, uid }
+            })
+            .collect();
+        self.sites[i].shipped = end;
+        for it in items {
+            self.push(i, it);
+        }
+        true
+    }
+
+    fn proceed(&mut self, i: usize, uid: Uid, object: ObjectId, guarded: bool) -> Step {
+        let s = &mut self.sites[i];
+        let since = s.parked.remove(&uid).map(|p| p.since);
+        if let Some(since) = since {
+            self.stats.wait_max_ms = self.stats.wait_max_ms.max(self.now - since);
+        }
+        if guarded {
+            self.stats.guarded += 1;
+            // Invariant 2.
+            let others = self.guarded_now.entry(object).or_default();
+            if let Some((o, u)) = others.iter().find(|(site, _)| *site != i) {
+                return Err(format!(
+                    "site {i} writes object {object} while site {o}'s write {u} is in progress"
+                ));
+            }
+            others.push((i, uid));
+            let history = self.history.get(&object).cloned().unwrap_or_default();
+            let mine = self.guarded_order(i, object);
+            if mine != history {
+                return Err(format!(
+                    "site {i} writes object {object} holding guarded writes {mine:?}, made: {history:?}"
+                ));
+            }
+        } else {
+            self.stats.unguarded += 1;
+            if self.policy == PartitionPolicy::ReadOnly {
+                return Err(format!(
+                    "site {i} writes object {object} unguarded in read-only mode"
+                ));
+            }
+            if self.link_up {
+                return Err(format!(
+                    "site {i} writes object {object} unguarded while connected"
+                ));
+            }
+        }
+        let done_at = self.now + self.now % 7;
+        self.sites[i].writing.push(InProgress {
+            uid,
+            object,
+            guarded,
+            done_at,
+        });
+        Ok(())
+    }
+
+    /// The guarded writes of `object` site `i` holds, in the order applied there.
+    fn guarded_order(&self, i: usize, object: ObjectId) -> Vec<Uid> {
+        self.sites[i]
+            .replica
+            .get(&object)
+            .map(|v| {
+                v.iter()
+                    .copied()
+                    .filter(|u| self.guarded.contains(u))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn refused(&mut self, i: usize, uid: Uid, object: ObjectId, reason: Refusal) -> Step {
+        let p = self.sites[i].parked.remove(&uid);
+        match reason {
+            Refusal::ReadOnly => {
+                self.stats.refused_read_only += 1;
+                if self.policy != PartitionPolicy::ReadOnly || self.link_up {
+                    return Err(format!(
+                        "site {i}: write {uid} to object {object} refused read-only (policy {:?}, link up {})",
+                        self.policy, self.link_up
+                    ));
+                }
+            }
+            Refusal::Timeout => {
+                self.stats.refused_timeout += 1;
+                if p.as_ref().is_some_and(|p| p.healthy) {
+                    return Err(format!(
+                        "site {i}: write {uid} to object {object} timed out with the link up all along"
+                    ));
+                }
+            }
+            _ => self.stats.refused_full += 1,
+        }
+        Ok(())
+    }
+
+    fn user_write(&mut self, rng: &mut SimRng<'_>) -> Step {
+        let i = rng.below(2) as usize;
+        if !self.sites[i].alive() {
+            return Ok(());
+        }
+        let object = rng.below(self.objects);
+        let uid = self.next_uid;
+        self.next_uid += 1;
+        self.stats.writes += 1;
+        let healthy = self.link_up;
+        self.sites[i].parked.insert(
+            uid,
+            Pending {
+                object,
+                since: self.now,
+                healthy,
+            },
+        );
+        self.event(i, Event::Write { write: uid, object })
+    }
+
+    /// Journals the writes whose time came.
+    fn complete_writes(&mut self) -> Step {
+        for i in 0..2 {
+            let now = self.now;
+            let (done, rest): (Vec<InProgress>, Vec<InProgress>) = self.sites[i]
+                .writing
+                .drain(..)
+                .partition(|w| w.done_at <= now);
+            self.sites[i].writing = rest;
+            for w in done {
+                let s = &mut self.sites[i];
+                s.journal.push((w.object, w.uid));
+                s.replica.entry(w.object).or_default().push(w.uid);
+                let seq = s.journal.len() as u64;
+                if w.guarded {
+                    self.history.entry(w.object).or_default().push(w.uid);
+                    self.guarded.insert(w.uid);
+                    if let Some(v) = self.guarded_now.get_mut(&w.object) {
+                        v.retain(|(_, u)| *u != w.uid);
+                    }
+                }
+                self.event(
+                    i,
+                    Event::Written {
+                        object: w.object,
+                        seq,
+                        guarded: w.guarded,
+                    },
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    fn advance_apply(&mut self, rng: &mut SimRng<'_>, i: usize) -> Step {
+        let s = &mut self.sites[i];
+        if !s.alive() || s.applied >= s.received.len() {
+            return Ok(());
+        }
+        let to = (s.applied + rng.range(1, 8) as usize).min(s.received.len());
+        for at in s.applied..to {
+            let (object, uid) = s.received[at];
+            s.replica.entry(object).or_default().push(uid);
+        }
+        s.applied = to;
+        self.event(i, Event::PeerApplied { seq: to as u64 })
+    }
+
+    fn advance_ship(&mut self, rng: &mut SimRng<'_>, i: usize) -> Step {
+        if !self.sites[i].alive() {
+            return Ok(());
+        }
+        let through = self.sites[i].shipped + rng.range(1, 8);
+        if self.ship(i, through) {
+            let seq = self.sites[i].shipped;
+            self.event(i, Event::Shipped { seq })?;
+        }
+        Ok(())
+    }
+
+    fn open_close(&mut self, rng: &mut SimRng<'_>, open: bool) -> Step {
+        let i = rng.below(2) as usize;
+        let object = rng.below(self.objects);
+        let s = &mut self.sites[i];
+        if !s.alive() {
+            return Ok(());
+        }
+        let n = s.open.entry(object).or_default();
+        if open && *n < 2 {
+            *n += 1;
+            self.event(i, Event::Opened { object })
+        } else if !open && *n > 0 {
+            *n -= 1;
+            self.event(i, Event::Closed { object })
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Delivers the items whose time came, in order, per direction.
+    fn deliver(&mut self, rng: &mut SimRng<'_>) -> Step {
+        for from in 0..2 {
+            let to = 1 - from;
+            while self.link_up
+                && self.links[from]
+                    .front()
+                    .is_some_and(|(t, _)| *t <= self.now)
+            {
+                let Some((_, item)) = self.links[from].pop_front() else {
+                    break;
+                };
+                match item {
+                    Item::Record { seq, object, uid } => {
+                        let r = &mut self.sites[to].received;
+                        if seq == r.len() as u64 + 1 {
+                            r.push((object, uid));
+                        } else if seq > r.len() as u64 + 1 {
+                            return Err(format!("site {to} received seq {seq} after {}", r.len()));
+                        }
+                    }
+                    Item::Token(bytes) => {
+                        let mut d = Decoder::new();
+                        d.push(&bytes);
+                        let msg = match d.next_msg() {
+                            Ok(Some(Msg::Token(m))) => m,
+                            other => return Err(format!("token message decoded as {other:?}")),
+                        };
+                        if let TokenMsg::Grant { object, seq, .. } = msg {
+                            self.stats.grants += 1;
+                            let got = self.sites[to].received.len() as u64;
+                            if got < seq {
+                                return Err(format!(
+                                    "site {to} got the Grant of object {object} at seq {seq} with records through {got} only"
+                                ));
+                            }
+                        }
+                        self.event(to, Event::Received(msg))?;
+                    }
+                }
+                if rng.chance(1, 1000) {
+                    // A cut in the middle of the stream.
+                    return self.disconnect();
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn connect(&mut self) -> Step {
+        if self.link_up || !self.sites.iter().all(SimSite::alive) {
+            return Ok(());
+        }
+        self.link_up = true;
+        if let Some(t) = self.trace.as_mut() {
+            t.push(format!("{} link up", self.now));
+        }
+        for i in 0..2 {
+            self.sites[i].shipped = self.sites[1 - i].received.len() as u64;
+        }
+        for i in 0..2 {
+            let shipped = self.sites[i].shipped;
+            self.event(i, Event::Connected { shipped })?;
+        }
+        Ok(())
+    }
+
+    fn disconnect(&mut self) -> Step {
+        if !self.link_up {
+            return Ok(());
+        }
+        self.stats.disconnects += 1;
+        if let Some(t) = self.trace.as_mut() {
+            t.push(format!("{} link down", self.now));
+        }
+        self.link_up = false;
+        self.links = [VecDeque::new(), VecDeque::new()];
+        for s in &mut self.sites {
+            for p in s.parked.values_mut() {
+                p.healthy = false;
+            }
+        }
+        for i in 0..2 {
+            self.event(i, Event::Disconnected)?;
+        }
+        Ok(())
+    }
+
+    fn crash(&mut self, rng: &mut SimRng<'_>) -> Step {
+        let i = rng.below(2) as usize;
+        if self.sites[i].alive() {
+            self.crash_site(i)?;
+        }
+        Ok(())
+    }
+
+    /// Site `i` dies: what was not durable is gone, its parked and unjournaled writes were
+    /// never acknowledged.
+    fn crash_site(&mut self, i: usize) -> Step {
+        self.stats.crashes += 1;
+        if let Some(t) = self.trace.as_mut() {
+            t.push(format!("{} site {i}: CRASH", self.now));
+        }
+        self.sites[i].machine = None;
+        self.disconnect()?;
+        let now = self.now;
+        let s = &mut self.sites[i];
+        self.stats.lost_with_crash += s.parked.len() as u64;
+        s.parked.clear();
+        for w in s.writing.drain(..) {
+            if let Some(v) = self.guarded_now.get_mut(&w.object) {
+                v.retain(|(_, u)| *u != w.uid);
+            }
+        }
+        s.open.clear();
+        s.shipped = 0;
+        s.down_until = now + 50 + now % 300;
+        for p in self.sites[1 - i].parked.values_mut() {
+            p.healthy = false;
+        }
+        Ok(())
+    }
+
+    fn restart_due(&mut self) -> Step {
+        for i in 0..2 {
+            let s = &mut self.sites[i];
+            if s.alive() || self.now < s.down_until {
+                continue;
+            }
+            let end = s.journal.len() as u64;
+            s.machine = Some(TokenSite::recover(s.config.clone(), self.now, &s.log, end));
+            let applied = s.applied as u64;
+            self.event(i, Event::PeerApplied { seq: applied })?;
+        }
+        Ok(())
+    }
+
+    /// The final heal: no new writes, files closed, the link up until the streams are drained;
+    /// then invariants 4 and 5.
+    fn finish(&mut self, rng: &mut SimRng<'_>) -> Step {
+        self.kill = None;
+        for i in 0..2 {
+            if !self.sites[i].alive() {
+                self.sites[i].down_until = 0;
+            }
+        }
+        self.restart_due()?;
+        for i in 0..2 {
+            let open: Vec<(ObjectId, u32)> =
+                self.sites[i].open.iter().map(|(o, n)| (*o, *n)).collect();
+            self.sites[i].open.clear();
+            for (object, n) in open {
+                for _ in 0..n {
+                    self.event(i, Event::Closed { object })?;
+                }
+            }
+        }
+        self.connect()?;
+        let end = self.now + 20_000;
+        while self.now < end {
+            self.now += rng.range(1, 8);
+            self.deliver_all()?;
+            self.complete_writes()?;
+            for i in 0..2 {
+                let to = self.sites[i].journal.len() as u64;
+                if self.ship(i, to) {
+                    let seq = self.sites[i].shipped;
+                    self.event(i, Event::Shipped { seq })?;
+                }
+                let s = &mut self.sites[i];
+                if s.applied < s.received.len() {
+                    for at in s.applied..s.received.len() {
+                        let (object, uid) = s.received[at];
+                        s.replica.entry(object).or_default().push(uid);
+                    }
+                    s.applied = s.received.len();
+                    let seq = s.applied as u64;
+                    self.event(i, Event::PeerApplied { seq })?;
+                }
+                self.event(i, Event::Tick)?;
+            }
+            self.check()?;
+        }
+        for (i, s) in self.sites.iter().enumerate() {
+            if !s.parked.is_empty() || !s.writing.is_empty() {
+                return Err(format!(
+                    "site {i}: {} writes still parked, {} in progress after the heal",
+                    s.parked.len(),
+                    s.writing.len()
+                ));
+            }
+        }
+        self.check_no_loss()
+    }
+
+    /// Delivers everything due on the link, with no cut (the end of a run).
+    fn deliver_all(&mut self) -> Step {
+        let mut never = || 1u64;
+        let mut no_cut = SimRng::new(&mut never);
+        self.deliver(&mut no_cut)
+    }
+
+    /// Invariant 5.
+    fn check_no_loss(&self) -> Step {
+        let mut all: BTreeMap<ObjectId, Vec<Uid>> = BTreeMap::new();
+        for s in &self.sites {
+            for (object, uid) in &s.journal {
+                all.entry(*object).or_default().push(*uid);
+            }
+        }
+        for (i, s) in self.sites.iter().enumerate() {
+            for (object, uids) in &all {
+                let mut want = uids.clone();
+                want.sort_unstable();
+                let mut have = s.replica.get(object).cloned().unwrap_or_default();
+                have.sort_unstable();
+                if have != want {
+                    return Err(format!(
+                        "site {i} holds writes {have:?} of object {object}, journaled: {want:?}"
+                    ));
+                }
+                let history = self.history.get(object).cloned().unwrap_or_default();
+                if self.guarded_order(i, *object) != history {
+                    return Err(format!(
+                        "site {i} applied the guarded writes of object {object} out of order"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,1722 @@
+//! Per-object write tokens for two writable sites (issue 7 item 5; MFS two-writer mode,
+//! InterMezzo permits). One [`TokenSite`] per site: events in, actions out, time given as a value.
+//!
+//! ```text
+//!  home (lower site id)                                  other site
+//!   every token with no entry rests here
+//!                       ◀── Request{object} ────────────  write to a token it lacks: park
+//!   idle? ship records ≤ last write of the object,
+//!   Persist(Away{lend}) then ─ Grant{object, lend, seq} ─▶ Persist(Held{lend, seq});
+//!                                                          writes once the home's records
+//!                                                          through `seq` are applied here
+//!   wants it back ─ Request{object} ─────────────────────▶ busy: queued (hand over on close,
+//!                                                          idle, or after hold_max_ms)
+//!                       ◀── Grant{object, lend, seq} ───  given back (idle, asked, table full):
+//!   Persist(Held{lend, seq}) then ── Ack{object, lend} ─▶  Persist(Forget): the entry goes
+//! ```
+//!
+//! Why one holder at a time, with messages delayed, links cut and either site crashing:
+//! - **A token is never free.** Each object's token is held by exactly one site or travels in
+//!   one Grant. The home (the lower site id) holds every token neither table names, so there is
+//!   no race for a free token and no tie to break: two requests for one token cross only while
+//!   the token travels to one of the askers, and a site ignores a request for a token it does
+//!   not hold (its own Grant is ahead of the request's answer on the ordered stream). The holder
+//!   serves the queued request within `hold_max_ms` even if its files stay open, and new local
+//!   writes park meanwhile, so neither side starves.
+//! - **Persist before acting.** A site records `Away` durably before its Grant leaves, and
+//!   `Held` durably before a write proceeds or an Ack leaves. A crash therefore never makes a
+//!   site believe it holds a token it gave away; at worst a token is in a Grant that a cut link
+//!   lost, and every (re)connection sends again the Grant of every `Away` entry.
+//! - **Lend ids tell a fresh Grant from a stale one.** The home numbers each lend (`lend`, from a
+//!   persisted counter); the other site gives a token back under the same lend id and the home
+//!   acknowledges it. A Grant whose lend is not newer than the entry's is a duplicate from a
+//!   re-sent Grant and is ignored; the entry that could tell is kept until the Ack, which the
+//!   ordered stream delivers after every duplicate.
+//! - **Records before the Grant.** A Grant carries `seq`, the granter's last journal record for
+//!   the object (or a bound on it); it is sent only once the replication stream has sent every
+//!   record through `seq` (ordered stream: they arrive first), and the new holder writes only
+//!   once it has applied the granter's records through `seq`. A holder gives a token away only
+//!   when no write to the object is in progress.
+//!
+//! While the link is down a site keeps writing to the tokens it holds; for the others the
+//! mount's [`PartitionPolicy`] decides: `Reconcile` lets the write proceed unguarded (a conflict
+//! for the reintegration to settle), `ReadOnly` refuses it (`EROFS`). The shell makes each
+//! [`Action::Persist`] durable before it carries out the actions after it, sends [`TokenMsg`]s on
+//! the replication stream in order with the journal records, and tells the machine how far the
+//! stream has sent ([`Event::Shipped`]) and how far the peer's records are applied here
+//! ([`Event::PeerApplied`]). The messages, the states and the record layout are in
+//! `docs/protocol.md` ("Write tokens").
+//!
+//! How a shell drives one site:
+//! 1. start: [`TokenSite::recover`] from the durable records and the journal's end (or
+//!    [`TokenSite::new`] for a new pair), then `PeerApplied` with its applier's position;
+//! 2. each write call: `Write{write, object}`, then wait for the write's `Proceed` or `Refuse`
+//!    (it may come out of a later event); once the write is journaled, `Written{object, seq,
+//!    guarded}`; files opened and closed for writing: `Opened`, `Closed`;
+//! 3. the link: `Connected{shipped}` (the position the peer holds, where the stream resumes),
+//!    `Disconnected`, `Shipped` as the stream sends records, each token message received;
+//! 4. `Tick` often enough for the timings (every 10 ms, say);
+//! 5. the actions, in order: `Persist` made durable before the next action, `Send` after the
+//!    records already sent, `Ship` (send records through a seq soon; it may repeat), `Proceed`
+//!    and `Refuse` answer the parked or new write.
+
+use std::collections::{BTreeMap, VecDeque};
+
+/// A file system object whose writes a token guards (the shell's stable id for a file).
+pub type ObjectId = u64;
+/// A site's id; the lower of the two is the home of every token.
+pub type SiteId = u64;
+/// The shell's id for one write call, echoed in [`Action::Proceed`] or [`Action::Refuse`].
+pub type WriteId = u64;
+
+/// Tokens a site keeps entries for by default.
+pub const ENTRIES_MAX: usize = 4096;
+/// Writes a site parks (waiting for tokens) by default.
+pub const PARKED_MAX: usize = 1024;
+
+/// What a site does with writes to objects whose token is across a split (issue 7 item 6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PartitionPolicy {
+    /// Keep writing; the reintegration after the heal merges or lists the conflicts.
+    Reconcile,
+    /// Refuse the write (`EROFS`) until the link is back.
+    ReadOnly,
+}
+
+/// A site's limits and timings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenConfig {
+    pub site: SiteId,
+    pub peer: SiteId,
+    /// Entries in the table (see [`TokenSite`] for what happens at the limit).
+    pub entries_max: usize,
+    /// Parked writes, all objects together; one more is refused ([`Refusal::ParkedFull`]).
+    pub parked_max: usize,
+    /// The other site gives back a token nobody used for this long.
+    pub idle_ms: u64,
+    /// A holder asked for a token hands it over within this long even with files open.
+    pub hold_max_ms: u64,
+    /// A parked write is refused ([`Refusal::Timeout`]) after waiting this long.
+    pub park_timeout_ms: u64,
+    pub policy: PartitionPolicy,
+}
+
+impl TokenConfig {
+    /// The defaults for a site `site` paired with `peer`.
+    pub fn new(site: SiteId, peer: SiteId, policy: PartitionPolicy) -> Self {
+        TokenConfig {
+            site,
+            peer,
+            entries_max: ENTRIES_MAX,
+            parked_max: PARKED_MAX,
+            idle_ms: 2_000,
+            hold_max_ms: 200,
+            park_timeout_ms: 10_000,
+            policy,
+        }
+    }
+}
+
+/// A token message (wire types 19–22, `docs/protocol.md`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenMsg {
+    /// The sender wants to write `object`.
+    Request { object: ObjectId },
+    /// The token of `object` is the receiver's (lend `lend`, ≥ 1), once it has applied the
+    /// sender's records through `seq`.
+    Grant {
+        object: ObjectId,
+        lend: u64,
+        seq: u64,
+    },
+    /// Home → other: the token given back under `lend` is recorded at home.
+    Ack { object: ObjectId, lend: u64 },
+    /// Home → other: no room in the home's table to lend `object`.
+    Refuse { object: ObjectId },
+}
+
+/// Why a write was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Refusal {
+    #[error("read-only: the write token is at the other site and the link is down")]
+    ReadOnly,
+    #[error("too many writes wait for write tokens")]
+    ParkedFull,
+    #[error("the write token table is full of tokens in use")]
+    TableFull,
+    #[error("the other site's write token table is full of tokens in use")]
+    PeerTableFull,
+    #[error("the write token did not arrive in time")]
+    Timeout,
+}
+
+/// An input to [`TokenSite::handle`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// A write to `object` wants to start.
+    Write {
+        write: WriteId,
+        object: ObjectId,
+    },
+    /// A write that proceeded is done and journaled at `seq` (0 if it failed); `guarded` as
+    /// its [`Action::Proceed`] said.
+    Written {
+        object: ObjectId,
+        seq: u64,
+        guarded: bool,
+    },
+    /// A file of `object` was opened for writing.
+    Opened {
+        object: ObjectId,
+    },
+    /// A file of `object` opened for writing was closed.
+    Closed {
+        object: ObjectId,
+    },
+    /// The link is up; the stream has sent (or the peer holds) our records through `shipped`.
+    Connected {
+        shipped: u64,
+    },
+    Disconnected,
+    /// The stream has sent our records through `seq` (on this connection).
+    Shipped {
+        seq: u64,
+    },
+    /// The peer's records through `seq` are applied at this site.
+    PeerApplied {
+        seq: u64,
+    },
+    /// A message from the peer.
+    Received(TokenMsg),
+    /// Time passed.
+    Tick,
+}
+
+/// An output of [`TokenSite::handle`], to be carried out in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Make this record durable before carrying out any later action.
+    Persist(TokenRecord),
+    /// Send on the replication stream, after every record already sent.
+    Send(TokenMsg),
+    /// Please send our records through `through` soon: a Grant waits for them.
+    Ship { through: u64 },
+    /// The write may go on: with the token (`guarded`), or without it across a split
+    /// (`Reconcile`).
+    Proceed {
+        write: WriteId,
+        object: ObjectId,
+        guarded: bool,
+    },
+    Refuse {
+        write: WriteId,
+        object: ObjectId,
+        reason: Refusal,
+    },
+}
+
+/// What a persisted record says about one object (layout in `docs/protocol.md`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordKind {
+    /// This site holds the token under `lend`, writable once the peer's records through `seq`
+    /// are applied.
+    Held = 1,
+    /// This site granted the token under `lend` after its records through `seq`.
+    Away = 2,
+    /// No entry: the home holds the token.
+    Forget = 3,
+}
+
+/// One durable change of the token table; the last record of an object wins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenRecord {
+    pub object: ObjectId,
+    pub kind: RecordKind,
+    pub lend: u64,
+    pub seq: u64,
+    /// The home's next lend id when the record was made (never reused after a crash).
+    pub lend_next: u64,
+}
+
+/// Size of an encoded [`TokenRecord`].
+pub const RECORD_BYTES: usize = 48;
+/// Magic bytes that open every encoded [`TokenRecord`].
+pub const RECORD_MAGIC: [u8; 4] = *b"MFTK";
+
+/// Why a persisted token record was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RecordError {
+    #[error("token record of {0} bytes, expected {RECORD_BYTES}")]
+    Length(usize),
+    #[error("token record has a bad magic, checksum or reserved bytes")]
+    Corrupt,
+    #[error("token record of unknown kind {0}")]
+    Kind(u8),
+}
+
+impl TokenRecord {
+    /// The record's bytes: magic, kind, reserved, object, lend, seq, lend_next, crc32c, zero.
+    pub fn encode(&self) -> [u8; RECORD_BYTES] {
+        let mut b = [0u8; RECORD_BYTES];
+        b[0..4].copy_from_slice(&RECORD_MAGIC);
+        b[4] = self.kind as u8;
+        b[8..16].copy_from_slice(&self.object.to_le_bytes());
+        b[16..24].copy_from_slice(&self.lend.to_le_bytes());
+        b[24..32].copy_from_slice(&self.seq.to_le_bytes());
+        b[32..40].copy_from_slice(&self.lend_next.to_le_bytes());
+        let crc = crc32c::crc32c(&b[0..40]);
+        b[40..44].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    /// Decodes and checks one record.
+    pub fn decode(b: &[u8]) -> Result<TokenRecord, RecordError> {
+        if b.len() != RECORD_BYTES {
+            return Err(RecordError::Length(b.len()));
+        }
+        let u64_at = |at: usize| {
+            let mut x = [0u8; 8];
+            x.copy_from_slice(&b[at..at + 8]);
+            u64::from_le_bytes(x)
+        };
+        let crc = u32::from_le_bytes([b[40], b[41], b[42], b[43]]);
+        if b[0..4] != RECORD_MAGIC
+            || b[5..8] != [0; 3]
+            || b[44..48] != [0; 4]
+            || crc32c::crc32c(&b[0..40]) != crc
+        {
+            return Err(RecordError::Corrupt);
+        }
+        let kind = match b[4] {
+            1 => RecordKind::Held,
+            2 => RecordKind::Away,
+            3 => RecordKind::Forget,
+            k => return Err(RecordError::Kind(k)),
+        };
+        Ok(TokenRecord {
+            object: u64_at(8),
+            kind,
+            lend: u64_at(16),
+            seq: u64_at(24),
+            lend_next: u64_at(32),
+        })
+    }
+}
+
+/// Where a token is, as this site sees it (for status and tests).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenState {
+    /// This site holds it; `writable` once the peer's records it waits for are applied.
+    Held { lend: u64, writable: bool },
+    /// This site is handing it over: waiting for its records to be shipped.
+    Returning { lend: u64 },
+    /// Granted to the peer (home) or given back and not yet acknowledged (other site).
+    Away { lend: u64 },
+    /// The peer holds it.
+    Remote,
+    /// The peer holds it (or it is on its way here) and this site asked for it.
+    Requesting,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Ours under `lend` (0: at home, never lent); writes wait for the peer's records ≤ `wait`.
+    Held { lend: u64, wait: u64 },
+    /// Being handed over once our records ≤ `seq` are shipped (`wait` kept to fall back on).
+    Giving { lend: u64, wait: u64, seq: u64 },
+    /// Granted under `lend` after our records ≤ `seq`; `sent` on this connection.
+    Away { lend: u64, seq: u64, sent: bool },
+    /// The peer holds it (the other site only; the home has no such entry).
+    Remote,
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    state: State,
+    /// Files open for writing.
+    open: u32,
+    /// Writes that proceeded and are not yet `Written`.
+    writing: u32,
+    /// Our last journal record for the object (or a bound on it).
+    last_write: u64,
+    /// Last local use, for idle give-backs and the least-recently-used choice.
+    used_at: u64,
+    /// When the peer's request for the token arrived (we hold it).
+    peer_asked: Option<u64>,
+    /// Since when the held token is writable (the peer's records it waits for are applied):
+    /// `hold_max_ms` counts from here too, so that writes parked before the token came run
+    /// once it is usable, however long the records took.
+    writable_at: Option<u64>,
+    /// We sent a Request on this connection.
+    asked: bool,
+    /// Parked writes, oldest first, with the time each parked.
+    parked: VecDeque<(WriteId, u64)>,
+}
+
+impl Entry {
+    fn new(state: State, last_write: u64, now: u64) -> Entry {
+        Entry {
+            state,
+            open: 0,
+            writing: 0,
+            last_write,
+            used_at: now,
+            peer_asked: None,
+            writable_at: None,
+            asked: false,
+            parked: VecDeque::new(),
+        }
+    }
+
+    /// Nothing local uses the token.
+    fn quiet(&self) -> bool {
+        self.open == 0 && self.writing == 0 && self.parked.is_empty()
+    }
+}
+
+/// One site's token table.
+///
+/// At the table's limit a new entry first replaces the least-recently used entry that can go
+/// without a message (at home an idle token it holds — no entry means "held at home" —; at the
+/// other site an idle `Remote`); failing that the other site starts giving back its
+/// least-recently used idle token, and the write (or the peer's request, answered with
+/// `Refuse`) is refused with [`Refusal::TableFull`]. A Grant is always taken, even at the limit
+/// (refusing it would lose the token); only Grants answering requests sent before a crash can
+/// come unasked, so the table exceeds its limit by at most that many, and shrinks back by
+/// giving idle tokens back.
+#[derive(Debug, Clone)]
+pub struct TokenSite {
+    config: TokenConfig,
+    home: bool,
+    connected: bool,
+    /// Our records through this are sent on this connection (or held by the peer).
+    shipped: u64,
+    /// The peer's records through this are applied here.
+    applied: u64,
+    /// The next lend id (home).
+    lend_next: u64,
+    /// Every record of ours for an object without an entry is ≤ this.
+    write_floor: u64,
+    entries: BTreeMap<ObjectId, Entry>,
+    parked: usize,
+    /// Writes that proceeded without a token (across a split) and are not yet `Written`: no
+    /// Grant leaves before they are journaled, so that it covers them.
+    unguarded: u32,
+}
+
+impl TokenSite {
+    /// A site with no token history (a new pair of sites).
+    pub fn new(config: TokenConfig) -> TokenSite {
+        TokenSite {
+            home: config.site < config.peer,
+            config,
+            connected: false,
+            shipped: 0,
+            applied: 0,
+            lend_next: 1,
+            write_floor: 0,
+            entries: BTreeMap::new(),
+            parked: 0,
+            unguarded: 0,
+        }
+    }
+
+    /// The table after a restart, from the durable records in the order they were made, and the
+    /// last seq of this site's journal (a bound on its records for every object). The shell
+    /// feeds [`Event::PeerApplied`] with its applier's position before the first write.
+    pub fn recover(
+        config: TokenConfig,
+        now: u64,
+        records: &[TokenRecord],
+        journal_end: u64,
+    ) -> Self {
+        let mut site = TokenSite::new(config);
+        site.write_floor = journal_end;
+        let mut last: BTreeMap<ObjectId, TokenRecord> = BTreeMap::new();
+        for r in records {
+            site.lend_next = site
+                .lend_next
+                .max(r.lend_next)
+                .max(r.lend.saturating_add(1));
+            match r.kind {
+                RecordKind::Forget => {
+                    last.remove(&r.object);
+                }
+                _ => {
+                    last.insert(r.object, *r);
+                }
+            }
+        }
+        for (object, r) in last {
+            let state = match r.kind {
+                RecordKind::Held => State::Held {
+                    lend: r.lend,
+                    wait: r.seq,
+                },
+                _ => State::Away {
+                    lend: r.lend,
+                    seq: r.seq,
+                    sent: false,
+                },
+            };
+            site.entries
+                .insert(object, Entry::new(state, journal_end, now));
+        }
+        site
+    }
+
+    /// True if this site holds the token of `object` (it may be handing it over).
+    pub fn holds(&self, object: ObjectId) -> bool {
+        match self.entries.get(&object).map(|e| e.state) {
+            None => self.home,
+            Some(State::Held { .. } | State::Giving { .. }) => true,
+            Some(State::Away { .. } | State::Remote) => false,
+        }
+    }
+
+    /// Where the token of `object` is, as this site sees it.
+    pub fn state(&self, object: ObjectId) -> TokenState {
+        let Some(e) = self.entries.get(&object) else {
+            return if self.home {
+                TokenState::Held {
+                    lend: 0,
+                    writable: true,
+                }
+            } else {
+                TokenState::Remote
+            };
+        };
+        match e.state {
+            State::Held { lend, wait } => TokenState::Held {
+                lend,
+                writable: wait <= self.applied,
+            },
+            State::Giving { lend, .. } => TokenState::Returning { lend },
+            State::Away { .. } | State::Remote if e.asked => TokenState::Requesting,
+            State::Away { lend, .. } => TokenState::Away { lend },
+            State::Remote => TokenState::Remote,
+        }
+    }
+
+    /// Entries in the table.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Writes parked now.
+    pub fn parked(&self) -> usize {
+        self.parked
+    }
+
+    pub fn config(&self) -> &TokenConfig {
+        &self.config
+    }
+
+    /// Handles one event at `now` (ms, any monotonic clock) and returns what to do, in order.
+    pub fn handle(&mut self, now: u64, event: Event) -> Vec<Action> {
+        let mut out = Vec::new();
+        match event {
+            Event::Write { write, object } => self.on_write(now, write, object, &mut out),
+            Event::Written {
+                object,
+                seq,
+                guarded,
+            } => self.on_written(now, object, seq, guarded, &mut out),
+            Event::Opened { object } => {
+                if self.entry_or_make(now, object, &mut out) {
+                    if let Some(e) = self.entries.get_mut(&object) {
+                        e.open = e.open.saturating_add(1);
+                    }
+                }
+            }
+            Event::Closed { object } => {
+                if let Some(e) = self.entries.get_mut(&object) {
+                    e.open = e.open.saturating_sub(1);
+                }
+                self.maybe_hand_over(now, object, &mut out);
+            }
+            Event::Connected { shipped } => self.on_connected(shipped, &mut out),
+            Event::Disconnected => self.on_disconnected(&mut out),
+            Event::Shipped { seq } => {
+                self.shipped = self.shipped.max(seq);
+                self.send_ready(&mut out);
+            }
+            Event::PeerApplied { seq } => {
+                self.applied = self.applied.max(seq);
+                let objects: Vec<ObjectId> = self.entries.keys().copied().collect();
+                for object in objects {
+                    self.proceed_parked(now, object, &mut out);
+                }
+            }
+            Event::Received(msg) => self.on_msg(now, msg, &mut out),
+            Event::Tick => self.on_tick(now, &mut out),
+        }
+        out
+    }
+
+    fn on_write(&mut self, now: u64, write: WriteId, object: ObjectId, out: &mut Vec<Action>) {
+        if !self.connected && !self.holds(object) {
+            if self.config.policy == PartitionPolicy::Reconcile {
+                self.unguarded += 1;
+            }
+            out.push(match self.config.policy {
+                PartitionPolicy::Reconcile => Action::Proceed {
+                    write,
+                    object,
+                    guarded: false,
+                },
+                PartitionPolicy::ReadOnly => Action::Refuse {
+                    write,
+                    object,
+                    reason: Refusal::ReadOnly,
+                },
+            });
+            return;
+        }
+        if !self.entry_or_make(now, object, out) {
+            out.push(Action::Refuse {
+                write,
+                object,
+                reason: Refusal::TableFull,
+            });
+            return;
+        }
+        self.note_writable(now, object);
+        let ready = self.writable(now, object);
+        let (parked_full, connected) = (self.parked >= self.config.parked_max, self.connected);
+        let Some(e) = self.entries.get_mut(&object) else {
+            return;
+        };
+        e.used_at = now;
+        if ready {
+            e.writing += 1;
+            out.push(Action::Proceed {
+                write,
+                object,
+                guarded: true,
+            });
+            return;
+        }
+        if parked_full {
+            out.push(Action::Refuse {
+                write,
+                object,
+                reason: Refusal::ParkedFull,
+            });
+            return;
+        }
+        e.parked.push_back((write, now));
+        self.parked += 1;
+        // A token on its way out (Giving, or Away whose Grant is not sent yet) is asked for
+        // right after its Grant leaves: asked earlier, the peer would ignore the request.
+        let away_sent = matches!(e.state, State::Away { sent: true, .. } | State::Remote);
+        if away_sent && connected && !e.asked {
+            e.asked = true;
+            out.push(Action::Send(TokenMsg::Request { object }));
+        }
+    }
+
+    /// A guarded write to `object` may proceed now.
+    fn writable(&self, now: u64, object: ObjectId) -> bool {
+        let Some(e) = self.entries.get(&object) else {
+            return false;
+        };
+        let State::Held { wait, .. } = e.state else {
+            return false;
+        };
+        wait <= self.applied && !self.hand_over_due(e, now)
+    }
+
+    /// The peer asked and we held the token, writable, for `hold_max_ms` since: new writes
+    /// park, and the token goes once the writes in progress are done.
+    fn hand_over_due(&self, e: &Entry, now: u64) -> bool {
+        match (e.peer_asked, e.writable_at) {
+            (Some(asked), Some(writable)) => {
+                now >= asked.max(writable).saturating_add(self.config.hold_max_ms)
+            }
+            _ => false,
+        }
+    }
+
+    /// Notes when the held token of `object` became writable.
+    fn note_writable(&mut self, now: u64, object: ObjectId) {
+        let applied = self.applied;
+        if let Some(e) = self.entries.get_mut(&object) {
+            if matches!(e.state, State::Held { wait, .. } if wait <= applied)
+                && e.writable_at.is_none()
+            {
+                e.writable_at = Some(now);
+            }
+        }
+    }
+
+    fn on_written(
+        &mut self,
+        now: u64,
+        object: ObjectId,
+        seq: u64,
+        guarded: bool,
+        out: &mut Vec<Action>,
+    ) {
+        if !guarded {
+            self.unguarded = self.unguarded.saturating_sub(1);
+        }
+        match self.entries.get_mut(&object) {
+            Some(e) => {
+                if guarded {
+                    e.writing = e.writing.saturating_sub(1);
+                }
+                e.last_write = e.last_write.max(seq);
+                e.used_at = now;
+            }
+            None => self.write_floor = self.write_floor.max(seq),
+        }
+        if guarded {
+            self.maybe_hand_over(now, object, out);
+        } else if self.unguarded == 0 {
+            self.send_ready(out);
+        }
+    }
+
+    fn on_connected(&mut self, shipped: u64, out: &mut Vec<Action>) {
+        self.connected = true;
+        self.shipped = shipped;
+        for e in self.entries.values_mut() {
+            e.asked = false;
+            if let State::Away { sent, .. } = &mut e.state {
+                *sent = false;
+            }
+        }
+        self.send_ready(out);
+        for (object, e) in self.entries.iter_mut() {
+            match e.state {
+                State::Away { sent: true, .. } | State::Remote
+                    if !e.parked.is_empty() && !e.asked =>
+                {
+                    e.asked = true;
+                    out.push(Action::Send(TokenMsg::Request { object: *object }));
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn on_disconnected(&mut self, out: &mut Vec<Action>) {
+        self.connected = false;
+        let policy = self.config.policy;
+        for (object, e) in self.entries.iter_mut() {
+            e.asked = false;
+            e.peer_asked = None;
+            match e.state {
+                // The peer's request went with the link; it asks again when it is back.
+                State::Giving { lend, wait, .. } => e.state = State::Held { lend, wait },
+                State::Away { lend, seq, .. } => {
+                    e.state = State::Away {
+                        lend,
+                        seq,
+                        sent: false,
+                    }
+                }
+                State::Held { .. } | State::Remote => {}
+            }
+            if matches!(e.state, State::Held { .. }) {
+                continue;
+            }
+            // Writes waiting for a token across the split: the policy decides now.
+            for (write, _) in e.parked.drain(..) {
+                self.parked -= 1;
+                if policy == PartitionPolicy::Reconcile {
+                    self.unguarded += 1;
+                }
+                out.push(match policy {
+                    PartitionPolicy::Reconcile => Action::Proceed {
+                        write,
+                        object: *object,
+                        guarded: false,
+                    },
+                    PartitionPolicy::ReadOnly => Action::Refuse {
+                        write,
+                        object: *object,
+                        reason: Refusal::ReadOnly,
+                    },
+                });
+            }
+        }
+    }
+
+    fn on_msg(&mut self, now: u64, msg: TokenMsg, out: &mut Vec<Action>) {
+        match msg {
+            TokenMsg::Request { object } => self.on_request(now, object, out),
+            TokenMsg::Grant { object, lend, seq } if self.home => {
+                self.on_given_back(now, object, lend, seq, out)
+            }
+            TokenMsg::Grant { object, lend, seq } => self.on_grant(now, object, lend, seq, out),
+            TokenMsg::Ack { object, lend } => self.on_ack(object, lend, out),
+            TokenMsg::Refuse { object } => self.on_refuse(object, out),
+        }
+    }
+
+    fn on_request(&mut self, now: u64, object: ObjectId, out: &mut Vec<Action>) {
+        if !self.holds(object) {
+            // The token is on its way to the peer (our Grant is ahead of any answer).
+            return;
+        }
+        if !self.entries.contains_key(&object) && !self.entry_or_make(now, object, out) {
+            out.push(Action::Send(TokenMsg::Refuse { object }));
+            return;
+        }
+        if let Some(e) = self.entries.get_mut(&object) {
+            if matches!(e.state, State::Held { .. }) && e.peer_asked.is_none() {
+                e.peer_asked = Some(now);
+            }
+        }
+        self.maybe_hand_over(now, object, out);
+    }
+
+    /// The other site receives a token from the home.
+    fn on_grant(&mut self, now: u64, object: ObjectId, lend: u64, seq: u64, out: &mut Vec<Action>) {
+        let known = self.entries.get(&object).and_then(|e| match e.state {
+            State::Held { lend, .. } | State::Giving { lend, .. } | State::Away { lend, .. } => {
+                Some(lend)
+            }
+            State::Remote => None,
+        });
+        if known.is_some_and(|l| l >= lend) {
+            return;
+        }
+        let floor = self.write_floor;
+        let e = self
+            .entries
+            .entry(object)
+            .or_insert_with(|| Entry::new(State::Remote, floor, now));
+        e.state = State::Held { lend, wait: seq };
+        e.asked = false;
+        e.peer_asked = None;
+        e.writable_at = None;
+        e.used_at = now;
+        out.push(Action::Persist(TokenRecord {
+            object,
+            kind: RecordKind::Held,
+            lend,
+            seq,
+            lend_next: self.lend_next,
+        }));
+        self.proceed_parked(now, object, out);
+        if self.entries.len() > self.config.entries_max {
+            self.make_room(out);
+        }
+    }
+
+    /// The home receives a token given back.
+    fn on_given_back(
+        &mut self,
+        now: u64,
+        object: ObjectId,
+        lend: u64,
+        seq: u64,
+        out: &mut Vec<Action>,
+    ) {
+        let lend_next = self.lend_next;
+        if let Some(e) = self.entries.get_mut(&object) {
+            if matches!(e.state, State::Away { lend: l, .. } if l == lend) {
+                e.state = State::Held { lend, wait: seq };
+                e.asked = false;
+                e.peer_asked = None;
+                e.writable_at = None;
+                e.used_at = now;
+                out.push(Action::Persist(TokenRecord {
+                    object,
+                    kind: RecordKind::Held,
+                    lend,
+                    seq,
+                    lend_next,
+                }));
+                out.push(Action::Send(TokenMsg::Ack { object, lend }));
+                self.proceed_parked(now, object, out);
+                return;
+            }
+        }
+        // A duplicate of a give-back already taken: the other site may forget it.
+        out.push(Action::Send(TokenMsg::Ack { object, lend }));
+    }
+
+    fn on_ack(&mut self, object: ObjectId, lend: u64, out: &mut Vec<Action>) {
+        let Some(e) = self.entries.get_mut(&object) else {
+            return;
+        };
+        if !matches!(e.state, State::Away { lend: l, .. } if l == lend) {
+            return;
+        }
+        e.state = State::Remote;
+        out.push(Action::Persist(TokenRecord {
+            object,
+            kind: RecordKind::Forget,
+            lend,
+            seq: 0,
+            lend_next: self.lend_next,
+        }));
+        if e.quiet() {
+            self.drop_entry(object, out);
+        }
+    }
+
+    fn on_refuse(&mut self, object: ObjectId, out: &mut Vec<Action>) {
+        let Some(e) = self.entries.get_mut(&object) else {
+            return;
+        };
+        if !matches!(e.state, State::Remote) {
+            return;
+        }
+        e.asked = false;
+        for (write, _) in e.parked.drain(..) {
+            self.parked -= 1;
+            out.push(Action::Refuse {
+                write,
+                object,
+                reason: Refusal::PeerTableFull,
+            });
+        }
+        if e.quiet() {
+            self.drop_entry(object, out);
+        }
+    }
+
+    fn on_tick(&mut self, now: u64, out: &mut Vec<Action>) {
+        let timeout = self.config.park_timeout_ms;
+        let objects: Vec<ObjectId> = self.entries.keys().copied().collect();
+        for object in objects {
+            if let Some(e) = self.entries.get_mut(&object) {
+                while let Some(&(write, since)) = e.parked.front() {
+                    if now < since.saturating_add(timeout) {
+                        break;
+                    }
+                    e.parked.pop_front();
+                    self.parked -= 1;
+                    out.push(Action::Refuse {
+                        write,
+                        object,
+                        reason: Refusal::Timeout,
+                    });
+                }
+            }
+            self.maybe_hand_over(now, object, out);
+            self.drop_if_idle(now, object, out);
+        }
+        if self.entries.len() > self.config.entries_max {
+            self.make_room(out);
+        }
+    }
+
+    /// Gives the token of `object` away if the peer asked and we may, or (other site) if it
+    /// idled for `idle_ms`.
+    fn maybe_hand_over(&mut self, now: u64, object: ObjectId, out: &mut Vec<Action>) {
+        self.note_writable(now, object);
+        let (home, idle_ms) = (self.home, self.config.idle_ms);
+        let Some(e) = self.entries.get(&object) else {
+            return;
+        };
+        if !matches!(e.state, State::Held { .. }) || e.writing > 0 || !self.connected {
+            return;
+        }
+        let give = match e.peer_asked {
+            Some(_) => e.quiet() || self.hand_over_due(e, now),
+            None => !home && e.quiet() && now >= e.used_at.saturating_add(idle_ms),
+        };
+        if give {
+            self.give(object, out);
+        }
+    }
+
+    /// Starts handing the held token of `object` to the peer.
+    fn give(&mut self, object: ObjectId, out: &mut Vec<Action>) {
+        let Some(e) = self.entries.get_mut(&object) else {
+            return;
+        };
+        let State::Held { lend, wait } = e.state else {
+            return;
+        };
+        let seq = e.last_write;
+        e.state = State::Giving { lend, wait, seq };
+        self.send_ready(out);
+    }
+
+    /// Sends every Grant whose records are shipped: completes hand-overs, and sends again the
+    /// Grants of `Away` entries after a (re)connection.
+    fn send_ready(&mut self, out: &mut Vec<Action>) {
+        if !self.connected || self.unguarded > 0 {
+            return;
+        }
+        let shipped = self.shipped;
+        let home = self.home;
+        // One hint for all the Grants that wait for records.
+        let mut ship = 0;
+        for (object, e) in self.entries.iter_mut() {
+            let (lend, seq, giving) = match e.state {
+                State::Giving { lend, seq, .. } => (lend, seq, true),
+                State::Away {
+                    lend,
+                    seq,
+                    sent: false,
+                } => (lend, seq, false),
+                _ => continue,
+            };
+            // Our writes made since (across a split, `Reconcile`, and journaled only now) travel
+            // ahead of the Grant too.
+            let seq = seq.max(e.last_write);
+            if seq > shipped {
+                ship = ship.max(seq);
+                continue;
+            }
+            let lend = if giving && home {
+                // The home numbers each lend; the other site gives back under the lend.
+                let l = self.lend_next;
+                self.lend_next += 1;
+                l
+            } else {
+                lend
+            };
+            if giving {
+                out.push(Action::Persist(TokenRecord {
+                    object: *object,
+                    kind: RecordKind::Away,
+                    lend,
+                    seq,
+                    lend_next: self.lend_next,
+                }));
+                e.peer_asked = None;
+            }
+            e.state = State::Away {
+                lend,
+                seq,
+                sent: true,
+            };
+            out.push(Action::Send(TokenMsg::Grant {
+                object: *object,
+                lend,
+                seq,
+            }));
+            if !e.parked.is_empty() && !e.asked {
+                e.asked = true;
+                out.push(Action::Send(TokenMsg::Request { object: *object }));
+            }
+        }
+        if ship > 0 {
+            out.push(Action::Ship { through: ship });
+        }
+    }
+
+    /// Lets the parked writes of `object` proceed if the token is ours and writable.
+    fn proceed_parked(&mut self, now: u64, object: ObjectId, out: &mut Vec<Action>) {
+        self.note_writable(now, object);
+        if !self.writable(now, object) {
+            return;
+        }
+        let Some(e) = self.entries.get_mut(&object) else {
+            return;
+        };
+        for (write, _) in e.parked.drain(..) {
+            self.parked -= 1;
+            e.writing += 1;
+            out.push(Action::Proceed {
+                write,
+                object,
+                guarded: true,
+            });
+        }
+    }
+
+    /// True if the entry can go without a message and loses nothing: an idle token held at
+    /// home with nothing to wait for, or an idle `Remote` at the other site.
+    fn droppable(&self, e: &Entry) -> bool {
+        if !e.quiet() || e.peer_asked.is_some() {
+            return false;
+        }
+        match e.state {
+            State::Held { wait, .. } => self.home && wait <= self.applied,
+            State::Remote => !self.home,
+            State::Giving { .. } | State::Away { .. } => false,
+        }
+    }
+
+    /// Drops the entry of `object` if it is droppable and idle for `idle_ms` (home), or
+    /// droppable at all (`Remote`).
+    fn drop_if_idle(&mut self, now: u64, object: ObjectId, out: &mut Vec<Action>) {
+        let Some(e) = self.entries.get(&object) else {
+            return;
+        };
+        let idle = now >= e.used_at.saturating_add(self.config.idle_ms);
+        if self.droppable(e) && (idle || matches!(e.state, State::Remote)) {
+            self.drop_entry(object, out);
+        }
+    }
+
+    fn drop_entry(&mut self, object: ObjectId, out: &mut Vec<Action>) {
+        let Some(e) = self.entries.remove(&object) else {
+            return;
+        };
+        self.write_floor = self.write_floor.max(e.last_write);
+        if let State::Held { lend, .. } = e.state {
+            if lend != 0 {
+                // Persisted as held: the home's "no entry" says the same from now on.
+                out.push(Action::Persist(TokenRecord {
+                    object,
+                    kind: RecordKind::Forget,
+                    lend,
+                    seq: 0,
+                    lend_next: self.lend_next,
+                }));
+            }
+        }
+    }
+
+    /// Makes sure `object` has an entry (home: held; other site: remote), making room at the
+    /// limit. False if there is no room now.
+    fn entry_or_make(&mut self, now: u64, object: ObjectId, out: &mut Vec<Action>) -> bool {
+        if self.entries.contains_key(&object) {
+            return true;
+        }
+        if self.entries.len() >= self.config.entries_max && !self.make_room(out) {
+            return false;
+        }
+        let state = if self.home {
+            State::Held { lend: 0, wait: 0 }
+        } else {
+            State::Remote
+        };
+        self.entries
+            .insert(object, Entry::new(state, self.write_floor, now));
+        true
+    }
+
+    /// Frees one entry by dropping the least-recently used droppable one; failing that (other
+    /// site) starts giving back the least-recently used idle token. True if an entry was freed.
+    fn make_room(&mut self, out: &mut Vec<Action>) -> bool {
+        let lru = |pred: &dyn Fn(&Entry) -> bool| {
+            self.entries
+                .iter()
+                .filter(|(_, e)| pred(e))
+                .min_by_key(|(_, e)| e.used_at)
+                .map(|(o, _)| *o)
+        };
+        if let Some(object) = lru(&|e| self.droppable(e)) {
+            self.drop_entry(object, out);
+            return true;
+        }
+        let idle_held = |e: &Entry| {
+            matches!(e.state, State::Held { .. }) && e.quiet() && e.peer_asked.is_none()
+        };
+        if !self.home && self.connected {
+            if let Some(object) = lru(&idle_held) {
+                self.give(object, out);
+            }
+        }
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const X: ObjectId = 7;
+    const Y: ObjectId = 8;
+
+    fn config(site: SiteId, peer: SiteId, policy: PartitionPolicy) -> TokenConfig {
+        TokenConfig {
+            entries_max: 3,
+            parked_max: 3,
+            idle_ms: 100,
+            hold_max_ms: 50,
+            park_timeout_ms: 1000,
+            ..TokenConfig::new(site, peer, policy)
+        }
+    }
+
+    fn connected(site: SiteId, peer: SiteId, policy: PartitionPolicy) -> TokenSite {
+        let mut s = TokenSite::new(config(site, peer, policy));
+        assert_eq!(s.handle(0, Event::Connected { shipped: 0 }), vec![]);
+        s
+    }
+
+    /// The home (site 1) and the other site (2), connected, `Reconcile`.
+    fn pair() -> (TokenSite, TokenSite) {
+        (
+            connected(1, 2, PartitionPolicy::Reconcile),
+            connected(2, 1, PartitionPolicy::Reconcile),
+        )
+    }
+
+    fn write(write: WriteId, object: ObjectId) -> Event {
+        Event::Write { write, object }
+    }
+
+    fn written(object: ObjectId, seq: u64) -> Event {
+        Event::Written {
+            object,
+            seq,
+            guarded: true,
+        }
+    }
+
+    fn proceed(write: WriteId, object: ObjectId) -> Action {
+        Action::Proceed {
+            write,
+            object,
+            guarded: true,
+        }
+    }
+
+    fn recv(m: TokenMsg) -> Event {
+        Event::Received(m)
+    }
+
+    fn sent(actions: &[Action]) -> Vec<TokenMsg> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Send(m) => Some(*m),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn persisted(actions: &[Action]) -> Vec<TokenRecord> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Persist(r) => Some(*r),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn grant(lend: u64, seq: u64) -> TokenMsg {
+        TokenMsg::Grant {
+            object: X,
+            lend,
+            seq,
+        }
+    }
+
+    /// The home lends X to the other site (which asked with write 1) under lend 1, seq 0.
+    fn lend_x(home: &mut TokenSite, other: &mut TokenSite) {
+        let a = other.handle(0, write(1, X));
+        assert_eq!(sent(&a), vec![TokenMsg::Request { object: X }]);
+        let a = home.handle(1, recv(TokenMsg::Request { object: X }));
+        assert_eq!(sent(&a), vec![grant(1, 0)]);
+        let a = other.handle(2, recv(grant(1, 0)));
+        assert_eq!(a.last(), Some(&proceed(1, X)));
+        assert_eq!(other.handle(3, written(X, 1)), vec![]);
+    }
+
+    #[test]
+    fn the_home_writes_at_once_and_the_other_site_asks() {
+        let (mut home, mut other) = pair();
+        assert_eq!(home.handle(0, write(1, X)), vec![proceed(1, X)]);
+        assert_eq!(
+            other.handle(0, write(2, X)),
+            vec![Action::Send(TokenMsg::Request { object: X })]
+        );
+        assert_eq!(other.parked(), 1);
+        assert_eq!(other.state(X), TokenState::Requesting);
+        // A second write to the same object waits with the first, without a second request.
+        assert_eq!(other.handle(0, write(3, X)), vec![]);
+        assert!(home.holds(X) && !other.holds(X));
+    }
+
+    #[test]
+    fn a_grant_leaves_only_after_the_records_of_the_object_are_shipped() {
+        let (mut home, _) = pair();
+        home.handle(0, write(1, X));
+        home.handle(1, written(X, 5));
+        home.handle(2, Event::Shipped { seq: 3 });
+        let a = home.handle(3, recv(TokenMsg::Request { object: X }));
+        assert_eq!(a, vec![Action::Ship { through: 5 }]);
+        assert_eq!(home.state(X), TokenState::Returning { lend: 0 });
+        let a = home.handle(4, Event::Shipped { seq: 5 });
+        let away = TokenRecord {
+            object: X,
+            kind: RecordKind::Away,
+            lend: 1,
+            seq: 5,
+            lend_next: 2,
+        };
+        // Durable first, then the message.
+        assert_eq!(a, vec![Action::Persist(away), Action::Send(grant(1, 5))]);
+        assert!(!home.holds(X));
+        // Writes there now ask for it back, after the Grant.
+        assert_eq!(
+            sent(&home.handle(5, write(2, X))),
+            vec![TokenMsg::Request { object: X }]
+        );
+    }
+
+    #[test]
+    fn the_new_holder_writes_once_the_granters_records_are_applied() {
+        let (_, mut other) = pair();
+        other.handle(0, write(1, X));
+        let a = other.handle(1, recv(grant(1, 5)));
+        assert_eq!(
+            persisted(&a),
+            vec![TokenRecord {
+                object: X,
+                kind: RecordKind::Held,
+                lend: 1,
+                seq: 5,
+                lend_next: 1,
+            }]
+        );
+        assert_eq!(a.len(), 1, "no write before the records are applied");
+        assert_eq!(
+            other.state(X),
+            TokenState::Held {
+                lend: 1,
+                writable: false
+            }
+        );
+        assert_eq!(other.handle(2, Event::PeerApplied { seq: 4 }), vec![]);
+        assert_eq!(
+            other.handle(3, Event::PeerApplied { seq: 5 }),
+            vec![proceed(1, X)]
+        );
+        assert_eq!(other.handle(4, write(2, X)), vec![proceed(2, X)]);
+    }
+
+    #[test]
+    fn a_busy_holder_grants_on_close() {
+        let (mut home, _) = pair();
+        home.handle(0, Event::Opened { object: X });
+        home.handle(0, write(1, X));
+        assert_eq!(
+            home.handle(1, recv(TokenMsg::Request { object: X })),
+            vec![]
+        );
+        // Still open, within hold_max: the writer keeps the token.
+        assert_eq!(home.handle(2, written(X, 1)), vec![]);
+        assert_eq!(home.handle(4, write(2, X)), vec![proceed(2, X)]);
+        assert_eq!(home.handle(5, written(X, 2)), vec![]);
+        assert_eq!(
+            home.handle(6, Event::Closed { object: X }),
+            vec![Action::Ship { through: 2 }]
+        );
+        let a = home.handle(7, Event::Shipped { seq: 2 });
+        assert_eq!(sent(&a), vec![grant(1, 2)]);
+    }
+
+    #[test]
+    fn an_open_file_hands_the_token_over_after_hold_max() {
+        let (mut home, _) = pair();
+        home.handle(0, Event::Opened { object: X });
+        home.handle(0, write(1, X));
+        home.handle(0, written(X, 0));
+        home.handle(10, recv(TokenMsg::Request { object: X }));
+        assert_eq!(home.handle(59, Event::Tick), vec![]);
+        assert_eq!(home.handle(59, write(2, X)), vec![proceed(2, X)]);
+        // Due: new writes park; the token goes once the write in progress is done, and the
+        // parked write asks for it back right after the Grant.
+        assert_eq!(home.handle(60, write(3, X)), vec![]);
+        assert_eq!(home.handle(61, Event::Tick), vec![]);
+        let a = home.handle(62, written(X, 0));
+        assert_eq!(sent(&a), vec![grant(1, 0), TokenMsg::Request { object: X }]);
+    }
+
+    /// A token that arrives while its site still applies the granter's records is not taken
+    /// away by a request before the writes parked for it ran: `hold_max_ms` counts from when
+    /// it became writable (else a slow applier could starve a site for ever).
+    #[test]
+    fn hold_max_counts_from_when_the_token_is_writable() {
+        let (_, mut other) = pair();
+        other.handle(0, write(1, X));
+        other.handle(1, recv(grant(1, 5)));
+        other.handle(2, recv(TokenMsg::Request { object: X }));
+        assert_eq!(other.handle(500, Event::Tick), vec![]);
+        assert!(other.holds(X));
+        assert_eq!(
+            other.handle(501, Event::PeerApplied { seq: 5 }),
+            vec![proceed(1, X)]
+        );
+        let a = other.handle(502, written(X, 1));
+        assert_eq!(a, vec![Action::Ship { through: 1 }]);
+        assert_eq!(
+            sent(&other.handle(503, Event::Shipped { seq: 1 })),
+            vec![grant(1, 1)]
+        );
+    }
+
+    #[test]
+    fn a_hand_over_cut_by_the_link_falls_back_to_held() {
+        let (mut home, _) = pair();
+        home.handle(0, write(1, X));
+        home.handle(1, written(X, 3));
+        home.handle(2, recv(TokenMsg::Request { object: X }));
+        assert_eq!(home.state(X), TokenState::Returning { lend: 0 });
+        assert_eq!(home.handle(3, Event::Disconnected), vec![]);
+        assert_eq!(
+            home.state(X),
+            TokenState::Held {
+                lend: 0,
+                writable: true
+            }
+        );
+        assert_eq!(home.handle(4, write(2, X)), vec![proceed(2, X)]);
+        // Back on the link, nothing is sent until the peer asks again.
+        assert_eq!(home.handle(5, Event::Connected { shipped: 3 }), vec![]);
+    }
+
+    #[test]
+    fn the_other_site_gives_an_idle_token_back_and_forgets_it_on_the_ack() {
+        let (mut home, mut other) = pair();
+        lend_x(&mut home, &mut other);
+        other.handle(4, Event::Shipped { seq: 1 });
+        assert_eq!(other.handle(50, Event::Tick), vec![]);
+        let a = other.handle(103, Event::Tick);
+        assert_eq!(sent(&a), vec![grant(1, 1)]);
+        assert_eq!(persisted(&a)[0].kind, RecordKind::Away);
+        assert_eq!(other.state(X), TokenState::Away { lend: 1 });
+        let a = home.handle(104, recv(grant(1, 1)));
+        assert_eq!(persisted(&a)[0].kind, RecordKind::Held);
+        assert_eq!(sent(&a), vec![TokenMsg::Ack { object: X, lend: 1 }]);
+        // The home waits for the other site's record 1 before it writes.
+        assert_eq!(home.handle(105, write(9, X)), vec![]);
+        assert_eq!(
+            home.handle(106, Event::PeerApplied { seq: 1 }),
+            vec![proceed(9, X)]
+        );
+        let a = other.handle(107, recv(TokenMsg::Ack { object: X, lend: 1 }));
+        assert_eq!(persisted(&a)[0].kind, RecordKind::Forget);
+        assert!(other.is_empty());
+        assert!(home.holds(X) && !other.holds(X));
+    }
+
+    #[test]
+    fn duplicate_and_stale_grants_are_ignored() {
+        let (mut home, mut other) = pair();
+        lend_x(&mut home, &mut other);
+        assert_eq!(other.handle(4, recv(grant(1, 0))), vec![]);
+        other.handle(5, Event::Shipped { seq: 1 });
+        other.handle(200, Event::Tick);
+        assert_eq!(other.state(X), TokenState::Away { lend: 1 });
+        // The home's Grant sent again on a reconnection crosses the give-back: ignored.
+        assert_eq!(other.handle(201, recv(grant(1, 0))), vec![]);
+        assert!(!other.holds(X));
+        // A newer lend is taken even before the Ack of the old one.
+        let a = other.handle(202, recv(grant(2, 0)));
+        assert_eq!(persisted(&a)[0].lend, 2);
+        assert!(other.holds(X));
+    }
+
+    #[test]
+    fn a_give_back_the_home_already_took_is_acknowledged_and_nothing_else() {
+        let (mut home, _) = pair();
+        let a = home.handle(0, recv(grant(7, 3)));
+        assert_eq!(a, vec![Action::Send(TokenMsg::Ack { object: X, lend: 7 })]);
+        assert!(home.holds(X));
+        assert_eq!(home.handle(1, write(1, X)), vec![proceed(1, X)]);
+    }
+
+    #[test]
+    fn a_request_for_a_token_on_its_way_is_ignored() {
+        let (mut home, mut other) = pair();
+        assert_eq!(
+            other.handle(0, recv(TokenMsg::Request { object: X })),
+            vec![]
+        );
+        lend_x(&mut home, &mut other);
+        assert_eq!(
+            home.handle(5, recv(TokenMsg::Request { object: X })),
+            vec![]
+        );
+    }
+
+    /// Both sites want X at once while it travels: the Grant in flight decides (the home is
+    /// where an unclaimed token rests, so there is no free token to race for), the other
+    /// request is served after the holder's writes, and both sites' writes run.
+    #[test]
+    fn crossing_requests_serve_both_sites_in_turn() {
+        let (mut home, mut other) = pair();
+        let r = other.handle(0, write(1, X));
+        assert_eq!(sent(&r), vec![TokenMsg::Request { object: X }]);
+        let g = home.handle(1, recv(TokenMsg::Request { object: X }));
+        assert_eq!(sent(&g), vec![grant(1, 0)]);
+        // The home wants it back before the Grant arrived: its request follows the Grant.
+        let r2 = home.handle(2, write(2, X));
+        assert_eq!(sent(&r2), vec![TokenMsg::Request { object: X }]);
+        assert!(!home.holds(X) && !other.holds(X));
+        let a = other.handle(3, recv(grant(1, 0)));
+        assert_eq!(a.last(), Some(&proceed(1, X)));
+        assert_eq!(
+            other.handle(4, recv(TokenMsg::Request { object: X })),
+            vec![]
+        );
+        let a = other.handle(5, written(X, 1));
+        assert_eq!(a, vec![Action::Ship { through: 1 }]);
+        let a = other.handle(6, Event::Shipped { seq: 1 });
+        assert_eq!(sent(&a), vec![grant(1, 1)]);
+        let a = home.handle(7, recv(grant(1, 1)));
+        assert_eq!(sent(&a), vec![TokenMsg::Ack { object: X, lend: 1 }]);
+        assert_eq!(
+            home.handle(8, Event::PeerApplied { seq: 1 }),
+            vec![proceed(2, X)]
+        );
+        assert!(home.holds(X) && !other.holds(X));
+    }
+
+    #[test]
+    fn a_grant_lost_with_the_link_is_sent_again_on_reconnection() {
+        let (mut home, mut other) = pair();
+        lend_x(&mut home, &mut other);
+        assert_eq!(home.handle(10, Event::Disconnected), vec![]);
+        assert_eq!(
+            sent(&home.handle(11, Event::Connected { shipped: 0 })),
+            vec![grant(1, 0)]
+        );
+        other.handle(12, Event::Disconnected);
+        assert_eq!(other.handle(13, Event::Connected { shipped: 1 }), vec![]);
+        assert_eq!(other.handle(14, recv(grant(1, 0))), vec![]);
+        assert!(other.holds(X));
+    }
+
+    #[test]
+    fn recovery_rebuilds_the_table_and_never_reuses_a_lend() {
+        let (mut home, mut other) = pair();
+        let mut home_log = Vec::new();
+        let mut other_log = Vec::new();
+        other.handle(0, write(1, X));
+        home_log.extend(persisted(
+            &home.handle(1, recv(TokenMsg::Request { object: X })),
+        ));
+        other_log.extend(persisted(&other.handle(2, recv(grant(1, 0)))));
+        let home = TokenSite::recover(config(1, 2, PartitionPolicy::Reconcile), 5, &home_log, 9);
+        let mut other =
+            TokenSite::recover(config(2, 1, PartitionPolicy::Reconcile), 5, &other_log, 9);
+        assert!(!home.holds(X) && other.holds(X));
+        assert!(home.holds(Y));
+        assert_eq!(home.state(X), TokenState::Away { lend: 1 });
+        // Writes wait until the shell says how far its applier got.
+        other.handle(6, Event::PeerApplied { seq: 0 });
+        assert_eq!(other.handle(7, write(2, X)), vec![proceed(2, X)]);
+        // The home's next lend is a new number.
+        let mut home = home;
+        // Its journal ends at 9: a Grant of a token without an entry covers all of it.
+        home.handle(8, Event::Connected { shipped: 8 });
+        let a = home.handle(9, recv(TokenMsg::Request { object: Y }));
+        assert_eq!(a, vec![Action::Ship { through: 9 }]);
+        let a = home.handle(9, Event::Shipped { seq: 9 });
+        let lend = persisted(&a)[0].lend;
+        assert!(lend > 1, "lend {lend} reused");
+    }
+
+    #[test]
+    fn across_a_split_the_policy_decides_for_tokens_over_there() {
+        for policy in [PartitionPolicy::Reconcile, PartitionPolicy::ReadOnly] {
+            let mut home = connected(1, 2, policy);
+            let mut other = connected(2, 1, policy);
+            lend_x(&mut home, &mut other);
+            home.handle(4, write(2, X));
+            let a = home.handle(5, Event::Disconnected);
+            let b = home.handle(6, write(3, X));
+            // The token holder keeps writing.
+            other.handle(7, Event::Disconnected);
+            assert_eq!(other.handle(8, write(4, X)), vec![proceed(4, X)]);
+            assert_eq!(home.handle(9, write(5, Y)), vec![proceed(5, Y)]);
+            match policy {
+                PartitionPolicy::Reconcile => {
+                    let unguarded = |write| Action::Proceed {
+                        write,
+                        object: X,
+                        guarded: false,
+                    };
+                    assert_eq!(a, vec![unguarded(2)]);
+                    assert_eq!(b, vec![unguarded(3)]);
+                }
+                PartitionPolicy::ReadOnly => {
+                    let refused = |write| Action::Refuse {
+                        write,
+                        object: X,
+                        reason: Refusal::ReadOnly,
+                    };
+                    assert_eq!(a, vec![refused(2)]);
+                    assert_eq!(b, vec![refused(3)]);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_grant_waits_for_writes_made_across_the_split() {
+        let (mut home, mut other) = pair();
+        lend_x(&mut home, &mut other);
+        home.handle(4, Event::Disconnected);
+        home.handle(5, write(2, X));
+        // The link is back while the unguarded write runs: no Grant leaves before it is
+        // journaled, and the Grant covers it.
+        assert_eq!(home.handle(6, Event::Connected { shipped: 0 }), vec![]);
+        let a = home.handle(
+            7,
+            Event::Written {
+                object: X,
+                seq: 4,
+                guarded: false,
+            },
+        );
+        assert_eq!(a, vec![Action::Ship { through: 4 }]);
+        assert_eq!(
+            sent(&home.handle(8, Event::Shipped { seq: 4 })),
+            vec![grant(1, 4)]
+        );
+    }
+
+    #[test]
+    fn parked_writes_are_bounded_and_time_out() {
+        let (_, mut other) = pair();
+        for w in 0..3 {
+            assert!(!other
+                .handle(w, write(w, X))
+                .iter()
+                .any(|a| matches!(a, Action::Refuse { .. })));
+        }
+        assert_eq!(
+            other.handle(3, write(3, X)),
+            vec![Action::Refuse {
+                write: 3,
+                object: X,
+                reason: Refusal::ParkedFull
+            }]
+        );
+        assert_eq!(other.handle(999, Event::Tick), vec![]);
+        let a = other.handle(1001, Event::Tick);
+        let timed_out: Vec<WriteId> = a
+            .iter()
+            .filter_map(|a| match a {
+                Action::Refuse {
+                    write,
+                    reason: Refusal::Timeout,
+                    ..
+                } => Some(*write),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(timed_out, vec![0, 1]);
+        assert_eq!(other.parked(), 1);
+    }
+
+    #[test]
+    fn at_the_limit_idle_entries_go_first_and_busy_tables_refuse() {
+        let (mut home, mut other) = pair();
+        // The home: idle tokens it holds are dropped (no entry means held at home).
+        for o in 0..3 {
+            home.handle(o, write(o, o));
+            home.handle(o, written(o, 0));
+        }
+        assert_eq!(home.len(), 3);
+        assert_eq!(home.handle(10, write(9, 100)), vec![proceed(9, 100)]);
+        assert_eq!(home.len(), 3);
+        assert!(
+            home.holds(0),
+            "the dropped entry's token is still the home's"
+        );
+        // All busy: a write to one more object is refused, a request answered with Refuse.
+        let mut home = connected(1, 2, PartitionPolicy::Reconcile);
+        for o in 0..3 {
+            home.handle(0, Event::Opened { object: o });
+        }
+        assert_eq!(
+            home.handle(1, write(5, 50)),
+            vec![Action::Refuse {
+                write: 5,
+                object: 50,
+                reason: Refusal::TableFull
+            }]
+        );
+        assert_eq!(
+            home.handle(1, recv(TokenMsg::Request { object: 51 })),
+            vec![Action::Send(TokenMsg::Refuse { object: 51 })]
+        );
+        // The other site refuses its parked writes when the home refuses.
+        other.handle(2, write(6, 51));
+        assert_eq!(
+            other.handle(3, recv(TokenMsg::Refuse { object: 51 })),
+            vec![Action::Refuse {
+                write: 6,
+                object: 51,
+                reason: Refusal::PeerTableFull
+            }]
+        );
+        assert!(other.is_empty());
+    }
+
+    #[test]
+    fn the_other_site_at_its_limit_gives_back_its_least_recently_used_idle_token() {
+        let (_, mut other) = pair();
+        for o in 0..3u64 {
+            other.handle(o, write(o, o));
+            other.handle(
+                o,
+                recv(TokenMsg::Grant {
+                    object: o,
+                    lend: o + 1,
+                    seq: 0,
+                }),
+            );
+            other.handle(o, written(o, 0));
+        }
+        other.handle(20, Event::Opened { object: 1 });
+        let a = other.handle(21, write(9, 100));
+        assert_eq!(
+            sent(&a),
+            vec![TokenMsg::Grant {
+                object: 0,
+                lend: 1,
+                seq: 0
+            }]
+        );
+        assert_eq!(
+            a.last(),
+            Some(&Action::Refuse {
+                write: 9,
+                object: 100,
+                reason: Refusal::TableFull
+            })
+        );
+        // Once the home acknowledges, there is room again.
+        other.handle(22, recv(TokenMsg::Ack { object: 0, lend: 1 }));
+        assert_eq!(
+            sent(&other.handle(23, write(10, 100))),
+            vec![TokenMsg::Request { object: 100 }]
+        );
+    }
+
+    #[test]
+    fn records_round_trip_and_damage_is_refused() {
+        let r = TokenRecord {
+            object: u64::MAX,
+            kind: RecordKind::Away,
+            lend: 3,
+            seq: 99,
+            lend_next: 4,
+        };
+        let b = r.encode();
+        assert_eq!(TokenRecord::decode(&b), Ok(r));
+        assert_eq!(TokenRecord::decode(&b[..47]), Err(RecordError::Length(47)));
+        for at in [0, 5, 9, 41, 44] {
+            let mut d = b;
+            d[at] ^= 1;
+            assert_eq!(
+                TokenRecord::decode(&d),
+                Err(RecordError::Corrupt),
+                "byte {at}"
+            );
+        }
+        let mut k = b;
+        k[4] = 9;
+        let crc = crc32c::crc32c(&k[0..40]);
+        k[40..44].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(TokenRecord::decode(&k), Err(RecordError::Kind(9)));
+    }
+}
