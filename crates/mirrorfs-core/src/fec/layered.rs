@@ -16,8 +16,8 @@ use std::collections::{BTreeMap, HashMap};
 
 use super::window::{Admit, Slot, Store};
 use super::{
-    xor_into, ConfigError, DecoderStats, EncodeError, FecDecoder, FecEncoder, Recovery, Refused,
-    Repair, Scheme, Window, DATA_MAX, LAYERS_MAX, MEMBERS_MAX, SPAN_MAX,
+    members_valid, xor_into, ConfigError, DecoderStats, EncodeError, FecDecoder, FecEncoder,
+    Recovery, Refused, Repair, Scheme, Window, DATA_MAX, LAYERS_MAX, MEMBERS_MAX, SPAN_MAX,
 };
 
 /// Layered interleaving's parameters.
@@ -211,7 +211,7 @@ impl LayeredDecoder {
     /// Rebuilds the one missing member of a repair; the seq rebuilt, if it added up.
     fn rebuild(&mut self, key: Key, out: &mut Vec<Recovery>) -> Option<u64> {
         let p = self.discard(key)?;
-        let mut missing = None;
+        let mut missing = Vec::with_capacity(1);
         let mut acc = p.payload;
         let mut len = p.len_xor;
         for &m in &p.members {
@@ -220,10 +220,20 @@ impl LayeredDecoder {
                     xor_into(&mut acc, d);
                     len ^= d.len() as u16;
                 }
-                None => missing = Some(m),
+                None => missing.push(m),
             }
         }
-        let seq = missing?;
+        // The count kept may lag (a packet rebuilt in the same cascade but not yet taken off
+        // the waiting lists): none missing then, and nothing to do. More than one cannot be,
+        // and would make the XOR wrong.
+        let seq = match missing[..] {
+            [seq] => seq,
+            [] => return None,
+            _ => {
+                self.store.stats.inconsistent += 1;
+                return None;
+            }
+        };
         if let Some(w) = self.waiting.get_mut(&seq) {
             w.retain(|k| *k != key);
         }
@@ -306,6 +316,9 @@ impl FecDecoder for LayeredDecoder {
         let (Some(&first), Some(&last)) = (repair.members.first(), repair.members.last()) else {
             return Err(Refused::Contradicts);
         };
+        if !members_valid(&repair.members) {
+            return Err(Refused::Contradicts);
+        }
         if last - first >= self.store.window.seqs {
             return Err(Refused::TooWide);
         }

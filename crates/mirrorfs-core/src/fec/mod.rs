@@ -216,20 +216,24 @@ pub fn decoder(scheme: Scheme, window: Window) -> Box<dyn FecDecoder + Send> {
     }
 }
 
-/// XORs `src` into the start of `acc`, growing `acc` with zeros to `src`'s length.
+/// A repair's members as `codec::parse` leaves them: 1..=MEMBERS_MAX, strictly increasing,
+/// within SPAN_MAX. Decoders check it again since a `Repair` can be built by hand.
+pub(crate) fn members_valid(members: &[u64]) -> bool {
+    let (Some(first), Some(last)) = (members.first(), members.last()) else {
+        return false;
+    };
+    members.len() <= MEMBERS_MAX
+        && members.windows(2).all(|w| w[0] < w[1])
+        && last - first <= SPAN_MAX
+}
+
+/// XORs `src` into the start of `acc`; past `acc`'s end, `src` is appended (XOR with the
+/// zeros it stands for).
 pub(crate) fn xor_into(acc: &mut Vec<u8>, src: &[u8]) {
-    if acc.len() < src.len() {
-        acc.resize(src.len(), 0);
+    let common = acc.len().min(src.len());
+    // A plain zip: the compiler turns it into vector XORs.
+    for (a, s) in acc[..common].iter_mut().zip(&src[..common]) {
+        *a ^= *s;
     }
-    // Eight bytes at a time: the compiler turns this into vector XORs.
-    let mut a = acc[..src.len()].chunks_exact_mut(8);
-    let mut s = src.chunks_exact(8);
-    for (x, y) in (&mut a).zip(&mut s) {
-        let v = u64::from_ne_bytes([x[0], x[1], x[2], x[3], x[4], x[5], x[6], x[7]])
-            ^ u64::from_ne_bytes([y[0], y[1], y[2], y[3], y[4], y[5], y[6], y[7]]);
-        x.copy_from_slice(&v.to_ne_bytes());
-    }
-    for (x, y) in a.into_remainder().iter_mut().zip(s.remainder()) {
-        *x ^= y;
-    }
+    acc.extend_from_slice(&src[common..]);
 }

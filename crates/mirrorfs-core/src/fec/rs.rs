@@ -11,8 +11,8 @@ use std::collections::{BTreeMap, HashMap};
 
 use super::window::{Admit, Store};
 use super::{
-    ConfigError, DecoderStats, EncodeError, FecDecoder, FecEncoder, Recovery, Refused, Repair,
-    Scheme, Window, DATA_MAX, MEMBERS_MAX, PARITY_MAX, SPAN_MAX,
+    members_valid, ConfigError, DecoderStats, EncodeError, FecDecoder, FecEncoder, Recovery,
+    Refused, Repair, Scheme, Window, DATA_MAX, MEMBERS_MAX, PARITY_MAX, SPAN_MAX,
 };
 
 /// A Reed–Solomon implementation.
@@ -453,6 +453,9 @@ impl<B: Backend> FecDecoder for RsDecoder<B> {
         let (Some(&first), Some(&last)) = (repair.members.first(), repair.members.last()) else {
             return Err(Refused::Contradicts);
         };
+        if !members_valid(&repair.members) {
+            return Err(Refused::Contradicts);
+        }
         if usize::from(repair.index) >= usize::from(repair.parity_count) {
             return Err(Refused::Contradicts);
         }
