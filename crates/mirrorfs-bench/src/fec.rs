@@ -22,9 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 use rand::{Rng, SeedableRng};
 
-use mirrorfs_core::fec::layered::{LayeredDecoder, LayeredEncoder, Layers};
-use mirrorfs_core::fec::rs::{Erasure, RsDecoder, RsEncoder, Simd};
-use mirrorfs_core::fec::{codec, FecDecoder, FecEncoder, Recovery, Scheme, Window};
+use mirrorfs_core::fec::{codec, decoder, encoder, Recovery, Scheme, Window};
 
 use crate::report::{fmt_num, render_markdown, render_plain};
 
@@ -37,25 +35,9 @@ const SCHEMES: [Scheme; 3] = [Scheme::Xor, Scheme::RsErasure, Scheme::RsSimd];
 /// The target: FEC never the bottleneck.
 const GOAL_MB_S: f64 = 1_000.0;
 
-fn encoder(s: Scheme) -> Result<Box<dyn FecEncoder>> {
-    Ok(match s {
-        Scheme::Xor => Box::new(LayeredEncoder::new(Layers::default())?),
-        Scheme::RsErasure => Box::new(RsEncoder::<Erasure>::new(8, 3)?),
-        Scheme::RsSimd => Box::new(RsEncoder::<Simd>::new(8, 3)?),
-    })
-}
-
-fn decoder(s: Scheme) -> Box<dyn FecDecoder> {
-    match s {
-        Scheme::Xor => Box::new(LayeredDecoder::new(Window::default())),
-        Scheme::RsErasure => Box::new(RsDecoder::<Erasure>::new(Window::default())),
-        Scheme::RsSimd => Box::new(RsDecoder::<Simd>::new(Window::default())),
-    }
-}
-
 fn params(s: Scheme) -> &'static str {
     match s {
-        Scheme::Xor => "(r, c) = (8, 3), distances 1, 10, 100",
+        Scheme::Xor => "(r, c) = (8, 3), distances 1, 10, 100 (the default scheme)",
         Scheme::RsErasure | Scheme::RsSimd => "(k, m) = (8, 3)",
     }
 }
@@ -91,7 +73,7 @@ fn packets_for(mib: u64, size: usize) -> usize {
 
 /// The sender's side, timed: seqs numbered like sealed packets (repairs take numbers too).
 fn encode_pass(scheme: Scheme, pool: &[Vec<u8>], n: usize) -> Result<(Duration, Stream)> {
-    let mut enc = encoder(scheme)?;
+    let mut enc = encoder(scheme);
     let mut out = Vec::new();
     let mut wire = Vec::with_capacity(n + n / 2);
     let (mut data_bytes, mut repair_bytes) = (0u64, 0u64);
@@ -144,7 +126,7 @@ struct Decoded {
 
 /// The receiver's side, timed, over the packets `keep` lets through.
 fn decode_pass(scheme: Scheme, pool: &[Vec<u8>], s: &Stream, keep: &[bool]) -> Result<Decoded> {
-    let mut dec = decoder(scheme);
+    let mut dec = decoder(scheme, Window::default());
     let mut out = Vec::new();
     let (mut rebuilt, mut reported_lost) = (0u64, 0u64);
     let mut top = 0;

@@ -199,12 +199,31 @@ pub struct DecoderStats {
     pub inconsistent: u64,
 }
 
-/// The default scheme and parameters (see docs/benchmarks.md, "FEC", for why).
-pub fn default_encoder() -> Box<dyn FecEncoder + Send> {
-    Box::new(
-        layered::LayeredEncoder::new(layered::Layers::default())
-            .unwrap_or_else(|_| unreachable!("the default layers are valid")),
-    )
+/// The scheme the data path uses (see docs/benchmarks.md, "FEC", for why).
+pub const DEFAULT_SCHEME: Scheme = Scheme::Xor;
+/// Reed–Solomon's default block: k data + m parity, the overhead of layered (8, 3).
+pub const RS_DEFAULT: (usize, usize) = (8, 3);
+
+/// An encoder of `scheme` with its default parameters: layered (r, c) = (8, 3) at distances
+/// 1, 10, 100, or Reed–Solomon `RS_DEFAULT`.
+pub fn encoder(scheme: Scheme) -> Box<dyn FecEncoder + Send> {
+    let (k, m) = RS_DEFAULT;
+    // The defaults are within every bound the constructors check.
+    let valid = "the default parameters are valid";
+    match scheme {
+        Scheme::Xor => match layered::LayeredEncoder::new(layered::Layers::default()) {
+            Ok(e) => Box::new(e),
+            Err(_) => unreachable!("{valid}"),
+        },
+        Scheme::RsErasure => match rs::RsEncoder::<rs::Erasure>::new(k, m) {
+            Ok(e) => Box::new(e),
+            Err(_) => unreachable!("{valid}"),
+        },
+        Scheme::RsSimd => match rs::RsEncoder::<rs::Simd>::new(k, m) {
+            Ok(e) => Box::new(e),
+            Err(_) => unreachable!("{valid}"),
+        },
+    }
 }
 
 /// A decoder for repairs of `scheme`.

@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
 
+use super::encoder;
 use super::layered::{LayeredDecoder, LayeredEncoder, Layers};
 use super::rs::{Erasure, RsDecoder, RsEncoder, Simd};
 use super::*;
@@ -265,14 +266,6 @@ fn packets_of_every_size_come_back_at_their_length() {
         check_sound(&o, &sent);
         assert_eq!(o.rebuilt.len(), drop.len(), "{scheme:?}");
         assert!(o.lost.is_empty(), "{scheme:?}");
-    }
-}
-
-fn encoder(scheme: Scheme) -> Box<dyn FecEncoder> {
-    match scheme {
-        Scheme::Xor => Box::new(layered()),
-        Scheme::RsErasure => Box::new(RsEncoder::<Erasure>::new(8, 3).expect("rs")),
-        Scheme::RsSimd => Box::new(RsEncoder::<Simd>::new(8, 3).expect("rs")),
     }
 }
 
