@@ -301,7 +301,7 @@ impl FecDecoder for LayeredDecoder {
             return;
         }
         self.prune(out);
-        if !self.store.hold(seq, data.to_vec()) {
+        if !self.store.hold_copy(seq, data) {
             self.store.stats.duplicates += 1;
             return;
         }

@@ -429,7 +429,7 @@ impl<B: Backend> FecDecoder for RsDecoder<B> {
             return;
         }
         self.prune(out);
-        if !self.store.hold(seq, data.to_vec()) {
+        if !self.store.hold_copy(seq, data) {
             self.store.stats.duplicates += 1;
             return;
         }

@@ -5,6 +5,8 @@ use std::collections::VecDeque;
 
 use super::{DecoderStats, Recovery, Window};
 
+const SPARE_MAX: usize = 64;
+
 /// What is known of one seq.
 #[derive(Debug, Default)]
 pub(crate) enum Slot {
@@ -24,6 +26,9 @@ pub(crate) struct Store {
     slots: VecDeque<Slot>,
     /// Bytes of held data plus what the scheme charged for its repairs.
     pub(crate) bytes: usize,
+    /// Buffers of evicted packets, reused for the next ones (a packet a malloc and a free
+    /// less); at most `SPARE_MAX`, outside the byte budget (at most 64 x `DATA_MAX`).
+    spare: Vec<Vec<u8>>,
     pub(crate) stats: DecoderStats,
 }
 
@@ -46,6 +51,7 @@ impl Store {
             base: None,
             slots: VecDeque::new(),
             bytes: 0,
+            spare: Vec::new(),
             stats: DecoderStats::default(),
         }
     }
@@ -106,6 +112,17 @@ impl Store {
         }
     }
 
+    /// Holds a copy of a received packet; false if it was already held.
+    pub(crate) fn hold_copy(&mut self, seq: u64, data: &[u8]) -> bool {
+        if matches!(self.get(seq), Some(Slot::Held(_))) {
+            return false;
+        }
+        let mut buf = self.spare.pop().unwrap_or_default();
+        buf.clear();
+        buf.extend_from_slice(data);
+        self.hold(seq, buf)
+    }
+
     /// Holds the bytes of an admitted seq; false if it was already held.
     pub(crate) fn hold(&mut self, seq: u64, data: Vec<u8>) -> bool {
         let len = data.len();
@@ -138,6 +155,9 @@ impl Store {
                 Slot::Held(d) => {
                     self.stats.evicted_data += 1;
                     self.bytes -= d.len();
+                    if self.spare.len() < SPARE_MAX {
+                        self.spare.push(d);
+                    }
                 }
             }
         }
