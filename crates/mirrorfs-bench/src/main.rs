@@ -30,6 +30,12 @@
 //!   bytes the new primary received during the reintegration vs the bytes
 //!   changed (target <= 1.05x). See `net::run_reintegration`.
 //!
+//! - `fec` (not in the default set; `--targets fec`): throughput of the FEC
+//!   schemes of `mirrorfs_core::fec` (layered XOR, Reed–Solomon over two crates)
+//!   beside a memcpy of the same bytes, at 1,400 B and 4 KiB packets, 0 and 1 %
+//!   loss; `--fec-mib` MiB per figure. It needs no mount and runs first, with
+//!   its own table (see `fec.rs`).
+//!
 //! Workloads, run on each target one after the other, each in a fresh
 //! subdirectory. Only the operations named are timed (wall clock, open to
 //! close inclusive); `sync(2)` is called, untimed, before each timed write
@@ -72,6 +78,7 @@
 //! on every file creation. Mounts and temp dirs are removed at the end, on
 //! error and on Ctrl-C (a second Ctrl-C exits at once).
 
+mod fec;
 mod mounts;
 mod net;
 mod report;
@@ -106,6 +113,8 @@ pub enum TargetKind {
     /// Failback after an outage: a promoted mirror takes the old primary's changes in
     /// (`net.rs`, `run_reintegration`). Not in the default set.
     Reintegration,
+    /// FEC encode/decode throughput (`fec.rs`), no file system involved. Not in the default set.
+    Fec,
 }
 
 impl TargetKind {
@@ -116,12 +125,16 @@ impl TargetKind {
             TargetKind::Mirrorfs => "mirrorfs",
             TargetKind::Net => "mirrorfs-net",
             TargetKind::Reintegration => "reintegration",
+            TargetKind::Fec => "fec",
         }
     }
 
     /// The network targets have their own table.
     pub fn in_main_table(self) -> bool {
-        !matches!(self, TargetKind::Net | TargetKind::Reintegration)
+        !matches!(
+            self,
+            TargetKind::Net | TargetKind::Reintegration | TargetKind::Fec
+        )
     }
 }
 
@@ -192,6 +205,9 @@ struct Args {
     /// Print the table as Markdown (for docs/benchmarks.md).
     #[arg(long)]
     markdown: bool,
+    /// MiB of data per FEC figure (fec target) [default: 128, 8 with --quick].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    fec_mib: Option<u64>,
     /// Also write the raw results as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -310,6 +326,14 @@ fn run(args: &Args) -> Result<()> {
     let mut targets = args.targets.clone();
     targets.sort();
     targets.dedup();
+    // The FEC target measures code, not a file system: it needs none of the set-up below.
+    if targets.contains(&TargetKind::Fec) {
+        targets.retain(|t| *t != TargetKind::Fec);
+        fec::run(args.markdown, args.quick, args.fec_mib, args.seed)?;
+        if targets.is_empty() {
+            return Ok(());
+        }
+    }
     if targets.is_empty() {
         bail!("no targets selected");
     }
@@ -569,6 +593,7 @@ fn run_target(
     let tdir = run_dir.join(kind.name());
     fs::create_dir(&tdir).with_context(|| format!("cannot create {}", tdir.display()))?;
     let mut env = match kind {
+        TargetKind::Fec => bail!("the fec target runs on its own (fec.rs)"),
         TargetKind::Native => {
             let root = tdir.join("data");
             mkdirs(&[&root])?;
@@ -1032,6 +1057,11 @@ mod tests {
         assert_eq!(a.targets, [TargetKind::Native, TargetKind::Mirrorfs]);
         let a = Args::parse_from(["b", "--targets", "mirrorfs-net"]);
         assert_eq!(a.targets, [TargetKind::Net]);
+        let a = Args::parse_from(["b", "--targets", "fec", "--fec-mib", "4"]);
+        assert_eq!(
+            (a.targets.as_slice(), a.fec_mib),
+            ([TargetKind::Fec].as_slice(), Some(4))
+        );
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod applier;
 pub mod civil;
 pub mod codec;
 pub mod datagram;
+pub mod fec;
 pub mod feed;
 pub mod flush;
 pub mod group;
