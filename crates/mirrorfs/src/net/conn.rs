@@ -26,6 +26,43 @@ pub const READ_TICK: Duration = Duration::from_millis(500);
 /// A socket write that makes no progress for this long fails (the peer is gone or stuck).
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The TLS exporter label of the UDP data path's keys (`Duplex::datagram_keys`). The UDP
+/// transport that uses them is not wired yet (issue 8): until then only tests call them.
+#[cfg_attr(not(test), allow(dead_code))]
+pub const DATAGRAM_EXPORTER_LABEL: &[u8] = b"EXPORTER-mirrorfs-datagram-v1";
+
+/// The UDP data path's keys for one end of a connection.
+#[cfg_attr(not(test), allow(dead_code))]
+pub struct DatagramKeys {
+    /// Seals what this end sends.
+    pub send: [u8; mirrorfs_core::datagram::KEY_LEN],
+    /// Opens what this end receives.
+    pub receive: [u8; mirrorfs_core::datagram::KEY_LEN],
+    /// The session id carried in every packet header (both directions).
+    pub session: u32,
+}
+
+#[cfg_attr(not(test), allow(dead_code))]
+impl DatagramKeys {
+    /// Exported bytes: the client-to-server key, the server-to-client key, the session id
+    /// (little endian). The client is the end that connected (a primary, or a witness's client).
+    fn split(b: &[u8], client: bool) -> DatagramKeys {
+        const K: usize = mirrorfs_core::datagram::KEY_LEN;
+        let mut c2s = [0u8; K];
+        let mut s2c = [0u8; K];
+        c2s.copy_from_slice(&b[..K]);
+        s2c.copy_from_slice(&b[K..2 * K]);
+        let mut id = [0u8; 4];
+        id.copy_from_slice(&b[2 * K..2 * K + 4]);
+        let (send, receive) = if client { (c2s, s2c) } else { (s2c, c2s) };
+        DatagramKeys {
+            send,
+            receive,
+            session: u32::from_le_bytes(id),
+        }
+    }
+}
+
 pub struct Duplex {
     conn: Mutex<rustls::Connection>,
     sock: TcpStream,
@@ -130,6 +167,28 @@ impl Duplex {
     /// The authenticated peer's fingerprint.
     pub fn peer(&self) -> Option<Fingerprint> {
         self.peer
+    }
+
+    /// The keys and session id of the UDP data path that runs beside this connection, derived
+    /// from its TLS session with an exporter (RFC 5705 / RFC 8446 §7.5, label
+    /// [`DATAGRAM_EXPORTER_LABEL`]): both ends compute the same bytes, nobody else can, and a
+    /// new connection gives new keys. One key per direction, so that a packet reflected back to
+    /// its sender never opens.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub fn datagram_keys(&self) -> Result<DatagramKeys> {
+        let mut out = [0u8; 2 * mirrorfs_core::datagram::KEY_LEN + 4];
+        let conn = lock(&self.conn);
+        let out = match &*conn {
+            rustls::Connection::Client(c) => {
+                c.export_keying_material(&mut out, DATAGRAM_EXPORTER_LABEL, None)
+            }
+            rustls::Connection::Server(s) => {
+                s.export_keying_material(&mut out, DATAGRAM_EXPORTER_LABEL, None)
+            }
+        }
+        .map_err(|e| anyhow!("cannot derive the UDP data path's keys from the TLS session: {e}"))?;
+        let client = matches!(&*conn, rustls::Connection::Client(_));
+        Ok(DatagramKeys::split(out, client))
     }
 
     /// Compress bodies of messages sent from now on (negotiated in Hello/Welcome).
@@ -318,4 +377,58 @@ fn tls_error(e: &anyhow::Error) -> Option<rustls::Error> {
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mirrorfs_core::datagram::{Kind, Opener, Sealer};
+
+    /// A primary (client) and a daemon (server) over loopback TLS derive the same keys, each
+    /// the other's send key as its receive key; a packet sealed by one opens at the other and
+    /// not back at its sender; another connection derives other keys.
+    #[test]
+    fn both_ends_derive_the_datagram_keys_of_their_session() {
+        let (c_id, _) = Identity::generate("primary").expect("identity");
+        let (s_id, _) = Identity::generate("mirror").expect("identity");
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let cfg = identity::server_config(&s_id, vec![c_id.fingerprint]).expect("server cfg");
+        let server = std::thread::spawn(move || {
+            (0..2)
+                .map(|_| {
+                    let (sock, _) = listener.accept().expect("accept");
+                    let d = Duplex::accept(sock, cfg.clone()).expect("tls accept");
+                    d.datagram_keys().expect("server keys")
+                })
+                .collect::<Vec<_>>()
+        });
+        let keys: Vec<DatagramKeys> = (0..2)
+            .map(|_| {
+                let d = Duplex::connect(&addr, &c_id, vec![s_id.fingerprint]).expect("connect");
+                d.datagram_keys().expect("client keys")
+            })
+            .collect();
+        let theirs = server.join().expect("server thread");
+        let (c, s) = (&keys[0], &theirs[0]);
+        assert_eq!(c.send, s.receive);
+        assert_eq!(c.receive, s.send);
+        assert_eq!(c.session, s.session);
+        assert_ne!(c.send, c.receive, "one key per direction");
+        assert_ne!(
+            keys[0].send, keys[1].send,
+            "a new connection derives new keys"
+        );
+
+        let mut seal = Sealer::new(&c.send, c.session);
+        let (_, packet) = seal.seal(Kind::Data, b"record bytes").expect("seal");
+        let mut at_daemon = Opener::new(&s.receive, s.session);
+        let opened = at_daemon.open(&packet).expect("opens at the other end");
+        assert_eq!(opened.body, b"record bytes");
+        let mut reflected = Opener::new(&c.receive, c.session);
+        assert!(
+            reflected.open(&packet).is_err(),
+            "a reflected packet never opens"
+        );
+    }
 }
