@@ -69,6 +69,17 @@ fn a_group_reaches_the_mirror_all_at_once_when_it_ends() {
         .expect("sh");
     assert!(st.success());
     std::thread::sleep(HELD);
+    // `status` says why the mirror waits.
+    let st = m.status().expect("status");
+    assert_eq!(st["groups_open"], 1, "{st}");
+    assert!(st["group_open_since_seq"].as_u64().is_some(), "{st}");
+    let text = Command::new(BIN)
+        .arg("status")
+        .arg(m.mnt())
+        .output()
+        .expect("mirrorfs status");
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("groups: 1 open since record"), "{text}");
     for rel in ["a.txt", "d", "d/b.txt", "c.txt"] {
         assert!(
             fs::symlink_metadata(m.mirror().join(rel)).is_err(),

@@ -116,6 +116,12 @@ struct VolumeStatus {
     /// With `--witness`, while changes are refused: why and since when.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     read_only: Option<String>,
+    /// Groups of changes open now (`mirrorfs group`), and the seq of the first one's
+    /// `GroupBegin`: mirrors wait before it until the groups end.
+    #[serde(default)]
+    groups_open: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    group_open_since_seq: Option<u64>,
 }
 
 fn snapshot(vol: &Volume, mountpoint: &Path) -> VolumeStatus {
@@ -163,6 +169,10 @@ fn snapshot(vol: &Volume, mountpoint: &Path) -> VolumeStatus {
         .max()
         .unwrap_or(0);
     let at_risk_bytes = lock(&vol.progress).bytes_after(safe);
+    let (groups_open, group_open_since_seq) = {
+        let g = lock(&vol.groups);
+        (g.open(), g.open_since())
+    };
     VolumeStatus {
         mountpoint: mountpoint.display().to_string(),
         pid: std::process::id(),
@@ -179,6 +189,8 @@ fn snapshot(vol: &Volume, mountpoint: &Path) -> VolumeStatus {
         updated_unix: crate::sys::now().sec,
         updated_unix_ms: now_ms(),
         read_only: vol.fence.get().and_then(|f| f.read_only()),
+        groups_open,
+        group_open_since_seq,
     }
 }
 
@@ -411,6 +423,12 @@ fn print_volume(v: &serde_json::Value) -> Result<()> {
     if let Some(r) = &s.read_only {
         println!("  read-only: {r}");
     }
+    if let Some(since) = s.group_open_since_seq {
+        println!(
+            "  groups: {} open since record {since}: mirrors wait before it until they end (`mirrorfs group end {}`)",
+            s.groups_open, s.mountpoint
+        );
+    }
     println!(
         "  at risk if this machine died now: {} change(s), {} bytes (durable on no mirror)",
         s.at_risk_ops, s.at_risk_bytes
@@ -543,6 +561,11 @@ pub fn metrics_text(vol: &Volume, mountpoint: &Path) -> String {
         "journal_durable_seq",
         "Every journal record up to this seq is durable.",
         vec![(String::new(), s.journal_durable_seq as f64)],
+    );
+    gauge(
+        "groups_open",
+        "Groups of changes open now (mirrorfs group): mirrors wait before the first until they end.",
+        vec![(String::new(), f64::from(s.groups_open))],
     );
     gauge(
         "journal_bytes",
