@@ -78,6 +78,7 @@
 //! on every file creation. Mounts and temp dirs are removed at the end, on
 //! error and on Ctrl-C (a second Ctrl-C exits at once).
 
+mod disaster;
 mod fec;
 mod mounts;
 mod net;
@@ -115,6 +116,9 @@ pub enum TargetKind {
     Reintegration,
     /// FEC encode/decode throughput (`fec.rs`), no file system involved. Not in the default set.
     Fec,
+    /// The SMFS rolling disaster per `--ack` mode over the WAN emulator (`disaster.rs`). Not
+    /// in the default set.
+    Disaster,
 }
 
 impl TargetKind {
@@ -126,6 +130,7 @@ impl TargetKind {
             TargetKind::Net => "mirrorfs-net",
             TargetKind::Reintegration => "reintegration",
             TargetKind::Fec => "fec",
+            TargetKind::Disaster => "disaster",
         }
     }
 
@@ -133,7 +138,7 @@ impl TargetKind {
     pub fn in_main_table(self) -> bool {
         !matches!(
             self,
-            TargetKind::Net | TargetKind::Reintegration | TargetKind::Fec
+            TargetKind::Net | TargetKind::Reintegration | TargetKind::Fec | TargetKind::Disaster
         )
     }
 }
@@ -407,6 +412,15 @@ fn run(args: &Args) -> Result<()> {
         args,
         sizes: &sizes,
     };
+    // The rolling disaster has its own processes, network and table.
+    if targets.contains(&TargetKind::Disaster) {
+        targets.retain(|t| *t != TargetKind::Disaster);
+        let bin = mirrorfs_bin(&ctx)?;
+        disaster::run(&bin, run_dir.path(), args.markdown, args.quick, args.seed)?;
+        if targets.is_empty() {
+            return Ok(());
+        }
+    }
     let mut reports = Vec::new();
     for kind in targets {
         check_interrupted()?;
@@ -594,6 +608,7 @@ fn run_target(
     fs::create_dir(&tdir).with_context(|| format!("cannot create {}", tdir.display()))?;
     let mut env = match kind {
         TargetKind::Fec => bail!("the fec target runs on its own (fec.rs)"),
+        TargetKind::Disaster => bail!("the disaster target runs on its own (disaster.rs)"),
         TargetKind::Native => {
             let root = tdir.join("data");
             mkdirs(&[&root])?;

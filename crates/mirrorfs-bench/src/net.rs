@@ -109,12 +109,12 @@ fn trust(bin: &Path, cfg: &Path, fp: &str, name: &str) -> Result<()> {
 }
 
 /// Configuration dirs of the two machines, each trusting the other.
-struct Identities {
-    primary: PathBuf,
-    mirror: PathBuf,
+pub struct Identities {
+    pub primary: PathBuf,
+    pub mirror: PathBuf,
 }
 
-fn make_identities(bin: &Path, dir: &Path) -> Result<Identities> {
+pub fn make_identities(bin: &Path, dir: &Path) -> Result<Identities> {
     let primary = dir.join("config-primary");
     let mirror = dir.join("config-mirror");
     let fp_p = init_identity(bin, &primary, "bench-primary")?;
