@@ -847,6 +847,21 @@ impl Merge<'_> {
         }
     }
 
+    /// Whether their entries of a directory our side removed may go into the directory now at
+    /// its name: one the plan placed or our side made, whose entries our view holds. Not a base
+    /// directory our side moved there (replacing the removed one): the records do not list its
+    /// entries, so one of theirs could land on one of them unseen.
+    fn merges_into(&self, slot: Slot) -> bool {
+        match slot {
+            Slot::Ours(j) => self
+                .ours
+                .objs
+                .get(j)
+                .is_some_and(|o| o.dir && o.base.is_none()),
+            Slot::Placed { dir } => dir,
+        }
+    }
+
     fn mkdir(&mut self, q: &RelPath, at: RelPath) -> RelPath {
         self.placed.insert(at.clone());
         self.view.insert(at.clone(), Slot::Placed { dir: true });
@@ -1034,7 +1049,7 @@ impl Merge<'_> {
             return Ok(None);
         };
         let at = match self.occupant(&target, None) {
-            Some(j) if self.is_dir(j) => target,
+            Some(j) if self.merges_into(j) => target,
             Some(_) => {
                 let c = self.conflict_name(&target)?;
                 self.conflict(target, Some(c.clone()), Reason::DirRemovedFilled);
@@ -1129,7 +1144,10 @@ mod tests {
     }
 
     fn side(ops: &[Op]) -> SimTree {
-        let mut t = base();
+        side_from(base(), ops)
+    }
+
+    fn side_from(mut t: SimTree, ops: &[Op]) -> SimTree {
         for op in ops {
             apply_op(&mut t, op, false).unwrap_or_else(|e| panic!("{op:?}: {e}"));
         }
@@ -1159,7 +1177,16 @@ mod tests {
 
     /// Plans and applies with base(); every name either tree has counts as taken.
     fn run(ours_ops: &[Op], theirs_ops: &[Op]) -> Outcome {
-        let (mut ours, theirs) = (side(ours_ops), side(theirs_ops));
+        run_with_base(&[], ours_ops, theirs_ops)
+    }
+
+    /// [`run`] with `extra` applied to base() first (part of the common point: in no records).
+    fn run_with_base(extra: &[Op], ours_ops: &[Op], theirs_ops: &[Op]) -> Outcome {
+        let common = side(extra);
+        let (mut ours, theirs) = (
+            side_from(common.clone(), ours_ops),
+            side_from(common, theirs_ops),
+        );
         let (o, t) = (records(ours_ops.to_vec()), records(theirs_ops.to_vec()));
         let (so, st) = (ours.snapshot(), theirs.snapshot());
         let mut taken = |q: &RelPath| so.entries.contains_key(q) || st.entries.contains_key(q);
@@ -1388,6 +1415,28 @@ mod tests {
         run(&ours, &[write("d/e", "theirs")])
             .has("f/e", "theirs")
             .reasons(&[]);
+    }
+
+    /// Seed 4446 (two sites): our rename of `d` onto the empty directory `a` removed `a`; their
+    /// file made in `a` must not be merged into our `d` (now at `a`), whose own entries the
+    /// records do not list: their new `a/e` and their edit of `d/e` (our `a/e`) both survive.
+    #[test]
+    fn their_entry_in_a_directory_our_rename_replaced_gets_it_back_under_a_conflict_name() {
+        // (Our edit of `a/k` tells the planner that `a` is a directory now.)
+        let ours = [rename("d", "a", 0), write("a/k", "ours-k")];
+        let theirs = [
+            create("a/e"),
+            write("a/e", "theirs-new"),
+            write("d/e", "theirs-e"),
+        ];
+        let o = run_with_base(&[mkdir("a"), create("d/k")], &ours, &theirs);
+        let copy = format!("a{CONFLICT}");
+        o.has("a/e", "theirs-e")
+            .has(&format!("{copy}/e"), "theirs-new")
+            .has("a/k", "ours-k")
+            .absent("d")
+            .reasons(&[Reason::DirRemovedFilled]);
+        assert_eq!(o.plan.conflicts[0].copy, Some(p(&copy)), "{:?}", o.plan);
     }
 
     #[test]
