@@ -34,7 +34,9 @@
 //! ours named it; if so ours is kept: a removal is skipped, a copy goes to a conflict name
 //! (`NAME.conflict-SITE-YYYYMMDD-HHMMSS-late-I`), a rename onto it goes to that name instead, and each is
 //! listed as a [`Conflict`] with [`Reason::ChangedDuringReintegration`]. Nothing is overwritten
-//! that the plan did not see.
+//! that the plan did not see. A rename whose source was changed since the plan carries that
+//! change along: its destination is *held* (a self-move `Moved(p, p)`, recorded before the
+//! rename is applied) and counts as changed since the plan for the rest of the run.
 
 use std::collections::VecDeque;
 
@@ -120,7 +122,11 @@ enum Wait {
 #[derive(Debug, Clone, Copy)]
 enum Purpose {
     RenameFrom,
-    RenameTo { ino: u64 },
+    /// `carries_late`: the source holds a change of ours made after the plan.
+    RenameTo {
+        ino: u64,
+        carries_late: bool,
+    },
     Remove,
     Target,
     Temp,
@@ -196,10 +202,14 @@ pub struct Run {
     /// The step is complete; `StepDone` follows once the queue drains.
     finishing: bool,
     started: bool,
-    /// Our names the run moved to late conflict names (a directory's entries follow it).
+    /// Our names the run moved to late conflict names (a directory's entries follow it); an
+    /// entry `(p, p)` is a hold: a rename of the run put a change of ours made after the plan at
+    /// `p`, so `p` (and what is above or below it) counts as changed since the plan.
     moved: Vec<(RelPath, RelPath)>,
-    /// The rename being applied: (from, its inode).
-    renaming: Option<(RelPath, u64)>,
+    /// The path of the `Stat` asked.
+    looking: Option<RelPath>,
+    /// The rename being applied: (from, its inode, it carries a change of ours since the plan).
+    renaming: Option<(RelPath, u64, bool)>,
 }
 
 impl Run {
@@ -217,6 +227,7 @@ impl Run {
             finishing: false,
             started: false,
             moved,
+            looking: None,
             renaming: None,
         }
     }
@@ -271,8 +282,29 @@ impl Run {
         self.moved
             .iter()
             .rev()
+            .filter(|(from, to)| from != to)
             .find_map(|(from, to)| p.rebase(from, to))
             .unwrap_or(p)
+    }
+
+    /// Whether a hold ([`Run::hold`]) covers `p`: the held name is `p`, below it (as a change
+    /// below a name counts for it) or above it (the late change may be anywhere inside).
+    fn held(&self, p: &RelPath) -> bool {
+        self.moved
+            .iter()
+            .filter(|(from, to)| from == to)
+            .any(|(h, _)| h.starts_with(p) || p.starts_with(h))
+    }
+
+    /// The rename about to be applied carries a change of ours made after the plan to `p`:
+    /// later steps must find `p` changed since the plan, also after a crash (a self-move in
+    /// the recorded moves, before the rename is applied; the shell does not count the run's
+    /// own rename as a change of ours).
+    fn hold(&mut self, p: &RelPath) {
+        if !self.moved.iter().any(|(f, t)| f == p && t == p) {
+            self.moved.push((p.clone(), p.clone()));
+            self.queue.push_back(Action::Moved(p.clone(), p.clone()));
+        }
     }
 
     /// The current step with our names rebased through the run's late moves.
@@ -371,6 +403,7 @@ impl Run {
     }
 
     fn stat(&mut self, path: RelPath, why: Purpose) {
+        self.looking = Some(path.clone());
         self.queue.push_back(Action::Stat(path));
         self.wait = Wait::Stat(why);
     }
@@ -412,13 +445,24 @@ impl Run {
             return Err(RunError::Misuse("on_stat without a Stat"));
         };
         self.wait = Wait::None;
+        let looked = self.looking.take();
+        let st = st.map(|mut s| {
+            s.changed_since_plan |= looked.as_ref().is_some_and(|p| self.held(p));
+            s
+        });
         let step = self.steps[self.step].clone();
         match (why, step) {
             (Purpose::RenameFrom, Step::Rename { to, .. }) => match st {
                 None => self.finish(),
-                Some(s) => self.stat(to, Purpose::RenameTo { ino: s.ino }),
+                Some(s) => {
+                    let why = Purpose::RenameTo {
+                        ino: s.ino,
+                        carries_late: s.changed_since_plan,
+                    };
+                    self.stat(to, why)
+                }
             },
-            (Purpose::RenameTo { ino }, Step::Rename { from, to }) => {
+            (Purpose::RenameTo { ino, carries_late }, Step::Rename { from, to }) => {
                 let to = match st {
                     Some(s) if s.changed_since_plan => {
                         let late =
@@ -428,7 +472,10 @@ impl Run {
                     }
                     _ => to,
                 };
-                self.renaming = Some((from.clone(), ino));
+                if carries_late {
+                    self.hold(&to);
+                }
+                self.renaming = Some((from.clone(), ino, carries_late));
                 let op = Op::Rename {
                     from,
                     to,
@@ -667,7 +714,7 @@ impl Run {
         let Step::Rename { to, .. } = self.steps[self.step].clone() else {
             return Err(RunError::Misuse("a rename answer for another step"));
         };
-        let (from, ino) = self
+        let (from, ino, carries_late) = self
             .renaming
             .take()
             .ok_or(RunError::Misuse("no rename in progress"))?;
@@ -677,6 +724,9 @@ impl Run {
             false => late_name(&to, &self.label, self.step).map_err(|why| self.fail(why))?,
         };
         self.move_late(&to, &late);
+        if carries_late {
+            self.hold(&late);
+        }
         let op = Op::Rename {
             from,
             to: late,
@@ -947,6 +997,63 @@ mod tests {
             Some("theirs, parked")
         );
         assert_eq!(r.conflicts.len(), 1);
+    }
+
+    /// Seed 6420: a user renamed another of our files onto a name the plan had parked an object
+    /// under (`t`) after the plan was made; the plan's rename then carried that late change to
+    /// `y`, and the plan's copy of their `y` replaced it there. The late change must hold `y`
+    /// for the rest of the run, also across a crash (through the recorded moves).
+    #[test]
+    fn a_late_change_a_rename_carries_keeps_its_new_name_from_later_steps() {
+        let late = "y.conflict-b-19700101-000000-late-1";
+        let theirs = tree(&[("y", "theirs")]).snapshot();
+        let plan = Plan {
+            steps: vec![
+                Step::Rename {
+                    from: p("t"),
+                    to: p("y"),
+                },
+                copy("y"),
+            ],
+            conflicts: vec![],
+        };
+        let label = "conflict-b-19700101-000000";
+        for budget in [usize::MAX, 0, 1, 2, 3, 4] {
+            let mut ours = tree(&[("t", "ours, renamed onto t since the plan")]);
+            let (mut users, touched) = (|_: &mut SimTree| None, |q: &RelPath| q == &p("t"));
+            let mut late_changes = crate::sim::Late {
+                users: &mut users,
+                touched: &touched,
+                names: Default::default(),
+                moved: Vec::new(),
+                log: Vec::new(),
+            };
+            let mut listed = Vec::new();
+            let mut cursor = 0;
+            for b in [budget, usize::MAX] {
+                let r = crate::sim::drive_with(
+                    &mut ours,
+                    &theirs,
+                    &plan,
+                    cursor,
+                    b,
+                    label,
+                    &mut late_changes,
+                )
+                .expect("run");
+                cursor = r.cursor;
+                listed.extend(r.conflicts);
+                if r.done {
+                    break;
+                }
+            }
+            let want = Some("ours, renamed onto t since the plan");
+            assert_eq!(content(&ours, "y").as_deref(), want, "crash after {budget}");
+            assert_eq!(content(&ours, late).as_deref(), Some("theirs"), "{budget}");
+            assert_eq!(content(&ours, "t"), None);
+            let copies: Vec<_> = listed.iter().map(|c| c.copy.clone()).collect();
+            assert_eq!(copies, vec![Some(p(late))], "crash after {budget}");
+        }
     }
 
     #[test]

@@ -181,6 +181,9 @@ pub fn drive_with(
         match action {
             Action::Stat(p) => {
                 if let Some(op) = (late.users)(ours) {
+                    if trace {
+                        eprintln!("  user: {} {:?}", op.name(), names_of(&op));
+                    }
                     late.names.extend(names_of(&op));
                     late.log.push(op);
                 }
