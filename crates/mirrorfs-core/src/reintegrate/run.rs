@@ -18,7 +18,7 @@
 //!
 //! | step | what it does |
 //! |---|---|
-//! | `Rename{from, to}` | nothing if `from` is gone (done before a crash); else `rename(from, to)` |
+//! | `Rename{from, to}` | nothing if `from` is gone (done before a crash); `unlink(from)` if `to` is another name of the same file (rename(2) would do nothing); else `rename(from, to)` |
 //! | `Remove{our_path}` | nothing if absent; `rmdir` or `unlink` |
 //! | `Mkdir{their, our}` | their directory's attributes on ours (made if absent) |
 //! | `CopyFromTheirs{their, our}`, `ConflictCopy{their, copy}` | their entry is recreated under a temporary name beside the target (`.mirrorfs-reint-copy-I`), then renamed over it, so a crash never leaves a half copy at the target; a directory is made in place (attributes only) |
@@ -469,6 +469,21 @@ impl Run {
                             late_name(&to, &self.label, self.step).map_err(|why| self.fail(why))?;
                         self.move_late(&to, &late);
                         late
+                    }
+                    // Two names of one file (linked before the plan's records began): rename(2)
+                    // would leave both; the file is at `to` already, so only `from` goes.
+                    Some(s)
+                        if s.ino == ino && ino != 0 && s.kind != EntryKind::Dir && s.nlink > 1 =>
+                    {
+                        if carries_late {
+                            self.hold(&to);
+                        }
+                        let op = Op::Unlink {
+                            path: from,
+                            nlink: s.nlink,
+                        };
+                        self.apply(op, Tolerate::NotFound);
+                        return Ok(());
                     }
                     _ => to,
                 };
@@ -1054,6 +1069,33 @@ mod tests {
             let copies: Vec<_> = listed.iter().map(|c| c.copy.clone()).collect();
             assert_eq!(copies, vec![Some(p(late))], "crash after {budget}");
         }
+    }
+
+    /// Seeds 433 and 2707 (three sites): a rename between two names of one file (hard-linked
+    /// before the common point, so the planner cannot know) does nothing in rename(2); the
+    /// parked name was left behind. The file is at its destination already: the parked name
+    /// goes, the file stays.
+    #[test]
+    fn a_rename_onto_another_name_of_the_same_file_drops_the_source_name_only() {
+        let mut ours = tree(&[("t", "one file, two names")]);
+        let link = Op::Link {
+            from: p("t"),
+            to: p("y"),
+        };
+        apply_op(&mut ours, &link, false).expect("link");
+        let plan = Plan {
+            steps: vec![Step::Rename {
+                from: p("t"),
+                to: p("y"),
+            }],
+            conflicts: vec![],
+        };
+        let theirs = tree(&[]).snapshot();
+        let r = drive(&mut ours, &theirs, &plan, 0, usize::MAX, &|_| false).expect("run");
+        assert!(r.done && r.conflicts.is_empty(), "{r:?}");
+        assert_eq!(content(&ours, "y").as_deref(), Some("one file, two names"));
+        let names: Vec<_> = ours.snapshot().entries.into_keys().collect();
+        assert_eq!(names, vec![RelPath::root(), p("y")]);
     }
 
     #[test]

@@ -176,7 +176,16 @@ pub fn drive_with(
     loop {
         let action = run.next_action().map_err(|e| e.to_string())?;
         if trace {
-            eprintln!("  run: {action:?}");
+            match &action {
+                // A write's data would drown the trace: its size says enough.
+                Action::Apply(Op::Write { path, offset, data }) => {
+                    eprintln!(
+                        "  run: Apply(Write {path} at {offset}, {} bytes)",
+                        data.len()
+                    )
+                }
+                a => eprintln!("  run: {a:?}"),
+            }
         }
         match action {
             Action::Stat(p) => {
@@ -192,10 +201,11 @@ pub fn drive_with(
                     k => k.map_err(|e| e.to_string())?,
                 };
                 let ino = ours.ino(&p).ok().flatten().unwrap_or(0);
+                let nlink = ours.nlink(&p).unwrap_or(1);
                 let st = kind.map(|kind| Stat {
                     kind,
                     ino,
-                    nlink: 1,
+                    nlink,
                     changed_since_plan: late.changed(&p),
                 });
                 run.on_stat(st).map_err(|e| e.to_string())?;
