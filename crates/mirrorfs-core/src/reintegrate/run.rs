@@ -18,7 +18,7 @@
 //!
 //! | step | what it does |
 //! |---|---|
-//! | `Rename{from, to}` | nothing if `from` is gone (done before a crash); `unlink(from)` if `to` is another name of the same file (rename(2) would do nothing); else `rename(from, to)` |
+//! | `Rename{from, to}` | looks at `to`, then at `from` (last, so a late change there is seen as late as possible); nothing if `from` is gone (done before a crash); `unlink(from)` if `to` is another name of the same file (rename(2) would do nothing); else `rename(from, to)`, with `RENAME_NOREPLACE` if `to` was absent |
 //! | `Remove{our_path}` | nothing if absent; `rmdir` or `unlink` |
 //! | `Mkdir{their, our}` | their directory's attributes on ours (made if absent) |
 //! | `CopyFromTheirs{their, our}`, `ConflictCopy{their, copy}` | their entry is recreated under a temporary name beside the target (`.mirrorfs-reint-copy-I`), then renamed over it, so a crash never leaves a half copy at the target; a directory is made in place (attributes only) |
@@ -41,7 +41,7 @@
 use std::collections::VecDeque;
 
 use super::{Conflict, Plan, Reason, Step};
-use crate::op::Op;
+use crate::op::{rename_flags, Op};
 use crate::path::RelPath;
 use crate::tree::EntryKind;
 
@@ -121,11 +121,12 @@ enum Wait {
 /// Which look a `Stat` answers.
 #[derive(Debug, Clone, Copy)]
 enum Purpose {
-    RenameFrom,
-    /// `carries_late`: the source holds a change of ours made after the plan.
-    RenameTo {
-        ino: u64,
-        carries_late: bool,
+    /// A rename's destination, looked at first.
+    RenameTo,
+    /// A rename's source, looked at last (the freshest look before the rename): `dest` is what
+    /// the destination held.
+    RenameFrom {
+        dest: Option<Stat>,
     },
     Remove,
     Target,
@@ -366,7 +367,7 @@ impl Run {
             self.steps[self.step] = self.rebased_step();
         }
         match self.steps[self.step].clone() {
-            Step::Rename { from, .. } => self.stat(from, Purpose::RenameFrom),
+            Step::Rename { to, .. } => self.stat(to, Purpose::RenameTo),
             Step::Remove { our_path } => self.stat(our_path, Purpose::Remove),
             Step::Mkdir {
                 their_path,
@@ -452,53 +453,13 @@ impl Run {
         });
         let step = self.steps[self.step].clone();
         match (why, step) {
-            (Purpose::RenameFrom, Step::Rename { to, .. }) => match st {
-                None => self.finish(),
-                Some(s) => {
-                    let why = Purpose::RenameTo {
-                        ino: s.ino,
-                        carries_late: s.changed_since_plan,
-                    };
-                    self.stat(to, why)
-                }
-            },
-            (Purpose::RenameTo { ino, carries_late }, Step::Rename { from, to }) => {
-                let to = match st {
-                    Some(s) if s.changed_since_plan => {
-                        let late =
-                            late_name(&to, &self.label, self.step).map_err(|why| self.fail(why))?;
-                        self.move_late(&to, &late);
-                        late
-                    }
-                    // Two names of one file (linked before the plan's records began): rename(2)
-                    // would leave both; the file is at `to` already, so only `from` goes.
-                    Some(s)
-                        if s.ino == ino && ino != 0 && s.kind != EntryKind::Dir && s.nlink > 1 =>
-                    {
-                        if carries_late {
-                            self.hold(&to);
-                        }
-                        let op = Op::Unlink {
-                            path: from,
-                            nlink: s.nlink,
-                        };
-                        self.apply(op, Tolerate::NotFound);
-                        return Ok(());
-                    }
-                    _ => to,
-                };
-                if carries_late {
-                    self.hold(&to);
-                }
-                self.renaming = Some((from.clone(), ino, carries_late));
-                let op = Op::Rename {
-                    from,
-                    to,
-                    flags: 0,
-                    from_ino: ino,
-                };
-                self.apply(op, Tolerate::RenameHomeless);
+            (Purpose::RenameTo, Step::Rename { from, .. }) => {
+                self.stat(from, Purpose::RenameFrom { dest: st })
             }
+            (Purpose::RenameFrom { dest }, Step::Rename { from, to }) => match st {
+                None => self.finish(),
+                Some(src) => self.rename(from, to, src, dest)?,
+            },
             (Purpose::Remove, Step::Remove { our_path }) => match st {
                 None => self.finish(),
                 Some(s) if s.changed_since_plan => {
@@ -563,6 +524,57 @@ impl Run {
         }
         let temp = self.copy_mut()?.temp.clone();
         self.stat(temp, Purpose::Temp);
+        Ok(())
+    }
+
+    /// A rename step once both names were looked at: `src` at `from`, `dest` at `to`.
+    fn rename(
+        &mut self,
+        from: RelPath,
+        to: RelPath,
+        src: Stat,
+        dest: Option<Stat>,
+    ) -> Result<(), RunError> {
+        let (ino, carries_late) = (src.ino, src.changed_since_plan);
+        let mut flags = 0;
+        let to = match dest {
+            Some(s) if s.changed_since_plan => {
+                let late = late_name(&to, &self.label, self.step).map_err(|why| self.fail(why))?;
+                self.move_late(&to, &late);
+                late
+            }
+            // Two names of one file (linked before the plan's records began): rename(2) would
+            // leave both; the file is at `to` already, so only `from` goes.
+            Some(s) if s.ino == ino && ino != 0 && s.kind != EntryKind::Dir && s.nlink > 1 => {
+                if carries_late {
+                    self.hold(&to);
+                }
+                let op = Op::Unlink {
+                    path: from,
+                    nlink: s.nlink,
+                };
+                self.apply(op, Tolerate::NotFound);
+                return Ok(());
+            }
+            Some(_) => to,
+            // Nothing there when looked: whatever a user puts there meanwhile stays (the
+            // rename then goes beside it, as when it is in the way).
+            None => {
+                flags = rename_flags::NOREPLACE;
+                to
+            }
+        };
+        if carries_late {
+            self.hold(&to);
+        }
+        self.renaming = Some((from.clone(), ino, carries_late));
+        let op = Op::Rename {
+            from,
+            to,
+            flags,
+            from_ino: ino,
+        };
+        self.apply(op, Tolerate::RenameHomeless);
         Ok(())
     }
 
@@ -867,15 +879,33 @@ mod tests {
     use super::*;
     use crate::sim::drive;
     use crate::sim::SimTree;
-    use crate::tree::apply_op;
+    use crate::tree::{apply_op, Tree};
 
     fn p(s: &str) -> RelPath {
         RelPath::new(s).expect("valid path")
     }
 
+    /// Files with their data (and the directories above them).
     fn tree(files: &[(&str, &str)]) -> SimTree {
         let mut t = SimTree::reference();
         for (f, data) in files {
+            let mut up = p(f).parent();
+            let mut dirs = Vec::new();
+            while let Some(d) = up.filter(|d| !d.is_root()) {
+                up = d.parent();
+                dirs.push(d);
+            }
+            for d in dirs.into_iter().rev() {
+                if t.kind(&d).expect("look").is_none() {
+                    let op = Op::Mkdir {
+                        path: d,
+                        mode: 0o755,
+                        uid: 0,
+                        gid: 0,
+                    };
+                    apply_op(&mut t, &op, false).expect("set up");
+                }
+            }
             let ops = [
                 Op::Create {
                     path: p(f),
@@ -1096,6 +1126,95 @@ mod tests {
         assert_eq!(content(&ours, "y").as_deref(), Some("one file, two names"));
         let names: Vec<_> = ours.snapshot().entries.into_keys().collect();
         assert_eq!(names, vec![RelPath::root(), p("y")]);
+    }
+
+    /// Drives `plan` once with a user who applies `op` just before the run's `nth` look (0-based).
+    fn drive_with_user_at(
+        ours: &mut SimTree,
+        theirs: &crate::sim::Snapshot,
+        plan: &Plan,
+        nth: usize,
+        op: Op,
+    ) -> crate::sim::Stopped {
+        let mut looks = 0;
+        let mut users = |t: &mut SimTree| {
+            looks += 1;
+            if looks != nth + 1 {
+                return None;
+            }
+            apply_op(t, &op, false).expect("user's change");
+            Some(op.clone())
+        };
+        let mut late = crate::sim::Late {
+            users: &mut users,
+            touched: &|_| false,
+            names: Default::default(),
+            moved: Vec::new(),
+            log: Vec::new(),
+        };
+        let label = "conflict-b-19700101-000000";
+        crate::sim::drive_with(ours, theirs, plan, 0, usize::MAX, label, &mut late).expect("run")
+    }
+
+    /// Seed 4646 (three sites): a user renamed a file inside a parked directory after the run
+    /// had looked at that directory and before its rename: the rename carried the late change
+    /// unseen and the next copy replaced it. The rename looks at its source last.
+    #[test]
+    fn a_rename_looks_at_its_source_last() {
+        let theirs = tree(&[("b/e", "theirs")]).snapshot();
+        let plan = Plan {
+            steps: vec![
+                Step::Rename {
+                    from: p("t"),
+                    to: p("b"),
+                },
+                copy("b/e"),
+            ],
+            conflicts: vec![],
+        };
+        let user = Op::Rename {
+            from: p("t/a"),
+            to: p("t/e"),
+            flags: 0,
+            from_ino: 0,
+        };
+        let mut ours = tree(&[("t/a", "ours, renamed by a user")]);
+        let r = drive_with_user_at(&mut ours, &theirs, &plan, 1, user);
+        assert!(r.done, "{r:?}");
+        assert_eq!(
+            content(&ours, "b/e").as_deref(),
+            Some("ours, renamed by a user")
+        );
+        let late = "b/e.conflict-b-19700101-000000-late-1";
+        assert_eq!(content(&ours, late).as_deref(), Some("theirs"));
+    }
+
+    /// The other order's risk: a user puts something at the destination after the run looked
+    /// there; the rename (RENAME_NOREPLACE when the destination was absent) refuses to replace
+    /// it and goes beside it.
+    #[test]
+    fn a_rename_never_replaces_what_a_user_put_at_an_empty_destination_meanwhile() {
+        let plan = Plan {
+            steps: vec![Step::Rename {
+                from: p("t"),
+                to: p("y"),
+            }],
+            conflicts: vec![],
+        };
+        let user = Op::Rename {
+            from: p("u"),
+            to: p("y"),
+            flags: 0,
+            from_ino: 0,
+        };
+        let mut ours = tree(&[("t", "parked"), ("u", "ours, moved to y by a user")]);
+        let r = drive_with_user_at(&mut ours, &tree(&[]).snapshot(), &plan, 1, user);
+        assert!(r.done, "{r:?}");
+        let want = Some("ours, moved to y by a user");
+        assert_eq!(content(&ours, "y").as_deref(), want);
+        let late = "y.conflict-b-19700101-000000-late-0";
+        assert_eq!(content(&ours, late).as_deref(), Some("parked"));
+        assert_eq!(r.conflicts.len(), 1, "{r:?}");
     }
 
     #[test]
