@@ -71,7 +71,8 @@
 //! changed or created is not applied: the object stays where it was, the conflict is listed
 //! (`NameTaken`; if its old directory is gone too, it gets a conflict name beside the new one);
 //! so is a rename that our renames would turn into moving a directory into itself
-//! (`RenameCycle`). Their changes under a directory our side renamed follow it (their `D/e`
+//! (`RenameCycle`; if its old place is inside it too, or gone, it goes to the root under a
+//! conflict name, listed as the conflict's path with no copy). Their changes under a directory our side renamed follow it (their `D/e`
 //! lands in our `F/e`), and ours under a directory their side renamed follow theirs.
 //!
 //! # Output
@@ -805,10 +806,23 @@ impl Merge<'_> {
         let parent_removed = was
             .parent()
             .is_some_and(|d| self.removed.iter().any(|r| d.starts_with(r)));
+        // Its old place can take it back unless that directory is gone or lies inside it too.
+        let no_way_back = parent_removed || was.starts_with(&tmp);
         match blocked {
-            Some(reason) if !parent_removed => {
+            Some(reason) if !no_way_back => {
                 self.conflict(was.clone(), None, reason);
                 target = was;
+            }
+            // Beside its new name is inside it too: at the root under a conflict name, listed
+            // as where it is (nothing was copied).
+            Some(Reason::RenameCycle) => {
+                let name = target.file_name().unwrap_or(b"entry").to_vec();
+                let at_root = RelPath::root().join(&name).map_err(|_| {
+                    PlanError::PathTooLong(String::from_utf8_lossy(&name).into_owned())
+                })?;
+                let copy = self.conflict_name(&at_root)?;
+                self.conflict(copy.clone(), None, Reason::RenameCycle);
+                target = copy;
             }
             // Its old directory is gone too: it gets a conflict name beside its new name.
             Some(_) | None => {}
@@ -1439,6 +1453,60 @@ mod tests {
         assert_eq!(o.plan.conflicts[0].copy, Some(p(&copy)), "{:?}", o.plan);
     }
 
+    /// Seed 7442 (three sites): we moved `b` into `f/d`, they moved `f` into `b` and then `f/d`
+    /// out of it to `b/b`: their `f/d` would go inside itself, and so would its old place (now
+    /// inside their `f`). Neither name can take it: it goes to the root under a conflict name.
+    #[test]
+    fn a_rename_cycle_with_no_way_back_gets_a_conflict_name_at_the_root() {
+        let common = [
+            mkdir("b"),
+            create("b/x"),
+            write("b/x", "base-bx"),
+            mkdir("f"),
+            create("f/y"),
+            write("f/y", "base-fy"),
+            mkdir("f/d"),
+            create("f/d/k"),
+            write("f/d/k", "base-k"),
+        ];
+        let ours = [rename("b", "f/d/a", 0), write("f/d/a/x", "ours-bx")];
+        let theirs = [
+            rename("f", "b/a", 0),
+            rename("b/a/d", "b/b", 0),
+            write("b/b/k", "theirs-k"),
+        ];
+        let o = run_with_base(&common, &ours, &theirs);
+        // Listed where it is, with nothing copied (`--keep local` must not remove it).
+        let root_copy = format!("b{CONFLICT}");
+        let cycle = o
+            .plan
+            .conflicts
+            .iter()
+            .find(|c| c.reason == Reason::RenameCycle);
+        let listed = cycle.map(|c| (c.path.clone(), c.copy.clone()));
+        assert_eq!(listed, Some((p(&root_copy), None)), "{:?}", o.plan);
+        o.dir(&root_copy).has(&format!("{root_copy}/k"), "theirs-k");
+        let versions: Vec<String> = o
+            .tree
+            .entries
+            .values()
+            .map(|e| String::from_utf8_lossy(&e.content).into_owned())
+            .collect();
+        for v in ["ours-bx", "base-fy", "theirs-k"] {
+            assert!(
+                versions.iter().any(|w| w == v),
+                "{v} lost: {:?}",
+                o.tree.entries.keys()
+            );
+        }
+        let temp = o
+            .tree
+            .entries
+            .keys()
+            .find(|k| k.to_string().contains(".mirrorfs-reint"));
+        assert_eq!(temp, None, "{:?}", o.plan);
+    }
+
     #[test]
     fn their_rename_onto_a_name_we_changed_is_not_applied() {
         let ours = [create("y"), write("y", "ours-y")];
@@ -1727,6 +1795,12 @@ mod tests {
             .iter()
             .filter_map(|c| c.copy.as_ref())
             .collect();
+        // A conflict that copied nothing names where the object went (a cycle's conflict name).
+        let listed: Vec<&RelPath> = plan
+            .conflicts
+            .iter()
+            .map(|c| c.copy.as_ref().unwrap_or(&c.path))
+            .collect();
         // (1) and (5): every version either side made is in the result, at a name the plan
         // gave it or a listed conflict copy.
         for (path, v) in o.iter().chain(t.iter()) {
@@ -1736,7 +1810,7 @@ mod tests {
         }
         for (path, v) in &r {
             let conflict_named = path.as_bytes().windows(10).any(|w| w == b".conflict-");
-            if conflict_named && !copies.iter().any(|c| path.starts_with(c)) {
+            if conflict_named && !listed.iter().any(|c| path.starts_with(c)) {
                 return Err(format!("{path} ({v:?}) is an unlisted conflict copy"));
             }
         }

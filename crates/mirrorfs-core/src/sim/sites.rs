@@ -10,7 +10,8 @@
 //! 1. no edit lost: every regular file's content either site held at the heal (other than a
 //!    content of the common point) is in the healed tree, unless a late change of ours named
 //!    that path;
-//! 2. every conflict copy this heal made is listed;
+//! 2. every conflict copy this heal made is listed (as a copy, or as the path of a conflict that
+//!    copied nothing: an object that went to a conflict name itself);
 //! 3. no temporary name is left;
 //! 4. a run restarted from its cursor after a crash ends as it would have without the crash.
 
@@ -483,7 +484,15 @@ fn heal(
             &label,
             &mut late,
         )
-        .map_err(|e| format!("round {round}: run: {e}\nplan {plan:?}"))?;
+        .map_err(|e| {
+            format!(
+                "round {round}, heal {}: the run failed: {e}\n  ours: {}\n  theirs: {}\n  plan: {plan:?}\n  base: {}",
+                at.heal,
+                describe(&ours.records),
+                describe(&theirs.records),
+                entries(&base_snap),
+            )
+        })?;
         listed.extend(s.conflicts);
         cursor = s.cursor;
         if s.done {
@@ -624,7 +633,12 @@ fn check(h: &Heal<'_>) -> Result<u64, String> {
             ));
         }
     }
-    let copies: BTreeSet<&RelPath> = listed.iter().filter_map(|c| c.copy.as_ref()).collect();
+    // Where each listed conflict put their version: its copy, or, when nothing was copied (an
+    // object their rename could not place, moved to a conflict name), its path.
+    let copies: BTreeSet<&RelPath> = listed
+        .iter()
+        .map(|c| c.copy.as_ref().unwrap_or(&c.path))
+        .collect();
     for p in healed.entries.keys() {
         let name = p.file_name().unwrap_or_default();
         // Users moving a directory that held a half-made copy (before a crash) carry it along.
@@ -655,6 +669,21 @@ fn describe(records: &[Record]) -> String {
         })
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// A tree's entries as `path/` (directory), `path@` (symlink), `path*` (special) or
+/// `path(nlink)` (file), for failure messages about the namespace.
+fn entries(s: &Snapshot) -> String {
+    s.entries
+        .iter()
+        .map(|(p, e)| match e.kind {
+            EntryKind::Dir => format!("{p}/"),
+            EntryKind::Symlink => format!("{p}@"),
+            EntryKind::Special => format!("{p}*"),
+            EntryKind::File => format!("{p}(n{})", e.nlink),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// A tree's files as `path(size, nlink, content hash)`, for failure messages.
