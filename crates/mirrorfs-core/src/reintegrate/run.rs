@@ -21,7 +21,7 @@
 //! | `Rename{from, to}` | looks at `to`, then at `from` (last, so a late change there is seen as late as possible); nothing if `from` is gone (done before a crash); `unlink(from)` if `to` is another name of the same file (rename(2) would do nothing); else `rename(from, to)`, with `RENAME_NOREPLACE` if `to` was absent |
 //! | `Remove{our_path}` | nothing if absent; `rmdir` or `unlink` |
 //! | `Mkdir{their, our}` | their directory's attributes on ours (made if absent) |
-//! | `CopyFromTheirs{their, our}`, `ConflictCopy{their, copy}` | their entry is recreated under a temporary name beside the target (`.mirrorfs-reint-copy-I`), then renamed over it, so a crash never leaves a half copy at the target; a directory is made in place (attributes only) |
+//! | `CopyFromTheirs{their, our}`, `ConflictCopy{their, copy}` | their entry is recreated under a temporary name beside the target (`.mirrorfs-reint-copy-I`; `-I-N` when a change of ours since the plan took the name, which is left alone), then renamed over it, so a crash never leaves a half copy at the target; a directory is made in place (attributes only) |
 //!
 //! Every op goes through the shell's volume: journaled and applied like any change, so every
 //! mirror of our site follows. Every step is idempotent against its own effect, so after a crash
@@ -187,7 +187,12 @@ struct Copy {
     discarding: bool,
     /// The copy could not replace the target and went beside it.
     placed_late: bool,
+    /// Temporary names found taken by a change of ours (each is left alone).
+    temp_tries: u32,
 }
+
+/// How many temporary names a copy tries when users take them (each try is one look).
+const TEMP_TRIES: u32 = 64;
 
 /// One plan being carried out.
 #[derive(Debug)]
@@ -384,7 +389,7 @@ impl Run {
             } => {
                 self.copy = Some(Copy {
                     their_path,
-                    temp: temp_beside(&our_path, self.step),
+                    temp: temp_beside(&our_path, self.step, 0),
                     target: our_path.clone(),
                     ours: None,
                     ours_changed: false,
@@ -397,6 +402,7 @@ impl Run {
                     redirected: false,
                     discarding: false,
                     placed_late: false,
+                    temp_tries: 0,
                 });
                 self.stat(our_path, Purpose::Target);
             }
@@ -479,9 +485,21 @@ impl Run {
             },
             (Purpose::Target, _) => self.on_target(st)?,
             (Purpose::Temp, _) => {
+                let step = self.step;
                 let c = self.copy_mut()?;
                 let temp = c.temp.clone();
                 match st {
+                    // A change of ours put it there (a user took the name): not the run's
+                    // leftover to remove; the copy is made under the next temporary name.
+                    Some(s) if s.changed_since_plan => {
+                        c.temp_tries += 1;
+                        if c.temp_tries >= TEMP_TRIES {
+                            return Err(self.fail("every temporary name was taken by a user"));
+                        }
+                        let next = temp_beside(&c.target, step, c.temp_tries);
+                        c.temp = next.clone();
+                        self.stat(next, Purpose::Temp);
+                    }
                     Some(s) => {
                         c.phase = Phase::ClearingTemp;
                         let op = if s.kind == EntryKind::Dir {
@@ -515,7 +533,8 @@ impl Run {
             let to = to.map_err(|why| self.fail(why))?;
             let c = self.copy_mut()?;
             late = Some((c.target.clone(), to.clone()));
-            c.temp = temp_beside(&to, step);
+            c.temp = temp_beside(&to, step, 0);
+            c.temp_tries = 0;
             c.target = to;
             c.ours = None;
         }
@@ -791,7 +810,8 @@ impl Run {
         self.move_late(&target, &late);
         let c = self.copy_mut()?;
         c.target = late.clone();
-        c.temp = temp_beside(&late, step);
+        c.temp = temp_beside(&late, step, 0);
+        c.temp_tries = 0;
         c.ours = None;
         c.ours_changed = false;
         c.dir = None;
@@ -850,9 +870,13 @@ fn retarget(op: Op, path: &RelPath) -> Result<Op, String> {
     })
 }
 
-/// The temporary name a copy is made under: beside `target`, unique per step.
-fn temp_beside(target: &RelPath, step: usize) -> RelPath {
-    let name = format!(".mirrorfs-reint-copy-{step}");
+/// The temporary name a copy is made under: beside `target`, unique per step; `try_n` > 0 when
+/// users took the ones before.
+fn temp_beside(target: &RelPath, step: usize, try_n: u32) -> RelPath {
+    let name = match try_n {
+        0 => format!(".mirrorfs-reint-copy-{step}"),
+        n => format!(".mirrorfs-reint-copy-{step}-{n}"),
+    };
     match target.parent() {
         Some(p) if !p.is_root() => p.join(name.as_bytes()),
         _ => RelPath::new(name),
@@ -1215,6 +1239,28 @@ mod tests {
         let late = "y.conflict-b-19700101-000000-late-0";
         assert_eq!(content(&ours, late).as_deref(), Some("parked"));
         assert_eq!(r.conflicts.len(), 1, "{r:?}");
+    }
+
+    /// Seed 9378 (two sites): after a crash left a half copy at a step's temporary name, a user
+    /// exchanged one of our directories with it; the run took the directory for its leftover
+    /// and failed to remove it (not empty). What a change of ours put at a temporary name is
+    /// not the run's to remove: the copy is made under another temporary name.
+    #[test]
+    fn a_temporary_name_a_user_took_is_left_alone_and_another_one_is_used() {
+        let mut ours = tree(&[(".mirrorfs-reint-copy-0/f", "ours, a user's file")]);
+        let theirs = tree(&[("x", "theirs")]).snapshot();
+        let plan = Plan {
+            steps: vec![copy("x")],
+            conflicts: vec![],
+        };
+        let changed = |q: &RelPath| q.starts_with(&p(".mirrorfs-reint-copy-0"));
+        let r = drive(&mut ours, &theirs, &plan, 0, usize::MAX, &changed).expect("run");
+        assert!(r.done && r.conflicts.is_empty(), "{r:?}");
+        assert_eq!(content(&ours, "x").as_deref(), Some("theirs"));
+        let users = content(&ours, ".mirrorfs-reint-copy-0/f");
+        assert_eq!(users.as_deref(), Some("ours, a user's file"));
+        let names: Vec<_> = ours.snapshot().entries.into_keys().collect();
+        assert_eq!(names.len(), 4, "no other temporary name left: {names:?}");
     }
 
     #[test]
