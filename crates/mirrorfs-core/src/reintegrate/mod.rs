@@ -531,6 +531,7 @@ pub fn plan(
         stashed: BTreeMap::new(),
         recreated: BTreeMap::new(),
         moves: Vec::new(),
+        conflict_moves: Vec::new(),
         removed: BTreeSet::new(),
         new_at: HashMap::new(),
         placed: BTreeSet::new(),
@@ -541,6 +542,7 @@ pub fn plan(
     m.stash_phase()?;
     m.remove_phase();
     m.place_phase()?;
+    m.list_where_left();
     check_paths(&m.plan)?;
     Ok(m.plan)
 }
@@ -611,6 +613,9 @@ struct Merge<'a> {
     removed: BTreeSet<RelPath>,
     /// Every rename the plan makes on our side, in order.
     moves: Vec<(RelPath, RelPath)>,
+    /// For each conflict of the plan, how many of `moves` were made when it was found (the
+    /// later ones move it: it is listed where the plan leaves it).
+    conflict_moves: Vec<usize>,
     /// Their new object → where the plan put it on our side.
     new_at: HashMap<usize, RelPath>,
     /// Names the plan has given something (kept even if later moved: never reused).
@@ -899,6 +904,22 @@ impl Merge<'_> {
 
     fn conflict(&mut self, path: RelPath, copy: Option<RelPath>, reason: Reason) {
         self.plan.conflicts.push(Conflict { path, copy, reason });
+        self.conflict_moves.push(self.moves.len());
+    }
+
+    /// Each conflict's names moved by the plan's renames made after it was found (one found
+    /// inside a parked directory is listed where that directory ends).
+    fn list_where_left(&mut self) {
+        let moves = &self.moves;
+        let after = |p: &RelPath, n: usize| {
+            moves[n.min(moves.len())..]
+                .iter()
+                .fold(p.clone(), |p, (f, t)| p.rebase(f, t).unwrap_or(p))
+        };
+        for (c, &n) in self.plan.conflicts.iter_mut().zip(&self.conflict_moves) {
+            c.path = after(&c.path, n);
+            c.copy = c.copy.as_ref().map(|p| after(p, n));
+        }
     }
 
     /// Their `q` kept beside our `path` under a fresh conflict name.
@@ -1507,6 +1528,35 @@ mod tests {
         assert_eq!(temp, None, "{:?}", o.plan);
     }
 
+    /// Seed 7710 (three sites): their rename of `c/e/e` onto a name we made is not applied, so
+    /// it goes back into `c`, which is still parked under a temporary name then and moves to
+    /// `f` later in the plan: the conflict is listed where the object ends, not at the parked name.
+    #[test]
+    fn a_conflict_is_listed_where_later_steps_of_the_plan_leave_it() {
+        let common = [
+            mkdir("c"),
+            mkdir("c/e"),
+            create("c/e/e"),
+            write("c/e/e", "base-e"),
+        ];
+        let ours = [create("b"), write("b", "ours-b")];
+        let theirs = [rename("c/e/e", "b", 0), rename("c", "f", 0)];
+        let o = run_with_base(&common, &ours, &theirs);
+        o.has("b", "ours-b").has("f/e/e", "base-e");
+        let listed: Vec<(RelPath, Reason)> = o
+            .plan
+            .conflicts
+            .iter()
+            .map(|c| (c.path.clone(), c.reason))
+            .collect();
+        assert_eq!(
+            listed,
+            vec![(p("f/e/e"), Reason::NameTaken)],
+            "{:?}",
+            o.plan
+        );
+    }
+
     #[test]
     fn their_rename_onto_a_name_we_changed_is_not_applied() {
         let ours = [create("y"), write("y", "ours-y")];
@@ -1820,8 +1870,12 @@ mod tests {
             let moved_by_them = t.iter().any(|(q, w)| w.0 == v.0 && q != path)
                 && b.get(path).is_none_or(|bv| bv.0 == v.0)
                 && r.values().any(|w| w == v);
-            // Carried by their move of a directory above it (which our renames may have moved).
-            let carried = moved_by(path, moves).is_some()
+            // Carried by their move of a directory above it (which our renames may have moved:
+            // their move names the directory's path at the common point, found by the file's
+            // id when it is a file of the common point).
+            let base_path = b.iter().find(|(_, bv)| bv.0 == v.0).map(|(k, _)| k);
+            let carried = (moved_by(path, moves).is_some()
+                || base_path.is_some_and(|bp| moved_by(bp, moves).is_some()))
                 && r.iter()
                     .any(|(q, w)| w == v && q.file_name() == path.file_name());
             if !base_v.contains(v) && r.get(path) != Some(v) && !moved_by_them && !carried {

@@ -428,10 +428,23 @@ impl Run {
 
     fn late_conflict(&mut self, path: &RelPath, copy: Option<RelPath>) {
         self.queue.push_back(Action::Conflict(Conflict {
-            path: path.clone(),
-            copy,
+            path: self.where_left(path),
+            copy: copy.map(|c| self.where_left(&c)),
             reason: Reason::ChangedDuringReintegration,
         }));
+    }
+
+    /// Where the plan's later renames take our `p` (a name inside a parked directory ends
+    /// where that directory goes), as far as the run's late moves so far tell.
+    fn where_left(&self, p: &RelPath) -> RelPath {
+        let later = self.steps.iter().skip(self.step + 1);
+        later.fold(p.clone(), |p, step| match step {
+            Step::Rename { from, to } => {
+                let (from, to) = (self.ours_now(from.clone()), self.ours_now(to.clone()));
+                p.rebase(&from, &to).unwrap_or(p)
+            }
+            _ => p,
+        })
     }
 
     fn fail(&self, why: impl Into<String>) -> RunError {
@@ -1261,6 +1274,38 @@ mod tests {
         assert_eq!(users.as_deref(), Some("ours, a user's file"));
         let names: Vec<_> = ours.snapshot().entries.into_keys().collect();
         assert_eq!(names.len(), 4, "no other temporary name left: {names:?}");
+    }
+
+    /// Seed 7710 (three sites): a late conflict copy made inside a parked directory was listed
+    /// under the parked name; a later step moved the directory, and the copy with it. It is
+    /// listed where the plan's later renames take it.
+    #[test]
+    fn a_late_conflict_is_listed_where_later_renames_of_the_plan_take_it() {
+        let mut ours = tree(&[(".mirrorfs-reint/x", "ours, edited since the plan")]);
+        let theirs = tree(&[("f/x", "theirs")]).snapshot();
+        let plan = Plan {
+            steps: vec![
+                Step::CopyFromTheirs {
+                    their_path: p("f/x"),
+                    our_path: p(".mirrorfs-reint/x"),
+                },
+                Step::Rename {
+                    from: p(".mirrorfs-reint"),
+                    to: p("f"),
+                },
+            ],
+            conflicts: vec![],
+        };
+        let changed = |q: &RelPath| q == &p(".mirrorfs-reint/x");
+        let r = drive(&mut ours, &theirs, &plan, 0, usize::MAX, &changed).expect("run");
+        let late = "f/x.conflict-b-19700101-000000-late-0";
+        assert_eq!(content(&ours, late).as_deref(), Some("theirs"));
+        let listed: Vec<_> = r
+            .conflicts
+            .iter()
+            .map(|c| (c.path.clone(), c.copy.clone()))
+            .collect();
+        assert_eq!(listed, vec![(p("f/x"), Some(p(late)))]);
     }
 
     #[test]
