@@ -38,7 +38,7 @@
 //! change along: its destination is *held* (a self-move `Moved(p, p)`, recorded before the
 //! rename is applied) and counts as changed since the plan for the rest of the run.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 
 use super::{Conflict, Plan, Reason, Step};
 use crate::op::{rename_flags, Op};
@@ -131,6 +131,8 @@ enum Purpose {
     Remove,
     Target,
     Temp,
+    /// A finished copy's target, looked at again before the copy replaces it.
+    Place,
 }
 
 /// Which failures of an `Apply` are the step's own effect already done.
@@ -214,6 +216,9 @@ pub struct Run {
     moved: Vec<(RelPath, RelPath)>,
     /// The path of the `Stat` asked.
     looking: Option<RelPath>,
+    /// The plan's own names that look like copies' temporary names (a user's file of that
+    /// name, brought over by the plan): never taken for a leftover.
+    plan_names: HashSet<RelPath>,
     /// The rename being applied: (from, its inode, it carries a change of ours since the plan).
     renaming: Option<(RelPath, u64, bool)>,
 }
@@ -234,6 +239,7 @@ impl Run {
             started: false,
             moved,
             looking: None,
+            plan_names: plan.steps.iter().flat_map(temp_like_names).collect(),
             renaming: None,
         }
     }
@@ -466,8 +472,11 @@ impl Run {
         };
         self.wait = Wait::None;
         let looked = self.looking.take();
+        // A hold covers a whole directory (where inside it the late change went is unknown),
+        // but not the run's own temporary names in it: a leftover there is the run's.
+        let temp = matches!(why, Purpose::Temp);
         let st = st.map(|mut s| {
-            s.changed_since_plan |= looked.as_ref().is_some_and(|p| self.held(p));
+            s.changed_since_plan |= !temp && looked.as_ref().is_some_and(|p| self.held(p));
             s
         });
         let step = self.steps[self.step].clone();
@@ -497,14 +506,18 @@ impl Run {
                 }
             },
             (Purpose::Target, _) => self.on_target(st)?,
+            (Purpose::Place, _) => self.place(st)?,
             (Purpose::Temp, _) => {
                 let step = self.step;
+                let temp = self.copy_mut()?.temp.clone();
+                let planned = self.plan_names.contains(&temp);
                 let c = self.copy_mut()?;
-                let temp = c.temp.clone();
                 match st {
-                    // A change of ours put it there (a user took the name): not the run's
-                    // leftover to remove; the copy is made under the next temporary name.
-                    Some(s) if s.changed_since_plan => {
+                    // A change of ours put it there (a user took the name), or the plan places
+                    // an entry of that name: not the run's leftover to remove; the copy is made
+                    // under the next temporary name.
+                    Some(s) if s.changed_since_plan || planned => {
+                        let c = self.copy_mut()?;
                         c.temp_tries += 1;
                         if c.temp_tries >= TEMP_TRIES {
                             return Err(self.fail("every temporary name was taken by a user"));
@@ -686,8 +699,19 @@ impl Run {
             self.finish();
             return Ok(());
         }
-        if c.ours == Some(EntryKind::Dir) {
-            // Ours became a directory after the plan: kept; theirs goes beside it.
+        // The copy is complete: the target is looked at again, just before it is replaced
+        // (a user may have changed it while the copy was made).
+        let target = c.target.clone();
+        self.stat(target, Purpose::Place);
+        Ok(())
+    }
+
+    /// The last look at a finished copy's target (`st`), then the rename over it.
+    fn place(&mut self, st: Option<Stat>) -> Result<(), RunError> {
+        let c = self.copy_mut()?;
+        c.ours = st.map(|s| s.kind);
+        // Changed since the plan, or a directory (ours, kept): theirs goes beside it.
+        if st.is_some_and(|s| s.changed_since_plan || s.kind == EntryKind::Dir) {
             let target = c.target.clone();
             let late = late_name(&target, &self.label, self.step).map_err(|why| self.fail(why))?;
             self.move_late(&target, &late);
@@ -698,7 +722,12 @@ impl Run {
         let op = Op::Rename {
             from: c.temp.clone(),
             to: c.target.clone(),
-            flags: 0,
+            // Nothing there: what a user puts there meanwhile stays (the copy goes beside it).
+            flags: if st.is_none() {
+                rename_flags::NOREPLACE
+            } else {
+                0
+            },
             from_ino: 0,
         };
         self.apply(op, Tolerate::Nothing);
@@ -881,6 +910,25 @@ fn retarget(op: Op, path: &RelPath) -> Result<Op, String> {
             ))
         }
     })
+}
+
+/// The names of `step` on our side that look like a copy's temporary name.
+fn temp_like_names(step: &Step) -> Vec<RelPath> {
+    let names = match step {
+        Step::Rename { from, to } => vec![from, to],
+        Step::Remove { our_path }
+        | Step::Mkdir { our_path, .. }
+        | Step::CopyFromTheirs { our_path, .. } => vec![our_path],
+        Step::ConflictCopy { path, copy, .. } => vec![path, copy],
+    };
+    names
+        .into_iter()
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.starts_with(b".mirrorfs-reint-copy"))
+        })
+        .cloned()
+        .collect()
 }
 
 /// The temporary name a copy is made under: beside `target`, unique per step; `try_n` > 0 when
@@ -1306,6 +1354,32 @@ mod tests {
             .map(|c| (c.path.clone(), c.copy.clone()))
             .collect();
         assert_eq!(listed, vec![(p("f/x"), Some(p(late)))]);
+    }
+
+    /// Seed 7434 (three sites): a user renamed a file of ours onto a copy's target after the
+    /// run had looked at the target; the finished copy replaced it. The target is looked at
+    /// again just before the copy is put in place.
+    #[test]
+    fn a_copy_looks_at_its_target_again_before_replacing_it() {
+        let theirs = tree(&[("x", "theirs")]).snapshot();
+        let plan = Plan {
+            steps: vec![copy("x")],
+            conflicts: vec![],
+        };
+        let user = Op::Rename {
+            from: p("y"),
+            to: p("x"),
+            flags: 0,
+            from_ino: 0,
+        };
+        let mut ours = tree(&[("x", "ours, old"), ("y", "ours, moved onto x by a user")]);
+        let r = drive_with_user_at(&mut ours, &theirs, &plan, 1, user);
+        assert!(r.done, "{r:?}");
+        let want = Some("ours, moved onto x by a user");
+        assert_eq!(content(&ours, "x").as_deref(), want);
+        let late = "x.conflict-b-19700101-000000-late-0";
+        assert_eq!(content(&ours, late).as_deref(), Some("theirs"));
+        assert_eq!(r.conflicts.len(), 1, "{r:?}");
     }
 
     #[test]

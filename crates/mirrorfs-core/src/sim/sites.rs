@@ -209,6 +209,9 @@ pub fn drive_with(
                     nlink,
                     changed_since_plan: late.changed(&p),
                 });
+                if trace {
+                    eprintln!("    -> {st:?}");
+                }
                 run.on_stat(st).map_err(|e| e.to_string())?;
             }
             Action::Apply(op) => {
