@@ -131,8 +131,6 @@ enum Purpose {
     Remove,
     Target,
     Temp,
-    /// A finished copy's target, looked at again before the copy replaces it.
-    Place,
 }
 
 /// Which failures of an `Apply` are the step's own effect already done.
@@ -506,7 +504,6 @@ impl Run {
                 }
             },
             (Purpose::Target, _) => self.on_target(st)?,
-            (Purpose::Place, _) => self.place(st)?,
             (Purpose::Temp, _) => {
                 let step = self.step;
                 let temp = self.copy_mut()?.temp.clone();
@@ -699,19 +696,8 @@ impl Run {
             self.finish();
             return Ok(());
         }
-        // The copy is complete: the target is looked at again, just before it is replaced
-        // (a user may have changed it while the copy was made).
-        let target = c.target.clone();
-        self.stat(target, Purpose::Place);
-        Ok(())
-    }
-
-    /// The last look at a finished copy's target (`st`), then the rename over it.
-    fn place(&mut self, st: Option<Stat>) -> Result<(), RunError> {
-        let c = self.copy_mut()?;
-        c.ours = st.map(|s| s.kind);
-        // Changed since the plan, or a directory (ours, kept): theirs goes beside it.
-        if st.is_some_and(|s| s.changed_since_plan || s.kind == EntryKind::Dir) {
+        if c.ours == Some(EntryKind::Dir) {
+            // Ours became a directory after the plan: kept; theirs goes beside it.
             let target = c.target.clone();
             let late = late_name(&target, &self.label, self.step).map_err(|why| self.fail(why))?;
             self.move_late(&target, &late);
@@ -722,12 +708,7 @@ impl Run {
         let op = Op::Rename {
             from: c.temp.clone(),
             to: c.target.clone(),
-            // Nothing there: what a user puts there meanwhile stays (the copy goes beside it).
-            flags: if st.is_none() {
-                rename_flags::NOREPLACE
-            } else {
-                0
-            },
+            flags: 0,
             from_ino: 0,
         };
         self.apply(op, Tolerate::Nothing);
@@ -1354,32 +1335,6 @@ mod tests {
             .map(|c| (c.path.clone(), c.copy.clone()))
             .collect();
         assert_eq!(listed, vec![(p("f/x"), Some(p(late)))]);
-    }
-
-    /// Seed 7434 (three sites): a user renamed a file of ours onto a copy's target after the
-    /// run had looked at the target; the finished copy replaced it. The target is looked at
-    /// again just before the copy is put in place.
-    #[test]
-    fn a_copy_looks_at_its_target_again_before_replacing_it() {
-        let theirs = tree(&[("x", "theirs")]).snapshot();
-        let plan = Plan {
-            steps: vec![copy("x")],
-            conflicts: vec![],
-        };
-        let user = Op::Rename {
-            from: p("y"),
-            to: p("x"),
-            flags: 0,
-            from_ino: 0,
-        };
-        let mut ours = tree(&[("x", "ours, old"), ("y", "ours, moved onto x by a user")]);
-        let r = drive_with_user_at(&mut ours, &theirs, &plan, 1, user);
-        assert!(r.done, "{r:?}");
-        let want = Some("ours, moved onto x by a user");
-        assert_eq!(content(&ours, "x").as_deref(), want);
-        let late = "x.conflict-b-19700101-000000-late-0";
-        assert_eq!(content(&ours, late).as_deref(), Some("theirs"));
-        assert_eq!(r.conflicts.len(), 1, "{r:?}");
     }
 
     #[test]
