@@ -21,7 +21,7 @@
 //! | `Rename{from, to}` | looks at `to`, then at `from` (last, so a late change there is seen as late as possible); nothing if `from` is gone (done before a crash); `unlink(from)` if `to` is another name of the same file (rename(2) would do nothing); else `rename(from, to)`, with `RENAME_NOREPLACE` if `to` was absent |
 //! | `Remove{our_path}` | nothing if absent; `rmdir` or `unlink` |
 //! | `Mkdir{their, our}` | their directory's attributes on ours (made if absent) |
-//! | `CopyFromTheirs{their, our}`, `ConflictCopy{their, copy}` | their entry is recreated under a temporary name beside the target (`.mirrorfs-reint-copy-I`; `-I-N` when a change of ours since the plan took the name, which is left alone), then renamed over it, so a crash never leaves a half copy at the target; a directory is made in place (attributes only) |
+//! | `CopyFromTheirs{their, our}`, `ConflictCopy{their, copy}` | their entry is recreated under a temporary name beside the target (`.mirrorfs-reint-copy-T-I`, T from the plan's label, I the step; `-T-I-N` when a change of ours since the plan took the name, which is left alone), then renamed over it, so a crash never leaves a half copy at the target; a directory is made in place (attributes only) |
 //!
 //! Every op goes through the shell's volume: journaled and applied like any change, so every
 //! mirror of our site follows. Every step is idempotent against its own effect, so after a crash
@@ -217,6 +217,8 @@ pub struct Run {
     /// The plan's own names that look like copies' temporary names (a user's file of that
     /// name, brought over by the plan): never taken for a leftover.
     plan_names: HashSet<RelPath>,
+    /// Names this plan's temporary copies (the crc32c of its conflict label).
+    temp_tag: String,
     /// The rename being applied: (from, its inode, it carries a change of ours since the plan).
     renaming: Option<(RelPath, u64, bool)>,
 }
@@ -238,6 +240,7 @@ impl Run {
             moved,
             looking: None,
             plan_names: plan.steps.iter().flat_map(temp_like_names).collect(),
+            temp_tag: format!("{:08x}", crc32c::crc32c(label.as_bytes())),
             renaming: None,
         }
     }
@@ -393,7 +396,7 @@ impl Run {
             } => {
                 self.copy = Some(Copy {
                     their_path,
-                    temp: temp_beside(&our_path, self.step, 0),
+                    temp: temp_beside(&our_path, &self.temp_tag, self.step, 0),
                     target: our_path.clone(),
                     ours: None,
                     ours_changed: false,
@@ -505,7 +508,7 @@ impl Run {
             },
             (Purpose::Target, _) => self.on_target(st)?,
             (Purpose::Temp, _) => {
-                let step = self.step;
+                let (step, tag) = (self.step, self.temp_tag.clone());
                 let temp = self.copy_mut()?.temp.clone();
                 let planned = self.plan_names.contains(&temp);
                 let c = self.copy_mut()?;
@@ -519,7 +522,7 @@ impl Run {
                         if c.temp_tries >= TEMP_TRIES {
                             return Err(self.fail("every temporary name was taken by a user"));
                         }
-                        let next = temp_beside(&c.target, step, c.temp_tries);
+                        let next = temp_beside(&c.target, &tag, step, c.temp_tries);
                         c.temp = next.clone();
                         self.stat(next, Purpose::Temp);
                     }
@@ -546,7 +549,7 @@ impl Run {
     /// What our tree has at a copy's target: a late change of a file there sends their entry to
     /// a conflict name; then the temporary name is looked at.
     fn on_target(&mut self, st: Option<Stat>) -> Result<(), RunError> {
-        let (step, label) = (self.step, self.label.clone());
+        let (step, label, tag) = (self.step, self.label.clone(), self.temp_tag.clone());
         let c = self.copy_mut()?;
         c.ours = st.map(|s| s.kind);
         c.ours_changed = st.is_some_and(|s| s.changed_since_plan);
@@ -556,7 +559,7 @@ impl Run {
             let to = to.map_err(|why| self.fail(why))?;
             let c = self.copy_mut()?;
             late = Some((c.target.clone(), to.clone()));
-            c.temp = temp_beside(&to, step, 0);
+            c.temp = temp_beside(&to, &tag, step, 0);
             c.temp_tries = 0;
             c.target = to;
             c.ours = None;
@@ -827,13 +830,13 @@ impl Run {
     /// The first op of a copy found its directory gone: the copy goes to the root under a late
     /// conflict name; the rest of this answer is dropped and the entry fetched again.
     fn copy_homeless(&mut self) -> Result<(), RunError> {
-        let step = self.step;
+        let (step, tag) = (self.step, self.temp_tag.clone());
         let target = self.copy_mut()?.target.clone();
         let late = self.homeless(&target)?;
         self.move_late(&target, &late);
         let c = self.copy_mut()?;
         c.target = late.clone();
-        c.temp = temp_beside(&late, step, 0);
+        c.temp = temp_beside(&late, &tag, step, 0);
         c.temp_tries = 0;
         c.ours = None;
         c.ours_changed = false;
@@ -912,12 +915,13 @@ fn temp_like_names(step: &Step) -> Vec<RelPath> {
         .collect()
 }
 
-/// The temporary name a copy is made under: beside `target`, unique per step; `try_n` > 0 when
+/// The temporary name a copy is made under: beside `target`, unique per plan (`tag`) and step
+/// (a name a user took from an earlier plan is never taken for this plan's leftover); `try_n` > 0 when
 /// users took the ones before.
-fn temp_beside(target: &RelPath, step: usize, try_n: u32) -> RelPath {
+fn temp_beside(target: &RelPath, tag: &str, step: usize, try_n: u32) -> RelPath {
     let name = match try_n {
-        0 => format!(".mirrorfs-reint-copy-{step}"),
-        n => format!(".mirrorfs-reint-copy-{step}-{n}"),
+        0 => format!(".mirrorfs-reint-copy-{tag}-{step}"),
+        n => format!(".mirrorfs-reint-copy-{tag}-{step}-{n}"),
     };
     match target.parent() {
         Some(p) if !p.is_root() => p.join(name.as_bytes()),
@@ -1289,17 +1293,20 @@ mod tests {
     /// not the run's to remove: the copy is made under another temporary name.
     #[test]
     fn a_temporary_name_a_user_took_is_left_alone_and_another_one_is_used() {
-        let mut ours = tree(&[(".mirrorfs-reint-copy-0/f", "ours, a user's file")]);
+        let tag = crc32c::crc32c(b"conflict-b-19700101-000000");
+        let taken = format!(".mirrorfs-reint-copy-{tag:08x}-0");
+        let users_file = format!("{taken}/f");
+        let mut ours = tree(&[(&users_file, "ours, a user's file")]);
         let theirs = tree(&[("x", "theirs")]).snapshot();
         let plan = Plan {
             steps: vec![copy("x")],
             conflicts: vec![],
         };
-        let changed = |q: &RelPath| q.starts_with(&p(".mirrorfs-reint-copy-0"));
+        let changed = |q: &RelPath| q.starts_with(&p(&taken));
         let r = drive(&mut ours, &theirs, &plan, 0, usize::MAX, &changed).expect("run");
         assert!(r.done && r.conflicts.is_empty(), "{r:?}");
         assert_eq!(content(&ours, "x").as_deref(), Some("theirs"));
-        let users = content(&ours, ".mirrorfs-reint-copy-0/f");
+        let users = content(&ours, &users_file);
         assert_eq!(users.as_deref(), Some("ours, a user's file"));
         let names: Vec<_> = ours.snapshot().entries.into_keys().collect();
         assert_eq!(names.len(), 4, "no other temporary name left: {names:?}");

@@ -630,7 +630,7 @@ fn check(h: &Heal<'_>) -> Result<u64, String> {
                 continue;
             }
             return Err(format!(
-                "lost: {side} {p} ({} bytes, {:08x}) is nowhere in the healed tree",
+                "invariant 1 (no edit lost): {side} {p} ({} bytes, {:08x}) is nowhere in the healed tree",
                 c.len(),
                 crc32c::crc32c(&c)
             ));
@@ -650,13 +650,16 @@ fn check(h: &Heal<'_>) -> Result<u64, String> {
         if late_touched(p) || older {
             continue;
         }
-        if name.starts_with(b".mirrorfs-reint") {
-            return Err(format!("temporary name {p} left"));
+        let listed_copy = copies.iter().any(|c| p.starts_with(c));
+        // (A listed conflict copy of a user's file that took a temporary name earlier is not
+        // a temporary name: it starts like one.)
+        if name.starts_with(b".mirrorfs-reint") && !listed_copy {
+            return Err(format!("invariant 3: temporary name {p} left"));
         }
         // Copies of earlier heals were listed then (and may have moved since).
         let conflict_named = name.windows(label.len()).any(|w| w == label.as_bytes());
-        if conflict_named && !copies.iter().any(|c| p.starts_with(c)) {
-            return Err(format!("{p} is an unlisted conflict copy"));
+        if conflict_named && !listed_copy {
+            return Err(format!("invariant 2: {p} is an unlisted conflict copy"));
         }
     }
     Ok(linked_losses)
