@@ -653,7 +653,15 @@ fn check(h: &Heal<'_>) -> Result<u64, String> {
         let listed_copy = copies.iter().any(|c| p.starts_with(c));
         // (A listed conflict copy of a user's file that took a temporary name earlier is not
         // a temporary name: it starts like one.)
-        if name.starts_with(b".mirrorfs-reint") && !listed_copy {
+        // A copy's temporary name carries its plan's tag: one of an earlier heal's plan is a
+        // user's entry kept there then (and maybe moved by this heal's renames since).
+        let this_plan = format!(
+            ".mirrorfs-reint-copy-{:08x}-",
+            crc32c::crc32c(label.as_bytes())
+        );
+        let earlier_plan =
+            name.starts_with(b".mirrorfs-reint-copy-") && !name.starts_with(this_plan.as_bytes());
+        if name.starts_with(b".mirrorfs-reint") && !listed_copy && !earlier_plan {
             return Err(format!("invariant 3: temporary name {p} left"));
         }
         // Copies of earlier heals were listed then (and may have moved since).
