@@ -64,6 +64,11 @@ fn seeded_two_site_simulation() {
         for (s, e) in failures.iter().take(10) {
             eprintln!("FAILED seed {s}: {e}");
         }
+        let all: Vec<String> = failures
+            .iter()
+            .map(|(s, e)| format!("{s} ({})", &e[..1]))
+            .collect();
+        eprintln!("failing seeds (sites): {}", all.join(", "));
         panic!(
             "{} of {} runs failed; first, seed {seed}: {first}\nreplay: MIRRORFS_SIM_SITES_SEED={seed} cargo test --release -p mirrorfs-core --test sim_sites -- --nocapture",
             failures.len(),

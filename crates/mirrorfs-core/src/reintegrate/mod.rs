@@ -71,7 +71,8 @@
 //! changed or created is not applied: the object stays where it was, the conflict is listed
 //! (`NameTaken`; if its old directory is gone too, it gets a conflict name beside the new one);
 //! so is a rename that our renames would turn into moving a directory into itself
-//! (`RenameCycle`). Their changes under a directory our side renamed follow it (their `D/e`
+//! (`RenameCycle`; if its old place is inside it too, or gone, it goes to the root under a
+//! conflict name, listed as the conflict's path with no copy). Their changes under a directory our side renamed follow it (their `D/e`
 //! lands in our `F/e`), and ours under a directory their side renamed follow theirs.
 //!
 //! # Output
@@ -535,6 +536,7 @@ pub fn plan(
         stashed: BTreeMap::new(),
         recreated: BTreeMap::new(),
         moves: Vec::new(),
+        conflict_moves: Vec::new(),
         removed: BTreeSet::new(),
         new_at: HashMap::new(),
         placed: BTreeSet::new(),
@@ -545,6 +547,7 @@ pub fn plan(
     m.stash_phase()?;
     m.remove_phase();
     m.place_phase()?;
+    m.list_where_left();
     check_paths(&m.plan)?;
     Ok(m.plan)
 }
@@ -615,6 +618,9 @@ struct Merge<'a> {
     removed: BTreeSet<RelPath>,
     /// Every rename the plan makes on our side, in order.
     moves: Vec<(RelPath, RelPath)>,
+    /// For each conflict of the plan, how many of `moves` were made when it was found (the
+    /// later ones move it: it is listed where the plan leaves it).
+    conflict_moves: Vec<usize>,
     /// Their new object → where the plan put it on our side.
     new_at: HashMap<usize, RelPath>,
     /// Names the plan has given something (kept even if later moved: never reused).
@@ -810,10 +816,23 @@ impl Merge<'_> {
         let parent_removed = was
             .parent()
             .is_some_and(|d| self.removed.iter().any(|r| d.starts_with(r)));
+        // Its old place can take it back unless that directory is gone or lies inside it too.
+        let no_way_back = parent_removed || was.starts_with(&tmp);
         match blocked {
-            Some(reason) if !parent_removed => {
+            Some(reason) if !no_way_back => {
                 self.conflict(was.clone(), None, reason);
                 target = was;
+            }
+            // Beside its new name is inside it too: at the root under a conflict name, listed
+            // as where it is (nothing was copied).
+            Some(Reason::RenameCycle) => {
+                let name = target.file_name().unwrap_or(b"entry").to_vec();
+                let at_root = RelPath::root().join(&name).map_err(|_| {
+                    PlanError::PathTooLong(String::from_utf8_lossy(&name).into_owned())
+                })?;
+                let copy = self.conflict_name(&at_root)?;
+                self.conflict(copy.clone(), None, Reason::RenameCycle);
+                target = copy;
             }
             // Its old directory is gone too: it gets a conflict name beside its new name.
             Some(_) | None => {}
@@ -852,6 +871,21 @@ impl Merge<'_> {
         }
     }
 
+    /// Whether their entries of a directory our side removed may go into the directory now at
+    /// its name: one the plan placed or our side made, whose entries our view holds. Not a base
+    /// directory our side moved there (replacing the removed one): the records do not list its
+    /// entries, so one of theirs could land on one of them unseen.
+    fn merges_into(&self, slot: Slot) -> bool {
+        match slot {
+            Slot::Ours(j) => self
+                .ours
+                .objs
+                .get(j)
+                .is_some_and(|o| o.dir && o.base.is_none()),
+            Slot::Placed { dir } => dir,
+        }
+    }
+
     fn mkdir(&mut self, q: &RelPath, at: RelPath) -> RelPath {
         self.placed.insert(at.clone());
         self.view.insert(at.clone(), Slot::Placed { dir: true });
@@ -875,6 +909,22 @@ impl Merge<'_> {
 
     fn conflict(&mut self, path: RelPath, copy: Option<RelPath>, reason: Reason) {
         self.plan.conflicts.push(Conflict { path, copy, reason });
+        self.conflict_moves.push(self.moves.len());
+    }
+
+    /// Each conflict's names moved by the plan's renames made after it was found (one found
+    /// inside a parked directory is listed where that directory ends).
+    fn list_where_left(&mut self) {
+        let moves = &self.moves;
+        let after = |p: &RelPath, n: usize| {
+            moves[n.min(moves.len())..]
+                .iter()
+                .fold(p.clone(), |p, (f, t)| p.rebase(f, t).unwrap_or(p))
+        };
+        for (c, &n) in self.plan.conflicts.iter_mut().zip(&self.conflict_moves) {
+            c.path = after(&c.path, n);
+            c.copy = c.copy.as_ref().map(|p| after(p, n));
+        }
     }
 
     /// Their `q` kept beside our `path` under a fresh conflict name.
@@ -1039,7 +1089,7 @@ impl Merge<'_> {
             return Ok(None);
         };
         let at = match self.occupant(&target, None) {
-            Some(j) if self.is_dir(j) => target,
+            Some(j) if self.merges_into(j) => target,
             Some(_) => {
                 let c = self.conflict_name(&target)?;
                 self.conflict(target, Some(c.clone()), Reason::DirRemovedFilled);
@@ -1134,7 +1184,10 @@ mod tests {
     }
 
     fn side(ops: &[Op]) -> SimTree {
-        let mut t = base();
+        side_from(base(), ops)
+    }
+
+    fn side_from(mut t: SimTree, ops: &[Op]) -> SimTree {
         for op in ops {
             apply_op(&mut t, op, false).unwrap_or_else(|e| panic!("{op:?}: {e}"));
         }
@@ -1164,7 +1217,16 @@ mod tests {
 
     /// Plans and applies with base(); every name either tree has counts as taken.
     fn run(ours_ops: &[Op], theirs_ops: &[Op]) -> Outcome {
-        let (mut ours, theirs) = (side(ours_ops), side(theirs_ops));
+        run_with_base(&[], ours_ops, theirs_ops)
+    }
+
+    /// [`run`] with `extra` applied to base() first (part of the common point: in no records).
+    fn run_with_base(extra: &[Op], ours_ops: &[Op], theirs_ops: &[Op]) -> Outcome {
+        let common = side(extra);
+        let (mut ours, theirs) = (
+            side_from(common.clone(), ours_ops),
+            side_from(common, theirs_ops),
+        );
         let (o, t) = (records(ours_ops.to_vec()), records(theirs_ops.to_vec()));
         let (so, st) = (ours.snapshot(), theirs.snapshot());
         let mut taken = |q: &RelPath| so.entries.contains_key(q) || st.entries.contains_key(q);
@@ -1393,6 +1455,111 @@ mod tests {
         run(&ours, &[write("d/e", "theirs")])
             .has("f/e", "theirs")
             .reasons(&[]);
+    }
+
+    /// Seed 4446 (two sites): our rename of `d` onto the empty directory `a` removed `a`; their
+    /// file made in `a` must not be merged into our `d` (now at `a`), whose own entries the
+    /// records do not list: their new `a/e` and their edit of `d/e` (our `a/e`) both survive.
+    #[test]
+    fn their_entry_in_a_directory_our_rename_replaced_gets_it_back_under_a_conflict_name() {
+        // (Our edit of `a/k` tells the planner that `a` is a directory now.)
+        let ours = [rename("d", "a", 0), write("a/k", "ours-k")];
+        let theirs = [
+            create("a/e"),
+            write("a/e", "theirs-new"),
+            write("d/e", "theirs-e"),
+        ];
+        let o = run_with_base(&[mkdir("a"), create("d/k")], &ours, &theirs);
+        let copy = format!("a{CONFLICT}");
+        o.has("a/e", "theirs-e")
+            .has(&format!("{copy}/e"), "theirs-new")
+            .has("a/k", "ours-k")
+            .absent("d")
+            .reasons(&[Reason::DirRemovedFilled]);
+        assert_eq!(o.plan.conflicts[0].copy, Some(p(&copy)), "{:?}", o.plan);
+    }
+
+    /// Seed 7442 (three sites): we moved `b` into `f/d`, they moved `f` into `b` and then `f/d`
+    /// out of it to `b/b`: their `f/d` would go inside itself, and so would its old place (now
+    /// inside their `f`). Neither name can take it: it goes to the root under a conflict name.
+    #[test]
+    fn a_rename_cycle_with_no_way_back_gets_a_conflict_name_at_the_root() {
+        let common = [
+            mkdir("b"),
+            create("b/x"),
+            write("b/x", "base-bx"),
+            mkdir("f"),
+            create("f/y"),
+            write("f/y", "base-fy"),
+            mkdir("f/d"),
+            create("f/d/k"),
+            write("f/d/k", "base-k"),
+        ];
+        let ours = [rename("b", "f/d/a", 0), write("f/d/a/x", "ours-bx")];
+        let theirs = [
+            rename("f", "b/a", 0),
+            rename("b/a/d", "b/b", 0),
+            write("b/b/k", "theirs-k"),
+        ];
+        let o = run_with_base(&common, &ours, &theirs);
+        // Listed where it is, with nothing copied (`--keep local` must not remove it).
+        let root_copy = format!("b{CONFLICT}");
+        let cycle = o
+            .plan
+            .conflicts
+            .iter()
+            .find(|c| c.reason == Reason::RenameCycle);
+        let listed = cycle.map(|c| (c.path.clone(), c.copy.clone()));
+        assert_eq!(listed, Some((p(&root_copy), None)), "{:?}", o.plan);
+        o.dir(&root_copy).has(&format!("{root_copy}/k"), "theirs-k");
+        let versions: Vec<String> = o
+            .tree
+            .entries
+            .values()
+            .map(|e| String::from_utf8_lossy(&e.content).into_owned())
+            .collect();
+        for v in ["ours-bx", "base-fy", "theirs-k"] {
+            assert!(
+                versions.iter().any(|w| w == v),
+                "{v} lost: {:?}",
+                o.tree.entries.keys()
+            );
+        }
+        let temp = o
+            .tree
+            .entries
+            .keys()
+            .find(|k| k.to_string().contains(".mirrorfs-reint"));
+        assert_eq!(temp, None, "{:?}", o.plan);
+    }
+
+    /// Seed 7710 (three sites): their rename of `c/e/e` onto a name we made is not applied, so
+    /// it goes back into `c`, which is still parked under a temporary name then and moves to
+    /// `f` later in the plan: the conflict is listed where the object ends, not at the parked name.
+    #[test]
+    fn a_conflict_is_listed_where_later_steps_of_the_plan_leave_it() {
+        let common = [
+            mkdir("c"),
+            mkdir("c/e"),
+            create("c/e/e"),
+            write("c/e/e", "base-e"),
+        ];
+        let ours = [create("b"), write("b", "ours-b")];
+        let theirs = [rename("c/e/e", "b", 0), rename("c", "f", 0)];
+        let o = run_with_base(&common, &ours, &theirs);
+        o.has("b", "ours-b").has("f/e/e", "base-e");
+        let listed: Vec<(RelPath, Reason)> = o
+            .plan
+            .conflicts
+            .iter()
+            .map(|c| (c.path.clone(), c.reason))
+            .collect();
+        assert_eq!(
+            listed,
+            vec![(p("f/e/e"), Reason::NameTaken)],
+            "{:?}",
+            o.plan
+        );
     }
 
     #[test]
@@ -1683,6 +1850,12 @@ mod tests {
             .iter()
             .filter_map(|c| c.copy.as_ref())
             .collect();
+        // A conflict that copied nothing names where the object went (a cycle's conflict name).
+        let listed: Vec<&RelPath> = plan
+            .conflicts
+            .iter()
+            .map(|c| c.copy.as_ref().unwrap_or(&c.path))
+            .collect();
         // (1) and (5): every version either side made is in the result, at a name the plan
         // gave it or a listed conflict copy.
         for (path, v) in o.iter().chain(t.iter()) {
@@ -1692,7 +1865,7 @@ mod tests {
         }
         for (path, v) in &r {
             let conflict_named = path.as_bytes().windows(10).any(|w| w == b".conflict-");
-            if conflict_named && !copies.iter().any(|c| path.starts_with(c)) {
+            if conflict_named && !listed.iter().any(|c| path.starts_with(c)) {
                 return Err(format!("{path} ({v:?}) is an unlisted conflict copy"));
             }
         }
@@ -1702,8 +1875,12 @@ mod tests {
             let moved_by_them = t.iter().any(|(q, w)| w.0 == v.0 && q != path)
                 && b.get(path).is_none_or(|bv| bv.0 == v.0)
                 && r.values().any(|w| w == v);
-            // Carried by their move of a directory above it (which our renames may have moved).
-            let carried = moved_by(path, moves).is_some()
+            // Carried by their move of a directory above it (which our renames may have moved:
+            // their move names the directory's path at the common point, found by the file's
+            // id when it is a file of the common point).
+            let base_path = b.iter().find(|(_, bv)| bv.0 == v.0).map(|(k, _)| k);
+            let carried = (moved_by(path, moves).is_some()
+                || base_path.is_some_and(|bp| moved_by(bp, moves).is_some()))
                 && r.iter()
                     .any(|(q, w)| w == v && q.file_name() == path.file_name());
             if !base_v.contains(v) && r.get(path) != Some(v) && !moved_by_them && !carried {

@@ -18,10 +18,10 @@
 //!
 //! | step | what it does |
 //! |---|---|
-//! | `Rename{from, to}` | nothing if `from` is gone (done before a crash); else `rename(from, to)` |
+//! | `Rename{from, to}` | looks at `to`, then at `from` (last, so a late change there is seen as late as possible); nothing if `from` is gone (done before a crash); `unlink(from)` if `to` is another name of the same file (rename(2) would do nothing); else `rename(from, to)`, with `RENAME_NOREPLACE` if `to` was absent |
 //! | `Remove{our_path}` | nothing if absent; `rmdir` or `unlink` |
 //! | `Mkdir{their, our}` | their directory's attributes on ours (made if absent) |
-//! | `CopyFromTheirs{their, our}`, `ConflictCopy{their, copy}` | their entry is recreated under a temporary name beside the target (`.mirrorfs-reint-copy-I`), then renamed over it, so a crash never leaves a half copy at the target; a directory is made in place (attributes only) |
+//! | `CopyFromTheirs{their, our}`, `ConflictCopy{their, copy}` | their entry is recreated under a temporary name beside the target (`.mirrorfs-reint-copy-T-I`, T from the plan's label, I the step; `-T-I-N` when a change of ours since the plan took the name, which is left alone), then renamed over it, so a crash never leaves a half copy at the target; a directory is made in place (attributes only) |
 //!
 //! Every op goes through the shell's volume: journaled and applied like any change, so every
 //! mirror of our site follows. Every step is idempotent against its own effect, so after a crash
@@ -34,12 +34,14 @@
 //! ours named it; if so ours is kept: a removal is skipped, a copy goes to a conflict name
 //! (`NAME.conflict-SITE-YYYYMMDD-HHMMSS-late-I`), a rename onto it goes to that name instead, and each is
 //! listed as a [`Conflict`] with [`Reason::ChangedDuringReintegration`]. Nothing is overwritten
-//! that the plan did not see.
+//! that the plan did not see. A rename whose source was changed since the plan carries that
+//! change along: its destination is *held* (a self-move `Moved(p, p)`, recorded before the
+//! rename is applied) and counts as changed since the plan for the rest of the run.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 
 use super::{Conflict, Plan, Reason, Step};
-use crate::op::Op;
+use crate::op::{rename_flags, Op};
 use crate::path::RelPath;
 use crate::tree::EntryKind;
 
@@ -119,8 +121,13 @@ enum Wait {
 /// Which look a `Stat` answers.
 #[derive(Debug, Clone, Copy)]
 enum Purpose {
-    RenameFrom,
-    RenameTo { ino: u64 },
+    /// A rename's destination, looked at first.
+    RenameTo,
+    /// A rename's source, looked at last (the freshest look before the rename): `dest` is what
+    /// the destination held.
+    RenameFrom {
+        dest: Option<Stat>,
+    },
     Remove,
     Target,
     Temp,
@@ -180,7 +187,12 @@ struct Copy {
     discarding: bool,
     /// The copy could not replace the target and went beside it.
     placed_late: bool,
+    /// Temporary names found taken by a change of ours (each is left alone).
+    temp_tries: u32,
 }
+
+/// How many temporary names a copy tries when users take them (each try is one look).
+const TEMP_TRIES: u32 = 64;
 
 /// One plan being carried out.
 #[derive(Debug)]
@@ -196,10 +208,19 @@ pub struct Run {
     /// The step is complete; `StepDone` follows once the queue drains.
     finishing: bool,
     started: bool,
-    /// Our names the run moved to late conflict names (a directory's entries follow it).
+    /// Our names the run moved to late conflict names (a directory's entries follow it); an
+    /// entry `(p, p)` is a hold: a rename of the run put a change of ours made after the plan at
+    /// `p`, so `p` (and what is above or below it) counts as changed since the plan.
     moved: Vec<(RelPath, RelPath)>,
-    /// The rename being applied: (from, its inode).
-    renaming: Option<(RelPath, u64)>,
+    /// The path of the `Stat` asked.
+    looking: Option<RelPath>,
+    /// The plan's own names that look like copies' temporary names (a user's file of that
+    /// name, brought over by the plan): never taken for a leftover.
+    plan_names: HashSet<RelPath>,
+    /// Names this plan's temporary copies (the crc32c of its conflict label).
+    temp_tag: String,
+    /// The rename being applied: (from, its inode, it carries a change of ours since the plan).
+    renaming: Option<(RelPath, u64, bool)>,
 }
 
 impl Run {
@@ -217,6 +238,9 @@ impl Run {
             finishing: false,
             started: false,
             moved,
+            looking: None,
+            plan_names: plan.steps.iter().flat_map(temp_like_names).collect(),
+            temp_tag: format!("{:08x}", crc32c::crc32c(label.as_bytes())),
             renaming: None,
         }
     }
@@ -271,8 +295,29 @@ impl Run {
         self.moved
             .iter()
             .rev()
+            .filter(|(from, to)| from != to)
             .find_map(|(from, to)| p.rebase(from, to))
             .unwrap_or(p)
+    }
+
+    /// Whether a hold ([`Run::hold`]) covers `p`: the held name is `p`, below it (as a change
+    /// below a name counts for it) or above it (the late change may be anywhere inside).
+    fn held(&self, p: &RelPath) -> bool {
+        self.moved
+            .iter()
+            .filter(|(from, to)| from == to)
+            .any(|(h, _)| h.starts_with(p) || p.starts_with(h))
+    }
+
+    /// The rename about to be applied carries a change of ours made after the plan to `p`:
+    /// later steps must find `p` changed since the plan, also after a crash (a self-move in
+    /// the recorded moves, before the rename is applied; the shell does not count the run's
+    /// own rename as a change of ours).
+    fn hold(&mut self, p: &RelPath) {
+        if !self.moved.iter().any(|(f, t)| f == p && t == p) {
+            self.moved.push((p.clone(), p.clone()));
+            self.queue.push_back(Action::Moved(p.clone(), p.clone()));
+        }
     }
 
     /// The current step with our names rebased through the run's late moves.
@@ -334,7 +379,7 @@ impl Run {
             self.steps[self.step] = self.rebased_step();
         }
         match self.steps[self.step].clone() {
-            Step::Rename { from, .. } => self.stat(from, Purpose::RenameFrom),
+            Step::Rename { to, .. } => self.stat(to, Purpose::RenameTo),
             Step::Remove { our_path } => self.stat(our_path, Purpose::Remove),
             Step::Mkdir {
                 their_path,
@@ -351,7 +396,7 @@ impl Run {
             } => {
                 self.copy = Some(Copy {
                     their_path,
-                    temp: temp_beside(&our_path, self.step),
+                    temp: temp_beside(&our_path, &self.temp_tag, self.step, 0),
                     target: our_path.clone(),
                     ours: None,
                     ours_changed: false,
@@ -364,6 +409,7 @@ impl Run {
                     redirected: false,
                     discarding: false,
                     placed_late: false,
+                    temp_tries: 0,
                 });
                 self.stat(our_path, Purpose::Target);
             }
@@ -371,6 +417,7 @@ impl Run {
     }
 
     fn stat(&mut self, path: RelPath, why: Purpose) {
+        self.looking = Some(path.clone());
         self.queue.push_back(Action::Stat(path));
         self.wait = Wait::Stat(why);
     }
@@ -388,10 +435,23 @@ impl Run {
 
     fn late_conflict(&mut self, path: &RelPath, copy: Option<RelPath>) {
         self.queue.push_back(Action::Conflict(Conflict {
-            path: path.clone(),
-            copy,
+            path: self.where_left(path),
+            copy: copy.map(|c| self.where_left(&c)),
             reason: Reason::ChangedDuringReintegration,
         }));
+    }
+
+    /// Where the plan's later renames take our `p` (a name inside a parked directory ends
+    /// where that directory goes), as far as the run's late moves so far tell.
+    fn where_left(&self, p: &RelPath) -> RelPath {
+        let later = self.steps.iter().skip(self.step + 1);
+        later.fold(p.clone(), |p, step| match step {
+            Step::Rename { from, to } => {
+                let (from, to) = (self.ours_now(from.clone()), self.ours_now(to.clone()));
+                p.rebase(&from, &to).unwrap_or(p)
+            }
+            _ => p,
+        })
     }
 
     fn fail(&self, why: impl Into<String>) -> RunError {
@@ -412,31 +472,23 @@ impl Run {
             return Err(RunError::Misuse("on_stat without a Stat"));
         };
         self.wait = Wait::None;
+        let looked = self.looking.take();
+        // A hold covers a whole directory (where inside it the late change went is unknown),
+        // but not the run's own temporary names in it: a leftover there is the run's.
+        let temp = matches!(why, Purpose::Temp);
+        let st = st.map(|mut s| {
+            s.changed_since_plan |= !temp && looked.as_ref().is_some_and(|p| self.held(p));
+            s
+        });
         let step = self.steps[self.step].clone();
         match (why, step) {
-            (Purpose::RenameFrom, Step::Rename { to, .. }) => match st {
-                None => self.finish(),
-                Some(s) => self.stat(to, Purpose::RenameTo { ino: s.ino }),
-            },
-            (Purpose::RenameTo { ino }, Step::Rename { from, to }) => {
-                let to = match st {
-                    Some(s) if s.changed_since_plan => {
-                        let late =
-                            late_name(&to, &self.label, self.step).map_err(|why| self.fail(why))?;
-                        self.move_late(&to, &late);
-                        late
-                    }
-                    _ => to,
-                };
-                self.renaming = Some((from.clone(), ino));
-                let op = Op::Rename {
-                    from,
-                    to,
-                    flags: 0,
-                    from_ino: ino,
-                };
-                self.apply(op, Tolerate::RenameHomeless);
+            (Purpose::RenameTo, Step::Rename { from, .. }) => {
+                self.stat(from, Purpose::RenameFrom { dest: st })
             }
+            (Purpose::RenameFrom { dest }, Step::Rename { from, to }) => match st {
+                None => self.finish(),
+                Some(src) => self.rename(from, to, src, dest)?,
+            },
             (Purpose::Remove, Step::Remove { our_path }) => match st {
                 None => self.finish(),
                 Some(s) if s.changed_since_plan => {
@@ -456,9 +508,24 @@ impl Run {
             },
             (Purpose::Target, _) => self.on_target(st)?,
             (Purpose::Temp, _) => {
+                let (step, tag) = (self.step, self.temp_tag.clone());
+                let temp = self.copy_mut()?.temp.clone();
+                let planned = self.plan_names.contains(&temp);
                 let c = self.copy_mut()?;
-                let temp = c.temp.clone();
                 match st {
+                    // A change of ours put it there (a user took the name), or the plan places
+                    // an entry of that name: not the run's leftover to remove; the copy is made
+                    // under the next temporary name.
+                    Some(s) if s.changed_since_plan || planned => {
+                        let c = self.copy_mut()?;
+                        c.temp_tries += 1;
+                        if c.temp_tries >= TEMP_TRIES {
+                            return Err(self.fail("every temporary name was taken by a user"));
+                        }
+                        let next = temp_beside(&c.target, &tag, step, c.temp_tries);
+                        c.temp = next.clone();
+                        self.stat(next, Purpose::Temp);
+                    }
                     Some(s) => {
                         c.phase = Phase::ClearingTemp;
                         let op = if s.kind == EntryKind::Dir {
@@ -482,7 +549,7 @@ impl Run {
     /// What our tree has at a copy's target: a late change of a file there sends their entry to
     /// a conflict name; then the temporary name is looked at.
     fn on_target(&mut self, st: Option<Stat>) -> Result<(), RunError> {
-        let (step, label) = (self.step, self.label.clone());
+        let (step, label, tag) = (self.step, self.label.clone(), self.temp_tag.clone());
         let c = self.copy_mut()?;
         c.ours = st.map(|s| s.kind);
         c.ours_changed = st.is_some_and(|s| s.changed_since_plan);
@@ -492,7 +559,8 @@ impl Run {
             let to = to.map_err(|why| self.fail(why))?;
             let c = self.copy_mut()?;
             late = Some((c.target.clone(), to.clone()));
-            c.temp = temp_beside(&to, step);
+            c.temp = temp_beside(&to, &tag, step, 0);
+            c.temp_tries = 0;
             c.target = to;
             c.ours = None;
         }
@@ -501,6 +569,57 @@ impl Run {
         }
         let temp = self.copy_mut()?.temp.clone();
         self.stat(temp, Purpose::Temp);
+        Ok(())
+    }
+
+    /// A rename step once both names were looked at: `src` at `from`, `dest` at `to`.
+    fn rename(
+        &mut self,
+        from: RelPath,
+        to: RelPath,
+        src: Stat,
+        dest: Option<Stat>,
+    ) -> Result<(), RunError> {
+        let (ino, carries_late) = (src.ino, src.changed_since_plan);
+        let mut flags = 0;
+        let to = match dest {
+            Some(s) if s.changed_since_plan => {
+                let late = late_name(&to, &self.label, self.step).map_err(|why| self.fail(why))?;
+                self.move_late(&to, &late);
+                late
+            }
+            // Two names of one file (linked before the plan's records began): rename(2) would
+            // leave both; the file is at `to` already, so only `from` goes.
+            Some(s) if s.ino == ino && ino != 0 && s.kind != EntryKind::Dir && s.nlink > 1 => {
+                if carries_late {
+                    self.hold(&to);
+                }
+                let op = Op::Unlink {
+                    path: from,
+                    nlink: s.nlink,
+                };
+                self.apply(op, Tolerate::NotFound);
+                return Ok(());
+            }
+            Some(_) => to,
+            // Nothing there when looked: whatever a user puts there meanwhile stays (the
+            // rename then goes beside it, as when it is in the way).
+            None => {
+                flags = rename_flags::NOREPLACE;
+                to
+            }
+        };
+        if carries_late {
+            self.hold(&to);
+        }
+        self.renaming = Some((from.clone(), ino, carries_late));
+        let op = Op::Rename {
+            from,
+            to,
+            flags,
+            from_ino: ino,
+        };
+        self.apply(op, Tolerate::RenameHomeless);
         Ok(())
     }
 
@@ -667,7 +786,7 @@ impl Run {
         let Step::Rename { to, .. } = self.steps[self.step].clone() else {
             return Err(RunError::Misuse("a rename answer for another step"));
         };
-        let (from, ino) = self
+        let (from, ino, carries_late) = self
             .renaming
             .take()
             .ok_or(RunError::Misuse("no rename in progress"))?;
@@ -677,6 +796,9 @@ impl Run {
             false => late_name(&to, &self.label, self.step).map_err(|why| self.fail(why))?,
         };
         self.move_late(&to, &late);
+        if carries_late {
+            self.hold(&late);
+        }
         let op = Op::Rename {
             from,
             to: late,
@@ -708,13 +830,14 @@ impl Run {
     /// The first op of a copy found its directory gone: the copy goes to the root under a late
     /// conflict name; the rest of this answer is dropped and the entry fetched again.
     fn copy_homeless(&mut self) -> Result<(), RunError> {
-        let step = self.step;
+        let (step, tag) = (self.step, self.temp_tag.clone());
         let target = self.copy_mut()?.target.clone();
         let late = self.homeless(&target)?;
         self.move_late(&target, &late);
         let c = self.copy_mut()?;
         c.target = late.clone();
-        c.temp = temp_beside(&late, step);
+        c.temp = temp_beside(&late, &tag, step, 0);
+        c.temp_tries = 0;
         c.ours = None;
         c.ours_changed = false;
         c.dir = None;
@@ -773,9 +896,33 @@ fn retarget(op: Op, path: &RelPath) -> Result<Op, String> {
     })
 }
 
-/// The temporary name a copy is made under: beside `target`, unique per step.
-fn temp_beside(target: &RelPath, step: usize) -> RelPath {
-    let name = format!(".mirrorfs-reint-copy-{step}");
+/// The names of `step` on our side that look like a copy's temporary name.
+fn temp_like_names(step: &Step) -> Vec<RelPath> {
+    let names = match step {
+        Step::Rename { from, to } => vec![from, to],
+        Step::Remove { our_path }
+        | Step::Mkdir { our_path, .. }
+        | Step::CopyFromTheirs { our_path, .. } => vec![our_path],
+        Step::ConflictCopy { path, copy, .. } => vec![path, copy],
+    };
+    names
+        .into_iter()
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.starts_with(b".mirrorfs-reint-copy"))
+        })
+        .cloned()
+        .collect()
+}
+
+/// The temporary name a copy is made under: beside `target`, unique per plan (`tag`) and step
+/// (a name a user took from an earlier plan is never taken for this plan's leftover); `try_n` > 0 when
+/// users took the ones before.
+fn temp_beside(target: &RelPath, tag: &str, step: usize, try_n: u32) -> RelPath {
+    let name = match try_n {
+        0 => format!(".mirrorfs-reint-copy-{tag}-{step}"),
+        n => format!(".mirrorfs-reint-copy-{tag}-{step}-{n}"),
+    };
     match target.parent() {
         Some(p) if !p.is_root() => p.join(name.as_bytes()),
         _ => RelPath::new(name),
@@ -802,15 +949,33 @@ mod tests {
     use super::*;
     use crate::sim::drive;
     use crate::sim::SimTree;
-    use crate::tree::apply_op;
+    use crate::tree::{apply_op, Tree};
 
     fn p(s: &str) -> RelPath {
         RelPath::new(s).expect("valid path")
     }
 
+    /// Files with their data (and the directories above them).
     fn tree(files: &[(&str, &str)]) -> SimTree {
         let mut t = SimTree::reference();
         for (f, data) in files {
+            let mut up = p(f).parent();
+            let mut dirs = Vec::new();
+            while let Some(d) = up.filter(|d| !d.is_root()) {
+                up = d.parent();
+                dirs.push(d);
+            }
+            for d in dirs.into_iter().rev() {
+                if t.kind(&d).expect("look").is_none() {
+                    let op = Op::Mkdir {
+                        path: d,
+                        mode: 0o755,
+                        uid: 0,
+                        gid: 0,
+                    };
+                    apply_op(&mut t, &op, false).expect("set up");
+                }
+            }
             let ops = [
                 Op::Create {
                     path: p(f),
@@ -947,6 +1112,236 @@ mod tests {
             Some("theirs, parked")
         );
         assert_eq!(r.conflicts.len(), 1);
+    }
+
+    /// Seed 6420: a user renamed another of our files onto a name the plan had parked an object
+    /// under (`t`) after the plan was made; the plan's rename then carried that late change to
+    /// `y`, and the plan's copy of their `y` replaced it there. The late change must hold `y`
+    /// for the rest of the run, also across a crash (through the recorded moves).
+    #[test]
+    fn a_late_change_a_rename_carries_keeps_its_new_name_from_later_steps() {
+        let late = "y.conflict-b-19700101-000000-late-1";
+        let theirs = tree(&[("y", "theirs")]).snapshot();
+        let plan = Plan {
+            steps: vec![
+                Step::Rename {
+                    from: p("t"),
+                    to: p("y"),
+                },
+                copy("y"),
+            ],
+            conflicts: vec![],
+        };
+        let label = "conflict-b-19700101-000000";
+        for budget in [usize::MAX, 0, 1, 2, 3, 4] {
+            let mut ours = tree(&[("t", "ours, renamed onto t since the plan")]);
+            let (mut users, touched) = (|_: &mut SimTree| None, |q: &RelPath| q == &p("t"));
+            let mut late_changes = crate::sim::Late {
+                users: &mut users,
+                touched: &touched,
+                names: Default::default(),
+                moved: Vec::new(),
+                log: Vec::new(),
+            };
+            let mut listed = Vec::new();
+            let mut cursor = 0;
+            for b in [budget, usize::MAX] {
+                let r = crate::sim::drive_with(
+                    &mut ours,
+                    &theirs,
+                    &plan,
+                    cursor,
+                    b,
+                    label,
+                    &mut late_changes,
+                )
+                .expect("run");
+                cursor = r.cursor;
+                listed.extend(r.conflicts);
+                if r.done {
+                    break;
+                }
+            }
+            let want = Some("ours, renamed onto t since the plan");
+            assert_eq!(content(&ours, "y").as_deref(), want, "crash after {budget}");
+            assert_eq!(content(&ours, late).as_deref(), Some("theirs"), "{budget}");
+            assert_eq!(content(&ours, "t"), None);
+            let copies: Vec<_> = listed.iter().map(|c| c.copy.clone()).collect();
+            assert_eq!(copies, vec![Some(p(late))], "crash after {budget}");
+        }
+    }
+
+    /// Seeds 433 and 2707 (three sites): a rename between two names of one file (hard-linked
+    /// before the common point, so the planner cannot know) does nothing in rename(2); the
+    /// parked name was left behind. The file is at its destination already: the parked name
+    /// goes, the file stays.
+    #[test]
+    fn a_rename_onto_another_name_of_the_same_file_drops_the_source_name_only() {
+        let mut ours = tree(&[("t", "one file, two names")]);
+        let link = Op::Link {
+            from: p("t"),
+            to: p("y"),
+        };
+        apply_op(&mut ours, &link, false).expect("link");
+        let plan = Plan {
+            steps: vec![Step::Rename {
+                from: p("t"),
+                to: p("y"),
+            }],
+            conflicts: vec![],
+        };
+        let theirs = tree(&[]).snapshot();
+        let r = drive(&mut ours, &theirs, &plan, 0, usize::MAX, &|_| false).expect("run");
+        assert!(r.done && r.conflicts.is_empty(), "{r:?}");
+        assert_eq!(content(&ours, "y").as_deref(), Some("one file, two names"));
+        let names: Vec<_> = ours.snapshot().entries.into_keys().collect();
+        assert_eq!(names, vec![RelPath::root(), p("y")]);
+    }
+
+    /// Drives `plan` once with a user who applies `op` just before the run's `nth` look (0-based).
+    fn drive_with_user_at(
+        ours: &mut SimTree,
+        theirs: &crate::sim::Snapshot,
+        plan: &Plan,
+        nth: usize,
+        op: Op,
+    ) -> crate::sim::Stopped {
+        let mut looks = 0;
+        let mut users = |t: &mut SimTree| {
+            looks += 1;
+            if looks != nth + 1 {
+                return None;
+            }
+            apply_op(t, &op, false).expect("user's change");
+            Some(op.clone())
+        };
+        let mut late = crate::sim::Late {
+            users: &mut users,
+            touched: &|_| false,
+            names: Default::default(),
+            moved: Vec::new(),
+            log: Vec::new(),
+        };
+        let label = "conflict-b-19700101-000000";
+        crate::sim::drive_with(ours, theirs, plan, 0, usize::MAX, label, &mut late).expect("run")
+    }
+
+    /// Seed 4646 (three sites): a user renamed a file inside a parked directory after the run
+    /// had looked at that directory and before its rename: the rename carried the late change
+    /// unseen and the next copy replaced it. The rename looks at its source last.
+    #[test]
+    fn a_rename_looks_at_its_source_last() {
+        let theirs = tree(&[("b/e", "theirs")]).snapshot();
+        let plan = Plan {
+            steps: vec![
+                Step::Rename {
+                    from: p("t"),
+                    to: p("b"),
+                },
+                copy("b/e"),
+            ],
+            conflicts: vec![],
+        };
+        let user = Op::Rename {
+            from: p("t/a"),
+            to: p("t/e"),
+            flags: 0,
+            from_ino: 0,
+        };
+        let mut ours = tree(&[("t/a", "ours, renamed by a user")]);
+        let r = drive_with_user_at(&mut ours, &theirs, &plan, 1, user);
+        assert!(r.done, "{r:?}");
+        assert_eq!(
+            content(&ours, "b/e").as_deref(),
+            Some("ours, renamed by a user")
+        );
+        let late = "b/e.conflict-b-19700101-000000-late-1";
+        assert_eq!(content(&ours, late).as_deref(), Some("theirs"));
+    }
+
+    /// The other order's risk: a user puts something at the destination after the run looked
+    /// there; the rename (RENAME_NOREPLACE when the destination was absent) refuses to replace
+    /// it and goes beside it.
+    #[test]
+    fn a_rename_never_replaces_what_a_user_put_at_an_empty_destination_meanwhile() {
+        let plan = Plan {
+            steps: vec![Step::Rename {
+                from: p("t"),
+                to: p("y"),
+            }],
+            conflicts: vec![],
+        };
+        let user = Op::Rename {
+            from: p("u"),
+            to: p("y"),
+            flags: 0,
+            from_ino: 0,
+        };
+        let mut ours = tree(&[("t", "parked"), ("u", "ours, moved to y by a user")]);
+        let r = drive_with_user_at(&mut ours, &tree(&[]).snapshot(), &plan, 1, user);
+        assert!(r.done, "{r:?}");
+        let want = Some("ours, moved to y by a user");
+        assert_eq!(content(&ours, "y").as_deref(), want);
+        let late = "y.conflict-b-19700101-000000-late-0";
+        assert_eq!(content(&ours, late).as_deref(), Some("parked"));
+        assert_eq!(r.conflicts.len(), 1, "{r:?}");
+    }
+
+    /// Seed 9378 (two sites): after a crash left a half copy at a step's temporary name, a user
+    /// exchanged one of our directories with it; the run took the directory for its leftover
+    /// and failed to remove it (not empty). What a change of ours put at a temporary name is
+    /// not the run's to remove: the copy is made under another temporary name.
+    #[test]
+    fn a_temporary_name_a_user_took_is_left_alone_and_another_one_is_used() {
+        let tag = crc32c::crc32c(b"conflict-b-19700101-000000");
+        let taken = format!(".mirrorfs-reint-copy-{tag:08x}-0");
+        let users_file = format!("{taken}/f");
+        let mut ours = tree(&[(&users_file, "ours, a user's file")]);
+        let theirs = tree(&[("x", "theirs")]).snapshot();
+        let plan = Plan {
+            steps: vec![copy("x")],
+            conflicts: vec![],
+        };
+        let changed = |q: &RelPath| q.starts_with(&p(&taken));
+        let r = drive(&mut ours, &theirs, &plan, 0, usize::MAX, &changed).expect("run");
+        assert!(r.done && r.conflicts.is_empty(), "{r:?}");
+        assert_eq!(content(&ours, "x").as_deref(), Some("theirs"));
+        let users = content(&ours, &users_file);
+        assert_eq!(users.as_deref(), Some("ours, a user's file"));
+        let names: Vec<_> = ours.snapshot().entries.into_keys().collect();
+        assert_eq!(names.len(), 4, "no other temporary name left: {names:?}");
+    }
+
+    /// Seed 7710 (three sites): a late conflict copy made inside a parked directory was listed
+    /// under the parked name; a later step moved the directory, and the copy with it. It is
+    /// listed where the plan's later renames take it.
+    #[test]
+    fn a_late_conflict_is_listed_where_later_renames_of_the_plan_take_it() {
+        let mut ours = tree(&[(".mirrorfs-reint/x", "ours, edited since the plan")]);
+        let theirs = tree(&[("f/x", "theirs")]).snapshot();
+        let plan = Plan {
+            steps: vec![
+                Step::CopyFromTheirs {
+                    their_path: p("f/x"),
+                    our_path: p(".mirrorfs-reint/x"),
+                },
+                Step::Rename {
+                    from: p(".mirrorfs-reint"),
+                    to: p("f"),
+                },
+            ],
+            conflicts: vec![],
+        };
+        let changed = |q: &RelPath| q == &p(".mirrorfs-reint/x");
+        let r = drive(&mut ours, &theirs, &plan, 0, usize::MAX, &changed).expect("run");
+        let late = "f/x.conflict-b-19700101-000000-late-0";
+        assert_eq!(content(&ours, late).as_deref(), Some("theirs"));
+        let listed: Vec<_> = r
+            .conflicts
+            .iter()
+            .map(|c| (c.path.clone(), c.copy.clone()))
+            .collect();
+        assert_eq!(listed, vec![(p("f/x"), Some(p(late)))]);
     }
 
     #[test]

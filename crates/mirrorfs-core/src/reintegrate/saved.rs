@@ -22,7 +22,8 @@
 //! # Moves file (`STATE/reintegration/moves`), appended and fsynced per move
 //!
 //! Each late move of the run (`run::Action::Moved`): `from` and `to` (u16 length + bytes each),
-//! then a crc32c of them. Read up to the first torn or damaged entry.
+//! then a crc32c of them. Read up to the first torn or damaged entry. `from` equal to `to` is a
+//! hold, not a move: a rename of the run carried a change of ours made after the plan there.
 //!
 //! # Cursor file (`STATE/reintegration/cursor`): two 32-byte slots, written alternately
 //!

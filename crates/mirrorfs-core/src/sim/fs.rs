@@ -867,6 +867,12 @@ impl SimTree {
         self.live.snapshot()
     }
 
+    /// The link count of the entry at `path` (`None`: nothing there), as lstat(2) gives it.
+    pub fn nlink(&self, path: &RelPath) -> Option<u32> {
+        let id = self.live.lookup(path).ok().flatten()?;
+        self.live.node(id).ok().map(|n| n.nlink)
+    }
+
     /// (metadata changes, data writes) not yet durable.
     pub fn unsynced(&self) -> (usize, usize) {
         let m = self

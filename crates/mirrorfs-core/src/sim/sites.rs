@@ -10,7 +10,8 @@
 //! 1. no edit lost: every regular file's content either site held at the heal (other than a
 //!    content of the common point) is in the healed tree, unless a late change of ours named
 //!    that path;
-//! 2. every conflict copy this heal made is listed;
+//! 2. every conflict copy this heal made is listed (as a copy, or as the path of a conflict that
+//!    copied nothing: an object that went to a conflict name itself);
 //! 3. no temporary name is left;
 //! 4. a run restarted from its cursor after a crash ends as it would have without the crash.
 
@@ -176,11 +177,23 @@ pub fn drive_with(
     loop {
         let action = run.next_action().map_err(|e| e.to_string())?;
         if trace {
-            eprintln!("  run: {action:?}");
+            match &action {
+                // A write's data would drown the trace: its size says enough.
+                Action::Apply(Op::Write { path, offset, data }) => {
+                    eprintln!(
+                        "  run: Apply(Write {path} at {offset}, {} bytes)",
+                        data.len()
+                    )
+                }
+                a => eprintln!("  run: {a:?}"),
+            }
         }
         match action {
             Action::Stat(p) => {
                 if let Some(op) = (late.users)(ours) {
+                    if trace {
+                        eprintln!("  user: {} {:?}", op.name(), names_of(&op));
+                    }
                     late.names.extend(names_of(&op));
                     late.log.push(op);
                 }
@@ -189,12 +202,16 @@ pub fn drive_with(
                     k => k.map_err(|e| e.to_string())?,
                 };
                 let ino = ours.ino(&p).ok().flatten().unwrap_or(0);
+                let nlink = ours.nlink(&p).unwrap_or(1);
                 let st = kind.map(|kind| Stat {
                     kind,
                     ino,
-                    nlink: 1,
+                    nlink,
                     changed_since_plan: late.changed(&p),
                 });
+                if trace {
+                    eprintln!("    -> {st:?}");
+                }
                 run.on_stat(st).map_err(|e| e.to_string())?;
             }
             Action::Apply(op) => {
@@ -470,7 +487,15 @@ fn heal(
             &label,
             &mut late,
         )
-        .map_err(|e| format!("round {round}: run: {e}\nplan {plan:?}"))?;
+        .map_err(|e| {
+            format!(
+                "round {round}, heal {}: the run failed: {e}\n  ours: {}\n  theirs: {}\n  plan: {plan:?}\n  base: {}",
+                at.heal,
+                describe(&ours.records),
+                describe(&theirs.records),
+                entries(&base_snap),
+            )
+        })?;
         listed.extend(s.conflicts);
         cursor = s.cursor;
         if s.done {
@@ -605,13 +630,18 @@ fn check(h: &Heal<'_>) -> Result<u64, String> {
                 continue;
             }
             return Err(format!(
-                "lost: {side} {p} ({} bytes, {:08x}) is nowhere in the healed tree",
+                "invariant 1 (no edit lost): {side} {p} ({} bytes, {:08x}) is nowhere in the healed tree",
                 c.len(),
                 crc32c::crc32c(&c)
             ));
         }
     }
-    let copies: BTreeSet<&RelPath> = listed.iter().filter_map(|c| c.copy.as_ref()).collect();
+    // Where each listed conflict put their version: its copy, or, when nothing was copied (an
+    // object their rename could not place, moved to a conflict name), its path.
+    let copies: BTreeSet<&RelPath> = listed
+        .iter()
+        .map(|c| c.copy.as_ref().unwrap_or(&c.path))
+        .collect();
     for p in healed.entries.keys() {
         let name = p.file_name().unwrap_or_default();
         // Users moving a directory that held a half-made copy (before a crash) carry it along.
@@ -620,13 +650,24 @@ fn check(h: &Heal<'_>) -> Result<u64, String> {
         if late_touched(p) || older {
             continue;
         }
-        if name.starts_with(b".mirrorfs-reint") {
-            return Err(format!("temporary name {p} left"));
+        let listed_copy = copies.iter().any(|c| p.starts_with(c));
+        // (A listed conflict copy of a user's file that took a temporary name earlier is not
+        // a temporary name: it starts like one.)
+        // A copy's temporary name carries its plan's tag: one of an earlier heal's plan is a
+        // user's entry kept there then (and maybe moved by this heal's renames since).
+        let this_plan = format!(
+            ".mirrorfs-reint-copy-{:08x}-",
+            crc32c::crc32c(label.as_bytes())
+        );
+        let earlier_plan =
+            name.starts_with(b".mirrorfs-reint-copy-") && !name.starts_with(this_plan.as_bytes());
+        if name.starts_with(b".mirrorfs-reint") && !listed_copy && !earlier_plan {
+            return Err(format!("invariant 3: temporary name {p} left"));
         }
         // Copies of earlier heals were listed then (and may have moved since).
         let conflict_named = name.windows(label.len()).any(|w| w == label.as_bytes());
-        if conflict_named && !copies.iter().any(|c| p.starts_with(c)) {
-            return Err(format!("{p} is an unlisted conflict copy"));
+        if conflict_named && !listed_copy {
+            return Err(format!("invariant 2: {p} is an unlisted conflict copy"));
         }
     }
     Ok(linked_losses)
@@ -642,6 +683,21 @@ fn describe(records: &[Record]) -> String {
         })
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// A tree's entries as `path/` (directory), `path@` (symlink), `path*` (special) or
+/// `path(nlink)` (file), for failure messages about the namespace.
+fn entries(s: &Snapshot) -> String {
+    s.entries
+        .iter()
+        .map(|(p, e)| match e.kind {
+            EntryKind::Dir => format!("{p}/"),
+            EntryKind::Symlink => format!("{p}@"),
+            EntryKind::Special => format!("{p}*"),
+            EntryKind::File => format!("{p}(n{})", e.nlink),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// A tree's files as `path(size, nlink, content hash)`, for failure messages.
