@@ -58,6 +58,64 @@ pub struct Nak {
     pub range: Option<(u32, u32)>,
 }
 
+/// Bytes of one NAK entry on the control connection.
+pub const NAK_ENTRY_LEN: usize = 16;
+/// The most entries one NAK message carries.
+pub const NAK_ENTRIES_MAX: usize = 1_024;
+
+/// Why NAK bytes were refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum NakError {
+    #[error("length does not match the entry count, or more than {NAK_ENTRIES_MAX} entries")]
+    Length,
+    #[error("an entry names record 0 or an empty byte range")]
+    Entry,
+}
+
+/// The body of a NAK message (layout: `docs/protocol.md`, "UDP data path: the stream"): a u16
+/// count, then per entry the seq (u64) and the range's from and to (u32 each; both 0: the whole
+/// record), big-endian. Entries past `NAK_ENTRIES_MAX` are left for the next NAK.
+pub fn encode_naks(naks: &[Nak]) -> Vec<u8> {
+    let naks = &naks[..naks.len().min(NAK_ENTRIES_MAX)];
+    let mut v = Vec::with_capacity(2 + NAK_ENTRY_LEN * naks.len());
+    v.extend_from_slice(&(naks.len() as u16).to_be_bytes());
+    for n in naks {
+        let (from, to) = n.range.unwrap_or((0, 0));
+        v.extend_from_slice(&n.seq.to_be_bytes());
+        v.extend_from_slice(&from.to_be_bytes());
+        v.extend_from_slice(&to.to_be_bytes());
+    }
+    v
+}
+
+/// Parses and checks a NAK body.
+pub fn decode_naks(b: &[u8]) -> Result<Vec<Nak>, NakError> {
+    let count = b.get(..2).ok_or(NakError::Length)?;
+    let count = usize::from(u16::from_be_bytes([count[0], count[1]]));
+    if count > NAK_ENTRIES_MAX || b.len() != 2 + NAK_ENTRY_LEN * count {
+        return Err(NakError::Length);
+    }
+    b[2..].chunks_exact(NAK_ENTRY_LEN).map(decode_nak).collect()
+}
+
+fn decode_nak(e: &[u8]) -> Result<Nak, NakError> {
+    let mut seq = [0u8; 8];
+    seq.copy_from_slice(&e[..8]);
+    let seq = u64::from_be_bytes(seq);
+    let from = u32::from_be_bytes([e[8], e[9], e[10], e[11]]);
+    let to = u32::from_be_bytes([e[12], e[13], e[14], e[15]]);
+    let range = match (from, to) {
+        (0, 0) => None,
+        (f, t) if f < t => Some((f, t)),
+        _ => return Err(NakError::Entry),
+    };
+    if seq == 0 {
+        return Err(NakError::Entry);
+    }
+    Ok(Nak { seq, range })
+}
+
 impl Nak {
     /// Whether `[offset, offset + len)` of record `seq` overlaps what this entry asks for.
     pub fn covers(&self, seq: u64, offset: u32, len: u32) -> bool {

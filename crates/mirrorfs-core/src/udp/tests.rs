@@ -130,7 +130,8 @@ impl Link {
 
 /// A message on the reliable control path.
 enum Control {
-    Naks(Vec<Nak>),
+    /// A NAK body (`encode_naks`).
+    Naks(Vec<u8>),
     SentThrough(u64),
     Delivered(u64),
 }
@@ -264,7 +265,7 @@ impl Run {
         if self.naks_on {
             let naks = self.receiver.naks(self.now);
             if !naks.is_empty() {
-                self.send_control(Control::Naks(naks));
+                self.send_control(Control::Naks(encode_naks(&naks)));
             }
             let sent = self.sender.sent_through();
             self.send_control(Control::SentThrough(sent));
@@ -276,7 +277,8 @@ impl Run {
                 break;
             };
             match c {
-                Control::Naks(naks) => {
+                Control::Naks(bytes) => {
+                    let naks = decode_naks(&bytes).expect("our own NAK bytes");
                     let out = self.sender.on_nak(&naks);
                     self.gone += out.gone.len() as u64;
                     self.resend.extend(out.gone);
@@ -424,6 +426,41 @@ fn forged_and_replayed_packets_are_dropped_and_counted_never_delivered() {
     assert_eq!(dropped.replayed, captured.len() as u64);
     assert_eq!(dropped.other_session, 1);
     assert_eq!(run.receiver.stats().records, 50);
+}
+
+#[test]
+fn naks_round_trip_and_bad_bytes_are_refused() {
+    let naks = vec![
+        Nak { seq: 3, range: None },
+        Nak {
+            seq: 4,
+            range: Some((0, 1_200)),
+        },
+        Nak {
+            seq: u64::MAX,
+            range: Some((7, u32::MAX)),
+        },
+    ];
+    let b = encode_naks(&naks);
+    assert_eq!(b.len(), 2 + 3 * NAK_ENTRY_LEN);
+    assert_eq!(decode_naks(&b), Ok(naks));
+    for n in 0..b.len() {
+        assert_eq!(decode_naks(&b[..n]), Err(NakError::Length), "cut to {n}");
+    }
+    let with = |at: usize, v: &[u8]| {
+        let mut x = b.clone();
+        x[at..at + v.len()].copy_from_slice(v);
+        decode_naks(&x)
+    };
+    assert_eq!(with(2, &[0; 8]), Err(NakError::Entry), "seq 0");
+    assert_eq!(with(2 + 16 + 8, &[0, 0, 4, 176]), Err(NakError::Entry), "empty range");
+    assert_eq!(with(2 + 32 + 12, &[0; 4]), Err(NakError::Entry), "to < from");
+    let many = vec![Nak { seq: 1, range: None }; NAK_ENTRIES_MAX + 5];
+    assert_eq!(decode_naks(&encode_naks(&many)).map(|v| v.len()), Ok(NAK_ENTRIES_MAX));
+    let mut too_many = encode_naks(&many);
+    too_many[..2].copy_from_slice(&((NAK_ENTRIES_MAX + 1) as u16).to_be_bytes());
+    too_many.extend_from_slice(&[0; NAK_ENTRY_LEN]);
+    assert_eq!(decode_naks(&too_many), Err(NakError::Length));
 }
 
 proptest! {
