@@ -41,8 +41,8 @@
 //! Layouts of the control messages and every limit: `docs/protocol.md`, "UDP data path: the
 //! stream".
 
-pub mod receiver;
 mod rate;
+pub mod receiver;
 pub mod sender;
 
 #[cfg(test)]

@@ -255,7 +255,11 @@ impl UdpReceiver {
             .map(|(seq, range)| Nak { seq, range })
             .collect();
         let window_end = self.reassembler.next_seq() + self.config.window_records.max(1) - 1;
-        let from = self.reassembler.highest().max(self.reassembler.next_seq() - 1) + 1;
+        let from = self
+            .reassembler
+            .highest()
+            .max(self.reassembler.next_seq() - 1)
+            + 1;
         let to = self.highest_known.min(window_end);
         for seq in from..=to {
             if out.len() >= max {
@@ -356,7 +360,11 @@ mod tests {
         let st = r.stats();
         assert_eq!((st.bad_fragments, st.bad_repairs), (1, 1));
         assert_eq!(st.packets, 2 + p.len() as u64 + 3);
-        assert_eq!(r.pop_record(), Some((1, vec![1; 250])), "only the genuine ones");
+        assert_eq!(
+            r.pop_record(),
+            Some((1, vec![1; 250])),
+            "only the genuine ones"
+        );
         assert_eq!(r.pop_record(), None);
     }
 }

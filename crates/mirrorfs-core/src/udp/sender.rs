@@ -223,7 +223,8 @@ impl UdpSender {
         self.keep(seq, record);
         self.fresh.extend(fragments);
         self.fresh_bytes += cost;
-        self.unprotected.push_back(Unprotected { seq, last_pn: None });
+        self.unprotected
+            .push_back(Unprotected { seq, last_pn: None });
         self.next_seq += 1;
         self.idle_since_us = None;
         Ok(())
@@ -535,7 +536,8 @@ mod tests {
     #[test]
     fn a_full_queue_refuses() {
         let mut s = UdpSender::new(&KEY, 1, config(), 1).expect("config");
-        s.offer(1, &[0; 900]).expect("an empty queue takes any record");
+        s.offer(1, &[0; 900])
+            .expect("an empty queue takes any record");
         assert_eq!(s.offer(2, &[0; 10]), Err(OfferError::Full));
         assert_eq!(s.stats().offers_full, 1);
         assert_eq!(
@@ -563,7 +565,10 @@ mod tests {
                 largest = largest.max(d.len() as u64);
             }
             let Some(wake) = s.next_wakeup() else { break };
-            assert!(wake > now, "a wakeup in the future when the rate holds back");
+            assert!(
+                wake > now,
+                "a wakeup in the future when the rate holds back"
+            );
             now = wake;
         }
         let burst = DATAGRAM_MAX as u64;
@@ -610,7 +615,11 @@ mod tests {
         s.resend(1, &[1; 600]).expect("resend");
         assert_eq!(kinds(&drain(&mut s, 0)).0, 6);
         s.on_delivered(5);
-        assert_eq!(s.on_nak(&[nak(4, None)]), NakOutcome::default(), "delivered");
+        assert_eq!(
+            s.on_nak(&[nak(4, None)]),
+            NakOutcome::default(),
+            "delivered"
+        );
     }
 
     #[test]
