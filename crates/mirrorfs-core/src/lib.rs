@@ -29,5 +29,6 @@ pub mod stream;
 pub mod token;
 pub mod track;
 pub mod tree;
+pub mod udp;
 pub mod wire;
 pub mod worker;

@@ -149,6 +149,11 @@ impl Reassembler {
         self.next
     }
 
+    /// The highest seq a fragment was taken for (`next - 1` before any).
+    pub fn highest(&self) -> u64 {
+        self.highest
+    }
+
     /// Bytes held for records not yet handed on.
     pub fn held_bytes(&self) -> u64 {
         self.held_bytes

@@ -146,6 +146,11 @@ impl FecEncoder for LayeredEncoder {
             }
         }
     }
+
+    fn oldest_open(&self) -> Option<u64> {
+        let firsts = self.layers.iter().flat_map(|l| &l.classes);
+        firsts.filter_map(|g| g.members.first().copied()).min()
+    }
 }
 
 /// A repair waiting for members.

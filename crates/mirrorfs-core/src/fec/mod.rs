@@ -122,6 +122,9 @@ pub trait FecEncoder {
     /// Closes every open group early (the stream pauses: the tail must be protected too) and
     /// appends their repairs to `out`.
     fn flush(&mut self, out: &mut Vec<Repair>);
+    /// The oldest seq in a group or block not closed yet: every data packet before it has all
+    /// its repairs made. `None` when no group is open.
+    fn oldest_open(&self) -> Option<u64>;
 }
 
 /// The receiving side: data and repair packets in any order, rebuilt packets out.

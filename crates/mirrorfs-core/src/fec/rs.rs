@@ -253,6 +253,10 @@ impl<B: Backend> FecEncoder for RsEncoder<B> {
     fn flush(&mut self, out: &mut Vec<Repair>) {
         self.close(out);
     }
+
+    fn oldest_open(&self) -> Option<u64> {
+        self.seqs.first().copied()
+    }
 }
 
 /// A block some of whose packets are missing.

@@ -530,3 +530,19 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn oldest_open_names_the_first_packet_without_all_its_repairs() {
+    for scheme in [Scheme::Xor, Scheme::RsErasure, Scheme::RsSimd] {
+        let mut enc = crate::fec::encoder(scheme);
+        let mut out = Vec::new();
+        assert_eq!(enc.oldest_open(), None, "{scheme:?}");
+        enc.push(5, &[1; 10], &mut out).expect("push");
+        assert_eq!(enc.oldest_open(), Some(5), "{scheme:?}");
+        enc.push(7, &[2; 10], &mut out).expect("push");
+        assert_eq!(enc.oldest_open(), Some(5), "{scheme:?}");
+        enc.flush(&mut out);
+        assert_eq!(enc.oldest_open(), None, "{scheme:?}: flushed");
+        assert!(!out.is_empty());
+    }
+}
