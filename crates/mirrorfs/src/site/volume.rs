@@ -961,7 +961,9 @@ mod tests {
 
     /// A mirror daemon's appends wake its flusher every time: with an idle wait of an hour, a
     /// lost wake-up would leave a record not durable (issue 8: a burst of small files reached
-    /// the mirror 100-200 ms late, the flusher's idle timer).
+    /// the mirror 300 ms late, the flusher's idle timer). A property test: on this machine it
+    /// did not hit the race with the store outside the lock; `docs/benchmarks.md` has the A/B
+    /// measurement that did.
     #[test]
     fn every_received_record_wakes_the_flusher() {
         let d = tempfile::tempdir().expect("tempdir");
@@ -982,20 +984,40 @@ mod tests {
             uid: 0,
             gid: 0,
         };
+        // The daemon's other threads (applier, acks) take the progress lock and wait on the
+        // same condition variable all the time: they make the flusher meet the appender there.
+        let others: Vec<_> = (0..2)
+            .map(|_| {
+                let v = vol.clone();
+                std::thread::spawn(move || loop {
+                    let p = lock(&v.progress);
+                    if p.stopping {
+                        return;
+                    }
+                    let _ = v.changed.wait_timeout(p, Duration::from_millis(1));
+                })
+            })
+            .collect();
+        // Bursts of 1-8 records as a primary streams them (the flusher is busy with the
+        // previous burst's fsync when the next arrives), then a wait for the burst to be durable.
         let mut stuck = None;
-        for seq in 1..=2000u64 {
-            lock(&vol.order)
-                .journal
-                .append_at(seq, &op)
-                .expect("append");
-            vol.publish_received(seq, seq, 0);
+        let mut seq = 0u64;
+        for round in 0..400u64 {
+            for _ in 0..=round % 8 {
+                seq += 1;
+                lock(&vol.order)
+                    .journal
+                    .append_at(seq, &op)
+                    .expect("append");
+                vol.publish_received(seq, seq, 0);
+            }
             let t0 = Instant::now();
             while lock(&vol.progress).durable_seq < seq {
-                if t0.elapsed() > Duration::from_secs(20) {
+                if t0.elapsed() > Duration::from_secs(10) {
                     stuck = Some(seq);
                     break;
                 }
-                std::thread::yield_now();
+                std::thread::sleep(Duration::from_micros(50));
             }
             if stuck.is_some() {
                 break;
@@ -1004,6 +1026,9 @@ mod tests {
         lock(&vol.progress).stopping = true;
         vol.changed.notify_all();
         flusher.join().expect("flusher");
+        for t in others {
+            t.join().expect("other thread");
+        }
         assert_eq!(stuck, None, "record not made durable: its wake-up was lost");
     }
 
