@@ -139,9 +139,132 @@ impl Gate {
     }
 }
 
+/// Crash-atomic groups without an explicit API (`mount --fsync-groups`): the changes made on a
+/// volume between two syncs form one group, so a mirror shows all of them or none — the
+/// journal's counterpart of SMFS, where one sync is one log append. The first change after a
+/// sync begins the group (its `GroupBegin` is journaled right before the change); the next
+/// `fsync`/`fdatasync`/`fsyncdir` on the mount ends it, before that sync waits for the mode's
+/// level. A group nobody syncs ends once it is `max_age` old, so a program that never syncs
+/// holds its mirrors back by at most that much: its changes then reach mirrors in groups of at
+/// most `max_age`. At most one such group is open at a time (it merges with explicit groups
+/// that overlap it, as any groups do). Time is passed in (microseconds of a monotonic clock).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncGroups {
+    max_age_us: u64,
+    /// When the open group began.
+    open_since_us: Option<u64>,
+    pub stats: SyncGroupStats,
+}
+
+/// What [`SyncGroups`] did, for `status` and metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SyncGroupStats {
+    pub begun: u64,
+    pub ended_by_sync: u64,
+    pub ended_by_age: u64,
+}
+
+/// Why a sync group ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncEnd {
+    /// An application synced: the group is everything that sync covers.
+    Sync,
+    /// Nobody synced within `max_age`.
+    Age,
+}
+
+impl SyncGroups {
+    pub fn new(max_age_us: u64) -> Self {
+        SyncGroups {
+            max_age_us: max_age_us.max(1),
+            open_since_us: None,
+            stats: SyncGroupStats::default(),
+        }
+    }
+
+    /// Whether a change about to be journaled needs a `GroupBegin` first.
+    pub fn needs_begin(&self) -> bool {
+        self.open_since_us.is_none()
+    }
+
+    /// The `GroupBegin` was journaled at `now_us`.
+    pub fn began(&mut self, now_us: u64) {
+        self.open_since_us = Some(now_us);
+        self.stats.begun += 1;
+    }
+
+    /// Whether the group should end now for `why` (open, and for `Age`: `max_age` old).
+    pub fn should_end(&self, why: SyncEnd, now_us: u64) -> bool {
+        match (self.open_since_us, why) {
+            (None, _) => false,
+            (Some(_), SyncEnd::Sync) => true,
+            (Some(since), SyncEnd::Age) => now_us.saturating_sub(since) >= self.max_age_us,
+        }
+    }
+
+    /// The `GroupEnd` was journaled.
+    pub fn ended(&mut self, why: SyncEnd) {
+        if self.open_since_us.take().is_some() {
+            match why {
+                SyncEnd::Sync => self.stats.ended_by_sync += 1,
+                SyncEnd::Age => self.stats.ended_by_age += 1,
+            }
+        }
+    }
+
+    /// Whether a group is open (it counts among the gate's open groups).
+    pub fn is_open(&self) -> bool {
+        self.open_since_us.is_some()
+    }
+
+    /// When the open group reaches its age limit, if one is open.
+    pub fn deadline_us(&self) -> Option<u64> {
+        self.open_since_us
+            .map(|s| s.saturating_add(self.max_age_us))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sync_group_begins_at_the_first_change_and_ends_at_the_sync() {
+        let mut s = SyncGroups::new(1_000);
+        assert!(
+            !s.should_end(SyncEnd::Sync, 0),
+            "nothing to end before a change"
+        );
+        assert!(s.needs_begin());
+        s.began(10);
+        assert!(!s.needs_begin(), "later changes join the open group");
+        assert!(s.is_open());
+        assert!(s.should_end(SyncEnd::Sync, 11));
+        s.ended(SyncEnd::Sync);
+        assert!(s.needs_begin(), "the next change begins the next group");
+        assert_eq!(
+            s.stats,
+            SyncGroupStats {
+                begun: 1,
+                ended_by_sync: 1,
+                ended_by_age: 0
+            }
+        );
+    }
+
+    #[test]
+    fn a_sync_group_nobody_syncs_ends_at_its_age_limit() {
+        let mut s = SyncGroups::new(1_000);
+        s.began(5_000);
+        assert_eq!(s.deadline_us(), Some(6_000));
+        assert!(!s.should_end(SyncEnd::Age, 5_999));
+        assert!(s.should_end(SyncEnd::Age, 6_000));
+        s.ended(SyncEnd::Age);
+        assert_eq!((s.deadline_us(), s.stats.ended_by_age), (None, 1));
+        // A second end (a sync racing the timer) counts nothing.
+        s.ended(SyncEnd::Sync);
+        assert_eq!(s.stats.ended_by_sync, 0);
+    }
 
     fn write() -> Op {
         Op::Truncate {

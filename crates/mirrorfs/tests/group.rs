@@ -143,3 +143,98 @@ fn a_primary_restarted_after_kill9_ends_the_group_the_crash_left_open() {
     assert_eq!(group_ok(m.mnt(), "status").trim(), "0 group(s) open");
     m.unmount();
 }
+
+/// A mount with `--fsync-groups` (and a group age limit of `max_ms`).
+fn mount_fsync_groups(tag: &str, max_ms: &str) -> Mount {
+    let layout = Layout::new(tag, 1);
+    let state = layout.base.join("state").display().to_string();
+    Mount::start(
+        layout,
+        &[
+            "--state",
+            &state,
+            "--fsync-groups",
+            "--fsync-group-max-ms",
+            max_ms,
+        ],
+    )
+}
+
+/// `sync FILE` (coreutils): an application's fsync of one file.
+fn fsync(path: &Path) {
+    let st = Command::new("sync").arg(path).status().expect("run sync");
+    assert!(st.success(), "sync {}", path.display());
+}
+
+/// The status's `fsync_groups` once `ok` holds of it (the status file is rewritten every few
+/// ms), or as it is after 10 s.
+fn fsync_groups(m: &Mount, ok: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let mut last = serde_json::Value::Null;
+    wait_until(Duration::from_secs(10), || {
+        last = m
+            .status()
+            .map(|s| s["fsync_groups"].clone())
+            .unwrap_or_default();
+        ok(&last)
+    });
+    last
+}
+
+#[test]
+fn with_fsync_groups_the_changes_between_two_syncs_reach_the_mirror_together() {
+    let mut m = mount_fsync_groups("fsync-groups", "600000");
+    fs::write(m.p("first"), b"first").expect("write");
+    fsync(&m.p("first"));
+    assert!(reaches(&m, "first", b"first"));
+
+    // Changes to several files and a directory, no sync yet: held back together.
+    fs::write(m.p("a.txt"), b"one half").expect("write a");
+    fs::create_dir(m.p("d")).expect("mkdir d");
+    fs::write(m.p("d/b.txt"), b"other half").expect("write b");
+    std::thread::sleep(HELD);
+    for rel in ["a.txt", "d", "d/b.txt"] {
+        assert!(
+            fs::symlink_metadata(m.mirror().join(rel)).is_err(),
+            "{rel} reached the mirror before the sync that ends its group"
+        );
+    }
+    let f = fsync_groups(&m, |f| f["open"] == true);
+    assert_eq!(f["open"], true, "{f}");
+    // The implicit group is not the application's to end with `mirrorfs group end`.
+    let o = group(m.mnt(), "end");
+    assert!(!o.status.success(), "group end ended the implicit group");
+
+    // A sync of any one file ends the group: everything since the last sync shows.
+    fsync(&m.p("d/b.txt"));
+    assert!(reaches(&m, "a.txt", b"one half"));
+    m.wait_mirror_equal(Duration::from_secs(30));
+    let f = fsync_groups(&m, |f| f["ended_by_sync"].as_u64() >= Some(2));
+    assert_eq!(f["open"], false, "{f}");
+    assert!(f["ended_by_sync"].as_u64() >= Some(2), "{f}");
+    assert_eq!(f["ended_by_age"], 0, "{f}");
+    m.unmount();
+}
+
+#[test]
+fn with_fsync_groups_a_group_nobody_syncs_ends_at_its_age_limit() {
+    let mut m = mount_fsync_groups("fsync-groups-age", "300");
+    fs::write(m.p("never-synced"), b"written, never synced").expect("write");
+    assert!(reaches(&m, "never-synced", b"written, never synced"));
+    let f = fsync_groups(&m, |f| f["ended_by_age"].as_u64() >= Some(1));
+    assert!(f["ended_by_age"].as_u64() >= Some(1), "{f}");
+    assert_eq!(f["ended_by_sync"], 0, "{f}");
+    m.unmount();
+}
+
+#[test]
+fn with_fsync_groups_a_restart_after_kill9_ends_the_open_group() {
+    let mut m = mount_fsync_groups("fsync-groups-kill9", "600000");
+    fs::write(m.p("unsynced"), b"in the implicit group").expect("write");
+    std::thread::sleep(HELD);
+    assert!(fs::symlink_metadata(m.mirror().join("unsynced")).is_err());
+    m.kill9();
+    m.remount();
+    assert!(reaches(&m, "unsynced", b"in the implicit group"));
+    m.wait_mirror_equal(Duration::from_secs(30));
+    m.unmount();
+}

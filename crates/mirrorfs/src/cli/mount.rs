@@ -16,6 +16,7 @@ use crate::net::{identity, remote};
 use crate::site::engine::{Role, Site};
 use crate::site::meta::CopyState;
 use crate::site::state_dir::{MirrorStateDir, StateDir, StateLockError};
+use crate::site::sync_groups::SyncGroupClock;
 use crate::site::volume;
 use crate::site::volume::{lock, AckMode, MirrorPhase, MirrorShared, Volume};
 use crate::site::{dirlock, meta, statefile, status};
@@ -83,6 +84,17 @@ pub struct MountArgs {
     /// ends, so a site cut off from the witness is read-only within this time).
     #[arg(long, default_value_t = 3000, requires = "witness")]
     lease_ms: u64,
+    /// Crash-atomic groups without an explicit API: the changes made between two syncs
+    /// (`fsync`, `fdatasync` or `fsyncdir` of anything on the mount) form one group, which
+    /// mirrors show all together or not at all (see `mirrorfs group` for explicit groups).
+    /// A change is then acknowledged once the local journal holds it, and a sync waits for the
+    /// `--ack` level. A group nobody syncs ends after --fsync-group-max-ms.
+    #[arg(long)]
+    fsync_groups: bool,
+    /// With --fsync-groups: the longest a group stays open without a sync, in ms; how far it
+    /// may hold mirrors back.
+    #[arg(long, default_value_t = 1000, requires = "fsync_groups", value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+    fsync_group_max_ms: u64,
 }
 
 /// How long a mount waits for the witness's first grant before it serves (read-only until a
@@ -322,6 +334,12 @@ pub fn mount(a: MountArgs) -> Result<()> {
     )?;
     let vol = site.vol.clone();
     start_fence(&a, &vol, &meta, &places.backing)?;
+    if a.fsync_groups {
+        let clock = SyncGroupClock::new(Duration::from_millis(a.fsync_group_max_ms));
+        let _ = vol.sync_groups.set(clock);
+        let v = vol.clone();
+        site.spawn("sync-groups", move || v.run_sync_group_timer())?;
+    }
     let local = &shared[..n_local];
     let to_sync = start_local_mirrors(&mut site, local, &a, &meta, &state, &places.backing)?;
     let status_stop = Arc::new(AtomicBool::new(false));

@@ -227,9 +227,10 @@ impl MirrorFs {
         if let Err(e) = r {
             return reply.error(io_errno(&e));
         }
-        let seq = self.vol.wait_journal_durable();
-        self.vol.wait_mirrors_durable(seq);
-        reply.ok()
+        match self.vol.application_synced() {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(err(e)),
+        }
     }
 
     pub(super) fn do_fallocate(

@@ -167,8 +167,9 @@ impl MirrorFs {
                 }
             }
         }
-        let seq = self.vol.wait_journal_durable();
-        self.vol.wait_mirrors_durable(seq);
-        reply.ok()
+        match self.vol.application_synced() {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(err(e)),
+        }
     }
 }

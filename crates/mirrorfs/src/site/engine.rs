@@ -113,6 +113,7 @@ impl Volume {
             opened_end: horizon,
             view: std::sync::OnceLock::new(),
             groups: Mutex::new(Gate::default()),
+            sync_groups: std::sync::OnceLock::new(),
         }
     }
 

@@ -1,8 +1,8 @@
 //! A site: the order lock and the journal that every change passes through (`volume`), the
 //! journal's files (`store`), and the state a site keeps beside them: its identity (`meta`), its
 //! state files (`statefile`), the lock on its directories (`dirlock`), power-loss detection
-//! (`boot`), the witness's write fence (`fence`), the status it publishes (`status`) and the conflicts a reintegration left
-//! (`conflicts`).
+//! (`boot`), the witness's write fence (`fence`), the status it publishes (`status`), the conflicts a reintegration left
+//! (`conflicts`) and the implicit groups of `--fsync-groups` (`sync_groups`).
 
 pub mod boot;
 pub mod conflicts;
@@ -15,4 +15,5 @@ pub mod state_dir;
 pub mod statefile;
 pub mod status;
 pub mod store;
+pub mod sync_groups;
 pub mod volume;

@@ -122,6 +122,18 @@ struct VolumeStatus {
     groups_open: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     group_open_since_seq: Option<u64>,
+    /// With `--fsync-groups`: the implicit groups of the changes between two syncs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    fsync_groups: Option<FsyncGroupsStatus>,
+}
+
+/// `--fsync-groups` in `status`: how many groups began, and how they ended.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct FsyncGroupsStatus {
+    begun: u64,
+    ended_by_sync: u64,
+    ended_by_age: u64,
+    open: bool,
 }
 
 fn snapshot(vol: &Volume, mountpoint: &Path) -> VolumeStatus {
@@ -191,6 +203,15 @@ fn snapshot(vol: &Volume, mountpoint: &Path) -> VolumeStatus {
         read_only: vol.fence.get().and_then(|f| f.read_only()),
         groups_open,
         group_open_since_seq,
+        fsync_groups: vol.sync_groups.get().map(|c| {
+            let st = c.stats();
+            FsyncGroupsStatus {
+                begun: st.begun,
+                ended_by_sync: st.ended_by_sync,
+                ended_by_age: st.ended_by_age,
+                open: c.is_open(),
+            }
+        }),
     }
 }
 
@@ -427,6 +448,15 @@ fn print_volume(v: &serde_json::Value) -> Result<()> {
         println!(
             "  groups: {} open since record {since}: mirrors wait before it until they end (`mirrorfs group end {}`)",
             s.groups_open, s.mountpoint
+        );
+    }
+    if let Some(f) = &s.fsync_groups {
+        println!(
+            "  fsync groups: {} begun, {} ended by a sync, {} by age{}",
+            f.begun,
+            f.ended_by_sync,
+            f.ended_by_age,
+            if f.open { "; one open" } else { "" }
         );
     }
     println!(

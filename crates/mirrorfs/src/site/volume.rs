@@ -372,6 +372,9 @@ pub struct Volume {
     /// lock as group records are appended; read by appliers after the progress lock. A leaf
     /// lock: nothing else is locked while it is held.
     pub groups: Mutex<Gate>,
+    /// `--fsync-groups`: the implicit group of the changes since the last sync (set once, when
+    /// the primary mounts with it; `site::sync_groups`).
+    pub sync_groups: std::sync::OnceLock<crate::site::sync_groups::SyncGroupClock>,
 }
 
 /// What a mount knows of its backing tree: the FUSE shell's inode table and the kernel's caches
@@ -398,6 +401,7 @@ impl Volume {
         let bytes = op.data_len() as u64;
         let mut o = lock(&self.order);
         self.check_fence()?;
+        self.begin_sync_group(&mut o)?;
         let Ordered {
             journal,
             sequencer,
@@ -496,6 +500,7 @@ impl Volume {
             return Ok(None);
         };
         self.check_fence()?;
+        self.begin_sync_group(&mut o)?;
         let Ordered {
             journal,
             sequencer,
@@ -528,7 +533,13 @@ impl Volume {
         self.check_fence()?;
         {
             let g = lock(&self.groups);
-            let allowed = if begin { g.may_begin() } else { g.may_end() };
+            // `--fsync-groups`' implicit group is not the application's to end.
+            let implicit = self.sync_groups.get().is_some_and(|c| c.is_open());
+            let allowed = match begin {
+                true => g.may_begin(),
+                false if implicit && g.open() <= 1 => Err(GroupError::NoneOpen),
+                false => g.may_end(),
+            };
             allowed.map_err(|e| match e {
                 GroupError::TooMany => libc::EMFILE,
                 GroupError::NoneOpen => libc::EINVAL,
@@ -617,7 +628,7 @@ impl Volume {
     /// refuses this one change with `ENOSPC` and nothing else; `Failed` (the sequencer is
     /// poisoned: journal and backing could disagree) is `EIO` for this change and every later
     /// one, logged as an error once.
-    fn refused(&self, r: Refusal) -> i32 {
+    pub(crate) fn refused(&self, r: Refusal) -> i32 {
         match r {
             Refusal::NoSpace(why) => {
                 static REFUSED: AtomicU64 = AtomicU64::new(0);
@@ -644,7 +655,7 @@ impl Volume {
     /// The journal reached its size limit: detach the mirror furthest behind (it is marked
     /// "needs resync" and will be re-copied at the next mount) and free what only it held.
     /// Local writes never block on a mirror. The sequencer's relief (`Sequencer::begin`).
-    fn relieve_full(&self, journal: &mut Journal<FileStore>) {
+    pub(crate) fn relieve_full(&self, journal: &mut Journal<FileStore>) {
         loop {
             let attached: Vec<_> = self.mirrors.iter().filter(|m| !m.detached()).collect();
             let Some(slowest) = attached.iter().min_by_key(|m| m.needed_after()) else {
