@@ -960,20 +960,26 @@ fn ack_network_mirrors_a_workload() {
     ack_mode("network");
 }
 
-/// `--ack network` (SMFS network-sync): an application's fsync waits for the local journal and
-/// the socket, not for the mirror. With the daemon frozen (SIGSTOP), a write + fsync returns in
-/// `network` mode, while in `local` mode the same fsync waits for the mirror's journal until the
-/// daemon runs again. Either way the mirror gets the file.
+/// What an application's fsync waits for (`--fsync-waits`): with `mode` (the default), as far
+/// as `--ack` takes a change — with `network` (SMFS network-sync) the local journal and the
+/// socket, with `local` the local journal only — never the mirror's disk; with `quorum`, the
+/// mirror's journal whatever the mode. With the daemon frozen (SIGSTOP), a write + fsync returns
+/// in the first two cases and waits in the third until the daemon runs again. Either way the
+/// mirror gets the file.
 #[test]
-fn ack_network_fsync_does_not_wait_for_the_mirror() {
-    for (mode, returns_while_frozen) in [("network", true), ("local", false)] {
-        let net = Net::new(&format!("fsync-{mode}"));
+fn fsync_waits_as_far_as_the_mode_says_or_for_the_quorum() {
+    for (mode, waits, returns_while_frozen) in [
+        ("network", "mode", true),
+        ("local", "mode", true),
+        ("local", "quorum", false),
+    ] {
+        let net = Net::new(&format!("fsync-{mode}-{waits}"));
         let srv = net.serve("m", &[]);
         let mut m = net.mount(
-            &format!("net-fsync-{mode}"),
+            &format!("net-fsync-{mode}-{waits}"),
             0,
             &srv.url(),
-            &["--ack", mode],
+            &["--ack", mode, "--fsync-waits", waits],
         );
         wait_live(&m, &srv);
         srv.signal(libc::SIGSTOP);
@@ -992,7 +998,7 @@ fn ack_network_fsync_does_not_wait_for_the_mirror() {
         assert_eq!(
             returned,
             returns_while_frozen,
-            "--ack {mode}: write + fsync with the mirror frozen {} within {wait:?}\n{}",
+            "--ack {mode} --fsync-waits {waits}: write + fsync with the mirror frozen {} within {wait:?}\n{}",
             if returned {
                 "returned"
             } else {

@@ -1619,9 +1619,10 @@ fn concurrent_writers_threads_and_processes() {
 }
 
 #[test]
-fn fsync_means_the_mirror_has_it() {
+fn with_fsync_waits_quorum_fsync_means_the_mirror_has_it() {
     let _serial = serial();
-    let mut m = mount("fsync", &[]);
+    // `--ack async` (the default), where only `--fsync-waits quorum` makes a sync wait for mirrors.
+    let mut m = mount("fsync", &["--fsync-waits", "quorum"]);
     wait_live(&m);
     let mut expected = Vec::new();
     let f = sys::open(&m.p("log"), CREAT | RW, 0o644).expect("create");

@@ -18,7 +18,7 @@ use crate::site::meta::CopyState;
 use crate::site::state_dir::{MirrorStateDir, StateDir, StateLockError};
 use crate::site::sync_groups::SyncGroupClock;
 use crate::site::volume;
-use crate::site::volume::{lock, AckMode, MirrorPhase, MirrorShared, Volume};
+use crate::site::volume::{lock, AckMode, FsyncWaits, MirrorPhase, MirrorShared, Volume};
 use crate::site::{dirlock, meta, statefile, status};
 use crate::sys;
 
@@ -39,6 +39,14 @@ pub struct MountArgs {
     /// applied it durably). See the README's guarantees table.
     #[arg(long, value_enum, default_value = "async")]
     ack: AckMode,
+    /// What an application's fsync/fdatasync waits for on mirrors, after the file and the local
+    /// journal are durable: `mode` (as far as --ack takes a change: nothing more with async and
+    /// local, the quorum's sockets with network, its memory with received, its journals with
+    /// durable, its trees with sync) or `quorum` (durable on the quorum whatever --ack says;
+    /// with async and local, a sync then survives the loss of this site). See the README's
+    /// guarantees table.
+    #[arg(long, value_enum, default_value = "mode")]
+    fsync_waits: FsyncWaits,
     /// How many mirrors acknowledgements and application fsyncs wait for (default: all). While
     /// fewer are healthy, they wait for the healthy ones.
     #[arg(long)]
@@ -325,6 +333,7 @@ pub fn mount(a: MountArgs) -> Result<()> {
         backing: places.backing.clone(),
         ack: a.ack,
         quorum: places.quorum,
+        fsync_waits: a.fsync_waits,
     };
     let mut site = Site::open(
         StateDir::at(&state.path),

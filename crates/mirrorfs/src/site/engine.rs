@@ -28,7 +28,7 @@ use mirrorfs_core::session;
 
 use crate::site::state_dir::StateDir;
 use crate::site::store::FileStore;
-use crate::site::volume::{lock, AckMode, MirrorShared, Ordered, Progress, Volume};
+use crate::site::volume::{lock, AckMode, FsyncWaits, MirrorShared, Ordered, Progress, Volume};
 use crate::site::{boot, store};
 use crate::tree::dirtree::DirTree;
 
@@ -40,6 +40,7 @@ pub enum Role {
         backing: PathBuf,
         ack: AckMode,
         quorum: usize,
+        fsync_waits: FsyncWaits,
     },
     /// Takes a primary's records at their seqs (`mirrorfs serve`). `former_primary`: the
     /// directory is an old primary's backing, whose tree holds everything its journal does.
@@ -79,12 +80,18 @@ impl Volume {
         role: &Role,
     ) -> Self {
         let horizon = journal.next_seq() - 1;
-        let (ack, quorum, durable, settled) = match role {
-            Role::Primary { ack, quorum, .. } => (*ack, *quorum, horizon, horizon),
+        let (ack, quorum, fsync_waits, durable, settled) = match role {
+            Role::Primary {
+                ack,
+                quorum,
+                fsync_waits,
+                ..
+            } => (*ack, *quorum, *fsync_waits, horizon, horizon),
             // Nothing is reported durable before `Site::open` fsyncs what was recovered.
             Role::Mirror { former_primary } => (
                 AckMode::Async,
                 1,
+                FsyncWaits::Mode,
                 0,
                 session::settled_at_start(horizon, last, *former_primary),
             ),
@@ -106,6 +113,7 @@ impl Volume {
             mirrors,
             ack,
             quorum,
+            fsync_waits,
             settled: AtomicU64::new(settled),
             poisoned: AtomicBool::new(false),
             fence: std::sync::OnceLock::new(),
@@ -316,6 +324,7 @@ mod tests {
             backing: d.path().to_path_buf(),
             ack: AckMode::Sync,
             quorum: 2,
+            fsync_waits: FsyncWaits::Quorum,
         };
         let vol = Volume::new(j, last.as_ref(), Vec::new(), &role);
         assert_eq!(settled(&vol), (2, 2, 2));

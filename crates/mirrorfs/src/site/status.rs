@@ -99,6 +99,9 @@ struct VolumeStatus {
     ack: String,
     #[serde(default)]
     quorum: usize,
+    /// `--fsync-waits`: what an application's sync waits for on mirrors.
+    #[serde(default)]
+    fsync_waits: String,
     journal_next_seq: u64,
     journal_durable_seq: u64,
     journal_bytes: u64,
@@ -190,6 +193,7 @@ fn snapshot(vol: &Volume, mountpoint: &Path) -> VolumeStatus {
         pid: std::process::id(),
         ack: format!("{:?}", vol.ack).to_lowercase(),
         quorum: vol.quorum,
+        fsync_waits: format!("{:?}", vol.fsync_waits).to_lowercase(),
         journal_next_seq: next,
         journal_durable_seq: durable,
         journal_bytes: bytes,
@@ -437,8 +441,16 @@ fn none_found(want: Option<&Path>, denied: &[PathBuf]) -> anyhow::Error {
 fn print_volume(v: &serde_json::Value) -> Result<()> {
     let s: VolumeStatus = serde_json::from_value(v.clone())?;
     println!(
-        "{} (pid {}, ack {}, quorum {})",
-        s.mountpoint, s.pid, s.ack, s.quorum
+        "{} (pid {}, ack {}, quorum {}, fsync waits for the {})",
+        s.mountpoint,
+        s.pid,
+        s.ack,
+        s.quorum,
+        if s.fsync_waits == "quorum" {
+            "quorum"
+        } else {
+            "mode"
+        }
     );
     print_not_answering(v);
     if let Some(r) = &s.read_only {

@@ -60,6 +60,33 @@ pub enum AckMode {
     Sync,
 }
 
+/// What an application's `fsync`/`fdatasync`/`fsyncdir` waits for on mirrors
+/// (`mount --fsync-waits`). In every case it first waits until the file and the local journal
+/// are durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FsyncWaits {
+    /// As far as `--ack` takes a change: nothing more with `async` and `local`, the quorum's
+    /// sockets with `network`, its memory with `received`, its journals with `durable`, its
+    /// trees with `sync` (DRBD's protocols and SMFS's modes do the same).
+    Mode,
+    /// The quorum made everything up to the call durable (applied durably with `sync`, handed
+    /// to its sockets with `network`), whatever `--ack` says: a sync survives the loss of the
+    /// primary site even in `async`.
+    Quorum,
+}
+
+/// The level of the mirrors an application's sync waits for, if any.
+pub fn fsync_level(ack: AckMode, waits: FsyncWaits) -> Option<Level> {
+    match (waits, ack) {
+        (FsyncWaits::Mode, AckMode::Async | AckMode::Local) => None,
+        (_, AckMode::Network) => Some(Level::Sent),
+        (FsyncWaits::Mode, AckMode::Received) => Some(Level::Received),
+        (_, AckMode::Sync) => Some(Level::Checkpoint),
+        _ => Some(Level::Durable),
+    }
+}
+
 /// How far a mirror has taken a record; each level implies the ones before it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Level {
@@ -344,6 +371,8 @@ pub struct Volume {
     pub changed: Condvar,
     pub mirrors: Vec<Arc<MirrorShared>>,
     pub ack: AckMode,
+    /// `--fsync-waits`: what an application's sync waits for on mirrors.
+    pub fsync_waits: FsyncWaits,
     /// `--quorum K`: how many mirrors an acknowledgement (and an application fsync) waits for.
     pub quorum: usize,
     pub settled: AtomicU64,
@@ -715,19 +744,16 @@ impl Volume {
         }
     }
 
-    /// What an application's fsync waits for on mirrors: `seq` handed to the quorum's sockets
-    /// with `--ack network` (SMFS network-sync), applied durably with `--ack sync`, durable on
-    /// the quorum otherwise.
+    /// What an application's fsync waits for on mirrors after the local journal: `fsync_level`
+    /// of `--ack` and `--fsync-waits`.
     pub fn wait_mirrors_durable(&self, seq: u64) {
+        let Some(level) = fsync_level(self.ack, self.fsync_waits) else {
+            return;
+        };
         // Inside an open group, what is before the group: the group's end covers the rest.
         let seq = match lock(&self.groups).open_since() {
             Some(since) if seq >= since => since.saturating_sub(1),
             _ => seq,
-        };
-        let level = match self.ack {
-            AckMode::Network => Level::Sent,
-            AckMode::Sync => Level::Checkpoint,
-            _ => Level::Durable,
         };
         self.wait_mirrors(seq, level);
     }
@@ -969,6 +995,35 @@ pub fn new_applier_at(m: &MirrorShared, seq: u64) -> io::Result<Applier> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_application_sync_waits_as_far_as_the_mode_says_or_for_the_quorum() {
+        use AckMode::*;
+        use FsyncWaits::*;
+        let mode = [
+            (Async, None),
+            (Local, None),
+            (Network, Some(Level::Sent)),
+            (Received, Some(Level::Received)),
+            (Durable, Some(Level::Durable)),
+            (Sync, Some(Level::Checkpoint)),
+        ];
+        for (ack, want) in mode {
+            assert_eq!(fsync_level(ack, Mode), want, "{ack:?} mode");
+        }
+        // `quorum`: what every sync waited for before `--fsync-waits` (durable on the quorum).
+        let quorum = [
+            (Async, Level::Durable),
+            (Local, Level::Durable),
+            (Network, Level::Sent),
+            (Received, Level::Durable),
+            (Durable, Level::Durable),
+            (Sync, Level::Checkpoint),
+        ];
+        for (ack, want) in quorum {
+            assert_eq!(fsync_level(ack, Quorum), Some(want), "{ack:?} quorum");
+        }
+    }
 
     /// A mirror daemon's appends wake its flusher every time: with an idle wait of an hour, a
     /// lost wake-up would leave a record not durable (issue 8: a burst of small files reached
