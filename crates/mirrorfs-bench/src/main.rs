@@ -30,6 +30,11 @@
 //!   bytes the new primary received during the reintegration vs the bytes
 //!   changed (target <= 1.05x). See `net::run_reintegration`.
 //!
+//! - `sqlite` (not in the default set; `--targets sqlite`): SQLite's transaction
+//!   rate (synchronous=FULL, rollback journal and WAL) on native and through
+//!   mirrorfs with a local mirror per `--ack`/`--fsync-waits`, each mirror's
+//!   copy checked with `integrity_check` (see `sqlite.rs`).
+//!
 //! - `fec` (not in the default set; `--targets fec`): throughput of the FEC
 //!   schemes of `mirrorfs_core::fec` (layered XOR, Reed–Solomon over two crates)
 //!   beside a memcpy of the same bytes, at 1,400 B and 4 KiB packets, 0 and 1 %
@@ -83,6 +88,7 @@ mod fec;
 mod mounts;
 mod net;
 mod report;
+mod sqlite;
 mod workloads;
 
 use std::fmt::Write as _;
@@ -119,6 +125,9 @@ pub enum TargetKind {
     /// The SMFS rolling disaster per `--ack` mode over the WAN emulator (`disaster.rs`). Not
     /// in the default set.
     Disaster,
+    /// SQLite's transaction rate with `synchronous=FULL` through mirrorfs against native, per
+    /// `--ack` and `--fsync-waits` (`sqlite.rs`). Not in the default set.
+    Sqlite,
 }
 
 impl TargetKind {
@@ -131,6 +140,7 @@ impl TargetKind {
             TargetKind::Reintegration => "reintegration",
             TargetKind::Fec => "fec",
             TargetKind::Disaster => "disaster",
+            TargetKind::Sqlite => "sqlite",
         }
     }
 
@@ -138,7 +148,11 @@ impl TargetKind {
     pub fn in_main_table(self) -> bool {
         !matches!(
             self,
-            TargetKind::Net | TargetKind::Reintegration | TargetKind::Fec | TargetKind::Disaster
+            TargetKind::Net
+                | TargetKind::Reintegration
+                | TargetKind::Fec
+                | TargetKind::Disaster
+                | TargetKind::Sqlite
         )
     }
 }
@@ -421,6 +435,15 @@ fn run(args: &Args) -> Result<()> {
             return Ok(());
         }
     }
+    // SQLite's transactions have their own mounts and table.
+    if targets.contains(&TargetKind::Sqlite) {
+        targets.retain(|t| *t != TargetKind::Sqlite);
+        let bin = mirrorfs_bin(&ctx)?;
+        sqlite::run(&bin, run_dir.path(), args.markdown, args.quick)?;
+        if targets.is_empty() {
+            return Ok(());
+        }
+    }
     let mut reports = Vec::new();
     for kind in targets {
         check_interrupted()?;
@@ -609,6 +632,7 @@ fn run_target(
     let mut env = match kind {
         TargetKind::Fec => bail!("the fec target runs on its own (fec.rs)"),
         TargetKind::Disaster => bail!("the disaster target runs on its own (disaster.rs)"),
+        TargetKind::Sqlite => bail!("the sqlite target runs on its own (sqlite.rs)"),
         TargetKind::Native => {
             let root = tdir.join("data");
             mkdirs(&[&root])?;
