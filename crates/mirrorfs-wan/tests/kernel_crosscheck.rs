@@ -25,7 +25,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use mirrorfs_wan::{Impairment, Side, Wan};
+use mirrorfs_wan::{netns, Impairment, Side, Wan};
 
 const PORT: u16 = 7_002;
 const VETH_A: &str = "10.203.0.1";
@@ -136,24 +136,12 @@ fn counters(listed: &str) -> Vec<u64> {
         .collect()
 }
 
-/// Runs `f` on a thread that joined network namespace `ns`: a socket keeps the namespace it
-/// was made in.
+/// Runs `f` in network namespace `ns`: a socket keeps the namespace it was made in.
 fn within<T: Send + 'static>(
     ns: &str,
     f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
 ) -> T {
-    let path = format!("/run/netns/{ns}");
-    std::thread::spawn(move || -> std::io::Result<T> {
-        let ns = std::fs::File::open(&path)?;
-        // SAFETY: a valid descriptor of a network namespace; only this thread moves.
-        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        f()
-    })
-    .join()
-    .expect("the thread in the namespace")
-    .expect("a socket in the namespace")
+    netns::within_netns(ns, f).expect("a socket in the namespace")
 }
 
 /// Sends `TRANSFER_BYTES` over TCP from `connect` to `listener`; the receiver's goodput in
