@@ -132,19 +132,7 @@ impl Wan {
         side: Side,
         f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
     ) -> Result<T> {
-        let path = format!("/run/netns/{}", self.ns(side));
-        let h = std::thread::spawn(move || -> std::io::Result<T> {
-            let ns = std::fs::File::open(&path)?;
-            // SAFETY: a valid descriptor of a network namespace; only this thread moves.
-            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            f()
-        });
-        match h.join() {
-            Ok(r) => r.with_context(|| format!("in the network namespace of side {side:?}")),
-            Err(_) => bail!("the thread in side {side:?}'s namespace panicked"),
-        }
+        within_netns(self.ns(side), f).with_context(|| format!("side {side:?}"))
     }
 
     /// Stops the router and removes the namespaces: what each direction did.
@@ -171,6 +159,28 @@ impl Wan {
 impl Drop for Wan {
     fn drop(&mut self) {
         let _ = self.halt();
+    }
+}
+
+/// Runs `f` on a thread that joined the named network namespace (`ip netns` names it), and
+/// returns what it made: a socket keeps the namespace it was made in. For `Wan::within`, and
+/// for tests that compare the emulator with namespaces of their own.
+pub fn within_netns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> Result<T> {
+    let path = format!("/run/netns/{ns}");
+    let h = std::thread::spawn(move || -> std::io::Result<T> {
+        let ns = std::fs::File::open(&path)?;
+        // SAFETY: a valid descriptor of a network namespace; only this thread moves.
+        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        f()
+    });
+    match h.join() {
+        Ok(r) => r.with_context(|| format!("in network namespace {ns}")),
+        Err(_) => bail!("the thread in network namespace {ns} panicked"),
     }
 }
 

@@ -14,10 +14,10 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use super::window::{Admit, Slot, Store};
+use super::window::{admit_repair, receive_data, Slot, Store, Windowed};
 use super::{
-    members_valid, xor_into, ConfigError, DecoderStats, EncodeError, FecDecoder, FecEncoder,
-    Recovery, Refused, Repair, Scheme, Window, DATA_MAX, LAYERS_MAX, MEMBERS_MAX, SPAN_MAX,
+    xor_into, ConfigError, DecoderStats, EncodeError, FecDecoder, FecEncoder, Recovery, Refused,
+    Repair, Scheme, Window, DATA_MAX, LAYERS_MAX, MEMBERS_MAX, SPAN_MAX,
 };
 
 /// Layered interleaving's parameters.
@@ -255,6 +255,16 @@ impl LayeredDecoder {
         out.push(Recovery::Rebuilt { seq, data: acc });
         Some(seq)
     }
+}
+
+impl Windowed for LayeredDecoder {
+    fn scheme(&self) -> Scheme {
+        Scheme::Xor
+    }
+
+    fn store(&mut self) -> &mut Store {
+        &mut self.store
+    }
 
     /// Drops the repairs that reach below the window's bottom.
     fn drop_repairs_below_base(&mut self) {
@@ -276,62 +286,23 @@ impl LayeredDecoder {
         }
     }
 
-    /// Keeps the window's bounds: repairs below its bottom go, and past the byte budget the
-    /// oldest seq in use (held, wanted, or a repair's first member) goes, one at a time.
-    fn prune(&mut self, out: &mut Vec<Recovery>) {
-        self.drop_repairs_below_base();
-        while self.store.over_budget() {
-            let oldest_repair = self.pending.first_key_value().map(|(k, _)| k.0);
-            let oldest = match (self.store.oldest_used(), oldest_repair) {
-                (Some(a), Some(b)) => a.min(b),
-                (a, b) => match a.or(b) {
-                    Some(s) => s,
-                    None => break,
-                },
-            };
-            self.store.evict_below(oldest + 1, out);
-            self.drop_repairs_below_base();
-        }
+    fn oldest_repair(&self) -> Option<u64> {
+        self.pending.first_key_value().map(|(k, _)| k.0)
     }
 }
 
 impl FecDecoder for LayeredDecoder {
     fn on_data(&mut self, seq: u64, data: &[u8], out: &mut Vec<Recovery>) {
-        if data.len() > DATA_MAX {
-            // Never protected (encoders refuse it): nothing to hold it for.
-            return;
+        if receive_data(self, seq, data, out) {
+            self.arrived(seq, out);
+            self.prune(out);
         }
-        if self.store.admit(seq, out) == Admit::Late {
-            self.store.stats.late += 1;
-            return;
-        }
-        self.prune(out);
-        if !self.store.hold_copy(seq, data) {
-            self.store.stats.duplicates += 1;
-            return;
-        }
-        self.arrived(seq, out);
-        self.prune(out);
     }
 
     fn on_repair(&mut self, repair: Repair, out: &mut Vec<Recovery>) -> Result<(), Refused> {
-        if repair.scheme != Scheme::Xor {
-            return Err(Refused::OtherScheme(repair.scheme));
-        }
-        let (Some(&first), Some(&last)) = (repair.members.first(), repair.members.last()) else {
-            return Err(Refused::Contradicts);
-        };
-        if !members_valid(&repair.members) {
-            return Err(Refused::Contradicts);
-        }
-        if last - first >= self.store.window.seqs {
-            return Err(Refused::TooWide);
-        }
-        if self.store.admit(last, out) == Admit::Late || first < self.store.base() {
-            self.store.stats.late += 1;
+        let Some(first) = admit_repair(self, &repair, out)? else {
             return Ok(());
-        }
-        self.prune(out);
+        };
         let missing: Vec<u64> = repair
             .members
             .iter()

@@ -9,10 +9,10 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use super::window::{Admit, Store};
+use super::window::{admit_repair, receive_data, Store, Windowed};
 use super::{
-    members_valid, ConfigError, DecoderStats, EncodeError, FecDecoder, FecEncoder, Recovery,
-    Refused, Repair, Scheme, Window, DATA_MAX, MEMBERS_MAX, PARITY_MAX, SPAN_MAX,
+    ConfigError, DecoderStats, EncodeError, FecDecoder, FecEncoder, Recovery, Refused, Repair,
+    Scheme, Window, DATA_MAX, MEMBERS_MAX, PARITY_MAX, SPAN_MAX,
 };
 
 /// A Reed–Solomon implementation.
@@ -340,34 +340,6 @@ impl<B: Backend> RsDecoder<B> {
         }
     }
 
-    fn drop_blocks_below_base(&mut self) {
-        let base = self.store.base();
-        while let Some((&first, _)) = self.blocks.first_key_value() {
-            if first >= base {
-                break;
-            }
-            self.discard(first);
-            self.store.stats.evicted_repairs += 1;
-        }
-    }
-
-    /// Keeps the window's bounds (as `LayeredDecoder::prune`).
-    fn prune(&mut self, out: &mut Vec<Recovery>) {
-        self.drop_blocks_below_base();
-        while self.store.over_budget() {
-            let oldest_block = self.blocks.first_key_value().map(|(k, _)| *k);
-            let oldest = match (self.store.oldest_used(), oldest_block) {
-                (Some(a), Some(b)) => a.min(b),
-                (a, b) => match a.or(b) {
-                    Some(s) => s,
-                    None => break,
-                },
-            };
-            self.store.evict_below(oldest + 1, out);
-            self.drop_blocks_below_base();
-        }
-    }
-
     /// Records a parity packet for a block; `Err` if it contradicts what is known.
     fn add_parity(&mut self, repair: Repair) -> Result<Option<u64>, Refused> {
         let first = repair.members[0];
@@ -423,18 +395,40 @@ impl<B: Backend> RsDecoder<B> {
     }
 }
 
+impl<B: Backend> Windowed for RsDecoder<B> {
+    fn scheme(&self) -> Scheme {
+        B::SCHEME
+    }
+
+    fn store(&mut self) -> &mut Store {
+        &mut self.store
+    }
+
+    /// Drops the blocks that reach below the window's bottom, their parity packets with them.
+    fn drop_repairs_below_base(&mut self) {
+        let base = self.store.base();
+        while let Some((&first, _)) = self.blocks.first_key_value() {
+            if first >= base {
+                break;
+            }
+            self.discard(first);
+            self.store.stats.evicted_repairs += 1;
+        }
+    }
+
+    fn oldest_repair(&self) -> Option<u64> {
+        self.blocks.first_key_value().map(|(k, _)| *k)
+    }
+
+    /// A parity packet's index lies within its block's parity packets.
+    fn fields_valid(&self, repair: &Repair) -> bool {
+        usize::from(repair.index) < usize::from(repair.parity_count)
+    }
+}
+
 impl<B: Backend> FecDecoder for RsDecoder<B> {
     fn on_data(&mut self, seq: u64, data: &[u8], out: &mut Vec<Recovery>) {
-        if data.len() > DATA_MAX {
-            return;
-        }
-        if self.store.admit(seq, out) == Admit::Late {
-            self.store.stats.late += 1;
-            return;
-        }
-        self.prune(out);
-        if !self.store.hold_copy(seq, data) {
-            self.store.stats.duplicates += 1;
+        if !receive_data(self, seq, data, out) {
             return;
         }
         if let Some(first) = self.waiting.remove(&seq) {
@@ -451,26 +445,9 @@ impl<B: Backend> FecDecoder for RsDecoder<B> {
     }
 
     fn on_repair(&mut self, repair: Repair, out: &mut Vec<Recovery>) -> Result<(), Refused> {
-        if repair.scheme != B::SCHEME {
-            return Err(Refused::OtherScheme(repair.scheme));
-        }
-        let (Some(&first), Some(&last)) = (repair.members.first(), repair.members.last()) else {
-            return Err(Refused::Contradicts);
-        };
-        if !members_valid(&repair.members) {
-            return Err(Refused::Contradicts);
-        }
-        if usize::from(repair.index) >= usize::from(repair.parity_count) {
-            return Err(Refused::Contradicts);
-        }
-        if last - first >= self.store.window.seqs {
-            return Err(Refused::TooWide);
-        }
-        if self.store.admit(last, out) == Admit::Late || first < self.store.base() {
-            self.store.stats.late += 1;
+        if admit_repair(self, &repair, out)?.is_none() {
             return Ok(());
         }
-        self.prune(out);
         if let Some(first) = self.add_parity(repair)? {
             self.try_rebuild(first, out);
         }

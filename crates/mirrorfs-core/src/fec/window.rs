@@ -1,9 +1,11 @@
 //! The decoder's window of data packets: what is held of the newest `seqs` numbers, within a
-//! byte budget shared with the scheme's unfinished repairs.
+//! byte budget shared with the scheme's unfinished repairs; and the steps every scheme's
+//! decoder takes when a packet arrives, before and after its own (`Windowed`, `receive_data`,
+//! `admit_repair`).
 
 use std::collections::VecDeque;
 
-use super::{DecoderStats, Recovery, Window};
+use super::{members_valid, DecoderStats, Recovery, Refused, Repair, Scheme, Window, DATA_MAX};
 
 const SPARE_MAX: usize = 64;
 
@@ -176,4 +178,91 @@ impl Store {
             .position(|s| !matches!(s, Slot::Unknown))?;
         Some(self.base() + i as u64)
     }
+}
+
+/// A scheme's decoder around a `Store`: what the shared arrival steps need of it.
+pub(crate) trait Windowed {
+    /// The repairs this decoder takes.
+    fn scheme(&self) -> Scheme;
+    fn store(&mut self) -> &mut Store;
+    /// Drops the scheme's unfinished repairs that reach below the window's bottom.
+    fn drop_repairs_below_base(&mut self);
+    /// The first member of the oldest unfinished repair.
+    fn oldest_repair(&self) -> Option<u64>;
+    /// Keeps the window's bounds, the scheme's unfinished repairs counted: repairs below its
+    /// bottom go, and past the byte budget the oldest seq in use (held, wanted, or a repair's
+    /// first member) goes, one at a time.
+    fn prune(&mut self, out: &mut Vec<Recovery>) {
+        self.drop_repairs_below_base();
+        while self.store().over_budget() {
+            let oldest_repair = self.oldest_repair();
+            let oldest = match (self.store().oldest_used(), oldest_repair) {
+                (Some(a), Some(b)) => a.min(b),
+                (a, b) => match a.or(b) {
+                    Some(s) => s,
+                    None => break,
+                },
+            };
+            self.store().evict_below(oldest + 1, out);
+            self.drop_repairs_below_base();
+        }
+    }
+    /// What the scheme requires of a repair's fields besides its members.
+    fn fields_valid(&self, _repair: &Repair) -> bool {
+        true
+    }
+}
+
+/// A data packet arriving: held, unless it is larger than FEC protects (never protected),
+/// older than the window (counted late) or already held (counted a duplicate). True if it is
+/// newly held: the scheme then takes it, and prunes after.
+pub(crate) fn receive_data<D: Windowed>(
+    d: &mut D,
+    seq: u64,
+    data: &[u8],
+    out: &mut Vec<Recovery>,
+) -> bool {
+    if data.len() > DATA_MAX {
+        // Never protected (encoders refuse it): nothing to hold it for.
+        return false;
+    }
+    if d.store().admit(seq, out) == Admit::Late {
+        d.store().stats.late += 1;
+        return false;
+    }
+    d.prune(out);
+    if !d.store().hold_copy(seq, data) {
+        d.store().stats.duplicates += 1;
+        return false;
+    }
+    true
+}
+
+/// A repair arriving: refused if it is of another scheme, its members or fields are not
+/// valid, or it spans more than the window; `None` (counted late) if it reaches below the
+/// window; else its first member, with the window moved to take it and pruned: the scheme then
+/// takes it, and prunes after.
+pub(crate) fn admit_repair<D: Windowed>(
+    d: &mut D,
+    repair: &Repair,
+    out: &mut Vec<Recovery>,
+) -> Result<Option<u64>, Refused> {
+    if repair.scheme != d.scheme() {
+        return Err(Refused::OtherScheme(repair.scheme));
+    }
+    let (Some(&first), Some(&last)) = (repair.members.first(), repair.members.last()) else {
+        return Err(Refused::Contradicts);
+    };
+    if !members_valid(&repair.members) || !d.fields_valid(repair) {
+        return Err(Refused::Contradicts);
+    }
+    if last - first >= d.store().window.seqs {
+        return Err(Refused::TooWide);
+    }
+    if d.store().admit(last, out) == Admit::Late || first < d.store().base() {
+        d.store().stats.late += 1;
+        return Ok(None);
+    }
+    d.prune(out);
+    Ok(Some(first))
 }

@@ -114,8 +114,7 @@ fn publish(
 ) -> Flow {
     match turn {
         Ok(Turn::Checkpointed { checkpoint }) => {
-            m.checkpoint.store(checkpoint, Ordering::Release);
-            vol.changed.notify_all();
+            vol.publish_mirror_positions(|| m.checkpoint.store(checkpoint, Ordering::Release));
         }
         Ok(Turn::Applied {
             seq,
@@ -127,14 +126,19 @@ fn publish(
             if let Some(done) = copy_done {
                 copy_complete(m, done);
             }
-            m.applied.store(seq, Ordering::Release);
             m.applied_bytes.fetch_add(data_bytes, Ordering::Relaxed);
-            if m.checkpoint.swap(checkpoint, Ordering::AcqRel) != checkpoint {
-                vol.changed.notify_all();
-            }
+            // Every record applied wakes the waiters, not only a moved checkpoint: a local
+            // mirror's writers with `--ack received` or `network` wait for `applied`, and a
+            // daemon's acks carry it.
+            vol.publish_mirror_positions(|| {
+                m.applied.store(seq, Ordering::Release);
+                m.checkpoint.store(checkpoint, Ordering::Release);
+            });
             set_applying(m, copying);
         }
-        Ok(Turn::Skipped { seq }) => m.applied.store(seq, Ordering::Release),
+        Ok(Turn::Skipped { seq }) => {
+            vol.publish_mirror_positions(|| m.applied.store(seq, Ordering::Release));
+        }
         Ok(Turn::Idle) => {
             let p = lock(&vol.progress);
             if !p.stopping && !feed.moved(&p) {
@@ -848,4 +852,72 @@ pub(crate) fn creation_op(
             gid,
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every record the worker applies wakes whoever waits for the mirror's positions (a local
+    /// mirror's writers with `--ack received` or `network`, a mirror daemon's ack sender), at
+    /// once. Each waiter here checks `applied` under the progress lock and then sleeps for up
+    /// to five seconds where those sleep for 50 ms: a missing wake-up (`applied` used to be
+    /// stored without one) or one lost between the check and the wait shows as a five-second
+    /// wait. Half the records are published at once (the race), half after the waiter had a
+    /// millisecond to fall asleep (the missing wake-up).
+    #[test]
+    fn every_applied_record_wakes_those_waiting_for_it() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let journal_dir = d.path().join("journal");
+        fs::create_dir(&journal_dir).expect("journal dir");
+        let store = FileStore::open(&journal_dir).expect("store");
+        let (j, _) =
+            Journal::open(store, mirrorfs_core::journal::JournalConfig::default()).expect("open");
+        let role = crate::site::engine::Role::Mirror {
+            former_primary: false,
+        };
+        let vol = Arc::new(Volume::new(j, None, Vec::new(), &role));
+        let m = Arc::new(MirrorShared::new(
+            "m".into(),
+            d.path().join("tree"),
+            d.path().join("state"),
+            None,
+        ));
+        let feed = RecordFeed::new(1);
+        let patience = Duration::from_secs(5);
+        for seq in 1..=100u64 {
+            let waiter = {
+                let (v, m) = (vol.clone(), m.clone());
+                std::thread::spawn(move || {
+                    let t0 = Instant::now();
+                    let mut p = lock(&v.progress);
+                    while m.applied.load(Ordering::Acquire) < seq && t0.elapsed() < patience {
+                        p = v
+                            .changed
+                            .wait_timeout(p, patience)
+                            .map(|r| r.0)
+                            .unwrap_or_else(|e| e.into_inner().0);
+                    }
+                    t0.elapsed()
+                })
+            };
+            if seq % 2 == 0 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let turn = Turn::Applied {
+                seq,
+                data_bytes: 0,
+                checkpoint: 0,
+                copying: false,
+                copy_done: None,
+            };
+            assert!(matches!(publish(&vol, &m, &feed, Ok(turn)), Flow::Go));
+            let waited = waiter.join().expect("waiter");
+            assert_eq!(m.applied.load(Ordering::Acquire), seq);
+            assert!(
+                waited < Duration::from_secs(1),
+                "record {seq} applied, but its waiter slept {waited:?}: no wake-up"
+            );
+        }
+    }
 }

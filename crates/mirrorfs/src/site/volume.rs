@@ -652,6 +652,20 @@ impl Volume {
         self.changed.notify_all();
     }
 
+    /// A mirror's worker moved its positions: `update` stores them (`applied`, `checkpoint`)
+    /// **under the progress lock**, then every waiter is woken. Those that wait for them check
+    /// them under that lock before they sleep — writers in `wait_mirrors` (a local mirror's
+    /// `Sent` and `Received` levels are its `applied`), a mirror daemon's ack sender — so the
+    /// wake-up cannot fall between a check and its wait. (`applied` used to be stored without
+    /// one: those waiters slept to their 50 ms tick.)
+    pub fn publish_mirror_positions(&self, update: impl FnOnce()) {
+        {
+            let _p = lock(&self.progress);
+            update();
+        }
+        self.changed.notify_all();
+    }
+
     /// The errno of a change the sequencer refused. `NoSpace` (a full disk or, which the
     /// size-limit policy rules out, a journal still full after every mirror was detached)
     /// refuses this one change with `ENOSPC` and nothing else; `Failed` (the sequencer is

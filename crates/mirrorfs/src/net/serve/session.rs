@@ -14,7 +14,7 @@ use mirrorfs_core::wire::{error_code, Decoder, Msg};
 
 use crate::net::conn::Duplex;
 use crate::site::meta::{write_meta, CopyState};
-use crate::site::volume::lock;
+use crate::site::volume::{lock, Progress};
 
 use super::Daemon;
 
@@ -234,6 +234,7 @@ impl Daemon {
     ) -> Result<()> {
         let t0 = Instant::now();
         while !done.load(Ordering::Acquire) {
+            let seen = self.ack_inputs(&lock(&self.vol.progress));
             let raw = Positions {
                 received: lock(&self.vol.order).journal.next_seq() - 1,
                 durable: lock(&self.vol.progress).durable_seq,
@@ -249,9 +250,25 @@ impl Daemon {
                 link.send(&ack)?;
             }
             let p = lock(&self.vol.progress);
-            let _ = self.vol.changed.wait_timeout(p, Duration::from_millis(50));
+            // A position that moved during this round (while the ack went out) was published
+            // before this check, or its wake-up comes after the wait began: never lost.
+            if self.ack_inputs(&p) == seen {
+                let _ = self.vol.changed.wait_timeout(p, Duration::from_millis(50));
+            }
         }
         Ok(())
+    }
+
+    /// What the positions of an ack are made from, as published under the progress lock `p`:
+    /// the journal's end (`publish_received`), durable (the flusher), applied and checkpoint
+    /// (`publish_mirror_positions`).
+    fn ack_inputs(&self, p: &Progress) -> [u64; 4] {
+        [
+            self.vol.settled.load(Ordering::Acquire),
+            p.durable_seq,
+            self.m.applied.load(Ordering::Acquire),
+            self.m.checkpoint.load(Ordering::Acquire),
+        ]
     }
 
     /// The initial copy (or resync) is complete, its `SyncDone` durably applied: from now on DIR
