@@ -36,7 +36,10 @@
 //! copied (link identity is not reintegrated: a copy replaces one name by a new file), but a
 //! change through any name of a file marks every name the records linked to it as changed, and a
 //! rename between two such names does nothing, as rename(2). Links made before the common point
-//! are not known to the records: a change through one of those names marks only that name.
+//! are not known to the records: a change through one of those names marks only that name, and a
+//! rename between two of them is read as a move until an op that needs the name it left (a
+//! write, an unlink, a rename from it, not a create or a rename onto it) shows that the name is
+//! still there: the rename did nothing, and from then on the two names are one file.
 //!
 //! # Rules
 //!
@@ -262,6 +265,24 @@ struct Side {
     /// maps to the shared list's key, the first member).
     link_group: HashMap<usize, usize>,
     links: HashMap<usize, Vec<usize>>,
+    /// A name a file left by its own rename, while nothing else has been put there (or at a
+    /// directory above it): the rename that left it, in case a later op names it again.
+    vacated: BTreeMap<RelPath, Vacated>,
+}
+
+/// A file's rename `from → to` as the fold applied it. If a later op names `from` again, the
+/// rename did nothing: `from` and `to` were two names of one file (linked before the common
+/// point, so the records do not know it), as rename(2) leaves them.
+#[derive(Debug, Clone)]
+struct Vacated {
+    /// The file the rename moved.
+    obj: usize,
+    to: RelPath,
+    /// What the fold took `to` to be, replaced by the rename: the file's other name.
+    replaced: usize,
+    /// The file's `moved` and the other name's `phantom` before the rename.
+    was_moved: bool,
+    was_phantom: bool,
 }
 
 impl Side {
@@ -290,9 +311,7 @@ impl Side {
                 let a = self.resolve(from);
                 self.create(to, false);
                 let b = self.objs.len() - 1;
-                let g = *self.link_group.entry(a).or_insert(a);
-                self.link_group.insert(b, g);
-                self.links.entry(g).or_insert_with(|| vec![a]).push(b);
+                self.join(a, b);
             }
             Op::Unlink { path, .. } => self.delete(path, false),
             Op::Rmdir { path } => self.delete(path, true),
@@ -327,6 +346,21 @@ impl Side {
         }
     }
 
+    /// `a` and `b` are names of one file (their link groups become one).
+    fn join(&mut self, a: usize, b: usize) {
+        let g = *self.link_group.entry(a).or_insert(a);
+        let joining = match self.link_group.get(&b) {
+            Some(&h) if h == g => return,
+            Some(&h) => self.links.remove(&h).unwrap_or_else(|| vec![b]),
+            None => vec![b],
+        };
+        let list = self.links.entry(g).or_insert_with(|| vec![a]);
+        list.extend(joining.iter().copied());
+        for m in joining {
+            self.link_group.insert(m, g);
+        }
+    }
+
     fn same_file(&self, a: usize, b: usize) -> bool {
         a == b
             || self
@@ -342,7 +376,17 @@ impl Side {
 
     /// The object `p` names now, made explicit (given a current name) if it was not.
     fn resolve(&mut self, p: &RelPath) -> usize {
+        self.resolve_name(p, true)
+    }
+
+    /// [`Side::resolve`]; `existing`: the op needs `p` to exist (it failed otherwise, and
+    /// aborted ops are not folded), so a name a rename left is evidence that the rename did
+    /// nothing. Not so a rename's target, which may be absent.
+    fn resolve_name(&mut self, p: &RelPath, existing: bool) -> usize {
         if let Some(&i) = self.names.get(p) {
+            return i;
+        }
+        if let Some(i) = existing.then(|| self.undo_no_op_rename(p)).flatten() {
             return i;
         }
         let i = match self.base_of(p) {
@@ -367,6 +411,34 @@ impl Side {
         self.objs[i].now = Some(p.clone());
         self.names.insert(p.clone(), i);
         i
+    }
+
+    /// `p` is named again after a file's rename left it: that rename did nothing (two names of
+    /// one file). The file is back at `p`, its other name back at the rename's target, and both
+    /// are one file from now on (a change through either marks both). `None` if `p` was not
+    /// left by a rename, or what the rename did was changed since (then nothing is undone).
+    fn undo_no_op_rename(&mut self, p: &RelPath) -> Option<usize> {
+        let v = self.vacated.remove(p)?;
+        let intact = self.objs[v.obj].now.as_ref() == Some(&v.to)
+            && self.names.get(&v.to) == Some(&v.obj)
+            && self.objs[v.replaced].now.is_none();
+        if !intact {
+            return None;
+        }
+        let (file, other) = (v.obj, v.replaced);
+        self.objs[file].now = Some(p.clone());
+        self.objs[file].moved = v.was_moved;
+        self.names.insert(p.clone(), file);
+        self.objs[other].now = Some(v.to.clone());
+        self.objs[other].phantom = v.was_phantom;
+        self.names.insert(v.to, other);
+        self.join(file, other);
+        for i in [file, other] {
+            if self.objs[i].changed {
+                self.changed(i);
+            }
+        }
+        Some(file)
     }
 
     /// The common-point path of what `p` names now, through the nearest named ancestor.
@@ -411,26 +483,38 @@ impl Side {
             return;
         }
         let a = self.resolve(from);
-        if self.names.get(to).is_some_and(|&b| self.same_file(a, b)) {
+        // Whatever `to` names is replaced (it did not exist if the base object is made up).
+        let fresh = !self.names.contains_key(to);
+        let exchange = flags & rename_flags::EXCHANGE != 0;
+        let r = self.resolve_name(to, exchange);
+        if self.same_file(a, r) {
             return; // two names of one file (a hard link): rename(2) does nothing
         }
-        if flags & rename_flags::EXCHANGE != 0 {
-            let b = self.resolve(to);
+        if exchange {
             let ta = self.take_tree(from);
             let tb = self.take_tree(to);
             self.put_rebased(ta, from, to);
             self.put_rebased(tb, to, from);
-            self.objs[b].moved = true;
+            self.objs[r].moved = true;
         } else {
-            // Whatever `to` named is replaced (it did not exist if the base object is made up).
-            let fresh = !self.names.contains_key(to);
-            let r = self.resolve(to);
+            let vacated = Vacated {
+                obj: a,
+                to: to.clone(),
+                replaced: r,
+                was_moved: self.objs[a].moved,
+                was_phantom: self.objs[r].phantom,
+            };
             self.objs[r].phantom = fresh && !self.objs[r].changed && !self.objs[r].moved;
             for (_, j) in self.take_tree(to) {
                 self.objs[j].now = None;
             }
             let moved = self.take_tree(from);
+            // Only a file can have two names (a directory known as one always moves).
+            let file = moved.len() == 1 && !self.objs[a].dir;
             self.put_rebased(moved, from, to);
+            if file && flags & RENAME_WHITEOUT == 0 {
+                self.vacated.insert(from.clone(), vacated);
+            }
         }
         self.objs[a].moved = true;
         if flags & RENAME_WHITEOUT != 0 {
@@ -438,8 +522,10 @@ impl Side {
         }
     }
 
-    /// Takes `p` and every name below it out of `names`.
+    /// Takes `p` and every name below it out of `names` (something else goes there, or they
+    /// go away: a name left by a rename below it is no longer that rename's to undo).
     fn take_tree(&mut self, p: &RelPath) -> Vec<(RelPath, usize)> {
+        take_tree(&mut self.vacated, p);
         take_tree(&mut self.names, p)
     }
 
@@ -1585,6 +1671,60 @@ mod tests {
         let reasons: Vec<Reason> = got.conflicts.iter().map(|c| c.reason).collect();
         assert_eq!(reasons, [Reason::TheyDeleted, Reason::NameTaken], "{got:?}");
         assert!(!got.steps.iter().any(|s| matches!(s, Step::Remove { .. })));
+    }
+
+    /// Seed 9895 (three sites): `x` and `y` were two names of one file at the common point (the
+    /// records do not know it). Their side moved `x` to its new file's name `n`, then renamed
+    /// `n` to `y`: two names of one file, so rename(2) did nothing and `n` stayed; the planner
+    /// read it as a move, took their later write through `n` for a change of a base object
+    /// `n`, and copied it over the `n` our side had created. A later op naming the name a
+    /// rename left shows the rename did nothing: both names are of one file.
+    #[test]
+    fn a_rename_between_two_names_of_one_file_linked_before_the_common_point_is_no_move() {
+        let linked = [Op::Link {
+            from: p("x"),
+            to: p("y"),
+        }];
+        let ours = [create("n"), write("n", "ours-n")];
+        let theirs = [
+            create("n"),
+            rename("x", "n", 0),
+            rename("n", "y", 0),
+            write("n", "theirs"),
+        ];
+        let o = run_with_base(&linked, &ours, &theirs);
+        // Ours kept at `n`; their file (changed through `n`, also their `y`) kept beside it
+        // and at `y`.
+        o.has("n", "ours-n").has("y", "theirs");
+        let copies: Vec<_> = o
+            .plan
+            .conflicts
+            .iter()
+            .filter_map(|c| c.copy.clone())
+            .collect();
+        let kept = copies
+            .iter()
+            .any(|c| o.content(&c.to_string()).as_deref() == Some("theirs"))
+            || o.content("x").as_deref() == Some("theirs");
+        assert!(
+            kept,
+            "their version kept: {:?} {:?}",
+            o.plan,
+            o.tree.entries.keys()
+        );
+        // Their side's net effect: `x` renamed to `n` and changed, `y` changed (one file).
+        let t = records(theirs.to_vec());
+        assert_eq!(
+            net_changes(&t),
+            vec![
+                NetChange::Modified { path: p("y") },
+                NetChange::Renamed {
+                    from: p("x"),
+                    to: p("n"),
+                    modified: true
+                },
+            ]
+        );
     }
 
     #[test]

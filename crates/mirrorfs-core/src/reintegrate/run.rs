@@ -21,7 +21,7 @@
 //! | `Rename{from, to}` | looks at `to`, then at `from` (last, so a late change there is seen as late as possible); nothing if `from` is gone (done before a crash); `unlink(from)` if `to` is another name of the same file (rename(2) would do nothing); else `rename(from, to)`, with `RENAME_NOREPLACE` if `to` was absent |
 //! | `Remove{our_path}` | nothing if absent; `rmdir` or `unlink` |
 //! | `Mkdir{their, our}` | their directory's attributes on ours (made if absent) |
-//! | `CopyFromTheirs{their, our}`, `ConflictCopy{their, copy}` | their entry is recreated under a temporary name beside the target (`.mirrorfs-reint-copy-T-I`, T from the plan's label, I the step; `-T-I-N` when a change of ours since the plan took the name, which is left alone), then renamed over it, so a crash never leaves a half copy at the target; a directory is made in place (attributes only) |
+//! | `CopyFromTheirs{their, our}`, `ConflictCopy{their, copy}` | their entry is recreated under a temporary name beside the target (`.mirrorfs-reint-copy-T-I`, T from the plan's label, I the step; `-T-I-N` when a change of ours since the plan took the name, which is left alone), then the target is looked at again (last, so a late change there is seen as late as possible) and the copy renamed over it, so a crash never leaves a half copy at the target (with `RENAME_NOREPLACE` if the target was absent; if a user moved the finished copy away meanwhile, the step begins again, at most `COPY_TRIES` times); a directory is made in place (attributes only) |
 //!
 //! Every op goes through the shell's volume: journaled and applied like any change, so every
 //! mirror of our site follows. Every step is idempotent against its own effect, so after a crash
@@ -32,9 +32,10 @@
 //! The plan was made from our records up to one point; users keep working. Before a step
 //! replaces or removes something, [`Stat::changed_since_plan`] says whether a later change of
 //! ours named it; if so ours is kept: a removal is skipped, a copy goes to a conflict name
-//! (`NAME.conflict-SITE-YYYYMMDD-HHMMSS-late-I`), a rename onto it goes to that name instead, and each is
-//! listed as a [`Conflict`] with [`Reason::ChangedDuringReintegration`]. Nothing is overwritten
-//! that the plan did not see. A rename whose source was changed since the plan carries that
+//! (`NAME.conflict-SITE-YYYYMMDD-HHMMSS-late-I`; also when the change came while the copy was
+//! made), a rename onto it goes to that name instead, and each is listed as a [`Conflict`] with
+//! [`Reason::ChangedDuringReintegration`]. Nothing is overwritten that the plan did not see
+//! (but for what a user does between the last look at a name and the op that replaces it). A rename whose source was changed since the plan carries that
 //! change along: its destination is *held* (a self-move `Moved(p, p)`, recorded before the
 //! rename is applied) and counts as changed since the plan for the rest of the run.
 
@@ -131,6 +132,8 @@ enum Purpose {
     Remove,
     Target,
     Temp,
+    /// A copy's target, looked at again once the copy is made, just before it is placed.
+    Place,
 }
 
 /// Which failures of an `Apply` are the step's own effect already done.
@@ -193,6 +196,9 @@ struct Copy {
 
 /// How many temporary names a copy tries when users take them (each try is one look).
 const TEMP_TRIES: u32 = 64;
+/// How many times a copy step begins again when users move its finished copy away before it is
+/// placed (each time costs a fetch).
+const COPY_TRIES: u32 = 8;
 
 /// One plan being carried out.
 #[derive(Debug)]
@@ -221,6 +227,9 @@ pub struct Run {
     temp_tag: String,
     /// The rename being applied: (from, its inode, it carries a change of ours since the plan).
     renaming: Option<(RelPath, u64, bool)>,
+    /// How many times the current copy step was begun again because users moved its finished
+    /// copy (or the directory it was in) away before it was placed.
+    copy_tries: u32,
 }
 
 impl Run {
@@ -242,6 +251,7 @@ impl Run {
             plan_names: plan.steps.iter().flat_map(temp_like_names).collect(),
             temp_tag: format!("{:08x}", crc32c::crc32c(label.as_bytes())),
             renaming: None,
+            copy_tries: 0,
         }
     }
 
@@ -277,6 +287,7 @@ impl Run {
                 let done = self.step;
                 self.step += 1;
                 self.started = false;
+                self.copy_tries = 0;
                 return Ok(Action::StepDone(done));
             }
             if self.step >= self.steps.len() {
@@ -507,6 +518,7 @@ impl Run {
                 }
             },
             (Purpose::Target, _) => self.on_target(st)?,
+            (Purpose::Place, _) => self.place(st)?,
             (Purpose::Temp, _) => {
                 let (step, tag) = (self.step, self.temp_tag.clone());
                 let temp = self.copy_mut()?.temp.clone();
@@ -699,19 +711,35 @@ impl Run {
             self.finish();
             return Ok(());
         }
-        if c.ours == Some(EntryKind::Dir) {
-            // Ours became a directory after the plan: kept; theirs goes beside it.
-            let target = c.target.clone();
-            let late = late_name(&target, &self.label, self.step).map_err(|why| self.fail(why))?;
-            self.move_late(&target, &late);
-            self.copy_mut()?.target = late;
+        // Users kept working while the copy was made (a fetch may take long): the target is
+        // looked at again, as late as possible, before the copy replaces it.
+        let target = c.target.clone();
+        self.stat(target, Purpose::Place);
+        Ok(())
+    }
+
+    /// The finished copy goes to its target: over what the plan saw there, beside a directory
+    /// of ours or a change of ours made since the plan, and never over what a user put at an
+    /// absent target meanwhile (RENAME_NOREPLACE; it then goes beside it too).
+    fn place(&mut self, st: Option<Stat>) -> Result<(), RunError> {
+        let mut flags = 0;
+        match st {
+            Some(s) if s.kind == EntryKind::Dir || s.changed_since_plan => {
+                let target = self.copy_mut()?.target.clone();
+                let late =
+                    late_name(&target, &self.label, self.step).map_err(|why| self.fail(why))?;
+                self.move_late(&target, &late);
+                self.copy_mut()?.target = late;
+            }
+            Some(_) => {}
+            None => flags = rename_flags::NOREPLACE,
         }
         let c = self.copy_mut()?;
         c.phase = Phase::Placing;
         let op = Op::Rename {
             from: c.temp.clone(),
             to: c.target.clone(),
-            flags: 0,
+            flags,
             from_ino: 0,
         };
         self.apply(op, Tolerate::Nothing);
@@ -729,8 +757,15 @@ impl Run {
             return self.rename_elsewhere(homeless);
         }
         let phase = self.copy.as_ref().map(|c| (c.phase, c.dir, c.placed_late));
-        if r != Applied::Ok && phase == Some((Phase::Placing, Some(false), false)) {
-            return self.place_beside();
+        if let (false, Some((Phase::Placing, Some(false), placed_late))) = (r == Applied::Ok, phase)
+        {
+            return match r {
+                // The copy, or the directory it was made in, is gone: a user moved it away
+                // while it waited to be placed (the target's look came between).
+                Applied::NotFound | Applied::NotDir => self.copy_again(),
+                _ if !placed_late => self.place_beside(),
+                r => Err(self.fail(format!("{r:?}"))),
+            };
         }
         if r == Applied::Exists && matches!(phase, Some((Phase::Receiving, Some(true), _))) {
             // A directory of ours appeared there after the plan: kept with its attributes.
@@ -824,6 +859,20 @@ impl Run {
             from_ino: 0,
         };
         self.apply(op, Tolerate::Nothing);
+        Ok(())
+    }
+
+    /// Begins the copy step again (a user moved its finished copy away): the target is looked at
+    /// anew (after the run's late moves: a late name this step chose stays its target) and
+    /// their entry fetched again.
+    fn copy_again(&mut self) -> Result<(), RunError> {
+        self.copy_tries += 1;
+        if self.copy_tries >= COPY_TRIES {
+            return Err(self.fail("users moved every copy away before it was placed"));
+        }
+        self.wait = Wait::None;
+        self.copy = None;
+        self.start_step();
         Ok(())
     }
 
@@ -1285,6 +1334,97 @@ mod tests {
         let late = "y.conflict-b-19700101-000000-late-0";
         assert_eq!(content(&ours, late).as_deref(), Some("parked"));
         assert_eq!(r.conflicts.len(), 1, "{r:?}");
+    }
+
+    /// Seed 7434 (three sites): a user renamed one of our files onto a copy's target after the
+    /// run had looked at the target and while the copy was made; the finished copy replaced the
+    /// user's file. The copy looks at its target again just before it places itself.
+    #[test]
+    fn a_copy_never_replaces_what_a_user_put_at_its_target_while_it_was_made() {
+        let theirs = tree(&[("x", "theirs")]).snapshot();
+        let plan = Plan {
+            steps: vec![copy("x")],
+            conflicts: vec![],
+        };
+        let user = Op::Rename {
+            from: p("u"),
+            to: p("x"),
+            flags: 0,
+            from_ino: 0,
+        };
+        // Look 0 is the target, look 1 the temporary name: the user moves `u` onto `x` between.
+        let mut ours = tree(&[("x", "ours"), ("u", "ours, moved onto x by a user")]);
+        let r = drive_with_user_at(&mut ours, &theirs, &plan, 1, user);
+        assert!(r.done, "{r:?}");
+        let want = Some("ours, moved onto x by a user");
+        assert_eq!(content(&ours, "x").as_deref(), want);
+        let late = "x.conflict-b-19700101-000000-late-0";
+        assert_eq!(content(&ours, late).as_deref(), Some("theirs"));
+        let listed: Vec<_> = r
+            .conflicts
+            .iter()
+            .map(|c| (c.path.clone(), c.copy.clone(), c.reason))
+            .collect();
+        let reason = Reason::ChangedDuringReintegration;
+        assert_eq!(listed, vec![(p("x"), Some(p(late)), reason)]);
+        let names: Vec<_> = ours.snapshot().entries.into_keys().collect();
+        assert_eq!(
+            names,
+            vec![RelPath::root(), p("x"), p(late)],
+            "no temporary name left"
+        );
+    }
+
+    /// The same user's rename onto a target that was absent when looked at: the copy does not
+    /// replace it (RENAME_NOREPLACE) and goes beside it.
+    #[test]
+    fn a_copy_to_an_absent_target_never_replaces_what_a_user_put_there_meanwhile() {
+        let theirs = tree(&[("x", "theirs")]).snapshot();
+        let plan = Plan {
+            steps: vec![copy("x")],
+            conflicts: vec![],
+        };
+        let user = Op::Rename {
+            from: p("u"),
+            to: p("x"),
+            flags: 0,
+            from_ino: 0,
+        };
+        let mut ours = tree(&[("u", "ours, moved onto x by a user")]);
+        let r = drive_with_user_at(&mut ours, &theirs, &plan, 1, user);
+        assert!(r.done, "{r:?}");
+        let want = Some("ours, moved onto x by a user");
+        assert_eq!(content(&ours, "x").as_deref(), want);
+        let late = "x.conflict-b-19700101-000000-late-0";
+        assert_eq!(content(&ours, late).as_deref(), Some("theirs"));
+        assert_eq!(r.conflicts.len(), 1, "{r:?}");
+    }
+
+    /// The look before placing gives users a moment with the finished copy: one who moves it
+    /// away keeps it, and the step fetches their entry again.
+    #[test]
+    fn a_copy_a_user_moved_away_before_it_was_placed_is_made_again() {
+        let tag = crc32c::crc32c(b"conflict-b-19700101-000000");
+        let theirs = tree(&[("d/x", "theirs")]).snapshot();
+        let plan = Plan {
+            steps: vec![copy("d/x")],
+            conflicts: vec![],
+        };
+        let user = Op::Rename {
+            from: p(&format!("d/.mirrorfs-reint-copy-{tag:08x}-0")),
+            to: p("d/kept"),
+            flags: 0,
+            from_ino: 0,
+        };
+        // Looks 0 and 1 are the target and the temporary name; look 2, the target again.
+        let mut ours = tree(&[("d/x", "ours")]);
+        let r = drive_with_user_at(&mut ours, &theirs, &plan, 2, user);
+        assert!(r.done && r.conflicts.is_empty() && r.cursor == 1, "{r:?}");
+        assert_eq!(content(&ours, "d/x").as_deref(), Some("theirs"));
+        assert_eq!(content(&ours, "d/kept").as_deref(), Some("theirs"));
+        let names: Vec<_> = ours.snapshot().entries.into_keys().collect();
+        let want = vec![RelPath::root(), p("d"), p("d/kept"), p("d/x")];
+        assert_eq!(names, want, "no temporary name left");
     }
 
     /// Seed 9378 (two sites): after a crash left a half copy at a step's temporary name, a user
