@@ -88,6 +88,13 @@ pub enum Incoming<'a> {
     /// Reintegration is complete on the primary: save the diverged changes, mark the copy for
     /// a resync, answer `Reintegrated{conflicts}`, and end the session.
     Reintegrated { conflicts: u64 },
+    /// The primary offers the UDP data path from record `first` (the next record this session
+    /// expects): the shell answers `UdpAccept` with its UDP port, or 0 to decline. Records that
+    /// arrive over UDP come back here as `Records` messages, so they are checked the same way.
+    UdpOffer { first: u64 },
+    /// The primary's UDP sender has handed out every record through `through`
+    /// (`UdpReceiver::note_sent`).
+    UdpSent { through: u64 },
 }
 
 /// Where a reintegration is.
@@ -309,6 +316,20 @@ impl Session {
                     settled: *settled,
                 })
             }
+            Msg::UdpOffer { first } => {
+                if self.rx.expected() != Some(*first) {
+                    return Err(LinkError::new(
+                        error_code::BAD_FRAME,
+                        true,
+                        format!(
+                            "UDP offered from record {first}, but record {:?} is next",
+                            self.rx.expected()
+                        ),
+                    ));
+                }
+                Ok(Incoming::UdpOffer { first: *first })
+            }
+            Msg::UdpSent { through } => Ok(Incoming::UdpSent { through: *through }),
             Msg::Ping { nonce } => Ok(Incoming::Reply(Msg::Pong { nonce: *nonce })),
             Msg::Pong { .. } => Ok(Incoming::Nothing),
             Msg::Error { code, message } => Ok(Incoming::PeerError {

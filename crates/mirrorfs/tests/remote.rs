@@ -910,11 +910,22 @@ fn ack_position(st: &Value, r: &Value, mode: &str, field: &str) -> u64 {
 }
 
 fn ack_mode(mode: &str) {
-    let net = Net::new(&format!("ack-{mode}"));
+    ack_mode_over(mode, "tcp");
+}
+
+/// A workload mirrored in ack mode `mode` with records over `transport` (`--transport`).
+fn ack_mode_over(mode: &str, transport: &str) {
+    let net = Net::new(&format!("ack-{mode}-{transport}"));
     let srv = net.serve("m", &[]);
-    let mut m = net.mount(&format!("net-ack-{mode}"), 0, &srv.url(), &["--ack", mode]);
+    let mut m = net.mount(
+        &format!("net-ack-{mode}-{transport}"),
+        0,
+        &srv.url(),
+        &["--ack", mode, "--transport", transport],
+    );
     let st = wait_live(&m, &srv);
     assert_eq!(st["ack"], mode, "{st}");
+    assert_eq!(remote_of(&st)["link"]["transport"], transport, "{st}");
     let t0 = Instant::now();
     small_workload(m.mnt(), 1);
     let t1 = Instant::now();
@@ -943,6 +954,21 @@ fn ack_mode(mode: &str) {
     let log = strip_ansi(&m.log());
     assert!(log.contains("streaming from record"), "{log}");
     assert!(srv.log().contains("initial copy complete"), "{}", srv.log());
+    if transport == "udp" {
+        // Everything after the handshake came as datagrams, and nothing was dropped.
+        let u = &d["udp"];
+        assert!(num(u, "records") > 100, "{d}");
+        for k in [
+            "dropped_unauthentic",
+            "dropped_replayed",
+            "dropped_malformed",
+            "dropped_invalid",
+        ] {
+            assert_eq!(num(u, k), 0, "{k}: {d}");
+        }
+        assert!(num(&r["link"], "udp_data_packets") > 0, "{r}");
+        assert!(num(&r["link"], "udp_repair_packets") > 0, "{r}");
+    }
 }
 
 #[test]
@@ -3687,4 +3713,17 @@ fn a_network_mirror_stays_at_a_group_boundary_through_a_crash_and_a_promotion() 
         fs::read(srv.dir.join("before")).expect("before"),
         b"before the groups"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The UDP data path (`--transport udp|auto`)
+
+#[test]
+fn udp_ack_durable_mirrors_a_workload() {
+    ack_mode_over("durable", "udp");
+}
+
+#[test]
+fn udp_ack_network_mirrors_a_workload() {
+    ack_mode_over("network", "udp");
 }
