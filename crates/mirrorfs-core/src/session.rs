@@ -620,6 +620,37 @@ mod tests {
     }
 
     #[test]
+    fn udp_is_offered_only_from_the_next_record_and_its_records_are_checked_alike() {
+        let mut s = streaming();
+        let e = s
+            .on_message(&Msg::UdpOffer { first: 160 })
+            .expect_err("not the next record");
+        assert_eq!((e.code, e.retry), (error_code::BAD_FRAME, true));
+        assert_eq!(
+            s.on_message(&Msg::UdpOffer { first: 151 }),
+            Ok(Incoming::UdpOffer { first: 151 })
+        );
+        assert_eq!(
+            s.on_message(&Msg::UdpSent { through: 170 }),
+            Ok(Incoming::UdpSent { through: 170 })
+        );
+        // What came over UDP goes through the same sequence check as a TCP batch.
+        assert!(s.on_message(&records(151, vec![rec(151, b"a")])).is_ok());
+        let e = s
+            .on_message(&records(153, vec![rec(153, b"c")]))
+            .expect_err("a gap");
+        assert_eq!(e.code, error_code::BAD_FRAME);
+        // Before streaming, an offer is out of place.
+        let mut fresh = Session::new(
+            copy(MirrorState::Consistent, hist(1), 150),
+            b".mirrorfs",
+            "m",
+            0,
+        );
+        assert!(fresh.on_message(&Msg::UdpOffer { first: 151 }).is_err());
+    }
+
+    #[test]
     fn an_ancestor_catches_up_and_adopts_the_newer_history() {
         // The mirror knows generation 1 only; the primary was promoted since (generation 2).
         let mut s = Session::new(
