@@ -138,7 +138,7 @@ fn print_table(rows: &[Outcome], imp: &Impairment, run_for: Duration, markdown: 
 }
 
 /// The two processes of one mode, killed and reaped however the run ends.
-struct Procs(Vec<Child>);
+pub(crate) struct Procs(pub(crate) Vec<Child>);
 
 impl Drop for Procs {
     fn drop(&mut self) {
@@ -342,7 +342,7 @@ fn cut(wan: &Wan) -> Result<()> {
     Ok(())
 }
 
-fn listening(wan: &Wan, addr: &str) -> bool {
+pub(crate) fn listening(wan: &Wan, addr: &str) -> bool {
     let addr = addr.to_string();
     wan.within(Side::A, move || {
         let a = addr
@@ -353,11 +353,11 @@ fn listening(wan: &Wan, addr: &str) -> bool {
     .is_ok()
 }
 
-fn status_json(path: &Path) -> Option<serde_json::Value> {
+pub(crate) fn status_json(path: &Path) -> Option<serde_json::Value> {
     serde_json::from_slice(&fs::read(path).ok()?).ok()
 }
 
-fn mirror_live(backing: &Path) -> bool {
+pub(crate) fn mirror_live(backing: &Path) -> bool {
     status_json(&backing.join(".mirrorfs/status.json"))
         .is_some_and(|s| s["mirrors"][0]["state"] == "live")
 }
@@ -368,7 +368,11 @@ fn daemon_caught_up(dir: &Path) -> bool {
         .is_some_and(|s| s["applied_seq"].as_u64() == s["received_seq"].as_u64())
 }
 
-fn wait_for(mut ok: impl FnMut() -> Result<bool>, what: &str, base: &Path) -> Result<()> {
+pub(crate) fn wait_for(
+    mut ok: impl FnMut() -> Result<bool>,
+    what: &str,
+    base: &Path,
+) -> Result<()> {
     let t0 = Instant::now();
     while !ok()? {
         crate::check_interrupted()?;

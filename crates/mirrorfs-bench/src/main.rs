@@ -83,6 +83,7 @@ mod fec;
 mod mounts;
 mod net;
 mod report;
+mod wan;
 mod workloads;
 
 use std::fmt::Write as _;
@@ -119,6 +120,9 @@ pub enum TargetKind {
     /// The SMFS rolling disaster per `--ack` mode over the WAN emulator (`disaster.rs`). Not
     /// in the default set.
     Disaster,
+    /// Mirroring throughput of the TCP and the UDP + FEC data paths over the WAN emulator at
+    /// 50 ms one-way and 0 / 0.1 / 1 % loss (`wan.rs`). Not in the default set.
+    Wan,
 }
 
 impl TargetKind {
@@ -131,6 +135,7 @@ impl TargetKind {
             TargetKind::Reintegration => "reintegration",
             TargetKind::Fec => "fec",
             TargetKind::Disaster => "disaster",
+            TargetKind::Wan => "wan",
         }
     }
 
@@ -138,7 +143,11 @@ impl TargetKind {
     pub fn in_main_table(self) -> bool {
         !matches!(
             self,
-            TargetKind::Net | TargetKind::Reintegration | TargetKind::Fec | TargetKind::Disaster
+            TargetKind::Net
+                | TargetKind::Reintegration
+                | TargetKind::Fec
+                | TargetKind::Disaster
+                | TargetKind::Wan
         )
     }
 }
@@ -421,6 +430,15 @@ fn run(args: &Args) -> Result<()> {
             return Ok(());
         }
     }
+    // The throughput over the WAN emulator.
+    if targets.contains(&TargetKind::Wan) {
+        targets.retain(|t| *t != TargetKind::Wan);
+        let bin = mirrorfs_bin(&ctx)?;
+        wan::run(&bin, run_dir.path(), args.markdown, args.quick, args.seed)?;
+        if targets.is_empty() {
+            return Ok(());
+        }
+    }
     let mut reports = Vec::new();
     for kind in targets {
         check_interrupted()?;
@@ -609,6 +627,7 @@ fn run_target(
     let mut env = match kind {
         TargetKind::Fec => bail!("the fec target runs on its own (fec.rs)"),
         TargetKind::Disaster => bail!("the disaster target runs on its own (disaster.rs)"),
+        TargetKind::Wan => bail!("the wan target runs on its own (wan.rs)"),
         TargetKind::Native => {
             let root = tdir.join("data");
             mkdirs(&[&root])?;

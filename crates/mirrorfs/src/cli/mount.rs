@@ -61,6 +61,10 @@ pub struct MountArgs {
     /// control: set it to what the link can carry).
     #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     udp_rate_mbit: u64,
+    /// The TCP congestion control of the connections to remote mirrors (e.g. `cubic`, `bbr`;
+    /// default: the system's). Over a long lossy link it decides TCP's throughput.
+    #[arg(long)]
+    tcp_congestion: Option<String>,
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9108); off by default.
     #[arg(long)]
     metrics: Option<String>,
@@ -372,6 +376,7 @@ pub fn mount(a: MountArgs) -> Result<()> {
             state: state.path.clone(),
             transport: a.transport,
             udp_rate_bytes_per_s: a.udp_rate_mbit * 125_000,
+            tcp_congestion: a.tcp_congestion.clone(),
         });
         for m in &shared[n_local..] {
             let (v, m, c) = (vol.clone(), m.clone(), cfg.clone());

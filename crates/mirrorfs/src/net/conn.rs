@@ -160,6 +160,27 @@ impl Duplex {
         })
     }
 
+    /// Sets the connection's TCP congestion control (`TCP_CONGESTION`, e.g. `cubic`, `bbr`;
+    /// any algorithm the kernel has, for a process with `CAP_NET_ADMIN`).
+    pub fn set_congestion(&self, algo: &str) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a valid socket and a buffer of the length passed.
+        let r = unsafe {
+            libc::setsockopt(
+                self.sock.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_CONGESTION,
+                algo.as_ptr().cast(),
+                algo.len() as libc::socklen_t,
+            )
+        };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
     /// The peer's address (the UDP data path's datagrams go to the same host).
     pub fn peer_addr(&self) -> io::Result<std::net::SocketAddr> {
         self.sock.peer_addr()

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, Context, Result};
 use mirrorfs_core::journal::Reader;
 use mirrorfs_core::link::{JournalSpan, LinkError, Sender, Start};
 use mirrorfs_core::op::Record;
@@ -54,6 +54,8 @@ pub struct LinkConfig {
     pub transport: Transport,
     /// The UDP data path's pace (`--udp-rate-mbit`).
     pub udp_rate_bytes_per_s: u64,
+    /// The TLS connection's TCP congestion control (`--tcp-congestion`; `None`: the system's).
+    pub tcp_congestion: Option<String>,
 }
 
 fn set_phase(m: &MirrorShared, p: MirrorPhase) {
@@ -313,6 +315,10 @@ impl Session<'_> {
         let (vol, m, cfg, slot) = (self.vol, self.m, self.cfg, self.slot);
         let addr = m.remote.clone().unwrap_or_default();
         let d = Arc::new(Duplex::connect(&addr, &cfg.identity, cfg.pinned.clone())?);
+        if let Some(algo) = &cfg.tcp_congestion {
+            d.set_congestion(algo)
+                .with_context(|| format!("cannot set the TCP congestion control to {algo}"))?;
+        }
         let mut dec = Decoder::new();
         let mut sender = Sender::new(cfg.history.clone(), WINDOW_BYTES);
         d.send(&sender.hello(span(vol), cfg.compress, &cfg.name))?;

@@ -281,8 +281,10 @@ impl UdpStream<'_> {
             self.publish_sent(&mut last_sent_msg)?;
             self.check_proof(&mut unproven_since)?;
             beat.maybe_ping(self.d)?;
+            let sent_pending = lock(&self.path.sender).sent_through() > last_sent_msg.0;
             self.wait(
                 pending.is_some() || round.limit >= reader.next_seq(),
+                sent_pending,
                 round.limit,
             );
         }
@@ -355,8 +357,9 @@ impl UdpStream<'_> {
         Ok(())
     }
 
-    /// Sleeps until the sender may transmit again, a NAK came, or the journal grew.
-    fn wait(&self, more_records: bool, limit: u64) {
+    /// Sleeps until the sender may transmit again, a NAK came, the journal grew, or a
+    /// `sent_through` is due to be told.
+    fn wait(&self, more_records: bool, sent_pending: bool, limit: u64) {
         let wakeup = lock(&self.path.sender).next_wakeup();
         let now = self.path.now_us();
         let queued = !lock(&self.path.gone).is_empty();
@@ -370,6 +373,12 @@ impl UdpStream<'_> {
                 Duration::from_millis(1)
             }
             None => Duration::from_millis(100),
+        };
+        // A `sent_through` not told yet goes out once `SENT_EVERY` passed.
+        let timeout = if sent_pending {
+            timeout.min(SENT_EVERY)
+        } else {
+            timeout
         };
         let p = lock(&self.vol.progress);
         if self.path.wake.swap(false, Ordering::AcqRel)

@@ -276,7 +276,9 @@ impl Daemon {
             return Ok(());
         }
         let msg = Msg::Records { settled, records };
-        match lock(session).on_message(&msg)? {
+        // The session's lock is released before the append (which takes it on a failure).
+        let incoming = lock(session).on_message(&msg)?;
+        match incoming {
             Incoming::Append { records, settled } => {
                 self.append(session, records, inbound.settled(settled))
             }
