@@ -14,9 +14,11 @@
 //! (never negative: a message can reach the mirror without its acknowledgement reaching the
 //! writer).
 //!
-//! This runs the TCP data path (the UDP path with forward error correction is not wired yet): a
-//! TCP segment the dying link lost is never resent, so `network` loses what was on the wire,
-//! where SMFS's network-sync with FEC would lose only what never left the site.
+//! Each mode runs over the TCP data path; `network` also over the UDP data path with forward
+//! error correction (`--transport udp`). A TCP segment the dying link lost is never resent, so
+//! `network` over TCP loses what was on the wire; over UDP, `network` acknowledges once the data
+//! and repair packets were handed to the socket, and what the dying link lost of them FEC may
+//! rebuild from the packets that made it.
 
 use std::fmt::Write as _;
 use std::fs;
@@ -34,8 +36,13 @@ use mirrorfs_wan::{Impairment, Side, Wan};
 use crate::mounts;
 use crate::report::{render_markdown, render_plain};
 
-/// The modes compared, weakest first.
-const MODES: [&str; 3] = ["local", "network", "durable"];
+/// The modes compared, weakest first, and the data path (`--transport`) of each.
+const MODES: [(&str, &str); 4] = [
+    ("local", "tcp"),
+    ("network", "tcp"),
+    ("network", "udp"),
+    ("durable", "tcp"),
+];
 /// One message: a 16-digit number, padding, a newline.
 const MESSAGE: usize = 32;
 /// The daemon's port inside its namespace (each run has namespaces of its own).
@@ -47,6 +54,7 @@ const SETUP: Duration = Duration::from_secs(60);
 /// What one mode gave.
 struct Outcome {
     mode: &'static str,
+    transport: &'static str,
     /// Acknowledged before the link died, and of those not on the mirror.
     before_cut: u64,
     lost_before_cut: u64,
@@ -75,13 +83,20 @@ pub fn run(bin: &Path, run_dir: &Path, markdown: bool, quick: bool, seed: u64) -
     let run_for = Duration::from_secs(if quick { 2 } else { 5 });
     let imp = link(quick);
     let mut rows = Vec::new();
-    for (i, mode) in MODES.into_iter().enumerate() {
-        let base = run_dir.join(format!("disaster-{mode}"));
+    for (i, (mode, transport)) in MODES.into_iter().enumerate() {
+        let base = run_dir.join(format!("disaster-{mode}-{transport}"));
         fs::create_dir_all(&base).with_context(|| format!("cannot create {}", base.display()))?;
-        let o = one(bin, &base, mode, &imp, run_for, seed + i as u64)
-            .with_context(|| format!("the rolling disaster with --ack {mode}"))?;
+        let o = one(
+            bin,
+            &base,
+            (mode, transport),
+            &imp,
+            run_for,
+            seed + i as u64,
+        )
+        .with_context(|| format!("the rolling disaster with --ack {mode} over {transport}"))?;
         eprintln!(
-            "[disaster] --ack {mode}: {} acknowledged, {} on the mirror, {} lost",
+            "[disaster] --ack {mode} over {transport}: {} acknowledged, {} on the mirror, {} lost",
             o.acknowledged, o.on_mirror, o.lost
         );
         rows.push(o);
@@ -93,6 +108,7 @@ pub fn run(bin: &Path, run_dir: &Path, markdown: bool, quick: bool, seed: u64) -
 fn print_table(rows: &[Outcome], imp: &Impairment, run_for: Duration, markdown: bool) {
     let header = [
         "--ack",
+        "data path",
         "acknowledged before the cut",
         "of those lost",
         "acknowledged in all",
@@ -107,6 +123,7 @@ fn print_table(rows: &[Outcome], imp: &Impairment, run_for: Duration, markdown: 
         .map(|o| {
             vec![
                 o.mode.to_string(),
+                o.transport.to_string(),
                 o.before_cut.to_string(),
                 o.lost_before_cut.to_string(),
                 o.acknowledged.to_string(),
@@ -152,7 +169,7 @@ impl Drop for Procs {
 fn one(
     bin: &Path,
     base: &Path,
-    mode: &'static str,
+    (mode, transport): (&'static str, &'static str),
     imp: &Impairment,
     run_for: Duration,
     seed: u64,
@@ -190,7 +207,7 @@ fn one(
         .args(["mount".as_ref(), backing.as_os_str(), mnt.as_os_str()])
         .arg("--mirror")
         .arg(format!("mirror://{listen}"))
-        .args(["--ack", mode, "--config"])
+        .args(["--ack", mode, "--transport", transport, "--config"])
         .arg(&ids.primary)
         .stdin(Stdio::null())
         .stderr(log("mount.log")?)
@@ -239,6 +256,7 @@ fn one(
         .map_or(0.0, |d| d.as_secs_f64() * 1e3);
     Ok(Outcome {
         mode,
+        transport,
         before_cut,
         lost_before_cut: before_cut.saturating_sub(on_mirror),
         window_ms: window.as_secs_f64() * 1e3,

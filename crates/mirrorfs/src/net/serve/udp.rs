@@ -9,7 +9,8 @@
 //! ```text
 //!  UDP socket ─▶ UdpReceiver.on_datagram (forged / replayed / malformed: dropped, counted)
 //!     pop_record ─▶ Records body ─▶ Session::on_message ─▶ Daemon::append (as over TCP)
-//!     naks(now) ─▶ UdpNak on TLS          UdpSent{through} from TLS ─▶ note_sent
+//!     naks(now) ─▶ UdpNak on TLS          UdpSent{through} from TLS ─▶ note_sent once the
+//!                                                                      socket is drained
 //! ```
 //!
 //! Bounds: the kernel's socket buffer (raised to [`RECEIVE_BUFFER_BYTES`]) is the queue in front
@@ -35,8 +36,10 @@ use super::Daemon;
 
 /// The daemon socket's receive buffer (the kernel may cap it).
 pub const RECEIVE_BUFFER_BYTES: usize = 8 << 20;
+/// How often the receiver is asked for NAKs (its own rules say when an entry is due).
+const NAK_TICK: Duration = Duration::from_millis(1);
 /// A socket read returns at least this often (NAK timing, a session's end).
-const READ_TICK: Duration = Duration::from_millis(20);
+const READ_TICK: Duration = Duration::from_millis(5);
 
 /// What the daemon's UDP path counted, for status (all sessions since it started).
 #[derive(Debug, Default, Clone, Copy, serde::Serialize)]
@@ -132,6 +135,8 @@ impl UdpPort {
 pub(super) struct Inbound {
     udp: Mutex<Option<UdpReceiver>>,
     settled: AtomicU64,
+    /// The primary's last `UdpSent`, for the receiver once the socket is drained.
+    sent_hint: AtomicU64,
     epoch: Instant,
 }
 
@@ -140,6 +145,7 @@ impl Inbound {
         Inbound {
             udp: Mutex::new(None),
             settled: AtomicU64::new(0),
+            sent_hint: AtomicU64::new(0),
             epoch: Instant::now(),
         }
     }
@@ -151,9 +157,16 @@ impl Inbound {
             .max(settled)
     }
 
+    /// The primary's `UdpSent`. It reaches the receiver only when the socket has nothing
+    /// waiting (`apply_sent_hint`): the datagrams sent before it may still be in the socket's
+    /// buffer behind a busy receiver, and would otherwise be asked for again in vain.
     pub(super) fn note_sent(&self, through: u64) {
+        self.sent_hint.fetch_max(through, Ordering::AcqRel);
+    }
+
+    fn apply_sent_hint(&self) {
         if let Some(r) = lock(&self.udp).as_mut() {
-            r.note_sent(through);
+            r.note_sent(self.sent_hint.load(Ordering::Acquire));
         }
     }
 
@@ -225,6 +238,7 @@ impl Daemon {
     ) -> Result<()> {
         let mut buf = vec![0u8; 65_536];
         let mut published = Instant::now();
+        let mut asked = Instant::now();
         while !done.load(Ordering::Acquire) {
             match port.socket.recv(&mut buf) {
                 Ok(n) => match lock(&inbound.udp).as_mut() {
@@ -234,14 +248,20 @@ impl Daemon {
                 Err(e)
                     if matches!(
                         e.kind(),
-                        std::io::ErrorKind::WouldBlock
-                            | std::io::ErrorKind::TimedOut
-                            | std::io::ErrorKind::Interrupted
-                    ) => {}
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    inbound.apply_sent_hint()
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(anyhow!("the UDP socket failed: {e}")),
             }
             self.deliver(session, inbound)?;
-            self.send_naks(link, inbound)?;
+            // What is missing is looked for at most every `NAK_TICK` (a scan of the window).
+            if asked.elapsed() >= NAK_TICK {
+                self.send_naks(link, inbound)?;
+                asked = Instant::now();
+            }
             if published.elapsed() >= Duration::from_millis(100) {
                 if let Some(rx) = lock(&inbound.udp).as_ref() {
                     let no_session = lock(&port.live).dropped_no_session;
