@@ -7,9 +7,10 @@
 //! mirror daemon; one-way delay and loss per direction as below), identities made for the run,
 //! the mount waits until its mirror is live. A writer appends numbered 32-byte messages to one
 //! file through the mount, one `write(2)` each, for `RUN`; a write that returned is
-//! *acknowledged*. Then the disaster: the link dies (the router stops, the devices go), and
-//! `CUT_TO_KILL` later the primary is killed (`kill -9`): what it had not handed on is gone with
-//! the site. The daemon is left to apply everything its journal holds, then stopped; the
+//! *acknowledged*. Then the disaster: the link dies at the primary's site (nftables drops
+//! everything in and out of side A), and `CUT_TO_KILL` later the primary is killed (`kill -9`):
+//! what it had not handed on is gone with the site. What was already on the wire arrives (the
+//! router runs for a round trip more), but nothing lost on the way can be sent again. The daemon is left to apply everything its journal holds, then stopped; the
 //! messages in the mirror's copy of the file are counted. *Lost* = acknowledged − on the mirror
 //! (never negative: a message can reach the mirror without its acknowledgement reaching the
 //! writer).
@@ -50,6 +51,8 @@ const PORT: u16 = 7070;
 /// From the link's death to the primary's.
 const CUT_TO_KILL: Duration = Duration::from_millis(2);
 const SETUP: Duration = Duration::from_secs(60);
+/// After the kill, the router runs this much longer than the round trip before it stops.
+const ON_THE_WIRE_MARGIN: Duration = Duration::from_millis(200);
 
 /// What one mode gave.
 struct Outcome {
@@ -235,6 +238,9 @@ fn one(
         let _ = m.wait();
     }
     let _ = mounts::unmount(&mnt);
+    // What had left the site before the cut is on the wire: it arrives (nothing new can leave
+    // A, and nothing A would resend gets out). Stopping the router at once would drop it.
+    sleep(imp.delay * 2 + ON_THE_WIRE_MARGIN);
     wan.stop().context("the WAN emulator's router failed")?;
 
     // The mirror site applies what its journal holds, then stops.
