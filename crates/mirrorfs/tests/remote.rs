@@ -3728,6 +3728,16 @@ fn udp_ack_network_mirrors_a_workload() {
     ack_mode_over("network", "udp");
 }
 
+#[test]
+fn udp_ack_local_mirrors_a_workload() {
+    ack_mode_over("local", "udp");
+}
+
+#[test]
+fn udp_ack_sync_mirrors_a_workload() {
+    ack_mode_over("sync", "udp");
+}
+
 /// The payloads of UDP datagrams to 127.0.0.1:`port` seen on the loopback (an `AF_PACKET`
 /// socket, which needs root), each once, at most `max`.
 struct Capture {
