@@ -3840,7 +3840,8 @@ fn udp_counts(s: &Serve) -> Value {
 #[test]
 fn udp_forged_replayed_and_malformed_datagrams_are_dropped_and_counted() {
     let net = Net::new("udp-forged");
-    let srv = net.serve("m", &[]);
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let srv = net.serve("m", &["--metrics", &metrics]);
     let mut m = net.mount(
         "net-udp-forged",
         0,
@@ -3918,6 +3919,26 @@ fn udp_forged_replayed_and_malformed_datagrams_are_dropped_and_counted() {
         forged.len(),
         other.len()
     );
+    // The same counts in the daemon's metrics.
+    let scraped = {
+        let mut c = TcpStream::connect(&metrics).expect("connect to the metrics");
+        c.write_all(b"GET /metrics HTTP/1.1\r\n\r\n")
+            .expect("ask for the metrics");
+        let mut body = String::new();
+        c.read_to_string(&mut body).expect("read the metrics");
+        body
+    };
+    let metric = |name: &str| -> u64 {
+        scraped
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .map(|v| v as u64)
+            .unwrap_or_else(|| panic!("no {name} in the metrics:\n{scraped}"))
+    };
+    assert!(metric("mirrorfs_mirror_udp_dropped_unauthentic") >= forged.len() as u64);
+    assert!(metric("mirrorfs_mirror_udp_dropped_replayed") >= captured.len() as u64 / 2);
+    assert!(metric("mirrorfs_mirror_udp_records") > 0);
     eprintln!(
         "{} replays, {} forged, {} of another session, 50 junk sent; the daemon's counts: {u}",
         captured.len(),

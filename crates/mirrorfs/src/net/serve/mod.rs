@@ -618,8 +618,39 @@ impl Daemon {
                 f64::from(u8::from(lock(&self.peer).is_some())),
             ),
         ];
+        let udp = self.udp.as_ref().map(|u| u.counts()).unwrap_or_default();
+        let udp_rows = [
+            (
+                "udp_records",
+                "Records received over the UDP data path.",
+                udp.records as f64,
+            ),
+            (
+                "udp_recovered_packets",
+                "UDP data packets rebuilt by FEC.",
+                udp.recovered as f64,
+            ),
+            (
+                "udp_dropped_unauthentic",
+                "UDP datagrams dropped: authentication failed (forged or corrupted).",
+                udp.dropped_unauthentic as f64,
+            ),
+            (
+                "udp_dropped_replayed",
+                "UDP datagrams dropped: replayed.",
+                udp.dropped_replayed as f64,
+            ),
+            (
+                "udp_dropped_other",
+                "UDP datagrams dropped: malformed, of another session, invalid, or with no session.",
+                (udp.dropped_malformed
+                    + udp.dropped_other_session
+                    + udp.dropped_invalid
+                    + udp.dropped_no_session) as f64,
+            ),
+        ];
         let mut out = String::new();
-        for (name, help, v) in rows {
+        for (name, help, v) in rows.into_iter().chain(udp_rows) {
             out.push_str(&format!(
                 "# HELP mirrorfs_mirror_{name} {help}\n# TYPE mirrorfs_mirror_{name} gauge\nmirrorfs_mirror_{name} {v}\n"
             ));
