@@ -261,7 +261,8 @@ impl UdpStream<'_> {
     pub fn run(&self) -> Result<()> {
         let mut reader: Reader<crate::site::store::FileSegment> =
             Reader::new(lock(self.sender).next_send());
-        let mut pending: Option<Record> = None;
+        // A record the sender refused (queue full), encoded, to offer again.
+        let mut pending: Option<(u64, Vec<u8>)> = None;
         let mut beat = super::remote::Beat::new();
         let mut last_sent_msg = (0u64, Instant::now());
         let mut unproven_since: Option<Instant> = None;
@@ -296,28 +297,26 @@ impl UdpStream<'_> {
     fn offer(
         &self,
         reader: &mut Reader<crate::site::store::FileSegment>,
-        pending: &mut Option<Record>,
+        pending: &mut Option<(u64, Vec<u8>)>,
         limit: u64,
         settled: u64,
     ) -> Result<()> {
         loop {
-            let record = match pending.take() {
-                Some(r) => r,
+            let (seq, body) = match pending.take() {
+                Some(p) => p,
                 None if reader.next_seq() > limit => return Ok(()),
                 None => {
                     let view = lock(&self.vol.order).journal.segment_for(reader.next_seq());
                     match reader.next::<FileStore>(view, limit)? {
-                        Some(r) => r,
+                        Some(r) => (r.seq, record_body(settled, r)),
                         None => return Ok(()),
                     }
                 }
             };
-            let seq = record.seq;
-            let body = record_body(settled, record.clone());
             match lock(&self.path.sender).offer(seq, &body) {
                 Ok(()) => lock(self.sender).sent(seq, body.len() as u64),
                 Err(OfferError::Full) => {
-                    *pending = Some(record);
+                    *pending = Some((seq, body));
                     return Ok(());
                 }
                 Err(e) => return Err(anyhow!("cannot send record {seq} over UDP: {e}")),
