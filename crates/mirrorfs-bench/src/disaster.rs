@@ -7,16 +7,19 @@
 //! mirror daemon; one-way delay and loss per direction as below), identities made for the run,
 //! the mount waits until its mirror is live. A writer appends numbered 32-byte messages to one
 //! file through the mount, one `write(2)` each, for `RUN`; a write that returned is
-//! *acknowledged*. Then the disaster: the link dies (the router stops, the devices go), and
-//! `CUT_TO_KILL` later the primary is killed (`kill -9`): what it had not handed on is gone with
-//! the site. The daemon is left to apply everything its journal holds, then stopped; the
+//! *acknowledged*. Then the disaster: the link dies at the primary's site (nftables drops
+//! everything in and out of side A), and `CUT_TO_KILL` later the primary is killed (`kill -9`):
+//! what it had not handed on is gone with the site. What was already on the wire arrives (the
+//! router runs for a round trip more), but nothing lost on the way can be sent again. The daemon is left to apply everything its journal holds, then stopped; the
 //! messages in the mirror's copy of the file are counted. *Lost* = acknowledged − on the mirror
 //! (never negative: a message can reach the mirror without its acknowledgement reaching the
 //! writer).
 //!
-//! This runs the TCP data path (the UDP path with forward error correction is not wired yet): a
-//! TCP segment the dying link lost is never resent, so `network` loses what was on the wire,
-//! where SMFS's network-sync with FEC would lose only what never left the site.
+//! Each mode runs over the TCP data path; `network` also over the UDP data path with forward
+//! error correction (`--transport udp`). A TCP segment the dying link lost is never resent, so
+//! `network` over TCP loses what was on the wire; over UDP, `network` acknowledges once the data
+//! and repair packets were handed to the socket, and what the dying link lost of them FEC may
+//! rebuild from the packets that made it.
 
 use std::fmt::Write as _;
 use std::fs;
@@ -34,8 +37,13 @@ use mirrorfs_wan::{Impairment, Side, Wan};
 use crate::mounts;
 use crate::report::{render_markdown, render_plain};
 
-/// The modes compared, weakest first.
-const MODES: [&str; 3] = ["local", "network", "durable"];
+/// The modes compared, weakest first, and the data path (`--transport`) of each.
+const MODES: [(&str, &str); 4] = [
+    ("local", "tcp"),
+    ("network", "tcp"),
+    ("network", "udp"),
+    ("durable", "tcp"),
+];
 /// One message: a 16-digit number, padding, a newline.
 const MESSAGE: usize = 32;
 /// The daemon's port inside its namespace (each run has namespaces of its own).
@@ -43,10 +51,13 @@ const PORT: u16 = 7070;
 /// From the link's death to the primary's.
 const CUT_TO_KILL: Duration = Duration::from_millis(2);
 const SETUP: Duration = Duration::from_secs(60);
+/// After the kill, the router runs this much longer than the round trip before it stops.
+const ON_THE_WIRE_MARGIN: Duration = Duration::from_millis(200);
 
 /// What one mode gave.
 struct Outcome {
     mode: &'static str,
+    transport: &'static str,
     /// Acknowledged before the link died, and of those not on the mirror.
     before_cut: u64,
     lost_before_cut: u64,
@@ -75,13 +86,20 @@ pub fn run(bin: &Path, run_dir: &Path, markdown: bool, quick: bool, seed: u64) -
     let run_for = Duration::from_secs(if quick { 2 } else { 5 });
     let imp = link(quick);
     let mut rows = Vec::new();
-    for (i, mode) in MODES.into_iter().enumerate() {
-        let base = run_dir.join(format!("disaster-{mode}"));
+    for (i, (mode, transport)) in MODES.into_iter().enumerate() {
+        let base = run_dir.join(format!("disaster-{mode}-{transport}"));
         fs::create_dir_all(&base).with_context(|| format!("cannot create {}", base.display()))?;
-        let o = one(bin, &base, mode, &imp, run_for, seed + i as u64)
-            .with_context(|| format!("the rolling disaster with --ack {mode}"))?;
+        let o = one(
+            bin,
+            &base,
+            (mode, transport),
+            &imp,
+            run_for,
+            seed + i as u64,
+        )
+        .with_context(|| format!("the rolling disaster with --ack {mode} over {transport}"))?;
         eprintln!(
-            "[disaster] --ack {mode}: {} acknowledged, {} on the mirror, {} lost",
+            "[disaster] --ack {mode} over {transport}: {} acknowledged, {} on the mirror, {} lost",
             o.acknowledged, o.on_mirror, o.lost
         );
         rows.push(o);
@@ -93,6 +111,7 @@ pub fn run(bin: &Path, run_dir: &Path, markdown: bool, quick: bool, seed: u64) -
 fn print_table(rows: &[Outcome], imp: &Impairment, run_for: Duration, markdown: bool) {
     let header = [
         "--ack",
+        "data path",
         "acknowledged before the cut",
         "of those lost",
         "acknowledged in all",
@@ -107,6 +126,7 @@ fn print_table(rows: &[Outcome], imp: &Impairment, run_for: Duration, markdown: 
         .map(|o| {
             vec![
                 o.mode.to_string(),
+                o.transport.to_string(),
                 o.before_cut.to_string(),
                 o.lost_before_cut.to_string(),
                 o.acknowledged.to_string(),
@@ -138,7 +158,7 @@ fn print_table(rows: &[Outcome], imp: &Impairment, run_for: Duration, markdown: 
 }
 
 /// The two processes of one mode, killed and reaped however the run ends.
-struct Procs(Vec<Child>);
+pub(crate) struct Procs(pub(crate) Vec<Child>);
 
 impl Drop for Procs {
     fn drop(&mut self) {
@@ -152,7 +172,7 @@ impl Drop for Procs {
 fn one(
     bin: &Path,
     base: &Path,
-    mode: &'static str,
+    (mode, transport): (&'static str, &'static str),
     imp: &Impairment,
     run_for: Duration,
     seed: u64,
@@ -190,7 +210,7 @@ fn one(
         .args(["mount".as_ref(), backing.as_os_str(), mnt.as_os_str()])
         .arg("--mirror")
         .arg(format!("mirror://{listen}"))
-        .args(["--ack", mode, "--config"])
+        .args(["--ack", mode, "--transport", transport, "--config"])
         .arg(&ids.primary)
         .stdin(Stdio::null())
         .stderr(log("mount.log")?)
@@ -218,6 +238,9 @@ fn one(
         let _ = m.wait();
     }
     let _ = mounts::unmount(&mnt);
+    // What had left the site before the cut is on the wire: it arrives (nothing new can leave
+    // A, and nothing A would resend gets out). Stopping the router at once would drop it.
+    sleep(imp.delay * 2 + ON_THE_WIRE_MARGIN);
     wan.stop().context("the WAN emulator's router failed")?;
 
     // The mirror site applies what its journal holds, then stops.
@@ -239,6 +262,7 @@ fn one(
         .map_or(0.0, |d| d.as_secs_f64() * 1e3);
     Ok(Outcome {
         mode,
+        transport,
         before_cut,
         lost_before_cut: before_cut.saturating_sub(on_mirror),
         window_ms: window.as_secs_f64() * 1e3,
@@ -342,7 +366,7 @@ fn cut(wan: &Wan) -> Result<()> {
     Ok(())
 }
 
-fn listening(wan: &Wan, addr: &str) -> bool {
+pub(crate) fn listening(wan: &Wan, addr: &str) -> bool {
     let addr = addr.to_string();
     wan.within(Side::A, move || {
         let a = addr
@@ -353,11 +377,11 @@ fn listening(wan: &Wan, addr: &str) -> bool {
     .is_ok()
 }
 
-fn status_json(path: &Path) -> Option<serde_json::Value> {
+pub(crate) fn status_json(path: &Path) -> Option<serde_json::Value> {
     serde_json::from_slice(&fs::read(path).ok()?).ok()
 }
 
-fn mirror_live(backing: &Path) -> bool {
+pub(crate) fn mirror_live(backing: &Path) -> bool {
     status_json(&backing.join(".mirrorfs/status.json"))
         .is_some_and(|s| s["mirrors"][0]["state"] == "live")
 }
@@ -368,7 +392,11 @@ fn daemon_caught_up(dir: &Path) -> bool {
         .is_some_and(|s| s["applied_seq"].as_u64() == s["received_seq"].as_u64())
 }
 
-fn wait_for(mut ok: impl FnMut() -> Result<bool>, what: &str, base: &Path) -> Result<()> {
+pub(crate) fn wait_for(
+    mut ok: impl FnMut() -> Result<bool>,
+    what: &str,
+    base: &Path,
+) -> Result<()> {
     let t0 = Instant::now();
     while !ok()? {
         crate::check_interrupted()?;

@@ -89,6 +89,7 @@ mod mounts;
 mod net;
 mod report;
 mod sqlite;
+mod wan;
 mod workloads;
 
 use std::fmt::Write as _;
@@ -128,6 +129,9 @@ pub enum TargetKind {
     /// SQLite's transaction rate with `synchronous=FULL` through mirrorfs against native, per
     /// `--ack` and `--fsync-waits` (`sqlite.rs`). Not in the default set.
     Sqlite,
+    /// Mirroring throughput of the TCP and the UDP + FEC data paths over the WAN emulator at
+    /// 50 ms one-way and 0 / 0.1 / 1 % loss (`wan.rs`). Not in the default set.
+    Wan,
 }
 
 impl TargetKind {
@@ -141,6 +145,7 @@ impl TargetKind {
             TargetKind::Fec => "fec",
             TargetKind::Disaster => "disaster",
             TargetKind::Sqlite => "sqlite",
+            TargetKind::Wan => "wan",
         }
     }
 
@@ -153,6 +158,7 @@ impl TargetKind {
                 | TargetKind::Fec
                 | TargetKind::Disaster
                 | TargetKind::Sqlite
+                | TargetKind::Wan
         )
     }
 }
@@ -444,6 +450,15 @@ fn run(args: &Args) -> Result<()> {
             return Ok(());
         }
     }
+    // The throughput over the WAN emulator.
+    if targets.contains(&TargetKind::Wan) {
+        targets.retain(|t| *t != TargetKind::Wan);
+        let bin = mirrorfs_bin(&ctx)?;
+        wan::run(&bin, run_dir.path(), args.markdown, args.quick, args.seed)?;
+        if targets.is_empty() {
+            return Ok(());
+        }
+    }
     let mut reports = Vec::new();
     for kind in targets {
         check_interrupted()?;
@@ -633,6 +648,7 @@ fn run_target(
         TargetKind::Fec => bail!("the fec target runs on its own (fec.rs)"),
         TargetKind::Disaster => bail!("the disaster target runs on its own (disaster.rs)"),
         TargetKind::Sqlite => bail!("the sqlite target runs on its own (sqlite.rs)"),
+        TargetKind::Wan => bail!("the wan target runs on its own (wan.rs)"),
         TargetKind::Native => {
             let root = tdir.join("data");
             mkdirs(&[&root])?;

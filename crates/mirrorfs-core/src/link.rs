@@ -760,6 +760,11 @@ impl Receiver {
 }
 
 impl Receiver {
+    /// The seq the next `Records` must start with (`None` before `Start`).
+    pub fn expected(&self) -> Option<u64> {
+        self.expected
+    }
+
     /// Where and how the mirror's copy and the primary parted, if `Hello` was refused for that.
     pub fn divergence(&self) -> Option<Comparison> {
         self.divergence

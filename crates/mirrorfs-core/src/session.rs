@@ -88,6 +88,13 @@ pub enum Incoming<'a> {
     /// Reintegration is complete on the primary: save the diverged changes, mark the copy for
     /// a resync, answer `Reintegrated{conflicts}`, and end the session.
     Reintegrated { conflicts: u64 },
+    /// The primary offers the UDP data path from record `first` (the next record this session
+    /// expects): the shell answers `UdpAccept` with its UDP port, or 0 to decline. Records that
+    /// arrive over UDP come back here as `Records` messages, so they are checked the same way.
+    UdpOffer { first: u64 },
+    /// The primary's UDP sender has handed out every record through `through`
+    /// (`UdpReceiver::note_sent`).
+    UdpSent { through: u64 },
 }
 
 /// Where a reintegration is.
@@ -309,6 +316,20 @@ impl Session {
                     settled: *settled,
                 })
             }
+            Msg::UdpOffer { first } => {
+                if self.rx.expected() != Some(*first) {
+                    return Err(LinkError::new(
+                        error_code::BAD_FRAME,
+                        true,
+                        format!(
+                            "UDP offered from record {first}, but record {:?} is next",
+                            self.rx.expected()
+                        ),
+                    ));
+                }
+                Ok(Incoming::UdpOffer { first: *first })
+            }
+            Msg::UdpSent { through } => Ok(Incoming::UdpSent { through: *through }),
             Msg::Ping { nonce } => Ok(Incoming::Reply(Msg::Pong { nonce: *nonce })),
             Msg::Pong { .. } => Ok(Incoming::Nothing),
             Msg::Error { code, message } => Ok(Incoming::PeerError {
@@ -596,6 +617,37 @@ mod tests {
             .on_start(&start(StartMode::Resume, 140, 0))
             .expect_err("wrong seq");
         assert_eq!((e.code, e.retry), (error_code::REFUSED, true));
+    }
+
+    #[test]
+    fn udp_is_offered_only_from_the_next_record_and_its_records_are_checked_alike() {
+        let mut s = streaming();
+        let e = s
+            .on_message(&Msg::UdpOffer { first: 160 })
+            .expect_err("not the next record");
+        assert_eq!((e.code, e.retry), (error_code::BAD_FRAME, true));
+        assert_eq!(
+            s.on_message(&Msg::UdpOffer { first: 151 }),
+            Ok(Incoming::UdpOffer { first: 151 })
+        );
+        assert_eq!(
+            s.on_message(&Msg::UdpSent { through: 170 }),
+            Ok(Incoming::UdpSent { through: 170 })
+        );
+        // What came over UDP goes through the same sequence check as a TCP batch.
+        assert!(s.on_message(&records(151, vec![rec(151, b"a")])).is_ok());
+        let e = s
+            .on_message(&records(153, vec![rec(153, b"c")]))
+            .expect_err("a gap");
+        assert_eq!(e.code, error_code::BAD_FRAME);
+        // Before streaming, an offer is out of place.
+        let mut fresh = Session::new(
+            copy(MirrorState::Consistent, hist(1), 150),
+            b".mirrorfs",
+            "m",
+            0,
+        );
+        assert!(fresh.on_message(&Msg::UdpOffer { first: 151 }).is_err());
     }
 
     #[test]

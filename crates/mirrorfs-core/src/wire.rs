@@ -65,6 +65,10 @@ pub mod msg_type {
     pub const TOKEN_GRANT: u8 = 20;
     pub const TOKEN_ACK: u8 = 21;
     pub const TOKEN_REFUSE: u8 = 22;
+    pub const UDP_OFFER: u8 = 23;
+    pub const UDP_ACCEPT: u8 = 24;
+    pub const UDP_SENT: u8 = 25;
+    pub const UDP_NAK: u8 = 26;
 }
 
 /// Block size of the resync's per-file hashes.
@@ -284,6 +288,25 @@ pub enum Msg {
     LeaseResponse(crate::lease::Response),
     /// Either site (two writable sites): a write token message (`core::token`).
     Token(crate::token::TokenMsg),
+    /// Primary → mirror, once streaming: records from `first` on may go as UDP datagrams
+    /// (`core::udp`) keyed from this TLS session, if the mirror accepts.
+    UdpOffer {
+        first: u64,
+    },
+    /// Mirror → primary, the answer to `UdpOffer`: send the datagrams to this UDP port of the
+    /// mirror's address; 0: declined, the records stay on this connection.
+    UdpAccept {
+        port: u16,
+    },
+    /// Primary → mirror: the UDP sender's `sent_through` (records that exist, so a lost tail is
+    /// asked for again).
+    UdpSent {
+        through: u64,
+    },
+    /// Mirror → primary: what the UDP receiver asks for again (`udp::encode_naks` layout).
+    UdpNak {
+        naks: Vec<crate::udp::Nak>,
+    },
 }
 
 /// Why bytes from a peer were refused.
@@ -542,6 +565,10 @@ impl Msg {
                     T::Refuse { .. } => TOKEN_REFUSE,
                 }
             }
+            Msg::UdpOffer { .. } => UDP_OFFER,
+            Msg::UdpAccept { .. } => UDP_ACCEPT,
+            Msg::UdpSent { .. } => UDP_SENT,
+            Msg::UdpNak { .. } => UDP_NAK,
         }
     }
 
@@ -715,6 +742,10 @@ impl Msg {
                     }
                 }
             }
+            Msg::UdpOffer { first } => o.u64(*first),
+            Msg::UdpAccept { port } => o.u16(*port),
+            Msg::UdpSent { through } => o.u64(*through),
+            Msg::UdpNak { naks } => o.0.extend_from_slice(&crate::udp::encode_naks(naks)),
         }
         o.0
     }
@@ -935,6 +966,16 @@ impl Msg {
                 } else {
                     crate::token::TokenMsg::Ack { object, lend }
                 })
+            }
+            UDP_OFFER => Msg::UdpOffer { first: i.u64()? },
+            UDP_ACCEPT => Msg::UdpAccept { port: i.u16()? },
+            UDP_SENT => Msg::UdpSent { through: i.u64()? },
+            UDP_NAK => {
+                let rest = i.take(body.len() - i.at)?;
+                Msg::UdpNak {
+                    naks: crate::udp::decode_naks(rest)
+                        .map_err(|_| WireError::Invalid("malformed UDP NAK"))?,
+                }
             }
             other => return Err(WireError::UnknownType(other)),
         };
@@ -1222,7 +1263,49 @@ mod tests {
             }),
             Msg::Token(crate::token::TokenMsg::Ack { object: 7, lend: 3 }),
             Msg::Token(crate::token::TokenMsg::Refuse { object: 0 }),
+            Msg::UdpOffer { first: 42 },
+            Msg::UdpAccept { port: 7070 },
+            Msg::UdpAccept { port: 0 },
+            Msg::UdpSent { through: u64::MAX },
+            Msg::UdpNak { naks: vec![] },
+            Msg::UdpNak {
+                naks: vec![
+                    crate::udp::Nak {
+                        seq: 3,
+                        range: None,
+                    },
+                    crate::udp::Nak {
+                        seq: 4,
+                        range: Some((1_200, 2_400)),
+                    },
+                ],
+            },
         ]
+    }
+
+    #[test]
+    fn malformed_udp_naks_are_refused() {
+        let nak = Msg::UdpNak {
+            naks: vec![crate::udp::Nak {
+                seq: 9,
+                range: None,
+            }],
+        };
+        let b = nak.encode_body();
+        assert_eq!(b.len(), 2 + crate::udp::NAK_ENTRY_LEN);
+        for cut in [1, b.len() - 1] {
+            assert_eq!(
+                decode_all(&frame(msg_type::UDP_NAK, 0, &b[..cut])),
+                Err(WireError::Invalid("malformed UDP NAK")),
+                "cut to {cut}"
+            );
+        }
+        let mut zero = b.clone();
+        zero[2..10].copy_from_slice(&[0; 8]);
+        assert_eq!(
+            decode_all(&frame(msg_type::UDP_NAK, 0, &zero)),
+            Err(WireError::Invalid("malformed UDP NAK"))
+        );
     }
 
     #[test]

@@ -358,6 +358,10 @@ fn help_texts_mention_the_options() {
             "--journal-max-mib",
             "--force-resync",
             "--threads",
+            "--transport",
+            "udp",
+            "auto",
+            "--udp-rate-mbit",
         ],
     );
     let (ok, out, _) = output(&["status", "--help"]);

@@ -220,6 +220,11 @@ impl Reassembler {
         Some((seq, record))
     }
 
+    /// The announced length of record `seq`, if it is partly held.
+    pub fn partial_total(&self, seq: u64) -> Option<u32> {
+        self.partial.get(&seq).map(|p| p.total)
+    }
+
     /// What is missing below the highest seq a fragment arrived for: whole records (`None`)
     /// or byte ranges of partial ones, at most `max` entries, oldest first — the NAKs to send.
     pub fn missing(&self, max: usize) -> Vec<(u64, Option<(u32, u32)>)> {

@@ -1570,13 +1570,16 @@ impl Sim {
                     Ok(Incoming::PeerError { code, message }) => Err(Fault::Bug(format!(
                         "the primary reported an error to the mirror (code {code}): {message}"
                     ))),
-                    // The simulated mirror never diverges, so it never reintegrates.
+                    // The simulated mirror never diverges, so it never reintegrates; its primary
+                    // never offers the UDP data path.
                     Ok(
                         i @ (Incoming::SendTail { .. }
                         | Incoming::Fetch { .. }
-                        | Incoming::Reintegrated { .. }),
+                        | Incoming::Reintegrated { .. }
+                        | Incoming::UdpOffer { .. }
+                        | Incoming::UdpSent { .. }),
                     ) => Err(Fault::Bug(format!(
-                        "the mirror's session asked for a reintegration: {i:?}"
+                        "the mirror's session asked for something this simulation never does: {i:?}"
                     ))),
                     Err(e) => {
                         // A correct primary never sends a gap or a message out of place.

@@ -82,6 +82,8 @@ pub struct UdpReceiver {
     reassembler: Reassembler,
     /// The highest seq known to exist: from fragments (even refused ones) and `note_sent`.
     highest_known: u64,
+    /// The sender's `sent_through`, from `note_sent`.
+    sent_through: u64,
     gaps: BTreeMap<u64, Gap>,
     recoveries: Vec<Recovery>,
     stats: ReceiverStats,
@@ -101,6 +103,7 @@ impl UdpReceiver {
             fec: fec::decoder(config.scheme, config.fec_window),
             reassembler: Reassembler::new(next_seq, config.window_records, config.window_bytes),
             highest_known: next_seq - 1,
+            sent_through: 0,
             gaps: BTreeMap::new(),
             recoveries: Vec::new(),
             stats: ReceiverStats::default(),
@@ -190,6 +193,7 @@ impl UdpReceiver {
     /// so a lost tail is asked for too.
     pub fn note_sent(&mut self, seq: u64) {
         self.highest_known = self.highest_known.max(seq);
+        self.sent_through = self.sent_through.max(seq);
     }
 
     /// The next record in journal order, once it is whole.
@@ -248,10 +252,20 @@ impl UdpReceiver {
     /// it took, within its window; at most `nak_max`.
     fn missing(&self) -> Vec<Nak> {
         let max = self.config.nak_max;
+        let highest = self.reassembler.highest();
+        // The end of the highest record held in part may simply not be sent yet (a large record
+        // takes a while at the paced rate): it is missing only once something later is known.
+        let tail_pending = |seq: u64, range: Option<(u32, u32)>| {
+            seq == highest
+                && self.highest_known <= highest
+                && self.sent_through < highest
+                && range.is_some_and(|(_, to)| Some(to) == self.reassembler.partial_total(seq))
+        };
         let mut out: Vec<Nak> = self
             .reassembler
             .missing(max)
             .into_iter()
+            .filter(|&(seq, range)| !tail_pending(seq, range))
             .map(|(seq, range)| Nak { seq, range })
             .collect();
         let window_end = self.reassembler.next_seq() + self.config.window_records.max(1) - 1;
@@ -336,6 +350,36 @@ mod tests {
         r.naks(100);
         let seqs: Vec<u64> = r.naks(200).iter().map(|n| n.seq).collect();
         assert_eq!(seqs, vec![2, 3]);
+    }
+
+    #[test]
+    fn the_unsent_end_of_a_record_is_not_asked_for_until_the_sender_passed_it() {
+        let mut s = Sealer::new(&KEY, 1);
+        let mut r = UdpReceiver::new(&KEY, 1, config(), 1);
+        // Record 1 is three packets; the first two arrived, the third is not sent yet.
+        let p = packets(&mut s, 1..=1);
+        for d in &p[..2] {
+            r.on_datagram(d);
+        }
+        r.naks(0);
+        assert!(r.naks(1_000).is_empty(), "the end may still be coming");
+        let tail = vec![Nak {
+            seq: 1,
+            range: Some((200, 250)),
+        }];
+        r.note_sent(1);
+        r.naks(1_000);
+        assert_eq!(r.naks(2_000), tail, "sent whole: the end is missing");
+        // A fragment of a later record says the same.
+        let mut r = UdpReceiver::new(&KEY, 1, config(), 1);
+        let p = packets(&mut s, 1..=2);
+        for (i, d) in p.iter().enumerate() {
+            if i != 2 {
+                r.on_datagram(d);
+            }
+        }
+        r.naks(0);
+        assert_eq!(r.naks(1_000), tail);
     }
 
     #[test]

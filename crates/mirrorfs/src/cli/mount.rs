@@ -55,9 +55,25 @@ pub struct MountArgs {
     /// mirrors (default: $MIRRORFS_CONFIG or /etc/mirrorfs).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Compress the replication stream to remote mirrors with zstd.
+    /// Compress the replication stream to remote mirrors with zstd (TCP only: UDP datagrams
+    /// go uncompressed).
     #[arg(long)]
     compress: bool,
+    /// How records travel to remote mirrors: `tcp` (on the TLS connection), `udp` (as
+    /// authenticated, encrypted UDP datagrams with forward error correction to the daemon's
+    /// port, the TLS connection staying the control channel; a daemon that declines is an
+    /// error), or `auto` (UDP when the daemon accepts it and datagrams get through within 3 s,
+    /// else TCP until the next mount).
+    #[arg(long, value_enum, default_value = "tcp")]
+    transport: crate::net::udp::Transport,
+    /// The UDP data path's pace in Mbit/s (datagrams with their FEC repairs; no congestion
+    /// control: set it to what the link can carry).
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    udp_rate_mbit: u64,
+    /// The TCP congestion control of the connections to remote mirrors (e.g. `cubic`, `bbr`;
+    /// default: the system's). Over a long lossy link it decides TCP's throughput.
+    #[arg(long)]
+    tcp_congestion: Option<String>,
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9108); off by default.
     #[arg(long)]
     metrics: Option<String>,
@@ -385,6 +401,9 @@ pub fn mount(a: MountArgs) -> Result<()> {
             backing: places.backing.clone(),
             hidden: Some(state.hidden.clone()),
             state: state.path.clone(),
+            transport: a.transport,
+            udp_rate_bytes_per_s: a.udp_rate_mbit * 125_000,
+            tcp_congestion: a.tcp_congestion.clone(),
         });
         for m in &shared[n_local..] {
             let (v, m, c) = (vol.clone(), m.clone(), cfg.clone());

@@ -26,13 +26,10 @@ pub const READ_TICK: Duration = Duration::from_millis(500);
 /// A socket write that makes no progress for this long fails (the peer is gone or stuck).
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The TLS exporter label of the UDP data path's keys (`Duplex::datagram_keys`). The UDP
-/// transport that uses them is not wired yet (issue 8): until then only tests call them.
-#[cfg_attr(not(test), allow(dead_code))]
+/// The TLS exporter label of the UDP data path's keys (`Duplex::datagram_keys`).
 pub const DATAGRAM_EXPORTER_LABEL: &[u8] = b"EXPORTER-mirrorfs-datagram-v1";
 
 /// The UDP data path's keys for one end of a connection.
-#[cfg_attr(not(test), allow(dead_code))]
 pub struct DatagramKeys {
     /// Seals what this end sends.
     pub send: [u8; mirrorfs_core::datagram::KEY_LEN],
@@ -42,7 +39,6 @@ pub struct DatagramKeys {
     pub session: u32,
 }
 
-#[cfg_attr(not(test), allow(dead_code))]
 impl DatagramKeys {
     /// Exported bytes: the client-to-server key, the server-to-client key, the session id
     /// (little endian). The client is the end that connected (a primary, or a witness's client).
@@ -164,6 +160,32 @@ impl Duplex {
         })
     }
 
+    /// Sets the connection's TCP congestion control (`TCP_CONGESTION`, e.g. `cubic`, `bbr`;
+    /// any algorithm the kernel has, for a process with `CAP_NET_ADMIN`).
+    pub fn set_congestion(&self, algo: &str) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a valid socket and a buffer of the length passed.
+        let r = unsafe {
+            libc::setsockopt(
+                self.sock.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_CONGESTION,
+                algo.as_ptr().cast(),
+                algo.len() as libc::socklen_t,
+            )
+        };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
+    /// The peer's address (the UDP data path's datagrams go to the same host).
+    pub fn peer_addr(&self) -> io::Result<std::net::SocketAddr> {
+        self.sock.peer_addr()
+    }
+
     /// The authenticated peer's fingerprint.
     pub fn peer(&self) -> Option<Fingerprint> {
         self.peer
@@ -174,7 +196,6 @@ impl Duplex {
     /// [`DATAGRAM_EXPORTER_LABEL`]): both ends compute the same bytes, nobody else can, and a
     /// new connection gives new keys. One key per direction, so that a packet reflected back to
     /// its sender never opens.
-    #[cfg_attr(not(test), allow(dead_code))]
     pub fn datagram_keys(&self) -> Result<DatagramKeys> {
         let mut out = [0u8; 2 * mirrorfs_core::datagram::KEY_LEN + 4];
         let conn = lock(&self.conn);

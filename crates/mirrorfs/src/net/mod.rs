@@ -1,5 +1,5 @@
 //! The transport to a peer site: machine identities and pinned mutual TLS (`identity`, `conn`),
-//! the primary's side of a network mirror (`remote`), the mirror daemon (`serve`, bounded by
+//! the primary's side of a network mirror (`remote`, and `udp`, its UDP data path), the mirror daemon (`serve`, bounded by
 //! `gate`), and the witness that grants write leases (`witness`).
 
 pub mod conn;
@@ -8,4 +8,5 @@ pub mod identity;
 pub mod reintegrate;
 pub mod remote;
 pub mod serve;
+pub mod udp;
 pub mod witness;

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, Context, Result};
 use mirrorfs_core::journal::Reader;
 use mirrorfs_core::link::{JournalSpan, LinkError, Sender, Start};
 use mirrorfs_core::op::Record;
@@ -23,6 +23,7 @@ use mirrorfs_core::wire::{Decoder, MirrorState, Msg, BATCH_BYTES};
 use crate::mirror::resync::Manifest;
 use crate::net::conn::Duplex;
 use crate::net::identity::{Fingerprint, Identity};
+use crate::net::udp::{Transport, UdpBlocked, UdpPath, UdpStream};
 use crate::site::store::FileStore;
 use crate::site::volume::{lock, MirrorPhase, MirrorShared, Volume};
 
@@ -49,6 +50,12 @@ pub struct LinkConfig {
     pub hidden: Option<Vec<u8>>,
     /// The volume's state directory (the conflict registry of a reintegration).
     pub state: PathBuf,
+    /// How records travel (`--transport`).
+    pub transport: Transport,
+    /// The UDP data path's pace (`--udp-rate-mbit`).
+    pub udp_rate_bytes_per_s: u64,
+    /// The TLS connection's TCP congestion control (`--tcp-congestion`; `None`: the system's).
+    pub tcp_congestion: Option<String>,
 }
 
 fn set_phase(m: &MirrorShared, p: MirrorPhase) {
@@ -62,12 +69,21 @@ pub fn run_link(vol: Arc<Volume>, m: Arc<MirrorShared>, cfg: Arc<LinkConfig>) {
     let mut backoff = Backoff::new();
     let epoch = Instant::now();
     let syncing = Arc::new(SyncSlot::default());
+    // `--transport auto` after a fallback: TCP for the rest of this link's life.
+    let udp_off = AtomicBool::new(false);
     loop {
         if lock(&vol.progress).stopping {
             break;
         }
         backoff.on_start(epoch.elapsed());
-        let r = session(&vol, &m, &cfg, &syncing);
+        let r = Session {
+            vol: &vol,
+            m: &m,
+            cfg: &cfg,
+            slot: &syncing,
+            udp_off: &udp_off,
+        }
+        .run();
         {
             let mut l = lock(&m.link);
             l.connected = false;
@@ -81,6 +97,13 @@ pub fn run_link(vol: Arc<Volume>, m: Arc<MirrorShared>, cfg: Arc<LinkConfig>) {
             // A reintegration ends its connection on purpose: the next one resyncs the mirror.
             Err(e) if e.downcast_ref::<Reintegrated>().is_some() => {
                 tracing::info!("mirror {}: {e}", m.name);
+                backoff = Backoff::new();
+                continue;
+            }
+            // The fallback to TCP reconnects at once.
+            Err(e) if e.downcast_ref::<UdpBlocked>().is_some() => {
+                tracing::warn!("mirror {}: {e:#}", m.name);
+                udp_off.store(true, Ordering::Release);
                 backoff = Backoff::new();
                 continue;
             }
@@ -213,23 +236,15 @@ fn link_err(e: LinkError) -> anyhow::Error {
     anyhow::Error::new(e)
 }
 
-/// One connection to the mirror daemon, from connecting to the end of its streams.
-fn session(
-    vol: &Arc<Volume>,
-    m: &Arc<MirrorShared>,
-    cfg: &Arc<LinkConfig>,
-    slot: &Arc<SyncSlot>,
-) -> Result<()> {
-    Session { vol, m, cfg, slot }.run()
-}
-
-/// What one connection works with: the volume, the mirror's shared state, the link's
-/// configuration and the mirror's copy slot.
+/// One connection to the mirror daemon, from connecting to the end of its streams: the
+/// volume, the mirror's shared state, the link's configuration, the mirror's copy slot, and
+/// whether `--transport auto` fell back to TCP.
 struct Session<'a> {
     vol: &'a Arc<Volume>,
     m: &'a Arc<MirrorShared>,
     cfg: &'a Arc<LinkConfig>,
     slot: &'a Arc<SyncSlot>,
+    udp_off: &'a AtomicBool,
 }
 
 /// What the handshake settled: the connection, its decoder, the sender and how to start.
@@ -300,6 +315,10 @@ impl Session<'_> {
         let (vol, m, cfg, slot) = (self.vol, self.m, self.cfg, self.slot);
         let addr = m.remote.clone().unwrap_or_default();
         let d = Arc::new(Duplex::connect(&addr, &cfg.identity, cfg.pinned.clone())?);
+        if let Some(algo) = &cfg.tcp_congestion {
+            d.set_congestion(algo)
+                .with_context(|| format!("cannot set the TCP congestion control to {algo}"))?;
+        }
         let mut dec = Decoder::new();
         let mut sender = Sender::new(cfg.history.clone(), WINDOW_BYTES);
         d.send(&sender.hello(span(vol), cfg.compress, &cfg.name))?;
@@ -478,31 +497,47 @@ impl Session<'_> {
         Ok(())
     }
 
-    /// The sending loop here and the acknowledgements on their own thread, until either ends;
-    /// the acknowledgement thread's error, if any, carries the sending loop's as context.
-    fn run_streams(&self, d: &Arc<Duplex>, dec: Decoder, sender: Sender) -> Result<()> {
+    /// The transport is settled (`offer_udp`), then the sending loop runs here and the
+    /// acknowledgements on their own thread, until either ends; the acknowledgement thread's
+    /// error, if any, carries the sending loop's as context.
+    fn run_streams(&self, d: &Arc<Duplex>, mut dec: Decoder, sender: Sender) -> Result<()> {
         let (vol, m) = (self.vol, self.m);
         let sender = Arc::new(Mutex::new(sender));
+        let udp = self.offer_udp(d, &mut dec, &sender)?.map(Arc::new);
         let done = Arc::new(AtomicBool::new(false));
         let ack_thread = {
-            let (d, vol, m, sender, done) = (
+            let (d, vol, m, sender, done, udp) = (
                 d.clone(),
                 vol.clone(),
                 m.clone(),
                 sender.clone(),
                 done.clone(),
+                udp.clone(),
             );
             std::thread::Builder::new()
                 .name("link-acks".into())
                 .spawn(move || {
-                    let r = take_acks(&d, dec, &vol, &m, &sender, &done);
+                    let r = take_acks(&d, dec, &vol, &m, &sender, &done, udp.as_deref());
                     done.store(true, Ordering::Release);
                     d.shutdown();
                     vol.changed.notify_all();
                     r
                 })?
         };
-        let r = stream(d, vol, m, &sender, &done, self.slot);
+        let r = match &udp {
+            Some(path) => UdpStream {
+                d,
+                vol,
+                m,
+                sender: &sender,
+                done: &done,
+                copy_running: &self.slot.running,
+                path,
+                auto: self.cfg.transport == Transport::Auto,
+            }
+            .run(),
+            None => stream(d, vol, m, &sender, &done, self.slot),
+        };
         done.store(true, Ordering::Release);
         d.shutdown();
         let acks = ack_thread
@@ -510,8 +545,94 @@ impl Session<'_> {
             .unwrap_or_else(|_| Err(anyhow!("the acknowledgement thread panicked")));
         match (r, acks) {
             (Ok(()), _) => Ok(()),
+            // The fallback is what the link acts on, whatever the other thread saw.
+            (Err(e), _) if e.downcast_ref::<UdpBlocked>().is_some() => Err(e),
             (Err(e), Err(a)) => Err(a.context(format!("{e:#}"))),
             (Err(e), Ok(())) => Err(e),
+        }
+    }
+
+    /// Offers the UDP data path (`--transport udp|auto`) and opens it if the mirror accepts.
+    /// `None`: records go on the TLS connection. With `auto`, a mirror that declines means TCP,
+    /// and one that fails the offer (an older daemon closes the connection on an unknown
+    /// message) means TCP from the next connection on.
+    fn offer_udp(
+        &self,
+        d: &Duplex,
+        dec: &mut Decoder,
+        sender: &Mutex<Sender>,
+    ) -> Result<Option<UdpPath>> {
+        let (m, cfg) = (self.m, self.cfg);
+        let auto = cfg.transport == Transport::Auto;
+        lock(&m.link).transport = "tcp".into();
+        if cfg.transport == Transport::Tcp || (auto && self.udp_off.load(Ordering::Acquire)) {
+            return Ok(None);
+        }
+        let first = lock(sender).next_send();
+        let port = match self.udp_answer(d, dec, sender, first) {
+            Ok(port) => port,
+            Err(e) if auto => {
+                self.udp_off.store(true, Ordering::Release);
+                return Err(e.context("offering the UDP data path; the link goes on over TCP"));
+            }
+            Err(e) => return Err(e.context("offering the UDP data path")),
+        };
+        if port == 0 {
+            if auto {
+                tracing::info!(
+                    "mirror {}: the mirror declined UDP; records go over TCP",
+                    m.name
+                );
+                return Ok(None);
+            }
+            return Err(anyhow!(
+                "the mirror declined the UDP data path (a daemon started with --no-udp?); mount with --transport auto or tcp"
+            ));
+        }
+        let path = UdpPath::open(d, port, first, cfg.udp_rate_bytes_per_s)?;
+        lock(&m.link).transport = "udp".into();
+        tracing::info!(
+            "mirror {}: records from {first} go as UDP datagrams to port {port}",
+            m.name
+        );
+        Ok(Some(path))
+    }
+
+    /// Sends `UdpOffer` and waits for the answer (`UdpAccept`'s port), taking acks and pings
+    /// that come first.
+    fn udp_answer(
+        &self,
+        d: &Duplex,
+        dec: &mut Decoder,
+        sender: &Mutex<Sender>,
+        first: u64,
+    ) -> Result<u16> {
+        d.send(&Msg::UdpOffer { first })?;
+        let t0 = Instant::now();
+        loop {
+            match d.recv(dec)? {
+                Some(Msg::UdpAccept { port }) => return Ok(port),
+                Some(msg @ Msg::Ack { .. }) => on_ack(d, &msg, self.vol, self.m, sender, None)?,
+                Some(Msg::Ping { nonce }) => {
+                    d.send(&Msg::Pong { nonce })?;
+                }
+                Some(Msg::Pong { .. }) => {}
+                Some(Msg::Error { code, message }) => {
+                    return Err(anyhow!(
+                        "the mirror reported an error (code {code}): {message}"
+                    ))
+                }
+                Some(other) => {
+                    return Err(anyhow!(
+                        "unexpected message type {} instead of UdpAccept",
+                        other.type_code()
+                    ))
+                }
+                None if t0.elapsed() > crate::net::conn::CONNECT_TIMEOUT => {
+                    return Err(anyhow!("the mirror did not answer the UDP offer"))
+                }
+                None => {}
+            }
         }
     }
 }
@@ -562,6 +683,92 @@ fn receive_manifest(d: &Duplex, dec: &mut Decoder, name: &str) -> Result<Manifes
     Ok(mf)
 }
 
+/// What one round of a sending loop sees: records up to `limit` = min(durable, settled) may
+/// go; `sent_all`: every one of them went.
+pub(crate) struct Round {
+    pub limit: u64,
+    pub settled: u64,
+    pub sent_all: bool,
+}
+
+/// A sending loop's heartbeat (a `Ping` when nothing was sent on the connection for
+/// [`HEARTBEAT`]) and the deadline of its drain at a stop.
+pub(crate) struct Beat {
+    last_send: Instant,
+    nonce: u64,
+    stop_deadline: Option<Instant>,
+}
+
+impl Beat {
+    pub(crate) fn new() -> Beat {
+        Beat {
+            last_send: Instant::now(),
+            nonce: 0,
+            stop_deadline: None,
+        }
+    }
+
+    /// Something went on the connection: no ping needed for a while.
+    pub(crate) fn sent(&mut self) {
+        self.last_send = Instant::now();
+    }
+
+    pub(crate) fn maybe_ping(&mut self, d: &Duplex) -> Result<()> {
+        if self.last_send.elapsed() >= HEARTBEAT {
+            self.nonce += 1;
+            d.send(&Msg::Ping { nonce: self.nonce })?;
+            self.sent();
+        }
+        Ok(())
+    }
+}
+
+/// The start of each round of a sending loop (TCP or UDP): ends on a lost connection or a
+/// detached mirror; `None` once a stop has drained (the mirror acknowledged everything durable,
+/// or 10 s passed); says `live` when a copy's last record is applied.
+pub(crate) fn round(
+    vol: &Volume,
+    m: &MirrorShared,
+    sender: &Mutex<Sender>,
+    done: &AtomicBool,
+    copy_running: &AtomicBool,
+    beat: &mut Beat,
+) -> Result<Option<Round>> {
+    if done.load(Ordering::Acquire) {
+        return Err(anyhow!("connection lost"));
+    }
+    if m.detached() {
+        return Err(anyhow!("mirror detached"));
+    }
+    let (durable, settled, stopping) = {
+        let p = lock(&vol.progress);
+        (p.durable_seq, p.settled_seq, p.stopping)
+    };
+    let limit = durable.min(settled);
+    let sent_all = lock(sender).next_send() > limit;
+    if stopping {
+        // Drain: give the mirror a moment to acknowledge what it has.
+        let dl = *beat
+            .stop_deadline
+            .get_or_insert_with(|| Instant::now() + Duration::from_secs(10));
+        if (sent_all && m.durable.load(Ordering::Acquire) >= limit) || Instant::now() > dl {
+            return Ok(None);
+        }
+    }
+    if !copy_running.load(Ordering::Acquire)
+        && matches!(*lock(&m.phase), MirrorPhase::Syncing { .. })
+        && m.applied.load(Ordering::Acquire) >= lock(sender).next_send().saturating_sub(1)
+        && sent_all
+    {
+        set_phase(m, MirrorPhase::Live);
+    }
+    Ok(Some(Round {
+        limit,
+        settled,
+        sent_all,
+    }))
+}
+
 /// The sending loop: records ≤ min(durable, settled) in batches within the byte window, and
 /// heartbeats. Returns Ok when the volume stops and the mirror has everything durable.
 fn stream(
@@ -574,36 +781,16 @@ fn stream(
 ) -> Result<()> {
     let mut reader: Reader<crate::site::store::FileSegment> = Reader::new(lock(sender).next_send());
     let mut pending: Option<Record> = None;
-    let mut last_send = Instant::now();
-    let mut nonce = 0u64;
-    let mut stop_deadline: Option<Instant> = None;
+    let mut beat = Beat::new();
     loop {
-        if done.load(Ordering::Acquire) {
-            return Err(anyhow!("connection lost"));
-        }
-        if m.detached() {
-            return Err(anyhow!("mirror detached"));
-        }
-        let (durable, settled, stopping) = {
-            let p = lock(&vol.progress);
-            (p.durable_seq, p.settled_seq, p.stopping)
+        let Some(Round {
+            limit,
+            settled,
+            sent_all,
+        }) = round(vol, m, sender, done, &slot.running, &mut beat)?
+        else {
+            return Ok(());
         };
-        let limit = durable.min(settled);
-        let sent_all = lock(sender).next_send() > limit;
-        if stopping {
-            // Drain: give the mirror a moment to acknowledge what it has.
-            let dl = *stop_deadline.get_or_insert_with(|| Instant::now() + Duration::from_secs(10));
-            if (sent_all && m.durable.load(Ordering::Acquire) >= limit) || Instant::now() > dl {
-                return Ok(());
-            }
-        }
-        if !slot.running.load(Ordering::Acquire)
-            && matches!(*lock(&m.phase), MirrorPhase::Syncing { .. })
-            && m.applied.load(Ordering::Acquire) >= lock(sender).next_send().saturating_sub(1)
-            && sent_all
-        {
-            set_phase(m, MirrorPhase::Live);
-        }
         let may = lock(sender).may_send();
         if may && !sent_all {
             let batch = take_batch(&mut pending, BATCH_BYTES, || {
@@ -623,16 +810,12 @@ fn stream(
                 lock(sender).sent(last, frame.len() as u64);
                 d.send_raw(&frame)?;
                 m.sent.store(last, Ordering::Release);
-                last_send = Instant::now();
+                beat.sent();
                 vol.changed.notify_all();
                 continue;
             }
         }
-        if last_send.elapsed() >= HEARTBEAT {
-            nonce += 1;
-            d.send(&Msg::Ping { nonce })?;
-            last_send = Instant::now();
-        }
+        beat.maybe_ping(d)?;
         let p = lock(&vol.progress);
         if p.durable_seq.min(p.settled_seq) == limit && !p.stopping {
             let _ = vol.changed.wait_timeout(p, Duration::from_millis(100));
@@ -640,7 +823,8 @@ fn stream(
     }
 }
 
-/// The receiving loop: acknowledgements update the mirror's positions and wake waiters.
+/// The receiving loop: acknowledgements update the mirror's positions and wake waiters; over
+/// UDP, NAKs go to the UDP sender.
 fn take_acks(
     d: &Duplex,
     mut dec: Decoder,
@@ -648,6 +832,7 @@ fn take_acks(
     m: &MirrorShared,
     sender: &Mutex<Sender>,
     done: &AtomicBool,
+    udp: Option<&UdpPath>,
 ) -> Result<()> {
     let mut heard = Instant::now();
     loop {
@@ -657,21 +842,11 @@ fn take_acks(
             return Ok(());
         };
         match msg {
-            Msg::Ack { .. } => {
-                let p = lock(sender).on_ack(&msg).map_err(|e| {
-                    let _ = d.send(&e.to_msg());
-                    link_err(e)
-                })?;
-                m.received.store(p.received, Ordering::Release);
-                m.durable.store(p.durable, Ordering::Release);
-                m.applied.store(p.applied, Ordering::Release);
-                m.checkpoint.store(p.checkpoint, Ordering::Release);
-                {
-                    let mut l = lock(&m.link);
-                    l.bytes_sent = d.bytes_out.load(Ordering::Relaxed);
-                    l.bytes_received = d.bytes_in.load(Ordering::Relaxed);
+            Msg::Ack { .. } => on_ack(d, &msg, vol, m, sender, udp)?,
+            Msg::UdpNak { naks } if udp.is_some() => {
+                if let Some(u) = udp {
+                    u.on_nak(&naks, vol);
                 }
-                vol.changed.notify_all();
             }
             Msg::Pong { .. } => {}
             Msg::Ping { nonce } => {
@@ -696,4 +871,34 @@ fn take_acks(
             }
         }
     }
+}
+
+/// An `Ack`: checked by the sender, published as the mirror's positions (and, over UDP, what
+/// the UDP sender need not keep any more).
+fn on_ack(
+    d: &Duplex,
+    msg: &Msg,
+    vol: &Volume,
+    m: &MirrorShared,
+    sender: &Mutex<Sender>,
+    udp: Option<&UdpPath>,
+) -> Result<()> {
+    let p = lock(sender).on_ack(msg).map_err(|e| {
+        let _ = d.send(&e.to_msg());
+        link_err(e)
+    })?;
+    m.received.store(p.received, Ordering::Release);
+    m.durable.store(p.durable, Ordering::Release);
+    m.applied.store(p.applied, Ordering::Release);
+    m.checkpoint.store(p.checkpoint, Ordering::Release);
+    if let Some(u) = udp {
+        u.on_delivered(p.received);
+    }
+    {
+        let mut l = lock(&m.link);
+        l.bytes_sent = d.bytes_out.load(Ordering::Relaxed);
+        l.bytes_received = d.bytes_in.load(Ordering::Relaxed);
+    }
+    vol.changed.notify_all();
+    Ok(())
 }

@@ -528,8 +528,13 @@ fn print_mirror(m: &MirrorStatus) {
     );
     if let Some(l) = &m.link {
         println!(
-            "    link: {}, peer {}, sent {} / received {} / durable {} / applied {}, {} bytes out, {} in, {} reconnect(s){}",
+            "    link: {}{}, peer {}, sent {} / received {} / durable {} / applied {}, {} bytes out, {} in, {} reconnect(s){}",
             if l.connected { "connected" } else { "disconnected" },
+            if l.transport.is_empty() {
+                String::new()
+            } else {
+                format!(" over {}", l.transport)
+            },
             l.peer.as_deref().unwrap_or("-"),
             m.sent_seq.unwrap_or(0),
             m.received_seq.unwrap_or(0),
@@ -574,6 +579,22 @@ fn print_mirror_daemon(v: &serde_json::Value) {
         n("journal_bytes"),
         n("journal_segments")
     );
+    if let Some(u) = v.get("udp").filter(|u| u.is_object()) {
+        let c = |k: &str| u.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
+        println!(
+            "  UDP port {}: {} packets, {} records, {} rebuilt by FEC, {} NAK entries; dropped {} unauthentic, {} replayed, {} malformed, {} of other sessions, {} invalid",
+            n("udp_port"),
+            c("packets"),
+            c("records"),
+            c("recovered"),
+            c("nak_entries"),
+            c("dropped_unauthentic"),
+            c("dropped_replayed"),
+            c("dropped_malformed"),
+            c("dropped_other_session"),
+            c("dropped_invalid")
+        );
+    }
     if let Some(r) = v.get("reintegration").and_then(|r| r.as_str()) {
         println!("  reintegration: {r}");
     }

@@ -208,6 +208,20 @@ pub struct LinkInfo {
     pub reintegration_bytes_received: u64,
     #[serde(default)]
     pub reintegration_bytes_sent: u64,
+    /// How records travel on the current connection: `tcp` (in `Records` on the TLS
+    /// connection) or `udp` (datagrams beside it, `mount --transport`).
+    #[serde(default)]
+    pub transport: String,
+    /// The UDP data path's sender counters on the current connection (zero over TCP).
+    #[serde(default)]
+    pub udp_data_packets: u64,
+    #[serde(default)]
+    pub udp_repair_packets: u64,
+    #[serde(default)]
+    pub udp_retransmitted_packets: u64,
+    /// Datagrams the socket refused (ICMP unreachable, no buffer): FEC or NAKs make up for them.
+    #[serde(default)]
+    pub udp_send_errors: u64,
 }
 
 impl MirrorShared {

@@ -48,6 +48,7 @@ mod copy;
 mod divergence;
 mod reintegration;
 mod session;
+mod udp;
 
 #[derive(clap::Args)]
 pub struct ServeArgs {
@@ -80,6 +81,11 @@ pub struct ServeArgs {
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9109); off by default.
     #[arg(long)]
     pub metrics: Option<String>,
+    /// Bind no UDP socket: a primary's offer of the UDP data path (`mount --transport udp|auto`)
+    /// is declined and records come on the TLS connection. By default the daemon also listens
+    /// for UDP on the `--listen` address and port.
+    #[arg(long)]
+    pub no_udp: bool,
 }
 
 /// `--on-diverged`: what the daemon does with a primary whose history diverged from DIR's copy.
@@ -132,6 +138,8 @@ struct Daemon {
     /// A reintegration of this copy's changes into a primary: running (true) or done, and what
     /// it is, for status (cleared when a primary is accepted to stream).
     reintegration: Mutex<Option<(bool, String)>>,
+    /// The UDP data path's socket (none with `--no-udp`, or when it could not be bound).
+    udp: Option<udp::UdpPort>,
 }
 
 /// `mirrorfs serve`. A start that fails leaves no state directory behind that it created (an
@@ -158,6 +166,7 @@ fn serve_in(a: ServeArgs) -> Result<()> {
     let (id, server_cfg) = load_identity(a.config.as_deref())?;
     let meta = read_served_meta(&dir, &state)?;
     let (site, m) = open_site(&dir, &state, &meta, a.journal_max_mib)?;
+    let udp = bind_udp(&a);
     let d = Arc::new(Daemon {
         dir: dir.clone(),
         state: state.clone(),
@@ -173,12 +182,31 @@ fn serve_in(a: ServeArgs) -> Result<()> {
         peer: Mutex::new(None),
         refused: Mutex::new(None),
         reintegration: Mutex::new(None),
+        udp,
     });
     d.start_copy(&site, &meta)?;
     let _reg = d.start_reporting(a.metrics.as_deref())?;
     let (listener, term) = listen(&a.listen, &dir, &id)?;
     accept_loop(&d, &listener, &server_cfg, &term);
     d.shut_down(site)
+}
+
+/// The UDP data path's socket on the listen address, unless `--no-udp`; a socket that cannot
+/// be bound only means no UDP (primaries then stream over TCP).
+fn bind_udp(a: &ServeArgs) -> Option<udp::UdpPort> {
+    if a.no_udp {
+        return None;
+    }
+    match udp::UdpPort::bind(&a.listen) {
+        Ok(p) => Some(p),
+        Err(e) => {
+            tracing::warn!(
+                "cannot listen for UDP on {}: {e}; primaries stream over TCP",
+                a.listen
+            );
+            None
+        }
+    }
 }
 
 /// DIR (canonical), the state directory (created if needed) and the name it reserves at DIR's
@@ -590,8 +618,39 @@ impl Daemon {
                 f64::from(u8::from(lock(&self.peer).is_some())),
             ),
         ];
+        let udp = self.udp.as_ref().map(|u| u.counts()).unwrap_or_default();
+        let udp_rows = [
+            (
+                "udp_records",
+                "Records received over the UDP data path.",
+                udp.records as f64,
+            ),
+            (
+                "udp_recovered_packets",
+                "UDP data packets rebuilt by FEC.",
+                udp.recovered as f64,
+            ),
+            (
+                "udp_dropped_unauthentic",
+                "UDP datagrams dropped: authentication failed (forged or corrupted).",
+                udp.dropped_unauthentic as f64,
+            ),
+            (
+                "udp_dropped_replayed",
+                "UDP datagrams dropped: replayed.",
+                udp.dropped_replayed as f64,
+            ),
+            (
+                "udp_dropped_other",
+                "UDP datagrams dropped: malformed, of another session, invalid, or with no session.",
+                (udp.dropped_malformed
+                    + udp.dropped_other_session
+                    + udp.dropped_invalid
+                    + udp.dropped_no_session) as f64,
+            ),
+        ];
         let mut out = String::new();
-        for (name, help, v) in rows {
+        for (name, help, v) in rows.into_iter().chain(udp_rows) {
             out.push_str(&format!(
                 "# HELP mirrorfs_mirror_{name} {help}\n# TYPE mirrorfs_mirror_{name} gauge\nmirrorfs_mirror_{name} {v}\n"
             ));
@@ -629,6 +688,8 @@ impl Daemon {
             "phase": serde_json::to_value(&*lock(&self.m.phase)).unwrap_or_default(),
             "journal_bytes": bytes,
             "journal_segments": segs,
+            "udp_port": self.udp.as_ref().and_then(|u| u.socket.local_addr().ok()).map(|a| a.port()),
+            "udp": self.udp.as_ref().map(|u| u.counts()),
             "updated_unix": crate::sys::now().sec,
             "updated_unix_ms": crate::site::status::now_ms(),
         });

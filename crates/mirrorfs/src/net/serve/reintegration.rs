@@ -168,6 +168,9 @@ impl Daemon {
                     bail!("the primary reported an error (code {code}): {message}")
                 }
                 Incoming::Append { .. } => bail!("internal: records during a reintegration"),
+                Incoming::UdpOffer { .. } | Incoming::UdpSent { .. } => {
+                    bail!("internal: a UDP data path message during a reintegration")
+                }
             }
         }
     }

@@ -16,6 +16,7 @@ use crate::net::conn::Duplex;
 use crate::site::meta::{write_meta, CopyState};
 use crate::site::volume::{lock, Progress};
 
+use super::udp::Inbound;
 use super::Daemon;
 
 impl Daemon {
@@ -134,6 +135,7 @@ impl Daemon {
         session: &Mutex<Session>,
     ) -> Result<()> {
         let done = AtomicBool::new(false);
+        let inbound = Inbound::new();
         std::thread::scope(|s| -> Result<()> {
             let acker = s.spawn(|| {
                 let r = self.send_acks(link, session, &done);
@@ -141,7 +143,15 @@ impl Daemon {
                 link.shutdown();
                 r
             });
-            let r = self.receive(link, dec, session, &done);
+            let udp = s.spawn(|| {
+                let r = self.udp_in(link, session, &inbound, &done);
+                if r.is_err() {
+                    done.store(true, Ordering::Release);
+                    link.shutdown();
+                }
+                r
+            });
+            let r = self.receive(link, dec, session, &inbound, &done);
             // Tell the primary why, before the connection is shut down.
             if let Some(le) = r.as_ref().err().and_then(|e| e.downcast_ref::<LinkError>()) {
                 let _ = link.send(&le.to_msg());
@@ -152,7 +162,11 @@ impl Daemon {
             let a = acker
                 .join()
                 .unwrap_or_else(|_| Err(anyhow!("ack thread panicked")));
-            r.and(a)
+            let u = udp
+                .join()
+                .unwrap_or_else(|_| Err(anyhow!("UDP thread panicked")));
+            // The UDP thread's error (a bad record) is why the connection ended.
+            u.and(r).and(a)
         })
     }
 
@@ -170,6 +184,7 @@ impl Daemon {
         link: &Duplex,
         dec: &mut Decoder,
         session: &Mutex<Session>,
+        inbound: &Inbound,
         done: &AtomicBool,
     ) -> Result<()> {
         let dead = crate::net::remote::DEAD_AFTER;
@@ -181,7 +196,14 @@ impl Daemon {
             };
             let incoming = lock(session).on_message(&msg)?;
             match incoming {
-                Incoming::Append { records, settled } => self.append(session, records, settled)?,
+                Incoming::Append { records, settled } => {
+                    self.append(session, records, inbound.settled(settled))?
+                }
+                Incoming::UdpOffer { first } => {
+                    let answer = self.accept_udp(link, inbound, first)?;
+                    link.send(&answer)?;
+                }
+                Incoming::UdpSent { through } => inbound.note_sent(through),
                 Incoming::Reply(reply) => {
                     link.send(&reply)?;
                 }

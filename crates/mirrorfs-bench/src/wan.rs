@@ -1,0 +1,269 @@
+//! `--targets wan`: mirroring throughput of the TLS/TCP data path and of the UDP data path with
+//! forward error correction (`mount --transport udp`) over the WAN emulator (`mirrorfs-wan`), at
+//! SMFS's 50 ms one-way delay and 0, 0.1 and 1 % random loss each way (issue 8).
+//!
+//! Per row, in one run: a fresh emulated WAN (side A: the primary's mount, side B: the mirror
+//! daemon; the same impairment both ways, a rate cap of [`RATE_MBIT`] Mbit/s), identities made
+//! for the run, the mount waits until its mirror is live. Then one file of `SIZE` is written
+//! through the mount in 1 MiB writes (local speed: `--ack async`), and the mirror's copy of the
+//! file is watched until it has every byte. *Throughput* = bytes on the mirror / time from the
+//! first write; a row that does not finish within `LIMIT` reports what reached the mirror by
+//! then. TCP runs with the link's congestion control set to BBR (this machine's default) and to
+//! CUBIC (SMFS's comparison; `mount --tcp-congestion`); UDP runs paced at [`UDP_RATE_MBIT`] Mbit/s (data and repair
+//! packets together), below the cap, since the UDP path has no congestion control.
+
+use std::fs;
+use std::io::Write as _;
+use std::path::Path;
+use std::process::Stdio;
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use mirrorfs_wan::{Impairment, Side, Wan};
+
+use crate::disaster::{listening, mirror_live, status_json, wait_for, Procs};
+use crate::mounts;
+use crate::report::{render_markdown, render_plain};
+
+/// One-way delay, each way.
+const DELAY: Duration = Duration::from_millis(50);
+const LOSSES: [f64; 3] = [0.0, 0.001, 0.01];
+/// The emulated link's rate cap.
+const RATE_MBIT: u64 = 200;
+/// The UDP path's pace (`--udp-rate-mbit`): 90 % of the cap.
+const UDP_RATE_MBIT: u64 = 180;
+const PORT: u16 = 7070;
+
+/// How records travel in one row.
+#[derive(Clone, Copy)]
+enum DataPath {
+    Tcp { congestion: &'static str },
+    Udp,
+}
+
+impl DataPath {
+    fn label(self) -> String {
+        match self {
+            DataPath::Tcp { congestion } => format!("TLS/TCP ({congestion})"),
+            DataPath::Udp => format!("UDP + FEC (8, 3), {UDP_RATE_MBIT} Mbit/s"),
+        }
+    }
+}
+
+const PATHS: [DataPath; 3] = [
+    DataPath::Tcp { congestion: "bbr" },
+    DataPath::Tcp {
+        congestion: "cubic",
+    },
+    DataPath::Udp,
+];
+
+/// What one row gave.
+struct Row {
+    path: DataPath,
+    loss: f64,
+    bytes: u64,
+    seconds: f64,
+    finished: bool,
+    recovered: u64,
+    nak_entries: u64,
+}
+
+fn link(loss: f64) -> Impairment {
+    Impairment {
+        delay: DELAY,
+        loss,
+        rate_bps: Some(RATE_MBIT * 1_000_000),
+        queue_bytes: 4 << 20,
+        ..Impairment::default()
+    }
+}
+
+pub fn run(bin: &Path, run_dir: &Path, markdown: bool, quick: bool, seed: u64) -> Result<()> {
+    let size_mib: u64 = if quick { 16 } else { 64 };
+    let limit = Duration::from_secs(if quick { 30 } else { 90 });
+    let mut rows = Vec::new();
+    for (i, loss) in LOSSES.into_iter().enumerate() {
+        for (j, path) in PATHS.into_iter().enumerate() {
+            let base = run_dir.join(format!("wan-{i}-{j}"));
+            fs::create_dir_all(&base)
+                .with_context(|| format!("cannot create {}", base.display()))?;
+            let row = one(
+                bin,
+                &base,
+                path,
+                loss,
+                size_mib,
+                limit,
+                seed + (i * 3 + j) as u64,
+            )
+            .with_context(|| format!("{} at {} % loss", path.label(), loss * 100.0))?;
+            eprintln!(
+                "[wan] {} at {:.1} % loss: {:.2} MiB/s{}",
+                path.label(),
+                loss * 100.0,
+                mib_per_s(&row),
+                if row.finished { "" } else { " (unfinished)" }
+            );
+            rows.push(row);
+        }
+    }
+    print_table(&rows, size_mib, limit, markdown);
+    Ok(())
+}
+
+fn mib_per_s(r: &Row) -> f64 {
+    r.bytes as f64 / (1u64 << 20) as f64 / r.seconds.max(1e-9)
+}
+
+fn print_table(rows: &[Row], size_mib: u64, limit: Duration, markdown: bool) {
+    println!(
+        "mirroring throughput: {size_mib} MiB written through the mount (1 MiB writes, --ack async) until the mirror has every byte (or {} s); {} ms one-way delay, the loss each way, {RATE_MBIT} Mbit/s cap with a 4 MiB queue (mirrorfs-wan)",
+        limit.as_secs(),
+        DELAY.as_millis()
+    );
+    let mut table = vec![[
+        "loss",
+        "data path",
+        "MiB/s",
+        "MiB on the mirror",
+        "seconds",
+        "rebuilt by FEC (packets)",
+        "NAK entries",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect::<Vec<_>>()];
+    for r in rows {
+        table.push(vec![
+            format!("{:.1} %", r.loss * 100.0),
+            r.path.label(),
+            format!("{:.2}", mib_per_s(r)),
+            format!(
+                "{:.1}{}",
+                r.bytes as f64 / (1u64 << 20) as f64,
+                if r.finished { "" } else { " (unfinished)" }
+            ),
+            format!("{:.1}", r.seconds),
+            match r.path {
+                DataPath::Udp => r.recovered.to_string(),
+                DataPath::Tcp { .. } => "-".into(),
+            },
+            match r.path {
+                DataPath::Udp => r.nak_entries.to_string(),
+                DataPath::Tcp { .. } => "-".into(),
+            },
+        ]);
+    }
+    if markdown {
+        println!("{}", render_markdown(&table));
+    } else {
+        println!("{}", render_plain(&table));
+    }
+}
+
+fn one(
+    bin: &Path,
+    base: &Path,
+    path: DataPath,
+    loss: f64,
+    size_mib: u64,
+    limit: Duration,
+    seed: u64,
+) -> Result<Row> {
+    let (backing, mnt, mirror) = (base.join("backing"), base.join("mnt"), base.join("mirror"));
+    for d in [&backing, &mnt, &mirror] {
+        fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
+    }
+    let ids = crate::net::make_identities(bin, base)?;
+    let wan = Wan::start(link(loss), link(loss), seed).context("cannot start the WAN emulator")?;
+    let cc = match path {
+        DataPath::Tcp { congestion } => congestion,
+        DataPath::Udp => "bbr",
+    };
+    let listen = format!("{}:{PORT}", Wan::addr(Side::B));
+    let log = |name: &str| -> Result<fs::File> {
+        fs::File::create(base.join(name)).context("cannot create a log file")
+    };
+    let mut procs = Procs(Vec::new());
+    let daemon = wan
+        .command(Side::B, &bin.to_string_lossy())
+        .args(["serve".as_ref(), mirror.as_os_str(), "--listen".as_ref()])
+        .arg(&listen)
+        .arg("--config")
+        .arg(&ids.mirror)
+        .stdin(Stdio::null())
+        .stderr(log("daemon.log")?)
+        .spawn()
+        .context("cannot start mirrorfs serve")?;
+    procs.0.push(daemon);
+    wait_for(
+        || Ok(listening(&wan, &listen)),
+        "the daemon to listen",
+        base,
+    )?;
+    let transport = match path {
+        DataPath::Tcp { .. } => "tcp",
+        DataPath::Udp => "udp",
+    };
+    let mount = wan
+        .command(Side::A, &bin.to_string_lossy())
+        .args(["mount".as_ref(), backing.as_os_str(), mnt.as_os_str()])
+        .arg("--mirror")
+        .arg(format!("mirror://{listen}"))
+        .args([
+            "--transport",
+            transport,
+            "--tcp-congestion",
+            cc,
+            "--udp-rate-mbit",
+        ])
+        .arg(UDP_RATE_MBIT.to_string())
+        .arg("--config")
+        .arg(&ids.primary)
+        .stdin(Stdio::null())
+        .stderr(log("mount.log")?)
+        .spawn()
+        .context("cannot start mirrorfs mount")?;
+    procs.0.push(mount);
+    wait_for(|| mounts::is_mounted(&mnt), "the mount", base)?;
+    wait_for(|| Ok(mirror_live(&backing)), "the mirror to be live", base)?;
+
+    let size = size_mib << 20;
+    let t0 = Instant::now();
+    let mut f = fs::File::create(mnt.join("payload")).context("cannot create the payload")?;
+    let chunk: Vec<u8> = (0..1u32 << 20).map(|i| (i * 2_654_435_761) as u8).collect();
+    for _ in 0..size_mib {
+        f.write_all(&chunk)
+            .context("cannot write through the mount")?;
+    }
+    drop(f);
+    let on_mirror = mirror.join("payload");
+    let mut bytes = 0;
+    while t0.elapsed() < limit {
+        crate::check_interrupted()?;
+        bytes = fs::metadata(&on_mirror).map_or(0, |m| m.len());
+        if bytes >= size {
+            break;
+        }
+        sleep(Duration::from_millis(20));
+    }
+    let seconds = t0.elapsed().as_secs_f64();
+    let udp = status_json(&mirror.join(".mirrorfs/status.json"))
+        .map(|s| s["udp"].clone())
+        .unwrap_or_default();
+    let n = |k: &str| udp.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+    let _ = mounts::unmount(&mnt);
+    drop(procs);
+    wan.stop().context("the WAN emulator's router failed")?;
+    Ok(Row {
+        path,
+        loss,
+        bytes,
+        seconds,
+        finished: bytes >= size,
+        recovered: n("recovered"),
+        nak_entries: n("nak_entries"),
+    })
+}
