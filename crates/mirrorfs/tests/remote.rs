@@ -3721,6 +3721,43 @@ fn a_network_mirror_stays_at_a_group_boundary_through_a_crash_and_a_promotion() 
     );
 }
 
+/// `--fsync-groups` with a network mirror over the UDP data path: what was written between two
+/// syncs reaches the daemon's records but not its tree until the sync that ends the group, and
+/// then all of it does.
+#[test]
+fn with_fsync_groups_a_network_mirror_shows_the_changes_between_two_syncs_together() {
+    let net = Net::new("fsync-groups");
+    let srv = net.serve("m", &[]);
+    let mut m = net.mount(
+        "net-fsync-groups",
+        0,
+        &srv.url(),
+        &[
+            "--fsync-groups",
+            "--fsync-group-max-ms",
+            "600000",
+            "--transport",
+            "udp",
+        ],
+    );
+    wait_live(&m, &srv);
+    fs::write(m.p("a"), b"one half").expect("write a");
+    fs::create_dir(m.p("d")).expect("mkdir d");
+    fs::write(m.p("d/b"), b"other half").expect("write d/b");
+    daemon_holds_everything(&m, &srv, "the daemon to hold the group's records");
+    std::thread::sleep(GROUP_HELD);
+    absent(&srv.dir, &["a", "d"], "before the sync that ends the group");
+    let st = Command::new("sync")
+        .arg(m.p("a"))
+        .status()
+        .expect("run sync");
+    assert!(st.success(), "sync a");
+    converge(&m, &srv, "after the sync ended the group");
+    assert_eq!(fs::read(srv.dir.join("d/b")).expect("d/b"), b"other half");
+    m.unmount();
+    assert_trees_equal(m.backing(), &srv.dir);
+}
+
 // ---------------------------------------------------------------------------------------------
 // The UDP data path (`--transport udp|auto`)
 
