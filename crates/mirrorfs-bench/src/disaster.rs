@@ -131,6 +131,9 @@ pub(crate) struct Outcome {
     nak_entries: u64,
     /// Packets A sent after the cut (dropped), and A's packets delivered after the cut.
     cut_sent: u64,
+    /// Of those, UDP datagrams, and how long after the cut the router read the last (µs).
+    cut_sent_udp: u64,
+    cut_sent_udp_last_us: f64,
     delivered_after_cut: u64,
     writes_per_s: f64,
 }
@@ -195,7 +198,7 @@ pub fn run(
                 let o = one(bin, &base, mode, loss, steady, seed + n)
                     .with_context(|| format!("the rolling disaster, {}", mode.label()))?;
                 eprintln!(
-                    "[disaster] {} at {:.1} % (run {}): {} acknowledged, {} on the mirror, {} lost (first lost acknowledged {} ms before the cut), cut to kill {:.0} µs, {} rebuilt by FEC, {} NAK entries",
+                    "[disaster] {} at {:.1} % (run {}): {} acknowledged, {} on the mirror, {} lost (first lost acknowledged {} ms before the cut), cut to kill {:.0} µs, {} rebuilt by FEC, {} NAK entries, {} of A's packets dropped at the cut, {} UDP (the last read {:.0} µs after it)",
                     mode.label(),
                     loss * 100.0,
                     rep + 1,
@@ -205,7 +208,10 @@ pub fn run(
                     o.first_lost_ms.map_or("-".into(), |m| format!("{m:.1}")),
                     o.window_us,
                     o.recovered,
-                    o.nak_entries
+                    o.nak_entries,
+                    o.cut_sent,
+                    o.cut_sent_udp,
+                    o.cut_sent_udp_last_us
                 );
                 row.add(&o);
             }
@@ -233,6 +239,8 @@ impl Row {
         s.recovered += o.recovered;
         s.nak_entries += o.nak_entries;
         s.cut_sent += o.cut_sent;
+        s.cut_sent_udp += o.cut_sent_udp;
+        s.cut_sent_udp_last_us = s.cut_sent_udp_last_us.max(o.cut_sent_udp_last_us);
         s.delivered_after_cut += o.delivered_after_cut;
         s.writes_per_s += o.writes_per_s;
         self.firsts.push((o.lost, o.first_lost_ms));
@@ -258,6 +266,8 @@ fn print_table(rows: &[Row], steady: Duration, markdown: bool) {
         "rebuilt by FEC",
         "NAK entries",
         "A's packets delivered after the cut",
+        "A's packets dropped at the cut",
+        "of those UDP (last read µs after the cut, max)",
         "writes/s",
     ];
     let mut table = vec![header.iter().map(|s| s.to_string()).collect::<Vec<_>>()];
@@ -291,6 +301,12 @@ fn print_table(rows: &[Row], steady: Duration, markdown: bool) {
                 "-".into()
             },
             r.sum.delivered_after_cut.to_string(),
+            r.sum.cut_sent.to_string(),
+            if udp {
+                format!("{} ({:.0})", r.sum.cut_sent_udp, r.sum.cut_sent_udp_last_us)
+            } else {
+                "-".into()
+            },
             format!("{:.0}", r.sum.writes_per_s / r.runs.max(1) as f64),
         ]);
     }
@@ -425,6 +441,8 @@ fn one(
         recovered: n("recovered"),
         nak_entries: n("nak_entries"),
         cut_sent: rep.cut_sent[0],
+        cut_sent_udp: rep.cut_sent_udp[0],
+        cut_sent_udp_last_us: rep.cut_sent_udp_last_ns[0] as f64 / 1e3,
         delivered_after_cut: rep.delivered_after_cut[0],
         writes_per_s: acknowledged as f64 / elapsed.as_secs_f64().max(1e-9),
     })

@@ -11,6 +11,7 @@
 //! control's epoch moved (one atomic load per packet).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Instant;
 
 use crate::netns::Side;
 
@@ -30,16 +31,30 @@ impl Direction {
     }
 }
 
-/// Shared between the router and whoever changes the link (see the module).
-#[derive(Debug, Default)]
+/// Shared between the router and whoever changes the link (see the module). Its clock (`now`,
+/// nanoseconds since it was made) is the router's.
+#[derive(Debug)]
 pub struct Control {
+    origin: Instant,
     /// Moves after every loss change.
     epoch: AtomicU64,
     /// Per direction: the random loss rate's bits (`f64::to_bits`), once set.
     loss: [AtomicU64; 2],
     loss_set: [AtomicBool; 2],
-    /// Per side: its connection is cut.
-    cut: [AtomicBool; 2],
+    /// Per side: when its connection was cut (`now` + 1; 0: not cut).
+    cut: [AtomicU64; 2],
+}
+
+impl Default for Control {
+    fn default() -> Control {
+        Control {
+            origin: Instant::now(),
+            epoch: AtomicU64::new(0),
+            loss: Default::default(),
+            loss_set: Default::default(),
+            cut: Default::default(),
+        }
+    }
 }
 
 impl Control {
@@ -55,13 +70,33 @@ impl Control {
         Ok(())
     }
 
-    /// `side`'s connection dies now (see the module).
-    pub fn cut(&self, side: Side) {
-        self.cut[side as usize].store(true, Ordering::SeqCst);
+    /// The control's (and the router's) clock: nanoseconds since it was made.
+    pub fn now(&self) -> u64 {
+        self.origin.elapsed().as_nanos() as u64
     }
 
-    pub fn is_cut(&self, side_index: usize) -> bool {
-        self.cut[side_index].load(Ordering::SeqCst)
+    /// `side`'s connection dies now (see the module).
+    pub fn cut(&self, side: Side) {
+        self.cut_at(side, self.now());
+    }
+
+    /// `side`'s connection dies from now on, recorded as cut at `at` (ns on this control's
+    /// clock; for tests with a clock of their own). The first cut of a side stays.
+    pub fn cut_at(&self, side: Side, at: u64) {
+        let _ = self.cut[side as usize].compare_exchange(
+            0,
+            at.saturating_add(1),
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        );
+    }
+
+    /// When a side (by index) was cut, if it was.
+    pub fn cut_time(&self, side_index: usize) -> Option<u64> {
+        match self.cut[side_index].load(Ordering::SeqCst) {
+            0 => None,
+            t => Some(t - 1),
+        }
     }
 
     pub(crate) fn epoch(&self) -> u64 {

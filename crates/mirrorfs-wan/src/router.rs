@@ -20,7 +20,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::control::Control;
 use crate::link::{Counts, Link, Verdict};
@@ -42,6 +42,11 @@ pub struct Report {
     pub write_errors: u64,
     /// Per side (0: A): packets it sent after its cut, dropped at once.
     pub cut_sent: [u64; 2],
+    /// Per side: of those, UDP datagrams (IPv4 protocol 17), and how long after the cut the
+    /// router read the last of them (ns). A datagram read after the sending process died was
+    /// queued in the side's kernel before: handed to the socket, but not out of the site.
+    pub cut_sent_udp: [u64; 2],
+    pub cut_sent_udp_last_ns: [u64; 2],
     /// Per side: packets due to reach it after its cut, dropped.
     pub cut_due: [u64; 2],
     /// Per direction (0: A→B): packets delivered that had left before the sender's cut.
@@ -79,8 +84,13 @@ impl Switch {
 
     /// A packet side `from` sent, read at `now`.
     pub fn offer(&mut self, now: u64, from: usize, pkt: &[u8]) {
-        if self.control.is_cut(from) {
+        if let Some(t) = self.control.cut_time(from) {
             self.report.cut_sent[from] += 1;
+            if is_udp(pkt) {
+                self.report.cut_sent_udp[from] += 1;
+                let last = &mut self.report.cut_sent_udp_last_ns[from];
+                *last = (*last).max(now.saturating_sub(t));
+            }
             return;
         }
         self.apply_control();
@@ -127,11 +137,11 @@ impl Switch {
             let Reverse((_, _, dir, pkt)) = self.line.pop()?;
             self.in_flight -= pkt.len() as u64;
             let to = 1 - dir;
-            if self.control.is_cut(to) {
+            if self.control.cut_time(to).is_some() {
                 self.report.cut_due[to] += 1;
                 continue;
             }
-            if self.control.is_cut(dir) {
+            if self.control.cut_time(dir).is_some() {
                 self.report.delivered_after_cut[dir] += 1;
             }
             return Some((to, pkt));
@@ -152,6 +162,11 @@ impl Switch {
     }
 }
 
+/// An IPv4 packet carrying UDP.
+fn is_udp(pkt: &[u8]) -> bool {
+    pkt.first().is_some_and(|b| b >> 4 == 4) && pkt.get(9) == Some(&17)
+}
+
 /// Moves packets until `stop` is set. `devs[0]` is A's device, `devs[1]` B's; `links[0]` is
 /// A→B, `links[1]` B→A.
 pub fn run(
@@ -160,8 +175,8 @@ pub fn run(
     control: Arc<Control>,
     stop: Arc<AtomicBool>,
 ) -> io::Result<Report> {
-    let start = Instant::now();
-    let now = || start.elapsed().as_nanos() as u64;
+    let clock = control.clone();
+    let now = || clock.now();
     let mut switch = Switch::new(links, control);
     let mut devs = devs;
     let mut buf = vec![0u8; PACKET_MAX];
@@ -276,10 +291,16 @@ mod tests {
         }
         // B's packet towards A is on its way when A is cut.
         s.offer(5 * MS, 1, &[100; 100]);
-        control.cut(Side::A);
+        control.cut_at(Side::A, 9 * MS + MS / 2);
         for i in 10..20u8 {
             s.offer(u64::from(i) * MS, 0, &[i; 100]);
         }
+        // Two UDP datagrams (IPv4, protocol 17) read after the cut, the last at 25 ms.
+        let mut udp = [0u8; 28];
+        udp[0] = 0x45;
+        udp[9] = 17;
+        s.offer(21 * MS, 0, &udp);
+        s.offer(25 * MS, 0, &udp);
         let got = drain(&mut s, 200 * MS);
         let want: Vec<(usize, u8)> = (0..10).map(|i| (1, i)).collect();
         assert_eq!(
@@ -287,7 +308,9 @@ mod tests {
             "the ten sent before the cut arrive, in order, none after"
         );
         let r = s.report();
-        assert_eq!(r.cut_sent, [10, 0]);
+        assert_eq!(r.cut_sent, [12, 0]);
+        assert_eq!(r.cut_sent_udp, [2, 0]);
+        assert_eq!(r.cut_sent_udp_last_ns, [25 * MS - (9 * MS + MS / 2), 0]);
         assert_eq!(r.cut_due, [1, 0], "B's packet to the dead site is dropped");
         assert_eq!(r.delivered_after_cut, [10, 0]);
         assert_eq!(
