@@ -205,7 +205,7 @@ pub fn run(
                     o.acknowledged,
                     o.on_mirror,
                     o.lost,
-                    o.first_lost_ms.map_or("-".into(), |m| format!("{m:.1}")),
+                    o.first_lost_ms.map_or("-".into(), |m| format!("{m:.2}")),
                     o.window_us,
                     o.recovered,
                     o.nak_entries,
@@ -275,7 +275,7 @@ fn print_table(rows: &[Row], steady: Duration, markdown: bool) {
         let firsts: Vec<String> = r
             .firsts
             .iter()
-            .filter_map(|(_, f)| f.map(|m| format!("{m:.1}")))
+            .filter_map(|(_, f)| f.map(|m| format!("{m:.2}")))
             .collect();
         let udp = r.mode.transport == "udp";
         table.push(vec![
