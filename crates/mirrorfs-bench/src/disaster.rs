@@ -1,155 +1,315 @@
-//! `--targets disaster`: the rolling disaster of Smoke-and-Mirrors (issue 8), over our WAN
-//! emulator (`mirrorfs-wan`): the primary site and its link to the mirror are lost within
-//! moments of each other. How many changes that the application saw acknowledged does the
-//! mirror lack afterwards, per `--ack` mode?
+//! `--targets disaster`: the rolling disaster of Smoke-and-Mirrors (issue 8), with the paper's
+//! setup, over our WAN emulator (`mirrorfs-wan`): the primary site and its link to the mirror
+//! are lost within moments of each other. How many changes that the application saw
+//! acknowledged does the mirror lack afterwards, per `--ack` mode and data path?
 //!
-//! For each mode, in one run: a fresh emulated WAN (side A: the primary's mount, side B: the
-//! mirror daemon; one-way delay and loss per direction as below), identities made for the run,
-//! the mount waits until its mirror is live. A writer appends numbered 32-byte messages to one
-//! file through the mount, one `write(2)` each, for `RUN`; a write that returned is
-//! *acknowledged*. Then the disaster: the link dies at the primary's site (nftables drops
-//! everything in and out of side A), and `CUT_TO_KILL` later the primary is killed (`kill -9`):
-//! what it had not handed on is gone with the site. What was already on the wire arrives (the
-//! router runs for a round trip more), but nothing lost on the way can be sent again. The daemon is left to apply everything its journal holds, then stopped; the
-//! messages in the mirror's copy of the file are counted. *Lost* = acknowledged − on the mirror
-//! (never negative: a message can reach the mirror without its acknowledgement reaching the
-//! writer).
+//! Per row, in one run: a fresh emulated WAN (side A: the primary's mount, side B: the mirror
+//! daemon; [`DELAY`] one-way each way, no loss at first, a 1 Gbit/s cap), identities made for
+//! the run, the mount waits until its mirror is live. A writer appends numbered 4 KiB messages
+//! (the paper's size) to one file through the mount, one `write(2)` each; a write that returned
+//! is *acknowledged*. After a steady phase, the disaster, as in the paper:
+//! 1. the link's loss is raised to L both ways for [`LOSSY`] (0.5 s);
+//! 2. the link is cut at the primary's site, instantaneously (`Wan::cut`: the router drops
+//!    whatever A sends from then on and whatever is due to reach A, and still delivers what A
+//!    sent before, which is on the wire);
+//! 3. at once the primary is killed (`kill -9`): what it had not handed on is gone.
 //!
-//! Each mode runs over the TCP data path; `network` also over the UDP data path with forward
-//! error correction (`--transport udp`). A TCP segment the dying link lost is never resent, so
-//! `network` over TCP loses what was on the wire; over UDP, `network` acknowledges once the data
-//! and repair packets were handed to the socket, and what the dying link lost of them FEC may
-//! rebuild from the packets that made it.
+//! The router runs two one-way delays (+ a margin) more, so what had left the site arrives;
+//! nothing can be sent again (NAKs and TCP retransmissions die at the cut). The daemon applies
+//! what its journal holds and the messages in its copy are counted (a prefix: records are
+//! applied in journal order). *Lost* = acknowledged − on the mirror.
+//!
+//! Modes: `local`, `network` over TLS/TCP, `network` over UDP with FEC layers c = 3 (SMFS's
+//! (r, c) = (8, 3)) down to 0 (no repairs, NAKs only: `mount --udp-fec-layers`), `durable`.
+//! With `--plots DIR` the bench draws `disaster.svg` (lost against L per mode) and
+//! `disaster-layers.svg` (lost against c per L) there.
 
-use std::fmt::Write as _;
 use std::fs;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use mirrorfs_wan::{Impairment, Side, Wan};
+use mirrorfs_wan::{Direction, Impairment, Side, Wan};
 
 use crate::mounts;
 use crate::report::{render_markdown, render_plain};
 
-/// The modes compared, weakest first, and the data path (`--transport`) of each.
-const MODES: [(&str, &str); 4] = [
-    ("local", "tcp"),
-    ("network", "tcp"),
-    ("network", "udp"),
-    ("durable", "tcp"),
-];
-/// One message: a 16-digit number, padding, a newline.
-const MESSAGE: usize = 32;
-/// The daemon's port inside its namespace (each run has namespaces of its own).
-const PORT: u16 = 7070;
-/// From the link's death to the primary's.
-const CUT_TO_KILL: Duration = Duration::from_millis(2);
-const SETUP: Duration = Duration::from_secs(60);
-/// After the kill, the router runs this much longer than the round trip before it stops.
-const ON_THE_WIRE_MARGIN: Duration = Duration::from_millis(200);
-
-/// What one mode gave.
-struct Outcome {
-    mode: &'static str,
+/// One mode of the comparison: `--ack`, `--transport`, and the UDP path's FEC layers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Mode {
+    ack: &'static str,
     transport: &'static str,
-    /// Acknowledged before the link died, and of those not on the mirror.
-    before_cut: u64,
-    lost_before_cut: u64,
-    /// From the cut to the kill (the router's stop takes `cut_ms` of it).
-    window_ms: f64,
-    cut_ms: f64,
-    acknowledged: u64,
-    on_mirror: u64,
-    lost: u64,
-    p50_ms: f64,
-    per_s: f64,
+    layers: u64,
 }
 
-/// The emulated link, the same both ways: SMFS's wide-area setting, shortened with `--quick`.
-fn link(quick: bool) -> Impairment {
+impl Mode {
+    const fn tcp(ack: &'static str) -> Mode {
+        Mode {
+            ack,
+            transport: "tcp",
+            layers: 0,
+        }
+    }
+
+    const fn udp(layers: u64) -> Mode {
+        Mode {
+            ack: "network",
+            transport: "udp",
+            layers,
+        }
+    }
+
+    /// The FEC layers of a mode over UDP.
+    pub(crate) fn udp_layers(self) -> Option<u64> {
+        (self.transport == "udp").then_some(self.layers)
+    }
+
+    pub(crate) fn label(self) -> String {
+        match self.transport {
+            "udp" if self.layers == 0 => format!("{} / UDP, no FEC", self.ack),
+            "udp" => format!("{} / UDP + FEC (8, {})", self.ack, self.layers),
+            _ => format!("{} / TCP", self.ack),
+        }
+    }
+}
+
+const MODES: [Mode; 7] = [
+    Mode::tcp("local"),
+    Mode::tcp("network"),
+    Mode::udp(3),
+    Mode::udp(2),
+    Mode::udp(1),
+    Mode::udp(0),
+    Mode::tcp("durable"),
+];
+const MODES_QUICK: [Mode; 5] = [
+    Mode::tcp("local"),
+    Mode::tcp("network"),
+    Mode::udp(3),
+    Mode::udp(0),
+    Mode::tcp("durable"),
+];
+/// The loss rates L raised for [`LOSSY`] before the cut.
+const LOSSES: [f64; 3] = [0.001, 0.01, 0.05];
+const LOSSES_QUICK: [f64; 1] = [0.01];
+/// Runs per (mode, loss); the table gives the sums.
+const REPEATS: u64 = 2;
+/// One message: a 16-digit number, padding, a newline: 4 KiB, the paper's message size.
+const MESSAGE: usize = 4096;
+/// The paper's one-way delay.
+const DELAY: Duration = Duration::from_millis(50);
+/// The paper's lossy phase before the cut.
+const LOSSY: Duration = Duration::from_millis(500);
+/// The daemon's port inside its namespace (each run has namespaces of its own).
+const PORT: u16 = 7070;
+const SETUP: Duration = Duration::from_secs(60);
+/// The UDP path's pace (`--udp-rate-mbit`), well below the link's cap.
+const UDP_RATE_MBIT: u64 = 400;
+/// After the kill, the router runs this much longer than two one-way delays before it stops.
+const ON_THE_WIRE_MARGIN: Duration = Duration::from_millis(200);
+
+/// What one run gave.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Outcome {
+    acknowledged: u64,
+    /// Acknowledged before the cut, and of those not on the mirror.
+    before_cut: u64,
+    lost_before_cut: u64,
+    on_mirror: u64,
+    lost: u64,
+    /// From the cut to the kill's return.
+    window_us: f64,
+    /// The first message lost was acknowledged this long before the cut (negative: after it).
+    first_lost_ms: Option<f64>,
+    /// The daemon's UDP counters: data packets FEC rebuilt, NAK entries sent.
+    recovered: u64,
+    nak_entries: u64,
+    /// Packets A sent after the cut (dropped), and A's packets delivered after the cut.
+    cut_sent: u64,
+    /// Of those, UDP datagrams, and how long after the cut the router read the last (µs).
+    cut_sent_udp: u64,
+    cut_sent_udp_last_us: f64,
+    delivered_after_cut: u64,
+    writes_per_s: f64,
+}
+
+/// The sums over the repeats of one (mode, loss).
+pub(crate) struct Row {
+    pub(crate) mode: Mode,
+    pub(crate) loss: f64,
+    runs: u64,
+    sum: Outcome,
+    /// Per run: (lost, first lost acknowledged ms before the cut).
+    firsts: Vec<(u64, Option<f64>)>,
+}
+
+impl Row {
+    pub(crate) fn mean_lost(&self) -> f64 {
+        self.sum.lost as f64 / self.runs.max(1) as f64
+    }
+}
+
+fn link() -> Impairment {
     Impairment {
-        delay: Duration::from_millis(if quick { 10 } else { 25 }),
-        loss: 0.001,
+        delay: DELAY,
+        loss: 0.0,
         rate_bps: Some(1_000_000_000),
         queue_bytes: 8 << 20,
         ..Impairment::default()
     }
 }
 
-pub fn run(bin: &Path, run_dir: &Path, markdown: bool, quick: bool, seed: u64) -> Result<()> {
-    let run_for = Duration::from_secs(if quick { 2 } else { 5 });
-    let imp = link(quick);
+pub fn run(
+    bin: &Path,
+    run_dir: &Path,
+    markdown: bool,
+    quick: bool,
+    seed: u64,
+    plots: Option<&Path>,
+) -> Result<()> {
+    let steady = Duration::from_millis(if quick { 1_500 } else { 3_000 });
+    let (modes, losses, repeats): (&[Mode], &[f64], u64) = if quick {
+        (&MODES_QUICK, &LOSSES_QUICK, 1)
+    } else {
+        (&MODES, &LOSSES, REPEATS)
+    };
     let mut rows = Vec::new();
-    for (i, (mode, transport)) in MODES.into_iter().enumerate() {
-        let base = run_dir.join(format!("disaster-{mode}-{transport}"));
-        fs::create_dir_all(&base).with_context(|| format!("cannot create {}", base.display()))?;
-        let o = one(
-            bin,
-            &base,
-            (mode, transport),
-            &imp,
-            run_for,
-            seed + i as u64,
-        )
-        .with_context(|| format!("the rolling disaster with --ack {mode} over {transport}"))?;
-        eprintln!(
-            "[disaster] --ack {mode} over {transport}: {} acknowledged, {} on the mirror, {} lost",
-            o.acknowledged, o.on_mirror, o.lost
-        );
-        rows.push(o);
+    let mut n = 0u64;
+    for &loss in losses {
+        for &mode in modes {
+            let mut row = Row {
+                mode,
+                loss,
+                runs: 0,
+                sum: Outcome::default(),
+                firsts: Vec::new(),
+            };
+            for rep in 0..repeats {
+                crate::check_interrupted()?;
+                let base = run_dir.join(format!("disaster-{n}"));
+                n += 1;
+                fs::create_dir_all(&base)
+                    .with_context(|| format!("cannot create {}", base.display()))?;
+                let o = one(bin, &base, mode, loss, steady, seed + n)
+                    .with_context(|| format!("the rolling disaster, {}", mode.label()))?;
+                eprintln!(
+                    "[disaster] {} at {:.1} % (run {}): {} acknowledged, {} on the mirror, {} lost (first lost acknowledged {} ms before the cut), cut to kill {:.0} µs, {} rebuilt by FEC, {} NAK entries, {} of A's packets dropped at the cut, {} UDP (the last read {:.0} µs after it)",
+                    mode.label(),
+                    loss * 100.0,
+                    rep + 1,
+                    o.acknowledged,
+                    o.on_mirror,
+                    o.lost,
+                    o.first_lost_ms.map_or("-".into(), |m| format!("{m:.2}")),
+                    o.window_us,
+                    o.recovered,
+                    o.nak_entries,
+                    o.cut_sent,
+                    o.cut_sent_udp,
+                    o.cut_sent_udp_last_us
+                );
+                row.add(&o);
+            }
+            rows.push(row);
+        }
     }
-    print_table(&rows, &imp, run_for, markdown);
+    print_table(&rows, steady, markdown);
+    if let Some(dir) = plots {
+        crate::plots::disaster(dir, &rows)?;
+        eprintln!("[disaster] plots in {}", dir.display());
+    }
     Ok(())
 }
 
-fn print_table(rows: &[Outcome], imp: &Impairment, run_for: Duration, markdown: bool) {
+impl Row {
+    fn add(&mut self, o: &Outcome) {
+        self.runs += 1;
+        let s = &mut self.sum;
+        s.acknowledged += o.acknowledged;
+        s.before_cut += o.before_cut;
+        s.lost_before_cut += o.lost_before_cut;
+        s.on_mirror += o.on_mirror;
+        s.lost += o.lost;
+        s.window_us = s.window_us.max(o.window_us);
+        s.recovered += o.recovered;
+        s.nak_entries += o.nak_entries;
+        s.cut_sent += o.cut_sent;
+        s.cut_sent_udp += o.cut_sent_udp;
+        s.cut_sent_udp_last_us = s.cut_sent_udp_last_us.max(o.cut_sent_udp_last_us);
+        s.delivered_after_cut += o.delivered_after_cut;
+        s.writes_per_s += o.writes_per_s;
+        self.firsts.push((o.lost, o.first_lost_ms));
+    }
+}
+
+fn print_table(rows: &[Row], steady: Duration, markdown: bool) {
+    let runs = rows.first().map_or(1, |r| r.runs);
+    println!(
+        "rolling disaster (SMFS): {} s of {MESSAGE}-byte appends over a clean link, then loss L both ways for {} ms, then the link cut at the primary's site (instantaneous, in the router) and the primary killed at once; {} ms one-way delay; sums over {runs} run(s) per row",
+        steady.as_secs_f64(),
+        LOSSY.as_millis(),
+        DELAY.as_millis(),
+    );
     let header = [
-        "--ack",
-        "data path",
-        "acknowledged before the cut",
-        "of those lost",
-        "acknowledged in all",
-        "on the mirror",
+        "L",
+        "--ack / data path",
+        "acknowledged",
         "acknowledged but lost",
-        "cut to kill (ms)",
-        "write p50 (ms)",
+        "of those acknowledged before the cut",
+        "first lost acknowledged before the cut (ms)",
+        "cut to kill (µs, max)",
+        "rebuilt by FEC",
+        "NAK entries",
+        "A's packets delivered after the cut",
+        "A's packets dropped at the cut",
+        "of those UDP (last read µs after the cut, max)",
         "writes/s",
     ];
-    let body: Vec<Vec<String>> = rows
-        .iter()
-        .map(|o| {
-            vec![
-                o.mode.to_string(),
-                o.transport.to_string(),
-                o.before_cut.to_string(),
-                o.lost_before_cut.to_string(),
-                o.acknowledged.to_string(),
-                o.on_mirror.to_string(),
-                o.lost.to_string(),
-                format!("{:.1} ({:.1} to cut)", o.window_ms, o.cut_ms),
-                format!("{:.2}", o.p50_ms),
-                format!("{:.0}", o.per_s),
-            ]
-        })
-        .collect();
-    let mut title = String::new();
-    let _ = write!(
-        title,
-        "rolling disaster: link dies (nftables drops everything at the primary), primary killed {} ms after that; {} ms one-way delay, {:.1} % loss each way, {} s of {MESSAGE}-byte appends",
-        CUT_TO_KILL.as_millis(),
-        imp.delay.as_millis(),
-        imp.loss * 100.0,
-        run_for.as_secs()
-    );
-    println!("{title}");
     let mut table = vec![header.iter().map(|s| s.to_string()).collect::<Vec<_>>()];
-    table.extend(body);
+    for r in rows {
+        let firsts: Vec<String> = r
+            .firsts
+            .iter()
+            .filter_map(|(_, f)| f.map(|m| format!("{m:.2}")))
+            .collect();
+        let udp = r.mode.transport == "udp";
+        table.push(vec![
+            format!("{:.1} %", r.loss * 100.0),
+            r.mode.label(),
+            r.sum.acknowledged.to_string(),
+            r.sum.lost.to_string(),
+            r.sum.lost_before_cut.to_string(),
+            if firsts.is_empty() {
+                "-".into()
+            } else {
+                firsts.join(", ")
+            },
+            format!("{:.0}", r.sum.window_us),
+            if udp {
+                r.sum.recovered.to_string()
+            } else {
+                "-".into()
+            },
+            if udp {
+                r.sum.nak_entries.to_string()
+            } else {
+                "-".into()
+            },
+            r.sum.delivered_after_cut.to_string(),
+            r.sum.cut_sent.to_string(),
+            if udp {
+                format!("{} ({:.0})", r.sum.cut_sent_udp, r.sum.cut_sent_udp_last_us)
+            } else {
+                "-".into()
+            },
+            format!("{:.0}", r.sum.writes_per_s / r.runs.max(1) as f64),
+        ]);
+    }
     if markdown {
         println!("{}", render_markdown(&table));
     } else {
@@ -172,9 +332,9 @@ impl Drop for Procs {
 fn one(
     bin: &Path,
     base: &Path,
-    (mode, transport): (&'static str, &'static str),
-    imp: &Impairment,
-    run_for: Duration,
+    mode: Mode,
+    loss: f64,
+    steady: Duration,
     seed: u64,
 ) -> Result<Outcome> {
     let (backing, mnt, mirror) = (base.join("backing"), base.join("mnt"), base.join("mirror"));
@@ -182,8 +342,7 @@ fn one(
         fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
     }
     let ids = crate::net::make_identities(bin, base)?;
-    let wan =
-        Wan::start(imp.clone(), imp.clone(), seed).context("cannot start the WAN emulator")?;
+    let wan = Wan::start(link(), link(), seed).context("cannot start the WAN emulator")?;
     let listen = format!("{}:{PORT}", Wan::addr(Side::B));
     let log = |name: &str| -> Result<fs::File> {
         fs::File::create(base.join(name)).context("cannot create a log file")
@@ -210,7 +369,10 @@ fn one(
         .args(["mount".as_ref(), backing.as_os_str(), mnt.as_os_str()])
         .arg("--mirror")
         .arg(format!("mirror://{listen}"))
-        .args(["--ack", mode, "--transport", transport, "--config"])
+        .args(["--ack", mode.ack, "--transport", mode.transport])
+        .args(["--udp-rate-mbit", &UDP_RATE_MBIT.to_string()])
+        .args(["--udp-fec-layers", &mode.layers.to_string()])
+        .arg("--config")
         .arg(&ids.primary)
         .stdin(Stdio::null())
         .stderr(log("mount.log")?)
@@ -222,26 +384,25 @@ fn one(
     wait_for(|| Ok(mirror_live(&backing)), "the mirror to be live", base)?;
 
     let writer = Writer::start(mnt.join("log"));
-    sleep(run_for);
-    // The disaster: the link, then the primary site.
-    let before_cut = writer.acknowledged.load(Ordering::SeqCst);
+    sleep(steady);
+    // The disaster: loss raised, then the link cut at the site, then the site itself.
+    for dir in [Direction::AtoB, Direction::BtoA] {
+        wan.set_loss(dir, loss)?;
+    }
+    sleep(LOSSY);
     let t_cut = Instant::now();
-    cut(&wan)?;
-    let cut_took = t_cut.elapsed();
-    sleep(CUT_TO_KILL);
+    wan.cut(Side::A);
     // SAFETY: signalling our own child by pid.
     unsafe { libc::kill(mount_pid as i32, libc::SIGKILL) };
     let window = t_cut.elapsed();
-    let acknowledged = writer.acknowledged.load(Ordering::SeqCst);
-    let (lat, elapsed) = writer.finish();
+    let (acks, elapsed) = writer.finish();
     if let Some(mut m) = procs.0.pop() {
         let _ = m.wait();
     }
     let _ = mounts::unmount(&mnt);
-    // What had left the site before the cut is on the wire: it arrives (nothing new can leave
-    // A, and nothing A would resend gets out). Stopping the router at once would drop it.
-    sleep(imp.delay * 2 + ON_THE_WIRE_MARGIN);
-    wan.stop().context("the WAN emulator's router failed")?;
+    // What had left the site before the cut is on the wire: it arrives.
+    sleep(DELAY * 2 + ON_THE_WIRE_MARGIN);
+    let rep = wan.stop().context("the WAN emulator's router failed")?;
 
     // The mirror site applies what its journal holds, then stops.
     wait_for(
@@ -249,78 +410,90 @@ fn one(
         "the daemon to apply its journal",
         base,
     )?;
+    let udp = status_json(&mirror.join(".mirrorfs/status.json"))
+        .map(|s| s["udp"].clone())
+        .unwrap_or_default();
+    let n = |k: &str| udp.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
     if let Some(d) = procs.0.first() {
         // SAFETY: signalling our own child by pid.
         unsafe { libc::kill(d.id() as i32, libc::SIGTERM) };
     }
     drop(procs);
     let on_mirror = complete_messages(&mirror.join("log"))?;
-    let mut lat = lat;
-    lat.sort();
-    let p50_ms = lat
-        .get(lat.len() / 2)
-        .map_or(0.0, |d| d.as_secs_f64() * 1e3);
+    let acknowledged = acks.len() as u64;
+    let before_cut = acks.iter().filter(|t| **t < t_cut).count() as u64;
+    // Message `on_mirror` is the first missing one; if it was acknowledged, when.
+    let first_lost_ms = acks.get(on_mirror as usize).map(|t| {
+        if *t <= t_cut {
+            (t_cut - *t).as_secs_f64() * 1e3
+        } else {
+            -(*t - t_cut).as_secs_f64() * 1e3
+        }
+    });
     Ok(Outcome {
-        mode,
-        transport,
+        acknowledged,
         before_cut,
         lost_before_cut: before_cut.saturating_sub(on_mirror),
-        window_ms: window.as_secs_f64() * 1e3,
-        cut_ms: cut_took.as_secs_f64() * 1e3,
-        acknowledged,
         on_mirror,
         lost: acknowledged.saturating_sub(on_mirror),
-        p50_ms,
-        per_s: acknowledged as f64 / elapsed.as_secs_f64().max(1e-9),
+        window_us: window.as_secs_f64() * 1e6,
+        first_lost_ms,
+        recovered: n("recovered"),
+        nak_entries: n("nak_entries"),
+        cut_sent: rep.cut_sent[0],
+        cut_sent_udp: rep.cut_sent_udp[0],
+        cut_sent_udp_last_us: rep.cut_sent_udp_last_ns[0] as f64 / 1e3,
+        delivered_after_cut: rep.delivered_after_cut[0],
+        writes_per_s: acknowledged as f64 / elapsed.as_secs_f64().max(1e-9),
     })
 }
 
 /// Appends numbered messages through the mount until it fails (the primary was killed) or is
-/// told to stop; counts those whose `write(2)` returned.
+/// told to stop; keeps the time each `write(2)` returned.
 struct Writer {
-    acknowledged: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
-    handle: std::thread::JoinHandle<(Vec<Duration>, Duration)>,
+    handle: std::thread::JoinHandle<(Vec<Instant>, Duration)>,
 }
+
+/// At most this many messages per run (bounds the writer's memory: one instant each).
+const MESSAGES_MAX: usize = 1_000_000;
 
 impl Writer {
     fn start(path: PathBuf) -> Writer {
-        let acknowledged = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
-        let (a, s) = (acknowledged.clone(), stop.clone());
+        let s = stop.clone();
         let handle = std::thread::spawn(move || {
             let t0 = Instant::now();
-            // Bounded: one sample per message, at most a few hundred thousand in a run.
-            let lat = Mutex::new(Vec::new());
+            let mut acks = Vec::new();
             let Ok(mut f) = fs::OpenOptions::new().create(true).append(true).open(&path) else {
-                return (Vec::new(), t0.elapsed());
+                return (acks, t0.elapsed());
             };
-            let mut i = 0u64;
-            while !s.load(Ordering::Relaxed) && i < 1_000_000 {
-                let msg = format!("{i:016}{:>15}\n", "");
-                let w0 = Instant::now();
-                if f.write_all(msg.as_bytes()).is_err() {
+            while !s.load(Ordering::Relaxed) && acks.len() < MESSAGES_MAX {
+                if f.write_all(&message(acks.len() as u64)).is_err() {
                     break;
                 }
-                if let Ok(mut l) = lat.lock() {
-                    l.push(w0.elapsed());
-                }
-                i += 1;
-                a.store(i, Ordering::SeqCst);
+                acks.push(Instant::now());
             }
-            (lat.into_inner().unwrap_or_default(), t0.elapsed())
+            (acks, t0.elapsed())
         });
-        Writer {
-            acknowledged,
-            stop,
-            handle,
-        }
+        Writer { stop, handle }
     }
 
-    fn finish(self) -> (Vec<Duration>, Duration) {
+    /// Waits for the writer (its write fails once the primary is gone): when each message was
+    /// acknowledged, and how long it wrote.
+    fn finish(self) -> (Vec<Instant>, Duration) {
+        // The kill ends the writer's next write; the flag only matters if it never fails.
         self.stop.store(true, Ordering::Relaxed);
         self.handle.join().unwrap_or_default()
     }
+}
+
+/// Message `n`: its number in 16 digits, spaces, a newline: `MESSAGE` bytes.
+fn message(n: u64) -> Vec<u8> {
+    let mut m = format!("{n:016}").into_bytes();
+    m.resize(MESSAGE - 1, b' ');
+    m.push(b'\n');
+    m
 }
 
 /// Messages 0, 1, 2, ... complete and in order at the start of the mirror's file.
@@ -332,38 +505,12 @@ fn complete_messages(path: &Path) -> Result<u64> {
     };
     let mut n = 0u64;
     for chunk in data.chunks_exact(MESSAGE) {
-        let want = format!("{n:016}{:>15}\n", "");
-        if chunk != want.as_bytes() {
+        if chunk != message(n).as_slice() {
             break;
         }
         n += 1;
     }
     Ok(n)
-}
-
-/// The link dies at once: nftables in side A's namespace drops every packet in and out (one
-/// atomic rule set), as a cut fibre would; the router and devices stay until the end.
-fn cut(wan: &Wan) -> Result<()> {
-    let rules = "table inet mirrorfs_cut {\n\
-        chain in { type filter hook input priority -300; policy drop; }\n\
-        chain out { type filter hook output priority -300; policy drop; }\n\
-        }\n";
-    let mut nft = wan
-        .command(Side::A, "nft")
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .spawn()
-        .context("cannot run nft (install nftables)")?;
-    if let Some(mut stdin) = nft.stdin.take() {
-        stdin
-            .write_all(rules.as_bytes())
-            .context("cannot give nft its rules")?;
-    }
-    let st = nft.wait().context("nft")?;
-    if !st.success() {
-        bail!("nft could not cut the link ({st})");
-    }
-    Ok(())
 }
 
 pub(crate) fn listening(wan: &Wan, addr: &str) -> bool {

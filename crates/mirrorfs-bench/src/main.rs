@@ -87,6 +87,7 @@ mod disaster;
 mod fec;
 mod mounts;
 mod net;
+mod plots;
 mod report;
 mod sqlite;
 mod wan;
@@ -233,6 +234,10 @@ struct Args {
     /// MiB of data per FEC figure (fec target) [default: 128, 8 with --quick].
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     fec_mib: Option<u64>,
+    /// Draw the plots of the targets that have some (disaster) as SVG files in this directory
+    /// (e.g. docs/plots).
+    #[arg(long)]
+    plots: Option<PathBuf>,
     /// Also write the raw results as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -436,7 +441,14 @@ fn run(args: &Args) -> Result<()> {
     if targets.contains(&TargetKind::Disaster) {
         targets.retain(|t| *t != TargetKind::Disaster);
         let bin = mirrorfs_bin(&ctx)?;
-        disaster::run(&bin, run_dir.path(), args.markdown, args.quick, args.seed)?;
+        disaster::run(
+            &bin,
+            run_dir.path(),
+            args.markdown,
+            args.quick,
+            args.seed,
+            args.plots.as_deref(),
+        )?;
         if targets.is_empty() {
             return Ok(());
         }

@@ -11,6 +11,9 @@
 //!
 //! - `link`: the impairment model of one direction, sans I/O (time given, seeded): what happens
 //!   to each packet offered — dropped by the queue, lost on the way, or delivered at a time.
+//! - `control`: changes to a running link from another thread, seen with the next packet:
+//!   a direction's loss rate, and an instantaneous cut at one side (what already left it is
+//!   still delivered).
 //! - `router`: the I/O loop that reads packets from each TUN device, asks the link, and writes
 //!   them to the other device when due.
 //! - `netns`: the two namespaces and their devices, made for one run and removed on drop.
@@ -19,10 +22,12 @@
 //! Traffic never leaves the namespaces the emulator made: their only devices are the TUN pair
 //! and their loopback.
 
+pub mod control;
 pub mod link;
 pub mod netns;
 pub mod router;
 pub mod tun;
 
+pub use control::{Control, Direction};
 pub use link::{Burst, Impairment, Link, Verdict};
 pub use netns::{Side, Wan};

@@ -157,6 +157,11 @@ impl Link {
         &self.imp
     }
 
+    /// The random loss rate from now on (0–1; the caller checked it).
+    pub fn set_loss(&mut self, loss: f64) {
+        self.imp.loss = loss;
+    }
+
     /// A packet of `len` bytes arrives at the link at `now` (ns).
     pub fn offer(&mut self, now: u64, len: usize) -> Verdict {
         self.counts.offered += 1;

@@ -16,6 +16,7 @@ use std::thread::JoinHandle;
 
 use anyhow::{bail, Context, Result};
 
+use crate::control::{Control, Direction};
 use crate::link::{Impairment, Link};
 use crate::router::{self, Report};
 use crate::tun;
@@ -35,6 +36,7 @@ static NEXT: AtomicU64 = AtomicU64::new(0);
 pub struct Wan {
     ns: [String; 2],
     stop: Arc<AtomicBool>,
+    control: Arc<Control>,
     router: Option<JoinHandle<std::io::Result<Report>>>,
 }
 
@@ -53,6 +55,7 @@ impl Wan {
         let mut wan = Wan {
             ns,
             stop: Arc::new(AtomicBool::new(false)),
+            control: Arc::new(Control::default()),
             router: None,
         };
         // From here on, drop removes whatever was made.
@@ -61,11 +64,11 @@ impl Wan {
             Link::new(a_to_b, seed.wrapping_mul(2)),
             Link::new(b_to_a, seed.wrapping_mul(2).wrapping_add(1)),
         ];
-        let stop = wan.stop.clone();
+        let (stop, control) = (wan.stop.clone(), wan.control.clone());
         wan.router = Some(
             std::thread::Builder::new()
                 .name("wan-router".into())
-                .spawn(move || router::run(devs, links, stop))
+                .spawn(move || router::run(devs, links, control, stop))
                 .context("start the router thread")?,
         );
         Ok(wan)
@@ -133,6 +136,19 @@ impl Wan {
         f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
     ) -> Result<T> {
         within_netns(self.ns(side), f).with_context(|| format!("side {side:?}"))
+    }
+
+    /// From now on, `dir` loses packets at random at `loss` (0–1); the router applies it with
+    /// the next packet.
+    pub fn set_loss(&self, dir: Direction, loss: f64) -> Result<()> {
+        self.control.set_loss(dir, loss).map_err(anyhow::Error::msg)
+    }
+
+    /// `side`'s connection dies now, as a cut fibre at that site: nothing it sends from now on
+    /// gets out and nothing reaches it, while what it sent before is still delivered (the
+    /// router checks with every packet). For good.
+    pub fn cut(&self, side: Side) {
+        self.control.cut(side);
     }
 
     /// Stops the router and removes the namespaces: what each direction did.

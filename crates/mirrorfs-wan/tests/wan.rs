@@ -67,6 +67,56 @@ fn delay_holds_each_round_trip_back_by_twice_the_one_way_delay() {
 }
 
 #[test]
+fn a_cut_at_a_site_delivers_what_already_left_and_nothing_after() {
+    let delay = Duration::from_millis(50);
+    let imp = Impairment {
+        delay,
+        ..Impairment::default()
+    };
+    let wan = Wan::start(imp.clone(), imp, 1).expect("start the WAN");
+    let b = udp_in(&wan, Side::B, PORT);
+    let a = udp_in(&wan, Side::A, PORT);
+    let to = format!("{}:{PORT}", Wan::addr(Side::B));
+    for i in 0..10u8 {
+        a.send_to(&[i; 32], &to).expect("A sends");
+    }
+    // The router has read them (microseconds): they are on the 50 ms wire when A is cut.
+    std::thread::sleep(Duration::from_millis(10));
+    let t_cut = Instant::now();
+    wan.cut(Side::A);
+    for i in 10..20u8 {
+        a.send_to(&[i; 32], &to)
+            .expect("A's kernel still takes datagrams");
+    }
+    // B's datagram towards A dies at the cut too.
+    b.send_to(&[99; 32], format!("{}:{PORT}", Wan::addr(Side::A)))
+        .expect("B sends");
+    let mut buf = [0u8; 64];
+    let mut got = Vec::new();
+    while let Ok((n, _)) = b.recv_from(&mut buf) {
+        assert_eq!(n, 32);
+        got.push(buf[0]);
+    }
+    assert_eq!(
+        got,
+        (0..10).collect::<Vec<u8>>(),
+        "the ten sent before the cut, no more"
+    );
+    assert!(
+        t_cut.elapsed() >= Duration::from_millis(500),
+        "waited out the read timeout"
+    );
+    assert!(
+        a.recv_from(&mut buf).is_err(),
+        "nothing reaches the cut site"
+    );
+    let rep = wan.stop().expect("stop");
+    assert_eq!(rep.delivered_after_cut, [10, 0]);
+    assert_eq!(rep.cut_sent_udp, [10, 0]);
+    assert_eq!(rep.cut_due, [1, 0]);
+}
+
+#[test]
 fn random_loss_matches_its_rate_and_the_counts_of_nftables() {
     let imp = Impairment {
         loss: 0.05,

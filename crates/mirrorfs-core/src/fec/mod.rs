@@ -229,6 +229,45 @@ pub fn encoder(scheme: Scheme) -> Box<dyn FecEncoder + Send> {
     }
 }
 
+/// The layered encoder with the first `c` of the default layers ((r, c) = (8, c) at distances
+/// 1, 10, 100), or with `c` = 0 none at all: data packets only, to measure what FEC adds.
+pub fn layered_encoder(c: usize) -> Result<Box<dyn FecEncoder + Send>, ConfigError> {
+    let mut layers = layered::Layers::default();
+    if c > layers.distances.len() {
+        return Err(ConfigError::Layers(vec![0; c]));
+    }
+    if c == 0 {
+        return Ok(Box::new(NoRepairs { last: None }));
+    }
+    layers.distances.truncate(c);
+    Ok(Box::new(layered::LayeredEncoder::new(layers)?))
+}
+
+/// No forward error correction: data packets are checked as any encoder checks them, and no
+/// repair is ever made (what the link loses is asked for again by NAK).
+struct NoRepairs {
+    last: Option<u64>,
+}
+
+impl FecEncoder for NoRepairs {
+    fn push(&mut self, seq: u64, data: &[u8], _out: &mut Vec<Repair>) -> Result<(), EncodeError> {
+        if data.len() > DATA_MAX {
+            return Err(EncodeError::TooLarge { len: data.len() });
+        }
+        if let Some(last) = self.last.filter(|l| seq <= *l) {
+            return Err(EncodeError::SeqNotIncreasing { seq, last });
+        }
+        self.last = Some(seq);
+        Ok(())
+    }
+
+    fn flush(&mut self, _out: &mut Vec<Repair>) {}
+
+    fn oldest_open(&self) -> Option<u64> {
+        None
+    }
+}
+
 /// A decoder for repairs of `scheme`.
 pub fn decoder(scheme: Scheme, window: Window) -> Box<dyn FecDecoder + Send> {
     match scheme {

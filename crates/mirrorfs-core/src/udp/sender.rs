@@ -36,6 +36,8 @@ pub struct SenderConfig {
     /// Nothing to send for this long: flush the FEC encoder (0: at once).
     pub flush_idle_us: u64,
     pub scheme: Scheme,
+    /// With the layered scheme: how many of its layers (c, 0–3; 0: no repairs at all).
+    pub fec_layers: usize,
 }
 
 impl Default for SenderConfig {
@@ -50,6 +52,7 @@ impl Default for SenderConfig {
             store_bytes_max: 64 << 20,
             flush_idle_us: 0,
             scheme: fec::DEFAULT_SCHEME,
+            fec_layers: 3,
         }
     }
 }
@@ -72,6 +75,8 @@ pub enum OfferError {
 pub enum ConfigError {
     #[error("body_max {0} must be in {min}..={max}", min = FRAGMENT_HEADER + 1, max = fec::DATA_MAX)]
     BodyMax(usize),
+    #[error("FEC layers must be 0..=3, got {0}")]
+    FecLayers(usize),
 }
 
 /// What a NAK did.
@@ -163,9 +168,14 @@ impl UdpSender {
         }
         let burst = config.burst_bytes.max(DATAGRAM_MAX as u64);
         let first_seq = first_seq.max(1);
+        let encoder = match config.scheme {
+            Scheme::Xor => fec::layered_encoder(config.fec_layers)
+                .map_err(|_| ConfigError::FecLayers(config.fec_layers))?,
+            other => fec::encoder(other),
+        };
         Ok(UdpSender {
             sealer: Sealer::new(key, session),
-            fec: fec::encoder(config.scheme),
+            fec: encoder,
             bucket: TokenBucket::new(config.rate_bytes_per_s, burst),
             repairs: VecDeque::new(),
             again: VecDeque::new(),
@@ -486,6 +496,7 @@ mod tests {
             store_bytes_max: 2_000,
             flush_idle_us: 0,
             scheme: Scheme::Xor,
+            fec_layers: 3,
         }
     }
 
@@ -514,6 +525,40 @@ mod tests {
         assert_eq!(s.sent_through(), 1);
         assert_eq!(s.stats().flushes, 1);
         assert_eq!(s.next_wakeup(), None, "nothing left");
+    }
+
+    #[test]
+    fn fewer_layers_send_fewer_repairs_and_none_send_data_only() {
+        let mut repairs_by_c = Vec::new();
+        for c in 0..=3 {
+            let mut cfg = config();
+            cfg.fec_layers = c;
+            let mut s = UdpSender::new(&KEY, 1, cfg, 1).expect("config");
+            for seq in 1..=20 {
+                s.offer(seq, &[seq as u8; 90]).expect("offer");
+                let out = drain(&mut s, 0);
+                let (data, repairs) = kinds(&out);
+                assert_eq!(data, 1);
+                assert_eq!(
+                    s.sent_through(),
+                    seq,
+                    "sent through once handed out (c = {c})"
+                );
+                repairs_by_c.push((c, repairs));
+            }
+        }
+        let total = |c| -> usize { repairs_by_c.iter().filter(|r| r.0 == c).map(|r| r.1).sum() };
+        assert_eq!(total(0), 0, "no FEC: data packets only");
+        assert!(
+            total(1) < total(2) && total(2) < total(3),
+            "{repairs_by_c:?}"
+        );
+        let mut cfg = config();
+        cfg.fec_layers = 4;
+        assert!(matches!(
+            UdpSender::new(&KEY, 1, cfg, 1),
+            Err(ConfigError::FecLayers(4))
+        ));
     }
 
     #[test]

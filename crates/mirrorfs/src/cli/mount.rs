@@ -70,6 +70,12 @@ pub struct MountArgs {
     /// control: set it to what the link can carry).
     #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     udp_rate_mbit: u64,
+    /// The UDP data path's FEC layers, c of Maelstrom's (r, c) = (8, c) at interleave distances
+    /// 1, 10, 100: 3 (the default, SMFS's setting) down to 0 (no repair packets: what the link
+    /// loses is only asked for again). A record is acknowledged with `--ack network` once its
+    /// data and repair packets were handed to the socket.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(0..=3))]
+    udp_fec_layers: u64,
     /// The TCP congestion control of the connections to remote mirrors (e.g. `cubic`, `bbr`;
     /// default: the system's). Over a long lossy link it decides TCP's throughput.
     #[arg(long)]
@@ -403,6 +409,7 @@ pub fn mount(a: MountArgs) -> Result<()> {
             state: state.path.clone(),
             transport: a.transport,
             udp_rate_bytes_per_s: a.udp_rate_mbit * 125_000,
+            udp_fec_layers: a.udp_fec_layers as usize,
             tcp_congestion: a.tcp_congestion.clone(),
         });
         for m in &shared[n_local..] {

@@ -54,6 +54,8 @@ pub struct LinkConfig {
     pub transport: Transport,
     /// The UDP data path's pace (`--udp-rate-mbit`).
     pub udp_rate_bytes_per_s: u64,
+    /// The UDP path's FEC layers (c, 0–3).
+    pub udp_fec_layers: usize,
     /// The TLS connection's TCP congestion control (`--tcp-congestion`; `None`: the system's).
     pub tcp_congestion: Option<String>,
 }
@@ -589,7 +591,7 @@ impl Session<'_> {
                 "the mirror declined the UDP data path (a daemon started with --no-udp?); mount with --transport auto or tcp"
             ));
         }
-        let path = UdpPath::open(d, port, first, cfg.udp_rate_bytes_per_s)?;
+        let path = UdpPath::open(d, port, first, cfg.udp_rate_bytes_per_s, cfg.udp_fec_layers)?;
         lock(&m.link).transport = "udp".into();
         tracing::info!(
             "mirror {}: records from {first} go as UDP datagrams to port {port}",

@@ -98,8 +98,14 @@ pub fn set_receive_buffer(socket: &UdpSocket, bytes: usize) {
 
 impl UdpPath {
     /// A path to the daemon's `port` on the TLS peer's host, keyed from the TLS session, whose
-    /// first record is `first`, paced at `rate_bytes_per_s`.
-    pub fn open(d: &Duplex, port: u16, first: u64, rate_bytes_per_s: u64) -> Result<UdpPath> {
+    /// first record is `first`, paced at `rate_bytes_per_s`, with `fec_layers` FEC layers.
+    pub fn open(
+        d: &Duplex,
+        port: u16,
+        first: u64,
+        rate_bytes_per_s: u64,
+        fec_layers: usize,
+    ) -> Result<UdpPath> {
         let keys = d.datagram_keys()?;
         let mut peer: SocketAddr = d.peer_addr().context("the TLS connection's peer")?;
         peer.set_port(port);
@@ -120,6 +126,7 @@ impl UdpPath {
         );
         let config = SenderConfig {
             rate_bytes_per_s,
+            fec_layers,
             ..SenderConfig::default()
         };
         let sender = UdpSender::new(&keys.send, keys.session, config, first)

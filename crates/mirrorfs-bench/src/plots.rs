@@ -1,0 +1,142 @@
+//! SVG plots drawn by the bench (`--plots DIR`), with plotters' SVG backend only.
+
+use std::path::Path;
+
+use anyhow::{anyhow, Context, Result};
+use plotters::prelude::*;
+
+use crate::disaster::Row;
+
+/// One line of a plot: its name and its points.
+struct Line {
+    name: String,
+    points: Vec<(f64, f64)>,
+}
+
+/// `disaster.svg` (acknowledged but lost, mean per run, against the loss raised before the cut,
+/// one line per mode) and `disaster-layers.svg` (the UDP path's, against its FEC layers c, one
+/// line per loss).
+pub fn disaster(dir: &Path, rows: &[Row]) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let mut by_mode: Vec<Line> = Vec::new();
+    let mut by_loss: Vec<Line> = Vec::new();
+    for r in rows {
+        let name = r.mode.label();
+        push(&mut by_mode, name, (r.loss * 100.0, r.mean_lost()));
+        if let Some(c) = r.mode.udp_layers() {
+            let name = format!("L = {:.1} %", r.loss * 100.0);
+            push(&mut by_loss, name, (c as f64, r.mean_lost()));
+        }
+    }
+    let losses: Vec<f64> = rows.iter().map(|r| r.loss * 100.0).collect();
+    let lo = losses.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = losses.iter().copied().fold(0.0, f64::max);
+    draw(
+        &dir.join("disaster.svg"),
+        "Rolling disaster: acknowledged but lost (50 ms one-way, 4 KiB messages)",
+        "loss L raised for 0.5 s before the cut (%, log scale)",
+        (lo / 2.0, hi * 2.0),
+        true,
+        &by_mode,
+    )?;
+    if !by_loss.is_empty() {
+        draw(
+            &dir.join("disaster-layers.svg"),
+            "Rolling disaster, network-sync over UDP: lost against FEC layers",
+            "FEC layers c of (r, c) = (8, c); 0: no FEC",
+            (-0.2, 3.2),
+            false,
+            &by_loss,
+        )?;
+    }
+    Ok(())
+}
+
+fn push(lines: &mut Vec<Line>, name: String, point: (f64, f64)) {
+    match lines.iter_mut().find(|l| l.name == name) {
+        Some(l) => l.points.push(point),
+        None => lines.push(Line {
+            name,
+            points: vec![point],
+        }),
+    }
+}
+
+fn draw(
+    path: &Path,
+    title: &str,
+    x_desc: &str,
+    (x0, x1): (f64, f64),
+    log_x: bool,
+    lines: &[Line],
+) -> Result<()> {
+    let y_max = lines
+        .iter()
+        .flat_map(|l| l.points.iter().map(|p| p.1))
+        .fold(1.0, f64::max)
+        * 1.1;
+    let root = SVGBackend::new(path, (900, 540)).into_drawing_area();
+    let err = |e: &dyn std::fmt::Display| anyhow!("plot {}: {e}", path.display());
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let mut chart = ChartBuilder::on(&root);
+    chart
+        .caption(title, ("sans-serif", 20))
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(70);
+    if log_x {
+        let mut c = chart
+            .build_cartesian_2d((x0..x1).log_scale(), 0.0..y_max)
+            .map_err(|e| err(&e))?;
+        c.configure_mesh()
+            .x_desc(x_desc)
+            .y_desc("acknowledged but lost (mean per run)")
+            .draw()
+            .map_err(|e| err(&e))?;
+        for (i, l) in lines.iter().enumerate() {
+            let color = Palette99::pick(i).to_rgba();
+            c.draw_series(LineSeries::new(l.points.clone(), color.stroke_width(2)))
+                .map_err(|e| err(&e))?
+                .label(l.name.as_str())
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+                });
+            c.draw_series(l.points.iter().map(|p| Circle::new(*p, 4, color.filled())))
+                .map_err(|e| err(&e))?;
+        }
+        c.configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| err(&e))?;
+    } else {
+        let mut c = chart
+            .build_cartesian_2d(x0..x1, 0.0..y_max)
+            .map_err(|e| err(&e))?;
+        c.configure_mesh()
+            .x_desc(x_desc)
+            .y_desc("acknowledged but lost (mean per run)")
+            .draw()
+            .map_err(|e| err(&e))?;
+        for (i, l) in lines.iter().enumerate() {
+            let color = Palette99::pick(i).to_rgba();
+            c.draw_series(LineSeries::new(l.points.clone(), color.stroke_width(2)))
+                .map_err(|e| err(&e))?
+                .label(l.name.as_str())
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+                });
+            c.draw_series(l.points.iter().map(|p| Circle::new(*p, 4, color.filled())))
+                .map_err(|e| err(&e))?;
+        }
+        c.configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| err(&e))?;
+    }
+    root.present().map_err(|e| err(&e))?;
+    Ok(())
+}
