@@ -196,6 +196,12 @@ impl UdpPath {
             let Some(seq) = lock(&self.gone).front().copied() else {
                 return Ok(());
             };
+            // A NAK that crossed the acknowledgement of its record: nothing to resend, and the
+            // journal may have released the record since (found by the network simulation).
+            if seq <= lock(&self.sender).delivered() {
+                lock(&self.gone).pop_front();
+                continue;
+            }
             let record = read_one(vol, seq)?;
             let body = record_body(settled, record);
             match lock(&self.sender).resend(seq, &body) {
