@@ -111,6 +111,12 @@ fn seeded_network_simulation() {
         assert!(total.mirror_crashes > 0 && total.mirror_kills > 0);
         assert!(total.primary_crashes > 0 && total.primary_kills > 0);
         assert!(total.stale_dropped > 0 && total.busy > 0 && total.skipped > 0);
+        // Half of the seeds go over UDP, and its channel's faults and adversary really act.
+        assert!(total.udp_seeds > 0 && total.udp_records > 0);
+        assert!(total.datagrams_lost > 0 && total.datagrams_duplicated > 0);
+        assert!(total.datagrams_corrupted > 0 && total.forged > 0 && total.replays > 0);
+        assert!(total.datagrams_dropped > 0 && total.fec_recovered > 0);
+        assert!(total.nak_entries > 0 && total.gone_resent > 0);
     }
 }
 

@@ -51,6 +51,13 @@
 //!    one more power loss of the mirror and a reconnect;
 //! 9. the daemon's worker keeps its word: a checkpoint it reported survives any crash, and it is
 //!    never idle with applied records not checkpointed (an `--ack sync` primary would wait).
+//!
+//! On half of the seeds (the correct sides only) records travel over the UDP data path instead
+//! of `Records` batches, through a datagram channel with loss, Gilbert–Elliott bursts,
+//! reordering, duplication, corruption, forged and replayed packets; the connection stays the
+//! control channel. Its own invariants (U1–U3: every tainted datagram dropped and counted,
+//! `sent_through` never ahead of what was handed out, convergence after the heal) are in
+//! [`udp`](self::udp).
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -70,6 +77,8 @@ use crate::session::{self, Incoming, Phase, Session};
 use crate::tree::apply_op;
 use crate::wire::{error_code, Decoder, MirrorState, Msg, VolumeId, BATCH_BYTES};
 use crate::worker::{Turn, Worker, CHECKPOINT_EVERY};
+
+mod udp;
 
 const VOLUME: VolumeId = [0x5e; 16];
 
@@ -128,6 +137,30 @@ pub struct NetStats {
     pub checkpoints: u64,
     /// Worker turns that failed on a transient cursor write error (the worker retries).
     pub retries: u64,
+    /// Seeds whose records went over the UDP data path.
+    pub udp_seeds: u64,
+    /// Datagrams the UDP senders handed out.
+    pub datagrams: u64,
+    /// Datagrams the channel lost (random and Gilbert–Elliott bursts).
+    pub datagrams_lost: u64,
+    /// Datagrams the channel duplicated.
+    pub datagrams_duplicated: u64,
+    /// Datagrams with a bit flipped in flight.
+    pub datagrams_corrupted: u64,
+    /// Forged datagrams the adversary injected.
+    pub forged: u64,
+    /// Captured datagrams the adversary replayed.
+    pub replays: u64,
+    /// Datagrams the receivers' packet layer dropped (all tainted ones, invariant U1).
+    pub datagrams_dropped: u64,
+    /// Data packets FEC rebuilt.
+    pub fec_recovered: u64,
+    /// NAK entries the primaries took.
+    pub nak_entries: u64,
+    /// NAKed records re-read from the journal (the sender's store had dropped them).
+    pub gone_resent: u64,
+    /// Records that reached a mirror over UDP.
+    pub udp_records: u64,
 }
 
 impl NetStats {
@@ -155,6 +188,18 @@ impl NetStats {
         self.comparisons += o.comparisons;
         self.checkpoints += o.checkpoints;
         self.retries += o.retries;
+        self.udp_seeds += o.udp_seeds;
+        self.datagrams += o.datagrams;
+        self.datagrams_lost += o.datagrams_lost;
+        self.datagrams_duplicated += o.datagrams_duplicated;
+        self.datagrams_corrupted += o.datagrams_corrupted;
+        self.forged += o.forged;
+        self.replays += o.replays;
+        self.datagrams_dropped += o.datagrams_dropped;
+        self.fec_recovered += o.fec_recovered;
+        self.nak_entries += o.nak_entries;
+        self.gone_resent += o.gone_resent;
+        self.udp_records += o.udp_records;
     }
 }
 
@@ -166,7 +211,10 @@ impl fmt::Display for NetStats {
              {} partitions, {} corruptions ({} frames refused), {} stale frames dropped, {} busy, \
              {} timeouts; mirror: {} power losses, {} kills; primary: {} power losses, {} kills; \
              {} records applied ({} skipped, {} checkpoints, {} transient cursor errors retried), \
-             {} comparisons, {} acks refused",
+             {} comparisons, {} acks refused; UDP on {} seeds: {} datagrams ({} lost, {} \
+             duplicated, {} corrupted), {} forged and {} replayed injected, {} dropped by the \
+             receivers, {} rebuilt by FEC, {} NAK entries, {} resent from the journal, {} records \
+             over UDP",
             self.seeds,
             self.steps,
             self.records,
@@ -188,7 +236,19 @@ impl fmt::Display for NetStats {
             self.checkpoints,
             self.retries,
             self.comparisons,
-            self.ack_refusals
+            self.ack_refusals,
+            self.udp_seeds,
+            self.datagrams,
+            self.datagrams_lost,
+            self.datagrams_duplicated,
+            self.datagrams_corrupted,
+            self.forged,
+            self.replays,
+            self.datagrams_dropped,
+            self.fec_recovered,
+            self.nak_entries,
+            self.gone_resent,
+            self.udp_records,
         )
     }
 }
@@ -357,6 +417,8 @@ struct PLink {
     reader: Reader<SimFile>,
     pending: Option<Record>,
     nonce: u64,
+    /// The UDP data path (seeds on UDP): offered, then open.
+    udp: Option<udp::PUdpState>,
 }
 
 /// The mirror daemon's session on one connection (`serve::Daemon::stream`): the same
@@ -365,6 +427,8 @@ struct MLink {
     conn: u64,
     dec: Decoder,
     session: Option<Session>,
+    /// The session's UDP receiver once the primary's offer was accepted.
+    udp: Option<udp::MUdp>,
 }
 
 impl MLink {
@@ -510,6 +574,8 @@ struct Sim {
     /// Delayed copies of frames of connections that are gone: (connection, bytes).
     stale_to_m: VecDeque<(u64, Vec<u8>)>,
     stale_to_p: VecDeque<(u64, Vec<u8>)>,
+    /// On the seeds whose records go over UDP: the datagram channel towards the mirror.
+    udp: Option<Box<udp::Channel>>,
 }
 
 impl Sim {
@@ -582,12 +648,14 @@ impl Sim {
         let tick = Duration::from_millis([1, 5, 20, 100, 250][(clock.next() % 5) as usize]);
         let mut glitches = SplitMix64(seed ^ 0x0061_1C40_0000_u64);
         let glitches = glitches.next().is_multiple_of(2).then_some(glitches);
+        let udp = udp::Channel::for_seed(seed, variant);
         Ok(Sim {
             seed,
             step: 0,
             variant,
             stats: NetStats {
                 seeds: 1,
+                udp_seeds: u64::from(udp.is_some()),
                 ..NetStats::default()
             },
             trace: None,
@@ -636,6 +704,7 @@ impl Sim {
             next_conn: 1,
             stale_to_m: VecDeque::new(),
             stale_to_p: VecDeque::new(),
+            udp,
         })
     }
 
@@ -824,6 +893,10 @@ impl Sim {
 
     /// Delivers a chunk of bytes in flight towards the mirror (`all`: everything).
     fn deliver_to_m(&mut self, rng: &mut SimRng<'_>, all: bool) -> Act {
+        // On UDP seeds, half of the deliveries are datagrams (drawn from the channel's stream).
+        if !all && self.udp.as_mut().is_some_and(|c| c.coin()) {
+            return self.deliver_datagrams(false);
+        }
         let ids: Vec<u64> = self
             .conns
             .iter()
@@ -1116,6 +1189,11 @@ impl Sim {
             }
             return Ok(());
         };
+        if pl.phase == PPhase::Streaming && self.p_on_udp() {
+            self.p_durable_ever = self.p_durable_ever.max(self.pjournal.durable_seq());
+            let limit = self.pjournal.durable_seq().min(self.psettled);
+            return self.p_send_udp(limit);
+        }
         if pl.phase != PPhase::Streaming || !pl.sender.may_send() {
             return Ok(());
         }
@@ -1210,6 +1288,7 @@ impl Sim {
             reader: Reader::new(1),
             pending: None,
             nonce: 0,
+            udp: None,
         });
         self.ev(|| {
             format!(
@@ -1306,6 +1385,7 @@ impl Sim {
                 match pl.sender.on_ack(&msg) {
                     Ok(p) => {
                         self.p_mirror_durable = p.durable;
+                        self.p_udp_delivered(p.received);
                         Ok(())
                     }
                     Err(e) => {
@@ -1321,6 +1401,8 @@ impl Sim {
                 Ok(())
             }
             Msg::Pong { .. } => Ok(()),
+            Msg::UdpAccept { port } => self.p_udp_accept(port),
+            Msg::UdpNak { naks } => self.p_udp_nak(&naks),
             Msg::Error { code, message } => {
                 if code == error_code::BUSY {
                     self.stats.busy += 1;
@@ -1382,6 +1464,7 @@ impl Sim {
                 },
             );
         }
+        self.p_offer_udp(id, from);
         Ok(())
     }
 
@@ -1424,6 +1507,7 @@ impl Sim {
                     conn: id,
                     dec: Decoder::new(),
                     session: None,
+                    udp: None,
                 });
                 self.ev(|| format!("mirror accepts connection {id}"));
             }
@@ -1561,7 +1645,12 @@ impl Sim {
                     )));
                 };
                 match session.on_message(&msg) {
-                    Ok(Incoming::Append { records, settled }) => self.m_store(records, settled),
+                    Ok(Incoming::Append { records, settled }) => {
+                        let settled = self.m_session_settled(settled);
+                        self.m_store(records, settled)
+                    }
+                    Ok(Incoming::UdpOffer { first }) => self.m_udp_offer(id, first),
+                    Ok(Incoming::UdpSent { through }) => self.m_udp_sent(through),
                     Ok(Incoming::Reply(reply)) => {
                         self.send_to_p(id, reply);
                         Ok(())
@@ -1570,14 +1659,11 @@ impl Sim {
                     Ok(Incoming::PeerError { code, message }) => Err(Fault::Bug(format!(
                         "the primary reported an error to the mirror (code {code}): {message}"
                     ))),
-                    // The simulated mirror never diverges, so it never reintegrates; its primary
-                    // never offers the UDP data path.
+                    // The simulated mirror never diverges, so it never reintegrates.
                     Ok(
                         i @ (Incoming::SendTail { .. }
                         | Incoming::Fetch { .. }
-                        | Incoming::Reintegrated { .. }
-                        | Incoming::UdpOffer { .. }
-                        | Incoming::UdpSent { .. }),
+                        | Incoming::Reintegrated { .. }),
                     ) => Err(Fault::Bug(format!(
                         "the mirror's session asked for something this simulation never does: {i:?}"
                     ))),
@@ -1638,6 +1724,7 @@ impl Sim {
     /// a heartbeat) and clamps what it carries.
     fn m_ack(&mut self, heartbeat: bool) -> Act {
         self.m_poll()?;
+        self.m_udp_naks()?;
         let received = self.mjournal.next_seq() - 1;
         let c = self.worker.applier().cursor();
         let raw = Positions {
@@ -2217,6 +2304,7 @@ impl Sim {
             self.p_flush_all()?;
             for _ in 0..4 {
                 self.p_send()?;
+                self.deliver_datagrams(true)?;
                 while self.conns.iter().any(|c| !c.to_m.is_empty()) {
                     self.deliver_to_m(rng, true)?;
                 }
@@ -2238,6 +2326,7 @@ impl Sim {
 
     fn drain(&mut self, rng: &mut SimRng<'_>) -> Result<(), String> {
         self.down = 0;
+        self.heal_datagrams();
         for _ in 0..400 {
             self.mkill.revive();
             self.pkill.revive();
@@ -2252,16 +2341,18 @@ impl Sim {
             self.restart_dead(rng)?;
         }
         let c = self.worker.applier().cursor();
-        Err(self.fail(format!(
-            "after healing the network the mirror does not catch up: primary at {}, mirror \
+        Err(self.fail(
+            format!(
+                "after healing the network the mirror does not catch up: primary at {}, mirror \
              received {}, durable {}, settled {}, applied {}, checkpoint {}",
-            self.primary.last_seq(),
-            self.mjournal.next_seq() - 1,
-            self.mdurable,
-            self.msettled,
-            c.applied,
-            c.checkpoint
-        )))
+                self.primary.last_seq(),
+                self.mjournal.next_seq() - 1,
+                self.mdurable,
+                self.msettled,
+                c.applied,
+                c.checkpoint
+            ) + &self.udp_state(),
+        ))
     }
 
     fn drained(&self) -> bool {
@@ -2275,6 +2366,13 @@ impl Sim {
         self.p_flush_all()?;
         self.p_send()?;
         for _ in 0..4 {
+            if self.udp.is_some() {
+                // Time passes for the pacing and the NAK timers (at least 20 ms a round, so a
+                // slow paced sender drains within the rounds); every datagram arrives.
+                self.now += self.tick.max(Duration::from_millis(20));
+                self.p_send()?;
+                self.deliver_datagrams(true)?;
+            }
             while self.conns.iter().any(|c| !c.to_m.is_empty()) {
                 self.deliver_to_m(rng, true)?;
             }

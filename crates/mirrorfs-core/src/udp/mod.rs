@@ -43,12 +43,14 @@
 
 mod rate;
 pub mod receiver;
+pub mod record;
 pub mod sender;
 
 #[cfg(test)]
 mod tests;
 
 pub use receiver::{ReceiverConfig, ReceiverStats, UdpReceiver};
+pub use record::{decode_record, record_body, take_batch};
 pub use sender::{NakOutcome, OfferError, SenderConfig, SenderStats, UdpSender};
 
 /// One entry of a NAK: a whole record, or the bytes `[from, to)` of one.

@@ -201,6 +201,12 @@ impl UdpSender {
         self.sent_through
     }
 
+    /// The highest seq the receiver is known to hold (`on_delivered`): a record NAKed before
+    /// it arrived after all needs no resend (the journal may have released it since).
+    pub fn delivered(&self) -> u64 {
+        self.delivered
+    }
+
     /// The seq the next `offer` must carry.
     pub fn next_seq(&self) -> u64 {
         self.next_seq

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context, Result};
 use mirrorfs_core::journal::Reader;
 use mirrorfs_core::op::Record;
-use mirrorfs_core::udp::{Nak, OfferError, SenderConfig, UdpSender};
+use mirrorfs_core::udp::{record_body, Nak, OfferError, SenderConfig, UdpSender};
 use mirrorfs_core::wire::Msg;
 
 use crate::net::conn::Duplex;
@@ -203,6 +203,12 @@ impl UdpPath {
             let Some(seq) = lock(&self.gone).front().copied() else {
                 return Ok(());
             };
+            // A NAK that crossed the acknowledgement of its record: nothing to resend, and the
+            // journal may have released the record since (found by the network simulation).
+            if seq <= lock(&self.sender).delivered() {
+                lock(&self.gone).pop_front();
+                continue;
+            }
             let record = read_one(vol, seq)?;
             let body = record_body(settled, record);
             match lock(&self.sender).resend(seq, &body) {
@@ -222,15 +228,6 @@ fn read_one(vol: &Volume, seq: u64) -> Result<Record> {
     reader.next::<FileStore>(view, seq)?.ok_or_else(|| {
         anyhow!("record {seq}, asked for again over UDP, is no longer in the journal")
     })
-}
-
-/// What one record travels as: the body of a one-record `Records` message.
-fn record_body(settled: u64, record: Record) -> Vec<u8> {
-    Msg::Records {
-        settled: settled.max(record.seq),
-        records: vec![record],
-    }
-    .encode_body()
 }
 
 /// What the sending loop works with besides the path.

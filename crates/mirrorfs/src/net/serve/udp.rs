@@ -23,11 +23,9 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Result};
-use mirrorfs_core::link::LinkError;
-use mirrorfs_core::op::Record;
 use mirrorfs_core::session::{Incoming, Session};
-use mirrorfs_core::udp::{ReceiverConfig, UdpReceiver};
-use mirrorfs_core::wire::{error_code, msg_type, Msg};
+use mirrorfs_core::udp::{take_batch, ReceiverConfig, UdpReceiver};
+use mirrorfs_core::wire::Msg;
 
 use crate::net::conn::Duplex;
 use crate::site::volume::lock;
@@ -279,23 +277,13 @@ impl Daemon {
     /// The records the receiver has whole, in order, as one batch through the session's
     /// checks and the daemon's append (the path TCP batches take).
     fn deliver(&self, session: &Mutex<Session>, inbound: &Inbound) -> Result<()> {
-        let mut records: Vec<Record> = Vec::new();
-        let mut settled = 0;
-        {
-            let mut g = lock(&inbound.udp);
-            let Some(rx) = g.as_mut() else {
-                return Ok(());
-            };
-            while let Some((seq, body)) = rx.pop_record() {
-                let (s, r) = decode_record(seq, &body)?;
-                settled = settled.max(s);
-                records.push(r);
-            }
-        }
-        if records.is_empty() {
+        let msg = match lock(&inbound.udp).as_mut() {
+            Some(rx) => take_batch(rx).map_err(anyhow::Error::new)?,
+            None => return Ok(()),
+        };
+        let Some(msg) = msg else {
             return Ok(());
-        }
-        let msg = Msg::Records { settled, records };
+        };
         // The session's lock is released before the append (which takes it on a failure).
         let incoming = lock(session).on_message(&msg)?;
         match incoming {
@@ -315,29 +303,5 @@ impl Daemon {
             link.send(&Msg::UdpNak { naks })?;
         }
         Ok(())
-    }
-}
-
-/// One record from the UDP path: the body of a one-record `Records` message carrying `seq`.
-/// Anything else came authenticated from the primary, so it is the primary's error: the
-/// session ends.
-fn decode_record(seq: u64, body: &[u8]) -> Result<(u64, Record)> {
-    let bad = |why: String| {
-        anyhow::Error::new(LinkError {
-            code: error_code::BAD_FRAME,
-            message: format!("record {seq} over UDP: {why}"),
-            retry: true,
-        })
-    };
-    match Msg::decode_body(msg_type::RECORDS, body) {
-        Ok(Msg::Records {
-            settled,
-            mut records,
-        }) if records.len() == 1 && records[0].seq == seq => {
-            let r = records.remove(0);
-            Ok((settled, r))
-        }
-        Ok(_) => Err(bad("not exactly that record".into())),
-        Err(e) => Err(bad(e.to_string())),
     }
 }
