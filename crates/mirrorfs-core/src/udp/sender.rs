@@ -15,7 +15,13 @@
 //! - Repairs waiting to go out are not bounded by a setting: at most c per data packet, or the
 //!   encoder's open groups at a flush (111 for the default layers), each one datagram.
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+
+/// The most records whose NAKed byte ranges are kept while the journal's copy is read
+/// (`UdpSender::resend`); beyond it a record is resent whole.
+const GONE_ASKS_MAX: usize = 4_096;
+/// The most ranges kept per record; beyond it the whole record is resent.
+const GONE_RANGES_MAX: usize = 16;
 
 use super::rate::TokenBucket;
 use super::Nak;
@@ -132,6 +138,10 @@ pub struct UdpSender {
     again: VecDeque<Fragment>,
     again_bytes: usize,
     again_keys: HashSet<(u64, u32)>,
+    /// What NAKs asked of records the store no longer had (`NakOutcome::gone`), until the
+    /// journal's copy comes back through `resend`: only those bytes go out again. Bounded by
+    /// [`GONE_ASKS_MAX`]; a record beyond it is resent whole.
+    gone_asks: HashMap<u64, Vec<Nak>>,
     fresh: VecDeque<Fragment>,
     fresh_bytes: usize,
     store: BTreeMap<u64, Vec<u8>>,
@@ -181,6 +191,7 @@ impl UdpSender {
             again: VecDeque::new(),
             again_bytes: 0,
             again_keys: HashSet::new(),
+            gone_asks: HashMap::new(),
             fresh: VecDeque::new(),
             fresh_bytes: 0,
             store: BTreeMap::new(),
@@ -270,6 +281,8 @@ impl UdpSender {
             }
             self.store_bytes -= entry.remove().len();
         }
+        let delivered = self.delivered;
+        self.gone_asks.retain(|seq, _| *seq > delivered);
     }
 
     /// Queues again what the receiver asked for.
@@ -289,6 +302,7 @@ impl UdpSender {
                     outcome.gone.push(nak.seq);
                     self.stats.naks_gone += 1;
                 }
+                self.remember_gone_ask(nak);
                 continue;
             };
             let asked = fragments
@@ -306,18 +320,58 @@ impl UdpSender {
         outcome
     }
 
-    /// Sends record `seq` again in full (one the store no longer had: `NakOutcome::gone`).
-    /// `Full` if the retransmit queue cannot take it whole now.
+    /// Sends record `seq` again (one the store no longer had: `NakOutcome::gone`): the byte
+    /// ranges its NAKs asked for, or all of it when they asked for the whole record or were
+    /// not kept; fragments already queued again are not queued twice. `Full` if the retransmit
+    /// queue cannot take them now (the asks are kept for the next try).
     pub fn resend(&mut self, seq: u64, record: &[u8]) -> Result<(), OfferError> {
         let fragments = cut(seq, record, self.config.body_max).ok_or(OfferError::TooLarge)?;
-        let cost: usize = fragments.iter().map(fragment_len).sum();
+        let asks = self.gone_asks.get(&seq);
+        let chosen: Vec<Fragment> = fragments
+            .into_iter()
+            .filter(|f| {
+                asks.is_none_or(|a| {
+                    a.iter()
+                        .any(|n| n.covers(f.seq, f.offset, f.bytes.len() as u32))
+                })
+            })
+            .filter(|f| !self.again_keys.contains(&(f.seq, f.offset)))
+            .collect();
+        let cost: usize = chosen.iter().map(fragment_len).sum();
         if self.again_bytes > 0 && self.again_bytes + cost > self.config.again_bytes_max {
             return Err(OfferError::Full);
         }
-        for f in fragments {
+        self.gone_asks.remove(&seq);
+        for f in chosen {
             self.push_again(f);
         }
         Ok(())
+    }
+
+    /// Keeps what a NAK asked of a record the store no longer had. A NAK of the whole record
+    /// replaces any ranges (everything goes again).
+    fn remember_gone_ask(&mut self, nak: &Nak) {
+        if !self.gone_asks.contains_key(&nak.seq) && self.gone_asks.len() >= GONE_ASKS_MAX {
+            return;
+        }
+        let asks = self.gone_asks.entry(nak.seq).or_default();
+        match nak.range {
+            None => {
+                asks.clear();
+                asks.push(*nak);
+            }
+            Some(_) if asks.iter().any(|n| n.range.is_none()) => {}
+            Some(_) if asks.len() < GONE_RANGES_MAX && !asks.contains(nak) => asks.push(*nak),
+            Some(_) if asks.len() >= GONE_RANGES_MAX => {
+                // Too many pieces: the whole record.
+                asks.clear();
+                asks.push(Nak {
+                    seq: nak.seq,
+                    range: None,
+                });
+            }
+            Some(_) => {}
+        }
     }
 
     /// Queues a fragment for retransmission; false if the queue is full. One already queued
@@ -627,6 +681,41 @@ mod tests {
         assert!(sent <= burst + now, "{sent} bytes by {now} µs");
         assert!(sent + largest >= burst + now, "{sent} bytes by {now} µs");
         assert_eq!(s.sent_through(), 1);
+    }
+
+    /// Seed 3037 of the network simulation: a record gone from the store and NAKed for a few
+    /// bytes was resent whole for every NAK, so a slow paced sender spent its rate on
+    /// duplicates and the mirror never caught up. Only what was asked goes out again.
+    #[test]
+    fn a_gone_record_naked_by_range_is_resent_only_for_that_range() {
+        let mut s = UdpSender::new(&KEY, 1, config(), 1).expect("config");
+        for seq in 1..=5 {
+            s.offer(seq, &[seq as u8; 600]).expect("offer");
+            drain(&mut s, 0);
+        }
+        // Record 1 is gone from the store (it keeps 2,000 bytes).
+        let out = s.on_nak(&[Nak {
+            seq: 1,
+            range: Some((300, 350)),
+        }]);
+        assert_eq!(out.gone, vec![1]);
+        s.resend(1, &[1; 600]).expect("resend");
+        let mut o = Opener::new(&KEY, 1);
+        let offsets: Vec<u32> = drain(&mut s, 0)
+            .iter()
+            .filter_map(|d| o.open(d).ok())
+            .filter(|p| p.kind == Kind::Data)
+            .filter_map(|p| Fragment::decode(&p.body))
+            .map(|f| f.offset)
+            .collect();
+        assert_eq!(offsets, vec![300], "only the fragment asked for");
+        // Asked whole, or with nothing kept, the record goes whole.
+        s.on_nak(&[Nak {
+            seq: 1,
+            range: None,
+        }]);
+        s.resend(1, &[1; 600]).expect("resend");
+        assert_eq!(kinds(&drain(&mut s, 0)).0, 6);
     }
 
     #[test]
