@@ -348,22 +348,14 @@ fn one(
         fs::File::create(base.join(name)).context("cannot create a log file")
     };
     let mut procs = Procs(Vec::new());
-    let daemon = wan
-        .command(Side::B, &bin.to_string_lossy())
-        .args(["serve".as_ref(), mirror.as_os_str(), "--listen".as_ref()])
-        .arg(&listen)
-        .arg("--config")
-        .arg(&ids.mirror)
-        .stdin(Stdio::null())
-        .stderr(log("daemon.log")?)
-        .spawn()
-        .context("cannot start mirrorfs serve")?;
-    procs.0.push(daemon);
-    wait_for(
-        || Ok(listening(&wan, &listen)),
-        "the daemon to listen",
+    procs.0.push(start_daemon(
+        &wan,
+        bin,
+        &mirror,
+        &listen,
+        &ids.mirror,
         base,
-    )?;
+    )?);
     let mount = wan
         .command(Side::A, &bin.to_string_lossy())
         .args(["mount".as_ref(), backing.as_os_str(), mnt.as_os_str()])
@@ -511,6 +503,35 @@ fn complete_messages(path: &Path) -> Result<u64> {
         n += 1;
     }
     Ok(n)
+}
+
+/// Starts `mirrorfs serve MIRROR` on side B of `wan`, listening on `listen` with the identity in
+/// `config`, its log in `base/daemon.log`; returns once it listens.
+pub(crate) fn start_daemon(
+    wan: &Wan,
+    bin: &Path,
+    mirror: &Path,
+    listen: &str,
+    config: &Path,
+    base: &Path,
+) -> Result<Child> {
+    let log = fs::File::create(base.join("daemon.log")).context("cannot create a log file")?;
+    let mut daemon = wan
+        .command(Side::B, &bin.to_string_lossy())
+        .args(["serve".as_ref(), mirror.as_os_str(), "--listen".as_ref()])
+        .arg(listen)
+        .arg("--config")
+        .arg(config)
+        .stdin(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .context("cannot start mirrorfs serve")?;
+    if let Err(e) = wait_for(|| Ok(listening(wan, listen)), "the daemon to listen", base) {
+        let _ = daemon.kill();
+        let _ = daemon.wait();
+        return Err(e);
+    }
+    Ok(daemon)
 }
 
 pub(crate) fn listening(wan: &Wan, addr: &str) -> bool {

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use mirrorfs_wan::{Impairment, Side, Wan};
 
-use crate::disaster::{listening, mirror_live, status_json, wait_for, Procs};
+use crate::disaster::{mirror_live, start_daemon, status_json, wait_for, Procs};
 use crate::mounts;
 use crate::report::{render_markdown, render_plain};
 
@@ -187,22 +187,14 @@ fn one(
         fs::File::create(base.join(name)).context("cannot create a log file")
     };
     let mut procs = Procs(Vec::new());
-    let daemon = wan
-        .command(Side::B, &bin.to_string_lossy())
-        .args(["serve".as_ref(), mirror.as_os_str(), "--listen".as_ref()])
-        .arg(&listen)
-        .arg("--config")
-        .arg(&ids.mirror)
-        .stdin(Stdio::null())
-        .stderr(log("daemon.log")?)
-        .spawn()
-        .context("cannot start mirrorfs serve")?;
-    procs.0.push(daemon);
-    wait_for(
-        || Ok(listening(&wan, &listen)),
-        "the daemon to listen",
+    procs.0.push(start_daemon(
+        &wan,
+        bin,
+        &mirror,
+        &listen,
+        &ids.mirror,
         base,
-    )?;
+    )?);
     let transport = match path {
         DataPath::Tcp { .. } => "tcp",
         DataPath::Udp => "udp",
