@@ -94,10 +94,10 @@ impl Volume {
         let Ordered {
             journal, sequencer, ..
         } = &mut *o;
-        let seq = self.journal_group_record(journal, sequencer, Op::GroupEnd)?;
+        let (_, last) = self.journal_group_record(journal, sequencer, Op::GroupEnd)?;
         s.ended(why);
         drop(s);
-        self.settle(o, seq, 0);
+        self.settle(o, last, 0);
         Ok(())
     }
 
@@ -111,14 +111,15 @@ impl Volume {
         Ok(())
     }
 
-    /// Journals a group record (nothing to apply to the backing) and follows it in the gate;
-    /// returns the last settled seq. Under the order lock.
-    fn journal_group_record(
+    /// Journals a group record (nothing to apply to the backing; write-ahead, refused whole
+    /// with ENOSPC when it does not fit) and follows it in the gate; returns its seq and the
+    /// last settled seq. Under the order lock (`Volume::group` and the implicit groups).
+    pub(crate) fn journal_group_record(
         &self,
         journal: &mut Journal<FileStore>,
         sequencer: &mut Sequencer,
         op: Op,
-    ) -> Result<u64, i32> {
+    ) -> Result<(u64, u64), i32> {
         let seq = match sequencer.begin(journal, &op, |j| self.relieve_full(j)) {
             Begin::Apply { seq } => seq,
             Begin::Refuse(r) => return Err(self.refused(r)),
@@ -128,7 +129,7 @@ impl Volume {
         let done = sequencer
             .applied(journal, seq, true)
             .map_err(|r| self.refused(r))?;
-        Ok(done.last)
+        Ok((seq, done.last))
     }
 
     /// The timer thread of `--fsync-groups`: ends the implicit group once it is `max_age` old,

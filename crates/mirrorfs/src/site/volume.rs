@@ -591,17 +591,8 @@ impl Volume {
         let Ordered {
             journal, sequencer, ..
         } = &mut *o;
-        // Write-ahead with nothing to apply: refused whole (ENOSPC) when it does not fit.
-        let seq = match sequencer.begin(journal, &op, |j| self.relieve_full(j)) {
-            Begin::Apply { seq } => seq,
-            Begin::Refuse(r) => return Err(self.refused(r)),
-        };
-        // Observed before the order lock is released, so no later record settles first.
-        lock(&self.groups).observe(seq, &op);
-        let done = sequencer
-            .applied(journal, seq, true)
-            .map_err(|r| self.refused(r))?;
-        self.settle(o, done.last, 0);
+        let (seq, last) = self.journal_group_record(journal, sequencer, op)?;
+        self.settle(o, last, 0);
         self.wait_ack(seq);
         Ok(seq)
     }
