@@ -42,13 +42,13 @@ use crate::report::{render_markdown, render_plain};
 /// One mode of the comparison: `--ack`, `--transport`, and the UDP path's FEC layers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Mode {
-    ack: &'static str,
-    transport: &'static str,
-    layers: u64,
+    pub(crate) ack: &'static str,
+    pub(crate) transport: &'static str,
+    pub(crate) layers: u64,
 }
 
 impl Mode {
-    const fn tcp(ack: &'static str) -> Mode {
+    pub(crate) const fn tcp(ack: &'static str) -> Mode {
         Mode {
             ack,
             transport: "tcp",
@@ -56,7 +56,7 @@ impl Mode {
         }
     }
 
-    const fn udp(layers: u64) -> Mode {
+    pub(crate) const fn udp(layers: u64) -> Mode {
         Mode {
             ack: "network",
             transport: "udp",
@@ -337,43 +337,26 @@ fn one(
     steady: Duration,
     seed: u64,
 ) -> Result<Outcome> {
-    let (backing, mnt, mirror) = (base.join("backing"), base.join("mnt"), base.join("mirror"));
-    for d in [&backing, &mnt, &mirror] {
-        fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
-    }
-    let ids = crate::net::make_identities(bin, base)?;
     let wan = Wan::start(link(), link(), seed).context("cannot start the WAN emulator")?;
-    let listen = format!("{}:{PORT}", Wan::addr(Side::B));
-    let log = |name: &str| -> Result<fs::File> {
-        fs::File::create(base.join(name)).context("cannot create a log file")
-    };
-    let mut procs = Procs(Vec::new());
-    procs.0.push(start_daemon(
-        &wan,
-        bin,
-        &mirror,
-        &listen,
-        &ids.mirror,
-        base,
-    )?);
-    let mount = wan
-        .command(Side::A, &bin.to_string_lossy())
-        .args(["mount".as_ref(), backing.as_os_str(), mnt.as_os_str()])
-        .arg("--mirror")
-        .arg(format!("mirror://{listen}"))
-        .args(["--ack", mode.ack, "--transport", mode.transport])
-        .args(["--udp-rate-mbit", &UDP_RATE_MBIT.to_string()])
-        .args(["--udp-fec-layers", &mode.layers.to_string()])
-        .arg("--config")
-        .arg(&ids.primary)
-        .stdin(Stdio::null())
-        .stderr(log("mount.log")?)
-        .spawn()
-        .context("cannot start mirrorfs mount")?;
-    let mount_pid = mount.id();
-    procs.0.push(mount);
-    wait_for(|| mounts::is_mounted(&mnt), "the mount", base)?;
-    wait_for(|| Ok(mirror_live(&backing)), "the mirror to be live", base)?;
+    let args: Vec<String> = [
+        "--ack",
+        mode.ack,
+        "--transport",
+        mode.transport,
+        "--udp-rate-mbit",
+        &UDP_RATE_MBIT.to_string(),
+        "--udp-fec-layers",
+        &mode.layers.to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let Site {
+        mut procs,
+        mnt,
+        mirror,
+        mount_pid,
+    } = start_site(&wan, bin, base, &args)?;
 
     let writer = Writer::start(mnt.join("log"));
     sleep(steady);
@@ -503,6 +486,59 @@ fn complete_messages(path: &Path) -> Result<u64> {
         n += 1;
     }
     Ok(n)
+}
+
+/// A primary site on side A of a WAN emulator, mirrored by a daemon on side B.
+pub(crate) struct Site {
+    /// The daemon first, then the mount.
+    pub(crate) procs: Procs,
+    pub(crate) mnt: PathBuf,
+    pub(crate) mirror: PathBuf,
+    pub(crate) mount_pid: u32,
+}
+
+/// Starts a site in `base` (`backing`, `mnt`, `mirror`, identities made for the run, logs):
+/// the daemon on side B of `wan` on [`PORT`], then `mirrorfs mount` on side A with
+/// `--mirror mirror://B:PORT` and `mount_args`; returns once the mirror is live.
+pub(crate) fn start_site(
+    wan: &Wan,
+    bin: &Path,
+    base: &Path,
+    mount_args: &[String],
+) -> Result<Site> {
+    let (backing, mnt, mirror) = (base.join("backing"), base.join("mnt"), base.join("mirror"));
+    for d in [&backing, &mnt, &mirror] {
+        fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
+    }
+    let ids = crate::net::make_identities(bin, base)?;
+    let listen = format!("{}:{PORT}", Wan::addr(Side::B));
+    let mut procs = Procs(Vec::new());
+    procs
+        .0
+        .push(start_daemon(wan, bin, &mirror, &listen, &ids.mirror, base)?);
+    let log = fs::File::create(base.join("mount.log")).context("cannot create a log file")?;
+    let mount = wan
+        .command(Side::A, &bin.to_string_lossy())
+        .args(["mount".as_ref(), backing.as_os_str(), mnt.as_os_str()])
+        .arg("--mirror")
+        .arg(format!("mirror://{listen}"))
+        .args(mount_args)
+        .arg("--config")
+        .arg(&ids.primary)
+        .stdin(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .context("cannot start mirrorfs mount")?;
+    let mount_pid = mount.id();
+    procs.0.push(mount);
+    wait_for(|| mounts::is_mounted(&mnt), "the mount", base)?;
+    wait_for(|| Ok(mirror_live(&backing)), "the mirror to be live", base)?;
+    Ok(Site {
+        procs,
+        mnt,
+        mirror,
+        mount_pid,
+    })
 }
 
 /// Starts `mirrorfs serve MIRROR` on side B of `wan`, listening on `listen` with the identity in

@@ -35,6 +35,11 @@
 //!   mirrorfs with a local mirror per `--ack`/`--fsync-waits`, each mirror's
 //!   copy checked with `integrity_check` (see `sqlite.rs`).
 //!
+//! - `ack` (not in the default set; `--targets ack`): acknowledgement latency
+//!   (4 KiB write + fdatasync) per `--ack` mode and data path over the WAN
+//!   emulator at 25 ms one-way and 1 % loss; target network <= local + 1 ms
+//!   (see `ack.rs`).
+//!
 //! - `fec` (not in the default set; `--targets fec`): throughput of the FEC
 //!   schemes of `mirrorfs_core::fec` (layered XOR, Reed–Solomon over two crates)
 //!   beside a memcpy of the same bytes, at 1,400 B and 4 KiB packets, 0 and 1 %
@@ -83,6 +88,7 @@
 //! on every file creation. Mounts and temp dirs are removed at the end, on
 //! error and on Ctrl-C (a second Ctrl-C exits at once).
 
+mod ack;
 mod disaster;
 mod fec;
 mod mounts;
@@ -133,6 +139,9 @@ pub enum TargetKind {
     /// Mirroring throughput of the TCP and the UDP + FEC data paths over the WAN emulator at
     /// 50 ms one-way and 0 / 0.1 / 1 % loss (`wan.rs`). Not in the default set.
     Wan,
+    /// Acknowledgement latency (write + fdatasync) per `--ack` mode and data path over the WAN
+    /// emulator at 25 ms one-way and 1 % loss (`ack.rs`). Not in the default set.
+    Ack,
 }
 
 impl TargetKind {
@@ -147,6 +156,7 @@ impl TargetKind {
             TargetKind::Disaster => "disaster",
             TargetKind::Sqlite => "sqlite",
             TargetKind::Wan => "wan",
+            TargetKind::Ack => "ack",
         }
     }
 
@@ -160,6 +170,7 @@ impl TargetKind {
                 | TargetKind::Disaster
                 | TargetKind::Sqlite
                 | TargetKind::Wan
+                | TargetKind::Ack
         )
     }
 }
@@ -471,6 +482,15 @@ fn run(args: &Args) -> Result<()> {
             return Ok(());
         }
     }
+    // The acknowledgement latency over the WAN emulator.
+    if targets.contains(&TargetKind::Ack) {
+        targets.retain(|t| *t != TargetKind::Ack);
+        let bin = mirrorfs_bin(&ctx)?;
+        ack::run(&bin, run_dir.path(), args.markdown, args.quick, args.seed)?;
+        if targets.is_empty() {
+            return Ok(());
+        }
+    }
     let mut reports = Vec::new();
     for kind in targets {
         check_interrupted()?;
@@ -661,6 +681,7 @@ fn run_target(
         TargetKind::Disaster => bail!("the disaster target runs on its own (disaster.rs)"),
         TargetKind::Sqlite => bail!("the sqlite target runs on its own (sqlite.rs)"),
         TargetKind::Wan => bail!("the wan target runs on its own (wan.rs)"),
+        TargetKind::Ack => bail!("the ack target runs on its own (ack.rs)"),
         TargetKind::Native => {
             let root = tdir.join("data");
             mkdirs(&[&root])?;
