@@ -2,7 +2,8 @@
 //! journal's files (`store`), and the state a site keeps beside them: its identity (`meta`), its
 //! state files (`statefile`), the lock on its directories (`dirlock`), power-loss detection
 //! (`boot`), the witness's write fence (`fence`), the status it publishes (`status`), the conflicts a reintegration left
-//! (`conflicts`) and the implicit groups of `--fsync-groups` (`sync_groups`).
+//! (`conflicts`), the implicit groups of `--fsync-groups` (`sync_groups`) and the write tokens of
+//! two writable sites (`tokens`).
 
 pub mod boot;
 pub mod conflicts;
@@ -16,4 +17,5 @@ pub mod statefile;
 pub mod status;
 pub mod store;
 pub mod sync_groups;
+pub mod tokens;
 pub mod volume;

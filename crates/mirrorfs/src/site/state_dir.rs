@@ -164,6 +164,12 @@ impl StateDir {
         self.path.join("conflicts.lock")
     }
 
+    /// `STATE/tokens`: the write-token table's log (two writable sites, `site::tokens`),
+    /// fsynced at each grant (T1) and take-over (T2).
+    pub fn tokens_file(&self) -> PathBuf {
+        self.path.join("tokens")
+    }
+
     /// `STATE/journal/`: the journal's segments.
     pub fn journal_dir(&self) -> PathBuf {
         self.path.join("journal")
