@@ -1513,6 +1513,44 @@ mod tests {
     }
 
     #[test]
+    fn a_crash_between_decision_and_durability_never_makes_two_holders() {
+        // The home crashes before its T1 (`Away`) is durable: its Grant never left, the token
+        // is still at home after the restart, and the other site still waits for it.
+        let (mut home, mut other) = pair();
+        other.handle(0, write(1, X));
+        let a = home.handle(1, recv(TokenMsg::Request { object: X }));
+        assert!(matches!(a.first(), Some(Action::Persist(r)) if r.kind == RecordKind::Away));
+        let home = TokenSite::recover(config(1, 2, PartitionPolicy::Reconcile), 2, &[], 0);
+        assert!(home.holds(X) && !other.holds(X));
+
+        // The other site crashes before its T2 (`Held`) is durable: it never wrote under the
+        // token, which is in the Grant the home sends again on the next connection.
+        let (mut home, mut other) = pair();
+        other.handle(0, write(1, X));
+        let home_log = persisted(&home.handle(1, recv(TokenMsg::Request { object: X })));
+        let a = other.handle(2, recv(grant(1, 0)));
+        assert!(
+            matches!(a.first(), Some(Action::Persist(r)) if r.kind == RecordKind::Held),
+            "T2 comes before the write proceeds: {a:?}"
+        );
+        let mut home = TokenSite::recover(config(1, 2, PartitionPolicy::Reconcile), 3, &home_log, 0);
+        let mut other = TokenSite::recover(config(2, 1, PartitionPolicy::Reconcile), 3, &[], 1);
+        assert!(!home.holds(X) && !other.holds(X), "the token travels");
+        other.handle(4, Event::PeerApplied { seq: 0 });
+        assert_eq!(other.handle(4, Event::Connected { shipped: 1 }), vec![]);
+        let a = other.handle(5, write(2, X));
+        assert_eq!(sent(&a), vec![TokenMsg::Request { object: X }]);
+        let resent = sent(&home.handle(6, Event::Connected { shipped: 0 }));
+        assert_eq!(resent, vec![grant(1, 0)]);
+        // Its own request is ignored (the token is on its way); the Grant answers it.
+        assert_eq!(home.handle(7, recv(TokenMsg::Request { object: X })), vec![]);
+        let a = other.handle(8, recv(grant(1, 0)));
+        assert_eq!(persisted(&a).len(), 1);
+        assert_eq!(a.last(), Some(&proceed(2, X)));
+        assert!(other.holds(X) && !home.holds(X));
+    }
+
+    #[test]
     fn across_a_split_the_policy_decides_for_tokens_over_there() {
         for policy in [PartitionPolicy::Reconcile, PartitionPolicy::ReadOnly] {
             let mut home = connected(1, 2, policy);

@@ -877,6 +877,23 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_parked_writer_times_out_without_a_ticker() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let mut config = TokenConfig::new(2, 1, PartitionPolicy::ReadOnly);
+        config.park_timeout_ms = 100;
+        let b = Site::open(d.path(), config, 0, 0);
+        // A link that takes the request and never answers.
+        b.gate.connected(0, Box::new(|_| true));
+        let t = Instant::now();
+        let err = b.write(7, || {}).expect_err("no answer");
+        assert_eq!(err, GateError::Refused(Refusal::Timeout));
+        assert_eq!(err.errno(), libc::ETIMEDOUT);
+        assert!(t.elapsed() >= Duration::from_millis(100), "{:?}", t.elapsed());
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        assert_eq!(b.gate.stats().refused, 1);
+    }
+
     /// Figures for docs/benchmarks.md: `cargo test --release -p mirrorfs --bin mirrorfs
     /// site::tokens::tests::figures -- --ignored --nocapture`.
     #[test]
@@ -901,7 +918,18 @@ mod tests {
             }
             t.elapsed()
         };
+        // The gate alone: token check before, journal position after, as the mount would.
         let gated = {
+            let t = Instant::now();
+            for i in 0..n {
+                let permit = a.gate.acquire(1).expect("held");
+                file.write_at(&block, (i % 256) * 4096).expect("pwrite");
+                permit.written(a.journal.fetch_add(1, Ordering::SeqCst) + 1);
+            }
+            t.elapsed()
+        };
+        // With the test's stream too (a channel send and the peer's applied position).
+        let streamed = {
             let t = Instant::now();
             for i in 0..n {
                 a.write(1, || {
@@ -920,11 +948,14 @@ mod tests {
         }
         lat.sort_unstable();
         let pct = |p: usize| lat[(lat.len() * p / 100).min(lat.len() - 1)];
+        let per = |d: Duration| d.as_nanos() as f64 / n as f64;
         println!(
-            "4 KiB pwrites: plain {:.0}/s, under a held token {:.0}/s, ratio {:.3}",
-            n as f64 / plain.as_secs_f64(),
-            n as f64 / gated.as_secs_f64(),
-            plain.as_secs_f64() / gated.as_secs_f64()
+            "4 KiB pwrites: plain {:.0} ns, + token gate {:.0} ns (+{:.0} ns), + gate and test stream {:.0} ns (+{:.0} ns)",
+            per(plain),
+            per(gated),
+            per(gated) - per(plain),
+            per(streamed),
+            per(streamed) - per(plain)
         );
         println!(
             "hand-over (write to a token the peer holds, in-process link, fsynced T1+T2): p50 {} us, p99 {} us, max {} us",
