@@ -1533,7 +1533,8 @@ mod tests {
             matches!(a.first(), Some(Action::Persist(r)) if r.kind == RecordKind::Held),
             "T2 comes before the write proceeds: {a:?}"
         );
-        let mut home = TokenSite::recover(config(1, 2, PartitionPolicy::Reconcile), 3, &home_log, 0);
+        let mut home =
+            TokenSite::recover(config(1, 2, PartitionPolicy::Reconcile), 3, &home_log, 0);
         let mut other = TokenSite::recover(config(2, 1, PartitionPolicy::Reconcile), 3, &[], 1);
         assert!(!home.holds(X) && !other.holds(X), "the token travels");
         other.handle(4, Event::PeerApplied { seq: 0 });
@@ -1543,7 +1544,10 @@ mod tests {
         let resent = sent(&home.handle(6, Event::Connected { shipped: 0 }));
         assert_eq!(resent, vec![grant(1, 0)]);
         // Its own request is ignored (the token is on its way); the Grant answers it.
-        assert_eq!(home.handle(7, recv(TokenMsg::Request { object: X })), vec![]);
+        assert_eq!(
+            home.handle(7, recv(TokenMsg::Request { object: X })),
+            vec![]
+        );
         let a = other.handle(8, recv(grant(1, 0)));
         assert_eq!(persisted(&a).len(), 1);
         assert_eq!(a.last(), Some(&proceed(2, X)));

@@ -209,8 +209,10 @@ fn decode_log(path: &Path, bytes: &[u8]) -> Result<Vec<TokenRecord>> {
     Ok(out)
 }
 
-/// Carries a token message to the peer (in order, after the records already sent). Returns
-/// false if the link cannot take it; the shell then reports [`TokenGate::disconnected`].
+/// Carries a token message to the peer (in order, after the records already sent). Called under
+/// the gate's lock: it must not block (a bounded queue that is full answers false). Returns false
+/// if the link cannot take it: the gate drops the sender, and the shell reports
+/// [`TokenGate::disconnected`] (then `connected` again), which asks and grants anew.
 pub type Sender = Box<dyn FnMut(TokenMsg) -> bool + Send>;
 
 /// Why a write may not go on.
@@ -553,7 +555,8 @@ mod tests {
             assert_eq!(recs.len(), 1, "a new log holds only the lend counter");
             log.persist(&rec(7, RecordKind::Held, 3, 10)).expect("T2");
             log.persist(&rec(8, RecordKind::Away, 4, 11)).expect("T1");
-            log.persist(&rec(7, RecordKind::Forget, 0, 0)).expect("forget");
+            log.persist(&rec(7, RecordKind::Forget, 0, 0))
+                .expect("forget");
         }
         // A crash while the next record was written: a torn tail.
         let mut f = OpenOptions::new().append(true).open(&p).expect("append");
@@ -608,7 +611,8 @@ mod tests {
                 .expect("forget");
             assert!(log.records() <= 2 * 3 + COMPACT_SLACK + 1, "bounded");
         }
-        log.persist(&rec(5, RecordKind::Held, 201, 9)).expect("held");
+        log.persist(&rec(5, RecordKind::Held, 201, 9))
+            .expect("held");
         drop(log);
         let (_, recs) = TokenLog::open(&p).expect("reopen");
         assert_eq!(recs.len(), 2);
@@ -793,7 +797,10 @@ mod tests {
         ta.join().expect("a's writer");
         tb.join().expect("b's writer");
         let handed = a.gate.stats().sent + b.gate.stats().sent;
-        assert!(handed >= 4, "the token went back and forth ({handed} messages)");
+        assert!(
+            handed >= 4,
+            "the token went back and forth ({handed} messages)"
+        );
         eventually("one site holds the token", || held(&a, 9) != held(&b, 9));
         cut(&[&a, &b], links);
     }
@@ -837,7 +844,10 @@ mod tests {
             bj,
             aj,
         );
-        assert!(held(&b, 4), "the token taken before the crash (T2) is still b's");
+        assert!(
+            held(&b, 4),
+            "the token taken before the crash (T2) is still b's"
+        );
         assert_eq!(a.gate.state(4), TokenState::Away { lend: 1 });
         let err = a.write(4, || {}).expect_err("a does not hold 4");
         assert_eq!(err.errno(), libc::EROFS, "read-only across the split");
@@ -864,7 +874,8 @@ mod tests {
             let links = connect(&a, &b);
             b.write(5, || {}).expect("b takes 5");
             cut(&[&a, &b], links);
-            a.write(6, || {}).expect("the home keeps writing its tokens");
+            a.write(6, || {})
+                .expect("the home keeps writing its tokens");
             b.write(5, || {}).expect("b keeps writing its token");
             let got = a.gate.acquire(5).map(|p| p.guarded());
             match policy {
@@ -889,7 +900,11 @@ mod tests {
         let err = b.write(7, || {}).expect_err("no answer");
         assert_eq!(err, GateError::Refused(Refusal::Timeout));
         assert_eq!(err.errno(), libc::ETIMEDOUT);
-        assert!(t.elapsed() >= Duration::from_millis(100), "{:?}", t.elapsed());
+        assert!(
+            t.elapsed() >= Duration::from_millis(100),
+            "{:?}",
+            t.elapsed()
+        );
         assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
         assert_eq!(b.gate.stats().refused, 1);
     }
