@@ -909,6 +909,129 @@ mod tests {
         assert_eq!(b.gate.stats().refused, 1);
     }
 
+    const HELPER_ENV: &str = "MIRRORFS_TOKENS_CRASH_HELPER";
+
+    /// Runs in a child process (started by `a_kill_9_after_t1_or_t2_keeps_the_token_where_it_went`):
+    /// grants (home) or takes (other site) object 42, says so on stdout once the message left
+    /// or the write proceeded, and waits to be killed.
+    #[test]
+    #[ignore]
+    fn crash_helper() {
+        let Ok(spec) = std::env::var(HELPER_ENV) else {
+            return;
+        };
+        let (role, path) = spec.split_once(':').expect("ROLE:PATH");
+        let path = PathBuf::from(path);
+        let say = |m: TokenMsg| {
+            println!("SENT {m:?}");
+            true
+        };
+        match role {
+            "grant" => {
+                let config = TokenConfig::new(1, 2, PartitionPolicy::ReadOnly);
+                let gate = TokenGate::open(&path, config, 0, 0).expect("gate");
+                gate.connected(0, Box::new(say));
+                gate.received(TokenMsg::Request { object: 42 });
+            }
+            _ => {
+                let config = TokenConfig::new(2, 1, PartitionPolicy::ReadOnly);
+                let gate = Arc::new(TokenGate::open(&path, config, 0, 0).expect("gate"));
+                gate.connected(0, Box::new(say));
+                let g = gate.clone();
+                std::thread::spawn(move || {
+                    let permit = g.acquire(42).expect("the token");
+                    println!("PROCEEDED guarded={}", permit.guarded());
+                    // Killed in the middle of the write.
+                    std::thread::sleep(Duration::from_secs(3600));
+                });
+                std::thread::sleep(Duration::from_millis(50));
+                gate.received(TokenMsg::Grant {
+                    object: 42,
+                    lend: 1,
+                    seq: 0,
+                });
+            }
+        }
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+
+    /// The helper in a child process, killed with SIGKILL once `line` shows on its stdout.
+    fn kill_after(role: &str, path: &Path, line: &str) {
+        use std::io::BufRead;
+        let exe = std::env::current_exe().expect("test binary");
+        let mut child = std::process::Command::new(exe)
+            .args([
+                "--ignored",
+                "--exact",
+                "site::tokens::tests::crash_helper",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(HELPER_ENV, format!("{role}:{}", path.display()))
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("helper");
+        let out = child.stdout.take().expect("stdout");
+        let (found, seen) = mpsc::channel();
+        let want = line.to_string();
+        // The harness prints the test's name before its output, on the same line.
+        std::thread::spawn(move || {
+            for l in io::BufReader::new(out).lines() {
+                let Ok(l) = l else { break };
+                let hit = l.contains(&want);
+                if found.send((hit, l)).is_err() || hit {
+                    break;
+                }
+            }
+        });
+        let until = Instant::now() + Duration::from_secs(30);
+        let mut lines = Vec::new();
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            match seen.recv_timeout(left) {
+                Ok((true, _)) => break,
+                Ok((false, l)) => lines.push(l),
+                Err(_) => {
+                    let _ = child.kill();
+                    panic!("the helper never said {line:?}; it said {lines:?}");
+                }
+            }
+        }
+        child.kill().expect("kill -9");
+        let status = child.wait().expect("wait");
+        assert!(!status.success(), "killed: {status:?}; output {lines:?}");
+    }
+
+    #[test]
+    fn a_kill_9_after_t1_or_t2_keeps_the_token_where_it_went() {
+        let d = tempfile::tempdir().expect("tempdir");
+        // The home is killed once its Grant left: T1 made the lend durable before.
+        let home = d.path().join("home-tokens");
+        kill_after("grant", &home, "SENT Grant");
+        let config = TokenConfig::new(1, 2, PartitionPolicy::ReadOnly);
+        let gate = TokenGate::open(&home, config, 0, 0).expect("reopen");
+        assert_eq!(gate.state(42), TokenState::Away { lend: 1 });
+        assert_eq!(
+            gate.acquire(42).err().map(|e| e.errno()),
+            Some(libc::EROFS),
+            "the home does not write a token it lent"
+        );
+        // The other site is killed in the middle of a write under the token it took: T2 made
+        // it durable before the write proceeded.
+        let other = d.path().join("other-tokens");
+        kill_after("take", &other, "PROCEEDED guarded=true");
+        let config = TokenConfig::new(2, 1, PartitionPolicy::ReadOnly);
+        let gate = TokenGate::open(&other, config, 0, 0).expect("reopen");
+        assert_eq!(
+            gate.state(42),
+            TokenState::Held {
+                lend: 1,
+                writable: true
+            }
+        );
+        assert!(gate.acquire(42).expect("still ours").guarded());
+    }
+
     /// Figures for docs/benchmarks.md: `cargo test --release -p mirrorfs --bin mirrorfs
     /// site::tokens::tests::figures -- --ignored --nocapture`.
     #[test]
