@@ -34,7 +34,12 @@ use crate::site::volume::{lock, Volume};
 use crate::sys;
 use crate::tree::dirtree::Root;
 
-const TTL: Duration = Duration::from_secs(1);
+/// How long the kernel may keep a name or attributes without asking again. Every change this
+/// process makes is seen by the kernel: through the mount it updates or drops its own cache, and
+/// a change made beneath the mount (a failback's reintegration) is invalidated explicitly
+/// (`view`). A change by another program in the backing directory itself (not supported: the
+/// mirrors would miss it) may stay unseen through the mount for up to this long.
+pub(crate) const TTL: Duration = Duration::from_secs(60);
 /// How many times a change is retried when the name it was given for an inode changed before the
 /// order lock was taken (a rename or unlink came in between).
 const STALE_RETRIES: u32 = 16;
