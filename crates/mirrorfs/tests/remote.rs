@@ -3330,7 +3330,9 @@ fn failback_changes_are_visible_through_the_mount_at_once() {
         fs::symlink_metadata(m.p(rel)).expect("stat through M before the heal");
     }
     assert_eq!(
-        fs::symlink_metadata(m.p("d/linked.txt")).expect("stat").nlink(),
+        fs::symlink_metadata(m.p("d/linked.txt"))
+            .expect("stat")
+            .nlink(),
         2
     );
     let srv_p = Serve::start(
@@ -3348,11 +3350,26 @@ fn failback_changes_are_visible_through_the_mount_at_once() {
         let seen = fs::symlink_metadata(m.p(rel)).expect("stat through M after the heal");
         let held = fs::symlink_metadata(srv.dir.join(rel)).expect("stat M's backing");
         let what = |m: &fs::Metadata| (m.len(), m.mtime(), m.mtime_nsec(), m.mode(), m.nlink());
-        assert_eq!(what(&seen), what(&held), "{rel}: the mount shows the backing's attributes");
+        assert_eq!(
+            what(&seen),
+            what(&held),
+            "{rel}: the mount shows the backing's attributes"
+        );
     }
-    assert_eq!(fs::symlink_metadata(m.p("grow.txt")).expect("stat").len(), 100_000);
-    assert_eq!(fs::symlink_metadata(m.p("mode.txt")).expect("stat").mode() & 0o777, 0o600);
-    assert_eq!(fs::symlink_metadata(m.p("d/linked.txt")).expect("stat").nlink(), 1);
+    assert_eq!(
+        fs::symlink_metadata(m.p("grow.txt")).expect("stat").len(),
+        100_000
+    );
+    assert_eq!(
+        fs::symlink_metadata(m.p("mode.txt")).expect("stat").mode() & 0o777,
+        0o600
+    );
+    assert_eq!(
+        fs::symlink_metadata(m.p("d/linked.txt"))
+            .expect("stat")
+            .nlink(),
+        1
+    );
     assert!(
         cached.elapsed() < Duration::from_secs(50),
         "the check ran within the kernel's 60 s cache time ({:?}): it proves nothing",
