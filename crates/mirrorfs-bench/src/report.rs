@@ -17,6 +17,7 @@ pub enum Metric {
     RandWrite4k,
     SmallFiles,
     Stat,
+    StatAgain,
     MirrorCatchUp,
     LagP50,
     LagP99,
@@ -31,7 +32,7 @@ pub enum Metric {
 }
 
 impl Metric {
-    pub const ALL: [Metric; 18] = [
+    pub const ALL: [Metric; 19] = [
         Metric::SeqWrite,
         Metric::SeqWriteFsync,
         Metric::SeqReadWarm,
@@ -39,6 +40,7 @@ impl Metric {
         Metric::RandWrite4k,
         Metric::SmallFiles,
         Metric::Stat,
+        Metric::StatAgain,
         Metric::MirrorCatchUp,
         Metric::LagP50,
         Metric::LagP99,
@@ -61,6 +63,7 @@ impl Metric {
             Metric::RandWrite4k => "rand-write-4k",
             Metric::SmallFiles => "small-files",
             Metric::Stat => "stat",
+            Metric::StatAgain => "stat (again, 2 s later)",
             Metric::MirrorCatchUp => "mirror catch-up after bulk",
             Metric::LagP50 => "mirror lag p50 (single)",
             Metric::LagP99 => "mirror lag p99 (single)",
@@ -83,7 +86,7 @@ impl Metric {
             | Metric::SeqReadCold => "MiB/s",
             Metric::RandWrite4k => "IOPS",
             Metric::SmallFiles => "files/s",
-            Metric::Stat => "stats/s",
+            Metric::Stat | Metric::StatAgain => "stats/s",
             Metric::MirrorCatchUp
             | Metric::LagP50
             | Metric::LagP99

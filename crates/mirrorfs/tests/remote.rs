@@ -3296,6 +3296,88 @@ fn failback_renames_reach_the_new_primarys_mount() {
     m.unmount();
 }
 
+/// Issue 9: the kernel keeps names and attributes for 60 s (`fuse::TTL`), so a change that a
+/// failback's reintegration makes beneath the new primary's mount must be invalidated at once.
+/// M's user stats every file first (the kernel caches them all); after the heal, stat through
+/// M's mount must show what M's backing holds — sizes, mtimes, modes, link counts and the
+/// directory's mtime — well before the 60 s would have run out.
+#[test]
+fn failback_changes_are_visible_through_the_mount_at_once() {
+    use std::os::unix::fs::MetadataExt;
+    let net = Net::new("reint-attrs");
+    let mut srv = net.serve("m", &[]);
+    let mut p = net.mount("net-reint-attrs-p", 0, &srv.url(), &[]);
+    mirrored_base(&p, &srv, |p| {
+        fs::write(p.p("grow.txt"), b"short\n").expect("write grow.txt");
+        fs::write(p.p("mode.txt"), b"mode\n").expect("write mode.txt");
+        fs::create_dir(p.p("d")).expect("mkdir d");
+        fs::write(p.p("d/linked.txt"), b"two names\n").expect("write d/linked.txt");
+        fs::hard_link(p.p("d/linked.txt"), p.p("other-name.txt")).expect("ln");
+    });
+    srv.stop();
+    // Past the mtime granularity, so that P's changes give new times.
+    std::thread::sleep(Duration::from_millis(20));
+    fs::write(p.p("grow.txt"), vec![b'g'; 100_000]).expect("grow grow.txt on P");
+    fs::set_permissions(p.p("mode.txt"), fs::Permissions::from_mode(0o600)).expect("chmod on P");
+    fs::write(p.p("d/new.txt"), b"new in d\n").expect("write d/new.txt on P");
+    fs::remove_file(p.p("other-name.txt")).expect("rm the second name on P");
+    let (mut m, p_dir, port) = fail_over(&net, &srv, &mut p, "net-reint-attrs-m");
+    let rels = ["grow.txt", "mode.txt", "d", "d/linked.txt"];
+    // M's user stats everything (the removed name too: the mount can tell the kernel about the
+    // link count of an inode only if it knows the name removed names it): from here the kernel may answer from its cache for 60 s.
+    let cached = Instant::now();
+    for rel in rels.iter().chain(&["other-name.txt"]) {
+        fs::symlink_metadata(m.p(rel)).expect("stat through M before the heal");
+    }
+    assert_eq!(
+        fs::symlink_metadata(m.p("d/linked.txt"))
+            .expect("stat")
+            .nlink(),
+        2
+    );
+    let srv_p = Serve::start(
+        &p_dir,
+        &net.mirror.dir,
+        port,
+        &net.base.join("serve-p.log"),
+        &[],
+    );
+    wait_live(&m, &srv_p);
+    wait_converged(&srv.dir, &p_dir, "P follows M", &Cmp::FULL, &|| {
+        ctx(&m, &srv_p)
+    });
+    for rel in rels {
+        let seen = fs::symlink_metadata(m.p(rel)).expect("stat through M after the heal");
+        let held = fs::symlink_metadata(srv.dir.join(rel)).expect("stat M's backing");
+        let what = |m: &fs::Metadata| (m.len(), m.mtime(), m.mtime_nsec(), m.mode(), m.nlink());
+        assert_eq!(
+            what(&seen),
+            what(&held),
+            "{rel}: the mount shows the backing's attributes"
+        );
+    }
+    assert_eq!(
+        fs::symlink_metadata(m.p("grow.txt")).expect("stat").len(),
+        100_000
+    );
+    assert_eq!(
+        fs::symlink_metadata(m.p("mode.txt")).expect("stat").mode() & 0o777,
+        0o600
+    );
+    assert_eq!(
+        fs::symlink_metadata(m.p("d/linked.txt"))
+            .expect("stat")
+            .nlink(),
+        1
+    );
+    assert!(
+        cached.elapsed() < Duration::from_secs(50),
+        "the check ran within the kernel's 60 s cache time ({:?}): it proves nothing",
+        cached.elapsed()
+    );
+    m.unmount();
+}
+
 /// Issue 7: a real netsplit — the link between the two sites cut (a veth into a network
 /// namespace, taken down) while both keep running — during which both sides edit the same text
 /// file; the other side fails over and writes, and the heal keeps both versions of the file,

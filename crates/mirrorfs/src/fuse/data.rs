@@ -1,4 +1,4 @@
-//! File contents: open (passthrough for read-only opens), read, write, flush, release, fsync, fallocate, lseek.
+//! File contents: open, read, write, flush, release, fsync, fallocate, lseek.
 
 // The argument lists are those of fuser's `Filesystem` methods, which these implement.
 #![allow(clippy::too_many_arguments)]
@@ -28,46 +28,12 @@ impl MirrorFs {
             Ok(fd) => fd,
             Err(e) => return reply.error(err(e)),
         };
-        let read_only = fl & libc::O_ACCMODE == libc::O_RDONLY;
-        if read_only && self.passthrough.load(Ordering::Relaxed) {
-            if let Ok(bid) = reply.open_backing(fd.as_fd()) {
-                let fh = self.add_handle(Handle {
-                    fd,
-                    ino: ino.0,
-                    append: false,
-                    direct: false,
-                    wrote: AtomicBool::new(false),
-                    _backing: None,
-                });
-                reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &bid);
-                if let Ok(h) = self.handle(FileHandle(fh)) {
-                    // Keep the backing id registered for as long as the handle lives.
-                    let h2 = Handle {
-                        fd: match h.fd.try_clone() {
-                            Ok(f) => f,
-                            Err(_) => return,
-                        },
-                        ino: h.ino,
-                        append: false,
-                        direct: false,
-                        wrote: AtomicBool::new(false),
-                        _backing: Some(bid),
-                    };
-                    self.handles
-                        .write()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .insert(fh, Arc::new(h2));
-                }
-                return;
-            }
-        }
         let fh = self.add_handle(Handle {
             fd,
             ino: ino.0,
             append: fl & libc::O_APPEND != 0,
             direct: fl & libc::O_DIRECT != 0,
             wrote: AtomicBool::new(false),
-            _backing: None,
         });
         reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
     }

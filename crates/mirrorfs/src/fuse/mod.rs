@@ -1,6 +1,9 @@
 //! The FUSE shell: translates kernel requests into volume mutations (journaled, ordered) and
-//! serves reads straight from the backing directory. Files opened read-only use the kernel's FUSE
-//! passthrough when available, so their reads never come up to this process at all.
+//! serves reads straight from the backing directory. Reads come up to this process too: the
+//! kernel's FUSE passthrough is not used, because on one inode it excludes opens that are not
+//! passthrough (a writable open of a file that a reader holds open in passthrough fails with
+//! `EIO`, Linux `fs/fuse/iomode.c`), and writes must come here to be journaled
+//! (`docs/benchmarks.md`, "2026-12-06: local speed").
 
 pub mod affinity;
 pub mod inodes;
@@ -21,7 +24,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
-    BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
     KernelConfig, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
     ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite,
     ReplyXattr, Request, TimeOrNow, WriteFlags,
@@ -34,7 +37,12 @@ use crate::site::volume::{lock, Volume};
 use crate::sys;
 use crate::tree::dirtree::Root;
 
-const TTL: Duration = Duration::from_secs(1);
+/// How long the kernel may keep a name or attributes without asking again. Every change this
+/// process makes is seen by the kernel: through the mount it updates or drops its own cache, and
+/// a change made beneath the mount (a failback's reintegration) is invalidated explicitly
+/// (`view`). A change by another program in the backing directory itself (not supported: the
+/// mirrors would miss it) may stay unseen through the mount for up to this long.
+pub(crate) const TTL: Duration = Duration::from_secs(60);
 /// How many times a change is retried when the name it was given for an inode changed before the
 /// order lock was taken (a rename or unlink came in between).
 const STALE_RETRIES: u32 = 16;
@@ -46,7 +54,6 @@ struct Handle {
     /// Opened with `O_DIRECT`: reads and writes go through page-aligned buffers.
     direct: bool,
     wrote: AtomicBool,
-    _backing: Option<BackingId>,
 }
 
 /// A directory's entries as read at `opendir`: (inode, type, name).
@@ -62,7 +69,6 @@ pub struct MirrorFs {
     next_fh: AtomicU64,
     /// Name of mirrorfs's own state directory in the backing root, hidden from the mount.
     hidden: Option<Vec<u8>>,
-    passthrough: AtomicBool,
 }
 
 fn err(e: i32) -> Errno {
@@ -143,7 +149,6 @@ impl MirrorFs {
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             hidden,
-            passthrough: AtomicBool::new(false),
         })
     }
 
@@ -464,9 +469,7 @@ impl Filesystem for MirrorFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_write(1 << 20);
         let _ = config.set_max_readahead(1 << 20);
-        if config.set_max_stack_depth(1).is_ok() {
-            self.passthrough.store(true, Ordering::Relaxed);
-        }
+        // No FUSE_PASSTHROUGH: see the module docs.
         Ok(())
     }
 

@@ -345,7 +345,6 @@ impl MirrorFs {
             append: flags & libc::O_APPEND != 0,
             direct: fl & libc::O_DIRECT != 0,
             wrote: AtomicBool::new(false),
-            _backing: None,
         });
         reply.created(
             &TTL,

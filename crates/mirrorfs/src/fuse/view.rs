@@ -7,7 +7,13 @@
 //! Under the order lock (`changed_beneath`) the table moves or removes names by path; the kernel
 //! invalidations are collected and sent once the lock is released (`settle`): an invalidation
 //! takes the parent directory's lock in the kernel, which a FUSE request waiting for the order
-//! lock may hold. At most four invalidations are pending at a time (one change's names).
+//! lock may hold. At most eight invalidations are pending at a time (one change's names, their
+//! directories and the inodes whose link count or ctime it changed).
+//!
+//! The kernel keeps names and attributes for `fuse::TTL` (60 s), so these invalidations are what
+//! makes a change beneath the mount visible at once: every change here tells the kernel about
+//! each name, directory (mtime, size, link count) and inode (size, times, mode, link count) it
+//! touched.
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -89,6 +95,9 @@ fn follow(t: &mut Inodes, op: &Op, due: &mut Vec<Stale>) {
             let (d, ddir) = t.entry_at(to);
             stale_entry(fdir, from, due);
             stale_entry(ddir, to, due);
+            // The directories' times (and link counts, for a directory moved), the moved
+            // inode's ctime, the replaced inode's link count.
+            stale_inodes([fdir, ddir, f, d], due);
             let exchange = flags & libc::RENAME_EXCHANGE != 0;
             if let Some(d) = d.filter(|d| Some(*d) != f) {
                 if exchange {
@@ -105,6 +114,9 @@ fn follow(t: &mut Inodes, op: &Op, due: &mut Vec<Stale>) {
         Op::Unlink { path, .. } | Op::Rmdir { path } => {
             let (node, dir) = t.entry_at(path);
             stale_entry(dir, path, due);
+            // The directory's times and link count; the inode's link count (another name or
+            // an open file may keep it).
+            stale_inodes([dir, node], due);
             if let Some(n) = node {
                 drop_name(t, n, path, dir);
             }
@@ -114,9 +126,14 @@ fn follow(t: &mut Inodes, op: &Op, due: &mut Vec<Stale>) {
         | Op::Mknod { path, .. }
         | Op::Symlink { path, .. }
         | Op::Link { to: path, .. } => {
-            // The kernel may cache the name as absent.
+            // The kernel may cache the name as absent, and the directory's times.
             let (node, dir) = t.entry_at(path);
             stale_entry(dir, path, due);
+            stale_inodes([dir, node], due);
+            if let Op::Link { from, .. } = op {
+                // The linked inode's link count and ctime.
+                stale_inodes([t.at(from)], due);
+            }
             if let Some(n) = node {
                 drop_name(t, n, path, dir);
             }
@@ -138,6 +155,15 @@ fn follow(t: &mut Inodes, op: &Op, due: &mut Vec<Stale>) {
         | Op::SyncDone { .. }
         | Op::GroupBegin
         | Op::GroupEnd => {}
+    }
+}
+
+/// The attributes of each known node in `nodes` (once each).
+fn stale_inodes<const N: usize>(nodes: [Option<u64>; N], due: &mut Vec<Stale>) {
+    for n in nodes.into_iter().flatten() {
+        if !due.contains(&Stale::Inode(n)) {
+            due.push(Stale::Inode(n));
+        }
     }
 }
 
@@ -206,7 +232,9 @@ mod tests {
             due,
             vec![
                 Stale::Entry(ROOT, b"x".to_vec()),
-                Stale::Entry(ROOT, b"y".to_vec())
+                Stale::Entry(ROOT, b"y".to_vec()),
+                Stale::Inode(ROOT),
+                Stale::Inode(11)
             ]
         );
         due.clear();
@@ -217,7 +245,10 @@ mod tests {
             gid: 0,
         };
         follow(&mut t, &create, &mut due);
-        assert_eq!(due, vec![Stale::Entry(ROOT, b"x".to_vec())]);
+        assert_eq!(
+            due,
+            vec![Stale::Entry(ROOT, b"x".to_vec()), Stale::Inode(ROOT)]
+        );
         assert_eq!(path_of(&t, 11).as_deref(), Some("y"), "y keeps its node");
     }
 
@@ -280,7 +311,15 @@ mod tests {
             &mut due,
         );
         assert_eq!(path_of(&t, 11), None);
-        assert_eq!(due, vec![Stale::Entry(ROOT, b"f".to_vec())]);
+        assert_eq!(
+            due,
+            vec![
+                Stale::Entry(ROOT, b"f".to_vec()),
+                Stale::Inode(ROOT),
+                Stale::Inode(11)
+            ],
+            "the name, the directory's times and the inode's link count"
+        );
         // Not known to the table: nothing to do.
         due.clear();
         follow(
