@@ -108,13 +108,7 @@ enum Cmd {
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("MIRRORFS_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    cli::logs::init();
     let cli = Cli::parse();
     if !matches!(cli.cmd, Cmd::Mount(_) | Cmd::Serve(_) | Cmd::Witness(_)) {
         // A command that prints (`status | head -1`) ends quietly when its reader goes away, as

@@ -4,6 +4,7 @@
 pub mod conflicts;
 pub mod demo;
 pub mod group;
+pub mod logs;
 pub mod mount;
 
 pub use crate::sys::hostname;

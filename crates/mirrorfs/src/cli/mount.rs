@@ -390,7 +390,7 @@ pub fn mount(a: MountArgs) -> Result<()> {
     let _ = vol.view.set(view);
     let bg = session.spawn()?;
     tracing::info!(
-        "mounted {} on {} with {} mirror(s), ack={:?}, quorum {}",
+        "mounted {} on {} with {} mirror(s), --ack {}, quorum {}",
         places.backing.display(),
         places.mountpoint.display(),
         shared.len(),

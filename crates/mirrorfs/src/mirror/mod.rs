@@ -146,7 +146,11 @@ fn publish(
             }
         }
         Ok(Turn::Retry { after, error }) => {
-            tracing::warn!("mirror {}: {error}; retrying in {after:?}", m.name);
+            tracing::warn!(
+                "mirror {}: {error}; retrying in {:.1} s",
+                m.name,
+                after.as_secs_f64()
+            );
             set_retrying(m, error);
             std::thread::sleep(after);
         }

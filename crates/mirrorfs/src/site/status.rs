@@ -191,9 +191,9 @@ fn snapshot(vol: &Volume, mountpoint: &Path) -> VolumeStatus {
     VolumeStatus {
         mountpoint: mountpoint.display().to_string(),
         pid: std::process::id(),
-        ack: format!("{:?}", vol.ack).to_lowercase(),
+        ack: vol.ack.to_string(),
         quorum: vol.quorum,
-        fsync_waits: format!("{:?}", vol.fsync_waits).to_lowercase(),
+        fsync_waits: vol.fsync_waits.to_string(),
         journal_next_seq: next,
         journal_durable_seq: durable,
         journal_bytes: bytes,

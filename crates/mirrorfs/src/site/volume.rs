@@ -60,6 +60,28 @@ pub enum AckMode {
     Sync,
 }
 
+/// The name the flag takes (`async`, `durable`, ...), for logs and status.
+impl std::fmt::Display for AckMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use clap::ValueEnum as _;
+        match self.to_possible_value() {
+            Some(v) => f.write_str(v.get_name()),
+            None => write!(f, "{self:?}"),
+        }
+    }
+}
+
+/// The name the flag takes (`mode`, `quorum`), for logs and status.
+impl std::fmt::Display for FsyncWaits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use clap::ValueEnum as _;
+        match self.to_possible_value() {
+            Some(v) => f.write_str(v.get_name()),
+            None => write!(f, "{self:?}"),
+        }
+    }
+}
+
 /// What an application's `fsync`/`fdatasync`/`fsyncdir` waits for on mirrors
 /// (`mount --fsync-waits`). In every case it first waits until the file and the local journal
 /// are durable.
