@@ -186,7 +186,7 @@ fn logs_in_a_file_are_plain_and_follow_rust_log_and_mirrorfs_log() {
     );
     fs::write(l.mnt.join("a.txt"), b"a").expect("write");
     let text = r.stop();
-    assert!(!text.contains("mounted"), "RUST_LOG=warn ignored:\n{text}");
+    assert!(!text.contains(" mounted /"), "RUST_LOG=warn ignored:\n{text}");
     // MIRRORFS_LOG=info over RUST_LOG=warn: it is, in words, without colour codes.
     let log2 = l.base.join("info.log");
     let r = Running::start(
@@ -201,7 +201,7 @@ fn logs_in_a_file_are_plain_and_follow_rust_log_and_mirrorfs_log() {
     );
     fs::write(l.mnt.join("b.txt"), b"b").expect("write");
     let text = r.stop();
-    assert!(text.contains("mounted"), "MIRRORFS_LOG=info ignored:\n{text}");
+    assert!(text.contains(" mounted /"), "MIRRORFS_LOG=info ignored:\n{text}");
     assert!(!text.contains('\x1b'), "escape codes in a log file:\n{text:?}");
     assert!(text.contains("--ack local"), "ack not in words:\n{text}");
     assert!(!text.contains("Local") && !text.contains("Some("), "Debug dumps:\n{text}");
@@ -231,7 +231,12 @@ fn logs_to_the_journal_have_priorities_and_no_time() {
         &log,
     );
     let text = r.stop();
-    let lines: Vec<&str> = text.lines().filter(|l| !l.is_empty()).collect();
+    // The log's lines; `mirrorfs: ...` are the messages the command prints for a person
+    // (serving, unmounted), not log records.
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.is_empty() && !l.starts_with("mirrorfs: "))
+        .collect();
     assert!(!lines.is_empty());
     assert!(
         lines.iter().all(|l| l.starts_with('<') && l.as_bytes().get(2) == Some(&b'>')),
@@ -437,6 +442,17 @@ fn a_failing_mirror_shows_its_reason_and_counts_its_errors() {
     let l = Layout::new("op-failing", 1);
     let cfg = l.base.join("etc");
     let (ok, _, err) = run(&["init", "--config", s(&cfg), "--name", "op"], &[]);
+    assert!(ok, "{err}");
+    // A peer to trust (nobody serves it): another identity's fingerprint.
+    let other = l.base.join("etc-other");
+    let (ok, out, err) = run(&["init", "--config", s(&other), "--name", "other"], &[]);
+    assert!(ok, "{err}");
+    let fp = out
+        .lines()
+        .find_map(|l| l.strip_prefix("fingerprint: "))
+        .expect("a fingerprint")
+        .to_string();
+    let (ok, _, err) = run(&["trust", &fp, "other", "--config", s(&cfg)], &[]);
     assert!(ok, "{err}");
     let dead = format!("mirror://127.0.0.1:{}", free_port());
     let port = free_port();
