@@ -61,7 +61,10 @@ impl Running {
         while !is_mounted(mnt) {
             if let Ok(Some(st)) = r.child.as_mut().expect("child").try_wait() {
                 r.child = None;
-                panic!("mirrorfs {args:?} exited ({st}) before mounting:\n{}", r.log());
+                panic!(
+                    "mirrorfs {args:?} exited ({st}) before mounting:\n{}",
+                    r.log()
+                );
             }
             assert!(t0.elapsed() < MOUNT_TIMEOUT, "no mount:\n{}", r.log());
             std::thread::sleep(Duration::from_millis(10));
@@ -149,7 +152,8 @@ fn free_port() -> u16 {
 /// `GET path` on the metrics endpoint: the status line and the body.
 fn http_get(addr: &str, path: &str) -> (String, String) {
     let mut c = std::net::TcpStream::connect(addr).expect("connect to the metrics");
-    c.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    c.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
     write!(c, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").expect("request");
     let mut r = String::new();
     c.read_to_string(&mut r).expect("response");
@@ -186,7 +190,10 @@ fn logs_in_a_file_are_plain_and_follow_rust_log_and_mirrorfs_log() {
     );
     fs::write(l.mnt.join("a.txt"), b"a").expect("write");
     let text = r.stop();
-    assert!(!text.contains(" mounted /"), "RUST_LOG=warn ignored:\n{text}");
+    assert!(
+        !text.contains(" mounted /"),
+        "RUST_LOG=warn ignored:\n{text}"
+    );
     // MIRRORFS_LOG=info over RUST_LOG=warn: it is, in words, without colour codes.
     let log2 = l.base.join("info.log");
     let r = Running::start(
@@ -201,17 +208,29 @@ fn logs_in_a_file_are_plain_and_follow_rust_log_and_mirrorfs_log() {
     );
     fs::write(l.mnt.join("b.txt"), b"b").expect("write");
     let text = r.stop();
-    assert!(text.contains(" mounted /"), "MIRRORFS_LOG=info ignored:\n{text}");
-    assert!(!text.contains('\x1b'), "escape codes in a log file:\n{text:?}");
+    assert!(
+        text.contains(" mounted /"),
+        "MIRRORFS_LOG=info ignored:\n{text}"
+    );
+    assert!(
+        !text.contains('\x1b'),
+        "escape codes in a log file:\n{text:?}"
+    );
     assert!(text.contains("--ack local"), "ack not in words:\n{text}");
-    assert!(!text.contains("Local") && !text.contains("Some("), "Debug dumps:\n{text}");
+    assert!(
+        !text.contains("Local") && !text.contains("Some("),
+        "Debug dumps:\n{text}"
+    );
     assert!(text.contains(" INFO "), "no level:\n{text}");
     // A filter that does not parse: said once, info used.
     let (_, _, err) = run(
         &["config", "check", "--config", s(&l.base.join("none"))],
         &[("MIRRORFS_LOG", "info,mirrorfs=loudest")],
     );
-    assert!(err.contains("MIRRORFS_LOG") && err.contains("is not a log filter"), "{err}");
+    assert!(
+        err.contains("MIRRORFS_LOG") && err.contains("is not a log filter"),
+        "{err}"
+    );
 }
 
 /// Issue 10 item 6: under systemd (stderr is the stream JOURNAL_STREAM names), each line starts
@@ -239,7 +258,9 @@ fn logs_to_the_journal_have_priorities_and_no_time() {
         .collect();
     assert!(!lines.is_empty());
     assert!(
-        lines.iter().all(|l| l.starts_with('<') && l.as_bytes().get(2) == Some(&b'>')),
+        lines
+            .iter()
+            .all(|l| l.starts_with('<') && l.as_bytes().get(2) == Some(&b'>')),
         "lines without a priority:\n{text}"
     );
     assert!(lines.iter().any(|l| l.starts_with("<6>mounted")), "{text}");
@@ -248,7 +269,10 @@ fn logs_to_the_journal_have_priorities_and_no_time() {
         let b = l.as_bytes();
         b.len() > 14 && b[3..7].iter().all(u8::is_ascii_digit) && b[7] == b'-' && b[13] == b'T'
     };
-    assert!(!lines.iter().any(|l| timed(l)), "a time in journal lines:\n{text}");
+    assert!(
+        !lines.iter().any(|l| timed(l)),
+        "a time in journal lines:\n{text}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -284,14 +308,28 @@ fn a_volume_from_the_config_mounts_and_flags_override_it() {
     assert!(ok, "{err}");
     assert!(out.contains("ack = \"durable\""), "{out}");
     assert!(out.contains("data.toml:7"), "the origin of ack:\n{out}");
-    assert!(out.contains("quorum = ...") || out.contains("# not set"), "{out}");
-    assert!(out.contains("transport = \"tcp\""), "a default shown:\n{out}");
+    assert!(
+        out.contains("quorum = ...") || out.contains("# not set"),
+        "{out}"
+    );
+    assert!(
+        out.contains("transport = \"tcp\""),
+        "a default shown:\n{out}"
+    );
 
     let log = l.base.join("mount.log");
-    let args: Vec<OsString> = ["mount", "--volume", "data", "--config", s(&cfg), "--ack", "local"]
-        .iter()
-        .map(OsString::from)
-        .collect();
+    let args: Vec<OsString> = [
+        "mount",
+        "--volume",
+        "data",
+        "--config",
+        s(&cfg),
+        "--ack",
+        "local",
+    ]
+    .iter()
+    .map(OsString::from)
+    .collect();
     let r = Running::start(&args, &[], &l.mnt, &log);
     for i in 0..20 {
         fs::write(l.mnt.join(format!("f{i}")), vec![b'x'; 1000]).expect("write");
@@ -324,9 +362,16 @@ fn a_volume_from_the_config_mounts_and_flags_override_it() {
             .filter(|line| line.trim_start().starts_with(&format!("{} ", s(m))))
             .collect();
         assert_eq!(rows.len(), 1, "one line for {}:\n{text}", m.display());
-        assert!(rows[0].contains(" live ") && rows[0].contains("lag:0.000s"), "{}", rows[0]);
+        assert!(
+            rows[0].contains(" live ") && rows[0].contains("lag:0.000s"),
+            "{}",
+            rows[0]
+        );
     }
-    assert!(text.lines().next().is_some_and(|h| h.contains("s old")), "{text}");
+    assert!(
+        text.lines().next().is_some_and(|h| h.contains("s old")),
+        "{text}"
+    );
 
     // Item 7: the names, the counters' _total, the state as a label, 404 elsewhere.
     let (line, body) = http_get(&metrics, "/metrics");
@@ -337,11 +382,17 @@ fn a_volume_from_the_config_mounts_and_flags_override_it() {
         assert!(name.starts_with("mirrorfs_"), "{l}");
         assert_eq!(kind == "counter", name.ends_with("_total"), "{l}");
     }
-    let documented = fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/metrics.md"))
-        .expect("docs/metrics.md");
+    let documented = fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../docs/metrics.md"
+    ))
+    .expect("docs/metrics.md");
     for l in body.lines().filter(|l| l.starts_with("# TYPE")) {
         let name = l.split(' ').nth(2).unwrap_or("");
-        assert!(documented.contains(&format!("`{name}`")), "{name} is not in docs/metrics.md");
+        assert!(
+            documented.contains(&format!("`{name}`")),
+            "{name} is not in docs/metrics.md"
+        );
     }
     let m1 = s(&l.mirrors[1]);
     let applied = sample(
@@ -349,7 +400,10 @@ fn a_volume_from_the_config_mounts_and_flags_override_it() {
         &format!("mirrorfs_mirror_records_applied_total{{mirror=\"{m1}\"}}"),
     )
     .expect("records applied");
-    assert!(applied >= 40.0, "create + write of 20 files: {applied}\n{body}");
+    assert!(
+        applied >= 40.0,
+        "create + write of 20 files: {applied}\n{body}"
+    );
     let bytes = sample(
         &body,
         &format!("mirrorfs_mirror_applied_bytes_total{{mirror=\"{m1}\"}}"),
@@ -357,19 +411,33 @@ fn a_volume_from_the_config_mounts_and_flags_override_it() {
     .expect("bytes applied");
     assert!(bytes >= 20_000.0, "{bytes}");
     assert_eq!(
-        sample(&body, &format!("mirrorfs_mirror_state{{mirror=\"{m1}\",state=\"live\"}}")),
+        sample(
+            &body,
+            &format!("mirrorfs_mirror_state{{mirror=\"{m1}\",state=\"live\"}}")
+        ),
         Some(1.0)
     );
     assert_eq!(
-        sample(&body, &format!("mirrorfs_mirror_state{{mirror=\"{m1}\",state=\"retrying\"}}")),
+        sample(
+            &body,
+            &format!("mirrorfs_mirror_state{{mirror=\"{m1}\",state=\"retrying\"}}")
+        ),
         Some(0.0)
     );
     assert_eq!(
-        sample(&body, &format!("mirrorfs_mirror_lag_seconds{{mirror=\"{m1}\"}}")),
+        sample(
+            &body,
+            &format!("mirrorfs_mirror_lag_seconds{{mirror=\"{m1}\"}}")
+        ),
         Some(0.0)
     );
-    assert!(body.contains("# TYPE mirrorfs_journal_size_bytes gauge"), "{body}");
-    assert!(body.contains(&format!("mirrorfs_mirror_errors_total{{mirror=\"{m1}\",kind=\"apply\"}} 0")));
+    assert!(
+        body.contains("# TYPE mirrorfs_journal_size_bytes gauge"),
+        "{body}"
+    );
+    assert!(body.contains(&format!(
+        "mirrorfs_mirror_errors_total{{mirror=\"{m1}\",kind=\"apply\"}} 0"
+    )));
     let (line, _) = http_get(&metrics, "/nope");
     assert!(line.contains("404"), "{line}");
     let text = r.stop();
@@ -400,15 +468,18 @@ fn config_check_names_the_line_and_the_fix() {
     let at = |n: usize| format!("{}:{n}: ", file.display());
     let line_of = |needle: &str| out.lines().find(|l| l.contains(needle)).unwrap_or("");
     assert!(
-        line_of("ack_mode").starts_with(&at(4)) && line_of("ack_mode").contains("did you mean `ack`"),
+        line_of("ack_mode").starts_with(&at(4))
+            && line_of("ack_mode").contains("did you mean `ack`"),
         "{out}"
     );
     assert!(
-        line_of("carrier-pigeon").starts_with(&at(6)) && line_of("carrier-pigeon").contains("\"udp\""),
+        line_of("carrier-pigeon").starts_with(&at(6))
+            && line_of("carrier-pigeon").contains("\"udp\""),
         "{out}"
     );
     assert!(
-        line_of("has no `listen`").starts_with(&at(8)) && line_of("has no `listen`").contains("add `listen = "),
+        line_of("has no `listen`").starts_with(&at(8))
+            && line_of("has no `listen`").contains("add `listen = "),
         "{out}"
     );
     assert!(err.contains("3 error(s)"), "{err}");
@@ -423,11 +494,17 @@ fn config_check_names_the_line_and_the_fix() {
     // Not valid TOML: the line too.
     fs::write(&file, "[volume.data]\nbacking = /srv\n").expect("write");
     let (ok, out, _) = run(&["config", "check", s(&file)], &[]);
-    assert!(!ok && out.starts_with(&at(2)) && out.contains("not valid TOML"), "{out}");
+    assert!(
+        !ok && out.starts_with(&at(2)) && out.contains("not valid TOML"),
+        "{out}"
+    );
     // An unknown volume: what is defined.
     fs::write(&file, "[volume.data]\n").expect("write");
     let (ok, _, err) = run(&["mount", "--volume", "date", "--config", s(&cfg)], &[]);
-    assert!(!ok && err.contains("no volume `date`") && err.contains("defined: data"), "{err}");
+    assert!(
+        !ok && err.contains("no volume `date`") && err.contains("defined: data"),
+        "{err}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -458,7 +535,10 @@ fn a_failing_mirror_shows_its_reason_and_counts_its_errors() {
     let port = free_port();
     let metrics = format!("127.0.0.1:{port}");
     let log = l.base.join("mount.log");
-    let mut args = mount_args(&l, &["--config", s(&cfg), "--metrics", &metrics, "--quorum", "1"]);
+    let mut args = mount_args(
+        &l,
+        &["--config", s(&cfg), "--metrics", &metrics, "--quorum", "1"],
+    );
     args.extend(["--mirror".into(), OsString::from(&dead)]);
     let r = Running::start(&args, &[], &l.mnt, &log);
     fs::write(l.mnt.join("x"), b"x").expect("write");
@@ -467,9 +547,10 @@ fn a_failing_mirror_shows_its_reason_and_counts_its_errors() {
         let (ok, out, _) = run(&["status", s(&l.mnt), "--json"], &[]);
         last = ok.then(|| serde_json::from_str::<serde_json::Value>(&out).expect("JSON"));
         last.as_ref().is_some_and(|v| {
-            v["errors"]
-                .as_array()
-                .is_some_and(|e| e.iter().any(|e| e.as_str().is_some_and(|e| e.contains(&dead))))
+            v["errors"].as_array().is_some_and(|e| {
+                e.iter()
+                    .any(|e| e.as_str().is_some_and(|e| e.contains(&dead)))
+            })
         })
     });
     assert!(found, "no error listed for {dead}: {last:?}");
@@ -481,12 +562,20 @@ fn a_failing_mirror_shows_its_reason_and_counts_its_errors() {
     assert!(row.contains("retrying") && row.contains("reason"), "{row}");
     assert!(wait_until(CATCH_UP, || {
         let (_, body) = http_get(&metrics, "/metrics");
-        sample(&body, &format!("mirrorfs_mirror_errors_total{{mirror=\"{dead}\",kind=\"link\"}}"))
+        sample(
+            &body,
+            &format!("mirrorfs_mirror_errors_total{{mirror=\"{dead}\",kind=\"link\"}}"),
+        )
+        .is_some_and(|n| n >= 1.0)
+            && sample(
+                &body,
+                &format!("mirrorfs_mirror_reconnects_total{{mirror=\"{dead}\"}}"),
+            )
             .is_some_and(|n| n >= 1.0)
-            && sample(&body, &format!("mirrorfs_mirror_reconnects_total{{mirror=\"{dead}\"}}"))
-                .is_some_and(|n| n >= 1.0)
-            && sample(&body, &format!("mirrorfs_mirror_state{{mirror=\"{dead}\",state=\"retrying\"}}"))
-                == Some(1.0)
+            && sample(
+                &body,
+                &format!("mirrorfs_mirror_state{{mirror=\"{dead}\",state=\"retrying\"}}"),
+            ) == Some(1.0)
     }));
     r.stop();
 }

@@ -316,14 +316,12 @@ fn values_of(
         };
         // The flag's own parser, alone in a command of its own (the flag's relations to other
         // flags are the full command line's business).
-        let alone = Command::new("mirrorfs-config")
-            .no_binary_name(true)
-            .arg(
-                Arg::new("v")
-                    .long("v")
-                    .action(ArgAction::Set)
-                    .value_parser(arg.get_value_parser().clone()),
-            );
+        let alone = Command::new("mirrorfs-config").no_binary_name(true).arg(
+            Arg::new("v")
+                .long("v")
+                .action(ArgAction::Set)
+                .value_parser(arg.get_value_parser().clone()),
+        );
         if let Err(e) = alone.try_get_matches_from([OsStr::new("--v"), OsStr::new(&s)]) {
             let possible: Vec<String> = arg
                 .get_possible_values()
@@ -534,13 +532,17 @@ fn given(cmd: &Command, tail: &[OsString]) -> Given {
                 Some((n, v)) => (n, Some(v.to_string())),
                 None => (long, None),
             };
-            (cmd.get_arguments().find(|a| a.get_long() == Some(name)), value)
+            (
+                cmd.get_arguments().find(|a| a.get_long() == Some(name)),
+                value,
+            )
         } else {
             let mut chars = t.chars().skip(1);
             let c = chars.next();
             let rest: String = chars.collect();
             (
-                cmd.get_arguments().find(|a| c.is_some() && a.get_short() == c),
+                cmd.get_arguments()
+                    .find(|a| c.is_some() && a.get_short() == c),
                 (!rest.is_empty()).then_some(rest),
             )
         };
@@ -579,10 +581,7 @@ pub fn expand(argv: Vec<OsString>) -> Result<Vec<OsString>> {
     };
     let dir = identity::config_dir(g.config.as_deref());
     let (entries, problems) = load(&dir);
-    let Some(entry) = entries
-        .iter()
-        .find(|e| e.kind == kind && e.name == name)
-    else {
+    let Some(entry) = entries.iter().find(|e| e.kind == kind && e.name == name) else {
         let names: Vec<&str> = entries
             .iter()
             .filter(|e| e.kind == kind)
@@ -605,10 +604,7 @@ pub fn expand(argv: Vec<OsString>) -> Result<Vec<OsString>> {
         }
         bail!(msg);
     };
-    let own: Vec<&Problem> = problems
-        .iter()
-        .filter(|p| p.file == entry.file)
-        .collect();
+    let own: Vec<&Problem> = problems.iter().filter(|p| p.file == entry.file).collect();
     if !own.is_empty() {
         let list: Vec<String> = own.iter().map(|p| format!("  {p}")).collect();
         bail!(
@@ -695,7 +691,10 @@ fn check(file: Option<&Path>, config: Option<&Path>) -> Result<()> {
         Some(f) => {
             let mut entries = Vec::new();
             let mut problems = Vec::new();
-            let parent = f.parent().and_then(|p| p.file_name()).and_then(|n| n.to_str());
+            let parent = f
+                .parent()
+                .and_then(|p| p.file_name())
+                .and_then(|n| n.to_str());
             let name = f
                 .file_stem()
                 .map(|s| s.to_string_lossy().into_owned())
@@ -755,7 +754,10 @@ fn show(name: &str, config: Option<&Path>) -> Result<()> {
             dir.display()
         );
     }
-    for p in problems.iter().filter(|p| found.iter().any(|e| e.file == p.file)) {
+    for p in problems
+        .iter()
+        .filter(|p| found.iter().any(|e| e.file == p.file))
+    {
         println!("# error: {p}");
     }
     for e in found {
@@ -801,7 +803,11 @@ fn print_entry(e: &Entry) {
             }
         };
         if value.is_empty() {
-            println!("# {key} = ...{:>w$}# {from}", "", w = 40usize.saturating_sub(key.len() + 8));
+            println!(
+                "# {key} = ...{:>w$}# {from}",
+                "",
+                w = 40usize.saturating_sub(key.len() + 8)
+            );
         } else {
             let line = format!("{key} = {value}");
             println!("{line:<40} # {from}");
@@ -819,7 +825,10 @@ fn toml_value(a: &Arg, values: &[String]) -> String {
         }
     };
     if matches!(a.get_action(), ArgAction::Append) {
-        format!("[{}]", values.iter().map(one).collect::<Vec<_>>().join(", "))
+        format!(
+            "[{}]",
+            values.iter().map(one).collect::<Vec<_>>().join(", ")
+        )
     } else {
         values.first().map(one).unwrap_or_default()
     }
@@ -861,7 +870,11 @@ pub fn keys_markdown(kind: Kind) -> String {
         } else {
             toml_value(a, &d)
         };
-        out.push_str(&format!("| `{}` | {first}. | {} |\n", key_of(a), default.replace('|', "\\|")));
+        out.push_str(&format!(
+            "| `{}` | {first}. | {} |\n",
+            key_of(a),
+            default.replace('|', "\\|")
+        ));
     }
     out
 }
@@ -894,7 +907,10 @@ mod tests {
             "mirrorfs", "mount", "--volume", "data", "--config", &cfg, "--ack", "local",
         ]))
         .expect("expands");
-        let s: Vec<String> = out.iter().map(|o| o.to_string_lossy().into_owned()).collect();
+        let s: Vec<String> = out
+            .iter()
+            .map(|o| o.to_string_lossy().into_owned())
+            .collect();
         assert_eq!(&s[..4], &["mirrorfs", "mount", "/srv/a", "/mnt/a"]);
         assert!(s.windows(2).any(|w| w == ["--mirror", "/b2"]));
         assert!(s.windows(2).any(|w| w == ["--fsync-waits", "quorum"]));
@@ -911,7 +927,11 @@ mod tests {
             MAIN_FILE,
             "# comment\n[volume.data]\nbacking = \"/srv/a\"\nmountpoint = \"/mnt/a\"\nmirror = \"/b\"\nack_mode = \"sync\"\nquorum = \"two\"\ncompress = 1\n\n[volumes.x]\n",
         );
-        write(d.path(), "volumes.d/other.toml", "backing = \"/x\"\nack = \"fast\"\n");
+        write(
+            d.path(),
+            "volumes.d/other.toml",
+            "backing = \"/x\"\nack = \"fast\"\n",
+        );
         let (entries, problems) = load(d.path());
         assert_eq!(entries.len(), 2);
         let text: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
@@ -941,13 +961,24 @@ mod tests {
                 wrong.push_str(&format!("<<{}>>\n{table}<<end>>\n", kind.command()));
             }
         }
-        assert!(wrong.is_empty(), "the README's key tables differ; they should read:\n{wrong}");
+        assert!(
+            wrong.is_empty(),
+            "the README's key tables differ; they should read:\n{wrong}"
+        );
     }
 
     #[test]
     fn every_mount_and_serve_flag_is_a_key() {
         let m = keys_markdown(Kind::Mount);
-        for k in ["backing", "mountpoint", "mirror", "ack", "journal_max_mib", "options", "witness"] {
+        for k in [
+            "backing",
+            "mountpoint",
+            "mirror",
+            "ack",
+            "journal_max_mib",
+            "options",
+            "witness",
+        ] {
             assert!(m.contains(&format!("| `{k}` |")), "{k} missing:\n{m}");
         }
         let s = keys_markdown(Kind::Serve);

@@ -38,7 +38,8 @@ pub enum Style {
 pub fn style() -> Style {
     if stderr_is_journal(std::env::var("JOURNAL_STREAM").ok().as_deref()) {
         Style::Journal
-    } else if std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+    } else if std::io::stderr().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
     {
         Style::Terminal
     } else {

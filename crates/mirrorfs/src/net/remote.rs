@@ -96,8 +96,7 @@ pub fn run_link(vol: Arc<Volume>, m: Arc<MirrorShared>, cfg: Arc<LinkConfig>) {
                 l.last_error = Some(format!("{e:#}"));
             }
         }
-        if r
-            .as_ref()
+        if r.as_ref()
             .is_err_and(|e| e.downcast_ref::<Reintegrated>().is_none())
         {
             m.count_error("link");

@@ -54,7 +54,13 @@ fn escape(v: &str) -> String {
 
 impl Exposition {
     /// A family: `kind` is `counter` or `gauge`; each sample is its labels and its value.
-    pub fn family(&mut self, name: &str, kind: &str, help: &str, samples: &[(Vec<(&str, &str)>, f64)]) {
+    pub fn family(
+        &mut self,
+        name: &str,
+        kind: &str,
+        help: &str,
+        samples: &[(Vec<(&str, &str)>, f64)],
+    ) {
         debug_assert!(kind != "counter" || name.ends_with("_total"), "{name}");
         let _ = writeln!(self.out, "# HELP mirrorfs_{name} {help}");
         let _ = writeln!(self.out, "# TYPE mirrorfs_{name} {kind}");
@@ -248,7 +254,8 @@ mod tests {
     #[test]
     fn the_dashboard_queries_documented_metrics() {
         let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/");
-        let dash = std::fs::read_to_string(format!("{root}grafana-dashboard.json")).expect("dashboard");
+        let dash =
+            std::fs::read_to_string(format!("{root}grafana-dashboard.json")).expect("dashboard");
         let doc = std::fs::read_to_string(format!("{root}metrics.md")).expect("metrics.md");
         let v: serde_json::Value = serde_json::from_str(&dash).expect("the dashboard is JSON");
         assert!(v["panels"].as_array().is_some_and(|p| p.len() >= 3));
@@ -258,7 +265,10 @@ mod tests {
                 .chars()
                 .take_while(|c| c.is_ascii_lowercase() || *c == '_')
                 .collect();
-            assert!(doc.contains(&format!("`{name}`")), "{name} is not in docs/metrics.md");
+            assert!(
+                doc.contains(&format!("`{name}`")),
+                "{name} is not in docs/metrics.md"
+            );
             names += 1;
         }
         assert!(names >= 8, "{names}");
@@ -273,6 +283,8 @@ mod tests {
             "h",
             &[(vec![("mirror", "we\"ird\\\n")], 1.0)],
         );
-        assert!(x.finish().contains(r#"mirrorfs_a_total{mirror="we\"ird\\\n"} 1"#));
+        assert!(x
+            .finish()
+            .contains(r#"mirrorfs_a_total{mirror="we\"ird\\\n"} 1"#));
     }
 }

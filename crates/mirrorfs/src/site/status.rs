@@ -467,13 +467,21 @@ fn errors_of(v: &serde_json::Value, not_answering: Option<&str>) -> Vec<String> 
     if let Some(r) = s("refused") {
         out.push(format!("refused the last primary: {r}"));
     }
-    for m in v.get("mirrors").and_then(|m| m.as_array()).into_iter().flatten() {
+    for m in v
+        .get("mirrors")
+        .and_then(|m| m.as_array())
+        .into_iter()
+        .flatten()
+    {
         let state = m.get("state").and_then(|x| x.as_str()).unwrap_or("?");
         if state == "live" || state == "syncing" {
             continue;
         }
         let path = m.get("path").and_then(|x| x.as_str()).unwrap_or("?");
-        out.push(format!("mirror {path}: {state}{}", reason_of(m).map(|r| format!(": {r}")).unwrap_or_default()));
+        out.push(format!(
+            "mirror {path}: {state}{}",
+            reason_of(m).map(|r| format!(": {r}")).unwrap_or_default()
+        ));
     }
     out
 }
@@ -565,7 +573,13 @@ fn print_volume(v: &serde_json::Value) -> Result<()> {
         serde_json::Value::String(e) => println!("  conflicts: {e}"),
         _ => {}
     }
-    let width = s.mirrors.iter().map(|m| m.path.len()).max().unwrap_or(0).max(6);
+    let width = s
+        .mirrors
+        .iter()
+        .map(|m| m.path.len())
+        .max()
+        .unwrap_or(0)
+        .max(6);
     for m in &s.mirrors {
         print_mirror(m, width);
     }
@@ -760,8 +774,11 @@ pub fn metrics_text(vol: &Volume, mountpoint: &Path, state: &Path) -> String {
             c.len() as f64,
         );
     }
-    let mirrors: Vec<(&str, &crate::site::volume::MirrorShared)> =
-        vol.mirrors.iter().map(|m| (m.name.as_str(), &**m)).collect();
+    let mirrors: Vec<(&str, &crate::site::volume::MirrorShared)> = vol
+        .mirrors
+        .iter()
+        .map(|m| (m.name.as_str(), &**m))
+        .collect();
     crate::site::metrics::mirror_families(&mut x, &mirrors);
     let per = |f: &dyn Fn(&MirrorStatus) -> f64| -> Vec<(Vec<(&str, &str)>, f64)> {
         s.mirrors
@@ -795,12 +812,17 @@ pub fn metrics_text(vol: &Volume, mountpoint: &Path, state: &Path) -> String {
     );
     let remote: Vec<&MirrorStatus> = s.mirrors.iter().filter(|m| m.link.is_some()).collect();
     if !remote.is_empty() {
-        let link = |f: &dyn Fn(&crate::site::volume::LinkInfo) -> f64| -> Vec<(Vec<(&str, &str)>, f64)> {
-            remote
-                .iter()
-                .filter_map(|m| m.link.as_ref().map(|l| (vec![("mirror", m.path.as_str())], f(l))))
-                .collect()
-        };
+        let link =
+            |f: &dyn Fn(&crate::site::volume::LinkInfo) -> f64| -> Vec<(Vec<(&str, &str)>, f64)> {
+                remote
+                    .iter()
+                    .filter_map(|m| {
+                        m.link
+                            .as_ref()
+                            .map(|l| (vec![("mirror", m.path.as_str())], f(l)))
+                    })
+                    .collect()
+            };
         x.family(
             "mirror_sent_bytes_total",
             "counter",

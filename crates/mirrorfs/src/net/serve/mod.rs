@@ -596,7 +596,11 @@ impl Daemon {
         use crate::site::metrics::Exposition;
         let (next, bytes, segs) = {
             let o = lock(&self.vol.order);
-            (o.journal.next_seq(), o.journal.bytes(), o.journal.segment_count())
+            (
+                o.journal.next_seq(),
+                o.journal.bytes(),
+                o.journal.segment_count(),
+            )
         };
         let durable = lock(&self.vol.progress).durable_seq;
         let applied = self.m.applied.load(Ordering::Acquire);
@@ -614,8 +618,18 @@ impl Daemon {
             "Every journal record up to this seq is durable in this process's journal.",
             durable as f64,
         );
-        x.one("journal_size_bytes", "gauge", "Bytes of journal on disk.", bytes as f64);
-        x.one("journal_segments", "gauge", "Journal segment files on disk.", segs as f64);
+        x.one(
+            "journal_size_bytes",
+            "gauge",
+            "Bytes of journal on disk.",
+            bytes as f64,
+        );
+        x.one(
+            "journal_segments",
+            "gauge",
+            "Journal segment files on disk.",
+            segs as f64,
+        );
         crate::site::metrics::mirror_families(&mut x, &[(name.as_str(), &*self.m)]);
         let me = |v: f64| [(vec![("mirror", name.as_str())], v)];
         x.family(
@@ -638,9 +652,24 @@ impl Daemon {
         );
         if let Some(u) = &self.udp {
             let c = u.counts();
-            x.one("udp_packets_total", "counter", "UDP data-path packets received.", c.packets as f64);
-            x.one("udp_records_total", "counter", "Journal records received over the UDP data path.", c.records as f64);
-            x.one("udp_recovered_packets_total", "counter", "UDP data packets rebuilt by FEC.", c.recovered as f64);
+            x.one(
+                "udp_packets_total",
+                "counter",
+                "UDP data-path packets received.",
+                c.packets as f64,
+            );
+            x.one(
+                "udp_records_total",
+                "counter",
+                "Journal records received over the UDP data path.",
+                c.records as f64,
+            );
+            x.one(
+                "udp_recovered_packets_total",
+                "counter",
+                "UDP data packets rebuilt by FEC.",
+                c.recovered as f64,
+            );
             x.family(
                 "udp_datagrams_dropped_total",
                 "counter",
