@@ -803,11 +803,8 @@ fn print_entry(e: &Entry) {
             }
         };
         if value.is_empty() {
-            println!(
-                "# {key} = ...{:>w$}# {from}",
-                "",
-                w = 40usize.saturating_sub(key.len() + 8)
-            );
+            let line = format!("# {key} = ...");
+            println!("{line:<40} # {from}");
         } else {
             let line = format!("{key} = {value}");
             println!("{line:<40} # {from}");
