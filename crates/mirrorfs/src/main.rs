@@ -105,17 +105,23 @@ enum Cmd {
     /// `group begin MOUNT`, change files, `group end MOUNT`. The same as setting the mount
     /// root's attribute user.mirrorfs.group to begin / end (setfattr), which scripts may use.
     Group(cli::group::GroupArgs),
+    /// The config file (/etc/mirrorfs/mirrorfs.toml, volumes.d/NAME.toml): `config check`
+    /// validates it, `config show NAME` prints a volume's settings. `mount --volume NAME` and
+    /// `serve --volume NAME` use it.
+    Config(cli::config::ConfigArgs),
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("MIRRORFS_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let cli = Cli::parse();
+    cli::logs::init();
+    // `mount --volume NAME` / `serve --volume NAME`: the config file's settings become flags
+    // that the command line's own override.
+    let cli = match cli::config::expand(std::env::args_os().collect()) {
+        Ok(argv) => Cli::parse_from(argv),
+        Err(e) => {
+            eprintln!("mirrorfs: error: {e:#}");
+            std::process::exit(1);
+        }
+    };
     if !matches!(cli.cmd, Cmd::Mount(_) | Cmd::Serve(_) | Cmd::Witness(_)) {
         // A command that prints (`status | head -1`) ends quietly when its reader goes away, as
         // other Unix tools do; the long-running ones keep SIGPIPE ignored (sockets report EPIPE).
@@ -157,6 +163,7 @@ fn main() {
         }
         Cmd::Conflicts(a) => cli::conflicts::conflicts(a),
         Cmd::Group(a) => cli::group::group(a),
+        Cmd::Config(a) => cli::config::config(a),
     };
     if let Err(e) = r {
         eprintln!("mirrorfs: error: {e:#}");

@@ -4061,9 +4061,15 @@ fn udp_forged_replayed_and_malformed_datagrams_are_dropped_and_counted() {
             .map(|v| v as u64)
             .unwrap_or_else(|| panic!("no {name} in the metrics:\n{scraped}"))
     };
-    assert!(metric("mirrorfs_mirror_udp_dropped_unauthentic") >= forged.len() as u64);
-    assert!(metric("mirrorfs_mirror_udp_dropped_replayed") >= captured.len() as u64 / 2);
-    assert!(metric("mirrorfs_mirror_udp_records") > 0);
+    assert!(
+        metric("mirrorfs_udp_datagrams_dropped_total{reason=\"unauthentic\"}")
+            >= forged.len() as u64
+    );
+    assert!(
+        metric("mirrorfs_udp_datagrams_dropped_total{reason=\"replayed\"}")
+            >= captured.len() as u64 / 2
+    );
+    assert!(metric("mirrorfs_udp_records_total") > 0);
     eprintln!(
         "{} replays, {} forged, {} of another session, 50 junk sent; the daemon's counts: {u}",
         captured.len(),

@@ -1,9 +1,11 @@
 //! The commands that wire the pieces together: `mount` (a primary site over a FUSE shell),
 //! `conflicts` (list and settle what a reintegration kept twice) and `demo`. Nothing below `cli` depends on it.
 
+pub mod config;
 pub mod conflicts;
 pub mod demo;
 pub mod group;
+pub mod logs;
 pub mod mount;
 
 pub use crate::sys::hostname;

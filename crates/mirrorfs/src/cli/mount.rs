@@ -125,6 +125,11 @@ pub struct MountArgs {
     /// may hold mirrors back.
     #[arg(long, default_value_t = 1000, requires = "fsync_groups", value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
     fsync_group_max_ms: u64,
+    /// Take the settings of volume NAME from the config file ($MIRRORFS_CONFIG or
+    /// /etc/mirrorfs: `[volume.NAME]` in mirrorfs.toml, or volumes.d/NAME.toml); flags given
+    /// here override them. `mirrorfs config show NAME` prints what it gets.
+    #[arg(long, value_name = "NAME")]
+    volume: Option<String>,
 }
 
 /// How long a mount waits for the witness's first grant before it serves (read-only until a
@@ -344,6 +349,9 @@ struct Locks {
 /// `mirrorfs mount`: check and lock, open the primary site, attach its mirrors, mount, serve until
 /// a signal or an external unmount, then drain and stop.
 pub fn mount(a: MountArgs) -> Result<()> {
+    if let Some(v) = &a.volume {
+        tracing::info!("volume {v}: settings from the config file, then the command line");
+    }
     let places = check_places(&a)?;
     let link_identity = link_identity(&a, &places.remotes)?;
     let state = prepare_state(&a, &places)?;
@@ -390,7 +398,7 @@ pub fn mount(a: MountArgs) -> Result<()> {
     let _ = vol.view.set(view);
     let bg = session.spawn()?;
     tracing::info!(
-        "mounted {} on {} with {} mirror(s), ack={:?}, quorum {}",
+        "mounted {} on {} with {} mirror(s), --ack {}, quorum {}",
         places.backing.display(),
         places.mountpoint.display(),
         shared.len(),
@@ -813,11 +821,12 @@ fn start_status(
     let reg = status::register(mountpoint, &places.backing, &state)?;
     let (v, stop) = (site.vol.clone(), stop.clone());
     let mp = mountpoint.to_path_buf();
-    site.spawn("status", move || status::writer(v, &mp, &state, &stop))?;
     if let Some(addr) = &a.metrics {
-        let (v, mp) = (site.vol.clone(), mountpoint.to_path_buf());
-        status::serve_metrics(addr, Arc::new(move || status::metrics_text(&v, &mp)))?;
+        let (v, mp, st) = (site.vol.clone(), mp.clone(), state.clone());
+        let render = move || status::metrics_text(&v, &mp, &st);
+        crate::site::metrics::serve(addr, Arc::new(render))?;
     }
+    site.spawn("status", move || status::writer(v, &mp, &state, &stop))?;
     Ok(reg)
 }
 

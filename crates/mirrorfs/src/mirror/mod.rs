@@ -127,6 +127,7 @@ fn publish(
                 copy_complete(m, done);
             }
             m.applied_bytes.fetch_add(data_bytes, Ordering::Relaxed);
+            m.records_applied.fetch_add(1, Ordering::Relaxed);
             // Every record applied wakes the waiters, not only a moved checkpoint: a local
             // mirror's writers with `--ack received` or `network` wait for `applied`, and a
             // daemon's acks carry it.
@@ -146,11 +147,17 @@ fn publish(
             }
         }
         Ok(Turn::Retry { after, error }) => {
-            tracing::warn!("mirror {}: {error}; retrying in {after:?}", m.name);
+            tracing::warn!(
+                "mirror {}: {error}; retrying in {:.1} s",
+                m.name,
+                after.as_secs_f64()
+            );
+            m.count_error("apply");
             set_retrying(m, error);
             std::thread::sleep(after);
         }
         Ok(Turn::Diverged { reason }) => {
+            m.count_error("diverged");
             tracing::error!("mirror {}: {reason}", m.name);
             m.mark_needs_resync(&reason);
             vol.changed.notify_all();
@@ -158,6 +165,7 @@ fn publish(
         }
         Err(e) => {
             let reason = format!("cannot read the journal: {e}");
+            m.count_error("journal_read");
             tracing::error!("mirror {}: {reason}", m.name);
             m.mark_needs_resync(&reason);
             return Flow::End;

@@ -90,9 +90,16 @@ pub fn run_link(vol: Arc<Volume>, m: Arc<MirrorShared>, cfg: Arc<LinkConfig>) {
             let mut l = lock(&m.link);
             l.connected = false;
             l.reconnects += 1;
+            l.bytes_sent_before += std::mem::take(&mut l.bytes_sent);
+            l.bytes_received_before += std::mem::take(&mut l.bytes_received);
             if let Err(e) = &r {
                 l.last_error = Some(format!("{e:#}"));
             }
+        }
+        if r.as_ref()
+            .is_err_and(|e| e.downcast_ref::<Reintegrated>().is_none())
+        {
+            m.count_error("link");
         }
         let e = match r {
             Ok(()) => break,

@@ -11,6 +11,7 @@ pub mod dirlock;
 pub mod engine;
 pub mod fence;
 pub mod meta;
+pub mod metrics;
 pub mod promote;
 pub mod state_dir;
 pub mod statefile;

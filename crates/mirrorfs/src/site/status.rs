@@ -90,6 +90,12 @@ struct MirrorStatus {
     lag_ops: u64,
     lag_bytes: u64,
     lag_seconds: f64,
+    /// Errors met since the mount started, by kind (as `mirrorfs_mirror_errors_total`).
+    #[serde(default)]
+    errors_total: std::collections::BTreeMap<String, u64>,
+    /// The last error of a remote mirror's connection, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    last_error: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -174,6 +180,11 @@ fn snapshot(vol: &Volume, mountpoint: &Path) -> VolumeStatus {
                 lag_ops: (next - 1).saturating_sub(applied),
                 lag_bytes,
                 lag_seconds,
+                errors_total: lock(&m.errors)
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), *v))
+                    .collect(),
+                last_error: lock(&m.link).last_error.clone(),
             }
         })
         .collect::<Vec<_>>();
@@ -191,9 +202,9 @@ fn snapshot(vol: &Volume, mountpoint: &Path) -> VolumeStatus {
     VolumeStatus {
         mountpoint: mountpoint.display().to_string(),
         pid: std::process::id(),
-        ack: format!("{:?}", vol.ack).to_lowercase(),
+        ack: vol.ack.to_string(),
         quorum: vol.quorum,
-        fsync_waits: format!("{:?}", vol.fsync_waits).to_lowercase(),
+        fsync_waits: vol.fsync_waits.to_string(),
         journal_next_seq: next,
         journal_durable_seq: durable,
         journal_bytes: bytes,
@@ -408,6 +419,7 @@ fn read_running(reg: &Running, denied: &mut Vec<PathBuf>) -> Option<serde_json::
     let problem = not_answering(reg.pid, age_ms);
     v["status_age_seconds"] = serde_json::json!(age_ms as f64 / 1e3);
     v["answering"] = serde_json::json!(problem.is_none());
+    v["errors"] = serde_json::json!(errors_of(&v, problem.as_deref()));
     v["not_answering"] = serde_json::json!(problem);
     if !daemon {
         // Conflicts left by reintegrations, until someone settles them (`mirrorfs conflicts`).
@@ -437,20 +449,86 @@ fn none_found(want: Option<&Path>, denied: &[PathBuf]) -> anyhow::Error {
     }
 }
 
-/// A mount's status as text: the volume, its journal, then each mirror.
+/// Every problem a status shows, in words, for `--json`'s `errors` (empty when all is well):
+/// the process not answering, the journal's error, read-only, each mirror not live or syncing
+/// with its reason, a refused primary.
+fn errors_of(v: &serde_json::Value, not_answering: Option<&str>) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(w) = not_answering {
+        out.push(format!("not answering: {w}"));
+    }
+    let s = |k: &str| v.get(k).and_then(|x| x.as_str());
+    if let Some(e) = s("journal_error") {
+        out.push(format!("journal: {e}"));
+    }
+    if let Some(r) = s("read_only") {
+        out.push(format!("read-only: {r}"));
+    }
+    if let Some(r) = s("refused") {
+        out.push(format!("refused the last primary: {r}"));
+    }
+    for m in v
+        .get("mirrors")
+        .and_then(|m| m.as_array())
+        .into_iter()
+        .flatten()
+    {
+        let state = m.get("state").and_then(|x| x.as_str()).unwrap_or("?");
+        if state == "live" || state == "syncing" {
+            continue;
+        }
+        let path = m.get("path").and_then(|x| x.as_str()).unwrap_or("?");
+        out.push(format!(
+            "mirror {path}: {state}{}",
+            reason_of(m).map(|r| format!(": {r}")).unwrap_or_default()
+        ));
+    }
+    out
+}
+
+/// Why a mirror is in its state (the phase's error or reason), if it says.
+fn reason_of(phase: &serde_json::Value) -> Option<&str> {
+    phase
+        .get("error")
+        .or_else(|| phase.get("reason"))
+        .and_then(|v| v.as_str())
+}
+
+/// `1.5 KiB`, `3.0 MiB`: a byte count a person reads at a glance.
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// `12 s`, `4 min`, `3 h`: how long ago `since_unix` was.
+fn ago(since_unix: u64) -> String {
+    let secs = (crate::sys::now().sec.max(0) as u64).saturating_sub(since_unix);
+    match secs {
+        0..=119 => format!("{secs} s"),
+        120..=7199 => format!("{} min", secs / 60),
+        _ => format!("{} h", secs / 3600),
+    }
+}
+
+/// A mount's status as text, like `drbdadm status`: the volume on one line (with the age of
+/// its figures), its journal, then one line per mirror: state, lag in seconds and what it is
+/// behind, and the reason when it is not live.
 fn print_volume(v: &serde_json::Value) -> Result<()> {
     let s: VolumeStatus = serde_json::from_value(v.clone())?;
+    let age = v["status_age_seconds"].as_f64().unwrap_or(0.0);
     println!(
-        "{} (pid {}, ack {}, quorum {}, fsync waits for the {})",
-        s.mountpoint,
-        s.pid,
-        s.ack,
-        s.quorum,
-        if s.fsync_waits == "quorum" {
-            "quorum"
-        } else {
-            "mode"
-        }
+        "{} role:primary pid:{} ack:{} quorum:{} fsync-waits:{}  (figures {age:.1} s old)",
+        s.mountpoint, s.pid, s.ack, s.quorum, s.fsync_waits
     );
     print_not_answering(v);
     if let Some(r) = &s.read_only {
@@ -472,12 +550,8 @@ fn print_volume(v: &serde_json::Value) -> Result<()> {
         );
     }
     println!(
-        "  at risk if this machine died now: {} change(s), {} bytes (durable on no mirror)",
-        s.at_risk_ops, s.at_risk_bytes
-    );
-    println!(
-        "  journal: {} bytes in {} segment(s), last seq {}, durable through {}{}",
-        s.journal_bytes,
+        "  journal: {} in {} segment(s), last record {}, durable through {}{}",
+        human_bytes(s.journal_bytes),
         s.journal_segments,
         s.journal_next_seq - 1,
         s.journal_durable_seq,
@@ -485,6 +559,11 @@ fn print_volume(v: &serde_json::Value) -> Result<()> {
             .as_ref()
             .map(|e| format!(", ERROR: {e}"))
             .unwrap_or_default()
+    );
+    println!(
+        "  at risk if this machine died now: {} change(s), {} (durable on no mirror)",
+        s.at_risk_ops,
+        human_bytes(s.at_risk_bytes)
     );
     match &v["conflicts"] {
         serde_json::Value::Number(n) if n.as_u64() != Some(0) => println!(
@@ -494,58 +573,75 @@ fn print_volume(v: &serde_json::Value) -> Result<()> {
         serde_json::Value::String(e) => println!("  conflicts: {e}"),
         _ => {}
     }
+    let width = s
+        .mirrors
+        .iter()
+        .map(|m| m.path.len())
+        .max()
+        .unwrap_or(0)
+        .max(6);
     for m in &s.mirrors {
-        print_mirror(m);
+        print_mirror(m, width);
     }
     Ok(())
 }
 
-/// One mirror of a mount as text: its phase and lag, and its link if it is remote.
-fn print_mirror(m: &MirrorStatus) {
+/// One mirror of a mount on one line: where, state, lag in seconds, what it is behind by, the
+/// link for a remote one, and the reason when it is not live.
+fn print_mirror(m: &MirrorStatus, width: usize) {
     let state = m.phase.get("state").and_then(|v| v.as_str()).unwrap_or("?");
-    let detail = m
+    let since = m
         .phase
-        .get("error")
-        .or_else(|| m.phase.get("reason"))
-        .and_then(|v| v.as_str())
-        .map(|e| format!(" ({e})"))
+        .get("since_unix")
+        .and_then(|v| v.as_u64())
+        .map(|t| format!(" for {}", ago(t)))
         .unwrap_or_default();
     let detail = match state {
         "reintegrating" => {
             let n = |k: &str| m.phase.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
             format!(
-                " (split brain: its changes are being taken into this primary, step {} of {}, {} conflict(s) listed)",
+                "  split brain: its changes are being taken into this primary, step {} of {}, {} conflict(s) listed",
                 n("done_steps"),
                 n("total_steps"),
                 n("conflicts")
             )
         }
-        _ => detail,
+        "syncing" => {
+            let n = |k: &str| m.phase.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+            format!(
+                "  initial copy {} of {}",
+                human_bytes(n("done_bytes")),
+                human_bytes(n("total_bytes"))
+            )
+        }
+        _ => reason_of(&m.phase)
+            .map(|r| format!("  reason{since}: {r}"))
+            .unwrap_or_default(),
     };
+    let link = m
+        .link
+        .as_ref()
+        .map(|l| {
+            format!(
+                " link:{}{}",
+                if l.connected { "connected" } else { "down" },
+                if l.transport.is_empty() {
+                    String::new()
+                } else {
+                    format!("/{}", l.transport)
+                }
+            )
+        })
+        .unwrap_or_default();
     println!(
-        "  mirror {}: {state}{detail}; applied {} (durable {}), lag {} ops / {} bytes / {:.3} s",
-        m.path, m.applied_seq, m.durable_seq, m.lag_ops, m.lag_bytes, m.lag_seconds
+        "  {:<width$} {state:<13} lag:{:.3}s behind:{} record(s)/{} applied:{} durable:{}{link}{detail}",
+        m.path,
+        m.lag_seconds,
+        m.lag_ops,
+        human_bytes(m.lag_bytes),
+        m.applied_seq,
+        m.durable_seq
     );
-    if let Some(l) = &m.link {
-        println!(
-            "    link: {}{}, peer {}, sent {} / received {} / durable {} / applied {}, {} bytes out, {} in, {} reconnect(s){}",
-            if l.connected { "connected" } else { "disconnected" },
-            if l.transport.is_empty() {
-                String::new()
-            } else {
-                format!(" over {}", l.transport)
-            },
-            l.peer.as_deref().unwrap_or("-"),
-            m.sent_seq.unwrap_or(0),
-            m.received_seq.unwrap_or(0),
-            m.durable_seq,
-            m.applied_seq,
-            l.bytes_sent,
-            l.bytes_received,
-            l.reconnects,
-            if l.compress { ", zstd" } else { "" }
-        );
-    }
 }
 
 fn print_not_answering(v: &serde_json::Value) {
@@ -557,26 +653,32 @@ fn print_not_answering(v: &serde_json::Value) {
 fn print_mirror_daemon(v: &serde_json::Value) {
     let g = |k: &str| v.get(k).cloned().unwrap_or_default();
     let n = |k: &str| v.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
+    let age = v["status_age_seconds"].as_f64().unwrap_or(0.0);
+    let dir = g("dir");
+    let dir = dir.as_str().unwrap_or("?");
     println!(
-        "{} (mirror daemon, pid {}): copy {} of volume {} generation {}",
-        g("dir").as_str().unwrap_or("?"),
+        "{dir} role:mirror pid:{} copy:{} volume:{} generation:{}  (figures {age:.1} s old)",
         n("pid"),
         g("copy").as_str().unwrap_or("?"),
         g("volume_id").as_str().unwrap_or("-"),
         n("generation")
     );
     print_not_answering(v);
+    let phase = g("phase");
+    let state = phase.get("state").and_then(|s| s.as_str()).unwrap_or("?");
     println!(
-        "  primary: {}",
-        g("primary").as_str().unwrap_or("not connected")
-    );
-    println!(
-        "  received {} / durable {} / applied {} / checkpoint {}; journal {} bytes in {} segment(s)",
+        "  {dir} {state} behind:{} record(s) received:{} durable:{} applied:{} checkpoint:{} primary:{}{}",
+        n("lag_ops"),
         n("received_seq"),
         n("durable_seq"),
         n("applied_seq"),
         n("checkpoint_seq"),
-        n("journal_bytes"),
+        g("primary").as_str().unwrap_or("not connected"),
+        reason_of(&phase).map(|r| format!("  reason: {r}")).unwrap_or_default()
+    );
+    println!(
+        "  journal: {} in {} segment(s)",
+        human_bytes(n("journal_bytes")),
         n("journal_segments")
     );
     if let Some(u) = v.get("udp").filter(|u| u.is_object()) {
@@ -603,132 +705,148 @@ fn print_mirror_daemon(v: &serde_json::Value) {
     }
 }
 
-/// Prometheus text exposition of a mount's state.
-pub fn metrics_text(vol: &Volume, mountpoint: &Path) -> String {
+/// Prometheus text exposition of a mount's state (names in docs/metrics.md).
+pub fn metrics_text(vol: &Volume, mountpoint: &Path, state: &Path) -> String {
+    use crate::site::metrics::Exposition;
     let s = snapshot(vol, mountpoint);
-    let mut out = String::new();
-    let mut gauge = |name: &str, help: &str, rows: Vec<(String, f64)>| {
-        out.push_str(&format!(
-            "# HELP mirrorfs_{name} {help}\n# TYPE mirrorfs_{name} gauge\n"
-        ));
-        for (labels, v) in rows {
-            out.push_str(&format!("mirrorfs_{name}{labels} {v}\n"));
-        }
-    };
-    gauge(
+    let mut x = Exposition::default();
+    x.one(
         "journal_last_seq",
+        "gauge",
         "Seq of the last journal record.",
-        vec![(String::new(), (s.journal_next_seq - 1) as f64)],
+        (s.journal_next_seq - 1) as f64,
     );
-    gauge(
+    x.one(
         "journal_durable_seq",
-        "Every journal record up to this seq is durable.",
-        vec![(String::new(), s.journal_durable_seq as f64)],
+        "gauge",
+        "Every journal record up to this seq is durable in this process's journal.",
+        s.journal_durable_seq as f64,
     );
-    gauge(
-        "groups_open",
-        "Groups of changes open now (mirrorfs group): mirrors wait before the first until they end.",
-        vec![(String::new(), f64::from(s.groups_open))],
-    );
-    gauge(
-        "journal_bytes",
+    x.one(
+        "journal_size_bytes",
+        "gauge",
         "Bytes of journal on disk.",
-        vec![(String::new(), s.journal_bytes as f64)],
+        s.journal_bytes as f64,
     );
-    gauge(
-        "at_risk_ops",
-        "Changes durable on no mirror (lost if this machine died now).",
-        vec![(String::new(), s.at_risk_ops as f64)],
+    x.one(
+        "journal_segments",
+        "gauge",
+        "Journal segment files on disk.",
+        s.journal_segments as f64,
     );
-    gauge(
+    x.one(
+        "journal_poisoned",
+        "gauge",
+        "1 once a journal write or fsync failed: the mount refuses changes until it is restarted.",
+        f64::from(u8::from(s.journal_error.is_some())),
+    );
+    x.one(
+        "groups_open",
+        "gauge",
+        "Groups of changes open now (mirrorfs group): mirrors wait before the first until they end.",
+        f64::from(s.groups_open),
+    );
+    x.one(
+        "at_risk_records",
+        "gauge",
+        "Journal records durable on no mirror (lost if this machine died now).",
+        s.at_risk_ops as f64,
+    );
+    x.one(
         "at_risk_bytes",
+        "gauge",
         "Data bytes durable on no mirror.",
-        vec![(String::new(), s.at_risk_bytes as f64)],
+        s.at_risk_bytes as f64,
     );
     if vol.fence.get().is_some() {
-        gauge(
+        x.one(
             "read_only",
+            "gauge",
             "1 while changes fail with EROFS because the witness granted no valid write lease.",
-            vec![(String::new(), f64::from(u8::from(s.read_only.is_some())))],
+            f64::from(u8::from(s.read_only.is_some())),
         );
     }
-    let per = |f: &dyn Fn(&MirrorStatus) -> f64| -> Vec<(String, f64)> {
+    if let Ok(c) = crate::site::conflicts::list(state) {
+        x.one(
+            "conflicts_unresolved",
+            "gauge",
+            "Conflicts left by reintegrations (both versions kept) that nobody settled yet (mirrorfs conflicts).",
+            c.len() as f64,
+        );
+    }
+    let mirrors: Vec<(&str, &crate::site::volume::MirrorShared)> = vol
+        .mirrors
+        .iter()
+        .map(|m| (m.name.as_str(), &**m))
+        .collect();
+    crate::site::metrics::mirror_families(&mut x, &mirrors);
+    let per = |f: &dyn Fn(&MirrorStatus) -> f64| -> Vec<(Vec<(&str, &str)>, f64)> {
         s.mirrors
             .iter()
-            .map(|m| (format!("{{mirror=\"{}\"}}", m.path.replace('"', "'")), f(m)))
+            .map(|m| (vec![("mirror", m.path.as_str())], f(m)))
             .collect()
     };
-    gauge(
-        "mirror_applied_seq",
-        "Last record applied on the mirror.",
-        per(&|m| m.applied_seq as f64),
-    );
-    gauge(
+    x.family(
         "mirror_durable_seq",
-        "Every record up to this is durable on the mirror.",
-        per(&|m| m.durable_seq as f64),
+        "gauge",
+        "Every journal record up to this seq is durable on the mirror.",
+        &per(&|m| m.durable_seq as f64),
     );
-    gauge(
-        "mirror_lag_ops",
-        "Records not yet applied on the mirror.",
-        per(&|m| m.lag_ops as f64),
+    x.family(
+        "mirror_lag_records",
+        "gauge",
+        "Journal records not yet applied on the mirror.",
+        &per(&|m| m.lag_ops as f64),
     );
-    gauge(
+    x.family(
         "mirror_lag_bytes",
+        "gauge",
         "Data bytes not yet applied on the mirror.",
-        per(&|m| m.lag_bytes as f64),
+        &per(&|m| m.lag_bytes as f64),
     );
-    gauge(
+    x.family(
         "mirror_lag_seconds",
-        "Age of the oldest record not applied on the mirror.",
-        per(&|m| m.lag_seconds),
+        "gauge",
+        "Age of the oldest journal record not yet applied on the mirror (0 when it is caught up).",
+        &per(&|m| m.lag_seconds),
     );
-    gauge(
-        "mirror_healthy",
-        "1 if the mirror is live or syncing (and, for a remote one, connected).",
-        per(&|m| {
-            let st = m.phase.get("state").and_then(|v| v.as_str()).unwrap_or("");
-            f64::from(u8::from(st == "live" || st == "syncing"))
-        }),
-    );
-    out
-}
-
-/// Serves `GET /metrics` (any path, in fact) on `addr` with the text `render` makes, until the
-/// process ends. One request at a time; requests are bounded to 8 KiB and 2 s.
-pub fn serve_metrics(addr: &str, render: Arc<dyn Fn() -> String + Send + Sync>) -> Result<()> {
-    use std::io::{Read as _, Write as _};
-    let listener = std::net::TcpListener::bind(addr)
-        .with_context(|| format!("cannot listen for metrics on {addr}"))?;
-    tracing::info!("metrics on http://{addr}/metrics");
-    std::thread::Builder::new()
-        .name("metrics".into())
-        .spawn(move || {
-            for conn in listener.incoming() {
-                let Ok(mut c) = conn else { continue };
-                let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
-                let _ = c.set_write_timeout(Some(Duration::from_secs(2)));
-                let mut req = [0u8; 8192];
-                let mut n = 0;
-                while n < req.len() {
-                    match c.read(&mut req[n..]) {
-                        Ok(0) | Err(_) => break,
-                        Ok(k) => {
-                            n += k;
-                            if req[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-                                break;
-                            }
-                        }
-                    }
-                }
-                let body = render();
-                let _ = write!(
-                    c,
-                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
-                    body.len(),
-                    body
-                );
-            }
-        })?;
-    Ok(())
+    let remote: Vec<&MirrorStatus> = s.mirrors.iter().filter(|m| m.link.is_some()).collect();
+    if !remote.is_empty() {
+        let link =
+            |f: &dyn Fn(&crate::site::volume::LinkInfo) -> f64| -> Vec<(Vec<(&str, &str)>, f64)> {
+                remote
+                    .iter()
+                    .filter_map(|m| {
+                        m.link
+                            .as_ref()
+                            .map(|l| (vec![("mirror", m.path.as_str())], f(l)))
+                    })
+                    .collect()
+            };
+        x.family(
+            "mirror_sent_bytes_total",
+            "counter",
+            "Bytes sent to the remote mirror on its connections (TLS payload) since this process started.",
+            &link(&|l| (l.bytes_sent_before + l.bytes_sent) as f64),
+        );
+        x.family(
+            "mirror_received_bytes_total",
+            "counter",
+            "Bytes received from the remote mirror on its connections since this process started.",
+            &link(&|l| (l.bytes_received_before + l.bytes_received) as f64),
+        );
+        x.family(
+            "mirror_reconnects_total",
+            "counter",
+            "Connections to the remote mirror that ended (and were made again) since this process started.",
+            &link(&|l| l.reconnects as f64),
+        );
+        x.family(
+            "mirror_connected",
+            "gauge",
+            "1 while the connection to the remote mirror is up.",
+            &link(&|l| f64::from(u8::from(l.connected))),
+        );
+    }
+    x.finish()
 }

@@ -60,6 +60,28 @@ pub enum AckMode {
     Sync,
 }
 
+/// The name the flag takes (`async`, `durable`, ...), for logs and status.
+impl std::fmt::Display for AckMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use clap::ValueEnum as _;
+        match self.to_possible_value() {
+            Some(v) => f.write_str(v.get_name()),
+            None => write!(f, "{self:?}"),
+        }
+    }
+}
+
+/// The name the flag takes (`mode`, `quorum`), for logs and status.
+impl std::fmt::Display for FsyncWaits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use clap::ValueEnum as _;
+        match self.to_possible_value() {
+            Some(v) => f.write_str(v.get_name()),
+            None => write!(f, "{self:?}"),
+        }
+    }
+}
+
 /// What an application's `fsync`/`fdatasync`/`fsyncdir` waits for on mirrors
 /// (`mount --fsync-waits`). In every case it first waits until the file and the local journal
 /// are durable.
@@ -189,6 +211,11 @@ pub struct MirrorShared {
     pub copy_journaled: AtomicU64,
     /// Checkpoint whenever the worker runs out of records (a mirror daemon: see `run_worker`).
     pub checkpoint_when_idle: AtomicBool,
+    /// Records applied to the mirror's tree by this process, for the metrics' counter.
+    pub records_applied: AtomicU64,
+    /// Errors met by this mirror since the process started, by kind (`apply`, `journal_read`,
+    /// `diverged`, `link`), for the metrics' `mirrorfs_mirror_errors_total`.
+    pub errors: Mutex<std::collections::BTreeMap<&'static str, u64>>,
 }
 
 /// What `status` shows of a remote mirror's connection.
@@ -200,6 +227,12 @@ pub struct LinkInfo {
     pub bytes_sent: u64,
     pub bytes_received: u64,
     pub reconnects: u64,
+    /// Bytes sent and received on the connections before the current one (the metrics'
+    /// counters add the current one's).
+    #[serde(default)]
+    pub bytes_sent_before: u64,
+    #[serde(default)]
+    pub bytes_received_before: u64,
     pub compress: bool,
     pub last_error: Option<String>,
     /// Bytes received and sent on the connection of the last completed reintegration (its
@@ -264,7 +297,14 @@ impl MirrorShared {
             cancel_copy: AtomicBool::new(false),
             copy_journaled: AtomicU64::new(0),
             checkpoint_when_idle: AtomicBool::new(false),
+            records_applied: AtomicU64::new(0),
+            errors: Mutex::new(std::collections::BTreeMap::new()),
         }
+    }
+
+    /// Counts one error of `kind` for the metrics.
+    pub fn count_error(&self, kind: &'static str) {
+        *lock(&self.errors).entry(kind).or_insert(0) += 1;
     }
 
     pub fn healthy(&self) -> bool {

@@ -86,6 +86,11 @@ pub struct ServeArgs {
     /// for UDP on the `--listen` address and port.
     #[arg(long)]
     pub no_udp: bool,
+    /// Take the settings of mirror daemon NAME from the config file ($MIRRORFS_CONFIG or
+    /// /etc/mirrorfs: `[serve.NAME]` in mirrorfs.toml, or serve.d/NAME.toml); flags given here
+    /// override them. `mirrorfs config show NAME` prints what it gets.
+    #[arg(long, value_name = "NAME")]
+    pub volume: Option<String>,
 }
 
 /// `--on-diverged`: what the daemon does with a primary whose history diverged from DIR's copy.
@@ -519,7 +524,7 @@ impl Daemon {
         let reg = crate::site::status::register(&self.dir, &self.dir, &self.state)?;
         if let Some(addr) = metrics {
             let d = self.clone();
-            crate::site::status::serve_metrics(addr, Arc::new(move || d.metrics_text()))?;
+            crate::site::metrics::serve(addr, Arc::new(move || d.metrics_text()))?;
         }
         Ok(reg)
     }
@@ -585,77 +590,101 @@ impl Daemon {
         }
     }
 
+    /// Prometheus text exposition of the daemon's state: the same names as a mount's for the
+    /// same things (docs/metrics.md), its own copy as the `mirror` label.
     fn metrics_text(&self) -> String {
-        let (next, bytes) = {
+        use crate::site::metrics::Exposition;
+        let (next, bytes, segs) = {
             let o = lock(&self.vol.order);
-            (o.journal.next_seq(), o.journal.bytes())
+            (
+                o.journal.next_seq(),
+                o.journal.bytes(),
+                o.journal.segment_count(),
+            )
         };
-        let rows = [
-            (
-                "received_seq",
-                "Last record received from the primary.",
-                (next - 1) as f64,
-            ),
-            (
-                "durable_seq",
-                "Every record up to this is durable in this mirror's journal.",
-                lock(&self.vol.progress).durable_seq as f64,
-            ),
-            (
-                "applied_seq",
-                "Last record applied to the mirror's tree.",
-                self.m.applied.load(Ordering::Acquire) as f64,
-            ),
-            (
-                "checkpoint_seq",
-                "Every record up to this is durably applied.",
-                self.m.checkpoint.load(Ordering::Acquire) as f64,
-            ),
-            ("journal_bytes", "Bytes of journal on disk.", bytes as f64),
-            (
-                "primary_connected",
-                "1 while a primary is connected.",
-                f64::from(u8::from(lock(&self.peer).is_some())),
-            ),
-        ];
-        let udp = self.udp.as_ref().map(|u| u.counts()).unwrap_or_default();
-        let udp_rows = [
-            (
-                "udp_records",
-                "Records received over the UDP data path.",
-                udp.records as f64,
-            ),
-            (
-                "udp_recovered_packets",
+        let durable = lock(&self.vol.progress).durable_seq;
+        let applied = self.m.applied.load(Ordering::Acquire);
+        let name = self.dir.display().to_string();
+        let mut x = Exposition::default();
+        x.one(
+            "journal_last_seq",
+            "gauge",
+            "Seq of the last journal record (on a mirror daemon: the last received from the primary).",
+            (next - 1) as f64,
+        );
+        x.one(
+            "journal_durable_seq",
+            "gauge",
+            "Every journal record up to this seq is durable in this process's journal.",
+            durable as f64,
+        );
+        x.one(
+            "journal_size_bytes",
+            "gauge",
+            "Bytes of journal on disk.",
+            bytes as f64,
+        );
+        x.one(
+            "journal_segments",
+            "gauge",
+            "Journal segment files on disk.",
+            segs as f64,
+        );
+        crate::site::metrics::mirror_families(&mut x, &[(name.as_str(), &*self.m)]);
+        let me = |v: f64| [(vec![("mirror", name.as_str())], v)];
+        x.family(
+            "mirror_durable_seq",
+            "gauge",
+            "Every journal record up to this seq is durable on the mirror.",
+            &me(durable as f64),
+        );
+        x.family(
+            "mirror_lag_records",
+            "gauge",
+            "Journal records not yet applied on the mirror (on a mirror daemon: of those it received).",
+            &me((next - 1).saturating_sub(applied) as f64),
+        );
+        x.one(
+            "primary_connected",
+            "gauge",
+            "1 while a primary is connected to this mirror daemon.",
+            f64::from(u8::from(lock(&self.peer).is_some())),
+        );
+        if let Some(u) = &self.udp {
+            let c = u.counts();
+            x.one(
+                "udp_packets_total",
+                "counter",
+                "UDP data-path packets received.",
+                c.packets as f64,
+            );
+            x.one(
+                "udp_records_total",
+                "counter",
+                "Journal records received over the UDP data path.",
+                c.records as f64,
+            );
+            x.one(
+                "udp_recovered_packets_total",
+                "counter",
                 "UDP data packets rebuilt by FEC.",
-                udp.recovered as f64,
-            ),
-            (
-                "udp_dropped_unauthentic",
-                "UDP datagrams dropped: authentication failed (forged or corrupted).",
-                udp.dropped_unauthentic as f64,
-            ),
-            (
-                "udp_dropped_replayed",
-                "UDP datagrams dropped: replayed.",
-                udp.dropped_replayed as f64,
-            ),
-            (
-                "udp_dropped_other",
-                "UDP datagrams dropped: malformed, of another session, invalid, or with no session.",
-                (udp.dropped_malformed
-                    + udp.dropped_other_session
-                    + udp.dropped_invalid
-                    + udp.dropped_no_session) as f64,
-            ),
-        ];
-        let mut out = String::new();
-        for (name, help, v) in rows.into_iter().chain(udp_rows) {
-            out.push_str(&format!(
-                "# HELP mirrorfs_mirror_{name} {help}\n# TYPE mirrorfs_mirror_{name} gauge\nmirrorfs_mirror_{name} {v}\n"
-            ));
+                c.recovered as f64,
+            );
+            x.family(
+                "udp_datagrams_dropped_total",
+                "counter",
+                "UDP datagrams dropped, by reason: unauthentic (forged or corrupted), replayed, malformed, other_session, invalid, no_session.",
+                &[
+                    (vec![("reason", "unauthentic")], c.dropped_unauthentic as f64),
+                    (vec![("reason", "replayed")], c.dropped_replayed as f64),
+                    (vec![("reason", "malformed")], c.dropped_malformed as f64),
+                    (vec![("reason", "other_session")], c.dropped_other_session as f64),
+                    (vec![("reason", "invalid")], c.dropped_invalid as f64),
+                    (vec![("reason", "no_session")], c.dropped_no_session as f64),
+                ],
+            );
         }
-        out
+        x.finish()
     }
 
     fn write_status(&self) {

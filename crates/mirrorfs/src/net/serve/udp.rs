@@ -61,6 +61,26 @@ pub struct UdpCounts {
     pub dropped_no_session: u64,
 }
 
+/// In words, for the log line at the end of a session.
+impl std::fmt::Display for UdpCounts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} packets, {} records, {} rebuilt by FEC, {} NAK entries; dropped {} unauthentic, {} replayed, {} malformed, {} of other sessions, {} invalid, {} with no session",
+            self.packets,
+            self.records,
+            self.recovered,
+            self.nak_entries,
+            self.dropped_unauthentic,
+            self.dropped_replayed,
+            self.dropped_malformed,
+            self.dropped_other_session,
+            self.dropped_invalid,
+            self.dropped_no_session
+        )
+    }
+}
+
 impl UdpCounts {
     fn of(r: &UdpReceiver) -> UdpCounts {
         let (s, d) = (r.stats(), r.dropped());
@@ -214,7 +234,7 @@ impl Daemon {
             .map(UdpCounts::of)
             .unwrap_or_default();
         if c.sessions > 0 {
-            tracing::info!("the UDP data path of this session: {c:?}");
+            tracing::info!("the UDP data path of this session: {c}");
         }
         let mut live = lock(&port.live);
         let mut total = lock(&port.done);
