@@ -9,6 +9,7 @@ mod cli;
 mod fuse;
 mod mirror;
 mod net;
+mod readiness;
 mod site;
 mod sys;
 mod tree;
@@ -16,7 +17,7 @@ mod tree;
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 use crate::net::{identity, serve};
 use crate::site::status;
@@ -105,6 +106,19 @@ enum Cmd {
     /// `group begin MOUNT`, change files, `group end MOUNT`. The same as setting the mount
     /// root's attribute user.mirrorfs.group to begin / end (setfattr), which scripts may use.
     Group(cli::group::GroupArgs),
+    /// Print a shell completion script: `mirrorfs completion bash >
+    /// /usr/share/bash-completion/completions/mirrorfs` (zsh: a `_mirrorfs` file in $fpath;
+    /// fish: ~/.config/fish/completions/mirrorfs.fish).
+    Completion {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (mirrorfs.1 and one per subcommand: mirrorfs-mount.1, ...) into DIR.
+    Man {
+        /// The directory to write them to (created if needed).
+        dir: PathBuf,
+    },
 }
 
 fn main() {
@@ -115,6 +129,11 @@ fn main() {
         )
         .with_writer(std::io::stderr)
         .init();
+    // `mount -t fuse.mirrorfs` and fstab lines run this binary as a mount helper.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if cli::helper::invoked_as_helper(&args, &Cli::command()) {
+        std::process::exit(cli::helper::run(&args, &Cli::command()));
+    }
     let cli = Cli::parse();
     if !matches!(cli.cmd, Cmd::Mount(_) | Cmd::Serve(_) | Cmd::Witness(_)) {
         // A command that prints (`status | head -1`) ends quietly when its reader goes away, as
@@ -157,6 +176,8 @@ fn main() {
         }
         Cmd::Conflicts(a) => cli::conflicts::conflicts(a),
         Cmd::Group(a) => cli::group::group(a),
+        Cmd::Completion { shell } => cli::gen::completion(Cli::command(), shell),
+        Cmd::Man { dir } => cli::gen::man(Cli::command(), &dir),
     };
     if let Err(e) = r {
         eprintln!("mirrorfs: error: {e:#}");

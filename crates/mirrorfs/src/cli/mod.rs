@@ -3,7 +3,9 @@
 
 pub mod conflicts;
 pub mod demo;
+pub mod gen;
 pub mod group;
+pub mod helper;
 pub mod mount;
 
 pub use crate::sys::hostname;
