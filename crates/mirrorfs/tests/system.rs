@@ -133,7 +133,11 @@ fn mount_t_fuse_mirrorfs_mounts_shows_type_and_source_and_umount_ends_it() {
         .arg(&l.backing)
         .arg(&l.mnt)
         .arg("-o")
-        .arg(format!("mirror={},ack=sync,noatime", l.mirror().display()))
+        .arg(format!(
+            "mirror={},ack=sync,noatime,state={}/state",
+            l.mirror().display(),
+            l.base.display()
+        ))
         .stdin(Stdio::null())
         .output()
         .expect("run mount");
@@ -172,10 +176,11 @@ fn fstab_line_with_nofail_netdev_and_systemd_options_mounts() {
     fs::write(
         &fstab,
         format!(
-            "# a test fstab\n{} {} fuse.mirrorfs mirror={},ack=durable,nofail,_netdev,x-systemd.automount,x-systemd.requires=network-online.target,noauto,defaults 0 0\n",
+            "# a test fstab\n{} {} fuse.mirrorfs mirror={},ack=durable,nofail,_netdev,x-systemd.automount,x-systemd.requires=network-online.target,noauto,defaults,journal_max_mib=256,state={}/state 0 0\n",
             l.backing.display(),
             l.mnt.display(),
-            l.mirror().display()
+            l.mirror().display(),
+            l.base.display()
         ),
     )
     .expect("write fstab");
