@@ -112,10 +112,14 @@ fn write_some(mnt: &Path) {
 fn umount_and_check(l: &Layout) {
     let pids = daemons_of(&l.backing);
     assert_eq!(pids.len(), 1, "one daemon serves the mount: {pids:?}");
-    let st = Command::new("umount").arg(&l.mnt).status().expect("run umount");
+    let st = Command::new("umount")
+        .arg(&l.mnt)
+        .status()
+        .expect("run umount");
     assert!(st.success(), "umount failed");
     assert!(
-        wait_until(Duration::from_secs(60), || daemons_of(&l.backing).is_empty()),
+        wait_until(Duration::from_secs(60), || daemons_of(&l.backing)
+            .is_empty()),
         "the daemon did not exit after umount"
     );
     assert!(!is_mounted(&l.mnt));
@@ -151,10 +155,7 @@ fn mount_t_fuse_mirrorfs_mounts_shows_type_and_source_and_umount_ends_it() {
     assert!(t0.elapsed() < Duration::from_secs(30));
     assert_eq!(
         proc_mounts_entry(&l.mnt),
-        Some((
-            "fuse.mirrorfs".to_string(),
-            l.backing.display().to_string()
-        )),
+        Some(("fuse.mirrorfs".to_string(), l.backing.display().to_string())),
         "/proc/mounts shows type fuse.mirrorfs and the backing directory as the source"
     );
     let opts = fs::read_to_string("/proc/mounts").expect("read /proc/mounts");
@@ -162,7 +163,10 @@ fn mount_t_fuse_mirrorfs_mounts_shows_type_and_source_and_umount_ends_it() {
         .lines()
         .find(|x| x.contains(&format!(" {} ", l.mnt.display())))
         .unwrap_or_default();
-    assert!(line.contains("noatime"), "noatime reached the kernel: {line}");
+    assert!(
+        line.contains("noatime"),
+        "noatime reached the kernel: {line}"
+    );
     write_some(&l.mnt);
     umount_and_check(&l);
 }
@@ -226,11 +230,17 @@ fn helper_refuses_unknown_options_and_reports_failures() {
     let out = run(&format!("mirror={m},frobnicate=3"));
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("`frobnicate=3`"), "the error names the option: {err}");
+    assert!(
+        err.contains("`frobnicate=3`"),
+        "the error names the option: {err}"
+    );
     let out = run("ack=sync,nofail");
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("mirror="), "the error says to add mirror=: {err}");
+    assert!(
+        err.contains("mirror="),
+        "the error says to add mirror=: {err}"
+    );
     // -f (fake): everything checked, nothing mounted.
     let st = Command::new(&helper)
         .arg(&l.backing)
@@ -244,7 +254,10 @@ fn helper_refuses_unknown_options_and_reports_failures() {
     let out = run(&format!("mirror={}/missing", l.base.display()));
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(32), "{err}");
-    assert!(err.contains("missing"), "the daemon's error is shown: {err}");
+    assert!(
+        err.contains("missing"),
+        "the daemon's error is shown: {err}"
+    );
     assert!(!is_mounted(&l.mnt));
     assert!(daemons_of(&l.backing).is_empty());
 }
@@ -271,7 +284,7 @@ fn mount_notifies_systemd_ready_watchdog_stopping() {
         .stderr(Stdio::null())
         .spawn()
         .expect("start mirrorfs mount");
-    let mut recv = || {
+    let recv = || {
         let mut buf = [0u8; 4096];
         let n = sock.recv(&mut buf).expect("a notification within 30 s");
         String::from_utf8_lossy(&buf[..n]).into_owned()
@@ -307,7 +320,10 @@ fn completions_list_the_subcommands() {
         for sub in ["mount", "serve", "status", "promote", "completion", "man"] {
             assert!(text.contains(sub), "{shell} completion lacks {sub}");
         }
-        assert!(text.contains("--mirror"), "{shell} completion lacks --mirror");
+        assert!(
+            text.contains("--mirror"),
+            "{shell} completion lacks --mirror"
+        );
     }
 }
 
@@ -333,11 +349,17 @@ fn man_pages_one_per_subcommand() {
     ] {
         let p = dir.join(format!("{page}.1"));
         let text = fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-        assert!(text.starts_with(".ie") || text.contains(".TH"), "{page} is roff");
+        assert!(
+            text.starts_with(".ie") || text.contains(".TH"),
+            "{page} is roff"
+        );
         assert!(text.contains(&format!(".TH {page}")), "{page}: title");
     }
     let mount = fs::read_to_string(dir.join("mirrorfs-mount.1")).expect("read mount page");
-    assert!(mount.contains("mirror"), "the mount page documents --mirror");
+    assert!(
+        mount.contains("mirror"),
+        "the mount page documents --mirror"
+    );
     assert!(!dir.join("mirrorfs-help.1").exists());
 }
 
@@ -367,7 +389,10 @@ fn systemd_units_verify() {
     let mut paths = Vec::new();
     for (unit, instance) in [
         ("mirrorfs@.service", "mirrorfs@data.service"),
-        ("mirrorfs-serve@.service", "mirrorfs-serve@srv-mirror.service"),
+        (
+            "mirrorfs-serve@.service",
+            "mirrorfs-serve@srv-mirror.service",
+        ),
     ] {
         let text = fs::read_to_string(units.join(unit)).expect("read the unit");
         assert!(text.contains("Type=notify") && text.contains("Restart=on-failure"));

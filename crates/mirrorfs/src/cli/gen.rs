@@ -17,8 +17,7 @@ pub fn completion(mut cmd: clap::Command, shell: clap_complete::Shell) -> Result
 /// creating it if needed, and prints each file's path.
 pub fn man(cmd: clap::Command, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let cmd = cmd.disable_help_subcommand(true);
-    let mut cmd = cmd;
+    let mut cmd = cmd.disable_help_subcommand(true);
     cmd.build();
     write_pages(&cmd, dir, None)
 }

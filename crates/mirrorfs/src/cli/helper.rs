@@ -118,8 +118,13 @@ pub fn parse(args: &[OsString], cmd: &clap::Command) -> Result<HelperCall, Strin
             _ => positional.push(a.clone()),
         }
     }
-    let [source, mountpoint] = <[OsString; 2]>::try_from(positional)
-        .map_err(|p| format!("expected SOURCE and MOUNTPOINT, got {} argument(s)\n{}", p.len(), usage()))?;
+    let [source, mountpoint] = <[OsString; 2]>::try_from(positional).map_err(|p| {
+        format!(
+            "expected SOURCE and MOUNTPOINT, got {} argument(s)\n{}",
+            p.len(),
+            usage()
+        )
+    })?;
     let mut out: Vec<OsString> = vec!["mount".into(), source, mountpoint];
     let mut fuse_opts: Vec<String> = Vec::new();
     let mut given: Vec<String> = Vec::new();
@@ -287,10 +292,19 @@ mod tests {
             clap::Command::new("mount")
                 .arg(Arg::new("backing"))
                 .arg(Arg::new("mountpoint"))
-                .arg(Arg::new("mirrors").long("mirror").required(true).action(ArgAction::Append))
+                .arg(
+                    Arg::new("mirrors")
+                        .long("mirror")
+                        .required(true)
+                        .action(ArgAction::Append),
+                )
                 .arg(Arg::new("ack").long("ack"))
                 .arg(Arg::new("journal_max_mib").long("journal-max-mib"))
-                .arg(Arg::new("compress").long("compress").action(ArgAction::SetTrue))
+                .arg(
+                    Arg::new("compress")
+                        .long("compress")
+                        .action(ArgAction::SetTrue),
+                )
                 .arg(Arg::new("options").short('o').action(ArgAction::Append)),
         )
     }
@@ -321,8 +335,19 @@ mod tests {
         assert_eq!(
             got,
             [
-                "mount", "/srv/data", "/mnt/data", "--mirror", "/b1", "--journal-max-mib", "256",
-                "--mirror", "/b2", "--ack", "durable", "--compress", "-o",
+                "mount",
+                "/srv/data",
+                "/mnt/data",
+                "--mirror",
+                "/b1",
+                "--journal-max-mib",
+                "256",
+                "--mirror",
+                "/b2",
+                "--ack",
+                "durable",
+                "--compress",
+                "-o",
                 "rw,noatime,allow_other"
             ]
         );
@@ -348,10 +373,19 @@ mod tests {
     fn recognises_helper_invocations() {
         let c = cli();
         let os = |v: &[&str]| v.iter().map(OsString::from).collect::<Vec<_>>();
-        assert!(invoked_as_helper(&os(&["/sbin/mount.fuse.mirrorfs", "/a", "/b"]), &c));
+        assert!(invoked_as_helper(
+            &os(&["/sbin/mount.fuse.mirrorfs", "/a", "/b"]),
+            &c
+        ));
         assert!(invoked_as_helper(&os(&["mount.mirrorfs", "/a", "/b"]), &c));
-        assert!(invoked_as_helper(&os(&["mirrorfs", "/a", "/b", "-o", "x"]), &c));
-        assert!(!invoked_as_helper(&os(&["mirrorfs", "mount", "/a", "/b"]), &c));
+        assert!(invoked_as_helper(
+            &os(&["mirrorfs", "/a", "/b", "-o", "x"]),
+            &c
+        ));
+        assert!(!invoked_as_helper(
+            &os(&["mirrorfs", "mount", "/a", "/b"]),
+            &c
+        ));
         assert!(!invoked_as_helper(&os(&["mirrorfs", "status"]), &c));
     }
 }

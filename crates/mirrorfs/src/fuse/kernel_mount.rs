@@ -146,7 +146,8 @@ mod tests {
 
     #[test]
     fn defaults_to_nodev_nosuid() {
-        let k = kernel_options(&opts("allow_other,default_permissions,allow_other")).expect("valid options");
+        let k = kernel_options(&opts("allow_other,default_permissions,allow_other"))
+            .expect("valid options");
         assert_eq!(k.flags, libc::MS_NODEV | libc::MS_NOSUID);
         assert_eq!(k.data, vec!["allow_other", "default_permissions"]);
     }
