@@ -16,7 +16,7 @@ work=$(mktemp -d /var/tmp/mirrorfs-deb.XXXXXX)
 cleanup() {
 	umount "$work/mnt" 2>/dev/null || umount -l "$work/mnt" 2>/dev/null || true
 	rm -rf "$work"
-	[ "${KEEP:-0}" = 1 ] || dpkg -r mirrorfs >/dev/null || true
+	[ "${KEEP:-0}" = 1 ] || dpkg -P mirrorfs >/dev/null || true
 }
 trap cleanup EXIT
 fail() { echo "deb-test.sh: FAIL: $*"; exit 1; }
