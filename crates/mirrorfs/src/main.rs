@@ -9,6 +9,7 @@ mod cli;
 mod fuse;
 mod mirror;
 mod net;
+mod readiness;
 mod site;
 mod sys;
 mod tree;
@@ -16,7 +17,7 @@ mod tree;
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 use crate::net::{identity, serve};
 use crate::site::status;
@@ -109,13 +110,31 @@ enum Cmd {
     /// validates it, `config show NAME` prints a volume's settings. `mount --volume NAME` and
     /// `serve --volume NAME` use it.
     Config(cli::config::ConfigArgs),
+    /// Print a shell completion script: `mirrorfs completion bash >
+    /// /usr/share/bash-completion/completions/mirrorfs` (zsh: a `_mirrorfs` file in $fpath;
+    /// fish: ~/.config/fish/completions/mirrorfs.fish).
+    Completion {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (mirrorfs.1 and one per subcommand: mirrorfs-mount.1, ...) into DIR.
+    Man {
+        /// The directory to write them to (created if needed).
+        dir: PathBuf,
+    },
 }
 
 fn main() {
     cli::logs::init();
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    // `mount -t fuse.mirrorfs` and fstab lines run this binary as a mount helper.
+    if cli::helper::invoked_as_helper(&args, &Cli::command()) {
+        std::process::exit(cli::helper::run(&args, &Cli::command()));
+    }
     // `mount --volume NAME` / `serve --volume NAME`: the config file's settings become flags
     // that the command line's own override.
-    let cli = match cli::config::expand(std::env::args_os().collect()) {
+    let cli = match cli::config::expand(args) {
         Ok(argv) => Cli::parse_from(argv),
         Err(e) => {
             eprintln!("mirrorfs: error: {e:#}");
@@ -164,6 +183,8 @@ fn main() {
         Cmd::Conflicts(a) => cli::conflicts::conflicts(a),
         Cmd::Group(a) => cli::group::group(a),
         Cmd::Config(a) => cli::config::config(a),
+        Cmd::Completion { shell } => cli::gen::completion(Cli::command(), shell),
+        Cmd::Man { dir } => cli::gen::man(Cli::command(), &dir),
     };
     if let Err(e) = r {
         eprintln!("mirrorfs: error: {e:#}");

@@ -4,7 +4,9 @@
 pub mod config;
 pub mod conflicts;
 pub mod demo;
+pub mod gen;
 pub mod group;
+pub mod helper;
 pub mod logs;
 pub mod mount;
 

@@ -386,12 +386,7 @@ pub fn mount(a: MountArgs) -> Result<()> {
     let term = shutdown_signals()?;
     let fs_impl = fuse::MirrorFs::new(vol.clone(), &places.backing, Some(state.hidden.clone()))?;
     let view = fs_impl.view();
-    let session = fuser::Session::new(
-        fs_impl,
-        &places.mountpoint,
-        &fuse_config(&a, &places.backing),
-    )
-    .with_context(|| format!("cannot mount on {}", places.mountpoint.display()))?;
+    let (session, own_mount) = open_session(fs_impl, &a, &places)?;
     // Changes the site makes beneath the mount (a failback's reintegration) reach the mount's
     // inode table and the kernel's caches.
     view.attach(session.notifier());
@@ -431,15 +426,23 @@ pub fn mount(a: MountArgs) -> Result<()> {
         places.mountpoint.display()
     );
     start_initial_copies(&vol, &places.backing, &state, &to_sync, &term)?;
+    crate::readiness::ready(&format!(
+        "serving {} at {}",
+        places.backing.display(),
+        places.mountpoint.display()
+    ));
+    let mut watchdog = crate::readiness::Watchdog::new();
     while !term.load(Ordering::Relaxed) && !bg.guard.is_finished() {
+        watchdog.tick();
         std::thread::sleep(Duration::from_millis(50));
     }
+    crate::readiness::stopping();
     // An initial copy still running stops at its next chunk: the shutdown does not wait for it
     // (the mirror keeps its SYNCING marker and the next mount copies it again).
     for m in &to_sync {
         m.cancel_copy.store(true, Ordering::Release);
     }
-    unmount(bg, &places.mountpoint);
+    unmount(bg, &places.mountpoint, own_mount);
     drain_mirrors(&vol, &shared);
     status_stop.store(true, Ordering::Relaxed);
     site.stop()?;
@@ -842,11 +845,41 @@ fn shutdown_signals() -> Result<Arc<AtomicBool>> {
     Ok(term)
 }
 
+/// Mounts and opens the FUSE session. As root, mirrorfs mounts /dev/fuse itself so that the
+/// mount is of type `fuse.mirrorfs` with the backing directory as its source (see
+/// `fuse::kernel_mount`); otherwise fuser mounts it through fusermount3. Returns whether the
+/// mount is ours to unmount.
+fn open_session(
+    fs_impl: fuse::MirrorFs,
+    a: &MountArgs,
+    places: &Places,
+) -> Result<(fuser::Session<fuse::MirrorFs>, bool)> {
+    let (config, user_opts) = fuse_config(a, &places.backing);
+    let mp = &places.mountpoint;
+    let k = fuse::kernel_mount::kernel_options(&user_opts).map_err(anyhow::Error::msg)?;
+    let fd = fuse::kernel_mount::mount(mp, &places.backing, &k)
+        .with_context(|| format!("cannot mount on {}", mp.display()))?;
+    let Some(fd) = fd else {
+        let s = fuser::Session::new(fs_impl, mp, &config)
+            .with_context(|| format!("cannot mount on {}", mp.display()))?;
+        return Ok((s, false));
+    };
+    let acl = config.acl;
+    match fuser::Session::from_fd(fs_impl, fd, acl, config) {
+        Ok(s) => Ok((s, true)),
+        Err(e) => {
+            detach(mp);
+            Err(e).with_context(|| format!("cannot start the FUSE session on {}", mp.display()))
+        }
+    }
+}
+
 /// The FUSE session's options: the user's `-o` list, plus `allow_other` as root and always
 /// `default_permissions` (the kernel checks permissions; mirrorfs applies modes exactly).
-fn fuse_config(a: &MountArgs, backing: &Path) -> fuser::Config {
+/// Also returns that list as words, for `fuse::kernel_mount`.
+fn fuse_config(a: &MountArgs, backing: &Path) -> (fuser::Config, Vec<String>) {
     let mut opts = vec![
-        fuser::MountOption::FSName(format!("mirrorfs:{}", backing.display())),
+        fuser::MountOption::FSName(backing.display().to_string()),
         fuser::MountOption::Subtype("mirrorfs".into()),
     ];
     // SAFETY: geteuid has no preconditions.
@@ -874,7 +907,7 @@ fn fuse_config(a: &MountArgs, backing: &Path) -> fuser::Config {
     config.clone_fd = a.threads > 1;
     // SAFETY: umask has no preconditions; modes are applied exactly by mirrorfs itself.
     unsafe { libc::umask(0) };
-    config
+    (config, user_opts)
 }
 
 fn mount_option(o: &str) -> fuser::MountOption {
@@ -930,16 +963,45 @@ fn start_initial_copies(
 }
 
 /// Unmounts; when busy (a process still has something open on it), detaches lazily rather than
-/// leave a dead mount behind when this process exits.
-fn unmount(bg: fuser::BackgroundSession, mountpoint: &Path) {
-    tracing::info!("unmounting {}", mountpoint.display());
-    let Err(e) = bg.umount_and_join() else {
+/// leave a dead mount behind when this process exits. `own`: mirrorfs mounted it itself (see
+/// `open_session`), so it unmounts it itself, unless `umount` already did (the session ended).
+fn unmount(bg: fuser::BackgroundSession, mountpoint: &Path, own: bool) {
+    let r = if !own {
+        tracing::info!("unmounting {}", mountpoint.display());
+        bg.umount_and_join()
+    } else if bg.guard.is_finished() {
+        // Unmounted from outside (`umount MOUNTPOINT`), or the session failed: then a mount of
+        // ours may be left, dead.
+        if let Err(e) = bg.join() {
+            tracing::warn!("the FUSE session ended with: {e}");
+        }
+        match sys::mount_entry(mountpoint) {
+            Some((t, _)) if t == fuse::kernel_mount::FSTYPE => Err(std::io::Error::other(
+                "the FUSE session ended with the mount still there",
+            )),
+            _ => Ok(()),
+        }
+    } else {
+        tracing::info!("unmounting {}", mountpoint.display());
+        match std::ffi::CString::new(mountpoint.as_os_str().as_bytes()) {
+            // SAFETY: a valid NUL-terminated path.
+            Ok(c) if unsafe { libc::umount2(c.as_ptr(), 0) } == 0 => bg.join(),
+            Ok(_) => Err(std::io::Error::last_os_error()),
+            Err(e) => Err(e.into()),
+        }
+    };
+    let Err(e) = r else {
         return;
     };
     tracing::warn!(
         "unmount: {e}; detaching {} lazily (it disappears once nothing uses it)",
         mountpoint.display()
     );
+    detach(mountpoint);
+}
+
+/// Detaches the mount at `mountpoint` lazily (`umount -l`), if there is one.
+fn detach(mountpoint: &Path) {
     if !sys::is_mountpoint(mountpoint) {
         return;
     }

@@ -7,6 +7,7 @@
 
 pub mod affinity;
 pub mod inodes;
+pub mod kernel_mount;
 pub mod view;
 
 mod attr;

@@ -192,7 +192,9 @@ fn serve_in(a: ServeArgs) -> Result<()> {
     d.start_copy(&site, &meta)?;
     let _reg = d.start_reporting(a.metrics.as_deref())?;
     let (listener, term) = listen(&a.listen, &dir, &id)?;
+    crate::readiness::ready(&format!("serving {} on {}", dir.display(), a.listen));
     accept_loop(&d, &listener, &server_cfg, &term);
+    crate::readiness::stopping();
     d.shut_down(site)
 }
 
@@ -386,7 +388,9 @@ fn accept_loop(
     term: &AtomicBool,
 ) {
     let gate = crate::net::gate::Gate::new();
+    let mut watchdog = crate::readiness::Watchdog::new();
     while !term.load(Ordering::Relaxed) {
+        watchdog.tick();
         match listener.accept() {
             Ok((sock, from)) => {
                 if let Err(e) = sock.set_nonblocking(false) {
