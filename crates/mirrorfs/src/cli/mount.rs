@@ -95,7 +95,10 @@ pub struct MountArgs {
     /// At least 128 (two 64 MiB segments).
     #[arg(long, default_value_t = 4096, value_parser = crate::site::volume::parse_journal_max_mib)]
     journal_max_mib: u64,
-    /// Replace the contents of a never-synced, non-empty mirror directory with a copy of BACKING.
+    /// Copy BACKING again to every local mirror, replacing its contents: a never-synced,
+    /// non-empty directory, one with a foreign identity mark, or a known mirror whose tree was
+    /// changed behind mirrorfs's back (`mirrorfs verify` finds those; `verify --repair` and
+    /// `mirrorfs resync` mend a running mount's mirror without a full copy).
     #[arg(long)]
     force_resync: bool,
     /// FUSE worker threads.
@@ -692,12 +695,14 @@ fn attach_local_mirror(
         Applier::open(&mut cur, opening.power_loss, opening.horizon)?
     };
     let bad_mark = mark::problem(m);
+    // `--force-resync` copies every mirror again, a known one too (its cursor vouches only for
+    // what mirrorfs applied, not for changes made behind its back).
     let existing = match existing {
-        Some(_) if bad_mark.is_some() && a.force_resync => {
+        Some(_) if a.force_resync => {
             tracing::warn!(
-                "mirror {}: {}; --force-resync: copying it again",
+                "mirror {}: {}--force-resync: copying it again",
                 m.name,
-                bad_mark.as_deref().unwrap_or_default()
+                bad_mark.as_deref().map(|w| format!("{w}; ")).unwrap_or_default()
             );
             None
         }
