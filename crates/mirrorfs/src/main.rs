@@ -105,6 +105,16 @@ enum Cmd {
     /// `group begin MOUNT`, change files, `group end MOUNT`. The same as setting the mount
     /// root's attribute user.mirrorfs.group to begin / end (setfattr), which scripts may use.
     Group(cli::group::GroupArgs),
+    /// Compare each local mirror of a running mount with the primary (content by blake3, type,
+    /// mode, owner, mtime, links, symlink targets, xattrs, holes) and list the differences;
+    /// `--repair` mends them through the journal. Exit status: 0 equal, 3 differences found
+    /// (or left after --repair), 1 error. Files unchanged since the last verify are not read
+    /// again (a hash cache in the state directory).
+    Verify(cli::verify::VerifyArgs),
+    /// Resync a local mirror of a running mount through the journal (only what differs is
+    /// copied; what only the mirror has is kept unless --delete-extra), and wait until it is
+    /// applied.
+    Resync(cli::resync::ResyncArgs),
 }
 
 fn main() {
@@ -157,6 +167,8 @@ fn main() {
         }
         Cmd::Conflicts(a) => cli::conflicts::conflicts(a),
         Cmd::Group(a) => cli::group::group(a),
+        Cmd::Verify(a) => cli::verify::verify(a),
+        Cmd::Resync(a) => cli::resync::resync(a),
     };
     if let Err(e) = r {
         eprintln!("mirrorfs: error: {e:#}");

@@ -5,5 +5,7 @@ pub mod conflicts;
 pub mod demo;
 pub mod group;
 pub mod mount;
+pub mod resync;
+pub mod verify;
 
 pub use crate::sys::hostname;

@@ -374,6 +374,14 @@ pub fn mount(a: MountArgs) -> Result<()> {
         let v = vol.clone();
         site.spawn("sync-groups", move || v.run_sync_group_timer())?;
     }
+    {
+        let (v, b, h) = (Arc::downgrade(&vol), places.backing.clone(), state.hidden.clone());
+        let hook: volume::ResyncHook = Box::new(move |req: &[u8]| {
+            let v = v.upgrade().ok_or(libc::ESHUTDOWN)?;
+            mirror::operator::start(&v, b.clone(), h.clone(), req)
+        });
+        let _ = vol.resync.set(hook);
+    }
     let local = &shared[..n_local];
     let to_sync = start_local_mirrors(&mut site, local, &a, &meta, &state, &places.backing)?;
     let status_stop = Arc::new(AtomicBool::new(false));

@@ -147,6 +147,16 @@ impl MirrorFs {
                 None => reply.error(err(libc::EINVAL)),
             };
         }
+        if name.as_bytes() == crate::mirror::operator::RESYNC_XATTR {
+            if ino.0 != crate::fuse::inodes::ROOT {
+                return reply.error(err(libc::EOPNOTSUPP));
+            }
+            return match self.vol.resync.get().map(|start| start(value)) {
+                Some(Ok(())) => reply.ok(),
+                Some(Err(e)) => reply.error(err(e)),
+                None => reply.error(err(libc::EOPNOTSUPP)),
+            };
+        }
         let n = name.as_bytes().to_vec();
         // Resolved under the order lock (see `still_named`), never through a symlink.
         let r = self.retry_renamed(|| {
@@ -183,6 +193,16 @@ impl MirrorFs {
                 0 => reply.size(open.len() as u32),
                 n if (n as usize) < open.len() => reply.error(err(libc::ERANGE)),
                 _ => reply.data(open.as_bytes()),
+            };
+        }
+        if ino.0 == crate::fuse::inodes::ROOT
+            && name.as_bytes() == crate::mirror::operator::RESYNC_XATTR
+        {
+            let v = crate::mirror::operator::status_json(&self.vol);
+            return match size {
+                0 => reply.size(v.len() as u32),
+                n if (n as usize) < v.len() => reply.error(err(libc::ERANGE)),
+                _ => reply.data(&v),
             };
         }
         let r = self
