@@ -29,7 +29,7 @@ pub mod stream;
 pub mod token;
 pub mod track;
 pub mod tree;
-pub mod verify;
 pub mod udp;
+pub mod verify;
 pub mod wire;
 pub mod worker;

@@ -471,7 +471,10 @@ mod tests {
         let m = vec![dir(".")];
         assert_eq!(
             kinds(&compare(&p, &m)),
-            vec![("d".into(), "only-on-primary"), ("d.txt".into(), "only-on-primary")]
+            vec![
+                ("d".into(), "only-on-primary"),
+                ("d.txt".into(), "only-on-primary")
+            ]
         );
     }
 

@@ -48,3 +48,147 @@ fn force_resync_recopies_a_known_mirror() {
     assert!(!m.mirror().join("planted").exists());
     m.unmount();
 }
+
+fn verify(m: &Mount, extra: &[&str]) -> (i32, serde_json::Value, String) {
+    let mut args: Vec<&std::ffi::OsStr> =
+        vec!["verify".as_ref(), m.mnt().as_os_str(), "--json".as_ref()];
+    args.extend(extra.iter().map(|s| std::ffi::OsStr::new(*s)));
+    let o = mirrorfs(&args);
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    let v = serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("verify printed no JSON ({e}): {:?} {err}", o.stdout));
+    (o.status.code().unwrap_or(-1), v, err)
+}
+
+/// (kind, path) of each difference of the first mirror.
+fn diffs(v: &serde_json::Value) -> Vec<(String, String)> {
+    let mut d: Vec<(String, String)> = v["mirrors"][0]["differences"]
+        .as_array()
+        .expect("differences")
+        .iter()
+        .map(|d| {
+            (
+                d["kind"].as_str().unwrap_or("").to_string(),
+                d["path"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    d.sort();
+    d
+}
+
+fn planted_tree(tag: &str) -> Mount {
+    let m = mount(tag);
+    fs::create_dir(m.p("dir")).expect("mkdir");
+    fs::write(m.p("dir/content"), vec![7u8; 100_000]).expect("write");
+    fs::write(m.p("mode"), b"m").expect("write");
+    fs::write(m.p("missing"), b"gone on the mirror").expect("write");
+    fs::write(m.p("xattr"), b"x").expect("write");
+    common::sys::lsetxattr(&m.p("xattr"), "user.k", b"v1", 0).expect("setxattr");
+    m.wait_mirror_equal(EQUAL);
+    m
+}
+
+/// Plants one difference of each kind directly in the mirror.
+fn plant(m: &Mount) {
+    use std::os::unix::fs::PermissionsExt;
+    let mir = m.mirror();
+    let mut data = vec![7u8; 100_000];
+    data[50_000] = 8;
+    fs::write(mir.join("dir/content"), data).expect("plant content");
+    fs::set_permissions(mir.join("mode"), fs::Permissions::from_mode(0o600)).expect("chmod");
+    fs::remove_file(mir.join("missing")).expect("rm");
+    fs::write(mir.join("extra"), b"only on the mirror").expect("extra");
+    common::sys::lsetxattr(&mir.join("xattr"), "user.k", b"v2", 0).expect("setxattr");
+}
+
+#[test]
+fn verify_finds_planted_differences_and_repair_mends_them_keeping_extras() {
+    let mut m = planted_tree("verify");
+    let (code, v, err) = verify(&m, &[]);
+    assert_eq!(code, 0, "a fresh mirror verifies clean: {v} {err}");
+    plant(&m);
+    let (code, v, err) = verify(&m, &[]);
+    assert_eq!(code, 3, "differences give exit code 3: {v} {err}");
+    let found = diffs(&v);
+    let want = [
+        ("content", "dir/content"),
+        ("mode", "mode"),
+        ("only-on-mirror", "extra"),
+        ("only-on-primary", "missing"),
+        ("xattrs", "xattr"),
+    ];
+    for (k, p) in want {
+        assert!(
+            found.contains(&(k.to_string(), p.to_string())),
+            "{k} {p} not found in {found:?}"
+        );
+    }
+    // Repair: all mended through the journal but the mirror-only file, reported and kept.
+    let (code, v, err) = verify(&m, &["--repair"]);
+    assert_eq!(code, 3, "the extra file remains: {v} {err}");
+    let repaired = v["mirrors"][0]["repaired"]
+        .as_array()
+        .expect("repaired list");
+    assert!(repaired.len() >= 5, "{v}");
+    assert_eq!(
+        diffs(&v),
+        vec![("only-on-mirror".to_string(), "extra".to_string())],
+        "{v}"
+    );
+    assert_eq!(
+        fs::read(m.mirror().join("extra")).expect("extra kept"),
+        b"only on the mirror"
+    );
+    assert_eq!(
+        fs::read(m.mirror().join("dir/content")).expect("read"),
+        vec![7u8; 100_000]
+    );
+    // The mount keeps mirroring after the repair.
+    fs::write(m.p("after"), b"later").expect("write");
+    // Deleting the extra needs the explicit flag.
+    let (code, v, err) = verify(&m, &["--repair", "--delete-extra"]);
+    assert_eq!(code, 0, "{v} {err}");
+    assert!(!m.mirror().join("extra").exists());
+    let (code, v, _) = verify(&m, &[]);
+    assert_eq!(code, 0, "a second verify is clean: {v}");
+    assert_eq!(fs::read(m.mirror().join("after")).expect("read"), b"later");
+    m.unmount();
+}
+
+#[test]
+fn resync_mends_a_running_mirror_and_keeps_extras_unless_asked() {
+    let mut m = planted_tree("resync");
+    plant(&m);
+    let mnt = m.mnt().as_os_str().to_owned();
+    let mir = m.mirror().as_os_str().to_owned();
+    let o = mirrorfs(&["resync".as_ref(), &mnt, "--mirror".as_ref(), &mir]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        m.mirror().join("extra").exists(),
+        "kept without --delete-extra"
+    );
+    assert_eq!(
+        fs::read(m.mirror().join("missing")).expect("restored"),
+        b"gone on the mirror"
+    );
+    let o = mirrorfs(&[
+        "resync".as_ref(),
+        &mnt,
+        "--mirror".as_ref(),
+        &mir,
+        "--delete-extra".as_ref(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    m.wait_mirror_equal(EQUAL);
+    // Not a mirror of this mount: a clear refusal.
+    let o = mirrorfs(&[
+        "resync".as_ref(),
+        &mnt,
+        "--mirror".as_ref(),
+        "/tmp".as_ref(),
+    ]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not a local mirror"));
+    m.unmount();
+}

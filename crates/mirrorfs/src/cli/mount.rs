@@ -375,7 +375,11 @@ pub fn mount(a: MountArgs) -> Result<()> {
         site.spawn("sync-groups", move || v.run_sync_group_timer())?;
     }
     {
-        let (v, b, h) = (Arc::downgrade(&vol), places.backing.clone(), state.hidden.clone());
+        let (v, b, h) = (
+            Arc::downgrade(&vol),
+            places.backing.clone(),
+            state.hidden.clone(),
+        );
         let hook: volume::ResyncHook = Box::new(move |req: &[u8]| {
             let v = v.upgrade().ok_or(libc::ESHUTDOWN)?;
             mirror::operator::start(&v, b.clone(), h.clone(), req)
@@ -710,7 +714,10 @@ fn attach_local_mirror(
             tracing::warn!(
                 "mirror {}: {}--force-resync: copying it again",
                 m.name,
-                bad_mark.as_deref().map(|w| format!("{w}; ")).unwrap_or_default()
+                bad_mark
+                    .as_deref()
+                    .map(|w| format!("{w}; "))
+                    .unwrap_or_default()
             );
             None
         }

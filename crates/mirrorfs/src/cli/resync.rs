@@ -102,9 +102,14 @@ pub fn resync_and_wait(t: &Target, mirror: &Path, delete_extra: bool) -> Result<
     if r != 0 {
         let e = std::io::Error::last_os_error();
         let why = match e.raw_os_error() {
-            Some(libc::EBUSY) => "a resync or copy of it is running, or it is not live (see `mirrorfs status`)".to_string(),
+            Some(libc::EBUSY) => {
+                "a resync or copy of it is running, or it is not live (see `mirrorfs status`)"
+                    .to_string()
+            }
             Some(libc::ENOENT) => "it is not a local mirror of this mount".to_string(),
-            Some(libc::EOPNOTSUPP) => "this mount does not support resync (an older mirrorfs?)".to_string(),
+            Some(libc::EOPNOTSUPP) => {
+                "this mount does not support resync (an older mirrorfs?)".to_string()
+            }
             _ => e.to_string(),
         };
         bail!("cannot resync {}: {why}", mirror.display());
@@ -120,7 +125,10 @@ pub fn resync_and_wait(t: &Target, mirror: &Path, delete_extra: bool) -> Result<
             return Ok(());
         }
         if t0.elapsed() > WAIT {
-            bail!("resync of {} did not finish within {WAIT:?}", mirror.display());
+            bail!(
+                "resync of {} did not finish within {WAIT:?}",
+                mirror.display()
+            );
         }
     }
 }

@@ -74,12 +74,13 @@ pub fn target(mountpoint: &Path) -> Result<Target> {
         );
     };
     if r.is_daemon() {
-        bail!("{} is a mirror daemon's directory, not a mount: verify the primary's mount instead", mp.display());
+        bail!(
+            "{} is a mirror daemon's directory, not a mount: verify the primary's mount instead",
+            mp.display()
+        );
     }
     let hidden = match (r.state.parent(), r.state.file_name()) {
-        (Some(p), Some(n)) if p == r.backing => {
-            std::os::unix::ffi::OsStrExt::as_bytes(n).to_vec()
-        }
+        (Some(p), Some(n)) if p == r.backing => std::os::unix::ffi::OsStrExt::as_bytes(n).to_vec(),
         _ => b".mirrorfs".to_vec(),
     };
     let st = read_status(&r.state)?;
@@ -321,9 +322,9 @@ pub fn verify(a: VerifyArgs) -> Result<()> {
             repaired: None,
         };
         primary = Some(p);
-        let needs_repair = differences.iter().any(|d| {
-            a.delete_extra || d.kind != mirrorfs_core::verify::DiffKind::OnlyOnMirror
-        });
+        let needs_repair = differences
+            .iter()
+            .any(|d| a.delete_extra || d.kind != mirrorfs_core::verify::DiffKind::OnlyOnMirror);
         if a.repair && needs_repair {
             if !a.json {
                 eprintln!(
@@ -412,12 +413,15 @@ pub fn verify(a: VerifyArgs) -> Result<()> {
                     "  {:<16} {}: primary {} / mirror {}",
                     d.kind.name(),
                     String::from_utf8_lossy(&d.path),
-                    if d.primary.is_empty() { "-" } else { &d.primary },
+                    if d.primary.is_empty() {
+                        "-"
+                    } else {
+                        &d.primary
+                    },
                     if d.mirror.is_empty() { "-" } else { &d.mirror },
                 )?;
             }
-            if r
-                .differences
+            if r.differences
                 .iter()
                 .any(|d| d.kind == mirrorfs_core::verify::DiffKind::OnlyOnMirror)
             {

@@ -154,8 +154,8 @@ fn run(
     let mut mf = Manifest::default();
     let mut kept = 0u64;
     manifest(&m.path, hidden, |e| {
-        let on_primary = e.path.is_root()
-            || crate::tree::dirtree::lstat_in(primary.as_fd(), &e.path).is_ok();
+        let on_primary =
+            e.path.is_root() || crate::tree::dirtree::lstat_in(primary.as_fd(), &e.path).is_ok();
         if on_primary || delete_extra {
             mf.add(e)
         } else {

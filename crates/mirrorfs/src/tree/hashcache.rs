@@ -147,7 +147,8 @@ fn decode(b: &[u8]) -> Result<HashMap<Key, [u8; 32]>, String> {
     if n > MAX_ENTRIES || body.len() != 16 + n * ENTRY_BYTES {
         return Err(format!("{n} entries do not match its length"));
     }
-    let u = |s: &[u8], i: usize| u64::from_le_bytes(s[i * 8..i * 8 + 8].try_into().unwrap_or_default());
+    let u =
+        |s: &[u8], i: usize| u64::from_le_bytes(s[i * 8..i * 8 + 8].try_into().unwrap_or_default());
     let mut m = HashMap::with_capacity(n);
     for e in body[16..].chunks_exact(ENTRY_BYTES) {
         let mut h = [0u8; 32];

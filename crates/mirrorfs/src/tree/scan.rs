@@ -118,9 +118,8 @@ fn entry(
     now: i64,
     progress: &mut dyn Progress,
 ) -> io::Result<Entry> {
-    let kind = Kind::from_mode(st.st_mode).ok_or_else(|| {
-        io::Error::other(format!("{path}: unknown file type {:#o}", st.st_mode))
-    })?;
+    let kind = Kind::from_mode(st.st_mode)
+        .ok_or_else(|| io::Error::other(format!("{path}: unknown file type {:#o}", st.st_mode)))?;
     let pathb = if path.is_root() {
         b".".to_vec()
     } else {
@@ -229,21 +228,36 @@ mod tests {
         assert_eq!(s[2].link_leader.as_deref(), Some(&b"d/f"[..]));
         assert_eq!(s[4].link_leader.as_deref(), Some(&b"d/f"[..]));
         assert_eq!(s[5].kind, Kind::Symlink);
-        assert_eq!(s[5].target.as_deref(), Some(outside.path().as_os_str().as_bytes()));
-        assert_eq!(cache.bytes_read, 10, "d/f and h read once each (d.txt is empty)");
+        assert_eq!(
+            s[5].target.as_deref(),
+            Some(outside.path().as_os_str().as_bytes())
+        );
+        assert_eq!(
+            cache.bytes_read, 10,
+            "d/f and h read once each (d.txt is empty)"
+        );
         // Unchanged but fresh: nothing kept yet (the settle rule), so a second scan reads again.
         let mut c2 = HashCache::default();
-        let k = Key::of(&sys::lstatat(
-            std::fs::File::open(&r).map(OwnedFd::from).expect("open").as_fd(),
-            OsStr::new("d/f"),
-        )
-        .expect("stat"));
+        let k = Key::of(
+            &sys::lstatat(
+                std::fs::File::open(&r)
+                    .map(OwnedFd::from)
+                    .expect("open")
+                    .as_fd(),
+                OsStr::new("d/f"),
+            )
+            .expect("stat"),
+        );
         c2.put(k, [7; 32], 0, i64::MAX - 10);
         let cp = t.path().join("c");
         c2.save(&cp).expect("save");
         let mut c2 = HashCache::load(&cp).0;
         let s2 = scan(&r, Some(b".mirrorfs"), &mut c2, &mut ()).expect("scan");
-        assert_eq!(s2[2].hash, Some([7; 32]), "a cached hash is used, not the data");
+        assert_eq!(
+            s2[2].hash,
+            Some([7; 32]),
+            "a cached hash is used, not the data"
+        );
         assert_eq!(c2.hits, 2, "d/f and h are one inode");
         assert_eq!(c2.bytes_read, 0);
     }
