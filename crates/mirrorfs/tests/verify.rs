@@ -192,3 +192,43 @@ fn resync_mends_a_running_mirror_and_keeps_extras_unless_asked() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("not a local mirror"));
     m.unmount();
 }
+
+#[test]
+fn a_change_in_the_backing_while_unmounted_is_reported_at_mount() {
+    let mut m = mount("stamp");
+    fs::write(m.p("f"), b"one").expect("write");
+    m.wait_mirror_equal(EQUAL);
+    m.unmount();
+    // An unchanged tree: no warning at the next mount.
+    m.remount();
+    m.unmount();
+    assert!(
+        !m.log().contains("changed while it was not mounted"),
+        "{}",
+        m.log()
+    );
+    fs::write(m.backing().join("f"), b"two, behind its back").expect("write");
+    m.remount();
+    let log = m.log();
+    assert!(
+        log.contains("was changed while it was not mounted") && log.contains("mirrorfs verify"),
+        "{log}"
+    );
+    // verify finds it and --repair mends it.
+    let (code, v, _) = verify(&m, &[]);
+    assert_eq!(code, 3, "{v}");
+    assert_eq!(
+        diffs(&v),
+        vec![
+            ("content".to_string(), "f".to_string()),
+            ("times".to_string(), "f".to_string())
+        ]
+    );
+    let (code, v, _) = verify(&m, &["--repair"]);
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(
+        fs::read(m.mirror().join("f")).expect("read"),
+        b"two, behind its back"
+    );
+    m.unmount();
+}

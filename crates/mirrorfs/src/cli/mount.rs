@@ -19,7 +19,7 @@ use crate::site::state_dir::{MirrorStateDir, StateDir, StateLockError};
 use crate::site::sync_groups::SyncGroupClock;
 use crate::site::volume;
 use crate::site::volume::{lock, AckMode, FsyncWaits, MirrorPhase, MirrorShared, Volume};
-use crate::site::{dirlock, meta, statefile, status};
+use crate::site::{dirlock, meta, stamp, statefile, status};
 use crate::sys;
 
 #[derive(clap::Args)]
@@ -351,6 +351,15 @@ pub fn mount(a: MountArgs) -> Result<()> {
     let link_identity = link_identity(&a, &places.remotes)?;
     let state = prepare_state(&a, &places)?;
     let _locks = take_locks(&places, &state.path)?;
+    if let Some(w) = stamp::check(
+        &places.backing,
+        &state.hidden,
+        &state.path,
+        &places.mountpoint,
+    ) {
+        tracing::warn!("{w}");
+        eprintln!("mirrorfs: warning: {w}");
+    }
     let meta = primary_meta(&state.path)?;
     let shared = mirror_shares(&places, &state.path)?;
     let n_local = places.mirrors.len();
@@ -450,6 +459,7 @@ pub fn mount(a: MountArgs) -> Result<()> {
     drain_mirrors(&vol, &shared);
     status_stop.store(true, Ordering::Relaxed);
     site.stop()?;
+    stamp::save(&places.backing, &state.hidden, &state.path);
     status::write_status(&vol, &places.mountpoint, &state.path);
     for m in &shared[n_local..] {
         let _ =

@@ -2,7 +2,8 @@
 //! journal's files (`store`), and the state a site keeps beside them: its identity (`meta`), its
 //! state files (`statefile`), the lock on its directories (`dirlock`), power-loss detection
 //! (`boot`), the witness's write fence (`fence`), the status it publishes (`status`), the conflicts a reintegration left
-//! (`conflicts`) and the implicit groups of `--fsync-groups` (`sync_groups`).
+//! (`conflicts`), the implicit groups of `--fsync-groups` (`sync_groups`) and the backing
+//! directory's stamp that tells a mount of changes made behind its back (`stamp`).
 
 pub mod boot;
 pub mod conflicts;
@@ -11,6 +12,7 @@ pub mod engine;
 pub mod fence;
 pub mod meta;
 pub mod promote;
+pub mod stamp;
 pub mod state_dir;
 pub mod statefile;
 pub mod status;
