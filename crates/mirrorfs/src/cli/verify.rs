@@ -183,7 +183,7 @@ impl Bar {
 impl Progress for Bar {
     fn entry(&mut self) {
         self.entries += 1;
-        if self.entries % 256 == 0 {
+        if self.entries.is_multiple_of(256) {
             self.show();
         }
     }

@@ -28,9 +28,6 @@ use mirrorfs_core::applier::Applier;
 use crate::mirror::resync::{live_resync, manifest, Manifest};
 use crate::site::volume::{lock, MirrorPhase, MirrorShared, Volume};
 
-/// The mount root's attribute that asks for a resync (set) and tells where each stands (get).
-pub const RESYNC_XATTR: &[u8] = b"user.mirrorfs.resync";
-
 /// How long the request waits for the mirror's worker to take it.
 const ACCEPT_WAIT: Duration = Duration::from_secs(30);
 
@@ -44,25 +41,6 @@ pub fn parse_request(v: &[u8]) -> Option<(bool, PathBuf)> {
     };
     let p = &v[i + 1..];
     (!p.is_empty()).then(|| (delete, PathBuf::from(std::ffi::OsStr::from_bytes(p))))
-}
-
-/// Where each local mirror's operator resync stands, as JSON (the attribute's value).
-pub fn status_json(vol: &Volume) -> Vec<u8> {
-    let v: Vec<serde_json::Value> = vol
-        .mirrors
-        .iter()
-        .filter(|m| m.remote.is_none())
-        .map(|m| {
-            let r = lock(&m.operator_resync).clone();
-            serde_json::json!({
-                "mirror": m.name,
-                "running": r.running,
-                "done": r.done,
-                "error": r.error,
-            })
-        })
-        .collect();
-    serde_json::to_vec(&v).unwrap_or_default()
 }
 
 /// Starts a resync of the local mirror the request names. Refused with `ENOENT` (no such local
