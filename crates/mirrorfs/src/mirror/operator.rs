@@ -82,6 +82,8 @@ pub fn start(
                 r.running = false;
                 r.asked = false;
                 r.error = Some(e.to_string());
+                drop(r);
+                v.changed.notify_all();
             }
         });
     spawned.map(drop).map_err(|_| libc::EAGAIN)
@@ -91,6 +93,16 @@ pub fn start(
 /// `Sync` records from now on).
 pub fn take_request(m: &MirrorShared, applier: &mut Applier) {
     let mut r = lock(&m.operator_resync);
+    if r.accepted && !r.running {
+        // The resync failed before its `SyncDone`: what it journaled and this mirror has not
+        // applied yet is skipped, and the mirror goes on as before (`verify` shows what is left).
+        r.accepted = false;
+        if applier.syncing() == Some(crate::mirror::sync_id(m)) {
+            applier.set_syncing(None);
+            *lock(&m.phase) = MirrorPhase::Live;
+        }
+        return;
+    }
     if r.asked && !r.accepted {
         applier.set_syncing(Some(crate::mirror::sync_id(m)));
         r.accepted = true;
@@ -108,6 +120,7 @@ pub fn copy_done(m: &MirrorShared, error: Option<&str>) {
     if r.running {
         r.running = false;
         r.asked = false;
+        r.accepted = false;
         r.error = error.map(str::to_string);
     }
 }
