@@ -383,7 +383,7 @@ pub fn verify(a: VerifyArgs) -> Result<()> {
             if let Some(before) = &r.repaired {
                 writeln!(
                     out,
-                    "mirror {}: repaired {} difference(s) ({})",
+                    "mirror {}: {} difference(s) before the repair ({})",
                     r.mirror.display(),
                     before.len(),
                     summary_words(before)
