@@ -30,5 +30,6 @@ pub mod token;
 pub mod track;
 pub mod tree;
 pub mod udp;
+pub mod verify;
 pub mod wire;
 pub mod worker;

@@ -123,6 +123,16 @@ enum Cmd {
         /// The directory to write them to (created if needed).
         dir: PathBuf,
     },
+    /// Compare each local mirror of a running mount with the primary (content by blake3, type,
+    /// mode, owner, mtime, links, symlink targets, xattrs, holes) and list the differences;
+    /// `--repair` mends them through the journal. Exit status: 0 equal, 3 differences found
+    /// (or left after --repair), 1 error. Files unchanged since the last verify are not read
+    /// again (a hash cache in the state directory).
+    Verify(cli::verify::VerifyArgs),
+    /// Resync a local mirror of a running mount through the journal (only what differs is
+    /// copied; what only the mirror has is kept unless --delete-extra), and wait until it is
+    /// applied.
+    Resync(cli::resync::ResyncArgs),
 }
 
 fn main() {
@@ -185,6 +195,8 @@ fn main() {
         Cmd::Config(a) => cli::config::config(a),
         Cmd::Completion { shell } => cli::gen::completion(Cli::command(), shell),
         Cmd::Man { dir } => cli::gen::man(Cli::command(), &dir),
+        Cmd::Verify(a) => cli::verify::verify(a),
+        Cmd::Resync(a) => cli::resync::resync(a),
     };
     if let Err(e) = r {
         eprintln!("mirrorfs: error: {e:#}");

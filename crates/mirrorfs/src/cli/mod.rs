@@ -9,5 +9,7 @@ pub mod group;
 pub mod helper;
 pub mod logs;
 pub mod mount;
+pub mod resync;
+pub mod verify;
 
 pub use crate::sys::hostname;

@@ -19,7 +19,7 @@ use crate::site::state_dir::{MirrorStateDir, StateDir, StateLockError};
 use crate::site::sync_groups::SyncGroupClock;
 use crate::site::volume;
 use crate::site::volume::{lock, AckMode, FsyncWaits, MirrorPhase, MirrorShared, Volume};
-use crate::site::{dirlock, meta, statefile, status};
+use crate::site::{dirlock, meta, stamp, statefile, status};
 use crate::sys;
 
 #[derive(clap::Args)]
@@ -95,7 +95,10 @@ pub struct MountArgs {
     /// At least 128 (two 64 MiB segments).
     #[arg(long, default_value_t = 4096, value_parser = crate::site::volume::parse_journal_max_mib)]
     journal_max_mib: u64,
-    /// Replace the contents of a never-synced, non-empty mirror directory with a copy of BACKING.
+    /// Copy BACKING again to every local mirror, replacing its contents: a never-synced,
+    /// non-empty directory, one with a foreign identity mark, or a known mirror whose tree was
+    /// changed behind mirrorfs's back (`mirrorfs verify` finds those; `verify --repair` and
+    /// `mirrorfs resync` mend a running mount's mirror without a full copy).
     #[arg(long)]
     force_resync: bool,
     /// FUSE worker threads.
@@ -356,6 +359,15 @@ pub fn mount(a: MountArgs) -> Result<()> {
     let link_identity = link_identity(&a, &places.remotes)?;
     let state = prepare_state(&a, &places)?;
     let _locks = take_locks(&places, &state.path)?;
+    if let Some(w) = stamp::check(
+        &places.backing,
+        &state.hidden,
+        &state.path,
+        &places.mountpoint,
+    ) {
+        tracing::warn!("{w}");
+        eprintln!("mirrorfs: warning: {w}");
+    }
     let meta = primary_meta(&state.path)?;
     let shared = mirror_shares(&places, &state.path)?;
     let n_local = places.mirrors.len();
@@ -378,6 +390,18 @@ pub fn mount(a: MountArgs) -> Result<()> {
         let _ = vol.sync_groups.set(clock);
         let v = vol.clone();
         site.spawn("sync-groups", move || v.run_sync_group_timer())?;
+    }
+    {
+        let (v, b, h) = (
+            Arc::downgrade(&vol),
+            places.backing.clone(),
+            state.hidden.clone(),
+        );
+        let hook: volume::ResyncHook = Box::new(move |req: &[u8]| {
+            let v = v.upgrade().ok_or(libc::ESHUTDOWN)?;
+            mirror::operator::start(&v, b.clone(), h.clone(), req)
+        });
+        let _ = vol.resync.set(hook);
     }
     let local = &shared[..n_local];
     let to_sync = start_local_mirrors(&mut site, local, &a, &meta, &state, &places.backing)?;
@@ -446,6 +470,7 @@ pub fn mount(a: MountArgs) -> Result<()> {
     drain_mirrors(&vol, &shared);
     status_stop.store(true, Ordering::Relaxed);
     site.stop()?;
+    stamp::save(&places.backing, &state.hidden, &state.path);
     status::write_status(&vol, &places.mountpoint, &state.path);
     for m in &shared[n_local..] {
         let _ =
@@ -703,12 +728,17 @@ fn attach_local_mirror(
         Applier::open(&mut cur, opening.power_loss, opening.horizon)?
     };
     let bad_mark = mark::problem(m);
+    // `--force-resync` copies every mirror again, a known one too (its cursor vouches only for
+    // what mirrorfs applied, not for changes made behind its back).
     let existing = match existing {
-        Some(_) if bad_mark.is_some() && a.force_resync => {
+        Some(_) if a.force_resync => {
             tracing::warn!(
-                "mirror {}: {}; --force-resync: copying it again",
+                "mirror {}: {}--force-resync: copying it again",
                 m.name,
-                bad_mark.as_deref().unwrap_or_default()
+                bad_mark
+                    .as_deref()
+                    .map(|w| format!("{w}; "))
+                    .unwrap_or_default()
             );
             None
         }

@@ -10,6 +10,29 @@ use super::*;
 /// then `-v end`; reading it gives the number of groups open. Never stored: the root of the
 /// backing directory and of mirrors has no such attribute.
 pub const GROUP_XATTR: &[u8] = b"user.mirrorfs.group";
+/// The mount root's attribute of an operator's resync of a local mirror (`mirrorfs resync`,
+/// `verify --repair`): set to `keep-extra PATH` or `delete-extra PATH`, the request goes to the
+/// volume's resync hook (`mirror::operator`); read, it tells where each mirror's stands (JSON).
+pub const RESYNC_XATTR: &[u8] = b"user.mirrorfs.resync";
+
+/// Where each local mirror's operator resync stands: the value of [`RESYNC_XATTR`].
+fn resync_status_json(vol: &crate::site::volume::Volume) -> Vec<u8> {
+    let v: Vec<serde_json::Value> = vol
+        .mirrors
+        .iter()
+        .filter(|m| m.remote.is_none())
+        .map(|m| {
+            let r = lock(&m.operator_resync).clone();
+            serde_json::json!({
+                "mirror": m.name,
+                "running": r.running,
+                "done": r.done,
+                "error": r.error,
+            })
+        })
+        .collect();
+    serde_json::to_vec(&v).unwrap_or_default()
+}
 
 /// `begin` → true, `end` → false (a trailing newline allowed, as `echo` writes it).
 fn group_command(value: &[u8]) -> Option<bool> {
@@ -147,6 +170,16 @@ impl MirrorFs {
                 None => reply.error(err(libc::EINVAL)),
             };
         }
+        if name.as_bytes() == RESYNC_XATTR {
+            if ino.0 != crate::fuse::inodes::ROOT {
+                return reply.error(err(libc::EOPNOTSUPP));
+            }
+            return match self.vol.resync.get().map(|start| start(value)) {
+                Some(Ok(())) => reply.ok(),
+                Some(Err(e)) => reply.error(err(e)),
+                None => reply.error(err(libc::EOPNOTSUPP)),
+            };
+        }
         let n = name.as_bytes().to_vec();
         // Resolved under the order lock (see `still_named`), never through a symlink.
         let r = self.retry_renamed(|| {
@@ -183,6 +216,14 @@ impl MirrorFs {
                 0 => reply.size(open.len() as u32),
                 n if (n as usize) < open.len() => reply.error(err(libc::ERANGE)),
                 _ => reply.data(open.as_bytes()),
+            };
+        }
+        if ino.0 == crate::fuse::inodes::ROOT && name.as_bytes() == RESYNC_XATTR {
+            let v = resync_status_json(&self.vol);
+            return match size {
+                0 => reply.size(v.len() as u32),
+                n if (n as usize) < v.len() => reply.error(err(libc::ERANGE)),
+                _ => reply.data(&v),
             };
         }
         let r = self

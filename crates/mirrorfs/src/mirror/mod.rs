@@ -1,6 +1,7 @@
 //! Mirror workers (one thread per mirror) and the initial copy of a new mirror.
 
 pub mod mark;
+pub mod operator;
 pub mod resync;
 
 use std::collections::HashMap;
@@ -66,6 +67,7 @@ pub fn run_worker(vol: Arc<Volume>, m: Arc<MirrorShared>, applier: Applier) {
                 Flow::End => return,
             }
         }
+        crate::mirror::operator::take_request(&m, worker.applier_mut());
         let want = m.want_durable.load(Ordering::Acquire);
         let turn = worker.turn(&mut tree, &mut cursor, clock.elapsed(), want, || {
             feed.next(&vol)
@@ -205,6 +207,7 @@ fn stop_worker(
 /// `SYNCING` marker goes, so a restart resumes from the cursor instead of copying again; if the
 /// checkpoint failed, the marker stays and the next mount copies again (safe).
 fn copy_complete(m: &MirrorShared, done: Result<(), String>) {
+    crate::mirror::operator::copy_done(m, done.as_ref().err().map(String::as_str));
     match done {
         Ok(()) => {
             if let Err(e) = MirrorStateDir::at(&m.state_dir).clear_syncing() {

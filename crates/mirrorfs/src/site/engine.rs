@@ -122,6 +122,7 @@ impl Volume {
             view: std::sync::OnceLock::new(),
             groups: Mutex::new(Gate::default()),
             sync_groups: std::sync::OnceLock::new(),
+            resync: std::sync::OnceLock::new(),
         }
     }
 

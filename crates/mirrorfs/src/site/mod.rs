@@ -2,8 +2,9 @@
 //! journal's files (`store`), and the state a site keeps beside them: its identity (`meta`), its
 //! state files (`statefile`), the lock on its directories (`dirlock`), power-loss detection
 //! (`boot`), the witness's write fence (`fence`), the status it publishes (`status`), the conflicts a reintegration left
-//! (`conflicts`), the implicit groups of `--fsync-groups` (`sync_groups`) and the write tokens of
-//! two writable sites (`tokens`).
+//! (`conflicts`), the implicit groups of `--fsync-groups` (`sync_groups`), the write tokens of
+//! two writable sites (`tokens`) and the backing directory's stamp that tells a mount of changes
+//! made behind its back (`stamp`).
 
 pub mod boot;
 pub mod conflicts;
@@ -13,6 +14,7 @@ pub mod fence;
 pub mod meta;
 pub mod metrics;
 pub mod promote;
+pub mod stamp;
 pub mod state_dir;
 pub mod statefile;
 pub mod status;

@@ -216,6 +216,24 @@ pub struct MirrorShared {
     /// Errors met by this mirror since the process started, by kind (`apply`, `journal_read`,
     /// `diverged`, `link`), for the metrics' `mirrorfs_mirror_errors_total`.
     pub errors: Mutex<std::collections::BTreeMap<&'static str, u64>>,
+    /// An operator's resync of a running local mirror (`mirrorfs resync`, `verify --repair`;
+    /// `mirror::operator`): where it stands.
+    pub operator_resync: Mutex<OperatorResync>,
+}
+
+/// Where an operator's resync of a local mirror stands (`mirror::operator`).
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct OperatorResync {
+    /// Asked of the worker: apply the `Sync` records of a resync from now on (the worker takes
+    /// it and sets `accepted`).
+    pub asked: bool,
+    pub accepted: bool,
+    /// Running: from the request until the mirror applied its `SyncDone`.
+    pub running: bool,
+    /// Copies completed on this mirror (operator resyncs and initial copies).
+    pub done: u64,
+    /// Why the last one failed.
+    pub error: Option<String>,
 }
 
 /// What `status` shows of a remote mirror's connection.
@@ -299,6 +317,7 @@ impl MirrorShared {
             checkpoint_when_idle: AtomicBool::new(false),
             records_applied: AtomicU64::new(0),
             errors: Mutex::new(std::collections::BTreeMap::new()),
+            operator_resync: Mutex::new(OperatorResync::default()),
         }
     }
 
@@ -458,7 +477,14 @@ pub struct Volume {
     /// `--fsync-groups`: the implicit group of the changes since the last sync (set once, when
     /// the primary mounts with it; `site::sync_groups`).
     pub sync_groups: std::sync::OnceLock<crate::site::sync_groups::SyncGroupClock>,
+    /// Starts an operator's resync of a local mirror, given the request as the mount root's
+    /// attribute `user.mirrorfs.resync` carries it (set once by the mount: `mirror::operator`).
+    /// An errno when refused.
+    pub resync: std::sync::OnceLock<ResyncHook>,
 }
+
+/// See [`Volume::resync`].
+pub type ResyncHook = Box<dyn Fn(&[u8]) -> Result<(), i32> + Send + Sync>;
 
 /// What a mount knows of its backing tree: the FUSE shell's inode table and the kernel's caches
 /// of names and pages. A change the site makes to the backing tree itself, not through the mount

@@ -1,0 +1,447 @@
+//! `mirrorfs verify MOUNT [--mirror M] [--repair] [--json]`: compares each local mirror of a
+//! running mount with its backing directory (`tree::scan` on both sides, `core::verify::compare`)
+//! and lists the differences. `--repair` asks the mount to resync the mirror through the journal
+//! (`cli::resync`), then verifies again.
+//!
+//! Exit codes: 0 the mirrors equal the primary (after the repair, with `--repair`); 3 differences
+//! were found (and, with `--repair`, some remain: what only a mirror has is kept unless
+//! `--delete-extra`); 1 an error (nothing compared, or not everything).
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use mirrorfs_core::verify::{compare, summary, Difference};
+use serde_json::json;
+
+use crate::site::status;
+use crate::tree::hashcache::HashCache;
+use crate::tree::scan::{self, Progress};
+
+/// The exit code when differences are found.
+pub const EXIT_DIFFERENCES: i32 = 3;
+
+#[derive(clap::Args)]
+pub struct VerifyArgs {
+    /// The mountpoint of a running mirrorfs mount.
+    mountpoint: PathBuf,
+    /// A local mirror of that mount to verify (repeat for several; default: all its local
+    /// mirrors). Remote mirrors (mirror://) cannot be verified yet.
+    #[arg(long = "mirror")]
+    mirrors: Vec<PathBuf>,
+    /// Bring each mirror that differs back in line with the primary: the mount resyncs it
+    /// through the journal (only what differs is copied), then it is verified again. What only
+    /// the mirror has is reported and kept, unless --delete-extra.
+    #[arg(long)]
+    repair: bool,
+    /// With --repair: also delete what only the mirror has.
+    #[arg(long, requires = "repair")]
+    delete_extra: bool,
+    /// Print the result as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+    /// Read every file, neither using nor updating the hash cache (STATE/verify/).
+    #[arg(long)]
+    no_cache: bool,
+    /// How long to wait for the mirrors to apply what the journal holds before comparing, in
+    /// seconds (a mirror still behind shows the changes it has yet to apply as differences).
+    #[arg(long, default_value_t = 30)]
+    settle_secs: u64,
+}
+
+/// A running mount, as `verify` and `resync` need it.
+pub struct Target {
+    pub mountpoint: PathBuf,
+    pub backing: PathBuf,
+    pub state: PathBuf,
+    /// The name hidden at the backing's root and used for each local mirror's identity mark.
+    pub hidden: Vec<u8>,
+    /// The mount's local mirrors, as its status lists them.
+    pub local_mirrors: Vec<PathBuf>,
+}
+
+/// Finds the running mount at `mountpoint`.
+pub fn target(mountpoint: &Path) -> Result<Target> {
+    let mp = mountpoint
+        .canonicalize()
+        .with_context(|| format!("cannot resolve {}", mountpoint.display()))?;
+    let running = status::registered(Some(&mp))?;
+    let Some(r) = running.into_iter().find(|r| r.mountpoint == mp) else {
+        bail!(
+            "{} is not the mountpoint of a running mirrorfs mount (give the mountpoint itself; see `mirrorfs status`)",
+            mp.display()
+        );
+    };
+    if r.is_daemon() {
+        bail!(
+            "{} is a mirror daemon's directory, not a mount: verify the primary's mount instead",
+            mp.display()
+        );
+    }
+    let hidden = match (r.state.parent(), r.state.file_name()) {
+        (Some(p), Some(n)) if p == r.backing => std::os::unix::ffi::OsStrExt::as_bytes(n).to_vec(),
+        _ => b".mirrorfs".to_vec(),
+    };
+    let st = read_status(&r.state)?;
+    let local_mirrors = st["mirrors"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m["path"].as_str())
+        .filter(|p| !p.starts_with("mirror://"))
+        .map(PathBuf::from)
+        .collect();
+    Ok(Target {
+        mountpoint: mp,
+        backing: r.backing,
+        state: r.state,
+        hidden,
+        local_mirrors,
+    })
+}
+
+fn read_status(state: &Path) -> Result<serde_json::Value> {
+    let p = state.join("status.json");
+    let b = std::fs::read(&p).with_context(|| format!("cannot read {}", p.display()))?;
+    serde_json::from_slice(&b).with_context(|| format!("{} is not valid JSON", p.display()))
+}
+
+/// Waits (at most `limit`) until `mirror` applied every record the journal held when called.
+/// Returns false if it did not.
+pub fn wait_caught_up(state: &Path, mirror: &Path, limit: Duration) -> Result<bool> {
+    let target = read_status(state)?["journal_next_seq"]
+        .as_u64()
+        .unwrap_or(1)
+        .saturating_sub(1);
+    let t0 = Instant::now();
+    let name = mirror.display().to_string();
+    loop {
+        let st = read_status(state)?;
+        let applied = st["mirrors"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|m| m["path"].as_str() == Some(&name))
+            .and_then(|m| m["applied_seq"].as_u64())
+            .unwrap_or(0);
+        if applied >= target {
+            return Ok(true);
+        }
+        if t0.elapsed() >= limit {
+            return Ok(false);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The hash cache's file for the tree at `tree`.
+fn cache_path(state: &Path, tree: &Path) -> PathBuf {
+    let id = blake3::hash(std::os::unix::ffi::OsStrExt::as_bytes(tree.as_os_str()));
+    state
+        .join("verify")
+        .join(format!("{}.cache", &id.to_hex()[..16]))
+}
+
+/// A spinner on a terminal (stderr), nothing otherwise.
+struct Bar {
+    pb: indicatif::ProgressBar,
+    entries: u64,
+    bytes: u64,
+}
+
+impl Bar {
+    fn new(what: String) -> Bar {
+        let pb = if std::io::stderr().is_terminal() {
+            let pb = indicatif::ProgressBar::new_spinner();
+            pb.enable_steady_tick(Duration::from_millis(120));
+            pb
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
+        pb.set_prefix(what);
+        pb.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} {prefix}: {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+        );
+        Bar {
+            pb,
+            entries: 0,
+            bytes: 0,
+        }
+    }
+
+    fn show(&self) {
+        self.pb.set_message(format!(
+            "{} entries, {} read",
+            self.entries,
+            indicatif::HumanBytes(self.bytes)
+        ));
+    }
+}
+
+impl Progress for Bar {
+    fn entry(&mut self) {
+        self.entries += 1;
+        if self.entries.is_multiple_of(256) {
+            self.show();
+        }
+    }
+    fn bytes(&mut self, n: u64) {
+        self.bytes += n;
+        self.show();
+    }
+}
+
+/// One side scanned.
+struct Scanned {
+    entries: Vec<mirrorfs_core::verify::Entry>,
+    bytes_read: u64,
+    cache_hits: u64,
+}
+
+fn scan_tree(tree: &Path, t: &Target, use_cache: bool, what: &str) -> Result<Scanned> {
+    let cp = cache_path(&t.state, tree);
+    let mut cache = if use_cache {
+        let (c, problem) = HashCache::load(&cp);
+        if let Some(p) = problem {
+            tracing::warn!("hash cache: {p}");
+        }
+        c
+    } else {
+        HashCache::default()
+    };
+    let mut bar = Bar::new(format!("scanning {what} {}", tree.display()));
+    let entries = scan::scan(tree, Some(&t.hidden), &mut cache, &mut bar)
+        .with_context(|| format!("cannot scan {}", tree.display()))?;
+    bar.pb.finish_and_clear();
+    if use_cache {
+        if let Err(e) = cache.save(&cp) {
+            tracing::warn!("cannot save the hash cache {}: {e}", cp.display());
+        }
+    }
+    Ok(Scanned {
+        entries,
+        bytes_read: cache.bytes_read,
+        cache_hits: cache.hits,
+    })
+}
+
+/// The result for one mirror.
+struct MirrorResult {
+    mirror: PathBuf,
+    entries: usize,
+    bytes_read: u64,
+    cache_hits: u64,
+    caught_up: bool,
+    differences: Vec<Difference>,
+    /// With --repair: the differences found before the repair.
+    repaired: Option<Vec<Difference>>,
+}
+
+fn diff_json(d: &Difference) -> serde_json::Value {
+    json!({
+        "path": String::from_utf8_lossy(&d.path),
+        "kind": d.kind.name(),
+        "primary": d.primary,
+        "mirror": d.mirror,
+    })
+}
+
+fn summary_words(d: &[Difference]) -> String {
+    summary(d)
+        .iter()
+        .map(|(k, n)| format!("{n} {}", k.name()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+pub fn verify(a: VerifyArgs) -> Result<()> {
+    let t = target(&a.mountpoint)?;
+    let mirrors: Vec<PathBuf> = if a.mirrors.is_empty() {
+        t.local_mirrors.clone()
+    } else {
+        let mut v = Vec::new();
+        for m in &a.mirrors {
+            let c = m
+                .canonicalize()
+                .with_context(|| format!("cannot resolve {}", m.display()))?;
+            if !t.local_mirrors.contains(&c) {
+                bail!(
+                    "{} is not a local mirror of {} (its local mirrors: {})",
+                    m.display(),
+                    t.mountpoint.display(),
+                    t.local_mirrors
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+            v.push(c);
+        }
+        v
+    };
+    if mirrors.is_empty() {
+        bail!(
+            "{} has no local mirror to verify (remote mirrors cannot be verified yet)",
+            t.mountpoint.display()
+        );
+    }
+    let settle = Duration::from_secs(a.settle_secs);
+    let mut results = Vec::new();
+    let mut primary: Option<Scanned> = None;
+    let (mut primary_bytes, mut primary_hits) = (0, 0);
+    for m in &mirrors {
+        let caught_up = wait_caught_up(&t.state, m, settle)?;
+        if !caught_up {
+            tracing::warn!(
+                "mirror {} is still behind after {}s: changes it has yet to apply show as differences",
+                m.display(),
+                a.settle_secs
+            );
+        }
+        let p = match primary.take() {
+            Some(p) => p,
+            None => {
+                let p = scan_tree(&t.backing, &t, !a.no_cache, "primary")?;
+                primary_bytes += p.bytes_read;
+                primary_hits += p.cache_hits;
+                p
+            }
+        };
+        let s = scan_tree(m, &t, !a.no_cache, "mirror")?;
+        let mut differences = compare(&p.entries, &s.entries);
+        let mut r = MirrorResult {
+            mirror: m.clone(),
+            entries: p.entries.len(),
+            bytes_read: s.bytes_read,
+            cache_hits: s.cache_hits,
+            caught_up,
+            differences: Vec::new(),
+            repaired: None,
+        };
+        primary = Some(p);
+        let needs_repair = differences
+            .iter()
+            .any(|d| a.delete_extra || d.kind != mirrorfs_core::verify::DiffKind::OnlyOnMirror);
+        if a.repair && needs_repair {
+            if !a.json {
+                eprintln!(
+                    "mirror {}: {} difference(s) ({}); repairing through the journal",
+                    m.display(),
+                    differences.len(),
+                    summary_words(&differences)
+                );
+            }
+            crate::cli::resync::resync_and_wait(&t, m, a.delete_extra)?;
+            wait_caught_up(&t.state, m, settle)?;
+            let p = scan_tree(&t.backing, &t, !a.no_cache, "primary")?;
+            primary_bytes += p.bytes_read;
+            primary_hits += p.cache_hits;
+            let s = scan_tree(m, &t, !a.no_cache, "mirror")?;
+            r.bytes_read += s.bytes_read;
+            r.cache_hits += s.cache_hits;
+            let after = compare(&p.entries, &s.entries);
+            r.repaired = Some(std::mem::replace(&mut differences, after));
+            primary = Some(p);
+        }
+        r.differences = differences;
+        results.push(r);
+    }
+    let total: usize = results.iter().map(|r| r.differences.len()).sum();
+    let mut out = std::io::stdout().lock();
+    if a.json {
+        let v = json!({
+            "mountpoint": t.mountpoint,
+            "backing": t.backing,
+            "primary_bytes_read": primary_bytes,
+            "primary_cache_hits": primary_hits,
+            "differences": total,
+            "mirrors": results.iter().map(|r| json!({
+                "mirror": r.mirror,
+                "entries_primary": r.entries,
+                "bytes_read": r.bytes_read,
+                "cache_hits": r.cache_hits,
+                "caught_up": r.caught_up,
+                "summary": summary(&r.differences).iter().map(|(k, n)| (k.name().to_string(), json!(n))).collect::<serde_json::Map<_, _>>(),
+                "differences": r.differences.iter().map(diff_json).collect::<Vec<_>>(),
+                "repaired": r.repaired.as_ref().map(|v| v.iter().map(diff_json).collect::<Vec<_>>()),
+            })).collect::<Vec<_>>(),
+        });
+        writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
+    } else {
+        writeln!(
+            out,
+            "primary {} (mounted at {}): {} read, {} files' hashes from the cache",
+            t.backing.display(),
+            t.mountpoint.display(),
+            indicatif::HumanBytes(primary_bytes),
+            primary_hits
+        )?;
+        for r in &results {
+            if let Some(before) = &r.repaired {
+                writeln!(
+                    out,
+                    "mirror {}: {} difference(s) before the repair ({})",
+                    r.mirror.display(),
+                    before.len(),
+                    summary_words(before)
+                )?;
+            }
+            if r.differences.is_empty() {
+                writeln!(
+                    out,
+                    "mirror {}: equal to the primary ({} entries; {} read, {} from the cache)",
+                    r.mirror.display(),
+                    r.entries,
+                    indicatif::HumanBytes(r.bytes_read),
+                    r.cache_hits
+                )?;
+                continue;
+            }
+            writeln!(
+                out,
+                "mirror {}: {} difference(s): {}",
+                r.mirror.display(),
+                r.differences.len(),
+                summary_words(&r.differences)
+            )?;
+            for d in &r.differences {
+                writeln!(
+                    out,
+                    "  {:<16} {}: primary {} / mirror {}",
+                    d.kind.name(),
+                    String::from_utf8_lossy(&d.path),
+                    if d.primary.is_empty() {
+                        "-"
+                    } else {
+                        &d.primary
+                    },
+                    if d.mirror.is_empty() { "-" } else { &d.mirror },
+                )?;
+            }
+            if r.differences
+                .iter()
+                .any(|d| d.kind == mirrorfs_core::verify::DiffKind::OnlyOnMirror)
+            {
+                writeln!(out, "  (what only the mirror has is kept: `mirrorfs verify --repair --delete-extra` removes it)")?;
+            }
+            if !r.caught_up {
+                writeln!(out, "  (the mirror was still behind the journal: run verify again once it caught up)")?;
+            }
+        }
+        if total > 0 && !a.repair {
+            writeln!(
+                out,
+                "run `mirrorfs verify {} --repair` to bring the mirror(s) back in line",
+                t.mountpoint.display()
+            )?;
+        }
+    }
+    out.flush()?;
+    if total > 0 {
+        std::process::exit(EXIT_DIFFERENCES);
+    }
+    Ok(())
+}
