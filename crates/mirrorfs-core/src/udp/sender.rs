@@ -233,6 +233,11 @@ impl UdpSender {
         self.config.rate_bytes_per_s = rate_bytes_per_s;
     }
 
+    /// The pace, bytes per second.
+    pub fn rate(&self) -> u64 {
+        self.config.rate_bytes_per_s
+    }
+
     /// Bounds the send queue at `bytes` from the next `offer` on (what is queued already
     /// stays: the queue drains below the new bound before it takes more).
     pub fn set_queue_bytes_max(&mut self, bytes: usize) {
