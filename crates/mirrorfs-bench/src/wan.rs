@@ -1,6 +1,7 @@
 //! `--targets wan`: mirroring throughput of the TLS/TCP data path and of the UDP data path with
-//! forward error correction (`mount --transport udp`) over the WAN emulator (`mirrorfs-wan`), at
-//! SMFS's 50 ms one-way delay and 0, 0.1 and 1 % random loss each way (issue 8).
+//! forward error correction (`mount --transport udp`) over the WAN emulator (`mirrorfs-wan`)
+//! (issue 8), in parts (`--wan-parts`): `throughput` at SMFS's 50 ms one-way delay and 0, 0.1,
+//! 0.5 and 1 % random loss each way; `delay` at 25, 50 and 100 ms one-way and 0.1 % loss.
 //!
 //! Per row, in one run: a fresh emulated WAN (side A: the primary's mount, side B: the mirror
 //! daemon; the same impairment both ways, a rate cap of [`RATE_MBIT`] Mbit/s), identities made
@@ -10,7 +11,8 @@
 //! first write; a row that does not finish within `LIMIT` reports what reached the mirror by
 //! then. TCP runs with the link's congestion control set to BBR (this machine's default) and to
 //! CUBIC (SMFS's comparison; `mount --tcp-congestion`); UDP runs paced at [`UDP_RATE_MBIT`] Mbit/s (data and repair
-//! packets together), below the cap, since the UDP path has no congestion control.
+//! packets together), below the cap (`--udp-rate-control fixed`), and with adaptive rate
+//! control whose ceiling is the cap (`--udp-rate-control adaptive`).
 
 use std::fs;
 use std::io::Write as _;
@@ -26,9 +28,21 @@ use crate::disaster::{mirror_live, start_daemon, status_json, wait_for, Procs};
 use crate::mounts;
 use crate::report::{render_markdown, render_plain};
 
-/// One-way delay, each way.
+/// One-way delay, each way, of the loss sweep.
 const DELAY: Duration = Duration::from_millis(50);
-const LOSSES: [f64; 3] = [0.0, 0.001, 0.01];
+const LOSSES: [f64; 4] = [0.0, 0.001, 0.005, 0.01];
+/// One-way delays of the delay sweep, at [`DELAY_SWEEP_LOSS`].
+const DELAYS_MS: [u64; 3] = [25, 50, 100];
+const DELAY_SWEEP_LOSS: f64 = 0.001;
+
+/// A part of the target (`--wan-parts`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+pub enum Part {
+    /// Throughput vs loss at 50 ms one-way.
+    Throughput,
+    /// Throughput vs one-way delay at 0.1 % loss.
+    Delay,
+}
 /// The emulated link's rate cap.
 const RATE_MBIT: u64 = 200;
 /// The UDP path's pace (`--udp-rate-mbit`): 90 % of the cap.
@@ -40,28 +54,34 @@ const PORT: u16 = 7070;
 enum DataPath {
     Tcp { congestion: &'static str },
     Udp,
+    UdpAdaptive,
 }
 
 impl DataPath {
     fn label(self) -> String {
         match self {
             DataPath::Tcp { congestion } => format!("TLS/TCP ({congestion})"),
-            DataPath::Udp => format!("UDP + FEC (8, 3), {UDP_RATE_MBIT} Mbit/s"),
+            DataPath::Udp => format!("UDP + FEC (8, 3), fixed {UDP_RATE_MBIT} Mbit/s"),
+            DataPath::UdpAdaptive => {
+                format!("UDP + FEC (8, 3), adaptive ≤ {RATE_MBIT} Mbit/s")
+            }
         }
     }
 }
 
-const PATHS: [DataPath; 3] = [
+const PATHS: [DataPath; 4] = [
     DataPath::Tcp { congestion: "bbr" },
     DataPath::Tcp {
         congestion: "cubic",
     },
     DataPath::Udp,
+    DataPath::UdpAdaptive,
 ];
 
 /// What one row gave.
 struct Row {
     path: DataPath,
+    delay: Duration,
     loss: f64,
     bytes: u64,
     seconds: f64,
@@ -70,9 +90,9 @@ struct Row {
     nak_entries: u64,
 }
 
-fn link(loss: f64) -> Impairment {
+fn link(delay: Duration, loss: f64) -> Impairment {
     Impairment {
-        delay: DELAY,
+        delay,
         loss,
         rate_bps: Some(RATE_MBIT * 1_000_000),
         queue_bytes: 4 << 20,
@@ -80,36 +100,57 @@ fn link(loss: f64) -> Impairment {
     }
 }
 
-pub fn run(bin: &Path, run_dir: &Path, markdown: bool, quick: bool, seed: u64) -> Result<()> {
+pub fn run(
+    bin: &Path,
+    run_dir: &Path,
+    markdown: bool,
+    quick: bool,
+    seed: u64,
+    parts: &[Part],
+) -> Result<()> {
     let size_mib: u64 = if quick { 16 } else { 64 };
     let limit = Duration::from_secs(if quick { 30 } else { 90 });
-    let mut rows = Vec::new();
-    for (i, loss) in LOSSES.into_iter().enumerate() {
-        for (j, path) in PATHS.into_iter().enumerate() {
-            let base = run_dir.join(format!("wan-{i}-{j}"));
-            fs::create_dir_all(&base)
-                .with_context(|| format!("cannot create {}", base.display()))?;
-            let row = one(
-                bin,
-                &base,
-                path,
-                loss,
-                size_mib,
-                limit,
-                seed + (i * 3 + j) as u64,
-            )
-            .with_context(|| format!("{} at {} % loss", path.label(), loss * 100.0))?;
-            eprintln!(
-                "[wan] {} at {:.1} % loss: {:.2} MiB/s{}",
-                path.label(),
-                loss * 100.0,
-                mib_per_s(&row),
-                if row.finished { "" } else { " (unfinished)" }
-            );
-            rows.push(row);
+    let mut parts = parts.to_vec();
+    parts.sort();
+    parts.dedup();
+    let mut n = 0u64;
+    for part in parts {
+        let settings: Vec<(Duration, f64)> = match part {
+            Part::Throughput => LOSSES.iter().map(|&l| (DELAY, l)).collect(),
+            Part::Delay => DELAYS_MS
+                .iter()
+                .map(|&d| (Duration::from_millis(d), DELAY_SWEEP_LOSS))
+                .collect(),
+        };
+        let mut rows = Vec::new();
+        for (delay, loss) in settings {
+            for path in PATHS {
+                n += 1;
+                let base = run_dir.join(format!("wan-{n}"));
+                fs::create_dir_all(&base)
+                    .with_context(|| format!("cannot create {}", base.display()))?;
+                let row = one(bin, &base, path, delay, loss, size_mib, limit, seed + n)
+                    .with_context(|| {
+                        format!(
+                            "{} at {} ms, {} % loss",
+                            path.label(),
+                            delay.as_millis(),
+                            loss * 100.0
+                        )
+                    })?;
+                eprintln!(
+                    "[wan] {} at {} ms, {:.1} % loss: {:.2} MiB/s{}",
+                    path.label(),
+                    delay.as_millis(),
+                    loss * 100.0,
+                    mib_per_s(&row),
+                    if row.finished { "" } else { " (unfinished)" }
+                );
+                rows.push(row);
+            }
         }
+        print_table(part, &rows, size_mib, limit, markdown);
     }
-    print_table(&rows, size_mib, limit, markdown);
     Ok(())
 }
 
@@ -117,13 +158,20 @@ fn mib_per_s(r: &Row) -> f64 {
     r.bytes as f64 / (1u64 << 20) as f64 / r.seconds.max(1e-9)
 }
 
-fn print_table(rows: &[Row], size_mib: u64, limit: Duration, markdown: bool) {
+fn print_table(part: Part, rows: &[Row], size_mib: u64, limit: Duration, markdown: bool) {
+    let sweep = match part {
+        Part::Throughput => format!("{} ms one-way delay, the loss each way", DELAY.as_millis()),
+        Part::Delay => format!(
+            "the one-way delay, {:.1} % loss each way",
+            DELAY_SWEEP_LOSS * 100.0
+        ),
+    };
     println!(
-        "mirroring throughput: {size_mib} MiB written through the mount (1 MiB writes, --ack async) until the mirror has every byte (or {} s); {} ms one-way delay, the loss each way, {RATE_MBIT} Mbit/s cap with a 4 MiB queue (mirrorfs-wan)",
+        "mirroring throughput: {size_mib} MiB written through the mount (1 MiB writes, --ack async) until the mirror has every byte (or {} s); {sweep}, {RATE_MBIT} Mbit/s cap with a 4 MiB queue (mirrorfs-wan)",
         limit.as_secs(),
-        DELAY.as_millis()
     );
     let mut table = vec![[
+        "one-way delay",
         "loss",
         "data path",
         "MiB/s",
@@ -137,6 +185,7 @@ fn print_table(rows: &[Row], size_mib: u64, limit: Duration, markdown: bool) {
     .collect::<Vec<_>>()];
     for r in rows {
         table.push(vec![
+            format!("{} ms", r.delay.as_millis()),
             format!("{:.1} %", r.loss * 100.0),
             r.path.label(),
             format!("{:.2}", mib_per_s(r)),
@@ -147,12 +196,12 @@ fn print_table(rows: &[Row], size_mib: u64, limit: Duration, markdown: bool) {
             ),
             format!("{:.1}", r.seconds),
             match r.path {
-                DataPath::Udp => r.recovered.to_string(),
                 DataPath::Tcp { .. } => "-".into(),
+                _ => r.recovered.to_string(),
             },
             match r.path {
-                DataPath::Udp => r.nak_entries.to_string(),
                 DataPath::Tcp { .. } => "-".into(),
+                _ => r.nak_entries.to_string(),
             },
         ]);
     }
@@ -167,6 +216,7 @@ fn one(
     bin: &Path,
     base: &Path,
     path: DataPath,
+    delay: Duration,
     loss: f64,
     size_mib: u64,
     limit: Duration,
@@ -177,10 +227,11 @@ fn one(
         fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
     }
     let ids = crate::net::make_identities(bin, base)?;
-    let wan = Wan::start(link(loss), link(loss), seed).context("cannot start the WAN emulator")?;
+    let wan = Wan::start(link(delay, loss), link(delay, loss), seed)
+        .context("cannot start the WAN emulator")?;
     let cc = match path {
         DataPath::Tcp { congestion } => congestion,
-        DataPath::Udp => "bbr",
+        DataPath::Udp | DataPath::UdpAdaptive => "bbr",
     };
     let listen = format!("{}:{PORT}", Wan::addr(Side::B));
     let log = |name: &str| -> Result<fs::File> {
@@ -195,9 +246,10 @@ fn one(
         &ids.mirror,
         base,
     )?);
-    let transport = match path {
-        DataPath::Tcp { .. } => "tcp",
-        DataPath::Udp => "udp",
+    let (transport, rate_control, rate_mbit) = match path {
+        DataPath::Tcp { .. } => ("tcp", "fixed", UDP_RATE_MBIT),
+        DataPath::Udp => ("udp", "fixed", UDP_RATE_MBIT),
+        DataPath::UdpAdaptive => ("udp", "adaptive", RATE_MBIT),
     };
     let mount = wan
         .command(Side::A, &bin.to_string_lossy())
@@ -209,9 +261,11 @@ fn one(
             transport,
             "--tcp-congestion",
             cc,
+            "--udp-rate-control",
+            rate_control,
             "--udp-rate-mbit",
         ])
-        .arg(UDP_RATE_MBIT.to_string())
+        .arg(rate_mbit.to_string())
         .arg("--config")
         .arg(&ids.primary)
         .stdin(Stdio::null())
@@ -251,6 +305,7 @@ fn one(
     wan.stop().context("the WAN emulator's router failed")?;
     Ok(Row {
         path,
+        delay,
         loss,
         bytes,
         seconds,

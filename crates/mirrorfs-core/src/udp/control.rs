@@ -6,8 +6,8 @@
 //! dedicated link of known capacity. `adaptive` fills a long fat link without starving the
 //! traffic it shares it with, and tells random loss from congestion:
 //!
-//! - **Round-trip samples** come from the stream itself: when `sent_through` passes a seq
-//!   (`on_sent`), the time is noted; when the mirror reports it received that seq
+//! - **Round-trip samples** come from the stream itself: when the last data packet of a record
+//!   goes out (`on_sent` with the sender's `data_sent_through`), the time is noted; when the mirror reports it received that seq
 //!   (`on_delivered`), the difference is a sample. The smallest sample of the last
 //!   `base_window_us` is the *base* RTT (the path's propagation); what a round's smallest sample
 //!   has above it is *queueing delay*.
@@ -206,7 +206,8 @@ impl RateControl {
         }
     }
 
-    /// A datagram of `bytes` went out; the sender's `sent_through` is now `sent_through`.
+    /// A datagram of `bytes` went out; every data packet of the records through `sent_through`
+    /// has gone out (`UdpSender::data_sent_through`).
     pub fn on_sent(&mut self, now_us: u64, bytes: usize, sent_through: u64) {
         self.round_bytes = self.round_bytes.saturating_add(bytes as u64);
         self.round_packets += 1;

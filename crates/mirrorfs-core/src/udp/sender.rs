@@ -212,6 +212,13 @@ impl UdpSender {
         self.sent_through
     }
 
+    /// The highest seq whose data packets were all handed out once (repairs covering them may
+    /// still wait: `sent_through`). Rate control's round-trip marks: the mirror may hold a
+    /// record one trip after its data left, long before the last layer's repairs did.
+    pub fn data_sent_through(&self) -> u64 {
+        self.data_sent_through
+    }
+
     /// The highest seq the receiver is known to hold (`on_delivered`): a record NAKed before
     /// it arrived after all needs no resend (the journal may have released it since).
     pub fn delivered(&self) -> u64 {

@@ -249,7 +249,7 @@ impl UdpPath {
                 let Some(datagram) = sender.poll_transmit(now) else {
                     return;
                 };
-                lock(&self.control).on_sent(now, datagram.len(), sender.sent_through());
+                lock(&self.control).on_sent(now, datagram.len(), sender.data_sent_through());
                 datagram
             };
             // A refused datagram (an ICMP unreachable reported on this connected socket, no
