@@ -88,6 +88,9 @@ struct Row {
     finished: bool,
     recovered: u64,
     nak_entries: u64,
+    /// The UDP sender's pace at the end (Mbit/s), its base RTT (ms) and back-offs on delay and
+    /// on loss (the primary's status, `link.udp_*`).
+    pace: String,
 }
 
 fn link(delay: Duration, loss: f64) -> Impairment {
@@ -139,12 +142,13 @@ pub fn run(
                         )
                     })?;
                 eprintln!(
-                    "[wan] {} at {} ms, {:.1} % loss: {:.2} MiB/s{}",
+                    "[wan] {} at {} ms, {:.1} % loss: {:.2} MiB/s{}; pace {}",
                     path.label(),
                     delay.as_millis(),
                     loss * 100.0,
                     mib_per_s(&row),
-                    if row.finished { "" } else { " (unfinished)" }
+                    if row.finished { "" } else { " (unfinished)" },
+                    row.pace
                 );
                 rows.push(row);
             }
@@ -179,6 +183,7 @@ fn print_table(part: Part, rows: &[Row], size_mib: u64, limit: Duration, markdow
         "seconds",
         "rebuilt by FEC (packets)",
         "NAK entries",
+        "UDP pace at the end, Mbit/s (base RTT; back-offs delay/loss)",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -202,6 +207,10 @@ fn print_table(part: Part, rows: &[Row], size_mib: u64, limit: Duration, markdow
             match r.path {
                 DataPath::Tcp { .. } => "-".into(),
                 _ => r.nak_entries.to_string(),
+            },
+            match r.path {
+                DataPath::Tcp { .. } => "-".into(),
+                _ => r.pace.clone(),
             },
         ]);
     }
@@ -300,6 +309,17 @@ fn one(
         .map(|s| s["udp"].clone())
         .unwrap_or_default();
     let n = |k: &str| udp.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+    let l = status_json(&backing.join(".mirrorfs/status.json"))
+        .map(|s| s["mirrors"][0]["link"].clone())
+        .unwrap_or_default();
+    let ln = |k: &str| l.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+    let pace = format!(
+        "{:.0} ({:.1} ms; {}/{})",
+        ln("udp_rate_bytes_per_s") as f64 * 8.0 / 1e6,
+        ln("udp_base_rtt_us") as f64 / 1e3,
+        ln("udp_backoffs_delay"),
+        ln("udp_backoffs_loss")
+    );
     let _ = mounts::unmount(&mnt);
     drop(procs);
     wan.stop().context("the WAN emulator's router failed")?;
@@ -312,5 +332,6 @@ fn one(
         finished: bytes >= size,
         recovered: n("recovered"),
         nak_entries: n("nak_entries"),
+        pace,
     })
 }

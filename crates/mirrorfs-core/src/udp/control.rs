@@ -16,7 +16,9 @@
 //!   ignored as well. Such loss does not slow the sender down: that is why a loss-based TCP
 //!   collapses on a lossy long link and this path does not.
 //! - **Congestion** is queueing delay above `delay_target_us` (a queue is building somewhere on
-//!   the path) or NAKs beyond the tolerance (loss beyond what FEC masks: a queue overflowing).
+//!   the path) or NAKs beyond the tolerance (loss beyond what FEC masks: a queue overflowing),
+//!   weighed at the end of the first round with at least [`LOSS_PACKETS_MIN`] packets sent since
+//!   the last weighing (one NAK among the few dozen packets of a slow round is no evidence).
 //!   The rate is cut (×0.85 for delay, ×0.7 for loss), at most once per round.
 //! - **Rounds**: a decision is taken once per round, one base RTT long (at least
 //!   `round_min_us`), on a clock tick (`on_tick`). Without a round-trip sample in a round (no
@@ -40,6 +42,9 @@ use std::collections::VecDeque;
 
 /// The most `(seq, sent at)` marks kept while waiting for the mirror's report.
 pub const MARKS_MAX: usize = 4_096;
+/// NAKs are weighed against at least this many packets sent: at a low rate a round holds a
+/// few dozen packets, and one NAK among them is no evidence of congestion.
+pub const LOSS_PACKETS_MIN: u64 = 1_000;
 
 /// How the UDP sender's rate is chosen (`mount --udp-rate-control`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -62,7 +67,7 @@ pub struct ControlConfig {
     pub initial_bytes_per_s: u64,
     /// Queueing delay (a round's smallest RTT sample above the base RTT) taken as congestion.
     pub delay_target_us: u64,
-    /// NAK entries per million packets sent in a round that are still taken as random loss.
+    /// NAK entries per million packets sent that are still taken as random loss.
     pub nak_tolerance_ppm: u64,
     /// A round is one base RTT, at least this long.
     pub round_min_us: u64,
@@ -140,8 +145,10 @@ pub struct RateControl {
     base_bucket_start_us: u64,
     round_start_us: u64,
     round_bytes: u64,
-    round_packets: u64,
-    round_naks: u64,
+    /// Packets sent and NAK entries since the loss rate was last weighed (at least
+    /// [`LOSS_PACKETS_MIN`] packets).
+    loss_packets: u64,
+    loss_naks: u64,
     round_min_rtt: Option<u64>,
     stats: ControlStats,
 }
@@ -169,8 +176,8 @@ impl RateControl {
             base_bucket_start_us: now_us,
             round_start_us: now_us,
             round_bytes: 0,
-            round_packets: 0,
-            round_naks: 0,
+            loss_packets: 0,
+            loss_naks: 0,
             round_min_rtt: None,
             stats: ControlStats::default(),
             config,
@@ -210,7 +217,7 @@ impl RateControl {
     /// has gone out (`UdpSender::data_sent_through`).
     pub fn on_sent(&mut self, now_us: u64, bytes: usize, sent_through: u64) {
         self.round_bytes = self.round_bytes.saturating_add(bytes as u64);
-        self.round_packets += 1;
+        self.loss_packets += 1;
         let newer = self.marks.back().is_none_or(|&(s, _)| sent_through > s);
         if sent_through > 0 && newer && self.marks.len() < MARKS_MAX {
             self.marks.push_back((sent_through, now_us));
@@ -250,7 +257,7 @@ impl RateControl {
 
     /// A NAK asked for `entries` records or ranges again: loss FEC did not mask.
     pub fn on_nak(&mut self, entries: usize) {
-        self.round_naks = self.round_naks.saturating_add(entries as u64);
+        self.loss_naks = self.loss_naks.saturating_add(entries as u64);
     }
 
     /// The clock: ends the round if it is due and decides the rate. Returns the rate.
@@ -279,8 +286,6 @@ impl RateControl {
         .clamp(floor, ceiling);
         self.round_start_us = now_us;
         self.round_bytes = 0;
-        self.round_packets = 0;
-        self.round_naks = 0;
         self.round_min_rtt = None;
         self.rate
     }
@@ -295,12 +300,13 @@ impl RateControl {
             self.stats.backoffs_delay += 1;
             return Decision::BackedOffDelay;
         }
-        let nak_ppm = self
-            .round_naks
-            .saturating_mul(1_000_000)
-            .checked_div(self.round_packets)
-            .unwrap_or(if self.round_naks > 0 { u64::MAX } else { 0 });
-        if nak_ppm > self.config.nak_tolerance_ppm {
+        let loss_beyond_fec = self.loss_packets >= LOSS_PACKETS_MIN && {
+            let ppm = self.loss_naks.saturating_mul(1_000_000) / self.loss_packets;
+            self.loss_packets = 0;
+            self.loss_naks = 0;
+            ppm > self.config.nak_tolerance_ppm
+        };
+        if loss_beyond_fec {
             self.slow_start = false;
             self.stats.backoffs_loss += 1;
             return Decision::BackedOffLoss;
@@ -518,6 +524,25 @@ mod tests {
         let rates = path.run(&mut rc, &mut t, 10_000);
         let max = *rates.iter().max().expect("rounds");
         assert!(max < 20_000_000, "never far above capacity: {rates:?}");
+    }
+
+    #[test]
+    fn a_stray_nak_at_a_low_rate_is_no_congestion() {
+        // 1 MB/s on a 20 ms path: about 16 packets a round. One NAK a round would be 6 %,
+        // but one every 300 packets is 0.33 %, within the tolerance: the rate grows.
+        let mut rc = RateControl::new(adaptive(), 0);
+        let mut path = Path {
+            rtt_us: 20 * MS,
+            capacity: 1_000_000_000,
+            queue_bytes: 0.0,
+            queue_max: 1e12,
+            random_naks_ppm: 3_333,
+        };
+        let mut t = 0;
+        path.run(&mut rc, &mut t, 2_000);
+        let s = rc.stats();
+        assert_eq!(s.backoffs_loss, 0, "{s:?}");
+        assert_eq!(s.rate_bytes_per_s, 100_000_000, "{s:?}");
     }
 
     #[test]
