@@ -138,6 +138,9 @@ pub struct RateControl {
     rate: u64,
     slow_start: bool,
     marks: VecDeque<(u64, u64)>,
+    /// The highest seq the mirror reported received (or the last before the first sent):
+    /// a mark at or below it would time nothing.
+    delivered: u64,
     srtt_us: Option<u64>,
     /// The base RTT as the min of two half-window buckets: the current one and the last.
     base_cur: Option<u64>,
@@ -170,6 +173,7 @@ impl RateControl {
             rate,
             slow_start: config.mode == RateMode::Adaptive,
             marks: VecDeque::new(),
+            delivered: 0,
             srtt_us: None,
             base_cur: None,
             base_prev: None,
@@ -182,6 +186,13 @@ impl RateControl {
             stats: ControlStats::default(),
             config,
         }
+    }
+
+    /// The first record this sender sends is `first`: what comes before it is no round trip
+    /// (the sender's `data_sent_through` starts at `first - 1`, which the mirror may already
+    /// have reported received).
+    pub fn starts_at(&mut self, first: u64) {
+        self.delivered = self.delivered.max(first.saturating_sub(1));
     }
 
     /// The rate to pace at, bytes per second.
@@ -219,7 +230,7 @@ impl RateControl {
         self.round_bytes = self.round_bytes.saturating_add(bytes as u64);
         self.loss_packets += 1;
         let newer = self.marks.back().is_none_or(|&(s, _)| sent_through > s);
-        if sent_through > 0 && newer && self.marks.len() < MARKS_MAX {
+        if sent_through > self.delivered && newer && self.marks.len() < MARKS_MAX {
             self.marks.push_back((sent_through, now_us));
         }
     }
@@ -227,6 +238,7 @@ impl RateControl {
     /// The mirror reported it received every record through `seq`: a round-trip sample from
     /// the newest mark it covers.
     pub fn on_delivered(&mut self, now_us: u64, seq: u64) {
+        self.delivered = self.delivered.max(seq);
         let mut newest = None;
         while let Some(&(s, at)) = self.marks.front() {
             if s > seq {
@@ -616,6 +628,22 @@ mod tests {
         assert_eq!(rc.stats().rtt_samples, 2);
         assert_eq!(rc.stats().base_rtt_us, 50_000);
         assert_eq!(rc.stats().srtt_us, (50_000 * 7 + 60_000) / 8);
+    }
+
+    #[test]
+    fn what_the_mirror_had_before_is_no_round_trip() {
+        let mut rc = RateControl::new(adaptive(), 0);
+        rc.starts_at(11);
+        // Before record 11's last data packet, data_sent_through is 10: no mark.
+        rc.on_sent(1_000, 1_232, 10);
+        rc.on_delivered(1_100, 10);
+        assert_eq!(rc.stats().rtt_samples, 0);
+        rc.on_sent(2_000, 1_232, 11);
+        rc.on_delivered(2_100, 10);
+        rc.on_sent(3_000, 1_232, 11);
+        assert_eq!(rc.stats().rtt_samples, 0);
+        rc.on_delivered(52_000, 11);
+        assert_eq!(rc.stats().srtt_us, 50_000);
     }
 
     #[test]

@@ -154,7 +154,7 @@ impl UdpPath {
             libc::SO_SNDBUF,
             SEND_BUFFER_BYTES,
         );
-        let control = RateControl::new(
+        let mut control = RateControl::new(
             ControlConfig {
                 mode: rate_control.mode(),
                 ceiling_bytes_per_s: rate_bytes_per_s,
@@ -162,6 +162,7 @@ impl UdpPath {
             },
             0,
         );
+        control.starts_at(first);
         let config = SenderConfig {
             rate_bytes_per_s: control.rate(),
             queue_bytes_max: control.queue_bytes(),
