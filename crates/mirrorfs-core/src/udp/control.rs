@@ -15,8 +15,9 @@
 //!   `nak_tolerance_ppm` of the packets sent (what FEC leaves to NAKs on a randomly lossy link) is
 //!   ignored as well. Such loss does not slow the sender down: that is why a loss-based TCP
 //!   collapses on a lossy long link and this path does not.
-//! - **Congestion** is queueing delay above `delay_target_us` (a queue is building somewhere on
-//!   the path) or NAKs beyond the tolerance (loss beyond what FEC masks: a queue overflowing),
+//! - **Congestion** is queueing delay above `delay_target_us` plus the FEC horizon's time at
+//!   the current rate (a queue is building somewhere on the path: a record FEC rebuilt waited
+//!   for its repair, up to the horizon) or NAKs beyond the tolerance (loss beyond what FEC masks: a queue overflowing),
 //!   weighed at the end of the first round with at least [`LOSS_PACKETS_MIN`] packets sent since
 //!   the last weighing (one NAK among the few dozen packets of a slow round is no evidence).
 //!   The rate is cut (×0.85 for delay, ×0.7 for loss), at most once per round.
@@ -65,8 +66,18 @@ pub struct ControlConfig {
     pub ceiling_bytes_per_s: u64,
     /// Where slow start begins.
     pub initial_bytes_per_s: u64,
-    /// Queueing delay (a round's smallest RTT sample above the base RTT) taken as congestion.
+    /// Queueing delay (a round's smallest RTT sample above the base RTT) taken as congestion,
+    /// beyond the FEC horizon's.
     pub delay_target_us: u64,
+    /// Packets over which FEC rebuilds a loss (the deepest layer's group: 8 × its interleave
+    /// distance, 800 for 3 layers, 0 without FEC). A record with a loss is received only once
+    /// its group's repair arrived, up to this many packets later: the time they take at the
+    /// current rate is added to the delay target, so that random loss FEC masks does not look
+    /// like a queue (a round-trip sample is per record, and with large records under loss
+    /// most records wait for a repair).
+    pub fec_horizon_packets: u64,
+    /// A packet's size on the wire, for the horizon's time.
+    pub packet_bytes: u64,
     /// NAK entries per million packets sent that are still taken as random loss.
     pub nak_tolerance_ppm: u64,
     /// A round is one base RTT, at least this long.
@@ -88,6 +99,8 @@ impl Default for ControlConfig {
             // 10 Mbit/s.
             initial_bytes_per_s: 1_250_000,
             delay_target_us: 10_000,
+            fec_horizon_packets: 800,
+            packet_bytes: 1_232,
             // 0.5 %.
             nak_tolerance_ppm: 5_000,
             round_min_us: 20_000,
@@ -304,7 +317,7 @@ impl RateControl {
 
     fn decide(&mut self, elapsed_us: u64) -> Decision {
         let congested_delay = match (self.round_min_rtt, self.base_rtt()) {
-            (Some(r), Some(base)) => r.saturating_sub(base) > self.config.delay_target_us,
+            (Some(r), Some(base)) => r.saturating_sub(base) > self.delay_target_us(),
             _ => false,
         };
         if congested_delay {
@@ -335,6 +348,17 @@ impl RateControl {
         }
     }
 
+    /// The queueing delay taken as congestion now: the target plus the FEC horizon's time at
+    /// the current rate.
+    pub fn delay_target_us(&self) -> u64 {
+        let horizon_bytes =
+            u128::from(self.config.fec_horizon_packets) * u128::from(self.config.packet_bytes);
+        let horizon_us = horizon_bytes * 1_000_000 / u128::from(self.rate.max(1));
+        self.config
+            .delay_target_us
+            .saturating_add(u64::try_from(horizon_us).unwrap_or(u64::MAX))
+    }
+
     fn base_rtt(&self) -> Option<u64> {
         match (self.base_cur, self.base_prev) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -361,6 +385,7 @@ mod tests {
     fn adaptive() -> ControlConfig {
         ControlConfig {
             mode: RateMode::Adaptive,
+            fec_horizon_packets: 0,
             floor_bytes_per_s: 100_000,
             ceiling_bytes_per_s: 100_000_000,
             initial_bytes_per_s: 1_000_000,
@@ -644,6 +669,36 @@ mod tests {
         assert_eq!(rc.stats().rtt_samples, 0);
         rc.on_delivered(52_000, 11);
         assert_eq!(rc.stats().srtt_us, 50_000);
+    }
+
+    #[test]
+    fn the_delay_target_allows_for_fec_recovery_at_the_current_rate() {
+        let config = ControlConfig {
+            fec_horizon_packets: 800,
+            ..adaptive()
+        };
+        let mut rc = RateControl::new(config, 0);
+        // 1 MB/s: 800 × 1,232 bytes take 985.6 ms.
+        assert_eq!(rc.delay_target_us(), 10_000 + 985_600);
+        rc.rate = 98_560_000;
+        assert_eq!(rc.delay_target_us(), 20_000);
+        // Records that waited 15 ms for a repair at that rate are no congestion: it grows.
+        let mut t = 0;
+        let mut seq = 0;
+        rc.slow_start = false;
+        rc.rate = 50_000_000;
+        rc.on_rtt(t, 50 * MS);
+        for _ in 0..200 {
+            t += MS;
+            for _ in 0..40 {
+                seq += 1;
+                rc.on_sent(t, 1_232, seq);
+            }
+            rc.on_rtt(t, 65 * MS);
+            rc.on_tick(t);
+        }
+        assert_eq!(rc.stats().backoffs_delay, 0, "{:?}", rc.stats());
+        assert!(rc.rate() > 50_000_000);
     }
 
     #[test]

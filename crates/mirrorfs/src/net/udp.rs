@@ -158,6 +158,11 @@ impl UdpPath {
             ControlConfig {
                 mode: rate_control.mode(),
                 ceiling_bytes_per_s: rate_bytes_per_s,
+                // The deepest layer's group: 8 packets at interleave distance 1, 10 or 100.
+                fec_horizon_packets: match fec_layers {
+                    0 => 0,
+                    c => 8 * 10u64.pow(c as u32 - 1),
+                },
                 ..ControlConfig::default()
             },
             0,
