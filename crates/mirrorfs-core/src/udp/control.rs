@@ -22,9 +22,11 @@
 //!   the last weighing (one NAK among the few dozen packets of a slow round is no evidence).
 //!   The rate is cut (×0.85 for delay, ×0.7 for loss), at most once per round.
 //! - **Rounds**: a decision is taken once per round, one base RTT long (at least
-//!   `round_min_us`), on a clock tick (`on_tick`). Without a round-trip sample in a round (no
-//!   feedback) or while the sender sent less than half the rate allowed (application-limited),
-//!   the rate does not grow.
+//!   `round_min_us`; `initial_rtt_us` before the first sample), on a clock tick (`on_tick`).
+//!   While a record sent is not reported received within an RTT and the delay target (feedback
+//!   is late), or while the sender sent less than half the rate allowed (application-limited),
+//!   the rate does not grow. A round without a sample is no reason to wait: a sample is per
+//!   record, and a large record takes several rounds to go out.
 //! - **Slow start**: from `initial_bytes_per_s` the rate doubles each round until the first
 //!   congestion signal or the ceiling; then it grows by 1/16 per round (a long fat link is
 //!   refilled in tens of rounds, not thousands as with one datagram per RTT).
@@ -82,6 +84,8 @@ pub struct ControlConfig {
     pub nak_tolerance_ppm: u64,
     /// A round is one base RTT, at least this long.
     pub round_min_us: u64,
+    /// The round, and what counts as a late report, before the first round-trip sample.
+    pub initial_rtt_us: u64,
     /// The base RTT is the smallest sample of this long.
     pub base_window_us: u64,
     pub queue_bytes_min: usize,
@@ -104,6 +108,7 @@ impl Default for ControlConfig {
             // 0.5 %.
             nak_tolerance_ppm: 5_000,
             round_min_us: 20_000,
+            initial_rtt_us: 100_000,
             base_window_us: 10_000_000,
             queue_bytes_min: 256 << 10,
             queue_bytes_max: 4 << 20,
@@ -294,7 +299,7 @@ impl RateControl {
         if elapsed < self.round_us() {
             return self.rate;
         }
-        let decision = self.decide(elapsed);
+        let decision = self.decide(now_us, elapsed);
         self.stats.last = decision;
         self.stats.rounds += 1;
         let (floor, ceiling) = (
@@ -315,7 +320,7 @@ impl RateControl {
         self.rate
     }
 
-    fn decide(&mut self, elapsed_us: u64) -> Decision {
+    fn decide(&mut self, now_us: u64, elapsed_us: u64) -> Decision {
         let congested_delay = match (self.round_min_rtt, self.base_rtt()) {
             (Some(r), Some(base)) => r.saturating_sub(base) > self.delay_target_us(),
             _ => false,
@@ -338,7 +343,17 @@ impl RateControl {
         }
         let allowed = u128::from(self.rate) * u128::from(elapsed_us) / 1_000_000;
         let app_limited = u128::from(self.round_bytes) * 2 < allowed;
-        if self.round_min_rtt.is_none() || app_limited {
+        // No sample in a round is normal while a large record is still going out (a sample is
+        // per record); a record sent and not reported within an RTT and the delay target is not.
+        let late_after = self
+            .base_rtt()
+            .unwrap_or(self.config.initial_rtt_us)
+            .saturating_add(self.delay_target_us());
+        let report_late = self
+            .marks
+            .front()
+            .is_some_and(|&(_, at)| now_us.saturating_sub(at) > late_after);
+        if report_late || app_limited {
             return Decision::Held;
         }
         if self.slow_start {
@@ -370,7 +385,7 @@ impl RateControl {
     /// decision that would drain it.
     fn round_us(&self) -> u64 {
         self.base_rtt()
-            .unwrap_or(0)
+            .unwrap_or(self.config.initial_rtt_us)
             .max(self.config.round_min_us)
             .max(1)
     }
@@ -408,7 +423,6 @@ mod tests {
         /// rate, with 1,232-byte packets; returns the rates at the end of each round.
         fn run(&mut self, rc: &mut RateControl, t: &mut u64, ms: u64) -> Vec<u64> {
             let mut rates = Vec::new();
-            let mut seq = 0;
             let mut sent_carry = 0.0;
             let mut nak_carry = 0u64;
             for _ in 0..ms {
@@ -417,8 +431,8 @@ mod tests {
                 sent_carry += rate as f64 / 1_000.0;
                 while sent_carry >= 1_232.0 {
                     sent_carry -= 1_232.0;
-                    seq += 1;
-                    rc.on_sent(*t, 1_232, seq);
+                    // Samples come from `on_rtt` below: no marks.
+                    rc.on_sent(*t, 1_232, 0);
                     nak_carry += self.random_naks_ppm;
                     if nak_carry >= 1_000_000 {
                         nak_carry -= 1_000_000;
@@ -479,7 +493,7 @@ mod tests {
         };
         let mut t = 0;
         let rates = path.run(&mut rc, &mut t, 41);
-        // The first round (round_min_us, no srtt yet) ends at 20 ms, the next one RTT later.
+        // The first sample (1 ms) gives the base RTT: a round is 40 ms.
         assert_eq!(rates, vec![2_000_000], "one round: {rates:?}");
         let rates = path.run(&mut rc, &mut t, 400);
         assert_eq!(
@@ -617,22 +631,46 @@ mod tests {
     }
 
     #[test]
-    fn no_feedback_or_an_idle_sender_holds_the_rate() {
+    fn late_feedback_or_an_idle_sender_holds_the_rate() {
         let mut rc = RateControl::new(adaptive(), 0);
-        // Sending at the rate but no RTT samples: held.
-        for t in 1..=200 {
-            rc.on_sent(t * MS, 1_000, t);
-            rc.on_tick(t * MS);
+        // Sending at the rate, records complete, never reported: the first rounds grow, then
+        // the oldest record is late (100 ms + the delay target) and the rate is held.
+        let mut t = 0;
+        while t < 2_000 * MS {
+            t += MS;
+            for _ in 0..(rc.rate() / 1_000 / 1_232) {
+                rc.on_sent(t, 1_232, t);
+            }
+            rc.on_tick(t);
         }
-        assert_eq!(rc.rate(), 1_000_000);
         assert_eq!(rc.stats().last, Decision::Held);
-        // Samples but almost nothing sent (application-limited): held too.
-        for t in 201..=400 {
-            rc.on_rtt(t * MS, 30 * MS);
-            rc.on_tick(t * MS);
+        let held = rc.rate();
+        assert!(held <= 2_000_000, "grew one round at most: {held}");
+        // Reported, with samples, but almost nothing sent (application-limited): held too.
+        rc.on_delivered(t, u64::MAX);
+        for _ in 0..200 {
+            t += MS;
+            rc.on_rtt(t, 30 * MS);
+            rc.on_tick(t);
         }
-        assert_eq!(rc.rate(), 1_000_000);
+        assert_eq!(rc.rate(), held);
         assert_eq!(rc.stats().last, Decision::Held);
+    }
+
+    #[test]
+    fn a_large_record_still_going_out_does_not_stall_slow_start() {
+        // No mark yet (the record's last packet has not left), no sample: slow start goes on.
+        let mut rc = RateControl::new(adaptive(), 0);
+        let mut t = 0;
+        while t < 350 * MS {
+            t += MS;
+            rc.on_sent(t, 1_232, 0);
+            for _ in 0..(rc.rate() / 1_000 / 1_232) {
+                rc.on_sent(t, 1_232, 0);
+            }
+            rc.on_tick(t);
+        }
+        assert_eq!(rc.rate(), 8_000_000, "{:?}", rc.stats());
     }
 
     #[test]
