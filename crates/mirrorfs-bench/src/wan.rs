@@ -132,7 +132,7 @@ pub fn run(
                 let base = run_dir.join(format!("wan-{n}"));
                 fs::create_dir_all(&base)
                     .with_context(|| format!("cannot create {}", base.display()))?;
-                let row = one(bin, &base, path, delay, loss, size_mib, limit, seed + n)
+                let row = one(bin, &base, path, (delay, loss), size_mib, limit, seed + n)
                     .with_context(|| {
                         format!(
                             "{} at {} ms, {} % loss",
@@ -225,8 +225,7 @@ fn one(
     bin: &Path,
     base: &Path,
     path: DataPath,
-    delay: Duration,
-    loss: f64,
+    (delay, loss): (Duration, f64),
     size_mib: u64,
     limit: Duration,
     seed: u64,

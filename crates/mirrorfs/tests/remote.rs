@@ -3805,7 +3805,7 @@ fn udp_adaptive_rate_control_mirrors_a_workload_and_shows_its_pace() {
     wait_live(&m, &srv);
     let chunk: Vec<u8> = (0..1u32 << 20).map(|i| (i * 2_654_435_761) as u8).collect();
     for i in 0..8 {
-        fs::write(m.p(&format!("f{i}")), &chunk).expect("write");
+        fs::write(m.p(format!("f{i}")), &chunk).expect("write");
     }
     small_workload(m.mnt(), 3);
     converge(&m, &srv, "adaptive rate control");
@@ -3814,7 +3814,10 @@ fn udp_adaptive_rate_control_mirrors_a_workload_and_shows_its_pace() {
     assert_eq!(l["transport"], "udp", "{r}");
     let rate = num(l, "udp_rate_bytes_per_s");
     assert!((125_000..=50_000_000).contains(&rate), "{r}");
-    assert!(num(l, "udp_base_rtt_us") > 0, "a round trip was measured: {r}");
+    assert!(
+        num(l, "udp_base_rtt_us") > 0,
+        "a round trip was measured: {r}"
+    );
     assert!(num(l, "udp_srtt_us") >= num(l, "udp_base_rtt_us"), "{r}");
     assert_eq!(num(l, "udp_backoffs_loss"), 0, "{r}");
     assert_eq!(l["udp_fallback"], false, "{r}");
