@@ -244,7 +244,8 @@ struct Args {
     #[arg(long)]
     markdown: bool,
     /// Parts of the wan target, comma separated: `throughput` (vs loss 0 / 0.1 / 0.5 / 1 % at
-    /// 50 ms one-way) and `delay` (vs one-way delay 25 / 50 / 100 ms at 0.1 % loss).
+    /// 50 ms one-way), `delay` (vs one-way delay 25 / 50 / 100 ms at 0.1 % loss) and
+    /// `fairness` (each data path beside a competing bulk TCP flow, and that flow alone).
     #[arg(long, value_delimiter = ',', default_value = "throughput,delay")]
     wan_parts: Vec<wan::Part>,
     /// MiB of data per FEC figure (fec target) [default: 128, 8 with --quick].

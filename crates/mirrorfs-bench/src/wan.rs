@@ -42,6 +42,88 @@ pub enum Part {
     Throughput,
     /// Throughput vs one-way delay at 0.1 % loss.
     Delay,
+    /// Each data path at 50 ms and 0 % loss beside a competing bulk TCP flow (the system's
+    /// congestion control) over the same link, and that flow alone.
+    Fairness,
+}
+
+/// The competing flow's port on side B.
+const COMPETE_PORT: u16 = 7171;
+
+/// A bulk TCP flow from side A to side B over the emulated link, started in its namespaces;
+/// `stop` ends it and gives the bytes side B received and over how long.
+struct Competitor {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    sender: std::thread::JoinHandle<()>,
+    receiver: std::thread::JoinHandle<(u64, f64)>,
+}
+
+impl Competitor {
+    fn start(wan: &Wan) -> Result<Competitor> {
+        use std::io::Read as _;
+        use std::net::{TcpListener, TcpStream};
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let listener = wan
+            .within(Side::B, || {
+                TcpListener::bind(format!("{}:{COMPETE_PORT}", Wan::addr(Side::B)))
+            })
+            .context("the competing flow's listener")?;
+        let stream = wan
+            .within(Side::A, || {
+                TcpStream::connect(format!("{}:{COMPETE_PORT}", Wan::addr(Side::B)))
+            })
+            .context("the competing flow's connection")?;
+        let (mut inbound, _) = listener.accept().context("the competing flow's accept")?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let sender = std::thread::spawn(move || {
+            let buf = vec![0x5a_u8; 64 << 10];
+            let mut stream = stream;
+            while !s.load(Ordering::Acquire) {
+                if stream.write_all(&buf).is_err() {
+                    break;
+                }
+            }
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        });
+        let receiver = std::thread::spawn(move || {
+            let t0 = Instant::now();
+            let mut buf = vec![0u8; 64 << 10];
+            let mut total = 0u64;
+            while let Ok(n) = inbound.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                total += n as u64;
+            }
+            (total, t0.elapsed().as_secs_f64())
+        });
+        Ok(Competitor {
+            stop,
+            sender,
+            receiver,
+        })
+    }
+
+    /// MiB/s side B received.
+    fn stop(self) -> f64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        let _ = self.sender.join();
+        let (bytes, secs) = self.receiver.join().unwrap_or((0, 1.0));
+        bytes as f64 / (1u64 << 20) as f64 / secs.max(1e-9)
+    }
+}
+
+/// The competing flow alone for `secs` seconds, MiB/s.
+fn competitor_alone(delay: Duration, secs: u64, seed: u64) -> Result<f64> {
+    let wan = Wan::start(link(delay, 0.0), link(delay, 0.0), seed)
+        .context("cannot start the WAN emulator")?;
+    let c = Competitor::start(&wan)?;
+    sleep(Duration::from_secs(secs));
+    let mib_s = c.stop();
+    wan.stop().context("the WAN emulator's router failed")?;
+    Ok(mib_s)
 }
 /// The emulated link's rate cap.
 const RATE_MBIT: u64 = 200;
@@ -91,6 +173,8 @@ struct Row {
     /// The UDP sender's pace at the end (Mbit/s), its base RTT (ms) and back-offs on delay and
     /// on loss (the primary's status, `link.udp_*`).
     pace: String,
+    /// The competing TCP flow's MiB/s meanwhile (the fairness part).
+    competing: Option<f64>,
 }
 
 fn link(delay: Duration, loss: f64) -> Impairment {
@@ -124,7 +208,17 @@ pub fn run(
                 .iter()
                 .map(|&d| (Duration::from_millis(d), DELAY_SWEEP_LOSS))
                 .collect(),
+            Part::Fairness => vec![(DELAY, 0.0)],
         };
+        let compete = part == Part::Fairness;
+        if compete {
+            let secs = limit.as_secs() / 3;
+            let alone = competitor_alone(DELAY, secs, seed + 1_000)?;
+            eprintln!("[wan] the competing TCP flow alone for {secs} s: {alone:.2} MiB/s");
+            println!(
+                "the competing bulk TCP flow (congestion control: this machine's default) alone on the link for {secs} s: {alone:.2} MiB/s"
+            );
+        }
         let mut rows = Vec::new();
         for (delay, loss) in settings {
             for path in PATHS {
@@ -132,15 +226,23 @@ pub fn run(
                 let base = run_dir.join(format!("wan-{n}"));
                 fs::create_dir_all(&base)
                     .with_context(|| format!("cannot create {}", base.display()))?;
-                let row = one(bin, &base, path, (delay, loss), size_mib, limit, seed + n)
-                    .with_context(|| {
-                        format!(
-                            "{} at {} ms, {} % loss",
-                            path.label(),
-                            delay.as_millis(),
-                            loss * 100.0
-                        )
-                    })?;
+                let row = one(
+                    bin,
+                    &base,
+                    path,
+                    (delay, loss),
+                    (size_mib, limit),
+                    compete,
+                    seed + n,
+                )
+                .with_context(|| {
+                    format!(
+                        "{} at {} ms, {} % loss",
+                        path.label(),
+                        delay.as_millis(),
+                        loss * 100.0
+                    )
+                })?;
                 eprintln!(
                     "[wan] {} at {} ms, {:.1} % loss: {:.2} MiB/s{}; pace {}",
                     path.label(),
@@ -169,6 +271,10 @@ fn print_table(part: Part, rows: &[Row], size_mib: u64, limit: Duration, markdow
             "the one-way delay, {:.1} % loss each way",
             DELAY_SWEEP_LOSS * 100.0
         ),
+        Part::Fairness => format!(
+            "{} ms one-way delay, no loss, beside a competing bulk TCP flow",
+            DELAY.as_millis()
+        ),
     };
     println!(
         "mirroring throughput: {size_mib} MiB written through the mount (1 MiB writes, --ack async) until the mirror has every byte (or {} s); {sweep}, {RATE_MBIT} Mbit/s cap with a 4 MiB queue (mirrorfs-wan)",
@@ -184,6 +290,7 @@ fn print_table(part: Part, rows: &[Row], size_mib: u64, limit: Duration, markdow
         "rebuilt by FEC (packets)",
         "NAK entries",
         "UDP pace at the end, Mbit/s (base RTT; back-offs delay/loss)",
+        "competing TCP flow, MiB/s",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -212,6 +319,7 @@ fn print_table(part: Part, rows: &[Row], size_mib: u64, limit: Duration, markdow
                 DataPath::Tcp { .. } => "-".into(),
                 _ => r.pace.clone(),
             },
+            r.competing.map_or("-".into(), |c| format!("{c:.2}")),
         ]);
     }
     if markdown {
@@ -226,8 +334,8 @@ fn one(
     base: &Path,
     path: DataPath,
     (delay, loss): (Duration, f64),
-    size_mib: u64,
-    limit: Duration,
+    (size_mib, limit): (u64, Duration),
+    compete: bool,
     seed: u64,
 ) -> Result<Row> {
     let (backing, mnt, mirror) = (base.join("backing"), base.join("mnt"), base.join("mirror"));
@@ -284,6 +392,11 @@ fn one(
     wait_for(|| mounts::is_mounted(&mnt), "the mount", base)?;
     wait_for(|| Ok(mirror_live(&backing)), "the mirror to be live", base)?;
 
+    let competitor = if compete {
+        Some(Competitor::start(&wan)?)
+    } else {
+        None
+    };
     let size = size_mib << 20;
     let t0 = Instant::now();
     let mut f = fs::File::create(mnt.join("payload")).context("cannot create the payload")?;
@@ -304,6 +417,7 @@ fn one(
         sleep(Duration::from_millis(20));
     }
     let seconds = t0.elapsed().as_secs_f64();
+    let competing = competitor.map(Competitor::stop);
     let udp = status_json(&mirror.join(".mirrorfs/status.json"))
         .map(|s| s["udp"].clone())
         .unwrap_or_default();
@@ -332,5 +446,6 @@ fn one(
         recovered: n("recovered"),
         nak_entries: n("nak_entries"),
         pace,
+        competing,
     })
 }
