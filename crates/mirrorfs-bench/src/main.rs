@@ -136,8 +136,9 @@ pub enum TargetKind {
     /// SQLite's transaction rate with `synchronous=FULL` through mirrorfs against native, per
     /// `--ack` and `--fsync-waits` (`sqlite.rs`). Not in the default set.
     Sqlite,
-    /// Mirroring throughput of the TCP and the UDP + FEC data paths over the WAN emulator at
-    /// 50 ms one-way and 0 / 0.1 / 1 % loss (`wan.rs`). Not in the default set.
+    /// Mirroring throughput of the TCP (BBR, CUBIC) and the UDP + FEC (fixed and adaptive
+    /// rate) data paths over the WAN emulator vs loss and vs delay (`wan.rs`, `--wan-parts`).
+    /// Not in the default set.
     Wan,
     /// Acknowledgement latency (write + fdatasync) per `--ack` mode and data path over the WAN
     /// emulator at 25 ms one-way and 1 % loss (`ack.rs`). Not in the default set.
@@ -242,6 +243,11 @@ struct Args {
     /// Print the table as Markdown (for docs/benchmarks.md).
     #[arg(long)]
     markdown: bool,
+    /// Parts of the wan target, comma separated: `throughput` (vs loss 0 / 0.1 / 0.5 / 1 % at
+    /// 50 ms one-way), `delay` (vs one-way delay 25 / 50 / 100 ms at 0.1 % loss) and
+    /// `fairness` (each data path beside a competing bulk TCP flow, and that flow alone).
+    #[arg(long, value_delimiter = ',', default_value = "throughput,delay")]
+    wan_parts: Vec<wan::Part>,
     /// MiB of data per FEC figure (fec target) [default: 128, 8 with --quick].
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     fec_mib: Option<u64>,
@@ -477,7 +483,14 @@ fn run(args: &Args) -> Result<()> {
     if targets.contains(&TargetKind::Wan) {
         targets.retain(|t| *t != TargetKind::Wan);
         let bin = mirrorfs_bin(&ctx)?;
-        wan::run(&bin, run_dir.path(), args.markdown, args.quick, args.seed)?;
+        wan::run(
+            &bin,
+            run_dir.path(),
+            args.markdown,
+            args.quick,
+            args.seed,
+            &args.wan_parts,
+        )?;
         if targets.is_empty() {
             return Ok(());
         }

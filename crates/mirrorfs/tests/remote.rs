@@ -3863,6 +3863,50 @@ fn udp_ack_sync_mirrors_a_workload() {
     ack_mode_over("sync", "udp");
 }
 
+/// `--udp-rate-control adaptive`: a workload of a few MiB mirrors over UDP; the status shows
+/// the pace rate control chose (within 1 Mbit/s and `--udp-rate-mbit`) and a round-trip
+/// estimate taken from the stream; nothing on the loopback is congestion, so it never backed
+/// off on loss.
+#[test]
+fn udp_adaptive_rate_control_mirrors_a_workload_and_shows_its_pace() {
+    let net = Net::new("udp-adaptive");
+    let srv = net.serve("m", &[]);
+    let mut m = net.mount(
+        "net-udp-adaptive",
+        0,
+        &srv.url(),
+        &[
+            "--transport",
+            "udp",
+            "--udp-rate-control",
+            "adaptive",
+            "--udp-rate-mbit",
+            "400",
+        ],
+    );
+    wait_live(&m, &srv);
+    let chunk: Vec<u8> = (0..1u32 << 20).map(|i| (i * 2_654_435_761) as u8).collect();
+    for i in 0..8 {
+        fs::write(m.p(format!("f{i}")), &chunk).expect("write");
+    }
+    small_workload(m.mnt(), 3);
+    converge(&m, &srv, "adaptive rate control");
+    let r = remote_of(&m.status().expect("status"));
+    let l = &r["link"];
+    assert_eq!(l["transport"], "udp", "{r}");
+    let rate = num(l, "udp_rate_bytes_per_s");
+    assert!((125_000..=50_000_000).contains(&rate), "{r}");
+    assert!(
+        num(l, "udp_base_rtt_us") > 0,
+        "a round trip was measured: {r}"
+    );
+    assert!(num(l, "udp_srtt_us") >= num(l, "udp_base_rtt_us"), "{r}");
+    assert_eq!(num(l, "udp_backoffs_loss"), 0, "{r}");
+    assert_eq!(l["udp_fallback"], false, "{r}");
+    m.unmount();
+    assert_trees_equal(m.backing(), &srv.dir);
+}
+
 /// The payloads of UDP datagrams to 127.0.0.1:`port` seen on the loopback (an `AF_PACKET`
 /// socket, which needs root), each once, at most `max`.
 struct Capture {
@@ -4102,6 +4146,7 @@ fn udp_auto_with_a_daemon_without_udp_streams_over_tcp() {
     assert_eq!(d["udp"], Value::Null, "{d}");
     let r = remote_of(&m.status().expect("status"));
     assert_eq!(num(&r["link"], "reconnects"), 0, "{r}");
+    assert_eq!(r["link"]["udp_fallback"], true, "{r}");
     m.unmount();
     assert_trees_equal(m.backing(), &srv.dir);
     assert!(m.log().contains("declined UDP"), "{}", m.log());
@@ -4145,6 +4190,7 @@ fn udp_auto_falls_back_to_tcp_when_udp_is_blocked() {
         connected_live(r) && r["link"]["transport"] == "tcp"
     });
     assert!(num(&remote_of(&st)["link"], "reconnects") >= 1, "{st}");
+    assert_eq!(remote_of(&st)["link"]["udp_fallback"], true, "{st}");
     fs::create_dir(m.p("second")).expect("mkdir second");
     small_workload(&m.p("second"), 2);
     converge(&m, &srv, "after the fallback to TCP");

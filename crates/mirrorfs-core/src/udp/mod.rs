@@ -41,6 +41,7 @@
 //! Layouts of the control messages and every limit: `docs/protocol.md`, "UDP data path: the
 //! stream".
 
+pub mod control;
 mod rate;
 pub mod receiver;
 pub mod record;
@@ -49,6 +50,7 @@ pub mod sender;
 #[cfg(test)]
 mod tests;
 
+pub use control::{ControlConfig, ControlStats, RateControl, RateMode};
 pub use receiver::{ReceiverConfig, ReceiverStats, UdpReceiver};
 pub use record::{decode_record, record_body, take_batch};
 pub use sender::{NakOutcome, OfferError, SenderConfig, SenderStats, UdpSender};

@@ -36,6 +36,13 @@ impl TokenBucket {
         self.at_us = now_us;
     }
 
+    /// Paces at `rate_bytes_per_s` from `now_us` on (what was earned before at the old rate
+    /// is kept). A rate of 0 is taken as 1 byte/s.
+    pub(crate) fn set_rate(&mut self, now_us: u64, rate_bytes_per_s: u64) {
+        self.refill(now_us);
+        self.rate_bytes_per_s = u128::from(rate_bytes_per_s.max(1));
+    }
+
     /// Takes `len` bytes if the bucket holds them.
     pub(crate) fn take(&mut self, len: usize) -> bool {
         let need = len as u128 * SCALE;
@@ -75,6 +82,19 @@ mod tests {
         // A long pause refills only to the burst.
         b.refill(1_000_000_000);
         assert!(b.take(10_000));
+        assert!(!b.take(1));
+    }
+
+    #[test]
+    fn a_new_rate_applies_from_its_time_on() {
+        let mut b = TokenBucket::new(1_000_000, 10_000);
+        b.refill(0);
+        assert!(b.take(10_000));
+        // 1,000 bytes earned at 1 byte/µs, then 2 bytes/µs.
+        b.set_rate(1_000, 2_000_000);
+        assert_eq!(b.ready_at(3_000), 2_000);
+        b.refill(2_000);
+        assert!(b.take(3_000));
         assert!(!b.take(1));
     }
 

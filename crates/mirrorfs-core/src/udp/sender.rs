@@ -212,6 +212,13 @@ impl UdpSender {
         self.sent_through
     }
 
+    /// The highest seq whose data packets were all handed out once (repairs covering them may
+    /// still wait: `sent_through`). Rate control's round-trip marks: the mirror may hold a
+    /// record one trip after its data left, long before the last layer's repairs did.
+    pub fn data_sent_through(&self) -> u64 {
+        self.data_sent_through
+    }
+
     /// The highest seq the receiver is known to hold (`on_delivered`): a record NAKed before
     /// it arrived after all needs no resend (the journal may have released it since).
     pub fn delivered(&self) -> u64 {
@@ -225,6 +232,23 @@ impl UdpSender {
 
     pub fn stats(&self) -> SenderStats {
         self.stats
+    }
+
+    /// Paces at `rate_bytes_per_s` from `now_us` on (rate control: `super::control`).
+    pub fn set_rate(&mut self, now_us: u64, rate_bytes_per_s: u64) {
+        self.bucket.set_rate(now_us, rate_bytes_per_s);
+        self.config.rate_bytes_per_s = rate_bytes_per_s;
+    }
+
+    /// The pace, bytes per second.
+    pub fn rate(&self) -> u64 {
+        self.config.rate_bytes_per_s
+    }
+
+    /// Bounds the send queue at `bytes` from the next `offer` on (what is queued already
+    /// stays: the queue drains below the new bound before it takes more).
+    pub fn set_queue_bytes_max(&mut self, bytes: usize) {
+        self.config.queue_bytes_max = bytes;
     }
 
     /// Fragment bytes waiting for their first transmission.
@@ -681,6 +705,34 @@ mod tests {
         assert!(sent <= burst + now, "{sent} bytes by {now} µs");
         assert!(sent + largest >= burst + now, "{sent} bytes by {now} µs");
         assert_eq!(s.sent_through(), 1);
+    }
+
+    #[test]
+    fn rate_control_sets_the_pace_and_the_queue_bound() {
+        let mut c = config();
+        c.queue_bytes_max = 1 << 20;
+        let mut s = UdpSender::new(&KEY, 1, c, 1).expect("config");
+        s.offer(1, &[0; 200_000]).expect("offer");
+        // The burst goes at once; then 1 byte/µs, until the rate is halved at 100 ms.
+        let sent_by = |s: &mut UdpSender, from: u64, to: u64| -> u64 {
+            (from..to)
+                .step_by(100)
+                .flat_map(|t| drain(s, t))
+                .map(|d| d.len() as u64)
+                .sum()
+        };
+        sent_by(&mut s, 0, 1);
+        let fast = sent_by(&mut s, 1, 100_000);
+        s.set_rate(100_000, 500_000);
+        let slow = sent_by(&mut s, 100_000, 200_000);
+        assert!((95_000..=101_000).contains(&fast), "{fast}");
+        assert!((45_000..=51_000).contains(&slow), "{slow}");
+        // A lower bound refuses offers until the queue drains below it.
+        s.set_queue_bytes_max(1_000);
+        assert_eq!(s.offer(2, &[0; 10]), Err(OfferError::Full));
+        s.set_rate(200_000, 100_000_000);
+        sent_by(&mut s, 200_000, 210_000);
+        s.offer(2, &[0; 10]).expect("drained");
     }
 
     /// Seed 3037 of the network simulation: a record gone from the store and NAKed for a few

@@ -66,10 +66,18 @@ pub struct MountArgs {
     /// else TCP until the next mount).
     #[arg(long, value_enum, default_value = "tcp")]
     transport: crate::net::udp::Transport,
-    /// The UDP data path's pace in Mbit/s (datagrams with their FEC repairs; no congestion
-    /// control: set it to what the link can carry).
+    /// The UDP data path's pace in Mbit/s (datagrams with their FEC repairs): with
+    /// `--udp-rate-control fixed` the rate it always sends at (set it to what the link can
+    /// carry), with `adaptive` the most it sends at.
     #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     udp_rate_mbit: u64,
+    /// How the UDP data path's pace is chosen: `fixed` (always `--udp-rate-mbit`: a dedicated
+    /// link of known capacity) or `adaptive` (from 10 Mbit/s, doubling each round trip, then
+    /// backing off when a queue builds on the path (round-trip time 10 ms above its minimum)
+    /// or more is lost than FEC repairs (NAKs above 0.5 % of packets), between 1 Mbit/s and
+    /// `--udp-rate-mbit`; random loss FEC repairs does not slow it down).
+    #[arg(long, value_enum, default_value = "fixed")]
+    udp_rate_control: crate::net::udp::RateControlMode,
     /// The UDP data path's FEC layers, c of Maelstrom's (r, c) = (8, c) at interleave distances
     /// 1, 10, 100: 3 (the default, SMFS's setting) down to 0 (no repair packets: what the link
     /// loses is only asked for again). A record is acknowledged with `--ack network` once its
@@ -436,6 +444,7 @@ pub fn mount(a: MountArgs) -> Result<()> {
             state: state.path.clone(),
             transport: a.transport,
             udp_rate_bytes_per_s: a.udp_rate_mbit * 125_000,
+            udp_rate_control: a.udp_rate_control,
             udp_fec_layers: a.udp_fec_layers as usize,
             tcp_congestion: a.tcp_congestion.clone(),
         });

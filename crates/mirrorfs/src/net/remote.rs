@@ -54,6 +54,8 @@ pub struct LinkConfig {
     pub transport: Transport,
     /// The UDP data path's pace (`--udp-rate-mbit`).
     pub udp_rate_bytes_per_s: u64,
+    /// `--udp-rate-control`.
+    pub udp_rate_control: crate::net::udp::RateControlMode,
     /// The UDP path's FEC layers (c, 0–3).
     pub udp_fec_layers: usize,
     /// The TLS connection's TCP congestion control (`--tcp-congestion`; `None`: the system's).
@@ -113,6 +115,7 @@ pub fn run_link(vol: Arc<Volume>, m: Arc<MirrorShared>, cfg: Arc<LinkConfig>) {
             Err(e) if e.downcast_ref::<UdpBlocked>().is_some() => {
                 tracing::warn!("mirror {}: {e:#}", m.name);
                 udp_off.store(true, Ordering::Release);
+                lock(&m.link).udp_fallback = true;
                 backoff = Backoff::new();
                 continue;
             }
@@ -582,6 +585,7 @@ impl Session<'_> {
             Ok(port) => port,
             Err(e) if auto => {
                 self.udp_off.store(true, Ordering::Release);
+                lock(&m.link).udp_fallback = true;
                 return Err(e.context("offering the UDP data path; the link goes on over TCP"));
             }
             Err(e) => return Err(e.context("offering the UDP data path")),
@@ -592,13 +596,21 @@ impl Session<'_> {
                     "mirror {}: the mirror declined UDP; records go over TCP",
                     m.name
                 );
+                lock(&m.link).udp_fallback = true;
                 return Ok(None);
             }
             return Err(anyhow!(
                 "the mirror declined the UDP data path (a daemon started with --no-udp?); mount with --transport auto or tcp"
             ));
         }
-        let path = UdpPath::open(d, port, first, cfg.udp_rate_bytes_per_s, cfg.udp_fec_layers)?;
+        let path = UdpPath::open(
+            d,
+            port,
+            first,
+            cfg.udp_rate_bytes_per_s,
+            cfg.udp_rate_control,
+            cfg.udp_fec_layers,
+        )?;
         lock(&m.link).transport = "udp".into();
         tracing::info!(
             "mirror {}: records from {first} go as UDP datagrams to port {port}",

@@ -10,7 +10,11 @@
 //!  Gone(seq) from a NAK ─▶ re-read seq from the journal ─▶ UdpSender.resend
 //!  UdpSender.poll_transmit(now) ─▶ UDP socket (connected to the daemon's host:port)
 //!  sent_through ─▶ MirrorShared.sent (what `--ack network` waits for) and UdpSent on TLS
+//!  datagrams out, Acks' `received`, NAKs, the clock ─▶ RateControl ─▶ UdpSender.set_rate
 //! ```
+//!
+//! The pace is `--udp-rate-mbit` (`--udp-rate-control fixed`, the default) or chosen by
+//! `mirrorfs_core::udp::RateControl` below it (`adaptive`): see that module for how.
 //!
 //! Each record travels as the body of a one-record `Records` message (settled watermark and
 //! journal frame, `docs/protocol.md`), so the daemon checks and appends it exactly as a TCP batch.
@@ -25,7 +29,9 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context, Result};
 use mirrorfs_core::journal::Reader;
 use mirrorfs_core::op::Record;
-use mirrorfs_core::udp::{record_body, Nak, OfferError, SenderConfig, UdpSender};
+use mirrorfs_core::udp::{
+    record_body, ControlConfig, Nak, OfferError, RateControl, RateMode, SenderConfig, UdpSender,
+};
 use mirrorfs_core::wire::Msg;
 
 use crate::net::conn::Duplex;
@@ -41,6 +47,26 @@ pub enum Transport {
     Udp,
     /// UDP when the mirror accepts it and datagrams get through, else TCP.
     Auto,
+}
+
+/// How the UDP data path's pace is chosen (`mount --udp-rate-control`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum RateControlMode {
+    /// Always `--udp-rate-mbit`.
+    #[default]
+    Fixed,
+    /// Slow start, then what the link carries without a queue building (delay) or losses
+    /// beyond what FEC masks, never above `--udp-rate-mbit`.
+    Adaptive,
+}
+
+impl RateControlMode {
+    fn mode(self) -> RateMode {
+        match self {
+            RateControlMode::Fixed => RateMode::Fixed,
+            RateControlMode::Adaptive => RateMode::Adaptive,
+        }
+    }
 }
 
 /// NAKed records the sender's store no longer had, waiting to be re-read from the journal; more
@@ -61,6 +87,8 @@ const SENT_EVERY: Duration = Duration::from_millis(2);
 pub struct UdpPath {
     socket: UdpSocket,
     sender: Mutex<UdpSender>,
+    /// Locked after `sender` when both are.
+    control: Mutex<RateControl>,
     gone: Mutex<VecDeque<u64>>,
     /// Set by a NAK: the sending loop has work (read under the volume's progress lock).
     wake: AtomicBool,
@@ -98,12 +126,14 @@ pub fn set_receive_buffer(socket: &UdpSocket, bytes: usize) {
 
 impl UdpPath {
     /// A path to the daemon's `port` on the TLS peer's host, keyed from the TLS session, whose
-    /// first record is `first`, paced at `rate_bytes_per_s`, with `fec_layers` FEC layers.
+    /// first record is `first`, paced at `rate_bytes_per_s` (`fixed`) or at most that
+    /// (`adaptive`), with `fec_layers` FEC layers.
     pub fn open(
         d: &Duplex,
         port: u16,
         first: u64,
         rate_bytes_per_s: u64,
+        rate_control: RateControlMode,
         fec_layers: usize,
     ) -> Result<UdpPath> {
         let keys = d.datagram_keys()?;
@@ -124,8 +154,23 @@ impl UdpPath {
             libc::SO_SNDBUF,
             SEND_BUFFER_BYTES,
         );
+        let mut control = RateControl::new(
+            ControlConfig {
+                mode: rate_control.mode(),
+                ceiling_bytes_per_s: rate_bytes_per_s,
+                // The deepest layer's group: 8 packets at interleave distance 1, 10 or 100.
+                fec_horizon_packets: match fec_layers {
+                    0 => 0,
+                    c => 8 * 10u64.pow(c as u32 - 1),
+                },
+                ..ControlConfig::default()
+            },
+            0,
+        );
+        control.starts_at(first);
         let config = SenderConfig {
-            rate_bytes_per_s,
+            rate_bytes_per_s: control.rate(),
+            queue_bytes_max: control.queue_bytes(),
             fec_layers,
             ..SenderConfig::default()
         };
@@ -134,6 +179,7 @@ impl UdpPath {
         Ok(UdpPath {
             socket,
             sender: Mutex::new(sender),
+            control: Mutex::new(control),
             gone: Mutex::new(VecDeque::new()),
             wake: AtomicBool::new(false),
             epoch: Instant::now(),
@@ -151,6 +197,7 @@ impl UdpPath {
     /// are to be re-read from the journal; the sending loop is woken.
     pub fn on_nak(&self, naks: &[Nak], vol: &Volume) {
         let out = lock(&self.sender).on_nak(naks);
+        lock(&self.control).on_nak(naks.len());
         {
             let mut gone = lock(&self.gone);
             for seq in out.gone {
@@ -170,24 +217,46 @@ impl UdpPath {
     /// The daemon holds every record through `seq`: the sender need not keep them.
     pub fn on_delivered(&self, seq: u64) {
         lock(&self.sender).on_delivered(seq);
+        lock(&self.control).on_delivered(self.now_us(), seq);
     }
 
     /// Publishes the sender's counters in the link's status.
     fn publish(&self, m: &MirrorShared) {
         let s = lock(&self.sender).stats();
+        let c = lock(&self.control).stats();
         let mut l = lock(&m.link);
+        l.udp_rate_bytes_per_s = c.rate_bytes_per_s;
+        l.udp_srtt_us = c.srtt_us;
+        l.udp_base_rtt_us = c.base_rtt_us;
+        l.udp_backoffs_delay = c.backoffs_delay;
+        l.udp_backoffs_loss = c.backoffs_loss;
         l.udp_data_packets = s.data_packets;
         l.udp_repair_packets = s.repair_packets;
         l.udp_retransmitted_packets = s.retransmitted_packets;
         l.udp_send_errors = self.send_errors.load(Ordering::Relaxed);
     }
 
-    /// Hands every datagram the rate allows now to the socket.
+    /// Lets rate control end its round, then hands every datagram the rate allows now to the
+    /// socket, telling rate control of each.
     fn transmit(&self) {
         let now = self.now_us();
+        {
+            let mut sender = lock(&self.sender);
+            let mut control = lock(&self.control);
+            let rate = control.on_tick(now);
+            if rate != sender.rate() {
+                sender.set_rate(now, rate);
+                sender.set_queue_bytes_max(control.queue_bytes());
+            }
+        }
         loop {
-            let Some(datagram) = lock(&self.sender).poll_transmit(now) else {
-                return;
+            let datagram = {
+                let mut sender = lock(&self.sender);
+                let Some(datagram) = sender.poll_transmit(now) else {
+                    return;
+                };
+                lock(&self.control).on_sent(now, datagram.len(), sender.data_sent_through());
+                datagram
             };
             // A refused datagram (an ICMP unreachable reported on this connected socket, no
             // buffer space) is a lost packet: FEC or a NAK makes up for it.

@@ -273,6 +273,25 @@ pub struct LinkInfo {
     /// Datagrams the socket refused (ICMP unreachable, no buffer): FEC or NAKs make up for them.
     #[serde(default)]
     pub udp_send_errors: u64,
+    /// The UDP sender's pace now (`--udp-rate-control`: fixed at `--udp-rate-mbit`, or
+    /// adaptive below it), bytes per second.
+    #[serde(default)]
+    pub udp_rate_bytes_per_s: u64,
+    /// Rate control's round-trip estimates (record handed out → the mirror's `received`), µs:
+    /// smoothed, and the smallest of the last 10 s (0 before the first sample).
+    #[serde(default)]
+    pub udp_srtt_us: u64,
+    #[serde(default)]
+    pub udp_base_rtt_us: u64,
+    /// Times adaptive rate control slowed down: on queueing delay, on loss beyond FEC.
+    #[serde(default)]
+    pub udp_backoffs_delay: u64,
+    #[serde(default)]
+    pub udp_backoffs_loss: u64,
+    /// `--transport auto` fell back to TCP on this link (UDP declined, blocked or failing):
+    /// TCP until the next mount.
+    #[serde(default)]
+    pub udp_fallback: bool,
 }
 
 impl MirrorShared {
