@@ -4343,6 +4343,16 @@ fn verify_of_a_network_mirror_finds_planted_differences_with_hashes_only() {
     let (code, _, err) = verify_remote(&net, &m, "mirror://127.0.0.1:1", &[]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("is not a network mirror of"), "{err}");
+    // A trusted peer asking about another volume is refused, and gets no scan.
+    let mut c = raw::Client::connect(srv.port, &net.primary.dir);
+    c.send(&Msg::Verify {
+        volume_id: [0xab; 16],
+        no_cache: false,
+    });
+    match c.expect_msg(Duration::from_secs(10)) {
+        Msg::Error { code: 2, message } => assert!(message.contains("another volume"), "{message}"),
+        other => panic!("expected the volume refusal, got {other:?}"),
+    }
     assert!(srv.log().contains("verify: sent the scan"), "{}", srv.log());
     m.unmount();
 }
