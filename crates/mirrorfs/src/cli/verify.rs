@@ -41,7 +41,8 @@ pub struct VerifyArgs {
     config: Option<PathBuf>,
     /// Bring each mirror that differs back in line with the primary: the mount resyncs it
     /// through the journal (only what differs is copied), then it is verified again. What only
-    /// the mirror has is reported and kept, unless --delete-extra.
+    /// the mirror has is reported and kept, unless --delete-extra. Local mirrors only: refused
+    /// for a network mirror (not available yet).
     #[arg(long)]
     repair: bool,
     /// With --repair: also delete what only the mirror has.
