@@ -4307,6 +4307,13 @@ fn verify_of_a_network_mirror_finds_planted_differences_with_hashes_only() {
         "the second verify read file data: {v:#}"
     );
     assert_eq!(num(r, "cache_hits"), 2, "{v:#}");
+    // Only entries and hashes crossed the link: far less than the 2 MiB of data.
+    let link = num(r, "link_bytes");
+    assert!(
+        link > 0 && link < 16 << 10,
+        "{link} bytes on the link: {v:#}"
+    );
+    eprintln!("verify of a network mirror (5 entries, 2 MiB): {link} bytes received");
 
     // Differences planted directly in the daemon's directory are found.
     fs::write(srv.dir.join("d/a.txt"), b"damaged data").expect("damage");

@@ -215,6 +215,8 @@ struct Scanned {
     entries: Vec<mirrorfs_core::verify::Entry>,
     bytes_read: u64,
     cache_hits: u64,
+    /// A network mirror's scan: the bytes that came over the link (TLS records included).
+    link_bytes: Option<u64>,
 }
 
 fn scan_tree(tree: &Path, t: &Target, use_cache: bool, what: &str) -> Result<Scanned> {
@@ -241,6 +243,7 @@ fn scan_tree(tree: &Path, t: &Target, use_cache: bool, what: &str) -> Result<Sca
         entries,
         bytes_read: cache.bytes_read,
         cache_hits: cache.hits,
+        link_bytes: None,
     })
 }
 
@@ -326,6 +329,7 @@ fn scan_remote(url: &str, t: &Target, config: Option<&Path>, no_cache: bool) -> 
                     entries,
                     bytes_read,
                     cache_hits,
+                    link_bytes: Some(link.bytes_in.load(std::sync::atomic::Ordering::Relaxed)),
                 });
             }
             Msg::Error { message, .. } => {
@@ -345,6 +349,7 @@ struct MirrorResult {
     entries: usize,
     bytes_read: u64,
     cache_hits: u64,
+    link_bytes: Option<u64>,
     caught_up: bool,
     differences: Vec<Difference>,
     /// With --repair: the differences found before the repair.
@@ -448,6 +453,7 @@ pub fn verify(a: VerifyArgs) -> Result<()> {
             entries: p.entries.len(),
             bytes_read: s.bytes_read,
             cache_hits: s.cache_hits,
+            link_bytes: s.link_bytes,
             caught_up,
             differences: Vec::new(),
             repaired: None,
@@ -494,6 +500,7 @@ pub fn verify(a: VerifyArgs) -> Result<()> {
                 "entries_primary": r.entries,
                 "bytes_read": r.bytes_read,
                 "cache_hits": r.cache_hits,
+                "link_bytes": r.link_bytes,
                 "caught_up": r.caught_up,
                 "summary": summary(&r.differences).iter().map(|(k, n)| (k.name().to_string(), json!(n))).collect::<serde_json::Map<_, _>>(),
                 "differences": r.differences.iter().map(diff_json).collect::<Vec<_>>(),
