@@ -24,6 +24,7 @@ use crate::journal::frame::{
 };
 use crate::op::{Op, Record};
 use crate::path::RelPath;
+use crate::verify::{Entry as ScanEntry, Kind as ScanKind};
 
 /// The protocol version this build speaks.
 pub const PROTOCOL_VERSION: u16 = 4;
@@ -69,6 +70,9 @@ pub mod msg_type {
     pub const UDP_ACCEPT: u8 = 24;
     pub const UDP_SENT: u8 = 25;
     pub const UDP_NAK: u8 = 26;
+    pub const VERIFY: u8 = 27;
+    pub const SCAN: u8 = 28;
+    pub const SCAN_END: u8 = 29;
 }
 
 /// Block size of the resync's per-file hashes.
@@ -99,6 +103,10 @@ pub const XATTR_NAME_MAX: usize = 255;
 /// Most bytes of extended attribute names one manifest entry carries, each counted with a
 /// terminating byte as `listxattr` lists them (Linux's `XATTR_LIST_MAX`).
 pub const MANIFEST_XATTR_BYTES_MAX: usize = 64 << 10;
+/// The most entries in one `Scan` message (the daemon also keeps each under [`BATCH_BYTES`]).
+pub const SCAN_ENTRIES_MAX: usize = 4096;
+/// The longest symlink target in a `Scan` entry (`PATH_MAX` less its NUL).
+pub const SCAN_TARGET_MAX: usize = 4095;
 
 /// A volume's identity: random, made when the primary's state is created.
 pub type VolumeId = [u8; 16];
@@ -307,6 +315,30 @@ pub enum Msg {
     UdpNak {
         naks: Vec<crate::udp::Nak>,
     },
+    /// `mirrorfs verify` → daemon, the first message of a verify connection (instead of
+    /// `Hello`): scan your directory and send its entries (`Scan`… then `ScanEnd`). Refused
+    /// unless the daemon holds volume `volume_id`; the connection closes after `ScanEnd`.
+    Verify {
+        volume_id: VolumeId,
+        /// Read every file, neither using nor updating the daemon's hash cache.
+        no_cache: bool,
+    },
+    /// Daemon → `mirrorfs verify`: entries of its scan, in `verify::path_order`, strictly
+    /// increasing across messages; at most [`SCAN_ENTRIES_MAX`] per message.
+    Scan {
+        entries: Vec<ScanEntry>,
+    },
+    /// Daemon → `mirrorfs verify`: the scan is complete.
+    ScanEnd {
+        /// `Scan` entries sent in all.
+        count: u64,
+        /// File data read to hash (0 when every hash came from the cache).
+        bytes_read: u64,
+        /// Files whose hash came from the cache.
+        cache_hits: u64,
+        /// Every record ≤ this was applied to the directory when the scan began.
+        applied: u64,
+    },
 }
 
 /// Why bytes from a peer were refused.
@@ -376,11 +408,86 @@ impl Out {
         self.u16(b.len() as u16);
         self.0.extend_from_slice(b);
     }
+    /// A scan entry (layout in docs/protocol.md, `Scan`).
+    fn scan_entry(&mut self, e: &ScanEntry) {
+        self.u16(e.path.len() as u16);
+        self.0.extend_from_slice(&e.path);
+        self.u8(scan_kind_code(e.kind));
+        self.u32(e.perm);
+        self.u32(e.uid);
+        self.u32(e.gid);
+        self.u64(e.size);
+        self.u64(e.mtime.0 as u64);
+        self.u64(e.mtime.1 as u64);
+        self.u64(e.nlink);
+        self.u64(e.blocks);
+        self.u64(e.rdev);
+        let flags = u8::from(e.target.is_some())
+            | u8::from(e.hash.is_some()) << 1
+            | u8::from(e.link_leader.is_some()) << 2;
+        self.u8(flags);
+        if let Some(t) = &e.target {
+            self.u16(t.len() as u16);
+            self.0.extend_from_slice(t);
+        }
+        if let Some(h) = &e.hash {
+            self.0.extend_from_slice(h);
+        }
+        if let Some(l) = &e.link_leader {
+            self.u16(l.len() as u16);
+            self.0.extend_from_slice(l);
+        }
+        self.u16(e.xattrs.len() as u16);
+        for (n, h) in &e.xattrs {
+            self.u8(n.len() as u8);
+            self.0.extend_from_slice(n);
+            self.0.extend_from_slice(h);
+        }
+    }
     fn text(&mut self, s: &str) {
         let b = &s.as_bytes()[..floor_char_boundary(s, TEXT_MAX)];
         self.u16(b.len() as u16);
         self.0.extend_from_slice(b);
     }
+}
+
+/// The fixed part of a scan entry: path length, type, perm, uid, gid, size, mtime (2), nlink,
+/// blocks, rdev, flags, xattr count.
+const SCAN_ENTRY_FIXED_BYTES: usize = 2 + 1 + 4 * 3 + 8 * 6 + 1 + 2;
+
+fn scan_kind_code(k: ScanKind) -> u8 {
+    match k {
+        ScanKind::File => 0,
+        ScanKind::Dir => 1,
+        ScanKind::Symlink => 2,
+        ScanKind::Fifo => 3,
+        ScanKind::Socket => 4,
+        ScanKind::CharDev => 5,
+        ScanKind::BlockDev => 6,
+    }
+}
+
+fn scan_kind_from_code(c: u8) -> Result<ScanKind, WireError> {
+    Ok(match c {
+        0 => ScanKind::File,
+        1 => ScanKind::Dir,
+        2 => ScanKind::Symlink,
+        3 => ScanKind::Fifo,
+        4 => ScanKind::Socket,
+        5 => ScanKind::CharDev,
+        6 => ScanKind::BlockDev,
+        _ => return Err(WireError::Invalid("unknown entry type in scan")),
+    })
+}
+
+/// The encoded size of a scan entry (for the daemon's batching under [`BATCH_BYTES`]).
+pub fn scan_entry_bytes(e: &ScanEntry) -> usize {
+    SCAN_ENTRY_FIXED_BYTES
+        + e.path.len()
+        + e.target.as_ref().map_or(0, |t| 2 + t.len())
+        + e.hash.map_or(0, |_| 32)
+        + e.link_leader.as_ref().map_or(0, |l| 2 + l.len())
+        + e.xattrs.iter().map(|(n, _)| 33 + n.len()).sum::<usize>()
 }
 
 fn floor_char_boundary(s: &str, max: usize) -> usize {
@@ -520,6 +627,101 @@ impl<'a> In<'a> {
         }
         Ok(records)
     }
+    /// A scan entry: every field checked (a valid path or `.`, a known type, permission bits
+    /// only, a target exactly for a symlink, a hash exactly for a file, xattr names sorted).
+    fn scan_entry(&mut self) -> Result<ScanEntry, WireError> {
+        let n = self.u16()? as usize;
+        let path = self.take(n)?.to_vec();
+        if path != b"." {
+            RelPath::new(path.clone()).map_err(|_| WireError::Invalid("invalid scan path"))?;
+        }
+        let kind = scan_kind_from_code(self.u8()?)?;
+        let perm = self.u32()?;
+        if perm & !0o7777 != 0 {
+            return Err(WireError::Invalid(
+                "scan entry mode has more than permission bits",
+            ));
+        }
+        let (uid, gid, size) = (self.u32()?, self.u32()?, self.u64()?);
+        let mtime = (self.u64()? as i64, self.u64()? as i64);
+        if !(0..1_000_000_000).contains(&mtime.1) {
+            return Err(WireError::Invalid("scan entry nanoseconds out of range"));
+        }
+        let (nlink, blocks, rdev) = (self.u64()?, self.u64()?, self.u64()?);
+        let flags = self.u8()?;
+        if flags & !0b111 != 0 {
+            return Err(WireError::Invalid("scan entry has unknown flags"));
+        }
+        let target = if flags & 1 != 0 {
+            let n = self.u16()? as usize;
+            let t = self.take(n)?;
+            if n == 0 || n > SCAN_TARGET_MAX || t.contains(&0) {
+                return Err(WireError::Invalid("invalid symlink target in scan"));
+            }
+            Some(t.to_vec())
+        } else {
+            None
+        };
+        let hash = if flags & 2 != 0 {
+            let mut h = [0u8; 32];
+            h.copy_from_slice(self.take(32)?);
+            Some(h)
+        } else {
+            None
+        };
+        if target.is_some() != (kind == ScanKind::Symlink)
+            || hash.is_some() != (kind == ScanKind::File)
+        {
+            return Err(WireError::Invalid(
+                "scan entry's target or hash does not fit its type",
+            ));
+        }
+        let link_leader = if flags & 4 != 0 {
+            if kind == ScanKind::Dir {
+                return Err(WireError::Invalid(
+                    "a directory in a scan has a link leader",
+                ));
+            }
+            let n = self.u16()? as usize;
+            let l = RelPath::new(self.take(n)?.to_vec())
+                .map_err(|_| WireError::Invalid("invalid link leader in scan"))?;
+            Some(l.as_bytes().to_vec())
+        } else {
+            None
+        };
+        let nx = self.u16()? as usize;
+        // Each xattr takes at least 34 bytes: bound the count before allocating.
+        if nx > (self.b.len() - self.at) / 34 {
+            return Err(WireError::Invalid("scan xattr count does not fit"));
+        }
+        let mut xattrs: Vec<(Vec<u8>, [u8; 32])> = Vec::with_capacity(nx);
+        for _ in 0..nx {
+            let len = self.u8()? as usize;
+            let name = self.take(len)?.to_vec();
+            let mut h = [0u8; 32];
+            h.copy_from_slice(self.take(32)?);
+            if len == 0 || name.contains(&0) || xattrs.last().is_some_and(|(p, _)| *p >= name) {
+                return Err(WireError::Invalid("invalid or unsorted xattr name in scan"));
+            }
+            xattrs.push((name, h));
+        }
+        Ok(ScanEntry {
+            path,
+            kind,
+            perm,
+            uid,
+            gid,
+            size,
+            mtime,
+            nlink,
+            blocks,
+            rdev,
+            target,
+            hash,
+            xattrs,
+            link_leader,
+        })
+    }
     /// A path: length u16 + bytes, a valid relative path.
     fn path(&mut self) -> Result<RelPath, WireError> {
         let n = self.u16()? as usize;
@@ -569,6 +771,9 @@ impl Msg {
             Msg::UdpAccept { .. } => UDP_ACCEPT,
             Msg::UdpSent { .. } => UDP_SENT,
             Msg::UdpNak { .. } => UDP_NAK,
+            Msg::Verify { .. } => VERIFY,
+            Msg::Scan { .. } => SCAN,
+            Msg::ScanEnd { .. } => SCAN_END,
         }
     }
 
@@ -746,6 +951,30 @@ impl Msg {
             Msg::UdpAccept { port } => o.u16(*port),
             Msg::UdpSent { through } => o.u64(*through),
             Msg::UdpNak { naks } => o.0.extend_from_slice(&crate::udp::encode_naks(naks)),
+            Msg::Verify {
+                volume_id,
+                no_cache,
+            } => {
+                o.0.extend_from_slice(volume_id);
+                o.u8(u8::from(*no_cache));
+            }
+            Msg::Scan { entries } => {
+                o.u32(entries.len() as u32);
+                for e in entries {
+                    o.scan_entry(e);
+                }
+            }
+            Msg::ScanEnd {
+                count,
+                bytes_read,
+                cache_hits,
+                applied,
+            } => {
+                o.u64(*count);
+                o.u64(*bytes_read);
+                o.u64(*cache_hits);
+                o.u64(*applied);
+            }
         }
         o.0
     }
@@ -977,6 +1206,36 @@ impl Msg {
                         .map_err(|_| WireError::Invalid("malformed UDP NAK"))?,
                 }
             }
+            VERIFY => Msg::Verify {
+                volume_id: i.id()?,
+                no_cache: i.bool()?,
+            },
+            SCAN => {
+                let n = i.u32()? as usize;
+                // Each entry takes at least its fixed part: bound the count before allocating.
+                if n > SCAN_ENTRIES_MAX || n > (body.len() - i.at) / SCAN_ENTRY_FIXED_BYTES {
+                    return Err(WireError::Invalid("scan entry count does not fit"));
+                }
+                let mut entries: Vec<ScanEntry> = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let e = i.scan_entry()?;
+                    if let Some(prev) = entries.last() {
+                        if crate::verify::path_order(&prev.path, &e.path)
+                            != std::cmp::Ordering::Less
+                        {
+                            return Err(WireError::Invalid("scan entries out of order"));
+                        }
+                    }
+                    entries.push(e);
+                }
+                Msg::Scan { entries }
+            }
+            SCAN_END => Msg::ScanEnd {
+                count: i.u64()?,
+                bytes_read: i.u64()?,
+                cache_hits: i.u64()?,
+                applied: i.u64()?,
+            },
             other => return Err(WireError::UnknownType(other)),
         };
         i.end()?;
@@ -1280,7 +1539,180 @@ mod tests {
                     },
                 ],
             },
+            Msg::Verify {
+                volume_id: [3; 16],
+                no_cache: true,
+            },
+            Msg::Scan { entries: vec![] },
+            Msg::Scan {
+                entries: scan_entries(),
+            },
+            Msg::ScanEnd {
+                count: 3,
+                bytes_read: 0,
+                cache_hits: 7,
+                applied: u64::MAX,
+            },
         ]
+    }
+
+    fn scan_entry(path: &[u8], kind: crate::verify::Kind) -> ScanEntry {
+        ScanEntry {
+            path: path.to_vec(),
+            kind,
+            perm: 0o755,
+            uid: 1000,
+            gid: 0,
+            size: 5,
+            mtime: (-3, 999_999_999),
+            nlink: 1,
+            blocks: 8,
+            rdev: 0,
+            target: None,
+            hash: None,
+            xattrs: vec![],
+            link_leader: None,
+        }
+    }
+
+    fn scan_entries() -> Vec<ScanEntry> {
+        use crate::verify::Kind;
+        vec![
+            scan_entry(b".", Kind::Dir),
+            ScanEntry {
+                hash: Some([9; 32]),
+                nlink: 2,
+                link_leader: Some(b"d/f".to_vec()),
+                xattrs: vec![(b"user.a".to_vec(), [1; 32]), (b"user.b".to_vec(), [2; 32])],
+                ..scan_entry(b"d/f", Kind::File)
+            },
+            ScanEntry {
+                target: Some(b"/outside".to_vec()),
+                ..scan_entry(b"s", Kind::Symlink)
+            },
+        ]
+    }
+
+    #[test]
+    fn malformed_scans_are_refused() {
+        use crate::verify::Kind;
+        let enc = |entries: Vec<ScanEntry>| {
+            let mut o = Out(Vec::new());
+            o.u32(entries.len() as u32);
+            for e in &entries {
+                o.scan_entry(e);
+            }
+            frame(msg_type::SCAN, 0, &o.0)
+        };
+        let bad = |entries: Vec<ScanEntry>, why: &'static str| {
+            assert_eq!(decode_all(&enc(entries)), Err(WireError::Invalid(why)));
+        };
+        let file = || ScanEntry {
+            hash: Some([1; 32]),
+            ..scan_entry(b"f", Kind::File)
+        };
+        bad(vec![scan_entry(b"../etc", Kind::Dir)], "invalid scan path");
+        bad(vec![scan_entry(b"/etc", Kind::Dir)], "invalid scan path");
+        bad(
+            vec![ScanEntry {
+                perm: 0o100644,
+                ..file()
+            }],
+            "scan entry mode has more than permission bits",
+        );
+        bad(
+            vec![scan_entry(b"f", Kind::File)],
+            "scan entry's target or hash does not fit its type",
+        );
+        bad(
+            vec![ScanEntry {
+                target: Some(b"x".to_vec()),
+                ..file()
+            }],
+            "scan entry's target or hash does not fit its type",
+        );
+        bad(
+            vec![ScanEntry {
+                mtime: (1, 1_000_000_000),
+                ..file()
+            }],
+            "scan entry nanoseconds out of range",
+        );
+        bad(
+            vec![ScanEntry {
+                link_leader: Some(b"../x".to_vec()),
+                ..file()
+            }],
+            "invalid link leader in scan",
+        );
+        bad(
+            vec![ScanEntry {
+                xattrs: vec![(b"user.b".to_vec(), [0; 32]), (b"user.a".to_vec(), [0; 32])],
+                ..file()
+            }],
+            "invalid or unsorted xattr name in scan",
+        );
+        bad(
+            vec![scan_entry(b"b", Kind::Dir), scan_entry(b"a", Kind::Dir)],
+            "scan entries out of order",
+        );
+        bad(
+            vec![scan_entry(b"a", Kind::Dir), scan_entry(b"a", Kind::Dir)],
+            "scan entries out of order",
+        );
+        // A count larger than the bytes can hold is refused before allocating.
+        let mut huge = Out(Vec::new());
+        huge.u32(u32::MAX);
+        assert_eq!(
+            decode_all(&frame(msg_type::SCAN, 0, &huge.0)),
+            Err(WireError::Invalid("scan entry count does not fit"))
+        );
+        // Unknown type code and flags, and a cut body.
+        let one = Msg::Scan {
+            entries: vec![file()],
+        }
+        .encode_body();
+        let mut b = one.clone();
+        b[4 + 2 + 1] = 9; // count, path length, "f", then the type
+        assert_eq!(
+            decode_all(&frame(msg_type::SCAN, 0, &b)),
+            Err(WireError::Invalid("unknown entry type in scan"))
+        );
+        let mut b = one.clone();
+        b[4 + 2 + 1 + 1 + 12 + 48] = 0x80; // the flags
+        assert_eq!(
+            decode_all(&frame(msg_type::SCAN, 0, &b)),
+            Err(WireError::Invalid("scan entry has unknown flags"))
+        );
+        let good = Msg::Scan {
+            entries: scan_entries(),
+        }
+        .encode_body();
+        for cut in [5, good.len() / 2, good.len() - 1] {
+            assert!(
+                decode_all(&frame(msg_type::SCAN, 0, &good[..cut])).is_err(),
+                "cut at {cut}"
+            );
+        }
+        assert_eq!(
+            decode_all(&frame(msg_type::VERIFY, 0, &[0; 16])),
+            Err(WireError::Truncated)
+        );
+        let mut v = [0u8; 17];
+        v[16] = 2;
+        assert_eq!(
+            decode_all(&frame(msg_type::VERIFY, 0, &v)),
+            Err(WireError::Invalid("boolean is not 0 or 1"))
+        );
+        assert_eq!(
+            scan_entry_bytes(&scan_entries()[1]),
+            {
+                let mut o = Out(Vec::new());
+                o.scan_entry(&scan_entries()[1]);
+                o.0.len()
+            },
+            "the batching size is the encoded size"
+        );
     }
 
     #[test]

@@ -123,11 +123,12 @@ enum Cmd {
         /// The directory to write them to (created if needed).
         dir: PathBuf,
     },
-    /// Compare each local mirror of a running mount with the primary (content by blake3, type,
+    /// Compare each local mirror (or a named network mirror) of a running mount with the primary (content by blake3, type,
     /// mode, owner, mtime, links, symlink targets, xattrs, holes) and list the differences;
     /// `--repair` mends them through the journal. Exit status: 0 equal, 3 differences found
     /// (or left after --repair), 1 error. Files unchanged since the last verify are not read
-    /// again (a hash cache in the state directory).
+    /// again (a hash cache in the state directory). A network mirror named with `--mirror
+    /// mirror://HOST:PORT` is scanned by its daemon, which sends only hashes.
     Verify(cli::verify::VerifyArgs),
     /// Resync a local mirror of a running mount through the journal (only what differs is
     /// copied; what only the mirror has is kept unless --delete-extra), and wait until it is

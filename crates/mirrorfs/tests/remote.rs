@@ -4250,3 +4250,116 @@ fn udp_kill9_of_the_daemon_and_of_the_primary_resumes_over_udp() {
     m.unmount();
     assert_same(m.backing(), &srv.dir, &NO_MTIME);
 }
+
+// ---------------------------------------------------------------------------------------------
+// verify of a network mirror (issue 10 item 4): the daemon answers with its own hashes
+
+/// `mirrorfs verify MNT --mirror URL --json --config PRIMARY`: (exit code, JSON, stderr).
+fn verify_remote(net: &Net, m: &Mount, url: &str, extra: &[&str]) -> (i32, Value, String) {
+    let mut args: Vec<&OsStr> = vec![
+        os("verify"),
+        m.mnt().as_os_str(),
+        os("--mirror"),
+        os(url),
+        os("--config"),
+        net.primary.dir.as_os_str(),
+        os("--json"),
+    ];
+    args.extend(extra.iter().map(|s| os(s)));
+    let o = run(&args);
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    let v = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+    (o.status.code().unwrap_or(-1), v, err)
+}
+
+#[test]
+fn verify_of_a_network_mirror_finds_planted_differences_with_hashes_only() {
+    let net = Net::new("verify-remote");
+    let srv = net.serve("m", &[]);
+    let mut m = net.mount("net-verify-remote", 0, &srv.url(), &[]);
+    wait_live(&m, &srv);
+    fs::create_dir(m.p("d")).expect("mkdir");
+    fs::write(m.p("d/a.txt"), b"primary data").expect("write");
+    write_big(&m.p("big"), 2, 11);
+    std::os::unix::fs::symlink("d/a.txt", m.p("s")).expect("symlink");
+    converge(&m, &srv, "before verify");
+    // Past the hash cache's settle time, so the first verify's hashes are kept.
+    std::thread::sleep(Duration::from_millis(2500));
+
+    let (code, v, err) = verify_remote(&net, &m, &srv.url(), &[]);
+    assert_eq!(code, 0, "an equal mirror: {v:#}\n{err}\n{}", ctx(&m, &srv));
+    let r = &v["mirrors"][0];
+    assert_eq!(r["mirror"], srv.url().as_str(), "{v:#}");
+    assert_eq!(
+        num(r, "bytes_read"),
+        (2 << 20) + 12,
+        "the daemon hashed both files: {v:#}"
+    );
+    assert_eq!(r["caught_up"], true, "{v:#}");
+
+    // Unchanged: the daemon reads no file data (its cache has every hash).
+    let (code, v, err) = verify_remote(&net, &m, &srv.url(), &[]);
+    assert_eq!(code, 0, "{v:#}\n{err}");
+    let r = &v["mirrors"][0];
+    assert_eq!(
+        num(r, "bytes_read"),
+        0,
+        "the second verify read file data: {v:#}"
+    );
+    assert_eq!(num(r, "cache_hits"), 2, "{v:#}");
+    // Only entries and hashes crossed the link: far less than the 2 MiB of data.
+    let link = num(r, "link_bytes");
+    assert!(
+        link > 0 && link < 16 << 10,
+        "{link} bytes on the link: {v:#}"
+    );
+    eprintln!("verify of a network mirror (5 entries, 2 MiB): {link} bytes received");
+
+    // Differences planted directly in the daemon's directory are found.
+    fs::write(srv.dir.join("d/a.txt"), b"damaged data").expect("damage");
+    fs::write(srv.dir.join("planted"), b"x").expect("plant");
+    let (code, v, err) = verify_remote(&net, &m, &srv.url(), &[]);
+    assert_eq!(code, 3, "differences: {v:#}\n{err}");
+    let mut d: Vec<(String, String)> = v["mirrors"][0]["differences"]
+        .as_array()
+        .expect("differences")
+        .iter()
+        .map(|d| {
+            (
+                d["kind"].as_str().unwrap_or("").to_string(),
+                d["path"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    d.sort();
+    assert!(
+        d.contains(&("content".into(), "d/a.txt".into()))
+            && d.contains(&("only-on-mirror".into(), "planted".into())),
+        "{d:?}"
+    );
+    assert_eq!(
+        num(&v["mirrors"][0], "bytes_read"),
+        12 + 1,
+        "only the changed file and the planted one were read: {v:#}"
+    );
+
+    // Repair of a network mirror is refused with a clear error, and a wrong address named.
+    let (code, _, err) = verify_remote(&net, &m, &srv.url(), &["--repair"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("not available yet"), "{err}");
+    let (code, _, err) = verify_remote(&net, &m, "mirror://127.0.0.1:1", &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("is not a network mirror of"), "{err}");
+    // A trusted peer asking about another volume is refused, and gets no scan.
+    let mut c = raw::Client::connect(srv.port, &net.primary.dir);
+    c.send(&Msg::Verify {
+        volume_id: [0xab; 16],
+        no_cache: false,
+    });
+    match c.expect_msg(Duration::from_secs(10)) {
+        Msg::Error { code: 2, message } => assert!(message.contains("another volume"), "{message}"),
+        other => panic!("expected the volume refusal, got {other:?}"),
+    }
+    assert!(srv.log().contains("verify: sent the scan"), "{}", srv.log());
+    m.unmount();
+}

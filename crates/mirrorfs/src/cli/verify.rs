@@ -3,6 +3,10 @@
 //! and lists the differences. `--repair` asks the mount to resync the mirror through the journal
 //! (`cli::resync`), then verifies again.
 //!
+//! A network mirror (`--mirror mirror://HOST:PORT`) is scanned by its daemon, which answers with
+//! its own hashes over the pinned mutual-TLS link (`Msg::Verify`, `net::serve::verify`): only
+//! hashes cross the link. `--repair` of a network mirror is not available yet.
+//!
 //! Exit codes: 0 the mirrors equal the primary (after the repair, with `--repair`); 3 differences
 //! were found (and, with `--repair`, some remain: what only a mirror has is kept unless
 //! `--delete-extra`); 1 an error (nothing compared, or not everything).
@@ -26,13 +30,19 @@ pub const EXIT_DIFFERENCES: i32 = 3;
 pub struct VerifyArgs {
     /// The mountpoint of a running mirrorfs mount.
     mountpoint: PathBuf,
-    /// A local mirror of that mount to verify (repeat for several; default: all its local
-    /// mirrors). Remote mirrors (mirror://) cannot be verified yet.
+    /// A mirror of that mount to verify: a local mirror's directory, or a network mirror's
+    /// mirror://HOST:PORT as the mount names it (its daemon scans its directory and sends only
+    /// hashes). Repeat for several; default: all its local mirrors.
     #[arg(long = "mirror")]
     mirrors: Vec<PathBuf>,
+    /// For a network mirror: the configuration directory with this machine's identity and
+    /// trusted peers, as the mount uses it (default: $MIRRORFS_CONFIG or /etc/mirrorfs).
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// Bring each mirror that differs back in line with the primary: the mount resyncs it
     /// through the journal (only what differs is copied), then it is verified again. What only
-    /// the mirror has is reported and kept, unless --delete-extra.
+    /// the mirror has is reported and kept, unless --delete-extra. Local mirrors only: refused
+    /// for a network mirror (not available yet).
     #[arg(long)]
     repair: bool,
     /// With --repair: also delete what only the mirror has.
@@ -59,6 +69,8 @@ pub struct Target {
     pub hidden: Vec<u8>,
     /// The mount's local mirrors, as its status lists them.
     pub local_mirrors: Vec<PathBuf>,
+    /// The mount's network mirrors (`mirror://HOST:PORT`), as its status lists them.
+    pub remote_mirrors: Vec<String>,
 }
 
 /// Finds the running mount at `mountpoint`.
@@ -84,21 +96,26 @@ pub fn target(mountpoint: &Path) -> Result<Target> {
         _ => b".mirrorfs".to_vec(),
     };
     let st = read_status(&r.state)?;
-    let local_mirrors = st["mirrors"]
+    let paths = st["mirrors"]
         .as_array()
         .into_iter()
         .flatten()
-        .filter_map(|m| m["path"].as_str())
-        .filter(|p| !p.starts_with("mirror://"))
-        .map(PathBuf::from)
-        .collect();
+        .filter_map(|m| m["path"].as_str());
+    let (remote, local): (Vec<&str>, Vec<&str>) = paths.partition(|p| is_remote(p));
+    let local_mirrors = local.into_iter().map(PathBuf::from).collect();
+    let remote_mirrors = remote.into_iter().map(String::from).collect();
     Ok(Target {
         mountpoint: mp,
         backing: r.backing,
         state: r.state,
         hidden,
         local_mirrors,
+        remote_mirrors,
     })
+}
+
+fn is_remote(p: &str) -> bool {
+    p.starts_with("mirror://")
 }
 
 fn read_status(state: &Path) -> Result<serde_json::Value> {
@@ -198,6 +215,8 @@ struct Scanned {
     entries: Vec<mirrorfs_core::verify::Entry>,
     bytes_read: u64,
     cache_hits: u64,
+    /// A network mirror's scan: the bytes that came over the link (TLS records included).
+    link_bytes: Option<u64>,
 }
 
 fn scan_tree(tree: &Path, t: &Target, use_cache: bool, what: &str) -> Result<Scanned> {
@@ -224,7 +243,104 @@ fn scan_tree(tree: &Path, t: &Target, use_cache: bool, what: &str) -> Result<Sca
         entries,
         bytes_read: cache.bytes_read,
         cache_hits: cache.hits,
+        link_bytes: None,
     })
+}
+
+/// How long a network mirror's daemon may stay silent (while it scans, it sends nothing).
+const REMOTE_SILENCE: Duration = Duration::from_secs(3600);
+
+/// Asks the daemon of network mirror `url` for its own scan (`Msg::Verify`): its entries with
+/// the hashes it computed (or took from its cache), validated and bounded as they arrive.
+fn scan_remote(url: &str, t: &Target, config: Option<&Path>, no_cache: bool) -> Result<Scanned> {
+    use crate::net::identity;
+    use mirrorfs_core::wire::{Decoder, Msg};
+    let addr = crate::net::witness::address(url);
+    let cfg_dir = identity::config_dir(config);
+    let id = identity::load(&cfg_dir)?;
+    let pinned = identity::pinned(&cfg_dir)?;
+    if pinned.is_empty() {
+        bail!(
+            "no trusted peers in {}: verify a network mirror with the configuration the mount uses (--config)",
+            cfg_dir.join("peers").display()
+        );
+    }
+    let volume_id = crate::site::meta::read_meta(&t.state)?.volume_id();
+    let link = crate::net::conn::Duplex::connect(&addr, &id, pinned)
+        .with_context(|| format!("cannot reach the mirror daemon {addr}"))?;
+    link.send(&Msg::Verify {
+        volume_id,
+        no_cache,
+    })
+    .with_context(|| format!("cannot send to the mirror daemon {addr}"))?;
+    let mut bar = Bar::new(format!("receiving the scan of {url}"));
+    let mut dec = Decoder::new();
+    let mut entries: Vec<mirrorfs_core::verify::Entry> = Vec::new();
+    let mut heard = Instant::now();
+    loop {
+        let m = link
+            .recv(&mut dec)
+            .with_context(|| format!("the mirror daemon {addr}"))?;
+        let Some(m) = m else {
+            if heard.elapsed() > REMOTE_SILENCE {
+                bail!(
+                    "the mirror daemon {addr} sent nothing for {}s while scanning",
+                    REMOTE_SILENCE.as_secs()
+                );
+            }
+            continue;
+        };
+        heard = Instant::now();
+        match m {
+            Msg::Scan { entries: batch } => {
+                // Each batch is in order (the decoder checks); so must be the batches.
+                if let (Some(last), Some(first)) = (entries.last(), batch.first()) {
+                    if mirrorfs_core::verify::path_order(&last.path, &first.path)
+                        != std::cmp::Ordering::Less
+                    {
+                        bail!("the mirror daemon {addr} sent its scan out of order");
+                    }
+                }
+                if entries.len() + batch.len() > scan::MAX_ENTRIES {
+                    bail!(
+                        "the mirror daemon {addr} sent more than {} entries",
+                        scan::MAX_ENTRIES
+                    );
+                }
+                for _ in &batch {
+                    bar.entry();
+                }
+                entries.extend(batch);
+            }
+            Msg::ScanEnd {
+                count,
+                bytes_read,
+                cache_hits,
+                ..
+            } => {
+                bar.pb.finish_and_clear();
+                if count != entries.len() as u64 {
+                    bail!(
+                        "the mirror daemon {addr} announced {count} entries but sent {}",
+                        entries.len()
+                    );
+                }
+                return Ok(Scanned {
+                    entries,
+                    bytes_read,
+                    cache_hits,
+                    link_bytes: Some(link.bytes_in.load(std::sync::atomic::Ordering::Relaxed)),
+                });
+            }
+            Msg::Error { message, .. } => {
+                bail!("the mirror daemon {addr} refused to verify: {message}")
+            }
+            other => bail!(
+                "the mirror daemon {addr} sent an unexpected message (type {}): is it a mirrorfs of the same version?",
+                other.type_code()
+            ),
+        }
+    }
 }
 
 /// The result for one mirror.
@@ -233,6 +349,7 @@ struct MirrorResult {
     entries: usize,
     bytes_read: u64,
     cache_hits: u64,
+    link_bytes: Option<u64>,
     caught_up: bool,
     differences: Vec<Difference>,
     /// With --repair: the differences found before the repair.
@@ -263,6 +380,22 @@ pub fn verify(a: VerifyArgs) -> Result<()> {
     } else {
         let mut v = Vec::new();
         for m in &a.mirrors {
+            if let Some(url) = m.to_str().filter(|p| is_remote(p)) {
+                if !t.remote_mirrors.iter().any(|r| r == url) {
+                    bail!(
+                        "{url} is not a network mirror of {} (its network mirrors: {}; give the address as `mirrorfs status` shows it)",
+                        t.mountpoint.display(),
+                        if t.remote_mirrors.is_empty() { "none".to_string() } else { t.remote_mirrors.join(", ") }
+                    );
+                }
+                if a.repair {
+                    bail!(
+                        "repair of a network mirror ({url}) is not available yet: run `mirrorfs verify` without --repair to list the differences"
+                    );
+                }
+                v.push(PathBuf::from(url));
+                continue;
+            }
             let c = m
                 .canonicalize()
                 .with_context(|| format!("cannot resolve {}", m.display()))?;
@@ -284,7 +417,7 @@ pub fn verify(a: VerifyArgs) -> Result<()> {
     };
     if mirrors.is_empty() {
         bail!(
-            "{} has no local mirror to verify (remote mirrors cannot be verified yet)",
+            "{} has no local mirror to verify (name a network mirror with --mirror mirror://HOST:PORT)",
             t.mountpoint.display()
         );
     }
@@ -310,13 +443,17 @@ pub fn verify(a: VerifyArgs) -> Result<()> {
                 p
             }
         };
-        let s = scan_tree(m, &t, !a.no_cache, "mirror")?;
+        let s = match m.to_str().filter(|p| is_remote(p)) {
+            Some(url) => scan_remote(url, &t, a.config.as_deref(), a.no_cache)?,
+            None => scan_tree(m, &t, !a.no_cache, "mirror")?,
+        };
         let mut differences = compare(&p.entries, &s.entries);
         let mut r = MirrorResult {
             mirror: m.clone(),
             entries: p.entries.len(),
             bytes_read: s.bytes_read,
             cache_hits: s.cache_hits,
+            link_bytes: s.link_bytes,
             caught_up,
             differences: Vec::new(),
             repaired: None,
@@ -363,6 +500,7 @@ pub fn verify(a: VerifyArgs) -> Result<()> {
                 "entries_primary": r.entries,
                 "bytes_read": r.bytes_read,
                 "cache_hits": r.cache_hits,
+                "link_bytes": r.link_bytes,
                 "caught_up": r.caught_up,
                 "summary": summary(&r.differences).iter().map(|(k, n)| (k.name().to_string(), json!(n))).collect::<serde_json::Map<_, _>>(),
                 "differences": r.differences.iter().map(diff_json).collect::<Vec<_>>(),

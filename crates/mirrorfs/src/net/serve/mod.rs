@@ -17,7 +17,8 @@
 //! `session` is one primary's connection (the shell of `core::session`), `copy` how a copy
 //! starts (initial copy, resync, adopting a history), `divergence` what happens when the
 //! primary's history diverged from the copy's, `reintegration` how a diverged copy's changes are
-//! handed to the primary that takes them in (`--on-diverged reintegrate`).
+//! handed to the primary that takes them in (`--on-diverged reintegrate`), `verify` how the
+//! daemon answers `mirrorfs verify` with its own scan (hashes only).
 
 use std::fs;
 use std::net::TcpListener;
@@ -49,6 +50,7 @@ mod divergence;
 mod reintegration;
 mod session;
 mod udp;
+mod verify;
 
 #[derive(clap::Args)]
 pub struct ServeArgs {
@@ -134,6 +136,8 @@ struct Daemon {
     /// for the next session (`Session::pending_sync_done`).
     pending_sync_done: AtomicU64,
     busy: AtomicBool,
+    /// A verify connection is scanning DIR (one at a time, see `verify`).
+    verifying: AtomicBool,
     force_resync: bool,
     on_diverged: OnDiverged,
     /// The connected primary, for status.
@@ -182,6 +186,7 @@ fn serve_in(a: ServeArgs) -> Result<()> {
         worker: Mutex::new(None),
         pending_sync_done: AtomicU64::new(0),
         busy: AtomicBool::new(false),
+        verifying: AtomicBool::new(false),
         force_resync: a.force_resync,
         on_diverged: a.on_diverged(),
         peer: Mutex::new(None),

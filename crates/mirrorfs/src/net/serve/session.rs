@@ -25,6 +25,16 @@ impl Daemon {
         let peer = link.peer().map(|p| p.to_string()).unwrap_or_default();
         let mut dec = Decoder::new();
         let hello = recv_within(&link, &mut dec, crate::net::conn::CONNECT_TIMEOUT)?;
+        if let Msg::Verify {
+            volume_id,
+            no_cache,
+        } = hello
+        {
+            // Not a primary: it neither waits for nor displaces the one streaming.
+            return self
+                .answer_verify(&link, volume_id, no_cache)
+                .with_context(|| format!("verify from {peer}"));
+        }
         if self.busy.swap(true, Ordering::AcqRel) {
             let _ = link.send(&Msg::Error {
                 code: error_code::BUSY,
