@@ -33,7 +33,10 @@ fn shell_lines(readme: &str) -> Vec<(usize, String)> {
         if let Some(rest) = t.strip_prefix("```") {
             fence = match fence {
                 Some(_) => None,
-                None => Some(matches!(rest.trim(), "" | "sh" | "bash" | "console" | "shell")),
+                None => Some(matches!(
+                    rest.trim(),
+                    "" | "sh" | "bash" | "console" | "shell"
+                )),
             };
             continue;
         }
@@ -43,7 +46,9 @@ fn shell_lines(readme: &str) -> Vec<(usize, String)> {
                 if l.trim().is_empty() {
                     // A blank line may sit inside an indented block; it never ends a command.
                     None
-                } else if l.starts_with("    ") && (in_indented || i == 0 || lines[i - 1].trim().is_empty()) {
+                } else if l.starts_with("    ")
+                    && (in_indented || i == 0 || lines[i - 1].trim().is_empty())
+                {
                     in_indented = true;
                     Some(&l[4..])
                 } else {
@@ -176,33 +181,59 @@ fn commands(readme: &str) -> (Vec<Found>, Vec<Found>) {
 }
 
 fn parse_cli(words: &[String]) -> Result<(), String> {
-    Cli::try_parse_from(words).map(|_| ()).map_err(|e| e.to_string())
+    Cli::try_parse_from(words)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 #[test]
 fn every_readme_command_parses() {
     let (cli, helper) = commands(README);
     // The README shows these; finding fewer means the extraction broke, not the README.
-    assert!(cli.len() >= 25, "only {} mirrorfs commands found in README.md", cli.len());
-    assert!(helper.len() >= 2, "only {} mount(8)/fstab lines found", helper.len());
+    assert!(
+        cli.len() >= 25,
+        "only {} mirrorfs commands found in README.md",
+        cli.len()
+    );
+    assert!(
+        helper.len() >= 2,
+        "only {} mount(8)/fstab lines found",
+        helper.len()
+    );
     let mut bad = Vec::new();
     for f in &cli {
         if let Err(e) = parse_cli(&f.words) {
-            bad.push(format!("README.md:{}: `{}`: {e}", f.line, f.words.join(" ")));
+            bad.push(format!(
+                "README.md:{}: `{}`: {e}",
+                f.line,
+                f.words.join(" ")
+            ));
         }
     }
     for f in &helper {
         let args: Vec<OsString> = f.words.iter().map(OsString::from).collect();
         let r = crate::cli::helper::parse(&args, &Cli::command()).and_then(|c| {
             let mut argv = vec!["mirrorfs".to_string()];
-            argv.extend(c.mount_args.iter().map(|a| a.to_string_lossy().into_owned()));
+            argv.extend(
+                c.mount_args
+                    .iter()
+                    .map(|a| a.to_string_lossy().into_owned()),
+            );
             parse_cli(&argv)
         });
         if let Err(e) = r {
-            bad.push(format!("README.md:{}: `{}`: {e}", f.line, f.words.join(" ")));
+            bad.push(format!(
+                "README.md:{}: `{}`: {e}",
+                f.line,
+                f.words.join(" ")
+            ));
         }
     }
-    assert!(bad.is_empty(), "README commands that do not parse:\n{}", bad.join("\n"));
+    assert!(
+        bad.is_empty(),
+        "README commands that do not parse:\n{}",
+        bad.join("\n")
+    );
 }
 
 #[test]
@@ -213,7 +244,10 @@ fn extraction_handles_the_readme_forms() {
     assert_eq!(
         got,
         vec![
-            (3, "mirrorfs mount /a /b --state /a/.m --mirror /c".to_string()),
+            (
+                3,
+                "mirrorfs mount /a /b --state /a/.m --mirror /c".to_string()
+            ),
             (5, "mirrorfs status /tmp/var --json".to_string()),
             (12, "mirrorfs conflicts MOUNT --json".to_string()),
         ]

@@ -286,11 +286,15 @@ fn quick_start(b: &Block, _: &BTreeMap<String, &Block>) {
     wait_file(&env.p("/backup/data/hello.txt"), b"hello\n");
     let text = &ran[2].out;
     assert!(
-        text.contains("role:primary") && text.contains(&env.p("/backup/data").display().to_string()),
+        text.contains("role:primary")
+            && text.contains(&env.p("/backup/data").display().to_string()),
         "status: {text}"
     );
     let j: serde_json::Value = serde_json::from_str(&ran[3].out).expect("status --json is JSON");
-    assert_eq!(j["mirrors"][0]["path"], env.p("/backup/data").display().to_string());
+    assert_eq!(
+        j["mirrors"][0]["path"],
+        env.p("/backup/data").display().to_string()
+    );
     // Once the file is there, the mirror is live.
     assert!(
         wait_until(Duration::from_secs(30), || {
@@ -309,7 +313,10 @@ fn completion_and_man(b: &Block, _: &BTreeMap<String, &Block>) {
     env.run_block(b, &[]);
     let bash = fs::read_to_string(env.p("/usr/share/bash-completion/completions/mirrorfs"))
         .expect("the bash completion was written");
-    assert!(bash.contains("_mirrorfs") && bash.contains("verify"), "{bash}");
+    assert!(
+        bash.contains("_mirrorfs") && bash.contains("verify"),
+        "{bash}"
+    );
     for page in ["mirrorfs.1", "mirrorfs-mount.1", "mirrorfs-verify.1"] {
         let p = env.p("/usr/local/share/man/man1").join(page);
         let t = fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
@@ -319,7 +326,9 @@ fn completion_and_man(b: &Block, _: &BTreeMap<String, &Block>) {
 
 fn config_walkthrough(b: &Block, all: &BTreeMap<String, &Block>) {
     let mut env = Env::new("readme-config");
-    let file = all.get("config-file").expect("the README has a `run: config-file` block");
+    let file = all
+        .get("config-file")
+        .expect("the README has a `run: config-file` block");
     let toml: Vec<String> = file.text.iter().map(|l| env.local(l)).collect();
     fs::create_dir_all(env.p("/etc/mirrorfs")).expect("mkdir");
     fs::write(env.p("/etc/mirrorfs/mirrorfs.toml"), toml.join("\n") + "\n").expect("write");
@@ -362,7 +371,11 @@ fn verify_repair(b: &Block, _: &BTreeMap<String, &Block>) {
     fs::write(env.p("/backup/data/extra.txt"), b"only here\n").expect("plant");
     // verify: 3; --json: 3; --repair: 3 (the extra file is kept); --delete-extra: 0; resync: 0.
     let ran = env.run_block(b, &[(0, 3), (1, 3), (2, 3)]);
-    assert!(ran[0].out.contains("a.txt") && ran[0].out.contains("extra.txt"), "{}", ran[0].out);
+    assert!(
+        ran[0].out.contains("a.txt") && ran[0].out.contains("extra.txt"),
+        "{}",
+        ran[0].out
+    );
     let _: serde_json::Value = serde_json::from_str(&ran[1].out).expect("verify --json is JSON");
     assert_eq!(
         fs::read(env.p("/backup/data/a.txt")).expect("read"),
@@ -404,7 +417,11 @@ fn mount_helper(b: &Block, _: &BTreeMap<String, &Block>) {
     assert_eq!(cmds.len(), 2, "README.md:{}: mount, then umount", b.line);
     assert!(cmds[0].starts_with("mount.fuse.mirrorfs "), "{}", cmds[0]);
     let r = env.run(&cmds[0]);
-    assert_eq!(r.code, 0, "README.md:{}: `{}`: {}{}", b.line, r.cmd, r.out, r.err);
+    assert_eq!(
+        r.code, 0,
+        "README.md:{}: `{}`: {}{}",
+        b.line, r.cmd, r.out, r.err
+    );
     let mnt = env.p("/mnt/data");
     let mounts = fs::read_to_string("/proc/self/mounts").expect("read /proc/self/mounts");
     let line = mounts
@@ -415,16 +432,20 @@ fn mount_helper(b: &Block, _: &BTreeMap<String, &Block>) {
     fs::write(mnt.join("via-helper.txt"), b"x\n").expect("write through the mount");
     wait_file(&env.p("/backup/data/via-helper.txt"), b"x\n");
     let r = env.run(&cmds[1]);
-    assert_eq!(r.code, 0, "README.md:{}: `{}`: {}{}", b.line, r.cmd, r.out, r.err);
+    assert_eq!(
+        r.code, 0,
+        "README.md:{}: `{}`: {}{}",
+        b.line, r.cmd, r.out, r.err
+    );
     assert!(!is_mounted(&mnt));
     // The daemon ended cleanly: it let go of the backing directory's lock, so it mounts again.
     assert!(
         wait_until(Duration::from_secs(30), || Command::new("flock")
-                .args(["-n", "-x"])
-                .arg(env.p("/srv/data"))
-                .arg("true")
-                .status()
-                .is_ok_and(|s| s.success())),
+            .args(["-n", "-x"])
+            .arg(env.p("/srv/data"))
+            .arg("true")
+            .status()
+            .is_ok_and(|s| s.success())),
         "the daemon still holds /srv/data after umount"
     );
 }
@@ -446,7 +467,11 @@ const RUNNERS: &[(&str, Option<Runner>)] = &[
 #[test]
 fn every_readme_block_is_run_or_marked() {
     let all = blocks(README);
-    assert!(all.len() >= 15, "only {} code blocks found in README.md", all.len());
+    assert!(
+        all.len() >= 15,
+        "only {} code blocks found in README.md",
+        all.len()
+    );
     let mut named: BTreeMap<String, &Block> = BTreeMap::new();
     let mut bad = Vec::new();
     for b in &all {
@@ -471,7 +496,9 @@ fn every_readme_block_is_run_or_marked() {
     }
     for (n, _) in RUNNERS {
         if !named.contains_key(*n) {
-            bad.push(format!("tests/readme.rs runs `{n}`, but no README block is marked `<!-- run: {n} -->`"));
+            bad.push(format!(
+                "tests/readme.rs runs `{n}`, but no README block is marked `<!-- run: {n} -->`"
+            ));
         }
     }
     assert!(bad.is_empty(), "{}", bad.join("\n"));
@@ -483,7 +510,12 @@ fn run_named(name: &str) {
     let named: BTreeMap<String, &Block> = all
         .iter()
         .filter_map(|b| {
-            let n = b.marker.as_deref()?.strip_prefix("run:")?.trim().to_string();
+            let n = b
+                .marker
+                .as_deref()?
+                .strip_prefix("run:")?
+                .trim()
+                .to_string();
             Some((n, b))
         })
         .collect();
