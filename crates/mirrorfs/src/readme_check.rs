@@ -180,6 +180,40 @@ fn commands(readme: &str) -> (Vec<Found>, Vec<Found>) {
     (cli, helper)
 }
 
+/// The README's config file example (its ```toml block), written into a fresh config directory.
+fn readme_config_dir(readme: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let toml: Vec<&str> = readme
+        .split("```toml\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("README.md has a ```toml block")
+        .lines()
+        .collect();
+    std::fs::write(
+        dir.path().join(crate::cli::config::MAIN_FILE),
+        toml.join("\n"),
+    )
+    .expect("write the config file");
+    dir
+}
+
+/// A `--volume NAME` line is expanded as `main` does, against the README's own config file.
+fn parse_readme_cli(words: &[String], config: &std::path::Path) -> Result<(), String> {
+    if !words.iter().any(|w| w == "--volume") {
+        return parse_cli(words);
+    }
+    let mut argv: Vec<OsString> = words.iter().map(OsString::from).collect();
+    argv.push("--config".into());
+    argv.push(config.into());
+    let argv = crate::cli::config::expand(argv).map_err(|e| format!("{e:#}"))?;
+    let argv: Vec<String> = argv
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    parse_cli(&argv)
+}
+
 fn parse_cli(words: &[String]) -> Result<(), String> {
     Cli::try_parse_from(words)
         .map(|_| ())
@@ -200,9 +234,10 @@ fn every_readme_command_parses() {
         "only {} mount(8)/fstab lines found",
         helper.len()
     );
+    let config = readme_config_dir(README);
     let mut bad = Vec::new();
     for f in &cli {
-        if let Err(e) = parse_cli(&f.words) {
+        if let Err(e) = parse_readme_cli(&f.words, config.path()) {
             bad.push(format!(
                 "README.md:{}: `{}`: {e}",
                 f.line,
