@@ -504,8 +504,13 @@ fn every_readme_block_is_run_or_marked() {
     assert!(bad.is_empty(), "{}", bad.join("\n"));
 }
 
-/// Each walkthrough in its own test, so that they run side by side.
+/// One at a time (as in tests/operate.rs): a process spawned by one test while another has
+/// files open on its mount can make that mount's unmount fail with EBUSY.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Each walkthrough in its own test, so that a failure names it.
 fn run_named(name: &str) {
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let all = blocks(README);
     let named: BTreeMap<String, &Block> = all
         .iter()
