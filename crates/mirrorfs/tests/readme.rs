@@ -105,6 +105,10 @@ struct Env {
     bin_dir: PathBuf,
     port: u16,
     mounts: Vec<(Child, PathBuf)>,
+    /// The configuration directory commands get (`/etc/mirrorfs` unless a runner plays a host).
+    config: Option<PathBuf>,
+    /// Daemons (`mirrorfs serve`) started, killed on drop.
+    daemons: Vec<Child>,
 }
 
 /// The result of one README command.
@@ -134,6 +138,8 @@ impl Env {
             bin_dir,
             port,
             mounts: Vec::new(),
+            config: None,
+            daemons: Vec::new(),
         }
     }
 
@@ -165,7 +171,12 @@ impl Env {
             .arg(line)
             .current_dir(&self.root)
             .env("PATH", path)
-            .env("MIRRORFS_CONFIG", self.p("/etc/mirrorfs"))
+            .env(
+                "MIRRORFS_CONFIG",
+                self.config
+                    .clone()
+                    .unwrap_or_else(|| self.p("/etc/mirrorfs")),
+            )
             .env_remove("MIRRORFS_LOG")
             .env_remove("RUST_LOG")
             .stdin(Stdio::null());
@@ -252,6 +263,10 @@ impl Env {
 
 impl Drop for Env {
     fn drop(&mut self) {
+        for mut d in self.daemons.drain(..) {
+            let _ = d.kill();
+            let _ = d.wait();
+        }
         for (mut child, mnt) in self.mounts.drain(..) {
             let _ = child.kill();
             let _ = child.wait();
@@ -450,6 +465,69 @@ fn mount_helper(b: &Block, _: &BTreeMap<String, &Block>) {
     );
 }
 
+/// The two-machine walkthrough on one machine: each `host$` prompt is a configuration directory
+/// of its own, `mirror.example` is 127.0.0.1 and port 7070 a free one; the fingerprints each
+/// `init` prints are put where the README says `<...'s fingerprint>`.
+fn remote(b: &Block, _: &BTreeMap<String, &Block>) {
+    let mut env = Env::new("readme-remote");
+    for d in ["/srv/data", "/mnt/data", "/backup/data"] {
+        fs::create_dir_all(env.p(d)).expect("mkdir");
+    }
+    let mut fps: BTreeMap<String, String> = BTreeMap::new();
+    let port = env.port.to_string();
+    for c in commands(b) {
+        let (host, cmd) = c.split_once('$').expect("a `host$` prompt");
+        let host = host.trim().to_string();
+        env.config = Some(env.root.join(format!("{host}-config")));
+        let mut cmd = cmd
+            .trim()
+            .replace("mirror.example", "127.0.0.1")
+            .replace("0.0.0.0:7070", "127.0.0.1:7070")
+            .replace(":7070", &format!(":{port}"));
+        for (h, fp) in &fps {
+            cmd = cmd.replace(&format!("blake3:<{h}'s fingerprint>"), fp);
+        }
+        assert!(
+            !cmd.contains('<'),
+            "README.md:{}: unknown placeholder in `{cmd}`",
+            b.line
+        );
+        if cmd.starts_with("mirrorfs serve ") {
+            let line = env.local(&cmd);
+            let child = env
+                .command(&format!("exec {line}"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("spawn serve");
+            env.daemons.push(child);
+            assert!(
+                wait_until(MOUNT_TIMEOUT, || std::net::TcpStream::connect((
+                    "127.0.0.1",
+                    env.port
+                ))
+                .is_ok()),
+                "README.md:{}: `{cmd}` never listened",
+                b.line
+            );
+            continue;
+        }
+        let r = env.run(&cmd);
+        assert_eq!(r.code, 0, "README.md:{}: `{c}`: {}{}", b.line, r.out, r.err);
+        if cmd.starts_with("mirrorfs init") {
+            let fp = r
+                .out
+                .lines()
+                .find_map(|l| l.strip_prefix("fingerprint: "))
+                .unwrap_or_else(|| panic!("`{cmd}` printed no fingerprint: {}", r.out));
+            fps.insert(host.clone(), fp.trim().to_string());
+        }
+    }
+    fs::write(env.p("/mnt/data/remote.txt"), b"over TLS\n").expect("write through the mount");
+    wait_file(&env.p("/backup/data/remote.txt"), b"over TLS\n");
+    env.unmount_all();
+}
+
 type Runner = fn(&Block, &BTreeMap<String, &Block>);
 
 /// The runners, by the name in `<!-- run: NAME -->`. `config-file` is a file the
@@ -462,6 +540,7 @@ const RUNNERS: &[(&str, Option<Runner>)] = &[
     ("config-walkthrough", Some(config_walkthrough)),
     ("verify", Some(verify_repair)),
     ("group", Some(group)),
+    ("remote", Some(remote)),
 ];
 
 #[test]
@@ -558,6 +637,11 @@ fn readme_config_file() {
 #[test]
 fn readme_verify_and_repair() {
     run_named("verify");
+}
+
+#[test]
+fn readme_remote_mirror() {
+    run_named("remote");
 }
 
 #[test]
