@@ -10,6 +10,8 @@ mod fuse;
 mod mirror;
 mod net;
 mod readiness;
+#[cfg(test)]
+mod readme_check;
 mod site;
 mod sys;
 mod tree;
