@@ -1,7 +1,7 @@
 #!/bin/bash
 # Builds the Debian package with cargo-deb: target/debian/mirrorfs_VERSION_ARCH.deb.
-# Not part of the main CI (installing cargo-deb compiles it, minutes on a small machine);
-# scripts/deb-test.sh builds it and tests the installed package.
+# scripts/deb-test.sh (run by scripts/test.sh, so by CI) builds it and tests the installed
+# package; installing cargo-deb compiles it (about a minute on 2 cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! cargo deb --version >/dev/null 2>&1; then

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The project's one test command (README, and .ci/run): installs what the tests need, then runs
 # formatting and lint gates, the unit tests, the seeded simulation, the FUSE integration tests,
-# the POSIX conformance suite through a real mount, and a quick benchmark smoke run.
+# the POSIX conformance suite through a real mount, the .deb (scripts/deb-test.sh) and a quick
+# benchmark smoke run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,6 +36,9 @@ echo "== mirror equals backing after the conformance suite"
 diff -r --no-dereference --exclude=.mirrorfs "$work/backing" "$work/mirror"
 trap - EXIT
 cleanup
+
+echo "== the Debian package: built with cargo-deb, installed, mounted through an fstab line, removed"
+scripts/deb-test.sh
 
 echo "== benchmark smoke run (quick sizes; figures are not checked)"
 target/release/mirrorfs-bench --quick --targets native,mirrorfs >/dev/null
