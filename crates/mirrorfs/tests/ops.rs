@@ -220,7 +220,8 @@ fn full_disk_write_into_a_new_hole_of_an_open_file_is_whole() {
     f.write_all_at(&pattern(5, MIB), 0).expect("write 1 MiB");
     // Overwrites of allocated bytes: the fast path.
     for i in 0..8u64 {
-        f.write_all_at(&pattern(6, 4096), i * 65536).expect("overwrite");
+        f.write_all_at(&pattern(6, 4096), i * 65536)
+            .expect("overwrite");
     }
     // A punched hole at [0, 256 KiB) and a truncated one at [512 KiB, 1 MiB), same descriptor.
     // SAFETY: plain syscall on an open descriptor.
@@ -246,7 +247,10 @@ fn full_disk_write_into_a_new_hole_of_an_open_file_is_whole() {
             Ok(n) => filled += n as u64,
             Err(e) => break e,
         }
-        assert!(filled < 64 << 20, "a 32 MiB file system took {filled} bytes");
+        assert!(
+            filled < 64 << 20,
+            "a 32 MiB file system took {filled} bytes"
+        );
     };
     assert_eq!(e, libc::ENOSPC, "filling: {}", errno_of(e));
 
@@ -274,7 +278,11 @@ fn full_disk_write_into_a_new_hole_of_an_open_file_is_whole() {
             "a write into the hole at {at} reported {n} bytes but changed more"
         );
     }
-    assert_eq!(f.metadata().expect("stat").len(), MIB as u64, "the size is unchanged");
+    assert_eq!(
+        f.metadata().expect("stat").len(),
+        MIB as u64,
+        "the size is unchanged"
+    );
     drop(f);
     drop(filler);
     sys::unlink(&m.p("filler")).unwrap_or_else(|e| panic!("unlink: {}", errno_of(e)));
