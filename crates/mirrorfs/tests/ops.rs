@@ -204,7 +204,8 @@ fn full_disk_write_into_a_new_hole_of_an_open_file_is_whole() {
     let small = SmallFs::new(&layout.base.join("small"), 32);
     layout.backing = small.at.join("backing");
     common::mkdir755(&layout.backing);
-    let state = small.at.join("state");
+    // The state elsewhere: the journal's records must fit, only the backing is full.
+    let state = layout.base.join("state");
     let state = state.to_str().expect("UTF-8 temp path").to_string();
     let mut m = Mount::start(layout, &["--state", &state]);
     wait_live(&m, Duration::from_secs(30));
@@ -238,21 +239,46 @@ fn full_disk_write_into_a_new_hole_of_an_open_file_is_whole() {
     f.set_len(MIB as u64).expect("truncate up");
     f.sync_all().expect("fsync warm");
 
-    // Fill the disk: 256 KiB writes until one does not fit, so less than 256 KiB stays free.
+    // Fill the disk but for 64 KiB: a file of 64 KiB, then 256 KiB and 4 KiB writes until they
+    // do not fit, then the 64 KiB file removed. A 256 KiB write into a hole cannot fit, but could
+    // write a part of itself if nothing reserved its range first.
+    fs::write(m.p("gap"), pattern(9, 64 << 10)).expect("write gap");
     let filler = sys::open(&m.p("filler"), libc::O_CREAT | libc::O_WRONLY, 0o644).expect("open");
-    let chunk = pattern(2, K256);
     let mut filled = 0u64;
-    let e = loop {
-        match sys::write(&filler, &chunk) {
-            Ok(n) => filled += n as u64,
-            Err(e) => break e,
-        }
-        assert!(
-            filled < 64 << 20,
-            "a 32 MiB file system took {filled} bytes"
-        );
+    for size in [K256, 4096] {
+        let chunk = pattern(2, size);
+        let e = loop {
+            match sys::write(&filler, &chunk) {
+                Ok(n) => filled += n as u64,
+                Err(e) => break e,
+            }
+            assert!(
+                filled < 64 << 20,
+                "a 32 MiB file system took {filled} bytes"
+            );
+        };
+        assert_eq!(e, libc::ENOSPC, "filling: {}", errno_of(e));
+    }
+    sys::unlink(&m.p("gap")).unwrap_or_else(|e| panic!("unlink gap: {}", errno_of(e)));
+    // The unlinked file's blocks are freed once the daemon's last descriptor of it is closed
+    // (the kernel sends the release after close returns).
+    let avail = || {
+        let c = std::ffi::CString::new(small.at.as_os_str().as_encoded_bytes()).expect("path");
+        let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+        // SAFETY: a valid path and a buffer for the result.
+        let r = unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) };
+        assert_eq!(r, 0, "statvfs: {}", std::io::Error::last_os_error());
+        // SAFETY: filled in by a successful statvfs.
+        let st = unsafe { st.assume_init() };
+        st.f_bavail as u64 * st.f_frsize as u64
     };
-    assert_eq!(e, libc::ENOSPC, "filling: {}", errno_of(e));
+    let freed = wait_until(Duration::from_secs(10), || avail() >= 60 << 10);
+    assert!(
+        freed,
+        "removing the 64 KiB file freed nothing: {} bytes free",
+        avail()
+    );
+    assert!(avail() < K256 as u64, "{} bytes free", avail());
 
     for (at, seed) in [(0u64, 7u64), (2 * K256 as u64, 8)] {
         let data = pattern(seed, K256);
@@ -267,8 +293,12 @@ fn full_disk_write_into_a_new_hole_of_an_open_file_is_whole() {
                 0
             }
         };
+        // Read from the backing file itself: the mount's page cache need not show what a
+        // failed write left on disk.
         let mut back = vec![0u8; K256];
-        f.read_exact_at(&mut back, at).expect("read back");
+        fs::File::open(m.backing().join("warm"))
+            .and_then(|b| b.read_exact_at(&mut back, at))
+            .expect("read back from the backing");
         assert!(
             back[..n] == data[..n],
             "the {n} bytes reported written at {at} are not in the file"
