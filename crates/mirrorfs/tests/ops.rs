@@ -270,7 +270,7 @@ fn full_disk_write_into_a_new_hole_of_an_open_file_is_whole() {
         assert_eq!(r, 0, "statvfs: {}", std::io::Error::last_os_error());
         // SAFETY: filled in by a successful statvfs.
         let st = unsafe { st.assume_init() };
-        st.f_bavail as u64 * st.f_frsize as u64
+        st.f_bavail * st.f_frsize
     };
     let freed = wait_until(Duration::from_secs(10), || avail() >= 60 << 10);
     assert!(
