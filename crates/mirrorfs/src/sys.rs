@@ -324,9 +324,11 @@ pub fn pwrite_all(fd: BorrowedFd<'_>, mut buf: &[u8], mut off: u64) -> io::Resul
 /// past the file's old end is cut off again, so the file is as it was. Only bytes written over
 /// existing data that a failing device then refuses to complete cannot be taken back; that is
 /// logged as an error naming the file (see `docs/journal.md`).
-pub fn pwrite_whole(fd: BorrowedFd<'_>, buf: &[u8], off: u64) -> io::Result<()> {
+///
+/// Returns the file's size before the write.
+pub fn pwrite_whole(fd: BorrowedFd<'_>, buf: &[u8], off: u64) -> io::Result<u64> {
     if buf.is_empty() {
-        return pwrite_all(fd, buf, off);
+        return Ok(fstat(fd)?.st_size as u64);
     }
     match fallocate(fd, libc::FALLOC_FL_KEEP_SIZE, off, buf.len() as u64) {
         Ok(()) => {}
@@ -335,6 +337,36 @@ pub fn pwrite_whole(fd: BorrowedFd<'_>, buf: &[u8], off: u64) -> io::Result<()> 
         Err(_) => {}
     }
     let size_before = fstat(fd)?.st_size as u64;
+    write_or_take_back(fd, buf, off, size_before)?;
+    Ok(size_before)
+}
+
+/// `pwrite_whole` for a range the caller knows lies within the file's size with no hole in it
+/// (`next_hole`, nothing since that could have made one): the blocks are on disk already, so
+/// there is nothing to reserve (a `fallocate(FALLOC_FL_KEEP_SIZE)` over allocated blocks
+/// allocates nothing) and the size cannot change; one `pwrite` instead of `fallocate`, `fstat`
+/// and `pwrite`. A write that still stops part way is handled as in `pwrite_whole`.
+pub fn pwrite_allocated(fd: BorrowedFd<'_>, buf: &[u8], off: u64) -> io::Result<()> {
+    // `size_before` only decides whether a partial write can be cut off again; over existing
+    // data it cannot, whatever the size.
+    write_or_take_back(fd, buf, off, u64::MAX)
+}
+
+/// Where the first hole at or after `off` begins (`lseek(SEEK_HOLE)`): the file's size if it
+/// has none there. ext4, XFS, btrfs and tmpfs report holes; a file system that does not answers
+/// the size (no holes), so on one that can still reserve space a write into a sparse file's
+/// hole would go unreserved (README, "A full backing disk").
+pub fn next_hole(fd: BorrowedFd<'_>, off: u64) -> io::Result<u64> {
+    lseek(fd, off as i64, libc::SEEK_HOLE).map(|h| h as u64)
+}
+
+/// The `pwrite` loop of `pwrite_whole`: what a failing write wrote past `size_before` is cut off.
+fn write_or_take_back(
+    fd: BorrowedFd<'_>,
+    buf: &[u8],
+    off: u64,
+    size_before: u64,
+) -> io::Result<()> {
     let mut done = 0usize;
     let mut retried = false;
     while done < buf.len() {

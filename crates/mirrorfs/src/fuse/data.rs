@@ -28,13 +28,12 @@ impl MirrorFs {
             Ok(fd) => fd,
             Err(e) => return reply.error(err(e)),
         };
-        let fh = self.add_handle(Handle {
+        let fh = self.add_handle(Handle::new(
             fd,
-            ino: ino.0,
-            append: fl & libc::O_APPEND != 0,
-            direct: fl & libc::O_DIRECT != 0,
-            wrote: AtomicBool::new(false),
-        });
+            ino.0,
+            fl & libc::O_APPEND != 0,
+            fl & libc::O_DIRECT != 0,
+        ));
         reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
     }
 
@@ -113,7 +112,7 @@ impl MirrorFs {
                     .mutate(op, || {
                         self.still_named(ino, &p)?;
                         // Whole or nothing: its record is aborted if it fails (see sys).
-                        sys::pwrite_whole(h.fd.as_fd(), chunk, off)
+                        self.write_whole(&h, chunk, off)
                     })
                     .map(drop)
             });
@@ -129,6 +128,28 @@ impl MirrorFs {
         }
         h.wrote.store(true, Ordering::Relaxed);
         reply.written(written as u32)
+    }
+
+    /// `sys::pwrite_whole`, without its reservation (`fallocate`, `fstat`) when the range is
+    /// known to lie over blocks the file has: learnt with one `SEEK_HOLE` per handle after its
+    /// first overwrite, forgotten when a truncate or a hole-making `fallocate` is applied.
+    /// Called under the order lock, as those are.
+    fn write_whole(&self, h: &Handle, buf: &[u8], off: u64) -> std::io::Result<()> {
+        let fd = h.fd.as_fd();
+        let end = off + buf.len() as u64;
+        let epoch = self.vol.holes_epoch.load(Ordering::Relaxed);
+        let known = *lock(&h.allocated);
+        if matches!(known, Some((e, allocated)) if e == epoch && end <= allocated) {
+            return sys::pwrite_allocated(fd, buf, off);
+        }
+        let size_before = sys::pwrite_whole(fd, buf, off)?;
+        // An overwrite (a database's pages, an editor's in-place save): learn, once per epoch,
+        // how far from the start the file has no hole. Appends learn nothing (no extra call).
+        if end <= size_before && !matches!(known, Some((e, _)) if e == epoch) {
+            let allocated = sys::next_hole(fd, 0).unwrap_or(0);
+            *lock(&h.allocated) = Some((epoch, allocated));
+        }
+        Ok(())
     }
 
     pub(super) fn do_flush(

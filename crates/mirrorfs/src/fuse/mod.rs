@@ -55,6 +55,23 @@ struct Handle {
     /// Opened with `O_DIRECT`: reads and writes go through page-aligned buffers.
     direct: bool,
     wrote: AtomicBool,
+    /// `(epoch, end)`: at `Volume::holes_epoch` `epoch` the file had no hole in `[0, end)`,
+    /// so a write inside that range needs no space reserved (`sys::pwrite_allocated`). Read and
+    /// set under the order lock.
+    allocated: Mutex<Option<(u64, u64)>>,
+}
+
+impl Handle {
+    fn new(fd: OwnedFd, ino: u64, append: bool, direct: bool) -> Handle {
+        Handle {
+            fd,
+            ino,
+            append,
+            direct,
+            wrote: AtomicBool::new(false),
+            allocated: Mutex::new(None),
+        }
+    }
 }
 
 /// A directory's entries as read at `opendir`: (inode, type, name).
@@ -446,6 +463,8 @@ fn reply_unlinked_setattr(
     let fd = h.fd.as_fd();
     let r = (|| -> std::io::Result<()> {
         if let Some(size) = size {
+            // Not journaled (the file has no name): counted here (see `Volume::holes_epoch`).
+            fs.vol.holes_epoch.fetch_add(1, Ordering::Relaxed);
             sys::ftruncate(fd, size)?;
         }
         if uid.is_some() || gid.is_some() {

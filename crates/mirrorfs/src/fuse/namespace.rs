@@ -339,13 +339,12 @@ impl MirrorFs {
         };
         let id = lock(&self.inodes).register(parent.0, name.as_bytes(), st.st_ino);
         let a = self.attr_of(INodeNo(id), &st);
-        let fh = self.add_handle(Handle {
+        let fh = self.add_handle(Handle::new(
             fd,
-            ino: a.ino.0,
-            append: flags & libc::O_APPEND != 0,
-            direct: fl & libc::O_DIRECT != 0,
-            wrote: AtomicBool::new(false),
-        });
+            a.ino.0,
+            flags & libc::O_APPEND != 0,
+            fl & libc::O_DIRECT != 0,
+        ));
         reply.created(
             &TTL,
             &a,

@@ -115,6 +115,7 @@ impl Volume {
             quorum,
             fsync_waits,
             settled: AtomicU64::new(settled),
+            holes_epoch: AtomicU64::new(0),
             poisoned: AtomicBool::new(false),
             fence: std::sync::OnceLock::new(),
             retain_after: AtomicU64::new(retain_after),

@@ -500,6 +500,21 @@ pub struct Volume {
     /// attribute `user.mirrorfs.resync` carries it (set once by the mount: `mirror::operator`).
     /// An errno when refused.
     pub resync: std::sync::OnceLock<ResyncHook>,
+    /// Counts the changes applied to the backing tree that can put a hole into a file or
+    /// shorten it (`Op::Truncate`, an `Op::Fallocate` other than a plain reservation), bumped in
+    /// `mutate` under the order lock before each is applied, whoever applies it (the mount, a
+    /// failback's reintegration). The mount's writes skip the space reservation over bytes a
+    /// file is known to have (`fuse::data`, `write_whole`) only while this count is unchanged.
+    pub holes_epoch: AtomicU64,
+}
+
+/// `op` can put a hole into a file or shorten it (see `Volume::holes_epoch`).
+pub fn may_make_holes(op: &Op) -> bool {
+    match op {
+        Op::Truncate { .. } => true,
+        Op::Fallocate { mode, .. } => mode & !libc::FALLOC_FL_KEEP_SIZE != 0,
+        _ => false,
+    }
 }
 
 /// See [`Volume::resync`].
@@ -539,6 +554,9 @@ impl Volume {
             Begin::Apply { seq } => seq,
             Begin::Refuse(r) => return Err(self.refused(r)),
         };
+        if may_make_holes(&op) {
+            self.holes_epoch.fetch_add(1, Ordering::Relaxed);
+        }
         let res = apply();
         if res.is_ok() {
             for t in copies.values_mut() {
