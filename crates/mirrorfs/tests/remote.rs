@@ -4320,18 +4320,7 @@ fn verify_of_a_network_mirror_finds_planted_differences_with_hashes_only() {
     fs::write(srv.dir.join("planted"), b"x").expect("plant");
     let (code, v, err) = verify_remote(&net, &m, &srv.url(), &[]);
     assert_eq!(code, 3, "differences: {v:#}\n{err}");
-    let mut d: Vec<(String, String)> = v["mirrors"][0]["differences"]
-        .as_array()
-        .expect("differences")
-        .iter()
-        .map(|d| {
-            (
-                d["kind"].as_str().unwrap_or("").to_string(),
-                d["path"].as_str().unwrap_or("").to_string(),
-            )
-        })
-        .collect();
-    d.sort();
+    let d = common::verify_differences(&v);
     assert!(
         d.contains(&("content".into(), "d/a.txt".into()))
             && d.contains(&("only-on-mirror".into(), "planted".into())),

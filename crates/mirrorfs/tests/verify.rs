@@ -10,7 +10,7 @@ use std::fs;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use common::{Layout, Mount, BIN};
+use common::{verify_differences, Layout, Mount, BIN};
 
 const EQUAL: Duration = Duration::from_secs(30);
 
@@ -60,23 +60,6 @@ fn verify(m: &Mount, extra: &[&str]) -> (i32, serde_json::Value, String) {
     (o.status.code().unwrap_or(-1), v, err)
 }
 
-/// (kind, path) of each difference of the first mirror.
-fn diffs(v: &serde_json::Value) -> Vec<(String, String)> {
-    let mut d: Vec<(String, String)> = v["mirrors"][0]["differences"]
-        .as_array()
-        .expect("differences")
-        .iter()
-        .map(|d| {
-            (
-                d["kind"].as_str().unwrap_or("").to_string(),
-                d["path"].as_str().unwrap_or("").to_string(),
-            )
-        })
-        .collect();
-    d.sort();
-    d
-}
-
 fn planted_tree(tag: &str) -> Mount {
     let m = mount(tag);
     fs::create_dir(m.p("dir")).expect("mkdir");
@@ -110,7 +93,7 @@ fn verify_finds_planted_differences_and_repair_mends_them_keeping_extras() {
     plant(&m);
     let (code, v, err) = verify(&m, &[]);
     assert_eq!(code, 3, "differences give exit code 3: {v} {err}");
-    let found = diffs(&v);
+    let found = verify_differences(&v);
     let want = [
         ("content", "dir/content"),
         ("mode", "mode"),
@@ -132,7 +115,7 @@ fn verify_finds_planted_differences_and_repair_mends_them_keeping_extras() {
         .expect("repaired list");
     assert!(repaired.len() >= 5, "{v}");
     assert_eq!(
-        diffs(&v),
+        verify_differences(&v),
         vec![("only-on-mirror".to_string(), "extra".to_string())],
         "{v}"
     );
@@ -218,7 +201,7 @@ fn a_change_in_the_backing_while_unmounted_is_reported_at_mount() {
     let (code, v, _) = verify(&m, &[]);
     assert_eq!(code, 3, "{v}");
     assert_eq!(
-        diffs(&v),
+        verify_differences(&v),
         vec![
             ("content".to_string(), "f".to_string()),
             ("times".to_string(), "f".to_string())
@@ -259,7 +242,7 @@ fn type_target_owner_link_and_hole_differences_are_found_and_all_but_holes_repai
     fs::write(mir.join("sparse"), vec![0u8; 8 << 20]).expect("fill the holes");
     let (code, v, err) = verify(&m, &[]);
     assert_eq!(code, 3, "{v} {err}");
-    let found = diffs(&v);
+    let found = verify_differences(&v);
     for (k, p) in [
         ("type", "typed"),
         ("link-target", "link"),
@@ -281,7 +264,7 @@ fn type_target_owner_link_and_hole_differences_are_found_and_all_but_holes_repai
     // Everything is mended but the holes: the block-hash resync sees equal data (zeros) and
     // copies nothing (a known limit, in the README; `mount --force-resync` copies it again).
     assert_eq!(
-        diffs(&v),
+        verify_differences(&v),
         vec![("holes".to_string(), "sparse".to_string())],
         "{err}"
     );

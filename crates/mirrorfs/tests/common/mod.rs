@@ -1184,3 +1184,20 @@ pub fn read_to_end(f: &mut File) -> Vec<u8> {
     f.read_to_end(&mut v).expect("read");
     v
 }
+
+/// (kind, path) of each difference of the first mirror in `mirrorfs verify --json`'s output, sorted.
+pub fn verify_differences(v: &serde_json::Value) -> Vec<(String, String)> {
+    let mut d: Vec<(String, String)> = v["mirrors"][0]["differences"]
+        .as_array()
+        .expect("differences")
+        .iter()
+        .map(|d| {
+            (
+                d["kind"].as_str().unwrap_or("").to_string(),
+                d["path"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    d.sort();
+    d
+}
