@@ -8,11 +8,11 @@
 //! program walking the mount and by mirrors), its permission is the root directory's own, and
 //! the kernel passes it straight to the mount.
 
-use std::ffi::CString;
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
+
+use crate::sys;
 
 #[derive(clap::Args)]
 pub struct GroupArgs {
@@ -36,10 +36,8 @@ enum GroupAction {
 const NAME: &str = "user.mirrorfs.group";
 
 pub fn group(a: GroupArgs) -> Result<()> {
-    let path = cpath(&a.mountpoint)?;
-    let name = CString::new(NAME).context("attribute name")?;
     // Read first: only the root of a mirrorfs mount answers, so nothing is ever set elsewhere.
-    let open = open_groups(&path, &name).map_err(|e| explain(&a.mountpoint, e))?;
+    let open = open_groups(&a.mountpoint).map_err(|e| explain(&a.mountpoint, e))?;
     let value: &[u8] = match a.action {
         GroupAction::Status => {
             println!("{open} group(s) open");
@@ -48,40 +46,14 @@ pub fn group(a: GroupArgs) -> Result<()> {
         GroupAction::Begin => b"begin",
         GroupAction::End => b"end",
     };
-    // SAFETY: valid C strings and a buffer of the length given.
-    let r = unsafe {
-        libc::setxattr(
-            path.as_ptr(),
-            name.as_ptr(),
-            value.as_ptr().cast(),
-            value.len(),
-            0,
-        )
-    };
-    if r != 0 {
-        return Err(explain(&a.mountpoint, std::io::Error::last_os_error()));
-    }
-    Ok(())
+    sys::setxattr_path(&a.mountpoint, NAME, value).map_err(|e| explain(&a.mountpoint, e))
 }
 
 /// The number of groups open on the mount whose root is `path`.
-fn open_groups(path: &CString, name: &CString) -> std::io::Result<String> {
+fn open_groups(path: &Path) -> std::io::Result<String> {
     let mut buf = [0u8; 32];
-    // SAFETY: valid C strings and a buffer of the length given.
-    let n = unsafe {
-        libc::getxattr(
-            path.as_ptr(),
-            name.as_ptr(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-        )
-    };
-    let n = usize::try_from(n).map_err(|_| std::io::Error::last_os_error())?;
+    let n = sys::getxattr_path(path, NAME, &mut buf)?;
     Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
-}
-
-fn cpath(p: &Path) -> Result<CString> {
-    CString::new(p.as_os_str().as_bytes()).context("the mountpoint contains a NUL byte")
 }
 
 fn explain(mnt: &Path, e: std::io::Error) -> anyhow::Error {

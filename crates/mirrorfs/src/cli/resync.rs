@@ -4,7 +4,6 @@
 //! `user.mirrorfs.resync` (as `user.mirrorfs.group` is for groups): set to `keep-extra PATH` or
 //! `delete-extra PATH` to start one; read, it says where each mirror's stands (JSON).
 
-use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -12,6 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use crate::cli::verify::{target, Target};
+use crate::sys;
 
 const NAME: &str = "user.mirrorfs.resync";
 
@@ -46,19 +46,9 @@ pub fn resync(a: ResyncArgs) -> Result<()> {
 }
 
 /// Where `mirror`'s operator resyncs stand: (completed count, running, last error).
-fn state_of(root: &CString, mirror: &Path) -> Result<(u64, bool, Option<String>)> {
-    let name = CString::new(NAME).context("attribute name")?;
+fn state_of(root: &Path, mirror: &Path) -> Result<(u64, bool, Option<String>)> {
     let mut buf = vec![0u8; 1 << 16];
-    // SAFETY: valid C strings and a buffer of the length given.
-    let n = unsafe {
-        libc::getxattr(
-            root.as_ptr(),
-            name.as_ptr(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-        )
-    };
-    let n = usize::try_from(n).map_err(|_| std::io::Error::last_os_error())?;
+    let n = sys::getxattr_path(root, NAME, &mut buf)?;
     let v: serde_json::Value =
         serde_json::from_slice(&buf[..n]).context("the mount's answer is not JSON")?;
     let name = mirror.display().to_string();
@@ -79,8 +69,8 @@ fn state_of(root: &CString, mirror: &Path) -> Result<(u64, bool, Option<String>)
 
 /// Asks the mount `t` to resync `mirror` and waits until the mirror applied it.
 pub fn resync_and_wait(t: &Target, mirror: &Path, delete_extra: bool) -> Result<()> {
-    let root = CString::new(t.mountpoint.as_os_str().as_bytes()).context("NUL in the path")?;
-    let (done0, _, _) = state_of(&root, mirror)
+    let root = t.mountpoint.as_path();
+    let (done0, _, _) = state_of(root, mirror)
         .with_context(|| format!("cannot ask {} for a resync", t.mountpoint.display()))?;
     let mut value = if delete_extra {
         b"delete-extra ".to_vec()
@@ -88,19 +78,7 @@ pub fn resync_and_wait(t: &Target, mirror: &Path, delete_extra: bool) -> Result<
         b"keep-extra ".to_vec()
     };
     value.extend_from_slice(mirror.as_os_str().as_bytes());
-    let name = CString::new(NAME).context("attribute name")?;
-    // SAFETY: valid C strings and a value of the length given.
-    let r = unsafe {
-        libc::setxattr(
-            root.as_ptr(),
-            name.as_ptr(),
-            value.as_ptr().cast(),
-            value.len(),
-            0,
-        )
-    };
-    if r != 0 {
-        let e = std::io::Error::last_os_error();
+    if let Err(e) = sys::setxattr_path(root, NAME, &value) {
         let why = match e.raw_os_error() {
             Some(libc::EBUSY) => {
                 "a resync or copy of it is running, or it is not live (see `mirrorfs status`)"
@@ -117,7 +95,7 @@ pub fn resync_and_wait(t: &Target, mirror: &Path, delete_extra: bool) -> Result<
     let t0 = Instant::now();
     loop {
         std::thread::sleep(Duration::from_millis(50));
-        let (done, running, error) = state_of(&root, mirror)?;
+        let (done, running, error) = state_of(root, mirror)?;
         if let Some(e) = error {
             bail!("resync of {} failed: {e}", mirror.display());
         }
