@@ -1858,8 +1858,12 @@ fn mirror_error_text(m: &Mount, s: &Serve) -> String {
     format!("{p}\n{d}\n{}", tail(&s.log(), 20))
 }
 
+/// The words of ENOSPC in either status: the system's ("No space left on device (os error
+/// 28)"), the mirror tree's ("no space left on the mirror's device") or the journal's ("cannot
+/// store"). Which one shows first depends on whether the daemon's journal or its tree fills first.
 fn says_no_space(t: &str) -> bool {
-    t.contains("No space left") || t.contains("os error 28") || t.contains("cannot store")
+    let t = t.to_lowercase();
+    t.contains("no space left") || t.contains("os error 28") || t.contains("cannot store")
 }
 
 /// The mirror's disk fills up (something else on it takes the space): local writes go on, both
