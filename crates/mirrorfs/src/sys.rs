@@ -541,34 +541,8 @@ fn fd_path(fd: BorrowedFd<'_>) -> CString {
     CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap_or_default()
 }
 
-/// `setxattr(2)` on a path (following it): for the control attributes of a mount's root
-/// (`user.mirrorfs.group`, `user.mirrorfs.resync`), which only a mirrorfs mount answers.
-pub fn setxattr_path(path: &std::path::Path, name: &str, value: &[u8]) -> io::Result<()> {
-    let p = cstr(path.as_os_str())?;
-    let n = cstr(OsStr::new(name))?;
-    // SAFETY: valid C strings and value slice.
-    cvt(unsafe {
-        libc::setxattr(
-            p.as_ptr(),
-            n.as_ptr(),
-            value.as_ptr().cast(),
-            value.len(),
-            0,
-        )
-    })
-    .map(drop)
-}
-
-/// `getxattr(2)` on a path (following it) into `buf`: the value's length.
-pub fn getxattr_path(path: &std::path::Path, name: &str, buf: &mut [u8]) -> io::Result<usize> {
-    let p = cstr(path.as_os_str())?;
-    let n = cstr(OsStr::new(name))?;
-    // SAFETY: valid C strings; `buf` valid for writes of its length.
-    cvt_isize(unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) })
-}
-
-pub fn lsetxattr_fd(fd: BorrowedFd<'_>, name: &[u8], value: &[u8], flags: i32) -> io::Result<()> {
-    let p = fd_path(fd);
+/// `setxattr(2)` on a C path: the one unsafe call behind the path and descriptor forms.
+fn setxattr_c(p: &CStr, name: &[u8], value: &[u8], flags: i32) -> io::Result<()> {
     let n = cstr(OsStr::from_bytes(name))?;
     // SAFETY: valid C strings and value slice.
     cvt(unsafe {
@@ -583,11 +557,30 @@ pub fn lsetxattr_fd(fd: BorrowedFd<'_>, name: &[u8], value: &[u8], flags: i32) -
     .map(drop)
 }
 
-pub fn lgetxattr_fd(fd: BorrowedFd<'_>, name: &[u8], buf: &mut [u8]) -> io::Result<usize> {
-    let p = fd_path(fd);
+/// `getxattr(2)` on a C path into `buf` (a zero length asks for the size): the value's length.
+fn getxattr_c(p: &CStr, name: &[u8], buf: &mut [u8]) -> io::Result<usize> {
     let n = cstr(OsStr::from_bytes(name))?;
-    // SAFETY: valid C strings; `buf` valid for writes (a zero length asks for the size).
+    // SAFETY: valid C strings; `buf` valid for writes of its length.
     cvt_isize(unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) })
+}
+
+/// `setxattr(2)` on a path (following it): for the control attributes of a mount's root
+/// (`user.mirrorfs.group`, `user.mirrorfs.resync`), which only a mirrorfs mount answers.
+pub fn setxattr_path(path: &std::path::Path, name: &str, value: &[u8]) -> io::Result<()> {
+    setxattr_c(&cstr(path.as_os_str())?, name.as_bytes(), value, 0)
+}
+
+/// `getxattr(2)` on a path (following it) into `buf`: the value's length.
+pub fn getxattr_path(path: &std::path::Path, name: &str, buf: &mut [u8]) -> io::Result<usize> {
+    getxattr_c(&cstr(path.as_os_str())?, name.as_bytes(), buf)
+}
+
+pub fn lsetxattr_fd(fd: BorrowedFd<'_>, name: &[u8], value: &[u8], flags: i32) -> io::Result<()> {
+    setxattr_c(&fd_path(fd), name, value, flags)
+}
+
+pub fn lgetxattr_fd(fd: BorrowedFd<'_>, name: &[u8], buf: &mut [u8]) -> io::Result<usize> {
+    getxattr_c(&fd_path(fd), name, buf)
 }
 
 pub fn llistxattr_fd(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
