@@ -67,9 +67,12 @@ pub struct ServeArgs {
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Accept an initial copy into a non-empty DIR that holds no mirrorfs copy, replacing its
-    /// contents.
-    #[arg(long)]
+    /// contents. `--no-force-resync` turns it off (over a config file's `force_resync = true`).
+    #[arg(long, overrides_with = "no_force_resync")]
     pub force_resync: bool,
+    /// Turn `--force-resync` off.
+    #[arg(long, hide = true, overrides_with = "force_resync")]
+    pub no_force_resync: bool,
     /// What to do when DIR holds changes the connecting primary lacks (the copies diverged, e.g.
     /// an old primary served as a mirror of its promoted copy).
     #[arg(long, value_enum, default_value_t = OnDivergedArg::Reintegrate)]
@@ -85,9 +88,13 @@ pub struct ServeArgs {
     pub metrics: Option<String>,
     /// Bind no UDP socket: a primary's offer of the UDP data path (`mount --transport udp|auto`)
     /// is declined and records come on the TLS connection. By default the daemon also listens
-    /// for UDP on the `--listen` address and port.
-    #[arg(long)]
+    /// for UDP on the `--listen` address and port. `--udp` turns it back on (over a config
+    /// file's `no_udp = true`).
+    #[arg(long, overrides_with = "udp")]
     pub no_udp: bool,
+    /// Turn `--no-udp` off: bind the UDP socket.
+    #[arg(long, hide = true, overrides_with = "no_udp")]
+    pub udp: bool,
     /// Take the settings of mirror daemon NAME from the config file ($MIRRORFS_CONFIG or
     /// /etc/mirrorfs: `[serve.NAME]` in mirrorfs.toml, or serve.d/NAME.toml); flags given here
     /// override them. `mirrorfs config show NAME` prints what it gets.
