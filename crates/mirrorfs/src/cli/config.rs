@@ -1014,7 +1014,10 @@ mod tests {
                     assert_eq!(m.get_flag(id), want, "{kind:?} {line:?}");
                 }
                 let help = a.get_help().map(|h| h.to_string()).unwrap_or_default();
-                assert!(help.contains(&format!("`{off}`")), "{on}'s help does not name {off}");
+                assert!(
+                    help.contains(&format!("`{off}`")),
+                    "{on}'s help does not name {off}"
+                );
             }
         }
     }
@@ -1041,8 +1044,14 @@ mod tests {
         .concat();
         let m = parsed(Kind::Mount, &expand(os(&line)).expect("expands"));
         assert!(!m.get_flag("compress"), "--no-compress beats the file");
-        assert!(!m.get_flag("fsync_groups"), "--no-fsync-groups beats the file");
-        assert!(m.get_flag("force_resync"), "--force-resync beats the file's false");
+        assert!(
+            !m.get_flag("fsync_groups"),
+            "--no-fsync-groups beats the file"
+        );
+        assert!(
+            m.get_flag("force_resync"),
+            "--force-resync beats the file's false"
+        );
 
         let serve = ["mirrorfs", "serve", "--volume", "data", "--config", &cfg];
         let m = parsed(Kind::Serve, &expand(os(&serve)).expect("expands"));
@@ -1051,7 +1060,10 @@ mod tests {
             Kind::Serve,
             &expand(os(&[&serve[..], &["--udp"]].concat())).expect("expands"),
         );
-        assert!(!m.get_flag("no_udp"), "--udp beats the file's no_udp = true");
+        assert!(
+            !m.get_flag("no_udp"),
+            "--udp beats the file's no_udp = true"
+        );
     }
 
     #[test]

@@ -660,6 +660,18 @@ impl Daemon {
             "Journal records not yet applied on the mirror (on a mirror daemon: of those it received).",
             &me((next - 1).saturating_sub(applied) as f64),
         );
+        x.family(
+            "mirror_lag_seconds",
+            "gauge",
+            "Age of the oldest journal record not yet applied on the mirror (on a mirror daemon: since it was received; 0 when it is caught up).",
+            &me(self.vol.lag_seconds(applied)),
+        );
+        x.family(
+            "mirror_lag_bytes",
+            "gauge",
+            "Data bytes not yet applied on the mirror (on a mirror daemon: of those it received).",
+            &me(lock(&self.vol.progress).bytes_after(applied) as f64),
+        );
         x.one(
             "primary_connected",
             "gauge",
@@ -730,6 +742,7 @@ impl Daemon {
             "applied_seq": self.m.applied.load(Ordering::Acquire),
             "checkpoint_seq": self.m.checkpoint.load(Ordering::Acquire),
             "lag_ops": (next - 1).saturating_sub(self.m.applied.load(Ordering::Acquire)),
+            "lag_seconds": self.vol.lag_seconds(self.m.applied.load(Ordering::Acquire)),
             "phase": serde_json::to_value(&*lock(&self.m.phase)).unwrap_or_default(),
             "journal_bytes": bytes,
             "journal_segments": segs,
