@@ -1565,7 +1565,7 @@ mod tests {
     #[test]
     fn metrics_parse() -> Result<()> {
         let text = "# HELP x\n# TYPE x gauge\nmirrorfs_journal_last_seq 264\n\
-                    mirrorfs_journal_durable_seq 260\nmirrorfs_journal_bytes 1\n\
+                    mirrorfs_journal_durable_seq 260\nmirrorfs_journal_size_bytes 1\n\
                     mirrorfs_mirror_applied_seq{mirror=\"mirror://127.0.0.1:1\"} 250\n\
                     mirrorfs_mirror_durable_seq{mirror=\"mirror://127.0.0.1:1\"} 255\n\
                     mirrorfs_mirror_lag_bytes{mirror=\"m\"} 1048576\n";

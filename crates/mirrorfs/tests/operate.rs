@@ -292,7 +292,7 @@ fn a_volume_from_the_config_mounts_and_flags_override_it() {
     fs::write(
         cfg.join("volumes.d/data.toml"),
         format!(
-            "# the data volume\nbacking = \"{}\"\nmountpoint = \"{}\"\nmirror = [\"{}\", \"{}\"]\nstate = \"{}\"\nack = \"durable\"\nmetrics = \"{metrics}\"\njournal-max-mib = 256\n",
+            "# the data volume\nbacking = \"{}\"\nmountpoint = \"{}\"\nmirror = [\"{}\", \"{}\"]\nstate = \"{}\"\nack = \"durable\"\nmetrics = \"{metrics}\"\njournal-max-mib = 256\nfsync_groups = true\nfsync_group_max_ms = 600000\n",
             s(&l.backing),
             s(&l.mnt),
             s(&l.mirrors[0]),
@@ -326,6 +326,8 @@ fn a_volume_from_the_config_mounts_and_flags_override_it() {
         s(&cfg),
         "--ack",
         "local",
+        // The file's switch turned off (with the file's group age limit, which needs it).
+        "--no-fsync-groups",
     ]
     .iter()
     .map(OsString::from)
@@ -345,6 +347,10 @@ fn a_volume_from_the_config_mounts_and_flags_override_it() {
     })));
     let v = status().expect("status");
     assert_eq!(v["ack"], "local", "the command line's --ack wins: {v}");
+    assert!(
+        v["fsync_groups"].is_null(),
+        "--no-fsync-groups wins over the file's fsync_groups = true: {v}"
+    );
     assert_eq!(v["errors"], serde_json::json!([]), "{v}");
     for i in 0..20 {
         assert_eq!(

@@ -4356,3 +4356,197 @@ fn verify_of_a_network_mirror_finds_planted_differences_with_hashes_only() {
     assert!(srv.log().contains("verify: sent the scan"), "{}", srv.log());
     m.unmount();
 }
+
+// ---------------------------------------------------------------------------------------------
+// Lag in seconds on both sides
+
+/// `GET /metrics` at `addr`: the body.
+fn scrape(addr: &str) -> String {
+    let mut c = TcpStream::connect(addr).expect("connect to the metrics");
+    c.write_all(b"GET /metrics HTTP/1.1\r\n\r\n")
+        .expect("ask for the metrics");
+    let mut text = String::new();
+    c.read_to_string(&mut text).expect("read the metrics");
+    text.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default()
+}
+
+/// The value of the one sample of `name` (whatever its labels) in a scrape.
+fn only_sample(body: &str, name: &str) -> Option<f64> {
+    let mut found = body.lines().filter_map(|l| {
+        let rest = l.strip_prefix(name)?;
+        let rest = match rest.strip_prefix('{') {
+            Some(r) => r.split_once("} ")?.1,
+            None => rest.strip_prefix(' ')?,
+        };
+        rest.trim().parse::<f64>().ok()
+    });
+    let v = found.next();
+    assert!(found.next().is_none(), "more than one {name}:\n{body}");
+    v
+}
+
+/// The metric families a scrape declares (`# TYPE NAME KIND`).
+fn families(body: &str) -> std::collections::BTreeSet<String> {
+    body.lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+        .map(str::to_string)
+        .collect()
+}
+
+/// Every metric `docs/grafana-dashboard.json` queries is exported by a mount with a remote
+/// mirror, and every name of `docs/metrics.md`'s "Both sides" table by the mount and by the
+/// mirror daemon (the same names on both sides): a rename that forgets the dashboard or the
+/// docs fails here.
+fn exports_what_the_docs_and_the_dashboard_name(mount: &str, daemon: &str) {
+    let docs = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/");
+    let dash = fs::read_to_string(format!("{docs}grafana-dashboard.json")).expect("dashboard");
+    let (mount, daemon) = (families(mount), families(daemon));
+    let queried: std::collections::BTreeSet<String> = dash
+        .match_indices("mirrorfs_")
+        .map(|(i, _)| {
+            dash[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                .collect()
+        })
+        .collect();
+    assert!(queried.len() >= 8, "{queried:?}");
+    let missing: Vec<&String> = queried.iter().filter(|n| !mount.contains(*n)).collect();
+    assert!(
+        missing.is_empty(),
+        "the dashboard queries {missing:?}, which the mount does not export: {mount:?}"
+    );
+    let table = fs::read_to_string(format!("{docs}metrics.md")).expect("metrics.md");
+    let both: Vec<String> = table
+        .split("## Both sides")
+        .nth(1)
+        .and_then(|t| t.split("\n## ").next())
+        .expect("a \"Both sides\" section")
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `"))
+        .filter_map(|l| l.split('`').next())
+        .map(str::to_string)
+        .collect();
+    assert!(both.len() >= 10, "{both:?}");
+    for name in &both {
+        assert!(mount.contains(name), "the mount does not export {name}");
+        assert!(daemon.contains(name), "the daemon does not export {name}");
+    }
+}
+
+/// Issue 10 (the closing note: "no lag in seconds on the daemon side"): a mirror daemon
+/// exports how far behind the primary it is in seconds, as the mount does for each mirror.
+/// The mirror is held back by a group the primary keeps open (`--fsync-groups` with a long age
+/// limit): the daemon receives the changes but may not apply them. Both sides' lag in seconds
+/// (metrics, and `status --json` for the daemon) grows while it is held back, and returns to 0
+/// once a sync ends the group. On the way, both endpoints are checked against the docs' and
+/// the dashboard's names.
+#[test]
+fn lag_in_seconds_grows_while_the_mirror_is_held_back_on_both_sides() {
+    let net = Net::new("lag-seconds");
+    let daemon_metrics = format!("127.0.0.1:{}", free_port());
+    let mount_metrics = format!("127.0.0.1:{}", free_port());
+    let srv = net.serve("m", &["--metrics", &daemon_metrics]);
+    let m = net.mount(
+        "net-lag-seconds",
+        0,
+        &srv.url(),
+        &[
+            "--fsync-groups",
+            "--fsync-group-max-ms",
+            "3600000",
+            "--metrics",
+            &mount_metrics,
+        ],
+    );
+    wait_live(&m, &srv);
+    exports_what_the_docs_and_the_dashboard_name(&scrape(&mount_metrics), &scrape(&daemon_metrics));
+    let lag = |addr: &str| {
+        only_sample(&scrape(addr), "mirrorfs_mirror_lag_seconds")
+            .unwrap_or_else(|| panic!("no mirrorfs_mirror_lag_seconds at {addr}"))
+    };
+    let records = |addr: &str| only_sample(&scrape(addr), "mirrorfs_mirror_lag_records");
+    let caught_up = wait_until(CONNECT, || {
+        lag(&daemon_metrics) == 0.0 && records(&daemon_metrics) == Some(0.0)
+    });
+    assert!(
+        caught_up,
+        "the daemon at the start: {} s, {:?} records",
+        lag(&daemon_metrics),
+        records(&daemon_metrics)
+    );
+
+    // Changes and no sync: the group stays open, the daemon holds what it received.
+    for i in 0..5 {
+        fs::write(m.p(format!("held-{i}")), vec![b'x'; 4096]).expect("write");
+    }
+    let received = wait_until(CONNECT, || {
+        records(&daemon_metrics).is_some_and(|n| n >= 5.0)
+    });
+    assert!(
+        received,
+        "the daemon never held the records: {}",
+        ctx(&m, &srv)
+    );
+    let first = lag(&daemon_metrics);
+    let grown = wait_until(CONNECT, || lag(&daemon_metrics) >= first + 1.0);
+    assert!(
+        grown,
+        "the daemon's lag stayed at {first} s while held back"
+    );
+    assert!(
+        lag(&mount_metrics) >= 1.0,
+        "the mount's lag for its mirror: {}",
+        lag(&mount_metrics)
+    );
+    // The status file is rewritten every few hundred ms: its figure follows.
+    let mut st = Value::Null;
+    let in_status = wait_until(CONNECT, || {
+        st = srv.status().unwrap_or_default();
+        st["lag_seconds"].as_f64().is_some_and(|s| s >= 1.0)
+    });
+    assert!(in_status, "status: {st}");
+    let (ok, text) = {
+        let o = run(&[os("status"), srv.dir.as_os_str()]);
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+        )
+    };
+    assert!(ok && text.contains(" lag:"), "{text}");
+    // The mount's line for its network mirror: lag in seconds, as one reads it.
+    let o = run(&[os("status"), m.mnt().as_os_str()]);
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    let url = srv.url();
+    let shown = text
+        .lines()
+        .find(|l| l.trim_start().starts_with(&format!("{url} ")))
+        .and_then(|l| l.split(" lag:").nth(1))
+        .and_then(|l| l.split('s').next())
+        .and_then(|v| v.parse::<f64>().ok());
+    assert!(shown.is_some_and(|s| s >= 1.0), "{text}");
+    assert!(!srv.dir.join("held-0").exists(), "held back, not applied");
+
+    // A sync ends the group: everything is applied and both lags go back to 0.
+    OpenOptions::new()
+        .write(true)
+        .open(m.p("held-0"))
+        .and_then(|f| f.sync_all())
+        .expect("fsync ends the group");
+    let caught_up = wait_until(CONVERGE, || {
+        lag(&daemon_metrics) == 0.0
+            && lag(&mount_metrics) == 0.0
+            && records(&daemon_metrics) == Some(0.0)
+    });
+    assert!(
+        caught_up,
+        "lags after the sync: daemon {} s, mount {} s: {}",
+        lag(&daemon_metrics),
+        lag(&mount_metrics),
+        ctx(&m, &srv)
+    );
+    converge(&m, &srv, "the group after its sync");
+}

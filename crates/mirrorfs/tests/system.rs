@@ -387,15 +387,29 @@ fn systemd_units_verify() {
         .expect("run mirrorfs man");
     assert!(st.success());
     let mut paths = Vec::new();
-    for (unit, instance) in [
-        ("mirrorfs@.service", "mirrorfs@data.service"),
+    // (template, instance, a daemon: notify and restart); the scrub's timer with its service.
+    for (unit, instance, daemon) in [
+        ("mirrorfs@.service", "mirrorfs@data.service", true),
         (
             "mirrorfs-serve@.service",
             "mirrorfs-serve@srv-mirror.service",
+            true,
+        ),
+        (
+            "mirrorfs-verify@.service",
+            "mirrorfs-verify@mnt-data.service",
+            false,
+        ),
+        (
+            "mirrorfs-verify@.timer",
+            "mirrorfs-verify@mnt-data.timer",
+            false,
         ),
     ] {
         let text = fs::read_to_string(units.join(unit)).expect("read the unit");
-        assert!(text.contains("Type=notify") && text.contains("Restart=on-failure"));
+        if daemon {
+            assert!(text.contains("Type=notify") && text.contains("Restart=on-failure"));
+        }
         let p = dir.join(instance);
         fs::write(&p, text.replace("/usr/bin/mirrorfs", BIN)).expect("write the unit");
         paths.push(p);

@@ -20,7 +20,9 @@
 //! between words, and the positional arguments by name (`backing`, `mountpoint`; `dir`): the
 //! keys are taken from the commands' own definitions, so every flag has its key. Flags given
 //! on the command line override the file's values (a list such as `mirror` is replaced, not
-//! extended).
+//! extended); a switch the file sets to `true` is turned off by its hidden negation
+//! (`--no-compress`; `--udp` for `no_udp`), which also drops the file's settings that need the
+//! switch (`fsync_group_max_ms`).
 
 use std::collections::BTreeSet;
 use std::ffi::{OsStr, OsString};
@@ -500,16 +502,63 @@ pub fn load(dir: &Path) -> (Vec<Entry>, Vec<Problem>) {
 /// What the command line of `mount`/`serve` gave: the ids of the flags, the positionals, the
 /// `--volume` and `--config` values.
 struct Given {
+    /// The flags it sets; a switch it turns off (`--no-compress`) counts as set.
     ids: BTreeSet<String>,
+    /// The switches it turns off (ids of the switches, not of their negations).
+    negated: BTreeSet<String>,
     positionals: usize,
     volume: Option<String>,
     config: Option<PathBuf>,
+}
+
+/// The hidden flag that turns switch `a` off (`--no-compress` for `--compress`, `--udp` for
+/// `--no-udp`), if it has one: a config file's `true` is turned off on the command line by it.
+pub(crate) fn negation<'a>(cmd: &'a Command, a: &Arg) -> Option<&'a Arg> {
+    if !matches!(a.get_action(), ArgAction::SetTrue) || a.is_hide_set() {
+        return None;
+    }
+    let long = a.get_long()?;
+    let other = match long.strip_prefix("no-") {
+        Some(rest) => rest.to_string(),
+        None => format!("no-{long}"),
+    };
+    cmd.get_arguments().find(|n| {
+        n.is_hide_set()
+            && n.get_long() == Some(other.as_str())
+            && matches!(n.get_action(), ArgAction::SetTrue)
+    })
+}
+
+/// The switch that `n` turns off, if `n` is a negation.
+fn negated_by<'a>(cmd: &'a Command, n: &Arg) -> Option<&'a Arg> {
+    cmd.get_arguments()
+        .find(|a| negation(cmd, a).is_some_and(|x| x.get_id() == n.get_id()))
+}
+
+/// Whether flag `flag` with `values` is only valid together with switch `switch` (clap's
+/// `requires`, e.g. `--fsync-group-max-ms` with `--fsync-groups`): asked of clap itself, which
+/// does not show an argument's requirements otherwise.
+fn requires(cmd: &Command, flag: &str, values: &[String], switch: &str) -> bool {
+    let loose = cmd
+        .clone()
+        .no_binary_name(true)
+        .mut_args(|a| a.required(false));
+    let mut line: Vec<String> = values
+        .iter()
+        .flat_map(|v| [flag.to_string(), v.clone()])
+        .collect();
+    let alone = loose.clone().try_get_matches_from(&line);
+    line.push(switch.to_string());
+    let with = loose.try_get_matches_from(&line);
+    matches!(alone, Err(e) if e.kind() == clap::error::ErrorKind::MissingRequiredArgument)
+        && with.is_ok()
 }
 
 /// Reads the arguments after `mount`/`serve` as clap will, to learn which flags they set.
 fn given(cmd: &Command, tail: &[OsString]) -> Given {
     let mut g = Given {
         ids: BTreeSet::new(),
+        negated: BTreeSet::new(),
         positionals: 0,
         volume: None,
         config: None,
@@ -559,6 +608,10 @@ fn given(cmd: &Command, tail: &[OsString]) -> Given {
             "volume" => g.volume = value,
             "config" => g.config = value.map(PathBuf::from),
             _ => {}
+        }
+        if let Some(switch) = negated_by(cmd, arg) {
+            g.ids.insert(switch.get_id().as_str().to_string());
+            g.negated.insert(switch.get_id().as_str().to_string());
         }
         g.ids.insert(arg.get_id().as_str().to_string());
     }
@@ -634,6 +687,17 @@ pub fn expand(argv: Vec<OsString>) -> Result<Vec<OsString>> {
             (None, Some(c)) => format!("-{c}"),
             (None, None) => continue,
         };
+        // A switch the command line turns off takes the file's settings that need it along
+        // (`--no-fsync-groups` over a file's `fsync_group_max_ms`).
+        let needs_off = g.negated.iter().any(|off| {
+            cmd.get_arguments()
+                .find(|a| a.get_id() == off.as_str())
+                .and_then(Arg::get_long)
+                .is_some_and(|l| requires(&cmd, &flag, &s.values, &format!("--{l}")))
+        });
+        if needs_off {
+            continue;
+        }
         if s.switch {
             out.push(flag.into());
         } else {
@@ -914,6 +978,92 @@ mod tests {
         assert!(s.contains(&"--compress".to_string()));
         assert!(!s.contains(&"durable".to_string()), "{s:?}");
         assert!(s.windows(2).any(|w| w == ["--ack", "local"]));
+    }
+
+    /// The flags of an expanded command line, as clap reads them.
+    fn parsed(kind: Kind, argv: &[OsString]) -> clap::ArgMatches {
+        kind.clap()
+            .try_get_matches_from(&argv[1..])
+            .unwrap_or_else(|e| panic!("{argv:?} does not parse: {e}"))
+    }
+
+    #[test]
+    fn every_switch_has_a_negation_that_overrides_it_both_ways() {
+        for kind in [Kind::Mount, Kind::Serve] {
+            let cmd = kind.clap().mut_args(|a| a.required(false));
+            let switches: Vec<&Arg> = settable(&cmd)
+                .into_iter()
+                .filter(|a| matches!(a.get_action(), ArgAction::SetTrue))
+                .collect();
+            assert!(!switches.is_empty(), "{kind:?} has no switch");
+            for a in switches {
+                let id = a.get_id().as_str();
+                let on = format!("--{}", a.get_long().expect("a long flag"));
+                let n = negation(&cmd, a).unwrap_or_else(|| panic!("{on} has no negation"));
+                let off = format!("--{}", n.get_long().expect("a long flag"));
+                for (line, want) in [
+                    (vec![on.as_str()], true),
+                    (vec![off.as_str()], false),
+                    (vec![on.as_str(), off.as_str()], false),
+                    (vec![off.as_str(), on.as_str()], true),
+                ] {
+                    let m = cmd
+                        .clone()
+                        .try_get_matches_from(std::iter::once("x").chain(line.iter().copied()))
+                        .unwrap_or_else(|e| panic!("{line:?}: {e}"));
+                    assert_eq!(m.get_flag(id), want, "{kind:?} {line:?}");
+                }
+                let help = a.get_help().map(|h| h.to_string()).unwrap_or_default();
+                assert!(
+                    help.contains(&format!("`{off}`")),
+                    "{on}'s help does not name {off}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_command_line_turns_a_files_switches_off_and_on() {
+        let d = tempfile::tempdir().expect("tmp");
+        write(
+            d.path(),
+            MAIN_FILE,
+            "[volume.data]\nbacking = \"/srv/a\"\nmountpoint = \"/mnt/a\"\nmirror = \"/b\"\ncompress = true\nfsync_groups = true\nfsync_group_max_ms = 500\nforce_resync = false\n\n[serve.data]\ndir = \"/b\"\nlisten = \"0.0.0.0:7070\"\nno_udp = true\n",
+        );
+        let cfg = d.path().to_string_lossy().into_owned();
+        let base = ["mirrorfs", "mount", "--volume", "data", "--config", &cfg];
+        let m = parsed(Kind::Mount, &expand(os(&base)).expect("expands"));
+        assert!(m.get_flag("compress") && m.get_flag("fsync_groups"));
+        assert!(!m.get_flag("force_resync"));
+        assert_eq!(m.get_one::<u64>("fsync_group_max_ms"), Some(&500));
+
+        let line = [
+            &base[..],
+            &["--no-compress", "--no-fsync-groups", "--force-resync"],
+        ]
+        .concat();
+        let m = parsed(Kind::Mount, &expand(os(&line)).expect("expands"));
+        assert!(!m.get_flag("compress"), "--no-compress beats the file");
+        assert!(
+            !m.get_flag("fsync_groups"),
+            "--no-fsync-groups beats the file"
+        );
+        assert!(
+            m.get_flag("force_resync"),
+            "--force-resync beats the file's false"
+        );
+
+        let serve = ["mirrorfs", "serve", "--volume", "data", "--config", &cfg];
+        let m = parsed(Kind::Serve, &expand(os(&serve)).expect("expands"));
+        assert!(m.get_flag("no_udp"));
+        let m = parsed(
+            Kind::Serve,
+            &expand(os(&[&serve[..], &["--udp"]].concat())).expect("expands"),
+        );
+        assert!(
+            !m.get_flag("no_udp"),
+            "--udp beats the file's no_udp = true"
+        );
     }
 
     #[test]

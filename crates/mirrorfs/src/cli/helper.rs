@@ -3,7 +3,8 @@
 //! for `-t mirrorfs`; `mount.fuse` runs `mirrorfs` itself with the same arguments) as
 //! `SOURCE MOUNTPOINT [-n] [-s] [-f] [-v] [-o OPTIONS]`. This module turns the options into the
 //! `mount` subcommand's flags (`mirror=M` → `--mirror M`, `journal_max_mib=N` or
-//! `journal-max-mib=N` → `--journal-max-mib N`, a flag such as `compress` → `--compress`),
+//! `journal-max-mib=N` → `--journal-max-mib N`, a flag such as `compress` → `--compress`, its
+//! negation `no_compress` → `--no-compress`),
 //! keeps the FUSE and mount-flag options (`ro`, `noatime`, `allow_other`...) for `-o`, drops
 //! the ones that only mean something to mount(8) and systemd (`defaults`, `nofail`, `_netdev`,
 //! `noauto`, `user`, `comment=`, `x-systemd.*`...), as `mount.fuse` does, and refuses any other
@@ -317,6 +318,39 @@ mod tests {
                 .map(|s| s.to_string_lossy().into_owned())
                 .collect()
         })
+    }
+
+    /// A switch is turned off with its `no_` form (over a config file's `true`), which the
+    /// real `mount` reads as the switch off.
+    #[test]
+    fn a_switch_is_turned_off_with_its_no_form() {
+        use clap::CommandFactory as _;
+        let a: Vec<OsString> = [
+            "mount.fuse.mirrorfs",
+            "/srv/data",
+            "/mnt/data",
+            "-o",
+            "mirror=/b,compress,no_compress,no_fsync_groups",
+        ]
+        .iter()
+        .map(OsString::from)
+        .collect();
+        let call = parse(&a, &crate::Cli::command()).expect("valid options");
+        let line: Vec<String> = call
+            .mount_args
+            .iter()
+            .map(|s| s.to_string_lossy().into_owned())
+            .collect();
+        assert!(line.contains(&"--no-compress".to_string()), "{line:?}");
+        assert!(line.contains(&"--no-fsync-groups".to_string()), "{line:?}");
+        let m = crate::Cli::command()
+            .try_get_matches_from(
+                std::iter::once(OsString::from("mirrorfs")).chain(call.mount_args),
+            )
+            .unwrap_or_else(|e| panic!("{line:?}: {e}"));
+        let (_, mount) = m.subcommand().expect("the mount subcommand");
+        assert!(!mount.get_flag("compress"), "the later no_compress wins");
+        assert!(!mount.get_flag("fsync_groups"));
     }
 
     #[test]

@@ -56,9 +56,12 @@ pub struct MountArgs {
     #[arg(long)]
     config: Option<PathBuf>,
     /// Compress the replication stream to remote mirrors with zstd (TCP only: UDP datagrams
-    /// go uncompressed).
-    #[arg(long)]
+    /// go uncompressed). `--no-compress` turns it off (over a config file's `compress = true`).
+    #[arg(long, overrides_with = "no_compress")]
     compress: bool,
+    /// Turn `--compress` off.
+    #[arg(long, hide = true, overrides_with = "compress")]
+    no_compress: bool,
     /// How records travel to remote mirrors: `tcp` (on the TLS connection), `udp` (as
     /// authenticated, encrypted UDP datagrams with forward error correction to the daemon's
     /// port, the TLS connection staying the control channel; a daemon that declines is an
@@ -107,8 +110,12 @@ pub struct MountArgs {
     /// non-empty directory, one with a foreign identity mark, or a known mirror whose tree was
     /// changed behind mirrorfs's back (`mirrorfs verify` finds those; `verify --repair` and
     /// `mirrorfs resync` mend a running mount's mirror without a full copy).
-    #[arg(long)]
+    /// `--no-force-resync` turns it off (over a config file's `force_resync = true`).
+    #[arg(long, overrides_with = "no_force_resync")]
     force_resync: bool,
+    /// Turn `--force-resync` off.
+    #[arg(long, hide = true, overrides_with = "force_resync")]
+    no_force_resync: bool,
     /// FUSE worker threads.
     #[arg(long, default_value_t = 2)]
     threads: usize,
@@ -129,9 +136,13 @@ pub struct MountArgs {
     /// (`fsync`, `fdatasync` or `fsyncdir` of anything on the mount) form one group, which
     /// mirrors show all together or not at all (see `mirrorfs group` for explicit groups).
     /// A change is then acknowledged once the local journal holds it, and a sync waits for the
-    /// `--ack` level. A group nobody syncs ends after --fsync-group-max-ms.
-    #[arg(long)]
+    /// `--ack` level. A group nobody syncs ends after --fsync-group-max-ms. `--no-fsync-groups`
+    /// turns it off (over a config file's `fsync_groups = true`).
+    #[arg(long, overrides_with = "no_fsync_groups")]
     fsync_groups: bool,
+    /// Turn `--fsync-groups` off.
+    #[arg(long, hide = true, overrides_with = "fsync_groups")]
+    no_fsync_groups: bool,
     /// With --fsync-groups: the longest a group stays open without a sync, in ms; how far it
     /// may hold mirrors back.
     #[arg(long, default_value_t = 1000, requires = "fsync_groups", value_parser = clap::value_parser!(u64).range(1..=3_600_000))]

@@ -667,7 +667,8 @@ fn print_mirror_daemon(v: &serde_json::Value) {
     let phase = g("phase");
     let state = phase.get("state").and_then(|s| s.as_str()).unwrap_or("?");
     println!(
-        "  {dir} {state} behind:{} record(s) received:{} durable:{} applied:{} checkpoint:{} primary:{}{}",
+        "  {dir} {state} lag:{:.3}s behind:{} record(s) received:{} durable:{} applied:{} checkpoint:{} primary:{}{}",
+        v.get("lag_seconds").and_then(|x| x.as_f64()).unwrap_or(0.0),
         n("lag_ops"),
         n("received_seq"),
         n("durable_seq"),

@@ -424,19 +424,38 @@ impl Progress {
     /// already settled, and an fsync waiting on them would hang until the next change).
     pub fn settle(&mut self, last: u64, bytes: u64) {
         self.settled_seq = self.settled_seq.max(last);
-        let last = self.settled_seq;
         self.appended_bytes += bytes;
+        self.sample(self.settled_seq);
+    }
+
+    /// Notes that the records up to `seq` exist from now on (appended here, or on a mirror
+    /// daemon received), with the data bytes so far: at most one sample every 5 ms.
+    pub fn sample(&mut self, seq: u64) {
         if self
             .samples
             .back()
             .is_none_or(|(_, t, _)| t.elapsed() >= Duration::from_millis(5))
         {
             self.samples
-                .push_back((last, Instant::now(), self.appended_bytes));
+                .push_back((seq, Instant::now(), self.appended_bytes));
             while self.samples.len() > 4096 {
                 self.samples.pop_front();
             }
         }
+    }
+
+    /// Lag of a mirror at `applied` in seconds: age of the oldest record it has not applied
+    /// (on a mirror daemon: since it was received). Records newer than the last sample came
+    /// within 5 ms of it: its age stands for theirs (a little more, never 0 while one waits).
+    pub fn lag_seconds(&self, applied: u64) -> f64 {
+        if applied >= self.settled_seq {
+            return 0.0;
+        }
+        self.samples
+            .iter()
+            .find(|(s, _, _)| *s > applied)
+            .or(self.samples.back())
+            .map_or(0.0, |(_, t, _)| t.elapsed().as_secs_f64())
     }
 
     /// Data bytes appended after record `seq` (approximate to one 5 ms sample).
@@ -755,6 +774,8 @@ impl Volume {
             let mut p = lock(&self.progress);
             p.settled_seq = settled;
             p.appended_bytes += bytes;
+            // When the records arrived, for the daemon's lag in seconds and bytes.
+            p.sample(end);
             self.settled.store(end, Ordering::Release);
         }
         self.changed.notify_all();
@@ -1043,16 +1064,9 @@ impl Volume {
         Ok(())
     }
 
-    /// Lag of a mirror at `applied` in seconds: age of the oldest record it has not applied.
+    /// Lag of a mirror at `applied` in seconds ([`Progress::lag_seconds`]).
     pub fn lag_seconds(&self, applied: u64) -> f64 {
-        let p = lock(&self.progress);
-        if applied >= p.settled_seq {
-            return 0.0;
-        }
-        p.samples
-            .iter()
-            .find(|(s, _, _)| *s > applied)
-            .map_or(0.0, |(_, t, _)| t.elapsed().as_secs_f64())
+        lock(&self.progress).lag_seconds(applied)
     }
 }
 
@@ -1228,5 +1242,24 @@ mod tests {
         assert_eq!(p.settled_seq, 11);
         assert_eq!(p.appended_bytes, 150);
         assert!(p.samples.iter().all(|(s, _, _)| *s == 11));
+    }
+
+    /// Records settled within 5 ms of the last sample get none of their own: a mirror that
+    /// has applied the sampled ones but not those still has a lag (it read 0 before).
+    #[test]
+    fn lag_is_never_zero_while_a_settled_record_waits() {
+        let mut p = Progress::default();
+        assert_eq!(p.lag_seconds(0), 0.0);
+        let then = Instant::now()
+            .checked_sub(Duration::from_secs(2))
+            .expect("an instant 2 s ago");
+        // Records up to 10 sampled 2 s ago; 11 and 12 settled since, without a sample.
+        p.samples.push_back((10, then, 0));
+        p.settled_seq = 12;
+        for applied in [0, 9, 10, 11] {
+            let lag = p.lag_seconds(applied);
+            assert!(lag >= 2.0, "applied {applied}: lag {lag}");
+        }
+        assert_eq!(p.lag_seconds(12), 0.0);
     }
 }

@@ -67,9 +67,12 @@ pub struct ServeArgs {
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Accept an initial copy into a non-empty DIR that holds no mirrorfs copy, replacing its
-    /// contents.
-    #[arg(long)]
+    /// contents. `--no-force-resync` turns it off (over a config file's `force_resync = true`).
+    #[arg(long, overrides_with = "no_force_resync")]
     pub force_resync: bool,
+    /// Turn `--force-resync` off.
+    #[arg(long, hide = true, overrides_with = "force_resync")]
+    pub no_force_resync: bool,
     /// What to do when DIR holds changes the connecting primary lacks (the copies diverged, e.g.
     /// an old primary served as a mirror of its promoted copy).
     #[arg(long, value_enum, default_value_t = OnDivergedArg::Reintegrate)]
@@ -85,9 +88,13 @@ pub struct ServeArgs {
     pub metrics: Option<String>,
     /// Bind no UDP socket: a primary's offer of the UDP data path (`mount --transport udp|auto`)
     /// is declined and records come on the TLS connection. By default the daemon also listens
-    /// for UDP on the `--listen` address and port.
-    #[arg(long)]
+    /// for UDP on the `--listen` address and port. `--udp` turns it back on (over a config
+    /// file's `no_udp = true`).
+    #[arg(long, overrides_with = "udp")]
     pub no_udp: bool,
+    /// Turn `--no-udp` off: bind the UDP socket.
+    #[arg(long, hide = true, overrides_with = "no_udp")]
+    pub udp: bool,
     /// Take the settings of mirror daemon NAME from the config file ($MIRRORFS_CONFIG or
     /// /etc/mirrorfs: `[serve.NAME]` in mirrorfs.toml, or serve.d/NAME.toml); flags given here
     /// override them. `mirrorfs config show NAME` prints what it gets.
@@ -653,6 +660,18 @@ impl Daemon {
             "Journal records not yet applied on the mirror (on a mirror daemon: of those it received).",
             &me((next - 1).saturating_sub(applied) as f64),
         );
+        x.family(
+            "mirror_lag_seconds",
+            "gauge",
+            "Age of the oldest journal record not yet applied on the mirror (on a mirror daemon: since it was received; 0 when it is caught up).",
+            &me(self.vol.lag_seconds(applied)),
+        );
+        x.family(
+            "mirror_lag_bytes",
+            "gauge",
+            "Data bytes not yet applied on the mirror (on a mirror daemon: of those it received).",
+            &me(lock(&self.vol.progress).bytes_after(applied) as f64),
+        );
         x.one(
             "primary_connected",
             "gauge",
@@ -723,6 +742,7 @@ impl Daemon {
             "applied_seq": self.m.applied.load(Ordering::Acquire),
             "checkpoint_seq": self.m.checkpoint.load(Ordering::Acquire),
             "lag_ops": (next - 1).saturating_sub(self.m.applied.load(Ordering::Acquire)),
+            "lag_seconds": self.vol.lag_seconds(self.m.applied.load(Ordering::Acquire)),
             "phase": serde_json::to_value(&*lock(&self.m.phase)).unwrap_or_default(),
             "journal_bytes": bytes,
             "journal_segments": segs,
