@@ -4357,7 +4357,9 @@ fn verify_of_a_network_mirror_finds_planted_differences_with_hashes_only() {
 /// Allocated bytes of `p` (`st_blocks`).
 fn allocated(p: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
-    fs::symlink_metadata(p).map(|m| m.blocks() * 512).unwrap_or(0)
+    fs::symlink_metadata(p)
+        .map(|m| m.blocks() * 512)
+        .unwrap_or(0)
 }
 
 /// An 8 MiB file with data only in its first 64 KiB and at 4 MiB (holes elsewhere).
@@ -4365,7 +4367,8 @@ fn write_sparse(p: &Path) {
     use std::os::unix::fs::FileExt;
     let f = fs::File::create(p).expect("create sparse");
     f.write_all_at(&[5u8; 64 << 10], 0).expect("write head");
-    f.write_all_at(&[6u8; 100 << 10], 4 << 20).expect("write middle");
+    f.write_all_at(&[6u8; 100 << 10], 4 << 20)
+        .expect("write middle");
     f.set_len(8 << 20).expect("size");
 }
 
@@ -4414,7 +4417,12 @@ fn verify_repair_of_a_network_mirror_mends_planted_differences_and_keeps_extras(
 
     // Repair: everything mended through the journal but the extra file, kept and listed.
     let (code, v, err) = verify_remote(&net, &m, &srv.url(), &["--repair"]);
-    assert_eq!(code, 3, "the extra file remains: {v:#}\n{err}\n{}", ctx(&m, &srv));
+    assert_eq!(
+        code,
+        3,
+        "the extra file remains: {v:#}\n{err}\n{}",
+        ctx(&m, &srv)
+    );
     assert!(
         v["mirrors"][0]["repaired"]
             .as_array()
@@ -4427,13 +4435,28 @@ fn verify_repair_of_a_network_mirror_mends_planted_differences_and_keeps_extras(
         "{v:#}\n{}",
         ctx(&m, &srv)
     );
-    assert_eq!(fs::read(mir.join("extra")).expect("kept"), b"only on the mirror");
-    assert_eq!(fs::read(mir.join("d/a.txt")).expect("read"), b"primary data");
+    assert!(
+        srv.log().contains("resync begins")
+            && strip_ansi(&m.log()).contains("asked by the operator"),
+        "the repair went through the link's block-hash resync:\n{}",
+        ctx(&m, &srv)
+    );
+    assert_eq!(
+        fs::read(mir.join("extra")).expect("kept"),
+        b"only on the mirror"
+    );
+    assert_eq!(
+        fs::read(mir.join("d/a.txt")).expect("read"),
+        b"primary data"
+    );
     assert_eq!(
         fs::read(mir.join("gone")).expect("restored"),
         b"deleted on the mirror"
     );
-    assert_eq!(fs::read(mir.join("big")).expect("big"), fs::read(m.p("big")).expect("big"));
+    assert_eq!(
+        fs::read(mir.join("big")).expect("big"),
+        fs::read(m.p("big")).expect("big")
+    );
     assert_eq!(fs::read(mir.join("sparse")).expect("sparse"), dense);
     assert!(
         allocated(&mir.join("sparse")) <= allocated(&m.backing().join("sparse")) + (64 << 10),

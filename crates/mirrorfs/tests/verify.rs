@@ -219,7 +219,9 @@ fn a_change_in_the_backing_while_unmounted_is_reported_at_mount() {
 /// Allocated bytes of `p` (`st_blocks`).
 fn allocated(p: &std::path::Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
-    fs::symlink_metadata(p).map(|m| m.blocks() * 512).unwrap_or(0)
+    fs::symlink_metadata(p)
+        .map(|m| m.blocks() * 512)
+        .unwrap_or(0)
 }
 
 /// Regression: `--repair` left a mirror dense where the primary has holes (the block hashes of
@@ -231,7 +233,8 @@ fn repair_punches_the_primarys_holes_in_the_mirror() {
     {
         let f = fs::File::create(m.p("holey")).expect("create");
         f.write_all_at(&[5u8; 64 << 10], 0).expect("write head");
-        f.write_all_at(&[6u8; 100 << 10], 4 << 20).expect("write middle");
+        f.write_all_at(&[6u8; 100 << 10], 4 << 20)
+            .expect("write middle");
         f.set_len(8 << 20).expect("size");
         let g = fs::File::create(m.p("tail-hole")).expect("create");
         g.write_all_at(&[7u8; 10_000], 0).expect("write");
@@ -244,7 +247,11 @@ fn repair_punches_the_primarys_holes_in_the_mirror() {
     let mut planted = want.clone();
     planted[2 << 20..(2 << 20) + 70_000].fill(9);
     fs::write(mir.join("holey"), &planted).expect("plant");
-    fs::write(mir.join("tail-hole"), fs::read(m.p("tail-hole")).expect("read")).expect("plant");
+    fs::write(
+        mir.join("tail-hole"),
+        fs::read(m.p("tail-hole")).expect("read"),
+    )
+    .expect("plant");
     let (code, v, err) = verify(&m, &[]);
     assert_eq!(code, 3, "{v} {err}");
     let found = verify_differences(&v);
@@ -263,9 +270,15 @@ fn repair_punches_the_primarys_holes_in_the_mirror() {
     assert_eq!(fs::read(mir.join("holey")).expect("read"), want);
     for f in ["holey", "tail-hole"] {
         let (a, b) = (allocated(&m.backing().join(f)), allocated(&mir.join(f)));
-        assert!(b <= a + (64 << 10), "{f}: {b} bytes allocated on the mirror, {a} on the primary");
+        assert!(
+            b <= a + (64 << 10),
+            "{f}: {b} bytes allocated on the mirror, {a} on the primary"
+        );
     }
-    assert_eq!(fs::metadata(mir.join("tail-hole")).expect("stat").len(), 3 << 20);
+    assert_eq!(
+        fs::metadata(mir.join("tail-hole")).expect("stat").len(),
+        3 << 20
+    );
     m.unmount();
 }
 

@@ -722,6 +722,32 @@ mod tests {
     }
 
     #[test]
+    fn data_extents_skip_the_holes_of_a_sparse_file() {
+        use std::os::unix::fs::FileExt;
+        let t = tempfile::tempdir().expect("tempdir");
+        let p = t.path().join("sparse");
+        let f = std::fs::File::create(&p).expect("create");
+        f.write_all_at(&[1u8; 8192], 0).expect("write");
+        f.write_all_at(&[2u8; 4096], 1 << 20).expect("write");
+        f.set_len(2 << 20).expect("size");
+        let size = 2u64 << 20;
+        let x = data_extents(f.as_fd(), 0, size).expect("extents");
+        // A file system without holes reports one extent: all data.
+        if x.len() > 1 {
+            assert_eq!(x, vec![(0, 8192), (1 << 20, (1 << 20) + 4096)]);
+            assert_eq!(next_data(f.as_fd(), 8192, size).expect("data"), 1 << 20);
+            assert_eq!(
+                next_data(f.as_fd(), (1 << 20) + 4096, size).expect("data"),
+                size,
+                "only a hole follows"
+            );
+        }
+        let inner = data_extents(f.as_fd(), 4096, RESYNC_BLOCK).expect("extents");
+        assert_eq!(inner.first(), Some(&(4096, 8192)), "{inner:?}");
+        assert!(inner.iter().all(|(a, b)| a < b && *b <= RESYNC_BLOCK));
+    }
+
+    #[test]
     fn manifest_pieces_join_in_order_only() {
         let p = RelPath::new(b"f".to_vec()).expect("path");
         let piece = |first: u64, n: usize| ManifestEntry {

@@ -100,8 +100,7 @@ pub fn run_link(vol: Arc<Volume>, m: Arc<MirrorShared>, cfg: Arc<LinkConfig>) {
         }
         if r.as_ref().is_err_and(|e| {
             e.downcast_ref::<Reintegrated>().is_none() && e.downcast_ref::<ResyncAsked>().is_none()
-        })
-        {
+        }) {
             m.count_error("link");
         }
         let e = match r {
