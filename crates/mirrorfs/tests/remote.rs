@@ -4477,6 +4477,16 @@ fn verify_repair_of_a_network_mirror_mends_planted_differences_and_keeps_extras(
         std::thread::sleep(Duration::from_millis(100));
     }
 
+    // `mirrorfs resync` names a network mirror as verify does; the extra file is kept.
+    fs::write(mir.join("d/a.txt"), b"damaged again").expect("damage");
+    let url = srv.url();
+    let o = run(&[os("resync"), m.mnt().as_os_str(), os("--mirror"), os(&url)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        fs::read(mir.join("d/a.txt")).expect("read"),
+        b"primary data"
+    );
+    assert!(mir.join("extra").exists(), "kept without --delete-extra");
     // --delete-extra removes it, and the mirror then verifies clean.
     let (code, v, err) = verify_remote(&net, &m, &srv.url(), &["--repair", "--delete-extra"]);
     assert_eq!(code, 0, "{v:#}\n{err}\n{}", ctx(&m, &srv));

@@ -811,13 +811,14 @@ pub(crate) fn round(
     if m.detached() {
         return Err(anyhow!("mirror detached"));
     }
-    if crate::mirror::operator::remote_pending(m).is_some() {
-        return Err(anyhow::Error::new(ResyncAsked));
-    }
     let (durable, settled, stopping) = {
         let p = lock(&vol.progress);
         (p.durable_seq, p.settled_seq, p.stopping)
     };
+    // Not while the mount stops: its drain comes first, and the request ends with the mount.
+    if !stopping && crate::mirror::operator::remote_pending(m).is_some() {
+        return Err(anyhow::Error::new(ResyncAsked));
+    }
     let limit = durable.min(settled);
     let sent_all = lock(sender).next_send() > limit;
     if stopping {
