@@ -132,9 +132,10 @@ enum Cmd {
     /// again (a hash cache in the state directory). A network mirror named with `--mirror
     /// mirror://HOST:PORT` is scanned by its daemon, which sends only hashes.
     Verify(cli::verify::VerifyArgs),
-    /// Resync a local mirror of a running mount through the journal (only what differs is
-    /// copied; what only the mirror has is kept unless --delete-extra), and wait until it is
-    /// applied.
+    /// Resync a mirror of a running mount (a local one, or a network one named
+    /// mirror://HOST:PORT) through the journal (only what differs is copied, the primary's
+    /// holes kept; what only the mirror has is kept unless --delete-extra), and wait until it
+    /// is applied.
     Resync(cli::resync::ResyncArgs),
 }
 

@@ -4336,10 +4336,7 @@ fn verify_of_a_network_mirror_finds_planted_differences_with_hashes_only() {
         "only the changed file and the planted one were read: {v:#}"
     );
 
-    // Repair of a network mirror is refused with a clear error, and a wrong address named.
-    let (code, _, err) = verify_remote(&net, &m, &srv.url(), &["--repair"]);
-    assert_eq!(code, 1, "{err}");
-    assert!(err.contains("not available yet"), "{err}");
+    // A wrong address is named.
     let (code, _, err) = verify_remote(&net, &m, "mirror://127.0.0.1:1", &[]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("is not a network mirror of"), "{err}");
@@ -4549,4 +4546,146 @@ fn lag_in_seconds_grows_while_the_mirror_is_held_back_on_both_sides() {
         ctx(&m, &srv)
     );
     converge(&m, &srv, "the group after its sync");
+}
+
+/// Allocated bytes of `p` (`st_blocks`).
+fn allocated(p: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    fs::symlink_metadata(p)
+        .map(|m| m.blocks() * 512)
+        .unwrap_or(0)
+}
+
+/// An 8 MiB file with data only in its first 64 KiB and at 4 MiB (holes elsewhere).
+fn write_sparse(p: &Path) {
+    use std::os::unix::fs::FileExt;
+    let f = fs::File::create(p).expect("create sparse");
+    f.write_all_at(&[5u8; 64 << 10], 0).expect("write head");
+    f.write_all_at(&[6u8; 100 << 10], 4 << 20)
+        .expect("write middle");
+    f.set_len(8 << 20).expect("size");
+}
+
+#[test]
+fn verify_repair_of_a_network_mirror_mends_planted_differences_and_keeps_extras() {
+    let net = Net::new("verify-repair-remote");
+    let srv = net.serve("m", &[]);
+    let mut m = net.mount("net-verify-repair", 0, &srv.url(), &[]);
+    wait_live(&m, &srv);
+    fs::create_dir(m.p("d")).expect("mkdir");
+    fs::write(m.p("d/a.txt"), b"primary data").expect("write");
+    fs::write(m.p("gone"), b"deleted on the mirror").expect("write");
+    write_big(&m.p("big"), 1, 3);
+    write_sparse(&m.p("sparse"));
+    converge(&m, &srv, "before verify");
+    let (code, v, err) = verify_remote(&net, &m, &srv.url(), &[]);
+    assert_eq!(code, 0, "an equal mirror: {v:#}\n{err}\n{}", ctx(&m, &srv));
+
+    // Plant: a changed file, a deleted one, an extra one, holes filled, one block of a big file.
+    let mir = &srv.dir;
+    fs::write(mir.join("d/a.txt"), b"damaged data").expect("damage");
+    fs::remove_file(mir.join("gone")).expect("delete");
+    fs::write(mir.join("extra"), b"only on the mirror").expect("extra");
+    let dense = fs::read(mir.join("sparse")).expect("read sparse");
+    fs::write(mir.join("sparse"), &dense).expect("fill the holes");
+    {
+        use std::os::unix::fs::FileExt;
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .open(mir.join("big"))
+            .expect("open big");
+        f.write_all_at(b"XXXX", 300_000).expect("damage big");
+    }
+    let (code, v, err) = verify_remote(&net, &m, &srv.url(), &[]);
+    assert_eq!(code, 3, "differences: {v:#}\n{err}");
+    let d = common::verify_differences(&v);
+    for (k, p) in [
+        ("content", "d/a.txt"),
+        ("content", "big"),
+        ("only-on-primary", "gone"),
+        ("only-on-mirror", "extra"),
+        ("holes", "sparse"),
+    ] {
+        assert!(d.contains(&(k.into(), p.into())), "{k} {p} not in {d:?}");
+    }
+
+    // Repair: everything mended through the journal but the extra file, kept and listed.
+    let (code, v, err) = verify_remote(&net, &m, &srv.url(), &["--repair"]);
+    assert_eq!(
+        code,
+        3,
+        "the extra file remains: {v:#}\n{err}\n{}",
+        ctx(&m, &srv)
+    );
+    assert!(
+        v["mirrors"][0]["repaired"]
+            .as_array()
+            .is_some_and(|r| r.len() >= 5),
+        "{v:#}"
+    );
+    assert_eq!(
+        common::verify_differences(&v),
+        vec![("only-on-mirror".to_string(), "extra".to_string())],
+        "{v:#}\n{}",
+        ctx(&m, &srv)
+    );
+    assert!(
+        srv.log().contains("resync begins")
+            && strip_ansi(&m.log()).contains("asked by the operator"),
+        "the repair went through the link's block-hash resync:\n{}",
+        ctx(&m, &srv)
+    );
+    assert_eq!(
+        fs::read(mir.join("extra")).expect("kept"),
+        b"only on the mirror"
+    );
+    assert_eq!(
+        fs::read(mir.join("d/a.txt")).expect("read"),
+        b"primary data"
+    );
+    assert_eq!(
+        fs::read(mir.join("gone")).expect("restored"),
+        b"deleted on the mirror"
+    );
+    assert_eq!(
+        fs::read(mir.join("big")).expect("big"),
+        fs::read(m.p("big")).expect("big")
+    );
+    assert_eq!(fs::read(mir.join("sparse")).expect("sparse"), dense);
+    assert!(
+        allocated(&mir.join("sparse")) <= allocated(&m.backing().join("sparse")) + (64 << 10),
+        "the holes are back: {} bytes allocated on the mirror, {} on the primary",
+        allocated(&mir.join("sparse")),
+        allocated(&m.backing().join("sparse"))
+    );
+    // The link goes on streaming after the repair.
+    let st = wait_live(&m, &srv);
+    fs::write(m.p("after"), b"later").expect("write");
+    let t0 = Instant::now();
+    while fs::read(mir.join("after")).ok().as_deref() != Some(b"later".as_slice()) {
+        assert!(
+            t0.elapsed() < CONVERGE,
+            "a write after the repair did not reach the mirror: {st}\n{}",
+            ctx(&m, &srv)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // `mirrorfs resync` names a network mirror as verify does; the extra file is kept.
+    fs::write(mir.join("d/a.txt"), b"damaged again").expect("damage");
+    let url = srv.url();
+    let o = run(&[os("resync"), m.mnt().as_os_str(), os("--mirror"), os(&url)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        fs::read(mir.join("d/a.txt")).expect("read"),
+        b"primary data"
+    );
+    assert!(mir.join("extra").exists(), "kept without --delete-extra");
+    // --delete-extra removes it, and the mirror then verifies clean.
+    let (code, v, err) = verify_remote(&net, &m, &srv.url(), &["--repair", "--delete-extra"]);
+    assert_eq!(code, 0, "{v:#}\n{err}\n{}", ctx(&m, &srv));
+    assert!(!mir.join("extra").exists());
+    let (code, v, err) = verify_remote(&net, &m, &srv.url(), &[]);
+    assert_eq!(code, 0, "{v:#}\n{err}");
+    m.unmount();
 }

@@ -1,6 +1,7 @@
-//! `mirrorfs resync MOUNT --mirror M [--delete-extra]`: brings a local mirror of a running mount
-//! back in line with the primary through the journal (`mirror::operator`), copying only what
-//! differs, and waits until the mirror applied it. The interface is the mount root's attribute
+//! `mirrorfs resync MOUNT --mirror M [--delete-extra]`: brings a mirror of a running mount (a
+//! local one, or a network one named `mirror://HOST:PORT`) back in line with the primary
+//! through the journal (`mirror::operator`), copying only what differs (a network mirror's
+//! daemon sends its block hashes), and waits until the mirror applied it. The interface is the mount root's attribute
 //! `user.mirrorfs.resync` (as `user.mirrorfs.group` is for groups): set to `keep-extra PATH` or
 //! `delete-extra PATH` to start one; read, it says where each mirror's stands (JSON).
 
@@ -22,7 +23,9 @@ const WAIT: Duration = Duration::from_secs(24 * 3600);
 pub struct ResyncArgs {
     /// The mountpoint of a running mirrorfs mount.
     mountpoint: PathBuf,
-    /// The local mirror to resync.
+    /// The mirror to resync: a local mirror's directory, or a network mirror's
+    /// mirror://HOST:PORT as `mirrorfs status` shows it (its daemon sends the block hashes of
+    /// its files, and only the blocks that differ are sent back).
     #[arg(long)]
     mirror: PathBuf,
     /// Also delete what only the mirror has (by default it is kept and reported by `verify`).
@@ -32,10 +35,13 @@ pub struct ResyncArgs {
 
 pub fn resync(a: ResyncArgs) -> Result<()> {
     let t = target(&a.mountpoint)?;
-    let m = a
-        .mirror
-        .canonicalize()
-        .with_context(|| format!("cannot resolve {}", a.mirror.display()))?;
+    let m = if a.mirror.as_os_str().as_bytes().starts_with(b"mirror://") {
+        a.mirror.clone()
+    } else {
+        a.mirror
+            .canonicalize()
+            .with_context(|| format!("cannot resolve {}", a.mirror.display()))?
+    };
     resync_and_wait(&t, &m, a.delete_extra)?;
     println!(
         "mirror {}: resynced with {}",
@@ -58,7 +64,7 @@ fn state_of(root: &Path, mirror: &Path) -> Result<(u64, bool, Option<String>)> {
         .flatten()
         .find(|e| e["mirror"].as_str() == Some(&name))
     else {
-        bail!("{name} is not a local mirror of this mount");
+        bail!("{name} is not a mirror of this mount (a local mirror's directory, or a network mirror's mirror://HOST:PORT as `mirrorfs status` shows it)");
     };
     Ok((
         e["done"].as_u64().unwrap_or(0),
@@ -84,7 +90,7 @@ pub fn resync_and_wait(t: &Target, mirror: &Path, delete_extra: bool) -> Result<
                 "a resync or copy of it is running, or it is not live (see `mirrorfs status`)"
                     .to_string()
             }
-            Some(libc::ENOENT) => "it is not a local mirror of this mount".to_string(),
+            Some(libc::ENOENT) => "it is not a mirror of this mount".to_string(),
             Some(libc::EOPNOTSUPP) => {
                 "this mount does not support resync (an older mirrorfs?)".to_string()
             }

@@ -5,7 +5,9 @@
 //!
 //! A network mirror (`--mirror mirror://HOST:PORT`) is scanned by its daemon, which answers with
 //! its own hashes over the pinned mutual-TLS link (`Msg::Verify`, `net::serve::verify`): only
-//! hashes cross the link. `--repair` of a network mirror is not available yet.
+//! hashes cross the link. `--repair` of a network mirror goes through the journal too: the
+//! mount's link asks the daemon for a block-hash resync (`mirror::operator`, `net::remote`),
+//! then the daemon is asked for its hashes again.
 //!
 //! Exit codes: 0 the mirrors equal the primary (after the repair, with `--repair`); 3 differences
 //! were found (and, with `--repair`, some remain: what only a mirror has is kept unless
@@ -41,8 +43,8 @@ pub struct VerifyArgs {
     config: Option<PathBuf>,
     /// Bring each mirror that differs back in line with the primary: the mount resyncs it
     /// through the journal (only what differs is copied), then it is verified again. What only
-    /// the mirror has is reported and kept, unless --delete-extra. Local mirrors only: refused
-    /// for a network mirror (not available yet).
+    /// the mirror has is reported and kept, unless --delete-extra. A network mirror's daemon
+    /// sends the block hashes of its files, and only the blocks that differ are sent to it.
     #[arg(long)]
     repair: bool,
     /// With --repair: also delete what only the mirror has.
@@ -343,6 +345,14 @@ fn scan_remote(url: &str, t: &Target, config: Option<&Path>, no_cache: bool) -> 
     }
 }
 
+/// Scans mirror `m`: a local one here, a network one by its daemon.
+fn scan_mirror(m: &Path, t: &Target, a: &VerifyArgs) -> Result<Scanned> {
+    match m.to_str().filter(|p| is_remote(p)) {
+        Some(url) => scan_remote(url, t, a.config.as_deref(), a.no_cache),
+        None => scan_tree(m, t, !a.no_cache, "mirror"),
+    }
+}
+
 /// The result for one mirror.
 struct MirrorResult {
     mirror: PathBuf,
@@ -386,11 +396,6 @@ pub fn verify(a: VerifyArgs) -> Result<()> {
                         "{url} is not a network mirror of {} (its network mirrors: {}; give the address as `mirrorfs status` shows it)",
                         t.mountpoint.display(),
                         if t.remote_mirrors.is_empty() { "none".to_string() } else { t.remote_mirrors.join(", ") }
-                    );
-                }
-                if a.repair {
-                    bail!(
-                        "repair of a network mirror ({url}) is not available yet: run `mirrorfs verify` without --repair to list the differences"
                     );
                 }
                 v.push(PathBuf::from(url));
@@ -443,10 +448,7 @@ pub fn verify(a: VerifyArgs) -> Result<()> {
                 p
             }
         };
-        let s = match m.to_str().filter(|p| is_remote(p)) {
-            Some(url) => scan_remote(url, &t, a.config.as_deref(), a.no_cache)?,
-            None => scan_tree(m, &t, !a.no_cache, "mirror")?,
-        };
+        let s = scan_mirror(m, &t, &a)?;
         let mut differences = compare(&p.entries, &s.entries);
         let mut r = MirrorResult {
             mirror: m.clone(),
@@ -476,8 +478,12 @@ pub fn verify(a: VerifyArgs) -> Result<()> {
             let p = scan_tree(&t.backing, &t, !a.no_cache, "primary")?;
             primary_bytes += p.bytes_read;
             primary_hits += p.cache_hits;
-            let s = scan_tree(m, &t, !a.no_cache, "mirror")?;
+            let s = scan_mirror(m, &t, &a)?;
             r.bytes_read += s.bytes_read;
+            r.link_bytes = match (r.link_bytes, s.link_bytes) {
+                (Some(x), Some(y)) => Some(x + y),
+                (x, y) => x.or(y),
+            };
             r.cache_hits += s.cache_hits;
             let after = compare(&p.entries, &s.entries);
             r.repaired = Some(std::mem::replace(&mut differences, after));

@@ -10,17 +10,17 @@ use super::*;
 /// then `-v end`; reading it gives the number of groups open. Never stored: the root of the
 /// backing directory and of mirrors has no such attribute.
 pub const GROUP_XATTR: &[u8] = b"user.mirrorfs.group";
-/// The mount root's attribute of an operator's resync of a local mirror (`mirrorfs resync`,
-/// `verify --repair`): set to `keep-extra PATH` or `delete-extra PATH`, the request goes to the
-/// volume's resync hook (`mirror::operator`); read, it tells where each mirror's stands (JSON).
+/// The mount root's attribute of an operator's resync of a mirror (`mirrorfs resync`,
+/// `verify --repair`): set to `keep-extra PATH` or `delete-extra PATH` (PATH a local mirror's
+/// directory or a network mirror's `mirror://HOST:PORT`), the request goes to the volume's
+/// resync hook (`mirror::operator`); read, it tells where each mirror's stands (JSON).
 pub const RESYNC_XATTR: &[u8] = b"user.mirrorfs.resync";
 
-/// Where each local mirror's operator resync stands: the value of [`RESYNC_XATTR`].
+/// Where each mirror's operator resync stands: the value of [`RESYNC_XATTR`].
 fn resync_status_json(vol: &crate::site::volume::Volume) -> Vec<u8> {
     let v: Vec<serde_json::Value> = vol
         .mirrors
         .iter()
-        .filter(|m| m.remote.is_none())
         .map(|m| {
             let r = lock(&m.operator_resync).clone();
             serde_json::json!({

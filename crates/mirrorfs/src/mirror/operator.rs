@@ -16,14 +16,26 @@
 //! Not made durable: if the mount stops before the `SyncDone` is applied, the mirror keeps what
 //! it applied so far and resumes from its cursor (no re-copy at the next mount); `verify` shows
 //! what is left and `--repair` can be run again.
+//!
+//! A network mirror (`mirror://HOST:PORT`) is resynced by its link (`net::remote`), the way a
+//! mirror whose journal position is lost is: [`start`] only records the request; the link ends
+//! its connection at its next round, and the next handshake asks the daemon for a block-hash
+//! resync (its manifest, then `resync::live_resync`). Unless `delete-extra`, the entries of
+//! the daemon's manifest the primary does not have are left out of it first
+//! ([`leave_out_extras`]), so they are kept as on a local mirror. The request is taken
+//! ([`remote_accepted`]) once the resync's copy started, and done ([`remote_applied`]) once
+//! the daemon applied all of it; a failed copy says why ([`remote_failed`]). In memory only,
+//! like a local one: a mount that stops first forgets it (`verify --repair` again).
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mirrorfs_core::applier::Applier;
+use mirrorfs_core::path::RelPath;
 
 use crate::mirror::resync::{live_resync, manifest, Manifest};
 use crate::site::volume::{lock, MirrorPhase, MirrorShared, Volume};
@@ -43,8 +55,9 @@ pub fn parse_request(v: &[u8]) -> Option<(bool, PathBuf)> {
     (!p.is_empty()).then(|| (delete, PathBuf::from(std::ffi::OsStr::from_bytes(p))))
 }
 
-/// Starts a resync of the local mirror the request names. Refused with `ENOENT` (no such local
-/// mirror), `EBUSY` (one is running, or the mirror is being copied or is not live) or `EINVAL`.
+/// Starts a resync of the mirror the request names (a local mirror's path, or a network
+/// mirror's `mirror://HOST:PORT`). Refused with `ENOENT` (no such mirror), `EBUSY` (one is
+/// running, or the mirror is being copied or is not live) or `EINVAL`.
 pub fn start(
     vol: &Arc<Volume>,
     backing: PathBuf,
@@ -55,7 +68,7 @@ pub fn start(
     let m = vol
         .mirrors
         .iter()
-        .find(|m| m.remote.is_none() && m.path == path)
+        .find(|m| m.path == path)
         .cloned()
         .ok_or(libc::ENOENT)?;
     if !matches!(*lock(&m.phase), MirrorPhase::Live) {
@@ -70,8 +83,13 @@ pub fn start(
         r.asked = true;
         r.accepted = false;
         r.error = None;
+        r.delete_extra = delete_extra;
     }
     vol.changed.notify_all();
+    if m.remote.is_some() {
+        // The link takes it from here (see the module docs).
+        return Ok(());
+    }
     let v = vol.clone();
     let spawned = std::thread::Builder::new()
         .name("resync".into())
@@ -125,6 +143,70 @@ pub fn copy_done(m: &MirrorShared, error: Option<&str>) {
     }
 }
 
+/// Whether the primary has an entry at `p` (of any kind: one of another kind is replaced by the
+/// resync, not kept).
+fn on_primary(primary: BorrowedFd<'_>, p: &RelPath) -> bool {
+    p.is_root() || crate::tree::dirtree::lstat_in(primary, p).is_ok()
+}
+
+fn log_kept(m: &MirrorShared, kept: u64) {
+    if kept > 0 {
+        tracing::warn!(
+            "mirror {}: resync keeps {kept} entries only the mirror has (delete-extra removes them)",
+            m.name
+        );
+    }
+}
+
+/// A network mirror's pending request, if the link has not taken it yet: its `delete_extra`.
+pub fn remote_pending(m: &MirrorShared) -> Option<bool> {
+    let r = lock(&m.operator_resync);
+    (r.running && r.asked && !r.accepted).then_some(r.delete_extra)
+}
+
+/// The link received the daemon's manifest for a resync: unless the request says
+/// `delete-extra`, the entries the primary does not have are left out of it (so the resync
+/// keeps them).
+pub fn leave_out_extras(m: &MirrorShared, backing: &Path, mf: &mut Manifest) -> io::Result<()> {
+    if lock(&m.operator_resync).delete_extra {
+        return Ok(());
+    }
+    let primary: OwnedFd = std::fs::File::open(backing)?.into();
+    let kept = mf.retain(|p| on_primary(primary.as_fd(), p));
+    log_kept(m, kept);
+    Ok(())
+}
+
+/// The link started the copy a pending request asked for.
+pub fn remote_accepted(m: &MirrorShared) {
+    let mut r = lock(&m.operator_resync);
+    if r.running {
+        r.accepted = true;
+    }
+}
+
+/// The daemon applied the whole copy the request started (the link says `live` again).
+pub fn remote_applied(m: &MirrorShared) {
+    let accepted = {
+        let r = lock(&m.operator_resync);
+        r.running && r.accepted
+    };
+    if accepted {
+        copy_done(m, None);
+    }
+}
+
+/// The copy the request started failed: the request ends with `error`.
+pub fn remote_failed(m: &MirrorShared, error: &str) {
+    let mut r = lock(&m.operator_resync);
+    if r.running && r.accepted {
+        r.running = false;
+        r.asked = false;
+        r.accepted = false;
+        r.error = Some(error.to_string());
+    }
+}
+
 fn run(
     vol: &Arc<Volume>,
     backing: &std::path::Path,
@@ -145,9 +227,7 @@ fn run(
     let mut mf = Manifest::default();
     let mut kept = 0u64;
     manifest(&m.path, hidden, |e| {
-        let on_primary =
-            e.path.is_root() || crate::tree::dirtree::lstat_in(primary.as_fd(), &e.path).is_ok();
-        if on_primary || delete_extra {
+        if delete_extra || on_primary(primary.as_fd(), &e.path) {
             mf.add(e)
         } else {
             if e.first_block == 0 {
@@ -156,12 +236,7 @@ fn run(
             Ok(())
         }
     })?;
-    if kept > 0 {
-        tracing::warn!(
-            "mirror {}: resync keeps {kept} entries only the mirror has (delete-extra removes them)",
-            m.name
-        );
-    }
+    log_kept(m, kept);
     let stats = live_resync(vol.clone(), backing, m.clone(), Some(hidden.to_vec()), mf)?;
     tracing::info!(
         "mirror {}: resync journaled ({} removed, {} kept, {} blocks sent, {} the same)",

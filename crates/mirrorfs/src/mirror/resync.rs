@@ -219,6 +219,13 @@ impl Manifest {
         self.count
     }
 
+    /// Keeps only the entries at the paths `keep` accepts; returns how many were left out.
+    pub fn retain(&mut self, mut keep: impl FnMut(&RelPath) -> bool) -> u64 {
+        let before = self.entries.len();
+        self.entries.retain(|_, e| keep(&e.path));
+        (before - self.entries.len()) as u64
+    }
+
     fn get(&self, p: &RelPath) -> Option<&ManifestEntry> {
         self.entries.get(p.as_bytes())
     }
@@ -235,6 +242,8 @@ pub struct ResyncStats {
     pub blocks_same: u64,
     pub blocks_sent: u64,
     pub bytes_sent: u64,
+    /// Holes punched in the mirror's files where the primary has none of their data.
+    pub holes_punched: u64,
 }
 
 /// The primary's side of step 2 (see the module docs). Runs like `mirror::live_sync`, with the
@@ -502,7 +511,12 @@ fn attrs(path: &RelPath, st: &libc::stat) -> [Op; 2] {
 
 impl DataPass<'_> {
     /// Step 2, the data: the blocks of the file walked as `ino` whose hash differs from the
-    /// mirror's (`have`), then its mtime; nothing more once it has no name left.
+    /// mirror's (`have`), only their data extents written, then its size and mtime; nothing
+    /// more once it has no name left. The primary's holes are kept: a run of whole blocks in a
+    /// hole is skipped in one step (and, in a file the mirror has, punched there with one
+    /// `Fallocate`, since the mirror may hold data or dense zeros where the primary has none),
+    /// and so are the holes inside a block. Each step reads and journals under one hold of the
+    /// order lock, so no live write comes between what it saw of the holes and its records.
     fn resync_file(
         &mut self,
         ino: u64,
@@ -518,36 +532,134 @@ impl DataPass<'_> {
             let size = st.st_size as u64;
             let off = block * RESYNC_BLOCK;
             if off >= size {
-                let op = crate::mirror::mtime_of(&path, &st);
-                let last = crate::mirror::append_sync(&mut o.journal, id, op)?;
+                // A file the resync created ends with a hole if its data does not reach its size.
+                let ops = [
+                    Op::Truncate {
+                        path: path.clone(),
+                        size,
+                    },
+                    crate::mirror::mtime_of(&path, &st),
+                ];
+                let mut last = 0;
+                for op in ops {
+                    last = crate::mirror::append_sync(&mut o.journal, id, op)?;
+                }
                 vol.settle(o, last, 0);
                 return Ok(());
             }
-            let want = RESYNC_BLOCK.min(size - off) as usize;
-            read_full(f.as_fd(), &mut self.buf[..want], off)?;
-            let same = have
-                .as_ref()
-                .and_then(|h| h.get(block as usize))
-                .is_some_and(|h| *h == *blake3::hash(&self.buf[..want]).as_bytes());
-            if same {
-                stats.blocks_same += 1;
-                drop(o);
-            } else {
-                let op = Op::Write {
-                    path,
-                    offset: off,
-                    data: self.buf[..want].to_vec(),
+            let end = (off + RESYNC_BLOCK).min(size);
+            let data = next_data(f.as_fd(), off, size)?;
+            let step = if data >= end {
+                // Whole blocks in a hole, up to the block where data begins (or the end).
+                let hole_end = if data >= size {
+                    size
+                } else {
+                    off + (data - off) / RESYNC_BLOCK * RESYNC_BLOCK
                 };
-                let seq = crate::mirror::append_sync(&mut o.journal, id, op)?;
-                vol.settle(o, seq, want as u64);
-                stats.blocks_sent += 1;
-                stats.bytes_sent += want as u64;
-            }
-            block += 1;
-            self.done += want as u64;
+                let mut last = 0;
+                if have.is_some() {
+                    last = self.punch(&mut o.journal, &path, off, hole_end, stats)?;
+                }
+                settle_if(vol, o, last, 0);
+                hole_end - off
+            } else {
+                let want = (end - off) as usize;
+                read_full(f.as_fd(), &mut self.buf[..want], off)?;
+                let same = have
+                    .as_ref()
+                    .and_then(|h| h.get(block as usize))
+                    .is_some_and(|h| *h == *blake3::hash(&self.buf[..want]).as_bytes());
+                let mut last = 0;
+                let mut sent = 0u64;
+                let mut at = off;
+                for (d, h) in data_extents(f.as_fd(), off, end)? {
+                    if d > at && have.is_some() {
+                        last = self.punch(&mut o.journal, &path, at, d, stats)?;
+                    }
+                    if !same {
+                        let op = Op::Write {
+                            path: path.clone(),
+                            offset: d,
+                            data: self.buf[(d - off) as usize..(h - off) as usize].to_vec(),
+                        };
+                        last = crate::mirror::append_sync(&mut o.journal, id, op)?;
+                        sent += h - d;
+                    }
+                    at = h;
+                }
+                if at < end && have.is_some() {
+                    last = self.punch(&mut o.journal, &path, at, end, stats)?;
+                }
+                settle_if(vol, o, last, sent);
+                if same {
+                    stats.blocks_same += 1;
+                } else {
+                    stats.blocks_sent += 1;
+                    stats.bytes_sent += sent;
+                }
+                end - off
+            };
+            block += step.div_ceil(RESYNC_BLOCK);
+            self.done += step;
             self.copy.progress(self.m, &self.pb, self.done, self.total);
         }
     }
+
+    /// Journals a hole punched in `[from, to)` of the mirror's file at `path`.
+    fn punch(
+        &self,
+        journal: &mut Journal<FileStore>,
+        path: &RelPath,
+        from: u64,
+        to: u64,
+        stats: &mut ResyncStats,
+    ) -> io::Result<u64> {
+        let op = Op::Fallocate {
+            path: path.clone(),
+            mode: libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset: from,
+            len: to - from,
+        };
+        stats.holes_punched += 1;
+        crate::mirror::append_sync(journal, self.copy.id, op)
+    }
+}
+
+/// Settles the records a step journaled (`last`, 0 if none: then only the lock is let go).
+fn settle_if(vol: &Volume, o: std::sync::MutexGuard<'_, Ordered>, last: u64, bytes: u64) {
+    if last > 0 {
+        vol.settle(o, last, bytes);
+    }
+}
+
+/// Where the data at or after `off` begins in a file of `size` bytes (`SEEK_DATA`): `size` if
+/// only a hole follows. A file system that does not report holes answers `off` (all data).
+fn next_data(fd: BorrowedFd<'_>, off: u64, size: u64) -> io::Result<u64> {
+    match sys::lseek(fd, off as i64, libc::SEEK_DATA) {
+        Ok(d) => Ok((d as u64).min(size)),
+        Err(e) if e.raw_os_error() == Some(libc::ENXIO) => Ok(size),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(off),
+        Err(e) => Err(e),
+    }
+}
+
+/// The data extents of `[from, to)`, as `(start, end)` pairs in order (`SEEK_DATA`,
+/// `SEEK_HOLE`); what lies between them is a hole.
+fn data_extents(fd: BorrowedFd<'_>, from: u64, to: u64) -> io::Result<Vec<(u64, u64)>> {
+    let mut out = Vec::new();
+    let mut at = from;
+    while at < to {
+        let d = next_data(fd, at, to)?;
+        if d >= to {
+            break;
+        }
+        let h = sys::next_hole(fd, d).map_or(to, |h| h.min(to));
+        // A hole reported at `d` itself would not move on: take the rest as data.
+        let h = if h <= d { to } else { h };
+        out.push((d, h));
+        at = h;
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -607,6 +719,32 @@ mod tests {
             .find(|e| e.path.as_bytes() == b"empty")
             .expect("empty");
         assert!(empty.hashes.is_empty());
+    }
+
+    #[test]
+    fn data_extents_skip_the_holes_of_a_sparse_file() {
+        use std::os::unix::fs::FileExt;
+        let t = tempfile::tempdir().expect("tempdir");
+        let p = t.path().join("sparse");
+        let f = std::fs::File::create(&p).expect("create");
+        f.write_all_at(&[1u8; 8192], 0).expect("write");
+        f.write_all_at(&[2u8; 4096], 1 << 20).expect("write");
+        f.set_len(2 << 20).expect("size");
+        let size = 2u64 << 20;
+        let x = data_extents(f.as_fd(), 0, size).expect("extents");
+        // A file system without holes reports one extent: all data.
+        if x.len() > 1 {
+            assert_eq!(x, vec![(0, 8192), (1 << 20, (1 << 20) + 4096)]);
+            assert_eq!(next_data(f.as_fd(), 8192, size).expect("data"), 1 << 20);
+            assert_eq!(
+                next_data(f.as_fd(), (1 << 20) + 4096, size).expect("data"),
+                size,
+                "only a hole follows"
+            );
+        }
+        let inner = data_extents(f.as_fd(), 4096, RESYNC_BLOCK).expect("extents");
+        assert_eq!(inner.first(), Some(&(4096, 8192)), "{inner:?}");
+        assert!(inner.iter().all(|(a, b)| a < b && *b <= RESYNC_BLOCK));
     }
 
     #[test]

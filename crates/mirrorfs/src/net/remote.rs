@@ -98,15 +98,21 @@ pub fn run_link(vol: Arc<Volume>, m: Arc<MirrorShared>, cfg: Arc<LinkConfig>) {
                 l.last_error = Some(format!("{e:#}"));
             }
         }
-        if r.as_ref()
-            .is_err_and(|e| e.downcast_ref::<Reintegrated>().is_none())
-        {
+        if r.as_ref().is_err_and(|e| {
+            e.downcast_ref::<Reintegrated>().is_none() && e.downcast_ref::<ResyncAsked>().is_none()
+        }) {
             m.count_error("link");
         }
         let e = match r {
             Ok(()) => break,
             // A reintegration ends its connection on purpose: the next one resyncs the mirror.
             Err(e) if e.downcast_ref::<Reintegrated>().is_some() => {
+                tracing::info!("mirror {}: {e}", m.name);
+                backoff = Backoff::new();
+                continue;
+            }
+            // An operator asked for a resync: the next connection asks the daemon for it.
+            Err(e) if e.downcast_ref::<ResyncAsked>().is_some() => {
                 tracing::info!("mirror {}: {e}", m.name);
                 backoff = Backoff::new();
                 continue;
@@ -181,6 +187,26 @@ impl std::fmt::Display for Reintegrated {
 }
 
 impl std::error::Error for Reintegrated {}
+
+/// A connection ended because an operator asked for a resync of the mirror (`mirrorfs resync`,
+/// `verify --repair`; `mirror::operator`): the link reconnects at once and the handshake asks
+/// the daemon for a block-hash resync.
+#[derive(Debug)]
+pub(crate) struct ResyncAsked;
+
+impl std::fmt::Display for ResyncAsked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "a resync was asked (mirrorfs resync, verify --repair); reconnecting to resynchronise it"
+        )
+    }
+}
+
+impl std::error::Error for ResyncAsked {}
+
+/// The reason an operator's pending request gives the handshake.
+const OPERATOR_REASON: &str = "asked by the operator (mirrorfs resync, verify --repair)";
 
 /// The live initial copy running for this mirror, if any (it outlives a connection: after a
 /// reconnect the stream resumes and the copy goes on).
@@ -303,13 +329,21 @@ impl Session<'_> {
         } = self.handshake()?;
         let from = start_from(&start);
         self.announce(&d, &sender, &start, from)?;
+        let operator = crate::mirror::operator::remote_pending(self.m).is_some();
         let manifest = if let Start::Resync { .. } = &start {
             set_syncing(self.m);
-            Some(receive_manifest(&d, &mut dec, &self.m.name)?)
+            let mut mf = receive_manifest(&d, &mut dec, &self.m.name)?;
+            if operator {
+                crate::mirror::operator::leave_out_extras(self.m, &self.cfg.backing, &mut mf)?;
+            }
+            Some(mf)
         } else {
             None
         };
         self.start_copy(start, manifest, mirror_copying)?;
+        if operator {
+            crate::mirror::operator::remote_accepted(self.m);
+        }
         self.vol.changed.notify_all();
         tracing::info!(
             "mirror {}: connected to {} ({}), streaming from record {from}",
@@ -350,7 +384,11 @@ impl Session<'_> {
         );
         let new_id = crate::mirror::sync_id(m);
         let resumable = slot.resumable();
-        let needs_resync = crate::site::state_dir::MirrorStateDir::at(&m.state_dir).needs_resync();
+        let needs_resync = crate::site::state_dir::MirrorStateDir::at(&m.state_dir)
+            .needs_resync()
+            .or_else(|| {
+                crate::mirror::operator::remote_pending(m).map(|_| OPERATOR_REASON.to_string())
+            });
         // The decision and the start of an initial copy see the journal at the same instant.
         let start = sender
             .on_welcome(
@@ -451,7 +489,17 @@ impl Session<'_> {
             Start::Resync { sync_id, .. } => {
                 let mf = manifest.unwrap_or_default();
                 self.spawn_copy(sync_id, "resync", "resync", move |v, c, mm| {
-                    crate::mirror::resync::live_resync(v, &c.backing, mm, c.hidden.clone(), mf)
+                    let r = crate::mirror::resync::live_resync(
+                        v,
+                        &c.backing,
+                        mm.clone(),
+                        c.hidden.clone(),
+                        mf,
+                    );
+                    if let Err(e) = &r {
+                        crate::mirror::operator::remote_failed(&mm, &e.to_string());
+                    }
+                    r
                 })?;
             }
             Start::InitialSync { sync_id, .. } => {
@@ -557,8 +605,10 @@ impl Session<'_> {
             .unwrap_or_else(|_| Err(anyhow!("the acknowledgement thread panicked")));
         match (r, acks) {
             (Ok(()), _) => Ok(()),
-            // The fallback is what the link acts on, whatever the other thread saw.
+            // The fallback and an operator's resync are what the link acts on, whatever the other
+            // thread saw.
             (Err(e), _) if e.downcast_ref::<UdpBlocked>().is_some() => Err(e),
+            (Err(e), _) if e.downcast_ref::<ResyncAsked>().is_some() => Err(e),
             (Err(e), Err(a)) => Err(a.context(format!("{e:#}"))),
             (Err(e), Ok(())) => Err(e),
         }
@@ -765,6 +815,10 @@ pub(crate) fn round(
         let p = lock(&vol.progress);
         (p.durable_seq, p.settled_seq, p.stopping)
     };
+    // Not while the mount stops: its drain comes first, and the request ends with the mount.
+    if !stopping && crate::mirror::operator::remote_pending(m).is_some() {
+        return Err(anyhow::Error::new(ResyncAsked));
+    }
     let limit = durable.min(settled);
     let sent_all = lock(sender).next_send() > limit;
     if stopping {
@@ -782,6 +836,7 @@ pub(crate) fn round(
         && sent_all
     {
         set_phase(m, MirrorPhase::Live);
+        crate::mirror::operator::remote_applied(m);
     }
     Ok(Some(Round {
         limit,

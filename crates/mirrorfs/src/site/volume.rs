@@ -216,12 +216,12 @@ pub struct MirrorShared {
     /// Errors met by this mirror since the process started, by kind (`apply`, `journal_read`,
     /// `diverged`, `link`), for the metrics' `mirrorfs_mirror_errors_total`.
     pub errors: Mutex<std::collections::BTreeMap<&'static str, u64>>,
-    /// An operator's resync of a running local mirror (`mirrorfs resync`, `verify --repair`;
+    /// An operator's resync of a running mirror (`mirrorfs resync`, `verify --repair`;
     /// `mirror::operator`): where it stands.
     pub operator_resync: Mutex<OperatorResync>,
 }
 
-/// Where an operator's resync of a local mirror stands (`mirror::operator`).
+/// Where an operator's resync of a mirror stands (`mirror::operator`).
 #[derive(Debug, Default, Clone, serde::Serialize)]
 pub struct OperatorResync {
     /// Asked of the worker: apply the `Sync` records of a resync from now on (the worker takes
@@ -234,6 +234,8 @@ pub struct OperatorResync {
     pub done: u64,
     /// Why the last one failed.
     pub error: Option<String>,
+    /// The running request's `delete-extra`: what only the mirror has is removed too.
+    pub delete_extra: bool,
 }
 
 /// What `status` shows of a remote mirror's connection.
