@@ -1144,6 +1144,23 @@ pub fn assert_trees_equal_with(a: &Path, b: &Path, cmp: &Cmp) {
 
 /// Unmounts cleanly and asserts every mirror equals the backing directory.
 pub fn finish(m: &mut Mount) {
+    // A clean unmount stops a mirror's initial sync (the next mount copies again), so a test that
+    // ran faster than the first copy began would compare a half-copied mirror: wait for it first.
+    let copying = |s: &serde_json::Value| {
+        s["mirrors"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|x| x["state"] == "syncing"))
+    };
+    let mut last = None;
+    let copied = wait_until(Duration::from_secs(60), || {
+        last = m.status();
+        last.as_ref().is_some_and(|s| !copying(s))
+    });
+    assert!(
+        copied || !last.as_ref().is_some_and(copying),
+        "a mirror's initial sync never ended; stderr:\n{}",
+        tail(&m.log(), 60)
+    );
     m.unmount();
     for mirror in &m.layout.mirrors {
         let d = tree_diff(&m.layout.backing, mirror, &Cmp::FULL);
