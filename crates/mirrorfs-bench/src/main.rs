@@ -90,8 +90,8 @@
 
 mod ack;
 mod disaster;
-mod latency;
 mod fec;
+mod latency;
 mod mounts;
 mod net;
 mod plots;

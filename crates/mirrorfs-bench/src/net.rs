@@ -907,7 +907,11 @@ fn show(row: &NetRow) {
             "[mirrorfs-net] target {} {}: {} ({} {})",
             row.label,
             g.describe(row.unit),
-            if row.met() == Some(true) { "PASS" } else { "FAIL" },
+            if row.met() == Some(true) {
+                "PASS"
+            } else {
+                "FAIL"
+            },
             crate::report::fmt_num(*v),
             row.unit
         );

@@ -151,8 +151,16 @@ pub fn latency(dir: &Path, cells: &[crate::latency::Cell], delay_ms: f64) -> Res
     for c in cells {
         // A log scale cannot show lags at or below zero (durable mode applies before it
         // acknowledges): those are drawn at 1 ms.
-        push(&mut p99, c.label.clone(), (c.loss * 100.0, c.p(0.99).max(1.0)));
-        push(&mut p50, c.label.clone(), (c.loss * 100.0, c.p(0.5).max(1.0)));
+        push(
+            &mut p99,
+            c.label.clone(),
+            (c.loss * 100.0, c.p(0.99).max(1.0)),
+        );
+        push(
+            &mut p50,
+            c.label.clone(),
+            (c.loss * 100.0, c.p(0.5).max(1.0)),
+        );
     }
     let y_max = cells.iter().map(|c| c.p(0.99)).fold(100.0, f64::max) * 1.5;
     let path = dir.join("latency.svg");
