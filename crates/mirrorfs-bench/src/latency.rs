@@ -5,7 +5,8 @@
 //!
 //! Per cell, in one run: a fresh emulated WAN (side A: the primary's mount, side B: the mirror
 //! daemon; [`DELAY`] one-way and the loss each way, a 1 Gbit/s cap), identities made for the
-//! run, the mount waits until its mirror is live. Then up to `samples` 4 KiB messages (or
+//! run, the mount waits until its mirror is live. Then [`WARMUP`] of the same messages to another
+//! file, not measured (a fresh TCP connection's slow start), then up to `samples` 4 KiB messages (or
 //! [`CELL_TIME`], whichever ends first), each one `write(2)` appended to one file through the
 //! mount and an `fdatasync` (`--fsync-waits mode`, so the sync returns when the mode
 //! acknowledges the change), [`GAP`] apart. The message's *acknowledgement* is the moment its
@@ -46,6 +47,9 @@ const CELL_TIME: Duration = Duration::from_secs(12);
 const CELL_TIME_QUICK: Duration = Duration::from_secs(6);
 /// Between two messages.
 const GAP: Duration = Duration::from_millis(5);
+/// Messages to another file before the measured ones, so that no data path is measured in its
+/// start (TCP's slow start from a fresh connection's window: ten segments per round trip).
+const WARMUP: Duration = Duration::from_secs(1);
 /// The watcher's polling period.
 const POLL: Duration = Duration::from_micros(200);
 /// How long after the last acknowledgement the watcher waits for the rest.
@@ -201,7 +205,8 @@ fn ms(d: Duration) -> f64 {
 
 fn print_table(cells: &[Cell], samples: usize, markdown: bool) {
     println!(
-        "mirroring latency (acknowledged at the primary → applied at the mirror): up to {samples} x 4 KiB (write + fdatasync) appended through the mount, {} ms apart, --fsync-waits mode; {} ms one-way delay and the loss each way, 1 Gbit/s cap (mirrorfs-wan); UDP paced at {UDP_RATE_MBIT} Mbit/s; the mirror polled every {} µs",
+        "mirroring latency (acknowledged at the primary → applied at the mirror): after {} s of warm-up messages, up to {samples} x 4 KiB (write + fdatasync) appended through the mount, {} ms apart, --fsync-waits mode; {} ms one-way delay and the loss each way, 1 Gbit/s cap (mirrorfs-wan); UDP paced at {UDP_RATE_MBIT} Mbit/s; the mirror polled every {} µs",
+        WARMUP.as_secs(),
         GAP.as_millis(),
         DELAY.as_millis(),
         POLL.as_micros()
@@ -371,6 +376,8 @@ type Seen = (Vec<Instant>, Vec<Option<Instant>>, Vec<f64>);
 
 /// Writes the messages through `mnt` while a watcher follows the mirror's copy in `mirror`.
 fn messages(mnt: &Path, mirror: &Path, samples: usize, cell_time: Duration) -> Result<Seen> {
+    let warm = write_messages(&mnt.join("warm-up"), usize::MAX, WARMUP);
+    warm.context("the warm-up messages")?;
     let name = "messages";
     let stop = Arc::new(AtomicBool::new(false));
     let watcher = Watcher::start(mirror.join(name), samples, stop.clone());
@@ -398,8 +405,8 @@ fn write_messages(
         .open(path)
         .with_context(|| format!("cannot open {}", path.display()))?;
     let block = vec![b'm'; MESSAGE];
-    let mut acked = Vec::with_capacity(samples);
-    let mut acks = Vec::with_capacity(samples);
+    let mut acked = Vec::with_capacity(samples.min(SAMPLES));
+    let mut acks = Vec::with_capacity(samples.min(SAMPLES));
     let t0 = Instant::now();
     while acked.len() < samples && t0.elapsed() < cell_time {
         crate::check_interrupted()?;
