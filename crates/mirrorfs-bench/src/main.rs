@@ -91,6 +91,7 @@
 mod ack;
 mod disaster;
 mod fec;
+mod latency;
 mod mounts;
 mod net;
 mod plots;
@@ -245,13 +246,16 @@ struct Args {
     markdown: bool,
     /// Parts of the wan target, comma separated: `throughput` (vs loss 0 / 0.1 / 0.5 / 1 % at
     /// 50 ms one-way), `delay` (vs one-way delay 25 / 50 / 100 ms at 0.1 % loss) and
-    /// `fairness` (each data path beside a competing bulk TCP flow, and that flow alone).
+    /// `fairness` (each data path beside a competing bulk TCP flow, and that flow alone) and
+    /// `latency` (mirroring latency, acknowledged at the primary → applied at the mirror, per
+    /// `--ack` mode and data path vs loss 0 / 0.1 / 0.5 / 1 % at 50 ms one-way; its plot goes
+    /// to `--plots`).
     #[arg(long, value_delimiter = ',', default_value = "throughput,delay")]
     wan_parts: Vec<wan::Part>,
     /// MiB of data per FEC figure (fec target) [default: 128, 8 with --quick].
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     fec_mib: Option<u64>,
-    /// Draw the plots of the targets that have some (disaster) as SVG files in this directory
+    /// Draw the plots of the targets that have some (disaster, wan latency) as SVG files in this directory
     /// (e.g. docs/plots).
     #[arg(long)]
     plots: Option<PathBuf>,
@@ -490,6 +494,7 @@ fn run(args: &Args) -> Result<()> {
             args.quick,
             args.seed,
             &args.wan_parts,
+            args.plots.as_deref(),
         )?;
         if targets.is_empty() {
             return Ok(());

@@ -902,6 +902,20 @@ fn push_err(rep: &mut TargetReport, rows: &[&str], unit: &'static str, e: &anyho
 }
 
 fn show(row: &NetRow) {
+    if let (Ok(v), Some(g)) = (&row.value, row.goal) {
+        eprintln!(
+            "[mirrorfs-net] target {} {}: {} ({} {})",
+            row.label,
+            g.describe(row.unit),
+            if row.met() == Some(true) {
+                "PASS"
+            } else {
+                "FAIL"
+            },
+            crate::report::fmt_num(*v),
+            row.unit
+        );
+    }
     match (&row.value, row.ratio()) {
         (Ok(v), Some(r)) => eprintln!(
             "[mirrorfs-net] {}: {} {} vs {} {} => {r:.3}x; {}",

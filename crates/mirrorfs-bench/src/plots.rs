@@ -140,3 +140,76 @@ fn draw(
     root.present().map_err(|e| err(&e))?;
     Ok(())
 }
+
+/// `latency.svg`: mirroring latency p99 (solid) and p50 (dots only) against the loss, one line
+/// per mode and data path, log-scale milliseconds, with the target (one-way delay + 5 ms) and
+/// the one-way delay drawn across.
+pub fn latency(dir: &Path, cells: &[crate::latency::Cell], delay_ms: f64) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let mut p99: Vec<Line> = Vec::new();
+    let mut p50: Vec<Line> = Vec::new();
+    for c in cells {
+        // A log scale cannot show lags at or below zero (durable mode applies before it
+        // acknowledges): those are drawn at 1 ms.
+        push(
+            &mut p99,
+            c.label.clone(),
+            (c.loss * 100.0, c.p(0.99).max(1.0)),
+        );
+        push(
+            &mut p50,
+            c.label.clone(),
+            (c.loss * 100.0, c.p(0.5).max(1.0)),
+        );
+    }
+    let y_max = cells.iter().map(|c| c.p(0.99)).fold(100.0, f64::max) * 1.5;
+    let path = dir.join("latency.svg");
+    let root = SVGBackend::new(&path, (1000, 620)).into_drawing_area();
+    let err = |e: &dyn std::fmt::Display| anyhow!("plot {}: {e}", path.display());
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let mut c = ChartBuilder::on(&root)
+        .caption(
+            "Mirroring latency p99 (lines) and p50 (dots) against loss (50 ms one-way, 4 KiB messages)",
+            ("sans-serif", 18),
+        )
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(70)
+        .build_cartesian_2d(-0.05..1.1, (1.0..y_max).log_scale())
+        .map_err(|e| err(&e))?;
+    c.configure_mesh()
+        .x_desc("random loss each way (%)")
+        .y_desc("acknowledged → applied at the mirror (ms, log scale)")
+        .draw()
+        .map_err(|e| err(&e))?;
+    let target = delay_ms + 5.0;
+    c.draw_series(LineSeries::new(
+        vec![(-0.05, target), (1.1, target)],
+        BLACK.stroke_width(1),
+    ))
+    .map_err(|e| err(&e))?
+    .label(format!("target: one-way delay + 5 ms = {target:.0} ms"))
+    .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK.stroke_width(1)));
+    for (i, l) in p99.iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        c.draw_series(LineSeries::new(l.points.clone(), color.stroke_width(2)))
+            .map_err(|e| err(&e))?
+            .label(l.name.as_str())
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+        if let Some(m) = p50.iter().find(|m| m.name == l.name) {
+            c.draw_series(m.points.iter().map(|p| Circle::new(*p, 3, color.filled())))
+                .map_err(|e| err(&e))?;
+        }
+    }
+    c.configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 12))
+        .draw()
+        .map_err(|e| err(&e))?;
+    root.present().map_err(|e| err(&e))?;
+    Ok(())
+}

@@ -45,6 +45,9 @@ pub enum Part {
     /// Each data path at 50 ms and 0 % loss beside a competing bulk TCP flow (the system's
     /// congestion control) over the same link, and that flow alone.
     Fairness,
+    /// Mirroring latency per `--ack` mode and data path vs loss at 50 ms one-way
+    /// (`latency.rs`).
+    Latency,
 }
 
 /// The competing flow's port on side B.
@@ -194,6 +197,7 @@ pub fn run(
     quick: bool,
     seed: u64,
     parts: &[Part],
+    plots: Option<&Path>,
 ) -> Result<()> {
     let size_mib: u64 = if quick { 16 } else { 64 };
     let limit = Duration::from_secs(if quick { 30 } else { 90 });
@@ -202,6 +206,10 @@ pub fn run(
     parts.dedup();
     let mut n = 0u64;
     for part in parts {
+        if part == Part::Latency {
+            crate::latency::run(bin, run_dir, markdown, quick, seed, plots)?;
+            continue;
+        }
         let settings: Vec<(Duration, f64)> = match part {
             Part::Throughput => LOSSES.iter().map(|&l| (DELAY, l)).collect(),
             Part::Delay => DELAYS_MS
@@ -209,6 +217,7 @@ pub fn run(
                 .map(|&d| (Duration::from_millis(d), DELAY_SWEEP_LOSS))
                 .collect(),
             Part::Fairness => vec![(DELAY, 0.0)],
+            Part::Latency => Vec::new(),
         };
         let compete = part == Part::Fairness;
         if compete {
@@ -275,6 +284,7 @@ fn print_table(part: Part, rows: &[Row], size_mib: u64, limit: Duration, markdow
             "{} ms one-way delay, no loss, beside a competing bulk TCP flow",
             DELAY.as_millis()
         ),
+        Part::Latency => String::new(),
     };
     println!(
         "mirroring throughput: {size_mib} MiB written through the mount (1 MiB writes, --ack async) until the mirror has every byte (or {} s); {sweep}, {RATE_MBIT} Mbit/s cap with a 4 MiB queue (mirrorfs-wan)",
