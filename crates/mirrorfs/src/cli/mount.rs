@@ -30,8 +30,20 @@ pub struct MountArgs {
     mountpoint: PathBuf,
     /// A mirror (repeat for several): a directory, which must exist and be empty the first time,
     /// or `mirror://HOST:PORT`, a `mirrorfs serve` daemon (see `mirrorfs init` and `trust`).
-    #[arg(long = "mirror", required = true)]
+    #[arg(long = "mirror", required_unless_present = "peer")]
     mirrors: Vec<String>,
+    /// The other writable site of a pair (`mirror://HOST:PORT`: its `--receive` address): this
+    /// site streams its journal there like to a network mirror (TLS only; changes that came
+    /// from the peer are not sent back), and both sites stay writable. Needs `--receive`. A new
+    /// pair starts from two identical trees (two empty directories, say). See the README, "Two
+    /// writable sites".
+    #[arg(long, value_name = "URL", requires = "receive")]
+    peer: Option<String>,
+    /// With `--peer`: where this site listens (e.g. 0.0.0.0:7071) for the peer's stream, whose
+    /// changes it applies to BACKING through the mount (the mount's users see them; this site's
+    /// own mirrors get them). Only the peers `mirrorfs trust`ed in `--config` may connect.
+    #[arg(long, value_name = "ADDR", requires = "peer")]
+    receive: Option<String>,
     /// When a change is acknowledged: `async` (after the local change and its journal record),
     /// `local` (also after the local journal made it durable), `network` (also after it was
     /// handed to the quorum's sockets; fsync waits for no more than that), `received` (the
@@ -332,6 +344,8 @@ struct Places {
     /// Remote mirrors, `HOST:PORT`.
     remotes: Vec<String>,
     quorum: usize,
+    /// The peer writable site (`--peer`), the last of `remotes`.
+    peer: Option<String>,
 }
 
 /// The state directory and the name hidden at the backing's root.
@@ -453,6 +467,7 @@ pub fn mount(a: MountArgs) -> Result<()> {
             site.spawn("link", move || remote::run_link(v, m, c))?;
         }
     }
+    let _receiver = start_peer(&a, &vol, &places, &state, &shared[n_local..], &term)?;
     eprintln!(
         "mirrorfs: serving {} at {} (Ctrl-C to unmount)",
         places.backing.display(),
@@ -490,6 +505,49 @@ pub fn mount(a: MountArgs) -> Result<()> {
     Ok(())
 }
 
+/// The pair's receiving half (`--receive`), and the link to the peer marked so that the peer's
+/// own changes are not sent back to it (`site::peer`, `net::peer`).
+fn start_peer(
+    a: &MountArgs,
+    vol: &Arc<Volume>,
+    places: &Places,
+    state: &StatePlace,
+    remotes: &[Arc<MirrorShared>],
+    term: &Arc<AtomicBool>,
+) -> Result<Option<Arc<crate::net::peer::PeerReceiver>>> {
+    let (Some(peer), Some(listen)) = (&places.peer, &a.receive) else {
+        return Ok(None);
+    };
+    let dir = StateDir::at(&state.path);
+    let (first, end) = {
+        let o = lock(&vol.order);
+        (o.journal.first_seq(), o.journal.next_seq() - 1)
+    };
+    let origins = Arc::new(crate::site::peer::PeerOrigins::open(
+        &dir.peer_origin_file(),
+        first,
+        end,
+    )?);
+    let link = remotes
+        .iter()
+        .find(|m| m.remote.as_deref() == Some(peer.as_str()))
+        .ok_or_else(|| anyhow::anyhow!("internal: no link to the peer {peer}"))?;
+    let _ = link.peer.set(origins.clone());
+    let receiver = crate::net::peer::PeerReceiver::new(
+        vol.clone(),
+        &places.backing,
+        state.hidden.clone(),
+        origins,
+        dir.peer_applied_file(),
+        listen,
+    )?;
+    let cfg_dir = identity::config_dir(a.config.as_deref());
+    let id = identity::load(&cfg_dir)?;
+    let pinned = identity::pinned(&cfg_dir)?;
+    receiver.serve(listen, &id, &cfg_dir, pinned, term.clone())?;
+    Ok(Some(receiver))
+}
+
 /// The backing, the mountpoint and the mirrors exist, do not overlap, and the quorum fits.
 fn check_places(a: &MountArgs) -> Result<Places> {
     let backing = canon(&a.backing, "backing directory")?;
@@ -514,9 +572,17 @@ fn check_places(a: &MountArgs) -> Result<Places> {
         mirrors: Vec::new(),
         remotes: Vec::new(),
         quorum: 0,
+        peer: None,
     };
     for spec in &a.mirrors {
         add_mirror(&mut places, spec)?;
+    }
+    if let Some(spec) = &a.peer {
+        if !spec.starts_with("mirror://") {
+            bail!("--peer {spec}: expected mirror://HOST:PORT (the peer's --receive address)");
+        }
+        add_mirror(&mut places, spec)?;
+        places.peer = places.remotes.last().cloned();
     }
     let n_mirrors = places.mirrors.len() + places.remotes.len();
     places.quorum = a.quorum.unwrap_or(n_mirrors);

@@ -577,7 +577,11 @@ impl Session<'_> {
         let (m, cfg) = (self.m, self.cfg);
         let auto = cfg.transport == Transport::Auto;
         lock(&m.link).transport = "tcp".into();
-        if cfg.transport == Transport::Tcp || (auto && self.udp_off.load(Ordering::Acquire)) {
+        // The peer of a writable pair takes records on the TLS connection only (`net::peer`).
+        if cfg.transport == Transport::Tcp
+            || m.peer.get().is_some()
+            || (auto && self.udp_off.load(Ordering::Acquire))
+        {
             return Ok(None);
         }
         let first = lock(sender).next_send();
@@ -821,6 +825,7 @@ fn stream(
                 let view = lock(&vol.order).journal.segment_for(reader.next_seq());
                 reader.next::<FileStore>(view, limit)
             })?;
+            let batch = without_echo(m, batch);
             if let Some(last) = batch.last().map(|r| r.seq) {
                 let frame = d.encode(&Msg::Records {
                     settled,
@@ -842,6 +847,21 @@ fn stream(
             let _ = vol.changed.wait_timeout(p, Duration::from_millis(100));
         }
     }
+}
+
+/// On the link to the other writable site of a pair (`mount --peer`), each of our records that
+/// came from that site goes as `Abort{seq: its own seq}`: a placeholder that keeps the stream's
+/// seqs consecutive (the peer's session checks them) and that nobody applies, so no change is
+/// sent back where it came from (`site::peer`).
+fn without_echo(m: &MirrorShared, mut batch: Vec<Record>) -> Vec<Record> {
+    if let Some(origins) = m.peer.get() {
+        for r in &mut batch {
+            if origins.contains(r.seq) {
+                r.op = mirrorfs_core::op::Op::Abort { seq: r.seq };
+            }
+        }
+    }
+    batch
 }
 
 /// The receiving loop: acknowledgements update the mirror's positions and wake waiters; over
@@ -912,6 +932,9 @@ fn on_ack(
     m.durable.store(p.durable, Ordering::Release);
     m.applied.store(p.applied, Ordering::Release);
     m.checkpoint.store(p.checkpoint, Ordering::Release);
+    if let Some(origins) = m.peer.get() {
+        origins.forget_through(p.durable);
+    }
     if let Some(u) = udp {
         u.on_delivered(p.received);
     }

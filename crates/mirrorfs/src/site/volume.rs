@@ -219,6 +219,9 @@ pub struct MirrorShared {
     /// An operator's resync of a running local mirror (`mirrorfs resync`, `verify --repair`;
     /// `mirror::operator`): where it stands.
     pub operator_resync: Mutex<OperatorResync>,
+    /// Set on the link to the other writable site of a pair (`mount --peer`): our records that
+    /// came from it, sent to it as `Abort` placeholders (`site::peer`).
+    pub peer: std::sync::OnceLock<Arc<crate::site::peer::PeerOrigins>>,
 }
 
 /// Where an operator's resync of a local mirror stands (`mirror::operator`).
@@ -337,6 +340,7 @@ impl MirrorShared {
             records_applied: AtomicU64::new(0),
             errors: Mutex::new(std::collections::BTreeMap::new()),
             operator_resync: Mutex::new(OperatorResync::default()),
+            peer: std::sync::OnceLock::new(),
         }
     }
 
@@ -541,6 +545,16 @@ impl Volume {
         op: Op,
         apply: impl FnOnce() -> io::Result<R>,
     ) -> Result<(R, u64), i32> {
+        self.mutate_at(op, |_| apply())
+    }
+
+    /// [`Volume::mutate`] whose `apply` is told the seq of its record (called under the order
+    /// lock, before the record settles: nothing reads the record before `apply` returns).
+    pub fn mutate_at<R>(
+        &self,
+        op: Op,
+        apply: impl FnOnce(u64) -> io::Result<R>,
+    ) -> Result<(R, u64), i32> {
         let bytes = op.data_len() as u64;
         let mut o = lock(&self.order);
         self.check_fence()?;
@@ -557,7 +571,7 @@ impl Volume {
         if may_make_holes(&op) {
             self.holes_epoch.fetch_add(1, Ordering::Relaxed);
         }
-        let res = apply();
+        let res = apply(seq);
         if res.is_ok() {
             for t in copies.values_mut() {
                 t.observe(&op);
@@ -583,10 +597,20 @@ impl Volume {
         op: Op,
         apply: impl FnOnce() -> io::Result<R>,
     ) -> Result<(R, u64), i32> {
+        self.mutate_beneath_at(op, |_| apply())
+    }
+
+    /// [`Volume::mutate_beneath`] whose `apply` is told the seq of its record (see
+    /// [`Volume::mutate_at`]): a writable site notes which of its records came from its peer.
+    pub fn mutate_beneath_at<R>(
+        &self,
+        op: Op,
+        apply: impl FnOnce(u64) -> io::Result<R>,
+    ) -> Result<(R, u64), i32> {
         let view = self.view.get().cloned();
         let seen = view.as_ref().map(|_| op.clone());
-        let res = self.mutate(op, || {
-            let r = apply()?;
+        let res = self.mutate_at(op, |seq| {
+            let r = apply(seq)?;
             if let (Some(v), Some(op)) = (&view, &seen) {
                 v.changed_beneath(op);
             }
