@@ -25,7 +25,7 @@ use std::collections::VecDeque;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -39,20 +39,9 @@ use mirrorfs_core::wire::{error_code, Decoder, MirrorState, Msg};
 use crate::net::conn::Duplex;
 use crate::net::identity::Identity;
 use crate::site::peer::{PeerOrigins, PeerPosition};
+use crate::site::tokens::TokenGate;
 use crate::site::volume::{lock, Volume};
 use crate::tree::dirtree::DirTree;
-
-/// What `status` shows of the peer's stream into this site.
-#[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct ReceiveStatus {
-    pub listen: String,
-    pub connected: bool,
-    /// The peer's records through this are applied here and durable.
-    pub applied: u64,
-    /// Peer records that failed here (journaled with their `Abort`).
-    pub failed: u64,
-    pub last_error: Option<String>,
-}
 
 /// One writable site's receiver of its peer's stream.
 pub struct PeerReceiver {
@@ -65,7 +54,11 @@ pub struct PeerReceiver {
     position: Mutex<PeerPosition>,
     busy: AtomicBool,
     applied: AtomicU64,
-    status: Mutex<ReceiveStatus>,
+    /// With `--write-tokens`: the peer's token messages go here, and how far its records are
+    /// applied.
+    gate: Option<Arc<TokenGate>>,
+    /// The kernel is told of applied changes on another thread (see `settler`).
+    settle: Arc<(Mutex<bool>, Condvar)>,
 }
 
 impl PeerReceiver {
@@ -75,10 +68,12 @@ impl PeerReceiver {
         hidden: Vec<u8>,
         origins: Arc<PeerOrigins>,
         position_file: PathBuf,
-        listen: &str,
+        gate: Option<Arc<TokenGate>>,
     ) -> Result<Arc<PeerReceiver>> {
         let position = PeerPosition::load(&position_file)?;
         Ok(Arc::new(PeerReceiver {
+            gate,
+            settle: Arc::new((Mutex::new(false), Condvar::new())),
             vol,
             backing: backing.to_path_buf(),
             hidden,
@@ -87,16 +82,7 @@ impl PeerReceiver {
             applied: AtomicU64::new(position.applied),
             position: Mutex::new(position),
             busy: AtomicBool::new(false),
-            status: Mutex::new(ReceiveStatus {
-                listen: listen.to_string(),
-                applied: position.applied,
-                ..ReceiveStatus::default()
-            }),
         }))
-    }
-
-    pub fn status(&self) -> ReceiveStatus {
-        lock(&self.status).clone()
     }
 
     /// Listens on `addr` (pinned mutual TLS, the peers `mirrorfs trust`ed in `config`) until
@@ -115,8 +101,12 @@ impl PeerReceiver {
         let server_cfg = crate::net::identity::server_config_reloading(id, config, pinned)?;
         tracing::info!(
             "receiving the peer writable site's stream on {}",
-            listener.local_addr().map(|a| a.to_string()).unwrap_or_default()
+            listener
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default()
         );
+        self.settler(stop.clone())?;
         let me = self.clone();
         let handler: crate::net::serve::Handler = Arc::new(move |link| me.session(link));
         Ok(std::thread::Builder::new()
@@ -124,6 +114,35 @@ impl PeerReceiver {
             .spawn(move || {
                 crate::net::serve::accept_loop(&handler, &listener, &server_cfg, &stop)
             })?)
+    }
+
+    /// Tells the kernel about the applied changes (`MountView::settle`) on its own thread: an
+    /// invalidation of a file's pages waits for a FUSE write to that file in progress, and that
+    /// write may be parked for the token that the change being applied comes before.
+    fn settler(&self, stop: Arc<AtomicBool>) -> Result<()> {
+        let (vol, settle) = (self.vol.clone(), self.settle.clone());
+        std::thread::Builder::new()
+            .name("peer-settle".into())
+            .spawn(move || {
+                let (due, cv) = &*settle;
+                while !stop.load(Ordering::Acquire) {
+                    let mut d = lock(due);
+                    if !*d {
+                        d = cv
+                            .wait_timeout(d, Duration::from_millis(100))
+                            .map(|r| r.0)
+                            .unwrap_or_else(|e| e.into_inner().0);
+                    }
+                    let go = std::mem::take(&mut *d);
+                    drop(d);
+                    if go {
+                        if let Some(v) = vol.view.get() {
+                            v.settle();
+                        }
+                    }
+                }
+            })?;
+        Ok(())
     }
 
     /// One authenticated connection from the peer.
@@ -135,16 +154,8 @@ impl PeerReceiver {
             });
             bail!("refused a second connection from the peer");
         }
-        lock(&self.status).connected = true;
         let r = self.stream(&link);
         self.busy.store(false, Ordering::Release);
-        {
-            let mut s = lock(&self.status);
-            s.connected = false;
-            if let Err(e) = &r {
-                s.last_error = Some(format!("{e:#}"));
-            }
-        }
         if let Err(e) = &r {
             if let Some(le) = e.downcast_ref::<LinkError>() {
                 let _ = link.send(&le.to_msg());
@@ -270,6 +281,20 @@ impl PeerReceiver {
             let Some(msg) = link.next_or_dead(dec, done, &mut heard, dead, silent)? else {
                 return Ok(());
             };
+            if let Msg::Token(t) = msg {
+                match &self.gate {
+                    Some(g) => g.received(t),
+                    None => {
+                        return Err(LinkError::new(
+                            error_code::BAD_FRAME,
+                            false,
+                            "the peer sends write-token messages, but this site runs without --write-tokens: give both sites --write-tokens",
+                        )
+                        .into())
+                    }
+                }
+                continue;
+            }
             let incoming = lock(session).on_message(&msg)?;
             match incoming {
                 Incoming::Append { records, settled } => {
@@ -313,7 +338,9 @@ impl PeerReceiver {
             last = Some(r.seq);
         }
         let Some(last) = last else { return Ok(()) };
-        self.origins.sync().context("cannot make STATE/peer-origin durable")?;
+        self.origins
+            .sync()
+            .context("cannot make STATE/peer-origin durable")?;
         self.vol.wait_journal_durable();
         if self.vol.poisoned.load(Ordering::Acquire) {
             bail!("the journal failed: the peer's records are not acknowledged");
@@ -324,7 +351,9 @@ impl PeerReceiver {
             .with_context(|| format!("cannot write {}", self.position_file.display()))?;
         drop(pos);
         self.applied.store(last, Ordering::Release);
-        lock(&self.status).applied = last;
+        if let Some(g) = &self.gate {
+            g.peer_applied(last);
+        }
         self.vol.changed.notify_all();
         Ok(())
     }
@@ -354,10 +383,15 @@ impl PeerReceiver {
         let origins = &self.origins;
         let mut tree = DirTree::open(&self.backing)
             .with_context(|| format!("cannot open {}", self.backing.display()))?;
-        let res = self.vol.mutate_beneath_at(op.clone(), |seq| {
+        let res = self.vol.mutate_beneath_unsettled(op.clone(), |seq| {
             origins.note(seq)?;
             apply_op(&mut tree, &op, false).map_err(|e| std::io::Error::other(e.to_string()))
         });
+        {
+            let (due, cv) = &*self.settle;
+            *lock(due) = true;
+            cv.notify_one();
+        }
         match res {
             Ok(_) => Ok(()),
             // The volume refused the change (read-only fence, full journal, failed journal):
@@ -375,7 +409,6 @@ impl PeerReceiver {
                     r.op.name(),
                     std::io::Error::from_raw_os_error(e)
                 );
-                lock(&self.status).failed += 1;
                 Ok(())
             }
         }
@@ -407,8 +440,7 @@ impl PeerReceiver {
 
 fn local_ino(backing: &Path, rel: &[u8]) -> u64 {
     use std::os::unix::fs::MetadataExt;
-    std::fs::symlink_metadata(backing.join(std::ffi::OsStr::from_bytes(rel)))
-        .map_or(0, |m| m.ino())
+    std::fs::symlink_metadata(backing.join(std::ffi::OsStr::from_bytes(rel))).map_or(0, |m| m.ino())
 }
 
 fn hex(v: &[u8]) -> String {

@@ -317,7 +317,23 @@ impl Session<'_> {
             addr,
             d.peer().map(|p| p.to_string()).unwrap_or_default()
         );
-        self.run_streams(&d, dec, sender)
+        // With write tokens, the gate's messages travel on this connection from now on.
+        let wire = self.m.tokens.get();
+        if let Some(w) = wire {
+            let vol = Arc::downgrade(self.vol);
+            w.connect(from - 1, move || {
+                if let Some(v) = vol.upgrade() {
+                    // Under the lock the sending loop checks the queue under: no lost wake-up.
+                    let _p = lock(&v.progress);
+                    v.changed.notify_all();
+                }
+            });
+        }
+        let r = self.run_streams(&d, dec, sender);
+        if let Some(w) = wire {
+            w.disconnect();
+        }
+        r
     }
 
     /// Connects, says hello, and has the sender decide how to start from the mirror's welcome and
@@ -837,16 +853,34 @@ fn stream(
                 d.send_raw(&frame)?;
                 m.sent.store(last, Ordering::Release);
                 beat.sent();
+                if let Some(w) = m.tokens.get() {
+                    w.gate.shipped(last);
+                }
                 vol.changed.notify_all();
+                send_tokens(d, m, &mut beat)?;
                 continue;
             }
         }
+        send_tokens(d, m, &mut beat)?;
         beat.maybe_ping(d)?;
         let p = lock(&vol.progress);
-        if p.durable_seq.min(p.settled_seq) == limit && !p.stopping {
+        let idle = m.tokens.get().is_none_or(|w| w.is_idle());
+        if p.durable_seq.min(p.settled_seq) == limit && !p.stopping && idle {
             let _ = vol.changed.wait_timeout(p, Duration::from_millis(100));
         }
     }
+}
+
+/// The write-token messages the gate queued, after every record sent so far (the order the
+/// token machine relies on: a Grant after the records it names).
+fn send_tokens(d: &Duplex, m: &MirrorShared, beat: &mut Beat) -> Result<()> {
+    if let Some(w) = m.tokens.get() {
+        for t in w.take() {
+            d.send(&Msg::Token(t))?;
+            beat.sent();
+        }
+    }
+    Ok(())
 }
 
 /// On the link to the other writable site of a pair (`mount --peer`), each of our records that

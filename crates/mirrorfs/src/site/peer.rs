@@ -137,10 +137,12 @@ impl PeerOrigins {
     }
 
     /// Seqs remembered now.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         lock(&self.inner).live.len()
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -170,8 +172,7 @@ impl PeerPosition {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(PeerPosition::default()),
             Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
         };
-        if bytes.len() != POSITION_BYTES || bytes[..4] != POSITION_MAGIC || bytes[4..8] != [0; 4]
-        {
+        if bytes.len() != POSITION_BYTES || bytes[..4] != POSITION_MAGIC || bytes[4..8] != [0; 4] {
             bail!(
                 "{} is damaged (it is replaced atomically, so this is not a crash): move it away to take the peer's stream from its first record again",
                 path.display()
@@ -222,7 +223,10 @@ mod tests {
         let o = PeerOrigins::open(&p, 4, 8).expect("reopen");
         assert!(!o.contains(3), "before the journal's first record");
         assert!(o.contains(5));
-        assert!(!o.contains(9), "past the journal's end: that seq will be reused");
+        assert!(
+            !o.contains(9),
+            "past the journal's end: that seq will be reused"
+        );
         assert_eq!(std::fs::metadata(&p).expect("stat").len(), 8, "compacted");
         o.forget_through(5);
         assert!(o.is_empty());
