@@ -326,3 +326,20 @@ fn a_kill_9_and_restart_keeps_one_holder_and_the_token_comes_back() {
     assert_eq!(fs::read(pair.a.p("f")).expect("a"), vec![b'C'; 4096]);
     assert_eq!(fs::read(pair.b.p("f")).expect("b"), vec![b'C'; 4096]);
 }
+
+#[test]
+fn sites_whose_token_ids_do_not_match_are_refused_with_the_reason() {
+    // Both claim to be site 1, the home of every token: two holders. Refused at the Hello.
+    let pair = Pair::with(
+        "ids",
+        &["--write-tokens", "1:2"],
+        &["--write-tokens", "1:2"],
+    );
+    let mut log = String::new();
+    let said = wait_until(Duration::from_secs(30), || {
+        log = pair.a.log() + &pair.b.log();
+        log.contains("write-token ids do not match")
+    });
+    assert!(said, "no refusal in the logs:\n{log}");
+    assert!(log.contains("the peer's must be 2:1"), "{log}");
+}

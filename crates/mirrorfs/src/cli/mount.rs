@@ -472,7 +472,14 @@ pub fn mount(a: MountArgs) -> Result<()> {
             pinned,
             compress: a.compress,
             history: meta.history(),
-            name: format!("{}:{}", super::hostname(), places.backing.display()),
+            name: format!(
+                "{}:{}{}",
+                super::hostname(),
+                places.backing.display(),
+                a.write_tokens
+                    .map(|(me, peer)| crate::site::tokens::hello_suffix(me, peer))
+                    .unwrap_or_default()
+            ),
             backing: places.backing.clone(),
             hidden: Some(state.hidden.clone()),
             state: state.path.clone(),

@@ -169,7 +169,10 @@ impl PeerReceiver {
     /// peer's volume (a pair starts from identical trees, e.g. two empty directories).
     fn copy(&self, hello: &Msg) -> Result<MirrorCopy, LinkError> {
         let Msg::Hello {
-            volume_id, history, ..
+            volume_id,
+            history,
+            name,
+            ..
         } = hello
         else {
             return Err(LinkError::new(
@@ -178,6 +181,7 @@ impl PeerReceiver {
                 "the peer did not start with Hello",
             ));
         };
+        self.check_token_ids(name)?;
         let pos = *lock(&self.position);
         if let Some(v) = pos.volume {
             if v != *volume_id {
@@ -206,6 +210,30 @@ impl PeerReceiver {
             foreign: false,
             first_held: 0,
         })
+    }
+
+    /// Both sites run with write tokens, or neither; with them, the peer's ids are ours
+    /// swapped (two homes would each write the same file).
+    fn check_token_ids(&self, name: &str) -> Result<(), LinkError> {
+        let refuse = |m: String| Err(LinkError::new(error_code::REFUSED, false, m));
+        match (
+            self.gate.as_ref().map(|g| g.ids()),
+            crate::site::tokens::hello_ids(name),
+        ) {
+            (None, None) => Ok(()),
+            (Some((me, peer)), Some((their, their_peer))) if their == peer && their_peer == me => {
+                Ok(())
+            }
+            (Some((me, peer)), Some((their, their_peer))) => refuse(format!(
+                "write-token ids do not match: this site is --write-tokens {me}:{peer}, the peer {their}:{their_peer}; the peer's must be {peer}:{me}"
+            )),
+            (Some(_), None) => refuse(
+                "this site runs with --write-tokens and the peer without: give both sites --write-tokens".into(),
+            ),
+            (None, Some(_)) => refuse(
+                "the peer runs with --write-tokens and this site without: give both sites --write-tokens".into(),
+            ),
+        }
     }
 
     fn stream(&self, link: &Duplex) -> Result<()> {

@@ -550,6 +550,13 @@ impl TokenGate {
         lock(&self.inner).log.records()
     }
 
+    /// (this site's id, the peer's).
+    pub fn ids(&self) -> (u64, u64) {
+        let inner = lock(&self.inner);
+        let c = inner.site.config();
+        (c.site, c.peer)
+    }
+
     /// A write to `what` was refused with `e`: kept for `status`.
     pub fn note_refusal(&self, what: &str, e: &GateError) {
         lock(&self.inner).last_refusal =
@@ -607,6 +614,19 @@ pub struct TokenStatus {
     /// The last write refused: the file, why, when.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_refusal: Option<String>,
+}
+
+/// How a site says in its `Hello`'s name that it sends token messages, and with which ids: the
+/// name ends with ` tokens=SITE:PEER` (docs/protocol.md, "Write tokens").
+pub fn hello_suffix(site: u64, peer: u64) -> String {
+    format!(" tokens={site}:{peer}")
+}
+
+/// The ids a `Hello` name announces (see [`hello_suffix`]), if any.
+pub fn hello_ids(name: &str) -> Option<(u64, u64)> {
+    let (_, ids) = name.rsplit_once(" tokens=")?;
+    let (a, b) = ids.split_once(':')?;
+    Some((a.parse().ok()?, b.parse().ok()?))
 }
 
 /// The token object of a file: its path relative to the root, hashed (blake3, first 8 bytes,
@@ -690,6 +710,17 @@ mod tests {
             seq,
             lend_next: lend + 1,
         }
+    }
+
+    #[test]
+    fn hello_names_carry_the_token_ids_and_objects_are_stable() {
+        let name = format!("host:/srv/a{}", hello_suffix(2, 1));
+        assert_eq!(hello_ids(&name), Some((2, 1)));
+        assert_eq!(hello_ids("host:/srv/a"), None);
+        assert_eq!(hello_ids("host:/srv/a tokens=x:1"), None);
+        assert_eq!(object_of(b"dir/f"), object_of(b"dir/f"));
+        assert_ne!(object_of(b"dir/f"), object_of(b"dir/g"));
+        assert_ne!(object_of(b""), 0, "0 carries the log's lend counter");
     }
 
     #[test]
