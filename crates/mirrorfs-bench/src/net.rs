@@ -250,7 +250,13 @@ fn parse_metrics(text: &str) -> Result<Gauges> {
 }
 
 /// `BIN serve DIR --listen 127.0.0.1:PORT --config CFG`, once it listens.
-pub(crate) fn spawn_daemon(bin: &Path, dir: &Path, port: u16, cfg: &Path, log: &Path) -> Result<Proc> {
+pub(crate) fn spawn_daemon(
+    bin: &Path,
+    dir: &Path,
+    port: u16,
+    cfg: &Path,
+    log: &Path,
+) -> Result<Proc> {
     let args: Vec<OsString> = vec![
         "serve".into(),
         dir.into(),

@@ -198,7 +198,10 @@ fn measure(bin: &Path, base: &Path, ids: &Identities, seq_mib: u64, seed: u64) -
     eprintln!("[tokens] single primary: write speed");
     let single_speed = write_speed(&single.mnt, seq_mib, seed)?;
     single.stop()?;
-    daemon.stop()?;
+    // Its applier may still be catching up on a loaded machine: its figures are taken.
+    if let Err(e) = daemon.stop() {
+        eprintln!("[tokens] the mirror daemon did not stop cleanly: {e:#}");
+    }
     // The pair: A (site 1, home of every token) and B (site 2).
     let (pa, pb) = (free_port()?, free_port()?);
     let pair_args = |me: &str, cfg: &str, listen: u16, peer: u16| {

@@ -526,7 +526,7 @@ impl TokenGate {
     /// (Tests and the shell's own checks.)
     #[cfg(test)]
     /// Where the token of `object` is, as this site sees it.
-    pub fn state(&self, object: ObjectId) -> TokenState {
+    pub fn state(&self, object: ObjectId) -> mirrorfs_core::token::TokenState {
         lock(&self.inner).site.state(object)
     }
 
