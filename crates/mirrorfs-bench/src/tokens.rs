@@ -96,6 +96,35 @@ fn wait_connected(bin: &Path, mnts: &[&Path]) -> Result<()> {
     Ok(())
 }
 
+/// The peer has applied everything `mnt`'s journal holds (its `status`).
+fn wait_caught_up(bin: &Path, mnt: &Path) -> Result<()> {
+    let t0 = Instant::now();
+    loop {
+        crate::check_interrupted()?;
+        let out = std::process::Command::new(bin)
+            .arg("status")
+            .arg(mnt)
+            .arg("--json")
+            .output()
+            .context("mirrorfs status")?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let end = v["journal_next_seq"]
+            .as_u64()
+            .unwrap_or(u64::MAX)
+            .saturating_sub(1);
+        if v["mirrors"][0]["applied_seq"]
+            .as_u64()
+            .is_some_and(|a| a >= end)
+        {
+            return Ok(());
+        }
+        if t0.elapsed() > Duration::from_secs(600) {
+            bail!("the peer did not catch up within 600 s: {v}");
+        }
+        sleep(Duration::from_millis(200));
+    }
+}
+
 /// Write speed through `mnt`: (4 KiB pwrites/s, sequential MiB/s), medians of [`ROUNDS`].
 fn write_speed(mnt: &Path, seq_mib: u64, seed: u64) -> Result<(f64, f64)> {
     let dir = mnt.join("speed");
@@ -221,6 +250,9 @@ fn measure(bin: &Path, base: &Path, ids: &Identities, seq_mib: u64, seed: u64) -
     wait_connected(bin, &[&a.mnt, &b.mnt])?;
     eprintln!("[tokens] pair, site A holding the tokens: write speed");
     let pair_speed = write_speed(&a.mnt, seq_mib, seed)?;
+    // A Grant waits until the new holder applied the granter's records it names (for a token
+    // at home with no entry: the home's journal end), so B first catches up with A's writes.
+    wait_caught_up(bin, &a.mnt)?;
     eprintln!("[tokens] pair: token hand-over latency");
     let (mut handover, mut held) = (Vec::new(), Vec::new());
     one_write(&a.mnt.join("mine"), b'0')?;
