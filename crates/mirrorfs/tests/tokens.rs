@@ -203,7 +203,11 @@ fn wait_connected(m: &Mount) {
 /// Writes `len` bytes of `letter` at offset 0 of `p` in one write call.
 fn write_block(p: &Path, letter: u8, len: usize) -> std::io::Result<()> {
     use std::os::unix::fs::FileExt;
-    let f = fs::OpenOptions::new().write(true).create(true).open(p)?;
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(p)?;
     f.write_all_at(&vec![letter; len], 0)
 }
 

@@ -265,8 +265,6 @@ struct Inner {
     send: Option<Sender>,
     next_write: WriteId,
     answers: HashMap<WriteId, Answer>,
-    /// The machine asked for our records through this to be sent soon.
-    ship_wanted: u64,
     failed: Option<String>,
     stats: GateStats,
     connected: bool,
@@ -343,7 +341,6 @@ impl TokenGate {
                 send: None,
                 next_write: 1,
                 answers: HashMap::new(),
-                ship_wanted: 0,
                 failed: None,
                 stats: GateStats::default(),
                 connected: false,
@@ -404,7 +401,9 @@ impl TokenGate {
                         }
                     }
                 }
-                Action::Ship { through } => inner.ship_wanted = inner.ship_wanted.max(through),
+                // The link sends every durable, settled record at once (`net::remote`): the
+                // hint asks for nothing more.
+                Action::Ship { .. } => {}
                 Action::Proceed { write, guarded, .. } => {
                     inner.answers.insert(write, Answer::Go { guarded });
                     woke = true;
@@ -532,22 +531,8 @@ impl TokenGate {
 
     /// (Tests and the shell's own checks.)
     #[cfg(test)]
-    /// The highest seq the machine wants shipped soon (a Grant waits for it).
-    pub fn ship_wanted(&self) -> u64 {
-        lock(&self.inner).ship_wanted
-    }
-
-    /// (Tests and the shell's own checks.)
-    #[cfg(test)]
     pub fn stats(&self) -> GateStats {
         lock(&self.inner).stats
-    }
-
-    /// (Tests and the shell's own checks.)
-    #[cfg(test)]
-    /// Records in `STATE/tokens` now.
-    pub fn log_records(&self) -> u64 {
-        lock(&self.inner).log.records()
     }
 
     /// (this site's id, the peer's).
