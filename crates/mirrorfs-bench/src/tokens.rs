@@ -187,7 +187,8 @@ fn one_write(p: &Path, byte: u8) -> Result<Duration> {
 }
 
 struct Figures {
-    single: (f64, f64),
+    /// Before and after the pair.
+    single: [(f64, f64); 2],
     pair: (f64, f64),
     /// Sorted latencies: writes that took the token from the other site, at A and at B; a
     /// write to a token held.
@@ -205,32 +206,71 @@ pub fn run(bin: &Path, run_dir: &Path, markdown: bool, quick: bool, seed: u64) -
     Ok(())
 }
 
-fn measure(bin: &Path, base: &Path, ids: &Identities, seq_mib: u64, seed: u64) -> Result<Figures> {
-    // Single primary, its mirror a daemon on loopback.
+/// Single primary, its mirror a daemon on loopback: write speed (`round` names its directories).
+fn single_speed(
+    bin: &Path,
+    base: &Path,
+    ids: &Identities,
+    seq_mib: u64,
+    seed: u64,
+    round: &str,
+) -> Result<(f64, f64)> {
     let port = free_port()?;
-    let mirror = base.join("single-mirror");
+    let mirror = base.join(format!("single-{round}-mirror"));
     fs::create_dir_all(&mirror)?;
-    let mut daemon: Proc = spawn_daemon(bin, &mirror, port, &ids.mirror, &base.join("serve.log"))?;
-    let cfg_a = ids.primary.display().to_string();
-    let cfg_b = ids.mirror.display().to_string();
+    let mut daemon: Proc = spawn_daemon(
+        bin,
+        &mirror,
+        port,
+        &ids.mirror,
+        &base.join(format!("serve-{round}.log")),
+    )?;
     let mut single = Site::start(
         bin,
         base,
-        "single",
+        &format!("single-{round}"),
         &os(&[
             "--mirror".into(),
             format!("mirror://127.0.0.1:{port}"),
             "--config".into(),
-            cfg_a.clone(),
+            ids.primary.display().to_string(),
         ]),
     )?;
-    eprintln!("[tokens] single primary: write speed");
-    let single_speed = write_speed(&single.mnt, seq_mib, seed)?;
+    eprintln!("[tokens] single primary ({round}): write speed");
+    let speed = write_speed(&single.mnt, seq_mib, seed)?;
+    eprintln!("[tokens] single primary ({round}): {speed:?}");
     single.stop()?;
     // Its applier may still be catching up on a loaded machine: its figures are taken.
     if let Err(e) = daemon.stop() {
         eprintln!("[tokens] the mirror daemon did not stop cleanly: {e:#}");
     }
+    Ok(speed)
+}
+
+fn measure(bin: &Path, base: &Path, ids: &Identities, seq_mib: u64, seed: u64) -> Result<Figures> {
+    // Single primary before and after the pair: the machine's drift shows between the two.
+    let before = single_speed(bin, base, ids, seq_mib, seed, "before")?;
+    let pair = pair_figures(bin, base, ids, seq_mib, seed)?;
+    let after = single_speed(bin, base, ids, seq_mib, seed, "after")?;
+    Ok(Figures {
+        single: [before, after],
+        pair: pair.0,
+        handover: pair.1,
+        held: pair.2,
+    })
+}
+
+type PairFigures = ((f64, f64), Vec<Duration>, Vec<Duration>);
+
+fn pair_figures(
+    bin: &Path,
+    base: &Path,
+    ids: &Identities,
+    seq_mib: u64,
+    seed: u64,
+) -> Result<PairFigures> {
+    let cfg_a = ids.primary.display().to_string();
+    let cfg_b = ids.mirror.display().to_string();
     // The pair: A (site 1, home of every token) and B (site 2).
     let (pa, pb) = (free_port()?, free_port()?);
     let pair_args = |me: &str, cfg: &str, listen: u16, peer: u16| {
@@ -250,6 +290,7 @@ fn measure(bin: &Path, base: &Path, ids: &Identities, seq_mib: u64, seed: u64) -
     wait_connected(bin, &[&a.mnt, &b.mnt])?;
     eprintln!("[tokens] pair, site A holding the tokens: write speed");
     let pair_speed = write_speed(&a.mnt, seq_mib, seed)?;
+    eprintln!("[tokens] pair: {pair_speed:?}");
     // A Grant waits until the new holder applied the granter's records it names (for a token
     // at home with no entry: the home's journal end), so B first catches up with A's writes.
     wait_caught_up(bin, &a.mnt)?;
@@ -275,12 +316,7 @@ fn measure(bin: &Path, base: &Path, ids: &Identities, seq_mib: u64, seed: u64) -
     let _ = &a.backing;
     b.stop()?;
     a.stop()?;
-    Ok(Figures {
-        single: single_speed,
-        pair: pair_speed,
-        handover,
-        held,
-    })
+    Ok((pair_speed, handover, held))
 }
 
 fn ms(d: Duration) -> String {
@@ -297,21 +333,25 @@ fn print_table(f: &Figures, seq_mib: u64, markdown: bool) {
     };
     let mut t = vec![vec![
         "workload".to_string(),
-        "single primary".into(),
+        "single primary, before".into(),
         "pair, tokens held".into(),
-        "ratio".into(),
+        "single primary, after".into(),
+        "ratio to the mean of the two".into(),
     ]];
+    let [b, a] = f.single;
     t.push(vec![
         format!("4k-pwrite ({PWRITES} in {FILES} files), ops/s"),
-        format!("{:.0}", f.single.0),
+        format!("{:.0}", b.0),
         format!("{:.0}", f.pair.0),
-        ratio(f.pair.0, f.single.0),
+        format!("{:.0}", a.0),
+        ratio(f.pair.0, (b.0 + a.0) / 2.0),
     ]);
     t.push(vec![
         format!("seq-write {seq_mib} MiB, MiB/s"),
-        format!("{:.1}", f.single.1),
+        format!("{:.1}", b.1),
         format!("{:.1}", f.pair.1),
-        ratio(f.pair.1, f.single.1),
+        format!("{:.1}", a.1),
+        ratio(f.pair.1, (b.1 + a.1) / 2.0),
     ]);
     let mut l = vec![vec![
         "write (open + 4 KiB pwrite + close)".to_string(),
