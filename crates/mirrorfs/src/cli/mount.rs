@@ -466,6 +466,9 @@ pub fn mount(a: MountArgs) -> Result<()> {
         a.ack,
         places.quorum
     );
+    // Before the links start: the link to the peer must know, from its first record, which
+    // records came from the peer, and carry the token messages from its first connection.
+    let _receiver = start_peer(&a, &vol, &places, &state, &shared[n_local..], &term, gate)?;
     if let Some((id, pinned)) = link_identity {
         let cfg = Arc::new(remote::LinkConfig {
             identity: id,
@@ -494,7 +497,6 @@ pub fn mount(a: MountArgs) -> Result<()> {
             site.spawn("link", move || remote::run_link(v, m, c))?;
         }
     }
-    let _receiver = start_peer(&a, &vol, &places, &state, &shared[n_local..], &term, gate)?;
     eprintln!(
         "mirrorfs: serving {} at {} (Ctrl-C to unmount)",
         places.backing.display(),
