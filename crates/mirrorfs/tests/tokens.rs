@@ -165,6 +165,15 @@ fn disjoint_files_written_at_both_sites_at_once_arrive_at_the_other_site() {
         !log.contains("failed here"),
         "no peer record failed:\n{log}"
     );
+    // Each site's status shows the peer's stream into it.
+    let mut st = serde_json::Value::Null;
+    let shown = wait_until(Duration::from_secs(10), || {
+        st = tokens_status(&pair.a);
+        st["peer_receive"]["connected"] == true
+            && st["peer_receive"]["applied"].as_u64().unwrap_or(0) > 0
+    });
+    assert!(shown, "a's status: {st:#}");
+    assert_eq!(st["peer_receive"]["failed"], 0, "{st:#}");
 }
 
 /// A pair with write tokens: `a` is site 1 (home of every token), `b` site 2.

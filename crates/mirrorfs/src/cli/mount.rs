@@ -645,6 +645,7 @@ fn start_peer(
         origins,
         dir.peer_applied_file(),
         gate,
+        listen,
     )?;
     let cfg_dir = identity::config_dir(a.config.as_deref());
     let id = identity::load(&cfg_dir)?;

@@ -38,7 +38,7 @@ use mirrorfs_core::wire::{error_code, Decoder, MirrorState, Msg};
 
 use crate::net::conn::Duplex;
 use crate::net::identity::Identity;
-use crate::site::peer::{PeerOrigins, PeerPosition};
+use crate::site::peer::{PeerOrigins, PeerPosition, ReceiveStatus};
 use crate::site::tokens::TokenGate;
 use crate::site::volume::{lock, Volume};
 use crate::tree::dirtree::DirTree;
@@ -54,6 +54,7 @@ pub struct PeerReceiver {
     position: Mutex<PeerPosition>,
     busy: AtomicBool,
     applied: AtomicU64,
+    status: Arc<Mutex<ReceiveStatus>>,
     /// With `--write-tokens`: the peer's token messages go here, and how far its records are
     /// applied.
     gate: Option<Arc<TokenGate>>,
@@ -69,9 +70,17 @@ impl PeerReceiver {
         origins: Arc<PeerOrigins>,
         position_file: PathBuf,
         gate: Option<Arc<TokenGate>>,
+        listen: &str,
     ) -> Result<Arc<PeerReceiver>> {
         let position = PeerPosition::load(&position_file)?;
+        let status = Arc::new(Mutex::new(ReceiveStatus {
+            listen: listen.to_string(),
+            applied: position.applied,
+            ..ReceiveStatus::default()
+        }));
+        let _ = vol.peer_receive.set(status.clone());
         Ok(Arc::new(PeerReceiver {
+            status,
             gate,
             settle: Arc::new((Mutex::new(false), Condvar::new())),
             vol,
@@ -154,8 +163,16 @@ impl PeerReceiver {
             });
             bail!("refused a second connection from the peer");
         }
+        lock(&self.status).connected = true;
         let r = self.stream(&link);
         self.busy.store(false, Ordering::Release);
+        {
+            let mut s = lock(&self.status);
+            s.connected = false;
+            if let Err(e) = &r {
+                s.last_error = Some(format!("{e:#}"));
+            }
+        }
         if let Err(e) = &r {
             if let Some(le) = e.downcast_ref::<LinkError>() {
                 let _ = link.send(&le.to_msg());
@@ -379,6 +396,7 @@ impl PeerReceiver {
             .with_context(|| format!("cannot write {}", self.position_file.display()))?;
         drop(pos);
         self.applied.store(last, Ordering::Release);
+        lock(&self.status).applied = last;
         if let Some(g) = &self.gate {
             g.peer_applied(last);
         }
@@ -431,6 +449,7 @@ impl PeerReceiver {
                 std::io::Error::from_raw_os_error(e)
             ),
             Err(e) => {
+                lock(&self.status).failed += 1;
                 tracing::warn!(
                     "the peer's record {} ({}) failed here: {}; journaled with its abort",
                     r.seq,

@@ -122,6 +122,7 @@ impl Volume {
             opened_end: horizon,
             view: std::sync::OnceLock::new(),
             tokens: std::sync::OnceLock::new(),
+            peer_receive: std::sync::OnceLock::new(),
             groups: Mutex::new(Gate::default()),
             sync_groups: std::sync::OnceLock::new(),
             resync: std::sync::OnceLock::new(),

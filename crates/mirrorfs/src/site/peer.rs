@@ -36,6 +36,20 @@ use mirrorfs_core::wire::VolumeId;
 use crate::site::statefile;
 use crate::site::volume::lock;
 
+/// The peer's stream into this site, for `status` (`peer_receive`).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct ReceiveStatus {
+    /// Where this site listens (`--receive`).
+    pub listen: String,
+    pub connected: bool,
+    /// The peer's records through this are applied here and durable.
+    pub applied: u64,
+    /// Peer records that failed here (journaled with their `Abort`).
+    pub failed: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
 /// `STATE/peer-origin` is compacted once it holds this many more seqs than are live.
 const ORIGIN_SLACK: usize = 4096;
 /// `STATE/peer-applied`'s size.

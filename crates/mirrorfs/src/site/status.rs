@@ -137,6 +137,9 @@ struct VolumeStatus {
     /// With `--write-tokens`: the gate, and why the last write was refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     write_tokens: Option<crate::site::tokens::TokenStatus>,
+    /// With `--receive`: the peer writable site's stream into this site.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    peer_receive: Option<crate::site::peer::ReceiveStatus>,
 }
 
 /// `--fsync-groups` in `status`: how many groups began, and how they ended.
@@ -231,6 +234,7 @@ fn snapshot(vol: &Volume, mountpoint: &Path) -> VolumeStatus {
             }
         }),
         write_tokens: vol.tokens.get().map(|g| g.status()),
+        peer_receive: vol.peer_receive.get().map(|r| lock(r).clone()),
     }
 }
 
@@ -552,6 +556,26 @@ fn print_volume(v: &serde_json::Value) -> Result<()> {
     print_not_answering(v);
     if let Some(r) = &s.read_only {
         println!("  read-only: {r}");
+    }
+    if let Some(r) = &s.peer_receive {
+        println!(
+            "  peer stream in (on {}): {}, its records applied through {}{}",
+            r.listen,
+            if r.connected {
+                "connected"
+            } else {
+                "not connected"
+            },
+            r.applied,
+            if r.failed > 0 {
+                format!(", {} failed here (journaled with their abort)", r.failed)
+            } else {
+                String::new()
+            }
+        );
+        if let (false, Some(e)) = (r.connected, &r.last_error) {
+            println!("  peer stream in, last error: {e}");
+        }
     }
     if let Some(t) = &s.write_tokens {
         println!(

@@ -498,6 +498,8 @@ pub struct Volume {
     /// With `mount --write-tokens`: the write tokens a data change to a file takes before it is
     /// journaled (`site::tokens`; see [`Volume::mutate`]).
     pub tokens: std::sync::OnceLock<Arc<crate::site::tokens::TokenGate>>,
+    /// With `mount --receive`: the peer's stream into this site, for `status`.
+    pub peer_receive: std::sync::OnceLock<Arc<Mutex<crate::site::peer::ReceiveStatus>>>,
     pub view: std::sync::OnceLock<Arc<dyn MountView>>,
     /// The journal's groups (group-atomic mirroring, `core::group`): observed under the order
     /// lock as group records are appended; read by appliers after the progress lock. A leaf
