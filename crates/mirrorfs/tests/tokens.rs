@@ -356,3 +356,30 @@ fn sites_whose_token_ids_do_not_match_are_refused_with_the_reason() {
     assert!(said, "no refusal in the logs:\n{log}");
     assert!(log.contains("the peer's must be 2:1"), "{log}");
 }
+
+#[test]
+fn across_a_split_reconcile_lets_the_write_go_on_without_the_token() {
+    let mut pair = token_pair("reconcile", "reconcile");
+    write_block(&pair.a.p("theirs"), b'0', 4096).expect("create at a");
+    pair.wait_equal();
+    let held = fs::OpenOptions::new()
+        .write(true)
+        .open(pair.b.p("theirs"))
+        .expect("open at b");
+    {
+        use std::os::unix::fs::FileExt;
+        held.write_all_at(b"bbbb", 0).expect("write at b");
+    }
+    pair.wait_equal();
+    pair.b.kill9_leaving_the_mount();
+    drop(held);
+    common::lazy_unmount(pair.b.mnt());
+    write_block(&pair.a.p("theirs"), b'a', 4096).expect("reconcile: the write goes on");
+    assert_eq!(
+        fs::read(pair.a.p("theirs")).expect("read at a"),
+        vec![b'a'; 4096]
+    );
+    let st = tokens_status(&pair.a);
+    assert_eq!(st["write_tokens"]["policy"], "reconcile", "{st:#}");
+    assert_eq!(st["write_tokens"]["writes_refused"], 0, "{st:#}");
+}

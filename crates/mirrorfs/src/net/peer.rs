@@ -371,12 +371,7 @@ impl PeerReceiver {
     /// batch durable here and publishes the position for the ack.
     fn apply_ready(&self, pending: &mut VecDeque<Record>, settled: u64) -> Result<()> {
         let mut last = None;
-        while let Some(front) = pending.front() {
-            if front.seq > settled || (front.seq < settled && pending.len() < 2) {
-                break;
-            }
-            let Some(r) = pending.pop_front() else { break };
-            let aborted = matches!(pending.front(), Some(Record { op: Op::Abort { seq }, .. }) if *seq == r.seq);
+        for (r, aborted) in take_ready(pending, settled) {
             if !aborted {
                 self.apply(&r)?;
             }
@@ -485,6 +480,23 @@ impl PeerReceiver {
     }
 }
 
+/// The held records whose fate is known, in order, each with whether the next record aborts it:
+/// ≤ `settled`, and either the watermark itself or followed by the next record (which would be
+/// its `Abort`). The rest stay held.
+fn take_ready(pending: &mut VecDeque<Record>, settled: u64) -> Vec<(Record, bool)> {
+    let mut out = Vec::new();
+    while let Some(front) = pending.front() {
+        if front.seq > settled || (front.seq < settled && pending.len() < 2) {
+            break;
+        }
+        let Some(r) = pending.pop_front() else { break };
+        let aborted =
+            matches!(pending.front(), Some(Record { op: Op::Abort { seq }, .. }) if *seq == r.seq);
+        out.push((r, aborted));
+    }
+    out
+}
+
 fn local_ino(backing: &Path, rel: &[u8]) -> u64 {
     use std::os::unix::fs::MetadataExt;
     std::fs::symlink_metadata(backing.join(std::ffi::OsStr::from_bytes(rel))).map_or(0, |m| m.ino())
@@ -503,5 +515,53 @@ fn recv_within(d: &Duplex, dec: &mut Decoder, limit: Duration) -> Result<Msg> {
         if t0.elapsed() > limit {
             bail!("the peer did not answer within {limit:?}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mirrorfs_core::path::RelPath;
+
+    fn write(seq: u64) -> Record {
+        Record {
+            seq,
+            op: Op::Truncate {
+                path: RelPath::new(b"f").expect("path"),
+                size: seq,
+            },
+        }
+    }
+
+    fn abort(seq: u64, of: u64) -> Record {
+        Record {
+            seq,
+            op: Op::Abort { seq: of },
+        }
+    }
+
+    fn seqs(v: &[(Record, bool)]) -> Vec<(u64, bool)> {
+        v.iter().map(|(r, a)| (r.seq, *a)).collect()
+    }
+
+    #[test]
+    fn a_record_waits_until_its_fate_is_known() {
+        let mut p: VecDeque<Record> = [write(1), write(2)].into_iter().collect();
+        // Nothing settled: everything waits.
+        assert!(take_ready(&mut p, 0).is_empty());
+        // 1 is settled and followed by 2: final. 2 is below the watermark 3 but its successor
+        // (maybe its Abort) is not here yet: it waits.
+        assert_eq!(seqs(&take_ready(&mut p, 3)), vec![(1, false)]);
+        p.push_back(abort(3, 2));
+        // 2 is aborted by 3; 3 is the watermark itself.
+        assert_eq!(seqs(&take_ready(&mut p, 3)), vec![(2, true), (3, false)]);
+        assert!(p.is_empty());
+        // The watermark itself is final with nothing after it.
+        p.push_back(write(4));
+        assert_eq!(seqs(&take_ready(&mut p, 4)), vec![(4, false)]);
+        // Beyond the watermark: held.
+        p.push_back(write(5));
+        assert!(take_ready(&mut p, 4).is_empty());
+        assert_eq!(p.len(), 1);
     }
 }
