@@ -40,6 +40,11 @@
 //!   emulator at 25 ms one-way and 1 % loss; target network <= local + 1 ms
 //!   (see `ack.rs`).
 //!
+//! - `tokens` (not in the default set; `--targets tokens`): two writable sites on
+//!   loopback (`mount --peer … --write-tokens`): write speed at the site holding the
+//!   tokens vs single primary with a network mirror, side by side (target ≥ 0.9x),
+//!   and token hand-over latency through the mounts (see `tokens.rs`).
+//!
 //! - `fec` (not in the default set; `--targets fec`): throughput of the FEC
 //!   schemes of `mirrorfs_core::fec` (layered XOR, Reed–Solomon over two crates)
 //!   beside a memcpy of the same bytes, at 1,400 B and 4 KiB packets, 0 and 1 %
@@ -97,6 +102,7 @@ mod net;
 mod plots;
 mod report;
 mod sqlite;
+mod tokens;
 mod wan;
 mod workloads;
 
@@ -144,6 +150,10 @@ pub enum TargetKind {
     /// Acknowledgement latency (write + fdatasync) per `--ack` mode and data path over the WAN
     /// emulator at 25 ms one-way and 1 % loss (`ack.rs`). Not in the default set.
     Ack,
+    /// Two writable sites with write tokens on loopback: write speed at the site holding the
+    /// tokens vs single primary, and token hand-over latency (`tokens.rs`). Not in the default
+    /// set.
+    Tokens,
 }
 
 impl TargetKind {
@@ -159,6 +169,7 @@ impl TargetKind {
             TargetKind::Sqlite => "sqlite",
             TargetKind::Wan => "wan",
             TargetKind::Ack => "ack",
+            TargetKind::Tokens => "tokens",
         }
     }
 
@@ -173,6 +184,7 @@ impl TargetKind {
                 | TargetKind::Sqlite
                 | TargetKind::Wan
                 | TargetKind::Ack
+                | TargetKind::Tokens
         )
     }
 }
@@ -509,6 +521,15 @@ fn run(args: &Args) -> Result<()> {
             return Ok(());
         }
     }
+    // Two writable sites with write tokens.
+    if targets.contains(&TargetKind::Tokens) {
+        targets.retain(|t| *t != TargetKind::Tokens);
+        let bin = mirrorfs_bin(&ctx)?;
+        tokens::run(&bin, run_dir.path(), args.markdown, args.quick, args.seed)?;
+        if targets.is_empty() {
+            return Ok(());
+        }
+    }
     let mut reports = Vec::new();
     for kind in targets {
         check_interrupted()?;
@@ -700,6 +721,7 @@ fn run_target(
         TargetKind::Sqlite => bail!("the sqlite target runs on its own (sqlite.rs)"),
         TargetKind::Wan => bail!("the wan target runs on its own (wan.rs)"),
         TargetKind::Ack => bail!("the ack target runs on its own (ack.rs)"),
+        TargetKind::Tokens => bail!("the tokens target runs on its own (tokens.rs)"),
         TargetKind::Native => {
             let root = tdir.join("data");
             mkdirs(&[&root])?;

@@ -323,14 +323,21 @@ impl Mount {
         extra: &[String],
         log: &Path,
     ) -> Result<Mount> {
-        let mut args: Vec<OsString> = vec![
-            "mount".into(),
-            backing.into(),
-            mnt.into(),
-            "--mirror".into(),
-            mirror.into(),
-        ];
+        let mut args: Vec<OsString> = vec!["--mirror".into(), mirror.into()];
         args.extend(extra.iter().map(OsString::from));
+        Mount::mirrorfs_with(bin, backing, mnt, &args, log)
+    }
+
+    /// `BIN mount BACKING MNT ARGS...` (the mirrors among `args`), as [`Mount::mirrorfs`].
+    pub fn mirrorfs_with(
+        bin: &Path,
+        backing: &Path,
+        mnt: &Path,
+        more: &[OsString],
+        log: &Path,
+    ) -> Result<Mount> {
+        let mut args: Vec<OsString> = vec!["mount".into(), backing.into(), mnt.into()];
+        args.extend(more.iter().cloned());
         let proc = Proc::spawn("mirrorfs", bin, &args, log)?;
         let mut guard = Mount {
             name: "mirrorfs",

@@ -125,13 +125,13 @@ pub fn make_identities(bin: &Path, dir: &Path) -> Result<Identities> {
 }
 
 /// A port on 127.0.0.1 that was free a moment ago.
-fn free_port() -> Result<u16> {
+pub(crate) fn free_port() -> Result<u16> {
     let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("cannot bind a loopback port")?;
     Ok(l.local_addr().context("no local address")?.port())
 }
 
 /// Is something listening on 127.0.0.1:PORT (per /proc/net/tcp)?
-fn listening(port: u16) -> bool {
+pub(crate) fn listening(port: u16) -> bool {
     let want = format!("0100007F:{port:04X}");
     fs::read_to_string("/proc/net/tcp").is_ok_and(|t| {
         t.lines().skip(1).any(|l| {
@@ -250,7 +250,13 @@ fn parse_metrics(text: &str) -> Result<Gauges> {
 }
 
 /// `BIN serve DIR --listen 127.0.0.1:PORT --config CFG`, once it listens.
-fn spawn_daemon(bin: &Path, dir: &Path, port: u16, cfg: &Path, log: &Path) -> Result<Proc> {
+pub(crate) fn spawn_daemon(
+    bin: &Path,
+    dir: &Path,
+    port: u16,
+    cfg: &Path,
+    log: &Path,
+) -> Result<Proc> {
     let args: Vec<OsString> = vec![
         "serve".into(),
         dir.into(),

@@ -39,7 +39,7 @@ struct Cli {
 enum Cmd {
     /// Mount BACKING at MOUNTPOINT and mirror every change to each --mirror (runs in the foreground;
     /// Ctrl-C or SIGTERM unmounts cleanly).
-    Mount(cli::mount::MountArgs),
+    Mount(Box<cli::mount::MountArgs>),
     /// Show each mirror's state, applied position and lag, and the journal's size.
     Status {
         /// The mountpoint (default: every mirrorfs mount on this machine).
@@ -162,7 +162,7 @@ fn main() {
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     }
     let r = match cli.cmd {
-        Cmd::Mount(a) => cli::mount::mount(a),
+        Cmd::Mount(a) => cli::mount::mount(*a),
         Cmd::Status { mountpoint, json } => status::show(mountpoint.as_deref(), json),
         Cmd::Demo => cli::demo::demo(),
         Cmd::Init { config, name } => init(config.as_deref(), name),

@@ -17,10 +17,12 @@ use crate::site::engine::{Role, Site};
 use crate::site::meta::CopyState;
 use crate::site::state_dir::{MirrorStateDir, StateDir, StateLockError};
 use crate::site::sync_groups::SyncGroupClock;
+use crate::site::tokens::TokenGate;
 use crate::site::volume;
 use crate::site::volume::{lock, AckMode, FsyncWaits, MirrorPhase, MirrorShared, Volume};
 use crate::site::{dirlock, meta, stamp, statefile, status};
 use crate::sys;
+use mirrorfs_core::token::{PartitionPolicy, TokenConfig};
 
 #[derive(clap::Args)]
 pub struct MountArgs {
@@ -30,8 +32,37 @@ pub struct MountArgs {
     mountpoint: PathBuf,
     /// A mirror (repeat for several): a directory, which must exist and be empty the first time,
     /// or `mirror://HOST:PORT`, a `mirrorfs serve` daemon (see `mirrorfs init` and `trust`).
-    #[arg(long = "mirror", required = true)]
+    #[arg(long = "mirror", required_unless_present = "peer")]
     mirrors: Vec<String>,
+    /// The other writable site of a pair (`mirror://HOST:PORT`: its `--receive` address): this
+    /// site streams its journal there like to a network mirror (TLS only; changes that came
+    /// from the peer are not sent back), and both sites stay writable. Needs `--receive`. A new
+    /// pair starts from two identical trees (two empty directories, say). See the README, "Two
+    /// writable sites".
+    #[arg(long, value_name = "URL", requires = "receive")]
+    peer: Option<String>,
+    /// With `--peer`: where this site listens (e.g. 0.0.0.0:7071) for the peer's stream, whose
+    /// changes it applies to BACKING through the mount (the mount's users see them; this site's
+    /// own mirrors get them). Only the peers `mirrorfs trust`ed in `--config` may connect.
+    #[arg(long, value_name = "ADDR", requires = "peer")]
+    receive: Option<String>,
+    /// With `--peer`: per-file write tokens, `SITE:PEER` (this site's id and the peer's, two
+    /// different numbers ≥ 1, swapped at the peer: `1:2` here, `2:1` there). A write, truncate or
+    /// fallocate of a file waits for its token: at once while this site holds it, one round trip
+    /// when the peer does; so one file written at both sites is never mixed. The lower id holds
+    /// every token at first. Both sites need it. Tokens survive crashes (STATE/tokens).
+    #[arg(long, value_name = "SITE:PEER", requires = "peer", value_parser = parse_token_ids)]
+    write_tokens: Option<(u64, u64)>,
+    /// With `--write-tokens`: a write to a file whose token is at the peer while the link is
+    /// down: `read-only` fails it with EROFS (`status` says why), `reconcile` lets it go on
+    /// (both sites may then change the file; such writes are not reconciled yet).
+    #[arg(
+        long,
+        value_enum,
+        default_value = "read-only",
+        requires = "write_tokens"
+    )]
+    partition: PartitionArg,
     /// When a change is acknowledged: `async` (after the local change and its journal record),
     /// `local` (also after the local journal made it durable), `network` (also after it was
     /// handed to the quorum's sockets; fsync waits for no more than that), `received` (the
@@ -343,6 +374,8 @@ struct Places {
     /// Remote mirrors, `HOST:PORT`.
     remotes: Vec<String>,
     quorum: usize,
+    /// The peer writable site (`--peer`), the last of `remotes`.
+    peer: Option<String>,
 }
 
 /// The state directory and the name hidden at the backing's root.
@@ -404,6 +437,7 @@ pub fn mount(a: MountArgs) -> Result<()> {
     )?;
     let vol = site.vol.clone();
     start_fence(&a, &vol, &meta, &places.backing)?;
+    let gate = start_tokens(&a, &mut site, &vol, &state)?;
     if a.fsync_groups {
         let clock = SyncGroupClock::new(Duration::from_millis(a.fsync_group_max_ms));
         let _ = vol.sync_groups.set(clock);
@@ -443,13 +477,23 @@ pub fn mount(a: MountArgs) -> Result<()> {
         a.ack,
         places.quorum
     );
+    // Before the links start: the link to the peer must know, from its first record, which
+    // records came from the peer, and carry the token messages from its first connection.
+    let _receiver = start_peer(&a, &vol, &places, &state, &shared[n_local..], &term, gate)?;
     if let Some((id, pinned)) = link_identity {
         let cfg = Arc::new(remote::LinkConfig {
             identity: id,
             pinned,
             compress: a.compress,
             history: meta.history(),
-            name: format!("{}:{}", super::hostname(), places.backing.display()),
+            name: format!(
+                "{}:{}{}",
+                super::hostname(),
+                places.backing.display(),
+                a.write_tokens
+                    .map(|(me, peer)| crate::site::tokens::hello_suffix(me, peer))
+                    .unwrap_or_default()
+            ),
             backing: places.backing.clone(),
             hidden: Some(state.hidden.clone()),
             state: state.path.clone(),
@@ -501,6 +545,126 @@ pub fn mount(a: MountArgs) -> Result<()> {
     Ok(())
 }
 
+/// `--partition`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PartitionArg {
+    ReadOnly,
+    Reconcile,
+}
+
+/// `--write-tokens SITE:PEER`.
+fn parse_token_ids(s: &str) -> Result<(u64, u64), String> {
+    let (a, b) = s
+        .split_once(':')
+        .ok_or_else(|| format!("{s}: expected SITE:PEER, e.g. 1:2"))?;
+    let n = |x: &str| {
+        x.trim()
+            .parse::<u64>()
+            .map_err(|e| format!("{s}: {x} is not a site id ({e})"))
+    };
+    let (a, b) = (n(a)?, n(b)?);
+    if a == 0 || b == 0 || a == b {
+        return Err(format!("{s}: the two ids must differ and be at least 1"));
+    }
+    Ok((a, b))
+}
+
+/// The write-token gate of `--write-tokens` on the volume (and its ticker), before the mount
+/// serves anything.
+fn start_tokens(
+    a: &MountArgs,
+    site: &mut Site,
+    vol: &Arc<Volume>,
+    state: &StatePlace,
+) -> Result<Option<Arc<TokenGate>>> {
+    let Some((me, peer)) = a.write_tokens else {
+        return Ok(None);
+    };
+    let policy = match a.partition {
+        PartitionArg::ReadOnly => PartitionPolicy::ReadOnly,
+        PartitionArg::Reconcile => PartitionPolicy::Reconcile,
+    };
+    let dir = StateDir::at(&state.path);
+    let end = lock(&vol.order).journal.next_seq() - 1;
+    let applied = crate::site::peer::PeerPosition::load(&dir.peer_applied_file())?.applied;
+    let gate = Arc::new(TokenGate::open_in(
+        &dir,
+        TokenConfig::new(me, peer, policy),
+        end,
+        applied,
+    )?);
+    // The ticker drives the machine's timings (idle give-backs, hold_max, park timeouts)
+    // until the site stops.
+    let g = gate.clone();
+    let v = Arc::downgrade(vol);
+    site.spawn("tokens", move || {
+        while v.upgrade().is_some_and(|v| !lock(&v.progress).stopping) {
+            std::thread::sleep(crate::site::tokens::TICK);
+            g.tick();
+        }
+    })?;
+    let _ = vol.tokens.set(gate.clone());
+    tracing::info!(
+        "write tokens: site {me}, peer {peer}, {} across a split",
+        if policy == PartitionPolicy::ReadOnly {
+            "read-only"
+        } else {
+            "reconcile"
+        }
+    );
+    Ok(Some(gate))
+}
+
+/// The pair's receiving half (`--receive`), and the link to the peer marked so that the peer's
+/// own changes are not sent back to it (`site::peer`, `net::peer`).
+fn start_peer(
+    a: &MountArgs,
+    vol: &Arc<Volume>,
+    places: &Places,
+    state: &StatePlace,
+    remotes: &[Arc<MirrorShared>],
+    term: &Arc<AtomicBool>,
+    gate: Option<Arc<TokenGate>>,
+) -> Result<Option<Arc<crate::net::peer::PeerReceiver>>> {
+    let (Some(peer), Some(listen)) = (&places.peer, &a.receive) else {
+        return Ok(None);
+    };
+    let dir = StateDir::at(&state.path);
+    let (first, end) = {
+        let o = lock(&vol.order);
+        (o.journal.first_seq(), o.journal.next_seq() - 1)
+    };
+    let origins = Arc::new(crate::site::peer::PeerOrigins::open(
+        &dir.peer_origin_file(),
+        first,
+        end,
+    )?);
+    let link = remotes
+        .iter()
+        .find(|m| m.remote.as_deref() == Some(peer.as_str()))
+        .ok_or_else(|| anyhow::anyhow!("internal: no link to the peer {peer}"))?;
+    let _ = link.peer.set(origins.clone());
+    if let Some(g) = &gate {
+        let _ = link
+            .tokens
+            .set(Arc::new(crate::site::tokens::TokenWire::new(g.clone())));
+    }
+    let receiver = crate::net::peer::PeerReceiver::new(
+        vol.clone(),
+        &places.backing,
+        state.hidden.clone(),
+        origins,
+        dir.peer_applied_file(),
+        gate,
+        listen,
+    )?;
+    let cfg_dir = identity::config_dir(a.config.as_deref());
+    let id = identity::load(&cfg_dir)?;
+    let pinned = identity::pinned(&cfg_dir)?;
+    receiver.serve(listen, &id, &cfg_dir, pinned, term.clone())?;
+    Ok(Some(receiver))
+}
+
 /// The backing, the mountpoint and the mirrors exist, do not overlap, and the quorum fits.
 fn check_places(a: &MountArgs) -> Result<Places> {
     let backing = canon(&a.backing, "backing directory")?;
@@ -525,9 +689,17 @@ fn check_places(a: &MountArgs) -> Result<Places> {
         mirrors: Vec::new(),
         remotes: Vec::new(),
         quorum: 0,
+        peer: None,
     };
     for spec in &a.mirrors {
         add_mirror(&mut places, spec)?;
+    }
+    if let Some(spec) = &a.peer {
+        if !spec.starts_with("mirror://") {
+            bail!("--peer {spec}: expected mirror://HOST:PORT (the peer's --receive address)");
+        }
+        add_mirror(&mut places, spec)?;
+        places.peer = places.remotes.last().cloned();
     }
     let n_mirrors = places.mirrors.len() + places.remotes.len();
     places.quorum = a.quorum.unwrap_or(n_mirrors);

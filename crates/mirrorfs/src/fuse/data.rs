@@ -28,12 +28,16 @@ impl MirrorFs {
             Ok(fd) => fd,
             Err(e) => return reply.error(err(e)),
         };
-        let fh = self.add_handle(Handle::new(
+        let h = Handle::new(
             fd,
             ino.0,
             fl & libc::O_APPEND != 0,
             fl & libc::O_DIRECT != 0,
-        ));
+        );
+        if let Ok(p) = self.path(ino) {
+            self.note_opened(&h, &p, fl);
+        }
+        let fh = self.add_handle(h);
         reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
     }
 
@@ -189,6 +193,7 @@ impl MirrorFs {
             if h.wrote.load(Ordering::Relaxed) {
                 self.set_times_of_handle(&h);
             }
+            self.note_released(&h);
         }
         reply.ok()
     }

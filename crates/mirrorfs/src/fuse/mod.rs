@@ -59,6 +59,9 @@ struct Handle {
     /// so a write inside that range needs no space reserved (`sys::pwrite_allocated`). Read and
     /// set under the order lock.
     allocated: Mutex<Option<(u64, u64)>>,
+    /// With write tokens: the object this handle opened for writing (`TokenGate::opened`),
+    /// closed at release.
+    token: std::sync::OnceLock<u64>,
 }
 
 impl Handle {
@@ -70,6 +73,7 @@ impl Handle {
             direct,
             wrote: AtomicBool::new(false),
             allocated: Mutex::new(None),
+            token: std::sync::OnceLock::new(),
         }
     }
 }
@@ -316,6 +320,27 @@ impl MirrorFs {
             .values()
             .find(|h| h.ino == ino)
             .cloned()
+    }
+
+    /// With write tokens, a file opened for writing keeps its token while open (up to the
+    /// machine's `hold_max_ms` once the peer asks): `TokenGate::opened`, `closed` at release.
+    fn note_opened(&self, h: &Handle, p: &RelPath, flags: i32) {
+        if flags & libc::O_ACCMODE == libc::O_RDONLY {
+            return;
+        }
+        if let Some(g) = self.vol.tokens.get() {
+            let object = crate::site::tokens::object_of(p.as_bytes());
+            if h.token.set(object).is_ok() {
+                g.opened(object);
+            }
+        }
+    }
+
+    /// The end of [`MirrorFs::note_opened`].
+    fn note_released(&self, h: &Handle) {
+        if let (Some(g), Some(object)) = (self.vol.tokens.get(), h.token.get()) {
+            g.closed(*object);
+        }
     }
 
     fn add_handle(&self, h: Handle) -> u64 {

@@ -339,12 +339,14 @@ impl MirrorFs {
         };
         let id = lock(&self.inodes).register(parent.0, name.as_bytes(), st.st_ino);
         let a = self.attr_of(INodeNo(id), &st);
-        let fh = self.add_handle(Handle::new(
+        let h = Handle::new(
             fd,
             a.ino.0,
             flags & libc::O_APPEND != 0,
             fl & libc::O_DIRECT != 0,
-        ));
+        );
+        self.note_opened(&h, &p, flags);
+        let fh = self.add_handle(h);
         reply.created(
             &TTL,
             &a,

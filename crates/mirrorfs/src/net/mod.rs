@@ -5,6 +5,7 @@
 pub mod conn;
 pub mod gate;
 pub mod identity;
+pub mod peer;
 pub mod reintegrate;
 pub mod remote;
 pub mod serve;

@@ -351,7 +351,23 @@ impl Session<'_> {
             addr,
             d.peer().map(|p| p.to_string()).unwrap_or_default()
         );
-        self.run_streams(&d, dec, sender)
+        // With write tokens, the gate's messages travel on this connection from now on.
+        let wire = self.m.tokens.get();
+        if let Some(w) = wire {
+            let vol = Arc::downgrade(self.vol);
+            w.connect(from - 1, move || {
+                if let Some(v) = vol.upgrade() {
+                    // Under the lock the sending loop checks the queue under: no lost wake-up.
+                    let _p = lock(&v.progress);
+                    v.changed.notify_all();
+                }
+            });
+        }
+        let r = self.run_streams(&d, dec, sender);
+        if let Some(w) = wire {
+            w.disconnect();
+        }
+        r
     }
 
     /// Connects, says hello, and has the sender decide how to start from the mirror's welcome and
@@ -627,7 +643,11 @@ impl Session<'_> {
         let (m, cfg) = (self.m, self.cfg);
         let auto = cfg.transport == Transport::Auto;
         lock(&m.link).transport = "tcp".into();
-        if cfg.transport == Transport::Tcp || (auto && self.udp_off.load(Ordering::Acquire)) {
+        // The peer of a writable pair takes records on the TLS connection only (`net::peer`).
+        if cfg.transport == Transport::Tcp
+            || m.peer.get().is_some()
+            || (auto && self.udp_off.load(Ordering::Acquire))
+        {
             return Ok(None);
         }
         let first = lock(sender).next_send();
@@ -876,6 +896,7 @@ fn stream(
                 let view = lock(&vol.order).journal.segment_for(reader.next_seq());
                 reader.next::<FileStore>(view, limit)
             })?;
+            let batch = without_echo(m, batch);
             if let Some(last) = batch.last().map(|r| r.seq) {
                 let frame = d.encode(&Msg::Records {
                     settled,
@@ -887,16 +908,49 @@ fn stream(
                 d.send_raw(&frame)?;
                 m.sent.store(last, Ordering::Release);
                 beat.sent();
+                if let Some(w) = m.tokens.get() {
+                    w.gate.shipped(last);
+                }
                 vol.changed.notify_all();
+                send_tokens(d, m, &mut beat)?;
                 continue;
             }
         }
+        send_tokens(d, m, &mut beat)?;
         beat.maybe_ping(d)?;
         let p = lock(&vol.progress);
-        if p.durable_seq.min(p.settled_seq) == limit && !p.stopping {
+        let idle = m.tokens.get().is_none_or(|w| w.is_idle());
+        if p.durable_seq.min(p.settled_seq) == limit && !p.stopping && idle {
             let _ = vol.changed.wait_timeout(p, Duration::from_millis(100));
         }
     }
+}
+
+/// The write-token messages the gate queued, after every record sent so far (the order the
+/// token machine relies on: a Grant after the records it names).
+fn send_tokens(d: &Duplex, m: &MirrorShared, beat: &mut Beat) -> Result<()> {
+    if let Some(w) = m.tokens.get() {
+        for t in w.take() {
+            d.send(&Msg::Token(t))?;
+            beat.sent();
+        }
+    }
+    Ok(())
+}
+
+/// On the link to the other writable site of a pair (`mount --peer`), each of our records that
+/// came from that site goes as `Abort{seq: its own seq}`: a placeholder that keeps the stream's
+/// seqs consecutive (the peer's session checks them) and that nobody applies, so no change is
+/// sent back where it came from (`site::peer`).
+fn without_echo(m: &MirrorShared, mut batch: Vec<Record>) -> Vec<Record> {
+    if let Some(origins) = m.peer.get() {
+        for r in &mut batch {
+            if origins.contains(r.seq) {
+                r.op = mirrorfs_core::op::Op::Abort { seq: r.seq };
+            }
+        }
+    }
+    batch
 }
 
 /// The receiving loop: acknowledgements update the mirror's positions and wake waiters; over
@@ -967,6 +1021,9 @@ fn on_ack(
     m.durable.store(p.durable, Ordering::Release);
     m.applied.store(p.applied, Ordering::Release);
     m.checkpoint.store(p.checkpoint, Ordering::Release);
+    if let Some(origins) = m.peer.get() {
+        origins.forget_through(p.durable);
+    }
     if let Some(u) = udp {
         u.on_delivered(p.received);
     }

@@ -121,6 +121,8 @@ impl Volume {
             retain_after: AtomicU64::new(retain_after),
             opened_end: horizon,
             view: std::sync::OnceLock::new(),
+            tokens: std::sync::OnceLock::new(),
+            peer_receive: std::sync::OnceLock::new(),
             groups: Mutex::new(Gate::default()),
             sync_groups: std::sync::OnceLock::new(),
             resync: std::sync::OnceLock::new(),

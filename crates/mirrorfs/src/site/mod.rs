@@ -3,7 +3,7 @@
 //! state files (`statefile`), the lock on its directories (`dirlock`), power-loss detection
 //! (`boot`), the witness's write fence (`fence`), the status it publishes (`status`), the conflicts a reintegration left
 //! (`conflicts`), the implicit groups of `--fsync-groups` (`sync_groups`), the write tokens of
-//! two writable sites (`tokens`) and the backing directory's stamp that tells a mount of changes
+//! two writable sites (`tokens`), what a writable site keeps about its peer (`peer`) and the backing directory's stamp that tells a mount of changes
 //! made behind its back (`stamp`).
 
 pub mod boot;
@@ -13,6 +13,7 @@ pub mod engine;
 pub mod fence;
 pub mod meta;
 pub mod metrics;
+pub mod peer;
 pub mod promote;
 pub mod stamp;
 pub mod state_dir;

@@ -170,6 +170,18 @@ impl StateDir {
         self.path.join("tokens")
     }
 
+    /// `STATE/peer-origin`: the seqs of this site's records that came from its peer writable
+    /// site (`site::peer`), never sent back to it.
+    pub fn peer_origin_file(&self) -> PathBuf {
+        self.path.join("peer-origin")
+    }
+
+    /// `STATE/peer-applied`: the peer writable site's volume and how far its journal is applied
+    /// here (`site::peer`).
+    pub fn peer_applied_file(&self) -> PathBuf {
+        self.path.join("peer-applied")
+    }
+
     /// `STATE/journal/`: the journal's segments.
     pub fn journal_dir(&self) -> PathBuf {
         self.path.join("journal")

@@ -134,6 +134,12 @@ struct VolumeStatus {
     /// With `--fsync-groups`: the implicit groups of the changes between two syncs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     fsync_groups: Option<FsyncGroupsStatus>,
+    /// With `--write-tokens`: the gate, and why the last write was refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    write_tokens: Option<crate::site::tokens::TokenStatus>,
+    /// With `--receive`: the peer writable site's stream into this site.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    peer_receive: Option<crate::site::peer::ReceiveStatus>,
 }
 
 /// `--fsync-groups` in `status`: how many groups began, and how they ended.
@@ -227,6 +233,8 @@ fn snapshot(vol: &Volume, mountpoint: &Path) -> VolumeStatus {
                 open: c.is_open(),
             }
         }),
+        write_tokens: vol.tokens.get().map(|g| g.status()),
+        peer_receive: vol.peer_receive.get().map(|r| lock(r).clone()),
     }
 }
 
@@ -464,6 +472,21 @@ fn errors_of(v: &serde_json::Value, not_answering: Option<&str>) -> Vec<String> 
     if let Some(r) = s("read_only") {
         out.push(format!("read-only: {r}"));
     }
+    if let Some(t) = v.get("write_tokens") {
+        if t.get("connected").and_then(|c| c.as_bool()) == Some(false) {
+            out.push(format!(
+                "write tokens: the link to the peer is down: writes to files whose token is at the peer are {}",
+                if t.get("policy").and_then(|p| p.as_str()) == Some("reconcile") {
+                    "made without it (reconcile)"
+                } else {
+                    "refused with EROFS (read-only)"
+                }
+            ));
+        }
+        if let Some(f) = t.get("failed").and_then(|f| f.as_str()) {
+            out.push(format!("write tokens failed: {f}"));
+        }
+    }
     if let Some(r) = s("refused") {
         out.push(format!("refused the last primary: {r}"));
     }
@@ -533,6 +556,45 @@ fn print_volume(v: &serde_json::Value) -> Result<()> {
     print_not_answering(v);
     if let Some(r) = &s.read_only {
         println!("  read-only: {r}");
+    }
+    if let Some(r) = &s.peer_receive {
+        println!(
+            "  peer stream in (on {}): {}, its records applied through {}{}",
+            r.listen,
+            if r.connected {
+                "connected"
+            } else {
+                "not connected"
+            },
+            r.applied,
+            if r.failed > 0 {
+                format!(", {} failed here (journaled with their abort)", r.failed)
+            } else {
+                String::new()
+            }
+        );
+        if let (false, Some(e)) = (r.connected, &r.last_error) {
+            println!("  peer stream in, last error: {e}");
+        }
+    }
+    if let Some(t) = &s.write_tokens {
+        println!(
+            "  write tokens: site {} (peer {}{}), link {}, {} across a split; {} token(s) in the table, {} write(s) waited, {} refused",
+            t.site,
+            t.peer,
+            if t.home { ", home of the tokens" } else { "" },
+            if t.connected { "up" } else { "down" },
+            t.policy,
+            t.entries,
+            t.writes_parked,
+            t.writes_refused
+        );
+        if let Some(r) = &t.last_refusal {
+            println!("  last write refused: {r}");
+        }
+        if let Some(f) = &t.failed {
+            println!("  write tokens failed: {f}");
+        }
     }
     if let Some(since) = s.group_open_since_seq {
         println!(

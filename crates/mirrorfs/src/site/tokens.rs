@@ -25,28 +25,30 @@
 //! log is compacted (the live entries, after one record carrying the lend counter, replaced
 //! durably), and again during a run once it holds twice the live entries plus 4,096 records.
 //!
-//! **What is not wired yet** (see the README, "Two writable sites"): the mount does not create a
-//! gate (`mount --write-tokens` does not exist), token messages do not travel on the replication
-//! link, and nothing applies a peer's records to a writable site's backing tree. This module and
-//! its tests are the shell those will drive.
+//! **Wiring** (`mount --write-tokens SITE:PEER`, README "Two writable sites"): the mount opens
+//! one gate and puts it on the volume; `Volume::mutate` acquires the token of a data change to a
+//! file (write, truncate, fallocate) before it is journaled, the object being
+//! [`object_of`] its path. The link to the peer (`net::remote`, through [`TokenWire`]) reports
+//! `connected`/`disconnected`/`shipped` and sends the gate's messages after the records it sent;
+//! the peer receiver (`net::peer`) hands it the peer's messages (`received`) and how far the
+//! peer's records are applied (`peer_applied`).
 
-// Driven by the tests only until the mount creates a gate (see above).
-#![allow(dead_code)]
-
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+#[cfg(test)]
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
+#[cfg(test)]
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use mirrorfs_core::token::{
-    Action, Event, ObjectId, Refusal, TokenConfig, TokenMsg, TokenRecord, TokenSite, TokenState,
-    WriteId, RECORD_BYTES,
+    Action, Event, ObjectId, PartitionPolicy, Refusal, TokenConfig, TokenMsg, TokenRecord,
+    TokenSite, WriteId, RECORD_BYTES,
 };
 
 use crate::site::state_dir::StateDir;
@@ -157,6 +159,8 @@ impl TokenLog {
         Ok(())
     }
 
+    /// (Tests and the shell's own checks.)
+    #[cfg(test)]
     /// Records in the file now.
     pub fn records(&self) -> u64 {
         self.records
@@ -261,10 +265,11 @@ struct Inner {
     send: Option<Sender>,
     next_write: WriteId,
     answers: HashMap<WriteId, Answer>,
-    /// The machine asked for our records through this to be sent soon.
-    ship_wanted: u64,
     failed: Option<String>,
     stats: GateStats,
+    connected: bool,
+    /// The last write refused, for `status`: what, why, when (unix seconds).
+    last_refusal: Option<(String, String, i64)>,
 }
 
 /// One site's write tokens: the machine, its log and the writers waiting on it.
@@ -284,6 +289,8 @@ pub struct Permit<'a> {
 }
 
 impl Permit<'_> {
+    /// (Tests and the shell's own checks.)
+    #[cfg(test)]
     /// True if the write holds the token; false if it goes on across a split (`reconcile`).
     pub fn guarded(&self) -> bool {
         self.guarded
@@ -334,9 +341,10 @@ impl TokenGate {
                 send: None,
                 next_write: 1,
                 answers: HashMap::new(),
-                ship_wanted: 0,
                 failed: None,
                 stats: GateStats::default(),
+                connected: false,
+                last_refusal: None,
             }),
             answered: Condvar::new(),
             epoch,
@@ -393,7 +401,9 @@ impl TokenGate {
                         }
                     }
                 }
-                Action::Ship { through } => inner.ship_wanted = inner.ship_wanted.max(through),
+                // The link sends every durable, settled record at once (`net::remote`): the
+                // hint asks for nothing more.
+                Action::Ship { .. } => {}
                 Action::Proceed { write, guarded, .. } => {
                     inner.answers.insert(write, Answer::Go { guarded });
                     woke = true;
@@ -465,6 +475,7 @@ impl TokenGate {
     pub fn connected(&self, shipped: u64, send: Sender) {
         let mut inner = lock(&self.inner);
         inner.send = Some(send);
+        inner.connected = true;
         self.run(&mut inner, Event::Connected { shipped });
     }
 
@@ -472,6 +483,7 @@ impl TokenGate {
     pub fn disconnected(&self) {
         let mut inner = lock(&self.inner);
         inner.send = None;
+        inner.connected = false;
         self.run(&mut inner, Event::Disconnected);
     }
 
@@ -495,6 +507,8 @@ impl TokenGate {
         self.event(Event::Tick);
     }
 
+    /// (Tests and the shell's own checks.)
+    #[cfg(test)]
     /// Starts a thread that ticks every [`TICK`] until `stop` is set.
     pub fn spawn_ticker(self: &Arc<Self>, stop: Arc<AtomicBool>) -> io::Result<JoinHandle<()>> {
         let gate = self.clone();
@@ -508,30 +522,167 @@ impl TokenGate {
             })
     }
 
+    /// (Tests and the shell's own checks.)
+    #[cfg(test)]
     /// Where the token of `object` is, as this site sees it.
-    pub fn state(&self, object: ObjectId) -> TokenState {
+    pub fn state(&self, object: ObjectId) -> mirrorfs_core::token::TokenState {
         lock(&self.inner).site.state(object)
     }
 
-    /// The highest seq the machine wants shipped soon (a Grant waits for it).
-    pub fn ship_wanted(&self) -> u64 {
-        lock(&self.inner).ship_wanted
-    }
-
+    /// (Tests and the shell's own checks.)
+    #[cfg(test)]
     pub fn stats(&self) -> GateStats {
         lock(&self.inner).stats
     }
 
-    /// Records in `STATE/tokens` now.
-    pub fn log_records(&self) -> u64 {
-        lock(&self.inner).log.records()
+    /// (this site's id, the peer's).
+    pub fn ids(&self) -> (u64, u64) {
+        let inner = lock(&self.inner);
+        let c = inner.site.config();
+        (c.site, c.peer)
+    }
+
+    /// A write to `what` was refused with `e`: kept for `status`.
+    pub fn note_refusal(&self, what: &str, e: &GateError) {
+        lock(&self.inner).last_refusal =
+            Some((what.to_string(), e.to_string(), crate::sys::now().sec));
+    }
+
+    /// What `status` shows.
+    pub fn status(&self) -> TokenStatus {
+        let inner = lock(&self.inner);
+        let c = inner.site.config();
+        TokenStatus {
+            site: c.site,
+            peer: c.peer,
+            home: c.site < c.peer,
+            policy: match c.policy {
+                PartitionPolicy::ReadOnly => "read-only",
+                PartitionPolicy::Reconcile => "reconcile",
+            }
+            .into(),
+            connected: inner.connected,
+            entries: inner.site.len() as u64,
+            parked_now: inner.site.parked() as u64,
+            messages_sent: inner.stats.sent,
+            records_persisted: inner.stats.persisted,
+            writes_parked: inner.stats.parked,
+            writes_refused: inner.stats.refused,
+            failed: inner.failed.clone(),
+            last_refusal: inner
+                .last_refusal
+                .as_ref()
+                .map(|(what, why, at)| format!("{what}: {why} (at unix time {at})")),
+        }
+    }
+}
+
+/// The gate in `mirrorfs status` (`write_tokens`).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct TokenStatus {
+    pub site: u64,
+    pub peer: u64,
+    /// This site is the home of every token no table names (the lower id).
+    pub home: bool,
+    pub policy: String,
+    /// The link to the peer is up (token messages travel).
+    pub connected: bool,
+    /// Tokens this site's table names (held from the home, or lent by it).
+    pub entries: u64,
+    pub parked_now: u64,
+    pub messages_sent: u64,
+    pub records_persisted: u64,
+    pub writes_parked: u64,
+    pub writes_refused: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed: Option<String>,
+    /// The last write refused: the file, why, when.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_refusal: Option<String>,
+}
+
+/// How a site says in its `Hello`'s name that it sends token messages, and with which ids: the
+/// name ends with ` tokens=SITE:PEER` (docs/protocol.md, "Write tokens").
+pub fn hello_suffix(site: u64, peer: u64) -> String {
+    format!(" tokens={site}:{peer}")
+}
+
+/// The ids a `Hello` name announces (see [`hello_suffix`]), if any.
+pub fn hello_ids(name: &str) -> Option<(u64, u64)> {
+    let (_, ids) = name.rsplit_once(" tokens=")?;
+    let (a, b) = ids.split_once(':')?;
+    Some((a.parse().ok()?, b.parse().ok()?))
+}
+
+/// The token object of a file: its path relative to the root, hashed (blake3, first 8 bytes,
+/// little-endian; never 0, which the log uses for its lend counter). Stable across the two
+/// sites since both name the file the same; a file renamed takes the token of its new name.
+pub fn object_of(path: &[u8]) -> ObjectId {
+    let h = blake3::hash(path);
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&h.as_bytes()[..8]);
+    u64::from_le_bytes(b).max(1)
+}
+
+/// Token messages waiting for the link to the peer: the gate's [`Sender`] puts them here
+/// (under the gate's lock: it must not block) and the link's sending loop sends them after the
+/// records it has sent (`net::remote`).
+pub struct TokenWire {
+    pub gate: Arc<TokenGate>,
+    queue: Arc<Mutex<VecDeque<TokenMsg>>>,
+}
+
+/// Token messages queued for one connection at most; one more drops the connection's sender
+/// (the gate asks and grants anew on the next connection).
+pub const WIRE_QUEUE_MAX: usize = 4096;
+
+impl TokenWire {
+    pub fn new(gate: Arc<TokenGate>) -> TokenWire {
+        TokenWire {
+            gate,
+            queue: Arc::new(Mutex::new(VecDeque::new())),
+        }
+    }
+
+    /// The link is up and the peer holds our records through `shipped`; `wake` is called when a
+    /// message is queued (it must not block).
+    pub fn connect(&self, shipped: u64, wake: impl Fn() + Send + 'static) {
+        lock(&self.queue).clear();
+        let q = self.queue.clone();
+        self.gate.connected(
+            shipped,
+            Box::new(move |m| {
+                let mut q = lock(&q);
+                if q.len() >= WIRE_QUEUE_MAX {
+                    return false;
+                }
+                q.push_back(m);
+                drop(q);
+                wake();
+                true
+            }),
+        );
+    }
+
+    pub fn disconnect(&self) {
+        self.gate.disconnected();
+        lock(&self.queue).clear();
+    }
+
+    /// The messages to send now, in order.
+    pub fn take(&self) -> Vec<TokenMsg> {
+        lock(&self.queue).drain(..).collect()
+    }
+
+    pub fn is_idle(&self) -> bool {
+        lock(&self.queue).is_empty()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mirrorfs_core::token::{PartitionPolicy, RecordKind};
+    use mirrorfs_core::token::{RecordKind, TokenState};
     use std::os::unix::fs::FileExt;
     use std::sync::atomic::{AtomicU64, AtomicUsize};
     use std::sync::mpsc;
@@ -544,6 +695,17 @@ mod tests {
             seq,
             lend_next: lend + 1,
         }
+    }
+
+    #[test]
+    fn hello_names_carry_the_token_ids_and_objects_are_stable() {
+        let name = format!("host:/srv/a{}", hello_suffix(2, 1));
+        assert_eq!(hello_ids(&name), Some((2, 1)));
+        assert_eq!(hello_ids("host:/srv/a"), None);
+        assert_eq!(hello_ids("host:/srv/a tokens=x:1"), None);
+        assert_eq!(object_of(b"dir/f"), object_of(b"dir/f"));
+        assert_ne!(object_of(b"dir/f"), object_of(b"dir/g"));
+        assert_ne!(object_of(b""), 0, "0 carries the log's lend counter");
     }
 
     #[test]

@@ -219,6 +219,11 @@ pub struct MirrorShared {
     /// An operator's resync of a running mirror (`mirrorfs resync`, `verify --repair`;
     /// `mirror::operator`): where it stands.
     pub operator_resync: Mutex<OperatorResync>,
+    /// Set on the link to the other writable site of a pair (`mount --peer`): our records that
+    /// came from it, sent to it as `Abort` placeholders (`site::peer`).
+    pub peer: std::sync::OnceLock<Arc<crate::site::peer::PeerOrigins>>,
+    /// Set on the link to the peer with `--write-tokens`: the token messages it carries.
+    pub tokens: std::sync::OnceLock<Arc<crate::site::tokens::TokenWire>>,
 }
 
 /// Where an operator's resync of a mirror stands (`mirror::operator`).
@@ -339,6 +344,8 @@ impl MirrorShared {
             records_applied: AtomicU64::new(0),
             errors: Mutex::new(std::collections::BTreeMap::new()),
             operator_resync: Mutex::new(OperatorResync::default()),
+            peer: std::sync::OnceLock::new(),
+            tokens: std::sync::OnceLock::new(),
         }
     }
 
@@ -509,6 +516,11 @@ pub struct Volume {
     pub opened_end: u64,
     /// The mount's view of the backing tree (its inode table, the kernel's caches), told of the
     /// changes made beneath it by `mutate_beneath` (set once, when the primary mounts).
+    /// With `mount --write-tokens`: the write tokens a data change to a file takes before it is
+    /// journaled (`site::tokens`; see [`Volume::mutate`]).
+    pub tokens: std::sync::OnceLock<Arc<crate::site::tokens::TokenGate>>,
+    /// With `mount --receive`: the peer's stream into this site, for `status`.
+    pub peer_receive: std::sync::OnceLock<Arc<Mutex<crate::site::peer::ReceiveStatus>>>,
     pub view: std::sync::OnceLock<Arc<dyn MountView>>,
     /// The journal's groups (group-atomic mirroring, `core::group`): observed under the order
     /// lock as group records are appended; read by appliers after the progress lock. A leaf
@@ -527,6 +539,17 @@ pub struct Volume {
     /// failback's reintegration). The mount's writes skip the space reservation over bytes a
     /// file is known to have (`fuse::data`, `write_whole`) only while this count is unchanged.
     pub holes_epoch: AtomicU64,
+}
+
+/// The file whose write token a change through the mount takes (`--write-tokens`): data
+/// changes only; namespace and metadata changes take none.
+fn token_path(op: &Op) -> Option<&[u8]> {
+    match op {
+        Op::Write { path, .. } | Op::Truncate { path, .. } | Op::Fallocate { path, .. } => {
+            Some(path.as_bytes())
+        }
+        _ => None,
+    }
 }
 
 /// `op` can put a hole into a file or shorten it (see `Volume::holes_epoch`).
@@ -557,10 +580,41 @@ pub trait MountView: Send + Sync {
 impl Volume {
     /// Appends `op`, runs `apply` (the change to the backing tree) and settles the record: the
     /// write-ahead protocol of the module docs. Returns the seq, or the error of `apply`.
+    ///
+    /// With write tokens (`mount --write-tokens`), a data change to a file (write, truncate,
+    /// fallocate) first waits for the token of its file (at once if this site holds it; one
+    /// round trip to the peer if not); a refusal is its errno (`EROFS` across a split under
+    /// `--partition read-only`). Changes beneath the mount (`mutate_beneath`: the peer's own
+    /// records, a reintegration) take no token.
     pub fn mutate<R>(
         &self,
         op: Op,
         apply: impl FnOnce() -> io::Result<R>,
+    ) -> Result<(R, u64), i32> {
+        let gate = self.tokens.get();
+        let permit = match (gate, token_path(&op)) {
+            (Some(g), Some(p)) => match g.acquire(crate::site::tokens::object_of(p)) {
+                Ok(permit) => Some(permit),
+                Err(e) => {
+                    g.note_refusal(&String::from_utf8_lossy(p), &e);
+                    return Err(e.errno());
+                }
+            },
+            _ => None,
+        };
+        let r = self.mutate_at(op, |_| apply());
+        if let (Some(permit), Ok((_, seq))) = (permit, &r) {
+            permit.written(*seq);
+        }
+        r
+    }
+
+    /// [`Volume::mutate`] whose `apply` is told the seq of its record (called under the order
+    /// lock, before the record settles: nothing reads the record before `apply` returns).
+    pub fn mutate_at<R>(
+        &self,
+        op: Op,
+        apply: impl FnOnce(u64) -> io::Result<R>,
     ) -> Result<(R, u64), i32> {
         let bytes = op.data_len() as u64;
         let mut o = lock(&self.order);
@@ -578,7 +632,7 @@ impl Volume {
         if may_make_holes(&op) {
             self.holes_epoch.fetch_add(1, Ordering::Relaxed);
         }
-        let res = apply();
+        let res = apply(seq);
         if res.is_ok() {
             for t in copies.values_mut() {
                 t.observe(&op);
@@ -604,19 +658,41 @@ impl Volume {
         op: Op,
         apply: impl FnOnce() -> io::Result<R>,
     ) -> Result<(R, u64), i32> {
+        self.mutate_beneath_at(op, |_| apply())
+    }
+
+    /// [`Volume::mutate_beneath`] whose `apply` is told the seq of its record (see
+    /// [`Volume::mutate_at`]): a writable site notes which of its records came from its peer.
+    pub fn mutate_beneath_at<R>(
+        &self,
+        op: Op,
+        apply: impl FnOnce(u64) -> io::Result<R>,
+    ) -> Result<(R, u64), i32> {
+        let res = self.mutate_beneath_unsettled(op, apply);
+        if let Some(v) = self.view.get() {
+            v.settle();
+        }
+        res
+    }
+
+    /// [`Volume::mutate_beneath_at`] that leaves telling the kernel (`MountView::settle`) to the
+    /// caller: the peer receiver settles on another thread, since an invalidation of a file's
+    /// pages waits for a FUSE write to it in progress, which may be waiting for a write token
+    /// that waits for this very change (`net::peer`).
+    pub fn mutate_beneath_unsettled<R>(
+        &self,
+        op: Op,
+        apply: impl FnOnce(u64) -> io::Result<R>,
+    ) -> Result<(R, u64), i32> {
         let view = self.view.get().cloned();
         let seen = view.as_ref().map(|_| op.clone());
-        let res = self.mutate(op, || {
-            let r = apply()?;
+        self.mutate_at(op, |seq| {
+            let r = apply(seq)?;
             if let (Some(v), Some(op)) = (&view, &seen) {
                 v.changed_beneath(op);
             }
             Ok(r)
-        });
-        if let Some(v) = &view {
-            v.settle();
-        }
-        res
+        })
     }
 
     /// `EROFS` while a witness fence is set and the site holds no valid lease. Checked under the

@@ -205,7 +205,11 @@ fn serve_in(a: ServeArgs) -> Result<()> {
     let _reg = d.start_reporting(a.metrics.as_deref())?;
     let (listener, term) = listen(&a.listen, &dir, &id)?;
     crate::readiness::ready(&format!("serving {} on {}", dir.display(), a.listen));
-    accept_loop(&d, &listener, &server_cfg, &term);
+    let handler: Handler = {
+        let d = d.clone();
+        Arc::new(move |link| d.clone().session(link))
+    };
+    accept_loop(&handler, &listener, &server_cfg, &term);
     crate::readiness::stopping();
     d.shut_down(site)
 }
@@ -391,10 +395,14 @@ fn listen(addr: &str, dir: &Path, id: &Identity) -> Result<(TcpListener, Arc<Ato
     Ok((listener, term))
 }
 
+/// What an accepted, authenticated connection is handed to (the daemon's session, or a writable
+/// site's peer receiver, `net::peer`).
+pub(crate) type Handler = Arc<dyn Fn(Duplex) -> Result<()> + Send + Sync>;
+
 /// Accepts connections until told to stop, each on its own thread (bounded: see `gate` for who
 /// is let in, who is evicted, and the handshake deadline).
-fn accept_loop(
-    d: &Arc<Daemon>,
+pub(crate) fn accept_loop(
+    d: &Handler,
     listener: &TcpListener,
     server_cfg: &Arc<rustls::ServerConfig>,
     term: &AtomicBool,
@@ -448,7 +456,7 @@ fn accept_loop(
 /// (bounded in time, see `Duplex::accept`), then the session. `Ok` also when the gate refused
 /// it (the connection is closed); `Err` only when the thread could not be started.
 fn start_connection(
-    d: &Arc<Daemon>,
+    d: &Handler,
     cfg: &Arc<rustls::ServerConfig>,
     gate: &Arc<crate::net::gate::Gate>,
     sock: std::net::TcpStream,
@@ -471,7 +479,7 @@ fn start_connection(
                 }
             };
             slot.authenticated();
-            if let Err(e) = d.clone().session(link) {
+            if let Err(e) = d(link) {
                 tracing::warn!("connection from {from}: {e:#}");
             }
         })

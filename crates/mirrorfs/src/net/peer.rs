@@ -1,0 +1,567 @@
+//! The receiving half of a pair of writable sites (`mount --peer mirror://HOST:PORT --receive
+//! ADDR`, issue 7 item 5). Each site streams its own journal to the other's `--receive`
+//! listener with the ordinary network-mirror link (`net::remote`, the `--peer` mirror); this
+//! module takes the other site's stream. It runs the mirror daemon's session machine
+//! (`core::session::Session`: handshake, sequence checks, reserved names, acks) but, instead of
+//! appending at the peer's seqs to a mirror journal, applies each record to this site's backing
+//! tree through the volume (`Volume::mutate_beneath_at`): journaled here under the order lock
+//! like a local change, so the mount's view follows it and this site's own mirrors get it.
+//!
+//! ```text
+//!  peer ─ Hello ─▶ Session::on_hello (the copy: "consistent, the peer's volume, applied through
+//!                  STATE/peer-applied") ─▶ Welcome; Start must be Resume
+//!       ─ Records{settled} ─▶ Session::on_message ─▶ hold each record until its fate is known
+//!                  ─▶ apply ≤ settled, skipping Aborts and what they abort (and the peer's
+//!                     placeholders for our own records: `Abort{seq}`, see net::remote)
+//!                  ─▶ PeerOrigins::sync, local journal durable, STATE/peer-applied
+//!       ◀ Ack{received = durable = applied = checkpoint = the peer seq applied here}
+//! ```
+//!
+//! A record that fails here (the file it writes is gone: a concurrent local unlink) is journaled
+//! with its `Abort` like any failed change and the stream goes on; a refusal of the volume (the
+//! journal full, a fence) ends the connection without acknowledging, and the peer sends it again.
+
+use std::collections::VecDeque;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use mirrorfs_core::history::History;
+use mirrorfs_core::link::{Begin, LinkError, MirrorCopy, Positions};
+use mirrorfs_core::op::{Op, Record};
+use mirrorfs_core::session::{Incoming, OnDiverged, Session};
+use mirrorfs_core::tree::apply_op;
+use mirrorfs_core::wire::{error_code, Decoder, MirrorState, Msg};
+
+use crate::net::conn::Duplex;
+use crate::net::identity::Identity;
+use crate::site::peer::{PeerOrigins, PeerPosition, ReceiveStatus};
+use crate::site::tokens::TokenGate;
+use crate::site::volume::{lock, Volume};
+use crate::tree::dirtree::DirTree;
+
+/// One writable site's receiver of its peer's stream.
+pub struct PeerReceiver {
+    vol: Arc<Volume>,
+    backing: PathBuf,
+    /// The state directory's name at the backing's root: no record may touch it.
+    hidden: Vec<u8>,
+    origins: Arc<PeerOrigins>,
+    position_file: PathBuf,
+    position: Mutex<PeerPosition>,
+    busy: AtomicBool,
+    applied: AtomicU64,
+    status: Arc<Mutex<ReceiveStatus>>,
+    /// With `--write-tokens`: the peer's token messages go here, and how far its records are
+    /// applied.
+    gate: Option<Arc<TokenGate>>,
+    /// The kernel is told of applied changes on another thread (see `settler`).
+    settle: Arc<(Mutex<bool>, Condvar)>,
+}
+
+impl PeerReceiver {
+    pub fn new(
+        vol: Arc<Volume>,
+        backing: &Path,
+        hidden: Vec<u8>,
+        origins: Arc<PeerOrigins>,
+        position_file: PathBuf,
+        gate: Option<Arc<TokenGate>>,
+        listen: &str,
+    ) -> Result<Arc<PeerReceiver>> {
+        let position = PeerPosition::load(&position_file)?;
+        let status = Arc::new(Mutex::new(ReceiveStatus {
+            listen: listen.to_string(),
+            applied: position.applied,
+            ..ReceiveStatus::default()
+        }));
+        let _ = vol.peer_receive.set(status.clone());
+        Ok(Arc::new(PeerReceiver {
+            status,
+            gate,
+            settle: Arc::new((Mutex::new(false), Condvar::new())),
+            vol,
+            backing: backing.to_path_buf(),
+            hidden,
+            origins,
+            position_file,
+            applied: AtomicU64::new(position.applied),
+            position: Mutex::new(position),
+            busy: AtomicBool::new(false),
+        }))
+    }
+
+    /// Listens on `addr` (pinned mutual TLS, the peers `mirrorfs trust`ed in `config`) until
+    /// `stop` is set; one peer connection at a time.
+    pub fn serve(
+        self: &Arc<Self>,
+        addr: &str,
+        id: &Identity,
+        config: &Path,
+        pinned: Vec<crate::net::identity::Fingerprint>,
+        stop: Arc<AtomicBool>,
+    ) -> Result<std::thread::JoinHandle<()>> {
+        let listener = std::net::TcpListener::bind(addr)
+            .with_context(|| format!("cannot listen on {addr} for the peer's stream"))?;
+        listener.set_nonblocking(true)?;
+        let server_cfg = crate::net::identity::server_config_reloading(id, config, pinned)?;
+        tracing::info!(
+            "receiving the peer writable site's stream on {}",
+            listener
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default()
+        );
+        self.settler(stop.clone())?;
+        let me = self.clone();
+        let handler: crate::net::serve::Handler = Arc::new(move |link| me.session(link));
+        Ok(std::thread::Builder::new()
+            .name("peer-receive".into())
+            .spawn(move || {
+                crate::net::serve::accept_loop(&handler, &listener, &server_cfg, &stop)
+            })?)
+    }
+
+    /// Tells the kernel about the applied changes (`MountView::settle`) on its own thread: an
+    /// invalidation of a file's pages waits for a FUSE write to that file in progress, and that
+    /// write may be parked for the token that the change being applied comes before.
+    fn settler(&self, stop: Arc<AtomicBool>) -> Result<()> {
+        let (vol, settle) = (self.vol.clone(), self.settle.clone());
+        std::thread::Builder::new()
+            .name("peer-settle".into())
+            .spawn(move || {
+                let (due, cv) = &*settle;
+                while !stop.load(Ordering::Acquire) {
+                    let mut d = lock(due);
+                    if !*d {
+                        d = cv
+                            .wait_timeout(d, Duration::from_millis(100))
+                            .map(|r| r.0)
+                            .unwrap_or_else(|e| e.into_inner().0);
+                    }
+                    let go = std::mem::take(&mut *d);
+                    drop(d);
+                    if go {
+                        if let Some(v) = vol.view.get() {
+                            v.settle();
+                        }
+                    }
+                }
+            })?;
+        Ok(())
+    }
+
+    /// One authenticated connection from the peer.
+    fn session(&self, link: Duplex) -> Result<()> {
+        if self.busy.swap(true, Ordering::AcqRel) {
+            let _ = link.send(&Msg::Error {
+                code: error_code::BUSY,
+                message: "the peer site is already streaming to this site".into(),
+            });
+            bail!("refused a second connection from the peer");
+        }
+        lock(&self.status).connected = true;
+        let r = self.stream(&link);
+        self.busy.store(false, Ordering::Release);
+        {
+            let mut s = lock(&self.status);
+            s.connected = false;
+            if let Err(e) = &r {
+                s.last_error = Some(format!("{e:#}"));
+            }
+        }
+        if let Err(e) = &r {
+            if let Some(le) = e.downcast_ref::<LinkError>() {
+                let _ = link.send(&le.to_msg());
+            }
+        }
+        r.context("the peer's stream")
+    }
+
+    /// The copy the session compares the peer's `hello` with: this site holds the peer's
+    /// volume, consistent, through the position applied here. The first connection takes the
+    /// peer's volume (a pair starts from identical trees, e.g. two empty directories).
+    fn copy(&self, hello: &Msg) -> Result<MirrorCopy, LinkError> {
+        let Msg::Hello {
+            volume_id,
+            history,
+            name,
+            ..
+        } = hello
+        else {
+            return Err(LinkError::new(
+                error_code::BAD_FRAME,
+                false,
+                "the peer did not start with Hello",
+            ));
+        };
+        self.check_token_ids(name)?;
+        let pos = *lock(&self.position);
+        if let Some(v) = pos.volume {
+            if v != *volume_id {
+                return Err(LinkError::new(
+                    error_code::REFUSED,
+                    false,
+                    format!(
+                        "this site pairs with volume {} and the connecting site is volume {}: a writable site has one peer (move {} away to pair anew)",
+                        hex(&v),
+                        hex(volume_id),
+                        self.position_file.display()
+                    ),
+                ));
+            }
+        }
+        Ok(MirrorCopy {
+            state: MirrorState::Consistent,
+            history: History {
+                volume_id: *volume_id,
+                generations: history.clone(),
+            },
+            durable: pos.applied,
+            applied: pos.applied,
+            sync_id: 0,
+            promoted: false,
+            foreign: false,
+            first_held: 0,
+        })
+    }
+
+    /// Both sites run with write tokens, or neither; with them, the peer's ids are ours
+    /// swapped (two homes would each write the same file).
+    fn check_token_ids(&self, name: &str) -> Result<(), LinkError> {
+        let refuse = |m: String| Err(LinkError::new(error_code::REFUSED, false, m));
+        match (
+            self.gate.as_ref().map(|g| g.ids()),
+            crate::site::tokens::hello_ids(name),
+        ) {
+            (None, None) => Ok(()),
+            (Some((me, peer)), Some((their, their_peer))) if their == peer && their_peer == me => {
+                Ok(())
+            }
+            (Some((me, peer)), Some((their, their_peer))) => refuse(format!(
+                "write-token ids do not match: this site is --write-tokens {me}:{peer}, the peer {their}:{their_peer}; the peer's must be {peer}:{me}"
+            )),
+            (Some(_), None) => refuse(
+                "this site runs with --write-tokens and the peer without: give both sites --write-tokens".into(),
+            ),
+            (None, Some(_)) => refuse(
+                "the peer runs with --write-tokens and this site without: give both sites --write-tokens".into(),
+            ),
+        }
+    }
+
+    fn stream(&self, link: &Duplex) -> Result<()> {
+        let mut dec = Decoder::new();
+        let hello = recv_within(link, &mut dec, crate::net::conn::CONNECT_TIMEOUT)?;
+        let copy = self.copy(&hello)?;
+        let label = self.backing.display().to_string();
+        let mut session =
+            Session::new(copy, &self.hidden, &label, 0).with_on_diverged(OnDiverged::Refuse);
+        let welcome = session.on_hello(&hello)?;
+        if let Msg::Hello { name, compress, .. } = &hello {
+            tracing::info!("peer {name} connected");
+            link.set_compress(*compress);
+        }
+        link.send(&welcome)?;
+        let start = recv_within(link, &mut dec, crate::net::conn::CONNECT_TIMEOUT)?;
+        match session.on_start(&start)? {
+            Begin::Resume { seq, history } => {
+                let mut pos = lock(&self.position);
+                if pos.volume.is_none() {
+                    pos.volume = Some(history.volume_id);
+                    pos.store(&self.position_file).with_context(|| {
+                        format!("cannot write {}", self.position_file.display())
+                    })?;
+                }
+                tracing::info!("the peer's stream resumes at its record {seq}");
+            }
+            _ => {
+                return Err(LinkError::new(
+                    error_code::REFUSED,
+                    false,
+                    "the peer's journal no longer holds the records this site lacks (it asked for a copy): a writable pair does not copy trees; resynchronise this site from the peer as a mirror, then pair again",
+                )
+                .into())
+            }
+        }
+        let session = Mutex::new(session);
+        let done = AtomicBool::new(false);
+        std::thread::scope(|s| -> Result<()> {
+            let acker = s.spawn(|| {
+                let r = self.send_acks(link, &session, &done);
+                done.store(true, Ordering::Release);
+                link.shutdown();
+                r
+            });
+            let r = self.receive(link, &mut dec, &session, &done);
+            done.store(true, Ordering::Release);
+            self.vol.changed.notify_all();
+            link.shutdown();
+            let a = acker
+                .join()
+                .unwrap_or_else(|_| Err(anyhow!("the peer ack thread panicked")));
+            r.and(a)
+        })
+    }
+
+    /// The peer's messages until the connection ends or this site stops.
+    fn receive(
+        &self,
+        link: &Duplex,
+        dec: &mut Decoder,
+        session: &Mutex<Session>,
+        done: &AtomicBool,
+    ) -> Result<()> {
+        let dead = crate::net::remote::DEAD_AFTER;
+        let mut heard = Instant::now();
+        let mut pending = VecDeque::new();
+        loop {
+            if lock(&self.vol.progress).stopping {
+                return Ok(());
+            }
+            let silent = || anyhow!("the peer sent nothing for {dead:?}; closing");
+            let Some(msg) = link.next_or_dead(dec, done, &mut heard, dead, silent)? else {
+                return Ok(());
+            };
+            if let Msg::Token(t) = msg {
+                match &self.gate {
+                    Some(g) => g.received(t),
+                    None => {
+                        return Err(LinkError::new(
+                            error_code::BAD_FRAME,
+                            false,
+                            "the peer sends write-token messages, but this site runs without --write-tokens: give both sites --write-tokens",
+                        )
+                        .into())
+                    }
+                }
+                continue;
+            }
+            let incoming = lock(session).on_message(&msg)?;
+            match incoming {
+                Incoming::Append { records, settled } => {
+                    pending.extend(records.iter().cloned());
+                    self.apply_ready(&mut pending, settled)?;
+                }
+                // Records come on the TLS connection only.
+                Incoming::UdpOffer { .. } => {
+                    link.send(&Msg::UdpAccept { port: 0 })?;
+                }
+                Incoming::Reply(reply) => {
+                    link.send(&reply)?;
+                }
+                Incoming::PeerError { code, message } => {
+                    bail!("the peer reported an error (code {code}): {message}")
+                }
+                Incoming::UdpSent { .. } | Incoming::Nothing => {}
+                Incoming::SendTail { .. }
+                | Incoming::Fetch { .. }
+                | Incoming::Reintegrated { .. } => {
+                    bail!("internal: a reintegration message on the peer's stream")
+                }
+            }
+        }
+    }
+
+    /// Applies the held records whose fate is known (≤ `settled`, and either the watermark
+    /// itself or followed by the next record, which would be its `Abort`), then makes the
+    /// batch durable here and publishes the position for the ack.
+    fn apply_ready(&self, pending: &mut VecDeque<Record>, settled: u64) -> Result<()> {
+        let mut last = None;
+        for (r, aborted) in take_ready(pending, settled) {
+            if !aborted {
+                self.apply(&r)?;
+            }
+            last = Some(r.seq);
+        }
+        let Some(last) = last else { return Ok(()) };
+        self.origins
+            .sync()
+            .context("cannot make STATE/peer-origin durable")?;
+        self.vol.wait_journal_durable();
+        if self.vol.poisoned.load(Ordering::Acquire) {
+            bail!("the journal failed: the peer's records are not acknowledged");
+        }
+        let mut pos = lock(&self.position);
+        pos.applied = last;
+        pos.store(&self.position_file)
+            .with_context(|| format!("cannot write {}", self.position_file.display()))?;
+        drop(pos);
+        self.applied.store(last, Ordering::Release);
+        lock(&self.status).applied = last;
+        if let Some(g) = &self.gate {
+            g.peer_applied(last);
+        }
+        self.vol.changed.notify_all();
+        Ok(())
+    }
+
+    /// One peer record, through the volume; its local seq is noted as the peer's. The tree is
+    /// opened for each record: a descriptor it keeps could name a file a local rename moved.
+    fn apply(&self, r: &Record) -> Result<()> {
+        let op = match &r.op {
+            // Nothing to change here: aborts (and the peer's placeholders for our own
+            // records), another mirror's copy, group marks.
+            Op::Abort { .. }
+            | Op::Sync { .. }
+            | Op::SyncDone { .. }
+            | Op::GroupBegin
+            | Op::GroupEnd => return Ok(()),
+            // The inode number names the peer's file; ours is what a crash here resolves.
+            Op::Rename {
+                from, to, flags, ..
+            } => Op::Rename {
+                from: from.clone(),
+                to: to.clone(),
+                flags: *flags,
+                from_ino: local_ino(&self.backing, from.as_bytes()),
+            },
+            op => op.clone(),
+        };
+        let origins = &self.origins;
+        let mut tree = DirTree::open(&self.backing)
+            .with_context(|| format!("cannot open {}", self.backing.display()))?;
+        let res = self.vol.mutate_beneath_unsettled(op.clone(), |seq| {
+            origins.note(seq)?;
+            apply_op(&mut tree, &op, false).map_err(|e| std::io::Error::other(e.to_string()))
+        });
+        {
+            let (due, cv) = &*self.settle;
+            *lock(due) = true;
+            cv.notify_one();
+        }
+        match res {
+            Ok(_) => Ok(()),
+            // The volume refused the change (read-only fence, full journal, failed journal):
+            // not acknowledged, the peer sends it again on the next connection.
+            Err(e @ (libc::EROFS | libc::ENOSPC | libc::EIO | libc::ESHUTDOWN)) => bail!(
+                "cannot apply the peer's record {} ({}): {}",
+                r.seq,
+                r.op.name(),
+                std::io::Error::from_raw_os_error(e)
+            ),
+            Err(e) => {
+                lock(&self.status).failed += 1;
+                tracing::warn!(
+                    "the peer's record {} ({}) failed here: {}; journaled with its abort",
+                    r.seq,
+                    r.op.name(),
+                    std::io::Error::from_raw_os_error(e)
+                );
+                Ok(())
+            }
+        }
+    }
+
+    /// Acks as the session says (a change of position, or the heartbeat).
+    fn send_acks(&self, link: &Duplex, session: &Mutex<Session>, done: &AtomicBool) -> Result<()> {
+        let t0 = Instant::now();
+        while !done.load(Ordering::Acquire) {
+            let a = self.applied.load(Ordering::Acquire);
+            let raw = Positions {
+                received: a,
+                durable: a,
+                applied: a,
+                checkpoint: a,
+            };
+            let step = lock(session).ack_at(raw, t0.elapsed());
+            if let Some(ack) = step.ack {
+                link.send(&ack)?;
+            }
+            let p = lock(&self.vol.progress);
+            if self.applied.load(Ordering::Acquire) == a && !p.stopping {
+                let _ = self.vol.changed.wait_timeout(p, Duration::from_millis(50));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The held records whose fate is known, in order, each with whether the next record aborts it:
+/// ≤ `settled`, and either the watermark itself or followed by the next record (which would be
+/// its `Abort`). The rest stay held.
+fn take_ready(pending: &mut VecDeque<Record>, settled: u64) -> Vec<(Record, bool)> {
+    let mut out = Vec::new();
+    while let Some(front) = pending.front() {
+        if front.seq > settled || (front.seq < settled && pending.len() < 2) {
+            break;
+        }
+        let Some(r) = pending.pop_front() else { break };
+        let aborted =
+            matches!(pending.front(), Some(Record { op: Op::Abort { seq }, .. }) if *seq == r.seq);
+        out.push((r, aborted));
+    }
+    out
+}
+
+fn local_ino(backing: &Path, rel: &[u8]) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(backing.join(std::ffi::OsStr::from_bytes(rel))).map_or(0, |m| m.ino())
+}
+
+fn hex(v: &[u8]) -> String {
+    v.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn recv_within(d: &Duplex, dec: &mut Decoder, limit: Duration) -> Result<Msg> {
+    let t0 = Instant::now();
+    loop {
+        if let Some(m) = d.recv(dec)? {
+            return Ok(m);
+        }
+        if t0.elapsed() > limit {
+            bail!("the peer did not answer within {limit:?}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mirrorfs_core::path::RelPath;
+
+    fn write(seq: u64) -> Record {
+        Record {
+            seq,
+            op: Op::Truncate {
+                path: RelPath::new(b"f").expect("path"),
+                size: seq,
+            },
+        }
+    }
+
+    fn abort(seq: u64, of: u64) -> Record {
+        Record {
+            seq,
+            op: Op::Abort { seq: of },
+        }
+    }
+
+    fn seqs(v: &[(Record, bool)]) -> Vec<(u64, bool)> {
+        v.iter().map(|(r, a)| (r.seq, *a)).collect()
+    }
+
+    #[test]
+    fn a_record_waits_until_its_fate_is_known() {
+        let mut p: VecDeque<Record> = [write(1), write(2)].into_iter().collect();
+        // Nothing settled: everything waits.
+        assert!(take_ready(&mut p, 0).is_empty());
+        // 1 is settled and followed by 2: final. 2 is below the watermark 3 but its successor
+        // (maybe its Abort) is not here yet: it waits.
+        assert_eq!(seqs(&take_ready(&mut p, 3)), vec![(1, false)]);
+        p.push_back(abort(3, 2));
+        // 2 is aborted by 3; 3 is the watermark itself.
+        assert_eq!(seqs(&take_ready(&mut p, 3)), vec![(2, true), (3, false)]);
+        assert!(p.is_empty());
+        // The watermark itself is final with nothing after it.
+        p.push_back(write(4));
+        assert_eq!(seqs(&take_ready(&mut p, 4)), vec![(4, false)]);
+        // Beyond the watermark: held.
+        p.push_back(write(5));
+        assert!(take_ready(&mut p, 4).is_empty());
+        assert_eq!(p.len(), 1);
+    }
+}

@@ -1,0 +1,267 @@
+//! What a writable site keeps about the other writable site of its pair (issue 7 item 5): which
+//! of its own journal records came from the peer (`STATE/peer-origin`, so they are never sent
+//! back: no echo), and how far the peer's journal is applied here (`STATE/peer-applied`, where
+//! the peer's stream resumes). The link that carries the records is `net::peer`.
+//!
+//! ```text
+//!  peer's record (its seq P) ─▶ Volume::mutate_beneath_at ─▶ our record (seq L)
+//!                                 under the order lock: PeerOrigins::note(L) before L settles
+//!  end of a batch: PeerOrigins::sync (fdatasync) ─▶ local journal durable ─▶
+//!                  PeerPosition::store(P) (durable) ─▶ Ack{P} to the peer
+//!  our link to the peer (net::remote::stream): record L in PeerOrigins ─▶ sent as Abort{L}
+//! ```
+//!
+//! **Layouts** (also in `docs/journal.md`, "State files"). `STATE/peer-origin` is a sequence of
+//! little-endian u64 seqs of our own journal, appended in order; a torn last one (a crash while
+//! it was written) is cut at open, seqs past the journal's end (records a power loss took) or
+//! before its first held record are dropped, and the file is compacted then. `STATE/peer-applied`
+//! is 32 bytes, replaced atomically: magic `MFPA`, 4 zero bytes, the peer's volume id (16), the
+//! last peer seq applied here and durable (u64 LE).
+//!
+//! **Limit.** A crash after our journal made a peer record durable but before `peer-origin`
+//! did (the same batch) can send that one batch back to the peer once after the restart; the
+//! peer applies its own changes again (the same bytes at the same places, unless it changed
+//! them again since). The batch is at most one `Records` message.
+
+use std::collections::BTreeSet;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use anyhow::{bail, Context, Result};
+use mirrorfs_core::wire::VolumeId;
+
+use crate::site::statefile;
+use crate::site::volume::lock;
+
+/// The peer's stream into this site, for `status` (`peer_receive`).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct ReceiveStatus {
+    /// Where this site listens (`--receive`).
+    pub listen: String,
+    pub connected: bool,
+    /// The peer's records through this are applied here and durable.
+    pub applied: u64,
+    /// Peer records that failed here (journaled with their `Abort`).
+    pub failed: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+/// `STATE/peer-origin` is compacted once it holds this many more seqs than are live.
+const ORIGIN_SLACK: usize = 4096;
+/// `STATE/peer-applied`'s size.
+const POSITION_BYTES: usize = 32;
+const POSITION_MAGIC: [u8; 4] = *b"MFPA";
+
+struct Origins {
+    file: File,
+    live: BTreeSet<u64>,
+    /// Seqs in the file.
+    written: usize,
+    dirty: bool,
+}
+
+/// The seqs of our journal records that came from the peer.
+pub struct PeerOrigins {
+    path: PathBuf,
+    inner: Mutex<Origins>,
+}
+
+impl PeerOrigins {
+    /// Opens `STATE/peer-origin` for a journal that holds records `first_held..=end`.
+    pub fn open(path: &Path, first_held: u64, end: u64) -> Result<PeerOrigins> {
+        let mut bytes = Vec::new();
+        match File::open(path) {
+            Ok(f) => {
+                f.take(1 << 30)
+                    .read_to_end(&mut bytes)
+                    .with_context(|| format!("cannot read {}", path.display()))?;
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("cannot open {}", path.display())),
+        }
+        let live: BTreeSet<u64> = bytes
+            .chunks_exact(8)
+            .filter_map(|c| c.try_into().ok().map(u64::from_le_bytes))
+            .filter(|s| (first_held..=end).contains(s))
+            .collect();
+        let origins = PeerOrigins {
+            path: path.to_path_buf(),
+            inner: Mutex::new(Origins {
+                file: open_append(path)?,
+                live,
+                written: 0,
+                dirty: false,
+            }),
+        };
+        origins
+            .compact(&mut lock(&origins.inner))
+            .with_context(|| format!("cannot compact {}", path.display()))?;
+        Ok(origins)
+    }
+
+    fn compact(&self, o: &mut Origins) -> io::Result<()> {
+        let bytes: Vec<u8> = o.live.iter().flat_map(|s| s.to_le_bytes()).collect();
+        statefile::replace_durable(&self.path, &bytes, 0o600)?;
+        o.file = open_append(&self.path)?;
+        o.written = o.live.len();
+        o.dirty = false;
+        Ok(())
+    }
+
+    /// Our record `seq` came from the peer (called under the order lock, before it settles).
+    pub fn note(&self, seq: u64) -> io::Result<()> {
+        let mut o = lock(&self.inner);
+        o.file.write_all(&seq.to_le_bytes())?;
+        o.live.insert(seq);
+        o.written += 1;
+        o.dirty = true;
+        Ok(())
+    }
+
+    /// Makes the seqs noted so far durable.
+    pub fn sync(&self) -> io::Result<()> {
+        let mut o = lock(&self.inner);
+        if o.dirty {
+            o.file.sync_data()?;
+            o.dirty = false;
+        }
+        Ok(())
+    }
+
+    /// Whether our record `seq` came from the peer.
+    pub fn contains(&self, seq: u64) -> bool {
+        lock(&self.inner).live.contains(&seq)
+    }
+
+    /// The peer holds our records through `seq` durably: the seqs up to it are not needed any
+    /// more (kept in memory and on disk only until the next compaction).
+    pub fn forget_through(&self, seq: u64) {
+        let mut o = lock(&self.inner);
+        let keep = o.live.split_off(&(seq.saturating_add(1)));
+        o.live = keep;
+        if o.written >= 2 * o.live.len() + ORIGIN_SLACK {
+            if let Err(e) = self.compact(&mut o) {
+                tracing::warn!("cannot compact {}: {e}", self.path.display());
+            }
+        }
+    }
+
+    /// Seqs remembered now.
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        lock(&self.inner).live.len()
+    }
+
+    #[cfg(test)]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn open_append(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .open(path)
+}
+
+/// `STATE/peer-applied`: whose journal this site follows, and how far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PeerPosition {
+    /// The peer's volume (`None` before the first connection).
+    pub volume: Option<VolumeId>,
+    /// The peer's records through this are applied here and durable.
+    pub applied: u64,
+}
+
+impl PeerPosition {
+    pub fn load(path: &Path) -> Result<PeerPosition> {
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(PeerPosition::default()),
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+        };
+        if bytes.len() != POSITION_BYTES || bytes[..4] != POSITION_MAGIC || bytes[4..8] != [0; 4] {
+            bail!(
+                "{} is damaged (it is replaced atomically, so this is not a crash): move it away to take the peer's stream from its first record again",
+                path.display()
+            );
+        }
+        let mut volume = [0u8; 16];
+        volume.copy_from_slice(&bytes[8..24]);
+        let mut seq = [0u8; 8];
+        seq.copy_from_slice(&bytes[24..32]);
+        Ok(PeerPosition {
+            volume: Some(volume),
+            applied: u64::from_le_bytes(seq),
+        })
+    }
+
+    /// Replaces the file durably.
+    pub fn store(&self, path: &Path) -> io::Result<()> {
+        let mut b = Vec::with_capacity(POSITION_BYTES);
+        b.extend_from_slice(&POSITION_MAGIC);
+        b.extend_from_slice(&[0; 4]);
+        b.extend_from_slice(&self.volume.unwrap_or_default());
+        b.extend_from_slice(&self.applied.to_le_bytes());
+        statefile::replace_durable(path, &b, 0o600)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn origins_survive_a_reopen_and_drop_what_the_journal_lost() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let p = d.path().join("peer-origin");
+        {
+            let o = PeerOrigins::open(&p, 1, 0).expect("open");
+            for s in [3, 5, 9] {
+                o.note(s).expect("note");
+            }
+            o.sync().expect("sync");
+            assert!(o.contains(5) && !o.contains(4));
+        }
+        // A torn last seq (a crash while it was written) is cut.
+        let mut f = OpenOptions::new().append(true).open(&p).expect("append");
+        f.write_all(&[1, 2, 3]).expect("torn");
+        drop(f);
+        // The journal lost record 9 in a power loss; it holds 4..=8 now.
+        let o = PeerOrigins::open(&p, 4, 8).expect("reopen");
+        assert!(!o.contains(3), "before the journal's first record");
+        assert!(o.contains(5));
+        assert!(
+            !o.contains(9),
+            "past the journal's end: that seq will be reused"
+        );
+        assert_eq!(std::fs::metadata(&p).expect("stat").len(), 8, "compacted");
+        o.forget_through(5);
+        assert!(o.is_empty());
+    }
+
+    #[test]
+    fn the_position_round_trips_and_damage_is_refused() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let p = d.path().join("peer-applied");
+        assert_eq!(
+            PeerPosition::load(&p).expect("absent"),
+            PeerPosition::default()
+        );
+        let pos = PeerPosition {
+            volume: Some([7; 16]),
+            applied: 42,
+        };
+        pos.store(&p).expect("store");
+        assert_eq!(PeerPosition::load(&p).expect("load"), pos);
+        std::fs::write(&p, b"garbage").expect("write");
+        let e = PeerPosition::load(&p).expect_err("damaged");
+        assert!(format!("{e:#}").contains("damaged"), "{e:#}");
+    }
+}

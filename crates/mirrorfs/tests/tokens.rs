@@ -1,0 +1,385 @@
+//! Two writable sites with real mounts on this machine (issue 7 item 5): two backing
+//! directories, two `mirrorfs mount ... --peer mirror://127.0.0.1:PORT --receive 127.0.0.1:PORT`
+//! processes streaming to each other over loopback TLS, each trusting the other's identity.
+
+mod common;
+
+use std::ffi::OsStr;
+use std::fs;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use common::{pattern, temp_base, tree_diff, wait_until, Cmp, Layout, Mount, BIN};
+
+/// How long a change may take to reach the other site (2 shared cores, debug build).
+const ARRIVE: Duration = Duration::from_secs(60);
+
+fn run_ok(args: &[&OsStr]) -> String {
+    let o: Output = Command::new(BIN).args(args).output().expect("run mirrorfs");
+    assert!(
+        o.status.success(),
+        "mirrorfs {args:?} failed ({}):\n{}{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn os(s: &str) -> &OsStr {
+    OsStr::new(s)
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind an ephemeral port")
+        .port()
+}
+
+/// `mirrorfs init --config DIR`; returns the fingerprint.
+fn init_identity(dir: &Path, name: &str) -> String {
+    let out = run_ok(&[
+        os("init"),
+        os("--config"),
+        dir.as_os_str(),
+        os("--name"),
+        os(name),
+    ]);
+    out.lines()
+        .find_map(|l| l.strip_prefix("fingerprint: "))
+        .unwrap_or_else(|| panic!("`mirrorfs init` printed no fingerprint:\n{out}"))
+        .trim()
+        .to_string()
+}
+
+fn trust(dir: &Path, fp: &str, name: &str) {
+    let out = run_ok(&[
+        os("trust"),
+        os("--config"),
+        dir.as_os_str(),
+        os(fp),
+        os(name),
+    ]);
+    assert!(out.contains("now trusting"), "{out}");
+}
+
+/// Two writable sites, `a` and `b`, each the other's peer.
+struct Pair {
+    a: Mount,
+    b: Mount,
+    _tmp: tempfile::TempDir,
+}
+
+impl Pair {
+    fn new(tag: &str, extra: &[&str]) -> Pair {
+        Pair::with(tag, extra, extra)
+    }
+
+    /// `extra_a`, `extra_b`: each site's own further arguments.
+    fn with(tag: &str, extra_a: &[&str], extra_b: &[&str]) -> Pair {
+        let tmp = temp_base(&format!("tokens-{tag}"));
+        let base = tmp.path().canonicalize().expect("canonicalize");
+        let (ca, cb) = (base.join("cfg-a"), base.join("cfg-b"));
+        let (fa, fb) = (init_identity(&ca, "site-a"), init_identity(&cb, "site-b"));
+        trust(&ca, &fb, "site-b");
+        trust(&cb, &fa, "site-a");
+        let (pa, pb) = (free_port(), free_port());
+        let site = |me: &Path, listen: u16, peer: u16, tag: &str, extra: &[&str]| -> Mount {
+            let peer = format!("mirror://127.0.0.1:{peer}");
+            let listen = format!("127.0.0.1:{listen}");
+            let cfg = me.display().to_string();
+            let mut args = vec![
+                "--peer",
+                peer.as_str(),
+                "--receive",
+                listen.as_str(),
+                "--config",
+                cfg.as_str(),
+            ];
+            args.extend_from_slice(extra);
+            Mount::start(Layout::new(tag, 0), &args)
+        };
+        let a = site(&ca, pa, pb, &format!("{tag}-a"), extra_a);
+        let b = site(&cb, pb, pa, &format!("{tag}-b"), extra_b);
+        Pair { a, b, _tmp: tmp }
+    }
+
+    /// Waits until both backing trees hold the same files (contents, modes, owners).
+    fn wait_equal(&self) {
+        let mut last = Vec::new();
+        let ok = wait_until(ARRIVE, || {
+            last = tree_diff(self.a.backing(), self.b.backing(), &Cmp::NO_TIMES);
+            last.is_empty()
+        });
+        assert!(
+            ok,
+            "the sites differ after {ARRIVE:?}: {last:#?}\nsite a:\n{}\nsite b:\n{}",
+            self.a.log(),
+            self.b.log()
+        );
+    }
+}
+
+fn write_file(p: PathBuf, data: &[u8]) {
+    fs::write(&p, data).unwrap_or_else(|e| panic!("write {}: {e}", p.display()));
+}
+
+#[test]
+fn disjoint_files_written_at_both_sites_at_once_arrive_at_the_other_site() {
+    let pair = Pair::new("disjoint", &[]);
+    let n = 20u64;
+    std::thread::scope(|s| {
+        for (site, name) in [(&pair.a, "a"), (&pair.b, "b")] {
+            s.spawn(move || {
+                fs::create_dir(site.p(format!("dir-{name}"))).expect("mkdir");
+                for i in 0..n {
+                    let data = pattern(i + 1000 * u64::from(name == "b"), 5000 + i as usize);
+                    write_file(site.p(format!("dir-{name}/f{i}")), &data);
+                }
+            });
+        }
+    });
+    pair.wait_equal();
+    for i in 0..n {
+        let want = pattern(i + 1000, 5000 + i as usize);
+        let got = fs::read(pair.a.p(format!("dir-b/f{i}"))).expect("b's file read at a");
+        assert_eq!(got, want, "b's file {i} as a's mount shows it");
+        let want = pattern(i, 5000 + i as usize);
+        let got = fs::read(pair.b.p(format!("dir-a/f{i}"))).expect("a's file read at b");
+        assert_eq!(got, want, "a's file {i} as b's mount shows it");
+    }
+    // No echo: each change travelled once; the sites are still equal a moment later, and a
+    // change made after all that still arrives (the streams did not stop on an echo).
+    std::thread::sleep(Duration::from_secs(2));
+    write_file(pair.b.p("late"), b"after the echo window");
+    pair.wait_equal();
+    assert_eq!(
+        fs::read(pair.a.p("late")).expect("late at a"),
+        b"after the echo window"
+    );
+    let log = pair.a.log() + &pair.b.log();
+    assert!(
+        !log.contains("failed here"),
+        "no peer record failed:\n{log}"
+    );
+    // Each site's status shows the peer's stream into it.
+    let mut st = serde_json::Value::Null;
+    let shown = wait_until(Duration::from_secs(10), || {
+        st = tokens_status(&pair.a);
+        st["peer_receive"]["connected"] == true
+            && st["peer_receive"]["applied"].as_u64().unwrap_or(0) > 0
+    });
+    assert!(shown, "a's status: {st:#}");
+    assert_eq!(st["peer_receive"]["failed"], 0, "{st:#}");
+}
+
+/// A pair with write tokens: `a` is site 1 (home of every token), `b` site 2.
+fn token_pair(tag: &str, partition: &str) -> Pair {
+    Pair::with(
+        tag,
+        &["--write-tokens", "1:2", "--partition", partition],
+        &["--write-tokens", "2:1", "--partition", partition],
+    )
+}
+
+fn tokens_status(m: &Mount) -> serde_json::Value {
+    let mut last = None;
+    wait_until(Duration::from_secs(10), || {
+        last = m.status();
+        last.is_some()
+    });
+    let s = last.unwrap_or_else(|| panic!("no status; log:\n{}", m.log()));
+    s["volumes"]
+        .as_array()
+        .and_then(|v| v.first())
+        .cloned()
+        .unwrap_or(s)
+}
+
+/// Waits until `m`'s link to its peer carries token messages again (after a restart).
+fn wait_connected(m: &Mount) {
+    let mut st = serde_json::Value::Null;
+    let up = wait_until(Duration::from_secs(60), || {
+        st = tokens_status(m);
+        st["write_tokens"]["connected"] == true
+    });
+    assert!(up, "the link never came back: {st:#}\n{}", m.log());
+}
+
+/// Writes `len` bytes of `letter` at offset 0 of `p` in one write call.
+fn write_block(p: &Path, letter: u8, len: usize) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(p)?;
+    f.write_all_at(&vec![letter; len], 0)
+}
+
+#[test]
+fn one_file_written_from_both_sites_ends_identical_and_never_mixed() {
+    let pair = token_pair("shared", "read-only");
+    let len = 64 << 10;
+    write_block(&pair.a.p("shared"), b'0', len).expect("first write at a");
+    pair.wait_equal();
+    let rounds = 15;
+    std::thread::scope(|s| {
+        for (site, letter) in [(&pair.a, b'a'), (&pair.b, b'b')] {
+            s.spawn(move || {
+                for _ in 0..rounds {
+                    write_block(&site.p("shared"), letter, len)
+                        .unwrap_or_else(|e| panic!("write {} at its site: {e}", letter as char));
+                    // Whatever a site reads of the file is one write, never a mix.
+                    let back = fs::read(site.p("shared")).expect("read back");
+                    assert_eq!(back.len(), len);
+                    assert!(
+                        back.iter().all(|&c| c == back[0]),
+                        "site {} read a mix of writes",
+                        letter as char
+                    );
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            });
+        }
+    });
+    pair.wait_equal();
+    let (a, b) = (
+        fs::read(pair.a.p("shared")).expect("a"),
+        fs::read(pair.b.p("shared")).expect("b"),
+    );
+    assert_eq!(a, b, "both sites hold the same last write");
+    assert!(a.iter().all(|&c| c == a[0]), "the last write is whole");
+    let mut st = serde_json::Value::Null;
+    let travelled = wait_until(Duration::from_secs(10), || {
+        st = tokens_status(&pair.b);
+        st["write_tokens"]["messages_sent"].as_u64().unwrap_or(0) >= 2
+    });
+    assert!(travelled, "the token travelled: {st:#}");
+}
+
+#[test]
+fn across_a_split_a_write_whose_token_is_away_fails_with_erofs_and_status_says_why() {
+    let mut pair = token_pair("split", "read-only");
+    write_block(&pair.a.p("theirs"), b'0', 4096).expect("create at a");
+    pair.wait_equal();
+    // b takes the token of `theirs` and keeps the file open, so it stays at b.
+    let held = fs::OpenOptions::new()
+        .write(true)
+        .open(pair.b.p("theirs"))
+        .expect("open at b");
+    {
+        use std::os::unix::fs::FileExt;
+        held.write_all_at(b"bbbb", 0).expect("write at b");
+    }
+    pair.wait_equal();
+    // The link is cut: b is gone.
+    pair.b.kill9_leaving_the_mount();
+    drop(held);
+    common::lazy_unmount(pair.b.mnt());
+    let e = write_block(&pair.a.p("theirs"), b'a', 4096).expect_err("the token is at b");
+    assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
+    // A file whose token never left a (its home) is still writable.
+    write_block(&pair.a.p("ours"), b'a', 4096).expect("a writes its own token");
+    let mut st = serde_json::Value::Null;
+    let told = wait_until(Duration::from_secs(10), || {
+        st = tokens_status(&pair.a);
+        st["write_tokens"]["last_refusal"].is_string()
+    });
+    assert!(told, "status names no refusal: {st:#}");
+    let t = &st["write_tokens"];
+    assert_eq!(t["connected"], false, "{st:#}");
+    let why = t["last_refusal"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("theirs") && why.contains("read-only"),
+        "{st:#}"
+    );
+    let text = Command::new(BIN)
+        .arg("status")
+        .arg(pair.a.mnt())
+        .output()
+        .expect("status");
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("last write refused: theirs"), "{text}");
+}
+
+#[test]
+fn a_kill_9_and_restart_keeps_one_holder_and_the_token_comes_back() {
+    let mut pair = token_pair("crash", "read-only");
+    write_block(&pair.a.p("f"), b'0', 4096).expect("create at a");
+    pair.wait_equal();
+    // b takes the token durably (T2) and is killed with the file still open.
+    let held = fs::OpenOptions::new()
+        .write(true)
+        .open(pair.b.p("f"))
+        .expect("open at b");
+    {
+        use std::os::unix::fs::FileExt;
+        held.write_all_at(&[b'b'; 4096], 0).expect("write at b");
+    }
+    pair.wait_equal();
+    pair.b.kill9_leaving_the_mount();
+    drop(held);
+    common::lazy_unmount(pair.b.mnt());
+    // a lent the token (T1): while b is down, a may not write the file, b may have.
+    let e = write_block(&pair.a.p("f"), b'a', 4096).expect_err("the token is at b");
+    assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
+    pair.b.remount();
+    wait_connected(&pair.a);
+    wait_connected(&pair.b);
+    // Back together, b still holds the token; writes from both sites take it in turn.
+    for round in 0..3u8 {
+        write_block(&pair.a.p("f"), b'a' + round, 4096).expect("a writes after the restart");
+        write_block(&pair.b.p("f"), b'A' + round, 4096).expect("b writes after the restart");
+    }
+    pair.wait_equal();
+    assert_eq!(fs::read(pair.a.p("f")).expect("a"), vec![b'C'; 4096]);
+    assert_eq!(fs::read(pair.b.p("f")).expect("b"), vec![b'C'; 4096]);
+}
+
+#[test]
+fn sites_whose_token_ids_do_not_match_are_refused_with_the_reason() {
+    // Both claim to be site 1, the home of every token: two holders. Refused at the Hello.
+    let pair = Pair::with(
+        "ids",
+        &["--write-tokens", "1:2"],
+        &["--write-tokens", "1:2"],
+    );
+    let mut log = String::new();
+    let said = wait_until(Duration::from_secs(30), || {
+        log = pair.a.log() + &pair.b.log();
+        log.contains("write-token ids do not match")
+    });
+    assert!(said, "no refusal in the logs:\n{log}");
+    assert!(log.contains("the peer's must be 2:1"), "{log}");
+}
+
+#[test]
+fn across_a_split_reconcile_lets_the_write_go_on_without_the_token() {
+    let mut pair = token_pair("reconcile", "reconcile");
+    write_block(&pair.a.p("theirs"), b'0', 4096).expect("create at a");
+    pair.wait_equal();
+    let held = fs::OpenOptions::new()
+        .write(true)
+        .open(pair.b.p("theirs"))
+        .expect("open at b");
+    {
+        use std::os::unix::fs::FileExt;
+        held.write_all_at(b"bbbb", 0).expect("write at b");
+    }
+    pair.wait_equal();
+    pair.b.kill9_leaving_the_mount();
+    drop(held);
+    common::lazy_unmount(pair.b.mnt());
+    write_block(&pair.a.p("theirs"), b'a', 4096).expect("reconcile: the write goes on");
+    assert_eq!(
+        fs::read(pair.a.p("theirs")).expect("read at a"),
+        vec![b'a'; 4096]
+    );
+    let st = tokens_status(&pair.a);
+    assert_eq!(st["write_tokens"]["policy"], "reconcile", "{st:#}");
+    assert_eq!(st["write_tokens"]["writes_refused"], 0, "{st:#}");
+}
