@@ -3889,7 +3889,9 @@ fn udp_adaptive_rate_control_mirrors_a_workload_and_shows_its_pace() {
         ],
     );
     wait_live(&m, &srv);
-    let chunk: Vec<u8> = (0..1u32 << 20).map(|i| i.wrapping_mul(2_654_435_761) as u8).collect();
+    let chunk: Vec<u8> = (0..1u32 << 20)
+        .map(|i| i.wrapping_mul(2_654_435_761) as u8)
+        .collect();
     for i in 0..8 {
         fs::write(m.p(format!("f{i}")), &chunk).expect("write");
     }

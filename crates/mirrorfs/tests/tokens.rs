@@ -123,8 +123,12 @@ impl Pair {
     }
 }
 
-fn write_file(p: PathBuf, data: &[u8]) {
-    fs::write(&p, data).unwrap_or_else(|e| panic!("write {}: {e}", p.display()));
+/// Writes `rel` through `site`'s mount; a failure shows the site's log (a dead mount says
+/// "Transport endpoint is not connected", and only its log says why).
+fn write_file(site: &Mount, rel: &str, data: &[u8]) {
+    let p = site.p(rel);
+    fs::write(&p, data)
+        .unwrap_or_else(|e| panic!("write {}: {e}\nsite's log:\n{}", p.display(), site.log()));
 }
 
 #[test]
@@ -137,7 +141,7 @@ fn disjoint_files_written_at_both_sites_at_once_arrive_at_the_other_site() {
                 fs::create_dir(site.p(format!("dir-{name}"))).expect("mkdir");
                 for i in 0..n {
                     let data = pattern(i + 1000 * u64::from(name == "b"), 5000 + i as usize);
-                    write_file(site.p(format!("dir-{name}/f{i}")), &data);
+                    write_file(site, &format!("dir-{name}/f{i}"), &data);
                 }
             });
         }
@@ -154,7 +158,7 @@ fn disjoint_files_written_at_both_sites_at_once_arrive_at_the_other_site() {
     // No echo: each change travelled once; the sites are still equal a moment later, and a
     // change made after all that still arrives (the streams did not stop on an echo).
     std::thread::sleep(Duration::from_secs(2));
-    write_file(pair.b.p("late"), b"after the echo window");
+    write_file(&pair.b, "late", b"after the echo window");
     pair.wait_equal();
     assert_eq!(
         fs::read(pair.a.p("late")).expect("late at a"),
