@@ -194,8 +194,9 @@ pub fn rand_write_threads(
 /// a parent; then `tar cf TAR -C DIR .`.
 pub fn make_source_tarball(dir: &Path, tar: &Path, files: u64, seed: u64) -> Result<()> {
     let mut rng = SmallRng::seed_from_u64(seed);
-    let text: Vec<u8> = (0..16384u32)
-        .map(|i| b"abcdefghij klmnopqrst;\n(){}"[(i as usize * 7 + i as usize / 13) % 28])
+    const ALPHABET: &[u8] = b"abcdefghij klmnopqrst;\n(){}";
+    let text: Vec<u8> = (0..16384usize)
+        .map(|i| ALPHABET[(i * 7 + i / 13) % ALPHABET.len()])
         .collect();
     for i in 0..files {
         check_interrupted()?;
@@ -772,6 +773,27 @@ mod tests {
         assert_eq!(percentile(&v, 0.99), Duration::from_millis(198));
         assert_eq!(percentile(&v, 1.0), Duration::from_millis(200));
         assert_eq!(percentile(&v[..1], 0.5), Duration::from_millis(1));
+    }
+
+    #[test]
+    fn the_source_tarball_holds_every_file() -> Result<()> {
+        let d = tempfile::tempdir()?;
+        let tar = d.path().join("t.tar");
+        make_source_tarball(&d.path().join("src"), &tar, 45, 3)?;
+        let out = d.path().join("out");
+        let (untar, rm) = untar_and_delete(&tar, &out)?;
+        assert!(untar > Duration::ZERO && rm > Duration::ZERO);
+        assert!(!out.exists(), "rm -r removed the tree");
+        let listed = std::process::Command::new("tar")
+            .arg("tf")
+            .arg(&tar)
+            .output()?;
+        let files = String::from_utf8_lossy(&listed.stdout)
+            .lines()
+            .filter(|l| l.ends_with(".c"))
+            .count();
+        assert_eq!(files, 45);
+        Ok(())
     }
 
     #[test]

@@ -144,7 +144,8 @@ impl Inodes {
             }
         }
         if let Some(node) = self.nodes.get_mut(&id) {
-            node.names.retain(|(p, n)| !(*p == parent && &n[..] == name));
+            node.names
+                .retain(|(p, n)| !(*p == parent && &n[..] == name));
             if node.names.is_empty() {
                 // Exactly one slot: the common case, a file with one name.
                 node.names = vec![(parent, name.into())];
@@ -161,7 +162,8 @@ impl Inodes {
             self.entries.remove(&key);
         }
         if let Some(node) = self.nodes.get_mut(&id) {
-            node.names.retain(|(p, n)| !(*p == parent && &n[..] == name));
+            node.names
+                .retain(|(p, n)| !(*p == parent && &n[..] == name));
         }
     }
 
