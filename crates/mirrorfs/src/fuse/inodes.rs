@@ -323,6 +323,24 @@ mod tests {
         assert_eq!(t.at(&RelPath::new("x").expect("path")), None);
     }
 
+    /// A node with one name holds exactly one slot for it (a name list grown by `insert` would
+    /// reserve four: 128 B more for every inode the kernel knows).
+    #[test]
+    fn one_name_takes_one_slot() {
+        let mut t = Inodes::new(2);
+        t.register(ROOT, b"d", 10);
+        t.register(10, b"f", 11);
+        t.rename(11, 10, b"f", ROOT, b"g");
+        for id in [10, 11] {
+            let node = t.nodes.get(&id).expect("node");
+            assert_eq!((node.names.len(), node.names.capacity()), (1, 1));
+        }
+        t.register(ROOT, b"hard", 11);
+        assert_eq!(t.path(11).map(|p| p.to_string()), Some("hard".into()));
+        t.unlink(ROOT, b"hard", 11);
+        assert_eq!(t.path(11).map(|p| p.to_string()), Some("g".into()));
+    }
+
     #[test]
     fn at_walks_names_from_the_root() {
         let mut t = Inodes::new(2);

@@ -730,4 +730,39 @@ mod tests {
             .expect("rename deep");
         assert_eq!(errno(root.lstat(&g)), Some(libc::ENOENT));
     }
+
+    /// The cached parent directory never outlives a rename or removal of it: creates, kinds and
+    /// times after one land in the directory the path names now.
+    #[test]
+    fn the_cached_parent_follows_renames_and_removals() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let mut tree = DirTree::open(t.path()).expect("open tree");
+        let ts = Timespec {
+            sec: 1_000,
+            nsec: 0,
+        };
+        tree.mkdir(&rel("d"), 0o755, 0, 0).expect("mkdir d");
+        tree.create(&rel("d/a"), 0o644, 0, 0).expect("create d/a");
+        tree.rename(&rel("d"), &rel("e"), 0).expect("rename d e");
+        tree.mkdir(&rel("d"), 0o755, 0, 0).expect("mkdir d again");
+        tree.create(&rel("d/b"), 0o644, 0, 0).expect("create d/b");
+        tree.utimes(&rel("d/b"), None, Some(ts))
+            .expect("utimes d/b");
+        assert!(t.path().join("d/b").is_file() && !t.path().join("e/b").exists());
+        assert_eq!(tree.kind(&rel("d/a")).expect("kind"), None);
+        assert_eq!(tree.kind(&rel("e/a")).expect("kind"), Some(EntryKind::File));
+        assert_eq!(tree.mtime(&rel("d/b")).expect("mtime"), Some(ts));
+        tree.remove_all(&rel("d")).expect("remove d");
+        tree.mkdir(&rel("d"), 0o700, 0, 0)
+            .expect("mkdir d a third time");
+        assert_eq!(tree.kind(&rel("d/b")).expect("kind"), None);
+        tree.create(&rel("d/c"), 0o600, 0, 0).expect("create d/c");
+        assert!(t.path().join("d/c").is_file());
+        // Changed behind the tree's back: seen again after a checkpoint.
+        std::fs::rename(t.path().join("d"), t.path().join("f")).expect("external rename");
+        std::fs::create_dir(t.path().join("d")).expect("external mkdir");
+        tree.sync().expect("sync");
+        tree.create(&rel("d/x"), 0o600, 0, 0).expect("create d/x");
+        assert!(t.path().join("d/x").is_file() && !t.path().join("f/x").exists());
+    }
 }
