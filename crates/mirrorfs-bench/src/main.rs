@@ -44,6 +44,10 @@
 //!   loopback (`mount --peer … --write-tokens`): write speed at the site holding the
 //!   tokens vs single primary with a network mirror, side by side (target ≥ 0.9x),
 //!   and token hand-over latency through the mounts (see `tokens.rs`).
+//! - `initsync` (not in the default set; `--targets initsync`): the initial copy of
+//!   `--initsync-files` files of 1–8 KiB (100 to a directory) to an empty local mirror, from
+//!   the mount's start until its status says `live`, against `rsync -a` of the same tree in
+//!   the same run (see `initsync.rs`).
 //!
 //! - `fec` (not in the default set; `--targets fec`): throughput of the FEC
 //!   schemes of `mirrorfs_core::fec` (layered XOR, Reed–Solomon over two crates)
@@ -66,7 +70,12 @@
 //!   offsets from a seeded RNG, then close: IOPS.
 //! - small-files: 10,000 files of 4 KiB in one directory
 //!   (`open(O_CREAT|O_WRONLY)`, write, close): files/s.
+//! - rand-write-4k, 4 and 16 threads: the same number of random 4 KiB pwrites split between
+//!   4 (16) threads, each with its own descriptor, into one fresh file of the same size: IOPS.
 //! - stat: `lstat` of each of those files: stats/s.
+//! - build-like: a source-like tree of `--build-files` files of 1–16 KiB (20 to a directory),
+//!   made and tarred once per run on the local disk, untarred with `tar xf` and deleted with
+//!   `rm -r` (each timed, files/s). The deletion frees inodes mid-run (see below).
 //! - mirrorfs only: *catch-up*, the time after the bulk workloads until the
 //!   mirror holds the same entries and sizes as the backing dir (contents
 //!   then verified byte for byte); *lag*: 200 times, create a file with 100
@@ -96,6 +105,7 @@
 mod ack;
 mod disaster;
 mod fec;
+mod initsync;
 mod latency;
 mod mounts;
 mod net;
@@ -154,6 +164,9 @@ pub enum TargetKind {
     /// tokens vs single primary, and token hand-over latency (`tokens.rs`). Not in the default
     /// set.
     Tokens,
+    /// The initial copy of a tree of small files to an empty local mirror against `rsync -a`
+    /// of the same tree (`initsync.rs`, `--initsync-files`). Not in the default set.
+    Initsync,
 }
 
 impl TargetKind {
@@ -170,6 +183,7 @@ impl TargetKind {
             TargetKind::Wan => "wan",
             TargetKind::Ack => "ack",
             TargetKind::Tokens => "tokens",
+            TargetKind::Initsync => "initsync",
         }
     }
 
@@ -185,6 +199,7 @@ impl TargetKind {
                 | TargetKind::Wan
                 | TargetKind::Ack
                 | TargetKind::Tokens
+                | TargetKind::Initsync
         )
     }
 }
@@ -224,6 +239,14 @@ struct Args {
     /// Number of small files [default: 10000, 1000 with --quick].
     #[arg(long)]
     small_files: Option<u64>,
+    /// Files in the build-like workload's source tarball (untarred, then deleted) [default:
+    /// 10000, 500 with --quick].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    build_files: Option<u64>,
+    /// Files of 1-8 KiB in the initsync target's tree, 100 to a directory [default: 100000,
+    /// 2000 with --quick].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    initsync_files: Option<u64>,
     /// Number of single-write mirror lag samples [default: 200, 50 with --quick].
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     lag_samples: Option<u64>,
@@ -282,6 +305,8 @@ pub struct Sizes {
     pub rand_file_mib: u64,
     pub rand_writes: u64,
     pub small_files: u64,
+    pub build_files: u64,
+    pub initsync_files: u64,
     pub lag_samples: u64,
     pub burst_files: u64,
     pub overwrite_file_mib: u64,
@@ -299,6 +324,8 @@ impl Sizes {
             rand_file_mib: file_mib.min(256),
             rand_writes: a.rand_writes.unwrap_or(if q { 5_000 } else { 65_536 }),
             small_files: a.small_files.unwrap_or(if q { 1_000 } else { 10_000 }),
+            build_files: a.build_files.unwrap_or(if q { 500 } else { 10_000 }),
+            initsync_files: a.initsync_files.unwrap_or(if q { 2_000 } else { 100_000 }),
             lag_samples: a.lag_samples.unwrap_or(if q { 50 } else { 200 }),
             burst_files: a.burst_files.unwrap_or(if q { 200 } else { 1_000 }),
             overwrite_file_mib: a.overwrite_file_mib.unwrap_or(if q { 32 } else { 256 }),
@@ -311,13 +338,14 @@ impl Sizes {
     fn describe(&self) -> String {
         format!(
             "sequential file {} MiB (1 MiB I/O); {} random 4 KiB writes into a {} MiB file; \
-             {} small files of 4 KiB; {} lag samples of 100 B; lag burst of {} files of 1 KiB; \
+             {} small files of 4 KiB; build-like: {} files untarred and deleted; {} lag samples of 100 B; lag burst of {} files of 1 KiB; \
              network: 4 KiB overwrite in a {} MiB file, {} MiB written during the outage; \
              reintegration: {} x 256 KiB + {} x 4 KiB",
             self.file_mib,
             self.rand_writes,
             self.rand_file_mib,
             self.small_files,
+            self.build_files,
             self.lag_samples,
             self.burst_files,
             self.overwrite_file_mib,
@@ -381,6 +409,8 @@ fn main() -> ExitCode {
 struct Ctx<'a> {
     args: &'a Args,
     sizes: &'a Sizes,
+    /// The build-like workload's tarball, made once per run (`workloads::make_source_tarball`).
+    build_tar: PathBuf,
 }
 
 fn run(args: &Args) -> Result<()> {
@@ -469,6 +499,7 @@ fn run(args: &Args) -> Result<()> {
     let ctx = Ctx {
         args,
         sizes: &sizes,
+        build_tar: run_dir.path().join("build-like.tar"),
     };
     // The rolling disaster has its own processes, network and table.
     if targets.contains(&TargetKind::Disaster) {
@@ -526,6 +557,21 @@ fn run(args: &Args) -> Result<()> {
         targets.retain(|t| *t != TargetKind::Tokens);
         let bin = mirrorfs_bin(&ctx)?;
         tokens::run(&bin, run_dir.path(), args.markdown, args.quick, args.seed)?;
+        if targets.is_empty() {
+            return Ok(());
+        }
+    }
+    // The initial copy against rsync.
+    if targets.contains(&TargetKind::Initsync) {
+        targets.retain(|t| *t != TargetKind::Initsync);
+        let bin = mirrorfs_bin(&ctx)?;
+        initsync::run(
+            &bin,
+            run_dir.path(),
+            args.markdown,
+            sizes.initsync_files,
+            args.seed,
+        )?;
         if targets.is_empty() {
             return Ok(());
         }
@@ -722,6 +768,7 @@ fn run_target(
         TargetKind::Wan => bail!("the wan target runs on its own (wan.rs)"),
         TargetKind::Ack => bail!("the ack target runs on its own (ack.rs)"),
         TargetKind::Tokens => bail!("the tokens target runs on its own (tokens.rs)"),
+        TargetKind::Initsync => bail!("the initsync target runs on its own (initsync.rs)"),
         TargetKind::Native => {
             let root = tdir.join("data");
             mkdirs(&[&root])?;
@@ -917,6 +964,22 @@ fn run_workloads(ctx: &Ctx, env: &mut Env, rep: &mut TargetReport) -> Result<()>
             secs(d),
         ))
     })?;
+    for (threads, metric) in [(4, Metric::RandWrite4kT4), (16, Metric::RandWrite4kT16)] {
+        let what = format!("rand-write-4k, {threads} threads");
+        step(env, rep, &what, &[metric], |e| {
+            let dir = e.root.join(format!("w-rand{threads}"));
+            fs::create_dir(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            let n = s.rand_writes / threads * threads;
+            let d = workloads::rand_write_threads(
+                &dir.join("rand"),
+                s.rand_file_mib,
+                n,
+                threads,
+                seed + 10 + threads,
+            )?;
+            Ok((vec![(metric, per_s(n, d))], secs(d)))
+        })?;
+    }
     let small_dir = env.root.join("w-small");
     let names = workloads::small_file_names(&small_dir, s.small_files);
     step(env, rep, "small-files", &[Metric::SmallFiles], |_| {
@@ -937,6 +1000,26 @@ fn run_workloads(ctx: &Ctx, env: &mut Env, rep: &mut TargetReport) -> Result<()>
         Ok((vec![(Metric::StatAgain, per_s(s.small_files, d))], secs(d)))
     })?;
 
+    step(
+        env,
+        rep,
+        "build-like (untar, rm -r)",
+        &[Metric::BuildUntar, Metric::BuildDelete],
+        |e| {
+            if !ctx.build_tar.exists() {
+                let src = ctx.build_tar.with_extension("src");
+                workloads::make_source_tarball(&src, &ctx.build_tar, s.build_files, seed + 6)?;
+            }
+            let (untar, rm) = workloads::untar_and_delete(&ctx.build_tar, &e.root.join("w-build"))?;
+            Ok((
+                vec![
+                    (Metric::BuildUntar, per_s(s.build_files, untar)),
+                    (Metric::BuildDelete, per_s(s.build_files, rm)),
+                ],
+                format!("untar {}, rm -r {}", secs(untar), secs(rm)),
+            ))
+        },
+    )?;
     let (Some(backing), Some(mirror)) = (env.backing.clone(), env.mirror.clone()) else {
         return Ok(());
     };

@@ -15,9 +15,13 @@ pub enum Metric {
     SeqReadWarm,
     SeqReadCold,
     RandWrite4k,
+    RandWrite4kT4,
+    RandWrite4kT16,
     SmallFiles,
     Stat,
     StatAgain,
+    BuildUntar,
+    BuildDelete,
     MirrorCatchUp,
     LagP50,
     LagP99,
@@ -32,15 +36,19 @@ pub enum Metric {
 }
 
 impl Metric {
-    pub const ALL: [Metric; 19] = [
+    pub const ALL: [Metric; 23] = [
         Metric::SeqWrite,
         Metric::SeqWriteFsync,
         Metric::SeqReadWarm,
         Metric::SeqReadCold,
         Metric::RandWrite4k,
+        Metric::RandWrite4kT4,
+        Metric::RandWrite4kT16,
         Metric::SmallFiles,
         Metric::Stat,
         Metric::StatAgain,
+        Metric::BuildUntar,
+        Metric::BuildDelete,
         Metric::MirrorCatchUp,
         Metric::LagP50,
         Metric::LagP99,
@@ -61,9 +69,13 @@ impl Metric {
             Metric::SeqReadWarm => "seq-read (warm)",
             Metric::SeqReadCold => "seq-read (cold)",
             Metric::RandWrite4k => "rand-write-4k",
+            Metric::RandWrite4kT4 => "rand-write-4k, 4 threads",
+            Metric::RandWrite4kT16 => "rand-write-4k, 16 threads",
             Metric::SmallFiles => "small-files",
             Metric::Stat => "stat",
             Metric::StatAgain => "stat (again, 2 s later)",
+            Metric::BuildUntar => "build-like: untar a source tree",
+            Metric::BuildDelete => "build-like: rm -r it again",
             Metric::MirrorCatchUp => "mirror catch-up after bulk",
             Metric::LagP50 => "mirror lag p50 (single)",
             Metric::LagP99 => "mirror lag p99 (single)",
@@ -84,8 +96,8 @@ impl Metric {
             | Metric::SeqWriteFsync
             | Metric::SeqReadWarm
             | Metric::SeqReadCold => "MiB/s",
-            Metric::RandWrite4k => "IOPS",
-            Metric::SmallFiles => "files/s",
+            Metric::RandWrite4k | Metric::RandWrite4kT4 | Metric::RandWrite4kT16 => "IOPS",
+            Metric::SmallFiles | Metric::BuildUntar | Metric::BuildDelete => "files/s",
             Metric::Stat | Metric::StatAgain => "stats/s",
             Metric::MirrorCatchUp
             | Metric::LagP50
@@ -125,7 +137,9 @@ impl Metric {
     pub fn goal(self) -> Option<Goal> {
         match self {
             Metric::SeqWrite | Metric::SmallFiles => Some(Goal::RatioAtLeast(0.5)),
-            Metric::RandWrite4k => Some(Goal::RatioAtLeast(0.3)),
+            Metric::RandWrite4k | Metric::RandWrite4kT4 | Metric::RandWrite4kT16 => {
+                Some(Goal::RatioAtLeast(0.3))
+            }
             Metric::SeqReadWarm | Metric::SeqReadCold => Some(Goal::RatioAtLeast(0.95)),
             Metric::LagP99 | Metric::BurstLagP99 => Some(Goal::ValueAtMost(10.0)),
             _ => None,

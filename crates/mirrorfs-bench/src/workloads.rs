@@ -135,6 +135,123 @@ pub fn rand_write(path: &Path, file_mib: u64, count: u64, seed: u64) -> Result<D
     Ok(t0.elapsed())
 }
 
+/// [`rand_write`] with `threads` writers, each with its own descriptor, `count / threads`
+/// pwrites each (offsets from per-thread seeded RNGs); timed from the first open to the last
+/// close. The file is filled with zeros first (not timed).
+pub fn rand_write_threads(
+    path: &Path,
+    file_mib: u64,
+    count: u64,
+    threads: u64,
+    seed: u64,
+) -> Result<Duration> {
+    {
+        let zeros = vec![0u8; CHUNK];
+        let mut f = open_new(path)?;
+        for _ in 0..file_mib {
+            check_interrupted()?;
+            f.write_all(&zeros)
+                .with_context(|| format!("write to {} failed", path.display()))?;
+        }
+    }
+    sync_all();
+    let slots = file_mib * MIB / PAGE as u64;
+    let each = count / threads.max(1);
+    let t0 = Instant::now();
+    std::thread::scope(|s| -> Result<()> {
+        let workers: Vec<_> = (0..threads)
+            .map(|t| {
+                s.spawn(move || -> Result<()> {
+                    let mut rng = SmallRng::seed_from_u64(seed ^ (t << 32));
+                    let mut buf = random_buf(PAGE, seed ^ t ^ 0xabcd);
+                    let f = OpenOptions::new()
+                        .write(true)
+                        .open(path)
+                        .with_context(|| format!("cannot open {}", path.display()))?;
+                    for i in 0..each {
+                        check_interrupted()?;
+                        let off = rng.gen_range(0..slots) * PAGE as u64;
+                        buf[..8].copy_from_slice(&i.to_le_bytes());
+                        f.write_all_at(&buf, off).with_context(|| {
+                            format!("pwrite to {} at {off} failed", path.display())
+                        })?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join()
+                .map_err(|_| anyhow::anyhow!("a writer thread panicked"))??;
+        }
+        Ok(())
+    })?;
+    Ok(t0.elapsed())
+}
+
+/// A source-like tree for the build-like workload, made once per run on the native disk (not
+/// timed): `files` files of 1–16 KiB of text-like bytes, 20 to a directory, directories 10 to
+/// a parent; then `tar cf TAR -C DIR .`.
+pub fn make_source_tarball(dir: &Path, tar: &Path, files: u64, seed: u64) -> Result<()> {
+    let mut rng = SmallRng::seed_from_u64(seed);
+    const ALPHABET: &[u8] = b"abcdefghij klmnopqrst;\n(){}";
+    let text: Vec<u8> = (0..16384usize)
+        .map(|i| ALPHABET[(i * 7 + i / 13) % ALPHABET.len()])
+        .collect();
+    for i in 0..files {
+        check_interrupted()?;
+        let d = i / 20;
+        let sub = dir.join(format!("m{:03}", d / 10)).join(format!("p{d:04}"));
+        if i % 20 == 0 {
+            fs::create_dir_all(&sub).with_context(|| format!("cannot create {}", sub.display()))?;
+        }
+        let len = rng.gen_range(1024..=16384);
+        fs::write(sub.join(format!("f{i:05}.c")), &text[..len])
+            .with_context(|| format!("cannot write into {}", sub.display()))?;
+    }
+    run_cmd(
+        std::process::Command::new("tar")
+            .arg("cf")
+            .arg(tar)
+            .arg("-C")
+            .arg(dir)
+            .arg("."),
+    )
+}
+
+fn run_cmd(cmd: &mut std::process::Command) -> Result<()> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// The build-like workload: `tar xf TAR -C DIR` (timed), then `rm -r DIR` (timed).
+pub fn untar_and_delete(tar: &Path, dir: &Path) -> Result<(Duration, Duration)> {
+    fs::create_dir(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    sync_all();
+    let t0 = Instant::now();
+    run_cmd(
+        std::process::Command::new("tar")
+            .arg("xf")
+            .arg(tar)
+            .arg("-C")
+            .arg(dir),
+    )?;
+    let untar = t0.elapsed();
+    sync_all();
+    let t0 = Instant::now();
+    run_cmd(std::process::Command::new("rm").arg("-r").arg(dir))?;
+    Ok((untar, t0.elapsed()))
+}
+
 pub fn small_file_names(dir: &Path, count: u64) -> Vec<PathBuf> {
     (0..count).map(|i| dir.join(format!("f{i:06}"))).collect()
 }
@@ -656,6 +773,27 @@ mod tests {
         assert_eq!(percentile(&v, 0.99), Duration::from_millis(198));
         assert_eq!(percentile(&v, 1.0), Duration::from_millis(200));
         assert_eq!(percentile(&v[..1], 0.5), Duration::from_millis(1));
+    }
+
+    #[test]
+    fn the_source_tarball_holds_every_file() -> Result<()> {
+        let d = tempfile::tempdir()?;
+        let tar = d.path().join("t.tar");
+        make_source_tarball(&d.path().join("src"), &tar, 45, 3)?;
+        let out = d.path().join("out");
+        let (untar, rm) = untar_and_delete(&tar, &out)?;
+        assert!(untar > Duration::ZERO && rm > Duration::ZERO);
+        assert!(!out.exists(), "rm -r removed the tree");
+        let listed = std::process::Command::new("tar")
+            .arg("tf")
+            .arg(&tar)
+            .output()?;
+        let files = String::from_utf8_lossy(&listed.stdout)
+            .lines()
+            .filter(|l| l.ends_with(".c"))
+            .count();
+        assert_eq!(files, 45);
+        Ok(())
     }
 
     #[test]

@@ -24,9 +24,15 @@ pub const ROOT: u64 = 1;
 /// a Linux file system hands out in practice).
 pub const ALIAS_BASE: u64 = 1 << 62;
 
+/// A name in a directory: `(parent node, name bytes)`. A boxed slice (16 bytes, no spare
+/// capacity) rather than a `Vec`: the table holds two per name the kernel knows.
+type Name = (u64, Box<[u8]>);
+
 #[derive(Default)]
 struct Node {
-    names: Vec<(u64, Vec<u8>)>,
+    /// Its names, the one `path` uses first. Nearly always one: allocated to fit (a `Vec`
+    /// grown by `insert` reserves room for four), see `Inodes::name`.
+    names: Vec<Name>,
     lookups: u64,
     /// The backing inode number.
     backing: u64,
@@ -38,7 +44,7 @@ struct Node {
 pub struct Inodes {
     nodes: HashMap<u64, Node>,
     /// `(parent, name)` → the node that name is known to name: the reverse of `Node::names`.
-    entries: HashMap<(u64, Vec<u8>), u64>,
+    entries: HashMap<Name, u64>,
     /// Backing inode number → node id, for the files given an id of their own.
     alias: HashMap<u64, u64>,
     next_alias: u64,
@@ -129,28 +135,35 @@ impl Inodes {
 
     /// `(parent, name)` now names node `id`, as its first name: taken from whichever node had it.
     fn name(&mut self, id: u64, parent: u64, name: &[u8]) {
-        let key = (parent, name.to_vec());
+        let key: Name = (parent, name.into());
         if let Some(old) = self.entries.insert(key, id) {
             if old != id {
                 if let Some(n) = self.nodes.get_mut(&old) {
-                    n.names.retain(|(p, n)| !(*p == parent && n == name));
+                    n.names.retain(|(p, n)| !(*p == parent && &n[..] == name));
                 }
             }
         }
         if let Some(node) = self.nodes.get_mut(&id) {
-            node.names.retain(|(p, n)| !(*p == parent && n == name));
-            node.names.insert(0, (parent, name.to_vec()));
+            node.names
+                .retain(|(p, n)| !(*p == parent && &n[..] == name));
+            if node.names.is_empty() {
+                // Exactly one slot: the common case, a file with one name.
+                node.names = vec![(parent, name.into())];
+            } else {
+                node.names.insert(0, (parent, name.into()));
+            }
         }
     }
 
     /// `(parent, name)` no longer names `id` (if it did).
     fn unname(&mut self, id: u64, parent: u64, name: &[u8]) {
-        let key = (parent, name.to_vec());
+        let key: Name = (parent, name.into());
         if self.entries.get(&key) == Some(&id) {
             self.entries.remove(&key);
         }
         if let Some(node) = self.nodes.get_mut(&id) {
-            node.names.retain(|(p, n)| !(*p == parent && n == name));
+            node.names
+                .retain(|(p, n)| !(*p == parent && &n[..] == name));
         }
     }
 
@@ -158,7 +171,7 @@ impl Inodes {
     pub fn at(&self, p: &RelPath) -> Option<u64> {
         let mut cur = ROOT;
         for c in p.as_bytes().split(|b| *b == b'/').filter(|c| !c.is_empty()) {
-            cur = *self.entries.get(&(cur, c.to_vec()))?;
+            cur = *self.entries.get(&(cur, Box::<[u8]>::from(c)))?;
         }
         Some(cur)
     }
@@ -308,6 +321,24 @@ mod tests {
         assert!(t.nameless(12));
         t.forget(11, 2);
         assert_eq!(t.at(&RelPath::new("x").expect("path")), None);
+    }
+
+    /// A node with one name holds exactly one slot for it (a name list grown by `insert` would
+    /// reserve four: 128 B more for every inode the kernel knows).
+    #[test]
+    fn one_name_takes_one_slot() {
+        let mut t = Inodes::new(2);
+        t.register(ROOT, b"d", 10);
+        t.register(10, b"f", 11);
+        t.rename(11, 10, b"f", ROOT, b"g");
+        for id in [10, 11] {
+            let node = t.nodes.get(&id).expect("node");
+            assert_eq!((node.names.len(), node.names.capacity()), (1, 1));
+        }
+        t.register(ROOT, b"hard", 11);
+        assert_eq!(t.path(11).map(|p| p.to_string()), Some("hard".into()));
+        t.unlink(ROOT, b"hard", 11);
+        assert_eq!(t.path(11).map(|p| p.to_string()), Some("g".into()));
     }
 
     #[test]

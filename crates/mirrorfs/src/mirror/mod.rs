@@ -399,10 +399,15 @@ impl NamespaceCopy<'_> {
             if self.regular_file(path, st)? {
                 return Ok(());
             }
-        } else {
-            // A symlink's xattrs (security.*, trusted.*) and times follow below.
-            self.emit(creation_op(path, name, st, dfd)?)?;
+            // A regular file's mtime comes with the end of its data (step 2), which sets it
+            // anyway: only its xattrs here.
+            for op in xattr_ops(self.root, path, &[]) {
+                self.emit(op)?;
+            }
+            return Ok(());
         }
+        // A symlink's xattrs (security.*, trusted.*) and times follow below.
+        self.emit(creation_op(path, name, st, dfd)?)?;
         for op in entry_meta(self.root, path, st, &[]) {
             self.emit(op)?;
         }
@@ -494,17 +499,7 @@ impl<'a> DataPass<'a> {
                 _ => None,
             };
             let Some(data) = data else {
-                let ops = [
-                    Op::Truncate {
-                        path: path.clone(),
-                        size,
-                    },
-                    mtime_of(&path, &st),
-                ];
-                let mut last = 0;
-                for op in ops {
-                    last = append_sync(&mut o.journal, id, op)?;
-                }
+                let last = append_end(&mut o.journal, id, &path, &st)?;
                 vol.settle(o, last, 0);
                 return Ok(());
             };
@@ -518,18 +513,49 @@ impl<'a> DataPass<'a> {
                 off = hole.max(data + 1);
                 continue;
             }
+            let end = data + n as u64;
             let op = Op::Write {
-                path,
+                path: path.clone(),
                 offset: data,
                 data: self.buf[..n].to_vec(),
             };
-            let seq = append_sync(&mut o.journal, id, op)?;
+            let mut seq = append_sync(&mut o.journal, id, op)?;
+            // The chunk reached the end of the file: no data after it, so its size and mtime
+            // follow under the same hold of the order lock (the next turn would find just that,
+            // after one more open, fstat and lseek).
+            let at_end = end >= size;
+            if at_end {
+                seq = append_end(&mut o.journal, id, &path, &st)?;
+            }
             vol.settle(o, seq, n as u64);
-            off = data + n as u64;
             self.done += n as u64;
             self.copy.progress(self.m, &self.pb, self.done, self.total);
+            if at_end {
+                return Ok(());
+            }
+            off = end;
         }
     }
+}
+
+/// The end of a file's data in a copy: its size (`Truncate`, for a file that ends in a hole)
+/// and mtime, as `st` has them; returns the last record's seq.
+fn append_end(
+    journal: &mut Journal<FileStore>,
+    id: u32,
+    path: &RelPath,
+    st: &libc::stat,
+) -> io::Result<u64> {
+    let size = st.st_size as u64;
+    append_sync(
+        journal,
+        id,
+        Op::Truncate {
+            path: path.clone(),
+            size,
+        },
+    )?;
+    append_sync(journal, id, mtime_of(path, st))
 }
 
 /// A live copy's entry in `Ordered::copies`: the current names of the files it still has to read.

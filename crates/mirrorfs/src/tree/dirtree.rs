@@ -59,6 +59,27 @@ fn split(path: &[u8]) -> (&[u8], &[u8]) {
     }
 }
 
+/// Exclusive create of the regular file `name` in `dir` with exactly `mode` and owner, opened
+/// with `flags`.
+fn create_in(
+    dir: BorrowedFd<'_>,
+    name: &OsStr,
+    flags: i32,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+) -> io::Result<OwnedFd> {
+    let fd = sys::openat(
+        dir,
+        name,
+        flags | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW,
+        mode & 0o7777,
+    )?;
+    sys::fchown(fd.as_fd(), uid, gid)?;
+    sys::fchmod(fd.as_fd(), mode & 0o7777)?;
+    Ok(fd)
+}
+
 /// Opens `path` (bytes of a valid `RelPath`; empty is `root` itself) beneath `root`.
 fn open_bytes_in(root: BorrowedFd<'_>, path: &[u8], flags: i32, mode: u32) -> io::Result<OwnedFd> {
     let mut dir: Option<OwnedFd> = None;
@@ -173,15 +194,7 @@ impl Root {
         gid: u32,
     ) -> io::Result<OwnedFd> {
         let (dir, name) = self.parent(path)?;
-        let fd = sys::openat(
-            dir.as_fd(),
-            name,
-            flags | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW,
-            mode & 0o7777,
-        )?;
-        sys::fchown(fd.as_fd(), uid, gid)?;
-        sys::fchmod(fd.as_fd(), mode & 0o7777)?;
-        Ok(fd)
+        create_in(dir.as_fd(), name, flags, mode, uid, gid)
     }
 
     pub fn mkdir(&self, path: &RelPath, mode: u32, uid: u32, gid: u32) -> io::Result<()> {
@@ -305,6 +318,11 @@ pub struct DirTree {
     root: Root,
     /// The file last written, kept open so a stream of writes does not reopen it each time.
     open_file: Option<(RelPath, OwnedFd)>,
+    /// The directory last resolved for an op on one of its entries (path bytes, `O_PATH`
+    /// handle), so a run of ops in one directory (an initial copy's creates, writes and times)
+    /// does not resolve it again each time. Forgotten with `open_file` (every unlink, rmdir,
+    /// rename: the only ops that can move or replace a directory) and at each `sync`.
+    parent_dir: Option<(Vec<u8>, OwnedFd)>,
 }
 
 pub fn tree_err(path: &RelPath, e: io::Error) -> TreeError {
@@ -341,6 +359,7 @@ impl DirTree {
         Ok(DirTree {
             root: Root::open(root)?,
             open_file: None,
+            parent_dir: None,
         })
     }
 
@@ -369,12 +388,45 @@ impl DirTree {
 
     fn forget_open(&mut self) {
         self.open_file = None;
+        self.parent_dir = None;
+    }
+
+    /// The handle of the directory holding `path` (cached, see `parent_dir`) and its final name.
+    fn parent_of<'p>(&mut self, path: &'p RelPath) -> io::Result<(BorrowedFd<'_>, &'p OsStr)> {
+        if path.is_root() {
+            return Err(einval("an operation on the root itself"));
+        }
+        let (dir, name) = split(path.as_bytes());
+        let name = OsStr::from_bytes(name);
+        if dir.is_empty() {
+            return Ok((self.root.fd(), name));
+        }
+        let hit = matches!(&self.parent_dir, Some((d, _)) if d.as_slice() == dir);
+        if !hit {
+            let fd = self
+                .root
+                .open_bytes(dir, libc::O_PATH | libc::O_DIRECTORY, 0)?;
+            self.parent_dir = Some((dir.to_vec(), fd));
+        }
+        match &self.parent_dir {
+            Some((_, fd)) => Ok((fd.as_fd(), name)),
+            None => Err(io::Error::other("directory cache")),
+        }
+    }
+
+    /// `lstat` of `path` through the cached parent.
+    fn lstat_cached(&mut self, path: &RelPath) -> io::Result<libc::stat> {
+        if path.is_root() {
+            return sys::fstat(self.root.fd());
+        }
+        let (dir, name) = self.parent_of(path)?;
+        sys::lstatat(dir, name)
     }
 }
 
 impl Tree for DirTree {
     fn kind(&mut self, path: &RelPath) -> Result<Option<EntryKind>, TreeError> {
-        match self.root.lstat(path) {
+        match self.lstat_cached(path) {
             Ok(st) => Ok(Some(kind_of(st.st_mode))),
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
             Err(e) => Err(tree_err(path, e)),
@@ -382,7 +434,7 @@ impl Tree for DirTree {
     }
 
     fn ino(&mut self, path: &RelPath) -> Result<Option<u64>, TreeError> {
-        match self.root.lstat(path) {
+        match self.lstat_cached(path) {
             Ok(st) => Ok(Some(st.st_ino)),
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
             Err(e) => Err(tree_err(path, e)),
@@ -391,8 +443,8 @@ impl Tree for DirTree {
 
     fn create(&mut self, path: &RelPath, mode: u32, uid: u32, gid: u32) -> Result<(), TreeError> {
         let fd = self
-            .root
-            .create(path, libc::O_WRONLY, mode, uid, gid)
+            .parent_of(path)
+            .and_then(|(dir, name)| create_in(dir, name, libc::O_WRONLY, mode, uid, gid))
             .map_err(|e| tree_err(path, e))?;
         self.open_file = Some((path.clone(), fd));
         Ok(())
@@ -528,8 +580,14 @@ impl Tree for DirTree {
         atime: Option<Timespec>,
         mtime: Option<Timespec>,
     ) -> Result<(), TreeError> {
-        self.root
-            .utimes(path, atime, mtime)
+        if path.is_root() {
+            return self
+                .root
+                .utimes(path, atime, mtime)
+                .map_err(|e| tree_err(path, e));
+        }
+        self.parent_of(path)
+            .and_then(|(dir, name)| sys::utimensat(dir, name, atime, mtime))
             .map_err(|e| tree_err(path, e))
     }
 
@@ -552,6 +610,7 @@ impl Tree for DirTree {
     }
 
     fn sync(&mut self) -> Result<(), TreeError> {
+        self.parent_dir = None;
         sys::syncfs(self.root.fd()).map_err(|e| tree_err(&RelPath::root(), e))
     }
 }
@@ -670,5 +729,40 @@ mod tests {
         root.rename(&g, &p.join(b"moved").expect("join"), 0)
             .expect("rename deep");
         assert_eq!(errno(root.lstat(&g)), Some(libc::ENOENT));
+    }
+
+    /// The cached parent directory never outlives a rename or removal of it: creates, kinds and
+    /// times after one land in the directory the path names now.
+    #[test]
+    fn the_cached_parent_follows_renames_and_removals() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let mut tree = DirTree::open(t.path()).expect("open tree");
+        let ts = Timespec {
+            sec: 1_000,
+            nsec: 0,
+        };
+        tree.mkdir(&rel("d"), 0o755, 0, 0).expect("mkdir d");
+        tree.create(&rel("d/a"), 0o644, 0, 0).expect("create d/a");
+        tree.rename(&rel("d"), &rel("e"), 0).expect("rename d e");
+        tree.mkdir(&rel("d"), 0o755, 0, 0).expect("mkdir d again");
+        tree.create(&rel("d/b"), 0o644, 0, 0).expect("create d/b");
+        tree.utimes(&rel("d/b"), None, Some(ts))
+            .expect("utimes d/b");
+        assert!(t.path().join("d/b").is_file() && !t.path().join("e/b").exists());
+        assert_eq!(tree.kind(&rel("d/a")).expect("kind"), None);
+        assert_eq!(tree.kind(&rel("e/a")).expect("kind"), Some(EntryKind::File));
+        assert_eq!(tree.mtime(&rel("d/b")).expect("mtime"), Some(ts));
+        tree.remove_all(&rel("d")).expect("remove d");
+        tree.mkdir(&rel("d"), 0o700, 0, 0)
+            .expect("mkdir d a third time");
+        assert_eq!(tree.kind(&rel("d/b")).expect("kind"), None);
+        tree.create(&rel("d/c"), 0o600, 0, 0).expect("create d/c");
+        assert!(t.path().join("d/c").is_file());
+        // Changed behind the tree's back: seen again after a checkpoint.
+        std::fs::rename(t.path().join("d"), t.path().join("f")).expect("external rename");
+        std::fs::create_dir(t.path().join("d")).expect("external mkdir");
+        tree.sync().expect("sync");
+        tree.create(&rel("d/x"), 0o600, 0, 0).expect("create d/x");
+        assert!(t.path().join("d/x").is_file() && !t.path().join("f/x").exists());
     }
 }
