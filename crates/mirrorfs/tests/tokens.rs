@@ -7,7 +7,7 @@ mod common;
 use std::ffi::OsStr;
 use std::fs;
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
