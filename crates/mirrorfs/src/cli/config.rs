@@ -990,7 +990,10 @@ mod tests {
     #[test]
     fn every_switch_has_a_negation_that_overrides_it_both_ways() {
         for kind in [Kind::Mount, Kind::Serve] {
-            let cmd = kind.clap().mut_args(|a| a.required(false));
+            let cmd = kind.clap().mut_args(|a| {
+                a.required(false)
+                    .required_unless_present(clap::builder::Resettable::<clap::Id>::Reset)
+            });
             let switches: Vec<&Arg> = settable(&cmd)
                 .into_iter()
                 .filter(|a| matches!(a.get_action(), ArgAction::SetTrue))
