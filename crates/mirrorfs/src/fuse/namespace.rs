@@ -331,7 +331,8 @@ impl MirrorFs {
             Ok((fd, _)) => fd,
             Err(e) => return reply.error(err(e)),
         };
-        self.touch(p.clone());
+        // The new file's own times are recorded when it is closed (`wrote` below), with what it
+        // was written: one `SetTimes` for the create and the writes instead of two (issue 9).
         self.touch_parent(&p);
         let st = match sys::fstat(fd.as_fd()) {
             Ok(st) => st,
@@ -339,12 +340,14 @@ impl MirrorFs {
         };
         let id = lock(&self.inodes).register(parent.0, name.as_bytes(), st.st_ino);
         let a = self.attr_of(INodeNo(id), &st);
-        let fh = self.add_handle(Handle::new(
+        let h = Handle::new(
             fd,
             a.ino.0,
             flags & libc::O_APPEND != 0,
             fl & libc::O_DIRECT != 0,
-        ));
+        );
+        h.wrote.store(true, Ordering::Relaxed);
+        let fh = self.add_handle(h);
         reply.created(
             &TTL,
             &a,
