@@ -105,6 +105,29 @@ fn a_group_reaches_the_mirror_all_at_once_when_it_ends() {
     m.unmount();
 }
 
+/// A new file's mtime reaches the mirror with its close (issue 9): the primary records a created
+/// file's times when it is closed — with whatever it was written — not right after the create.
+/// The open group holds every change back from the mirror for `HELD`, so a mirror left with the
+/// times its own clock gave when it applied the creates would be off by that much.
+#[test]
+fn a_new_files_mtime_reaches_the_mirror_with_its_close() {
+    let mut m = mount("group-times");
+    group_ok(m.mnt(), "begin");
+    // Created and closed, never written.
+    drop(fs::File::create(m.p("empty")).expect("create empty"));
+    // Created, written and closed.
+    fs::write(m.p("written"), b"data").expect("write");
+    // Created, kept open while time passes and another file is made, then closed unwritten.
+    let held = fs::File::create(m.p("held")).expect("create held");
+    std::thread::sleep(Duration::from_millis(100));
+    fs::write(m.p("other"), b"x").expect("write other");
+    drop(held);
+    std::thread::sleep(HELD);
+    group_ok(m.mnt(), "end");
+    m.wait_mirror_equal(Duration::from_secs(30));
+    m.unmount();
+}
+
 #[test]
 fn ending_a_group_that_is_not_open_says_so() {
     let mut m = mount("group-none");

@@ -957,7 +957,10 @@ fn ack_mode_over(mode: &str, transport: &str) {
     if transport == "udp" {
         // Everything after the handshake came as datagrams, and nothing was dropped.
         let u = &d["udp"];
-        assert!(num(u, "records") > 100, "{d}");
+        // Nearly every record the daemon holds (a new file is 4 records since its create and its
+        // close share one `SetTimes`: about 100 for this workload).
+        assert!(num(u, "records") * 10 >= num(&d, "received_seq") * 9, "{d}");
+        assert!(num(u, "records") > 50, "{d}");
         for k in [
             "dropped_unauthentic",
             "dropped_replayed",

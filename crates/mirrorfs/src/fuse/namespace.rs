@@ -331,7 +331,8 @@ impl MirrorFs {
             Ok((fd, _)) => fd,
             Err(e) => return reply.error(err(e)),
         };
-        self.touch(p.clone());
+        // The new file's own times are recorded when it is closed (`wrote` below), with what it
+        // was written: one `SetTimes` for the create and the writes instead of two (issue 9).
         self.touch_parent(&p);
         let st = match sys::fstat(fd.as_fd()) {
             Ok(st) => st,
@@ -346,6 +347,7 @@ impl MirrorFs {
             fl & libc::O_DIRECT != 0,
         );
         self.note_opened(&h, &p, flags);
+        h.wrote.store(true, Ordering::Relaxed);
         let fh = self.add_handle(h);
         reply.created(
             &TTL,

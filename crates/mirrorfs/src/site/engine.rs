@@ -110,6 +110,7 @@ impl Volume {
                 ..Progress::default()
             }),
             changed: Condvar::new(),
+            flush_wake: Condvar::new(),
             mirrors,
             ack,
             quorum,
@@ -261,8 +262,7 @@ impl Site {
     /// Stops the site: workers checkpoint, the flusher makes the journal durable and exits; every
     /// thread is joined. The run is clean (S1) unless the journal was poisoned.
     pub fn stop(self) -> Result<()> {
-        lock(&self.vol.progress).stopping = true;
-        self.vol.changed.notify_all();
+        self.vol.set_stopping();
         for t in self.threads {
             let _ = t.join();
         }

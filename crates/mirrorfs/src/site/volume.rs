@@ -488,7 +488,15 @@ const FLUSHER_IDLE_WAIT: Duration = Duration::from_millis(200);
 pub struct Volume {
     pub order: Mutex<Ordered>,
     pub progress: Mutex<Progress>,
+    /// Positions moved (durable, settled, a mirror's): mirror workers, link threads and writers
+    /// waiting for an acknowledgement or a sync wait on it, with the progress lock.
     pub changed: Condvar,
+    /// The flusher's own wake-up (with the progress lock): records were appended, someone waits
+    /// for the journal to be durable, or the site stops. Apart from `changed` so that a mirror's
+    /// applied record (published for every record) does not wake the flusher, nor a settled record
+    /// the flusher fsyncs next wake the mirror workers that cannot apply it before it is durable:
+    /// each of those wake-ups was a context switch per record (docs/benchmarks.md, "write path").
+    pub flush_wake: Condvar,
     pub mirrors: Vec<Arc<MirrorShared>>,
     pub ack: AckMode,
     /// `--fsync-waits`: what an application's sync waits for on mirrors.
@@ -834,11 +842,36 @@ impl Volume {
 
     /// Publishes `last` as settled (the primary is done with every record through it) and wakes
     /// the flusher and the mirror workers. Consumes the order lock guard.
+    ///
+    /// The flusher is always woken. The workers (and link threads) only when one of the records
+    /// settled now is already durable: they take records up to `min(durable, settled)`, so before
+    /// that they have nothing new, and the flusher's durable position will wake them (a record at
+    /// the settled position is final: see `core::feed`).
     pub fn settle(&self, o: MutexGuard<'_, Ordered>, last: u64, bytes: u64) {
         self.settled.store(last, Ordering::Release);
         drop(o);
-        lock(&self.progress).settle(last, bytes);
+        let usable = {
+            let mut p = lock(&self.progress);
+            let before = p.settled_seq;
+            p.settle(last, bytes);
+            p.durable_seq > before
+        };
+        self.flush_wake.notify_one();
+        if usable {
+            self.changed.notify_all();
+        }
+    }
+
+    /// Wakes the flusher (it checks under the progress lock whether it has anything to do).
+    pub fn wake_flusher(&self) {
+        self.flush_wake.notify_one();
+    }
+
+    /// Tells every thread of the site to stop: workers, link threads and the flusher.
+    pub fn set_stopping(&self) {
+        lock(&self.progress).stopping = true;
         self.changed.notify_all();
+        self.flush_wake.notify_all();
     }
 
     /// A mirror daemon stored records through `end` in its journal; the primary's watermark is
@@ -856,6 +889,7 @@ impl Volume {
             p.sample(end);
             self.settled.store(end, Ordering::Release);
         }
+        self.flush_wake.notify_one();
         self.changed.notify_all();
     }
 
@@ -993,7 +1027,7 @@ impl Volume {
     /// Waits until the journal is durable through the current settled seq (application fsync).
     pub fn wait_journal_durable(&self) -> u64 {
         let target = self.settled.load(Ordering::Acquire);
-        self.changed.notify_all();
+        self.flush_wake.notify_one();
         let mut p = lock(&self.progress);
         while p.durable_seq < target && !p.stopping && !self.poisoned.load(Ordering::Acquire) {
             p = self
@@ -1050,7 +1084,7 @@ impl Volume {
                     // appender stores it before taking the progress lock to notify, so checking it
                     // under that lock loses no wake-up.
                     if self.settled.load(Ordering::Acquire) <= p.durable_seq {
-                        let _ = self.changed.wait_timeout(p, idle_wait);
+                        let _ = self.flush_wake.wait_timeout(p, idle_wait);
                     }
                     // Also free segments as mirrors advance while idle.
                     let mut o = lock(&self.order);
@@ -1303,8 +1337,7 @@ mod tests {
                 break;
             }
         }
-        lock(&vol.progress).stopping = true;
-        vol.changed.notify_all();
+        vol.set_stopping();
         flusher.join().expect("flusher");
         for t in others {
             t.join().expect("other thread");

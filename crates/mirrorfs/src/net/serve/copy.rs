@@ -41,7 +41,7 @@ impl Daemon {
             if lock(&self.vol.progress).durable_seq >= end {
                 return Ok(());
             }
-            self.vol.changed.notify_all();
+            self.vol.wake_flusher();
             if t0.elapsed() > Duration::from_secs(30) {
                 bail!("the journal did not become durable within 30 s");
             }
