@@ -697,7 +697,7 @@ impl Sim {
             mdurable: 0,
             msettled: 0,
             cursor,
-            worker: if seed % 4 != 0 {
+            worker: if !seed.is_multiple_of(4) {
                 Worker::new(applier, Duration::ZERO, true).offload_checkpoints()
             } else {
                 Worker::new(applier, Duration::ZERO, true)
@@ -710,7 +710,7 @@ impl Sim {
             m_acked_durable: 0,
             m_consumed_ever: 0,
             m_reported_checkpoint: 0,
-            offload: seed % 4 != 0,
+            offload: !seed.is_multiple_of(4),
             pending_sync: None,
             conns: Vec::new(),
             next_conn: 1,

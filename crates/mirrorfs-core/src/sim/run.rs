@@ -405,7 +405,7 @@ impl Sim {
             durable_ever: 0,
             consumed_ever: 0,
             reported_checkpoint: 0,
-            offload: seed % 4 != 0,
+            offload: !seed.is_multiple_of(4),
             pending_sync: None,
             journal_unclean: false,
             cursor_unclean: false,
@@ -1476,7 +1476,7 @@ mod tests {
 }
 
 fn offloaded(w: Worker, seed: u64) -> Worker {
-    if seed % 4 != 0 {
+    if !seed.is_multiple_of(4) {
         w.offload_checkpoints()
     } else {
         w

@@ -91,3 +91,43 @@ impl Drop for Checkpointer {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_sync_runs_on_the_thread_and_its_end_is_reported_once_and_wakes_the_worker() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let woken = Arc::new(AtomicUsize::new(0));
+        let w = woken.clone();
+        let c = Checkpointer::spawn("t", move || {
+            w.fetch_add(1, Ordering::SeqCst);
+        })
+        .expect("spawn");
+        assert!(c.take_result().is_none(), "nothing started, nothing ended");
+        let fd = std::fs::File::open(dir.path()).expect("open").into();
+        c.start(fd).expect("start");
+        let t0 = Instant::now();
+        let r = loop {
+            if let Some(r) = c.take_result() {
+                break r;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "the sync never ended"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        assert!(r.is_ok(), "{r:?}");
+        // The wake-up follows the flag.
+        while woken.load(Ordering::SeqCst) == 0 && t0.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(woken.load(Ordering::SeqCst), 1);
+        assert!(!c.ended());
+        assert!(c.take_result().is_none(), "one end, reported once");
+    }
+}

@@ -935,6 +935,7 @@ mod tests {
             None,
         ));
         let feed = RecordFeed::new(1);
+        let ckpt = Checkpointer::spawn("test", || {}).expect("checkpoint thread");
         let patience = Duration::from_secs(5);
         for seq in 1..=100u64 {
             let waiter = {
@@ -962,7 +963,10 @@ mod tests {
                 copying: false,
                 copy_done: None,
             };
-            assert!(matches!(publish(&vol, &m, &feed, Ok(turn)), Flow::Go));
+            assert!(matches!(
+                publish(&vol, &m, &feed, &ckpt, Ok(turn)),
+                Flow::Go
+            ));
             let waited = waiter.join().expect("waiter");
             assert_eq!(m.applied.load(Ordering::Acquire), seq);
             assert!(
