@@ -425,6 +425,29 @@ impl Applier {
         self.records_since_checkpoint = 0;
         Ok(())
     }
+
+    /// The end of a tree sync that began when record `upto` was the last applied (a checkpoint
+    /// off the applying thread): writes the cursor durably with `checkpoint = upto` (**B2**;
+    /// the sync was its **B1**). Never past what was applied, never backwards: a barrier or
+    /// another checkpoint that got further in the meantime leaves the cursor as it is.
+    pub fn checkpoint_to<C: CursorStore>(
+        &mut self,
+        store: &mut C,
+        upto: u64,
+    ) -> Result<(), ApplyError> {
+        let upto = upto.min(self.cur.applied);
+        if upto <= self.cur.checkpoint {
+            return Ok(());
+        }
+        let durable = self.cur.checkpoint;
+        self.cur.checkpoint = upto;
+        if let Err(e) = self.persist(store, true) {
+            self.cur.checkpoint = durable;
+            return Err(e.into());
+        }
+        self.records_since_checkpoint = 0;
+        Ok(())
+    }
 }
 
 fn barrier_source(op: &Op) -> Option<&crate::path::RelPath> {

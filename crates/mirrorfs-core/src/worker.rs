@@ -12,6 +12,14 @@
 //!             otherwise ──▶ Diverged { reason } (the shell marks the mirror for a resync)
 //! ```
 //!
+//! Checkpoints off the applying thread ([`Worker::offload_checkpoints`], the binary's shell):
+//! a due checkpoint is then `SyncStart { upto }` — the shell syncs the tree on its checkpoint
+//! thread while the worker goes on applying — and [`Worker::synced`] reports the sync's end,
+//! after which the cursor's checkpoint moves to `upto`, the last record applied *before* the
+//! sync began (what it made durable), never further. At most one sync is in flight; none is
+//! due while one is. Barriers (renames, unlinks, links, the end of a copy) and [`Worker::stop`]
+//! still sync on the applying thread: they need a durable point before going on.
+//!
 //! When a checkpoint is due (the rule, in one place):
 //! - someone waits for record `want_durable` to be durable on this mirror (an application's
 //!   `fsync`, an ack mode) and every record up to it is applied;
@@ -30,7 +38,7 @@ use std::time::Duration;
 use crate::applier::{Applier, ApplyError, CursorStore};
 use crate::feed::Item;
 use crate::op::{Op, Record};
-use crate::tree::Tree;
+use crate::tree::{Tree, TreeError};
 
 /// A checkpoint at least this often while records are being applied.
 pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
@@ -70,6 +78,9 @@ pub enum Turn {
     },
     /// The mirror no longer matches the journal: stop applying; it needs a resync.
     Diverged { reason: String },
+    /// A checkpoint is due and is the shell's to start off this thread: sync the tree, then
+    /// report the result with [`Worker::synced`]. Once that succeeds, record `upto` is durable.
+    SyncStart { upto: u64 },
 }
 
 /// The loop state of one mirror's worker.
@@ -81,6 +92,10 @@ pub struct Worker {
     /// An item a transient failure left to try again, first.
     kept: Option<Item>,
     checkpoint_when_idle: bool,
+    /// Checkpoints are synced by the shell off this thread ([`Turn::SyncStart`]).
+    offload: bool,
+    /// The sync in flight: the last record applied when it began.
+    in_flight: Option<u64>,
 }
 
 impl Worker {
@@ -93,6 +108,47 @@ impl Worker {
             backoff: BACKOFF_MIN,
             kept: None,
             checkpoint_when_idle,
+            offload: false,
+            in_flight: None,
+        }
+    }
+
+    /// Due checkpoints become [`Turn::SyncStart`]: the driver syncs the tree elsewhere and
+    /// reports the end with [`Worker::synced`].
+    pub fn offload_checkpoints(mut self) -> Self {
+        self.offload = true;
+        self
+    }
+
+    /// The sync in flight, if any: the record it makes durable.
+    pub fn in_flight(&self) -> Option<u64> {
+        self.in_flight
+    }
+
+    /// The sync started by [`Turn::SyncStart`] ended with `result`: on success the cursor's
+    /// checkpoint moves (durably) to the `upto` of that turn, never past it. Returns
+    /// `Checkpointed` (the checkpoint now), or `Retry` / `Diverged` as a checkpoint on this
+    /// thread would (nothing is kept: the next turn finds the checkpoint still due). Without a
+    /// sync in flight (a stale report) it is `Idle` and changes nothing.
+    pub fn synced<C: CursorStore>(
+        &mut self,
+        cursor: &mut C,
+        result: Result<(), TreeError>,
+    ) -> Turn {
+        let Some(upto) = self.in_flight.take() else {
+            return Turn::Idle;
+        };
+        let done = result
+            .map_err(ApplyError::from)
+            .and_then(|()| self.applier.checkpoint_to(cursor, upto));
+        match done {
+            Ok(()) => {
+                self.backoff = BACKOFF_MIN;
+                Turn::Checkpointed {
+                    checkpoint: self.applier.cursor().checkpoint,
+                }
+            }
+            Err(e) => self.failed(Item::Wait, &e, "checkpoint".into()),
         }
     }
 
@@ -122,7 +178,7 @@ impl Worker {
         C: CursorStore,
     {
         if self.checkpoint_due(now, want_durable) {
-            return Ok(self.checkpoint(tree, cursor, now));
+            return Ok(self.start_checkpoint(tree, cursor, now));
         }
         let item = match self.kept.take() {
             Some(item) => item,
@@ -138,9 +194,11 @@ impl Worker {
                 Err(e) => self.failed(Item::Skip(seq), &e, format!("skip of record {seq}")),
             },
             Item::Wait => {
+                // Only if something was applied since the last checkpoint and none is in flight.
                 let c = self.applier.cursor();
-                if self.checkpoint_when_idle && c.applied > c.checkpoint {
-                    self.checkpoint(tree, cursor, now)
+                if self.checkpoint_when_idle && self.in_flight.is_none() && c.applied > c.checkpoint
+                {
+                    self.start_checkpoint(tree, cursor, now)
                 } else {
                     Turn::Idle
                 }
@@ -155,16 +213,37 @@ impl Worker {
         tree: &mut T,
         cursor: &mut C,
     ) -> Result<u64, ApplyError> {
+        // A sync still in flight is forgotten: this one covers everything it would have.
+        self.in_flight = None;
         self.applier.checkpoint(tree, cursor)?;
         Ok(self.applier.cursor().checkpoint)
     }
 
     fn checkpoint_due(&self, now: Duration, want_durable: u64) -> bool {
+        if self.in_flight.is_some() {
+            return false;
+        }
         let c = self.applier.cursor();
         let waited_for = want_durable > c.checkpoint && c.applied >= want_durable;
         let periodic = now.saturating_sub(self.last_checkpoint) >= CHECKPOINT_EVERY
             && c.applied > c.checkpoint;
         waited_for || periodic
+    }
+
+    /// A due checkpoint: handed to the shell ([`Turn::SyncStart`]) or taken here.
+    fn start_checkpoint<T: Tree + ?Sized, C: CursorStore>(
+        &mut self,
+        tree: &mut T,
+        cursor: &mut C,
+        now: Duration,
+    ) -> Turn {
+        if !self.offload {
+            return self.checkpoint(tree, cursor, now);
+        }
+        let upto = self.applier.cursor().applied;
+        self.in_flight = Some(upto);
+        self.last_checkpoint = now;
+        Turn::SyncStart { upto }
     }
 
     fn checkpoint<T: Tree + ?Sized, C: CursorStore>(
@@ -607,6 +686,100 @@ mod tests {
             ),
             "{r:?}"
         );
+    }
+
+    /// The checkpoint in the durable image of the cursor store (what a power loss leaves).
+    fn durable_checkpoint(c: &MemCursorStore) -> u64 {
+        let mut after = c.clone();
+        after.crash(false);
+        Applier::open(&mut after, true, 0)
+            .expect("read")
+            .map_or(0, |a| a.cursor().checkpoint)
+    }
+
+    #[test]
+    fn an_offloaded_checkpoint_makes_durable_only_what_was_applied_before_its_sync() {
+        let (w, mut t, mut c) = worker(true);
+        let mut w = w.offload_checkpoints();
+        turn(&mut w, &mut t, &mut c, 0, 0, Item::Apply(create(1, "f")));
+        turn(&mut w, &mut t, &mut c, 0, 0, Item::Apply(write(2, "f")));
+        // Idle: the sync is the shell's to start; nothing is durable yet.
+        assert_eq!(
+            turn(&mut w, &mut t, &mut c, 0, 0, Item::Wait),
+            Turn::SyncStart { upto: 2 }
+        );
+        assert_eq!(w.in_flight(), Some(2));
+        t.sync().expect("sync");
+        // The worker goes on applying while the sync runs; no second sync is started.
+        let a = turn(&mut w, &mut t, &mut c, 5, 0, Item::Apply(create(3, "g")));
+        assert!(matches!(a, Turn::Applied { seq: 3, .. }), "{a:?}");
+        assert_eq!(turn(&mut w, &mut t, &mut c, 5, 3, Item::Wait), Turn::Idle);
+        let a = turn(&mut w, &mut t, &mut c, 2000, 3, Item::Apply(write(4, "g")));
+        assert!(matches!(a, Turn::Applied { seq: 4, .. }), "{a:?}");
+        // A crash before the sync ends: the cursor is where it was.
+        assert_eq!(durable_checkpoint(&c), 0);
+        // The sync ends: the checkpoint is what was applied when it began, not 4.
+        assert_eq!(
+            w.synced(&mut c, Ok(())),
+            Turn::Checkpointed { checkpoint: 2 }
+        );
+        assert_eq!(durable_checkpoint(&c), 2);
+        assert_eq!(w.applier().cursor().applied, 4);
+        // The rest is the next sync's.
+        assert_eq!(
+            turn(&mut w, &mut t, &mut c, 2000, 4, Item::Wait),
+            Turn::SyncStart { upto: 4 }
+        );
+        // A failed sync moves nothing and the checkpoint stays due.
+        let r = w.synced(
+            &mut c,
+            Err(TreeError::Other {
+                path: String::new(),
+                errno: 5,
+                msg: "syncfs: EIO".into(),
+            }),
+        );
+        assert!(matches!(r, Turn::Retry { .. }), "{r:?}");
+        assert_eq!(durable_checkpoint(&c), 2);
+        assert_eq!(
+            turn(&mut w, &mut t, &mut c, 2000, 4, Item::Wait),
+            Turn::SyncStart { upto: 4 }
+        );
+        // A stale report changes nothing.
+        assert_eq!(
+            w.synced(&mut c, Ok(())),
+            Turn::Checkpointed { checkpoint: 4 }
+        );
+        assert_eq!(w.synced(&mut c, Ok(())), Turn::Idle);
+        assert_eq!(durable_checkpoint(&c), 4);
+    }
+
+    #[test]
+    fn a_sync_that_ends_after_a_barrier_never_moves_the_checkpoint_back() {
+        let (w, mut t, mut c) = worker(false);
+        let mut w = w.offload_checkpoints();
+        turn(&mut w, &mut t, &mut c, 0, 0, Item::Apply(create(1, "f")));
+        assert_eq!(
+            turn(&mut w, &mut t, &mut c, 0, 1, Item::Wait),
+            Turn::SyncStart { upto: 1 }
+        );
+        // A rename is a barrier: it syncs on the applying thread and checkpoints itself.
+        let rename = rec(
+            2,
+            Op::Rename {
+                from: p("f"),
+                to: p("h"),
+                flags: 0,
+                from_ino: 0,
+            },
+        );
+        let a = turn(&mut w, &mut t, &mut c, 0, 1, Item::Apply(rename));
+        assert!(matches!(a, Turn::Applied { checkpoint: 2, .. }), "{a:?}");
+        assert_eq!(
+            w.synced(&mut c, Ok(())),
+            Turn::Checkpointed { checkpoint: 2 }
+        );
+        assert_eq!(durable_checkpoint(&c), 2);
     }
 
     #[test]

@@ -567,6 +567,12 @@ struct Sim {
     m_consumed_ever: u64,
     /// Highest checkpoint the daemon's worker ever reported: durable.
     m_reported_checkpoint: u64,
+    /// The daemon's worker hands its checkpoints' syncs to the driver (the binary's checkpoint
+    /// thread), on three seeds in four.
+    offload: bool,
+    /// A sync started off the worker's thread: its result (the tree was synced when it
+    /// began), the turns until it is reported, and the record it makes durable.
+    pending_sync: Option<(Result<(), crate::tree::TreeError>, u32, u64)>,
 
     // ---- the network
     conns: Vec<Conn>,
@@ -691,7 +697,11 @@ impl Sim {
             mdurable: 0,
             msettled: 0,
             cursor,
-            worker: Worker::new(applier, Duration::ZERO, true),
+            worker: if !seed.is_multiple_of(4) {
+                Worker::new(applier, Duration::ZERO, true).offload_checkpoints()
+            } else {
+                Worker::new(applier, Duration::ZERO, true)
+            },
             feed: Feed::new(1, variant == NetVariant::ApplyBeforeFinal),
             now: Duration::ZERO,
             tick,
@@ -700,6 +710,8 @@ impl Sim {
             m_acked_durable: 0,
             m_consumed_ever: 0,
             m_reported_checkpoint: 0,
+            offload: !seed.is_multiple_of(4),
+            pending_sync: None,
             conns: Vec::new(),
             next_conn: 1,
             stale_to_m: VecDeque::new(),
@@ -1833,6 +1845,12 @@ impl Sim {
     /// idle. Nobody waits on the daemon's checkpoint (`want_durable` 0): `--ack sync` primaries
     /// get it from the worker's checkpoint when idle.
     fn m_one(&mut self) -> Result<bool, Fault> {
+        if let Some((_, left, _)) = &mut self.pending_sync {
+            if *left == 0 {
+                return self.report_sync();
+            }
+            *left -= 1;
+        }
         let before = self.worker.applier().cursor().checkpoint;
         // `next` is asked only when no checkpoint is due, so the applier is as it is now then.
         let expected = self.worker.applier().next_seq();
@@ -1922,6 +1940,10 @@ impl Sim {
             self.ev(|| h);
         }
         let seq = match turn {
+            // The worker goes on while the sync runs: it is reported on a later turn, or when
+            // the worker has nothing else to do.
+            Turn::Idle if self.pending_sync.is_some() => return self.report_sync(),
+            Turn::SyncStart { upto } => return self.start_sync(upto),
             Turn::Idle => {
                 // Invariant 9: idle, everything applied is checkpointed.
                 let c = self.worker.applier().cursor();
@@ -1975,6 +1997,60 @@ impl Sim {
             self.compare(seq).map_err(Fault::Bug)?;
         }
         Ok(true)
+    }
+
+    /// The daemon's checkpoint thread: the tree is synced at once (so it holds exactly what was
+    /// applied through `upto`, the adversarial case for a cursor that would claim more), and
+    /// the end is reported a few turns later, after records applied in the meantime.
+    fn start_sync(&mut self, upto: u64) -> Result<bool, Fault> {
+        self.ev(|| format!("mirror sync started at {upto}"));
+        let r = crate::tree::Tree::sync(&mut self.tree);
+        let failed = r.is_err();
+        let delay = (upto.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 61) as u32;
+        self.pending_sync = Some((r, delay, upto));
+        if failed {
+            return self.report_sync();
+        }
+        Ok(true)
+    }
+
+    /// [`Worker::synced`] with the pending sync's result; the cursor write may glitch.
+    fn report_sync(&mut self) -> Result<bool, Fault> {
+        let Some((result, _, upto)) = self.pending_sync.take() else {
+            return Ok(false);
+        };
+        let before = self.worker.applier().cursor().checkpoint;
+        if let Some(g) = &mut self.glitches {
+            if g.next().is_multiple_of(16) {
+                self.cursor.glitch.arm(1);
+            }
+        }
+        let turn = self.worker.synced(&mut self.cursor, result);
+        let glitched = self.cursor.glitch.is_dead();
+        self.cursor.glitch.revive();
+        match turn {
+            Turn::Checkpointed { checkpoint } => {
+                if checkpoint != before && checkpoint > upto {
+                    return Err(Fault::Bug(format!(
+                        "a sync begun after record {upto} moved the checkpoint to {checkpoint}"
+                    )));
+                }
+                self.m_reported_checkpoint = self.m_reported_checkpoint.max(checkpoint);
+                if checkpoint != before {
+                    self.ev(|| format!("mirror checkpoint {checkpoint}"));
+                    self.stats.checkpoints += 1;
+                }
+                Ok(true)
+            }
+            Turn::Retry { after, error } if glitched && !self.mkill.is_dead() => {
+                self.stats.retries += 1;
+                self.now += after;
+                self.ev(|| format!("mirror: {error}; retry in {after:?}"));
+                Ok(true)
+            }
+            Turn::Retry { error, .. } => Err(self.mfault(error)),
+            other => Err(self.mfault(format!("the end of a sync gave {other:?}"))),
+        }
     }
 
     /// The mirror's tree against the primary's reference state after record `seq`.
@@ -2130,7 +2206,14 @@ impl Sim {
             )));
         }
         // A new process: a new worker.
-        self.worker = Worker::new(applier, self.now, true);
+        let worker = Worker::new(applier, self.now, true);
+        self.worker = if self.offload {
+            worker.offload_checkpoints()
+        } else {
+            worker
+        };
+        // The process died: a sync it had started is gone with it.
+        self.pending_sync = None;
         self.feed = Feed::new(
             self.worker.applier().next_seq(),
             self.variant == NetVariant::ApplyBeforeFinal,

@@ -295,6 +295,12 @@ struct Sim {
     consumed_ever: u64,
     /// Highest checkpoint the worker ever reported (its `Turn`s, its stop): durable.
     reported_checkpoint: u64,
+    /// The worker hands its checkpoints' syncs to the driver (the binary's checkpoint thread);
+    /// on three seeds in four.
+    offload: bool,
+    /// A sync started off the worker's thread ([`Turn::SyncStart`]): the tree was synced when
+    /// it began; its result, and the worker turns until it is reported.
+    pending_sync: Option<(Result<(), TreeError>, u32, u64)>,
     /// A power loss happened and no start has recovered the journal since.
     journal_unclean: bool,
     /// A power loss happened and no start has opened the cursor since.
@@ -385,7 +391,7 @@ impl Sim {
             plan: None,
             cursor,
             mirror: SimTree::new().with_kill(kill),
-            worker: Worker::new(applier, Duration::ZERO, false),
+            worker: offloaded(Worker::new(applier, Duration::ZERO, false), seed),
             feed: Feed::new(1),
             now: Duration::ZERO,
             tick,
@@ -399,6 +405,8 @@ impl Sim {
             durable_ever: 0,
             consumed_ever: 0,
             reported_checkpoint: 0,
+            offload: !seed.is_multiple_of(4),
+            pending_sync: None,
             journal_unclean: false,
             cursor_unclean: false,
             stats: SimStats {
@@ -672,6 +680,8 @@ impl Sim {
 
     /// The worker's last checkpoint before the volume stops (`mirror::stop_worker`).
     fn stop_worker(&mut self) -> Act {
+        // The shell joins its checkpoint thread first; the last checkpoint covers its sync.
+        self.pending_sync = None;
         let before = self.worker.applier().cursor().checkpoint;
         let c = self
             .worker
@@ -679,6 +689,56 @@ impl Sim {
             .map_err(|e| self.fault(format!("the last checkpoint failed: {e}")))?;
         self.checkpointed(before, c);
         Ok(())
+    }
+
+    /// The driver's checkpoint thread: the tree is synced at once (so it holds exactly what
+    /// was applied through `upto`, the adversarial case for a cursor that would claim more),
+    /// and the end is reported a few turns later, after records applied in the meantime.
+    fn start_sync(&mut self, upto: u64) -> Result<bool, Fault> {
+        self.ev(|| format!("sync started at {upto}"));
+        let r = crate::tree::Tree::sync(&mut self.mirror);
+        let failed = r.is_err();
+        let delay = (upto.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 61) as u32;
+        self.pending_sync = Some((r, delay, upto));
+        if failed {
+            return self.report_sync();
+        }
+        Ok(true)
+    }
+
+    /// [`Worker::synced`] with the pending sync's result; the cursor write may glitch.
+    fn report_sync(&mut self) -> Result<bool, Fault> {
+        let Some((result, _, upto)) = self.pending_sync.take() else {
+            return Ok(false);
+        };
+        let before = self.worker.applier().cursor().checkpoint;
+        if let Some(g) = &mut self.glitches {
+            if g.next().is_multiple_of(16) {
+                self.cursor.glitch.arm(1);
+            }
+        }
+        let turn = self.worker.synced(&mut self.cursor, result);
+        let glitched = self.cursor.glitch.is_dead();
+        self.cursor.glitch.revive();
+        match turn {
+            Turn::Checkpointed { checkpoint } => {
+                if checkpoint != before && checkpoint > upto {
+                    return Err(Fault::Bug(format!(
+                        "a sync begun after record {upto} moved the checkpoint to {checkpoint}"
+                    )));
+                }
+                self.checkpointed(before, checkpoint);
+                Ok(true)
+            }
+            Turn::Retry { after, error } if glitched && !self.kill.is_dead() => {
+                self.stats.retries += 1;
+                self.now += after;
+                self.ev(|| format!("mirror: {error}; retry in {after:?}"));
+                Ok(true)
+            }
+            Turn::Retry { error, .. } => Err(self.fault(error)),
+            other => Err(self.fault(format!("the end of a sync gave {other:?}"))),
+        }
     }
 
     fn checkpointed(&mut self, before: u64, c: u64) {
@@ -703,6 +763,12 @@ impl Sim {
     /// the feed hands it (before it is applied) and on the mirror after it; false if the worker
     /// was idle (the feed had nothing ready).
     fn mirror_one(&mut self) -> Result<bool, Fault> {
+        if let Some((_, left, _)) = &mut self.pending_sync {
+            if *left == 0 {
+                return self.report_sync();
+            }
+            *left -= 1;
+        }
         let durable = match self.sabotage {
             Sabotage::IgnoreDurable => u64::MAX,
             _ => self.journal.durable_seq(),
@@ -825,6 +891,10 @@ impl Sim {
             self.ev(|| h);
         }
         let seq = match turn {
+            // The worker goes on while the sync runs: it is reported on a later turn, or when
+            // the worker has nothing else to do.
+            Turn::Idle if self.pending_sync.is_some() => return self.report_sync(),
+            Turn::SyncStart { upto } => return self.start_sync(upto),
             Turn::Idle => {
                 // Invariant 7: an `fsync` waiting for an applied record would wait forever.
                 let c = self.worker.applier().cursor();
@@ -1092,7 +1162,14 @@ impl Sim {
             )));
         }
         // A new process: a new worker, and no application waits for anything yet.
-        self.worker = Worker::new(applier, self.now, false);
+        let worker = Worker::new(applier, self.now, false);
+        self.worker = if self.offload {
+            worker.offload_checkpoints()
+        } else {
+            worker
+        };
+        // The process died: a sync it had started is gone with it.
+        self.pending_sync = None;
         self.want_durable = 0;
         self.feed = Feed::new(self.worker.applier().next_seq());
         let (fs, settled) = (self.journal.first_seq(), self.settled);
@@ -1395,5 +1472,13 @@ mod tests {
             "a dropped write went unnoticed: {caught:?}"
         );
         assert!(caught.iter().all(|e| e.contains("content")), "{caught:?}");
+    }
+}
+
+fn offloaded(w: Worker, seed: u64) -> Worker {
+    if !seed.is_multiple_of(4) {
+        w.offload_checkpoints()
+    } else {
+        w
     }
 }

@@ -1,5 +1,6 @@
 //! Mirror workers (one thread per mirror) and the initial copy of a new mirror.
 
+pub mod checkpoint;
 pub mod mark;
 pub mod operator;
 pub mod resync;
@@ -24,13 +25,14 @@ use mirrorfs_core::track::NameTracker;
 
 use mirrorfs_core::worker::{Turn, Worker};
 
+use crate::mirror::checkpoint::Checkpointer;
 use crate::site::state_dir::MirrorStateDir;
 use crate::site::store::{FileCursor, FileStore};
 use crate::site::volume::{
     lock, open_cursor, MirrorPhase, MirrorShared, Ordered, RecordFeed, Volume,
 };
 use crate::sys;
-use crate::tree::dirtree::DirTree;
+use crate::tree::dirtree::{tree_err, DirTree};
 use crate::tree::walk::Visit;
 
 /// Applies the journal to one mirror until the volume stops: the thread around the core's
@@ -44,7 +46,14 @@ pub fn run_worker(vol: Arc<Volume>, m: Arc<MirrorShared>, applier: Applier) {
     let mut feed = RecordFeed::new(applier.next_seq());
     let clock = Instant::now();
     let idle = m.checkpoint_when_idle.load(Ordering::Relaxed);
-    let mut worker = Worker::new(applier, clock.elapsed(), idle);
+    let ckpt = match spawn_checkpointer(&vol, &m) {
+        Ok(c) => c,
+        Err(e) => {
+            set_retrying(&m, format!("cannot start the checkpoint thread: {e}"));
+            return;
+        }
+    };
+    let mut worker = Worker::new(applier, clock.elapsed(), idle).offload_checkpoints();
     let mut mark_checked: Option<Instant> = None;
     loop {
         if m.detached() {
@@ -54,6 +63,7 @@ pub fn run_worker(vol: Arc<Volume>, m: Arc<MirrorShared>, applier: Applier) {
             // Stopping: the shutdown already waited for what it wanted applied (an initial copy
             // still running is abandoned; the next mount copies again). Records left are
             // applied after the restart, from the cursor.
+            drop(ckpt);
             return stop_worker(&vol, &m, &mut worker, &mut tree, &mut cursor);
         }
         if mark_checked.is_none_or(|t| t.elapsed() >= MARK_CHECK_EVERY) {
@@ -68,14 +78,40 @@ pub fn run_worker(vol: Arc<Volume>, m: Arc<MirrorShared>, applier: Applier) {
             }
         }
         crate::mirror::operator::take_request(&m, worker.applier_mut());
-        let want = m.want_durable.load(Ordering::Acquire);
-        let turn = worker.turn(&mut tree, &mut cursor, clock.elapsed(), want, || {
-            feed.next(&vol)
-        });
-        if let Flow::End = publish(&vol, &m, &feed, turn) {
+        let turn = match ckpt.take_result() {
+            // The checkpoint thread's sync ended: the cursor moves to what it made durable.
+            Some(r) => Ok(worker.synced(&mut cursor, r)),
+            None => {
+                let want = m.want_durable.load(Ordering::Acquire);
+                worker.turn(&mut tree, &mut cursor, clock.elapsed(), want, || {
+                    feed.next(&vol)
+                })
+            }
+        };
+        let turn = match turn {
+            Ok(Turn::SyncStart { .. }) => match tree.sync_handle() {
+                Ok(fd) => match ckpt.start(fd) {
+                    Ok(()) => continue,
+                    Err(e) => Ok(worker.synced(&mut cursor, Err(e))),
+                },
+                Err(e) => Ok(worker.synced(&mut cursor, Err(tree_err(&RelPath::root(), e)))),
+            },
+            other => other,
+        };
+        if let Flow::End = publish(&vol, &m, &feed, &ckpt, turn) {
             return;
         }
     }
+}
+
+/// The worker's checkpoint thread; it wakes the worker (sleeping on the volume's `changed`)
+/// when a sync ends.
+fn spawn_checkpointer(vol: &Arc<Volume>, m: &MirrorShared) -> io::Result<Checkpointer> {
+    let v = vol.clone();
+    Checkpointer::spawn(&m.name, move || {
+        let _p = lock(&v.progress);
+        v.changed.notify_all();
+    })
 }
 
 /// What the worker's loop does next.
@@ -112,6 +148,7 @@ fn publish(
     vol: &Volume,
     m: &MirrorShared,
     feed: &RecordFeed,
+    ckpt: &Checkpointer,
     turn: Result<Turn, FeedReadError>,
 ) -> Flow {
     match turn {
@@ -144,7 +181,8 @@ fn publish(
         }
         Ok(Turn::Idle) => {
             let p = lock(&vol.progress);
-            if !p.stopping && !feed.moved(&p) {
+            // A sync that ended is checked under the lock its thread takes to wake us.
+            if !p.stopping && !feed.moved(&p) && !ckpt.ended() {
                 let _ = vol.changed.wait_timeout(p, Duration::from_millis(100));
             }
         }
@@ -158,6 +196,8 @@ fn publish(
             set_retrying(m, error);
             std::thread::sleep(after);
         }
+        // Started by the loop; never handed here.
+        Ok(Turn::SyncStart { .. }) => {}
         Ok(Turn::Diverged { reason }) => {
             m.count_error("diverged");
             tracing::error!("mirror {}: {reason}", m.name);
@@ -921,6 +961,7 @@ mod tests {
             None,
         ));
         let feed = RecordFeed::new(1);
+        let ckpt = Checkpointer::spawn("test", || {}).expect("checkpoint thread");
         let patience = Duration::from_secs(5);
         for seq in 1..=100u64 {
             let waiter = {
@@ -948,7 +989,10 @@ mod tests {
                 copying: false,
                 copy_done: None,
             };
-            assert!(matches!(publish(&vol, &m, &feed, Ok(turn)), Flow::Go));
+            assert!(matches!(
+                publish(&vol, &m, &feed, &ckpt, Ok(turn)),
+                Flow::Go
+            ));
             let waited = waiter.join().expect("waiter");
             assert_eq!(m.applied.load(Ordering::Acquire), seq);
             assert!(

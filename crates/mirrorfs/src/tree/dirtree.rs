@@ -616,6 +616,12 @@ impl Tree for DirTree {
 }
 
 impl DirTree {
+    /// A descriptor of the tree's root of its own, for a `syncfs` on another thread (the
+    /// mirror's checkpoint thread).
+    pub fn sync_handle(&self) -> io::Result<OwnedFd> {
+        self.root.fd().try_clone_to_owned()
+    }
+
     /// The entry's mtime (`lstat`, beneath the root), or `None` if there is no such entry (or a
     /// component on the way is not a directory).
     pub fn mtime(&self, path: &RelPath) -> Result<Option<Timespec>, TreeError> {
