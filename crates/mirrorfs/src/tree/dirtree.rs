@@ -617,8 +617,11 @@ impl Tree for DirTree {
 
 impl DirTree {
     /// A descriptor of the tree's root of its own, for a `syncfs` on another thread (the
-    /// mirror's checkpoint thread).
-    pub fn sync_handle(&self) -> io::Result<OwnedFd> {
+    /// mirror's checkpoint thread). A checkpoint forgets the cached parent directory as `sync`
+    /// does, so a directory changed behind mirrorfs's back is resolved again within a
+    /// checkpoint interval whichever thread syncs.
+    pub fn sync_handle(&mut self) -> io::Result<OwnedFd> {
+        self.parent_dir = None;
         self.root.fd().try_clone_to_owned()
     }
 
