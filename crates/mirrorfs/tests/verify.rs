@@ -348,7 +348,7 @@ fn type_target_owner_link_and_hole_differences_are_found_and_repaired() {
 fn verify_rereads_only_changed_primary_files_and_still_finds_planted_ones() {
     let mut m = mount("verify-reread");
     for i in 0..5 {
-        fs::write(m.p(&format!("f{i}")), vec![i as u8; 10_000]).expect("write");
+        fs::write(m.p(format!("f{i}")), vec![i as u8; 10_000]).expect("write");
     }
     m.wait_mirror_equal(EQUAL);
     // Hashes of files changed within the last 2 s are not cached (the settle rule).
