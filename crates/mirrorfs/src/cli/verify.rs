@@ -217,6 +217,9 @@ struct Scanned {
     entries: Vec<mirrorfs_core::verify::Entry>,
     bytes_read: u64,
     cache_hits: u64,
+    /// Files whose data was read to hash them (not taken from the cache); None for a network
+    /// mirror (its daemon reports bytes, not files).
+    files_read: Option<u64>,
     /// A network mirror's scan: the bytes that came over the link (TLS records included).
     link_bytes: Option<u64>,
 }
@@ -245,6 +248,7 @@ fn scan_tree(tree: &Path, t: &Target, use_cache: bool, what: &str) -> Result<Sca
         entries,
         bytes_read: cache.bytes_read,
         cache_hits: cache.hits,
+        files_read: Some(cache.misses),
         link_bytes: None,
     })
 }
@@ -331,6 +335,7 @@ fn scan_remote(url: &str, t: &Target, config: Option<&Path>, no_cache: bool) -> 
                     entries,
                     bytes_read,
                     cache_hits,
+                    files_read: None,
                     link_bytes: Some(link.bytes_in.load(std::sync::atomic::Ordering::Relaxed)),
                 });
             }
@@ -353,12 +358,31 @@ fn scan_mirror(m: &Path, t: &Target, a: &VerifyArgs) -> Result<Scanned> {
     }
 }
 
+/// What the primary's scans cost, summed over the run (a repair scans it again).
+#[derive(Default)]
+struct PrimaryCounts {
+    entries: u64,
+    files: u64,
+    bytes: u64,
+    hits: u64,
+}
+
+impl PrimaryCounts {
+    fn add(&mut self, p: &Scanned) {
+        self.entries += p.entries.len() as u64;
+        self.files += p.files_read.unwrap_or(0);
+        self.bytes += p.bytes_read;
+        self.hits += p.cache_hits;
+    }
+}
+
 /// The result for one mirror.
 struct MirrorResult {
     mirror: PathBuf,
     entries: usize,
     bytes_read: u64,
     cache_hits: u64,
+    files_read: Option<u64>,
     link_bytes: Option<u64>,
     caught_up: bool,
     differences: Vec<Difference>,
@@ -429,7 +453,7 @@ pub fn verify(a: VerifyArgs) -> Result<()> {
     let settle = Duration::from_secs(a.settle_secs);
     let mut results = Vec::new();
     let mut primary: Option<Scanned> = None;
-    let (mut primary_bytes, mut primary_hits) = (0, 0);
+    let mut pc = PrimaryCounts::default();
     for m in &mirrors {
         let caught_up = wait_caught_up(&t.state, m, settle)?;
         if !caught_up {
@@ -443,8 +467,7 @@ pub fn verify(a: VerifyArgs) -> Result<()> {
             Some(p) => p,
             None => {
                 let p = scan_tree(&t.backing, &t, !a.no_cache, "primary")?;
-                primary_bytes += p.bytes_read;
-                primary_hits += p.cache_hits;
+                pc.add(&p);
                 p
             }
         };
@@ -455,6 +478,7 @@ pub fn verify(a: VerifyArgs) -> Result<()> {
             entries: p.entries.len(),
             bytes_read: s.bytes_read,
             cache_hits: s.cache_hits,
+            files_read: s.files_read,
             link_bytes: s.link_bytes,
             caught_up,
             differences: Vec::new(),
@@ -476,8 +500,7 @@ pub fn verify(a: VerifyArgs) -> Result<()> {
             crate::cli::resync::resync_and_wait(&t, m, a.delete_extra)?;
             wait_caught_up(&t.state, m, settle)?;
             let p = scan_tree(&t.backing, &t, !a.no_cache, "primary")?;
-            primary_bytes += p.bytes_read;
-            primary_hits += p.cache_hits;
+            pc.add(&p);
             let s = scan_mirror(m, &t, &a)?;
             r.bytes_read += s.bytes_read;
             r.link_bytes = match (r.link_bytes, s.link_bytes) {
@@ -485,6 +508,7 @@ pub fn verify(a: VerifyArgs) -> Result<()> {
                 (x, y) => x.or(y),
             };
             r.cache_hits += s.cache_hits;
+            r.files_read = r.files_read.zip(s.files_read).map(|(x, y)| x + y);
             let after = compare(&p.entries, &s.entries);
             r.repaired = Some(std::mem::replace(&mut differences, after));
             primary = Some(p);
@@ -498,14 +522,18 @@ pub fn verify(a: VerifyArgs) -> Result<()> {
         let v = json!({
             "mountpoint": t.mountpoint,
             "backing": t.backing,
-            "primary_bytes_read": primary_bytes,
-            "primary_cache_hits": primary_hits,
+            "primary_bytes_read": pc.bytes,
+            "primary_cache_hits": pc.hits,
+            "primary_files_read": pc.files,
+            "primary_entries_scanned": pc.entries,
+            "incremental": false,
             "differences": total,
             "mirrors": results.iter().map(|r| json!({
                 "mirror": r.mirror,
                 "entries_primary": r.entries,
                 "bytes_read": r.bytes_read,
                 "cache_hits": r.cache_hits,
+                "files_read": r.files_read,
                 "link_bytes": r.link_bytes,
                 "caught_up": r.caught_up,
                 "summary": summary(&r.differences).iter().map(|(k, n)| (k.name().to_string(), json!(n))).collect::<serde_json::Map<_, _>>(),
@@ -517,11 +545,13 @@ pub fn verify(a: VerifyArgs) -> Result<()> {
     } else {
         writeln!(
             out,
-            "primary {} (mounted at {}): {} read, {} files' hashes from the cache",
+            "primary {} (mounted at {}): full scan of {} entries, {} file(s) read ({}), {} files' hashes from the cache",
             t.backing.display(),
             t.mountpoint.display(),
-            indicatif::HumanBytes(primary_bytes),
-            primary_hits
+            pc.entries,
+            pc.files,
+            indicatif::HumanBytes(pc.bytes),
+            pc.hits
         )?;
         for r in &results {
             if let Some(before) = &r.repaired {
