@@ -250,6 +250,19 @@ fn helper_refuses_unknown_options_and_reports_failures() {
         .expect("run the helper");
     assert!(st.success());
     assert!(!is_mounted(&l.mnt));
+    // A site of a writable pair names its peer instead of a mirror.
+    let st = Command::new(&helper)
+        .arg(&l.backing)
+        .arg(&l.mnt)
+        .args([
+            "-f",
+            "-o",
+            "peer=mirror://127.0.0.1:7071,receive=127.0.0.1:7072",
+        ])
+        .status()
+        .expect("run the helper");
+    assert!(st.success(), "peer= stands in for mirror=");
+    assert!(!is_mounted(&l.mnt));
     // A mirror that does not exist: the daemon fails before mounting.
     let out = run(&format!("mirror={}/missing", l.base.display()));
     let err = String::from_utf8_lossy(&out.stderr);

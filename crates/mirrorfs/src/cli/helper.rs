@@ -165,9 +165,13 @@ pub fn parse(args: &[OsString], cmd: &clap::Command) -> Result<HelperCall, Strin
             ));
         }
     }
+    // `--mirror` is required unless `--peer` names a writable peer (clap's `required_unless`,
+    // which `is_required_set` does not report).
+    let has = |id: &str| given.iter().any(|g| g == id);
+    let mirror_missing = |id: &str| id == "mirrors" && !has("mirrors") && !has("peer");
     for a in mount.get_arguments() {
-        if a.is_required_set() && a.get_long().is_some() && !given.contains(&a.get_id().to_string())
-        {
+        let id = a.get_id().to_string();
+        if (a.is_required_set() || mirror_missing(&id)) && a.get_long().is_some() && !has(&id) {
             let long = a.get_long().unwrap_or_default();
             return Err(format!(
                 "missing mount option `{}=...`: add -o {}=VALUE (for example -o mirror=/backup/data; repeat it for several mirrors)",
@@ -397,6 +401,15 @@ mod tests {
     fn missing_mirror_and_value() {
         let e = call(&["m", "/a", "/b", "-o", "ack=sync"]).expect_err("no mirror");
         assert!(e.contains("mirror="), "{e}");
+        // A writable pair's site needs no mirror: its peer is one.
+        call(&[
+            "m",
+            "/a",
+            "/b",
+            "-o",
+            "peer=mirror://h:7071,receive=0.0.0.0:7071",
+        ])
+        .expect("peer without mirror");
         let e = call(&["m", "/a", "/b", "-o", "mirror=/c,ack"]).expect_err("no value");
         assert!(e.contains("needs a value"), "{e}");
         let e = call(&["m", "/a", "/b", "-o", "mirror=/c,compress=1"]).expect_err("a switch");
