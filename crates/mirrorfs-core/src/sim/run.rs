@@ -1368,6 +1368,14 @@ fn brief(op: &Op) -> String {
     s
 }
 
+fn offloaded(w: Worker, seed: u64) -> Worker {
+    if !seed.is_multiple_of(4) {
+        w.offload_checkpoints()
+    } else {
+        w
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1472,13 +1480,5 @@ mod tests {
             "a dropped write went unnoticed: {caught:?}"
         );
         assert!(caught.iter().all(|e| e.contains("content")), "{caught:?}");
-    }
-}
-
-fn offloaded(w: Worker, seed: u64) -> Worker {
-    if !seed.is_multiple_of(4) {
-        w.offload_checkpoints()
-    } else {
-        w
     }
 }
