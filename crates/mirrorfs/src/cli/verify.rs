@@ -129,11 +129,11 @@ fn read_status(state: &Path) -> Result<serde_json::Value> {
 /// Waits (at most `limit`) until `mirror` applied every record the journal held when called.
 /// Returns false if it did not.
 pub fn wait_caught_up(state: &Path, mirror: &Path, limit: Duration) -> Result<bool> {
-    let target = read_status(state)?["journal_next_seq"]
+    let t0 = Instant::now();
+    let target = fresh_status(state, limit)?["journal_next_seq"]
         .as_u64()
         .unwrap_or(1)
         .saturating_sub(1);
-    let t0 = Instant::now();
     let name = mirror.display().to_string();
     loop {
         let st = read_status(state)?;
@@ -151,6 +151,24 @@ pub fn wait_caught_up(state: &Path, mirror: &Path, limit: Duration) -> Result<bo
             return Ok(false);
         }
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `status.json` as written after this call began (the mount writes it twice a second): a
+/// target taken from an older one could miss records journaled just before, such as a
+/// repair's, and the scan would then race their apply. After `limit`, the newest there is.
+fn fresh_status(state: &Path, limit: Duration) -> Result<serde_json::Value> {
+    let since_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    let t0 = Instant::now();
+    loop {
+        let st = read_status(state)?;
+        let updated = st["updated_unix_ms"].as_i64().unwrap_or(i64::MAX);
+        if updated > since_ms || t0.elapsed() >= limit {
+            return Ok(st);
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
