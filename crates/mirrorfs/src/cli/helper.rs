@@ -401,15 +401,6 @@ mod tests {
     fn missing_mirror_and_value() {
         let e = call(&["m", "/a", "/b", "-o", "ack=sync"]).expect_err("no mirror");
         assert!(e.contains("mirror="), "{e}");
-        // A writable pair's site needs no mirror: its peer is one.
-        call(&[
-            "m",
-            "/a",
-            "/b",
-            "-o",
-            "peer=mirror://h:7071,receive=0.0.0.0:7071",
-        ])
-        .expect("peer without mirror");
         let e = call(&["m", "/a", "/b", "-o", "mirror=/c,ack"]).expect_err("no value");
         assert!(e.contains("needs a value"), "{e}");
         let e = call(&["m", "/a", "/b", "-o", "mirror=/c,compress=1"]).expect_err("a switch");
