@@ -30,6 +30,7 @@
 
 mod fs;
 mod net;
+mod offload;
 mod primary;
 mod run;
 mod sites;

@@ -63,6 +63,7 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::time::Duration;
 
+use super::offload::{self, offloaded, PendingSync};
 use super::run::SplitMix64;
 use super::{KillSwitch, Primary, SimCursor, SimFile, SimRng, SimStore, SimTree};
 use crate::applier::Applier;
@@ -572,7 +573,7 @@ struct Sim {
     offload: bool,
     /// A sync started off the worker's thread: its result (the tree was synced when it
     /// began), the turns until it is reported, and the record it makes durable.
-    pending_sync: Option<(Result<(), crate::tree::TreeError>, u32, u64)>,
+    pending_sync: Option<PendingSync>,
 
     // ---- the network
     conns: Vec<Conn>,
@@ -697,11 +698,7 @@ impl Sim {
             mdurable: 0,
             msettled: 0,
             cursor,
-            worker: if !seed.is_multiple_of(4) {
-                Worker::new(applier, Duration::ZERO, true).offload_checkpoints()
-            } else {
-                Worker::new(applier, Duration::ZERO, true)
-            },
+            worker: offloaded(Worker::new(applier, Duration::ZERO, true), seed),
             feed: Feed::new(1, variant == NetVariant::ApplyBeforeFinal),
             now: Duration::ZERO,
             tick,
@@ -1845,11 +1842,8 @@ impl Sim {
     /// idle. Nobody waits on the daemon's checkpoint (`want_durable` 0): `--ack sync` primaries
     /// get it from the worker's checkpoint when idle.
     fn m_one(&mut self) -> Result<bool, Fault> {
-        if let Some((_, left, _)) = &mut self.pending_sync {
-            if *left == 0 {
-                return self.report_sync();
-            }
-            *left -= 1;
+        if self.pending_sync.as_mut().is_some_and(PendingSync::due) {
+            return self.report_sync();
         }
         let before = self.worker.applier().cursor().checkpoint;
         // `next` is asked only when no checkpoint is due, so the applier is as it is now then.
@@ -1999,15 +1993,12 @@ impl Sim {
         Ok(true)
     }
 
-    /// The daemon's checkpoint thread: the tree is synced at once (so it holds exactly what was
-    /// applied through `upto`, the adversarial case for a cursor that would claim more), and
-    /// the end is reported a few turns later, after records applied in the meantime.
+    /// The worker's checkpoint thread (see `offload`).
     fn start_sync(&mut self, upto: u64) -> Result<bool, Fault> {
         self.ev(|| format!("mirror sync started at {upto}"));
-        let r = crate::tree::Tree::sync(&mut self.tree);
-        let failed = r.is_err();
-        let delay = (upto.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 61) as u32;
-        self.pending_sync = Some((r, delay, upto));
+        let sync = PendingSync::start(&mut self.tree, upto);
+        let failed = sync.failed();
+        self.pending_sync = Some(sync);
         if failed {
             return self.report_sync();
         }
@@ -2016,25 +2007,14 @@ impl Sim {
 
     /// [`Worker::synced`] with the pending sync's result; the cursor write may glitch.
     fn report_sync(&mut self) -> Result<bool, Fault> {
-        let Some((result, _, upto)) = self.pending_sync.take() else {
+        let Some(sync) = self.pending_sync.take() else {
             return Ok(false);
         };
-        let before = self.worker.applier().cursor().checkpoint;
-        if let Some(g) = &mut self.glitches {
-            if g.next().is_multiple_of(16) {
-                self.cursor.glitch.arm(1);
-            }
-        }
-        let turn = self.worker.synced(&mut self.cursor, result);
-        let glitched = self.cursor.glitch.is_dead();
-        self.cursor.glitch.revive();
-        match turn {
+        let end = offload::report(sync, &mut self.worker, &mut self.cursor, &mut self.glitches)
+            .map_err(Fault::Bug)?;
+        let (before, glitched) = (end.before, end.glitched);
+        match end.turn {
             Turn::Checkpointed { checkpoint } => {
-                if checkpoint != before && checkpoint > upto {
-                    return Err(Fault::Bug(format!(
-                        "a sync begun after record {upto} moved the checkpoint to {checkpoint}"
-                    )));
-                }
                 self.m_reported_checkpoint = self.m_reported_checkpoint.max(checkpoint);
                 if checkpoint != before {
                     self.ev(|| format!("mirror checkpoint {checkpoint}"));

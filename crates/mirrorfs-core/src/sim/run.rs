@@ -32,6 +32,7 @@
 use std::fmt;
 use std::time::Duration;
 
+use super::offload::{self, offloaded, PendingSync};
 use super::{KillSwitch, Primary, SimCursor, SimFile, SimRng, SimStore, SimTree};
 use crate::applier::Applier;
 use crate::feed::{FeedReadError, Item, JournalFeed};
@@ -300,7 +301,7 @@ struct Sim {
     offload: bool,
     /// A sync started off the worker's thread ([`Turn::SyncStart`]): the tree was synced when
     /// it began; its result, and the worker turns until it is reported.
-    pending_sync: Option<(Result<(), TreeError>, u32, u64)>,
+    pending_sync: Option<PendingSync>,
     /// A power loss happened and no start has recovered the journal since.
     journal_unclean: bool,
     /// A power loss happened and no start has opened the cursor since.
@@ -691,15 +692,12 @@ impl Sim {
         Ok(())
     }
 
-    /// The driver's checkpoint thread: the tree is synced at once (so it holds exactly what
-    /// was applied through `upto`, the adversarial case for a cursor that would claim more),
-    /// and the end is reported a few turns later, after records applied in the meantime.
+    /// The worker's checkpoint thread (see `offload`).
     fn start_sync(&mut self, upto: u64) -> Result<bool, Fault> {
         self.ev(|| format!("sync started at {upto}"));
-        let r = crate::tree::Tree::sync(&mut self.mirror);
-        let failed = r.is_err();
-        let delay = (upto.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 61) as u32;
-        self.pending_sync = Some((r, delay, upto));
+        let sync = PendingSync::start(&mut self.mirror, upto);
+        let failed = sync.failed();
+        self.pending_sync = Some(sync);
         if failed {
             return self.report_sync();
         }
@@ -708,25 +706,14 @@ impl Sim {
 
     /// [`Worker::synced`] with the pending sync's result; the cursor write may glitch.
     fn report_sync(&mut self) -> Result<bool, Fault> {
-        let Some((result, _, upto)) = self.pending_sync.take() else {
+        let Some(sync) = self.pending_sync.take() else {
             return Ok(false);
         };
-        let before = self.worker.applier().cursor().checkpoint;
-        if let Some(g) = &mut self.glitches {
-            if g.next().is_multiple_of(16) {
-                self.cursor.glitch.arm(1);
-            }
-        }
-        let turn = self.worker.synced(&mut self.cursor, result);
-        let glitched = self.cursor.glitch.is_dead();
-        self.cursor.glitch.revive();
-        match turn {
+        let end = offload::report(sync, &mut self.worker, &mut self.cursor, &mut self.glitches)
+            .map_err(Fault::Bug)?;
+        let (before, glitched) = (end.before, end.glitched);
+        match end.turn {
             Turn::Checkpointed { checkpoint } => {
-                if checkpoint != before && checkpoint > upto {
-                    return Err(Fault::Bug(format!(
-                        "a sync begun after record {upto} moved the checkpoint to {checkpoint}"
-                    )));
-                }
                 self.checkpointed(before, checkpoint);
                 Ok(true)
             }
@@ -763,11 +750,8 @@ impl Sim {
     /// the feed hands it (before it is applied) and on the mirror after it; false if the worker
     /// was idle (the feed had nothing ready).
     fn mirror_one(&mut self) -> Result<bool, Fault> {
-        if let Some((_, left, _)) = &mut self.pending_sync {
-            if *left == 0 {
-                return self.report_sync();
-            }
-            *left -= 1;
+        if self.pending_sync.as_mut().is_some_and(PendingSync::due) {
+            return self.report_sync();
         }
         let durable = match self.sabotage {
             Sabotage::IgnoreDurable => u64::MAX,
@@ -1366,14 +1350,6 @@ fn brief(op: &Op) -> String {
         s.push_str("...");
     }
     s
-}
-
-fn offloaded(w: Worker, seed: u64) -> Worker {
-    if !seed.is_multiple_of(4) {
-        w.offload_checkpoints()
-    } else {
-        w
-    }
 }
 
 #[cfg(test)]
