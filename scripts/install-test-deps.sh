@@ -8,7 +8,7 @@
 set -euo pipefail
 
 PJDFSTEST_VERSION=0.2.2
-APT_PACKAGES=(libacl1-dev bindfs fuse3 rsync nftables iproute2 util-linux)
+APT_PACKAGES=(libacl1-dev bindfs fuse3 rsync nftables iproute2 util-linux prometheus)
 PJDFSTEST_USERS=(pjdfstest1 pjdfstest2)
 
 log() { echo "install-test-deps: $*"; }

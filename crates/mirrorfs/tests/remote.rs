@@ -4553,6 +4553,193 @@ fn lag_in_seconds_grows_while_the_mirror_is_held_back_on_both_sides() {
     converge(&m, &srv, "the group after its sync");
 }
 
+/// Issue 10 item 7 (the closing note: "the dashboard was never loaded"): every query of
+/// `docs/grafana-dashboard.json` — each panel's and the `job` variable's — runs in a real
+/// Prometheus (Debian's, installed by `scripts/install-test-deps.sh`) that scrapes a mount with
+/// a remote mirror and its daemon, with Grafana's variables filled in as Grafana does (`$job`
+/// with All, `$__rate_interval` as a window of several scrapes). Each query must parse and
+/// evaluate, and the panels a running pair always feeds (state, lag, throughput, journal) must
+/// return series. No Grafana server is available here, so the dashboard's own JSON is checked
+/// for what Grafana needs to import it (uid, panels with types and targets, the variables).
+#[test]
+fn the_dashboards_queries_run_in_prometheus_against_a_live_pair() {
+    let Some(prometheus) = ["/usr/bin/prometheus", "/usr/local/bin/prometheus"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+    else {
+        panic!("no prometheus binary: run scripts/install-test-deps.sh (Debian's `prometheus`)");
+    };
+    let net = Net::new("dashboard");
+    let daemon_metrics = format!("127.0.0.1:{}", free_port());
+    let mount_metrics = format!("127.0.0.1:{}", free_port());
+    let srv = net.serve("m", &["--metrics", &daemon_metrics]);
+    let mut m = net.mount(
+        "net-dashboard",
+        1,
+        &srv.url(),
+        &["--metrics", &mount_metrics],
+    );
+    wait_live(&m, &srv);
+
+    let dir = net.base.join("prometheus");
+    fs::create_dir_all(dir.join("data")).expect("prometheus dir");
+    let config = dir.join("prometheus.yml");
+    fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  \
+             - job_name: mirrorfs-mount\n    static_configs:\n      - targets: ['{mount_metrics}']\n  \
+             - job_name: mirrorfs-daemon\n    static_configs:\n      - targets: ['{daemon_metrics}']\n"
+        ),
+    )
+    .expect("write prometheus.yml");
+    let web = format!("127.0.0.1:{}", free_port());
+    let log = File::create(dir.join("prometheus.log")).expect("prometheus log");
+    let prom = Command::new(&prometheus)
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("data").display()
+        ))
+        .arg(format!("--web.listen-address={web}"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start prometheus");
+    struct Kill(Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _prom = Kill(prom);
+    let prom_log = || fs::read_to_string(dir.join("prometheus.log")).unwrap_or_default();
+
+    // Traffic for the rate panels while Prometheus scrapes: a file rewritten every 100 ms.
+    let up = wait_until(CONNECT, || {
+        query(&web, "up").is_some_and(|v| {
+            v["data"]["result"].as_array().is_some_and(|r| {
+                r.len() == 2 && r.iter().all(|s| s["value"][1].as_str() == Some("1"))
+            })
+        })
+    });
+    assert!(
+        up,
+        "prometheus never scraped both endpoints:\n{}",
+        prom_log()
+    );
+    for i in 0..60 {
+        fs::write(m.p(format!("dash-{}", i % 4)), vec![b'd'; 64 * 1024]).expect("write");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+
+    let docs = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/");
+    let dash: Value = serde_json::from_str(
+        &fs::read_to_string(format!("{docs}grafana-dashboard.json")).expect("dashboard"),
+    )
+    .expect("the dashboard is JSON");
+    assert!(dash["uid"].as_str().is_some_and(|u| !u.is_empty()), "uid");
+    assert!(dash["schemaVersion"].as_u64().is_some(), "schemaVersion");
+    let fill = |expr: &str| {
+        expr.replace("$job", ".+")
+            .replace("$__rate_interval", "10s")
+    };
+
+    // The `job` variable: label_values(METRIC, job) is Grafana's call of the series API.
+    let vars = dash["templating"]["list"].as_array().expect("variables");
+    let job = vars
+        .iter()
+        .find(|v| v["name"] == "job")
+        .and_then(|v| v["query"].as_str())
+        .expect("a job variable");
+    let metric = job
+        .strip_prefix("label_values(")
+        .and_then(|r| r.strip_suffix(", job)"))
+        .expect("label_values(METRIC, job)");
+    let jobs = query(&web, metric).expect("the job variable's metric");
+    let names: Vec<&str> = jobs["data"]["result"]
+        .as_array()
+        .map(|r| {
+            r.iter()
+                .filter_map(|s| s["metric"]["job"].as_str())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        names.contains(&"mirrorfs-mount") && names.contains(&"mirrorfs-daemon"),
+        "the job variable offers {names:?}"
+    );
+
+    let panels = dash["panels"].as_array().expect("panels");
+    assert!(panels.len() >= 6, "{} panels", panels.len());
+    let mut fed = Vec::new();
+    for p in panels {
+        let title = p["title"].as_str().unwrap_or("?");
+        assert!(p["type"].as_str().is_some(), "{title}: no type");
+        let targets = p["targets"].as_array().expect("targets");
+        assert!(!targets.is_empty(), "{title}: no targets");
+        for t in targets {
+            let expr = fill(t["expr"].as_str().expect("expr"));
+            let v = query(&web, &expr).unwrap_or_else(|| panic!("{title}: no answer to {expr}"));
+            assert_eq!(v["status"], "success", "{title}: {expr}: {v}");
+            let series = v["data"]["result"].as_array().map_or(0, Vec::len);
+            fed.push((title.to_string(), series));
+        }
+    }
+    for must in [
+        "Mirror state",
+        "Lag (seconds)",
+        "Throughput applied",
+        "Records applied",
+        "Sent to remote mirrors",
+        "Journal size",
+    ] {
+        assert!(
+            fed.iter().any(|(t, n)| t.starts_with(must) && *n > 0),
+            "the panel {must} shows no series: {fed:?}"
+        );
+    }
+    // Two mirrors (one local, one remote) and the daemon: the state panel has a row for each
+    // mirror the mount feeds.
+    let state = query(
+        &web,
+        &fill(
+            panels[0]["targets"][0]["expr"]
+                .as_str()
+                .expect("the state panel's query"),
+        ),
+    )
+    .expect("state");
+    let rows = state["data"]["result"].as_array().map_or(0, Vec::len);
+    assert!(rows >= 2, "state rows: {state}");
+    m.unmount();
+}
+
+/// Prometheus's instant query API (`GET /api/v1/query`), the answer as JSON; `None` while it
+/// does not answer.
+fn query(web: &str, promql: &str) -> Option<Value> {
+    let mut q = String::new();
+    for b in promql.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            q.push(char::from(b));
+        } else {
+            q.push_str(&format!("%{b:02X}"));
+        }
+    }
+    let mut c = TcpStream::connect(web).ok()?;
+    c.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    c.write_all(format!("GET /api/v1/query?query={q} HTTP/1.0\r\nHost: {web}\r\n\r\n").as_bytes())
+        .ok()?;
+    let mut text = String::new();
+    c.read_to_string(&mut text).ok()?;
+    let body = text.split_once("\r\n\r\n")?.1;
+    serde_json::from_str(body).ok()
+}
+
 /// Allocated bytes of `p` (`st_blocks`).
 fn allocated(p: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
