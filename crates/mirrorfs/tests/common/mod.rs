@@ -352,15 +352,41 @@ impl Mount {
     }
 
     /// Waits until the mirror tree equals the backing tree (full comparison) while mounted.
+    /// A mirror still applying records is given more time: the wait fails once `timeout` passes
+    /// without the mirrors' applied position (`status --json`) moving, or after five times
+    /// `timeout` in all. A loaded CI machine can leave a mirror minutes behind a workload that
+    /// syncs on every unlink (seen: 4 entries short after 60 s, still applying); a stuck mirror
+    /// still fails after `timeout`.
     pub fn wait_mirror_equal(&self, timeout: Duration) {
         let mut last = Vec::new();
-        let ok = wait_until(timeout, || {
-            last = tree_diff(self.backing(), self.mirror(), &Cmp::FULL);
-            last.is_empty()
-        });
+        let applied = || -> u64 {
+            self.status()
+                .and_then(|v| {
+                    v["mirrors"].as_array().map(|ms| {
+                        ms.iter()
+                            .filter_map(|m| m["applied_seq"].as_u64())
+                            .sum::<u64>()
+                    })
+                })
+                .unwrap_or(0)
+        };
+        let mut ok = false;
+        let mut progress = applied();
+        for _ in 0..5 {
+            ok = wait_until(timeout, || {
+                last = tree_diff(self.backing(), self.mirror(), &Cmp::FULL);
+                last.is_empty()
+            });
+            let now = applied();
+            if ok || now <= progress {
+                break;
+            }
+            progress = now;
+        }
         assert!(
             ok,
-            "mirror {} did not become equal to backing {} within {timeout:?}:\n{}\nmirrorfs stderr:\n{}",
+            "mirror {} did not become equal to backing {} within {timeout:?} without progress \
+             (applied through {progress}):\n{}\nmirrorfs stderr:\n{}",
             self.mirror().display(),
             self.backing().display(),
             summarize(&last),
