@@ -270,6 +270,11 @@ impl ChangePoints {
         }
     }
 
+    /// Where the last point starts (0: none).
+    pub fn last_from(&self) -> u64 {
+        self.points.keys().next_back().copied().unwrap_or(0)
+    }
+
     pub fn len(&self) -> usize {
         self.points.len()
     }
