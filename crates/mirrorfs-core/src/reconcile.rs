@@ -252,11 +252,13 @@ impl ChangePoints {
     /// each that starts within it.
     pub fn for_batch(&self, first: u64, last: u64) -> Vec<(u64, u64)> {
         let mut v = vec![(first, self.seen_at(first))];
-        v.extend(
-            self.points
-                .range(first.saturating_add(1)..=last)
-                .map(|(&f, &t)| (f, t)),
-        );
+        if last > first {
+            v.extend(
+                self.points
+                    .range(first + 1..=last)
+                    .map(|(&f, &t)| (f, t)),
+            );
+        }
         v
     }
 
@@ -498,6 +500,9 @@ mod tests {
         assert_eq!(c.seen_at(10), 3);
         assert_eq!(c.seen_at(30), 7);
         assert_eq!(c.for_batch(12, 22), vec![(12, 3), (20, 7)]);
+        // A batch of one record, and a range given backwards, need no range of points.
+        assert_eq!(c.for_batch(20, 20), vec![(20, 7)]);
+        assert_eq!(c.for_batch(21, 3), vec![(21, 7)]);
         c.forget_through(21);
         assert_eq!(c.seen_at(22), 7);
         assert_eq!(c.len(), 1);
