@@ -38,7 +38,7 @@
 //! every record after [`Reconciler::seen_by_peer`] (persisted with the peer's applied position)
 //! and replays our data records after it through [`Reconciler::local`].
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// An object: the write token's (a hash of the file's path, `site::tokens::object_of`).
 pub type Object = u64;
@@ -80,6 +80,10 @@ pub enum Decision {
     /// The loser: copy our current version to the conflict name first (listed as a conflict),
     /// then apply the record.
     CopyThenApply,
+    /// Either site: the peer removed an object we changed concurrently. Do not apply the
+    /// removal; journal the object whole, its creation first, so that the peer gets it back
+    /// (`first`: a new conflict, to be listed).
+    Restore { first: bool },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,8 +101,8 @@ struct Entry {
 pub struct Reconciler {
     cfg: Config,
     entries: HashMap<Object, Entry>,
-    /// Entry seq → object (each entry once), to drop the seen ones in order.
-    by_seq: BTreeMap<u64, Object>,
+    /// (entry seq, object) for each entry, to drop the seen ones in order.
+    by_seq: BTreeSet<(u64, Object)>,
     /// The largest of our seqs the peer had considered as of its last record here.
     seen: u64,
     /// Entries up to this seq were dropped for room (see the module docs).
@@ -112,7 +116,7 @@ impl Reconciler {
         Reconciler {
             cfg,
             entries: HashMap::new(),
-            by_seq: BTreeMap::new(),
+            by_seq: BTreeSet::new(),
             seen: seen_by_peer,
             floor: 0,
         }
@@ -130,7 +134,7 @@ impl Reconciler {
             return;
         }
         if let Some(old) = self.entries.get(&object) {
-            self.by_seq.remove(&old.seq);
+            self.by_seq.remove(&(old.seq, object));
         }
         self.entries.insert(
             object,
@@ -140,7 +144,7 @@ impl Reconciler {
                 copied: false,
             },
         );
-        self.by_seq.insert(seq, object);
+        self.by_seq.insert((seq, object));
         while self.entries.len() > self.cfg.entries_max {
             let Some((s, o)) = self.by_seq.pop_first() else {
                 break;
@@ -157,28 +161,18 @@ impl Reconciler {
         let Some(object) = object else {
             return Decision::Apply;
         };
-        let floor = self.floor;
-        let entry = match self.entries.get_mut(&object) {
-            Some(e) => e,
-            // Perhaps dropped for room: concurrent if the peer had not seen the floor.
-            None if seen < floor => {
-                self.by_seq.insert(floor, object);
-                self.entries.entry(object).or_insert(Entry {
-                    seq: floor,
-                    rewrite: false,
-                    copied: false,
-                })
-            }
-            None => return Decision::Apply,
+        let wins = self.cfg.wins();
+        let Some(entry) = self.concurrent(object, seen) else {
+            return Decision::Apply;
         };
-        if self.cfg.wins() {
+        if wins {
             let first = !entry.rewrite && !entry.copied;
-            // `copied` marks "this conflict is already counted" on the winner.
+            // `copied` marks "this conflict is already counted" on the winner, `rewrite` that
+            // its rewrite is asked (its records follow through `local`): one per conflict.
+            let rewrite = !entry.rewrite;
             entry.copied = true;
-            Decision::Skip {
-                rewrite: !entry.rewrite,
-                first,
-            }
+            entry.rewrite = true;
+            Decision::Skip { rewrite, first }
         } else if entry.copied {
             Decision::Apply
         } else {
@@ -187,14 +181,50 @@ impl Reconciler {
         }
     }
 
+    /// The peer's removal (unlink) of `object`, journaled after it had considered our records
+    /// through `seen`. Concurrent with our change of it: the change wins at both sites, whichever
+    /// site removed it (`Restore`).
+    pub fn peer_remove(&mut self, object: Object, seen: u64) -> Decision {
+        self.advance(seen);
+        let Some(entry) = self.concurrent(object, seen) else {
+            return Decision::Apply;
+        };
+        let first = !entry.copied && !entry.rewrite;
+        entry.copied = true;
+        entry.rewrite = true;
+        Decision::Restore { first }
+    }
+
+    /// Our entry for `object` if a peer record that considered ours through `seen` is
+    /// concurrent with it.
+    fn concurrent(&mut self, object: Object, seen: u64) -> Option<&mut Entry> {
+        let floor = self.floor;
+        if !self.entries.contains_key(&object) {
+            // Perhaps dropped for room: concurrent if the peer had not seen the floor.
+            if seen >= floor {
+                return None;
+            }
+            self.by_seq.insert((floor, object));
+            self.entries.insert(
+                object,
+                Entry {
+                    seq: floor,
+                    rewrite: false,
+                    copied: false,
+                },
+            );
+        }
+        self.entries.get_mut(&object)
+    }
+
     /// The peer considered our records through `seen`: forget what it saw.
     fn advance(&mut self, seen: u64) {
         if seen <= self.seen {
             return;
         }
         self.seen = seen;
-        let keep = self.by_seq.split_off(&(seen.saturating_add(1)));
-        for o in std::mem::replace(&mut self.by_seq, keep).into_values() {
+        let keep = self.by_seq.split_off(&(seen.saturating_add(1), 0));
+        for (_, o) in std::mem::replace(&mut self.by_seq, keep) {
             self.entries.remove(&o);
         }
     }
@@ -355,6 +385,14 @@ mod tests {
                 first: true
             }
         );
+        // Another concurrent record before the rewrite is journaled: no second rewrite.
+        assert_eq!(
+            w.peer_record(Some(7), 3),
+            Decision::Skip {
+                rewrite: false,
+                first: false
+            }
+        );
         // The shell rewrites: records 11, 12 of the rewrite.
         w.local(11, 7, true);
         w.local(12, 7, true);
@@ -443,6 +481,21 @@ mod tests {
     }
 
     #[test]
+    fn a_concurrent_removal_is_undone_at_either_site_and_a_seen_one_applies() {
+        for (me, peer) in [(1, 2), (2, 1)] {
+            let mut r = site(me, peer);
+            r.local(10, 7, false);
+            assert_eq!(r.peer_remove(7, 4), Decision::Restore { first: true });
+            // The rewrite's records, then a second concurrent removal: the same conflict.
+            r.local(11, 7, true);
+            assert_eq!(r.peer_remove(7, 4), Decision::Restore { first: false });
+            // A removal that saw our writes wins as usual; one of another object too.
+            assert_eq!(r.peer_remove(8, 4), Decision::Apply);
+            assert_eq!(r.peer_remove(7, 11), Decision::Apply);
+        }
+    }
+
+    #[test]
     fn the_index_is_bounded_and_a_dropped_entry_still_counts_as_concurrent() {
         let mut r = Reconciler::new(
             Config {
@@ -459,7 +512,13 @@ mod tests {
         assert_eq!(r.peer_record(Some(100), 0), Decision::CopyThenApply);
         // One that had seen it is not.
         let mut r2 = r.clone();
-        assert_eq!(r2.peer_record(Some(100), 1), Decision::Apply);
+        assert_eq!(r2.peer_record(Some(200), 1), Decision::CopyThenApply);
+        let mut r3 = r.clone();
+        assert_eq!(r3.peer_record(Some(400), 1), Decision::Apply);
+        // Two objects taken as concurrent through the floor are both forgotten once seen.
+        assert_eq!(r.peer_record(Some(500), 0), Decision::CopyThenApply);
+        assert_eq!(r.peer_record(None, 3), Decision::Apply);
+        assert!(r.is_empty(), "everything seen");
     }
 
     #[test]

@@ -506,9 +506,25 @@ fn a_netsplit_during_which_both_sides_edit_the_same_text_file() {
         &["--write-tokens", "1:2", "--partition", "reconcile"],
         &["--write-tokens", "2:1", "--partition", "reconcile"],
     );
+    // Connected first (a write made before the link is up is a split write too).
+    wait_link(&pair.a, true);
+    wait_link(&pair.b, true);
     write_file(&pair.a, "notes.txt", b"shopping list\n");
     write_file(&pair.b, "shared-before.txt", b"from b, before the split\n");
+    write_file(&pair.a, "removed.txt", b"removed at site 1, changed at site 2\n");
+    // Connected, writes from both sites to one file take its token in turn: no conflict.
+    for round in 0..3 {
+        write_file(&pair.a, "turns.txt", format!("a {round}\n").as_bytes());
+        write_file(&pair.b, "turns.txt", format!("b {round}\n").as_bytes());
+    }
     pair.wait_equal();
+    let (ca, cb) = (conflicts_json(&pair.a), conflicts_json(&pair.b));
+    assert!(
+        ca.is_empty() && cb.is_empty(),
+        "connected: no conflict: {ca:#?} {cb:#?}\nsite a:\n{}\nsite b:\n{}",
+        pair.a.log(),
+        pair.b.log()
+    );
     // The netsplit: both sites stay up, the link between them is cut.
     ab.cut();
     ba.cut();
@@ -522,6 +538,9 @@ fn a_netsplit_during_which_both_sides_edit_the_same_text_file() {
     write_file(&pair.b, "notes.txt", &text_b);
     write_file(&pair.a, "only-a.txt", b"site 1's own file\n");
     write_file(&pair.b, "only-b.txt", b"site 2's own file\n");
+    // Delete against modify: the change wins at both sites.
+    fs::remove_file(pair.a.p("removed.txt")).expect("remove at a");
+    write_file(&pair.b, "removed.txt", b"changed at site 2 while site 1 removed it\n");
     // Each side sees its own version while split.
     assert_eq!(fs::read(pair.a.p("notes.txt")).expect("a"), text_a);
     assert_eq!(fs::read(pair.b.p("notes.txt")).expect("b"), text_b);
@@ -541,13 +560,34 @@ fn a_netsplit_during_which_both_sides_edit_the_same_text_file() {
         let copies = names_starting(m.mnt(), "notes.txt.conflict-site2-");
         assert_eq!(copies.len(), 1, "one conflict copy: {copies:?}\n{}", m.log());
         assert_eq!(fs::read(m.p(&copies[0])).expect("copy"), text_b, "site 2's version kept");
-        let listed = conflicts_json(m);
+        assert_eq!(
+            fs::read(m.p("removed.txt")).expect("the changed file is back"),
+            b"changed at site 2 while site 1 removed it\n"
+        );
+        let listed: Vec<_> = conflicts_json(m)
+            .into_iter()
+            .filter(|e| e["path"] == "notes.txt")
+            .collect();
         assert_eq!(listed.len(), 1, "{listed:#?}\n{}", m.log());
         assert_eq!(listed[0]["path"], "notes.txt", "{listed:#?}");
         assert_eq!(listed[0]["copy"], copies[0].as_str(), "{listed:#?}");
         assert_eq!(listed[0]["reason"], "split-both-modified", "{listed:#?}");
         assert_eq!(listed[0]["copy_exists"], true, "{listed:#?}");
     }
+    // The site that changed the removed file lists it.
+    let at_b = conflicts_json(&pair.b);
+    assert!(
+        at_b.iter()
+            .any(|e| e["path"] == "removed.txt" && e["reason"] == "they-deleted"),
+        "{at_b:#?}"
+    );
+    run_ok(&[
+        os("conflicts"),
+        os("resolve"),
+        pair.b.p("removed.txt").as_os_str(),
+        os("--keep"),
+        os("local"),
+    ]);
     // Settle it at site 1, keeping the other version: both sites follow.
     let out = run_ok(&[
         os("conflicts"),

@@ -67,7 +67,7 @@ pub struct PeerReceiver {
     /// what this site changed (`site::reconcile`, `core::reconcile`).
     reconcile: Option<Arc<SiteReconcile>>,
     /// The winner's rewrites asked by the batch being applied, done once it is considered.
-    rewrites: Mutex<Vec<RelPath>>,
+    rewrites: Mutex<Vec<(RelPath, bool)>>,
 }
 
 impl PeerReceiver {
@@ -409,8 +409,8 @@ impl PeerReceiver {
             }
             // The winner's rewrites, after the records they answer were considered.
             let paths = std::mem::take(&mut *lock(&self.rewrites));
-            for p in paths {
-                rc.rewrite(&self.vol, &self.backing, &p)
+            for (p, create) in paths {
+                rc.rewrite(&self.vol, &self.backing, &p, create)
                     .context("the rewrite of a file in conflict")?;
             }
         }
@@ -534,13 +534,27 @@ impl PeerReceiver {
         let res = self.vol.mutate_beneath_unsettled(op.clone(), |seq| {
             origins.note(seq)?;
             if let (Some(rc), Some(seen)) = (&self.reconcile, seen) {
-                match rc.decide(data_rel(op).map(|p| p.as_bytes()), seen) {
+                let decision = match op {
+                    Op::Unlink { path, .. } => rc.decide_remove(path.as_bytes(), seen),
+                    _ => rc.decide(data_rel(op).map(|p| p.as_bytes()), seen),
+                };
+                match decision {
                     Decision::Apply => {}
+                    Decision::Restore { first } => {
+                        if let Op::Unlink { path, .. } = op {
+                            if first {
+                                rc.list_removed(path.as_bytes());
+                            }
+                            lock(&self.rewrites).push((path.clone(), true));
+                        }
+                        held.set(Some(Held::Skip));
+                        return Err(std::io::Error::from_raw_os_error(libc::ECANCELED));
+                    }
                     Decision::Skip { rewrite, first } => {
                         if let Some(p) = data_rel(op) {
                             rc.skipped(p.as_bytes(), first);
                             if rewrite {
-                                lock(&self.rewrites).push(p.clone());
+                                lock(&self.rewrites).push((p.clone(), false));
                             }
                         }
                         held.set(Some(Held::Skip));
@@ -552,7 +566,10 @@ impl PeerReceiver {
                     }
                 }
             }
-            apply_op(&mut tree, op, false).map_err(|e| std::io::Error::other(e.to_string()))
+            apply_op(&mut tree, op, false).map_err(|e| {
+                tracing::debug!("the peer's {} failed here: {e}", op.name());
+                std::io::Error::from_raw_os_error(tree_errno(&e))
+            })
         });
         match (res, held.take()) {
             (Ok(_), _) => Ok(()),
@@ -611,6 +628,23 @@ enum Held {
     Copy,
     /// The change failed here (or the volume refused it).
     Errno(i32),
+}
+
+/// The errno of a change that failed on the tree: the ones a concurrent local change explains
+/// (gone, taken, not empty...) fail the one record, journaled with its `Abort`; `EIO` and
+/// `ENOSPC` end the connection unacknowledged (the record comes again).
+fn tree_errno(e: &mirrorfs_core::tree::TreeError) -> i32 {
+    use mirrorfs_core::tree::TreeError as T;
+    match e {
+        T::NotFound(_) => libc::ENOENT,
+        T::Exists(_) => libc::EEXIST,
+        T::NotEmpty(_) => libc::ENOTEMPTY,
+        T::NotDir(_) => libc::ENOTDIR,
+        T::IsDir(_) => libc::EISDIR,
+        T::NoSpace(_) => libc::ENOSPC,
+        T::Other { errno, .. } if *errno > 0 => *errno,
+        _ => libc::EIO,
+    }
 }
 
 /// The file a data change (write, truncate, fallocate) changes.

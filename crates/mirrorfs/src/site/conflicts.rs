@@ -127,6 +127,9 @@ pub fn reason_sentence(word: &str) -> &'static str {
         "rename-cycle" => {
             "the other site's rename would have moved a directory into itself: it was not applied"
         }
+        "split-both-modified" => {
+            "both sites changed it while their link was down: the lower site id's version is at the path, the higher's in the conflict copy (the same at both sites)"
+        }
         "changed-during-reintegration" => {
             "we changed it while the reintegration ran: ours was kept, theirs is in the conflict copy"
         }

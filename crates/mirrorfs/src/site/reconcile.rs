@@ -126,6 +126,35 @@ impl SiteReconcile {
         lock(&self.machine).peer_record(path.map(object_of), seen)
     }
 
+    /// The decision for a peer unlink (called under the order lock).
+    pub fn decide_remove(&self, path: &[u8], seen: u64) -> Decision {
+        lock(&self.machine).peer_remove(object_of(path), seen)
+    }
+
+    /// The peer removed `path` while this site changed it: it is kept (and given back to the
+    /// peer); listed here, with no copy.
+    pub fn list_removed(&self, path: &[u8]) {
+        let e = ConflictEntry {
+            path: path.to_vec(),
+            copy: None,
+            reason: "they-deleted".to_string(),
+            peer: format!("site{}", self.cfg.peer),
+            time: now(),
+        };
+        if let Err(e) = conflicts::record(&self.state, &[e]) {
+            tracing::error!(
+                "cannot list the conflict on {} (kept): {e:#}",
+                String::from_utf8_lossy(path)
+            );
+        } else {
+            tracing::warn!(
+                "conflict: site {} removed {} while this site changed it during the split; it is kept at both sites",
+                self.cfg.peer,
+                String::from_utf8_lossy(path)
+            );
+        }
+    }
+
     pub fn seen_by_peer(&self) -> u64 {
         lock(&self.machine).seen_by_peer()
     }
@@ -321,8 +350,9 @@ impl SiteReconcile {
 
     /// The winner: journals its whole current `path` (its size, then its content), each record
     /// built under the order lock from what the backing holds at that point, applying nothing
-    /// (the backing already holds it). The peer applies it over the mix of diffs it has.
-    pub fn rewrite(&self, vol: &Volume, backing: &Path, path: &RelPath) -> Result<()> {
+    /// (the backing already holds it). The peer applies it over the mix of diffs it has. With
+    /// `create` (the peer removed it: `Restore`), its creation is journaled first.
+    pub fn rewrite(&self, vol: &Volume, backing: &Path, path: &RelPath, create: bool) -> Result<()> {
         let root = Root::open(backing).with_context(|| format!("cannot open {}", backing.display()))?;
         let Ok(fd) = root.open_at(path, libc::O_RDONLY | libc::O_NOFOLLOW, 0) else {
             // Gone (a local unlink since): nothing to rewrite; the peer's own unlink follows.
@@ -336,6 +366,21 @@ impl SiteReconcile {
                 .then_some(st.st_size as u64)
         };
         let refused = |e: i32| anyhow::anyhow!("cannot journal the rewrite: {}", std::io::Error::from_raw_os_error(e));
+        if create {
+            vol.record(|| {
+                let mut st: libc::stat = unsafe { std::mem::zeroed() };
+                // SAFETY: `raw` is open for the whole call; `st` is a valid out-pointer.
+                (unsafe { libc::fstat(raw, &mut st) } == 0
+                    && st.st_mode & libc::S_IFMT == libc::S_IFREG)
+                    .then(|| Op::Create {
+                        path: path.clone(),
+                        mode: st.st_mode & 0o7777,
+                        uid: st.st_uid,
+                        gid: st.st_gid,
+                    })
+            })
+            .map_err(refused)?;
+        }
         let seq = vol
             .record(|| {
                 size_of().map(|size| Op::Truncate {
