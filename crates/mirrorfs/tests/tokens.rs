@@ -615,3 +615,63 @@ fn a_netsplit_during_which_both_sides_edit_the_same_text_file() {
     assert_eq!(fs::read(pair.a.p("notes.txt")).expect("a"), b"after the heal\n");
     assert!(conflicts_json(&pair.a).is_empty() && conflicts_json(&pair.b).is_empty());
 }
+
+/// The same split, but both sites are killed (kill -9) and restarted before the link returns:
+/// what each wrote during the split, not yet seen by the other, is found again in its journal.
+#[test]
+fn split_writes_are_reconciled_after_both_sites_restart_before_the_heal() {
+    let (mut pair, [ab, ba]) = Pair::proxied(
+        "split-restart",
+        &["--write-tokens", "1:2", "--partition", "reconcile"],
+        &["--write-tokens", "2:1", "--partition", "reconcile"],
+    );
+    wait_link(&pair.a, true);
+    wait_link(&pair.b, true);
+    write_file(&pair.a, "notes.txt", b"base\n");
+    pair.wait_equal();
+    ab.cut();
+    ba.cut();
+    wait_link(&pair.a, false);
+    wait_link(&pair.b, false);
+    write_file(&pair.a, "notes.txt", b"site 1 during the split\n");
+    write_file(&pair.b, "notes.txt", b"site 2 during the split, longer\n");
+    for m in [&mut pair.a, &mut pair.b] {
+        m.kill9_leaving_the_mount();
+        common::lazy_unmount(m.mnt());
+        m.remount();
+    }
+    assert_eq!(
+        fs::read(pair.b.p("notes.txt")).expect("b after its restart"),
+        b"site 2 during the split, longer\n"
+    );
+    // Each site found its split write again in its journal at the restart.
+    for m in [&pair.a, &pair.b] {
+        let log = m.log();
+        let second = log.split("---- start #2 ----").nth(1).unwrap_or_default();
+        let n: u64 = second
+            .split("reconciliation after a split: ")
+            .nth(1)
+            .and_then(|t| t.split_whitespace().next())
+            .and_then(|w| w.parse().ok())
+            .unwrap_or_else(|| panic!("no rebuild line after the restart:\n{log}"));
+        assert!(n >= 1, "the split write was not found again:\n{log}");
+    }
+    ab.heal();
+    ba.heal();
+    pair.wait_equal();
+    for m in [&pair.a, &pair.b] {
+        assert_eq!(
+            fs::read(m.p("notes.txt")).expect("notes"),
+            b"site 1 during the split\n"
+        );
+        let copies = names_starting(m.mnt(), "notes.txt.conflict-site2-");
+        assert_eq!(copies.len(), 1, "{copies:?}\n{}", m.log());
+        assert_eq!(
+            fs::read(m.p(&copies[0])).expect("copy"),
+            b"site 2 during the split, longer\n"
+        );
+        let listed = conflicts_json(m);
+        assert_eq!(listed.len(), 1, "{listed:#?}");
+        assert_eq!(listed[0]["path"], "notes.txt");
+    }
+}
