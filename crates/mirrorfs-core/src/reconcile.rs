@@ -283,11 +283,7 @@ impl ChangePoints {
     pub fn for_batch(&self, first: u64, last: u64) -> Vec<(u64, u64)> {
         let mut v = vec![(first, self.seen_at(first))];
         if last > first {
-            v.extend(
-                self.points
-                    .range(first + 1..=last)
-                    .map(|(&f, &t)| (f, t)),
-            );
+            v.extend(self.points.range(first + 1..=last).map(|(&f, &t)| (f, t)));
         }
         v
     }
@@ -443,10 +439,10 @@ mod tests {
             let (at_w, mut at_l) = ("A".to_string(), "B".to_string());
             let mut copy_at_l = None;
             let deliver_to_l = |l: &mut Reconciler,
-                                    at_l: &mut String,
-                                    copy: &mut Option<String>,
-                                    content: &str,
-                                    seen: u64| {
+                                at_l: &mut String,
+                                copy: &mut Option<String>,
+                                content: &str,
+                                seen: u64| {
                 match l.peer_record(Some(7), seen) {
                     Decision::CopyThenApply => {
                         *copy = Some(at_l.clone());
@@ -543,7 +539,10 @@ mod tests {
                 "object {obj} seen {seen}"
             );
         }
-        assert_eq!(after.clone().peer_record(Some(7), 5), Decision::CopyThenApply);
+        assert_eq!(
+            after.clone().peer_record(Some(7), 5),
+            Decision::CopyThenApply
+        );
         assert_eq!(after.peer_record(Some(7), 6), Decision::Apply);
     }
 

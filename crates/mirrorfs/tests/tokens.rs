@@ -182,11 +182,12 @@ impl Proxy {
                         let _ = to.shutdown(std::net::Shutdown::Both);
                     });
                 };
-                let (Ok(c2), Ok(t2), Ok(c3)) = (c.try_clone(), t.try_clone(), c.try_clone())
-                else {
+                let (Ok(c2), Ok(t2), Ok(c3)) = (c.try_clone(), t.try_clone(), c.try_clone()) else {
                     continue;
                 };
-                o.lock().expect("proxy list").extend([c3, t.try_clone().expect("clone")]);
+                o.lock()
+                    .expect("proxy list")
+                    .extend([c3, t.try_clone().expect("clone")]);
                 pipe(c, t);
                 pipe(t2, c2);
             }
@@ -496,7 +497,12 @@ fn wait_link(m: &Mount, up: bool) {
         st = tokens_status(m);
         st["write_tokens"]["connected"] == up
     });
-    assert!(ok, "the link is not {}: {st:#}\n{}", if up { "up" } else { "down" }, m.log());
+    assert!(
+        ok,
+        "the link is not {}: {st:#}\n{}",
+        if up { "up" } else { "down" },
+        m.log()
+    );
 }
 
 #[test]
@@ -511,7 +517,11 @@ fn a_netsplit_during_which_both_sides_edit_the_same_text_file() {
     wait_link(&pair.b, true);
     write_file(&pair.a, "notes.txt", b"shopping list\n");
     write_file(&pair.b, "shared-before.txt", b"from b, before the split\n");
-    write_file(&pair.a, "removed.txt", b"removed at site 1, changed at site 2\n");
+    write_file(
+        &pair.a,
+        "removed.txt",
+        b"removed at site 1, changed at site 2\n",
+    );
     // Connected, writes from both sites to one file take its token in turn: no conflict.
     for round in 0..3 {
         write_file(&pair.a, "turns.txt", format!("a {round}\n").as_bytes());
@@ -540,7 +550,11 @@ fn a_netsplit_during_which_both_sides_edit_the_same_text_file() {
     write_file(&pair.b, "only-b.txt", b"site 2's own file\n");
     // Delete against modify: the change wins at both sites.
     fs::remove_file(pair.a.p("removed.txt")).expect("remove at a");
-    write_file(&pair.b, "removed.txt", b"changed at site 2 while site 1 removed it\n");
+    write_file(
+        &pair.b,
+        "removed.txt",
+        b"changed at site 2 while site 1 removed it\n",
+    );
     // Each side sees its own version while split.
     assert_eq!(fs::read(pair.a.p("notes.txt")).expect("a"), text_a);
     assert_eq!(fs::read(pair.b.p("notes.txt")).expect("b"), text_b);
@@ -554,12 +568,31 @@ fn a_netsplit_during_which_both_sides_edit_the_same_text_file() {
     std::thread::sleep(Duration::from_secs(2));
     pair.wait_equal();
     for m in [&pair.a, &pair.b] {
-        assert_eq!(fs::read(m.p("notes.txt")).expect("notes"), text_a, "site 1's version stays");
-        assert_eq!(fs::read(m.p("only-a.txt")).expect("only-a"), b"site 1's own file\n");
-        assert_eq!(fs::read(m.p("only-b.txt")).expect("only-b"), b"site 2's own file\n");
+        assert_eq!(
+            fs::read(m.p("notes.txt")).expect("notes"),
+            text_a,
+            "site 1's version stays"
+        );
+        assert_eq!(
+            fs::read(m.p("only-a.txt")).expect("only-a"),
+            b"site 1's own file\n"
+        );
+        assert_eq!(
+            fs::read(m.p("only-b.txt")).expect("only-b"),
+            b"site 2's own file\n"
+        );
         let copies = names_starting(m.mnt(), "notes.txt.conflict-site2-");
-        assert_eq!(copies.len(), 1, "one conflict copy: {copies:?}\n{}", m.log());
-        assert_eq!(fs::read(m.p(&copies[0])).expect("copy"), text_b, "site 2's version kept");
+        assert_eq!(
+            copies.len(),
+            1,
+            "one conflict copy: {copies:?}\n{}",
+            m.log()
+        );
+        assert_eq!(
+            fs::read(m.p(&copies[0])).expect("copy"),
+            text_b,
+            "site 2's version kept"
+        );
         assert_eq!(
             fs::read(m.p("removed.txt")).expect("the changed file is back"),
             b"changed at site 2 while site 1 removed it\n"
@@ -599,7 +632,11 @@ fn a_netsplit_during_which_both_sides_edit_the_same_text_file() {
     assert!(out.contains("kept their version"), "{out}");
     pair.wait_equal();
     for m in [&pair.a, &pair.b] {
-        assert_eq!(fs::read(m.p("notes.txt")).expect("notes"), text_b, "the kept version");
+        assert_eq!(
+            fs::read(m.p("notes.txt")).expect("notes"),
+            text_b,
+            "the kept version"
+        );
         assert!(names_starting(m.mnt(), "notes.txt.conflict-").is_empty());
     }
     assert!(conflicts_json(&pair.a).is_empty(), "settled at site 1");
@@ -612,7 +649,10 @@ fn a_netsplit_during_which_both_sides_edit_the_same_text_file() {
     // Connected again: a later write at either site is an ordinary one (no new conflict).
     write_file(&pair.b, "notes.txt", b"after the heal\n");
     pair.wait_equal();
-    assert_eq!(fs::read(pair.a.p("notes.txt")).expect("a"), b"after the heal\n");
+    assert_eq!(
+        fs::read(pair.a.p("notes.txt")).expect("a"),
+        b"after the heal\n"
+    );
     assert!(conflicts_json(&pair.a).is_empty() && conflicts_json(&pair.b).is_empty());
 }
 

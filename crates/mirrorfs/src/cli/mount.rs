@@ -680,8 +680,7 @@ fn start_peer(
         state.hidden.clone(),
         origins,
         dir.peer_applied_file(),
-        gate,
-        reconcile,
+        crate::net::peer::Pairing { gate, reconcile },
         listen,
     )?;
     let cfg_dir = identity::config_dir(a.config.as_deref());

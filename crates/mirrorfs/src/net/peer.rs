@@ -46,6 +46,14 @@ use crate::site::tokens::TokenGate;
 use crate::site::volume::{lock, Volume};
 use crate::tree::dirtree::DirTree;
 
+/// What a pair runs with besides the stream: write tokens (`--write-tokens`) and the
+/// reconciliation of a split (`--partition reconcile`).
+#[derive(Default)]
+pub struct Pairing {
+    pub gate: Option<Arc<TokenGate>>,
+    pub reconcile: Option<Arc<SiteReconcile>>,
+}
+
 /// One writable site's receiver of its peer's stream.
 pub struct PeerReceiver {
     vol: Arc<Volume>,
@@ -77,10 +85,10 @@ impl PeerReceiver {
         hidden: Vec<u8>,
         origins: Arc<PeerOrigins>,
         position_file: PathBuf,
-        gate: Option<Arc<TokenGate>>,
-        reconcile: Option<Arc<SiteReconcile>>,
+        pairing: Pairing,
         listen: &str,
     ) -> Result<Arc<PeerReceiver>> {
+        let Pairing { gate, reconcile } = pairing;
         let position = PeerPosition::load(&position_file)?;
         let status = Arc::new(Mutex::new(ReceiveStatus {
             listen: listen.to_string(),

@@ -174,7 +174,10 @@ impl SiteReconcile {
     pub fn rebuild(&self, vol: &Volume, is_peer: impl Fn(u64) -> bool) -> Result<usize> {
         let (first, end) = {
             let o = lock(&vol.order);
-            (o.journal.first_seq(), o.journal.next_seq().saturating_sub(1))
+            (
+                o.journal.first_seq(),
+                o.journal.next_seq().saturating_sub(1),
+            )
         };
         let from = self.seen_by_peer().saturating_add(1).max(first);
         let mut n = 0;
@@ -273,13 +276,15 @@ impl SiteReconcile {
         backing: &Path,
         path: &RelPath,
     ) -> Result<Option<RelPath>> {
-        let root = Root::open(backing).with_context(|| format!("cannot open {}", backing.display()))?;
+        let root =
+            Root::open(backing).with_context(|| format!("cannot open {}", backing.display()))?;
         let st = match root.lstat(path) {
             Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFREG => st,
             _ => return Ok(None),
         };
         let time = now();
-        let label = mirrorfs_core::reintegrate::conflict_label(&format!("site{}", self.cfg.me), time);
+        let label =
+            mirrorfs_core::reintegrate::conflict_label(&format!("site{}", self.cfg.me), time);
         let mut copy = None;
         for n in 0..1000u32 {
             let mut name = path.as_bytes().to_vec();
@@ -333,8 +338,8 @@ impl SiteReconcile {
     }
 
     fn beneath(&self, vol: &Volume, backing: &Path, op: Op) -> Result<()> {
-        let mut tree = DirTree::open(backing)
-            .with_context(|| format!("cannot open {}", backing.display()))?;
+        let mut tree =
+            DirTree::open(backing).with_context(|| format!("cannot open {}", backing.display()))?;
         vol.mutate_beneath_unsettled(op.clone(), |_| {
             apply_op(&mut tree, &op, false).map_err(|e| std::io::Error::other(e.to_string()))
         })
@@ -352,8 +357,15 @@ impl SiteReconcile {
     /// built under the order lock from what the backing holds at that point, applying nothing
     /// (the backing already holds it). The peer applies it over the mix of diffs it has. With
     /// `create` (the peer removed it: `Restore`), its creation is journaled first.
-    pub fn rewrite(&self, vol: &Volume, backing: &Path, path: &RelPath, create: bool) -> Result<()> {
-        let root = Root::open(backing).with_context(|| format!("cannot open {}", backing.display()))?;
+    pub fn rewrite(
+        &self,
+        vol: &Volume,
+        backing: &Path,
+        path: &RelPath,
+        create: bool,
+    ) -> Result<()> {
+        let root =
+            Root::open(backing).with_context(|| format!("cannot open {}", backing.display()))?;
         let Ok(fd) = root.open_at(path, libc::O_RDONLY | libc::O_NOFOLLOW, 0) else {
             // Gone (a local unlink since): nothing to rewrite; the peer's own unlink follows.
             return Ok(());
@@ -362,10 +374,16 @@ impl SiteReconcile {
         let size_of = || {
             let mut st: libc::stat = unsafe { std::mem::zeroed() };
             // SAFETY: `raw` is open for the whole call; `st` is a valid out-pointer.
-            (unsafe { libc::fstat(raw, &mut st) } == 0 && st.st_mode & libc::S_IFMT == libc::S_IFREG)
+            (unsafe { libc::fstat(raw, &mut st) } == 0
+                && st.st_mode & libc::S_IFMT == libc::S_IFREG)
                 .then_some(st.st_size as u64)
         };
-        let refused = |e: i32| anyhow::anyhow!("cannot journal the rewrite: {}", std::io::Error::from_raw_os_error(e));
+        let refused = |e: i32| {
+            anyhow::anyhow!(
+                "cannot journal the rewrite: {}",
+                std::io::Error::from_raw_os_error(e)
+            )
+        };
         if create {
             vol.record(|| {
                 let mut st: libc::stat = unsafe { std::mem::zeroed() };

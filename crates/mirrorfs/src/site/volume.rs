@@ -620,7 +620,10 @@ impl Volume {
             },
             _ => None,
         };
-        let rec = self.reconcile.get().and_then(|r| token_path(&op).map(|p| (r, p.to_vec())));
+        let rec = self
+            .reconcile
+            .get()
+            .and_then(|r| token_path(&op).map(|p| (r, p.to_vec())));
         let r = self.mutate_at(op, |seq| {
             let r = apply()?;
             // Under the order lock: the peer receiver decides under it too.
@@ -1176,7 +1179,12 @@ impl Volume {
 
     /// Reads the journal's records `first..=end` in order (each look-up of a segment under the
     /// order lock, the reading outside it).
-    pub(crate) fn each_record(&self, first: u64, end: u64, mut f: impl FnMut(&Record)) -> anyhow::Result<()> {
+    pub(crate) fn each_record(
+        &self,
+        first: u64,
+        end: u64,
+        mut f: impl FnMut(&Record),
+    ) -> anyhow::Result<()> {
         let mut reader: Reader<crate::site::store::FileSegment> = Reader::new(first.max(1));
         let mut stalled = false;
         while reader.next_seq() <= end {
