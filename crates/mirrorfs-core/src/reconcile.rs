@@ -195,6 +195,16 @@ impl Reconciler {
         Decision::Restore { first }
     }
 
+    /// The copy aside or the rewrite the machine asked for `object` could not be made (the
+    /// volume refused it: the peer's record is not acknowledged and comes again): ask again
+    /// when it does.
+    pub fn retry(&mut self, object: Object) {
+        if let Some(e) = self.entries.get_mut(&object) {
+            e.copied = false;
+            e.rewrite = false;
+        }
+    }
+
     /// Our entry for `object` if a peer record that considered ours through `seen` is
     /// concurrent with it.
     fn concurrent(&mut self, object: Object, seen: u64) -> Option<&mut Entry> {
@@ -489,6 +499,29 @@ mod tests {
             assert_eq!(r.peer_remove(8, 4), Decision::Apply);
             assert_eq!(r.peer_remove(7, 11), Decision::Apply);
         }
+    }
+
+    #[test]
+    fn a_copy_or_rewrite_that_failed_is_asked_again() {
+        let mut l = site(2, 1);
+        l.local(10, 7, false);
+        assert_eq!(l.peer_record(Some(7), 3), Decision::CopyThenApply);
+        l.retry(7);
+        assert_eq!(l.peer_record(Some(7), 3), Decision::CopyThenApply);
+        let mut w = site(1, 2);
+        w.local(10, 7, false);
+        assert_eq!(
+            w.peer_record(Some(7), 3),
+            Decision::Skip {
+                rewrite: true,
+                first: true
+            }
+        );
+        w.retry(7);
+        assert!(matches!(
+            w.peer_record(Some(7), 3),
+            Decision::Skip { rewrite: true, .. }
+        ));
     }
 
     #[test]

@@ -417,9 +417,14 @@ impl PeerReceiver {
             }
             // The winner's rewrites, after the records they answer were considered.
             let paths = std::mem::take(&mut *lock(&self.rewrites));
-            for (p, create) in paths {
-                rc.rewrite(&self.vol, &self.backing, &p, create)
-                    .context("the rewrite of a file in conflict")?;
+            for (k, (p, create)) in paths.iter().enumerate() {
+                if let Err(e) = rc.rewrite(&self.vol, &self.backing, p, *create) {
+                    // Not acknowledged: the peer's records come again, and ask again.
+                    for (q, _) in &paths[k..] {
+                        rc.retry(q.as_bytes());
+                    }
+                    return Err(e.context("the rewrite of a file in conflict"));
+                }
             }
         }
         self.origins
@@ -483,8 +488,11 @@ impl PeerReceiver {
         if let Err(Held::Copy) = res {
             // The loser: its own version goes aside first, then the winner's record applies.
             if let (Some(rc), Some(path)) = (&self.reconcile, data_rel(&op)) {
-                rc.copy_aside(&self.vol, &self.backing, path)
-                    .context("the conflict copy")?;
+                if let Err(e) = rc.copy_aside(&self.vol, &self.backing, path) {
+                    // Not acknowledged: the record comes again and asks for the copy again.
+                    rc.retry(path.as_bytes());
+                    return Err(e.context("the conflict copy"));
+                }
             }
             res = self.apply_one(&op, seen);
         }

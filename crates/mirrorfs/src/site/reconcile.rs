@@ -155,6 +155,11 @@ impl SiteReconcile {
         }
     }
 
+    /// The copy or rewrite of `path` failed: the machine asks for it again.
+    pub fn retry(&self, path: &[u8]) {
+        lock(&self.machine).retry(object_of(path));
+    }
+
     pub fn seen_by_peer(&self) -> u64 {
         lock(&self.machine).seen_by_peer()
     }
