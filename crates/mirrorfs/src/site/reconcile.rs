@@ -464,3 +464,50 @@ fn now() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_winner_lists_a_conflict_when_the_losers_copy_arrives_and_drops_it_when_settled() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let rc = SiteReconcile::new(1, 2, 0, 0, 0, 1, d.path());
+        rc.skipped(b"notes.txt", true);
+        // Another file's copy, or a copy from the wrong site, lists nothing.
+        rc.peer_created(b"other.txt.conflict-site2-20261206-120000");
+        rc.peer_created(b"notes.txt.conflict-site1-20261206-120000");
+        assert!(conflicts::list(d.path()).expect("list").is_empty());
+        let copy = b"notes.txt.conflict-site2-20261206-120000".to_vec();
+        rc.peer_created(&copy);
+        let listed = conflicts::list(d.path()).expect("list");
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].path, b"notes.txt");
+        assert_eq!(listed[0].copy.as_deref(), Some(&copy[..]));
+        assert_eq!(listed[0].reason, REASON);
+        assert_eq!(listed[0].peer, "site2");
+        // Listed once: a second copy of the same conflict is not matched again.
+        rc.peer_created(b"notes.txt.conflict-site2-20261206-120000-1");
+        assert_eq!(conflicts::list(d.path()).expect("list").len(), 1);
+        // The peer settles it (renames or removes the copy): the entry goes here too.
+        rc.peer_settled(b"unrelated.txt");
+        assert_eq!(conflicts::list(d.path()).expect("list").len(), 1);
+        rc.peer_settled(&copy);
+        assert!(conflicts::list(d.path()).expect("list").is_empty());
+    }
+
+    #[test]
+    fn the_change_points_survive_a_restart_through_peer_applied() {
+        let d = tempfile::tempdir().expect("tempdir");
+        // Before: records from 40 on were written after the peer's 17.
+        let rc = SiteReconcile::new(2, 1, 0, 17, 40, 55, d.path());
+        assert_eq!(rc.points_for(40, 60), vec![(40, 17)]);
+        // Records before the persisted point are unknown: 0 (conservative).
+        assert_eq!(rc.points_for(30, 35), vec![(30, 0)]);
+        assert_eq!(rc.last_point(), 40);
+        rc.note_point(60, 20);
+        assert_eq!(rc.points_for(50, 70), vec![(50, 17), (60, 20)]);
+        rc.acknowledged(65);
+        assert_eq!(rc.points_for(66, 66), vec![(66, 20)]);
+    }
+}
