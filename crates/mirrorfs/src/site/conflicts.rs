@@ -338,10 +338,6 @@ fn write(dir: &StateDir, entries: Vec<ConflictEntry>) -> Result<()> {
 /// already there is not added twice; two different conflicts on one path are both kept (two
 /// reintegrations may both conflict on it). Fails, adding nothing, if an entry is invalid or the
 /// registry would pass [`ENTRIES_MAX`].
-#[allow(
-    dead_code,
-    reason = "the reintegration records conflicts; it is not wired in yet"
-)]
 pub fn record(state: &Path, entries: &[ConflictEntry]) -> Result<()> {
     for e in entries {
         check(e).map_err(|why| anyhow!("not recording a conflict: {why}"))?;
