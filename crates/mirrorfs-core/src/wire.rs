@@ -73,6 +73,7 @@ pub mod msg_type {
     pub const VERIFY: u8 = 27;
     pub const SCAN: u8 = 28;
     pub const SCAN_END: u8 = 29;
+    pub const PEER_SEEN: u8 = 30;
 }
 
 /// Block size of the resync's per-file hashes.
@@ -296,6 +297,13 @@ pub enum Msg {
     LeaseResponse(crate::lease::Response),
     /// Either site (two writable sites): a write token message (`core::token`).
     Token(crate::token::TokenMsg),
+    /// Either site (two writable sites), before the records it covers: the sender's records
+    /// from `from` on were journaled after it had considered the receiver's records through
+    /// `through` (`core::reconcile`, the change points of the stream).
+    PeerSeen {
+        from: u64,
+        through: u64,
+    },
     /// Primary → mirror, once streaming: records from `first` on may go as UDP datagrams
     /// (`core::udp`) keyed from this TLS session, if the mirror accepts.
     UdpOffer {
@@ -767,6 +775,7 @@ impl Msg {
                     T::Refuse { .. } => TOKEN_REFUSE,
                 }
             }
+            Msg::PeerSeen { .. } => PEER_SEEN,
             Msg::UdpOffer { .. } => UDP_OFFER,
             Msg::UdpAccept { .. } => UDP_ACCEPT,
             Msg::UdpSent { .. } => UDP_SENT,
@@ -946,6 +955,10 @@ impl Msg {
                         o.u64(lend);
                     }
                 }
+            }
+            Msg::PeerSeen { from, through } => {
+                o.u64(*from);
+                o.u64(*through);
             }
             Msg::UdpOffer { first } => o.u64(*first),
             Msg::UdpAccept { port } => o.u16(*port),
@@ -1196,6 +1209,10 @@ impl Msg {
                     crate::token::TokenMsg::Ack { object, lend }
                 })
             }
+            PEER_SEEN => Msg::PeerSeen {
+                from: i.u64()?,
+                through: i.u64()?,
+            },
             UDP_OFFER => Msg::UdpOffer { first: i.u64()? },
             UDP_ACCEPT => Msg::UdpAccept { port: i.u16()? },
             UDP_SENT => Msg::UdpSent { through: i.u64()? },
@@ -1522,6 +1539,10 @@ mod tests {
             }),
             Msg::Token(crate::token::TokenMsg::Ack { object: 7, lend: 3 }),
             Msg::Token(crate::token::TokenMsg::Refuse { object: 0 }),
+            Msg::PeerSeen {
+                from: 12,
+                through: u64::MAX,
+            },
             Msg::UdpOffer { first: 42 },
             Msg::UdpAccept { port: 7070 },
             Msg::UdpAccept { port: 0 },

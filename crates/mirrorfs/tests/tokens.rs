@@ -80,6 +80,30 @@ impl Pair {
 
     /// `extra_a`, `extra_b`: each site's own further arguments.
     fn with(tag: &str, extra_a: &[&str], extra_b: &[&str]) -> Pair {
+        Pair::through(tag, extra_a, extra_b, |p| p).0
+    }
+
+    /// Each site's link to the other goes through a proxy this test can cut (a netsplit with
+    /// both sites up): returns the pair and the proxies (a → b, b → a).
+    fn proxied(tag: &str, extra_a: &[&str], extra_b: &[&str]) -> (Pair, [Proxy; 2]) {
+        let mut proxies = Vec::new();
+        let (pair, _) = Pair::through(tag, extra_a, extra_b, |port| {
+            let p = Proxy::start(port);
+            let at = p.port;
+            proxies.push(p);
+            at
+        });
+        let [ab, ba]: [Proxy; 2] = proxies.try_into().ok().expect("two proxies");
+        (pair, [ab, ba])
+    }
+
+    /// `via(port)`: the port a site dials to reach the other's `--receive` port.
+    fn through(
+        tag: &str,
+        extra_a: &[&str],
+        extra_b: &[&str],
+        mut via: impl FnMut(u16) -> u16,
+    ) -> (Pair, ()) {
         let tmp = temp_base(&format!("tokens-{tag}"));
         let base = tmp.path().canonicalize().expect("canonicalize");
         let (ca, cb) = (base.join("cfg-a"), base.join("cfg-b"));
@@ -102,9 +126,10 @@ impl Pair {
             args.extend_from_slice(extra);
             Mount::start(Layout::new(tag, 0), &args)
         };
-        let a = site(&ca, pa, pb, &format!("{tag}-a"), extra_a);
-        let b = site(&cb, pb, pa, &format!("{tag}-b"), extra_b);
-        Pair { a, b, _tmp: tmp }
+        let (to_b, to_a) = (via(pb), via(pa));
+        let a = site(&ca, pa, to_b, &format!("{tag}-a"), extra_a);
+        let b = site(&cb, pb, to_a, &format!("{tag}-b"), extra_b);
+        (Pair { a, b, _tmp: tmp }, ())
     }
 
     /// Waits until both backing trees hold the same files (contents, modes, owners).
@@ -120,6 +145,65 @@ impl Pair {
             self.a.log(),
             self.b.log()
         );
+    }
+}
+
+/// A TCP forwarder on loopback: connections to `port` go on to the target while it is up; a cut
+/// closes them and refuses new ones (until `heal`). TLS runs end to end through it.
+struct Proxy {
+    port: u16,
+    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    open: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl Proxy {
+    fn start(target: u16) -> Proxy {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::{Arc, Mutex};
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
+        let port = l.local_addr().expect("proxy address").port();
+        let up = Arc::new(AtomicBool::new(true));
+        let open: Arc<Mutex<Vec<std::net::TcpStream>>> = Arc::new(Mutex::new(Vec::new()));
+        let (u, o) = (up.clone(), open.clone());
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                let Ok(c) = c else { continue };
+                if !u.load(Ordering::Acquire) {
+                    drop(c);
+                    continue;
+                }
+                let Ok(t) = std::net::TcpStream::connect(("127.0.0.1", target)) else {
+                    continue;
+                };
+                let pipe = |mut from: std::net::TcpStream, mut to: std::net::TcpStream| {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = from.shutdown(std::net::Shutdown::Both);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                };
+                let (Ok(c2), Ok(t2), Ok(c3)) = (c.try_clone(), t.try_clone(), c.try_clone()) else {
+                    continue;
+                };
+                o.lock()
+                    .expect("proxy list")
+                    .extend([c3, t.try_clone().expect("clone")]);
+                pipe(c, t);
+                pipe(t2, c2);
+            }
+        });
+        Proxy { port, up, open }
+    }
+
+    fn cut(&self) {
+        self.up.store(false, std::sync::atomic::Ordering::Release);
+        for s in self.open.lock().expect("proxy list").drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    fn heal(&self) {
+        self.up.store(true, std::sync::atomic::Ordering::Release);
     }
 }
 
@@ -386,4 +470,248 @@ fn across_a_split_reconcile_lets_the_write_go_on_without_the_token() {
     let st = tokens_status(&pair.a);
     assert_eq!(st["write_tokens"]["policy"], "reconcile", "{st:#}");
     assert_eq!(st["write_tokens"]["writes_refused"], 0, "{st:#}");
+}
+
+/// `mirrorfs conflicts MNT --json`.
+fn conflicts_json(m: &Mount) -> Vec<serde_json::Value> {
+    let out = run_ok(&[os("conflicts"), m.mnt().as_os_str(), os("--json")]);
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("not a JSON array ({e}): {out}"))
+}
+
+/// The names in `dir` that start with `prefix`.
+fn names_starting(dir: &Path, prefix: &str) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .expect("read dir")
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(prefix))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Waits until `m`'s link to its peer is down (or up) as the token layer sees it.
+fn wait_link(m: &Mount, up: bool) {
+    let mut st = serde_json::Value::Null;
+    let ok = wait_until(Duration::from_secs(60), || {
+        st = tokens_status(m);
+        st["write_tokens"]["connected"] == up
+    });
+    assert!(
+        ok,
+        "the link is not {}: {st:#}\n{}",
+        if up { "up" } else { "down" },
+        m.log()
+    );
+}
+
+#[test]
+fn a_netsplit_during_which_both_sides_edit_the_same_text_file() {
+    let (pair, [ab, ba]) = Pair::proxied(
+        "netsplit",
+        &["--write-tokens", "1:2", "--partition", "reconcile"],
+        &["--write-tokens", "2:1", "--partition", "reconcile"],
+    );
+    // Connected first (a write made before the link is up is a split write too).
+    wait_link(&pair.a, true);
+    wait_link(&pair.b, true);
+    write_file(&pair.a, "notes.txt", b"shopping list\n");
+    write_file(&pair.b, "shared-before.txt", b"from b, before the split\n");
+    write_file(
+        &pair.a,
+        "removed.txt",
+        b"removed at site 1, changed at site 2\n",
+    );
+    // Connected, writes from both sites to one file take its token in turn: no conflict.
+    for round in 0..3 {
+        write_file(&pair.a, "turns.txt", format!("a {round}\n").as_bytes());
+        write_file(&pair.b, "turns.txt", format!("b {round}\n").as_bytes());
+    }
+    pair.wait_equal();
+    let (ca, cb) = (conflicts_json(&pair.a), conflicts_json(&pair.b));
+    assert!(
+        ca.is_empty() && cb.is_empty(),
+        "connected: no conflict: {ca:#?} {cb:#?}\nsite a:\n{}\nsite b:\n{}",
+        pair.a.log(),
+        pair.b.log()
+    );
+    // The netsplit: both sites stay up, the link between them is cut.
+    ab.cut();
+    ba.cut();
+    wait_link(&pair.a, false);
+    wait_link(&pair.b, false);
+    let (text_a, text_b) = (
+        b"shopping list\n- milk (edited at site 1)\n".to_vec(),
+        b"shopping list\n- bread, eggs, and more (edited at site 2)\n".to_vec(),
+    );
+    write_file(&pair.a, "notes.txt", &text_a);
+    write_file(&pair.b, "notes.txt", &text_b);
+    write_file(&pair.a, "only-a.txt", b"site 1's own file\n");
+    write_file(&pair.b, "only-b.txt", b"site 2's own file\n");
+    // Delete against modify: the change wins at both sites.
+    fs::remove_file(pair.a.p("removed.txt")).expect("remove at a");
+    write_file(
+        &pair.b,
+        "removed.txt",
+        b"changed at site 2 while site 1 removed it\n",
+    );
+    // Each side sees its own version while split.
+    assert_eq!(fs::read(pair.a.p("notes.txt")).expect("a"), text_a);
+    assert_eq!(fs::read(pair.b.p("notes.txt")).expect("b"), text_b);
+    // Heal.
+    ab.heal();
+    ba.heal();
+    wait_link(&pair.a, true);
+    wait_link(&pair.b, true);
+    pair.wait_equal();
+    // A moment later they are still equal (no late record undoes the outcome).
+    std::thread::sleep(Duration::from_secs(2));
+    pair.wait_equal();
+    for m in [&pair.a, &pair.b] {
+        assert_eq!(
+            fs::read(m.p("notes.txt")).expect("notes"),
+            text_a,
+            "site 1's version stays"
+        );
+        assert_eq!(
+            fs::read(m.p("only-a.txt")).expect("only-a"),
+            b"site 1's own file\n"
+        );
+        assert_eq!(
+            fs::read(m.p("only-b.txt")).expect("only-b"),
+            b"site 2's own file\n"
+        );
+        let copies = names_starting(m.mnt(), "notes.txt.conflict-site2-");
+        assert_eq!(
+            copies.len(),
+            1,
+            "one conflict copy: {copies:?}\n{}",
+            m.log()
+        );
+        assert_eq!(
+            fs::read(m.p(&copies[0])).expect("copy"),
+            text_b,
+            "site 2's version kept"
+        );
+        assert_eq!(
+            fs::read(m.p("removed.txt")).expect("the changed file is back"),
+            b"changed at site 2 while site 1 removed it\n"
+        );
+        let listed: Vec<_> = conflicts_json(m)
+            .into_iter()
+            .filter(|e| e["path"] == "notes.txt")
+            .collect();
+        assert_eq!(listed.len(), 1, "{listed:#?}\n{}", m.log());
+        assert_eq!(listed[0]["path"], "notes.txt", "{listed:#?}");
+        assert_eq!(listed[0]["copy"], copies[0].as_str(), "{listed:#?}");
+        assert_eq!(listed[0]["reason"], "split-both-modified", "{listed:#?}");
+        assert_eq!(listed[0]["copy_exists"], true, "{listed:#?}");
+    }
+    // The site that changed the removed file lists it.
+    let at_b = conflicts_json(&pair.b);
+    assert!(
+        at_b.iter()
+            .any(|e| e["path"] == "removed.txt" && e["reason"] == "they-deleted"),
+        "{at_b:#?}"
+    );
+    run_ok(&[
+        os("conflicts"),
+        os("resolve"),
+        pair.b.p("removed.txt").as_os_str(),
+        os("--keep"),
+        os("local"),
+    ]);
+    // Settle it at site 1, keeping the other version: both sites follow.
+    let out = run_ok(&[
+        os("conflicts"),
+        os("resolve"),
+        pair.a.p("notes.txt").as_os_str(),
+        os("--keep"),
+        os("remote"),
+    ]);
+    assert!(out.contains("kept their version"), "{out}");
+    pair.wait_equal();
+    for m in [&pair.a, &pair.b] {
+        assert_eq!(
+            fs::read(m.p("notes.txt")).expect("notes"),
+            text_b,
+            "the kept version"
+        );
+        assert!(names_starting(m.mnt(), "notes.txt.conflict-").is_empty());
+    }
+    assert!(conflicts_json(&pair.a).is_empty(), "settled at site 1");
+    let mut left = Vec::new();
+    let dropped = wait_until(Duration::from_secs(30), || {
+        left = conflicts_json(&pair.b);
+        left.is_empty()
+    });
+    assert!(dropped, "site 2 still lists it: {left:#?}");
+    // Connected again: a later write at either site is an ordinary one (no new conflict).
+    write_file(&pair.b, "notes.txt", b"after the heal\n");
+    pair.wait_equal();
+    assert_eq!(
+        fs::read(pair.a.p("notes.txt")).expect("a"),
+        b"after the heal\n"
+    );
+    assert!(conflicts_json(&pair.a).is_empty() && conflicts_json(&pair.b).is_empty());
+}
+
+/// The same split, but both sites are killed (kill -9) and restarted before the link returns:
+/// what each wrote during the split, not yet seen by the other, is found again in its journal.
+#[test]
+fn split_writes_are_reconciled_after_both_sites_restart_before_the_heal() {
+    let (mut pair, [ab, ba]) = Pair::proxied(
+        "split-restart",
+        &["--write-tokens", "1:2", "--partition", "reconcile"],
+        &["--write-tokens", "2:1", "--partition", "reconcile"],
+    );
+    wait_link(&pair.a, true);
+    wait_link(&pair.b, true);
+    write_file(&pair.a, "notes.txt", b"base\n");
+    pair.wait_equal();
+    ab.cut();
+    ba.cut();
+    wait_link(&pair.a, false);
+    wait_link(&pair.b, false);
+    write_file(&pair.a, "notes.txt", b"site 1 during the split\n");
+    write_file(&pair.b, "notes.txt", b"site 2 during the split, longer\n");
+    for m in [&mut pair.a, &mut pair.b] {
+        m.kill9_leaving_the_mount();
+        common::lazy_unmount(m.mnt());
+        m.remount();
+    }
+    assert_eq!(
+        fs::read(pair.b.p("notes.txt")).expect("b after its restart"),
+        b"site 2 during the split, longer\n"
+    );
+    // Each site found its split write again in its journal at the restart.
+    for m in [&pair.a, &pair.b] {
+        let log = m.log();
+        let second = log.split("---- start #2 ----").nth(1).unwrap_or_default();
+        let n: u64 = second
+            .split("reconciliation after a split: ")
+            .nth(1)
+            .and_then(|t| t.split_whitespace().next())
+            .and_then(|w| w.parse().ok())
+            .unwrap_or_else(|| panic!("no rebuild line after the restart:\n{log}"));
+        assert!(n >= 1, "the split write was not found again:\n{log}");
+    }
+    ab.heal();
+    ba.heal();
+    pair.wait_equal();
+    for m in [&pair.a, &pair.b] {
+        assert_eq!(
+            fs::read(m.p("notes.txt")).expect("notes"),
+            b"site 1 during the split\n"
+        );
+        let copies = names_starting(m.mnt(), "notes.txt.conflict-site2-");
+        assert_eq!(copies.len(), 1, "{copies:?}\n{}", m.log());
+        assert_eq!(
+            fs::read(m.p(&copies[0])).expect("copy"),
+            b"site 2 during the split, longer\n"
+        );
+        let listed = conflicts_json(m);
+        assert_eq!(listed.len(), 1, "{listed:#?}");
+        assert_eq!(listed[0]["path"], "notes.txt");
+    }
 }

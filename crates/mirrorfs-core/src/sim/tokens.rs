@@ -26,12 +26,22 @@
 //!    that waited while the link was up and both sites alive is never refused for a timeout
 //!    (no deadlock, no starvation); nothing is parked after the final heal;
 //! 5. no lost write: after the final heal both sites hold every journaled write, and the
-//!    guarded writes of each object in the order they were made.
+//!    guarded writes of each object in the order they were made;
+//! 6. split writes reconciled (`core::reconcile`, fed as `site::reconcile` feeds it: each
+//!    record carries the count of peer records its site had applied, the `PeerSeen` points):
+//!    every peer record that is concurrent with an own write of the object (by brute force over
+//!    the journal: an own write newer than what the peer had applied) is detected where it is
+//!    applied — the winner skips it, the loser has copied its version aside since its last
+//!    write of the object — and nothing else is; a guarded write is never concurrent with a
+//!    guarded write (the token hand-over orders them), so only split writes conflict; the
+//!    detection survives a crash (the machine is rebuilt from the journal after the persisted
+//!    watermark).
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 
 use super::run::SplitMix64;
 use super::SimRng;
+use crate::reconcile::{Config as ReconcileConfig, Decision, Reconciler};
 use crate::token::{
     Action, Event, ObjectId, PartitionPolicy, Refusal, TokenConfig, TokenMsg, TokenRecord,
     TokenSite,
@@ -58,6 +68,10 @@ pub struct TokensStats {
     pub disconnects: u64,
     /// Longest wait of a parked write that proceeded, ms.
     pub wait_max_ms: u64,
+    /// Peer records found concurrent with an own write (invariant 6), and what was done.
+    pub concurrent: u64,
+    pub skipped: u64,
+    pub copies: u64,
 }
 
 impl std::ops::AddAssign for TokensStats {
@@ -75,6 +89,9 @@ impl std::ops::AddAssign for TokensStats {
         self.crashes_mid_batch += o.crashes_mid_batch;
         self.disconnects += o.disconnects;
         self.wait_max_ms = self.wait_max_ms.max(o.wait_max_ms);
+        self.concurrent += o.concurrent;
+        self.skipped += o.skipped;
+        self.copies += o.copies;
     }
 }
 
@@ -88,6 +105,9 @@ enum Item {
         seq: u64,
         object: ObjectId,
         uid: Uid,
+        /// The peer records its site had applied when it journaled it (`PeerSeen`).
+        seen: u64,
+        guarded: bool,
     },
     /// A token message as wire bytes.
     Token(Vec<u8>),
@@ -116,8 +136,16 @@ struct SimSite {
     log: Vec<TokenRecord>,
     /// Own writes, durable: seq = index + 1.
     journal: Vec<(ObjectId, Uid)>,
+    /// Per own record (same index): the peer records applied when it was journaled, guarded.
+    journal_meta: Vec<(u64, bool)>,
     /// The peer's records received, durable, in order.
     received: Vec<(ObjectId, Uid)>,
+    received_meta: Vec<(u64, bool)>,
+    /// Invariant 6: the reconciliation machine (`None` while crashed), the watermark made
+    /// durable with `applied`, and per object the own record the last copy aside was made after.
+    reconcile: Option<Reconciler>,
+    persisted_seen: u64,
+    copied_after: BTreeMap<ObjectId, u64>,
     applied: usize,
     /// Per object, the writes applied here (own and the peer's) in the order applied.
     replica: BTreeMap<ObjectId, Vec<Uid>>,
@@ -131,12 +159,18 @@ struct SimSite {
 
 impl SimSite {
     fn new(config: TokenConfig) -> SimSite {
+        let reconcile = Reconciler::new(ReconcileConfig::new(config.site, config.peer), 0);
         SimSite {
             machine: Some(TokenSite::new(config.clone())),
             config,
             log: Vec::new(),
             journal: Vec::new(),
+            journal_meta: Vec::new(),
             received: Vec::new(),
+            received_meta: Vec::new(),
+            reconcile: Some(reconcile),
+            persisted_seen: 0,
+            copied_after: BTreeMap::new(),
             applied: 0,
             replica: BTreeMap::new(),
             shipped: 0,
@@ -420,7 +454,14 @@ impl World {
         let items: Vec<Item> = (s.shipped + 1..=end)
             .map(|seq| {
                 let (object, uid) = s.journal[seq as usize - 1];
-                Item::Record { seq, object, uid }
+                let (seen, guarded) = s.journal_meta[seq as usize - 1];
+                Item::Record {
+                    seq,
+                    object,
+                    uid,
+                    seen,
+                    guarded,
+                }
             })
             .collect();
         self.sites[i].shipped = end;
@@ -548,8 +589,12 @@ impl World {
             for w in done {
                 let s = &mut self.sites[i];
                 s.journal.push((w.object, w.uid));
+                s.journal_meta.push((s.applied as u64, w.guarded));
                 s.replica.entry(w.object).or_default().push(w.uid);
                 let seq = s.journal.len() as u64;
+                if let Some(r) = s.reconcile.as_mut() {
+                    r.local(seq, w.object, false);
+                }
                 if w.guarded {
                     self.history.entry(w.object).or_default().push(w.uid);
                     self.guarded.insert(w.uid);
@@ -576,12 +621,65 @@ impl World {
             return Ok(());
         }
         let to = (s.applied + rng.range(1, 8) as usize).min(s.received.len());
-        for at in s.applied..to {
-            let (object, uid) = s.received[at];
-            s.replica.entry(object).or_default().push(uid);
-        }
-        s.applied = to;
+        self.apply_through(i, to)?;
         self.event(i, Event::PeerApplied { seq: to as u64 })
+    }
+
+    /// Site `i` applies the peer's records up to `to` (a count), each first through the
+    /// reconciliation machine (invariant 6); the watermark is durable with `applied`.
+    fn apply_through(&mut self, i: usize, to: usize) -> Step {
+        let wins = self.sites[i].config.site < self.sites[i].config.peer;
+        for at in self.sites[i].applied..to {
+            let s = &mut self.sites[i];
+            let (object, uid) = s.received[at];
+            let (seen, guarded) = s.received_meta[at];
+            // By brute force: our writes of the object the peer had not applied.
+            let newer: Vec<(u64, bool)> = s
+                .journal
+                .iter()
+                .zip(&s.journal_meta)
+                .enumerate()
+                .filter(|(k, ((o, _), _))| *o == object && *k as u64 + 1 > seen)
+                .map(|(k, (_, (_, g)))| (k as u64 + 1, *g))
+                .collect();
+            let concurrent = !newer.is_empty();
+            if guarded && newer.iter().any(|(_, g)| *g) {
+                return Err(format!(
+                    "site {i}: the peer's guarded write {uid} to object {object} is concurrent with our guarded write(s) {newer:?}"
+                ));
+            }
+            let Some(r) = s.reconcile.as_mut() else {
+                return Err(format!("site {i} applies while crashed"));
+            };
+            let d = r.peer_record(Some(object), seen);
+            let last_own = newer.last().map_or(0, |(k, _)| *k);
+            match (concurrent, wins, d) {
+                (false, _, Decision::Apply) => {}
+                (true, true, Decision::Skip { .. }) => self.stats.skipped += 1,
+                (true, false, Decision::CopyThenApply) => {
+                    s.copied_after.insert(object, last_own);
+                    self.stats.copies += 1;
+                }
+                (true, false, Decision::Apply)
+                    if s.copied_after.get(&object).is_some_and(|c| *c >= last_own) => {}
+                (c, _, d) => {
+                    return Err(format!(
+                        "site {i} (winner {wins}): the peer's write {uid} to object {object} (seen {seen}) is {} with our writes {newer:?}, and the machine said {d:?}",
+                        if c { "concurrent" } else { "not concurrent" }
+                    ))
+                }
+            }
+            if concurrent {
+                self.stats.concurrent += 1;
+            }
+            s.replica.entry(object).or_default().push(uid);
+            s.applied = at + 1;
+        }
+        let s = &mut self.sites[i];
+        if let Some(r) = &s.reconcile {
+            s.persisted_seen = r.seen_by_peer();
+        }
+        Ok(())
     }
 
     fn advance_ship(&mut self, rng: &mut SimRng<'_>, i: usize) -> Step {
@@ -628,10 +726,18 @@ impl World {
                     break;
                 };
                 match item {
-                    Item::Record { seq, object, uid } => {
-                        let r = &mut self.sites[to].received;
+                    Item::Record {
+                        seq,
+                        object,
+                        uid,
+                        seen,
+                        guarded,
+                    } => {
+                        let s = &mut self.sites[to];
+                        let r = &mut s.received;
                         if seq == r.len() as u64 + 1 {
                             r.push((object, uid));
+                            s.received_meta.push((seen, guarded));
                         } else if seq > r.len() as u64 + 1 {
                             return Err(format!("site {to} received seq {seq} after {}", r.len()));
                         }
@@ -719,6 +825,7 @@ impl World {
             t.push(format!("{} site {i}: CRASH", self.now));
         }
         self.sites[i].machine = None;
+        self.sites[i].reconcile = None;
         self.disconnect()?;
         let now = self.now;
         let s = &mut self.sites[i];
@@ -746,6 +853,22 @@ impl World {
             }
             let end = s.journal.len() as u64;
             s.machine = Some(TokenSite::recover(s.config.clone(), self.now, &s.log, end));
+            // The reconciliation machine from the journal after the persisted watermark (what
+            // `SiteReconcile::rebuild` does; all own records here, the peer's are elsewhere).
+            let mut r = Reconciler::new(
+                ReconcileConfig::new(s.config.site, s.config.peer),
+                s.persisted_seen,
+            );
+            for (k, (object, _)) in s.journal.iter().enumerate() {
+                let seq = k as u64 + 1;
+                if seq > s.persisted_seen {
+                    r.local(seq, *object, false);
+                }
+            }
+            s.reconcile = Some(r);
+            // A copy aside made before the crash is still on disk, but the machine forgot it:
+            // it may copy again (an extra copy, nothing lost).
+            s.copied_after.clear();
             let applied = s.applied as u64;
             self.event(i, Event::PeerApplied { seq: applied })?;
         }
@@ -784,14 +907,10 @@ impl World {
                     let seq = self.sites[i].shipped;
                     self.event(i, Event::Shipped { seq })?;
                 }
-                let s = &mut self.sites[i];
+                let s = &self.sites[i];
                 if s.applied < s.received.len() {
-                    for at in s.applied..s.received.len() {
-                        let (object, uid) = s.received[at];
-                        s.replica.entry(object).or_default().push(uid);
-                    }
-                    s.applied = s.received.len();
-                    let seq = s.applied as u64;
+                    self.apply_through(i, s.received.len())?;
+                    let seq = self.sites[i].applied as u64;
                     self.event(i, Event::PeerApplied { seq })?;
                 }
                 self.event(i, Event::Tick)?;

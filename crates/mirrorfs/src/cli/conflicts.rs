@@ -37,7 +37,12 @@ that name was taken). Each conflict is listed until it is settled with
   remote  keep theirs: the conflict copy is renamed over PATH, replacing ours
   both    keep both files as they are; only the entry is dropped
 
-The change is made through the mount, so it reaches every mirror.";
+The change is made through the mount, so it reaches every mirror.
+
+Two writable sites (`mount --peer ... --partition reconcile`) list what both changed during a
+split at both sites, reason split-both-modified: PATH holds the lower site id's version, the
+copy PATH.conflict-siteID-YYYYMMDD-HHMMSS the higher id's; a resolution at either site settles
+it at both.";
 
 /// `mirrorfs conflicts [MOUNT] [--json]`, or `mirrorfs conflicts resolve PATH --keep ...`.
 #[derive(clap::Args)]

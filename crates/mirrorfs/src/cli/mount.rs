@@ -649,13 +649,38 @@ fn start_peer(
             .tokens
             .set(Arc::new(crate::site::tokens::TokenWire::new(g.clone())));
     }
+    let reconcile = match (a.write_tokens, a.partition) {
+        (Some((me, peer)), PartitionArg::Reconcile) => {
+            let pos = crate::site::peer::PeerPosition::load(&dir.peer_applied_file())?;
+            let rc = Arc::new(crate::site::reconcile::SiteReconcile::new(
+                me,
+                peer,
+                pos.seen,
+                pos.applied,
+                pos.point,
+                end + 1,
+                &state.path,
+            ));
+            let n = rc
+                .rebuild(vol, |seq| origins.contains(seq))
+                .context("cannot read the journal for the reconciliation's entries")?;
+            tracing::info!(
+                "reconciliation after a split: {n} data records of this site not yet seen by the peer (after {})",
+                pos.seen
+            );
+            let _ = link.reconcile.set(rc.clone());
+            let _ = vol.reconcile.set(rc.clone());
+            Some(rc)
+        }
+        _ => None,
+    };
     let receiver = crate::net::peer::PeerReceiver::new(
         vol.clone(),
         &places.backing,
         state.hidden.clone(),
         origins,
         dir.peer_applied_file(),
-        gate,
+        crate::net::peer::Pairing { gate, reconcile },
         listen,
     )?;
     let cfg_dir = identity::config_dir(a.config.as_deref());

@@ -32,6 +32,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use mirrorfs_core::history::History;
 use mirrorfs_core::link::{Begin, LinkError, MirrorCopy, Positions};
 use mirrorfs_core::op::{Op, Record};
+use mirrorfs_core::path::RelPath;
+use mirrorfs_core::reconcile::Decision;
 use mirrorfs_core::session::{Incoming, OnDiverged, Session};
 use mirrorfs_core::tree::apply_op;
 use mirrorfs_core::wire::{error_code, Decoder, MirrorState, Msg};
@@ -39,9 +41,18 @@ use mirrorfs_core::wire::{error_code, Decoder, MirrorState, Msg};
 use crate::net::conn::Duplex;
 use crate::net::identity::Identity;
 use crate::site::peer::{PeerOrigins, PeerPosition, ReceiveStatus};
+use crate::site::reconcile::SiteReconcile;
 use crate::site::tokens::TokenGate;
 use crate::site::volume::{lock, Volume};
 use crate::tree::dirtree::DirTree;
+
+/// What a pair runs with besides the stream: write tokens (`--write-tokens`) and the
+/// reconciliation of a split (`--partition reconcile`).
+#[derive(Default)]
+pub struct Pairing {
+    pub gate: Option<Arc<TokenGate>>,
+    pub reconcile: Option<Arc<SiteReconcile>>,
+}
 
 /// One writable site's receiver of its peer's stream.
 pub struct PeerReceiver {
@@ -60,6 +71,11 @@ pub struct PeerReceiver {
     gate: Option<Arc<TokenGate>>,
     /// The kernel is told of applied changes on another thread (see `settler`).
     settle: Arc<(Mutex<bool>, Condvar)>,
+    /// With `--partition reconcile`: what the peer changed during a split is reconciled with
+    /// what this site changed (`site::reconcile`, `core::reconcile`).
+    reconcile: Option<Arc<SiteReconcile>>,
+    /// The winner's rewrites asked by the batch being applied, done once it is considered.
+    rewrites: Mutex<Vec<(RelPath, bool)>>,
 }
 
 impl PeerReceiver {
@@ -69,9 +85,10 @@ impl PeerReceiver {
         hidden: Vec<u8>,
         origins: Arc<PeerOrigins>,
         position_file: PathBuf,
-        gate: Option<Arc<TokenGate>>,
+        pairing: Pairing,
         listen: &str,
     ) -> Result<Arc<PeerReceiver>> {
+        let Pairing { gate, reconcile } = pairing;
         let position = PeerPosition::load(&position_file)?;
         let status = Arc::new(Mutex::new(ReceiveStatus {
             listen: listen.to_string(),
@@ -82,6 +99,8 @@ impl PeerReceiver {
         Ok(Arc::new(PeerReceiver {
             status,
             gate,
+            reconcile,
+            rewrites: Mutex::new(Vec::new()),
             settle: Arc::new((Mutex::new(false), Condvar::new())),
             vol,
             backing: backing.to_path_buf(),
@@ -340,6 +359,13 @@ impl PeerReceiver {
                 }
                 continue;
             }
+            if let Msg::PeerSeen { from, through } = msg {
+                // A site without `--partition reconcile` has nothing to compare them with.
+                if let Some(rc) = &self.reconcile {
+                    rc.peer_seen(from, through);
+                }
+                continue;
+            }
             let incoming = lock(session).on_message(&msg)?;
             match incoming {
                 Incoming::Append { records, settled } => {
@@ -374,10 +400,33 @@ impl PeerReceiver {
         for (r, aborted) in take_ready(pending, settled) {
             if !aborted {
                 self.apply(&r)?;
+            } else if let Some(rc) = &self.reconcile {
+                // Not applied, but it moves the watermark.
+                let seen = rc.seen_of(r.seq);
+                rc.decide(None, seen);
             }
             last = Some(r.seq);
         }
         let Some(last) = last else { return Ok(()) };
+        if let Some(rc) = &self.reconcile {
+            // Our records from here on were journaled having considered the peer's through
+            // `last` (noted under the order lock: nothing journaled after it is sent first).
+            {
+                let o = lock(&self.vol.order);
+                rc.note_point(o.journal.next_seq(), last);
+            }
+            // The winner's rewrites, after the records they answer were considered.
+            let paths = std::mem::take(&mut *lock(&self.rewrites));
+            for (k, (p, create)) in paths.iter().enumerate() {
+                if let Err(e) = rc.rewrite(&self.vol, &self.backing, p, *create) {
+                    // Not acknowledged: the peer's records come again, and ask again.
+                    for (q, _) in &paths[k..] {
+                        rc.retry(q.as_bytes());
+                    }
+                    return Err(e.context("the rewrite of a file in conflict"));
+                }
+            }
+        }
         self.origins
             .sync()
             .context("cannot make STATE/peer-origin durable")?;
@@ -387,9 +436,17 @@ impl PeerReceiver {
         }
         let mut pos = lock(&self.position);
         pos.applied = last;
+        if let Some(rc) = &self.reconcile {
+            pos.seen = rc.seen_by_peer();
+            pos.point = rc.last_point();
+        }
         pos.store(&self.position_file)
             .with_context(|| format!("cannot write {}", self.position_file.display()))?;
+        let seen = pos.seen;
         drop(pos);
+        if let Some(rc) = &self.reconcile {
+            rc.persisted(seen);
+        }
         self.applied.store(last, Ordering::Release);
         lock(&self.status).applied = last;
         if let Some(g) = &self.gate {
@@ -402,6 +459,7 @@ impl PeerReceiver {
     /// One peer record, through the volume; its local seq is noted as the peer's. The tree is
     /// opened for each record: a descriptor it keeps could name a file a local rename moved.
     fn apply(&self, r: &Record) -> Result<()> {
+        let seen = self.reconcile.as_ref().map(|rc| rc.seen_of(r.seq));
         let op = match &r.op {
             // Nothing to change here: aborts (and the peer's placeholders for our own
             // records), another mirror's copy, group marks.
@@ -409,7 +467,12 @@ impl PeerReceiver {
             | Op::Sync { .. }
             | Op::SyncDone { .. }
             | Op::GroupBegin
-            | Op::GroupEnd => return Ok(()),
+            | Op::GroupEnd => {
+                if let (Some(rc), Some(seen)) = (&self.reconcile, seen) {
+                    rc.decide(None, seen);
+                }
+                return Ok(());
+            }
             // The inode number names the peer's file; ours is what a crash here resolves.
             Op::Rename {
                 from, to, flags, ..
@@ -421,13 +484,33 @@ impl PeerReceiver {
             },
             op => op.clone(),
         };
-        let origins = &self.origins;
-        let mut tree = DirTree::open(&self.backing)
-            .with_context(|| format!("cannot open {}", self.backing.display()))?;
-        let res = self.vol.mutate_beneath_unsettled(op.clone(), |seq| {
-            origins.note(seq)?;
-            apply_op(&mut tree, &op, false).map_err(|e| std::io::Error::other(e.to_string()))
-        });
+        let mut res = self.apply_one(&op, seen);
+        if let Err(Held::Copy) = res {
+            // The loser: its own version goes aside first, then the winner's record applies.
+            if let (Some(rc), Some(path)) = (&self.reconcile, data_rel(&op)) {
+                if let Err(e) = rc.copy_aside(&self.vol, &self.backing, path) {
+                    // Not acknowledged: the record comes again and asks for the copy again.
+                    rc.retry(path.as_bytes());
+                    return Err(e.context("the conflict copy"));
+                }
+            }
+            res = self.apply_one(&op, seen);
+        }
+        let res = match res {
+            Ok(()) => {
+                if let Some(rc) = &self.reconcile {
+                    match &op {
+                        Op::Create { path, .. } => rc.peer_created(path.as_bytes()),
+                        Op::Rename { from, .. } => rc.peer_settled(from.as_bytes()),
+                        Op::Unlink { path, .. } => rc.peer_settled(path.as_bytes()),
+                        _ => {}
+                    }
+                }
+                Ok(())
+            }
+            Err(Held::Skip) | Err(Held::Copy) => Ok(()),
+            Err(Held::Errno(e)) => Err(e),
+        };
         {
             let (due, cv) = &*self.settle;
             *lock(due) = true;
@@ -453,6 +536,61 @@ impl PeerReceiver {
                 );
                 Ok(())
             }
+        }
+    }
+
+    /// One try at applying `op` through the volume. With reconciliation, the decision is taken
+    /// under the order lock (a local write cannot come between it and the change); a record
+    /// not applied now is journaled with its `Abort` (and still noted as the peer's).
+    fn apply_one(&self, op: &Op, seen: Option<u64>) -> Result<(), Held> {
+        let origins = &self.origins;
+        // A tree that cannot be opened is a refusal (`EIO`): the connection ends unacknowledged.
+        let mut tree = DirTree::open(&self.backing).map_err(|_| Held::Errno(libc::EIO))?;
+        let held = std::cell::Cell::new(None);
+        let res = self.vol.mutate_beneath_unsettled(op.clone(), |seq| {
+            origins.note(seq)?;
+            if let (Some(rc), Some(seen)) = (&self.reconcile, seen) {
+                let decision = match op {
+                    Op::Unlink { path, .. } => rc.decide_remove(path.as_bytes(), seen),
+                    _ => rc.decide(data_rel(op).map(|p| p.as_bytes()), seen),
+                };
+                match decision {
+                    Decision::Apply => {}
+                    Decision::Restore { first } => {
+                        if let Op::Unlink { path, .. } = op {
+                            if first {
+                                rc.list_removed(path.as_bytes());
+                            }
+                            lock(&self.rewrites).push((path.clone(), true));
+                        }
+                        held.set(Some(Held::Skip));
+                        return Err(std::io::Error::from_raw_os_error(libc::ECANCELED));
+                    }
+                    Decision::Skip { rewrite, first } => {
+                        if let Some(p) = data_rel(op) {
+                            rc.skipped(p.as_bytes(), first);
+                            if rewrite {
+                                lock(&self.rewrites).push((p.clone(), false));
+                            }
+                        }
+                        held.set(Some(Held::Skip));
+                        return Err(std::io::Error::from_raw_os_error(libc::ECANCELED));
+                    }
+                    Decision::CopyThenApply => {
+                        held.set(Some(Held::Copy));
+                        return Err(std::io::Error::from_raw_os_error(libc::ECANCELED));
+                    }
+                }
+            }
+            apply_op(&mut tree, op, false).map_err(|e| {
+                tracing::debug!("the peer's {} failed here: {e}", op.name());
+                std::io::Error::from_raw_os_error(tree_errno(&e))
+            })
+        });
+        match (res, held.take()) {
+            (Ok(_), _) => Ok(()),
+            (Err(_), Some(h)) => Err(h),
+            (Err(e), None) => Err(Held::Errno(e)),
         }
     }
 
@@ -497,6 +635,44 @@ fn take_ready(pending: &mut VecDeque<Record>, settled: u64) -> Vec<(Record, bool
     out
 }
 
+/// Why a peer record was not applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Held {
+    /// Concurrent with our own write, and this site keeps its version (it rewrites it).
+    Skip,
+    /// Concurrent, and this site's version goes to a conflict copy first.
+    Copy,
+    /// The change failed here (or the volume refused it).
+    Errno(i32),
+}
+
+/// The errno of a change that failed on the tree: the ones a concurrent local change explains
+/// (gone, taken, not empty...) fail the one record, journaled with its `Abort`; `EIO` and
+/// `ENOSPC` end the connection unacknowledged (the record comes again).
+fn tree_errno(e: &mirrorfs_core::tree::TreeError) -> i32 {
+    use mirrorfs_core::tree::TreeError as T;
+    match e {
+        T::NotFound(_) => libc::ENOENT,
+        T::Exists(_) => libc::EEXIST,
+        T::NotEmpty(_) => libc::ENOTEMPTY,
+        T::NotDir(_) => libc::ENOTDIR,
+        T::IsDir(_) => libc::EISDIR,
+        T::NoSpace(_) => libc::ENOSPC,
+        T::Other { errno, .. } if *errno > 0 => *errno,
+        _ => libc::EIO,
+    }
+}
+
+/// The file a data change (write, truncate, fallocate) changes.
+fn data_rel(op: &Op) -> Option<&RelPath> {
+    match op {
+        Op::Write { path, .. } | Op::Truncate { path, .. } | Op::Fallocate { path, .. } => {
+            Some(path)
+        }
+        _ => None,
+    }
+}
+
 fn local_ino(backing: &Path, rel: &[u8]) -> u64 {
     use std::os::unix::fs::MetadataExt;
     std::fs::symlink_metadata(backing.join(std::ffi::OsStr::from_bytes(rel))).map_or(0, |m| m.ino())
@@ -521,7 +697,6 @@ fn recv_within(d: &Duplex, dec: &mut Decoder, limit: Duration) -> Result<Msg> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mirrorfs_core::path::RelPath;
 
     fn write(seq: u64) -> Record {
         Record {

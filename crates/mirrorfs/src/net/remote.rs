@@ -898,6 +898,12 @@ fn stream(
             })?;
             let batch = without_echo(m, batch);
             if let Some(last) = batch.last().map(|r| r.seq) {
+                // The change points of these records go first (`site::reconcile`).
+                if let (Some(rc), Some(first)) = (m.reconcile.get(), batch.first()) {
+                    for (from, through) in rc.points_for(first.seq, last) {
+                        d.send(&Msg::PeerSeen { from, through })?;
+                    }
+                }
                 let frame = d.encode(&Msg::Records {
                     settled,
                     records: batch,
@@ -1023,6 +1029,9 @@ fn on_ack(
     m.checkpoint.store(p.checkpoint, Ordering::Release);
     if let Some(origins) = m.peer.get() {
         origins.forget_through(p.durable);
+    }
+    if let Some(rc) = m.reconcile.get() {
+        rc.acknowledged(p.durable);
     }
     if let Some(u) = udp {
         u.on_delivered(p.received);

@@ -127,6 +127,9 @@ pub fn reason_sentence(word: &str) -> &'static str {
         "rename-cycle" => {
             "the other site's rename would have moved a directory into itself: it was not applied"
         }
+        "split-both-modified" => {
+            "both sites changed it while their link was down: the lower site id's version is at the path, the higher's in the conflict copy (the same at both sites)"
+        }
         "changed-during-reintegration" => {
             "we changed it while the reintegration ran: ours was kept, theirs is in the conflict copy"
         }
@@ -335,10 +338,6 @@ fn write(dir: &StateDir, entries: Vec<ConflictEntry>) -> Result<()> {
 /// already there is not added twice; two different conflicts on one path are both kept (two
 /// reintegrations may both conflict on it). Fails, adding nothing, if an entry is invalid or the
 /// registry would pass [`ENTRIES_MAX`].
-#[allow(
-    dead_code,
-    reason = "the reintegration records conflicts; it is not wired in yet"
-)]
 pub fn record(state: &Path, entries: &[ConflictEntry]) -> Result<()> {
     for e in entries {
         check(e).map_err(|why| anyhow!("not recording a conflict: {why}"))?;

@@ -123,6 +123,7 @@ impl Volume {
             opened_end: horizon,
             view: std::sync::OnceLock::new(),
             tokens: std::sync::OnceLock::new(),
+            reconcile: std::sync::OnceLock::new(),
             peer_receive: std::sync::OnceLock::new(),
             groups: Mutex::new(Gate::default()),
             sync_groups: std::sync::OnceLock::new(),

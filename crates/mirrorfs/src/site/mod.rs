@@ -15,6 +15,7 @@ pub mod meta;
 pub mod metrics;
 pub mod peer;
 pub mod promote;
+pub mod reconcile;
 pub mod stamp;
 pub mod state_dir;
 pub mod statefile;

@@ -15,8 +15,10 @@
 //! little-endian u64 seqs of our own journal, appended in order; a torn last one (a crash while
 //! it was written) is cut at open, seqs past the journal's end (records a power loss took) or
 //! before its first held record are dropped, and the file is compacted then. `STATE/peer-applied`
-//! is 32 bytes, replaced atomically: magic `MFPA`, 4 zero bytes, the peer's volume id (16), the
-//! last peer seq applied here and durable (u64 LE).
+//! is 48 bytes, replaced atomically: magic `MFPA`, 4 zero bytes, the peer's volume id (16), the
+//! last peer seq applied here and durable, then (`--partition reconcile`, `site::reconcile`) the
+//! largest of our seqs the peer had considered as of that record and our last change point (each
+//! u64 LE; a 32-byte file of the former layout reads them as 0).
 //!
 //! **Limit.** A crash after our journal made a peer record durable but before `peer-origin`
 //! did (the same batch) can send that one batch back to the peer once after the restart; the
@@ -52,8 +54,9 @@ pub struct ReceiveStatus {
 
 /// `STATE/peer-origin` is compacted once it holds this many more seqs than are live.
 const ORIGIN_SLACK: usize = 4096;
-/// `STATE/peer-applied`'s size.
-const POSITION_BYTES: usize = 32;
+/// `STATE/peer-applied`'s size (32 before reconciliation: read as `seen = point = 0`).
+const POSITION_BYTES: usize = 48;
+const POSITION_BYTES_V1: usize = 32;
 const POSITION_MAGIC: [u8; 4] = *b"MFPA";
 
 struct Origins {
@@ -177,6 +180,12 @@ pub struct PeerPosition {
     pub volume: Option<VolumeId>,
     /// The peer's records through this are applied here and durable.
     pub applied: u64,
+    /// `--partition reconcile`: the largest of our seqs the peer had considered as of its record
+    /// `applied` (`core::reconcile`; our data records after it are replayed after a restart).
+    pub seen: u64,
+    /// `--partition reconcile`: our records from this seq on were journaled after `applied`
+    /// (the last change point of our stream).
+    pub point: u64,
 }
 
 impl PeerPosition {
@@ -186,7 +195,10 @@ impl PeerPosition {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(PeerPosition::default()),
             Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
         };
-        if bytes.len() != POSITION_BYTES || bytes[..4] != POSITION_MAGIC || bytes[4..8] != [0; 4] {
+        if !matches!(bytes.len(), POSITION_BYTES | POSITION_BYTES_V1)
+            || bytes[..4] != POSITION_MAGIC
+            || bytes[4..8] != [0; 4]
+        {
             bail!(
                 "{} is damaged (it is replaced atomically, so this is not a crash): move it away to take the peer's stream from its first record again",
                 path.display()
@@ -194,11 +206,17 @@ impl PeerPosition {
         }
         let mut volume = [0u8; 16];
         volume.copy_from_slice(&bytes[8..24]);
-        let mut seq = [0u8; 8];
-        seq.copy_from_slice(&bytes[24..32]);
+        let at = |i: usize| {
+            bytes
+                .get(i..i + 8)
+                .and_then(|b| b.try_into().ok())
+                .map_or(0, u64::from_le_bytes)
+        };
         Ok(PeerPosition {
             volume: Some(volume),
-            applied: u64::from_le_bytes(seq),
+            applied: at(24),
+            seen: at(32),
+            point: at(40),
         })
     }
 
@@ -209,6 +227,8 @@ impl PeerPosition {
         b.extend_from_slice(&[0; 4]);
         b.extend_from_slice(&self.volume.unwrap_or_default());
         b.extend_from_slice(&self.applied.to_le_bytes());
+        b.extend_from_slice(&self.seen.to_le_bytes());
+        b.extend_from_slice(&self.point.to_le_bytes());
         statefile::replace_durable(path, &b, 0o600)
     }
 }
@@ -257,9 +277,22 @@ mod tests {
         let pos = PeerPosition {
             volume: Some([7; 16]),
             applied: 42,
+            seen: 17,
+            point: 99,
         };
         pos.store(&p).expect("store");
         assert_eq!(PeerPosition::load(&p).expect("load"), pos);
+        // A file of the former layout (32 bytes) reads with no watermark and no point.
+        let old = std::fs::read(&p).expect("read");
+        std::fs::write(&p, &old[..32]).expect("write");
+        assert_eq!(
+            PeerPosition::load(&p).expect("load v1"),
+            PeerPosition {
+                seen: 0,
+                point: 0,
+                ..pos
+            }
+        );
         std::fs::write(&p, b"garbage").expect("write");
         let e = PeerPosition::load(&p).expect_err("damaged");
         assert!(format!("{e:#}").contains("damaged"), "{e:#}");

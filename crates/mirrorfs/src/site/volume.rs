@@ -224,6 +224,9 @@ pub struct MirrorShared {
     pub peer: std::sync::OnceLock<Arc<crate::site::peer::PeerOrigins>>,
     /// Set on the link to the peer with `--write-tokens`: the token messages it carries.
     pub tokens: std::sync::OnceLock<Arc<crate::site::tokens::TokenWire>>,
+    /// Set on the link to the peer with `--partition reconcile`: the change points sent before
+    /// the records (`Msg::PeerSeen`), and what the journal keeps for the rebuild after a restart.
+    pub reconcile: std::sync::OnceLock<Arc<crate::site::reconcile::SiteReconcile>>,
 }
 
 /// Where an operator's resync of a mirror stands (`mirror::operator`).
@@ -346,6 +349,7 @@ impl MirrorShared {
             operator_resync: Mutex::new(OperatorResync::default()),
             peer: std::sync::OnceLock::new(),
             tokens: std::sync::OnceLock::new(),
+            reconcile: std::sync::OnceLock::new(),
         }
     }
 
@@ -389,7 +393,10 @@ impl MirrorShared {
     /// The journal must keep every record after this for the mirror: a local mirror resumes
     /// after its checkpoint when its machine lost power; a remote one after its durable position.
     pub fn needed_after(&self) -> u64 {
-        self.level(Level::Durable)
+        // The peer of a pair under `--partition reconcile`: also what rebuilds the
+        // reconciliation's entries after a restart (`site::reconcile`).
+        let hold = self.reconcile.get().map_or(u64::MAX, |r| r.retain_after());
+        self.level(Level::Durable).min(hold)
     }
 }
 
@@ -527,6 +534,9 @@ pub struct Volume {
     /// With `mount --write-tokens`: the write tokens a data change to a file takes before it is
     /// journaled (`site::tokens`; see [`Volume::mutate`]).
     pub tokens: std::sync::OnceLock<Arc<crate::site::tokens::TokenGate>>,
+    /// With `--partition reconcile` on a pair: each local data change is noted (under the order
+    /// lock) for the reconciliation after a split (`site::reconcile`).
+    pub reconcile: std::sync::OnceLock<Arc<crate::site::reconcile::SiteReconcile>>,
     /// With `mount --receive`: the peer's stream into this site, for `status`.
     pub peer_receive: std::sync::OnceLock<Arc<Mutex<crate::site::peer::ReceiveStatus>>>,
     pub view: std::sync::OnceLock<Arc<dyn MountView>>,
@@ -610,7 +620,18 @@ impl Volume {
             },
             _ => None,
         };
-        let r = self.mutate_at(op, |_| apply());
+        let rec = self
+            .reconcile
+            .get()
+            .and_then(|r| token_path(&op).map(|p| (r, p.to_vec())));
+        let r = self.mutate_at(op, |seq| {
+            let r = apply()?;
+            // Under the order lock: the peer receiver decides under it too.
+            if let Some((rc, p)) = &rec {
+                rc.local(seq, p, false);
+            }
+            Ok(r)
+        });
         if let (Some(permit), Ok((_, seq))) = (permit, &r) {
             permit.written(*seq);
         }
@@ -1158,7 +1179,12 @@ impl Volume {
 
     /// Reads the journal's records `first..=end` in order (each look-up of a segment under the
     /// order lock, the reading outside it).
-    fn each_record(&self, first: u64, end: u64, mut f: impl FnMut(&Record)) -> anyhow::Result<()> {
+    pub(crate) fn each_record(
+        &self,
+        first: u64,
+        end: u64,
+        mut f: impl FnMut(&Record),
+    ) -> anyhow::Result<()> {
         let mut reader: Reader<crate::site::store::FileSegment> = Reader::new(first.max(1));
         let mut stalled = false;
         while reader.next_seq() <= end {

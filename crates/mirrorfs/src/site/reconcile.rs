@@ -1,0 +1,513 @@
+//! The shell of `core::reconcile` at one writable site of a pair (`mount --peer --receive
+//! --write-tokens ME:PEER --partition reconcile`): the machine under a mutex, the change points
+//! of our stream (sent as `Msg::PeerSeen` before the records they cover, `net::remote`), the
+//! peer's change points (from its stream, `net::peer`), and the two actions the machine asks
+//! for, carried out through the volume like any change (`Volume::mutate_beneath_unsettled`,
+//! `Volume::record`): the loser's conflict copy and the winner's rewrite.
+//!
+//! ```text
+//!  FUSE write/truncate/fallocate ─▶ Volume::mutate ─▶ (under the order lock) local(seq, P)
+//!  peer record R ─▶ net::peer::apply ─▶ (under the order lock) decide(P, seen(R))
+//!        Apply ─▶ apply_op            Skip ─▶ journaled with its Abort; rewrite queued
+//!        CopyThenApply ─▶ journaled with its Abort, copy P to P.conflict-siteN-TIME, R again
+//!  end of a batch ─▶ change point (next seq, last peer seq) ─▶ rewrites ─▶ STATE/peer-applied
+//!                    (applied, seen_by_peer, the point)
+//! ```
+//!
+//! **Retention.** After a restart the machine's entries are rebuilt from the journal (our own
+//! data records after `seen_by_peer`), so the link to the peer keeps every record after the
+//! persisted `seen_by_peer` (`MirrorShared::needed_after`).
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use anyhow::{Context, Result};
+use mirrorfs_core::op::Op;
+use mirrorfs_core::path::RelPath;
+use mirrorfs_core::reconcile::{ChangePoints, Config, Decision, PeerPoints, Reconciler};
+use mirrorfs_core::tree::apply_op;
+
+use crate::site::conflicts::{self, ConflictEntry};
+use crate::site::tokens::object_of;
+use crate::site::volume::{lock, Volume};
+use crate::tree::dirtree::{DirTree, Root};
+
+/// The reason word of a conflict two sites made during a split (`mirrorfs conflicts`).
+pub const REASON: &str = "split-both-modified";
+
+/// Bytes per record of a copy or a rewrite.
+const CHUNK: usize = 1 << 20;
+
+/// One site's reconciliation state.
+pub struct SiteReconcile {
+    cfg: Config,
+    machine: Mutex<Reconciler>,
+    points: Mutex<ChangePoints>,
+    peer_points: Mutex<PeerPoints>,
+    /// The winner: objects it skipped the peer's records of, by path, with when: listed as a
+    /// conflict once the loser's copy of it arrives.
+    pending: Mutex<BTreeMap<Vec<u8>, i64>>,
+    /// `seen_by_peer` as persisted in `STATE/peer-applied` (the journal keeps what is after it).
+    persisted_seen: AtomicU64,
+    state: PathBuf,
+}
+
+impl SiteReconcile {
+    /// `seen` and `point` come from `STATE/peer-applied` (the watermark, the last change point);
+    /// `next_seq` is the journal's next seq now (records from it on are written after the peer's
+    /// `applied`).
+    pub fn new(
+        me: u64,
+        peer: u64,
+        seen: u64,
+        applied: u64,
+        point_from: u64,
+        next_seq: u64,
+        state: &Path,
+    ) -> SiteReconcile {
+        let cfg = Config::new(me, peer);
+        let mut points = ChangePoints::default();
+        if point_from > 0 {
+            points.note(point_from, applied);
+        }
+        points.note(next_seq, applied);
+        SiteReconcile {
+            cfg,
+            machine: Mutex::new(Reconciler::new(cfg, seen)),
+            points: Mutex::new(points),
+            peer_points: Mutex::new(PeerPoints::default()),
+            pending: Mutex::new(BTreeMap::new()),
+            persisted_seen: AtomicU64::new(seen),
+            state: state.to_path_buf(),
+        }
+    }
+
+    /// Our data record `seq` (called under the order lock).
+    pub fn local(&self, seq: u64, path: &[u8], rewrite: bool) {
+        lock(&self.machine).local(seq, object_of(path), rewrite);
+    }
+
+    /// Our records from `from` on consider the peer's through `through` (under the order lock).
+    pub fn note_point(&self, from: u64, through: u64) {
+        lock(&self.points).note(from, through);
+    }
+
+    /// The change points a batch of our records needs.
+    pub fn points_for(&self, first: u64, last: u64) -> Vec<(u64, u64)> {
+        lock(&self.points).for_batch(first, last)
+    }
+
+    /// The peer holds our records through `seq`.
+    pub fn acknowledged(&self, seq: u64) {
+        lock(&self.points).forget_through(seq);
+    }
+
+    /// The last change point (persisted with the peer's applied position).
+    pub fn last_point(&self) -> u64 {
+        lock(&self.points).last_from()
+    }
+
+    /// A `PeerSeen` from the peer.
+    pub fn peer_seen(&self, from: u64, through: u64) {
+        lock(&self.peer_points).note(from, through);
+    }
+
+    /// seen(R) for the peer's record `seq` (asked in order).
+    pub fn seen_of(&self, seq: u64) -> u64 {
+        lock(&self.peer_points).seen_at(seq)
+    }
+
+    /// The decision for a peer record (called under the order lock when it is a data change).
+    pub fn decide(&self, path: Option<&[u8]>, seen: u64) -> Decision {
+        lock(&self.machine).peer_record(path.map(object_of), seen)
+    }
+
+    /// The decision for a peer unlink (called under the order lock).
+    pub fn decide_remove(&self, path: &[u8], seen: u64) -> Decision {
+        lock(&self.machine).peer_remove(object_of(path), seen)
+    }
+
+    /// The peer removed `path` while this site changed it: it is kept (and given back to the
+    /// peer); listed here, with no copy.
+    pub fn list_removed(&self, path: &[u8]) {
+        let e = ConflictEntry {
+            path: path.to_vec(),
+            copy: None,
+            reason: "they-deleted".to_string(),
+            peer: format!("site{}", self.cfg.peer),
+            time: now(),
+        };
+        if let Err(e) = conflicts::record(&self.state, &[e]) {
+            tracing::error!(
+                "cannot list the conflict on {} (kept): {e:#}",
+                String::from_utf8_lossy(path)
+            );
+        } else {
+            tracing::warn!(
+                "conflict: site {} removed {} while this site changed it during the split; it is kept at both sites",
+                self.cfg.peer,
+                String::from_utf8_lossy(path)
+            );
+        }
+    }
+
+    /// The copy or rewrite of `path` failed: the machine asks for it again.
+    pub fn retry(&self, path: &[u8]) {
+        lock(&self.machine).retry(object_of(path));
+    }
+
+    pub fn seen_by_peer(&self) -> u64 {
+        lock(&self.machine).seen_by_peer()
+    }
+
+    /// `seen_by_peer` was made durable.
+    pub fn persisted(&self, seen: u64) {
+        self.persisted_seen.store(seen, Ordering::Release);
+    }
+
+    /// The journal keeps every record after this for the rebuild after a restart.
+    pub fn retain_after(&self) -> u64 {
+        self.persisted_seen.load(Ordering::Acquire)
+    }
+
+    /// Rebuilds the machine's entries from the journal (our own data records after the
+    /// watermark; `is_peer`: the record came from the peer).
+    pub fn rebuild(&self, vol: &Volume, is_peer: impl Fn(u64) -> bool) -> Result<usize> {
+        let (first, end) = {
+            let o = lock(&vol.order);
+            (
+                o.journal.first_seq(),
+                o.journal.next_seq().saturating_sub(1),
+            )
+        };
+        let from = self.seen_by_peer().saturating_add(1).max(first);
+        let mut n = 0;
+        vol.each_record(from, end, |r| {
+            if let Some(p) = data_path(&r.op) {
+                if !is_peer(r.seq) {
+                    self.local(r.seq, p, false);
+                    n += 1;
+                }
+            }
+        })?;
+        Ok(n)
+    }
+
+    /// The winner skipped a record of the peer for `path` (`first`: a new conflict).
+    pub fn skipped(&self, path: &[u8], first: bool) {
+        if first {
+            lock(&self.pending).insert(path.to_vec(), now());
+        }
+    }
+
+    /// The peer created `path`: if it is the loser's copy of an object the winner skipped,
+    /// the conflict is listed here too.
+    pub fn peer_created(&self, path: &[u8]) {
+        let prefix_of = |p: &[u8]| {
+            let mut v = p.to_vec();
+            v.extend_from_slice(format!(".conflict-site{}-", self.cfg.peer).as_bytes());
+            v
+        };
+        let hit = {
+            let mut pending = lock(&self.pending);
+            let k = pending
+                .iter()
+                .find(|(p, _)| path.starts_with(&prefix_of(p)))
+                .map(|(p, t)| (p.clone(), *t));
+            if let Some((p, _)) = &k {
+                pending.remove(p);
+            }
+            k
+        };
+        if let Some((p, time)) = hit {
+            self.list(&p, path, time);
+        }
+    }
+
+    fn list(&self, path: &[u8], copy: &[u8], time: i64) {
+        let e = ConflictEntry {
+            path: path.to_vec(),
+            copy: Some(copy.to_vec()),
+            reason: REASON.to_string(),
+            peer: format!("site{}", self.cfg.peer),
+            time,
+        };
+        match conflicts::record(&self.state, &[e]) {
+            Ok(()) => tracing::warn!(
+                "conflict: both sites changed {} during the split; site {}'s version is at the path, site {}'s in {}",
+                String::from_utf8_lossy(path),
+                self.cfg.me.min(self.cfg.peer),
+                self.cfg.me.max(self.cfg.peer),
+                String::from_utf8_lossy(copy)
+            ),
+            Err(e) => tracing::error!(
+                "cannot list the conflict on {} (both versions are kept: {}): {e:#}",
+                String::from_utf8_lossy(path),
+                String::from_utf8_lossy(copy)
+            ),
+        }
+    }
+
+    /// A peer rename or unlink of a conflict copy (`conflicts resolve` at the other site):
+    /// the entry is settled here too.
+    pub fn peer_settled(&self, copy: &[u8]) {
+        if !copy.windows(10).any(|w| w == b".conflict-") {
+            return;
+        }
+        let gone = |e: &ConflictEntry| e.reason == REASON && e.copy.as_deref() == Some(copy);
+        match conflicts::list(&self.state) {
+            Ok(all) => {
+                let settled: Vec<_> = all.into_iter().filter(gone).collect();
+                if !settled.is_empty() {
+                    if let Err(e) = conflicts::remove_entries(&self.state, &settled) {
+                        tracing::warn!("cannot drop a conflict the peer settled: {e:#}");
+                    }
+                }
+            }
+            Err(e) => tracing::warn!("cannot read the conflict registry: {e:#}"),
+        }
+    }
+
+    /// The loser: copies its current `path` to a new conflict name beneath `backing`, through
+    /// the volume (journaled, streamed to the peer), and lists the conflict. `None`: nothing to
+    /// copy (not a regular file).
+    pub fn copy_aside(
+        &self,
+        vol: &Volume,
+        backing: &Path,
+        path: &RelPath,
+    ) -> Result<Option<RelPath>> {
+        let root =
+            Root::open(backing).with_context(|| format!("cannot open {}", backing.display()))?;
+        let st = match root.lstat(path) {
+            Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFREG => st,
+            _ => return Ok(None),
+        };
+        let time = now();
+        let label =
+            mirrorfs_core::reintegrate::conflict_label(&format!("site{}", self.cfg.me), time);
+        let mut copy = None;
+        for n in 0..1000u32 {
+            let mut name = path.as_bytes().to_vec();
+            name.push(b'.');
+            name.extend_from_slice(label.as_bytes());
+            if n > 0 {
+                name.extend_from_slice(format!("-{n}").as_bytes());
+            }
+            let rel = RelPath::new(name).map_err(|e| anyhow::anyhow!("{e}"))?;
+            if root.lstat(&rel).is_err() {
+                copy = Some(rel);
+                break;
+            }
+        }
+        let copy = copy.context("no free conflict name")?;
+        let fd = root
+            .open_at(path, libc::O_RDONLY | libc::O_NOFOLLOW, 0)
+            .with_context(|| format!("cannot open {}", String::from_utf8_lossy(path.as_bytes())))?;
+        let mut file = std::fs::File::from(fd);
+        let create = Op::Create {
+            path: copy.clone(),
+            mode: st.st_mode & 0o7777,
+            uid: st.st_uid,
+            gid: st.st_gid,
+        };
+        self.beneath(vol, backing, create)?;
+        let mut off = 0u64;
+        loop {
+            let mut data = Vec::with_capacity(CHUNK);
+            (&mut file)
+                .take(CHUNK as u64)
+                .read_to_end(&mut data)
+                .context("cannot read the version to copy")?;
+            if data.is_empty() {
+                break;
+            }
+            let n = data.len() as u64;
+            self.beneath(
+                vol,
+                backing,
+                Op::Write {
+                    path: copy.clone(),
+                    offset: off,
+                    data,
+                },
+            )?;
+            off += n;
+        }
+        self.list(path.as_bytes(), copy.as_bytes(), time);
+        Ok(Some(copy))
+    }
+
+    fn beneath(&self, vol: &Volume, backing: &Path, op: Op) -> Result<()> {
+        let mut tree =
+            DirTree::open(backing).with_context(|| format!("cannot open {}", backing.display()))?;
+        vol.mutate_beneath_unsettled(op.clone(), |_| {
+            apply_op(&mut tree, &op, false).map_err(|e| std::io::Error::other(e.to_string()))
+        })
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot make the conflict copy ({}): {}",
+                op.name(),
+                std::io::Error::from_raw_os_error(e)
+            )
+        })?;
+        Ok(())
+    }
+
+    /// The winner: journals its whole current `path` (its size, then its content), each record
+    /// built under the order lock from what the backing holds at that point, applying nothing
+    /// (the backing already holds it). The peer applies it over the mix of diffs it has. With
+    /// `create` (the peer removed it: `Restore`), its creation is journaled first.
+    pub fn rewrite(
+        &self,
+        vol: &Volume,
+        backing: &Path,
+        path: &RelPath,
+        create: bool,
+    ) -> Result<()> {
+        let root =
+            Root::open(backing).with_context(|| format!("cannot open {}", backing.display()))?;
+        let Ok(fd) = root.open_at(path, libc::O_RDONLY | libc::O_NOFOLLOW, 0) else {
+            // Gone (a local unlink since): nothing to rewrite; the peer's own unlink follows.
+            return Ok(());
+        };
+        let raw = fd.as_raw_fd();
+        let size_of = || {
+            let mut st: libc::stat = unsafe { std::mem::zeroed() };
+            // SAFETY: `raw` is open for the whole call; `st` is a valid out-pointer.
+            (unsafe { libc::fstat(raw, &mut st) } == 0
+                && st.st_mode & libc::S_IFMT == libc::S_IFREG)
+                .then_some(st.st_size as u64)
+        };
+        let refused = |e: i32| {
+            anyhow::anyhow!(
+                "cannot journal the rewrite: {}",
+                std::io::Error::from_raw_os_error(e)
+            )
+        };
+        if create {
+            vol.record(|| {
+                let mut st: libc::stat = unsafe { std::mem::zeroed() };
+                // SAFETY: `raw` is open for the whole call; `st` is a valid out-pointer.
+                (unsafe { libc::fstat(raw, &mut st) } == 0
+                    && st.st_mode & libc::S_IFMT == libc::S_IFREG)
+                    .then(|| Op::Create {
+                        path: path.clone(),
+                        mode: st.st_mode & 0o7777,
+                        uid: st.st_uid,
+                        gid: st.st_gid,
+                    })
+            })
+            .map_err(refused)?;
+        }
+        let seq = vol
+            .record(|| {
+                size_of().map(|size| Op::Truncate {
+                    path: path.clone(),
+                    size,
+                })
+            })
+            .map_err(refused)?;
+        let Some(seq) = seq else { return Ok(()) };
+        self.local(seq, path.as_bytes(), true);
+        let mut off = 0u64;
+        loop {
+            let mut n = 0usize;
+            let seq = vol
+                .record(|| {
+                    let mut data = vec![0u8; CHUNK];
+                    // SAFETY: `raw` is open; `data` has room for `CHUNK` bytes.
+                    let r = unsafe {
+                        libc::pread(raw, data.as_mut_ptr().cast(), CHUNK, off as libc::off_t)
+                    };
+                    if r <= 0 {
+                        return None;
+                    }
+                    data.truncate(r as usize);
+                    n = r as usize;
+                    Some(Op::Write {
+                        path: path.clone(),
+                        offset: off,
+                        data,
+                    })
+                })
+                .map_err(refused)?;
+            let Some(seq) = seq else { break };
+            self.local(seq, path.as_bytes(), true);
+            off += n as u64;
+        }
+        drop(fd);
+        tracing::info!(
+            "rewrote {} ({off} bytes) for the peer: this site's version stays",
+            String::from_utf8_lossy(path.as_bytes())
+        );
+        Ok(())
+    }
+}
+
+/// The path of a data change (what takes a write token and what the rule compares).
+pub fn data_path(op: &Op) -> Option<&[u8]> {
+    match op {
+        Op::Write { path, .. } | Op::Truncate { path, .. } | Op::Fallocate { path, .. } => {
+            Some(path.as_bytes())
+        }
+        _ => None,
+    }
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_winner_lists_a_conflict_when_the_losers_copy_arrives_and_drops_it_when_settled() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let rc = SiteReconcile::new(1, 2, 0, 0, 0, 1, d.path());
+        rc.skipped(b"notes.txt", true);
+        // Another file's copy, or a copy from the wrong site, lists nothing.
+        rc.peer_created(b"other.txt.conflict-site2-20261206-120000");
+        rc.peer_created(b"notes.txt.conflict-site1-20261206-120000");
+        assert!(conflicts::list(d.path()).expect("list").is_empty());
+        let copy = b"notes.txt.conflict-site2-20261206-120000".to_vec();
+        rc.peer_created(&copy);
+        let listed = conflicts::list(d.path()).expect("list");
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].path, b"notes.txt");
+        assert_eq!(listed[0].copy.as_deref(), Some(&copy[..]));
+        assert_eq!(listed[0].reason, REASON);
+        assert_eq!(listed[0].peer, "site2");
+        // Listed once: a second copy of the same conflict is not matched again.
+        rc.peer_created(b"notes.txt.conflict-site2-20261206-120000-1");
+        assert_eq!(conflicts::list(d.path()).expect("list").len(), 1);
+        // The peer settles it (renames or removes the copy): the entry goes here too.
+        rc.peer_settled(b"unrelated.txt");
+        assert_eq!(conflicts::list(d.path()).expect("list").len(), 1);
+        rc.peer_settled(&copy);
+        assert!(conflicts::list(d.path()).expect("list").is_empty());
+    }
+
+    #[test]
+    fn the_change_points_survive_a_restart_through_peer_applied() {
+        let d = tempfile::tempdir().expect("tempdir");
+        // Before: records from 40 on were written after the peer's 17.
+        let rc = SiteReconcile::new(2, 1, 0, 17, 40, 55, d.path());
+        assert_eq!(rc.points_for(40, 60), vec![(40, 17)]);
+        // Records before the persisted point are unknown: 0 (conservative).
+        assert_eq!(rc.points_for(30, 35), vec![(30, 0)]);
+        assert_eq!(rc.last_point(), 40);
+        rc.note_point(60, 20);
+        assert_eq!(rc.points_for(50, 70), vec![(50, 17), (60, 20)]);
+        rc.acknowledged(65);
+        assert_eq!(rc.points_for(66, 66), vec![(66, 20)]);
+    }
+}
