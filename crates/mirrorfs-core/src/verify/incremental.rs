@@ -57,7 +57,7 @@ impl Scope {
 /// name is in when a name appears or goes (its mtime, its entries). A `Sync` record (a copy or
 /// a repair writing to one mirror) counts as the change it carries.
 pub fn touched(op: &Op, out: &mut Vec<(RelPath, Scope)>) {
-    let mut named = |p: &RelPath, scope: Scope, out: &mut Vec<(RelPath, Scope)>| {
+    let named = |p: &RelPath, scope: Scope, out: &mut Vec<(RelPath, Scope)>| {
         out.push((p.clone(), scope));
     };
     let with_parent = |p: &RelPath, scope: Scope, out: &mut Vec<(RelPath, Scope)>| {
