@@ -140,6 +140,11 @@ fn read_status(state: &Path) -> Result<serde_json::Value> {
 /// Waits (at most `limit`) until `mirror` applied every record the journal held when called.
 /// Returns false if it did not.
 pub fn wait_caught_up(state: &Path, mirror: &Path, limit: Duration) -> Result<bool> {
+    Ok(wait_caught_up_at(state, mirror, limit)?.0)
+}
+
+/// [`wait_caught_up`], also returning the journal's last seq it waited for.
+fn wait_caught_up_at(state: &Path, mirror: &Path, limit: Duration) -> Result<(bool, u64)> {
     let t0 = Instant::now();
     let target = fresh_status(state, limit)?["journal_next_seq"]
         .as_u64()
@@ -156,10 +161,10 @@ pub fn wait_caught_up(state: &Path, mirror: &Path, limit: Duration) -> Result<bo
             .and_then(|m| m["applied_seq"].as_u64())
             .unwrap_or(0);
         if applied >= target {
-            return Ok(true);
+            return Ok((true, target));
         }
         if t0.elapsed() >= limit {
-            return Ok(false);
+            return Ok((false, target));
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -407,15 +412,11 @@ fn scan_mirror(
     }
 }
 
-/// The mount's record of changes (`site::verify_dirty`), once it has read the journal as far
-/// as it reached when this was called (at most `limit`; then the newest there is, still
-/// complete through its own `through`). `None` when the mount keeps none.
-fn record_of_changes(state: &Path, limit: Duration) -> Result<Option<DirtySet>> {
+/// The mount's record of changes (`site::verify_dirty`), once it has read the journal through
+/// `target` (waiting at most `limit`; then the newest there is, still complete through its own
+/// `through`). `None` when the mount keeps none.
+fn record_of_changes(state: &Path, target: u64, limit: Duration) -> Result<Option<DirtySet>> {
     let t0 = Instant::now();
-    let target = fresh_status(state, limit)?["journal_next_seq"]
-        .as_u64()
-        .unwrap_or(1)
-        .saturating_sub(1);
     loop {
         let d = verify_dirty::load(state);
         match &d {
@@ -589,8 +590,10 @@ pub fn verify(a: VerifyArgs) -> Result<()> {
     }
     let settle = Duration::from_secs(a.settle_secs);
     let mut caught = Vec::new();
+    let mut target = 0;
     for m in &mirrors {
-        let caught_up = wait_caught_up(&t.state, m, settle)?;
+        let (caught_up, upto) = wait_caught_up_at(&t.state, m, settle)?;
+        target = target.max(upto);
         if !caught_up {
             tracing::warn!(
                 "mirror {} is still behind after {}s: changes it has yet to apply show as differences",
@@ -601,7 +604,7 @@ pub fn verify(a: VerifyArgs) -> Result<()> {
         caught.push(caught_up);
     }
     // Read after the mirrors caught up: everything they applied is in it.
-    let dirty = record_of_changes(&t.state, settle)?;
+    let dirty = record_of_changes(&t.state, target, settle)?;
     let mode = choose(&mirrors, &t, &a, dirty.as_ref());
     let plan = match &mode {
         Mode::Incremental(p) => Some(&p[..]),
