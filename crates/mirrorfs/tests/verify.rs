@@ -448,6 +448,11 @@ fn incremental_verify_scans_only_what_the_journal_changed() {
     assert_eq!(n(&v, "primary_files_read"), 3, "{v}");
     assert_eq!(v["mirrors"][0]["files_read"], 3, "{v}");
     assert_eq!(v["changed_paths"], 3, "{v}");
+    let st = m.status().expect("status");
+    assert!(
+        st["verify_changes"]["full_verify_because"].is_null(),
+        "{st}"
+    );
     // A change made through the mount is compared: the mirror's copy of a file just changed,
     // damaged after the mirror applied it, is found by the incremental verify.
     fs::write(m.p("d2/new"), b"a new file").expect("write");
@@ -540,6 +545,14 @@ fn after_a_kill_the_next_verify_is_full_and_finds_what_the_mirror_missed() {
     fs::write(m.mirror().join("d1/f001"), b"not applied").expect("damage");
     m.remount();
     m.wait_mirror_equal(EQUAL);
+    // status says why the next verify is a full one.
+    let st = m.status().expect("status");
+    assert!(
+        st["verify_changes"]["full_verify_because"]
+            .as_str()
+            .is_some_and(|r| r.contains("crash")),
+        "{st}"
+    );
     // The remount's recovery may bring the mirror in line (it replays what it held): damage it
     // again once it is caught up, as the crash could have left it.
     fs::write(m.mirror().join("d1/f001"), b"not applied").expect("damage");

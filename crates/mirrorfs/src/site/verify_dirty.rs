@@ -39,6 +39,30 @@ const SLOW_WRITE: Duration = Duration::from_secs(5);
 /// How often the mirrors' verify states are read for a trim.
 const TRIM_EVERY: Duration = Duration::from_secs(1);
 
+/// The record as `status` shows it.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct Summary {
+    /// Paths changed since the oldest verify on record.
+    pub paths: usize,
+    /// The last journal record read.
+    pub through_seq: u64,
+    /// Records at most this may be missing from the record.
+    pub floor_seq: u64,
+    /// Why the next verify of some mirror will be a full one (`None`: the record goes back to
+    /// every mirror's last verify, or no verify is on record).
+    pub full_verify_because: Option<String>,
+}
+
+fn summary(set: &DirtySet, oldest_verified: Option<u64>) -> Summary {
+    let full = oldest_verified.is_some_and(|v| set.floor > v);
+    Summary {
+        paths: set.len(),
+        through_seq: set.through,
+        floor_seq: set.floor,
+        full_verify_because: full.then(|| set.floor_reason.words().to_string()),
+    }
+}
+
 /// `STATE/verify/dirty`.
 pub fn dirty_path(state: &Path) -> PathBuf {
     state.join("verify").join("dirty")
@@ -115,6 +139,9 @@ pub fn start(site: &mut Site, behind: bool) -> Result<()> {
     }
     let vol = site.vol.clone();
     vol.retain_after.store(set.through, Ordering::Release);
+    let _ = vol
+        .verify_changes
+        .set(Arc::new(std::sync::Mutex::new(summary(&set, None))));
     site.spawn("verify-changes", move || run(vol, state, set))
 }
 
@@ -129,6 +156,7 @@ fn run(vol: Arc<Volume>, state: PathBuf, mut set: DirtySet) {
         .map(|m| m.name.clone().into_bytes())
         .collect();
     let mut warned_limit = false;
+    let mut oldest = None;
     loop {
         let stopping = lock(&vol.progress).stopping;
         read_new(&vol, &mut reader, &mut set);
@@ -144,6 +172,10 @@ fn run(vol: Arc<Volume>, state: PathBuf, mut set: DirtySet) {
                 .min();
             // No mirror has a verify on record: each one's first verify is a full one.
             set.trim(verified.unwrap_or(set.through));
+            oldest = verified;
+        }
+        if let Some(s) = vol.verify_changes.get() {
+            *lock(s) = summary(&set, oldest);
         }
         if set.floor_reason == FloorReason::Limit && !warned_limit {
             warned_limit = true;
