@@ -456,7 +456,7 @@ pub enum FullReason {
     Floor(FloorReason),
     /// The last verify left more differing paths than it keeps.
     TooManyPending,
-    /// A network mirror: its daemon scans its whole tree.
+    /// A network mirror, and more changed paths than a `Verify` carries.
     Network,
 }
 
@@ -469,7 +469,9 @@ impl FullReason {
             FullReason::Periodic(n) => format!("every {n}th verify is a full one (--full-every)"),
             FullReason::Floor(r) => r.words().into(),
             FullReason::TooManyPending => "the last verify left too many differences".into(),
-            FullReason::Network => "a network mirror's daemon scans its whole tree".into(),
+            FullReason::Network => {
+                "more paths changed than a network mirror's verify request carries".into()
+            }
         }
     }
 }

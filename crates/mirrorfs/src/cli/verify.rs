@@ -306,7 +306,13 @@ const REMOTE_SILENCE: Duration = Duration::from_secs(3600);
 
 /// Asks the daemon of network mirror `url` for its own scan (`Msg::Verify`): its entries with
 /// the hashes it computed (or took from its cache), validated and bounded as they arrive.
-fn scan_remote(url: &str, t: &Target, config: Option<&Path>, no_cache: bool) -> Result<Scanned> {
+fn scan_remote(
+    url: &str,
+    t: &Target,
+    config: Option<&Path>,
+    no_cache: bool,
+    plan: Option<&[(RelPath, Scope)]>,
+) -> Result<Scanned> {
     use crate::net::identity;
     use mirrorfs_core::wire::{Decoder, Msg};
     let addr = crate::net::witness::address(url);
@@ -325,6 +331,7 @@ fn scan_remote(url: &str, t: &Target, config: Option<&Path>, no_cache: bool) -> 
     link.send(&Msg::Verify {
         volume_id,
         no_cache,
+        plan: plan.map(<[_]>::to_vec),
     })
     .with_context(|| format!("cannot send to the mirror daemon {addr}"))?;
     let mut bar = Bar::new(format!("receiving the scan of {url}"));
@@ -407,7 +414,7 @@ fn scan_mirror(
     plan: Option<&[(RelPath, Scope)]>,
 ) -> Result<Scanned> {
     match m.to_str().filter(|p| is_remote(p)) {
-        Some(url) => scan_remote(url, t, a.config.as_deref(), a.no_cache),
+        Some(url) => scan_remote(url, t, a.config.as_deref(), a.no_cache, plan),
         None => scan_tree(m, t, !a.no_cache, "mirror", plan),
     }
 }
@@ -443,24 +450,24 @@ fn mirror_name(m: &Path) -> Vec<u8> {
 /// union of theirs, serves the primary's scan for all).
 fn choose(mirrors: &[PathBuf], t: &Target, a: &VerifyArgs, dirty: Option<&DirtySet>) -> Mode {
     let mut items = Vec::new();
+    let remote = mirrors.iter().any(|m| m.to_str().is_some_and(is_remote));
     for m in mirrors {
-        if m.to_str().is_some_and(is_remote) {
-            return Mode::Full(FullReason::Network);
-        }
         let st = verify_dirty::load_state(&t.state, &mirror_name(m));
         match incremental::decide(st.as_ref(), dirty, a.full || a.no_cache, a.full_every) {
             Mode::Full(r) => return Mode::Full(r),
             Mode::Incremental(p) => items.extend(p),
         }
     }
-    Mode::Incremental(incremental::plan(items))
+    let plan = incremental::plan(items);
+    // A network mirror's daemon gets the plan in its `Verify`: bounded.
+    if remote && !mirrorfs_core::wire::verify_plan_fits(&plan) {
+        return Mode::Full(FullReason::Network);
+    }
+    Mode::Incremental(plan)
 }
 
 /// Records that mirror `m` was compared through `dirty.through`, with what still differs.
 fn save_state(t: &Target, m: &Path, dirty: &DirtySet, mode: &Mode, differences: &[Difference]) {
-    if m.to_str().is_some_and(is_remote) {
-        return;
-    }
     let name = mirror_name(m);
     let since_full = match mode {
         Mode::Full(_) => 0,
