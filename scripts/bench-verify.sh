@@ -63,9 +63,38 @@ for p in range(pairs):
         change10()
         name = f"pair {p + 1}, 10 files changed: " + ("`--full`" if extra else "incremental")
         row(name, *verify(*extra))
+def syscalls(*extra):
+    out = f"{t}/strace.out"
+    o = subprocess.run(["strace", "-f", "-c", "-o", out, binp, "verify", mnt, "--json", *extra],
+                       capture_output=True)
+    if o.returncode != 0:
+        sys.exit(f"strace verify {extra} exited {o.returncode}: {o.stderr.decode()}")
+    calls = {}
+    for line in open(out):
+        w = line.split()
+        if len(w) >= 5 and w[-1] in ("total", "openat", "newfstatat", "getdents64", "listxattr",
+                                     "flistxattr", "llistxattr", "pread64"):
+            calls[w[-1].replace("flistxattr", "listxattr").replace("llistxattr", "listxattr")] = int(w[3])
+    return calls
+
+strace_rows = []
+if subprocess.run(["which", "strace"], capture_output=True).returncode == 0:
+    for extra in [(), ("--full",)]:
+        change10()
+        strace_rows.append(("incremental" if not extra else "`--full`", syscalls(*extra)))
 print("| run | incremental | primary entries scanned | primary files read | primary bytes | mirror files read | mirror bytes | wall |")
 print("|---|---|---:|---:|---:|---:|---:|---:|")
 for r in rows:
     print(f"| {r[0]} | {str(r[1]).lower()} | {r[2]:,} | {r[3]:,} | {r[4]:,} | {r[5]:,} | {r[6]:,} | {r[7]:.2f} s |")
+if strace_rows:
+    print()
+    print("Syscalls of one verify after 10 more files changed (`strace -f -c`; the openat include")
+    print("reading every mount registration in /run/mirrorfs to find this mount):")
+    print()
+    names = ["total", "openat", "newfstatat", "getdents64", "listxattr", "pread64"]
+    print("| run | " + " | ".join(names) + " |")
+    print("|---|" + "---:|" * len(names))
+    for name, c in strace_rows:
+        print(f"| {name} | " + " | ".join(f"{c.get(n, 0):,}" for n in names) + " |")
 PY
 uptime
