@@ -81,8 +81,16 @@ pub fn scan_plan(
         }
         let st = match crate::tree::dirtree::lstat_in(rootfd.as_fd(), p) {
             Ok(st) => st,
-            // Not there (or its parent is not a directory): nothing to list.
-            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR)) => continue,
+            // Not there, or a parent is not a directory (a file, or a symlink: never followed):
+            // nothing to list (the parent itself is compared where it is listed).
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ENOENT | libc::ENOTDIR | libc::ELOOP)
+                ) =>
+            {
+                continue
+            }
             Err(e) => return Err(e),
         };
         let is_dir = st.st_mode & libc::S_IFMT == libc::S_IFDIR;
@@ -395,6 +403,7 @@ mod tests {
         std::fs::write(r.join("a/b/c/f"), b"deep").expect("write");
         std::fs::write(r.join("a/g"), b"g").expect("write");
         std::fs::write(r.join("top"), b"t").expect("write");
+        std::os::unix::fs::symlink("a", r.join("link")).expect("symlink");
         let full = scan(&r, Some(b".mirrorfs"), &mut HashCache::default(), &mut ()).expect("scan");
         let rp = |s: &str| RelPath::new(s).expect("path");
         let plan = mirrorfs_core::verify::incremental::plan(vec![
@@ -404,6 +413,8 @@ mod tests {
             (rp("gone"), Scope::Subtree),
             (rp(".mirrorfs"), Scope::Subtree),
             (rp("top/x"), Scope::Entry),
+            (rp("link/g"), Scope::Entry),
+            (rp("link"), Scope::Entry),
         ]);
         let mut cache = HashCache::default();
         let part = scan_plan(&r, Some(b".mirrorfs"), &plan, &mut cache, &mut ()).expect("scan");
@@ -411,7 +422,7 @@ mod tests {
             .iter()
             .map(|e| String::from_utf8_lossy(&e.path).into_owned())
             .collect();
-        assert_eq!(paths, vec![".", "a/b", "a/b/c", "a/b/c/f", "a/g"]);
+        assert_eq!(paths, vec![".", "a/b", "a/b/c", "a/b/c/f", "a/g", "link"]);
         for e in &part {
             let same = full
                 .iter()
