@@ -187,6 +187,8 @@ fn a_change_in_the_backing_while_unmounted_is_reported_at_mount() {
     let mut m = mount("stamp");
     fs::write(m.p("f"), b"one").expect("write");
     m.wait_mirror_equal(EQUAL);
+    let (code, v, _) = verify(&m, &[]);
+    assert_eq!(code, 0, "{v}");
     m.unmount();
     // An unchanged tree: no warning at the next mount.
     m.remount();
@@ -203,9 +205,16 @@ fn a_change_in_the_backing_while_unmounted_is_reported_at_mount() {
         log.contains("was changed while it was not mounted") && log.contains("mirrorfs verify"),
         "{log}"
     );
-    // verify finds it and --repair mends it.
+    // verify finds it (a full one: the record of changes cannot vouch for what happened while
+    // unmounted) and --repair mends it.
     let (code, v, _) = verify(&m, &[]);
     assert_eq!(code, 3, "{v}");
+    assert!(
+        v["full_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("while it was not mounted")),
+        "{v}"
+    );
     assert_eq!(
         verify_differences(&v),
         vec![

@@ -153,6 +153,13 @@ pub struct DirtySet {
     /// Records at most this may be missing.
     pub floor: u64,
     pub floor_reason: FloorReason,
+    /// Which run of records this is: a new epoch begins whenever the mount starts without a
+    /// record it can trust (a crash, changes behind its back, a missing or damaged file), and a
+    /// mirror verified in another epoch needs a full verify (what changed between the epochs
+    /// has no seq: it was never journaled).
+    pub epoch: u64,
+    /// Why this epoch began.
+    pub epoch_reason: FloorReason,
     max_paths: usize,
     max_bytes: usize,
 }
@@ -176,6 +183,8 @@ impl DirtySet {
             bytes: 0,
             through,
             floor,
+            epoch: 0,
+            epoch_reason: reason,
             floor_reason: if floor == 0 {
                 FloorReason::None
             } else {
@@ -184,6 +193,13 @@ impl DirtySet {
             max_paths,
             max_bytes,
         }
+    }
+
+    /// This set, in epoch `epoch` begun for `reason`.
+    pub fn in_epoch(mut self, epoch: u64, reason: FloorReason) -> DirtySet {
+        self.epoch = epoch;
+        self.epoch_reason = reason;
+        self
     }
 
     pub fn len(&self) -> usize {
@@ -255,7 +271,14 @@ impl DirtySet {
 
     /// The paths changed by records after `verified` (a mirror's last verify), or why the set
     /// cannot tell (a full verify is needed).
-    pub fn changed_since(&self, verified: u64) -> Result<Vec<(RelPath, Scope)>, FloorReason> {
+    pub fn changed_since(
+        &self,
+        verified: u64,
+        epoch: u64,
+    ) -> Result<Vec<(RelPath, Scope)>, FloorReason> {
+        if epoch != self.epoch {
+            return Err(self.epoch_reason);
+        }
         if self.floor > verified {
             return Err(self.floor_reason);
         }
@@ -278,6 +301,8 @@ impl DirtySet {
         out.extend_from_slice(&self.through.to_le_bytes());
         out.extend_from_slice(&self.floor.to_le_bytes());
         out.push(self.floor_reason as u8);
+        out.extend_from_slice(&self.epoch.to_le_bytes());
+        out.push(self.epoch_reason as u8);
         out.extend_from_slice(&(self.paths.len() as u32).to_le_bytes());
         for (p, (seq, scope)) in &self.paths {
             out.extend_from_slice(&seq.to_le_bytes());
@@ -295,13 +320,15 @@ impl DirtySet {
         let through = r.u64()?;
         let floor = r.u64()?;
         let reason = FloorReason::from_u8(r.u8()?).ok_or("unknown floor reason")?;
+        let epoch = r.u64()?;
+        let epoch_reason = FloorReason::from_u8(r.u8()?).ok_or("unknown epoch reason")?;
         let n = r.u32()? as usize;
         if n > MAX_DIRTY_PATHS || floor > through {
             return Err(format!(
                 "{n} paths, floor {floor}, through {through}: out of bounds"
             ));
         }
-        let mut s = DirtySet::new(through, floor, reason);
+        let mut s = DirtySet::new(through, floor, reason).in_epoch(epoch, epoch_reason);
         for _ in 0..n {
             let seq = r.u64()?;
             let scope = Scope::from_u8(r.u8()?).ok_or("unknown scope")?;
@@ -391,6 +418,8 @@ impl<'a> Bytes<'a> {
 pub struct VerifyState {
     /// The mirror, as the mount names it (a directory, or `mirror://HOST:PORT`).
     pub mirror: Vec<u8>,
+    /// The record of changes' epoch when it was read ([`DirtySet::epoch`]).
+    pub epoch: u64,
     /// Every record with a seq at most this was compared (its paths equal, or in `pending`).
     pub verified: u64,
     /// Incremental verifies since the last full one.
@@ -407,6 +436,7 @@ impl VerifyState {
             &mut out,
             &self.mirror[..self.mirror.len().min(u16::MAX as usize)],
         );
+        out.extend_from_slice(&self.epoch.to_le_bytes());
         out.extend_from_slice(&self.verified.to_le_bytes());
         out.extend_from_slice(&self.since_full.to_le_bytes());
         out.extend_from_slice(&(self.pending.len() as u32).to_le_bytes());
@@ -421,6 +451,7 @@ impl VerifyState {
     pub fn decode(b: &[u8]) -> Result<VerifyState, String> {
         let mut r = Bytes::checked(b, STATE_MAGIC)?;
         let mirror = r.bytes()?.to_vec();
+        let epoch = r.u64()?;
         let verified = r.u64()?;
         let since_full = r.u32()?;
         let n = r.u32()? as usize;
@@ -434,6 +465,7 @@ impl VerifyState {
         r.end()?;
         Ok(VerifyState {
             mirror,
+            epoch,
             verified,
             since_full,
             pending,
@@ -509,7 +541,7 @@ pub fn decide(
     if st.pending.len() >= MAX_PENDING {
         return Mode::Full(FullReason::TooManyPending);
     }
-    match dirty.changed_since(st.verified) {
+    match dirty.changed_since(st.verified, st.epoch) {
         Err(r) => Mode::Full(FullReason::Floor(r)),
         Ok(mut changed) => {
             changed.extend(st.pending.iter().map(|p| (p.clone(), Scope::Subtree)));
@@ -631,7 +663,7 @@ mod tests {
         d.observe(4, &Op::GroupEnd);
         assert_eq!(d.through, 4);
         assert_eq!(d.len(), 2);
-        let since = |d: &DirtySet, v| d.changed_since(v).map(|x| names(&x));
+        let since = |d: &DirtySet, v| d.changed_since(v, 0).map(|x| names(&x));
         assert_eq!(
             since(&d, 0),
             Ok(vec![("a".into(), Scope::Entry), ("b".into(), Scope::Entry)])
@@ -662,10 +694,10 @@ mod tests {
             (d.len(), d.floor, d.floor_reason),
             (0, 14, FloorReason::Limit)
         );
-        assert_eq!(d.changed_since(12), Err(FloorReason::Limit));
+        assert_eq!(d.changed_since(12, 0), Err(FloorReason::Limit));
         d.observe(15, &write("e"));
         assert_eq!(
-            d.changed_since(14).map(|x| names(&x)),
+            d.changed_since(14, 0).map(|x| names(&x)),
             Ok(vec![("e".into(), Scope::Entry)])
         );
         // Bytes bound too.
@@ -678,7 +710,7 @@ mod tests {
         g.observe(6, &write("x"));
         g.gap(9);
         assert_eq!((g.floor, g.through, g.len()), (9, 9, 0));
-        assert_eq!(g.changed_since(6), Err(FloorReason::Gap));
+        assert_eq!(g.changed_since(6, 0), Err(FloorReason::Gap));
     }
 
     #[test]
@@ -695,6 +727,7 @@ mod tests {
             },
         );
         d.drop_through(5, FloorReason::Unclean);
+        let d = d.in_epoch(0xfeed, FloorReason::Behind);
         let b = d.encode();
         assert_eq!(DirtySet::decode(&b), Ok(d.clone()));
         for i in [0, 9, 20, b.len() - 1] {
@@ -705,6 +738,7 @@ mod tests {
         assert!(DirtySet::decode(&b[..b.len() - 3]).is_err());
         let s = VerifyState {
             mirror: b"/backup/m".to_vec(),
+            epoch: 77,
             verified: 6,
             since_full: 2,
             pending: vec![rp("a/b"), rp("c")],
@@ -754,6 +788,7 @@ mod tests {
     fn decide_falls_back_to_full_whenever_the_record_cannot_answer() {
         let st = VerifyState {
             mirror: b"m".to_vec(),
+            epoch: 0,
             verified: 10,
             since_full: 0,
             pending: vec![rp("p")],
@@ -791,6 +826,16 @@ mod tests {
             decide(Some(&seventh), Some(&d), false, 0),
             Mode::Incremental(_)
         ));
+        // Verified in another epoch (before a crash): full, whatever the seqs say.
+        let other = VerifyState {
+            epoch: 5,
+            ..st.clone()
+        };
+        let crashed = d.clone().in_epoch(6, FloorReason::Unclean);
+        assert_eq!(
+            decide(Some(&other), Some(&crashed), false, 0),
+            Mode::Full(FullReason::Floor(FloorReason::Unclean))
+        );
         d.observe(12, &write("b"));
         d.drop_through(12, FloorReason::Limit);
         assert_eq!(
@@ -800,13 +845,14 @@ mod tests {
     }
 
     /// Seeded: random journals (every kind of op, gaps, the bound, trims as the mount does them,
+    /// restarts after a crash (a new epoch),
     /// encode/decode on the way) and verifies of two mirrors at random points. Whenever `decide`
     /// says incremental, its plan covers every path every record since that mirror's last
     /// verify touched (a subtree scope by a subtree of the plan), and every path left pending.
     #[test]
     fn seeded_an_incremental_plan_never_misses_a_change() {
         const NAMES: [&str; 7] = ["a", "a/b", "a/b/c", "a/bc", "d", "d/e", "f"];
-        let (mut incremental, mut full) = (0, 0);
+        let (mut incremental, mut full, mut restarts) = (0, 0, 0);
         for seed in 1..=300u64 {
             let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
             let mut rnd = |n: u64| {
@@ -861,6 +907,20 @@ mod tests {
                     // Decoding keeps the default bounds: restore this run's.
                     d.max_paths = max_paths;
                 }
+                if rnd(60) == 0 {
+                    // A restart after a crash: a new epoch (what happened while down has no
+                    // record), the bounds of this run kept.
+                    let epoch = d.epoch + 1;
+                    d = DirtySet::with_bounds(
+                        d.through,
+                        d.through,
+                        FloorReason::Unclean,
+                        max_paths,
+                        1 << 20,
+                    )
+                    .in_epoch(epoch, FloorReason::Unclean);
+                    restarts += 1;
+                }
                 if rnd(10) == 0 {
                     // The mount's trim: the oldest verify on record, or everything.
                     let oldest = states.iter().flatten().map(|s| s.verified).min();
@@ -874,6 +934,7 @@ mod tests {
                 let since_full = match (&mode, &states[m]) {
                     (Mode::Incremental(plan), Some(st)) => {
                         incremental += usize::from(!plan.is_empty());
+                        assert_eq!(st.epoch, d.epoch, "seed {seed}: verified before a restart");
                         for (s, op) in log.iter().filter(|(s, _)| *s > st.verified) {
                             let mut t = Vec::new();
                             touched(op, &mut t);
@@ -911,6 +972,7 @@ mod tests {
                     .collect();
                 states[m] = Some(VerifyState {
                     mirror: vec![b'0' + m as u8],
+                    epoch: d.epoch,
                     verified: d.through,
                     since_full,
                     pending,
@@ -919,8 +981,8 @@ mod tests {
         }
         // Both ways were taken, often.
         assert!(
-            incremental > 1_000 && full > 500,
-            "{incremental} incremental, {full} full"
+            incremental > 1_000 && full > 500 && restarts > 100,
+            "{incremental} incremental, {full} full, {restarts} restarts"
         );
     }
 }

@@ -9,6 +9,13 @@
 //! mount's link asks the daemon for a block-hash resync (`mirror::operator`, `net::remote`),
 //! then the daemon is asked for its hashes again.
 //!
+//! Incremental (the default): the mount keeps the paths its journal changed since each mirror's
+//! last verify (`site::verify_dirty`); verify scans only those, and what still differed last
+//! time, on both sides (`tree::scan::scan_plan`; a network mirror's daemon is sent the plan), and
+//! records per mirror how far it compared (`STATE/verify/ID.state`). It compares the whole trees
+//! when asked (`--full`, `--no-cache`), every `--full-every` verifies, and whenever the record
+//! cannot vouch for every change since (`core::verify::incremental::decide`).
+//!
 //! Exit codes: 0 the mirrors equal the primary (after the repair, with `--repair`); 3 differences
 //! were found (and, with `--repair`, some remain: what only a mirror has is kept unless
 //! `--delete-extra`); 1 an error (nothing compared, or not everything).
@@ -486,6 +493,7 @@ fn save_state(t: &Target, m: &Path, dirty: &DirtySet, mode: &Mode, differences: 
     pending.truncate(incremental::MAX_PENDING);
     let st = VerifyState {
         mirror: name.clone(),
+        epoch: dirty.epoch,
         verified: dirty.through,
         since_full,
         pending,
@@ -700,6 +708,7 @@ pub fn verify(a: VerifyArgs) -> Result<()> {
                 "through_seq": d.through,
                 "floor_seq": d.floor,
                 "floor_reason": (d.floor > 0).then(|| d.floor_reason.words()),
+                "epoch": d.epoch,
             })),
             "differences": total,
             "mirrors": results.iter().map(|r| json!({

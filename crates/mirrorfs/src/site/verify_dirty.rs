@@ -48,18 +48,35 @@ pub struct Summary {
     pub through_seq: u64,
     /// Records at most this may be missing from the record.
     pub floor_seq: u64,
+    /// The oldest record through which one of the mount's mirrors was verified, if any.
+    pub oldest_verified_seq: Option<u64>,
     /// Why the next verify of some mirror will be a full one (`None`: the record goes back to
-    /// every mirror's last verify, or no verify is on record).
+    /// every verified mirror's last verify).
     pub full_verify_because: Option<String>,
 }
 
-fn summary(set: &DirtySet, oldest_verified: Option<u64>) -> Summary {
-    let full = oldest_verified.is_some_and(|v| set.floor > v);
+/// `states`: the verify states of the mount's mirrors that have one.
+fn summary(set: &DirtySet, states: &[VerifyState]) -> Summary {
+    let oldest_verified = states
+        .iter()
+        .filter(|s| s.epoch == set.epoch)
+        .map(|s| s.verified)
+        .min();
+    let because = if states.is_empty() {
+        Some("no verify on record".to_string())
+    } else if states.iter().any(|s| s.epoch != set.epoch) {
+        Some(set.epoch_reason.words().to_string())
+    } else if oldest_verified.is_some_and(|v| set.floor > v) {
+        Some(set.floor_reason.words().to_string())
+    } else {
+        None
+    };
     Summary {
         paths: set.len(),
         through_seq: set.through,
         floor_seq: set.floor,
-        full_verify_because: full.then(|| set.floor_reason.words().to_string()),
+        oldest_verified_seq: oldest_verified,
+        full_verify_because: because,
     }
 }
 
@@ -107,7 +124,8 @@ fn save(state: &Path, set: &DirtySet, durable: bool) -> std::io::Result<usize> {
 /// The set the mount starts with (see the module docs). `behind`: the backing stamp found
 /// changes made while unmounted.
 pub fn opening_set(state: &Path, clean: bool, horizon: u64, behind: bool) -> DirtySet {
-    let fresh = |reason| DirtySet::new(horizon, horizon, reason);
+    // A new epoch: a mirror verified before it needs a full verify (see `DirtySet::epoch`).
+    let fresh = |reason| DirtySet::new(horizon, horizon, reason).in_epoch(new_epoch(), reason);
     if !clean {
         return fresh(FloorReason::Unclean);
     }
@@ -130,6 +148,14 @@ pub fn opening_set(state: &Path, clean: bool, horizon: u64, behind: bool) -> Dir
     }
 }
 
+/// An epoch no earlier run used (the time in nanoseconds).
+fn new_epoch() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64)
+        .max(1)
+}
+
 /// Starts the thread (primary only), with the set taken back as [`opening_set`] says.
 pub fn start(site: &mut Site, behind: bool) -> Result<()> {
     let state = site.state.path().to_path_buf();
@@ -141,7 +167,7 @@ pub fn start(site: &mut Site, behind: bool) -> Result<()> {
     vol.retain_after.store(set.through, Ordering::Release);
     let _ = vol
         .verify_changes
-        .set(Arc::new(std::sync::Mutex::new(summary(&set, None))));
+        .set(Arc::new(std::sync::Mutex::new(summary(&set, &[]))));
     site.spawn("verify-changes", move || run(vol, state, set))
 }
 
@@ -156,7 +182,7 @@ fn run(vol: Arc<Volume>, state: PathBuf, mut set: DirtySet) {
         .map(|m| m.name.clone().into_bytes())
         .collect();
     let mut warned_limit = false;
-    let mut oldest = None;
+    let mut states: Vec<VerifyState> = Vec::new();
     loop {
         let stopping = lock(&vol.progress).stopping;
         read_new(&vol, &mut reader, &mut set);
@@ -165,17 +191,18 @@ fn run(vol: Arc<Volume>, state: PathBuf, mut set: DirtySet) {
             .store(reader.next_seq().saturating_sub(1), Ordering::Release);
         if last_trim.elapsed() >= TRIM_EVERY || stopping {
             last_trim = Instant::now();
-            let verified = names
+            states = names.iter().filter_map(|n| load_state(&state, n)).collect();
+            // Only a mirror verified in this epoch can be verified incrementally: the oldest
+            // of those is kept; none: each mirror's next verify is a full one.
+            let verified = states
                 .iter()
-                .filter_map(|n| load_state(&state, n))
+                .filter(|s| s.epoch == set.epoch)
                 .map(|s| s.verified)
                 .min();
-            // No mirror has a verify on record: each one's first verify is a full one.
             set.trim(verified.unwrap_or(set.through));
-            oldest = verified;
         }
         if let Some(s) = vol.verify_changes.get() {
-            *lock(s) = summary(&set, oldest);
+            *lock(s) = summary(&set, &states);
         }
         if set.floor_reason == FloorReason::Limit && !warned_limit {
             warned_limit = true;
@@ -255,6 +282,7 @@ mod tests {
         save(t.path(), &s, true).expect("save");
         assert_eq!(opening_set(t.path(), true, 1, false), s);
         let after_crash = opening_set(t.path(), false, 1, false);
+        assert_ne!(after_crash.epoch, s.epoch, "a new epoch");
         assert_eq!(
             (
                 after_crash.floor,
@@ -277,6 +305,7 @@ mod tests {
         // A mirror's state is read only under its own name.
         let st = VerifyState {
             mirror: b"/m".to_vec(),
+            epoch: 0,
             verified: 3,
             since_full: 0,
             pending: vec![],
