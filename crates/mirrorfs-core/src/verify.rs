@@ -14,6 +14,8 @@
 
 use std::collections::BTreeMap;
 
+pub mod incremental;
+
 /// Allocation slack (in 512-byte sectors) before a file counts as having lost its holes: eight
 /// 4 KiB blocks, so that different file systems' rounding is not a difference.
 pub const HOLE_SLACK_SECTORS: u64 = 64;

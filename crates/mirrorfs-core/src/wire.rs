@@ -24,6 +24,7 @@ use crate::journal::frame::{
 };
 use crate::op::{Op, Record};
 use crate::path::RelPath;
+use crate::verify::incremental::Scope;
 use crate::verify::{Entry as ScanEntry, Kind as ScanKind};
 
 /// The protocol version this build speaks.
@@ -39,6 +40,16 @@ pub const WIRE_BODY_MAX: usize = BODY_BYTES_MAX + FRAME_HEADER_BYTES + 64;
 pub const BATCH_BYTES: usize = 1 << 20;
 /// Longest text (names, error messages) carried in a message.
 pub const TEXT_MAX: usize = 4096;
+/// The most items of a `Verify`'s plan, and the most bytes they take (a longer plan: the whole
+/// tree is scanned).
+pub const VERIFY_PLAN_MAX: usize = 16_384;
+pub const VERIFY_PLAN_BYTES_MAX: usize = 512 << 10;
+
+/// Whether `plan` fits in a `Verify` ([`VERIFY_PLAN_MAX`], [`VERIFY_PLAN_BYTES_MAX`]).
+pub fn verify_plan_fits(plan: &[(RelPath, Scope)]) -> bool {
+    let bytes: usize = plan.iter().map(|(p, _)| 3 + p.as_bytes().len()).sum();
+    plan.len() <= VERIFY_PLAN_MAX && bytes <= VERIFY_PLAN_BYTES_MAX
+}
 /// Flag bit: the body is zstd-compressed.
 pub const FLAG_ZSTD: u8 = 1;
 
@@ -330,6 +341,10 @@ pub enum Msg {
         volume_id: VolumeId,
         /// Read every file, neither using nor updating the daemon's hash cache.
         no_cache: bool,
+        /// An incremental verify: scan only these entries and subtrees
+        /// (`core::verify::incremental::plan`), at most [`VERIFY_PLAN_MAX`] of them, in scan
+        /// order. `None` (absent on the wire, as an older `verify` sends it): the whole tree.
+        plan: Option<Vec<(RelPath, Scope)>>,
     },
     /// Daemon → `mirrorfs verify`: entries of its scan, in `verify::path_order`, strictly
     /// increasing across messages; at most [`SCAN_ENTRIES_MAX`] per message.
@@ -967,9 +982,17 @@ impl Msg {
             Msg::Verify {
                 volume_id,
                 no_cache,
+                plan,
             } => {
                 o.0.extend_from_slice(volume_id);
                 o.u8(u8::from(*no_cache));
+                if let Some(plan) = plan {
+                    o.u32(plan.len() as u32);
+                    for (p, scope) in plan {
+                        o.u8(*scope as u8);
+                        o.path(p);
+                    }
+                }
             }
             Msg::Scan { entries } => {
                 o.u32(entries.len() as u32);
@@ -1223,10 +1246,41 @@ impl Msg {
                         .map_err(|_| WireError::Invalid("malformed UDP NAK"))?,
                 }
             }
-            VERIFY => Msg::Verify {
-                volume_id: i.id()?,
-                no_cache: i.bool()?,
-            },
+            VERIFY => {
+                let volume_id = i.id()?;
+                let no_cache = i.bool()?;
+                let plan = if i.at == body.len() {
+                    None
+                } else {
+                    let n = i.u32()? as usize;
+                    // Each item takes at least 3 bytes: bound the count before allocating.
+                    if n > VERIFY_PLAN_MAX || n > (body.len() - i.at) / 3 {
+                        return Err(WireError::Invalid("verify plan too long"));
+                    }
+                    let mut plan: Vec<(RelPath, Scope)> = Vec::with_capacity(n);
+                    for _ in 0..n {
+                        let scope = match i.u8()? {
+                            0 => Scope::Entry,
+                            1 => Scope::Subtree,
+                            _ => return Err(WireError::Invalid("unknown verify plan scope")),
+                        };
+                        let p = i.path()?;
+                        if plan.last().is_some_and(|(q, _)| {
+                            crate::verify::path_order(q.as_bytes(), p.as_bytes())
+                                != std::cmp::Ordering::Less
+                        }) {
+                            return Err(WireError::Invalid("verify plan out of order"));
+                        }
+                        plan.push((p, scope));
+                    }
+                    Some(plan)
+                };
+                Msg::Verify {
+                    volume_id,
+                    no_cache,
+                    plan,
+                }
+            }
             SCAN => {
                 let n = i.u32()? as usize;
                 // Each entry takes at least its fixed part: bound the count before allocating.
@@ -1563,6 +1617,16 @@ mod tests {
             Msg::Verify {
                 volume_id: [3; 16],
                 no_cache: true,
+                plan: None,
+            },
+            Msg::Verify {
+                volume_id: [4; 16],
+                no_cache: false,
+                plan: Some(vec![
+                    (RelPath::root(), Scope::Entry),
+                    (RelPath::new("a").expect("path"), Scope::Subtree),
+                    (RelPath::new("a.b").expect("path"), Scope::Entry),
+                ]),
             },
             Msg::Scan { entries: vec![] },
             Msg::Scan {
@@ -2135,6 +2199,43 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_verify_plan_out_of_order_or_of_unknown_scope_is_refused() {
+        let good = Msg::Verify {
+            volume_id: [1; 16],
+            no_cache: false,
+            plan: Some(vec![
+                (RelPath::new("a").expect("path"), Scope::Entry),
+                (RelPath::new("b").expect("path"), Scope::Subtree),
+            ]),
+        };
+        let body = good.encode_body();
+        assert_eq!(Msg::decode_body(msg_type::VERIFY, &body), Ok(good));
+        // Swap the two items: b before a.
+        let mut swapped = body[..17].to_vec();
+        swapped.extend_from_slice(&2u32.to_le_bytes());
+        swapped.extend_from_slice(&[1, 1, 0, b'b', 0, 1, 0, b'a']);
+        assert_eq!(
+            Msg::decode_body(msg_type::VERIFY, &swapped),
+            Err(WireError::Invalid("verify plan out of order"))
+        );
+        let mut bad_scope = body.clone();
+        bad_scope[21] = 7;
+        assert_eq!(
+            Msg::decode_body(msg_type::VERIFY, &bad_scope),
+            Err(WireError::Invalid("unknown verify plan scope"))
+        );
+        let mut too_many = body[..17].to_vec();
+        too_many.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(
+            Msg::decode_body(msg_type::VERIFY, &too_many),
+            Err(WireError::Invalid("verify plan too long"))
+        );
+        assert!(verify_plan_fits(&[(RelPath::root(), Scope::Subtree)]));
+        let long = RelPath::new("x".repeat(200)).expect("path");
+        assert!(!verify_plan_fits(&vec![(long, Scope::Entry); 3_000]));
     }
 
     #[test]

@@ -384,14 +384,16 @@ fn verify_repair(b: &Block, _: &BTreeMap<String, &Block>) {
     // Differences planted directly in the mirror: changed content and a file only it has.
     fs::write(env.p("/backup/data/a.txt"), b"planted!!!!!!\n").expect("plant");
     fs::write(env.p("/backup/data/extra.txt"), b"only here\n").expect("plant");
-    // verify: 3; --json: 3; --repair: 3 (the extra file is kept); --delete-extra: 0; resync: 0.
-    let ran = env.run_block(b, &[(0, 3), (1, 3), (2, 3)]);
+    // verify: 3; --full: 3; --json: 3; --repair: 3 (the extra file is kept); --delete-extra: 0;
+    // resync: 0.
+    let ran = env.run_block(b, &[(0, 3), (1, 3), (2, 3), (3, 3)]);
     assert!(
         ran[0].out.contains("a.txt") && ran[0].out.contains("extra.txt"),
         "{}",
         ran[0].out
     );
-    let _: serde_json::Value = serde_json::from_str(&ran[1].out).expect("verify --json is JSON");
+    assert!(ran[1].out.contains("full (asked"), "{}", ran[1].out);
+    let _: serde_json::Value = serde_json::from_str(&ran[2].out).expect("verify --json is JSON");
     assert_eq!(
         fs::read(env.p("/backup/data/a.txt")).expect("read"),
         b"the primary's\n"

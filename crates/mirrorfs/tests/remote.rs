@@ -4306,8 +4306,17 @@ fn verify_of_a_network_mirror_finds_planted_differences_with_hashes_only() {
     );
     assert_eq!(r["caught_up"], true, "{v:#}");
 
-    // Unchanged: the daemon reads no file data (its cache has every hash).
+    // Unchanged since the last verify: incremental, nothing to scan on either side.
     let (code, v, err) = verify_remote(&net, &m, &srv.url(), &[]);
+    assert_eq!(code, 0, "{v:#}\n{err}");
+    assert_eq!(v["incremental"], true, "{v:#}");
+    assert_eq!(num(&v, "primary_entries_scanned"), 0, "{v:#}");
+    assert_eq!(num(&v["mirrors"][0], "cache_hits"), 0, "{v:#}");
+    let small = num(&v["mirrors"][0], "link_bytes");
+
+    // A full verify of the unchanged tree: the daemon reads no file data (its cache has every
+    // hash).
+    let (code, v, err) = verify_remote(&net, &m, &srv.url(), &["--full"]);
     assert_eq!(code, 0, "{v:#}\n{err}");
     let r = &v["mirrors"][0];
     assert_eq!(
@@ -4322,12 +4331,39 @@ fn verify_of_a_network_mirror_finds_planted_differences_with_hashes_only() {
         link > 0 && link < 16 << 10,
         "{link} bytes on the link: {v:#}"
     );
-    eprintln!("verify of a network mirror (5 entries, 2 MiB): {link} bytes received");
+    eprintln!("verify of a network mirror (5 entries, 2 MiB): {link} bytes received, {small} when incremental");
+    assert!(small < link, "{small} vs {link}");
 
-    // Differences planted directly in the daemon's directory are found.
+    // A change made through the mount is compared: the daemon's copy, damaged after it applied
+    // the change, is found by the incremental verify, which asks it for that file's hash only.
+    fs::write(m.p("d/b.txt"), b"new file").expect("write");
+    converge(&m, &srv, "after the change");
+    fs::write(srv.dir.join("d/b.txt"), b"damaged!").expect("damage");
+    let (code, v, err) = verify_remote(&net, &m, &srv.url(), &[]);
+    assert_eq!(code, 3, "{v:#}\n{err}");
+    assert_eq!(v["incremental"], true, "{v:#}");
+    let d = common::verify_differences(&v);
+    assert!(
+        d.contains(&("content".into(), "d/b.txt".into())) && d.iter().all(|(_, p)| p == "d/b.txt"),
+        "{v:#}"
+    );
+    assert_eq!(
+        num(&v["mirrors"][0], "bytes_read"),
+        8,
+        "only d/b.txt: {v:#}"
+    );
+    let (code, v, err) = verify_remote(&net, &m, &srv.url(), &["--repair"]);
+    assert_eq!(code, 0, "{v:#}\n{err}");
+    // The repair's files settle, and a full verify caches their hashes again.
+    std::thread::sleep(Duration::from_millis(2500));
+    let (code, v, err) = verify_remote(&net, &m, &srv.url(), &["--full"]);
+    assert_eq!(code, 0, "{v:#}\n{err}");
+
+    // Differences planted directly in the daemon's directory, where the journal changed
+    // nothing, are found by a full verify.
     fs::write(srv.dir.join("d/a.txt"), b"damaged data").expect("damage");
     fs::write(srv.dir.join("planted"), b"x").expect("plant");
-    let (code, v, err) = verify_remote(&net, &m, &srv.url(), &[]);
+    let (code, v, err) = verify_remote(&net, &m, &srv.url(), &["--full"]);
     assert_eq!(code, 3, "differences: {v:#}\n{err}");
     let d = common::verify_differences(&v);
     assert!(
@@ -4350,6 +4386,7 @@ fn verify_of_a_network_mirror_finds_planted_differences_with_hashes_only() {
     c.send(&Msg::Verify {
         volume_id: [0xab; 16],
         no_cache: false,
+        plan: None,
     });
     match c.expect_msg(Duration::from_secs(10)) {
         Msg::Error { code: 2, message } => assert!(message.contains("another volume"), "{message}"),
@@ -4788,7 +4825,8 @@ fn verify_repair_of_a_network_mirror_mends_planted_differences_and_keeps_extras(
             .expect("open big");
         f.write_all_at(b"XXXX", 300_000).expect("damage big");
     }
-    let (code, v, err) = verify_remote(&net, &m, &srv.url(), &[]);
+    // Planted where the journal changed nothing since the last verify: a full verify finds it.
+    let (code, v, err) = verify_remote(&net, &m, &srv.url(), &["--full"]);
     assert_eq!(code, 3, "differences: {v:#}\n{err}");
     let d = common::verify_differences(&v);
     for (k, p) in [

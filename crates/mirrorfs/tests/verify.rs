@@ -2,7 +2,10 @@
 //! a mirror are found (exit code 3, listed in JSON), `verify --repair` mends them through the
 //! journal without deleting what only the mirror has, `resync` re-copies a known mirror of a
 //! running mount, `mount --force-resync` re-copies a known mirror, and a change made behind the
-//! mount's back in the backing directory is reported at the next mount.
+//! mount's back in the backing directory is reported at the next mount. Incremental verify:
+//! after the first verify, only what the journal changed since is scanned on both sides; a
+//! difference planted in a mirror is found by a full verify (`--full`, or every N-th one); a
+//! crash of the mount makes the next verify a full one.
 
 mod common;
 
@@ -91,8 +94,11 @@ fn verify_finds_planted_differences_and_repair_mends_them_keeping_extras() {
     let (code, v, err) = verify(&m, &[]);
     assert_eq!(code, 0, "a fresh mirror verifies clean: {v} {err}");
     plant(&m);
-    let (code, v, err) = verify(&m, &[]);
+    // Planted behind the mount's back, after a verify: the journal never saw them, so only a
+    // full verify looks there (the periodic one, or --full).
+    let (code, v, err) = verify(&m, &["--full"]);
     assert_eq!(code, 3, "differences give exit code 3: {v} {err}");
+    assert_eq!(v["incremental"], false, "{v}");
     let found = verify_differences(&v);
     let want = [
         ("content", "dir/content"),
@@ -181,6 +187,8 @@ fn a_change_in_the_backing_while_unmounted_is_reported_at_mount() {
     let mut m = mount("stamp");
     fs::write(m.p("f"), b"one").expect("write");
     m.wait_mirror_equal(EQUAL);
+    let (code, v, _) = verify(&m, &[]);
+    assert_eq!(code, 0, "{v}");
     m.unmount();
     // An unchanged tree: no warning at the next mount.
     m.remount();
@@ -197,9 +205,16 @@ fn a_change_in_the_backing_while_unmounted_is_reported_at_mount() {
         log.contains("was changed while it was not mounted") && log.contains("mirrorfs verify"),
         "{log}"
     );
-    // verify finds it and --repair mends it.
+    // verify finds it (a full one: the record of changes cannot vouch for what happened while
+    // unmounted) and --repair mends it.
     let (code, v, _) = verify(&m, &[]);
     assert_eq!(code, 3, "{v}");
+    assert!(
+        v["full_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("while it was not mounted")),
+        "{v}"
+    );
     assert_eq!(
         verify_differences(&v),
         vec![
@@ -343,7 +358,7 @@ fn type_target_owner_link_and_hole_differences_are_found_and_repaired() {
 
 /// The hash caches: a second verify of an unchanged tree reads no file of the primary, a file
 /// changed through the mount is the only one read again, and a change planted directly in the
-/// mirror is still found (the mirror's side is scanned whole every time).
+/// mirror is still found by a full verify (`--full`: the mirror's side is scanned whole).
 #[test]
 fn verify_rereads_only_changed_primary_files_and_still_finds_planted_ones() {
     let mut m = mount("verify-reread");
@@ -362,6 +377,12 @@ fn verify_rereads_only_changed_primary_files_and_still_finds_planted_ones() {
     assert_eq!(v["primary_files_read"], 0, "unchanged tree: {v}");
     assert_eq!(v["primary_bytes_read"], 0, "unchanged tree: {v}");
     assert_eq!(v["mirrors"][0]["files_read"], 0, "unchanged mirror: {v}");
+    assert_eq!(v["incremental"], true, "{v}");
+    assert_eq!(v["primary_entries_scanned"], 0, "nothing changed: {v}");
+    // A full verify of the unchanged tree still reads nothing (the hash cache), scans all.
+    let (code, v, err) = verify(&m, &["--full"]);
+    assert_eq!(code, 0, "{v} {err}");
+    assert_eq!(v["primary_files_read"], 0, "unchanged tree: {v}");
     assert!(v["primary_entries_scanned"].as_u64() >= Some(6), "{v}");
     fs::write(m.p("f2"), vec![9u8; 10_000]).expect("rewrite");
     m.wait_mirror_equal(EQUAL);
@@ -372,12 +393,209 @@ fn verify_rereads_only_changed_primary_files_and_still_finds_planted_ones() {
     assert_eq!(v["mirrors"][0]["files_read"], 1, "{v}");
     // Same size, different data, planted behind the mount's back.
     fs::write(m.mirror().join("f3"), vec![8u8; 10_000]).expect("plant");
-    let (code, v, err) = verify(&m, &[]);
+    let (code, v, err) = verify(&m, &["--full"]);
     assert_eq!(code, 3, "{v} {err}");
     let found = verify_differences(&v);
     assert!(
         found.iter().any(|(k, p)| k == "content" && p == "f3"),
         "{found:?}"
     );
+    m.unmount();
+}
+
+fn n(v: &serde_json::Value, k: &str) -> u64 {
+    v[k].as_u64().unwrap_or_else(|| panic!("{k} missing: {v}"))
+}
+
+/// 1,000 files in 10 directories, written through the mount, older than the hash cache's settle
+/// rule, verified once (full: no verify on record).
+fn thousand_files(tag: &str) -> Mount {
+    let m = mount(tag);
+    for d in 0..10 {
+        fs::create_dir(m.p(format!("d{d}"))).expect("mkdir");
+        for f in 0..100 {
+            fs::write(
+                m.p(format!("d{d}/f{f:03}")),
+                format!("file {d}/{f}").repeat(20),
+            )
+            .expect("write");
+        }
+    }
+    m.wait_mirror_equal(EQUAL);
+    std::thread::sleep(Duration::from_millis(2100));
+    let (code, v, err) = verify(&m, &[]);
+    assert_eq!(code, 0, "{v} {err}");
+    assert_eq!(v["incremental"], false, "{v}");
+    assert!(
+        v["full_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("no previous verify")),
+        "{v}"
+    );
+    assert!(n(&v, "primary_entries_scanned") >= 1_011, "{v}");
+    assert_eq!(n(&v, "primary_files_read"), 1_000, "{v}");
+    m
+}
+
+#[test]
+fn incremental_verify_scans_only_what_the_journal_changed() {
+    let mut m = thousand_files("verify-incr");
+    // Nothing changed: nothing scanned, nothing read.
+    let (code, v, err) = verify(&m, &[]);
+    assert_eq!(code, 0, "{v} {err}");
+    assert_eq!(v["incremental"], true, "{v}");
+    assert_eq!(n(&v, "primary_entries_scanned"), 0, "{v}");
+    // Three files changed through the mount: only they are scanned and read, on both sides.
+    for p in ["d0/f000", "d4/f050", "d9/f099"] {
+        fs::write(m.p(p), b"changed through the mount").expect("rewrite");
+    }
+    m.wait_mirror_equal(EQUAL);
+    let (code, v, err) = verify(&m, &[]);
+    assert_eq!(code, 0, "{v} {err}");
+    assert_eq!(v["incremental"], true, "{v}");
+    assert_eq!(n(&v, "primary_entries_scanned"), 3, "{v}");
+    assert_eq!(n(&v, "primary_files_read"), 3, "{v}");
+    assert_eq!(v["mirrors"][0]["files_read"], 3, "{v}");
+    assert_eq!(v["changed_paths"], 3, "{v}");
+    let st = m.status().expect("status");
+    assert!(
+        st["verify_changes"]["full_verify_because"].is_null(),
+        "{st}"
+    );
+    // A change made through the mount is compared: the mirror's copy of a file just changed,
+    // damaged after the mirror applied it, is found by the incremental verify.
+    fs::write(m.p("d2/new"), b"a new file").expect("write");
+    fs::rename(m.p("d3"), m.p("d3-renamed")).expect("rename");
+    m.wait_mirror_equal(EQUAL);
+    fs::write(m.mirror().join("d2/new"), b"damaged!!!").expect("damage");
+    fs::write(m.mirror().join("d3-renamed/f007"), b"damaged").expect("damage");
+    let (code, v, err) = verify(&m, &[]);
+    assert_eq!(code, 3, "{v} {err}");
+    assert_eq!(v["incremental"], true, "{v}");
+    let found = verify_differences(&v);
+    assert!(
+        found.contains(&("content".into(), "d2/new".into())),
+        "{found:?}"
+    );
+    assert!(
+        found.contains(&("content".into(), "d3-renamed/f007".into())),
+        "a renamed directory is rescanned whole: {found:?}"
+    );
+    // d3-renamed (101 entries), d2/new, and their parents: not the other 900 files.
+    let scanned = n(&v, "primary_entries_scanned");
+    assert!((103..=110).contains(&scanned), "{scanned}: {v}");
+    // --repair mends them; the differences are remembered, so the next verify checks them again.
+    let (code, v, err) = verify(&m, &["--repair"]);
+    assert_eq!(code, 0, "{v} {err}");
+    assert_eq!(v["incremental"], true, "{v}");
+    assert_eq!(
+        fs::read(m.mirror().join("d2/new")).expect("read"),
+        b"a new file"
+    );
+    // The repair's own records (journaled for the mirror) are changes too: the next verify
+    // looks at what they touched, and the one after it at nothing.
+    let (code, v, err) = verify(&m, &[]);
+    assert_eq!(
+        (code, &v["incremental"]),
+        (0, &serde_json::json!(true)),
+        "{v} {err}"
+    );
+    let (code, v, err) = verify(&m, &[]);
+    assert_eq!(code, 0, "{v} {err}");
+    assert_eq!(n(&v, "primary_entries_scanned"), 0, "{v}");
+    // A difference planted where the journal changed nothing: not looked at by an incremental
+    // verify; found by --full and by the periodic full verify; then repaired.
+    fs::write(m.mirror().join("d5/f005"), b"planted").expect("plant");
+    let (code, v, err) = verify(&m, &[]);
+    assert_eq!(
+        (code, &v["incremental"]),
+        (0, &serde_json::json!(true)),
+        "{v} {err}"
+    );
+    let (code, v, err) = verify(&m, &["--full-every", "2"]);
+    assert_eq!(code, 3, "{v} {err}");
+    assert_eq!(v["incremental"], false, "{v}");
+    assert!(
+        v["full_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("--full-every")),
+        "{v}"
+    );
+    assert!(
+        verify_differences(&v).contains(&("content".into(), "d5/f005".into())),
+        "{v}"
+    );
+    // The next verify is incremental again and still sees the difference it left.
+    let (code, v, err) = verify(&m, &["--repair"]);
+    assert_eq!(code, 0, "{v} {err}");
+    assert_eq!(v["incremental"], true, "{v}");
+    assert_eq!(v["mirrors"][0]["repaired"][0]["path"], "d5/f005", "{v}");
+    let (code, v, err) = verify(&m, &["--full"]);
+    assert_eq!(code, 0, "all mended: {v} {err}");
+    m.unmount();
+}
+
+#[test]
+fn after_a_kill_the_next_verify_is_full_and_finds_what_the_mirror_missed() {
+    let mut m = thousand_files("verify-kill");
+    let (code, v, err) = verify(&m, &[]);
+    assert_eq!(
+        (code, &v["incremental"]),
+        (0, &serde_json::json!(true)),
+        "{v} {err}"
+    );
+    // Changes, then the mount killed at once (the record of changes may not have them yet).
+    fs::write(m.p("d1/f001"), b"changed before the kill").expect("write");
+    fs::write(m.p("d8/f080"), b"changed before the kill too").expect("write");
+    m.kill9();
+    // The mirror missed one of them (as if its worker had not applied it).
+    let want = fs::read(m.backing().join("d1/f001")).expect("read");
+    assert_eq!(want, b"changed before the kill");
+    fs::write(m.mirror().join("d1/f001"), b"not applied").expect("damage");
+    m.remount();
+    m.wait_mirror_equal(EQUAL);
+    // status says why the next verify is a full one.
+    let st = m.status().expect("status");
+    assert!(
+        st["verify_changes"]["full_verify_because"]
+            .as_str()
+            .is_some_and(|r| r.contains("crash")),
+        "{st}"
+    );
+    // The remount's recovery may bring the mirror in line (it replays what it held): damage it
+    // again once it is caught up, as the crash could have left it.
+    fs::write(m.mirror().join("d1/f001"), b"not applied").expect("damage");
+    let (code, v, err) = verify(&m, &[]);
+    assert_eq!(code, 3, "{v} {err}");
+    assert_eq!(v["incremental"], false, "{v}");
+    assert!(
+        v["full_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("crash")),
+        "{v}"
+    );
+    assert!(
+        verify_differences(&v).contains(&("content".into(), "d1/f001".into())),
+        "{v}"
+    );
+    let (code, v, err) = verify(&m, &["--repair"]);
+    assert_eq!(code, 0, "{v} {err}");
+    assert_eq!(fs::read(m.mirror().join("d1/f001")).expect("read"), want);
+    // The repair's own records are looked at by the next verify.
+    let (code, v, err) = verify(&m, &[]);
+    assert_eq!(
+        (code, &v["incremental"]),
+        (0, &serde_json::json!(true)),
+        "{v} {err}"
+    );
+    // A clean stop keeps the record: the verify after a remount is incremental.
+    m.unmount();
+    m.remount();
+    fs::write(m.p("d6/f060"), b"after the remount").expect("write");
+    m.wait_mirror_equal(EQUAL);
+    let (code, v, err) = verify(&m, &[]);
+    assert_eq!(code, 0, "{v} {err}");
+    assert_eq!(v["incremental"], true, "{v}");
+    assert_eq!(n(&v, "primary_files_read"), 1, "{v}");
     m.unmount();
 }

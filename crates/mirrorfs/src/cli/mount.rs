@@ -411,12 +411,13 @@ pub fn mount(a: MountArgs) -> Result<()> {
     let link_identity = link_identity(&a, &places.remotes)?;
     let state = prepare_state(&a, &places)?;
     let _locks = take_locks(&places, &state.path)?;
-    if let Some(w) = stamp::check(
+    let behind = stamp::check(
         &places.backing,
         &state.hidden,
         &state.path,
         &places.mountpoint,
-    ) {
+    );
+    if let Some(w) = &behind {
         tracing::warn!("{w}");
         eprintln!("mirrorfs: warning: {w}");
     }
@@ -435,6 +436,8 @@ pub fn mount(a: MountArgs) -> Result<()> {
         a.journal_max_mib,
         shared.clone(),
     )?;
+    // What changes from here on, for an incremental `mirrorfs verify` (`site::verify_dirty`).
+    crate::site::verify_dirty::start(&mut site, behind.is_some())?;
     let vol = site.vol.clone();
     start_fence(&a, &vol, &meta, &places.backing)?;
     let gate = start_tokens(&a, &mut site, &vol, &state)?;

@@ -9,6 +9,13 @@
 //! mount's link asks the daemon for a block-hash resync (`mirror::operator`, `net::remote`),
 //! then the daemon is asked for its hashes again.
 //!
+//! Incremental (the default): the mount keeps the paths its journal changed since each mirror's
+//! last verify (`site::verify_dirty`); verify scans only those, and what still differed last
+//! time, on both sides (`tree::scan::scan_plan`; a network mirror's daemon is sent the plan), and
+//! records per mirror how far it compared (`STATE/verify/ID.state`). It compares the whole trees
+//! when asked (`--full`, `--no-cache`), every `--full-every` verifies, and whenever the record
+//! cannot vouch for every change since (`core::verify::incremental::decide`).
+//!
 //! Exit codes: 0 the mirrors equal the primary (after the repair, with `--repair`); 3 differences
 //! were found (and, with `--repair`, some remain: what only a mirror has is kept unless
 //! `--delete-extra`); 1 an error (nothing compared, or not everything).
@@ -21,9 +28,11 @@ use anyhow::{bail, Context, Result};
 use mirrorfs_core::verify::{compare, summary, Difference};
 use serde_json::json;
 
-use crate::site::status;
+use crate::site::{status, verify_dirty};
 use crate::tree::hashcache::HashCache;
 use crate::tree::scan::{self, Progress};
+use mirrorfs_core::path::RelPath;
+use mirrorfs_core::verify::incremental::{self, DirtySet, FullReason, Mode, Scope, VerifyState};
 
 /// The exit code when differences are found.
 pub const EXIT_DIFFERENCES: i32 = 3;
@@ -53,9 +62,18 @@ pub struct VerifyArgs {
     /// Print the result as JSON on stdout.
     #[arg(long)]
     json: bool,
-    /// Read every file, neither using nor updating the hash cache (STATE/verify/).
+    /// Read every file, neither using nor updating the hash cache (STATE/verify/); implies
+    /// --full.
     #[arg(long)]
     no_cache: bool,
+    /// Compare the whole trees, not only what the journal changed since the last verify (what
+    /// finds a difference made directly in a mirror, behind the mount's back).
+    #[arg(long)]
+    full: bool,
+    /// Every N-th verify of a mirror in a row is a full one (0: only when asked with --full or
+    /// when the record of changes cannot tell).
+    #[arg(long, default_value_t = 10)]
+    full_every: u32,
     /// How long to wait for the mirrors to apply what the journal holds before comparing, in
     /// seconds (a mirror still behind shows the changes it has yet to apply as differences).
     #[arg(long, default_value_t = 30)]
@@ -129,6 +147,11 @@ fn read_status(state: &Path) -> Result<serde_json::Value> {
 /// Waits (at most `limit`) until `mirror` applied every record the journal held when called.
 /// Returns false if it did not.
 pub fn wait_caught_up(state: &Path, mirror: &Path, limit: Duration) -> Result<bool> {
+    Ok(wait_caught_up_at(state, mirror, limit)?.0)
+}
+
+/// [`wait_caught_up`], also returning the journal's last seq it waited for.
+fn wait_caught_up_at(state: &Path, mirror: &Path, limit: Duration) -> Result<(bool, u64)> {
     let t0 = Instant::now();
     let target = fresh_status(state, limit)?["journal_next_seq"]
         .as_u64()
@@ -145,10 +168,10 @@ pub fn wait_caught_up(state: &Path, mirror: &Path, limit: Duration) -> Result<bo
             .and_then(|m| m["applied_seq"].as_u64())
             .unwrap_or(0);
         if applied >= target {
-            return Ok(true);
+            return Ok((true, target));
         }
         if t0.elapsed() >= limit {
-            return Ok(false);
+            return Ok((false, target));
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -242,7 +265,13 @@ struct Scanned {
     link_bytes: Option<u64>,
 }
 
-fn scan_tree(tree: &Path, t: &Target, use_cache: bool, what: &str) -> Result<Scanned> {
+fn scan_tree(
+    tree: &Path,
+    t: &Target,
+    use_cache: bool,
+    what: &str,
+    plan: Option<&[(RelPath, Scope)]>,
+) -> Result<Scanned> {
     let cp = cache_path(&t.state, tree);
     let mut cache = if use_cache {
         let (c, problem) = HashCache::load(&cp);
@@ -254,10 +283,18 @@ fn scan_tree(tree: &Path, t: &Target, use_cache: bool, what: &str) -> Result<Sca
         HashCache::default()
     };
     let mut bar = Bar::new(format!("scanning {what} {}", tree.display()));
-    let entries = scan::scan(tree, Some(&t.hidden), &mut cache, &mut bar)
-        .with_context(|| format!("cannot scan {}", tree.display()))?;
+    let entries = match plan {
+        None => scan::scan(tree, Some(&t.hidden), &mut cache, &mut bar),
+        Some(plan) => scan::scan_plan(tree, Some(&t.hidden), plan, &mut cache, &mut bar),
+    }
+    .with_context(|| format!("cannot scan {}", tree.display()))?;
     bar.pb.finish_and_clear();
+    // A scan of part of the tree keeps the cache's other entries too (a full one only what it
+    // saw: the cache forgets what is gone).
     if use_cache {
+        if plan.is_some() {
+            cache.keep_unseen();
+        }
         if let Err(e) = cache.save(&cp) {
             tracing::warn!("cannot save the hash cache {}: {e}", cp.display());
         }
@@ -276,7 +313,13 @@ const REMOTE_SILENCE: Duration = Duration::from_secs(3600);
 
 /// Asks the daemon of network mirror `url` for its own scan (`Msg::Verify`): its entries with
 /// the hashes it computed (or took from its cache), validated and bounded as they arrive.
-fn scan_remote(url: &str, t: &Target, config: Option<&Path>, no_cache: bool) -> Result<Scanned> {
+fn scan_remote(
+    url: &str,
+    t: &Target,
+    config: Option<&Path>,
+    no_cache: bool,
+    plan: Option<&[(RelPath, Scope)]>,
+) -> Result<Scanned> {
     use crate::net::identity;
     use mirrorfs_core::wire::{Decoder, Msg};
     let addr = crate::net::witness::address(url);
@@ -295,6 +338,7 @@ fn scan_remote(url: &str, t: &Target, config: Option<&Path>, no_cache: bool) -> 
     link.send(&Msg::Verify {
         volume_id,
         no_cache,
+        plan: plan.map(<[_]>::to_vec),
     })
     .with_context(|| format!("cannot send to the mirror daemon {addr}"))?;
     let mut bar = Bar::new(format!("receiving the scan of {url}"));
@@ -368,11 +412,102 @@ fn scan_remote(url: &str, t: &Target, config: Option<&Path>, no_cache: bool) -> 
     }
 }
 
-/// Scans mirror `m`: a local one here, a network one by its daemon.
-fn scan_mirror(m: &Path, t: &Target, a: &VerifyArgs) -> Result<Scanned> {
+/// Scans mirror `m`: a local one here (only what `plan` names, if given), a network one by its
+/// daemon.
+fn scan_mirror(
+    m: &Path,
+    t: &Target,
+    a: &VerifyArgs,
+    plan: Option<&[(RelPath, Scope)]>,
+) -> Result<Scanned> {
     match m.to_str().filter(|p| is_remote(p)) {
-        Some(url) => scan_remote(url, t, a.config.as_deref(), a.no_cache),
-        None => scan_tree(m, t, !a.no_cache, "mirror"),
+        Some(url) => scan_remote(url, t, a.config.as_deref(), a.no_cache, plan),
+        None => scan_tree(m, t, !a.no_cache, "mirror", plan),
+    }
+}
+
+/// The mount's record of changes (`site::verify_dirty`), once it has read the journal through
+/// `target` (waiting at most `limit`; then the newest there is, still complete through its own
+/// `through`). `None` when the mount keeps none.
+fn record_of_changes(state: &Path, target: u64, limit: Duration) -> Result<Option<DirtySet>> {
+    let t0 = Instant::now();
+    loop {
+        let d = verify_dirty::load(state);
+        match &d {
+            Ok(d) if d.through >= target => break,
+            _ if t0.elapsed() >= limit => break,
+            _ => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+    match verify_dirty::load(state) {
+        Ok(d) => Ok(Some(d)),
+        Err(e) => {
+            tracing::info!("no record of changes: {e}");
+            Ok(None)
+        }
+    }
+}
+
+/// The name a mirror has in the mount's status, as its verify state is keyed.
+fn mirror_name(m: &Path) -> Vec<u8> {
+    std::os::unix::ffi::OsStrExt::as_bytes(m.as_os_str()).to_vec()
+}
+
+/// Full or incremental for this run: incremental only if every mirror may be (one plan, the
+/// union of theirs, serves the primary's scan for all).
+fn choose(mirrors: &[PathBuf], t: &Target, a: &VerifyArgs, dirty: Option<&DirtySet>) -> Mode {
+    let mut items = Vec::new();
+    let remote = mirrors.iter().any(|m| m.to_str().is_some_and(is_remote));
+    for m in mirrors {
+        let st = verify_dirty::load_state(&t.state, &mirror_name(m));
+        match incremental::decide(st.as_ref(), dirty, a.full || a.no_cache, a.full_every) {
+            Mode::Full(r) => return Mode::Full(r),
+            Mode::Incremental(p) => items.extend(p),
+        }
+    }
+    let plan = incremental::plan(items);
+    // A network mirror's daemon gets the plan in its `Verify`: bounded.
+    if remote && !mirrorfs_core::wire::verify_plan_fits(&plan) {
+        return Mode::Full(FullReason::Network);
+    }
+    Mode::Incremental(plan)
+}
+
+/// Records that mirror `m` was compared through `dirty.through`, with what still differs.
+fn save_state(t: &Target, m: &Path, dirty: &DirtySet, mode: &Mode, differences: &[Difference]) {
+    let name = mirror_name(m);
+    let since_full = match mode {
+        Mode::Full(_) => 0,
+        Mode::Incremental(_) => {
+            verify_dirty::load_state(&t.state, &name).map_or(0, |s| s.since_full.saturating_add(1))
+        }
+    };
+    let mut pending: Vec<RelPath> = differences
+        .iter()
+        .filter_map(|d| match &d.path[..] {
+            b"." => Some(RelPath::root()),
+            p => RelPath::new(p.to_vec()).ok(),
+        })
+        .collect();
+    pending.dedup();
+    pending.truncate(incremental::MAX_PENDING);
+    let st = VerifyState {
+        mirror: name.clone(),
+        epoch: dirty.epoch,
+        verified: dirty.through,
+        since_full,
+        pending,
+    };
+    let p = verify_dirty::state_path(&t.state, &name);
+    let r = p
+        .parent()
+        .map_or(Ok(()), std::fs::create_dir_all)
+        .and_then(|_| crate::site::statefile::replace(&p, &st.encode(), 0o600));
+    if let Err(e) = r {
+        tracing::warn!(
+            "cannot save {}: {e} (the next verify is a full one)",
+            p.display()
+        );
     }
 }
 
@@ -469,11 +604,11 @@ pub fn verify(a: VerifyArgs) -> Result<()> {
         );
     }
     let settle = Duration::from_secs(a.settle_secs);
-    let mut results = Vec::new();
-    let mut primary: Option<Scanned> = None;
-    let mut pc = PrimaryCounts::default();
+    let mut caught = Vec::new();
+    let mut target = 0;
     for m in &mirrors {
-        let caught_up = wait_caught_up(&t.state, m, settle)?;
+        let (caught_up, upto) = wait_caught_up_at(&t.state, m, settle)?;
+        target = target.max(upto);
         if !caught_up {
             tracing::warn!(
                 "mirror {} is still behind after {}s: changes it has yet to apply show as differences",
@@ -481,15 +616,28 @@ pub fn verify(a: VerifyArgs) -> Result<()> {
                 a.settle_secs
             );
         }
+        caught.push(caught_up);
+    }
+    // Read after the mirrors caught up: everything they applied is in it.
+    let dirty = record_of_changes(&t.state, target, settle)?;
+    let mode = choose(&mirrors, &t, &a, dirty.as_ref());
+    let plan = match &mode {
+        Mode::Incremental(p) => Some(&p[..]),
+        Mode::Full(_) => None,
+    };
+    let mut results = Vec::new();
+    let mut primary: Option<Scanned> = None;
+    let mut pc = PrimaryCounts::default();
+    for (m, caught_up) in mirrors.iter().zip(caught) {
         let p = match primary.take() {
             Some(p) => p,
             None => {
-                let p = scan_tree(&t.backing, &t, !a.no_cache, "primary")?;
+                let p = scan_tree(&t.backing, &t, !a.no_cache, "primary", plan)?;
                 pc.add(&p);
                 p
             }
         };
-        let s = scan_mirror(m, &t, &a)?;
+        let s = scan_mirror(m, &t, &a, plan)?;
         let mut differences = compare(&p.entries, &s.entries);
         let mut r = MirrorResult {
             mirror: m.clone(),
@@ -517,9 +665,9 @@ pub fn verify(a: VerifyArgs) -> Result<()> {
             }
             crate::cli::resync::resync_and_wait(&t, m, a.delete_extra)?;
             wait_caught_up(&t.state, m, settle)?;
-            let p = scan_tree(&t.backing, &t, !a.no_cache, "primary")?;
+            let p = scan_tree(&t.backing, &t, !a.no_cache, "primary", plan)?;
             pc.add(&p);
-            let s = scan_mirror(m, &t, &a)?;
+            let s = scan_mirror(m, &t, &a, plan)?;
             r.bytes_read += s.bytes_read;
             r.link_bytes = match (r.link_bytes, s.link_bytes) {
                 (Some(x), Some(y)) => Some(x + y),
@@ -531,9 +679,16 @@ pub fn verify(a: VerifyArgs) -> Result<()> {
             r.repaired = Some(std::mem::replace(&mut differences, after));
             primary = Some(p);
         }
+        if let Some(d) = &dirty {
+            save_state(&t, m, d, &mode, &differences);
+        }
         r.differences = differences;
         results.push(r);
     }
+    let (incremental, full_reason, rescanned) = match &mode {
+        Mode::Incremental(p) => (true, None, Some(p.len())),
+        Mode::Full(r) => (false, Some(r.words()), None),
+    };
     let total: usize = results.iter().map(|r| r.differences.len()).sum();
     let mut out = std::io::stdout().lock();
     if a.json {
@@ -544,7 +699,17 @@ pub fn verify(a: VerifyArgs) -> Result<()> {
             "primary_cache_hits": pc.hits,
             "primary_files_read": pc.files,
             "primary_entries_scanned": pc.entries,
-            "incremental": false,
+            "incremental": incremental,
+            "full_reason": full_reason,
+            "changed_paths": rescanned,
+            "verified_through_seq": dirty.as_ref().map(|d| d.through),
+            "record_of_changes": dirty.as_ref().map(|d| json!({
+                "paths": d.len(),
+                "through_seq": d.through,
+                "floor_seq": d.floor,
+                "floor_reason": (d.floor > 0).then(|| d.floor_reason.words()),
+                "epoch": d.epoch,
+            })),
             "differences": total,
             "mirrors": results.iter().map(|r| json!({
                 "mirror": r.mirror,
@@ -561,9 +726,16 @@ pub fn verify(a: VerifyArgs) -> Result<()> {
         });
         writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
     } else {
+        let how = match &mode {
+            Mode::Incremental(p) => format!(
+                "incremental ({} path(s) changed since the last verify)",
+                p.len()
+            ),
+            Mode::Full(r) => format!("full ({})", r.words()),
+        };
         writeln!(
             out,
-            "primary {} (mounted at {}): full scan of {} entries, {} file(s) read ({}), {} files' hashes from the cache",
+            "primary {} (mounted at {}): {how} scan of {} entries, {} file(s) read ({}), {} files' hashes from the cache",
             t.backing.display(),
             t.mountpoint.display(),
             pc.entries,

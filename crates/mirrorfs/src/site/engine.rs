@@ -128,6 +128,7 @@ impl Volume {
             groups: Mutex::new(Gate::default()),
             sync_groups: std::sync::OnceLock::new(),
             resync: std::sync::OnceLock::new(),
+            verify_changes: std::sync::OnceLock::new(),
         }
     }
 

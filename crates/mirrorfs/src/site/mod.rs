@@ -23,4 +23,5 @@ pub mod status;
 pub mod store;
 pub mod sync_groups;
 pub mod tokens;
+pub mod verify_dirty;
 pub mod volume;

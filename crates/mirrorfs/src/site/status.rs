@@ -140,6 +140,9 @@ struct VolumeStatus {
     /// With `--receive`: the peer writable site's stream into this site.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     peer_receive: Option<crate::site::peer::ReceiveStatus>,
+    /// The record of paths changed since the mirrors' last verify (`site::verify_dirty`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    verify_changes: Option<crate::site::verify_dirty::Summary>,
 }
 
 /// `--fsync-groups` in `status`: how many groups began, and how they ended.
@@ -235,6 +238,7 @@ fn snapshot(vol: &Volume, mountpoint: &Path) -> VolumeStatus {
         }),
         write_tokens: vol.tokens.get().map(|g| g.status()),
         peer_receive: vol.peer_receive.get().map(|r| lock(r).clone()),
+        verify_changes: vol.verify_changes.get().map(|r| lock(r).clone()),
     }
 }
 
@@ -622,6 +626,18 @@ fn print_volume(v: &serde_json::Value) -> Result<()> {
             .map(|e| format!(", ERROR: {e}"))
             .unwrap_or_default()
     );
+    if let Some(c) = &s.verify_changes {
+        match &c.full_verify_because {
+            Some(why) => println!(
+                "  verify: {} path(s) changed since the last verify; the next verify is a full one ({why})",
+                c.paths
+            ),
+            None => println!(
+                "  verify: {} path(s) changed since the last verify (the next one compares only them)",
+                c.paths
+            ),
+        }
+    }
     println!(
         "  at risk if this machine died now: {} change(s), {} (durable on no mirror)",
         s.at_risk_ops,

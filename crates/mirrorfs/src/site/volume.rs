@@ -557,6 +557,9 @@ pub struct Volume {
     /// failback's reintegration). The mount's writes skip the space reservation over bytes a
     /// file is known to have (`fuse::data`, `write_whole`) only while this count is unchanged.
     pub holes_epoch: AtomicU64,
+    /// The primary's record of changes for an incremental verify, as `status` shows it (set
+    /// once by `site::verify_dirty`).
+    pub verify_changes: std::sync::OnceLock<Arc<Mutex<crate::site::verify_dirty::Summary>>>,
 }
 
 /// The file whose write token a change through the mount takes (`--write-tokens`): data

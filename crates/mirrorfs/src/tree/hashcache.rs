@@ -106,6 +106,17 @@ impl HashCache {
         }
     }
 
+    /// Keeps the loaded entries this verify did not see as well (within the bound): after a scan
+    /// of part of the tree (an incremental verify), the rest of the tree is still there.
+    pub fn keep_unseen(&mut self) {
+        for (k, h) in &self.old {
+            if self.new.len() >= MAX_ENTRIES {
+                break;
+            }
+            self.new.entry(*k).or_insert(*h);
+        }
+    }
+
     /// Writes what this verify saw to `path` (atomically: temp file, rename).
     pub fn save(&self, path: &Path) -> io::Result<()> {
         if let Some(dir) = path.parent() {

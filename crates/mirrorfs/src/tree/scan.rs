@@ -10,6 +10,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 use mirrorfs_core::path::RelPath;
+use mirrorfs_core::verify::incremental::Scope;
 use mirrorfs_core::verify::{path_order, Entry, Kind};
 
 use crate::sys;
@@ -42,61 +43,192 @@ pub fn scan(
     progress: &mut dyn Progress,
 ) -> io::Result<Vec<Entry>> {
     let rootfd: OwnedFd = std::fs::File::open(root)?.into();
-    let now = sys::now().sec;
+    let mut s = Scanner::new(cache, progress);
+    s.subtree(rootfd.as_fd(), &RelPath::root(), skip)?;
+    Ok(s.finish())
+}
+
+/// Scans only what `plan` names (`core::verify::incremental::plan`: entries, and subtrees with
+/// everything below them) beneath `root`, as [`scan`] would list them; what does not exist is
+/// left out, and so is `skip` at the root. Hard-link groups are named within what was scanned.
+pub fn scan_plan(
+    root: &Path,
+    skip: Option<&[u8]>,
+    plan: &[(RelPath, Scope)],
+    cache: &mut HashCache,
+    progress: &mut dyn Progress,
+) -> io::Result<Vec<Entry>> {
+    let rootfd: OwnedFd = std::fs::File::open(root)?.into();
+    let mut s = Scanner::new(cache, progress);
+    for (p, scope) in plan {
+        let first = p
+            .as_bytes()
+            .split(|b| *b == b'/')
+            .next()
+            .unwrap_or_default();
+        if !p.is_root() && skip == Some(first) {
+            continue;
+        }
+        if p.is_root() {
+            match scope {
+                Scope::Subtree => s.subtree(rootfd.as_fd(), p, skip)?,
+                Scope::Entry => {
+                    let st = sys::fstat(rootfd.as_fd())?;
+                    s.root_entry(rootfd.as_fd(), p, &st)?;
+                }
+            }
+            continue;
+        }
+        let st = match crate::tree::dirtree::lstat_in(rootfd.as_fd(), p) {
+            Ok(st) => st,
+            // Not there, or a parent is not a directory (a file, or a symlink: never followed):
+            // nothing to list (the parent itself is compared where it is listed).
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ENOENT | libc::ENOTDIR | libc::ELOOP)
+                ) =>
+            {
+                continue
+            }
+            Err(e) => return Err(e),
+        };
+        let is_dir = st.st_mode & libc::S_IFMT == libc::S_IFDIR;
+        if *scope == Scope::Subtree && is_dir {
+            let fd = crate::tree::dirtree::open_in(
+                rootfd.as_fd(),
+                p,
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+                0,
+            )?;
+            s.subtree(fd.as_fd(), p, None)?;
+            continue;
+        }
+        let parent = p.parent().unwrap_or_default();
+        let dir = crate::tree::dirtree::open_in(
+            rootfd.as_fd(),
+            &parent,
+            libc::O_PATH | libc::O_DIRECTORY,
+            0,
+        )?;
+        let name = p.file_name().unwrap_or_default();
+        s.one(p, name, &st, dir.as_fd())?;
+    }
+    Ok(s.finish())
+}
+
+/// Entries as a scan collects them.
+struct Scanner<'a> {
+    cache: &'a mut HashCache,
+    progress: &'a mut dyn Progress,
+    now: i64,
+    buf: Vec<u8>,
     // With each entry, the inode of a non-directory with several links.
-    let mut out: Vec<(Entry, Option<u64>)> = Vec::new();
-    let mut buf = vec![0u8; READ_BYTES];
-    walk(rootfd.as_fd(), skip, |v| {
-        let (path, st, fd) = match v {
+    out: Vec<(Entry, Option<u64>)>,
+}
+
+impl<'a> Scanner<'a> {
+    fn new(cache: &'a mut HashCache, progress: &'a mut dyn Progress) -> Scanner<'a> {
+        Scanner {
+            cache,
+            progress,
+            now: sys::now().sec,
+            buf: vec![0u8; READ_BYTES],
+            out: Vec::new(),
+        }
+    }
+
+    /// Everything below the directory open as `top`, which is at `base` in the tree, and
+    /// `top` itself.
+    fn subtree(
+        &mut self,
+        top: BorrowedFd<'_>,
+        base: &RelPath,
+        skip: Option<&[u8]>,
+    ) -> io::Result<()> {
+        walk(top, skip, |v| match v {
             Visit::Entry {
                 path,
                 name,
                 st,
                 dir,
             } => {
-                let flags = if st.st_mode & libc::S_IFMT == libc::S_IFREG {
-                    libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NOATIME
-                } else {
-                    libc::O_PATH | libc::O_NOFOLLOW
-                };
-                let fd = open_entry(dir, name, flags)?;
-                (path, st, fd)
+                let path = path
+                    .rebase(&RelPath::root(), base)
+                    .ok_or_else(|| io::Error::other("path"))?;
+                self.one(&path, name, st, dir)
             }
-            Visit::DirDone { path, st } if path.is_root() => {
-                let fd = sys::openat(
-                    rootfd.as_fd(),
-                    OsStr::new("."),
-                    libc::O_PATH | libc::O_DIRECTORY,
-                    0,
-                )?;
-                (path, st, fd)
-            }
-            Visit::DirDone { .. } => return Ok(()),
+            Visit::DirDone { path, st } if path.is_root() => self.root_entry(top, base, st),
+            Visit::DirDone { .. } => Ok(()),
+        })
+    }
+
+    /// The directory open as `top` (at `path`), itself.
+    fn root_entry(
+        &mut self,
+        top: BorrowedFd<'_>,
+        path: &RelPath,
+        st: &libc::stat,
+    ) -> io::Result<()> {
+        let fd = sys::openat(top, OsStr::new("."), libc::O_PATH | libc::O_DIRECTORY, 0)?;
+        self.push(path, st, fd.as_fd())
+    }
+
+    /// The entry `name` of `dir`, at `path`.
+    fn one(
+        &mut self,
+        path: &RelPath,
+        name: &[u8],
+        st: &libc::stat,
+        dir: BorrowedFd<'_>,
+    ) -> io::Result<()> {
+        let flags = if st.st_mode & libc::S_IFMT == libc::S_IFREG {
+            libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NOATIME
+        } else {
+            libc::O_PATH | libc::O_NOFOLLOW
         };
-        if out.len() >= MAX_ENTRIES {
+        let fd = open_entry(dir, name, flags)?;
+        self.push(path, st, fd.as_fd())
+    }
+
+    fn push(&mut self, path: &RelPath, st: &libc::stat, fd: BorrowedFd<'_>) -> io::Result<()> {
+        if self.out.len() >= MAX_ENTRIES {
             return Err(io::Error::other(format!(
                 "more than {MAX_ENTRIES} entries: verify each part of the tree separately"
             )));
         }
-        let e = entry(path, st, fd.as_fd(), cache, &mut buf, now, progress)?;
-        progress.entry();
+        let e = entry(
+            path,
+            st,
+            fd,
+            self.cache,
+            &mut self.buf,
+            self.now,
+            self.progress,
+        )?;
+        self.progress.entry();
         let linked = (e.kind != Kind::Dir && st.st_nlink > 1).then_some(st.st_ino);
-        out.push((e, linked));
+        self.out.push((e, linked));
         Ok(())
-    })?;
-    out.sort_by(|a, b| path_order(&a.0.path, &b.0.path));
-    // Each hard-link group is named by its first path in this order, the same in both trees.
-    let mut leaders: HashMap<u64, Vec<u8>> = HashMap::new();
-    Ok(out
-        .into_iter()
-        .map(|(mut e, linked)| {
-            if let Some(ino) = linked {
-                let l = leaders.entry(ino).or_insert_with(|| e.path.clone());
-                e.link_leader = Some(l.clone());
-            }
-            e
-        })
-        .collect())
+    }
+
+    /// Sorted, each path once; each hard-link group named by its first path in this order, the
+    /// same in both trees.
+    fn finish(self) -> Vec<Entry> {
+        let mut out = self.out;
+        out.sort_by(|a, b| path_order(&a.0.path, &b.0.path));
+        out.dedup_by(|a, b| a.0.path == b.0.path);
+        let mut leaders: HashMap<u64, Vec<u8>> = HashMap::new();
+        out.into_iter()
+            .map(|(mut e, linked)| {
+                if let Some(ino) = linked {
+                    let l = leaders.entry(ino).or_insert_with(|| e.path.clone());
+                    e.link_leader = Some(l.clone());
+                }
+                e
+            })
+            .collect()
+    }
 }
 
 /// Opens an entry for reading (`O_NOATIME` where allowed: only the owner or root may).
@@ -260,5 +392,44 @@ mod tests {
         );
         assert_eq!(c2.hits, 2, "d/f and h are one inode");
         assert_eq!(c2.bytes_read, 0);
+    }
+
+    #[test]
+    fn a_plan_scans_what_it_names_as_the_full_scan_lists_it() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let r = t.path().join("root");
+        std::fs::create_dir_all(r.join("a/b/c")).expect("mkdir");
+        std::fs::create_dir_all(r.join(".mirrorfs")).expect("mkdir");
+        std::fs::write(r.join("a/b/c/f"), b"deep").expect("write");
+        std::fs::write(r.join("a/g"), b"g").expect("write");
+        std::fs::write(r.join("top"), b"t").expect("write");
+        std::os::unix::fs::symlink("a", r.join("link")).expect("symlink");
+        let full = scan(&r, Some(b".mirrorfs"), &mut HashCache::default(), &mut ()).expect("scan");
+        let rp = |s: &str| RelPath::new(s).expect("path");
+        let plan = mirrorfs_core::verify::incremental::plan(vec![
+            (RelPath::root(), Scope::Entry),
+            (rp("a/b"), Scope::Subtree),
+            (rp("a/g"), Scope::Entry),
+            (rp("gone"), Scope::Subtree),
+            (rp(".mirrorfs"), Scope::Subtree),
+            (rp("top/x"), Scope::Entry),
+            (rp("link/g"), Scope::Entry),
+            (rp("link"), Scope::Entry),
+        ]);
+        let mut cache = HashCache::default();
+        let part = scan_plan(&r, Some(b".mirrorfs"), &plan, &mut cache, &mut ()).expect("scan");
+        let paths: Vec<String> = part
+            .iter()
+            .map(|e| String::from_utf8_lossy(&e.path).into_owned())
+            .collect();
+        assert_eq!(paths, vec![".", "a/b", "a/b/c", "a/b/c/f", "a/g", "link"]);
+        for e in &part {
+            let same = full
+                .iter()
+                .find(|f| f.path == e.path)
+                .expect("in the full scan");
+            assert_eq!(e, same);
+        }
+        assert_eq!(cache.misses, 2, "only a/b/c/f and a/g were read");
     }
 }

@@ -28,11 +28,12 @@ impl Daemon {
         if let Msg::Verify {
             volume_id,
             no_cache,
+            plan,
         } = hello
         {
             // Not a primary: it neither waits for nor displaces the one streaming.
             return self
-                .answer_verify(&link, volume_id, no_cache)
+                .answer_verify(&link, volume_id, no_cache, plan.as_deref())
                 .with_context(|| format!("verify from {peer}"));
         }
         if self.busy.swap(true, Ordering::AcqRel) {

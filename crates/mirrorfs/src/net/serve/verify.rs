@@ -4,7 +4,10 @@
 //! DIR, never following symlinks, its state directory skipped) using its own hash cache
 //! (`STATE/verify/dir.cache`), and streams the entries back in `Scan` batches of at most
 //! [`SCAN_ENTRIES_MAX`] entries and [`BATCH_BYTES`] bytes, then `ScanEnd` with how much file
-//! data it read. The primary compares (`core::verify::compare`).
+//! data it read. The primary compares (`core::verify::compare`). An incremental verify sends a
+//! plan with its `Verify` (the paths the primary's journal changed since that mirror's last
+//! verify, and those that still differed): the daemon then scans only those
+//! (`tree::scan::scan_plan`), so only their hashes cross the link.
 //!
 //! Bounds: one verify at a time (a second is refused `BUSY`), only for the volume DIR holds
 //! (else `VOLUME`); the scan itself is bounded by `tree::scan::MAX_ENTRIES`. It does not take
@@ -13,6 +16,8 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{bail, Result};
+use mirrorfs_core::path::RelPath;
+use mirrorfs_core::verify::incremental::Scope;
 use mirrorfs_core::wire::{error_code, scan_entry_bytes, Msg, BATCH_BYTES, SCAN_ENTRIES_MAX};
 
 use crate::net::conn::Duplex;
@@ -29,6 +34,7 @@ impl Daemon {
         link: &Duplex,
         volume_id: [u8; 16],
         no_cache: bool,
+        plan: Option<&[(RelPath, Scope)]>,
     ) -> Result<()> {
         let held = lock(&self.meta).volume_id();
         if held != volume_id {
@@ -60,7 +66,11 @@ impl Daemon {
             c
         };
         let skip = (!self.reserved.is_empty()).then_some(self.reserved.as_slice());
-        let entries = match scan::scan(&self.dir, skip, &mut cache, &mut ()) {
+        let scanned = match plan {
+            None => scan::scan(&self.dir, skip, &mut cache, &mut ()),
+            Some(plan) => scan::scan_plan(&self.dir, skip, plan, &mut cache, &mut ()),
+        };
+        let entries = match scanned {
             Ok(e) => e,
             Err(e) => {
                 let message = format!("cannot scan {}: {e}", self.dir.display());
@@ -72,6 +82,10 @@ impl Daemon {
             }
         };
         if !no_cache {
+            // A scan of part of the tree keeps the other hashes too.
+            if plan.is_some() {
+                cache.keep_unseen();
+            }
             if let Err(e) = cache.save(&cache_path) {
                 tracing::warn!(
                     "verify: cannot save the hash cache {}: {e}",
