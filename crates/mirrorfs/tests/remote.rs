@@ -4557,16 +4557,20 @@ fn lag_in_seconds_grows_while_the_mirror_is_held_back_on_both_sides() {
     };
     assert!(ok && text.contains(" lag:"), "{text}");
     // The mount's line for its network mirror: lag in seconds, as one reads it.
-    let o = run(&[os("status"), m.mnt().as_os_str()]);
-    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    // Its figures are up to half a second older than the metrics: wait for them to follow.
     let url = srv.url();
-    let shown = text
-        .lines()
-        .find(|l| l.trim_start().starts_with(&format!("{url} ")))
-        .and_then(|l| l.split(" lag:").nth(1))
-        .and_then(|l| l.split('s').next())
-        .and_then(|v| v.parse::<f64>().ok());
-    assert!(shown.is_some_and(|s| s >= 1.0), "{text}");
+    let mut text = String::new();
+    let shown = wait_until(CONNECT, || {
+        let o = run(&[os("status"), m.mnt().as_os_str()]);
+        text = String::from_utf8_lossy(&o.stdout).into_owned();
+        text.lines()
+            .find(|l| l.trim_start().starts_with(&format!("{url} ")))
+            .and_then(|l| l.split(" lag:").nth(1))
+            .and_then(|l| l.split('s').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .is_some_and(|s| s >= 1.0)
+    });
+    assert!(shown, "{text}");
     assert!(!srv.dir.join("held-0").exists(), "held back, not applied");
 
     // A sync ends the group: everything is applied and both lags go back to 0.
