@@ -63,6 +63,18 @@ pub struct MountArgs {
         requires = "write_tokens"
     )]
     partition: PartitionArg,
+    /// With `--write-tokens`: how long a file open for writing here keeps its token once the
+    /// peer asks for it, in ms. A write session (open, writes, close) shorter than this reaches
+    /// the peer whole, never mixed with the peer's writes; the peer's change to that file (or
+    /// its name) waits up to this long. 10 to 600000.
+    #[arg(
+        long,
+        value_name = "MS",
+        default_value_t = mirrorfs_core::token::HOLD_MAX_MS,
+        value_parser = clap::value_parser!(u64).range(10..=600_000),
+        requires = "write_tokens"
+    )]
+    token_hold_max_ms: u64,
     /// When a change is acknowledged: `async` (after the local change and its journal record),
     /// `local` (also after the local journal made it durable), `network` (also after it was
     /// handed to the quorum's sockets; fsync waits for no more than that), `received` (the
@@ -589,7 +601,7 @@ fn start_tokens(
     let applied = crate::site::peer::PeerPosition::load(&dir.peer_applied_file())?.applied;
     let gate = Arc::new(TokenGate::open_in(
         &dir,
-        TokenConfig::new(me, peer, policy),
+        TokenConfig::new(me, peer, policy).with_hold_max(a.token_hold_max_ms),
         end,
         applied,
     )?);
@@ -605,12 +617,13 @@ fn start_tokens(
     })?;
     let _ = vol.tokens.set(gate.clone());
     tracing::info!(
-        "write tokens: site {me}, peer {peer}, {} across a split",
+        "write tokens: site {me}, peer {peer}, {} across a split, held up to {} ms for an open file",
         if policy == PartitionPolicy::ReadOnly {
             "read-only"
         } else {
             "reconcile"
-        }
+        },
+        a.token_hold_max_ms
     );
     Ok(Some(gate))
 }

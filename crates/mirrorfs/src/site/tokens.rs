@@ -307,6 +307,24 @@ impl Permit<'_> {
     }
 }
 
+/// The permits of one change (one per token it took, see [`TokenGate::acquire_all`]).
+pub struct Permits<'a>(Vec<Permit<'a>>);
+
+impl Permits<'_> {
+    /// The change is journaled at `seq`: every token it took covers it.
+    pub fn written(self, seq: u64) {
+        for p in self.0 {
+            p.written(seq);
+        }
+    }
+
+    /// (Tests and the shell's own checks.)
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+}
+
 impl Drop for Permit<'_> {
     fn drop(&mut self) {
         if !self.done {
@@ -457,6 +475,24 @@ impl TokenGate {
             inner = guard;
             self.run(&mut inner, Event::Tick);
         }
+    }
+
+    /// Waits until a change of several objects may go on, taking their tokens one after the
+    /// other in `token::acquire_order` (the same at both sites, so two such changes never wait
+    /// for each other in a cycle). The first refusal gives back what was taken (the permits
+    /// drop as failed) and names the object refused.
+    pub fn acquire_all(
+        &self,
+        objects: Vec<ObjectId>,
+    ) -> Result<Permits<'_>, (ObjectId, GateError)> {
+        let mut permits = Vec::new();
+        for object in mirrorfs_core::token::acquire_order(objects) {
+            match self.acquire(object) {
+                Ok(p) => permits.push(p),
+                Err(e) => return Err((object, e)),
+            }
+        }
+        Ok(Permits(permits))
     }
 
     /// A file of `object` was opened for writing (the token stays while it is open, up to the
