@@ -65,7 +65,7 @@ use std::collections::{BTreeMap, VecDeque};
 use crate::op::Op;
 use crate::path::RelPath;
 
-/// A file system object whose writes a token guards (the shell's stable id for a file).
+/// A file system object whose changes a token guards (the shell's stable id for a name).
 pub type ObjectId = u64;
 /// A site's id; the lower of the two is the home of every token.
 pub type SiteId = u64;

@@ -47,15 +47,17 @@ pub struct MountArgs {
     #[arg(long, value_name = "ADDR", requires = "peer")]
     receive: Option<String>,
     /// With `--peer`: per-file write tokens, `SITE:PEER` (this site's id and the peer's, two
-    /// different numbers ≥ 1, swapped at the peer: `1:2` here, `2:1` there). A write, truncate or
-    /// fallocate of a file waits for its token: at once while this site holds it, one round trip
-    /// when the peer does; so one file written at both sites is never mixed. The lower id holds
-    /// every token at first. Both sites need it. Tokens survive crashes (STATE/tokens).
+    /// different numbers ≥ 1, swapped at the peer: `1:2` here, `2:1` there). A change of a file
+    /// or of a name (write, truncate, fallocate, chmod, chown, times, xattrs; create, mkdir,
+    /// mknod, symlink, unlink, rmdir; rename and link: both names) waits for the token of each
+    /// name it changes: at once while this site holds it, one round trip when the peer does; so
+    /// one file written at both sites is never mixed. The lower id holds every token at first.
+    /// Both sites need it. Tokens survive crashes (STATE/tokens).
     #[arg(long, value_name = "SITE:PEER", requires = "peer", value_parser = parse_token_ids)]
     write_tokens: Option<(u64, u64)>,
-    /// With `--write-tokens`: a write to a file whose token is at the peer while the link is
-    /// down: `read-only` fails it with EROFS (`status` says why), `reconcile` lets it go on
-    /// (both sites may then change the file; such writes are not reconciled yet).
+    /// With `--write-tokens`: a change to a file or name whose token is at the peer while the
+    /// link is down: `read-only` fails it with EROFS (`status` says why), `reconcile` lets it
+    /// go on (both sites may then change the file; such changes are not reconciled yet).
     #[arg(
         long,
         value_enum,
@@ -63,10 +65,11 @@ pub struct MountArgs {
         requires = "write_tokens"
     )]
     partition: PartitionArg,
-    /// With `--write-tokens`: how long a file open for writing here keeps its token once the
-    /// peer asks for it, in ms. A write session (open, writes, close) shorter than this reaches
-    /// the peer whole, never mixed with the peer's writes; the peer's change to that file (or
-    /// its name) waits up to this long. 10 to 600000.
+    /// With `--write-tokens`: how long (ms, 10 to 600000) a file open for writing here keeps
+    /// its token once the peer asks for it: a write session (open, writes, close) shorter than
+    /// this reaches the peer whole, never mixed with the peer's writes, and the peer's change
+    /// to that file or its name waits up to this long (its wait for a token ends in ETIMEDOUT
+    /// after this plus 10 s).
     #[arg(
         long,
         value_name = "MS",

@@ -26,9 +26,11 @@
 //! durably), and again during a run once it holds twice the live entries plus 4,096 records.
 //!
 //! **Wiring** (`mount --write-tokens SITE:PEER`, README "Two writable sites"): the mount opens
-//! one gate and puts it on the volume; `Volume::mutate` acquires the token of a data change to a
-//! file (write, truncate, fallocate) before it is journaled, the object being
-//! [`object_of`] its path. The link to the peer (`net::remote`, through [`TokenWire`]) reports
+//! one gate and puts it on the volume; `Volume::mutate` acquires the tokens of every change
+//! through the mount before it is journaled ([`TokenGate::acquire_all`]): the names
+//! `token::names_of` lists (a data or metadata change its file's name, a namespace change the
+//! name it makes or removes, a rename or link both names), each object being [`object_of`] its
+//! path, taken in `token::acquire_order`. The link to the peer (`net::remote`, through [`TokenWire`]) reports
 //! `connected`/`disconnected`/`shipped` and sends the gate's messages after the records it sent;
 //! the peer receiver (`net::peer`) hands it the peer's messages (`received`) and how far the
 //! peer's records are applied (`peer_applied`).
@@ -652,7 +654,8 @@ pub fn hello_ids(name: &str) -> Option<(u64, u64)> {
 
 /// The token object of a file: its path relative to the root, hashed (blake3, first 8 bytes,
 /// little-endian; never 0, which the log uses for its lend counter). Stable across the two
-/// sites since both name the file the same; a file renamed takes the token of its new name.
+/// sites since both name the file the same; a file renamed takes the token of its new name (the
+/// rename took both).
 pub fn object_of(path: &[u8]) -> ObjectId {
     let h = blake3::hash(path);
     let mut b = [0u8; 8];
