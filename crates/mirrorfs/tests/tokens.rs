@@ -617,6 +617,20 @@ fn one_file_written_whole_at_both_sites_at_once_ends_as_one_writers_session() {
         "{mixed} bytes of another session than the first byte's ({})",
         a[0] as char
     );
+    // The times recorded at each close travel under the token too: the file's mtime ends the
+    // same at both sites.
+    let mtime = |m: &Mount| {
+        use std::os::unix::fs::MetadataExt;
+        let st = fs::metadata(m.backing().join("big")).expect("stat the backing file");
+        (st.mtime(), st.mtime_nsec())
+    };
+    let same = wait_until(Duration::from_secs(10), || mtime(&pair.a) == mtime(&pair.b));
+    assert!(
+        same,
+        "mtimes {:?} at a, {:?} at b",
+        mtime(&pair.a),
+        mtime(&pair.b)
+    );
     assert!(
         a[0] == b'a' + rounds - 1 || a[0] == b'A' + rounds - 1,
         "the last session of one of the sites: {}",

@@ -795,6 +795,21 @@ impl Volume {
         Ok(Some(seq))
     }
 
+    /// [`Volume::record`] of a record whose tokens the caller took ([`Volume::take_tokens`]):
+    /// the times of a file the mount records (at its close, after its creation) are a change of
+    /// the file like a `chmod`, so they cover the record as for [`Volume::mutate_holding`].
+    pub fn record_holding(
+        &self,
+        tokens: Tokens<'_>,
+        build: impl FnOnce() -> Option<Op>,
+    ) -> Result<Option<u64>, i32> {
+        let r = self.record(build);
+        if let (Some(permits), Ok(Some(seq))) = (tokens.0, &r) {
+            permits.written(*seq);
+        }
+        r
+    }
+
     /// Whether record `seq` is inside the group open now (after its first `GroupBegin`).
     fn in_open_group(&self, seq: u64) -> bool {
         lock(&self.groups)
