@@ -7,15 +7,18 @@
 //!   `--write-tokens 2:1`) and `--write-tokens 1:2` (A is the home: it holds every token). Two
 //!   workloads, each in rounds alternating nothing else, median reported: `4k-pwrite`, 8,192
 //!   `pwrite`s of 4 KiB at random offsets in 8 files of 4 MiB (ops/s); `seq-write`, a file of
-//!   `--tokens-mib` MiB in 1 MiB writes (MiB/s). Target: the pair ≥ 0.9 × single-primary.
+//!   `--tokens-mib` MiB in 1 MiB writes (MiB/s); `names`, 500 × (create, chmod, rename,
+//!   unlink) of empty files (changes/s: each takes the tokens of the names it changes). Target:
+//!   the pair ≥ 0.9 × single-primary.
 //! - **Token hand-over latency through the mounts**: one file written alternately at B and at A
 //!   (open, 4 KiB `pwrite`, close, timed), so each write takes the token from the other site
 //!   (request, grant after its records, T1 and T2 fsyncs), against the same write at A to a
-//!   file whose token it holds. p50/p99/max.
+//!   file whose token it holds. p50/p99/max. The same for a name change: one file's `chmod`
+//!   alternately at B and at A, against a `chmod` at A of a file whose token it holds.
 
 use std::ffi::OsString;
 use std::fs;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
@@ -33,6 +36,8 @@ const FILES: u64 = 8;
 const FILE_BYTES: u64 = 4 << 20;
 const PWRITES: usize = 8192;
 const HANDOVERS: usize = 200;
+/// Files of the `names` workload per round (four changes each).
+const NAMES: usize = 500;
 /// How long the pair may take to connect both ways.
 const CONNECT: Duration = Duration::from_secs(60);
 
@@ -125,8 +130,9 @@ fn wait_caught_up(bin: &Path, mnt: &Path) -> Result<()> {
     }
 }
 
-/// Write speed through `mnt`: (4 KiB pwrites/s, sequential MiB/s), medians of [`ROUNDS`].
-fn write_speed(mnt: &Path, seq_mib: u64, seed: u64) -> Result<(f64, f64)> {
+/// Write speed through `mnt`: (4 KiB pwrites/s, sequential MiB/s, name changes/s), medians of
+/// [`ROUNDS`].
+fn write_speed(mnt: &Path, seq_mib: u64, seed: u64) -> Result<Speed> {
     let dir = mnt.join("speed");
     fs::create_dir_all(&dir)?;
     let files: Vec<fs::File> = (0..FILES)
@@ -144,7 +150,7 @@ fn write_speed(mnt: &Path, seq_mib: u64, seed: u64) -> Result<(f64, f64)> {
     let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
     let block = vec![7u8; 4096];
     let mb = vec![9u8; 1 << 20];
-    let (mut ops, mut seq) = (Vec::new(), Vec::new());
+    let (mut ops, mut seq, mut names) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..ROUNDS {
         crate::check_interrupted()?;
         let t = Instant::now();
@@ -163,12 +169,35 @@ fn write_speed(mnt: &Path, seq_mib: u64, seed: u64) -> Result<(f64, f64)> {
         drop(f);
         seq.push(seq_mib as f64 / t.elapsed().as_secs_f64());
         fs::remove_file(&p)?;
+        let t = Instant::now();
+        for i in 0..NAMES {
+            let (p, q) = (
+                dir.join(format!("n{round}-{i}")),
+                dir.join(format!("m{round}-{i}")),
+            );
+            drop(fs::File::create(&p)?);
+            fs::set_permissions(&p, fs::Permissions::from_mode(0o600))?;
+            fs::rename(&p, &q)?;
+            fs::remove_file(&q)?;
+        }
+        names.push((4 * NAMES) as f64 / t.elapsed().as_secs_f64());
     }
     let median = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    Ok((median(ops), median(seq)))
+    Ok((median(ops), median(seq), median(names)))
+}
+
+/// (4 KiB pwrites/s, sequential MiB/s, name changes/s).
+type Speed = (f64, f64, f64);
+
+/// One `chmod` of `p`: timed.
+fn one_chmod(p: &Path, mode: u32) -> Result<Duration> {
+    let t = Instant::now();
+    fs::set_permissions(p, fs::Permissions::from_mode(mode))
+        .with_context(|| format!("chmod {}", p.display()))?;
+    Ok(t.elapsed())
 }
 
 /// Open, one 4 KiB pwrite at 0, close: timed.
@@ -188,12 +217,14 @@ fn one_write(p: &Path, byte: u8) -> Result<Duration> {
 
 struct Figures {
     /// Before and after the pair.
-    single: [(f64, f64); 2],
-    pair: (f64, f64),
+    single: [Speed; 2],
+    pair: Speed,
     /// Sorted latencies: writes that took the token from the other site, at A and at B; a
-    /// write to a token held.
+    /// write to a token held; the same for `chmod`.
     handover: Vec<Duration>,
     held: Vec<Duration>,
+    chmod_handover: Vec<Duration>,
+    chmod_held: Vec<Duration>,
 }
 
 pub fn run(bin: &Path, run_dir: &Path, markdown: bool, quick: bool, seed: u64) -> Result<()> {
@@ -214,7 +245,7 @@ fn single_speed(
     seq_mib: u64,
     seed: u64,
     round: &str,
-) -> Result<(f64, f64)> {
+) -> Result<Speed> {
     let port = free_port()?;
     let mirror = base.join(format!("single-{round}-mirror"));
     fs::create_dir_all(&mirror)?;
@@ -254,13 +285,21 @@ fn measure(bin: &Path, base: &Path, ids: &Identities, seq_mib: u64, seed: u64) -
     let after = single_speed(bin, base, ids, seq_mib, seed, "after")?;
     Ok(Figures {
         single: [before, after],
-        pair: pair.0,
-        handover: pair.1,
-        held: pair.2,
+        pair: pair.speed,
+        handover: pair.handover,
+        held: pair.held,
+        chmod_handover: pair.chmod_handover,
+        chmod_held: pair.chmod_held,
     })
 }
 
-type PairFigures = ((f64, f64), Vec<Duration>, Vec<Duration>);
+struct PairFigures {
+    speed: Speed,
+    handover: Vec<Duration>,
+    held: Vec<Duration>,
+    chmod_handover: Vec<Duration>,
+    chmod_held: Vec<Duration>,
+}
 
 fn pair_figures(
     bin: &Path,
@@ -297,6 +336,16 @@ fn pair_figures(
     eprintln!("[tokens] pair: token hand-over latency");
     let (mut handover, mut held) = (Vec::new(), Vec::new());
     one_write(&a.mnt.join("mine"), b'0')?;
+    // `shared` exists at both sites before the alternation: a create takes the name's token,
+    // and one that waited for it finds the other site's file and fails with EEXIST (README).
+    one_write(&a.mnt.join("shared"), b'a')?;
+    let t0 = Instant::now();
+    while !b.backing.join("shared").exists() {
+        if t0.elapsed() > CONNECT {
+            bail!("site B never received A's `shared`");
+        }
+        sleep(Duration::from_millis(20));
+    }
     for i in 0..HANDOVERS {
         crate::check_interrupted()?;
         handover.push(one_write(&b.mnt.join("shared"), b'b')?);
@@ -305,6 +354,17 @@ fn pair_figures(
     }
     handover.sort();
     held.sort();
+    eprintln!("[tokens] pair: name-change (chmod) hand-over latency");
+    let (mut chmod_handover, mut chmod_held) = (Vec::new(), Vec::new());
+    for i in 0..HANDOVERS {
+        crate::check_interrupted()?;
+        let mode = 0o600 | (i as u32 & 0o7) << 3;
+        chmod_handover.push(one_chmod(&b.mnt.join("shared"), mode)?);
+        chmod_handover.push(one_chmod(&a.mnt.join("shared"), mode | 0o4)?);
+        chmod_held.push(one_chmod(&a.mnt.join("mine"), mode)?);
+    }
+    chmod_handover.sort();
+    chmod_held.sort();
     // The last write is a's: both backing trees hold it once b applied it.
     let t0 = Instant::now();
     while fs::read(b.backing.join("shared")).ok() != Some(vec![b'a'; 4096]) {
@@ -316,7 +376,13 @@ fn pair_figures(
     let _ = &a.backing;
     b.stop()?;
     a.stop()?;
-    Ok((pair_speed, handover, held))
+    Ok(PairFigures {
+        speed: pair_speed,
+        handover,
+        held,
+        chmod_handover,
+        chmod_held,
+    })
 }
 
 fn ms(d: Duration) -> String {
@@ -325,7 +391,7 @@ fn ms(d: Duration) -> String {
 
 fn print_table(f: &Figures, seq_mib: u64, markdown: bool) {
     println!(
-        "two writable sites on loopback (--peer, --write-tokens): write speed at the site holding the tokens vs single primary with a network mirror (median of {ROUNDS} rounds; target ≥ 0.9x), and token hand-over latency (open + 4 KiB pwrite + close, {HANDOVERS} alternations)"
+        "two writable sites on loopback (--peer, --write-tokens): write speed at the site holding the tokens vs single primary with a network mirror (median of {ROUNDS} rounds; target ≥ 0.9x), and token hand-over latency (a write: open + 4 KiB pwrite + close; a chmod; {HANDOVERS} alternations each)"
     );
     let ratio = |p: f64, s: f64| {
         let r = p / s;
@@ -353,8 +419,15 @@ fn print_table(f: &Figures, seq_mib: u64, markdown: bool) {
         format!("{:.1}", a.1),
         ratio(f.pair.1, (b.1 + a.1) / 2.0),
     ]);
+    t.push(vec![
+        format!("names ({NAMES} × create, chmod, rename, unlink), changes/s"),
+        format!("{:.0}", b.2),
+        format!("{:.0}", f.pair.2),
+        format!("{:.0}", a.2),
+        ratio(f.pair.2, (b.2 + a.2) / 2.0),
+    ]);
     let mut l = vec![vec![
-        "write (open + 4 KiB pwrite + close)".to_string(),
+        "change (a write: open + 4 KiB pwrite + close; a chmod)".to_string(),
         "p50 ms".into(),
         "p99 ms".into(),
         "max ms".into(),
@@ -362,6 +435,8 @@ fn print_table(f: &Figures, seq_mib: u64, markdown: bool) {
     for (name, v) in [
         ("token held here", &f.held),
         ("token taken from the other site", &f.handover),
+        ("chmod, token held here", &f.chmod_held),
+        ("chmod, token taken from the other site", &f.chmod_handover),
     ] {
         l.push(vec![
             name.to_string(),

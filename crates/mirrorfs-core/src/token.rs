@@ -39,8 +39,8 @@
 //!   when no write to the object is in progress.
 //!
 //! While the link is down a site keeps writing to the tokens it holds; for the others the
-//! mount's [`PartitionPolicy`] decides: `Reconcile` lets the write proceed unguarded (a conflict
-//! for the reintegration to settle), `ReadOnly` refuses it (`EROFS`). The shell makes each
+//! mount's [`PartitionPolicy`] decides: `Reconcile` lets the write proceed unguarded (a file
+//! changed at both sites is reconciled at the heal: `core::reconcile`), `ReadOnly` refuses it (`EROFS`). The shell makes each
 //! [`Action::Persist`] durable before it carries out the actions after it, sends [`TokenMsg`]s on
 //! the replication stream in order with the journal records, and tells the machine how far the
 //! stream has sent ([`Event::Shipped`]) and how far the peer's records are applied here
@@ -62,7 +62,10 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-/// A file system object whose writes a token guards (the shell's stable id for a file).
+use crate::op::Op;
+use crate::path::RelPath;
+
+/// A file system object whose changes a token guards (the shell's stable id for a name).
 pub type ObjectId = u64;
 /// A site's id; the lower of the two is the home of every token.
 pub type SiteId = u64;
@@ -73,6 +76,12 @@ pub type WriteId = u64;
 pub const ENTRIES_MAX: usize = 4096;
 /// Writes a site parks (waiting for tokens) by default.
 pub const PARKED_MAX: usize = 1024;
+/// How long a holder asked for a token keeps it by default while its files stay open: a write
+/// session (open, writes, close) shorter than this reaches the other site whole.
+pub const HOLD_MAX_MS: u64 = 5_000;
+/// A parked write waits at most this long beyond `hold_max_ms` (the records the token waits
+/// for, the round trip) before it is refused ([`Refusal::Timeout`]).
+pub const PARK_SLACK_MS: u64 = 10_000;
 
 /// What a site does with writes to objects whose token is across a split (issue 7 item 6).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,7 +103,10 @@ pub struct TokenConfig {
     pub parked_max: usize,
     /// The other site gives back a token nobody used for this long.
     pub idle_ms: u64,
-    /// A holder asked for a token hands it over within this long even with files open.
+    /// A holder asked for a token hands it over within this long even with files open (once
+    /// the writes in progress are done): the longest write session (open, writes, close) that
+    /// reaches the other site whole, and the longest the other site waits for a token whose
+    /// file stays open here.
     pub hold_max_ms: u64,
     /// A parked write is refused ([`Refusal::Timeout`]) after waiting this long.
     pub park_timeout_ms: u64,
@@ -110,11 +122,66 @@ impl TokenConfig {
             entries_max: ENTRIES_MAX,
             parked_max: PARKED_MAX,
             idle_ms: 2_000,
-            hold_max_ms: 200,
-            park_timeout_ms: 10_000,
+            hold_max_ms: HOLD_MAX_MS,
+            park_timeout_ms: HOLD_MAX_MS + PARK_SLACK_MS,
             policy,
         }
     }
+
+    /// The same with `hold_max_ms` (`mount --token-hold-max-ms`), the park timeout following
+    /// it: a parked write may wait for a whole session at the other site, then for the token.
+    pub fn with_hold_max(self, hold_max_ms: u64) -> Self {
+        TokenConfig {
+            hold_max_ms,
+            park_timeout_ms: hold_max_ms.saturating_add(PARK_SLACK_MS),
+            ..self
+        }
+    }
+}
+
+/// The names whose tokens a change through the mount takes (`docs/protocol.md`, "Which tokens
+/// a change takes"): a data or metadata change (write, truncate, fallocate, chmod, chown,
+/// times, xattrs) the token of its object's name; a change that makes or removes a name
+/// (create, mkdir, mknod, symlink, unlink, rmdir) that name's token; a rename both names' (the
+/// name that goes and the name it takes, whatever that named before); a link both names' (the
+/// new name, and the existing one whose file gains a link: a rename or unlink of it at the
+/// other site must not cross the link). Never the parent directory's: changes to different
+/// names in one directory commute, and two sites filling one directory would otherwise pass
+/// its token back and forth on every create. Records that change no tree (aborts, a copy's
+/// records, group marks) take none.
+pub fn names_of(op: &Op) -> Vec<&RelPath> {
+    match op {
+        Op::Create { path, .. }
+        | Op::Mkdir { path, .. }
+        | Op::Mknod { path, .. }
+        | Op::Symlink { path, .. }
+        | Op::Unlink { path, .. }
+        | Op::Rmdir { path }
+        | Op::Write { path, .. }
+        | Op::Truncate { path, .. }
+        | Op::Fallocate { path, .. }
+        | Op::SetMode { path, .. }
+        | Op::SetOwner { path, .. }
+        | Op::SetTimes { path, .. }
+        | Op::SetXattr { path, .. }
+        | Op::RemoveXattr { path, .. } => vec![path],
+        Op::Link { from, to } | Op::Rename { from, to, .. } => vec![from, to],
+        Op::Abort { .. }
+        | Op::Sync { .. }
+        | Op::SyncDone { .. }
+        | Op::GroupBegin
+        | Op::GroupEnd => Vec::new(),
+    }
+}
+
+/// The order a change takes several tokens in, at both sites: ascending object ids, each once
+/// (a rename onto its own name takes one). A change that waits for a token holds only lower
+/// ones, so two changes can never each wait for a token the other holds (no cycle); and a
+/// token held by an open file is served within `hold_max_ms`, so a change never waits for ever.
+pub fn acquire_order(mut objects: Vec<ObjectId>) -> Vec<ObjectId> {
+    objects.sort_unstable();
+    objects.dedup();
+    objects
 }
 
 /// A token message (wire types 19–22, `docs/protocol.md`).
@@ -1307,6 +1374,262 @@ mod tests {
         );
         let a = home.handle(7, Event::Shipped { seq: 2 });
         assert_eq!(sent(&a), vec![grant(1, 2)]);
+    }
+
+    /// A write session (open, several writes, close) shorter than `hold_max_ms` keeps the token
+    /// to its close, however early the other site asks: the other site gets the file whole.
+    #[test]
+    fn a_write_session_shorter_than_hold_max_keeps_the_token_to_its_close() {
+        let c = TokenConfig::new(1, 2, PartitionPolicy::ReadOnly).with_hold_max(3_000);
+        assert_eq!(c.hold_max_ms, 3_000);
+        assert_eq!(c.park_timeout_ms, 3_000 + PARK_SLACK_MS);
+        let default = TokenConfig::new(1, 2, PartitionPolicy::ReadOnly);
+        assert_eq!(default.hold_max_ms, HOLD_MAX_MS);
+        assert!(default.park_timeout_ms > default.hold_max_ms);
+        let mut home = TokenSite::new(c);
+        home.handle(0, Event::Connected { shipped: 0 });
+        home.handle(0, Event::Opened { object: X });
+        assert_eq!(home.handle(1, write(1, X)), vec![proceed(1, X)]);
+        // The other site asks right after the session's first write.
+        assert_eq!(
+            home.handle(2, recv(TokenMsg::Request { object: X })),
+            vec![]
+        );
+        assert_eq!(home.handle(3, written(X, 1)), vec![]);
+        // Every later write of the session, up to the bound, runs here.
+        for (w, t) in [(2u64, 500u64), (3, 1_500), (4, 2_900)] {
+            assert_eq!(home.handle(t, Event::Tick), vec![]);
+            assert_eq!(home.handle(t, write(w, X)), vec![proceed(w, X)]);
+            assert_eq!(home.handle(t + 1, written(X, w)), vec![]);
+        }
+        assert!(home.holds(X));
+        // The close hands it over at once, after the session's last record.
+        assert_eq!(
+            home.handle(2_950, Event::Closed { object: X }),
+            vec![Action::Ship { through: 4 }]
+        );
+        assert_eq!(
+            sent(&home.handle(2_951, Event::Shipped { seq: 4 })),
+            vec![grant(1, 4)]
+        );
+    }
+
+    /// The starvation bound stays: a session longer than `hold_max_ms` serves the request
+    /// at the bound (its later writes park and ask for the token back).
+    #[test]
+    fn a_session_longer_than_hold_max_serves_the_request_at_the_bound() {
+        let mut home =
+            TokenSite::new(TokenConfig::new(1, 2, PartitionPolicy::ReadOnly).with_hold_max(3_000));
+        home.handle(0, Event::Connected { shipped: 0 });
+        home.handle(0, Event::Opened { object: X });
+        home.handle(1, write(1, X));
+        home.handle(2, written(X, 1));
+        home.handle(10, recv(TokenMsg::Request { object: X }));
+        assert_eq!(home.handle(3_009, Event::Tick), vec![]);
+        assert_eq!(home.handle(3_009, write(2, X)), vec![proceed(2, X)]);
+        assert_eq!(home.handle(3_009, written(X, 2)), vec![]);
+        let a = home.handle(3_010, Event::Tick);
+        assert_eq!(a, vec![Action::Ship { through: 2 }]);
+        assert_eq!(home.handle(3_011, write(3, X)), vec![]);
+        let a = home.handle(3_012, Event::Shipped { seq: 2 });
+        assert_eq!(sent(&a), vec![grant(1, 2), TokenMsg::Request { object: X }]);
+    }
+
+    #[test]
+    fn every_change_names_the_tokens_it_takes() {
+        let p = |s: &str| RelPath::new(s.as_bytes().to_vec()).expect("path");
+        let (a, b) = (p("d/a"), p("d/b"));
+        let one = [
+            Op::Create {
+                path: a.clone(),
+                mode: 0o644,
+                uid: 0,
+                gid: 0,
+            },
+            Op::Mkdir {
+                path: a.clone(),
+                mode: 0o755,
+                uid: 0,
+                gid: 0,
+            },
+            Op::Unlink {
+                path: a.clone(),
+                nlink: 1,
+            },
+            Op::Rmdir { path: a.clone() },
+            Op::Symlink {
+                path: a.clone(),
+                target: b"t".to_vec(),
+                uid: 0,
+                gid: 0,
+            },
+            Op::Mknod {
+                path: a.clone(),
+                mode: libc_fifo(),
+                rdev: 0,
+                uid: 0,
+                gid: 0,
+            },
+            Op::SetMode {
+                path: a.clone(),
+                mode: 0o600,
+            },
+            Op::SetOwner {
+                path: a.clone(),
+                uid: Some(1),
+                gid: None,
+            },
+            Op::SetTimes {
+                path: a.clone(),
+                atime: None,
+                mtime: None,
+            },
+            Op::SetXattr {
+                path: a.clone(),
+                name: b"user.x".to_vec(),
+                value: Vec::new(),
+                flags: 0,
+            },
+            Op::RemoveXattr {
+                path: a.clone(),
+                name: b"user.x".to_vec(),
+            },
+            Op::Write {
+                path: a.clone(),
+                offset: 0,
+                data: b"x".to_vec(),
+            },
+            Op::Truncate {
+                path: a.clone(),
+                size: 0,
+            },
+        ];
+        for op in &one {
+            assert_eq!(names_of(op), vec![&a], "{}", op.name());
+        }
+        let rename = Op::Rename {
+            from: a.clone(),
+            to: b.clone(),
+            flags: 0,
+            from_ino: 9,
+        };
+        assert_eq!(names_of(&rename), vec![&a, &b]);
+        let link = Op::Link {
+            from: a.clone(),
+            to: b.clone(),
+        };
+        assert_eq!(names_of(&link), vec![&a, &b]);
+        for op in [Op::Abort { seq: 1 }, Op::GroupBegin, Op::GroupEnd] {
+            assert!(names_of(&op).is_empty(), "{}", op.name());
+        }
+        assert_eq!(acquire_order(vec![Y, X, Y]), vec![X, Y]);
+        assert_eq!(
+            acquire_order(vec![X, X]),
+            vec![X],
+            "a rename onto its own name"
+        );
+    }
+
+    fn libc_fifo() -> u32 {
+        0o010_644
+    }
+
+    /// One change of two names at each site at once (a rename between X and Y), each taking
+    /// the two tokens in `order`, the tokens passing between the sites as the messages say.
+    /// Returns when each change ran (both tokens held), or the refusals.
+    fn two_name_changes(
+        home_order: [ObjectId; 2],
+        other_order: [ObjectId; 2],
+    ) -> Vec<Result<u64, Refusal>> {
+        let (mut home, mut other) = pair();
+        // X starts at the other site (it wrote it), Y at home.
+        lend_x(&mut home, &mut other);
+        let mut sites = [home, other];
+        let orders = [home_order, other_order];
+        let mut next = [0usize; 2];
+        let mut held: [Vec<ObjectId>; 2] = [Vec::new(), Vec::new()];
+        let mut seq = [10u64; 2];
+        let mut result: [Option<Result<u64, Refusal>>; 2] = [None, None];
+        let mut inbox: [VecDeque<TokenMsg>; 2] = [VecDeque::new(), VecDeque::new()];
+        for now in 10..2_000u64 {
+            for i in 0..2 {
+                let mut events = VecDeque::new();
+                if now == 10 {
+                    events.push_back(write(100 * i as u64, orders[i][0]));
+                }
+                while let Some(m) = inbox[i].pop_front() {
+                    if let TokenMsg::Grant { seq, .. } = m {
+                        // The granter's records arrive ahead of its Grant.
+                        events.push_back(Event::PeerApplied { seq });
+                    }
+                    events.push_back(recv(m));
+                }
+                events.push_back(Event::Tick);
+                while let Some(e) = events.pop_front() {
+                    for a in sites[i].handle(now, e) {
+                        match a {
+                            Action::Send(m) => inbox[1 - i].push_back(m),
+                            Action::Ship { through } => {
+                                events.push_back(Event::Shipped { seq: through })
+                            }
+                            Action::Proceed {
+                                object, guarded, ..
+                            } => {
+                                assert!(guarded);
+                                assert!(
+                                    !held[1 - i].contains(&object),
+                                    "both sites hold {object} at {now}"
+                                );
+                                held[i].push(object);
+                                next[i] += 1;
+                                if next[i] < 2 {
+                                    events.push_back(write(100 * i as u64 + 1, orders[i][1]));
+                                } else {
+                                    // Both tokens held: the rename runs, is journaled, done.
+                                    seq[i] += 1;
+                                    for o in held[i].drain(..) {
+                                        events.push_back(written(o, seq[i]));
+                                    }
+                                    result[i] = Some(Ok(now));
+                                }
+                            }
+                            Action::Refuse { reason, .. } => {
+                                for o in held[i].drain(..) {
+                                    events.push_back(written(o, 0));
+                                }
+                                result[i] = Some(Err(reason));
+                            }
+                            Action::Persist(_) => {}
+                        }
+                    }
+                }
+            }
+            if result.iter().all(|r| r.is_some()) {
+                break;
+            }
+        }
+        result
+            .into_iter()
+            .map(|r| r.expect("each change ran or was refused within the run"))
+            .collect()
+    }
+
+    #[test]
+    fn changes_of_two_names_at_both_sites_take_them_in_one_order_and_both_run() {
+        let order = acquire_order(vec![Y, X]);
+        let [a, b] = [order[0], order[1]];
+        let r = two_name_changes([a, b], [a, b]);
+        assert!(r.iter().all(|r| r.is_ok()), "{r:?}");
+        // Well within the park timeout (1 s here): a few steps, no waiting for a bound.
+        assert!(r.iter().all(|r| r.is_ok_and(|t| t < 100)), "{r:?}");
+        // Taken in opposite orders, each site holds one and waits for the other's: nothing
+        // moves until the park timeout (1 s here) refuses one (what the fixed order prevents).
+        let r = two_name_changes([Y, X], [X, Y]);
+        assert!(r.contains(&Err(Refusal::Timeout)), "{r:?}");
+        assert!(
+            r.iter().all(|r| r.is_err() || r.is_ok_and(|t| t >= 1_000)),
+            "{r:?}"
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The seeded write-token simulation (see `mirrorfs_core::sim::run_tokens_seed`): two writable
 //! sites exchange token messages and journal records over an ordered link that is cut and
-//! restored, both write a few objects at once, and either site crashes (also between a
+//! restored, both write a few objects at once (also two objects in one change, as a rename or a
+//! link takes both names' tokens), and either site crashes (also between a
 //! `Persist` and the action after it) and recovers its token table; the invariants are checked
 //! after every step and at the final heal.
 //!
@@ -46,9 +47,11 @@ fn seeded_write_token_simulation() {
         }
     }
     println!(
-        "sim_tokens: {} seeds, {} writes ({} with the token, {} unguarded across a split), refused: {} read-only, {} timed out, {} table or queue full; {} lost with a crashed site; {} grants delivered, {} crashes ({} between two actions of a batch), {} link cuts; longest wait {} ms; split writes reconciled: {} concurrent peer records ({} skipped by the winner, {} copies aside by the loser); in {:.1} s; {} failed",
+        "sim_tokens: {} seeds, {} writes ({} in {} two-object changes; {} with the token, {} unguarded across a split), refused: {} read-only, {} timed out, {} table or queue full; {} lost with a crashed site; {} grants delivered, {} crashes ({} between two actions of a batch), {} link cuts; longest wait {} ms; split writes reconciled: {} concurrent peer records ({} skipped by the winner, {} copies aside by the loser); in {:.1} s; {} failed",
         total.seeds,
         total.writes,
+        2 * total.pairs,
+        total.pairs,
         total.guarded,
         total.unguarded,
         total.refused_read_only,
@@ -77,6 +80,10 @@ fn seeded_write_token_simulation() {
         );
     }
     assert!(total.writes > 0 || seeds.is_empty(), "no write ran");
+    assert!(
+        total.pairs > 0 || seeds.len() < 10,
+        "no two-object change ran"
+    );
     assert!(
         total.grants > 0 || seeds.is_empty(),
         "no token changed hands"

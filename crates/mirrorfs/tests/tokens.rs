@@ -463,6 +463,11 @@ fn across_a_split_reconcile_lets_the_write_go_on_without_the_token() {
     drop(held);
     common::lazy_unmount(pair.b.mnt());
     write_block(&pair.a.p("theirs"), b'a', 4096).expect("reconcile: the write goes on");
+    // So do changes of its name and metadata whose token is at b.
+    chmod(&pair.a.p("theirs"), 0o600).expect("reconcile: the chmod goes on");
+    fs::rename(pair.a.p("theirs"), pair.a.p("renamed")).expect("reconcile: the rename goes on");
+    fs::rename(pair.a.p("renamed"), pair.a.p("theirs")).expect("and back");
+    assert_eq!(mode_of(&pair.a.p("theirs")), 0o600);
     assert_eq!(
         fs::read(pair.a.p("theirs")).expect("read at a"),
         vec![b'a'; 4096]
@@ -714,4 +719,255 @@ fn split_writes_are_reconciled_after_both_sites_restart_before_the_heal() {
         assert_eq!(listed.len(), 1, "{listed:#?}");
         assert_eq!(listed[0]["path"], "notes.txt");
     }
+}
+
+fn mode_of(p: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    fs::symlink_metadata(p)
+        .unwrap_or_else(|e| panic!("stat {}: {e}", p.display()))
+        .permissions()
+        .mode()
+        & 0o7777
+}
+
+fn chmod(p: &Path, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(p, fs::Permissions::from_mode(mode))
+}
+
+/// Writes that waited for a token at `m` so far (its status).
+fn parked(m: &Mount) -> u64 {
+    tokens_status(m)["write_tokens"]["writes_parked"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+/// Runs `change` at `m` and waits until its status shows that it waited for a token (one round
+/// trip to the peer, which held it).
+fn waits_for_a_token(m: &Mount, what: &str, change: impl FnOnce() -> std::io::Result<()>) {
+    let before = parked(m);
+    change().unwrap_or_else(|e| panic!("{what}: {e}\nsite's log:\n{}", m.log()));
+    let mut now = before;
+    let waited = wait_until(Duration::from_secs(10), || {
+        now = parked(m);
+        now > before
+    });
+    assert!(
+        waited,
+        "{what} took no token from the peer ({before} → {now})"
+    );
+}
+
+#[test]
+fn namespace_and_metadata_changes_take_the_token_from_the_other_site_and_arrive() {
+    let pair = token_pair("names", "read-only");
+    // a (site 1, the home) makes the names: it holds their tokens.
+    for f in ["meta", "from", "gone"] {
+        write_block(&pair.a.p(f), b'0', 4096).expect("create at a");
+    }
+    fs::create_dir(pair.a.p("dir")).expect("mkdir at a");
+    pair.wait_equal();
+    let b = &pair.b;
+    waits_for_a_token(b, "create at b", || fs::write(b.p("new"), b"made at b"));
+    waits_for_a_token(b, "rename at b", || fs::rename(b.p("from"), b.p("to")));
+    waits_for_a_token(b, "unlink at b", || fs::remove_file(b.p("gone")));
+    waits_for_a_token(b, "chmod at b", || chmod(&b.p("meta"), 0o600));
+    waits_for_a_token(b, "rmdir at b", || fs::remove_dir(b.p("dir")));
+    waits_for_a_token(b, "mkdir at b", || fs::create_dir(b.p("made")));
+    pair.wait_equal();
+    let a = &pair.a;
+    assert_eq!(fs::read(a.p("new")).expect("new at a"), b"made at b");
+    assert!(
+        a.p("to").exists() && !a.p("from").exists(),
+        "the rename at a"
+    );
+    assert!(
+        !a.p("gone").exists() && !a.p("dir").exists(),
+        "the removals at a"
+    );
+    assert!(a.p("made").is_dir(), "the mkdir at a");
+    assert_eq!(
+        mode_of(&a.p("meta")),
+        0o600,
+        "the chmod as a's mount shows it"
+    );
+    // And back: the tokens are at b, or given back by now (idle 2 s); either way a's changes
+    // take them and arrive at b.
+    chmod(&a.p("meta"), 0o640).expect("chmod at a");
+    fs::rename(a.p("to"), a.p("new")).expect("rename at a");
+    pair.wait_equal();
+    assert_eq!(
+        mode_of(&b.p("meta")),
+        0o640,
+        "the chmod as b's mount shows it"
+    );
+    assert_eq!(fs::read(b.p("new")).expect("new at b"), vec![b'0'; 4096]);
+    assert!(!b.p("to").exists());
+    let log = pair.a.log() + &pair.b.log();
+    assert!(
+        !log.contains("failed here"),
+        "no peer record failed:\n{log}"
+    );
+}
+
+#[test]
+fn across_a_split_a_name_change_whose_token_is_away_fails_with_erofs_and_status_says_why() {
+    let mut pair = token_pair("split-names", "read-only");
+    for f in ["theirs", "meta"] {
+        write_block(&pair.a.p(f), b'0', 4096).expect("create at a");
+    }
+    pair.wait_equal();
+    // b takes the tokens of `theirs` and `meta` and keeps both open, so they stay at b; then it
+    // renames `theirs` away (the open file keeps the token of the name `theirs`).
+    let open_at_b = |f: &str| {
+        use std::os::unix::fs::FileExt;
+        let h = fs::OpenOptions::new()
+            .write(true)
+            .open(pair.b.p(f))
+            .expect("open at b");
+        h.write_all_at(b"bbbb", 0).expect("write at b");
+        h
+    };
+    let held = [open_at_b("theirs"), open_at_b("meta")];
+    fs::rename(pair.b.p("theirs"), pair.b.p("moved")).expect("rename at b");
+    pair.wait_equal();
+    // The link is cut: b is gone.
+    pair.b.kill9_leaving_the_mount();
+    drop(held);
+    common::lazy_unmount(pair.b.mnt());
+    let a = &pair.a;
+    let mode = mode_of(&a.p("meta"));
+    let erofs = |what: &str, r: std::io::Result<()>| {
+        let e = r.expect_err(what);
+        assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{what}: {e}");
+    };
+    erofs(
+        "create of a name whose token is at b",
+        fs::File::create(a.p("theirs")).map(drop),
+    );
+    erofs(
+        "rename onto a name whose token is at b",
+        fs::rename(a.p("moved"), a.p("theirs")),
+    );
+    erofs(
+        "unlink of a name whose token is at b",
+        fs::remove_file(a.p("meta")),
+    );
+    erofs(
+        "chmod of a file whose token is at b",
+        chmod(&a.p("meta"), 0o600),
+    );
+    // Nothing changed at a; names whose tokens a holds still change.
+    assert!(a.p("moved").exists() && a.p("meta").exists() && !a.p("theirs").exists());
+    assert_eq!(mode_of(&a.p("meta")), mode);
+    fs::write(a.p("ours"), b"a").expect("a creates a name it holds");
+    fs::rename(a.p("ours"), a.p("ours2")).expect("a renames within its own tokens");
+    chmod(&a.p("ours2"), 0o600).expect("a chmods its own");
+    let mut st = serde_json::Value::Null;
+    let told = wait_until(Duration::from_secs(10), || {
+        st = tokens_status(a);
+        st["write_tokens"]["last_refusal"]
+            .as_str()
+            .is_some_and(|s| s.contains("meta"))
+    });
+    assert!(told, "status names no refusal of meta: {st:#}");
+    let why = st["write_tokens"]["last_refusal"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(why.contains("read-only"), "{st:#}");
+    assert_eq!(st["write_tokens"]["connected"], false, "{st:#}");
+}
+
+/// Writes `len` bytes of `letter` to `p` from its start, truncating it first, in `calls`
+/// write(2) calls between one open and its close.
+fn write_session(p: &Path, letter: u8, len: usize, calls: usize) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut f = fs::OpenOptions::new().write(true).truncate(true).open(p)?;
+    let chunk = vec![letter; len / calls];
+    for _ in 0..calls {
+        f.write_all(&chunk)?;
+        // An application that writes in pieces: the session lasts a while.
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    Ok(())
+}
+
+#[test]
+fn one_file_written_whole_at_both_sites_at_once_ends_as_one_writers_session() {
+    // Each session (open, 8 writes of 512 KiB, close) keeps its token to its close: at a
+    // within the default bound (5 s), at b within the one given.
+    let pair = Pair::with(
+        "session",
+        &["--write-tokens", "1:2", "--partition", "read-only"],
+        &[
+            "--write-tokens",
+            "2:1",
+            "--partition",
+            "read-only",
+            "--token-hold-max-ms",
+            "20000",
+        ],
+    );
+    let len = 4 << 20;
+    write_block(&pair.a.p("big"), b'0', len).expect("first write at a");
+    pair.wait_equal();
+    let rounds = 4u8;
+    std::thread::scope(|s| {
+        for (site, letter) in [(&pair.a, b'a'), (&pair.b, b'A')] {
+            s.spawn(move || {
+                for round in 0..rounds {
+                    write_session(&site.p("big"), letter + round, len, 8).unwrap_or_else(|e| {
+                        panic!("session at {}: {e}\n{}", letter as char, site.log())
+                    });
+                    // What a site reads is one session (or the start of the next: its
+                    // truncate, then its first writes), never two sessions mixed.
+                    let back = fs::read(site.p("big")).expect("read back");
+                    let other = back.iter().filter(|&&c| c != back[0]).count();
+                    assert_eq!(
+                        other, 0,
+                        "site {} read {other} bytes of another session than {}",
+                        letter as char, back[0] as char
+                    );
+                }
+            });
+        }
+    });
+    pair.wait_equal();
+    let (a, b) = (
+        fs::read(pair.a.p("big")).expect("a"),
+        fs::read(pair.b.p("big")).expect("b"),
+    );
+    assert_eq!(a.len(), len, "one whole session's length");
+    assert!(a == b, "both sites hold the same session");
+    let mixed = a.iter().filter(|&&c| c != a[0]).count();
+    assert_eq!(
+        mixed, 0,
+        "{mixed} bytes of another session than the first byte's ({})",
+        a[0] as char
+    );
+    // The times recorded at each close travel under the token too: the file's mtime ends the
+    // same at both sites.
+    let mtime = |m: &Mount| {
+        use std::os::unix::fs::MetadataExt;
+        let st = fs::metadata(m.backing().join("big")).expect("stat the backing file");
+        (st.mtime(), st.mtime_nsec())
+    };
+    let same = wait_until(Duration::from_secs(10), || mtime(&pair.a) == mtime(&pair.b));
+    assert!(
+        same,
+        "mtimes {:?} at a, {:?} at b",
+        mtime(&pair.a),
+        mtime(&pair.b)
+    );
+    assert!(
+        a[0] == b'a' + rounds - 1 || a[0] == b'A' + rounds - 1,
+        "the last session of one of the sites: {}",
+        a[0] as char
+    );
+    let mut st = serde_json::Value::Null;
+    let travelled = wait_until(Duration::from_secs(10), || {
+        st = tokens_status(&pair.b);
+        st["write_tokens"]["writes_parked"].as_u64().unwrap_or(0) >= 1
+    });
+    assert!(travelled, "b's sessions waited for a's: {st:#}");
 }

@@ -9,8 +9,10 @@
 //! Each site journals its own writes and streams its journal to the other on an ordered link
 //! (a reconnection resumes the stream from what the peer received, as the real link does); the
 //! token messages travel on the same stream, through the wire codec. Users at both sites write
-//! a handful of objects at the same time and open and close them; the link goes down and comes
-//! back; either site crashes (possibly between two actions of one batch: after a `Persist`,
+//! a handful of objects at the same time and open and close them, and change two objects at
+//! once (a rename or a link: both names' tokens, taken one after the other in
+//! `token::acquire_order` and held together until the change is journaled); the link goes down
+//! and comes back; either site crashes (possibly between two actions of one batch: after a `Persist`,
 //! before the `Send` that follows it) and restarts from its durable token records.
 //!
 //! Invariants:
@@ -24,7 +26,8 @@
 //!    those records when the Grant arrives;
 //! 4. bounded wait: a parked write proceeds or is refused within the park timeout; a write
 //!    that waited while the link was up and both sites alive is never refused for a timeout
-//!    (no deadlock, no starvation); nothing is parked after the final heal;
+//!    (no deadlock, no starvation — also with two-object changes at both sites holding one
+//!    token while they wait for the next); nothing is parked after the final heal;
 //! 5. no lost write: after the final heal both sites hold every journaled write, and the
 //!    guarded writes of each object in the order they were made;
 //! 6. split writes reconciled (`core::reconcile`, fed as `site::reconcile` feeds it: each
@@ -43,8 +46,8 @@ use super::run::SplitMix64;
 use super::SimRng;
 use crate::reconcile::{Config as ReconcileConfig, Decision, Reconciler};
 use crate::token::{
-    Action, Event, ObjectId, PartitionPolicy, Refusal, TokenConfig, TokenMsg, TokenRecord,
-    TokenSite,
+    acquire_order, Action, Event, ObjectId, PartitionPolicy, Refusal, TokenConfig, TokenMsg,
+    TokenRecord, TokenSite,
 };
 use crate::wire::{Decoder, Msg};
 
@@ -53,6 +56,8 @@ use crate::wire::{Decoder, Msg};
 pub struct TokensStats {
     pub seeds: u64,
     pub writes: u64,
+    /// Changes of two objects (a rename, a link): two of the writes each.
+    pub pairs: u64,
     pub guarded: u64,
     /// Writes that went on without the token across a split (`Reconcile`).
     pub unguarded: u64,
@@ -78,6 +83,7 @@ impl std::ops::AddAssign for TokensStats {
     fn add_assign(&mut self, o: TokensStats) {
         self.seeds += o.seeds;
         self.writes += o.writes;
+        self.pairs += o.pairs;
         self.guarded += o.guarded;
         self.unguarded += o.unguarded;
         self.refused_read_only += o.refused_read_only;
@@ -204,6 +210,11 @@ struct World {
     /// Guarded writes of each object that proceeded and are not yet journaled: (site, uid).
     guarded_now: BTreeMap<ObjectId, Vec<(usize, Uid)>>,
     next_uid: Uid,
+    /// Two-object changes whose first write waits to proceed: first uid → (second uid, object).
+    pair_next: BTreeMap<Uid, (Uid, ObjectId)>,
+    /// Two-object changes whose second write waits: second uid → first uid (in progress, held
+    /// until the second proceeds; journaled together with it).
+    pair_first: BTreeMap<Uid, Uid>,
     /// A kill pending for this site: it dies after this many more actions.
     kill: Option<(usize, usize)>,
     stats: TokensStats,
@@ -261,6 +272,8 @@ fn run(
         guarded: HashSet::new(),
         guarded_now: BTreeMap::new(),
         next_uid: 1,
+        pair_next: BTreeMap::new(),
+        pair_first: BTreeMap::new(),
         kill: None,
         stats: TokensStats {
             seeds: 1,
@@ -286,10 +299,11 @@ impl World {
         self.now += rng.range(1, 8);
         self.deliver(rng)?;
         self.complete_writes()?;
-        match rng.weighted(&[30, 6, 6, 20]) {
+        match rng.weighted(&[30, 6, 6, 8, 20]) {
             0 => self.user_write(rng)?,
             1 => self.open_close(rng, true)?,
             2 => self.open_close(rng, false)?,
+            3 => self.user_pair(rng)?,
             _ => {}
         }
         // The streams and the appliers move at their own random pace.
@@ -386,12 +400,12 @@ impl World {
                 write,
                 object,
                 guarded,
-            } => self.proceed(i, write, object, guarded)?,
+            } => self.proceed(i, write, object, guarded, queue)?,
             Action::Refuse {
                 write,
                 object,
                 reason,
-            } => self.refused(i, write, object, reason)?,
+            } => self.refused(i, write, object, reason, queue)?,
         }
         Ok(())
     }
@@ -471,7 +485,14 @@ impl World {
         true
     }
 
-    fn proceed(&mut self, i: usize, uid: Uid, object: ObjectId, guarded: bool) -> Step {
+    fn proceed(
+        &mut self,
+        i: usize,
+        uid: Uid,
+        object: ObjectId,
+        guarded: bool,
+        queue: &mut VecDeque<Event>,
+    ) -> Step {
         let s = &mut self.sites[i];
         let since = s.parked.remove(&uid).map(|p| p.since);
         if let Some(since) = since {
@@ -507,7 +528,32 @@ impl World {
                 ));
             }
         }
-        let done_at = self.now + self.now % 7;
+        let mut done_at = self.now + self.now % 7;
+        if let Some((second, next)) = self.pair_next.remove(&uid) {
+            // The first object of a pair: its token stays taken (the write in progress) while
+            // the change waits for the second.
+            done_at = u64::MAX;
+            self.pair_first.insert(second, uid);
+            let healthy = self.link_up && self.sites.iter().all(SimSite::alive);
+            self.sites[i].parked.insert(
+                second,
+                Pending {
+                    object: next,
+                    since: self.now,
+                    healthy,
+                },
+            );
+            queue.push_back(Event::Write {
+                write: second,
+                object: next,
+            });
+        }
+        if let Some(first) = self.pair_first.remove(&uid) {
+            // Both tokens taken: the change runs and is journaled as one.
+            if let Some(w) = self.sites[i].writing.iter_mut().find(|w| w.uid == first) {
+                w.done_at = done_at;
+            }
+        }
         self.sites[i].writing.push(InProgress {
             uid,
             object,
@@ -531,8 +577,31 @@ impl World {
             .unwrap_or_default()
     }
 
-    fn refused(&mut self, i: usize, uid: Uid, object: ObjectId, reason: Refusal) -> Step {
+    fn refused(
+        &mut self,
+        i: usize,
+        uid: Uid,
+        object: ObjectId,
+        reason: Refusal,
+        queue: &mut VecDeque<Event>,
+    ) -> Step {
         let p = self.sites[i].parked.remove(&uid);
+        self.pair_next.remove(&uid);
+        if let Some(first) = self.pair_first.remove(&uid) {
+            // The second token of a pair refused: the change fails, the first goes back unused.
+            let s = &mut self.sites[i];
+            if let Some(at) = s.writing.iter().position(|w| w.uid == first) {
+                let w = s.writing.remove(at);
+                if let Some(v) = self.guarded_now.get_mut(&w.object) {
+                    v.retain(|(_, u)| *u != w.uid);
+                }
+                queue.push_back(Event::Written {
+                    object: w.object,
+                    seq: 0,
+                    guarded: w.guarded,
+                });
+            }
+        }
         match reason {
             Refusal::ReadOnly => {
                 self.stats.refused_read_only += 1;
@@ -575,6 +644,39 @@ impl World {
             },
         );
         self.event(i, Event::Write { write: uid, object })
+    }
+
+    /// A change of two objects at one site (a rename or a link): the first token in
+    /// `acquire_order`, then, holding it, the second.
+    fn user_pair(&mut self, rng: &mut SimRng<'_>) -> Step {
+        let i = rng.below(2) as usize;
+        if !self.sites[i].alive() || self.objects < 2 {
+            return Ok(());
+        }
+        let a = rng.below(self.objects);
+        let b = (a + rng.range(1, self.objects - 1)) % self.objects;
+        let order = acquire_order(vec![a, b]);
+        let (first, second) = (self.next_uid, self.next_uid + 1);
+        self.next_uid += 2;
+        self.stats.writes += 2;
+        self.stats.pairs += 1;
+        self.pair_next.insert(first, (second, order[1]));
+        let healthy = self.link_up;
+        self.sites[i].parked.insert(
+            first,
+            Pending {
+                object: order[0],
+                since: self.now,
+                healthy,
+            },
+        );
+        self.event(
+            i,
+            Event::Write {
+                write: first,
+                object: order[0],
+            },
+        )
     }
 
     /// Journals the writes whose time came.

@@ -47,15 +47,18 @@ pub struct MountArgs {
     #[arg(long, value_name = "ADDR", requires = "peer")]
     receive: Option<String>,
     /// With `--peer`: per-file write tokens, `SITE:PEER` (this site's id and the peer's, two
-    /// different numbers ≥ 1, swapped at the peer: `1:2` here, `2:1` there). A write, truncate or
-    /// fallocate of a file waits for its token: at once while this site holds it, one round trip
-    /// when the peer does; so one file written at both sites is never mixed. The lower id holds
-    /// every token at first. Both sites need it. Tokens survive crashes (STATE/tokens).
+    /// different numbers ≥ 1, swapped at the peer: `1:2` here, `2:1` there). A change of a file
+    /// or of a name (write, truncate, fallocate, chmod, chown, times, xattrs; create, mkdir,
+    /// mknod, symlink, unlink, rmdir; rename and link: both names) waits for the token of each
+    /// name it changes: at once while this site holds it, one round trip when the peer does; so
+    /// one file written at both sites is never mixed. The lower id holds every token at first.
+    /// Both sites need it. Tokens survive crashes (STATE/tokens).
     #[arg(long, value_name = "SITE:PEER", requires = "peer", value_parser = parse_token_ids)]
     write_tokens: Option<(u64, u64)>,
-    /// With `--write-tokens`: a write to a file whose token is at the peer while the link is
-    /// down: `read-only` fails it with EROFS (`status` says why), `reconcile` lets it go on
-    /// (both sites may then change the file; such writes are not reconciled yet).
+    /// With `--write-tokens`: a change to a file or name whose token is at the peer while the
+    /// link is down: `read-only` fails it with EROFS (`status` says why), `reconcile` lets it
+    /// go on (both sites may then change the file; at the heal a file changed at both is kept
+    /// twice and listed by `mirrorfs conflicts`).
     #[arg(
         long,
         value_enum,
@@ -63,6 +66,19 @@ pub struct MountArgs {
         requires = "write_tokens"
     )]
     partition: PartitionArg,
+    /// With `--write-tokens`: how long (ms, 10 to 600000) a file open for writing here keeps
+    /// its token once the peer asks for it: a write session (open, writes, close) shorter than
+    /// this reaches the peer whole, never mixed with the peer's writes, and the peer's change
+    /// to that file or its name waits up to this long (its wait for a token ends in ETIMEDOUT
+    /// after this plus 10 s).
+    #[arg(
+        long,
+        value_name = "MS",
+        default_value_t = mirrorfs_core::token::HOLD_MAX_MS,
+        value_parser = clap::value_parser!(u64).range(10..=600_000),
+        requires = "write_tokens"
+    )]
+    token_hold_max_ms: u64,
     /// When a change is acknowledged: `async` (after the local change and its journal record),
     /// `local` (also after the local journal made it durable), `network` (also after it was
     /// handed to the quorum's sockets; fsync waits for no more than that), `received` (the
@@ -592,7 +608,7 @@ fn start_tokens(
     let applied = crate::site::peer::PeerPosition::load(&dir.peer_applied_file())?.applied;
     let gate = Arc::new(TokenGate::open_in(
         &dir,
-        TokenConfig::new(me, peer, policy),
+        TokenConfig::new(me, peer, policy).with_hold_max(a.token_hold_max_ms),
         end,
         applied,
     )?);
@@ -608,12 +624,13 @@ fn start_tokens(
     })?;
     let _ = vol.tokens.set(gate.clone());
     tracing::info!(
-        "write tokens: site {me}, peer {peer}, {} across a split",
+        "write tokens: site {me}, peer {peer}, {} across a split, held up to {} ms for an open file",
         if policy == PartitionPolicy::ReadOnly {
             "read-only"
         } else {
             "reconcile"
-        }
+        },
+        a.token_hold_max_ms
     );
     Ok(Some(gate))
 }

@@ -271,9 +271,12 @@ impl MirrorFs {
     }
 
     /// Records the parent directory's times after a namespace change, so mirrors keep them.
+    /// Records the parent directory's mtime after a change of one of its names. It takes no
+    /// write token: a change takes the tokens of the names it changes, not of their directory
+    /// (docs/protocol.md, "Which tokens a change takes").
     fn touch_parent(&self, p: &RelPath) {
         if let Some(parent) = p.parent() {
-            self.touch(parent);
+            self.record_times(parent);
         }
     }
 
@@ -281,18 +284,33 @@ impl MirrorFs {
     /// applying that change on a mirror gives the mirror's entry the mirror's own clock).
     /// The `lstat` is taken under the order lock (`Volume::record`), so the time recorded is the
     /// one the backing has at that point of the order.
+    ///
+    /// With write tokens, the times of `p` are a change of `p`: recorded under its token (at
+    /// once while this site holds it, as it does right after changing `p`; not recorded if the
+    /// token is refused across a split).
     fn touch(&self, p: RelPath) {
-        let _ = self.vol.record(|| {
-            let st = self.lstat(&p).ok()?;
-            Some(Op::SetTimes {
-                path: p,
-                atime: None,
-                mtime: Some(Timespec {
-                    sec: st.st_mtime,
-                    nsec: st.st_mtime_nsec as u32,
-                }),
-            })
-        });
+        let Ok(tokens) = self.vol.take_tokens(&[&p]) else {
+            return;
+        };
+        let _ = self.vol.record_holding(tokens, || self.times_of(p));
+    }
+
+    /// [`MirrorFs::touch`] without a token (a parent directory's times).
+    fn record_times(&self, p: RelPath) {
+        let _ = self.vol.record(|| self.times_of(p));
+    }
+
+    /// The `SetTimes` of `p`'s mtime as the backing has it (called under the order lock).
+    fn times_of(&self, p: RelPath) -> Option<Op> {
+        let st = self.lstat(&p).ok()?;
+        Some(Op::SetTimes {
+            path: p,
+            atime: None,
+            mtime: Some(Timespec {
+                sec: st.st_mtime,
+                nsec: st.st_mtime_nsec as u32,
+            }),
+        })
     }
 
     /// Owner and group of a new entry, as the kernel would choose them (set-group-ID directories).
@@ -356,8 +374,16 @@ impl MirrorFs {
         // Under the order lock (`Volume::record`; the inode table is locked after it, the lock
         // order of `mark_gone`). The inode table is updated after a rename's record, so the name
         // is checked against the handle's inode: a stale name is never given these times.
-        let _ = self.vol.record(|| {
-            let path = lock(&self.inodes).path(h.ino)?;
+        // With write tokens, under the token of the name the file has now (the session's
+        // token, at once unless it went at the bound); not recorded if refused across a split.
+        let Some(named) = lock(&self.inodes).path(h.ino) else {
+            return;
+        };
+        let Ok(tokens) = self.vol.take_tokens(&[&named]) else {
+            return;
+        };
+        let _ = self.vol.record_holding(tokens, || {
+            let path = lock(&self.inodes).path(h.ino).filter(|p| *p == named)?;
             let st = sys::fstat(h.fd.as_fd()).ok()?;
             let named = self.lstat(&path).ok()?;
             (named.st_ino == st.st_ino).then_some(Op::SetTimes {

@@ -112,11 +112,18 @@ impl MirrorFs {
             Ok(p) => p,
             Err(e) => return reply.error(e),
         };
+        // The token first, then what the record says (the file's link count): by then the
+        // peer's changes to this name that came first are applied here.
+        let tokens = match self.vol.take_tokens(&[&p]) {
+            Ok(t) => t,
+            Err(e) => return reply.error(err(e)),
+        };
         let st = match self.lstat(&p) {
             Ok(st) => st,
             Err(e) => return reply.error(io_errno(&e)),
         };
-        match self.vol.mutate(
+        match self.vol.mutate_holding(
+            tokens,
             Op::Unlink {
                 path: p.clone(),
                 nlink: st.st_nlink as u32,
@@ -143,14 +150,20 @@ impl MirrorFs {
             Ok(p) => p,
             Err(e) => return reply.error(e),
         };
+        let tokens = match self.vol.take_tokens(&[&p]) {
+            Ok(t) => t,
+            Err(e) => return reply.error(err(e)),
+        };
         let st = self.lstat(&p).ok();
-        match self.vol.mutate(Op::Rmdir { path: p.clone() }, || {
-            self.root.rmdir(&p)?;
-            if let Some(st) = &st {
-                self.mark_gone(st);
-            }
-            Ok(())
-        }) {
+        match self
+            .vol
+            .mutate_holding(tokens, Op::Rmdir { path: p.clone() }, || {
+                self.root.rmdir(&p)?;
+                if let Some(st) = &st {
+                    self.mark_gone(st);
+                }
+                Ok(())
+            }) {
             Ok(_) => {
                 if let Some(st) = st {
                     let ino = lock(&self.inodes).fuse_ino(st.st_ino);
@@ -212,6 +225,12 @@ impl MirrorFs {
             (Ok(a), Ok(b)) => (a, b),
             (Err(e), _) | (_, Err(e)) => return reply.error(e),
         };
+        // Both names' tokens first (in the order both sites take them), then the inodes the
+        // record and the inode table use: the peer's earlier changes to them are applied.
+        let tokens = match self.vol.take_tokens(&[&from, &to]) {
+            Ok(t) => t,
+            Err(e) => return reply.error(err(e)),
+        };
         let src = match self.lstat(&from) {
             Ok(st) => st,
             Err(e) => return reply.error(io_errno(&e)),
@@ -224,7 +243,7 @@ impl MirrorFs {
             flags: f,
             from_ino: src.st_ino,
         };
-        match self.vol.mutate(op, || {
+        match self.vol.mutate_holding(tokens, op, || {
             self.root.rename(&from, &to, f)?;
             match &dst {
                 Some(d) if f & libc::RENAME_EXCHANGE == 0 && d.st_ino != src.st_ino => {

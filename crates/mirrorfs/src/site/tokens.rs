@@ -26,9 +26,11 @@
 //! durably), and again during a run once it holds twice the live entries plus 4,096 records.
 //!
 //! **Wiring** (`mount --write-tokens SITE:PEER`, README "Two writable sites"): the mount opens
-//! one gate and puts it on the volume; `Volume::mutate` acquires the token of a data change to a
-//! file (write, truncate, fallocate) before it is journaled, the object being
-//! [`object_of`] its path. The link to the peer (`net::remote`, through [`TokenWire`]) reports
+//! one gate and puts it on the volume; `Volume::mutate` acquires the tokens of every change
+//! through the mount before it is journaled ([`TokenGate::acquire_all`]): the names
+//! `token::names_of` lists (a data or metadata change its file's name, a namespace change the
+//! name it makes or removes, a rename or link both names), each object being [`object_of`] its
+//! path, taken in `token::acquire_order`. The link to the peer (`net::remote`, through [`TokenWire`]) reports
 //! `connected`/`disconnected`/`shipped` and sends the gate's messages after the records it sent;
 //! the peer receiver (`net::peer`) hands it the peer's messages (`received`) and how far the
 //! peer's records are applied (`peer_applied`).
@@ -307,6 +309,18 @@ impl Permit<'_> {
     }
 }
 
+/// The permits of one change (one per token it took, see [`TokenGate::acquire_all`]).
+pub struct Permits<'a>(Vec<Permit<'a>>);
+
+impl Permits<'_> {
+    /// The change is journaled at `seq`: every token it took covers it.
+    pub fn written(self, seq: u64) {
+        for p in self.0 {
+            p.written(seq);
+        }
+    }
+}
+
 impl Drop for Permit<'_> {
     fn drop(&mut self) {
         if !self.done {
@@ -457,6 +471,24 @@ impl TokenGate {
             inner = guard;
             self.run(&mut inner, Event::Tick);
         }
+    }
+
+    /// Waits until a change of several objects may go on, taking their tokens one after the
+    /// other in `token::acquire_order` (the same at both sites, so two such changes never wait
+    /// for each other in a cycle). The first refusal gives back what was taken (the permits
+    /// drop as failed) and names the object refused.
+    pub fn acquire_all(
+        &self,
+        objects: Vec<ObjectId>,
+    ) -> Result<Permits<'_>, (ObjectId, GateError)> {
+        let mut permits = Vec::new();
+        for object in mirrorfs_core::token::acquire_order(objects) {
+            match self.acquire(object) {
+                Ok(p) => permits.push(p),
+                Err(e) => return Err((object, e)),
+            }
+        }
+        Ok(Permits(permits))
     }
 
     /// A file of `object` was opened for writing (the token stays while it is open, up to the
@@ -616,7 +648,8 @@ pub fn hello_ids(name: &str) -> Option<(u64, u64)> {
 
 /// The token object of a file: its path relative to the root, hashed (blake3, first 8 bytes,
 /// little-endian; never 0, which the log uses for its lend counter). Stable across the two
-/// sites since both name the file the same; a file renamed takes the token of its new name.
+/// sites since both name the file the same; a file renamed takes the token of its new name (the
+/// rename took both).
 pub fn object_of(path: &[u8]) -> ObjectId {
     let h = blake3::hash(path);
     let mut b = [0u8; 8];
@@ -827,6 +860,27 @@ mod tests {
         }
     }
 
+    impl Site {
+        /// One change of several objects (a rename, a link) as the mount makes it.
+        fn change(
+            &self,
+            objects: Vec<ObjectId>,
+            change: impl FnOnce(),
+        ) -> Result<(), (ObjectId, GateError)> {
+            let permits = self.gate.acquire_all(objects)?;
+            change();
+            let seq = self.journal.fetch_add(1, Ordering::SeqCst) + 1;
+            permits.written(seq);
+            let stream = lock(&self.stream);
+            if let Some(tx) = stream.as_ref() {
+                if tx.send(Wire::Applied(seq)).is_ok() {
+                    self.gate.shipped(seq);
+                }
+            }
+            Ok(())
+        }
+    }
+
     /// The ordered link of one direction: records and token messages, in order.
     fn stream(from: &Arc<Site>, to: &Arc<Site>) -> JoinHandle<()> {
         let (tx, rx) = mpsc::channel::<Wire>();
@@ -914,6 +968,46 @@ mod tests {
             "writes to tokens a site holds send nothing"
         );
         assert_eq!(a.gate.stats().parked + b.gate.stats().parked, 1);
+        cut(&[&a, &b], links);
+    }
+
+    /// Renames between two names at both sites at once, each naming them in its own order:
+    /// every change holds both tokens while it runs (never one site holding one and the other
+    /// site the other), and all of them complete (no cycle: `acquire_all` takes them in one
+    /// order at both sites).
+    #[test]
+    fn changes_of_two_objects_at_both_sites_hold_both_tokens_and_all_complete() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let (a, b) = pair(d.path(), PartitionPolicy::ReadOnly, 60_000);
+        let links = connect(&a, &b);
+        let busy = Arc::new([AtomicUsize::new(0), AtomicUsize::new(0)]);
+        let run = |site: Arc<Site>, names: [ObjectId; 2]| {
+            let busy = busy.clone();
+            std::thread::spawn(move || {
+                for _ in 0..100 {
+                    site.change(names.to_vec(), || {
+                        for o in [0, 1] {
+                            assert_eq!(busy[o].fetch_add(1, Ordering::SeqCst), 0, "two holders");
+                        }
+                        std::thread::sleep(Duration::from_micros(100));
+                        for o in [0, 1] {
+                            busy[o].fetch_sub(1, Ordering::SeqCst);
+                        }
+                    })
+                    .unwrap_or_else(|(o, e)| panic!("token {o} refused: {e}"));
+                }
+            })
+        };
+        let started = Instant::now();
+        let (ta, tb) = (run(a.clone(), [11, 12]), run(b.clone(), [12, 11]));
+        ta.join().expect("a's renames");
+        tb.join().expect("b's renames");
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no change waited for a park timeout"
+        );
+        assert_eq!(a.gate.stats().refused + b.gate.stats().refused, 0);
+        assert!(b.gate.stats().parked > 0, "the tokens travelled");
         cut(&[&a, &b], links);
     }
 

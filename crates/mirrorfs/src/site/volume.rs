@@ -30,6 +30,7 @@ use mirrorfs_core::flush;
 use mirrorfs_core::group::{Gate, GroupError};
 use mirrorfs_core::journal::{Journal, Reader};
 use mirrorfs_core::op::{Op, Record};
+use mirrorfs_core::path::RelPath;
 use mirrorfs_core::sequencer::{self, Begin, InDoubt, Refusal, Sequencer};
 use mirrorfs_core::track::NameTracker;
 
@@ -562,9 +563,14 @@ pub struct Volume {
     pub verify_changes: std::sync::OnceLock<Arc<Mutex<crate::site::verify_dirty::Summary>>>,
 }
 
-/// The file whose write token a change through the mount takes (`--write-tokens`): data
-/// changes only; namespace and metadata changes take none.
-fn token_path(op: &Op) -> Option<&[u8]> {
+/// The write tokens one change through the mount holds (`--write-tokens`), from
+/// [`Volume::take_tokens`] until its record is journaled ([`Volume::mutate_holding`]); none
+/// without write tokens.
+pub struct Tokens<'a>(Option<crate::site::tokens::Permits<'a>>);
+
+/// The file whose data `op` changes (a write, truncate or fallocate): what the reconciliation of
+/// a split notes as this site's write (`site::reconcile`).
+fn data_path(op: &Op) -> Option<&[u8]> {
     match op {
         Op::Write { path, .. } | Op::Truncate { path, .. } | Op::Fallocate { path, .. } => {
             Some(path.as_bytes())
@@ -602,31 +608,63 @@ impl Volume {
     /// Appends `op`, runs `apply` (the change to the backing tree) and settles the record: the
     /// write-ahead protocol of the module docs. Returns the seq, or the error of `apply`.
     ///
-    /// With write tokens (`mount --write-tokens`), a data change to a file (write, truncate,
-    /// fallocate) first waits for the token of its file (at once if this site holds it; one
-    /// round trip to the peer if not); a refusal is its errno (`EROFS` across a split under
-    /// `--partition read-only`). Changes beneath the mount (`mutate_beneath`: the peer's own
-    /// records, a reintegration) take no token.
+    /// With write tokens (`mount --write-tokens`), the change first takes the tokens of the
+    /// names it changes (`token::names_of`: a data or metadata change its object's name, a
+    /// namespace change the name it makes or removes, a rename or link both names), in
+    /// `token::acquire_order` — at once while this site holds them, one round trip each when the
+    /// peer does; a refusal is its errno (`EROFS` across a split under `--partition read-only`)
+    /// and `status` names the name refused. Changes beneath the mount (`mutate_beneath`: the
+    /// peer's own records, a reintegration) take no token.
     pub fn mutate<R>(
         &self,
         op: Op,
         apply: impl FnOnce() -> io::Result<R>,
     ) -> Result<(R, u64), i32> {
-        let gate = self.tokens.get();
-        let permit = match (gate, token_path(&op)) {
-            (Some(g), Some(p)) => match g.acquire(crate::site::tokens::object_of(p)) {
-                Ok(permit) => Some(permit),
-                Err(e) => {
-                    g.note_refusal(&String::from_utf8_lossy(p), &e);
-                    return Err(e.errno());
-                }
-            },
-            _ => None,
+        let tokens = self.take_tokens(&mirrorfs_core::token::names_of(&op))?;
+        self.mutate_holding(tokens, op, apply)
+    }
+
+    /// Takes the write tokens of `names` for one change (nothing without `--write-tokens`). A
+    /// change that reads the tree to make its record (the link count an unlink records, a
+    /// rename's source inode) takes its tokens first and reads after: by then the peer's
+    /// changes to those names that came before are applied here.
+    pub fn take_tokens(&self, names: &[&RelPath]) -> Result<Tokens<'_>, i32> {
+        let Some(g) = self.tokens.get() else {
+            return Ok(Tokens(None));
         };
+        if names.is_empty() {
+            return Ok(Tokens(None));
+        }
+        let object = |n: &RelPath| crate::site::tokens::object_of(n.as_bytes());
+        match g.acquire_all(names.iter().map(|n| object(n)).collect()) {
+            Ok(p) => Ok(Tokens(Some(p))),
+            Err((refused, e)) => {
+                let what = names
+                    .iter()
+                    .find(|n| object(n) == refused)
+                    .map(|n| match n.as_bytes() {
+                        b"" => "/".to_string(),
+                        b => String::from_utf8_lossy(b).into_owned(),
+                    })
+                    .unwrap_or_default();
+                g.note_refusal(&what, &e);
+                Err(e.errno())
+            }
+        }
+    }
+
+    /// [`Volume::mutate`] of a change whose tokens the caller took ([`Volume::take_tokens`]):
+    /// they cover its record, and go back to the machine once it is journaled.
+    pub fn mutate_holding<R>(
+        &self,
+        tokens: Tokens<'_>,
+        op: Op,
+        apply: impl FnOnce() -> io::Result<R>,
+    ) -> Result<(R, u64), i32> {
         let rec = self
             .reconcile
             .get()
-            .and_then(|r| token_path(&op).map(|p| (r, p.to_vec())));
+            .and_then(|r| data_path(&op).map(|p| (r, p.to_vec())));
         let r = self.mutate_at(op, |seq| {
             let r = apply()?;
             // Under the order lock: the peer receiver decides under it too.
@@ -635,8 +673,8 @@ impl Volume {
             }
             Ok(r)
         });
-        if let (Some(permit), Ok((_, seq))) = (permit, &r) {
-            permit.written(*seq);
+        if let (Some(permits), Ok((_, seq))) = (tokens.0, &r) {
+            permits.written(*seq);
         }
         r
     }
@@ -790,6 +828,21 @@ impl Volume {
         self.settle(o, seq, 0);
         self.wait_ack(seq);
         Ok(Some(seq))
+    }
+
+    /// [`Volume::record`] of a record whose tokens the caller took ([`Volume::take_tokens`]):
+    /// the times of a file the mount records (at its close, after its creation) are a change of
+    /// the file like a `chmod`, so they cover the record as for [`Volume::mutate_holding`].
+    pub fn record_holding(
+        &self,
+        tokens: Tokens<'_>,
+        build: impl FnOnce() -> Option<Op>,
+    ) -> Result<Option<u64>, i32> {
+        let r = self.record(build);
+        if let (Some(permits), Ok(Some(seq))) = (tokens.0, &r) {
+            permits.written(*seq);
+        }
+        r
     }
 
     /// Whether record `seq` is inside the group open now (after its first `GroupBegin`).
