@@ -347,12 +347,24 @@ impl MirrorFs {
             || self.root.create(&p, fl, perm, uid, gid),
         );
         let fd = match r {
-            Ok((fd, _)) => fd,
+            Ok((fd, _)) => {
+                // The new file's own times are recorded when it is closed (`wrote` below), with
+                // what it was written: one `SetTimes` for the create and the writes instead of
+                // two (issue 9).
+                self.touch_parent(&p);
+                fd
+            }
+            // Two writable sites: the other site made the name while this create waited for its
+            // token (the kernel had looked it up absent here). Without O_EXCL, open(2) opens the
+            // file that is there, as it would have had the name been here at the lookup.
+            Err(libc::EEXIST) if flags & libc::O_EXCL == 0 => {
+                match self.open_created_meanwhile(req, &p, fl, flags) {
+                    Ok(fd) => fd,
+                    Err(e) => return reply.error(err(e)),
+                }
+            }
             Err(e) => return reply.error(err(e)),
         };
-        // The new file's own times are recorded when it is closed (`wrote` below), with what it
-        // was written: one `SetTimes` for the create and the writes instead of two (issue 9).
-        self.touch_parent(&p);
         let st = match sys::fstat(fd.as_fd()) {
             Ok(st) => st,
             Err(e) => return reply.error(io_errno(&e)),
@@ -375,5 +387,50 @@ impl MirrorFs {
             FileHandle(fh),
             FopenFlags::FOPEN_KEEP_CACHE,
         );
+    }
+    /// `create` without O_EXCL of a name that appeared while it waited for its token: the
+    /// regular file there, opened `fl` (never following a symlink: `ELOOP`; a directory:
+    /// `EISDIR`), truncated through the journal when asked (`O_TRUNC`). The kernel checked
+    /// only the right to create in the directory, so the file's own mode must let the caller
+    /// read and write it; where that is not plainly so, the create fails as before (`EEXIST`).
+    fn open_created_meanwhile(
+        &self,
+        req: &Request,
+        p: &RelPath,
+        fl: i32,
+        flags: i32,
+    ) -> Result<std::os::fd::OwnedFd, i32> {
+        let fd = self.root.open_at(p, fl, 0).map_err(|e| sys::errno_of(&e))?;
+        let st = sys::fstat(fd.as_fd()).map_err(|e| sys::errno_of(&e))?;
+        let want = match flags & libc::O_ACCMODE {
+            libc::O_RDONLY => 0o4,
+            libc::O_WRONLY => 0o2,
+            _ => 0o6,
+        };
+        let bits = if req.uid() == 0 {
+            0o7
+        } else if req.uid() == st.st_uid {
+            (st.st_mode >> 6) & 0o7
+        } else if req.gid() == st.st_gid {
+            (st.st_mode >> 3) & 0o7
+        } else {
+            st.st_mode & 0o7
+        };
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG || bits & want != want {
+            return Err(libc::EEXIST);
+        }
+        if flags & libc::O_TRUNC != 0 {
+            self.vol
+                .mutate(
+                    Op::Truncate {
+                        path: p.clone(),
+                        size: 0,
+                    },
+                    || sys::ftruncate(fd.as_fd(), 0),
+                )
+                .map(drop)?;
+            self.touch(p.clone());
+        }
+        Ok(fd)
     }
 }
