@@ -151,26 +151,12 @@ impl TokenConfig {
 /// records, group marks) take none.
 pub fn names_of(op: &Op) -> Vec<&RelPath> {
     match op {
-        Op::Create { path, .. }
-        | Op::Mkdir { path, .. }
-        | Op::Mknod { path, .. }
-        | Op::Symlink { path, .. }
-        | Op::Unlink { path, .. }
-        | Op::Rmdir { path }
-        | Op::Write { path, .. }
-        | Op::Truncate { path, .. }
-        | Op::Fallocate { path, .. }
-        | Op::SetMode { path, .. }
-        | Op::SetOwner { path, .. }
-        | Op::SetTimes { path, .. }
-        | Op::SetXattr { path, .. }
-        | Op::RemoveXattr { path, .. } => vec![path],
         Op::Link { from, to } | Op::Rename { from, to, .. } => vec![from, to],
-        Op::Abort { .. }
-        | Op::Sync { .. }
-        | Op::SyncDone { .. }
-        | Op::GroupBegin
-        | Op::GroupEnd => Vec::new(),
+        // A sync record names the change it syncs, which took its tokens already.
+        Op::Sync { .. } => Vec::new(),
+        // Every other change names one path (`Op::path`); aborts, sync-done and group marks
+        // none.
+        _ => op.path().into_iter().collect(),
     }
 }
 
