@@ -971,3 +971,153 @@ fn one_file_written_whole_at_both_sites_at_once_ends_as_one_writers_session() {
     });
     assert!(travelled, "b's sessions waited for a's: {st:#}");
 }
+
+/// What each site's attempt at one name ended with: `Ok` or the errno.
+type Outcomes = Vec<Result<(), i32>>;
+
+/// Both sites make the same `n` new names, one thread per site: before each name both threads
+/// say they are ready and wait for the go (channels with timeouts, not a `Barrier`: a panicking
+/// side must not leave the other waiting forever). `make(site, i)` makes name `i` at `site`.
+fn race_both_sites(
+    pair: &Pair,
+    n: usize,
+    make: impl Fn(&Mount, u8, usize) -> std::io::Result<()> + Sync,
+) -> [Outcomes; 2] {
+    use std::sync::mpsc::{channel, RecvTimeoutError};
+    const STEP: Duration = Duration::from_secs(60);
+    let make = &make;
+    std::thread::scope(|s| {
+        let (ready_tx, ready_rx) = channel::<usize>();
+        let mut gos = Vec::new();
+        let mut handles = Vec::new();
+        for (site, letter) in [(&pair.a, b'a'), (&pair.b, b'b')] {
+            let (go_tx, go_rx) = channel::<()>();
+            gos.push(go_tx);
+            let ready = ready_tx.clone();
+            handles.push(s.spawn(move || {
+                let mut out = Vec::with_capacity(n);
+                for i in 0..n {
+                    if ready.send(i).is_err() {
+                        break;
+                    }
+                    match go_rx.recv_timeout(STEP) {
+                        Ok(()) => {}
+                        Err(RecvTimeoutError::Timeout) => panic!("no go for name {i}"),
+                        Err(RecvTimeoutError::Disconnected) => break,
+                    }
+                    out.push(make(site, letter, i).map_err(|e| e.raw_os_error().unwrap_or(-1)));
+                }
+                out
+            }));
+        }
+        drop(ready_tx);
+        for i in 0..n {
+            for _ in 0..2 {
+                let got = ready_rx
+                    .recv_timeout(STEP)
+                    .unwrap_or_else(|e| panic!("a site is not ready for name {i}: {e}"));
+                assert_eq!(got, i, "the sites are out of step");
+            }
+            for go in &gos {
+                go.send(()).expect("a site's thread is gone");
+            }
+        }
+        drop(gos);
+        let mut res = handles
+            .into_iter()
+            .map(|h| h.join().expect("a site's thread panicked"));
+        let (a, b) = (
+            res.next().unwrap_or_default(),
+            res.next().unwrap_or_default(),
+        );
+        assert_eq!(
+            (a.len(), b.len()),
+            (n, n),
+            "every name was tried at both sites"
+        );
+        [a, b]
+    })
+}
+
+/// The content site `letter` writes into name `i`: the same length at both sites, so a mix of
+/// the two would show.
+fn race_content(letter: u8, i: usize) -> Vec<u8> {
+    let mut v = vec![letter; 16 << 10];
+    v[..8].copy_from_slice(&(i as u64).to_le_bytes());
+    v
+}
+
+/// A create (without O_EXCL) that waited for its token while the other site made the name
+/// opens the file the other site made, as open(2) would (commit afa32e3): it never fails with
+/// EEXIST. With O_EXCL exactly one of the two creates of a name succeeds.
+#[test]
+fn both_sites_create_the_same_new_names_at_once() {
+    let pair = token_pair("create-race", "read-only");
+    wait_link(&pair.a, true);
+    wait_link(&pair.b, true);
+    let n = 50;
+    // Without O_EXCL (O_CREAT | O_TRUNC, as a shell's `>`): each site writes its whole content.
+    let [a, b] = race_both_sites(&pair, n, |site, letter, i| {
+        use std::io::Write;
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(site.p(format!("plain-{i}")))?;
+        f.write_all(&race_content(letter, i))
+    });
+    for (i, (ra, rb)) in a.iter().zip(&b).enumerate() {
+        assert!(
+            ra.is_ok() && rb.is_ok(),
+            "plain-{i}: a {ra:?}, b {rb:?} (17 = EEXIST)\nsite a:\n{}\nsite b:\n{}",
+            pair.a.log(),
+            pair.b.log()
+        );
+    }
+    pair.wait_equal();
+    for i in 0..n {
+        let name = format!("plain-{i}");
+        let got = fs::read(pair.a.p(&name)).expect("read at a");
+        assert!(
+            got == race_content(b'a', i) || got == race_content(b'b', i),
+            "{name} is not one site's whole content ({} bytes, first letters {:?})",
+            got.len(),
+            got.get(8..12)
+        );
+        assert_eq!(fs::read(pair.b.p(&name)).expect("read at b"), got, "{name}");
+    }
+    // With O_EXCL: exactly one create of each name succeeds, the other gets EEXIST.
+    let [a, b] = race_both_sites(&pair, n, |site, letter, i| {
+        use std::io::Write;
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(site.p(format!("excl-{i}")))?;
+        f.write_all(&race_content(letter, i))
+    });
+    let mut won = [0, 0];
+    for (i, (ra, rb)) in a.iter().zip(&b).enumerate() {
+        match (ra, rb) {
+            (Ok(()), Err(libc::EEXIST)) => won[0] += 1,
+            (Err(libc::EEXIST), Ok(())) => won[1] += 1,
+            _ => panic!(
+                "excl-{i}: a {ra:?}, b {rb:?}: not exactly one create\nsite a:\n{}\nsite b:\n{}",
+                pair.a.log(),
+                pair.b.log()
+            ),
+        }
+    }
+    pair.wait_equal();
+    for (i, ra) in a.iter().enumerate() {
+        let name = format!("excl-{i}");
+        let want = race_content(if ra.is_ok() { b'a' } else { b'b' }, i);
+        assert_eq!(fs::read(pair.a.p(&name)).expect("at a"), want, "{name}");
+        assert_eq!(fs::read(pair.b.p(&name)).expect("at b"), want, "{name}");
+    }
+    eprintln!("O_EXCL winners: a {}, b {}", won[0], won[1]);
+    let log = pair.a.log() + &pair.b.log();
+    assert!(
+        !log.contains("failed here"),
+        "no peer record failed:\n{log}"
+    );
+}
