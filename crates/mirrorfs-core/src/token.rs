@@ -212,6 +212,10 @@ pub enum Refusal {
     PeerTableFull,
     #[error("the write token did not arrive in time")]
     Timeout,
+    /// `--partition quorum`: the peer does not answer and this site may not write (no lease
+    /// from the witness, or the peer may still write for a moment: `core::quorum`).
+    #[error("read-only: the peer is unreachable and this site is not the majority of the split")]
+    NoQuorum,
 }
 
 /// An input to [`TokenSite::handle`].

@@ -200,6 +200,11 @@ impl PeerReceiver {
         r.context("the peer's stream")
     }
 
+    /// The peer's volume, once it connected (ever).
+    pub fn peer_volume(&self) -> Option<mirrorfs_core::wire::VolumeId> {
+        lock(&self.position).volume
+    }
+
     /// The copy the session compares the peer's `hello` with: this site holds the peer's
     /// volume, consistent, through the position applied here. The first connection takes the
     /// peer's volume (a pair starts from identical trees, e.g. two empty directories).
