@@ -589,7 +589,11 @@ pub fn mount(a: MountArgs) -> Result<()> {
                 super::hostname(),
                 places.backing.display(),
                 a.write_tokens
-                    .map(|(me, peer)| crate::site::tokens::hello_suffix(me, peer))
+                    .map(|(me, peer)| crate::site::tokens::hello_suffix(
+                        me,
+                        peer,
+                        a.partition == PartitionArg::Quorum
+                    ))
                     .unwrap_or_default()
             ),
             backing: places.backing.clone(),

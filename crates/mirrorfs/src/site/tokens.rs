@@ -721,6 +721,11 @@ impl TokenGate {
         lock(&self.inner).stats
     }
 
+    /// The site runs `--partition quorum`.
+    pub fn is_quorum(&self) -> bool {
+        lock(&self.inner).quorum.is_some()
+    }
+
     /// (this site's id, the peer's).
     pub fn ids(&self) -> (u64, u64) {
         let inner = lock(&self.inner);
@@ -794,16 +799,29 @@ pub struct TokenStatus {
 }
 
 /// How a site says in its `Hello`'s name that it sends token messages, and with which ids: the
-/// name ends with ` tokens=SITE:PEER` (docs/protocol.md, "Write tokens").
-pub fn hello_suffix(site: u64, peer: u64) -> String {
-    format!(" tokens={site}:{peer}")
+/// name ends with ` tokens=SITE:PEER`, and `,quorum` after it with `--partition quorum`
+/// (docs/protocol.md, "Write tokens").
+pub fn hello_suffix(site: u64, peer: u64, quorum: bool) -> String {
+    format!(
+        " tokens={site}:{peer}{}",
+        if quorum { QUORUM_SUFFIX } else { "" }
+    )
 }
+
+/// What a `Hello` name ends with when the site runs `--partition quorum`.
+const QUORUM_SUFFIX: &str = ",quorum";
 
 /// The ids a `Hello` name announces (see [`hello_suffix`]), if any.
 pub fn hello_ids(name: &str) -> Option<(u64, u64)> {
     let (_, ids) = name.rsplit_once(" tokens=")?;
+    let ids = ids.strip_suffix(QUORUM_SUFFIX).unwrap_or(ids);
     let (a, b) = ids.split_once(':')?;
     Some((a.parse().ok()?, b.parse().ok()?))
+}
+
+/// Whether a `Hello` name announces `--partition quorum` (see [`hello_suffix`]).
+pub fn hello_quorum(name: &str) -> bool {
+    hello_ids(name).is_some() && name.ends_with(QUORUM_SUFFIX)
 }
 
 /// The token object of a file: its path relative to the root, hashed (blake3, first 8 bytes,
@@ -892,8 +910,12 @@ mod tests {
 
     #[test]
     fn hello_names_carry_the_token_ids_and_objects_are_stable() {
-        let name = format!("host:/srv/a{}", hello_suffix(2, 1));
+        let name = format!("host:/srv/a{}", hello_suffix(2, 1, false));
         assert_eq!(hello_ids(&name), Some((2, 1)));
+        assert!(!hello_quorum(&name));
+        let name = format!("host:/srv/a{}", hello_suffix(2, 1, true));
+        assert_eq!(hello_ids(&name), Some((2, 1)));
+        assert!(hello_quorum(&name));
         assert_eq!(hello_ids("host:/srv/a"), None);
         assert_eq!(hello_ids("host:/srv/a tokens=x:1"), None);
         assert_eq!(object_of(b"dir/f"), object_of(b"dir/f"));
@@ -1300,8 +1322,44 @@ mod tests {
                     assert_eq!(GateError::Refused(Refusal::ReadOnly).errno(), libc::EROFS);
                 }
                 PartitionPolicy::Reconcile => assert_eq!(got, Ok(false), "unguarded"),
+                PartitionPolicy::Quorum => unreachable!("tested below"),
             }
         }
+    }
+
+    #[test]
+    fn a_quorum_site_without_the_witness_lease_refuses_every_change_unlinked() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let (a, b) = pair(d.path(), PartitionPolicy::Quorum, 60_000);
+        for s in [&a, &b] {
+            s.gate.start_quorum(300, 0, 0);
+            assert!(s.gate.is_quorum());
+        }
+        // Never linked (no probe answered) and no lease: the home's own tokens too.
+        let got = a.gate.acquire(6).map(|p| p.guarded());
+        assert_eq!(got, Err(GateError::Refused(Refusal::NoQuorum)));
+        assert_eq!(GateError::Refused(Refusal::NoQuorum).errno(), libc::EROFS);
+        let st = a.gate.status();
+        assert_eq!(st.policy, "quorum");
+        let line = st.quorum.unwrap_or_default();
+        assert!(
+            line.starts_with("read-only: the peer is unreachable and no lease from the witness"),
+            "{line}"
+        );
+        // Connected, the probes are answered: linked, the tokens decide.
+        let links = connect(&a, &b);
+        eventually("a is linked", || {
+            a.gate.tick();
+            b.gate.tick();
+            a.gate
+                .status()
+                .quorum
+                .unwrap_or_default()
+                .starts_with("linked")
+        });
+        a.write(6, || {})
+            .expect("linked: the home writes its token");
+        cut(&[&a, &b], links);
     }
 
     #[test]
