@@ -1290,7 +1290,12 @@ fn witness_quorum_only_the_side_with_the_lease_writes_across_a_split() {
     wait_quorum(&pair.a, "linked", long);
     wait_quorum(&pair.b, "linked", long);
     // a holds the lease (the witness's log says so), then b may reach the witness too.
-    let granted = wait_until(long, || witness.log().contains("for site 1 ("));
+    let granted = wait_until(long, || {
+        witness
+            .log()
+            .lines()
+            .any(|l| l.contains("for site 1 (") && l.contains(": granted for "))
+    });
     assert!(granted, "no lease for site 1:\n{}", witness.log());
     wb.heal();
     // Linked: both write, under tokens; b takes the token of `theirs` and keeps it (open).
