@@ -1314,12 +1314,20 @@ fn witness_quorum_only_the_side_with_the_lease_writes_across_a_split() {
     // The split.
     ab.cut();
     ba.cut();
+    let t0 = std::time::Instant::now();
     let why = wait_quorum(
         &pair.b,
         "read-only: the peer is unreachable and the witness gave the partition lease to site 1",
         long,
     );
+    let minority = t0.elapsed();
     wait_quorum(&pair.a, "writable", long);
+    // The lease holder waits for its last promise (--lease-ms 1500) to run out after the
+    // minority stopped (1.2 s after its last answered probe, at most).
+    eprintln!(
+        "after the cut: b read-only in {minority:?}, a writes every file in {:?}",
+        t0.elapsed()
+    );
     drop(held);
     // a writes everything: the file whose token is at b, a new file, b's own file.
     write_block(&pair.a.p("theirs"), b'a', 4096).expect("a writes a file whose token is at b");
@@ -1350,8 +1358,10 @@ fn witness_quorum_only_the_side_with_the_lease_writes_across_a_split() {
     // The heal: a's writes reach b, nothing is concurrent, both write under tokens again.
     ab.heal();
     ba.heal();
+    let t0 = std::time::Instant::now();
     wait_quorum(&pair.b, "linked", long);
     wait_quorum(&pair.a, "linked", long);
+    eprintln!("after the heal: both linked in {:?}", t0.elapsed());
     pair.wait_equal();
     for m in [&pair.a, &pair.b] {
         assert_eq!(fs::read(m.p("theirs")).expect("theirs"), vec![b'a'; 4096]);
