@@ -1429,6 +1429,32 @@ fn witness_quorum_only_the_side_with_the_lease_writes_across_a_split() {
     }
 }
 
+#[test]
+fn partition_quorum_without_a_witness_is_refused_with_the_reason() {
+    let tmp = temp_base("tokens-quorum-args");
+    let (backing, mnt) = (tmp.path().join("backing"), tmp.path().join("mnt"));
+    common::mkdir755(&backing);
+    common::mkdir755(&mnt);
+    let out = common::run_expecting_failure(
+        &[
+            os("mount"),
+            backing.as_os_str(),
+            mnt.as_os_str(),
+            os("--peer"),
+            os("mirror://127.0.0.1:9"),
+            os("--receive"),
+            os("127.0.0.1:0"),
+            os("--write-tokens"),
+            os("1:2"),
+            os("--partition"),
+            os("quorum"),
+        ],
+        Some(&mnt),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--partition quorum needs --witness"), "{err}");
+}
+
 fn write_file_res(site: &Mount, rel: &str, data: &[u8]) -> std::io::Result<()> {
     fs::write(site.p(rel), data)
 }

@@ -175,11 +175,13 @@ pub struct MountArgs {
     /// the lease runs out, reads keep working, `status` says why, and writes resume by themselves
     /// when a renewal is granted. A promoted copy (`promote --witness`) supersedes this site for
     /// good. At start the mount waits up to 5 s for the first grant, then mounts read-only until
-    /// one comes.
+    /// one comes. With `--partition quorum` (two writable sites) the witness grants the pair's
+    /// partition lease instead: only a split's lease holder writes.
     #[arg(long)]
     witness: Option<String>,
     /// The lease's length in ms (renewed every third of it; writes stop a fifth of it before it
-    /// ends, so a site cut off from the witness is read-only within this time).
+    /// ends, so a site cut off from the witness is read-only within this time). With
+    /// `--partition quorum` also the link lease between the two sites (probed every quarter).
     #[arg(long, default_value_t = 3000, requires = "witness")]
     lease_ms: u64,
     /// Crash-atomic groups without an explicit API: the changes made between two syncs
@@ -482,6 +484,11 @@ struct Locks {
 /// `mirrorfs mount`: check and lock, open the primary site, attach its mirrors, mount, serve until
 /// a signal or an external unmount, then drain and stop.
 pub fn mount(a: MountArgs) -> Result<()> {
+    if a.partition == PartitionArg::Quorum && (a.witness.is_none() || a.write_tokens.is_none()) {
+        bail!(
+            "--partition quorum needs --witness mirror://HOST:PORT and --write-tokens SITE:PEER (the witness grants the partition lease)"
+        );
+    }
     if let Some(v) = &a.volume {
         tracing::info!("volume {v}: settings from the config file, then the command line");
     }
@@ -517,11 +524,7 @@ pub fn mount(a: MountArgs) -> Result<()> {
     // What changes from here on, for an incremental `mirrorfs verify` (`site::verify_dirty`).
     crate::site::verify_dirty::start(&mut site, behind.is_some())?;
     let vol = site.vol.clone();
-    if a.partition == PartitionArg::Quorum {
-        if a.witness.is_none() || a.write_tokens.is_none() {
-            bail!("--partition quorum needs --witness mirror://HOST:PORT and --write-tokens SITE:PEER");
-        }
-    } else {
+    if a.partition != PartitionArg::Quorum {
         start_fence(&a, &vol, &meta, &places.backing)?;
     }
     let gate = start_tokens(&a, &mut site, &vol, &state)?;
