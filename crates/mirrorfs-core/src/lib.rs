@@ -21,6 +21,7 @@ pub mod lease;
 pub mod link;
 pub mod op;
 pub mod path;
+pub mod quorum;
 pub mod reconcile;
 pub mod reintegrate;
 pub mod sequencer;

@@ -90,6 +90,10 @@ pub enum PartitionPolicy {
     Reconcile,
     /// Refuse the write (`EROFS`) until the link is back.
     ReadOnly,
+    /// Only the site holding the witness's partition lease writes (`core::quorum`): the shell
+    /// tells the machine with [`Event::Majority`]; in majority a write to a token at the peer
+    /// goes on unguarded (as `Reconcile`), otherwise it is refused (as `ReadOnly`).
+    Quorum,
 }
 
 /// A site's limits and timings.
@@ -170,7 +174,7 @@ pub fn acquire_order(mut objects: Vec<ObjectId>) -> Vec<ObjectId> {
     objects
 }
 
-/// A token message (wire types 19–22, `docs/protocol.md`).
+/// A token message (wire types 19–22 and 31–32, `docs/protocol.md`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TokenMsg {
     /// The sender wants to write `object`.
@@ -186,6 +190,12 @@ pub enum TokenMsg {
     Ack { object: ObjectId, lend: u64 },
     /// Home → other: no room in the home's table to lend `object`.
     Refuse { object: ObjectId },
+    /// `--partition quorum` (`core::quorum`, wire type 31): may the sender write under its
+    /// tokens? The machine ignores it; the shell's quorum answers.
+    Probe { nonce: u64 },
+    /// The answer to `Probe{nonce}` (wire type 32): the sender writes none of the receiver's
+    /// tokens for a ttl, and its records through `seq` come first.
+    Answer { nonce: u64, seq: u64 },
 }
 
 /// Why a write was refused.
@@ -202,6 +212,10 @@ pub enum Refusal {
     PeerTableFull,
     #[error("the write token did not arrive in time")]
     Timeout,
+    /// `--partition quorum`: the peer does not answer and this site may not write (no lease
+    /// from the witness, or the peer may still write for a moment: `core::quorum`).
+    #[error("read-only: the peer is unreachable and this site is not the majority of the split")]
+    NoQuorum,
 }
 
 /// An input to [`TokenSite::handle`].
@@ -244,6 +258,12 @@ pub enum Event {
     Received(TokenMsg),
     /// Time passed.
     Tick,
+    /// `PartitionPolicy::Quorum`: this site is (or no longer is) the majority of a split
+    /// (`core::quorum::Mode::Majority`): writes to tokens at the peer go on without them, the
+    /// parked ones too.
+    Majority {
+        on: bool,
+    },
 }
 
 /// An output of [`TokenSite::handle`], to be carried out in order.
@@ -457,6 +477,8 @@ pub struct TokenSite {
     /// Writes that proceeded without a token (across a split) and are not yet `Written`: no
     /// Grant leaves before they are journaled, so that it covers them.
     unguarded: u32,
+    /// `PartitionPolicy::Quorum`: this site is the majority of a split ([`Event::Majority`]).
+    majority: bool,
 }
 
 impl TokenSite {
@@ -473,6 +495,7 @@ impl TokenSite {
             entries: BTreeMap::new(),
             parked: 0,
             unguarded: 0,
+            majority: false,
         }
     }
 
@@ -571,6 +594,20 @@ impl TokenSite {
         &self.config
     }
 
+    /// Writes that proceeded without their token and are not journaled yet.
+    pub fn unguarded(&self) -> u32 {
+        self.unguarded
+    }
+
+    /// Whether a write to `object` without its token goes on now, across a split.
+    fn unguarded_ok(&self) -> bool {
+        match self.config.policy {
+            PartitionPolicy::Reconcile => true,
+            PartitionPolicy::ReadOnly => false,
+            PartitionPolicy::Quorum => self.majority,
+        }
+    }
+
     /// Handles one event at `now` (ms, any monotonic clock) and returns what to do, in order.
     pub fn handle(&mut self, now: u64, event: Event) -> Vec<Action> {
         let mut out = Vec::new();
@@ -609,22 +646,24 @@ impl TokenSite {
             }
             Event::Received(msg) => self.on_msg(now, msg, &mut out),
             Event::Tick => self.on_tick(now, &mut out),
+            Event::Majority { on } => self.on_majority(on, &mut out),
         }
         out
     }
 
     fn on_write(&mut self, now: u64, write: WriteId, object: ObjectId, out: &mut Vec<Action>) {
-        if !self.connected && !self.holds(object) {
-            if self.config.policy == PartitionPolicy::Reconcile {
+        if (!self.connected || self.majority) && !self.holds(object) {
+            let go = self.unguarded_ok();
+            if go {
                 self.unguarded += 1;
             }
-            out.push(match self.config.policy {
-                PartitionPolicy::Reconcile => Action::Proceed {
+            out.push(match go {
+                true => Action::Proceed {
                     write,
                     object,
                     guarded: false,
                 },
-                PartitionPolicy::ReadOnly => Action::Refuse {
+                false => Action::Refuse {
                     write,
                     object,
                     reason: Refusal::ReadOnly,
@@ -762,7 +801,7 @@ impl TokenSite {
 
     fn on_disconnected(&mut self, out: &mut Vec<Action>) {
         self.connected = false;
-        let policy = self.config.policy;
+        let go = self.unguarded_ok();
         for (object, e) in self.entries.iter_mut() {
             e.asked = false;
             e.peer_asked = None;
@@ -784,20 +823,43 @@ impl TokenSite {
             // Writes waiting for a token across the split: the policy decides now.
             for (write, _) in e.parked.drain(..) {
                 self.parked -= 1;
-                if policy == PartitionPolicy::Reconcile {
+                if go {
                     self.unguarded += 1;
                 }
-                out.push(match policy {
-                    PartitionPolicy::Reconcile => Action::Proceed {
+                out.push(match go {
+                    true => Action::Proceed {
                         write,
                         object: *object,
                         guarded: false,
                     },
-                    PartitionPolicy::ReadOnly => Action::Refuse {
+                    false => Action::Refuse {
                         write,
                         object: *object,
                         reason: Refusal::ReadOnly,
                     },
+                });
+            }
+        }
+    }
+
+    /// The quorum made this site the majority of a split (or no longer): in majority the writes
+    /// parked for tokens at the peer go on without them.
+    fn on_majority(&mut self, on: bool, out: &mut Vec<Action>) {
+        self.majority = on && self.config.policy == PartitionPolicy::Quorum;
+        if !self.majority {
+            return;
+        }
+        for (object, e) in self.entries.iter_mut() {
+            if matches!(e.state, State::Held { .. } | State::Giving { .. }) {
+                continue;
+            }
+            for (write, _) in e.parked.drain(..) {
+                self.parked -= 1;
+                self.unguarded += 1;
+                out.push(Action::Proceed {
+                    write,
+                    object: *object,
+                    guarded: false,
                 });
             }
         }
@@ -812,6 +874,8 @@ impl TokenSite {
             TokenMsg::Grant { object, lend, seq } => self.on_grant(now, object, lend, seq, out),
             TokenMsg::Ack { object, lend } => self.on_ack(object, lend, out),
             TokenMsg::Refuse { object } => self.on_refuse(object, out),
+            // The quorum's messages (`core::quorum`): the shell's.
+            TokenMsg::Probe { .. } | TokenMsg::Answer { .. } => {}
         }
     }
 
@@ -1865,7 +1929,12 @@ mod tests {
 
     #[test]
     fn across_a_split_the_policy_decides_for_tokens_over_there() {
-        for policy in [PartitionPolicy::Reconcile, PartitionPolicy::ReadOnly] {
+        // Quorum without the majority is read-only.
+        for policy in [
+            PartitionPolicy::Reconcile,
+            PartitionPolicy::ReadOnly,
+            PartitionPolicy::Quorum,
+        ] {
             let mut home = connected(1, 2, policy);
             let mut other = connected(2, 1, policy);
             lend_x(&mut home, &mut other);
@@ -1886,7 +1955,7 @@ mod tests {
                     assert_eq!(a, vec![unguarded(2)]);
                     assert_eq!(b, vec![unguarded(3)]);
                 }
-                PartitionPolicy::ReadOnly => {
+                PartitionPolicy::ReadOnly | PartitionPolicy::Quorum => {
                     let refused = |write| Action::Refuse {
                         write,
                         object: X,
@@ -1897,6 +1966,66 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn quorum_the_majority_writes_tokens_over_there_unguarded_the_rest_is_refused() {
+        let mut home = connected(1, 2, PartitionPolicy::Quorum);
+        let mut other = connected(2, 1, PartitionPolicy::Quorum);
+        lend_x(&mut home, &mut other);
+        let unguarded = |write| Action::Proceed {
+            write,
+            object: X,
+            guarded: false,
+        };
+        // Connected, not majority: the write to X waits for its token.
+        assert_eq!(
+            sent(&home.handle(4, write(2, X))),
+            vec![TokenMsg::Request { object: X }]
+        );
+        // Made the majority (the link may still look up): the parked write goes on unguarded,
+        // and so do new ones; the tokens held here stay guarded.
+        assert_eq!(
+            home.handle(5, Event::Majority { on: true }),
+            vec![unguarded(2)]
+        );
+        assert_eq!(home.handle(6, write(3, X)), vec![unguarded(3)]);
+        assert_eq!(home.handle(6, write(4, Y)), vec![proceed(4, Y)]);
+        assert_eq!(home.unguarded(), 2);
+        // No longer the majority, the link down: refused, as read-only.
+        home.handle(7, Event::Majority { on: false });
+        home.handle(8, Event::Disconnected);
+        assert_eq!(
+            home.handle(9, write(5, X)),
+            vec![Action::Refuse {
+                write: 5,
+                object: X,
+                reason: Refusal::ReadOnly
+            }]
+        );
+        // The unguarded writes journaled, the link back: the Grant that gives X back covers
+        // them (records before the Grant).
+        for seq in [10, 11] {
+            home.handle(
+                10,
+                Event::Written {
+                    object: X,
+                    seq,
+                    guarded: false,
+                },
+            );
+        }
+        assert_eq!(home.unguarded(), 0);
+        // Majority means nothing to the other policies.
+        let mut ro = connected(1, 2, PartitionPolicy::ReadOnly);
+        let mut ro2 = connected(2, 1, PartitionPolicy::ReadOnly);
+        lend_x(&mut ro, &mut ro2);
+        ro.handle(4, Event::Majority { on: true });
+        ro.handle(5, Event::Disconnected);
+        assert!(matches!(
+            ro.handle(6, write(2, X))[..],
+            [Action::Refuse { .. }]
+        ));
     }
 
     #[test]

@@ -85,6 +85,8 @@ pub mod msg_type {
     pub const SCAN: u8 = 28;
     pub const SCAN_END: u8 = 29;
     pub const PEER_SEEN: u8 = 30;
+    pub const QUORUM_PROBE: u8 = 31;
+    pub const QUORUM_ANSWER: u8 = 32;
 }
 
 /// Block size of the resync's per-file hashes.
@@ -788,6 +790,8 @@ impl Msg {
                     T::Grant { .. } => TOKEN_GRANT,
                     T::Ack { .. } => TOKEN_ACK,
                     T::Refuse { .. } => TOKEN_REFUSE,
+                    T::Probe { .. } => QUORUM_PROBE,
+                    T::Answer { .. } => QUORUM_ANSWER,
                 }
             }
             Msg::PeerSeen { .. } => PEER_SEEN,
@@ -960,6 +964,11 @@ impl Msg {
                 use crate::token::TokenMsg as T;
                 match *t {
                     T::Request { object } | T::Refuse { object } => o.u64(object),
+                    T::Probe { nonce } => o.u64(nonce),
+                    T::Answer { nonce, seq } => {
+                        o.u64(nonce);
+                        o.u64(seq);
+                    }
                     T::Grant { object, lend, seq } => {
                         o.u64(object);
                         o.u64(lend);
@@ -1232,6 +1241,11 @@ impl Msg {
                     crate::token::TokenMsg::Ack { object, lend }
                 })
             }
+            QUORUM_PROBE => Msg::Token(crate::token::TokenMsg::Probe { nonce: i.u64()? }),
+            QUORUM_ANSWER => Msg::Token(crate::token::TokenMsg::Answer {
+                nonce: i.u64()?,
+                seq: i.u64()?,
+            }),
             PEER_SEEN => Msg::PeerSeen {
                 from: i.u64()?,
                 through: i.u64()?,
@@ -1593,6 +1607,11 @@ mod tests {
             }),
             Msg::Token(crate::token::TokenMsg::Ack { object: 7, lend: 3 }),
             Msg::Token(crate::token::TokenMsg::Refuse { object: 0 }),
+            Msg::Token(crate::token::TokenMsg::Probe { nonce: 5 }),
+            Msg::Token(crate::token::TokenMsg::Answer {
+                nonce: u64::MAX,
+                seq: 12,
+            }),
             Msg::PeerSeen {
                 from: 12,
                 through: u64::MAX,

@@ -102,7 +102,19 @@ impl Pair {
         tag: &str,
         extra_a: &[&str],
         extra_b: &[&str],
+        via: impl FnMut(u16) -> u16,
+    ) -> (Pair, ()) {
+        Pair::prepared(tag, extra_a, extra_b, via, |_, _, _, _| {})
+    }
+
+    /// The same, `prepare(cfg_a, fingerprint_a, cfg_b, fingerprint_b)` called once both
+    /// identities exist, before the sites start (to trust a witness, say).
+    fn prepared(
+        tag: &str,
+        extra_a: &[&str],
+        extra_b: &[&str],
         mut via: impl FnMut(u16) -> u16,
+        prepare: impl FnOnce(&Path, &str, &Path, &str),
     ) -> (Pair, ()) {
         let tmp = temp_base(&format!("tokens-{tag}"));
         let base = tmp.path().canonicalize().expect("canonicalize");
@@ -110,6 +122,7 @@ impl Pair {
         let (fa, fb) = (init_identity(&ca, "site-a"), init_identity(&cb, "site-b"));
         trust(&ca, &fb, "site-b");
         trust(&cb, &fa, "site-a");
+        prepare(&ca, &fa, &cb, &fb);
         let (pa, pb) = (free_port(), free_port());
         let site = |me: &Path, listen: u16, peer: u16, tag: &str, extra: &[&str]| -> Mount {
             let peer = format!("mirror://127.0.0.1:{peer}");
@@ -691,7 +704,14 @@ fn split_writes_are_reconciled_after_both_sites_restart_before_the_heal() {
     );
     // Each site found its split write again in its journal at the restart.
     for m in [&pair.a, &pair.b] {
-        let log = m.log();
+        // The line comes with the peer receiver's start, which may follow the mount's.
+        let mut log = m.log();
+        wait_until(Duration::from_secs(10), || {
+            log = m.log();
+            log.split("---- start #2 ----")
+                .nth(1)
+                .is_some_and(|t| t.contains("reconciliation after a split: "))
+        });
         let second = log.split("---- start #2 ----").nth(1).unwrap_or_default();
         let n: u64 = second
             .split("reconciliation after a split: ")
@@ -970,4 +990,471 @@ fn one_file_written_whole_at_both_sites_at_once_ends_as_one_writers_session() {
         st["write_tokens"]["writes_parked"].as_u64().unwrap_or(0) >= 1
     });
     assert!(travelled, "b's sessions waited for a's: {st:#}");
+}
+
+/// What each site's attempt at one name ended with: `Ok` or the errno.
+type Outcomes = Vec<Result<(), i32>>;
+
+/// Both sites make the same `n` new names, one thread per site: before each name both threads
+/// say they are ready and wait for the go (channels with timeouts, not a `Barrier`: a panicking
+/// side must not leave the other waiting forever). `make(site, i)` makes name `i` at `site`.
+fn race_both_sites(
+    pair: &Pair,
+    n: usize,
+    make: impl Fn(&Mount, u8, usize) -> std::io::Result<()> + Sync,
+) -> [Outcomes; 2] {
+    use std::sync::mpsc::{channel, RecvTimeoutError};
+    const STEP: Duration = Duration::from_secs(60);
+    let make = &make;
+    std::thread::scope(|s| {
+        let (ready_tx, ready_rx) = channel::<usize>();
+        let mut gos = Vec::new();
+        let mut handles = Vec::new();
+        for (site, letter) in [(&pair.a, b'a'), (&pair.b, b'b')] {
+            let (go_tx, go_rx) = channel::<()>();
+            gos.push(go_tx);
+            let ready = ready_tx.clone();
+            handles.push(s.spawn(move || {
+                let mut out = Vec::with_capacity(n);
+                for i in 0..n {
+                    if ready.send(i).is_err() {
+                        break;
+                    }
+                    match go_rx.recv_timeout(STEP) {
+                        Ok(()) => {}
+                        Err(RecvTimeoutError::Timeout) => panic!("no go for name {i}"),
+                        Err(RecvTimeoutError::Disconnected) => break,
+                    }
+                    out.push(make(site, letter, i).map_err(|e| e.raw_os_error().unwrap_or(-1)));
+                }
+                out
+            }));
+        }
+        drop(ready_tx);
+        for i in 0..n {
+            for _ in 0..2 {
+                let got = ready_rx
+                    .recv_timeout(STEP)
+                    .unwrap_or_else(|e| panic!("a site is not ready for name {i}: {e}"));
+                assert_eq!(got, i, "the sites are out of step");
+            }
+            for go in &gos {
+                go.send(()).expect("a site's thread is gone");
+            }
+        }
+        drop(gos);
+        let mut res = handles
+            .into_iter()
+            .map(|h| h.join().expect("a site's thread panicked"));
+        let (a, b) = (
+            res.next().unwrap_or_default(),
+            res.next().unwrap_or_default(),
+        );
+        assert_eq!(
+            (a.len(), b.len()),
+            (n, n),
+            "every name was tried at both sites"
+        );
+        [a, b]
+    })
+}
+
+/// The content site `letter` writes into name `i`: the same length at both sites, so a mix of
+/// the two would show.
+fn race_content(letter: u8, i: usize) -> Vec<u8> {
+    let mut v = vec![letter; 16 << 10];
+    v[..8].copy_from_slice(&(i as u64).to_le_bytes());
+    v
+}
+
+/// A create (without O_EXCL) that waited for its token while the other site made the name
+/// opens the file the other site made, as open(2) would (commit afa32e3): it never fails with
+/// EEXIST. With O_EXCL exactly one of the two creates of a name succeeds.
+#[test]
+fn both_sites_create_the_same_new_names_at_once() {
+    let pair = token_pair("create-race", "read-only");
+    wait_link(&pair.a, true);
+    wait_link(&pair.b, true);
+    let n = 50;
+    // Without O_EXCL (O_CREAT | O_TRUNC, as a shell's `>`): each site writes its whole content.
+    let [a, b] = race_both_sites(&pair, n, |site, letter, i| {
+        use std::io::Write;
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(site.p(format!("plain-{i}")))?;
+        f.write_all(&race_content(letter, i))
+    });
+    for (i, (ra, rb)) in a.iter().zip(&b).enumerate() {
+        assert!(
+            ra.is_ok() && rb.is_ok(),
+            "plain-{i}: a {ra:?}, b {rb:?} (17 = EEXIST)\nsite a:\n{}\nsite b:\n{}",
+            pair.a.log(),
+            pair.b.log()
+        );
+    }
+    pair.wait_equal();
+    for i in 0..n {
+        let name = format!("plain-{i}");
+        let got = fs::read(pair.a.p(&name)).expect("read at a");
+        assert!(
+            got == race_content(b'a', i) || got == race_content(b'b', i),
+            "{name} is not one site's whole content ({} bytes, first letters {:?})",
+            got.len(),
+            got.get(8..12)
+        );
+        assert_eq!(fs::read(pair.b.p(&name)).expect("read at b"), got, "{name}");
+    }
+    // With O_EXCL: exactly one create of each name succeeds, the other gets EEXIST.
+    let [a, b] = race_both_sites(&pair, n, |site, letter, i| {
+        use std::io::Write;
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(site.p(format!("excl-{i}")))?;
+        f.write_all(&race_content(letter, i))
+    });
+    let mut won = [0, 0];
+    for (i, (ra, rb)) in a.iter().zip(&b).enumerate() {
+        match (ra, rb) {
+            (Ok(()), Err(libc::EEXIST)) => won[0] += 1,
+            (Err(libc::EEXIST), Ok(())) => won[1] += 1,
+            _ => panic!(
+                "excl-{i}: a {ra:?}, b {rb:?}: not exactly one create\nsite a:\n{}\nsite b:\n{}",
+                pair.a.log(),
+                pair.b.log()
+            ),
+        }
+    }
+    pair.wait_equal();
+    for (i, ra) in a.iter().enumerate() {
+        let name = format!("excl-{i}");
+        let want = race_content(if ra.is_ok() { b'a' } else { b'b' }, i);
+        assert_eq!(fs::read(pair.a.p(&name)).expect("at a"), want, "{name}");
+        assert_eq!(fs::read(pair.b.p(&name)).expect("at b"), want, "{name}");
+    }
+    eprintln!("O_EXCL winners: a {}, b {}", won[0], won[1]);
+    let log = pair.a.log() + &pair.b.log();
+    assert!(
+        !log.contains("failed here"),
+        "no peer record failed:\n{log}"
+    );
+}
+
+/// `mirrorfs witness` on loopback, killed on drop.
+struct Witness {
+    child: Option<std::process::Child>,
+    log: std::path::PathBuf,
+    port: u16,
+    _tmp: tempfile::TempDir,
+}
+
+impl Witness {
+    /// A witness (longest lease and start-up window 1.5 s) whose identity the returned guard
+    /// holds; trust it at the sites with [`Witness::trust_site`] before they start.
+    fn start() -> (Witness, String) {
+        let tmp = temp_base("tokens-witness");
+        let dir = tmp.path().join("cfg");
+        let fp = init_identity(&dir, "witness");
+        let port = free_port();
+        let log = tmp.path().join("witness.log");
+        let f = fs::File::create(&log).expect("witness log");
+        let child = Command::new(BIN)
+            .args([
+                "witness",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--ttl-max-ms",
+                "1500",
+            ])
+            .arg("--config")
+            .arg(&dir)
+            .stdin(std::process::Stdio::null())
+            .stdout(f.try_clone().expect("dup"))
+            .stderr(f)
+            .spawn()
+            .expect("spawn the witness");
+        let w = Witness {
+            child: Some(child),
+            log,
+            port,
+            _tmp: tmp,
+        };
+        let up = wait_until(Duration::from_secs(30), || {
+            w.log().contains("witness listening on")
+        });
+        assert!(up, "the witness did not start:\n{}", w.log());
+        (w, fp)
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The witness trusts the site whose fingerprint is `fp`, and the site (config `cfg`) it.
+    fn trust_site(&self, witness_fp: &str, cfg: &Path, fp: &str, name: &str) {
+        trust(cfg, witness_fp, "witness");
+        trust(&self._tmp.path().join("cfg"), fp, name);
+    }
+}
+
+impl Drop for Witness {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// `m`'s quorum line in `status` (`None` before it shows one).
+fn quorum_line(m: &Mount) -> String {
+    tokens_status(m)["write_tokens"]["quorum"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Waits until `m`'s quorum line starts with `prefix`; returns it.
+fn wait_quorum(m: &Mount, prefix: &str, within: Duration) -> String {
+    let mut last = String::new();
+    let ok = wait_until(within, || {
+        last = quorum_line(m);
+        last.starts_with(prefix)
+    });
+    assert!(
+        ok,
+        "the quorum line is not `{prefix}...`: {last:?}\n{}",
+        m.log()
+    );
+    last
+}
+
+/// Issue 7 item 6: two writable sites and a witness (`--partition quorum`). The peer link cut,
+/// only the site holding the witness's partition lease writes — the files whose token is at the
+/// other site too — and the other fails every change with EROFS, `status` naming the lease's
+/// holder; healed, the trees are identical and both write under tokens again. Then the site
+/// holding the lease is cut from the witness and the peer at once: it goes read-only, the other
+/// takes the lease and writes.
+#[test]
+fn witness_quorum_only_the_side_with_the_lease_writes_across_a_split() {
+    let (witness, wfp) = Witness::start();
+    // Each site reaches the witness through its own proxy (to cut one site from it).
+    let (wa, wb) = (Proxy::start(witness.port), Proxy::start(witness.port));
+    let (ua, ub) = (
+        format!("mirror://127.0.0.1:{}", wa.port),
+        format!("mirror://127.0.0.1:{}", wb.port),
+    );
+    let args = |ids: &'static str, url: &str| -> Vec<String> {
+        [
+            "--write-tokens",
+            ids,
+            "--partition",
+            "quorum",
+            "--witness",
+            url,
+            "--lease-ms",
+            "1500",
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let (xa, xb) = (args("1:2", &ua), args("2:1", &ub));
+    let (xa, xb): (Vec<&str>, Vec<&str>) = (
+        xa.iter().map(String::as_str).collect(),
+        xb.iter().map(String::as_str).collect(),
+    );
+    // b cannot reach the witness at first: a takes the partition lease.
+    wb.cut();
+    let mut proxies = Vec::new();
+    let (pair, _) = Pair::prepared(
+        "quorum",
+        &xa,
+        &xb,
+        |port| {
+            let p = Proxy::start(port);
+            let at = p.port;
+            proxies.push(p);
+            at
+        },
+        |ca, fa, cb, fb| {
+            witness.trust_site(&wfp, ca, fa, "site-a");
+            witness.trust_site(&wfp, cb, fb, "site-b");
+        },
+    );
+    let [ab, ba]: [Proxy; 2] = proxies.try_into().ok().expect("two proxies");
+    wait_link(&pair.a, true);
+    wait_link(&pair.b, true);
+    let long = Duration::from_secs(30);
+    wait_quorum(&pair.a, "linked", long);
+    wait_quorum(&pair.b, "linked", long);
+    // a holds the lease (the witness's log says so), then b may reach the witness too.
+    let granted = wait_until(long, || {
+        witness
+            .log()
+            .lines()
+            .any(|l| l.contains("for site 1 (") && l.contains(": granted for "))
+    });
+    assert!(granted, "no lease for site 1:\n{}", witness.log());
+    wb.heal();
+    // Linked: both write, under tokens; b takes the token of `theirs` and keeps it (open).
+    write_block(&pair.a.p("theirs"), b'0', 4096).expect("create at a");
+    write_file(&pair.b, "b-before", b"made at b before the split\n");
+    pair.wait_equal();
+    let held = fs::OpenOptions::new()
+        .write(true)
+        .open(pair.b.p("theirs"))
+        .expect("open at b");
+    {
+        use std::os::unix::fs::FileExt;
+        held.write_all_at(b"bbbb", 0).expect("write at b");
+    }
+    pair.wait_equal();
+    // The split.
+    ab.cut();
+    ba.cut();
+    let t0 = std::time::Instant::now();
+    let why = wait_quorum(
+        &pair.b,
+        "read-only: the peer is unreachable and the witness gave the partition lease to site 1",
+        long,
+    );
+    let minority = t0.elapsed();
+    wait_quorum(&pair.a, "writable", long);
+    // The lease holder waits for its last promise (--lease-ms 1500) to run out after the
+    // minority stopped (1.2 s after its last answered probe, at most).
+    eprintln!(
+        "after the cut: b read-only in {minority:?}, a writes every file in {:?}",
+        t0.elapsed()
+    );
+    drop(held);
+    // a writes everything: the file whose token is at b, a new file, b's own file.
+    write_block(&pair.a.p("theirs"), b'a', 4096).expect("a writes a file whose token is at b");
+    write_file(&pair.a, "during", b"made at a during the split\n");
+    write_file(&pair.a, "b-before", b"changed at a during the split\n");
+    // b changes nothing.
+    let erofs = |what: &str, r: std::io::Result<()>| {
+        let e = r.expect_err(what);
+        assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{what}: {e}");
+    };
+    erofs(
+        "b writes theirs",
+        write_block(&pair.b.p("theirs"), b'b', 4096),
+    );
+    erofs("b creates", fs::write(pair.b.p("b-new"), b"x"));
+    erofs("b chmods", chmod(&pair.b.p("b-before"), 0o600));
+    let text = Command::new(BIN)
+        .arg("status")
+        .arg(pair.b.mnt())
+        .output()
+        .expect("status");
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("witness quorum: read-only: the peer is unreachable and the witness gave the partition lease to site 1"),
+        "{text}"
+    );
+    assert!(why.contains("site 1 ("), "{why}");
+    // The heal: a's writes reach b, nothing is concurrent, both write under tokens again.
+    ab.heal();
+    ba.heal();
+    let t0 = std::time::Instant::now();
+    wait_quorum(&pair.b, "linked", long);
+    wait_quorum(&pair.a, "linked", long);
+    eprintln!("after the heal: both linked in {:?}", t0.elapsed());
+    pair.wait_equal();
+    for m in [&pair.a, &pair.b] {
+        assert_eq!(fs::read(m.p("theirs")).expect("theirs"), vec![b'a'; 4096]);
+        assert_eq!(
+            fs::read(m.p("during")).expect("during"),
+            b"made at a during the split\n"
+        );
+        assert_eq!(
+            fs::read(m.p("b-before")).expect("b-before"),
+            b"changed at a during the split\n"
+        );
+        assert!(
+            conflicts_json(m).is_empty(),
+            "nothing concurrent:\n{}",
+            m.log()
+        );
+    }
+    write_block(&pair.b.p("theirs"), b'B', 4096).expect("b writes again after the heal");
+    write_file(&pair.a, "after", b"a after the heal\n");
+    pair.wait_equal();
+    assert_eq!(
+        fs::read(pair.a.p("theirs")).expect("theirs"),
+        vec![b'B'; 4096]
+    );
+    // a is cut from the witness and from b at once: a read-only, b takes the lease and writes.
+    wa.cut();
+    ab.cut();
+    ba.cut();
+    let why = wait_quorum(
+        &pair.a,
+        "read-only: the peer is unreachable and no lease from the witness",
+        long,
+    );
+    wait_quorum(&pair.b, "writable", long);
+    erofs(
+        "a writes theirs",
+        write_block(&pair.a.p("theirs"), b'a', 4096),
+    );
+    erofs(
+        "a writes its own file",
+        write_file_res(&pair.a, "after", b"no"),
+    );
+    write_block(&pair.b.p("theirs"), b'b', 4096).expect("b writes during the second split");
+    write_file(&pair.b, "after", b"b during the second split\n");
+    assert!(!why.is_empty());
+    wa.heal();
+    ab.heal();
+    ba.heal();
+    wait_quorum(&pair.a, "linked", long);
+    pair.wait_equal();
+    assert_eq!(
+        fs::read(pair.a.p("theirs")).expect("theirs"),
+        vec![b'b'; 4096]
+    );
+    assert_eq!(
+        fs::read(pair.a.p("after")).expect("after"),
+        b"b during the second split\n"
+    );
+    for m in [&pair.a, &pair.b] {
+        assert!(
+            conflicts_json(m).is_empty(),
+            "nothing concurrent:\n{}",
+            m.log()
+        );
+    }
+}
+
+#[test]
+fn partition_quorum_without_a_witness_is_refused_with_the_reason() {
+    let tmp = temp_base("tokens-quorum-args");
+    let (backing, mnt) = (tmp.path().join("backing"), tmp.path().join("mnt"));
+    common::mkdir755(&backing);
+    common::mkdir755(&mnt);
+    let out = common::run_expecting_failure(
+        &[
+            os("mount"),
+            backing.as_os_str(),
+            mnt.as_os_str(),
+            os("--peer"),
+            os("mirror://127.0.0.1:9"),
+            os("--receive"),
+            os("127.0.0.1:0"),
+            os("--write-tokens"),
+            os("1:2"),
+            os("--partition"),
+            os("quorum"),
+        ],
+        Some(&mnt),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--partition quorum needs --witness"), "{err}");
+}
+
+fn write_file_res(site: &Mount, rel: &str, data: &[u8]) -> std::io::Result<()> {
+    fs::write(site.p(rel), data)
 }

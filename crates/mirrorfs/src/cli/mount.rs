@@ -58,7 +58,10 @@ pub struct MountArgs {
     /// With `--write-tokens`: a change to a file or name whose token is at the peer while the
     /// link is down: `read-only` fails it with EROFS (`status` says why), `reconcile` lets it
     /// go on (both sites may then change the file; at the heal a file changed at both is kept
-    /// twice and listed by `mirrorfs conflicts`).
+    /// twice and listed by `mirrorfs conflicts`), `quorum` (with `--witness`) lets only the
+    /// site holding the witness's partition lease write, every file, while the other fails
+    /// every change with EROFS (`status` says why); at the heal the majority's writes reach
+    /// the other site before it writes again.
     #[arg(
         long,
         value_enum,
@@ -172,11 +175,13 @@ pub struct MountArgs {
     /// the lease runs out, reads keep working, `status` says why, and writes resume by themselves
     /// when a renewal is granted. A promoted copy (`promote --witness`) supersedes this site for
     /// good. At start the mount waits up to 5 s for the first grant, then mounts read-only until
-    /// one comes.
+    /// one comes. With `--partition quorum` (two writable sites) the witness grants the pair's
+    /// partition lease instead: only a split's lease holder writes.
     #[arg(long)]
     witness: Option<String>,
     /// The lease's length in ms (renewed every third of it; writes stop a fifth of it before it
-    /// ends, so a site cut off from the witness is read-only within this time).
+    /// ends, so a site cut off from the witness is read-only within this time). With
+    /// `--partition quorum` also the link lease between the two sites (probed every quarter).
     #[arg(long, default_value_t = 3000, requires = "witness")]
     lease_ms: u64,
     /// Crash-atomic groups without an explicit API: the changes made between two syncs
@@ -254,6 +259,65 @@ fn start_fence(a: &MountArgs, vol: &Volume, meta: &meta::Meta, backing: &Path) -
             eprintln!("mirrorfs: {line}");
         }
     }
+    Ok(())
+}
+
+/// `--partition quorum`: the thread that keeps the witness's partition lease for the gate. The
+/// lease is the pair's: its volume id is both sites' volume ids xor-ed (the same at both), so it
+/// starts once the peer's volume is known (its first connection); a site names itself by its
+/// token id ("2 (host:/backing)"), which `status` shows at the other site.
+fn start_partition_lease(
+    a: &MountArgs,
+    site: &mut Site,
+    gate: Arc<TokenGate>,
+    receiver: Arc<crate::net::peer::PeerReceiver>,
+    meta: &meta::Meta,
+    backing: &Path,
+) -> Result<()> {
+    let (Some(w), Some((me, _))) = (&a.witness, a.write_tokens) else {
+        return Ok(());
+    };
+    let client = crate::net::witness::Client::new(w, a.config.as_deref())?;
+    let own = meta.history().volume_id;
+    let name = format!("{me} ({})", crate::site::fence::site_name(backing));
+    let (ttl_ms, url) = (
+        a.lease_ms,
+        format!("mirror://{}", crate::net::witness::address(w)),
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let vol = site.vol.clone();
+    // Not joined at the unmount (as the fence's lease thread): it may wait on the network.
+    std::thread::Builder::new()
+        .name("partition-lease".into())
+        .spawn(move || {
+            let peer = loop {
+                if lock(&vol.progress).stopping {
+                    return;
+                }
+                if let Some(v) = receiver.peer_volume() {
+                    break v;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            };
+            let mut volume_id = own;
+            for (x, y) in volume_id.iter_mut().zip(peer) {
+                *x ^= y;
+            }
+            let request = mirrorfs_core::lease::Request {
+                volume_id,
+                site: name,
+                generation_number: 1,
+                generation_id: 1,
+                ttl_ms,
+                renewal: false,
+            };
+            let fence = Arc::new(crate::site::fence::Fence::new(request, url));
+            if gate.lease.set(fence.clone()).is_err() {
+                return;
+            }
+            crate::net::witness::keep_lease(fence, client, stop);
+        })
+        .context("cannot start the partition lease thread")?;
     Ok(())
 }
 
@@ -420,6 +484,11 @@ struct Locks {
 /// `mirrorfs mount`: check and lock, open the primary site, attach its mirrors, mount, serve until
 /// a signal or an external unmount, then drain and stop.
 pub fn mount(a: MountArgs) -> Result<()> {
+    if a.partition == PartitionArg::Quorum && (a.witness.is_none() || a.write_tokens.is_none()) {
+        bail!(
+            "--partition quorum needs --witness mirror://HOST:PORT and --write-tokens SITE:PEER (the witness grants the partition lease)"
+        );
+    }
     if let Some(v) = &a.volume {
         tracing::info!("volume {v}: settings from the config file, then the command line");
     }
@@ -455,7 +524,9 @@ pub fn mount(a: MountArgs) -> Result<()> {
     // What changes from here on, for an incremental `mirrorfs verify` (`site::verify_dirty`).
     crate::site::verify_dirty::start(&mut site, behind.is_some())?;
     let vol = site.vol.clone();
-    start_fence(&a, &vol, &meta, &places.backing)?;
+    if a.partition != PartitionArg::Quorum {
+        start_fence(&a, &vol, &meta, &places.backing)?;
+    }
     let gate = start_tokens(&a, &mut site, &vol, &state)?;
     if a.fsync_groups {
         let clock = SyncGroupClock::new(Duration::from_millis(a.fsync_group_max_ms));
@@ -498,7 +569,18 @@ pub fn mount(a: MountArgs) -> Result<()> {
     );
     // Before the links start: the link to the peer must know, from its first record, which
     // records came from the peer, and carry the token messages from its first connection.
-    let _receiver = start_peer(&a, &vol, &places, &state, &shared[n_local..], &term, gate)?;
+    let _receiver = start_peer(
+        &a,
+        &vol,
+        &places,
+        &state,
+        &shared[n_local..],
+        &term,
+        gate.clone(),
+    )?;
+    if let (Some(g), Some(r), PartitionArg::Quorum) = (&gate, &_receiver, a.partition) {
+        start_partition_lease(&a, &mut site, g.clone(), r.clone(), &meta, &places.backing)?;
+    }
     if let Some((id, pinned)) = link_identity {
         let cfg = Arc::new(remote::LinkConfig {
             identity: id,
@@ -510,7 +592,11 @@ pub fn mount(a: MountArgs) -> Result<()> {
                 super::hostname(),
                 places.backing.display(),
                 a.write_tokens
-                    .map(|(me, peer)| crate::site::tokens::hello_suffix(me, peer))
+                    .map(|(me, peer)| crate::site::tokens::hello_suffix(
+                        me,
+                        peer,
+                        a.partition == PartitionArg::Quorum
+                    ))
                     .unwrap_or_default()
             ),
             backing: places.backing.clone(),
@@ -569,6 +655,7 @@ pub fn mount(a: MountArgs) -> Result<()> {
 pub enum PartitionArg {
     ReadOnly,
     Reconcile,
+    Quorum,
 }
 
 /// `--write-tokens SITE:PEER`.
@@ -602,6 +689,7 @@ fn start_tokens(
     let policy = match a.partition {
         PartitionArg::ReadOnly => PartitionPolicy::ReadOnly,
         PartitionArg::Reconcile => PartitionPolicy::Reconcile,
+        PartitionArg::Quorum => PartitionPolicy::Quorum,
     };
     let dir = StateDir::at(&state.path);
     let end = lock(&vol.order).journal.next_seq() - 1;
@@ -622,13 +710,16 @@ fn start_tokens(
             g.tick();
         }
     })?;
+    if policy == PartitionPolicy::Quorum {
+        gate.start_quorum(a.lease_ms, end, applied);
+    }
     let _ = vol.tokens.set(gate.clone());
     tracing::info!(
         "write tokens: site {me}, peer {peer}, {} across a split, held up to {} ms for an open file",
-        if policy == PartitionPolicy::ReadOnly {
-            "read-only"
-        } else {
-            "reconcile"
+        match policy {
+            PartitionPolicy::ReadOnly => "read-only",
+            PartitionPolicy::Reconcile => "reconcile",
+            PartitionPolicy::Quorum => "witness quorum",
         },
         a.token_hold_max_ms
     );
@@ -670,7 +761,9 @@ fn start_peer(
             .set(Arc::new(crate::site::tokens::TokenWire::new(g.clone())));
     }
     let reconcile = match (a.write_tokens, a.partition) {
-        (Some((me, peer)), PartitionArg::Reconcile) => {
+        // Quorum: the majority's writes to tokens at the peer are unguarded; the peer's writes
+        // that crossed the cut are the concurrent ones the reconciliation finds.
+        (Some((me, peer)), PartitionArg::Reconcile | PartitionArg::Quorum) => {
             let pos = crate::site::peer::PeerPosition::load(&dir.peer_applied_file())?;
             let rc = Arc::new(crate::site::reconcile::SiteReconcile::new(
                 me,

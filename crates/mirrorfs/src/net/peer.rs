@@ -200,6 +200,11 @@ impl PeerReceiver {
         r.context("the peer's stream")
     }
 
+    /// The peer's volume, once it connected (ever).
+    pub fn peer_volume(&self) -> Option<mirrorfs_core::wire::VolumeId> {
+        lock(&self.position).volume
+    }
+
     /// The copy the session compares the peer's `hello` with: this site holds the peer's
     /// volume, consistent, through the position applied here. The first connection takes the
     /// peer's volume (a pair starts from identical trees, e.g. two empty directories).
@@ -258,7 +263,18 @@ impl PeerReceiver {
         ) {
             (None, None) => Ok(()),
             (Some((me, peer)), Some((their, their_peer))) if their == peer && their_peer == me => {
-                Ok(())
+                // A quorum site that took the peer's silence for a split would write the
+                // peer's tokens while a peer without the quorum writes them too.
+                let ours = self.gate.as_ref().is_some_and(|g| g.is_quorum());
+                match (ours, crate::site::tokens::hello_quorum(name)) {
+                    (true, false) => refuse(
+                        "this site runs --partition quorum and the peer does not: give both sites --partition quorum and the same --witness".into(),
+                    ),
+                    (false, true) => refuse(
+                        "the peer runs --partition quorum and this site does not: give both sites --partition quorum and the same --witness".into(),
+                    ),
+                    _ => Ok(()),
+                }
             }
             (Some((me, peer)), Some((their, their_peer))) => refuse(format!(
                 "write-token ids do not match: this site is --write-tokens {me}:{peer}, the peer {their}:{their_peer}; the peer's must be {peer}:{me}"

@@ -593,6 +593,9 @@ fn print_volume(v: &serde_json::Value) -> Result<()> {
             t.writes_parked,
             t.writes_refused
         );
+        if let Some(q) = &t.quorum {
+            println!("  witness quorum: {q}");
+        }
         if let Some(r) = &t.last_refusal {
             println!("  last write refused: {r}");
         }

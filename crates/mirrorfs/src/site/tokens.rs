@@ -48,6 +48,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use mirrorfs_core::quorum::{Decision, Mode, Quorum};
 use mirrorfs_core::token::{
     Action, Event, ObjectId, PartitionPolicy, Refusal, TokenConfig, TokenMsg, TokenRecord,
     TokenSite, WriteId, RECORD_BYTES,
@@ -234,7 +235,7 @@ impl GateError {
     /// The errno a file system call answers with.
     pub fn errno(&self) -> i32 {
         match self {
-            GateError::Refused(Refusal::ReadOnly) => libc::EROFS,
+            GateError::Refused(Refusal::ReadOnly | Refusal::NoQuorum) => libc::EROFS,
             GateError::Refused(Refusal::Timeout) => libc::ETIMEDOUT,
             GateError::Refused(_) => libc::EAGAIN,
             GateError::Failed(_) => libc::EIO,
@@ -272,6 +273,10 @@ struct Inner {
     connected: bool,
     /// The last write refused, for `status`: what, why, when (unix seconds).
     last_refusal: Option<(String, String, i64)>,
+    /// `--partition quorum`: the quorum's machine (`core::quorum`).
+    quorum: Option<Quorum>,
+    /// The token machine was told it is the majority (`Event::Majority`).
+    majority: bool,
 }
 
 /// One site's write tokens: the machine, its log and the writers waiting on it.
@@ -279,6 +284,9 @@ pub struct TokenGate {
     inner: Mutex<Inner>,
     answered: Condvar,
     epoch: Instant,
+    /// `--partition quorum`: the witness's partition lease (kept by `net::witness::keep_lease`
+    /// once the peer's volume is known). Unset: no lease.
+    pub lease: std::sync::OnceLock<Arc<crate::site::fence::Fence>>,
 }
 
 /// A write that may go on. Tell the gate where it was journaled with [`Permit::written`];
@@ -359,9 +367,12 @@ impl TokenGate {
                 stats: GateStats::default(),
                 connected: false,
                 last_refusal: None,
+                quorum: None,
+                majority: false,
             }),
             answered: Condvar::new(),
             epoch,
+            lease: std::sync::OnceLock::new(),
         })
     }
 
@@ -379,6 +390,70 @@ impl TokenGate {
         self.epoch.elapsed().as_millis() as u64
     }
 
+    /// `--partition quorum`: starts the quorum (`core::quorum`) with a link lease of `ttl_ms`,
+    /// the journal ending at `journal_end` and the peer's records applied through `applied`.
+    pub fn start_quorum(&self, ttl_ms: u64, journal_end: u64, applied: u64) {
+        let mut inner = lock(&self.inner);
+        inner.quorum = Some(Quorum::new(self.now(), ttl_ms, journal_end, applied));
+    }
+
+    /// Whether this site holds the witness's partition lease now.
+    fn lease_held(&self) -> bool {
+        self.lease.get().is_some_and(|f| f.check().is_ok())
+    }
+
+    /// The quorum's decision now (`None` without `--partition quorum`); tells the token machine
+    /// when the majority begins or ends.
+    fn quorum_decide(&self, inner: &mut Inner) -> Option<Decision> {
+        let now = self.now();
+        let lease = self.lease_held();
+        let d = inner.quorum.as_ref()?.decide(now, lease);
+        let majority = d == Decision::Everything;
+        if majority != inner.majority {
+            inner.majority = majority;
+            if majority {
+                tracing::warn!(
+                    "the peer does not answer and this site holds the witness's partition lease: it writes every file, those whose token is at the peer too"
+                );
+            } else {
+                tracing::info!("no longer the majority of a split: write tokens decide again");
+            }
+            self.run(inner, Event::Majority { on: majority });
+        }
+        Some(d)
+    }
+
+    /// `status`'s line for the quorum (`None` without `--partition quorum`).
+    fn quorum_text(&self, inner: &Inner) -> Option<String> {
+        let q = inner.quorum.as_ref()?;
+        let fence = self.lease.get();
+        let lease = fence.map(|f| f.check());
+        let held = matches!(lease, Some(Ok(())));
+        Some(match q.mode(self.now(), held) {
+            Mode::Linked => "linked: the peer answers, write tokens decide".into(),
+            Mode::Majority => "writable: the peer is unreachable and this site holds the witness's partition lease (it writes every file, those whose token is at the peer too)".into(),
+            Mode::Waiting { left_ms } => format!(
+                "the peer is unreachable and this site holds the witness's partition lease: files whose token is at the peer are read-only for {left_ms} ms more (the peer may write them until then)"
+            ),
+            Mode::Minority => match lease {
+                Some(Err(f)) => match f
+                    .reason
+                    .strip_prefix("held by site ")
+                    .and_then(|r| r.split(" (generation ").next())
+                {
+                    Some(holder) => format!(
+                        "read-only: the peer is unreachable and the witness gave the partition lease to site {holder}"
+                    ),
+                    None => format!(
+                        "read-only: the peer is unreachable and no lease from the witness ({})",
+                        f.reason
+                    ),
+                },
+                _ => "read-only: the peer is unreachable and no lease from the witness (the peer's volume is not known yet: never connected)".into(),
+            },
+        })
+    }
+
     fn event(&self, event: Event) {
         let mut inner = lock(&self.inner);
         self.run(&mut inner, event);
@@ -387,6 +462,9 @@ impl TokenGate {
     /// Hands `event` to the machine and carries out its actions in order; a failed persist
     /// stops the rest (nothing after it may happen) and fails the gate.
     fn run(&self, inner: &mut Inner, event: Event) {
+        if let (Event::Written { seq, .. }, Some(q)) = (event, inner.quorum.as_mut()) {
+            q.on_written(seq);
+        }
         let actions = inner.site.handle(self.now(), event);
         let mut woke = false;
         for action in actions {
@@ -440,12 +518,39 @@ impl TokenGate {
         if let Some(e) = &inner.failed {
             return Err(GateError::Failed(e.clone()));
         }
+        match self.quorum_decide(&mut inner) {
+            Some(Decision::Nothing) => return Err(self.refuse(&mut inner, Refusal::NoQuorum)),
+            Some(Decision::HeldOnly) if !inner.site.holds(object) => {
+                return Err(self.refuse(&mut inner, Refusal::NoQuorum))
+            }
+            _ => {}
+        }
         let write = inner.next_write;
         inner.next_write += 1;
         self.run(&mut inner, Event::Write { write, object });
         let mut parked = false;
         loop {
             if let Some(answer) = inner.answers.remove(&write) {
+                // The quorum again, at the moment the write goes (it may have waited): a site
+                // that is no longer linked or the majority does not write.
+                let allowed = match (answer, self.quorum_decide(&mut inner)) {
+                    (_, None | Some(Decision::Everything)) => true,
+                    (Answer::Go { guarded: false }, _) | (_, Some(Decision::Nothing)) => false,
+                    (Answer::Go { guarded: true }, _) | (Answer::No(_), _) => true,
+                };
+                if !allowed {
+                    if let Answer::Go { guarded } = answer {
+                        self.run(
+                            &mut inner,
+                            Event::Written {
+                                object,
+                                seq: 0,
+                                guarded,
+                            },
+                        );
+                    }
+                    return Err(self.refuse(&mut inner, Refusal::NoQuorum));
+                }
                 return match answer {
                     Answer::Go { guarded } => Ok(Permit {
                         gate: self,
@@ -471,6 +576,12 @@ impl TokenGate {
             inner = guard;
             self.run(&mut inner, Event::Tick);
         }
+    }
+
+    /// Counts a refusal the gate made itself (the quorum's).
+    fn refuse(&self, inner: &mut Inner, r: Refusal) -> GateError {
+        inner.stats.refused += 1;
+        GateError::Refused(r)
     }
 
     /// Waits until a change of several objects may go on, taking their tokens one after the
@@ -526,17 +637,60 @@ impl TokenGate {
 
     /// The peer's records through `seq` are applied here.
     pub fn peer_applied(&self, seq: u64) {
-        self.event(Event::PeerApplied { seq });
+        let mut inner = lock(&self.inner);
+        if let Some(q) = inner.quorum.as_mut() {
+            q.on_applied(seq);
+        }
+        self.run(&mut inner, Event::PeerApplied { seq });
     }
 
-    /// A token message from the peer.
+    /// A token message from the peer (the quorum's probes and answers go to the quorum).
     pub fn received(&self, msg: TokenMsg) {
-        self.event(Event::Received(msg));
+        let mut inner = lock(&self.inner);
+        let now = self.now();
+        match msg {
+            TokenMsg::Probe { nonce } => {
+                let in_flight = inner.site.unguarded() > 0;
+                let answer = inner
+                    .quorum
+                    .as_mut()
+                    .and_then(|q| q.on_probe(now, nonce, in_flight));
+                if let Some((nonce, seq)) = answer {
+                    self.send(&mut inner, TokenMsg::Answer { nonce, seq });
+                }
+                // The promise may end this site's majority at once.
+                self.quorum_decide(&mut inner);
+            }
+            TokenMsg::Answer { nonce, seq } => {
+                if let Some(q) = inner.quorum.as_mut() {
+                    q.on_answer(now, nonce, seq);
+                }
+                self.quorum_decide(&mut inner);
+            }
+            _ => self.run(&mut inner, Event::Received(msg)),
+        }
     }
 
-    /// Drives the timings (idle give-backs, `hold_max_ms`, park timeouts).
+    /// Sends `msg` on the link if it is up.
+    fn send(&self, inner: &mut Inner, msg: TokenMsg) {
+        if let Some(send) = inner.send.as_mut() {
+            inner.stats.sent += 1;
+            if !send(msg) {
+                inner.send = None;
+            }
+        }
+    }
+
+    /// Drives the timings (idle give-backs, `hold_max_ms`, park timeouts; the quorum's probes
+    /// and its majority).
     pub fn tick(&self) {
-        self.event(Event::Tick);
+        let mut inner = lock(&self.inner);
+        let now = self.now();
+        if let Some(nonce) = inner.quorum.as_mut().and_then(|q| q.tick(now)) {
+            self.send(&mut inner, TokenMsg::Probe { nonce });
+        }
+        self.quorum_decide(&mut inner);
+        self.run(&mut inner, Event::Tick);
     }
 
     /// (Tests and the shell's own checks.)
@@ -567,6 +721,11 @@ impl TokenGate {
         lock(&self.inner).stats
     }
 
+    /// The site runs `--partition quorum`.
+    pub fn is_quorum(&self) -> bool {
+        lock(&self.inner).quorum.is_some()
+    }
+
     /// (this site's id, the peer's).
     pub fn ids(&self) -> (u64, u64) {
         let inner = lock(&self.inner);
@@ -591,8 +750,10 @@ impl TokenGate {
             policy: match c.policy {
                 PartitionPolicy::ReadOnly => "read-only",
                 PartitionPolicy::Reconcile => "reconcile",
+                PartitionPolicy::Quorum => "quorum",
             }
             .into(),
+            quorum: self.quorum_text(&inner),
             connected: inner.connected,
             entries: inner.site.len() as u64,
             parked_now: inner.site.parked() as u64,
@@ -631,19 +792,36 @@ pub struct TokenStatus {
     /// The last write refused: the file, why, when.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_refusal: Option<String>,
+    /// `--partition quorum`: whether this site writes across a split, and why
+    /// (`core::quorum`'s mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quorum: Option<String>,
 }
 
 /// How a site says in its `Hello`'s name that it sends token messages, and with which ids: the
-/// name ends with ` tokens=SITE:PEER` (docs/protocol.md, "Write tokens").
-pub fn hello_suffix(site: u64, peer: u64) -> String {
-    format!(" tokens={site}:{peer}")
+/// name ends with ` tokens=SITE:PEER`, and `,quorum` after it with `--partition quorum`
+/// (docs/protocol.md, "Write tokens").
+pub fn hello_suffix(site: u64, peer: u64, quorum: bool) -> String {
+    format!(
+        " tokens={site}:{peer}{}",
+        if quorum { QUORUM_SUFFIX } else { "" }
+    )
 }
+
+/// What a `Hello` name ends with when the site runs `--partition quorum`.
+const QUORUM_SUFFIX: &str = ",quorum";
 
 /// The ids a `Hello` name announces (see [`hello_suffix`]), if any.
 pub fn hello_ids(name: &str) -> Option<(u64, u64)> {
     let (_, ids) = name.rsplit_once(" tokens=")?;
+    let ids = ids.strip_suffix(QUORUM_SUFFIX).unwrap_or(ids);
     let (a, b) = ids.split_once(':')?;
     Some((a.parse().ok()?, b.parse().ok()?))
+}
+
+/// Whether a `Hello` name announces `--partition quorum` (see [`hello_suffix`]).
+pub fn hello_quorum(name: &str) -> bool {
+    hello_ids(name).is_some() && name.ends_with(QUORUM_SUFFIX)
 }
 
 /// The token object of a file: its path relative to the root, hashed (blake3, first 8 bytes,
@@ -732,8 +910,12 @@ mod tests {
 
     #[test]
     fn hello_names_carry_the_token_ids_and_objects_are_stable() {
-        let name = format!("host:/srv/a{}", hello_suffix(2, 1));
+        let name = format!("host:/srv/a{}", hello_suffix(2, 1, false));
         assert_eq!(hello_ids(&name), Some((2, 1)));
+        assert!(!hello_quorum(&name));
+        let name = format!("host:/srv/a{}", hello_suffix(2, 1, true));
+        assert_eq!(hello_ids(&name), Some((2, 1)));
+        assert!(hello_quorum(&name));
         assert_eq!(hello_ids("host:/srv/a"), None);
         assert_eq!(hello_ids("host:/srv/a tokens=x:1"), None);
         assert_eq!(object_of(b"dir/f"), object_of(b"dir/f"));
@@ -1140,8 +1322,44 @@ mod tests {
                     assert_eq!(GateError::Refused(Refusal::ReadOnly).errno(), libc::EROFS);
                 }
                 PartitionPolicy::Reconcile => assert_eq!(got, Ok(false), "unguarded"),
+                PartitionPolicy::Quorum => unreachable!("tested below"),
             }
         }
+    }
+
+    #[test]
+    fn a_quorum_site_without_the_witness_lease_refuses_every_change_unlinked() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let (a, b) = pair(d.path(), PartitionPolicy::Quorum, 60_000);
+        for s in [&a, &b] {
+            s.gate.start_quorum(300, 0, 0);
+            assert!(s.gate.is_quorum());
+        }
+        // Never linked (no probe answered) and no lease: the home's own tokens too.
+        let got = a.gate.acquire(6).map(|p| p.guarded());
+        assert_eq!(got, Err(GateError::Refused(Refusal::NoQuorum)));
+        assert_eq!(GateError::Refused(Refusal::NoQuorum).errno(), libc::EROFS);
+        let st = a.gate.status();
+        assert_eq!(st.policy, "quorum");
+        let line = st.quorum.unwrap_or_default();
+        assert!(
+            line.starts_with("read-only: the peer is unreachable and no lease from the witness"),
+            "{line}"
+        );
+        // Connected, the probes are answered: linked, the tokens decide.
+        let links = connect(&a, &b);
+        eventually("a is linked", || {
+            a.gate.tick();
+            b.gate.tick();
+            a.gate
+                .status()
+                .quorum
+                .unwrap_or_default()
+                .starts_with("linked")
+        });
+        a.write(6, || {})
+            .expect("linked: the home writes its token");
+        cut(&[&a, &b], links);
     }
 
     #[test]
