@@ -427,27 +427,32 @@ impl Reconciler {
                 clash: false,
             };
         }
-        if self.cfg.wins() {
-            // The peer's later records under its new name follow ours.
-            let n = self.renames.range((seq, 1)..(seq, u32::MAX)).count() as u32 + 1;
-            self.renames.insert(
-                (seq, n),
-                Moved {
-                    from: to2,
-                    to: from2.clone(),
-                    exchange: false,
-                },
-            );
-            RenameDecision::Keep {
-                ours: from2,
-                clash: true,
-            }
-        } else {
-            RenameDecision::Apply {
+        if !self.cfg.wins() {
+            return RenameDecision::Apply {
                 from: from2,
                 to: to2,
                 clash: true,
-            }
+            };
+        }
+        // The peer's later records under its new name follow ours (once: the same record can
+        // be decided again).
+        let alias = Moved {
+            from: to2,
+            to: from2.clone(),
+            exchange: false,
+        };
+        let aliases = (seq, 1)..(seq, u32::MAX);
+        let known = self
+            .renames
+            .range(aliases.clone())
+            .any(|(_, m)| *m == alias);
+        if !known {
+            let n = self.renames.range(aliases).count() as u32 + 1;
+            self.renames.insert((seq, n), alias);
+        }
+        RenameDecision::Keep {
+            ours: from2,
+            clash: !known,
         }
     }
 

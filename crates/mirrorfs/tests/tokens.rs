@@ -661,6 +661,94 @@ fn a_netsplit_during_which_both_sides_edit_the_same_text_file() {
     assert!(conflicts_json(&pair.a).is_empty() && conflicts_json(&pair.b).is_empty());
 }
 
+/// Namespace changes during a split (issue 7 item 4): a file renamed at one site and written at
+/// the other ends renamed with the write in it, and a directory removed at one site and filled at
+/// the other comes back with what was put in it — at both sites, each way round.
+#[test]
+fn a_netsplit_during_which_one_side_renames_or_removes_what_the_other_changes() {
+    let (pair, [ab, ba]) = Pair::proxied(
+        "netsplit-names",
+        &["--write-tokens", "1:2", "--partition", "reconcile"],
+        &["--write-tokens", "2:1", "--partition", "reconcile"],
+    );
+    wait_link(&pair.a, true);
+    wait_link(&pair.b, true);
+    write_file(&pair.a, "draft-a.txt", b"renamed at site 1\n");
+    write_file(&pair.b, "draft-b.txt", b"renamed at site 2\n");
+    for d in ["box-a", "box-b", "tree"] {
+        fs::create_dir(pair.a.p(d)).expect("mkdir at a");
+    }
+    write_file(&pair.a, "tree/leaf.txt", b"in a directory site 1 renames\n");
+    pair.wait_equal();
+    ab.cut();
+    ba.cut();
+    wait_link(&pair.a, false);
+    wait_link(&pair.b, false);
+    // Rename against a change, both ways round (a file, and a directory with a file in it).
+    fs::rename(pair.a.p("draft-a.txt"), pair.a.p("final-a.txt")).expect("rename at a");
+    write_file(
+        &pair.b,
+        "draft-a.txt",
+        b"written at site 2 while site 1 renamed it\n",
+    );
+    fs::rename(pair.b.p("draft-b.txt"), pair.b.p("final-b.txt")).expect("rename at b");
+    write_file(
+        &pair.a,
+        "draft-b.txt",
+        b"written at site 1 while site 2 renamed it\n",
+    );
+    fs::rename(pair.a.p("tree"), pair.a.p("moved-tree")).expect("rename dir at a");
+    write_file(
+        &pair.b,
+        "tree/leaf.txt",
+        b"changed at site 2 in the renamed directory\n",
+    );
+    write_file(
+        &pair.b,
+        "tree/new.txt",
+        b"made at site 2 in the renamed directory\n",
+    );
+    // A directory removed at one site and filled at the other, both ways round.
+    fs::remove_dir(pair.a.p("box-a")).expect("rmdir at a");
+    write_file(&pair.b, "box-a/x.txt", b"put in box-a at site 2\n");
+    fs::remove_dir(pair.b.p("box-b")).expect("rmdir at b");
+    write_file(&pair.a, "box-b/y.txt", b"put in box-b at site 1\n");
+    ab.heal();
+    ba.heal();
+    wait_link(&pair.a, true);
+    wait_link(&pair.b, true);
+    pair.wait_equal();
+    std::thread::sleep(Duration::from_secs(2));
+    pair.wait_equal();
+    for m in [&pair.a, &pair.b] {
+        let read =
+            |rel: &str| fs::read(m.p(rel)).unwrap_or_else(|e| panic!("{rel}: {e}\n{}", m.log()));
+        assert_eq!(
+            read("final-a.txt"),
+            b"written at site 2 while site 1 renamed it\n"
+        );
+        assert_eq!(
+            read("final-b.txt"),
+            b"written at site 1 while site 2 renamed it\n"
+        );
+        assert!(!m.p("draft-a.txt").exists() && !m.p("draft-b.txt").exists());
+        assert_eq!(
+            read("moved-tree/leaf.txt"),
+            b"changed at site 2 in the renamed directory\n"
+        );
+        assert_eq!(
+            read("moved-tree/new.txt"),
+            b"made at site 2 in the renamed directory\n"
+        );
+        assert!(!m.p("tree").exists());
+        assert_eq!(read("box-a/x.txt"), b"put in box-a at site 2\n");
+        assert_eq!(read("box-b/y.txt"), b"put in box-b at site 1\n");
+    }
+    // Nothing was lost, so nothing is listed.
+    let (ca, cb) = (conflicts_json(&pair.a), conflicts_json(&pair.b));
+    assert!(ca.is_empty() && cb.is_empty(), "{ca:#?} {cb:#?}");
+}
+
 /// The same split, but both sites are killed (kill -9) and restarted before the link returns:
 /// what each wrote during the split, not yet seen by the other, is found again in its journal.
 #[test]
