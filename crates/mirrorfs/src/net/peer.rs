@@ -607,6 +607,57 @@ impl PeerReceiver {
                 }
                 Ok(made)
             }
+            (Op::Rename { from, to, .. }, libc::EISDIR | libc::EEXIST | libc::ENOTEMPTY) => {
+                // Both made `to` during the split, a directory here: it stays, and the peer
+                // moves its file aside when our directory reaches it; the source goes here too,
+                // unless we changed it (then it is given back).
+                let is = |p: &RelPath| {
+                    std::fs::symlink_metadata(
+                        self.backing.join(std::ffi::OsStr::from_bytes(p.as_bytes())),
+                    )
+                };
+                let onto_dir = is(to).is_ok_and(|m| m.is_dir());
+                let from_file = is(from).is_ok_and(|m| m.is_file());
+                if !(onto_dir && from_file) {
+                    return Ok(false);
+                }
+                let decision = {
+                    let _order = lock(&self.vol.order);
+                    rc.decide_onto_dir(from.as_bytes(), seen)
+                };
+                match decision {
+                    Decision::Restore { first } => {
+                        if first {
+                            rc.list_removed(from.as_bytes());
+                        }
+                        lock(&self.rewrites).push((from.clone(), true));
+                    }
+                    _ => {
+                        let nlink = is(from).map_or(1, |m| {
+                            use std::os::unix::fs::MetadataExt;
+                            m.nlink() as u32
+                        });
+                        let mut tree =
+                            DirTree::open(&self.backing).context("cannot open the backing tree")?;
+                        let op = Op::Unlink {
+                            path: from.clone(),
+                            nlink,
+                        };
+                        self.vol
+                            .mutate_beneath_unsettled(op.clone(), |_| {
+                                apply_op(&mut tree, &op, false)
+                                    .map_err(|e| std::io::Error::from_raw_os_error(tree_errno(&e)))
+                            })
+                            .map_err(|e| {
+                                anyhow!(
+                                    "cannot remove the source of the peer's rename onto a directory: {}",
+                                    std::io::Error::from_raw_os_error(e)
+                                )
+                            })?;
+                    }
+                }
+                Ok(false)
+            }
             (Op::Rmdir { path }, libc::ENOTEMPTY | libc::EEXIST) => {
                 rc.give_back_dir(&self.vol, &self.backing, path)?;
                 Ok(false)

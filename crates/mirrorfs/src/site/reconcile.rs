@@ -115,6 +115,12 @@ impl SiteReconcile {
         lock(&self.machine).peer_unlink(path, seen)
     }
 
+    /// The peer renamed `from` (our name) onto a name that is a directory here
+    /// (`Reconciler::peer_rename_onto_dir`; under the order lock).
+    pub fn decide_onto_dir(&self, from: &[u8], seen: u64) -> Decision {
+        lock(&self.machine).peer_rename_onto_dir(from, seen)
+    }
+
     /// The decision for a peer metadata change (our name; under the order lock).
     pub fn decide_meta(&self, path: &[u8], key: u64, seen: u64) -> bool {
         lock(&self.machine).peer_meta(path, key, seen)
@@ -365,8 +371,9 @@ impl SiteReconcile {
     }
 
     /// The peer removed `dir`, which holds what this site made in it during the split (the
-    /// removal failed here): journals its mode and owner, so that the peer, which makes it again
-    /// for our changes beneath it, ends with the same.
+    /// removal failed here): journals its creation (not applied: it exists), mode and owner, so
+    /// that the peer makes it again (or, having made it again for our changes beneath it, ends
+    /// with the same attributes).
     pub fn give_back_dir(&self, vol: &Volume, backing: &Path, dir: &RelPath) -> Result<()> {
         let root =
             Root::open(backing).with_context(|| format!("cannot open {}", backing.display()))?;
@@ -379,6 +386,15 @@ impl SiteReconcile {
                 std::io::Error::from_raw_os_error(e)
             )
         };
+        vol.record(|| {
+            Some(Op::Mkdir {
+                path: dir.clone(),
+                mode: st.st_mode & 0o7777,
+                uid: st.st_uid,
+                gid: st.st_gid,
+            })
+        })
+        .map_err(refused)?;
         vol.record(|| {
             Some(Op::SetMode {
                 path: dir.clone(),
