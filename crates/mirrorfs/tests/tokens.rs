@@ -864,7 +864,14 @@ fn split_writes_are_reconciled_after_both_sites_restart_before_the_heal() {
     );
     // Each site found its split write again in its journal at the restart.
     for m in [&pair.a, &pair.b] {
-        let log = m.log();
+        // The line is logged right after the mount is served: wait for it.
+        let mut log = String::new();
+        wait_until(Duration::from_secs(30), || {
+            log = m.log();
+            log.split("---- start #2 ----")
+                .nth(1)
+                .is_some_and(|t| t.contains("reconciliation after a split: "))
+        });
         let second = log.split("---- start #2 ----").nth(1).unwrap_or_default();
         let n: u64 = second
             .split("reconciliation after a split: ")
