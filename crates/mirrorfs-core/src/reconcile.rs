@@ -1357,11 +1357,7 @@ mod names {
                     }
                     if !self.apply(&rec) {
                         if let R::Rmdir(_) = rec {
-                            // Kept here (filled): journaled again for the remover (the shell's
-                            // `give_back_dir`: its creation, mode and owner).
-                            if matches!(self.tree.get(q.as_bytes()), Some(None)) {
-                                self.journal.push((R::Mkdir(q), self.considered));
-                            }
+                            // Kept here (filled): the shell journals its mode and owner only.
                         } else if !self.parent_ok(q.as_bytes()) {
                             let dirs = self.r.refill(q.as_bytes(), seen);
                             for d in &dirs {
@@ -1706,6 +1702,12 @@ mod names {
                 R::Create(t) | R::Mkdir(t) => {
                     made_at(1 - s, t) && (undone_at(*s, t) || undone_at(1 - s, t))
                 }
+                _ => false,
+            }) || ops.iter().any(|(s, r)| match r {
+                // A file renamed at one site into a directory the other removed.
+                R::Rename(_, t) => ops.iter().any(|(s2, r2)| {
+                    *s2 != *s && matches!(r2, R::Rmdir(d) if t.starts_with(&format!("{d}/")))
+                }),
                 _ => false,
             }) || ops.iter().any(|(s, r)| match r {
                 // A directory renamed at one site and removed at the other.

@@ -371,9 +371,9 @@ impl SiteReconcile {
     }
 
     /// The peer removed `dir`, which holds what this site made in it during the split (the
-    /// removal failed here): journals its creation (not applied: it exists), mode and owner, so
-    /// that the peer makes it again (or, having made it again for our changes beneath it, ends
-    /// with the same attributes).
+    /// removal failed here): journals its mode and owner, so that the peer, which makes it again
+    /// for our changes beneath it, ends with the same. (Not a `Mkdir` of it: a crash replay of
+    /// a create at a mirror clears what is at its name, and the children would not follow.)
     pub fn give_back_dir(&self, vol: &Volume, backing: &Path, dir: &RelPath) -> Result<()> {
         let root =
             Root::open(backing).with_context(|| format!("cannot open {}", backing.display()))?;
@@ -386,15 +386,6 @@ impl SiteReconcile {
                 std::io::Error::from_raw_os_error(e)
             )
         };
-        vol.record(|| {
-            Some(Op::Mkdir {
-                path: dir.clone(),
-                mode: st.st_mode & 0o7777,
-                uid: st.st_uid,
-                gid: st.st_gid,
-            })
-        })
-        .map_err(refused)?;
         vol.record(|| {
             Some(Op::SetMode {
                 path: dir.clone(),
