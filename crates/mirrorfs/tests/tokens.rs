@@ -674,6 +674,179 @@ fn a_netsplit_during_which_both_sides_edit_the_same_text_file() {
     assert!(conflicts_json(&pair.a).is_empty() && conflicts_json(&pair.b).is_empty());
 }
 
+/// Namespace changes during a split (issue 7 item 4): a file renamed at one site and written at
+/// the other ends renamed with the write in it, and a directory removed at one site and filled at
+/// the other comes back with what was put in it — at both sites, each way round.
+#[test]
+fn a_netsplit_during_which_one_side_renames_or_removes_what_the_other_changes() {
+    let (pair, [ab, ba]) = Pair::proxied(
+        "netsplit-names",
+        &["--write-tokens", "1:2", "--partition", "reconcile"],
+        &["--write-tokens", "2:1", "--partition", "reconcile"],
+    );
+    wait_link(&pair.a, true);
+    wait_link(&pair.b, true);
+    write_file(&pair.a, "draft-a.txt", b"renamed at site 1\n");
+    write_file(&pair.b, "draft-b.txt", b"renamed at site 2\n");
+    for d in ["box-a", "box-b", "tree"] {
+        fs::create_dir(pair.a.p(d)).expect("mkdir at a");
+    }
+    write_file(&pair.a, "tree/leaf.txt", b"in a directory site 1 renames\n");
+    pair.wait_equal();
+    ab.cut();
+    ba.cut();
+    wait_link(&pair.a, false);
+    wait_link(&pair.b, false);
+    // Rename against a change, both ways round (a file, and a directory with a file in it).
+    fs::rename(pair.a.p("draft-a.txt"), pair.a.p("final-a.txt")).expect("rename at a");
+    write_file(
+        &pair.b,
+        "draft-a.txt",
+        b"written at site 2 while site 1 renamed it\n",
+    );
+    fs::rename(pair.b.p("draft-b.txt"), pair.b.p("final-b.txt")).expect("rename at b");
+    write_file(
+        &pair.a,
+        "draft-b.txt",
+        b"written at site 1 while site 2 renamed it\n",
+    );
+    fs::rename(pair.a.p("tree"), pair.a.p("moved-tree")).expect("rename dir at a");
+    write_file(
+        &pair.b,
+        "tree/leaf.txt",
+        b"changed at site 2 in the renamed directory\n",
+    );
+    write_file(
+        &pair.b,
+        "tree/new.txt",
+        b"made at site 2 in the renamed directory\n",
+    );
+    // A directory removed at one site and filled at the other, both ways round.
+    fs::remove_dir(pair.a.p("box-a")).expect("rmdir at a");
+    write_file(&pair.b, "box-a/x.txt", b"put in box-a at site 2\n");
+    fs::remove_dir(pair.b.p("box-b")).expect("rmdir at b");
+    write_file(&pair.a, "box-b/y.txt", b"put in box-b at site 1\n");
+    ab.heal();
+    ba.heal();
+    wait_link(&pair.a, true);
+    wait_link(&pair.b, true);
+    pair.wait_equal();
+    std::thread::sleep(Duration::from_secs(2));
+    pair.wait_equal();
+    for m in [&pair.a, &pair.b] {
+        let read =
+            |rel: &str| fs::read(m.p(rel)).unwrap_or_else(|e| panic!("{rel}: {e}\n{}", m.log()));
+        assert_eq!(
+            read("final-a.txt"),
+            b"written at site 2 while site 1 renamed it\n"
+        );
+        assert_eq!(
+            read("final-b.txt"),
+            b"written at site 1 while site 2 renamed it\n"
+        );
+        assert!(!m.p("draft-a.txt").exists() && !m.p("draft-b.txt").exists());
+        assert_eq!(
+            read("moved-tree/leaf.txt"),
+            b"changed at site 2 in the renamed directory\n"
+        );
+        assert_eq!(
+            read("moved-tree/new.txt"),
+            b"made at site 2 in the renamed directory\n"
+        );
+        assert!(!m.p("tree").exists());
+        assert_eq!(read("box-a/x.txt"), b"put in box-a at site 2\n");
+        assert_eq!(read("box-b/y.txt"), b"put in box-b at site 1\n");
+    }
+    // Nothing was lost, so nothing is listed.
+    let (ca, cb) = (conflicts_json(&pair.a), conflicts_json(&pair.b));
+    assert!(ca.is_empty() && cb.is_empty(), "{ca:#?} {cb:#?}");
+}
+
+/// More namespace cases of a split: rename against unlink (the renamed file stays), rename
+/// against rename (site 1's name, with site 2's later write in it), a directory and a file made
+/// under one name (the directory stays, the file goes to a conflict copy), and one mode set at
+/// both sites (site 1's stays). Both trees end equal and every conflict is listed.
+#[test]
+fn a_netsplit_during_which_both_sides_rename_remove_create_and_chmod_one_name() {
+    let (pair, [ab, ba]) = Pair::proxied(
+        "netsplit-names-2",
+        &["--write-tokens", "1:2", "--partition", "reconcile"],
+        &["--write-tokens", "2:1", "--partition", "reconcile"],
+    );
+    wait_link(&pair.a, true);
+    wait_link(&pair.b, true);
+    write_file(
+        &pair.a,
+        "kept.txt",
+        b"renamed at site 1, removed at site 2\n",
+    );
+    write_file(&pair.a, "twice.txt", b"renamed at both sites\n");
+    write_file(&pair.a, "mode.txt", b"chmod at both sites\n");
+    pair.wait_equal();
+    ab.cut();
+    ba.cut();
+    wait_link(&pair.a, false);
+    wait_link(&pair.b, false);
+    fs::rename(pair.a.p("kept.txt"), pair.a.p("kept-renamed.txt")).expect("rename at a");
+    fs::remove_file(pair.b.p("kept.txt")).expect("unlink at b");
+    fs::rename(pair.a.p("twice.txt"), pair.a.p("twice-a.txt")).expect("rename at a");
+    fs::rename(pair.b.p("twice.txt"), pair.b.p("twice-b.txt")).expect("rename at b");
+    write_file(
+        &pair.b,
+        "twice-b.txt",
+        b"written at site 2 after its rename\n",
+    );
+    fs::create_dir(pair.a.p("both")).expect("mkdir at a");
+    write_file(&pair.b, "both", b"a file at site 2\n");
+    chmod(&pair.a.p("mode.txt"), 0o600).expect("chmod at a");
+    chmod(&pair.b.p("mode.txt"), 0o640).expect("chmod at b");
+    ab.heal();
+    ba.heal();
+    wait_link(&pair.a, true);
+    wait_link(&pair.b, true);
+    pair.wait_equal();
+    std::thread::sleep(Duration::from_secs(2));
+    pair.wait_equal();
+    for m in [&pair.a, &pair.b] {
+        let read =
+            |rel: &str| fs::read(m.p(rel)).unwrap_or_else(|e| panic!("{rel}: {e}\n{}", m.log()));
+        assert_eq!(
+            read("kept-renamed.txt"),
+            b"renamed at site 1, removed at site 2\n"
+        );
+        assert!(!m.p("kept.txt").exists());
+        assert_eq!(read("twice-a.txt"), b"written at site 2 after its rename\n");
+        assert!(!m.p("twice-b.txt").exists() && !m.p("twice.txt").exists());
+        assert!(m.p("both").is_dir(), "the directory stays\n{}", m.log());
+        let copies = names_starting(m.mnt(), "both.conflict-site2-");
+        assert_eq!(copies.len(), 1, "{copies:?}\n{}", m.log());
+        assert_eq!(read(&copies[0]), b"a file at site 2\n");
+        assert_eq!(mode_of(&m.p("mode.txt")), 0o600, "site 1's mode");
+    }
+    let listed = |m: &Mount, path: &str, reason: &str| {
+        conflicts_json(m)
+            .iter()
+            .any(|e| e["path"] == path && e["reason"] == reason)
+    };
+    assert!(
+        listed(&pair.a, "kept-renamed.txt", "they-deleted"),
+        "{:#?}",
+        conflicts_json(&pair.a)
+    );
+    for m in [&pair.a, &pair.b] {
+        assert!(
+            listed(m, "twice-a.txt", "split-both-renamed"),
+            "{:#?}",
+            conflicts_json(m)
+        );
+        assert!(
+            listed(m, "both", "split-both-modified"),
+            "{:#?}",
+            conflicts_json(m)
+        );
+    }
+}
+
 /// The same split, but both sites are killed (kill -9) and restarted before the link returns:
 /// what each wrote during the split, not yet seen by the other, is found again in its journal.
 #[test]
@@ -705,8 +878,8 @@ fn split_writes_are_reconciled_after_both_sites_restart_before_the_heal() {
     // Each site found its split write again in its journal at the restart.
     for m in [&pair.a, &pair.b] {
         // The line comes with the peer receiver's start, which may follow the mount's.
-        let mut log = m.log();
-        wait_until(Duration::from_secs(10), || {
+        let mut log = String::new();
+        wait_until(Duration::from_secs(30), || {
             log = m.log();
             log.split("---- start #2 ----")
                 .nth(1)

@@ -33,7 +33,7 @@ use mirrorfs_core::history::History;
 use mirrorfs_core::link::{Begin, LinkError, MirrorCopy, Positions};
 use mirrorfs_core::op::{Op, Record};
 use mirrorfs_core::path::RelPath;
-use mirrorfs_core::reconcile::Decision;
+use mirrorfs_core::reconcile::{clash_moves_ours_aside, meta_key, Decision, RenameDecision};
 use mirrorfs_core::session::{Incoming, OnDiverged, Session};
 use mirrorfs_core::tree::apply_op;
 use mirrorfs_core::wire::{error_code, Decoder, MirrorState, Msg};
@@ -489,29 +489,54 @@ impl PeerReceiver {
                 }
                 return Ok(());
             }
-            // The inode number names the peer's file; ours is what a crash here resolves.
-            Op::Rename {
-                from, to, flags, ..
-            } => Op::Rename {
-                from: from.clone(),
-                to: to.clone(),
-                flags: *flags,
-                from_ino: local_ino(&self.backing, from.as_bytes()),
-            },
             op => op.clone(),
         };
-        let mut res = self.apply_one(&op, seen);
+        // With reconciliation, the peer's names are translated through our renames it had not
+        // seen (taken again under the order lock in `apply_one`: a local rename in between
+        // makes it try again).
+        let translated = |op: &Op| match (&self.reconcile, seen) {
+            (Some(rc), Some(seen)) => rc.translate(op, seen),
+            _ => None,
+        };
+        let mut res = Err(Held::Retry);
+        let mut used = op.clone();
+        for _ in 0..8 {
+            used = self.with_local_ino(translated(&op).unwrap_or_else(|| op.clone()));
+            res = self.apply_one(&op, &used, seen);
+            if res != Err(Held::Retry) {
+                break;
+            }
+        }
+        if res == Err(Held::Retry) {
+            res = Err(Held::Errno(libc::EAGAIN));
+        }
         if let Err(Held::Copy) = res {
             // The loser: its own version goes aside first, then the winner's record applies.
-            if let (Some(rc), Some(path)) = (&self.reconcile, data_rel(&op)) {
+            if let (Some(rc), Some(path)) = (&self.reconcile, data_rel(&used)) {
                 if let Err(e) = rc.copy_aside(&self.vol, &self.backing, path) {
                     // Not acknowledged: the record comes again and asks for the copy again.
                     rc.retry(path.as_bytes());
                     return Err(e.context("the conflict copy"));
                 }
             }
-            res = self.apply_one(&op, seen);
+            res = self.apply_one(&op, &used, seen);
         }
+        if let (Err(Held::Errno(e)), Some(rc), Some(s)) = (res, &self.reconcile, seen) {
+            if self.namespace_fix(rc, &used, e, s)? {
+                res = self.apply_one(&op, &used, seen);
+            }
+        }
+        if let (
+            Ok(()),
+            Some(rc),
+            Op::Rename {
+                from, to, flags, ..
+            },
+        ) = (res, &self.reconcile, &used)
+        {
+            rc.moved(from.as_bytes(), to.as_bytes(), flags & RENAME_EXCHANGE != 0);
+        }
+        let op = used;
         let res = match res {
             Ok(()) => {
                 if let Some(rc) = &self.reconcile {
@@ -526,6 +551,7 @@ impl PeerReceiver {
             }
             Err(Held::Skip) | Err(Held::Copy) => Ok(()),
             Err(Held::Errno(e)) => Err(e),
+            Err(Held::Retry) => Err(libc::EAGAIN),
         };
         {
             let (due, cv) = &*self.settle;
@@ -555,10 +581,141 @@ impl PeerReceiver {
         }
     }
 
-    /// One try at applying `op` through the volume. With reconciliation, the decision is taken
-    /// under the order lock (a local write cannot come between it and the change); a record
-    /// not applied now is journaled with its `Abort` (and still noted as the peer's).
-    fn apply_one(&self, op: &Op, seen: Option<u64>) -> Result<(), Held> {
+    /// The inode number names the peer's file; ours is what a crash here resolves.
+    fn with_local_ino(&self, op: Op) -> Op {
+        match op {
+            Op::Rename {
+                from, to, flags, ..
+            } => {
+                let from_ino = local_ino(&self.backing, from.as_bytes());
+                Op::Rename {
+                    from,
+                    to,
+                    flags,
+                    from_ino,
+                }
+            }
+            op => op,
+        }
+    }
+
+    /// A peer record (`op`, our names) failed here with `errno`: what a namespace change
+    /// during the split explains is set right first (`true`: apply it again).
+    /// - a directory on its way that we removed concurrently is made again (the change wins);
+    /// - a directory it removes holds what we made in it: we journal its mode and owner (the
+    ///   peer makes it again for our changes and ends with the same);
+    /// - a directory it makes is a file here (both made the name): ours goes aside.
+    fn namespace_fix(&self, rc: &SiteReconcile, op: &Op, errno: i32, seen: u64) -> Result<bool> {
+        match (op, errno) {
+            (_, libc::ENOENT) => {
+                let mut names: Vec<&RelPath> = op.path().into_iter().collect();
+                if let Op::Rename { to, .. } | Op::Link { to, .. } = op {
+                    names.push(to);
+                }
+                let mut made = false;
+                for n in names {
+                    for d in rc.refill(n.as_bytes(), seen) {
+                        let Ok(d) = RelPath::new(d) else { continue };
+                        rc.remake_dir(&self.vol, &self.backing, &d)
+                            .context("making a directory again for the peer's change in it")?;
+                        made = true;
+                    }
+                }
+                Ok(made)
+            }
+            (Op::Rename { from, to, .. }, libc::EISDIR | libc::EEXIST | libc::ENOTEMPTY) => {
+                // Both made `to` during the split, a directory here: it stays, and the peer
+                // moves its file aside when our directory reaches it; the source goes here too,
+                // unless we changed it (then it is given back).
+                let is = |p: &RelPath| {
+                    std::fs::symlink_metadata(
+                        self.backing.join(std::ffi::OsStr::from_bytes(p.as_bytes())),
+                    )
+                };
+                let onto_dir = is(to).is_ok_and(|m| m.is_dir());
+                let from_file = is(from).is_ok_and(|m| m.is_file());
+                if !(onto_dir && from_file) {
+                    return Ok(false);
+                }
+                let decision = {
+                    let _order = lock(&self.vol.order);
+                    rc.decide_onto_dir(from.as_bytes(), seen)
+                };
+                match decision {
+                    Decision::Restore { first } => {
+                        if first {
+                            rc.list_removed(from.as_bytes());
+                        }
+                        lock(&self.rewrites).push((from.clone(), true));
+                    }
+                    _ => {
+                        let nlink = is(from).map_or(1, |m| {
+                            use std::os::unix::fs::MetadataExt;
+                            m.nlink() as u32
+                        });
+                        let mut tree =
+                            DirTree::open(&self.backing).context("cannot open the backing tree")?;
+                        let op = Op::Unlink {
+                            path: from.clone(),
+                            nlink,
+                        };
+                        self.vol
+                            .mutate_beneath_unsettled(op.clone(), |_| {
+                                apply_op(&mut tree, &op, false)
+                                    .map_err(|e| std::io::Error::from_raw_os_error(tree_errno(&e)))
+                            })
+                            .map_err(|e| {
+                                anyhow!(
+                                    "cannot remove the source of the peer's rename onto a directory: {}",
+                                    std::io::Error::from_raw_os_error(e)
+                                )
+                            })?;
+                    }
+                }
+                Ok(false)
+            }
+            (Op::Rmdir { path }, libc::ENOTEMPTY | libc::EEXIST) => {
+                rc.give_back_dir(&self.vol, &self.backing, path)?;
+                Ok(false)
+            }
+            (Op::Mkdir { path, .. }, libc::EEXIST) => {
+                let ours_is_dir = std::fs::symlink_metadata(
+                    self.backing
+                        .join(std::ffi::OsStr::from_bytes(path.as_bytes())),
+                )
+                .map(|m| m.is_dir())
+                .unwrap_or(true);
+                if !clash_moves_ours_aside(ours_is_dir, true) {
+                    return Ok(false);
+                }
+                rc.move_aside(&self.vol, &self.backing, path)
+                    .context("moving a file aside for the peer's directory of the same name")
+            }
+            (
+                Op::Create { path, .. } | Op::Mknod { path, .. } | Op::Symlink { path, .. },
+                libc::EEXIST,
+            ) => {
+                // A directory here: the peer moves its entry aside when our directory arrives;
+                // the conflict is listed once its copy does.
+                if std::fs::symlink_metadata(
+                    self.backing
+                        .join(std::ffi::OsStr::from_bytes(path.as_bytes())),
+                )
+                .is_ok_and(|m| m.is_dir())
+                {
+                    rc.skipped(path.as_bytes(), true);
+                }
+                Ok(false)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// One try at applying `op` (the peer's record `orig` with our names) through the volume.
+    /// With reconciliation, the decision is taken under the order lock (a local write cannot
+    /// come between it and the change); a record not applied now is journaled with its `Abort`
+    /// (and still noted as the peer's).
+    fn apply_one(&self, orig: &Op, op: &Op, seen: Option<u64>) -> Result<(), Held> {
         let origins = &self.origins;
         // A tree that cannot be opened is a refusal (`EIO`): the connection ends unacknowledged.
         let mut tree = DirTree::open(&self.backing).map_err(|_| Held::Errno(libc::EIO))?;
@@ -566,9 +723,43 @@ impl PeerReceiver {
         let res = self.vol.mutate_beneath_unsettled(op.clone(), |seq| {
             origins.note(seq)?;
             if let (Some(rc), Some(seen)) = (&self.reconcile, seen) {
-                let decision = match op {
-                    Op::Unlink { path, .. } => rc.decide_remove(path.as_bytes(), seen),
-                    _ => rc.decide(data_rel(op).map(|p| p.as_bytes()), seen),
+                let skip = |held: &std::cell::Cell<Option<Held>>, h| {
+                    held.set(Some(h));
+                    Err(std::io::Error::from_raw_os_error(libc::ECANCELED))
+                };
+                // Our names for the peer's, again under the order lock.
+                let now = rc.translate(orig, seen);
+                if !same_names(now.as_ref().unwrap_or(orig), op) {
+                    return skip(&held, Held::Retry);
+                }
+                let decision = match orig {
+                    Op::Unlink { path, .. } => rc.decide_unlink(path.as_bytes(), seen).1,
+                    Op::Rename { from, to, .. } => {
+                        match rc.decide_rename(from.as_bytes(), to.as_bytes(), seen) {
+                            RenameDecision::Apply { from, clash, .. } => {
+                                if let (true, Op::Rename { to, .. }) = (clash, op) {
+                                    rc.list_renamed(to.as_bytes(), &from);
+                                }
+                                Decision::Apply
+                            }
+                            RenameDecision::Keep { ours, clash } => {
+                                if let (true, Op::Rename { to, .. }) = (clash, op) {
+                                    rc.list_renamed(&ours, to.as_bytes());
+                                }
+                                return skip(&held, Held::Skip);
+                            }
+                            RenameDecision::Removed => return skip(&held, Held::Skip),
+                        }
+                    }
+                    _ => match meta_key(op) {
+                        Some((path, key)) => {
+                            if !rc.decide_meta(path.as_bytes(), key, seen) {
+                                return skip(&held, Held::Skip);
+                            }
+                            Decision::Apply
+                        }
+                        None => rc.decide(data_rel(op).map(|p| p.as_bytes()), seen),
+                    },
                 };
                 match decision {
                     Decision::Apply => {}
@@ -660,6 +851,20 @@ enum Held {
     Copy,
     /// The change failed here (or the volume refused it).
     Errno(i32),
+    /// A local rename changed our name for the record's since it was translated: again.
+    Retry,
+}
+
+/// Linux's `RENAME_EXCHANGE`.
+const RENAME_EXCHANGE: u32 = 2;
+
+/// `a` and `b` name the same entries (their data aside).
+fn same_names(a: &Op, b: &Op) -> bool {
+    let to = |op: &Op| match op {
+        Op::Rename { to, .. } | Op::Link { to, .. } => Some(to.clone()),
+        _ => None,
+    };
+    a.kind() == b.kind() && a.path() == b.path() && to(a) == to(b)
 }
 
 /// The errno of a change that failed on the tree: the ones a concurrent local change explains

@@ -28,7 +28,9 @@ use std::sync::Mutex;
 use anyhow::{Context, Result};
 use mirrorfs_core::op::Op;
 use mirrorfs_core::path::RelPath;
-use mirrorfs_core::reconcile::{ChangePoints, Config, Decision, PeerPoints, Reconciler};
+use mirrorfs_core::reconcile::{
+    ChangePoints, Config, Decision, Local, PeerPoints, Reconciler, RenameDecision,
+};
 use mirrorfs_core::tree::apply_op;
 
 use crate::site::conflicts::{self, ConflictEntry};
@@ -77,7 +79,7 @@ impl SiteReconcile {
         points.note(next_seq, applied);
         SiteReconcile {
             cfg,
-            machine: Mutex::new(Reconciler::new(cfg, seen)),
+            machine: Mutex::new(Reconciler::new(cfg, seen).with_hash(object_of)),
             points: Mutex::new(points),
             peer_points: Mutex::new(PeerPoints::default()),
             pending: Mutex::new(BTreeMap::new()),
@@ -89,6 +91,74 @@ impl SiteReconcile {
     /// Our data record `seq` (called under the order lock).
     pub fn local(&self, seq: u64, path: &[u8], rewrite: bool) {
         lock(&self.machine).local(seq, object_of(path), rewrite);
+    }
+
+    /// Our change `seq` of any kind ([`Local::of`]; called under the order lock).
+    pub fn local_change(&self, seq: u64, change: &Local) {
+        lock(&self.machine).local_change(seq, change);
+    }
+
+    /// The peer's `op` with its names translated through our renames it had not seen
+    /// (`None`: unchanged; a name too long here: unchanged, and it fails as it would).
+    pub fn translate(&self, op: &Op, seen: u64) -> Option<Op> {
+        lock(&self.machine).translate_op(op, seen).ok().flatten()
+    }
+
+    /// The decision for a peer rename (its names; under the order lock).
+    pub fn decide_rename(&self, from: &[u8], to: &[u8], seen: u64) -> RenameDecision {
+        lock(&self.machine).peer_rename(from, to, seen)
+    }
+
+    /// The decision for a peer unlink (its name; under the order lock): our name for it, and
+    /// what to do.
+    pub fn decide_unlink(&self, path: &[u8], seen: u64) -> (Vec<u8>, Decision) {
+        lock(&self.machine).peer_unlink(path, seen)
+    }
+
+    /// The peer renamed `from` (our name) onto a name that is a directory here
+    /// (`Reconciler::peer_rename_onto_dir`; under the order lock).
+    pub fn decide_onto_dir(&self, from: &[u8], seen: u64) -> Decision {
+        lock(&self.machine).peer_rename_onto_dir(from, seen)
+    }
+
+    /// The decision for a peer metadata change (our name; under the order lock).
+    pub fn decide_meta(&self, path: &[u8], key: u64, seen: u64) -> bool {
+        lock(&self.machine).peer_meta(path, key, seen)
+    }
+
+    /// A file moved here (a peer rename applied): our unseen data change goes with it.
+    pub fn moved(&self, from: &[u8], to: &[u8], exchange: bool) {
+        lock(&self.machine).moved(from, to, exchange);
+    }
+
+    /// The directories on the way to `path` we removed concurrently (outermost first).
+    pub fn refill(&self, path: &[u8], seen: u64) -> Vec<Vec<u8>> {
+        lock(&self.machine).refill(path, seen)
+    }
+
+    /// Both sites renamed one file during the split: `ours` is the name it keeps at both (the
+    /// lower id's), `theirs` the other site's; listed here, with no copy (nothing else differs).
+    pub fn list_renamed(&self, ours: &[u8], theirs: &[u8]) {
+        let e = ConflictEntry {
+            path: ours.to_vec(),
+            copy: None,
+            reason: "split-both-renamed".to_string(),
+            peer: format!("site{}", self.cfg.peer),
+            time: now(),
+        };
+        if let Err(e) = conflicts::record(&self.state, &[e]) {
+            tracing::error!(
+                "cannot list the conflict on {}: {e:#}",
+                String::from_utf8_lossy(ours)
+            );
+        } else {
+            tracing::warn!(
+                "conflict: both sites renamed one file during the split; it keeps site {}'s name {} (the other name was {})",
+                self.cfg.me.min(self.cfg.peer),
+                String::from_utf8_lossy(ours),
+                String::from_utf8_lossy(theirs)
+            );
+        }
     }
 
     /// Our records from `from` on consider the peer's through `through` (under the order lock).
@@ -124,11 +194,6 @@ impl SiteReconcile {
     /// The decision for a peer record (called under the order lock when it is a data change).
     pub fn decide(&self, path: Option<&[u8]>, seen: u64) -> Decision {
         lock(&self.machine).peer_record(path.map(object_of), seen)
-    }
-
-    /// The decision for a peer unlink (called under the order lock).
-    pub fn decide_remove(&self, path: &[u8], seen: u64) -> Decision {
-        lock(&self.machine).peer_remove(object_of(path), seen)
     }
 
     /// The peer removed `path` while this site changed it: it is kept (and given back to the
@@ -187,11 +252,12 @@ impl SiteReconcile {
         let from = self.seen_by_peer().saturating_add(1).max(first);
         let mut n = 0;
         vol.each_record(from, end, |r| {
-            if let Some(p) = data_path(&r.op) {
-                if !is_peer(r.seq) {
-                    self.local(r.seq, p, false);
-                    n += 1;
-                }
+            if is_peer(r.seq) {
+                return;
+            }
+            if let Some(c) = Local::of(&r.op) {
+                self.local_change(r.seq, &c);
+                n += 1;
             }
         })?;
         Ok(n)
@@ -270,6 +336,93 @@ impl SiteReconcile {
             }
             Err(e) => tracing::warn!("cannot read the conflict registry: {e:#}"),
         }
+    }
+
+    /// Makes the directory `dir` again through the volume (journaled, streamed to the peer, where
+    /// it exists already and fails): a peer's change beneath it wins over our removal. Its mode
+    /// and owner are its parent's until the peer's own arrive (the peer journals them when our
+    /// removal fails there).
+    pub fn remake_dir(&self, vol: &Volume, backing: &Path, dir: &RelPath) -> Result<()> {
+        let root =
+            Root::open(backing).with_context(|| format!("cannot open {}", backing.display()))?;
+        if root.lstat(dir).is_ok() {
+            return Ok(());
+        }
+        let parent = dir.parent().unwrap_or_else(RelPath::root);
+        let st = root.lstat(&parent).with_context(|| {
+            format!("cannot stat {}", String::from_utf8_lossy(parent.as_bytes()))
+        })?;
+        tracing::warn!(
+            "conflict: site {} changed {} beneath {} during the split while this site removed it; made again",
+            self.cfg.peer,
+            String::from_utf8_lossy(dir.as_bytes()),
+            String::from_utf8_lossy(dir.as_bytes())
+        );
+        self.beneath(
+            vol,
+            backing,
+            Op::Mkdir {
+                path: dir.clone(),
+                mode: st.st_mode & 0o7777,
+                uid: st.st_uid,
+                gid: st.st_gid,
+            },
+        )
+    }
+
+    /// The peer removed `dir`, which holds what this site made in it during the split (the
+    /// removal failed here): journals its mode and owner, so that the peer, which makes it again
+    /// for our changes beneath it, ends with the same. (Not a `Mkdir` of it: a crash replay of
+    /// a create at a mirror clears what is at its name, and the children would not follow.)
+    pub fn give_back_dir(&self, vol: &Volume, backing: &Path, dir: &RelPath) -> Result<()> {
+        let root =
+            Root::open(backing).with_context(|| format!("cannot open {}", backing.display()))?;
+        let Ok(st) = root.lstat(dir) else {
+            return Ok(());
+        };
+        let refused = |e: i32| {
+            anyhow::anyhow!(
+                "cannot journal the directory's attributes: {}",
+                std::io::Error::from_raw_os_error(e)
+            )
+        };
+        vol.record(|| {
+            Some(Op::SetMode {
+                path: dir.clone(),
+                mode: st.st_mode & 0o7777,
+            })
+        })
+        .map_err(refused)?;
+        vol.record(|| {
+            Some(Op::SetOwner {
+                path: dir.clone(),
+                uid: Some(st.st_uid),
+                gid: Some(st.st_gid),
+            })
+        })
+        .map_err(refused)?;
+        Ok(())
+    }
+
+    /// Both sites made `path` during the split, a directory at the peer and not here: ours goes
+    /// to a conflict name (a regular file is copied, then removed; listed), so that the
+    /// peer's directory can be made. `false`: not a regular file, left as it is.
+    pub fn move_aside(&self, vol: &Volume, backing: &Path, path: &RelPath) -> Result<bool> {
+        let Some(_copy) = self.copy_aside(vol, backing, path)? else {
+            return Ok(false);
+        };
+        let root =
+            Root::open(backing).with_context(|| format!("cannot open {}", backing.display()))?;
+        let nlink = root.lstat(path).map_or(1, |st| st.st_nlink as u32);
+        self.beneath(
+            vol,
+            backing,
+            Op::Unlink {
+                path: path.clone(),
+                nlink,
+            },
+        )?;
+        Ok(true)
     }
 
     /// The loser: copies its current `path` to a new conflict name beneath `backing`, through
@@ -446,16 +599,6 @@ impl SiteReconcile {
             String::from_utf8_lossy(path.as_bytes())
         );
         Ok(())
-    }
-}
-
-/// The path of a data change (what takes a write token and what the rule compares).
-pub fn data_path(op: &Op) -> Option<&[u8]> {
-    match op {
-        Op::Write { path, .. } | Op::Truncate { path, .. } | Op::Fallocate { path, .. } => {
-            Some(path.as_bytes())
-        }
-        _ => None,
     }
 }
 

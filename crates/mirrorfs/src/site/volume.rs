@@ -568,17 +568,6 @@ pub struct Volume {
 /// without write tokens.
 pub struct Tokens<'a>(Option<crate::site::tokens::Permits<'a>>);
 
-/// The file whose data `op` changes (a write, truncate or fallocate): what the reconciliation of
-/// a split notes as this site's write (`site::reconcile`).
-fn data_path(op: &Op) -> Option<&[u8]> {
-    match op {
-        Op::Write { path, .. } | Op::Truncate { path, .. } | Op::Fallocate { path, .. } => {
-            Some(path.as_bytes())
-        }
-        _ => None,
-    }
-}
-
 /// `op` can put a hole into a file or shorten it (see `Volume::holes_epoch`).
 pub fn may_make_holes(op: &Op) -> bool {
     match op {
@@ -661,15 +650,17 @@ impl Volume {
         op: Op,
         apply: impl FnOnce() -> io::Result<R>,
     ) -> Result<(R, u64), i32> {
+        // What the reconciliation of a split notes of the change (data, rename, removal,
+        // metadata: `core::reconcile::Local`).
         let rec = self
             .reconcile
             .get()
-            .and_then(|r| data_path(&op).map(|p| (r, p.to_vec())));
+            .and_then(|r| mirrorfs_core::reconcile::Local::of(&op).map(|c| (r, c)));
         let r = self.mutate_at(op, |seq| {
             let r = apply()?;
             // Under the order lock: the peer receiver decides under it too.
-            if let Some((rc, p)) = &rec {
-                rc.local(seq, p, false);
+            if let Some((rc, c)) = &rec {
+                rc.local_change(seq, c);
             }
             Ok(r)
         });
@@ -824,6 +815,15 @@ impl Volume {
             .map_err(|r| self.refused(r))?;
         for t in copies.values_mut() {
             t.observe(&op);
+        }
+        // The times the mount records are metadata changes like a chmod (`site::reconcile`);
+        // the data records of a rewrite are noted by the rewrite itself.
+        if let Some(rc) = self.reconcile.get() {
+            if let Some(c @ mirrorfs_core::reconcile::Local::Meta(..)) =
+                mirrorfs_core::reconcile::Local::of(&op)
+            {
+                rc.local_change(seq, &c);
+            }
         }
         self.settle(o, seq, 0);
         self.wait_ack(seq);
