@@ -14,6 +14,7 @@ mod readiness;
 mod readme_check;
 mod site;
 mod sys;
+mod trace;
 mod tree;
 
 use std::path::{Path, PathBuf};

@@ -926,6 +926,7 @@ impl Volume {
     /// the settled position is final: see `core::feed`).
     pub fn settle(&self, o: MutexGuard<'_, Ordered>, last: u64, bytes: u64) {
         self.settled.store(last, Ordering::Release);
+        crate::trace::event("append", format_args!("{last} {last}"));
         drop(o);
         let usable = {
             let mut p = lock(&self.progress);
@@ -1134,6 +1135,7 @@ impl Volume {
             match plan {
                 Some(plan) => {
                     // The fsyncs outside the order lock: appends go on meanwhile.
+                    crate::trace::event("fdatasync_start", format_args!("{}", plan.seq));
                     let outcome = flush::sync(&plan);
                     let mut o = lock(&self.order);
                     let done = flush::complete(&mut o.journal, &plan, outcome);
@@ -1148,6 +1150,7 @@ impl Volume {
                     let _ = flush::release(&mut o.journal, self.min_needed(durable));
                     drop(o);
                     lock(&self.progress).durable_seq = durable;
+                    crate::trace::event("durable", format_args!("{durable}"));
                     self.changed.notify_all();
                 }
                 None => {

@@ -611,7 +611,10 @@ impl Tree for DirTree {
 
     fn sync(&mut self) -> Result<(), TreeError> {
         self.parent_dir = None;
-        sys::syncfs(self.root.fd()).map_err(|e| tree_err(&RelPath::root(), e))
+        crate::trace::event("barrier_sync_start", format_args!(""));
+        let r = sys::syncfs(self.root.fd()).map_err(|e| tree_err(&RelPath::root(), e));
+        crate::trace::event("barrier_sync_end", format_args!(""));
+        r
     }
 }
 

@@ -252,6 +252,9 @@ impl Daemon {
         }
         let end = o.journal.next_seq() - 1;
         drop(o);
+        if let (Some(first), Some(last)) = (records.first(), records.last()) {
+            crate::trace::event("recv", format_args!("{} {}", first.seq, last.seq));
+        }
         let bytes = records.iter().map(|r| r.op.data_len() as u64).sum::<u64>();
         self.vol.publish_received(end, settled, bytes);
         Ok(())
@@ -281,6 +284,13 @@ impl Daemon {
             }
             if let Some(ack) = step.ack {
                 link.send(&ack)?;
+                crate::trace::event(
+                    "ack",
+                    format_args!(
+                        "{} {} {} {}",
+                        raw.received, raw.durable, raw.applied, raw.checkpoint
+                    ),
+                );
             }
             let p = lock(&self.vol.progress);
             // A position that moved during this round (while the ack went out) was published
