@@ -1404,10 +1404,8 @@ mod names {
     /// streams are drained (records made during the heal included). Returns both trees.
     fn heal(mut s1: Site, mut s2: Site, order: &[bool]) -> (Site, Site) {
         let (mut d1, mut d2) = (0usize, 0usize); // records of s1 delivered to s2, and back
-        let mut k = 0;
-        for _ in 0..1000 {
+        for k in 0..1000 {
             let pick1 = order.get(k).copied().unwrap_or(k % 2 == 0);
-            k += 1;
             let more1 = d1 < s1.journal.len();
             let more2 = d2 < s2.journal.len();
             if !more1 && !more2 {
