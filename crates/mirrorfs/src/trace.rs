@@ -11,8 +11,8 @@
 //!   (**F2**);
 //! - `applied SEQ` — a mirror worker applied record SEQ;
 //! - `ack RECEIVED DURABLE APPLIED CHECKPOINT` — a daemon sent an ack with these positions;
-//! - `ckpt_start UPTO KIND` / `ckpt_end UPTO` — a checkpoint's tree sync (**B1**) on the
-//!   checkpoint thread (KIND `syncfs` or `files:N`);
+//! - `ckpt_start syncfs` / `ckpt_end syncfs` — a checkpoint's tree sync (**B1**) on the
+//!   checkpoint thread;
 //! - `barrier_sync_start` / `barrier_sync_end` — a tree sync on the applying thread.
 //!
 //! Each line is one `write(2)` on a file opened with `O_APPEND`: lines from several threads

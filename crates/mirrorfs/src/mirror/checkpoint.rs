@@ -37,8 +37,10 @@ impl Checkpointer {
             .name(format!("ckpt-{name}"))
             .spawn(move || {
                 for fd in inbox {
+                    crate::trace::event("ckpt_start", format_args!("syncfs"));
                     let r = sys::syncfs(std::os::fd::AsFd::as_fd(&fd))
                         .map_err(|e| tree_err(&RelPath::root(), e));
+                    crate::trace::event("ckpt_end", format_args!("syncfs"));
                     drop(fd);
                     if outbox.send(r).is_err() {
                         return;
