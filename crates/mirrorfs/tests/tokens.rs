@@ -74,6 +74,63 @@ struct Pair {
 }
 
 impl Pair {
+    /// `rel` as each site's backing and mount show it (runs of equal bytes: `byte x count`).
+    fn views(&self, rel: &str) -> String {
+        let show = |p: std::path::PathBuf| match fs::read(&p) {
+            Ok(b) => runs(&b),
+            Err(e) => format!("<{e}>"),
+        };
+        format!(
+            "a backing {}, a mount {}, b backing {}, b mount {}",
+            show(self.a.backing().join(rel)),
+            show(self.a.p(rel)),
+            show(self.b.backing().join(rel)),
+            show(self.b.p(rel))
+        )
+    }
+
+    /// Waits until both sites' backings and mounts show `want` at `rel`; fails with what each
+    /// shows and both logs. A change the peer applies reaches the backing first and the mount's
+    /// view (the kernel's pages and attributes) once the peer receiver's settle thread has told
+    /// the kernel, a moment later.
+    fn wait_shown(&self, rel: &str, want: &[u8]) {
+        let at = |p: std::path::PathBuf| fs::read(p).is_ok_and(|b| b == want);
+        let ok = wait_until(ARRIVE, || {
+            at(self.a.backing().join(rel))
+                && at(self.b.backing().join(rel))
+                && at(self.a.p(rel))
+                && at(self.b.p(rel))
+        });
+        assert!(
+            ok,
+            "{rel} is not {} everywhere after {ARRIVE:?}: {}\nsite a:\n{}\nsite b:\n{}",
+            runs(want),
+            self.views(rel),
+            self.a.log(),
+            self.b.log()
+        );
+    }
+
+    /// Waits until both mounts show at `rel` what the (equal) backings hold, and returns it:
+    /// see [`Pair::wait_shown`].
+    fn wait_settled(&self, rel: &str) -> Vec<u8> {
+        let want = fs::read(self.a.backing().join(rel)).unwrap_or_default();
+        self.wait_shown(rel, &want);
+        want
+    }
+
+    /// Waits until `view` holds (a check of what a mount shows); fails naming `what`, with both
+    /// logs. See [`Pair::wait_shown`].
+    fn wait_view(&self, what: &str, mut view: impl FnMut() -> bool) {
+        let ok = wait_until(ARRIVE, &mut view);
+        assert!(
+            ok,
+            "{what}: not so after {ARRIVE:?}\nsite a:\n{}\nsite b:\n{}",
+            self.a.log(),
+            self.b.log()
+        );
+    }
+
     fn new(tag: &str, extra: &[&str]) -> Pair {
         Pair::with(tag, extra, extra)
     }
@@ -277,6 +334,25 @@ fn disjoint_files_written_at_both_sites_at_once_arrive_at_the_other_site() {
     assert_eq!(st["peer_receive"]["failed"], 0, "{st:#}");
 }
 
+/// `b` as runs of equal bytes, `byte x count` (a block of 4096 'C' is `67x4096`).
+fn runs(b: &[u8]) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        let j = b[i..]
+            .iter()
+            .position(|&x| x != b[i])
+            .map_or(b.len(), |n| i + n);
+        out.push(format!("{}x{}", b[i], j - i));
+        i = j;
+    }
+    if out.is_empty() {
+        "empty".into()
+    } else {
+        out.join(" ")
+    }
+}
+
 /// A pair with write tokens: `a` is site 1 (home of every token), `b` site 2.
 fn token_pair(tag: &str, partition: &str) -> Pair {
     Pair::with(
@@ -348,6 +424,8 @@ fn one_file_written_from_both_sites_ends_identical_and_never_mixed() {
         }
     });
     pair.wait_equal();
+    // Both mounts show the backings' content once the kernel is told (asynchronously).
+    pair.wait_settled("shared");
     let (a, b) = (
         fs::read(pair.a.p("shared")).expect("a"),
         fs::read(pair.b.p("shared")).expect("b"),
@@ -437,8 +515,10 @@ fn a_kill_9_and_restart_keeps_one_holder_and_the_token_comes_back() {
         write_block(&pair.b.p("f"), b'A' + round, 4096).expect("b writes after the restart");
     }
     pair.wait_equal();
-    assert_eq!(fs::read(pair.a.p("f")).expect("a"), vec![b'C'; 4096]);
-    assert_eq!(fs::read(pair.b.p("f")).expect("b"), vec![b'C'; 4096]);
+    // Equal backings are not yet what the mounts show: a applied b's last write ('C') to its
+    // backing, but the kernel still holds a's own 'c' pages until the peer receiver's settle
+    // thread invalidates them, asynchronously (`net::peer::settler`).
+    pair.wait_shown("f", &[b'C'; 4096]);
 }
 
 #[test]
@@ -649,6 +729,7 @@ fn a_netsplit_during_which_both_sides_edit_the_same_text_file() {
     ]);
     assert!(out.contains("kept their version"), "{out}");
     pair.wait_equal();
+    pair.wait_shown("notes.txt", &text_b);
     for m in [&pair.a, &pair.b] {
         assert_eq!(
             fs::read(m.p("notes.txt")).expect("notes"),
@@ -667,6 +748,7 @@ fn a_netsplit_during_which_both_sides_edit_the_same_text_file() {
     // Connected again: a later write at either site is an ordinary one (no new conflict).
     write_file(&pair.b, "notes.txt", b"after the heal\n");
     pair.wait_equal();
+    pair.wait_shown("notes.txt", b"after the heal\n");
     assert_eq!(
         fs::read(pair.a.p("notes.txt")).expect("a"),
         b"after the heal\n"
@@ -969,6 +1051,17 @@ fn namespace_and_metadata_changes_take_the_token_from_the_other_site_and_arrive(
     waits_for_a_token(b, "mkdir at b", || fs::create_dir(b.p("made")));
     pair.wait_equal();
     let a = &pair.a;
+    // The mount shows the peer's changes once the kernel is told (asynchronously).
+    pair.wait_shown("new", b"made at b");
+    pair.wait_view("the chmod as a's mount shows it", || {
+        fs::symlink_metadata(a.p("meta")).is_ok_and(|m| {
+            use std::os::unix::fs::PermissionsExt;
+            m.permissions().mode() & 0o7777 == 0o600
+        })
+    });
+    pair.wait_view("the names as a's mount shows them", || {
+        a.p("to").exists() && !a.p("from").exists() && !a.p("gone").exists()
+    });
     assert_eq!(fs::read(a.p("new")).expect("new at a"), b"made at b");
     assert!(
         a.p("to").exists() && !a.p("from").exists(),
@@ -989,6 +1082,14 @@ fn namespace_and_metadata_changes_take_the_token_from_the_other_site_and_arrive(
     chmod(&a.p("meta"), 0o640).expect("chmod at a");
     fs::rename(a.p("to"), a.p("new")).expect("rename at a");
     pair.wait_equal();
+    pair.wait_shown("new", &[b'0'; 4096]);
+    pair.wait_view("the chmod as b's mount shows it", || {
+        fs::symlink_metadata(b.p("meta")).is_ok_and(|m| {
+            use std::os::unix::fs::PermissionsExt;
+            m.permissions().mode() & 0o7777 == 0o640
+        })
+    });
+    pair.wait_view("the rename as b's mount shows it", || !b.p("to").exists());
     assert_eq!(
         mode_of(&b.p("meta")),
         0o640,
@@ -1126,6 +1227,7 @@ fn one_file_written_whole_at_both_sites_at_once_ends_as_one_writers_session() {
         }
     });
     pair.wait_equal();
+    pair.wait_settled("big");
     let (a, b) = (
         fs::read(pair.a.p("big")).expect("a"),
         fs::read(pair.b.p("big")).expect("b"),
@@ -1270,6 +1372,7 @@ fn both_sites_create_the_same_new_names_at_once() {
     pair.wait_equal();
     for i in 0..n {
         let name = format!("plain-{i}");
+        pair.wait_settled(&name);
         let got = fs::read(pair.a.p(&name)).expect("read at a");
         assert!(
             got == race_content(b'a', i) || got == race_content(b'b', i),
@@ -1304,6 +1407,7 @@ fn both_sites_create_the_same_new_names_at_once() {
     for (i, ra) in a.iter().enumerate() {
         let name = format!("excl-{i}");
         let want = race_content(if ra.is_ok() { b'a' } else { b'b' }, i);
+        pair.wait_shown(&name, &want);
         assert_eq!(fs::read(pair.a.p(&name)).expect("at a"), want, "{name}");
         assert_eq!(fs::read(pair.b.p(&name)).expect("at b"), want, "{name}");
     }
@@ -1555,6 +1659,7 @@ fn witness_quorum_only_the_side_with_the_lease_writes_across_a_split() {
     write_block(&pair.b.p("theirs"), b'B', 4096).expect("b writes again after the heal");
     write_file(&pair.a, "after", b"a after the heal\n");
     pair.wait_equal();
+    pair.wait_shown("theirs", &[b'B'; 4096]);
     assert_eq!(
         fs::read(pair.a.p("theirs")).expect("theirs"),
         vec![b'B'; 4096]
