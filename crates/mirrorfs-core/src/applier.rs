@@ -119,6 +119,11 @@ pub enum ApplyError {
 }
 
 impl ApplyError {
+    /// The mirror tree's file system has no space for the change.
+    pub fn is_no_space(&self) -> bool {
+        matches!(self, ApplyError::Tree(TreeError::NoSpace(_)))
+    }
+
     pub fn is_transient(&self) -> bool {
         match self {
             ApplyError::Tree(e) => e.is_transient(),

@@ -75,6 +75,9 @@ pub enum Turn {
         after: Duration,
         /// What failed, for `status` and the log.
         error: String,
+        /// The mirror tree is out of space (`ENOSPC`/`EDQUOT`): the shell may give back space
+        /// it holds on the same file system (`Journal::release_spare`).
+        no_space: bool,
     },
     /// The mirror no longer matches the journal: stop applying; it needs a resync.
     Diverged { reason: String },
@@ -316,6 +319,7 @@ impl Worker {
         Turn::Retry {
             after,
             error: format!("{what} failed: {e}"),
+            no_space: e.is_no_space(),
         }
     }
 }

@@ -1913,7 +1913,27 @@ fn mirror_disk_full_local_writes_continue_and_the_mirror_recovers() {
     // Local writes still work while the mirror is failing.
     fs::write(m.p("small-after"), b"still writable").expect("local write");
     fs::remove_file(&ballast).expect("free space on the mirror");
-    converge(&m, &srv, "after space was freed");
+    // On failure, also what holds the small file system's space (journal segments, tree).
+    let usage = || {
+        let du = Command::new("du")
+            .args(["-a", "--block-size=1K"])
+            .arg(&small)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_else(|e| format!("du: {e}"));
+        format!(
+            "{}\n---- du -a {} (KiB) ----\n{du}",
+            ctx(&m, &srv),
+            small.display()
+        )
+    };
+    wait_converged(
+        m.backing(),
+        &srv.dir,
+        "after space was freed",
+        &Cmp::FULL,
+        &usage,
+    );
     m.unmount();
     assert_trees_equal(m.backing(), &srv.dir);
 }

@@ -105,6 +105,10 @@ struct Segment<F> {
     /// Bytes of the file known to have space allocated (`SegmentFile::reserve`); `u64::MAX` if
     /// the file system cannot reserve.
     reserved: u64,
+    /// Reserve only what each record needs, never [`RESERVE_STEP_BYTES`] ahead: set once the
+    /// file system ran short (a step did not fit, or [`Journal::release_spare`] gave space back
+    /// to a mirror tree on the same file system), until the next segment.
+    frugal: bool,
     file: Arc<F>,
 }
 
@@ -203,6 +207,7 @@ impl<S: SegmentStore> Journal<S> {
                 len: scan.valid_len,
                 synced_len: scan.valid_len,
                 reserved: 0,
+                frugal: false,
                 file: Arc::new(file),
             });
         }
@@ -275,6 +280,7 @@ impl<S: SegmentStore> Journal<S> {
             len: SEGMENT_HEADER_BYTES as u64,
             synced_len: SEGMENT_HEADER_BYTES as u64,
             reserved: 0,
+            frugal: false,
             file: Arc::new(file),
         });
         self.bytes += SEGMENT_HEADER_BYTES as u64;
@@ -363,9 +369,14 @@ impl<S: SegmentStore> Journal<S> {
                 )
                 .max(end + behind);
             let from = seg.len.max(seg.reserved);
-            let r = match seg.file.reserve(from, ahead) {
+            let r = match seg
+                .file
+                .reserve(from, if seg.frugal { end + behind } else { ahead })
+            {
+                Ok(()) if seg.frugal => Ok(end + behind),
                 Ok(()) => Ok(ahead),
-                Err(e) if is_no_space(&e) => {
+                Err(e) if is_no_space(&e) && !seg.frugal => {
+                    seg.frugal = true;
                     seg.file.reserve(from, end + behind).map(|()| end + behind)
                 }
                 Err(e) => Err(e),
@@ -519,6 +530,52 @@ impl<S: SegmentStore> Journal<S> {
     }
 
     /// Seq the next append gets.
+    /// Bytes reserved on disk ahead of the active segment's end beyond what its last record
+    /// keeps behind it (its `Abort` and the namespace reserve).
+    pub fn spare_reserved(&self) -> u64 {
+        self.segs.back().map_or(0, |s| {
+            if s.reserved == u64::MAX {
+                0
+            } else {
+                s.reserved
+                    .saturating_sub(s.len + ABORT_FRAME_BYTES + NAMESPACE_RESERVE_BYTES)
+            }
+        })
+    }
+
+    /// Gives the space reserved ahead of the active segment's end back to the file system and
+    /// reserves only what each record needs until the next segment. Called when a mirror tree on
+    /// the same file system is out of space: else the journal, which keeps the records that
+    /// mirror still has to apply, could hold the space the mirror needs to apply them, and the
+    /// mirror would never catch up after space was freed. What the last record keeps behind it
+    /// (its `Abort`, the namespace reserve) is reserved again at once, as far as it fits.
+    /// Returns the bytes given back.
+    pub fn release_spare(&mut self) -> Result<u64, JournalError> {
+        self.check()?;
+        let spare = self.spare_reserved();
+        let Some(seg) = self.segs.back_mut() else {
+            return Ok(0);
+        };
+        seg.frugal = true;
+        if spare == 0 {
+            return Ok(0);
+        }
+        let id = seg.first_seq;
+        if let Err(e) = seg.file.release_reserve(seg.len) {
+            // Nothing was written or cut: the bytes stay reserved and the journal stays sound.
+            return Err(JournalError::Io {
+                segment: id,
+                source: e,
+            });
+        }
+        seg.reserved = seg.len;
+        let keep = seg.len + ABORT_FRAME_BYTES + NAMESPACE_RESERVE_BYTES;
+        if seg.file.reserve(seg.len, keep).is_ok() {
+            seg.reserved = keep;
+        }
+        Ok(spare)
+    }
+
     pub fn next_seq(&self) -> u64 {
         self.next_seq
     }
@@ -1004,6 +1061,57 @@ mod tests {
             j.append(&write_op(1)),
             Err(JournalError::Poisoned(_))
         ));
+    }
+
+    /// A mirror tree on the journal's file system is out of space (the CI failure of
+    /// `remote::mirror_disk_full_local_writes_continue_and_the_mirror_recovers`: the journal's
+    /// reservation ahead took the space freed for the mirror, which then never caught up). The
+    /// journal gives back what it reserved ahead of its end and from then on, until the next
+    /// segment, reserves only what each record needs; the records stay readable.
+    #[test]
+    fn release_spare_gives_the_reservation_ahead_back_and_stays_frugal() {
+        let store = MemStore::new();
+        let (mut j, _) = Journal::open(store.clone(), JournalConfig::default()).expect("open");
+        store.set_free_space(Some(64 << 20));
+        for i in 0..10 {
+            j.append(&write_op(i)).expect("append");
+        }
+        let spare = j.spare_reserved();
+        assert!(
+            spare >= RESERVE_STEP_BYTES - (64 << 10),
+            "the journal reserves a step ahead ({spare} bytes spare)"
+        );
+        let free = store.free_space().expect("limited");
+        assert_eq!(j.release_spare().expect("release"), spare);
+        let freed = store.free_space().expect("limited") - free;
+        assert_eq!(
+            freed, spare,
+            "every spare byte goes back to the file system"
+        );
+        assert_eq!(j.spare_reserved(), 0);
+        // Frugal from now on: each record reserves what it needs, nothing ahead.
+        for i in 10..200 {
+            j.append(&write_op(i)).expect("append");
+            assert_eq!(j.spare_reserved(), 0, "record {i} reserved ahead again");
+        }
+        // The freed space is usable by others, and a record that does not fit is refused
+        // cleanly, as on any full disk.
+        store.set_free_space(Some(0));
+        assert!(matches!(
+            j.append(&write_op(200)),
+            Err(JournalError::NoSpace { .. })
+        ));
+        j.append(&Op::Abort { seq: 200 })
+            .expect("the Abort of the last record still fits");
+        let plan = j.sync_plan().expect("something to sync");
+        for (_, f, _) in &plan.files {
+            f.sync().expect("sync");
+        }
+        j.mark_synced(&plan);
+        drop(j);
+        let (j, report) = Journal::open(store.clone(), JournalConfig::default()).expect("reopen");
+        assert_eq!(report.records, 201);
+        assert_eq!(j.next_seq(), 202);
     }
 
     /// A full disk is an ordinary event: the record that does not fit is refused with

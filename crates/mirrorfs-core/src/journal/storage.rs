@@ -41,6 +41,12 @@ pub trait SegmentFile: Send + Sync + 'static {
         let _ = (from, to);
         Ok(())
     }
+    /// Gives back the space reserved past `len`, the file's length (what `reserve` allocated
+    /// beyond it); the file's bytes do not change.
+    fn release_reserve(&self, len: u64) -> io::Result<()> {
+        let _ = len;
+        Ok(())
+    }
 }
 
 /// The directory of segments, named by their first seq.
@@ -175,6 +181,13 @@ impl SegmentFile for MemFile {
         let before = s.allocated();
         s.live.truncate(len as usize);
         s.durable.truncate(len as usize);
+        s.reserved = s.reserved.min(len as usize);
+        self.1.give(before - s.allocated());
+        Ok(())
+    }
+    fn release_reserve(&self, len: u64) -> io::Result<()> {
+        let mut s = lock(&self.0);
+        let before = s.allocated();
         s.reserved = s.reserved.min(len as usize);
         self.1.give(before - s.allocated());
         Ok(())

@@ -1959,7 +1959,7 @@ impl Sim {
                 return Ok(true);
             }
             // The worker keeps what failed and backs off; the sim's clock honours the back-off.
-            Turn::Retry { after, error } if glitched && !self.mkill.is_dead() => {
+            Turn::Retry { after, error, .. } if glitched && !self.mkill.is_dead() => {
                 self.stats.retries += 1;
                 self.now += after;
                 self.ev(|| format!("mirror: {error}; retry in {after:?}"));
@@ -2022,7 +2022,7 @@ impl Sim {
                 }
                 Ok(true)
             }
-            Turn::Retry { after, error } if glitched && !self.mkill.is_dead() => {
+            Turn::Retry { after, error, .. } if glitched && !self.mkill.is_dead() => {
                 self.stats.retries += 1;
                 self.now += after;
                 self.ev(|| format!("mirror: {error}; retry in {after:?}"));

@@ -717,7 +717,7 @@ impl Sim {
                 self.checkpointed(before, checkpoint);
                 Ok(true)
             }
-            Turn::Retry { after, error } if glitched && !self.kill.is_dead() => {
+            Turn::Retry { after, error, .. } if glitched && !self.kill.is_dead() => {
                 self.stats.retries += 1;
                 self.now += after;
                 self.ev(|| format!("mirror: {error}; retry in {after:?}"));
@@ -896,7 +896,7 @@ impl Sim {
                 return Ok(true);
             }
             // The worker keeps what failed and backs off; the sim's clock honours the back-off.
-            Turn::Retry { after, error } if glitched && !self.kill.is_dead() => {
+            Turn::Retry { after, error, .. } if glitched && !self.kill.is_dead() => {
                 self.stats.retries += 1;
                 self.now += after;
                 self.ev(|| format!("mirror: {error}; retry in {after:?}"));

@@ -186,7 +186,11 @@ fn publish(
                 let _ = vol.changed.wait_timeout(p, Duration::from_millis(100));
             }
         }
-        Ok(Turn::Retry { after, error }) => {
+        Ok(Turn::Retry {
+            after,
+            error,
+            no_space,
+        }) => {
             tracing::warn!(
                 "mirror {}: {error}; retrying in {:.1} s",
                 m.name,
@@ -194,6 +198,9 @@ fn publish(
             );
             m.count_error("apply");
             set_retrying(m, error);
+            if no_space {
+                give_journal_space_back(vol, m);
+            }
             std::thread::sleep(after);
         }
         // Started by the loop; never handed here.
@@ -214,6 +221,31 @@ fn publish(
         }
     }
     Flow::Go
+}
+
+/// The mirror tree is out of space. If it shares its file system with the journal (a daemon's
+/// mirror directory and its state directory, or a local mirror on the primary's disk), the
+/// journal gives back the space it reserved ahead of its end: else it could hold the very space
+/// the mirror needs to apply the records the journal keeps for it, and the mirror would never
+/// catch up, even after space was freed.
+fn give_journal_space_back(vol: &Volume, m: &MirrorShared) {
+    use std::os::unix::fs::MetadataExt;
+    let dev = |p: &std::path::Path| std::fs::metadata(p).map(|md| md.dev()).ok();
+    if dev(&m.path).is_none() || dev(&m.path) != dev(&m.state_dir) {
+        return;
+    }
+    match lock(&vol.order).journal.release_spare() {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(
+            "mirror {}: the journal gave back {} KiB it had reserved on the same file system",
+            m.name,
+            n >> 10
+        ),
+        Err(e) => tracing::warn!(
+            "mirror {}: the journal could not give back its reserved space: {e}",
+            m.name
+        ),
+    }
 }
 
 fn open_tree_and_cursor(m: &MirrorShared) -> Option<(DirTree, FileCursor)> {

@@ -32,6 +32,13 @@ impl SegmentFile for FileSegment {
         self.0.set_len(len)?;
         sys::fsync(self.0.as_fd())
     }
+    fn release_reserve(&self, _len: u64) -> io::Result<()> {
+        // A truncate to the file's own length cuts no byte but frees the blocks `reserve`
+        // allocated past the end (ext4 and tmpfs drop `FALLOC_FL_KEEP_SIZE` blocks on any
+        // truncate). No fsync: what is on disk within the file does not change.
+        let len = self.0.metadata()?.len();
+        self.0.set_len(len)
+    }
     fn reserve(&self, from: u64, to: u64) -> io::Result<()> {
         // Allocated, not written: the file's length (what recovery reads) does not change.
         sys::fallocate(
