@@ -101,13 +101,8 @@ impl PeerReceiver {
         let position = PeerPosition::load(&position_file)?;
         let copy_file = CopyFile::at(position_file.with_file_name("peer-copy"));
         let copying = copy_file.load()?;
-        let end = lock(&vol.order).journal.next_seq() - 1;
-        let born_empty = crate::site::peer::born_empty(
-            &position_file.with_file_name("pair-born-empty"),
-            end,
-            backing,
-            &hidden,
-        )?;
+        // Made by the mount before it served anything (`site::peer::born_empty`).
+        let born_empty = position_file.with_file_name("pair-born-empty").exists();
         let status = Arc::new(Mutex::new(ReceiveStatus {
             listen: listen.to_string(),
             applied: position.applied,
@@ -297,8 +292,9 @@ impl PeerReceiver {
             foreign: false,
             first_held: 0,
         };
-        let decision = pair::decide(local, TreeNote::from_hello_name(name), &me, &them);
-        tracing::info!("the peer connects: {decision:?}");
+        let note = TreeNote::from_hello_name(name);
+        let decision = pair::decide(local, note, &me, &them);
+        tracing::info!("the peer connects (it says {note:?}; this site: {local:?}): {decision:?}");
         Ok(match decision {
             PairStart::Resume => copy(MirrorState::Consistent, peers, pos.applied, 0),
             PairStart::GoOnCopying { sync_id } => {
