@@ -424,4 +424,39 @@ mod tests {
         let e = PeerPosition::load(&p).expect_err("damaged");
         assert!(format!("{e:#}").contains("damaged"), "{e:#}");
     }
+
+    #[test]
+    fn the_copy_file_round_trips_is_removed_and_damage_is_refused() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let c = CopyFile::at(d.path().join("peer-copy"));
+        assert_eq!(c.load().expect("absent"), None);
+        c.store(0x0102_0304).expect("store");
+        assert_eq!(c.load().expect("load"), Some(0x0102_0304));
+        c.remove().expect("remove");
+        assert_eq!(c.load().expect("removed"), None);
+        c.remove().expect("a missing file is removed already");
+        std::fs::write(d.path().join("peer-copy"), b"MFPC").expect("write");
+        let e = c.load().expect_err("short");
+        assert!(format!("{e:#}").contains("damaged"), "{e:#}");
+    }
+
+    #[test]
+    fn born_empty_only_for_an_empty_journal_on_an_empty_tree_and_then_for_good() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let tree = d.path().join("tree");
+        std::fs::create_dir_all(tree.join(".mirrorfs")).expect("state dir");
+        let marker = d.path().join("pair-born-empty");
+        // Records journaled already: not born empty.
+        assert!(!born_empty(&marker, 3, &tree, b".mirrorfs").expect("journal"));
+        std::fs::write(tree.join("f"), b"x").expect("file");
+        // Data in the tree: not born empty.
+        assert!(!born_empty(&marker, 0, &tree, b".mirrorfs").expect("data"));
+        assert!(!marker.exists());
+        std::fs::remove_file(tree.join("f")).expect("rm");
+        assert!(tree_is_empty(&tree, b".mirrorfs").expect("empty"));
+        assert!(born_empty(&marker, 0, &tree, b".mirrorfs").expect("born"));
+        // Once made, it stays whatever the tree and journal hold later.
+        std::fs::write(tree.join("f"), b"x").expect("file");
+        assert!(born_empty(&marker, 9, &tree, b".mirrorfs").expect("kept"));
+    }
 }
