@@ -243,6 +243,13 @@ struct Proxy {
 
 impl Proxy {
     fn start(target: u16) -> Proxy {
+        Proxy::paced(target, None)
+    }
+
+    /// A proxy that forwards at most `pace` bytes per second each way (`None`: as fast as it
+    /// can): a copy through it takes a predictable while.
+    fn paced(target: u16, pace: Option<u64>) -> Proxy {
+        use std::io::{Read, Write};
         use std::sync::atomic::{AtomicBool, Ordering};
         use std::sync::{Arc, Mutex};
         let l = TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
@@ -262,7 +269,25 @@ impl Proxy {
                 };
                 let pipe = |mut from: std::net::TcpStream, mut to: std::net::TcpStream| {
                     std::thread::spawn(move || {
-                        let _ = std::io::copy(&mut from, &mut to);
+                        match pace {
+                            None => {
+                                let _ = std::io::copy(&mut from, &mut to);
+                            }
+                            Some(rate) => {
+                                let mut buf = vec![0u8; 16 << 10];
+                                loop {
+                                    let n = match from.read(&mut buf) {
+                                        Ok(0) | Err(_) => break,
+                                        Ok(n) => n,
+                                    };
+                                    if to.write_all(&buf[..n]).is_err() {
+                                        break;
+                                    }
+                                    let secs = n as f64 / rate.max(1) as f64;
+                                    std::thread::sleep(Duration::from_secs_f64(secs));
+                                }
+                            }
+                        }
                         let _ = from.shutdown(std::net::Shutdown::Both);
                         let _ = to.shutdown(std::net::Shutdown::Both);
                     });
@@ -1754,11 +1779,16 @@ fn write_file_res(site: &Mount, rel: &str, data: &[u8]) -> std::io::Result<()> {
 
 /// A token pair whose sites hold `seed(site, backing)` (0: a, 1: b) before they first mount.
 fn seeded_pair(tag: &str, seed: impl FnMut(usize, &Path)) -> Pair {
+    seeded_pair_via(tag, |p| p, seed)
+}
+
+/// [`seeded_pair`] whose sites dial each other through `via` (see [`Pair::through`]).
+fn seeded_pair_via(tag: &str, via: impl FnMut(u16) -> u16, seed: impl FnMut(usize, &Path)) -> Pair {
     Pair::seeded(
         tag,
         &["--write-tokens", "1:2", "--partition", "read-only"],
         &["--write-tokens", "2:1", "--partition", "read-only"],
-        |p| p,
+        via,
         |_, _, _, _| {},
         seed,
     )
@@ -1857,13 +1887,26 @@ fn two_sites_with_different_data_and_no_history_are_refused_on_both_sides() {
 
 /// Kills `victim` (0: a, the copying site; 1: b, the receiving one) with SIGKILL while b
 /// receives a's copy, checks that b refuses writes meanwhile, restarts it, and waits for two
-/// identical trees that both sites then write.
+/// identical trees that both sites then write. a's stream reaches b through a proxy paced at
+/// 4 MB/s: the copy of 24 MiB takes about 6 s, long enough to be seen and killed under way.
 fn kill_during_the_copy(tag: &str, victim: usize) {
-    let mut pair = seeded_pair(tag, |site, dir| {
-        if site == 0 {
-            seed_tree(dir, 96);
-        }
-    });
+    let mut proxies = Vec::new();
+    let mut pair = seeded_pair_via(
+        tag,
+        |port| {
+            // The first port asked for is b's (a's link to it): only that one is paced.
+            let pace = proxies.is_empty().then_some(4_000_000);
+            let p = Proxy::paced(port, pace);
+            let at = p.port;
+            proxies.push(p);
+            at
+        },
+        |site, dir| {
+            if site == 0 {
+                seed_tree(dir, 24);
+            }
+        },
+    );
     let mut seen = None;
     let copying = wait_until(ARRIVE, || {
         seen = receiving_copy(&pair.b);
