@@ -20,6 +20,7 @@ pub mod journal;
 pub mod lease;
 pub mod link;
 pub mod op;
+pub mod pair;
 pub mod path;
 pub mod quorum;
 pub mod reconcile;

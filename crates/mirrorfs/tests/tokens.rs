@@ -170,8 +170,21 @@ impl Pair {
         tag: &str,
         extra_a: &[&str],
         extra_b: &[&str],
+        via: impl FnMut(u16) -> u16,
+        prepare: impl FnOnce(&Path, &str, &Path, &str),
+    ) -> (Pair, ()) {
+        Pair::seeded(tag, extra_a, extra_b, via, prepare, |_, _| {})
+    }
+
+    /// The same, `seed(site, backing)` (site 0: a, 1: b) called on each backing directory
+    /// before its site first mounts (data a site holds before it pairs).
+    fn seeded(
+        tag: &str,
+        extra_a: &[&str],
+        extra_b: &[&str],
         mut via: impl FnMut(u16) -> u16,
         prepare: impl FnOnce(&Path, &str, &Path, &str),
+        mut seed: impl FnMut(usize, &Path),
     ) -> (Pair, ()) {
         let tmp = temp_base(&format!("tokens-{tag}"));
         let base = tmp.path().canonicalize().expect("canonicalize");
@@ -181,7 +194,7 @@ impl Pair {
         trust(&cb, &fa, "site-a");
         prepare(&ca, &fa, &cb, &fb);
         let (pa, pb) = (free_port(), free_port());
-        let site = |me: &Path, listen: u16, peer: u16, tag: &str, extra: &[&str]| -> Mount {
+        let mut site = |me: &Path, listen: u16, peer: u16, tag: &str, extra: &[&str]| -> Mount {
             let peer = format!("mirror://127.0.0.1:{peer}");
             let listen = format!("127.0.0.1:{listen}");
             let cfg = me.display().to_string();
@@ -194,7 +207,9 @@ impl Pair {
                 cfg.as_str(),
             ];
             args.extend_from_slice(extra);
-            Mount::start(Layout::new(tag, 0), &args)
+            let layout = Layout::new(tag, 0);
+            seed(usize::from(me == cb.as_path()), &layout.backing);
+            Mount::start(layout, &args)
         };
         let (to_b, to_a) = (via(pb), via(pa));
         let a = site(&ca, pa, to_b, &format!("{tag}-a"), extra_a);
@@ -228,6 +243,13 @@ struct Proxy {
 
 impl Proxy {
     fn start(target: u16) -> Proxy {
+        Proxy::paced(target, None)
+    }
+
+    /// A proxy that forwards at most `pace` bytes per second each way (`None`: as fast as it
+    /// can): a copy through it takes a predictable while.
+    fn paced(target: u16, pace: Option<u64>) -> Proxy {
+        use std::io::{Read, Write};
         use std::sync::atomic::{AtomicBool, Ordering};
         use std::sync::{Arc, Mutex};
         let l = TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
@@ -247,7 +269,25 @@ impl Proxy {
                 };
                 let pipe = |mut from: std::net::TcpStream, mut to: std::net::TcpStream| {
                     std::thread::spawn(move || {
-                        let _ = std::io::copy(&mut from, &mut to);
+                        match pace {
+                            None => {
+                                let _ = std::io::copy(&mut from, &mut to);
+                            }
+                            Some(rate) => {
+                                let mut buf = vec![0u8; 16 << 10];
+                                loop {
+                                    let n = match from.read(&mut buf) {
+                                        Ok(0) | Err(_) => break,
+                                        Ok(n) => n,
+                                    };
+                                    if to.write_all(&buf[..n]).is_err() {
+                                        break;
+                                    }
+                                    let secs = n as f64 / rate.max(1) as f64;
+                                    std::thread::sleep(Duration::from_secs_f64(secs));
+                                }
+                            }
+                        }
                         let _ = from.shutdown(std::net::Shutdown::Both);
                         let _ = to.shutdown(std::net::Shutdown::Both);
                     });
@@ -1735,4 +1775,181 @@ fn partition_quorum_without_a_witness_is_refused_with_the_reason() {
 
 fn write_file_res(site: &Mount, rel: &str, data: &[u8]) -> std::io::Result<()> {
     fs::write(site.p(rel), data)
+}
+
+/// A token pair whose sites hold `seed(site, backing)` (0: a, 1: b) before they first mount.
+fn seeded_pair(tag: &str, seed: impl FnMut(usize, &Path)) -> Pair {
+    seeded_pair_via(tag, |p| p, seed)
+}
+
+/// [`seeded_pair`] whose sites dial each other through `via` (see [`Pair::through`]).
+fn seeded_pair_via(tag: &str, via: impl FnMut(u16) -> u16, seed: impl FnMut(usize, &Path)) -> Pair {
+    Pair::seeded(
+        tag,
+        &["--write-tokens", "1:2", "--partition", "read-only"],
+        &["--write-tokens", "2:1", "--partition", "read-only"],
+        via,
+        |_, _, _, _| {},
+        seed,
+    )
+    .0
+}
+
+/// The initial copy under way at `m` (`status`: `peer_receive.copy`), if any.
+fn receiving_copy(m: &Mount) -> Option<serde_json::Value> {
+    let c = tokens_status(m)["peer_receive"]["copy"].clone();
+    (!c.is_null()).then_some(c)
+}
+
+/// Waits until `m` holds no initial copy under way (its status says none).
+fn wait_copy_done(m: &Mount) {
+    let done = wait_until(ARRIVE, || {
+        m.status().is_some() && receiving_copy(m).is_none()
+    });
+    assert!(
+        done,
+        "the initial copy never completed: {:#}\n{}",
+        tokens_status(m),
+        m.log()
+    );
+}
+
+/// Data a site holds before it pairs: a directory, files, a symlink, a hard link, an xattr (if
+/// the file system takes user xattrs); `many` further files of 1 MiB each.
+fn seed_tree(dir: &Path, many: usize) -> bool {
+    fs::create_dir(dir.join("d")).expect("seed mkdir");
+    fs::write(dir.join("d/f"), pattern(7, 300_000)).expect("seed file");
+    fs::write(dir.join("top"), b"top").expect("seed file");
+    fs::hard_link(dir.join("d/f"), dir.join("d/f2")).expect("seed hard link");
+    std::os::unix::fs::symlink("d/f", dir.join("l")).expect("seed symlink");
+    for i in 0..many {
+        fs::write(dir.join(format!("d/m{i}")), pattern(i as u64, 1 << 20)).expect("seed");
+    }
+    common::sys::lsetxattr(&dir.join("top"), "user.k", b"v", 0).is_ok()
+}
+
+#[test]
+fn an_empty_site_joins_a_site_with_data_and_receives_its_copy() {
+    let mut xattrs = true;
+    let pair = seeded_pair("join", |site, dir| {
+        if site == 0 {
+            xattrs = seed_tree(dir, 2);
+        }
+    });
+    // Everything a has, b gets: names, data, the symlink, the hard link, the xattr.
+    pair.wait_equal();
+    wait_copy_done(&pair.b);
+    use std::os::unix::fs::MetadataExt;
+    let ino = |p: &str| fs::metadata(pair.b.backing().join(p)).expect("stat").ino();
+    assert_eq!(ino("d/f"), ino("d/f2"), "the hard link is one file at b");
+    assert_eq!(
+        fs::read_link(pair.b.p("l")).expect("readlink at b"),
+        Path::new("d/f")
+    );
+    if xattrs {
+        let v = common::sys::lgetxattr(&pair.b.backing().join("top"), b"user.k")
+            .expect("the xattr at b");
+        assert_eq!(v, b"v");
+    }
+    assert_eq!(
+        fs::read(pair.b.p("d/f")).expect("read"),
+        pattern(7, 300_000)
+    );
+    // Then both sites write, with the tokens: new files at each, and one seeded file at b.
+    write_file(&pair.b, "from-b", b"b wrote");
+    write_file(&pair.a, "from-a", b"a wrote");
+    write_block(&pair.b.p("top"), b'B', 64).expect("b writes a seeded file");
+    pair.wait_shown("from-b", b"b wrote");
+    pair.wait_shown("from-a", b"a wrote");
+    pair.wait_shown("top", &[b'B'; 64]);
+    pair.wait_equal();
+}
+
+#[test]
+fn two_sites_with_different_data_and_no_history_are_refused_on_both_sides() {
+    let pair = seeded_pair("twodata", |site, dir| {
+        fs::write(dir.join(format!("only-{site}")), b"mine").expect("seed");
+    });
+    for m in [&pair.a, &pair.b] {
+        let mut st = String::new();
+        let said = wait_until(ARRIVE, || {
+            st = m.status().map(|s| s.to_string()).unwrap_or_default();
+            st.contains("shares no history") && st.contains("empty one of them")
+        });
+        assert!(said, "no refusal in status: {st}\n{}", m.log());
+    }
+    // Neither tree took anything of the other.
+    assert!(!pair.a.backing().join("only-1").exists());
+    assert!(!pair.b.backing().join("only-0").exists());
+    assert_eq!(fs::read(pair.a.p("only-0")).expect("a's own"), b"mine");
+    assert_eq!(fs::read(pair.b.p("only-1")).expect("b's own"), b"mine");
+}
+
+/// Kills `victim` (0: a, the copying site; 1: b, the receiving one) with SIGKILL while b
+/// receives a's copy, checks that b refuses writes meanwhile, restarts it, and waits for two
+/// identical trees that both sites then write. a's stream reaches b through a proxy paced at
+/// 4 MB/s: the copy of 24 MiB takes about 6 s, long enough to be seen and killed under way.
+fn kill_during_the_copy(tag: &str, victim: usize) {
+    let mut proxies = Vec::new();
+    let mut pair = seeded_pair_via(
+        tag,
+        |port| {
+            // The first port asked for is b's (a's link to it): only that one is paced.
+            let pace = proxies.is_empty().then_some(4_000_000);
+            let p = Proxy::paced(port, pace);
+            let at = p.port;
+            proxies.push(p);
+            at
+        },
+        |site, dir| {
+            if site == 0 {
+                seed_tree(dir, 24);
+            }
+        },
+    );
+    let mut seen = None;
+    let copying = wait_until(ARRIVE, || {
+        seen = receiving_copy(&pair.b);
+        seen.as_ref().is_some_and(|c| c["bytes"].as_u64() > Some(0))
+    });
+    assert!(
+        copying,
+        "b never showed the copy under way\n{}",
+        pair.b.log()
+    );
+    let e = fs::write(pair.b.p("during"), b"x").expect_err("b refuses writes during the copy");
+    assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
+    let victim_mount = if victim == 0 {
+        &mut pair.a
+    } else {
+        &mut pair.b
+    };
+    victim_mount.kill9();
+    victim_mount.remount();
+    pair.wait_equal();
+    wait_copy_done(&pair.b);
+    // b went on with the copy it had: resumed (b restarted, a still ran it) or started again
+    // after removing what the interrupted one made (a restarted and lost it).
+    let log = pair.b.log();
+    assert!(log.contains("GoOnCopying"), "{log}");
+    if victim == 0 {
+        assert!(log.contains("initial copy starts again"), "{log}");
+    } else {
+        assert!(!log.contains("initial copy starts again"), "{log}");
+    }
+    write_file(&pair.b, "after-b", b"b");
+    write_file(&pair.a, "after-a", b"a");
+    pair.wait_shown("after-b", b"b");
+    pair.wait_shown("after-a", b"a");
+    pair.wait_equal();
+}
+
+#[test]
+fn a_kill_9_of_the_receiving_site_during_the_copy_resumes_it() {
+    kill_during_the_copy("killrecv", 1);
+}
+
+#[test]
+fn a_kill_9_of_the_copying_site_during_the_copy_starts_it_again() {
+    kill_during_the_copy("killsend", 0);
 }

@@ -524,6 +524,17 @@ pub fn mount(a: MountArgs) -> Result<()> {
     // What changes from here on, for an incremental `mirrorfs verify` (`site::verify_dirty`).
     crate::site::verify_dirty::start(&mut site, behind.is_some())?;
     let vol = site.vol.clone();
+    if places.peer.is_some() && a.receive.is_some() {
+        // Before the mount serves anything: is this a new volume on an empty tree
+        // (`core::pair`, what the `Hello` to the peer says)?
+        let end = lock(&vol.order).journal.next_seq() - 1;
+        crate::site::peer::born_empty(
+            &StateDir::at(&state.path).pair_born_empty_file(),
+            end,
+            &places.backing,
+            &state.hidden,
+        )?;
+    }
     if a.partition != PartitionArg::Quorum {
         start_fence(&a, &vol, &meta, &places.backing)?;
     }

@@ -40,11 +40,14 @@ use mirrorfs_core::wire::{error_code, Decoder, MirrorState, Msg};
 
 use crate::net::conn::Duplex;
 use crate::net::identity::Identity;
-use crate::site::peer::{PeerOrigins, PeerPosition, ReceiveStatus};
+use crate::site::peer::{
+    tree_is_empty, CopyFile, CopyStatus, PeerOrigins, PeerPosition, ReceiveStatus,
+};
 use crate::site::reconcile::SiteReconcile;
 use crate::site::tokens::TokenGate;
 use crate::site::volume::{lock, Volume};
 use crate::tree::dirtree::DirTree;
+use mirrorfs_core::pair::{self, PairStart, TreeNote};
 
 /// What a pair runs with besides the stream: write tokens (`--write-tokens`) and the
 /// reconciliation of a split (`--partition reconcile`).
@@ -76,6 +79,12 @@ pub struct PeerReceiver {
     reconcile: Option<Arc<SiteReconcile>>,
     /// The winner's rewrites asked by the batch being applied, done once it is considered.
     rewrites: Mutex<Vec<(RelPath, bool)>>,
+    /// `STATE/peer-copy`: the peer's initial copy under way here (`core::pair`).
+    copy_file: CopyFile,
+    /// That copy's id (0: none): its `Sync` records are applied here, its `SyncDone` ends it.
+    copy_id: std::sync::atomic::AtomicU32,
+    /// The copy's `SyncDone` was applied in the batch being made durable.
+    copy_done: AtomicBool,
 }
 
 impl PeerReceiver {
@@ -90,13 +99,30 @@ impl PeerReceiver {
     ) -> Result<Arc<PeerReceiver>> {
         let Pairing { gate, reconcile } = pairing;
         let position = PeerPosition::load(&position_file)?;
+        let copy_file = CopyFile::at(position_file.with_file_name("peer-copy"));
+        let copying = copy_file.load()?;
+        // Made by the mount before it served anything (`site::peer::born_empty`).
+        let born_empty = position_file.with_file_name("pair-born-empty").exists();
         let status = Arc::new(Mutex::new(ReceiveStatus {
             listen: listen.to_string(),
             applied: position.applied,
+            paired: position.volume.is_some(),
+            born_empty,
+            copy: copying.map(|sync_id| CopyStatus {
+                from: peer_label(gate.as_deref()),
+                sync_id,
+                bytes: 0,
+            }),
             ..ReceiveStatus::default()
         }));
+        if copying.is_some() {
+            vol.receiving_copy.store(true, Ordering::Release);
+        }
         let _ = vol.peer_receive.set(status.clone());
         Ok(Arc::new(PeerReceiver {
+            copy_file,
+            copy_id: std::sync::atomic::AtomicU32::new(copying.unwrap_or(0)),
+            copy_done: AtomicBool::new(false),
             status,
             gate,
             reconcile,
@@ -205,14 +231,16 @@ impl PeerReceiver {
         lock(&self.position).volume
     }
 
-    /// The copy the session compares the peer's `hello` with: this site holds the peer's
-    /// volume, consistent, through the position applied here. The first connection takes the
-    /// peer's volume (a pair starts from identical trees, e.g. two empty directories).
+    /// The copy the session compares the peer's `hello` with (`core::pair::decide`): with
+    /// history, the peer's volume, consistent, through the position applied here (or the copy
+    /// under way); a new pair receives the peer's initial copy, starts from the peer's journal
+    /// end, or is refused (both trees hold data).
     fn copy(&self, hello: &Msg) -> Result<MirrorCopy, LinkError> {
         let Msg::Hello {
             volume_id,
             history,
             name,
+            next_seq,
             ..
         } = hello
         else {
@@ -238,18 +266,56 @@ impl PeerReceiver {
                 ));
             }
         }
-        Ok(MirrorCopy {
-            state: MirrorState::Consistent,
-            history: History {
-                volume_id: *volume_id,
-                generations: history.clone(),
+        let local = pair::Local {
+            history: pos.volume.is_some(),
+            copying: match self.copy_id.load(Ordering::Acquire) {
+                0 => None,
+                id => Some(id),
             },
-            durable: pos.applied,
-            applied: pos.applied,
-            sync_id: 0,
+            tree: crate::site::peer::own_tree(&self.vol, &self.backing, &self.hidden),
+        };
+        let (me, them) = match self.gate.as_ref().map(|g| g.ids()) {
+            Some((me, peer)) => (format!("site {me}"), format!("site {peer}")),
+            None => ("this site".to_string(), "the peer".to_string()),
+        };
+        let peers = History {
+            volume_id: *volume_id,
+            generations: history.clone(),
+        };
+        let copy = |state, history, at: u64, sync_id| MirrorCopy {
+            state,
+            history,
+            durable: at,
+            applied: at,
+            sync_id,
             promoted: false,
             foreign: false,
             first_held: 0,
+        };
+        let note = TreeNote::from_hello_name(name);
+        let decision = pair::decide(local, note, &me, &them);
+        tracing::info!("the peer connects (it says {note:?}; this site: {local:?}): {decision:?}");
+        Ok(match decision {
+            PairStart::Resume => copy(MirrorState::Consistent, peers, pos.applied, 0),
+            PairStart::GoOnCopying { sync_id } => {
+                copy(MirrorState::Syncing, peers, pos.applied, sync_id)
+            }
+            PairStart::ReceiveCopy => copy(
+                MirrorState::Empty,
+                History {
+                    volume_id: [0; 16],
+                    generations: Vec::new(),
+                },
+                0,
+                0,
+            ),
+            PairStart::FromPeerEnd => copy(
+                MirrorState::Consistent,
+                peers,
+                next_seq.saturating_sub(1),
+                0,
+            ),
+            PairStart::Refuse(m) => return Err(LinkError::new(error_code::REFUSED, false, m)),
         })
     }
 
@@ -306,18 +372,28 @@ impl PeerReceiver {
             Begin::Resume { seq, history } => {
                 let mut pos = lock(&self.position);
                 if pos.volume.is_none() {
+                    // A new pair: from the peer's first record, or (its tree empty, or a copy
+                    // of ours) from its journal's end (`core::pair`).
                     pos.volume = Some(history.volume_id);
+                    pos.applied = seq - 1;
                     pos.store(&self.position_file).with_context(|| {
                         format!("cannot write {}", self.position_file.display())
                     })?;
+                    drop(pos);
+                    self.started_at(seq - 1);
                 }
                 tracing::info!("the peer's stream resumes at its record {seq}");
             }
-            _ => {
+            Begin::InitialSync {
+                seq,
+                sync_id,
+                history,
+            } => self.begin_copy(seq, sync_id, history.volume_id)?,
+            Begin::Resync { .. } => {
                 return Err(LinkError::new(
                     error_code::REFUSED,
                     false,
-                    "the peer's journal no longer holds the records this site lacks (it asked for a copy): a writable pair does not copy trees; resynchronise this site from the peer as a mirror, then pair again",
+                    "the peer's journal no longer holds the records this site lacks (it asked for a resync by block hashes, which a writable pair does not do): resynchronise this site from the peer as a mirror, then pair again",
                 )
                 .into())
             }
@@ -340,6 +416,154 @@ impl PeerReceiver {
                 .unwrap_or_else(|_| Err(anyhow!("the peer ack thread panicked")));
             r.and(a)
         })
+    }
+
+    /// The peer's stream starts after its record `at` (nothing before it is applied here).
+    fn started_at(&self, at: u64) {
+        self.applied.store(at, Ordering::Release);
+        {
+            let mut s = lock(&self.status);
+            s.applied = at;
+            s.paired = true;
+        }
+        if let Some(g) = &self.gate {
+            g.peer_applied(at);
+        }
+    }
+
+    /// The peer copies its tree here (`core::pair`), as copy `sync_id` from its record `seq`:
+    /// changes through the mount are refused from now until its `SyncDone`. A new pair's tree
+    /// must still be empty; a copy that starts again (the peer restarted and lost its running
+    /// copy) first removes what the former one made (nothing else was made here since).
+    fn begin_copy(
+        &self,
+        seq: u64,
+        sync_id: u32,
+        volume: mirrorfs_core::wire::VolumeId,
+    ) -> Result<()> {
+        let former = self.copy_id.load(Ordering::Acquire);
+        self.vol.receiving_copy.store(true, Ordering::Release);
+        if former == 0 && !tree_is_empty(&self.backing, &self.hidden).unwrap_or(false) {
+            self.vol.receiving_copy.store(false, Ordering::Release);
+            return Err(LinkError::new(
+                error_code::REFUSED,
+                true,
+                "this site's tree is no longer empty (a change through the mount came first): it does not take the peer's copy",
+            )
+            .into());
+        }
+        self.copy_file
+            .store(sync_id)
+            .context("cannot write STATE/peer-copy")?;
+        self.copy_id.store(sync_id, Ordering::Release);
+        lock(&self.status).copy = Some(CopyStatus {
+            from: peer_label(self.gate.as_deref()),
+            sync_id,
+            bytes: 0,
+        });
+        if former != 0 {
+            tracing::warn!("the peer's initial copy starts again (copy {sync_id}; copy {former} was interrupted): removing what it made here first");
+            self.empty_tree()?;
+        }
+        {
+            let mut pos = lock(&self.position);
+            pos.volume = Some(volume);
+            pos.applied = seq - 1;
+            pos.store(&self.position_file)
+                .with_context(|| format!("cannot write {}", self.position_file.display()))?;
+        }
+        self.started_at(seq - 1);
+        tracing::info!("receiving the peer's initial copy {sync_id} from its record {seq}");
+        Ok(())
+    }
+
+    /// Removes everything in the tree but the state directory, through the volume (journaled
+    /// and noted as the peer's: this site's own mirrors follow, nothing goes back).
+    fn empty_tree(&self) -> Result<()> {
+        fn walk(
+            root: &Path,
+            rel: &[u8],
+            hidden: &[u8],
+            out: &mut Vec<(Vec<u8>, bool)>,
+        ) -> std::io::Result<()> {
+            let dir = if rel.is_empty() {
+                root.to_path_buf()
+            } else {
+                root.join(std::ffi::OsStr::from_bytes(rel))
+            };
+            for e in std::fs::read_dir(dir)? {
+                let e = e?;
+                let name = e.file_name();
+                let name = name.as_bytes();
+                if rel.is_empty() && name == hidden {
+                    continue;
+                }
+                let mut p = rel.to_vec();
+                if !p.is_empty() {
+                    p.push(b'/');
+                }
+                p.extend_from_slice(name);
+                let is_dir = e.file_type()?.is_dir();
+                if is_dir {
+                    walk(root, &p, hidden, out)?;
+                }
+                out.push((p, is_dir));
+            }
+            Ok(())
+        }
+        let mut entries = Vec::new();
+        walk(&self.backing, b"", &self.hidden, &mut entries)
+            .context("cannot list what the interrupted copy made")?;
+        for (p, is_dir) in entries {
+            let path = RelPath::new(p.clone()).map_err(|e| anyhow!("{e}"))?;
+            let op = if is_dir {
+                Op::Rmdir { path }
+            } else {
+                let nlink =
+                    std::fs::symlink_metadata(self.backing.join(std::ffi::OsStr::from_bytes(&p)))
+                        .map_or(1, |m| {
+                            use std::os::unix::fs::MetadataExt;
+                            m.nlink() as u32
+                        });
+                Op::Unlink { path, nlink }
+            };
+            self.apply_copied(&op, false)?;
+        }
+        Ok(())
+    }
+
+    /// One change of the peer's initial copy (or of its removal), idempotently, through the
+    /// volume; its local seq is noted as the peer's.
+    fn apply_copied(&self, op: &Op, replay: bool) -> Result<()> {
+        let mut tree = DirTree::open(&self.backing).context("cannot open the backing tree")?;
+        let origins = &self.origins;
+        let res = self.vol.mutate_beneath_unsettled(op.clone(), |seq| {
+            origins.note(seq)?;
+            apply_op(&mut tree, op, replay)
+                .map_err(|e| std::io::Error::from_raw_os_error(tree_errno(&e)))
+        });
+        {
+            let (due, cv) = &*self.settle;
+            *lock(due) = true;
+            cv.notify_one();
+        }
+        match res {
+            Ok(_) => Ok(()),
+            Err(e @ (libc::EROFS | libc::ENOSPC | libc::EIO | libc::ESHUTDOWN)) => bail!(
+                "cannot apply the peer's copy ({}): {}",
+                op.name(),
+                std::io::Error::from_raw_os_error(e)
+            ),
+            Err(e) => {
+                lock(&self.status).failed += 1;
+                tracing::warn!(
+                    "the peer's copy ({}) failed here: {}",
+                    op.name(),
+                    std::io::Error::from_raw_os_error(e)
+                );
+                Ok(())
+            }
+        }
     }
 
     /// The peer's messages until the connection ends or this site stops.
@@ -463,6 +687,16 @@ impl PeerReceiver {
         if let Some(rc) = &self.reconcile {
             rc.persisted(seen);
         }
+        if self.copy_done.swap(false, Ordering::AcqRel) {
+            // The copy is durable here through its `SyncDone`.
+            self.copy_file
+                .remove()
+                .context("cannot remove STATE/peer-copy")?;
+            self.copy_id.store(0, Ordering::Release);
+            lock(&self.status).copy = None;
+            self.vol.receiving_copy.store(false, Ordering::Release);
+            tracing::info!("the peer's initial copy is complete");
+        }
         self.applied.store(last, Ordering::Release);
         lock(&self.status).applied = last;
         if let Some(g) = &self.gate {
@@ -476,6 +710,23 @@ impl PeerReceiver {
     /// opened for each record: a descriptor it keeps could name a file a local rename moved.
     fn apply(&self, r: &Record) -> Result<()> {
         let seen = self.reconcile.as_ref().map(|rc| rc.seen_of(r.seq));
+        let copy_id = self.copy_id.load(Ordering::Acquire);
+        match &r.op {
+            Op::Sync { mirror, op } if copy_id != 0 && *mirror == copy_id => {
+                if let (Some(rc), Some(seen)) = (&self.reconcile, seen) {
+                    rc.decide(None, seen);
+                }
+                self.apply_copied(op, true)?;
+                if let Some(c) = lock(&self.status).copy.as_mut() {
+                    c.bytes += op.data_len() as u64;
+                }
+                return Ok(());
+            }
+            Op::SyncDone { mirror } if copy_id != 0 && *mirror == copy_id => {
+                self.copy_done.store(true, Ordering::Release);
+            }
+            _ => {}
+        }
         let op = match &r.op {
             // Nothing to change here: aborts (and the peer's placeholders for our own
             // records), another mirror's copy, group marks.
@@ -789,7 +1040,10 @@ impl PeerReceiver {
                     }
                 }
             }
-            apply_op(&mut tree, op, false).map_err(|e| {
+            // While the peer's initial copy runs here, its other records apply idempotently
+            // too, as a mirror daemon's do during a copy (`core::applier`).
+            let replay = self.copy_id.load(Ordering::Acquire) != 0;
+            apply_op(&mut tree, op, replay).map_err(|e| {
                 tracing::debug!("the peer's {} failed here: {e}", op.name());
                 std::io::Error::from_raw_os_error(tree_errno(&e))
             })
@@ -897,6 +1151,14 @@ fn data_rel(op: &Op) -> Option<&RelPath> {
 fn local_ino(backing: &Path, rel: &[u8]) -> u64 {
     use std::os::unix::fs::MetadataExt;
     std::fs::symlink_metadata(backing.join(std::ffi::OsStr::from_bytes(rel))).map_or(0, |m| m.ino())
+}
+
+/// The peer as `status` names it.
+fn peer_label(gate: Option<&TokenGate>) -> String {
+    match gate.map(|g| g.ids()) {
+        Some((_, peer)) => format!("site {peer}"),
+        None => "the peer".to_string(),
+    }
 }
 
 fn hex(v: &[u8]) -> String {

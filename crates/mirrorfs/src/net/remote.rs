@@ -383,7 +383,18 @@ impl Session<'_> {
         }
         let mut dec = Decoder::new();
         let mut sender = Sender::new(cfg.history.clone(), WINDOW_BYTES);
-        d.send(&sender.hello(span(vol), cfg.compress, &cfg.name))?;
+        // On the link to the other writable site of a pair, the name says what this site's
+        // tree is to the peer (`core::pair`: how a new pair starts).
+        let name = match m.peer.get() {
+            Some(_) => crate::site::peer::tree_note(
+                vol,
+                &cfg.backing,
+                cfg.hidden.as_deref().unwrap_or_default(),
+            )
+            .add_to_name(&cfg.name),
+            None => cfg.name.clone(),
+        };
+        d.send(&sender.hello(span(vol), cfg.compress, &name))?;
         let welcome = recv_within(&d, &mut dec, crate::net::conn::CONNECT_TIMEOUT)?;
         if let Msg::Diverged { .. } = &welcome {
             return Err(self.reintegrate(&d, &mut dec, &mut sender, &welcome));

@@ -125,6 +125,7 @@ impl Volume {
             tokens: std::sync::OnceLock::new(),
             reconcile: std::sync::OnceLock::new(),
             peer_receive: std::sync::OnceLock::new(),
+            receiving_copy: AtomicBool::new(false),
             groups: Mutex::new(Gate::default()),
             sync_groups: std::sync::OnceLock::new(),
             resync: std::sync::OnceLock::new(),

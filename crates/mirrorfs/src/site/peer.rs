@@ -50,6 +50,133 @@ pub struct ReceiveStatus {
     pub failed: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// The peer's initial copy under way here (`core::pair`): changes through the mount are
+    /// refused until it is complete.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copy: Option<CopyStatus>,
+    /// This site has applied the peer's stream before (`STATE/peer-applied` names its volume).
+    #[serde(default)]
+    pub paired: bool,
+    /// The volume's journal was empty on an empty tree when it first ran with `--peer`
+    /// (`STATE/pair-born-empty`): while it holds record 1, its tree is what it made.
+    #[serde(default)]
+    pub born_empty: bool,
+}
+
+/// An initial copy from the peer, for `status`.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct CopyStatus {
+    /// The peer, as `status` names it ("site 1", or "the peer" without write tokens).
+    pub from: String,
+    pub sync_id: u32,
+    /// The copy's data received and applied so far (the sending site's `status` shows the
+    /// total: its mirror line, `syncing X of Y`).
+    pub bytes: u64,
+}
+
+/// `STATE/peer-copy`: an initial copy from the peer is under way here (its id). 8 bytes: magic
+/// `MFPC`, the copy's id (u32 LE). Written durably before the copy's first record is applied,
+/// removed durably once its `SyncDone` is applied.
+pub struct CopyFile(PathBuf);
+
+const COPY_MAGIC: [u8; 4] = *b"MFPC";
+
+impl CopyFile {
+    pub fn at(path: PathBuf) -> CopyFile {
+        CopyFile(path)
+    }
+
+    /// The copy under way, if any.
+    pub fn load(&self) -> Result<Option<u32>> {
+        let bytes = match std::fs::read(&self.0) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", self.0.display())),
+        };
+        match (bytes.get(..4), bytes.get(4..8)) {
+            (Some(m), Some(id)) if bytes.len() == 8 && m == COPY_MAGIC => {
+                let id: [u8; 4] = id.try_into().unwrap_or_default();
+                Ok(Some(u32::from_le_bytes(id)))
+            }
+            _ => bail!(
+                "{} is damaged (it is replaced atomically, so this is not a crash): empty this site's tree and move the file away to receive the peer's copy again",
+                self.0.display()
+            ),
+        }
+    }
+
+    pub fn store(&self, sync_id: u32) -> io::Result<()> {
+        let mut b = COPY_MAGIC.to_vec();
+        b.extend_from_slice(&sync_id.to_le_bytes());
+        statefile::replace_durable(&self.0, &b, 0o600)
+    }
+
+    pub fn remove(&self) -> io::Result<()> {
+        statefile::remove_durable(&self.0)
+    }
+}
+
+/// Whether `backing` holds nothing but the state directory `hidden`.
+pub fn tree_is_empty(backing: &Path, hidden: &[u8]) -> io::Result<bool> {
+    use std::os::unix::ffi::OsStrExt;
+    for e in std::fs::read_dir(backing)? {
+        if e?.file_name().as_bytes() != hidden {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// What this site says of its tree in the `Hello` of its stream to the peer (`core::pair`).
+pub fn tree_note(
+    vol: &crate::site::volume::Volume,
+    backing: &Path,
+    hidden: &[u8],
+) -> mirrorfs_core::pair::TreeNote {
+    if let Some(r) = vol.peer_receive.get() {
+        if lock(r).copy.is_some() {
+            return mirrorfs_core::pair::TreeNote::Copying;
+        }
+    }
+    own_tree(vol, backing, hidden)
+}
+
+/// `Empty`, `Journal` or `Data` (`core::pair`): an unreadable tree is said to hold data (the
+/// peer then never takes it for empty).
+pub fn own_tree(
+    vol: &crate::site::volume::Volume,
+    backing: &Path,
+    hidden: &[u8],
+) -> mirrorfs_core::pair::TreeNote {
+    use mirrorfs_core::pair::TreeNote;
+    if tree_is_empty(backing, hidden).unwrap_or(false) {
+        return TreeNote::Empty;
+    }
+    let born = vol.peer_receive.get().is_some_and(|r| lock(r).born_empty);
+    if born && lock(&vol.order).journal.first_seq() <= 1 {
+        TreeNote::Journal
+    } else {
+        TreeNote::Data
+    }
+}
+
+/// `STATE/pair-born-empty` (4 bytes, `MFPB`): made at the first start with `--peer` of a volume
+/// whose journal and tree are both empty. Returns whether it exists.
+pub fn born_empty(
+    state_file: &Path,
+    journal_end: u64,
+    backing: &Path,
+    hidden: &[u8],
+) -> Result<bool> {
+    if state_file.exists() {
+        return Ok(true);
+    }
+    if journal_end != 0 || !tree_is_empty(backing, hidden)? {
+        return Ok(false);
+    }
+    statefile::replace_durable(state_file, b"MFPB", 0o600)
+        .with_context(|| format!("cannot write {}", state_file.display()))?;
+    Ok(true)
 }
 
 /// `STATE/peer-origin` is compacted once it holds this many more seqs than are live.
@@ -296,5 +423,40 @@ mod tests {
         std::fs::write(&p, b"garbage").expect("write");
         let e = PeerPosition::load(&p).expect_err("damaged");
         assert!(format!("{e:#}").contains("damaged"), "{e:#}");
+    }
+
+    #[test]
+    fn the_copy_file_round_trips_is_removed_and_damage_is_refused() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let c = CopyFile::at(d.path().join("peer-copy"));
+        assert_eq!(c.load().expect("absent"), None);
+        c.store(0x0102_0304).expect("store");
+        assert_eq!(c.load().expect("load"), Some(0x0102_0304));
+        c.remove().expect("remove");
+        assert_eq!(c.load().expect("removed"), None);
+        c.remove().expect("a missing file is removed already");
+        std::fs::write(d.path().join("peer-copy"), b"MFPC").expect("write");
+        let e = c.load().expect_err("short");
+        assert!(format!("{e:#}").contains("damaged"), "{e:#}");
+    }
+
+    #[test]
+    fn born_empty_only_for_an_empty_journal_on_an_empty_tree_and_then_for_good() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let tree = d.path().join("tree");
+        std::fs::create_dir_all(tree.join(".mirrorfs")).expect("state dir");
+        let marker = d.path().join("pair-born-empty");
+        // Records journaled already: not born empty.
+        assert!(!born_empty(&marker, 3, &tree, b".mirrorfs").expect("journal"));
+        std::fs::write(tree.join("f"), b"x").expect("file");
+        // Data in the tree: not born empty.
+        assert!(!born_empty(&marker, 0, &tree, b".mirrorfs").expect("data"));
+        assert!(!marker.exists());
+        std::fs::remove_file(tree.join("f")).expect("rm");
+        assert!(tree_is_empty(&tree, b".mirrorfs").expect("empty"));
+        assert!(born_empty(&marker, 0, &tree, b".mirrorfs").expect("born"));
+        // Once made, it stays whatever the tree and journal hold later.
+        std::fs::write(tree.join("f"), b"x").expect("file");
+        assert!(born_empty(&marker, 9, &tree, b".mirrorfs").expect("kept"));
     }
 }

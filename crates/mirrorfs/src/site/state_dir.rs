@@ -182,6 +182,11 @@ impl StateDir {
         self.path.join("peer-applied")
     }
 
+    /// `STATE/pair-born-empty` (`site::peer::born_empty`).
+    pub fn pair_born_empty_file(&self) -> PathBuf {
+        self.path.join("pair-born-empty")
+    }
+
     /// `STATE/journal/`: the journal's segments.
     pub fn journal_dir(&self) -> PathBuf {
         self.path.join("journal")

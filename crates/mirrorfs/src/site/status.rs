@@ -577,6 +577,12 @@ fn print_volume(v: &serde_json::Value) -> Result<()> {
                 String::new()
             }
         );
+        if let Some(c) = &r.copy {
+            println!(
+                "  receiving the initial copy from {}: {} bytes of data so far ({} shows the total); changes through the mount are refused (EROFS) until it is complete",
+                c.from, c.bytes, c.from
+            );
+        }
         if let (false, Some(e)) = (r.connected, &r.last_error) {
             println!("  peer stream in, last error: {e}");
         }

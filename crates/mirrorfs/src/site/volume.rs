@@ -540,6 +540,9 @@ pub struct Volume {
     pub reconcile: std::sync::OnceLock<Arc<crate::site::reconcile::SiteReconcile>>,
     /// With `mount --receive`: the peer's stream into this site, for `status`.
     pub peer_receive: std::sync::OnceLock<Arc<Mutex<crate::site::peer::ReceiveStatus>>>,
+    /// A writable site receiving its peer's initial copy (`net::peer`, `core::pair`): changes
+    /// through the mount are refused (`EROFS`) until the copy is complete.
+    pub receiving_copy: AtomicBool,
     pub view: std::sync::OnceLock<Arc<dyn MountView>>,
     /// The journal's groups (group-atomic mirroring, `core::group`): observed under the order
     /// lock as group records are appended; read by appliers after the progress lock. A leaf
@@ -618,6 +621,10 @@ impl Volume {
     /// rename's source inode) takes its tokens first and reads after: by then the peer's
     /// changes to those names that came before are applied here.
     pub fn take_tokens(&self, names: &[&RelPath]) -> Result<Tokens<'_>, i32> {
+        if self.receiving_copy.load(Ordering::Acquire) {
+            // Refused at once, not after a token's round trip (see `mutate_holding`).
+            return Err(libc::EROFS);
+        }
         let Some(g) = self.tokens.get() else {
             return Ok(Tokens(None));
         };
@@ -652,6 +659,11 @@ impl Volume {
     ) -> Result<(R, u64), i32> {
         // What the reconciliation of a split notes of the change (data, rename, removal,
         // metadata: `core::reconcile::Local`).
+        if self.receiving_copy.load(Ordering::Acquire) {
+            // Nothing local while the peer's tree is copied here: the copy would overwrite it,
+            // or it the copy (`status`: "receiving the initial copy from ...").
+            return Err(libc::EROFS);
+        }
         let rec = self
             .reconcile
             .get()
