@@ -43,7 +43,8 @@
 //! - `tokens` (not in the default set; `--targets tokens`): two writable sites on
 //!   loopback (`mount --peer … --write-tokens`): write speed at the site holding the
 //!   tokens vs single primary with a network mirror, side by side (target ≥ 0.9x),
-//!   and token hand-over latency through the mounts (see `tokens.rs`).
+//!   and token hand-over latency through the mounts (see `tokens.rs`); `--tokens-rows`
+//!   runs only some of its rows.
 //! - `initsync` (not in the default set; `--targets initsync`): the initial copy of
 //!   `--initsync-files` files of 1–8 KiB (100 to a directory) to an empty local mirror, from
 //!   the mount's start until its status says `live`, against `rsync -a` of the same tree in
@@ -287,6 +288,12 @@ struct Args {
     /// to `--plots`).
     #[arg(long, value_delimiter = ',', default_value = "throughput,delay")]
     wan_parts: Vec<wan::Part>,
+    /// Rows of the tokens target to run, comma separated [default: all]: `4k-pwrite`,
+    /// `seq-write`, `names` (write speed, single primary and the pair; with none of them the
+    /// single primary is not mounted), `handover` (a write taking the token from the other
+    /// site, and one whose token is held), `chmod` (the same for a chmod). The others print `-`.
+    #[arg(long, value_delimiter = ',')]
+    tokens_rows: Vec<tokens::Row>,
     /// MiB of data per FEC figure (fec target) [default: 128, 8 with --quick].
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     fec_mib: Option<u64>,
@@ -556,7 +563,14 @@ fn run(args: &Args) -> Result<()> {
     if targets.contains(&TargetKind::Tokens) {
         targets.retain(|t| *t != TargetKind::Tokens);
         let bin = mirrorfs_bin(&ctx)?;
-        tokens::run(&bin, run_dir.path(), args.markdown, args.quick, args.seed)?;
+        tokens::run(
+            &bin,
+            run_dir.path(),
+            args.markdown,
+            args.quick,
+            args.seed,
+            &args.tokens_rows,
+        )?;
         if targets.is_empty() {
             return Ok(());
         }
@@ -1280,6 +1294,16 @@ mod tests {
             (a.targets.as_slice(), a.fec_mib),
             ([TargetKind::Fec].as_slice(), Some(4))
         );
+        assert!(a.tokens_rows.is_empty(), "every row by default");
+        let a = Args::parse_from([
+            "b",
+            "--targets",
+            "tokens",
+            "--tokens-rows",
+            "names,4k-pwrite",
+        ]);
+        assert_eq!(a.tokens_rows, [tokens::Row::Names, tokens::Row::Pwrite]);
+        assert!(Args::try_parse_from(["b", "--tokens-rows", "nope"]).is_err());
     }
 
     #[test]

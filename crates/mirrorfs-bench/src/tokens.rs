@@ -7,7 +7,7 @@
 //!   `--write-tokens 2:1`) and `--write-tokens 1:2` (A is the home: it holds every token). Two
 //!   workloads, each in rounds alternating nothing else, median reported: `4k-pwrite`, 8,192
 //!   `pwrite`s of 4 KiB at random offsets in 8 files of 4 MiB (ops/s); `seq-write`, a file of
-//!   `--tokens-mib` MiB in 1 MiB writes (MiB/s); `names`, 500 × (create, chmod, rename,
+//!   128 MiB (16 with `--quick`) in 1 MiB writes (MiB/s); `names`, 500 × (create, chmod, rename,
 //!   unlink) of empty files (changes/s: each takes the tokens of the names it changes). Target:
 //!   the pair ≥ 0.9 × single-primary.
 //! - **Token hand-over latency through the mounts**: one file written alternately at B and at A
@@ -15,6 +15,9 @@
 //!   (request, grant after its records, T1 and T2 fsyncs), against the same write at A to a
 //!   file whose token it holds. p50/p99/max. The same for a name change: one file's `chmod`
 //!   alternately at B and at A, against a `chmod` at A of a file whose token it holds.
+//!
+//! `--tokens-rows` runs only some rows ([`Row`]); the others print `-`. Without a write-speed
+//! row the single primary is not mounted at all.
 
 use std::ffi::OsString;
 use std::fs;
@@ -40,6 +43,38 @@ const HANDOVERS: usize = 200;
 const NAMES: usize = 500;
 /// How long the pair may take to connect both ways.
 const CONNECT: Duration = Duration::from_secs(60);
+
+/// A row (or two) of the target's tables, for `--tokens-rows`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+pub enum Row {
+    /// Write speed: 4 KiB pwrites at random offsets.
+    #[value(name = "4k-pwrite")]
+    Pwrite,
+    /// Write speed: one sequential file.
+    SeqWrite,
+    /// Write speed: create, chmod, rename, unlink.
+    Names,
+    /// Hand-over latency of a write, and a write whose token is held.
+    Handover,
+    /// Hand-over latency of a chmod, and a chmod whose token is held.
+    Chmod,
+}
+
+/// The rows to run: all of them where `rows` is empty.
+#[derive(Clone, Copy)]
+struct Rows<'a>(&'a [Row]);
+
+impl Rows<'_> {
+    fn has(self, r: Row) -> bool {
+        self.0.is_empty() || self.0.contains(&r)
+    }
+
+    fn any_speed(self) -> bool {
+        [Row::Pwrite, Row::SeqWrite, Row::Names]
+            .into_iter()
+            .any(|r| self.has(r))
+    }
+}
 
 /// A writable mount of the pair, or the single primary.
 struct Site {
@@ -131,8 +166,8 @@ fn wait_caught_up(bin: &Path, mnt: &Path) -> Result<()> {
 }
 
 /// Write speed through `mnt`: (4 KiB pwrites/s, sequential MiB/s, name changes/s), medians of
-/// [`ROUNDS`].
-fn write_speed(mnt: &Path, seq_mib: u64, seed: u64) -> Result<Speed> {
+/// [`ROUNDS`]; NaN for a row not in `rows`.
+fn write_speed(mnt: &Path, seq_mib: u64, seed: u64, rows: Rows) -> Result<Speed> {
     let dir = mnt.join("speed");
     fs::create_dir_all(&dir)?;
     let files: Vec<fs::File> = (0..FILES)
@@ -153,44 +188,52 @@ fn write_speed(mnt: &Path, seq_mib: u64, seed: u64) -> Result<Speed> {
     let (mut ops, mut seq, mut names) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..ROUNDS {
         crate::check_interrupted()?;
-        let t = Instant::now();
-        for _ in 0..PWRITES {
-            let f = &files[rng.gen_range(0..FILES) as usize];
-            let off = rng.gen_range(0..FILE_BYTES / 4096) * 4096;
-            f.write_all_at(&block, off)?;
+        if rows.has(Row::Pwrite) {
+            let t = Instant::now();
+            for _ in 0..PWRITES {
+                let f = &files[rng.gen_range(0..FILES) as usize];
+                let off = rng.gen_range(0..FILE_BYTES / 4096) * 4096;
+                f.write_all_at(&block, off)?;
+            }
+            ops.push(PWRITES as f64 / t.elapsed().as_secs_f64());
         }
-        ops.push(PWRITES as f64 / t.elapsed().as_secs_f64());
-        let p = dir.join(format!("seq{round}"));
-        let t = Instant::now();
-        let f = fs::File::create(&p)?;
-        for i in 0..seq_mib {
-            f.write_all_at(&mb, i << 20)?;
+        if rows.has(Row::SeqWrite) {
+            let p = dir.join(format!("seq{round}"));
+            let t = Instant::now();
+            let f = fs::File::create(&p)?;
+            for i in 0..seq_mib {
+                f.write_all_at(&mb, i << 20)?;
+            }
+            drop(f);
+            seq.push(seq_mib as f64 / t.elapsed().as_secs_f64());
+            fs::remove_file(&p)?;
         }
-        drop(f);
-        seq.push(seq_mib as f64 / t.elapsed().as_secs_f64());
-        fs::remove_file(&p)?;
-        let t = Instant::now();
-        for i in 0..NAMES {
-            let (p, q) = (
-                dir.join(format!("n{round}-{i}")),
-                dir.join(format!("m{round}-{i}")),
-            );
-            drop(fs::File::create(&p)?);
-            fs::set_permissions(&p, fs::Permissions::from_mode(0o600))?;
-            fs::rename(&p, &q)?;
-            fs::remove_file(&q)?;
+        if rows.has(Row::Names) {
+            let t = Instant::now();
+            for i in 0..NAMES {
+                let (p, q) = (
+                    dir.join(format!("n{round}-{i}")),
+                    dir.join(format!("m{round}-{i}")),
+                );
+                drop(fs::File::create(&p)?);
+                fs::set_permissions(&p, fs::Permissions::from_mode(0o600))?;
+                fs::rename(&p, &q)?;
+                fs::remove_file(&q)?;
+            }
+            names.push((4 * NAMES) as f64 / t.elapsed().as_secs_f64());
         }
-        names.push((4 * NAMES) as f64 / t.elapsed().as_secs_f64());
     }
     let median = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
     };
     Ok((median(ops), median(seq), median(names)))
 }
 
-/// (4 KiB pwrites/s, sequential MiB/s, name changes/s).
+/// (4 KiB pwrites/s, sequential MiB/s, name changes/s); NaN: not measured.
 type Speed = (f64, f64, f64);
+
+const NOT_RUN: Speed = (f64::NAN, f64::NAN, f64::NAN);
 
 /// One `chmod` of `p`: timed.
 fn one_chmod(p: &Path, mode: u32) -> Result<Duration> {
@@ -227,12 +270,20 @@ struct Figures {
     chmod_held: Vec<Duration>,
 }
 
-pub fn run(bin: &Path, run_dir: &Path, markdown: bool, quick: bool, seed: u64) -> Result<()> {
+/// `rows`: the rows to run (`--tokens-rows`; empty: all).
+pub fn run(
+    bin: &Path,
+    run_dir: &Path,
+    markdown: bool,
+    quick: bool,
+    seed: u64,
+    rows: &[Row],
+) -> Result<()> {
     let base = run_dir.join("tokens");
     fs::create_dir_all(&base)?;
     let ids = make_identities(bin, &base)?;
     let seq_mib = if quick { 16 } else { 128 };
-    let f = measure(bin, &base, &ids, seq_mib, seed)?;
+    let f = measure(bin, &base, &ids, seq_mib, seed, Rows(rows))?;
     print_table(&f, seq_mib, markdown);
     Ok(())
 }
@@ -245,6 +296,7 @@ fn single_speed(
     seq_mib: u64,
     seed: u64,
     round: &str,
+    rows: Rows,
 ) -> Result<Speed> {
     let port = free_port()?;
     let mirror = base.join(format!("single-{round}-mirror"));
@@ -268,7 +320,7 @@ fn single_speed(
         ]),
     )?;
     eprintln!("[tokens] single primary ({round}): write speed");
-    let speed = write_speed(&single.mnt, seq_mib, seed)?;
+    let speed = write_speed(&single.mnt, seq_mib, seed, rows)?;
     eprintln!("[tokens] single primary ({round}): {speed:?}");
     single.stop()?;
     // Its applier may still be catching up on a loaded machine: its figures are taken.
@@ -278,11 +330,22 @@ fn single_speed(
     Ok(speed)
 }
 
-fn measure(bin: &Path, base: &Path, ids: &Identities, seq_mib: u64, seed: u64) -> Result<Figures> {
+fn measure(
+    bin: &Path,
+    base: &Path,
+    ids: &Identities,
+    seq_mib: u64,
+    seed: u64,
+    rows: Rows,
+) -> Result<Figures> {
     // Single primary before and after the pair: the machine's drift shows between the two.
-    let before = single_speed(bin, base, ids, seq_mib, seed, "before")?;
-    let pair = pair_figures(bin, base, ids, seq_mib, seed)?;
-    let after = single_speed(bin, base, ids, seq_mib, seed, "after")?;
+    let single = |round: &str| match rows.any_speed() {
+        true => single_speed(bin, base, ids, seq_mib, seed, round, rows),
+        false => Ok(NOT_RUN),
+    };
+    let before = single("before")?;
+    let pair = pair_figures(bin, base, ids, seq_mib, seed, rows)?;
+    let after = single("after")?;
     Ok(Figures {
         single: [before, after],
         pair: pair.speed,
@@ -307,6 +370,7 @@ fn pair_figures(
     ids: &Identities,
     seq_mib: u64,
     seed: u64,
+    rows: Rows,
 ) -> Result<PairFigures> {
     let cfg_a = ids.primary.display().to_string();
     let cfg_b = ids.mirror.display().to_string();
@@ -327,13 +391,17 @@ fn pair_figures(
     let mut a = Site::start(bin, base, "a", &pair_args("1:2", &cfg_a, pa, pb))?;
     let mut b = Site::start(bin, base, "b", &pair_args("2:1", &cfg_b, pb, pa))?;
     wait_connected(bin, &[&a.mnt, &b.mnt])?;
-    eprintln!("[tokens] pair, site A holding the tokens: write speed");
-    let pair_speed = write_speed(&a.mnt, seq_mib, seed)?;
-    eprintln!("[tokens] pair: {pair_speed:?}");
+    let pair_speed = if rows.any_speed() {
+        eprintln!("[tokens] pair, site A holding the tokens: write speed");
+        let speed = write_speed(&a.mnt, seq_mib, seed, rows)?;
+        eprintln!("[tokens] pair: {speed:?}");
+        speed
+    } else {
+        NOT_RUN
+    };
     // A Grant waits until the new holder applied the granter's records it names (for a token
     // at home with no entry: the home's journal end), so B first catches up with A's writes.
     wait_caught_up(bin, &a.mnt)?;
-    eprintln!("[tokens] pair: token hand-over latency");
     let (mut handover, mut held) = (Vec::new(), Vec::new());
     one_write(&a.mnt.join("mine"), b'0')?;
     // `shared` exists at both sites before the alternation: a create takes the name's token,
@@ -346,7 +414,10 @@ fn pair_figures(
         }
         sleep(Duration::from_millis(20));
     }
-    for i in 0..HANDOVERS {
+    if rows.has(Row::Handover) {
+        eprintln!("[tokens] pair: token hand-over latency");
+    }
+    for i in (0..HANDOVERS).filter(|_| rows.has(Row::Handover)) {
         crate::check_interrupted()?;
         handover.push(one_write(&b.mnt.join("shared"), b'b')?);
         handover.push(one_write(&a.mnt.join("shared"), b'a')?);
@@ -354,9 +425,11 @@ fn pair_figures(
     }
     handover.sort();
     held.sort();
-    eprintln!("[tokens] pair: name-change (chmod) hand-over latency");
     let (mut chmod_handover, mut chmod_held) = (Vec::new(), Vec::new());
-    for i in 0..HANDOVERS {
+    if rows.has(Row::Chmod) {
+        eprintln!("[tokens] pair: name-change (chmod) hand-over latency");
+    }
+    for i in (0..HANDOVERS).filter(|_| rows.has(Row::Chmod)) {
         crate::check_interrupted()?;
         let mode = 0o600 | (i as u32 & 0o7) << 3;
         chmod_handover.push(one_chmod(&b.mnt.join("shared"), mode)?);
@@ -395,7 +468,15 @@ fn print_table(f: &Figures, seq_mib: u64, markdown: bool) {
     );
     let ratio = |p: f64, s: f64| {
         let r = p / s;
-        format!("{r:.2}x {}", if r >= 0.9 { "(met)" } else { "(NOT met)" })
+        match r.is_nan() {
+            true => "-".to_string(),
+            false => format!("{r:.2}x {}", if r >= 0.9 { "(met)" } else { "(NOT met)" }),
+        }
+    };
+    // A figure, or `-` for a row not run.
+    let fig = |v: f64, places: usize| match v.is_nan() {
+        true => "-".to_string(),
+        false => format!("{v:.places$}"),
     };
     let mut t = vec![vec![
         "workload".to_string(),
@@ -407,23 +488,23 @@ fn print_table(f: &Figures, seq_mib: u64, markdown: bool) {
     let [b, a] = f.single;
     t.push(vec![
         format!("4k-pwrite ({PWRITES} in {FILES} files), ops/s"),
-        format!("{:.0}", b.0),
-        format!("{:.0}", f.pair.0),
-        format!("{:.0}", a.0),
+        fig(b.0, 0),
+        fig(f.pair.0, 0),
+        fig(a.0, 0),
         ratio(f.pair.0, (b.0 + a.0) / 2.0),
     ]);
     t.push(vec![
         format!("seq-write {seq_mib} MiB, MiB/s"),
-        format!("{:.1}", b.1),
-        format!("{:.1}", f.pair.1),
-        format!("{:.1}", a.1),
+        fig(b.1, 1),
+        fig(f.pair.1, 1),
+        fig(a.1, 1),
         ratio(f.pair.1, (b.1 + a.1) / 2.0),
     ]);
     t.push(vec![
         format!("names ({NAMES} × create, chmod, rename, unlink), changes/s"),
-        format!("{:.0}", b.2),
-        format!("{:.0}", f.pair.2),
-        format!("{:.0}", a.2),
+        fig(b.2, 0),
+        fig(f.pair.2, 0),
+        fig(a.2, 0),
         ratio(f.pair.2, (b.2 + a.2) / 2.0),
     ]);
     let mut l = vec![vec![
@@ -438,6 +519,10 @@ fn print_table(f: &Figures, seq_mib: u64, markdown: bool) {
         ("chmod, token held here", &f.chmod_held),
         ("chmod, token taken from the other site", &f.chmod_handover),
     ] {
+        if v.is_empty() {
+            l.push(vec![name.to_string(), "-".into(), "-".into(), "-".into()]);
+            continue;
+        }
         l.push(vec![
             name.to_string(),
             ms(percentile(v, 0.5)),

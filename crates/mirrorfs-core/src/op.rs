@@ -164,6 +164,37 @@ pub mod kind {
     pub const GROUP_END: u8 = 21;
 }
 
+/// The one list of the names each op carries, for [`Op::names`] and [`Op::names_mut`] (`$op`
+/// is `&Op` or `&mut Op`; the bindings follow): `[first, second]`, each `Some((name, new))`.
+macro_rules! names_of {
+    ($op:expr) => {
+        match $op {
+            Op::Create { path, .. }
+            | Op::Mkdir { path, .. }
+            | Op::Mknod { path, .. }
+            | Op::Symlink { path, .. } => [Some((path, true)), None],
+            Op::Unlink { path, .. }
+            | Op::Rmdir { path }
+            | Op::Write { path, .. }
+            | Op::Truncate { path, .. }
+            | Op::Fallocate { path, .. }
+            | Op::SetMode { path, .. }
+            | Op::SetOwner { path, .. }
+            | Op::SetTimes { path, .. }
+            | Op::SetXattr { path, .. }
+            | Op::RemoveXattr { path, .. } => [Some((path, false)), None],
+            Op::Link { from, to } | Op::Rename { from, to, .. } => {
+                [Some((from, false)), Some((to, true))]
+            }
+            Op::Abort { .. }
+            | Op::Sync { .. }
+            | Op::SyncDone { .. }
+            | Op::GroupBegin
+            | Op::GroupEnd => [None, None],
+        }
+    };
+}
+
 impl Op {
     pub fn kind(&self) -> u8 {
         match self {
@@ -221,23 +252,33 @@ impl Op {
     /// The path the op changes (for `Rename` and `Link`, the source); `None` for `Abort`.
     pub fn path(&self) -> Option<&RelPath> {
         match self {
-            Op::Create { path, .. }
-            | Op::Mkdir { path, .. }
-            | Op::Mknod { path, .. }
-            | Op::Symlink { path, .. }
-            | Op::Unlink { path, .. }
-            | Op::Rmdir { path }
-            | Op::Write { path, .. }
-            | Op::Truncate { path, .. }
-            | Op::Fallocate { path, .. }
-            | Op::SetMode { path, .. }
-            | Op::SetOwner { path, .. }
-            | Op::SetTimes { path, .. }
-            | Op::SetXattr { path, .. }
-            | Op::RemoveXattr { path, .. } => Some(path),
-            Op::Link { from, .. } | Op::Rename { from, .. } => Some(from),
             Op::Sync { op, .. } => op.path(),
-            Op::Abort { .. } | Op::SyncDone { .. } | Op::GroupBegin | Op::GroupEnd => None,
+            op => op.names().next().map(|(p, _)| p),
+        }
+    }
+
+    /// Every name the op carries (for `Rename` and `Link`, the source and then the
+    /// destination), each with `true` where it names a new entry (the op makes the name: a
+    /// create's path, the destination of a link or rename). None for `Sync` (its `op` has
+    /// them), `Abort`, `SyncDone` and the group markers.
+    pub fn names(&self) -> impl Iterator<Item = (&RelPath, bool)> {
+        let [first, second] = names_of!(self);
+        first.into_iter().chain(second)
+    }
+
+    /// [`Op::names`], to change them in place (to translate an op's names, say).
+    pub fn names_mut(&mut self) -> impl Iterator<Item = (&mut RelPath, bool)> {
+        let [first, second] = names_of!(self);
+        first.into_iter().chain(second)
+    }
+
+    /// A rename's source and its `from_ino`, to set to the inode number of `from` at the site
+    /// that applies the rename (what resolves an in-doubt rename there after a crash); `None`
+    /// for every other op.
+    pub fn rename_from_ino_mut(&mut self) -> Option<(&RelPath, &mut u64)> {
+        match self {
+            Op::Rename { from, from_ino, .. } => Some((from, from_ino)),
+            _ => None,
         }
     }
 
@@ -314,6 +355,60 @@ mod tests {
 
     fn p(s: &str) -> RelPath {
         RelPath::new(s).expect("valid path")
+    }
+
+    #[test]
+    fn names_list_each_path_field_once_and_say_which_names_a_new_entry() {
+        let names = |op: &Op| -> Vec<(String, bool)> {
+            op.names()
+                .map(|(p, new)| (String::from_utf8_lossy(p.as_bytes()).into_owned(), new))
+                .collect()
+        };
+        let mut rename = Op::Rename {
+            from: p("a/x"),
+            to: p("b/y"),
+            flags: 0,
+            from_ino: 0,
+        };
+        assert_eq!(
+            names(&rename),
+            [("a/x".to_string(), false), ("b/y".to_string(), true)]
+        );
+        assert_eq!(rename.path(), Some(&p("a/x")));
+        let mkdir = Op::Mkdir {
+            path: p("d"),
+            mode: 0o755,
+            uid: 0,
+            gid: 0,
+        };
+        assert_eq!(names(&mkdir), [("d".to_string(), true)]);
+        let chmod = Op::SetMode {
+            path: p("f"),
+            mode: 0o600,
+        };
+        assert_eq!(names(&chmod), [("f".to_string(), false)]);
+        // A `Sync` carries no names of its own; its path is its op's.
+        let sync = Op::Sync {
+            mirror: 1,
+            op: Box::new(chmod),
+        };
+        assert!(names(&sync).is_empty());
+        assert_eq!(sync.path(), Some(&p("f")));
+        assert!(names(&Op::Abort { seq: 3 }).is_empty());
+        assert_eq!(Op::Abort { seq: 3 }.path(), None);
+        for (n, _) in rename.names_mut() {
+            *n = p(&format!("z/{}", String::from_utf8_lossy(n.as_bytes())));
+        }
+        assert_eq!(
+            names(&rename),
+            [("z/a/x".to_string(), false), ("z/b/y".to_string(), true)]
+        );
+        if let Some((from, ino)) = rename.rename_from_ino_mut() {
+            assert_eq!(from, &p("z/a/x"));
+            *ino = 7;
+        }
+        assert!(matches!(rename, Op::Rename { from_ino: 7, .. }));
+        assert!(mkdir.clone().rename_from_ino_mut().is_none());
     }
 
     #[test]

@@ -398,40 +398,12 @@ impl Reconciler {
             q.map(RelPath::new).transpose()
         };
         let mut changed = false;
-        let mut one = |p: &RelPath, new: bool| -> Result<RelPath, PathError> {
-            Ok(match t(p, new)? {
-                Some(q) => {
-                    changed = true;
-                    q
-                }
-                None => p.clone(),
-            })
-        };
         let mut out = op.clone();
-        match &mut out {
-            Op::Create { path, .. }
-            | Op::Mkdir { path, .. }
-            | Op::Mknod { path, .. }
-            | Op::Symlink { path, .. } => *path = one(path, true)?,
-            Op::Unlink { path, .. }
-            | Op::Rmdir { path }
-            | Op::Write { path, .. }
-            | Op::Truncate { path, .. }
-            | Op::Fallocate { path, .. }
-            | Op::SetMode { path, .. }
-            | Op::SetOwner { path, .. }
-            | Op::SetTimes { path, .. }
-            | Op::SetXattr { path, .. }
-            | Op::RemoveXattr { path, .. } => *path = one(path, false)?,
-            Op::Link { from, to } | Op::Rename { from, to, .. } => {
-                *from = one(from, false)?;
-                *to = one(to, true)?;
+        for (p, new) in out.names_mut() {
+            if let Some(q) = t(p, new)? {
+                *p = q;
+                changed = true;
             }
-            Op::Abort { .. }
-            | Op::Sync { .. }
-            | Op::SyncDone { .. }
-            | Op::GroupBegin
-            | Op::GroupEnd => {}
         }
         Ok(changed.then_some(out))
     }

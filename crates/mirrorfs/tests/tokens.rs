@@ -70,6 +70,9 @@ fn trust(dir: &Path, fp: &str, name: &str) {
 struct Pair {
     a: Mount,
     b: Mount,
+    /// The proxies each site's link to the other goes through (a → b, b → a), for a pair made
+    /// by [`Pair::proxied`]: [`Pair::cut`] and [`Pair::heal`] split and rejoin the sites.
+    proxies: Vec<Proxy>,
     _tmp: tempfile::TempDir,
 }
 
@@ -137,55 +140,74 @@ impl Pair {
 
     /// `extra_a`, `extra_b`: each site's own further arguments.
     fn with(tag: &str, extra_a: &[&str], extra_b: &[&str]) -> Pair {
-        Pair::through(tag, extra_a, extra_b, |p| p).0
+        Pair::prepared(tag, extra_a, extra_b, false, |_, _, _, _| {})
+    }
+
+    /// A pair with write tokens: `a` is site 1 (home of every token), `b` site 2, both with
+    /// `--partition partition`.
+    fn tokens(tag: &str, partition: &str) -> Pair {
+        Pair::tokens_with(tag, partition, &[], &[])
+    }
+
+    /// [`Pair::tokens`] with each site's further arguments.
+    fn tokens_with(tag: &str, partition: &str, extra_a: &[&str], extra_b: &[&str]) -> Pair {
+        Pair::with(
+            tag,
+            &token_args("1:2", partition, extra_a),
+            &token_args("2:1", partition, extra_b),
+        )
+    }
+
+    /// A pair with write tokens and `--partition reconcile` whose links go through proxies
+    /// (a netsplit with both sites up: [`Pair::cut`]), once both links are up (a write made
+    /// before the link is up is a split write too).
+    fn netsplit(tag: &str) -> Pair {
+        let pair = Pair::proxied(
+            tag,
+            &token_args("1:2", "reconcile", &[]),
+            &token_args("2:1", "reconcile", &[]),
+            |_, _, _, _| {},
+        );
+        pair.wait_linked(true);
+        pair
     }
 
     /// Each site's link to the other goes through a proxy this test can cut (a netsplit with
-    /// both sites up): returns the pair and the proxies (a → b, b → a).
-    fn proxied(tag: &str, extra_a: &[&str], extra_b: &[&str]) -> (Pair, [Proxy; 2]) {
-        let mut proxies = Vec::new();
-        let (pair, _) = Pair::through(tag, extra_a, extra_b, |port| {
-            let p = Proxy::start(port);
-            let at = p.port;
-            proxies.push(p);
-            at
-        });
-        let [ab, ba]: [Proxy; 2] = proxies.try_into().ok().expect("two proxies");
-        (pair, [ab, ba])
-    }
-
-    /// `via(port)`: the port a site dials to reach the other's `--receive` port.
-    fn through(
+    /// both sites up: [`Pair::cut`], [`Pair::heal`]); `prepare` as in [`Pair::prepared`].
+    fn proxied(
         tag: &str,
         extra_a: &[&str],
         extra_b: &[&str],
-        via: impl FnMut(u16) -> u16,
-    ) -> (Pair, ()) {
-        Pair::prepared(tag, extra_a, extra_b, via, |_, _, _, _| {})
+        prepare: impl FnOnce(&Path, &str, &Path, &str),
+    ) -> Pair {
+        Pair::prepared(tag, extra_a, extra_b, true, prepare)
     }
 
-    /// The same, `prepare(cfg_a, fingerprint_a, cfg_b, fingerprint_b)` called once both
-    /// identities exist, before the sites start (to trust a witness, say).
+    /// The pair, through proxies if `proxied`; `prepare(cfg_a, fingerprint_a, cfg_b,
+    /// fingerprint_b)` is called once both identities exist, before the sites start (to trust a
+    /// witness, say).
     fn prepared(
         tag: &str,
         extra_a: &[&str],
         extra_b: &[&str],
-        via: impl FnMut(u16) -> u16,
+        proxied: bool,
         prepare: impl FnOnce(&Path, &str, &Path, &str),
-    ) -> (Pair, ()) {
-        Pair::seeded(tag, extra_a, extra_b, via, prepare, |_, _| {})
+    ) -> Pair {
+        Pair::seeded(tag, extra_a, extra_b, proxied, |p| p, prepare, |_, _| {})
     }
 
-    /// The same, `seed(site, backing)` (site 0: a, 1: b) called on each backing directory
-    /// before its site first mounts (data a site holds before it pairs).
+    /// The same, each site dialing the other's port `via(port)` (a test's own proxy, say), and
+    /// `seed(site, backing)` (site 0: a, 1: b) called on each backing directory before its
+    /// site first mounts (data a site holds before it pairs).
     fn seeded(
         tag: &str,
         extra_a: &[&str],
         extra_b: &[&str],
-        mut via: impl FnMut(u16) -> u16,
+        proxied: bool,
+        mut dial: impl FnMut(u16) -> u16,
         prepare: impl FnOnce(&Path, &str, &Path, &str),
         mut seed: impl FnMut(usize, &Path),
-    ) -> (Pair, ()) {
+    ) -> Pair {
         let tmp = temp_base(&format!("tokens-{tag}"));
         let base = tmp.path().canonicalize().expect("canonicalize");
         let (ca, cb) = (base.join("cfg-a"), base.join("cfg-b"));
@@ -211,10 +233,73 @@ impl Pair {
             seed(usize::from(me == cb.as_path()), &layout.backing);
             Mount::start(layout, &args)
         };
+        // The port a site dials to reach the other's `--receive` port.
+        let mut proxies = Vec::new();
+        let mut via = |port: u16| {
+            let port = dial(port);
+            if !proxied {
+                return port;
+            }
+            let p = Proxy::start(port);
+            let at = p.port;
+            proxies.push(p);
+            at
+        };
         let (to_b, to_a) = (via(pb), via(pa));
         let a = site(&ca, pa, to_b, &format!("{tag}-a"), extra_a);
         let b = site(&cb, pb, to_a, &format!("{tag}-b"), extra_b);
-        (Pair { a, b, _tmp: tmp }, ())
+        Pair {
+            a,
+            b,
+            proxies,
+            _tmp: tmp,
+        }
+    }
+
+    /// Cuts both links (a pair made by [`Pair::proxied`]).
+    fn cut(&self) {
+        assert_eq!(
+            self.proxies.len(),
+            2,
+            "a pair without proxies cannot be cut"
+        );
+        for p in &self.proxies {
+            p.cut();
+        }
+    }
+
+    /// Lets both links through again after [`Pair::cut`].
+    fn heal(&self) {
+        for p in &self.proxies {
+            p.heal();
+        }
+    }
+
+    /// Waits until both sites' links to each other are up (or down) as the token layer sees
+    /// them.
+    fn wait_linked(&self, up: bool) {
+        wait_link(&self.a, up);
+        wait_link(&self.b, up);
+    }
+
+    /// Opens `rel` at b and writes `data` at its start: b takes the token and keeps it while
+    /// the returned file is open.
+    fn hold_at_b(&self, rel: &str, data: &[u8]) -> fs::File {
+        use std::os::unix::fs::FileExt;
+        let held = fs::OpenOptions::new()
+            .write(true)
+            .open(self.b.p(rel))
+            .expect("open at b");
+        held.write_all_at(data, 0).expect("write at b");
+        held
+    }
+
+    /// Kills b (kill -9) with the files `held` (from [`Pair::hold_at_b`]) open: the tokens
+    /// they hold stay at b; its mount is lazily unmounted.
+    fn kill_b(&mut self, held: Vec<fs::File>) {
+        self.b.kill9_leaving_the_mount();
+        drop(held);
+        common::lazy_unmount(self.b.mnt());
     }
 
     /// Waits until both backing trees hold the same files (contents, modes, owners).
@@ -393,13 +478,11 @@ fn runs(b: &[u8]) -> String {
     }
 }
 
-/// A pair with write tokens: `a` is site 1 (home of every token), `b` site 2.
-fn token_pair(tag: &str, partition: &str) -> Pair {
-    Pair::with(
-        tag,
-        &["--write-tokens", "1:2", "--partition", partition],
-        &["--write-tokens", "2:1", "--partition", partition],
-    )
+/// `--write-tokens ids --partition partition` and `extra`.
+fn token_args<'a>(ids: &'a str, partition: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v = vec!["--write-tokens", ids, "--partition", partition];
+    v.extend_from_slice(extra);
+    v
 }
 
 fn tokens_status(m: &Mount) -> serde_json::Value {
@@ -439,7 +522,7 @@ fn write_block(p: &Path, letter: u8, len: usize) -> std::io::Result<()> {
 
 #[test]
 fn one_file_written_from_both_sites_ends_identical_and_never_mixed() {
-    let pair = token_pair("shared", "read-only");
+    let pair = Pair::tokens("shared", "read-only");
     let len = 64 << 10;
     write_block(&pair.a.p("shared"), b'0', len).expect("first write at a");
     pair.wait_equal();
@@ -482,23 +565,14 @@ fn one_file_written_from_both_sites_ends_identical_and_never_mixed() {
 
 #[test]
 fn across_a_split_a_write_whose_token_is_away_fails_with_erofs_and_status_says_why() {
-    let mut pair = token_pair("split", "read-only");
+    let mut pair = Pair::tokens("split", "read-only");
     write_block(&pair.a.p("theirs"), b'0', 4096).expect("create at a");
     pair.wait_equal();
     // b takes the token of `theirs` and keeps the file open, so it stays at b.
-    let held = fs::OpenOptions::new()
-        .write(true)
-        .open(pair.b.p("theirs"))
-        .expect("open at b");
-    {
-        use std::os::unix::fs::FileExt;
-        held.write_all_at(b"bbbb", 0).expect("write at b");
-    }
+    let held = pair.hold_at_b("theirs", b"bbbb");
     pair.wait_equal();
     // The link is cut: b is gone.
-    pair.b.kill9_leaving_the_mount();
-    drop(held);
-    common::lazy_unmount(pair.b.mnt());
+    pair.kill_b(vec![held]);
     let e = write_block(&pair.a.p("theirs"), b'a', 4096).expect_err("the token is at b");
     assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
     // A file whose token never left a (its home) is still writable.
@@ -527,22 +601,13 @@ fn across_a_split_a_write_whose_token_is_away_fails_with_erofs_and_status_says_w
 
 #[test]
 fn a_kill_9_and_restart_keeps_one_holder_and_the_token_comes_back() {
-    let mut pair = token_pair("crash", "read-only");
+    let mut pair = Pair::tokens("crash", "read-only");
     write_block(&pair.a.p("f"), b'0', 4096).expect("create at a");
     pair.wait_equal();
     // b takes the token durably (T2) and is killed with the file still open.
-    let held = fs::OpenOptions::new()
-        .write(true)
-        .open(pair.b.p("f"))
-        .expect("open at b");
-    {
-        use std::os::unix::fs::FileExt;
-        held.write_all_at(&[b'b'; 4096], 0).expect("write at b");
-    }
+    let held = pair.hold_at_b("f", &[b'b'; 4096]);
     pair.wait_equal();
-    pair.b.kill9_leaving_the_mount();
-    drop(held);
-    common::lazy_unmount(pair.b.mnt());
+    pair.kill_b(vec![held]);
     // a lent the token (T1): while b is down, a may not write the file, b may have.
     let e = write_block(&pair.a.p("f"), b'a', 4096).expect_err("the token is at b");
     assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
@@ -580,21 +645,12 @@ fn sites_whose_token_ids_do_not_match_are_refused_with_the_reason() {
 
 #[test]
 fn across_a_split_reconcile_lets_the_write_go_on_without_the_token() {
-    let mut pair = token_pair("reconcile", "reconcile");
+    let mut pair = Pair::tokens("reconcile", "reconcile");
     write_block(&pair.a.p("theirs"), b'0', 4096).expect("create at a");
     pair.wait_equal();
-    let held = fs::OpenOptions::new()
-        .write(true)
-        .open(pair.b.p("theirs"))
-        .expect("open at b");
-    {
-        use std::os::unix::fs::FileExt;
-        held.write_all_at(b"bbbb", 0).expect("write at b");
-    }
+    let held = pair.hold_at_b("theirs", b"bbbb");
     pair.wait_equal();
-    pair.b.kill9_leaving_the_mount();
-    drop(held);
-    common::lazy_unmount(pair.b.mnt());
+    pair.kill_b(vec![held]);
     write_block(&pair.a.p("theirs"), b'a', 4096).expect("reconcile: the write goes on");
     // So do changes of its name and metadata whose token is at b.
     chmod(&pair.a.p("theirs"), 0o600).expect("reconcile: the chmod goes on");
@@ -645,14 +701,7 @@ fn wait_link(m: &Mount, up: bool) {
 
 #[test]
 fn a_netsplit_during_which_both_sides_edit_the_same_text_file() {
-    let (pair, [ab, ba]) = Pair::proxied(
-        "netsplit",
-        &["--write-tokens", "1:2", "--partition", "reconcile"],
-        &["--write-tokens", "2:1", "--partition", "reconcile"],
-    );
-    // Connected first (a write made before the link is up is a split write too).
-    wait_link(&pair.a, true);
-    wait_link(&pair.b, true);
+    let pair = Pair::netsplit("netsplit");
     write_file(&pair.a, "notes.txt", b"shopping list\n");
     write_file(&pair.b, "shared-before.txt", b"from b, before the split\n");
     write_file(
@@ -674,10 +723,8 @@ fn a_netsplit_during_which_both_sides_edit_the_same_text_file() {
         pair.b.log()
     );
     // The netsplit: both sites stay up, the link between them is cut.
-    ab.cut();
-    ba.cut();
-    wait_link(&pair.a, false);
-    wait_link(&pair.b, false);
+    pair.cut();
+    pair.wait_linked(false);
     let (text_a, text_b) = (
         b"shopping list\n- milk (edited at site 1)\n".to_vec(),
         b"shopping list\n- bread, eggs, and more (edited at site 2)\n".to_vec(),
@@ -697,10 +744,8 @@ fn a_netsplit_during_which_both_sides_edit_the_same_text_file() {
     assert_eq!(fs::read(pair.a.p("notes.txt")).expect("a"), text_a);
     assert_eq!(fs::read(pair.b.p("notes.txt")).expect("b"), text_b);
     // Heal.
-    ab.heal();
-    ba.heal();
-    wait_link(&pair.a, true);
-    wait_link(&pair.b, true);
+    pair.heal();
+    pair.wait_linked(true);
     pair.wait_equal();
     // A moment later they are still equal (no late record undoes the outcome).
     std::thread::sleep(Duration::from_secs(2));
@@ -801,13 +846,7 @@ fn a_netsplit_during_which_both_sides_edit_the_same_text_file() {
 /// the other comes back with what was put in it — at both sites, each way round.
 #[test]
 fn a_netsplit_during_which_one_side_renames_or_removes_what_the_other_changes() {
-    let (pair, [ab, ba]) = Pair::proxied(
-        "netsplit-names",
-        &["--write-tokens", "1:2", "--partition", "reconcile"],
-        &["--write-tokens", "2:1", "--partition", "reconcile"],
-    );
-    wait_link(&pair.a, true);
-    wait_link(&pair.b, true);
+    let pair = Pair::netsplit("netsplit-names");
     write_file(&pair.a, "draft-a.txt", b"renamed at site 1\n");
     write_file(&pair.b, "draft-b.txt", b"renamed at site 2\n");
     for d in ["box-a", "box-b", "tree"] {
@@ -815,10 +854,8 @@ fn a_netsplit_during_which_one_side_renames_or_removes_what_the_other_changes() 
     }
     write_file(&pair.a, "tree/leaf.txt", b"in a directory site 1 renames\n");
     pair.wait_equal();
-    ab.cut();
-    ba.cut();
-    wait_link(&pair.a, false);
-    wait_link(&pair.b, false);
+    pair.cut();
+    pair.wait_linked(false);
     // Rename against a change, both ways round (a file, and a directory with a file in it).
     fs::rename(pair.a.p("draft-a.txt"), pair.a.p("final-a.txt")).expect("rename at a");
     write_file(
@@ -848,10 +885,8 @@ fn a_netsplit_during_which_one_side_renames_or_removes_what_the_other_changes() 
     write_file(&pair.b, "box-a/x.txt", b"put in box-a at site 2\n");
     fs::remove_dir(pair.b.p("box-b")).expect("rmdir at b");
     write_file(&pair.a, "box-b/y.txt", b"put in box-b at site 1\n");
-    ab.heal();
-    ba.heal();
-    wait_link(&pair.a, true);
-    wait_link(&pair.b, true);
+    pair.heal();
+    pair.wait_linked(true);
     pair.wait_equal();
     std::thread::sleep(Duration::from_secs(2));
     pair.wait_equal();
@@ -890,13 +925,7 @@ fn a_netsplit_during_which_one_side_renames_or_removes_what_the_other_changes() 
 /// both sites (site 1's stays). Both trees end equal and every conflict is listed.
 #[test]
 fn a_netsplit_during_which_both_sides_rename_remove_create_and_chmod_one_name() {
-    let (pair, [ab, ba]) = Pair::proxied(
-        "netsplit-names-2",
-        &["--write-tokens", "1:2", "--partition", "reconcile"],
-        &["--write-tokens", "2:1", "--partition", "reconcile"],
-    );
-    wait_link(&pair.a, true);
-    wait_link(&pair.b, true);
+    let pair = Pair::netsplit("netsplit-names-2");
     write_file(
         &pair.a,
         "kept.txt",
@@ -905,10 +934,8 @@ fn a_netsplit_during_which_both_sides_rename_remove_create_and_chmod_one_name() 
     write_file(&pair.a, "twice.txt", b"renamed at both sites\n");
     write_file(&pair.a, "mode.txt", b"chmod at both sites\n");
     pair.wait_equal();
-    ab.cut();
-    ba.cut();
-    wait_link(&pair.a, false);
-    wait_link(&pair.b, false);
+    pair.cut();
+    pair.wait_linked(false);
     fs::rename(pair.a.p("kept.txt"), pair.a.p("kept-renamed.txt")).expect("rename at a");
     fs::remove_file(pair.b.p("kept.txt")).expect("unlink at b");
     fs::rename(pair.a.p("twice.txt"), pair.a.p("twice-a.txt")).expect("rename at a");
@@ -922,10 +949,8 @@ fn a_netsplit_during_which_both_sides_rename_remove_create_and_chmod_one_name() 
     write_file(&pair.b, "both", b"a file at site 2\n");
     chmod(&pair.a.p("mode.txt"), 0o600).expect("chmod at a");
     chmod(&pair.b.p("mode.txt"), 0o640).expect("chmod at b");
-    ab.heal();
-    ba.heal();
-    wait_link(&pair.a, true);
-    wait_link(&pair.b, true);
+    pair.heal();
+    pair.wait_linked(true);
     pair.wait_equal();
     std::thread::sleep(Duration::from_secs(2));
     pair.wait_equal();
@@ -973,19 +998,11 @@ fn a_netsplit_during_which_both_sides_rename_remove_create_and_chmod_one_name() 
 /// what each wrote during the split, not yet seen by the other, is found again in its journal.
 #[test]
 fn split_writes_are_reconciled_after_both_sites_restart_before_the_heal() {
-    let (mut pair, [ab, ba]) = Pair::proxied(
-        "split-restart",
-        &["--write-tokens", "1:2", "--partition", "reconcile"],
-        &["--write-tokens", "2:1", "--partition", "reconcile"],
-    );
-    wait_link(&pair.a, true);
-    wait_link(&pair.b, true);
+    let mut pair = Pair::netsplit("split-restart");
     write_file(&pair.a, "notes.txt", b"base\n");
     pair.wait_equal();
-    ab.cut();
-    ba.cut();
-    wait_link(&pair.a, false);
-    wait_link(&pair.b, false);
+    pair.cut();
+    pair.wait_linked(false);
     write_file(&pair.a, "notes.txt", b"site 1 during the split\n");
     write_file(&pair.b, "notes.txt", b"site 2 during the split, longer\n");
     for m in [&mut pair.a, &mut pair.b] {
@@ -1016,8 +1033,7 @@ fn split_writes_are_reconciled_after_both_sites_restart_before_the_heal() {
             .unwrap_or_else(|| panic!("no rebuild line after the restart:\n{log}"));
         assert!(n >= 1, "the split write was not found again:\n{log}");
     }
-    ab.heal();
-    ba.heal();
+    pair.heal();
     pair.wait_equal();
     for m in [&pair.a, &pair.b] {
         assert_eq!(
@@ -1075,7 +1091,7 @@ fn waits_for_a_token(m: &Mount, what: &str, change: impl FnOnce() -> std::io::Re
 
 #[test]
 fn namespace_and_metadata_changes_take_the_token_from_the_other_site_and_arrive() {
-    let pair = token_pair("names", "read-only");
+    let pair = Pair::tokens("names", "read-only");
     // a (site 1, the home) makes the names: it holds their tokens.
     for f in ["meta", "from", "gone"] {
         write_block(&pair.a.p(f), b'0', 4096).expect("create at a");
@@ -1146,29 +1162,21 @@ fn namespace_and_metadata_changes_take_the_token_from_the_other_site_and_arrive(
 
 #[test]
 fn across_a_split_a_name_change_whose_token_is_away_fails_with_erofs_and_status_says_why() {
-    let mut pair = token_pair("split-names", "read-only");
+    let mut pair = Pair::tokens("split-names", "read-only");
     for f in ["theirs", "meta"] {
         write_block(&pair.a.p(f), b'0', 4096).expect("create at a");
     }
     pair.wait_equal();
     // b takes the tokens of `theirs` and `meta` and keeps both open, so they stay at b; then it
     // renames `theirs` away (the open file keeps the token of the name `theirs`).
-    let open_at_b = |f: &str| {
-        use std::os::unix::fs::FileExt;
-        let h = fs::OpenOptions::new()
-            .write(true)
-            .open(pair.b.p(f))
-            .expect("open at b");
-        h.write_all_at(b"bbbb", 0).expect("write at b");
-        h
-    };
-    let held = [open_at_b("theirs"), open_at_b("meta")];
+    let held = vec![
+        pair.hold_at_b("theirs", b"bbbb"),
+        pair.hold_at_b("meta", b"bbbb"),
+    ];
     fs::rename(pair.b.p("theirs"), pair.b.p("moved")).expect("rename at b");
     pair.wait_equal();
     // The link is cut: b is gone.
-    pair.b.kill9_leaving_the_mount();
-    drop(held);
-    common::lazy_unmount(pair.b.mnt());
+    pair.kill_b(held);
     let a = &pair.a;
     let mode = mode_of(&a.p("meta"));
     let erofs = |what: &str, r: std::io::Result<()>| {
@@ -1230,17 +1238,11 @@ fn write_session(p: &Path, letter: u8, len: usize, calls: usize) -> std::io::Res
 fn one_file_written_whole_at_both_sites_at_once_ends_as_one_writers_session() {
     // Each session (open, 8 writes of 512 KiB, close) keeps its token to its close: at a
     // within the default bound (5 s), at b within the one given.
-    let pair = Pair::with(
+    let pair = Pair::tokens_with(
         "session",
-        &["--write-tokens", "1:2", "--partition", "read-only"],
-        &[
-            "--write-tokens",
-            "2:1",
-            "--partition",
-            "read-only",
-            "--token-hold-max-ms",
-            "20000",
-        ],
+        "read-only",
+        &[],
+        &["--token-hold-max-ms", "20000"],
     );
     let len = 4 << 20;
     write_block(&pair.a.p("big"), b'0', len).expect("first write at a");
@@ -1387,9 +1389,8 @@ fn race_content(letter: u8, i: usize) -> Vec<u8> {
 /// EEXIST. With O_EXCL exactly one of the two creates of a name succeeds.
 #[test]
 fn both_sites_create_the_same_new_names_at_once() {
-    let pair = token_pair("create-race", "read-only");
-    wait_link(&pair.a, true);
-    wait_link(&pair.b, true);
+    let pair = Pair::tokens("create-race", "read-only");
+    pair.wait_linked(true);
     let n = 50;
     // Without O_EXCL (O_CREAT | O_TRUNC, as a shell's `>`): each site writes its whole content.
     let [a, b] = race_both_sites(&pair, n, |site, letter, i| {
@@ -1584,25 +1585,11 @@ fn witness_quorum_only_the_side_with_the_lease_writes_across_a_split() {
     );
     // b cannot reach the witness at first: a takes the partition lease.
     wb.cut();
-    let mut proxies = Vec::new();
-    let (pair, _) = Pair::prepared(
-        "quorum",
-        &xa,
-        &xb,
-        |port| {
-            let p = Proxy::start(port);
-            let at = p.port;
-            proxies.push(p);
-            at
-        },
-        |ca, fa, cb, fb| {
-            witness.trust_site(&wfp, ca, fa, "site-a");
-            witness.trust_site(&wfp, cb, fb, "site-b");
-        },
-    );
-    let [ab, ba]: [Proxy; 2] = proxies.try_into().ok().expect("two proxies");
-    wait_link(&pair.a, true);
-    wait_link(&pair.b, true);
+    let pair = Pair::proxied("quorum", &xa, &xb, |ca, fa, cb, fb| {
+        witness.trust_site(&wfp, ca, fa, "site-a");
+        witness.trust_site(&wfp, cb, fb, "site-b");
+    });
+    pair.wait_linked(true);
     let long = Duration::from_secs(30);
     wait_quorum(&pair.a, "linked", long);
     wait_quorum(&pair.b, "linked", long);
@@ -1619,18 +1606,10 @@ fn witness_quorum_only_the_side_with_the_lease_writes_across_a_split() {
     write_block(&pair.a.p("theirs"), b'0', 4096).expect("create at a");
     write_file(&pair.b, "b-before", b"made at b before the split\n");
     pair.wait_equal();
-    let held = fs::OpenOptions::new()
-        .write(true)
-        .open(pair.b.p("theirs"))
-        .expect("open at b");
-    {
-        use std::os::unix::fs::FileExt;
-        held.write_all_at(b"bbbb", 0).expect("write at b");
-    }
+    let held = pair.hold_at_b("theirs", b"bbbb");
     pair.wait_equal();
     // The split.
-    ab.cut();
-    ba.cut();
+    pair.cut();
     let t0 = std::time::Instant::now();
     let why = wait_quorum(
         &pair.b,
@@ -1673,8 +1652,7 @@ fn witness_quorum_only_the_side_with_the_lease_writes_across_a_split() {
     );
     assert!(why.contains("site 1 ("), "{why}");
     // The heal: a's writes reach b, nothing is concurrent, both write under tokens again.
-    ab.heal();
-    ba.heal();
+    pair.heal();
     let t0 = std::time::Instant::now();
     wait_quorum(&pair.b, "linked", long);
     wait_quorum(&pair.a, "linked", long);
@@ -1706,8 +1684,7 @@ fn witness_quorum_only_the_side_with_the_lease_writes_across_a_split() {
     );
     // a is cut from the witness and from b at once: a read-only, b takes the lease and writes.
     wa.cut();
-    ab.cut();
-    ba.cut();
+    pair.cut();
     let why = wait_quorum(
         &pair.a,
         "read-only: the peer is unreachable and no lease from the witness",
@@ -1726,8 +1703,7 @@ fn witness_quorum_only_the_side_with_the_lease_writes_across_a_split() {
     write_file(&pair.b, "after", b"b during the second split\n");
     assert!(!why.is_empty());
     wa.heal();
-    ab.heal();
-    ba.heal();
+    pair.heal();
     wait_quorum(&pair.a, "linked", long);
     pair.wait_equal();
     assert_eq!(
@@ -1782,17 +1758,17 @@ fn seeded_pair(tag: &str, seed: impl FnMut(usize, &Path)) -> Pair {
     seeded_pair_via(tag, |p| p, seed)
 }
 
-/// [`seeded_pair`] whose sites dial each other through `via` (see [`Pair::through`]).
+/// [`seeded_pair`] whose sites dial each other through `via` (see [`Pair::seeded`]).
 fn seeded_pair_via(tag: &str, via: impl FnMut(u16) -> u16, seed: impl FnMut(usize, &Path)) -> Pair {
     Pair::seeded(
         tag,
         &["--write-tokens", "1:2", "--partition", "read-only"],
         &["--write-tokens", "2:1", "--partition", "read-only"],
+        false,
         via,
         |_, _, _, _| {},
         seed,
     )
-    .0
 }
 
 /// The initial copy under way at `m` (`status`: `peer_receive.copy`), if any.

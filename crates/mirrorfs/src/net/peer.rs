@@ -833,21 +833,11 @@ impl PeerReceiver {
     }
 
     /// The inode number names the peer's file; ours is what a crash here resolves.
-    fn with_local_ino(&self, op: Op) -> Op {
-        match op {
-            Op::Rename {
-                from, to, flags, ..
-            } => {
-                let from_ino = local_ino(&self.backing, from.as_bytes());
-                Op::Rename {
-                    from,
-                    to,
-                    flags,
-                    from_ino,
-                }
-            }
-            op => op,
+    fn with_local_ino(&self, mut op: Op) -> Op {
+        if let Some((from, ino)) = op.rename_from_ino_mut() {
+            *ino = local_ino(&self.backing, from.as_bytes());
         }
+        op
     }
 
     /// A peer record (`op`, our names) failed here with `errno`: what a namespace change

@@ -395,24 +395,10 @@ impl Reintegration<'_> {
 
     /// Applies one op of the plan through the volume (journaled, so this primary's mirrors
     /// follow); its seq is kept out of the late-change watch.
-    fn apply(&self, tree: &mut DirTree, root: &Root, op: Op, late: &mut Touched) -> Applied {
-        let op = match op {
-            Op::Rename {
-                from,
-                to,
-                flags,
-                from_ino: 0,
-            } => {
-                let from_ino = root.lstat(&from).map_or(0, |st| st.st_ino);
-                Op::Rename {
-                    from,
-                    to,
-                    flags,
-                    from_ino,
-                }
-            }
-            op => op,
-        };
+    fn apply(&self, tree: &mut DirTree, root: &Root, mut op: Op, late: &mut Touched) -> Applied {
+        if let Some((from, ino @ &mut 0)) = op.rename_from_ino_mut() {
+            *ino = root.lstat(from).map_or(0, |st| st.st_ino);
+        }
         late.intend(self.vol, &op);
         let applied = self.vol.mutate_beneath(op.clone(), || {
             apply_op(tree, &op, false).map_err(|e| std::io::Error::other(e.to_string()))
