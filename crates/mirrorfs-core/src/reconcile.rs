@@ -89,10 +89,13 @@ pub enum Decision {
     Restore { first: bool },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct Entry {
     /// Our last data record for the object not known to be seen by the peer.
     seq: u64,
+    /// The file's name when known ([`Reconciler::local_path`]): a rename of a directory
+    /// above it moves the entry with it.
+    path: Option<Vec<u8>>,
     /// That record belongs to a resolution rewrite (the winner).
     rewrite: bool,
     /// A conflict copy was made since that record (the loser).
@@ -197,6 +200,8 @@ pub struct Reconciler {
     entries: HashMap<Object, Entry>,
     /// (entry seq, object) for each entry, to drop the seen ones in order.
     by_seq: BTreeSet<(u64, Object)>,
+    /// The entries whose name is known, by name (a directory's rename moves those beneath it).
+    paths: BTreeMap<Vec<u8>, Object>,
     /// Our renames the peer has not seen, by (seq, n): n > 0 for the aliases of a rename both
     /// sites made.
     renames: BTreeMap<(u64, u32), Moved>,
@@ -229,6 +234,7 @@ impl Reconciler {
             cfg,
             entries: HashMap::new(),
             by_seq: BTreeSet::new(),
+            paths: BTreeMap::new(),
             seen: seen_by_peer,
             floor: 0,
             renames: BTreeMap::new(),
@@ -260,7 +266,7 @@ impl Reconciler {
         }
         let max = self.cfg.entries_max;
         match change {
-            Local::Data(p) => self.local(seq, (self.hash)(p), false),
+            Local::Data(p) => self.local_path(seq, p, false),
             Local::Rename { from, to, exchange } => {
                 self.renames.insert(
                     (seq, 0),
@@ -306,31 +312,77 @@ impl Reconciler {
         }
     }
 
-    /// A file changed its name here (our rename, or the peer's applied here): our unseen data
-    /// change of it goes with it.
+    /// A file or directory changed its name here (our rename, or the peer's applied here): our
+    /// unseen data changes of it, or of the files beneath it, go with it.
     pub fn moved(&mut self, from: &[u8], to: &[u8], exchange: bool) {
-        let (f, t) = ((self.hash)(from), (self.hash)(to));
-        if f == t {
+        if from == to || (self.hash)(from) == (self.hash)(to) {
             return;
         }
-        let ef = self.take_entry(f);
-        let et = self.take_entry(t);
-        if let Some(e) = ef {
-            self.put_entry(t, e);
+        let src = self.take_beneath(from);
+        let dst = self.take_beneath(to);
+        for (rest, e) in src {
+            self.put_at(to, &rest, e);
         }
-        if let (true, Some(e)) = (exchange, et) {
-            self.put_entry(f, e);
+        if exchange {
+            for (rest, e) in dst {
+                self.put_at(from, &rest, e);
+            }
         }
+    }
+
+    /// Takes the entries of `base` and beneath it, each with its name after `base`.
+    fn take_beneath(&mut self, base: &[u8]) -> Vec<(Vec<u8>, Entry)> {
+        let mut out = Vec::new();
+        if let Some(e) = self.take_entry((self.hash)(base)) {
+            out.push((Vec::new(), e));
+        }
+        let mut prefix = base.to_vec();
+        prefix.push(b'/');
+        let below: Vec<(Vec<u8>, Object)> = self
+            .paths
+            .range(prefix.clone()..)
+            .take_while(|(p, _)| p.starts_with(&prefix))
+            .map(|(p, o)| (p[base.len()..].to_vec(), *o))
+            .collect();
+        for (rest, o) in below {
+            if let Some(e) = self.take_entry(o) {
+                out.push((rest, e));
+            }
+        }
+        out
+    }
+
+    /// Puts an entry taken by [`Reconciler::take_beneath`] at `base` + `rest`.
+    fn put_at(&mut self, base: &[u8], rest: &[u8], mut e: Entry) {
+        let mut p = base.to_vec();
+        p.extend_from_slice(rest);
+        let o = (self.hash)(&p);
+        if let Some(old) = self.take_entry(o) {
+            // Two entries on one name (a hash collision): the newer stays.
+            if old.seq > e.seq {
+                e = old;
+            }
+        }
+        e.path = Some(p);
+        self.put_entry(o, e);
     }
 
     fn take_entry(&mut self, o: Object) -> Option<Entry> {
         let e = self.entries.remove(&o)?;
         self.by_seq.remove(&(e.seq, o));
+        if let Some(p) = &e.path {
+            if self.paths.get(p) == Some(&o) {
+                self.paths.remove(p);
+            }
+        }
         Some(e)
     }
 
     fn put_entry(&mut self, o: Object, e: Entry) {
         self.by_seq.insert((e.seq, o));
+        if let Some(p) = &e.path {
+            self.paths.insert(p.clone(), o);
+        }
         self.entries.insert(o, e);
     }
 
@@ -592,26 +644,37 @@ impl Reconciler {
     /// the records of a resolution rewrite). Records at or below the watermark are ignored (the
     /// replay after a restart starts after it anyway).
     pub fn local(&mut self, seq: u64, object: Object, rewrite: bool) {
+        self.note_local(seq, object, None, rewrite);
+    }
+
+    /// [`Reconciler::local`] of the file `path`: the entry also follows a rename of a
+    /// directory above it (ours or the peer's applied here, [`Reconciler::moved`]).
+    pub fn local_path(&mut self, seq: u64, path: &[u8], rewrite: bool) {
+        self.note_local(seq, (self.hash)(path), Some(path.to_vec()), rewrite);
+    }
+
+    fn note_local(&mut self, seq: u64, object: Object, path: Option<Vec<u8>>, rewrite: bool) {
         if seq <= self.seen {
             return;
         }
-        if let Some(old) = self.entries.get(&object) {
-            self.by_seq.remove(&(old.seq, object));
-        }
-        self.entries.insert(
+        let old = self.take_entry(object);
+        let path = path.or_else(|| old.and_then(|e| e.path));
+        self.put_entry(
             object,
             Entry {
                 seq,
+                path,
                 rewrite,
                 copied: false,
             },
         );
-        self.by_seq.insert((seq, object));
         while self.entries.len() > self.cfg.entries_max {
-            let Some((s, o)) = self.by_seq.pop_first() else {
+            let Some(&(s, o)) = self.by_seq.first() else {
                 break;
             };
-            self.entries.remove(&o);
+            if self.take_entry(o).is_none() {
+                self.by_seq.remove(&(s, o));
+            }
             self.floor = self.floor.max(s);
         }
     }
@@ -676,11 +739,11 @@ impl Reconciler {
             if seen >= floor {
                 return None;
             }
-            self.by_seq.insert((floor, object));
-            self.entries.insert(
+            self.put_entry(
                 object,
                 Entry {
                     seq: floor,
+                    path: None,
                     rewrite: false,
                     copied: false,
                 },
@@ -698,7 +761,11 @@ impl Reconciler {
         let next = seen.saturating_add(1);
         let keep = self.by_seq.split_off(&(next, 0));
         for (_, o) in std::mem::replace(&mut self.by_seq, keep) {
-            self.entries.remove(&o);
+            if let Some(Entry { path: Some(p), .. }) = self.entries.remove(&o) {
+                if self.paths.get(&p) == Some(&o) {
+                    self.paths.remove(&p);
+                }
+            }
         }
         self.renames = self.renames.split_off(&(next, 0));
         if self.renames.is_empty() {
@@ -733,6 +800,12 @@ impl Reconciler {
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
+}
+
+/// `path` after a rename of `from` to `to` (`exchange`: both names swap): itself or beneath
+/// either name, or `None` when the rename does not touch it.
+pub fn renamed_path(path: &[u8], from: &[u8], to: &[u8], exchange: bool) -> Option<Vec<u8>> {
+    moved_path(path, from, to).or_else(|| exchange.then(|| moved_path(path, to, from)).flatten())
 }
 
 /// `path` moved by a rename of `from` to `to` (itself or beneath it), or `None`.
@@ -1183,7 +1256,7 @@ mod names {
                 }),
                 R::Unlink(p) | R::Rmdir(p) => Some(Local::Removed(b(p))),
                 R::Whole(p, _) => {
-                    self.r.local(seq, fnv(p), true);
+                    self.r.local_path(seq, p, true);
                     None
                 }
                 _ => None,
@@ -1499,6 +1572,64 @@ mod names {
     }
 
     #[test]
+    fn a_file_written_at_both_sites_in_a_directory_one_renamed_is_a_conflict() {
+        // The renaming site wrote after its rename, or before it; either site renames.
+        let base = [("d", None), ("d/x", Some("old"))];
+        for renamer in [1, 2] {
+            for before in [false, true] {
+                let theirs = "w-renamer";
+                let renames = if before {
+                    vec![R::Write("d/x", theirs), R::Rename("d", "e")]
+                } else {
+                    vec![R::Rename("d", "e"), R::Write("e/x", theirs)]
+                };
+                let writes = vec![R::Write("d/x", "w-other")];
+                let (at1, at2, v1, v2) = if renamer == 1 {
+                    (renames, writes, theirs, "w-other")
+                } else {
+                    (writes, renames, "w-other", theirs)
+                };
+                check(
+                    &base,
+                    &at1,
+                    &at2,
+                    &[("e", None), ("e/x", Some(v1)), ("e/x.conflict", Some(v2))],
+                    true,
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn an_entry_follows_a_rename_of_its_directory() {
+        let mut r = site(2, 1);
+        r.local_change(5, &Local::Data(b("d/x")));
+        r.local_change(6, &Local::Data(b("d/y/z")));
+        r.local_change(7, &Local::Data(b("dd")));
+        r.moved(b"d", b"e", false);
+        assert_eq!(r.peer_data(b"e/x", 3), (b("e/x"), Decision::CopyThenApply));
+        assert_eq!(
+            r.peer_data(b"e/y/z", 3),
+            (b("e/y/z"), Decision::CopyThenApply)
+        );
+        assert_eq!(r.peer_data(b"d/x", 3), (b("d/x"), Decision::Apply));
+        assert_eq!(r.peer_data(b"dd", 3), (b("dd"), Decision::CopyThenApply));
+        // An exchange swaps what is beneath both names.
+        let mut r = site(2, 1);
+        r.local_change(5, &Local::Data(b("d/x")));
+        r.local_change(6, &Local::Data(b("e/y")));
+        r.moved(b"d", b"e", true);
+        assert_eq!(r.peer_data(b"e/x", 3).1, Decision::CopyThenApply);
+        assert_eq!(r.peer_data(b"d/y", 3).1, Decision::CopyThenApply);
+        assert_eq!(r.len(), 2);
+        // Seen: forgotten, the name index too.
+        r.peer_record(None, 6);
+        assert!(r.is_empty());
+        r.moved(b"e", b"f", false);
+        assert!(r.is_empty());
+    }
+
+    #[test]
     fn a_rename_against_a_removal_keeps_the_file_under_its_new_name() {
         for renamer_first in [true, false] {
             let (r, u) = (vec![R::Rename("a", "b")], vec![R::Unlink("a")]);
@@ -1629,11 +1760,6 @@ mod names {
                         && matches!(r, R::Create(t) | R::Mkdir(t) | R::Rename(_, t) if *t == n)
                 })
             };
-            let written_beneath = |site: usize, d: &str| {
-                ops.iter().any(|(s, r)| {
-                    *s == site && matches!(r, R::Write(p, _) if p.starts_with(&format!("{d}/")))
-                })
-            };
             let undone_at = |site: usize, n: &str| {
                 ops.iter().any(|(s, r)| {
                     *s == site
@@ -1720,12 +1846,6 @@ mod names {
                         && matches!(r2, R::Rename(f2, t2)
                             if related(f, f2) || related(f, t2) || related(t, f2))
                 }),
-                _ => false,
-            }) || ops.iter().any(|(s, r)| match r {
-                // A file written at both sites inside a directory one of them renamed.
-                R::Rename(f, t) => {
-                    (written_beneath(*s, f) || written_beneath(*s, t)) && written_beneath(1 - s, f)
-                }
                 _ => false,
             })
         };

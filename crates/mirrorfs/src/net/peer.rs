@@ -33,7 +33,9 @@ use mirrorfs_core::history::History;
 use mirrorfs_core::link::{Begin, LinkError, MirrorCopy, Positions};
 use mirrorfs_core::op::{Op, Record};
 use mirrorfs_core::path::RelPath;
-use mirrorfs_core::reconcile::{clash_moves_ours_aside, meta_key, Decision, RenameDecision};
+use mirrorfs_core::reconcile::{
+    clash_moves_ours_aside, meta_key, renamed_path, Decision, RenameDecision,
+};
 use mirrorfs_core::session::{Incoming, OnDiverged, Session};
 use mirrorfs_core::tree::apply_op;
 use mirrorfs_core::wire::{error_code, Decoder, MirrorState, Msg};
@@ -534,7 +536,15 @@ impl PeerReceiver {
             },
         ) = (res, &self.reconcile, &used)
         {
-            rc.moved(from.as_bytes(), to.as_bytes(), flags & RENAME_EXCHANGE != 0);
+            let exchange = flags & RENAME_EXCHANGE != 0;
+            rc.moved(from.as_bytes(), to.as_bytes(), exchange);
+            // A rewrite this batch asked for follows the file (or its directory) too.
+            for (p, _) in lock(&self.rewrites).iter_mut() {
+                let q = renamed_path(p.as_bytes(), from.as_bytes(), to.as_bytes(), exchange);
+                if let Some(q) = q.and_then(|q| RelPath::new(q).ok()) {
+                    *p = q;
+                }
+            }
         }
         let op = used;
         let res = match res {
