@@ -215,6 +215,13 @@ impl SiteReconcile {
         lock(&self.machine).peer_record(path.map(object_of), seen)
     }
 
+    /// The decision for a peer data change of `path` (our name; under the order lock);
+    /// `translated`: the peer named it by a name we renamed it from
+    /// (`Reconciler::peer_data_record`).
+    pub fn decide_data(&self, path: &[u8], translated: bool, seen: u64) -> Decision {
+        lock(&self.machine).peer_data_record(Some(object_of(path)), seen, translated)
+    }
+
     /// The peer removed `path` while this site changed it: it is kept (and given back to the
     /// peer); listed here, with no copy.
     pub fn list_removed(&self, path: &[u8]) {
