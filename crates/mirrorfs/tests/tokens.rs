@@ -994,6 +994,149 @@ fn a_netsplit_during_which_both_sides_rename_remove_create_and_chmod_one_name() 
     }
 }
 
+/// A file written at both sites during a split, inside a directory one of them renamed (issue 7,
+/// each way round): a conflict like any file written at both sites — site 1's version at the
+/// renamed name, site 2's in a copy beside it, listed at both; no edit mixed into the other.
+#[test]
+fn a_netsplit_during_which_both_sides_write_a_file_in_a_directory_one_renamed() {
+    let (pair, [ab, ba]) = Pair::proxied(
+        "netsplit-dir-write",
+        &["--write-tokens", "1:2", "--partition", "reconcile"],
+        &["--write-tokens", "2:1", "--partition", "reconcile"],
+    );
+    wait_link(&pair.a, true);
+    wait_link(&pair.b, true);
+    for d in ["tree-a", "tree-b"] {
+        fs::create_dir(pair.a.p(d)).expect("mkdir at a");
+        write_file(
+            &pair.a,
+            &format!("{d}/leaf.txt"),
+            b"the text before the split, long enough to be overwritten in part\n",
+        );
+    }
+    pair.wait_equal();
+    pair.wait_settled("tree-a/leaf.txt");
+    pair.wait_settled("tree-b/leaf.txt");
+    ab.cut();
+    ba.cut();
+    wait_link(&pair.a, false);
+    wait_link(&pair.b, false);
+    // Site 1 renames tree-a and then writes its file; site 2 writes the file under the old name.
+    fs::rename(pair.a.p("tree-a"), pair.a.p("moved-a")).expect("rename dir at a");
+    let (one_a, two_a) = (
+        b"site 1 wrote this after renaming the directory\n".to_vec(),
+        b"site 2 wrote this\n".to_vec(),
+    );
+    write_file(&pair.a, "moved-a/leaf.txt", &one_a);
+    write_file(&pair.b, "tree-a/leaf.txt", &two_a);
+    // Site 2 writes its file and then renames tree-b; site 1 writes it under the old name.
+    let (one_b, two_b) = (
+        b"site 1 wrote this\n".to_vec(),
+        b"site 2 wrote this before renaming the directory\n".to_vec(),
+    );
+    write_file(&pair.b, "tree-b/leaf.txt", &two_b);
+    fs::rename(pair.b.p("tree-b"), pair.b.p("moved-b")).expect("rename dir at b");
+    write_file(&pair.a, "tree-b/leaf.txt", &one_b);
+    ab.heal();
+    ba.heal();
+    wait_link(&pair.a, true);
+    wait_link(&pair.b, true);
+    pair.wait_equal();
+    std::thread::sleep(Duration::from_secs(2));
+    pair.wait_equal();
+    pair.wait_shown("moved-a/leaf.txt", &one_a);
+    pair.wait_shown("moved-b/leaf.txt", &one_b);
+    for (dir, two) in [("moved-a", &two_a), ("moved-b", &two_b)] {
+        let copies = names_starting(&pair.a.backing().join(dir), "leaf.txt.conflict-site2-");
+        assert_eq!(
+            copies.len(),
+            1,
+            "{dir}: one copy: {copies:?}\nsite a:\n{}\nsite b:\n{}",
+            pair.a.log(),
+            pair.b.log()
+        );
+        let copy = format!("{dir}/{}", copies[0]);
+        pair.wait_shown(&copy, two);
+        for m in [&pair.a, &pair.b] {
+            assert!(!m.p("tree-a").exists() && !m.p("tree-b").exists());
+            let path = format!("{dir}/leaf.txt");
+            let listed: Vec<_> = conflicts_json(m)
+                .into_iter()
+                .filter(|e| e["path"] == path.as_str())
+                .collect();
+            assert_eq!(listed.len(), 1, "{listed:#?}\n{}", m.log());
+            assert_eq!(listed[0]["copy"], copy.as_str(), "{listed:#?}");
+            assert_eq!(listed[0]["reason"], "split-both-modified", "{listed:#?}");
+        }
+    }
+}
+
+/// Two different files given one new name during a split (issue 7): by renames at both sites,
+/// and by a create at site 1 against a rename at site 2. Site 1's file keeps the name, site 2's
+/// goes to a conflict copy beside it, listed at both; the renamed sources are gone at both.
+#[test]
+fn a_netsplit_during_which_two_files_are_given_one_new_name() {
+    let (pair, [ab, ba]) = Pair::proxied(
+        "netsplit-one-name",
+        &["--write-tokens", "1:2", "--partition", "reconcile"],
+        &["--write-tokens", "2:1", "--partition", "reconcile"],
+    );
+    wait_link(&pair.a, true);
+    wait_link(&pair.b, true);
+    let (one, two, three) = (
+        b"file one, renamed at site 1\n".to_vec(),
+        b"file two, renamed at site 2 onto the same name\n".to_vec(),
+        b"file three, renamed at site 2 onto a name site 1 made\n".to_vec(),
+    );
+    write_file(&pair.a, "one.txt", &one);
+    write_file(&pair.a, "two.txt", &two);
+    write_file(&pair.a, "three.txt", &three);
+    pair.wait_equal();
+    ab.cut();
+    ba.cut();
+    wait_link(&pair.a, false);
+    wait_link(&pair.b, false);
+    fs::rename(pair.a.p("one.txt"), pair.a.p("same.txt")).expect("rename at a");
+    fs::rename(pair.b.p("two.txt"), pair.b.p("same.txt")).expect("rename at b");
+    let made = b"made at site 1 during the split\n".to_vec();
+    write_file(&pair.a, "made.txt", &made);
+    fs::rename(pair.b.p("three.txt"), pair.b.p("made.txt")).expect("rename at b");
+    ab.heal();
+    ba.heal();
+    wait_link(&pair.a, true);
+    wait_link(&pair.b, true);
+    pair.wait_equal();
+    std::thread::sleep(Duration::from_secs(2));
+    pair.wait_equal();
+    pair.wait_shown("same.txt", &one);
+    pair.wait_shown("made.txt", &made);
+    for (name, theirs) in [("same.txt", &two), ("made.txt", &three)] {
+        let copies = names_starting(pair.a.backing(), &format!("{name}.conflict-site2-"));
+        assert_eq!(
+            copies.len(),
+            1,
+            "{name}: one copy: {copies:?}\nsite a:\n{}\nsite b:\n{}",
+            pair.a.log(),
+            pair.b.log()
+        );
+        pair.wait_shown(&copies[0], theirs);
+        for m in [&pair.a, &pair.b] {
+            let listed: Vec<_> = conflicts_json(m)
+                .into_iter()
+                .filter(|e| e["path"] == name)
+                .collect();
+            assert_eq!(listed.len(), 1, "{listed:#?}\n{}", m.log());
+            assert_eq!(listed[0]["copy"], copies[0].as_str(), "{listed:#?}");
+            assert_eq!(listed[0]["reason"], "split-both-modified", "{listed:#?}");
+        }
+    }
+    pair.wait_view("the renamed sources are gone at both sites", || {
+        ["one.txt", "two.txt", "three.txt"]
+            .iter()
+            .all(|n| !pair.a.p(n).exists() && !pair.b.p(n).exists())
+    });
+}
+
 /// The same split, but both sites are killed (kill -9) and restarted before the link returns:
 /// what each wrote during the split, not yet seen by the other, is found again in its journal.
 #[test]

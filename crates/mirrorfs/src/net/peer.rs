@@ -33,7 +33,9 @@ use mirrorfs_core::history::History;
 use mirrorfs_core::link::{Begin, LinkError, MirrorCopy, Positions};
 use mirrorfs_core::op::{Op, Record};
 use mirrorfs_core::path::RelPath;
-use mirrorfs_core::reconcile::{clash_moves_ours_aside, meta_key, Decision, RenameDecision};
+use mirrorfs_core::reconcile::{
+    clash_moves_ours_aside, meta_key, renamed_path, Decision, RenameDecision,
+};
 use mirrorfs_core::session::{Incoming, OnDiverged, Session};
 use mirrorfs_core::tree::apply_op;
 use mirrorfs_core::wire::{error_code, Decoder, MirrorState, Msg};
@@ -762,8 +764,13 @@ impl PeerReceiver {
             res = Err(Held::Errno(libc::EAGAIN));
         }
         if let Err(Held::Copy) = res {
-            // The loser: its own version goes aside first, then the winner's record applies.
-            if let (Some(rc), Some(path)) = (&self.reconcile, data_rel(&used)) {
+            // The loser: its own version goes aside first, then the winner's record applies
+            // (a rename: its file at the name the winner's takes).
+            let at = match &used {
+                Op::Rename { to, .. } => Some(to),
+                op => data_rel(op),
+            };
+            if let (Some(rc), Some(path)) = (&self.reconcile, at) {
                 if let Err(e) = rc.copy_aside(&self.vol, &self.backing, path) {
                     // Not acknowledged: the record comes again and asks for the copy again.
                     rc.retry(path.as_bytes());
@@ -771,6 +778,16 @@ impl PeerReceiver {
                 }
             }
             res = self.apply_one(&op, &used, seen);
+        }
+        if let (Err(Held::Displaced), Op::Rename { from, .. }) = (res, &used) {
+            // The winner keeps its file at the name: the peer's source goes here too (its
+            // content comes back as the peer's conflict copy). Journaled having considered
+            // this record: the peer must not translate the name through its own rename.
+            if let Some(rc) = &self.reconcile {
+                let o = lock(&self.vol.order);
+                rc.note_point(o.journal.next_seq(), r.seq);
+            }
+            self.remove_source(from)?;
         }
         if let (Err(Held::Errno(e)), Some(rc), Some(s)) = (res, &self.reconcile, seen) {
             if self.namespace_fix(rc, &used, e, s)? {
@@ -785,7 +802,15 @@ impl PeerReceiver {
             },
         ) = (res, &self.reconcile, &used)
         {
-            rc.moved(from.as_bytes(), to.as_bytes(), flags & RENAME_EXCHANGE != 0);
+            let exchange = flags & RENAME_EXCHANGE != 0;
+            rc.moved(from.as_bytes(), to.as_bytes(), exchange);
+            // A rewrite this batch asked for follows the file (or its directory) too.
+            for (p, _) in lock(&self.rewrites).iter_mut() {
+                let q = renamed_path(p.as_bytes(), from.as_bytes(), to.as_bytes(), exchange);
+                if let Some(q) = q.and_then(|q| RelPath::new(q).ok()) {
+                    *p = q;
+                }
+            }
         }
         let op = used;
         let res = match res {
@@ -800,7 +825,7 @@ impl PeerReceiver {
                 }
                 Ok(())
             }
-            Err(Held::Skip) | Err(Held::Copy) => Ok(()),
+            Err(Held::Skip) | Err(Held::Copy) | Err(Held::Displaced) => Ok(()),
             Err(Held::Errno(e)) => Err(e),
             Err(Held::Retry) => Err(libc::EAGAIN),
         };
@@ -889,29 +914,7 @@ impl PeerReceiver {
                         }
                         lock(&self.rewrites).push((from.clone(), true));
                     }
-                    _ => {
-                        let nlink = is(from).map_or(1, |m| {
-                            use std::os::unix::fs::MetadataExt;
-                            m.nlink() as u32
-                        });
-                        let mut tree =
-                            DirTree::open(&self.backing).context("cannot open the backing tree")?;
-                        let op = Op::Unlink {
-                            path: from.clone(),
-                            nlink,
-                        };
-                        self.vol
-                            .mutate_beneath_unsettled(op.clone(), |_| {
-                                apply_op(&mut tree, &op, false)
-                                    .map_err(|e| std::io::Error::from_raw_os_error(tree_errno(&e)))
-                            })
-                            .map_err(|e| {
-                                anyhow!(
-                                    "cannot remove the source of the peer's rename onto a directory: {}",
-                                    std::io::Error::from_raw_os_error(e)
-                                )
-                            })?;
-                    }
+                    _ => self.remove_source(from)?,
                 }
                 Ok(false)
             }
@@ -952,6 +955,35 @@ impl PeerReceiver {
         }
     }
 
+    /// The source of a peer rename that is not applied here because the name it goes to stays
+    /// ours (a directory, or our file in a conflict): removed through the volume (journaled),
+    /// as the peer, which moved or copied its file aside, no longer has it.
+    fn remove_source(&self, from: &RelPath) -> Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        let nlink = std::fs::symlink_metadata(
+            self.backing
+                .join(std::ffi::OsStr::from_bytes(from.as_bytes())),
+        )
+        .map_or(1, |m| m.nlink() as u32);
+        let mut tree = DirTree::open(&self.backing).context("cannot open the backing tree")?;
+        let op = Op::Unlink {
+            path: from.clone(),
+            nlink,
+        };
+        self.vol
+            .mutate_beneath_unsettled(op.clone(), |_| {
+                apply_op(&mut tree, &op, false)
+                    .map_err(|e| std::io::Error::from_raw_os_error(tree_errno(&e)))
+            })
+            .map_err(|e| {
+                anyhow!(
+                    "cannot remove the source of the peer's rename: {}",
+                    std::io::Error::from_raw_os_error(e)
+                )
+            })?;
+        Ok(())
+    }
+
     /// One try at applying `op` (the peer's record `orig` with our names) through the volume.
     /// With reconciliation, the decision is taken under the order lock (a local write cannot
     /// come between it and the change); a record not applied now is journaled with its `Abort`
@@ -977,11 +1009,60 @@ impl PeerReceiver {
                     Op::Unlink { path, .. } => rc.decide_unlink(path.as_bytes(), seen).1,
                     Op::Rename { from, to, .. } => {
                         match rc.decide_rename(from.as_bytes(), to.as_bytes(), seen) {
-                            RenameDecision::Apply { from, clash, .. } => {
+                            RenameDecision::Apply {
+                                from, clash, aside, ..
+                            } => {
                                 if let (true, Op::Rename { to, .. }) = (clash, op) {
                                     rc.list_renamed(to.as_bytes(), &from);
                                 }
+                                let exchange = matches!(op, Op::Rename { flags, .. }
+                                    if flags & RENAME_EXCHANGE != 0);
+                                if aside && !exchange {
+                                    // Another file of ours has the name: aside first.
+                                    return skip(&held, Held::Copy);
+                                }
                                 Decision::Apply
+                            }
+                            RenameDecision::Displaced {
+                                rewrite,
+                                first,
+                                source,
+                                ..
+                            } => {
+                                let Op::Rename {
+                                    from, to, flags, ..
+                                } = op
+                                else {
+                                    return skip(&held, Held::Skip);
+                                };
+                                let file = |p: &RelPath| {
+                                    std::fs::symlink_metadata(
+                                        self.backing
+                                            .join(std::ffi::OsStr::from_bytes(p.as_bytes())),
+                                    )
+                                    .is_ok_and(|m| m.is_file())
+                                };
+                                if !(file(from) && file(to)) || flags & RENAME_EXCHANGE != 0 {
+                                    // Directories, symlinks, exchanges: not reconciled;
+                                    // applied as sent.
+                                    Decision::Apply
+                                } else {
+                                    // Ours stays at `to`; the loser's copy brings its file.
+                                    rc.skipped(to.as_bytes(), first);
+                                    if rewrite {
+                                        lock(&self.rewrites).push((to.clone(), false));
+                                    }
+                                    match source {
+                                        Decision::Restore { first } => {
+                                            if first {
+                                                rc.list_removed(from.as_bytes());
+                                            }
+                                            lock(&self.rewrites).push((from.clone(), true));
+                                            return skip(&held, Held::Skip);
+                                        }
+                                        _ => return skip(&held, Held::Displaced),
+                                    }
+                                }
                             }
                             RenameDecision::Keep { ours, clash } => {
                                 if let (true, Op::Rename { to, .. }) = (clash, op) {
@@ -999,7 +1080,13 @@ impl PeerReceiver {
                             }
                             Decision::Apply
                         }
-                        None => rc.decide(data_rel(op).map(|p| p.as_bytes()), seen),
+                        None => match data_rel(op) {
+                            // Translated: the peer names our file by its old name.
+                            Some(p) => {
+                                rc.decide_data(p.as_bytes(), data_rel(orig) != Some(p), seen)
+                            }
+                            None => rc.decide(None, seen),
+                        },
                     },
                 };
                 match decision {
@@ -1093,6 +1180,8 @@ enum Held {
     Skip,
     /// Concurrent, and this site's version goes to a conflict copy first.
     Copy,
+    /// A peer rename onto a name whose file stays ours: not applied, its source removed.
+    Displaced,
     /// The change failed here (or the volume refused it).
     Errno(i32),
     /// A local rename changed our name for the record's since it was translated: again.

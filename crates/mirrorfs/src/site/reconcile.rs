@@ -29,7 +29,7 @@ use anyhow::{Context, Result};
 use mirrorfs_core::op::Op;
 use mirrorfs_core::path::RelPath;
 use mirrorfs_core::reconcile::{
-    ChangePoints, Config, Decision, Local, PeerPoints, Reconciler, RenameDecision,
+    renamed_path, ChangePoints, Config, Decision, Local, PeerPoints, Reconciler, RenameDecision,
 };
 use mirrorfs_core::tree::apply_op;
 
@@ -90,12 +90,15 @@ impl SiteReconcile {
 
     /// Our data record `seq` (called under the order lock).
     pub fn local(&self, seq: u64, path: &[u8], rewrite: bool) {
-        lock(&self.machine).local(seq, object_of(path), rewrite);
+        lock(&self.machine).local_path(seq, path, rewrite);
     }
 
     /// Our change `seq` of any kind ([`Local::of`]; called under the order lock).
     pub fn local_change(&self, seq: u64, change: &Local) {
         lock(&self.machine).local_change(seq, change);
+        if let Local::Rename { from, to, exchange } = change {
+            self.rename_pending(from, to, *exchange);
+        }
     }
 
     /// The peer's `op` with its names translated through our renames it had not seen
@@ -126,9 +129,25 @@ impl SiteReconcile {
         lock(&self.machine).peer_meta(path, key, seen)
     }
 
-    /// A file moved here (a peer rename applied): our unseen data change goes with it.
+    /// A file or directory moved here (a peer rename applied): our unseen data changes of it
+    /// (or beneath it) go with it, and so do the conflicts waiting for the loser's copy.
     pub fn moved(&self, from: &[u8], to: &[u8], exchange: bool) {
         lock(&self.machine).moved(from, to, exchange);
+        self.rename_pending(from, to, exchange);
+    }
+
+    /// The winner waits for the loser's copy of a file under the file's name here: a rename of
+    /// it (or of a directory above it) before the copy arrives moves the name it waits for.
+    fn rename_pending(&self, from: &[u8], to: &[u8], exchange: bool) {
+        let mut pending = lock(&self.pending);
+        if pending.is_empty() {
+            return;
+        }
+        let old = std::mem::take(&mut *pending);
+        for (p, t) in old {
+            let q = renamed_path(&p, from, to, exchange).unwrap_or(p);
+            pending.insert(q, t);
+        }
     }
 
     /// The directories on the way to `path` we removed concurrently (outermost first).
@@ -194,6 +213,13 @@ impl SiteReconcile {
     /// The decision for a peer record (called under the order lock when it is a data change).
     pub fn decide(&self, path: Option<&[u8]>, seen: u64) -> Decision {
         lock(&self.machine).peer_record(path.map(object_of), seen)
+    }
+
+    /// The decision for a peer data change of `path` (our name; under the order lock);
+    /// `translated`: the peer named it by a name we renamed it from
+    /// (`Reconciler::peer_data_record`).
+    pub fn decide_data(&self, path: &[u8], translated: bool, seen: u64) -> Decision {
+        lock(&self.machine).peer_data_record(Some(object_of(path)), seen, translated)
     }
 
     /// The peer removed `path` while this site changed it: it is kept (and given back to the
