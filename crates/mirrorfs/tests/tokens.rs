@@ -999,11 +999,7 @@ fn a_netsplit_during_which_both_sides_rename_remove_create_and_chmod_one_name() 
 /// renamed name, site 2's in a copy beside it, listed at both; no edit mixed into the other.
 #[test]
 fn a_netsplit_during_which_both_sides_write_a_file_in_a_directory_one_renamed() {
-    let (pair, [ab, ba]) = Pair::proxied(
-        "netsplit-dir-write",
-        &["--write-tokens", "1:2", "--partition", "reconcile"],
-        &["--write-tokens", "2:1", "--partition", "reconcile"],
-    );
+    let pair = Pair::netsplit("netsplit-dir-write");
     wait_link(&pair.a, true);
     wait_link(&pair.b, true);
     for d in ["tree-a", "tree-b"] {
@@ -1017,8 +1013,7 @@ fn a_netsplit_during_which_both_sides_write_a_file_in_a_directory_one_renamed() 
     pair.wait_equal();
     pair.wait_settled("tree-a/leaf.txt");
     pair.wait_settled("tree-b/leaf.txt");
-    ab.cut();
-    ba.cut();
+    pair.cut();
     wait_link(&pair.a, false);
     wait_link(&pair.b, false);
     // Site 1 renames tree-a and then writes its file; site 2 writes the file under the old name.
@@ -1037,8 +1032,7 @@ fn a_netsplit_during_which_both_sides_write_a_file_in_a_directory_one_renamed() 
     write_file(&pair.b, "tree-b/leaf.txt", &two_b);
     fs::rename(pair.b.p("tree-b"), pair.b.p("moved-b")).expect("rename dir at b");
     write_file(&pair.a, "tree-b/leaf.txt", &one_b);
-    ab.heal();
-    ba.heal();
+    pair.heal();
     wait_link(&pair.a, true);
     wait_link(&pair.b, true);
     pair.wait_equal();
@@ -1076,11 +1070,7 @@ fn a_netsplit_during_which_both_sides_write_a_file_in_a_directory_one_renamed() 
 /// goes to a conflict copy beside it, listed at both; the renamed sources are gone at both.
 #[test]
 fn a_netsplit_during_which_two_files_are_given_one_new_name() {
-    let (pair, [ab, ba]) = Pair::proxied(
-        "netsplit-one-name",
-        &["--write-tokens", "1:2", "--partition", "reconcile"],
-        &["--write-tokens", "2:1", "--partition", "reconcile"],
-    );
+    let pair = Pair::netsplit("netsplit-one-name");
     wait_link(&pair.a, true);
     wait_link(&pair.b, true);
     let (one, two, three) = (
@@ -1092,8 +1082,7 @@ fn a_netsplit_during_which_two_files_are_given_one_new_name() {
     write_file(&pair.a, "two.txt", &two);
     write_file(&pair.a, "three.txt", &three);
     pair.wait_equal();
-    ab.cut();
-    ba.cut();
+    pair.cut();
     wait_link(&pair.a, false);
     wait_link(&pair.b, false);
     fs::rename(pair.a.p("one.txt"), pair.a.p("same.txt")).expect("rename at a");
@@ -1101,8 +1090,7 @@ fn a_netsplit_during_which_two_files_are_given_one_new_name() {
     let made = b"made at site 1 during the split\n".to_vec();
     write_file(&pair.a, "made.txt", &made);
     fs::rename(pair.b.p("three.txt"), pair.b.p("made.txt")).expect("rename at b");
-    ab.heal();
-    ba.heal();
+    pair.heal();
     wait_link(&pair.a, true);
     wait_link(&pair.b, true);
     pair.wait_equal();
