@@ -165,6 +165,7 @@ fn publish(
             if let Some(done) = copy_done {
                 copy_complete(m, done);
             }
+            crate::trace::event("applied", format_args!("{seq}"));
             m.applied_bytes.fetch_add(data_bytes, Ordering::Relaxed);
             m.records_applied.fetch_add(1, Ordering::Relaxed);
             // Every record applied wakes the waiters, not only a moved checkpoint: a local
