@@ -275,6 +275,17 @@ impl Pair {
         }
     }
 
+    /// Heals the links after [`Pair::cut`] and waits until both sites are linked and hold the
+    /// same trees, and still do 2 s later (what the heal's reconciliation sends after the first
+    /// equal moment has arrived).
+    fn heal_and_settle(&self) {
+        self.heal();
+        self.wait_linked(true);
+        self.wait_equal();
+        std::thread::sleep(Duration::from_secs(2));
+        self.wait_equal();
+    }
+
     /// Waits until both sites' links to each other are up (or down) as the token layer sees
     /// them.
     fn wait_linked(&self, up: bool) {
@@ -885,11 +896,7 @@ fn a_netsplit_during_which_one_side_renames_or_removes_what_the_other_changes() 
     write_file(&pair.b, "box-a/x.txt", b"put in box-a at site 2\n");
     fs::remove_dir(pair.b.p("box-b")).expect("rmdir at b");
     write_file(&pair.a, "box-b/y.txt", b"put in box-b at site 1\n");
-    pair.heal();
-    pair.wait_linked(true);
-    pair.wait_equal();
-    std::thread::sleep(Duration::from_secs(2));
-    pair.wait_equal();
+    pair.heal_and_settle();
     for m in [&pair.a, &pair.b] {
         let read =
             |rel: &str| fs::read(m.p(rel)).unwrap_or_else(|e| panic!("{rel}: {e}\n{}", m.log()));
@@ -949,11 +956,7 @@ fn a_netsplit_during_which_both_sides_rename_remove_create_and_chmod_one_name() 
     write_file(&pair.b, "both", b"a file at site 2\n");
     chmod(&pair.a.p("mode.txt"), 0o600).expect("chmod at a");
     chmod(&pair.b.p("mode.txt"), 0o640).expect("chmod at b");
-    pair.heal();
-    pair.wait_linked(true);
-    pair.wait_equal();
-    std::thread::sleep(Duration::from_secs(2));
-    pair.wait_equal();
+    pair.heal_and_settle();
     for m in [&pair.a, &pair.b] {
         let read =
             |rel: &str| fs::read(m.p(rel)).unwrap_or_else(|e| panic!("{rel}: {e}\n{}", m.log()));
@@ -1000,8 +1003,7 @@ fn a_netsplit_during_which_both_sides_rename_remove_create_and_chmod_one_name() 
 #[test]
 fn a_netsplit_during_which_both_sides_write_a_file_in_a_directory_one_renamed() {
     let pair = Pair::netsplit("netsplit-dir-write");
-    wait_link(&pair.a, true);
-    wait_link(&pair.b, true);
+    pair.wait_linked(true);
     for d in ["tree-a", "tree-b"] {
         fs::create_dir(pair.a.p(d)).expect("mkdir at a");
         write_file(
@@ -1014,8 +1016,7 @@ fn a_netsplit_during_which_both_sides_write_a_file_in_a_directory_one_renamed() 
     pair.wait_settled("tree-a/leaf.txt");
     pair.wait_settled("tree-b/leaf.txt");
     pair.cut();
-    wait_link(&pair.a, false);
-    wait_link(&pair.b, false);
+    pair.wait_linked(false);
     // Site 1 renames tree-a and then writes its file; site 2 writes the file under the old name.
     fs::rename(pair.a.p("tree-a"), pair.a.p("moved-a")).expect("rename dir at a");
     let (one_a, two_a) = (
@@ -1032,12 +1033,7 @@ fn a_netsplit_during_which_both_sides_write_a_file_in_a_directory_one_renamed() 
     write_file(&pair.b, "tree-b/leaf.txt", &two_b);
     fs::rename(pair.b.p("tree-b"), pair.b.p("moved-b")).expect("rename dir at b");
     write_file(&pair.a, "tree-b/leaf.txt", &one_b);
-    pair.heal();
-    wait_link(&pair.a, true);
-    wait_link(&pair.b, true);
-    pair.wait_equal();
-    std::thread::sleep(Duration::from_secs(2));
-    pair.wait_equal();
+    pair.heal_and_settle();
     pair.wait_shown("moved-a/leaf.txt", &one_a);
     pair.wait_shown("moved-b/leaf.txt", &one_b);
     for (dir, two) in [("moved-a", &two_a), ("moved-b", &two_b)] {
@@ -1071,8 +1067,7 @@ fn a_netsplit_during_which_both_sides_write_a_file_in_a_directory_one_renamed() 
 #[test]
 fn a_netsplit_during_which_two_files_are_given_one_new_name() {
     let pair = Pair::netsplit("netsplit-one-name");
-    wait_link(&pair.a, true);
-    wait_link(&pair.b, true);
+    pair.wait_linked(true);
     let (one, two, three) = (
         b"file one, renamed at site 1\n".to_vec(),
         b"file two, renamed at site 2 onto the same name\n".to_vec(),
@@ -1083,19 +1078,13 @@ fn a_netsplit_during_which_two_files_are_given_one_new_name() {
     write_file(&pair.a, "three.txt", &three);
     pair.wait_equal();
     pair.cut();
-    wait_link(&pair.a, false);
-    wait_link(&pair.b, false);
+    pair.wait_linked(false);
     fs::rename(pair.a.p("one.txt"), pair.a.p("same.txt")).expect("rename at a");
     fs::rename(pair.b.p("two.txt"), pair.b.p("same.txt")).expect("rename at b");
     let made = b"made at site 1 during the split\n".to_vec();
     write_file(&pair.a, "made.txt", &made);
     fs::rename(pair.b.p("three.txt"), pair.b.p("made.txt")).expect("rename at b");
-    pair.heal();
-    wait_link(&pair.a, true);
-    wait_link(&pair.b, true);
-    pair.wait_equal();
-    std::thread::sleep(Duration::from_secs(2));
-    pair.wait_equal();
+    pair.heal_and_settle();
     pair.wait_shown("same.txt", &one);
     pair.wait_shown("made.txt", &made);
     for (name, theirs) in [("same.txt", &two), ("made.txt", &three)] {
