@@ -2180,6 +2180,28 @@ mod names {
                     *s2 != *s && matches!(r2, R::Rmdir(d) if t.starts_with(&format!("{d}/")))
                 }),
                 _ => false,
+            }) || ops.iter().enumerate().any(|(i, (s, r))| match r {
+                // A directory changed beneath, then renamed, at one site and removed at the
+                // other: the removing site makes it again for the change before the rename
+                // arrives.
+                R::Rename(f, _) => {
+                    let beneath = |p: &str| p.starts_with(&format!("{f}/"));
+                    ops.iter()
+                        .any(|(s2, r2)| *s2 != *s && matches!(r2, R::Rmdir(d) if d == f))
+                        && ops[..i].iter().any(|(s2, r2)| {
+                            *s2 == *s
+                                && match r2 {
+                                    R::Write(p, _)
+                                    | R::Unlink(p)
+                                    | R::Rmdir(p)
+                                    | R::Create(p)
+                                    | R::Mkdir(p) => beneath(p),
+                                    R::Rename(g, t) => beneath(g) || beneath(t),
+                                    R::Whole(..) => false,
+                                }
+                        })
+                }
+                _ => false,
             }) || ops.iter().any(|(s, r)| match r {
                 // Renames at both sites of a directory and of a name in it (or into it).
                 R::Rename(f, t) => ops.iter().any(|(s2, r2)| {
