@@ -239,6 +239,11 @@ pub struct Reconciler {
     /// Names the peer made (created, or renamed something to) while our renames were unseen:
     /// its later records for them (and beneath them) name its new entry, never translated.
     fresh: BTreeSet<Vec<u8>>,
+    /// Names the peer renamed something to whose source we had removed concurrently (the
+    /// rename is skipped here): a later peer record beneath one of them, failing for want of
+    /// it, makes it again as a directory ([`Reconciler::refill`]: the rename is a change and
+    /// wins over the removal). Bounded as `fresh`.
+    regained: BTreeSet<Vec<u8>>,
     /// How a path becomes an object (the shell's token hash; FNV-1a by default).
     hash: fn(&[u8]) -> Object,
     /// The largest of our seqs the peer had considered as of its last record here.
@@ -266,6 +271,7 @@ impl Reconciler {
             meta_by_seq: BTreeSet::new(),
             meta_floor: 0,
             fresh: BTreeSet::new(),
+            regained: BTreeSet::new(),
             hash: fnv,
         }
     }
@@ -532,6 +538,13 @@ impl Reconciler {
     pub fn peer_rename(&mut self, from: &[u8], to: &[u8], seen: u64) -> RenameDecision {
         self.advance(seen);
         if self.removed_concurrently(from, seen) {
+            // The peer's later records beneath its new name (a directory it renamed, then
+            // perhaps filled) make that name again here.
+            let to2 = self.translate_new(to, seen).unwrap_or_else(|| to.to_vec());
+            self.regained.insert(to2);
+            while self.regained.len() > self.cfg.entries_max {
+                self.regained.pop_first();
+            }
             return RenameDecision::Removed;
         }
         let to2 = self.translate_new(to, seen).unwrap_or_else(|| to.to_vec());
@@ -700,14 +713,18 @@ impl Reconciler {
     }
 
     /// A peer record for `path` (its name, translated) failed here because a directory on
-    /// the way is missing: the ancestors we removed concurrently (outermost first), to be
-    /// made again before the record is applied again (a change beneath a directory wins over
-    /// its removal).
+    /// the way is missing: the ancestors we removed concurrently, or the peer's new names of
+    /// directories we removed concurrently (its rename was skipped here), outermost first, to
+    /// be made again before the record is applied again (a change beneath a directory, or its
+    /// rename, wins over its removal).
     pub fn refill(&mut self, path: &[u8], seen: u64) -> Vec<Vec<u8>> {
         self.advance(seen);
         let mut out = Vec::new();
         for (i, b) in path.iter().enumerate() {
-            if *b == b'/' && self.removed_concurrently(&path[..i], seen) {
+            if *b == b'/'
+                && (self.removed_concurrently(&path[..i], seen)
+                    || self.regained.contains(&path[..i]))
+            {
                 out.push(path[..i].to_vec());
             }
         }
@@ -1947,6 +1964,54 @@ mod names {
     }
 
     #[test]
+    fn a_directory_renamed_at_one_site_and_removed_at_the_other_keeps_the_new_name_filled() {
+        for renamer in [1, 2] {
+            let split = |rm: Vec<R>, mv: Vec<R>| if renamer == 1 { (mv, rm) } else { (rm, mv) };
+            // Filled after the rename: the removing site makes `e` again for the fill, the
+            // renaming site's `rmdir` (translated to `e`) fails.
+            let (at1, at2) = split(
+                vec![R::Rmdir("d")],
+                vec![R::Rename("d", "e"), R::Create("e/x")],
+            );
+            check(
+                &[("d", None)],
+                &at1,
+                &at2,
+                &[("e", None), ("e/x", Some(""))],
+                false,
+            );
+            // Left empty: the removal follows the rename, both end without either name.
+            let (at1, at2) = split(vec![R::Rmdir("d")], vec![R::Rename("d", "e")]);
+            check(&[("d", None)], &at1, &at2, &[], false);
+            // Emptied first (rm -r) at the removing site: a file of `d` the renaming site
+            // renamed with it comes back as for a renamed file (listed), and the fill stays.
+            let (at1, at2) = split(
+                vec![R::Unlink("d/y"), R::Rmdir("d")],
+                vec![R::Rename("d", "e"), R::Mkdir("e/z"), R::Create("e/z/w")],
+            );
+            check(
+                &[("d", None), ("d/y", Some("old"))],
+                &at1,
+                &at2,
+                &[
+                    ("e", None),
+                    ("e/y", Some("old")),
+                    ("e/z", None),
+                    ("e/z/w", Some("")),
+                ],
+                true,
+            );
+        }
+        // The machine: the skipped rename's new name is made again for a record beneath it.
+        let mut r = site(2, 1);
+        r.local_change(5, &Local::Removed(b("d")));
+        assert_eq!(r.refill(b"e/x", 3), Vec::<Vec<u8>>::new());
+        assert_eq!(r.peer_rename(b"d", b"e", 3), RenameDecision::Removed);
+        assert_eq!(r.refill(b"e/x", 3), vec![b("e")]);
+        assert_eq!(r.refill(b"e/x", 9), vec![b("e")]);
+    }
+
+    #[test]
     fn a_peer_rename_of_a_name_we_removed_is_not_applied() {
         let mut r = site(2, 1);
         r.local_change(5, &Local::Removed(b("a")));
@@ -2115,11 +2180,27 @@ mod names {
                     *s2 != *s && matches!(r2, R::Rmdir(d) if t.starts_with(&format!("{d}/")))
                 }),
                 _ => false,
-            }) || ops.iter().any(|(s, r)| match r {
-                // A directory renamed at one site and removed at the other.
-                R::Rename(f, _) => ops
-                    .iter()
-                    .any(|(s2, r2)| *s2 != *s && matches!(r2, R::Rmdir(d) if d == f)),
+            }) || ops.iter().enumerate().any(|(i, (s, r))| match r {
+                // A directory changed beneath, then renamed, at one site and removed at the
+                // other: the removing site makes it again for the change before the rename
+                // arrives.
+                R::Rename(f, _) => {
+                    let beneath = |p: &str| p.starts_with(&format!("{f}/"));
+                    ops.iter()
+                        .any(|(s2, r2)| *s2 != *s && matches!(r2, R::Rmdir(d) if d == f))
+                        && ops[..i].iter().any(|(s2, r2)| {
+                            *s2 == *s
+                                && match r2 {
+                                    R::Write(p, _)
+                                    | R::Unlink(p)
+                                    | R::Rmdir(p)
+                                    | R::Create(p)
+                                    | R::Mkdir(p) => beneath(p),
+                                    R::Rename(g, t) => beneath(g) || beneath(t),
+                                    R::Whole(..) => false,
+                                }
+                        })
+                }
                 _ => false,
             }) || ops.iter().any(|(s, r)| match r {
                 // Renames at both sites of a directory and of a name in it (or into it).

@@ -926,6 +926,47 @@ fn a_netsplit_during_which_one_side_renames_or_removes_what_the_other_changes() 
     assert!(ca.is_empty() && cb.is_empty(), "{ca:#?} {cb:#?}");
 }
 
+/// A directory renamed at one site and removed at the other during a split (issue 7): the rename
+/// wins. Site 1 renames `full` → `kept` and puts a file in it while site 2 removes `full`; site 2
+/// renames `empty` → `gone` and leaves it empty while site 1 removes `empty`. After the heal both
+/// sites hold `kept` with site 1's file, and neither holds `empty` nor `gone`.
+#[test]
+fn a_netsplit_during_which_one_side_renames_a_directory_the_other_removes() {
+    let pair = Pair::netsplit("netsplit-dir-rm");
+    for d in ["full", "empty"] {
+        fs::create_dir(pair.a.p(d)).expect("mkdir at a");
+    }
+    pair.wait_view("both directories at site 2", || {
+        pair.b.p("full").is_dir() && pair.b.p("empty").is_dir()
+    });
+    pair.wait_equal();
+    pair.cut();
+    pair.wait_linked(false);
+    fs::rename(pair.a.p("full"), pair.a.p("kept")).expect("rename at a");
+    write_file(
+        &pair.a,
+        "kept/x.txt",
+        b"put in the renamed directory at site 1\n",
+    );
+    fs::remove_dir(pair.b.p("full")).expect("rmdir at b");
+    fs::rename(pair.b.p("empty"), pair.b.p("gone")).expect("rename at b");
+    fs::remove_dir(pair.a.p("empty")).expect("rmdir at a");
+    pair.heal();
+    pair.wait_linked(true);
+    pair.wait_shown("kept/x.txt", b"put in the renamed directory at site 1\n");
+    pair.wait_view("neither empty nor gone at either site", || {
+        [&pair.a, &pair.b]
+            .iter()
+            .all(|m| !m.p("empty").exists() && !m.p("gone").exists() && !m.p("full").exists())
+    });
+    pair.wait_equal();
+    for m in [&pair.a, &pair.b] {
+        assert!(m.p("kept").is_dir(), "kept at {}", m.log());
+    }
+    let (ca, cb) = (conflicts_json(&pair.a), conflicts_json(&pair.b));
+    assert!(ca.is_empty() && cb.is_empty(), "{ca:#?} {cb:#?}");
+}
+
 /// More namespace cases of a split: rename against unlink (the renamed file stays), rename
 /// against rename (site 1's name, with site 2's later write in it), a directory and a file made
 /// under one name (the directory stays, the file goes to a conflict copy), and one mode set at
