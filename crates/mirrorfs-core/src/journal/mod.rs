@@ -369,12 +369,9 @@ impl<S: SegmentStore> Journal<S> {
                 )
                 .max(end + behind);
             let from = seg.len.max(seg.reserved);
-            let r = match seg
-                .file
-                .reserve(from, if seg.frugal { end + behind } else { ahead })
-            {
-                Ok(()) if seg.frugal => Ok(end + behind),
-                Ok(()) => Ok(ahead),
+            let want = if seg.frugal { end + behind } else { ahead };
+            let r = match seg.file.reserve(from, want) {
+                Ok(()) => Ok(want),
                 Err(e) if is_no_space(&e) && !seg.frugal => {
                     seg.frugal = true;
                     seg.file.reserve(from, end + behind).map(|()| end + behind)

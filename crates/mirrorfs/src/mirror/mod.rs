@@ -232,7 +232,8 @@ fn publish(
 fn give_journal_space_back(vol: &Volume, m: &MirrorShared) {
     use std::os::unix::fs::MetadataExt;
     let dev = |p: &std::path::Path| std::fs::metadata(p).map(|md| md.dev()).ok();
-    if dev(&m.path).is_none() || dev(&m.path) != dev(&m.state_dir) {
+    let tree = dev(&m.path);
+    if tree.is_none() || tree != dev(&m.state_dir) {
         return;
     }
     match lock(&vol.order).journal.release_spare() {
