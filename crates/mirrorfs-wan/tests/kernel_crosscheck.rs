@@ -9,7 +9,9 @@
 //!   counts IP bytes (a TUN device carries no link header), `tbf` on a veth also counts the
 //!   14-byte Ethernet header (1 % of a full-size packet), while its bucket (`burst`) lets a
 //!   little more through than the rate; both effects are well inside the tolerance (measured:
-//!   96.1–96.6 % of the cap through each).
+//!   96.1–96.6 % of the cap through each). Each cap is measured twice and the better run
+//!   counts: a CI run once measured tbf at 87.7 % while the loss test's UDP blast ran beside
+//!   it, and load only ever lowers a goodput. The two tests now also run one at a time.
 //! - loss: the two loss fractions agree within ±10 % (relative) of each other, and each is
 //!   within ±10 % of the set rate. At 5 % of 40,000 packets, 2,000 are expected, with a
 //!   binomial standard deviation of 44: ±200 is 4.6 of them. Our side is seeded (the same
@@ -23,6 +25,7 @@ use std::net::{TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use mirrorfs_wan::{netns, Impairment, Side, Wan};
@@ -38,11 +41,24 @@ const QUEUE_BYTES: u64 = 64 * 1024;
 const TRANSFER_BYTES: usize = 5_000_000;
 /// The start of a transfer left out of its rate (slow start, tbf's initial burst).
 const WARMUP: Duration = Duration::from_millis(300);
+/// How many transfers each cap is measured with; the best counts (see `best_of`).
+const RATE_RUNS: usize = 2;
 
 const LOSS: f64 = 0.05;
 const DATAGRAMS: u64 = 40_000;
 
 static NEXT: AtomicU64 = AtomicU64::new(0);
+
+/// Held by each test for its whole run: the two measure throughput and loss on a machine of two
+/// cores, and a UDP blast beside a TCP transfer would make each measure the other's load.
+static ALONE: Mutex<()> = Mutex::new(());
+
+fn alone() -> MutexGuard<'static, ()> {
+    // A test that failed while holding it leaves it poisoned; the next may still run.
+    ALONE
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 
 /// Two network namespaces of this test, joined by a veth pair: A has `VETH_A`, B has `VETH_B`.
 /// Dropping it removes both namespaces, which removes the pair.
@@ -226,68 +242,81 @@ fn mbit(bps: f64) -> f64 {
     bps / 1e6
 }
 
-#[test]
-fn the_rate_cap_passes_tcp_as_tbf_does_at_the_same_rate() {
-    let cap = RATE_BPS as f64;
-
-    let ours = {
-        let imp = Impairment {
-            rate_bps: Some(RATE_BPS),
-            queue_bytes: QUEUE_BYTES,
-            ..Impairment::default()
-        };
-        let wan = Wan::start(imp.clone(), imp, 3).expect("start the WAN");
-        let at_b = format!("{}:{PORT}", Wan::addr(Side::B));
-        let listener = wan
-            .within(Side::B, {
-                let at_b = at_b.clone();
-                move || TcpListener::bind(at_b)
-            })
-            .expect("listen in B");
-        let bps = tcp_goodput_bps(listener, || {
-            wan.within(Side::A, move || TcpStream::connect(at_b))
-                .expect("connect from A")
-        });
-        let rep = wan.stop().expect("stop the WAN");
-        assert!(rep.a_to_b.bytes_delivered >= TRANSFER_BYTES as u64);
-        bps
+/// One TCP transfer through our router's rate cap: its goodput in bit/s.
+fn ours_goodput_bps() -> f64 {
+    let imp = Impairment {
+        rate_bps: Some(RATE_BPS),
+        queue_bytes: QUEUE_BYTES,
+        ..Impairment::default()
     };
-
-    let tbf = {
-        let veth = Veth::start();
-        // `burst` is the bucket (at least one full-size packet; this kernel wants rate/HZ),
-        // `limit` the queue in front of it, as ours.
-        let rate = RATE_BPS.to_string();
-        let limit = QUEUE_BYTES.to_string();
-        run(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                veth.ns(Side::A),
-                "tc",
-                "qdisc",
-                "add",
-                "dev",
-                veth.dev(Side::A),
-                "root",
-                "tbf",
-                "rate",
-                &format!("{rate}bit"),
-                "burst",
-                "16kb",
-                "limit",
-                &limit,
-            ],
-        );
-        let at_b = format!("{}:{PORT}", Veth::addr(Side::B));
-        let listener = within(veth.ns(Side::B), {
+    let wan = Wan::start(imp.clone(), imp, 3).expect("start the WAN");
+    let at_b = format!("{}:{PORT}", Wan::addr(Side::B));
+    let listener = wan
+        .within(Side::B, {
             let at_b = at_b.clone();
             move || TcpListener::bind(at_b)
-        });
-        let ns_a = veth.ns(Side::A).to_string();
-        tcp_goodput_bps(listener, || within(&ns_a, move || TcpStream::connect(at_b)))
-    };
+        })
+        .expect("listen in B");
+    let bps = tcp_goodput_bps(listener, || {
+        wan.within(Side::A, move || TcpStream::connect(at_b))
+            .expect("connect from A")
+    });
+    let rep = wan.stop().expect("stop the WAN");
+    assert!(rep.a_to_b.bytes_delivered >= TRANSFER_BYTES as u64);
+    bps
+}
+
+/// One TCP transfer through `tc … tbf` on a veth pair: its goodput in bit/s.
+fn tbf_goodput_bps() -> f64 {
+    let veth = Veth::start();
+    // `burst` is the bucket (at least one full-size packet; this kernel wants rate/HZ),
+    // `limit` the queue in front of it, as ours.
+    let rate = RATE_BPS.to_string();
+    let limit = QUEUE_BYTES.to_string();
+    run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            veth.ns(Side::A),
+            "tc",
+            "qdisc",
+            "add",
+            "dev",
+            veth.dev(Side::A),
+            "root",
+            "tbf",
+            "rate",
+            &format!("{rate}bit"),
+            "burst",
+            "16kb",
+            "limit",
+            &limit,
+        ],
+    );
+    let at_b = format!("{}:{PORT}", Veth::addr(Side::B));
+    let listener = within(veth.ns(Side::B), {
+        let at_b = at_b.clone();
+        move || TcpListener::bind(at_b)
+    });
+    let ns_a = veth.ns(Side::A).to_string();
+    tcp_goodput_bps(listener, || within(&ns_a, move || TcpStream::connect(at_b)))
+}
+
+/// The best of `RATE_RUNS` goodputs measured by `once`: load on the machine (two cores shared
+/// with the other tests) can only lower a goodput, never raise it past the cap, so the best run
+/// is the estimate of what the cap lets through.
+fn best_of(once: impl Fn() -> f64) -> f64 {
+    (0..RATE_RUNS).map(|_| once()).fold(0.0, f64::max)
+}
+
+#[test]
+fn the_rate_cap_passes_tcp_as_tbf_does_at_the_same_rate() {
+    let _alone = alone();
+    let cap = RATE_BPS as f64;
+
+    let ours = best_of(ours_goodput_bps);
+    let tbf = best_of(tbf_goodput_bps);
 
     eprintln!(
         "TCP goodput at a {:.1} Mbit/s cap: mirrorfs-wan {:.2} Mbit/s ({:.1} %), tbf {:.2} Mbit/s ({:.1} %)",
@@ -315,6 +344,7 @@ fn the_rate_cap_passes_tcp_as_tbf_does_at_the_same_rate() {
 
 #[test]
 fn random_loss_drops_as_many_as_an_nftables_random_drop_rule() {
+    let _alone = alone();
     let ours = {
         let imp = Impairment {
             loss: LOSS,
