@@ -158,6 +158,8 @@ def summarise(pname, prim, dname, dmn, args):
         ("  its fdatasync", lambda r: (r[3] - r[6]) if r[6] and r[6] <= r[3] else None),
         ("durable -> applied (apply queue + apply)", lambda r: r[4] - r[3]),
         ("append -> applied (total)", lambda r: r[4] - r[1]),
+        ("primary durable -> applied (WAN lag, --ack local)",
+         lambda r: (r[4] - r[7]) if r[7] and r[7] <= r[2] else None),
         ("applied -> ack sent", lambda r: (r[5] - r[4]) if r[5] else None),
     ]
     print(f"  {'stage':44} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'max ms':>8}")
