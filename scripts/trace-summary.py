@@ -12,12 +12,19 @@ events overlap it most. In each pair the burst is the longest run of appends wit
 --gap ms (or the seqs given with --seqs A-B). Per record of the burst:
 
     append   the primary journaled it (and settled it)
+    pdurable the primary's journal fdatasync that covers it ended (the acknowledgement in
+             `--ack local`; a primary sends only durable records)
     recv     the daemon stored it in its journal
     durable  the daemon's journal fdatasync that covers it ended (F2)
     applied  the daemon's worker applied it (it applies only durable records)
     ack      the daemon sent an ack whose `applied` covers it
 
-and the daemon's fdatasyncs and checkpoint syncs (syncfs or per-file) during the burst.
+and the daemon's fdatasyncs and checkpoint syncs (syncfs or per-file) during the burst; the
+daemon's journal stage split into the wait for its fdatasync to start (behind an earlier one)
+and that fdatasync; and the apply thread's time between two applied records, split into time
+with durable records waiting (the applier is the bottleneck) and time waiting for durable ones.
+For the WAN latency cells (`--wan-parts latency-target`), `--last 300` takes the measured
+messages (the last 300 records appended).
 """
 
 import argparse
@@ -92,6 +99,9 @@ def summarise(pname, prim, dname, dmn, args):
     if args.seqs:
         a, b = (int(v) for v in args.seqs.split("-"))
         lo_seq, hi_seq = a, b
+    elif args.last:
+        hi_seq = appends[-1][1]
+        lo_seq = max(1, hi_seq - args.last + 1)
     else:
         run = max(runs, key=len)
         # The first append of the run settles from the previous end.
@@ -105,6 +115,10 @@ def summarise(pname, prim, dname, dmn, args):
     rc_t, rc_v = [t for t, _ in recv], [s for _, s in recv]
     dur = [(t, int(a[0])) for t, a in dmn["durable"]]
     du_t, du_v = [t for t, _ in dur], [s for _, s in dur]
+    fss = [(t, int(a[0])) for t, a in dmn["fdatasync_start"]]
+    fs_t, fs_v = [t for t, _ in fss], [s for _, s in fss]
+    pdur = [(t, int(a[0])) for t, a in prim["durable"]]
+    pd_t, pd_v = [t for t, _ in pdur], [s for _, s in pdur]
     appl = {}
     for t, a in dmn["applied"]:
         appl.setdefault(int(a[0]), t)
@@ -122,7 +136,11 @@ def summarise(pname, prim, dname, dmn, args):
         t_ak = first_at_or_after(ak_t, ak_v, seq, t_apl)
         if t_du is None:
             continue
-        rows.append((seq, t_ap, t_rc, t_du, t_apl, t_ak))
+        # The daemon's fdatasync that covers it (started after it was stored), and the
+        # primary's.
+        t_fs = first_at_or_after(fs_t, fs_v, seq, t_rc)
+        t_pd = first_at_or_after(pd_t, pd_v, seq, t_ap)
+        rows.append((seq, t_ap, t_rc, t_du, t_apl, t_ak, t_fs, t_pd))
     if not rows:
         print(f"{pname} / {dname}: no record of seqs {lo_seq}..{hi_seq} went through")
         return
@@ -131,9 +149,17 @@ def summarise(pname, prim, dname, dmn, args):
           f"first append -> last applied {(t_hi - t_lo) / 1000:.1f} ms")
     stages = [
         ("append -> recv (primary + link)", lambda r: r[2] - r[1]),
+        ("  append -> primary durable (primary F2)",
+         lambda r: (r[7] - r[1]) if r[7] and r[7] <= r[2] else None),
+        ("  primary durable -> recv (sender + link)",
+         lambda r: (r[2] - r[7]) if r[7] and r[7] <= r[2] else None),
         ("recv -> durable (daemon journal F2)", lambda r: r[3] - r[2]),
+        ("  recv -> its fdatasync starts", lambda r: (r[6] - r[2]) if r[6] and r[6] <= r[3] else None),
+        ("  its fdatasync", lambda r: (r[3] - r[6]) if r[6] and r[6] <= r[3] else None),
         ("durable -> applied (apply queue + apply)", lambda r: r[4] - r[3]),
         ("append -> applied (total)", lambda r: r[4] - r[1]),
+        ("primary durable -> applied (WAN lag, --ack local)",
+         lambda r: (r[4] - r[7]) if r[7] and r[7] <= r[2] else None),
         ("applied -> ack sent", lambda r: (r[5] - r[4]) if r[5] else None),
     ]
     print(f"  {'stage':44} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'max ms':>8}")
@@ -148,6 +174,20 @@ def summarise(pname, prim, dname, dmn, args):
           f"{sum(r[2] - r[1] for r in tail) / n / 1000:.2f}, recv->durable "
           f"{sum(r[3] - r[2] for r in tail) / n / 1000:.2f}, durable->applied "
           f"{sum(r[4] - r[3] for r in tail) / n / 1000:.2f}")
+    # The apply thread between two applied records of the range: busy while durable records
+    # waited (the applier is the bottleneck), or waiting for the next durable record.
+    applied = sorted((appl[r[0]], r[0]) for r in rows)
+    busy = starved = 0
+    for (t0, s0), (t1, _) in zip(applied, applied[1:]):
+        i = bisect.bisect_right(du_t, t0) - 1
+        if i >= 0 and du_v[i] > s0:
+            busy += t1 - t0
+        else:
+            starved += t1 - t0
+    if len(applied) > 1:
+        print(f"  daemon apply thread, first to last applied {(applied[-1][0] - applied[0][0]) / 1000:.1f} ms: "
+              f"{busy / 1000:.1f} ms with durable records waiting, {starved / 1000:.1f} ms waiting "
+              f"for the next durable record")
     lo, hi = t_lo, t_hi
     for label, ev, s, e in [
         ("daemon journal fdatasync", dmn, "fdatasync_start", "durable"),
@@ -175,6 +215,8 @@ def main():
     ap.add_argument("--gap", type=float, default=50.0,
                     help="a pause longer than this (ms) ends a burst of appends")
     ap.add_argument("--seqs", help="A-B: these seqs instead of the longest burst")
+    ap.add_argument("--last", type=int,
+                    help="N: the last N records appended instead of the longest burst")
     args = ap.parse_args()
     prims, dmns = [], []
     for f in args.files:

@@ -139,6 +139,12 @@ pub(crate) fn percentile_f(sorted: &[f64], q: f64) -> f64 {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
+/// The cells the target is about: local and network mode over UDP + FEC at the target's loss
+/// (`--wan-parts latency-target` runs only these; each keeps its seed of the full run).
+fn is_target_cell(loss: f64, ack: &str, path: Route) -> bool {
+    (loss - TARGET_LOSS).abs() < 1e-9 && ack != "durable" && path == Route::UdpFec
+}
+
 /// The target's verdict for a p99, in ms, at the target's loss.
 pub(crate) fn target_met(p99_ms: f64) -> bool {
     p99_ms <= ms(DELAY + TARGET_ABOVE_DELAY)
@@ -151,6 +157,7 @@ pub fn run(
     quick: bool,
     seed: u64,
     plots: Option<&Path>,
+    only_target: bool,
 ) -> Result<()> {
     let (samples, cell_time) = if quick {
         (SAMPLES_QUICK, CELL_TIME_QUICK)
@@ -164,6 +171,9 @@ pub fn run(
             for path in PATHS {
                 crate::check_interrupted()?;
                 n += 1;
+                if only_target && !is_target_cell(loss, ack, path) {
+                    continue;
+                }
                 let label = path.label(ack);
                 let base = run_dir.join(format!("latency-{n}"));
                 fs::create_dir_all(&base)
@@ -192,7 +202,8 @@ pub fn run(
     }
     print_table(&cells, samples, markdown);
     print_target(&cells);
-    if let Some(dir) = plots {
+    // The plot is of the whole sweep; a run of the target's cells draws none.
+    if let Some(dir) = plots.filter(|_| !only_target) {
         crate::plots::latency(dir, &cells, ms(DELAY))?;
         eprintln!("[latency] plots in {}", dir.display());
     }
@@ -491,6 +502,27 @@ mod tests {
         assert_eq!(percentile_f(&v, 0.99), 198.0);
         assert_eq!(percentile_f(&v, 1.0), 200.0);
         assert_eq!(percentile_f(&[], 0.5), 0.0);
+    }
+
+    #[test]
+    fn the_target_cells_are_local_and_network_over_udp_fec_at_one_percent() {
+        let mut cells = Vec::new();
+        for loss in LOSSES {
+            for ack in ACKS {
+                for path in PATHS {
+                    if is_target_cell(loss, ack, path) {
+                        cells.push((ack, path.label(ack)));
+                    }
+                }
+            }
+        }
+        assert_eq!(cells.len(), 2);
+        assert_eq!(cells[0].0, "local");
+        assert_eq!(cells[1].0, "network");
+        assert!(
+            cells.iter().all(|(_, l)| l.contains("FEC (8, 3)")),
+            "{cells:?}"
+        );
     }
 
     #[test]

@@ -285,7 +285,8 @@ struct Args {
     /// `fairness` (each data path beside a competing bulk TCP flow, and that flow alone) and
     /// `latency` (mirroring latency, acknowledged at the primary → applied at the mirror, per
     /// `--ack` mode and data path vs loss 0 / 0.1 / 0.5 / 1 % at 50 ms one-way; its plot goes
-    /// to `--plots`).
+    /// to `--plots`); `latency-target` runs only the latency cells the lag target is about
+    /// (local and network over UDP + FEC at 1 % loss), for side-by-side runs.
     #[arg(long, value_delimiter = ',', default_value = "throughput,delay")]
     wan_parts: Vec<wan::Part>,
     /// Rows of the tokens target to run, comma separated [default: all]: `4k-pwrite`,

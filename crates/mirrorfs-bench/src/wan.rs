@@ -48,6 +48,9 @@ pub enum Part {
     /// Mirroring latency per `--ack` mode and data path vs loss at 50 ms one-way
     /// (`latency.rs`).
     Latency,
+    /// Only the cells the lag target is about (local and network over UDP + FEC at 1 % loss),
+    /// for side-by-side runs of two binaries.
+    LatencyTarget,
 }
 
 /// The competing flow's port on side B.
@@ -206,8 +209,9 @@ pub fn run(
     parts.dedup();
     let mut n = 0u64;
     for part in parts {
-        if part == Part::Latency {
-            crate::latency::run(bin, run_dir, markdown, quick, seed, plots)?;
+        if matches!(part, Part::Latency | Part::LatencyTarget) {
+            let only_target = part == Part::LatencyTarget;
+            crate::latency::run(bin, run_dir, markdown, quick, seed, plots, only_target)?;
             continue;
         }
         let settings: Vec<(Duration, f64)> = match part {
@@ -217,7 +221,7 @@ pub fn run(
                 .map(|&d| (Duration::from_millis(d), DELAY_SWEEP_LOSS))
                 .collect(),
             Part::Fairness => vec![(DELAY, 0.0)],
-            Part::Latency => Vec::new(),
+            Part::Latency | Part::LatencyTarget => Vec::new(),
         };
         let compete = part == Part::Fairness;
         if compete {
@@ -284,7 +288,7 @@ fn print_table(part: Part, rows: &[Row], size_mib: u64, limit: Duration, markdow
             "{} ms one-way delay, no loss, beside a competing bulk TCP flow",
             DELAY.as_millis()
         ),
-        Part::Latency => String::new(),
+        Part::Latency | Part::LatencyTarget => String::new(),
     };
     println!(
         "mirroring throughput: {size_mib} MiB written through the mount (1 MiB writes, --ack async) until the mirror has every byte (or {} s); {sweep}, {RATE_MBIT} Mbit/s cap with a 4 MiB queue (mirrorfs-wan)",
