@@ -69,6 +69,14 @@ pub fn stopping() {
     let _ = sd_notify::notify(&[NotifyState::Stopping]);
 }
 
+/// While stopping: asks systemd for `by` more before its stop timeout (`TimeoutStopSec=`) ends
+/// the process; sent by the unmount's wait for a mirror that is still catching up
+/// (`mirror::drain`). Does nothing outside systemd.
+pub fn extend_stop(by: Duration) {
+    let usec = u32::try_from(by.as_micros()).unwrap_or(u32::MAX);
+    let _ = sd_notify::notify(&[NotifyState::ExtendTimeoutUsec(usec)]);
+}
+
 /// Pings systemd's watchdog from a main loop, at half the unit's `WatchdogSec=`; does nothing
 /// when the unit sets none. A main loop that stops turning (a hang) stops the pings and systemd
 /// restarts the unit.

@@ -647,7 +647,7 @@ pub fn mount(a: MountArgs) -> Result<()> {
         m.cancel_copy.store(true, Ordering::Release);
     }
     unmount(bg, &places.mountpoint, own_mount);
-    drain_mirrors(&vol, &shared);
+    mirror::drain::drain_mirrors(&vol, &shared);
     status_stop.store(true, Ordering::Relaxed);
     site.stop()?;
     stamp::save(&places.backing, &state.hidden, &state.path);
@@ -1384,27 +1384,6 @@ fn detach(mountpoint: &Path) {
                 mountpoint.display(),
                 std::io::Error::last_os_error()
             );
-        }
-    }
-}
-
-/// Makes the journal durable and gives each healthy mirror up to 30 s to catch up with it (a
-/// mirror whose copy is still being journaled is not waited for: the next mount copies it
-/// again; one whose copy is all in the journal is).
-fn drain_mirrors(vol: &Volume, shared: &[Arc<MirrorShared>]) {
-    let target = vol.wait_journal_durable();
-    for m in shared {
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        let syncing = || {
-            matches!(*lock(&m.phase), MirrorPhase::Syncing { .. })
-                && m.copy_journaled.load(Ordering::Acquire) == 0
-        };
-        while m.healthy()
-            && !syncing()
-            && m.needed_after() < target
-            && std::time::Instant::now() < deadline
-        {
-            std::thread::sleep(Duration::from_millis(10));
         }
     }
 }

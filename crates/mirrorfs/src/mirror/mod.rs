@@ -1,6 +1,7 @@
 //! Mirror workers (one thread per mirror) and the initial copy of a new mirror.
 
 pub mod checkpoint;
+pub mod drain;
 pub mod mark;
 pub mod operator;
 pub mod resync;
