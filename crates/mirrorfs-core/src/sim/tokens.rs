@@ -771,10 +771,19 @@ impl World {
                 object,
                 guarded,
             } => {
-                // The quorum again, at the moment the write goes (it may have waited).
+                // The quorum again, at the moment the write goes (it may have waited); for the
+                // second token of a pair, the whole change (`goes_together`).
+                let first = self.pair_first.get(&write).and_then(|f| {
+                    self.sites[i]
+                        .writing
+                        .iter()
+                        .find(|w| w.uid == *f)
+                        .map(|w| w.guarded)
+                });
+                let together: Vec<bool> = first.into_iter().chain([guarded]).collect();
                 if self
                     .decide(i, Some(&mut *queue))?
-                    .is_some_and(|d| !d.goes(Some(guarded)))
+                    .is_some_and(|d| !d.goes_together(&together))
                 {
                     queue.push_back(Event::Written {
                         object,

@@ -588,11 +588,26 @@ impl TokenGate {
         &self,
         objects: Vec<ObjectId>,
     ) -> Result<Permits<'_>, (ObjectId, GateError)> {
-        let mut permits = Vec::new();
+        let mut permits: Vec<Permit<'_>> = Vec::new();
         for object in mirrorfs_core::token::acquire_order(objects) {
             match self.acquire(object) {
                 Ok(p) => permits.push(p),
                 Err(e) => return Err((object, e)),
+            }
+        }
+        if permits.len() > 1 {
+            // The quorum for the whole change once its last token is taken: a token taken
+            // earlier without it, in majority, is stale if the majority ended meanwhile
+            // (`core::quorum::Decision::goes_together`). The permits drop as failed.
+            let mut inner = lock(&self.inner);
+            let guarded: Vec<bool> = permits.iter().map(|p| p.guarded).collect();
+            if let Some(d) = self.quorum_decide(&mut inner) {
+                if !d.goes_together(&guarded) {
+                    let e = self.refuse(&mut inner, Refusal::NoQuorum);
+                    drop(inner);
+                    let object = permits.first().map_or(0, |p| p.object);
+                    return Err((object, e));
+                }
             }
         }
         Ok(Permits(permits))
