@@ -1,9 +1,13 @@
-//! Two writable sites with per-object write tokens: the seeded simulation of `core::token`.
+//! Two writable sites with per-object write tokens: the seeded simulation of `core::token`,
+//! and of `core::quorum` with a witness (`core::lease`) under `--partition quorum`.
 //!
 //! ```text
 //!  site 0 (home or not)             ordered link, delay, cuts                    site 1
 //!   TokenSite ── Persist ─▶ log       records ─▶ / ◀─ records          log ◀─ Persist ── TokenSite
 //!   journal ──(shipped)──────────────▶ token messages (wire codec) ──────────▶ received → applied
+//!   quorum::Gate ◀──────────────────── Probe / Answer (same stream) ─────────▶ quorum::Gate
+//!   LeaseKeeper ── Request ─▶ witness (LeaseTable, no data) ◀─ Request ── LeaseKeeper
+//!                ◀─ Response ─         cuts, restarts          ─ Response ─▶
 //! ```
 //!
 //! Each site journals its own writes and streams its journal to the other on an ordered link
@@ -39,11 +43,34 @@
 //!    guarded write (the token hand-over orders them), so only split writes conflict; the
 //!    detection survives a crash (the machine is rebuilt from the journal after the persisted
 //!    watermark).
+//!
+//! A third of the seeds run `PartitionPolicy::Quorum`: a witness (`core::lease::LeaseTable`, a
+//! third voter that stores no data) grants one partition lease at a time to the sites'
+//! `core::lease::LeaseKeeper`s over links of their own, and each site's write gate is
+//! `core::quorum::Gate` composed with the token machine exactly as the binary's
+//! (`site::tokens::TokenGate`): the gate's check before a write, its check again when the token
+//! machine answers, the probes and answers on the stream, `Event::Majority`. The links to the
+//! witness are cut and come back, a partition isolates any one of the three (a site from the
+//! other site and the witness, or the witness from both), the witness crashes and restarts with
+//! an empty table. Splits last about a second, several ttls. Invariants, on top of 1–6:
+//!
+//! 7. one lease: the witness never grants the lease while another site's grant runs (by its
+//!    own clock);
+//! 8. one writer, also across a split: when a change of an object is made at a site, no write
+//!    of the other site to it is in progress, connected or not (a change of two objects: when
+//!    its second token is taken); a write without the token is made only at the witness's
+//!    lease holder (the ground truth: the grants as the witness made them), and from one ttl
+//!    after a cut (the longest a site stays linked on the peer's last answer) only the holder
+//!    writes at all: the other side's writes are refused `EROFS` (`Refusal::NoQuorum`, counted);
+//! 9. invariant 5 (no acknowledged write lost) after the final heal, and invariant 6 (the
+//!    records that crossed a cut are reconciled) hold under the quorum too.
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 
 use super::run::SplitMix64;
 use super::SimRng;
+use crate::lease::{LeaseKeeper, LeaseTable, Request as LeaseRequest, Response as LeaseResponse};
+use crate::quorum::{Decision as QuorumDecision, Gate as QuorumGate};
 use crate::reconcile::{Config as ReconcileConfig, Decision, Reconciler};
 use crate::token::{
     acquire_order, Action, Event, ObjectId, PartitionPolicy, Refusal, TokenConfig, TokenMsg,
@@ -77,6 +104,19 @@ pub struct TokensStats {
     pub concurrent: u64,
     pub skipped: u64,
     pub copies: u64,
+    /// `PartitionPolicy::Quorum` seeds, and in them: writes refused because the site was not
+    /// the majority of a split (`Refusal::NoQuorum`, `EROFS`), writes that went on during a
+    /// split (every one at the witness's lease holder), leases the witness granted, partitions
+    /// that isolated one of the three (site 0, site 1, the witness) and witness restarts.
+    pub quorum_seeds: u64,
+    pub refused_no_quorum: u64,
+    pub split_writes: u64,
+    pub lease_grants: u64,
+    pub isolations: u64,
+    pub witness_crashes: u64,
+    /// Of `concurrent`, those in quorum seeds (records that crossed a cut, or writes of two
+    /// successive lease holders of one split: never at once, reconciled as under `Reconcile`).
+    pub quorum_concurrent: u64,
 }
 
 impl std::ops::AddAssign for TokensStats {
@@ -98,6 +138,13 @@ impl std::ops::AddAssign for TokensStats {
         self.concurrent += o.concurrent;
         self.skipped += o.skipped;
         self.copies += o.copies;
+        self.quorum_seeds += o.quorum_seeds;
+        self.refused_no_quorum += o.refused_no_quorum;
+        self.split_writes += o.split_writes;
+        self.lease_grants += o.lease_grants;
+        self.isolations += o.isolations;
+        self.witness_crashes += o.witness_crashes;
+        self.quorum_concurrent += o.quorum_concurrent;
     }
 }
 
@@ -161,6 +208,12 @@ struct SimSite {
     parked: BTreeMap<Uid, Pending>,
     open: BTreeMap<ObjectId, u32>,
     down_until: u64,
+    /// `PartitionPolicy::Quorum` (`None` otherwise and while crashed): the quorum as the gate
+    /// composes it with the token machine, and the keeper of the witness's partition lease.
+    gate: Option<QuorumGate>,
+    keeper: Option<LeaseKeeper>,
+    /// Restarts so far: a witness answer to an earlier incarnation's request is dropped.
+    incarnation: u64,
 }
 
 impl SimSite {
@@ -184,6 +237,9 @@ impl SimSite {
             parked: BTreeMap::new(),
             open: BTreeMap::new(),
             down_until: 0,
+            gate: None,
+            keeper: None,
+            incarnation: 0,
         }
     }
 
@@ -219,8 +275,57 @@ struct World {
     kill: Option<(usize, usize)>,
     stats: TokensStats,
     policy: PartitionPolicy,
+    /// `PartitionPolicy::Quorum`: the witness and the links to it.
+    quorum: Option<Witness>,
+    /// Since when the link between the sites is down.
+    split_since: Option<u64>,
+    /// Steps after which a cut link between the sites comes back, on average.
+    heal_every: u64,
     /// Every event and action, when tracing one seed.
     trace: Option<Vec<String>>,
+}
+
+/// The witness (a third voter that stores no data: `core::lease::LeaseTable`, as
+/// `mirrorfs witness` runs it), the sites' links to it and the leases it granted.
+struct Witness {
+    /// `None` while crashed (it keeps nothing on disk).
+    table: Option<LeaseTable>,
+    down_until: u64,
+    ttl_max_ms: u64,
+    /// The lease (and link lease) every site asks for (`mount --lease-ms`).
+    ttl_ms: u64,
+    /// Site i reaches the witness.
+    up: [bool; 2],
+    /// Requests and answers in flight: (delivery time, message).
+    flight: Vec<(u64, WitnessMsg)>,
+    /// Every lease granted, by the witness's clock: (site, from, until). The ground truth of
+    /// who may write during a split.
+    granted: Vec<(usize, u64, u64)>,
+}
+
+#[derive(Debug, Clone)]
+enum WitnessMsg {
+    Request {
+        site: usize,
+        incarnation: u64,
+        sent_at: u64,
+        request: LeaseRequest,
+    },
+    Response {
+        site: usize,
+        incarnation: u64,
+        sent_at: u64,
+        response: LeaseResponse,
+    },
+}
+
+impl Witness {
+    /// Whether the witness's lease is site `i`'s at `now` (the ground truth).
+    fn holder(&self, i: usize, now: u64) -> bool {
+        self.granted
+            .iter()
+            .any(|&(s, from, until)| s == i && from <= now && now < until)
+    }
 }
 
 type Step = Result<(), String>;
@@ -244,10 +349,10 @@ fn run(
     let mut gen = SplitMix64(seed ^ 0x070C_3E45_u64);
     let mut next = || gen.next();
     let mut rng = SimRng::new(&mut next);
-    let policy = if rng.chance(1, 2) {
-        PartitionPolicy::Reconcile
-    } else {
-        PartitionPolicy::ReadOnly
+    let policy = match rng.below(3) {
+        0 => PartitionPolicy::Reconcile,
+        1 => PartitionPolicy::ReadOnly,
+        _ => PartitionPolicy::Quorum,
     };
     let config = |rng: &mut SimRng<'_>, site, peer| TokenConfig {
         site,
@@ -262,6 +367,18 @@ fn run(
     // Either simulated site may be the home (the lower id).
     let (id_a, id_b) = if rng.chance(1, 2) { (1, 2) } else { (9, 4) };
     let (a, b) = (config(&mut rng, id_a, id_b), config(&mut rng, id_b, id_a));
+    let quorum = (policy == PartitionPolicy::Quorum).then(|| {
+        let ttl_ms = rng.range(300, 800);
+        Witness {
+            table: None,
+            down_until: 0,
+            ttl_max_ms: rng.range(ttl_ms, 2 * ttl_ms),
+            ttl_ms,
+            up: [true, true],
+            flight: Vec::new(),
+            granted: Vec::new(),
+        }
+    });
     let mut w = World {
         now: 0,
         sites: [SimSite::new(a), SimSite::new(b)],
@@ -280,9 +397,20 @@ fn run(
             ..TokensStats::default()
         },
         policy,
+        // Splits under the quorum last long enough (about a second) for the majority to form.
+        heal_every: if quorum.is_some() { 250 } else { 30 },
+        quorum,
+        split_since: None,
         trace,
     };
+    if w.quorum.is_some() {
+        w.stats.quorum_seeds = 1;
+    }
     let r = (|| {
+        w.restart_witness();
+        for i in 0..2 {
+            w.start_quorum(i);
+        }
         w.connect()?;
         for step in 0..steps {
             w.step(&mut rng)
@@ -327,13 +455,251 @@ impl World {
             self.kill = Some((rng.below(2) as usize, rng.range(1, 3) as usize));
         }
         self.restart_due()?;
-        if !self.link_up && self.sites.iter().all(SimSite::alive) && rng.chance(1, 30) {
+        if !self.link_up && self.sites.iter().all(SimSite::alive) && rng.chance(1, self.heal_every)
+        {
             self.connect()?;
         }
+        self.witness_faults(rng)?;
+        self.witness_step(rng)?;
         for i in 0..2 {
-            self.event(i, Event::Tick)?;
+            self.tick_site(i)?;
         }
         self.check()
+    }
+
+    /// `PartitionPolicy::Quorum`: the links to the witness are cut and come back, a partition
+    /// isolates one of the three, the witness crashes and restarts (it forgets every lease).
+    fn witness_faults(&mut self, rng: &mut SimRng<'_>) -> Step {
+        let Some(q) = self.quorum.as_mut() else {
+            return Ok(());
+        };
+        for k in 0..2 {
+            if q.up[k] && rng.chance(1, 400) {
+                q.up[k] = false;
+            } else if !q.up[k] && rng.chance(1, 150) {
+                q.up[k] = true;
+            }
+        }
+        if q.table.is_some() && rng.chance(1, 3000) {
+            self.stats.witness_crashes += 1;
+            q.table = None;
+            q.down_until = self.now + rng.range(50, 2000);
+            if let Some(t) = self.trace.as_mut() {
+                t.push(format!("{} witness: CRASH", self.now));
+            }
+        }
+        if rng.chance(1, 500) {
+            // Isolate one of the three: a site loses the other site and the witness, or the
+            // witness loses both sites.
+            self.stats.isolations += 1;
+            let who = rng.below(3) as usize;
+            if let Some(t) = self.trace.as_mut() {
+                t.push(format!("{} isolate {who} (2: the witness)", self.now));
+            }
+            match who {
+                2 => q.up = [false, false],
+                k => {
+                    q.up[k] = false;
+                    self.disconnect()?;
+                }
+            }
+        }
+        self.restart_witness();
+        Ok(())
+    }
+
+    /// A crashed witness whose time came starts again, with an empty table.
+    fn restart_witness(&mut self) {
+        let now = self.now;
+        if let Some(q) = self.quorum.as_mut() {
+            if q.table.is_none() && now >= q.down_until {
+                q.table = Some(LeaseTable::new(now, q.ttl_max_ms));
+            }
+        }
+    }
+
+    /// The keepers ask the witness when due; requests and answers whose time came arrive
+    /// (lost if the link is down or the other end crashed on the way).
+    fn witness_step(&mut self, rng: &mut SimRng<'_>) -> Step {
+        let Some(q) = self.quorum.as_mut() else {
+            return Ok(());
+        };
+        let now = self.now;
+        for (i, s) in self.sites.iter_mut().enumerate() {
+            let Some(k) = s.keeper.as_mut() else {
+                continue;
+            };
+            if let Some(request) = k.tick(now) {
+                if q.up[i] {
+                    let at = now + rng.range(1, 20);
+                    q.flight.push((
+                        at,
+                        WitnessMsg::Request {
+                            site: i,
+                            incarnation: s.incarnation,
+                            sent_at: now,
+                            request,
+                        },
+                    ));
+                }
+            }
+        }
+        let (due, later): (Vec<_>, Vec<_>) = q.flight.drain(..).partition(|(at, _)| *at <= now);
+        q.flight = later;
+        for (_, m) in due {
+            match m {
+                WitnessMsg::Request {
+                    site,
+                    incarnation,
+                    sent_at,
+                    request,
+                } => {
+                    let Some(table) = q.table.as_mut() else {
+                        continue;
+                    };
+                    if !q.up[site] {
+                        continue;
+                    }
+                    let response = table.request(now, &request);
+                    if let LeaseResponse::Granted { ttl_ms } = response {
+                        self.stats.lease_grants += 1;
+                        // The witness's own rule, checked from outside: one holder at a time.
+                        if let Some(&(other, _, until)) = q
+                            .granted
+                            .iter()
+                            .find(|&&(o, _, until)| o != site && now < until)
+                        {
+                            return Err(format!(
+                                "the witness granted the lease to site {site} while site {other} holds it until {until}"
+                            ));
+                        }
+                        q.granted.push((site, now, now + ttl_ms));
+                    }
+                    if let Some(t) = self.trace.as_mut() {
+                        t.push(format!(
+                            "{now} witness: site {site} {request:?} -> {response:?}"
+                        ));
+                    }
+                    let at = now + rng.range(1, 20);
+                    q.flight.push((
+                        at,
+                        WitnessMsg::Response {
+                            site,
+                            incarnation,
+                            sent_at,
+                            response,
+                        },
+                    ));
+                }
+                WitnessMsg::Response {
+                    site,
+                    incarnation,
+                    sent_at,
+                    response,
+                } => {
+                    let s = &mut self.sites[site];
+                    if !q.up[site] || s.incarnation != incarnation {
+                        continue;
+                    }
+                    if let Some(k) = s.keeper.as_mut() {
+                        k.on_response(now, sent_at, &response);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether site `i` holds the witness's partition lease now, as its keeper says.
+    fn lease_held(&self, i: usize) -> bool {
+        self.sites[i]
+            .keeper
+            .as_ref()
+            .is_some_and(|k| k.writable(self.now).is_ok())
+    }
+
+    /// The quorum's decision at site `i` now (`None` without the quorum or while crashed); a
+    /// change of the majority goes to the token machine, at once (`queue` is `None`) or after
+    /// the actions being carried out.
+    fn decide(
+        &mut self,
+        i: usize,
+        queue: Option<&mut VecDeque<Event>>,
+    ) -> Result<Option<QuorumDecision>, String> {
+        let lease = self.lease_held(i);
+        let now = self.now;
+        let Some(g) = self.sites[i].gate.as_mut() else {
+            return Ok(None);
+        };
+        let (d, change) = g.decide(now, lease);
+        if let Some(ev) = change {
+            match queue {
+                Some(q) => q.push_back(ev),
+                None => self.event(i, ev)?,
+            }
+        }
+        Ok(Some(d))
+    }
+
+    /// What the gate's tick does: the quorum's probe, its majority, then the token machine's
+    /// timings.
+    fn tick_site(&mut self, i: usize) -> Step {
+        let now = self.now;
+        if let Some(probe) = self.sites[i].gate.as_mut().and_then(|g| g.tick(now)) {
+            self.send(i, probe)?;
+        }
+        self.decide(i, None)?;
+        self.event(i, Event::Tick)
+    }
+
+    /// A quorum message from the peer (the gate's, not the token machine's).
+    fn quorum_msg(&mut self, i: usize, msg: TokenMsg) -> Step {
+        let now = self.now;
+        let in_flight = self.sites[i]
+            .machine
+            .as_ref()
+            .is_some_and(|m| m.unguarded() > 0);
+        let Some(g) = self.sites[i].gate.as_mut() else {
+            return Ok(());
+        };
+        if let Some(t) = self.trace.as_mut() {
+            t.push(format!("{now} site {i}: quorum {msg:?}"));
+        }
+        match msg {
+            TokenMsg::Probe { nonce } => {
+                if let Some(answer) = g.on_probe(now, nonce, in_flight) {
+                    self.send(i, answer)?;
+                }
+            }
+            TokenMsg::Answer { nonce, seq } => g.on_answer(now, nonce, seq),
+            _ => return Err(format!("site {i}: {msg:?} is not the quorum's")),
+        }
+        self.decide(i, None)?;
+        Ok(())
+    }
+
+    /// Site `i` (re)starts its quorum: the gate from its journal's end and the peer's records
+    /// applied, and a lease keeper that holds no lease yet.
+    fn start_quorum(&mut self, i: usize) {
+        let Some(q) = self.quorum.as_ref() else {
+            return;
+        };
+        let s = &mut self.sites[i];
+        s.gate = Some(QuorumGate::new(
+            self.now,
+            q.ttl_ms,
+            s.journal.len() as u64,
+            s.applied as u64,
+        ));
+        let request = LeaseRequest {
+            volume_id: [7; 16],
+            site: s.config.site.to_string(),
+            generation_number: 1,
+            generation_id: 1,
+            ttl_ms: q.ttl_ms,
+            renewal: false,
+        };
+        s.keeper = Some(LeaseKeeper::new(self.now, request));
     }
 
     /// Invariants 1 and 4 (bounded wait), after every step.
@@ -361,9 +727,13 @@ impl World {
     fn event(&mut self, i: usize, event: Event) -> Step {
         let mut queue = VecDeque::from([event]);
         while let Some(ev) = queue.pop_front() {
-            let Some(m) = self.sites[i].machine.as_mut() else {
+            let s = &mut self.sites[i];
+            let Some(m) = s.machine.as_mut() else {
                 return Ok(());
             };
+            if let Some(g) = s.gate.as_mut() {
+                g.observe(&ev);
+            }
             let actions = m.handle(self.now, ev);
             if let Some(t) = self.trace.as_mut() {
                 t.push(format!("{} site {i}: {ev:?} -> {actions:?}", self.now));
@@ -400,12 +770,78 @@ impl World {
                 write,
                 object,
                 guarded,
-            } => self.proceed(i, write, object, guarded, queue)?,
+            } => {
+                // The quorum again, at the moment the write goes (it may have waited); for the
+                // second token of a pair, the whole change (`goes_together`).
+                let first = self.pair_first.get(&write).and_then(|f| {
+                    self.sites[i]
+                        .writing
+                        .iter()
+                        .find(|w| w.uid == *f)
+                        .map(|w| w.guarded)
+                });
+                let together: Vec<bool> = first.into_iter().chain([guarded]).collect();
+                if self
+                    .decide(i, Some(&mut *queue))?
+                    .is_some_and(|d| !d.goes_together(&together))
+                {
+                    queue.push_back(Event::Written {
+                        object,
+                        seq: 0,
+                        guarded,
+                    });
+                    return self.refused(i, write, object, Refusal::NoQuorum, queue);
+                }
+                self.proceed(i, write, object, guarded, queue)?
+            }
             Action::Refuse {
                 write,
                 object,
                 reason,
-            } => self.refused(i, write, object, reason, queue)?,
+            } => {
+                let reason = match self.decide(i, Some(&mut *queue))? {
+                    Some(d) if !d.goes(None) => Refusal::NoQuorum,
+                    _ => reason,
+                };
+                self.refused(i, write, object, reason, queue)?
+            }
+        }
+        Ok(())
+    }
+
+    /// `PartitionPolicy::Quorum`, when a change of `object` at site `i` is made: no write of
+    /// the other site to it is in progress (connected or not), and during a split, from one
+    /// ttl after the cut (the longest a site stays linked without an answer), only the
+    /// witness's lease holder writes; a write without the token only at the holder, ever.
+    fn check_quorum_write(&self, i: usize, object: ObjectId, guarded: bool) -> Step {
+        let Some(q) = self.quorum.as_ref() else {
+            return Ok(());
+        };
+        if let Some(w) = self.sites[1 - i]
+            .writing
+            .iter()
+            .find(|w| w.object == object && w.done_at != u64::MAX)
+        {
+            return Err(format!(
+                "site {i} writes object {object} (guarded {guarded}) while site {}'s write {} (guarded {}) is in progress",
+                1 - i,
+                w.uid,
+                w.guarded
+            ));
+        }
+        let holder = q.holder(i, self.now);
+        if !guarded && !holder {
+            return Err(format!(
+                "site {i} writes object {object} without its token and without the witness's lease"
+            ));
+        }
+        if let Some(t) = self.split_since {
+            if self.now >= t + q.ttl_ms && !holder {
+                return Err(format!(
+                    "site {i} writes object {object} {} ms into a split without the witness's lease",
+                    self.now - t
+                ));
+            }
         }
         Ok(())
     }
@@ -522,13 +958,22 @@ impl World {
                     "site {i} writes object {object} unguarded in read-only mode"
                 ));
             }
-            if self.link_up {
+            // Under the quorum a majority writes unguarded until the healed link answers its
+            // probe (`check_quorum_write` checks it holds the lease).
+            if self.link_up && self.policy != PartitionPolicy::Quorum {
                 return Err(format!(
                     "site {i} writes object {object} unguarded while connected"
                 ));
             }
         }
         let mut done_at = self.now + self.now % 7;
+        let pair_first = self.pair_next.contains_key(&uid);
+        if !pair_first {
+            self.check_quorum_write(i, object, guarded)?;
+            if self.split_since.is_some() && self.quorum.is_some() {
+                self.stats.split_writes += 1;
+            }
+        }
         if let Some((second, next)) = self.pair_next.remove(&uid) {
             // The first object of a pair: its token stays taken (the write in progress) while
             // the change waits for the second.
@@ -543,13 +988,36 @@ impl World {
                     healthy,
                 },
             );
+            self.sites[i].writing.push(InProgress {
+                uid,
+                object,
+                guarded,
+                done_at,
+            });
+            // The gate's check before the second write, as before any write.
+            let held = self.sites[i].holds(next);
+            if self
+                .decide(i, Some(&mut *queue))?
+                .is_some_and(|d| !d.admits(held))
+            {
+                return self.refused(i, second, next, Refusal::NoQuorum, queue);
+            }
             queue.push_back(Event::Write {
                 write: second,
                 object: next,
             });
+            return Ok(());
         }
         if let Some(first) = self.pair_first.remove(&uid) {
             // Both tokens taken: the change runs and is journaled as one.
+            let first_write = self.sites[i]
+                .writing
+                .iter()
+                .find(|w| w.uid == first)
+                .map(|w| (w.object, w.guarded));
+            if let Some((o, g)) = first_write {
+                self.check_quorum_write(i, o, g)?;
+            }
             if let Some(w) = self.sites[i].writing.iter_mut().find(|w| w.uid == first) {
                 w.done_at = done_at;
             }
@@ -605,7 +1073,7 @@ impl World {
         match reason {
             Refusal::ReadOnly => {
                 self.stats.refused_read_only += 1;
-                if self.policy != PartitionPolicy::ReadOnly || self.link_up {
+                if self.policy == PartitionPolicy::Reconcile || self.link_up {
                     return Err(format!(
                         "site {i}: write {uid} to object {object} refused read-only (policy {:?}, link up {})",
                         self.policy, self.link_up
@@ -617,6 +1085,15 @@ impl World {
                 if p.as_ref().is_some_and(|p| p.healthy) {
                     return Err(format!(
                         "site {i}: write {uid} to object {object} timed out with the link up all along"
+                    ));
+                }
+            }
+            Refusal::NoQuorum => {
+                self.stats.refused_no_quorum += 1;
+                if self.policy != PartitionPolicy::Quorum {
+                    return Err(format!(
+                        "site {i}: write {uid} to object {object} refused for the quorum under {:?}",
+                        self.policy
                     ));
                 }
             }
@@ -634,6 +1111,9 @@ impl World {
         let uid = self.next_uid;
         self.next_uid += 1;
         self.stats.writes += 1;
+        if !self.admits(i, object)? {
+            return Ok(());
+        }
         let healthy = self.link_up;
         self.sites[i].parked.insert(
             uid,
@@ -644,6 +1124,19 @@ impl World {
             },
         );
         self.event(i, Event::Write { write: uid, object })
+    }
+
+    /// The gate's check before a write to `object` at site `i` (always true without the
+    /// quorum): false if refused (`Refusal::NoQuorum`, counted), the token machine not told.
+    fn admits(&mut self, i: usize, object: ObjectId) -> Result<bool, String> {
+        let held = self.sites[i].holds(object);
+        match self.decide(i, None)? {
+            Some(d) if !d.admits(held) => {
+                self.stats.refused_no_quorum += 1;
+                Ok(false)
+            }
+            _ => Ok(self.sites[i].alive()),
+        }
     }
 
     /// A change of two objects at one site (a rename or a link): the first token in
@@ -660,6 +1153,9 @@ impl World {
         self.next_uid += 2;
         self.stats.writes += 2;
         self.stats.pairs += 1;
+        if !self.admits(i, order[0])? {
+            return Ok(());
+        }
         self.pair_next.insert(first, (second, order[1]));
         let healthy = self.link_up;
         self.sites[i].parked.insert(
@@ -773,6 +1269,9 @@ impl World {
             }
             if concurrent {
                 self.stats.concurrent += 1;
+                if self.quorum.is_some() {
+                    self.stats.quorum_concurrent += 1;
+                }
             }
             s.replica.entry(object).or_default().push(uid);
             s.applied = at + 1;
@@ -860,7 +1359,12 @@ impl World {
                                 ));
                             }
                         }
-                        self.event(to, Event::Received(msg))?;
+                        match msg {
+                            TokenMsg::Probe { .. } | TokenMsg::Answer { .. } => {
+                                self.quorum_msg(to, msg)?
+                            }
+                            _ => self.event(to, Event::Received(msg))?,
+                        }
                     }
                 }
                 if rng.chance(1, 1000) {
@@ -877,6 +1381,7 @@ impl World {
             return Ok(());
         }
         self.link_up = true;
+        self.split_since = None;
         if let Some(t) = self.trace.as_mut() {
             t.push(format!("{} link up", self.now));
         }
@@ -899,6 +1404,7 @@ impl World {
             t.push(format!("{} link down", self.now));
         }
         self.link_up = false;
+        self.split_since = Some(self.now);
         self.links = [VecDeque::new(), VecDeque::new()];
         for s in &mut self.sites {
             for p in s.parked.values_mut() {
@@ -928,6 +1434,9 @@ impl World {
         }
         self.sites[i].machine = None;
         self.sites[i].reconcile = None;
+        self.sites[i].gate = None;
+        self.sites[i].keeper = None;
+        self.sites[i].incarnation += 1;
         self.disconnect()?;
         let now = self.now;
         let s = &mut self.sites[i];
@@ -972,6 +1481,7 @@ impl World {
             // it may copy again (an extra copy, nothing lost).
             s.copied_after.clear();
             let applied = s.applied as u64;
+            self.start_quorum(i);
             self.event(i, Event::PeerApplied { seq: applied })?;
         }
         Ok(())
@@ -987,6 +1497,11 @@ impl World {
             }
         }
         self.restart_due()?;
+        if let Some(q) = self.quorum.as_mut() {
+            q.up = [true, true];
+            q.down_until = 0;
+        }
+        self.restart_witness();
         for i in 0..2 {
             let open: Vec<(ObjectId, u32)> =
                 self.sites[i].open.iter().map(|(o, n)| (*o, *n)).collect();
@@ -1015,8 +1530,9 @@ impl World {
                     let seq = self.sites[i].applied as u64;
                     self.event(i, Event::PeerApplied { seq })?;
                 }
-                self.event(i, Event::Tick)?;
+                self.tick_site(i)?;
             }
+            self.witness_step(rng)?;
             self.check()?;
         }
         for (i, s) in self.sites.iter().enumerate() {

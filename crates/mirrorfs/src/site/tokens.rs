@@ -48,7 +48,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use mirrorfs_core::quorum::{Decision, Mode, Quorum};
+use mirrorfs_core::quorum::{Decision, Gate as QuorumGate, Mode};
 use mirrorfs_core::token::{
     Action, Event, ObjectId, PartitionPolicy, Refusal, TokenConfig, TokenMsg, TokenRecord,
     TokenSite, WriteId, RECORD_BYTES,
@@ -273,10 +273,9 @@ struct Inner {
     connected: bool,
     /// The last write refused, for `status`: what, why, when (unix seconds).
     last_refusal: Option<(String, String, i64)>,
-    /// `--partition quorum`: the quorum's machine (`core::quorum`).
-    quorum: Option<Quorum>,
-    /// The token machine was told it is the majority (`Event::Majority`).
-    majority: bool,
+    /// `--partition quorum`: the quorum's machine as the gate composes it with the token
+    /// machine (`core::quorum::Gate`).
+    quorum: Option<QuorumGate>,
 }
 
 /// One site's write tokens: the machine, its log and the writers waiting on it.
@@ -368,7 +367,6 @@ impl TokenGate {
                 connected: false,
                 last_refusal: None,
                 quorum: None,
-                majority: false,
             }),
             answered: Condvar::new(),
             epoch,
@@ -394,7 +392,7 @@ impl TokenGate {
     /// the journal ending at `journal_end` and the peer's records applied through `applied`.
     pub fn start_quorum(&self, ttl_ms: u64, journal_end: u64, applied: u64) {
         let mut inner = lock(&self.inner);
-        inner.quorum = Some(Quorum::new(self.now(), ttl_ms, journal_end, applied));
+        inner.quorum = Some(QuorumGate::new(self.now(), ttl_ms, journal_end, applied));
     }
 
     /// Whether this site holds the witness's partition lease now.
@@ -407,18 +405,16 @@ impl TokenGate {
     fn quorum_decide(&self, inner: &mut Inner) -> Option<Decision> {
         let now = self.now();
         let lease = self.lease_held();
-        let d = inner.quorum.as_ref()?.decide(now, lease);
-        let majority = d == Decision::Everything;
-        if majority != inner.majority {
-            inner.majority = majority;
-            if majority {
+        let (d, change) = inner.quorum.as_mut()?.decide(now, lease);
+        if let Some(change) = change {
+            if d == Decision::Everything {
                 tracing::warn!(
                     "the peer does not answer and this site holds the witness's partition lease: it writes every file, those whose token is at the peer too"
                 );
             } else {
                 tracing::info!("no longer the majority of a split: write tokens decide again");
             }
-            self.run(inner, Event::Majority { on: majority });
+            self.run(inner, change);
         }
         Some(d)
     }
@@ -429,7 +425,7 @@ impl TokenGate {
         let fence = self.lease.get();
         let lease = fence.map(|f| f.check());
         let held = matches!(lease, Some(Ok(())));
-        Some(match q.mode(self.now(), held) {
+        Some(match q.quorum().mode(self.now(), held) {
             Mode::Linked => "linked: the peer answers, write tokens decide".into(),
             Mode::Majority => "writable: the peer is unreachable and this site holds the witness's partition lease (it writes every file, those whose token is at the peer too)".into(),
             Mode::Waiting { left_ms } => format!(
@@ -462,8 +458,8 @@ impl TokenGate {
     /// Hands `event` to the machine and carries out its actions in order; a failed persist
     /// stops the rest (nothing after it may happen) and fails the gate.
     fn run(&self, inner: &mut Inner, event: Event) {
-        if let (Event::Written { seq, .. }, Some(q)) = (event, inner.quorum.as_mut()) {
-            q.on_written(seq);
+        if let Some(q) = inner.quorum.as_mut() {
+            q.observe(&event);
         }
         let actions = inner.site.handle(self.now(), event);
         let mut woke = false;
@@ -518,12 +514,10 @@ impl TokenGate {
         if let Some(e) = &inner.failed {
             return Err(GateError::Failed(e.clone()));
         }
-        match self.quorum_decide(&mut inner) {
-            Some(Decision::Nothing) => return Err(self.refuse(&mut inner, Refusal::NoQuorum)),
-            Some(Decision::HeldOnly) if !inner.site.holds(object) => {
-                return Err(self.refuse(&mut inner, Refusal::NoQuorum))
+        if let Some(d) = self.quorum_decide(&mut inner) {
+            if !d.admits(inner.site.holds(object)) {
+                return Err(self.refuse(&mut inner, Refusal::NoQuorum));
             }
-            _ => {}
         }
         let write = inner.next_write;
         inner.next_write += 1;
@@ -533,11 +527,13 @@ impl TokenGate {
             if let Some(answer) = inner.answers.remove(&write) {
                 // The quorum again, at the moment the write goes (it may have waited): a site
                 // that is no longer linked or the majority does not write.
-                let allowed = match (answer, self.quorum_decide(&mut inner)) {
-                    (_, None | Some(Decision::Everything)) => true,
-                    (Answer::Go { guarded: false }, _) | (_, Some(Decision::Nothing)) => false,
-                    (Answer::Go { guarded: true }, _) | (Answer::No(_), _) => true,
+                let proceeded = match answer {
+                    Answer::Go { guarded } => Some(guarded),
+                    Answer::No(_) => None,
                 };
+                let allowed = self
+                    .quorum_decide(&mut inner)
+                    .is_none_or(|d| d.goes(proceeded));
                 if !allowed {
                     if let Answer::Go { guarded } = answer {
                         self.run(
@@ -592,11 +588,26 @@ impl TokenGate {
         &self,
         objects: Vec<ObjectId>,
     ) -> Result<Permits<'_>, (ObjectId, GateError)> {
-        let mut permits = Vec::new();
+        let mut permits: Vec<Permit<'_>> = Vec::new();
         for object in mirrorfs_core::token::acquire_order(objects) {
             match self.acquire(object) {
                 Ok(p) => permits.push(p),
                 Err(e) => return Err((object, e)),
+            }
+        }
+        if permits.len() > 1 {
+            // The quorum for the whole change once its last token is taken: a token taken
+            // earlier without it, in majority, is stale if the majority ended meanwhile
+            // (`core::quorum::Decision::goes_together`). The permits drop as failed.
+            let mut inner = lock(&self.inner);
+            let guarded: Vec<bool> = permits.iter().map(|p| p.guarded).collect();
+            if let Some(d) = self.quorum_decide(&mut inner) {
+                if !d.goes_together(&guarded) {
+                    let e = self.refuse(&mut inner, Refusal::NoQuorum);
+                    drop(inner);
+                    let object = permits.first().map_or(0, |p| p.object);
+                    return Err((object, e));
+                }
             }
         }
         Ok(Permits(permits))
@@ -638,9 +649,6 @@ impl TokenGate {
     /// The peer's records through `seq` are applied here.
     pub fn peer_applied(&self, seq: u64) {
         let mut inner = lock(&self.inner);
-        if let Some(q) = inner.quorum.as_mut() {
-            q.on_applied(seq);
-        }
         self.run(&mut inner, Event::PeerApplied { seq });
     }
 
@@ -655,8 +663,8 @@ impl TokenGate {
                     .quorum
                     .as_mut()
                     .and_then(|q| q.on_probe(now, nonce, in_flight));
-                if let Some((nonce, seq)) = answer {
-                    self.send(&mut inner, TokenMsg::Answer { nonce, seq });
+                if let Some(answer) = answer {
+                    self.send(&mut inner, answer);
                 }
                 // The promise may end this site's majority at once.
                 self.quorum_decide(&mut inner);
@@ -686,8 +694,8 @@ impl TokenGate {
     pub fn tick(&self) {
         let mut inner = lock(&self.inner);
         let now = self.now();
-        if let Some(nonce) = inner.quorum.as_mut().and_then(|q| q.tick(now)) {
-            self.send(&mut inner, TokenMsg::Probe { nonce });
+        if let Some(probe) = inner.quorum.as_mut().and_then(|q| q.tick(now)) {
+            self.send(&mut inner, probe);
         }
         self.quorum_decide(&mut inner);
         self.run(&mut inner, Event::Tick);
