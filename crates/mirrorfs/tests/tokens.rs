@@ -967,6 +967,89 @@ fn a_netsplit_during_which_one_side_renames_a_directory_the_other_removes() {
     assert!(ca.is_empty() && cb.is_empty(), "{ca:#?} {cb:#?}");
 }
 
+/// A directory filled and then renamed at one site while the other empties and removes it during
+/// a split (issue 7), each way round: the rename wins with what is in it. The renaming site puts
+/// `new.txt` in `d` and then renames `d` → `e`; the removing site removes `d/old.txt` and `d`.
+/// The removing site makes `d` again for the new file, then applies the rename to it; the
+/// renaming site takes that `Mkdir d` for its `e` (it fails there as existing). Both end with
+/// `e/old.txt` (back: listed `they-deleted` at the renaming site) and `e/new.txt`, without `d`.
+#[test]
+fn a_netsplit_during_which_one_side_fills_then_renames_a_directory_the_other_removes() {
+    let pair = Pair::netsplit("netsplit-fill-mv-rm");
+    for d in ["d1", "d2"] {
+        fs::create_dir(pair.a.p(d)).expect("mkdir at a");
+        write_file(
+            &pair.a,
+            &format!("{d}/old.txt"),
+            b"there before the split
+",
+        );
+    }
+    pair.wait_shown(
+        "d1/old.txt",
+        b"there before the split
+",
+    );
+    pair.wait_shown(
+        "d2/old.txt",
+        b"there before the split
+",
+    );
+    pair.wait_equal();
+    pair.cut();
+    pair.wait_linked(false);
+    // d1: renamed at site 2, removed at site 1; d2 the other way round.
+    for (mv, rm, d, e) in [
+        (&pair.b, &pair.a, "d1", "e1"),
+        (&pair.a, &pair.b, "d2", "e2"),
+    ] {
+        write_file(
+            mv,
+            &format!("{d}/new.txt"),
+            b"put in before the rename
+",
+        );
+        fs::rename(mv.p(d), mv.p(e)).expect("rename");
+        fs::remove_file(rm.p(format!("{d}/old.txt"))).expect("unlink");
+        fs::remove_dir(rm.p(d)).expect("rmdir");
+    }
+    pair.heal();
+    pair.wait_linked(true);
+    for e in ["e1", "e2"] {
+        pair.wait_shown(
+            &format!("{e}/old.txt"),
+            b"there before the split
+",
+        );
+        pair.wait_shown(
+            &format!("{e}/new.txt"),
+            b"put in before the rename
+",
+        );
+    }
+    pair.wait_view("neither d1 nor d2 at either site", || {
+        [&pair.a, &pair.b]
+            .iter()
+            .all(|m| !m.p("d1").exists() && !m.p("d2").exists())
+    });
+    pair.heal_and_settle();
+    let listed = |m: &Mount, path: &str| {
+        conflicts_json(m)
+            .iter()
+            .any(|e| e["path"] == path && e["reason"] == "they-deleted")
+    };
+    assert!(
+        listed(&pair.b, "e1/old.txt"),
+        "{:#?}",
+        conflicts_json(&pair.b)
+    );
+    assert!(
+        listed(&pair.a, "e2/old.txt"),
+        "{:#?}",
+        conflicts_json(&pair.a)
+    );
+}
+
 /// More namespace cases of a split: rename against unlink (the renamed file stays), rename
 /// against rename (site 1's name, with site 2's later write in it), a directory and a file made
 /// under one name (the directory stays, the file goes to a conflict copy), and one mode set at
