@@ -1050,6 +1050,60 @@ fn a_netsplit_during_which_one_side_fills_then_renames_a_directory_the_other_rem
     );
 }
 
+/// A directory made at one site and a symlink or a FIFO of the same name at the other during a
+/// split (issue 7): as for a directory and a file, the directory stays at the name at both sites,
+/// and the other entry goes to a conflict name at the site that made it (made again there: the
+/// link with its target, the FIFO with its type), listed at both.
+#[test]
+fn a_netsplit_during_which_a_directory_and_a_symlink_or_fifo_are_made_under_one_name() {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::FileTypeExt;
+    let pair = Pair::netsplit("netsplit-dir-link");
+    pair.cut();
+    pair.wait_linked(false);
+    fs::create_dir(pair.a.p("l1")).expect("mkdir at a");
+    write_file(&pair.a, "l1/in.txt", b"in site 1's directory\n");
+    std::os::unix::fs::symlink("somewhere/else", pair.b.p("l1")).expect("symlink at b");
+    std::os::unix::fs::symlink("other/target", pair.a.p("l2")).expect("symlink at a");
+    fs::create_dir(pair.b.p("l2")).expect("mkdir at b");
+    fs::create_dir(pair.a.p("fifo")).expect("mkdir at a");
+    let fifo = std::ffi::CString::new(pair.b.p("fifo").as_os_str().as_bytes()).expect("path");
+    // SAFETY: `fifo` is a valid NUL-terminated path.
+    let made = unsafe { libc::mkfifo(fifo.as_ptr(), 0o640) };
+    assert_eq!(made, 0, "mkfifo at b: {}", std::io::Error::last_os_error());
+    pair.heal_and_settle();
+    let listed = |m: &Mount, path: &str| {
+        conflicts_json(m)
+            .iter()
+            .any(|e| e["path"] == path && e["reason"] == "split-both-modified")
+    };
+    for m in [&pair.a, &pair.b] {
+        for d in ["l1", "l2", "fifo"] {
+            let meta = fs::symlink_metadata(m.p(d));
+            assert!(
+                meta.as_ref().is_ok_and(|md| md.is_dir()),
+                "{d} is a directory: {meta:?}\n{}",
+                m.log()
+            );
+            assert!(listed(m, d), "{d}: {:#?}", conflicts_json(m));
+        }
+        assert_eq!(
+            fs::read(m.p("l1/in.txt")).expect("l1/in.txt"),
+            b"in site 1's directory\n"
+        );
+        for (d, site, target) in [("l1", 2, "somewhere/else"), ("l2", 1, "other/target")] {
+            let copies = names_starting(m.mnt(), &format!("{d}.conflict-site{site}-"));
+            assert_eq!(copies.len(), 1, "{copies:?}\n{}", m.log());
+            let link = fs::read_link(m.p(&copies[0])).expect("the link set aside");
+            assert_eq!(link, Path::new(target));
+        }
+        let copies = names_starting(m.mnt(), "fifo.conflict-site2-");
+        assert_eq!(copies.len(), 1, "{copies:?}\n{}", m.log());
+        let meta = fs::symlink_metadata(m.p(&copies[0])).expect("the FIFO set aside");
+        assert!(meta.file_type().is_fifo(), "{meta:?}");
+    }
+}
+
 /// More namespace cases of a split: rename against unlink (the renamed file stays), rename
 /// against rename (site 1's name, with site 2's later write in it), a directory and a file made
 /// under one name (the directory stays, the file goes to a conflict copy), and one mode set at

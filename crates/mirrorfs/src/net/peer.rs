@@ -817,7 +817,11 @@ impl PeerReceiver {
             Ok(()) => {
                 if let Some(rc) = &self.reconcile {
                     match &op {
-                        Op::Create { path, .. } => rc.peer_created(path.as_bytes()),
+                        // A conflict copy: of a file, or of a symlink or special file set
+                        // aside for our directory of its name.
+                        Op::Create { path, .. }
+                        | Op::Symlink { path, .. }
+                        | Op::Mknod { path, .. } => rc.peer_created(path.as_bytes()),
                         Op::Rename { from, .. } => rc.peer_settled(from.as_bytes()),
                         Op::Unlink { path, .. } => rc.peer_settled(path.as_bytes()),
                         _ => {}
