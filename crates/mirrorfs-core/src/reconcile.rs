@@ -248,6 +248,12 @@ pub struct Reconciler {
     /// ([`Reconciler::refill`]): what is there now is the peer's directory, so a peer rename of
     /// it applies (it is not a rename of a name we removed). Bounded as `fresh`.
     remade: BTreeSet<Vec<u8>>,
+    /// Names we removed, kept after the peer has seen the removal: a later peer record
+    /// beneath one that fails here for want of it means the peer kept the directory (our
+    /// removal failed there: it had put something in it, by a rename say), so it is made again
+    /// ([`Reconciler::refill`]). Bounded as `fresh`; after a restart only the removals the
+    /// replay brings back (those after `seen_by_peer`) are known.
+    removed_names: BTreeSet<Vec<u8>>,
     /// The peer's removals (rmdir) of a directory we renamed since: its name → (ours, the
     /// removal's `seen`). A later `Mkdir` of that name the peer journaled after it considered
     /// more of ours is its making it again for our changes beneath it (its `refill`, before our
@@ -283,6 +289,7 @@ impl Reconciler {
             fresh: BTreeSet::new(),
             regained: BTreeSet::new(),
             remade: BTreeSet::new(),
+            removed_names: BTreeSet::new(),
             ghosts: BTreeMap::new(),
             hash: fnv,
         }
@@ -325,6 +332,10 @@ impl Reconciler {
                 }
             }
             Local::Removed(p) => {
+                self.removed_names.insert(p.clone());
+                while self.removed_names.len() > max {
+                    self.removed_names.pop_first();
+                }
                 let o = (self.hash)(p);
                 if let Some(old) = self.removed.insert(o, seq) {
                     self.removed_by_seq.remove(&(old, o));
@@ -774,7 +785,7 @@ impl Reconciler {
                     self.remade.pop_first();
                 }
                 out.push(dir.to_vec());
-            } else if self.regained.contains(dir) {
+            } else if self.regained.contains(dir) || self.removed_names.contains(dir) {
                 out.push(dir.to_vec());
             }
         }
@@ -2142,6 +2153,41 @@ mod names {
     }
 
     #[test]
+    fn a_file_moved_into_a_directory_the_other_removed_brings_the_directory_back() {
+        let base = [("a", Some("a0")), ("d", None), ("d/x", Some("x0"))];
+        for mover in [1, 2] {
+            let split = |rm: Vec<R>, mv: Vec<R>| if mover == 1 { (mv, rm) } else { (rm, mv) };
+            // The removing site makes `d` again for the move (a record beneath it, concurrent
+            // with its removal).
+            let (at1, at2) = split(
+                vec![R::Unlink("d/x"), R::Rmdir("d")],
+                vec![R::Rename("a", "d/y")],
+            );
+            check(
+                &base,
+                &at1,
+                &at2,
+                &[("d", None), ("d/y", Some("a0"))],
+                false,
+            );
+            // It removed the file too: the move wins (the file comes back whole, listed), and
+            // that restore is journaled after the moving site saw the `rmdir`, which failed
+            // there: the removing site makes `d` again for it all the same.
+            let (at1, at2) = split(
+                vec![R::Unlink("d/x"), R::Rmdir("d"), R::Unlink("a")],
+                vec![R::Rename("a", "d/y")],
+            );
+            check(&base, &at1, &at2, &[("d", None), ("d/y", Some("a0"))], true);
+        }
+        // The machine: a record beneath a directory we removed, after the peer saw the
+        // removal, makes it again (the peer kept it).
+        let mut r = site(1, 2);
+        r.local_change(3, &Local::Removed(b("d")));
+        assert_eq!(r.refill(b"d/y", 3), vec![b("d")]);
+        assert_eq!(r.refill(b"e/y", 3), Vec::<Vec<u8>>::new());
+    }
+
+    #[test]
     fn a_peer_rename_of_a_name_we_removed_is_not_applied() {
         let mut r = site(2, 1);
         r.local_change(5, &Local::Removed(b("a")));
@@ -2190,8 +2236,8 @@ mod names {
         }
         assert_eq!(r.names_len(), 6);
         // "a" was dropped for room: its removal still counts below the floor.
-        assert_eq!(r.refill(b"a/x", 0), vec![b("a")]);
-        assert_eq!(r.refill(b"a/x", 1), Vec::<Vec<u8>>::new());
+        assert!(r.removed_concurrently(b"a", 0));
+        assert!(!r.removed_concurrently(b"a", 1));
         r.translate(b"q", 30);
         assert_eq!(r.names_len(), 0);
     }
@@ -2306,13 +2352,6 @@ mod names {
                 }
                 _ => false,
             });
-            let into_removed = ops.iter().any(|(s, r)| match r {
-                // A file renamed at one site into a directory the other removed.
-                R::Rename(_, t) => ops.iter().any(|(s2, r2)| {
-                    *s2 != *s && matches!(r2, R::Rmdir(d) if t.starts_with(&format!("{d}/")))
-                }),
-                _ => false,
-            });
             let nested_renames = ops.iter().any(|(s, r)| match r {
                 // Renames at both sites of a directory and of a name in it (or into it).
                 R::Rename(f, t) => ops.iter().any(|(s2, r2)| {
@@ -2324,7 +2363,6 @@ mod names {
             });
             [
                 (reused, "a name reused, or given to two entries"),
-                (into_removed, "renamed into a directory the other removed"),
                 (nested_renames, "renames of a directory and a name in it"),
             ]
             .into_iter()

@@ -1050,6 +1050,42 @@ fn a_netsplit_during_which_one_side_fills_then_renames_a_directory_the_other_rem
     );
 }
 
+/// A file moved at one site into a directory the other empties and removes during a split
+/// (issue 7), the other removing the file too: the move is a change and wins over both removals.
+/// Site 2 moves `a.txt` into `d`; site 1 removes `d/x.txt`, `d` and `a.txt`. Site 2 gives the
+/// moved file back whole (listed `they-deleted` there) after it has seen site 1's `rmdir d`,
+/// which failed there (`d` holds the file); site 1 makes `d` again for it. Both end with `d`
+/// holding only the moved file.
+#[test]
+fn a_netsplit_during_which_a_file_is_moved_into_a_directory_the_other_removes() {
+    let pair = Pair::netsplit("netsplit-into-rm");
+    fs::create_dir(pair.a.p("d")).expect("mkdir at a");
+    write_file(&pair.a, "d/x.txt", b"removed with d at site 1\n");
+    write_file(&pair.a, "a.txt", b"moved into d at site 2\n");
+    pair.wait_shown("d/x.txt", b"removed with d at site 1\n");
+    pair.wait_shown("a.txt", b"moved into d at site 2\n");
+    pair.wait_equal();
+    pair.cut();
+    pair.wait_linked(false);
+    fs::rename(pair.b.p("a.txt"), pair.b.p("d/a.txt")).expect("rename at b");
+    fs::remove_file(pair.a.p("d/x.txt")).expect("unlink at a");
+    fs::remove_dir(pair.a.p("d")).expect("rmdir at a");
+    fs::remove_file(pair.a.p("a.txt")).expect("unlink at a");
+    pair.heal();
+    pair.wait_linked(true);
+    pair.wait_shown("d/a.txt", b"moved into d at site 2\n");
+    pair.wait_view("neither a.txt nor d/x.txt at either site", || {
+        [&pair.a, &pair.b]
+            .iter()
+            .all(|m| !m.p("a.txt").exists() && !m.p("d/x.txt").exists())
+    });
+    pair.heal_and_settle();
+    let listed = conflicts_json(&pair.b)
+        .iter()
+        .any(|e| e["path"] == "d/a.txt" && e["reason"] == "they-deleted");
+    assert!(listed, "{:#?}", conflicts_json(&pair.b));
+}
+
 /// A directory made at one site and a symlink or a FIFO of the same name at the other during a
 /// split (issue 7): as for a directory and a file, the directory stays at the name at both sites,
 /// and the other entry goes to a conflict name at the site that made it (made again there: the
