@@ -967,6 +967,179 @@ fn a_netsplit_during_which_one_side_renames_a_directory_the_other_removes() {
     assert!(ca.is_empty() && cb.is_empty(), "{ca:#?} {cb:#?}");
 }
 
+/// A directory filled and then renamed at one site while the other empties and removes it during
+/// a split (issue 7), each way round: the rename wins with what is in it. The renaming site puts
+/// `new.txt` in `d` and then renames `d` → `e`; the removing site removes `d/old.txt` and `d`.
+/// The removing site makes `d` again for the new file, then applies the rename to it; the
+/// renaming site takes that `Mkdir d` for its `e` (it fails there as existing). Both end with
+/// `e/old.txt` (back: listed `they-deleted` at the renaming site) and `e/new.txt`, without `d`.
+#[test]
+fn a_netsplit_during_which_one_side_fills_then_renames_a_directory_the_other_removes() {
+    let pair = Pair::netsplit("netsplit-fill-mv-rm");
+    for d in ["d1", "d2"] {
+        fs::create_dir(pair.a.p(d)).expect("mkdir at a");
+        write_file(
+            &pair.a,
+            &format!("{d}/old.txt"),
+            b"there before the split
+",
+        );
+    }
+    pair.wait_shown(
+        "d1/old.txt",
+        b"there before the split
+",
+    );
+    pair.wait_shown(
+        "d2/old.txt",
+        b"there before the split
+",
+    );
+    pair.wait_equal();
+    pair.cut();
+    pair.wait_linked(false);
+    // d1: renamed at site 2, removed at site 1; d2 the other way round.
+    for (mv, rm, d, e) in [
+        (&pair.b, &pair.a, "d1", "e1"),
+        (&pair.a, &pair.b, "d2", "e2"),
+    ] {
+        write_file(
+            mv,
+            &format!("{d}/new.txt"),
+            b"put in before the rename
+",
+        );
+        fs::rename(mv.p(d), mv.p(e)).expect("rename");
+        fs::remove_file(rm.p(format!("{d}/old.txt"))).expect("unlink");
+        fs::remove_dir(rm.p(d)).expect("rmdir");
+    }
+    pair.heal();
+    pair.wait_linked(true);
+    for e in ["e1", "e2"] {
+        pair.wait_shown(
+            &format!("{e}/old.txt"),
+            b"there before the split
+",
+        );
+        pair.wait_shown(
+            &format!("{e}/new.txt"),
+            b"put in before the rename
+",
+        );
+    }
+    pair.wait_view("neither d1 nor d2 at either site", || {
+        [&pair.a, &pair.b]
+            .iter()
+            .all(|m| !m.p("d1").exists() && !m.p("d2").exists())
+    });
+    pair.heal_and_settle();
+    let listed = |m: &Mount, path: &str| {
+        conflicts_json(m)
+            .iter()
+            .any(|e| e["path"] == path && e["reason"] == "they-deleted")
+    };
+    assert!(
+        listed(&pair.b, "e1/old.txt"),
+        "{:#?}",
+        conflicts_json(&pair.b)
+    );
+    assert!(
+        listed(&pair.a, "e2/old.txt"),
+        "{:#?}",
+        conflicts_json(&pair.a)
+    );
+}
+
+/// A file moved at one site into a directory the other empties and removes during a split
+/// (issue 7), the other removing the file too: the move is a change and wins over both removals.
+/// Site 2 moves `a.txt` into `d`; site 1 removes `d/x.txt`, `d` and `a.txt`. Site 2 gives the
+/// moved file back whole (listed `they-deleted` there) after it has seen site 1's `rmdir d`,
+/// which failed there (`d` holds the file); site 1 makes `d` again for it. Both end with `d`
+/// holding only the moved file.
+#[test]
+fn a_netsplit_during_which_a_file_is_moved_into_a_directory_the_other_removes() {
+    let pair = Pair::netsplit("netsplit-into-rm");
+    fs::create_dir(pair.a.p("d")).expect("mkdir at a");
+    write_file(&pair.a, "d/x.txt", b"removed with d at site 1\n");
+    write_file(&pair.a, "a.txt", b"moved into d at site 2\n");
+    pair.wait_shown("d/x.txt", b"removed with d at site 1\n");
+    pair.wait_shown("a.txt", b"moved into d at site 2\n");
+    pair.wait_equal();
+    pair.cut();
+    pair.wait_linked(false);
+    fs::rename(pair.b.p("a.txt"), pair.b.p("d/a.txt")).expect("rename at b");
+    fs::remove_file(pair.a.p("d/x.txt")).expect("unlink at a");
+    fs::remove_dir(pair.a.p("d")).expect("rmdir at a");
+    fs::remove_file(pair.a.p("a.txt")).expect("unlink at a");
+    pair.heal();
+    pair.wait_linked(true);
+    pair.wait_shown("d/a.txt", b"moved into d at site 2\n");
+    pair.wait_view("neither a.txt nor d/x.txt at either site", || {
+        [&pair.a, &pair.b]
+            .iter()
+            .all(|m| !m.p("a.txt").exists() && !m.p("d/x.txt").exists())
+    });
+    pair.heal_and_settle();
+    let listed = conflicts_json(&pair.b)
+        .iter()
+        .any(|e| e["path"] == "d/a.txt" && e["reason"] == "they-deleted");
+    assert!(listed, "{:#?}", conflicts_json(&pair.b));
+}
+
+/// A directory made at one site and a symlink or a FIFO of the same name at the other during a
+/// split (issue 7): as for a directory and a file, the directory stays at the name at both sites,
+/// and the other entry goes to a conflict name at the site that made it (made again there: the
+/// link with its target, the FIFO with its type), listed at both.
+#[test]
+fn a_netsplit_during_which_a_directory_and_a_symlink_or_fifo_are_made_under_one_name() {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::FileTypeExt;
+    let pair = Pair::netsplit("netsplit-dir-link");
+    pair.cut();
+    pair.wait_linked(false);
+    fs::create_dir(pair.a.p("l1")).expect("mkdir at a");
+    write_file(&pair.a, "l1/in.txt", b"in site 1's directory\n");
+    std::os::unix::fs::symlink("somewhere/else", pair.b.p("l1")).expect("symlink at b");
+    std::os::unix::fs::symlink("other/target", pair.a.p("l2")).expect("symlink at a");
+    fs::create_dir(pair.b.p("l2")).expect("mkdir at b");
+    fs::create_dir(pair.a.p("fifo")).expect("mkdir at a");
+    let fifo = std::ffi::CString::new(pair.b.p("fifo").as_os_str().as_bytes()).expect("path");
+    // SAFETY: `fifo` is a valid NUL-terminated path.
+    let made = unsafe { libc::mkfifo(fifo.as_ptr(), 0o640) };
+    assert_eq!(made, 0, "mkfifo at b: {}", std::io::Error::last_os_error());
+    pair.heal_and_settle();
+    let listed = |m: &Mount, path: &str| {
+        conflicts_json(m)
+            .iter()
+            .any(|e| e["path"] == path && e["reason"] == "split-both-modified")
+    };
+    for m in [&pair.a, &pair.b] {
+        for d in ["l1", "l2", "fifo"] {
+            let meta = fs::symlink_metadata(m.p(d));
+            assert!(
+                meta.as_ref().is_ok_and(|md| md.is_dir()),
+                "{d} is a directory: {meta:?}\n{}",
+                m.log()
+            );
+            assert!(listed(m, d), "{d}: {:#?}", conflicts_json(m));
+        }
+        assert_eq!(
+            fs::read(m.p("l1/in.txt")).expect("l1/in.txt"),
+            b"in site 1's directory\n"
+        );
+        for (d, site, target) in [("l1", 2, "somewhere/else"), ("l2", 1, "other/target")] {
+            let copies = names_starting(m.mnt(), &format!("{d}.conflict-site{site}-"));
+            assert_eq!(copies.len(), 1, "{copies:?}\n{}", m.log());
+            let link = fs::read_link(m.p(&copies[0])).expect("the link set aside");
+            assert_eq!(link, Path::new(target));
+        }
+        let copies = names_starting(m.mnt(), "fifo.conflict-site2-");
+        assert_eq!(copies.len(), 1, "{copies:?}\n{}", m.log());
+        let meta = fs::symlink_metadata(m.p(&copies[0])).expect("the FIFO set aside");
+        assert!(meta.file_type().is_fifo(), "{meta:?}");
+    }
+}
+
 /// More namespace cases of a split: rename against unlink (the renamed file stays), rename
 /// against rename (site 1's name, with site 2's later write in it), a directory and a file made
 /// under one name (the directory stays, the file goes to a conflict copy), and one mode set at

@@ -790,7 +790,7 @@ impl PeerReceiver {
             self.remove_source(from)?;
         }
         if let (Err(Held::Errno(e)), Some(rc), Some(s)) = (res, &self.reconcile, seen) {
-            if self.namespace_fix(rc, &used, e, s)? {
+            if self.namespace_fix(rc, &used, e, s, r.seq)? {
                 res = self.apply_one(&op, &used, seen);
             }
         }
@@ -817,7 +817,11 @@ impl PeerReceiver {
             Ok(()) => {
                 if let Some(rc) = &self.reconcile {
                     match &op {
-                        Op::Create { path, .. } => rc.peer_created(path.as_bytes()),
+                        // A conflict copy: of a file, or of a symlink or special file set
+                        // aside for our directory of its name.
+                        Op::Create { path, .. }
+                        | Op::Symlink { path, .. }
+                        | Op::Mknod { path, .. } => rc.peer_created(path.as_bytes()),
                         Op::Rename { from, .. } => rc.peer_settled(from.as_bytes()),
                         Op::Unlink { path, .. } => rc.peer_settled(path.as_bytes()),
                         _ => {}
@@ -867,11 +871,21 @@ impl PeerReceiver {
 
     /// A peer record (`op`, our names) failed here with `errno`: what a namespace change
     /// during the split explains is set right first (`true`: apply it again).
-    /// - a directory on its way that we removed concurrently is made again (the change wins);
+    /// - a directory on its way that we removed concurrently is made again (the change wins),
+    ///   journaled having considered this record (`seq`): at the peer, which may have renamed
+    ///   the directory since that change, the `Mkdir` names the renamed one
+    ///   (`Reconciler::translate_new`);
     /// - a directory it removes holds what we made in it: we journal its mode and owner (the
     ///   peer makes it again for our changes and ends with the same);
     /// - a directory it makes is a file here (both made the name): ours goes aside.
-    fn namespace_fix(&self, rc: &SiteReconcile, op: &Op, errno: i32, seen: u64) -> Result<bool> {
+    fn namespace_fix(
+        &self,
+        rc: &SiteReconcile,
+        op: &Op,
+        errno: i32,
+        seen: u64,
+        seq: u64,
+    ) -> Result<bool> {
         match (op, errno) {
             (_, libc::ENOENT) => {
                 let mut names: Vec<&RelPath> = op.path().into_iter().collect();
@@ -882,6 +896,10 @@ impl PeerReceiver {
                 for n in names {
                     for d in rc.refill(n.as_bytes(), seen) {
                         let Ok(d) = RelPath::new(d) else { continue };
+                        if !made {
+                            let o = lock(&self.vol.order);
+                            rc.note_point(o.journal.next_seq(), seq);
+                        }
                         rc.remake_dir(&self.vol, &self.backing, &d)
                             .context("making a directory again for the peer's change in it")?;
                         made = true;

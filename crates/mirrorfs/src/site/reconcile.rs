@@ -431,12 +431,15 @@ impl SiteReconcile {
     }
 
     /// Both sites made `path` during the split, a directory at the peer and not here: ours goes
-    /// to a conflict name (a regular file is copied, then removed; listed), so that the
-    /// peer's directory can be made. `false`: not a regular file, left as it is.
+    /// to a conflict name (a regular file is copied, a symlink or special file made again
+    /// there, then it is removed; listed), so that the peer's directory can be made. `false`:
+    /// a directory here too (or gone), left as it is.
     pub fn move_aside(&self, vol: &Volume, backing: &Path, path: &RelPath) -> Result<bool> {
-        let Some(_copy) = self.copy_aside(vol, backing, path)? else {
+        if self.copy_aside(vol, backing, path)?.is_none()
+            && self.special_aside(vol, backing, path)?.is_none()
+        {
             return Ok(false);
-        };
+        }
         let root =
             Root::open(backing).with_context(|| format!("cannot open {}", backing.display()))?;
         let nlink = root.lstat(path).map_or(1, |st| st.st_nlink as u32);
@@ -466,24 +469,7 @@ impl SiteReconcile {
             Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFREG => st,
             _ => return Ok(None),
         };
-        let time = now();
-        let label =
-            mirrorfs_core::reintegrate::conflict_label(&format!("site{}", self.cfg.me), time);
-        let mut copy = None;
-        for n in 0..1000u32 {
-            let mut name = path.as_bytes().to_vec();
-            name.push(b'.');
-            name.extend_from_slice(label.as_bytes());
-            if n > 0 {
-                name.extend_from_slice(format!("-{n}").as_bytes());
-            }
-            let rel = RelPath::new(name).map_err(|e| anyhow::anyhow!("{e}"))?;
-            if root.lstat(&rel).is_err() {
-                copy = Some(rel);
-                break;
-            }
-        }
-        let copy = copy.context("no free conflict name")?;
+        let (copy, time) = self.conflict_name(&root, path)?;
         let fd = root
             .open_at(path, libc::O_RDONLY | libc::O_NOFOLLOW, 0)
             .with_context(|| format!("cannot open {}", String::from_utf8_lossy(path.as_bytes())))?;
@@ -517,6 +503,73 @@ impl SiteReconcile {
             )?;
             off += n;
         }
+        self.list(path.as_bytes(), copy.as_bytes(), time);
+        Ok(Some(copy))
+    }
+
+    /// A free conflict name for `path` (`PATH.conflict-site<ME>-<TIME>`) and its time.
+    fn conflict_name(&self, root: &Root, path: &RelPath) -> Result<(RelPath, i64)> {
+        let time = now();
+        let label =
+            mirrorfs_core::reintegrate::conflict_label(&format!("site{}", self.cfg.me), time);
+        for n in 0..1000u32 {
+            let mut name = path.as_bytes().to_vec();
+            name.push(b'.');
+            name.extend_from_slice(label.as_bytes());
+            if n > 0 {
+                name.extend_from_slice(format!("-{n}").as_bytes());
+            }
+            let rel = RelPath::new(name).map_err(|e| anyhow::anyhow!("{e}"))?;
+            if root.lstat(&rel).is_err() {
+                return Ok((rel, time));
+            }
+        }
+        anyhow::bail!("no free conflict name")
+    }
+
+    /// [`SiteReconcile::copy_aside`] of a symlink (made again with its target) or a device
+    /// node, FIFO or socket (made again with its type, mode and device number) under a new
+    /// conflict name, through the volume, listed. `None`: neither (a regular file, a
+    /// directory, or gone).
+    pub fn special_aside(
+        &self,
+        vol: &Volume,
+        backing: &Path,
+        path: &RelPath,
+    ) -> Result<Option<RelPath>> {
+        let root =
+            Root::open(backing).with_context(|| format!("cannot open {}", backing.display()))?;
+        let Ok(st) = root.lstat(path) else {
+            return Ok(None);
+        };
+        let kind = st.st_mode & libc::S_IFMT;
+        if kind == libc::S_IFREG || kind == libc::S_IFDIR {
+            return Ok(None);
+        }
+        let (copy, time) = self.conflict_name(&root, path)?;
+        let op = if kind == libc::S_IFLNK {
+            let target = root.readlink(path).with_context(|| {
+                format!(
+                    "cannot read the link {}",
+                    String::from_utf8_lossy(path.as_bytes())
+                )
+            })?;
+            Op::Symlink {
+                path: copy.clone(),
+                target,
+                uid: st.st_uid,
+                gid: st.st_gid,
+            }
+        } else {
+            Op::Mknod {
+                path: copy.clone(),
+                mode: st.st_mode,
+                rdev: st.st_rdev,
+                uid: st.st_uid,
+                gid: st.st_gid,
+            }
+        };
+        self.beneath(vol, backing, op)?;
         self.list(path.as_bytes(), copy.as_bytes(), time);
         Ok(Some(copy))
     }
