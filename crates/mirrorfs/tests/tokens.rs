@@ -2263,3 +2263,102 @@ fn a_kill_9_of_the_receiving_site_during_the_copy_resumes_it() {
 fn a_kill_9_of_the_copying_site_during_the_copy_starts_it_again() {
     kill_during_the_copy("killsend", 0);
 }
+
+/// `STATE/peer-applied`'s position (the peer seq applied here; layout in docs/journal.md).
+fn peer_applied_file(m: &Mount) -> u64 {
+    let b = fs::read(m.backing().join(".mirrorfs/peer-applied")).unwrap_or_default();
+    b.get(24..32)
+        .and_then(|s| s.try_into().ok())
+        .map_or(0, u64::from_le_bytes)
+}
+
+/// `m`'s status written after `after_ms` (unix ms): the mount writes it every 0.25 s.
+fn status_after(m: &Mount, after_ms: i64) -> serde_json::Value {
+    let mut st = serde_json::Value::Null;
+    let fresh = wait_until(Duration::from_secs(20), || {
+        st = tokens_status(m);
+        st["updated_unix_ms"].as_i64().unwrap_or(0) > after_ms
+    });
+    assert!(
+        fresh,
+        "no status newer than {after_ms}: {st:#}\n{}",
+        m.log()
+    );
+    st
+}
+
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn position_writes(m: &Mount) -> u64 {
+    let st = status_after(m, unix_ms());
+    st["peer_receive"]["position_writes"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no peer_receive.position_writes in status: {st:#}"))
+}
+
+/// `net::peer::INERT_DEFER` in ms.
+const INERT_DEFER_MS: u128 = 100;
+
+#[test]
+fn name_changes_at_the_home_of_their_tokens_do_not_write_the_peer_position_each_time() {
+    let pair = Pair::tokens("inert", "read-only");
+    wait_connected(&pair.a);
+    wait_connected(&pair.b);
+    let dir = pair.a.p("names");
+    fs::create_dir(&dir).expect("mkdir at a");
+    let t = std::time::Instant::now();
+    let before = position_writes(&pair.a);
+    // Every change comes back from b as its placeholder (no echo): batches that change
+    // nothing at a. They used to write a's STATE/peer-applied durably one batch at a time.
+    // Changes 25 ms apart come back one batch each (the pause is not measured: it only keeps
+    // b from putting several placeholders in one batch); the last 20 as fast as they go.
+    let n = 80;
+    for i in 0..n {
+        let p = dir.join(format!("n{i}"));
+        drop(fs::File::create(&p).expect("create at a"));
+        if i < n - 20 {
+            std::thread::sleep(Duration::from_millis(25));
+        } else {
+            let q = dir.join(format!("m{i}"));
+            fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .expect("chmod at a");
+            fs::rename(&p, &q).expect("rename at a");
+            fs::remove_file(&q).expect("unlink at a");
+        }
+    }
+    // b has all of it once it has the last change (its records of them come back to a as
+    // placeholders).
+    fs::write(dir.join("done"), b"x").expect("the last change at a");
+    let arrived = wait_until(ARRIVE, || pair.b.backing().join("names/done").exists());
+    assert!(arrived, "b never applied a's changes\n{}", pair.b.log());
+    let end = status_after(&pair.b, unix_ms())["journal_next_seq"]
+        .as_u64()
+        .unwrap_or(1)
+        - 1;
+    assert!(end > 0, "b journaled a's changes");
+    // No further batch comes, yet a's position reaches b's journal end: the deferred write.
+    let durable = wait_until(Duration::from_secs(10), || {
+        peer_applied_file(&pair.a) >= end
+            && status_after(&pair.a, unix_ms())["peer_receive"]["applied"].as_u64() >= Some(end)
+    });
+    assert!(
+        durable,
+        "a's STATE/peer-applied says {}, b's journal ends at {end}\n{}",
+        peer_applied_file(&pair.a),
+        pair.a.log()
+    );
+    let writes = position_writes(&pair.a) - before;
+    // At most one write per INERT_DEFER for batches that change nothing, and the last one
+    // (one per batch before: about one per change here).
+    let bound = t.elapsed().as_millis() / INERT_DEFER_MS + 2;
+    assert!(
+        u128::from(writes) <= bound,
+        "{writes} writes of STATE/peer-applied for {} changes in {:?} (at most {bound})",
+        n + 60,
+        t.elapsed()
+    );
+}

@@ -87,7 +87,21 @@ pub struct PeerReceiver {
     copy_id: std::sync::atomic::AtomicU32,
     /// The copy's `SyncDone` was applied in the batch being made durable.
     copy_done: AtomicBool,
+    /// The position reached by batches that changed nothing here (see [`INERT_DEFER`]), not
+    /// yet in `STATE/peer-applied` nor acknowledged, and when the first of them came.
+    inert: Mutex<Option<(u64, Instant)>>,
 }
+
+/// How long the position reached by batches that change nothing here may wait before
+/// `STATE/peer-applied` is written and the peer acknowledged: batches of the peer's
+/// placeholders for our own records (`Abort{seq}`, `net::remote`), its aborts and group marks,
+/// without `--partition reconcile` or quorum and with no copy under way. A site writing alone
+/// gets one such batch per change it makes, and a durable replace of the file for each (two
+/// fsyncs) cost it about a third of its name-change speed (docs/benchmarks.md, "the `names`
+/// row's lever"). Nothing is lost by the wait: after a crash those placeholders come again
+/// and change nothing again. The acker writes the file at most this long after the first such
+/// batch (a batch that changes something writes it at once, covering them).
+pub const INERT_DEFER: Duration = Duration::from_millis(100);
 
 impl PeerReceiver {
     pub fn new(
@@ -125,6 +139,7 @@ impl PeerReceiver {
             copy_file,
             copy_id: std::sync::atomic::AtomicU32::new(copying.unwrap_or(0)),
             copy_done: AtomicBool::new(false),
+            inert: Mutex::new(None),
             status,
             gate,
             reconcile,
@@ -357,6 +372,8 @@ impl PeerReceiver {
     }
 
     fn stream(&self, link: &Duplex) -> Result<()> {
+        // (The last session's acker wrote what it held; a new session resumes after the file.)
+        *lock(&self.inert) = None;
         let mut dec = Decoder::new();
         let hello = recv_within(link, &mut dec, crate::net::conn::CONNECT_TIMEOUT)?;
         let copy = self.copy(&hello)?;
@@ -382,6 +399,7 @@ impl PeerReceiver {
                         format!("cannot write {}", self.position_file.display())
                     })?;
                     drop(pos);
+                    lock(&self.status).position_writes += 1;
                     self.started_at(seq - 1);
                 }
                 tracing::info!("the peer's stream resumes at its record {seq}");
@@ -474,6 +492,7 @@ impl PeerReceiver {
             pos.store(&self.position_file)
                 .with_context(|| format!("cannot write {}", self.position_file.display()))?;
         }
+        lock(&self.status).position_writes += 1;
         self.started_at(seq - 1);
         tracing::info!("receiving the peer's initial copy {sync_id} from its record {seq}");
         Ok(())
@@ -638,8 +657,31 @@ impl PeerReceiver {
     /// itself or followed by the next record, which would be its `Abort`), then makes the
     /// batch durable here and publishes the position for the ack.
     fn apply_ready(&self, pending: &mut VecDeque<Record>, settled: u64) -> Result<()> {
-        let mut last = None;
-        for (r, aborted) in take_ready(pending, settled) {
+        let ready = take_ready(pending, settled);
+        let Some(last) = ready.last().map(|(r, _)| r.seq) else {
+            return Ok(());
+        };
+        if self.reconcile.is_none()
+            && self.copy_id.load(Ordering::Acquire) == 0
+            && ready
+                .iter()
+                .all(|(r, aborted)| *aborted || changes_nothing(&r.op))
+        {
+            // Nothing to apply, journal or make durable here: the file and the ack wait
+            // (`INERT_DEFER`). The gate may count them applied now: after a crash they come
+            // again and change nothing again, so a write that waited for them found the tree
+            // it would have found.
+            {
+                let mut d = lock(&self.inert);
+                let since = d.map_or_else(Instant::now, |(_, t)| t);
+                *d = Some((last, since));
+            }
+            if let Some(g) = &self.gate {
+                g.peer_applied(last);
+            }
+            return Ok(());
+        }
+        for (r, aborted) in ready {
             if !aborted {
                 self.apply(&r)?;
             } else if let Some(rc) = &self.reconcile {
@@ -647,9 +689,7 @@ impl PeerReceiver {
                 let seen = rc.seen_of(r.seq);
                 rc.decide(None, seen);
             }
-            last = Some(r.seq);
         }
-        let Some(last) = last else { return Ok(()) };
         if let Some(rc) = &self.reconcile {
             // Our records from here on were journaled having considered the peer's through
             // `last` (noted under the order lock: nothing journaled after it is sent first).
@@ -684,6 +724,9 @@ impl PeerReceiver {
         }
         pos.store(&self.position_file)
             .with_context(|| format!("cannot write {}", self.position_file.display()))?;
+        lock(&self.status).position_writes += 1;
+        // It covers the batches before it that changed nothing.
+        *lock(&self.inert) = None;
         let seen = pos.seen;
         drop(pos);
         if let Some(rc) = &self.reconcile {
@@ -1154,6 +1197,7 @@ impl PeerReceiver {
     fn send_acks(&self, link: &Duplex, session: &Mutex<Session>, done: &AtomicBool) -> Result<()> {
         let t0 = Instant::now();
         while !done.load(Ordering::Acquire) {
+            self.store_inert(false)?;
             let a = self.applied.load(Ordering::Acquire);
             let raw = Positions {
                 received: a,
@@ -1170,8 +1214,45 @@ impl PeerReceiver {
                 let _ = self.vol.changed.wait_timeout(p, Duration::from_millis(50));
             }
         }
+        // The session ends: what batches that changed nothing reached is written now (the
+        // next session resumes after it).
+        self.store_inert(true)
+    }
+
+    /// Writes `STATE/peer-applied` for the position batches that changed nothing reached,
+    /// once the first of them is [`INERT_DEFER`] old (`now`: at once), so that it is
+    /// acknowledged. A batch that changed something and wrote the file since covers them.
+    fn store_inert(&self, now: bool) -> Result<()> {
+        let seq = {
+            let mut d = lock(&self.inert);
+            match *d {
+                Some((seq, since)) if now || since.elapsed() >= INERT_DEFER => {
+                    *d = None;
+                    seq
+                }
+                _ => return Ok(()),
+            }
+        };
+        let mut pos = lock(&self.position);
+        if seq <= pos.applied {
+            return Ok(());
+        }
+        pos.applied = seq;
+        pos.store(&self.position_file)
+            .with_context(|| format!("cannot write {}", self.position_file.display()))?;
+        drop(pos);
+        self.applied.fetch_max(seq, Ordering::AcqRel);
+        let mut s = lock(&self.status);
+        s.position_writes += 1;
+        s.applied = s.applied.max(seq);
         Ok(())
     }
+}
+
+/// A peer record that changes nothing here when applied (without a copy under way or
+/// reconciliation): the peer's placeholders for our own records and its aborts, group marks.
+fn changes_nothing(op: &Op) -> bool {
+    matches!(op, Op::Abort { .. } | Op::GroupBegin | Op::GroupEnd)
 }
 
 /// The held records whose fate is known, in order, each with whether the next record aborts it:

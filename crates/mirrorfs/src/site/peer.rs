@@ -44,8 +44,14 @@ pub struct ReceiveStatus {
     /// Where this site listens (`--receive`).
     pub listen: String,
     pub connected: bool,
-    /// The peer's records through this are applied here and durable.
+    /// The peer's records through this are applied here and durable (`STATE/peer-applied`;
+    /// those that change nothing here follow within `net::peer::INERT_DEFER`).
     pub applied: u64,
+    /// Times `STATE/peer-applied` was written since the mount: once per batch that changed
+    /// something, batches that changed nothing together at most once per
+    /// `net::peer::INERT_DEFER`.
+    #[serde(default)]
+    pub position_writes: u64,
     /// Peer records that failed here (journaled with their `Abort`).
     pub failed: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
