@@ -639,7 +639,18 @@ impl TokenSite {
             }
             Event::PeerApplied { seq } => {
                 self.applied = self.applied.max(seq);
-                let objects: Vec<ObjectId> = self.entries.keys().copied().collect();
+                // Only an entry with parked writes, or a held token not yet writable, can change
+                // here: the home keeps up to `entries_max` idle entries, and a pair streaming
+                // name changes sends a `PeerApplied` per batch.
+                let objects: Vec<ObjectId> = self
+                    .entries
+                    .iter()
+                    .filter(|(_, e)| {
+                        !e.parked.is_empty()
+                            || (e.writable_at.is_none() && matches!(e.state, State::Held { .. }))
+                    })
+                    .map(|(o, _)| *o)
+                    .collect();
                 for object in objects {
                     self.proceed_parked(now, object, &mut out);
                 }
