@@ -20,6 +20,10 @@
 //! due while one is. Barriers (renames, unlinks, links, the end of a copy) and [`Worker::stop`]
 //! still sync on the applying thread: they need a durable point before going on.
 //!
+//! The cursor's `applied` is written (no fsync) at the end of a batch, not after every record:
+//! before the next item once [`APPLIED_BATCH`] records are unwritten, and whenever the feed has
+//! nothing ready (see `applier` for why a process crash then still replays idempotently).
+//!
 //! When a checkpoint is due (the rule, in one place):
 //! - someone waits for record `want_durable` to be durable on this mirror (an application's
 //!   `fsync`, an ack mode) and every record up to it is applied;
