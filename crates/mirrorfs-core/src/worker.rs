@@ -716,6 +716,56 @@ mod tests {
         assert_eq!(g[1], g[0] + 1);
     }
 
+    /// A process killed mid-batch: the cursor file says less than the tree holds, and the
+    /// restart re-applies the records between in replay mode to the same tree.
+    #[test]
+    fn a_kill_before_the_batch_is_written_replays_it_to_the_same_tree() {
+        let (mut w, mut t, mut c) = worker_with_cursor();
+        let records = vec![
+            create(1, "f"),
+            write(2, "f"),
+            rec(
+                3,
+                Op::SetMode {
+                    path: p("f"),
+                    mode: 0o600,
+                },
+            ),
+            create(4, "g"),
+            write(5, "g"),
+            rec(
+                6,
+                Op::Truncate {
+                    path: p("f"),
+                    size: 10,
+                },
+            ),
+        ];
+        for r in &records {
+            let a = sturn(&mut w, &mut t, &mut c, 0, Item::Apply(r.clone()));
+            assert!(matches!(a, Turn::Applied { .. }), "{a:?}");
+        }
+        let want = t.snapshot();
+        assert_eq!(stored_applied(&mut c), 0, "killed before the batch's write");
+        // The restart (no power loss): from the stored `applied`, the journal's end as horizon.
+        let ap = Applier::open(&mut c, false, 6)
+            .expect("read")
+            .expect("cursor");
+        assert_eq!(ap.next_seq(), 1);
+        assert!(ap.in_replay());
+        let mut w = Worker::new(ap, Duration::ZERO, false);
+        for r in &records {
+            let a = sturn(&mut w, &mut t, &mut c, 0, Item::Apply(r.clone()));
+            assert!(
+                matches!(a, Turn::Applied { .. }),
+                "replay of {}: {a:?}",
+                r.seq
+            );
+        }
+        assert_eq!(t.snapshot().diff(&want, 10), Vec::<String>::new());
+        assert!(!w.applier().in_replay());
+    }
+
     #[test]
     fn a_checkpoint_whose_cursor_write_failed_is_not_reported_and_stays_due() {
         let (mut w, mut t, mut c) = worker_with_cursor();
