@@ -6,7 +6,7 @@
 # strace slows it down, read the counts, not the time) and, with PERF=1, its hottest functions
 # (`perf record -g`, a third run).
 #
-#   scripts/profile/row.sh ROW [MIRRORFS_BIN]
+#   [STRACE_TOP=N] scripts/profile/row.sh ROW [MIRRORFS_BIN]   (N: syscalls listed, 12)
 #   ROW: seq-write | seq-read-warm | seq-read-cold | rand-write | small-files | stat
 #
 # Needs root, /dev/fuse, python3, strace (and perf from Debian's linux-perf for PERF=1).
@@ -94,8 +94,8 @@ strace -c -f -q -p "$pid" -o "$work/strace" & st=$!; sleep 0.5
 workload "$work/mnt" run >/dev/null
 kill -INT "$st"; wait "$st" 2>/dev/null || true
 unmount_fs
-echo "daemon syscalls during the run (strace -c -f, top 12):"
-head -n 15 "$work/strace" | tail -n +1
+echo "daemon syscalls during the run (strace -c -f, top ${STRACE_TOP:-12}):"
+head -n $((3 + ${STRACE_TOP:-12})) "$work/strace"
 if [ "${PERF:-0}" = 1 ]; then
   mount_fs
   workload "$work/mnt" setup; sync; sleep 1

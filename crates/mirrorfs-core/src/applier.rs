@@ -4,14 +4,20 @@
 //! State kept per mirror (the *cursor*, two checksummed 64-byte slots, see `docs/journal.md`):
 //! - `checkpoint`: every record ≤ it is durable in the tree (written with fsync, **B2**, right after
 //!   a tree `sync`, **B1**);
-//! - `applied`: the last record applied (written without fsync after every record; exact after a
-//!   process crash, a lower bound... or lost, after a power loss);
+//! - `applied`: the last record applied, written without fsync once per batch of records
+//!   ([`Applier::write_applied`]: the worker writes it after at most [`APPLIED_BATCH`] records
+//!   and whenever the feed runs dry) and with every other cursor write; a lower bound of what
+//!   the tree holds after a process crash (exact after a clean stop), a lower bound or lost
+//!   after a power loss;
 //! - `intent`: set durably just before a barrier op is applied, with the inode numbers needed to
 //!   tell afterwards whether it was.
 //!
 //! Recovery: after a process crash, resume at `applied + 1`; after a power loss, at
 //! `checkpoint + 1`. Records up to the journal's last record at start-up (the *horizon*) are
-//! replayed idempotently (`tree::apply_op` replay mode). Barrier ops ([`Op::needs_barrier`]) are
+//! replayed idempotently (`tree::apply_op` replay mode). The stored `applied` may trail what the
+//! tree holds (it is written per batch): the records between are re-applied in replay mode like
+//! a power loss's window, of which they are a suffix (`checkpoint ≤ stored applied`: every write
+//! carries both), so the same argument makes that replay idempotent. Barrier ops ([`Op::needs_barrier`]) are
 //! bracketed by checkpoints, so a replay window never holds one except first, in doubt, where the
 //! intent decides. A [`Op::Link`] is preceded by a checkpoint, so a replay window never holds it
 //! after records that used its new name for another file.
@@ -36,6 +42,10 @@ pub struct Intent {
 }
 
 pub const CURSOR_SLOT_BYTES: usize = 64;
+/// The most records applied before the cursor's `applied` is written (the worker writes it
+/// sooner when the feed runs dry): what a process crash may re-apply in replay mode on top of
+/// the power loss's window, which it is part of.
+pub const APPLIED_BATCH: u64 = 64;
 const CURSOR_MAGIC: u32 = 0x5243_464D; // "MFCR"
 const NONE: u64 = u64::MAX;
 
@@ -143,9 +153,12 @@ pub struct Applier {
     /// While this mirror's initial copy runs: its id. Records are then applied idempotently, and
     /// `Sync` records for this id are applied, until its `SyncDone`.
     syncing: Option<u32>,
-    /// Record `seq` reached the tree (or was skipped) but writing the cursor after it failed: a
-    /// retry of that record only writes the cursor (re-applying could fail in strict mode).
+    /// Barrier `seq` reached the tree but writing the cursor after it failed: a retry of that
+    /// record only writes the cursor (re-applying could fail in strict mode).
     unwritten: Option<u64>,
+    /// The `applied` of the newest slot written (records after it are applied but not yet in
+    /// the cursor file: [`Applier::write_applied`]).
+    written_applied: u64,
 }
 
 impl Applier {
@@ -181,6 +194,7 @@ impl Applier {
             records_since_checkpoint: 0,
             syncing: None,
             unwritten: None,
+            written_applied: cur.applied,
         };
         if stale_hint {
             // The stored `applied` names records the power loss may have taken from the tree.
@@ -204,6 +218,7 @@ impl Applier {
             records_since_checkpoint: 0,
             syncing: None,
             unwritten: None,
+            written_applied: seq,
         };
         a.persist(store, true)?;
         a.persist(store, true)?;
@@ -240,7 +255,22 @@ impl Applier {
         let bytes = encode_cursor(&self.cur, generation);
         store.write_slot((generation % 2) as usize, &bytes, durable)?;
         self.generation = generation;
+        self.written_applied = self.cur.applied;
         Ok(())
+    }
+
+    /// Records applied (or skipped) since the cursor file last said what was applied.
+    pub fn unwritten_records(&self) -> u64 {
+        self.cur.applied - self.written_applied
+    }
+
+    /// Writes the cursor (without fsync) if records were applied since it last was: the end of a
+    /// batch. A failure changes nothing but the file (the next write goes to the same slot).
+    pub fn write_applied<C: CursorStore>(&mut self, store: &mut C) -> Result<(), ApplyError> {
+        if self.unwritten_records() == 0 {
+            return Ok(());
+        }
+        Ok(self.persist(store, false)?)
     }
 
     /// This mirror's initial copy is complete if `op` is its `SyncDone`.
@@ -250,19 +280,14 @@ impl Applier {
         }
     }
 
-    /// The retry of record `seq` after its cursor write failed ([`Applier::unwritten`]): writes
-    /// the cursor only, durably after a barrier (the tree has the op; its `B2` was not written).
+    /// The retry of barrier `seq` after its cursor write failed ([`Applier::unwritten`]): writes
+    /// the cursor only, durably (the tree has the op; its `B2` was not written).
     fn retry_unwritten<T: Tree + ?Sized, C: CursorStore>(
         &mut self,
         tree: &mut T,
         store: &mut C,
-        barrier: bool,
     ) -> Result<(), ApplyError> {
-        if barrier {
-            self.checkpoint(tree, store)?;
-        } else {
-            self.persist(store, false)?;
-        }
+        self.checkpoint(tree, store)?;
         self.unwritten = None;
         Ok(())
     }
@@ -275,8 +300,7 @@ impl Applier {
         rec: &Record,
     ) -> Result<(), ApplyError> {
         if self.unwritten.is_some_and(|s| s == rec.seq) {
-            self.retry_unwritten(tree, store, rec.op.needs_barrier())?;
-            self.sync_done(&rec.op);
+            self.retry_unwritten(tree, store)?;
             return Ok(());
         }
         if rec.seq != self.next_seq() {
@@ -287,13 +311,10 @@ impl Applier {
         }
         let replay = rec.seq <= self.horizon || self.syncing.is_some();
         match &rec.op {
-            Op::Sync { mirror, .. } if Some(*mirror) != self.syncing => {
-                return self.skip(store, rec.seq)
-            }
+            Op::Sync { mirror, .. } if Some(*mirror) != self.syncing => return self.skip(rec.seq),
             Op::SyncDone { .. } => {
-                // The copy ends once its `SyncDone` is consumed (a failed cursor write leaves it
-                // running, so its retry still ends it).
-                self.skip(store, rec.seq)?;
+                // The copy ends once its `SyncDone` is consumed.
+                self.skip(rec.seq)?;
                 self.sync_done(&rec.op);
                 return Ok(());
             }
@@ -310,22 +331,14 @@ impl Applier {
             self.checkpoint(tree, store)?;
         }
         apply_op(tree, &rec.op, replay)?;
+        // The cursor file learns it with its batch (`write_applied`), not per record.
         self.cur.applied = rec.seq;
         self.records_since_checkpoint += 1;
-        if let Err(e) = self.persist(store, false) {
-            self.unwritten = Some(rec.seq);
-            return Err(e.into());
-        }
         Ok(())
     }
 
-    /// Skips `seq` (an aborted record, or an `Abort` itself).
-    pub fn skip<C: CursorStore>(&mut self, store: &mut C, seq: u64) -> Result<(), ApplyError> {
-        if self.unwritten.is_some_and(|s| s == seq) {
-            self.persist(store, false)?;
-            self.unwritten = None;
-            return Ok(());
-        }
+    /// Skips `seq` (an aborted record, or an `Abort` itself); written with the batch too.
+    pub fn skip(&mut self, seq: u64) -> Result<(), ApplyError> {
         if seq != self.next_seq() {
             return Err(ApplyError::Gap {
                 want: self.next_seq(),
@@ -333,10 +346,6 @@ impl Applier {
             });
         }
         self.cur.applied = seq;
-        if let Err(e) = self.persist(store, false) {
-            self.unwritten = Some(seq);
-            return Err(e.into());
-        }
         Ok(())
     }
 
@@ -528,7 +537,8 @@ mod tests {
         let mut s = MemCursorStore::default();
         let mut a = Applier::start_at(&mut s, 42).expect("store");
         assert_eq!(a.next_seq(), 43);
-        a.skip(&mut s, 43).expect("skip");
+        a.skip(43).expect("skip");
+        a.write_applied(&mut s).expect("write");
         // Not durable: a power loss goes back to the checkpoint.
         s.crash(false);
         let back = Applier::open(&mut s, true, 50)

@@ -20,6 +20,10 @@
 //! due while one is. Barriers (renames, unlinks, links, the end of a copy) and [`Worker::stop`]
 //! still sync on the applying thread: they need a durable point before going on.
 //!
+//! The cursor's `applied` is written (no fsync) at the end of a batch, not after every record:
+//! before the next item once [`APPLIED_BATCH`] records are unwritten, and whenever the feed has
+//! nothing ready (see `applier` for why a process crash then still replays idempotently).
+//!
 //! When a checkpoint is due (the rule, in one place):
 //! - someone waits for record `want_durable` to be durable on this mirror (an application's
 //!   `fsync`, an ack mode) and every record up to it is applied;
@@ -35,7 +39,7 @@
 
 use std::time::Duration;
 
-use crate::applier::{Applier, ApplyError, CursorStore};
+use crate::applier::{Applier, ApplyError, CursorStore, APPLIED_BATCH};
 use crate::feed::Item;
 use crate::op::{Op, Record};
 use crate::tree::{Tree, TreeError};
@@ -183,13 +187,18 @@ impl Worker {
         if self.checkpoint_due(now, want_durable) {
             return Ok(self.start_checkpoint(tree, cursor, now));
         }
+        if self.applier.unwritten_records() >= APPLIED_BATCH {
+            if let Some(t) = self.write_applied(cursor) {
+                return Ok(t);
+            }
+        }
         let item = match self.kept.take() {
             Some(item) => item,
             None => next()?,
         };
         Ok(match item {
             Item::Apply(rec) => self.apply(tree, cursor, now, rec),
-            Item::Skip(seq) => match self.applier.skip(cursor, seq) {
+            Item::Skip(seq) => match self.applier.skip(seq) {
                 Ok(()) => {
                     self.backoff = BACKOFF_MIN;
                     Turn::Skipped { seq }
@@ -197,6 +206,10 @@ impl Worker {
                 Err(e) => self.failed(Item::Skip(seq), &e, format!("skip of record {seq}")),
             },
             Item::Wait => {
+                // The feed ran dry: the batch ends, the cursor file learns what was applied.
+                if let Some(t) = self.write_applied(cursor) {
+                    return Ok(t);
+                }
                 // Only if something was applied since the last checkpoint and none is in flight.
                 let c = self.applier.cursor();
                 if self.checkpoint_when_idle && self.in_flight.is_none() && c.applied > c.checkpoint
@@ -220,6 +233,15 @@ impl Worker {
         self.in_flight = None;
         self.applier.checkpoint(tree, cursor)?;
         Ok(self.applier.cursor().checkpoint)
+    }
+
+    /// The end of a batch: the cursor's `applied` written (no fsync). `None` when done, else the
+    /// `Retry` of a failed write (nothing is kept: the next batch end writes it again).
+    fn write_applied<C: CursorStore>(&mut self, cursor: &mut C) -> Option<Turn> {
+        match self.applier.write_applied(cursor) {
+            Ok(()) => None,
+            Err(e) => Some(self.failed(Item::Wait, &e, "writing the cursor".into())),
+        }
     }
 
     fn checkpoint_due(&self, now: Duration, want_durable: u64) -> bool {
@@ -594,13 +616,9 @@ mod tests {
                 },
             )
         };
-        // (which cursor write fails, the item): a record, a skip, a barrier's intent, its end.
-        let cases = [
-            (1, Item::Apply(write(2, "f"))),
-            (1, Item::Skip(2)),
-            (1, Item::Apply(rename())),
-            (2, Item::Apply(rename())),
-        ];
+        // (which cursor write fails, the item): a barrier's intent, its end. (A record or a skip
+        // writes no cursor: `the_cursor_says_what_was_applied_once_per_batch`.)
+        let cases = [(1, Item::Apply(rename())), (2, Item::Apply(rename()))];
         for (nth, item) in cases {
             let what = format!("{item:?}, cursor write {nth}");
             let (mut w, mut t, mut c) = worker_with_cursor();
@@ -624,10 +642,7 @@ mod tests {
                 },
             );
             assert!(
-                matches!(
-                    r,
-                    Ok(Turn::Applied { seq: 2, .. }) | Ok(Turn::Skipped { seq: 2 })
-                ),
+                matches!(r, Ok(Turn::Applied { seq: 2, .. })),
                 "{what}: {r:?}"
             );
             // The cursor as stored says so, and the newest good slot was never overwritten.
@@ -644,6 +659,111 @@ mod tests {
             let a = sturn(&mut w, &mut t, &mut c, 0, Item::Apply(create(3, "g")));
             assert!(matches!(a, Turn::Applied { seq: 3, .. }), "{what}: {a:?}");
         }
+    }
+
+    /// The `applied` the cursor file holds (what a process crash resumes after).
+    fn stored_applied(c: &mut SimCursor) -> u64 {
+        Applier::open(c, false, 0)
+            .expect("read")
+            .expect("cursor")
+            .cursor()
+            .applied
+    }
+
+    #[test]
+    fn the_cursor_says_what_was_applied_once_per_batch() {
+        let (mut w, mut t, mut c) = worker_with_cursor();
+        let start = generations(&mut c);
+        sturn(&mut w, &mut t, &mut c, 0, Item::Apply(create(1, "f")));
+        sturn(&mut w, &mut t, &mut c, 0, Item::Skip(2));
+        // Applied records and skips alone write nothing.
+        assert_eq!(generations(&mut c), start);
+        assert_eq!(stored_applied(&mut c), 0);
+        // The feed runs dry: the batch ends with one write (no fsync).
+        assert_eq!(sturn(&mut w, &mut t, &mut c, 0, Item::Wait), Turn::Idle);
+        assert_eq!(stored_applied(&mut c), 2);
+        assert_eq!(generations(&mut c)[1], start[1] + 1);
+        assert_ne!(c.mem.durable, c.mem.live, "not a checkpoint");
+        // Nothing new: no write.
+        assert_eq!(sturn(&mut w, &mut t, &mut c, 0, Item::Wait), Turn::Idle);
+        assert_eq!(generations(&mut c)[1], start[1] + 1);
+        // A long run is written every APPLIED_BATCH records, before the next one is asked for.
+        let mut seq = 3;
+        for _ in 0..APPLIED_BATCH {
+            let a = sturn(&mut w, &mut t, &mut c, 0, Item::Apply(write(seq, "f")));
+            assert!(matches!(a, Turn::Applied { .. }), "{a:?}");
+            seq += 1;
+        }
+        assert_eq!(stored_applied(&mut c), 2);
+        // The write fails: a retry, nothing kept, the feed not asked.
+        c.kill.arm(1);
+        let r = w.turn(
+            &mut t,
+            &mut c,
+            Duration::ZERO,
+            0,
+            || -> Result<Item, Infallible> {
+                panic!("the feed was asked before the batch's write")
+            },
+        );
+        assert!(matches!(r, Ok(Turn::Retry { .. })), "{r:?}");
+        c.kill.revive();
+        let a = sturn(&mut w, &mut t, &mut c, 0, Item::Apply(write(seq, "f")));
+        assert!(matches!(a, Turn::Applied { .. }), "{a:?}");
+        assert_eq!(stored_applied(&mut c), 2 + APPLIED_BATCH);
+        // The newest good slot was never overwritten by the failed write.
+        let g = generations(&mut c);
+        assert_eq!(g[1], g[0] + 1);
+    }
+
+    /// A process killed mid-batch: the cursor file says less than the tree holds, and the
+    /// restart re-applies the records between in replay mode to the same tree.
+    #[test]
+    fn a_kill_before_the_batch_is_written_replays_it_to_the_same_tree() {
+        let (mut w, mut t, mut c) = worker_with_cursor();
+        let records = vec![
+            create(1, "f"),
+            write(2, "f"),
+            rec(
+                3,
+                Op::SetMode {
+                    path: p("f"),
+                    mode: 0o600,
+                },
+            ),
+            create(4, "g"),
+            write(5, "g"),
+            rec(
+                6,
+                Op::Truncate {
+                    path: p("f"),
+                    size: 10,
+                },
+            ),
+        ];
+        for r in &records {
+            let a = sturn(&mut w, &mut t, &mut c, 0, Item::Apply(r.clone()));
+            assert!(matches!(a, Turn::Applied { .. }), "{a:?}");
+        }
+        let want = t.snapshot();
+        assert_eq!(stored_applied(&mut c), 0, "killed before the batch's write");
+        // The restart (no power loss): from the stored `applied`, the journal's end as horizon.
+        let ap = Applier::open(&mut c, false, 6)
+            .expect("read")
+            .expect("cursor");
+        assert_eq!(ap.next_seq(), 1);
+        assert!(ap.in_replay());
+        let mut w = Worker::new(ap, Duration::ZERO, false);
+        for r in &records {
+            let a = sturn(&mut w, &mut t, &mut c, 0, Item::Apply(r.clone()));
+            assert!(
+                matches!(a, Turn::Applied { .. }),
+                "replay of {}: {a:?}",
+                r.seq
+            );
+        }
+        assert_eq!(t.snapshot().diff(&want, 10), Vec::<String>::new());
+        assert!(!w.applier().in_replay());
     }
 
     #[test]
@@ -663,9 +783,10 @@ mod tests {
     }
 
     #[test]
-    fn the_retry_of_a_sync_done_still_completes_the_copy() {
+    fn a_sync_done_whose_checkpoint_failed_is_reported_so_the_copy_is_made_again() {
         let (mut w, mut t, mut c) = worker_with_cursor();
         w.applier_mut().set_syncing(Some(9));
+        // The `SyncDone` itself writes no cursor; the checkpoint after it is the first write.
         c.kill.arm(1);
         let r = sturn(
             &mut w,
@@ -674,21 +795,29 @@ mod tests {
             0,
             Item::Apply(rec(1, Op::SyncDone { mirror: 9 })),
         );
-        assert!(matches!(r, Turn::Retry { .. }), "{r:?}");
-        assert_eq!(w.applier().syncing(), Some(9), "the copy is not over yet");
-        c.kill.revive();
-        let r = sturn(&mut w, &mut t, &mut c, 0, Item::Wait);
         assert!(
             matches!(
                 r,
                 Turn::Applied {
                     seq: 1,
+                    checkpoint: 0,
                     copying: false,
-                    copy_done: Some(Ok(())),
+                    copy_done: Some(Err(_)),
                     ..
                 }
             ),
             "{r:?}"
+        );
+        assert_eq!(
+            durable_checkpoint(&c.mem),
+            0,
+            "not durable: the marker stays"
+        );
+        c.kill.revive();
+        // The checkpoint stays due and is taken at the next turn.
+        assert_eq!(
+            sturn(&mut w, &mut t, &mut c, 1, Item::Wait),
+            Turn::Checkpointed { checkpoint: 1 }
         );
     }
 

@@ -60,7 +60,12 @@ fn split(path: &[u8]) -> (&[u8], &[u8]) {
 }
 
 /// Exclusive create of the regular file `name` in `dir` with exactly `mode` and owner, opened
-/// with `flags`.
+/// with `flags`. The new file is looked at first (`fstat`): the owner is set only if it is not
+/// already the wanted one (a process creates files as its own user and group, or the group of a
+/// set-group-ID directory), the mode only if the owner was set (a `chown` may clear the set-ID
+/// bits) or the mode differs (the umask, a default ACL or the set-group-ID rule took bits off).
+/// One `fstat` instead of an `fchown` and an `fchmod` that each change the inode (its ctime) for
+/// nothing: a mirror creating files as their owner, the common case, skips both.
 fn create_in(
     dir: BorrowedFd<'_>,
     name: &OsStr,
@@ -69,14 +74,21 @@ fn create_in(
     uid: u32,
     gid: u32,
 ) -> io::Result<OwnedFd> {
+    let perm = mode & 0o7777;
     let fd = sys::openat(
         dir,
         name,
         flags | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW,
-        mode & 0o7777,
+        perm,
     )?;
-    sys::fchown(fd.as_fd(), uid, gid)?;
-    sys::fchmod(fd.as_fd(), mode & 0o7777)?;
+    let st = sys::fstat(fd.as_fd())?;
+    let owned = st.st_uid == uid && st.st_gid == gid;
+    if !owned {
+        sys::fchown(fd.as_fd(), uid, gid)?;
+    }
+    if !owned || st.st_mode & 0o7777 != perm {
+        sys::fchmod(fd.as_fd(), perm)?;
+    }
     Ok(fd)
 }
 
@@ -741,6 +753,44 @@ mod tests {
         root.rename(&g, &p.join(b"moved").expect("join"), 0)
             .expect("rename deep");
         assert_eq!(errno(root.lstat(&g)), Some(libc::ENOENT));
+    }
+
+    /// A create leaves exactly the wanted mode and owner whichever of its `fchown`/`fchmod` it
+    /// needs: none (its own owner, a mode the umask keeps), the mode only (bits the umask or the
+    /// set-group-ID rule took), or both (another owner; set-ID bits after the chown).
+    #[test]
+    fn a_create_gives_exactly_the_mode_and_owner_asked_for() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let mut tree = DirTree::open(t.path()).expect("open tree");
+        // SAFETY: getters without arguments.
+        let (me, my_group) = unsafe { (libc::geteuid(), libc::getegid()) };
+        tree.mkdir(&rel("g"), 0o2777, me, 4242).expect("mkdir");
+        let cases: &[(&str, u32, u32, u32)] = &[
+            ("plain", 0o644, me, my_group),
+            ("open", 0o666, me, my_group),
+            ("setid", 0o6755, me, my_group),
+            ("sticky", 0o1700, me, my_group),
+            ("other", 0o4750, 12, 34),
+            ("none", 0o000, me, my_group),
+            // In a set-group-ID directory the new file takes the directory's group.
+            ("g/inherits", 0o640, me, 4242),
+            ("g/mine", 0o2640, me, my_group),
+        ];
+        for &(name, mode, uid, gid) in cases {
+            if me != 0 && (uid != me || gid != my_group) {
+                continue; // only root may give files away
+            }
+            tree.create(&rel(name), mode, uid, gid).expect("create");
+            let st = Root::open(t.path())
+                .expect("root")
+                .lstat(&rel(name))
+                .expect("lstat");
+            assert_eq!(
+                (st.st_mode & 0o7777, st.st_uid, st.st_gid),
+                (mode, uid, gid),
+                "{name}"
+            );
+        }
     }
 
     /// The cached parent directory never outlives a rename or removal of it: creates, kinds and
