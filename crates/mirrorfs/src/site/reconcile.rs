@@ -369,8 +369,7 @@ impl SiteReconcile {
     /// and owner are its parent's until the peer's own arrive (the peer journals them when our
     /// removal fails there).
     pub fn remake_dir(&self, vol: &Volume, backing: &Path, dir: &RelPath) -> Result<()> {
-        let root =
-            Root::open(backing).with_context(|| format!("cannot open {}", backing.display()))?;
+        let root = open_backing(backing)?;
         if root.lstat(dir).is_ok() {
             return Ok(());
         }
@@ -401,8 +400,7 @@ impl SiteReconcile {
     /// for our changes beneath it, ends with the same. (Not a `Mkdir` of it: a crash replay of
     /// a create at a mirror clears what is at its name, and the children would not follow.)
     pub fn give_back_dir(&self, vol: &Volume, backing: &Path, dir: &RelPath) -> Result<()> {
-        let root =
-            Root::open(backing).with_context(|| format!("cannot open {}", backing.display()))?;
+        let root = open_backing(backing)?;
         let Ok(st) = root.lstat(dir) else {
             return Ok(());
         };
@@ -440,8 +438,7 @@ impl SiteReconcile {
         {
             return Ok(false);
         }
-        let root =
-            Root::open(backing).with_context(|| format!("cannot open {}", backing.display()))?;
+        let root = open_backing(backing)?;
         let nlink = root.lstat(path).map_or(1, |st| st.st_nlink as u32);
         self.beneath(
             vol,
@@ -463,8 +460,7 @@ impl SiteReconcile {
         backing: &Path,
         path: &RelPath,
     ) -> Result<Option<RelPath>> {
-        let root =
-            Root::open(backing).with_context(|| format!("cannot open {}", backing.display()))?;
+        let root = open_backing(backing)?;
         let st = match root.lstat(path) {
             Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFREG => st,
             _ => return Ok(None),
@@ -537,8 +533,7 @@ impl SiteReconcile {
         backing: &Path,
         path: &RelPath,
     ) -> Result<Option<RelPath>> {
-        let root =
-            Root::open(backing).with_context(|| format!("cannot open {}", backing.display()))?;
+        let root = open_backing(backing)?;
         let Ok(st) = root.lstat(path) else {
             return Ok(None);
         };
@@ -601,8 +596,7 @@ impl SiteReconcile {
         path: &RelPath,
         create: bool,
     ) -> Result<()> {
-        let root =
-            Root::open(backing).with_context(|| format!("cannot open {}", backing.display()))?;
+        let root = open_backing(backing)?;
         let Ok(fd) = root.open_at(path, libc::O_RDONLY | libc::O_NOFOLLOW, 0) else {
             // Gone (a local unlink since): nothing to rewrite; the peer's own unlink follows.
             return Ok(());
@@ -685,6 +679,11 @@ fn now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// The backing tree's root, for a change the reconciliation makes beneath it.
+fn open_backing(backing: &Path) -> Result<Root> {
+    Root::open(backing).with_context(|| format!("cannot open {}", backing.display()))
 }
 
 #[cfg(test)]
