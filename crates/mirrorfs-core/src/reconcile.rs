@@ -1062,10 +1062,13 @@ fn put_name(b: &mut Vec<u8>, p: &[u8]) {
     b.extend_from_slice(p);
 }
 
+/// A ghost as the notes hold it: the peer's name, (ours, the removal's `seen`).
+type Ghost = (Vec<u8>, (Vec<u8>, u64));
+
 /// The decoded notes of [`Reconciler::take_notes`].
 struct Notes {
     sets: [Vec<Vec<u8>>; 4],
-    ghosts: Vec<(Vec<u8>, (Vec<u8>, u64))>,
+    ghosts: Vec<Ghost>,
 }
 
 impl Notes {
