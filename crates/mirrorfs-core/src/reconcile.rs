@@ -260,6 +260,10 @@ pub struct Reconciler {
     /// rename reached it): it names our renamed directory, not a new one
     /// ([`Reconciler::translate_new`]). Bounded as `fresh`.
     ghosts: BTreeMap<Vec<u8>, (Vec<u8>, u64)>,
+    /// `fresh`, `regained`, `remade`, `removed_names` or `ghosts` changed since the last
+    /// [`Reconciler::take_notes`] (the shell persists them: the journal does not hold the
+    /// peer's `seen` of its records, so the decisions that noted them cannot be replayed).
+    notes_dirty: bool,
     /// How a path becomes an object (the shell's token hash; FNV-1a by default).
     hash: fn(&[u8]) -> Object,
     /// The largest of our seqs the peer had considered as of its last record here.
@@ -291,6 +295,7 @@ impl Reconciler {
             remade: BTreeSet::new(),
             removed_names: BTreeSet::new(),
             ghosts: BTreeMap::new(),
+            notes_dirty: false,
             hash: fnv,
         }
     }
@@ -332,7 +337,7 @@ impl Reconciler {
                 }
             }
             Local::Removed(p) => {
-                self.removed_names.insert(p.clone());
+                self.notes_dirty |= self.removed_names.insert(p.clone());
                 while self.removed_names.len() > max {
                     self.removed_names.pop_first();
                 }
@@ -534,7 +539,8 @@ impl Reconciler {
             d
         });
         if !self.renames.is_empty() {
-            self.fresh
+            self.notes_dirty |= self
+                .fresh
                 .insert(out.clone().unwrap_or_else(|| path.to_vec()));
             while self.fresh.len() > self.cfg.entries_max {
                 self.fresh.pop_first();
@@ -549,6 +555,7 @@ impl Reconciler {
     pub fn translate_removal(&mut self, path: &[u8], seen: u64) -> Option<Vec<u8>> {
         let q = self.translate(path, seen)?;
         self.ghosts.insert(path.to_vec(), (q.clone(), seen));
+        self.notes_dirty = true;
         while self.ghosts.len() > self.cfg.entries_max {
             self.ghosts.pop_first();
         }
@@ -593,7 +600,7 @@ impl Reconciler {
             // The peer's later records beneath its new name (a directory it renamed, then
             // perhaps filled) make that name again here.
             let to2 = self.translate_new(to, seen).unwrap_or_else(|| to.to_vec());
-            self.regained.insert(to2);
+            self.notes_dirty |= self.regained.insert(to2);
             while self.regained.len() > self.cfg.entries_max {
                 self.regained.pop_first();
             }
@@ -636,7 +643,7 @@ impl Reconciler {
             exchange: false,
         };
         // Not a fresh name of the peer's: its records for it follow the alias.
-        self.fresh.remove(&alias.from);
+        self.notes_dirty |= self.fresh.remove(&alias.from);
         let aliases = (seq, 1)..(seq, u32::MAX);
         let known = self
             .renames
@@ -780,7 +787,7 @@ impl Reconciler {
             if self.removed_concurrently(dir, seen) {
                 // Made again for the peer: its directory now (a rename of it by the peer
                 // applies, [`Reconciler::peer_rename`]).
-                self.remade.insert(dir.to_vec());
+                self.notes_dirty |= self.remade.insert(dir.to_vec());
                 while self.remade.len() > self.cfg.entries_max {
                     self.remade.pop_first();
                 }
@@ -949,21 +956,82 @@ impl Reconciler {
             }
         }
         self.renames = self.renames.split_off(&(next, 0));
-        if self.renames.is_empty() {
+        if self.renames.is_empty() && !(self.fresh.is_empty() && self.ghosts.is_empty()) {
             self.fresh.clear();
             self.ghosts.clear();
+            self.notes_dirty = true;
         }
         let keep = self.removed_by_seq.split_off(&(next, 0));
         for (_, o) in std::mem::replace(&mut self.removed_by_seq, keep) {
             self.removed.remove(&o);
         }
-        if self.removed.is_empty() && self.seen >= self.removed_floor {
+        if self.removed.is_empty() && self.seen >= self.removed_floor && !self.remade.is_empty() {
             self.remade.clear();
+            self.notes_dirty = true;
         }
         let keep = self.meta_by_seq.split_off(&(next, 0, 0));
         for (_, o, a) in std::mem::replace(&mut self.meta_by_seq, keep) {
             self.meta.remove(&(o, a));
         }
+    }
+
+    /// The names noted by the peer's records (`fresh`, `regained`, `remade`, `ghosts`) and our
+    /// removed names, encoded with a checksum ([`Reconciler::restore_notes`]), if they changed
+    /// since the last call (`None`: unchanged). The shell makes them durable before the peer's
+    /// records that noted them are acknowledged (`STATE/peer-applied`): the journal holds those
+    /// records but not the peer's `seen` of each, so they cannot be decided again at the mount.
+    pub fn take_notes(&mut self) -> Option<Vec<u8>> {
+        if !std::mem::take(&mut self.notes_dirty) {
+            return None;
+        }
+        let mut b = Vec::new();
+        b.extend_from_slice(&NOTES_MAGIC);
+        for set in [
+            &self.fresh,
+            &self.regained,
+            &self.remade,
+            &self.removed_names,
+        ] {
+            b.extend_from_slice(&(set.len() as u32).to_le_bytes());
+            for p in set {
+                put_name(&mut b, p);
+            }
+        }
+        b.extend_from_slice(&(self.ghosts.len() as u32).to_le_bytes());
+        for (p, (q, seen)) in &self.ghosts {
+            put_name(&mut b, p);
+            put_name(&mut b, q);
+            b.extend_from_slice(&seen.to_le_bytes());
+        }
+        let crc = crc32c::crc32c(&b);
+        b.extend_from_slice(&crc.to_le_bytes());
+        Some(b)
+    }
+
+    /// The notes of [`Reconciler::take_notes`] again (at the mount, before the journal's replay):
+    /// `false` (nothing restored) when `bytes` are damaged.
+    pub fn restore_notes(&mut self, bytes: &[u8]) -> bool {
+        let Some(notes) = Notes::decode(bytes) else {
+            return false;
+        };
+        let max = self.cfg.entries_max;
+        let sets = [
+            &mut self.fresh,
+            &mut self.regained,
+            &mut self.remade,
+            &mut self.removed_names,
+        ];
+        for (set, names) in sets.into_iter().zip(notes.sets) {
+            set.extend(names);
+            while set.len() > max {
+                set.pop_first();
+            }
+        }
+        self.ghosts.extend(notes.ghosts);
+        while self.ghosts.len() > max {
+            self.ghosts.pop_first();
+        }
+        true
     }
 
     /// The largest of our seqs the peer has considered (the journal keeps every record after it
@@ -984,6 +1052,75 @@ impl Reconciler {
 
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
+    }
+}
+
+const NOTES_MAGIC: [u8; 8] = *b"MFRNOTE1";
+
+fn put_name(b: &mut Vec<u8>, p: &[u8]) {
+    b.extend_from_slice(&(p.len() as u32).to_le_bytes());
+    b.extend_from_slice(p);
+}
+
+/// A ghost as the notes hold it: the peer's name, (ours, the removal's `seen`).
+type Ghost = (Vec<u8>, (Vec<u8>, u64));
+
+/// The decoded notes of [`Reconciler::take_notes`].
+struct Notes {
+    sets: [Vec<Vec<u8>>; 4],
+    ghosts: Vec<Ghost>,
+}
+
+impl Notes {
+    fn decode(bytes: &[u8]) -> Option<Notes> {
+        let body_len = bytes.len().checked_sub(4)?;
+        let (body, crc) = bytes.split_at(body_len);
+        if crc32c::crc32c(body).to_le_bytes() != crc || !body.starts_with(&NOTES_MAGIC) {
+            return None;
+        }
+        let mut c = Cursor {
+            b: body,
+            at: NOTES_MAGIC.len(),
+        };
+        let mut sets: [Vec<Vec<u8>>; 4] = Default::default();
+        for set in &mut sets {
+            for _ in 0..c.u32()? {
+                set.push(c.name()?);
+            }
+        }
+        let mut ghosts = Vec::new();
+        for _ in 0..c.u32()? {
+            let p = c.name()?;
+            let q = c.name()?;
+            let seen = u64::from_le_bytes(c.take(8)?.try_into().ok()?);
+            ghosts.push((p, (q, seen)));
+        }
+        if c.at != body.len() {
+            return None;
+        }
+        Some(Notes { sets, ghosts })
+    }
+}
+
+struct Cursor<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let s = self.b.get(self.at..self.at.checked_add(n)?)?;
+        self.at += n;
+        Some(s)
+    }
+
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
+    }
+
+    fn name(&mut self) -> Option<Vec<u8>> {
+        let n = self.u32()? as usize;
+        Some(self.take(n)?.to_vec())
     }
 }
 
@@ -1351,6 +1488,92 @@ mod tests {
             Decision::CopyThenApply
         );
         assert_eq!(after.peer_record(Some(7), 6), Decision::Apply);
+    }
+
+    /// A machine after a restart: the watermark, the notes last taken, our journal replayed.
+    fn restarted(before: &mut Reconciler, journal: &[(u64, Local)], notes: bool) -> Reconciler {
+        let mut after = Reconciler::new(before.config(), before.seen_by_peer());
+        if notes {
+            let bytes = before.take_notes().expect("the notes changed");
+            assert!(after.restore_notes(&bytes));
+        }
+        for (seq, c) in journal {
+            after.local_change(*seq, c);
+        }
+        after
+    }
+
+    #[test]
+    fn a_restart_rebuilds_the_names_the_peers_records_noted() {
+        let b = |s: &str| s.as_bytes().to_vec();
+        // The removing site: we removed `d` (seq 5); the peer renamed it to `e` having seen
+        // through 2. The rename is skipped and `e` noted: a later peer record beneath `e`
+        // makes it again.
+        let journal = [(5, Local::Removed(b("d")))];
+        let mut before = Reconciler::new(Config::new(2, 1), 2);
+        before.local_change(5, &journal[0].1);
+        assert_eq!(before.peer_rename(b"d", b"e", 2), RenameDecision::Removed);
+        for notes in [false, true] {
+            let mut after = restarted(&mut before.clone(), &journal, notes);
+            let (want, got) = (before.clone().refill(b"e/x", 2), after.refill(b"e/x", 2));
+            assert_eq!(want, vec![b("e")]);
+            assert_eq!(got == want, notes, "refill of e/x, notes restored: {notes}");
+        }
+
+        // The removing site made `d` again for a peer record beneath it: a later rename of it
+        // by the peer applies (it is the peer's directory now).
+        let mut before = Reconciler::new(Config::new(2, 1), 2);
+        before.local_change(5, &journal[0].1);
+        assert_eq!(before.refill(b"d/x", 2), vec![b("d")]);
+        for notes in [false, true] {
+            let mut after = restarted(&mut before.clone(), &journal, notes);
+            let want = before.clone().peer_rename(b"d", b"e", 2);
+            assert!(matches!(want, RenameDecision::Apply { .. }), "{want:?}");
+            assert_eq!(after.peer_rename(b"d", b"e", 2) == want, notes);
+        }
+
+        // The renaming site: we renamed `d` to `e` (seq 5); the peer's `rmdir d` (seen 2) is
+        // translated and noted; its `Mkdir d` journaled having seen 3 names our `e`.
+        let journal = [(
+            5,
+            Local::Rename {
+                from: b("d"),
+                to: b("e"),
+                exchange: false,
+            },
+        )];
+        let mut before = Reconciler::new(Config::new(1, 2), 2);
+        before.local_change(5, &journal[0].1);
+        assert_eq!(before.translate_removal(b"d", 2), Some(b("e")));
+        for notes in [false, true] {
+            let mut after = restarted(&mut before.clone(), &journal, notes);
+            let want = before.clone().translate_new(b"d", 3);
+            assert_eq!(want, Some(b("e")));
+            assert_eq!(after.translate_new(b"d", 3) == want, notes);
+        }
+    }
+
+    #[test]
+    fn the_notes_are_taken_once_per_change_and_damaged_ones_are_refused() {
+        let mut r = Reconciler::new(Config::new(2, 1), 2);
+        assert_eq!(r.take_notes(), None, "nothing noted yet");
+        r.local_change(5, &Local::Removed(b"d".to_vec()));
+        assert_eq!(r.peer_rename(b"d", b"e", 2), RenameDecision::Removed);
+        let bytes = r.take_notes().expect("noted");
+        assert_eq!(r.take_notes(), None, "unchanged since");
+        assert_eq!(r.peer_rename(b"d", b"e", 2), RenameDecision::Removed);
+        assert_eq!(r.take_notes(), None, "the same names noted again");
+        for cut in 0..bytes.len() {
+            let mut fresh = Reconciler::new(Config::new(2, 1), 2);
+            assert!(!fresh.restore_notes(&bytes[..cut]), "cut at {cut}");
+            let mut bad = bytes.clone();
+            bad[cut] ^= 1;
+            assert!(!fresh.restore_notes(&bad), "bit flipped at {cut}");
+            assert_eq!(fresh.refill(b"e/x", 2), Vec::<Vec<u8>>::new());
+        }
+        let mut back = Reconciler::new(Config::new(2, 1), 2);
+        assert!(back.restore_notes(&bytes));
+        assert_eq!(back.refill(b"e/x", 2), vec![b"e".to_vec()]);
     }
 
     #[test]

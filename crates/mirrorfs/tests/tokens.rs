@@ -1086,6 +1086,50 @@ fn a_netsplit_during_which_a_file_is_moved_into_a_directory_the_other_removes() 
     assert!(listed, "{:#?}", conflicts_json(&pair.b));
 }
 
+/// A directory renamed at one site (`d` → `e`) and removed at the other (`rm -r d`) during a
+/// split (issue 7), the removing site restarted (kill -9) after it skipped the rename and before
+/// a record beneath `e` arrives: the name `e` it noted comes back from `STATE/reconcile-notes`,
+/// so the peer's new file in `e` makes `e` again there. Both end with `e` holding that file and
+/// the one removed with `d` (the rename wins).
+#[test]
+fn a_directory_renamed_at_one_site_and_removed_at_the_other_survives_a_restart_between() {
+    let mut pair = Pair::netsplit("netsplit-rn-restart");
+    fs::create_dir(pair.a.p("d")).expect("mkdir at a");
+    write_file(&pair.a, "d/f.txt", b"in d before the split\n");
+    pair.wait_shown("d/f.txt", b"in d before the split\n");
+    pair.wait_equal();
+    pair.cut();
+    pair.wait_linked(false);
+    let notes = pair.b.backing().join(".mirrorfs/reconcile-notes");
+    assert!(!notes.exists(), "no notes before the split");
+    fs::remove_file(pair.b.p("d/f.txt")).expect("unlink at b");
+    fs::remove_dir(pair.b.p("d")).expect("rmdir at b");
+    fs::rename(pair.a.p("d"), pair.a.p("e")).expect("rename at a");
+    // Only a's stream reaches b: b skips the rename (it removed `d`) and notes `e`.
+    pair.proxies[0].heal();
+    pair.wait_view("b's notes written after a's rename", || notes.exists());
+    std::thread::sleep(Duration::from_millis(500));
+    pair.proxies[0].cut();
+    assert!(!pair.b.p("e").exists(), "b applied the rename");
+    pair.b.kill9_leaving_the_mount();
+    common::lazy_unmount(pair.b.mnt());
+    pair.b.remount();
+    write_file(&pair.a, "e/g.txt", b"made in e after the rename\n");
+    pair.heal_and_settle();
+    for m in [&pair.a, &pair.b] {
+        assert_eq!(
+            fs::read(m.p("e/g.txt")).expect("e/g.txt"),
+            b"made in e after the rename\n"
+        );
+        // The file b removed with `d` comes back under `e`: a's rename of it is a change.
+        assert_eq!(
+            fs::read(m.p("e/f.txt")).expect("e/f.txt"),
+            b"in d before the split\n"
+        );
+        assert!(!m.p("d").exists(), "d is back");
+    }
+}
+
 /// A directory made at one site and a symlink or a FIFO of the same name at the other during a
 /// split (issue 7): as for a directory and a file, the directory stays at the name at both sites,
 /// and the other entry goes to a conflict name at the site that made it (made again there: the

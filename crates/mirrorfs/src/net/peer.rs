@@ -716,6 +716,10 @@ impl PeerReceiver {
         if self.vol.poisoned.load(Ordering::Acquire) {
             bail!("the journal failed: the peer's records are not acknowledged");
         }
+        if let Some(rc) = &self.reconcile {
+            // What the batch's decisions noted, before the records are acknowledged.
+            rc.save_notes()?;
+        }
         let mut pos = lock(&self.position);
         pos.applied = last;
         if let Some(rc) = &self.reconcile {

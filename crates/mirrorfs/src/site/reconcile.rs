@@ -55,6 +55,8 @@ pub struct SiteReconcile {
     pending: Mutex<BTreeMap<Vec<u8>, i64>>,
     /// `seen_by_peer` as persisted in `STATE/peer-applied` (the journal keeps what is after it).
     persisted_seen: AtomicU64,
+    /// The machine's notes not yet written to `STATE/reconcile-notes` ([`SiteReconcile::save_notes`]).
+    notes: Mutex<Option<Vec<u8>>>,
     state: PathBuf,
 }
 
@@ -84,6 +86,7 @@ impl SiteReconcile {
             peer_points: Mutex::new(PeerPoints::default()),
             pending: Mutex::new(BTreeMap::new()),
             persisted_seen: AtomicU64::new(seen),
+            notes: Mutex::new(None),
             state: state.to_path_buf(),
         }
     }
@@ -267,7 +270,23 @@ impl SiteReconcile {
 
     /// Rebuilds the machine's entries from the journal (our own data records after the
     /// watermark; `is_peer`: the record came from the peer).
+    /// First the names the peer's records noted (`STATE/reconcile-notes`: the journal holds
+    /// those records, but not the peer's `seen` of each, so they cannot be decided again).
     pub fn rebuild(&self, vol: &Volume, is_peer: impl Fn(u64) -> bool) -> Result<usize> {
+        let file = self.notes_file();
+        match std::fs::read(&file) {
+            Ok(b) => {
+                if !lock(&self.machine).restore_notes(&b) {
+                    // Replaced atomically: not a crash. Only the names it held are lost.
+                    tracing::error!(
+                        "{} is damaged: the names the peer's records noted during a split are not known again (the sites can differ after the heal)",
+                        file.display()
+                    );
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", file.display())),
+        }
         let (first, end) = {
             let o = lock(&vol.order);
             (
@@ -287,6 +306,28 @@ impl SiteReconcile {
             }
         })?;
         Ok(n)
+    }
+
+    fn notes_file(&self) -> PathBuf {
+        self.state.join("reconcile-notes")
+    }
+
+    /// Makes the machine's notes durable if they changed (at the end of a batch of the peer's
+    /// records, before `STATE/peer-applied`: a record acknowledged is not decided again after
+    /// a restart, so what it noted must be known again from this file). Not written: kept for
+    /// the next call, and the batch is not acknowledged.
+    pub fn save_notes(&self) -> Result<()> {
+        let mut pending = lock(&self.notes);
+        if let Some(b) = lock(&self.machine).take_notes() {
+            *pending = Some(b);
+        }
+        if let Some(b) = pending.as_ref() {
+            let file = self.notes_file();
+            crate::site::statefile::replace_durable(&file, b, 0o600)
+                .with_context(|| format!("cannot write {}", file.display()))?;
+            *pending = None;
+        }
+        Ok(())
     }
 
     /// The winner skipped a record of the peer for `path` (`first`: a new conflict).
