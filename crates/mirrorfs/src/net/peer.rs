@@ -395,11 +395,8 @@ impl PeerReceiver {
                     // of ours) from its journal's end (`core::pair`).
                     pos.volume = Some(history.volume_id);
                     pos.applied = seq - 1;
-                    pos.store(&self.position_file).with_context(|| {
-                        format!("cannot write {}", self.position_file.display())
-                    })?;
+                    self.store_position(&pos)?;
                     drop(pos);
-                    lock(&self.status).position_writes += 1;
                     self.started_at(seq - 1);
                 }
                 tracing::info!("the peer's stream resumes at its record {seq}");
@@ -489,10 +486,8 @@ impl PeerReceiver {
             let mut pos = lock(&self.position);
             pos.volume = Some(volume);
             pos.applied = seq - 1;
-            pos.store(&self.position_file)
-                .with_context(|| format!("cannot write {}", self.position_file.display()))?;
+            self.store_position(&pos)?;
         }
-        lock(&self.status).position_writes += 1;
         self.started_at(seq - 1);
         tracing::info!("receiving the peer's initial copy {sync_id} from its record {seq}");
         Ok(())
@@ -726,9 +721,7 @@ impl PeerReceiver {
             pos.seen = rc.seen_by_peer();
             pos.point = rc.last_point();
         }
-        pos.store(&self.position_file)
-            .with_context(|| format!("cannot write {}", self.position_file.display()))?;
-        lock(&self.status).position_writes += 1;
+        self.store_position(&pos)?;
         // It covers the batches before it that changed nothing.
         *lock(&self.inert) = None;
         let seen = pos.seen;
@@ -1242,13 +1235,20 @@ impl PeerReceiver {
             return Ok(());
         }
         pos.applied = seq;
-        pos.store(&self.position_file)
-            .with_context(|| format!("cannot write {}", self.position_file.display()))?;
+        self.store_position(&pos)?;
         drop(pos);
         self.applied.fetch_max(seq, Ordering::AcqRel);
         let mut s = lock(&self.status);
-        s.position_writes += 1;
         s.applied = s.applied.max(seq);
+        Ok(())
+    }
+
+    /// Writes `STATE/peer-applied` durably (`PeerPosition::store`) and counts the write in
+    /// `status` (`peer_receive.position_writes`).
+    fn store_position(&self, pos: &PeerPosition) -> Result<()> {
+        pos.store(&self.position_file)
+            .with_context(|| format!("cannot write {}", self.position_file.display()))?;
+        lock(&self.status).position_writes += 1;
         Ok(())
     }
 }
