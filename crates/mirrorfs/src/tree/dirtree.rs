@@ -92,6 +92,25 @@ fn create_in(
     Ok(fd)
 }
 
+/// Gives the directory or special file `name` just made in `dir` exactly `mode` and owner, as
+/// [`create_in`] does for a regular file: looked at first (`fstatat`, not following a final
+/// symlink), the owner set only if it is not already the wanted one, the mode only if the owner
+/// was set (a `chown` may clear set-ID bits) or the mode differs (the umask, a default ACL, a
+/// set-group-ID parent). A mirror making directories as their owner with a mode its umask keeps,
+/// the common case, makes one call instead of two inode changes.
+fn own_made(dir: BorrowedFd<'_>, name: &OsStr, mode: u32, uid: u32, gid: u32) -> io::Result<()> {
+    let perm = mode & 0o7777;
+    let st = sys::fstatat(dir, name, libc::AT_SYMLINK_NOFOLLOW)?;
+    let owned = st.st_uid == uid && st.st_gid == gid;
+    if !owned {
+        sys::fchownat(dir, name, Some(uid), Some(gid))?;
+    }
+    if !owned || st.st_mode & 0o7777 != perm {
+        sys::fchmodat_nofollow(dir, name, perm)?;
+    }
+    Ok(())
+}
+
 /// Opens `path` (bytes of a valid `RelPath`; empty is `root` itself) beneath `root`.
 fn open_bytes_in(root: BorrowedFd<'_>, path: &[u8], flags: i32, mode: u32) -> io::Result<OwnedFd> {
     let mut dir: Option<OwnedFd> = None;
@@ -212,8 +231,7 @@ impl Root {
     pub fn mkdir(&self, path: &RelPath, mode: u32, uid: u32, gid: u32) -> io::Result<()> {
         let (dir, name) = self.parent(path)?;
         sys::mkdirat(dir.as_fd(), name, mode & 0o7777)?;
-        sys::fchownat(dir.as_fd(), name, Some(uid), Some(gid))?;
-        sys::fchmodat_nofollow(dir.as_fd(), name, mode & 0o7777)
+        own_made(dir.as_fd(), name, mode, uid, gid)
     }
 
     /// A special file (or a regular one, created exclusively) with exactly this mode and owner.
@@ -232,8 +250,7 @@ impl Root {
         }
         let (dir, name) = self.parent(path)?;
         sys::mknodat(dir.as_fd(), name, mode, rdev)?;
-        sys::fchownat(dir.as_fd(), name, Some(uid), Some(gid))?;
-        sys::fchmodat_nofollow(dir.as_fd(), name, mode & 0o7777)
+        own_made(dir.as_fd(), name, mode, uid, gid)
     }
 
     pub fn symlink(&self, path: &RelPath, target: &[u8], uid: u32, gid: u32) -> io::Result<()> {
@@ -790,6 +807,58 @@ mod tests {
                 (mode, uid, gid),
                 "{name}"
             );
+        }
+    }
+
+    /// A mkdir and a mknod leave exactly the wanted mode and owner, as a create does, whichever
+    /// of the `fchown`/`fchmod` they need (`own_made`).
+    #[test]
+    fn a_mkdir_and_a_mknod_give_exactly_the_mode_and_owner_asked_for() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let mut tree = DirTree::open(t.path()).expect("open tree");
+        // SAFETY: getters without arguments.
+        let (me, my_group) = unsafe { (libc::geteuid(), libc::getegid()) };
+        tree.mkdir(&rel("g"), 0o2777, me, 4242).expect("mkdir");
+        let cases: &[(&str, u32, u32, u32)] = &[
+            ("plain", 0o755, me, my_group),
+            ("open", 0o777, me, my_group),
+            ("sticky", 0o1777, me, my_group),
+            ("other", 0o750, 12, 34),
+            ("none", 0o000, me, my_group),
+            // In a set-group-ID directory a new directory takes its group and the bit.
+            ("g/inherits", 0o2750, me, 4242),
+            ("g/plain", 0o750, me, 4242),
+            ("g/mine", 0o755, me, my_group),
+        ];
+        for &(name, mode, uid, gid) in cases {
+            if me != 0 && (uid != me || gid != my_group) {
+                continue; // only root may give files away
+            }
+            for (kind, suffix) in [(libc::S_IFDIR, "d"), (libc::S_IFIFO, "p")] {
+                let path = rel(&format!("{name}-{suffix}"));
+                if kind == libc::S_IFDIR {
+                    tree.mkdir(&path, mode, uid, gid).expect("mkdir");
+                } else {
+                    Root::open(t.path())
+                        .expect("root")
+                        .mknod(&path, kind | mode, 0, uid, gid)
+                        .expect("mknod");
+                }
+                let st = Root::open(t.path())
+                    .expect("root")
+                    .lstat(&path)
+                    .expect("lstat");
+                assert_eq!(
+                    (
+                        st.st_mode & libc::S_IFMT,
+                        st.st_mode & 0o7777,
+                        st.st_uid,
+                        st.st_gid
+                    ),
+                    (kind, mode, uid, gid),
+                    "{name}-{suffix}"
+                );
+            }
         }
     }
 
