@@ -451,6 +451,8 @@ impl Entry {
 
 /// One site's token table.
 ///
+/// At home an entry never lent (lend 0) goes as soon as it is quiet (`drop_if_spent`): the
+/// home's table holds the tokens in use, lent, or given back, not every object written lately.
 /// At the table's limit a new entry first replaces the least-recently used entry that can go
 /// without a message (at home an idle token it holds — no entry means "held at home" —; at the
 /// other site an idle `Remote`); failing that the other site starts giving back its
