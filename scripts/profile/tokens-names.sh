@@ -4,8 +4,9 @@
 # mirror to a `mirrorfs serve` daemon on loopback and (pair) site A of two writable sites with
 # write tokens (A `1:2`, the home of every token; B `2:1`), and reports per change, for the
 # writing mount and for its other end (the daemon, or site B): CPU time (utime + stime of every
-# thread, /proc/PID/stat), context switches, and with STRACE=1 the writing mount's syscalls
-# (`strace -c -f`, a separate run: read the counts, not the time). Wall time is reported too but
+# thread, /proc/PID/stat), context switches, with ENTRIES=1 the pair's token table size during
+# the rounds (`status`, `write_tokens.entries`, every 0.2 s), and with STRACE=1 the writing
+# mount's syscalls (`strace -c -f`, a separate run: read the counts, not the time). Wall time is reported too but
 # on a shared machine the CPU and the counts are the figures to compare.
 #
 #   scripts/profile/tokens-names.sh [MIRRORFS_BIN] [ROUNDS]
@@ -100,7 +101,19 @@ measure() { # KIND NAME
   workload "$mnt/warm" 1 >/dev/null; sleep 1
   local c0 o0 x0 y0 s c1 o1 x1 y1 n hz
   c0=$(cpu "$me"); o0=$(cpu "$other"); x0=$(ctxt "$me"); y0=$(ctxt "$other")
+  local poller=""
+  if [ "${ENTRIES:-0}" = 1 ] && [ "$1" = pair ]; then
+    # The writing site's token table during the rounds: `write_tokens.entries`, every 0.2 s.
+    (while :; do "$bin" status "$mnt" --json 2>/dev/null |
+      python3 -c 'import json,sys; print(json.load(sys.stdin)["write_tokens"]["entries"])' 2>/dev/null
+      sleep 0.2; done >"$work/entries-$2") &
+    poller=$!
+  fi
   s=$(workload "$mnt/speed" "$rounds")
+  if [ -n "$poller" ]; then
+    kill "$poller" 2>/dev/null || true; wait "$poller" 2>/dev/null || true
+    sort -n "$work/entries-$2" | awk '{ v[NR] = $1 } END { if (NR) printf "  writer token table (%d polls): max %d entries, median %d\n", NR, v[NR], v[int((NR + 1) / 2)] }'
+  fi
   sleep 2 # the other end's apply of the last records
   c1=$(cpu "$me"); o1=$(cpu "$other"); x1=$(ctxt "$me"); y1=$(ctxt "$other")
   n=$((rounds * 2000)); hz=$(getconf CLK_TCK)

@@ -451,6 +451,8 @@ impl Entry {
 
 /// One site's token table.
 ///
+/// At home an entry never lent (lend 0) goes as soon as it is quiet (`drop_if_spent`): the
+/// home's table holds the tokens in use, lent, or given back, not every object written lately.
 /// At the table's limit a new entry first replaces the least-recently used entry that can go
 /// without a message (at home an idle token it holds — no entry means "held at home" —; at the
 /// other site an idle `Remote`); failing that the other site starts giving back its
@@ -630,6 +632,7 @@ impl TokenSite {
                     e.open = e.open.saturating_sub(1);
                 }
                 self.maybe_hand_over(now, object, &mut out);
+                self.drop_if_spent(object);
             }
             Event::Connected { shipped } => self.on_connected(shipped, &mut out),
             Event::Disconnected => self.on_disconnected(&mut out),
@@ -782,6 +785,7 @@ impl TokenSite {
         }
         if guarded {
             self.maybe_hand_over(now, object, out);
+            self.drop_if_spent(object);
         } else if self.unguarded == 0 {
             self.send_ready(out);
         }
@@ -1181,6 +1185,30 @@ impl TokenSite {
         let idle = now >= e.used_at.saturating_add(self.config.idle_ms);
         if self.droppable(e) && (idle || matches!(e.state, State::Remote)) {
             self.drop_entry(object, out);
+        }
+    }
+
+    /// At home, drops the entry of `object` as soon as it is droppable if it was never lent
+    /// (lend 0): such an entry says nothing that "no entry" does not (held at home, writable,
+    /// nothing persisted), except the object's last write, which `drop_entry` folds into
+    /// `write_floor` (a later Grant of it names that bound, a seq no lower than its own). The
+    /// table at home then holds only the tokens in use, lent, or given back, and not every
+    /// object written in the last `idle_ms`: a stream of changes to new names no longer fills
+    /// it to `entries_max` (where each change ran `make_room`, a scan of every entry, and each
+    /// `PeerApplied` and `Tick` walked them all). An entry given back (lend ≠ 0) keeps waiting
+    /// for `idle_ms`: dropping it costs a `Persist(Forget)`.
+    fn drop_if_spent(&mut self, object: ObjectId) {
+        if !self.home {
+            return;
+        }
+        let Some(e) = self.entries.get(&object) else {
+            return;
+        };
+        if matches!(e.state, State::Held { lend: 0, .. }) && self.droppable(e) {
+            // Lend 0: nothing persisted, so no `Persist(Forget)` (drop_entry adds none).
+            let mut none = Vec::new();
+            self.drop_entry(object, &mut none);
+            debug_assert!(none.is_empty());
         }
     }
 
@@ -2100,18 +2128,49 @@ mod tests {
     #[test]
     fn at_the_limit_idle_entries_go_first_and_busy_tables_refuse() {
         let (mut home, mut other) = pair();
-        // The home: idle tokens it holds are dropped (no entry means held at home).
+        // The home: idle tokens it holds are dropped (no entry means held at home). Tokens it
+        // never lent go as soon as they are quiet; tokens given back stay for `idle_ms`.
         for o in 0..3 {
-            home.handle(o, write(o, o));
-            home.handle(o, written(o, 0));
+            let a = home.handle(o, recv(TokenMsg::Request { object: o }));
+            let lend = o + 1;
+            assert_eq!(
+                sent(&a),
+                vec![TokenMsg::Grant {
+                    object: o,
+                    lend,
+                    seq: 0
+                }]
+            );
+            home.handle(
+                o,
+                recv(TokenMsg::Grant {
+                    object: o,
+                    lend,
+                    seq: 0,
+                }),
+            );
         }
         assert_eq!(home.len(), 3);
-        assert_eq!(home.handle(10, write(9, 100)), vec![proceed(9, 100)]);
+        // The least recently used (object 0) goes, its Forget persisted, and the write runs.
+        let a = home.handle(10, write(9, 100));
+        assert_eq!(
+            persisted(&a),
+            vec![TokenRecord {
+                object: 0,
+                kind: RecordKind::Forget,
+                lend: 1,
+                seq: 0,
+                lend_next: 4,
+            }]
+        );
+        assert_eq!(a.last(), Some(&proceed(9, 100)));
         assert_eq!(home.len(), 3);
         assert!(
             home.holds(0),
             "the dropped entry's token is still the home's"
         );
+        assert_eq!(home.handle(11, written(100, 1)), vec![]);
+        assert_eq!(home.len(), 2, "the entry never lent went once quiet");
         // All busy: a write to one more object is refused, a request answered with Refuse.
         let mut home = connected(1, 2, PartitionPolicy::Reconcile);
         for o in 0..3 {
@@ -2140,6 +2199,51 @@ mod tests {
             }]
         );
         assert!(other.is_empty());
+    }
+
+    #[test]
+    fn the_home_keeps_no_entry_for_a_token_it_never_lent_once_quiet() {
+        let (mut home, _) = pair();
+        // A stream of changes to new names (the bench's `names` row): each entry goes once its
+        // write is journaled, so the table never reaches its limit (3 here) and never scans.
+        for o in 0..10u64 {
+            assert_eq!(home.handle(o, write(o, o)), vec![proceed(o, o)]);
+            assert_eq!(home.len(), 1, "the entry of a write in progress stays");
+            assert_eq!(home.handle(o, written(o, o + 1)), vec![]);
+            assert!(home.is_empty(), "object {o}: the quiet entry went");
+            assert_eq!(
+                home.state(o),
+                TokenState::Held {
+                    lend: 0,
+                    writable: true
+                }
+            );
+        }
+        // A file open for writing keeps its entry until closed.
+        home.handle(20, Event::Opened { object: X });
+        home.handle(20, write(20, X));
+        home.handle(20, written(X, 11));
+        assert_eq!(home.len(), 1);
+        assert_eq!(home.handle(21, Event::Closed { object: X }), vec![]);
+        assert!(home.is_empty());
+        // A later Grant of an object whose entry went names a seq covering its last write (the
+        // floor the dropped entries raised), and leaves once those records are shipped.
+        home.handle(22, Event::Shipped { seq: 11 });
+        let a = home.handle(23, recv(TokenMsg::Request { object: 3 }));
+        assert_eq!(
+            sent(&a),
+            vec![TokenMsg::Grant {
+                object: 3,
+                lend: 1,
+                seq: 11
+            }]
+        );
+        // A token asked for while written is handed over, not dropped.
+        home.handle(24, write(30, Y));
+        home.handle(25, recv(TokenMsg::Request { object: Y }));
+        let a = home.handle(26, written(Y, 12));
+        assert_eq!(a, vec![Action::Ship { through: 12 }]);
+        assert_eq!(home.state(Y), TokenState::Returning { lend: 0 });
     }
 
     #[test]
