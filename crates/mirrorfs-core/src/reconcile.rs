@@ -275,7 +275,7 @@ pub struct Reconciler {
     /// ([`Reconciler::reused_since`]). Rebuilt by the replay after a restart (our removals and
     /// makings are in the journal); bounded as `fresh` (past it a dropped name's old records
     /// apply to the new entry, as before this rule).
-    reused: BTreeMap<Object, u64>,
+    reused: BTreeMap<Object, (u64, bool)>,
     /// Names whose removal by the peer we undid (`Restore`: we had changed the file), while
     /// the peer had not seen that change: if the peer makes the name again meanwhile
     /// ([`Reconciler::peer_reused`]), its new entry takes the name and ours goes to a conflict
@@ -401,7 +401,7 @@ impl Reconciler {
     fn note_reuse(&mut self, seq: u64, path: &[u8]) {
         let o = (self.hash)(path);
         if self.removed.get(&o).is_some_and(|&u| u < seq) {
-            self.reused.insert(o, seq);
+            self.reused.insert(o, (seq, false));
             while self.reused.len() > self.cfg.entries_max {
                 self.reused.pop_first();
             }
@@ -414,26 +414,26 @@ impl Reconciler {
     /// applied; the peer, which holds the old entry, moves it to a conflict copy when our new
     /// entry reaches it ([`Reconciler::peer_reused`]).
     pub fn reused_since(&self, object: Object, seen: u64) -> bool {
-        self.reused.get(&object).is_some_and(|&c| c > seen)
+        self.reused.get(&object).is_some_and(|&(c, _)| c > seen)
     }
 
     /// The peer makes `path` (our name; a create, mkdir, mknod, symlink, link or rename onto
     /// it), journaled having considered ours through `seen`, and `path` is our file here: if we
     /// kept it against the peer's removal of it (`Restore`) and the peer had not seen that
     /// (our entry is concurrent), the peer removed the name and made it again (a reuse). The
-    /// new entry takes the name: `true`, our file goes to a conflict copy (listed) and the
-    /// peer's making applies; our entry for the name is forgotten (its changes went with the
-    /// copy).
+    /// new entry takes the name: `true`, our file goes to a conflict copy (listed), then
+    /// [`Reconciler::reused_aside`], and the peer's making applies.
     pub fn peer_reused(&mut self, path: &[u8], seen: u64) -> bool {
         self.advance(seen);
-        let o = (self.hash)(path);
-        if !self.restored.contains(path) || !self.entries.contains_key(&o) {
-            return false;
-        }
-        self.restored.remove(path);
-        self.notes_dirty = true;
-        self.take_entry(o);
-        true
+        self.restored.contains(path) && self.entries.contains_key(&(self.hash)(path))
+    }
+
+    /// Our file at `path` went to its conflict copy for the peer's new entry
+    /// ([`Reconciler::peer_reused`]): our entry for the name is forgotten (its changes went
+    /// with the copy; the peer's records of its new entry are not concurrent with them).
+    pub fn reused_aside(&mut self, path: &[u8]) {
+        self.notes_dirty |= self.restored.remove(path);
+        self.take_entry((self.hash)(path));
     }
 
     /// A file or directory changed its name here (our rename, or the peer's applied here): our
@@ -735,6 +735,7 @@ impl Reconciler {
         if self.peer_reused(&to, seen) {
             // The peer removed `to` and renamed another file onto it: its file takes the name,
             // ours (kept against the removal) goes aside, at either site id.
+            self.reused_aside(&to);
             return RenameDecision::Apply {
                 from,
                 to,
@@ -957,10 +958,15 @@ impl Reconciler {
             return Decision::Apply;
         };
         if self.reused_since(object, seen) {
-            // The old entry's change: the peer brings it back as a conflict copy.
+            // The old entry's change: the peer brings it back as a conflict copy (`first`: the
+            // first such record, listed when the copy arrives).
+            let listed = self
+                .reused
+                .get_mut(&object)
+                .map(|r| std::mem::replace(&mut r.1, true));
             return Decision::Skip {
                 rewrite: false,
-                first: false,
+                first: listed == Some(false),
             };
         }
         let wins = self.cfg.wins();
@@ -1072,7 +1078,7 @@ impl Reconciler {
     /// The peer considered ours through `seen`: our makings it saw are no reuse to it any more,
     /// and a restore it saw is no longer concurrent with its makings.
     fn forget_reuses(&mut self, seen: u64) {
-        self.reused.retain(|_, c| *c > seen);
+        self.reused.retain(|_, (c, _)| *c > seen);
         if !self.restored.is_empty() {
             let (hash, entries) = (self.hash, &self.entries);
             let before = self.restored.len();
@@ -2006,6 +2012,7 @@ mod names {
                         && matches!(self.tree.get(q.as_bytes()), Some(Some(_)))
                         && self.r.peer_reused(q.as_bytes(), seen)
                     {
+                        self.r.reused_aside(q.as_bytes());
                         // The peer removed the name and made it again: its new entry takes it,
                         // ours (kept against the removal) goes aside; removed as the peer's
                         // (not journaled: the peer has no such file).
@@ -2937,9 +2944,17 @@ mod names {
                 b("a"),
                 Decision::Skip {
                     rewrite: false,
-                    first: false
+                    first: true
                 }
             )
+        );
+        assert_eq!(
+            r.peer_data(b"a", 4).1,
+            Decision::Skip {
+                rewrite: false,
+                first: false
+            },
+            "listed once"
         );
         assert!(!r.peer_meta(b"a", 1, 5), "the old entry's mode");
         // A making without a removal before it, or one the peer saw: no reuse.
@@ -2958,6 +2973,8 @@ mod names {
         c.local_path(8, b"a", true);
         assert!(!c.peer_reused(b"b", 3));
         assert!(c.peer_reused(b"a", 3));
+        assert!(c.peer_reused(b"a", 3), "asked again (a copy that failed)");
+        c.reused_aside(b"a");
         assert!(!c.peer_reused(b"a", 3));
         assert!(c.is_empty(), "the change went with the copy");
         // Noted for a restart.
