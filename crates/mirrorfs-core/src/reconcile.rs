@@ -269,8 +269,8 @@ pub struct Reconciler {
     /// rename reached it): it names our renamed directory, not a new one
     /// ([`Reconciler::translate_new`]). Bounded as `fresh`.
     ghosts: BTreeMap<Vec<u8>, (Vec<u8>, u64)>,
-    /// Names we removed during the split and then made again (created, mkdir, link, or renamed
-    /// something to): object → the seq of the making. A peer record for the name journaled
+    /// Names we removed during the split and then made again (created, linked, a symlink or node
+    /// made, or something renamed to it; not a mkdir, [`Local::Made`]): object → the seq of the making. A peer record for the name journaled
     /// before it had considered that seq is about the old entry, not ours
     /// ([`Reconciler::reused_since`]). Rebuilt by the replay after a restart (our removals and
     /// makings are in the journal); bounded as `fresh` (past it a dropped name's old records
@@ -417,8 +417,7 @@ impl Reconciler {
         self.reused.get(&object).is_some_and(|&(c, _)| c > seen)
     }
 
-    /// The peer makes `path` (our name; a create, mkdir, mknod, symlink, link or rename onto
-    /// it), journaled having considered ours through `seen`, and `path` is our file here: if we
+    /// The peer makes `path` (our name; a create, mknod, symlink, link or rename onto it), journaled having considered ours through `seen`, and `path` is our file here: if we
     /// kept it against the peer's removal of it (`Restore`) and the peer had not seen that
     /// (our entry is concurrent), the peer removed the name and made it again (a reuse). The
     /// new entry takes the name: `true`, our file goes to a conflict copy (listed), then
@@ -1115,7 +1114,7 @@ impl Reconciler {
             put_name(&mut b, q);
             b.extend_from_slice(&seen.to_le_bytes());
         }
-        // Since the name-reuse rule: the restored names, a fifth set after the ghosts (a file
+        // Since the name-reuse rule: the restored names, a last list after the ghosts (a file
         // without it, written before, decodes with none).
         b.extend_from_slice(&(self.restored.len() as u32).to_le_bytes());
         for p in &self.restored {
