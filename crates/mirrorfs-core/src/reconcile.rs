@@ -134,10 +134,15 @@ pub enum Local {
     Removed(Vec<u8>),
     /// mode, owner, times or one xattr (the attribute's key, [`meta_key`]).
     Meta(Vec<u8>, u64),
+    /// Create, mknod, symlink, link: a new entry under the name (after our removal of the
+    /// name, a reuse: [`Reconciler::reused_since`]). Not mkdir: a directory made again under a
+    /// name removed during the split is one with the old (what the peer puts in it or changes
+    /// of it lands in it, as when both sites make one directory).
+    Made(Vec<u8>),
 }
 
 impl Local {
-    /// What a local change of ours is to the rule (`None`: creations, links, aborts, marks).
+    /// What a local change of ours is to the rule (`None`: aborts, marks).
     pub fn of(op: &Op) -> Option<Local> {
         Some(match op {
             Op::Write { path, .. } | Op::Truncate { path, .. } | Op::Fallocate { path, .. } => {
@@ -153,6 +158,10 @@ impl Local {
             Op::Unlink { path, .. } | Op::Rmdir { path } => {
                 Local::Removed(path.as_bytes().to_vec())
             }
+            Op::Create { path, .. }
+            | Op::Mknod { path, .. }
+            | Op::Symlink { path, .. }
+            | Op::Link { to: path, .. } => Local::Made(path.as_bytes().to_vec()),
             op => {
                 let (path, key) = meta_key(op)?;
                 Local::Meta(path.as_bytes().to_vec(), key)
@@ -260,6 +269,18 @@ pub struct Reconciler {
     /// rename reached it): it names our renamed directory, not a new one
     /// ([`Reconciler::translate_new`]). Bounded as `fresh`.
     ghosts: BTreeMap<Vec<u8>, (Vec<u8>, u64)>,
+    /// Names we removed during the split and then made again (created, linked, a symlink or node
+    /// made, or something renamed to it; not a mkdir, [`Local::Made`]): object → the seq of the making. A peer record for the name journaled
+    /// before it had considered that seq is about the old entry, not ours
+    /// ([`Reconciler::reused_since`]). Rebuilt by the replay after a restart (our removals and
+    /// makings are in the journal); bounded as `fresh` (past it a dropped name's old records
+    /// apply to the new entry, as before this rule).
+    reused: BTreeMap<Object, (u64, bool)>,
+    /// Names whose removal by the peer we undid (`Restore`: we had changed the file), while
+    /// the peer had not seen that change: if the peer makes the name again meanwhile
+    /// ([`Reconciler::peer_reused`]), its new entry takes the name and ours goes to a conflict
+    /// copy. Persisted with the notes; bounded as `fresh`.
+    restored: BTreeSet<Vec<u8>>,
     /// `fresh`, `regained`, `remade`, `removed_names` or `ghosts` changed since the last
     /// [`Reconciler::take_notes`] (the shell persists them: the journal does not hold the
     /// peer's `seen` of its records, so the decisions that noted them cannot be replayed).
@@ -295,6 +316,8 @@ impl Reconciler {
             remade: BTreeSet::new(),
             removed_names: BTreeSet::new(),
             ghosts: BTreeMap::new(),
+            reused: BTreeMap::new(),
+            restored: BTreeSet::new(),
             notes_dirty: false,
             hash: fnv,
         }
@@ -331,6 +354,7 @@ impl Reconciler {
                     self.renames.pop_first();
                 }
                 self.move_entries(from, to, *exchange, false);
+                self.note_reuse(seq, to);
                 self.note_made(seq, to);
                 if *exchange {
                     self.note_made(seq, from);
@@ -368,7 +392,47 @@ impl Reconciler {
                     self.meta_floor = self.meta_floor.max(s);
                 }
             }
+            Local::Made(p) => self.note_reuse(seq, p),
         }
+    }
+
+    /// Our change `seq` made `path` again: a reuse if we removed the name during the split and
+    /// the peer has not seen that removal.
+    fn note_reuse(&mut self, seq: u64, path: &[u8]) {
+        let o = (self.hash)(path);
+        if self.removed.get(&o).is_some_and(|&u| u < seq) {
+            self.reused.insert(o, (seq, false));
+            while self.reused.len() > self.cfg.entries_max {
+                self.reused.pop_first();
+            }
+        }
+    }
+
+    /// A peer record for `object` journaled before it considered our making of the name again
+    /// after our removal of it (`seen` below that making): it is about the old entry (removed
+    /// here) or the peer's restore of it, never about our new entry of the name. It is not
+    /// applied; the peer, which holds the old entry, moves it to a conflict copy when our new
+    /// entry reaches it ([`Reconciler::peer_reused`]).
+    pub fn reused_since(&self, object: Object, seen: u64) -> bool {
+        self.reused.get(&object).is_some_and(|&(c, _)| c > seen)
+    }
+
+    /// The peer makes `path` (our name; a create, mknod, symlink, link or rename onto it), journaled having considered ours through `seen`, and `path` is our file here: if we
+    /// kept it against the peer's removal of it (`Restore`) and the peer had not seen that
+    /// (our entry is concurrent), the peer removed the name and made it again (a reuse). The
+    /// new entry takes the name: `true`, our file goes to a conflict copy (listed), then
+    /// [`Reconciler::reused_aside`], and the peer's making applies.
+    pub fn peer_reused(&mut self, path: &[u8], seen: u64) -> bool {
+        self.advance(seen);
+        self.restored.contains(path) && self.entries.contains_key(&(self.hash)(path))
+    }
+
+    /// Our file at `path` went to its conflict copy for the peer's new entry
+    /// ([`Reconciler::peer_reused`]): our entry for the name is forgotten (its changes went
+    /// with the copy; the peer's records of its new entry are not concurrent with them).
+    pub fn reused_aside(&mut self, path: &[u8]) {
+        self.notes_dirty |= self.restored.remove(path);
+        self.take_entry((self.hash)(path));
     }
 
     /// A file or directory changed its name here (our rename, or the peer's applied here): our
@@ -667,6 +731,17 @@ impl Reconciler {
     /// unless it changed the source concurrently (then it gives it back whole), and rewrites
     /// its `to` whole once (the loser may have applied the winner's diffs of `to` over its own).
     fn peer_rename_onto(&mut self, from: Vec<u8>, to: Vec<u8>, seen: u64) -> RenameDecision {
+        if self.peer_reused(&to, seen) {
+            // The peer removed `to` and renamed another file onto it: its file takes the name,
+            // ours (kept against the removal) goes aside, at either site id.
+            self.reused_aside(&to);
+            return RenameDecision::Apply {
+                from,
+                to,
+                clash: false,
+                aside: true,
+            };
+        }
         let wins = self.cfg.wins();
         let Some(e) = self.concurrent((self.hash)(&to), seen) else {
             return RenameDecision::Apply {
@@ -728,6 +803,13 @@ impl Reconciler {
             return (p, Decision::Restore { first });
         }
         let d = self.peer_remove((self.hash)(path), seen);
+        if matches!(d, Decision::Restore { .. }) {
+            // Kept under the peer's name: a making of it by the peer since is a reuse.
+            self.notes_dirty |= self.restored.insert(path.to_vec());
+            while self.restored.len() > self.cfg.entries_max {
+                self.restored.pop_first();
+            }
+        }
         (path.to_vec(), d)
     }
 
@@ -762,6 +844,10 @@ impl Reconciler {
     /// attribute concurrently and win (ours stays at both sites: the loser applies ours).
     pub fn peer_meta(&mut self, path: &[u8], key: u64, seen: u64) -> bool {
         self.advance(seen);
+        if self.reused_since((self.hash)(path), seen) {
+            // The old entry's attribute: not of our new entry of the name.
+            return false;
+        }
         if !self.cfg.wins() {
             return true;
         }
@@ -870,6 +956,18 @@ impl Reconciler {
         let Some(object) = object else {
             return Decision::Apply;
         };
+        if self.reused_since(object, seen) {
+            // The old entry's change: the peer brings it back as a conflict copy (`first`: the
+            // first such record, listed when the copy arrives).
+            let listed = self
+                .reused
+                .get_mut(&object)
+                .map(|r| std::mem::replace(&mut r.1, true));
+            return Decision::Skip {
+                rewrite: false,
+                first: listed == Some(false),
+            };
+        }
         let wins = self.cfg.wins();
         let Some(entry) = self.concurrent(object, seen) else {
             return Decision::Apply;
@@ -973,6 +1071,19 @@ impl Reconciler {
         for (_, o, a) in std::mem::replace(&mut self.meta_by_seq, keep) {
             self.meta.remove(&(o, a));
         }
+        self.forget_reuses(seen);
+    }
+
+    /// The peer considered ours through `seen`: our makings it saw are no reuse to it any more,
+    /// and a restore it saw is no longer concurrent with its makings.
+    fn forget_reuses(&mut self, seen: u64) {
+        self.reused.retain(|_, (c, _)| *c > seen);
+        if !self.restored.is_empty() {
+            let (hash, entries) = (self.hash, &self.entries);
+            let before = self.restored.len();
+            self.restored.retain(|p| entries.contains_key(&hash(p)));
+            self.notes_dirty |= self.restored.len() != before;
+        }
     }
 
     /// The names noted by the peer's records (`fresh`, `regained`, `remade`, `ghosts`) and our
@@ -1003,6 +1114,12 @@ impl Reconciler {
             put_name(&mut b, q);
             b.extend_from_slice(&seen.to_le_bytes());
         }
+        // Since the name-reuse rule: the restored names, a last list after the ghosts (a file
+        // without it, written before, decodes with none).
+        b.extend_from_slice(&(self.restored.len() as u32).to_le_bytes());
+        for p in &self.restored {
+            put_name(&mut b, p);
+        }
         let crc = crc32c::crc32c(&b);
         b.extend_from_slice(&crc.to_le_bytes());
         Some(b)
@@ -1030,6 +1147,10 @@ impl Reconciler {
         self.ghosts.extend(notes.ghosts);
         while self.ghosts.len() > max {
             self.ghosts.pop_first();
+        }
+        self.restored.extend(notes.restored);
+        while self.restored.len() > max {
+            self.restored.pop_first();
         }
         true
     }
@@ -1069,6 +1190,8 @@ type Ghost = (Vec<u8>, (Vec<u8>, u64));
 struct Notes {
     sets: [Vec<Vec<u8>>; 4],
     ghosts: Vec<Ghost>,
+    /// The restored names (absent from notes written before the name-reuse rule).
+    restored: Vec<Vec<u8>>,
 }
 
 impl Notes {
@@ -1095,10 +1218,20 @@ impl Notes {
             let seen = u64::from_le_bytes(c.take(8)?.try_into().ok()?);
             ghosts.push((p, (q, seen)));
         }
+        let mut restored = Vec::new();
+        if c.at != body.len() {
+            for _ in 0..c.u32()? {
+                restored.push(c.name()?);
+            }
+        }
         if c.at != body.len() {
             return None;
         }
-        Some(Notes { sets, ghosts })
+        Some(Notes {
+            sets,
+            ghosts,
+            restored,
+        })
     }
 }
 
@@ -1663,6 +1796,7 @@ mod names {
                     exchange: false,
                 }),
                 R::Unlink(p) | R::Rmdir(p) => Some(Local::Removed(b(p))),
+                R::Create(p) => Some(Local::Made(b(p))),
                 R::Whole(p, _) => {
                     self.r.local_path(seq, p, true);
                     None
@@ -1873,6 +2007,19 @@ mod names {
                         R::Mkdir(_) => R::Mkdir(q),
                         _ => R::Rmdir(q),
                     };
+                    if !matches!(rec, R::Rmdir(_))
+                        && matches!(self.tree.get(q.as_bytes()), Some(Some(_)))
+                        && self.r.peer_reused(q.as_bytes(), seen)
+                    {
+                        self.r.reused_aside(q.as_bytes());
+                        // The peer removed the name and made it again: its new entry takes it,
+                        // ours (kept against the removal) goes aside; removed as the peer's
+                        // (not journaled: the peer has no such file).
+                        self.conflicts += 1;
+                        let mine = self.tree.remove(q.as_bytes()).flatten();
+                        let copy = self.copy_name(q.as_bytes());
+                        self.local(R::Whole(copy, mine.unwrap_or_default()));
+                    }
                     let ours_is_dir = matches!(self.tree.get(q.as_bytes()), Some(None));
                     let clash = matches!(rec, R::Mkdir(_)) && self.tree.contains_key(q.as_bytes());
                     if clash && clash_moves_ours_aside(ours_is_dir, true) {
@@ -2476,6 +2623,7 @@ mod names {
         let names = ["a", "b", "c", "d", "e", "d/x", "d/y", "e/x"];
         let mut failed = Vec::new();
         let mut skipped = 0u64;
+        let mut reused_checked = 0u64;
         let mut why_skipped: BTreeMap<&str, u64> = BTreeMap::new();
         // The cases the table in `docs/protocol.md` lists as not reconciled.
         let excluded = |ops: &[(usize, R)], dir_renames: &[(usize, &str, &str)]| {
@@ -2561,7 +2709,6 @@ mod names {
                             || entangled(*s, f)
                             || ops.iter().any(|(s2, r2)| *s2 != *s
                                 && matches!(r2, R::Rename(g, t2) if t2 == t && entangled(*s2, g)))))
-                        || (made_at(*s, n) && touched_near(1 - s, n))
                         || ops.iter().any(|(s2, r2)| {
                             matches!(r2, R::Rename(f2, t2) if f2 == n && undone_at(*s2, t2))
                                 && ops.iter().any(|(s3, r3)| {
@@ -2575,6 +2722,14 @@ mod names {
                 }
                 _ => false,
             });
+            // A name removed or renamed away at one site and made again there while the other
+            // site changes it: reconciled since (`Reconciler::peer_reused`), only counted.
+            let reused_name = ops.iter().any(|(s, r)| match r {
+                R::Unlink(n) | R::Rmdir(n) | R::Rename(n, _) => {
+                    made_at(*s, n) && touched_near(1 - s, n)
+                }
+                _ => false,
+            });
             let nested_renames = ops.iter().any(|(s, r)| match r {
                 // Renames at both sites of a directory and of a name in it (or into it).
                 R::Rename(f, t) => ops.iter().any(|(s2, r2)| {
@@ -2584,12 +2739,13 @@ mod names {
                 }),
                 _ => false,
             });
-            [
-                (reused, "a name reused, or given to two entries"),
+            let why = [
+                (reused, "a name given to two entries"),
                 (nested_renames, "renames of a directory and a name in it"),
             ]
             .into_iter()
-            .find_map(|(hit, why)| hit.then_some(why))
+            .find_map(|(hit, why)| hit.then_some(why));
+            (why, reused_name)
         };
         for seed in 0..seeds {
             let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
@@ -2652,11 +2808,13 @@ mod names {
                 let s = if *site == 0 { &mut t1 } else { &mut t2 };
                 s.local(rec.clone());
             }
-            if let Some(why) = excluded(&ops, &dir_renames) {
+            let (why, reused_name) = excluded(&ops, &dir_renames);
+            if let Some(why) = why {
                 skipped += 1;
                 *why_skipped.entry(why).or_default() += 1;
                 continue;
             }
+            reused_checked += u64::from(reused_name);
             let order: Vec<bool> = (0..40).map(|_| pick(2) == 0).collect();
             let (t1, t2) = heal(t1, t2, &order);
             if t1.tree != t2.tree {
@@ -2680,6 +2838,7 @@ mod names {
         for (why, n) in &why_skipped {
             eprintln!("  excluded (the first that applies), {why}: {n}");
         }
+        eprintln!("  checked with a name reused at one site (excluded before): {reused_checked}");
         assert!(skipped < seeds / 4, "{skipped} of {seeds} seeds excluded");
         assert!(
             failed.is_empty(),
@@ -2694,5 +2853,137 @@ mod names {
         assert!(clash_moves_ours_aside(false, true));
         assert!(!clash_moves_ours_aside(true, false));
         assert!(!clash_moves_ours_aside(false, false));
+    }
+
+    /// A name reused at one site (removed, then made again there) while the other site changes
+    /// the old file: the new entry keeps the name, the old file comes back as a conflict copy.
+    #[test]
+    fn a_name_reused_at_one_site_keeps_the_new_entry_and_the_old_file_in_a_copy() {
+        let base = [("a", Some("a0")), ("c", Some("c0"))];
+        for reuser in [1, 2] {
+            let split = |reuse: Vec<R>, change: Vec<R>| {
+                if reuser == 1 {
+                    (reuse, change)
+                } else {
+                    (change, reuse)
+                }
+            };
+            // Removed and created again (written, or left empty).
+            let (at1, at2) = split(
+                vec![R::Unlink("a"), R::Create("a"), R::Write("a", "new")],
+                vec![R::Write("a", "changed")],
+            );
+            check(
+                &base,
+                &at1,
+                &at2,
+                &[
+                    ("a", Some("new")),
+                    ("a.conflict", Some("changed")),
+                    ("c", Some("c0")),
+                ],
+                true,
+            );
+            let (at1, at2) = split(
+                vec![R::Unlink("a"), R::Create("a")],
+                vec![R::Write("a", "changed"), R::Write("a", "again")],
+            );
+            check(
+                &base,
+                &at1,
+                &at2,
+                &[
+                    ("a", Some("")),
+                    ("a.conflict", Some("again")),
+                    ("c", Some("c0")),
+                ],
+                true,
+            );
+            // Removed, then another file renamed onto the name.
+            let (at1, at2) = split(
+                vec![R::Unlink("a"), R::Rename("c", "a")],
+                vec![R::Write("a", "changed")],
+            );
+            check(
+                &base,
+                &at1,
+                &at2,
+                &[("a", Some("c0")), ("a.conflict", Some("changed"))],
+                true,
+            );
+            // Renamed away, then made again: the change follows the old file to its new name.
+            let (at1, at2) = split(
+                vec![R::Rename("a", "b"), R::Create("a"), R::Write("a", "new")],
+                vec![R::Write("a", "changed")],
+            );
+            check(
+                &base,
+                &at1,
+                &at2,
+                &[
+                    ("a", Some("new")),
+                    ("b", Some("changed")),
+                    ("c", Some("c0")),
+                ],
+                false,
+            );
+        }
+    }
+
+    #[test]
+    fn the_old_entrys_records_are_not_applied_to_the_new_one() {
+        let mut r = site(2, 1);
+        r.local_change(5, &Local::Removed(b("a")));
+        r.local_change(6, &Local::Made(b("a")));
+        let a = fnv(b"a");
+        assert!(r.reused_since(a, 5), "journaled before our making");
+        assert_eq!(
+            r.peer_data(b"a", 3),
+            (
+                b("a"),
+                Decision::Skip {
+                    rewrite: false,
+                    first: true
+                }
+            )
+        );
+        assert_eq!(
+            r.peer_data(b"a", 4).1,
+            Decision::Skip {
+                rewrite: false,
+                first: false
+            },
+            "listed once"
+        );
+        assert!(!r.peer_meta(b"a", 1, 5), "the old entry's mode");
+        // A making without a removal before it, or one the peer saw: no reuse.
+        r.local_change(7, &Local::Made(b("c")));
+        assert!(!r.reused_since(fnv(b"c"), 0));
+        assert!(r.peer_meta(b"a", 1, 6));
+        assert!(!r.reused_since(a, 6));
+        // The site that changed the file and kept it against the peer's removal: the peer's
+        // making of the name again, concurrent with the change, takes the name (once).
+        let mut c = site(1, 2);
+        c.local_change(4, &Local::Data(b("a")));
+        assert_eq!(
+            c.peer_unlink(b"a", 2),
+            (b("a"), Decision::Restore { first: true })
+        );
+        c.local_path(8, b"a", true);
+        assert!(!c.peer_reused(b"b", 3));
+        assert!(c.peer_reused(b"a", 3));
+        assert!(c.peer_reused(b"a", 3), "asked again (a copy that failed)");
+        c.reused_aside(b"a");
+        assert!(!c.peer_reused(b"a", 3));
+        assert!(c.is_empty(), "the change went with the copy");
+        // Noted for a restart.
+        let mut c = site(1, 2);
+        c.local_change(4, &Local::Data(b("a")));
+        c.peer_unlink(b"a", 2);
+        let notes = c.take_notes().expect("noted");
+        let mut again = site(1, 2);
+        assert!(again.restore_notes(&notes));
+        again.local_change(4, &Local::Data(b("a")));
+        assert!(again.peer_reused(b"a", 3));
     }
 }

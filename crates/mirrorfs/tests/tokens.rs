@@ -2406,3 +2406,57 @@ fn name_changes_at_the_home_of_their_tokens_do_not_write_the_peer_position_each_
         t.elapsed()
     );
 }
+
+/// A name reused at one site during a split (issue 7): the site removes the file and makes a
+/// new one under its name while the other site changes the old file. The new file keeps the
+/// name at both sites; the old file, with the other site's change, comes back as a conflict
+/// copy made by the changing site, listed at both. Both ways round (`notes.txt` reused at
+/// site 1, `todo.txt` at site 2).
+#[test]
+fn a_netsplit_during_which_one_side_reuses_a_name_the_other_changes() {
+    let pair = Pair::netsplit("netsplit-reuse");
+    pair.wait_linked(true);
+    write_file(&pair.a, "notes.txt", b"notes before the split\n");
+    write_file(&pair.a, "todo.txt", b"todo before the split\n");
+    pair.wait_equal();
+    pair.cut();
+    pair.wait_linked(false);
+    let (new_notes, changed_notes) = (
+        b"a new notes.txt made at site 1\n".to_vec(),
+        b"the old notes.txt changed at site 2\n".to_vec(),
+    );
+    fs::remove_file(pair.a.p("notes.txt")).expect("unlink at a");
+    write_file(&pair.a, "notes.txt", &new_notes);
+    write_file(&pair.b, "notes.txt", &changed_notes);
+    let (new_todo, changed_todo) = (
+        b"a new todo.txt made at site 2\n".to_vec(),
+        b"the old todo.txt changed at site 1\n".to_vec(),
+    );
+    fs::remove_file(pair.b.p("todo.txt")).expect("unlink at b");
+    write_file(&pair.b, "todo.txt", &new_todo);
+    write_file(&pair.a, "todo.txt", &changed_todo);
+    pair.heal_and_settle();
+    pair.wait_shown("notes.txt", &new_notes);
+    pair.wait_shown("todo.txt", &new_todo);
+    for (name, changer, changed) in [
+        ("notes.txt", "site2", &changed_notes),
+        ("todo.txt", "site1", &changed_todo),
+    ] {
+        let copies = names_starting(pair.a.backing(), &format!("{name}.conflict-{changer}-"));
+        assert_eq!(
+            copies.len(),
+            1,
+            "{name}: one copy: {copies:?}\nsite a:\n{}\nsite b:\n{}",
+            pair.a.log(),
+            pair.b.log()
+        );
+        pair.wait_shown(&copies[0], changed);
+        for m in [&pair.a, &pair.b] {
+            let listed: Vec<_> = conflicts_json(m)
+                .into_iter()
+                .filter(|e| e["path"] == name && e["copy"] == copies[0].as_str())
+                .collect();
+            assert_eq!(listed.len(), 1, "{name}: {listed:#?}\n{}", m.log());
+        }
+    }
+}

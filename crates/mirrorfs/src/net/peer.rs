@@ -926,6 +926,18 @@ impl PeerReceiver {
         seen: u64,
         seq: u64,
     ) -> Result<bool> {
+        if let (
+            Op::Create { path, .. }
+            | Op::Mknod { path, .. }
+            | Op::Symlink { path, .. }
+            | Op::Link { to: path, .. },
+            libc::EEXIST,
+        ) = (op, errno)
+        {
+            if self.reuse_aside(rc, path, seen)? {
+                return Ok(true);
+            }
+        }
         match (op, errno) {
             (_, libc::ENOENT) => {
                 let mut names: Vec<&RelPath> = op.path().into_iter().collect();
@@ -1011,6 +1023,64 @@ impl PeerReceiver {
             }
             _ => Ok(false),
         }
+    }
+
+    /// The peer made `path` again after removing it during the split, while we kept our
+    /// changed file there against that removal (`Reconciler::peer_reused`): the new entry takes
+    /// the name. Ours goes to a conflict copy (journaled, streamed, listed), the rewrite this
+    /// batch queued for it is dropped (the copy brings its content), and it is removed as the
+    /// peer's record (not streamed back: the peer has no such file) so that the peer's making
+    /// applies again (`true`).
+    fn reuse_aside(&self, rc: &SiteReconcile, path: &RelPath, seen: u64) -> Result<bool> {
+        let file = std::fs::symlink_metadata(
+            self.backing
+                .join(std::ffi::OsStr::from_bytes(path.as_bytes())),
+        )
+        .is_ok_and(|m| m.is_file());
+        if !file {
+            return Ok(false);
+        }
+        let reused = {
+            let _order = lock(&self.vol.order);
+            rc.decide_reused(path.as_bytes(), seen)
+        };
+        if !reused {
+            return Ok(false);
+        }
+        if rc
+            .copy_aside(&self.vol, &self.backing, path)
+            .context("the conflict copy of a name the peer made again")?
+            .is_none()
+        {
+            return Ok(false);
+        }
+        rc.reused_aside(path.as_bytes());
+        lock(&self.rewrites).retain(|(p, _)| p != path);
+        use std::os::unix::fs::MetadataExt;
+        let nlink = std::fs::symlink_metadata(
+            self.backing
+                .join(std::ffi::OsStr::from_bytes(path.as_bytes())),
+        )
+        .map_or(1, |m| m.nlink() as u32);
+        let mut tree = DirTree::open(&self.backing).context("cannot open the backing tree")?;
+        let op = Op::Unlink {
+            path: path.clone(),
+            nlink,
+        };
+        let origins = &self.origins;
+        self.vol
+            .mutate_beneath_unsettled(op.clone(), |seq| {
+                origins.note(seq)?;
+                apply_op(&mut tree, &op, false)
+                    .map_err(|e| std::io::Error::from_raw_os_error(tree_errno(&e)))
+            })
+            .map_err(|e| {
+                anyhow!(
+                    "cannot remove our file for the name the peer made again: {}",
+                    std::io::Error::from_raw_os_error(e)
+                )
+            })?;
+        Ok(true)
     }
 
     /// The source of a peer rename that is not applied here because the name it goes to stays

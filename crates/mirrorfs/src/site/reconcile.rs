@@ -127,6 +127,18 @@ impl SiteReconcile {
         lock(&self.machine).peer_rename_onto_dir(from, seen)
     }
 
+    /// The peer made `path` (our name) again after removing it, while we kept our changed file
+    /// there against that removal (`Reconciler::peer_reused`; under the order lock): `true`,
+    /// its new entry takes the name and ours goes to a conflict copy first.
+    pub fn decide_reused(&self, path: &[u8], seen: u64) -> bool {
+        lock(&self.machine).peer_reused(path, seen)
+    }
+
+    /// Our file at `path` is in its conflict copy now (`Reconciler::reused_aside`).
+    pub fn reused_aside(&self, path: &[u8]) {
+        lock(&self.machine).reused_aside(path);
+    }
+
     /// The decision for a peer metadata change (our name; under the order lock).
     pub fn decide_meta(&self, path: &[u8], key: u64, seen: u64) -> bool {
         lock(&self.machine).peer_meta(path, key, seen)
