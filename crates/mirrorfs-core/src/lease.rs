@@ -309,10 +309,12 @@ impl LeaseKeeper {
     }
 
     /// A clean stop: from now on the keeper is not writable and asks for nothing; returns the
-    /// release to send to the witness if it holds or held a grant (none if it never had one,
-    /// was superseded, or released already).
-    pub fn release(&mut self, _now: u64) -> Option<Request> {
-        let had = self.granted_at.is_some() && !self.superseded && !self.released;
+    /// release to send to the witness if its lease still runs at `now` (none if it never had
+    /// one, it ran out — then the witness's has too, or will within the margin, and the witness
+    /// is likely unreachable: the stop does not wait for it —, it was superseded, or released
+    /// already).
+    pub fn release(&mut self, now: u64) -> Option<Request> {
+        let had = self.valid_until.is_some_and(|v| now < v) && !self.superseded && !self.released;
         self.released = true;
         self.valid_until = None;
         self.in_flight = None;
@@ -524,6 +526,11 @@ mod tests {
         k.on_response(40, 0, &Response::Granted { ttl_ms: 1000 });
         assert!(k.writable(41).is_err());
         assert_eq!(k.release(50), None);
+        // A lease that ran out (renewals failed): nothing to give back, nothing to wait for.
+        let mut lapsed = LeaseKeeper::new(0, req("p", 1, 1000));
+        lapsed.tick(0).expect("first request");
+        lapsed.on_response(10, 0, &Response::Granted { ttl_ms: 1000 });
+        assert_eq!(lapsed.release(800), None);
     }
 
     #[test]
