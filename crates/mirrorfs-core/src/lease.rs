@@ -6,6 +6,8 @@
 //!   on_response(now, sent_at, ..) ◀── Granted{ttl} / Held{site, gen, left} /
 //!                                      Superseded{gen} / Starting{left} / Full
 //!   writable(now): only before sent_at + ttl - margin of the last grant
+//!   release(now) (a clean stop) ── Release{volume, site, gen} ──▶ release(now, ..)
+//!                                 ◀── Released / Held{..} / Superseded{gen}
 //! ```
 //!
 //! Safety rests on three rules:
@@ -69,6 +71,9 @@ pub enum Response {
     Starting { left_ms: u64 },
     /// The witness holds leases for [`VOLUMES_MAX`] volumes already.
     Full,
+    /// The answer to a release: the asker holds the lease no more (another site may take it at
+    /// once).
+    Released,
 }
 
 impl std::fmt::Display for Response {
@@ -91,6 +96,7 @@ impl std::fmt::Display for Response {
                 "the witness restarted and forgot who held the lease: it grants nothing for {left_ms} ms more"
             ),
             Response::Full => write!(f, "the witness holds leases for {VOLUMES_MAX} volumes already"),
+            Response::Released => write!(f, "released"),
         }
     }
 }
@@ -209,6 +215,43 @@ impl LeaseTable {
     }
 }
 
+impl LeaseTable {
+    /// The holder `r` names gives its lease back at `now` (a clean stop: it writes no more), so
+    /// that another site may take it at once instead of after its expiry. Only the holder's own
+    /// release ends a lease: another site's is answered `Held` (nothing changes), an older
+    /// generation's `Superseded`; a lease that is not held (expired, unknown) is `Released`.
+    /// The newest generation granted is kept (older ones stay refused).
+    pub fn release(&mut self, now: u64, r: &Request) -> Response {
+        let site: String = r.site.chars().take(SITE_NAME_MAX).collect();
+        let asker = Holder {
+            site,
+            generation_number: r.generation_number,
+            generation_id: r.generation_id,
+            until: now,
+        };
+        let Some(e) = self.entries.get_mut(&r.volume_id) else {
+            return Response::Released;
+        };
+        if r.generation_number < e.newest_generation {
+            return Response::Superseded {
+                generation_number: e.newest_generation,
+            };
+        }
+        if same_holder(&e.holder, &asker) {
+            e.holder.until = e.holder.until.min(now);
+            return Response::Released;
+        }
+        if now < e.holder.until {
+            return Response::Held {
+                site: e.holder.site.clone(),
+                generation_number: e.holder.generation_number,
+                left_ms: e.holder.until - now,
+            };
+        }
+        Response::Released
+    }
+}
+
 fn same_holder(a: &Holder, b: &Holder) -> bool {
     a.site == b.site
         && a.generation_number == b.generation_number
@@ -242,6 +285,8 @@ pub struct LeaseKeeper {
     reason: String,
     created: u64,
     superseded: bool,
+    /// The lease was given back (`release`): never written under or asked for again.
+    released: bool,
 }
 
 impl LeaseKeeper {
@@ -259,14 +304,29 @@ impl LeaseKeeper {
             reason: "no answer from the witness yet".into(),
             created: now,
             superseded: false,
+            released: false,
         }
+    }
+
+    /// A clean stop: from now on the keeper is not writable and asks for nothing; returns the
+    /// release to send to the witness if its lease still runs at `now` (none if it never had
+    /// one, it ran out — then the witness's has too, or will within the margin, and the witness
+    /// is likely unreachable: the stop does not wait for it —, it was superseded, or released
+    /// already).
+    pub fn release(&mut self, now: u64) -> Option<Request> {
+        let had = self.valid_until.is_some_and(|v| now < v) && !self.superseded && !self.released;
+        self.released = true;
+        self.valid_until = None;
+        self.in_flight = None;
+        self.reason = "the lease was given back (the site is stopping)".into();
+        had.then(|| self.request.clone())
     }
 
     /// The request to send now, if one is due: the first one, a renewal a third of a ttl after
     /// the last grant's request, or again when an answer is a ttl late (it was lost). `None`
     /// once superseded.
     pub fn tick(&mut self, now: u64) -> Option<Request> {
-        if self.superseded {
+        if self.superseded || self.released {
             return None;
         }
         let ttl = self.request.ttl_ms;
@@ -300,7 +360,7 @@ impl LeaseKeeper {
         }
         match r {
             Response::Granted { ttl_ms } => {
-                if self.superseded {
+                if self.superseded || self.released {
                     return;
                 }
                 let ttl = (*ttl_ms).min(self.request.ttl_ms);
@@ -380,6 +440,97 @@ mod tests {
     fn open_table() -> (LeaseTable, u64) {
         let t = LeaseTable::new(0, 5000);
         (t, 5000)
+    }
+
+    #[test]
+    fn a_released_lease_is_granted_to_another_site_at_once() {
+        let (mut t, now) = open_table();
+        assert_eq!(
+            t.request(now, &req("p", 1, 1000)),
+            Response::Granted { ttl_ms: 1000 }
+        );
+        assert!(matches!(
+            t.request(now + 10, &req("q", 1, 1000)),
+            Response::Held { .. }
+        ));
+        // Another site's release changes nothing.
+        assert!(matches!(
+            t.release(now + 20, &req("q", 1, 1000)),
+            Response::Held { .. }
+        ));
+        assert!(matches!(
+            t.request(now + 30, &req("q", 1, 1000)),
+            Response::Held { .. }
+        ));
+        // The holder's does: the other site is granted well before the ttl ran out.
+        assert_eq!(t.release(now + 40, &req("p", 1, 1000)), Response::Released);
+        assert_eq!(
+            t.request(now + 50, &req("q", 1, 1000)),
+            Response::Granted { ttl_ms: 1000 }
+        );
+        // A late second release from the old holder leaves the new one's lease alone.
+        assert!(matches!(
+            t.release(now + 60, &req("p", 1, 1000)),
+            Response::Held { .. }
+        ));
+        assert!(matches!(
+            t.request(now + 70, &req("p", 1, 1000)),
+            Response::Held { .. }
+        ));
+        // A lease nobody holds: nothing to do.
+        let mut other = req("p", 1, 1000);
+        other.volume_id = [9; 16];
+        assert_eq!(t.release(now + 60, &other), Response::Released);
+    }
+
+    #[test]
+    fn a_release_keeps_older_generations_refused() {
+        let (mut t, now) = open_table();
+        assert_eq!(
+            t.request(now, &req("new", 2, 1000)),
+            Response::Granted { ttl_ms: 1000 }
+        );
+        assert_eq!(
+            t.release(now + 10, &req("old", 1, 1000)),
+            Response::Superseded {
+                generation_number: 2
+            }
+        );
+        assert_eq!(
+            t.release(now + 20, &req("new", 2, 1000)),
+            Response::Released
+        );
+        assert_eq!(
+            t.request(now + 30, &req("old", 1, 1000)),
+            Response::Superseded {
+                generation_number: 2
+            }
+        );
+    }
+
+    #[test]
+    fn a_keeper_that_released_neither_writes_nor_asks_again() {
+        let mut k = LeaseKeeper::new(0, req("p", 1, 1000));
+        // Never granted: nothing to release.
+        let mut never = LeaseKeeper::new(0, req("p", 1, 1000));
+        assert_eq!(never.release(0), None);
+        let r = k.tick(0).expect("first request");
+        k.on_response(10, 0, &Response::Granted { ttl_ms: 1000 });
+        assert!(k.writable(20).is_ok());
+        let rel = k.release(30).expect("a release to send");
+        assert_eq!(rel.volume_id, r.volume_id);
+        assert_eq!(rel.site, "p");
+        assert!(k.writable(31).is_err());
+        assert_eq!(k.tick(5000), None);
+        // A grant answering a request sent before the release does not make it writable.
+        k.on_response(40, 0, &Response::Granted { ttl_ms: 1000 });
+        assert!(k.writable(41).is_err());
+        assert_eq!(k.release(50), None);
+        // A lease that ran out (renewals failed): nothing to give back, nothing to wait for.
+        let mut lapsed = LeaseKeeper::new(0, req("p", 1, 1000));
+        lapsed.tick(0).expect("first request");
+        lapsed.on_response(10, 0, &Response::Granted { ttl_ms: 1000 });
+        assert_eq!(lapsed.release(800), None);
     }
 
     #[test]

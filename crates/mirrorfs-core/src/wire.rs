@@ -87,6 +87,7 @@ pub mod msg_type {
     pub const PEER_SEEN: u8 = 30;
     pub const QUORUM_PROBE: u8 = 31;
     pub const QUORUM_ANSWER: u8 = 32;
+    pub const LEASE_RELEASE: u8 = 33;
 }
 
 /// Block size of the resync's per-file hashes.
@@ -306,8 +307,12 @@ pub enum Msg {
     },
     /// Site → witness (witness connections only): grant or renew the volume's write lease.
     LeaseRequest(crate::lease::Request),
-    /// Witness → site: the answer to `LeaseRequest`.
+    /// Witness → site: the answer to `LeaseRequest` (or `LeaseRelease`).
     LeaseResponse(crate::lease::Response),
+    /// Site → witness (witness connections only), at a clean stop: give the volume's write
+    /// lease back (the same body as `LeaseRequest`; `ttl_ms` and `renewal` are not used). A
+    /// witness that predates it closes the connection (unknown message type).
+    LeaseRelease(crate::lease::Request),
     /// Either site (two writable sites): a write token message (`core::token`).
     Token(crate::token::TokenMsg),
     /// Either site (two writable sites), before the records it covers: the sender's records
@@ -783,6 +788,7 @@ impl Msg {
             Msg::Reintegrated { .. } => REINTEGRATED,
             Msg::LeaseRequest(_) => LEASE_REQUEST,
             Msg::LeaseResponse(_) => LEASE_RESPONSE,
+            Msg::LeaseRelease(_) => LEASE_RELEASE,
             Msg::Token(t) => {
                 use crate::token::TokenMsg as T;
                 match t {
@@ -924,7 +930,7 @@ impl Msg {
                 o.records(ops.iter().enumerate().map(|(i, op)| (i as u64 + 1, op)));
             }
             Msg::Reintegrated { conflicts } => o.u64(*conflicts),
-            Msg::LeaseRequest(r) => {
+            Msg::LeaseRequest(r) | Msg::LeaseRelease(r) => {
                 o.0.extend_from_slice(&r.volume_id);
                 o.u64(r.generation_number);
                 o.u64(r.generation_id);
@@ -958,6 +964,7 @@ impl Msg {
                         o.u64(*left_ms);
                     }
                     R::Full => o.u8(4),
+                    R::Released => o.u8(5),
                 }
             }
             Msg::Token(t) => {
@@ -1186,7 +1193,7 @@ impl Msg {
             REINTEGRATED => Msg::Reintegrated {
                 conflicts: i.u64()?,
             },
-            LEASE_REQUEST => {
+            LEASE_REQUEST | LEASE_RELEASE => {
                 let r = crate::lease::Request {
                     volume_id: i.id()?,
                     generation_number: i.u64()?,
@@ -1203,7 +1210,11 @@ impl Msg {
                         "lease request site name empty or too long",
                     ));
                 }
-                Msg::LeaseRequest(r)
+                if ty == LEASE_RELEASE {
+                    Msg::LeaseRelease(r)
+                } else {
+                    Msg::LeaseRequest(r)
+                }
             }
             LEASE_RESPONSE => {
                 use crate::lease::Response as R;
@@ -1219,6 +1230,7 @@ impl Msg {
                     },
                     3 => R::Starting { left_ms: i.u64()? },
                     4 => R::Full,
+                    5 => R::Released,
                     _ => return Err(WireError::Invalid("unknown lease answer")),
                 })
             }
@@ -1599,6 +1611,15 @@ mod tests {
             }),
             Msg::LeaseResponse(crate::lease::Response::Starting { left_ms: 5 }),
             Msg::LeaseResponse(crate::lease::Response::Full),
+            Msg::LeaseResponse(crate::lease::Response::Released),
+            Msg::LeaseRelease(crate::lease::Request {
+                volume_id: [6; 16],
+                site: "2 (host:/b)".into(),
+                generation_number: 1,
+                generation_id: 1,
+                ttl_ms: 0,
+                renewal: false,
+            }),
             Msg::Token(crate::token::TokenMsg::Request { object: 7 }),
             Msg::Token(crate::token::TokenMsg::Grant {
                 object: u64::MAX,
@@ -1884,6 +1905,11 @@ mod tests {
         b[16..24].copy_from_slice(&0u64.to_le_bytes());
         assert_eq!(
             decode_all(&frame(msg_type::LEASE_REQUEST, 0, &b)),
+            Err(WireError::Invalid("lease request for generation 0"))
+        );
+        // A release is checked the same way.
+        assert_eq!(
+            decode_all(&frame(msg_type::LEASE_RELEASE, 0, &b)),
             Err(WireError::Invalid("lease request for generation 0"))
         );
         // A renewal flag that is not a boolean.

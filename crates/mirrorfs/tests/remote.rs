@@ -118,6 +118,26 @@ fn signal_pid(pid: u32, sig: i32) {
     unsafe { libc::kill(pid as libc::pid_t, sig) };
 }
 
+/// Each thread of `pid`: its name and kernel stack (`/proc/PID/task/*/stack`), for a hang.
+fn thread_stacks(pid: u32) -> String {
+    let mut out = String::new();
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for t in tasks.filter_map(|t| t.ok()) {
+        let p = t.path();
+        let name = fs::read_to_string(p.join("comm")).unwrap_or_default();
+        let stack = fs::read_to_string(p.join("stack")).unwrap_or_default();
+        let wchan = fs::read_to_string(p.join("wchan")).unwrap_or_default();
+        out.push_str(&format!(
+            "-- {} {} (wchan {wchan})\n{stack}",
+            t.file_name().to_string_lossy(),
+            name.trim()
+        ));
+    }
+    out
+}
+
 // ---------------------------------------------------------------------------------------------
 // Identities
 
@@ -370,6 +390,13 @@ impl Serve {
 
     /// SIGTERM; the daemon must exit with status 0 within 30 s.
     fn stop(&mut self) {
+        self.stop_within(Duration::from_secs(30));
+    }
+
+    /// SIGTERM; the daemon must exit with status 0 within `limit`, its last log line saying it
+    /// stopped. Returns how long it took. On a hang, the threads' kernel stacks and names are
+    /// in the failure message.
+    fn stop_within(&mut self, limit: Duration) -> Duration {
         let mut c = self.child.take().expect("stop: the daemon is not running");
         signal_pid(c.id(), libc::SIGCONT);
         signal_pid(c.id(), libc::SIGTERM);
@@ -378,17 +405,31 @@ impl Serve {
             if let Ok(Some(st)) = c.try_wait() {
                 break st;
             }
-            if t0.elapsed() > Duration::from_secs(30) {
+            if t0.elapsed() > limit {
+                let threads = thread_stacks(c.id());
                 signal_pid(c.id(), libc::SIGKILL);
                 let _ = c.wait();
                 panic!(
-                    "the daemon did not stop within 30 s of SIGTERM; its log:\n{}",
-                    self.log()
+                    "the daemon did not stop within {limit:?} of SIGTERM; its threads:\n{threads}\nits log:\n{}",
+                    tail(&self.log(), 60)
                 );
             }
             std::thread::sleep(Duration::from_millis(10));
         };
+        let took = t0.elapsed();
         assert!(st.success(), "the daemon exited with {st}:\n{}", self.log());
+        let log = self.log();
+        let last = log
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("");
+        assert!(
+            last.contains("stopped"),
+            "the daemon's last log line does not say it stopped: {last:?}\n{}",
+            tail(&log, 40)
+        );
+        took
     }
 
     fn restart(&mut self) {
@@ -1291,6 +1332,56 @@ fn a_link_cut_after_the_copy_was_journaled_resumes_instead_of_copying_again() {
     m.unmount();
     assert_trees_equal(m.backing(), &srv.dir);
 }
+/// How long the daemon may take to stop after SIGTERM: its own deadlines (a session's threads
+/// 5 s, the applier 15 s, the flusher 10 s, `serve::SHUTDOWN_*`) with room to spare, and well
+/// within the packaged unit's `TimeoutStopSec=60`.
+const STOP_WITHIN: Duration = Duration::from_secs(40);
+
+/// SIGTERM of the daemon while a primary streams to it (busy link), while the link is idle and
+/// while a primary is connecting: each time the daemon exits 0 within [`STOP_WITHIN`] with its
+/// last log line, and the restarted daemon resumes. Regression: the applier set its phase back
+/// to `live` after the shutdown had set it to `stopped`, so the shutdown waited for it forever
+/// (and the session thread, never told, went on appending records).
+#[test]
+fn sigterm_stops_the_daemon_busy_idle_or_connecting() {
+    let seed = seed("sigterm_stops_the_daemon_busy_idle_or_connecting");
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let net = Net::new("sigterm");
+    let mut srv = net.serve("m", &[]);
+    let mut m = net.mount("net-sigterm", 0, &srv.url(), &[]);
+    wait_live(&m, &srv);
+    let mut load = Load::start(m.p("w"), seed, 96 << 10);
+    let n = cycles().max(4);
+    for c in 0..n {
+        wait_status(&m, &srv, CONNECT, "the link to come back", |_, r| {
+            r["link"]["connected"] == true
+        });
+        std::thread::sleep(Duration::from_millis(rng.gen_range(200..1200)));
+        eprintln!("busy cycle {c}: SIGTERM after {} ops", load.ops());
+        let took = srv.stop_within(STOP_WITHIN);
+        eprintln!("busy cycle {c}: stopped in {took:?}");
+        srv.restart();
+    }
+    let ops = load.finish();
+    assert!(ops > 0, "the load did nothing");
+    converge(&m, &srv, "after SIGTERM under load");
+    // Idle: connected, nothing to send.
+    wait_live(&m, &srv);
+    let took = srv.stop_within(STOP_WITHIN);
+    eprintln!("idle: stopped in {took:?}");
+    // While the primary connects: right after the daemon listens again.
+    for c in 0..n {
+        srv.restart();
+        std::thread::sleep(Duration::from_millis(rng.gen_range(0..300)));
+        let took = srv.stop_within(STOP_WITHIN);
+        eprintln!("connecting cycle {c}: stopped in {took:?}");
+    }
+    srv.restart();
+    converge(&m, &srv, "after the SIGTERM cycles");
+    m.unmount();
+    assert_trees_equal(m.backing(), &srv.dir);
+}
+
 #[test]
 fn kill9_of_the_daemon_and_of_the_primary_under_load() {
     let seed = seed("kill9_of_the_daemon_and_of_the_primary_under_load");

@@ -1850,6 +1850,11 @@ impl Witness {
     /// A witness (longest lease and start-up window 1.5 s) whose identity the returned guard
     /// holds; trust it at the sites with [`Witness::trust_site`] before they start.
     fn start() -> (Witness, String) {
+        Witness::start_with_ttl_max(1500)
+    }
+
+    /// The same with the longest lease (and start-up window) `ttl_max_ms`.
+    fn start_with_ttl_max(ttl_max_ms: u64) -> (Witness, String) {
         let tmp = temp_base("tokens-witness");
         let dir = tmp.path().join("cfg");
         let fp = init_identity(&dir, "witness");
@@ -1862,7 +1867,7 @@ impl Witness {
                 "--listen",
                 &format!("127.0.0.1:{port}"),
                 "--ttl-max-ms",
-                "1500",
+                &ttl_max_ms.to_string(),
             ])
             .arg("--config")
             .arg(&dir)
@@ -2099,6 +2104,93 @@ fn witness_quorum_only_the_side_with_the_lease_writes_across_a_split() {
             m.log()
         );
     }
+}
+
+/// Whether the witness's log has a line about `site` (its token id) containing `what`.
+fn witness_said(w: &Witness, site: u32, what: &str) -> bool {
+    w.log()
+        .lines()
+        .any(|l| l.contains(&format!("for site {site} (")) && l.contains(what))
+}
+
+/// At a clean unmount a site gives the witness's partition lease back (`LeaseRelease`) from its
+/// lease thread, which the site's stop tells and joins: the peer, asking all along and refused
+/// while the lease was held, is granted it at its next request instead of at the lease's
+/// expiry. Regression: the thread was never stopped nor joined and nothing gave the lease back,
+/// so the peer was refused ("held by site 2") for up to `--lease-ms` after the unmount.
+#[test]
+fn a_clean_unmount_gives_the_partition_lease_back_and_the_peer_takes_it_at_once() {
+    // A long lease, so that its expiry is far from a release's effect (the peer asks every
+    // tenth of it).
+    const LEASE_MS: u64 = 12_000;
+    let (witness, wfp) = Witness::start_with_ttl_max(LEASE_MS);
+    let (wa, wb) = (Proxy::start(witness.port), Proxy::start(witness.port));
+    let args = |ids: &'static str, url: String| -> Vec<String> {
+        vec![
+            "--write-tokens".into(),
+            ids.into(),
+            "--partition".into(),
+            "quorum".into(),
+            "--witness".into(),
+            url,
+            "--lease-ms".into(),
+            LEASE_MS.to_string(),
+        ]
+    };
+    let (xa, xb) = (
+        args("1:2", format!("mirror://127.0.0.1:{}", wa.port)),
+        args("2:1", format!("mirror://127.0.0.1:{}", wb.port)),
+    );
+    let (xa, xb): (Vec<&str>, Vec<&str>) = (
+        xa.iter().map(String::as_str).collect(),
+        xb.iter().map(String::as_str).collect(),
+    );
+    // a cannot reach the witness at first: b (site 2) takes the partition lease.
+    wa.cut();
+    let mut pair = Pair::proxied("release", &xa, &xb, |ca, fa, cb, fb| {
+        witness.trust_site(&wfp, ca, fa, "site-a");
+        witness.trust_site(&wfp, cb, fb, "site-b");
+    });
+    pair.wait_linked(true);
+    // The witness grants nothing for its first LEASE_MS.
+    let long = Duration::from_secs(60);
+    assert!(
+        wait_until(long, || witness_said(&witness, 2, ": granted for ")),
+        "no lease for site 2:\n{}",
+        witness.log()
+    );
+    wa.heal();
+    assert!(
+        wait_until(long, || witness_said(&witness, 1, ": held by site 2")),
+        "site 1 was not refused while site 2 held the lease:\n{}",
+        witness.log()
+    );
+    assert!(!witness_said(&witness, 1, ": granted for "));
+    // b's clean unmount gives the lease back before the process exits.
+    pair.b.unmount();
+    let t0 = std::time::Instant::now();
+    assert!(
+        witness_said(&witness, 2, "release asked: released"),
+        "site 2 did not give the lease back at its unmount:\n{}\n{}",
+        witness.log(),
+        pair.b.log()
+    );
+    assert!(
+        pair.b.log().contains("gave the lease of volume"),
+        "{}",
+        pair.b.log()
+    );
+    // a is granted it at its next request (every LEASE_MS / 10), not after the expiry (at least
+    // two thirds of LEASE_MS after b's last renewal).
+    let granted = wait_until(long, || witness_said(&witness, 1, ": granted for "));
+    let took = t0.elapsed();
+    assert!(granted, "site 1 never got the lease:\n{}", witness.log());
+    eprintln!("site 1 was granted the lease {took:?} after site 2's unmount");
+    assert!(
+        took < Duration::from_millis(LEASE_MS / 2),
+        "site 1 was granted the lease {took:?} after site 2's unmount: it waited for the expiry\n{}",
+        witness.log()
+    );
 }
 
 #[test]

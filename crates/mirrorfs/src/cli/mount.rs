@@ -236,13 +236,13 @@ fn start_fence(a: &MountArgs, vol: &Volume, meta: &meta::Meta, backing: &Path) -
     if vol.fence.set(fence.clone()).is_err() {
         bail!("the volume's fence is set already");
     }
-    let stop = Arc::new(AtomicBool::new(false));
     let keeper = fence.clone();
     // Not joined at the unmount: it may wait on the network for up to a connect timeout, and
-    // it holds nothing that needs stopping.
+    // it holds nothing that needs stopping. It never gives the lease back: `promote --witness`
+    // of a copy waits for its expiry.
     std::thread::Builder::new()
         .name("lease".into())
-        .spawn(move || crate::net::witness::keep_lease(keeper, client, stop))
+        .spawn(move || crate::net::witness::keep_lease(keeper, client, || false))
         .context("cannot start the lease thread")?;
     let t0 = std::time::Instant::now();
     while fence.check().is_err() && t0.elapsed() < FIRST_GRANT_WAIT {
@@ -284,40 +284,40 @@ fn start_partition_lease(
         a.lease_ms,
         format!("mirror://{}", crate::net::witness::address(w)),
     );
-    let stop = Arc::new(AtomicBool::new(false));
     let vol = site.vol.clone();
-    // Not joined at the unmount (as the fence's lease thread): it may wait on the network.
-    std::thread::Builder::new()
-        .name("partition-lease".into())
-        .spawn(move || {
-            let peer = loop {
-                if lock(&vol.progress).stopping {
-                    return;
-                }
-                if let Some(v) = receiver.peer_volume() {
-                    break v;
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            };
-            let mut volume_id = own;
-            for (x, y) in volume_id.iter_mut().zip(peer) {
-                *x ^= y;
-            }
-            let request = mirrorfs_core::lease::Request {
-                volume_id,
-                site: name,
-                generation_number: 1,
-                generation_id: 1,
-                ttl_ms,
-                renewal: false,
-            };
-            let fence = Arc::new(crate::site::fence::Fence::new(request, url));
-            if gate.lease.set(fence.clone()).is_err() {
+    // A thread of the site: told by the site's stop (`Site::stop`, after the unmount and the
+    // drain: this site writes no more) and joined there; its waits on the network are bounded
+    // (`keep_lease`). On its way out it gives the lease back, so that the peer, cut off from
+    // this stopped site, takes it without waiting for it to expire.
+    site.spawn("partition-lease", move || {
+        let peer = loop {
+            if lock(&vol.progress).stopping {
                 return;
             }
-            crate::net::witness::keep_lease(fence, client, stop);
-        })
-        .context("cannot start the partition lease thread")?;
+            if let Some(v) = receiver.peer_volume() {
+                break v;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let mut volume_id = own;
+        for (x, y) in volume_id.iter_mut().zip(peer) {
+            *x ^= y;
+        }
+        let request = mirrorfs_core::lease::Request {
+            volume_id,
+            site: name,
+            generation_number: 1,
+            generation_id: 1,
+            ttl_ms,
+            renewal: false,
+        };
+        let fence = Arc::new(crate::site::fence::Fence::new(request, url));
+        if gate.lease.set(fence.clone()).is_err() {
+            return;
+        }
+        let stopping = || lock(&vol.progress).stopping;
+        crate::net::witness::keep_lease(fence, client, stopping);
+    })?;
     Ok(())
 }
 

@@ -57,7 +57,7 @@ pub fn run_worker(vol: Arc<Volume>, m: Arc<MirrorShared>, applier: Applier) {
     let mut worker = Worker::new(applier, clock.elapsed(), idle).offload_checkpoints();
     let mut mark_checked: Option<Instant> = None;
     loop {
-        if m.detached() {
+        if m.detached() || m.end_worker.load(Ordering::Acquire) {
             return;
         }
         if lock(&vol.progress).stopping {
@@ -354,7 +354,7 @@ fn wait_for_mark(vol: &Volume, m: &MirrorShared) -> MarkWait {
             vol.changed.notify_all();
             return MarkWait::Stop;
         }
-        if m.detached() {
+        if m.detached() || m.end_worker.load(Ordering::Acquire) {
             return MarkWait::Stop;
         }
         let _ = vol.changed.wait_timeout(p, Duration::from_secs(1));

@@ -15,6 +15,10 @@
 //! deadline, so an idle connection leaves by itself too. At most [`MAX_CONNECTIONS`] threads
 //! exist; a connection beyond that is closed at once. A thread that cannot be started is
 //! logged and its connection closed; the daemon never exits for it.
+//!
+//! At a stop, [`Gate::close_all`] shuts down the socket of every connection still open, so each
+//! thread's next read or write fails and the thread ends; [`Gate::wait_idle`] waits for them,
+//! with a deadline.
 
 use std::collections::VecDeque;
 use std::net::{Shutdown, TcpStream};
@@ -34,6 +38,9 @@ pub struct Gate {
     /// (id, a handle on the socket to shut it down) of the unauthenticated connections, oldest
     /// first.
     pending: Mutex<VecDeque<(u64, TcpStream)>>,
+    /// (id, a handle on the socket) of every connection let in whose thread has not ended
+    /// (at most `MAX_CONNECTIONS`), for [`Gate::close_all`].
+    open: Mutex<Vec<(u64, TcpStream)>>,
     threads: AtomicUsize,
     next_id: AtomicU64,
     evicted: AtomicU64,
@@ -66,6 +73,9 @@ impl Gate {
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let handle = sock.try_clone().ok();
+        if let Ok(h) = sock.try_clone() {
+            lock(&self.open).push((id, h));
+        }
         let mut pending = lock(&self.pending);
         while pending.len() >= MAX_PENDING {
             let Some((_, old)) = pending.pop_front() else {
@@ -102,6 +112,28 @@ impl Gate {
         }
     }
 
+    /// At a stop: shuts down the socket of every connection still open (authenticated or not),
+    /// so that its thread's next read or write fails and it ends. Returns how many.
+    pub fn close_all(&self) -> usize {
+        let open = lock(&self.open);
+        for (_, s) in open.iter() {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        open.len()
+    }
+
+    /// Waits until every connection thread has ended, at most `limit`; whether they all did.
+    pub fn wait_idle(&self, limit: Duration) -> bool {
+        let t0 = Instant::now();
+        while self.threads() > 0 {
+            if t0.elapsed() >= limit {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        true
+    }
+
     /// Connection threads running now.
     pub fn threads(&self) -> usize {
         self.threads.load(Ordering::Acquire)
@@ -118,6 +150,12 @@ impl Gate {
 
     fn forget(&self, id: u64) {
         lock(&self.pending).retain(|(i, _)| *i != id);
+    }
+
+    /// The connection's thread ended.
+    fn closed(&self, id: u64) {
+        self.forget(id);
+        lock(&self.open).retain(|(i, _)| *i != id);
     }
 }
 
@@ -142,7 +180,7 @@ impl Admitted {
 
 impl Drop for Admitted {
     fn drop(&mut self) {
-        self.gate.forget(self.id);
+        self.gate.closed(self.id);
         self.gate.threads.fetch_sub(1, Ordering::AcqRel);
     }
 }

@@ -183,7 +183,8 @@ impl PeerReceiver {
         Ok(std::thread::Builder::new()
             .name("peer-receive".into())
             .spawn(move || {
-                crate::net::serve::accept_loop(&handler, &listener, &server_cfg, &stop)
+                let gate = crate::net::gate::Gate::new();
+                crate::net::serve::accept_loop(&handler, &listener, &server_cfg, &stop, &gate)
             })?)
     }
 

@@ -7,6 +7,7 @@
 //!  primary: keep_lease thread ── LeaseRequest ──TLS──▶ witness: one thread per connection
 //!           site::fence::Fence ◀─ LeaseResponse ──────         LeaseTable (in memory only)
 //!           (Volume::mutate: EROFS while fenced)
+//!           at its stop ─────── LeaseRelease ──────▶ the lease is free at once
 //! ```
 //!
 //! Connections use the same pinned mutual TLS and the same bounds (`gate`) as the mirror daemon.
@@ -126,7 +127,8 @@ pub fn witness(a: WitnessArgs) -> Result<()> {
     Ok(())
 }
 
-/// One site's connection: each `LeaseRequest` answered in order; anything else ends it.
+/// One site's connection: each `LeaseRequest` and `LeaseRelease` answered in order; anything
+/// else ends it.
 fn answer(
     link: &Duplex,
     table: &Mutex<LeaseTable>,
@@ -139,15 +141,32 @@ fn answer(
     while let Some(msg) = link.next_or_dead(&mut dec, term, &mut heard, IDLE_MAX, || {
         anyhow!("the site sent nothing for {IDLE_MAX:?}")
     })? {
-        let Msg::LeaseRequest(r) = msg else {
-            let _ = link.send(&Msg::Error {
-                code: error_code::BAD_FRAME,
-                message: "a witness answers lease requests only".into(),
-            });
-            bail!("unexpected message type {}", msg.type_code());
-        };
         let now = epoch.elapsed().as_millis() as u64;
-        let resp = lock(table).request(now, &r);
+        let (r, resp) = match msg {
+            Msg::LeaseRequest(r) => {
+                let resp = lock(table).request(now, &r);
+                (r, resp)
+            }
+            Msg::LeaseRelease(r) => {
+                let resp = lock(table).release(now, &r);
+                tracing::info!(
+                    "lease of volume {} for site {} (generation {}): release asked: {resp}",
+                    mirrorfs_core::link::hex(&r.volume_id),
+                    r.site,
+                    r.generation_number
+                );
+                link.send(&Msg::LeaseResponse(resp))?;
+                last_kind = None;
+                continue;
+            }
+            other => {
+                let _ = link.send(&Msg::Error {
+                    code: error_code::BAD_FRAME,
+                    message: "a witness answers lease requests only".into(),
+                });
+                bail!("unexpected message type {}", other.type_code());
+            }
+        };
         // Renewals are the steady state: logged when the answer changes, not each time.
         let kind = std::mem::discriminant(&resp);
         let line = format!(
@@ -202,14 +221,25 @@ impl Client {
 
     /// Sends `r` and waits at most `wait` for the answer.
     pub fn ask(&mut self, r: &Request, wait: Duration) -> Result<Response> {
-        let res = self.ask_once(r, wait);
+        self.send(Msg::LeaseRequest(r.clone()), wait)
+    }
+
+    /// Gives the lease `r` names back (a clean stop) and waits at most `wait` for the answer.
+    /// A witness that predates the release closes the connection: that is an error here, and
+    /// the lease then runs out at its expiry as before.
+    pub fn release(&mut self, r: &Request, wait: Duration) -> Result<Response> {
+        self.send(Msg::LeaseRelease(r.clone()), wait)
+    }
+
+    fn send(&mut self, msg: Msg, wait: Duration) -> Result<Response> {
+        let res = self.send_once(&msg, wait);
         if res.is_err() {
             self.link = None;
         }
         res
     }
 
-    fn ask_once(&mut self, r: &Request, wait: Duration) -> Result<Response> {
+    fn send_once(&mut self, msg: &Msg, wait: Duration) -> Result<Response> {
         if self.link.is_none() {
             let d = Duplex::connect(&self.addr, &self.id, self.pinned.clone())
                 .with_context(|| format!("cannot reach the witness {}", self.addr))?;
@@ -218,7 +248,7 @@ impl Client {
         let Some((link, dec)) = self.link.as_mut() else {
             bail!("no connection");
         };
-        link.send(&Msg::LeaseRequest(r.clone()))
+        link.send(msg)
             .with_context(|| format!("cannot send to the witness {}", self.addr))?;
         let deadline = Instant::now() + wait;
         while Instant::now() < deadline {
@@ -262,10 +292,17 @@ pub fn acquire(witness: &str, config: Option<&Path>, r: &Request) -> Result<()> 
     }
 }
 
+/// How long a stopping site waits for the witness to answer its release.
+pub const RELEASE_WAIT: Duration = Duration::from_secs(2);
+
 /// The primary's lease thread: asks when the keeper says a request is due and hands it the
-/// answers, until `stop` (the fence logs each change between writable and read-only).
-pub fn keep_lease(fence: Arc<Fence>, mut client: Client, stop: Arc<AtomicBool>) {
-    while !stop.load(Ordering::Relaxed) {
+/// answers, until `stop()` says so (the fence logs each change between writable and
+/// read-only). Then, if the keeper held a grant, the lease is given back (`LeaseRelease`,
+/// waiting at most [`RELEASE_WAIT`]) so that another site may take it without waiting for its
+/// expiry; the keeper is no longer writable from then on. Every wait here is bounded (a request
+/// by the ttl, a connection by `conn::CONNECT_TIMEOUT`), so the thread can be joined.
+pub fn keep_lease(fence: Arc<Fence>, mut client: Client, stop: impl Fn() -> bool) {
+    while !stop() {
         let due = fence.with_keeper(|k, now| k.tick(now).map(|r| (r, now, k.ttl_ms())));
         if let Some((r, sent, ttl)) = due {
             match client.ask(&r, Duration::from_millis(ttl)) {
@@ -275,6 +312,25 @@ pub fn keep_lease(fence: Arc<Fence>, mut client: Client, stop: Arc<AtomicBool>) 
         }
         let _ = fence.check();
         let poll = fence.with_keeper(|k, _| k.poll_ms());
-        std::thread::sleep(Duration::from_millis(poll));
+        let t0 = Instant::now();
+        while !stop() && t0.elapsed() < Duration::from_millis(poll) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    let Some(r) = fence.with_keeper(|k, now| k.release(now)) else {
+        return;
+    };
+    let _ = fence.check();
+    let volume = mirrorfs_core::link::hex(&r.volume_id);
+    match client.release(&r, RELEASE_WAIT) {
+        Ok(Response::Released) => {
+            tracing::info!("gave the lease of volume {volume} back to the witness")
+        }
+        Ok(other) => tracing::warn!(
+            "the witness did not take back the lease of volume {volume}: {other}"
+        ),
+        Err(e) => tracing::warn!(
+            "could not give the lease of volume {volume} back to the witness ({e:#}; a witness older than the release closes the connection): the other site takes it when it expires"
+        ),
     }
 }

@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use mirrorfs_core::group::Gate;
@@ -277,6 +278,40 @@ impl Site {
         }
         self.state.set_clean()?;
         Ok(())
+    }
+
+    /// [`stop`](Self::stop) with a deadline: the site's threads (the flusher, workers it
+    /// started) get `limit` to end. A thread still running then is left behind (the process is
+    /// about to exit) and named in the answer, and the run is not marked clean, so the next start
+    /// recovers as after a crash (S1 in docs/journal.md); nor is it when `others_ended` is false
+    /// (a thread of the caller's that belongs to the site, e.g. a daemon's applier, did not end).
+    /// `Ok(names)`: the threads left behind (empty: a clean stop, unless the journal was
+    /// poisoned).
+    pub fn stop_within(self, limit: Duration, others_ended: bool) -> Result<Vec<String>> {
+        self.vol.set_stopping();
+        let t0 = Instant::now();
+        while self.threads.iter().any(|t| !t.is_finished()) && t0.elapsed() < limit {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let mut left = Vec::new();
+        for t in self.threads {
+            if t.is_finished() {
+                let _ = t.join();
+            } else {
+                left.push(t.thread().name().unwrap_or("unnamed").to_string());
+            }
+        }
+        if !left.is_empty() || !others_ended {
+            return Ok(left);
+        }
+        if self.vol.poisoned.load(Ordering::Acquire) {
+            tracing::error!(
+                "the journal was poisoned during this run: the next start recovers as after a crash"
+            );
+            return Ok(left);
+        }
+        self.state.set_clean()?;
+        Ok(left)
     }
 }
 

@@ -206,6 +206,10 @@ pub struct MirrorShared {
     pub link: Mutex<LinkInfo>,
     /// Set to stop a running initial copy or resync (a new one replaces it).
     pub cancel_copy: AtomicBool,
+    /// Set by a mirror daemon to end this mirror's worker at once, without a checkpoint (a copy
+    /// restarts the journal and starts a new worker); cleared once it ended. Unlike the phase,
+    /// which the worker rewrites as it goes (applying, retrying), only its owner resets it.
+    pub end_worker: AtomicBool,
     /// The seq of the `SyncDone` of this mirror's last copy once every record of it is
     /// journaled (0: none yet): a mirror still `syncing` with this set needs only to apply what
     /// the journal holds, so an unmount drains it like a live one.
@@ -343,6 +347,7 @@ impl MirrorShared {
             want_durable: AtomicU64::new(0),
             link: Mutex::new(LinkInfo::default()),
             cancel_copy: AtomicBool::new(false),
+            end_worker: AtomicBool::new(false),
             copy_journaled: AtomicU64::new(0),
             checkpoint_when_idle: AtomicBool::new(false),
             records_applied: AtomicU64::new(0),

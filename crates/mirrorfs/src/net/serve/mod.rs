@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use mirrorfs_core::applier::Applier;
@@ -37,6 +37,7 @@ use mirrorfs_core::session::OnDiverged;
 use mirrorfs_core::wire::MirrorState;
 
 use crate::net::conn::Duplex;
+use crate::net::gate::Gate;
 use crate::net::identity::{self, Identity};
 use crate::site::dirlock::DirLock;
 use crate::site::engine::{Role, Site};
@@ -51,6 +52,14 @@ mod reintegration;
 mod session;
 mod udp;
 mod verify;
+
+/// At a stop, how long the daemon waits for its connections' threads once their sockets are
+/// shut down (a session ends at its next read or write; a verify scan at its next send).
+pub const SHUTDOWN_SESSIONS: Duration = Duration::from_secs(5);
+/// How long it then waits for the applier's last checkpoint (a tree sync).
+pub const SHUTDOWN_APPLIER: Duration = Duration::from_secs(15);
+/// How long it then waits for the flusher (the journal made durable, F2).
+pub const SHUTDOWN_FLUSHER: Duration = Duration::from_secs(10);
 
 #[derive(clap::Args)]
 pub struct ServeArgs {
@@ -209,9 +218,10 @@ fn serve_in(a: ServeArgs) -> Result<()> {
         let d = d.clone();
         Arc::new(move |link| d.clone().session(link))
     };
-    accept_loop(&handler, &listener, &server_cfg, &term);
+    let gate = Gate::new();
+    accept_loop(&handler, &listener, &server_cfg, &term, &gate);
     crate::readiness::stopping();
-    d.shut_down(site)
+    d.shut_down(site, &gate)
 }
 
 /// The UDP data path's socket on the listen address, unless `--no-udp`; a socket that cannot
@@ -400,14 +410,15 @@ fn listen(addr: &str, dir: &Path, id: &Identity) -> Result<(TcpListener, Arc<Ato
 pub(crate) type Handler = Arc<dyn Fn(Duplex) -> Result<()> + Send + Sync>;
 
 /// Accepts connections until told to stop, each on its own thread (bounded: see `gate` for who
-/// is let in, who is evicted, and the handshake deadline).
+/// is let in, who is evicted, and the handshake deadline); the gate knows them all, for a stop
+/// (`Gate::close_all`).
 pub(crate) fn accept_loop(
     d: &Handler,
     listener: &TcpListener,
     server_cfg: &Arc<rustls::ServerConfig>,
     term: &AtomicBool,
+    gate: &Arc<Gate>,
 ) {
-    let gate = crate::net::gate::Gate::new();
     let mut watchdog = crate::readiness::Watchdog::new();
     while !term.load(Ordering::Relaxed) {
         watchdog.tick();
@@ -424,7 +435,7 @@ pub(crate) fn accept_loop(
                 for attempt in 0..2 {
                     let Some(s) = sock.take() else { break };
                     let spare = s.try_clone().ok();
-                    match start_connection(d, server_cfg, &gate, s, from) {
+                    match start_connection(d, server_cfg, gate, s, from) {
                         Ok(()) => break,
                         Err(e) => {
                             tracing::warn!(
@@ -458,7 +469,7 @@ pub(crate) fn accept_loop(
 fn start_connection(
     d: &Handler,
     cfg: &Arc<rustls::ServerConfig>,
-    gate: &Arc<crate::net::gate::Gate>,
+    gate: &Arc<Gate>,
     sock: std::net::TcpStream,
     from: std::net::SocketAddr,
 ) -> std::io::Result<()> {
@@ -553,16 +564,62 @@ impl Daemon {
         Ok(reg)
     }
 
-    /// After the accept loop: the applier stops, the flusher finishes, the last status is written
-    /// and the state is marked clean.
-    /// Stops the worker (its last checkpoint), then the site (clean unless the journal was
-    /// poisoned), and writes the last status.
-    fn shut_down(&self, site: Site) -> Result<()> {
-        tracing::info!("stopping");
-        self.stop_worker();
-        site.stop()?;
+    /// After the accept loop, every step with a deadline (the whole stop is bounded by the sum
+    /// of the `SHUTDOWN_*` times, 30 s, within the unit's `TimeoutStopSec`): the connections'
+    /// sockets are shut down and their threads waited for (no more records are appended, no
+    /// copy starts a worker); the applier is told (the site's stop flag) and makes its last
+    /// checkpoint; the flusher makes the journal durable and ends; the state is marked clean
+    /// (unless the journal was poisoned, or a thread did not end in time: the next start then
+    /// recovers as after a crash); the last status is written and the last log line says how
+    /// the daemon stopped. A thread that did not end is named there and left behind: the
+    /// process exits anyway (with an error status).
+    fn shut_down(&self, site: Site, gate: &Gate) -> Result<()> {
+        let t0 = Instant::now();
+        let n = gate.close_all();
+        tracing::info!("stopping: closed {n} connection(s)");
+        let mut left = Vec::new();
+        if !gate.wait_idle(SHUTDOWN_SESSIONS) {
+            left.push(format!("{} connection thread(s)", gate.threads()));
+        }
+        self.vol.set_stopping();
+        let applier_ended = self.join_worker_within(SHUTDOWN_APPLIER);
+        if !applier_ended {
+            left.push("the applier".to_string());
+        }
+        let stopped = site.stop_within(SHUTDOWN_FLUSHER, left.is_empty());
+        *lock(&self.m.phase) = MirrorPhase::Stopped;
         self.write_status();
-        Ok(())
+        left.extend(stopped?);
+        let took = t0.elapsed().as_secs_f64();
+        if left.is_empty() {
+            tracing::info!("stopped in {took:.1} s");
+            return Ok(());
+        }
+        let msg = format!(
+            "stopped in {took:.1} s without waiting any longer for {}: the next start recovers as after a crash",
+            left.join(", ")
+        );
+        tracing::error!("{msg}");
+        Err(anyhow!(msg))
+    }
+
+    /// Waits for the applier (told to stop by the site's stop flag: it makes its last
+    /// checkpoint) at most `limit`; whether it ended (or there was none). One that did not is
+    /// left running.
+    fn join_worker_within(&self, limit: Duration) -> bool {
+        self.vol.changed.notify_all();
+        let Some(h) = lock(&self.worker).take() else {
+            return true;
+        };
+        let t0 = Instant::now();
+        while !h.is_finished() {
+            if t0.elapsed() >= limit {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = h.join();
+        true
     }
 
     fn start_worker(&self, ap: Applier) -> Result<()> {
@@ -579,12 +636,21 @@ impl Daemon {
         Ok(())
     }
 
+    /// Ends the applier at once, without a checkpoint (a copy restarts the journal and starts
+    /// another). It is told by `end_worker`, not by the phase: the worker itself sets the phase
+    /// back to `live` after each record it applies, so a `stopped` set while it was applying
+    /// was lost and the join waited for ever.
     fn stop_worker(&self) {
-        *lock(&self.m.phase) = MirrorPhase::Stopped;
-        self.vol.changed.notify_all();
+        self.m.end_worker.store(true, Ordering::Release);
+        {
+            let _p = lock(&self.vol.progress);
+            self.vol.changed.notify_all();
+        }
         if let Some(h) = lock(&self.worker).take() {
             let _ = h.join();
         }
+        *lock(&self.m.phase) = MirrorPhase::Stopped;
+        self.m.end_worker.store(false, Ordering::Release);
     }
 
     fn copy(&self) -> MirrorCopy {
