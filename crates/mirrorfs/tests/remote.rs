@@ -2872,11 +2872,21 @@ fn failback_refuses_to_overwrite_the_old_primarys_changes() {
         refusal.contains("--discard-diverged"),
         "the refusal must say what to do: {refusal}"
     );
-    let ds = srv_p.status().expect("status of the daemon serving P");
-    let dref = ds["refused"].as_str().unwrap_or_default().to_string();
+    // The daemon's status file is rewritten every 250 ms: it may show the refusal a moment
+    // after M's does.
+    let shows = |ds: &Value| {
+        let dref = ds["refused"].as_str().unwrap_or_default();
+        dref.contains("diverged") && dref.contains("b.txt")
+    };
+    let t0 = Instant::now();
+    let mut ds = srv_p.status();
+    while !ds.as_ref().is_some_and(shows) && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(100));
+        ds = srv_p.status();
+    }
     assert!(
-        dref.contains("diverged") && dref.contains("b.txt"),
-        "the daemon's status must show the divergence: {ds}"
+        ds.as_ref().is_some_and(shows),
+        "the daemon's status must show the divergence: {ds:?}"
     );
     // Still there after a while (no retry loop overwrites it).
     std::thread::sleep(Duration::from_secs(3));
