@@ -3042,13 +3042,16 @@ mod names {
         );
     }
 
+    /// A tree as `check` expects it.
+    type Tree = Vec<(&'static str, Option<&'static str>)>;
+
     /// Renames at both sites of a directory and of a name in it (or into or out of it): the
     /// other site's names are translated through each site's own unseen renames, so both end
     /// with both renames applied; nothing listed.
     #[test]
     fn renames_of_a_directory_and_of_a_name_in_it_both_apply() {
         let base = [("a", Some("a0")), ("d", None), ("d/x", Some("x0"))];
-        let cases: [(Vec<R>, Vec<R>, Vec<(&str, Option<&str>)>); 5] = [
+        let cases: [(Vec<R>, Vec<R>, Tree); 5] = [
             // d → e at one site, d/x → d/y at the other.
             (
                 vec![R::Rename("d", "e")],
@@ -3216,7 +3219,7 @@ mod names {
     #[test]
     fn a_directory_renamed_onto_a_name_given_a_file_keeps_the_directory() {
         let base = [("a", Some("a0")), ("d", None), ("d/x", Some("x0"))];
-        let cases: [(Vec<R>, Vec<(&str, Option<&str>)>); 3] = [
+        let cases: [(Vec<R>, Tree); 3] = [
             (
                 vec![R::Create("n"), R::Write("n", "w")],
                 vec![
