@@ -982,7 +982,16 @@ impl PeerReceiver {
                         }
                         lock(&self.rewrites).push((from.clone(), true));
                     }
-                    _ => self.remove_source(from)?,
+                    _ => {
+                        // Journaled having considered this record (as for `Displaced`): the
+                        // peer must not translate the name through its own rename and give
+                        // back, listed `they-deleted`, the file it renamed onto our directory.
+                        {
+                            let o = lock(&self.vol.order);
+                            rc.note_point(o.journal.next_seq(), seq);
+                        }
+                        self.remove_source(from)?
+                    }
                 }
                 Ok(false)
             }
