@@ -1372,6 +1372,60 @@ fn a_netsplit_during_which_two_files_are_given_one_new_name() {
     });
 }
 
+/// A split during which each site renames a directory onto a name the other gives a file
+/// (site 1 `d` → `n` while site 2 creates and writes `n`; site 2 `g` → `m` while site 1 renames
+/// `a.txt` → `m`): the directories stay at both sites, whatever the ids, and each file goes to a
+/// conflict copy made at its own site (`namespace_fix`, `ENOTDIR`); both trees end equal.
+#[test]
+fn a_netsplit_during_which_a_directory_is_renamed_onto_a_name_the_other_gives_a_file() {
+    let pair = Pair::netsplit("netsplit-dir-onto-file");
+    pair.wait_linked(true);
+    let (x, z, a) = (
+        b"x, in the directory site 1 renames\n".to_vec(),
+        b"z, in the directory site 2 renames\n".to_vec(),
+        b"a, renamed at site 1 onto the name of site 2's directory\n".to_vec(),
+    );
+    for d in ["d", "g"] {
+        fs::create_dir(pair.a.p(d)).expect("mkdir");
+    }
+    write_file(&pair.a, "d/x.txt", &x);
+    write_file(&pair.a, "g/z.txt", &z);
+    write_file(&pair.a, "a.txt", &a);
+    pair.wait_equal();
+    pair.cut();
+    pair.wait_linked(false);
+    let made = b"a file made at site 2 under the name of site 1's directory\n".to_vec();
+    fs::rename(pair.a.p("d"), pair.a.p("n")).expect("rename d at a");
+    write_file(&pair.b, "n", &made);
+    fs::rename(pair.b.p("g"), pair.b.p("m")).expect("rename g at b");
+    fs::rename(pair.a.p("a.txt"), pair.a.p("m")).expect("rename a.txt at a");
+    pair.heal_and_settle();
+    pair.wait_shown("n/x.txt", &x);
+    pair.wait_shown("m/z.txt", &z);
+    for (name, site, theirs) in [("n", 2, &made), ("m", 1, &a)] {
+        let copies = names_starting(pair.a.backing(), &format!("{name}.conflict-site{site}-"));
+        assert_eq!(
+            copies.len(),
+            1,
+            "{name}: one copy: {copies:?}\nsite a:\n{}\nsite b:\n{}",
+            pair.a.log(),
+            pair.b.log()
+        );
+        pair.wait_shown(&copies[0], theirs);
+        let listed: Vec<_> = conflicts_json(if site == 1 { &pair.a } else { &pair.b })
+            .into_iter()
+            .filter(|e| e["path"] == name)
+            .collect();
+        assert_eq!(listed.len(), 1, "{listed:#?}");
+        assert_eq!(listed[0]["copy"], copies[0].as_str(), "{listed:#?}");
+    }
+    pair.wait_view("the renamed sources are gone at both sites", || {
+        ["d", "g", "a.txt"]
+            .iter()
+            .all(|n| !pair.a.p(n).exists() && !pair.b.p(n).exists())
+    });
+}
+
 /// The same split, but both sites are killed (kill -9) and restarted before the link returns:
 /// what each wrote during the split, not yet seen by the other, is found again in its journal.
 #[test]

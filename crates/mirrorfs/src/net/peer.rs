@@ -844,7 +844,17 @@ impl PeerReceiver {
         ) = (res, &self.reconcile, &used)
         {
             let exchange = flags & RENAME_EXCHANGE != 0;
-            rc.moved(from.as_bytes(), to.as_bytes(), exchange);
+            match &op {
+                Op::Rename {
+                    from: f0, to: t0, ..
+                } => rc.peer_renamed(
+                    (f0.as_bytes(), t0.as_bytes()),
+                    from.as_bytes(),
+                    to.as_bytes(),
+                    exchange,
+                ),
+                _ => rc.moved(from.as_bytes(), to.as_bytes(), exchange),
+            }
             // A rewrite this batch asked for follows the file (or its directory) too.
             for (p, _) in lock(&self.rewrites).iter_mut() {
                 let q = renamed_path(p.as_bytes(), from.as_bytes(), to.as_bytes(), exchange);
@@ -985,9 +995,40 @@ impl PeerReceiver {
                         }
                         lock(&self.rewrites).push((from.clone(), true));
                     }
-                    _ => self.remove_source(from)?,
+                    _ => {
+                        // Journaled having considered this record (as for `Displaced`): the
+                        // peer must not translate the name through its own rename and give
+                        // back, listed `they-deleted`, the file it renamed onto our directory.
+                        {
+                            let o = lock(&self.vol.order);
+                            rc.note_point(o.journal.next_seq(), seq);
+                        }
+                        self.remove_source(from)?
+                    }
                 }
                 Ok(false)
+            }
+            (
+                Op::Rename {
+                    from, to, flags, ..
+                },
+                libc::ENOTDIR,
+            ) if flags & RENAME_EXCHANGE == 0 => {
+                // The peer renamed a directory onto a name we gave a file (or symlink, or
+                // special file) during the split: the directory stays; ours goes aside (a
+                // conflict copy, listed), then the rename applies again.
+                let is = |p: &RelPath| {
+                    std::fs::symlink_metadata(
+                        self.backing.join(std::ffi::OsStr::from_bytes(p.as_bytes())),
+                    )
+                };
+                let from_dir = is(from).is_ok_and(|m| m.is_dir());
+                let onto_other = is(to).is_ok_and(|m| !m.is_dir());
+                if !(from_dir && clash_moves_ours_aside(!onto_other, true)) {
+                    return Ok(false);
+                }
+                rc.move_aside(&self.vol, &self.backing, to)
+                    .context("moving a file aside for the peer's directory renamed to its name")
             }
             (Op::Rmdir { path }, libc::ENOTEMPTY | libc::EEXIST) => {
                 rc.give_back_dir(&self.vol, &self.backing, path)?;
@@ -1146,8 +1187,14 @@ impl PeerReceiver {
                                 }
                                 let exchange = matches!(op, Op::Rename { flags, .. }
                                     if flags & RENAME_EXCHANGE != 0);
-                                if aside && !exchange {
-                                    // Another file of ours has the name: aside first.
+                                let from_dir = matches!(op, Op::Rename { from, .. }
+                                    if std::fs::symlink_metadata(self.backing.join(
+                                        std::ffi::OsStr::from_bytes(from.as_bytes()),
+                                    ))
+                                    .is_ok_and(|m| m.is_dir()));
+                                if aside && !exchange && !from_dir {
+                                    // Another file of ours has the name: aside first (a
+                                    // directory renamed onto it: `namespace_fix`, ENOTDIR).
                                     return skip(&held, Held::Copy);
                                 }
                                 Decision::Apply

@@ -151,6 +151,14 @@ impl SiteReconcile {
         self.rename_pending(from, to, exchange);
     }
 
+    /// [`SiteReconcile::moved`] of the peer's rename `theirs` (its names) applied here as
+    /// `from` → `to`: our unseen renames of names in it follow it too
+    /// (`Reconciler::peer_renamed`).
+    pub fn peer_renamed(&self, theirs: (&[u8], &[u8]), from: &[u8], to: &[u8], exchange: bool) {
+        lock(&self.machine).peer_renamed(theirs.0, theirs.1, from, to, exchange);
+        self.rename_pending(from, to, exchange);
+    }
+
     /// The winner waits for the loser's copy of a file under the file's name here: a rename of
     /// it (or of a directory above it) before the copy arrives moves the name it waits for.
     fn rename_pending(&self, from: &[u8], to: &[u8], exchange: bool) {
