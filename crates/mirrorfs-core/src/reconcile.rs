@@ -1397,6 +1397,12 @@ impl Reconciler {
         }
     }
 
+    /// The name the peer's directory `theirs` (its name) is held under here, while it is
+    /// ([`Reconciler::hold`]): the source here of the peer's rename that ends the hold.
+    pub fn held_as(&self, theirs: &[u8]) -> Option<&[u8]> {
+        self.held.get(theirs).map(|(ours, _)| ours.as_slice())
+    }
+
     /// [`DirClash::Theirs`]: we moved our directory `name` aside; the peer's later records
     /// for the name are for its directory, never translated through that rename.
     pub fn yielded(&mut self, name: &[u8]) {

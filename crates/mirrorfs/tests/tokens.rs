@@ -2606,3 +2606,236 @@ fn a_netsplit_during_which_one_side_reuses_a_name_the_other_changes() {
         }
     }
 }
+
+/// The regular files beneath `dir` (its state directory aside), with their contents, by path.
+fn files_beneath(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    fn walk(root: &Path, rel: &str, out: &mut std::collections::BTreeMap<String, Vec<u8>>) {
+        let here = if rel.is_empty() {
+            root.to_path_buf()
+        } else {
+            root.join(rel)
+        };
+        let Ok(entries) = fs::read_dir(&here) else {
+            return;
+        };
+        for e in entries.filter_map(|e| e.ok()) {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if rel.is_empty() && name == ".mirrorfs" {
+                continue;
+            }
+            let p = if rel.is_empty() {
+                name
+            } else {
+                format!("{rel}/{name}")
+            };
+            match e.file_type() {
+                Ok(t) if t.is_dir() => walk(root, &p, out),
+                Ok(t) if t.is_file() => {
+                    out.insert(p.clone(), fs::read(root.join(&p)).unwrap_or_default());
+                }
+                _ => {}
+            }
+        }
+    }
+    let mut out = std::collections::BTreeMap::new();
+    walk(dir, "", &mut out);
+    out
+}
+
+/// Which site makes what in [`directory_given_one_name_at_both_sites`].
+#[derive(Clone, Copy)]
+enum DirMaking {
+    /// `mkdir n`, then files in it.
+    Mkdir,
+    /// A rename of a directory with files (`d` or `g`) onto `n`, then a file written in it.
+    Rename,
+}
+
+/// A split during which both sites give one new name `n` a directory of theirs (issue 7;
+/// docs/protocol.md, the row "a directory given one new name `n` at both sites"): site 1 (`a`)
+/// makes its directory as `at1` says, site 2 (`b`) as `at2` says. After the heal both sites
+/// hold site 1's directory and its files at `n` and site 2's directory with all its files at
+/// `n.conflict-site2-…`, listed at site 2; no file is lost. With `kill`, site 1 (which holds
+/// site 2's directory under a holding name until site 2's rename aside arrives) is killed
+/// (kill -9) and restarted after it applied site 2's making and before that rename reaches it.
+fn directory_given_one_name_at_both_sites(tag: &str, at1: DirMaking, at2: DirMaking, kill: bool) {
+    let mut pair = Pair::netsplit(tag);
+    pair.wait_linked(true);
+    // Before the split: `d` (site 1's source) and `g` (site 2's), with files.
+    for d in ["d", "g"] {
+        fs::create_dir(pair.a.p(d)).expect("mkdir");
+    }
+    write_file(&pair.a, "d/x.txt", b"x, in d before the split\n");
+    write_file(&pair.a, "d/y.txt", b"y, in d before the split\n");
+    write_file(&pair.a, "g/z.txt", b"z, in g before the split\n");
+    pair.wait_equal();
+    pair.cut();
+    pair.wait_linked(false);
+    // What each site's directory at `n` holds once it made it (its name in `n`, content).
+    let make = |m: &Mount, how: DirMaking, src: &str, site: u32| -> Vec<(String, Vec<u8>)> {
+        let mut inside: Vec<(String, Vec<u8>)> = Vec::new();
+        match how {
+            DirMaking::Mkdir => {
+                fs::create_dir(m.p("n")).expect("mkdir n");
+                for f in ["f1.txt", "f2.txt"] {
+                    let c = format!("{f}, made in n at site {site}\n").into_bytes();
+                    write_file(m, &format!("n/{f}"), &c);
+                    inside.push((f.to_string(), c));
+                }
+            }
+            DirMaking::Rename => {
+                inside.extend(files_beneath(&m.backing().join(src)));
+                fs::rename(m.p(src), m.p("n")).expect("rename onto n");
+                let c = format!("w, written in n at site {site} after its rename\n").into_bytes();
+                write_file(m, "n/w.txt", &c);
+                inside.push(("w.txt".to_string(), c));
+            }
+        }
+        inside
+    };
+    let theirs = make(&pair.b, at2, "g", 2);
+    let ours = make(&pair.a, at1, "d", 1);
+    if kill {
+        // Only site 2's stream reaches site 1: it holds site 2's directory aside. Site 1's
+        // stream (which makes site 2 move its directory aside) is still cut.
+        pair.proxies[1].heal();
+        let holding = |m: &Mount| {
+            names_starting(m.backing(), "n.").len() == 1
+                && theirs.iter().all(|(rel, _)| {
+                    names_starting(m.backing(), "n.")
+                        .iter()
+                        .any(|h| m.backing().join(h).join(rel).exists())
+                })
+        };
+        pair.wait_view("site 1 holds site 2's directory aside", || holding(&pair.a));
+        std::thread::sleep(Duration::from_millis(500));
+        pair.proxies[1].cut();
+        pair.a.kill9_leaving_the_mount();
+        common::lazy_unmount(pair.a.mnt());
+        pair.a.remount();
+        pair.wait_linked(false);
+        let c = b"v, written in n at site 2 after site 1's restart\n".to_vec();
+        write_file(&pair.b, "n/v.txt", &c);
+        let mut theirs = theirs.clone();
+        theirs.push(("v.txt".to_string(), c));
+        pair.heal_and_settle();
+        return check_directory_clash(&pair, &ours, &theirs);
+    }
+    pair.heal_and_settle();
+    check_directory_clash(&pair, &ours, &theirs);
+}
+
+/// Both sites hold site 1's directory (`ours`: its files' names in it and contents) at `n` and
+/// site 2's (`theirs`) at one `n.conflict-site2-…`, listed at site 2, and nothing else changed.
+fn check_directory_clash(pair: &Pair, ours: &[(String, Vec<u8>)], theirs: &[(String, Vec<u8>)]) {
+    let copies = names_starting(pair.a.backing(), "n.");
+    assert_eq!(
+        copies.len(),
+        1,
+        "one directory aside: {copies:?}\nsite a:\n{}\nsite b:\n{}",
+        pair.a.log(),
+        pair.b.log()
+    );
+    let aside = &copies[0];
+    assert!(
+        aside.starts_with("n.conflict-site2-"),
+        "site 2's directory goes aside: {aside}"
+    );
+    for (rel, c) in ours {
+        pair.wait_shown(&format!("n/{rel}"), c);
+    }
+    for (rel, c) in theirs {
+        pair.wait_shown(&format!("{aside}/{rel}"), c);
+    }
+    // No file lost, none made twice: exactly these files (and the files of `d` or `g` that
+    // neither site renamed) at both sites.
+    let mut want: std::collections::BTreeMap<String, Vec<u8>> = std::collections::BTreeMap::new();
+    for (rel, c) in ours {
+        want.insert(format!("n/{rel}"), c.clone());
+    }
+    for (rel, c) in theirs {
+        want.insert(format!("{aside}/{rel}"), c.clone());
+    }
+    let renamed: Vec<String> = want
+        .keys()
+        .filter_map(|k| {
+            let name = k.rsplit('/').next()?;
+            ["x.txt", "y.txt", "z.txt"]
+                .contains(&name)
+                .then(|| name.to_string())
+        })
+        .collect();
+    for (rel, c) in [
+        ("d/x.txt", &b"x, in d before the split\n"[..]),
+        ("d/y.txt", &b"y, in d before the split\n"[..]),
+        ("g/z.txt", &b"z, in g before the split\n"[..]),
+    ] {
+        if !renamed.iter().any(|n| rel.ends_with(n.as_str())) {
+            want.insert(rel.to_string(), c.to_vec());
+        }
+    }
+    for m in [&pair.a, &pair.b] {
+        assert_eq!(
+            files_beneath(m.backing()),
+            want,
+            "the tree at {}\nsite a:\n{}\nsite b:\n{}",
+            m.backing().display(),
+            pair.a.log(),
+            pair.b.log()
+        );
+        assert!(m.p("n").is_dir() && m.p(aside).is_dir(), "both directories");
+    }
+    let listed: Vec<_> = conflicts_json(&pair.b)
+        .into_iter()
+        .filter(|e| e["path"] == "n")
+        .collect();
+    assert_eq!(listed.len(), 1, "{listed:#?}\n{}", pair.b.log());
+    assert_eq!(listed[0]["copy"], aside.as_str(), "{listed:#?}");
+}
+
+/// Site 1 makes `n` (mkdir, files in it), site 2 renames `d` (with files) onto `n`.
+#[test]
+fn a_netsplit_during_which_one_site_makes_a_directory_the_other_renames_one_onto() {
+    directory_given_one_name_at_both_sites(
+        "netsplit-dirclash-mkdir1",
+        DirMaking::Mkdir,
+        DirMaking::Rename,
+        false,
+    );
+}
+
+/// The same with the site ids the other way round: site 2 makes `n`, site 1 renames `d` onto it.
+#[test]
+fn a_netsplit_during_which_one_site_renames_a_directory_onto_one_the_other_makes() {
+    directory_given_one_name_at_both_sites(
+        "netsplit-dirclash-mkdir2",
+        DirMaking::Rename,
+        DirMaking::Mkdir,
+        false,
+    );
+}
+
+/// Both sites rename a different directory onto `n` (site 1 `d`, site 2 `g`).
+#[test]
+fn a_netsplit_during_which_both_sites_rename_a_directory_onto_one_name() {
+    directory_given_one_name_at_both_sites(
+        "netsplit-dirclash-renames",
+        DirMaking::Rename,
+        DirMaking::Rename,
+        false,
+    );
+}
+
+/// Site 1 makes `n`, site 2 renames `d` onto it; site 1 applies site 2's rename (holding its
+/// directory under a name of its own), is killed (kill -9) and restarted, site 2 writes in its
+/// `n` again, then the heal: the hold comes back from `STATE/reconcile-notes`, site 2's later
+/// file lands in its directory, and site 2's rename aside ends the hold.
+#[test]
+fn a_directory_held_for_the_peer_survives_a_kill_9_before_its_rename_aside() {
+    directory_given_one_name_at_both_sites(
+        "netsplit-dirclash-kill",
+        DirMaking::Mkdir,
+        DirMaking::Rename,
+        true,
+    );
+}

@@ -34,7 +34,7 @@ use mirrorfs_core::link::{Begin, LinkError, MirrorCopy, Positions};
 use mirrorfs_core::op::{Op, Record};
 use mirrorfs_core::path::RelPath;
 use mirrorfs_core::reconcile::{
-    clash_moves_ours_aside, meta_key, renamed_path, Decision, RenameDecision,
+    clash_moves_ours_aside, meta_key, renamed_path, Decision, DirClash, RenameDecision,
 };
 use mirrorfs_core::session::{Incoming, OnDiverged, Session};
 use mirrorfs_core::tree::apply_op;
@@ -830,6 +830,14 @@ impl PeerReceiver {
             }
             self.remove_source(from)?;
         }
+        if let (Err(Held::Errno(libc::EEXIST)), Some(rc), Some(s)) = (res, &self.reconcile, seen) {
+            if let Some(c) = self.made_dir_clash(rc, &op, &used, s) {
+                res = Err(Held::Clash(c));
+            }
+        }
+        if let (Err(Held::Clash(c)), Some(rc), Some(s)) = (res, &self.reconcile, seen) {
+            res = self.dir_clash(rc, (&op, &used), c, s, r.seq)?;
+        }
         if let (Err(Held::Errno(e)), Some(rc), Some(s)) = (res, &self.reconcile, seen) {
             if self.namespace_fix(rc, &used, e, s, r.seq)? {
                 res = self.apply_one(&op, &used, seen);
@@ -881,6 +889,8 @@ impl PeerReceiver {
                 Ok(())
             }
             Err(Held::Skip) | Err(Held::Copy) | Err(Held::Displaced) => Ok(()),
+            // Not carried out (`dir_clash` answers every clash): as existing.
+            Err(Held::Clash(_)) => Err(libc::EEXIST),
             Err(Held::Errno(e)) => Err(e),
             Err(Held::Retry) => Err(libc::EAGAIN),
         };
@@ -1125,6 +1135,170 @@ impl PeerReceiver {
         Ok(true)
     }
 
+    /// The peer's rename `orig` (its names; `op`: ours) of a directory onto a name that is a
+    /// directory here: [`DirClash::Ours`] or [`DirClash::Theirs`] when we gave that name a
+    /// directory of ours during the split, concurrently (`Reconciler::peer_dir_clash`; under
+    /// the order lock). `None`: no clash, applied as sent (onto an empty directory it replaces
+    /// it, onto a full one it fails).
+    fn renamed_dir_clash(
+        &self,
+        rc: &SiteReconcile,
+        orig: &Op,
+        op: &Op,
+        seen: u64,
+    ) -> Option<DirClash> {
+        let (
+            Op::Rename { to: theirs, .. },
+            Op::Rename {
+                from, to, flags, ..
+            },
+        ) = (orig, op)
+        else {
+            return None;
+        };
+        let is_dir = |p: &RelPath| {
+            std::fs::symlink_metadata(self.backing.join(std::ffi::OsStr::from_bytes(p.as_bytes())))
+                .is_ok_and(|m| m.is_dir())
+        };
+        if flags & RENAME_EXCHANGE != 0 || from == to || !is_dir(from) || !is_dir(to) {
+            return None;
+        }
+        match rc.decide_dir_clash(theirs.as_bytes(), to.as_bytes(), seen) {
+            DirClash::Apart => None,
+            c => Some(c),
+        }
+    }
+
+    /// The peer's mkdir `orig` (its name; `op`: ours) failed as existing: a directory of ours
+    /// given that name during the split, concurrently, is a clash (`None`: not one; a file of
+    /// ours there is `namespace_fix`'s).
+    fn made_dir_clash(
+        &self,
+        rc: &SiteReconcile,
+        orig: &Op,
+        op: &Op,
+        seen: u64,
+    ) -> Option<DirClash> {
+        let (Op::Mkdir { path: theirs, .. }, Op::Mkdir { path, .. }) = (orig, op) else {
+            return None;
+        };
+        let _order = lock(&self.vol.order);
+        let is_dir = std::fs::symlink_metadata(
+            self.backing
+                .join(std::ffi::OsStr::from_bytes(path.as_bytes())),
+        )
+        .is_ok_and(|m| m.is_dir());
+        if !is_dir {
+            return None;
+        }
+        match rc.decide_dir_clash(theirs.as_bytes(), path.as_bytes(), seen) {
+            DirClash::Apart => None,
+            c => Some(c),
+        }
+    }
+
+    /// Both sites gave the name `n` a directory during the split (the peer's mkdir or rename of
+    /// a directory, `orig` with its names and `used` with ours, against ours at `n`; its record
+    /// `seq`), and `clash` says whose stays (docs/protocol.md, "a directory given one new name
+    /// `n` at both sites"):
+    /// - [`DirClash::Ours`] (we are the lower id): the peer's making is applied under a free
+    ///   holding name `H` instead (its directory and what it puts in it land there), as the
+    ///   peer's record (not streamed back: the peer has its directory at `n`), and held
+    ///   (`Reconciler::hold`, written with the notes): its later records for `n` and beneath
+    ///   are translated to `H` until its rename aside (or rmdir) of `n` ends the hold;
+    /// - [`DirClash::Theirs`] (the higher id): our directory goes aside with its contents (a
+    ///   local rename to `n.conflict-site<ME>-…`, journaled and streamed, listed:
+    ///   `SiteReconcile::dir_aside`), `n` is the peer's from now on (`Reconciler::yielded`),
+    ///   and the peer's making applies.
+    ///
+    /// The result is the record's (`Held::Skip`: carried out another way).
+    fn dir_clash(
+        &self,
+        rc: &SiteReconcile,
+        (orig, used): (&Op, &Op),
+        clash: DirClash,
+        seen: u64,
+        seq: u64,
+    ) -> Result<Result<(), Held>> {
+        let (theirs, n) = match (orig, used) {
+            (Op::Mkdir { path: t, .. }, Op::Mkdir { path: n, .. })
+            | (Op::Rename { to: t, .. }, Op::Rename { to: n, .. }) => (t, n),
+            _ => return Ok(Err(Held::Errno(libc::EEXIST))),
+        };
+        match clash {
+            DirClash::Apart => Ok(Err(Held::Errno(libc::EEXIST))),
+            DirClash::Ours { made } => {
+                let hold = rc
+                    .holding_name(&self.backing, n)
+                    .context("a holding name for the peer's directory")?;
+                let op = match used {
+                    Op::Mkdir { mode, uid, gid, .. } => Op::Mkdir {
+                        path: hold.clone(),
+                        mode: *mode,
+                        uid: *uid,
+                        gid: *gid,
+                    },
+                    Op::Rename {
+                        from,
+                        flags,
+                        from_ino,
+                        ..
+                    } => Op::Rename {
+                        from: from.clone(),
+                        to: hold.clone(),
+                        flags: *flags,
+                        from_ino: *from_ino,
+                    },
+                    _ => return Ok(Err(Held::Errno(libc::EEXIST))),
+                };
+                let mut tree =
+                    DirTree::open(&self.backing).context("cannot open the backing tree")?;
+                let origins = &self.origins;
+                let res = self.vol.mutate_beneath_unsettled(op.clone(), |seq| {
+                    origins.note(seq)?;
+                    apply_op(&mut tree, &op, false)
+                        .map_err(|e| std::io::Error::from_raw_os_error(tree_errno(&e)))
+                });
+                if let Err(e) = res {
+                    return Ok(Err(Held::Errno(e)));
+                }
+                if let (Op::Rename { from: f0, .. }, Op::Rename { from, .. }) = (orig, &op) {
+                    rc.peer_renamed(
+                        (f0.as_bytes(), theirs.as_bytes()),
+                        from.as_bytes(),
+                        hold.as_bytes(),
+                        false,
+                    );
+                    for (p, _) in lock(&self.rewrites).iter_mut() {
+                        let q = renamed_path(p.as_bytes(), from.as_bytes(), hold.as_bytes(), false);
+                        if let Some(q) = q.and_then(|q| RelPath::new(q).ok()) {
+                            *p = q;
+                        }
+                    }
+                }
+                rc.hold(theirs.as_bytes(), hold.as_bytes(), made);
+                tracing::warn!(
+                    "conflict: both sites gave {} a directory during the split; this site's stays, {}'s is held at {} until it moves it aside",
+                    String::from_utf8_lossy(n.as_bytes()),
+                    peer_label(self.gate.as_deref()),
+                    String::from_utf8_lossy(hold.as_bytes())
+                );
+                Ok(Err(Held::Skip))
+            }
+            DirClash::Theirs => {
+                // Journaled having considered the peer's making (as for `Displaced`).
+                {
+                    let o = lock(&self.vol.order);
+                    rc.note_point(o.journal.next_seq(), seq);
+                }
+                rc.dir_aside(&self.vol, &self.backing, n)
+                    .context("moving our directory aside for the peer's of the same name")?;
+                rc.yielded(n.as_bytes());
+                Ok(self.apply_one(orig, used, Some(seen)))
+            }
+        }
+    }
+
     /// The source of a peer rename that is not applied here because the name it goes to stays
     /// ours (a directory, or our file in a conflict): removed through the volume (journaled),
     /// as the peer, which moved or copied its file aside, no longer has it.
@@ -1182,6 +1356,9 @@ impl PeerReceiver {
                             RenameDecision::Apply {
                                 from, clash, aside, ..
                             } => {
+                                if let Some(c) = self.renamed_dir_clash(rc, orig, op, seen) {
+                                    return skip(&held, Held::Clash(c));
+                                }
                                 if let (true, Op::Rename { to, .. }) = (clash, op) {
                                     rc.list_renamed(to.as_bytes(), &from);
                                 }
@@ -1205,6 +1382,9 @@ impl PeerReceiver {
                                 source,
                                 ..
                             } => {
+                                if let Some(c) = self.renamed_dir_clash(rc, orig, op, seen) {
+                                    return skip(&held, Held::Clash(c));
+                                }
                                 let Op::Rename {
                                     from, to, flags, ..
                                 } = op
@@ -1407,6 +1587,9 @@ enum Held {
     Errno(i32),
     /// A local rename changed our name for the record's since it was translated: again.
     Retry,
+    /// A directory the peer gave a name we gave a directory of ours during the split
+    /// (`PeerReceiver::dir_clash`).
+    Clash(DirClash),
 }
 
 /// Linux's `RENAME_EXCHANGE`.

@@ -29,7 +29,8 @@ use anyhow::{Context, Result};
 use mirrorfs_core::op::Op;
 use mirrorfs_core::path::RelPath;
 use mirrorfs_core::reconcile::{
-    renamed_path, ChangePoints, Config, Decision, Local, PeerPoints, Reconciler, RenameDecision,
+    renamed_path, ChangePoints, Config, Decision, DirClash, Local, PeerPoints, Reconciler,
+    RenameDecision,
 };
 use mirrorfs_core::tree::apply_op;
 
@@ -106,8 +107,24 @@ impl SiteReconcile {
 
     /// The peer's `op` with its names translated through our renames it had not seen
     /// (`None`: unchanged; a name too long here: unchanged, and it fails as it would).
+    /// A rename of a name whose directory is held here ([`SiteReconcile::hold`]) names the
+    /// holding name as its source, whatever the peer had seen (`Reconciler::peer_rename` ends
+    /// the hold with it).
     pub fn translate(&self, op: &Op, seen: u64) -> Option<Op> {
-        lock(&self.machine).translate_op(op, seen).ok().flatten()
+        let mut m = lock(&self.machine);
+        let out = m.translate_op(op, seen).ok().flatten();
+        if let Op::Rename { from, flags, .. } = op {
+            // Linux's `RENAME_EXCHANGE`: both names swap, nothing is held.
+            let exchange = flags & 2 != 0;
+            if let (false, Some(h)) = (exchange, m.held_as(from.as_bytes())) {
+                let mut t = out.unwrap_or_else(|| op.clone());
+                if let (Op::Rename { from, .. }, Ok(h)) = (&mut t, RelPath::new(h.to_vec())) {
+                    *from = h;
+                }
+                return Some(t);
+            }
+        }
+        out
     }
 
     /// The decision for a peer rename (its names; under the order lock).
@@ -137,6 +154,25 @@ impl SiteReconcile {
     /// Our file at `path` is in its conflict copy now (`Reconciler::reused_aside`).
     pub fn reused_aside(&self, path: &[u8]) {
         lock(&self.machine).reused_aside(path);
+    }
+
+    /// The peer made a directory at `theirs` (its name; `ours`: ours for it) where we have a
+    /// directory: did we give it the name concurrently, and whose stays
+    /// (`Reconciler::peer_dir_clash`; under the order lock)?
+    pub fn decide_dir_clash(&self, theirs: &[u8], ours: &[u8], seen: u64) -> DirClash {
+        lock(&self.machine).peer_dir_clash(theirs, ours, seen)
+    }
+
+    /// [`DirClash::Ours`]: the peer's directory `theirs` (its name) is held here under `ours`
+    /// until its rename aside arrives (`Reconciler::hold`; written with the notes).
+    pub fn hold(&self, theirs: &[u8], ours: &[u8], made: u64) {
+        lock(&self.machine).hold(theirs, ours, made);
+    }
+
+    /// [`DirClash::Theirs`]: our directory `name` went aside; the peer's later records for the
+    /// name are for its directory (`Reconciler::yielded`).
+    pub fn yielded(&self, name: &[u8]) {
+        lock(&self.machine).yielded(name);
     }
 
     /// The decision for a peer metadata change (our name; under the order lock).
@@ -562,6 +598,72 @@ impl SiteReconcile {
         }
         self.list(path.as_bytes(), copy.as_bytes(), time);
         Ok(Some(copy))
+    }
+
+    /// [`DirClash::Theirs`]: our directory `path`, given its name during the split as the peer
+    /// gave it one of its own, goes aside with its contents: a local rename to a new conflict
+    /// name (`PATH.conflict-site<ME>-<TIME>`), journaled and streamed like a rename through the
+    /// mount (noted as ours: `Local::Rename`), listed here. `None`: not a directory here (left
+    /// as it is).
+    pub fn dir_aside(
+        &self,
+        vol: &Volume,
+        backing: &Path,
+        path: &RelPath,
+    ) -> Result<Option<RelPath>> {
+        let root = open_backing(backing)?;
+        let st = match root.lstat(path) {
+            Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFDIR => st,
+            _ => return Ok(None),
+        };
+        let (aside, time) = self.conflict_name(&root, path)?;
+        let op = Op::Rename {
+            from: path.clone(),
+            to: aside.clone(),
+            flags: 0,
+            from_ino: st.st_ino,
+        };
+        let change = Local::of(&op);
+        let mut tree =
+            DirTree::open(backing).with_context(|| format!("cannot open {}", backing.display()))?;
+        vol.mutate_beneath_unsettled(op.clone(), |seq| {
+            apply_op(&mut tree, &op, false).map_err(|e| std::io::Error::other(e.to_string()))?;
+            // Under the order lock, as `Volume::mutate` notes a rename through the mount.
+            if let Some(c) = &change {
+                self.local_change(seq, c);
+            }
+            Ok(())
+        })
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot move the directory aside: {}",
+                std::io::Error::from_raw_os_error(e)
+            )
+        })?;
+        self.list(path.as_bytes(), aside.as_bytes(), time);
+        Ok(Some(aside))
+    }
+
+    /// [`DirClash::Ours`]: a free name for the peer's directory of `path` while it is held here
+    /// (`PATH.held-site<PEER>-<TIME>`; the peer's rename aside moves it to its conflict name).
+    pub fn holding_name(&self, backing: &Path, path: &RelPath) -> Result<RelPath> {
+        let root = open_backing(backing)?;
+        let label =
+            mirrorfs_core::reintegrate::conflict_label(&format!("site{}", self.cfg.peer), now());
+        let label = label.strip_prefix("conflict-").unwrap_or(&label);
+        for n in 0..1000u32 {
+            let mut name = path.as_bytes().to_vec();
+            name.extend_from_slice(b".held-");
+            name.extend_from_slice(label.as_bytes());
+            if n > 0 {
+                name.extend_from_slice(format!("-{n}").as_bytes());
+            }
+            let rel = RelPath::new(name).map_err(|e| anyhow::anyhow!("{e}"))?;
+            if root.lstat(&rel).is_err() {
+                return Ok(rel);
+            }
+        }
+        anyhow::bail!("no free holding name")
     }
 
     /// A free conflict name for `path` (`PATH.conflict-site<ME>-<TIME>`) and its time.
