@@ -31,6 +31,13 @@
 //!   applied over the mix of diffs: both sites end with the winner's version at P and the loser's
 //!   in the copy.
 //!
+//! **Hard links.** Objects are names, but a file with several names is one object to the rule:
+//! the shell tells each entry the file behind its name (its local inode, [`FileId`], when it has
+//! more than one link: [`Reconciler::note_file`]), and a peer data record for a name with no
+//! entry of ours is decided against an entry of the same file under another name
+//! ([`Reconciler::peer_linked_data`]). Inodes are per site and never sent: each site resolves
+//! the peer's name to its own file.
+//!
 //! **Bounds and crashes.** At most `entries_max` objects are remembered; past it the oldest is
 //! dropped and its seq becomes a *floor*: a peer record with `seen < floor` for an object with
 //! no entry is taken as concurrent (a conflict listed that perhaps was none: both versions kept,
@@ -45,6 +52,11 @@ use crate::path::{PathError, RelPath};
 
 /// An object: the write token's (a hash of the file's path, `site::tokens::object_of`).
 pub type Object = u64;
+
+/// A file with more than one name (hard links) as this site knows it: the shell's inode number
+/// of it ([`Reconciler::note_file`]); local to the site, never sent. 0: the name was looked at
+/// and its file has one name only.
+pub type FileId = u64;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Config {
@@ -105,6 +117,10 @@ struct Entry {
     rewrite: bool,
     /// A conflict copy was made since that record (the loser).
     copied: bool,
+    /// The file it names, when the shell looked ([`Reconciler::note_file`]; `Some(0)`: a file
+    /// of one name): a peer data record for another name of that file is concurrent with
+    /// this entry too ([`Reconciler::peer_linked_data`]).
+    file: Option<FileId>,
 }
 
 /// Linux's `RENAME_EXCHANGE` (the `flags` of `Op::Rename` are renameat2's).
@@ -234,6 +250,9 @@ pub struct Reconciler {
     entries: HashMap<Object, Entry>,
     /// (entry seq, object) for each entry, to drop the seen ones in order.
     by_seq: BTreeSet<(u64, Object)>,
+    /// The entries of files with more than one name, by file ([`Entry::file`]): at most one per
+    /// entry (kept and dropped with it), so bounded by `entries_max`.
+    files: HashMap<FileId, Object>,
     /// The entries whose name is known, by name (a directory's rename moves those beneath it).
     paths: BTreeMap<Vec<u8>, Object>,
     /// Our renames the peer has not seen, by (seq, n): n > 0 for the aliases of a rename both
@@ -320,6 +339,7 @@ impl Reconciler {
             cfg,
             entries: HashMap::new(),
             by_seq: BTreeSet::new(),
+            files: HashMap::new(),
             paths: BTreeMap::new(),
             seen: seen_by_peer,
             floor: 0,
@@ -504,7 +524,10 @@ impl Reconciler {
     /// for our file under its old name) are concurrent with it.
     fn note_made(&mut self, seq: u64, path: &[u8]) {
         let o = (self.hash)(path);
-        let data = self.take_entry(o).map_or(0, |e| e.data);
+        let old = self.take_entry(o);
+        let data = old.as_ref().map_or(0, |e| e.data);
+        // The entry moved here by the rename (`move_entries`): the renamed file's.
+        let file = old.and_then(|e| e.file);
         self.put_entry(
             o,
             Entry {
@@ -513,6 +536,7 @@ impl Reconciler {
                 path: Some(path.to_vec()),
                 rewrite: false,
                 copied: false,
+                file,
             },
         );
         self.bound_entries();
@@ -564,6 +588,7 @@ impl Reconciler {
     fn take_entry(&mut self, o: Object) -> Option<Entry> {
         let e = self.entries.remove(&o)?;
         self.by_seq.remove(&(e.seq, o));
+        self.unfile(o, e.file);
         if let Some(p) = &e.path {
             if self.paths.get(p) == Some(&o) {
                 self.paths.remove(p);
@@ -574,6 +599,9 @@ impl Reconciler {
 
     fn put_entry(&mut self, o: Object, e: Entry) {
         self.by_seq.insert((e.seq, o));
+        if let Some(f) = e.file.filter(|&f| f != 0) {
+            self.files.insert(f, o);
+        }
         if let Some(p) = &e.path {
             self.paths.insert(p.clone(), o);
         }
@@ -951,6 +979,7 @@ impl Reconciler {
             return;
         }
         let old = self.take_entry(object);
+        let file = old.as_ref().and_then(|e| e.file);
         let path = path.or_else(|| old.and_then(|e| e.path));
         self.put_entry(
             object,
@@ -960,6 +989,7 @@ impl Reconciler {
                 path,
                 rewrite,
                 copied: false,
+                file,
             },
         );
         self.bound_entries();
@@ -1074,6 +1104,7 @@ impl Reconciler {
                     path: None,
                     rewrite: false,
                     copied: false,
+                    file: None,
                 },
             );
         }
@@ -1089,7 +1120,11 @@ impl Reconciler {
         let next = seen.saturating_add(1);
         let keep = self.by_seq.split_off(&(next, 0));
         for (_, o) in std::mem::replace(&mut self.by_seq, keep) {
-            if let Some(Entry { path: Some(p), .. }) = self.entries.remove(&o) {
+            let Some(e) = self.entries.remove(&o) else {
+                continue;
+            };
+            self.unfile(o, e.file);
+            if let Some(p) = e.path {
                 if self.paths.get(&p) == Some(&o) {
                     self.paths.remove(&p);
                 }
@@ -1589,6 +1624,96 @@ fn fnv(path: &[u8]) -> Object {
 /// are left to the rules of data changes (`false`).
 pub fn clash_moves_ours_aside(ours_is_dir: bool, peers_is_dir: bool) -> bool {
     !ours_is_dir && peers_is_dir
+}
+
+/// Hard links: one file with several names is one object to the rule. Objects are names
+/// (what both sites agree on); the file behind a name is known only locally, so the shell tells
+/// the machine the file of each name it notes a data change of ([`Reconciler::note_file`],
+/// under the order lock, once per entry) and of each name a peer data record changes
+/// ([`Reconciler::peer_linked_data`]): a peer data record for one name of a file with no entry
+/// of its own is concurrent with our unseen data change of the file through another name.
+impl Reconciler {
+    /// Our entry for `path` (a data change just noted) has not been told its file yet: the
+    /// shell looks it up ([`Reconciler::note_file`]).
+    pub fn wants_file(&self, path: &[u8]) -> bool {
+        self.entries
+            .get(&(self.hash)(path))
+            .is_some_and(|e| e.file.is_none())
+    }
+
+    /// The file our entry for `path` names: `file` when it has more than one name here (its
+    /// inode number), 0 when it has one. Nothing without an entry.
+    pub fn note_file(&mut self, path: &[u8], file: FileId) {
+        let o = (self.hash)(path);
+        if let Some(mut e) = self.take_entry(o) {
+            e.file = Some(file);
+            if file != 0 {
+                if let Some(old) = self.files.get(&file).copied().filter(|&x| x != o) {
+                    // Two entries of one file (written through two names): the index names the
+                    // newer; the older is still found by its own name.
+                    if let Some(x) = self.entries.get_mut(&old) {
+                        x.file = Some(0);
+                    }
+                }
+            }
+            self.put_entry(o, e);
+        }
+    }
+
+    /// The names of the entries not yet told their file (at most `entries_max`): after the
+    /// journal's replay at a restart, the shell looks each up ([`Reconciler::note_file`]).
+    pub fn unfiled(&self) -> Vec<Vec<u8>> {
+        self.entries
+            .values()
+            .filter(|e| e.file.is_none())
+            .filter_map(|e| e.path.clone())
+            .collect()
+    }
+
+    /// The peer's data change of `path` (our name for it, `translated` as in
+    /// [`Reconciler::peer_data_record`]), a file that has other names here (`file`, its inode;
+    /// 0: one name). With no entry of its own, an entry of the same file under another name
+    /// decides it, as if the peer had named that one: the decision and that name (the loser
+    /// copies its version aside under it, the name it wrote through; the winner rewrites
+    /// `path`, the file under all its names). Otherwise as [`Reconciler::peer_data_record`].
+    pub fn peer_linked_data(
+        &mut self,
+        path: &[u8],
+        file: FileId,
+        seen: u64,
+        translated: bool,
+    ) -> (Decision, Option<Vec<u8>>) {
+        self.advance(seen);
+        let object = (self.hash)(path);
+        let other = self
+            .files
+            .get(&file)
+            .copied()
+            .filter(|&o| file != 0 && o != object)
+            .filter(|_| !self.entries.contains_key(&object))
+            .filter(|_| translated || !self.reused_since(object, seen));
+        if let Some(o) = other {
+            if let Some(name) = self.entries.get(&o).map(|e| e.path.clone()) {
+                // Only our data changes of the file count (as for a name we renamed it from).
+                return (self.peer_data_record(Some(o), seen, true), name);
+            }
+        }
+        (self.peer_data_record(Some(object), seen, translated), None)
+    }
+
+    /// Drops `o` from the file index (its entry goes).
+    fn unfile(&mut self, o: Object, file: Option<FileId>) {
+        if let Some(f) = file.filter(|&f| f != 0) {
+            if self.files.get(&f) == Some(&o) {
+                self.files.remove(&f);
+            }
+        }
+    }
+
+    /// Files with more than one name remembered now (one per entry at most).
+    pub fn files_len(&self) -> usize {
+        self.files.len()
+    }
 }
 
 /// The change points of a site's stream to its peer: "our records from `from` on were journaled
@@ -3626,5 +3751,160 @@ mod names {
         assert!(again.restore_notes(&notes));
         again.local_change(4, &Local::Data(b("a")));
         assert!(again.peer_reused(b"a", 3));
+    }
+}
+
+#[cfg(test)]
+mod links {
+    //! Hard links: a peer data record for one name of a file is concurrent with our unseen data
+    //! change of the file through another name.
+    use super::*;
+
+    fn site(me: u64, peer: u64) -> Reconciler {
+        Reconciler::new(Config::new(me, peer), 0)
+    }
+
+    fn data(p: &str) -> Local {
+        Local::Data(p.as_bytes().to_vec())
+    }
+
+    /// Site 1 (the winner) wrote through `a`, the peer through `b`, one file (inode 99 here).
+    #[test]
+    fn the_winner_skips_a_write_through_another_name_and_rewrites_once() {
+        let mut w = site(1, 2);
+        w.local_change(10, &data("a"));
+        assert!(w.wants_file(b"a"));
+        w.note_file(b"a", 99);
+        assert!(!w.wants_file(b"a"), "looked at once per entry");
+        w.local_change(11, &data("a"));
+        assert!(!w.wants_file(b"a"), "the file stays with the entry");
+        assert_eq!(
+            w.peer_linked_data(b"b", 99, 3, false),
+            (
+                Decision::Skip {
+                    rewrite: true,
+                    first: true
+                },
+                Some(b"a".to_vec())
+            )
+        );
+        assert_eq!(
+            w.peer_linked_data(b"b", 99, 3, false),
+            (
+                Decision::Skip {
+                    rewrite: false,
+                    first: false
+                },
+                Some(b"a".to_vec())
+            )
+        );
+        // Before this rule the record for `b` was its own object, never concurrent.
+        assert_eq!(w.clone().peer_data(b"b", 3).1, Decision::Apply);
+        // Another file, or a file of one name: not concurrent.
+        assert_eq!(
+            w.peer_linked_data(b"c", 98, 3, false),
+            (Decision::Apply, None)
+        );
+        assert_eq!(
+            w.peer_linked_data(b"c", 0, 3, false),
+            (Decision::Apply, None)
+        );
+        // The peer saw our writes: nothing concurrent any more.
+        assert_eq!(
+            w.peer_linked_data(b"b", 99, 11, false),
+            (Decision::Apply, None)
+        );
+        assert_eq!(w.files_len(), 0);
+    }
+
+    /// Site 2 (the loser) wrote through `b`, the winner through `a`: copy once under `b`.
+    #[test]
+    fn the_loser_copies_its_version_under_its_own_name_once() {
+        let mut l = site(2, 1);
+        l.local_change(10, &data("b"));
+        l.note_file(b"b", 7);
+        assert_eq!(
+            l.peer_linked_data(b"a", 7, 3, false),
+            (Decision::CopyThenApply, Some(b"b".to_vec()))
+        );
+        assert_eq!(
+            l.peer_linked_data(b"a", 7, 3, false),
+            (Decision::Apply, Some(b"b".to_vec()))
+        );
+        // The winner's rewrite (through `b`), journaled after it considered our 10.
+        assert_eq!(
+            l.peer_linked_data(b"b", 7, 10, false),
+            (Decision::Apply, None)
+        );
+        assert!(l.is_empty());
+    }
+
+    /// The entry keeps its file through a rename of the name, and a restart finds it again:
+    /// the replay of the journal, then the names looked up again.
+    #[test]
+    fn the_file_follows_a_rename_and_is_looked_up_again_after_a_restart() {
+        let mut w = site(1, 2);
+        let journal = [
+            (10, data("a")),
+            (
+                11,
+                Local::Rename {
+                    from: b"a".to_vec(),
+                    to: b"d/c".to_vec(),
+                    exchange: false,
+                },
+            ),
+        ];
+        for (s, c) in &journal {
+            w.local_change(*s, c);
+            if w.wants_file(b"a") {
+                w.note_file(b"a", 5);
+            }
+        }
+        let mut again = Reconciler::new(Config::new(1, 2), 0);
+        for (s, c) in &journal {
+            again.local_change(*s, c);
+        }
+        assert_eq!(again.unfiled(), vec![b"d/c".to_vec()]);
+        again.note_file(b"d/c", 5);
+        assert!(again.unfiled().is_empty());
+        for m in [&mut w, &mut again] {
+            let (d, name) = m.peer_linked_data(b"b", 5, 3, false);
+            assert!(matches!(d, Decision::Skip { rewrite: true, .. }), "{d:?}");
+            assert_eq!(name, Some(b"d/c".to_vec()));
+        }
+    }
+
+    /// The file index holds one file per entry at most: bounded with the entries, emptied
+    /// with them; a dropped entry still counts as concurrent (the floor), by its own name.
+    #[test]
+    fn the_file_index_is_bounded_by_the_entries() {
+        let mut w = Reconciler::new(
+            Config {
+                entries_max: 4,
+                ..Config::new(1, 2)
+            },
+            0,
+        );
+        for i in 0..100u64 {
+            let p = format!("f{i}");
+            w.local_change(10 + i, &data(&p));
+            w.note_file(p.as_bytes(), 1000 + i);
+            assert!(w.files_len() <= 4 && w.len() <= 4);
+        }
+        // f0 was dropped: its other name is not found by file, but the floor still counts.
+        let (d, name) = w.peer_linked_data(b"g0", 1000, 3, false);
+        assert_eq!(name, None);
+        assert!(matches!(d, Decision::Skip { .. }), "{d:?}");
+        // Two names written here: the index names the newer, the older its own name only.
+        let mut w = site(1, 2);
+        w.local_change(10, &data("a"));
+        w.note_file(b"a", 9);
+        w.local_change(11, &data("b"));
+        w.note_file(b"b", 9);
+        assert_eq!(w.files_len(), 1);
+        assert_eq!(w.peer_linked_data(b"c", 9, 3, false).1, Some(b"b".to_vec()));
+        let _ = w.peer_linked_data(b"c", 9, 200, false);
+        assert_eq!((w.files_len(), w.len()), (0, 0));
     }
 }

@@ -2839,3 +2839,135 @@ fn a_directory_held_for_the_peer_survives_a_kill_9_before_its_rename_aside() {
         true,
     );
 }
+
+/// Hard links during a split: one file with two names (`ln a b` before the split), rewritten
+/// at site 1 through `a` and at site 2 through `b`. The two writes are to one file, so they are
+/// concurrent as if both had used one name: site 1's version stays (under both names, still one
+/// file), site 2's is kept as a conflict copy, listed at both sites, and `resolve` settles it.
+///
+/// The mount journals a change of a file under the name it last looked up for the inode
+/// (`fuse::inodes`), not the name opened: so that site 1's records name `a.txt` and site 2's
+/// `b.txt`, site 1 makes `a.txt`, site 2 the link (its new name comes first there; site 1
+/// never looks up `b.txt` before the split's writes), and nothing reads the other name through
+/// a mount before them.
+#[test]
+fn a_netsplit_during_which_both_sides_edit_one_file_through_two_hard_links() {
+    edit_one_file_through_two_hard_links("netsplit-hardlink", false);
+}
+
+/// The same with both sites killed (`kill -9`) and mounted again before the heal: the
+/// reconciliation's entries come back from the journal, and their files from the backing.
+#[test]
+fn a_netsplit_edit_through_two_hard_links_survives_a_restart_of_both_sites() {
+    edit_one_file_through_two_hard_links("netsplit-hardlink-restart", true);
+}
+
+fn edit_one_file_through_two_hard_links(tag: &str, restart: bool) {
+    use std::os::unix::fs::MetadataExt;
+    let mut pair = Pair::netsplit(tag);
+    write_file(&pair.a, "a.txt", b"one file, two names\n");
+    pair.wait_equal();
+    fs::hard_link(pair.b.p("a.txt"), pair.b.p("b.txt")).expect("ln a.txt b.txt at site 2");
+    pair.wait_equal();
+    for m in [&pair.a, &pair.b] {
+        let (ma, mb) = (
+            fs::metadata(m.backing().join("a.txt")).expect("a.txt"),
+            fs::metadata(m.backing().join("b.txt")).expect("b.txt"),
+        );
+        assert_eq!(ma.ino(), mb.ino(), "one file at each site before the split");
+    }
+    pair.cut();
+    pair.wait_linked(false);
+    let (text_a, text_b) = (
+        b"rewritten at site 1 through a.txt\n".to_vec(),
+        b"rewritten at site 2 through b.txt, longer\n".to_vec(),
+    );
+    write_file(&pair.a, "a.txt", &text_a);
+    write_file(&pair.b, "b.txt", &text_b);
+    assert_eq!(fs::read(pair.a.p("b.txt")).expect("a"), text_a);
+    assert_eq!(fs::read(pair.b.p("a.txt")).expect("b"), text_b);
+    if restart {
+        for m in [&mut pair.a, &mut pair.b] {
+            m.kill9();
+            m.remount();
+        }
+        for m in [&pair.a, &pair.b] {
+            let mut log = String::new();
+            let replayed = wait_until(Duration::from_secs(30), || {
+                log = m.log();
+                let again = log.split("---- start #2").nth(1).unwrap_or_default();
+                again.contains("reconciliation after a split:")
+                    && !again.contains("split: 0 data records")
+            });
+            assert!(replayed, "the split's records are replayed:\n{log}");
+        }
+    }
+    pair.heal();
+    pair.wait_linked(true);
+    pair.wait_equal();
+    std::thread::sleep(Duration::from_secs(2));
+    pair.wait_equal();
+    let mut copy = String::new();
+    for m in [&pair.a, &pair.b] {
+        for name in ["a.txt", "b.txt"] {
+            assert_eq!(
+                fs::read(m.p(name)).expect(name),
+                text_a,
+                "site 1's version stays under {name}\n{}",
+                m.log()
+            );
+        }
+        let (ma, mb) = (
+            fs::metadata(m.backing().join("a.txt")).expect("a.txt"),
+            fs::metadata(m.backing().join("b.txt")).expect("b.txt"),
+        );
+        assert_eq!(ma.ino(), mb.ino(), "still one file");
+        let copies: Vec<_> = ["a.txt.conflict-site2-", "b.txt.conflict-site2-"]
+            .iter()
+            .flat_map(|p| names_starting(m.mnt(), p))
+            .collect();
+        assert_eq!(
+            copies.len(),
+            1,
+            "one conflict copy: {copies:?}\n{}",
+            m.log()
+        );
+        assert_eq!(
+            fs::read(m.p(&copies[0])).expect("copy"),
+            text_b,
+            "site 2's version kept"
+        );
+        let listed: Vec<_> = conflicts_json(m)
+            .into_iter()
+            .filter(|e| e["copy"] == copies[0].as_str())
+            .collect();
+        assert_eq!(listed.len(), 1, "listed: {listed:#?}\n{}", m.log());
+        assert_eq!(listed[0]["reason"], "split-both-modified", "{listed:#?}");
+        assert_eq!(listed[0]["copy_exists"], true, "{listed:#?}");
+        copy = copies[0].clone();
+    }
+    // Settled at site 1, keeping its version: the copy goes at both sites, and both drop it.
+    let path = copy
+        .split(".conflict-")
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let out = run_ok(&[
+        os("conflicts"),
+        os("resolve"),
+        pair.a.p(&path).as_os_str(),
+        os("--keep"),
+        os("local"),
+    ]);
+    assert!(out.contains("kept our version"), "{out}");
+    pair.wait_equal();
+    for m in [&pair.a, &pair.b] {
+        let mut left = Vec::new();
+        let settled = wait_until(Duration::from_secs(30), || {
+            left = conflicts_json(m);
+            left.is_empty() && !m.p(&copy).exists()
+        });
+        assert!(settled, "still listed or copied: {left:#?}\n{}", m.log());
+        assert_eq!(fs::read(m.p("b.txt")).expect("b.txt"), text_a);
+    }
+}

@@ -792,6 +792,8 @@ fn start_peer(
                 "reconciliation after a split: {n} data records of this site not yet seen by the peer (after {})",
                 pos.seen
             );
+            // Hard links: the files behind the names of our changes (`site::reconcile`).
+            rc.set_backing(&places.backing)?;
             let _ = link.reconcile.set(rc.clone());
             let _ = vol.reconcile.set(rc.clone());
             Some(rc)

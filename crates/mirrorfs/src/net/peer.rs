@@ -807,10 +807,13 @@ impl PeerReceiver {
         if let Err(Held::Copy) = res {
             // The loser: its own version goes aside first, then the winner's record applies
             // (a rename: its file at the name the winner's takes).
+            // A hard link: ours went aside under the name we changed the file through.
+            let linked = self.reconcile.as_ref().and_then(|rc| rc.take_linked_copy());
             let at = match &used {
                 Op::Rename { to, .. } => Some(to),
                 op => data_rel(op),
             };
+            let at = linked.as_ref().or(at);
             if let (Some(rc), Some(path)) = (&self.reconcile, at) {
                 if let Err(e) = rc.copy_aside(&self.vol, &self.backing, path) {
                     // Not acknowledged: the record comes again and asks for the copy again.

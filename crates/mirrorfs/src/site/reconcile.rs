@@ -59,6 +59,12 @@ pub struct SiteReconcile {
     /// The machine's notes not yet written to `STATE/reconcile-notes` ([`SiteReconcile::save_notes`]).
     notes: Mutex<Option<Vec<u8>>>,
     state: PathBuf,
+    /// The backing tree, where the file behind a name is looked up (hard links,
+    /// [`SiteReconcile::set_backing`]); unset until the replay at the mount is done.
+    backing: std::sync::OnceLock<Root>,
+    /// The name of ours under which the loser copies its version aside, when the last data
+    /// decision was taken by our change of the file through another name (a hard link).
+    linked_copy: Mutex<Option<Vec<u8>>>,
 }
 
 impl SiteReconcile {
@@ -89,17 +95,23 @@ impl SiteReconcile {
             persisted_seen: AtomicU64::new(seen),
             notes: Mutex::new(None),
             state: state.to_path_buf(),
+            backing: std::sync::OnceLock::new(),
+            linked_copy: Mutex::new(None),
         }
     }
 
     /// Our data record `seq` (called under the order lock).
     pub fn local(&self, seq: u64, path: &[u8], rewrite: bool) {
         lock(&self.machine).local_path(seq, path, rewrite);
+        self.look_up_file(path);
     }
 
     /// Our change `seq` of any kind ([`Local::of`]; called under the order lock).
     pub fn local_change(&self, seq: u64, change: &Local) {
         lock(&self.machine).local_change(seq, change);
+        if let Local::Data(p) = change {
+            self.look_up_file(p);
+        }
         if let Local::Rename { from, to, exchange } = change {
             self.rename_pending(from, to, *exchange);
         }
@@ -129,6 +141,7 @@ impl SiteReconcile {
 
     /// The decision for a peer rename (its names; under the order lock).
     pub fn decide_rename(&self, from: &[u8], to: &[u8], seen: u64) -> RenameDecision {
+        *lock(&self.linked_copy) = None;
         lock(&self.machine).peer_rename(from, to, seen)
     }
 
@@ -277,8 +290,63 @@ impl SiteReconcile {
     /// The decision for a peer data change of `path` (our name; under the order lock);
     /// `translated`: the peer named it by a name we renamed it from
     /// (`Reconciler::peer_data_record`).
+    /// A file with other names here (hard links) is one object with them: the peer's change
+    /// through one name is concurrent with ours through another (`Reconciler::peer_linked_data`;
+    /// the name the loser copies aside is then [`SiteReconcile::take_linked_copy`]'s).
     pub fn decide_data(&self, path: &[u8], translated: bool, seen: u64) -> Decision {
-        lock(&self.machine).peer_data_record(Some(object_of(path)), seen, translated)
+        // Looked up only while some entry of ours is of a file with other names.
+        let linked = lock(&self.machine).files_len() > 0;
+        let file = if linked {
+            self.file_of(path).unwrap_or(0)
+        } else {
+            0
+        };
+        let (d, ours) = lock(&self.machine).peer_linked_data(path, file, seen, translated);
+        *lock(&self.linked_copy) = ours;
+        d
+    }
+
+    /// The loser's `CopyThenApply` of the last data decision was for our change of the file
+    /// through another name than the peer's: our name, under which its version goes aside
+    /// (listed as the winner lists it: the name the loser wrote through).
+    pub fn take_linked_copy(&self) -> Option<RelPath> {
+        lock(&self.linked_copy)
+            .take()
+            .and_then(|p| RelPath::new(p).ok())
+    }
+
+    /// The backing tree, once the replay at the mount is done: from now on each data change
+    /// noted has its file looked up (`lstat` beneath the root, under the order lock, once per
+    /// entry), and so have the entries the replay rebuilt (their names now; a rename is in the
+    /// replay).
+    pub fn set_backing(&self, backing: &Path) -> Result<()> {
+        let root = open_backing(backing)?;
+        let _ = self.backing.set(root);
+        let names = lock(&self.machine).unfiled();
+        for p in names {
+            self.look_up_file(&p);
+        }
+        Ok(())
+    }
+
+    /// The file behind `path` if it has other names (its inode number), 0 if it has one;
+    /// `None` when it cannot be looked at (gone, or no backing yet).
+    fn file_of(&self, path: &[u8]) -> Option<mirrorfs_core::reconcile::FileId> {
+        let root = self.backing.get()?;
+        let rel = RelPath::new(path.to_vec()).ok()?;
+        let st = root.lstat(&rel).ok()?;
+        let linked = st.st_mode & libc::S_IFMT == libc::S_IFREG && st.st_nlink > 1;
+        Some(if linked { st.st_ino } else { 0 })
+    }
+
+    /// Tells the machine the file of our entry for `path` if it has not been told yet.
+    fn look_up_file(&self, path: &[u8]) {
+        if self.backing.get().is_none() || !lock(&self.machine).wants_file(path) {
+            return;
+        }
+        if let Some(f) = self.file_of(path) {
+            lock(&self.machine).note_file(path, f);
+        }
     }
 
     /// The peer removed `path` while this site changed it: it is kept (and given back to the
