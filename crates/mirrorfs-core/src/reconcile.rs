@@ -421,7 +421,12 @@ impl Reconciler {
                 }
             }
             Local::Made(p) => self.note_reuse(seq, p),
-            Local::MadeDir(p) => self.note_dir_made(seq, p),
+            Local::MadeDir(p) => {
+                self.note_dir_made(seq, p);
+                // Made under a name we removed: the peer's data records of the old entry (a
+                // file's, or its give-back) are not of this directory.
+                self.note_reuse(seq, p);
+            }
         }
     }
 
@@ -3158,8 +3163,9 @@ mod names {
         // as not reconciled. Counted as excluded, not checked.
         // (Reconciled since: 394,957 and 464,963, a write of a file renamed then removed,
         // `Reconciler::removed_since_moved`; 235,452, a name renamed away, made and removed
-        // again, `Reconciler::renamed_away_before_removal`.)
-        const KNOWN_TO_DIFFER: [u64; 6] = [500_367, 575_881, 690_377, 795_747, 795_751, 899_787];
+        // again, `Reconciler::renamed_away_before_removal`; 500,367, a file removed and its
+        // name made a directory, `Local::MadeDir` after `Local::Removed` a reuse.)
+        const KNOWN_TO_DIFFER: [u64; 5] = [575_881, 690_377, 795_747, 795_751, 899_787];
         // `MIRRORFS_RECONCILE_NAMES_SHOW=SEED,SEED`: only these seeds, none excluded, each
         // printed with its ops and both trees (to study a case).
         let show_only: Option<Vec<u64>> = std::env::var("MIRRORFS_RECONCILE_NAMES_SHOW")
@@ -3747,6 +3753,37 @@ mod names {
                 &at1,
                 &at2,
                 &[("b", Some("a0")), ("d", None), ("d/x", Some("x0"))],
+                true,
+            );
+        }
+    }
+
+    /// A file removed at one site, a directory made under its name and removed again there,
+    /// while the other site writes the file: the writer keeps its file and moves it aside when
+    /// the directory arrives (a file against a directory of one name); the remover does not
+    /// apply the writer's give-back, journaled before it had seen the directory, to the name
+    /// (a directory made under a removed name is a new entry for the peer's data records).
+    /// Both end with the file in its conflict copy. Seed 500,367.
+    #[test]
+    fn a_file_removed_and_its_name_made_a_directory_and_removed_keeps_the_change_aside() {
+        let base = [("a", Some("a0")), ("d", None), ("d/x", Some("x0"))];
+        for remover in [1, 2] {
+            let remove = vec![R::Unlink("d/x"), R::Mkdir("d/x"), R::Rmdir("d/x")];
+            let change = vec![R::Write("d/x", "changed")];
+            let (at1, at2) = if remover == 1 {
+                (remove, change)
+            } else {
+                (change, remove)
+            };
+            check(
+                &base,
+                &at1,
+                &at2,
+                &[
+                    ("a", Some("a0")),
+                    ("d", None),
+                    ("d/x.conflict", Some("changed")),
+                ],
                 true,
             );
         }
