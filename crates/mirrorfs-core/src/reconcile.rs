@@ -300,6 +300,12 @@ pub struct Reconciler {
     /// ([`Reconciler::peer_renamed`]): the peer's names beneath its new name that still
     /// translate (its new name is `fresh` otherwise). Forgotten with the renames.
     followed: BTreeSet<Vec<u8>>,
+    /// Names we removed concurrently that the peer made again since (a create, mkdir or rename
+    /// onto it, [`Reconciler::translate_new`]), while we had not made them again ourselves:
+    /// what is there now is the peer's entry, so its later removal of the name applies
+    /// ([`Reconciler::peer_unlink`]). Forgotten with our removal; bounded as `fresh`; not in
+    /// the notes (after a restart such a removal is skipped, as before this rule).
+    peer_remade: BTreeSet<Vec<u8>>,
     /// `fresh`, `regained`, `remade`, `removed_names`, `ghosts`, `restored` or `held` changed since the last
     /// [`Reconciler::take_notes`] (the shell persists them: the journal does not hold the
     /// peer's `seen` of its records, so the decisions that noted them cannot be replayed).
@@ -341,6 +347,7 @@ impl Reconciler {
             dirs_made_by_seq: BTreeSet::new(),
             held: BTreeMap::new(),
             followed: BTreeSet::new(),
+            peer_remade: BTreeSet::new(),
             notes_dirty: false,
             hash: fnv,
         }
@@ -626,6 +633,7 @@ impl Reconciler {
     /// is the peer making our directory again for our changes beneath it: our name for it.
     pub fn translate_new(&mut self, path: &[u8], seen: u64) -> Option<Vec<u8>> {
         self.advance(seen);
+        self.note_peer_remade(path, seen);
         if let Some((ours, removal)) = self.ghosts.get(path) {
             if seen > *removal {
                 return Some(ours.clone());
@@ -830,7 +838,10 @@ impl Reconciler {
     /// removal was of the old file, which is gone here already: `Skip`.
     pub fn peer_unlink(&mut self, path: &[u8], seen: u64) -> (Vec<u8>, Decision) {
         self.advance(seen);
-        if self.removed_concurrently(path, seen) && !self.renamed_away_before_removal(path) {
+        if self.removed_concurrently(path, seen)
+            && !self.renamed_away_before_removal(path)
+            && !self.peer_remade.contains(path)
+        {
             let skip = Decision::Skip {
                 rewrite: false,
                 first: false,
@@ -974,6 +985,22 @@ impl Reconciler {
                 && (moved_path(path, &m.from, &m.to).is_some()
                     || (m.exchange && moved_path(path, &m.to, &m.from).is_some()))
         })
+    }
+
+    /// The peer makes `path` (its name): if we removed it concurrently and have not made it
+    /// again ourselves (a file, [`Local::Made`], or an unseen mkdir), the peer's entry will be
+    /// there ([`Reconciler::peer_remade`]).
+    fn note_peer_remade(&mut self, path: &[u8], seen: u64) {
+        let o = (self.hash)(path);
+        if self.removed_concurrently(path, seen)
+            && !self.reused.contains_key(&o)
+            && !self.dirs_made.contains_key(path)
+        {
+            self.peer_remade.insert(path.to_vec());
+            while self.peer_remade.len() > self.cfg.entries_max {
+                self.peer_remade.pop_first();
+            }
+        }
     }
 
     /// We removed `path` after the peer's record that considered ours through `seen`.
@@ -1172,6 +1199,10 @@ impl Reconciler {
             self.meta.remove(&(o, a));
         }
         self.forget_reuses(seen);
+        if !self.peer_remade.is_empty() {
+            let (hash, removed) = (self.hash, &self.removed);
+            self.peer_remade.retain(|p| removed.contains_key(&hash(p)));
+        }
     }
 
     /// The peer considered ours through `seen`: our makings it saw are no reuse to it any more,
@@ -3831,6 +3862,47 @@ mod names {
                     ("d.conflict", Some("")),
                     ("d/x", Some("changed")),
                 ],
+                true,
+            );
+        }
+    }
+
+    /// A name made and removed again at one site (`mkdir b`, `rmdir b`; `a` → `b`, `create a`,
+    /// `unlink a`) while the other site gives it an entry and then removes that entry (its
+    /// file moved aside for our directory; an unlink): the later removal is of the entry we
+    /// applied from the peer, not of ours, so it applies. Seed 9,939 and the variant found by
+    /// `a_name_renamed_away_then_made_and_removed_again_still_names_the_renamed_entry`.
+    #[test]
+    fn a_peer_removal_of_its_entry_of_a_name_we_removed_applies() {
+        let base = [("a", Some("a0")), ("d", None), ("d/x", Some("x0"))];
+        for first in [1, 2] {
+            let split = |one: Vec<R>, other: Vec<R>| {
+                if first == 1 {
+                    (one, other)
+                } else {
+                    (other, one)
+                }
+            };
+            let (at1, at2) = split(
+                vec![R::Mkdir("b"), R::Rmdir("b")],
+                vec![R::Rename("a", "b")],
+            );
+            check(
+                &base,
+                &at1,
+                &at2,
+                &[("b.conflict", Some("a0")), ("d", None), ("d/x", Some("x0"))],
+                true,
+            );
+            let (at1, at2) = split(
+                vec![R::Rename("a", "b"), R::Create("a"), R::Unlink("a")],
+                vec![R::Unlink("a")],
+            );
+            check(
+                &base,
+                &at1,
+                &at2,
+                &[("b", Some("a0")), ("d", None), ("d/x", Some("x0"))],
                 true,
             );
         }
