@@ -140,7 +140,10 @@ pub enum Local {
     /// of it lands in it, as when both sites make one directory).
     Made(Vec<u8>),
     /// A directory made (mkdir): the peer's directory given the same name during the split
-    /// clashes with it ([`Reconciler::peer_dir_clash`]).
+    /// clashes with it ([`Reconciler::peer_dir_clash`]). After our removal of the name, the
+    /// peer's data records and metadata changes of the name itself journaled before it had
+    /// seen the mkdir are the old entry's (a file's, or its give-back): a reuse to them
+    /// ([`Reconciler::reused_since`]), not to the names beneath it.
     MadeDir(Vec<u8>),
 }
 
