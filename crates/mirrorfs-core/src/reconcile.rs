@@ -1622,8 +1622,7 @@ pub enum EntryClash {
     Ours { first: bool },
     /// We are the higher id: our entry goes to a conflict copy (journaled, streamed, listed),
     /// is removed as the peer's record (not streamed back: the peer keeps its own entry at
-    /// the name), then the peer's making applies. Our unseen changes of the name are
-    /// forgotten (they went with the copy).
+    /// the name), then [`Reconciler::entry_set_aside`], then the peer's making applies.
     Theirs,
 }
 
@@ -1725,12 +1724,17 @@ impl Reconciler {
             }
             return EntryClash::Ours { first };
         }
-        // Ours goes aside: what we changed of it goes with the copy.
-        self.take_entry(o);
-        if let Some(seq) = self.names_made.remove(ours) {
-            self.names_made_by_seq.remove(&(seq, ours.to_vec()));
-        }
         EntryClash::Theirs
+    }
+
+    /// Our entry at `path` went to its conflict copy for the peer's ([`EntryClash::Theirs`]):
+    /// what we changed of it went with the copy (the peer's records for the name are not
+    /// concurrent with it), and the name is the peer's now.
+    pub fn entry_set_aside(&mut self, path: &[u8]) {
+        self.take_entry((self.hash)(path));
+        if let Some(seq) = self.names_made.remove(path) {
+            self.names_made_by_seq.remove(&(seq, path.to_vec()));
+        }
     }
 }
 
@@ -2645,6 +2649,7 @@ mod names {
                     let copy = self.copy_name(q.as_bytes());
                     self.local(R::Whole(copy, mine.to_string()));
                     self.tree.remove(q.as_bytes());
+                    self.r.entry_set_aside(q.as_bytes());
                 }
             }
         }
@@ -2679,6 +2684,7 @@ mod names {
                     let copy = self.copy_name(&to);
                     self.local(R::Whole(copy, mine));
                     self.tree.remove(&to);
+                    self.r.entry_set_aside(&to);
                     false
                 }
                 EntryClash::Ours { first } => {
