@@ -2695,3 +2695,64 @@ fn a_netsplit_during_which_a_symlink_and_another_entry_are_given_one_name() {
         },
     );
 }
+
+/// A netsplit during which one site removes a file and renames a directory onto its name,
+/// while the other changes the old file (`docs/protocol.md`, the row "a name reused at one
+/// site"), each way round (`notes.txt` reused at site 1, `todo.txt` at site 2): the directory
+/// keeps the name at both sites, with what it held; the old file, with the change, is in
+/// `NAME.conflict-site<CHANGER>-…` at both, listed at both.
+#[test]
+fn a_netsplit_during_which_a_directory_is_renamed_onto_a_removed_files_name() {
+    let pair = Pair::netsplit("netsplit-dir-reuse");
+    pair.wait_linked(true);
+    write_file(&pair.a, "notes.txt", b"notes before the split\n");
+    write_file(&pair.a, "todo.txt", b"todo before the split\n");
+    for d in ["d", "g"] {
+        fs::create_dir(pair.a.p(d)).expect("mkdir");
+    }
+    write_file(&pair.a, "d/x.txt", b"x in d\n");
+    write_file(&pair.a, "g/z.txt", b"z in g\n");
+    pair.wait_equal();
+    pair.cut();
+    pair.wait_linked(false);
+    let changed_notes = b"the old notes.txt changed at site 2\n".to_vec();
+    let changed_todo = b"the old todo.txt changed at site 1\n".to_vec();
+    fs::remove_file(pair.a.p("notes.txt")).expect("unlink at a");
+    fs::rename(pair.a.p("d"), pair.a.p("notes.txt")).expect("rename d at a");
+    write_file(&pair.b, "notes.txt", &changed_notes);
+    fs::remove_file(pair.b.p("todo.txt")).expect("unlink at b");
+    fs::rename(pair.b.p("g"), pair.b.p("todo.txt")).expect("rename g at b");
+    write_file(&pair.a, "todo.txt", &changed_todo);
+    pair.heal_and_settle();
+    pair.wait_shown("notes.txt/x.txt", b"x in d\n");
+    pair.wait_shown("todo.txt/z.txt", b"z in g\n");
+    for (name, changer, changed) in [
+        ("notes.txt", "site2", &changed_notes),
+        ("todo.txt", "site1", &changed_todo),
+    ] {
+        let copies = names_starting(pair.a.backing(), &format!("{name}.conflict-{changer}-"));
+        assert_eq!(
+            copies.len(),
+            1,
+            "{name}: one copy: {copies:?}\nsite a:\n{}\nsite b:\n{}",
+            pair.a.log(),
+            pair.b.log()
+        );
+        pair.wait_shown(&copies[0], changed);
+        for m in [&pair.a, &pair.b] {
+            let listed: Vec<_> = conflicts_json(m)
+                .into_iter()
+                .filter(|e| e["path"] == name && e["copy"] == copies[0].as_str())
+                .collect();
+            assert_eq!(listed.len(), 1, "{name}: {listed:#?}\n{}", m.log());
+        }
+    }
+    pair.wait_view(
+        "the renamed directories' old names are gone at both sites",
+        || {
+            ["d", "g"]
+                .iter()
+                .all(|n| !pair.a.p(n).exists() && !pair.b.p(n).exists())
+        },
+    );
+}
