@@ -3609,6 +3609,72 @@ mod names {
         );
     }
 
+    /// [`Reconciler::peer_entry_clash`]'s bookkeeping: a name we gave an entry during the
+    /// split clashes with the peer's making of it until the peer has seen ours; the lower id
+    /// lists it once and skips the peer's records of its own entry; the higher id, once its
+    /// entry went aside, has no claim on the name; a rename moves the claim, a removal drops
+    /// it; the journal's replay after a restart rebuilds it.
+    #[test]
+    fn an_entry_given_a_name_clashes_until_the_peer_has_seen_it() {
+        let journal = [
+            (5, Local::Made(b("n"))),
+            (
+                6,
+                Local::Rename {
+                    from: b("s"),
+                    to: b("m"),
+                    exchange: false,
+                },
+            ),
+            (7, Local::Made(b("k"))),
+            (8, Local::Removed(b("k"))),
+        ];
+        let mut low = site(1, 2);
+        for (seq, c) in &journal {
+            low.local_change(*seq, c);
+        }
+        assert_eq!(
+            low.peer_entry_clash(b"n", 4),
+            EntryClash::Ours { first: true }
+        );
+        assert_eq!(
+            low.peer_entry_clash(b"n", 4),
+            EntryClash::Ours { first: false }
+        );
+        // The peer's records of its own `n`, journaled before it saw ours, are skipped.
+        assert!(matches!(
+            low.peer_data(b"n", 4),
+            (_, Decision::Skip { rewrite: false, .. })
+        ));
+        assert_eq!(
+            low.peer_entry_clash(b"m", 4),
+            EntryClash::Ours { first: true }
+        );
+        assert_eq!(low.peer_entry_clash(b"s", 4), EntryClash::Apart);
+        assert_eq!(low.peer_entry_clash(b"k", 4), EntryClash::Apart);
+        assert_eq!(low.peer_entry_clash(b"n", 5), EntryClash::Apart, "seen");
+        assert_eq!(
+            low.peer_entry_clash(b"m", 5),
+            EntryClash::Ours { first: false }
+        );
+        assert_eq!(low.peer_entry_clash(b"m", 6), EntryClash::Apart, "seen");
+        let mut high = site(2, 1);
+        for (seq, c) in &journal {
+            high.local_change(*seq, c);
+        }
+        assert_eq!(high.peer_entry_clash(b"n", 4), EntryClash::Theirs);
+        high.entry_set_aside(b"n");
+        assert_eq!(high.peer_entry_clash(b"n", 4), EntryClash::Apart);
+        assert_eq!(high.peer_entry_clash(b"m", 4), EntryClash::Theirs);
+        // A restart: the replay of the journal after the watermark gives the same decisions.
+        let mut again = Reconciler::new(Config::new(2, 1), 0);
+        for (seq, c) in &journal {
+            again.local_change(*seq, c);
+        }
+        assert_eq!(again.peer_entry_clash(b"n", 4), EntryClash::Theirs);
+        assert_eq!(again.peer_entry_clash(b"k", 4), EntryClash::Apart);
+    }
+
     /// A tree as `check` expects it.
     type Tree = Vec<(&'static str, Option<&'static str>)>;
 
