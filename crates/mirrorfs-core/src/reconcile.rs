@@ -1717,7 +1717,7 @@ impl Reconciler {
         if self.cfg.wins() {
             // The peer's records of its own entry under the name, journaled before it saw
             // ours, are not applied to ours (listed once, here).
-            let first = !self.reused.get(&o).is_some_and(|&(c, _)| c == made);
+            let first = self.reused.get(&o).is_none_or(|&(c, _)| c != made);
             self.reused.insert(o, (made, true));
             while self.reused.len() > self.cfg.entries_max {
                 self.reused.pop_first();
