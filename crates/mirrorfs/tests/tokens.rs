@@ -2971,3 +2971,153 @@ fn edit_one_file_through_two_hard_links(tag: &str, restart: bool) {
         assert_eq!(fs::read(m.p("b.txt")).expect("b.txt"), text_a);
     }
 }
+
+/// A netsplit during which both sites give one new name an entry and at least one of the two
+/// is a symlink (`docs/protocol.md`, the row "two different regular files given one new
+/// name"): made with `ln -s` at one site against a file created (and written) at the other,
+/// each way round; two symlinks with different targets; a symlink renamed onto the name
+/// against a file created there, each way round. Site 1's entry (the lower id) stays at the
+/// name at both sites, site 2's goes to `NAME.conflict-site2-…` (a symlink with its target, a
+/// file with its content), listed at both; the renamed symlink's old name is gone at both.
+#[test]
+fn a_netsplit_during_which_a_symlink_and_another_entry_are_given_one_name() {
+    use std::os::unix::fs::symlink;
+    let pair = Pair::netsplit("netsplit-symlink-name");
+    pair.wait_linked(true);
+    symlink("before/s1", pair.a.p("s1")).expect("symlink s1");
+    symlink("before/s2", pair.a.p("s2")).expect("symlink s2");
+    pair.wait_equal();
+    pair.cut();
+    pair.wait_linked(false);
+    let file_b1 = b"n1: a file made at site 2\n".to_vec();
+    let file_a2 = b"n2: a file made at site 1\n".to_vec();
+    let file_b4 = b"n4: a file made at site 2\n".to_vec();
+    let file_a5 = b"n5: a file made at site 1\n".to_vec();
+    symlink("site1/n1", pair.a.p("n1")).expect("symlink n1 at a");
+    write_file(&pair.b, "n1", &file_b1);
+    write_file(&pair.a, "n2", &file_a2);
+    symlink("site2/n2", pair.b.p("n2")).expect("symlink n2 at b");
+    symlink("site1/n3", pair.a.p("n3")).expect("symlink n3 at a");
+    symlink("site2/n3", pair.b.p("n3")).expect("symlink n3 at b");
+    fs::rename(pair.a.p("s1"), pair.a.p("n4")).expect("rename s1 at a");
+    write_file(&pair.b, "n4", &file_b4);
+    write_file(&pair.a, "n5", &file_a5);
+    fs::rename(pair.b.p("s2"), pair.b.p("n5")).expect("rename s2 at b");
+    pair.heal_and_settle();
+    enum Is<'a> {
+        Link(&'a str),
+        File(&'a [u8]),
+    }
+    let shows = |m: &Mount, rel: &str, want: &Is| match want {
+        Is::Link(t) => fs::read_link(m.p(rel)).is_ok_and(|l| l == Path::new(t)),
+        Is::File(b) => {
+            fs::symlink_metadata(m.p(rel)).is_ok_and(|md| md.is_file())
+                && fs::read(m.p(rel)).is_ok_and(|c| c == *b)
+        }
+    };
+    let cases = [
+        ("n1", Is::Link("site1/n1"), Is::File(&file_b1)),
+        ("n2", Is::File(&file_a2), Is::Link("site2/n2")),
+        ("n3", Is::Link("site1/n3"), Is::Link("site2/n3")),
+        ("n4", Is::Link("before/s1"), Is::File(&file_b4)),
+        ("n5", Is::File(&file_a5), Is::Link("before/s2")),
+    ];
+    for (name, kept, aside) in &cases {
+        let copies = names_starting(pair.a.backing(), &format!("{name}.conflict-site2-"));
+        assert_eq!(
+            copies.len(),
+            1,
+            "{name}: one copy: {copies:?}\nsite a:\n{}\nsite b:\n{}",
+            pair.a.log(),
+            pair.b.log()
+        );
+        pair.wait_view(
+            &format!(
+                "{name}: site 1's entry at the name, site 2's in {}",
+                copies[0]
+            ),
+            || {
+                [&pair.a, &pair.b]
+                    .iter()
+                    .all(|m| shows(m, name, kept) && shows(m, &copies[0], aside))
+            },
+        );
+        for m in [&pair.a, &pair.b] {
+            let listed: Vec<_> = conflicts_json(m)
+                .into_iter()
+                .filter(|e| e["path"] == *name && e["copy"] == copies[0].as_str())
+                .collect();
+            assert_eq!(listed.len(), 1, "{name}: {listed:#?}\n{}", m.log());
+        }
+    }
+    pair.wait_view(
+        "the renamed symlinks' old names are gone at both sites",
+        || {
+            ["s1", "s2"].iter().all(|n| {
+                fs::symlink_metadata(pair.a.p(n)).is_err()
+                    && fs::symlink_metadata(pair.b.p(n)).is_err()
+            })
+        },
+    );
+}
+
+/// A netsplit during which one site removes a file and renames a directory onto its name,
+/// while the other changes the old file (`docs/protocol.md`, the row "a name reused at one
+/// site"), each way round (`notes.txt` reused at site 1, `todo.txt` at site 2): the directory
+/// keeps the name at both sites, with what it held; the old file, with the change, is in
+/// `NAME.conflict-site<CHANGER>-…` at both, listed at both.
+#[test]
+fn a_netsplit_during_which_a_directory_is_renamed_onto_a_removed_files_name() {
+    let pair = Pair::netsplit("netsplit-dir-reuse");
+    pair.wait_linked(true);
+    write_file(&pair.a, "notes.txt", b"notes before the split\n");
+    write_file(&pair.a, "todo.txt", b"todo before the split\n");
+    for d in ["d", "g"] {
+        fs::create_dir(pair.a.p(d)).expect("mkdir");
+    }
+    write_file(&pair.a, "d/x.txt", b"x in d\n");
+    write_file(&pair.a, "g/z.txt", b"z in g\n");
+    pair.wait_equal();
+    pair.cut();
+    pair.wait_linked(false);
+    let changed_notes = b"the old notes.txt changed at site 2\n".to_vec();
+    let changed_todo = b"the old todo.txt changed at site 1\n".to_vec();
+    fs::remove_file(pair.a.p("notes.txt")).expect("unlink at a");
+    fs::rename(pair.a.p("d"), pair.a.p("notes.txt")).expect("rename d at a");
+    write_file(&pair.b, "notes.txt", &changed_notes);
+    fs::remove_file(pair.b.p("todo.txt")).expect("unlink at b");
+    fs::rename(pair.b.p("g"), pair.b.p("todo.txt")).expect("rename g at b");
+    write_file(&pair.a, "todo.txt", &changed_todo);
+    pair.heal_and_settle();
+    pair.wait_shown("notes.txt/x.txt", b"x in d\n");
+    pair.wait_shown("todo.txt/z.txt", b"z in g\n");
+    for (name, changer, changed) in [
+        ("notes.txt", "site2", &changed_notes),
+        ("todo.txt", "site1", &changed_todo),
+    ] {
+        let copies = names_starting(pair.a.backing(), &format!("{name}.conflict-{changer}-"));
+        assert_eq!(
+            copies.len(),
+            1,
+            "{name}: one copy: {copies:?}\nsite a:\n{}\nsite b:\n{}",
+            pair.a.log(),
+            pair.b.log()
+        );
+        pair.wait_shown(&copies[0], changed);
+        for m in [&pair.a, &pair.b] {
+            let listed: Vec<_> = conflicts_json(m)
+                .into_iter()
+                .filter(|e| e["path"] == name && e["copy"] == copies[0].as_str())
+                .collect();
+            assert_eq!(listed.len(), 1, "{name}: {listed:#?}\n{}", m.log());
+        }
+    }
+    pair.wait_view(
+        "the renamed directories' old names are gone at both sites",
+        || {
+            ["d", "g"]
+                .iter()
+                .all(|n| !pair.a.p(n).exists() && !pair.b.p(n).exists())
+        },
+    );
+}

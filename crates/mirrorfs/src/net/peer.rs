@@ -34,7 +34,7 @@ use mirrorfs_core::link::{Begin, LinkError, MirrorCopy, Positions};
 use mirrorfs_core::op::{Op, Record};
 use mirrorfs_core::path::RelPath;
 use mirrorfs_core::reconcile::{
-    clash_moves_ours_aside, meta_key, renamed_path, Decision, DirClash, RenameDecision,
+    clash_moves_ours_aside, meta_key, renamed_path, Decision, DirClash, EntryClash, RenameDecision,
 };
 use mirrorfs_core::session::{Incoming, OnDiverged, Session};
 use mirrorfs_core::tree::apply_op;
@@ -45,10 +45,10 @@ use crate::net::identity::Identity;
 use crate::site::peer::{
     tree_is_empty, CopyFile, CopyStatus, PeerOrigins, PeerPosition, ReceiveStatus,
 };
-use crate::site::reconcile::SiteReconcile;
+use crate::site::reconcile::{entries_clash, entry_of, SiteReconcile};
 use crate::site::tokens::TokenGate;
 use crate::site::volume::{lock, Volume};
-use crate::tree::dirtree::DirTree;
+use crate::tree::dirtree::{DirTree, Root};
 use mirrorfs_core::pair::{self, PairStart, TreeNote};
 
 /// What a pair runs with besides the stream: write tokens (`--write-tokens`) and the
@@ -823,6 +823,15 @@ impl PeerReceiver {
             }
             res = self.apply_one(&op, &used, seen);
         }
+        if let (Err(Held::Aside), Some(rc), Op::Rename { to, .. }) = (res, &self.reconcile, &used) {
+            // Ours at the name is a symlink or special file (or the peer's is), and the peer's
+            // stays: ours goes aside first, then the rename applies.
+            res = if self.entry_aside(rc, to)? {
+                self.apply_one(&op, &used, seen)
+            } else {
+                Err(Held::Errno(libc::EEXIST))
+            };
+        }
         if let (Err(Held::Displaced), Op::Rename { from, .. }) = (res, &used) {
             // The winner keeps its file at the name: the peer's source goes here too (its
             // content comes back as the peer's conflict copy). Journaled having considered
@@ -891,7 +900,7 @@ impl PeerReceiver {
                 }
                 Ok(())
             }
-            Err(Held::Skip) | Err(Held::Copy) | Err(Held::Displaced) => Ok(()),
+            Err(Held::Skip) | Err(Held::Copy) | Err(Held::Displaced) | Err(Held::Aside) => Ok(()),
             // Not carried out (`dir_clash` answers every clash): as existing.
             Err(Held::Clash(_)) => Err(libc::EEXIST),
             Err(Held::Errno(e)) => Err(e),
@@ -959,6 +968,9 @@ impl PeerReceiver {
         ) = (op, errno)
         {
             if self.reuse_aside(rc, path, seen)? {
+                return Ok(true);
+            }
+            if self.entry_clash(rc, op, path, seen)? {
                 return Ok(true);
             }
         }
@@ -1302,6 +1314,124 @@ impl PeerReceiver {
         }
     }
 
+    /// The peer made `path` (a create, mknod, symlink or link) where we have another entry,
+    /// one of the two a symlink or special file ([`entries_clash`]), that we gave the name
+    /// during the split (`core::reconcile::EntryClash`): the lower id's stays. Ours stays: the
+    /// making is not applied (it failed as existing), listed when the peer's copy arrives.
+    /// Ours goes: [`PeerReceiver::entry_aside`], then the making applies again (`true`).
+    fn entry_clash(&self, rc: &SiteReconcile, op: &Op, path: &RelPath, seen: u64) -> Result<bool> {
+        let Some(ours) = entry_of(&self.backing, path) else {
+            return Ok(false);
+        };
+        let theirs = match op {
+            Op::Create { .. } => (libc::S_IFREG, None),
+            Op::Symlink { target, .. } => (libc::S_IFLNK, Some(target.clone())),
+            Op::Mknod { mode, .. } => (mode & libc::S_IFMT, None),
+            Op::Link { from, .. } => match entry_of(&self.backing, from) {
+                Some(e) => e,
+                None => return Ok(false),
+            },
+            _ => return Ok(false),
+        };
+        if !entries_clash(&ours, &theirs) {
+            return Ok(false);
+        }
+        let decision = {
+            let _order = lock(&self.vol.order);
+            rc.decide_entry_clash(path.as_bytes(), seen)
+        };
+        match decision {
+            EntryClash::Apart => Ok(false),
+            EntryClash::Ours { first } => {
+                rc.skipped(path.as_bytes(), first);
+                Ok(false)
+            }
+            EntryClash::Theirs => self.entry_aside(rc, path),
+        }
+    }
+
+    /// A peer rename (`op`, our names) onto a name where we have another entry, one of the
+    /// two a symlink or special file, that we gave the name during the split (called under
+    /// the order lock): `None`, no such clash; ours stays (`Displaced`: the rename is not
+    /// applied and its source goes, the peer's copy brings it; or `Skip`, the source kept and
+    /// given back, as we changed it); ours goes aside first (`Aside`).
+    fn rename_entry_clash(&self, rc: &SiteReconcile, op: &Op, seen: u64) -> Option<Held> {
+        let Op::Rename {
+            from, to, flags, ..
+        } = op
+        else {
+            return None;
+        };
+        if flags & RENAME_EXCHANGE != 0 || from == to {
+            return None;
+        }
+        let ours = entry_of(&self.backing, to)?;
+        let theirs = entry_of(&self.backing, from)?;
+        if !entries_clash(&ours, &theirs) {
+            return None;
+        }
+        match rc.decide_entry_clash(to.as_bytes(), seen) {
+            EntryClash::Apart => None,
+            EntryClash::Theirs => Some(Held::Aside),
+            EntryClash::Ours { first } => {
+                rc.skipped(to.as_bytes(), first);
+                match rc.decide_onto_dir(from.as_bytes(), seen) {
+                    Decision::Restore { first } => {
+                        if first {
+                            rc.list_removed(from.as_bytes());
+                        }
+                        lock(&self.rewrites).push((from.clone(), true));
+                        Some(Held::Skip)
+                    }
+                    _ => Some(Held::Displaced),
+                }
+            }
+        }
+    }
+
+    /// Our entry at `path` goes for the peer's of its name ([`EntryClash::Theirs`]): a
+    /// conflict copy (a file with its content, a symlink with its target, a node with its
+    /// type: journaled, streamed, listed), then its removal as the peer's record (not
+    /// streamed back: the peer keeps its entry at the name). `true`: done, the peer's making
+    /// can apply.
+    fn entry_aside(&self, rc: &SiteReconcile, path: &RelPath) -> Result<bool> {
+        if rc
+            .entry_aside(&self.vol, &self.backing, path)
+            .context("the conflict copy of an entry the peer gave the same name")?
+            .is_none()
+        {
+            return Ok(false);
+        }
+        {
+            let _order = lock(&self.vol.order);
+            rc.entry_set_aside(path.as_bytes());
+        }
+        lock(&self.rewrites).retain(|(p, _)| p != path);
+        let nlink = Root::open(&self.backing)
+            .ok()
+            .and_then(|r| r.lstat(path).ok())
+            .map_or(1, |st| st.st_nlink as u32);
+        let mut tree = DirTree::open(&self.backing).context("cannot open the backing tree")?;
+        let op = Op::Unlink {
+            path: path.clone(),
+            nlink,
+        };
+        let origins = &self.origins;
+        self.vol
+            .mutate_beneath_unsettled(op.clone(), |seq| {
+                origins.note(seq)?;
+                apply_op(&mut tree, &op, false)
+                    .map_err(|e| std::io::Error::from_raw_os_error(tree_errno(&e)))
+            })
+            .map_err(|e| {
+                anyhow!(
+                    "cannot remove our entry for the name the peer gave its own: {}",
+                    std::io::Error::from_raw_os_error(e)
+                )
+            })?;
+        Ok(true)
+    }
+
     /// The source of a peer rename that is not applied here because the name it goes to stays
     /// ours (a directory, or our file in a conflict): removed through the volume (journaled),
     /// as the peer, which moved or copied its file aside, no longer has it.
@@ -1355,6 +1485,9 @@ impl PeerReceiver {
                 let decision = match orig {
                     Op::Unlink { path, .. } => rc.decide_unlink(path.as_bytes(), seen).1,
                     Op::Rename { from, to, .. } => {
+                        if let Some(h) = self.rename_entry_clash(rc, op, seen) {
+                            return skip(&held, h);
+                        }
                         match rc.decide_rename(from.as_bytes(), to.as_bytes(), seen) {
                             RenameDecision::Apply {
                                 from, clash, aside, ..
@@ -1586,6 +1719,9 @@ enum Held {
     Copy,
     /// A peer rename onto a name whose file stays ours: not applied, its source removed.
     Displaced,
+    /// A peer rename onto a name where our entry (or the peer's) is a symlink or special
+    /// file, and the peer's stays: ours goes aside first (`PeerReceiver::entry_aside`).
+    Aside,
     /// The change failed here (or the volume refused it).
     Errno(i32),
     /// A local rename changed our name for the record's since it was translated: again.

@@ -29,8 +29,8 @@ use anyhow::{Context, Result};
 use mirrorfs_core::op::Op;
 use mirrorfs_core::path::RelPath;
 use mirrorfs_core::reconcile::{
-    renamed_path, ChangePoints, Config, Decision, DirClash, Local, PeerPoints, Reconciler,
-    RenameDecision,
+    renamed_path, ChangePoints, Config, Decision, DirClash, EntryClash, Local, PeerPoints,
+    Reconciler, RenameDecision,
 };
 use mirrorfs_core::tree::apply_op;
 
@@ -186,6 +186,20 @@ impl SiteReconcile {
     /// name are for its directory (`Reconciler::yielded`).
     pub fn yielded(&self, name: &[u8]) {
         lock(&self.machine).yielded(name);
+    }
+
+    /// The peer makes `path` (our name) where we have another entry, not a directory, the two
+    /// not both regular files nor one symlink target ([`entries_clash`]): did we give it the
+    /// name concurrently, and whose stays (`Reconciler::peer_entry_clash`; under the order
+    /// lock)?
+    pub fn decide_entry_clash(&self, path: &[u8], seen: u64) -> EntryClash {
+        lock(&self.machine).peer_entry_clash(path, seen)
+    }
+
+    /// Our entry at `path` went to its conflict copy for the peer's
+    /// (`Reconciler::entry_set_aside`; under the order lock).
+    pub fn entry_set_aside(&self, path: &[u8]) {
+        lock(&self.machine).entry_set_aside(path);
     }
 
     /// The decision for a peer metadata change (our name; under the order lock).
@@ -800,6 +814,21 @@ impl SiteReconcile {
         Ok(Some(copy))
     }
 
+    /// [`SiteReconcile::copy_aside`] or [`SiteReconcile::special_aside`], whichever `path`
+    /// is (a conflict copy under a new name, journaled, streamed, listed). `None`: nothing to
+    /// copy (a directory, or gone).
+    pub fn entry_aside(
+        &self,
+        vol: &Volume,
+        backing: &Path,
+        path: &RelPath,
+    ) -> Result<Option<RelPath>> {
+        match self.copy_aside(vol, backing, path)? {
+            Some(copy) => Ok(Some(copy)),
+            None => self.special_aside(vol, backing, path),
+        }
+    }
+
     fn beneath(&self, vol: &Volume, backing: &Path, op: Op) -> Result<()> {
         let mut tree =
             DirTree::open(backing).with_context(|| format!("cannot open {}", backing.display()))?;
@@ -910,6 +939,28 @@ fn now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// What is at `path` beneath `backing` (not following a symlink): its type (`S_IFMT` bits)
+/// and, for a symlink, its target. `None`: nothing (or unreadable).
+pub fn entry_of(backing: &Path, path: &RelPath) -> Option<(u32, Option<Vec<u8>>)> {
+    let root = Root::open(backing).ok()?;
+    let kind = root.lstat(path).ok()?.st_mode & libc::S_IFMT;
+    let target = if kind == libc::S_IFLNK {
+        Some(root.readlink(path).ok()?)
+    } else {
+        None
+    };
+    Some((kind, target))
+}
+
+/// Two entries given one name at both sites that the rule of
+/// `core::reconcile::EntryClash` settles: neither a directory (the directory rows), not both
+/// regular files (the data rows), and not two symlinks to one target (one entry).
+pub fn entries_clash(ours: &(u32, Option<Vec<u8>>), theirs: &(u32, Option<Vec<u8>>)) -> bool {
+    let dir = |e: &(u32, Option<Vec<u8>>)| e.0 == libc::S_IFDIR;
+    let reg = |e: &(u32, Option<Vec<u8>>)| e.0 == libc::S_IFREG;
+    !(dir(ours) || dir(theirs) || (reg(ours) && reg(theirs)) || ours == theirs)
 }
 
 /// The backing tree's root, for a change the reconciliation makes beneath it.
