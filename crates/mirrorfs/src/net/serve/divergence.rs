@@ -11,11 +11,13 @@ use anyhow::{Context, Result};
 use mirrorfs_core::history::Comparison;
 use mirrorfs_core::journal::Reader;
 use mirrorfs_core::op::Op;
+use mirrorfs_core::path::RelPath;
 
 use crate::site::meta::{write_meta, CopyState};
 use crate::site::state_dir::StateDir;
 use crate::site::store::FileStore;
 use crate::site::volume::lock;
+use crate::tree::dirtree::Root;
 
 use super::Daemon;
 
@@ -111,9 +113,8 @@ impl Daemon {
             Some(names) => {
                 for n in names {
                     let rel = Path::new(n);
-                    let from = self.dir.join(rel);
-                    if fs::symlink_metadata(&from).is_ok() {
-                        saved += save_copy(&from, &dest.join(rel))?;
+                    if reached_beneath(&self.dir, n.as_bytes()) {
+                        saved += save_copy(&self.dir.join(rel), &dest.join(rel))?;
                     }
                 }
             }
@@ -152,6 +153,18 @@ impl Daemon {
     }
 }
 
+/// Whether the changed name `rel` (from the journal) is an entry beneath `dir` reached without
+/// following a symlink on the way (`Root::lstat`). A name whose directory has since become a
+/// symlink — a user of the copy's mount can replace a directory by a link to anywhere — is not
+/// saved: the daemon runs as root and must not copy what lies outside its volume (`/etc/shadow`
+/// through `d` → `/etc`) into the state directory.
+fn reached_beneath(dir: &Path, rel: &[u8]) -> bool {
+    let Ok(rel) = RelPath::new(rel.to_vec()) else {
+        return false;
+    };
+    Root::open(dir).is_ok_and(|root| root.lstat(&rel).is_ok())
+}
+
 /// Copies `from` (a file, symlink or directory tree, never following symlinks) to `to`, for
 /// the saved changes of `--discard-diverged`; returns the number of entries copied.
 fn save_copy(from: &Path, to: &Path) -> Result<usize> {
@@ -177,5 +190,32 @@ fn save_copy(from: &Path, to: &Path) -> Result<usize> {
         Ok(1)
     } else {
         Ok(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A name the journal says changed, whose directory is now a symlink out of the volume,
+    /// is not saved at a discard (the old check, `symlink_metadata` of the joined path,
+    /// followed the link and copied the outside file).
+    #[test]
+    fn a_changed_name_behind_a_symlinked_directory_is_not_saved() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let (vol, outside) = (t.path().join("vol"), t.path().join("outside"));
+        fs::create_dir_all(vol.join("d")).expect("mkdir d");
+        fs::create_dir_all(&outside).expect("mkdir outside");
+        fs::write(vol.join("d/kept"), b"ours").expect("write d/kept");
+        fs::write(outside.join("secret"), b"not ours").expect("write secret");
+        std::os::unix::fs::symlink(&outside, vol.join("e")).expect("symlink e");
+        // What the old check said of `e/secret`: there, so it was copied.
+        assert!(fs::symlink_metadata(vol.join("e/secret")).is_ok());
+        assert!(!reached_beneath(&vol, b"e/secret"));
+        assert!(reached_beneath(&vol, b"d/kept"));
+        // The link itself is an entry of the volume: saved as a link, not followed.
+        assert!(reached_beneath(&vol, b"e"));
+        assert!(!reached_beneath(&vol, b"../outside/secret"));
+        assert!(!reached_beneath(&vol, b"d/missing"));
     }
 }
