@@ -536,12 +536,7 @@ impl PeerReceiver {
             let op = if is_dir {
                 Op::Rmdir { path }
             } else {
-                let nlink =
-                    std::fs::symlink_metadata(self.backing.join(std::ffi::OsStr::from_bytes(&p)))
-                        .map_or(1, |m| {
-                            use std::os::unix::fs::MetadataExt;
-                            m.nlink() as u32
-                        });
+                let nlink = nlink_beneath(&self.backing, &p);
                 Op::Unlink { path, nlink }
             };
             self.apply_copied(&op, false)?;
@@ -999,13 +994,8 @@ impl PeerReceiver {
                 // Both made `to` during the split, a directory here: it stays, and the peer
                 // moves its file aside when our directory reaches it; the source goes here too,
                 // unless we changed it (then it is given back).
-                let is = |p: &RelPath| {
-                    std::fs::symlink_metadata(
-                        self.backing.join(std::ffi::OsStr::from_bytes(p.as_bytes())),
-                    )
-                };
-                let onto_dir = is(to).is_ok_and(|m| m.is_dir());
-                let from_file = is(from).is_ok_and(|m| m.is_file());
+                let onto_dir = is_beneath(&self.backing, to.as_bytes(), libc::S_IFDIR);
+                let from_file = is_beneath(&self.backing, from.as_bytes(), libc::S_IFREG);
                 if !(onto_dir && from_file) {
                     return Ok(false);
                 }
@@ -1042,13 +1032,9 @@ impl PeerReceiver {
                 // The peer renamed a directory onto a name we gave a file (or symlink, or
                 // special file) during the split: the directory stays; ours goes aside (a
                 // conflict copy, listed), then the rename applies again.
-                let is = |p: &RelPath| {
-                    std::fs::symlink_metadata(
-                        self.backing.join(std::ffi::OsStr::from_bytes(p.as_bytes())),
-                    )
-                };
-                let from_dir = is(from).is_ok_and(|m| m.is_dir());
-                let onto_other = is(to).is_ok_and(|m| !m.is_dir());
+                let from_dir = is_beneath(&self.backing, from.as_bytes(), libc::S_IFDIR);
+                let onto_other = stat_beneath(&self.backing, to.as_bytes())
+                    .is_some_and(|st| st.st_mode & libc::S_IFMT != libc::S_IFDIR);
                 if !(from_dir && clash_moves_ours_aside(!onto_other, true)) {
                     return Ok(false);
                 }
@@ -1060,12 +1046,8 @@ impl PeerReceiver {
                 Ok(false)
             }
             (Op::Mkdir { path, .. }, libc::EEXIST) => {
-                let ours_is_dir = std::fs::symlink_metadata(
-                    self.backing
-                        .join(std::ffi::OsStr::from_bytes(path.as_bytes())),
-                )
-                .map(|m| m.is_dir())
-                .unwrap_or(true);
+                let ours_is_dir = stat_beneath(&self.backing, path.as_bytes())
+                    .is_none_or(|st| st.st_mode & libc::S_IFMT == libc::S_IFDIR);
                 if !clash_moves_ours_aside(ours_is_dir, true) {
                     return Ok(false);
                 }
@@ -1078,12 +1060,7 @@ impl PeerReceiver {
             ) => {
                 // A directory here: the peer moves its entry aside when our directory arrives;
                 // the conflict is listed once its copy does.
-                if std::fs::symlink_metadata(
-                    self.backing
-                        .join(std::ffi::OsStr::from_bytes(path.as_bytes())),
-                )
-                .is_ok_and(|m| m.is_dir())
-                {
+                if is_beneath(&self.backing, path.as_bytes(), libc::S_IFDIR) {
                     rc.skipped(path.as_bytes(), true);
                 }
                 Ok(false)
@@ -1099,11 +1076,7 @@ impl PeerReceiver {
     /// peer's record (not streamed back: the peer has no such file) so that the peer's making
     /// applies again (`true`).
     fn reuse_aside(&self, rc: &SiteReconcile, path: &RelPath, seen: u64) -> Result<bool> {
-        let file = std::fs::symlink_metadata(
-            self.backing
-                .join(std::ffi::OsStr::from_bytes(path.as_bytes())),
-        )
-        .is_ok_and(|m| m.is_file());
+        let file = is_beneath(&self.backing, path.as_bytes(), libc::S_IFREG);
         if !file {
             return Ok(false);
         }
@@ -1123,12 +1096,7 @@ impl PeerReceiver {
         }
         rc.reused_aside(path.as_bytes());
         lock(&self.rewrites).retain(|(p, _)| p != path);
-        use std::os::unix::fs::MetadataExt;
-        let nlink = std::fs::symlink_metadata(
-            self.backing
-                .join(std::ffi::OsStr::from_bytes(path.as_bytes())),
-        )
-        .map_or(1, |m| m.nlink() as u32);
+        let nlink = nlink_beneath(&self.backing, path.as_bytes());
         let mut tree = DirTree::open(&self.backing).context("cannot open the backing tree")?;
         let op = Op::Unlink {
             path: path.clone(),
@@ -1171,10 +1139,7 @@ impl PeerReceiver {
         else {
             return None;
         };
-        let is_dir = |p: &RelPath| {
-            std::fs::symlink_metadata(self.backing.join(std::ffi::OsStr::from_bytes(p.as_bytes())))
-                .is_ok_and(|m| m.is_dir())
-        };
+        let is_dir = |p: &RelPath| is_beneath(&self.backing, p.as_bytes(), libc::S_IFDIR);
         if flags & RENAME_EXCHANGE != 0 || from == to || !is_dir(from) || !is_dir(to) {
             return None;
         }
@@ -1198,11 +1163,7 @@ impl PeerReceiver {
             return None;
         };
         let _order = lock(&self.vol.order);
-        let is_dir = std::fs::symlink_metadata(
-            self.backing
-                .join(std::ffi::OsStr::from_bytes(path.as_bytes())),
-        )
-        .is_ok_and(|m| m.is_dir());
+        let is_dir = is_beneath(&self.backing, path.as_bytes(), libc::S_IFDIR);
         if !is_dir {
             return None;
         }
@@ -1407,10 +1368,7 @@ impl PeerReceiver {
             rc.entry_set_aside(path.as_bytes());
         }
         lock(&self.rewrites).retain(|(p, _)| p != path);
-        let nlink = Root::open(&self.backing)
-            .ok()
-            .and_then(|r| r.lstat(path).ok())
-            .map_or(1, |st| st.st_nlink as u32);
+        let nlink = nlink_beneath(&self.backing, path.as_bytes());
         let mut tree = DirTree::open(&self.backing).context("cannot open the backing tree")?;
         let op = Op::Unlink {
             path: path.clone(),
@@ -1436,12 +1394,7 @@ impl PeerReceiver {
     /// ours (a directory, or our file in a conflict): removed through the volume (journaled),
     /// as the peer, which moved or copied its file aside, no longer has it.
     fn remove_source(&self, from: &RelPath) -> Result<()> {
-        use std::os::unix::fs::MetadataExt;
-        let nlink = std::fs::symlink_metadata(
-            self.backing
-                .join(std::ffi::OsStr::from_bytes(from.as_bytes())),
-        )
-        .map_or(1, |m| m.nlink() as u32);
+        let nlink = nlink_beneath(&self.backing, from.as_bytes());
         let mut tree = DirTree::open(&self.backing).context("cannot open the backing tree")?;
         let op = Op::Unlink {
             path: from.clone(),
@@ -1501,10 +1454,7 @@ impl PeerReceiver {
                                 let exchange = matches!(op, Op::Rename { flags, .. }
                                     if flags & RENAME_EXCHANGE != 0);
                                 let from_dir = matches!(op, Op::Rename { from, .. }
-                                    if std::fs::symlink_metadata(self.backing.join(
-                                        std::ffi::OsStr::from_bytes(from.as_bytes()),
-                                    ))
-                                    .is_ok_and(|m| m.is_dir()));
+                                    if is_beneath(&self.backing, from.as_bytes(), libc::S_IFDIR));
                                 if aside && !exchange && !from_dir {
                                     // Another file of ours has the name: aside first (a
                                     // directory renamed onto it: `namespace_fix`, ENOTDIR).
@@ -1528,11 +1478,7 @@ impl PeerReceiver {
                                     return skip(&held, Held::Skip);
                                 };
                                 let file = |p: &RelPath| {
-                                    std::fs::symlink_metadata(
-                                        self.backing
-                                            .join(std::ffi::OsStr::from_bytes(p.as_bytes())),
-                                    )
-                                    .is_ok_and(|m| m.is_file())
+                                    is_beneath(&self.backing, p.as_bytes(), libc::S_IFREG)
                                 };
                                 if !(file(from) && file(to)) || flags & RENAME_EXCHANGE != 0 {
                                     // Directories, symlinks, exchanges: not reconciled;
@@ -1771,8 +1717,26 @@ fn data_rel(op: &Op) -> Option<&RelPath> {
 }
 
 fn local_ino(backing: &Path, rel: &[u8]) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::symlink_metadata(backing.join(std::ffi::OsStr::from_bytes(rel))).map_or(0, |m| m.ino())
+    stat_beneath(backing, rel).map_or(0, |st| st.st_ino)
+}
+
+/// `rel`'s status in the backing tree, resolved beneath its root without following a symlink
+/// on the way or at the end (`Root::lstat`): what the decisions here read of the tree, so that
+/// a symlink a user of the mount made in it never has them read outside it (the changes go
+/// through `DirTree`, confined the same way). `None`: nothing there, or not a path.
+fn stat_beneath(backing: &Path, rel: &[u8]) -> Option<libc::stat> {
+    let rel = RelPath::new(rel.to_vec()).ok()?;
+    Root::open(backing).ok()?.lstat(&rel).ok()
+}
+
+/// Whether `rel` beneath the backing root is of the file type `kind` (`libc::S_IFDIR`, …).
+fn is_beneath(backing: &Path, rel: &[u8], kind: libc::mode_t) -> bool {
+    stat_beneath(backing, rel).is_some_and(|st| st.st_mode & libc::S_IFMT == kind)
+}
+
+/// `rel`'s link count beneath the backing root (1 when it cannot be read), for an `Unlink`.
+fn nlink_beneath(backing: &Path, rel: &[u8]) -> u32 {
+    stat_beneath(backing, rel).map_or(1, |st| st.st_nlink as u32)
 }
 
 /// The peer as `status` names it.
