@@ -1096,25 +1096,7 @@ impl PeerReceiver {
         }
         rc.reused_aside(path.as_bytes());
         lock(&self.rewrites).retain(|(p, _)| p != path);
-        let nlink = nlink_beneath(&self.backing, path.as_bytes());
-        let mut tree = DirTree::open(&self.backing).context("cannot open the backing tree")?;
-        let op = Op::Unlink {
-            path: path.clone(),
-            nlink,
-        };
-        let origins = &self.origins;
-        self.vol
-            .mutate_beneath_unsettled(op.clone(), |seq| {
-                origins.note(seq)?;
-                apply_op(&mut tree, &op, false)
-                    .map_err(|e| std::io::Error::from_raw_os_error(tree_errno(&e)))
-            })
-            .map_err(|e| {
-                anyhow!(
-                    "cannot remove our file for the name the peer made again: {}",
-                    std::io::Error::from_raw_os_error(e)
-                )
-            })?;
+        self.remove(path, true, "our file for the name the peer made again")?;
         Ok(true)
     }
 
@@ -1368,6 +1350,21 @@ impl PeerReceiver {
             rc.entry_set_aside(path.as_bytes());
         }
         lock(&self.rewrites).retain(|(p, _)| p != path);
+        self.remove(path, true, "our entry for the name the peer gave its own")?;
+        Ok(true)
+    }
+
+    /// The source of a peer rename that is not applied here because the name it goes to stays
+    /// ours (a directory, or our file in a conflict): removed through the volume (journaled),
+    /// as the peer, which moved or copied its file aside, no longer has it.
+    fn remove_source(&self, from: &RelPath) -> Result<()> {
+        self.remove(from, false, "the source of the peer's rename")
+    }
+
+    /// Removes `path` through the volume (journaled at our seq, its link count read beneath
+    /// the root); `as_peer`: noted as the peer's record (not streamed back), else our own
+    /// change. `what` names it in the error.
+    fn remove(&self, path: &RelPath, as_peer: bool, what: &str) -> Result<()> {
         let nlink = nlink_beneath(&self.backing, path.as_bytes());
         let mut tree = DirTree::open(&self.backing).context("cannot open the backing tree")?;
         let op = Op::Unlink {
@@ -1377,37 +1374,15 @@ impl PeerReceiver {
         let origins = &self.origins;
         self.vol
             .mutate_beneath_unsettled(op.clone(), |seq| {
-                origins.note(seq)?;
+                if as_peer {
+                    origins.note(seq)?;
+                }
                 apply_op(&mut tree, &op, false)
                     .map_err(|e| std::io::Error::from_raw_os_error(tree_errno(&e)))
             })
             .map_err(|e| {
                 anyhow!(
-                    "cannot remove our entry for the name the peer gave its own: {}",
-                    std::io::Error::from_raw_os_error(e)
-                )
-            })?;
-        Ok(true)
-    }
-
-    /// The source of a peer rename that is not applied here because the name it goes to stays
-    /// ours (a directory, or our file in a conflict): removed through the volume (journaled),
-    /// as the peer, which moved or copied its file aside, no longer has it.
-    fn remove_source(&self, from: &RelPath) -> Result<()> {
-        let nlink = nlink_beneath(&self.backing, from.as_bytes());
-        let mut tree = DirTree::open(&self.backing).context("cannot open the backing tree")?;
-        let op = Op::Unlink {
-            path: from.clone(),
-            nlink,
-        };
-        self.vol
-            .mutate_beneath_unsettled(op.clone(), |_| {
-                apply_op(&mut tree, &op, false)
-                    .map_err(|e| std::io::Error::from_raw_os_error(tree_errno(&e)))
-            })
-            .map_err(|e| {
-                anyhow!(
-                    "cannot remove the source of the peer's rename: {}",
+                    "cannot remove {what}: {}",
                     std::io::Error::from_raw_os_error(e)
                 )
             })?;
