@@ -2596,6 +2596,142 @@ fn crafted_frames_are_refused_and_change_nothing() {
     assert!(ok, "a valid record was not applied:\n{}", srv.log());
 }
 
+/// A crafted primary's `Hello` for volume `volume` (generation 1, an empty journal).
+fn crafted_hello(volume: [u8; 16], name: &str) -> Msg {
+    Msg::Hello {
+        version: PROTOCOL_VERSION,
+        volume_id: volume,
+        generation: 1,
+        first_held: 1,
+        next_seq: 1,
+        compress: false,
+        name: name.into(),
+        history: vec![mirrorfs_core::history::Generation {
+            number: 1,
+            id: 1,
+            start: 1,
+        }],
+    }
+}
+
+/// Issue 7 (failback under load): a primary whose session went silent without closing (a
+/// stopped process, a half-dead connection) connects again with the same key. Its new
+/// connection ends the stale session and is served within seconds, not refused as "busy" until
+/// the daemon notices the silence; another primary, or the same key for another volume, is
+/// still refused while a session streams; the stale session writes nothing after it.
+#[test]
+fn a_silent_primarys_new_connection_displaces_its_stale_session() {
+    let net = Net::new("displace");
+    let srv = net.serve("m", &[]);
+    let other = init_identity(&net.base.join("cfg-other"), "other");
+    // The daemon reads its trusted peers again at each handshake.
+    trust(&net.mirror, &other, "other");
+    // A session that streams, then goes silent without closing its connection.
+    let mut old = crafted_session(&srv, &net);
+    old.send(&Msg::Records {
+        settled: 1,
+        records: vec![Record {
+            seq: 1,
+            op: create("from-the-old-session"),
+        }],
+    });
+    let applied = wait_until(Duration::from_secs(20), || {
+        srv.dir.join("from-the-old-session").exists()
+    });
+    assert!(
+        applied,
+        "the first session's record was not applied:\n{}",
+        srv.log()
+    );
+    // Another primary is refused while the session is held, as is the same key for another
+    // volume: neither may displace it.
+    for (what, cfg, volume) in [
+        ("another primary", &other.dir, CRAFT_VOL),
+        (
+            "the same key for another volume",
+            &net.primary.dir,
+            *b"another-volume!!",
+        ),
+    ] {
+        let mut c = raw::Client::connect(srv.port, cfg);
+        c.send(&crafted_hello(volume, "crafted client"));
+        match c.expect_msg(Duration::from_secs(10)) {
+            Msg::Error { code: 5, message } => {
+                assert!(message.contains("another primary"), "{what}: {message}")
+            }
+            m => panic!("{what}: expected a BUSY refusal, got {m:?}\n{}", srv.log()),
+        }
+    }
+    // The same primary connects again while its old session is still held.
+    let t0 = Instant::now();
+    let mut new = raw::Client::connect(srv.port, &net.primary.dir);
+    new.send(&crafted_hello(CRAFT_VOL, "crafted client"));
+    match new.expect_msg(Duration::from_secs(10)) {
+        Msg::Welcome { .. } => {}
+        m => panic!(
+            "the same primary's new connection was not welcomed after {:?}: {m:?}\n{}",
+            t0.elapsed(),
+            srv.log()
+        ),
+    }
+    let took = t0.elapsed();
+    eprintln!("the new connection was welcomed after {took:?}");
+    assert!(
+        took < Duration::from_secs(6),
+        "the new connection waited {took:?} for the stale session"
+    );
+    // The stale session was closed; what it sends now is never appended.
+    let _ = old.send_bytes(
+        &Msg::Records {
+            settled: 2,
+            records: vec![Record {
+                seq: 2,
+                op: create("late-from-the-old-session"),
+            }],
+        }
+        .encode(false),
+    );
+    old.expect_closed(Duration::from_secs(5));
+    new.send(&Msg::Start {
+        mode: StartMode::InitialSync,
+        seq: 1,
+        sync_id: CRAFT_SYNC,
+    });
+    new.send(&Msg::Records {
+        settled: 2,
+        records: vec![
+            Record {
+                seq: 1,
+                op: create("from-the-new-session"),
+            },
+            Record {
+                seq: 2,
+                op: Op::SyncDone { mirror: CRAFT_SYNC },
+            },
+        ],
+    });
+    let ok = wait_until(Duration::from_secs(20), || {
+        new.idle(Duration::from_millis(50));
+        srv.dir.join("from-the-new-session").exists()
+    });
+    assert!(
+        ok,
+        "the new session's record was not applied:\n{}",
+        srv.log()
+    );
+    new.idle(Duration::from_millis(300));
+    assert!(
+        !srv.dir.join("late-from-the-old-session").exists(),
+        "the displaced session still wrote:\n{}",
+        srv.log()
+    );
+    let log = srv.log();
+    assert!(
+        log.contains("displac"),
+        "the daemon did not log the displacement:\n{log}"
+    );
+}
+
 #[test]
 fn a_symlink_planted_by_a_stream_is_never_followed() {
     let net = Net::new("symlink");

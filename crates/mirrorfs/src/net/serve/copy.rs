@@ -4,7 +4,7 @@
 
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -24,7 +24,9 @@ use super::Daemon;
 impl Daemon {
     /// Waits until the journal is durable through its end, so `durable` is exactly where the
     /// primary must resume (records past it would otherwise be neither durable nor replaceable).
-    pub(super) fn settle_journal(&self) -> Result<()> {
+    /// Ends early when the session is told to (`ending`: displaced by the primary's new
+    /// connection, which waits for it).
+    pub(super) fn settle_journal(&self, ending: &AtomicBool) -> Result<()> {
         if lock(&self.vol.order).journal.poisoned().is_some() {
             // A failed write or fsync poisoned the journal: reopen it from what is on disk
             // (recovery keeps the durable prefix; never retry the failed I/O blindly).
@@ -42,6 +44,9 @@ impl Daemon {
                 return Ok(());
             }
             self.vol.wake_flusher();
+            if ending.load(Ordering::Acquire) {
+                bail!("told to end while waiting for the journal to become durable");
+            }
             if t0.elapsed() > Duration::from_secs(30) {
                 bail!("the journal did not become durable within 30 s");
             }

@@ -14,7 +14,8 @@
 //! (which volume and generation DIR holds, and whether it is a consistent copy), `lock`.
 //!
 //! This file starts and stops the daemon (a [`Site`] in the mirror role, the listener, status);
-//! `session` is one primary's connection (the shell of `core::session`), `copy` how a copy
+//! `session` is one primary's connection (the shell of `core::session`), `slot` which primary
+//! may stream (one at a time; its own new connection displaces a stale session), `copy` how a copy
 //! starts (initial copy, resync, adopting a history), `divergence` what happens when the
 //! primary's history diverged from the copy's, `reintegration` how a diverged copy's changes are
 //! handed to the primary that takes them in (`--on-diverged reintegrate`), `verify` how the
@@ -50,6 +51,7 @@ mod copy;
 mod divergence;
 mod reintegration;
 mod session;
+mod slot;
 mod udp;
 mod verify;
 
@@ -151,7 +153,9 @@ struct Daemon {
     /// The seq of a `SyncDone` a session received whose checkpoint is still to come (0: none),
     /// for the next session (`Session::pending_sync_done`).
     pending_sync_done: AtomicU64,
-    busy: AtomicBool,
+    /// The one primary streaming (or in its handshake), and how a stale session of it is
+    /// displaced by its new connection (`slot`).
+    slot: slot::PrimarySlot,
     /// A verify connection is scanning DIR (one at a time, see `verify`).
     verifying: AtomicBool,
     force_resync: bool,
@@ -201,7 +205,7 @@ fn serve_in(a: ServeArgs) -> Result<()> {
         meta: Mutex::new(meta.clone()),
         worker: Mutex::new(None),
         pending_sync_done: AtomicU64::new(0),
-        busy: AtomicBool::new(false),
+        slot: slot::PrimarySlot::default(),
         verifying: AtomicBool::new(false),
         force_resync: a.force_resync,
         on_diverged: a.on_diverged(),

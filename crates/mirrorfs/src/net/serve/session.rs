@@ -16,6 +16,7 @@ use crate::net::conn::Duplex;
 use crate::site::meta::{write_meta, CopyState};
 use crate::site::volume::{lock, Progress};
 
+use super::slot::{PrimaryId, Refusal, DISPLACE_WITHIN};
 use super::udp::Inbound;
 use super::Daemon;
 
@@ -36,17 +37,54 @@ impl Daemon {
                 .answer_verify(&link, volume_id, no_cache, plan.as_deref())
                 .with_context(|| format!("verify from {peer}"));
         }
-        if self.busy.swap(true, Ordering::AcqRel) {
-            let _ = link.send(&Msg::Error {
-                code: error_code::BUSY,
-                message: "another primary is connected to this mirror".into(),
-            });
-            bail!("refused {peer}: another primary is connected");
-        }
-        let _busy = Busy(&self.busy);
+        // One primary at a time; a stale session of this same primary (same key, same volume)
+        // is told to end and waited for, so nothing of it runs once this one's handshake
+        // begins (`slot`). A first message that is no `Hello` displaces nothing (the session
+        // refuses it).
+        let link = Arc::new(link);
+        let who = match &hello {
+            Msg::Hello { volume_id, .. } => PrimaryId {
+                key: link.peer(),
+                volume: *volume_id,
+            },
+            _ => PrimaryId {
+                key: None,
+                volume: Default::default(),
+            },
+        };
+        let end = {
+            let l = link.clone();
+            Box::new(move || l.shutdown())
+        };
+        let claimed = match self.slot.claim(who, end, DISPLACE_WITHIN) {
+            Ok(c) => c,
+            Err(refusal) => {
+                let message = refusal.message();
+                let _ = link.send(&Msg::Error {
+                    code: error_code::BUSY,
+                    message: message.clone(),
+                });
+                if refusal == Refusal::Busy {
+                    bail!("refused {peer}: another primary is connected");
+                }
+                bail!("refused {peer}: {message}");
+            }
+        };
         *lock(&self.peer) = Some(peer.clone());
-        let r = self.stream(&link, &mut dec, &hello);
+        let r = self.stream(&link, &mut dec, &hello, claimed.ending());
         *lock(&self.peer) = None;
+        if claimed.displaced() {
+            // Its socket was shut down for the primary's new connection: whatever the last
+            // read or write said, that is why it ended.
+            tracing::info!(
+                "the previous session of primary {peer} ended: displaced by its new connection ({})",
+                r.as_ref()
+                    .err()
+                    .map(|e| format!("{e:#}"))
+                    .unwrap_or_else(|| "ended cleanly".into())
+            );
+            return Ok(());
+        }
         if let Err(e) = &r {
             if let Some(le) = e.downcast_ref::<LinkError>() {
                 let _ = link.send(&le.to_msg());
@@ -57,8 +95,16 @@ impl Daemon {
 
     /// The session on an accepted connection: `Welcome`, `Start` and what it asks for, then
     /// records and acks until either side ends it. The decisions are `core::session`'s.
-    pub(super) fn stream(&self, link: &Duplex, dec: &mut Decoder, hello: &Msg) -> Result<()> {
-        self.settle_journal()?;
+    /// `ending`: a new connection of the same primary displaces this session (its socket is
+    /// shut down too; this tells the one wait that does not read or write it).
+    pub(super) fn stream(
+        &self,
+        link: &Duplex,
+        dec: &mut Decoder,
+        hello: &Msg,
+        ending: &AtomicBool,
+    ) -> Result<()> {
+        self.settle_journal(ending)?;
         let mut session = self.welcome(link, hello)?;
         if session.phase() == Phase::Reintegrating {
             return self.reintegrate(link, dec, session, hello);
@@ -344,14 +390,5 @@ fn recv_within(d: &Duplex, dec: &mut Decoder, limit: Duration) -> Result<Msg> {
         if t0.elapsed() > limit {
             bail!("the peer did not answer within {limit:?}");
         }
-    }
-}
-
-/// Marks the daemon busy with a primary for as long as it lives (one primary at a time).
-struct Busy<'a>(&'a AtomicBool);
-
-impl Drop for Busy<'_> {
-    fn drop(&mut self) {
-        self.0.store(false, Ordering::Release);
     }
 }
