@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod net;
+
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_mirrorfs");
 /// How long a mount may take to appear in `/proc/self/mountinfo`.
@@ -168,6 +170,9 @@ pub struct Mount {
     pub extra: Vec<OsString>,
     log: PathBuf,
     starts: u32,
+    /// Run inside this network namespace (`nsenter --net`, which leaves the mount namespace
+    /// alone: the FUSE mount is seen by the whole machine).
+    netns: Option<String>,
     /// Declared last: its directories are removed after the mount is gone.
     pub layout: Layout,
 }
@@ -181,12 +186,19 @@ impl Mount {
     /// Mounts `layout` with `extra` arguments after the mirrors; panics (with mirrorfs's stderr)
     /// if the mount does not show up within [`MOUNT_TIMEOUT`].
     pub fn start(layout: Layout, extra: &[&str]) -> Mount {
+        Mount::start_in(layout, extra, None)
+    }
+
+    /// [`Mount::start`] with `mirrorfs mount` in network namespace `netns` (as `ip netns`
+    /// names it), when given.
+    pub fn start_in(layout: Layout, extra: &[&str], netns: Option<&str>) -> Mount {
         let log = layout.base.join("mirrorfs.log");
         let mut m = Mount {
             child: None,
             extra: extra.iter().map(OsString::from).collect(),
             log,
             starts: 0,
+            netns: netns.map(str::to_string),
             layout,
         };
         m.spawn();
@@ -236,7 +248,15 @@ impl Mount {
             .expect("open the mount log");
         use std::io::Write;
         let _ = writeln!(logf, "---- start #{} ----", self.starts);
-        let child = Command::new(BIN)
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{ns}")).arg("--").arg(BIN);
+                c
+            }
+            None => Command::new(BIN),
+        };
+        let child = cmd
             .args(self.command_args())
             .stdin(Stdio::null())
             .stdout(logf.try_clone().expect("dup log"))
