@@ -40,6 +40,22 @@ pub fn mkdir755(dir: &Path) {
         .unwrap_or_else(|e| panic!("chmod {}: {e}", dir.display()));
 }
 
+/// The binary under test, run in network namespace `netns` (as `ip netns` names it) when
+/// given: `nsenter --net` changes only the network namespace (`ip netns exec` would also give
+/// the process a copy of this mount namespace, and with it a reference to every FUSE mount made
+/// so far, which then could not end when its own process unmounts it; and a FUSE mount made
+/// in it would not be seen here).
+pub fn mirrorfs_in(netns: Option<&str>) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net=/run/netns/{ns}")).arg("--").arg(BIN);
+            c
+        }
+        None => Command::new(BIN),
+    }
+}
+
 /// Directories for one mirrorfs instance: `BASE/backing`, `BASE/mnt`, `BASE/mirror0..N`.
 pub struct Layout {
     /// Dropped last (after any mount on it is gone).
@@ -248,15 +264,7 @@ impl Mount {
             .expect("open the mount log");
         use std::io::Write;
         let _ = writeln!(logf, "---- start #{} ----", self.starts);
-        let mut cmd = match &self.netns {
-            Some(ns) => {
-                let mut c = Command::new("nsenter");
-                c.arg(format!("--net=/run/netns/{ns}")).arg("--").arg(BIN);
-                c
-            }
-            None => Command::new(BIN),
-        };
-        let child = cmd
+        let child = mirrorfs_in(self.netns.as_deref())
             .args(self.command_args())
             .stdin(Stdio::null())
             .stdout(logf.try_clone().expect("dup log"))

@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use super::{
-    mkdir755, pattern, summarize, sys, tail, temp_base, tree_diff, Cmp, Layout, Mount, BIN,
+    mirrorfs_in, mkdir755, pattern, summarize, sys, tail, temp_base, tree_diff, Cmp, Layout, Mount,
+    BIN,
 };
 
 /// Removes ANSI colour sequences (tracing colours its output even into files).
@@ -294,20 +295,7 @@ impl Serve {
             .open(&self.log)
             .expect("open the daemon log");
         let _ = writeln!(logf, "---- serve start #{} ----", self.starts);
-        let mut cmd = match &self.netns {
-            // Only the network namespace: `ip netns exec` would also give the daemon a copy of
-            // this mount namespace, and with it a reference to every FUSE mount made so far,
-            // which then could not end when its own process unmounts it.
-            Some(ns) => {
-                let mut c = Command::new("nsenter");
-                c.arg(format!("--net=/var/run/netns/{ns}"))
-                    .arg("--")
-                    .arg(BIN);
-                c
-            }
-            None => Command::new(BIN),
-        };
-        let child = cmd
+        let child = mirrorfs_in(self.netns.as_deref())
             .args(self.args())
             .stdin(Stdio::null())
             .stdout(logf.try_clone().expect("dup log"))
