@@ -72,11 +72,16 @@ struct NetNs {
 }
 
 impl NetNs {
+    /// Each one of this process has a name, devices and a subnet of its own: tests run two at a
+    /// time (`--test-threads=2`), and two namespaces named after the pid alone collided.
     fn new() -> NetNs {
-        let n = std::process::id() % 200 + 20;
-        let name = format!("mfs{}", std::process::id());
-        let host_if = format!("mfsh{}", std::process::id() % 100_000);
-        let inner_if = format!("mfsi{}", std::process::id() % 100_000);
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let k = NEXT.fetch_add(1, Ordering::Relaxed) % 100;
+        let pid = u64::from(std::process::id());
+        let n = (pid + k) % 200 + 20;
+        let name = format!("mfs{pid}x{k}");
+        let host_if = format!("mfsh{}x{k}", pid % 100_000);
+        let inner_if = format!("mfsi{}x{k}", pid % 100_000);
         let ip = |args: &[&str]| {
             let o = Command::new("ip").args(args).output().expect("run ip");
             assert!(
