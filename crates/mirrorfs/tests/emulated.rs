@@ -407,12 +407,13 @@ fn rolling_disaster(test: &str, mount_args: &[&str]) -> Option<(Vec<Instant>, us
         }
     });
     eprintln!(
-        "{test}: {} acknowledged ({} before the cut), {on_mirror} on the mirror, first lost acknowledged {}; cut to kill {window:?}; the router lost {} packets, {} of A's UDP datagrams were still in its kernel at the cut; the daemon's UDP counts {}",
+        "{test}: {} acknowledged ({} before the cut), {on_mirror} on the mirror, first lost acknowledged {}; cut to kill {window:?}; the router lost {} packets, {} of A's UDP datagrams were still in its kernel at the cut (the last read {} µs after it); the daemon's UDP counts {}",
         acks.len(),
         acks.iter().filter(|t| **t < t_cut).count(),
         first_lost.unwrap_or_else(|| "-".into()),
         lost(&rep),
         rep.cut_sent_udp[0],
+        rep.cut_sent_udp_last_ns[0] / 1_000,
         d["udp"]
     );
     // Under load (2 shared cores) `durable` managed 10 in the 1.3 s; 50 when idle.
