@@ -84,7 +84,7 @@ impl Wan {
             sysctl(ns, "net.ipv6.conf.default.disable_ipv6=1")?;
             // The device is made here, then moved into its namespace: the descriptor stays
             // attached to it wherever it lives.
-            let dev = format!("{ns}t");
+            let dev = device_of(ns);
             let f = tun::open(&dev).with_context(|| format!("TUN device {dev}"))?;
             let (me, peer) = if i == 0 {
                 (ADDR_A, ADDR_B)
@@ -108,6 +108,12 @@ impl Wan {
     /// The name of a side's network namespace (`ip netns` lists it while the WAN runs).
     pub fn ns(&self, side: Side) -> &str {
         &self.ns[side as usize]
+    }
+
+    /// The name of a side's TUN device, inside its namespace (for a test that watches the
+    /// side's traffic with a packet socket made in `within`).
+    pub fn device(&self, side: Side) -> String {
+        device_of(self.ns(side))
     }
 
     /// A side's address.
@@ -198,6 +204,11 @@ pub fn within_netns<T: Send + 'static>(
         Ok(r) => r.with_context(|| format!("in network namespace {ns}")),
         Err(_) => bail!("the thread in network namespace {ns} panicked"),
     }
+}
+
+/// The TUN device of namespace `ns`.
+fn device_of(ns: &str) -> String {
+    format!("{ns}t")
 }
 
 /// Runs `ip ARGS`; its error output on failure.

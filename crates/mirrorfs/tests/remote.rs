@@ -12,30 +12,30 @@
 
 mod common;
 
-use std::ffi::{OsStr, OsString};
+use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
+use common::net::{
+    assert_same, connected_live, converge, converge_no_mtime, ctx, diff, free_port, num, os,
+    remote_of, run, run_ok, small_workload, strip_ansi, trust, visible_entries, wait_converged,
+    wait_live, wait_status, write_big, Capture, Net, Serve, CONNECT, CONVERGE, NO_MTIME,
+};
 use common::{
-    assert_trees_equal, mkdir755, pattern, run_expecting_failure, summarize, sys, tail, temp_base,
-    tree_diff, wait_until, Cmp, Layout, Mount, BIN,
+    assert_trees_equal, mkdir755, pattern, run_expecting_failure, summarize, sys, tail, wait_until,
+    Cmp, Layout, Mount,
 };
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
-
-/// How long a mirror may take to converge after a fault (generous: 2 shared cores, debug build).
-const CONVERGE: Duration = Duration::from_secs(120);
-/// How long a link may take to (re)connect, back-off included.
-const CONNECT: Duration = Duration::from_secs(40);
 
 fn cycles() -> usize {
     std::env::var("MIRRORFS_NET_CYCLES")
@@ -62,412 +62,6 @@ fn lk<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Removes ANSI colour sequences (tracing colours its output even into files).
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut it = s.chars().peekable();
-    while let Some(c) = it.next() {
-        if c == '\u{1b}' && it.peek() == Some(&'[') {
-            it.next();
-            for d in it.by_ref() {
-                if d.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-/// A port nobody listens on right now (bind port 0, take the number, close).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind an ephemeral port")
-        .port()
-}
-
-fn run(args: &[&OsStr]) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run mirrorfs")
-}
-
-fn run_ok(args: &[&OsStr]) -> String {
-    let o = run(args);
-    assert!(
-        o.status.success(),
-        "mirrorfs {args:?} failed ({}):\n{}{}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn os(s: &str) -> &OsStr {
-    OsStr::new(s)
-}
-
-fn signal_pid(pid: u32, sig: i32) {
-    // SAFETY: kill(2) on the pid of a child process this test owns and has not reaped.
-    unsafe { libc::kill(pid as libc::pid_t, sig) };
-}
-
-/// Each thread of `pid`: its name and kernel stack (`/proc/PID/task/*/stack`), for a hang.
-fn thread_stacks(pid: u32) -> String {
-    let mut out = String::new();
-    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
-        return out;
-    };
-    for t in tasks.filter_map(|t| t.ok()) {
-        let p = t.path();
-        let name = fs::read_to_string(p.join("comm")).unwrap_or_default();
-        let stack = fs::read_to_string(p.join("stack")).unwrap_or_default();
-        let wchan = fs::read_to_string(p.join("wchan")).unwrap_or_default();
-        out.push_str(&format!(
-            "-- {} {} (wchan {wchan})\n{stack}",
-            t.file_name().to_string_lossy(),
-            name.trim()
-        ));
-    }
-    out
-}
-
-// ---------------------------------------------------------------------------------------------
-// Identities
-
-/// One machine's configuration directory (`mirrorfs init --config DIR`) and fingerprint.
-struct Ident {
-    dir: PathBuf,
-    fp: String,
-}
-
-fn init_identity(dir: &Path, name: &str) -> Ident {
-    let out = run_ok(&[
-        os("init"),
-        os("--config"),
-        dir.as_os_str(),
-        os("--name"),
-        os(name),
-    ]);
-    let fp = out
-        .lines()
-        .find_map(|l| l.strip_prefix("fingerprint: "))
-        .unwrap_or_else(|| panic!("`mirrorfs init` printed no fingerprint:\n{out}"))
-        .trim()
-        .to_string();
-    assert!(fp.starts_with("blake3:") && fp.len() == 71, "{fp}");
-    Ident {
-        dir: dir.to_path_buf(),
-        fp,
-    }
-}
-
-fn trust(who: &Ident, peer: &Ident, name: &str) {
-    let out = run_ok(&[
-        os("trust"),
-        os("--config"),
-        who.dir.as_os_str(),
-        os(&peer.fp),
-        os(name),
-    ]);
-    assert!(out.contains("now trusting"), "{out}");
-}
-
-/// A test's directories: a temporary base with the primary's and the mirror's configuration
-/// (trusting each other) and the mirror daemons' directories.
-struct Net {
-    base: PathBuf,
-    primary: Ident,
-    mirror: Ident,
-    /// Dropped last.
-    _tmp: tempfile::TempDir,
-}
-
-impl Net {
-    fn new(tag: &str) -> Net {
-        Net::with_trust(tag, true, true)
-    }
-
-    /// `mirror_trusts`: the daemon trusts the primary; `primary_trusts`: the primary trusts the
-    /// daemon. Untrusting sides trust a stranger instead (so they have a non-empty peers list).
-    fn with_trust(tag: &str, mirror_trusts: bool, primary_trusts: bool) -> Net {
-        let tmp = temp_base(&format!("net-{tag}"));
-        let base = tmp.path().canonicalize().expect("canonicalize");
-        let primary = init_identity(&base.join("cfg-primary"), "primary");
-        let mirror = init_identity(&base.join("cfg-mirror"), "mirror");
-        let stranger = init_identity(&base.join("cfg-stranger"), "stranger");
-        if primary_trusts {
-            trust(&primary, &mirror, "mirror");
-        } else {
-            trust(&primary, &stranger, "stranger");
-        }
-        if mirror_trusts {
-            trust(&mirror, &primary, "primary");
-        } else {
-            trust(&mirror, &stranger, "stranger");
-        }
-        Net {
-            base,
-            primary,
-            mirror,
-            _tmp: tmp,
-        }
-    }
-
-    fn dir(&self, name: &str) -> PathBuf {
-        let d = self.base.join(name);
-        mkdir755(&d);
-        d
-    }
-
-    /// Starts a daemon serving `BASE/name` on a free port.
-    fn serve(&self, name: &str, extra: &[&str]) -> Serve {
-        let dir = self.dir(name);
-        Serve::start(
-            &dir,
-            &self.mirror.dir,
-            free_port(),
-            &self.base.join(format!("serve-{name}.log")),
-            extra,
-        )
-    }
-
-    /// Mounts a fresh layout (with `n_local` local mirrors) with `--mirror URL --config PRIMARY`
-    /// and `extra` arguments.
-    fn mount(&self, tag: &str, n_local: usize, url: &str, extra: &[&str]) -> Mount {
-        let layout = Layout::new(tag, n_local);
-        let cfg = self.primary.dir.display().to_string();
-        let mut args = vec!["--mirror", url, "--config", cfg.as_str()];
-        args.extend_from_slice(extra);
-        Mount::start(layout, &args)
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// The daemon guard
-
-/// A running `mirrorfs serve DIR --listen 127.0.0.1:PORT --config CFG`. Stopped (SIGCONT,
-/// SIGTERM, then SIGKILL) on drop.
-struct Serve {
-    child: Option<Child>,
-    dir: PathBuf,
-    port: u16,
-    config: PathBuf,
-    extra: Vec<OsString>,
-    log: PathBuf,
-    starts: usize,
-    /// The address it listens on (127.0.0.1, or its network namespace's).
-    host: String,
-    /// Run inside this network namespace (`nsenter --net`).
-    netns: Option<String>,
-}
-
-impl Serve {
-    fn start(dir: &Path, config: &Path, port: u16, log: &Path, extra: &[&str]) -> Serve {
-        Serve::start_at(dir, config, port, log, extra, None)
-    }
-
-    /// [`Serve::start`] inside network namespace `ns` (listening on its address).
-    fn start_at(
-        dir: &Path,
-        config: &Path,
-        port: u16,
-        log: &Path,
-        extra: &[&str],
-        ns: Option<&NetNs>,
-    ) -> Serve {
-        let mut s = Serve {
-            child: None,
-            dir: dir.to_path_buf(),
-            port,
-            config: config.to_path_buf(),
-            extra: extra.iter().map(OsString::from).collect(),
-            log: log.to_path_buf(),
-            starts: 0,
-            host: ns.map_or("127.0.0.1".into(), |n| n.inner_ip.clone()),
-            netns: ns.map(|n| n.name.clone()),
-        };
-        s.spawn();
-        s
-    }
-
-    fn args(&self) -> Vec<OsString> {
-        let mut a: Vec<OsString> = vec![
-            "serve".into(),
-            self.dir.clone().into(),
-            "--listen".into(),
-            format!("{}:{}", self.host, self.port).into(),
-            "--config".into(),
-            self.config.clone().into(),
-        ];
-        a.extend(self.extra.iter().cloned());
-        a
-    }
-
-    fn url(&self) -> String {
-        format!("mirror://{}:{}", self.host, self.port)
-    }
-
-    fn spawn(&mut self) {
-        assert!(self.child.is_none(), "the daemon is already running");
-        self.starts += 1;
-        let mut logf = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("open the daemon log");
-        let _ = writeln!(logf, "---- serve start #{} ----", self.starts);
-        let mut cmd = match &self.netns {
-            // Only the network namespace: `ip netns exec` would also give the daemon a copy of
-            // this mount namespace, and with it a reference to every FUSE mount made so far,
-            // which then could not end when its own process unmounts it.
-            Some(ns) => {
-                let mut c = Command::new("nsenter");
-                c.arg(format!("--net=/var/run/netns/{ns}"))
-                    .arg("--")
-                    .arg(BIN);
-                c
-            }
-            None => Command::new(BIN),
-        };
-        let child = cmd
-            .args(self.args())
-            .stdin(Stdio::null())
-            .stdout(logf.try_clone().expect("dup log"))
-            .stderr(logf)
-            .spawn()
-            .expect("spawn mirrorfs serve");
-        self.child = Some(child);
-        let t0 = Instant::now();
-        loop {
-            if self.log().matches("listening on").count() >= self.starts {
-                return;
-            }
-            let c = self.child.as_mut().expect("child");
-            if let Ok(Some(st)) = c.try_wait() {
-                self.child = None;
-                panic!(
-                    "mirrorfs {:?} exited ({st}) before listening; its log:\n{}",
-                    self.args(),
-                    self.log()
-                );
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(30),
-                "the daemon did not listen within 30 s; its log:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.as_ref().expect("the daemon is not running").id()
-    }
-
-    fn signal(&self, sig: i32) {
-        signal_pid(self.pid(), sig);
-    }
-
-    fn is_running(&mut self) -> bool {
-        match self.child.as_mut() {
-            Some(c) => matches!(c.try_wait(), Ok(None)),
-            None => false,
-        }
-    }
-
-    fn kill9(&mut self) {
-        let mut c = self.child.take().expect("kill9: the daemon is not running");
-        signal_pid(c.id(), libc::SIGKILL);
-        let _ = c.wait();
-    }
-
-    /// SIGTERM; the daemon must exit with status 0 within 30 s.
-    fn stop(&mut self) {
-        self.stop_within(Duration::from_secs(30));
-    }
-
-    /// SIGTERM; the daemon must exit with status 0 within `limit`, its last log line saying it
-    /// stopped. Returns how long it took. On a hang, the threads' kernel stacks and names are
-    /// in the failure message.
-    fn stop_within(&mut self, limit: Duration) -> Duration {
-        let mut c = self.child.take().expect("stop: the daemon is not running");
-        signal_pid(c.id(), libc::SIGCONT);
-        signal_pid(c.id(), libc::SIGTERM);
-        let t0 = Instant::now();
-        let st = loop {
-            if let Ok(Some(st)) = c.try_wait() {
-                break st;
-            }
-            if t0.elapsed() > limit {
-                let threads = thread_stacks(c.id());
-                signal_pid(c.id(), libc::SIGKILL);
-                let _ = c.wait();
-                panic!(
-                    "the daemon did not stop within {limit:?} of SIGTERM; its threads:\n{threads}\nits log:\n{}",
-                    tail(&self.log(), 60)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        };
-        let took = t0.elapsed();
-        assert!(st.success(), "the daemon exited with {st}:\n{}", self.log());
-        let log = self.log();
-        let last = log
-            .lines()
-            .rev()
-            .find(|l| !l.trim().is_empty())
-            .unwrap_or("");
-        assert!(
-            last.contains("stopped"),
-            "the daemon's last log line does not say it stopped: {last:?}\n{}",
-            tail(&log, 40)
-        );
-        took
-    }
-
-    fn restart(&mut self) {
-        self.spawn();
-    }
-
-    /// `mirrorfs status DIR --json`, parsed; `None` while it fails.
-    fn status(&self) -> Option<Value> {
-        let o = run(&[os("status"), self.dir.as_os_str(), os("--json")]);
-        if !o.status.success() {
-            return None;
-        }
-        serde_json::from_slice(&o.stdout).ok()
-    }
-
-    fn log(&self) -> String {
-        strip_ansi(&fs::read_to_string(&self.log).unwrap_or_default())
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            signal_pid(c.id(), libc::SIGCONT);
-            signal_pid(c.id(), libc::SIGTERM);
-            let t0 = Instant::now();
-            while t0.elapsed() < Duration::from_secs(15) {
-                if let Ok(Some(_)) = c.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            signal_pid(c.id(), libc::SIGKILL);
-            let _ = c.wait();
-        }
-    }
-}
-
 /// A network namespace joined to this one by a veth pair (`10.77.N.1` here, `10.77.N.2`
 /// inside): a second "site" on this machine whose link can be cut while both sides run
 /// (`cut`/`heal`: the host end of the veth down and up). Deleted on drop.
@@ -478,11 +72,16 @@ struct NetNs {
 }
 
 impl NetNs {
+    /// Each one of this process has a name, devices and a subnet of its own: tests run two at a
+    /// time (`--test-threads=2`), and two namespaces named after the pid alone collided.
     fn new() -> NetNs {
-        let n = std::process::id() % 200 + 20;
-        let name = format!("mfs{}", std::process::id());
-        let host_if = format!("mfsh{}", std::process::id() % 100_000);
-        let inner_if = format!("mfsi{}", std::process::id() % 100_000);
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let k = NEXT.fetch_add(1, Ordering::Relaxed) % 100;
+        let pid = u64::from(std::process::id());
+        let n = (pid + k) % 200 + 20;
+        let name = format!("mfs{pid}x{k}");
+        let host_if = format!("mfsh{}x{k}", pid % 100_000);
+        let inner_if = format!("mfsi{}x{k}", pid % 100_000);
         let ip = |args: &[&str]| {
             let o = Command::new("ip").args(args).output().expect("run ip");
             assert!(
@@ -521,6 +120,11 @@ impl NetNs {
         }
     }
 
+    /// Where a daemon inside it listens, and the namespace's name: for [`Serve::start_at`].
+    fn at(&self) -> (&str, &str) {
+        (&self.inner_ip, &self.name)
+    }
+
     fn set_link(&self, up: bool) {
         let state = if up { "up" } else { "down" };
         let o = Command::new("ip")
@@ -552,207 +156,7 @@ impl Drop for NetNs {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Status and convergence
-
-/// Both logs' last lines, for failure messages.
-fn ctx(m: &Mount, s: &Serve) -> String {
-    format!(
-        "---- primary log (tail) ----\n{}\n---- daemon log (tail) ----\n{}",
-        tail(&strip_ansi(&m.log()), 40),
-        tail(&s.log(), 40)
-    )
-}
-
-fn num(v: &Value, k: &str) -> u64 {
-    v.get(k)
-        .and_then(Value::as_u64)
-        .unwrap_or_else(|| panic!("no number `{k}` in {v}"))
-}
-
-/// The remote mirror's entry in a mount's status.
-fn remote_of(st: &Value) -> Value {
-    st["mirrors"]
-        .as_array()
-        .and_then(|ms| {
-            ms.iter().find(|m| {
-                m["path"]
-                    .as_str()
-                    .is_some_and(|p| p.starts_with("mirror://"))
-            })
-        })
-        .cloned()
-        .unwrap_or_else(|| panic!("no remote mirror in status {st}"))
-}
-
-/// Waits until the mount's status satisfies `pred` (given the whole status and the remote
-/// mirror's entry); returns that status.
-fn wait_status(
-    m: &Mount,
-    s: &Serve,
-    timeout: Duration,
-    what: &str,
-    pred: impl Fn(&Value, &Value) -> bool,
-) -> Value {
-    let mut last = Value::Null;
-    let t0 = Instant::now();
-    loop {
-        if let Some(st) = m.status() {
-            let r = remote_of(&st);
-            if pred(&st, &r) {
-                return st;
-            }
-            last = st;
-        }
-        assert!(
-            t0.elapsed() < timeout,
-            "timed out ({timeout:?}) waiting for {what}; last status:\n{}\n{}",
-            serde_json::to_string_pretty(&last).unwrap_or_default(),
-            ctx(m, s)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn connected_live(r: &Value) -> bool {
-    r["state"] == "live" && r["link"]["connected"] == true
-}
-
-fn wait_live(m: &Mount, s: &Serve) -> Value {
-    wait_status(
-        m,
-        s,
-        CONNECT,
-        "the remote mirror to be connected and live",
-        |_, r| connected_live(r),
-    )
-}
-
-/// Everything but mtimes: after a kill -9 of the primary, a change and the mtime record that
-/// follows it can be split (a known limit, see tests/crash.rs).
-const NO_MTIME: Cmp = Cmp {
-    mtime: false,
-    owner: true,
-    holes: true,
-};
-
-fn nlink(p: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    fs::symlink_metadata(p).map(|m| m.nlink()).unwrap_or(0)
-}
-
-/// [`tree_diff`], except for the root's link count when only one side has a `.mirrorfs`
-/// directory (a primary's or a daemon's state, which the comparison leaves out).
-fn diff(a: &Path, b: &Path, cmp: &Cmp) -> Vec<String> {
-    let mut d = tree_diff(a, b, cmp);
-    let (sa, sb) = (a.join(".mirrorfs").is_dir(), b.join(".mirrorfs").is_dir());
-    if sa != sb && nlink(a) + u64::from(sb) == nlink(b) + u64::from(sa) {
-        d.retain(|l| !l.starts_with("/ (root): nlink differs"));
-    }
-    d
-}
-
-fn assert_same(a: &Path, b: &Path, cmp: &Cmp) {
-    let d = diff(a, b, cmp);
-    assert!(
-        d.is_empty(),
-        "{} and {} differ, {} difference(s):\n{}",
-        a.display(),
-        b.display(),
-        d.len(),
-        summarize(&d)
-    );
-}
-
-/// Waits until `mirror` equals `backing`, polling every 200 ms.
-fn wait_converged(
-    backing: &Path,
-    mirror: &Path,
-    what: &str,
-    cmp: &Cmp,
-    context: &dyn Fn() -> String,
-) {
-    let t0 = Instant::now();
-    let mut last;
-    loop {
-        last = diff(backing, mirror, cmp);
-        if last.is_empty() {
-            return;
-        }
-        if t0.elapsed() > CONVERGE {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    panic!(
-        "{what}: mirror {} did not converge to {} within {CONVERGE:?}; {} difference(s):\n{}\n{}",
-        mirror.display(),
-        backing.display(),
-        last.len(),
-        summarize(&last),
-        context()
-    );
-}
-
-fn converge(m: &Mount, s: &Serve, what: &str) {
-    wait_converged(m.backing(), &s.dir, what, &Cmp::FULL, &|| ctx(m, s));
-}
-
-fn converge_no_mtime(m: &Mount, s: &Serve, what: &str) {
-    wait_converged(m.backing(), &s.dir, what, &NO_MTIME, &|| ctx(m, s));
-}
-
-/// Entries of `dir` other than `.mirrorfs`.
-fn visible_entries(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = fs::read_dir(dir)
-        .map(|rd| {
-            rd.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n != ".mirrorfs")
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
-}
-
-// ---------------------------------------------------------------------------------------------
 // Workloads
-
-/// Files, directories, rename, unlink, symlinks, a hard link, chmod, an xattr, truncate, rmdir.
-fn small_workload(mnt: &Path, tag: u64) {
-    fs::create_dir_all(mnt.join("d1/sub")).expect("mkdir d1/sub");
-    fs::create_dir(mnt.join("d2")).expect("mkdir d2");
-    for i in 0..6u64 {
-        fs::write(
-            mnt.join(format!("f{i}")),
-            pattern(tag * 100 + i, 500 + 3000 * i as usize),
-        )
-        .expect("write f*");
-    }
-    fs::write(mnt.join("d1/sub/deep"), b"deep file\n").expect("write deep");
-    fs::rename(mnt.join("f0"), mnt.join("d1/f0-renamed")).expect("rename f0");
-    fs::remove_file(mnt.join("f1")).expect("unlink f1");
-    std::os::unix::fs::symlink("f2", mnt.join("link-to-f2")).expect("symlink");
-    std::os::unix::fs::symlink("../nowhere", mnt.join("d1/dangling")).expect("symlink");
-    fs::hard_link(mnt.join("f2"), mnt.join("d1/sub/f2-hard")).expect("link");
-    fs::set_permissions(mnt.join("f3"), fs::Permissions::from_mode(0o600)).expect("chmod f3");
-    fs::set_permissions(mnt.join("d1/sub"), fs::Permissions::from_mode(0o750)).expect("chmod");
-    sys::lsetxattr(&mnt.join("f4"), "user.mirrorfs.test", b"xattr value", 0)
-        .unwrap_or_else(|e| panic!("setxattr: {}", sys::errname(e)));
-    sys::truncate(&mnt.join("f5"), 100).unwrap_or_else(|e| panic!("truncate: {}", sys::errname(e)));
-    fs::rename(mnt.join("d2"), mnt.join("d1/d2-moved")).expect("rename dir");
-    fs::create_dir(mnt.join("gone")).expect("mkdir gone");
-    fs::remove_dir(mnt.join("gone")).expect("rmdir gone");
-}
-
-/// Writes `mib` MiB of patterned data to `path` in 1 MiB writes.
-fn write_big(path: &Path, mib: usize, seed: u64) {
-    let mut f = File::create(path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
-    for i in 0..mib {
-        f.write_all(&pattern(seed + i as u64, 1 << 20))
-            .unwrap_or_else(|e| panic!("write {} MiB {i}: {e}", path.display()));
-    }
-}
 
 /// A writer thread changing files under one directory of a mount until stopped (or until the
 /// mount is gone). Errors of individual operations are tolerated; only the end state matters.
@@ -3657,7 +3061,7 @@ fn netsplit_both_sides_edit_one_file_and_the_heal_keeps_both() {
         free_port(),
         &net.base.join("serve-m.log"),
         &[],
-        Some(&ns),
+        Some(ns.at()),
     );
     let mut p = net.mount("net-split-p", 0, &srv.url(), &[]);
     mirrored_base(&p, &srv, |p| {
@@ -3704,7 +3108,7 @@ fn netsplit_both_sides_edit_one_file_and_the_heal_keeps_both() {
         port,
         &net.base.join("serve-p.log"),
         &[],
-        Some(&ns),
+        Some(ns.at()),
     );
     wait_live(&m, &srv_p);
     wait_converged(&m_dir, &p_dir, "P follows M", &Cmp::FULL, &|| {
@@ -4173,97 +3577,6 @@ fn udp_adaptive_rate_control_mirrors_a_workload_and_shows_its_pace() {
     assert_trees_equal(m.backing(), &srv.dir);
 }
 
-/// The payloads of UDP datagrams to 127.0.0.1:`port` seen on the loopback (an `AF_PACKET`
-/// socket, which needs root), each once, at most `max`.
-struct Capture {
-    stop: Arc<AtomicBool>,
-    handle: Option<JoinHandle<Vec<Vec<u8>>>>,
-}
-
-impl Capture {
-    fn start(port: u16, max: usize) -> Capture {
-        let proto = (libc::ETH_P_IP as u16).to_be();
-        // SAFETY: plain socket calls on a descriptor this function owns; the buffers passed
-        // are as long as said.
-        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_DGRAM, i32::from(proto)) };
-        assert!(
-            fd >= 0,
-            "AF_PACKET socket: {}",
-            std::io::Error::last_os_error()
-        );
-        let lo = unsafe { libc::if_nametoindex(c"lo".as_ptr()) };
-        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        addr.sll_family = libc::AF_PACKET as u16;
-        addr.sll_protocol = proto;
-        addr.sll_ifindex = lo as i32;
-        let r = unsafe {
-            libc::bind(
-                fd,
-                (&addr as *const libc::sockaddr_ll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            )
-        };
-        assert_eq!(r, 0, "bind to lo: {}", std::io::Error::last_os_error());
-        let tv = libc::timeval {
-            tv_sec: 0,
-            tv_usec: 100_000,
-        };
-        unsafe {
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&tv as *const libc::timeval).cast(),
-                std::mem::size_of::<libc::timeval>() as u32,
-            )
-        };
-        let stop = Arc::new(AtomicBool::new(false));
-        let s = stop.clone();
-        let handle = std::thread::spawn(move || {
-            let mut seen = std::collections::HashSet::new();
-            let mut out = Vec::new();
-            let mut buf = vec![0u8; 65_536];
-            while !s.load(Ordering::Acquire) && out.len() < max {
-                let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
-                let Ok(n) = usize::try_from(n) else { continue };
-                let ip = &buf[..n];
-                let ihl = usize::from(ip.first().copied().unwrap_or(0) & 0xf) * 4;
-                if n < ihl + 8 || ip[9] != 17 || ip[16..20] != [127, 0, 0, 1] {
-                    continue;
-                }
-                let udp = &ip[ihl..];
-                if u16::from_be_bytes([udp[2], udp[3]]) != port {
-                    continue;
-                }
-                let payload = udp[8..].to_vec();
-                if seen.insert(payload.clone()) {
-                    out.push(payload);
-                }
-            }
-            unsafe { libc::close(fd) };
-            out
-        });
-        Capture {
-            stop,
-            handle: Some(handle),
-        }
-    }
-
-    fn finish(mut self) -> Vec<Vec<u8>> {
-        self.stop.store(true, Ordering::Release);
-        self.handle
-            .take()
-            .map(|h| h.join().expect("capture thread"))
-            .unwrap_or_default()
-    }
-}
-
-impl Drop for Capture {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
-    }
-}
-
 /// The daemon's UDP counters (`status --json`, `udp`).
 fn udp_counts(s: &Serve) -> Value {
     s.status().map(|d| d["udp"].clone()).unwrap_or(Value::Null)
@@ -4448,7 +3761,7 @@ fn udp_auto_falls_back_to_tcp_when_udp_is_blocked() {
         port,
         &net.base.join("serve-m.log"),
         &[],
-        Some(&ns),
+        Some(ns.at()),
     );
     let mut m = net.mount("net-udp-blocked", 0, &srv.url(), &["--transport", "auto"]);
     small_workload(m.mnt(), 1);

@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod net;
+
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_mirrorfs");
 /// How long a mount may take to appear in `/proc/self/mountinfo`.
@@ -36,6 +38,22 @@ pub fn mkdir755(dir: &Path) {
     fs::create_dir_all(dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
     fs::set_permissions(dir, fs::Permissions::from_mode(0o755))
         .unwrap_or_else(|e| panic!("chmod {}: {e}", dir.display()));
+}
+
+/// The binary under test, run in network namespace `netns` (as `ip netns` names it) when
+/// given: `nsenter --net` changes only the network namespace (`ip netns exec` would also give
+/// the process a copy of this mount namespace, and with it a reference to every FUSE mount made
+/// so far, which then could not end when its own process unmounts it; and a FUSE mount made
+/// in it would not be seen here).
+pub fn mirrorfs_in(netns: Option<&str>) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net=/run/netns/{ns}")).arg("--").arg(BIN);
+            c
+        }
+        None => Command::new(BIN),
+    }
 }
 
 /// Directories for one mirrorfs instance: `BASE/backing`, `BASE/mnt`, `BASE/mirror0..N`.
@@ -168,6 +186,9 @@ pub struct Mount {
     pub extra: Vec<OsString>,
     log: PathBuf,
     starts: u32,
+    /// Run inside this network namespace (`nsenter --net`, which leaves the mount namespace
+    /// alone: the FUSE mount is seen by the whole machine).
+    netns: Option<String>,
     /// Declared last: its directories are removed after the mount is gone.
     pub layout: Layout,
 }
@@ -181,12 +202,19 @@ impl Mount {
     /// Mounts `layout` with `extra` arguments after the mirrors; panics (with mirrorfs's stderr)
     /// if the mount does not show up within [`MOUNT_TIMEOUT`].
     pub fn start(layout: Layout, extra: &[&str]) -> Mount {
+        Mount::start_in(layout, extra, None)
+    }
+
+    /// [`Mount::start`] with `mirrorfs mount` in network namespace `netns` (as `ip netns`
+    /// names it), when given.
+    pub fn start_in(layout: Layout, extra: &[&str], netns: Option<&str>) -> Mount {
         let log = layout.base.join("mirrorfs.log");
         let mut m = Mount {
             child: None,
             extra: extra.iter().map(OsString::from).collect(),
             log,
             starts: 0,
+            netns: netns.map(str::to_string),
             layout,
         };
         m.spawn();
@@ -236,7 +264,7 @@ impl Mount {
             .expect("open the mount log");
         use std::io::Write;
         let _ = writeln!(logf, "---- start #{} ----", self.starts);
-        let child = Command::new(BIN)
+        let child = mirrorfs_in(self.netns.as_deref())
             .args(self.command_args())
             .stdin(Stdio::null())
             .stdout(logf.try_clone().expect("dup log"))
