@@ -25,9 +25,10 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
 use common::net::{
-    assert_same, connected_live, converge, converge_no_mtime, ctx, diff, free_port, num, os,
-    remote_of, run, run_ok, small_workload, strip_ansi, trust, visible_entries, wait_converged,
-    wait_live, wait_status, write_big, Capture, Net, Serve, CONNECT, CONVERGE, NO_MTIME,
+    assert_same, connected_live, converge, converge_no_mtime, ctx, diff, free_port, init_identity,
+    num, os, remote_of, run, run_ok, small_workload, strip_ansi, trust, visible_entries,
+    wait_converged, wait_live, wait_status, write_big, Capture, Net, Serve, CONNECT, CONVERGE,
+    NO_MTIME,
 };
 use common::{
     assert_trees_equal, mkdir755, pattern, run_expecting_failure, summarize, sys, tail, wait_until,
