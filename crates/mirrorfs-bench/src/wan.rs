@@ -1,7 +1,9 @@
 //! `--targets wan`: mirroring throughput of the TLS/TCP data path and of the UDP data path with
 //! forward error correction (`mount --transport udp`) over the WAN emulator (`mirrorfs-wan`)
 //! (issue 8), in parts (`--wan-parts`): `throughput` at SMFS's 50 ms one-way delay and 0, 0.1,
-//! 0.5 and 1 % random loss each way; `delay` at 25, 50 and 100 ms one-way and 0.1 % loss.
+//! 0.5 and 1 % random loss each way; `delay` at 25, 50 and 100 ms one-way and 0.1 % loss;
+//! `fairness` beside a competing bulk TCP flow. With `--plots DIR` the first two draw
+//! `throughput-loss.svg` and `throughput-delay.svg` (`plots::throughput`).
 //!
 //! Per row, in one run: a fresh emulated WAN (side A: the primary's mount, side B: the mirror
 //! daemon; the same impairment both ways, a rate cap of [`RATE_MBIT`] Mbit/s), identities made
@@ -13,6 +15,13 @@
 //! CUBIC (SMFS's comparison; `mount --tcp-congestion`); UDP runs paced at [`UDP_RATE_MBIT`] Mbit/s (data and repair
 //! packets together), below the cap (`--udp-rate-control fixed`), and with adaptive rate
 //! control whose ceiling is the cap (`--udp-rate-control adaptive`).
+//!
+//! `fairness`, at 50 ms one-way and no loss: the competing flow (a bulk TCP connection from side
+//! A to side B in the emulator's namespaces, this machine's default congestion control) alone,
+//! then TLS/TCP (BBR), UDP fixed and UDP adaptive, each with a writer through the mount that
+//! keeps the mirror at most [`FAIR_AHEAD`] behind for the whole window and the competing flow
+//! started with it; both flows' bytes are counted over the same seconds once both have ramped
+//! (5–20 s, 3–8 s with `--quick`), and each flow's share of the cap is reported.
 
 use std::fs;
 use std::io::Write as _;
@@ -42,8 +51,9 @@ pub enum Part {
     Throughput,
     /// Throughput vs one-way delay at 0.1 % loss.
     Delay,
-    /// Each data path at 50 ms and 0 % loss beside a competing bulk TCP flow (the system's
-    /// congestion control) over the same link, and that flow alone.
+    /// TLS/TCP (BBR) and UDP fixed and adaptive at 50 ms and 0 % loss, each fed continuously
+    /// beside a competing bulk TCP flow (the system's congestion control) over the same link,
+    /// and that flow alone; both counted over the same window after the ramp.
     Fairness,
     /// Mirroring latency per `--ack` mode and data path vs loss at 50 ms one-way
     /// (`latency.rs`).
@@ -393,8 +403,6 @@ fn fairness(
             row.pace
         );
         rows.push(row);
-        // The row's files are not needed any more (up to a few hundred MiB each).
-        let _ = fs::remove_dir_all(&base);
     }
     print_fair_table(&rows, alone, window, markdown);
     Ok(())
