@@ -282,10 +282,12 @@ struct Args {
     markdown: bool,
     /// Parts of the wan target, comma separated: `throughput` (vs loss 0 / 0.1 / 0.5 / 1 % at
     /// 50 ms one-way), `delay` (vs one-way delay 25 / 50 / 100 ms at 0.1 % loss) and
-    /// `fairness` (each data path beside a competing bulk TCP flow, and that flow alone) and
-    /// `latency` (mirroring latency, acknowledged at the primary → applied at the mirror, per
-    /// `--ack` mode and data path vs loss 0 / 0.1 / 0.5 / 1 % at 50 ms one-way; its plot goes
-    /// to `--plots`); `latency-target` runs only the latency cells the lag target is about
+    /// `fairness` (TLS/TCP with BBR and UDP + FEC fixed and adaptive, each fed by a writer
+    /// through the mount beside a competing bulk TCP flow, both counted over seconds 5–20, 3–8
+    /// with `--quick`; and that flow alone) and `latency` (mirroring latency, acknowledged at
+    /// the primary → applied at the mirror, per `--ack` mode and data path vs loss 0 / 0.1 /
+    /// 0.5 / 1 % at 50 ms one-way); `throughput`, `delay` and `latency` draw their plots to
+    /// `--plots`; `latency-target` runs only the latency cells the lag target is about
     /// (local and network over UDP + FEC at 1 % loss), for side-by-side runs.
     #[arg(long, value_delimiter = ',', default_value = "throughput,delay")]
     wan_parts: Vec<wan::Part>,
@@ -298,8 +300,8 @@ struct Args {
     /// MiB of data per FEC figure (fec target) [default: 128, 8 with --quick].
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     fec_mib: Option<u64>,
-    /// Draw the plots of the targets that have some (disaster, wan latency) as SVG files in this directory
-    /// (e.g. docs/plots).
+    /// Draw the plots of the targets that have some (disaster; wan: `throughput-loss.svg`,
+    /// `throughput-delay.svg`, `latency.svg`) as SVG files in this directory (e.g. docs/plots).
     #[arg(long)]
     plots: Option<PathBuf>,
     /// Also write the raw results as JSON to this file.

@@ -213,3 +213,186 @@ pub fn latency(dir: &Path, cells: &[crate::latency::Cell], delay_ms: f64) -> Res
     root.present().map_err(|e| err(&e))?;
     Ok(())
 }
+
+/// One measured point of a throughput plot: its line (the data path), x (loss in % or one-way
+/// delay in ms), MiB/s, and whether the row finished within its time limit (if not, its MiB/s is
+/// what reached the mirror by then, a ceiling on the real figure's low side).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Point {
+    pub line: String,
+    pub x: f64,
+    pub mib_s: f64,
+    pub finished: bool,
+}
+
+/// A throughput plot's line: its points in x order, and those of them that did not finish.
+#[derive(Debug, PartialEq)]
+struct ThroughputLine {
+    name: String,
+    points: Vec<(f64, f64)>,
+    unfinished: Vec<(f64, f64)>,
+}
+
+/// The points grouped into one line per data path, in the order the paths first appear, each
+/// line's points sorted by x.
+fn throughput_lines(points: &[Point]) -> Vec<ThroughputLine> {
+    let mut lines: Vec<ThroughputLine> = Vec::new();
+    for p in points {
+        let i = match lines.iter().position(|l| l.name == p.line) {
+            Some(i) => i,
+            None => {
+                lines.push(ThroughputLine {
+                    name: p.line.clone(),
+                    points: Vec::new(),
+                    unfinished: Vec::new(),
+                });
+                lines.len() - 1
+            }
+        };
+        lines[i].points.push((p.x, p.mib_s));
+        if !p.finished {
+            lines[i].unfinished.push((p.x, p.mib_s));
+        }
+    }
+    for l in &mut lines {
+        l.points.sort_by(|a, b| a.0.total_cmp(&b.0));
+        l.unfinished.sort_by(|a, b| a.0.total_cmp(&b.0));
+    }
+    lines
+}
+
+/// The y range of a log-scale MiB/s axis that shows every point clear of the frame: half the
+/// smallest (at least 0.01; a row at 0 MiB/s is drawn at the bottom) to half again the largest.
+fn log_range(points: &[Point]) -> (f64, f64) {
+    let lo = points
+        .iter()
+        .map(|p| p.mib_s)
+        .fold(f64::INFINITY, f64::min)
+        .max(0.01);
+    let hi = points.iter().map(|p| p.mib_s).fold(1.0, f64::max);
+    let lo = if lo.is_finite() { lo } else { 0.01 };
+    ((lo / 2.0).max(0.01), hi * 1.5)
+}
+
+/// A throughput plot (`throughput-loss.svg`, `throughput-delay.svg`): MiB/s on a log scale
+/// against a linear x, one line per data path; a row that did not finish within `limit_s` is
+/// drawn at its measured MiB/s and ringed in black.
+pub fn throughput(
+    file: &Path,
+    title: &str,
+    x_desc: &str,
+    (x0, x1): (f64, f64),
+    limit_s: u64,
+    points: &[Point],
+) -> Result<()> {
+    if let Some(dir) = file.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let (y0, y1) = log_range(points);
+    let mut lines = throughput_lines(points);
+    for l in &mut lines {
+        for p in l.points.iter_mut().chain(l.unfinished.iter_mut()) {
+            p.1 = p.1.max(y0);
+        }
+    }
+    let root = SVGBackend::new(file, (900, 560)).into_drawing_area();
+    let err = |e: &dyn std::fmt::Display| anyhow!("plot {}: {e}", file.display());
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let mut c = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 18))
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(70)
+        .build_cartesian_2d(x0..x1, (y0..y1).log_scale())
+        .map_err(|e| err(&e))?;
+    c.configure_mesh()
+        .x_desc(x_desc)
+        .y_desc("MiB/s on the mirror (log scale)")
+        .draw()
+        .map_err(|e| err(&e))?;
+    for (i, l) in lines.iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        c.draw_series(LineSeries::new(l.points.clone(), color.stroke_width(2)))
+            .map_err(|e| err(&e))?
+            .label(l.name.as_str())
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+        c.draw_series(l.points.iter().map(|p| Circle::new(*p, 4, color.filled())))
+            .map_err(|e| err(&e))?;
+    }
+    if lines.iter().any(|l| !l.unfinished.is_empty()) {
+        let ringed: Vec<(f64, f64)> = lines
+            .iter()
+            .flat_map(|l| l.unfinished.iter().copied())
+            .collect();
+        c.draw_series(
+            ringed
+                .into_iter()
+                .map(|p| Circle::new(p, 8, BLACK.stroke_width(2))),
+        )
+        .map_err(|e| err(&e))?
+        .label(format!(
+            "unfinished within {limit_s} s: what reached the mirror by then"
+        ))
+        .legend(|(x, y)| Circle::new((x + 10, y), 6, BLACK.stroke_width(2)));
+    }
+    c.configure_series_labels()
+        .position(SeriesLabelPosition::MiddleRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 12))
+        .draw()
+        .map_err(|e| err(&e))?;
+    root.present().map_err(|e| err(&e))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(line: &str, x: f64, mib_s: f64, finished: bool) -> Point {
+        Point {
+            line: line.into(),
+            x,
+            mib_s,
+            finished,
+        }
+    }
+
+    #[test]
+    fn rows_group_into_one_line_per_path_in_x_order() {
+        let pts = [
+            p("tcp", 0.5, 12.0, true),
+            p("udp", 0.5, 14.0, true),
+            p("tcp", 0.0, 17.0, true),
+            p("cubic", 1.0, 0.13, false),
+            p("udp", 0.0, 14.2, true),
+            p("cubic", 0.0, 17.9, true),
+        ];
+        let lines = throughput_lines(&pts);
+        let names: Vec<&str> = lines.iter().map(|l| l.name.as_str()).collect();
+        assert_eq!(names, ["tcp", "udp", "cubic"]);
+        assert_eq!(lines[0].points, [(0.0, 17.0), (0.5, 12.0)]);
+        assert_eq!(lines[1].points, [(0.0, 14.2), (0.5, 14.0)]);
+        assert_eq!(lines[2].points, [(0.0, 17.9), (1.0, 0.13)]);
+        assert!(lines[0].unfinished.is_empty());
+        assert_eq!(lines[2].unfinished, [(1.0, 0.13)]);
+    }
+
+    #[test]
+    fn the_log_axis_shows_the_slowest_and_the_fastest_row() {
+        let (lo, hi) = log_range(&[p("a", 0.0, 0.13, false), p("b", 0.0, 14.3, true)]);
+        assert!(
+            (lo - 0.065).abs() < 1e-12 && (hi - 21.45).abs() < 1e-9,
+            "{lo} {hi}"
+        );
+        let (lo, hi) = log_range(&[p("a", 0.0, 0.0, false), p("b", 0.0, 9.0, true)]);
+        assert!(
+            (lo - 0.01).abs() < 1e-12 && (hi - 13.5).abs() < 1e-9,
+            "{lo} {hi}"
+        );
+        assert_eq!(log_range(&[]), (0.01, 1.5));
+    }
+}
