@@ -313,6 +313,10 @@ struct Args {
     /// MiB of data per FEC figure (fec target) [default: 128, 8 with --quick].
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     fec_mib: Option<u64>,
+    /// fuse-transport target: also measure io_uring with unpinned queue threads and with
+    /// `IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN`, in the same run.
+    #[arg(long)]
+    fuse_transport_variants: bool,
     /// Draw the plots of the targets that have some (disaster, wan latency) as SVG files in this directory
     /// (e.g. docs/plots).
     #[arg(long)]
@@ -453,7 +457,12 @@ fn run(args: &Args) -> Result<()> {
     // The FUSE transport target mounts its own server: none of the set-up below either.
     if targets.contains(&TargetKind::FuseTransport) {
         targets.retain(|t| *t != TargetKind::FuseTransport);
-        fuse_transport::run(args.markdown, args.quick, &args.workdir)?;
+        fuse_transport::run(
+            args.markdown,
+            args.quick,
+            args.fuse_transport_variants,
+            &args.workdir,
+        )?;
         if targets.is_empty() {
             return Ok(());
         }

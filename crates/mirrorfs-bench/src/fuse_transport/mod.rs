@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use crate::report::{fmt_num, render_markdown, render_plain};
-use server::{Server, Transport};
+use server::{RingSetup, Server, Transport};
 
 pub const REPS: usize = 3;
 const ENABLE_URING: &str = "/sys/module/fuse/parameters/enable_uring";
@@ -369,7 +369,8 @@ fn ops_mix(cell: &Cell, ops: usize) -> String {
         .join(", ")
 }
 
-pub fn run(markdown: bool, quick: bool, workdir: &Path) -> Result<()> {
+/// Runs the comparison. `variants`: also io_uring unpinned and with DEFER_TASKRUN.
+pub fn run(markdown: bool, quick: bool, variants: bool, workdir: &Path) -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!("fuse-transport needs root (mount(2))");
@@ -383,27 +384,58 @@ pub fn run(markdown: bool, quick: bool, workdir: &Path) -> Result<()> {
         crate::mounts::DirGuard::new(tempdir_in(workdir).context("temp dir for the mount points")?);
     let cpus = server::possible_cpus()?;
     let load_before = loadavg();
-    eprintln!("fuse-transport: load average {load_before}; {cpus} CPUs; sizes: {} files, {} pwrites, {} creates", sz.files, sz.pwrites, sz.creates);
+    eprintln!(
+        "fuse-transport: load average {load_before}; {cpus} CPUs; sizes: {} files, {} pwrites, {} creates",
+        sz.files, sz.pwrites, sz.creates
+    );
 
+    let mut transports = vec![Transport::Uring(RingSetup {
+        pinned: true,
+        defer_taskrun: false,
+    })];
+    if variants {
+        transports.push(Transport::Uring(RingSetup {
+            pinned: false,
+            defer_taskrun: false,
+        }));
+        transports.push(Transport::Uring(RingSetup {
+            pinned: true,
+            defer_taskrun: true,
+        }));
+    }
     let classic_dir = base.path().join("classic");
-    let uring_dir = base.path().join("uring");
     std::fs::create_dir(&classic_dir)?;
-    std::fs::create_dir(&uring_dir)?;
     let classic = Mounted::new(&classic_dir, Transport::Classic, sz.files, cpus)
         .context("classic transport")?;
-    let guard = UringParamGuard::enable();
-    let (uring, uring_err, param_before) = match guard {
+    let mut mounts: Vec<(Transport, Mounted)> = vec![(Transport::Classic, classic)];
+    // Declared after the mounts' vector so that it is dropped (the parameter put back) only
+    // after they are unmounted.
+    let (guard, param_before) = match UringParamGuard::enable() {
         Ok(g) => {
-            let prev = g.previous().to_string();
-            match Mounted::new(&uring_dir, Transport::Uring, sz.files, cpus) {
-                Ok(m) => (Some((m, g)), None, prev),
-                Err(e) => (None, Some(format!("{e:#}")), prev),
+            let p = g.previous().to_string();
+            (Some(g), p)
+        }
+        Err(e) => {
+            eprintln!("fuse-transport: {e:#}");
+            (None, "?".into())
+        }
+    };
+    let mut uring_err = None;
+    if guard.is_some() {
+        for (i, t) in transports.iter().enumerate() {
+            let dir = base.path().join(format!("uring{i}"));
+            std::fs::create_dir(&dir)?;
+            match Mounted::new(&dir, *t, sz.files, cpus) {
+                Ok(m) => mounts.push((*t, m)),
+                Err(e) => {
+                    eprintln!("fuse-transport: {} not available: {e:#}", t.label());
+                    uring_err = Some(format!("{}: {e:#}", t.label()));
+                    break;
+                }
             }
         }
-        Err(e) => (None, Some(format!("{e:#}")), "?".into()),
-    };
-    if let Some(e) = &uring_err {
-        eprintln!("fuse-transport: io_uring transport not available: {e}");
+    } else {
+        uring_err = Some(format!("cannot set {ENABLE_URING}"));
     }
 
     let loads = [
@@ -413,63 +445,55 @@ pub fn run(markdown: bool, quick: bool, workdir: &Path) -> Result<()> {
         Load::Pwrite { threads: 2 },
         Load::Create,
     ];
-    let mut rows = vec![vec![
-        "workload".to_string(),
-        "classic ops/s".into(),
-        "classic µs/op".into(),
-        "io_uring ops/s".into(),
-        "io_uring µs/op".into(),
-        "io_uring / classic".into(),
-        "FUSE requests per op (classic; io_uring)".into(),
-    ]];
+    let mut head = vec!["workload".to_string()];
+    for (i, (t, _)) in mounts.iter().enumerate() {
+        head.push(format!("{} ops/s", t.label()));
+        head.push(format!("{} µs/op", t.label()));
+        if i > 0 {
+            head.push(format!("{} / classic", t.label()));
+        }
+    }
+    head.push("FUSE requests per op (classic; io_uring)".into());
+    let mut rows = vec![head];
     let mut ring_share = Vec::new();
     for load in loads {
-        let mut c = Cell::default();
-        let mut u = Cell::default();
+        let mut cells: Vec<Cell> = mounts.iter().map(|_| Cell::default()).collect();
         for rep in 0..REPS {
-            crate::check_interrupted()?;
-            let uring_first = rep % 2 == 1;
-            if uring_first {
-                if let Some((m, _)) = &uring {
-                    measure(m, load, &sz, rep, &mut u)?;
-                }
-            }
-            measure(&classic, load, &sz, rep, &mut c)?;
-            if !uring_first {
-                if let Some((m, _)) = &uring {
-                    measure(m, load, &sz, rep, &mut u)?;
-                }
+            // Rotate the order every repetition, so that no mount always goes first.
+            for k in 0..mounts.len() {
+                crate::check_interrupted()?;
+                let i = (k + rep) % mounts.len();
+                measure(&mounts[i].1, load, &sz, rep, &mut cells[i])?;
             }
         }
         let ops = load.ops(&sz) as f64;
-        let cm = median(&mut c.secs.clone());
-        let mut row = vec![
-            load.label(&sz),
-            fmt_num(ops / cm),
-            format!("{:.1}", cm * 1e6 / ops),
-        ];
-        if uring.is_some() && !u.secs.is_empty() {
-            let um = median(&mut u.secs.clone());
-            row.push(fmt_num(ops / um));
-            row.push(format!("{:.1}", um * 1e6 / ops));
-            row.push(format!("{:.2}x", cm / um));
-            row.push(format!(
-                "{}; {}",
-                ops_mix(&c, load.ops(&sz)),
-                ops_mix(&u, load.ops(&sz))
-            ));
-            ring_share.push((load.label(&sz), u.via_ring, u.requests));
-        } else {
-            row.extend(["-".to_string(), "-".into(), "-".into()]);
-            row.push(ops_mix(&c, load.ops(&sz)));
+        let classic_median = median(&mut cells[0].secs.clone());
+        let mut row = vec![load.label(&sz)];
+        for (i, c) in cells.iter().enumerate() {
+            let m = median(&mut c.secs.clone());
+            row.push(fmt_num(ops / m));
+            row.push(format!("{:.1}", m * 1e6 / ops));
+            if i > 0 {
+                row.push(format!("{:.2}x", classic_median / m));
+                ring_share.push((
+                    format!("{}, {}", mounts[i].0.label(), load.label(&sz)),
+                    c.via_ring,
+                    c.requests,
+                ));
+            }
         }
+        let mut mix = ops_mix(&cells[0], load.ops(&sz));
+        if let Some(u) = cells.get(1) {
+            mix = format!("{mix}; {}", ops_mix(u, load.ops(&sz)));
+        }
+        row.push(mix);
         rows.push(row);
     }
     let load_after = loadavg();
 
     let mut out = String::new();
     out.push_str(&format!(
-        "\nFUSE transport: classic /dev/fuse ({cpus} threads, cloned fds) vs FUSE over io_uring ({cpus} queues x {} entries), our in-memory server, median of {REPS}, alternating; timeouts 0, no writeback cache\n",
+        "\nFUSE transport: classic /dev/fuse ({cpus} threads, cloned fds) vs FUSE over io_uring ({cpus} queues x {} entries); our in-memory server; median of {REPS}, order rotated; timeouts 0, no writeback cache\n",
         server::RING_DEPTH
     ));
     if markdown {
@@ -477,10 +501,18 @@ pub fn run(markdown: bool, quick: bool, workdir: &Path) -> Result<()> {
     } else {
         out.push_str(&render_plain(&rows));
     }
-    for (label, ring, total) in &ring_share {
+    let (ring, total) = ring_share
+        .iter()
+        .fold((0, 0), |(r, t), (_, a, b)| (r + a, t + b));
+    if total > 0 {
         out.push_str(&format!(
-            "io_uring mount, {label}: {ring} of {total} requests through the ring (the rest, FORGET/INTERRUPT/INIT, through /dev/fuse)\n"
+            "io_uring mounts: {ring} of {total} requests through the ring (the rest through /dev/fuse)\n"
         ));
+    }
+    for (label, ring, total) in &ring_share {
+        if ring != total {
+            out.push_str(&format!("  {label}: {ring} of {total} through the ring\n"));
+        }
     }
     if let Some(e) = &uring_err {
         out.push_str(&format!("io_uring transport not measured: {e}\n"));
@@ -490,18 +522,15 @@ pub fn run(markdown: bool, quick: bool, workdir: &Path) -> Result<()> {
     ));
     print!("{out}");
 
-    let r1 = classic.close();
-    let r2 = match uring {
-        Some((m, g)) => {
-            let r = m.close();
-            drop(g);
-            r
+    let mut first = Ok(());
+    for (t, m) in mounts {
+        let r = m.close().with_context(|| format!("{} server", t.label()));
+        if first.is_ok() {
+            first = r;
         }
-        None => Ok(()),
-    };
-    r1.context("classic server")?;
-    r2.context("io_uring server")?;
-    Ok(())
+    }
+    drop(guard);
+    first
 }
 
 fn tempdir_in(dir: &Path) -> Result<PathBuf> {

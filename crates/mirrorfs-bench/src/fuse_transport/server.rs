@@ -45,7 +45,36 @@ const FUSE_DEV_IOC_CLONE: libc::c_ulong = 0x8004_e500;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Transport {
     Classic,
-    Uring,
+    Uring(RingSetup),
+}
+
+/// How the io_uring queues are set up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RingSetup {
+    /// Each queue's thread pinned to its CPU (the kernel picks the queue by the CPU of the
+    /// task that makes the request; libfuse pins likewise).
+    pub pinned: bool,
+    /// `IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN`: completions (the kernel's
+    /// task work handing us a request) run only when the thread waits in `io_uring_enter`.
+    pub defer_taskrun: bool,
+}
+
+impl Transport {
+    pub fn label(self) -> String {
+        match self {
+            Transport::Classic => "classic".into(),
+            Transport::Uring(s) => {
+                let mut l = "io_uring".to_string();
+                if !s.pinned {
+                    l.push_str(" unpinned");
+                }
+                if s.defer_taskrun {
+                    l.push_str(" defer_taskrun");
+                }
+                l
+            }
+        }
+    }
 }
 
 struct Node {
@@ -172,7 +201,7 @@ impl Fs {
                     | abi::FUSE_BIG_WRITES
                     | abi::FUSE_PARALLEL_DIROPS
                     | abi::FUSE_INIT_EXT;
-                if self.transport == Transport::Uring {
+                if matches!(self.transport, Transport::Uring(_)) {
                     want |= abi::FUSE_OVER_IO_URING;
                 }
                 let minor = minor.min(abi::FUSE_KERNEL_MINOR_VERSION);
@@ -469,12 +498,18 @@ fn ring_loop(
     fs: &Fs,
     dev: &File,
     qid: u16,
+    setup: RingSetup,
     ready_tx: mpsc::Sender<Result<(), String>>,
 ) -> Result<()> {
     use io_uring::{opcode, squeue, types, IoUring};
-    pin_to_cpu(qid as usize);
-    let mut ring: IoUring<squeue::Entry128> = match IoUring::builder().build(2 * RING_DEPTH as u32)
-    {
+    if setup.pinned {
+        pin_to_cpu(qid as usize);
+    }
+    let mut builder = IoUring::<squeue::Entry128>::builder();
+    if setup.defer_taskrun {
+        builder.setup_single_issuer().setup_defer_taskrun();
+    }
+    let mut ring: IoUring<squeue::Entry128> = match builder.build(2 * RING_DEPTH as u32) {
         Ok(r) => r,
         Err(e) => {
             let _ = ready_tx.send(Err(format!("io_uring_setup (SQE128): {e}")));
@@ -617,7 +652,7 @@ impl Server {
         let (init_tx, init_rx) = mpsc::channel();
         let dev_threads = match transport {
             Transport::Classic => threads.max(1),
-            Transport::Uring => 1,
+            Transport::Uring(_) => 1,
         };
         for t in 0..dev_threads {
             let d = if t == 0 {
@@ -650,7 +685,7 @@ impl Server {
             }
         }
         let mut server = server;
-        if transport == Transport::Uring {
+        if let Transport::Uring(setup) = transport {
             if !fs.kernel_offered_uring.load(Ordering::Relaxed) {
                 bail!("the kernel did not offer FUSE_OVER_IO_URING at INIT (enable_uring off?)");
             }
@@ -664,7 +699,7 @@ impl Server {
                 server.threads.push(
                     std::thread::Builder::new()
                         .name(format!("ft-ring{q}"))
-                        .spawn(move || ring_loop(&fs, &d, qid, tx))
+                        .spawn(move || ring_loop(&fs, &d, qid, setup, tx))
                         .context("spawn")?,
                 );
             }
