@@ -331,6 +331,9 @@ fn median(v: &mut [f64]) -> f64 {
 #[derive(Default)]
 struct Cell {
     secs: Vec<f64>,
+    /// CPU seconds (user + system) of this whole process, which holds both the workload's
+    /// threads and the server's: both ends of every round trip.
+    cpu: Vec<f64>,
     requests: u64,
     via_ring: u64,
     /// Requests by opcode over all repetitions.
@@ -342,9 +345,12 @@ fn measure(m: &Mounted, load: Load, sz: &Sizes, rep: usize, cell: &mut Cell) -> 
         bail!("no server");
     };
     let (b_op, b_ring, b_dev) = srv.fs.counts.snapshot();
+    let cpu0 = process_cpu_secs()?;
     let d = load.run(&m.path, sz, rep)?;
+    let cpu1 = process_cpu_secs()?;
     let (a_op, a_ring, a_dev) = srv.fs.counts.snapshot();
     cell.secs.push(d.as_secs_f64());
+    cell.cpu.push(cpu1 - cpu0);
     cell.requests += (a_ring + a_dev) - (b_ring + b_dev);
     cell.via_ring += a_ring - b_ring;
     for (o, (a, b)) in a_op.iter().zip(b_op.iter()).enumerate() {
@@ -356,6 +362,17 @@ fn measure(m: &Mounted, load: Load, sz: &Sizes, rep: usize, cell: &mut Cell) -> 
         }
     }
     Ok(())
+}
+
+/// User + system CPU seconds of this process so far (all threads).
+fn process_cpu_secs() -> Result<f64> {
+    // SAFETY: rusage is plain data, filled by the call.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("getrusage");
+    }
+    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 * 1e-6;
+    Ok(t(ru.ru_utime) + t(ru.ru_stime))
 }
 
 fn ops_mix(cell: &Cell, ops: usize) -> String {
@@ -449,8 +466,10 @@ pub fn run(markdown: bool, quick: bool, variants: bool, workdir: &Path) -> Resul
     for (i, (t, _)) in mounts.iter().enumerate() {
         head.push(format!("{} ops/s", t.label()));
         head.push(format!("{} µs/op", t.label()));
+        head.push(format!("{} CPU µs/op", t.label()));
         if i > 0 {
             head.push(format!("{} / classic", t.label()));
+            head.push(format!("{} CPU / classic", t.label()));
         }
     }
     head.push("FUSE requests per op (classic; io_uring)".into());
@@ -468,13 +487,18 @@ pub fn run(markdown: bool, quick: bool, variants: bool, workdir: &Path) -> Resul
         }
         let ops = load.ops(&sz) as f64;
         let classic_median = median(&mut cells[0].secs.clone());
+        let classic_cpu = median(&mut cells[0].cpu.clone());
         let mut row = vec![load.label(&sz)];
         for (i, c) in cells.iter().enumerate() {
             let m = median(&mut c.secs.clone());
+            let cpu = median(&mut c.cpu.clone());
             row.push(fmt_num(ops / m));
             row.push(format!("{:.1}", m * 1e6 / ops));
+            row.push(format!("{:.1}", cpu * 1e6 / ops));
             if i > 0 {
                 row.push(format!("{:.2}x", classic_median / m));
+                // Above 1: io_uring spends less CPU per operation.
+                row.push(format!("{:.2}x", classic_cpu / cpu));
                 ring_share.push((
                     format!("{}, {}", mounts[i].0.label(), load.label(&sz)),
                     c.via_ring,
@@ -493,7 +517,7 @@ pub fn run(markdown: bool, quick: bool, variants: bool, workdir: &Path) -> Resul
 
     let mut out = String::new();
     out.push_str(&format!(
-        "\nFUSE transport: classic /dev/fuse ({cpus} threads, cloned fds) vs FUSE over io_uring ({cpus} queues x {} entries); our in-memory server; median of {REPS}, order rotated; timeouts 0, no writeback cache\n",
+        "\nFUSE transport: classic /dev/fuse ({cpus} threads, cloned fds) vs FUSE over io_uring ({cpus} queues x {} entries); our in-memory server; median of {REPS}, order rotated; timeouts 0, no writeback cache; ratios above 1 favour io_uring (wall: classic time / io_uring time; CPU: the same for the process's user+system CPU, both ends of the round trip)\n",
         server::RING_DEPTH
     ));
     if markdown {

@@ -570,8 +570,13 @@ fn ring_loop(
     loop {
         for (i, res) in done.drain(..) {
             if res < 0 {
-                // -ENOTCONN / -ECONNABORTED / -ECANCELED at teardown.
-                return Ok(());
+                // At teardown (unmount aborts the connection) the kernel completes every
+                // entry it holds with one of these; anything else is a refused commit.
+                return match -res {
+                    libc::ENOTCONN | libc::ECONNABORTED | libc::ECANCELED | libc::ENODEV => Ok(()),
+                    e => Err(io::Error::from_raw_os_error(e))
+                        .with_context(|| format!("COMMIT_AND_FETCH on queue {qid}")),
+                };
             }
             serve_one(fs, &mut ring, fd, &mut ents, qid, i, &mut reply)?;
         }
