@@ -377,7 +377,7 @@ fn process_cpu_secs() -> Result<f64> {
 
 fn ops_mix(cell: &Cell, ops: usize) -> String {
     let mut v = cell.by_op.clone();
-    v.sort_by(|a, b| b.1.cmp(&a.1));
+    v.sort_by_key(|e| std::cmp::Reverse(e.1));
     let total_ops = (ops * cell.secs.len()).max(1) as f64;
     v.iter()
         .filter(|(_, n)| *n as f64 / total_ops >= 0.01)
