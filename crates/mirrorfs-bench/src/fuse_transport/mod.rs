@@ -420,13 +420,9 @@ pub fn run(markdown: bool, quick: bool, variants: bool, workdir: &Path) -> Resul
             defer_taskrun: true,
         }));
     }
-    let classic_dir = base.path().join("classic");
-    std::fs::create_dir(&classic_dir)?;
-    let classic = Mounted::new(&classic_dir, Transport::Classic, sz.files, cpus)
-        .context("classic transport")?;
-    let mut mounts: Vec<(Transport, Mounted)> = vec![(Transport::Classic, classic)];
-    // Declared after the mounts' vector so that it is dropped (the parameter put back) only
-    // after they are unmounted.
+    // Declared before the mounts so that it is dropped (the parameter put back) only after
+    // they are unmounted, also when this function returns early or panics. The classic mount
+    // does not ask for FUSE_OVER_IO_URING at INIT, so the parameter does not change it.
     let (guard, param_before) = match UringParamGuard::enable() {
         Ok(g) => {
             let p = g.previous().to_string();
@@ -437,6 +433,11 @@ pub fn run(markdown: bool, quick: bool, variants: bool, workdir: &Path) -> Resul
             (None, "?".into())
         }
     };
+    let classic_dir = base.path().join("classic");
+    std::fs::create_dir(&classic_dir)?;
+    let classic = Mounted::new(&classic_dir, Transport::Classic, sz.files, cpus)
+        .context("classic transport")?;
+    let mut mounts: Vec<(Transport, Mounted)> = vec![(Transport::Classic, classic)];
     let mut uring_err = None;
     if guard.is_some() {
         for (i, t) in transports.iter().enumerate() {
@@ -569,47 +570,138 @@ fn tempdir_in(dir: &Path) -> Result<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::{mpsc, Mutex};
 
-    /// Mounts the classic transport, runs a stat pass and a write, checks what the server
-    /// saw. Skips (passes with a message) without /dev/fuse or root.
-    #[test]
-    fn classic_transport_serves_stat_and_write() {
-        if !Path::new("/dev/fuse").exists() || unsafe { libc::geteuid() } != 0 {
+    /// The tests that change `enable_uring` run one at a time.
+    static PARAM: Mutex<()> = Mutex::new(());
+
+    fn param() -> String {
+        std::fs::read_to_string(ENABLE_URING)
+            .expect("read enable_uring")
+            .trim()
+            .to_string()
+    }
+
+    fn can_mount() -> bool {
+        // SAFETY: geteuid has no preconditions.
+        let ok = Path::new("/dev/fuse").exists() && unsafe { libc::geteuid() } == 0;
+        if !ok {
             eprintln!("skipped: needs /dev/fuse and root");
-            return;
         }
-        let base = std::env::temp_dir().join(format!("ft-test-{}", std::process::id()));
-        std::fs::create_dir_all(&base).expect("mkdir");
-        let base = crate::mounts::DirGuard::new(base);
-        let m = Mounted::new(base.path(), Transport::Classic, 50, 2).expect("mount");
-        let d = work::stat(&m.path, 50, 2).expect("stat");
-        assert!(d > Duration::ZERO);
-        let srv = m.server().expect("server");
-        let (by_op, _, dev) = srv.fs.counts.snapshot();
+        ok
+    }
+
+    /// stat, pwrite, create, readdir, read and a missing name through the mount at `dir`.
+    fn file_ops(dir: &Path) -> Result<()> {
+        work::stat(dir, 50, 2)?;
+        work::pwrite(dir, "w", 10, 1)?;
+        let data = std::fs::read(dir.join("w-0"))?;
+        if data.len() != 10 * 4096 || data.iter().any(|&b| b != 0) {
+            bail!("read back {} bytes, expected 40960 zeros", data.len());
+        }
+        work::create(dir, "c", 5)?;
+        let n = std::fs::read_dir(dir)?.count();
+        if n != 50 + 1 + 5 {
+            bail!("readdir listed {n} entries, expected 56");
+        }
+        match std::fs::symlink_metadata(dir.join("nope")) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            other => bail!("a missing name gave {other:?}"),
+        }
+    }
+
+    /// Runs `file_ops` on the mount in a thread, failing (never hanging) after 60 s: the
+    /// mount's drop then aborts the connection, which ends the blocked calls.
+    fn exercise(m: &Mounted) {
+        let dir = m.path.clone();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(file_ops(&dir).map_err(|e| format!("{e:#}")));
+        });
+        match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(r) => r.expect("file operations"),
+            Err(_) => panic!("file operations through the mount did not end within 60 s"),
+        }
+    }
+
+    fn check_counts(m: &Mounted) -> (u64, u64) {
+        let (by_op, ring, dev) = m.server().expect("server").fs.counts.snapshot();
         assert!(
             by_op[abi::op::GETATTR as usize] >= 50,
             "one GETATTR per lstat at timeout 0"
         );
-        assert!(dev >= 50);
-        work::pwrite(&m.path, "w", 10, 1).expect("pwrite");
-        let (by_op, _, _) = srv.fs.counts.snapshot();
+        assert!(by_op[abi::op::LOOKUP as usize] >= 50);
         assert_eq!(
             by_op[abi::op::WRITE as usize],
-            10,
+            10 + 5,
             "one WRITE per 4 KiB pwrite"
         );
-        let len = std::fs::metadata(m.path.join("w-0")).expect("stat").len();
-        assert_eq!(len, 10 * 4096);
-        work::create(&m.path, "c", 5).expect("create");
-        let names: Vec<_> = std::fs::read_dir(&m.path)
-            .expect("readdir")
-            .map(|e| e.expect("entry").file_name())
-            .collect();
-        assert_eq!(names.len(), 50 + 1 + 5);
-        assert!(matches!(
-            std::fs::read(m.path.join("nope")).map_err(|e| e.kind()),
-            Err(std::io::ErrorKind::NotFound)
-        ));
+        assert_eq!(by_op[abi::op::CREATE as usize], 1 + 5);
+        (ring, dev)
+    }
+
+    /// Mounts the classic transport and runs a stat pass, writes, creates and reads through
+    /// it. Skips (passes with a message) without /dev/fuse or root.
+    #[test]
+    fn classic_transport_serves_stat_and_write() {
+        if !can_mount() {
+            return;
+        }
+        let base = crate::mounts::DirGuard::new(tempdir_in(&std::env::temp_dir()).expect("tmp"));
+        let m = Mounted::new(base.path(), Transport::Classic, 50, 2).expect("mount");
+        exercise(&m);
+        let (ring, dev) = check_counts(&m);
+        assert_eq!(ring, 0);
+        assert!(dev >= 50 * 3);
         m.close().expect("unmount and join");
+        assert!(!crate::mounts::is_mounted(base.path()).expect("mountinfo"));
+    }
+
+    /// The same through FUSE over io_uring: every request of the workload comes through the
+    /// ring, and `enable_uring` is back to its value afterwards.
+    #[test]
+    fn uring_transport_serves_stat_and_write() {
+        if !can_mount() || !Path::new(ENABLE_URING).exists() {
+            eprintln!("skipped: needs {ENABLE_URING}");
+            return;
+        }
+        let _one = PARAM.lock().unwrap_or_else(|e| e.into_inner());
+        let before = param();
+        {
+            let _g = UringParamGuard::enable().expect("enable_uring");
+            let base =
+                crate::mounts::DirGuard::new(tempdir_in(&std::env::temp_dir()).expect("tmp"));
+            let setup = RingSetup {
+                pinned: true,
+                defer_taskrun: false,
+            };
+            let m = Mounted::new(base.path(), Transport::Uring(setup), 50, 2).expect("mount");
+            exercise(&m);
+            let (ring, _dev) = check_counts(&m);
+            assert!(
+                ring >= 50 * 3 + 10 + 5 * 9,
+                "{ring} requests through the ring"
+            );
+            m.close().expect("unmount and join");
+        }
+        assert_eq!(param(), before);
+    }
+
+    /// The parameter guard puts the previous value back on panic too.
+    #[test]
+    fn uring_param_guard_restores_on_panic() {
+        if unsafe { libc::geteuid() } != 0 || !Path::new(ENABLE_URING).exists() {
+            eprintln!("skipped: needs root and {ENABLE_URING}");
+            return;
+        }
+        let _one = PARAM.lock().unwrap_or_else(|e| e.into_inner());
+        let before = param();
+        let r = std::panic::catch_unwind(|| {
+            let _g = UringParamGuard::enable().expect("enable_uring");
+            assert_eq!(param(), "Y");
+            panic!("on purpose");
+        });
+        assert!(r.is_err());
+        assert_eq!(param(), before);
     }
 }

@@ -307,7 +307,8 @@ impl Fs {
                 };
                 let mut cap = vec![0u8; (size as usize).min(out.room())];
                 let mut o = Out::new(&mut cap);
-                // Offsets: 1 = ".", 2 = "..", 3 + i = nodes[i].
+                // Offsets (each entry's own; the next one's goes in the dirent): 0 = ".",
+                // 1 = "..", n >= 2 = the node with ino n (nodes[n - 2]).
                 let mut off = offset;
                 loop {
                     let (ino, name, dtype): (u64, &[u8], u32) = match off {
