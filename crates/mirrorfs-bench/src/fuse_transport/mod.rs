@@ -682,7 +682,13 @@ mod tests {
                 ring >= 50 * 3 + 10 + 5 * 9,
                 "{ring} requests through the ring"
             );
+            let fs = m.server().expect("server").fs.clone();
             m.close().expect("unmount and join");
+            assert_eq!(
+                fs.queues_leaked.load(std::sync::atomic::Ordering::Relaxed),
+                0,
+                "every entry came back at the unmount"
+            );
         }
         assert_eq!(param(), before);
     }

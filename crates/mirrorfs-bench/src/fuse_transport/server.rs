@@ -121,6 +121,8 @@ pub struct Fs {
     initialized: AtomicBool,
     /// Whether the kernel offered FUSE_OVER_IO_URING at INIT.
     pub kernel_offered_uring: AtomicBool,
+    /// Ring queues that ended with entries the kernel had not given back (buffers leaked).
+    pub queues_leaked: AtomicU64,
 }
 
 impl Fs {
@@ -144,6 +146,7 @@ impl Fs {
             counts: Counts::new(),
             initialized: AtomicBool::new(false),
             kernel_offered_uring: AtomicBool::new(false),
+            queues_leaked: AtomicU64::new(0),
         }
     }
 
@@ -517,23 +520,27 @@ fn ring_loop(
             return Err(e).context("io_uring_setup");
         }
     };
-    let mut ents: Vec<RingEnt> = (0..RING_DEPTH)
-        .map(|_| {
-            let mut hdr = Box::new([0u8; abi::URING_HEADER_LEN]);
-            let mut payload = vec![0u8; PAYLOAD_BUF].into_boxed_slice();
-            let iov = Box::new([
-                libc::iovec {
-                    iov_base: hdr.as_mut_ptr().cast(),
-                    iov_len: abi::URING_HEADER_LEN,
-                },
-                libc::iovec {
-                    iov_base: payload.as_mut_ptr().cast(),
-                    iov_len: PAYLOAD_BUF,
-                },
-            ]);
-            RingEnt { hdr, payload, iov }
-        })
-        .collect();
+    // Never dropped while the kernel may still write into them: freed at the end only once
+    // every entry has come back, otherwise leaked (bounded: RING_DEPTH x ~128 KiB a queue).
+    let mut ents: std::mem::ManuallyDrop<Vec<RingEnt>> = std::mem::ManuallyDrop::new(
+        (0..RING_DEPTH)
+            .map(|_| {
+                let mut hdr = Box::new([0u8; abi::URING_HEADER_LEN]);
+                let mut payload = vec![0u8; PAYLOAD_BUF].into_boxed_slice();
+                let iov = Box::new([
+                    libc::iovec {
+                        iov_base: hdr.as_mut_ptr().cast(),
+                        iov_len: abi::URING_HEADER_LEN,
+                    },
+                    libc::iovec {
+                        iov_base: payload.as_mut_ptr().cast(),
+                        iov_len: PAYLOAD_BUF,
+                    },
+                ]);
+                RingEnt { hdr, payload, iov }
+            })
+            .collect(),
+    );
     let fd = types::Fd(dev.as_raw_fd());
     for (i, ent) in ents.iter().enumerate() {
         let sqe = opcode::UringCmd80::new(fd, abi::FUSE_IO_URING_CMD_REGISTER)
@@ -568,29 +575,57 @@ fn ring_loop(
     }
     let _ = ready_tx.send(Ok(()));
     let mut reply = vec![0u8; REPLY_BUF];
-    loop {
-        for (i, res) in done.drain(..) {
+    // Entries the kernel holds (registered or committed, not yet completed back to us).
+    let mut live = RING_DEPTH;
+    let result = 'serve: loop {
+        let batch = std::mem::take(&mut done);
+        for (k, &(i, res)) in batch.iter().enumerate() {
             if res < 0 {
+                live -= 1 + batch[k + 1..].iter().filter(|d| d.1 < 0).count();
                 // At teardown (unmount aborts the connection) the kernel completes every
                 // entry it holds with one of these; anything else is a refused commit.
-                return match -res {
+                break 'serve match -res {
                     libc::ENOTCONN | libc::ECONNABORTED | libc::ECANCELED | libc::ENODEV => Ok(()),
                     e => Err(io::Error::from_raw_os_error(e))
                         .with_context(|| format!("COMMIT_AND_FETCH on queue {qid}")),
                 };
             }
-            serve_one(fs, &mut ring, fd, &mut ents, qid, i, &mut reply)?;
+            if let Err(e) = serve_one(fs, &mut ring, fd, &mut ents, qid, i, &mut reply) {
+                break 'serve Err(e);
+            }
         }
         match ring.submit_and_wait(1) {
             Ok(_) => {}
             Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-            Err(e) => return Err(e).context("io_uring_enter"),
+            Err(e) => break 'serve Err(e).context("io_uring_enter"),
         }
         done.extend(
             ring.completion()
                 .map(|c| (c.user_data() as usize, c.result())),
         );
+    };
+    // The kernel may write into an entry's buffers until it completes the entry: wait (up to
+    // 1 s) for the other entries' completions, and free the buffers only if all came back.
+    let ts = types::Timespec::new().nsec(100_000_000);
+    for _ in 0..10 {
+        if live == 0 || result.is_err() {
+            break;
+        }
+        let args = types::SubmitArgs::new().timespec(&ts);
+        let _ = ring.submitter().submit_with_args(1, &args);
+        live -= ring
+            .completion()
+            .filter(|c| c.result() < 0)
+            .count()
+            .min(live);
     }
+    if live == 0 {
+        // SAFETY: the kernel holds none of the entries any more; `ents` is not used after.
+        unsafe { std::mem::ManuallyDrop::drop(&mut ents) };
+    } else {
+        fs.queues_leaked.fetch_add(1, Ordering::Relaxed);
+    }
+    result
 }
 
 /// Answers the request in entry `i` and queues its COMMIT_AND_FETCH.
