@@ -50,6 +50,12 @@
 //!   the mount's start until its status says `live`, against `rsync -a` of the same tree in
 //!   the same run (see `initsync.rs`).
 //!
+//! - `fuse-transport` (not in the default set; `--targets fuse-transport`, root): what FUSE
+//!   over io_uring buys per request against the classic `/dev/fuse` transport, both served
+//!   side by side by a minimal in-memory FUSE server of our own written from the kernel's ABI
+//!   (stat, 4 KiB pwrite, create+write+close; see `fuse_transport/mod.rs`). It needs no
+//!   mirrorfs binary and has its own table.
+//!
 //! - `fec` (not in the default set; `--targets fec`): throughput of the FEC
 //!   schemes of `mirrorfs_core::fec` (layered XOR, Reed–Solomon over two crates)
 //!   beside a memcpy of the same bytes, at 1,400 B and 4 KiB packets, 0 and 1 %
@@ -106,6 +112,7 @@
 mod ack;
 mod disaster;
 mod fec;
+mod fuse_transport;
 mod initsync;
 mod latency;
 mod mounts;
@@ -168,6 +175,12 @@ pub enum TargetKind {
     /// The initial copy of a tree of small files to an empty local mirror against `rsync -a`
     /// of the same tree (`initsync.rs`, `--initsync-files`). Not in the default set.
     Initsync,
+    /// FUSE over io_uring against the classic `/dev/fuse` transport, per request, with a
+    /// minimal in-memory FUSE server of our own (`fuse_transport/`). Needs root. Not in the
+    /// default set.
+    #[value(name = "fuse-transport")]
+    #[serde(rename = "fuse-transport")]
+    FuseTransport,
 }
 
 impl TargetKind {
@@ -185,6 +198,7 @@ impl TargetKind {
             TargetKind::Ack => "ack",
             TargetKind::Tokens => "tokens",
             TargetKind::Initsync => "initsync",
+            TargetKind::FuseTransport => "fuse-transport",
         }
     }
 
@@ -201,6 +215,7 @@ impl TargetKind {
                 | TargetKind::Ack
                 | TargetKind::Tokens
                 | TargetKind::Initsync
+                | TargetKind::FuseTransport
         )
     }
 }
@@ -300,6 +315,10 @@ struct Args {
     /// MiB of data per FEC figure (fec target) [default: 128, 8 with --quick].
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     fec_mib: Option<u64>,
+    /// fuse-transport target: also measure io_uring with unpinned queue threads and with
+    /// `IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN`, in the same run.
+    #[arg(long)]
+    fuse_transport_variants: bool,
     /// Draw the plots of the targets that have some (disaster; wan: `throughput-loss.svg`,
     /// `throughput-delay.svg`, `latency.svg`) as SVG files in this directory (e.g. docs/plots).
     #[arg(long)]
@@ -433,6 +452,19 @@ fn run(args: &Args) -> Result<()> {
     if targets.contains(&TargetKind::Fec) {
         targets.retain(|t| *t != TargetKind::Fec);
         fec::run(args.markdown, args.quick, args.fec_mib, args.seed)?;
+        if targets.is_empty() {
+            return Ok(());
+        }
+    }
+    // The FUSE transport target mounts its own server: none of the set-up below either.
+    if targets.contains(&TargetKind::FuseTransport) {
+        targets.retain(|t| *t != TargetKind::FuseTransport);
+        fuse_transport::run(
+            args.markdown,
+            args.quick,
+            args.fuse_transport_variants,
+            &args.workdir,
+        )?;
         if targets.is_empty() {
             return Ok(());
         }
@@ -786,6 +818,9 @@ fn run_target(
         TargetKind::Ack => bail!("the ack target runs on its own (ack.rs)"),
         TargetKind::Tokens => bail!("the tokens target runs on its own (tokens.rs)"),
         TargetKind::Initsync => bail!("the initsync target runs on its own (initsync.rs)"),
+        TargetKind::FuseTransport => {
+            bail!("the fuse-transport target runs on its own (fuse_transport/)")
+        }
         TargetKind::Native => {
             let root = tdir.join("data");
             mkdirs(&[&root])?;
