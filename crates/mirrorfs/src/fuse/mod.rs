@@ -354,7 +354,7 @@ impl MirrorFs {
             // session's later writes then wait for the shared token in turn.
             let linked = sys::fstat(h.fd.as_fd()).is_ok_and(|st| {
                 let directory = st.st_mode & libc::S_IFMT == libc::S_IFDIR;
-                mirrorfs_core::token::takes_hard_linked(directory, st.st_nlink as u64)
+                mirrorfs_core::token::takes_hard_linked(directory, st.st_nlink)
             });
             let object = match linked {
                 true => mirrorfs_core::token::HARD_LINKED,

@@ -671,7 +671,7 @@ impl Volume {
             };
             st.map_or((false, 1), |st| {
                 let directory = st.st_mode & libc::S_IFMT == libc::S_IFDIR;
-                (directory, st.st_nlink as u64)
+                (directory, st.st_nlink)
             })
         };
         let (directory, nlink) = links();
