@@ -164,6 +164,86 @@ pub fn names_of(op: &Op) -> Vec<&RelPath> {
     }
 }
 
+/// The token every change to the data or metadata of a file with more than one link takes, in
+/// addition to its name's (`docs/protocol.md`, "Which tokens a change takes"). Write tokens are
+/// per name (the object of a name is a hash of its path, which both sites agree on; an inode is
+/// known only locally), so two names of one file would otherwise let both sites write the file
+/// at once. Both sites agree on *whether* a file is hard-linked once each holds the name's token
+/// (every change that makes a name a link of a file — `link` — takes the token of the existing
+/// name, and the new holder of a token has applied the granter's records for it), so one shared
+/// token serializes the changes to every hard-linked file. Coarse: writes to two different
+/// hard-linked files at the two sites pass this one token back and forth.
+///
+/// The smallest object id a name can not have, so [`acquire_order`] takes it before every
+/// name's: a change of a hard-linked file waits for it holding no other token, and a file
+/// open for writing that has more than one link holds this token for its session *instead of*
+/// its name's (two tokens held by sessions at two sites, each waiting for the other's, would
+/// wait for each other until `hold_max_ms` split both sessions). The link count is read before
+/// the tokens are taken and again once the names' are held ([`after_names`]): a file that
+/// became hard-linked in between (the other site's `link` of the name, applied before its
+/// token came here) gives the names back and takes them again after this one.
+/// [`name_object`] never gives it (nor 0) to a name.
+pub const HARD_LINKED: ObjectId = 1;
+
+/// A name's object from the hash of its path: never 0 (the log's record of the lend counter)
+/// nor [`HARD_LINKED`].
+pub fn name_object(hash: u64) -> ObjectId {
+    hash.max(HARD_LINKED + 1)
+}
+
+/// The name of the file whose data or metadata a change changes in place (write, truncate,
+/// fallocate, chmod, chown, times, xattrs): such a change takes [`HARD_LINKED`] too when that
+/// file has more than one link ([`takes_hard_linked`]). None for a change of names (a `link`
+/// takes both names' tokens: the existing name's is what orders it before the other site's
+/// next change through that name, which then sees the new link count).
+pub fn changed_file(op: &Op) -> Option<&RelPath> {
+    match op {
+        Op::Write { path, .. }
+        | Op::Truncate { path, .. }
+        | Op::Fallocate { path, .. }
+        | Op::SetMode { path, .. }
+        | Op::SetOwner { path, .. }
+        | Op::SetTimes { path, .. }
+        | Op::SetXattr { path, .. }
+        | Op::RemoveXattr { path, .. } => Some(path),
+        _ => None,
+    }
+}
+
+/// Whether a change of a file's data or metadata takes [`HARD_LINKED`] (and a file opened for
+/// writing holds it for its session in place of its name's): the entry is not a directory (a
+/// directory's link count counts its subdirectories) and has more than one link. Read before
+/// the tokens are taken and again under the names' ([`after_names`]): by then the other site's
+/// changes to those names (a `link` of one) are applied here. Once the names' tokens are held
+/// the count cannot grow (that needs a `link` of a name whose token this site holds).
+pub fn takes_hard_linked(directory: bool, nlink: u64) -> bool {
+    !directory && nlink > 1
+}
+
+/// What a change of a file's data or metadata does once it holds the tokens it took, having
+/// read the file's link count again under them ([`HARD_LINKED`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterNames {
+    /// The tokens held cover the change.
+    Go,
+    /// The file has become hard-linked since the first read (the other site's `link` of the
+    /// name, applied before the name's token came here): give the tokens back unused and take
+    /// them again with [`HARD_LINKED`] first. Never asked twice of one change: the second
+    /// round holds `HARD_LINKED`.
+    Again,
+}
+
+/// [`AfterNames`] for a change that took [`HARD_LINKED`] (`shared`) or not, with the link
+/// count read under the names' tokens. A count that dropped meanwhile (the other site removed
+/// another name) only took the shared token without need.
+pub fn after_names(shared: bool, directory: bool, nlink: u64) -> AfterNames {
+    if !shared && takes_hard_linked(directory, nlink) {
+        AfterNames::Again
+    } else {
+        AfterNames::Go
+    }
+}
+
 /// The order a change takes several tokens in, at both sites: ascending object ids, each once
 /// (a rename onto its own name takes one). A change that waits for a token holds only lower
 /// ones, so two changes can never each wait for a token the other holds (no cycle); and a
@@ -1701,6 +1781,192 @@ mod tests {
             .into_iter()
             .map(|r| r.expect("each change ran or was refused within the run"))
             .collect()
+    }
+
+    #[test]
+    fn a_change_of_a_hard_linked_file_takes_the_shared_token_after_its_names() {
+        let p = |s: &[u8]| RelPath::new(s.to_vec()).expect("path");
+        let (a, b) = (p(b"a"), p(b"b"));
+        let data = [
+            Op::Write {
+                path: a.clone(),
+                offset: 0,
+                data: b"x".to_vec(),
+            },
+            Op::Truncate {
+                path: a.clone(),
+                size: 0,
+            },
+            Op::SetMode {
+                path: a.clone(),
+                mode: 0o600,
+            },
+            Op::SetXattr {
+                path: a.clone(),
+                name: b"user.x".to_vec(),
+                value: b"1".to_vec(),
+                flags: 0,
+            },
+        ];
+        for op in &data {
+            assert_eq!(changed_file(op), Some(&a), "{}", op.name());
+        }
+        let names = [
+            Op::Link {
+                from: a.clone(),
+                to: b.clone(),
+            },
+            Op::Unlink {
+                path: a.clone(),
+                nlink: 2,
+            },
+            Op::Rename {
+                from: a.clone(),
+                to: b.clone(),
+                flags: 0,
+                from_ino: 1,
+            },
+            Op::Abort { seq: 1 },
+        ];
+        for op in &names {
+            assert_eq!(changed_file(op), None, "{}", op.name());
+        }
+        assert!(takes_hard_linked(false, 2));
+        assert!(!takes_hard_linked(false, 1));
+        assert!(
+            !takes_hard_linked(true, 3),
+            "a directory's links are its subdirectories"
+        );
+        // Linked since the first read: again, with the shared token first; never twice.
+        assert_eq!(after_names(false, false, 2), AfterNames::Again);
+        assert_eq!(after_names(true, false, 2), AfterNames::Go);
+        assert_eq!(after_names(true, false, 1), AfterNames::Go);
+        assert_eq!(after_names(false, false, 1), AfterNames::Go);
+        assert_eq!(after_names(false, true, 5), AfterNames::Go);
+        // No name is the shared object, nor 0; it is taken first, before every name's.
+        for h in [0, 1] {
+            assert!(![0, HARD_LINKED].contains(&name_object(h)));
+        }
+        assert_eq!(name_object(u64::MAX), u64::MAX);
+        assert_eq!(
+            acquire_order(vec![u64::MAX, X, HARD_LINKED]),
+            vec![HARD_LINKED, X, u64::MAX]
+        );
+    }
+
+    /// One file with two names, X and Y: a session (open, `writes` writes, close) at each site
+    /// at once, the home's through X and the other site's through Y (lent to it first; or
+    /// through X too with `one_name`: each site's mount may name the inode by either), each
+    /// write taking its name's token and, with `linked`, [`HARD_LINKED`] first (a session then
+    /// holds that one in place of its name's). Returns the order the writes ran in (the site
+    /// of each), and when the last ran.
+    fn sessions_through_two_names(
+        linked: bool,
+        one_name: bool,
+        writes: usize,
+    ) -> (Vec<usize>, u64) {
+        let (mut home, mut other) = pair();
+        // Y at the other site (it wrote through it once).
+        let a = other.handle(0, write(1, Y));
+        let a = home.handle(1, recv(sent(&a)[0]));
+        let a = other.handle(2, recv(sent(&a)[0]));
+        assert_eq!(a.last(), Some(&proceed(1, Y)));
+        other.handle(3, written(Y, 1));
+        let mut sites = [home, other];
+        let objects = |i: usize| {
+            let name = if one_name { X } else { [X, Y][i] };
+            acquire_order(if linked {
+                vec![HARD_LINKED, name]
+            } else {
+                vec![name]
+            })
+        };
+        // What a session holds: the shared token for a hard-linked file, else its name's.
+        let session = |i: usize| objects(i)[0];
+        let mut inbox: [VecDeque<TokenMsg>; 2] = [VecDeque::new(), VecDeque::new()];
+        let mut seq = [10u64; 2];
+        let mut done = [0usize; 2];
+        // The tokens of the write in progress taken so far.
+        let mut held: [Vec<ObjectId>; 2] = [Vec::new(), Vec::new()];
+        let mut asked = [false; 2];
+        let mut ran = Vec::new();
+        for now in 10..5_000u64 {
+            for i in 0..2 {
+                let mut events = VecDeque::new();
+                if now == 10 {
+                    events.push_back(Event::Opened { object: session(i) });
+                }
+                if done[i] < writes && !asked[i] {
+                    asked[i] = true;
+                    events.push_back(write(i as u64, objects(i)[0]));
+                }
+                while let Some(m) = inbox[i].pop_front() {
+                    if let TokenMsg::Grant { seq, .. } = m {
+                        events.push_back(Event::PeerApplied { seq });
+                    }
+                    events.push_back(recv(m));
+                }
+                events.push_back(Event::Tick);
+                while let Some(e) = events.pop_front() {
+                    for a in sites[i].handle(now, e) {
+                        match a {
+                            Action::Send(m) => inbox[1 - i].push_back(m),
+                            Action::Ship { through } => {
+                                events.push_back(Event::Shipped { seq: through })
+                            }
+                            Action::Proceed { object, .. } => {
+                                held[i].push(object);
+                                let all = objects(i);
+                                if held[i].len() < all.len() {
+                                    events.push_back(write(i as u64, all[held[i].len()]));
+                                    continue;
+                                }
+                                // Every token of the write held: it runs and is journaled.
+                                ran.push(i);
+                                seq[i] += 1;
+                                for o in held[i].drain(..) {
+                                    events.push_back(written(o, seq[i]));
+                                }
+                                done[i] += 1;
+                                asked[i] = false;
+                                if done[i] == writes {
+                                    events.push_back(Event::Closed { object: session(i) });
+                                }
+                            }
+                            Action::Refuse { reason, .. } => panic!("refused: {reason:?}"),
+                            Action::Persist(_) => {}
+                        }
+                    }
+                }
+            }
+            if done.iter().all(|d| *d == writes) {
+                return (ran, now);
+            }
+        }
+        panic!("the sessions did not end: {done:?}, ran {ran:?}");
+    }
+
+    #[test]
+    fn sessions_through_two_names_of_a_hard_linked_file_run_one_after_the_other() {
+        // Per name only, the two sessions write the one file at once: interleaved.
+        let (ran, _) = sessions_through_two_names(false, false, 5);
+        let turns = ran.windows(2).filter(|w| w[0] != w[1]).count();
+        assert!(turns > 1, "both at once without the shared token: {ran:?}");
+        // With it, one session's writes all run before the other's first, through two names
+        // or one, well before `hold_max_ms` (50 ms here) would split a session.
+        for one_name in [false, true] {
+            let (ran, end) = sessions_through_two_names(true, one_name, 5);
+            assert_eq!(ran.len(), 10);
+            let turns = ran.windows(2).filter(|w| w[0] != w[1]).count();
+            assert_eq!(
+                turns, 1,
+                "one session after the other ({one_name}): {ran:?}"
+            );
+            assert!(
+                end < 45,
+                "no session waited for the bound ({one_name}): {end}"
+            );
+        }
     }
 
     #[test]

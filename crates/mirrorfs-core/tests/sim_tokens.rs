@@ -1,7 +1,8 @@
 //! The seeded write-token simulation (see `mirrorfs_core::sim::run_tokens_seed`): two writable
 //! sites exchange token messages and journal records over an ordered link that is cut and
 //! restored, both write a few objects at once (also two objects in one change, as a rename or a
-//! link takes both names' tokens), and either site crashes (also between a
+//! link takes both names' tokens; and through two names of one hard-linked file, each write also
+//! taking the shared token of hard-linked files), and either site crashes (also between a
 //! `Persist` and the action after it) and recovers its token table; under `--partition quorum`
 //! (a third of the seeds) a witness grants the partition lease, and partitions isolate either
 //! site or the witness; the invariants are checked after every step and at the final heal.
@@ -48,11 +49,13 @@ fn seeded_write_token_simulation() {
         }
     }
     println!(
-        "sim_tokens: {} seeds, {} writes ({} in {} two-object changes; {} with the token, {} unguarded across a split), refused: {} read-only, {} timed out, {} table or queue full; {} lost with a crashed site; {} grants delivered, {} crashes ({} between two actions of a batch), {} link cuts; longest wait {} ms; split writes reconciled: {} concurrent peer records ({} skipped by the winner, {} copies aside by the loser); quorum: {} seeds, {} leases granted, {} isolations, {} witness restarts, {} writes during splits (all at the lease holder), {} refused for the quorum (EROFS), {} concurrent peer records reconciled; in {:.1} s; {} failed",
+        "sim_tokens: {} seeds, {} writes ({} in {} two-object changes, {} in {} writes through a hard link; {} with the token, {} unguarded across a split), refused: {} read-only, {} timed out, {} table or queue full; {} lost with a crashed site; {} grants delivered, {} crashes ({} between two actions of a batch), {} link cuts; longest wait {} ms; split writes reconciled: {} concurrent peer records ({} skipped by the winner, {} copies aside by the loser); quorum: {} seeds, {} leases granted, {} isolations, {} witness restarts, {} writes during splits (all at the lease holder), {} refused for the quorum (EROFS), {} concurrent peer records reconciled; in {:.1} s; {} failed",
         total.seeds,
         total.writes,
         2 * total.pairs,
         total.pairs,
+        2 * total.linked,
+        total.linked,
         total.guarded,
         total.unguarded,
         total.refused_read_only,
@@ -91,6 +94,10 @@ fn seeded_write_token_simulation() {
     assert!(
         total.pairs > 0 || seeds.len() < 10,
         "no two-object change ran"
+    );
+    assert!(
+        total.linked > 0 || seeds.len() < 10,
+        "no write through a hard link ran"
     );
     assert!(
         total.grants > 0 || seeds.is_empty(),

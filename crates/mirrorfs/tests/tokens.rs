@@ -3121,3 +3121,87 @@ fn a_netsplit_during_which_a_directory_is_renamed_onto_a_removed_files_name() {
         },
     );
 }
+
+/// One file with two names (`ln big big2`), written whole at both sites at once, site 1
+/// through `big` and site 2 through `big2`, each time between one open (`O_TRUNC`) and its
+/// close: write tokens are taken per name, so the two names alone would let both sites write
+/// the one file at once; a data change of a file with more than one link also takes the token
+/// of hard-linked files (`core::token::HARD_LINKED`), held like the name's for a session. Every
+/// read at either site shows one session only, and both sites end with one whole session.
+#[test]
+fn one_file_written_through_two_hard_links_at_both_sites_at_once_is_never_mixed() {
+    use std::os::unix::fs::MetadataExt;
+    let pair = Pair::tokens_with(
+        "hardlink-session",
+        "read-only",
+        &["--token-hold-max-ms", "20000"],
+        &["--token-hold-max-ms", "20000"],
+    );
+    let len = 2 << 20;
+    write_block(&pair.a.p("big"), b'0', len).expect("first write at a");
+    fs::hard_link(pair.a.p("big"), pair.a.p("big2")).expect("ln big big2 at site 1");
+    pair.wait_equal();
+    for m in [&pair.a, &pair.b] {
+        let (one, two) = (
+            fs::metadata(m.backing().join("big")).expect("big"),
+            fs::metadata(m.backing().join("big2")).expect("big2"),
+        );
+        assert_eq!(one.ino(), two.ino(), "one file at each site");
+        assert_eq!(one.nlink(), 2, "two links at each site");
+    }
+    let rounds = 4u8;
+    let pair = &pair;
+    std::thread::scope(|s| {
+        for (site, name, letter) in [(&pair.a, "big", b'a'), (&pair.b, "big2", b'A')] {
+            s.spawn(move || {
+                for round in 0..rounds {
+                    write_session(&site.p(name), letter + round, len, 16).unwrap_or_else(|e| {
+                        panic!("session at {}: {e}\n{}", letter as char, site.log())
+                    });
+                    // What a site reads through either name is one session (or the start of
+                    // the next: its truncate, then its first writes), never two mixed.
+                    for read in ["big", "big2"] {
+                        let back = fs::read(site.p(read)).expect("read back");
+                        let other = back.iter().filter(|&&c| c != back[0]).count();
+                        assert_eq!(
+                            other,
+                            0,
+                            "site {} read {other} bytes of another session than {} in {read}\nsite a:\n{}\nsite b:\n{}",
+                            letter as char,
+                            back[0] as char,
+                            pair.a.log(),
+                            pair.b.log()
+                        );
+                    }
+                }
+            });
+        }
+    });
+    pair.wait_equal();
+    pair.wait_settled("big");
+    pair.wait_settled("big2");
+    let (a, b) = (
+        fs::read(pair.a.p("big")).expect("a"),
+        fs::read(pair.b.p("big2")).expect("b"),
+    );
+    assert_eq!(a.len(), len, "one whole session's length");
+    assert!(a == b, "both sites hold the same session");
+    let mixed = a.iter().filter(|&&c| c != a[0]).count();
+    assert_eq!(
+        mixed, 0,
+        "{mixed} bytes of another session than the first byte's ({})",
+        a[0] as char
+    );
+    assert!(
+        a[0] == b'a' + rounds - 1 || a[0] == b'A' + rounds - 1,
+        "the last session of one of the sites: {}",
+        a[0] as char
+    );
+    for m in [&pair.a, &pair.b] {
+        let (one, two) = (
+            fs::metadata(m.backing().join("big")).expect("big"),
+            fs::metadata(m.backing().join("big2")).expect("big2"),
+        );
+        assert_eq!(one.ino(), two.ino(), "still one file at each site");
+    }
+}

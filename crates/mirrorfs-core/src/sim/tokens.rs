@@ -17,14 +17,22 @@
 //! once (a rename or a link: both names' tokens, taken one after the other in
 //! `token::acquire_order` and held together until the change is journaled); the link goes down
 //! and comes back; either site crashes (possibly between two actions of one batch: after a `Persist`,
-//! before the `Send` that follows it) and restarts from its durable token records.
+//! before the `Send` that follows it) and restarts from its durable token records. In seeds with
+//! three objects or more, the first two objects are two names of one hard-linked file (made before
+//! the run; their link count does not change during it): a write through either takes
+//! [`token::HARD_LINKED`](crate::token::HARD_LINKED) too, before the name's token
+//! (`token::acquire_order`), as the shell's `Volume::take_file_tokens` does, and opening either
+//! holds the shared token for the session in place of the name's (`fuse::note_opened`).
 //!
 //! Invariants:
 //! 1. one holder: no object's token is held by both sites (checked after every step, connected
 //!    or not: the protocol never makes two holders; only `Reconcile` writes without a token);
 //! 2. at most one writer, never a mix: a write proceeds with the token only while no other
 //!    site's guarded write to the object is in progress, and only once the site has every
-//!    guarded write made to the object so far, in the order they were made;
+//!    guarded write made to the object so far, in the order they were made; and per *file*: a
+//!    guarded write through one name of the hard-linked file runs only while no guarded write
+//!    of the other site through either name runs (each of them also writes the shared object,
+//!    so the writes to hard-linked files are held in one order as those of one object are);
 //! 3. records before the Grant: a Grant's `seq` covers every record of the granter for the
 //!    object, no write of the granter to it is in progress, and the receiver has received
 //!    those records when the Grant arrives;
@@ -74,7 +82,7 @@ use crate::quorum::{Decision as QuorumDecision, Gate as QuorumGate};
 use crate::reconcile::{Config as ReconcileConfig, Decision, Reconciler};
 use crate::token::{
     acquire_order, Action, Event, ObjectId, PartitionPolicy, Refusal, TokenConfig, TokenMsg,
-    TokenRecord, TokenSite,
+    TokenRecord, TokenSite, HARD_LINKED,
 };
 use crate::wire::{Decoder, Msg};
 
@@ -85,6 +93,9 @@ pub struct TokensStats {
     pub writes: u64,
     /// Changes of two objects (a rename, a link): two of the writes each.
     pub pairs: u64,
+    /// Writes through a name of the hard-linked file (each also takes the shared token: two of
+    /// the writes each).
+    pub linked: u64,
     pub guarded: u64,
     /// Writes that went on without the token across a split (`Reconcile`).
     pub unguarded: u64,
@@ -124,6 +135,7 @@ impl std::ops::AddAssign for TokensStats {
         self.seeds += o.seeds;
         self.writes += o.writes;
         self.pairs += o.pairs;
+        self.linked += o.linked;
         self.guarded += o.guarded;
         self.unguarded += o.unguarded;
         self.refused_read_only += o.refused_read_only;
@@ -150,6 +162,10 @@ impl std::ops::AddAssign for TokensStats {
 
 /// A write's identity across the whole run.
 type Uid = u64;
+
+/// The simulated objects are `FIRST_OBJECT..FIRST_OBJECT + objects`: ids a name can have
+/// (`token::name_object`: never 0 nor `token::HARD_LINKED`).
+const FIRST_OBJECT: ObjectId = HARD_LINKED + 1;
 
 /// Something on the stream from one site to the other.
 #[derive(Debug, Clone)]
@@ -256,6 +272,10 @@ struct World {
     now: u64,
     sites: [SimSite; 2],
     objects: u64,
+    /// The names of the one hard-linked file (objects 0 and 1 when there are three or more).
+    linked: Vec<ObjectId>,
+    /// The first write (the name's token) of each write through one of those names.
+    linked_writes: HashSet<Uid>,
     link_up: bool,
     /// Per direction (index = sender), items with their delivery time (non-decreasing).
     links: [VecDeque<(u64, Item)>; 2],
@@ -379,10 +399,17 @@ fn run(
             granted: Vec::new(),
         }
     });
+    let objects = rng.range(2, 8);
     let mut w = World {
         now: 0,
         sites: [SimSite::new(a), SimSite::new(b)],
-        objects: rng.range(2, 8),
+        objects,
+        linked: if objects >= 3 {
+            vec![FIRST_OBJECT, FIRST_OBJECT + 1]
+        } else {
+            Vec::new()
+        },
+        linked_writes: HashSet::new(),
         link_up: false,
         links: [VecDeque::new(), VecDeque::new()],
         history: BTreeMap::new(),
@@ -704,7 +731,7 @@ impl World {
 
     /// Invariants 1 and 4 (bounded wait), after every step.
     fn check(&self) -> Step {
-        for object in 0..self.objects {
+        for object in (FIRST_OBJECT..FIRST_OBJECT + self.objects).chain([HARD_LINKED]) {
             if self.sites[0].holds(object) && self.sites[1].holds(object) {
                 return Err(format!("both sites hold the token of object {object}"));
             }
@@ -968,6 +995,13 @@ impl World {
         }
         let mut done_at = self.now + self.now % 7;
         let pair_first = self.pair_next.contains_key(&uid);
+        if !pair_first && guarded {
+            // Invariant 2 per file: the change runs now (its last token taken).
+            let change = self.pair_first.get(&uid).copied().unwrap_or(uid);
+            if self.linked_writes.contains(&change) && self.guarded_change(i, change) {
+                self.check_file_writer(i, change)?;
+            }
+        }
         if !pair_first {
             self.check_quorum_write(i, object, guarded)?;
             if self.split_since.is_some() && self.quorum.is_some() {
@@ -1029,6 +1063,36 @@ impl World {
             done_at,
         });
         Ok(())
+    }
+
+    /// Invariant 2 per file: when site `i`'s guarded write `change` through a name of the
+    /// hard-linked file runs, no guarded write of the other site through either name runs.
+    fn check_file_writer(&self, i: usize, change: Uid) -> Step {
+        let other = 1 - i;
+        if let Some(w) = self.sites[other].writing.iter().find(|w| {
+            w.done_at != u64::MAX
+                && self.linked_writes.contains(&w.uid)
+                && self.guarded_change(other, w.uid)
+        }) {
+            return Err(format!(
+                "site {i}'s write {change} to the hard-linked file runs while site {}'s write {} through object {} does",
+                1 - i,
+                w.uid,
+                w.object
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether every write of the change whose first write is `first` that site `i` has in
+    /// progress holds its token (a change begun across a split may take one token unguarded
+    /// and the next guarded: not a guarded change).
+    fn guarded_change(&self, i: usize, first: Uid) -> bool {
+        self.sites[i]
+            .writing
+            .iter()
+            .filter(|w| w.uid == first || w.uid == first + 1)
+            .all(|w| w.guarded)
     }
 
     /// The guarded writes of `object` site `i` holds, in the order applied there.
@@ -1107,7 +1171,14 @@ impl World {
         if !self.sites[i].alive() {
             return Ok(());
         }
-        let object = rng.below(self.objects);
+        let object = FIRST_OBJECT + rng.below(self.objects);
+        if self.linked.contains(&object) {
+            // A write through a name of the hard-linked file: the shared token, then its
+            // name's (`token::acquire_order`: the smallest id, first).
+            self.stats.linked += 1;
+            self.linked_writes.insert(self.next_uid);
+            return self.start_pair(i, acquire_order(vec![HARD_LINKED, object]));
+        }
         let uid = self.next_uid;
         self.next_uid += 1;
         self.stats.writes += 1;
@@ -1148,11 +1219,16 @@ impl World {
         }
         let a = rng.below(self.objects);
         let b = (a + rng.range(1, self.objects - 1)) % self.objects;
-        let order = acquire_order(vec![a, b]);
+        self.stats.pairs += 1;
+        self.start_pair(i, acquire_order(vec![FIRST_OBJECT + a, FIRST_OBJECT + b]))
+    }
+
+    /// A change of the two objects `order` (in `acquire_order`) at site `i`: the first
+    /// token, then, holding it, the second; journaled together.
+    fn start_pair(&mut self, i: usize, order: Vec<ObjectId>) -> Step {
         let (first, second) = (self.next_uid, self.next_uid + 1);
         self.next_uid += 2;
         self.stats.writes += 2;
-        self.stats.pairs += 1;
         if !self.admits(i, order[0])? {
             return Ok(());
         }
@@ -1297,11 +1373,18 @@ impl World {
 
     fn open_close(&mut self, rng: &mut SimRng<'_>, open: bool) -> Step {
         let i = rng.below(2) as usize;
-        let object = rng.below(self.objects);
+        let object = FIRST_OBJECT + rng.below(self.objects);
         let s = &mut self.sites[i];
         if !s.alive() {
             return Ok(());
         }
+        // A name of the hard-linked file opened for writing holds the shared token in place of
+        // its name's (the shell's `note_opened`).
+        let object = if self.linked.contains(&object) {
+            HARD_LINKED
+        } else {
+            object
+        };
         let n = s.open.entry(object).or_default();
         if open && *n < 2 {
             *n += 1;

@@ -539,6 +539,13 @@ pub fn mount(a: MountArgs) -> Result<()> {
         start_fence(&a, &vol, &meta, &places.backing)?;
     }
     let gate = start_tokens(&a, &mut site, &vol, &state)?;
+    if gate.is_some() {
+        // Where a change of a file's data or metadata reads its link count, to take the token
+        // of hard-linked files too (`Volume::take_file_tokens`).
+        let root = crate::tree::dirtree::Root::open(&places.backing)
+            .with_context(|| format!("open {}", places.backing.display()))?;
+        let _ = vol.links.set(root);
+    }
     if a.fsync_groups {
         let clock = SyncGroupClock::new(Duration::from_millis(a.fsync_group_max_ms));
         let _ = vol.sync_groups.set(clock);

@@ -289,7 +289,7 @@ impl MirrorFs {
     /// once while this site holds it, as it does right after changing `p`; not recorded if the
     /// token is refused across a split).
     fn touch(&self, p: RelPath) {
-        let Ok(tokens) = self.vol.take_tokens(&[&p]) else {
+        let Ok(tokens) = self.vol.take_file_tokens(&[&p], Some(&p)) else {
             return;
         };
         let _ = self.vol.record_holding(tokens, || self.times_of(p));
@@ -347,7 +347,19 @@ impl MirrorFs {
             return;
         }
         if let Some(g) = self.vol.tokens.get() {
-            let object = crate::site::tokens::object_of(p.as_bytes());
+            // A file with more than one link: its writes take the token of hard-linked files
+            // first (`Volume::take_file_tokens`), and the session holds that one in place of
+            // its name's (`token::HARD_LINKED` says why). A link made to the file at the other
+            // site while it is open here waits for the name's token (up to `hold_max_ms`); the
+            // session's later writes then wait for the shared token in turn.
+            let linked = sys::fstat(h.fd.as_fd()).is_ok_and(|st| {
+                let directory = st.st_mode & libc::S_IFMT == libc::S_IFDIR;
+                mirrorfs_core::token::takes_hard_linked(directory, st.st_nlink)
+            });
+            let object = match linked {
+                true => mirrorfs_core::token::HARD_LINKED,
+                false => crate::site::tokens::object_of(p.as_bytes()),
+            };
             if h.token.set(object).is_ok() {
                 g.opened(object);
             }
@@ -379,7 +391,7 @@ impl MirrorFs {
         let Some(named) = lock(&self.inodes).path(h.ino) else {
             return;
         };
-        let Ok(tokens) = self.vol.take_tokens(&[&named]) else {
+        let Ok(tokens) = self.vol.take_file_tokens(&[&named], Some(&named)) else {
             return;
         };
         let _ = self.vol.record_holding(tokens, || {

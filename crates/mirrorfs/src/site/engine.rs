@@ -124,6 +124,7 @@ impl Volume {
             opened_end: horizon,
             view: std::sync::OnceLock::new(),
             tokens: std::sync::OnceLock::new(),
+            links: std::sync::OnceLock::new(),
             reconcile: std::sync::OnceLock::new(),
             peer_receive: std::sync::OnceLock::new(),
             receiving_copy: AtomicBool::new(false),

@@ -833,14 +833,14 @@ pub fn hello_quorum(name: &str) -> bool {
 }
 
 /// The token object of a file: its path relative to the root, hashed (blake3, first 8 bytes,
-/// little-endian; never 0, which the log uses for its lend counter). Stable across the two
-/// sites since both name the file the same; a file renamed takes the token of its new name (the
-/// rename took both).
+/// little-endian; never 0, which the log uses for its lend counter, nor `token::HARD_LINKED`:
+/// `token::name_object`). Stable across the two sites since both name the file the same; a file
+/// renamed takes the token of its new name (the rename took both).
 pub fn object_of(path: &[u8]) -> ObjectId {
     let h = blake3::hash(path);
     let mut b = [0u8; 8];
     b.copy_from_slice(&h.as_bytes()[..8]);
-    u64::from_le_bytes(b).max(1)
+    mirrorfs_core::token::name_object(u64::from_le_bytes(b))
 }
 
 /// Token messages waiting for the link to the peer: the gate's [`Sender`] puts them here
@@ -929,6 +929,7 @@ mod tests {
         assert_eq!(object_of(b"dir/f"), object_of(b"dir/f"));
         assert_ne!(object_of(b"dir/f"), object_of(b"dir/g"));
         assert_ne!(object_of(b""), 0, "0 carries the log's lend counter");
+        assert_ne!(object_of(b""), mirrorfs_core::token::HARD_LINKED);
     }
 
     #[test]

@@ -540,6 +540,11 @@ pub struct Volume {
     /// With `mount --write-tokens`: the write tokens a data change to a file takes before it is
     /// journaled (`site::tokens`; see [`Volume::mutate`]).
     pub tokens: std::sync::OnceLock<Arc<crate::site::tokens::TokenGate>>,
+    /// With write tokens: the backing tree, where a change of a file's data or metadata reads
+    /// the file's link count, before its tokens are taken and again under them
+    /// ([`Volume::take_file_tokens`]: a file with more than one link takes
+    /// `token::HARD_LINKED` too). Set with `tokens` by the mount.
+    pub links: std::sync::OnceLock<crate::tree::dirtree::Root>,
     /// With `--partition reconcile` on a pair: each local data change is noted (under the order
     /// lock) for the reconciliation after a split (`site::reconcile`).
     pub reconcile: std::sync::OnceLock<Arc<crate::site::reconcile::SiteReconcile>>,
@@ -617,7 +622,10 @@ impl Volume {
         op: Op,
         apply: impl FnOnce() -> io::Result<R>,
     ) -> Result<(R, u64), i32> {
-        let tokens = self.take_tokens(&mirrorfs_core::token::names_of(&op))?;
+        let tokens = self.take_file_tokens(
+            &mirrorfs_core::token::names_of(&op),
+            mirrorfs_core::token::changed_file(&op),
+        )?;
         self.mutate_holding(tokens, op, apply)
     }
 
@@ -626,6 +634,21 @@ impl Volume {
     /// rename's source inode) takes its tokens first and reads after: by then the peer's
     /// changes to those names that came before are applied here.
     pub fn take_tokens(&self, names: &[&RelPath]) -> Result<Tokens<'_>, i32> {
+        self.take_file_tokens(names, None)
+    }
+
+    /// [`Volume::take_tokens`] of a change to the data or metadata of the file named `file`
+    /// (`token::changed_file`): a file with more than one link (`token::takes_hard_linked`, its
+    /// link count read beneath the backing root) takes `token::HARD_LINKED` too, before the
+    /// names' (`token::acquire_order`), so two names of one file are one file to the tokens.
+    /// The count is read again once the names' tokens are held (the other site's changes of
+    /// them, a `link`, are applied here by then): a file linked in between gives the names
+    /// back and takes them again after the shared token (`token::after_names`).
+    pub fn take_file_tokens(
+        &self,
+        names: &[&RelPath],
+        file: Option<&RelPath>,
+    ) -> Result<Tokens<'_>, i32> {
         if self.receiving_copy.load(Ordering::Acquire) {
             // Refused at once, not after a token's round trip (see `mutate_holding`).
             return Err(libc::EROFS);
@@ -637,7 +660,40 @@ impl Volume {
             return Ok(Tokens(None));
         }
         let object = |n: &RelPath| crate::site::tokens::object_of(n.as_bytes());
-        match g.acquire_all(names.iter().map(|n| object(n)).collect()) {
+        // A hard-linked file (`token::HARD_LINKED`): its link count before the tokens are
+        // taken, and again once the names' are held (`token::after_names`). A name that is
+        // gone or unreadable here counts as one link: the change then fails on it as it
+        // would without tokens.
+        let links = || -> (bool, u64) {
+            let st = match (self.links.get(), file) {
+                (Some(root), Some(f)) => root.lstat(f).ok(),
+                _ => None,
+            };
+            st.map_or((false, 1), |st| {
+                let directory = st.st_mode & libc::S_IFMT == libc::S_IFDIR;
+                (directory, st.st_nlink)
+            })
+        };
+        let (directory, nlink) = links();
+        let mut shared = mirrorfs_core::token::takes_hard_linked(directory, nlink);
+        let taken = loop {
+            let mut objects: Vec<_> = names.iter().map(|n| object(n)).collect();
+            if shared {
+                objects.push(mirrorfs_core::token::HARD_LINKED);
+            }
+            let taken = g.acquire_all(objects);
+            if taken.is_err() || shared {
+                break taken;
+            }
+            let (directory, nlink) = links();
+            match mirrorfs_core::token::after_names(shared, directory, nlink) {
+                mirrorfs_core::token::AfterNames::Go => break taken,
+                // Hard-linked since the first look: the names go back unused (the permits
+                // drop as failed writes) and are taken again after the shared token.
+                mirrorfs_core::token::AfterNames::Again => shared = true,
+            }
+        };
+        match taken {
             Ok(p) => Ok(Tokens(Some(p))),
             Err((refused, e)) => {
                 let what = names
@@ -646,6 +702,15 @@ impl Volume {
                     .map(|n| match n.as_bytes() {
                         b"" => "/".to_string(),
                         b => String::from_utf8_lossy(b).into_owned(),
+                    })
+                    .or_else(|| {
+                        let f = file?;
+                        (refused == mirrorfs_core::token::HARD_LINKED).then(|| {
+                            format!(
+                                "{} (hard-linked files)",
+                                String::from_utf8_lossy(f.as_bytes())
+                            )
+                        })
                     })
                     .unwrap_or_default();
                 g.note_refusal(&what, &e);
