@@ -28,6 +28,7 @@ pub mod reintegrate;
 pub mod sequencer;
 pub mod session;
 pub mod sim;
+pub mod slot;
 pub mod stream;
 pub mod token;
 pub mod track;

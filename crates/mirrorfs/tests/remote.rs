@@ -2137,6 +2137,81 @@ fn a_silent_primarys_new_connection_displaces_its_stale_session() {
     );
 }
 
+/// The same for two writable sites (`net::peer`): a site's receiver held by its peer's session
+/// that went silent without closing, and the peer (the same pinned key) connects again: its
+/// new connection ends the stale session and is welcomed within seconds, not refused "already
+/// streaming" until the site notices the silence; another trusted key is still refused.
+#[test]
+fn a_peer_sites_new_connection_displaces_its_stale_session() {
+    let net = Net::new("peer-displace");
+    let other = init_identity(&net.base.join("cfg-other"), "other");
+    trust(&net.mirror, &other, "other");
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let cfg = net.mirror.dir.display().to_string();
+    // The site's own link to its peer goes nowhere (port 9): only its receiver is tested.
+    let site = Mount::start(
+        Layout::new("net-peer-displace", 0),
+        &[
+            "--peer",
+            "mirror://127.0.0.1:9",
+            "--receive",
+            &listen,
+            "--config",
+            &cfg,
+        ],
+    );
+    let listening = wait_until(Duration::from_secs(20), || {
+        TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    assert!(listening, "the site does not listen:\n{}", site.log());
+    let hello = || crafted_hello(CRAFT_VOL, "crafted peer pair=empty");
+    // A session that is welcomed, then goes silent without closing its connection.
+    let mut old = raw::Client::connect(port, &net.primary.dir);
+    old.send(&hello());
+    match old.expect_msg(Duration::from_secs(10)) {
+        Msg::Welcome { .. } => {}
+        m => panic!("the peer was not welcomed: {m:?}\n{}", site.log()),
+    }
+    // Another trusted key is refused while the session is held.
+    let mut c = raw::Client::connect(port, &other.dir);
+    c.send(&hello());
+    match c.expect_msg(Duration::from_secs(10)) {
+        Msg::Error { code: 5, message } => assert!(
+            message.contains("already streaming"),
+            "another key: {message}"
+        ),
+        m => panic!(
+            "another key: expected a BUSY refusal, got {m:?}\n{}",
+            site.log()
+        ),
+    }
+    // The same peer connects again while its old session is still held.
+    let t0 = Instant::now();
+    let mut new = raw::Client::connect(port, &net.primary.dir);
+    new.send(&hello());
+    match new.expect_msg(Duration::from_secs(10)) {
+        Msg::Welcome { .. } => {}
+        m => panic!(
+            "the peer's new connection was not welcomed after {:?}: {m:?}\n{}",
+            t0.elapsed(),
+            site.log()
+        ),
+    }
+    let took = t0.elapsed();
+    eprintln!("the peer's new connection was welcomed after {took:?}");
+    assert!(
+        took < Duration::from_secs(6),
+        "the new connection waited {took:?} for the stale session"
+    );
+    old.expect_closed(Duration::from_secs(5));
+    let log = site.log();
+    assert!(
+        log.contains("displaced by its new connection"),
+        "the site did not log the displacement:\n{log}"
+    );
+}
+
 #[test]
 fn a_symlink_planted_by_a_stream_is_never_followed() {
     let net = Net::new("symlink");

@@ -50,7 +50,12 @@
 //! 8. at the end, after healing the network and draining, `mirror == primary`, and again after
 //!    one more power loss of the mirror and a reconnect;
 //! 9. the daemon's worker keeps its word: a checkpoint it reported survives any crash, and it is
-//!    never idle with applied records not checkpointed (an `--ack sync` primary would wait).
+//!    never idle with applied records not checkpointed (an `--ack sync` primary would wait);
+//! 10. one primary at a time, and its newest connection wins (`core::slot`, the rule
+//!     `serve::slot` drives): a connection of the primary that arrives while the mirror still
+//!     holds an older one (the primary gave up on it after a partition the mirror notices only
+//!     at a timeout) displaces that session, and nothing of a displaced connection is acted on
+//!     afterwards: no message decoded, no record stored (only the slot's holder stores).
 //!
 //! On half of the seeds (the correct sides only) records travel over the UDP data path instead
 //! of `Records` batches, through a datagram channel with loss, Gilbert–Elliott bursts,
@@ -75,6 +80,7 @@ use crate::link::{Begin, JournalSpan, MirrorCopy, Positions, Sender, Start};
 use crate::op::{Op, Record};
 use crate::sequencer::{self, InDoubt, Sequencer};
 use crate::session::{self, Incoming, Phase, Session};
+use crate::slot::{Admission, Claimant, Slot};
 use crate::tree::apply_op;
 use crate::wire::{error_code, Decoder, MirrorState, Msg, VolumeId, BATCH_BYTES};
 use crate::worker::{Turn, Worker, CHECKPOINT_EVERY};
@@ -82,6 +88,11 @@ use crate::worker::{Turn, Worker, CHECKPOINT_EVERY};
 mod udp;
 
 const VOLUME: VolumeId = [0x5e; 16];
+/// The one primary, as the mirror's slot knows it (its pinned key, its volume).
+const SIM_PRIMARY: Claimant<u8> = Claimant {
+    key: Some(1),
+    volume: VOLUME,
+};
 
 /// The simulated volume's one generation.
 fn sim_history() -> crate::history::History {
@@ -114,8 +125,12 @@ pub struct NetStats {
     pub refused_frames: u64,
     /// Delayed frames of dead connections that turned up and were dropped.
     pub stale_dropped: u64,
-    /// Connections refused because the mirror still served an old one.
+    /// Connections the mirror refused with `BUSY` (`core::slot`: another primary, or an older
+    /// connection of this one; the simulation has one primary, so none is expected now).
     pub busy: u64,
+    /// Sessions of the primary displaced by its own newer connection (`core::slot`): the
+    /// mirror still held a connection the primary had given up on.
+    pub displaced: u64,
     /// Sessions closed by a timeout (a silent peer, a reset seen late, a stalled frame).
     pub timeouts: u64,
     /// Mirror power losses.
@@ -178,6 +193,7 @@ impl NetStats {
         self.refused_frames += o.refused_frames;
         self.stale_dropped += o.stale_dropped;
         self.busy += o.busy;
+        self.displaced += o.displaced;
         self.timeouts += o.timeouts;
         self.mirror_crashes += o.mirror_crashes;
         self.mirror_kills += o.mirror_kills;
@@ -210,7 +226,7 @@ impl fmt::Display for NetStats {
             f,
             "{} seeds, {} steps: {} records in {} batches ({} bytes on the wire), {} connections, \
              {} partitions, {} corruptions ({} frames refused), {} stale frames dropped, {} busy, \
-             {} timeouts; mirror: {} power losses, {} kills; primary: {} power losses, {} kills; \
+             {} displaced, {} timeouts; mirror: {} power losses, {} kills; primary: {} power losses, {} kills; \
              {} records applied ({} skipped, {} checkpoints, {} transient cursor errors retried), \
              {} comparisons, {} acks refused; UDP on {} seeds: {} datagrams ({} lost, {} \
              duplicated, {} corrupted), {} forged and {} replayed injected, {} dropped by the \
@@ -227,6 +243,7 @@ impl fmt::Display for NetStats {
             self.refused_frames,
             self.stale_dropped,
             self.busy,
+            self.displaced,
             self.timeouts,
             self.mirror_crashes,
             self.mirror_kills,
@@ -379,7 +396,8 @@ struct Conn {
     p_fin: bool,
     /// Reset by a partition: nothing more is delivered.
     reset: bool,
-    /// The mirror notices the reset only at a timeout (until then it refuses new primaries).
+    /// The mirror notices the reset only at a timeout (until then it holds its slot, and a new
+    /// connection of the primary displaces it).
     m_late: bool,
 }
 
@@ -426,6 +444,8 @@ struct PLink {
 /// [`Session`] the daemon drives, once `Hello` arrived.
 struct MLink {
     conn: u64,
+    /// Its number in the mirror's [`Slot`] (the order the daemon admitted connections in).
+    slot: u64,
     dec: Decoder,
     session: Option<Session>,
     /// The session's UDP receiver once the primary's offer was accepted.
@@ -562,6 +582,12 @@ struct Sim {
     /// worker turn at a time.
     glitches: Option<SplitMix64>,
     mlink: Option<MLink>,
+    /// Which connection streams (`serve::slot`'s rule, the core's [`Slot`]): the daemon's
+    /// process state, new at each start.
+    mslot: Slot<u8>,
+    /// Connections whose session a newer connection displaced: nothing they carry may be acted
+    /// upon any more (invariant 10).
+    m_displaced: std::collections::BTreeSet<u64>,
     /// Highest durable position the mirror ever put in an `Ack`.
     m_acked_durable: u64,
     /// Highest seq the mirror ever consumed (applied or skipped).
@@ -704,6 +730,8 @@ impl Sim {
             tick,
             glitches,
             mlink: None,
+            mslot: Slot::default(),
+            m_displaced: std::collections::BTreeSet::new(),
             m_acked_durable: 0,
             m_consumed_ever: 0,
             m_reported_checkpoint: 0,
@@ -1481,7 +1509,6 @@ impl Sim {
 
     /// Bytes arrive at the mirror on connection `id` (`late`: sent before a reset).
     fn m_receive(&mut self, id: u64, bytes: &[u8], late: bool) -> Act {
-        let busy = self.mlink.as_ref().is_some_and(|m| m.conn != id);
         let Some(c) = self.conn(id) else {
             return Ok(());
         };
@@ -1490,35 +1517,10 @@ impl Sim {
         }
         match c.m_end {
             End::Closed => return self.m_poll(),
-            End::Pending if busy => {
-                // `serve`: another primary is connected: refuse with BUSY and close.
-                c.m_end = End::Closed;
-                c.m_fin = true;
-                c.to_m.clear();
-                self.ev(|| format!("mirror: connection {id} refused (busy)"));
-                let m = Msg::Error {
-                    code: error_code::BUSY,
-                    message: "another primary is connected to this mirror".into(),
-                };
-                // Sent before the end is closed.
-                let bytes = m.encode(self.compress);
-                if let Some(c) = self.conn(id) {
-                    if !c.reset {
-                        c.to_p.extend(bytes.iter().copied());
-                        c.p_expect.push_back(m);
-                    }
-                }
-                return Ok(());
-            }
             End::Pending => {
-                c.m_end = End::Open;
-                self.mlink = Some(MLink {
-                    conn: id,
-                    dec: Decoder::new(),
-                    session: None,
-                    udp: None,
-                });
-                self.ev(|| format!("mirror accepts connection {id}"));
+                if !self.m_admit(id)? {
+                    return Ok(());
+                }
             }
             End::Open => {}
         }
@@ -1527,6 +1529,88 @@ impl Sim {
         }
         self.m_decode()?;
         self.m_poll()
+    }
+
+    /// `serve::session`'s admission of a new connection through the core's [`Slot`]: it takes
+    /// the free slot, or displaces the primary's earlier session (the shell shuts that
+    /// session's socket down and waits until its threads ended; here it ends at once), or is
+    /// refused with `BUSY`. The shell decides after reading `Hello`; the simulation when the
+    /// connection's first bytes arrive (all its connections are the one primary's, and the
+    /// first message it sends on one is always `Hello`). `Ok(false)`: refused.
+    fn m_admit(&mut self, id: u64) -> Result<bool, Fault> {
+        let conn = self.mslot.number();
+        for _ in 0..2 {
+            match self.mslot.ask(&SIM_PRIMARY, conn) {
+                Admission::Take => {
+                    if self.mlink.is_some() {
+                        return Err(Fault::Bug(
+                            "the slot was free while a session still ran".into(),
+                        ));
+                    }
+                    if let Some(c) = self.conn(id) {
+                        c.m_end = End::Open;
+                    }
+                    self.mlink = Some(MLink {
+                        conn: id,
+                        slot: conn,
+                        dec: Decoder::new(),
+                        session: None,
+                        udp: None,
+                    });
+                    self.ev(|| format!("mirror accepts connection {id}"));
+                    return Ok(true);
+                }
+                Admission::Displace => {
+                    let old = self.mlink.as_ref().map(|m| (m.conn, m.slot));
+                    let holder = self.mslot.holder().map(|h| h.conn);
+                    if !self.mslot.tell() || old.map(|o| o.1) != holder {
+                        return Err(Fault::Bug(format!(
+                            "connection {id} would displace a session that was told to end                              already, or that is not the one running ({old:?}, slot {holder:?})"
+                        )));
+                    }
+                    if let Some((old, _)) = old {
+                        self.stats.displaced += 1;
+                        self.m_displaced.insert(old);
+                        self.ev(|| {
+                            format!(
+                                "mirror: connection {id} displaces the session of connection {old}"
+                            )
+                        });
+                    }
+                    // Its socket shut down: the primary's end sees it closed.
+                    self.m_close(true);
+                }
+                Admission::Busy | Admission::Superseded => {
+                    self.stats.busy += 1;
+                    self.m_busy(id);
+                    return Ok(false);
+                }
+            }
+        }
+        Err(Fault::Bug(format!(
+            "connection {id}: the displaced session did not release the slot"
+        )))
+    }
+
+    /// `serve`: refuses connection `id` with `BUSY` and closes it.
+    fn m_busy(&mut self, id: u64) {
+        let m = Msg::Error {
+            code: error_code::BUSY,
+            message: "another primary is connected to this mirror".into(),
+        };
+        // Sent before the end is closed.
+        let bytes = m.encode(self.compress);
+        let Some(c) = self.conn(id) else {
+            return;
+        };
+        c.m_end = End::Closed;
+        c.m_fin = true;
+        c.to_m.clear();
+        if !c.reset {
+            c.to_p.extend(bytes.iter().copied());
+            c.p_expect.push_back(m);
+        }
+        self.ev(|| format!("mirror: connection {id} refused (busy)"));
     }
 
     fn m_decode(&mut self) -> Act {
@@ -1544,6 +1628,13 @@ impl Sim {
                     return Ok(());
                 }
                 Ok(Some(msg)) => {
+                    if self.m_displaced.contains(&id) {
+                        return Err(Fault::Bug(format!(
+                            "the mirror acted on a message of connection {id}, whose session \
+                             a newer connection displaced: {}",
+                            brief_msg(&msg)
+                        )));
+                    }
                     let want = self.conn(id).and_then(|c| c.m_expect.pop_front());
                     if want.as_ref() != Some(&msg) {
                         return Err(Fault::Bug(format!(
@@ -1564,6 +1655,8 @@ impl Sim {
     fn m_close(&mut self, fin: bool) {
         if let Some(ml) = self.mlink.take() {
             let id = ml.conn;
+            // The session has ended (the shell: its `stream` returned, its threads joined).
+            self.mslot.release(ml.slot);
             if let Some(c) = self.conn(id) {
                 c.m_end = End::Closed;
                 c.m_fin = fin;
@@ -1690,6 +1783,24 @@ impl Sim {
     /// primary's seqs; the applier may go up to the primary's `settled`.
     fn m_store(&mut self, records: &[Record], settled: u64) -> Act {
         let sabotage = self.variant == NetVariant::AcceptStale;
+        // Invariant 10: records are stored only from the connection holding the slot, never
+        // from one a newer connection displaced.
+        match &self.mlink {
+            Some(ml)
+                if !self.m_displaced.contains(&ml.conn)
+                    && self
+                        .mslot
+                        .holder()
+                        .is_some_and(|h| h.conn == ml.slot && !h.told) => {}
+            ml => {
+                let (conn, slot) = (ml.as_ref().map(|m| m.conn), ml.as_ref().map(|m| m.slot));
+                let holder = self.mslot.holder().cloned();
+                return Err(Fault::Bug(format!(
+                    "the mirror stores records from connection {conn:?} (slot {slot:?}), which \
+                     does not hold the slot ({holder:?}) or was displaced"
+                )));
+            }
+        }
         for r in records {
             let seq = if sabotage {
                 self.mjournal.next_seq()
@@ -2064,6 +2175,7 @@ impl Sim {
             self.mplan = None;
             // Its sockets: closed by the kernel after a kill, silent after a power loss.
             self.m_close(!power);
+            self.mslot = Slot::default();
             for c in &mut self.conns {
                 if c.m_end == End::Pending {
                     c.m_end = End::Closed;

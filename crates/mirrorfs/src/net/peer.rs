@@ -68,7 +68,9 @@ pub struct PeerReceiver {
     origins: Arc<PeerOrigins>,
     position_file: PathBuf,
     position: Mutex<PeerPosition>,
-    busy: AtomicBool,
+    /// The one peer stream; the peer's new connection displaces its stale session
+    /// (`serve::slot`, the core's `slot` rule; see `session`).
+    slot: crate::net::serve::slot::PrimarySlot,
     applied: AtomicU64,
     status: Arc<Mutex<ReceiveStatus>>,
     /// With `--write-tokens`: the peer's token messages go here, and how far its records are
@@ -90,6 +92,22 @@ pub struct PeerReceiver {
     /// The position reached by batches that changed nothing here (see [`INERT_DEFER`]), not
     /// yet in `STATE/peer-applied` nor acknowledged, and when the first of them came.
     inert: Mutex<Option<(u64, Instant)>>,
+}
+
+/// What the peer is told with `BUSY` when its connection does not get the stream.
+fn peer_refusal(r: &crate::net::serve::slot::Refusal) -> String {
+    match r {
+        crate::net::serve::slot::Refusal::Busy => {
+            "the peer site is already streaming to this site".into()
+        }
+        crate::net::serve::slot::Refusal::StillEnding { waited } => format!(
+            "the peer site's previous connection to this site was told to end {:.1} s ago and has not ended yet; the peer tries again by itself. If this lasts, remount this site",
+            waited.as_secs_f64()
+        ),
+        crate::net::serve::slot::Refusal::Superseded => {
+            "a newer connection of the peer site is taking its place".into()
+        }
+    }
 }
 
 /// How long the position reached by batches that change nothing here may wait before
@@ -152,7 +170,7 @@ impl PeerReceiver {
             position_file,
             applied: AtomicU64::new(position.applied),
             position: Mutex::new(position),
-            busy: AtomicBool::new(false),
+            slot: Default::default(),
         }))
     }
 
@@ -217,31 +235,69 @@ impl PeerReceiver {
         Ok(())
     }
 
-    /// One authenticated connection from the peer.
+    /// One authenticated connection from the peer. One stream at a time; the peer's new
+    /// connection (same pinned key) displaces its stale session instead of being refused until
+    /// this site noticed the silence: the old session's socket is shut down and its threads
+    /// joined before the new one reads anything (`serve::slot`, the core's `slot` rule).
     fn session(&self, link: Duplex) -> Result<()> {
-        if self.busy.swap(true, Ordering::AcqRel) {
-            let _ = link.send(&Msg::Error {
-                code: error_code::BUSY,
-                message: "the peer site is already streaming to this site".into(),
-            });
-            bail!("refused a second connection from the peer");
-        }
+        let link = Arc::new(link);
+        let claimed = match self.claim_peer_slot(&link) {
+            Ok(c) => c,
+            Err(refusal) => {
+                let message = peer_refusal(&refusal);
+                let _ = link.send(&Msg::Error {
+                    code: error_code::BUSY,
+                    message: message.clone(),
+                });
+                bail!("refused a connection from the peer: {message}");
+            }
+        };
         lock(&self.status).connected = true;
         let r = self.stream(&link);
-        self.busy.store(false, Ordering::Release);
         {
             let mut s = lock(&self.status);
             s.connected = false;
-            if let Err(e) = &r {
+            if let (Err(e), false) = (&r, claimed.displaced()) {
                 s.last_error = Some(format!("{e:#}"));
             }
         }
+        if claimed.displaced() {
+            // Its socket was shut down for the peer's new connection: that is why it ended.
+            tracing::info!(
+                "the peer's previous session ended: displaced by its new connection ({})",
+                r.as_ref()
+                    .err()
+                    .map(|e| format!("{e:#}"))
+                    .unwrap_or_else(|| "ended cleanly".into())
+            );
+            return Ok(());
+        }
+        drop(claimed);
         if let Err(e) = &r {
             if let Some(le) = e.downcast_ref::<LinkError>() {
                 let _ = link.send(&le.to_msg());
             }
         }
         r.context("the peer's stream")
+    }
+
+    /// The peer stream's slot for this connection. The peer is its pinned key (the TLS
+    /// handshake authenticated it); the volume its `Hello` names is checked after, in `copy`
+    /// (a site has one peer volume), so the slot's volume is left blank: the same key displaces.
+    fn claim_peer_slot(
+        &self,
+        link: &Arc<Duplex>,
+    ) -> Result<crate::net::serve::slot::Claimed<'_>, crate::net::serve::slot::Refusal> {
+        let who = crate::net::serve::slot::PrimaryId {
+            key: link.peer(),
+            volume: [0; 16],
+        };
+        let l = link.clone();
+        self.slot.claim(
+            who,
+            Box::new(move || l.shutdown()),
+            crate::net::serve::slot::DISPLACE_WITHIN,
+        )
     }
 
     /// The peer's volume, once it connected (ever).

@@ -51,7 +51,7 @@ mod copy;
 mod divergence;
 mod reintegration;
 mod session;
-mod slot;
+pub(crate) mod slot;
 mod udp;
 mod verify;
 

@@ -1,4 +1,5 @@
-//! One primary at a time, and a stale session of that primary displaced by its new connection.
+//! One primary at a time, and a stale session of that primary displaced by its new connection:
+//! the shell around the core's rule (`mirrorfs_core::slot`: `admission`, `Slot`).
 //!
 //! A mirror daemon streams from one primary at a time (two streams into one journal would
 //! interleave two histories). A session holds the [`PrimarySlot`] from before its handshake
@@ -9,7 +10,7 @@
 //! 10 s in the streaming and reintegration phases; longer while a step does not read).
 //!
 //! ```text
-//!  new connection (after Hello) ─▶ admission(holder, new):
+//!  new connection (after Hello) ─▶ core::slot::admission(holder, new):
 //!     free                              → Take
 //!     same key and same volume          → Displace: the holder is told to end (its socket shut
 //!                                          down: its next read or write fails; its `ending`
@@ -23,17 +24,20 @@
 //!     an unauthenticated peer           → Busy (as before: refused, the primary retries)
 //! ```
 //!
-//! The slot is released only when the old session's `stream` has returned, i.e. after it
-//! joined its ack and UDP threads: nothing it runs can append a record, write the copy's meta
-//! file or start or stop the applier once the new session's handshake begins. A waiter that a
-//! newer connection of the same primary overtakes gives up (`BUSY`, superseded), so at most one
-//! connection waits to take over.
+//! The decisions (who is admitted, who waits, whether the holder is to be told now) are the
+//! core's `Slot`; this shell keeps it under a mutex, holds each holder's way to end its session
+//! (`end`, its `displaced` flag) and waits on a condition variable for the release. The slot is
+//! released only when the old session's `stream` has returned, i.e. after it joined its ack and
+//! UDP threads: nothing it runs can append a record, write the copy's meta file or start or stop
+//! the applier once the new session's handshake begins. A waiter that a newer connection of the
+//! same primary overtakes gives up (`BUSY`, superseded), so at most one connection waits to take
+//! over. The writable sites' peer receiver (`net::peer`) uses the same slot for its peer.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use mirrorfs_core::wire::VolumeId;
+use mirrorfs_core::slot::{Admission, Claimant, Slot};
 
 use crate::net::identity::Fingerprint;
 use crate::site::volume::lock;
@@ -44,46 +48,7 @@ pub const DISPLACE_WITHIN: Duration = Duration::from_secs(5);
 
 /// Who streams: the authenticated key (the pinned certificate's fingerprint; `None` if the
 /// connection had none, which never displaces anything) and the volume its `Hello` names.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PrimaryId {
-    pub key: Option<Fingerprint>,
-    pub volume: VolumeId,
-}
-
-/// What a new primary connection gets, given who holds the slot.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Admission {
-    /// Nobody streams: take the slot.
-    Take,
-    /// The holder is this primary's own earlier session: end it, wait for it, then take the
-    /// slot.
-    Displace,
-    /// Another primary streams: refuse (`BUSY`).
-    Busy,
-    /// A newer connection of the same primary holds the slot or waits for it: give way.
-    Superseded,
-}
-
-/// The rule. Connections are numbered in the order they asked (`conn`); `holder` is who holds
-/// the slot and its number, `waiting` the number of the connection waiting to take over. A new
-/// connection displaces the holder only if both are the same authenticated key for the same
-/// volume, and only an older one: of several connections of one primary the newest wins (the
-/// primary has given up on the others).
-pub fn admission(
-    holder: Option<(&PrimaryId, u64)>,
-    waiting: Option<u64>,
-    new: &PrimaryId,
-    conn: u64,
-) -> Admission {
-    let same = |h: &PrimaryId| h.key.is_some() && h.key == new.key && h.volume == new.volume;
-    match holder {
-        Some((h, _)) if !same(h) => Admission::Busy,
-        _ if waiting.is_some_and(|w| w > conn) => Admission::Superseded,
-        None => Admission::Take,
-        Some((_, held_by)) if held_by > conn => Admission::Superseded,
-        Some(_) => Admission::Displace,
-    }
-}
+pub type PrimaryId = Claimant<Fingerprint>;
 
 /// Why a connection did not get the slot (each is sent as `BUSY`: the primary retries).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -112,9 +77,8 @@ impl Refusal {
     }
 }
 
-struct Holder {
-    conn: u64,
-    who: PrimaryId,
+/// What the shell keeps of the holder besides the core's state.
+struct Ender {
     /// Ends the holder's session (shuts down its socket).
     end: Box<dyn Fn() + Send + Sync>,
     /// Set when a newer connection of the same primary told it to end.
@@ -123,10 +87,8 @@ struct Holder {
 
 #[derive(Default)]
 struct State {
-    holder: Option<Holder>,
-    next_conn: u64,
-    /// The connection waiting to take over from a displaced holder (the newest one).
-    waiting: Option<u64>,
+    slot: Slot<Fingerprint>,
+    ender: Option<Ender>,
 }
 
 /// Who holds the daemon's one stream (see the module's comment).
@@ -159,8 +121,8 @@ impl Claimed<'_> {
 impl Drop for Claimed<'_> {
     fn drop(&mut self) {
         let mut st = lock(&self.slot.state);
-        if st.holder.as_ref().is_some_and(|h| h.conn == self.conn) {
-            st.holder = None;
+        if st.slot.release(self.conn) {
+            st.ender = None;
         }
         drop(st);
         self.slot.released.notify_all();
@@ -179,19 +141,12 @@ impl PrimarySlot {
     ) -> Result<Claimed<'_>, Refusal> {
         let t0 = Instant::now();
         let mut st = lock(&self.state);
-        let conn = st.next_conn;
-        st.next_conn += 1;
+        let conn = st.slot.number();
         loop {
-            let holder = st.holder.as_ref().map(|h| (&h.who, h.conn));
-            match admission(holder, st.waiting, &who, conn) {
+            match st.slot.ask(&who, conn) {
                 Admission::Take => {
-                    if st.waiting == Some(conn) {
-                        st.waiting = None;
-                    }
                     let displaced = Arc::new(AtomicBool::new(false));
-                    st.holder = Some(Holder {
-                        conn,
-                        who,
+                    st.ender = Some(Ender {
                         end,
                         displaced: displaced.clone(),
                     });
@@ -201,28 +156,23 @@ impl PrimarySlot {
                         displaced,
                     });
                 }
-                Admission::Busy => {
-                    if st.waiting == Some(conn) {
-                        st.waiting = None;
-                    }
-                    return Err(Refusal::Busy);
-                }
+                Admission::Busy => return Err(Refusal::Busy),
                 Admission::Superseded => return Err(Refusal::Superseded),
                 Admission::Displace => {}
             }
-            st.waiting = Some(conn);
-            if let Some(h) = &st.holder {
-                if !h.displaced.swap(true, Ordering::AcqRel) {
+            if st.slot.tell() {
+                if let Some(h) = &st.ender {
                     tracing::warn!(
                         "a new connection of the connected primary ({}): ending its previous session (displaced; it may have stopped, or its connection died without closing)",
                         who.key.map(|k| k.to_string()).unwrap_or_default()
                     );
+                    h.displaced.store(true, Ordering::Release);
                     (h.end)();
                 }
             }
             let left = within.saturating_sub(t0.elapsed());
             if left.is_zero() {
-                st.waiting = None;
+                st.slot.give_up(conn);
                 return Err(Refusal::StillEnding {
                     waited: t0.elapsed(),
                 });
@@ -238,7 +188,7 @@ impl PrimarySlot {
     /// Whether any session holds the slot.
     #[cfg(test)]
     fn held(&self) -> bool {
-        lock(&self.state).holder.is_some()
+        lock(&self.state).slot.holder().is_some()
     }
 }
 
@@ -256,45 +206,6 @@ mod tests {
 
     fn noop() -> Box<dyn Fn() + Send + Sync> {
         Box::new(|| {})
-    }
-
-    #[test]
-    fn only_the_same_key_for_the_same_volume_displaces_and_the_newest_connection_wins() {
-        let a = id(b"a", 1);
-        assert_eq!(admission(None, None, &a, 0), Admission::Take);
-        assert_eq!(admission(Some((&a, 0)), None, &a, 1), Admission::Displace);
-        assert_eq!(
-            admission(Some((&a, 0)), Some(1), &a, 1),
-            Admission::Displace
-        );
-        assert_eq!(
-            admission(Some((&a, 0)), None, &id(b"b", 1), 1),
-            Admission::Busy
-        );
-        assert_eq!(
-            admission(Some((&a, 0)), None, &id(b"a", 2), 1),
-            Admission::Busy
-        );
-        let anon = PrimaryId {
-            key: None,
-            volume: [1; 16],
-        };
-        assert_eq!(admission(Some((&anon, 0)), None, &anon, 1), Admission::Busy);
-        assert_eq!(admission(None, None, &anon, 1), Admission::Take);
-        // Of one primary's connections the newest wins: an older waiter gives way to a newer
-        // one, and never displaces a newer holder.
-        assert_eq!(
-            admission(Some((&a, 0)), Some(2), &a, 1),
-            Admission::Superseded
-        );
-        assert_eq!(admission(None, Some(2), &a, 1), Admission::Superseded);
-        assert_eq!(admission(Some((&a, 3)), None, &a, 1), Admission::Superseded);
-        // Another primary is refused while one waits to take over, and takes a free slot.
-        assert_eq!(
-            admission(Some((&a, 0)), Some(1), &id(b"b", 1), 2),
-            Admission::Busy
-        );
-        assert_eq!(admission(None, Some(1), &id(b"b", 1), 2), Admission::Take);
     }
 
     #[test]
@@ -432,27 +343,32 @@ mod tests {
         };
         // Until the first waiter waits (bounded).
         let t0 = Instant::now();
-        while lock(&slot.state).waiting.is_none() {
+        while lock(&slot.state).slot.waiting().is_none() {
             assert!(t0.elapsed() < Duration::from_secs(10), "no waiter");
             std::thread::sleep(Duration::from_millis(5));
         }
         let (tx2, rx2) = mpsc::channel();
+        let (end_tx, end_rx) = mpsc::channel::<()>();
         let second = {
             let slot = slot.clone();
             std::thread::spawn(move || {
-                let r = slot
-                    .claim(id(b"a", 1), noop(), Duration::from_secs(10))
-                    .map(|c| c.conn);
-                tx2.send(r).expect("send");
+                let r = slot.claim(id(b"a", 1), noop(), Duration::from_secs(10));
+                tx2.send(r.as_ref().map(|c| c.conn).map_err(Clone::clone))
+                    .expect("send");
+                // Held until the first waiter answered (a slot it released would be free for
+                // the older connection to take, rightly).
+                let _ = end_rx.recv_timeout(Duration::from_secs(10));
+                drop(r);
             })
         };
-        while lock(&slot.state).waiting == Some(1) {
+        while lock(&slot.state).slot.waiting() == Some(1) {
             assert!(t0.elapsed() < Duration::from_secs(10), "no second waiter");
             std::thread::sleep(Duration::from_millis(5));
         }
         drop(held);
         let r1 = rx.recv_timeout(Duration::from_secs(10)).expect("first");
         let r2 = rx2.recv_timeout(Duration::from_secs(10)).expect("second");
+        end_tx.send(()).expect("end the second");
         assert_eq!(r1, Err(Refusal::Superseded));
         assert_eq!(r2, Ok(2));
         first.join().expect("first");
