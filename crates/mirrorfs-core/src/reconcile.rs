@@ -671,12 +671,25 @@ impl Reconciler {
     /// `seen`, translated through our renames it had not seen (`None`: unchanged). A change
     /// the peer made to a file we renamed follows the file to its new name here.
     pub fn translate(&mut self, path: &[u8], seen: u64) -> Option<Vec<u8>> {
+        self.translate_moved(path, seen).0
+    }
+
+    /// The peer's name `path` went through our unseen renames and came back to itself (a
+    /// file renamed or exchanged away and back, `a` → `e` → `a`): a peer data record for it
+    /// names our file, as a translated one does ([`Reconciler::peer_data_record`]'s
+    /// `translated`), not a new entry our renames gave the name.
+    pub fn moved_and_back(&mut self, path: &[u8], seen: u64) -> bool {
+        matches!(self.translate_moved(path, seen), (None, true))
+    }
+
+    /// [`Reconciler::translate`], and whether any of our renames moved the name (even back).
+    fn translate_moved(&mut self, path: &[u8], seen: u64) -> (Option<Vec<u8>>, bool) {
         self.advance(seen);
         if let Some(q) = self.held_path(path, seen) {
-            return Some(q);
+            return (Some(q), true);
         }
         if self.renames.is_empty() {
-            return None;
+            return (None, false);
         }
         let fresh = self
             .fresh
@@ -684,7 +697,7 @@ impl Reconciler {
             .next_back()
             .is_some_and(|f| moved_path(path, f, f).is_some());
         if fresh && !self.follows(path) {
-            return None;
+            return (None, false);
         }
         let mut p: Option<Vec<u8>> = None;
         for m in self.renames.values() {
@@ -698,7 +711,8 @@ impl Reconciler {
                 p = next;
             }
         }
-        p.filter(|q| q.as_slice() != path)
+        let moved = p.is_some();
+        (p.filter(|q| q.as_slice() != path), moved)
     }
 
     /// A name the peer makes (creates, links, renames to): a new entry, so only its directory
@@ -1001,9 +1015,9 @@ impl Reconciler {
     /// again) is the old entry's: the record is decided as one naming the name itself
     /// ([`Reconciler::removed_since_moved`]).
     pub fn peer_data(&mut self, path: &[u8], seen: u64) -> (Vec<u8>, Decision) {
-        let (p, translated) = match self.translate(path, seen) {
-            Some(p) => (p, true),
-            None => (path.to_vec(), false),
+        let (p, translated) = match self.translate_moved(path, seen) {
+            (Some(p), _) => (p, true),
+            (None, moved) => (path.to_vec(), moved),
         };
         let translated = translated && !self.removed_since_moved(path, &p);
         let d = self.peer_data_record(Some((self.hash)(&p)), seen, translated);

@@ -314,6 +314,8 @@ impl SiteReconcile {
     /// through one name is concurrent with ours through another (`Reconciler::peer_linked_data`;
     /// the name the loser copies aside is then [`SiteReconcile::take_linked_copy`]'s).
     pub fn decide_data(&self, path: &[u8], translated: bool, seen: u64) -> Decision {
+        // A name our renames moved away and back is translated too (`moved_and_back`).
+        let translated = translated || lock(&self.machine).moved_and_back(path, seen);
         // Looked up only while some entry of ours is of a file with other names.
         let linked = lock(&self.machine).files_len() > 0;
         let file = if linked {
