@@ -3785,6 +3785,25 @@ mod names {
             14_713, 57_756, 57_809, 74_471, 264_803, 356_415, 416_661, 421_066, 505_861, 540_264,
             583_284, 630_373, 799_566, 835_344, 865_300, 880_873, 992_996,
         ];
+        // The same for the runs with exchanges (branch `exchange`; found by a run of 1,000,000
+        // seeds after the exchange row, with an exchange counted as its two renames by the
+        // exclusions above): not reconciled yet, counted as excluded, not checked:
+        // - a directory exchanged with another entry at one site while the other site removes
+        //   it (emptied first, or after a write in it): 20 seeds, 3 of them losing that write;
+        // - a directory made at both sites beneath a directory one of them exchanged (as
+        //   690,377 for a rename): 10 seeds;
+        // - a name removed and made again at one site, with an exchange of it or of its
+        //   directory at either site (168,643, 172,819);
+        // - without an exchange, two compound splits of the classes above that the other runs
+        //   had not met, each losing a write: a name removed and made again at one site,
+        //   written at both and removed at the other (213,715); a directory made at one site
+        //   and given by a rename at the other, with a rename in the old directory (508,052).
+        const KNOWN_TO_DIFFER_WITH_EXCHANGES: [u64; 34] = [
+            29_354, 48_512, 95_304, 104_190, 114_422, 154_591, 168_643, 172_819, 197_154, 207_117,
+            213_715, 216_951, 235_067, 247_461, 259_943, 285_870, 287_274, 304_974, 366_171,
+            406_881, 420_230, 508_052, 544_594, 589_420, 612_916, 644_300, 673_977, 751_941,
+            756_688, 792_870, 832_708, 838_638, 867_436, 936_794,
+        ];
         // `MIRRORFS_RECONCILE_NAMES_SHOW=SEED,SEED`: only these seeds, none excluded, each
         // printed with its ops and both trees (to study a case).
         let show_only: Option<Vec<u64>> = std::env::var("MIRRORFS_RECONCILE_NAMES_SHOW")
@@ -3920,7 +3939,8 @@ mod names {
             let exchanged = ops.iter().any(|(_, r)| matches!(r, R::Exchange(..)));
             let why = why.or_else(|| {
                 (!links && !xchg && KNOWN_TO_DIFFER.contains(&seed)
-                    || links && KNOWN_TO_DIFFER_WITH_LINKS.contains(&seed))
+                    || links && KNOWN_TO_DIFFER_WITH_LINKS.contains(&seed)
+                    || xchg && KNOWN_TO_DIFFER_WITH_EXCHANGES.contains(&seed))
                 .then_some("compound splits known to differ")
             });
             if show_only.is_some() {
@@ -3982,7 +4002,7 @@ mod names {
             }
         }
         eprintln!(
-            "{seeds} seeds, {runs} splits (each seed without and with symlinks): {} checked, {skipped} excluded (cases not reconciled)",
+            "{seeds} seeds, {runs} splits (each seed plain, with symlinks, with exchanges): {} checked, {skipped} excluded (cases not reconciled)",
             runs - skipped
         );
         eprintln!("  checked with a symlink made or renamed: {links_checked}");
@@ -4006,6 +4026,77 @@ mod names {
             failed.len(),
             failed.join("\n")
         );
+    }
+
+    /// An exchange of `a` and `b` at one site while the other writes, removes or renames one
+    /// of them (`docs/protocol.md`, the row "an exchange"): to the rule it is two renames. A
+    /// write follows its file (nothing listed); a removal loses to the move (the file comes
+    /// back under its new name, listed); a rename at both sites keeps the lower id's name
+    /// (listed); away and back at one site, a write at the other lands in the file.
+    #[test]
+    fn an_exchange_is_two_renames_to_the_rule() {
+        let base = [("a", Some("a0")), ("b", Some("b0"))];
+        let x = || R::Exchange("a", "b");
+        check(
+            &base,
+            &[x()],
+            &[R::Write("a", "w")],
+            &[("a", Some("b0")), ("b", Some("w"))],
+            false,
+        );
+        check(
+            &base,
+            &[R::Write("b", "w")],
+            &[x()],
+            &[("a", Some("w")), ("b", Some("a0"))],
+            false,
+        );
+        for (at1, at2) in [
+            (vec![x()], vec![R::Unlink("a")]),
+            (vec![R::Unlink("a")], vec![x()]),
+        ] {
+            check(
+                &base,
+                &at1,
+                &at2,
+                &[("a", Some("b0")), ("b", Some("a0"))],
+                true,
+            );
+        }
+        // Site 1's name stays: `c` (its rename), or `b` (its exchange).
+        check(
+            &base,
+            &[R::Rename("a", "c")],
+            &[x()],
+            &[("a", Some("b0")), ("c", Some("a0"))],
+            true,
+        );
+        check(
+            &base,
+            &[x()],
+            &[R::Rename("a", "c")],
+            &[("a", Some("b0")), ("b", Some("a0"))],
+            true,
+        );
+        check(
+            &base,
+            &[x(), R::Exchange("b", "a")],
+            &[R::Write("a", "w")],
+            &[("a", Some("w")), ("b", Some("b0"))],
+            false,
+        );
+        // The decision itself: as sent while nothing of ours is unseen, else as renames
+        // through the hidden name beside `a`.
+        let mut r = site(2, 1);
+        assert_eq!(r.peer_exchange(b"d/a", b"b", 0), ExchangeDecision::Apply);
+        r.local_change(1, &Local::Removed(b("c")));
+        let via = exchange_via(b"d/a", b"b");
+        assert!(via.starts_with(b"d/.mirrorfs-exchange-"), "{via:?}");
+        assert_eq!(
+            r.peer_exchange(b"d/a", b"b", 0),
+            ExchangeDecision::Renames { via }
+        );
+        assert_eq!(r.peer_exchange(b"d/a", b"b", 1), ExchangeDecision::Apply);
     }
 
     /// Two entries given one new name `n` at both sites, one of them a symlink (made with
