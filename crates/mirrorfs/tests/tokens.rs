@@ -3205,3 +3205,95 @@ fn one_file_written_through_two_hard_links_at_both_sites_at_once_is_never_mixed(
         assert_eq!(one.ino(), two.ino(), "still one file at each site");
     }
 }
+
+/// `renameat2(a, b, RENAME_EXCHANGE)` through the mount: the two names swap their entries.
+fn exchange(a: &Path, b: &Path) {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).expect("no NUL in path");
+    let (ca, cb) = (c(a), c(b));
+    // SAFETY: two valid NUL-terminated paths, relative to nothing (absolute).
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            ca.as_ptr(),
+            libc::AT_FDCWD,
+            cb.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "renameat2({a:?}, {b:?}, RENAME_EXCHANGE): {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// Exchanges (`renameat2(RENAME_EXCHANGE)`) during a split (`docs/protocol.md`, the row
+/// "exchanges"): to the rule an exchange is two renames, each name now holding the other's
+/// entry. Site 1 exchanges `a` and `b` while site 2 edits `a` (the edit follows its file to
+/// `b`); site 1 exchanges `c` and `d` while site 2 removes `c` (the move wins over the
+/// removal: `c`'s file comes back under `d`, listed `they-deleted` at site 1); site 2
+/// exchanges `e` and `f` while site 1 renames `e` to `g` (both moved `e`'s file: site 1's name
+/// `g` stays, `f`'s file goes to `e`; listed `split-both-renamed` at both). Both sites end with
+/// the same tree, nothing lost, each conflict listed by `mirrorfs conflicts`.
+#[test]
+fn a_netsplit_during_which_one_side_exchanges_names_the_other_changes() {
+    let pair = Pair::netsplit("netsplit-exchange");
+    pair.wait_linked(true);
+    for (name, text) in [
+        ("a", "a before the split\n"),
+        ("b", "b before the split\n"),
+        ("c", "c before the split\n"),
+        ("d", "d before the split\n"),
+        ("e", "e before the split\n"),
+        ("f", "f before the split\n"),
+    ] {
+        write_file(&pair.a, name, text.as_bytes());
+    }
+    pair.wait_equal();
+    pair.cut();
+    pair.wait_linked(false);
+    let edited = b"a edited at site 2 while site 1 exchanged it with b\n".to_vec();
+    exchange(&pair.a.p("a"), &pair.a.p("b"));
+    write_file(&pair.b, "a", &edited);
+    exchange(&pair.a.p("c"), &pair.a.p("d"));
+    fs::remove_file(pair.b.p("c")).expect("unlink c at b");
+    exchange(&pair.b.p("e"), &pair.b.p("f"));
+    fs::rename(pair.a.p("e"), pair.a.p("g")).expect("rename e at a");
+    pair.heal_and_settle();
+    pair.wait_shown("a", b"b before the split\n");
+    pair.wait_shown("b", &edited);
+    pair.wait_shown("c", b"d before the split\n");
+    pair.wait_shown("d", b"c before the split\n");
+    pair.wait_shown("e", b"f before the split\n");
+    pair.wait_shown("g", b"e before the split\n");
+    pair.wait_view("f is gone at both sites", || {
+        !pair.a.p("f").exists() && !pair.b.p("f").exists()
+    });
+    // No hidden name of an exchange carried out as renames is left.
+    for m in [&pair.a, &pair.b] {
+        let hidden = names_starting(m.backing(), ".mirrorfs-exchange-");
+        assert!(hidden.is_empty(), "{hidden:?}\n{}", m.log());
+    }
+    let listed = |m: &Mount, path: &str, reason: &str| {
+        conflicts_json(m)
+            .into_iter()
+            .filter(|e| e["path"] == path && e["reason"] == reason)
+            .count()
+    };
+    assert!(
+        listed(&pair.a, "d", "they-deleted") >= 1,
+        "{:#?}\n{}",
+        conflicts_json(&pair.a),
+        pair.a.log()
+    );
+    for m in [&pair.a, &pair.b] {
+        assert!(
+            listed(m, "g", "split-both-renamed") >= 1,
+            "{:#?}\n{}",
+            conflicts_json(m),
+            m.log()
+        );
+    }
+}

@@ -34,7 +34,8 @@ use mirrorfs_core::link::{Begin, LinkError, MirrorCopy, Positions};
 use mirrorfs_core::op::{Op, Record};
 use mirrorfs_core::path::RelPath;
 use mirrorfs_core::reconcile::{
-    clash_moves_ours_aside, meta_key, renamed_path, Decision, DirClash, EntryClash, RenameDecision,
+    clash_moves_ours_aside, meta_key, renamed_path, Decision, DirClash, EntryClash,
+    ExchangeDecision, RenameDecision,
 };
 use mirrorfs_core::session::{Incoming, OnDiverged, Session};
 use mirrorfs_core::tree::apply_op;
@@ -846,6 +847,12 @@ impl PeerReceiver {
         let mut res = Err(Held::Retry);
         let mut used = op.clone();
         for _ in 0..8 {
+            if let Some(steps) = self.exchange_as_renames(&op, seen) {
+                for op in steps {
+                    self.apply(&Record { seq: r.seq, op })?;
+                }
+                return Ok(());
+            }
             used = self.with_local_ino(translated(&op).unwrap_or_else(|| op.clone()));
             res = self.apply_one(&op, &used, seen);
             if res != Err(Held::Retry) {
@@ -1388,6 +1395,57 @@ impl PeerReceiver {
         }
     }
 
+    /// The peer's exchange `op` (its names `a` and `b`) while a rename or removal of ours is
+    /// unseen by it ([`ExchangeDecision::Renames`]): the three peer renames it is carried out
+    /// as, `a` → `via` (`RENAME_NOREPLACE`), `b` → `a`, `via` → `b`, each then translated,
+    /// decided and applied as the peer's rename (journaled as the peer's, so not streamed
+    /// back). `None`: applied as sent (also if the hidden name `via` is taken here: nothing is
+    /// replaced for it).
+    fn exchange_as_renames(&self, op: &Op, seen: Option<u64>) -> Option<Vec<Op>> {
+        let (
+            Some(rc),
+            Some(seen),
+            Op::Rename {
+                from: a,
+                to: b,
+                flags,
+                ..
+            },
+        ) = (&self.reconcile, seen, op)
+        else {
+            return None;
+        };
+        if flags & RENAME_EXCHANGE == 0 {
+            return None;
+        }
+        let via = {
+            let _order = lock(&self.vol.order);
+            match rc.decide_exchange(a.as_bytes(), b.as_bytes(), seen) {
+                ExchangeDecision::Apply => return None,
+                ExchangeDecision::Renames { via } => via,
+            }
+        };
+        let via = RelPath::new(via).ok()?;
+        if entry_of(&self.backing, &via).is_some() {
+            tracing::warn!(
+                "the hidden name {} for the peer's exchange is taken here: applied as sent",
+                String::from_utf8_lossy(via.as_bytes())
+            );
+            return None;
+        }
+        let rename = |from: &RelPath, to: &RelPath, flags: u32| Op::Rename {
+            from: from.clone(),
+            to: to.clone(),
+            flags,
+            from_ino: 0,
+        };
+        Some(vec![
+            rename(a, &via, NOREPLACE),
+            rename(b, a, 0),
+            rename(&via, b, 0),
+        ])
+    }
+
     /// Our entry at `path` goes for the peer's of its name ([`EntryClash::Theirs`]): a
     /// conflict copy (a file with its content, a symlink with its target, a node with its
     /// type: journaled, streamed, listed), then its removal as the peer's record (not
@@ -1468,6 +1526,16 @@ impl PeerReceiver {
                 }
                 let decision = match orig {
                     Op::Unlink { path, .. } => rc.decide_unlink(path.as_bytes(), seen).1,
+                    Op::Rename {
+                        from, to, flags, ..
+                    } if flags & RENAME_EXCHANGE != 0 => {
+                        // Not a rename onto a name: each entry moves with its changes.
+                        match rc.decide_exchange(from.as_bytes(), to.as_bytes(), seen) {
+                            ExchangeDecision::Apply => Decision::Apply,
+                            // A rename or removal of ours came since: as renames.
+                            ExchangeDecision::Renames { .. } => return skip(&held, Held::Retry),
+                        }
+                    }
                     Op::Rename { from, to, .. } => {
                         if let Some(h) = self.rename_entry_clash(rc, op, seen) {
                             return skip(&held, h);
@@ -1710,6 +1778,9 @@ enum Held {
 
 /// Linux's `RENAME_EXCHANGE`.
 const RENAME_EXCHANGE: u32 = 2;
+
+/// Linux's `RENAME_NOREPLACE`.
+const NOREPLACE: u32 = 1;
 
 /// `a` and `b` name the same entries (their data aside).
 fn same_names(a: &Op, b: &Op) -> bool {

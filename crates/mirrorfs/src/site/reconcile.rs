@@ -29,8 +29,8 @@ use anyhow::{Context, Result};
 use mirrorfs_core::op::Op;
 use mirrorfs_core::path::RelPath;
 use mirrorfs_core::reconcile::{
-    renamed_path, ChangePoints, Config, Decision, DirClash, EntryClash, Local, PeerPoints,
-    Reconciler, RenameDecision,
+    renamed_path, ChangePoints, Config, Decision, DirClash, EntryClash, ExchangeDecision, Local,
+    PeerPoints, Reconciler, RenameDecision,
 };
 use mirrorfs_core::tree::apply_op;
 
@@ -143,6 +143,12 @@ impl SiteReconcile {
     pub fn decide_rename(&self, from: &[u8], to: &[u8], seen: u64) -> RenameDecision {
         *lock(&self.linked_copy) = None;
         lock(&self.machine).peer_rename(from, to, seen)
+    }
+
+    /// The decision for a peer exchange (its names): applied as sent, or carried out as the
+    /// renames it is to the rule (`Reconciler::peer_exchange`).
+    pub fn decide_exchange(&self, a: &[u8], b: &[u8], seen: u64) -> ExchangeDecision {
+        lock(&self.machine).peer_exchange(a, b, seen)
     }
 
     /// The decision for a peer unlink (its name; under the order lock): our name for it, and
@@ -308,6 +314,8 @@ impl SiteReconcile {
     /// through one name is concurrent with ours through another (`Reconciler::peer_linked_data`;
     /// the name the loser copies aside is then [`SiteReconcile::take_linked_copy`]'s).
     pub fn decide_data(&self, path: &[u8], translated: bool, seen: u64) -> Decision {
+        // A name our renames moved away and back is translated too (`moved_and_back`).
+        let translated = translated || lock(&self.machine).moved_and_back(path, seen);
         // Looked up only while some entry of ours is of a file with other names.
         let linked = lock(&self.machine).files_len() > 0;
         let file = if linked {
