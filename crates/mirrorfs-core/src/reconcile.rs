@@ -329,7 +329,9 @@ pub struct Reconciler {
     /// made, or something renamed to it; not a mkdir, [`Local::Made`]): object → the seq of the making. A peer record for the name journaled
     /// before it had considered that seq is about the old entry, not ours
     /// ([`Reconciler::reused_since`]). Rebuilt by the replay after a restart (our removals and
-    /// makings are in the journal); bounded as `fresh` (past it a dropped name's old records
+    /// makings are in the journal), except the entries already listed (`true`: a skip listed,
+    /// or an entry clash, [`Reconciler::peer_entry_clash`], which the replay cannot rebuild),
+    /// which are in the notes; bounded as `fresh` (past it a dropped name's old records
     /// apply to the new entry, as before this rule).
     reused: BTreeMap<Object, (u64, bool)>,
     /// Names whose removal by the peer we undid (`Restore`: we had changed the file), while
@@ -355,8 +357,8 @@ pub struct Reconciler {
     /// Names we removed concurrently that the peer made again since (a create, mkdir or rename
     /// onto it, [`Reconciler::translate_new`]), while we had not made them again ourselves:
     /// what is there now is the peer's entry, so its later removal of the name applies
-    /// ([`Reconciler::peer_unlink`]). Forgotten with our removal; bounded as `fresh`; not in
-    /// the notes (after a restart such a removal is skipped, as before this rule).
+    /// ([`Reconciler::peer_unlink`]). Forgotten with our removal; bounded as `fresh`; in the
+    /// notes (the replay rebuilds our removal, not the peer's making after it).
     peer_remade: BTreeSet<Vec<u8>>,
     /// Names we gave an entry during the split the peer has not seen (created, a symlink,
     /// node or link made, or a rename's new name): name → seq, and by seq. A peer's making of
@@ -365,7 +367,8 @@ pub struct Reconciler {
     /// forgotten: the peer's making then fails as existing, as before this rule).
     names_made: BTreeMap<Vec<u8>, u64>,
     names_made_by_seq: BTreeSet<(u64, Vec<u8>)>,
-    /// `fresh`, `regained`, `remade`, `removed_names`, `ghosts`, `restored` or `held` changed since the last
+    /// `fresh`, `regained`, `remade`, `removed_names`, `ghosts`, `restored`, `held`,
+    /// `peer_remade` or the listed `reused` changed since the last
     /// [`Reconciler::take_notes`] (the shell persists them: the journal does not hold the
     /// peer's `seen` of its records, so the decisions that noted them cannot be replayed).
     notes_dirty: bool,
@@ -509,10 +512,11 @@ impl Reconciler {
     fn note_reuse(&mut self, seq: u64, path: &[u8]) {
         let o = (self.hash)(path);
         if self.removed.get(&o).is_some_and(|&u| u < seq) {
-            self.reused.insert(o, (seq, false));
-            while self.reused.len() > self.cfg.entries_max {
-                self.reused.pop_first();
+            // The same making again (the replay after a restart, over the notes): as it was.
+            if self.reused.get(&o).is_none_or(|&(c, _)| c != seq) {
+                self.reused.insert(o, (seq, false));
             }
+            self.bound_reused();
         }
     }
 
@@ -523,6 +527,16 @@ impl Reconciler {
     /// entry reaches it ([`Reconciler::peer_reused`]).
     pub fn reused_since(&self, object: Object, seen: u64) -> bool {
         self.reused.get(&object).is_some_and(|&(c, _)| c > seen)
+    }
+
+    /// `reused` bounded by `entries_max` (the first objects dropped; one listed changes the
+    /// notes).
+    fn bound_reused(&mut self) {
+        while self.reused.len() > self.cfg.entries_max {
+            if self.reused.pop_first().is_some_and(|(_, r)| r.1) {
+                self.notes_dirty = true;
+            }
+        }
     }
 
     /// The peer makes `path` (our name; a create, mknod, symlink, link or rename onto it), journaled having considered ours through `seen`, and `path` is our file here: if we
@@ -1118,7 +1132,7 @@ impl Reconciler {
             && !self.reused.contains_key(&o)
             && !self.dirs_made.contains_key(path)
         {
-            self.peer_remade.insert(path.to_vec());
+            self.notes_dirty |= self.peer_remade.insert(path.to_vec());
             while self.peer_remade.len() > self.cfg.entries_max {
                 self.peer_remade.pop_first();
             }
@@ -1207,6 +1221,8 @@ impl Reconciler {
                 .reused
                 .get_mut(&object)
                 .map(|r| std::mem::replace(&mut r.1, true));
+            // Listed now: kept in the notes, so that a restart does not list it again.
+            self.notes_dirty |= listed == Some(false);
             return Decision::Skip {
                 rewrite: false,
                 first: listed == Some(false),
@@ -1330,7 +1346,9 @@ impl Reconciler {
         self.forget_reuses(seen);
         if !self.peer_remade.is_empty() {
             let (hash, removed) = (self.hash, &self.removed);
+            let before = self.peer_remade.len();
             self.peer_remade.retain(|p| removed.contains_key(&hash(p)));
+            self.notes_dirty |= self.peer_remade.len() != before;
         }
         self.forget_names_made(seen);
     }
@@ -1338,7 +1356,9 @@ impl Reconciler {
     /// The peer considered ours through `seen`: our makings it saw are no reuse to it any more,
     /// and a restore it saw is no longer concurrent with its makings.
     fn forget_reuses(&mut self, seen: u64) {
+        let listed = self.reused.values().filter(|r| r.1).count();
         self.reused.retain(|_, (c, _)| *c > seen);
+        self.notes_dirty |= self.reused.values().filter(|r| r.1).count() != listed;
         if !self.restored.is_empty() {
             let (hash, entries) = (self.hash, &self.entries);
             let before = self.restored.len();
@@ -1347,8 +1367,8 @@ impl Reconciler {
         }
     }
 
-    /// The names noted by the peer's records (`fresh`, `regained`, `remade`, `ghosts`) and our
-    /// removed names, encoded with a checksum ([`Reconciler::restore_notes`]), if they changed
+    /// The names noted by the peer's records (`fresh`, `regained`, `remade`, `ghosts`,
+    /// `restored`, `held`, `peer_remade`, the listed `reused`) and our removed names, encoded with a checksum ([`Reconciler::restore_notes`]), if they changed
     /// since the last call (`None`: unchanged). The shell makes them durable before the peer's
     /// records that noted them are acknowledged (`STATE/peer-applied`): the journal holds those
     /// records but not the peer's `seen` of each, so they cannot be decided again at the mount.
@@ -1388,6 +1408,20 @@ impl Reconciler {
             put_name(&mut b, q);
             b.extend_from_slice(&made.to_le_bytes());
         }
+        // Since the restart rules: the names the peer made again after our removal
+        // (`peer_remade`), then the reuses listed or skipped for an entry clash (`reused`
+        // entries already listed: object, the seq of our making), the replay rebuilding only
+        // the others (a file written before them ends before them, and decodes with none).
+        b.extend_from_slice(&(self.peer_remade.len() as u32).to_le_bytes());
+        for p in &self.peer_remade {
+            put_name(&mut b, p);
+        }
+        let listed: Vec<_> = self.reused.iter().filter(|(_, r)| r.1).collect();
+        b.extend_from_slice(&(listed.len() as u32).to_le_bytes());
+        for (o, (made, _)) in listed {
+            b.extend_from_slice(&o.to_le_bytes());
+            b.extend_from_slice(&made.to_le_bytes());
+        }
         let crc = crc32c::crc32c(&b);
         b.extend_from_slice(&crc.to_le_bytes());
         Some(b)
@@ -1424,6 +1458,13 @@ impl Reconciler {
         while self.held.len() > max {
             self.held.pop_first();
         }
+        self.peer_remade.extend(notes.peer_remade);
+        while self.peer_remade.len() > max {
+            self.peer_remade.pop_first();
+        }
+        self.reused
+            .extend(notes.listed.into_iter().map(|(o, made)| (o, (made, true))));
+        self.bound_reused();
         true
     }
 
@@ -1697,6 +1738,10 @@ struct Notes {
     restored: Vec<Vec<u8>>,
     /// [`Reconciler::hold`]s, laid out as the ghosts.
     held: Vec<Ghost>,
+    /// `peer_remade` (absent from notes written before it was kept).
+    peer_remade: Vec<Vec<u8>>,
+    /// The `reused` entries already listed (an entry clash's skip): object, our making's seq.
+    listed: Vec<(Object, u64)>,
 }
 
 impl Notes {
@@ -1738,6 +1783,20 @@ impl Notes {
                 held.push((p, (q, made)));
             }
         }
+        let mut peer_remade = Vec::new();
+        if c.at != body.len() {
+            for _ in 0..c.u32()? {
+                peer_remade.push(c.name()?);
+            }
+        }
+        let mut listed = Vec::new();
+        if c.at != body.len() {
+            for _ in 0..c.u32()? {
+                let o = c.u64()?;
+                let made = c.u64()?;
+                listed.push((o, made));
+            }
+        }
         if c.at != body.len() {
             return None;
         }
@@ -1746,6 +1805,8 @@ impl Notes {
             ghosts,
             restored,
             held,
+            peer_remade,
+            listed,
         })
     }
 }
@@ -1764,6 +1825,10 @@ impl<'a> Cursor<'a> {
 
     fn u32(&mut self) -> Option<u32> {
         Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
+    }
+
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
     }
 
     fn name(&mut self) -> Option<Vec<u8>> {
@@ -2023,9 +2088,8 @@ impl Reconciler {
             // ours, are not applied to ours (listed once, here).
             let first = self.reused.get(&o).is_none_or(|&(c, _)| c != made);
             self.reused.insert(o, (made, true));
-            while self.reused.len() > self.cfg.entries_max {
-                self.reused.pop_first();
-            }
+            self.notes_dirty |= first;
+            self.bound_reused();
             return EntryClash::Ours { first };
         }
         EntryClash::Theirs
@@ -2429,6 +2493,76 @@ mod tests {
         }
     }
 
+    /// Names we removed concurrently that the peer made again (`peer_remade`): after a
+    /// restart between the peer's making of the name and its later removal of it, that
+    /// removal still applies (the entry there is the peer's), so the name goes at both sites.
+    #[test]
+    fn a_restart_keeps_the_names_the_peer_made_again_after_our_removal() {
+        let b = |s: &str| s.as_bytes().to_vec();
+        // We removed `n` (seq 5); the peer, having seen through 2, makes `n` again, then
+        // removes it.
+        let journal = [(5, Local::Removed(b("n")))];
+        let mut before = Reconciler::new(Config::new(2, 1), 2);
+        before.local_change(5, &journal[0].1);
+        assert_eq!(before.translate_new(b"n", 2), None);
+        let want = before.clone().peer_unlink(b"n", 2);
+        assert!(
+            !matches!(want.1, Decision::Skip { .. }),
+            "the peer's entry is removed: {want:?}"
+        );
+        for notes in [false, true] {
+            let mut after = restarted(&mut before.clone(), &journal, notes);
+            let got = after.peer_unlink(b"n", 2);
+            assert_eq!(got == want, notes, "{got:?}, notes restored: {notes}");
+        }
+        // The peer saw our removal: the name is forgotten, and with it the note.
+        before.peer_unlink(b"x", 5);
+        let bytes = before.take_notes().expect("the note dropped");
+        let mut fresh = Reconciler::new(before.config(), 5);
+        assert!(fresh.restore_notes(&bytes));
+        assert!(fresh.peer_remade.is_empty());
+    }
+
+    /// The lower id's skip of the peer's records of its own entry after an entry clash
+    /// (`peer_entry_clash` → `Ours`): after a restart between the clash and the peer's write
+    /// of its entry, the write is still skipped (not applied to our entry), and not listed
+    /// again.
+    #[test]
+    fn a_restart_keeps_the_skip_of_the_peers_entry_after_a_clash() {
+        let b = |s: &str| s.as_bytes().to_vec();
+        // We made `n` (a symlink, seq 5); the peer made its `n` having seen through 2.
+        let journal = [(5, Local::Made(b("n")))];
+        let mut before = Reconciler::new(Config::new(1, 2), 2);
+        before.local_change(5, &journal[0].1);
+        assert_eq!(
+            before.peer_entry_clash(b"n", 2),
+            EntryClash::Ours { first: true }
+        );
+        let want = before.clone().peer_data(b"n", 2);
+        assert_eq!(
+            want.1,
+            Decision::Skip {
+                rewrite: false,
+                first: false
+            }
+        );
+        for notes in [false, true] {
+            let mut after = restarted(&mut before.clone(), &journal, notes);
+            let got = after.peer_data(b"n", 2);
+            assert_eq!(got == want, notes, "{got:?}, notes restored: {notes}");
+            assert_eq!(
+                after.peer_entry_clash(b"n", 2) == EntryClash::Ours { first: false },
+                notes
+            );
+        }
+        // The peer saw our making: the skip is forgotten, and with it the note.
+        before.peer_data(b"x", 5);
+        let bytes = before.take_notes().expect("the note dropped");
+        let mut fresh = Reconciler::new(before.config(), 5);
+        assert!(fresh.restore_notes(&bytes));
+        assert!(fresh.reused.is_empty());
+    }
+
     #[test]
     fn the_notes_are_taken_once_per_change_and_damaged_ones_are_refused() {
         let mut r = Reconciler::new(Config::new(2, 1), 2);
@@ -2450,6 +2584,28 @@ mod tests {
         let mut back = Reconciler::new(Config::new(2, 1), 2);
         assert!(back.restore_notes(&bytes));
         assert_eq!(back.refill(b"e/x", 2), vec![b"e".to_vec()]);
+    }
+
+    /// Notes written before `peer_remade` and the listed reuses were kept (they end after the
+    /// held names, or after `peer_remade`) still load, with none of them.
+    #[test]
+    fn notes_written_before_the_restart_rules_still_load() {
+        let mut r = Reconciler::new(Config::new(2, 1), 2);
+        r.local_change(5, &Local::Removed(b"d".to_vec()));
+        assert_eq!(r.peer_rename(b"d", b"e", 2), RenameDecision::Removed);
+        let bytes = r.take_notes().expect("noted");
+        let body = &bytes[..bytes.len() - 4];
+        // Both new lists empty: two zero counts before the checksum.
+        assert_eq!(&body[body.len() - 8..], &[0u8; 8]);
+        for cut in [8, 4] {
+            let mut old = body[..body.len() - cut].to_vec();
+            let crc = crc32c::crc32c(&old);
+            old.extend_from_slice(&crc.to_le_bytes());
+            let mut back = Reconciler::new(Config::new(2, 1), 2);
+            assert!(back.restore_notes(&old), "{cut} bytes shorter");
+            assert_eq!(back.refill(b"e/x", 2), vec![b"e".to_vec()]);
+            assert!(back.peer_remade.is_empty() && back.reused.is_empty());
+        }
     }
 
     #[test]
