@@ -1356,9 +1356,13 @@ impl Reconciler {
     /// The peer considered ours through `seen`: our makings it saw are no reuse to it any more,
     /// and a restore it saw is no longer concurrent with its makings.
     fn forget_reuses(&mut self, seen: u64) {
-        let listed = self.reused.values().filter(|r| r.1).count();
-        self.reused.retain(|_, (c, _)| *c > seen);
-        self.notes_dirty |= self.reused.values().filter(|r| r.1).count() != listed;
+        let mut listed_dropped = false;
+        self.reused.retain(|_, (c, listed)| {
+            let keep = *c > seen;
+            listed_dropped |= !keep && *listed;
+            keep
+        });
+        self.notes_dirty |= listed_dropped;
         if !self.restored.is_empty() {
             let (hash, entries) = (self.hash, &self.entries);
             let before = self.restored.len();
