@@ -1372,10 +1372,11 @@ impl Reconciler {
     }
 
     /// The names noted by the peer's records (`fresh`, `regained`, `remade`, `ghosts`,
-    /// `restored`, `held`, `peer_remade`, the listed `reused`) and our removed names, encoded with a checksum ([`Reconciler::restore_notes`]), if they changed
-    /// since the last call (`None`: unchanged). The shell makes them durable before the peer's
-    /// records that noted them are acknowledged (`STATE/peer-applied`): the journal holds those
-    /// records but not the peer's `seen` of each, so they cannot be decided again at the mount.
+    /// `restored`, `held`, `peer_remade`, the listed `reused`) and our removed names, encoded
+    /// with a checksum ([`Reconciler::restore_notes`]), if they changed since the last call
+    /// (`None`: unchanged). The shell makes them durable before the peer's records that noted
+    /// them are acknowledged (`STATE/peer-applied`): the journal holds those records but not
+    /// the peer's `seen` of each, so they cannot be decided again at the mount.
     pub fn take_notes(&mut self) -> Option<Vec<u8>> {
         if !std::mem::take(&mut self.notes_dirty) {
             return None;
@@ -2520,6 +2521,7 @@ mod tests {
             assert_eq!(got == want, notes, "{got:?}, notes restored: {notes}");
         }
         // The peer saw our removal: the name is forgotten, and with it the note.
+        assert!(before.take_notes().is_some());
         before.peer_unlink(b"x", 5);
         let bytes = before.take_notes().expect("the note dropped");
         let mut fresh = Reconciler::new(before.config(), 5);
@@ -2560,6 +2562,7 @@ mod tests {
             );
         }
         // The peer saw our making: the skip is forgotten, and with it the note.
+        assert!(before.take_notes().is_some());
         before.peer_data(b"x", 5);
         let bytes = before.take_notes().expect("the note dropped");
         let mut fresh = Reconciler::new(before.config(), 5);
