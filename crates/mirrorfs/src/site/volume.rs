@@ -1247,6 +1247,10 @@ impl Volume {
                     // under that lock loses no wake-up.
                     if self.settled.load(Ordering::Acquire) <= p.durable_seq {
                         let _ = self.flush_wake.wait_timeout(p, idle_wait);
+                    } else {
+                        // Lock order: `order` before `progress` (a mirror daemon's ack thread
+                        // holds the first while it takes the second); never the other way.
+                        drop(p);
                     }
                     // Also free segments as mirrors advance while idle.
                     let mut o = lock(&self.order);
@@ -1510,6 +1514,54 @@ mod tests {
             t.join().expect("other thread");
         }
         assert_eq!(stuck, None, "record not made durable: its wake-up was lost");
+    }
+
+    /// The flusher with nothing to sync never holds the progress lock while it takes the order
+    /// lock: a mirror daemon's ack thread takes them the other way round, and the two deadlocked
+    /// after a resync (the journal restarted, the flusher found nothing to sync while records
+    /// were settled past its durable position), leaving the session silent until the primary
+    /// dropped it and then unable to end (CI: `failback_survives_kill9_of_the_old_primarys_daemon_mid_reintegration`,
+    /// "told to end 5.0 s ago and has not ended yet").
+    #[test]
+    fn the_idle_flusher_never_holds_the_progress_lock_while_it_waits_for_the_order_lock() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let store = FileStore::open(d.path()).expect("store");
+        let (j, _) =
+            Journal::open(store, mirrorfs_core::journal::JournalConfig::default()).expect("open");
+        let role = crate::site::engine::Role::Mirror {
+            former_primary: false,
+        };
+        let vol = Arc::new(Volume::new(j, None, Vec::new(), &role));
+        // Settled past what is durable, with nothing to sync: the flusher does not sleep.
+        vol.settled.store(5, Ordering::Release);
+        let flusher = {
+            let v = vol.clone();
+            std::thread::spawn(move || v.flush_loop(Duration::from_secs(3600)))
+        };
+        let mut held = 0;
+        for _ in 0..50 {
+            let o = lock(&vol.order);
+            std::thread::sleep(Duration::from_millis(2));
+            let t0 = Instant::now();
+            let mut free = false;
+            while t0.elapsed() < Duration::from_millis(100) {
+                if vol.progress.try_lock().is_ok() {
+                    free = true;
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            drop(o);
+            if !free {
+                held += 1;
+            }
+        }
+        vol.set_stopping();
+        flusher.join().expect("flusher");
+        assert_eq!(
+            held, 0,
+            "the flusher held the progress lock while it waited for the order lock ({held} of 50 tries)"
+        );
     }
 
     #[test]

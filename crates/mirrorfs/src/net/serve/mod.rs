@@ -660,6 +660,9 @@ impl Daemon {
     fn copy(&self) -> MirrorCopy {
         let meta = lock(&self.meta).clone();
         let state = meta.mirror_state();
+        // One lock at a time (a guard in the literal below would live to its end).
+        let durable = lock(&self.vol.progress).durable_seq;
+        let first_held = lock(&self.vol.order).journal.first_seq();
         let foreign = state == MirrorState::Empty
             && !self.force_resync
             && fs::read_dir(&self.dir)
@@ -675,12 +678,12 @@ impl Daemon {
             } else {
                 meta.history()
             },
-            durable: lock(&self.vol.progress).durable_seq,
+            durable,
             applied: self.m.applied.load(Ordering::Acquire),
             sync_id: meta.sync_id,
             promoted: meta.promoted && !meta.former_primary(),
             foreign,
-            first_held: lock(&self.vol.order).journal.first_seq(),
+            first_held,
         }
     }
 

@@ -317,9 +317,12 @@ impl Daemon {
         let t0 = Instant::now();
         while !done.load(Ordering::Acquire) {
             let seen = self.ack_inputs(&lock(&self.vol.progress));
+            // One lock at a time: a guard in this literal would live to its end.
+            let received = lock(&self.vol.order).journal.next_seq() - 1;
+            let durable = lock(&self.vol.progress).durable_seq;
             let raw = Positions {
-                received: lock(&self.vol.order).journal.next_seq() - 1,
-                durable: lock(&self.vol.progress).durable_seq,
+                received,
+                durable,
                 applied: self.m.applied.load(Ordering::Acquire),
                 checkpoint: self.m.checkpoint.load(Ordering::Acquire),
             };
