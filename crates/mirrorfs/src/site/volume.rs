@@ -1444,6 +1444,17 @@ mod tests {
         }
     }
 
+    /// A mirror daemon's volume over an empty journal in `dir`.
+    fn mirror_daemon_volume(dir: &std::path::Path) -> Arc<Volume> {
+        let store = FileStore::open(dir).expect("store");
+        let (j, _) =
+            Journal::open(store, mirrorfs_core::journal::JournalConfig::default()).expect("open");
+        let role = crate::site::engine::Role::Mirror {
+            former_primary: false,
+        };
+        Arc::new(Volume::new(j, None, Vec::new(), &role))
+    }
+
     /// A mirror daemon's appends wake its flusher every time: with an idle wait of an hour, a
     /// lost wake-up would leave a record not durable (issue 8: a burst of small files reached
     /// the mirror 300 ms late, the flusher's idle timer). A property test: on this machine it
@@ -1452,13 +1463,7 @@ mod tests {
     #[test]
     fn every_received_record_wakes_the_flusher() {
         let d = tempfile::tempdir().expect("tempdir");
-        let store = FileStore::open(d.path()).expect("store");
-        let (j, _) =
-            Journal::open(store, mirrorfs_core::journal::JournalConfig::default()).expect("open");
-        let role = crate::site::engine::Role::Mirror {
-            former_primary: false,
-        };
-        let vol = Arc::new(Volume::new(j, None, Vec::new(), &role));
+        let vol = mirror_daemon_volume(d.path());
         let flusher = {
             let v = vol.clone();
             std::thread::spawn(move || v.flush_loop(Duration::from_secs(3600)))
@@ -1525,13 +1530,7 @@ mod tests {
     #[test]
     fn the_idle_flusher_never_holds_the_progress_lock_while_it_waits_for_the_order_lock() {
         let d = tempfile::tempdir().expect("tempdir");
-        let store = FileStore::open(d.path()).expect("store");
-        let (j, _) =
-            Journal::open(store, mirrorfs_core::journal::JournalConfig::default()).expect("open");
-        let role = crate::site::engine::Role::Mirror {
-            former_primary: false,
-        };
-        let vol = Arc::new(Volume::new(j, None, Vec::new(), &role));
+        let vol = mirror_daemon_volume(d.path());
         // Settled past what is durable, with nothing to sync: the flusher does not sleep.
         vol.settled.store(5, Ordering::Release);
         let flusher = {
