@@ -35,7 +35,9 @@
 //! the shell tells each entry the file behind its name (its local inode, [`FileId`], when it has
 //! more than one link: [`Reconciler::note_file`]), and a peer data record for a name with no
 //! entry of ours is decided against an entry of the same file under another name
-//! ([`Reconciler::peer_linked_data`]). Inodes are per site and never sent: each site resolves
+//! ([`Reconciler::peer_linked_data`]); a peer metadata change of a name with no change of ours
+//! of that attribute likewise against ours through another name of the file
+//! ([`Reconciler::peer_linked_meta`]). Inodes are per site and never sent: each site resolves
 //! the peer's name to its own file.
 //!
 //! **Bounds and crashes.** At most `entries_max` objects are remembered; past it the oldest is
@@ -120,6 +122,18 @@ struct Entry {
     /// The file it names, when the shell looked ([`Reconciler::note_file`]; `Some(0)`: a file
     /// of one name): a peer data record for another name of that file is concurrent with
     /// this entry too ([`Reconciler::peer_linked_data`]).
+    file: Option<FileId>,
+}
+
+/// One of our metadata changes the peer has not seen (per name and attribute).
+#[derive(Debug, Clone)]
+struct MetaEntry {
+    seq: u64,
+    /// The name it was made through (the file is looked up by it again after a restart).
+    path: Vec<u8>,
+    /// The file it names, when the shell looked ([`Reconciler::note_meta_file`]; `Some(0)`: a
+    /// file of one name): a peer change of the same attribute through another name of that
+    /// file is concurrent with this one too ([`Reconciler::peer_linked_meta`]).
     file: Option<FileId>,
 }
 
@@ -296,8 +310,12 @@ pub struct Reconciler {
     removed_by_seq: BTreeSet<(u64, Object)>,
     /// Removals up to this seq were dropped for room.
     removed_floor: u64,
-    /// Our metadata changes the peer has not seen: (object, attribute) → seq, and by seq.
-    meta: HashMap<(Object, u64), u64>,
+    /// Our metadata changes the peer has not seen: (object, attribute) → the change, and by seq.
+    meta: HashMap<(Object, u64), MetaEntry>,
+    /// Those of files with more than one name, by (file, attribute) ([`MetaEntry::file`]): at
+    /// most one per change (kept and dropped with it), so bounded as `meta`. Only the winner
+    /// is told the files: only its decision compares them ([`Reconciler::peer_linked_meta`]).
+    meta_files: HashMap<(FileId, u64), Object>,
     meta_by_seq: BTreeSet<(u64, Object, u64)>,
     /// Metadata changes up to this seq were dropped for room.
     meta_floor: u64,
@@ -397,6 +415,7 @@ impl Reconciler {
             removed_by_seq: BTreeSet::new(),
             removed_floor: 0,
             meta: HashMap::new(),
+            meta_files: HashMap::new(),
             meta_by_seq: BTreeSet::new(),
             meta_floor: 0,
             fresh: BTreeSet::new(),
@@ -482,15 +501,23 @@ impl Reconciler {
             }
             Local::Meta(p, key) => {
                 let k = ((self.hash)(p), *key);
-                if let Some(old) = self.meta.insert(k, seq) {
-                    self.meta_by_seq.remove(&(old, k.0, k.1));
-                }
-                self.meta_by_seq.insert((seq, k.0, k.1));
+                // The file stays with the change of the name's attribute (looked at once).
+                let file = self.meta_remove(k.0, k.1).and_then(|m| m.file);
+                self.meta_put(
+                    k,
+                    MetaEntry {
+                        seq,
+                        path: p.clone(),
+                        file,
+                    },
+                );
                 while self.meta.len() > max {
-                    let Some((s, o, a)) = self.meta_by_seq.pop_first() else {
+                    let Some((s, o, a)) = self.meta_by_seq.first().copied() else {
                         break;
                     };
-                    self.meta.remove(&(o, a));
+                    if self.meta_remove(o, a).is_none() {
+                        self.meta_by_seq.remove(&(s, o, a));
+                    }
                     self.meta_floor = self.meta_floor.max(s);
                 }
             }
@@ -1065,18 +1092,7 @@ impl Reconciler {
     /// after it had considered our records through `seen`: `false` when we changed the same
     /// attribute concurrently and win (ours stays at both sites: the loser applies ours).
     pub fn peer_meta(&mut self, path: &[u8], key: u64, seen: u64) -> bool {
-        self.advance(seen);
-        if self.reused_since((self.hash)(path), seen) {
-            // The old entry's attribute: not of our new entry of the name.
-            return false;
-        }
-        if !self.cfg.wins() {
-            return true;
-        }
-        match self.meta.get(&((self.hash)(path), key)) {
-            Some(&s) => s <= seen,
-            None => seen >= self.meta_floor,
-        }
+        self.peer_linked_meta(path, key, 0, seen)
     }
 
     /// A peer record for `path` (its name, translated) failed here because a directory on
@@ -1341,7 +1357,9 @@ impl Reconciler {
         }
         let keep = self.meta_by_seq.split_off(&(next, 0, 0));
         for (_, o, a) in std::mem::replace(&mut self.meta_by_seq, keep) {
-            self.meta.remove(&(o, a));
+            if let Some(m) = self.meta.remove(&(o, a)) {
+                self.meta_unfile(o, a, m.file);
+            }
         }
         self.forget_reuses(seen);
         if !self.peer_remade.is_empty() {
@@ -1890,6 +1908,8 @@ pub fn clash_moves_ours_aside(ours_is_dir: bool, peers_is_dir: bool) -> bool {
 /// under the order lock, once per entry) and of each name a peer data record changes
 /// ([`Reconciler::peer_linked_data`]): a peer data record for one name of a file with no entry
 /// of its own is concurrent with our unseen data change of the file through another name.
+/// Metadata changes likewise, per attribute, at the winner (the only site whose decision
+/// compares them: [`Reconciler::note_meta_file`], [`Reconciler::peer_linked_meta`]).
 impl Reconciler {
     /// Our entry for `path` (a data change just noted) has not been told its file yet: the
     /// shell looks it up ([`Reconciler::note_file`]).
@@ -1971,6 +1991,111 @@ impl Reconciler {
     /// Files with more than one name remembered now (one per entry at most).
     pub fn files_len(&self) -> usize {
         self.files.len()
+    }
+
+    /// Our unseen change of attribute `key` of `path` has not been told its file yet: the
+    /// shell looks it up ([`Reconciler::note_meta_file`]). Only at the winner: the loser
+    /// applies the winner's metadata changes whatever the name.
+    pub fn wants_meta_file(&self, path: &[u8], key: u64) -> bool {
+        self.cfg.wins()
+            && self
+                .meta
+                .get(&((self.hash)(path), key))
+                .is_some_and(|m| m.file.is_none())
+    }
+
+    /// The file behind our unseen change of attribute `key` of `path`: `file` when it has more
+    /// than one name here (its inode number), 0 when it has one. Nothing without that change.
+    pub fn note_meta_file(&mut self, path: &[u8], key: u64, file: FileId) {
+        let o = (self.hash)(path);
+        let Some(mut m) = self.meta_remove(o, key) else {
+            return;
+        };
+        m.file = Some(file);
+        if file != 0 {
+            if let Some(old) = self.meta_files.get(&(file, key)).copied() {
+                // The attribute changed through two names of one file: the index names the
+                // newer; the older is still found by its own name.
+                if let Some(x) = self.meta.get_mut(&(old, key)) {
+                    x.file = Some(0);
+                }
+            }
+        }
+        self.meta_put((o, key), m);
+    }
+
+    /// The names and attributes of our unseen metadata changes not yet told their file (at
+    /// most the bound of metadata changes; none at the loser): after the journal's replay at
+    /// a restart, the shell looks each up ([`Reconciler::note_meta_file`]).
+    pub fn meta_unfiled(&self) -> Vec<(Vec<u8>, u64)> {
+        if !self.cfg.wins() {
+            return Vec::new();
+        }
+        self.meta
+            .iter()
+            .filter(|(_, m)| m.file.is_none())
+            .map(|(&(_, key), m)| (m.path.clone(), key))
+            .collect()
+    }
+
+    /// The peer's metadata change of attribute `key` of `path` (our name for it), a file with
+    /// other names here (`file`, its inode; 0: one name), journaled after it had considered
+    /// our records through `seen`: `false` when we changed the same attribute of the same file
+    /// concurrently and win (ours stays at both sites: the loser applies ours). With no change
+    /// of ours through `path`, one through another name of the file decides (hard links are
+    /// one object to the rule, as for data: [`Reconciler::peer_linked_data`]).
+    pub fn peer_linked_meta(&mut self, path: &[u8], key: u64, file: FileId, seen: u64) -> bool {
+        self.advance(seen);
+        let object = (self.hash)(path);
+        if self.reused_since(object, seen) {
+            // The old entry's attribute: not of our new entry of the name.
+            return false;
+        }
+        if !self.cfg.wins() {
+            return true;
+        }
+        if let Some(m) = self.meta.get(&(object, key)) {
+            return m.seq <= seen;
+        }
+        let other = self
+            .meta_files
+            .get(&(file, key))
+            .filter(|_| file != 0)
+            .and_then(|o| self.meta.get(&(*o, key)));
+        match other {
+            Some(m) => m.seq <= seen,
+            None => seen >= self.meta_floor,
+        }
+    }
+
+    /// Metadata changes of files with more than one name remembered now (one per change at
+    /// most).
+    pub fn meta_files_len(&self) -> usize {
+        self.meta_files.len()
+    }
+
+    fn meta_put(&mut self, k: (Object, u64), m: MetaEntry) {
+        self.meta_by_seq.insert((m.seq, k.0, k.1));
+        if let Some(f) = m.file.filter(|&f| f != 0) {
+            self.meta_files.insert((f, k.1), k.0);
+        }
+        self.meta.insert(k, m);
+    }
+
+    fn meta_remove(&mut self, o: Object, key: u64) -> Option<MetaEntry> {
+        let m = self.meta.remove(&(o, key))?;
+        self.meta_by_seq.remove(&(m.seq, o, key));
+        self.meta_unfile(o, key, m.file);
+        Some(m)
+    }
+
+    /// Drops `(o, key)` from the file index (its change goes).
+    fn meta_unfile(&mut self, o: Object, key: u64, file: Option<FileId>) {
+        if let Some(f) = file.filter(|&f| f != 0) {
+            if self.meta_files.get(&(f, key)) == Some(&o) {
+                self.meta_files.remove(&(f, key));
+            }
+        }
     }
 }
 
@@ -5014,8 +5139,8 @@ mod names {
 
 #[cfg(test)]
 mod links {
-    //! Hard links: a peer data record for one name of a file is concurrent with our unseen data
-    //! change of the file through another name.
+    //! Hard links: a peer data record (or metadata change) for one name of a file is concurrent
+    //! with our unseen data change (of that attribute) of the file through another name.
     use super::*;
 
     fn site(me: u64, peer: u64) -> Reconciler {
@@ -5024,6 +5149,10 @@ mod links {
 
     fn data(p: &str) -> Local {
         Local::Data(p.as_bytes().to_vec())
+    }
+
+    fn b(p: &str) -> Vec<u8> {
+        p.as_bytes().to_vec()
     }
 
     /// Site 1 (the winner) wrote through `a`, the peer through `b`, one file (inode 99 here).
@@ -5164,5 +5293,100 @@ mod links {
         assert_eq!(w.peer_linked_data(b"c", 9, 3, false).1, Some(b"b".to_vec()));
         let _ = w.peer_linked_data(b"c", 9, 200, false);
         assert_eq!((w.files_len(), w.len()), (0, 0));
+    }
+
+    /// Site 1 (the winner) set the mode (and an xattr) through `a`, the peer through `b`, one
+    /// file (inode 99 here): the winner keeps its own, the loser applies the winner's.
+    #[test]
+    fn metadata_set_through_two_names_of_one_file_ends_with_the_winners_value() {
+        let (mode, xattr) = (1, 77);
+        let mut w = site(1, 2);
+        let mut l = site(2, 1);
+        w.local_change(10, &Local::Meta(b("a"), mode));
+        w.local_change(11, &Local::Meta(b("a"), xattr));
+        l.local_change(10, &Local::Meta(b("b"), mode));
+        l.local_change(11, &Local::Meta(b("b"), xattr));
+        assert!(w.wants_meta_file(b"a", mode) && w.wants_meta_file(b"a", xattr));
+        assert!(
+            !l.wants_meta_file(b"b", mode),
+            "the loser never compares files"
+        );
+        assert!(l.meta_unfiled().is_empty());
+        w.note_meta_file(b"a", mode, 99);
+        w.note_meta_file(b"a", xattr, 99);
+        assert!(!w.wants_meta_file(b"a", mode), "looked at once per change");
+        w.local_change(12, &Local::Meta(b("a"), mode));
+        assert!(
+            !w.wants_meta_file(b"a", mode),
+            "the file stays with the change"
+        );
+        assert_eq!(w.meta_files_len(), 2);
+        // Before this rule the peer's `b` was its own object: applied, and the sites differed.
+        assert!(w.clone().peer_meta(b"b", mode, 3));
+        assert!(
+            !w.peer_linked_meta(b"b", mode, 99, 3),
+            "the winner keeps its mode"
+        );
+        assert!(!w.peer_linked_meta(b"b", xattr, 99, 3), "and its xattr");
+        assert!(
+            l.peer_linked_meta(b"a", mode, 7, 3),
+            "the loser takes the winner's"
+        );
+        assert!(l.peer_linked_meta(b"a", xattr, 7, 3));
+        // Another attribute, another file, a file of one name: not concurrent.
+        assert!(w.peer_linked_meta(b"b", 2, 99, 3));
+        assert!(w.peer_linked_meta(b"c", mode, 98, 3));
+        assert!(w.peer_linked_meta(b"c", mode, 0, 3));
+        // The peer saw ours through 11: the xattr is settled, the mode (12) not yet.
+        assert!(w.peer_linked_meta(b"b", xattr, 99, 11));
+        assert!(!w.peer_linked_meta(b"b", mode, 99, 11));
+        assert_eq!(w.meta_files_len(), 1);
+        assert!(w.peer_linked_meta(b"b", mode, 99, 12));
+        assert_eq!(w.meta_files_len(), 0);
+    }
+
+    /// After a restart the replay brings our metadata changes back and the shell looks up
+    /// their files again by name; the index is bounded by the changes, and two names changed
+    /// here leave the newer in it.
+    #[test]
+    fn the_metadata_file_index_is_rebuilt_after_a_restart_and_bounded() {
+        let journal = [(10, Local::Meta(b("a"), 1)), (11, Local::Meta(b("d/c"), 1))];
+        let mut again = site(1, 2);
+        for (s, c) in &journal {
+            again.local_change(*s, c);
+        }
+        let mut names = again.meta_unfiled();
+        names.sort();
+        assert_eq!(names, vec![(b("a"), 1), (b("d/c"), 1)]);
+        again.note_meta_file(b"a", 1, 5);
+        again.note_meta_file(b"d/c", 1, 5);
+        assert!(again.meta_unfiled().is_empty());
+        assert_eq!(
+            again.meta_files_len(),
+            1,
+            "one file, the newer name indexed"
+        );
+        assert!(
+            !again.peer_linked_meta(b"b", 1, 5, 10),
+            "d/c's change at 11"
+        );
+        assert!(again.peer_linked_meta(b"b", 1, 5, 11));
+        let mut w = Reconciler::new(
+            Config {
+                entries_max: 4,
+                ..Config::new(1, 2)
+            },
+            0,
+        );
+        for i in 0..100u64 {
+            let p = format!("f{i}");
+            w.local_change(10 + i, &Local::Meta(b(&p), 1));
+            w.note_meta_file(p.as_bytes(), 1, 1000 + i);
+            assert!(w.meta_files_len() <= 4);
+        }
+        // f0's change was dropped: not found by file, but the floor still counts.
+        assert!(!w.peer_linked_meta(b"g0", 1, 1000, 3));
+        assert!(w.peer_linked_meta(b"g0", 1, 1000, 200));
+        assert_eq!(w.meta_files_len(), 0);
     }
 }

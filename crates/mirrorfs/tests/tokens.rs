@@ -3278,6 +3278,83 @@ fn one_file_written_through_two_hard_links_at_both_sites_at_once_is_never_mixed(
 }
 
 /// `renameat2(a, b, RENAME_EXCHANGE)` through the mount: the two names swap their entries.
+/// A netsplit during which each site changes the mode and an xattr of one hard-linked file
+/// through a different name (`chmod 600 a`, `user.x=one` through `a` at site 1; `chmod 644 b`,
+/// `user.x=two` through `b` at site 2): one object to the rule, as for data (`docs/protocol.md`,
+/// the hard-links row). Site 1's values (the lower id) stay under both names at both sites;
+/// nothing listed, as for metadata set at both sites through one name.
+#[test]
+fn a_netsplit_during_which_both_sides_change_metadata_through_two_hard_links() {
+    use std::os::unix::fs::MetadataExt;
+    let pair = Pair::netsplit("netsplit-hardlink-meta");
+    write_file(&pair.a, "a", b"one file, two names\n");
+    chmod(&pair.a.p("a"), 0o664).expect("chmod 664 a at site 1");
+    pair.wait_equal();
+    // Linked at site 2: each mount then journals a change of the file under the name it knows
+    // it by (site 1 `a`, site 2 `b`), not under one name both agree on.
+    fs::hard_link(pair.b.p("a"), pair.b.p("b")).expect("ln a b at site 2");
+    pair.wait_equal();
+    for m in [&pair.a, &pair.b] {
+        let (ma, mb) = (
+            fs::metadata(m.backing().join("a")).expect("a"),
+            fs::metadata(m.backing().join("b")).expect("b"),
+        );
+        assert_eq!(ma.ino(), mb.ino(), "one file at each site before the split");
+    }
+    pair.cut();
+    pair.wait_linked(false);
+    chmod(&pair.a.p("a"), 0o600).expect("chmod 600 a at site 1");
+    common::sys::lsetxattr(&pair.a.p("a"), "user.x", b"one", 0).expect("setfattr a at site 1");
+    chmod(&pair.b.p("b"), 0o644).expect("chmod 644 b at site 2");
+    common::sys::lsetxattr(&pair.b.p("b"), "user.x", b"two", 0).expect("setfattr b at site 2");
+    pair.heal();
+    pair.wait_linked(true);
+    // Each site's (name, mode, user.x) as lstat and lgetxattr see them in its backing tree.
+    let attrs = |m: &Mount| -> Vec<(&str, u32, Vec<u8>)> {
+        ["a", "b"]
+            .into_iter()
+            .map(|n| {
+                let p = m.backing().join(n);
+                let mode = mode_of(&p);
+                let x = common::sys::lgetxattr(&p, b"user.x").unwrap_or_default();
+                (n, mode, x)
+            })
+            .collect()
+    };
+    let want: Vec<(&str, u32, Vec<u8>)> = ["a", "b"]
+        .into_iter()
+        .map(|n| (n, 0o600, b"one".to_vec()))
+        .collect();
+    let mut last = Vec::new();
+    let settled = wait_until(ARRIVE, || {
+        last = vec![attrs(&pair.a), attrs(&pair.b)];
+        last.iter().all(|s| *s == want)
+    });
+    assert!(
+        settled,
+        "site 1's mode and xattr under both names at both sites: site 1, site 2 = {last:?}\nsite a:\n{}\nsite b:\n{}",
+        pair.a.log(),
+        pair.b.log()
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    pair.wait_equal();
+    for m in [&pair.a, &pair.b] {
+        assert_eq!(
+            attrs(m),
+            want,
+            "still site 1's after the settle\n{}",
+            m.log()
+        );
+        let (ma, mb) = (
+            fs::metadata(m.backing().join("a")).expect("a"),
+            fs::metadata(m.backing().join("b")).expect("b"),
+        );
+        assert_eq!(ma.ino(), mb.ino(), "still one file");
+        assert!(conflicts_json(m).is_empty(), "{:#?}", conflicts_json(m));
+        assert_eq!(fs::read(m.p("b")).expect("b"), b"one file, two names\n");
+    }
+}
+
 fn exchange(a: &Path, b: &Path) {
     use std::os::unix::ffi::OsStrExt;
     let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).expect("no NUL in path");

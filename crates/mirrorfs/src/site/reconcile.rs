@@ -112,6 +112,9 @@ impl SiteReconcile {
         if let Local::Data(p) = change {
             self.look_up_file(p);
         }
+        if let Local::Meta(p, key) = change {
+            self.look_up_meta_file(p, *key);
+        }
         if let Local::Rename { from, to, exchange } = change {
             self.rename_pending(from, to, *exchange);
         }
@@ -208,9 +211,19 @@ impl SiteReconcile {
         lock(&self.machine).entry_set_aside(path);
     }
 
-    /// The decision for a peer metadata change (our name; under the order lock).
+    /// The decision for a peer metadata change (our name; under the order lock). A file with
+    /// other names here (hard links) is one object with them: the peer's change of an
+    /// attribute through one name is concurrent with ours through another
+    /// (`Reconciler::peer_linked_meta`).
     pub fn decide_meta(&self, path: &[u8], key: u64, seen: u64) -> bool {
-        lock(&self.machine).peer_meta(path, key, seen)
+        // Looked up only while some change of ours is of a file with other names (the winner's).
+        let linked = lock(&self.machine).meta_files_len() > 0;
+        let file = if linked {
+            self.file_of(path).unwrap_or(0)
+        } else {
+            0
+        };
+        lock(&self.machine).peer_linked_meta(path, key, file, seen)
     }
 
     /// A file or directory moved here (a peer rename applied): our unseen data changes of it
@@ -340,13 +353,17 @@ impl SiteReconcile {
     /// The backing tree, once the replay at the mount is done: from now on each data change
     /// noted has its file looked up (`lstat` beneath the root, under the order lock, once per
     /// entry), and so have the entries the replay rebuilt (their names now; a rename is in the
-    /// replay).
+    /// replay); likewise the winner's metadata changes, once per name and attribute.
     pub fn set_backing(&self, backing: &Path) -> Result<()> {
         let root = open_backing(backing)?;
         let _ = self.backing.set(root);
         let names = lock(&self.machine).unfiled();
         for p in names {
             self.look_up_file(&p);
+        }
+        let metas = lock(&self.machine).meta_unfiled();
+        for (p, key) in metas {
+            self.look_up_meta_file(&p, key);
         }
         Ok(())
     }
@@ -368,6 +385,17 @@ impl SiteReconcile {
         }
         if let Some(f) = self.file_of(path) {
             lock(&self.machine).note_file(path, f);
+        }
+    }
+
+    /// Tells the machine the file of our metadata change of `path` (attribute `key`) if it
+    /// wants it (the winner, once per change).
+    fn look_up_meta_file(&self, path: &[u8], key: u64) {
+        if self.backing.get().is_none() || !lock(&self.machine).wants_meta_file(path, key) {
+            return;
+        }
+        if let Some(f) = self.file_of(path) {
+            lock(&self.machine).note_meta_file(path, key, f);
         }
     }
 
