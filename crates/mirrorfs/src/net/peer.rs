@@ -1650,7 +1650,8 @@ impl PeerReceiver {
                         None => match data_rel(op) {
                             // Translated: the peer names our file by its old name.
                             Some(p) => {
-                                rc.decide_data(p.as_bytes(), data_rel(orig) != Some(p), seen)
+                                let theirs = data_rel(orig).unwrap_or(p);
+                                rc.decide_data(theirs.as_bytes(), p.as_bytes(), seen)
                             }
                             None => rc.decide(None, seen),
                         },
