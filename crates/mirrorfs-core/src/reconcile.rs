@@ -3250,8 +3250,9 @@ mod names {
 
         /// A directory `d` the peer's change needs made again ([`Reconciler::refill`]). A file
         /// of ours under its name (made after our removal of the directory) goes aside first,
-        /// as for a peer's directory of its name ([`clash_moves_ours_aside`]; the shell's part,
-        /// `SiteReconcile::move_aside` on the record's `ENOTDIR`, is not wired yet).
+        /// as for a peer's directory of its name ([`clash_moves_ours_aside`]; the shell:
+        /// `net::peer::PeerReceiver::refill` on the record's `ENOTDIR`,
+        /// `SiteReconcile::move_aside`).
         fn remake(&mut self, d: &[u8]) {
             let s = |v: &[u8]| -> &'static str {
                 Box::leak(String::from_utf8_lossy(v).into_owned().into_boxed_str())
@@ -4045,8 +4046,7 @@ mod names {
         // `Reconciler::removed_since_moved`; 235,452, a name renamed away, made and removed
         // again, `Reconciler::renamed_away_before_removal`; 500,367, a file removed and its
         // name made a directory, `Local::MadeDir` after `Local::Removed` a reuse; 575,881, a
-        // file made under the name of a removed directory a change brings back, `Site::remake`,
-        // the shell not wired yet.)
+        // file made under the name of a removed directory a change brings back, `Site::remake`.)
         const KNOWN_TO_DIFFER: [u64; 4] = [690_377, 795_747, 795_751, 899_787];
         // The same for the runs with symlinks (their streams differ): compound splits that
         // involve no symlink — the outcome is the same with the symlink ops left out (seed

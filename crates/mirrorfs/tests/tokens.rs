@@ -3193,6 +3193,100 @@ fn a_netsplit_during_which_a_directory_is_renamed_onto_a_removed_files_name() {
     );
 }
 
+/// A directory emptied and removed at site 1 during a split and a file made under its name there
+/// (`rmdir d`, then `d` a file), while site 2 makes a file in it (issue 7; docs/protocol.md,
+/// the row "a directory emptied and removed at one site and a file made under its name there";
+/// the model's `Site::remake`, seed 575,881 of `reconcile::names::random`): site 2's change
+/// brings the directory back at site 1, whose file of that name goes aside first (the
+/// directory stays, as for a peer's `mkdir` of its name). Both end with `d/new.txt` and site
+/// 1's file in `d.conflict-site1-…`, listed at site 1.
+#[test]
+fn a_netsplit_during_which_a_removed_directorys_name_is_given_a_file() {
+    let pair = Pair::netsplit("netsplit-dir-remade");
+    pair.wait_linked(true);
+    fs::create_dir(pair.a.p("d")).expect("mkdir");
+    write_file(&pair.a, "d/x.txt", b"x in d before the split\n");
+    pair.wait_equal();
+    pair.cut();
+    pair.wait_linked(false);
+    let (mine, theirs) = (
+        b"a file made at site 1 under the name of the directory it removed\n".to_vec(),
+        b"a file made in d at site 2\n".to_vec(),
+    );
+    fs::remove_file(pair.a.p("d/x.txt")).expect("unlink at a");
+    fs::remove_dir(pair.a.p("d")).expect("rmdir at a");
+    write_file(&pair.a, "d", &mine);
+    write_file(&pair.b, "d/new.txt", &theirs);
+    pair.heal_and_settle();
+    pair.wait_shown("d/new.txt", &theirs);
+    let copies = names_starting(pair.a.backing(), "d.conflict-site1-");
+    assert_eq!(
+        copies.len(),
+        1,
+        "one copy of site 1's file: {copies:?}\nsite a:\n{}\nsite b:\n{}",
+        pair.a.log(),
+        pair.b.log()
+    );
+    pair.wait_shown(&copies[0], &mine);
+    let listed: Vec<_> = conflicts_json(&pair.a)
+        .into_iter()
+        .filter(|e| e["path"] == "d" && e["copy"] == copies[0].as_str())
+        .collect();
+    assert_eq!(listed.len(), 1, "{listed:#?}\n{}", pair.a.log());
+    pair.wait_view("d is a directory at both sites, without x.txt", || {
+        [&pair.a, &pair.b]
+            .iter()
+            .all(|m| m.p("d").is_dir() && !m.p("d/x.txt").exists())
+    });
+}
+
+/// A file renamed away at site 1 during a split (`a.txt` → `b.txt`), removed under its new name
+/// and another file renamed onto that name (`c.txt` → `b.txt`), while site 2 writes `a.txt`
+/// (issue 7; docs/protocol.md, the row "a file renamed away (`a` → `b`), removed under its new
+/// name and another file renamed onto it"; seeds 394,957 and 464,963 of the model
+/// `reconcile::names::random`, `Reconciler::removed_since_moved`): the write, translated to
+/// `b.txt` at site 1, is of the removed file and is not applied to `c.txt`'s. Both end with
+/// `c.txt`'s file at `b.txt` and the written one in `b.txt.conflict-site2-…`, listed.
+#[test]
+fn a_netsplit_during_which_a_written_file_is_renamed_removed_and_its_name_given_another() {
+    let pair = Pair::netsplit("netsplit-moved-removed");
+    pair.wait_linked(true);
+    let c = b"c.txt, renamed onto b.txt at site 1\n".to_vec();
+    write_file(&pair.a, "a.txt", b"a.txt before the split\n");
+    write_file(&pair.a, "c.txt", &c);
+    pair.wait_equal();
+    pair.cut();
+    pair.wait_linked(false);
+    let changed = b"a.txt written at site 2\n".to_vec();
+    fs::rename(pair.a.p("a.txt"), pair.a.p("b.txt")).expect("rename a.txt at a");
+    fs::remove_file(pair.a.p("b.txt")).expect("unlink at a");
+    fs::rename(pair.a.p("c.txt"), pair.a.p("b.txt")).expect("rename c.txt at a");
+    write_file(&pair.b, "a.txt", &changed);
+    pair.heal_and_settle();
+    pair.wait_shown("b.txt", &c);
+    let copies = names_starting(pair.a.backing(), "b.txt.conflict-site2-");
+    assert_eq!(
+        copies.len(),
+        1,
+        "one copy of the written file: {copies:?}\nsite a:\n{}\nsite b:\n{}",
+        pair.a.log(),
+        pair.b.log()
+    );
+    pair.wait_shown(&copies[0], &changed);
+    for m in [&pair.a, &pair.b] {
+        let listed: Vec<_> = conflicts_json(m)
+            .into_iter()
+            .filter(|e| e["path"] == "b.txt" && e["copy"] == copies[0].as_str())
+            .collect();
+        assert_eq!(listed.len(), 1, "{listed:#?}\n{}", m.log());
+    }
+    pair.wait_view("neither a.txt nor c.txt at either site", || {
+        [&pair.a, &pair.b]
+            .iter()
+            .all(|m| !m.p("a.txt").exists() && !m.p("c.txt").exists())
+    });
+}
+
 /// One file with two names (`ln big big2`), written whole at both sites at once, site 1
 /// through `big` and site 2 through `big2`, each time between one open (`O_TRUNC`) and its
 /// close: write tokens are taken per name, so the two names alone would let both sites write

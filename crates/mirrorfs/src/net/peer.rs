@@ -1005,7 +1005,8 @@ impl PeerReceiver {
     /// - a directory on its way that we removed concurrently is made again (the change wins),
     ///   journaled having considered this record (`seq`): at the peer, which may have renamed
     ///   the directory since that change, the `Mkdir` names the renamed one
-    ///   (`Reconciler::translate_new`);
+    ///   (`Reconciler::translate_new`); a file of ours made under its name after our removal
+    ///   (`ENOTDIR`) goes aside first ([`PeerReceiver::refill`]);
     /// - a directory it removes holds what we made in it: we journal its mode and owner (the
     ///   peer makes it again for our changes and ends with the same);
     /// - a directory it makes is a file here (both made the name): ours goes aside.
@@ -1033,26 +1034,11 @@ impl PeerReceiver {
             }
         }
         match (op, errno) {
-            (_, libc::ENOENT) => {
-                let mut names: Vec<&RelPath> = op.path().into_iter().collect();
-                if let Op::Rename { to, .. } | Op::Link { to, .. } = op {
-                    names.push(to);
-                }
-                let mut made = false;
-                for n in names {
-                    for d in rc.refill(n.as_bytes(), seen) {
-                        let Ok(d) = RelPath::new(d) else { continue };
-                        if !made {
-                            let o = lock(&self.vol.order);
-                            rc.note_point(o.journal.next_seq(), seq);
-                        }
-                        rc.remake_dir(&self.vol, &self.backing, &d)
-                            .context("making a directory again for the peer's change in it")?;
-                        made = true;
-                    }
-                }
-                Ok(made)
-            }
+            (_, libc::ENOENT) => self.refill(rc, op, seen, seq),
+            // A directory on the way that we removed is a file (or symlink, or special file)
+            // of ours now, made under its name after the removal: ours goes aside, then the
+            // directory is made again (the model's `Site::remake`).
+            (_, libc::ENOTDIR) if self.beneath_other(op) => self.refill(rc, op, seen, seq),
             (Op::Rename { from, to, .. }, libc::EISDIR | libc::EEXIST | libc::ENOTEMPTY) => {
                 // Both made `to` during the split, a directory here: it stays, and the peer
                 // moves its file aside when our directory reaches it; the source goes here too,
@@ -1130,6 +1116,50 @@ impl PeerReceiver {
             }
             _ => Ok(false),
         }
+    }
+
+    /// The directories on the way to the names of the peer's record `op` (our names) that we
+    /// removed concurrently are made again (`Reconciler::refill`; `true`: some were), journaled
+    /// having considered the peer's record `seq`: at the peer, which may have renamed the
+    /// directory since that change, the `Mkdir` names the renamed one
+    /// (`Reconciler::translate_new`). An entry of ours under such a directory's name that is not
+    /// a directory (made there after our removal) goes to a conflict copy first, as for the
+    /// peer's `mkdir` of its name (`clash_moves_ours_aside`).
+    fn refill(&self, rc: &SiteReconcile, op: &Op, seen: u64, seq: u64) -> Result<bool> {
+        let mut made = false;
+        for (n, _) in op.names() {
+            for d in rc.refill(n.as_bytes(), seen) {
+                let Ok(d) = RelPath::new(d) else { continue };
+                if !made {
+                    let o = lock(&self.vol.order);
+                    rc.note_point(o.journal.next_seq(), seq);
+                }
+                made = true;
+                let ours_is_dir = stat_beneath(&self.backing, d.as_bytes())
+                    .is_none_or(|st| st.st_mode & libc::S_IFMT == libc::S_IFDIR);
+                if clash_moves_ours_aside(ours_is_dir, true) {
+                    rc.move_aside(&self.vol, &self.backing, &d).context(
+                        "moving a file aside for a directory made again for the peer's change",
+                    )?;
+                }
+                rc.remake_dir(&self.vol, &self.backing, &d)
+                    .context("making a directory again for the peer's change in it")?;
+            }
+        }
+        Ok(made)
+    }
+
+    /// Whether a directory on the way to a name of `op` (our names) is an entry of another type
+    /// here (its `ENOTDIR` is then not of a rename of a directory onto a file).
+    fn beneath_other(&self, op: &Op) -> bool {
+        op.names().any(|(n, _)| {
+            let n = n.as_bytes();
+            n.iter().enumerate().any(|(i, b)| {
+                *b == b'/'
+                    && stat_beneath(&self.backing, &n[..i])
+                        .is_some_and(|st| st.st_mode & libc::S_IFMT != libc::S_IFDIR)
+            })
+        })
     }
 
     /// The peer made `path` again after removing it during the split, while we kept our
@@ -1620,7 +1650,8 @@ impl PeerReceiver {
                         None => match data_rel(op) {
                             // Translated: the peer names our file by its old name.
                             Some(p) => {
-                                rc.decide_data(p.as_bytes(), data_rel(orig) != Some(p), seen)
+                                let theirs = data_rel(orig).unwrap_or(p);
+                                rc.decide_data(theirs.as_bytes(), p.as_bytes(), seen)
                             }
                             None => rc.decide(None, seen),
                         },

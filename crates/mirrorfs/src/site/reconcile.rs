@@ -320,15 +320,20 @@ impl SiteReconcile {
         lock(&self.machine).peer_record(path.map(object_of), seen)
     }
 
-    /// The decision for a peer data change of `path` (our name; under the order lock);
-    /// `translated`: the peer named it by a name we renamed it from
-    /// (`Reconciler::peer_data_record`).
+    /// The decision for a peer data change of `path` (our name; under the order lock), which
+    /// the peer named `theirs`: translated when the peer named it by a name we renamed it from
+    /// (`Reconciler::peer_data_record`), unless we removed `path` after the renames that took
+    /// the peer's file there: what is at it now is another entry, and the record is decided as
+    /// one naming `path` itself (`Reconciler::removed_since_moved`, as `Reconciler::peer_data`).
     /// A file with other names here (hard links) is one object with them: the peer's change
     /// through one name is concurrent with ours through another (`Reconciler::peer_linked_data`;
     /// the name the loser copies aside is then [`SiteReconcile::take_linked_copy`]'s).
-    pub fn decide_data(&self, path: &[u8], translated: bool, seen: u64) -> Decision {
-        // A name our renames moved away and back is translated too (`moved_and_back`).
-        let translated = translated || lock(&self.machine).moved_and_back(path, seen);
+    pub fn decide_data(&self, theirs: &[u8], path: &[u8], seen: u64) -> Decision {
+        let translated = {
+            let mut m = lock(&self.machine);
+            // A name our renames moved away and back is translated too (`moved_and_back`).
+            (theirs != path || m.moved_and_back(path, seen)) && !m.removed_since_moved(theirs, path)
+        };
         // Looked up only while some entry of ours is of a file with other names.
         let linked = lock(&self.machine).files_len() > 0;
         let file = if linked {
