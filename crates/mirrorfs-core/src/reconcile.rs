@@ -360,6 +360,11 @@ pub struct Reconciler {
     /// ([`Reconciler::peer_unlink`]). Forgotten with our removal; bounded as `fresh`; in the
     /// notes (the replay rebuilds our removal, not the peer's making after it).
     peer_remade: BTreeSet<Vec<u8>>,
+    /// The peer's exchange being carried out here (its record's seq, the steps done: 1 to 3 of
+    /// the three renames, 3 also for one applied as sent), until the record is acknowledged
+    /// ([`Reconciler::exchange_done`]). In the notes: a crash between the steps would redo them
+    /// all when the record comes again, and an exchange redone swaps the entries back.
+    exchange: Option<(u64, u8)>,
     /// Names we gave an entry during the split the peer has not seen (created, a symlink,
     /// node or link made, or a rename's new name): name → seq, and by seq. A peer's making of
     /// one of them is two entries given one name ([`Reconciler::peer_entry_clash`]). Rebuilt
@@ -411,6 +416,7 @@ impl Reconciler {
             held: BTreeMap::new(),
             followed: BTreeSet::new(),
             peer_remade: BTreeSet::new(),
+            exchange: None,
             names_made: BTreeMap::new(),
             names_made_by_seq: BTreeSet::new(),
             notes_dirty: false,
@@ -901,6 +907,35 @@ impl Reconciler {
         }
         ExchangeDecision::Renames {
             via: exchange_via(a, b),
+        }
+    }
+
+    /// How many of the steps of the peer's exchange record `seq` (its seq) are done here: 0
+    /// (none, or another record's), 1 or 2 (a crash came between the renames it is carried out
+    /// as: the next ones are done, as renames whatever [`Reconciler::peer_exchange`] says now),
+    /// 3 (done: nothing more is done, the record came again after a crash before its
+    /// acknowledgement). The shell makes the notes durable after each step
+    /// ([`Reconciler::exchange_step_done`]).
+    pub fn exchange_done(&self, seq: u64) -> u8 {
+        match self.exchange {
+            Some((s, done)) if s == seq => done,
+            _ => 0,
+        }
+    }
+
+    /// `done` of the steps of the peer's exchange record `seq` are carried out here (3: all of
+    /// them, or the exchange applied as sent).
+    pub fn exchange_step_done(&mut self, seq: u64, done: u8) {
+        let now = Some((seq, done.min(3)));
+        self.notes_dirty |= self.exchange != now;
+        self.exchange = now;
+    }
+
+    /// The peer's records through `seq` (its seqs) are acknowledged: they do not come again.
+    pub fn peer_acknowledged(&mut self, seq: u64) {
+        if self.exchange.is_some_and(|(s, _)| s <= seq) {
+            self.exchange = None;
+            self.notes_dirty = true;
         }
     }
 
@@ -1427,6 +1462,16 @@ impl Reconciler {
             b.extend_from_slice(&o.to_le_bytes());
             b.extend_from_slice(&made.to_le_bytes());
         }
+        // Since the exchange's progress was kept: a count (0 or 1), then the peer's record seq
+        // and the steps done (a file written before it ends before it, and decodes with none).
+        match self.exchange {
+            Some((seq, done)) => {
+                b.extend_from_slice(&1u32.to_le_bytes());
+                b.extend_from_slice(&seq.to_le_bytes());
+                b.push(done);
+            }
+            None => b.extend_from_slice(&0u32.to_le_bytes()),
+        }
         let crc = crc32c::crc32c(&b);
         b.extend_from_slice(&crc.to_le_bytes());
         Some(b)
@@ -1470,6 +1515,9 @@ impl Reconciler {
         self.reused
             .extend(notes.listed.into_iter().map(|(o, made)| (o, (made, true))));
         self.bound_reused();
+        if notes.exchange.is_some() {
+            self.exchange = notes.exchange;
+        }
         true
     }
 
@@ -1747,6 +1795,8 @@ struct Notes {
     peer_remade: Vec<Vec<u8>>,
     /// The `reused` entries already listed (an entry clash's skip): object, our making's seq.
     listed: Vec<(Object, u64)>,
+    /// [`Reconciler::exchange_done`]'s progress (absent from notes written before it was kept).
+    exchange: Option<(u64, u8)>,
 }
 
 impl Notes {
@@ -1802,6 +1852,21 @@ impl Notes {
                 listed.push((o, made));
             }
         }
+        let mut exchange = None;
+        if c.at != body.len() {
+            match c.u32()? {
+                0 => {}
+                1 => {
+                    let seq = c.u64()?;
+                    let done = *c.take(1)?.first()?;
+                    if !(1..=3).contains(&done) {
+                        return None;
+                    }
+                    exchange = Some((seq, done));
+                }
+                _ => return None,
+            }
+        }
         if c.at != body.len() {
             return None;
         }
@@ -1812,6 +1877,7 @@ impl Notes {
             held,
             peer_remade,
             listed,
+            exchange,
         })
     }
 }
@@ -2604,7 +2670,8 @@ mod tests {
         let body = &bytes[..bytes.len() - 4];
         // Both new lists empty: two zero counts before the checksum.
         assert_eq!(&body[body.len() - 8..], &[0u8; 8]);
-        for cut in [8, 4] {
+        // (and 12: before the exchange's progress was kept, too)
+        for cut in [12, 8, 4] {
             let mut old = body[..body.len() - cut].to_vec();
             let crc = crc32c::crc32c(&old);
             old.extend_from_slice(&crc.to_le_bytes());
@@ -2612,7 +2679,19 @@ mod tests {
             assert!(back.restore_notes(&old), "{cut} bytes shorter");
             assert_eq!(back.refill(b"e/x", 2), vec![b"e".to_vec()]);
             assert!(back.peer_remade.is_empty() && back.reused.is_empty());
+            assert_eq!(back.exchange, None);
         }
+        // The exchange's progress goes with the notes, and only a valid one.
+        r.exchange_step_done(9, 2);
+        let bytes = r.take_notes().expect("the progress changed");
+        let mut back = Reconciler::new(Config::new(2, 1), 2);
+        assert!(back.restore_notes(&bytes));
+        assert_eq!((back.exchange_done(9), back.exchange_done(8)), (2, 0));
+        let mut bad = bytes[..bytes.len() - 5].to_vec();
+        bad.push(4);
+        let crc = crc32c::crc32c(&bad);
+        bad.extend_from_slice(&crc.to_le_bytes());
+        assert!(!back.restore_notes(&bad), "4 steps of 3");
     }
 
     #[test]
@@ -2677,6 +2756,11 @@ mod names {
         /// The peer's records considered (its seq, 1-based).
         considered: u64,
         conflicts: usize,
+        /// The notes as last made durable ([`Site::save_notes`]), for a restart.
+        notes: Option<Vec<u8>>,
+        /// A crash comes right after this many steps of a peer's exchange carried out as
+        /// renames ([`Site::peer_exchange`]; `None`: no crash).
+        crash_after: Option<u8>,
     }
 
     impl Site {
@@ -2690,7 +2774,50 @@ mod names {
                 journal: Vec::new(),
                 considered: 0,
                 conflicts: 0,
+                notes: None,
+                crash_after: None,
             }
+        }
+
+        /// The notes made durable (`SiteReconcile::save_notes`).
+        fn save_notes(&mut self) {
+            if let Some(n) = self.r.take_notes() {
+                self.notes = Some(n);
+            }
+        }
+
+        /// A restart: the machine rebuilt as `SiteReconcile::rebuild` does (the notes last made
+        /// durable, then our journal replayed), nothing of the peer's acknowledged since
+        /// `seen` (its watermark as persisted) and its records after `considered` to come
+        /// again. The tree is as the crash left it.
+        fn restart(&mut self, seen: u64, considered: u64) {
+            let mut r = Reconciler::new(self.r.config(), seen);
+            if let Some(n) = &self.notes {
+                assert!(r.restore_notes(n));
+            }
+            let b = |s: &str| s.as_bytes().to_vec();
+            for (i, (rec, _)) in self.journal.iter().enumerate() {
+                let seq = i as u64 + 1;
+                let change = match rec {
+                    R::Write(p, _) => Local::Data(b(p)),
+                    R::Rename(f, t) | R::Exchange(f, t) => Local::Rename {
+                        from: b(f),
+                        to: b(t),
+                        exchange: matches!(rec, R::Exchange(..)),
+                    },
+                    R::Unlink(p) | R::Rmdir(p) => Local::Removed(b(p)),
+                    R::Create(p) | R::Symlink(p, _) => Local::Made(b(p)),
+                    R::Mkdir(p) => Local::MadeDir(b(p)),
+                    R::Whole(p, _) => {
+                        r.local_path(seq, p, true);
+                        continue;
+                    }
+                };
+                r.local_change(seq, &change);
+            }
+            self.r = r;
+            self.considered = considered;
+            self.crash_after = None;
         }
 
         /// A local change (journaled with what it considered of the peer's).
@@ -3224,14 +3351,35 @@ mod names {
             let s = |v: &[u8]| -> &'static str {
                 Box::leak(String::from_utf8_lossy(v).into_owned().into_boxed_str())
             };
-            if let ExchangeDecision::Renames { via } =
-                self.r.peer_exchange(f.as_bytes(), t.as_bytes(), seen)
-            {
-                let via = s(&via);
-                for (from, to) in [(f, via), (t, f), (via, t)] {
-                    self.peer_op(&R::Rename(from, to), seen);
-                }
+            // The record's seq at the peer: a crash after some steps brings it again.
+            let seq = self.considered;
+            let done = self.r.exchange_done(seq);
+            if done == 3 {
                 return;
+            }
+            let decision = match done {
+                0 => self.r.peer_exchange(f.as_bytes(), t.as_bytes(), seen),
+                // Begun as renames: it goes on as such.
+                _ => ExchangeDecision::Renames {
+                    via: exchange_via(f.as_bytes(), t.as_bytes()),
+                },
+            };
+            if let ExchangeDecision::Renames { via } = decision {
+                // The hidden name taken (and not by our own first step): applied as sent.
+                if done > 0 || !self.tree.contains_key(&via) {
+                    let via = s(&via);
+                    let steps = [(f, via), (t, f), (via, t)];
+                    for (k, (from, to)) in steps.into_iter().enumerate().skip(done.into()) {
+                        self.peer_op(&R::Rename(from, to), seen);
+                        let k = k as u8 + 1;
+                        self.r.exchange_step_done(seq, k);
+                        self.save_notes();
+                        if self.crash_after == Some(k) {
+                            return;
+                        }
+                    }
+                    return;
+                }
             }
             // Applied as sent, with our names (as any record's).
             let from = self.r.translate(f.as_bytes(), seen).unwrap_or(b(f));
@@ -3252,6 +3400,8 @@ mod names {
             if done {
                 self.r
                     .peer_renamed(f.as_bytes(), t.as_bytes(), &from, &to, true);
+                self.r.exchange_step_done(seq, 3);
+                self.save_notes();
             }
         }
 
@@ -4260,6 +4410,43 @@ mod names {
             ExchangeDecision::Renames { via }
         );
         assert_eq!(r.peer_exchange(b"d/a", b"b", 1), ExchangeDecision::Apply);
+    }
+
+    /// A crash of the site that carries a peer's exchange out as three renames, after 1, 2 or
+    /// all 3 of them and before the record is acknowledged: the record comes again, to a
+    /// machine rebuilt from the notes and our journal, and the exchange is done once: both
+    /// entries swapped, the hidden name gone (as without the crash). Before the progress was
+    /// kept, the record was decided again: the hidden name taken (1 or 2 done) had it applied
+    /// as sent, which failed for want of an entry; all 3 done, the renames swapped them back.
+    #[test]
+    fn a_crash_between_the_renames_of_an_exchange_does_it_once() {
+        let base = [("a", Some("a0")), ("b", Some("b0")), ("c", Some("c0"))];
+        // What of ours site 1 (the exchanger) has not seen: a removal of another name, a
+        // rename of one of the exchanged entries.
+        for ours in [R::Unlink("c"), R::Rename("a", "d")] {
+            let mut whole = Site::new(2, 1, &base);
+            whole.local(ours.clone());
+            whole.peer(&R::Exchange("a", "b"), 0);
+            let via = exchange_via(b"a", b"b");
+            assert!(!whole.tree.contains_key(&via), "{:?}", whole.tree);
+            for crash in 1..=3u8 {
+                let mut s = Site::new(2, 1, &base);
+                s.local(ours.clone());
+                s.save_notes();
+                s.crash_after = Some(crash);
+                s.peer(&R::Exchange("a", "b"), 0);
+                // Nothing acknowledged: the watermark and the peer's position as before it.
+                s.restart(0, 0);
+                s.peer(&R::Exchange("a", "b"), 0);
+                assert_eq!(
+                    s.tree, whole.tree,
+                    "{ours:?}, a crash after {crash} step(s)"
+                );
+                // And once acknowledged, the progress is forgotten.
+                s.r.peer_acknowledged(1);
+                assert_eq!(s.r.exchange_done(1), 0);
+            }
+        }
     }
 
     /// Two entries given one new name `n` at both sites, one of them a symlink (made with
