@@ -352,8 +352,14 @@ pub struct Reconciler {
     held: BTreeMap<Vec<u8>, (Vec<u8>, u64)>,
     /// Sources of our unseen renames moved by a peer rename applied here
     /// ([`Reconciler::peer_renamed`]): the peer's names beneath its new name that still
-    /// translate (its new name is `fresh` otherwise). Forgotten with the renames.
+    /// translate (its new name is `fresh` otherwise). Forgotten with the renames; bounded as
+    /// `fresh`. In the notes, with the renames whose names a peer rename moved
+    /// (`renames_followed`): the replay rebuilds our renames as journaled, not the peer's
+    /// renames applied since.
     followed: BTreeSet<Vec<u8>>,
+    /// The keys of our renames (in `renames`) whose names a peer rename moved
+    /// ([`Reconciler::peer_renamed`]): in the notes with their names now.
+    renames_followed: BTreeSet<(u64, u32)>,
     /// Names we removed concurrently that the peer made again since (a create, mkdir or rename
     /// onto it, [`Reconciler::translate_new`]), while we had not made them again ourselves:
     /// what is there now is the peer's entry, so its later removal of the name applies
@@ -415,6 +421,7 @@ impl Reconciler {
             dirs_made_by_seq: BTreeSet::new(),
             held: BTreeMap::new(),
             followed: BTreeSet::new(),
+            renames_followed: BTreeSet::new(),
             peer_remade: BTreeSet::new(),
             exchange: None,
             names_made: BTreeMap::new(),
@@ -443,14 +450,13 @@ impl Reconciler {
         match change {
             Local::Data(p) => self.local_path(seq, p, false),
             Local::Rename { from, to, exchange } => {
-                self.renames.insert(
-                    (seq, 0),
-                    Moved {
-                        from: from.clone(),
-                        to: to.clone(),
-                        exchange: *exchange,
-                    },
-                );
+                // The replay after a restart, over the notes: a rename whose names a peer's
+                // rename moved since keeps them (the rest of the change is as journaled).
+                self.renames.entry((seq, 0)).or_insert_with(|| Moved {
+                    from: from.clone(),
+                    to: to.clone(),
+                    exchange: *exchange,
+                });
                 while self.renames.len() > max {
                     self.renames.pop_first();
                 }
@@ -1354,9 +1360,14 @@ impl Reconciler {
             }
         }
         self.renames = self.renames.split_off(&(next, 0));
-        if self.renames.is_empty() {
+        if self.renames.is_empty() && !self.followed.is_empty() {
             self.followed.clear();
+            self.notes_dirty = true;
         }
+        let before = self.renames_followed.len();
+        let renames = &self.renames;
+        self.renames_followed.retain(|k| renames.contains_key(k));
+        self.notes_dirty |= self.renames_followed.len() != before;
         if self.renames.is_empty() && !(self.fresh.is_empty() && self.ghosts.is_empty()) {
             self.fresh.clear();
             self.ghosts.clear();
@@ -1472,6 +1483,25 @@ impl Reconciler {
             }
             None => b.extend_from_slice(&0u32.to_le_bytes()),
         }
+        // Since `followed` was kept: its names, then our renames a peer rename moved (seq, n,
+        // exchange, from, to), as they are now (a file written before it ends before them).
+        b.extend_from_slice(&(self.followed.len() as u32).to_le_bytes());
+        for p in &self.followed {
+            put_name(&mut b, p);
+        }
+        let moved: Vec<_> = self
+            .renames_followed
+            .iter()
+            .filter_map(|k| self.renames.get(k).map(|m| (k, m)))
+            .collect();
+        b.extend_from_slice(&(moved.len() as u32).to_le_bytes());
+        for ((seq, n), m) in moved {
+            b.extend_from_slice(&seq.to_le_bytes());
+            b.extend_from_slice(&n.to_le_bytes());
+            b.push(u8::from(m.exchange));
+            put_name(&mut b, &m.from);
+            put_name(&mut b, &m.to);
+        }
         let crc = crc32c::crc32c(&b);
         b.extend_from_slice(&crc.to_le_bytes());
         Some(b)
@@ -1518,6 +1548,17 @@ impl Reconciler {
         if notes.exchange.is_some() {
             self.exchange = notes.exchange;
         }
+        for (k, m) in notes.renames_followed {
+            // Seen by the peer since: forgotten, as `advance` does.
+            if k.0 > self.seen && self.renames.len() < max {
+                self.renames.insert(k, m);
+                self.renames_followed.insert(k);
+            }
+        }
+        if !self.renames.is_empty() {
+            self.followed.extend(notes.followed);
+        }
+        self.bound_followed();
         true
     }
 
@@ -1665,6 +1706,8 @@ impl Reconciler {
                     if let Some(e) = moved {
                         self.followed.insert(e.clone());
                         *end = e;
+                        self.renames_followed.insert(*k);
+                        self.notes_dirty = true;
                     }
                 }
                 continue;
@@ -1672,12 +1715,25 @@ impl Reconciler {
             if let Some(f) = moved_path(&m.from, theirs_from, theirs_to) {
                 m.from = f.clone();
                 self.followed.insert(f);
+                self.renames_followed.insert(*k);
+                self.notes_dirty = true;
             }
             if current {
                 if let Some(t) = moved_path(&m.to, from, to) {
                     m.to = t;
+                    self.renames_followed.insert(*k);
+                    self.notes_dirty = true;
                 }
             }
+        }
+        self.bound_followed();
+    }
+
+    /// `followed` bounded by `entries_max` (the first names dropped: past it a peer record
+    /// beneath a dropped one is not translated, as before this index).
+    fn bound_followed(&mut self) {
+        while self.followed.len() > self.cfg.entries_max {
+            self.followed.pop_first();
         }
     }
 
@@ -1797,6 +1853,10 @@ struct Notes {
     listed: Vec<(Object, u64)>,
     /// [`Reconciler::exchange_done`]'s progress (absent from notes written before it was kept).
     exchange: Option<(u64, u8)>,
+    /// `followed`, and the renames a peer rename moved (absent from notes written before they
+    /// were kept).
+    followed: Vec<Vec<u8>>,
+    renames_followed: Vec<((u64, u32), Moved)>,
 }
 
 impl Notes {
@@ -1867,6 +1927,27 @@ impl Notes {
                 _ => return None,
             }
         }
+        let mut followed = Vec::new();
+        if c.at != body.len() {
+            for _ in 0..c.u32()? {
+                followed.push(c.name()?);
+            }
+        }
+        let mut renames_followed = Vec::new();
+        if c.at != body.len() {
+            for _ in 0..c.u32()? {
+                let seq = c.u64()?;
+                let n = c.u32()?;
+                let exchange = match *c.take(1)?.first()? {
+                    0 => false,
+                    1 => true,
+                    _ => return None,
+                };
+                let from = c.name()?;
+                let to = c.name()?;
+                renames_followed.push(((seq, n), Moved { from, to, exchange }));
+            }
+        }
         if c.at != body.len() {
             return None;
         }
@@ -1878,6 +1959,8 @@ impl Notes {
             peer_remade,
             listed,
             exchange,
+            followed,
+            renames_followed,
         })
     }
 }
@@ -2636,6 +2719,51 @@ mod tests {
         assert!(fresh.reused.is_empty());
     }
 
+    /// Our unseen renames that followed a peer's rename of a directory above their names
+    /// (`Reconciler::peer_renamed`: `followed`, and the renames' ends): after a restart between
+    /// the peer's rename and its later records, those records still follow our renames. The
+    /// replay rebuilds our renames with their names as journaled, and no peer rename.
+    #[test]
+    fn a_restart_keeps_our_renames_that_followed_a_peer_rename() {
+        let b = |s: &str| s.as_bytes().to_vec();
+        let rename = |f: &str, t: &str| Local::Rename {
+            from: b(f),
+            to: b(t),
+            exchange: false,
+        };
+        // We renamed `d/x` → `y` (out of `d`) and `z` → `d/w` (into it); the peer, having
+        // seen through 2, renamed `d` → `e`, then writes `e/x` (its name for our `y`) and `z`
+        // (ours now at `e/w`).
+        let journal = [(5, rename("d/x", "y")), (6, rename("z", "d/w"))];
+        let mut before = Reconciler::new(Config::new(2, 1), 2);
+        for (seq, c) in &journal {
+            before.local_change(*seq, c);
+        }
+        assert!(matches!(
+            before.peer_rename(b"d", b"e", 2),
+            RenameDecision::Apply { .. }
+        ));
+        before.peer_renamed(b"d", b"e", b"d", b"e", false);
+        let want = |r: &mut Reconciler| (r.translate(b"e/x", 2), r.translate(b"z", 2));
+        assert_eq!(want(&mut before.clone()), (Some(b("y")), Some(b("e/w"))));
+        for notes in [false, true] {
+            let mut after = restarted(&mut before.clone(), &journal, notes);
+            let got = want(&mut after);
+            assert_eq!(
+                got == want(&mut before.clone()),
+                notes,
+                "{got:?}, notes restored: {notes}"
+            );
+        }
+        // The peer saw our renames: they are forgotten, and with them the note.
+        assert!(before.take_notes().is_some());
+        before.peer_unlink(b"q", 6);
+        let bytes = before.take_notes().expect("the renames dropped");
+        let mut fresh = Reconciler::new(before.config(), 6);
+        assert!(fresh.restore_notes(&bytes));
+        assert!(fresh.followed.is_empty() && fresh.renames.is_empty());
+    }
+
     #[test]
     fn the_notes_are_taken_once_per_change_and_damaged_ones_are_refused() {
         let mut r = Reconciler::new(Config::new(2, 1), 2);
@@ -2668,10 +2796,11 @@ mod tests {
         assert_eq!(r.peer_rename(b"d", b"e", 2), RenameDecision::Removed);
         let bytes = r.take_notes().expect("noted");
         let body = &bytes[..bytes.len() - 4];
-        // Both new lists empty: two zero counts before the checksum.
-        assert_eq!(&body[body.len() - 8..], &[0u8; 8]);
-        // (and 12: before the exchange's progress was kept, too)
-        for cut in [12, 8, 4] {
+        // The lists since the restart rules empty: five zero counts before the checksum
+        // (`peer_remade`, the listed reuses, the exchange's progress, `followed`, the renames
+        // it moved); a file of each earlier format ends before some of them.
+        assert_eq!(&body[body.len() - 20..], &[0u8; 20]);
+        for cut in [20, 16, 12, 8, 4] {
             let mut old = body[..body.len() - cut].to_vec();
             let crc = crc32c::crc32c(&old);
             old.extend_from_slice(&crc.to_le_bytes());
