@@ -370,14 +370,25 @@ pub struct Reconciler {
     held: BTreeMap<Vec<u8>, (Vec<u8>, u64)>,
     /// Sources of our unseen renames moved by a peer rename applied here
     /// ([`Reconciler::peer_renamed`]): the peer's names beneath its new name that still
-    /// translate (its new name is `fresh` otherwise). Forgotten with the renames.
+    /// translate (its new name is `fresh` otherwise). Forgotten with the renames; bounded as
+    /// `fresh`. In the notes, with the renames whose names a peer rename moved
+    /// (`renames_followed`): the replay rebuilds our renames as journaled, not the peer's
+    /// renames applied since.
     followed: BTreeSet<Vec<u8>>,
+    /// The keys of our renames (in `renames`) whose names a peer rename moved
+    /// ([`Reconciler::peer_renamed`]): in the notes with their names now.
+    renames_followed: BTreeSet<(u64, u32)>,
     /// Names we removed concurrently that the peer made again since (a create, mkdir or rename
     /// onto it, [`Reconciler::translate_new`]), while we had not made them again ourselves:
     /// what is there now is the peer's entry, so its later removal of the name applies
     /// ([`Reconciler::peer_unlink`]). Forgotten with our removal; bounded as `fresh`; in the
     /// notes (the replay rebuilds our removal, not the peer's making after it).
     peer_remade: BTreeSet<Vec<u8>>,
+    /// The peer's exchange being carried out here (its record's seq, the steps done: 1 to 3 of
+    /// the three renames, 3 also for one applied as sent), until the record is acknowledged
+    /// ([`Reconciler::exchange_done`]). In the notes: a crash between the steps would redo them
+    /// all when the record comes again, and an exchange redone swaps the entries back.
+    exchange: Option<(u64, u8)>,
     /// Names we gave an entry during the split the peer has not seen (created, a symlink,
     /// node or link made, or a rename's new name): name → seq, and by seq. A peer's making of
     /// one of them is two entries given one name ([`Reconciler::peer_entry_clash`]). Rebuilt
@@ -429,7 +440,9 @@ impl Reconciler {
             dirs_made_by_seq: BTreeSet::new(),
             held: BTreeMap::new(),
             followed: BTreeSet::new(),
+            renames_followed: BTreeSet::new(),
             peer_remade: BTreeSet::new(),
+            exchange: None,
             names_made: BTreeMap::new(),
             names_made_by_seq: BTreeSet::new(),
             notes_dirty: false,
@@ -456,14 +469,13 @@ impl Reconciler {
         match change {
             Local::Data(p) => self.local_path(seq, p, false),
             Local::Rename { from, to, exchange } => {
-                self.renames.insert(
-                    (seq, 0),
-                    Moved {
-                        from: from.clone(),
-                        to: to.clone(),
-                        exchange: *exchange,
-                    },
-                );
+                // The replay after a restart, over the notes: a rename whose names a peer's
+                // rename moved since keeps them (the rest of the change is as journaled).
+                self.renames.entry((seq, 0)).or_insert_with(|| Moved {
+                    from: from.clone(),
+                    to: to.clone(),
+                    exchange: *exchange,
+                });
                 while self.renames.len() > max {
                     self.renames.pop_first();
                 }
@@ -931,6 +943,35 @@ impl Reconciler {
         }
     }
 
+    /// How many of the steps of the peer's exchange record `seq` (its seq) are done here: 0
+    /// (none, or another record's), 1 or 2 (a crash came between the renames it is carried out
+    /// as: the next ones are done, as renames whatever [`Reconciler::peer_exchange`] says now),
+    /// 3 (done: nothing more is done, the record came again after a crash before its
+    /// acknowledgement). The shell makes the notes durable after each step
+    /// ([`Reconciler::exchange_step_done`]).
+    pub fn exchange_done(&self, seq: u64) -> u8 {
+        match self.exchange {
+            Some((s, done)) if s == seq => done,
+            _ => 0,
+        }
+    }
+
+    /// `done` of the steps of the peer's exchange record `seq` are carried out here (3: all of
+    /// them, or the exchange applied as sent).
+    pub fn exchange_step_done(&mut self, seq: u64, done: u8) {
+        let now = Some((seq, done.min(3)));
+        self.notes_dirty |= self.exchange != now;
+        self.exchange = now;
+    }
+
+    /// The peer's records through `seq` (its seqs) are acknowledged: they do not come again.
+    pub fn peer_acknowledged(&mut self, seq: u64) {
+        if self.exchange.is_some_and(|(s, _)| s <= seq) {
+            self.exchange = None;
+            self.notes_dirty = true;
+        }
+    }
+
     /// The peer's rename of `from` onto `to` (our names): concurrent with our change of `to` (a
     /// rename of another file onto it, or a write of it), two entries are given one name. The
     /// lower id's stays; the higher id's goes to a conflict copy. The loser copies its own
@@ -1335,9 +1376,14 @@ impl Reconciler {
             }
         }
         self.renames = self.renames.split_off(&(next, 0));
-        if self.renames.is_empty() {
+        if self.renames.is_empty() && !self.followed.is_empty() {
             self.followed.clear();
+            self.notes_dirty = true;
         }
+        let before = self.renames_followed.len();
+        let renames = &self.renames;
+        self.renames_followed.retain(|k| renames.contains_key(k));
+        self.notes_dirty |= self.renames_followed.len() != before;
         if self.renames.is_empty() && !(self.fresh.is_empty() && self.ghosts.is_empty()) {
             self.fresh.clear();
             self.ghosts.clear();
@@ -1445,6 +1491,35 @@ impl Reconciler {
             b.extend_from_slice(&o.to_le_bytes());
             b.extend_from_slice(&made.to_le_bytes());
         }
+        // Since the exchange's progress was kept: a count (0 or 1), then the peer's record seq
+        // and the steps done (a file written before it ends before it, and decodes with none).
+        match self.exchange {
+            Some((seq, done)) => {
+                b.extend_from_slice(&1u32.to_le_bytes());
+                b.extend_from_slice(&seq.to_le_bytes());
+                b.push(done);
+            }
+            None => b.extend_from_slice(&0u32.to_le_bytes()),
+        }
+        // Since `followed` was kept: its names, then our renames a peer rename moved (seq, n,
+        // exchange, from, to), as they are now (a file written before it ends before them).
+        b.extend_from_slice(&(self.followed.len() as u32).to_le_bytes());
+        for p in &self.followed {
+            put_name(&mut b, p);
+        }
+        let moved: Vec<_> = self
+            .renames_followed
+            .iter()
+            .filter_map(|k| self.renames.get(k).map(|m| (k, m)))
+            .collect();
+        b.extend_from_slice(&(moved.len() as u32).to_le_bytes());
+        for ((seq, n), m) in moved {
+            b.extend_from_slice(&seq.to_le_bytes());
+            b.extend_from_slice(&n.to_le_bytes());
+            b.push(u8::from(m.exchange));
+            put_name(&mut b, &m.from);
+            put_name(&mut b, &m.to);
+        }
         let crc = crc32c::crc32c(&b);
         b.extend_from_slice(&crc.to_le_bytes());
         Some(b)
@@ -1488,6 +1563,20 @@ impl Reconciler {
         self.reused
             .extend(notes.listed.into_iter().map(|(o, made)| (o, (made, true))));
         self.bound_reused();
+        if notes.exchange.is_some() {
+            self.exchange = notes.exchange;
+        }
+        for (k, m) in notes.renames_followed {
+            // Seen by the peer since: forgotten, as `advance` does.
+            if k.0 > self.seen && self.renames.len() < max {
+                self.renames.insert(k, m);
+                self.renames_followed.insert(k);
+            }
+        }
+        if !self.renames.is_empty() {
+            self.followed.extend(notes.followed);
+        }
+        self.bound_followed();
         true
     }
 
@@ -1635,6 +1724,8 @@ impl Reconciler {
                     if let Some(e) = moved {
                         self.followed.insert(e.clone());
                         *end = e;
+                        self.renames_followed.insert(*k);
+                        self.notes_dirty = true;
                     }
                 }
                 continue;
@@ -1642,12 +1733,25 @@ impl Reconciler {
             if let Some(f) = moved_path(&m.from, theirs_from, theirs_to) {
                 m.from = f.clone();
                 self.followed.insert(f);
+                self.renames_followed.insert(*k);
+                self.notes_dirty = true;
             }
             if current {
                 if let Some(t) = moved_path(&m.to, from, to) {
                     m.to = t;
+                    self.renames_followed.insert(*k);
+                    self.notes_dirty = true;
                 }
             }
+        }
+        self.bound_followed();
+    }
+
+    /// `followed` bounded by `entries_max` (the first names dropped: past it a peer record
+    /// beneath a dropped one is not translated, as before this index).
+    fn bound_followed(&mut self) {
+        while self.followed.len() > self.cfg.entries_max {
+            self.followed.pop_first();
         }
     }
 
@@ -1765,6 +1869,12 @@ struct Notes {
     peer_remade: Vec<Vec<u8>>,
     /// The `reused` entries already listed (an entry clash's skip): object, our making's seq.
     listed: Vec<(Object, u64)>,
+    /// [`Reconciler::exchange_done`]'s progress (absent from notes written before it was kept).
+    exchange: Option<(u64, u8)>,
+    /// `followed`, and the renames a peer rename moved (absent from notes written before they
+    /// were kept).
+    followed: Vec<Vec<u8>>,
+    renames_followed: Vec<((u64, u32), Moved)>,
 }
 
 impl Notes {
@@ -1820,6 +1930,42 @@ impl Notes {
                 listed.push((o, made));
             }
         }
+        let mut exchange = None;
+        if c.at != body.len() {
+            match c.u32()? {
+                0 => {}
+                1 => {
+                    let seq = c.u64()?;
+                    let done = *c.take(1)?.first()?;
+                    if !(1..=3).contains(&done) {
+                        return None;
+                    }
+                    exchange = Some((seq, done));
+                }
+                _ => return None,
+            }
+        }
+        let mut followed = Vec::new();
+        if c.at != body.len() {
+            for _ in 0..c.u32()? {
+                followed.push(c.name()?);
+            }
+        }
+        let mut renames_followed = Vec::new();
+        if c.at != body.len() {
+            for _ in 0..c.u32()? {
+                let seq = c.u64()?;
+                let n = c.u32()?;
+                let exchange = match *c.take(1)?.first()? {
+                    0 => false,
+                    1 => true,
+                    _ => return None,
+                };
+                let from = c.name()?;
+                let to = c.name()?;
+                renames_followed.push(((seq, n), Moved { from, to, exchange }));
+            }
+        }
         if c.at != body.len() {
             return None;
         }
@@ -1830,6 +1976,9 @@ impl Notes {
             held,
             peer_remade,
             listed,
+            exchange,
+            followed,
+            renames_followed,
         })
     }
 }
@@ -2695,6 +2844,51 @@ mod tests {
         assert!(fresh.reused.is_empty());
     }
 
+    /// Our unseen renames that followed a peer's rename of a directory above their names
+    /// (`Reconciler::peer_renamed`: `followed`, and the renames' ends): after a restart between
+    /// the peer's rename and its later records, those records still follow our renames. The
+    /// replay rebuilds our renames with their names as journaled, and no peer rename.
+    #[test]
+    fn a_restart_keeps_our_renames_that_followed_a_peer_rename() {
+        let b = |s: &str| s.as_bytes().to_vec();
+        let rename = |f: &str, t: &str| Local::Rename {
+            from: b(f),
+            to: b(t),
+            exchange: false,
+        };
+        // We renamed `d/x` → `y` (out of `d`) and `z` → `d/w` (into it); the peer, having
+        // seen through 2, renamed `d` → `e`, then writes `e/x` (its name for our `y`) and `z`
+        // (ours now at `e/w`).
+        let journal = [(5, rename("d/x", "y")), (6, rename("z", "d/w"))];
+        let mut before = Reconciler::new(Config::new(2, 1), 2);
+        for (seq, c) in &journal {
+            before.local_change(*seq, c);
+        }
+        assert!(matches!(
+            before.peer_rename(b"d", b"e", 2),
+            RenameDecision::Apply { .. }
+        ));
+        before.peer_renamed(b"d", b"e", b"d", b"e", false);
+        let want = |r: &mut Reconciler| (r.translate(b"e/x", 2), r.translate(b"z", 2));
+        assert_eq!(want(&mut before.clone()), (Some(b("y")), Some(b("e/w"))));
+        for notes in [false, true] {
+            let mut after = restarted(&mut before.clone(), &journal, notes);
+            let got = want(&mut after);
+            assert_eq!(
+                got == want(&mut before.clone()),
+                notes,
+                "{got:?}, notes restored: {notes}"
+            );
+        }
+        // The peer saw our renames: they are forgotten, and with them the note.
+        assert!(before.take_notes().is_some());
+        before.peer_unlink(b"q", 6);
+        let bytes = before.take_notes().expect("the renames dropped");
+        let mut fresh = Reconciler::new(before.config(), 6);
+        assert!(fresh.restore_notes(&bytes));
+        assert!(fresh.followed.is_empty() && fresh.renames.is_empty());
+    }
+
     #[test]
     fn the_notes_are_taken_once_per_change_and_damaged_ones_are_refused() {
         let mut r = Reconciler::new(Config::new(2, 1), 2);
@@ -2727,9 +2921,11 @@ mod tests {
         assert_eq!(r.peer_rename(b"d", b"e", 2), RenameDecision::Removed);
         let bytes = r.take_notes().expect("noted");
         let body = &bytes[..bytes.len() - 4];
-        // Both new lists empty: two zero counts before the checksum.
-        assert_eq!(&body[body.len() - 8..], &[0u8; 8]);
-        for cut in [8, 4] {
+        // The lists since the restart rules empty: five zero counts before the checksum
+        // (`peer_remade`, the listed reuses, the exchange's progress, `followed`, the renames
+        // it moved); a file of each earlier format ends before some of them.
+        assert_eq!(&body[body.len() - 20..], &[0u8; 20]);
+        for cut in [20, 16, 12, 8, 4] {
             let mut old = body[..body.len() - cut].to_vec();
             let crc = crc32c::crc32c(&old);
             old.extend_from_slice(&crc.to_le_bytes());
@@ -2737,7 +2933,19 @@ mod tests {
             assert!(back.restore_notes(&old), "{cut} bytes shorter");
             assert_eq!(back.refill(b"e/x", 2), vec![b"e".to_vec()]);
             assert!(back.peer_remade.is_empty() && back.reused.is_empty());
+            assert_eq!(back.exchange, None);
         }
+        // The exchange's progress goes with the notes, and only a valid one.
+        r.exchange_step_done(9, 2);
+        let bytes = r.take_notes().expect("the progress changed");
+        let mut back = Reconciler::new(Config::new(2, 1), 2);
+        assert!(back.restore_notes(&bytes));
+        assert_eq!((back.exchange_done(9), back.exchange_done(8)), (2, 0));
+        let mut bad = bytes[..bytes.len() - 5].to_vec();
+        bad.push(4);
+        let crc = crc32c::crc32c(&bad);
+        bad.extend_from_slice(&crc.to_le_bytes());
+        assert!(!back.restore_notes(&bad), "4 steps of 3");
     }
 
     #[test]
@@ -2802,6 +3010,11 @@ mod names {
         /// The peer's records considered (its seq, 1-based).
         considered: u64,
         conflicts: usize,
+        /// The notes as last made durable ([`Site::save_notes`]), for a restart.
+        notes: Option<Vec<u8>>,
+        /// A crash comes right after this many steps of a peer's exchange carried out as
+        /// renames ([`Site::peer_exchange`]; `None`: no crash).
+        crash_after: Option<u8>,
     }
 
     impl Site {
@@ -2815,7 +3028,50 @@ mod names {
                 journal: Vec::new(),
                 considered: 0,
                 conflicts: 0,
+                notes: None,
+                crash_after: None,
             }
+        }
+
+        /// The notes made durable (`SiteReconcile::save_notes`).
+        fn save_notes(&mut self) {
+            if let Some(n) = self.r.take_notes() {
+                self.notes = Some(n);
+            }
+        }
+
+        /// A restart: the machine rebuilt as `SiteReconcile::rebuild` does (the notes last made
+        /// durable, then our journal replayed), nothing of the peer's acknowledged since
+        /// `seen` (its watermark as persisted) and its records after `considered` to come
+        /// again. The tree is as the crash left it.
+        fn restart(&mut self, seen: u64, considered: u64) {
+            let mut r = Reconciler::new(self.r.config(), seen);
+            if let Some(n) = &self.notes {
+                assert!(r.restore_notes(n));
+            }
+            let b = |s: &str| s.as_bytes().to_vec();
+            for (i, (rec, _)) in self.journal.iter().enumerate() {
+                let seq = i as u64 + 1;
+                let change = match rec {
+                    R::Write(p, _) => Local::Data(b(p)),
+                    R::Rename(f, t) | R::Exchange(f, t) => Local::Rename {
+                        from: b(f),
+                        to: b(t),
+                        exchange: matches!(rec, R::Exchange(..)),
+                    },
+                    R::Unlink(p) | R::Rmdir(p) => Local::Removed(b(p)),
+                    R::Create(p) | R::Symlink(p, _) => Local::Made(b(p)),
+                    R::Mkdir(p) => Local::MadeDir(b(p)),
+                    R::Whole(p, _) => {
+                        r.local_path(seq, p, true);
+                        continue;
+                    }
+                };
+                r.local_change(seq, &change);
+            }
+            self.r = r;
+            self.considered = considered;
+            self.crash_after = None;
         }
 
         /// A local change (journaled with what it considered of the peer's).
@@ -3350,14 +3606,35 @@ mod names {
             let s = |v: &[u8]| -> &'static str {
                 Box::leak(String::from_utf8_lossy(v).into_owned().into_boxed_str())
             };
-            if let ExchangeDecision::Renames { via } =
-                self.r.peer_exchange(f.as_bytes(), t.as_bytes(), seen)
-            {
-                let via = s(&via);
-                for (from, to) in [(f, via), (t, f), (via, t)] {
-                    self.peer_op(&R::Rename(from, to), seen);
-                }
+            // The record's seq at the peer: a crash after some steps brings it again.
+            let seq = self.considered;
+            let done = self.r.exchange_done(seq);
+            if done == 3 {
                 return;
+            }
+            let decision = match done {
+                0 => self.r.peer_exchange(f.as_bytes(), t.as_bytes(), seen),
+                // Begun as renames: it goes on as such.
+                _ => ExchangeDecision::Renames {
+                    via: exchange_via(f.as_bytes(), t.as_bytes()),
+                },
+            };
+            if let ExchangeDecision::Renames { via } = decision {
+                // The hidden name taken (and not by our own first step): applied as sent.
+                if done > 0 || !self.tree.contains_key(&via) {
+                    let via = s(&via);
+                    let steps = [(f, via), (t, f), (via, t)];
+                    for (k, (from, to)) in steps.into_iter().enumerate().skip(done.into()) {
+                        self.peer_op(&R::Rename(from, to), seen);
+                        let k = k as u8 + 1;
+                        self.r.exchange_step_done(seq, k);
+                        self.save_notes();
+                        if self.crash_after == Some(k) {
+                            return;
+                        }
+                    }
+                    return;
+                }
             }
             // Applied as sent, with our names (as any record's).
             let from = self.r.translate(f.as_bytes(), seen).unwrap_or(b(f));
@@ -3378,6 +3655,8 @@ mod names {
             if done {
                 self.r
                     .peer_renamed(f.as_bytes(), t.as_bytes(), &from, &to, true);
+                self.r.exchange_step_done(seq, 3);
+                self.save_notes();
             }
         }
 
@@ -4385,6 +4664,43 @@ mod names {
             ExchangeDecision::Renames { via }
         );
         assert_eq!(r.peer_exchange(b"d/a", b"b", 1), ExchangeDecision::Apply);
+    }
+
+    /// A crash of the site that carries a peer's exchange out as three renames, after 1, 2 or
+    /// all 3 of them and before the record is acknowledged: the record comes again, to a
+    /// machine rebuilt from the notes and our journal, and the exchange is done once: both
+    /// entries swapped, the hidden name gone (as without the crash). Before the progress was
+    /// kept, the record was decided again: the hidden name taken (1 or 2 done) had it applied
+    /// as sent, which failed for want of an entry; all 3 done, the renames swapped them back.
+    #[test]
+    fn a_crash_between_the_renames_of_an_exchange_does_it_once() {
+        let base = [("a", Some("a0")), ("b", Some("b0")), ("c", Some("c0"))];
+        // What of ours site 1 (the exchanger) has not seen: a removal of another name, a
+        // rename of one of the exchanged entries.
+        for ours in [R::Unlink("c"), R::Rename("a", "d")] {
+            let mut whole = Site::new(2, 1, &base);
+            whole.local(ours.clone());
+            whole.peer(&R::Exchange("a", "b"), 0);
+            let via = exchange_via(b"a", b"b");
+            assert!(!whole.tree.contains_key(&via), "{:?}", whole.tree);
+            for crash in 1..=3u8 {
+                let mut s = Site::new(2, 1, &base);
+                s.local(ours.clone());
+                s.save_notes();
+                s.crash_after = Some(crash);
+                s.peer(&R::Exchange("a", "b"), 0);
+                // Nothing acknowledged: the watermark and the peer's position as before it.
+                s.restart(0, 0);
+                s.peer(&R::Exchange("a", "b"), 0);
+                assert_eq!(
+                    s.tree, whole.tree,
+                    "{ours:?}, a crash after {crash} step(s)"
+                );
+                // And once acknowledged, the progress is forgotten.
+                s.r.peer_acknowledged(1);
+                assert_eq!(s.r.exchange_done(1), 0);
+            }
+        }
     }
 
     /// Two entries given one new name `n` at both sites, one of them a symlink (made with

@@ -34,7 +34,7 @@ use mirrorfs_core::link::{Begin, LinkError, MirrorCopy, Positions};
 use mirrorfs_core::op::{Op, Record};
 use mirrorfs_core::path::RelPath;
 use mirrorfs_core::reconcile::{
-    clash_moves_ours_aside, meta_key, renamed_path, Decision, DirClash, EntryClash,
+    clash_moves_ours_aside, exchange_via, meta_key, renamed_path, Decision, DirClash, EntryClash,
     ExchangeDecision, RenameDecision,
 };
 use mirrorfs_core::session::{Incoming, OnDiverged, Session};
@@ -775,6 +775,10 @@ impl PeerReceiver {
             pos.point = rc.last_point();
         }
         self.store_position(&pos)?;
+        if let Some(rc) = &self.reconcile {
+            // An exchange's progress is no longer needed: its record does not come again.
+            rc.peer_acknowledged(last);
+        }
         // It covers the batches before it that changed nothing.
         *lock(&self.inert) = None;
         let seen = pos.seen;
@@ -844,12 +848,21 @@ impl PeerReceiver {
             (Some(rc), Some(seen)) => rc.translate(op, seen),
             _ => None,
         };
+        if let (Some(rc), Some(seen), true) = (&self.reconcile, seen, is_exchange(&op)) {
+            if rc.exchange_done(r.seq) == 3 {
+                // Done here before a crash that came before its acknowledgement: an exchange
+                // done again would swap the entries back.
+                rc.decide(None, seen);
+                return Ok(());
+            }
+        }
         let mut res = Err(Held::Retry);
         let mut used = op.clone();
         for _ in 0..8 {
-            if let Some(steps) = self.exchange_as_renames(&op, seen) {
-                for op in steps {
+            if let Some((steps, done)) = self.exchange_as_renames(&op, r.seq, seen) {
+                for (k, op) in steps.into_iter().enumerate().skip(done) {
                     self.apply(&Record { seq: r.seq, op })?;
+                    self.exchange_step_done(r.seq, k + 1)?;
                 }
                 return Ok(());
             }
@@ -922,6 +935,9 @@ impl PeerReceiver {
         ) = (res, &self.reconcile, &used)
         {
             let exchange = flags & RENAME_EXCHANGE != 0;
+            if exchange {
+                self.exchange_step_done(r.seq, 3)?;
+            }
             match &op {
                 Op::Rename {
                     from: f0, to: t0, ..
@@ -1431,7 +1447,17 @@ impl PeerReceiver {
     /// decided and applied as the peer's rename (journaled as the peer's, so not streamed
     /// back). `None`: applied as sent (also if the hidden name `via` is taken here: nothing is
     /// replaced for it).
-    fn exchange_as_renames(&self, op: &Op, seen: Option<u64>) -> Option<Vec<Op>> {
+    ///
+    /// After a crash between the renames (the record comes again: `done` of them are done, as
+    /// the notes say), the rest of them, whatever the decision now and with the hidden name
+    /// ours: the steps done are not done again (a redone `a` → hidden name would move the
+    /// other entry, the one now at `a`).
+    fn exchange_as_renames(
+        &self,
+        op: &Op,
+        seq: u64,
+        seen: Option<u64>,
+    ) -> Option<(Vec<Op>, usize)> {
         let (
             Some(rc),
             Some(seen),
@@ -1448,15 +1474,18 @@ impl PeerReceiver {
         if flags & RENAME_EXCHANGE == 0 {
             return None;
         }
-        let via = {
+        let (via, done) = {
             let _order = lock(&self.vol.order);
-            match rc.decide_exchange(a.as_bytes(), b.as_bytes(), seen) {
-                ExchangeDecision::Apply => return None,
-                ExchangeDecision::Renames { via } => via,
+            match rc.exchange_done(seq) {
+                0 => match rc.decide_exchange(a.as_bytes(), b.as_bytes(), seen) {
+                    ExchangeDecision::Apply => return None,
+                    ExchangeDecision::Renames { via } => (via, 0),
+                },
+                done => (exchange_via(a.as_bytes(), b.as_bytes()), usize::from(done)),
             }
         };
         let via = RelPath::new(via).ok()?;
-        if entry_of(&self.backing, &via).is_some() {
+        if done == 0 && entry_of(&self.backing, &via).is_some() {
             tracing::warn!(
                 "the hidden name {} for the peer's exchange is taken here: applied as sent",
                 String::from_utf8_lossy(via.as_bytes())
@@ -1469,11 +1498,33 @@ impl PeerReceiver {
             flags,
             from_ino: 0,
         };
-        Some(vec![
-            rename(a, &via, NOREPLACE),
-            rename(b, a, 0),
-            rename(&via, b, 0),
-        ])
+        Some((
+            vec![
+                rename(a, &via, NOREPLACE),
+                rename(b, a, 0),
+                rename(&via, b, 0),
+            ],
+            done,
+        ))
+    }
+
+    /// `done` steps of the peer's exchange record `seq` are carried out here (3: all, or the
+    /// exchange applied as sent), made durable with what they changed before the next step:
+    /// the record comes again after a crash, and what is done is not done again
+    /// (`Reconciler::exchange_done`).
+    fn exchange_step_done(&self, seq: u64, done: usize) -> Result<()> {
+        let Some(rc) = &self.reconcile else {
+            return Ok(());
+        };
+        rc.exchange_step_done(seq, u8::try_from(done).unwrap_or(u8::MAX));
+        self.origins
+            .sync()
+            .context("cannot make STATE/peer-origin durable")?;
+        self.vol.wait_journal_durable();
+        if self.vol.poisoned.load(Ordering::Acquire) {
+            bail!("the journal failed: the peer's exchange is not carried on");
+        }
+        rc.save_notes()
     }
 
     /// Our entry at `path` goes for the peer's of its name ([`EntryClash::Theirs`]): a
@@ -1765,6 +1816,10 @@ impl PeerReceiver {
 
 /// A peer record that changes nothing here when applied (without a copy under way or
 /// reconciliation): the peer's placeholders for our own records and its aborts, group marks.
+fn is_exchange(op: &Op) -> bool {
+    matches!(op, Op::Rename { flags, .. } if flags & RENAME_EXCHANGE != 0)
+}
+
 fn changes_nothing(op: &Op) -> bool {
     matches!(op, Op::Abort { .. } | Op::GroupBegin | Op::GroupEnd)
 }

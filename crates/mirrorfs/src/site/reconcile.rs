@@ -156,6 +156,23 @@ impl SiteReconcile {
 
     /// The decision for a peer unlink (its name; under the order lock): our name for it, and
     /// what to do.
+    /// How many steps of the peer's exchange record `seq` are done here
+    /// (`Reconciler::exchange_done`: 3 is all, or applied as sent).
+    pub fn exchange_done(&self, seq: u64) -> u8 {
+        lock(&self.machine).exchange_done(seq)
+    }
+
+    /// `done` steps of the peer's exchange record `seq` are done here (not durable until
+    /// [`SiteReconcile::save_notes`]).
+    pub fn exchange_step_done(&self, seq: u64, done: u8) {
+        lock(&self.machine).exchange_step_done(seq, done);
+    }
+
+    /// The peer's records through `seq` are acknowledged (`STATE/peer-applied`).
+    pub fn peer_acknowledged(&self, seq: u64) {
+        lock(&self.machine).peer_acknowledged(seq);
+    }
+
     pub fn decide_unlink(&self, path: &[u8], seen: u64) -> (Vec<u8>, Decision) {
         lock(&self.machine).peer_unlink(path, seen)
     }
