@@ -581,6 +581,14 @@ pub struct Volume {
 /// without write tokens.
 pub struct Tokens<'a>(Option<crate::site::tokens::Permits<'a>>);
 
+/// How [`Volume::take_file_tokens`] finds the changed file whose link count it reads.
+enum LinkedBy<'a> {
+    /// Its name, `lstat`ed beneath the backing root.
+    Name(&'a RelPath),
+    /// A descriptor of it, `fstat`ed.
+    Open(std::os::fd::BorrowedFd<'a>),
+}
+
 /// `op` can put a hole into a file or shorten it (see `Volume::holes_epoch`).
 pub fn may_make_holes(op: &Op) -> bool {
     match op {
@@ -629,6 +637,23 @@ impl Volume {
         self.mutate_holding(tokens, op, apply)
     }
 
+    /// [`Volume::mutate`] of a change made through `file`, a descriptor of the backing file the
+    /// change's name names (a write or fallocate through a handle the mount opened): its link
+    /// count is read with one `fstat` of it instead of an `lstat` beneath the root (`openat2`
+    /// of the parent, `fstatat`, `close`: `docs/benchmarks.md`, "the token-holding site's
+    /// write speed"). The count is the file's, the one the change writes.
+    pub fn mutate_open<R>(
+        &self,
+        op: Op,
+        file: std::os::fd::BorrowedFd<'_>,
+        apply: impl FnOnce() -> io::Result<R>,
+    ) -> Result<(R, u64), i32> {
+        let names = mirrorfs_core::token::names_of(&op);
+        let linked = mirrorfs_core::token::changed_file(&op).map(|_| LinkedBy::Open(file));
+        let tokens = self.take_tokens_linked(&names, linked)?;
+        self.mutate_holding(tokens, op, apply)
+    }
+
     /// Takes the write tokens of `names` for one change (nothing without `--write-tokens`). A
     /// change that reads the tree to make its record (the link count an unlink records, a
     /// rename's source inode) takes its tokens first and reads after: by then the peer's
@@ -652,6 +677,16 @@ impl Volume {
         names: &[&RelPath],
         file: Option<&RelPath>,
     ) -> Result<Tokens<'_>, i32> {
+        self.take_tokens_linked(names, file.map(LinkedBy::Name))
+    }
+
+    /// [`Volume::take_file_tokens`] with the changed file given by its name or by an open
+    /// descriptor of it.
+    fn take_tokens_linked(
+        &self,
+        names: &[&RelPath],
+        file: Option<LinkedBy<'_>>,
+    ) -> Result<Tokens<'_>, i32> {
         if self.receiving_copy.load(Ordering::Acquire) {
             // Refused at once, not after a token's round trip (see `mutate_holding`).
             return Err(libc::EROFS);
@@ -669,8 +704,9 @@ impl Volume {
         let links = || -> (bool, u64) {
             #[cfg(test)]
             tests::LINK_READS.with(|n| n.set(n.get() + 1));
-            let st = match (self.links.get(), file) {
-                (Some(root), Some(f)) => root.lstat(f).ok(),
+            let st = match (self.links.get(), &file) {
+                (Some(root), Some(LinkedBy::Name(f))) => root.lstat(f).ok(),
+                (Some(_), Some(LinkedBy::Open(fd))) => crate::sys::fstat(*fd).ok(),
                 _ => None,
             };
             st.map_or((false, 1), |st| {
@@ -707,7 +743,12 @@ impl Volume {
                         b => String::from_utf8_lossy(b).into_owned(),
                     })
                     .or_else(|| {
-                        let f = file?;
+                        // The changed file's name (a change through a descriptor: its only
+                        // name, `token::names_of`).
+                        let f = match file.as_ref()? {
+                            LinkedBy::Name(f) => *f,
+                            LinkedBy::Open(_) => names.first()?,
+                        };
                         (refused == mirrorfs_core::token::HARD_LINKED).then(|| {
                             format!(
                                 "{} (hard-linked files)",
@@ -1423,11 +1464,12 @@ mod tests {
         pub(super) static LINK_READS: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
     }
 
-    /// A write at the site holding its name's token reads the file's link count once, beneath
-    /// the backing root, under the name's token (it was read before the token too: one more
-    /// `openat2` + `fstatat` + `close` per write, `docs/benchmarks.md`); and a file with two
-    /// links still never goes on without the shared token of hard-linked files, given here to
-    /// the peer before the link went down (`--partition read-only`: refused, `EROFS`).
+    /// A write at the site holding its name's token reads the file's link count once, under
+    /// the name's token (it was read before the token too: one more `openat2` + `fstatat` +
+    /// `close` per write, `docs/benchmarks.md`), beneath the backing root or from a descriptor
+    /// of the file; and a file with two links still never goes on without the shared token of
+    /// hard-linked files, given here to the peer before the link went down (`--partition
+    /// read-only`: refused, `EROFS`), whichever way its count is read.
     #[test]
     fn a_write_reads_the_link_count_once_and_a_hard_linked_file_still_needs_the_shared_token() {
         use mirrorfs_core::token::{PartitionPolicy, TokenConfig, TokenMsg, TokenState};
@@ -1488,6 +1530,20 @@ mod tests {
         let refused = vol.take_file_tokens(&[&two], Some(&two)).err();
         assert_eq!(refused, Some(libc::EROFS), "without the shared token");
         assert_eq!(LINK_READS.with(|n| n.get()), 1, "link counts read");
+
+        // The same through a descriptor of the file (`mutate_open`: the mount's writes).
+        use std::os::fd::AsFd;
+        let open = |n: &str| std::fs::File::options().write(true).open(backing.join(n));
+        let (f_one, f_two) = (open("one").expect("one"), open("two").expect("two"));
+        LINK_READS.with(|n| n.set(0));
+        let tokens = vol.take_tokens_linked(&[&one], Some(LinkedBy::Open(f_one.as_fd())));
+        assert!(tokens.is_ok(), "the home holds the name's token");
+        drop(tokens);
+        let refused = vol
+            .take_tokens_linked(&[&two], Some(LinkedBy::Open(f_two.as_fd())))
+            .err();
+        assert_eq!(refused, Some(libc::EROFS), "without the shared token");
+        assert_eq!(LINK_READS.with(|n| n.get()), 2, "link counts read");
         assert!(
             matches!(
                 gate.state(mirrorfs_core::token::HARD_LINKED),
