@@ -212,24 +212,25 @@ pub fn changed_file(op: &Op) -> Option<&RelPath> {
 
 /// Whether a change of a file's data or metadata takes [`HARD_LINKED`] (and a file opened for
 /// writing holds it for its session in place of its name's): the entry is not a directory (a
-/// directory's link count counts its subdirectories) and has more than one link. Read before
-/// the tokens are taken and again under the names' ([`after_names`]): by then the other site's
-/// changes to those names (a `link` of one) are applied here. Once the names' tokens are held
-/// the count cannot grow (that needs a `link` of a name whose token this site holds).
+/// directory's link count counts its subdirectories) and has more than one link. Read under
+/// the names' tokens ([`after_names`]; the shell reads it once, `Volume::take_file_tokens`):
+/// by then the other site's changes to those names (a `link` of one) are applied here. Once
+/// the names' tokens are held the count cannot grow at the other site (that needs a `link` of
+/// a name whose token this site holds).
 pub fn takes_hard_linked(directory: bool, nlink: u64) -> bool {
     !directory && nlink > 1
 }
 
 /// What a change of a file's data or metadata does once it holds the tokens it took, having
-/// read the file's link count again under them ([`HARD_LINKED`]).
+/// read the file's link count under them ([`HARD_LINKED`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AfterNames {
     /// The tokens held cover the change.
     Go,
-    /// The file has become hard-linked since the first read (the other site's `link` of the
-    /// name, applied before the name's token came here): give the tokens back unused and take
-    /// them again with [`HARD_LINKED`] first. Never asked twice of one change: the second
-    /// round holds `HARD_LINKED`.
+    /// The file is hard-linked (perhaps since the other site's `link` of the name, applied
+    /// before the name's token came here) and the change took the names' tokens only: give
+    /// them back unused and take them again with [`HARD_LINKED`] first. Never asked twice of
+    /// one change: the second round holds `HARD_LINKED`.
     Again,
 }
 

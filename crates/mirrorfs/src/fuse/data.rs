@@ -113,7 +113,7 @@ impl MirrorFs {
                     data: chunk.to_vec(),
                 };
                 self.vol
-                    .mutate(op, || {
+                    .mutate_open(op, h.fd.as_fd(), || {
                         self.still_named(ino, &p)?;
                         // Whole or nothing: its record is aborted if it fails (see sys).
                         self.write_whole(&h, chunk, off)
@@ -242,13 +242,14 @@ impl MirrorFs {
         };
         let r = self.retry_renamed(|| {
             let p = self.path(ino).map_err(|e| e.code())?;
-            self.vol.mutate(
+            self.vol.mutate_open(
                 Op::Fallocate {
                     path: p.clone(),
                     mode,
                     offset,
                     len: length,
                 },
+                h.fd.as_fd(),
                 || {
                     self.still_named(ino, &p)?;
                     sys::fallocate(h.fd.as_fd(), mode, offset, length)

@@ -581,6 +581,14 @@ pub struct Volume {
 /// without write tokens.
 pub struct Tokens<'a>(Option<crate::site::tokens::Permits<'a>>);
 
+/// How [`Volume::take_file_tokens`] finds the changed file whose link count it reads.
+enum LinkedBy<'a> {
+    /// Its name, `lstat`ed beneath the backing root.
+    Name(&'a RelPath),
+    /// A descriptor of it, `fstat`ed.
+    Open(std::os::fd::BorrowedFd<'a>),
+}
+
 /// `op` can put a hole into a file or shorten it (see `Volume::holes_epoch`).
 pub fn may_make_holes(op: &Op) -> bool {
     match op {
@@ -629,6 +637,23 @@ impl Volume {
         self.mutate_holding(tokens, op, apply)
     }
 
+    /// [`Volume::mutate`] of a change made through `file`, a descriptor of the backing file the
+    /// change's name names (a write or fallocate through a handle the mount opened): its link
+    /// count is read with one `fstat` of it instead of an `lstat` beneath the root (`openat2`
+    /// of the parent, `fstatat`, `close`: `docs/benchmarks.md`, "the token-holding site's
+    /// write speed"). The count is the file's, the one the change writes.
+    pub fn mutate_open<R>(
+        &self,
+        op: Op,
+        file: std::os::fd::BorrowedFd<'_>,
+        apply: impl FnOnce() -> io::Result<R>,
+    ) -> Result<(R, u64), i32> {
+        let names = mirrorfs_core::token::names_of(&op);
+        let linked = mirrorfs_core::token::changed_file(&op).map(|_| LinkedBy::Open(file));
+        let tokens = self.take_tokens_linked(&names, linked)?;
+        self.mutate_holding(tokens, op, apply)
+    }
+
     /// Takes the write tokens of `names` for one change (nothing without `--write-tokens`). A
     /// change that reads the tree to make its record (the link count an unlink records, a
     /// rename's source inode) takes its tokens first and reads after: by then the peer's
@@ -641,13 +666,26 @@ impl Volume {
     /// (`token::changed_file`): a file with more than one link (`token::takes_hard_linked`, its
     /// link count read beneath the backing root) takes `token::HARD_LINKED` too, before the
     /// names' (`token::acquire_order`), so two names of one file are one file to the tokens.
-    /// The count is read again once the names' tokens are held (the other site's changes of
-    /// them, a `link`, are applied here by then): a file linked in between gives the names
-    /// back and takes them again after the shared token (`token::after_names`).
+    /// The count is read once, when the names' tokens are held (the other site's changes of
+    /// them, a `link`, are applied here by then): a hard-linked file gives the names back
+    /// unused and takes them again after the shared token (`token::after_names`). Read before the tokens too, it would cost every
+    /// write a second `openat2` + `fstatat` + `close` (`docs/benchmarks.md`, "the
+    /// token-holding site's write speed") to save a hard-linked file's write one more take of
+    /// tokens it holds.
     pub fn take_file_tokens(
         &self,
         names: &[&RelPath],
         file: Option<&RelPath>,
+    ) -> Result<Tokens<'_>, i32> {
+        self.take_tokens_linked(names, file.map(LinkedBy::Name))
+    }
+
+    /// [`Volume::take_file_tokens`] with the changed file given by its name or by an open
+    /// descriptor of it.
+    fn take_tokens_linked(
+        &self,
+        names: &[&RelPath],
+        file: Option<LinkedBy<'_>>,
     ) -> Result<Tokens<'_>, i32> {
         if self.receiving_copy.load(Ordering::Acquire) {
             // Refused at once, not after a token's round trip (see `mutate_holding`).
@@ -660,13 +698,15 @@ impl Volume {
             return Ok(Tokens(None));
         }
         let object = |n: &RelPath| crate::site::tokens::object_of(n.as_bytes());
-        // A hard-linked file (`token::HARD_LINKED`): its link count before the tokens are
-        // taken, and again once the names' are held (`token::after_names`). A name that is
-        // gone or unreadable here counts as one link: the change then fails on it as it
-        // would without tokens.
+        // A hard-linked file (`token::HARD_LINKED`): its link count once the names' tokens
+        // are held (`token::after_names`). A name that is gone or unreadable here counts as
+        // one link: the change then fails on it as it would without tokens.
         let links = || -> (bool, u64) {
-            let st = match (self.links.get(), file) {
-                (Some(root), Some(f)) => root.lstat(f).ok(),
+            #[cfg(test)]
+            tests::LINK_READS.with(|n| n.set(n.get() + 1));
+            let st = match (self.links.get(), &file) {
+                (Some(root), Some(LinkedBy::Name(f))) => root.lstat(f).ok(),
+                (Some(_), Some(LinkedBy::Open(fd))) => crate::sys::fstat(*fd).ok(),
                 _ => None,
             };
             st.map_or((false, 1), |st| {
@@ -674,8 +714,7 @@ impl Volume {
                 (directory, st.st_nlink)
             })
         };
-        let (directory, nlink) = links();
-        let mut shared = mirrorfs_core::token::takes_hard_linked(directory, nlink);
+        let mut shared = false;
         let taken = loop {
             let mut objects: Vec<_> = names.iter().map(|n| object(n)).collect();
             if shared {
@@ -688,8 +727,8 @@ impl Volume {
             let (directory, nlink) = links();
             match mirrorfs_core::token::after_names(shared, directory, nlink) {
                 mirrorfs_core::token::AfterNames::Go => break taken,
-                // Hard-linked since the first look: the names go back unused (the permits
-                // drop as failed writes) and are taken again after the shared token.
+                // Hard-linked: the names go back unused (the permits drop as failed writes)
+                // and are taken again after the shared token.
                 mirrorfs_core::token::AfterNames::Again => shared = true,
             }
         };
@@ -704,7 +743,12 @@ impl Volume {
                         b => String::from_utf8_lossy(b).into_owned(),
                     })
                     .or_else(|| {
-                        let f = file?;
+                        // The changed file's name (a change through a descriptor: its only
+                        // name, `token::names_of`).
+                        let f = match file.as_ref()? {
+                            LinkedBy::Name(f) => *f,
+                            LinkedBy::Open(_) => names.first()?,
+                        };
                         (refused == mirrorfs_core::token::HARD_LINKED).then(|| {
                             format!(
                                 "{} (hard-linked files)",
@@ -1414,6 +1458,100 @@ pub fn new_applier_at(m: &MirrorShared, seq: u64) -> io::Result<Applier> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    thread_local! {
+        /// Link counts read by `Volume::take_file_tokens` on this thread.
+        pub(super) static LINK_READS: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+    }
+
+    /// A write at the site holding its name's token reads the file's link count once, under
+    /// the name's token (it was read before the token too: one more `openat2` + `fstatat` +
+    /// `close` per write, `docs/benchmarks.md`), beneath the backing root or from a descriptor
+    /// of the file; and a file with two links still never goes on without the shared token of
+    /// hard-linked files, given here to the peer before the link went down (`--partition
+    /// read-only`: refused, `EROFS`), whichever way its count is read.
+    #[test]
+    fn a_write_reads_the_link_count_once_and_a_hard_linked_file_still_needs_the_shared_token() {
+        use mirrorfs_core::token::{PartitionPolicy, TokenConfig, TokenMsg, TokenState};
+        let d = tempfile::tempdir().expect("tempdir");
+        let (journal, backing) = (d.path().join("journal"), d.path().join("backing"));
+        for dir in [&journal, &backing] {
+            std::fs::create_dir(dir).expect("mkdir");
+        }
+        std::fs::write(backing.join("one"), b"x").expect("one");
+        std::fs::write(backing.join("two"), b"x").expect("two");
+        std::fs::hard_link(backing.join("two"), backing.join("two-b")).expect("ln");
+        let vol = mirror_daemon_volume(&journal);
+        let config = TokenConfig::new(1, 2, PartitionPolicy::ReadOnly);
+        let gate = crate::site::tokens::TokenGate::open(&d.path().join("tokens"), config, 0, 0)
+            .expect("gate");
+        let gate = Arc::new(gate);
+        let sent = Arc::new(Mutex::new(Vec::new()));
+        let s = sent.clone();
+        gate.connected(
+            0,
+            Box::new(move |m| {
+                lock(&s).push(m);
+                true
+            }),
+        );
+        gate.received(TokenMsg::Request {
+            object: mirrorfs_core::token::HARD_LINKED,
+        });
+        assert!(
+            matches!(
+                gate.state(mirrorfs_core::token::HARD_LINKED),
+                TokenState::Away { .. }
+            ),
+            "the home granted the shared token: {:?}",
+            lock(&sent)
+        );
+        gate.disconnected();
+        assert!(vol.tokens.set(gate.clone()).is_ok());
+        assert!(vol
+            .links
+            .set(crate::tree::dirtree::Root::open(&backing).expect("root"))
+            .is_ok());
+        let path = |n: &str| RelPath::new(n).expect("path");
+
+        let one = path("one");
+        LINK_READS.with(|n| n.set(0));
+        let tokens = vol.take_file_tokens(&[&one], Some(&one));
+        assert!(tokens.is_ok(), "the home holds the name's token");
+        assert_eq!(
+            LINK_READS.with(|n| n.get()),
+            1,
+            "link counts read per write"
+        );
+        drop(tokens);
+
+        let two = path("two");
+        LINK_READS.with(|n| n.set(0));
+        let refused = vol.take_file_tokens(&[&two], Some(&two)).err();
+        assert_eq!(refused, Some(libc::EROFS), "without the shared token");
+        assert_eq!(LINK_READS.with(|n| n.get()), 1, "link counts read");
+
+        // The same through a descriptor of the file (`mutate_open`: the mount's writes).
+        use std::os::fd::AsFd;
+        let open = |n: &str| std::fs::File::options().write(true).open(backing.join(n));
+        let (f_one, f_two) = (open("one").expect("one"), open("two").expect("two"));
+        LINK_READS.with(|n| n.set(0));
+        let tokens = vol.take_tokens_linked(&[&one], Some(LinkedBy::Open(f_one.as_fd())));
+        assert!(tokens.is_ok(), "the home holds the name's token");
+        drop(tokens);
+        let refused = vol
+            .take_tokens_linked(&[&two], Some(LinkedBy::Open(f_two.as_fd())))
+            .err();
+        assert_eq!(refused, Some(libc::EROFS), "without the shared token");
+        assert_eq!(LINK_READS.with(|n| n.get()), 2, "link counts read");
+        assert!(
+            matches!(
+                gate.state(mirrorfs_core::token::HARD_LINKED),
+                TokenState::Away { .. }
+            ),
+            "the shared token stays at the peer"
+        );
+    }
 
     #[test]
     fn an_application_sync_waits_as_far_as_the_mode_says_or_for_the_quorum() {
