@@ -1890,46 +1890,15 @@ impl Notes {
         };
         let mut sets: [Vec<Vec<u8>>; 4] = Default::default();
         for set in &mut sets {
-            for _ in 0..c.u32()? {
-                set.push(c.name()?);
-            }
+            *set = c.list(Cursor::name)?;
         }
-        let mut ghosts = Vec::new();
-        for _ in 0..c.u32()? {
-            let p = c.name()?;
-            let q = c.name()?;
-            let seen = u64::from_le_bytes(c.take(8)?.try_into().ok()?);
-            ghosts.push((p, (q, seen)));
-        }
-        let mut restored = Vec::new();
-        if c.at != body.len() {
-            for _ in 0..c.u32()? {
-                restored.push(c.name()?);
-            }
-        }
-        let mut held = Vec::new();
-        if c.at != body.len() {
-            for _ in 0..c.u32()? {
-                let p = c.name()?;
-                let q = c.name()?;
-                let made = u64::from_le_bytes(c.take(8)?.try_into().ok()?);
-                held.push((p, (q, made)));
-            }
-        }
-        let mut peer_remade = Vec::new();
-        if c.at != body.len() {
-            for _ in 0..c.u32()? {
-                peer_remade.push(c.name()?);
-            }
-        }
-        let mut listed = Vec::new();
-        if c.at != body.len() {
-            for _ in 0..c.u32()? {
-                let o = c.u64()?;
-                let made = c.u64()?;
-                listed.push((o, made));
-            }
-        }
+        let ghosts = c.list(|c| Some((c.name()?, (c.name()?, c.u64()?))))?;
+        // The sections after the ghosts were added one at a time: notes written before a
+        // section was kept end before it.
+        let restored = c.optional_list(Cursor::name)?;
+        let held = c.optional_list(|c| Some((c.name()?, (c.name()?, c.u64()?))))?;
+        let peer_remade = c.optional_list(Cursor::name)?;
+        let listed = c.optional_list(|c| Some((c.u64()?, c.u64()?)))?;
         let mut exchange = None;
         if c.at != body.len() {
             match c.u32()? {
@@ -1945,12 +1914,7 @@ impl Notes {
                 _ => return None,
             }
         }
-        let mut followed = Vec::new();
-        if c.at != body.len() {
-            for _ in 0..c.u32()? {
-                followed.push(c.name()?);
-            }
-        }
+        let followed = c.optional_list(Cursor::name)?;
         let mut renames_followed = Vec::new();
         if c.at != body.len() {
             for _ in 0..c.u32()? {
@@ -1989,6 +1953,21 @@ struct Cursor<'a> {
 }
 
 impl<'a> Cursor<'a> {
+    /// A list: a `u32` count, then each `item` (a count the bytes cannot hold fails at the first
+    /// missing item, so memory stays bounded by the file).
+    fn list<T>(&mut self, mut item: impl FnMut(&mut Self) -> Option<T>) -> Option<Vec<T>> {
+        let n = self.u32()?;
+        (0..n).map(|_| item(self)).collect()
+    }
+
+    /// A [`Cursor::list`], or an empty one when the body ends here.
+    fn optional_list<T>(&mut self, item: impl FnMut(&mut Self) -> Option<T>) -> Option<Vec<T>> {
+        if self.at == self.b.len() {
+            return Some(Vec::new());
+        }
+        self.list(item)
+    }
+
     fn take(&mut self, n: usize) -> Option<&'a [u8]> {
         let s = self.b.get(self.at..self.at.checked_add(n)?)?;
         self.at += n;
