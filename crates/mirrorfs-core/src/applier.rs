@@ -22,7 +22,7 @@
 //! intent decides. A [`Op::Link`] is preceded by a checkpoint, so a replay window never holds it
 //! after records that used its new name for another file.
 
-use crate::op::{rename_flags, Op, Record};
+use crate::op::{Op, Record};
 use crate::tree::{apply_op, Tree, TreeError};
 
 /// The durable position of a mirror.
@@ -39,6 +39,40 @@ pub struct Intent {
     pub seq: u64,
     /// Inode of the op's source (`from` of a rename, the unlinked path) before the op.
     pub src_ino: Option<u64>,
+}
+
+impl Intent {
+    /// What to note (durably, before the op is applied) about record `seq`'s barrier `op` on
+    /// `tree` so that [`Intent::done`] tells afterwards whether it was applied. Used by the
+    /// mirror applier and by a writable site for its peer's records (`net::peer`, where a
+    /// record comes again after a crash before its acknowledgement).
+    pub fn before<T: Tree + ?Sized>(tree: &mut T, seq: u64, op: &Op) -> Result<Intent, TreeError> {
+        let src_ino = match barrier_source(op) {
+            Some(p) => tree.ino(p)?,
+            None => None,
+        };
+        Ok(Intent { seq, src_ino })
+    }
+
+    /// Was `op`, noted as this intent before it was applied, applied to `tree`? A rename (an
+    /// exchange too) is done once its target holds the inode its source held; an unlink once
+    /// its name no longer holds that inode. Anything else: not known to be done (`false`).
+    pub fn done<T: Tree + ?Sized>(&self, tree: &mut T, op: &Op) -> Result<bool, TreeError> {
+        match op {
+            Op::Rename { to, from, .. } => {
+                let Some(src) = self.src_ino else {
+                    return Ok(tree.kind(from)?.is_none());
+                };
+                // After the rename (or exchange), `to` holds the inode that was at `from`;
+                // before an exchange it holds the other entry.
+                Ok(tree.ino(to)? == Some(src))
+            }
+            Op::Unlink { path, .. } => {
+                Ok(tree.ino(path)? != self.src_ino || self.src_ino.is_none())
+            }
+            _ => Ok(false),
+        }
+    }
 }
 
 pub const CURSOR_SLOT_BYTES: usize = 64;
@@ -355,24 +389,17 @@ impl Applier {
         store: &mut C,
         rec: &Record,
     ) -> Result<(), ApplyError> {
-        let src = barrier_source(&rec.op);
         let already = match self.cur.intent {
-            Some(i) if i.seq == rec.seq => self.intent_done(tree, &rec.op, i)?,
+            Some(i) if i.seq == rec.seq => i.done(tree, &rec.op)?,
             _ => false,
         };
         if !already {
             // B1 + B2 before: everything earlier is durable, so a replay never starts before this op.
             tree.sync()?;
-            let src_ino = match src {
-                Some(p) => tree.ino(p)?,
-                None => None,
-            };
+            let intent = Intent::before(tree, rec.seq, &rec.op)?;
             let before = self.cur;
             self.cur.checkpoint = rec.seq - 1;
-            self.cur.intent = Some(Intent {
-                seq: rec.seq,
-                src_ino,
-            });
+            self.cur.intent = Some(intent);
             if let Err(e) = self.persist(store, true) {
                 // Nothing is durable and the tree is unchanged: a retry starts over.
                 self.cur = before;
@@ -394,29 +421,6 @@ impl Applier {
         }
         self.records_since_checkpoint = 0;
         Ok(())
-    }
-
-    /// Was the in-doubt barrier op applied before the crash?
-    fn intent_done<T: Tree + ?Sized>(
-        &self,
-        tree: &mut T,
-        op: &Op,
-        i: Intent,
-    ) -> Result<bool, TreeError> {
-        match op {
-            Op::Rename {
-                to, flags, from, ..
-            } => {
-                let Some(src) = i.src_ino else {
-                    return Ok(tree.kind(from)?.is_none());
-                };
-                // After the rename (or exchange), `to` holds the inode that was at `from`.
-                let _ = flags & rename_flags::EXCHANGE;
-                Ok(tree.ino(to)? == Some(src))
-            }
-            Op::Unlink { path, .. } => Ok(tree.ino(path)? != i.src_ino || i.src_ino.is_none()),
-            _ => Ok(false),
-        }
     }
 
     /// Makes everything applied durable: tree sync (B1) then cursor (B2).
@@ -517,6 +521,104 @@ impl MemCursorStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::op::rename_flags;
+    use crate::path::RelPath;
+
+    fn p(s: &str) -> RelPath {
+        RelPath::new(s).expect("path")
+    }
+
+    /// A tree with files `a` and `b` holding `A` and `B`.
+    fn two_files() -> crate::sim::SimTree {
+        let mut t = crate::sim::SimTree::reference();
+        for (name, byte) in [("a", b'A'), ("b", b'B')] {
+            for op in [
+                Op::Create {
+                    path: p(name),
+                    mode: 0o644,
+                    uid: 0,
+                    gid: 0,
+                },
+                Op::Write {
+                    path: p(name),
+                    offset: 0,
+                    data: vec![byte],
+                },
+            ] {
+                apply_op(&mut t, &op, false).expect("set up");
+            }
+        }
+        t
+    }
+
+    /// A record received again after a crash that came after it was applied (a writable
+    /// site's peer record before its acknowledgement, `net::peer`): an exchange applied again
+    /// by name swaps the entries back; the intent noted before it says it was done, and says
+    /// not done when the crash came before it.
+    #[test]
+    fn an_exchange_noted_before_it_is_applied_is_known_done_after_a_crash() {
+        let exchange = Op::Rename {
+            from: p("a"),
+            to: p("b"),
+            flags: rename_flags::EXCHANGE,
+            from_ino: 0,
+        };
+        let mut t = two_files();
+        let (a, b) = (t.ino(&p("a")).expect("a"), t.ino(&p("b")).expect("b"));
+        let intent = Intent::before(&mut t, 7, &exchange).expect("intent");
+        assert_eq!(intent, Intent { seq: 7, src_ino: a });
+        assert!(!intent.done(&mut t, &exchange).expect("before"), "not yet");
+        apply_op(&mut t, &exchange, false).expect("exchange");
+        let swapped = t.snapshot();
+        assert_eq!(
+            (t.ino(&p("a")).expect("a"), t.ino(&p("b")).expect("b")),
+            (b, a)
+        );
+        assert!(intent.done(&mut t, &exchange).expect("after"), "done");
+        // What a replay without the intent does: the entries go back.
+        let mut again = t.clone();
+        apply_op(&mut again, &exchange, false).expect("exchange again");
+        assert_eq!(
+            (
+                again.ino(&p("a")).expect("a"),
+                again.ino(&p("b")).expect("b")
+            ),
+            (a, b),
+            "an exchange applied twice swaps back"
+        );
+        assert!(!again.snapshot().diff(&swapped, 4).is_empty());
+    }
+
+    /// A rename received again after its target's name was reused (`a` → `b`, then a new `a`
+    /// made): applied again by name it would move the new `a` onto `b`; the intent says done.
+    #[test]
+    fn a_rename_whose_source_name_was_reused_is_known_done() {
+        let rename = Op::Rename {
+            from: p("a"),
+            to: p("b"),
+            flags: 0,
+            from_ino: 0,
+        };
+        let mut t = two_files();
+        let intent = Intent::before(&mut t, 3, &rename).expect("intent");
+        apply_op(&mut t, &rename, false).expect("rename");
+        let create = Op::Create {
+            path: p("a"),
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+        };
+        apply_op(&mut t, &create, false).expect("a made again");
+        assert!(intent.done(&mut t, &rename).expect("done"));
+        let unlink = Op::Unlink {
+            path: p("b"),
+            nlink: 1,
+        };
+        let gone = Intent::before(&mut t, 4, &unlink).expect("intent");
+        assert!(!gone.done(&mut t, &unlink).expect("before"));
+        apply_op(&mut t, &unlink, false).expect("unlink");
+        assert!(gone.done(&mut t, &unlink).expect("after"));
+    }
 
     #[test]
     fn cursor_roundtrip_and_torn_slot() {

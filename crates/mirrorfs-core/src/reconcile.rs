@@ -2927,8 +2927,15 @@ mod tests {
         before.peer_renamed(b"d", b"e", b"d", b"e", false);
         let want = |r: &mut Reconciler| (r.translate(b"e/x", 2), r.translate(b"z", 2));
         assert_eq!(want(&mut before.clone()), (Some(b("y")), Some(b("e/w"))));
-        let moved_in = before.renames.get(&(6, 0)).cloned().expect("our rename into d");
-        assert_ne!(moved_in.current_after, 0, "the peer's rename moved its name: {moved_in:?}");
+        let moved_in = before
+            .renames
+            .get(&(6, 0))
+            .cloned()
+            .expect("our rename into d");
+        assert_ne!(
+            moved_in.current_after, 0,
+            "the peer's rename moved its name: {moved_in:?}"
+        );
         for notes in [false, true] {
             let mut after = restarted(&mut before.clone(), &journal, notes);
             if notes {

@@ -3572,3 +3572,48 @@ fn a_netsplit_during_which_one_side_exchanges_a_directory_the_other_removes() {
         assert!(hidden.is_empty(), "{hidden:?}\n{}", m.log());
     }
 }
+
+/// A peer's exchange (`renameat2(RENAME_EXCHANGE)`) applied as sent at the receiving site,
+/// which is killed (kill -9) before the exchange is acknowledged (the test hook
+/// `MIRRORFS_FAILPOINT=peer-exchange-applied` stops its receiver right after the exchange):
+/// after the restart the peer sends the record again, and it is not applied a second time
+/// (which would swap the entries back). Both sites end with the names swapped once.
+#[test]
+fn a_peer_exchange_received_again_after_a_kill_9_is_applied_once() {
+    let mut pair = Pair::new("xreplay", &[]);
+    write_file(&pair.a, "a", b"entry one\n");
+    write_file(&pair.a, "b", b"entry two\n");
+    pair.wait_shown("a", b"entry one\n");
+    pair.wait_shown("b", b"entry two\n");
+    // b again, with its receiver to stop after the exchange is applied there.
+    pair.b.kill9_leaving_the_mount();
+    common::lazy_unmount(pair.b.mnt());
+    pair.b.env = vec![("MIRRORFS_FAILPOINT".into(), "peer-exchange-applied".into())];
+    pair.b.remount();
+    exchange(&pair.a.p("a"), &pair.a.p("b"));
+    pair.wait_view("b stopped after applying the exchange", || {
+        pair.b
+            .log()
+            .contains("peer-exchange-applied: the peer's exchange")
+    });
+    assert_eq!(
+        fs::read(pair.b.backing().join("a")).expect("a at b"),
+        b"entry two\n",
+        "b applied the exchange before it stopped"
+    );
+    pair.b.kill9_leaving_the_mount();
+    common::lazy_unmount(pair.b.mnt());
+    pair.b.env.clear();
+    pair.b.remount();
+    // A record after the exchange: once it is at b, so is everything before it.
+    write_file(&pair.a, "after", b"after the exchange\n");
+    pair.wait_shown("after", b"after the exchange\n");
+    pair.wait_shown("a", b"entry two\n");
+    pair.wait_shown("b", b"entry one\n");
+    pair.wait_equal();
+    let log = pair.b.log();
+    assert!(
+        log.contains("the peer's exchange") && log.contains("not applied again"),
+        "b decided the exchange received again by its intent:\n{log}"
+    );
+}

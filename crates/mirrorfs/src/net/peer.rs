@@ -29,6 +29,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+use mirrorfs_core::applier::Intent;
 use mirrorfs_core::history::History;
 use mirrorfs_core::link::{Begin, LinkError, MirrorCopy, Positions};
 use mirrorfs_core::op::{Op, Record};
@@ -93,7 +94,14 @@ pub struct PeerReceiver {
     /// The position reached by batches that changed nothing here (see [`INERT_DEFER`]), not
     /// yet in `STATE/peer-applied` nor acknowledged, and when the first of them came.
     inert: Mutex<Option<(u64, Instant)>>,
+    /// `MIRRORFS_FAILPOINT=peer-exchange-applied` (tests only: `tests/tokens.rs`): once a
+    /// peer's exchange is applied here, before it is acknowledged, the receiver stops and waits
+    /// to be killed.
+    exchange_failpoint: bool,
 }
+
+/// The test hook's environment variable (see `PeerReceiver::exchange_failpoint`).
+const FAILPOINT_ENV: &str = "MIRRORFS_FAILPOINT";
 
 /// What the peer is told with `BUSY` when its connection does not get the stream.
 fn peer_refusal(r: &crate::net::serve::slot::Refusal) -> String {
@@ -159,6 +167,8 @@ impl PeerReceiver {
             copy_id: std::sync::atomic::AtomicU32::new(copying.unwrap_or(0)),
             copy_done: AtomicBool::new(false),
             inert: Mutex::new(None),
+            exchange_failpoint: std::env::var(FAILPOINT_ENV)
+                .is_ok_and(|v| v == "peer-exchange-applied"),
             status,
             gate,
             reconcile,
@@ -729,7 +739,23 @@ impl PeerReceiver {
             }
             return Ok(());
         }
+        // The last record made durable and acknowledged by this batch so far.
+        let mut committed = None;
         for (r, aborted) in ready {
+            if !aborted && is_exchange(&r.op) {
+                // A barrier, as for a mirror (`core::applier`): what came before it is
+                // durable and acknowledged first, so that after a crash the record comes
+                // again first, alone, and its intent (noted in `apply`) decides; and it is
+                // made durable before the next record is applied.
+                if committed != Some(r.seq - 1) && self.applied_here() < r.seq - 1 {
+                    self.commit(r.seq - 1)?;
+                }
+                self.apply(&r)?;
+                self.commit(r.seq)?;
+                committed = Some(r.seq);
+                continue;
+            }
+            committed = None;
             if !aborted {
                 self.apply(&r)?;
             } else if let Some(rc) = &self.reconcile {
@@ -738,6 +764,16 @@ impl PeerReceiver {
                 rc.decide(None, seen);
             }
         }
+        if committed == Some(last) {
+            return Ok(());
+        }
+        self.commit(last)
+    }
+
+    /// The peer's records through `last` are applied here: makes them durable (`peer-origin`,
+    /// the local journal, the reconciliation's notes, then `STATE/peer-applied`) and publishes
+    /// the position for the ack.
+    fn commit(&self, last: u64) -> Result<()> {
         if let Some(rc) = &self.reconcile {
             // Our records from here on were journaled having considered the peer's through
             // `last` (noted under the order lock: nothing journaled after it is sent first).
@@ -774,6 +810,7 @@ impl PeerReceiver {
             pos.seen = rc.seen_by_peer();
             pos.point = rc.last_point();
         }
+        forget_passed_intent(&mut pos);
         self.store_position(&pos)?;
         if let Some(rc) = &self.reconcile {
             // An exchange's progress is no longer needed: its record does not come again.
@@ -848,6 +885,20 @@ impl PeerReceiver {
             (Some(rc), Some(seen)) => rc.translate(op, seen),
             _ => None,
         };
+        if is_exchange(&op)
+            && self.exchange_done_before(r.seq, &translated(&op).unwrap_or_else(|| op.clone()))?
+        {
+            // Applied here before a crash that came before its acknowledgement (the intent
+            // noted before it says so): applied again it would swap the entries back.
+            tracing::info!(
+                "the peer's exchange {} was applied here before a restart: not applied again",
+                r.seq
+            );
+            if let (Some(rc), Some(seen)) = (&self.reconcile, seen) {
+                rc.decide(None, seen);
+            }
+            return Ok(());
+        }
         if let (Some(rc), Some(seen), true) = (&self.reconcile, seen, is_exchange(&op)) {
             if rc.exchange_done(r.seq) == 3 {
                 // Done here before a crash that came before its acknowledgement: an exchange
@@ -867,6 +918,9 @@ impl PeerReceiver {
                 return Ok(());
             }
             used = self.with_local_ino(translated(&op).unwrap_or_else(|| op.clone()));
+            if is_exchange(&used) {
+                self.note_intent(r.seq, &used)?;
+            }
             res = self.apply_one(&op, &used, seen);
             if res != Err(Held::Retry) {
                 break;
@@ -985,6 +1039,15 @@ impl PeerReceiver {
             *lock(due) = true;
             cv.notify_one();
         }
+        if res.is_ok() && is_exchange(&op) && self.exchange_failpoint {
+            tracing::warn!(
+                "{FAILPOINT_ENV}=peer-exchange-applied: the peer's exchange {} is applied here and not acknowledged; waiting to be killed",
+                r.seq
+            );
+            loop {
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
         match res {
             Ok(_) => Ok(()),
             // The volume refused the change (read-only fence, full journal, failed journal):
@@ -1006,6 +1069,47 @@ impl PeerReceiver {
                 Ok(())
             }
         }
+    }
+
+    /// The last peer record durable and acknowledged here (`STATE/peer-applied`).
+    fn applied_here(&self) -> u64 {
+        lock(&self.position).applied
+    }
+
+    /// Before the peer's exchange `seq` (`op`, our names) is applied as sent: what tells after
+    /// a crash whether it was (`core::applier::Intent`: its source's inode, which its target
+    /// holds once it is done), in `STATE/peer-applied` with the position before it. Durable
+    /// once `replace_durable` returned (the file's fsync, then its directory's): only then is
+    /// the exchange applied, so a crash after it always finds the intent.
+    fn note_intent(&self, seq: u64, op: &Op) -> Result<()> {
+        let mut tree = DirTree::open(&self.backing).context("cannot open the backing tree")?;
+        let intent = Intent::before(&mut tree, seq, op)
+            .map_err(|e| anyhow!("cannot read the exchange's entries: {e}"))?;
+        let mut pos = lock(&self.position);
+        if pos.intent == Some(intent) {
+            return Ok(());
+        }
+        // The barrier made everything before it durable and acknowledged (`apply_ready`).
+        if pos.applied + 1 != seq {
+            bail!(
+                "internal: the peer's exchange {seq} is applied after its record {} here",
+                pos.applied
+            );
+        }
+        pos.intent = Some(intent);
+        self.store_position(&pos)
+    }
+
+    /// Whether the peer's exchange `seq` (`op`, our names) was applied here before a crash
+    /// that came before its acknowledgement, as the intent noted before it says.
+    fn exchange_done_before(&self, seq: u64, op: &Op) -> Result<bool> {
+        let Some(intent) = lock(&self.position).intent.filter(|i| i.seq == seq) else {
+            return Ok(false);
+        };
+        let mut tree = DirTree::open(&self.backing).context("cannot open the backing tree")?;
+        intent
+            .done(&mut tree, op)
+            .map_err(|e| anyhow!("cannot read the exchange's entries: {e}"))
     }
 
     /// The inode number names the peer's file; ours is what a crash here resolves.
@@ -1796,6 +1900,7 @@ impl PeerReceiver {
             return Ok(());
         }
         pos.applied = seq;
+        forget_passed_intent(&mut pos);
         self.store_position(&pos)?;
         drop(pos);
         self.applied.fetch_max(seq, Ordering::AcqRel);
@@ -1818,6 +1923,13 @@ impl PeerReceiver {
 /// reconciliation): the peer's placeholders for our own records and its aborts, group marks.
 fn is_exchange(op: &Op) -> bool {
     matches!(op, Op::Rename { flags, .. } if flags & RENAME_EXCHANGE != 0)
+}
+
+/// A position that covers its intent's record no longer needs it.
+fn forget_passed_intent(pos: &mut PeerPosition) {
+    if pos.intent.is_some_and(|i| i.seq <= pos.applied) {
+        pos.intent = None;
+    }
 }
 
 fn changes_nothing(op: &Op) -> bool {

@@ -33,6 +33,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use anyhow::{bail, Context, Result};
+use mirrorfs_core::applier::Intent;
 use mirrorfs_core::wire::VolumeId;
 
 use crate::site::statefile;
@@ -188,7 +189,8 @@ pub fn born_empty(
 /// `STATE/peer-origin` is compacted once it holds this many more seqs than are live.
 const ORIGIN_SLACK: usize = 4096;
 /// `STATE/peer-applied`'s size (32 before reconciliation: read as `seen = point = 0`).
-const POSITION_BYTES: usize = 48;
+const POSITION_BYTES: usize = 64;
+const POSITION_BYTES_V2: usize = 48;
 const POSITION_BYTES_V1: usize = 32;
 const POSITION_MAGIC: [u8; 4] = *b"MFPA";
 
@@ -306,6 +308,9 @@ fn open_append(path: &Path) -> io::Result<File> {
         .open(path)
 }
 
+/// An absent inode in the intent's layout.
+const NO_INO: u64 = u64::MAX;
+
 /// `STATE/peer-applied`: whose journal this site follows, and how far.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct PeerPosition {
@@ -319,6 +324,10 @@ pub struct PeerPosition {
     /// `--partition reconcile`: our records from this seq on were journaled after `applied`
     /// (the last change point of our stream).
     pub point: u64,
+    /// The peer's record `applied + 1`, a barrier here (an exchange), as noted before it was
+    /// applied (`core::applier::Intent`: its seq and its source's inode): when it comes again
+    /// after a crash, whether it was done (`net::peer`). `None` once `applied` covers it.
+    pub intent: Option<Intent>,
 }
 
 impl PeerPosition {
@@ -328,8 +337,10 @@ impl PeerPosition {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(PeerPosition::default()),
             Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
         };
-        if !matches!(bytes.len(), POSITION_BYTES | POSITION_BYTES_V1)
-            || bytes[..4] != POSITION_MAGIC
+        if !matches!(
+            bytes.len(),
+            POSITION_BYTES | POSITION_BYTES_V2 | POSITION_BYTES_V1
+        ) || bytes[..4] != POSITION_MAGIC
             || bytes[4..8] != [0; 4]
         {
             bail!(
@@ -345,11 +356,22 @@ impl PeerPosition {
                 .and_then(|b| b.try_into().ok())
                 .map_or(0, u64::from_le_bytes)
         };
+        let applied = at(24);
+        // Intent seq 0: none (peer seqs start at 1); a stale one (not the next record) too.
+        let intent = match (at(48), at(56)) {
+            (0, _) => None,
+            (seq, _) if seq != applied + 1 => None,
+            (seq, ino) => Some(Intent {
+                seq,
+                src_ino: (ino != NO_INO).then_some(ino),
+            }),
+        };
         Ok(PeerPosition {
             volume: Some(volume),
-            applied: at(24),
+            applied,
             seen: at(32),
             point: at(40),
+            intent,
         })
     }
 
@@ -362,6 +384,13 @@ impl PeerPosition {
         b.extend_from_slice(&self.applied.to_le_bytes());
         b.extend_from_slice(&self.seen.to_le_bytes());
         b.extend_from_slice(&self.point.to_le_bytes());
+        let (iseq, iino) = self
+            .intent
+            .map_or((0, NO_INO), |i| (i.seq, i.src_ino.unwrap_or(NO_INO)));
+        b.extend_from_slice(&iseq.to_le_bytes());
+        b.extend_from_slice(&iino.to_le_bytes());
+        // The fsync of the file and of its directory (`replace_durable`) is what the intent's
+        // guarantee rests on: the barrier is applied only after it returned.
         statefile::replace_durable(path, &b, 0o600)
     }
 }
@@ -412,9 +441,24 @@ mod tests {
             applied: 42,
             seen: 17,
             point: 99,
+            intent: Some(Intent {
+                seq: 43,
+                src_ino: Some(5),
+            }),
         };
         pos.store(&p).expect("store");
         assert_eq!(PeerPosition::load(&p).expect("load"), pos);
+        // An intent the position has passed is not read back.
+        let passed = PeerPosition { applied: 43, ..pos };
+        passed.store(&p).expect("store");
+        assert_eq!(
+            PeerPosition::load(&p).expect("load"),
+            PeerPosition {
+                intent: None,
+                ..passed
+            }
+        );
+        pos.store(&p).expect("store");
         // A file of the former layout (32 bytes) reads with no watermark and no point.
         let old = std::fs::read(&p).expect("read");
         std::fs::write(&p, &old[..32]).expect("write");
@@ -423,6 +467,7 @@ mod tests {
             PeerPosition {
                 seen: 0,
                 point: 0,
+                intent: None,
                 ..pos
             }
         );

@@ -184,6 +184,8 @@ fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
 pub struct Mount {
     child: Option<Child>,
     pub extra: Vec<OsString>,
+    /// Environment variables set for `mirrorfs mount` from the next (re)mount on.
+    pub env: Vec<(OsString, OsString)>,
     log: PathBuf,
     starts: u32,
     /// Run inside this network namespace (`nsenter --net`, which leaves the mount namespace
@@ -212,6 +214,7 @@ impl Mount {
         let mut m = Mount {
             child: None,
             extra: extra.iter().map(OsString::from).collect(),
+            env: Vec::new(),
             log,
             starts: 0,
             netns: netns.map(str::to_string),
@@ -266,6 +269,7 @@ impl Mount {
         let _ = writeln!(logf, "---- start #{} ----", self.starts);
         let child = mirrorfs_in(self.netns.as_deref())
             .args(self.command_args())
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(logf.try_clone().expect("dup log"))
             .stderr(logf)
