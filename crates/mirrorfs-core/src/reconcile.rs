@@ -3781,6 +3781,19 @@ mod names {
         ]
     }
 
+    /// [`check`] twice: `one`'s ops at site 1 and `other`'s at site 2, then the other way round
+    /// (the outcome must not depend on which site id does which part).
+    fn check_either_way(
+        base: &[(&str, Option<&str>)],
+        one: &[R],
+        other: &[R],
+        expect: &[(&str, Option<&str>)],
+        conflicts: bool,
+    ) {
+        check(base, one, other, expect, conflicts);
+        check(base, other, one, expect, conflicts);
+    }
+
     fn check(
         base: &[(&str, Option<&str>)],
         at1: &[R],
@@ -5305,22 +5318,15 @@ mod names {
     #[test]
     fn a_file_written_and_removed_while_the_other_site_made_its_name_again_keeps_the_new_write() {
         let base = [("a", Some("a0")), ("d", None), ("d/x", Some("x0"))];
-        for reuser in [1, 2] {
-            let reuse = vec![R::Unlink("d/x"), R::Create("d/x"), R::Write("d/x", "new")];
-            let change = vec![R::Write("d/x", "old"), R::Unlink("d/x")];
-            let (at1, at2) = if reuser == 1 {
-                (reuse, change)
-            } else {
-                (change, reuse)
-            };
-            check(
-                &base,
-                &at1,
-                &at2,
-                &[("a", Some("a0")), ("d", None), ("d/x", Some("new"))],
-                true,
-            );
-        }
+        let reuse = vec![R::Unlink("d/x"), R::Create("d/x"), R::Write("d/x", "new")];
+        let change = vec![R::Write("d/x", "old"), R::Unlink("d/x")];
+        check_either_way(
+            &base,
+            &reuse,
+            &change,
+            &[("a", Some("a0")), ("d", None), ("d/x", Some("new"))],
+            true,
+        );
     }
 
     /// Seed 508,052: a directory made at one site (`mkdir e`) and given by a rename at the other
@@ -5358,22 +5364,15 @@ mod names {
     #[test]
     fn a_directory_written_in_and_exchanged_while_the_other_site_removes_it_keeps_the_write() {
         let base = [("a", Some("a0")), ("d", None), ("d/x", Some("x0"))];
-        for remover in [1, 2] {
-            let removes = vec![R::Unlink("d/x"), R::Rmdir("d")];
-            let exchanges = vec![R::Write("d/x", "new"), R::Exchange("d", "a")];
-            let (at1, at2) = if remover == 1 {
-                (removes, exchanges)
-            } else {
-                (exchanges, removes)
-            };
-            check(
-                &base,
-                &at1,
-                &at2,
-                &[("a", None), ("a/x", Some("new")), ("d", Some("a0"))],
-                true,
-            );
-        }
+        let removes = vec![R::Unlink("d/x"), R::Rmdir("d")];
+        let exchanges = vec![R::Write("d/x", "new"), R::Exchange("d", "a")];
+        check_either_way(
+            &base,
+            &removes,
+            &exchanges,
+            &[("a", None), ("a/x", Some("new")), ("d", Some("a0"))],
+            true,
+        );
     }
 
     #[test]
@@ -5441,22 +5440,15 @@ mod names {
     #[test]
     fn a_write_of_a_file_renamed_then_removed_is_not_applied_to_the_new_entry_of_its_name() {
         let base = [("a", Some("a0")), ("c", Some("c0"))];
-        for reuser in [1, 2] {
-            let reuse = vec![R::Rename("a", "b"), R::Unlink("b"), R::Rename("c", "b")];
-            let change = vec![R::Write("a", "changed")];
-            let (at1, at2) = if reuser == 1 {
-                (reuse, change)
-            } else {
-                (change, reuse)
-            };
-            check(
-                &base,
-                &at1,
-                &at2,
-                &[("b", Some("c0")), ("b.conflict", Some("changed"))],
-                true,
-            );
-        }
+        let reuse = vec![R::Rename("a", "b"), R::Unlink("b"), R::Rename("c", "b")];
+        let change = vec![R::Write("a", "changed")];
+        check_either_way(
+            &base,
+            &reuse,
+            &change,
+            &[("b", Some("c0")), ("b.conflict", Some("changed"))],
+            true,
+        );
     }
 
     /// A name renamed away (`d` → `e`) at one site, then made again and removed there, while the
@@ -5511,26 +5503,19 @@ mod names {
     #[test]
     fn a_file_removed_and_its_name_made_a_directory_and_removed_keeps_the_change_aside() {
         let base = [("a", Some("a0")), ("d", None), ("d/x", Some("x0"))];
-        for remover in [1, 2] {
-            let remove = vec![R::Unlink("d/x"), R::Mkdir("d/x"), R::Rmdir("d/x")];
-            let change = vec![R::Write("d/x", "changed")];
-            let (at1, at2) = if remover == 1 {
-                (remove, change)
-            } else {
-                (change, remove)
-            };
-            check(
-                &base,
-                &at1,
-                &at2,
-                &[
-                    ("a", Some("a0")),
-                    ("d", None),
-                    ("d/x.conflict", Some("changed")),
-                ],
-                true,
-            );
-        }
+        let remove = vec![R::Unlink("d/x"), R::Mkdir("d/x"), R::Rmdir("d/x")];
+        let change = vec![R::Write("d/x", "changed")];
+        check_either_way(
+            &base,
+            &remove,
+            &change,
+            &[
+                ("a", Some("a0")),
+                ("d", None),
+                ("d/x.conflict", Some("changed")),
+            ],
+            true,
+        );
     }
 
     /// A directory emptied and removed at one site and a file made under its name there,
@@ -5540,27 +5525,20 @@ mod names {
     #[test]
     fn a_directory_made_again_for_a_change_moves_a_file_of_its_name_aside() {
         let base = [("a", Some("a0")), ("d", None), ("d/x", Some("x0"))];
-        for remover in [1, 2] {
-            let remove = vec![R::Unlink("d/x"), R::Rmdir("d"), R::Create("d")];
-            let change = vec![R::Write("d/x", "changed")];
-            let (at1, at2) = if remover == 1 {
-                (remove, change)
-            } else {
-                (change, remove)
-            };
-            check(
-                &base,
-                &at1,
-                &at2,
-                &[
-                    ("a", Some("a0")),
-                    ("d", None),
-                    ("d.conflict", Some("")),
-                    ("d/x", Some("changed")),
-                ],
-                true,
-            );
-        }
+        let remove = vec![R::Unlink("d/x"), R::Rmdir("d"), R::Create("d")];
+        let change = vec![R::Write("d/x", "changed")];
+        check_either_way(
+            &base,
+            &remove,
+            &change,
+            &[
+                ("a", Some("a0")),
+                ("d", None),
+                ("d.conflict", Some("")),
+                ("d/x", Some("changed")),
+            ],
+            true,
+        );
     }
 
     /// A name made and removed again at one site (`mkdir b`, `rmdir b`; `a` → `b`, `create a`,
