@@ -25,6 +25,7 @@ pub mod path;
 pub mod quorum;
 pub mod reconcile;
 pub mod reintegrate;
+pub mod reuse;
 pub mod sequencer;
 pub mod session;
 pub mod sim;
