@@ -3617,3 +3617,47 @@ fn a_peer_exchange_received_again_after_a_kill_9_is_applied_once() {
         "b decided the exchange received again by its intent:\n{log}"
     );
 }
+
+/// Issue 7 (peer records received again): a rename `a` → `b` at site a, then a new `a` there,
+/// both sent to site b in one batch (b is down while a makes them); b is killed (kill -9) after
+/// applying the new `a` and before the batch is made durable (the test hook
+/// `MIRRORFS_FAILPOINT=peer-record-applied:create` stops its receiver right after the create).
+/// After the restart the peer sends again what b had not acknowledged: the rename must not be
+/// in it (it would move the new `a` onto `b`, losing the old file at b), since the create reuses
+/// a name the rename touched and so waits for the rename to be durable and acknowledged
+/// (`core::reuse`). Both sites end equal, with the old file at `b` and the new `a`.
+#[test]
+fn a_peer_record_received_again_after_a_kill_9_does_not_hit_a_reused_name() {
+    let mut pair = Pair::new("reuse", &[]);
+    write_file(&pair.a, "a", b"entry one\n");
+    pair.wait_shown("a", b"entry one\n");
+    pair.b.kill9_leaving_the_mount();
+    common::lazy_unmount(pair.b.mnt());
+    fs::rename(pair.a.p("a"), pair.a.p("b")).expect("rename a to b at a");
+    write_file(&pair.a, "a", b"entry two\n");
+    pair.b.env = vec![(
+        "MIRRORFS_FAILPOINT".into(),
+        "peer-record-applied:create".into(),
+    )];
+    pair.b.remount();
+    pair.wait_view("b stopped after applying the new a", || {
+        pair.b
+            .log()
+            .contains("peer-record-applied:create: the peer's create")
+    });
+    assert_eq!(
+        fs::read(pair.b.backing().join("b")).expect("b at b"),
+        b"entry one\n",
+        "b applied the rename before it stopped"
+    );
+    pair.b.kill9_leaving_the_mount();
+    common::lazy_unmount(pair.b.mnt());
+    pair.b.env.clear();
+    pair.b.remount();
+    // A record after them: once it is at b, so is everything before it.
+    write_file(&pair.a, "after", b"after the reuse\n");
+    pair.wait_shown("after", b"after the reuse\n");
+    pair.wait_shown("a", b"entry two\n");
+    pair.wait_shown("b", b"entry one\n");
+    pair.wait_equal();
+}

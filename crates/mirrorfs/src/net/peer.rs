@@ -94,13 +94,14 @@ pub struct PeerReceiver {
     /// The position reached by batches that changed nothing here (see [`INERT_DEFER`]), not
     /// yet in `STATE/peer-applied` nor acknowledged, and when the first of them came.
     inert: Mutex<Option<(u64, Instant)>>,
-    /// `MIRRORFS_FAILPOINT=peer-exchange-applied` (tests only: `tests/tokens.rs`): once a
+    /// `MIRRORFS_FAILPOINT` (tests only: `tests/tokens.rs`): `peer-exchange-applied` — once a
     /// peer's exchange is applied here, before it is acknowledged, the receiver stops and waits
-    /// to be killed.
-    exchange_failpoint: bool,
+    /// to be killed; `peer-record-applied:OP` (`Op::name`, e.g. `create`) — the same once a
+    /// peer record of that kind is applied here.
+    failpoint: Option<String>,
 }
 
-/// The test hook's environment variable (see `PeerReceiver::exchange_failpoint`).
+/// The test hook's environment variable (see `PeerReceiver::failpoint`).
 const FAILPOINT_ENV: &str = "MIRRORFS_FAILPOINT";
 
 /// What the peer is told with `BUSY` when its connection does not get the stream.
@@ -167,8 +168,7 @@ impl PeerReceiver {
             copy_id: std::sync::atomic::AtomicU32::new(copying.unwrap_or(0)),
             copy_done: AtomicBool::new(false),
             inert: Mutex::new(None),
-            exchange_failpoint: std::env::var(FAILPOINT_ENV)
-                .is_ok_and(|v| v == "peer-exchange-applied"),
+            failpoint: std::env::var(FAILPOINT_ENV).ok(),
             status,
             gate,
             reconcile,
@@ -1039,14 +1039,8 @@ impl PeerReceiver {
             *lock(due) = true;
             cv.notify_one();
         }
-        if res.is_ok() && is_exchange(&op) && self.exchange_failpoint {
-            tracing::warn!(
-                "{FAILPOINT_ENV}=peer-exchange-applied: the peer's exchange {} is applied here and not acknowledged; waiting to be killed",
-                r.seq
-            );
-            loop {
-                std::thread::sleep(Duration::from_secs(1));
-            }
+        if res.is_ok() {
+            self.failpoint_after(r.seq, &op);
         }
         match res {
             Ok(_) => Ok(()),
@@ -1068,6 +1062,26 @@ impl PeerReceiver {
                 );
                 Ok(())
             }
+        }
+    }
+
+    /// The test hook (`PeerReceiver::failpoint`): after the peer's record `seq` (`op`) was
+    /// applied here, stops this receiver for good if the hook names it.
+    fn failpoint_after(&self, seq: u64, op: &Op) {
+        let Some(fp) = self.failpoint.as_deref() else {
+            return;
+        };
+        let hit = (fp == "peer-exchange-applied" && is_exchange(op))
+            || fp.strip_prefix("peer-record-applied:") == Some(op.name());
+        if !hit {
+            return;
+        }
+        tracing::warn!(
+            "{FAILPOINT_ENV}={fp}: the peer's {} {seq} is applied here and not acknowledged; waiting to be killed",
+            if is_exchange(op) { "exchange" } else { op.name() }
+        );
+        loop {
+            std::thread::sleep(Duration::from_secs(1));
         }
     }
 
