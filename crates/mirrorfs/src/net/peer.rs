@@ -38,6 +38,7 @@ use mirrorfs_core::reconcile::{
     clash_moves_ours_aside, exchange_via, meta_key, renamed_path, Decision, DirClash, EntryClash,
     ExchangeDecision, RenameDecision,
 };
+use mirrorfs_core::reuse::{Admit, ReuseWindow};
 use mirrorfs_core::session::{Incoming, OnDiverged, Session};
 use mirrorfs_core::tree::apply_op;
 use mirrorfs_core::wire::{error_code, Decoder, MirrorState, Msg};
@@ -741,7 +742,18 @@ impl PeerReceiver {
         }
         // The last record made durable and acknowledged by this batch so far.
         let mut committed = None;
+        // The names the batch's records touched since its last durability point: each batch
+        // ends with one (below), so the window is never longer than a batch.
+        let mut window = ReuseWindow::default();
         for (r, aborted) in ready {
+            if !aborted && !is_exchange(&r.op) && window.admit(&r.op) == Admit::DurableFirst {
+                // It reuses a name an earlier record of the window touched (`core::reuse`):
+                // those are made durable and acknowledged first, so that after a crash they
+                // do not come again with it, to be applied again to its entry.
+                if committed != Some(r.seq - 1) && self.applied_here() < r.seq - 1 {
+                    self.commit(r.seq - 1)?;
+                }
+            }
             if !aborted && is_exchange(&r.op) {
                 // A barrier, as for a mirror (`core::applier`): what came before it is
                 // durable and acknowledged first, so that after a crash the record comes
@@ -753,6 +765,7 @@ impl PeerReceiver {
                 self.apply(&r)?;
                 self.commit(r.seq)?;
                 committed = Some(r.seq);
+                window.durable();
                 continue;
             }
             committed = None;
