@@ -1843,6 +1843,15 @@ impl Reconciler {
                 // Both names of our exchange are a source (the peer's name for the entry it
                 // had there) and a new name (ours for the other entry): each follows the
                 // peer's rename of a directory above it.
+                // Known gap (`current_after` is not set here, and setting it is not enough):
+                // one `Moved` holds one name per end, but an end moved by a peer rename whose
+                // names differ here (`theirs` d → e, ours d → e.conflict: a directory clash
+                // held under another name) needs both, the peer's as the source and ours as
+                // the new name. The peer's name is kept, so a peer write of `e/x` translates
+                // to its `e/y`, not our `e.conflict/y`, and is lost at this site
+                // (`names::a_write_in_a_directory_renamed_onto_a_clash_follows_an_exchange_in_it`,
+                // ignored). Where the names are the same (no clash) the ends are the same names
+                // either way and the translation ends at ours.
                 for end in [&mut m.from, &mut m.to] {
                     let moved = moved_path(end, theirs_from, theirs_to)
                         .or_else(|| moved_path(end, from, to).filter(|_| current));
@@ -5415,6 +5424,46 @@ mod names {
                 ]
             } else {
                 &[("e", None), ("e/y", Some("new")), ("e.conflict", None)]
+            };
+            check(&base, &at1, &at2, expect, true);
+        }
+    }
+
+    /// As [`a_write_in_a_directory_renamed_onto_a_clash_follows_a_rename_in_it`], with an
+    /// exchange in the old directory (`d/x` ⇄ `d/y`) in place of the rename: the peer's write
+    /// of its `e/x` (the file it had at `d/x`) follows our exchange to `y` beneath the peer's
+    /// directory, and is not moved again by our setting aside of our `e` (which came before
+    /// the peer's rename here: `Moved::current_after` of the exchange).
+    ///
+    /// Not reconciled yet (the maker's site ends with `e.conflict/y` = `x0`, the write lost
+    /// there; the other site has it): see the comment on the exchange in
+    /// [`Reconciler::peer_renamed`]. Setting `current_after` there alone does not fix it.
+    #[test]
+    #[ignore = "an exchange's names followed through a peer rename held under another name: the write is lost at the maker (issue 7)"]
+    fn a_write_in_a_directory_renamed_onto_a_clash_follows_an_exchange_in_it() {
+        let base = [("d", None), ("d/x", Some("x0")), ("d/y", Some("y0"))];
+        for maker in [1, 2] {
+            let made = vec![R::Mkdir("e"), R::Exchange("d/x", "d/y")];
+            let renamed = vec![R::Rename("d", "e"), R::Write("e/x", "new")];
+            let (at1, at2) = if maker == 1 {
+                (made, renamed)
+            } else {
+                (renamed, made)
+            };
+            let expect: &[(&str, Option<&str>)] = if maker == 1 {
+                &[
+                    ("e", None),
+                    ("e.conflict", None),
+                    ("e.conflict/x", Some("y0")),
+                    ("e.conflict/y", Some("new")),
+                ]
+            } else {
+                &[
+                    ("e", None),
+                    ("e/x", Some("y0")),
+                    ("e/y", Some("new")),
+                    ("e.conflict", None),
+                ]
             };
             check(&base, &at1, &at2, expect, true);
         }
