@@ -118,6 +118,26 @@ impl SiteReconcile {
         if let Local::Rename { from, to, exchange } = change {
             self.rename_pending(from, to, *exchange);
         }
+        let kept = match change {
+            Local::RemovedLinked(p) => {
+                self.backing.get().is_some() && lock(&self.machine).kept_unlinked(p)
+            }
+            _ => false,
+        };
+        if let (true, Local::RemovedLinked(p)) = (kept, change) {
+            // Our entry of the file stays, and the file it was told goes into the notes
+            // (`Reconciler::drop_removed_entry`): the removed name cannot be looked up after a
+            // restart. Written now, not only at the end of a peer batch: a restart in the
+            // middle of a split has no batch before it. Rare (a file with other names,
+            // unlinked after an unseen write of it), so under the order lock; not in the
+            // replay at the mount (no backing yet), which rebuilds it from the notes.
+            if let Err(e) = self.save_notes() {
+                tracing::error!(
+                    "the file of {} (unlinked, it has other names) is not in the reconcile notes: after a restart a peer write through another name may not be seen as concurrent with ours: {e:#}",
+                    String::from_utf8_lossy(p)
+                );
+            }
+        }
     }
 
     /// The peer's `op` with its names translated through our renames it had not seen
@@ -351,10 +371,12 @@ impl SiteReconcile {
             // A name our renames moved away and back is translated too (`moved_and_back`).
             (theirs != path || m.moved_and_back(path, seen)) && !m.removed_since_moved(theirs, path)
         };
-        // Looked up only while some entry of ours is of a file with other names.
+        // Looked up only while some entry of ours is of a file with other names. Whatever the
+        // link count now: a file we unlinked one name of since our write may have one left
+        // (`Local::RemovedLinked`); the index holds only files that had others.
         let linked = lock(&self.machine).files_len() > 0;
         let file = if linked {
-            self.file_of(path).unwrap_or(0)
+            self.inode_of(path).unwrap_or(0)
         } else {
             0
         };
@@ -398,6 +420,20 @@ impl SiteReconcile {
         let st = root.lstat(&rel).ok()?;
         let linked = st.st_mode & libc::S_IFMT == libc::S_IFREG && st.st_nlink > 1;
         Some(if linked { st.st_ino } else { 0 })
+    }
+
+    /// The inode of the regular file at `path`, whatever its link count (the peer's name for a
+    /// data change, matched against the files our entries were told); `None` when it cannot be
+    /// looked at, 0 for another type.
+    fn inode_of(&self, path: &[u8]) -> Option<mirrorfs_core::reconcile::FileId> {
+        let root = self.backing.get()?;
+        let rel = RelPath::new(path.to_vec()).ok()?;
+        let st = root.lstat(&rel).ok()?;
+        Some(if st.st_mode & libc::S_IFMT == libc::S_IFREG {
+            st.st_ino
+        } else {
+            0
+        })
     }
 
     /// Tells the machine the file of our entry for `path` if it has not been told yet.
