@@ -349,6 +349,35 @@ pub struct Record {
     pub op: Op,
 }
 
+/// Ops the core's tests make often: a file (0644) and a directory (0755) of root's at a path.
+#[cfg(test)]
+pub(crate) mod test_ops {
+    use super::Op;
+    use crate::path::RelPath;
+
+    fn path(s: &str) -> RelPath {
+        RelPath::new(s).expect("a valid path")
+    }
+
+    pub(crate) fn create(s: &str) -> Op {
+        Op::Create {
+            path: path(s),
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+        }
+    }
+
+    pub(crate) fn mkdir(s: &str) -> Op {
+        Op::Mkdir {
+            path: path(s),
+            mode: 0o755,
+            uid: 0,
+            gid: 0,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

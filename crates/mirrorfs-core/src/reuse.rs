@@ -127,26 +127,11 @@ fn reused(op: &Op) -> impl Iterator<Item = &[u8]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::op::test_ops::{create, mkdir};
     use crate::path::RelPath;
 
     fn p(s: &str) -> RelPath {
         RelPath::new(s.as_bytes().to_vec()).expect("a valid path")
-    }
-    fn create(s: &str) -> Op {
-        Op::Create {
-            path: p(s),
-            mode: 0o644,
-            uid: 0,
-            gid: 0,
-        }
-    }
-    fn mkdir(s: &str) -> Op {
-        Op::Mkdir {
-            path: p(s),
-            mode: 0o755,
-            uid: 0,
-            gid: 0,
-        }
     }
     fn rename(a: &str, b: &str) -> Op {
         Op::Rename {

@@ -1194,6 +1194,7 @@ impl Merge<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::op::test_ops::{create, mkdir};
     use crate::op::Timespec;
     use crate::sim::{SimTree, Snapshot};
     use crate::tree::{apply_op, EntryKind};
@@ -1213,22 +1214,6 @@ mod tests {
             .collect()
     }
 
-    fn create(s: &str) -> Op {
-        Op::Create {
-            path: p(s),
-            mode: 0o644,
-            uid: 0,
-            gid: 0,
-        }
-    }
-    fn mkdir(s: &str) -> Op {
-        Op::Mkdir {
-            path: p(s),
-            mode: 0o755,
-            uid: 0,
-            gid: 0,
-        }
-    }
     fn write(s: &str, data: &str) -> Op {
         Op::Write {
             path: p(s),
