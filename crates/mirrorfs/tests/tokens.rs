@@ -3185,6 +3185,79 @@ fn unlink_a_name_of_a_file_both_write(tag: &str, restart: UnlinkRestart) {
     }
 }
 
+/// Issue 7 (peer records received again, under reconcile): site 2 renames `x` → `z` during a
+/// split, site 1 renames `x` → `y` and then makes a new `z`. At the heal site 2 applies site
+/// 1's rename as `z` → `y` (its name translated through site 2's rename: both renamed `x`, the
+/// lower id's name stays), then site 1's new `z`: a create of a name the rename touched *as
+/// applied*, though not as site 1 named it. With `kill`, site 2 is killed (kill -9) right
+/// after applying the create (`MIRRORFS_FAILPOINT=peer-record-applied:create`), before the
+/// batch is durable: site 1 sends both again, and the rename, applied again, must not move the
+/// new `z` onto `y`.
+#[test]
+fn a_netsplit_rename_onto_a_name_the_peer_then_makes() {
+    rename_then_make_the_translated_name("netsplit-reuse-translated", false);
+}
+
+#[test]
+fn a_netsplit_rename_onto_a_name_the_peer_then_makes_survives_a_kill_9_between() {
+    rename_then_make_the_translated_name("netsplit-reuse-translated-kill", true);
+}
+
+fn rename_then_make_the_translated_name(tag: &str, kill: bool) {
+    let mut pair = Pair::netsplit(tag);
+    let (old, new) = (
+        b"x before the split\n".to_vec(),
+        b"z made at site 1\n".to_vec(),
+    );
+    write_file(&pair.a, "x", &old);
+    pair.wait_equal();
+    pair.cut();
+    pair.wait_linked(false);
+    fs::rename(pair.b.p("x"), pair.b.p("z")).expect("mv x z at site 2");
+    fs::rename(pair.a.p("x"), pair.a.p("y")).expect("mv x y at site 1");
+    write_file(&pair.a, "z", &new);
+    if kill {
+        pair.b.kill9_leaving_the_mount();
+        common::lazy_unmount(pair.b.mnt());
+        pair.b.env = vec![(
+            "MIRRORFS_FAILPOINT".into(),
+            "peer-record-applied:create".into(),
+        )];
+        pair.b.remount();
+    }
+    pair.heal();
+    if kill {
+        pair.wait_view("site 2 stopped after applying site 1's create", || {
+            pair.b
+                .log()
+                .contains("peer-record-applied:create: the peer's create")
+        });
+        pair.b.kill9_leaving_the_mount();
+        common::lazy_unmount(pair.b.mnt());
+        pair.b.env.clear();
+        pair.b.remount();
+    }
+    pair.wait_linked(true);
+    pair.wait_equal();
+    std::thread::sleep(Duration::from_secs(2));
+    pair.wait_equal();
+    for m in [&pair.a, &pair.b] {
+        let files = files_beneath(m.backing());
+        assert_eq!(
+            files.get("y"),
+            Some(&old),
+            "the old file at y: {files:?}\n{}",
+            m.log()
+        );
+        assert_eq!(
+            files.get("z"),
+            Some(&new),
+            "site 1's new z: {files:?}\n{}",
+            m.log()
+        );
+    }
+}
+
 /// A netsplit during which both sites give one new name an entry and at least one of the two
 /// is a symlink (`docs/protocol.md`, the row "two different regular files given one new
 /// name"): made with `ln -s` at one site against a file created (and written) at the other,
