@@ -66,8 +66,30 @@ impl ReuseWindow {
     /// Before `op` is applied: whether a durability point must come first. Notes `op`'s names
     /// as touched either way (after a `DurableFirst`, in a new window): the caller applies it.
     pub fn admit(&mut self, op: &Op) -> Admit {
-        let names: Vec<&[u8]> = op.names().map(|(p, _)| p.as_bytes()).collect();
-        let due = reused(op).any(|n| self.touched_at_or_beneath(n))
+        self.admit_as(op, None)
+    }
+
+    /// [`ReuseWindow::admit`] for a record the peer sent as `sent` and that is applied here as
+    /// `applied` (its names translated through our renames it had not seen, under
+    /// `--partition reconcile`; `None`: as sent). A record received again after a crash is
+    /// translated again as it was (the reconciliation's state comes back to the last
+    /// durability point) and applied to the names it was applied to, so those are the names
+    /// that must not meet a later record's new entry: a rename `x` → `y` applied as `z` → `y`
+    /// and then a new `z` is a reuse, though the peer's names differ (the rename received
+    /// again would move the new `z` onto `y`). The names as sent are kept too: a durability
+    /// point too many costs only time.
+    pub fn admit_as(&mut self, sent: &Op, applied: Option<&Op>) -> Admit {
+        let ops = [Some(sent), applied];
+        let ops = ops.iter().flatten();
+        let mut names: Vec<&[u8]> = ops
+            .clone()
+            .flat_map(|op| op.names().map(|(p, _)| p.as_bytes()))
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        let due = ops
+            .flat_map(|op| reused(op))
+            .any(|n| self.touched_at_or_beneath(n))
             || self.touched.len() + names.len() > self.names_max;
         if due {
             self.touched.clear();
@@ -272,6 +294,42 @@ mod tests {
             w.admit(&write(&format!("f{k}")));
             assert!(w.len() <= 16);
         }
+    }
+
+    /// Issue 7 under reconcile: the peer's rename `x` → `y` applied here as `z` → `y` (we
+    /// renamed `x` → `z` during the split), then its new `z`. By the names the peer sent the
+    /// create reuses nothing; by the names the rename was applied to it does (received again
+    /// after a crash, the rename would move the new `z` onto `y`: the real-mount test
+    /// `a_netsplit_rename_onto_a_name_the_peer_then_makes_survives_a_kill_9_between`).
+    #[test]
+    fn a_name_reused_as_applied_waits_though_the_peers_names_differ() {
+        let mut sent = ReuseWindow::default();
+        assert_eq!(
+            run(&mut sent, &[rename("x", "y"), create("z")]),
+            [Apply, Apply]
+        );
+        let mut w = ReuseWindow::default();
+        assert_eq!(
+            w.admit_as(&rename("x", "y"), Some(&rename("z", "y"))),
+            Apply
+        );
+        assert_eq!(w.admit_as(&create("z"), None), DurableFirst);
+        // The reverse: a create applied under another name than the peer's meets the name an
+        // earlier record was applied to.
+        let mut w = ReuseWindow::default();
+        assert_eq!(w.admit(&unlink("e/f")), Apply);
+        assert_eq!(
+            w.admit_as(&create("d/f"), Some(&create("e/f"))),
+            DurableFirst
+        );
+        // The names as sent still count, and each name once.
+        let mut w = ReuseWindow::default();
+        assert_eq!(
+            w.admit_as(&rename("a", "b"), Some(&rename("c", "b"))),
+            Apply
+        );
+        assert_eq!(w.len(), 3, "a, b, c");
+        assert_eq!(w.admit(&create("a")), DurableFirst);
     }
 
     #[test]

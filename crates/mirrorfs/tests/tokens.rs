@@ -3043,6 +3043,221 @@ fn edit_one_file_through_two_hard_links(tag: &str, restart: bool) {
     }
 }
 
+/// Hard links and an unlink during a split: one file with two names (`ln a.txt b.txt` at site
+/// 2 before the split, as in [`edit_one_file_through_two_hard_links`]), rewritten at site 1
+/// through `a.txt`, which site 1 then unlinks (the file lives on there as `b.txt`: the unlink's
+/// link count is 2, `core::reconcile::Local::RemovedLinked`), and rewritten at site 2 through
+/// `b.txt`. One file written at both sites: site 1's version stays under `b.txt`, site 2's is a
+/// listed conflict copy `b.txt.conflict-site2-…`, `a.txt` is gone at both, still one file.
+#[test]
+fn a_netsplit_during_which_one_site_unlinks_a_name_of_a_file_both_write() {
+    unlink_a_name_of_a_file_both_write("netsplit-hl-unlink", UnlinkRestart::None);
+}
+
+/// The same with site 1 killed (kill -9) and mounted again during the split, after its unlink:
+/// its entry of the file is rebuilt by the journal's replay, and the file (whose unlinked name
+/// cannot be looked up again) comes from the `unlinked` section of `STATE/reconcile-notes`.
+#[test]
+fn a_netsplit_unlink_of_a_name_of_a_file_both_write_survives_a_kill_9_of_the_unlinking_site() {
+    unlink_a_name_of_a_file_both_write("netsplit-hl-unlink-kill", UnlinkRestart::Split);
+}
+
+/// The same, and at the heal site 1 killed (kill -9) again once it has decided site 2's write
+/// (`MIRRORFS_FAILPOINT=peer-record-applied:write`), before it acknowledged it: after the
+/// restart site 2 sends the write again and site 1 decides it as before.
+#[test]
+fn a_netsplit_unlink_of_a_name_of_a_file_both_write_survives_kill_9s_in_the_split_and_the_heal() {
+    unlink_a_name_of_a_file_both_write("netsplit-hl-unlink-kill2", UnlinkRestart::SplitAndHeal);
+}
+
+/// When site 1 is killed in [`unlink_a_name_of_a_file_both_write`].
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum UnlinkRestart {
+    None,
+    Split,
+    SplitAndHeal,
+}
+
+fn unlink_a_name_of_a_file_both_write(tag: &str, restart: UnlinkRestart) {
+    use std::os::unix::fs::MetadataExt;
+    let mut pair = Pair::netsplit(tag);
+    write_file(&pair.a, "a.txt", b"one file, two names\n");
+    pair.wait_equal();
+    fs::hard_link(pair.b.p("a.txt"), pair.b.p("b.txt")).expect("ln a.txt b.txt at site 2");
+    pair.wait_equal();
+    for m in [&pair.a, &pair.b] {
+        let (ma, mb) = (
+            fs::metadata(m.backing().join("a.txt")).expect("a.txt"),
+            fs::metadata(m.backing().join("b.txt")).expect("b.txt"),
+        );
+        assert_eq!(ma.ino(), mb.ino(), "one file at each site before the split");
+    }
+    pair.cut();
+    pair.wait_linked(false);
+    let (text_a, text_b) = (
+        b"rewritten at site 1 through a.txt, then a.txt unlinked\n".to_vec(),
+        b"rewritten at site 2 through b.txt, longer than site 1's\n".to_vec(),
+    );
+    write_file(&pair.a, "a.txt", &text_a);
+    fs::remove_file(pair.a.p("a.txt")).expect("unlink a.txt at site 1");
+    write_file(&pair.b, "b.txt", &text_b);
+    assert_eq!(
+        fs::read(pair.a.p("b.txt")).expect("b.txt at site 1"),
+        text_a
+    );
+    assert_eq!(
+        fs::read(pair.b.p("a.txt")).expect("a.txt at site 2"),
+        text_b
+    );
+    let failpoint = restart == UnlinkRestart::SplitAndHeal;
+    if restart != UnlinkRestart::None {
+        pair.a.kill9_leaving_the_mount();
+        common::lazy_unmount(pair.a.mnt());
+        if failpoint {
+            pair.a.env = vec![(
+                "MIRRORFS_FAILPOINT".into(),
+                "peer-record-applied:write".into(),
+            )];
+        }
+        pair.a.remount();
+        let mut log = String::new();
+        let replayed = wait_until(Duration::from_secs(30), || {
+            log = pair.a.log();
+            let again = log.split("---- start #2").nth(1).unwrap_or_default();
+            again.contains("reconciliation after a split:")
+                && !again.contains("split: 0 data records")
+        });
+        assert!(replayed, "the split's records are replayed:\n{log}");
+    }
+    pair.heal();
+    if failpoint {
+        pair.wait_view("site 1 stopped after deciding site 2's write", || {
+            pair.a
+                .log()
+                .contains("peer-record-applied:write: the peer's write")
+        });
+        pair.a.kill9_leaving_the_mount();
+        common::lazy_unmount(pair.a.mnt());
+        pair.a.env.clear();
+        pair.a.remount();
+    }
+    pair.wait_linked(true);
+    pair.wait_equal();
+    std::thread::sleep(Duration::from_secs(2));
+    pair.wait_equal();
+    for m in [&pair.a, &pair.b] {
+        assert_eq!(
+            fs::read(m.p("b.txt")).expect("b.txt"),
+            text_a,
+            "site 1's version stays under b.txt\n{}",
+            m.log()
+        );
+        assert!(
+            !m.backing().join("a.txt").exists(),
+            "a.txt stays unlinked\n{}",
+            m.log()
+        );
+        let copies = names_starting(m.mnt(), "b.txt.conflict-site2-");
+        let others: Vec<_> = names_starting(m.mnt(), "a.txt")
+            .into_iter()
+            .chain(names_starting(m.mnt(), "b.txt.conflict-site1-"))
+            .collect();
+        assert!(others.is_empty(), "no other copy: {others:?}\n{}", m.log());
+        assert_eq!(
+            copies.len(),
+            1,
+            "one conflict copy: {copies:?}\n{}",
+            m.log()
+        );
+        assert_eq!(
+            fs::read(m.p(&copies[0])).expect("copy"),
+            text_b,
+            "site 2's version kept\n{}",
+            m.log()
+        );
+        let listed: Vec<_> = conflicts_json(m)
+            .into_iter()
+            .filter(|e| e["copy"] == copies[0].as_str())
+            .collect();
+        assert_eq!(listed.len(), 1, "listed: {listed:#?}\n{}", m.log());
+        assert_eq!(listed[0]["reason"], "split-both-modified", "{listed:#?}");
+        assert_eq!(listed[0]["copy_exists"], true, "{listed:#?}");
+    }
+}
+
+/// Issue 7 (peer records received again, under reconcile): site 2 renames `x` → `z` during a
+/// split, site 1 renames `x` → `y` and then makes a new `z`. At the heal site 2 applies site
+/// 1's rename as `z` → `y` (its name translated through site 2's rename: both renamed `x`, the
+/// lower id's name stays), then site 1's new `z`: a create of a name the rename touched *as
+/// applied*, though not as site 1 named it. With `kill`, site 2 is killed (kill -9) right
+/// after applying the create (`MIRRORFS_FAILPOINT=peer-record-applied:create`), before the
+/// batch is durable: site 1 sends both again, and the rename, applied again, must not move the
+/// new `z` onto `y`.
+#[test]
+fn a_netsplit_rename_onto_a_name_the_peer_then_makes() {
+    rename_then_make_the_translated_name("netsplit-reuse-translated", false);
+}
+
+#[test]
+fn a_netsplit_rename_onto_a_name_the_peer_then_makes_survives_a_kill_9_between() {
+    rename_then_make_the_translated_name("netsplit-reuse-translated-kill", true);
+}
+
+fn rename_then_make_the_translated_name(tag: &str, kill: bool) {
+    let mut pair = Pair::netsplit(tag);
+    let (old, new) = (
+        b"x before the split\n".to_vec(),
+        b"z made at site 1\n".to_vec(),
+    );
+    write_file(&pair.a, "x", &old);
+    pair.wait_equal();
+    pair.cut();
+    pair.wait_linked(false);
+    fs::rename(pair.b.p("x"), pair.b.p("z")).expect("mv x z at site 2");
+    fs::rename(pair.a.p("x"), pair.a.p("y")).expect("mv x y at site 1");
+    write_file(&pair.a, "z", &new);
+    if kill {
+        pair.b.kill9_leaving_the_mount();
+        common::lazy_unmount(pair.b.mnt());
+        pair.b.env = vec![(
+            "MIRRORFS_FAILPOINT".into(),
+            "peer-record-applied:create".into(),
+        )];
+        pair.b.remount();
+    }
+    pair.heal();
+    if kill {
+        pair.wait_view("site 2 stopped after applying site 1's create", || {
+            pair.b
+                .log()
+                .contains("peer-record-applied:create: the peer's create")
+        });
+        pair.b.kill9_leaving_the_mount();
+        common::lazy_unmount(pair.b.mnt());
+        pair.b.env.clear();
+        pair.b.remount();
+    }
+    pair.wait_linked(true);
+    pair.wait_equal();
+    std::thread::sleep(Duration::from_secs(2));
+    pair.wait_equal();
+    for m in [&pair.a, &pair.b] {
+        let files = files_beneath(m.backing());
+        assert_eq!(
+            files.get("y"),
+            Some(&old),
+            "the old file at y: {files:?}\n{}",
+            m.log()
+        );
+        assert_eq!(
+            files.get("z"),
+            Some(&new),
+            "site 1's new z: {files:?}\n{}",
+            m.log()
+        );
+    }
+}
+
 /// A netsplit during which both sites give one new name an entry and at least one of the two
 /// is a symlink (`docs/protocol.md`, the row "two different regular files given one new
 /// name"): made with `ln -s` at one site against a file created (and written) at the other,

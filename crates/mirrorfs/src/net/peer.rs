@@ -746,7 +746,10 @@ impl PeerReceiver {
         // ends with one (below), so the window is never longer than a batch.
         let mut window = ReuseWindow::default();
         for (r, aborted) in ready {
-            if !aborted && !is_exchange(&r.op) && window.admit(&r.op) == Admit::DurableFirst {
+            if !aborted
+                && !is_exchange(&r.op)
+                && window.admit_as(&r.op, self.applied_as(&r).as_ref()) == Admit::DurableFirst
+            {
                 // It reuses a name an earlier record of the window touched (`core::reuse`):
                 // those are made durable and acknowledged first, so that after a crash they
                 // do not come again with it, to be applied again to its entry.
@@ -781,6 +784,20 @@ impl PeerReceiver {
             return Ok(());
         }
         self.commit(last)
+    }
+
+    /// The peer's record `r` with its names as it will be applied here: translated through
+    /// our renames the peer had not seen and to the holding name of a held directory
+    /// (`SiteReconcile::translate`, as `apply` does next; `None`: as sent). For the reuse
+    /// window (`core::reuse::ReuseWindow::admit_as`): a record received again after a crash
+    /// is translated again as it was and applied to these names, so a later record's new
+    /// entry must be checked against them, not only against the peer's. Asked before `apply`,
+    /// not under the order lock: a rename of ours in between changes the names `apply` uses
+    /// (it translates again under the lock), a gap as narrow as that instant. Translating
+    /// again is as `apply`'s own retries do (`apply_one` translates once more).
+    fn applied_as(&self, r: &Record) -> Option<Op> {
+        let rc = self.reconcile.as_ref()?;
+        rc.translate(&r.op, rc.seen_of(r.seq))
     }
 
     /// The peer's records through `last` are applied here: makes them durable (`peer-origin`,
