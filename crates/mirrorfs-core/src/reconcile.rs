@@ -3404,6 +3404,22 @@ mod names {
             name
         }
 
+        /// A free name to hold the peer's directory of `p` under ([`Reconciler::hold`]): not
+        /// the conflict name the peer's rename aside gives it, as the shell's
+        /// (`SiteReconcile::holding_name`, `.held-`, against the peer's `.conflict-`).
+        fn holding_name(&self, p: &[u8]) -> Vec<u8> {
+            let mut held = p.to_vec();
+            held.extend_from_slice(b".held");
+            let mut n = 0;
+            let mut name = held.clone();
+            while self.tree.contains_key(&name) {
+                n += 1;
+                name = held.clone();
+                name.extend_from_slice(format!("-{n}").as_bytes());
+            }
+            name
+        }
+
         fn parent_ok(&self, p: &[u8]) -> bool {
             match p.iter().rposition(|b| *b == b'/') {
                 None => true,
@@ -3739,7 +3755,7 @@ mod names {
                 match self.r.peer_dir_clash(theirs, to, seen) {
                     DirClash::Apart => return false,
                     DirClash::Ours { made } => {
-                        let hold = self.copy_name(to);
+                        let hold = self.holding_name(to);
                         if self.apply(&R::Rename(s(from), s(&hold))) {
                             self.r
                                 .peer_renamed(&from_theirs, theirs, from, &hold, false);
@@ -3770,7 +3786,7 @@ mod names {
             {
                 DirClash::Apart => false,
                 DirClash::Ours { made } => {
-                    let hold = self.copy_name(ours.as_bytes());
+                    let hold = self.holding_name(ours.as_bytes());
                     let h: &'static str = Box::leak(String::from_utf8_lossy(&hold).into());
                     if self.apply(&R::Mkdir(h)) {
                         self.r.hold(theirs.as_bytes(), &hold, made);
@@ -5611,6 +5627,58 @@ mod names {
                 ]
             };
             check(&base, &at1, &at2, expect, true);
+        }
+    }
+
+    /// As [`a_write_in_a_directory_renamed_onto_a_clash_follows_an_exchange_in_it`] (and with a
+    /// rename in place of the exchange), the peer's write coming after its setting aside of its
+    /// directory, through its aside name (`e.conflict/x`), having seen our `mkdir e` but not
+    /// our rename or exchange: it follows ours, at the lower id after the hold ended too.
+    #[test]
+    fn a_write_through_the_aside_name_of_a_directory_renamed_onto_a_clash_follows_ours() {
+        let base = [("d", None), ("d/x", Some("x0")), ("d/y", Some("y0"))];
+        for (xchg, want) in [(false, "e.conflict/z"), (true, "e.conflict/y")] {
+            for first in [true, false] {
+                let mut s1 = Site::new(1, 2, &base);
+                let mut s2 = Site::new(2, 1, &base);
+                s1.local(R::Mkdir("e"));
+                s1.local(if xchg {
+                    R::Exchange("d/x", "d/y")
+                } else {
+                    R::Rename("d/x", "d/z")
+                });
+                s2.local(R::Rename("d", "e"));
+                let (rec, seen) = s1.journal[0].clone();
+                s2.peer(&rec, seen);
+                assert!(s2.tree.contains_key(&b("e.conflict")), "{:?}", s2.tree);
+                s2.local(R::Write("e.conflict/x", "later"));
+                let (mut d1, mut d2) = (1usize, 0usize);
+                loop {
+                    let more1 = d1 < s1.journal.len();
+                    let more2 = d2 < s2.journal.len();
+                    if more2 && (first || !more1) {
+                        let (rec, seen) = s2.journal[d2].clone();
+                        d2 += 1;
+                        s1.peer(&rec, seen);
+                    } else if more1 {
+                        let (rec, seen) = s1.journal[d1].clone();
+                        d1 += 1;
+                        s2.peer(&rec, seen);
+                    } else {
+                        break;
+                    }
+                }
+                assert_eq!(
+                    s1.tree, s2.tree,
+                    "exchange {xchg}, the peer's first {first}"
+                );
+                assert_eq!(
+                    s1.tree.get(&b(want)),
+                    Some(&Some("later".to_string())),
+                    "exchange {xchg}, the peer's first {first}: {:?}",
+                    s1.tree
+                );
+            }
         }
     }
 
