@@ -1938,6 +1938,12 @@ impl Reconciler {
                     self.notes_dirty = true;
                     m.current_after = last;
                 }
+            } else if let Some(t) = moved_path(&m.to, theirs_from, theirs_to) {
+                // A later rename of ours moves it on (`d/a` → `d/b`, `d/b` → `d/c`): the name
+                // that one's source now has, so that a peer name goes through both.
+                m.to = t;
+                self.renames_followed.insert(*k);
+                self.notes_dirty = true;
             }
         }
         self.bound_followed();
@@ -5680,6 +5686,21 @@ mod names {
                 );
             }
         }
+    }
+
+    /// Two renames of ours in a directory the peer renamed (`d/a` → `d/b` → `d/c` here, `d` →
+    /// `e` and a write of `e/a` there): the write goes through both to `e/c`. The first
+    /// rename's new name, not current, follows the peer's rename as the second's source does.
+    #[test]
+    fn a_write_in_a_directory_renamed_at_the_other_site_follows_two_renames_in_it() {
+        let base = [("d", None), ("d/a", Some("a0"))];
+        check_either_way(
+            &base,
+            &[R::Rename("d/a", "d/b"), R::Rename("d/b", "d/c")],
+            &[R::Rename("d", "e"), R::Write("e/a", "new")],
+            &[("e", None), ("e/c", Some("new"))],
+            false,
+        );
     }
 
     /// Seeds 235,067 and 832,708 (with exchanges): a directory written in and exchanged with a
