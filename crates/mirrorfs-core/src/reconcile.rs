@@ -151,6 +151,31 @@ struct Moved {
     /// renames through this seq: a name current after them, which they do not move again when
     /// a peer name is translated through this rename (0: never moved).
     current_after: u64,
+    /// An exchange's ends as named here (`from`'s, `to`'s), where a peer rename applied here
+    /// under another name than the peer's (its directory held aside for a clash,
+    /// [`Reconciler::hold`]) moved them ([`Reconciler::peer_renamed`]): each end is a source
+    /// of the peer's (its name: `from`, `to`) and the new name of the other entry (ours:
+    /// these). `None`: the same names.
+    here: Option<EndsHere>,
+}
+
+/// An exchange's two names here ([`Moved::here`]): its `from` end's, its `to` end's.
+type EndsHere = (Vec<u8>, Vec<u8>);
+
+impl Moved {
+    /// A peer's name (or a name reached through our renames before this one) after this
+    /// rename: a source's entry is at the other end's name here.
+    fn apply(&self, path: &[u8]) -> Option<Vec<u8>> {
+        let (from_here, to_here) = match &self.here {
+            Some((f, t)) => (f.as_slice(), t.as_slice()),
+            None => (self.from.as_slice(), self.to.as_slice()),
+        };
+        moved_path(path, &self.from, to_here).or_else(|| {
+            self.exchange
+                .then(|| moved_path(path, &self.to, from_here))
+                .flatten()
+        })
+    }
 }
 
 /// A local change as the machine notes it ([`Local::of`]): what the rule compares.
@@ -494,6 +519,7 @@ impl Reconciler {
                     to: to.clone(),
                     exchange: *exchange,
                     current_after: 0,
+                    here: None,
                 });
                 while self.renames.len() > max {
                     self.renames.pop_first();
@@ -838,12 +864,7 @@ impl Reconciler {
             if seq <= passed && !self.followed.contains(&m.from) {
                 continue;
             }
-            let cur = p.as_deref().unwrap_or(path);
-            let next = moved_path(cur, &m.from, &m.to).or_else(|| {
-                m.exchange
-                    .then(|| moved_path(cur, &m.to, &m.from))
-                    .flatten()
-            });
+            let next = m.apply(p.as_deref().unwrap_or(path));
             if next.is_some() {
                 p = next;
                 passed = passed.max(m.current_after);
@@ -1002,6 +1023,7 @@ impl Reconciler {
             to: from2.clone(),
             exchange: false,
             current_after: 0,
+            here: None,
         };
         // Not a fresh name of the peer's: its records for it follow the alias.
         self.notes_dirty |= self.fresh.remove(&alias.from);
@@ -1214,12 +1236,7 @@ impl Reconciler {
         let mut cur = path.to_vec();
         let mut last = None;
         for (&(seq, _), m) in &self.renames {
-            let next = moved_path(&cur, &m.from, &m.to).or_else(|| {
-                m.exchange
-                    .then(|| moved_path(&cur, &m.to, &m.from))
-                    .flatten()
-            });
-            if let Some(n) = next {
+            if let Some(n) = m.apply(&cur) {
                 cur = n;
                 last = Some(seq);
             }
@@ -1615,6 +1632,10 @@ impl Reconciler {
             .filter_map(|k| self.renames.get(k).map(|m| (k, m)))
             .collect();
         b.extend_from_slice(&(moved.len() as u32).to_le_bytes());
+        let moved_here: Vec<_> = moved
+            .iter()
+            .filter_map(|(k, m)| m.here.as_ref().map(|h| (**k, h)))
+            .collect();
         for ((seq, n), m) in moved {
             b.extend_from_slice(&seq.to_le_bytes());
             b.extend_from_slice(&n.to_le_bytes());
@@ -1630,6 +1651,17 @@ impl Reconciler {
             b.extend_from_slice(&o.to_le_bytes());
             b.extend_from_slice(&seq.to_le_bytes());
             b.extend_from_slice(&f.to_le_bytes());
+        }
+        // Since an exchange's ends were kept under two names: per moved rename above whose
+        // ends are named otherwise here ([`Moved::here`]), its seq, its alias number and the
+        // two names here (a file written before it ends before them: the names here are the
+        // peer's).
+        b.extend_from_slice(&(moved_here.len() as u32).to_le_bytes());
+        for ((seq, n), (f, t)) in moved_here {
+            b.extend_from_slice(&seq.to_le_bytes());
+            b.extend_from_slice(&n.to_le_bytes());
+            put_name(&mut b, f);
+            put_name(&mut b, t);
         }
         let crc = crc32c::crc32c(&b);
         b.extend_from_slice(&crc.to_le_bytes());
@@ -1682,6 +1714,11 @@ impl Reconciler {
             if k.0 > self.seen && self.renames.len() < max {
                 self.renames.insert(k, m);
                 self.renames_followed.insert(k);
+            }
+        }
+        for (k, h) in notes.here {
+            if let Some(m) = self.renames.get_mut(&k).filter(|m| m.exchange) {
+                m.here = Some(h);
             }
         }
         if !self.renames.is_empty() {
@@ -1826,15 +1863,22 @@ impl Reconciler {
         // peer's `d` → `e`: `d/y` becomes `e/y`, not moved again by the aside).
         let last = keys.last().map_or(0, |k| k.0);
         for (i, k) in keys.iter().enumerate() {
-            let current = {
-                let Some(m) = self.renames.get(k) else {
-                    continue;
-                };
+            // A name of ours no later rename of ours moves: where the entry is now.
+            let current_name = |name: &[u8]| {
                 !keys[i + 1..].iter().any(|k2| {
                     self.renames.get(k2).is_some_and(|m2| {
-                        renamed_path(&m.to, &m2.from, &m2.to, m2.exchange).is_some()
+                        renamed_path(name, &m2.from, &m2.to, m2.exchange).is_some()
                     })
                 })
+            };
+            let Some(m) = self.renames.get(k) else {
+                continue;
+            };
+            let current = current_name(&m.to);
+            // An exchange's ends as named here.
+            let ends_current = match &m.here {
+                Some((f, t)) => [current_name(f), current_name(t)],
+                None => [current_name(&m.from), current],
             };
             let Some(m) = self.renames.get_mut(k) else {
                 continue;
@@ -1842,26 +1886,43 @@ impl Reconciler {
             if m.exchange {
                 // Both names of our exchange are a source (the peer's name for the entry it
                 // had there) and a new name (ours for the other entry): each follows the
-                // peer's rename of a directory above it.
-                // Known gap (`current_after` is not set here, and setting it is not enough):
-                // one `Moved` holds one name per end, but an end moved by a peer rename whose
-                // names differ here (`theirs` d → e, ours d → e.conflict: a directory clash
-                // held under another name) needs both, the peer's as the source and ours as
-                // the new name. The peer's name is kept, so a peer write of `e/x` translates
-                // to its `e/y`, not our `e.conflict/y`, and is lost at this site
-                // (`names::a_write_in_a_directory_renamed_onto_a_clash_follows_an_exchange_in_it`,
-                // ignored). Where the names are the same (no clash) the ends are the same names
-                // either way and the translation ends at ours.
-                for end in [&mut m.from, &mut m.to] {
-                    let moved = moved_path(end, theirs_from, theirs_to)
+                // peer's rename of a directory above it, the source to the peer's new name and
+                // the new name, while current, to ours. They differ where the peer's directory
+                // is held here under another name (its `d` → `e` applied as `d` →
+                // `e.conflict` for our `e`): its write of `e/x` is of our `e.conflict/y`.
+                let (mut from_here, mut to_here) = m
+                    .here
+                    .take()
+                    .unwrap_or_else(|| (m.from.clone(), m.to.clone()));
+                let mut ours_moved = false;
+                let mut all_current = true;
+                let ends = [(&mut m.from, &mut from_here), (&mut m.to, &mut to_here)];
+                for ((end, here), end_current) in ends.into_iter().zip(ends_current) {
+                    all_current &= end_current;
+                    let source = moved_path(end, theirs_from, theirs_to)
                         .or_else(|| moved_path(end, from, to).filter(|_| current));
-                    if let Some(e) = moved {
+                    let ours = moved_path(here, from, to).filter(|_| end_current);
+                    ours_moved |= ours.is_some();
+                    // Not current (a later rename of ours moves it): the name the next one's
+                    // source is known by, as for the source.
+                    let new_here = ours.or_else(|| source.clone());
+                    if let Some(e) = source {
                         self.followed.insert(e.clone());
                         *end = e;
                         self.renames_followed.insert(*k);
                         self.notes_dirty = true;
                     }
+                    if let Some(h) = new_here {
+                        *here = h;
+                        self.renames_followed.insert(*k);
+                        self.notes_dirty = true;
+                    }
                 }
+                if ours_moved && all_current {
+                    // Our renames before this peer rename do not move the entries again.
+                    m.current_after = last;
+                }
+                m.here = (from_here != m.from || to_here != m.to).then_some((from_here, to_here));
                 continue;
             }
             if let Some(f) = moved_path(&m.from, theirs_from, theirs_to) {
@@ -1877,6 +1938,12 @@ impl Reconciler {
                     self.notes_dirty = true;
                     m.current_after = last;
                 }
+            } else if let Some(t) = moved_path(&m.to, theirs_from, theirs_to) {
+                // A later rename of ours moves it on (`d/a` → `d/b`, `d/b` → `d/c`): the name
+                // that one's source now has, so that a peer name goes through both.
+                m.to = t;
+                self.renames_followed.insert(*k);
+                self.notes_dirty = true;
             }
         }
         self.bound_followed();
@@ -1899,7 +1966,7 @@ impl Reconciler {
             if m.from == cur || (m.exchange && m.to == cur) {
                 return Some(k);
             }
-            if let Some(next) = renamed_path(&cur, &m.from, &m.to, m.exchange) {
+            if let Some(next) = m.apply(&cur) {
                 cur = next;
             }
         }
@@ -2013,6 +2080,9 @@ struct Notes {
     /// `unlinked`: object, the unlink's seq, the file (absent from notes written before it was
     /// kept).
     unlinked: Vec<(Object, (u64, FileId))>,
+    /// The names here of the ends of those renames that are exchanges, where they differ from
+    /// the peer's ([`Moved::here`]; absent from notes written before they were kept).
+    here: Vec<((u64, u32), EndsHere)>,
 }
 
 impl Notes {
@@ -2073,11 +2143,13 @@ impl Notes {
                         to,
                         exchange,
                         current_after,
+                        here: None,
                     },
                 ));
             }
         }
         let unlinked = c.optional_list(|c| Some((c.u64()?, (c.u64()?, c.u64()?))))?;
+        let here = c.optional_list(|c| Some(((c.u64()?, c.u32()?), (c.name()?, c.name()?))))?;
         if c.at != body.len() {
             return None;
         }
@@ -2092,6 +2164,7 @@ impl Notes {
             followed,
             renames_followed,
             unlinked,
+            here,
         })
     }
 }
@@ -3030,6 +3103,78 @@ mod tests {
         assert!(fresh.followed.is_empty() && fresh.renames.is_empty());
     }
 
+    /// Our unseen exchange in a directory the peer renamed onto a name we made (`mkdir e`,
+    /// `d/x` ⇄ `d/y` here; `d` → `e` there, held here as `e.conflict`): its ends keep the
+    /// peer's names (`e/x`, `e/y`, the sources of its records) and ours (`e.conflict/x`,
+    /// `e.conflict/y`, where the entries are), `Moved::here`. After a restart the notes bring
+    /// both back; notes without ours (as written before they were kept) send the peer's write
+    /// of `e/x` to `e/y`, which is not here, and it is lost.
+    #[test]
+    fn a_restart_keeps_the_names_here_of_our_exchange_that_followed_a_held_peer_rename() {
+        let b = |s: &str| s.as_bytes().to_vec();
+        let journal = [
+            (1, Local::MadeDir(b("e"))),
+            (
+                2,
+                Local::Rename {
+                    from: b("d/x"),
+                    to: b("d/y"),
+                    exchange: true,
+                },
+            ),
+        ];
+        let mut before = Reconciler::new(Config::new(1, 2), 0);
+        for (seq, c) in &journal {
+            before.local_change(*seq, c);
+        }
+        assert_eq!(
+            before.peer_rename(b"d", b"e", 0),
+            RenameDecision::Apply {
+                from: b("d"),
+                to: b("e"),
+                clash: false,
+                aside: false
+            }
+        );
+        assert_eq!(
+            before.peer_dir_clash(b"e", b"e", 0),
+            DirClash::Ours { made: 1 }
+        );
+        before.peer_renamed(b"d", b"e", b"d", b"e.conflict", false);
+        before.hold(b"e", b"e.conflict", 1);
+        let want = |r: &mut Reconciler| (r.translate(b"e/x", 0), r.translate(b"e/y", 0));
+        let here = (Some(b("e.conflict/y")), Some(b("e.conflict/x")));
+        assert_eq!(want(&mut before.clone()), here);
+        let exchange = before.renames.get(&(2, 0)).cloned().expect("our exchange");
+        assert_eq!(
+            (exchange.from.as_slice(), exchange.to.as_slice()),
+            (&b"e/x"[..], &b"e/y"[..]),
+            "the peer's names"
+        );
+        assert_eq!(
+            exchange.here,
+            Some((b("e.conflict/x"), b("e.conflict/y"))),
+            "ours"
+        );
+        for notes in [false, true] {
+            let mut after = restarted(&mut before.clone(), &journal, notes);
+            if notes {
+                assert_eq!(after.renames.get(&(2, 0)), Some(&exchange));
+            }
+            let got = want(&mut after);
+            assert_eq!(got == here, notes, "{got:?}, notes restored: {notes}");
+        }
+        // Notes without the names here (a file written before they were kept) load, with the
+        // peer's names for both: the write goes to `e/y`, not here (the loss this fixes).
+        let mut old = before.clone();
+        for m in old.renames.values_mut() {
+            m.here = None;
+        }
+        old.notes_dirty = true;
+        let mut after = restarted(&mut old, &journal, true);
+        assert_eq!(after.translate(b"e/x", 0), Some(b("e/y")));
+    }
+
     #[test]
     fn the_notes_are_taken_once_per_change_and_damaged_ones_are_refused() {
         let mut r = Reconciler::new(Config::new(2, 1), 2);
@@ -3062,11 +3207,12 @@ mod tests {
         assert_eq!(r.peer_rename(b"d", b"e", 2), RenameDecision::Removed);
         let bytes = r.take_notes().expect("noted");
         let body = &bytes[..bytes.len() - 4];
-        // The lists since the restart rules empty: five zero counts before the checksum
+        // The lists since the restart rules empty: seven zero counts before the checksum
         // (`peer_remade`, the listed reuses, the exchange's progress, `followed`, the renames
-        // it moved); a file of each earlier format ends before some of them.
-        assert_eq!(&body[body.len() - 20..], &[0u8; 20]);
-        for cut in [20, 16, 12, 8, 4] {
+        // it moved, `unlinked`, the exchanges' names here); a file of each earlier format ends
+        // before some of them.
+        assert_eq!(&body[body.len() - 28..], &[0u8; 28]);
+        for cut in [28, 24, 20, 16, 12, 8, 4] {
             let mut old = body[..body.len() - cut].to_vec();
             let crc = crc32c::crc32c(&old);
             old.extend_from_slice(&crc.to_le_bytes());
@@ -3082,8 +3228,12 @@ mod tests {
         let mut back = Reconciler::new(Config::new(2, 1), 2);
         assert!(back.restore_notes(&bytes));
         assert_eq!((back.exchange_done(9), back.exchange_done(8)), (2, 0));
-        let mut bad = bytes[..bytes.len() - 5].to_vec();
-        bad.push(4);
+        // The steps done: the byte before the four counts after it (`followed`, the renames it
+        // moved, `unlinked`, the names here) and the checksum.
+        let mut bad = bytes[..bytes.len() - 4].to_vec();
+        let done = bad.len() - 17;
+        assert_eq!(bad[done], 2);
+        bad[done] = 4;
         let crc = crc32c::crc32c(&bad);
         bad.extend_from_slice(&crc.to_le_bytes());
         assert!(!back.restore_notes(&bad), "4 steps of 3");
@@ -3255,6 +3405,22 @@ mod names {
             while self.tree.contains_key(&name) {
                 n += 1;
                 name = copy.clone();
+                name.extend_from_slice(format!("-{n}").as_bytes());
+            }
+            name
+        }
+
+        /// A free name to hold the peer's directory of `p` under ([`Reconciler::hold`]): not
+        /// the conflict name the peer's rename aside gives it, as the shell's
+        /// (`SiteReconcile::holding_name`, `.held-`, against the peer's `.conflict-`).
+        fn holding_name(&self, p: &[u8]) -> Vec<u8> {
+            let mut held = p.to_vec();
+            held.extend_from_slice(b".held");
+            let mut n = 0;
+            let mut name = held.clone();
+            while self.tree.contains_key(&name) {
+                n += 1;
+                name = held.clone();
                 name.extend_from_slice(format!("-{n}").as_bytes());
             }
             name
@@ -3595,7 +3761,7 @@ mod names {
                 match self.r.peer_dir_clash(theirs, to, seen) {
                     DirClash::Apart => return false,
                     DirClash::Ours { made } => {
-                        let hold = self.copy_name(to);
+                        let hold = self.holding_name(to);
                         if self.apply(&R::Rename(s(from), s(&hold))) {
                             self.r
                                 .peer_renamed(&from_theirs, theirs, from, &hold, false);
@@ -3626,7 +3792,7 @@ mod names {
             {
                 DirClash::Apart => false,
                 DirClash::Ours { made } => {
-                    let hold = self.copy_name(ours.as_bytes());
+                    let hold = self.holding_name(ours.as_bytes());
                     let h: &'static str = Box::leak(String::from_utf8_lossy(&hold).into());
                     if self.apply(&R::Mkdir(h)) {
                         self.r.hold(theirs.as_bytes(), &hold, made);
@@ -5457,11 +5623,12 @@ mod names {
     /// directory, and is not moved again by our setting aside of our `e` (which came before
     /// the peer's rename here: `Moved::current_after` of the exchange).
     ///
-    /// Not reconciled yet (the maker's site ends with `e.conflict/y` = `x0`, the write lost
-    /// there; the other site has it): see the comment on the exchange in
-    /// [`Reconciler::peer_renamed`]. Setting `current_after` there alone does not fix it.
+    /// At the maker (the lower id, holding the peer's `e` as `e.conflict`), the exchange's ends
+    /// need two names each, the peer's (`e/x`: its records' source) and ours (`e.conflict/y`:
+    /// where the entry is), `Moved::here`; before it the maker ended with `e.conflict/y` =
+    /// `x0`, the write lost there. At the other site (its `e` set aside after the exchange),
+    /// without `current_after` the write went on to `e.conflict/y`.
     #[test]
-    #[ignore = "an exchange's names followed through a peer rename held under another name: the write is lost at the maker (issue 7)"]
     fn a_write_in_a_directory_renamed_onto_a_clash_follows_an_exchange_in_it() {
         let base = [("d", None), ("d/x", Some("x0")), ("d/y", Some("y0"))];
         for maker in [1, 2] {
@@ -5489,6 +5656,73 @@ mod names {
             };
             check(&base, &at1, &at2, expect, true);
         }
+    }
+
+    /// As [`a_write_in_a_directory_renamed_onto_a_clash_follows_an_exchange_in_it`] (and with a
+    /// rename in place of the exchange), the peer's write coming after its setting aside of its
+    /// directory, through its aside name (`e.conflict/x`), having seen our `mkdir e` but not
+    /// our rename or exchange: it follows ours, at the lower id after the hold ended too.
+    #[test]
+    fn a_write_through_the_aside_name_of_a_directory_renamed_onto_a_clash_follows_ours() {
+        let base = [("d", None), ("d/x", Some("x0")), ("d/y", Some("y0"))];
+        for (xchg, want) in [(false, "e.conflict/z"), (true, "e.conflict/y")] {
+            for first in [true, false] {
+                let mut s1 = Site::new(1, 2, &base);
+                let mut s2 = Site::new(2, 1, &base);
+                s1.local(R::Mkdir("e"));
+                s1.local(if xchg {
+                    R::Exchange("d/x", "d/y")
+                } else {
+                    R::Rename("d/x", "d/z")
+                });
+                s2.local(R::Rename("d", "e"));
+                let (rec, seen) = s1.journal[0].clone();
+                s2.peer(&rec, seen);
+                assert!(s2.tree.contains_key(&b("e.conflict")), "{:?}", s2.tree);
+                s2.local(R::Write("e.conflict/x", "later"));
+                let (mut d1, mut d2) = (1usize, 0usize);
+                loop {
+                    let more1 = d1 < s1.journal.len();
+                    let more2 = d2 < s2.journal.len();
+                    if more2 && (first || !more1) {
+                        let (rec, seen) = s2.journal[d2].clone();
+                        d2 += 1;
+                        s1.peer(&rec, seen);
+                    } else if more1 {
+                        let (rec, seen) = s1.journal[d1].clone();
+                        d1 += 1;
+                        s2.peer(&rec, seen);
+                    } else {
+                        break;
+                    }
+                }
+                assert_eq!(
+                    s1.tree, s2.tree,
+                    "exchange {xchg}, the peer's first {first}"
+                );
+                assert_eq!(
+                    s1.tree.get(&b(want)),
+                    Some(&Some("later".to_string())),
+                    "exchange {xchg}, the peer's first {first}: {:?}",
+                    s1.tree
+                );
+            }
+        }
+    }
+
+    /// Two renames of ours in a directory the peer renamed (`d/a` → `d/b` → `d/c` here, `d` →
+    /// `e` and a write of `e/a` there): the write goes through both to `e/c`. The first
+    /// rename's new name, not current, follows the peer's rename as the second's source does.
+    #[test]
+    fn a_write_in_a_directory_renamed_at_the_other_site_follows_two_renames_in_it() {
+        let base = [("d", None), ("d/a", Some("a0"))];
+        check_either_way(
+            &base,
+            &[R::Rename("d/a", "d/b"), R::Rename("d/b", "d/c")],
+            &[R::Rename("d", "e"), R::Write("e/a", "new")],
+            &[("e", None), ("e/c", Some("new"))],
+            false,
+        );
     }
 
     /// Seeds 235,067 and 832,708 (with exchanges): a directory written in and exchanged with a
