@@ -4696,9 +4696,14 @@ mod names {
         // a rename at the other, with a rename in the old directory — the peer's names beneath
         // its held directory go through our renames that followed its rename, and a name a
         // peer rename moved is not moved again by our renames before it, `Moved::current_after`.)
-        const KNOWN_TO_DIFFER_WITH_EXCHANGES: [u64; 12] = [
-            29_354, 48_512, 168_643, 172_819, 197_154, 285_870, 589_420, 751_941, 756_688, 792_870,
-            838_638, 867_436,
+        // 619,859 (no exchange in its ops): found when the model began to hold the peer's
+        // directory under its own name (`e.held`, as the shell does) and set it aside later:
+        // a directory renamed (`d` → `e`) at one site onto a name the other made, then a name
+        // in it removed (`e/x`) — the removal does not reach the holder's set-aside copy
+        // (`e.conflict/x` stays there; nothing lost).
+        const KNOWN_TO_DIFFER_WITH_EXCHANGES: [u64; 13] = [
+            29_354, 48_512, 168_643, 172_819, 197_154, 285_870, 589_420, 619_859, 751_941, 756_688,
+            792_870, 838_638, 867_436,
         ];
         // `MIRRORFS_RECONCILE_NAMES_SHOW=SEED,SEED`: only these seeds, none excluded, each
         // printed with its ops and both trees (to study a case).
