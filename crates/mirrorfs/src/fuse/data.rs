@@ -8,7 +8,7 @@ use super::*;
 impl MirrorFs {
     pub(super) fn do_open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         crate::fuse::affinity::follow(req.pid());
-        let fl = Self::open_flags(flags.0);
+        let fl = self.open_flags(flags.0);
         // The file opened must be the inode asked for: its writes are journaled under the
         // inode's name, so a file renamed over that name in the meantime is not it.
         let r = self.retry_renamed(|| {
