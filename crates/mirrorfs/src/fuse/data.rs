@@ -8,15 +8,26 @@ use super::*;
 impl MirrorFs {
     pub(super) fn do_open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         crate::fuse::affinity::follow(req.pid());
-        let fl = self.open_flags(flags.0);
+        let mut fl = self.open_flags(flags.0);
         // The file opened must be the inode asked for: its writes are journaled under the
         // inode's name, so a file renamed over that name in the meantime is not it.
         let r = self.retry_renamed(|| {
             let p = self.path(ino).map_err(|e| e.code())?;
-            let fd = self
-                .root
-                .open_at(&p, fl, 0)
-                .map_err(|e| sys::errno_of(&e))?;
+            let fd = match self.root.open_at(&p, fl, 0) {
+                // A write-only file opened for reading too under the writeback cache, by a
+                // daemon not running as root: write-only it is (a partial page written through
+                // it then fails as the kernel's read of the page does).
+                Err(e)
+                    if sys::errno_of(&e) == libc::EACCES
+                        && flags.0 & libc::O_ACCMODE == libc::O_WRONLY
+                        && fl & libc::O_ACCMODE == libc::O_RDWR =>
+                {
+                    fl = (fl & !libc::O_ACCMODE) | libc::O_WRONLY;
+                    self.root.open_at(&p, fl, 0)
+                }
+                other => other,
+            }
+            .map_err(|e| sys::errno_of(&e))?;
             let st = sys::fstat(fd.as_fd()).map_err(|e| sys::errno_of(&e))?;
             if lock(&self.inodes).backing(ino.0) == Some(st.st_ino) {
                 Ok(fd)

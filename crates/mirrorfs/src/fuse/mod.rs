@@ -517,8 +517,20 @@ impl MirrorFs {
     /// The flags a file of the mount is opened with in BACKING, from the open's `flags`.
     fn open_flags(&self, flags: i32) -> i32 {
         // O_CREAT/O_EXCL are handled by `create`; O_TRUNC arrives as a setattr (atomic_o_trunc off).
-        (flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_TRUNC))
-            | libc::O_NOFOLLOW
+        let mut fl = (flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_TRUNC))
+            | libc::O_NOFOLLOW;
+        if self.writeback {
+            // Under the writeback cache the kernel reads the rest of a page before it caches a
+            // partial write to it, through whichever handle wrote: a write-only open must read
+            // too (libfuse's passthrough examples do the same). And the kernel appends itself
+            // (at its cached size) and sends each page back at an offset, again later when the
+            // page changes: an O_APPEND descriptor would append that page a second time.
+            if fl & libc::O_ACCMODE == libc::O_WRONLY {
+                fl = (fl & !libc::O_ACCMODE) | libc::O_RDWR;
+            }
+            fl &= !libc::O_APPEND;
+        }
+        fl
     }
 }
 
