@@ -258,6 +258,48 @@ fn close_and_fsync_return_after_the_data_reached_the_mirror() {
     common::finish(&mut m);
 }
 
+/// Between a file's writes and its close, a later change of the same program may reach the
+/// mirror first: a file renamed before it was closed is on the mirror under its new name without
+/// the data, which follows at the close. And a `kill -9` of mirrorfs loses writes not yet closed
+/// or synced: the kernel cannot send them to a dead daemon.
+#[test]
+fn data_not_closed_may_follow_later_changes_and_dies_with_the_daemon() {
+    let mut m = mount(Layout::new("wb-between", 1), &["--ack", "sync"]);
+    let data = pattern(7, 20_000);
+    let f = File::create(m.p("a.tmp")).expect("create");
+    f.write_all_at(&data, 0).expect("write");
+    fs::rename(m.p("a.tmp"), m.p("a")).expect("rename before close");
+    assert_eq!(
+        stat(&m.mirror().join("a")).st_size,
+        0,
+        "the rename reached the mirror (--ack sync) with its data: was the write sent at write(2)?"
+    );
+    drop(f);
+    assert_bytes(
+        &fs::read(m.mirror().join("a")).expect("read mirror"),
+        &data,
+        "a on the mirror after the close",
+    );
+    // Written, not closed nor synced, when mirrorfs dies.
+    let g = File::create(m.p("b")).expect("create b");
+    g.write_all_at(&data, 0).expect("write b");
+    m.kill9();
+    drop(g);
+    m.remount();
+    m.wait_mirror_equal(Duration::from_secs(60));
+    assert_eq!(
+        stat(&m.p("b")).st_size,
+        0,
+        "b's write, never closed, survived the daemon's kill -9"
+    );
+    assert_bytes(
+        &fs::read(m.p("a")).expect("read a"),
+        &data,
+        "a after the remount",
+    );
+    common::finish(&mut m);
+}
+
 /// A version of the saved document: its number and length in a header, then its bytes.
 fn version(n: u64) -> Vec<u8> {
     let len = 3000 + (n as usize * 5413) % 70_000;

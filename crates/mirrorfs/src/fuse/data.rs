@@ -82,12 +82,13 @@ impl MirrorFs {
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _wf: WriteFlags,
+        wf: WriteFlags,
         _flags: OpenFlags,
         _lock: Option<fuser::LockOwner>,
         reply: ReplyWrite,
     ) {
         crate::fuse::affinity::follow(req.pid());
+        let cached = wf.contains(WriteFlags::FUSE_WRITE_CACHE);
         let h = match self.handle(fh) {
             Ok(h) => h,
             Err(e) => return reply.error(e),
@@ -126,8 +127,25 @@ impl MirrorFs {
                 self.vol
                     .mutate_open(op, h.fd.as_fd(), || {
                         self.still_named(ino, &p)?;
+                        // The kernel's write-back: the kernel owns the file's mtime (the time of
+                        // the write(2), sent in a SETATTR that may come before this request), so
+                        // the backing file keeps the mtime it had.
+                        let kept = match cached {
+                            true => Some(sys::fstat(h.fd.as_fd())?),
+                            false => None,
+                        };
                         // Whole or nothing: its record is aborted if it fails (see sys).
-                        self.write_whole(&h, chunk, off)
+                        self.write_whole(&h, chunk, off)?;
+                        if let Some(st) = kept {
+                            let mtime = Timespec {
+                                sec: st.st_mtime,
+                                nsec: st.st_mtime_nsec as u32,
+                            };
+                            // After the write, which took effect: a failure must not abort its
+                            // record, and the kernel's SETATTR sets the time again at close.
+                            let _ = sys::futimens(h.fd.as_fd(), None, Some(mtime));
+                        }
+                        Ok(())
                     })
                     .map(drop)
             });
