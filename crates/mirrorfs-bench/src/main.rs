@@ -11,6 +11,8 @@
 //!   [--mirrorfs-args ...]` run in the foreground; ready once MNT shows up in
 //!   `/proc/self/mountinfo` (10 s timeout), stopped with SIGTERM. A target
 //!   that cannot be set up is reported as skipped; the others still run.
+//! - `mirrorfs-wb` (not in the default set; `--targets native,mirrorfs,mirrorfs-wb`): the
+//!   `mirrorfs` target with `--writeback-cache`, a column beside it in the main table.
 //! - `mirrorfs-net`: `mirrorfs serve MIRROR --listen 127.0.0.1:PORT` and a
 //!   mount with `--mirror mirror://127.0.0.1:PORT`, with identities made for
 //!   the run (`mirrorfs init/trust --config DIR`, in the temp dir). It has its
@@ -146,6 +148,11 @@ pub enum TargetKind {
     Native,
     Bindfs,
     Mirrorfs,
+    /// `mirrorfs` with `--writeback-cache` (the kernel caches writes), beside it in the main
+    /// table. Not in the default set.
+    #[value(name = "mirrorfs-wb")]
+    #[serde(rename = "mirrorfs-wb")]
+    MirrorfsWb,
     /// mirrorfs with a `mirrorfs serve` daemon on loopback as its mirror.
     #[value(name = "mirrorfs-net")]
     #[serde(rename = "mirrorfs-net")]
@@ -189,6 +196,7 @@ impl TargetKind {
             TargetKind::Native => "native",
             TargetKind::Bindfs => "bindfs",
             TargetKind::Mirrorfs => "mirrorfs",
+            TargetKind::MirrorfsWb => "mirrorfs-wb",
             TargetKind::Net => "mirrorfs-net",
             TargetKind::Reintegration => "reintegration",
             TargetKind::Fec => "fec",
@@ -200,6 +208,11 @@ impl TargetKind {
             TargetKind::Initsync => "initsync",
             TargetKind::FuseTransport => "fuse-transport",
         }
+    }
+
+    /// A local mount of mirrorfs (the main table's mirrorfs columns).
+    pub fn is_mirrorfs(self) -> bool {
+        matches!(self, TargetKind::Mirrorfs | TargetKind::MirrorfsWb)
     }
 
     /// The network targets have their own table.
@@ -877,13 +890,16 @@ fn run_target(
                 net::run_reintegration(&nctx, rep)
             };
         }
-        TargetKind::Mirrorfs => {
+        TargetKind::Mirrorfs | TargetKind::MirrorfsWb => {
             let bin = mirrorfs_bin(ctx)?;
             let backing = tdir.join("backing");
             let mnt = tdir.join("mnt");
             let mirror = tdir.join("mirror");
             mkdirs(&[&backing, &mnt, &mirror])?;
-            let extra = split_args(&ctx.args.mirrorfs_args);
+            let mut extra = split_args(&ctx.args.mirrorfs_args);
+            if kind == TargetKind::MirrorfsWb {
+                extra.push("--writeback-cache".to_string());
+            }
             let log = tdir.join("mirrorfs.log");
             let mount = Mount::mirrorfs(&bin, &backing, &mnt, mirror.as_os_str(), &extra, &log)
                 .context("mirrorfs did not mount")?;

@@ -327,7 +327,7 @@ pub fn table(reports: &[TargetReport]) -> Vec<Vec<String>> {
         header.push("mirrorfs target".to_string());
     }
     rows.push(header);
-    let has_mirrorfs = reports.iter().any(|r| r.target == TargetKind::Mirrorfs);
+    let has_mirrorfs = reports.iter().any(|r| r.target.is_mirrorfs());
     for m in Metric::ALL {
         if m.mirrorfs_only() && !has_mirrorfs {
             continue;
@@ -336,7 +336,7 @@ pub fn table(reports: &[TargetReport]) -> Vec<Vec<String>> {
         for r in &reports {
             let cell = if r.skipped.is_some() {
                 "skipped".to_string()
-            } else if m.mirrorfs_only() && r.target != TargetKind::Mirrorfs {
+            } else if m.mirrorfs_only() && !r.target.is_mirrorfs() {
                 "-".to_string()
             } else {
                 match r.values.get(&m) {

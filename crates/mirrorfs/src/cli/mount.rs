@@ -199,6 +199,20 @@ pub struct MountArgs {
     /// may hold mirrors back.
     #[arg(long, default_value_t = 1000, requires = "fsync_groups", value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
     fsync_group_max_ms: u64,
+    /// Let the kernel cache writes (FUSE's writeback cache): write(2) fills the page cache and
+    /// returns, and the kernel sends the data later (at the latest when the file is closed or
+    /// synced), as one larger request. Mirrors then keep a weaker order, stated in the README
+    /// ("With --writeback-cache"): a file's data written before its close or fsync is
+    /// journaled before that close or fsync returns, but between those points it may reach the
+    /// mirrors after later changes, and a crash of this process loses data not yet closed or
+    /// synced; `--ack` then applies to the kernel's writes, close and fsync, not to each
+    /// write(2). Refused with `--peer` (two writable sites). `--no-writeback-cache` turns it
+    /// off (over a config file's `writeback_cache = true`).
+    #[arg(long, overrides_with = "no_writeback_cache")]
+    writeback_cache: bool,
+    /// Turn `--writeback-cache` off.
+    #[arg(long, hide = true, overrides_with = "writeback_cache")]
+    no_writeback_cache: bool,
     /// Take the settings of volume NAME from the config file ($MIRRORFS_CONFIG or
     /// /etc/mirrorfs: `[volume.NAME]` in mirrorfs.toml, or volumes.d/NAME.toml); flags given
     /// here override them. `mirrorfs config show NAME` prints what it gets.
@@ -492,6 +506,7 @@ pub fn mount(a: MountArgs) -> Result<()> {
     if let Some(v) = &a.volume {
         tracing::info!("volume {v}: settings from the config file, then the command line");
     }
+    check_writeback_cache(&a)?;
     let places = check_places(&a)?;
     let link_identity = link_identity(&a, &places.remotes)?;
     let state = prepare_state(&a, &places)?;
@@ -569,7 +584,8 @@ pub fn mount(a: MountArgs) -> Result<()> {
     let status_stop = Arc::new(AtomicBool::new(false));
     let reg = start_status(&mut site, &a, &places, &status_stop)?;
     let term = shutdown_signals()?;
-    let fs_impl = fuse::MirrorFs::new(vol.clone(), &places.backing, Some(state.hidden.clone()))?;
+    let fs_impl = fuse::MirrorFs::new(vol.clone(), &places.backing, Some(state.hidden.clone()))?
+        .with_writeback_cache(a.writeback_cache);
     let view = fs_impl.view();
     let (session, own_mount) = open_session(fs_impl, &a, &places)?;
     // Changes the site makes beneath the mount (a failback's reintegration) reach the mount's
@@ -625,6 +641,7 @@ pub fn mount(a: MountArgs) -> Result<()> {
             udp_rate_control: a.udp_rate_control,
             udp_fec_layers: a.udp_fec_layers as usize,
             tcp_congestion: a.tcp_congestion.clone(),
+            writeback_cache: a.writeback_cache,
         });
         for m in &shared[n_local..] {
             let (v, m, c) = (vol.clone(), m.clone(), cfg.clone());
@@ -665,6 +682,23 @@ pub fn mount(a: MountArgs) -> Result<()> {
     }
     drop(reg);
     eprintln!("mirrorfs: unmounted {}", places.mountpoint.display());
+    Ok(())
+}
+
+/// `--writeback-cache` is refused where its order guarantee cannot hold: with two writable sites
+/// (`--peer`, and so `--write-tokens`), the peer's changes are applied to BACKING beneath the
+/// mount, and the kernel, which owns a cached file's size and pages under the writeback cache,
+/// would keep showing its own (and write its dirty pages over the peer's data), while a write
+/// token would be taken when the kernel writes the pages back, not at write(2), so one file's
+/// writes at both sites could mix.
+fn check_writeback_cache(a: &MountArgs) -> Result<()> {
+    if a.writeback_cache && a.peer.is_some() {
+        bail!(
+            "--writeback-cache cannot be used with --peer: the kernel's page cache would hide the \
+             peer's writes to a file and write its own cached pages over them, and a write token \
+             would be taken when the kernel writes the pages back, not at write(2)"
+        );
+    }
     Ok(())
 }
 

@@ -8,15 +8,26 @@ use super::*;
 impl MirrorFs {
     pub(super) fn do_open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         crate::fuse::affinity::follow(req.pid());
-        let fl = Self::open_flags(flags.0);
+        let mut fl = self.open_flags(flags.0);
         // The file opened must be the inode asked for: its writes are journaled under the
         // inode's name, so a file renamed over that name in the meantime is not it.
         let r = self.retry_renamed(|| {
             let p = self.path(ino).map_err(|e| e.code())?;
-            let fd = self
-                .root
-                .open_at(&p, fl, 0)
-                .map_err(|e| sys::errno_of(&e))?;
+            let fd = match self.root.open_at(&p, fl, 0) {
+                // A write-only file opened for reading too under the writeback cache, by a
+                // daemon not running as root: write-only it is (a partial page written through
+                // it then fails as the kernel's read of the page does).
+                Err(e)
+                    if sys::errno_of(&e) == libc::EACCES
+                        && flags.0 & libc::O_ACCMODE == libc::O_WRONLY
+                        && fl & libc::O_ACCMODE == libc::O_RDWR =>
+                {
+                    fl = (fl & !libc::O_ACCMODE) | libc::O_WRONLY;
+                    self.root.open_at(&p, fl, 0)
+                }
+                other => other,
+            }
+            .map_err(|e| sys::errno_of(&e))?;
             let st = sys::fstat(fd.as_fd()).map_err(|e| sys::errno_of(&e))?;
             if lock(&self.inodes).backing(ino.0) == Some(st.st_ino) {
                 Ok(fd)
@@ -71,12 +82,13 @@ impl MirrorFs {
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _wf: WriteFlags,
+        wf: WriteFlags,
         _flags: OpenFlags,
         _lock: Option<fuser::LockOwner>,
         reply: ReplyWrite,
     ) {
         crate::fuse::affinity::follow(req.pid());
+        let cached = wf.contains(WriteFlags::FUSE_WRITE_CACHE);
         let h = match self.handle(fh) {
             Ok(h) => h,
             Err(e) => return reply.error(e),
@@ -115,8 +127,25 @@ impl MirrorFs {
                 self.vol
                     .mutate_open(op, h.fd.as_fd(), || {
                         self.still_named(ino, &p)?;
+                        // The kernel's write-back: the kernel owns the file's mtime (the time of
+                        // the write(2), sent in a SETATTR that may come before this request), so
+                        // the backing file keeps the mtime it had.
+                        let kept = match cached {
+                            true => Some(sys::fstat(h.fd.as_fd())?),
+                            false => None,
+                        };
                         // Whole or nothing: its record is aborted if it fails (see sys).
-                        self.write_whole(&h, chunk, off)
+                        self.write_whole(&h, chunk, off)?;
+                        if let Some(st) = kept {
+                            let mtime = Timespec {
+                                sec: st.st_mtime,
+                                nsec: st.st_mtime_nsec as u32,
+                            };
+                            // After the write, which took effect: a failure must not abort its
+                            // record, and the kernel's SETATTR sets the time again at close.
+                            let _ = sys::futimens(h.fd.as_fd(), None, Some(mtime));
+                        }
+                        Ok(())
                     })
                     .map(drop)
             });

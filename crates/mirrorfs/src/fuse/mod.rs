@@ -91,6 +91,9 @@ pub struct MirrorFs {
     next_fh: AtomicU64,
     /// Name of mirrorfs's own state directory in the backing root, hidden from the mount.
     hidden: Option<Vec<u8>>,
+    /// `--writeback-cache`: asked of the kernel in `init`; files are then opened as
+    /// [`MirrorFs::open_flags`] says.
+    writeback: bool,
 }
 
 fn err(e: i32) -> Errno {
@@ -171,7 +174,14 @@ impl MirrorFs {
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             hidden,
+            writeback: false,
         })
+    }
+
+    /// With `on`, asks the kernel for its writeback cache at `init` (`--writeback-cache`).
+    pub fn with_writeback_cache(mut self, on: bool) -> Self {
+        self.writeback = on;
+        self
     }
 
     /// The mount's view for the volume (`Volume::mutate_beneath`), sharing this inode table;
@@ -504,10 +514,23 @@ impl MirrorFs {
         Ok(())
     }
 
-    fn open_flags(flags: i32) -> i32 {
+    /// The flags a file of the mount is opened with in BACKING, from the open's `flags`.
+    fn open_flags(&self, flags: i32) -> i32 {
         // O_CREAT/O_EXCL are handled by `create`; O_TRUNC arrives as a setattr (atomic_o_trunc off).
-        (flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_TRUNC))
-            | libc::O_NOFOLLOW
+        let mut fl = (flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_TRUNC))
+            | libc::O_NOFOLLOW;
+        if self.writeback {
+            // Under the writeback cache the kernel reads the rest of a page before it caches a
+            // partial write to it, through whichever handle wrote: a write-only open must read
+            // too (libfuse's passthrough examples do the same). And the kernel appends itself
+            // (at its cached size) and sends each page back at an offset, again later when the
+            // page changes: an O_APPEND descriptor would append that page a second time.
+            if fl & libc::O_ACCMODE == libc::O_WRONLY {
+                fl = (fl & !libc::O_ACCMODE) | libc::O_RDWR;
+            }
+            fl &= !libc::O_APPEND;
+        }
+        fl
     }
 }
 
@@ -553,6 +576,17 @@ impl Filesystem for MirrorFs {
         let _ = config.set_max_write(1 << 20);
         let _ = config.set_max_readahead(1 << 20);
         // No FUSE_PASSTHROUGH: see the module docs.
+        if self.writeback {
+            // Refused by an old kernel: the mount fails rather than keep an order it did not ask
+            // for, or give one the user did not ask for.
+            config
+                .add_capabilities(fuser::InitFlags::FUSE_WRITEBACK_CACHE)
+                .map_err(|_| {
+                    std::io::Error::other(
+                        "this kernel has no FUSE writeback cache (--writeback-cache)",
+                    )
+                })?;
+        }
         Ok(())
     }
 

@@ -336,7 +336,7 @@ impl MirrorFs {
         };
         let (uid, gid, _) = self.owner(req, &p.parent().unwrap_or_default());
         let perm = mode & 0o7777 & !umask;
-        let fl = (Self::open_flags(flags) & !libc::O_ACCMODE) | libc::O_RDWR;
+        let fl = (self.open_flags(flags) & !libc::O_ACCMODE) | libc::O_RDWR;
         let r = self.vol.mutate(
             Op::Create {
                 path: p.clone(),
@@ -374,7 +374,7 @@ impl MirrorFs {
         let h = Handle::new(
             fd,
             a.ino.0,
-            flags & libc::O_APPEND != 0,
+            fl & libc::O_APPEND != 0,
             fl & libc::O_DIRECT != 0,
         );
         self.note_opened(&h, &p, flags);

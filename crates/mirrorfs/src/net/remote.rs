@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use mirrorfs_core::journal::Reader;
 use mirrorfs_core::link::{JournalSpan, LinkError, Sender, Start};
 use mirrorfs_core::op::Record;
@@ -60,6 +60,9 @@ pub struct LinkConfig {
     pub udp_fec_layers: usize,
     /// The TLS connection's TCP congestion control (`--tcp-congestion`; `None`: the system's).
     pub tcp_congestion: Option<String>,
+    /// Mounted with `--writeback-cache`: a diverged mirror's changes are not taken in (see
+    /// `reintegrate`).
+    pub writeback_cache: bool,
 }
 
 fn set_phase(m: &MirrorShared, p: MirrorPhase) {
@@ -397,6 +400,16 @@ impl Session<'_> {
         d.send(&sender.hello(span(vol), cfg.compress, &name))?;
         let welcome = recv_within(&d, &mut dec, crate::net::conn::CONNECT_TIMEOUT)?;
         if let Msg::Diverged { .. } = &welcome {
+            if cfg.writeback_cache {
+                // A failback writes the mirror's changes to BACKING beneath the mount; under the
+                // writeback cache the kernel keeps a cached file's size and would write its dirty
+                // pages over them. The link retries with back-off until a mount without it.
+                bail!(
+                    "mirror {} holds changes this primary lacks (a failback): they are not taken \
+                     in while mounted with --writeback-cache; unmount and mount without it",
+                    self.m.name
+                );
+            }
             return Err(self.reintegrate(&d, &mut dec, &mut sender, &welcome));
         }
         if let Msg::Welcome { compress, .. } = &welcome {
