@@ -81,6 +81,9 @@ pub struct PeerReceiver {
     gate: Option<Arc<TokenGate>>,
     /// The kernel is told of applied changes on another thread (see `settler`).
     settle: Arc<(Mutex<bool>, Condvar)>,
+    /// Records were applied since that thread was last woken: it is woken once per batch
+    /// (`settle_view`), not once per record.
+    unsettled: AtomicBool,
     /// With `--partition reconcile`: what the peer changed during a split is reconciled with
     /// what this site changed (`site::reconcile`, `core::reconcile`).
     reconcile: Option<Arc<SiteReconcile>>,
@@ -175,6 +178,7 @@ impl PeerReceiver {
             reconcile,
             rewrites: Mutex::new(Vec::new()),
             settle: Arc::new((Mutex::new(false), Condvar::new())),
+            unsettled: AtomicBool::new(false),
             vol,
             backing: backing.to_path_buf(),
             hidden,
@@ -216,6 +220,18 @@ impl PeerReceiver {
                 let gate = crate::net::gate::Gate::new();
                 crate::net::serve::accept_loop(&handler, &listener, &server_cfg, &stop, &gate)
             })?)
+    }
+
+    /// Wakes the settling thread (`settler`) if records were applied since it was last woken:
+    /// once per batch, before the batch is acknowledged and the gate told (woken for each
+    /// record, it woke about once per write: `docs/benchmarks.md`, "the second site's
+    /// wake-ups"). The thread settles everything changed by then, asynchronously as before.
+    fn settle_view(&self) {
+        if self.unsettled.swap(false, Ordering::AcqRel) {
+            let (due, cv) = &*self.settle;
+            *lock(due) = true;
+            cv.notify_one();
+        }
     }
 
     /// Tells the kernel about the applied changes (`MountView::settle`) on its own thread: an
@@ -494,6 +510,8 @@ impl PeerReceiver {
                 r
             });
             let r = self.receive(link, &mut dec, &session, &done);
+            // A batch that ended in an error before its commit.
+            self.settle_view();
             done.store(true, Ordering::Release);
             self.vol.changed.notify_all();
             link.shutdown();
@@ -609,6 +627,9 @@ impl PeerReceiver {
             };
             self.apply_copied(&op, false)?;
         }
+        // No batch's commit follows these: the flusher and the kernel are told here.
+        self.vol.wake_flusher();
+        self.settle_view();
         Ok(())
     }
 
@@ -622,11 +643,7 @@ impl PeerReceiver {
             apply_op(&mut tree, op, replay)
                 .map_err(|e| std::io::Error::from_raw_os_error(tree_errno(&e)))
         });
-        {
-            let (due, cv) = &*self.settle;
-            *lock(due) = true;
-            cv.notify_one();
-        }
+        self.unsettled.store(true, Ordering::Release);
         match res {
             Ok(_) => Ok(()),
             Err(e @ (libc::EROFS | libc::ENOSPC | libc::EIO | libc::ESHUTDOWN)) => bail!(
@@ -822,7 +839,11 @@ impl PeerReceiver {
                     return Err(e.context("the rewrite of a file in conflict"));
                 }
             }
+            if !paths.is_empty() {
+                self.unsettled.store(true, Ordering::Release);
+            }
         }
+        self.settle_view();
         self.origins
             .sync()
             .context("cannot make STATE/peer-origin durable")?;
@@ -1064,11 +1085,7 @@ impl PeerReceiver {
             Err(Held::Errno(e)) => Err(e),
             Err(Held::Retry) => Err(libc::EAGAIN),
         };
-        {
-            let (due, cv) = &*self.settle;
-            *lock(due) = true;
-            cv.notify_one();
-        }
+        self.unsettled.store(true, Ordering::Release);
         if res.is_ok() {
             self.failpoint_after(r.seq, &op);
         }
@@ -1106,6 +1123,7 @@ impl PeerReceiver {
         if !hit {
             return;
         }
+        self.settle_view();
         tracing::warn!(
             "{FAILPOINT_ENV}={fp}: the peer's {} {seq} is applied here and not acknowledged; waiting to be killed",
             if is_exchange(op) { "exchange" } else { op.name() }

@@ -803,6 +803,17 @@ impl Volume {
         op: Op,
         apply: impl FnOnce(u64) -> io::Result<R>,
     ) -> Result<(R, u64), i32> {
+        self.mutate_waking(op, apply, true)
+    }
+
+    /// [`Volume::mutate_at`]; `wake_flusher` false leaves waking the flusher to the caller,
+    /// who makes its batch durable at its end ([`Volume::mutate_beneath_unsettled`]).
+    fn mutate_waking<R>(
+        &self,
+        op: Op,
+        apply: impl FnOnce(u64) -> io::Result<R>,
+        wake_flusher: bool,
+    ) -> Result<(R, u64), i32> {
         let bytes = op.data_len() as u64;
         let mut o = lock(&self.order);
         self.check_fence()?;
@@ -828,7 +839,7 @@ impl Volume {
         let done = sequencer
             .applied(journal, seq, res.is_ok())
             .map_err(|r| self.refused(r))?;
-        self.settle(o, done.last, bytes);
+        self.settle_waking(o, done.last, bytes, wake_flusher);
         match res {
             Ok(r) => {
                 self.wait_ack(seq);
@@ -866,6 +877,14 @@ impl Volume {
     /// caller: the peer receiver settles on another thread, since an invalidation of a file's
     /// pages waits for a FUSE write to it in progress, which may be waiting for a write token
     /// that waits for this very change (`net::peer`).
+    ///
+    /// It leaves waking the flusher to the caller too: the peer receiver applies a batch of the
+    /// peer's records and then makes it durable at once (`wait_journal_durable`, which wakes
+    /// the flusher), as a mirror daemon wakes it once per batch (`publish_received`). Woken for
+    /// each record, the flusher took the order lock between the receiver's records and synced
+    /// the batch in pieces (`docs/benchmarks.md`, "the second site's wake-ups"). A batch is one
+    /// message of the peer's stream (`wire::BATCH_BYTES`), and the flusher's idle timer bounds
+    /// the wait of a batch that fails before its end.
     pub fn mutate_beneath_unsettled<R>(
         &self,
         op: Op,
@@ -873,13 +892,17 @@ impl Volume {
     ) -> Result<(R, u64), i32> {
         let view = self.view.get().cloned();
         let seen = view.as_ref().map(|_| op.clone());
-        self.mutate_at(op, |seq| {
-            let r = apply(seq)?;
-            if let (Some(v), Some(op)) = (&view, &seen) {
-                v.changed_beneath(op);
-            }
-            Ok(r)
-        })
+        self.mutate_waking(
+            op,
+            |seq| {
+                let r = apply(seq)?;
+                if let (Some(v), Some(op)) = (&view, &seen) {
+                    v.changed_beneath(op);
+                }
+                Ok(r)
+            },
+            false,
+        )
     }
 
     /// `EROFS` while a witness fence is set and the site holds no valid lease. Checked under the
@@ -1046,11 +1069,17 @@ impl Volume {
     /// Publishes `last` as settled (the primary is done with every record through it) and wakes
     /// the flusher and the mirror workers. Consumes the order lock guard.
     ///
-    /// The flusher is always woken. The workers (and link threads) only when one of the records
+    /// The flusher is always woken here (the peer receiver's records wake it at the end of
+    /// their batch instead: [`Volume::mutate_beneath_unsettled`]). The workers (and link threads) only when one of the records
     /// settled now is already durable: they take records up to `min(durable, settled)`, so before
     /// that they have nothing new, and the flusher's durable position will wake them (a record at
     /// the settled position is final: see `core::feed`).
     pub fn settle(&self, o: MutexGuard<'_, Ordered>, last: u64, bytes: u64) {
+        self.settle_waking(o, last, bytes, true);
+    }
+
+    /// [`Volume::settle`]; `wake_flusher` false: the caller wakes it at the end of its batch.
+    fn settle_waking(&self, o: MutexGuard<'_, Ordered>, last: u64, bytes: u64, wake_flusher: bool) {
         self.settled.store(last, Ordering::Release);
         crate::trace::event("append", format_args!("{last} {last}"));
         drop(o);
@@ -1060,7 +1089,11 @@ impl Volume {
             p.settle(last, bytes);
             p.durable_seq > before
         };
-        self.flush_wake.notify_one();
+        if wake_flusher {
+            #[cfg(test)]
+            tests::FLUSH_WAKES.with(|n| n.set(n.get() + 1));
+            self.flush_wake.notify_one();
+        }
         if usable {
             self.changed.notify_all();
         }
@@ -1462,6 +1495,77 @@ mod tests {
     thread_local! {
         /// Link counts read by `Volume::take_file_tokens` on this thread.
         pub(super) static LINK_READS: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+        /// Wake-ups of the flusher by changes journaled on this thread (`Volume::settle_waking`).
+        pub(super) static FLUSH_WAKES: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+    }
+
+    /// The peer receiver's records (`mutate_beneath_unsettled`) leave waking the flusher to
+    /// the end of their batch (`wait_journal_durable`), as a mirror daemon's session wakes it
+    /// once per batch: woken for each, the flusher took the order lock between them and synced
+    /// the batch in pieces, and the second site of a pair woke 3 times as often per write as a
+    /// `mirrorfs serve` (`docs/benchmarks.md`, "the second site's wake-ups"). The batch is
+    /// still durable when the receiver acknowledges it; a change through the mount still wakes
+    /// the flusher at once.
+    #[test]
+    fn the_peer_receivers_records_wake_the_flusher_once_per_batch() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let store = FileStore::open(d.path()).expect("store");
+        let (j, _) =
+            Journal::open(store, mirrorfs_core::journal::JournalConfig::default()).expect("open");
+        let role = crate::site::engine::Role::Primary {
+            backing: d.path().join("backing"),
+            ack: AckMode::Async,
+            quorum: 0,
+            fsync_waits: FsyncWaits::Mode,
+        };
+        let vol = Arc::new(Volume::new(j, None, Vec::new(), &role));
+        // An idle wait of an hour: a record becomes durable only by a wake-up.
+        let flusher = {
+            let v = vol.clone();
+            std::thread::spawn(move || v.flush_loop(Duration::from_secs(3600)))
+        };
+        let mkdir = |n: u64| Op::Mkdir {
+            path: RelPath::new(format!("d{n}")).expect("path"),
+            mode: 0o755,
+            uid: 0,
+            gid: 0,
+        };
+        FLUSH_WAKES.with(|n| n.set(0));
+        let mut last = 0;
+        for n in 0..16 {
+            let r = vol.mutate_beneath_unsettled(mkdir(n), |_| Ok(()));
+            last = r.expect("journaled").1;
+        }
+        assert_eq!(last, 16, "seqs");
+        assert_eq!(
+            FLUSH_WAKES.with(|n| n.get()),
+            0,
+            "flusher wake-ups by a batch of 16 peer records"
+        );
+        // The batch's end (`net::peer`'s commit): durable through its last record.
+        assert_eq!(vol.wait_journal_durable(), last);
+        assert!(
+            lock(&vol.progress).durable_seq >= last,
+            "the batch is durable"
+        );
+        // A change through the mount wakes it at once.
+        let r = vol.mutate(mkdir(16), || Ok(()));
+        assert_eq!(r.map(|(_, seq)| seq), Ok(17));
+        assert_eq!(
+            FLUSH_WAKES.with(|n| n.get()),
+            1,
+            "wake-ups by a mount's change"
+        );
+        let t0 = Instant::now();
+        while lock(&vol.progress).durable_seq < 17 {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "the mount's change was not made durable"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        vol.set_stopping();
+        flusher.join().expect("flusher");
     }
 
     /// A write at the site holding its name's token reads the file's link count once, under
