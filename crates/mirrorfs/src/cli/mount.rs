@@ -593,6 +593,7 @@ pub fn mount(a: MountArgs) -> Result<()> {
     view.attach(session.notifier());
     let _ = vol.view.set(view);
     let bg = session.spawn()?;
+    raise_readahead(&places.mountpoint);
     tracing::info!(
         "mounted {} on {} with {} mirror(s), --ack {}, quorum {}",
         places.backing.display(),
@@ -1285,6 +1286,22 @@ fn open_session(
             detach(mp);
             Err(e).with_context(|| format!("cannot start the FUSE session on {}", mp.display()))
         }
+    }
+}
+
+/// Larger READs for sequential reads through the mount (`kernel_mount::raise_readahead`); the
+/// mount works without, at the kernel's default window of 128 KiB.
+fn raise_readahead(mp: &Path) {
+    match fuse::kernel_mount::raise_readahead(mp) {
+        Ok(()) => tracing::debug!(
+            "readahead window of {} set to {} KiB",
+            mp.display(),
+            fuse::kernel_mount::READAHEAD_BYTES / 1024
+        ),
+        Err(e) => tracing::info!(
+            "readahead window of {} left at the kernel's default: {e}",
+            mp.display()
+        ),
     }
 }
 

@@ -5,6 +5,15 @@
 
 use super::*;
 
+/// The largest READ served from [`READ_BUF`]: the kernel's largest (`max_pages`, which follows
+/// `max_readahead` and `max_write`, 1 MiB each). A larger one gets a buffer of its own.
+const READ_BUF_BYTES: usize = 1 << 20;
+
+thread_local! {
+    /// A FUSE thread's buffer for READs, at most [`READ_BUF_BYTES`].
+    static READ_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 impl MirrorFs {
     pub(super) fn do_open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         crate::fuse::affinity::follow(req.pid());
@@ -39,6 +48,12 @@ impl MirrorFs {
             Ok(fd) => fd,
             Err(e) => return reply.error(err(e)),
         };
+        if fl & libc::O_ACCMODE == libc::O_RDONLY && fl & libc::O_DIRECT == 0 {
+            // READs of a file come in order, up to 1 MiB each and two at a time: a larger
+            // window on the backing file keeps its disk reads ahead of them. A failure only
+            // leaves the default window.
+            let _ = sys::fadvise_sequential(fd.as_fd());
+        }
         let h = Handle::new(
             fd,
             ino.0,
@@ -68,11 +83,24 @@ impl MirrorFs {
             Ok(h) => h,
             Err(e) => return reply.error(e),
         };
-        let mut buf = sys::IoBuf::new(size as usize, h.direct);
-        match sys::pread(h.fd.as_fd(), buf.as_mut(), offset) {
-            Ok(n) => reply.data(&buf.as_mut()[..n]),
-            Err(e) => reply.error(io_errno(&e)),
+        let size = size as usize;
+        if h.direct || size > READ_BUF_BYTES {
+            let mut buf = sys::IoBuf::new(size, h.direct);
+            return match sys::pread(h.fd.as_fd(), buf.as_mut(), offset) {
+                Ok(n) => reply.data(&buf.as_mut()[..n]),
+                Err(e) => reply.error(io_errno(&e)),
+            };
         }
+        // One buffer per FUSE thread, kept: no allocation and zeroing per READ.
+        READ_BUF.with_borrow_mut(|buf| {
+            if buf.len() < size {
+                buf.resize(size, 0);
+            }
+            match sys::pread(h.fd.as_fd(), &mut buf[..size], offset) {
+                Ok(n) => reply.data(&buf[..n]),
+                Err(e) => reply.error(io_errno(&e)),
+            }
+        })
     }
 
     pub(super) fn do_write(

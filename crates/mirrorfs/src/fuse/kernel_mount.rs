@@ -136,6 +136,30 @@ pub fn mount(mountpoint: &Path, source: &Path, k: &KernelOptions) -> io::Result<
     Ok(Some(fd))
 }
 
+/// The FUSE readahead window asked for in `init` (`max_readahead`), and the largest READ the
+/// kernel sends (`max_pages` follows it and `max_write`). The kernel offers at INIT no more than
+/// the mount's `read_ahead_kb`, which starts at the system default of 128 KiB, and keeps the
+/// smaller of the two: see [`raise_readahead`].
+pub const READAHEAD_BYTES: u32 = 1 << 20;
+
+/// Raises a running FUSE mount's readahead window (`/sys/class/bdi/MAJ:MIN/read_ahead_kb`) to
+/// [`READAHEAD_BYTES`]. Only after INIT was answered: the kernel sets the window to the smaller
+/// of its own and the reply's `max_readahead`, itself at most the window offered, 128 KiB
+/// (Linux `fs/fuse/inode.c`, `fuse_send_init`, `process_init_reply`). Left at 128 KiB, every
+/// READ is 128 KiB whatever `max_pages` allows: a cold sequential read then costs a request,
+/// a `pread` and a reply per 128 KiB (`docs/benchmarks.md`, "Cold reads"). The `stat` of the
+/// mountpoint waits for INIT. Needs root (sysfs); the caller logs a failure and goes on.
+pub fn raise_readahead(mountpoint: &Path) -> io::Result<()> {
+    let dev = std::fs::metadata(mountpoint)?.dev();
+    let knob = format!(
+        "/sys/class/bdi/{}:{}/read_ahead_kb",
+        libc::major(dev),
+        libc::minor(dev)
+    );
+    std::fs::write(&knob, format!("{}", READAHEAD_BYTES / 1024))
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot write {knob}: {e}")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -574,7 +574,7 @@ fn reply_unlinked_setattr(
 impl Filesystem for MirrorFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_write(1 << 20);
-        let _ = config.set_max_readahead(1 << 20);
+        let _ = config.set_max_readahead(kernel_mount::READAHEAD_BYTES);
         // No FUSE_PASSTHROUGH: see the module docs.
         if self.writeback {
             // Refused by an old kernel: the mount fails rather than keep an order it did not ask
