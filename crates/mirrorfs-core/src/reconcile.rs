@@ -908,9 +908,11 @@ impl Reconciler {
 
     /// The peer's removal (rmdir) of `path`, translated as [`Reconciler::translate`]; a
     /// directory we renamed since is noted, for the peer's making it again
-    /// ([`Reconciler::translate_new`]).
+    /// ([`Reconciler::translate_new`]). A held name's rmdir names the holding name; the hold
+    /// lasts until [`Reconciler::peer_rmdir_done`], so that translating the record again
+    /// (the shell does, for its reuse window and under the order lock) gives one answer.
     pub fn translate_removal(&mut self, path: &[u8], seen: u64) -> Option<Vec<u8>> {
-        if let Some(q) = self.end_hold(path, seen) {
+        if let Some(q) = self.held_removal(path, seen) {
             return Some(q);
         }
         let q = self.translate(path, seen)?;
@@ -2028,16 +2030,25 @@ impl Reconciler {
     }
 
     /// The peer's rmdir of a held name (journaled before it considered our making): the
-    /// holding name, and the hold ends.
-    fn end_hold(&mut self, path: &[u8], seen: u64) -> Option<Vec<u8>> {
+    /// holding name. The hold stays ([`Reconciler::peer_rmdir_done`] ends it).
+    fn held_removal(&self, path: &[u8], seen: u64) -> Option<Vec<u8>> {
         let (ours, made) = self.held.get(path)?;
-        if seen >= *made {
-            return None;
+        (seen < *made).then(|| ours.clone())
+    }
+
+    /// The peer's rmdir of `path` (its name), journaled after it had considered our records
+    /// through `seen`, is done here (applied, or failed and journaled with its abort): a hold
+    /// of the name ([`Reconciler::hold`]) ends, since the peer's directory is gone there and
+    /// its later records of the name are for a new entry. Not in [`Reconciler::translate_removal`]:
+    /// ended there, a second translation of the same record (the shell's reuse window, then
+    /// `apply`, then again under the order lock) named the peer's name, so its rmdir removed
+    /// our directory of the name (or failed on it) and left the holding name at this site only
+    /// (`names::a_peer_rmdir_of_a_held_directory_removes_the_holding_name`).
+    pub fn peer_rmdir_done(&mut self, path: &[u8], seen: u64) {
+        if self.held_removal(path, seen).is_some() {
+            self.held.remove(path);
+            self.notes_dirty = true;
         }
-        let ours = ours.clone();
-        self.held.remove(path);
-        self.notes_dirty = true;
-        Some(ours)
     }
 
     /// The peer's rename of a held name: its directory moved aside (or away): the holding
@@ -3639,11 +3650,17 @@ mod names {
                     }
                 },
                 R::Create(p) | R::Mkdir(p) | R::Rmdir(p) | R::Symlink(p, _) => {
-                    let q = if matches!(rec, R::Rmdir(_)) {
-                        self.r.translate_removal(p.as_bytes(), seen)
-                    } else {
-                        self.r.translate_new(p.as_bytes(), seen)
-                    };
+                    // Translated twice, as the shell does (`net::peer::PeerReceiver::applied_as`
+                    // for the reuse window, then `apply`, and again under the order lock): the
+                    // answer must not change.
+                    let mut q = None;
+                    for _ in 0..2 {
+                        q = if matches!(rec, R::Rmdir(_)) {
+                            self.r.translate_removal(p.as_bytes(), seen)
+                        } else {
+                            self.r.translate_new(p.as_bytes(), seen)
+                        };
+                    }
                     let q = q.unwrap_or(b(p));
                     let q: &'static str = Box::leak(s(&q).into_boxed_str());
                     let rec = match rec {
@@ -3687,7 +3704,11 @@ mod names {
                         self.local(R::Whole(copy, mine.unwrap_or_default()));
                         self.local(R::Unlink(q));
                     }
-                    if !self.apply(&rec) {
+                    let applied = self.apply(&rec);
+                    if let R::Rmdir(_) = rec {
+                        self.r.peer_rmdir_done(p.as_bytes(), seen);
+                    }
+                    if !applied {
                         if let R::Rmdir(_) = rec {
                             // Kept here (filled): the shell journals its mode and owner only.
                         } else if !self.parent_ok(q.as_bytes()) {
@@ -5433,6 +5454,55 @@ mod names {
             check(&base, &dir_site, file_site, want, true);
             check(&base, file_site, &dir_site, want, true);
         }
+    }
+
+    /// A directory made at both sites, the higher id's removed again there (empty): the
+    /// lower id holds the peer's under a holding name until its rmdir arrives, which removes
+    /// the holding name, not ours; at the higher id ours went aside for the lower id's, then
+    /// the rmdir removed its own. One directory at both sites, whatever was in ours.
+    #[test]
+    fn a_peer_rmdir_of_a_held_directory_removes_the_holding_name() {
+        let base = [("a", Some("a0"))];
+        for filled in [false, true] {
+            let mut mk = vec![R::Mkdir("n")];
+            if filled {
+                mk.extend([R::Create("n/f"), R::Write("n/f", "f1")]);
+            }
+            let rm = [R::Mkdir("n"), R::Rmdir("n")];
+            let mut want = vec![("a", Some("a0")), ("n", None)];
+            if filled {
+                want.push(("n/f", Some("f1")));
+            }
+            // Site 1 (lower) keeps its n and holds the peer's until its rmdir: nothing listed.
+            check(&base, &mk, &rm, &want, false);
+            // Site 2 (higher) moves its n aside for site 1's, whose rmdir then applies.
+            let mut want = vec![("a", Some("a0")), ("n.conflict", None)];
+            if filled {
+                want.push(("n.conflict/f", Some("f1")));
+            }
+            check(&base, &rm, &mk, &want, true);
+        }
+        // The machine: the peer's rmdir of the held name names the holding name however often
+        // it is translated.
+        let mut w = site(1, 2);
+        w.local_change(5, &Local::MadeDir(b("n")));
+        w.hold(b"n", b"n.c", 5);
+        let rmdir = |p: &str| Op::Rmdir {
+            path: RelPath::new(b(p)).expect("a valid name"),
+        };
+        for _ in 0..3 {
+            assert_eq!(w.translate_op(&rmdir("n"), 4), Ok(Some(rmdir("n.c"))));
+        }
+        assert_eq!(w.held_as(b"n"), Some(&b"n.c"[..]));
+        // Done: the hold ends; the peer's later records of the name are for a new entry.
+        w.peer_rmdir_done(b"n", 4);
+        assert_eq!(w.held_as(b"n"), None);
+        assert_eq!(w.translate_op(&rmdir("n"), 4), Ok(None));
+        assert_eq!(w.translate(b"n/q", 4), None);
+        // One journaled after it considered our making is of ours: no hold ends.
+        w.hold(b"n", b"n.c", 5);
+        w.peer_rmdir_done(b"n", 5);
+        assert_eq!(w.held_as(b"n"), Some(&b"n.c"[..]));
     }
 
     /// The machine: our mkdir and our rename of a directory give a name concurrently; the

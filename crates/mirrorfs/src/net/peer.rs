@@ -1089,6 +1089,17 @@ impl PeerReceiver {
         if res.is_ok() {
             self.failpoint_after(r.seq, &op);
         }
+        if let (Some(rc), Some(seen), Op::Rmdir { path }) = (&self.reconcile, seen, &r.op) {
+            if !matches!(
+                res,
+                Err(libc::EROFS | libc::ENOSPC | libc::EIO | libc::ESHUTDOWN)
+            ) {
+                // Done here (applied, or journaled with its abort; not a refusal, after which
+                // it comes again): a hold of its name ends only now, so that each translation
+                // of it (`applied_as`, the retries, `apply_one`) named the holding name.
+                rc.peer_rmdir_done(path.as_bytes(), seen);
+            }
+        }
         match res {
             Ok(_) => Ok(()),
             // The volume refused the change (read-only fence, full journal, failed journal):

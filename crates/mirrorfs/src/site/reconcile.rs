@@ -228,6 +228,13 @@ impl SiteReconcile {
         lock(&self.machine).hold(theirs, ours, made);
     }
 
+    /// The peer's rmdir of `path` (its name) is done here, applied or journaled with its
+    /// abort: a hold of the name ends (`Reconciler::peer_rmdir_done`; translating the record
+    /// does not end it, so that every translation of it names the holding name).
+    pub fn peer_rmdir_done(&self, path: &[u8], seen: u64) {
+        lock(&self.machine).peer_rmdir_done(path, seen);
+    }
+
     /// [`DirClash::Theirs`]: our directory `name` went aside; the peer's later records for the
     /// name are for its directory (`Reconciler::yielded`).
     pub fn yielded(&self, name: &[u8]) {
