@@ -122,22 +122,24 @@ impl MirrorFs {
             Ok(st) => st,
             Err(e) => return reply.error(io_errno(&e)),
         };
-        match self.vol.mutate_holding(
+        // The parent's times are journaled in the same hold of the order lock, from the
+        // parent's handle the removal used (`Volume::mutate_holding_then`).
+        match self.vol.mutate_holding_then(
             tokens,
             Op::Unlink {
                 path: p.clone(),
                 nlink: st.st_nlink as u32,
             },
             || {
-                self.root.unlink(&p)?;
+                let dir = self.root.remove_stat_parent(&p, false)?;
                 self.mark_gone(&st);
-                Ok(())
+                Ok(dir)
             },
+            |dir| parent_times(&p, dir),
         ) {
             Ok(_) => {
                 let ino = lock(&self.inodes).fuse_ino(st.st_ino);
                 lock(&self.inodes).unlink(parent.0, name.as_bytes(), ino);
-                self.touch_parent(&p);
                 reply.ok()
             }
             Err(e) => reply.error(err(e)),
@@ -155,21 +157,23 @@ impl MirrorFs {
             Err(e) => return reply.error(err(e)),
         };
         let st = self.lstat(&p).ok();
-        match self
-            .vol
-            .mutate_holding(tokens, Op::Rmdir { path: p.clone() }, || {
-                self.root.rmdir(&p)?;
+        match self.vol.mutate_holding_then(
+            tokens,
+            Op::Rmdir { path: p.clone() },
+            || {
+                let dir = self.root.remove_stat_parent(&p, true)?;
                 if let Some(st) = &st {
                     self.mark_gone(st);
                 }
-                Ok(())
-            }) {
+                Ok(dir)
+            },
+            |dir| parent_times(&p, dir),
+        ) {
             Ok(_) => {
                 if let Some(st) = st {
                     let ino = lock(&self.inodes).fuse_ino(st.st_ino);
                     lock(&self.inodes).unlink(parent.0, name.as_bytes(), ino);
                 }
-                self.touch_parent(&p);
                 reply.ok()
             }
             Err(e) => reply.error(err(e)),

@@ -276,6 +276,18 @@ impl Root {
         sys::unlinkat(dir.as_fd(), name, libc::AT_REMOVEDIR)
     }
 
+    /// [`Root::unlink`] (or [`Root::rmdir`] with `dir`) that returns the parent directory's
+    /// `stat` right after the removal: an `fstat` of the parent's handle the removal opened,
+    /// instead of an `lstat` of the parent beneath the root (`openat2`, `fstatat`, `close`) for
+    /// the parent's times the mount records after it. The handle was resolved beneath the root
+    /// for this removal, so the `stat` is the one of the directory the removal changed.
+    pub fn remove_stat_parent(&self, path: &RelPath, dir: bool) -> io::Result<libc::stat> {
+        let (parent, name) = self.parent(path)?;
+        let flags = if dir { libc::AT_REMOVEDIR } else { 0 };
+        sys::unlinkat(parent.as_fd(), name, flags)?;
+        sys::fstat(parent.as_fd())
+    }
+
     /// `renameat2` with `flags` (`RENAME_NOREPLACE`, `RENAME_EXCHANGE`, `RENAME_WHITEOUT`).
     pub fn rename(&self, from: &RelPath, to: &RelPath, flags: u32) -> io::Result<()> {
         let (fdir, fname) = self.parent(from)?;
