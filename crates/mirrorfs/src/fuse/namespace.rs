@@ -113,31 +113,32 @@ impl MirrorFs {
             Err(e) => return reply.error(e),
         };
         // The token first, then what the record says (the file's link count): by then the
-        // peer's changes to this name that came first are applied here.
+        // peer's changes to this name that came first are applied here. The count is read under
+        // the order lock, through the parent's handle the removal and the parent's times (in
+        // the same hold: `Volume::mutate_built_then`) use too.
         let tokens = match self.vol.take_tokens(&[&p]) {
             Ok(t) => t,
             Err(e) => return reply.error(err(e)),
         };
-        let st = match self.lstat(&p) {
-            Ok(st) => st,
-            Err(e) => return reply.error(io_errno(&e)),
-        };
-        // The parent's times are journaled in the same hold of the order lock, from the
-        // parent's handle the removal used (`Volume::mutate_holding_then`).
-        match self.vol.mutate_holding_then(
+        match self.vol.mutate_built_then(
             tokens,
-            Op::Unlink {
-                path: p.clone(),
-                nlink: st.st_nlink as u32,
-            },
             || {
-                let dir = self.root.remove_stat_parent(&p, false)?;
-                self.mark_gone(&st);
-                Ok(dir)
+                let r = self.root.removal(&p)?;
+                let st = *r.lstat.as_ref().map_err(clone_err)?;
+                let op = Op::Unlink {
+                    path: p.clone(),
+                    nlink: st.st_nlink as u32,
+                };
+                Ok((op, (r, st)))
             },
-            |dir| parent_times(&p, dir),
+            |(r, st)| {
+                let dir = r.remove(false)?;
+                self.mark_gone(&st);
+                Ok((dir, st))
+            },
+            |(dir, _)| parent_times(&p, dir.as_ref()?),
         ) {
-            Ok(_) => {
+            Ok(((_, st), _)) => {
                 let ino = lock(&self.inodes).fuse_ino(st.st_ino);
                 lock(&self.inodes).unlink(parent.0, name.as_bytes(), ino);
                 reply.ok()
@@ -156,20 +157,20 @@ impl MirrorFs {
             Ok(t) => t,
             Err(e) => return reply.error(err(e)),
         };
-        let st = self.lstat(&p).ok();
-        match self.vol.mutate_holding_then(
+        match self.vol.mutate_built_then(
             tokens,
-            Op::Rmdir { path: p.clone() },
-            || {
-                let dir = self.root.remove_stat_parent(&p, true)?;
+            || Ok((Op::Rmdir { path: p.clone() }, self.root.removal(&p)?)),
+            |r| {
+                let dir = r.remove(true)?;
+                let st = r.lstat.ok();
                 if let Some(st) = &st {
                     self.mark_gone(st);
                 }
-                Ok(dir)
+                Ok((dir, st))
             },
-            |dir| parent_times(&p, dir),
+            |(dir, _)| parent_times(&p, dir.as_ref()?),
         ) {
-            Ok(_) => {
+            Ok(((_, st), _)) => {
                 if let Some(st) = st {
                     let ino = lock(&self.inodes).fuse_ino(st.st_ino);
                     lock(&self.inodes).unlink(parent.0, name.as_bytes(), ino);
@@ -436,5 +437,13 @@ impl MirrorFs {
             self.touch(p.clone());
         }
         Ok(fd)
+    }
+}
+
+/// An `io::Error` of the system's, again (the `lstat` a removal looked at is kept by reference).
+fn clone_err(e: &std::io::Error) -> std::io::Error {
+    match e.raw_os_error() {
+        Some(n) => std::io::Error::from_raw_os_error(n),
+        None => std::io::Error::new(e.kind(), e.to_string()),
     }
 }

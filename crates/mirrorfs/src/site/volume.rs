@@ -790,21 +790,39 @@ impl Volume {
         apply: impl FnOnce() -> io::Result<R>,
         then: impl FnOnce(&R) -> Option<Op>,
     ) -> Result<(R, u64), i32> {
-        // What the reconciliation of a split notes of the change (data, rename, removal,
-        // metadata: `core::reconcile::Local`).
+        self.mutate_built_then(tokens, || Ok((op, ())), |()| apply(), then)
+    }
+
+    /// [`Volume::mutate_holding_then`] of a change whose record `build` makes **under the order
+    /// lock**, right before it is journaled, with what `apply` then needs (an unlink: the
+    /// parent's handle, opened beneath the root once for the link count the record carries, the
+    /// removal and the parent's times). If `build` fails nothing is journaled and its error is
+    /// the change's. The tokens must cover every record `build` may make.
+    pub fn mutate_built_then<S, R>(
+        &self,
+        tokens: Tokens<'_>,
+        build: impl FnOnce() -> io::Result<(Op, S)>,
+        apply: impl FnOnce(S) -> io::Result<R>,
+        then: impl FnOnce(&R) -> Option<Op>,
+    ) -> Result<(R, u64), i32> {
         if self.receiving_copy.load(Ordering::Acquire) {
             // Nothing local while the peer's tree is copied here: the copy would overwrite it,
             // or it the copy (`status`: "receiving the initial copy from ...").
             return Err(libc::EROFS);
         }
-        let rec = self
-            .reconcile
-            .get()
-            .and_then(|r| mirrorfs_core::reconcile::Local::of(&op).map(|c| (r, c)));
-        let r = self.mutate_at_then(
-            op,
-            |seq| {
-                let r = apply()?;
+        let r = self.mutate_built_at_then(
+            || {
+                let (op, state) = build()?;
+                // What the reconciliation of a split notes of the change (data, rename,
+                // removal, metadata: `core::reconcile::Local`).
+                let rec = self
+                    .reconcile
+                    .get()
+                    .and_then(|r| mirrorfs_core::reconcile::Local::of(&op).map(|c| (r, c)));
+                Ok((op, (state, rec)))
+            },
+            |seq, (state, rec)| {
+                let r = apply(state)?;
                 // Under the order lock: the peer receiver decides under it too.
                 if let Some((rc, c)) = &rec {
                     rc.local_change(seq, c);
@@ -826,19 +844,23 @@ impl Volume {
         op: Op,
         apply: impl FnOnce(u64) -> io::Result<R>,
     ) -> Result<(R, u64), i32> {
-        self.mutate_at_then(op, apply, |_| None)
+        self.mutate_built_at_then(|| Ok((op, ())), |seq, ()| apply(seq), |_| None)
     }
 
-    /// [`Volume::mutate_at`] with the follow-up record of [`Volume::mutate_holding_then`].
-    fn mutate_at_then<R>(
+    /// [`Volume::mutate_at`] with the record built under the lock and the follow-up record of
+    /// [`Volume::mutate_built_then`].
+    fn mutate_built_at_then<S, R>(
         &self,
-        op: Op,
-        apply: impl FnOnce(u64) -> io::Result<R>,
+        build: impl FnOnce() -> io::Result<(Op, S)>,
+        apply: impl FnOnce(u64, S) -> io::Result<R>,
         then: impl FnOnce(&R) -> Option<Op>,
     ) -> Result<(R, u64), i32> {
-        let bytes = op.data_len() as u64;
         let mut o = lock(&self.order);
         self.check_fence()?;
+        // Before anything is journaled (an implicit group's `GroupBegin`): a failed build
+        // leaves the journal as it was.
+        let (op, state) = build().map_err(|e| crate::sys::errno_of(&e))?;
+        let bytes = op.data_len() as u64;
         self.begin_sync_group(&mut o)?;
         let Ordered {
             journal,
@@ -852,7 +874,7 @@ impl Volume {
         if may_make_holes(&op) {
             self.holes_epoch.fetch_add(1, Ordering::Relaxed);
         }
-        let res = apply(seq);
+        let res = apply(seq, state);
         if res.is_ok() {
             for t in copies.values_mut() {
                 t.observe(&op);
@@ -1649,7 +1671,8 @@ mod tests {
     /// An unlink's follow-up record (the parent's `SetTimes`, `mutate_holding_then`) is
     /// journaled right after the change's record in the same hold of the order lock, settled
     /// with it, and built from what the change returned; a change that fails gets its `Abort`
-    /// and no follow-up (as `touch_parent` after a failed change recorded nothing).
+    /// and no follow-up (as `touch_parent` after a failed change recorded nothing); a record that
+    /// cannot be built journals nothing.
     #[test]
     fn a_removal_and_its_parent_times_are_consecutive_records_and_a_failed_one_has_none() {
         let d = tempfile::tempdir().expect("tempdir");
@@ -1680,6 +1703,15 @@ mod tests {
             |_| Some(times(1)),
         );
         assert_eq!(failed.err(), Some(libc::ENOENT), "the change's own error");
+        // A record that cannot be built (the entry's `lstat` under the lock failed): nothing
+        // is journaled, and nothing applied.
+        let unbuilt = vol.mutate_built_then(
+            Tokens(None),
+            || Err::<(Op, ()), _>(io::Error::from_raw_os_error(libc::ENOENT)),
+            |()| -> io::Result<i64> { panic!("applied without a record") },
+            |_| Some(times(1)),
+        );
+        assert_eq!(unbuilt.err(), Some(libc::ENOENT), "the build's error");
         let settled = lock(&vol.progress).settled_seq;
         assert_eq!(
             settled,
