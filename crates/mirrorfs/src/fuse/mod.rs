@@ -313,14 +313,7 @@ impl MirrorFs {
     /// The `SetTimes` of `p`'s mtime as the backing has it (called under the order lock).
     fn times_of(&self, p: RelPath) -> Option<Op> {
         let st = self.lstat(&p).ok()?;
-        Some(Op::SetTimes {
-            path: p,
-            atime: None,
-            mtime: Some(Timespec {
-                sec: st.st_mtime,
-                nsec: st.st_mtime_nsec as u32,
-            }),
-        })
+        Some(mtime_record(p, &st))
     }
 
     /// Owner and group of a new entry, as the kernel would choose them (set-group-ID directories).
@@ -569,6 +562,24 @@ fn reply_unlinked_setattr(
         Ok(st) => reply.attr(&TTL, &fs.attr_of(INodeNo(h.ino), &st)),
         Err(e) => reply.error(io_errno(&e)),
     }
+}
+
+/// The `SetTimes` of the mtime `st` gives `p`.
+fn mtime_record(p: RelPath, st: &libc::stat) -> Op {
+    Op::SetTimes {
+        path: p,
+        atime: None,
+        mtime: Some(Timespec {
+            sec: st.st_mtime,
+            nsec: st.st_mtime_nsec as u32,
+        }),
+    }
+}
+
+/// The `SetTimes` of the parent directory of `p` just removed, from the parent's `stat` taken
+/// right after the removal under the order lock (`Root::remove_stat_parent`).
+fn parent_times(p: &RelPath, parent: &libc::stat) -> Option<Op> {
+    Some(mtime_record(p.parent()?, parent))
 }
 
 impl Filesystem for MirrorFs {

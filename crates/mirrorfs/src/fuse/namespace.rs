@@ -113,31 +113,34 @@ impl MirrorFs {
             Err(e) => return reply.error(e),
         };
         // The token first, then what the record says (the file's link count): by then the
-        // peer's changes to this name that came first are applied here.
+        // peer's changes to this name that came first are applied here. The count is read under
+        // the order lock, through the parent's handle the removal and the parent's times (in
+        // the same hold: `Volume::mutate_built_then`) use too.
         let tokens = match self.vol.take_tokens(&[&p]) {
             Ok(t) => t,
             Err(e) => return reply.error(err(e)),
         };
-        let st = match self.lstat(&p) {
-            Ok(st) => st,
-            Err(e) => return reply.error(io_errno(&e)),
-        };
-        match self.vol.mutate_holding(
+        match self.vol.mutate_built_then(
             tokens,
-            Op::Unlink {
-                path: p.clone(),
-                nlink: st.st_nlink as u32,
-            },
             || {
-                self.root.unlink(&p)?;
-                self.mark_gone(&st);
-                Ok(())
+                let r = self.root.removal(&p)?;
+                let st = *r.lstat.as_ref().map_err(clone_err)?;
+                let op = Op::Unlink {
+                    path: p.clone(),
+                    nlink: st.st_nlink as u32,
+                };
+                Ok((op, (r, st)))
             },
+            |(r, st)| {
+                let dir = r.remove(false)?;
+                self.mark_gone(&st);
+                Ok((dir, st))
+            },
+            |(dir, _)| parent_times(&p, dir.as_ref()?),
         ) {
-            Ok(_) => {
+            Ok(((_, st), _)) => {
                 let ino = lock(&self.inodes).fuse_ino(st.st_ino);
                 lock(&self.inodes).unlink(parent.0, name.as_bytes(), ino);
-                self.touch_parent(&p);
                 reply.ok()
             }
             Err(e) => reply.error(err(e)),
@@ -154,22 +157,24 @@ impl MirrorFs {
             Ok(t) => t,
             Err(e) => return reply.error(err(e)),
         };
-        let st = self.lstat(&p).ok();
-        match self
-            .vol
-            .mutate_holding(tokens, Op::Rmdir { path: p.clone() }, || {
-                self.root.rmdir(&p)?;
+        match self.vol.mutate_built_then(
+            tokens,
+            || Ok((Op::Rmdir { path: p.clone() }, self.root.removal(&p)?)),
+            |r| {
+                let dir = r.remove(true)?;
+                let st = r.lstat.ok();
                 if let Some(st) = &st {
                     self.mark_gone(st);
                 }
-                Ok(())
-            }) {
-            Ok(_) => {
+                Ok((dir, st))
+            },
+            |(dir, _)| parent_times(&p, dir.as_ref()?),
+        ) {
+            Ok(((_, st), _)) => {
                 if let Some(st) = st {
                     let ino = lock(&self.inodes).fuse_ino(st.st_ino);
                     lock(&self.inodes).unlink(parent.0, name.as_bytes(), ino);
                 }
-                self.touch_parent(&p);
                 reply.ok()
             }
             Err(e) => reply.error(err(e)),
@@ -432,5 +437,13 @@ impl MirrorFs {
             self.touch(p.clone());
         }
         Ok(fd)
+    }
+}
+
+/// An `io::Error` of the system's, again (the `lstat` a removal looked at is kept by reference).
+fn clone_err(e: &std::io::Error) -> std::io::Error {
+    match e.raw_os_error() {
+        Some(n) => std::io::Error::from_raw_os_error(n),
+        None => std::io::Error::new(e.kind(), e.to_string()),
     }
 }

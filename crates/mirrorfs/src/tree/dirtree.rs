@@ -44,6 +44,25 @@ impl AsFd for Dir<'_> {
     }
 }
 
+/// An entry to remove and its parent's handle ([`Root::removal`]).
+pub struct Removal<'r, 'p> {
+    parent: Dir<'r>,
+    name: &'p OsStr,
+    /// The entry as its parent's handle showed it before the removal.
+    pub lstat: io::Result<libc::stat>,
+}
+
+impl Removal<'_, '_> {
+    /// `unlinkat` of the entry (`AT_REMOVEDIR` with `dir`); then the parent's `stat` (an `fstat`
+    /// of the handle the removal used, so of the directory it changed), `None` if that fails:
+    /// the removal stands either way.
+    pub fn remove(&self, dir: bool) -> io::Result<Option<libc::stat>> {
+        let flags = if dir { libc::AT_REMOVEDIR } else { 0 };
+        sys::unlinkat(self.parent.as_fd(), self.name, flags)?;
+        Ok(sys::fstat(self.parent.as_fd()).ok())
+    }
+}
+
 fn einval(what: &str) -> io::Error {
     io::Error::new(
         io::ErrorKind::InvalidInput,
@@ -274,6 +293,21 @@ impl Root {
     pub fn rmdir(&self, path: &RelPath) -> io::Result<()> {
         let (dir, name) = self.parent(path)?;
         sys::unlinkat(dir.as_fd(), name, libc::AT_REMOVEDIR)
+    }
+
+    /// The entry at `path` about to be removed, looked at through its parent's handle: one
+    /// `openat2` of the parent beneath the root for the entry's `lstat` (the link count an
+    /// unlink records), the removal ([`Removal::remove`]) and the parent's times after it,
+    /// instead of one for each (`docs/benchmarks.md`, "rm -r"). `lstat` is `None` when the entry
+    /// cannot be looked at (the removal then fails as it would).
+    pub fn removal<'p>(&self, path: &'p RelPath) -> io::Result<Removal<'_, 'p>> {
+        let (parent, name) = self.parent(path)?;
+        let lstat = sys::lstatat(parent.as_fd(), name);
+        Ok(Removal {
+            parent,
+            name,
+            lstat,
+        })
     }
 
     /// `renameat2` with `flags` (`RENAME_NOREPLACE`, `RENAME_EXCHANGE`, `RENAME_WHITEOUT`).
@@ -735,6 +769,54 @@ mod tests {
             (0o644, 0, 1),
             "the outside file is untouched"
         );
+    }
+
+    /// A removal opens the parent beneath the root once: never through a symlink, the entry's
+    /// own `lstat` (a final symlink itself, its link count), and after the removal the parent's
+    /// `stat`, the one the directory has (its mtime moved by the removal).
+    #[test]
+    fn a_removal_is_confined_and_gives_the_entry_and_then_its_parent_as_they_are() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let outside = t.path().join("outside");
+        std::fs::create_dir_all(outside.join("t")).expect("mkdir");
+        std::fs::write(outside.join("t/f"), b"x").expect("write");
+        let root_dir = t.path().join("root");
+        std::fs::create_dir_all(root_dir.join("d")).expect("mkdir root/d");
+        std::fs::write(root_dir.join("d/f"), b"x").expect("write");
+        std::fs::hard_link(root_dir.join("d/f"), root_dir.join("d/g")).expect("link");
+        std::os::unix::fs::symlink(&outside, root_dir.join("p")).expect("symlink p");
+        std::os::unix::fs::symlink(outside.join("t"), root_dir.join("d/s")).expect("symlink s");
+        let root = Root::open(&root_dir).expect("open root");
+
+        assert_eq!(errno(root.removal(&rel("p/t/f"))), Some(libc::ELOOP));
+        assert!(outside.join("t/f").exists(), "nothing outside is touched");
+        let (ds, df) = (rel("d/s"), rel("d/f"));
+        let s = root.removal(&ds).expect("removal of d/s");
+        let st = s.lstat.as_ref().expect("lstat of d/s");
+        assert_eq!(st.st_mode & libc::S_IFMT, libc::S_IFLNK, "not followed");
+        assert_eq!(errno(s.remove(true)), Some(libc::ENOTDIR));
+        s.remove(false).expect("unlink of the symlink");
+        assert!(
+            outside.join("t/f").exists(),
+            "the symlink's target is untouched"
+        );
+
+        let old = Timespec { sec: 1, nsec: 0 };
+        root.utimes(&rel("d"), Some(old), Some(old))
+            .expect("utimes");
+        let f = root.removal(&df).expect("removal of d/f");
+        assert_eq!(f.lstat.as_ref().expect("lstat").st_nlink, 2);
+        let parent = f.remove(false).expect("unlink").expect("parent's stat");
+        let now = root.lstat(&rel("d")).expect("lstat d");
+        assert_eq!(
+            (parent.st_ino, parent.st_mtime, parent.st_mtime_nsec),
+            (now.st_ino, now.st_mtime, now.st_mtime_nsec),
+            "the parent as it is after the removal"
+        );
+        assert!(parent.st_mtime > 1, "the removal moved the parent's mtime");
+        assert!(!root_dir.join("d/f").exists() && root_dir.join("d/g").exists());
+        let gone = root.removal(&df).expect("the parent is there");
+        assert_eq!(errno(gone.lstat), Some(libc::ENOENT));
     }
 
     #[test]
