@@ -1293,6 +1293,10 @@ impl Volume {
                 m.want_durable.fetch_max(seq, Ordering::AcqRel);
             }
         }
+        // Mirrors take only records durable here: a change whose settle left the flusher
+        // asleep (`mutate_beneath_unsettled`: the peer receiver, a failback) would otherwise
+        // wait out its idle timer.
+        self.flush_wake.notify_one();
         self.changed.notify_all();
         let mut p = lock(&self.progress);
         loop {
@@ -1640,6 +1644,73 @@ mod tests {
         }
         vol.set_stopping();
         flusher.join().expect("flusher");
+    }
+
+    /// A change beneath the mount (the peer receiver's, a failback's reintegration) under an
+    /// `--ack` that waits for mirrors: its settle leaves the flusher asleep, but a mirror takes
+    /// only durable records, so the wait for the mirror must wake the flusher itself, or each
+    /// such change would wait out the flusher's idle timer (here an hour).
+    #[test]
+    fn a_change_beneath_the_mount_waiting_for_mirrors_wakes_the_flusher() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let store = FileStore::open(d.path()).expect("store");
+        let (j, _) =
+            Journal::open(store, mirrorfs_core::journal::JournalConfig::default()).expect("open");
+        let role = crate::site::engine::Role::Primary {
+            backing: d.path().join("backing"),
+            ack: AckMode::Received,
+            quorum: 1,
+            fsync_waits: FsyncWaits::Mode,
+        };
+        let m = Arc::new(MirrorShared::new(
+            "m".into(),
+            d.path().join("mirror"),
+            d.path().join("mirror-state"),
+            None,
+        ));
+        let vol = Arc::new(Volume::new(j, None, vec![m.clone()], &role));
+        let flusher = {
+            let v = vol.clone();
+            std::thread::spawn(move || v.flush_loop(Duration::from_secs(3600)))
+        };
+        // The mirror: applies what is durable, as a worker takes min(durable, settled).
+        let stop = Arc::new(AtomicBool::new(false));
+        let worker = {
+            let (v, m, stop) = (vol.clone(), m.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Acquire) {
+                    let durable = lock(&v.progress).durable_seq;
+                    m.applied.fetch_max(durable, Ordering::AcqRel);
+                    v.changed.notify_all();
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            })
+        };
+        // The flusher asleep on its idle wait before the change comes.
+        std::thread::sleep(Duration::from_millis(300));
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let v = vol.clone();
+            std::thread::spawn(move || {
+                let op = Op::Mkdir {
+                    path: RelPath::new("d".to_string()).expect("path"),
+                    mode: 0o755,
+                    uid: 0,
+                    gid: 0,
+                };
+                let _ = tx.send(v.mutate_beneath_unsettled(op, |_| Ok(())).map(|(_, s)| s));
+            });
+        }
+        let r = rx.recv_timeout(Duration::from_secs(20));
+        stop.store(true, Ordering::Release);
+        vol.set_stopping();
+        worker.join().expect("worker");
+        flusher.join().expect("flusher");
+        assert_eq!(
+            r.expect("the change waited for a flusher nobody woke"),
+            Ok(1),
+            "journaled"
+        );
     }
 
     /// A write at the site holding its name's token reads the file's link count once, under
