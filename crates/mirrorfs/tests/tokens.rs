@@ -3788,6 +3788,251 @@ fn a_netsplit_during_which_one_side_exchanges_a_directory_the_other_removes() {
     }
 }
 
+/// Whose split records reach the other site first at the heal, in the tests of issue 7's
+/// compound splits that the core's model (`check`'s orders: all of site 1's records first, all
+/// of site 2's first, or interleaved) lost a write in only for some orders.
+#[derive(Clone, Copy, Debug)]
+enum Heard {
+    /// Both links are let through at once.
+    Together,
+    /// Site 1's (`a`'s) link first, until `b` applied all of `a`'s split records; then `b`'s.
+    AFirst,
+    /// Site 2's (`b`'s) link first, until `a` applied all of `b`'s split records; then `a`'s.
+    BFirst,
+}
+
+impl Pair {
+    /// Each site's last change of the split: a file `done-a` or `done-b`. Once the other site
+    /// holds it, every record the site made before it is applied there too (records are applied
+    /// in order).
+    fn split_done(&self) -> [(String, Vec<u8>); 2] {
+        let mut out = [(String::new(), Vec::new()), (String::new(), Vec::new())];
+        for (i, (m, name)) in [(&self.a, "done-a"), (&self.b, "done-b")]
+            .into_iter()
+            .enumerate()
+        {
+            let c = format!("{name}: the last change of the split here\n").into_bytes();
+            write_file(m, name, &c);
+            out[i] = (name.to_string(), c);
+        }
+        out
+    }
+
+    /// Heals after [`Pair::cut`] in `heard`'s order (see [`Heard`]; `done` from
+    /// [`Pair::split_done`]), then as [`Pair::heal_and_settle`].
+    fn heal_heard(&self, heard: Heard, done: &[(String, Vec<u8>); 2]) {
+        let (link, to, (name, c)) = match heard {
+            Heard::Together => return self.heal_and_settle(),
+            Heard::AFirst => (0, &self.b, &done[0]),
+            Heard::BFirst => (1, &self.a, &done[1]),
+        };
+        self.proxies[link].heal();
+        self.wait_view(&format!("{name} applied at the other site first"), || {
+            fs::read(to.backing().join(name)).is_ok_and(|b| &b == c)
+        });
+        // What applying them made at that site (a directory moved aside, say) is journaled
+        // before its own records go out.
+        std::thread::sleep(Duration::from_millis(500));
+        self.heal_and_settle();
+    }
+}
+
+/// Issue 7, with real mounts (the core's
+/// `names::a_write_in_a_directory_renamed_onto_a_clash_follows_an_exchange_in_it`): the maker
+/// makes `e` and exchanges `d/x` with `d/y` (`renameat2(RENAME_EXCHANGE)`), the other site
+/// renames `d` to `e` (a clash of two directories given one new name) and writes `e/x`. Site
+/// 1's (`a`'s) directory stays at `e`, site 2's goes to one `e.conflict-site2-…` (listed at
+/// site 2); the write follows the exchange to `y` in the renamed `d` wherever it ends, at both
+/// sites; `x` there holds `y`'s old content. Before `Moved::here` (the reconciler's exchange
+/// ends keeping the peer's name and ours) the write was lost at the maker: with real mounts,
+/// for both makers and all three arrival orders ([`Heard`]; `y` there held `x0`).
+fn exchange_in_a_directory_renamed_onto_a_clash(tag: &str, maker_is_a: bool, heard: Heard) {
+    let pair = Pair::netsplit(tag);
+    fs::create_dir(pair.a.p("d")).expect("mkdir d");
+    write_file(&pair.a, "d/x", b"x0\n");
+    write_file(&pair.a, "d/y", b"y0\n");
+    pair.wait_equal();
+    pair.cut();
+    pair.wait_linked(false);
+    let (maker, renamer) = if maker_is_a {
+        (&pair.a, &pair.b)
+    } else {
+        (&pair.b, &pair.a)
+    };
+    fs::create_dir(maker.p("e")).expect("mkdir e at the maker");
+    exchange(&maker.p("d/x"), &maker.p("d/y"));
+    fs::rename(renamer.p("d"), renamer.p("e")).expect("rename d to e at the other");
+    write_file(renamer, "e/x", b"new\n");
+    let done = pair.split_done();
+    pair.heal_heard(heard, &done);
+    let what = format!("maker {}, {heard:?}", if maker_is_a { "a" } else { "b" });
+    let copies = names_starting(pair.a.backing(), "e.");
+    assert_eq!(copies.len(), 1, "{what}: one directory aside: {copies:?}");
+    let aside = copies[0].clone();
+    assert!(
+        aside.starts_with("e.conflict-site2-"),
+        "{what}: site 2's directory goes aside: {aside}"
+    );
+    // The renamed `d` is site 2's `e` (aside) when site 1 made `e`, and site 1's otherwise.
+    let renamed = if maker_is_a { aside.as_str() } else { "e" };
+    pair.wait_shown(&format!("{renamed}/y"), b"new\n");
+    pair.wait_shown(&format!("{renamed}/x"), b"y0\n");
+    let mut want: std::collections::BTreeMap<String, Vec<u8>> = done.into_iter().collect();
+    want.insert(format!("{renamed}/x"), b"y0\n".to_vec());
+    want.insert(format!("{renamed}/y"), b"new\n".to_vec());
+    for m in [&pair.a, &pair.b] {
+        assert_eq!(
+            files_beneath(m.backing()),
+            want,
+            "{what}: the tree at {}\nsite a:\n{}\nsite b:\n{}",
+            m.backing().display(),
+            pair.a.log(),
+            pair.b.log()
+        );
+        assert!(
+            m.p("e").is_dir() && m.p(&aside).is_dir() && !m.p("d").exists(),
+            "{what}: both directories, no d"
+        );
+        let hidden = names_starting(m.backing(), ".mirrorfs-exchange-");
+        assert!(hidden.is_empty(), "{what}: {hidden:?}\n{}", m.log());
+    }
+    let listed: Vec<_> = conflicts_json(&pair.b)
+        .into_iter()
+        .filter(|e| e["path"] == "e")
+        .collect();
+    assert_eq!(listed.len(), 1, "{what}: {listed:#?}\n{}", pair.b.log());
+    assert_eq!(listed[0]["copy"], aside.as_str(), "{what}: {listed:#?}");
+}
+
+#[test]
+fn a_netsplit_during_which_a_write_in_a_directory_renamed_onto_a_clash_follows_an_exchange() {
+    exchange_in_a_directory_renamed_onto_a_clash("xmount-xclash-a", true, Heard::Together);
+}
+
+#[test]
+fn a_netsplit_during_which_a_write_in_a_directory_renamed_onto_a_clash_follows_an_exchange_a_heard_first(
+) {
+    exchange_in_a_directory_renamed_onto_a_clash("xmount-xclash-a-a1", true, Heard::AFirst);
+}
+
+#[test]
+fn a_netsplit_during_which_a_write_in_a_directory_renamed_onto_a_clash_follows_an_exchange_b_heard_first(
+) {
+    exchange_in_a_directory_renamed_onto_a_clash("xmount-xclash-a-b1", true, Heard::BFirst);
+}
+
+/// The same with site 2 (`b`) the maker.
+#[test]
+fn a_netsplit_during_which_a_write_in_a_directory_renamed_onto_a_clash_made_at_b_follows_an_exchange(
+) {
+    exchange_in_a_directory_renamed_onto_a_clash("xmount-xclash-b", false, Heard::Together);
+}
+
+#[test]
+fn a_netsplit_during_which_a_write_in_a_directory_renamed_onto_a_clash_made_at_b_follows_an_exchange_a_heard_first(
+) {
+    exchange_in_a_directory_renamed_onto_a_clash("xmount-xclash-b-a1", false, Heard::AFirst);
+}
+
+#[test]
+fn a_netsplit_during_which_a_write_in_a_directory_renamed_onto_a_clash_made_at_b_follows_an_exchange_b_heard_first(
+) {
+    exchange_in_a_directory_renamed_onto_a_clash("xmount-xclash-b-b1", false, Heard::BFirst);
+}
+
+/// Issue 7, with real mounts (the core's
+/// `a_write_in_a_directory_renamed_at_the_other_site_follows_two_renames_in_it`): one site
+/// renames `d/a` → `d/b` → `d/c`, the other renames `d` → `e` and writes `e/a`. Both end with
+/// `e/c` holding the write, nothing else, and nothing listed. Before the fix (the first
+/// rename's new name following the peer's rename of its directory) the write was lost at the
+/// renaming site (its `e/c` kept `a0`): with real mounts, for both renamers and all three
+/// arrival orders.
+fn two_renames_in_a_directory_renamed_at_the_other_site(
+    tag: &str,
+    renamer_is_a: bool,
+    heard: Heard,
+) {
+    let pair = Pair::netsplit(tag);
+    fs::create_dir(pair.a.p("d")).expect("mkdir d");
+    write_file(&pair.a, "d/a", b"a0\n");
+    pair.wait_equal();
+    pair.cut();
+    pair.wait_linked(false);
+    let (renamer, other) = if renamer_is_a {
+        (&pair.a, &pair.b)
+    } else {
+        (&pair.b, &pair.a)
+    };
+    fs::rename(renamer.p("d/a"), renamer.p("d/b")).expect("rename d/a to d/b");
+    fs::rename(renamer.p("d/b"), renamer.p("d/c")).expect("rename d/b to d/c");
+    fs::rename(other.p("d"), other.p("e")).expect("rename d to e");
+    write_file(other, "e/a", b"new\n");
+    let done = pair.split_done();
+    pair.heal_heard(heard, &done);
+    let what = format!(
+        "renamer {}, {heard:?}",
+        if renamer_is_a { "a" } else { "b" }
+    );
+    pair.wait_shown("e/c", b"new\n");
+    let mut want: std::collections::BTreeMap<String, Vec<u8>> = done.into_iter().collect();
+    want.insert("e/c".to_string(), b"new\n".to_vec());
+    for m in [&pair.a, &pair.b] {
+        assert_eq!(
+            files_beneath(m.backing()),
+            want,
+            "{what}: the tree at {}\nsite a:\n{}\nsite b:\n{}",
+            m.backing().display(),
+            pair.a.log(),
+            pair.b.log()
+        );
+        assert!(!m.p("d").exists(), "{what}: d is gone");
+        let listed = conflicts_json(m);
+        assert!(listed.is_empty(), "{what}: {listed:#?}\n{}", m.log());
+    }
+}
+
+#[test]
+fn a_netsplit_during_which_a_write_in_a_directory_renamed_at_b_follows_two_renames_at_a() {
+    two_renames_in_a_directory_renamed_at_the_other_site("xmount-tworen-a", true, Heard::Together);
+}
+
+#[test]
+fn a_netsplit_during_which_a_write_in_a_directory_renamed_at_b_follows_two_renames_at_a_a_heard_first(
+) {
+    two_renames_in_a_directory_renamed_at_the_other_site("xmount-tworen-a-a1", true, Heard::AFirst);
+}
+
+#[test]
+fn a_netsplit_during_which_a_write_in_a_directory_renamed_at_b_follows_two_renames_at_a_b_heard_first(
+) {
+    two_renames_in_a_directory_renamed_at_the_other_site("xmount-tworen-a-b1", true, Heard::BFirst);
+}
+
+#[test]
+fn a_netsplit_during_which_a_write_in_a_directory_renamed_at_a_follows_two_renames_at_b() {
+    two_renames_in_a_directory_renamed_at_the_other_site("xmount-tworen-b", false, Heard::Together);
+}
+
+#[test]
+fn a_netsplit_during_which_a_write_in_a_directory_renamed_at_a_follows_two_renames_at_b_a_heard_first(
+) {
+    two_renames_in_a_directory_renamed_at_the_other_site(
+        "xmount-tworen-b-a1",
+        false,
+        Heard::AFirst,
+    );
+}
+
+#[test]
+fn a_netsplit_during_which_a_write_in_a_directory_renamed_at_a_follows_two_renames_at_b_b_heard_first(
+) {
+    two_renames_in_a_directory_renamed_at_the_other_site(
+        "xmount-tworen-b-b1",
+        false,
+        Heard::BFirst,
+    );
+}
+
 /// A peer's exchange (`renameat2(RENAME_EXCHANGE)`) applied as sent at the receiving site,
 /// which is killed (kill -9) before the exchange is acknowledged (the test hook
 /// `MIRRORFS_FAILPOINT=peer-exchange-applied` stops its receiver right after the exchange):
