@@ -204,7 +204,7 @@ pub struct MountArgs {
     /// synced), as one larger request. Mirrors then keep a weaker order, stated in the README
     /// ("With --writeback-cache"): a file's data written before its close or fsync is
     /// journaled before that close or fsync returns, but between those points it may reach the
-    /// mirrors after later changes, and a crash of this process loses data not yet closed or
+    /// mirrors after later changes, and a crash of this process can lose data not yet closed or
     /// synced; `--ack` then applies to the kernel's writes, close and fsync, not to each
     /// write(2). Refused with `--peer` (two writable sites). `--no-writeback-cache` turns it
     /// off (over a config file's `writeback_cache = true`).
