@@ -3671,7 +3671,7 @@ mod names {
                             && matches!(self.tree.get(&from), Some(Some(_)))
                         {
                             match self.r.peer_rename_onto_dir(&from, seen) {
-                                Decision::Apply => self.local(R::Unlink(fs)),
+                                Decision::Apply => self.source_gone(&from),
                                 Decision::Restore { first } => {
                                     self.conflicts += usize::from(first);
                                     restores.push((from.clone(), true));
@@ -3697,9 +3697,7 @@ mod names {
                         }
                         match source {
                             Decision::Apply => {
-                                if let Some(Some(_)) = self.tree.get(&from) {
-                                    self.local(R::Unlink(Box::leak(s(&from).into_boxed_str())));
-                                }
+                                self.source_gone(&from);
                             }
                             Decision::Restore { first } => {
                                 self.conflicts += usize::from(first);
@@ -3961,9 +3959,6 @@ mod names {
             if from == to || !Self::entries_clash(&mine, &theirs) {
                 return false;
             }
-            let s = |v: &[u8]| -> &'static str {
-                Box::leak(String::from_utf8_lossy(v).into_owned().into_boxed_str())
-            };
             match self.r.peer_entry_clash(&to, seen) {
                 EntryClash::Apart => false,
                 EntryClash::Theirs => {
@@ -3981,7 +3976,7 @@ mod names {
                             self.conflicts += usize::from(first);
                             restores.push((from, true));
                         }
-                        _ => self.local(R::Unlink(s(&from))),
+                        _ => self.source_gone(&from),
                     }
                     true
                 }
@@ -4045,6 +4040,19 @@ mod names {
                     .peer_renamed(f.as_bytes(), t.as_bytes(), &from, &to, true);
                 self.r.exchange_step_done(seq, 3);
                 self.save_notes();
+            }
+        }
+
+        /// The source `from` (our name) of a peer rename not applied here, the name it goes to
+        /// staying ours (a directory, or our entry in a conflict): our file goes, removed as
+        /// the peer's record, not journaled (`net::peer::PeerReceiver::remove_source`). The
+        /// peer moved its file away from the name: there the name holds nothing now, or
+        /// another entry — an exchange's other end, a later one — that a removal streamed to
+        /// it would take (seed 4,958: our `a/x` removed as the source of the peer's `d/x` →
+        /// `a`, its exchange with `a` carried out as renames, named the peer's written file).
+        fn source_gone(&mut self, from: &[u8]) {
+            if let Some(Some(_)) = self.tree.get(from) {
+                self.tree.remove(from);
             }
         }
 
@@ -5068,6 +5076,42 @@ mod names {
             &[("a", Some("w")), ("d", None), ("d/x", Some("a0"))],
             true,
         );
+    }
+
+    /// `a` ⇄ `d/x` at one site, `a` ⇄ `d` at the other, the file `a` written at either (seed
+    /// 4,958 and about 50 like it in the runs with exchanges, which kept the write at one site
+    /// only). The file `a` keeps the lower id's name (`d/x`, under the directory now `a`; or
+    /// `d`), and `x0` given the directory's name goes aside. The site whose rename of `x0`
+    /// onto its directory is not applied removes its source as the peer's record: streamed,
+    /// that removal named `a/x` at the other site, which holds the written file there.
+    #[test]
+    fn a_file_exchanged_into_a_directory_the_other_site_exchanged_keeps_its_write() {
+        let base = [("a", Some("a0")), ("d", None), ("d/x", Some("x0"))];
+        for (into, dir) in [
+            (
+                vec![R::Exchange("a", "d/x")],
+                vec![R::Exchange("d", "a"), R::Write("d", "w")],
+            ),
+            (
+                vec![R::Write("a", "w"), R::Exchange("a", "d/x")],
+                vec![R::Exchange("a", "d")],
+            ),
+        ] {
+            check(
+                &base,
+                &into,
+                &dir,
+                &[("a", None), ("a.conflict", Some("x0")), ("a/x", Some("w"))],
+                true,
+            );
+            check(
+                &base,
+                &dir,
+                &into,
+                &[("a", None), ("a.conflict", Some("x0")), ("d", Some("w"))],
+                true,
+            );
+        }
     }
 
     /// Both sites exchange the same two files and write one of them (seed 122,239): one move

@@ -1010,8 +1010,8 @@ impl PeerReceiver {
         }
         if let (Err(Held::Displaced), Op::Rename { from, .. }) = (res, &used) {
             // The winner keeps its file at the name: the peer's source goes here too (its
-            // content comes back as the peer's conflict copy). Journaled having considered
-            // this record: the peer must not translate the name through its own rename.
+            // content comes back as the peer's conflict copy), as the peer's record. Our
+            // records from here on consider this one.
             if let Some(rc) = &self.reconcile {
                 let o = lock(&self.vol.order);
                 rc.note_point(o.journal.next_seq(), r.seq);
@@ -1253,9 +1253,8 @@ impl PeerReceiver {
                         lock(&self.rewrites).push((from.clone(), true));
                     }
                     _ => {
-                        // Journaled having considered this record (as for `Displaced`): the
-                        // peer must not translate the name through its own rename and give
-                        // back, listed `they-deleted`, the file it renamed onto our directory.
+                        // Our records from here on consider this one (as for `Displaced`);
+                        // the removal is the peer's record, not streamed back.
                         {
                             let o = lock(&self.vol.order);
                             rc.note_point(o.journal.next_seq(), seq);
@@ -1727,10 +1726,13 @@ impl PeerReceiver {
     }
 
     /// The source of a peer rename that is not applied here because the name it goes to stays
-    /// ours (a directory, or our file in a conflict): removed through the volume (journaled),
-    /// as the peer, which moved or copied its file aside, no longer has it.
+    /// ours (a directory, or our file in a conflict): removed through the volume (journaled)
+    /// as the peer's record, not streamed back. The peer moved its file away from that name
+    /// (and moves or copies it aside): there the name holds nothing now, or another entry (an
+    /// exchange's other end, a later one) that our removal of it would take (the model's
+    /// `Site::source_gone`; seed 4,958 of `core::reconcile`'s model).
     fn remove_source(&self, from: &RelPath) -> Result<()> {
-        self.remove(from, false, "the source of the peer's rename")
+        self.remove(from, true, "the source of the peer's rename")
     }
 
     /// Removes `path` through the volume (journaled at our seq, its link count read beneath
