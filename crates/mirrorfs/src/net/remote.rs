@@ -917,10 +917,8 @@ fn stream(
                 if reader.next_seq() > limit {
                     return Ok(None);
                 }
-                let view = lock(&vol.order).journal.segment_for(reader.next_seq());
-                reader.next::<FileStore>(view, limit)
+                next_for_link(vol, m, &mut reader, limit)
             })?;
-            let batch = without_echo(m, batch);
             if let Some(last) = batch.last().map(|r| r.seq) {
                 // The change points of these records go first (`site::reconcile`).
                 if let (Some(rc), Some(first)) = (m.reconcile.get(), batch.first()) {
@@ -968,19 +966,27 @@ fn send_tokens(d: &Duplex, m: &MirrorShared, beat: &mut Beat) -> Result<()> {
     Ok(())
 }
 
-/// On the link to the other writable site of a pair (`mount --peer`), each of our records that
-/// came from that site goes as `Abort{seq: its own seq}`: a placeholder that keeps the stream's
-/// seqs consecutive (the peer's session checks them) and that nobody applies, so no change is
-/// sent back where it came from (`site::peer`).
-fn without_echo(m: &MirrorShared, mut batch: Vec<Record>) -> Vec<Record> {
+/// The journal's next record through `limit` as this link sends it. On the link to the other
+/// writable site of a pair (`mount --peer`), each of our records that came from that site goes
+/// as `Abort{seq: its own seq}`: a placeholder that keeps the stream's seqs consecutive (the
+/// peer's session checks them) and that nobody applies, so no change is sent back where it
+/// came from (`site::peer`).
+pub(crate) fn next_for_link(
+    vol: &Volume,
+    m: &MirrorShared,
+    reader: &mut Reader<crate::site::store::FileSegment>,
+    limit: u64,
+) -> Result<Option<Record>, mirrorfs_core::journal::JournalError> {
+    let view = lock(&vol.order).journal.segment_for(reader.next_seq());
+    let Some(mut r) = reader.next::<FileStore>(view, limit)? else {
+        return Ok(None);
+    };
     if let Some(origins) = m.peer.get() {
-        for r in &mut batch {
-            if origins.contains(r.seq) {
-                r.op = mirrorfs_core::op::Op::Abort { seq: r.seq };
-            }
+        if origins.contains(r.seq) {
+            r.op = mirrorfs_core::op::Op::Abort { seq: r.seq };
         }
     }
-    batch
+    Ok(Some(r))
 }
 
 /// The receiving loop: acknowledgements update the mirror's positions and wake waiters; over

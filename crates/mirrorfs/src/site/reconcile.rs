@@ -508,10 +508,10 @@ impl SiteReconcile {
     }
 
     /// Rebuilds the machine's entries from the journal (our own data records after the
-    /// watermark; `is_peer`: the record came from the peer).
+    /// watermark; not those that came from the peer).
     /// First the names the peer's records noted (`STATE/reconcile-notes`: the journal holds
     /// those records, but not the peer's `seen` of each, so they cannot be decided again).
-    pub fn rebuild(&self, vol: &Volume, is_peer: impl Fn(u64) -> bool) -> Result<usize> {
+    pub fn rebuild(&self, vol: &Volume) -> Result<usize> {
         let file = self.notes_file();
         match std::fs::read(&file) {
             Ok(b) => {
@@ -535,8 +535,9 @@ impl SiteReconcile {
         };
         let from = self.seen_by_peer().saturating_add(1).max(first);
         let mut n = 0;
+        let origins = vol.peer_origins.get();
         vol.each_record(from, end, |r| {
-            if is_peer(r.seq) {
+            if origins.is_some_and(|o| o.contains(r.seq)) {
                 return;
             }
             if let Some(c) = Local::of(&r.op) {

@@ -550,6 +550,9 @@ pub struct Volume {
     pub reconcile: std::sync::OnceLock<Arc<crate::site::reconcile::SiteReconcile>>,
     /// With `mount --receive`: the peer's stream into this site, for `status`.
     pub peer_receive: std::sync::OnceLock<Arc<Mutex<crate::site::peer::ReceiveStatus>>>,
+    /// With `mount --peer`: which of our records came from the peer (`site::peer`), set by
+    /// `site::peer::attach_link`.
+    pub peer_origins: std::sync::OnceLock<Arc<crate::site::peer::PeerOrigins>>,
     /// A writable site receiving its peer's initial copy (`net::peer`, `core::pair`): changes
     /// through the mount are refused (`EROFS`) until the copy is complete.
     pub receiving_copy: AtomicBool,
@@ -903,6 +906,23 @@ impl Volume {
             },
             false,
         )
+    }
+
+    /// [`Volume::mutate_beneath_unsettled`] of a record of the peer's stream (`net::peer`): the
+    /// record is known as the peer's before it settles, so the link to the peer never sends
+    /// it back (`site::peer`).
+    pub fn mutate_from_peer<R>(
+        &self,
+        op: Op,
+        apply: impl FnOnce(u64) -> io::Result<R>,
+    ) -> Result<(R, u64), i32> {
+        let Some(origins) = self.peer_origins.get().cloned() else {
+            return Err(libc::EIO);
+        };
+        self.mutate_beneath_unsettled(op, |seq| {
+            origins.note(seq)?;
+            apply(seq)
+        })
     }
 
     /// `EROFS` while a witness fence is set and the site holds no valid lease. Checked under the
