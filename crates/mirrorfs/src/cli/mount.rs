@@ -820,7 +820,7 @@ fn start_peer(
                 &state.path,
             ));
             let n = rc
-                .rebuild(vol)
+                .rebuild(vol, link.peer.get().map(|l| l.as_ref()))
                 .context("cannot read the journal for the reconciliation's entries")?;
             tracing::info!(
                 "reconciliation after a split: {n} data records of this site not yet seen by the peer (after {})",

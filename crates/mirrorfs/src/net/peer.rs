@@ -810,14 +810,6 @@ impl PeerReceiver {
         rc.translate(&r.op, rc.seen_of(r.seq))
     }
 
-    /// Makes the origins of the peer's records journaled so far durable.
-    fn sync_origins(&self) -> Result<()> {
-        if let Some(o) = self.vol.peer_origins.get() {
-            o.sync().context("cannot make STATE/peer-origin durable")?;
-        }
-        Ok(())
-    }
-
     /// The peer's records through `last` are applied here: makes them durable (`peer-origin`,
     /// the local journal, the reconciliation's notes, then `STATE/peer-applied`) and publishes
     /// the position for the ack.
@@ -845,7 +837,6 @@ impl PeerReceiver {
             }
         }
         self.settle_view();
-        self.sync_origins()?;
         self.vol.wait_journal_durable();
         if self.vol.poisoned.load(Ordering::Acquire) {
             bail!("the journal failed: the peer's records are not acknowledged");
@@ -1691,7 +1682,6 @@ impl PeerReceiver {
             return Ok(());
         };
         rc.exchange_step_done(seq, u8::try_from(done).unwrap_or(u8::MAX));
-        self.sync_origins()?;
         self.vol.wait_journal_durable();
         if self.vol.poisoned.load(Ordering::Acquire) {
             bail!("the journal failed: the peer's exchange is not carried on");

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use mirrorfs_core::journal::Reader;
+use mirrorfs_core::journal::{Origin, Reader};
 use mirrorfs_core::link::{JournalSpan, LinkError, Sender, Start};
 use mirrorfs_core::op::Record;
 use mirrorfs_core::stream::{take_batch, Backoff};
@@ -978,11 +978,13 @@ pub(crate) fn next_for_link(
     limit: u64,
 ) -> Result<Option<Record>, mirrorfs_core::journal::JournalError> {
     let view = lock(&vol.order).journal.segment_for(reader.next_seq());
-    let Some(mut r) = reader.next::<FileStore>(view, limit)? else {
+    let Some((mut r, origin)) = reader.next_from::<FileStore>(view, limit)? else {
         return Ok(None);
     };
-    if let Some(origins) = m.peer.get() {
-        if origins.contains(r.seq) {
+    if let Some(legacy) = m.peer.get() {
+        // The origin is in the record's frame (durable with it); a record journaled by an
+        // older version is known as the peer's from its `STATE/peer-origin`.
+        if origin == Origin::Peer || legacy.contains(r.seq) {
             r.op = mirrorfs_core::op::Op::Abort { seq: r.seq };
         }
     }
@@ -1057,8 +1059,8 @@ fn on_ack(
     m.durable.store(p.durable, Ordering::Release);
     m.applied.store(p.applied, Ordering::Release);
     m.checkpoint.store(p.checkpoint, Ordering::Release);
-    if let Some(origins) = m.peer.get() {
-        origins.forget_through(p.durable);
+    if let Some(legacy) = m.peer.get() {
+        legacy.forget_through(p.durable);
     }
     if let Some(rc) = m.reconcile.get() {
         rc.acknowledged(p.durable);

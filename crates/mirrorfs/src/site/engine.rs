@@ -127,7 +127,6 @@ impl Volume {
             links: std::sync::OnceLock::new(),
             reconcile: std::sync::OnceLock::new(),
             peer_receive: std::sync::OnceLock::new(),
-            peer_origins: std::sync::OnceLock::new(),
             receiving_copy: AtomicBool::new(false),
             groups: Mutex::new(Gate::default()),
             sync_groups: std::sync::OnceLock::new(),

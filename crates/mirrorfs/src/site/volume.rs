@@ -28,7 +28,7 @@ use mirrorfs_core::applier::Applier;
 use mirrorfs_core::feed::{FeedReadError, JournalFeed};
 use mirrorfs_core::flush;
 use mirrorfs_core::group::{Gate, GroupError};
-use mirrorfs_core::journal::{Journal, Reader};
+use mirrorfs_core::journal::{Journal, Origin, Reader};
 use mirrorfs_core::op::{Op, Record};
 use mirrorfs_core::path::RelPath;
 use mirrorfs_core::sequencer::{self, Begin, InDoubt, Refusal, Sequencer};
@@ -225,8 +225,9 @@ pub struct MirrorShared {
     /// `mirror::operator`): where it stands.
     pub operator_resync: Mutex<OperatorResync>,
     /// Set on the link to the other writable site of a pair (`mount --peer`): our records that
-    /// came from it, sent to it as `Abort` placeholders (`site::peer`).
-    pub peer: std::sync::OnceLock<Arc<crate::site::peer::PeerOrigins>>,
+    /// came from it (`Origin::Peer` in their frames, and an older version's
+    /// `STATE/peer-origin`) go to it as `Abort` placeholders (`site::peer`).
+    pub peer: std::sync::OnceLock<Arc<crate::site::peer::LegacyOrigins>>,
     /// Set on the link to the peer with `--write-tokens`: the token messages it carries.
     pub tokens: std::sync::OnceLock<Arc<crate::site::tokens::TokenWire>>,
     /// Set on the link to the peer with `--partition reconcile`: the change points sent before
@@ -550,9 +551,6 @@ pub struct Volume {
     pub reconcile: std::sync::OnceLock<Arc<crate::site::reconcile::SiteReconcile>>,
     /// With `mount --receive`: the peer's stream into this site, for `status`.
     pub peer_receive: std::sync::OnceLock<Arc<Mutex<crate::site::peer::ReceiveStatus>>>,
-    /// With `mount --peer`: which of our records came from the peer (`site::peer`), set by
-    /// `site::peer::attach_link`.
-    pub peer_origins: std::sync::OnceLock<Arc<crate::site::peer::PeerOrigins>>,
     /// A writable site receiving its peer's initial copy (`net::peer`, `core::pair`): changes
     /// through the mount are refused (`EROFS`) until the copy is complete.
     pub receiving_copy: AtomicBool,
@@ -806,7 +804,7 @@ impl Volume {
         op: Op,
         apply: impl FnOnce(u64) -> io::Result<R>,
     ) -> Result<(R, u64), i32> {
-        self.mutate_waking(op, apply, true)
+        self.mutate_waking(op, apply, true, Origin::Local)
     }
 
     /// [`Volume::mutate_at`]; `wake_flusher` false leaves waking the flusher to the caller,
@@ -816,6 +814,7 @@ impl Volume {
         op: Op,
         apply: impl FnOnce(u64) -> io::Result<R>,
         wake_flusher: bool,
+        origin: Origin,
     ) -> Result<(R, u64), i32> {
         let bytes = op.data_len() as u64;
         let mut o = lock(&self.order);
@@ -826,7 +825,7 @@ impl Volume {
             sequencer,
             copies,
         } = &mut *o;
-        let seq = match sequencer.begin(journal, &op, |j| self.relieve_full(j)) {
+        let seq = match sequencer.begin_from(journal, &op, origin, |j| self.relieve_full(j)) {
             Begin::Apply { seq } => seq,
             Begin::Refuse(r) => return Err(self.refused(r)),
         };
@@ -893,6 +892,15 @@ impl Volume {
         op: Op,
         apply: impl FnOnce(u64) -> io::Result<R>,
     ) -> Result<(R, u64), i32> {
+        self.mutate_beneath_as(op, apply, Origin::Local)
+    }
+
+    fn mutate_beneath_as<R>(
+        &self,
+        op: Op,
+        apply: impl FnOnce(u64) -> io::Result<R>,
+        origin: Origin,
+    ) -> Result<(R, u64), i32> {
         let view = self.view.get().cloned();
         let seen = view.as_ref().map(|_| op.clone());
         self.mutate_waking(
@@ -905,24 +913,19 @@ impl Volume {
                 Ok(r)
             },
             false,
+            origin,
         )
     }
 
-    /// [`Volume::mutate_beneath_unsettled`] of a record of the peer's stream (`net::peer`): the
-    /// record is known as the peer's before it settles, so the link to the peer never sends
-    /// it back (`site::peer`).
+    /// [`Volume::mutate_beneath_unsettled`] of a record of the peer's stream (`net::peer`): it
+    /// is journaled as the peer's (`Origin::Peer`, in the record's frame, so durable exactly
+    /// when the record is), and the link to the peer never sends it back (`site::peer`).
     pub fn mutate_from_peer<R>(
         &self,
         op: Op,
         apply: impl FnOnce(u64) -> io::Result<R>,
     ) -> Result<(R, u64), i32> {
-        let Some(origins) = self.peer_origins.get().cloned() else {
-            return Err(libc::EIO);
-        };
-        self.mutate_beneath_unsettled(op, |seq| {
-            origins.note(seq)?;
-            apply(seq)
-        })
+        self.mutate_beneath_as(op, apply, Origin::Peer)
     }
 
     /// `EROFS` while a witness fence is set and the site holds no valid lease. Checked under the
@@ -1065,7 +1068,7 @@ impl Volume {
             )
         };
         let mut gate = Gate::default();
-        self.each_record(first, end, |rec| gate.observe(rec.seq, &rec.op))?;
+        self.each_record(first, end, |rec, _| gate.observe(rec.seq, &rec.op))?;
         let open = gate.open();
         if primary {
             for _ in 0..open {
@@ -1393,7 +1396,7 @@ impl Volume {
     pub fn record_backing_times(&self, backing: &DirTree, first: u64) -> anyhow::Result<usize> {
         let end = lock(&self.order).journal.next_seq().saturating_sub(1);
         let mut paths = std::collections::BTreeSet::new();
-        self.each_record(first, end, |rec| paths.extend(rec.op.mtime_paths()))?;
+        self.each_record(first, end, |rec, _| paths.extend(rec.op.mtime_paths()))?;
         let mut n = 0;
         for path in paths {
             let mtime = match backing.mtime(&path) {
@@ -1425,16 +1428,16 @@ impl Volume {
         &self,
         first: u64,
         end: u64,
-        mut f: impl FnMut(&Record),
+        mut f: impl FnMut(&Record, Origin),
     ) -> anyhow::Result<()> {
         let mut reader: Reader<crate::site::store::FileSegment> = Reader::new(first.max(1));
         let mut stalled = false;
         while reader.next_seq() <= end {
             let view = lock(&self.order).journal.segment_for(reader.next_seq());
-            match reader.next::<FileStore>(view, end)? {
-                Some(rec) => {
+            match reader.next_from::<FileStore>(view, end)? {
+                Some((rec, origin)) => {
                     stalled = false;
-                    f(&rec);
+                    f(&rec, origin);
                 }
                 // The end of a segment: the next read opens the next one.
                 None if !stalled => stalled = true,
