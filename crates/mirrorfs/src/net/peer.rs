@@ -4,8 +4,9 @@
 //! module takes the other site's stream. It runs the mirror daemon's session machine
 //! (`core::session::Session`: handshake, sequence checks, reserved names, acks) but, instead of
 //! appending at the peer's seqs to a mirror journal, applies each record to this site's backing
-//! tree through the volume (`Volume::mutate_beneath_at`): journaled here under the order lock
-//! like a local change, so the mount's view follows it and this site's own mirrors get it.
+//! tree through the volume (`Volume::mutate_from_peer`): journaled here under the order lock
+//! like a local change, its origin in its frame (`Origin::Peer`: the link to the peer never
+//! sends it back), so the mount's view follows it and this site's own mirrors get it.
 //!
 //! ```text
 //!  peer ─ Hello ─▶ Session::on_hello (the copy: "consistent, the peer's volume, applied through
@@ -13,7 +14,7 @@
 //!       ─ Records{settled} ─▶ Session::on_message ─▶ hold each record until its fate is known
 //!                  ─▶ apply ≤ settled, skipping Aborts and what they abort (and the peer's
 //!                     placeholders for our own records: `Abort{seq}`, see net::remote)
-//!                  ─▶ PeerOrigins::sync, local journal durable, STATE/peer-applied
+//!                  ─▶ local journal durable, STATE/peer-applied
 //!       ◀ Ack{received = durable = applied = checkpoint = the peer seq applied here}
 //! ```
 //!
@@ -810,8 +811,8 @@ impl PeerReceiver {
         rc.translate(&r.op, rc.seen_of(r.seq))
     }
 
-    /// The peer's records through `last` are applied here: makes them durable (`peer-origin`,
-    /// the local journal, the reconciliation's notes, then `STATE/peer-applied`) and publishes
+    /// The peer's records through `last` are applied here: makes them durable (the local
+    /// journal, with their origins, the reconciliation's notes, then `STATE/peer-applied`) and publishes
     /// the position for the ack.
     fn commit(&self, last: u64) -> Result<()> {
         if let Some(rc) = &self.reconcile {

@@ -1,29 +1,23 @@
 //! What a writable site keeps about the other writable site of its pair (issue 7 item 5): which
-//! of its own journal records came from the peer (`STATE/peer-origin`, so they are never sent
-//! back: no echo), and how far the peer's journal is applied here (`STATE/peer-applied`, where
-//! the peer's stream resumes). The link that carries the records is `net::peer`.
+//! of its own journal records came from the peer, so they are never sent back (no echo: the
+//! record's origin is in its frame, `core::journal::Origin`; `STATE/peer-origin` only as an
+//! older version left it), and how far the peer's journal is applied here
+//! (`STATE/peer-applied`, where the peer's stream resumes). The link that carries the records
+//! is `net::peer`.
 //!
 //! ```text
-//!  peer's record (its seq P) ─▶ Volume::mutate_beneath_at ─▶ our record (seq L)
-//!                                 under the order lock: PeerOrigins::note(L) before L settles
-//!  end of a batch: PeerOrigins::sync (fdatasync) ─▶ local journal durable ─▶
-//!                  PeerPosition::store(P) (durable) ─▶ Ack{P} to the peer
-//!  our link to the peer (net::remote::stream): record L in PeerOrigins ─▶ sent as Abort{L}
+//!  peer's record (its seq P) ─▶ Volume::mutate_from_peer ─▶ our record (seq L), its frame
+//!                                 flagged Origin::Peer (durable exactly when the record is)
+//!  end of a batch: local journal durable ─▶ PeerPosition::store(P) (durable) ─▶ Ack{P}
+//!  our link to the peer (net::remote::next_for_link): L read as Origin::Peer ─▶ sent as Abort{L}
 //! ```
 //!
-//! **Layouts** (also in `docs/journal.md`, "State files"). `STATE/peer-origin` is a sequence of
-//! little-endian u64 seqs of our own journal, appended in order; a torn last one (a crash while
-//! it was written) is cut at open, seqs past the journal's end (records a power loss took) or
-//! before its first held record are dropped, and the file is compacted then. `STATE/peer-applied`
-//! is 48 bytes, replaced atomically: magic `MFPA`, 4 zero bytes, the peer's volume id (16), the
+//! **Layouts** (also in `docs/journal.md`, "State files"). `STATE/peer-origin` (read only, see
+//! `LegacyOrigins`) is a sequence of little-endian u64 seqs of our own journal. `STATE/peer-applied`
+//! is 64 bytes, replaced atomically: magic `MFPA`, 4 zero bytes, the peer's volume id (16), the
 //! last peer seq applied here and durable, then (`--partition reconcile`, `site::reconcile`) the
-//! largest of our seqs the peer had considered as of that record and our last change point (each
-//! u64 LE; a 32-byte file of the former layout reads them as 0).
-//!
-//! **Limit.** A crash after our journal made a peer record durable but before `peer-origin`
-//! did (the same batch) can send that one batch back to the peer once after the restart; the
-//! peer applies its own changes again (the same bytes at the same places, unless it changed
-//! them again since). The batch is at most one `Records` message.
+//! largest of our seqs the peer had considered as of that record and our last change point, then
+//! an exchange's intent (each u64 LE; files of the 32- and 48-byte layouts read the rest as 0).
 
 use std::collections::BTreeSet;
 use std::fs::File;
