@@ -28,7 +28,7 @@
 use std::fmt;
 
 use crate::journal::storage::SegmentStore;
-use crate::journal::{Journal, JournalError};
+use crate::journal::{Journal, JournalError, Origin};
 use crate::op::{rename_flags, Op};
 use crate::tree::{apply_op, Tree, TreeError, ENODATA};
 
@@ -112,13 +112,25 @@ impl Sequencer {
         op: &Op,
         relieve: impl FnOnce(&mut Journal<S>),
     ) -> Begin {
+        self.begin_from(journal, op, Origin::Local, relieve)
+    }
+
+    /// [`Sequencer::begin`] of a change made at `origin` (the peer writable site's record a
+    /// receiver applies: the origin is in the record's frame, durable with it).
+    pub fn begin_from<S: SegmentStore>(
+        &mut self,
+        journal: &mut Journal<S>,
+        op: &Op,
+        origin: Origin,
+        relieve: impl FnOnce(&mut Journal<S>),
+    ) -> Begin {
         if let Some(why) = self.refusal() {
             return Begin::Refuse(why);
         }
-        let appended = match journal.append(op) {
+        let appended = match journal.append_from(op, origin) {
             Err(JournalError::Full { .. }) => {
                 relieve(journal);
-                journal.append(op)
+                journal.append_from(op, origin)
             }
             r => r,
         };

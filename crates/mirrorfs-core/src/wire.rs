@@ -639,6 +639,14 @@ impl<'a> In<'a> {
         for index in 0..count {
             let rest = &self.b[self.at..];
             match parse_frame(rest) {
+                // A record's origin is the sending site's business (its link sends the
+                // peer's records as placeholders): never on the wire.
+                FrameParse::Record { flags, .. } if flags != 0 => {
+                    return Err(WireError::Record {
+                        index,
+                        error: FrameError::Flags(flags),
+                    })
+                }
                 FrameParse::Record { record, len, .. } => {
                     if let Some(prev) = records.last().map(|r: &Record| r.seq) {
                         if record.seq != prev.wrapping_add(1) {
@@ -2202,6 +2210,20 @@ mod tests {
         crc = crc32c::crc32c_append(crc, &rec[12..FRAME_HEADER_BYTES + blen]);
         rec[8..12].copy_from_slice(&crc.to_le_bytes());
         assert!(decode_all(&frame(msg_type::RECORDS, 0, &body)).is_err());
+        // A record's origin flag (the journal's) never travels: refused on the wire.
+        body[at..at + 4].copy_from_slice(b"abcx");
+        let rec = &mut body[12..];
+        rec[13] = crate::journal::frame::FLAG_FROM_PEER;
+        let mut crc = crc32c::crc32c(&rec[0..8]);
+        crc = crc32c::crc32c_append(crc, &rec[12..FRAME_HEADER_BYTES + blen]);
+        rec[8..12].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(
+            decode_all(&frame(msg_type::RECORDS, 0, &body)),
+            Err(WireError::Record {
+                index: 0,
+                error: FrameError::Flags(crate::journal::frame::FLAG_FROM_PEER)
+            })
+        );
     }
 
     #[test]

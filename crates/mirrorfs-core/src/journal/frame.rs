@@ -12,7 +12,8 @@
 //!   4  u32      body length in bytes
 //!   8  u32      crc32c of bytes 0..8, 12..32 and the body
 //!  12  u8       op kind
-//!  13  [u8; 3]  reserved, zero
+//!  13  u8       flags: bit 0 = applied from the peer writable site (`Origin::Peer`); others zero
+//!  14  [u8; 2]  reserved, zero
 //!  16  u64      seq
 //!  24  u64      synced_to: segment offset known durable when this record was written
 //!  32  ...      body (see codec.rs), then 0..7 zero bytes of padding
@@ -26,6 +27,39 @@ pub const SEGMENT_VERSION: u32 = 1;
 pub const SEGMENT_HEADER_BYTES: usize = 32;
 pub const FRAME_MAGIC: u32 = 0x4A52_464D;
 pub const FRAME_HEADER_BYTES: usize = 32;
+/// Frame flag: the record is a change of the peer writable site applied here (issue 7,
+/// `docs/protocol.md` "No echo"). Durable with the record itself, covered by its checksum.
+pub const FLAG_FROM_PEER: u8 = 1;
+/// Every flag this build knows; a frame with another bit set is refused (`FrameError::Flags`).
+pub const FLAGS_KNOWN: u8 = FLAG_FROM_PEER;
+
+/// Where a journal record's change was made: at this site, or at the peer writable site whose
+/// stream this site applies (then the link to the peer never sends it back).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Origin {
+    #[default]
+    Local,
+    Peer,
+}
+
+impl Origin {
+    pub fn flags(self) -> u8 {
+        match self {
+            Origin::Local => 0,
+            Origin::Peer => FLAG_FROM_PEER,
+        }
+    }
+
+    /// The origin a frame's (known) flags say.
+    pub fn of_flags(flags: u8) -> Origin {
+        if flags & FLAG_FROM_PEER != 0 {
+            Origin::Peer
+        } else {
+            Origin::Local
+        }
+    }
+}
+
 /// Largest body accepted: a maximal write plus its path and fixed fields.
 pub const BODY_BYTES_MAX: usize = WRITE_BYTES_MAX + crate::path::PATH_BYTES_MAX + 8192;
 
@@ -94,8 +128,14 @@ pub const fn padded(len: usize) -> usize {
     (len + 7) & !7
 }
 
-/// Encodes `op` as the frame of record `seq`.
+/// Encodes `op` as the frame of record `seq` (no flags: a local record, and every record on
+/// the wire).
 pub fn encode_frame(seq: u64, op: &Op, synced_to: u64) -> EncodedFrame<'_> {
+    encode_frame_from(seq, op, synced_to, Origin::Local)
+}
+
+/// Encodes `op` as the frame of record `seq` made at `origin`.
+pub fn encode_frame_from(seq: u64, op: &Op, synced_to: u64, origin: Origin) -> EncodedFrame<'_> {
     let mut head = Vec::with_capacity(FRAME_HEADER_BYTES + 64);
     head.resize(FRAME_HEADER_BYTES, 0);
     codec::encode_body_head(op, &mut head);
@@ -104,6 +144,7 @@ pub fn encode_frame(seq: u64, op: &Op, synced_to: u64) -> EncodedFrame<'_> {
     head[0..4].copy_from_slice(&FRAME_MAGIC.to_le_bytes());
     head[4..8].copy_from_slice(&(body_len as u32).to_le_bytes());
     head[12] = op.kind();
+    head[13] = origin.flags();
     head[16..24].copy_from_slice(&seq.to_le_bytes());
     head[24..32].copy_from_slice(&synced_to.to_le_bytes());
     let mut crc = crc32c::crc32c(&head[0..8]);
@@ -126,6 +167,8 @@ pub enum FrameParse {
         record: Record,
         len: usize,
         synced_to: u64,
+        /// Known flags only (`FLAGS_KNOWN`): others are `FrameError::Flags`.
+        flags: u8,
     },
     /// The buffer ends before the frame does: read more (or, at the end of the file, a torn tail).
     Incomplete { needed: usize },
@@ -144,6 +187,8 @@ pub enum FrameError {
     Checksum,
     #[error("frame reserved bytes are not zero")]
     Reserved,
+    #[error("frame flags {0:#04x} are not known to this build")]
+    Flags(u8),
     #[error("frame body does not decode: {0}")]
     Body(#[from] DecodeError),
 }
@@ -173,8 +218,12 @@ pub fn parse_frame(buf: &[u8]) -> FrameParse {
     if crc != u32_at(buf, 8) {
         return FrameParse::Invalid(FrameError::Checksum);
     }
-    if buf[13..16] != [0, 0, 0] {
+    if buf[14..16] != [0, 0] {
         return FrameParse::Invalid(FrameError::Reserved);
+    }
+    let flags = buf[13];
+    if flags & !FLAGS_KNOWN != 0 {
+        return FrameParse::Invalid(FrameError::Flags(flags));
     }
     let seq = u64_at(buf, 16);
     let synced_to = u64_at(buf, 24);
@@ -183,6 +232,7 @@ pub fn parse_frame(buf: &[u8]) -> FrameParse {
             record: Record { seq, op },
             len: padded(total),
             synced_to,
+            flags,
         },
         Err(e) => FrameParse::Invalid(FrameError::Body(e)),
     }
@@ -222,8 +272,9 @@ mod tests {
             let v = frame_to_vec(&f);
             prop_assert_eq!(v.len() % 8, 0);
             match parse_frame(&v) {
-                FrameParse::Record { record, len, synced_to } => {
+                FrameParse::Record { record, len, synced_to, flags } => {
                     prop_assert_eq!(record, Record { seq, op });
+                    prop_assert_eq!(flags, 0);
                     prop_assert_eq!(len, v.len());
                     prop_assert_eq!(synced_to, synced);
                 }
@@ -241,6 +292,50 @@ mod tests {
             let ok = matches!(parse_frame(&v), FrameParse::Record { .. });
             prop_assert!(!ok, "bit flip undetected");
         }
+    }
+
+    /// The origin travels in the frame's flags byte, under its checksum; a flag this build
+    /// does not know is refused, not read as a local record.
+    #[test]
+    fn the_origin_is_in_the_frame_and_unknown_flags_are_refused() {
+        let op = Op::Abort { seq: 3 };
+        let v = frame_to_vec(&encode_frame_from(4, &op, 0, Origin::Peer));
+        match parse_frame(&v) {
+            FrameParse::Record { flags, record, .. } => {
+                assert_eq!(Origin::of_flags(flags), Origin::Peer);
+                assert_eq!(
+                    record,
+                    Record {
+                        seq: 4,
+                        op: op.clone()
+                    }
+                );
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        let local = frame_to_vec(&encode_frame(4, &op, 0));
+        assert!(matches!(
+            parse_frame(&local),
+            FrameParse::Record { flags: 0, .. }
+        ));
+        assert_eq!(local[13], 0, "a local record's frame is the former layout");
+        // An unknown flag with a checksum that covers it.
+        let mut bad = v.clone();
+        bad[13] = 0x03;
+        let body_end = FRAME_HEADER_BYTES + u32_at(&bad, 4) as usize;
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&bad[0..8]), &bad[12..body_end]);
+        bad[8..12].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(
+            parse_frame(&bad),
+            FrameParse::Invalid(FrameError::Flags(0x03))
+        );
+        // The flag is covered by the checksum.
+        let mut flipped = v;
+        flipped[13] = 0;
+        assert_eq!(
+            parse_frame(&flipped),
+            FrameParse::Invalid(FrameError::Checksum)
+        );
     }
 
     #[test]

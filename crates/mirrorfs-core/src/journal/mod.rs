@@ -29,6 +29,7 @@ use std::io;
 use std::sync::Arc;
 
 use crate::op::{Op, Record};
+pub use frame::Origin;
 use frame::{FrameParse, SEGMENT_HEADER_BYTES};
 use storage::{read_full_at, SegmentFile, SegmentStore};
 
@@ -323,11 +324,16 @@ impl<S: SegmentStore> Journal<S> {
     /// `Abort` behind the record, and an `Abort` is never refused for either reason (nor does it
     /// start a segment), so the `Abort` of a change that failed on the backing always fits.
     pub fn append(&mut self, op: &Op) -> Result<u64, JournalError> {
+        self.append_from(op, Origin::Local)
+    }
+
+    /// [`Journal::append`] of a change made at `origin` (kept in the record's frame).
+    pub fn append_from(&mut self, op: &Op, origin: Origin) -> Result<u64, JournalError> {
         self.check()?;
         let is_abort = matches!(op, Op::Abort { .. });
         let seq = self.next_seq;
         let synced_to = self.segs.back().map_or(0, |s| s.synced_len);
-        let f = frame::encode_frame(seq, op, synced_to);
+        let f = frame::encode_frame_from(seq, op, synced_to, origin);
         let flen = f.len() as u64;
         // Room kept behind the record: its Abort, and for a record that carries data, space for
         // the small records of the changes that free space once the disk is full.
@@ -804,6 +810,17 @@ impl<F: SegmentFile> Reader<F> {
         journal_view: Option<SegmentView<F>>,
         limit_seq: u64,
     ) -> Result<Option<Record>, JournalError> {
+        Ok(self
+            .next_from::<S>(journal_view, limit_seq)?
+            .map(|(r, _)| r))
+    }
+
+    /// [`Reader::next`] with where the record's change was made (its frame's flags).
+    pub fn next_from<S: SegmentStore<File = F>>(
+        &mut self,
+        journal_view: Option<SegmentView<F>>,
+        limit_seq: u64,
+    ) -> Result<Option<(Record, Origin)>, JournalError> {
         loop {
             if self.next_seq > limit_seq {
                 return Ok(None);
@@ -821,7 +838,7 @@ impl<F: SegmentFile> Reader<F> {
             if self.offset >= view.readable_len {
                 return Ok(None);
             }
-            let Some(rec) = self.read_frame(view.readable_len)? else {
+            let Some((rec, origin)) = self.read_frame(view.readable_len)? else {
                 return Ok(None);
             };
             if rec.seq < self.next_seq {
@@ -838,11 +855,11 @@ impl<F: SegmentFile> Reader<F> {
                 });
             }
             self.next_seq += 1;
-            return Ok(Some(rec));
+            return Ok(Some((rec, origin)));
         }
     }
 
-    fn read_frame(&mut self, end: u64) -> Result<Option<Record>, JournalError> {
+    fn read_frame(&mut self, end: u64) -> Result<Option<(Record, Origin)>, JournalError> {
         let id = self.seg_first;
         let Some(file) = self.file.clone() else {
             return Ok(None);
@@ -851,9 +868,11 @@ impl<F: SegmentFile> Reader<F> {
             let start = (self.offset - self.buf_off) as usize;
             let avail = &self.buf[start.min(self.buf.len())..];
             match frame::parse_frame(avail) {
-                FrameParse::Record { record, len, .. } => {
+                FrameParse::Record {
+                    record, len, flags, ..
+                } => {
                     self.offset += len as u64;
-                    return Ok(Some(record));
+                    return Ok(Some((record, Origin::of_flags(flags))));
                 }
                 FrameParse::Incomplete { needed } => {
                     let want = needed
@@ -959,6 +978,43 @@ mod tests {
         let recs = read_all(&j, 151);
         assert_eq!(recs.first().map(|r| r.seq), Some(151));
         assert_eq!(recs.len(), 50);
+    }
+
+    /// A record's origin is in its frame: a power loss that keeps the record keeps its origin
+    /// (issue 7, "No echo"), and a journal of the former layout reads as local.
+    #[test]
+    fn the_origin_is_durable_with_the_record() {
+        let store = MemStore::new();
+        let cfg = JournalConfig {
+            segment_bytes: 4096,
+            journal_bytes_max: 1 << 30,
+        };
+        let (mut j, _) = Journal::open(store.clone(), cfg.clone()).expect("open");
+        let origins = [Origin::Local, Origin::Peer, Origin::Peer, Origin::Local];
+        for (i, o) in origins.iter().enumerate() {
+            let seq = j.append_from(&write_op(i as u64 + 1), *o).expect("append");
+            assert_eq!(seq, i as u64 + 1);
+        }
+        let plan = j.sync_plan().expect("work to do");
+        for (_, f, _) in &plan.files {
+            f.sync().expect("sync");
+        }
+        j.mark_synced(&plan);
+        drop(j);
+        // Everything not synced is lost; the records are durable, so are their origins.
+        store.crash(&mut || 0);
+        let (j, rep) = Journal::open(store, cfg).expect("reopen");
+        assert_eq!(rep.records, 4);
+        let mut reader = Reader::new(1);
+        let mut got = Vec::new();
+        while let Some((r, o)) = reader
+            .next_from::<MemStore>(j.segment_for(reader.next_seq()), 4)
+            .expect("read")
+        {
+            assert_eq!(r.op, write_op(r.seq));
+            got.push(o);
+        }
+        assert_eq!(got, origins);
     }
 
     /// Power loss at random points: the durable prefix always survives, nothing after a gap is

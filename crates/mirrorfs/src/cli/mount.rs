@@ -794,20 +794,12 @@ fn start_peer(
         return Ok(None);
     };
     let dir = StateDir::at(&state.path);
-    let (first, end) = {
-        let o = lock(&vol.order);
-        (o.journal.first_seq(), o.journal.next_seq() - 1)
-    };
-    let origins = Arc::new(crate::site::peer::PeerOrigins::open(
-        &dir.peer_origin_file(),
-        first,
-        end,
-    )?);
+    let end = lock(&vol.order).journal.next_seq() - 1;
     let link = remotes
         .iter()
         .find(|m| m.remote.as_deref() == Some(peer.as_str()))
         .ok_or_else(|| anyhow::anyhow!("internal: no link to the peer {peer}"))?;
-    let _ = link.peer.set(origins.clone());
+    crate::site::peer::attach_link(vol, &dir, link)?;
     if let Some(g) = &gate {
         let _ = link
             .tokens
@@ -828,7 +820,7 @@ fn start_peer(
                 &state.path,
             ));
             let n = rc
-                .rebuild(vol, |seq| origins.contains(seq))
+                .rebuild(vol, link.peer.get().map(|l| l.as_ref()))
                 .context("cannot read the journal for the reconciliation's entries")?;
             tracing::info!(
                 "reconciliation after a split: {n} data records of this site not yet seen by the peer (after {})",
@@ -846,7 +838,6 @@ fn start_peer(
         vol.clone(),
         &places.backing,
         state.hidden.clone(),
-        origins,
         dir.peer_applied_file(),
         crate::net::peer::Pairing { gate, reconcile },
         listen,

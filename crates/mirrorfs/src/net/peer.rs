@@ -4,8 +4,9 @@
 //! module takes the other site's stream. It runs the mirror daemon's session machine
 //! (`core::session::Session`: handshake, sequence checks, reserved names, acks) but, instead of
 //! appending at the peer's seqs to a mirror journal, applies each record to this site's backing
-//! tree through the volume (`Volume::mutate_beneath_at`): journaled here under the order lock
-//! like a local change, so the mount's view follows it and this site's own mirrors get it.
+//! tree through the volume (`Volume::mutate_from_peer`): journaled here under the order lock
+//! like a local change, its origin in its frame (`Origin::Peer`: the link to the peer never
+//! sends it back), so the mount's view follows it and this site's own mirrors get it.
 //!
 //! ```text
 //!  peer ─ Hello ─▶ Session::on_hello (the copy: "consistent, the peer's volume, applied through
@@ -13,7 +14,7 @@
 //!       ─ Records{settled} ─▶ Session::on_message ─▶ hold each record until its fate is known
 //!                  ─▶ apply ≤ settled, skipping Aborts and what they abort (and the peer's
 //!                     placeholders for our own records: `Abort{seq}`, see net::remote)
-//!                  ─▶ PeerOrigins::sync, local journal durable, STATE/peer-applied
+//!                  ─▶ local journal durable, STATE/peer-applied
 //!       ◀ Ack{received = durable = applied = checkpoint = the peer seq applied here}
 //! ```
 //!
@@ -45,9 +46,7 @@ use mirrorfs_core::wire::{error_code, Decoder, MirrorState, Msg};
 
 use crate::net::conn::Duplex;
 use crate::net::identity::Identity;
-use crate::site::peer::{
-    tree_is_empty, CopyFile, CopyStatus, PeerOrigins, PeerPosition, ReceiveStatus,
-};
+use crate::site::peer::{tree_is_empty, CopyFile, CopyStatus, PeerPosition, ReceiveStatus};
 use crate::site::reconcile::{entries_clash, entry_of, SiteReconcile};
 use crate::site::tokens::TokenGate;
 use crate::site::volume::{lock, Volume};
@@ -68,7 +67,6 @@ pub struct PeerReceiver {
     backing: PathBuf,
     /// The state directory's name at the backing's root: no record may touch it.
     hidden: Vec<u8>,
-    origins: Arc<PeerOrigins>,
     position_file: PathBuf,
     position: Mutex<PeerPosition>,
     /// The one peer stream; the peer's new connection displaces its stale session
@@ -140,7 +138,6 @@ impl PeerReceiver {
         vol: Arc<Volume>,
         backing: &Path,
         hidden: Vec<u8>,
-        origins: Arc<PeerOrigins>,
         position_file: PathBuf,
         pairing: Pairing,
         listen: &str,
@@ -182,7 +179,6 @@ impl PeerReceiver {
             vol,
             backing: backing.to_path_buf(),
             hidden,
-            origins,
             position_file,
             applied: AtomicU64::new(position.applied),
             position: Mutex::new(position),
@@ -637,9 +633,7 @@ impl PeerReceiver {
     /// volume; its local seq is noted as the peer's.
     fn apply_copied(&self, op: &Op, replay: bool) -> Result<()> {
         let mut tree = DirTree::open(&self.backing).context("cannot open the backing tree")?;
-        let origins = &self.origins;
-        let res = self.vol.mutate_beneath_unsettled(op.clone(), |seq| {
-            origins.note(seq)?;
+        let res = self.vol.mutate_from_peer(op.clone(), |_| {
             apply_op(&mut tree, op, replay)
                 .map_err(|e| std::io::Error::from_raw_os_error(tree_errno(&e)))
         });
@@ -817,8 +811,8 @@ impl PeerReceiver {
         rc.translate(&r.op, rc.seen_of(r.seq))
     }
 
-    /// The peer's records through `last` are applied here: makes them durable (`peer-origin`,
-    /// the local journal, the reconciliation's notes, then `STATE/peer-applied`) and publishes
+    /// The peer's records through `last` are applied here: makes them durable (the local
+    /// journal, with their origins, the reconciliation's notes, then `STATE/peer-applied`) and publishes
     /// the position for the ack.
     fn commit(&self, last: u64) -> Result<()> {
         if let Some(rc) = &self.reconcile {
@@ -844,9 +838,6 @@ impl PeerReceiver {
             }
         }
         self.settle_view();
-        self.origins
-            .sync()
-            .context("cannot make STATE/peer-origin durable")?;
         self.vol.wait_journal_durable();
         if self.vol.poisoned.load(Ordering::Acquire) {
             bail!("the journal failed: the peer's records are not acknowledged");
@@ -1496,9 +1487,7 @@ impl PeerReceiver {
                 };
                 let mut tree =
                     DirTree::open(&self.backing).context("cannot open the backing tree")?;
-                let origins = &self.origins;
-                let res = self.vol.mutate_beneath_unsettled(op.clone(), |seq| {
-                    origins.note(seq)?;
+                let res = self.vol.mutate_from_peer(op.clone(), |_| {
                     apply_op(&mut tree, &op, false)
                         .map_err(|e| std::io::Error::from_raw_os_error(tree_errno(&e)))
                 });
@@ -1693,9 +1682,6 @@ impl PeerReceiver {
             return Ok(());
         };
         rc.exchange_step_done(seq, u8::try_from(done).unwrap_or(u8::MAX));
-        self.origins
-            .sync()
-            .context("cannot make STATE/peer-origin durable")?;
         self.vol.wait_journal_durable();
         if self.vol.poisoned.load(Ordering::Acquire) {
             bail!("the journal failed: the peer's exchange is not carried on");
@@ -1745,21 +1731,21 @@ impl PeerReceiver {
             path: path.clone(),
             nlink,
         };
-        let origins = &self.origins;
-        self.vol
-            .mutate_beneath_unsettled(op.clone(), |seq| {
-                if as_peer {
-                    origins.note(seq)?;
-                }
-                apply_op(&mut tree, &op, false)
-                    .map_err(|e| std::io::Error::from_raw_os_error(tree_errno(&e)))
-            })
-            .map_err(|e| {
-                anyhow!(
-                    "cannot remove {what}: {}",
-                    std::io::Error::from_raw_os_error(e)
-                )
-            })?;
+        let apply = |_| {
+            apply_op(&mut tree, &op, false)
+                .map_err(|e| std::io::Error::from_raw_os_error(tree_errno(&e)))
+        };
+        let res = if as_peer {
+            self.vol.mutate_from_peer(op.clone(), apply)
+        } else {
+            self.vol.mutate_beneath_unsettled(op.clone(), apply)
+        };
+        res.map_err(|e| {
+            anyhow!(
+                "cannot remove {what}: {}",
+                std::io::Error::from_raw_os_error(e)
+            )
+        })?;
         Ok(())
     }
 
@@ -1768,12 +1754,10 @@ impl PeerReceiver {
     /// come between it and the change); a record not applied now is journaled with its `Abort`
     /// (and still noted as the peer's).
     fn apply_one(&self, orig: &Op, op: &Op, seen: Option<u64>) -> Result<(), Held> {
-        let origins = &self.origins;
         // A tree that cannot be opened is a refusal (`EIO`): the connection ends unacknowledged.
         let mut tree = DirTree::open(&self.backing).map_err(|_| Held::Errno(libc::EIO))?;
         let held = std::cell::Cell::new(None);
-        let res = self.vol.mutate_beneath_unsettled(op.clone(), |seq| {
-            origins.note(seq)?;
+        let res = self.vol.mutate_from_peer(op.clone(), |_| {
             if let (Some(rc), Some(seen)) = (&self.reconcile, seen) {
                 let skip = |held: &std::cell::Cell<Option<Held>>, h| {
                     held.set(Some(h));

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use mirrorfs_core::journal::Reader;
+use mirrorfs_core::journal::{Origin, Reader};
 use mirrorfs_core::link::{JournalSpan, LinkError, Sender, Start};
 use mirrorfs_core::op::Record;
 use mirrorfs_core::stream::{take_batch, Backoff};
@@ -917,10 +917,8 @@ fn stream(
                 if reader.next_seq() > limit {
                     return Ok(None);
                 }
-                let view = lock(&vol.order).journal.segment_for(reader.next_seq());
-                reader.next::<FileStore>(view, limit)
+                next_for_link(vol, m, &mut reader, limit)
             })?;
-            let batch = without_echo(m, batch);
             if let Some(last) = batch.last().map(|r| r.seq) {
                 // The change points of these records go first (`site::reconcile`).
                 if let (Some(rc), Some(first)) = (m.reconcile.get(), batch.first()) {
@@ -968,19 +966,29 @@ fn send_tokens(d: &Duplex, m: &MirrorShared, beat: &mut Beat) -> Result<()> {
     Ok(())
 }
 
-/// On the link to the other writable site of a pair (`mount --peer`), each of our records that
-/// came from that site goes as `Abort{seq: its own seq}`: a placeholder that keeps the stream's
-/// seqs consecutive (the peer's session checks them) and that nobody applies, so no change is
-/// sent back where it came from (`site::peer`).
-fn without_echo(m: &MirrorShared, mut batch: Vec<Record>) -> Vec<Record> {
-    if let Some(origins) = m.peer.get() {
-        for r in &mut batch {
-            if origins.contains(r.seq) {
-                r.op = mirrorfs_core::op::Op::Abort { seq: r.seq };
-            }
+/// The journal's next record through `limit` as this link sends it. On the link to the other
+/// writable site of a pair (`mount --peer`), each of our records that came from that site goes
+/// as `Abort{seq: its own seq}`: a placeholder that keeps the stream's seqs consecutive (the
+/// peer's session checks them) and that nobody applies, so no change is sent back where it
+/// came from (`site::peer`).
+pub(crate) fn next_for_link(
+    vol: &Volume,
+    m: &MirrorShared,
+    reader: &mut Reader<crate::site::store::FileSegment>,
+    limit: u64,
+) -> Result<Option<Record>, mirrorfs_core::journal::JournalError> {
+    let view = lock(&vol.order).journal.segment_for(reader.next_seq());
+    let Some((mut r, origin)) = reader.next_from::<FileStore>(view, limit)? else {
+        return Ok(None);
+    };
+    if let Some(legacy) = m.peer.get() {
+        // The origin is in the record's frame (durable with it); a record journaled by an
+        // older version is known as the peer's from its `STATE/peer-origin`.
+        if origin == Origin::Peer || legacy.contains(r.seq) {
+            r.op = mirrorfs_core::op::Op::Abort { seq: r.seq };
         }
     }
-    batch
+    Ok(Some(r))
 }
 
 /// The receiving loop: acknowledgements update the mirror's positions and wake waiters; over
@@ -1051,8 +1059,8 @@ fn on_ack(
     m.durable.store(p.durable, Ordering::Release);
     m.applied.store(p.applied, Ordering::Release);
     m.checkpoint.store(p.checkpoint, Ordering::Release);
-    if let Some(origins) = m.peer.get() {
-        origins.forget_through(p.durable);
+    if let Some(legacy) = m.peer.get() {
+        legacy.forget_through(p.durable);
     }
     if let Some(rc) = m.reconcile.get() {
         rc.acknowledged(p.durable);

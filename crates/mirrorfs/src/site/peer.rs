@@ -1,34 +1,27 @@
 //! What a writable site keeps about the other writable site of its pair (issue 7 item 5): which
-//! of its own journal records came from the peer (`STATE/peer-origin`, so they are never sent
-//! back: no echo), and how far the peer's journal is applied here (`STATE/peer-applied`, where
-//! the peer's stream resumes). The link that carries the records is `net::peer`.
+//! of its own journal records came from the peer, so they are never sent back (no echo: the
+//! record's origin is in its frame, `core::journal::Origin`; `STATE/peer-origin` only as an
+//! older version left it), and how far the peer's journal is applied here
+//! (`STATE/peer-applied`, where the peer's stream resumes). The link that carries the records
+//! is `net::peer`.
 //!
 //! ```text
-//!  peer's record (its seq P) ─▶ Volume::mutate_beneath_at ─▶ our record (seq L)
-//!                                 under the order lock: PeerOrigins::note(L) before L settles
-//!  end of a batch: PeerOrigins::sync (fdatasync) ─▶ local journal durable ─▶
-//!                  PeerPosition::store(P) (durable) ─▶ Ack{P} to the peer
-//!  our link to the peer (net::remote::stream): record L in PeerOrigins ─▶ sent as Abort{L}
+//!  peer's record (its seq P) ─▶ Volume::mutate_from_peer ─▶ our record (seq L), its frame
+//!                                 flagged Origin::Peer (durable exactly when the record is)
+//!  end of a batch: local journal durable ─▶ PeerPosition::store(P) (durable) ─▶ Ack{P}
+//!  our link to the peer (net::remote::next_for_link): L read as Origin::Peer ─▶ sent as Abort{L}
 //! ```
 //!
-//! **Layouts** (also in `docs/journal.md`, "State files"). `STATE/peer-origin` is a sequence of
-//! little-endian u64 seqs of our own journal, appended in order; a torn last one (a crash while
-//! it was written) is cut at open, seqs past the journal's end (records a power loss took) or
-//! before its first held record are dropped, and the file is compacted then. `STATE/peer-applied`
-//! is 48 bytes, replaced atomically: magic `MFPA`, 4 zero bytes, the peer's volume id (16), the
+//! **Layouts** (also in `docs/journal.md`, "State files"). `STATE/peer-origin` (read only, see
+//! `LegacyOrigins`) is a sequence of little-endian u64 seqs of our own journal. `STATE/peer-applied`
+//! is 64 bytes, replaced atomically: magic `MFPA`, 4 zero bytes, the peer's volume id (16), the
 //! last peer seq applied here and durable, then (`--partition reconcile`, `site::reconcile`) the
-//! largest of our seqs the peer had considered as of that record and our last change point (each
-//! u64 LE; a 32-byte file of the former layout reads them as 0).
-//!
-//! **Limit.** A crash after our journal made a peer record durable but before `peer-origin`
-//! did (the same batch) can send that one batch back to the peer once after the restart; the
-//! peer applies its own changes again (the same bytes at the same places, unless it changed
-//! them again since). The batch is at most one `Records` message.
+//! largest of our seqs the peer had considered as of that record and our last change point, then
+//! an exchange's intent (each u64 LE; files of the 32- and 48-byte layouts read the rest as 0).
 
 use std::collections::BTreeSet;
-use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs::File;
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -186,104 +179,90 @@ pub fn born_empty(
     Ok(true)
 }
 
-/// `STATE/peer-origin` is compacted once it holds this many more seqs than are live.
-const ORIGIN_SLACK: usize = 4096;
-/// `STATE/peer-applied`'s size (32 before reconciliation: read as `seen = point = 0`).
-const POSITION_BYTES: usize = 64;
-const POSITION_BYTES_V2: usize = 48;
-const POSITION_BYTES_V1: usize = 32;
-const POSITION_MAGIC: [u8; 4] = *b"MFPA";
-
-struct Origins {
-    file: File,
-    live: BTreeSet<u64>,
-    /// Seqs in the file.
-    written: usize,
-    dirty: bool,
+/// Makes `link` the link to this site's peer writable site (`mount --peer`): it sends our
+/// records that came from the peer (`Origin::Peer` in their frames, `Volume::mutate_from_peer`)
+/// as placeholders (`net::remote::next_for_link`). A `STATE/peer-origin` left by an older
+/// version is honoured until the peer holds those records (`LegacyOrigins`).
+pub fn attach_link(
+    vol: &crate::site::volume::Volume,
+    dir: &crate::site::state_dir::StateDir,
+    link: &crate::site::volume::MirrorShared,
+) -> Result<()> {
+    let (first, end) = {
+        let o = lock(&vol.order);
+        (o.journal.first_seq(), o.journal.next_seq() - 1)
+    };
+    let legacy = LegacyOrigins::open(&dir.peer_origin_file(), first, end)?;
+    let _ = link.peer.set(std::sync::Arc::new(legacy));
+    Ok(())
 }
 
-/// The seqs of our journal records that came from the peer.
-pub struct PeerOrigins {
+/// `STATE/peer-origin` as versions before the record frame's origin flag kept it: the seqs of
+/// our records that came from the peer, each a u64 LE, appended in order (a torn last one is
+/// cut). Read once at the mount, for the records its journal still holds (`first..=end`);
+/// never written again: those records' frames say nothing of their origin, so the file is
+/// honoured until the peer acknowledged them durable, then removed (durably).
+pub struct LegacyOrigins {
     path: PathBuf,
-    inner: Mutex<Origins>,
+    live: Mutex<BTreeSet<u64>>,
 }
 
-impl PeerOrigins {
-    /// Opens `STATE/peer-origin` for a journal that holds records `first_held..=end`.
-    pub fn open(path: &Path, first_held: u64, end: u64) -> Result<PeerOrigins> {
+/// Largest `STATE/peer-origin` read (it held at most twice its live seqs + 4,096).
+const LEGACY_BYTES_MAX: u64 = 1 << 30;
+
+impl LegacyOrigins {
+    /// Reads `STATE/peer-origin`, if any, for a journal that holds records `first_held..=end`.
+    pub fn open(path: &Path, first_held: u64, end: u64) -> Result<LegacyOrigins> {
         let mut bytes = Vec::new();
         match File::open(path) {
             Ok(f) => {
-                f.take(1 << 30)
+                f.take(LEGACY_BYTES_MAX)
                     .read_to_end(&mut bytes)
                     .with_context(|| format!("cannot read {}", path.display()))?;
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e).with_context(|| format!("cannot open {}", path.display())),
         }
+        // Seqs past the journal's end were lost with their records (the seqs are reused).
         let live: BTreeSet<u64> = bytes
             .chunks_exact(8)
             .filter_map(|c| c.try_into().ok().map(u64::from_le_bytes))
             .filter(|s| (first_held..=end).contains(s))
             .collect();
-        let origins = PeerOrigins {
-            path: path.to_path_buf(),
-            inner: Mutex::new(Origins {
-                file: open_append(path)?,
-                live,
-                written: 0,
-                dirty: false,
-            }),
-        };
-        origins
-            .compact(&mut lock(&origins.inner))
-            .with_context(|| format!("cannot compact {}", path.display()))?;
-        Ok(origins)
-    }
-
-    fn compact(&self, o: &mut Origins) -> io::Result<()> {
-        let bytes: Vec<u8> = o.live.iter().flat_map(|s| s.to_le_bytes()).collect();
-        statefile::replace_durable(&self.path, &bytes, 0o600)?;
-        o.file = open_append(&self.path)?;
-        o.written = o.live.len();
-        o.dirty = false;
-        Ok(())
-    }
-
-    /// Our record `seq` came from the peer (called under the order lock, before it settles).
-    pub fn note(&self, seq: u64) -> io::Result<()> {
-        let mut o = lock(&self.inner);
-        o.file.write_all(&seq.to_le_bytes())?;
-        o.live.insert(seq);
-        o.written += 1;
-        o.dirty = true;
-        Ok(())
-    }
-
-    /// Makes the seqs noted so far durable.
-    pub fn sync(&self) -> io::Result<()> {
-        let mut o = lock(&self.inner);
-        if o.dirty {
-            o.file.sync_data()?;
-            o.dirty = false;
+        if live.is_empty() {
+            statefile::remove_durable(path)
+                .with_context(|| format!("cannot remove {}", path.display()))?;
+        } else {
+            tracing::info!(
+                "{}: {} records of an older version's peer origins, honoured until the peer holds them",
+                path.display(),
+                live.len()
+            );
         }
-        Ok(())
+        Ok(LegacyOrigins {
+            path: path.to_path_buf(),
+            live: Mutex::new(live),
+        })
     }
 
-    /// Whether our record `seq` came from the peer.
+    /// Whether our record `seq` came from the peer as the file says.
     pub fn contains(&self, seq: u64) -> bool {
-        lock(&self.inner).live.contains(&seq)
+        lock(&self.live).contains(&seq)
     }
 
-    /// The peer holds our records through `seq` durably: the seqs up to it are not needed any
-    /// more (kept in memory and on disk only until the next compaction).
+    /// The peer holds our records through `seq` durably: the file's seqs up to it are not
+    /// needed any more; once none is left, the file goes.
     pub fn forget_through(&self, seq: u64) {
-        let mut o = lock(&self.inner);
-        let keep = o.live.split_off(&(seq.saturating_add(1)));
-        o.live = keep;
-        if o.written >= 2 * o.live.len() + ORIGIN_SLACK {
-            if let Err(e) = self.compact(&mut o) {
-                tracing::warn!("cannot compact {}: {e}", self.path.display());
+        let mut live = lock(&self.live);
+        if live.is_empty() {
+            return;
+        }
+        *live = live.split_off(&(seq.saturating_add(1)));
+        if live.is_empty() {
+            if let Err(e) = statefile::remove_durable(&self.path) {
+                // Harmless: read again at the next mount, its seqs then before the journal's
+                // first held record or acknowledged, it is removed then.
+                tracing::warn!("cannot remove {}: {e}", self.path.display());
             }
         }
     }
@@ -291,22 +270,15 @@ impl PeerOrigins {
     /// Seqs remembered now.
     #[cfg(test)]
     pub fn len(&self) -> usize {
-        lock(&self.inner).live.len()
-    }
-
-    #[cfg(test)]
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        lock(&self.live).len()
     }
 }
 
-fn open_append(path: &Path) -> io::Result<File> {
-    OpenOptions::new()
-        .append(true)
-        .create(true)
-        .mode(0o600)
-        .open(path)
-}
+/// `STATE/peer-applied`'s size (32 before reconciliation: read as `seen = point = 0`).
+const POSITION_BYTES: usize = 64;
+const POSITION_BYTES_V2: usize = 48;
+const POSITION_BYTES_V1: usize = 32;
+const POSITION_MAGIC: [u8; 4] = *b"MFPA";
 
 /// An absent inode in the intent's layout.
 const NO_INO: u64 = u64::MAX;
@@ -399,33 +371,136 @@ impl PeerPosition {
 mod tests {
     use super::*;
 
+    /// A `STATE/peer-origin` of an older version is honoured for the records the journal
+    /// still holds, until the peer acknowledged them durable; then it is removed.
     #[test]
-    fn origins_survive_a_reopen_and_drop_what_the_journal_lost() {
+    fn an_older_versions_origins_are_honoured_until_the_peer_holds_them() {
         let d = tempfile::tempdir().expect("tempdir");
         let p = d.path().join("peer-origin");
-        {
-            let o = PeerOrigins::open(&p, 1, 0).expect("open");
-            for s in [3, 5, 9] {
-                o.note(s).expect("note");
-            }
-            o.sync().expect("sync");
-            assert!(o.contains(5) && !o.contains(4));
-        }
+        let mut bytes: Vec<u8> = [3u64, 5, 9].iter().flat_map(|s| s.to_le_bytes()).collect();
         // A torn last seq (a crash while it was written) is cut.
-        let mut f = OpenOptions::new().append(true).open(&p).expect("append");
-        f.write_all(&[1, 2, 3]).expect("torn");
-        drop(f);
+        bytes.extend_from_slice(&[1, 2, 3]);
+        std::fs::write(&p, &bytes).expect("write");
         // The journal lost record 9 in a power loss; it holds 4..=8 now.
-        let o = PeerOrigins::open(&p, 4, 8).expect("reopen");
+        let o = LegacyOrigins::open(&p, 4, 8).expect("open");
         assert!(!o.contains(3), "before the journal's first record");
         assert!(o.contains(5));
-        assert!(
-            !o.contains(9),
-            "past the journal's end: that seq will be reused"
-        );
-        assert_eq!(std::fs::metadata(&p).expect("stat").len(), 8, "compacted");
+        assert!(!o.contains(9), "past the journal's end: that seq is reused");
+        assert_eq!(o.len(), 1);
+        o.forget_through(4);
+        assert!(o.contains(5) && p.exists(), "not acknowledged yet");
         o.forget_through(5);
-        assert!(o.is_empty());
+        assert!(!o.contains(5));
+        assert!(!p.exists(), "removed once the peer holds its records");
+        // A file with nothing the journal holds goes at once; no file is no origin.
+        std::fs::write(&p, 2u64.to_le_bytes()).expect("write");
+        let o = LegacyOrigins::open(&p, 4, 8).expect("open");
+        assert_eq!(o.len(), 0);
+        assert!(!p.exists());
+        let o = LegacyOrigins::open(&p, 1, 8).expect("open without a file");
+        assert_eq!(o.len(), 0);
+        assert!(!p.exists(), "not made");
+    }
+
+    /// A primary volume over the journal in `dir/journal`, its backing `dir/backing`.
+    fn volume(dir: &Path) -> std::sync::Arc<crate::site::volume::Volume> {
+        use crate::site::volume::{AckMode, FsyncWaits, Volume};
+        use mirrorfs_core::journal::{Journal, JournalConfig};
+        let store = crate::site::store::FileStore::open(&dir.join("journal")).expect("store");
+        let (j, _) = Journal::open(store, JournalConfig::default()).expect("journal");
+        let role = crate::site::engine::Role::Primary {
+            backing: dir.join("backing"),
+            ack: AckMode::Async,
+            quorum: 0,
+            fsync_waits: FsyncWaits::Mode,
+        };
+        std::sync::Arc::new(Volume::new(j, None, Vec::new(), &role))
+    }
+
+    fn peer_link() -> crate::site::volume::MirrorShared {
+        crate::site::volume::MirrorShared::new(
+            "peer".into(),
+            PathBuf::new(),
+            PathBuf::new(),
+            Some("peer.example:7000".into()),
+        )
+    }
+
+    fn mkdir(name: &str) -> mirrorfs_core::op::Op {
+        mirrorfs_core::op::Op::Mkdir {
+            path: mirrorfs_core::path::RelPath::new(name).expect("path"),
+            mode: 0o755,
+            uid: 0,
+            gid: 0,
+        }
+    }
+
+    /// Issue 7, "No echo": the flusher may make the journal durable at any time, so a power
+    /// loss can keep a record the peer receiver journaled while losing everything else written
+    /// since the last sync of the receiver's batch. After the restart the link to the peer
+    /// must still send that record as a placeholder: sent back, it would put the peer's old
+    /// change over what the peer wrote since.
+    #[test]
+    fn a_peer_record_durable_in_the_journal_is_not_sent_back_after_a_power_loss() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let state = d.path().join("state");
+        std::fs::create_dir_all(&state).expect("state");
+        std::fs::create_dir_all(d.path().join("journal")).expect("journal dir");
+        let dir = crate::site::state_dir::StateDir::at(&state);
+        let origin_file = dir.peer_origin_file();
+        {
+            let vol = volume(d.path());
+            let link = peer_link();
+            attach_link(&vol, &dir, &link).expect("attach");
+            // What of the origin file is durable now (absent: nothing).
+            let durable_len = std::fs::metadata(&origin_file).map_or(None, |m| Some(m.len()));
+            let ours = vol.mutate_beneath_unsettled(mkdir("ours"), |_| Ok(()));
+            assert_eq!(ours.map(|(_, s)| s), Ok(1));
+            // The peer receiver's journaling of the peer's record.
+            let theirs = vol.mutate_from_peer(mkdir("theirs"), |_| Ok(()));
+            assert_eq!(theirs.map(|(_, s)| s), Ok(2));
+            // The flusher's round: the journal is durable through both records.
+            assert_eq!(vol.sync_journal().expect("sync"), 2);
+            // The power loss, before the receiver's batch ended: every other file keeps only
+            // what was durable.
+            match durable_len {
+                Some(n) => std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&origin_file)
+                    .and_then(|f| f.set_len(n))
+                    .expect("cut the unsynced tail"),
+                None => match std::fs::remove_file(&origin_file) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => panic!("cannot remove {}: {e}", origin_file.display()),
+                },
+            }
+        }
+        // The restart, as the mount does it.
+        let vol = volume(d.path());
+        let link = peer_link();
+        attach_link(&vol, &dir, &link).expect("attach again");
+        let mut reader = mirrorfs_core::journal::Reader::new(1);
+        let mut sent = Vec::new();
+        while let Some(r) =
+            crate::net::remote::next_for_link(&vol, &link, &mut reader, 2).expect("read")
+        {
+            sent.push(r);
+        }
+        assert_eq!(
+            sent,
+            vec![
+                mirrorfs_core::op::Record {
+                    seq: 1,
+                    op: mkdir("ours")
+                },
+                mirrorfs_core::op::Record {
+                    seq: 2,
+                    op: mirrorfs_core::op::Op::Abort { seq: 2 }
+                },
+            ],
+            "our own record goes as itself, the peer's as a placeholder"
+        );
     }
 
     #[test]

@@ -26,6 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use anyhow::{Context, Result};
+use mirrorfs_core::journal::Origin;
 use mirrorfs_core::op::Op;
 use mirrorfs_core::path::RelPath;
 use mirrorfs_core::reconcile::{
@@ -508,10 +509,15 @@ impl SiteReconcile {
     }
 
     /// Rebuilds the machine's entries from the journal (our own data records after the
-    /// watermark; `is_peer`: the record came from the peer).
+    /// watermark; not those that came from the peer: `Origin::Peer` in their frames, or in an
+    /// older version's `STATE/peer-origin`, `legacy`).
     /// First the names the peer's records noted (`STATE/reconcile-notes`: the journal holds
     /// those records, but not the peer's `seen` of each, so they cannot be decided again).
-    pub fn rebuild(&self, vol: &Volume, is_peer: impl Fn(u64) -> bool) -> Result<usize> {
+    pub fn rebuild(
+        &self,
+        vol: &Volume,
+        legacy: Option<&crate::site::peer::LegacyOrigins>,
+    ) -> Result<usize> {
         let file = self.notes_file();
         match std::fs::read(&file) {
             Ok(b) => {
@@ -535,8 +541,8 @@ impl SiteReconcile {
         };
         let from = self.seen_by_peer().saturating_add(1).max(first);
         let mut n = 0;
-        vol.each_record(from, end, |r| {
-            if is_peer(r.seq) {
+        vol.each_record(from, end, |r, origin| {
+            if origin == Origin::Peer || legacy.is_some_and(|o| o.contains(r.seq)) {
                 return;
             }
             if let Some(c) = Local::of(&r.op) {

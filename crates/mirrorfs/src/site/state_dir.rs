@@ -171,7 +171,7 @@ impl StateDir {
     }
 
     /// `STATE/peer-origin`: the seqs of this site's records that came from its peer writable
-    /// site (`site::peer`), never sent back to it.
+    /// site (`site::peer::LegacyOrigins`), as an older version kept them: read, never written.
     pub fn peer_origin_file(&self) -> PathBuf {
         self.path.join("peer-origin")
     }

@@ -28,7 +28,7 @@ use mirrorfs_core::applier::Applier;
 use mirrorfs_core::feed::{FeedReadError, JournalFeed};
 use mirrorfs_core::flush;
 use mirrorfs_core::group::{Gate, GroupError};
-use mirrorfs_core::journal::{Journal, Reader};
+use mirrorfs_core::journal::{Journal, Origin, Reader};
 use mirrorfs_core::op::{Op, Record};
 use mirrorfs_core::path::RelPath;
 use mirrorfs_core::sequencer::{self, Begin, InDoubt, Refusal, Sequencer};
@@ -225,8 +225,9 @@ pub struct MirrorShared {
     /// `mirror::operator`): where it stands.
     pub operator_resync: Mutex<OperatorResync>,
     /// Set on the link to the other writable site of a pair (`mount --peer`): our records that
-    /// came from it, sent to it as `Abort` placeholders (`site::peer`).
-    pub peer: std::sync::OnceLock<Arc<crate::site::peer::PeerOrigins>>,
+    /// came from it (`Origin::Peer` in their frames, and an older version's
+    /// `STATE/peer-origin`) go to it as `Abort` placeholders (`site::peer`).
+    pub peer: std::sync::OnceLock<Arc<crate::site::peer::LegacyOrigins>>,
     /// Set on the link to the peer with `--write-tokens`: the token messages it carries.
     pub tokens: std::sync::OnceLock<Arc<crate::site::tokens::TokenWire>>,
     /// Set on the link to the peer with `--partition reconcile`: the change points sent before
@@ -831,6 +832,7 @@ impl Volume {
             },
             then,
             true,
+            Origin::Local,
         );
         if let (Some(permits), Ok((_, seq))) = (tokens.0, &r) {
             permits.written(*seq);
@@ -847,12 +849,14 @@ impl Volume {
         op: Op,
         apply: impl FnOnce(u64) -> io::Result<R>,
         wake_flusher: bool,
+        origin: Origin,
     ) -> Result<(R, u64), i32> {
         self.mutate_built_at_then(
             || Ok((op, ())),
             |seq, ()| apply(seq),
             |_| None,
             wake_flusher,
+            origin,
         )
     }
 
@@ -864,6 +868,7 @@ impl Volume {
         apply: impl FnOnce(u64, S) -> io::Result<R>,
         then: impl FnOnce(&R) -> Option<Op>,
         wake_flusher: bool,
+        origin: Origin,
     ) -> Result<(R, u64), i32> {
         let mut o = lock(&self.order);
         self.check_fence()?;
@@ -877,7 +882,7 @@ impl Volume {
             sequencer,
             copies,
         } = &mut *o;
-        let seq = match sequencer.begin(journal, &op, |j| self.relieve_full(j)) {
+        let seq = match sequencer.begin_from(journal, &op, origin, |j| self.relieve_full(j)) {
             Begin::Apply { seq } => seq,
             Begin::Refuse(r) => return Err(self.refused(r)),
         };
@@ -959,6 +964,15 @@ impl Volume {
         op: Op,
         apply: impl FnOnce(u64) -> io::Result<R>,
     ) -> Result<(R, u64), i32> {
+        self.mutate_beneath_as(op, apply, Origin::Local)
+    }
+
+    fn mutate_beneath_as<R>(
+        &self,
+        op: Op,
+        apply: impl FnOnce(u64) -> io::Result<R>,
+        origin: Origin,
+    ) -> Result<(R, u64), i32> {
         let view = self.view.get().cloned();
         let seen = view.as_ref().map(|_| op.clone());
         self.mutate_waking(
@@ -971,7 +985,19 @@ impl Volume {
                 Ok(r)
             },
             false,
+            origin,
         )
+    }
+
+    /// [`Volume::mutate_beneath_unsettled`] of a record of the peer's stream (`net::peer`): it
+    /// is journaled as the peer's (`Origin::Peer`, in the record's frame, so durable exactly
+    /// when the record is), and the link to the peer never sends it back (`site::peer`).
+    pub fn mutate_from_peer<R>(
+        &self,
+        op: Op,
+        apply: impl FnOnce(u64) -> io::Result<R>,
+    ) -> Result<(R, u64), i32> {
+        self.mutate_beneath_as(op, apply, Origin::Peer)
     }
 
     /// `EROFS` while a witness fence is set and the site holds no valid lease. Checked under the
@@ -1119,7 +1145,7 @@ impl Volume {
             )
         };
         let mut gate = Gate::default();
-        self.each_record(first, end, |rec| gate.observe(rec.seq, &rec.op))?;
+        self.each_record(first, end, |rec, _| gate.observe(rec.seq, &rec.op))?;
         let open = gate.open();
         if primary {
             for _ in 0..open {
@@ -1451,7 +1477,7 @@ impl Volume {
     pub fn record_backing_times(&self, backing: &DirTree, first: u64) -> anyhow::Result<usize> {
         let end = lock(&self.order).journal.next_seq().saturating_sub(1);
         let mut paths = std::collections::BTreeSet::new();
-        self.each_record(first, end, |rec| paths.extend(rec.op.mtime_paths()))?;
+        self.each_record(first, end, |rec, _| paths.extend(rec.op.mtime_paths()))?;
         let mut n = 0;
         for path in paths {
             let mtime = match backing.mtime(&path) {
@@ -1483,16 +1509,16 @@ impl Volume {
         &self,
         first: u64,
         end: u64,
-        mut f: impl FnMut(&Record),
+        mut f: impl FnMut(&Record, Origin),
     ) -> anyhow::Result<()> {
         let mut reader: Reader<crate::site::store::FileSegment> = Reader::new(first.max(1));
         let mut stalled = false;
         while reader.next_seq() <= end {
             let view = lock(&self.order).journal.segment_for(reader.next_seq());
-            match reader.next::<FileStore>(view, end)? {
-                Some(rec) => {
+            match reader.next_from::<FileStore>(view, end)? {
+                Some((rec, origin)) => {
                     stalled = false;
-                    f(&rec);
+                    f(&rec, origin);
                 }
                 // The end of a segment: the next read opens the next one.
                 None if !stalled => stalled = true,
@@ -1893,7 +1919,7 @@ mod tests {
             "unlink, its times, the failed unlink, its Abort"
         );
         let mut ops = Vec::new();
-        vol.each_record(1, settled, |r| ops.push((r.seq, r.op.clone())))
+        vol.each_record(1, settled, |r, _| ops.push((r.seq, r.op.clone())))
             .expect("read");
         assert_eq!(
             ops,
