@@ -1603,6 +1603,25 @@ mod tests {
         pub(super) static FLUSH_WAKES: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
     }
 
+    /// A primary's volume with its journal in `dir`, acknowledging as `ack` with `mirrors`
+    /// (quorum: all of them).
+    fn primary(
+        dir: &std::path::Path,
+        ack: AckMode,
+        mirrors: Vec<Arc<MirrorShared>>,
+    ) -> Arc<Volume> {
+        let store = FileStore::open(dir).expect("store");
+        let (j, _) =
+            Journal::open(store, mirrorfs_core::journal::JournalConfig::default()).expect("open");
+        let role = crate::site::engine::Role::Primary {
+            backing: dir.join("backing"),
+            ack,
+            quorum: mirrors.len(),
+            fsync_waits: FsyncWaits::Mode,
+        };
+        Arc::new(Volume::new(j, None, mirrors, &role))
+    }
+
     /// The peer receiver's records (`mutate_beneath_unsettled`) leave waking the flusher to
     /// the end of their batch (`wait_journal_durable`), as a mirror daemon's session wakes it
     /// once per batch: woken for each, the flusher took the order lock between them and synced
@@ -1613,16 +1632,7 @@ mod tests {
     #[test]
     fn the_peer_receivers_records_wake_the_flusher_once_per_batch() {
         let d = tempfile::tempdir().expect("tempdir");
-        let store = FileStore::open(d.path()).expect("store");
-        let (j, _) =
-            Journal::open(store, mirrorfs_core::journal::JournalConfig::default()).expect("open");
-        let role = crate::site::engine::Role::Primary {
-            backing: d.path().join("backing"),
-            ack: AckMode::Async,
-            quorum: 0,
-            fsync_waits: FsyncWaits::Mode,
-        };
-        let vol = Arc::new(Volume::new(j, None, Vec::new(), &role));
+        let vol = primary(d.path(), AckMode::Async, Vec::new());
         // An idle wait of an hour: a record becomes durable only by a wake-up.
         let flusher = {
             let v = vol.clone();
@@ -1679,22 +1689,13 @@ mod tests {
     #[test]
     fn a_change_beneath_the_mount_waiting_for_mirrors_wakes_the_flusher() {
         let d = tempfile::tempdir().expect("tempdir");
-        let store = FileStore::open(d.path()).expect("store");
-        let (j, _) =
-            Journal::open(store, mirrorfs_core::journal::JournalConfig::default()).expect("open");
-        let role = crate::site::engine::Role::Primary {
-            backing: d.path().join("backing"),
-            ack: AckMode::Received,
-            quorum: 1,
-            fsync_waits: FsyncWaits::Mode,
-        };
         let m = Arc::new(MirrorShared::new(
             "m".into(),
             d.path().join("mirror"),
             d.path().join("mirror-state"),
             None,
         ));
-        let vol = Arc::new(Volume::new(j, None, vec![m.clone()], &role));
+        let vol = primary(d.path(), AckMode::Received, vec![m.clone()]);
         let flusher = {
             let v = vol.clone();
             std::thread::spawn(move || v.flush_loop(Duration::from_secs(3600)))
