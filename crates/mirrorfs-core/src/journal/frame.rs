@@ -3,7 +3,7 @@
 //! ```text
 //! segment header (32 bytes)
 //!   0  [u8; 8]  magic "MFSJRNL1"
-//!   8  u32      format version (1)
+//!   8  u32      format version (2; 1 is still read)
 //!  12  u32      crc32c of bytes 0..12 and 16..32
 //!  16  u64      first_seq: the seq of the segment's first record
 //!  24  u64      reserved, zero
@@ -23,7 +23,13 @@ use crate::codec::{self, DecodeError};
 use crate::op::{Op, Record, WRITE_BYTES_MAX};
 
 pub const SEGMENT_MAGIC: [u8; 8] = *b"MFSJRNL1";
-pub const SEGMENT_VERSION: u32 = 1;
+/// The segment format this build writes. 2: its frames may carry flags (byte 13). A build from
+/// before the flags knows only 1 and took a flagged frame for a torn tail (byte 13 was reserved),
+/// cutting it; it refuses a version-2 segment instead, naming the version (`docs/journal.md`).
+pub const SEGMENT_VERSION: u32 = 2;
+/// The segment formats this build reads. 1: written before the flags; the journal never appends
+/// into one (`Journal::open` continues in a new version-2 segment).
+pub const SEGMENT_VERSIONS_READ: &[u32] = &[1, SEGMENT_VERSION];
 pub const SEGMENT_HEADER_BYTES: usize = 32;
 pub const FRAME_MAGIC: u32 = 0x4A52_464D;
 pub const FRAME_HEADER_BYTES: usize = 32;
@@ -64,9 +70,17 @@ impl Origin {
 pub const BODY_BYTES_MAX: usize = WRITE_BYTES_MAX + crate::path::PATH_BYTES_MAX + 8192;
 
 pub fn encode_segment_header(first_seq: u64) -> [u8; SEGMENT_HEADER_BYTES] {
+    encode_segment_header_version(first_seq, SEGMENT_VERSION)
+}
+
+/// The header of a segment of format `version` (tests make the former formats with it).
+pub(crate) fn encode_segment_header_version(
+    first_seq: u64,
+    version: u32,
+) -> [u8; SEGMENT_HEADER_BYTES] {
     let mut h = [0u8; SEGMENT_HEADER_BYTES];
     h[0..8].copy_from_slice(&SEGMENT_MAGIC);
-    h[8..12].copy_from_slice(&SEGMENT_VERSION.to_le_bytes());
+    h[8..12].copy_from_slice(&version.to_le_bytes());
     h[16..24].copy_from_slice(&first_seq.to_le_bytes());
     let crc = crc32c::crc32c_append(crc32c::crc32c(&h[0..12]), &h[16..32]);
     h[12..16].copy_from_slice(&crc.to_le_bytes());
@@ -80,14 +94,42 @@ pub enum SegmentHeaderError {
     Short,
     #[error("segment header has the wrong magic bytes (not a mirrorfs journal segment)")]
     Magic,
-    #[error("segment format version {0} is not supported by this build (supports 1)")]
-    Version(u32),
+    #[error(
+        "segment format version {found} is not supported by this build (supports {})",
+        versions_list(supported)
+    )]
+    Version {
+        found: u32,
+        supported: &'static [u32],
+    },
     #[error("segment header checksum mismatch")]
     Checksum,
 }
 
-/// Parses a segment header, returning its first seq.
-pub fn decode_segment_header(h: &[u8]) -> Result<u64, SegmentHeaderError> {
+fn versions_list(versions: &[u32]) -> String {
+    let v: Vec<String> = versions.iter().map(u32::to_string).collect();
+    v.join(" and ")
+}
+
+/// A valid segment header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SegmentHeader {
+    /// The seq of the segment's first record.
+    pub first_seq: u64,
+    /// Its format ([`SEGMENT_VERSIONS_READ`]).
+    pub version: u32,
+}
+
+/// Parses a segment header of a format this build reads.
+pub fn decode_segment_header(h: &[u8]) -> Result<SegmentHeader, SegmentHeaderError> {
+    decode_segment_header_reading(h, SEGMENT_VERSIONS_READ)
+}
+
+/// Parses a segment header of one of the formats `supported` (a build's [`SEGMENT_VERSIONS_READ`]).
+pub fn decode_segment_header_reading(
+    h: &[u8],
+    supported: &'static [u32],
+) -> Result<SegmentHeader, SegmentHeaderError> {
     if h.len() < SEGMENT_HEADER_BYTES {
         return Err(SegmentHeaderError::Short);
     }
@@ -99,10 +141,16 @@ pub fn decode_segment_header(h: &[u8]) -> Result<u64, SegmentHeaderError> {
         return Err(SegmentHeaderError::Checksum);
     }
     let version = u32_at(h, 8);
-    if version != SEGMENT_VERSION {
-        return Err(SegmentHeaderError::Version(version));
+    if !supported.contains(&version) {
+        return Err(SegmentHeaderError::Version {
+            found: version,
+            supported,
+        });
     }
-    Ok(u64_at(h, 16))
+    Ok(SegmentHeader {
+        first_seq: u64_at(h, 16),
+        version,
+    })
 }
 
 /// A record frame ready to be written: `head` (header and the op's head), then `tail` (a write's
@@ -341,7 +389,14 @@ mod tests {
     #[test]
     fn segment_header_roundtrip() {
         let h = encode_segment_header(42);
-        assert_eq!(decode_segment_header(&h), Ok(42));
+        assert_eq!(
+            decode_segment_header(&h),
+            Ok(SegmentHeader {
+                first_seq: 42,
+                version: SEGMENT_VERSION
+            })
+        );
+        assert_eq!(&h[8..12], &2u32.to_le_bytes());
         let mut bad = h;
         bad[20] ^= 1;
         assert_eq!(
@@ -351,6 +406,45 @@ mod tests {
         assert_eq!(
             decode_segment_header(&h[..10]),
             Err(SegmentHeaderError::Short)
+        );
+    }
+
+    /// Version 1 (before the frame's flags) is still read; a reader that knows only 1, as
+    /// builds before the flags do, refuses a version-2 header with an error naming both; an
+    /// unknown version is refused by this build with the versions it reads.
+    #[test]
+    fn segment_versions_read_and_refused() {
+        let v1 = encode_segment_header_version(9, 1);
+        assert_eq!(
+            decode_segment_header(&v1),
+            Ok(SegmentHeader {
+                first_seq: 9,
+                version: 1
+            })
+        );
+        let v2 = encode_segment_header(9);
+        let older = decode_segment_header_reading(&v2, &[1]);
+        assert_eq!(
+            older,
+            Err(SegmentHeaderError::Version {
+                found: 2,
+                supported: &[1]
+            })
+        );
+        assert_eq!(
+            older.map_err(|e| e.to_string()),
+            Err("segment format version 2 is not supported by this build (supports 1)".into()),
+            "the message builds before the flags print"
+        );
+        assert_eq!(
+            decode_segment_header_reading(&v1, &[1]).map(|h| h.version),
+            Ok(1)
+        );
+        let v3 = encode_segment_header_version(9, 3);
+        let e = decode_segment_header(&v3).expect_err("unknown version");
+        assert_eq!(
+            e.to_string(),
+            "segment format version 3 is not supported by this build (supports 1 and 2)"
         );
     }
 }

@@ -110,6 +110,9 @@ struct Segment<F> {
     /// file system ran short (a step did not fit, or [`Journal::release_spare`] gave space back
     /// to a mirror tree on the same file system), until the next segment.
     frugal: bool,
+    /// Its format (`frame::SEGMENT_VERSIONS_READ`); records are appended only to a segment of
+    /// `frame::SEGMENT_VERSION`.
+    version: u32,
     file: Arc<F>,
 }
 
@@ -193,6 +196,7 @@ impl<S: SegmentStore> Journal<S> {
                         file.write_all_at(0, &[&header]).map_err(io_err(id))?;
                         file.sync().map_err(io_err(id))?;
                         scan.valid_len = SEGMENT_HEADER_BYTES as u64;
+                        scan.version = frame::SEGMENT_VERSION;
                     }
                     torn = true;
                 }
@@ -209,6 +213,7 @@ impl<S: SegmentStore> Journal<S> {
                 synced_len: scan.valid_len,
                 reserved: 0,
                 frugal: false,
+                version: scan.version,
                 file: Arc::new(file),
             });
         }
@@ -234,7 +239,43 @@ impl<S: SegmentStore> Journal<S> {
         if j.segs.is_empty() {
             j.new_segment()?;
         }
+        j.continue_in_current_format()?;
         Ok((j, report))
+    }
+
+    /// Makes the active segment one of the format this build writes, before anything is
+    /// appended: a frame may carry flags, which a build that knows only version 1 would take
+    /// for a torn tail and cut; it refuses a version-2 segment instead. A version-1 segment with
+    /// records is closed (it is synced: recovery just synced it) and a new one started; an empty
+    /// one gets the new header in place (its id is the next seq, so a new segment could not be
+    /// made beside it; a torn rewrite of a header-only file is a torn header to recovery).
+    fn continue_in_current_format(&mut self) -> Result<(), JournalError> {
+        let Some(seg) = self.segs.back_mut() else {
+            return Ok(());
+        };
+        if seg.version == frame::SEGMENT_VERSION {
+            return Ok(());
+        }
+        if seg.last_seq >= seg.first_seq {
+            return self.roll();
+        }
+        let id = seg.first_seq;
+        let header = frame::encode_segment_header(id);
+        let written = seg
+            .file
+            .write_all_at(0, &[&header])
+            .and_then(|()| seg.file.sync());
+        if let Err(e) = written {
+            self.poison(format!(
+                "rewriting the header of empty segment {id} failed: {e}"
+            ));
+            return Err(JournalError::Io {
+                segment: id,
+                source: e,
+            });
+        }
+        seg.version = frame::SEGMENT_VERSION;
+        Ok(())
     }
 
     fn new_segment(&mut self) -> Result<(), JournalError> {
@@ -282,6 +323,7 @@ impl<S: SegmentStore> Journal<S> {
             synced_len: SEGMENT_HEADER_BYTES as u64,
             reserved: 0,
             frugal: false,
+            version: frame::SEGMENT_VERSION,
             file: Arc::new(file),
         });
         self.bytes += SEGMENT_HEADER_BYTES as u64;
@@ -647,6 +689,7 @@ enum Tail {
 
 struct Scan {
     first_seq: u64,
+    version: u32,
     last_seq: u64,
     count: u64,
     valid_len: u64,
@@ -661,14 +704,15 @@ fn scan_segment<F: SegmentFile>(file: &F, id: u64) -> Result<Scan, JournalError>
     let mut buf = vec![0u8; file_len as usize];
     let n = read_full_at(file, 0, &mut buf).map_err(io_err(id))?;
     buf.truncate(n);
-    let first_seq = match frame::decode_segment_header(&buf) {
-        Ok(s) => s,
+    let header = match frame::decode_segment_header(&buf) {
+        Ok(h) => h,
         Err(_) if buf.len() <= SEGMENT_HEADER_BYTES => {
             // Created (F1) but the header never became durable. `new_segment` syncs the header
             // before any record is appended, so a file no longer than a header whose header is
             // bad (missing, a prefix, zeros) is a torn header, not corruption.
             return Ok(Scan {
                 first_seq: id,
+                version: frame::SEGMENT_VERSION,
                 last_seq: id - 1,
                 count: 0,
                 valid_len: 0,
@@ -685,6 +729,7 @@ fn scan_segment<F: SegmentFile>(file: &F, id: u64) -> Result<Scan, JournalError>
             })
         }
     };
+    let first_seq = header.first_seq;
     if first_seq != id {
         return Err(JournalError::Corrupt {
             segment: id,
@@ -700,6 +745,7 @@ fn scan_segment<F: SegmentFile>(file: &F, id: u64) -> Result<Scan, JournalError>
         if off == buf.len() {
             return Ok(Scan {
                 first_seq,
+                version: header.version,
                 last_seq: next - 1,
                 count,
                 valid_len: off as u64,
@@ -740,6 +786,7 @@ fn scan_segment<F: SegmentFile>(file: &F, id: u64) -> Result<Scan, JournalError>
         let tail = Tail::Torn { at: off as u64 };
         return Ok(Scan {
             first_seq,
+            version: header.version,
             last_seq: next - 1,
             count,
             valid_len: off as u64,
@@ -1288,5 +1335,314 @@ mod tests {
         }
         assert!(n > 5);
         assert!(j.bytes() <= 2000);
+    }
+
+    /// What a build from before the frame's flags (before `10bf3dc`) makes of one segment file,
+    /// its rules reconstructed: its header check (version 1 only), its `parse_frame` (byte 13
+    /// was reserved: a non-zero byte there made the frame invalid, checked after the crc) and its
+    /// recovery scan (an invalid frame not followed by a frame proving later syncs is a torn
+    /// tail, cut off).
+    #[derive(Debug, PartialEq, Eq)]
+    enum PreOrigin {
+        Refused(String),
+        Kept { records: u64, cut_bytes: u64 },
+    }
+
+    fn pre_origin_parse(buf: &[u8]) -> FrameParse {
+        match frame::parse_frame(buf) {
+            // Same checks in the same order, but for byte 13, then reserved.
+            FrameParse::Record { flags, .. } if flags != 0 => {
+                FrameParse::Invalid(frame::FrameError::Reserved)
+            }
+            other => other,
+        }
+    }
+
+    fn pre_origin_open(seg: &[u8]) -> PreOrigin {
+        if seg.len() < SEGMENT_HEADER_BYTES || seg[0..8] != frame::SEGMENT_MAGIC {
+            return PreOrigin::Refused("header".into());
+        }
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&seg[0..12]), &seg[16..32]);
+        if frame::u32_at(seg, 12) != crc {
+            return PreOrigin::Refused("header checksum".into());
+        }
+        let version = frame::u32_at(seg, 8);
+        if version != 1 {
+            return PreOrigin::Refused(format!(
+                "segment format version {version} is not supported by this build (supports 1)"
+            ));
+        }
+        let mut off = SEGMENT_HEADER_BYTES;
+        let mut records = 0;
+        while off < seg.len() {
+            if let FrameParse::Record { len, .. } = pre_origin_parse(&seg[off..]) {
+                off += len;
+                records += 1;
+                continue;
+            }
+            let mut probe = off + 8;
+            while probe + frame::FRAME_HEADER_BYTES <= seg.len() {
+                if let FrameParse::Record { synced_to, .. } = pre_origin_parse(&seg[probe..]) {
+                    if synced_to > off as u64 {
+                        return PreOrigin::Refused(format!("corrupt at {off}"));
+                    }
+                }
+                probe += 8;
+            }
+            return PreOrigin::Kept {
+                records,
+                cut_bytes: (seg.len() - off) as u64,
+            };
+        }
+        PreOrigin::Kept {
+            records,
+            cut_bytes: 0,
+        }
+    }
+
+    fn segment_bytes_of(store: &MemStore, id: u64) -> Vec<u8> {
+        let f = store.open(id).expect("open segment");
+        let mut buf = vec![0u8; f.len().expect("len") as usize];
+        let n = read_full_at(&f, 0, &mut buf).expect("read");
+        buf.truncate(n);
+        buf
+    }
+
+    /// A downgrade to a build from before the frame's flags must refuse a segment whose last
+    /// record came from the peer (acknowledged to it once durable), never take that frame for a
+    /// torn tail and cut it.
+    #[test]
+    fn an_older_build_refuses_a_segment_with_a_peer_record_instead_of_cutting_it() {
+        let store = MemStore::new();
+        let cfg = JournalConfig {
+            segment_bytes: 1 << 20,
+            journal_bytes_max: 1 << 30,
+        };
+        let (mut j, _) = Journal::open(store.clone(), cfg).expect("open");
+        j.append(&write_op(1)).expect("append");
+        j.append_from(&write_op(2), Origin::Peer).expect("append");
+        let plan = j.sync_plan().expect("work to do");
+        for (_, f, _) in &plan.files {
+            f.sync().expect("sync");
+        }
+        j.mark_synced(&plan);
+        assert_eq!(j.durable_seq(), 2);
+        drop(j);
+        let ids = store.list().expect("list");
+        let outcomes: Vec<PreOrigin> = ids
+            .iter()
+            .map(|id| pre_origin_open(&segment_bytes_of(&store, *id)))
+            .collect();
+        // The older build opens segments oldest first and stops at the first refusal.
+        let first_refusal = outcomes
+            .iter()
+            .position(|o| matches!(o, PreOrigin::Refused(_)));
+        for (id, o) in ids
+            .iter()
+            .zip(&outcomes)
+            .take(first_refusal.unwrap_or(ids.len()))
+        {
+            assert!(
+                matches!(o, PreOrigin::Kept { cut_bytes: 0, .. }),
+                "an older build would cut segment {id}: {o:?}"
+            );
+        }
+        let Some(at) = first_refusal else {
+            panic!("an older build accepts this journal: {outcomes:?}");
+        };
+        assert_eq!(
+            outcomes[at],
+            PreOrigin::Refused(
+                "segment format version 2 is not supported by this build (supports 1)".into()
+            )
+        );
+    }
+
+    /// A segment file of format 1 as a former build wrote it: header, then each record's frame
+    /// with its origin's flags (builds before the flags wrote 0; the `origin` build, before
+    /// version 2, wrote the peer flag into version-1 segments too).
+    fn version_1_segment(store: &MemStore, id: u64, records: &[(Op, Origin)]) -> Vec<u8> {
+        let mut bytes = frame::encode_segment_header_version(id, 1).to_vec();
+        for (i, (op, origin)) in records.iter().enumerate() {
+            let f = frame::encode_frame_from(id + i as u64, op, bytes.len() as u64, *origin);
+            bytes.extend_from_slice(&frame::frame_to_vec(&f));
+        }
+        let f = store.create(id).expect("create");
+        f.write_all_at(0, &[&bytes]).expect("write");
+        f.sync().expect("sync");
+        bytes
+    }
+
+    fn sync_all(j: &mut Journal<MemStore>) {
+        if let Some(plan) = j.sync_plan() {
+            for (_, f, _) in &plan.files {
+                f.sync().expect("sync");
+            }
+            j.mark_synced(&plan);
+        }
+    }
+
+    fn read_with_origins(j: &Journal<MemStore>, through: u64) -> Vec<(Record, Origin)> {
+        let mut reader = Reader::new(j.first_seq());
+        let mut got = Vec::new();
+        while reader.next_seq() <= through {
+            match reader
+                .next_from::<MemStore>(j.segment_for(reader.next_seq()), through)
+                .expect("read")
+            {
+                Some(r) => got.push(r),
+                None => break,
+            }
+        }
+        got
+    }
+
+    /// A journal a former build wrote (version-1 segments) is read as it is; the first append
+    /// goes to a new version-2 segment, so the version-1 file stays what an older build reads,
+    /// and what follows is refused by it, not cut.
+    #[test]
+    fn a_version_1_journal_is_read_and_continued_in_a_version_2_segment() {
+        let store = MemStore::new();
+        let cfg = JournalConfig {
+            segment_bytes: 1 << 20,
+            journal_bytes_max: 1 << 30,
+        };
+        let old = version_1_segment(
+            &store,
+            1,
+            &[(write_op(1), Origin::Local), (write_op(2), Origin::Local)],
+        );
+        let (mut j, rep) = Journal::open(store.clone(), cfg.clone()).expect("open");
+        assert_eq!((rep.records, rep.torn_bytes, rep.segments), (2, 0, 1));
+        assert_eq!(j.next_seq(), 3);
+        assert_eq!(j.durable_seq(), 2);
+        assert_eq!(store.list().expect("list"), vec![1, 3], "rolled at open");
+        assert_eq!(
+            j.append_from(&write_op(3), Origin::Peer).expect("append"),
+            3
+        );
+        assert_eq!(j.append(&write_op(4)).expect("append"), 4);
+        sync_all(&mut j);
+        assert_eq!(
+            segment_bytes_of(&store, 1),
+            old,
+            "the version-1 file is untouched"
+        );
+        let new = segment_bytes_of(&store, 3);
+        assert_eq!(
+            frame::decode_segment_header(&new),
+            Ok(frame::SegmentHeader {
+                first_seq: 3,
+                version: 2
+            })
+        );
+        let got = read_with_origins(&j, 4);
+        let seqs: Vec<u64> = got.iter().map(|(r, _)| r.seq).collect();
+        assert_eq!(seqs, vec![1, 2, 3, 4]);
+        for (r, _) in &got {
+            assert_eq!(r.op, write_op(r.seq));
+        }
+        let origins: Vec<Origin> = got.iter().map(|(_, o)| *o).collect();
+        assert_eq!(
+            origins,
+            vec![Origin::Local, Origin::Local, Origin::Peer, Origin::Local]
+        );
+        // An older build keeps the version-1 segment whole and refuses the next one.
+        assert_eq!(
+            pre_origin_open(&old),
+            PreOrigin::Kept {
+                records: 2,
+                cut_bytes: 0
+            }
+        );
+        assert!(matches!(pre_origin_open(&new), PreOrigin::Refused(m) if m.contains("version 2")));
+        // Reopened: already in the current format, nothing rolls.
+        drop(j);
+        let (j, rep) = Journal::open(store.clone(), cfg).expect("reopen");
+        assert_eq!((rep.records, j.next_seq()), (4, 5));
+        assert_eq!(store.list().expect("list"), vec![1, 3]);
+    }
+
+    /// An empty version-1 segment (its id is the next seq) gets the version-2 header in place;
+    /// a version-1 segment the `origin` build wrote flagged frames into reads with its origins.
+    #[test]
+    fn an_empty_version_1_segment_is_continued_under_a_version_2_header() {
+        let store = MemStore::new();
+        let cfg = JournalConfig {
+            segment_bytes: 1 << 20,
+            journal_bytes_max: 1 << 30,
+        };
+        version_1_segment(
+            &store,
+            1,
+            &[(write_op(1), Origin::Local), (write_op(2), Origin::Peer)],
+        );
+        version_1_segment(&store, 3, &[]);
+        let (mut j, rep) = Journal::open(store.clone(), cfg.clone()).expect("open");
+        assert_eq!((rep.records, rep.segments, j.next_seq()), (2, 2, 3));
+        assert_eq!(store.list().expect("list"), vec![1, 3]);
+        let h = segment_bytes_of(&store, 3);
+        assert_eq!(h.len(), SEGMENT_HEADER_BYTES);
+        assert_eq!(
+            frame::decode_segment_header(&h),
+            Ok(frame::SegmentHeader {
+                first_seq: 3,
+                version: 2
+            })
+        );
+        assert_eq!(
+            j.append_from(&write_op(3), Origin::Peer).expect("append"),
+            3
+        );
+        sync_all(&mut j);
+        assert_eq!(store.list().expect("list"), vec![1, 3]);
+        drop(j);
+        let (j, rep) = Journal::open(store, cfg).expect("reopen");
+        assert_eq!(rep.records, 3);
+        let origins: Vec<Origin> = read_with_origins(&j, 3).iter().map(|(_, o)| *o).collect();
+        assert_eq!(origins, vec![Origin::Local, Origin::Peer, Origin::Peer]);
+    }
+
+    /// Recovery of a version-2 segment still cuts a torn last frame (here a peer record's, cut
+    /// short by a power loss before its sync) and keeps appending in that segment.
+    #[test]
+    fn a_torn_last_frame_of_a_version_2_segment_is_cut() {
+        let store = MemStore::new();
+        let cfg = JournalConfig {
+            segment_bytes: 1 << 20,
+            journal_bytes_max: 1 << 30,
+        };
+        let (mut j, _) = Journal::open(store.clone(), cfg.clone()).expect("open");
+        for i in 1..=3 {
+            j.append_from(&write_op(i), Origin::Peer).expect("append");
+        }
+        sync_all(&mut j);
+        let durable = segment_bytes_of(&store, 1).len() as u64;
+        j.append_from(&write_op(4), Origin::Peer).expect("append");
+        let live = segment_bytes_of(&store, 1).len() as u64;
+        drop(j);
+        // Keep 20 bytes of the unsynced frame (the page's live bytes copied: 20 is even).
+        store.crash(&mut || 20);
+        assert_eq!(segment_bytes_of(&store, 1).len() as u64, durable + 20);
+        assert!(live > durable + 20, "the frame was cut short");
+        let (mut j, rep) = Journal::open(store.clone(), cfg).expect("reopen");
+        assert_eq!((rep.records, rep.torn_bytes, rep.segments), (3, 20, 1));
+        assert_eq!(segment_bytes_of(&store, 1).len() as u64, durable);
+        assert_eq!(j.append(&write_op(4)).expect("append"), 4);
+        sync_all(&mut j);
+        assert_eq!(
+            store.list().expect("list"),
+            vec![1],
+            "no roll for a version-2 segment"
+        );
+        let got = read_with_origins(&j, 4);
+        let origins: Vec<Origin> = got.iter().map(|(_, o)| *o).collect();
+        assert_eq!(
+            origins,
+            vec![Origin::Peer, Origin::Peer, Origin::Peer, Origin::Local]
+        );
+        for (r, _) in &got {
+            assert_eq!(r.op, write_op(r.seq));
+        }
     }
 }
