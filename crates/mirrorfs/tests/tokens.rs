@@ -4160,9 +4160,11 @@ fn dirs_beneath(dir: &Path) -> std::collections::BTreeSet<String> {
 /// Before the fix the hold ended at the rmdir's first translation, and the shell translates a
 /// record more than once, so the later translation named `n`: at site 1 the rmdir removed the
 /// keeper's own empty `n` (or failed on a filled one) and the holding name stayed there only.
-/// Only the keeper-at-site-1 role holds anything: with site 2 the keeper, site 1's own `n` is
-/// gone before site 2's `mkdir` reaches it, so no hold is made and those tests pass on the old
-/// code too (they cover the role, not the fix).
+/// On the code before the fix the six keeper-at-site-1 tests fail, in every arrival order
+/// (the heal waits 60 s for equal trees: site 1 holds `n.held-site2-…` instead of `n`, or
+/// beside its filled `n`). Only that role holds anything: with site 2 the keeper, site 1's own
+/// `n` is gone before site 2's `mkdir` reaches it, so no hold is made, and those two tests pass
+/// on the code before too (they cover the role, not the fix).
 fn a_held_directory_removed_by_the_peer(tag: &str, keeper_is_a: bool, filled: bool, heard: Heard) {
     let pair = Pair::netsplit(tag);
     write_file(&pair.a, "before", b"before the split\n");
@@ -4299,7 +4301,12 @@ enum WrittenAt {
 ///
 /// Before the fix the site whose rename of `x0` onto the directory is not applied removed the
 /// rename's source as its own record, streamed: at the other site that name held the written
-/// file, which the removal took.
+/// file, which the removal took. With real mounts that is the `into`-at-site-1 role: on the
+/// code before the fix all six of its tests fail (both writes, all three [`Heard`] orders: the
+/// written file `a/x` is gone at site 1, kept at site 2). The six with site 2 `into` pass on
+/// the code before too, in every order tried (both links at once, either link healed first):
+/// in that role the removal streamed names no entry of the written file at the other site
+/// (the file ends at `d` there, not at the removed name). They cover the role, not the fix.
 fn a_file_exchanged_into_a_directory_exchanged(
     tag: &str,
     into_is_a: bool,
