@@ -4305,8 +4305,9 @@ enum WrittenAt {
 /// code before the fix all six of its tests fail (both writes, all three [`Heard`] orders: the
 /// written file `a/x` is gone at site 1, kept at site 2). The six with site 2 `into` pass on
 /// the code before too, in every order tried (both links at once, either link healed first):
-/// in that role the removal streamed names no entry of the written file at the other site
-/// (the file ends at `d` there, not at the removed name). They cover the role, not the fix.
+/// likely because in that role the written file is at `d` at both sites, so a removal
+/// streamed for the source `a/x` finds no entry of it (not traced in the logs). They cover
+/// the role, not the fix.
 fn a_file_exchanged_into_a_directory_exchanged(
     tag: &str,
     into_is_a: bool,
