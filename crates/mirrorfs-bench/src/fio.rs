@@ -3,9 +3,10 @@
 //!
 //! Jobs (`--ioengine=psync`, buffered, one fresh directory per job and target; fio lays its
 //! files out before it starts timing): 4 KiB random writes with 1 and with 4 jobs (each job its
-//! own file), 4 KiB random reads (fio's default `invalidate=1` drops the file's cached pages
-//! before the job; through FUSE that is the mount's cache, the backing file's stays warm) and
-//! 1 MiB sequential writes with `end_fsync=1`. Each job stops when its size is done or after
+//! own file), 4 KiB random reads from a cold cache (the file laid out by a first fio run with
+//! `create_only=1`, then `sync; echo 3 > /proc/sys/vm/drop_caches`, so that neither the
+//! mount's nor the backing file's pages are cached) and 1 MiB sequential writes with
+//! `end_fsync=1`. Each job stops when its size is done or after
 //! its time limit, whichever comes first; the figures are fio's own (`--output-format=json`,
 //! `--group_reporting`). After the jobs on mirrorfs, the mirror must hold the same files as
 //! the backing directory, byte for byte, or the run fails.
@@ -22,7 +23,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::mounts::Mount;
 use crate::report::{fmt_num, render_markdown, render_plain};
-use crate::workloads::{mirror_catch_up, sync_all};
+use crate::workloads::{drop_caches, mirror_catch_up, sync_all};
 
 /// How long the mirror may take to hold what the jobs wrote.
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(600);
@@ -54,6 +55,8 @@ struct Job {
     /// Per fio job (each of `numjobs` has a file this size).
     size_mib: u64,
     end_fsync: bool,
+    /// Lay the files out first, then drop every cache, then run the timed job.
+    cold: bool,
     unit: Unit,
 }
 
@@ -86,6 +89,7 @@ fn jobs(quick: bool) -> Vec<Job> {
             numjobs: 1,
             size_mib: rand_mib,
             end_fsync: false,
+            cold: false,
             unit: Unit::Iops,
         },
         Job {
@@ -96,6 +100,7 @@ fn jobs(quick: bool) -> Vec<Job> {
             numjobs: 4,
             size_mib: rand_mib / 4,
             end_fsync: false,
+            cold: false,
             unit: Unit::Iops,
         },
         Job {
@@ -106,6 +111,7 @@ fn jobs(quick: bool) -> Vec<Job> {
             numjobs: 1,
             size_mib: rand_mib,
             end_fsync: false,
+            cold: true,
             unit: Unit::Iops,
         },
         Job {
@@ -116,6 +122,7 @@ fn jobs(quick: bool) -> Vec<Job> {
             numjobs: 1,
             size_mib: seq_mib,
             end_fsync: true,
+            cold: false,
             unit: Unit::MibPerS,
         },
     ]
@@ -200,16 +207,27 @@ fn run_job(job: &Job, dir: &Path, quick: bool, log: &Path) -> Result<Figures> {
     if job.end_fsync {
         args.push("--end_fsync=1".into());
     }
-    // Untimed: no job pays for the previous one's writeback.
-    sync_all();
+    if job.cold {
+        let mut layout = args.clone();
+        layout.push("--create_only=1".into());
+        fio(&layout, dir, job)?;
+        drop_caches()?;
+    } else {
+        // Untimed: no job pays for the previous one's writeback.
+        sync_all();
+    }
+    let out = fio(&args, dir, job)?;
+    fs::write(log, out.as_bytes()).with_context(|| format!("cannot write {}", log.display()))?;
+    parse_fio_json(&out).with_context(|| format!("fio {} in {}", job.name, dir.display()))
+}
+
+/// Runs `fio ARGS`; returns its standard output.
+fn fio(args: &[OsString], dir: &Path, job: &Job) -> Result<String> {
     let out = Command::new("fio")
-        .args(&args)
+        .args(args)
         .stdin(Stdio::null())
         .output()
         .context("cannot run fio")?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    fs::write(log, out.stdout.as_slice())
-        .with_context(|| format!("cannot write {}", log.display()))?;
     if !out.status.success() {
         bail!(
             "fio {} in {} failed ({}): {}",
@@ -219,7 +237,7 @@ fn run_job(job: &Job, dir: &Path, quick: bool, log: &Path) -> Result<Figures> {
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    parse_fio_json(&stdout).with_context(|| format!("fio {} in {}", job.name, dir.display()))
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// The figure of `unit` in `f`.
