@@ -9,6 +9,9 @@ set -euo pipefail
 
 PJDFSTEST_VERSION=0.2.2
 APT_PACKAGES=(libacl1-dev bindfs fuse3 rsync nftables iproute2 util-linux prometheus)
+# Only for benchmarks (`mirrorfs-bench --targets fio`, which reports itself skipped without
+# it): a failed install is a warning, never a failed CI run.
+OPTIONAL_APT_PACKAGES=(fio)
 PJDFSTEST_USERS=(pjdfstest1 pjdfstest2)
 
 log() { echo "install-test-deps: $*"; }
@@ -38,6 +41,31 @@ if [ "${#missing[@]}" -gt 0 ]; then
         rm -f "$apt_log"
         exit 1
     fi
+    rm -f "$apt_log"
+fi
+optional_missing=()
+for pkg in "${OPTIONAL_APT_PACKAGES[@]}"; do
+    if [ "$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null)" != "install ok installed" ]; then
+        optional_missing+=("$pkg")
+    fi
+done
+if [ "${#optional_missing[@]}" -gt 0 ]; then
+    log "installing optional Debian packages: ${optional_missing[*]}"
+    apt_opts=(-qq -o DPkg::Lock::Timeout=600)
+    apt_log=$(mktemp)
+    if ! "${SUDO[@]}" apt-get "${apt_opts[@]}" update >"$apt_log" 2>&1; then
+        log "warning: apt-get update failed; going on without ${optional_missing[*]}:"
+        tail -n 5 "$apt_log" >&2
+        optional_missing=()
+    fi
+    # One at a time, so that a package this Debian lacks does not keep the others out.
+    for pkg in "${optional_missing[@]}"; do
+        if ! "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get "${apt_opts[@]}" \
+            install -y --no-install-recommends "$pkg" >"$apt_log" 2>&1; then
+            log "warning: cannot install optional package $pkg (going on without it):"
+            tail -n 5 "$apt_log" >&2
+        fi
+    done
     rm -f "$apt_log"
 fi
 
@@ -73,4 +101,4 @@ if [ "$have_version" != "$PJDFSTEST_VERSION" ]; then
     cargo install pjdfstest --version "$PJDFSTEST_VERSION" --locked --quiet
 fi
 
-log "ok (pjdfstest $PJDFSTEST_VERSION, ${APT_PACKAGES[*]})"
+log "ok (pjdfstest $PJDFSTEST_VERSION, ${APT_PACKAGES[*]}; optional: ${OPTIONAL_APT_PACKAGES[*]})"

@@ -37,6 +37,11 @@
 //!   mirrorfs with a local mirror per `--ack`/`--fsync-waits`, each mirror's
 //!   copy checked with `integrity_check` (see `sqlite.rs`).
 //!
+//! - `fio` (not in the default set; `--targets fio`): standard fio jobs (4 KiB random
+//!   writes with 1 and 4 jobs, 4 KiB random reads, 1 MiB sequential writes with
+//!   `end_fsync=1`) on native, bindfs and mirrorfs with a local mirror, ratios to native
+//!   (see `fio.rs`); skipped, with the apt command, where fio is not installed.
+//!
 //! - `ack` (not in the default set; `--targets ack`): acknowledgement latency
 //!   (4 KiB write + fdatasync) per `--ack` mode and data path over the WAN
 //!   emulator at 25 ms one-way and 1 % loss; target network <= local + 1 ms
@@ -114,6 +119,7 @@
 mod ack;
 mod disaster;
 mod fec;
+mod fio;
 mod fuse_transport;
 mod initsync;
 mod latency;
@@ -168,6 +174,9 @@ pub enum TargetKind {
     /// SQLite's transaction rate with `synchronous=FULL` through mirrorfs against native, per
     /// `--ack` and `--fsync-waits` (`sqlite.rs`). Not in the default set.
     Sqlite,
+    /// Standard fio jobs on native, bindfs and mirrorfs with a local mirror (`fio.rs`). Not in
+    /// the default set.
+    Fio,
     /// Mirroring throughput of the TCP (BBR, CUBIC) and the UDP + FEC (fixed and adaptive
     /// rate) data paths over the WAN emulator vs loss and vs delay (`wan.rs`, `--wan-parts`).
     /// Not in the default set.
@@ -202,6 +211,7 @@ impl TargetKind {
             TargetKind::Fec => "fec",
             TargetKind::Disaster => "disaster",
             TargetKind::Sqlite => "sqlite",
+            TargetKind::Fio => "fio",
             TargetKind::Wan => "wan",
             TargetKind::Ack => "ack",
             TargetKind::Tokens => "tokens",
@@ -224,6 +234,7 @@ impl TargetKind {
                 | TargetKind::Fec
                 | TargetKind::Disaster
                 | TargetKind::Sqlite
+                | TargetKind::Fio
                 | TargetKind::Wan
                 | TargetKind::Ack
                 | TargetKind::Tokens
@@ -581,6 +592,21 @@ fn run(args: &Args) -> Result<()> {
             return Ok(());
         }
     }
+    // fio's jobs have their own mounts and table.
+    if targets.contains(&TargetKind::Fio) {
+        targets.retain(|t| *t != TargetKind::Fio);
+        let bin = mirrorfs_bin(&ctx)?;
+        fio::run(
+            &bin,
+            run_dir.path(),
+            args.markdown,
+            args.quick,
+            &split_args(&args.bindfs_args),
+        )?;
+        if targets.is_empty() {
+            return Ok(());
+        }
+    }
     // The throughput over the WAN emulator.
     if targets.contains(&TargetKind::Wan) {
         targets.retain(|t| *t != TargetKind::Wan);
@@ -827,6 +853,7 @@ fn run_target(
         TargetKind::Fec => bail!("the fec target runs on its own (fec.rs)"),
         TargetKind::Disaster => bail!("the disaster target runs on its own (disaster.rs)"),
         TargetKind::Sqlite => bail!("the sqlite target runs on its own (sqlite.rs)"),
+        TargetKind::Fio => bail!("the fio target runs on its own (fio.rs)"),
         TargetKind::Wan => bail!("the wan target runs on its own (wan.rs)"),
         TargetKind::Ack => bail!("the ack target runs on its own (ack.rs)"),
         TargetKind::Tokens => bail!("the tokens target runs on its own (tokens.rs)"),

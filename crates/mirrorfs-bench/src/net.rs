@@ -287,9 +287,10 @@ pub(crate) fn spawn_daemon(
     Ok(p)
 }
 
-/// One primary (a mirrorfs mount) and its mirror daemon on loopback.
-/// Fields drop in order: the mount first (it drains to the mirror), then the daemon.
-struct Site {
+/// One primary (a mirrorfs mount) and its mirror daemon on loopback (also the `sqlite`
+/// target's network rows). Fields drop in order: the mount first (it drains to the mirror),
+/// then the daemon.
+pub(crate) struct Site {
     mount: Option<Mount>,
     daemon: Option<Proc>,
     bin: PathBuf,
@@ -303,7 +304,10 @@ struct Site {
 }
 
 impl Site {
-    fn start(bin: &Path, base: &Path, ids: &Identities, extra: &[&str]) -> Result<Site> {
+    /// Makes `base` (which must not exist) with the backing, mount and mirror directories under
+    /// it, starts the daemon and the mount (`extra`: more `mirrorfs mount` arguments) and
+    /// waits until the mirror is live.
+    pub(crate) fn start(bin: &Path, base: &Path, ids: &Identities, extra: &[&str]) -> Result<Site> {
         let backing = base.join("backing");
         let mnt = base.join("mnt");
         let mirror = base.join("mirror");
@@ -356,6 +360,16 @@ impl Site {
             &log,
         )?);
         Ok(())
+    }
+
+    /// The mount point.
+    pub(crate) fn mnt(&self) -> &Path {
+        &self.mnt
+    }
+
+    /// The daemon's directory (the mirror).
+    pub(crate) fn mirror(&self) -> &Path {
+        &self.mirror
     }
 
     fn stop_daemon(&mut self) -> Result<()> {
@@ -424,7 +438,7 @@ impl Site {
 
     /// Until the mirror has applied everything the journal holds (live
     /// gauges); returns how long that took.
-    fn wait_converged(&self, timeout: Duration) -> Result<Duration> {
+    pub(crate) fn wait_converged(&self, timeout: Duration) -> Result<Duration> {
         let t0 = Instant::now();
         loop {
             check_interrupted()?;
@@ -469,7 +483,7 @@ impl Site {
     }
 
     /// Unmount (mirrorfs drains to the mirror first), then stop the daemon.
-    fn close(mut self) -> Result<()> {
+    pub(crate) fn close(mut self) -> Result<()> {
         let a = match self.mount.take() {
             Some(m) => m.unmount(),
             None => Ok(()),
