@@ -899,7 +899,8 @@ impl PeerReceiver {
     }
 
     /// One peer record, through the volume; its local seq is noted as the peer's. The tree is
-    /// opened for each record: a descriptor it keeps could name a file a local rename moved.
+    /// kept between records, its descriptors below the root not ([`PeerReceiver::tree`]): one
+    /// it kept could name a file a local rename moved.
     fn apply(&self, r: &Record) -> Result<()> {
         let seen = self.reconcile.as_ref().map(|rc| rc.seen_of(r.seq));
         let copy_id = self.copy_id.load(Ordering::Acquire);
