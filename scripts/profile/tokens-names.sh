@@ -1,20 +1,30 @@
 #!/usr/bin/env bash
 # Where the time of mirrorfs-bench's `tokens` `names` row goes (500 × create, chmod, rename,
-# unlink of empty files per round): runs the workload against (single) a mount with a network
-# mirror to a `mirrorfs serve` daemon on loopback and (pair) site A of two writable sites with
-# write tokens (A `1:2`, the home of every token; B `2:1`), and reports per change, for the
-# writing mount and for its other end (the daemon, or site B): CPU time (utime + stime of every
-# thread, /proc/PID/stat), context switches, with ENTRIES=1 the pair's token table size during
-# the rounds (`status`, `write_tokens.entries`, every 0.2 s), and with STRACE=1 the writing
-# mount's syscalls (`strace -c -f`, a separate run: read the counts, not the time). Wall time is reported too but
-# on a shared machine the CPU and the counts are the figures to compare.
+# unlink of empty files per round), or with MODE=4k-pwrite its `4k-pwrite` row's (8,192
+# `pwrite`s of 4 KiB at random offsets in 8 files of 4 MiB per round): runs the workload against
+# (single) a mount with a network mirror to a `mirrorfs serve` daemon on loopback and (pair) site
+# A of two writable sites with write tokens (A `1:2`, the home of every token; B `2:1`), and
+# reports per change (per write), for the writing mount and for its other end (the daemon, or
+# site B): CPU time (utime + stime of every thread, /proc/PID/stat), context switches, with
+# MODE=4k-pwrite the other end's CPU and switches per thread (by name), with ENTRIES=1 the pair's
+# token table size during the rounds (`status`, `write_tokens.entries`, every 0.2 s), and with
+# STRACE=1 the syscalls of the writing mount, or with STRACE_OF=other (the default with
+# MODE=4k-pwrite) of the other end (`strace -c -f`, a separate run: read the counts, not the
+# time). Wall time is reported too but on a shared machine the CPU and the counts are the
+# figures to compare.
 #
-#   scripts/profile/tokens-names.sh [MIRRORFS_BIN] [ROUNDS]
+#   [MODE=names|4k-pwrite] scripts/profile/tokens-names.sh [MIRRORFS_BIN] [ROUNDS]
 #
 # Needs root, /dev/fuse, python3 (strace for STRACE=1).
 set -euo pipefail
 bin=${1:-$(dirname "$0")/../../target/release/mirrorfs}
 rounds=${2:-3}
+mode=${MODE:-names}
+case "$mode" in
+  names) per_round=2000; strace_of=${STRACE_OF:-writer} ;;
+  4k-pwrite) per_round=8192; strace_of=${STRACE_OF:-other} ;;
+  *) echo "MODE is names or 4k-pwrite" >&2; exit 2 ;;
+esac
 work=$(mktemp -d /var/tmp/mirrorfs-tokprof.XXXXXX)
 pids=()
 cleanup() {
@@ -44,8 +54,60 @@ connected() { # MNT: the write-token link is up
 # CPU ticks (utime + stime of the whole process) and context switches of every thread.
 cpu() { awk '{print $14 + $15}' /proc/"$1"/stat; }
 ctxt() { cat /proc/"$1"/task/*/status 2>/dev/null | awk '/ctxt_switches/ {s += $2} END {print s}'; }
+# Waits until PID's CPU time stops growing (the other end applied the last records; under
+# strace that takes much longer than the workload): 2 s at least, 120 s at most.
+quiet() {
+  sleep 2
+  local a b
+  a=$(cpu "$1")
+  for _ in $(seq 240); do
+    sleep 0.5; b=$(cpu "$1")
+    [ "$a" = "$b" ] && return
+    a=$b
+  done
+}
+# Per thread: "TID NAME TICKS SWITCHES", one line each.
+threads() {
+  for t in /proc/"$1"/task/*; do
+    local st name
+    st=$(cat "$t/stat" 2>/dev/null) || continue
+    name=$(cat "$t/comm" 2>/dev/null | tr ' ' _)
+    # comm may hold spaces or parentheses: the fields after the last ')'.
+    st=${st##*) }
+    echo "${t##*/} $name $(echo "$st" | awk '{print $12 + $13}') $(awk '/ctxt_switches/ {s += $2} END {print s}' "$t/status" 2>/dev/null)"
+  done
+}
 
 workload() { # DIR ROUNDS -> seconds
+  if [ "$mode" = 4k-pwrite ]; then pwrites "$1" "$2"; else names "$1" "$2"; fi
+}
+# The directory a run uses: with 4k-pwrite always the same one, so that the files are made and
+# filled in the warm-up, not in a measured run.
+dir_of() { if [ "$mode" = 4k-pwrite ]; then echo speed; else echo "$1"; fi; }
+pwrites() { # DIR ROUNDS -> seconds (the files are made, full, before the clock starts)
+  python3 - "$1" "$2" <<'PY'
+import os, random, sys, time
+d, rounds = sys.argv[1], int(sys.argv[2])
+os.makedirs(d, exist_ok=True)
+size, block = 4 << 20, 4096
+fds = []
+for i in range(8):
+    fd = os.open(os.path.join(d, f"f{i}"), os.O_RDWR | os.O_CREAT, 0o644)
+    if os.fstat(fd).st_size < size:
+        for off in range(0, size, 1 << 20):
+            os.pwrite(fd, b"\0" * (1 << 20), off)
+    fds.append(fd)
+rng, buf = random.Random(7), os.urandom(block)
+t0 = time.monotonic()
+for _ in range(rounds * 8192):
+    os.pwrite(fds[rng.randrange(8)], buf, rng.randrange(size // block) * block)
+t = time.monotonic() - t0
+for fd in fds:
+    os.close(fd)
+print(t)
+PY
+}
+names() { # DIR ROUNDS -> seconds
   python3 - "$1" "$2" <<'PY'
 import os, sys, time
 d, rounds = sys.argv[1], int(sys.argv[2])
@@ -98,9 +160,10 @@ stop() {
 
 measure() { # KIND NAME
   "start_$1" "$2"
-  workload "$mnt/warm" 1 >/dev/null; sleep 1
+  workload "$mnt/$(dir_of warm)" 1 >/dev/null; sleep 1
   local c0 o0 x0 y0 s c1 o1 x1 y1 n hz
   c0=$(cpu "$me"); o0=$(cpu "$other"); x0=$(ctxt "$me"); y0=$(ctxt "$other")
+  threads "$other" >"$work/threads0-$2"
   local poller=""
   if [ "${ENTRIES:-0}" = 1 ] && [ "$1" = pair ]; then
     # The writing site's token table during the rounds: `write_tokens.entries`, every 0.2 s.
@@ -114,28 +177,40 @@ measure() { # KIND NAME
     kill "$poller" 2>/dev/null || true; wait "$poller" 2>/dev/null || true
     sort -n "$work/entries-$2" | awk '{ v[NR] = $1 } END { if (NR) printf "  writer token table (%d polls): max %d entries, median %d\n", NR, v[NR], v[int((NR + 1) / 2)] }'
   fi
-  sleep 2 # the other end's apply of the last records
+  quiet "$other" # the other end's apply of the last records
   c1=$(cpu "$me"); o1=$(cpu "$other"); x1=$(ctxt "$me"); y1=$(ctxt "$other")
-  n=$((rounds * 2000)); hz=$(getconf CLK_TCK)
+  threads "$other" >"$work/threads1-$2"
+  n=$((rounds * per_round)); hz=$(getconf CLK_TCK)
   python3 -c "
 n, hz = $n, $hz
-print(f'$1 ($2): {n / $s:8.0f} changes/s wall; writer mount {($c1 - $c0) / hz / n * 1e6:6.1f} us CPU, {($x1 - $x0) / n:5.2f} ctx sw per change; other end {($o1 - $o0) / hz / n * 1e6:6.1f} us CPU, {($y1 - $y0) / n:5.2f} ctx sw per change')"
+print(f'$1 ($2, $mode): {n / $s:8.0f} changes/s wall; writer mount {($c1 - $c0) / hz / n * 1e6:6.1f} us CPU, {($x1 - $x0) / n:5.2f} ctx sw per change; other end {($o1 - $o0) / hz / n * 1e6:6.1f} us CPU, {($y1 - $y0) / n:5.2f} ctx sw per change')"
+  if [ "$mode" = 4k-pwrite ]; then
+    # The other end's threads that ran during the rounds, by name (threads of one name summed).
+    echo "  other end per thread (us CPU, ctx sw per change):"
+    awk -v n="$n" -v hz="$hz" 'FNR == NR { t0[$1] = $3; s0[$1] = $4; next }
+      { c[$2] += $3 - t0[$1]; w[$2] += $4 - s0[$1] }
+      END { for (k in c) if (c[k] > 0 || w[k] > 0) printf "    %-16s %7.2f %6.3f\n", k, c[k] / hz / n * 1e6, w[k] / n }' \
+      "$work/threads0-$2" "$work/threads1-$2" | sort -k2 -nr
+  fi
   if [ "${PERF:-0}" = 1 ]; then
     # The writing mount's hottest functions (all threads), one more round.
     perf record -q -F 999 -g -p "$me" -o "$work/perf-$2.data" 2>/dev/null &
     local pf=$!
     sleep 1
-    workload "$mnt/perf" 1 >/dev/null
+    workload "$mnt/$(dir_of perf)" 1 >/dev/null
     kill -INT "$pf"; wait "$pf" 2>/dev/null || true
     echo "  writer mount, hottest (perf, self time, $2):"
     perf report -q -i "$work/perf-$2.data" --no-children -g none --sort dso,symbol 2>/dev/null | grep -v '^$' | grep '%' | head -25 | sed 's/^/    /'
     perf report -q -i "$work/perf-$2.data" --no-children -g none --sort comm 2>/dev/null | grep '%' | head -12 | sed 's/^/    /'
   fi
   if [ "${STRACE:-0}" = 1 ]; then
-    strace -c -f -p "$me" -o "$work/strace-$2" &
+    local traced=$me
+    [ "$strace_of" = other ] && traced=$other
+    strace -c -f -p "$traced" -o "$work/strace-$2" &
     local st=$!
     sleep 1
-    workload "$mnt/strace" 1 >/dev/null
+    workload "$mnt/$(dir_of strace)" 1 >/dev/null
+    quiet "$traced"
     kill -INT "$st"; wait "$st" 2>/dev/null || true
     if [ "${TRACE_FILES:-0}" = 1 ]; then
       # Which files the fsyncs and opens are of (one round of 100 names, file calls only).
@@ -153,8 +228,8 @@ for i in range(100):
       sed -E 's/^[0-9]+ +//; s/[0-9a-f]{8,}/H/g; s/\(([a-z0-9_]+)\(([0-9]+<)?([^,>)]*).*/\1 \3/; s/[0-9]+/N/g' "$work/files-$2" | sort | uniq -c | sort -nr | head -20 |
         awk '{ c = $1; $1 = ""; printf "    %6.2f %s\n", c / 400, $0 }'
     fi
-    echo "  writer mount syscalls per change (strace -c -f, $2):"
-    awk -v n=2000 'NR > 2 && $NF != "total" && $4 ~ /^[0-9]+$/ { printf "    %-20s %6.2f\n", $NF, $4 / n }' "$work/strace-$2" | sort -k2 -nr | head -15
+    echo "  $strace_of syscalls per change (strace -c -f, $2):"
+    awk -v n="$per_round" 'NR > 2 && $NF != "total" && $4 ~ /^[0-9]+$/ { printf "    %-20s %6.2f\n", $NF, $4 / n }' "$work/strace-$2" | sort -k2 -nr | head -15
   fi
   stop
 }

@@ -22,6 +22,7 @@
 //! with its `Abort` like any failed change and the stream goes on; a refusal of the volume (the
 //! journal full, a fence) ends the connection without acknowledging, and the peer sends it again.
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -101,6 +102,9 @@ pub struct PeerReceiver {
     /// to be killed; `peer-record-applied:OP` (`Op::name`, e.g. `create`) — the same once a
     /// peer record of that kind is applied here.
     failpoint: Option<String>,
+    /// The backing tree `apply_one` applies the peer's records to, kept between records
+    /// ([`PeerReceiver::tree`]).
+    tree: Mutex<Option<DirTree>>,
 }
 
 /// The test hook's environment variable (see `PeerReceiver::failpoint`).
@@ -183,6 +187,7 @@ impl PeerReceiver {
             applied: AtomicU64::new(position.applied),
             position: Mutex::new(position),
             slot: Default::default(),
+            tree: Mutex::new(None),
         }))
     }
 
@@ -633,7 +638,7 @@ impl PeerReceiver {
     /// volume; its local seq is noted as the peer's.
     fn apply_copied(&self, op: &Op, replay: bool) -> Result<()> {
         let mut tree = DirTree::open(&self.backing).context("cannot open the backing tree")?;
-        let res = self.vol.mutate_from_peer(op.clone(), |_| {
+        let res = self.vol.mutate_from_peer(op, |_| {
             apply_op(&mut tree, op, replay)
                 .map_err(|e| std::io::Error::from_raw_os_error(tree_errno(&e)))
         });
@@ -700,7 +705,16 @@ impl PeerReceiver {
             let incoming = lock(session).on_message(&msg)?;
             match incoming {
                 Incoming::Append { records, settled } => {
-                    pending.extend(records.iter().cloned());
+                    // The message's records, checked by the session: moved out of it, not
+                    // copied (a 4 KiB write each, `docs/benchmarks.md`, "the second site's
+                    // CPU per record").
+                    let count = records.len();
+                    match msg {
+                        Msg::Records { records, .. } if records.len() == count => {
+                            pending.extend(records)
+                        }
+                        _ => bail!("internal: records appended from another message"),
+                    }
                     self.apply_ready(&mut pending, settled)?;
                 }
                 // Records come on the TLS connection only.
@@ -885,7 +899,8 @@ impl PeerReceiver {
     }
 
     /// One peer record, through the volume; its local seq is noted as the peer's. The tree is
-    /// opened for each record: a descriptor it keeps could name a file a local rename moved.
+    /// kept between records, its descriptors below the root not ([`PeerReceiver::tree`]): one
+    /// it kept could name a file a local rename moved.
     fn apply(&self, r: &Record) -> Result<()> {
         let seen = self.reconcile.as_ref().map(|rc| rc.seen_of(r.seq));
         let copy_id = self.copy_id.load(Ordering::Acquire);
@@ -918,7 +933,7 @@ impl PeerReceiver {
                 }
                 return Ok(());
             }
-            op => op.clone(),
+            op => op,
         };
         // With reconciliation, the peer's names are translated through our renames it had not
         // seen (taken again under the order lock in `apply_one`: a local rename in between
@@ -927,8 +942,8 @@ impl PeerReceiver {
             (Some(rc), Some(seen)) => rc.translate(op, seen),
             _ => None,
         };
-        if is_exchange(&op)
-            && self.exchange_done_before(r.seq, &translated(&op).unwrap_or_else(|| op.clone()))?
+        if is_exchange(op)
+            && self.exchange_done_before(r.seq, &translated(op).unwrap_or_else(|| op.clone()))?
         {
             // Applied here before a crash that came before its acknowledgement (the intent
             // noted before it says so): applied again it would swap the entries back.
@@ -941,7 +956,7 @@ impl PeerReceiver {
             }
             return Ok(());
         }
-        if let (Some(rc), Some(seen), true) = (&self.reconcile, seen, is_exchange(&op)) {
+        if let (Some(rc), Some(seen), true) = (&self.reconcile, seen, is_exchange(op)) {
             if rc.exchange_done(r.seq) == 3 {
                 // Done here before a crash that came before its acknowledgement: an exchange
                 // done again would swap the entries back.
@@ -950,20 +965,22 @@ impl PeerReceiver {
             }
         }
         let mut res = Err(Held::Retry);
-        let mut used = op.clone();
+        // As sent, unless translated or a rename (`used_as`): most records are applied and
+        // journaled without a copy.
+        let mut used = Cow::Borrowed(op);
         for _ in 0..8 {
-            if let Some((steps, done)) = self.exchange_as_renames(&op, r.seq, seen) {
+            if let Some((steps, done)) = self.exchange_as_renames(op, r.seq, seen) {
                 for (k, op) in steps.into_iter().enumerate().skip(done) {
                     self.apply(&Record { seq: r.seq, op })?;
                     self.exchange_step_done(r.seq, k + 1)?;
                 }
                 return Ok(());
             }
-            used = self.with_local_ino(translated(&op).unwrap_or_else(|| op.clone()));
+            used = self.used_as(op, translated(op));
             if is_exchange(&used) {
                 self.note_intent(r.seq, &used)?;
             }
-            res = self.apply_one(&op, &used, seen);
+            res = self.apply_one(op, &used, seen);
             if res != Err(Held::Retry) {
                 break;
             }
@@ -976,7 +993,7 @@ impl PeerReceiver {
             // (a rename: its file at the name the winner's takes).
             // A hard link: ours went aside under the name we changed the file through.
             let linked = self.reconcile.as_ref().and_then(|rc| rc.take_linked_copy());
-            let at = match &used {
+            let at = match &*used {
                 Op::Rename { to, .. } => Some(to),
                 op => data_rel(op),
             };
@@ -988,18 +1005,19 @@ impl PeerReceiver {
                     return Err(e.context("the conflict copy"));
                 }
             }
-            res = self.apply_one(&op, &used, seen);
+            res = self.apply_one(op, &used, seen);
         }
-        if let (Err(Held::Aside), Some(rc), Op::Rename { to, .. }) = (res, &self.reconcile, &used) {
+        if let (Err(Held::Aside), Some(rc), Op::Rename { to, .. }) = (res, &self.reconcile, &*used)
+        {
             // Ours at the name is a symlink or special file (or the peer's is), and the peer's
             // stays: ours goes aside first, then the rename applies.
             res = if self.entry_aside(rc, to)? {
-                self.apply_one(&op, &used, seen)
+                self.apply_one(op, &used, seen)
             } else {
                 Err(Held::Errno(libc::EEXIST))
             };
         }
-        if let (Err(Held::Displaced), Op::Rename { from, .. }) = (res, &used) {
+        if let (Err(Held::Displaced), Op::Rename { from, .. }) = (res, &*used) {
             // The winner keeps its file at the name: the peer's source goes here too (its
             // content comes back as the peer's conflict copy), as the peer's record. Our
             // records from here on consider this one.
@@ -1010,16 +1028,16 @@ impl PeerReceiver {
             self.remove_source(from)?;
         }
         if let (Err(Held::Errno(libc::EEXIST)), Some(rc), Some(s)) = (res, &self.reconcile, seen) {
-            if let Some(c) = self.made_dir_clash(rc, &op, &used, s) {
+            if let Some(c) = self.made_dir_clash(rc, op, &used, s) {
                 res = Err(Held::Clash(c));
             }
         }
         if let (Err(Held::Clash(c)), Some(rc), Some(s)) = (res, &self.reconcile, seen) {
-            res = self.dir_clash(rc, (&op, &used), c, s, r.seq)?;
+            res = self.dir_clash(rc, (op, &used), c, s, r.seq)?;
         }
         if let (Err(Held::Errno(e)), Some(rc), Some(s)) = (res, &self.reconcile, seen) {
             if self.namespace_fix(rc, &used, e, s, r.seq)? {
-                res = self.apply_one(&op, &used, seen);
+                res = self.apply_one(op, &used, seen);
             }
         }
         if let (
@@ -1028,13 +1046,13 @@ impl PeerReceiver {
             Op::Rename {
                 from, to, flags, ..
             },
-        ) = (res, &self.reconcile, &used)
+        ) = (res, &self.reconcile, &*used)
         {
             let exchange = flags & RENAME_EXCHANGE != 0;
             if exchange {
                 self.exchange_step_done(r.seq, 3)?;
             }
-            match &op {
+            match op {
                 Op::Rename {
                     from: f0, to: t0, ..
                 } => rc.peer_renamed(
@@ -1057,7 +1075,7 @@ impl PeerReceiver {
         let res = match res {
             Ok(()) => {
                 if let Some(rc) = &self.reconcile {
-                    match &op {
+                    match &*op {
                         // A conflict copy: of a file, or of a symlink or special file set
                         // aside for our directory of its name.
                         Op::Create { path, .. }
@@ -1177,6 +1195,17 @@ impl PeerReceiver {
     }
 
     /// The inode number names the peer's file; ours is what a crash here resolves.
+    /// What `apply` applies for the peer's `op`: `translated` (our names for its), or `op` as
+    /// sent; a rename with its source's inode here ([`PeerReceiver::with_local_ino`]). Any other
+    /// record as sent is borrowed, not copied.
+    fn used_as<'a>(&self, op: &'a Op, translated: Option<Op>) -> Cow<'a, Op> {
+        match translated {
+            Some(t) => Cow::Owned(self.with_local_ino(t)),
+            None if matches!(op, Op::Rename { .. }) => Cow::Owned(self.with_local_ino(op.clone())),
+            None => Cow::Borrowed(op),
+        }
+    }
+
     fn with_local_ino(&self, mut op: Op) -> Op {
         if let Some((from, ino)) = op.rename_from_ino_mut() {
             *ino = local_ino(&self.backing, from.as_bytes());
@@ -1487,7 +1516,7 @@ impl PeerReceiver {
                 };
                 let mut tree =
                     DirTree::open(&self.backing).context("cannot open the backing tree")?;
-                let res = self.vol.mutate_from_peer(op.clone(), |_| {
+                let res = self.vol.mutate_from_peer(&op, |_| {
                     apply_op(&mut tree, &op, false)
                         .map_err(|e| std::io::Error::from_raw_os_error(tree_errno(&e)))
                 });
@@ -1736,7 +1765,7 @@ impl PeerReceiver {
                 .map_err(|e| std::io::Error::from_raw_os_error(tree_errno(&e)))
         };
         let res = if as_peer {
-            self.vol.mutate_from_peer(op.clone(), apply)
+            self.vol.mutate_from_peer(&op, apply)
         } else {
             self.vol.mutate_beneath_unsettled(op.clone(), apply)
         };
@@ -1754,10 +1783,9 @@ impl PeerReceiver {
     /// come between it and the change); a record not applied now is journaled with its `Abort`
     /// (and still noted as the peer's).
     fn apply_one(&self, orig: &Op, op: &Op, seen: Option<u64>) -> Result<(), Held> {
-        // A tree that cannot be opened is a refusal (`EIO`): the connection ends unacknowledged.
-        let mut tree = DirTree::open(&self.backing).map_err(|_| Held::Errno(libc::EIO))?;
+        let mut tree = self.tree().map_err(|_| Held::Errno(libc::EIO))?;
         let held = std::cell::Cell::new(None);
-        let res = self.vol.mutate_from_peer(op.clone(), |_| {
+        let res = self.vol.mutate_from_peer(op, |_| {
             if let (Some(rc), Some(seen)) = (&self.reconcile, seen) {
                 let skip = |held: &std::cell::Cell<Option<Held>>, h| {
                     held.set(Some(h));
@@ -1907,11 +1935,31 @@ impl PeerReceiver {
                 std::io::Error::from_raw_os_error(tree_errno(&e))
             })
         });
+        *lock(&self.tree) = Some(tree);
         match (res, held.take()) {
             (Ok(_), _) => Ok(()),
             (Err(_), Some(h)) => Err(h),
             (Err(e), None) => Err(Held::Errno(e)),
         }
+    }
+
+    /// The backing tree the peer's records are applied to (`apply_one`, which puts it back):
+    /// its root opened once, not once per record (an `openat`, `statx` and `close` each:
+    /// `docs/benchmarks.md`, "the second site's CPU per record"). It cannot go stale: the
+    /// mount's FUSE shell serves the backing through a root it opened once at mount
+    /// (`fuse::MirrorFs::new`), so this one names the directory the mount serves, which opening the
+    /// path again could not promise. What it caches below the root (the file last written, the
+    /// directory last resolved) is forgotten before each record: a local rename between two
+    /// records could move what such a descriptor names. Taken out, not locked: a failure is a
+    /// refusal (`EIO`, the connection ends unacknowledged), and a nested call opens its own.
+    fn tree(&self) -> std::io::Result<DirTree> {
+        let tree = lock(&self.tree).take();
+        let mut tree = match tree {
+            Some(t) => t,
+            None => DirTree::open(&self.backing)?,
+        };
+        tree.forget_open();
+        Ok(tree)
     }
 
     /// Acks as the session says (a change of position, or the heartbeat).
@@ -2145,6 +2193,75 @@ mod tests {
 
     fn seqs(v: &[(Record, bool)]) -> Vec<(u64, bool)> {
         v.iter().map(|(r, a)| (r.seq, *a)).collect()
+    }
+
+    /// A receiver over a primary's volume in `dir` (journal there, backing `dir/backing`),
+    /// without tokens or reconciliation.
+    fn receiver(dir: &Path) -> Arc<PeerReceiver> {
+        use crate::site::store::FileStore;
+        use crate::site::volume::{AckMode, FsyncWaits};
+        use mirrorfs_core::journal::{Journal, JournalConfig};
+        let backing = dir.join("backing");
+        std::fs::create_dir_all(&backing).expect("backing");
+        let store = FileStore::open(dir).expect("store");
+        let (j, _) = Journal::open(store, JournalConfig::default()).expect("journal");
+        let role = crate::site::engine::Role::Primary {
+            backing: backing.clone(),
+            ack: AckMode::Async,
+            quorum: 0,
+            fsync_waits: FsyncWaits::Mode,
+        };
+        let vol = Arc::new(Volume::new(j, None, Vec::new(), &role));
+        let pairing = Pairing {
+            gate: None,
+            reconcile: None,
+        };
+        PeerReceiver::new(
+            vol,
+            &backing,
+            b".mirrorfs".to_vec(),
+            dir.join("peer-applied"),
+            pairing,
+            "test",
+        )
+        .expect("receiver")
+    }
+
+    fn data_write(seq: u64, path: &[u8], data: &[u8]) -> Record {
+        Record {
+            seq,
+            op: Op::Write {
+                path: RelPath::new(path).expect("path"),
+                offset: 0,
+                data: data.to_vec(),
+            },
+        }
+    }
+
+    /// The receiver keeps its tree between records (`PeerReceiver::tree`), but not what the
+    /// tree caches below its root: a file renamed away here between two of the peer's writes
+    /// to its name keeps the first, and the second goes to the file now at the name, not
+    /// through a descriptor of the file moved.
+    #[test]
+    fn a_kept_tree_writes_to_the_file_at_the_name_after_a_local_rename() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let rcv = receiver(d.path());
+        let backing = d.path().join("backing");
+        std::fs::write(backing.join("f"), b"....").expect("f");
+        rcv.apply(&data_write(1, b"f", b"one.")).expect("apply 1");
+        assert!(
+            lock(&rcv.tree).is_some(),
+            "the tree is kept for the next record"
+        );
+        // A local rename (as the mount's would be) and a new file at the name.
+        std::fs::rename(backing.join("f"), backing.join("g")).expect("rename");
+        std::fs::write(backing.join("f"), b"....").expect("f again");
+        rcv.apply(&data_write(2, b"f", b"two.")).expect("apply 2");
+        assert_eq!(std::fs::read(backing.join("g")).expect("g"), b"one.");
+        assert_eq!(std::fs::read(backing.join("f")).expect("f"), b"two.");
+        // Both journaled here, as the peer's.
+        let o = lock(&rcv.vol.order);
+        assert_eq!(o.journal.next_seq(), 3);
     }
 
     #[test]

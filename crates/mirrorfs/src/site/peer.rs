@@ -457,7 +457,7 @@ mod tests {
             let ours = vol.mutate_beneath_unsettled(mkdir("ours"), |_| Ok(()));
             assert_eq!(ours.map(|(_, s)| s), Ok(1));
             // The peer receiver's journaling of the peer's record.
-            let theirs = vol.mutate_from_peer(mkdir("theirs"), |_| Ok(()));
+            let theirs = vol.mutate_from_peer(&mkdir("theirs"), |_| Ok(()));
             assert_eq!(theirs.map(|(_, s)| s), Ok(2));
             // The flusher's round: the journal is durable through both records.
             assert_eq!(vol.sync_journal().expect("sync"), 2);

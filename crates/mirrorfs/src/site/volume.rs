@@ -840,28 +840,8 @@ impl Volume {
         r
     }
 
-    /// [`Volume::mutate`] whose `apply` is told the seq of its record (called under the order
-    /// lock, before the record settles: nothing reads the record before `apply` returns);
-    /// `wake_flusher` false leaves waking the flusher to the caller,
-    /// who makes its batch durable at its end ([`Volume::mutate_beneath_unsettled`]).
-    fn mutate_waking<R>(
-        &self,
-        op: Op,
-        apply: impl FnOnce(u64) -> io::Result<R>,
-        wake_flusher: bool,
-        origin: Origin,
-    ) -> Result<(R, u64), i32> {
-        self.mutate_built_at_then(
-            || Ok((op, ())),
-            |seq, ()| apply(seq),
-            |_| None,
-            wake_flusher,
-            origin,
-        )
-    }
-
-    /// [`Volume::mutate_waking`] with the record built under the lock and the follow-up record of
-    /// [`Volume::mutate_built_then`]; `wake_flusher` as for [`Volume::mutate_waking`].
+    /// [`Volume::mutate_locked`] with the record built under the lock and the follow-up record
+    /// of [`Volume::mutate_built_then`].
     fn mutate_built_at_then<S, R>(
         &self,
         build: impl FnOnce() -> io::Result<(Op, S)>,
@@ -870,11 +850,32 @@ impl Volume {
         wake_flusher: bool,
         origin: Origin,
     ) -> Result<(R, u64), i32> {
-        let mut o = lock(&self.order);
+        let o = lock(&self.order);
         self.check_fence()?;
         // Before anything is journaled (an implicit group's `GroupBegin`): a failed build
         // leaves the journal as it was.
         let (op, state) = build().map_err(|e| crate::sys::errno_of(&e))?;
+        self.mutate_locked(o, &op, |seq| apply(seq, state), then, wake_flusher, origin)
+    }
+
+    /// The write-ahead protocol under the order lock `o` (taken, the fence checked): `op`
+    /// journaled, `apply` (told the seq of its record; called under the order lock, before the
+    /// record settles: nothing reads the record before `apply` returns), settled, then the
+    /// follow-up record `then` makes. `wake_flusher` false leaves waking the flusher to the
+    /// caller, who makes its batch durable at its end ([`Volume::mutate_beneath_unsettled`]).
+    /// `op` is borrowed:
+    /// the journal encodes it and the mirrors' copies observe it, and nothing keeps it, so the
+    /// peer receiver's records are not copied to be journaled (`docs/benchmarks.md`, "the
+    /// second site's CPU per record").
+    fn mutate_locked<R>(
+        &self,
+        mut o: MutexGuard<'_, Ordered>,
+        op: &Op,
+        apply: impl FnOnce(u64) -> io::Result<R>,
+        then: impl FnOnce(&R) -> Option<Op>,
+        wake_flusher: bool,
+        origin: Origin,
+    ) -> Result<(R, u64), i32> {
         let bytes = op.data_len() as u64;
         self.begin_sync_group(&mut o)?;
         let Ordered {
@@ -882,17 +883,17 @@ impl Volume {
             sequencer,
             copies,
         } = &mut *o;
-        let seq = match sequencer.begin_from(journal, &op, origin, |j| self.relieve_full(j)) {
+        let seq = match sequencer.begin_from(journal, op, origin, |j| self.relieve_full(j)) {
             Begin::Apply { seq } => seq,
             Begin::Refuse(r) => return Err(self.refused(r)),
         };
-        if may_make_holes(&op) {
+        if may_make_holes(op) {
             self.holes_epoch.fetch_add(1, Ordering::Relaxed);
         }
-        let res = apply(seq, state);
+        let res = apply(seq);
         if res.is_ok() {
             for t in copies.values_mut() {
-                t.observe(&op);
+                t.observe(op);
             }
         }
         let done = sequencer
@@ -934,7 +935,7 @@ impl Volume {
     }
 
     /// [`Volume::mutate_beneath`] whose `apply` is told the seq of its record (see
-    /// [`Volume::mutate_waking`]): a writable site notes which of its records came from its peer.
+    /// [`Volume::mutate_locked`]): a writable site notes which of its records came from its peer.
     pub fn mutate_beneath_at<R>(
         &self,
         op: Op,
@@ -964,26 +965,29 @@ impl Volume {
         op: Op,
         apply: impl FnOnce(u64) -> io::Result<R>,
     ) -> Result<(R, u64), i32> {
-        self.mutate_beneath_as(op, apply, Origin::Local)
+        self.mutate_beneath_as(&op, apply, Origin::Local)
     }
 
     fn mutate_beneath_as<R>(
         &self,
-        op: Op,
+        op: &Op,
         apply: impl FnOnce(u64) -> io::Result<R>,
         origin: Origin,
     ) -> Result<(R, u64), i32> {
         let view = self.view.get().cloned();
-        let seen = view.as_ref().map(|_| op.clone());
-        self.mutate_waking(
+        let o = lock(&self.order);
+        self.check_fence()?;
+        self.mutate_locked(
+            o,
             op,
             |seq| {
                 let r = apply(seq)?;
-                if let (Some(v), Some(op)) = (&view, &seen) {
+                if let Some(v) = &view {
                     v.changed_beneath(op);
                 }
                 Ok(r)
             },
+            |_| None,
             false,
             origin,
         )
@@ -992,9 +996,11 @@ impl Volume {
     /// [`Volume::mutate_beneath_unsettled`] of a record of the peer's stream (`net::peer`): it
     /// is journaled as the peer's (`Origin::Peer`, in the record's frame, so durable exactly
     /// when the record is), and the link to the peer never sends it back (`site::peer`).
+    /// Borrowed: the receiver keeps the record (it may apply it again, translated, after a
+    /// refusal) and the journal only encodes it.
     pub fn mutate_from_peer<R>(
         &self,
-        op: Op,
+        op: &Op,
         apply: impl FnOnce(u64) -> io::Result<R>,
     ) -> Result<(R, u64), i32> {
         self.mutate_beneath_as(op, apply, Origin::Peer)

@@ -449,7 +449,10 @@ impl DirTree {
         }
     }
 
-    fn forget_open(&mut self) {
+    /// Forgets the descriptors kept below the root (the file last written, the directory
+    /// last resolved): for a tree kept between changes that another writer may have made
+    /// meanwhile (`net::peer`), before it is used again.
+    pub fn forget_open(&mut self) {
         self.open_file = None;
         self.parent_dir = None;
     }
