@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::net::free_port;
 use common::{is_mounted, lazy_unmount, wait_until, Layout, BIN, MOUNT_TIMEOUT, UNMOUNT_TIMEOUT};
 
 const CATCH_UP: Duration = Duration::from_secs(60);
@@ -139,14 +140,6 @@ fn run(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
 
 fn s(p: &Path) -> &str {
     p.to_str().expect("UTF-8 temp path")
-}
-
-/// A free port on the loopback address (bound, then let go).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
 }
 
 /// `GET path` on the metrics endpoint: the status line and the body.

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use common::net::free_port;
 use common::{sys, tree_diff, wait_until, Cmp, Layout, Mount, BIN};
 
 fn run(args: &[&str]) -> String {
@@ -86,13 +87,6 @@ impl Drop for Serve {
     fn drop(&mut self) {
         self.kill9();
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
 }
 
 fn bytes_sent(m: &Mount) -> u64 {

@@ -11,6 +11,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
+use common::net::free_port;
 use common::{pattern, temp_base, tree_diff, wait_until, Cmp, Layout, Mount, BIN};
 
 /// How long a change may take to reach the other site (2 shared cores, debug build).
@@ -30,13 +31,6 @@ fn run_ok(args: &[&OsStr]) -> String {
 
 fn os(s: &str) -> &OsStr {
     OsStr::new(s)
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind an ephemeral port")
-        .port()
 }
 
 /// `mirrorfs init --config DIR`; returns the fingerprint.

@@ -9,24 +9,17 @@ mod common;
 use std::ffi::OsStr;
 use std::fs::{self, OpenOptions};
 use std::io::Write;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::net::free_port;
 use common::{temp_base, wait_until, Layout, Mount, BIN};
 
 /// The lease the primaries ask for (short, so that the tests wait little).
 const LEASE_MS: &str = "1500";
 /// The witness's longest lease, and its start-up window.
 const TTL_MAX_MS: &str = "1500";
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind an ephemeral port")
-        .port()
-}
 
 fn run(args: &[&OsStr]) -> Output {
     Command::new(BIN)

@@ -41,12 +41,32 @@ pub fn strip_ansi(s: &str) -> String {
     out
 }
 
-/// A port nobody listens on right now (bind port 0, take the number, close).
+/// The first port [`free_port`] hands out: below the kernel's ephemeral range
+/// (`net.ipv4.ip_local_port_range`, 32768-60999 by default), from which every outgoing
+/// connection takes its source port. A port taken from that range (bind port 0, close, pass the
+/// number on) could be given to another connection's source before the site binds it: a
+/// test's link then spent its timeout connecting to a server it did not trust.
+const PORTS_FROM: u16 = 20_000;
+/// How many ports [`free_port`] cycles through.
+const PORTS: u16 = 12_000;
+
+/// A port nobody listens on right now, outside the ephemeral range ([`PORTS_FROM`]): each
+/// call in a process takes the next one from a start that depends on the process id (test
+/// binaries of other runs), and skips ports it cannot bind for TCP and UDP on loopback.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind an ephemeral port")
-        .port()
+    use std::sync::atomic::AtomicU32;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = std::process::id().wrapping_mul(7_919);
+    for _ in 0..PORTS {
+        let k = start.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed)) % u32::from(PORTS);
+        let port = PORTS_FROM + k as u16;
+        let tcp = TcpListener::bind(("127.0.0.1", port));
+        let udp = std::net::UdpSocket::bind(("127.0.0.1", port));
+        if tcp.is_ok() && udp.is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {PORTS_FROM}..{}", PORTS_FROM + PORTS)
 }
 
 pub fn run(args: &[&OsStr]) -> Output {
