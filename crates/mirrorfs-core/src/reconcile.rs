@@ -1366,6 +1366,20 @@ impl Reconciler {
         }
     }
 
+    /// Our entry at `path` went to a conflict copy and was removed (journaled) so that the
+    /// peer's directory takes the name (its mkdir of it, its rename of a directory onto it, or
+    /// a directory made again for its change): our removal was of our entry, not of the peer's
+    /// now there, so the peer's later rename or removal of the name applies
+    /// ([`Reconciler::peer_remade`]; seed 290,319: our file `b` aside for its `mkdir b`, then
+    /// its exchange of `a` and `b`, carried out as renames, took `b` → `a` for a rename of a
+    /// name we removed and lost its directory and file).
+    pub fn moved_aside_for_peer(&mut self, path: &[u8]) {
+        self.notes_dirty |= self.peer_remade.insert(path.to_vec());
+        while self.peer_remade.len() > self.cfg.entries_max {
+            self.peer_remade.pop_first();
+        }
+    }
+
     /// We removed `path` after the peer's record that considered ours through `seen`.
     fn removed_concurrently(&self, path: &[u8], seen: u64) -> bool {
         match self.removed.get(&(self.hash)(path)) {
@@ -3827,6 +3841,7 @@ mod names {
                         let copy = self.copy_name(q.as_bytes());
                         self.local(R::Whole(copy, mine.unwrap_or_default()));
                         self.local(R::Unlink(q));
+                        self.r.moved_aside_for_peer(q.as_bytes());
                     }
                     let applied = self.apply(&rec);
                     if let R::Rmdir(_) = rec {
@@ -3902,6 +3917,7 @@ mod names {
                 let copy = self.copy_name(to);
                 self.local(R::Whole(copy, mine));
                 self.local(R::Unlink(s(to)));
+                self.r.moved_aside_for_peer(to);
             } else {
                 match self.r.peer_dir_clash(theirs, to, seen) {
                     DirClash::Apart => return false,
@@ -3971,6 +3987,7 @@ mod names {
                     let copy = self.copy_name(d);
                     self.local(R::Whole(copy, mine));
                     self.local(R::Unlink(s(d)));
+                    self.r.moved_aside_for_peer(d);
                 }
             }
             if !self.tree.contains_key(d) && self.parent_ok(d) {
@@ -5185,6 +5202,31 @@ mod names {
                 ("a.conflict", Some("x0")),
                 ("d", None),
                 ("d/x", Some("a0")),
+            ],
+            true,
+        );
+    }
+
+    /// A directory made at one site and exchanged with a file, the file then written, while
+    /// the other site creates a file of the directory's name (seed 290,319 and 4 like it in
+    /// the runs with exchanges, which kept the write at one site only): the file goes aside
+    /// for the directory, and the exchange, carried out as renames for that removal, moves the
+    /// peer's directory, not taken for a name removed here.
+    #[test]
+    fn an_exchange_of_a_directory_a_file_of_its_name_went_aside_for_applies() {
+        let base = [("a", Some("a0")), ("d", None), ("d/x", Some("x0"))];
+        let dir = [R::Mkdir("b"), R::Exchange("a", "b"), R::Write("b", "w")];
+        let file = [R::Create("b")];
+        check(
+            &base,
+            &dir,
+            &file,
+            &[
+                ("a", None),
+                ("b", Some("w")),
+                ("b.conflict", Some("")),
+                ("d", None),
+                ("d/x", Some("x0")),
             ],
             true,
         );
