@@ -416,9 +416,11 @@ pub struct Reconciler {
     /// ([`Reconciler::peer_renamed`]): in the notes with their names now.
     renames_followed: BTreeSet<(u64, u32)>,
     /// Names we removed concurrently that the peer made again since (a create, mkdir or rename
-    /// onto it, [`Reconciler::translate_new`]), while we had not made them again ourselves:
-    /// what is there now is the peer's entry, so its later removal of the name applies
-    /// ([`Reconciler::peer_unlink`]). Forgotten with our removal; bounded as `fresh`; in the
+    /// onto it, [`Reconciler::translate_new`]), while we had not made them again ourselves, and
+    /// names our entry left (removed) for the peer's directory
+    /// ([`Reconciler::moved_aside_for_peer`]): what is there now is the peer's entry, so its
+    /// later removal or rename of the name applies ([`Reconciler::peer_unlink`],
+    /// [`Reconciler::peer_rename`]). Forgotten with our removal; bounded as `fresh`; in the
     /// notes (the replay rebuilds our removal, not the peer's making after it).
     peer_remade: BTreeSet<Vec<u8>>,
     /// The peer's exchange being carried out here (its record's seq, the steps done: 1 to 3 of
