@@ -416,9 +416,11 @@ pub struct Reconciler {
     /// ([`Reconciler::peer_renamed`]): in the notes with their names now.
     renames_followed: BTreeSet<(u64, u32)>,
     /// Names we removed concurrently that the peer made again since (a create, mkdir or rename
-    /// onto it, [`Reconciler::translate_new`]), while we had not made them again ourselves:
-    /// what is there now is the peer's entry, so its later removal of the name applies
-    /// ([`Reconciler::peer_unlink`]). Forgotten with our removal; bounded as `fresh`; in the
+    /// onto it, [`Reconciler::translate_new`]), while we had not made them again ourselves, and
+    /// names our entry left (removed) for the peer's directory
+    /// ([`Reconciler::moved_aside_for_peer`]): what is there now is the peer's entry, so its
+    /// later removal or rename of the name applies ([`Reconciler::peer_unlink`],
+    /// [`Reconciler::peer_rename`]). Forgotten with our removal; bounded as `fresh`; in the
     /// notes (the replay rebuilds our removal, not the peer's making after it).
     peer_remade: BTreeSet<Vec<u8>>,
     /// The peer's exchange being carried out here (its record's seq, the steps done: 1 to 3 of
@@ -1032,6 +1034,14 @@ impl Reconciler {
             // records for the name are for it).
             self.strip_made((self.hash)(&to2));
             self.exchange_end_renamed((seq, 0), from, to);
+            if self.cfg.wins() && self.renames.get(&(seq, 0)).is_some_and(|m| m.exchange) {
+                // Our exchange's end: the peer's later records for the name (a rename of it by
+                // its next exchange, say) are of our entry there, which both sites renamed, not
+                // of a fresh one (seed 388,136: our `d/x` ⇄ `a` against its `d/x` ⇄ `a` twice;
+                // its second exchange, taken for renames of names it made, undid ours here). The
+                // name as it is: our renames before do not move it.
+                self.alias(seq, to2.clone(), to2);
+            }
             return RenameDecision::Keep {
                 ours: from2,
                 clash: false,
@@ -1045,13 +1055,26 @@ impl Reconciler {
                 aside: false,
             };
         }
-        // The peer's later records under its new name follow ours (once: the same record can
-        // be decided again).
+        // The peer's old name no longer names the entry there (its exchange carried out as
+        // renames moves another onto it next; seed 388,136): our exchange's end follows it to
+        // the peer's new name, as for the same new name above.
+        self.exchange_end_renamed((seq, 0), from, to);
+        let known = !self.alias(seq, to2, from2.clone());
+        RenameDecision::Keep {
+            ours: from2,
+            clash: !known,
+        }
+    }
+
+    /// The peer's later records under its new name `theirs` for an entry both sites renamed
+    /// (our rename `seq`) follow ours, `ours` (once: the same record can be decided again):
+    /// `true` when the alias is new.
+    fn alias(&mut self, seq: u64, theirs: Vec<u8>, ours: Vec<u8>) -> bool {
         let alias = Moved {
-            from: to2,
-            to: from2.clone(),
+            from: theirs,
+            to: ours,
             exchange: false,
-            // `from2` is our name after all our renames so far.
+            // `ours` is our name after all our renames so far.
             current_after: self.renames.keys().next_back().map_or(0, |k| k.0),
             here: None,
         };
@@ -1066,10 +1089,7 @@ impl Reconciler {
             let n = self.renames.range(aliases).count() as u32 + 1;
             self.renames.insert((seq, n), alias);
         }
-        RenameDecision::Keep {
-            ours: from2,
-            clash: !known,
-        }
+        !known
     }
 
     /// The peer's exchange of `a` and `b` (its names), journaled after it had considered our
@@ -1321,7 +1341,14 @@ impl Reconciler {
             n == 0
                 && seq < removal
                 && (moved_path(path, &m.from, &m.to).is_some()
-                    || (m.exchange && moved_path(path, &m.to, &m.from).is_some()))
+                    || (m.exchange && moved_path(path, &m.to, &m.from).is_some())
+                    // An exchange's ends as named here: a peer rename of the entry there (both
+                    // renamed it) moved its end to the peer's name (seed 590,374: our `d/x` ⇄
+                    // `a`, the peer's `a` ⇄ `d` twice carried out as renames; its directory
+                    // moved onto our `a`, our file aside and removed, then back).
+                    || m.here.as_ref().is_some_and(|(f, t)| {
+                        moved_path(path, f, f).is_some() || moved_path(path, t, t).is_some()
+                    }))
         })
     }
 
@@ -1338,6 +1365,20 @@ impl Reconciler {
             while self.peer_remade.len() > self.cfg.entries_max {
                 self.peer_remade.pop_first();
             }
+        }
+    }
+
+    /// Our entry at `path` went to a conflict copy and was removed (journaled) so that the
+    /// peer's directory takes the name (its mkdir of it, its rename of a directory onto it, or
+    /// a directory made again for its change): our removal was of our entry, not of the peer's
+    /// now there, so the peer's later rename or removal of the name applies
+    /// ([`Reconciler::peer_remade`]; seed 290,319: our file `b` aside for its `mkdir b`, then
+    /// its exchange of `a` and `b`, carried out as renames, took `b` → `a` for a rename of a
+    /// name we removed and lost its directory and file).
+    pub fn moved_aside_for_peer(&mut self, path: &[u8]) {
+        self.notes_dirty |= self.peer_remade.insert(path.to_vec());
+        while self.peer_remade.len() > self.cfg.entries_max {
+            self.peer_remade.pop_first();
         }
     }
 
@@ -1892,6 +1933,19 @@ impl Reconciler {
         // current after all of them (our `mkdir e`, then `d/x` → `d/y`, then `e` aside for the
         // peer's `d` → `e`: `d/y` becomes `e/y`, not moved again by the aside).
         let last = keys.last().map_or(0, |k| k.0);
+        // The peer's source as named where each rename of ours comes: through our renames
+        // before it only (one reached through this one is the other end's here), as they were
+        // before this peer rename (the loop below moves their ends).
+        let sources_at: Vec<Vec<u8>> = keys
+            .iter()
+            .scan(theirs_from.to_vec(), |cur, k| {
+                let at = cur.clone();
+                if let Some(next) = self.renames.get(k).and_then(|m| m.apply(cur)) {
+                    *cur = next;
+                }
+                Some(at)
+            })
+            .collect();
         for (i, k) in keys.iter().enumerate() {
             // A name of ours no later rename of ours moves: where the entry is now.
             let current_name = |name: &[u8]| {
@@ -1904,14 +1958,7 @@ impl Reconciler {
             let Some(m) = self.renames.get(k) else {
                 continue;
             };
-            // The peer's source as named where this rename of ours comes: through our renames
-            // before it only (one reached through this one is the other end's here).
-            let source_at = self
-                .renames
-                .range(..*k)
-                .fold(theirs_from.to_vec(), |cur, (_, m2)| {
-                    m2.apply(&cur).unwrap_or(cur)
-                });
+            let source_at = &sources_at[i];
             let current = current_name(&m.to);
             // An exchange's ends as named here.
             let ends_current = match &m.here {
@@ -1938,10 +1985,18 @@ impl Reconciler {
                 // this rename: `from` reached through this exchange is the other end's entry
                 // here (seed 123,526: our `d/x` ⇄ `a`, the peer's `a` → `b` applied as `d/x` →
                 // `b`; the end `d/x` is still the peer's `d/x`).
+                // The peer's own name only where our renames before this one left it in place:
+                // else that name, here, is another entry's (seed 388,136: our `d/x` ⇄ `a`
+                // twice, the peer's `d/x` → hidden; the second exchange's end `d/x` is the
+                // entry our first put there, `a`'s, which the peer did not move).
+                let unmoved = source_at.as_slice() == theirs_from;
                 let sources = [&m.from, &m.to].map(|end| {
-                    moved_path(end, theirs_from, theirs_to).or_else(|| {
-                        moved_path(end, &source_at, to).filter(|_| current && source_at == from)
-                    })
+                    moved_path(end, theirs_from, theirs_to)
+                        .filter(|_| unmoved)
+                        .or_else(|| {
+                            moved_path(end, source_at, to)
+                                .filter(|_| current && source_at.as_slice() == from)
+                        })
                 });
                 let ends = [(&mut m.from, &mut from_here), (&mut m.to, &mut to_here)];
                 for (i, ((end, here), end_current)) in
@@ -3788,6 +3843,7 @@ mod names {
                         let copy = self.copy_name(q.as_bytes());
                         self.local(R::Whole(copy, mine.unwrap_or_default()));
                         self.local(R::Unlink(q));
+                        self.r.moved_aside_for_peer(q.as_bytes());
                     }
                     let applied = self.apply(&rec);
                     if let R::Rmdir(_) = rec {
@@ -3863,6 +3919,7 @@ mod names {
                 let copy = self.copy_name(to);
                 self.local(R::Whole(copy, mine));
                 self.local(R::Unlink(s(to)));
+                self.r.moved_aside_for_peer(to);
             } else {
                 match self.r.peer_dir_clash(theirs, to, seen) {
                     DirClash::Apart => return false,
@@ -3932,6 +3989,7 @@ mod names {
                     let copy = self.copy_name(d);
                     self.local(R::Whole(copy, mine));
                     self.local(R::Unlink(s(d)));
+                    self.r.moved_aside_for_peer(d);
                 }
             }
             if !self.tree.contains_key(d) && self.parent_ok(d) {
@@ -5093,6 +5151,85 @@ mod names {
             &twice,
             &once,
             &[("a", Some("w")), ("d", None), ("d/x", Some("x0"))],
+            true,
+        );
+    }
+
+    /// A file and a file in a directory exchanged twice at one site (back where they were),
+    /// written and exchanged once at the other (seed 388,136, which kept the write at one
+    /// site only, the twice-exchanging site losing both files): both sites renamed both
+    /// entries, the lower id's names stay, and the write follows its file there.
+    #[test]
+    fn a_write_follows_a_file_the_other_site_exchanged_away_and_back_with_a_file_in_a_directory() {
+        let base = [("a", Some("a0")), ("d", None), ("d/x", Some("x0"))];
+        let twice = [R::Exchange("d/x", "a"), R::Exchange("a", "d/x")];
+        let once = [R::Write("a", "w"), R::Exchange("d/x", "a")];
+        check(
+            &base,
+            &once,
+            &twice,
+            &[("a", Some("x0")), ("d", None), ("d/x", Some("w"))],
+            true,
+        );
+        check(
+            &base,
+            &twice,
+            &once,
+            &[("a", Some("w")), ("d", None), ("d/x", Some("x0"))],
+            true,
+        );
+    }
+
+    /// A file and a file in a directory exchanged at one site, the other exchanging the file
+    /// and the directory twice (back where they were) and writing the file in the directory
+    /// (seed 590,374, brought by the fix for 388,136): the lower id keeps its names; the
+    /// directory, moved onto its file midway (the file aside, its name removed), goes back
+    /// as the peer's rename of a name our exchange moved before that removal, and the write
+    /// follows its file.
+    #[test]
+    fn a_directory_exchanged_away_and_back_over_an_exchanged_file_goes_back() {
+        let base = [("a", Some("a0")), ("d", None), ("d/x", Some("x0"))];
+        let once = [R::Exchange("d/x", "a")];
+        let twice = [
+            R::Exchange("a", "d"),
+            R::Exchange("d", "a"),
+            R::Write("d/x", "w"),
+        ];
+        check(
+            &base,
+            &once,
+            &twice,
+            &[
+                ("a", Some("w")),
+                ("a.conflict", Some("x0")),
+                ("d", None),
+                ("d/x", Some("a0")),
+            ],
+            true,
+        );
+    }
+
+    /// A directory made at one site and exchanged with a file, the file then written, while
+    /// the other site creates a file of the directory's name (seed 290,319 and 4 like it in
+    /// the runs with exchanges, which kept the write at one site only): the file goes aside
+    /// for the directory, and the exchange, carried out as renames for that removal, moves the
+    /// peer's directory, not taken for a name removed here.
+    #[test]
+    fn an_exchange_of_a_directory_a_file_of_its_name_went_aside_for_applies() {
+        let base = [("a", Some("a0")), ("d", None), ("d/x", Some("x0"))];
+        let dir = [R::Mkdir("b"), R::Exchange("a", "b"), R::Write("b", "w")];
+        let file = [R::Create("b")];
+        check(
+            &base,
+            &dir,
+            &file,
+            &[
+                ("a", None),
+                ("b", Some("w")),
+                ("b.conflict", Some("")),
+                ("d", None),
+                ("d/x", Some("x0")),
+            ],
             true,
         );
     }

@@ -734,6 +734,8 @@ impl SiteReconcile {
                 nlink,
             },
         )?;
+        // The removal was of our entry: the name is the peer's directory's now.
+        lock(&self.machine).moved_aside_for_peer(path.as_bytes());
         Ok(true)
     }
 
