@@ -1884,3 +1884,26 @@ fn reused_inode_numbers_never_mix_two_files() {
     });
     m.wait_mirror_equal(CATCH_UP);
 }
+
+/// An `fsync` of a directory whose backing directory cannot be opened reports the failure. It
+/// used to succeed without syncing anything: `fsyncdir` skipped the `fsync` when the open
+/// failed (here: the backing directory renamed behind the mount's back, so its name is gone;
+/// in use: a daemon out of descriptors), a durability promise not kept and not said.
+#[test]
+fn fsync_of_a_directory_that_cannot_be_opened_fails() {
+    let _serial = serial();
+    let m = mount("fsyncdir", &[]);
+    let d = m.mnt().join("d");
+    fs::create_dir(&d).expect("mkdir through the mount");
+    let f = File::open(&d).expect("open the directory through the mount");
+    f.sync_all()
+        .expect("fsync of a directory the mount can open");
+    fs::rename(m.backing().join("d"), m.backing().join("moved"))
+        .expect("rename the backing directory behind the mount");
+    let r = f.sync_all();
+    assert!(
+        r.is_err(),
+        "fsync of a directory whose backing directory is gone succeeded; stderr:\n{}",
+        m.log()
+    );
+}

@@ -157,14 +157,20 @@ impl MirrorFs {
         reply: ReplyEmpty,
     ) {
         crate::fuse::affinity::follow(req.pid());
+        // A directory with no name left (removed) has nothing of its own to make durable; one
+        // that has a name is synced, and a failure to open it is the fsync's failure, never a
+        // success that synced nothing.
         if let Ok(p) = self.path(ino) {
-            if let Ok(fd) =
-                self.root
-                    .open_at(&p, libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW, 0)
-            {
-                if let Err(e) = sys::fsync(fd.as_fd()) {
-                    return reply.error(io_errno(&e));
-                }
+            let fd = match self.root.open_at(
+                &p,
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+                0,
+            ) {
+                Ok(fd) => fd,
+                Err(e) => return reply.error(io_errno(&e)),
+            };
+            if let Err(e) = sys::fsync(fd.as_fd()) {
+                return reply.error(io_errno(&e));
             }
         }
         match self.vol.application_synced() {
