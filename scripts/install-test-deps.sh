@@ -10,8 +10,9 @@ set -euo pipefail
 PJDFSTEST_VERSION=0.2.2
 APT_PACKAGES=(libacl1-dev bindfs fuse3 rsync nftables iproute2 util-linux prometheus)
 # Only for benchmarks (`mirrorfs-bench --targets fio`, which reports itself skipped without
-# it): a failed install is a warning, never a failed CI run.
-OPTIONAL_APT_PACKAGES=(fio)
+# fio, and `--targets sqlite`, which needs the sqlite3 shell): a failed install is a warning,
+# never a failed CI run.
+OPTIONAL_APT_PACKAGES=(fio sqlite3)
 PJDFSTEST_USERS=(pjdfstest1 pjdfstest2)
 
 log() { echo "install-test-deps: $*"; }
