@@ -1266,9 +1266,10 @@ impl Reconciler {
 
     /// The peer renamed `from` (our name) onto a name that is a directory here, made during the
     /// split (else the rename would have failed at the peer too): the directory stays, and the
-    /// peer moves its file aside to a conflict copy when our directory reaches it. So the source
-    /// goes here too (`Apply`: remove it) — unless we changed it concurrently: then it is kept
-    /// and given back to the peer (`Restore`).
+    /// peer moves its file aside to a conflict copy when our directory reaches it (or renames it
+    /// away before). So the source is held here till then (`Apply`: moved to a holding name,
+    /// [`Reconciler::hold_source`]) — unless we changed it concurrently: then it is kept and
+    /// given back to the peer (`Restore`).
     pub fn peer_rename_onto_dir(&mut self, from: &[u8], seen: u64) -> Decision {
         self.advance(seen);
         let Some(e) = self.concurrent((self.hash)(from), seen) else {
