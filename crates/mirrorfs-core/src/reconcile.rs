@@ -950,6 +950,18 @@ impl Reconciler {
     /// The peer's `op` with every name translated ([`Reconciler::translate`]); `None`:
     /// unchanged. A name that would be too long here is an error (the record fails).
     pub fn translate_op(&mut self, op: &Op, seen: u64) -> Result<Option<Op>, PathError> {
+        if let Op::Unlink { path, .. } = op {
+            if let Some((ours, _)) = self.held.get(path.as_bytes()) {
+                // Its file held here ([`Reconciler::hold_source`]), whatever it had seen (it
+                // moves the file aside having seen our directory): the holding name.
+                let ours = RelPath::new(ours.clone())?;
+                let mut out = op.clone();
+                if let Op::Unlink { path, .. } = &mut out {
+                    *path = ours;
+                }
+                return Ok(Some(out));
+            }
+        }
         let mut t = |p: &RelPath, new: bool| -> Result<Option<RelPath>, PathError> {
             let q = if new {
                 self.translate_new(p.as_bytes(), seen)
@@ -1212,6 +1224,12 @@ impl Reconciler {
     /// removal was of the old file, which is gone here already: `Skip`.
     pub fn peer_unlink(&mut self, path: &[u8], seen: u64) -> (Vec<u8>, Decision) {
         self.advance(seen);
+        if let Some((ours, _)) = self.held.remove(path) {
+            // Its file held here ([`Reconciler::hold_source`]; a held directory is not
+            // unlinked), moved aside there: the holding name goes.
+            self.notes_dirty = true;
+            return (ours, Decision::Apply);
+        }
         if self.removed_concurrently(path, seen)
             && !self.renamed_away_before_removal(path)
             && !self.peer_remade.contains(path)
@@ -1248,9 +1266,10 @@ impl Reconciler {
 
     /// The peer renamed `from` (our name) onto a name that is a directory here, made during the
     /// split (else the rename would have failed at the peer too): the directory stays, and the
-    /// peer moves its file aside to a conflict copy when our directory reaches it. So the source
-    /// goes here too (`Apply`: remove it) — unless we changed it concurrently: then it is kept
-    /// and given back to the peer (`Restore`).
+    /// peer moves its file aside to a conflict copy when our directory reaches it (or renames it
+    /// away before). So the source is held here till then (`Apply`: moved to a holding name,
+    /// [`Reconciler::hold_source`]) — unless we changed it concurrently: then it is kept and
+    /// given back to the peer (`Restore`).
     pub fn peer_rename_onto_dir(&mut self, from: &[u8], seen: u64) -> Decision {
         self.advance(seen);
         let Some(e) = self.concurrent((self.hash)(from), seen) else {
@@ -1260,6 +1279,34 @@ impl Reconciler {
         e.copied = true;
         e.rewrite = true;
         Decision::Restore { first }
+    }
+
+    /// [`Reconciler::peer_rename_onto_dir`] said `Apply`: the peer's rename `theirs_from` →
+    /// `theirs_to` (its names) of a file onto our directory `to` was carried out here as
+    /// `from` → `hold` (ours: a free holding name), the file held there until the peer moves
+    /// it aside (its unlink of `theirs_to` when our directory reaches it, which removes the
+    /// holding name: [`Reconciler::peer_unlink`]) or renames it away before (which moves it
+    /// on from the holding name: [`Reconciler::peer_rename`]). Removed at once, it was lost
+    /// here when the peer renamed it away first (seed 252,772: `d/x` ⇄ `a` and back there,
+    /// `a` ⇄ `d` here; its second exchange, carried out as renames, then took our directory
+    /// for its `a` and left it under the hidden name). Its records for `theirs_to` journaled
+    /// before it considered our directory there follow the hold ([`Reconciler::hold`]).
+    pub fn hold_source(
+        &mut self,
+        (theirs_from, theirs_to): (&[u8], &[u8]),
+        (from, to): (&[u8], &[u8]),
+        hold: &[u8],
+        seen: u64,
+    ) {
+        let mkdir = self.dirs_made.get(to).copied().filter(|&s| s > seen);
+        let renamed = self
+            .entries
+            .get(&(self.hash)(to))
+            .filter(|e| e.seq > seen && e.path.as_deref() == Some(to))
+            .map(|e| e.seq);
+        let made = mkdir.max(renamed).unwrap_or(seen + 1);
+        self.peer_renamed(theirs_from, theirs_to, from, hold, false);
+        self.hold(theirs_to, hold, made);
     }
 
     /// The peer's data change of `path` (its name): the name here and the decision.
@@ -1925,6 +1972,7 @@ impl Reconciler {
         exchange: bool,
     ) {
         self.moved(from, to, exchange);
+        self.held_renamed((theirs_from, theirs_to), (from, to), exchange);
         if exchange || from == to || self.renames.is_empty() {
             return;
         }
@@ -2191,6 +2239,29 @@ impl Reconciler {
             self.held.remove(path);
             self.notes_dirty = true;
         }
+    }
+
+    /// The peer's rename `theirs_from` → `theirs_to` applied here as `from` → `to`: the held
+    /// names beneath it (the peer's, and the holding names here) follow it, so that the peer's
+    /// later unlink or rename of its held file under its new name finds the hold (seed
+    /// 785,741: its `d/x` → `d/y` onto our `mkdir d/y`, held as `d/y.held`, then its `d` → `e`
+    /// and its unlink of `e/y` moving the file aside, which left `e/y.held` here).
+    fn held_renamed(
+        &mut self,
+        (theirs_from, theirs_to): (&[u8], &[u8]),
+        (from, to): (&[u8], &[u8]),
+        exchange: bool,
+    ) {
+        if self.held.is_empty() || theirs_from == theirs_to {
+            return;
+        }
+        let held = std::mem::take(&mut self.held);
+        for (theirs, (ours, made)) in held {
+            let theirs = renamed_path(&theirs, theirs_from, theirs_to, exchange).unwrap_or(theirs);
+            let ours = renamed_path(&ours, from, to, exchange).unwrap_or(ours);
+            self.held.insert(theirs, (ours, made));
+        }
+        self.notes_dirty = true;
     }
 
     /// The peer's rename of a held name: its directory moved aside (or away): the holding
@@ -3649,7 +3720,11 @@ mod names {
                     true
                 }
                 R::Rename(f, t) => {
-                    if !self.tree.contains_key(f.as_bytes()) || !self.parent_ok(t.as_bytes()) {
+                    if !self.tree.contains_key(f.as_bytes())
+                        || !self.parent_ok(t.as_bytes())
+                        || moved_path(t.as_bytes(), f.as_bytes(), f.as_bytes()).is_some()
+                    {
+                        // (Nor a directory into itself: `EINVAL`.)
                         return false;
                     }
                     let is_dir = |p: &str| matches!(self.tree.get(p.as_bytes()), Some(None));
@@ -3753,7 +3828,7 @@ mod names {
                             && matches!(self.tree.get(&from), Some(Some(_)))
                         {
                             match self.r.peer_rename_onto_dir(&from, seen) {
-                                Decision::Apply => self.source_gone(&from),
+                                Decision::Apply => self.hold_source((f, t), (&from, &to), seen),
                                 Decision::Restore { first } => {
                                     self.conflicts += usize::from(first);
                                     restores.push((from.clone(), true));
@@ -4138,6 +4213,21 @@ mod names {
         fn source_gone(&mut self, from: &[u8]) {
             if let Some(Some(_)) = self.tree.get(from) {
                 self.tree.remove(from);
+            }
+        }
+
+        /// The source `from` (our name) of the peer's rename `f` → `t` (its names) onto our
+        /// directory `to`: held under a holding name until the peer moves it aside or away
+        /// ([`Reconciler::hold_source`]; the shell: `net::peer::PeerReceiver::hold_source`),
+        /// not journaled (the peer's record).
+        fn hold_source(&mut self, (f, t): (&str, &str), (from, to): (&[u8], &[u8]), seen: u64) {
+            let s = |v: &[u8]| -> &'static str {
+                Box::leak(String::from_utf8_lossy(v).into_owned().into_boxed_str())
+            };
+            let hold = self.holding_name(to);
+            if self.apply(&R::Rename(s(from), s(&hold))) {
+                self.r
+                    .hold_source((f.as_bytes(), t.as_bytes()), (from, to), &hold, seen);
             }
         }
 
@@ -5151,6 +5241,51 @@ mod names {
             &twice,
             &once,
             &[("a", Some("w")), ("d", None), ("d/x", Some("x0"))],
+            true,
+        );
+    }
+
+    /// A file exchanged with a file in a directory and back at the lower id, then written,
+    /// while the higher id exchanged the file with that directory (seed 252,772, which kept the
+    /// write at one site only and left the hidden exchange name at the higher id): there the
+    /// first exchange, carried out as renames, moves the file onto our directory, which stays;
+    /// the file is held under a holding name, not removed, so the second exchange moves it back
+    /// into the directory, and the write follows it. The lower id's file under the directory's
+    /// name goes aside (listed).
+    #[test]
+    fn a_file_exchanged_onto_a_directory_and_back_at_the_other_site_keeps_its_write() {
+        let base = [("a", Some("a0")), ("d", None), ("d/x", Some("x0"))];
+        let away_and_back = [
+            R::Exchange("d/x", "a"),
+            R::Exchange("a", "d/x"),
+            R::Write("d/x", "w"),
+        ];
+        check(
+            &base,
+            &away_and_back,
+            &[R::Exchange("a", "d")],
+            &[("a", None), ("a/x", Some("w")), ("a.conflict", Some("a0"))],
+            true,
+        );
+    }
+
+    /// A file renamed onto a name the other site made a directory, then its directory renamed
+    /// (seed 785,741, with the hold: the peer's unlink of the file under the directory's new
+    /// name, moving it aside, ends the hold there): the directory stays, the file is its
+    /// conflict copy.
+    #[test]
+    fn a_file_renamed_onto_a_directory_then_moved_with_its_directory_goes_aside() {
+        let base = [("a", Some("a0")), ("d", None), ("d/x", Some("x0"))];
+        check(
+            &base,
+            &[R::Mkdir("d/y")],
+            &[R::Rename("d/x", "d/y"), R::Rename("d", "e")],
+            &[
+                ("a", Some("a0")),
+                ("e", None),
+                ("e/y", None),
+                ("e/y.conflict", Some("x0")),
+            ],
             true,
         );
     }

@@ -1036,7 +1036,7 @@ impl PeerReceiver {
             res = self.dir_clash(rc, (op, &used), c, s, r.seq)?;
         }
         if let (Err(Held::Errno(e)), Some(rc), Some(s)) = (res, &self.reconcile, seen) {
-            if self.namespace_fix(rc, &used, e, s, r.seq)? {
+            if self.namespace_fix(rc, (op, &used), e, s, r.seq)? {
                 res = self.apply_one(op, &used, seen);
             }
         }
@@ -1226,7 +1226,7 @@ impl PeerReceiver {
     fn namespace_fix(
         &self,
         rc: &SiteReconcile,
-        op: &Op,
+        (orig, op): (&Op, &Op),
         errno: i32,
         seen: u64,
         seq: u64,
@@ -1254,8 +1254,9 @@ impl PeerReceiver {
             (_, libc::ENOTDIR) if self.beneath_other(op) => self.refill(rc, op, seen, seq),
             (Op::Rename { from, to, .. }, libc::EISDIR | libc::EEXIST | libc::ENOTEMPTY) => {
                 // Both made `to` during the split, a directory here: it stays, and the peer
-                // moves its file aside when our directory reaches it; the source goes here too,
-                // unless we changed it (then it is given back).
+                // moves its file aside when our directory reaches it (or renames it away
+                // before); the source is held here under a holding name till then, unless we
+                // changed it (then it is given back).
                 let onto_dir = is_beneath(&self.backing, to.as_bytes(), libc::S_IFDIR);
                 let from_file = is_beneath(&self.backing, from.as_bytes(), libc::S_IFREG);
                 if !(onto_dir && from_file) {
@@ -1274,12 +1275,12 @@ impl PeerReceiver {
                     }
                     _ => {
                         // Our records from here on consider this one (as for `Displaced`);
-                        // the removal is the peer's record, not streamed back.
+                        // the move to the holding name is the peer's record, not streamed.
                         {
                             let o = lock(&self.vol.order);
                             rc.note_point(o.journal.next_seq(), seq);
                         }
-                        self.remove_source(from)?
+                        self.hold_source(rc, (orig, from, to), seen)?
                     }
                 }
                 Ok(false)
@@ -1738,6 +1739,63 @@ impl PeerReceiver {
         lock(&self.rewrites).retain(|(p, _)| p != path);
         self.remove(path, true, "our entry for the name the peer gave its own")?;
         Ok(true)
+    }
+
+    /// The source `from` (our name) of the peer's rename `orig` of a file onto our directory
+    /// `to`, not applied: moved through the volume (journaled as the peer's record, not
+    /// streamed back) to a holding name (`PATH.held-…`), held there until the peer moves the
+    /// file aside (its unlink of the name, translated to the holding name) or renames it away
+    /// (translated from the holding name): `Reconciler::hold_source`, the model's
+    /// `Site::hold_source`. Removed at once, it was lost here when the peer renamed it away
+    /// before our directory reached it (seed 252,772 of `core::reconcile`'s model).
+    fn hold_source(
+        &self,
+        rc: &SiteReconcile,
+        (orig, from, to): (&Op, &RelPath, &RelPath),
+        seen: u64,
+    ) -> Result<()> {
+        let Op::Rename {
+            from: theirs_from,
+            to: theirs_to,
+            ..
+        } = orig
+        else {
+            return self.remove_source(from);
+        };
+        let hold = rc
+            .holding_name(&self.backing, to)
+            .context("a holding name for the peer's file")?;
+        let op = Op::Rename {
+            from: from.clone(),
+            to: hold.clone(),
+            flags: NOREPLACE,
+            from_ino: local_ino(&self.backing, from.as_bytes()),
+        };
+        let mut tree = DirTree::open(&self.backing).context("cannot open the backing tree")?;
+        self.vol
+            .mutate_from_peer(&op, |_| {
+                apply_op(&mut tree, &op, false)
+                    .map_err(|e| std::io::Error::from_raw_os_error(tree_errno(&e)))
+            })
+            .map_err(|e| {
+                anyhow!(
+                    "cannot hold the source of the peer's rename: {}",
+                    std::io::Error::from_raw_os_error(e)
+                )
+            })?;
+        rc.hold_source(
+            (theirs_from.as_bytes(), theirs_to.as_bytes()),
+            (from.as_bytes(), to.as_bytes()),
+            hold.as_bytes(),
+            seen,
+        );
+        tracing::warn!(
+            "conflict: the peer renamed {} onto {}, a directory here; its file is held at {} until it moves it aside",
+            String::from_utf8_lossy(from.as_bytes()),
+            String::from_utf8_lossy(to.as_bytes()),
+            String::from_utf8_lossy(hold.as_bytes())
+        );
+        Ok(())
     }
 
     /// The source of a peer rename that is not applied here because the name it goes to stays

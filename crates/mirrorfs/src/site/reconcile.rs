@@ -223,6 +223,19 @@ impl SiteReconcile {
         lock(&self.machine).peer_dir_clash(theirs, ours, seen)
     }
 
+    /// The source `from` of the peer's rename `theirs_from` → `theirs_to` (its names) onto our
+    /// directory `to`, moved to `hold` and held there (`Reconciler::hold_source`; written with
+    /// the notes).
+    pub fn hold_source(
+        &self,
+        theirs: (&[u8], &[u8]),
+        ours: (&[u8], &[u8]),
+        hold: &[u8],
+        seen: u64,
+    ) {
+        lock(&self.machine).hold_source(theirs, ours, hold, seen);
+    }
+
     /// [`DirClash::Ours`]: the peer's directory `theirs` (its name) is held here under `ours`
     /// until its rename aside arrives (`Reconciler::hold`; written with the notes).
     pub fn hold(&self, theirs: &[u8], ours: &[u8], made: u64) {
