@@ -2866,6 +2866,69 @@ fn fail_over(net: &Net, srv: &Serve, p: &mut Mount, name: &str) -> (Mount, PathB
 /// primary as a mirror of the new one. The old primary's unshipped changes are reintegrated
 /// into the new primary (merged where only it changed, a listed conflict copy where both
 /// changed), the old primary then follows the new one, and nothing either side wrote is lost.
+/// The new primary killed after the daemon confirmed the reintegration and before it removed
+/// its plan (`MIRRORFS_FAILPOINT=reintegrated-plan-kept`): the next connection finds the daemon
+/// following it and removes the finished plan. Before, the plan stayed for good (found by the
+/// kill tests below, when a kill landed in that instant).
+#[test]
+fn failback_killed_after_the_daemon_confirmed_leaves_no_plan() {
+    let net = Net::new("reint-plan");
+    let mut srv = net.serve("m", &[]);
+    let mut p = net.mount("net-reint-plan-p", 0, &srv.url(), &[]);
+    mirrored_base(&p, &srv, |p| {
+        fs::write(p.p("notes.txt"), b"base\n").expect("write notes.txt");
+    });
+    srv.stop();
+    fs::write(p.p("b.txt"), b"b, written on P after the split\n").expect("write b.txt");
+    let (mut m, p_dir, port) = fail_over(&net, &srv, &mut p, "net-reint-plan-m");
+    fs::write(m.p("c.txt"), b"c, written on M after the failover\n").expect("write c.txt");
+    m.kill9();
+    m.env = vec![("MIRRORFS_FAILPOINT".into(), "reintegrated-plan-kept".into())];
+    m.remount();
+    let srv_p = Serve::start(
+        &p_dir,
+        &net.mirror.dir,
+        port,
+        &net.base.join("serve-p.log"),
+        &[],
+    );
+    let stopped = wait_until(CONNECT, || {
+        strip_ansi(&m.log()).contains("reintegrated-plan-kept: reintegrated")
+    });
+    assert!(
+        stopped,
+        "the failpoint was not reached:\n{}",
+        ctx(&m, &srv_p)
+    );
+    let plans = || -> Vec<PathBuf> {
+        fs::read_dir(srv.dir.join(".mirrorfs/mirrors"))
+            .expect("M's mirror states")
+            .flatten()
+            .map(|e| e.path().join("reintegration/plan"))
+            .filter(|p| p.exists())
+            .collect()
+    };
+    assert_eq!(plans().len(), 1, "the plan is kept at the failpoint");
+    m.kill9();
+    m.env.clear();
+    m.remount();
+    wait_live(&m, &srv_p);
+    wait_converged(&srv.dir, &p_dir, "P follows M", &NO_MTIME, &|| {
+        ctx(&m, &srv_p)
+    });
+    assert_eq!(
+        fs::read(m.p("b.txt")).expect("b.txt on M"),
+        b"b, written on P after the split\n"
+    );
+    let left = plans();
+    assert!(
+        left.is_empty(),
+        "a finished plan left behind: {left:?}\n{}",
+        ctx(&m, &srv_p)
+    );
+    m.unmount();
+}
+
 #[test]
 fn failback_reintegrates_the_old_primarys_changes_and_lists_conflicts() {
     let net = Net::new("reint");

@@ -137,6 +137,7 @@ impl Reintegration<'_> {
             Msg::Reintegrated { .. } => {}
             other => return Err(unexpected(&other, "Reintegrated").into()),
         }
+        failpoint_before_plan_removed(self.m);
         remove_plan(self.m)?;
         let (received, sent) = self.publish_bytes();
         {
@@ -698,6 +699,41 @@ fn save_plan(m: &MirrorShared, s: &SavedPlan) -> Result<()> {
     }
     statefile::replace_durable(&dir.join("plan"), &encode_plan(s), 0o600)
         .with_context(|| format!("cannot save the reintegration plan in {}", dir.display()))
+}
+
+/// The test hook (`MIRRORFS_FAILPOINT=reintegrated-plan-kept`): the daemon has confirmed the
+/// reintegration and the plan is not yet removed; the process waits to be killed there.
+fn failpoint_before_plan_removed(m: &MirrorShared) {
+    if std::env::var("MIRRORFS_FAILPOINT").as_deref() != Ok("reintegrated-plan-kept") {
+        return;
+    }
+    tracing::warn!(
+        "mirror {}: MIRRORFS_FAILPOINT=reintegrated-plan-kept: reintegrated, the plan not yet removed; waiting to be killed",
+        m.name
+    );
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// A plan left by a crash after the daemon confirmed its reintegration (it now follows this
+/// primary, so no reintegration with it is pending): removed at the next handshake that the
+/// daemon answers with `Welcome`. Until then it would stay for good: only a reintegration reads
+/// it, and a later one makes its own.
+pub fn forget_finished_plan(m: &MirrorShared) {
+    if !dir_of(m).join("plan").exists() {
+        return;
+    }
+    match remove_plan(m) {
+        Ok(()) => tracing::info!(
+            "mirror {}: removed the plan of a reintegration it confirmed before a crash here",
+            m.name
+        ),
+        Err(e) => tracing::warn!(
+            "mirror {}: cannot remove the plan of a finished reintegration: {e:#}",
+            m.name
+        ),
+    }
 }
 
 fn remove_plan(m: &MirrorShared) -> Result<()> {

@@ -442,6 +442,8 @@ impl Session<'_> {
                 let _ = d.send(&e.to_msg());
                 link_err(e)
             })?;
+        // The daemon follows this primary: a reintegration plan still here is a finished one.
+        crate::net::reintegrate::forget_finished_plan(m);
         Ok(Handshake {
             addr,
             d,
