@@ -2866,6 +2866,16 @@ fn fail_over(net: &Net, srv: &Serve, p: &mut Mount, name: &str) -> (Mount, PathB
 /// primary as a mirror of the new one. The old primary's unshipped changes are reintegrated
 /// into the new primary (merged where only it changed, a listed conflict copy where both
 /// changed), the old primary then follows the new one, and nothing either side wrote is lost.
+/// The reintegration plans saved in the mirror states of the primary whose backing is `dir`.
+fn reintegration_plans(dir: &Path) -> Vec<PathBuf> {
+    fs::read_dir(dir.join(".mirrorfs/mirrors"))
+        .expect("the primary's mirror states")
+        .flatten()
+        .map(|e| e.path().join("reintegration/plan"))
+        .filter(|p| p.exists())
+        .collect()
+}
+
 /// The new primary killed after the daemon confirmed the reintegration and before it removed
 /// its plan (`MIRRORFS_FAILPOINT=reintegrated-plan-kept`): the next connection finds the daemon
 /// following it and removes the finished plan. Before, the plan stayed for good (found by the
@@ -2900,14 +2910,7 @@ fn failback_killed_after_the_daemon_confirmed_leaves_no_plan() {
         "the failpoint was not reached:\n{}",
         ctx(&m, &srv_p)
     );
-    let plans = || -> Vec<PathBuf> {
-        fs::read_dir(srv.dir.join(".mirrorfs/mirrors"))
-            .expect("M's mirror states")
-            .flatten()
-            .map(|e| e.path().join("reintegration/plan"))
-            .filter(|p| p.exists())
-            .collect()
-    };
+    let plans = || reintegration_plans(&srv.dir);
     assert_eq!(plans().len(), 1, "the plan is kept at the failpoint");
     m.kill9();
     m.env.clear();
@@ -3516,12 +3519,7 @@ fn failback_killed_mid_reintegration(tag: &str, victim: Victim) {
         .map(|e| e.path())
         .collect();
     assert_eq!(saved.len(), 1, "{saved:?}");
-    let plans: Vec<PathBuf> = fs::read_dir(srv.dir.join(".mirrorfs/mirrors"))
-        .expect("M's mirror states")
-        .flatten()
-        .map(|e| e.path().join("reintegration/plan"))
-        .filter(|p| p.exists())
-        .collect();
+    let plans = reintegration_plans(&srv.dir);
     assert!(plans.is_empty(), "a finished plan left behind: {plans:?}");
     // Later changes still follow.
     fs::write(m.p("after.txt"), b"after the failback\n").expect("write after.txt");
